@@ -1,0 +1,56 @@
+"""Which implementation of a fused op runs: the Triton kernel, the C++/CUDA op, or the reference.
+
+One switch for every op: `set_backend("reference")` forces the plain-PyTorch references (the
+spec), "triton" / "cpp" force a fast path (error if it cannot run on the given tensors), and
+"auto" (default) picks the fast path where it exists for the device and dtype. `which(op, ...)`
+says what would run, and every first choice per (op, device, impl) is logged.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+log = logging.getLogger("segpcl_fast.ops")
+
+BACKENDS = ("auto", "reference", "triton", "cpp")
+_backend = os.environ.get("SEGPCL_OPS", "auto")
+_logged: set[tuple] = set()
+_last_choice: dict[str, str] = {}
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ops backend '{name}'; choose one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Temporarily force a backend: `with ops.backend("reference"): ...`."""
+    old = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def record_choice(op: str, impl: str, device: str) -> str:
+    """Remember and log (once per op/device/impl) which implementation ran."""
+    _last_choice[op] = impl
+    key = (op, device, impl)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("segpcl_fast.ops.%s -> %s (device=%s, backend=%s)", op, impl, device, _backend)
+    return impl
+
+
+def last_choice() -> dict[str, str]:
+    """{op name: implementation used by its last call}."""
+    return dict(_last_choice)
