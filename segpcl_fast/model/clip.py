@@ -1,0 +1,253 @@
+"""CLIP through open_clip: loading (name + tag, or a local file), r(x), v(x), text embeddings.
+
+Notation of method.md:
+  r(x)  raw visual feature: the image tower's pooled output before the final projection
+        (ViT: ln_post(CLS)),                                   -> CLIPModel.raw_features
+  v(x)  = proj(r(x)), the CLIP image embedding                 -> CLIPModel.project
+  u_c   L2-normalised text embedding of class c's prompt(s)    -> CLIPModel.class_embeddings
+  s     = exp(logit_scale)                                     -> CLIPModel.logit_scale()
+
+Knows nothing of method/ or engine/.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger("segpcl_fast.model")
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+MODEL_CONFIG_DIR = PACKAGE_DIR / "model_configs"
+ASSET_DIR = PACKAGE_DIR / "assets"
+# (model name, tag) -> checkpoint shipped inside the package
+BUNDLED_WEIGHTS = {("segpcl-tiny", "segpcl-world"): ASSET_DIR / "segpcl-tiny-world.pt"}
+
+_registered = False
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its weights cannot be loaded; the message says why and what to do."""
+
+
+def register_model_configs() -> None:
+    """Make the package's model configs (e.g. segpcl-tiny) known to open_clip (once)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    _registered = True
+
+
+@dataclass
+class ImageStats:
+    size: int
+    mean: tuple
+    std: tuple
+
+
+class CLIPModel(nn.Module):
+    """A thin wrapper around an open_clip CLIP exposing the quantities the method needs."""
+
+    def __init__(self, clip: nn.Module, tokenizer, name: str, pretrained: Optional[str]):
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.name = name
+        self.pretrained = pretrained
+        visual = clip.visual
+        size = visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        self.image_stats = ImageStats(size=size,
+                                      mean=tuple(getattr(visual, "image_mean", None) or _OPENAI_MEAN),
+                                      std=tuple(getattr(visual, "image_std", None) or _OPENAI_STD))
+        self._vit = hasattr(visual, "_embeds") and hasattr(visual, "_pool")
+        if not self._vit:
+            log.warning("image tower of %s is not an open_clip VisionTransformer: r(x) is taken as the "
+                        "tower's output (r = v), so the prototype path works in embedding space", name)
+
+    # ------------------------------------------------------------------ image side
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    @property
+    def text_tower(self) -> nn.Module:
+        """The module holding the text transformer blocks (CLIP: the model itself; CustomTextCLIP: .text)."""
+        return self.clip.text if hasattr(self.clip, "text") else self.clip
+
+    def raw_features(self, images: torch.Tensor) -> torch.Tensor:
+        """r(x): pooled image feature before the final projection (ViT: ln_post(CLS))."""
+        visual = self.visual
+        if not self._vit:
+            return visual(images)
+        x = visual._embeds(images)
+        x = visual.transformer(x)
+        pooled, _ = visual._pool(x)
+        return pooled
+
+    def project(self, raw: torch.Tensor) -> torch.Tensor:
+        """v = proj(r)."""
+        proj = getattr(self.visual, "proj", None) if self._vit else None
+        return raw @ proj if proj is not None else raw
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r(x), v(x)), both unnormalised."""
+        raw = self.raw_features(images)
+        return raw, self.project(raw)
+
+    def logit_scale(self) -> torch.Tensor:
+        """s = exp(logit_scale) (100 for OpenAI weights), clamped at 100 as CLIP does."""
+        return self.clip.logit_scale.exp().clamp(max=100.0)
+
+    # ------------------------------------------------------------------ text side
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def encode_text(self, tokens: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+        """Text embeddings (unnormalised).
+
+        With truncate=True the transformer runs only up to the longest prompt's end-of-text
+        token. The causal mask makes every position blind to later ones, so this is exact.
+        """
+        tower = self.text_tower
+        standard = (getattr(tower, "cls_emb", None) is None and not getattr(tower, "use_pad_mask", False)
+                    and getattr(tower, "pool_type", "argmax") == "argmax" and hasattr(tower, "token_embedding"))
+        if not (truncate and standard):
+            return self.clip.encode_text(tokens)
+        length = int(tokens.argmax(dim=-1).max().item()) + 1
+        tokens = tokens[:, :length]
+        cast_dtype = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(tokens).to(cast_dtype)
+        x = x + tower.positional_embedding[:length].to(cast_dtype)
+        mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
+        x = tower.transformer(x, attn_mask=mask)
+        x = tower.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        proj = tower.text_projection
+        if proj is None:
+            return pooled
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+    def class_embeddings(self, prompts: Sequence[Sequence[str]], device=None,
+                         batch_size: int = 1024) -> torch.Tensor:
+        """u_c for each class: prompts[c] is that class's list of templated prompts.
+
+        Each prompt embedding is L2-normalised, averaged over the class's prompts, normalised again.
+        Returns (C, d), gradients flow (call under no_grad where not training).
+        """
+        device = device or next(self.parameters()).device
+        flat = [p for plist in prompts for p in plist]
+        counts = [len(plist) for plist in prompts]
+        tokens = self.tokenize(flat).to(device)
+        embs = torch.cat([self.encode_text(tokens[i:i + batch_size]) for i in range(0, len(flat), batch_size)])
+        embs = F.normalize(embs, dim=-1)
+        if all(c == 1 for c in counts):
+            return embs
+        per_class = torch.split(embs, counts)
+        return F.normalize(torch.stack([e.mean(0) for e in per_class]), dim=-1)
+
+
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---------------------------------------------------------------------- loading
+
+def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optional[str]) -> Optional[str]:
+    """Return what to hand to open_clip: None (random init), a local file path, or a cached tag."""
+    import open_clip
+    if pretrained in (None, "", "none", "random"):
+        return None
+    bundled = BUNDLED_WEIGHTS.get((name, pretrained))
+    if bundled is not None:
+        if not bundled.exists():
+            raise ModelLoadError(f"the bundled checkpoint {bundled} is missing from the installation; "
+                                 f"reinstall segpcl_fast or regenerate it with scripts/pretrain_tiny_clip.py")
+        return str(bundled)
+    path = Path(os.path.expanduser(pretrained))
+    if path.is_file():
+        return str(path)
+    looks_like_path = os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+    if looks_like_path:
+        raise ModelLoadError(f"checkpoint file '{pretrained}' does not exist; give an existing file path "
+                             f"or an open_clip pretrained tag for {name}")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ModelLoadError(f"unknown pretrained tag '{pretrained}' for model '{name}'; "
+                             f"known tags: {tags or 'none (pass a local checkpoint path)'}")
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not _weights_cached(cfg, cache_dir):
+        raise ModelLoadError(
+            f"weights for {name} / {pretrained} are not available offline (not in the open_clip / "
+            f"Hugging Face cache{' ' + cache_dir if cache_dir else ''}). Either download them on a "
+            f"machine with internet (python -c \"import open_clip; open_clip.create_model('{name}', "
+            f"pretrained='{pretrained}')\") and copy the cache here, or pass a local checkpoint file: "
+            f"model.pretrained=/path/to/weights.pt")
+    return pretrained
+
+
+def _weights_cached(cfg: dict, cache_dir: Optional[str]) -> bool:
+    """True if open_clip would find these weights without the network."""
+    hf_hub = cfg.get("hf_hub", "")
+    if hf_hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return False
+        repo = "/".join(hf_hub.strip("/").split("/")[:2])
+        for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            hit = try_to_load_from_cache(repo, fname, cache_dir=cache_dir)
+            if isinstance(hit, str) and os.path.exists(hit):
+                return True
+    url = cfg.get("url", "")
+    if url:
+        root = cache_dir or os.path.expanduser("~/.cache/clip")
+        if os.path.exists(os.path.join(root, os.path.basename(url))):
+            return True
+    return False
+
+
+def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-world",
+               device: str | torch.device = "cpu", cache_dir: Optional[str] = None) -> CLIPModel:
+    """Load an open_clip model by name with a pretrained tag, a local checkpoint path, or None.
+
+    Raises ModelLoadError with the fix when the model name is unknown, the checkpoint is missing or
+    does not fit the model, or the weights are not available offline.
+    """
+    import open_clip
+    register_model_configs()
+    known = open_clip.list_models()
+    if name not in known and not name.startswith(("hf-hub:", "local-dir:")):
+        close = difflib.get_close_matches(name, known, n=5)
+        raise ModelLoadError(f"unknown model '{name}'; did you mean {close}? (open_clip.list_models() lists all)")
+    resolved = _resolve_pretrained(name, pretrained, cache_dir)
+    if resolved is None and pretrained not in (None, "", "none", "random"):
+        raise ModelLoadError(f"could not resolve pretrained weights '{pretrained}' for {name}")
+    if resolved is None:
+        log.warning("model %s created with random weights (model.pretrained is None)", name)
+    offline = {"HF_HUB_OFFLINE": "1"}
+    old = {k: os.environ.get(k) for k in offline}
+    os.environ.update(offline)
+    try:
+        clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:
+        raise ModelLoadError(f"could not load {name} with pretrained='{pretrained}': {e}. If this is a "
+                             f"local checkpoint, check it was saved from the same model config") from e
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    clip.eval()
+    return CLIPModel(clip, tokenizer, name, pretrained)

@@ -1,0 +1,172 @@
+"""LoRA-B-only injection on both CLIP towers.
+
+y = W x + b + (alpha / r) * B (A x): A (r x in) is random and frozen (Kaiming-uniform, as
+peft/loralib initialise it), B (out x r) starts at zero and is the only trained parameter.
+Every LoRA product goes through `ops.lora_b_linear`, which the C++/CUDA op replaces when built.
+
+Targets: "q", "k", "v" (slices of open_clip's packed attention in_proj), "out" (attention
+output projection), "c_fc", "c_proj" (MLP). Default (method.md): k, v, c_fc, c_proj.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+
+VALID_TARGETS = ("q", "k", "v", "out", "c_fc", "c_proj")
+VALID_TOWERS = ("visual", "text")
+
+
+def _kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    a = torch.empty(rows, cols)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a
+
+
+class LoRABLinear(nn.Module):
+    """Replaces an nn.Linear: frozen W, b, A; trainable B."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.scaling = rank, alpha / rank
+        self.register_buffer("lora_A", _kaiming_uniform(rank, base.in_features, generator).to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
+                                               device=base.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.lora_b_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+class LoRAMultiheadAttention(nn.Module):
+    """Self-attention replacing nn.MultiheadAttention (batch_first) with LoRA on chosen q/k/v slices.
+
+    The packed in_proj stays one GEMM: A_cat stacks the chosen slices' A matrices (n*r x d) and
+    B_full (3d x n*r) places each trained B_s in its slice's rows and its own r columns (zeros
+    elsewhere, not trained). With every B_s = 0 the output equals the plain in_proj exactly.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, slices: list[str], out_lora: bool,
+                 rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        if not mha.batch_first or not mha._qkv_same_embed_dim:
+            raise ValueError("LoRA injection expects open_clip's batch_first self-attention blocks")
+        d = mha.embed_dim
+        self.embed_dim, self.num_heads = d, mha.num_heads
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.in_proj_weight.requires_grad_(False)
+        if self.in_proj_bias is not None:
+            self.in_proj_bias.requires_grad_(False)
+        self.slices = [s for s in ("q", "k", "v") if s in slices]
+        self.rank, self.scaling = rank, alpha / rank
+        if self.slices:
+            self.register_buffer("lora_A", torch.cat(
+                [_kaiming_uniform(rank, d, generator) for _ in self.slices]).to(mha.in_proj_weight))
+        self.lora_B = nn.ParameterDict({
+            s: nn.Parameter(torch.zeros(d, rank, dtype=mha.in_proj_weight.dtype, device=mha.in_proj_weight.device))
+            for s in self.slices})
+        out = mha.out_proj
+        for p in out.parameters():
+            p.requires_grad_(False)
+        self.out_proj = LoRABLinear(out, rank, alpha, generator) if out_lora else out
+
+    def packed_lora_B(self) -> torch.Tensor:
+        """B_full (3d x n*r): slice s's rows hold [0 .. B_s .. 0] in its own r columns."""
+        n, r, d = len(self.slices), self.rank, self.embed_dim
+        rows = []
+        for name in ("q", "k", "v"):
+            if name in self.lora_B:
+                j = self.slices.index(name)
+                rows.append(F.pad(self.lora_B[name], (j * r, (n - 1 - j) * r)))
+            else:
+                rows.append(self.in_proj_weight.new_zeros(d, n * r))
+        return torch.cat(rows)
+
+    def forward(self, query, key=None, value=None, need_weights: bool = False,
+                attn_mask: Optional[torch.Tensor] = None):
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("LoRAMultiheadAttention supports self-attention only")
+        bsz, length, d = query.shape
+        if self.slices:
+            qkv = ops.lora_b_linear(query, self.in_proj_weight, self.in_proj_bias, self.lora_A,
+                                    self.packed_lora_B(), self.scaling)
+        else:
+            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        h = self.num_heads
+        q, k, v = (t.view(bsz, length, h, d // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(bsz, length, d)
+        return self.out_proj(out), None
+
+
+def _residual_blocks(tower: nn.Module) -> list[nn.Module]:
+    """The residual attention blocks of a tower (modules holding .attn and .mlp.c_fc)."""
+    blocks = [m for m in tower.modules()
+              if isinstance(getattr(m, "attn", None), nn.MultiheadAttention) and hasattr(getattr(m, "mlp", None), "c_fc")]
+    return blocks
+
+
+def inject_lora(model, rank: int = 32, alpha: float = 32.0, targets: Iterable[str] = ("k", "v", "c_fc", "c_proj"),
+                towers: Iterable[str] = ("visual", "text"), seed: int = 0) -> list[nn.Parameter]:
+    """Inject LoRA-B-only adapters into a segpcl_fast.model.CLIPModel in place; freeze everything else.
+
+    Returns the list of trainable B parameters.
+    """
+    targets, towers = list(targets), list(towers)
+    bad = [t for t in targets if t not in VALID_TARGETS]
+    if bad:
+        raise ValueError(f"unknown LoRA target(s) {bad}; choose from {VALID_TARGETS}")
+    bad = [t for t in towers if t not in VALID_TOWERS]
+    if bad:
+        raise ValueError(f"unknown tower(s) {bad}; choose from {VALID_TOWERS}")
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    tower_modules = {"visual": model.visual, "text": model.text_tower}
+    slices = [t for t in targets if t in ("q", "k", "v")]
+    for tower_name in towers:
+        module = tower_modules[tower_name]
+        if tower_name == "text":  # the text tower's blocks, not the image tower's inside a CLIP module
+            module = getattr(module, "transformer", module)
+        blocks = _residual_blocks(module)
+        if not blocks:
+            raise ValueError(f"the {tower_name} tower of {model.name} has no open_clip transformer blocks "
+                             f"with nn.MultiheadAttention; LoRA injection supports ViT/text transformer towers")
+        for block in blocks:
+            if slices or "out" in targets:
+                block.attn = LoRAMultiheadAttention(block.attn, slices, "out" in targets, rank, alpha, generator)
+            for name in ("c_fc", "c_proj"):
+                if name in targets:
+                    setattr(block.mlp, name, LoRABLinear(getattr(block.mlp, name), rank, alpha, generator))
+    return lora_parameters(model)
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if "lora_B" in n]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors (A buffers and B parameters): the whole trained state of a run."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from segpcl_fast.model.clip import ModelLoadError, load_model
+
+
+def test_raw_and_projected_features_match_open_clip(tiny_model_name):
+    model = load_model(tiny_model_name, pretrained=None)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        raw, emb = model.encode_image(x)
+        ref = model.clip.encode_image(x)
+    assert raw.shape == (3, 48) and emb.shape == (3, 32)
+    torch.testing.assert_close(emb, ref)
+    torch.testing.assert_close(emb, raw @ model.visual.proj)
+
+
+def test_text_truncation_equals_full_length(tiny_model_name):
+    model = load_model(tiny_model_name, pretrained=None)
+    tokens = model.tokenize(["a cat.", "a good photo of a very small striped orange cat."])
+    assert tokens.shape[1] == 24
+    with torch.no_grad():
+        full = model.encode_text(tokens, truncate=False)
+        short = model.encode_text(tokens, truncate=True)
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+
+
+def test_class_embeddings_average_templates(tiny_model_name):
+    model = load_model(tiny_model_name, pretrained=None)
+    prompts = [["a {}.".format(c), "a photo of a {}.".format(c)] for c in ("dog", "cat")]
+    with torch.no_grad():
+        u = model.class_embeddings(prompts)
+        single = model.class_embeddings([[p] for plist in prompts for p in plist])
+    expected = torch.nn.functional.normalize(single.view(2, 2, -1).mean(1), dim=-1)
+    torch.testing.assert_close(u, expected)
+    torch.testing.assert_close(u.norm(dim=-1), torch.ones(2))
+
+
+def test_logit_scale_is_exp(tiny_model_name):
+    model = load_model(tiny_model_name, pretrained=None)
+    torch.testing.assert_close(model.logit_scale(), model.clip.logit_scale.exp())
+
+
+def test_local_checkpoint_roundtrip(tiny_model_name, tmp_path):
+    src = load_model(tiny_model_name, pretrained=None)
+    path = tmp_path / "weights.pt"
+    torch.save(src.clip.state_dict(), path)
+    loaded = load_model(tiny_model_name, pretrained=str(path))
+    for (n, a), (_, b) in zip(src.clip.state_dict().items(), loaded.clip.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_checkpoint_of_another_config_is_a_clear_error(tiny_model_name, tmp_path):
+    other = load_model("ViT-B-32", pretrained=None)
+    path = tmp_path / "vitb32.pt"
+    torch.save(other.clip.state_dict(), path)
+    with pytest.raises(ModelLoadError, match="same model config"):
+        load_model(tiny_model_name, pretrained=str(path))
+
+
+def test_unknown_model_suggests_names():
+    with pytest.raises(ModelLoadError, match="unknown model 'ViT-B-61'.*ViT-B-16"):
+        load_model("ViT-B-61", pretrained=None)
+
+
+def test_missing_file_and_unknown_tag(tiny_model_name, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tiny_model_name, pretrained=str(tmp_path / "nope.pt"))
+    with pytest.raises(ModelLoadError, match="unknown pretrained tag"):
+        load_model("ViT-B-16", pretrained="not-a-tag")
+
+
+def test_uncached_weights_fail_fast_offline(tmp_path):
+    with pytest.raises(ModelLoadError, match="not available offline"):
+        load_model("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
