@@ -1,0 +1,41 @@
+"""Optional accelerators, detected at run time and never required: NVIDIA apex, xformers.
+
+The PyPI package called `apex` is unrelated to NVIDIA apex; we check for the fused optimizer
+module itself. Each probe says what it found, so a run can report which path it used.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+log = logging.getLogger("segpcl_fast.engine")
+
+
+def has_apex_fused_sgd() -> bool:
+    try:
+        mod = importlib.import_module("apex.optimizers")
+        return hasattr(mod, "FusedSGD")
+    except Exception:  # ImportError, or the unrelated PyPI 'apex' failing on import
+        return False
+
+
+def apex_fused_sgd(params, optim_cfg):
+    """NVIDIA apex FusedSGD on CUDA params, or None (caller falls back to torch's SGD)."""
+    if not params or not params[0].is_cuda or not has_apex_fused_sgd():
+        log.info("apex FusedSGD not available (needs NVIDIA apex and CUDA); using torch SGD")
+        return None
+    from apex.optimizers import FusedSGD
+    return FusedSGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+
+
+def has_xformers() -> bool:
+    try:
+        importlib.import_module("xformers.ops")
+        return True
+    except Exception:
+        return False
+
+
+def available() -> dict:
+    """{"apex_fused_sgd": bool, "xformers": bool} for reports."""
+    return {"apex_fused_sgd": has_apex_fused_sgd(), "xformers": has_xformers()}
