@@ -1,0 +1,9 @@
+"""Reporting: results.json (results.py), text tables (tables.py), PNG plots (plots.py).
+
+plots.py imports matplotlib; import it explicitly: `from segpcl_fast.report import plots`.
+"""
+from .results import build_results, collect_versions, read_results, write_results
+from .tables import format_accuracy_matrix, format_metrics_table, format_table
+
+__all__ = ["build_results", "collect_versions", "read_results", "write_results",
+           "format_accuracy_matrix", "format_metrics_table", "format_table"]

@@ -1,0 +1,118 @@
+"""results.json: everything a run produced, in one strict-JSON file written atomically.
+
+    write_results(out / "results.json", config=cfg.to_dict(), matrix=a, acc_per_task=acc,
+                  metrics=summarize(a, acc, before), fwt_before=before,
+                  timings={"train_s": 812.3}, paths={"checkpoints": "..."})
+    res = read_results(out / "results.json")   # res["matrix"] is a numpy array (NaN above diag)
+
+NaN/inf never reach the file (they become null); numpy scalars and arrays become numbers/lists.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from .. import metrics as M
+from ..version import __version__
+from .io import atomic_write_bytes
+
+SCHEMA_VERSION = 1
+
+
+def to_jsonable(obj: Any) -> Any:
+    """numpy / Path / tuple / non-finite float -> plain JSON values (NaN, inf -> None)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # 0-d torch tensors
+        return to_jsonable(obj.item())
+    raise TypeError(f"cannot store {type(obj).__name__} in results.json: {obj!r}")
+
+
+def _dist_version(name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect_versions() -> dict[str, Optional[str]]:
+    """Versions of the software that produced a result (None when a package is absent)."""
+    versions = {"segpcl_fast": __version__, "python": platform.python_version()}
+    for key, dist in [("torch", "torch"), ("open_clip", "open_clip_torch"), ("triton", "triton"),
+                      ("numpy", "numpy"), ("torchvision", "torchvision")]:
+        versions[key] = _dist_version(dist)
+    try:
+        import torch
+        versions["cuda"] = torch.version.cuda
+        versions["device_name"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                                   else platform.processor() or platform.machine())
+    except ImportError:
+        pass
+    return versions
+
+
+def fused_ops_used() -> dict[str, str]:
+    """{op: implementation} of each fused op's last call in this process (ops.dispatch)."""
+    from ..ops import dispatch
+    return dispatch.last_choice()
+
+
+def build_results(*, config: Mapping, matrix, acc_per_task, metrics: Mapping,
+                  fwt_before=None, timings: Optional[Mapping] = None,
+                  paths: Optional[Mapping] = None, ops: Optional[Mapping] = None,
+                  extra: Optional[Mapping] = None) -> dict:
+    """The results dict (JSON-ready). `ops=None` asks ops.dispatch which implementations ran."""
+    return to_jsonable({
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": dict(metrics),
+        "acc_per_task": list(np.asarray(acc_per_task, dtype=float).reshape(-1)),
+        "matrix": M.matrix_to_list(matrix),
+        "fwt_before": None if fwt_before is None else [None if v is None else float(v) for v in fwt_before],
+        "timings": dict(timings or {}),
+        "paths": dict(paths or {}),
+        "ops": dict(fused_ops_used() if ops is None else ops),
+        "versions": collect_versions(),
+        "config": dict(config),
+        **dict(extra or {}),
+    })
+
+
+def write_results(path: str | os.PathLike, **fields) -> Path:
+    """Build (see `build_results`) and write results.json atomically; returns the path."""
+    data = build_results(**fields)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return atomic_write_bytes(path, text.encode())
+
+
+def read_results(path: str | os.PathLike) -> dict:
+    """Load results.json; "matrix" comes back as a numpy array with NaN above the diagonal."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no results file at {path}; run `segpcl-fast train` first")
+    with open(path) as f:
+        data = json.load(f)
+    data["matrix"] = M.matrix_from_list(data["matrix"])
+    return data
