@@ -1,0 +1,211 @@
+"""Checkpoints: atomic torch.save, a config fingerprint so a resumed run is the same run, and a
+'last' pointer so resuming finds the last finished task.
+
+    fp = config_fingerprint(cfg.to_dict(), RUN_ONLY_KEYS)
+    save_task_checkpoint(out, t, {"task": t, "fingerprint": fp, "config": cfg.to_dict(), ...})
+    last = find_last_checkpoint(out)                # out/checkpoints/task_03.pt, or None
+    state = load_checkpoint(last, fp, cfg.to_dict(), RUN_ONLY_KEYS)   # CheckpointError on mismatch
+
+Layout: <output_dir>/checkpoints/task_{t:02d}.pt (t = 0-based index of the finished task, as the
+trainer counts) and <output_dir>/checkpoints/last, a one-line text file naming the newest one.
+Both are replaced atomically (temp file in the same folder, fsync, os.replace), so a crash
+mid-write leaves the previous checkpoint and pointer intact.
+
+Checkpoints are loaded with torch.load(weights_only=False): they hold Python/numpy objects (RNG
+states, lists). Load only checkpoints you (or your own runs) wrote.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+# Keys that change how a run is executed or where it writes, but not its results, so they may
+# differ between a run and its resumption. Callers (the trainer) may pass their own list.
+RUN_ONLY_KEYS = ("run.resume", "run.output_dir", "run.progress", "run.plots", "run.num_threads",
+                 "run.compile", "run.device", "run.ops", "run.checkpoint", "eval.batch_size")
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_POINTER = "last"
+_TASK_FILE = re.compile(r"^task_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message says why and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+def flatten_config(config: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"run": {"seed": 0}} -> {"run.seed": 0} (nested mappings only; lists stay values)."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    flat: dict[str, Any] = {}
+    for key, val in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(val, Mapping):
+            flat.update(flatten_config(val, f"{name}."))
+        else:
+            flat[name] = val
+    return flat
+
+
+def _relevant(config: Mapping, ignore_keys: Iterable[str]) -> dict[str, Any]:
+    ignore = set(ignore_keys)
+    return {k: v for k, v in flatten_config(config).items() if k not in ignore}
+
+
+def config_fingerprint(config: Mapping, ignore_keys: Iterable[str] = RUN_ONLY_KEYS) -> str:
+    """sha256 (hex, 16 chars) of the config without `ignore_keys` (dotted, e.g. "run.resume")."""
+    canon = json.dumps(_relevant(config, ignore_keys), sort_keys=True, default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def config_diff(old: Mapping, new: Mapping, ignore_keys: Iterable[str] = RUN_ONLY_KEYS
+                ) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every result-relevant key that differs."""
+    a, b = _relevant(old, ignore_keys), _relevant(new, ignore_keys)
+    missing = object()
+    diff = {}
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            diff[key] = (None if va is missing else va, None if vb is missing else vb)
+    return diff
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def save_checkpoint(path: PathLike, state: Mapping) -> Path:
+    """torch.save `state` to `path` atomically: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
+                    expected_config: Optional[Mapping] = None,
+                    ignore_keys: Iterable[str] = RUN_ONLY_KEYS, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint; with `expected_fingerprint`, raise CheckpointError when it was made
+    with another config. The checkpoint's own "config" (if stored) and `expected_config` are
+    diffed so the message names the differing keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; start without --resume, or point "
+                              f"run.output_dir at the folder of the run to resume")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated / not a torch file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it "
+                              f"to resume from the one before, or start a new run.output_dir") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    if expected_fingerprint is not None:
+        _check_fingerprint(path, state, expected_fingerprint, expected_config, tuple(ignore_keys))
+    return state
+
+
+def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: Optional[Mapping],
+                       ignore_keys: Iterable[str]) -> None:
+    found = state.get("fingerprint", state.get("config_fingerprint"))
+    if found == expected:
+        return
+    fix = ("Resume (--resume) with the same config (only run-only keys such as "
+           f"{', '.join(sorted(ignore_keys)[:4])}, ... may change), or set a new run.output_dir "
+           "(--set run.output_dir=...) to start a fresh run.")
+    if found is None:
+        raise CheckpointError(f"checkpoint {path} stores no config fingerprint, so it cannot be "
+                              f"matched to this config. {fix}")
+    what = "a different config"
+    if expected_config is not None and isinstance(state.get("config"), Mapping):
+        diff = config_diff(state["config"], expected_config, ignore_keys)
+        if diff:
+            what = "a different config: " + "; ".join(
+                f"{k} was {old!r}, now {new!r}" for k, (old, new) in diff.items())
+    raise CheckpointError(f"checkpoint {path} was made with {what} (fingerprint {found} != "
+                          f"{expected}). {fix}")
+
+
+# ----------------------------------------------------------------------------- per-task files
+
+def checkpoint_path(output_dir: PathLike, task: int) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR / f"task_{task:02d}.pt"
+
+
+def save_task_checkpoint(output_dir: PathLike, task: int, state: Mapping) -> Path:
+    """Write checkpoints/task_{task:02d}.pt, then point checkpoints/last at it (both atomic)."""
+    if task < 0:
+        raise ValueError(f"task index must be >= 0, got {task}")
+    path = save_checkpoint(checkpoint_path(output_dir, task), state)
+    _write_pointer(path.parent / LAST_POINTER, path.name)
+    return path
+
+
+def _write_pointer(pointer: Path, name: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=pointer.parent, prefix=f".{pointer.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, pointer)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(pointer.parent)
+
+
+def find_last_checkpoint(output_dir: PathLike) -> Optional[Path]:
+    """The newest finished-task checkpoint of a run, or None when there is none.
+
+    Follows checkpoints/last; without a pointer (e.g. a crash between the two writes, or files
+    copied by hand) falls back to the highest task_NN.pt.
+    """
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    pointer = folder / LAST_POINTER
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        target = folder / name
+        if not _TASK_FILE.match(name) or not target.is_file():
+            raise CheckpointError(f"{pointer} names '{name}', which is not a checkpoint in {folder}; "
+                                  f"delete {pointer} to resume from the highest task_NN.pt there")
+        return target
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _TASK_FILE.match(p.name))]
+    return max(found)[1] if found else None
