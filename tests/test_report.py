@@ -2,6 +2,7 @@
 numbers, valid PNG plots written atomically."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from PIL import Image
 
 from segpcl_fast import metrics as M
 from segpcl_fast.config import Config
-from segpcl_fast.report import format_accuracy_matrix, format_metrics_table, read_results, write_results
+from segpcl_fast.report import (format_accuracy_matrix, format_metrics_table, format_run_summary,
+                                 read_results, write_results, write_run_report)
 from segpcl_fast.report import plots
 from segpcl_fast.report.results import to_jsonable
 
@@ -119,3 +121,42 @@ def test_plot_overwrite_and_bad_input(tmp_path):
         plots.plot_accuracy_matrix([1.0, 2.0], tmp_path / "x.png")
     with pytest.raises(ValueError, match="series"):
         plots.plot_lines([1, 2], {"a": [1.0]}, tmp_path / "y.png")
+
+
+class _Result:
+    """Stands in for engine.trainer.Result: anything with to_dict()."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+def test_write_run_report_and_summary(tmp_path):
+    cfg = Config().to_dict()
+    cfg["run"]["method"] = "lora_finetune"
+    (tmp_path / "checkpoints").mkdir()
+    res = _Result(accuracy_matrix=M.matrix_to_list(MATRIX), acc_per_task=ACC,
+                  metrics=M.summarize(MATRIX, ACC, BEFORE), fwt_before=[None, 30.0, 50.0],
+                  output_dir=str(tmp_path), paths={}, timings={"run_s": 3.2, "tasks": [{"train_s": 1.0}]},
+                  ops={"anchor_kl": "triton"}, config=cfg)
+    paths = write_run_report(res, tmp_path, plots=True, class_names=["cat", "dog"])
+    assert set(paths) == {"output_dir", "accuracy_matrix_png", "acc_per_task_png", "checkpoints", "results"}
+    for key in ("accuracy_matrix_png", "acc_per_task_png"):
+        _check_png(Path(paths[key]))
+    back = read_results(paths["results"])
+    np.testing.assert_array_equal(back["matrix"], MATRIX)
+    assert back["metrics"]["Forgetting"] == pytest.approx(11.5)
+    assert back["class_names"] == ["cat", "dog"] and back["ops"] == {"anchor_kl": "triton"}
+    assert back["paths"] == paths and back["config"]["run"]["method"] == "lora_finetune"
+    assert back["timings"]["tasks"] == [{"train_s": 1.0}]
+
+    res.paths = paths
+    text = format_run_summary(res)
+    assert "lora_finetune" in text and "84.33" in text and "11.50" in text and "-9.00" in text
+    assert "anchor_kl=triton" in text and paths["results"] in text and "acc_t" in text
+
+    no_plots = write_run_report(res.to_dict(), tmp_path / "np", plots=False)
+    assert set(no_plots) == {"output_dir", "results"}
+    assert sorted(os.listdir(tmp_path / "np")) == ["results.json"]
