@@ -1,0 +1,74 @@
+// CPU kernels of segpcl::lora_b_linear_{fwd,bwd} (ATen ops; MKL / oneDNN GEMMs underneath).
+//
+// Backward, with g = grad_out (N x out), u = x A^T (N x r) saved by the forward:
+//   grad_x = g W + s (g B) A        grad_B = s g^T u
+// Fusion: g is read from memory once. Rows of g are processed in blocks small enough to stay in
+// cache (~256 KB); each block g_b is used, while cached, by one GEMM against the concatenated
+// matrix [W | B] (out x (in + r)), which gives g_b W and g_b B together, and by the rank-r GEMM
+// g_b^T u_b accumulated into a per-thread partial of grad_B. bf16/fp16 blocks are upcast to fp32
+// in cache, so every product and the grad_B sum accumulate in fp32.
+#include "../lora_b_linear.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace segpcl {
+namespace {
+
+constexpr int64_t kBlockBytes = 256 * 1024;  // target size of one cached block of g
+
+at::ScalarType accumulate_type(at::ScalarType t) {
+  return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& u,
+                                                         const at::Tensor& weight, const at::Tensor& lora_A,
+                                                         const at::Tensor& lora_B, double scaling,
+                                                         bool need_grad_x, bool need_grad_B) {
+  check_lora_b_linear_bwd_args(grad_out, u, weight, lora_A, lora_B);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t out = weight.size(0), in = weight.size(1), r = lora_A.size(0);
+  const at::ScalarType dtype = grad_out.scalar_type(), acc = accumulate_type(dtype);
+  const at::Tensor g = grad_out.reshape({-1, out}).contiguous();
+  const at::Tensor u2 = u.reshape({-1, r}).contiguous();
+  const int64_t n_rows = g.size(0);
+
+  const at::Tensor wb = need_grad_x ? at::cat({weight, lora_B}, 1).to(acc) : at::Tensor();
+  const at::Tensor a_acc = need_grad_x ? lora_A.to(acc) : at::Tensor();
+  at::Tensor grad_x = need_grad_x ? at::empty({n_rows, in}, g.options()) : at::empty({0}, g.options());
+  at::Tensor partials = need_grad_B ? at::zeros({at::get_num_threads(), out, r}, g.options().dtype(acc))
+                                    : at::Tensor();
+
+  const int64_t block_rows =
+      std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(1, out * at::elementSize(acc)), 8, 512);
+  at::parallel_for(0, n_rows, block_rows, [&](int64_t begin, int64_t end) {
+    at::Tensor part = need_grad_B ? partials[at::get_thread_num()] : at::Tensor();
+    for (int64_t b = begin; b < end; b += block_rows) {
+      const int64_t e = std::min(end, b + block_rows);
+      const at::Tensor g_b = g.slice(0, b, e).to(acc);  // the one read of this block of g
+      if (need_grad_B) part.addmm_(g_b.t(), u2.slice(0, b, e).to(acc));
+      if (need_grad_x) {
+        const at::Tensor gwb = at::mm(g_b, wb);  // [g_b W | g_b B]
+        const at::Tensor gx_b = at::addmm(gwb.narrow(1, 0, in), gwb.narrow(1, in, r), a_acc, 1.0, scaling);
+        grad_x.slice(0, b, e).copy_(gx_b);
+      }
+    }
+  });
+
+  at::Tensor grad_B = need_grad_B ? partials.sum(0).mul_(scaling).to(dtype) : at::empty({0}, g.options());
+  if (need_grad_x) grad_x = grad_x.view(with_last_dim(grad_out, in));
+  return {grad_x, grad_B};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segpcl, CPU, m) {
+  m.impl("lora_b_linear_fwd", &lora_b_linear_fwd_aten);
+  m.impl("lora_b_linear_bwd", &lora_b_linear_bwd_cpu);
+}
+
+}  // namespace segpcl

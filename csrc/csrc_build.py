@@ -1,0 +1,70 @@
+"""Build description of the segpcl_fast._C extension, used by setup.py (and check_cuda_build.py).
+
+Switches (environment):
+  SEGPCL_WITH_CUDA=1 or FORCE_CUDA=1   add the CUDA sources even without a visible GPU (needs nvcc:
+                                       CUDA_HOME, e.g. /usr/local/cuda, and a CUDA build of torch)
+  SEGPCL_WITH_CUDA=0                   CPU-only build even where a GPU is visible
+  (unset)                              CUDA sources when torch sees a GPU and nvcc is found
+  TORCH_CUDA_ARCH_LIST                 GPU archs; default "8.9;9.0" (RTX 4090, H100)
+  SEGPCL_NO_EXT=1                      (setup.py) skip the extension entirely
+The source list is csrc/sources.txt, shared with CMakeLists.txt.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EXT_NAME = "segpcl_fast._C"
+DEFAULT_CUDA_ARCHS = "8.9;9.0"
+CXX_FLAGS = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension (C++20 for torch >= 2.10)
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+
+
+def read_sources(root: Path) -> list[str]:
+    """Paths (relative to root) listed in csrc/sources.txt, comments and blank lines skipped."""
+    lines = (root / "csrc" / "sources.txt").read_text().splitlines()
+    sources = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    missing = [s for s in sources if not (root / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"csrc/sources.txt lists missing files: {missing}")
+    return sources
+
+
+def _flag(name: str) -> str | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    return "1" if value.lower() in ("1", "true", "yes", "on") else "0"
+
+
+def want_cuda(torch, cpp_extension) -> bool:
+    """Whether to compile the CUDA sources; raises when forced on but impossible."""
+    forced = _flag("SEGPCL_WITH_CUDA") or _flag("FORCE_CUDA")
+    if forced == "0":
+        return False
+    have_toolkit = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if forced == "1":
+        if not have_toolkit:
+            raise RuntimeError(
+                "SEGPCL_WITH_CUDA/FORCE_CUDA=1 but no CUDA toolkit or CUDA torch: set "
+                f"CUDA_HOME (found {cpp_extension.CUDA_HOME}) and use a CUDA build of torch "
+                f"(torch.version.cuda={torch.version.cuda})")
+        return True
+    return have_toolkit and torch.cuda.is_available()
+
+
+def make_extension(root: Path, torch, cpp_extension):
+    """The CppExtension / CUDAExtension named segpcl_fast._C, from csrc/sources.txt."""
+    root = Path(root)
+    sources = read_sources(root)
+    with_cuda = want_cuda(torch, cpp_extension)
+    if not with_cuda:
+        sources = [s for s in sources if not s.endswith(".cu")]
+        return cpp_extension.CppExtension(
+            EXT_NAME, sources=sources, include_dirs=[str(root / "csrc")],
+            extra_compile_args={"cxx": CXX_FLAGS})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    return cpp_extension.CUDAExtension(
+        EXT_NAME, sources=sources, include_dirs=[str(root / "csrc")],
+        define_macros=[("SEGPCL_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})

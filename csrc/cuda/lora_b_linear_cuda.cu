@@ -1,0 +1,171 @@
+// CUDA kernels of segpcl::lora_b_linear_{fwd,bwd}.
+//
+// Forward: the shared ATen forward (cuBLAS GEMMs, fp32 accumulation), see lora_b_linear_fwd.cpp.
+// Backward, with g = grad_out (N x out) and u = x A^T (N x r) saved by the forward:
+//   grad_x = g W + s (g B) A        grad_B = s g^T u
+// The two rank-r products of g, g B (N x r) and g^T u (out x r), come from one fused kernel that
+// reads each tile of g once into shared memory and uses it for both, accumulating in fp32
+// (lora_rank_r_grad_kernel below). The dense term is then one cuBLAS GEMM with the low-rank term
+// as its C operand: grad_x = addmm(s (g B) A, g, W). Ranks above kMaxRank and float64 take the
+// plain cuBLAS path (two skinny GEMMs).
+#include "../lora_b_linear.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace segpcl {
+namespace {
+
+constexpr int kRows = 64;      // rows of g per block
+constexpr int kCols = 32;      // columns of g per shared-memory tile
+constexpr int kMaxRank = 64;   // largest r the fused kernel takes
+constexpr int kThreads = 256;
+constexpr int kAccPerThread = kRows * kMaxRank / kThreads;  // g B outputs held per thread
+
+// Block (bx, by) owns rows [bx*kRows, +kRows) of g and the column range [o_begin, o_end); it walks
+// that range in kCols-wide tiles. Per tile, in shared memory: g tile (kRows x kCols), B tile
+// (kCols x r), and the block's rows of u (kRows x r, loaded once). From the same tile it adds
+//   g_tile B_tile   into the block's register accumulators for g B (rows x r)
+//   g_tile^T u_rows into grad_B (kCols x r), atomically (blocks along N share those rows)
+// At the end the g B accumulators are added atomically into gB (blocks along out share rows).
+// Both outputs are fp32 and must be zero-initialised.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    lora_rank_r_grad_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ B,
+                            const scalar_t* __restrict__ u, float* __restrict__ gB, float* __restrict__ grad_B,
+                            int64_t n_rows, int64_t n_out, int rank, int64_t cols_per_block, bool want_gB,
+                            bool want_grad_B) {
+  extern __shared__ float smem[];
+  float* u_s = smem;                  // kRows x rank
+  float* g_s = u_s + kRows * rank;    // kRows x kCols
+  float* b_s = g_s + kRows * kCols;   // kCols x rank
+  const int tid = threadIdx.x;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t o_begin = static_cast<int64_t>(blockIdx.y) * cols_per_block;
+  const int64_t o_end = (o_begin + cols_per_block < n_out) ? o_begin + cols_per_block : n_out;
+
+  for (int i = tid; i < kRows * rank; i += kThreads) {
+    const int64_t n = n0 + i / rank;
+    u_s[i] = n < n_rows ? static_cast<float>(u[n * rank + i % rank]) : 0.f;
+  }
+  float acc[kAccPerThread];
+#pragma unroll
+  for (int k = 0; k < kAccPerThread; ++k) acc[k] = 0.f;
+
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += kCols) {
+    __syncthreads();  // the previous tile is consumed (and u_s is loaded, on the first pass)
+    for (int i = tid; i < kRows * kCols; i += kThreads) {
+      const int64_t n = n0 + i / kCols, o = o0 + i % kCols;
+      g_s[i] = (n < n_rows && o < o_end) ? static_cast<float>(g[n * n_out + o]) : 0.f;
+    }
+    for (int i = tid; i < kCols * rank; i += kThreads) {
+      const int64_t o = o0 + i / rank;
+      b_s[i] = o < o_end ? static_cast<float>(B[o * rank + i % rank]) : 0.f;
+    }
+    __syncthreads();
+    if (want_gB) {
+#pragma unroll
+      for (int k = 0; k < kAccPerThread; ++k) {
+        const int i = tid + k * kThreads;
+        if (i < kRows * rank) {
+          const int row = i / rank, j = i % rank;
+          float s = 0.f;
+#pragma unroll 8
+          for (int c = 0; c < kCols; ++c) s += g_s[row * kCols + c] * b_s[c * rank + j];
+          acc[k] += s;
+        }
+      }
+    }
+    if (want_grad_B) {
+      for (int i = tid; i < kCols * rank; i += kThreads) {
+        const int c = i / rank, j = i % rank;
+        const int64_t o = o0 + c;
+        if (o < o_end) {
+          float s = 0.f;
+#pragma unroll 8
+          for (int row = 0; row < kRows; ++row) s += g_s[row * kCols + c] * u_s[row * rank + j];
+          atomicAdd(&grad_B[o * rank + j], s);
+        }
+      }
+    }
+  }
+  if (want_gB) {
+#pragma unroll
+    for (int k = 0; k < kAccPerThread; ++k) {
+      const int i = tid + k * kThreads;
+      const int64_t n = n0 + i / rank;
+      if (i < kRows * rank && n < n_rows) atomicAdd(&gB[n * rank + i % rank], acc[k]);
+    }
+  }
+}
+
+// (g B, g^T u) in fp32, g read once. g (N x out), B (out x r), u (N x r), all contiguous.
+std::tuple<at::Tensor, at::Tensor> rank_r_grads_fused(const at::Tensor& g, const at::Tensor& B,
+                                                      const at::Tensor& u, bool want_gB, bool want_grad_B) {
+  const int64_t n_rows = g.size(0), n_out = g.size(1);
+  const int rank = static_cast<int>(B.size(1));
+  const auto f32 = g.options().dtype(at::kFloat);
+  at::Tensor gB = at::zeros({want_gB ? n_rows : 0, rank}, f32);
+  at::Tensor grad_B = at::zeros({want_grad_B ? n_out : 0, rank}, f32);
+  if (n_rows == 0 || n_out == 0) return {gB, grad_B};
+
+  // Split the out dimension across blockIdx.y until there are ~2 blocks per SM.
+  const int64_t row_blocks = (n_rows + kRows - 1) / kRows;
+  const int64_t col_tiles = (n_out + kCols - 1) / kCols;
+  const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t splits = std::min<int64_t>(col_tiles, std::max<int64_t>(1, (target + row_blocks - 1) / row_blocks));
+  const int64_t cols_per_block = ((col_tiles + splits - 1) / splits) * kCols;
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>((n_out + cols_per_block - 1) / cols_per_block));
+  const size_t smem = sizeof(float) * (kRows * rank + kRows * kCols + kCols * rank);
+  TORCH_CHECK(row_blocks < (int64_t{1} << 31), "lora_b_linear_bwd: too many rows for one launch");
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "lora_rank_r_grad_kernel", [&] {
+    lora_rank_r_grad_kernel<scalar_t><<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        g.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), gB.data_ptr<float>(),
+        grad_B.data_ptr<float>(), n_rows, n_out, rank, cols_per_block, want_gB, want_grad_B);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gB, grad_B};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& u,
+                                                          const at::Tensor& weight, const at::Tensor& lora_A,
+                                                          const at::Tensor& lora_B, double scaling,
+                                                          bool need_grad_x, bool need_grad_B) {
+  check_lora_b_linear_bwd_args(grad_out, u, weight, lora_A, lora_B);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const c10::cuda::CUDAGuard device_guard(grad_out.device());
+  const int64_t out = weight.size(0), in = weight.size(1), r = lora_A.size(0);
+  const at::ScalarType dtype = grad_out.scalar_type();
+  const at::Tensor g = grad_out.reshape({-1, out}).contiguous();
+  const at::Tensor u2 = u.reshape({-1, r}).contiguous();
+
+  at::Tensor gB, grad_B;
+  if (r <= kMaxRank && dtype != at::kDouble) {
+    std::tie(gB, grad_B) = rank_r_grads_fused(g, lora_B.contiguous(), u2, need_grad_x, need_grad_B);
+  } else {
+    if (need_grad_x) gB = at::mm(g, lora_B);
+    if (need_grad_B) grad_B = at::mm(g.t(), u2);
+  }
+
+  at::Tensor grad_x = at::empty({0}, g.options());
+  if (need_grad_x) {
+    const at::Tensor low_rank = at::mm(gB.mul(scaling).to(dtype), lora_A);   // s (g B) A, N x in
+    grad_x = at::addmm(low_rank, g, weight).view(with_last_dim(grad_out, in));  // + g W, one cuBLAS GEMM
+  }
+  at::Tensor grad_B_out = need_grad_B ? grad_B.mul(scaling).to(dtype) : at::empty({0}, g.options());
+  return {grad_x, grad_B_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segpcl, CUDA, m) {
+  m.impl("lora_b_linear_fwd", &lora_b_linear_fwd_aten);
+  m.impl("lora_b_linear_bwd", &lora_b_linear_bwd_cuda);
+}
+
+}  // namespace segpcl
