@@ -1,0 +1,10 @@
+"""segpcl_fast.kernels: Triton kernels, one file per fused op (reference, kernel, launcher,
+torch.library custom op with fake + autograd). Knows only torch and triton.
+
+- pgd_step:        DPGD projected sign-gradient step        (segpcl::pgd_step, segpcl::pgd_step_)
+- anchor_kl:       ACGD tempered KL, loss + grad in one pass (segpcl::anchor_kl_rows)
+- knn_subgraph_kl: TSGR kNN-subgraph KL + deterministic bwd  (segpcl::knn_subgraph_kl_rows, _backward)
+
+Modules are imported on demand (segpcl_fast.ops does it), so importing this package is cheap and
+works without triton.
+"""

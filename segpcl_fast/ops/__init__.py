@@ -4,3 +4,8 @@ from .lora_linear import lora_b_linear, lora_b_linear_reference
 
 __all__ = ["backend", "get_backend", "last_choice", "set_backend",
            "lora_b_linear", "lora_b_linear_reference"]
+from .pgd import pgd_step, pgd_step_reference
+from .anchor_kl import anchor_kl, anchor_kl_reference
+from .knn_kl import knn_reference_logprob, knn_subgraph_kl, knn_subgraph_kl_reference
+__all__ += ["pgd_step", "pgd_step_reference", "anchor_kl", "anchor_kl_reference",
+            "knn_subgraph_kl", "knn_subgraph_kl_reference", "knn_reference_logprob"]

@@ -1,0 +1,103 @@
+"""Small helpers shared by the Triton kernel files: guarded triton import, interpreter mode, sizes.
+
+Nothing here imports triton at module load; `HAS_TRITON` says whether it is installed.
+Kernels are jitted, and triton imported, at their first launch (`lazy_jit`), so
+TRITON_INTERPRET=1 set any time before that (and before anything else imports triton) runs
+them on CPU tensors through Triton's interpreter (tests/kernels/conftest.py does).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+# triton is imported at the first kernel launch, not here: importing it reads TRITON_INTERPRET
+# (triton.language's own helpers are jitted at import), and test sessions set that variable
+# after this package may have been imported by other tests. `tl` stays None until then.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+tl = None
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def can_run_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on these tensors: CUDA tensors, or CPU under the interpreter."""
+    if not HAS_TRITON:
+        return False
+    if all(t.is_cuda for t in tensors):
+        return True
+    return interpret_mode() and all(t.device.type == "cpu" for t in tensors)
+
+
+def check_can_run(op: str, *tensors: torch.Tensor) -> None:
+    """Raise one clear error when a Triton launcher is called where it cannot run."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"segpcl::{op}: triton is not installed; `pip install triton` or use the "
+                           "reference backend (segpcl_fast.ops.set_backend('reference'))")
+    if not can_run_triton(*tensors):
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(f"segpcl::{op}: the Triton kernel needs CUDA tensors (or CPU tensors with "
+                           f"TRITON_INTERPRET=1 set before triton is imported); got devices {devices}. "
+                           "Use segpcl_fast.ops.<op> with backend 'auto' to fall back to the reference.")
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (and >= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prev_pow2(n: int) -> int:
+    """Largest power of two <= n (n >= 1)."""
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rows_per_program(n_rows: int, row_elems: int, gpu_tile_elems: int = 8192,
+                     interpret_programs: int = 4, max_tile_elems: int = 1 << 16) -> int:
+    """Rows each program handles (a power of two).
+
+    On a GPU: enough rows for a tile of about `gpu_tile_elems` elements. Under the interpreter
+    (~3 ms per program): few, large programs, so tests stay quick.
+    """
+    largest = prev_pow2(max(1, max_tile_elems // max(1, row_elems)))
+    if interpret_mode():
+        want = cdiv(max(1, n_rows), interpret_programs)
+    else:
+        want = max(1, gpu_tile_elems // max(1, row_elems))
+    return min(next_pow2(want), largest)
+
+
+class lazy_jit:
+    """`triton.jit`, applied at the first launch instead of at import.
+
+    At the first launch it imports triton, binds the real `triton.language` to the name `tl`
+    in the kernel's module (where it is None until then) and jits the function; launch as usual:
+    `kernel[grid](...)`. Deferring both lets TRITON_INTERPRET be set after this package was
+    imported and still run the kernels in the interpreter.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._kernel = None
+
+    @property
+    def kernel(self):
+        if self._kernel is None:
+            if not HAS_TRITON:
+                raise RuntimeError("triton is not installed; `pip install triton` or use the reference backend")
+            import triton
+            import triton.language
+
+            self.fn.__globals__["tl"] = triton.language
+            self._kernel = triton.jit(self.fn)
+        return self._kernel
+
+    def __getitem__(self, grid):
+        return self.kernel[grid]

@@ -1,0 +1,157 @@
+"""ACGD anchor distillation loss (method.md stage 2), loss and gradient in one pass.
+
+    L_ACGD = tau^2 * mean_a KL( softmax(z_T[a] / tau) || softmax(z_S[a] / tau) )
+
+z_S, z_T: (A, C) student / teacher logits over the old classes (any C). The teacher may be
+given as cached logits or as log-probabilities already at temperature tau
+(teacher = log_softmax(z_T / tau)); it is a constant (no gradient flows into it).
+
+The kernel reads each row of z_S and z_T once, and writes the per-row KL and its gradient
+d KL_a / d z_S[a] = (p_S * sum(p_T) - p_T) / tau (= (p_S - p_T) / tau for a normalised teacher),
+saved for backward, which only scales it: no second read of the logits, no host sync.
+Compute is fp32 whatever the storage (fp32 / bf16); the loss is fp32, the gradient has z_S's dtype.
+
+NaN / inf: a NaN anywhere in a row of z_S or z_T makes that row's KL (and so the loss) NaN and
+its gradient NaN. A teacher entry of -inf (logit or log-prob) is a zero-probability class and
+contributes exactly 0 (0 * log 0 = 0). z_S must be finite: a -inf student logit where the teacher
+has mass gives an infinite loss. Rows longer than MAX_FUSED_COLS are not fused (the dispatcher
+falls back to the reference).
+
+Contents: `anchor_kl_reference` (the spec), the Triton kernel and launcher, and the custom op
+`segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob) -> (kl_rows (A,), dkl_dz (A, C))`
+with fake + autograd; `anchor_kl_fused` turns it into the scalar loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._triton_utils import cdiv, check_can_run, lazy_jit, next_pow2, rows_per_program
+
+tl = None  # triton.language, bound by lazy_jit at the first launch
+
+__all__ = ["anchor_kl_reference", "anchor_kl_fused", "anchor_kl_triton", "check_anchor_kl_inputs",
+           "MAX_FUSED_COLS"]
+
+MAX_FUSED_COLS = 16384
+
+
+def anchor_kl_reference(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
+                        teacher_is_logprob: bool = False) -> torch.Tensor:
+    """tau^2 * mean over anchors of KL(softmax(z_T / tau) || softmax(z_S / tau)), fp32."""
+    log_p_student = F.log_softmax(student_logits.float() / tau, dim=-1)
+    if teacher_is_logprob:
+        log_p_teacher = teacher.float()
+    else:
+        log_p_teacher = F.log_softmax(teacher.float() / tau, dim=-1)
+    p_teacher = log_p_teacher.exp()
+    kl_rows = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0).sum(-1)
+    return tau ** 2 * kl_rows.mean()
+
+
+def check_anchor_kl_inputs(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float) -> None:
+    """Shape / dtype / device checks (no host sync); one clear error per problem."""
+    if student_logits.dim() != 2:
+        raise ValueError(f"anchor_kl: student_logits must be (anchors, classes), got {tuple(student_logits.shape)}")
+    if teacher.shape != student_logits.shape:
+        raise ValueError(f"anchor_kl: teacher has shape {tuple(teacher.shape)} but student_logits has "
+                         f"{tuple(student_logits.shape)}; both are (anchors, old classes)")
+    if not (student_logits.is_floating_point() and teacher.is_floating_point()):
+        raise TypeError(f"anchor_kl: logits must be floating tensors, got {student_logits.dtype} / {teacher.dtype}")
+    if teacher.device != student_logits.device:
+        raise ValueError(f"anchor_kl: teacher on {teacher.device}, student_logits on {student_logits.device}")
+    if not float(tau) > 0:
+        raise ValueError(f"anchor_kl: tau must be > 0, got {tau}")
+
+
+@lazy_jit
+def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, stride_t, stride_dz,
+                      tau, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    # padding columns are -inf (probability 0); padding rows are 0 (finite, never stored)
+    s = tl.load(zs_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.where(col_ok[None, :], s / tau, float("-inf"))
+    t = tl.load(zt_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    t = tl.where(col_ok[None, :], t, float("-inf"))
+    s_max = tl.max(s, axis=1)
+    s_exp = tl.exp(s - s_max[:, None])
+    s_sum = tl.sum(s_exp, axis=1)
+    log_ps = s - s_max[:, None] - tl.log(s_sum)[:, None]
+    p_s = s_exp / s_sum[:, None]
+    if TEACHER_IS_LOGPROB:
+        log_pt = t
+    else:
+        t = t / tau
+        t_max = tl.max(t, axis=1)
+        log_pt = t - t_max[:, None] - tl.log(tl.sum(tl.exp(t - t_max[:, None]), axis=1))[:, None]
+    p_t = tl.exp(log_pt)
+    has_mass = p_t > 0  # 0 * log 0 = 0; also keeps padding free of (-inf) - (-inf)
+    kl = tl.sum(p_t * (tl.where(has_mass, log_pt, 0.0) - tl.where(has_mass, log_ps, 0.0)), axis=1)
+    pt_sum = tl.sum(p_t, axis=1)
+    dz = (p_s * pt_sum[:, None] - p_t) / tau
+    tl.store(kl_ptr + rows, kl, mask=row_ok)
+    tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
+                     teacher_is_logprob: bool = False, rows: int | None = None):
+    """Launch the kernel: (kl_rows fp32 (A,), dkl_dz (A, C) in z_S's dtype)."""
+    check_can_run("anchor_kl", student_logits, teacher)
+    n_rows, n_cols = student_logits.shape
+    if n_cols > MAX_FUSED_COLS:
+        raise ValueError(f"anchor_kl: {n_cols} classes exceed the fused kernel's limit of {MAX_FUSED_COLS}; "
+                         "use the reference backend")
+    zs = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
+    zt = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    kl = torch.empty(n_rows, dtype=torch.float32, device=zs.device)
+    dz = torch.empty((n_rows, n_cols), dtype=zs.dtype, device=zs.device)
+    if n_rows == 0 or n_cols == 0:
+        return kl.zero_(), dz
+    block_c = next_pow2(n_cols)
+    rows = rows or rows_per_program(n_rows, block_c, gpu_tile_elems=4096)
+    grid = (cdiv(n_rows, rows),)
+    _anchor_kl_kernel[grid](zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0),
+                            float(tau), TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows,
+                            BLOCK_C=block_c, num_warps=4 if rows * block_c <= 4096 else 8)
+    return kl, dz
+
+
+# ---------------------------------------------------------------- torch.library registration
+
+@torch.library.custom_op("segpcl::anchor_kl_rows", mutates_args=())
+def anchor_kl_rows_op(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
+                      teacher_is_logprob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return anchor_kl_triton(student_logits, teacher, tau, teacher_is_logprob)
+
+
+@anchor_kl_rows_op.register_fake
+def _anchor_kl_rows_fake(student_logits, teacher, tau, teacher_is_logprob):
+    n_rows, n_cols = student_logits.shape
+    kl = student_logits.new_empty((n_rows,), dtype=torch.float32)
+    return kl, student_logits.new_empty((n_rows, n_cols))
+
+
+def _anchor_kl_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _anchor_kl_backward(ctx, grad_kl, grad_dz):
+    """d loss / d z_S = grad_kl[a] * dkl_dz[a]: the gradient was computed in the forward pass."""
+    (dkl_dz,) = ctx.saved_tensors
+    grad_student = (grad_kl[:, None] * dkl_dz).to(dkl_dz.dtype)
+    return grad_student, None, None, None
+
+
+anchor_kl_rows_op.register_autograd(_anchor_kl_backward, setup_context=_anchor_kl_setup_context)
+
+
+def anchor_kl_fused(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
+                    teacher_is_logprob: bool = False) -> torch.Tensor:
+    """The same loss as `anchor_kl_reference` through the fused op (Triton), fp32 scalar."""
+    kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau), bool(teacher_is_logprob))
+    return (float(tau) ** 2) * kl_rows.mean()

@@ -1,0 +1,247 @@
+"""TSGR text-space geometry loss over fixed kNN subgraphs (method.md stage 2, L_GR).
+
+For root r with neighbours N(r) = neighbors[r, :] (k rows of the student text embeddings):
+
+    q_S[r] = softmax_j( emb[roots[r]] . emb[neighbors[r, j]] / tau )
+    L_GR   = mean_r KL( q_0[r] || q_S[r] ),      q_0[r] = exp(ref_logprob[r]) (fixed)
+
+emb is L2-normalised by the caller, so the dot product is the cosine. ref_logprob comes from the
+reference (pretrained) embeddings once per task: `knn_reference_logprob`.
+
+Forward kernel (one root per loop step, `roots_per_program` per program): gathers the root row
+and its k neighbour rows once, and writes the per-root KL, g[r, j] = d KL_r / d sim[r, j] =
+(q_S * sum(q_0) - q_0) / tau, and the root's gradient sum_j g[r, j] emb[neighbors[r, j]] (the
+neighbour rows are already loaded). Backward scatters into emb deterministically, with no float
+atomics: the R * (k + 1) contributions (R root rows, then R * k neighbour rows in row-major order)
+are stably sorted by target row; one program per segment of equal targets sums them in that fixed
+order and writes its row once. Duplicate neighbours and a root listed among its own neighbours
+are summed like any other contributions. Compute is fp32; the loss is fp32, the gradient has
+emb's dtype.
+
+NaN / inf: a NaN in a gathered embedding row or in ref_logprob[r] makes KL_r and the loss NaN.
+ref_logprob = -inf marks a neighbour with q_0 = 0: it contributes 0 to the KL (0 * log 0 = 0)
+and still receives gradient through the softmax.
+
+Contents: `knn_subgraph_kl_reference` (the spec), `knn_reference_logprob`, the Triton kernels
+and launchers, and the custom ops `segpcl::knn_subgraph_kl_rows` (with fake + autograd) and
+`segpcl::knn_subgraph_kl_backward` (with fake).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._triton_utils import cdiv, check_can_run, interpret_mode, lazy_jit, next_pow2
+
+tl = None  # triton.language, bound by lazy_jit at the first launch
+
+__all__ = ["knn_subgraph_kl_reference", "knn_reference_logprob", "knn_subgraph_kl_fused",
+           "check_knn_inputs", "MAX_FUSED_TILE"]
+
+MAX_FUSED_TILE = 1 << 16  # next_pow2(k) * next_pow2(d) elements held by one program
+
+
+def _subgraph_similarities(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
+    """sim[r, j] = emb[roots[r]] . emb[neighbors[r, j]], fp32, shape (R, k)."""
+    emb = emb.float()
+    return torch.einsum("rd,rkd->rk", emb[roots], emb[neighbors])
+
+
+def knn_reference_logprob(ref_emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
+                          tau: float) -> torch.Tensor:
+    """log q_0 = log_softmax_j(cos(u_0,root, u_0,j) / tau) from the reference embeddings, fp32 (R, k).
+
+    ref_emb must already be L2-normalised (rows); computed once, without gradient.
+    """
+    with torch.no_grad():
+        return F.log_softmax(_subgraph_similarities(ref_emb, roots, neighbors) / tau, dim=-1)
+
+
+def knn_subgraph_kl_reference(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
+                              ref_logprob: torch.Tensor, tau: float) -> torch.Tensor:
+    """mean_r KL(q_0[r] || q_S[r]) with q_S[r] = softmax_j(emb[root] . emb[neighbour_j] / tau), fp32."""
+    log_q_student = F.log_softmax(_subgraph_similarities(emb, roots, neighbors) / tau, dim=-1)
+    log_q_ref = ref_logprob.float()
+    q_ref = log_q_ref.exp()
+    kl_rows = torch.where(q_ref > 0, q_ref * (log_q_ref - log_q_student), 0.0).sum(-1)
+    return kl_rows.mean()
+
+
+def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau) -> None:
+    """Shape / dtype / device checks (no host sync, so indices are not range-checked here)."""
+    if emb.dim() != 2 or not emb.is_floating_point():
+        raise ValueError(f"knn_subgraph_kl: emb must be a floating (classes, dim) matrix, got "
+                         f"{tuple(emb.shape)} {emb.dtype}")
+    if roots.dim() != 1 or neighbors.dim() != 2 or neighbors.shape[0] != roots.shape[0]:
+        raise ValueError(f"knn_subgraph_kl: roots must be (R,) and neighbors (R, k); got {tuple(roots.shape)} "
+                         f"and {tuple(neighbors.shape)}")
+    if roots.dtype != torch.int64 or neighbors.dtype != torch.int64:
+        raise TypeError(f"knn_subgraph_kl: roots / neighbors must be int64 (torch.long), got {roots.dtype} / "
+                        f"{neighbors.dtype}; use .long()")
+    if ref_logprob.shape != neighbors.shape:
+        raise ValueError(f"knn_subgraph_kl: ref_logprob has shape {tuple(ref_logprob.shape)}, neighbors "
+                         f"{tuple(neighbors.shape)}; compute it with knn_reference_logprob(ref_emb, roots, "
+                         "neighbors, tau)")
+    devices = {t.device for t in (emb, roots, neighbors, ref_logprob)}
+    if len(devices) != 1:
+        raise ValueError(f"knn_subgraph_kl: all inputs must be on one device, got {sorted(map(str, devices))}")
+    if not float(tau) > 0:
+        raise ValueError(f"knn_subgraph_kl: tau must be > 0, got {tau}")
+
+
+@lazy_jit
+def _knn_kl_fwd_kernel(emb_ptr, roots_ptr, nb_ptr, ref_ptr, kl_ptr, g_ptr, groot_ptr,
+                       n_roots, k, d, stride_e, tau,
+                       ROOTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ok = offs_k < k
+    d_ok = offs_d < d
+    for i in range(ROOTS):
+        r = pid * ROOTS + i
+        if r < n_roots:
+            root = tl.load(roots_ptr + r)
+            e_root = tl.load(emb_ptr + root * stride_e + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            nb = tl.load(nb_ptr + r * k + offs_k, mask=k_ok, other=0)
+            e_nb = tl.load(emb_ptr + nb[:, None] * stride_e + offs_d[None, :],
+                           mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            logits = tl.sum(e_nb * e_root[None, :], axis=1) / tau
+            logits = tl.where(k_ok, logits, float("-inf"))
+            shifted = logits - tl.max(logits, axis=0)
+            q_exp = tl.exp(shifted)
+            q_sum = tl.sum(q_exp, axis=0)
+            log_q = shifted - tl.log(q_sum)
+            log_q0 = tl.load(ref_ptr + r * k + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            log_q0 = tl.where(k_ok, log_q0, float("-inf"))
+            q0 = tl.exp(log_q0)
+            has_mass = q0 > 0
+            kl = tl.sum(q0 * (tl.where(has_mass, log_q0, 0.0) - tl.where(has_mass, log_q, 0.0)), axis=0)
+            g = tl.where(k_ok, (q_exp / q_sum * tl.sum(q0, axis=0) - q0) / tau, 0.0)
+            g_root = tl.sum(g[:, None] * e_nb, axis=0)
+            tl.store(kl_ptr + r, kl)
+            tl.store(g_ptr + r * k + offs_k, g, mask=k_ok)
+            tl.store(groot_ptr + r * d + offs_d, g_root, mask=d_ok)
+
+@lazy_jit
+def _knn_kl_bwd_kernel(sorted_target_ptr, seg_end_ptr, source_ptr, grad_kl_ptr, groot_ptr, g_ptr,
+                       emb_ptr, roots_ptr, out_ptr, n_roots, k, d, stride_e, stride_out,
+                       BLOCK_D: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < d
+    target = tl.load(sorted_target_ptr + p)
+    previous = tl.load(sorted_target_ptr + p - 1, mask=p > 0, other=-1)
+    if (p == 0) | (target != previous):  # this program leads a segment of equal targets
+        end = tl.load(seg_end_ptr + p)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for q in range(p, end):
+            src = tl.load(source_ptr + q)
+            if src < n_roots:  # root r = src: its precomputed sum_j g[r, j] emb[nb_j]
+                w = tl.load(grad_kl_ptr + src)
+                acc += w * tl.load(groot_ptr + src * d + offs_d, mask=d_ok, other=0.0)
+            else:  # neighbour slot (r, j): g[r, j] * emb[roots[r]]
+                slot = src - n_roots
+                r = slot // k
+                w = tl.load(grad_kl_ptr + r) * tl.load(g_ptr + slot)
+                root = tl.load(roots_ptr + r)
+                acc += w * tl.load(emb_ptr + root * stride_e + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + target * stride_out + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _tile(k: int, d: int) -> tuple[int, int]:
+    return next_pow2(k), next_pow2(d)
+
+
+def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_program: int | None = None):
+    """Launch the forward kernel: (kl_rows (R,), g (R, k), g_root (R, d)), all fp32."""
+    check_can_run("knn_subgraph_kl", emb, roots, neighbors, ref_logprob)
+    n_roots, k = neighbors.shape
+    d = emb.shape[1]
+    block_k, block_d = _tile(k, d)
+    if block_k * block_d > MAX_FUSED_TILE:
+        raise ValueError(f"knn_subgraph_kl: k={k}, d={d} exceed the fused tile ({MAX_FUSED_TILE} elements); "
+                         "use the reference backend")
+    emb_c = emb if emb.stride(-1) == 1 else emb.contiguous()
+    kl = torch.empty(n_roots, dtype=torch.float32, device=emb.device)
+    g = torch.zeros((n_roots, k), dtype=torch.float32, device=emb.device)
+    g_root = torch.zeros((n_roots, d), dtype=torch.float32, device=emb.device)
+    if n_roots == 0 or k == 0:
+        return kl.zero_(), g, g_root
+    if roots_per_program is None:
+        roots_per_program = cdiv(n_roots, 4) if interpret_mode() else 1
+    grid = (cdiv(n_roots, roots_per_program),)
+    _knn_kl_fwd_kernel[grid](emb_c, roots.contiguous(), neighbors.contiguous(), ref_logprob.float().contiguous(),
+                             kl, g, g_root, n_roots, k, d, emb_c.stride(0), float(tau),
+                             ROOTS=roots_per_program, BLOCK_K=block_k, BLOCK_D=block_d,
+                             num_warps=4 if block_k * block_d <= 4096 else 8)
+    return kl, g, g_root
+
+
+def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root):
+    """Deterministic segment-sum scatter of all contributions into d loss / d emb (emb's dtype)."""
+    check_can_run("knn_subgraph_kl", emb, roots, neighbors, g)
+    n_roots, k = neighbors.shape
+    d = emb.shape[1]
+    out = torch.zeros_like(emb, memory_format=torch.contiguous_format)
+    if n_roots == 0 or k == 0:
+        return out
+    targets = torch.cat([roots, neighbors.reshape(-1)])
+    sorted_target, source = torch.sort(targets, stable=True)
+    seg_end = torch.searchsorted(sorted_target, sorted_target, right=True)
+    emb_c = emb if emb.stride(-1) == 1 else emb.contiguous()
+    grid = (targets.numel(),)
+    _knn_kl_bwd_kernel[grid](sorted_target, seg_end, source, grad_kl.float().contiguous(), g_root, g, emb_c,
+                             roots.contiguous(), out, n_roots, k, d, emb_c.stride(0), out.stride(0),
+                             BLOCK_D=next_pow2(d), num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------- torch.library registration
+
+@torch.library.custom_op("segpcl::knn_subgraph_kl_rows", mutates_args=())
+def knn_subgraph_kl_rows_op(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
+                            ref_logprob: torch.Tensor, tau: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau)
+
+
+@knn_subgraph_kl_rows_op.register_fake
+def _knn_rows_fake(emb, roots, neighbors, ref_logprob, tau):
+    n_roots, k = neighbors.shape
+    f32 = dict(dtype=torch.float32, device=emb.device)
+    return (torch.empty((n_roots,), **f32), torch.empty((n_roots, k), **f32),
+            torch.empty((n_roots, emb.shape[1]), **f32))
+
+
+@torch.library.custom_op("segpcl::knn_subgraph_kl_backward", mutates_args=())
+def knn_subgraph_kl_backward_op(grad_kl: torch.Tensor, emb: torch.Tensor, roots: torch.Tensor,
+                                neighbors: torch.Tensor, g: torch.Tensor, g_root: torch.Tensor) -> torch.Tensor:
+    return knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root)
+
+
+@knn_subgraph_kl_backward_op.register_fake
+def _knn_backward_fake(grad_kl, emb, roots, neighbors, g, g_root):
+    return torch.empty(emb.shape, dtype=emb.dtype, device=emb.device)
+
+
+def _knn_setup_context(ctx, inputs, output):
+    emb, roots, neighbors, _, _ = inputs
+    _, g, g_root = output
+    ctx.save_for_backward(emb, roots, neighbors, g, g_root)
+
+
+def _knn_backward(ctx, grad_kl, grad_g, grad_g_root):
+    emb, roots, neighbors, g, g_root = ctx.saved_tensors
+    grad_emb = torch.ops.segpcl.knn_subgraph_kl_backward(grad_kl, emb, roots, neighbors, g, g_root)
+    return grad_emb, None, None, None, None
+
+
+knn_subgraph_kl_rows_op.register_autograd(_knn_backward, setup_context=_knn_setup_context)
+
+
+def knn_subgraph_kl_fused(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
+                          ref_logprob: torch.Tensor, tau: float) -> torch.Tensor:
+    """The same loss as `knn_subgraph_kl_reference` through the fused ops (Triton), fp32 scalar."""
+    kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob, float(tau))
+    return kl_rows.mean()

@@ -1,0 +1,165 @@
+"""One projected sign-gradient *descent* step over a whole anchor batch (DPGD, method.md stage 1).
+
+    x_new = clamp(clamp(x_adv - gamma * sign(grad), x0 - eps, x0 + eps), lo, hi)
+
+with per-channel gamma, eps, lo, hi (C,) in the model's (normalised) input space. The step is
+written in torchattacks' PGD operation order (it ascends; we descend on L_DPGD):
+
+    a = x_adv - gamma * sign(grad);  delta = clamp(a - x0, -eps, eps);  x_new = clamp(x0 + delta, lo, hi)
+
+so in fp32 the result equals torchattacks.PGD's step on the negated gradient bit for bit.
+Compute is fp32 whatever the storage (fp32 or bf16); bf16 is rounded once, at the store.
+
+NaN / inf: sign(NaN) is 0 (as torch.sign), so a NaN gradient entry leaves that pixel where the
+projection puts it; a NaN in x_adv or x0 gives NaN in x_new (clamp propagates NaN, as torch.clamp).
++-inf in x_adv is projected into the eps-ball, i.e. finite when x0 is finite.
+
+Contents: `pgd_step_reference` (the spec), the Triton kernel and launcher, and two
+torch.library custom ops: `segpcl::pgd_step` (functional, with fake + autograd) and
+`segpcl::pgd_step_` (in place on x_adv, with fake; not differentiable).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton_utils import cdiv, check_can_run, interpret_mode, lazy_jit, next_pow2
+
+tl = None  # triton.language, bound by lazy_jit at the first launch
+
+__all__ = ["pgd_step_reference", "pgd_step_triton", "check_pgd_inputs"]
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.float().view(1, -1, 1, 1)
+
+
+def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor,
+                       gamma: torch.Tensor, eps: torch.Tensor, lo: torch.Tensor,
+                       hi: torch.Tensor) -> torch.Tensor:
+    """method.md DPGD step in torchattacks' order, fp32 compute, result in x_adv's dtype."""
+    gamma, eps, lo, hi = (_per_channel(v) for v in (gamma, eps, lo, hi))
+    x0 = x0.float()
+    stepped = x_adv.float() - gamma * grad.float().sign()
+    delta = torch.clamp(stepped - x0, min=-eps, max=eps)
+    return torch.clamp(x0 + delta, min=lo, max=hi).to(x_adv.dtype)
+
+
+def check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi) -> None:
+    """Shape / dtype / device checks (no host sync); one clear error per problem."""
+    if x_adv.dim() != 4:
+        raise ValueError(f"pgd_step: x_adv must be (N, C, H, W), got shape {tuple(x_adv.shape)}")
+    for name, t in (("grad", grad), ("x0", x0)):
+        if t.shape != x_adv.shape:
+            raise ValueError(f"pgd_step: {name} has shape {tuple(t.shape)} but x_adv has {tuple(x_adv.shape)}; "
+                             "they must match")
+    if not x_adv.is_floating_point():
+        raise TypeError(f"pgd_step: x_adv must be a floating tensor, got {x_adv.dtype}")
+    channels = x_adv.shape[1]
+    for name, t in (("gamma", gamma), ("eps", eps), ("lo", lo), ("hi", hi)):
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"pgd_step: {name} must be a per-channel tensor of shape ({channels},), got "
+                             f"{tuple(t.shape)}; pass a python float to use one value for every channel")
+    devices = {t.device for t in (x_adv, grad, x0, gamma, eps, lo, hi)}
+    if len(devices) != 1:
+        raise ValueError(f"pgd_step: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+@lazy_jit
+def _pgd_step_kernel(x_ptr, g_ptr, x0_ptr, out_ptr, gamma_ptr, eps_ptr, lo_ptr, hi_ptr,
+                     n_elements, hw, channels, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    ch = (offs // hw) % channels
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + ch, mask=mask, other=0.0)
+    eps = tl.load(eps_ptr + ch, mask=mask, other=0.0)
+    lo = tl.load(lo_ptr + ch, mask=mask, other=0.0)
+    hi = tl.load(hi_ptr + ch, mask=mask, other=0.0)
+    sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))  # NaN -> 0, as torch.sign
+    stepped = x - gamma * sign
+    delta = tl.minimum(tl.maximum(stepped - x0, -eps, propagate_nan=tl.PropagateNan.ALL), eps,
+                       propagate_nan=tl.PropagateNan.ALL)
+    y = tl.minimum(tl.maximum(x0 + delta, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                   propagate_nan=tl.PropagateNan.ALL)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_size(n_elements: int, block: int | None) -> int:
+    if block is not None:
+        return next_pow2(block)
+    if interpret_mode():  # ~3 ms per program in the interpreter: few big programs
+        return min(1 << 16, next_pow2(cdiv(n_elements, 2)))
+    return 4096
+
+
+def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | None = None,
+                    block: int | None = None) -> torch.Tensor:
+    """Launch the kernel; writes into `out` (contiguous, may be x_adv itself) or a new tensor."""
+    check_can_run("pgd_step", x_adv, grad, x0)
+    x_adv_c, grad_c, x0_c = x_adv.contiguous(), grad.contiguous(), x0.contiguous()
+    if out is None:
+        out = torch.empty(x_adv.shape, dtype=x_adv.dtype, device=x_adv.device)
+    params = [p.float().contiguous() for p in (gamma, eps, lo, hi)]
+    n = x_adv_c.numel()
+    if n == 0:
+        return out
+    block_size = _block_size(n, block)
+    hw = x_adv.shape[2] * x_adv.shape[3]
+    grid = (cdiv(n, block_size),)
+    _pgd_step_kernel[grid](x_adv_c, grad_c, x0_c, out, *params, n, hw, x_adv.shape[1],
+                           BLOCK=block_size, num_warps=8 if block_size >= 4096 else 4)
+    return out
+
+
+# ---------------------------------------------------------------- torch.library registration
+
+@torch.library.custom_op("segpcl::pgd_step", mutates_args=())
+def pgd_step_op(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: torch.Tensor,
+                eps: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi)
+
+
+@pgd_step_op.register_fake
+def _pgd_step_fake(x_adv, grad, x0, gamma, eps, lo, hi):
+    return torch.empty(x_adv.shape, dtype=x_adv.dtype, device=x_adv.device)
+
+
+def _pgd_setup_context(ctx, inputs, output):
+    x_adv, grad, x0, gamma, eps, lo, hi = inputs
+    ctx.save_for_backward(x_adv, grad, x0, gamma, eps, lo, hi)
+
+
+def _pgd_backward(ctx, grad_out):
+    """d x_new / d x_adv and d x_new / d x0 (clamp passes gradient where min <= x <= max, as torch);
+    the sign of `grad` is piecewise constant, and gamma/eps/lo/hi get no gradient."""
+    x_adv, grad, x0, gamma, eps, lo, hi = ctx.saved_tensors
+    gamma, eps, lo, hi = (_per_channel(v) for v in (gamma, eps, lo, hi))
+    x0f = x0.float()
+    diff = x_adv.float() - gamma * grad.float().sign() - x0f
+    in_ball = (diff >= -eps) & (diff <= eps)
+    pre_box = x0f + torch.clamp(diff, min=-eps, max=eps)
+    in_box = (pre_box >= lo) & (pre_box <= hi)
+    g = grad_out.float() * in_box
+    grad_x_adv = (g * in_ball).to(x_adv.dtype)
+    grad_x0 = (g * ~in_ball).to(x0.dtype)
+    return grad_x_adv, None, grad_x0, None, None, None, None
+
+
+pgd_step_op.register_autograd(_pgd_backward, setup_context=_pgd_setup_context)
+
+
+@torch.library.custom_op("segpcl::pgd_step_", mutates_args=("x_adv",))
+def pgd_step_inplace_op(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: torch.Tensor,
+                        eps: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    if x_adv.is_contiguous():
+        pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out=x_adv)
+    else:
+        x_adv.copy_(pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi))
+
+
+@pgd_step_inplace_op.register_fake
+def _pgd_step_inplace_fake(x_adv, grad, x0, gamma, eps, lo, hi):
+    return None

@@ -1,0 +1,27 @@
+"""ops.anchor_kl: the ACGD loss tau^2 * mean_a KL(softmax(z_T/tau) || softmax(z_S/tau)).
+
+Triton (loss and gradient in one pass) or the reference; see segpcl_fast.kernels.anchor_kl for
+the formula, the teacher forms and NaN / inf behaviour.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._kernels import choose_impl, load_kernel
+
+_k = load_kernel("anchor_kl")
+anchor_kl_reference = _k.anchor_kl_reference
+
+
+def anchor_kl(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
+              teacher_is_logprob: bool = False) -> torch.Tensor:
+    """tau^2 * mean over rows of KL(softmax(teacher/tau) || softmax(student_logits/tau)), fp32 scalar.
+
+    student_logits, teacher: (anchors, old classes). teacher_is_logprob=True: teacher already is
+    log_softmax(z_T / tau). Gradient flows into student_logits only.
+    """
+    _k.check_anchor_kl_inputs(student_logits, teacher, tau)
+    impl = choose_impl("anchor_kl", student_logits, teacher)
+    if impl == "triton" and student_logits.shape[-1] <= _k.MAX_FUSED_COLS:
+        return _k.anchor_kl_fused(student_logits, teacher, tau, teacher_is_logprob)
+    return anchor_kl_reference(student_logits, teacher, tau, teacher_is_logprob)

@@ -1,0 +1,31 @@
+"""ops.knn_subgraph_kl: the TSGR loss mean_r KL(q_0[r] || q_S[r]) over fixed kNN subgraphs.
+
+Triton (gather + similarities + softmax + KL + root gradient in one pass; deterministic
+segment-sum backward) or the reference; see segpcl_fast.kernels.knn_subgraph_kl for the
+formula and NaN / inf behaviour. `knn_reference_logprob` computes the fixed log q_0.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._kernels import choose_impl, load_kernel
+
+_k = load_kernel("knn_subgraph_kl")
+knn_subgraph_kl_reference = _k.knn_subgraph_kl_reference
+knn_reference_logprob = _k.knn_reference_logprob
+
+
+def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
+                    ref_logprob: torch.Tensor, tau: float) -> torch.Tensor:
+    """mean_r KL(exp(ref_logprob[r]) || softmax_j(emb[roots[r]] . emb[neighbors[r, j]] / tau)), fp32 scalar.
+
+    emb: (classes, d) student text embeddings, already L2-normalised; roots (R,) and neighbors
+    (R, k) int64 row indices; ref_logprob (R, k) from knn_reference_logprob. Gradient flows into
+    emb (root and neighbour rows).
+    """
+    _k.check_knn_inputs(emb, roots, neighbors, ref_logprob, tau)
+    impl = choose_impl("knn_subgraph_kl", emb, roots, neighbors, ref_logprob)
+    k, d = neighbors.shape[1], emb.shape[1]
+    if impl == "triton" and _k.next_pow2(k) * _k.next_pow2(d) <= _k.MAX_FUSED_TILE:
+        return _k.knn_subgraph_kl_fused(emb, roots, neighbors, ref_logprob, tau)
+    return knn_subgraph_kl_reference(emb, roots, neighbors, ref_logprob, tau)
