@@ -68,3 +68,29 @@ class ArrayDataset(ClassDataset):
 
     def load_image(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index])
+
+
+class ClassSubset(ClassDataset):
+    """A view of `base` at `indices`, optionally relabelled: the cheap building block of
+    per-class caps and class-incremental task splits (index lists only, no image loading).
+
+    `label_map[old_label] -> new_label` (a sequence indexed by the base label) and `class_names`
+    (indexed by the new label) go together; `transform` defaults to the base dataset's.
+    """
+
+    def __init__(self, base: ClassDataset, indices: Sequence[int],
+                 label_map: Optional[Sequence[int]] = None,
+                 class_names: Optional[Sequence[str]] = None,
+                 transform: Optional[Callable] = None):
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        base_targets = base.targets
+        if label_map is None:
+            targets = [base_targets[i] for i in self.indices]
+        else:
+            targets = [int(label_map[base_targets[i]]) for i in self.indices]
+        names = base.class_names if class_names is None else class_names
+        super().__init__(names, targets, base.transform if transform is None else transform)
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.base.load_image(self.indices[index])

@@ -1,0 +1,68 @@
+"""build_datasets(data_cfg, train_transform, test_transform) -> (train_ds, test_ds).
+
+Keyed by data_cfg.dataset. Reader options that DataConfig may carry (read with getattr, so a
+config without them keeps the defaults): names_file (wnid -> name mapping, ImageNet-R /
+ImageNet-Subset), class_list (ImageNet-Subset wnids, default <root>/imagenet100.txt),
+frames_dir (UCF101), split_seed / test_fraction (ImageNet-R 80/20 split, default 0 / 0.2).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from .base import ClassDataset, ClassSubset, DatasetFormatError
+
+DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101")
+CAP_SEED = 0  # seed of the per-class caps (max_train_per_class / max_test_per_class)
+
+
+def cap_per_class(ds: ClassDataset, max_per_class: int, seed: int = CAP_SEED) -> ClassDataset:
+    """At most `max_per_class` samples of each class: a seeded random choice per class
+    (RandomState(seed + label)), kept in dataset order. 0 = no cap (returns `ds`)."""
+    if max_per_class <= 0:
+        return ds
+    targets = np.asarray(ds.targets, dtype=np.int64)
+    keep = []
+    for label in np.unique(targets):
+        idx = np.flatnonzero(targets == label)
+        if len(idx) > max_per_class:
+            idx = np.sort(np.random.RandomState(seed + int(label)).choice(idx, max_per_class, replace=False))
+        keep.append(idx)
+    indices = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+    return ClassSubset(ds, indices.tolist())
+
+
+def _read(data_cfg, train_transform: Optional[Callable], test_transform: Optional[Callable]):
+    name, root = data_cfg.dataset, data_cfg.root
+    opt = lambda key, default=None: getattr(data_cfg, key, default)  # noqa: E731
+    if name == "synthetic":
+        from .synthetic import build_synthetic_datasets
+        return build_synthetic_datasets(data_cfg, train_transform, test_transform)
+    if name == "cifar100":
+        from .cifar import load_cifar100
+        return load_cifar100(root, train_transform, test_transform)
+    if name == "imagenet-r":
+        from .imagenet_r import load_imagenet_r
+        return load_imagenet_r(root, train_transform, test_transform, names_file=opt("names_file"),
+                               split_seed=opt("split_seed", 0), test_fraction=opt("test_fraction", 0.2))
+    if name == "imagenet-subset":
+        from .imagenet_subset import load_imagenet_subset
+        return load_imagenet_subset(root, train_transform, test_transform, class_list=opt("class_list"),
+                                    names_file=opt("names_file"))
+    if name == "cub200":
+        from .cub import load_cub200
+        return load_cub200(root, train_transform, test_transform)
+    if name == "ucf101":
+        from .ucf101 import load_ucf101
+        return load_ucf101(root, train_transform, test_transform, frames_dir=opt("frames_dir"))
+    raise DatasetFormatError(f"unknown data.dataset {name!r}; known: {list(DATASETS)}")
+
+
+def build_datasets(data_cfg, train_transform: Optional[Callable] = None,
+                   test_transform: Optional[Callable] = None) -> tuple[ClassDataset, ClassDataset]:
+    """(train, test) ClassDatasets with dataset labels and human-readable class_names,
+    capped per class by data_cfg.max_train_per_class / max_test_per_class (0 = all)."""
+    train, test = _read(data_cfg, train_transform, test_transform)
+    return (cap_per_class(train, int(data_cfg.max_train_per_class)),
+            cap_per_class(test, int(data_cfg.max_test_per_class)))

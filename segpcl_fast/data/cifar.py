@@ -1,0 +1,77 @@
+"""CIFAR-100 in torchvision's on-disk format (the python pickles of the official tarball).
+
+The pickles are read directly (the same decoding torchvision.datasets.CIFAR100 does) so that
+a copy without torchvision's md5 check still loads and a broken one gives a clear error.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .base import ArrayDataset
+from .files import format_error, require_root
+
+LAYOUT = """  <root>/cifar-100-python/train   (pickle: data (N, 3072) uint8, fine_labels)
+  <root>/cifar-100-python/test
+  <root>/cifar-100-python/meta    (pickle: fine_label_names)
+  (as extracted from cifar-100-python.tar.gz; <root> may also be the cifar-100-python folder)"""
+
+NAME = "cifar100"
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as exc:  # corrupted / not a pickle
+        raise format_error(NAME, f"cannot read '{path}' as a CIFAR pickle ({type(exc).__name__}: {exc})",
+                           LAYOUT, "re-extract cifar-100-python.tar.gz") from None
+    if not isinstance(entry, dict):
+        raise format_error(NAME, f"'{path}' does not hold a dict", LAYOUT, "re-extract cifar-100-python.tar.gz")
+    return entry
+
+
+def _folder(root: Optional[str]) -> Path:
+    path = require_root(root, NAME, LAYOUT)
+    for cand in (path / "cifar-100-python", path):
+        if (cand / "meta").is_file():
+            return cand
+    raise format_error(NAME, f"no cifar-100-python/meta under '{path}'", LAYOUT,
+                       "point data.root at the folder that contains cifar-100-python/")
+
+
+def _split(folder: Path, split: str, class_names: list[str], transform: Optional[Callable]) -> ArrayDataset:
+    path = folder / split
+    if not path.is_file():
+        raise format_error(NAME, f"missing file '{path}'", LAYOUT, "re-extract cifar-100-python.tar.gz")
+    entry = _load_pickle(path)
+    missing = [k for k in ("data", "fine_labels") if k not in entry]
+    if missing:
+        raise format_error(NAME, f"'{path}' lacks keys {missing} (has {sorted(entry)})", LAYOUT,
+                           "this is not the CIFAR-100 python pickle (CIFAR-10 uses 'labels')")
+    data = np.asarray(entry["data"], dtype=np.uint8)
+    labels = [int(x) for x in entry["fine_labels"]]
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != data.shape[0]:
+        raise format_error(NAME, f"'{path}': data has shape {data.shape} with {len(labels)} labels, "
+                                 f"expected (N, 3072) with N labels", LAYOUT, "re-extract the tarball")
+    if labels and (min(labels) < 0 or max(labels) >= len(class_names)):
+        raise format_error(NAME, f"'{path}': labels outside 0..{len(class_names) - 1}", LAYOUT,
+                           "meta and data pickles come from different datasets")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()  # NHWC, as torchvision
+    return ArrayDataset(images, labels, class_names, transform)
+
+
+def load_cifar100(root: Optional[str], train_transform: Optional[Callable] = None,
+                  test_transform: Optional[Callable] = None) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) CIFAR-100 with names from meta['fine_label_names'] ('maple_tree' -> 'maple tree')."""
+    folder = _folder(root)
+    meta = _load_pickle(folder / "meta")
+    if "fine_label_names" not in meta:
+        raise format_error(NAME, f"'{folder / 'meta'}' lacks key 'fine_label_names' (has {sorted(meta)})",
+                           LAYOUT, "re-extract cifar-100-python.tar.gz")
+    class_names = [str(n).replace("_", " ") for n in meta["fine_label_names"]]
+    return (_split(folder, "train", class_names, train_transform),
+            _split(folder, "test", class_names, test_transform))

@@ -1,0 +1,68 @@
+"""CUB-200-2011 with its official train/test split (train_test_split.txt)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+from .base import FileListDataset
+from .files import format_error, read_lines, require_root
+
+NAME = "cub200"
+META_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
+LAYOUT = """  <root>/CUB_200_2011/images.txt               ('<image id> <class dir>/<file>.jpg')
+  <root>/CUB_200_2011/classes.txt              ('<class id> 001.Black_footed_Albatross')
+  <root>/CUB_200_2011/image_class_labels.txt   ('<image id> <class id>', ids from 1)
+  <root>/CUB_200_2011/train_test_split.txt     ('<image id> <1 = train, 0 = test>')
+  <root>/CUB_200_2011/images/<class dir>/*.jpg
+  (as extracted from CUB_200_2011.tgz; <root> may also be the CUB_200_2011 folder)"""
+
+
+def class_name(folder_name: str) -> str:
+    """'001.Black_footed_Albatross' -> 'Black footed Albatross'."""
+    return " ".join(re.sub(r"^\d+\.", "", folder_name).replace("_", " ").split())
+
+
+def _pairs(path: Path) -> dict[int, str]:
+    out = {}
+    for n, line in enumerate(read_lines(path), 1):
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise format_error(NAME, f"{path}:{n}: expected '<id> <value>', got {line!r}", LAYOUT,
+                               "re-extract CUB_200_2011.tgz")
+        out[int(parts[0])] = parts[1].strip()
+    return out
+
+
+def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
+                test_transform: Optional[Callable] = None) -> tuple[FileListDataset, FileListDataset]:
+    path = require_root(root, NAME, LAYOUT)
+    folder = next((c for c in (path / "CUB_200_2011", path) if (c / "images.txt").is_file()), None)
+    if folder is None:
+        raise format_error(NAME, f"no CUB_200_2011/images.txt under '{path}'", LAYOUT,
+                           "extract CUB_200_2011.tgz into data.root")
+    missing = [f for f in META_FILES if not (folder / f).is_file()]
+    if missing:
+        raise format_error(NAME, f"'{folder}' lacks {missing}", LAYOUT, "re-extract CUB_200_2011.tgz")
+    images, classes, labels, is_train = (_pairs(folder / f) for f in META_FILES)
+    class_ids = sorted(classes)
+    class_index = {cid: i for i, cid in enumerate(class_ids)}
+    class_names = [class_name(classes[c]) for c in class_ids]
+    split = {"train": ([], []), "test": ([], [])}
+    for image_id, rel in sorted(images.items()):
+        if image_id not in labels or image_id not in is_train:
+            raise format_error(NAME, f"image id {image_id} ('{rel}') has no label or split entry",
+                               LAYOUT, "the metadata files come from different copies; re-extract")
+        cid = int(labels[image_id])
+        if cid not in class_index:
+            raise format_error(NAME, f"image id {image_id} has class id {cid}, not in classes.txt",
+                               LAYOUT, "re-extract CUB_200_2011.tgz")
+        file = folder / "images" / rel
+        if not file.is_file():
+            raise format_error(NAME, f"image '{file}' listed in images.txt is missing", LAYOUT,
+                               "re-extract CUB_200_2011.tgz (images/ incomplete)")
+        paths, targets = split["train" if is_train[image_id].strip() == "1" else "test"]
+        paths.append(str(file))
+        targets.append(class_index[cid])
+    return (FileListDataset(*split["train"], class_names, train_transform),
+            FileListDataset(*split["test"], class_names, test_transform))

@@ -1,0 +1,53 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from data_fakes import CIFAR_NAMES
+from segpcl_fast.data.base import DatasetFormatError
+from segpcl_fast.data.cifar import load_cifar100
+from segpcl_fast.data.transforms import clip_test_transform
+
+
+def test_cifar100_reads_pickles(cifar_root):
+    train, test = load_cifar100(str(cifar_root))
+    assert len(train) == 5 * 3 and len(test) == 5 * 2
+    assert train.class_names == ["apple", "aquarium fish", "baby", "bear", "beaver"]
+    with open(cifar_root / "cifar-100-python" / "train", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    assert train.targets == raw["fine_labels"]
+    img, label = train[4]
+    expected = raw["data"][4].reshape(3, 32, 32).transpose(1, 2, 0)  # CHW planes -> HWC
+    assert np.array_equal(np.asarray(img), expected) and label == raw["fine_labels"][4]
+
+
+def test_cifar100_root_may_be_the_inner_folder_and_transform_applies(cifar_root):
+    train, _ = load_cifar100(str(cifar_root / "cifar-100-python"), train_transform=clip_test_transform(24))
+    x, _ = train[0]
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 24, 24)
+
+
+def test_cifar100_missing_root(tmp_path):
+    with pytest.raises(DatasetFormatError, match="does not exist"):
+        load_cifar100(str(tmp_path / "nope"))
+    with pytest.raises(DatasetFormatError, match="data.root"):
+        load_cifar100(None)
+
+
+def test_cifar100_wrong_format(cifar_root):
+    folder = cifar_root / "cifar-100-python"
+    with open(folder / "train", "wb") as f:  # CIFAR-10 style keys
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}, f)
+    with pytest.raises(DatasetFormatError, match="fine_labels"):
+        load_cifar100(str(cifar_root))
+    (folder / "test").write_bytes(b"not a pickle at all")
+    (folder / "meta").write_bytes(b"garbage")
+    with pytest.raises(DatasetFormatError, match="cannot read"):
+        load_cifar100(str(cifar_root))
+
+
+def test_cifar100_no_meta(tmp_path):
+    (tmp_path / "cifar-100-python").mkdir()
+    with pytest.raises(DatasetFormatError, match="cifar-100-python/meta"):
+        load_cifar100(str(tmp_path))

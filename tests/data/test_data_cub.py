@@ -1,0 +1,42 @@
+import os
+
+import pytest
+
+from data_fakes import CUB_PER_CLASS, decode_colour
+from segpcl_fast.data.base import DatasetFormatError
+from segpcl_fast.data.cub import class_name, load_cub200
+
+
+def test_official_split_and_names(cub_root):
+    train, test = load_cub200(str(cub_root))
+    assert train.class_names == ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
+    assert len(train) == len(test) == 3 * CUB_PER_CLASS // 2
+    assert train.targets == [0, 0, 1, 1, 2, 2]
+    for ds, parity in ((train, 0), (test, 1)):  # the fake marks even image indices as train
+        for i in range(len(ds)):
+            img, label = ds[i]
+            c, k = decode_colour(img)
+            assert c == label and k % 2 == parity
+
+
+def test_class_name():
+    assert class_name("200.Common_Yellowthroat") == "Common Yellowthroat"
+    assert class_name("045.Northern_Fulmar") == "Northern Fulmar"
+
+
+def test_missing_metadata(cub_root):
+    os.remove(cub_root / "CUB_200_2011" / "train_test_split.txt")
+    with pytest.raises(DatasetFormatError, match="train_test_split.txt"):
+        load_cub200(str(cub_root))
+
+
+def test_missing_image(cub_root):
+    folder = cub_root / "CUB_200_2011" / "images" / "002.Laysan_Albatross"
+    os.remove(sorted(folder.iterdir())[0])
+    with pytest.raises(DatasetFormatError, match="missing"):
+        load_cub200(str(cub_root / "CUB_200_2011"))
+
+
+def test_not_cub(tmp_path):
+    with pytest.raises(DatasetFormatError, match="images.txt"):
+        load_cub200(str(tmp_path))
