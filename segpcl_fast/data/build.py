@@ -19,10 +19,13 @@ CAP_SEED = 0  # seed of the per-class caps (max_train_per_class / max_test_per_c
 
 def cap_per_class(ds: ClassDataset, max_per_class: int, seed: int = CAP_SEED) -> ClassDataset:
     """At most `max_per_class` samples of each class: a seeded random choice per class
-    (RandomState(seed + label)), kept in dataset order. 0 = no cap (returns `ds`)."""
+    (RandomState(seed + label)), kept in dataset order. Returns `ds` itself when nothing is cut
+    (0 = no cap)."""
     if max_per_class <= 0:
         return ds
     targets = np.asarray(ds.targets, dtype=np.int64)
+    if targets.size == 0 or np.bincount(targets).max() <= max_per_class:
+        return ds
     keep = []
     for label in np.unique(targets):
         idx = np.flatnonzero(targets == label)
@@ -64,5 +67,7 @@ def build_datasets(data_cfg, train_transform: Optional[Callable] = None,
     """(train, test) ClassDatasets with dataset labels and human-readable class_names,
     capped per class by data_cfg.max_train_per_class / max_test_per_class (0 = all)."""
     train, test = _read(data_cfg, train_transform, test_transform)
+    if data_cfg.dataset == "synthetic":  # renders exactly the capped counts itself
+        return train, test
     return (cap_per_class(train, int(data_cfg.max_train_per_class)),
             cap_per_class(test, int(data_cfg.max_test_per_class)))

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from data_fakes import make_cifar100, make_cub, make_imagenet_r, make_imagenet_subset, make_ucf101
+from segpcl_fast.config import DataConfig
+from segpcl_fast.data.base import DatasetFormatError
+from segpcl_fast.data.build import build_datasets, cap_per_class
+from segpcl_fast.data.protocol import ClassIncrementalScenario
+from segpcl_fast.data.transforms import build_transforms
+
+MAKERS = {"cifar100": (make_cifar100, 5), "imagenet-r": (make_imagenet_r, 4),
+          "imagenet-subset": (make_imagenet_subset, 3), "cub200": (make_cub, 3), "ucf101": (make_ucf101, 3)}
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_build_each_dataset_end_to_end(tmp_path, name):
+    maker, num_classes = MAKERS[name]
+    root = maker(tmp_path / name)
+    cfg = DataConfig(dataset=name, root=str(root), num_tasks=1, class_order="seeded")
+    train_tf, test_tf = build_transforms(16, train_augment=True)
+    train, test = build_datasets(cfg, train_tf, test_tf)
+    assert len(train.class_names) == num_classes and train.class_names == test.class_names
+    sc = ClassIncrementalScenario.from_config(cfg, train, test)
+    x, y = sc.test_dataset_upto(0)[0]
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 16, 16) and 0 <= y < num_classes
+
+
+def test_caps_are_deterministic(tmp_path):
+    root = make_cifar100(tmp_path / "c", n_train=6, n_test=4)
+    cfg = DataConfig(dataset="cifar100", root=str(root), max_train_per_class=2, max_test_per_class=3)
+    train, test = build_datasets(cfg)
+    assert sorted(train.targets) == sorted(list(range(5)) * 2)
+    assert sorted(test.targets) == sorted(list(range(5)) * 3)
+    again, _ = build_datasets(cfg)
+    assert again.indices == train.indices
+    assert train.class_names[1] == "aquarium fish"
+    full, _ = build_datasets(DataConfig(dataset="cifar100", root=str(root)))
+    assert cap_per_class(full, 0) is full and cap_per_class(full, 6) is full
+    assert np.array_equal(np.asarray(train[0][0]), np.asarray(full[train.indices[0]][0]))
+
+
+def test_errors(tmp_path):
+    with pytest.raises(DatasetFormatError, match="unknown data.dataset 'mnist'"):
+        build_datasets(DataConfig(dataset="mnist", root=str(tmp_path)))
+    for name in MAKERS:
+        with pytest.raises(DatasetFormatError, match="data.root"):
+            build_datasets(DataConfig(dataset=name, root=None))
+        with pytest.raises(DatasetFormatError, match="Expected layout"):
+            build_datasets(DataConfig(dataset=name, root=str(tmp_path)))  # empty folder
+
+
+def test_synthetic_dispatch():
+    cfg = DataConfig(dataset="synthetic", max_train_per_class=2, max_test_per_class=1, num_tasks=10)
+    train, test = build_datasets(cfg)
+    assert len(train) == 2 * len(train.class_names) and len(test) == len(test.class_names)
+    sc = ClassIncrementalScenario.from_config(cfg, train, test)
+    assert sc.num_classes == len(train.class_names) and len(sc.train_dataset(0)) == 2 * len(sc.task_classes(0))
