@@ -1,8 +1,8 @@
 """UCF101 as still images: one frame per video, official split (ucfTrainTestlist, split 1).
 
 Two frame layouts are accepted, per video:
-  (a) one middle-frame image per video: <frames dir>/<ClassName>/<video>.jpg (CoOp's
-      UCF-101-midframes);
+  (a) one middle-frame image per video: <frames dir>/<ClassName>/<video>.jpg, or CoOp's
+      UCF-101-midframes/<Class_Name>/<video>.jpg (class folders renamed 'Apply_Eye_Makeup');
   (b) a folder of extracted frames per video: <frames dir>/<ClassName>/<video>/*.jpg; the
       middle frame (index n // 2 in natural name order) is read, lazily, at load time.
 The frames dir is `frames_dir` (relative to the root) if given, else the first of
@@ -26,7 +26,7 @@ LAYOUT = """  <root>/ucfTrainTestlist/classInd.txt      ('1 ApplyEyeMakeup')
   <root>/ucfTrainTestlist/trainlist01.txt   ('ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1')
   <root>/ucfTrainTestlist/testlist01.txt    ('ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi')
   and frames, either
-  <root>/UCF-101-midframes/<ClassName>/<video>.jpg        (one middle frame per video), or
+  <root>/UCF-101-midframes/<Class_Name>/<video>.jpg       (one middle frame per video, CoOp), or
   <root>/<frames dir>/<ClassName>/<video>/<frame>.jpg     (all frames; the middle one is used)
   (<frames dir>: data.frames_dir, or one of """ + ", ".join(FRAME_DIR_CANDIDATES) + ")"
 
@@ -34,6 +34,11 @@ LAYOUT = """  <root>/ucfTrainTestlist/classInd.txt      ('1 ApplyEyeMakeup')
 def class_name(camel: str) -> str:
     """'ApplyEyeMakeup' -> 'Apply Eye Makeup', 'YoYo' -> 'Yo Yo', 'Skijet' -> 'Skijet'."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", camel).replace("_", " ").strip()
+
+
+def class_folders(camel: str) -> list[str]:
+    """Folder spellings of a class: 'ApplyEyeMakeup' and CoOp's 'Apply_Eye_Makeup'."""
+    return [camel, "_".join(re.findall(r"[A-Z][^A-Z]*", camel)) or camel]
 
 
 def _natural_key(path: Path):
@@ -86,7 +91,7 @@ def _frames_dir(root: Path, classes: list[str], frames_dir: Optional[str]) -> Pa
         return path
     for cand in FRAME_DIR_CANDIDATES:
         path = root / cand
-        if path.is_dir() and any((path / c).is_dir() for c in classes):
+        if path.is_dir() and any((path / f).is_dir() for c in classes for f in class_folders(c)):
             return path
     raise format_error(NAME, f"no frames folder with class sub-folders in '{root}' "
                              f"(looked for {list(FRAME_DIR_CANDIDATES)})", LAYOUT,
@@ -108,11 +113,12 @@ def _read_list(path: Path, frames: Path, class_index: dict[str, int], with_label
                                      f"({rel.parent.name} is {label + 1})", LAYOUT,
                                "use split lists and classInd.txt from the same release")
         stem = rel.with_suffix("").name
-        folder = frames / rel.parent.name
-        source = next((c for c in (folder / f"{stem}.jpg", folder / f"{stem}.png", folder / stem)
+        folders = [frames / f for f in class_folders(rel.parent.name)]
+        source = next((c for folder in folders
+                       for c in (folder / f"{stem}.jpg", folder / f"{stem}.png", folder / stem)
                        if c.exists()), None)
         if source is None:
-            missing.append(str(folder / stem))
+            missing.append(str(folders[0] / stem))
             continue
         sources.append(str(source))
         targets.append(label)

@@ -6,6 +6,7 @@ so a test can check that the image a dataset returns belongs to the label it ret
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,8 @@ def make_ucf101(root: Path, layout: str = "midframes") -> Path:
     for c, folder, video in ucf_videos(UCF_TRAIN_GROUPS + UCF_TEST_GROUPS):
         g = int(video.split("_g")[1][:2])
         if layout == "midframes":
-            write_image(root / "UCF-101-midframes" / folder / f"{video}.jpg", colour(c, g))
+            coop_folder = "_".join(re.findall(r"[A-Z][^A-Z]*", folder))  # CoOp renames: Apply_Eye_Makeup
+            write_image(root / "UCF-101-midframes" / coop_folder / f"{video}.jpg", colour(c, g))
         else:  # frame folders; frame_1..frame_11 (natural order); only the middle has colour(c, g)
             for k in range(1, UCF_FRAMES + 1):
                 rgb = colour(c, g) if k == UCF_FRAMES // 2 + 1 else (250, 250, 250)

@@ -4,7 +4,7 @@ import pytest
 
 from data_fakes import UCF_TEST_GROUPS, UCF_TRAIN_GROUPS, decode_colour, make_ucf101
 from segpcl_fast.data.base import DatasetFormatError
-from segpcl_fast.data.ucf101 import class_name, load_ucf101
+from segpcl_fast.data.ucf101 import class_folders, class_name, load_ucf101
 
 
 @pytest.mark.parametrize("layout", ["midframes", "frames"])
@@ -25,10 +25,11 @@ def test_class_name():
     assert class_name("ApplyEyeMakeup") == "Apply Eye Makeup"
     assert class_name("YoYo") == "Yo Yo"
     assert class_name("Skijet") == "Skijet"
+    assert class_folders("HandstandPushups") == ["HandstandPushups", "Handstand_Pushups"]
 
 
 def test_missing_frames(ucf_root):
-    os.remove(ucf_root / "UCF-101-midframes" / "YoYo" / "v_YoYo_g01_c01.jpg")
+    os.remove(ucf_root / "UCF-101-midframes" / "Yo_Yo" / "v_YoYo_g01_c01.jpg")
     with pytest.raises(DatasetFormatError, match="1 videos of testlist01.txt have no frames"):
         load_ucf101(str(ucf_root))
 
