@@ -51,6 +51,7 @@ class DataConfig:
     dataset: str = "synthetic"
     root: Optional[str] = None
     num_tasks: int = 10
+    task_sizes: Optional[list[int]] = None  # explicit classes per task (e.g. UCF101: [11, 10, ...])
     # "seeded" shuffles class ids with order_seed (1993, as in PyCIL/RAPF); "natural" keeps
     # the dataset's order; or an explicit list of class names / indices.
     class_order: Any = "seeded"
@@ -62,6 +63,12 @@ class DataConfig:
     max_train_per_class: int = 0
     max_test_per_class: int = 0
     synthetic_seed: int = 0  # the offline world is generated from this seed
+    # format-specific options (see segpcl_fast/data/*.py)
+    names_file: Optional[str] = None  # wnid -> name mapping (ImageNet-R README.txt, LOC_synset_mapping.txt, JSON)
+    class_list: Optional[str] = None  # ImageNet-Subset: file of wnids (default <root>/imagenet100.txt)
+    frames_dir: Optional[str] = None  # UCF101: folder of middle frames / frame folders (auto-detected)
+    split_seed: int = 0  # ImageNet-R: seeded per-class train/test split when no split files exist
+    test_fraction: float = 0.2  # ImageNet-R: test share of the seeded split
 
 
 @dataclass

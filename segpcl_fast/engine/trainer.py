@@ -1,0 +1,272 @@
+"""The task loop: for each task, stage 1 / train / stage 3, evaluate, checkpoint.
+
+Determinism: every task re-seeds torch and its data-loader generator from (run.seed, t), so a
+run resumed at a task boundary continues exactly as the uninterrupted run would.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .. import metrics, ops
+from ..config import Config, save_config
+from ..data import ClassIncrementalScenario, build_datasets, build_transforms, format_prompts
+from ..method.learner import Learner
+from ..method.variants import resolve_variant
+from ..model.clip import load_model
+from ..model.lora import inject_lora, lora_state_dict
+from . import checkpoint as ckpt
+
+log = logging.getLogger("segpcl_fast.engine")
+
+# keys that may differ between a run and its resumption
+RUN_ONLY_KEYS = ("run.resume", "run.output_dir", "run.progress", "run.plots", "run.num_threads",
+                 "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
+                 "dpgd.batch_size")
+
+
+@dataclass
+class Result:
+    """What train() returns: the accuracy matrix, metrics and the files written."""
+    accuracy_matrix: list
+    acc_per_task: list
+    metrics: dict
+    fwt_before: list
+    output_dir: str
+    paths: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    ops: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device='{name}' but no CUDA device is available; use run.device=cpu")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _loader(dataset, batch_size: int, shuffle: bool, cfg: Config, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
+                      num_workers=cfg.data.num_workers, drop_last=False,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9) over the LoRA B matrices; apex FusedSGD if installed and asked for."""
+    o = cfg.optim
+    if o.fused == "apex":
+        from ..engine.accel import apex_fused_sgd
+        opt = apex_fused_sgd(params, o)
+        if opt is not None:
+            return opt
+    kwargs = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    on_cuda = params and params[0].is_cuda
+    if o.fused == "auto" and on_cuda:
+        return torch.optim.SGD(params, fused=True, **kwargs)
+    return torch.optim.SGD(params, foreach=True, **kwargs)
+
+
+def lr_at(step: int, total: int, cfg: Config) -> float:
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant" or total <= 1:
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return 0.5 * o.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log_fn: Optional[Callable[[str], None]] = None):
+        self.cfg = resolve_variant(cfg)
+        self.log_fn = log_fn or (lambda msg: log.info(msg))
+        self.out = Path(self.cfg.run.output_dir)
+        self.device = resolve_device(self.cfg.run.device)
+        if self.cfg.run.num_threads:
+            torch.set_num_threads(self.cfg.run.num_threads)
+        ops.set_backend(self.cfg.run.ops)
+        _seed_everything(self.cfg.run.seed)
+        c = self.cfg
+        self.model = load_model(c.model.name, c.model.pretrained, device=self.device, cache_dir=c.model.cache_dir)
+        self.lora_params = inject_lora(self.model, c.lora.rank, c.lora.alpha, c.lora.targets, c.lora.towers,
+                                       seed=c.lora.init_seed)
+        stats = self.model.image_stats
+        train_tf, self.test_tf = build_transforms(stats.size, stats.mean, stats.std, c.data.train_augment)
+        train_ds, test_ds = build_datasets(c.data, train_tf, self.test_tf)
+        self.scenario = ClassIncrementalScenario.from_config(c.data, train_ds, test_ds)
+        self.prompts = format_prompts(self.scenario.class_names, c.data.templates)
+        self.learner = Learner(c, self.model, self.prompts, self.device)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _count_correct(self, dataset, logits_fn) -> tuple[int, int]:
+        correct = total = 0
+        for images, labels in _loader(dataset, self.cfg.eval.batch_size, False, self.cfg):
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self._amp():
+                pred = logits_fn(images).argmax(dim=-1)
+            correct += int((pred == labels).sum())
+            total += len(labels)
+        return correct, total
+
+    def _amp(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.run.precision == "bf16" \
+            else torch.autocast(self.device.type, enabled=False)
+
+    def evaluate_seen(self, t: int) -> list[tuple[int, int]]:
+        """(correct, total) per task j <= t, predicting among all seen classes (dual path)."""
+        self.model.eval()
+        return [self._count_correct(self.scenario.test_dataset(j), self.learner.logits) for j in range(t + 1)]
+
+    def forward_transfer(self, t: int) -> float:
+        """Accuracy on task t before training it: CLIP path, among all classes of the benchmark."""
+        self.model.eval()
+        with torch.no_grad():
+            text = self.model.class_embeddings(self.prompts, device=self.device)
+        c, n = self._count_correct(self.scenario.test_dataset(t), lambda x: self.learner.clip_logits(x, text))
+        return metrics.percent(c, n)
+
+    # ------------------------------------------------------------------ training
+    def train_task(self, t: int) -> dict:
+        c = self.cfg
+        n_new = len(self.scenario.task_classes(t))
+        task_seed = c.run.seed * 1000 + t
+        _seed_everything(task_seed)
+        timings = {}
+        t0 = time.perf_counter()
+        self.model.eval()
+        eval_loader = _loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, False, c)
+        info = self.learner.begin_task(t, n_new, eval_loader, seed=task_seed)
+        timings["stage1_s"] = time.perf_counter() - t0
+
+        loader = _loader(self.scenario.train_dataset(t), c.optim.batch_size, True, c, seed=task_seed)
+        steps_per_epoch = len(loader)
+        total_steps = steps_per_epoch * c.optim.epochs
+        if c.run.max_steps_per_task:
+            total_steps = min(total_steps, c.run.max_steps_per_task)
+        optimizer = make_optimizer(self.lora_params, c) if total_steps else None
+        t1 = time.perf_counter()
+        step, losses = 0, []
+        bar = _progress(total_steps, f"task {t + 1}/{self.scenario.num_tasks}", c.run.progress)
+        self.model.train()
+        while step < total_steps:
+            for images, labels in loader:
+                if step >= total_steps:
+                    break
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(step, total_steps, c)
+                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+                with self._amp():
+                    loss, parts = self.learner.loss(images, labels)
+                _check_finite(loss, parts, step, t)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if c.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
+                optimizer.step()
+                losses.append({k: float(v) for k, v in parts.items()})
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses[-1].items()})
+        if bar is not None:
+            bar.close()
+        timings["train_s"] = time.perf_counter() - t1
+        timings["steps"] = step
+        t2 = time.perf_counter()
+        info.update(self.learner.end_task(t, n_new, eval_loader))
+        timings["stage3_s"] = time.perf_counter() - t2
+        info["final_loss"] = losses[-1] if losses else {}
+        info["timings"] = timings
+        return info
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> Result:
+        c = self.cfg
+        T = self.scenario.num_tasks
+        self.out.mkdir(parents=True, exist_ok=True)
+        fingerprint = ckpt.config_fingerprint(c.to_dict(), RUN_ONLY_KEYS)
+        correct = np.full((T, T), np.nan)
+        totals = [len(self.scenario.test_dataset(j)) for j in range(T)]
+        fwt_before = [None] * T
+        task_info = []
+        start = 0
+        if c.run.resume:
+            last = ckpt.find_last_checkpoint(self.out)
+            if last is not None:
+                state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), RUN_ONLY_KEYS)
+                self.model.load_state_dict(state["lora"], strict=False)
+                self.learner.load_state_dict(state["learner"])
+                correct = np.array(state["correct"], dtype=np.float64)
+                fwt_before = state["fwt_before"]
+                task_info = state["task_info"]
+                start = state["task"] + 1
+                self.log_fn(f"resumed from {last}: tasks 1..{start} done")
+        save_config(c, self.out / "config.yaml")
+        t_run = time.perf_counter()
+        for t in range(start, T):
+            if c.eval.fwt and t > 0:
+                fwt_before[t] = self.forward_transfer(t)
+            info = self.train_task(t)
+            counts = self.evaluate_seen(t)
+            for j, (cj, nj) in enumerate(counts):
+                correct[t, j] = cj
+            acc_t = metrics.percent(sum(x for x, _ in counts), sum(n for _, n in counts))
+            info["acc"] = acc_t
+            task_info.append(info)
+            self.log_fn(f"task {t + 1}/{T}: acc on seen classes {acc_t:.2f}%  "
+                        f"(train {info['timings']['train_s']:.1f}s, stage1 {info['timings']['stage1_s']:.1f}s)")
+            if c.run.checkpoint:
+                ckpt.save_task_checkpoint(self.out, t, {
+                    "task": t, "fingerprint": fingerprint, "config": c.to_dict(),
+                    "lora": lora_state_dict(self.model), "learner": self.learner.state_dict(),
+                    "correct": correct.tolist(), "fwt_before": fwt_before, "task_info": task_info,
+                })
+        matrix = metrics.accuracy_matrix(correct, totals)
+        acc = metrics.acc_per_task(correct, totals)
+        summary = metrics.summarize(matrix, acc, fwt_before if c.eval.fwt else None)
+        result = Result(accuracy_matrix=metrics.matrix_to_list(matrix), acc_per_task=acc.tolist(),
+                        metrics=summary, fwt_before=fwt_before, output_dir=str(self.out),
+                        timings={"run_s": time.perf_counter() - t_run, "tasks": [i["timings"] for i in task_info]},
+                        ops=ops.last_choice(), config=c.to_dict())
+        from ..report import write_run_report
+        result.paths = write_run_report(result, self.out, plots=c.run.plots,
+                                        class_names=self.scenario.class_names)
+        return result
+
+
+def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int) -> None:
+    if torch.isfinite(loss):
+        return
+    bad = [k for k, v in parts.items() if not torch.isfinite(v)]
+    raise FloatingPointError(f"loss is {float(loss)} at task {t + 1}, step {step} (non-finite term(s): "
+                             f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); lower optim.lr, "
+                             f"use run.precision=fp32, or check the data for NaN pixels")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

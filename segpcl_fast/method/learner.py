@@ -1,0 +1,202 @@
+"""SeGP-CL as the paper's three stages around one task, on top of a LoRA-B-only CLIP.
+
+    learner.begin_task(t, ...)   stage 1: teacher snapshot, seeds, DPGD anchors + cache; TSGR graph
+    learner.loss(images, labels) stage 2: L_cls + lambda_ACGD * L_ACGD + lambda_GR * L_GR
+    learner.end_task(t, ...)     stage 3: new prototypes, anchor-induced drift transfer, text cache
+    learner.logits(images)       dual-path inference over all seen classes
+
+Labels are ordered labels (positions in the class order): after task t the seen classes are
+0..n_seen-1 and task t's classes are the last ones. Variants (lora_finetune, onlyclip, ...) are
+config flags of this one learner (see variants.py).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..model.clip import CLIPModel
+from ..model.lora import lora_parameters
+from . import anchors as stage1
+from . import losses as stage2
+from . import prototypes as stage3
+
+log = logging.getLogger("segpcl_fast.method")
+
+
+class Learner:
+    def __init__(self, cfg: Config, model: CLIPModel, class_prompts: Sequence[Sequence[str]],
+                 device: torch.device):
+        self.cfg = cfg
+        self.model = model
+        self.class_prompts = [list(p) for p in class_prompts]
+        self.device = device
+        self.n_seen = 0  # classes seen after the last finished task
+        self.n_old = 0  # classes before the current task
+        self.n_new = 0  # classes of the current task
+        self.prototypes = stage3.PrototypeMemory()
+        self.anchor_cache: Optional[stage1.AnchorCache] = None
+        self.graph: Optional[stage2.TSGRGraph] = None
+        self.text_cache: Optional[torch.Tensor] = None  # u_S for seen classes after the last task
+        self.anchor_generator = torch.Generator()
+        # Reference (pretrained, B = 0) text embeddings of every class: fixed for the whole run.
+        with torch.no_grad():
+            self.ref_text = model.class_embeddings(self.class_prompts, device=device).detach()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def uses_anchors(self) -> bool:
+        return self.n_old > 0 and (self.cfg.acgd.enabled or
+                                   (self.cfg.prototypes.transfer and self.cfg.prototypes.beta > 0))
+
+    def text_embeddings(self, n_classes: int) -> torch.Tensor:
+        """u_S for classes 0..n_classes-1 (gradients flow to the text tower's LoRA)."""
+        return self.model.class_embeddings(self.class_prompts[:n_classes], device=self.device)
+
+    @torch.no_grad()
+    def _embed_loader(self, model: CLIPModel, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raws, embs, labels = [], [], []
+        for images, y in loader:
+            raw, emb = model.encode_image(images.to(self.device, non_blocking=True))
+            raws.append(raw.float())
+            embs.append(emb.float())
+            labels.append(y)
+        return torch.cat(raws), torch.cat(embs), torch.cat(labels).to(self.device)
+
+    # ------------------------------------------------------------------ stage 1
+    def begin_task(self, t: int, n_new: int, train_eval_loader: Iterable, seed: int = 0) -> dict:
+        """Prepare task t (0-based) with n_new new classes; train_eval_loader: task t images, eval transform."""
+        self.n_old, self.n_new = self.n_seen, n_new
+        n_total = self.n_old + n_new
+        self.anchor_generator.manual_seed(seed)
+        info = {"anchors": 0}
+        if self.cfg.tsgr.enabled and self.cfg.tsgr.weight > 0:
+            self.graph = stage2.TSGRGraph.build(self.ref_text[:n_total], list(range(self.n_old, n_total)),
+                                                k=self.cfg.tsgr.k, tau=self.cfg.tsgr.tau)
+        else:
+            self.graph = None
+        self.anchor_cache = None
+        if self.uses_anchors:
+            self.anchor_cache = self._build_anchors(train_eval_loader)
+            info["anchors"] = len(self.anchor_cache.targets)
+        return info
+
+    def _build_anchors(self, train_eval_loader: Iterable) -> "stage1.AnchorCache":
+        """Teacher = frozen copy of the model at the end of task t-1; used here only, then dropped."""
+        teacher = copy.deepcopy(self.model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        source = self.cfg.acgd.source
+        with torch.no_grad():
+            old_text = teacher.class_embeddings(self.class_prompts[:self.n_old], device=self.device)
+            logit_scale = teacher.logit_scale()
+        images = torch.cat([x for x, _ in train_eval_loader]).to(self.device)
+        if source in ("anchors", "seeds"):
+            with torch.no_grad():
+                embs = torch.cat([teacher.encode_image(images[i:i + 256])[1] for i in range(0, len(images), 256)])
+            seed_idx, targets = stage1.select_seeds(F.normalize(embs.float(), dim=-1), old_text.float(),
+                                                    self.cfg.dpgd.k_seed)
+            pixels = images[seed_idx]
+        elif source == "new_data":
+            pixels = images
+            targets = torch.full((len(images),), -1, dtype=torch.long, device=self.device)
+        else:
+            raise ValueError(f"acgd.source='{source}' is not supported by the trainer; use anchors, seeds or new_data")
+        stats = self.model.image_stats
+        cache = stage1.build_anchor_cache(
+            teacher, pixels, targets, old_text, self.prototypes.tensor[:self.n_old].to(self.device), logit_scale,
+            self.cfg.dpgd, stats.mean, stats.std, source="seeds" if source == "new_data" else source)
+        del teacher
+        return cache
+
+    # ------------------------------------------------------------------ stage 2
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Total training loss on a batch of task-t images (labels: ordered labels)."""
+        cfg = self.cfg
+        n_total = self.n_old + self.n_new
+        text = self.text_embeddings(n_total)
+        scale = self.model.logit_scale()
+        n_img = images.shape[0]
+        anchor_batch = None
+        if self.anchor_cache is not None and cfg.acgd.enabled and cfg.acgd.weight > 0:
+            n_anchor = cfg.acgd.anchor_batch or n_img
+            anchor_batch = stage1.sample_anchor_batch(self.anchor_cache, n_anchor, self.anchor_generator)
+            images = torch.cat([images, anchor_batch.pixels.to(images.dtype)])
+        _, emb = self.model.encode_image(images)
+        emb = F.normalize(emb, dim=-1)
+        if cfg.optim.cls_over == "seen":
+            l_cls = stage2.cls_loss(emb[:n_img], text, labels, scale)
+        else:
+            l_cls = stage2.cls_loss(emb[:n_img], text[self.n_old:], labels - self.n_old, scale)
+        parts = {"cls": l_cls}
+        if anchor_batch is not None:
+            z_s = scale * emb[n_img:] @ text[:self.n_old].T
+            parts["acgd"] = stage2.acgd_loss(z_s, anchor_batch.teacher_logits, cfg.acgd.tau)
+        if self.graph is not None and len(self.graph.roots) > 0:
+            parts["gr"] = stage2.tsgr_loss(text, self.graph)
+        total = stage2.total_loss(parts.get("cls"), parts.get("acgd"), parts.get("gr"), cfg)
+        return total, parts
+
+    # ------------------------------------------------------------------ stage 3
+    @torch.no_grad()
+    def end_task(self, t: int, n_new: int, train_eval_loader: Iterable) -> dict:
+        """New prototypes (eval transform), drift transfer for old ones, cache text embeddings."""
+        self.model.eval()
+        n_total = self.n_old + n_new
+        info = {}
+        if self.cfg.prototypes.beta > 0 or self.cfg.prototypes.transfer:
+            raw, _, labels = self._embed_loader(self.model, train_eval_loader)
+            new = stage3.class_means(raw, labels, list(range(self.n_old, n_total)))
+            if self.n_old > 0 and self.cfg.prototypes.transfer and self.anchor_cache is not None:
+                cache = self.anchor_cache
+                student_raw = torch.cat([self.model.raw_features(cache.pixels[i:i + 256].to(self.device)).float()
+                                         for i in range(0, len(cache.pixels), 256)])
+                old = self.prototypes.tensor[:self.n_old].to(self.device)
+                moved = stage3.transfer_prototypes(old, cache.teacher_raw.float(), student_raw,
+                                                   weight_rule=self.cfg.prototypes.weight_rule)
+                info["prototype_shift"] = float((moved - old).norm(dim=-1).mean())
+                self.prototypes.set_old(moved)
+            self.prototypes.add(new)
+        self.n_seen = n_total
+        self.text_cache = self.text_embeddings(n_total).detach()
+        self.anchor_cache = None  # the anchors belong to task t only
+        return info
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Dual-path logits over the seen classes (beta = 0: CLIP path only)."""
+        raw, emb = self.model.encode_image(images)
+        beta = self.cfg.prototypes.beta
+        protos = self.prototypes.tensor[:self.n_seen].to(self.device) if beta > 0 and len(self.prototypes) else None
+        if protos is None:
+            return self.model.logit_scale() * F.normalize(emb.float(), dim=-1) @ self.text_cache.float().T
+        return stage3.dual_path_logits(emb.float(), raw.float(), self.text_cache.float(), protos.float(),
+                                       self.model.logit_scale(), beta)
+
+    @torch.no_grad()
+    def clip_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """CLIP-path logits against given (normalised) text embeddings (zero-shot, FWT)."""
+        _, emb = self.model.encode_image(images)
+        return self.model.logit_scale() * F.normalize(emb.float(), dim=-1) @ text.float().T
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"n_seen": self.n_seen, "prototypes": self.prototypes.state_dict(),
+                "text_cache": self.text_cache, "ref_text": self.ref_text}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n_seen = state["n_seen"]
+        self.n_old = self.n_seen
+        self.prototypes.load_state_dict(state["prototypes"])
+        self.text_cache = state["text_cache"].to(self.device) if state["text_cache"] is not None else None
+        if not torch.allclose(state["ref_text"].to(self.device), self.ref_text, atol=1e-5):
+            raise RuntimeError("checkpoint's reference text embeddings differ from this model's: "
+                               "the checkpoint was made with other pretrained weights or prompts")
+
+    def trainable_parameters(self) -> list:
+        return lora_parameters(self.model)
