@@ -1,0 +1,284 @@
+"""Stage 1 of SeGP-CL (method.md): DPGD anchors, built once before training task t >= 2.
+
+1. Seeds:   Q(x, c) = v̄_T(x) · u_T,c; per old class c keep the K_seed highest-scoring images.
+2. DPGD:    K_adv projected sign-gradient *descent* steps on
+                L_DPGD(x_a, c) = CE(s · v̄_T(x_a) · U_T,<t^T, c) + lambda_p · (1 - cos(r_T(x_a), p_c)),
+            delta in the L_inf eps-ball, x + delta in the [0, 1] pixel box, both mapped to
+            per-channel bounds in the model's mean/std-normalised input space.
+3. Cache:   pixels, targets, teacher logits s · v̄_T(x_a) · U_T,<t^T and teacher raw features
+            r_T(x_a), computed once; the teacher is never run again during the task.
+
+All gradients flow through the teacher only (w.r.t. the input); the teacher's parameters are
+frozen for the duration of the attack and collect no gradients. The step itself is
+`ops.pgd_step` (Triton kernel or reference behind one call).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import DPGDConfig
+
+log = logging.getLogger("segpcl_fast.method")
+
+SOURCES = ("anchors", "seeds")
+Stats = Union[Sequence[float], torch.Tensor]
+
+
+def _scalar(v: Union[float, torch.Tensor]) -> float:
+    """A python float from a float or a 0-d tensor (the logit scale may carry requires_grad)."""
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
+# ----------------------------------------------------------------------------- 1. seeds
+
+def select_seeds(teacher_emb_norm: torch.Tensor, old_text: torch.Tensor,
+                 k_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per old class c the k_seed images with the highest Q(x, c) = v̄_T(x) · u_T,c.
+
+    teacher_emb_norm: (N, d) L2-normalised teacher image embeddings v̄_T(x) of task t's images.
+    old_text: (C_old, d) normalised teacher text embeddings u_T,c of the old classes.
+    Returns (seed_index, target_class), both (C_old * k,) int64, grouped by class (class 0's
+    seeds first, each class's seeds by decreasing score), with k = min(k_seed, N). An image may
+    be a seed for several classes.
+    """
+    if teacher_emb_norm.dim() != 2 or old_text.dim() != 2:
+        raise ValueError(f"select_seeds: expected (N, d) image and (C_old, d) text embeddings, got "
+                         f"{tuple(teacher_emb_norm.shape)} and {tuple(old_text.shape)}")
+    if teacher_emb_norm.shape[1] != old_text.shape[1]:
+        raise ValueError(f"select_seeds: image embeddings have width {teacher_emb_norm.shape[1]} but text "
+                         f"embeddings {old_text.shape[1]}; both must be CLIP embeddings v, u")
+    n_images, n_old = teacher_emb_norm.shape[0], old_text.shape[0]
+    if n_images == 0 or n_old == 0:
+        raise ValueError(f"select_seeds: need at least one image and one old class, got {n_images} images, "
+                         f"{n_old} old classes")
+    if k_seed < 1:
+        raise ValueError(f"select_seeds: k_seed must be >= 1, got {k_seed} (dpgd.k_seed)")
+    k = min(k_seed, n_images)
+    scores = teacher_emb_norm.float() @ old_text.float().T  # Q: (N, C_old)
+    top = scores.topk(k, dim=0).indices  # (k, C_old), by decreasing score per column
+    seed_index = top.T.reshape(-1)
+    target_class = torch.arange(n_old, device=seed_index.device).repeat_interleave(k)
+    return seed_index, target_class
+
+
+# ----------------------------------------------------------------------------- 2. DPGD
+
+def normalised_bounds(mean: Stats, std: Stats, eps: float, gamma: float,
+                      device: Optional[torch.device] = None) -> tuple[torch.Tensor, ...]:
+    """Map pixel-space PGD constants to the normalised input space x_n = (x - mean) / std.
+
+    Returns per-channel fp32 tensors (eps_n, gamma_n, lo, hi) = (eps / std, gamma / std,
+    (0 - mean) / std, (1 - mean) / std): the eps-ball, step and [0, 1] box in normalised units.
+    """
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).flatten()
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).flatten()
+    if mean_t.shape != std_t.shape:
+        raise ValueError(f"normalised_bounds: mean has {mean_t.numel()} channels but std {std_t.numel()}")
+    if bool((std_t <= 0).any()):
+        raise ValueError(f"normalised_bounds: std must be positive per channel, got {std_t.tolist()}")
+    if eps < 0 or gamma < 0:
+        raise ValueError(f"normalised_bounds: eps and gamma must be >= 0, got eps={eps}, gamma={gamma}")
+    return eps / std_t, gamma / std_t, (0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t
+
+
+def dpgd_loss(raw: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, old_text: torch.Tensor,
+              prototypes: Optional[torch.Tensor], logit_scale: Union[float, torch.Tensor],
+              lambda_p: float) -> torch.Tensor:
+    """L_DPGD summed over the anchors of a batch.
+
+    L_DPGD(x_a, c) = CE(s · v̄_T(x_a) · U_T,<t^T, c) + lambda_p · (1 - cos(r_T(x_a), p_c)).
+
+    raw: (M, D) teacher r_T(x_a); emb: (M, d) teacher v_T(x_a) (unnormalised); targets: (M,) old
+    classes; old_text: (C_old, d) normalised u_T; prototypes: (C_old, D) raw prototypes p_c, or None
+    to drop the visual term. The sum (not the mean) over anchors makes each anchor's input gradient
+    independent of how many anchors share its PGD batch (sign steps ignore scale, but this also keeps
+    per-anchor losses comparable across batch sizes).
+    """
+    logits = _scalar(logit_scale) * F.normalize(emb.float(), dim=-1) @ old_text.float().T
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    if prototypes is not None and lambda_p != 0:
+        cos = F.cosine_similarity(raw.float(), prototypes.float()[targets], dim=-1)
+        loss = loss + lambda_p * (1.0 - cos).sum()
+    return loss
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and requires_grad=False on every parameter for the block; both restored after."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _check_prototypes(prototypes: Optional[torch.Tensor], n_old: int) -> Optional[torch.Tensor]:
+    """None when there are no prototypes (variants without the visual branch): CE term only."""
+    if prototypes is None or prototypes.numel() == 0:
+        return None
+    if prototypes.dim() != 2 or prototypes.shape[0] != n_old:
+        raise ValueError(f"DPGD: prototypes must be (C_old={n_old}, D_raw), got {tuple(prototypes.shape)}")
+    return prototypes
+
+
+def run_dpgd(teacher, seeds: torch.Tensor, targets: torch.Tensor, old_text: torch.Tensor,
+             prototypes: Optional[torch.Tensor], logit_scale: Union[float, torch.Tensor], cfg: DPGDConfig,
+             mean: Stats, std: Stats, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """K_adv steps of x <- clamp_box(clamp_eps(x - gamma · sign(grad_x L_DPGD))) on each seed.
+
+    teacher: a segpcl_fast.model.CLIPModel (frozen copy of the model at the end of task t-1).
+    seeds: (M, 3, H, W) normalised images; targets: (M,) old classes; old_text: (C_old, d)
+    normalised u_T; prototypes: (C_old, D_raw) or None/empty (visual term dropped).
+    Runs in batches of cfg.batch_size (results do not depend on it); no random start unless
+    cfg.random_start (then uniform in the eps-ball, projected into the box, drawn from `generator`).
+    Returns the anchors (M, 3, H, W), detached, in the seeds' dtype.
+    """
+    if seeds.dim() != 4 or targets.shape != (seeds.shape[0],):
+        raise ValueError(f"run_dpgd: seeds must be (M, C, H, W) with targets (M,), got {tuple(seeds.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if cfg.k_adv < 0 or cfg.batch_size < 1:
+        raise ValueError(f"run_dpgd: need dpgd.k_adv >= 0 and dpgd.batch_size >= 1, got {cfg.k_adv}, "
+                         f"{cfg.batch_size}")
+    prototypes = _check_prototypes(prototypes, old_text.shape[0])
+    if prototypes is None and cfg.lambda_p != 0:
+        log.info("DPGD without prototypes: the visual anchoring term is dropped (CE term only)")
+    eps_n, gamma_n, lo, hi = normalised_bounds(mean, std, cfg.eps, cfg.gamma, device=seeds.device)
+    if eps_n.shape[0] != seeds.shape[1]:
+        raise ValueError(f"run_dpgd: mean/std have {eps_n.shape[0]} channels but the seeds have {seeds.shape[1]}")
+    view = (1, -1, 1, 1)
+    scale = _scalar(logit_scale)
+    out = torch.empty_like(seeds)
+    with frozen_eval(teacher), torch.enable_grad():
+        for start in range(0, seeds.shape[0], cfg.batch_size):
+            x0 = seeds[start:start + cfg.batch_size].detach()
+            y = targets[start:start + cfg.batch_size]
+            x = x0.clone()
+            if cfg.random_start:
+                noise = torch.rand(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+                x = x0 + ((2 * noise - 1) * eps_n.view(view)).to(x0.dtype)
+                x = torch.maximum(torch.minimum(x, hi.view(view).to(x.dtype)), lo.view(view).to(x.dtype))
+            for _ in range(cfg.k_adv):
+                x.requires_grad_(True)
+                raw, emb = teacher.encode_image(x)
+                loss = dpgd_loss(raw, emb, y, old_text, prototypes, scale, cfg.lambda_p)
+                (grad,) = torch.autograd.grad(loss, x)
+                x = ops.pgd_step(x.detach(), grad, x0, gamma_n, eps_n, lo, hi)
+            out[start:start + cfg.batch_size] = x.detach()
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. cache
+
+@dataclass
+class AnchorCache:
+    """Everything stage 2 and stage 3 need from the teacher, computed once per task.
+
+    pixels (M, 3, H, W) normalised anchors; targets (M,) their old classes (-1 when the anchors
+    are raw task images, acgd.source="new_data"); teacher_logits (M, C_old) = s · v̄_T(x_a) ·
+    U_T,<t^T (fp32); teacher_raw (M, D_raw) = r_T(x_a) (fp32).
+    """
+    pixels: torch.Tensor
+    targets: torch.Tensor
+    teacher_logits: torch.Tensor
+    teacher_raw: torch.Tensor
+    source: str = "anchors"
+
+    _TENSORS = ("pixels", "targets", "teacher_logits", "teacher_raw")  # class constant, not a field
+
+    def __post_init__(self) -> None:
+        m = self.pixels.shape[0]
+        bad = [n for n in self._TENSORS if getattr(self, n).shape[0] != m]
+        if bad:
+            raise ValueError(f"AnchorCache: {bad} do not have one row per anchor ({m} pixels rows)")
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device
+
+    def to(self, device: Union[str, torch.device]) -> "AnchorCache":
+        return AnchorCache(*(getattr(self, n).to(device) for n in self._TENSORS), source=self.source)
+
+    def select(self, index: torch.Tensor) -> "AnchorCache":
+        """The anchors at `index` (a (n,) int64 tensor), as a new cache."""
+        index = index.to(self.device)
+        return AnchorCache(*(getattr(self, n)[index] for n in self._TENSORS), source=self.source)
+
+    def state_dict(self) -> dict:
+        state = {n: getattr(self, n) for n in self._TENSORS}
+        state["source"] = self.source
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "AnchorCache":
+        missing = [n for n in (*cls._TENSORS, "source") if n not in state]
+        if missing:
+            raise KeyError(f"AnchorCache state is missing {missing}; was it saved by AnchorCache.state_dict()?")
+        return cls(*(state[n] for n in cls._TENSORS), source=state["source"])
+
+
+@torch.no_grad()
+def teacher_outputs(teacher, pixels: torch.Tensor, old_text: torch.Tensor,
+                    logit_scale: Union[float, torch.Tensor],
+                    batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s · v̄_T(x) · U_T,<t^T, r_T(x)) in fp32, in batches, teacher in eval mode."""
+    logits, raws = [], []
+    text = F.normalize(old_text.float(), dim=-1)
+    with frozen_eval(teacher):
+        for start in range(0, pixels.shape[0], batch_size):
+            raw, emb = teacher.encode_image(pixels[start:start + batch_size])
+            logits.append(_scalar(logit_scale) * F.normalize(emb.float(), dim=-1) @ text.T)
+            raws.append(raw.float())
+    return torch.cat(logits), torch.cat(raws)
+
+
+def build_anchor_cache(teacher, seeds_pixels: torch.Tensor, targets: torch.Tensor, old_text: torch.Tensor,
+                       prototypes: Optional[torch.Tensor], logit_scale: Union[float, torch.Tensor],
+                       cfg: DPGDConfig, mean: Stats, std: Stats, source: str = "anchors",
+                       generator: Optional[torch.Generator] = None) -> AnchorCache:
+    """Run DPGD on the seeds (source="anchors") or keep them as they are (source="seeds"), then run
+    the teacher once more to cache its logits over the old classes and its raw features.
+
+    This is the only place the teacher runs during a task.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"build_anchor_cache: source must be one of {SOURCES}, got '{source}'")
+    if seeds_pixels.shape[0] == 0:
+        raise ValueError("build_anchor_cache: no seed images (the task's training set is empty?)")
+    if source == "anchors":
+        pixels = run_dpgd(teacher, seeds_pixels, targets, old_text, prototypes, logit_scale, cfg, mean, std,
+                          generator=generator)
+    else:
+        pixels = seeds_pixels.detach()
+    teacher_logits, teacher_raw = teacher_outputs(teacher, pixels, old_text, logit_scale,
+                                                  batch_size=max(cfg.batch_size, 1))
+    return AnchorCache(pixels, targets.to(pixels.device), teacher_logits, teacher_raw, source=source)
+
+
+def sample_anchor_batch(cache: AnchorCache, n: int, generator: Optional[torch.Generator] = None) -> AnchorCache:
+    """n anchors drawn uniformly without replacement (all of them, shuffled, when n >= len(cache)).
+
+    `generator` is a CPU torch.Generator; the indices are moved to the cache's device.
+    """
+    if len(cache) == 0:
+        raise ValueError("sample_anchor_batch: the anchor cache is empty")
+    if n < 1:
+        raise ValueError(f"sample_anchor_batch: n must be >= 1, got {n}")
+    index = torch.randperm(len(cache), generator=generator)[:n]
+    return cache.select(index)
