@@ -12,9 +12,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/autocast_mode.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 namespace segpcl {
@@ -116,7 +117,9 @@ std::tuple<at::Tensor, at::Tensor> rank_r_grads_fused(const at::Tensor& g, const
   // Split the out dimension across blockIdx.y until there are ~2 blocks per SM.
   const int64_t row_blocks = (n_rows + kRows - 1) / kRows;
   const int64_t col_tiles = (n_out + kCols - 1) / kCols;
-  const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, g.get_device()));
+  const int64_t target = 2 * static_cast<int64_t>(sm_count);
   const int64_t splits = std::min<int64_t>(col_tiles, std::max<int64_t>(1, (target + row_blocks - 1) / row_blocks));
   const int64_t cols_per_block = ((col_tiles + splits - 1) / splits) * kCols;
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>((n_out + cols_per_block - 1) / cols_per_block));
@@ -124,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> rank_r_grads_fused(const at::Tensor& g, const
   TORCH_CHECK(row_blocks < (int64_t{1} << 31), "lora_b_linear_bwd: too many rows for one launch");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "lora_rank_r_grad_kernel", [&] {
-    lora_rank_r_grad_kernel<scalar_t><<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+    lora_rank_r_grad_kernel<scalar_t><<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         g.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), gB.data_ptr<float>(),
         grad_B.data_ptr<float>(), n_rows, n_out, rank, cols_per_block, want_gB, want_grad_B);
   });

@@ -1,0 +1,49 @@
+"""Shared inputs for the lora_b_linear tests (CPU and CUDA)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from segpcl_fast.ops import lora_linear
+
+
+def require_extension():
+    """Fail (not skip) when segpcl_fast._C is missing, unless the build was skipped on purpose."""
+    status = lora_linear.extension_status()
+    if status["built"]:
+        return
+    if os.environ.get("SEGPCL_NO_EXT", "0") == "1":
+        pytest.skip("SEGPCL_NO_EXT=1: extension not built")
+    pytest.fail(f"segpcl_fast._C is not built ({status['error']}); run `python setup.py build_ext --inplace`")
+
+
+def make_inputs(lead=(3, 5), n_in=24, n_out=40, rank=4, dtype=torch.float32, device="cpu", bias=True,
+                seed=0):
+    """x (lead..., in) and B require grad; W, b, A are frozen. B is random (not LoRA's zero init)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = rand(*lead, n_in).requires_grad_()
+    weight = rand(n_out, n_in, scale=n_in ** -0.5)
+    b = rand(n_out) if bias else None
+    lora_A = rand(rank, n_in, scale=n_in ** -0.5)
+    lora_B = rand(n_out, rank, scale=0.5).requires_grad_()
+    return x, weight, b, lora_A, lora_B
+
+
+def forward_backward(fn, x, weight, bias, lora_A, lora_B, scaling, grad_out=None, seed=1):
+    """(y, grad_x, grad_B) of fn for a fixed random grad_out."""
+    y = fn(x, weight, bias, lora_A, lora_B, scaling)
+    if grad_out is None:
+        gen = torch.Generator().manual_seed(seed)
+        grad_out = torch.randn(y.shape, generator=gen).to(device=y.device, dtype=y.dtype)
+    grad_x, grad_B = torch.autograd.grad(y, (x, lora_B), grad_out)
+    return y.detach(), grad_x, grad_B
+
+
+def upcast(tensors):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]

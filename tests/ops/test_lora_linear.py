@@ -1,0 +1,227 @@
+"""segpcl::lora_b_linear (C++ CPU op) against the plain-PyTorch reference: values, grads, dtypes,
+opcheck, gradcheck, saved tensors, torch.compile, dispatch and fallback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from segpcl_fast.ops import dispatch, lora_linear
+from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_reference
+
+from lora_cases import forward_backward, make_inputs, require_extension, upcast
+
+pytestmark = pytest.mark.usefixtures("_extension")
+
+
+@pytest.fixture
+def _extension():
+    require_extension()
+    with dispatch.backend("auto"):
+        yield
+
+
+# (lead dims, in, out, rank): in + r < out takes the K-concatenated forward GEMM, the others the
+# in-place rank-r update; 300 rows exercise several cache blocks of the CPU backward.
+SHAPES = [((3, 5), 24, 40, 4), ((7,), 40, 24, 4), ((2, 150), 32, 96, 8), ((300,), 96, 32, 16),
+          ((), 16, 16, 2)]
+
+
+@pytest.mark.parametrize("lead,n_in,n_out,rank", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference_fp32(lead, n_in, n_out, rank, bias):
+    args = make_inputs(lead, n_in, n_out, rank, bias=bias)
+    y, gx, gB = forward_backward(lora_b_linear, *args, 0.75)
+    assert dispatch.last_choice()["lora_b_linear"] == "cpp"
+    ry, rgx, rgB = forward_backward(lora_b_linear_reference, *args, 0.75)
+    assert y.shape == ry.shape == (*lead, n_out)
+    torch.testing.assert_close(y, ry, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, rgx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gB, rgB, rtol=1e-4, atol=1e-4)
+
+
+def test_hand_computed_values():
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    bias = torch.tensor([0.5, 0.0, -1.0])
+    lora_A = torch.tensor([[1.0, -1.0]])            # u = x A^T = -1
+    lora_B = torch.tensor([[2.0], [0.0], [1.0]], requires_grad=True)
+    y = lora_b_linear(x, weight, bias, lora_A, lora_B, 0.5)
+    # x W^T + b = [1.5, 2, 2]; s u B^T = 0.5 * -1 * [2, 0, 1] = [-1, 0, -0.5]
+    torch.testing.assert_close(y, torch.tensor([[0.5, 2.0, 1.5]]))
+    y.sum().backward()
+    # grad_x = 1 W + s (1 B) A = [2, 2] + 0.5 * 3 * [1, -1]; grad_B = s 1^T u = 0.5 * -1
+    torch.testing.assert_close(x.grad, torch.tensor([[3.5, 0.5]]))
+    torch.testing.assert_close(lora_B.grad, torch.full((3, 1), -0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_no_worse_than_reference(dtype):
+    """Against a float64 ground truth, the op's bf16/fp16 error (fp32 accumulation) stays within
+    the plain-PyTorch low-precision reference's error."""
+    args = make_inputs((4, 64), 96, 160, 8, dtype=dtype)
+    ours = forward_backward(lora_b_linear, *args, 2.0)
+    low_ref = forward_backward(lora_b_linear_reference, *args, 2.0)
+    g = torch.randn(ours[0].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    truth = forward_backward(lora_b_linear_reference, *upcast(args), 2.0, grad_out=g.double())
+    for got, ref, exact in zip(ours, low_ref, truth):
+        assert got.dtype == dtype
+        err = (got.double() - exact).abs().max().item()
+        ref_err = (ref.double() - exact).abs().max().item()
+        scale = exact.abs().max().item()
+        assert err <= 1.5 * ref_err + 1e-3 * scale, (err, ref_err, scale)
+
+
+def test_grad_flags_skip_unneeded_grads():
+    x, weight, bias, lora_A, lora_B = make_inputs()
+    y = lora_b_linear(x.detach(), weight, bias, lora_A, lora_B, 0.5)  # only B needs a grad
+    (gB,) = torch.autograd.grad(y.sum(), lora_B)
+    ref = lora_b_linear_reference(x.detach(), weight, bias, lora_A, lora_B, 0.5)
+    torch.testing.assert_close(gB, torch.autograd.grad(ref.sum(), lora_B)[0])
+    y = lora_b_linear(x, weight, bias, lora_A, lora_B.detach(), 0.5)   # frozen B (teacher, DPGD)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    ref = lora_b_linear_reference(x, weight, bias, lora_A, lora_B.detach(), 0.5)
+    torch.testing.assert_close(gx, torch.autograd.grad(ref.sum(), x)[0])
+    u = torch.randn(15, 4)
+    g = torch.randn(15, 40)
+    gx_only, gB_empty = torch.ops.segpcl.lora_b_linear_bwd(g, u, weight, lora_A, lora_B.detach(), 0.5, True, False)
+    assert gx_only.shape == (15, 24) and gB_empty.numel() == 0
+
+
+def test_opcheck_forward_and_backward_ops():
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 3))
+    torch.library.opcheck(torch.ops.segpcl.lora_b_linear_fwd.default, (x, weight, bias, lora_A, lora_B, 0.5))
+    torch.library.opcheck(torch.ops.segpcl.lora_b_linear_fwd.default, (x, weight, None, lora_A, lora_B, 0.5))
+    g, u = torch.randn(2, 3, 40), torch.randn(2, 3, 4)
+    for flags in [(True, True), (True, False), (False, True)]:
+        torch.library.opcheck(torch.ops.segpcl.lora_b_linear_bwd.default,
+                              (g, u, weight, lora_A, lora_B.detach(), 0.5, *flags))
+
+
+def test_gradcheck_float64():
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 3), 6, 10, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x_, b_: lora_b_linear(x_, weight, bias, lora_A, b_, 1.3),
+                                    (x, lora_B))
+    assert dispatch.last_choice()["lora_b_linear"] == "cpp"
+
+
+def _saved_tensors(fn, *args):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fn(*args)
+    return y, saved
+
+
+def test_saves_u_not_x():
+    x, weight, bias, lora_A, lora_B = make_inputs((4, 6), 32, 48, 4)
+    y, saved = _saved_tensors(lora_b_linear, x, weight, bias, lora_A, lora_B, 0.5)
+    assert all(t.data_ptr() != x.data_ptr() for t in saved)
+    activation_like = [t for t in saved if t.shape[:-1] == x.shape[:-1]]
+    assert [tuple(t.shape) for t in activation_like] == [(4, 6, 4)]         # u only
+    torch.testing.assert_close(activation_like[0], x.detach() @ lora_A.T)
+    assert {t.data_ptr() for t in saved} - {activation_like[0].data_ptr()} <= {
+        weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr()}
+    # The check can fail: autograd saves x as soon as it needs x for a weight gradient (here: A
+    # trainable, as in standard LoRA).
+    trainable_A = lora_A.clone().requires_grad_()
+    _, ref_saved = _saved_tensors(lora_b_linear_reference, x, weight, bias, trainable_A, lora_B, 0.5)
+    assert any(t.data_ptr() == x.data_ptr() for t in ref_saved)
+
+
+class _TwoLoraLayers(torch.nn.Module):
+    def __init__(self, n_in=16, n_hidden=32, rank=4):
+        super().__init__()
+        self.w1, self.w2 = torch.nn.Linear(n_in, n_hidden), torch.nn.Linear(n_hidden, n_in)
+        self.w1.requires_grad_(False), self.w2.requires_grad_(False)
+        self.a1 = torch.nn.Parameter(torch.randn(rank, n_in) * 0.3, requires_grad=False)
+        self.a2 = torch.nn.Parameter(torch.randn(rank, n_hidden) * 0.3, requires_grad=False)
+        self.b1 = torch.nn.Parameter(torch.randn(n_hidden, rank) * 0.3)
+        self.b2 = torch.nn.Parameter(torch.randn(n_in, rank) * 0.3)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(lora_b_linear(x, self.w1.weight, self.w1.bias, self.a1, self.b1, 2.0))
+        return lora_b_linear(h, self.w2.weight, self.w2.bias, self.a2, self.b2, 2.0)
+
+
+def test_compile_has_no_graph_breaks_and_matches_eager():
+    torch._dynamo.reset()
+    model = _TwoLoraLayers()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = (x.grad.clone(), model.b1.grad.clone(), model.b2.grad.clone())
+    x.grad = None
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for got, want in zip(grads, (x.grad, model.b1.grad, model.b2.grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_autocast_casts_like_linear():
+    x, weight, bias, lora_A, lora_B = make_inputs((3, 4), 32, 48, 4)
+    lora_B_ref = lora_B.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_b_linear(x, weight, bias, lora_A, lora_B, 0.5)
+        y_ref = lora_b_linear_reference(x, weight, bias, lora_A, lora_B_ref, 0.5)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    y_ref.float().sum().backward()
+    assert lora_B.grad.dtype == torch.float32
+    torch.testing.assert_close(lora_B.grad, lora_B_ref.grad, rtol=2e-2, atol=5e-2)
+
+
+def test_bad_shapes_raise_clear_errors():
+    x, weight, bias, lora_A, lora_B = make_inputs()
+    with pytest.raises(RuntimeError, match="lora_A must be"):
+        lora_b_linear(x, weight, bias, lora_A[:, :-1], lora_B, 0.5)
+    with pytest.raises(RuntimeError, match="lora_B must be"):
+        lora_b_linear(x, weight, bias, lora_A, lora_B[:-1], 0.5)
+    with pytest.raises(RuntimeError, match="dtype"):
+        lora_b_linear(x, weight.double(), bias, lora_A, lora_B, 0.5)
+
+
+def test_reference_backend_forces_reference():
+    args = make_inputs()
+    with dispatch.backend("reference"):
+        y = lora_b_linear(*args, 0.5)
+    assert dispatch.last_choice()["lora_b_linear"] == "reference"
+    torch.testing.assert_close(y, lora_b_linear_reference(*args, 0.5))
+
+
+def test_fallback_when_extension_missing(monkeypatch):
+    from segpcl_fast.ops import _ext
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_load_error", "ImportError: simulated")
+    args = make_inputs()
+    y = lora_b_linear(*args, 0.5)
+    assert dispatch.last_choice()["lora_b_linear"] == "reference"
+    torch.testing.assert_close(y, lora_b_linear_reference(*args, 0.5))
+    assert lora_linear.extension_status() == {"built": False, "cuda": False, "error": "ImportError: simulated"}
+    with dispatch.backend("cpp"), pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        lora_b_linear(*args, 0.5)
+
+
+def test_import_without_extension_in_fresh_process():
+    """The real loader: with segpcl_fast._C unimportable, the package imports and falls back."""
+    code = (
+        "import sys; sys.modules['segpcl_fast._C'] = None\n"
+        "import torch\n"
+        "from segpcl_fast.ops import lora_b_linear, last_choice, lora_linear\n"
+        "s = lora_linear.extension_status(); assert not s['built'] and 'segpcl_fast._C' in s['error'], s\n"
+        "y = lora_b_linear(torch.ones(2, 3), torch.ones(4, 3), None, torch.ones(1, 3), torch.ones(4, 1), 0.5)\n"
+        "assert last_choice()['lora_b_linear'] == 'reference'\n"
+        "assert torch.equal(y, torch.full((2, 4), 4.5)), y\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
