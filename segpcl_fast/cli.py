@@ -4,6 +4,7 @@
     segpcl-fast train --config cifar100 --set data.root=/data/cifar --set run.output_dir=runs/c100
     segpcl-fast train --config runs/c100/config.yaml --resume
     segpcl-fast evaluate runs/c100
+    segpcl-fast ablate --seeds 0,1,2 -o runs/ablation  # the ladder lora_finetune -> segpcl, one table
 """
 from __future__ import annotations
 
@@ -61,6 +62,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from .api import ablate
+    cfg = _config_from_args(args)
+    variants = args.variants.split(",") if args.variants else None
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = ablate(cfg, variants=variants, seeds=seeds)
+    print(out["table"])
+    print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpcl-fast", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages (op dispatch, timings)")
@@ -69,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the last finished task in output_dir")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("ablate", help="run the ablation ladder (or chosen variants) and write one table + plot")
+    _add_config_args(p)
+    p.add_argument("--variants", default=None,
+                   help="comma-separated variant names (default: the ladder zeroshot,lora_finetune,+acgd,...)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("evaluate", help="re-evaluate a run directory from its last checkpoint")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_evaluate)

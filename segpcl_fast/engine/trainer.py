@@ -185,7 +185,7 @@ class Trainer:
                 if c.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
                 optimizer.step()
-                losses.append({k: float(v) for k, v in parts.items()})
+                losses.append({k: float(v.detach()) for k, v in parts.items()})
                 step += 1
                 if bar is not None:
                     bar.update(1)

@@ -50,8 +50,9 @@ class Learner:
     # ------------------------------------------------------------------ helpers
     @property
     def uses_anchors(self) -> bool:
-        return self.n_old > 0 and (self.cfg.acgd.enabled or
-                                   (self.cfg.prototypes.transfer and self.cfg.prototypes.beta > 0))
+        """Anchors serve ACGD and the prototype drift transfer; none exist at the first task."""
+        return self.n_old > 0 and ((self.cfg.acgd.enabled and self.cfg.acgd.weight > 0) or
+                                   self.cfg.prototypes.transfer)
 
     def text_embeddings(self, n_classes: int) -> torch.Tensor:
         """u_S for classes 0..n_classes-1 (gradients flow to the text tower's LoRA)."""
@@ -148,19 +149,17 @@ class Learner:
         self.model.eval()
         n_total = self.n_old + n_new
         info = {}
-        if self.cfg.prototypes.beta > 0 or self.cfg.prototypes.transfer:
-            raw, _, labels = self._embed_loader(self.model, train_eval_loader)
-            new = stage3.class_means(raw, labels, list(range(self.n_old, n_total)))
-            if self.n_old > 0 and self.cfg.prototypes.transfer and self.anchor_cache is not None:
-                cache = self.anchor_cache
-                student_raw = torch.cat([self.model.raw_features(cache.pixels[i:i + 256].to(self.device)).float()
-                                         for i in range(0, len(cache.pixels), 256)])
-                old = self.prototypes.tensor[:self.n_old].to(self.device)
-                moved = stage3.transfer_prototypes(old, cache.teacher_raw.float(), student_raw,
-                                                   weight_rule=self.cfg.prototypes.weight_rule)
-                info["prototype_shift"] = float((moved - old).norm(dim=-1).mean())
-                self.prototypes.set_old(moved)
-            self.prototypes.add(new)
+        # Prototypes are kept for every variant: DPGD's visual term needs p_c even when beta = 0.
+        raw, _, labels = self._embed_loader(self.model, train_eval_loader)
+        new = stage3.class_means(raw, labels, list(range(self.n_old, n_total)))
+        if self.n_old > 0 and self.cfg.prototypes.transfer and self.anchor_cache is not None:
+            cache = self.anchor_cache
+            student_raw = torch.cat([self.model.raw_features(cache.pixels[i:i + 256].to(self.device)).float()
+                                     for i in range(0, len(cache.pixels), 256)])
+            shift = self.prototypes.transfer(self.n_old, cache.teacher_raw.float(), student_raw,
+                                             weight_rule=self.cfg.prototypes.weight_rule)
+            info["prototype_shift"] = float(shift.mean())
+        self.prototypes.add(new)
         self.n_seen = n_total
         self.text_cache = self.text_embeddings(n_total).detach()
         self.anchor_cache = None  # the anchors belong to task t only
