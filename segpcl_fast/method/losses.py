@@ -1,0 +1,152 @@
+"""Stage 2 of SeGP-CL (method.md): the training loss of task t.
+
+    L = L_cls + lambda_ACGD · L_ACGD + lambda_GR · L_GR          (lambda_ACGD = 5, lambda_GR = 1)
+
+L_cls   CE(s · v̄_S(x) · U_S^T, y) over the current task's (or all seen) classes.
+L_ACGD  tau_A^2 · mean_a KL(softmax(z_T / tau_A) || softmax(z_S / tau_A)) on anchors, over the
+        old classes (ops.anchor_kl), tau_A = 20.
+L_GR    TSGR: for each new class c, a fixed kNN subgraph N(c) (k = 10 nearest by cosine in the
+        pretrained reference text space among C_<=t minus c); q_0,c = softmax_j(cos(u_0,c, u_0,j) /
+        tau_T); L_GR = mean_c KL(q_0,c || q_S,c) (ops.knn_subgraph_kl), tau_T = 0.05.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+TERM_NAMES = {"cls": "L_cls", "acgd": "L_ACGD", "gr": "L_GR", "total": "L"}
+
+
+def cls_loss(img_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor,
+             logit_scale: Union[float, torch.Tensor]) -> torch.Tensor:
+    """L_cls = mean_x CE(s · v̄(x) · U^T, y).
+
+    img_emb: (B, d) image embeddings v(x) (normalised here); text_emb: (C, d) class embeddings u_c
+    (normalised here); labels: (B,) in 0..C-1 (positions in text_emb).
+    """
+    if img_emb.dim() != 2 or text_emb.dim() != 2 or img_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(f"cls_loss: expected (B, d) images and (C, d) text, got {tuple(img_emb.shape)} and "
+                         f"{tuple(text_emb.shape)}")
+    logits = logit_scale * F.normalize(img_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+    return F.cross_entropy(logits.float(), labels)
+
+
+def acgd_loss(student_logits_old: torch.Tensor, teacher_logits_old: torch.Tensor, tau: float) -> torch.Tensor:
+    """L_ACGD = tau^2 · mean_a KL(softmax(z_T / tau) || softmax(z_S / tau)), z over the old classes."""
+    if student_logits_old.shape != teacher_logits_old.shape:
+        raise ValueError(f"acgd_loss: student logits {tuple(student_logits_old.shape)} and cached teacher logits "
+                         f"{tuple(teacher_logits_old.shape)} must both be (anchors, old classes)")
+    return ops.anchor_kl(student_logits_old, teacher_logits_old.to(student_logits_old.device), tau)
+
+
+# ----------------------------------------------------------------------------- TSGR
+
+@dataclass
+class TSGRGraph:
+    """The fixed kNN subgraphs of task t, rooted at its new classes.
+
+    roots (R,) int64 class rows; neighbors (R, k) int64, each root's k nearest classes (reference
+    cosine, decreasing) among the seen classes minus itself; ref_logprob (R, k) = log q_0 =
+    log_softmax_j(cos(u_0,root, u_0,j) / tau). Empty (R = 0 or k = 0) when there is nothing to
+    preserve (a single seen class); its loss is then 0.
+    """
+    roots: torch.Tensor
+    neighbors: torch.Tensor
+    ref_logprob: torch.Tensor
+    tau: float
+    n_classes: int  # C_seen at build time: the student text must have at least this many rows
+
+    def __len__(self) -> int:
+        return self.roots.shape[0]
+
+    @property
+    def empty(self) -> bool:
+        return self.neighbors.numel() == 0
+
+    def to(self, device: Union[str, torch.device]) -> "TSGRGraph":
+        return TSGRGraph(self.roots.to(device), self.neighbors.to(device), self.ref_logprob.to(device), self.tau,
+                         self.n_classes)
+
+    @classmethod
+    def build(cls, ref_text_all: torch.Tensor, new_classes: Sequence[int], k: int, tau: float) -> "TSGRGraph":
+        """Graph from the pretrained reference embeddings of the seen classes (rows = ordered labels).
+
+        ref_text_all: (C_seen, d) u_0 of classes 0..C_seen-1; new_classes: the roots (task t's rows).
+        k shrinks to C_seen - 1 when fewer classes exist.
+        """
+        if ref_text_all.dim() != 2:
+            raise ValueError(f"TSGRGraph.build: ref_text_all must be (C_seen, d), got {tuple(ref_text_all.shape)}")
+        if k < 1 or not tau > 0:
+            raise ValueError(f"TSGRGraph.build: need tsgr.k >= 1 and tsgr.tau > 0, got k={k}, tau={tau}")
+        n_seen = ref_text_all.shape[0]
+        roots = torch.as_tensor(list(new_classes), dtype=torch.long, device=ref_text_all.device)
+        if roots.numel() and (int(roots.min()) < 0 or int(roots.max()) >= n_seen):
+            raise ValueError(f"TSGRGraph.build: new class rows {roots.tolist()} must lie in 0..{n_seen - 1} "
+                             f"(the rows of ref_text_all)")
+        k_eff = min(k, n_seen - 1)
+        if roots.numel() == 0 or k_eff < 1:
+            none = torch.zeros(0, 0, device=ref_text_all.device)
+            return cls(roots[:0], none.long(), none.float(), float(tau), n_seen)
+        ref = F.normalize(ref_text_all.float(), dim=-1)
+        sim = ref[roots] @ ref.T  # (R, C_seen) cosines in the reference space
+        sim[torch.arange(roots.numel(), device=sim.device), roots] = float("-inf")  # N(c) excludes c
+        neighbors = sim.topk(k_eff, dim=-1).indices
+        # log q_0 with the same similarity computation the loss uses on the student side
+        ref_logprob = ops.knn_reference_logprob(ref, roots, neighbors, tau)
+        return cls(roots, neighbors, ref_logprob, float(tau), n_seen)
+
+
+def tsgr_loss(student_text: torch.Tensor, graph: TSGRGraph) -> torch.Tensor:
+    """L_GR = mean_c KL(q_0,c || q_S,c), q_S,c = softmax_{j in N(c)}(cos(u_S,c, u_S,j) / tau_T).
+
+    student_text: (C_seen, d) student class embeddings (rows = ordered labels; normalised here).
+    """
+    if graph.empty:
+        return student_text.new_zeros((), dtype=torch.float32)
+    if student_text.dim() != 2 or student_text.shape[0] < graph.n_classes:
+        raise ValueError(f"tsgr_loss: student_text {tuple(student_text.shape)} must have a row for each of the "
+                         f"{graph.n_classes} seen classes the graph was built on")
+    emb = F.normalize(student_text, dim=-1)
+    return ops.knn_subgraph_kl(emb, graph.roots, graph.neighbors, graph.ref_logprob.to(emb.device), graph.tau)
+
+
+# ----------------------------------------------------------------------------- total
+
+def check_finite(parts: Mapping[str, Optional[torch.Tensor]], step: Optional[int] = None) -> None:
+    """Raise FloatingPointError naming the first loss term that is NaN or inf (one host sync)."""
+    named = [(k, v) for k, v in parts.items() if v is not None]
+    if not named:
+        return
+    if bool(torch.isfinite(torch.stack([v.detach().float().reshape(()) for _, v in named])).all()):
+        return
+    for key, value in named:
+        v = float(value.detach())
+        if v != v or v in (float("inf"), float("-inf")):
+            where = f" at step {step}" if step is not None else ""
+            raise FloatingPointError(
+                f"{TERM_NAMES.get(key, key)} is {v}{where}; try a lower learning rate (optim.lr), fp32 "
+                f"(run.precision=fp32) or gradient clipping (optim.grad_clip)")
+
+
+def total_loss(l_cls: Optional[torch.Tensor], l_acgd: Optional[torch.Tensor], l_gr: Optional[torch.Tensor],
+               cfg, step: Optional[int] = None, check: bool = True) -> torch.Tensor:
+    """L = L_cls + lambda_ACGD · L_ACGD + lambda_GR · L_GR; None terms are skipped.
+
+    cfg: a segpcl_fast.config.Config (uses cfg.acgd.weight, cfg.tsgr.weight). check=True raises a
+    FloatingPointError naming the term when any term is NaN/inf (costs one host sync per call).
+    """
+    weighted = [(1.0, l_cls), (cfg.acgd.weight, l_acgd), (cfg.tsgr.weight, l_gr)]
+    terms = [w * v for w, v in weighted if v is not None]
+    if not terms:
+        raise ValueError("total_loss: every term is None; at least L_cls must be given")
+    if check:
+        check_finite({"cls": l_cls, "acgd": l_acgd, "gr": l_gr}, step=step)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total

@@ -1,0 +1,83 @@
+"""Named method variants as data: each is a dict of dotted config overrides on top of the run's config.
+
+    cfg.run.method = "+acgd"
+    cfg = resolve_variant(cfg)          # acgd on, tsgr off, no visual branch
+
+Variants set the switches that define them and nothing else, so tuned values (weights,
+temperatures, lr) carry over. Variants that use the visual branch keep the config's beta
+(method.md: 0.5) and refuse beta = 0 (that is "onlyclip").
+
+LADDER is the order `segpcl-fast ablate` runs them in (the paper's ablation, plus references).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ..config import Config, ConfigError, apply_overrides
+
+_FULL = {"acgd.enabled": True, "acgd.source": "anchors", "tsgr.enabled": True, "prototypes.transfer": True}
+_NO_VISUAL = {"prototypes.beta": 0.0}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # no training at all: the pretrained CLIP (B = 0), CLIP path only
+    "zeroshot": {"optim.epochs": 0, "acgd.enabled": False, "tsgr.enabled": False,
+                 "prototypes.transfer": False, **_NO_VISUAL},
+    # L_cls only: the LoRA-B baseline
+    "lora_finetune": {"acgd.enabled": False, "tsgr.enabled": False, "prototypes.transfer": False, **_NO_VISUAL},
+    "+acgd": {"acgd.enabled": True, "acgd.source": "anchors", "tsgr.enabled": False,
+              "prototypes.transfer": False, **_NO_VISUAL},
+    "+tsgr": {"acgd.enabled": True, "acgd.source": "anchors", "tsgr.enabled": True,
+              "prototypes.transfer": False, **_NO_VISUAL},
+    # dual-path inference with prototypes frozen at their task's end (no drift transfer)
+    "+visual_branch": {"acgd.enabled": True, "acgd.source": "anchors", "tsgr.enabled": True,
+                       "prototypes.transfer": False},
+    "+prototype_transfer": dict(_FULL),
+    "segpcl": dict(_FULL),
+    # full training (prototypes kept, so DPGD keeps its visual term), CLIP path only at inference
+    "onlyclip": {**_FULL, **_NO_VISUAL},
+    # ACGD on the raw new-task images instead of DPGD anchors (the paper: hurts)
+    "distill_new_data": {**_FULL, "acgd.source": "new_data"},
+    # ACGD on the undisturbed seeds (no PGD): isolates what the PGD steps add
+    "distill_seeds": {**_FULL, "acgd.source": "seeds"},
+}
+
+# variants whose inference uses the prototype path: beta must be > 0
+VISUAL_BRANCH = ("+visual_branch", "+prototype_transfer", "segpcl", "distill_new_data", "distill_seeds")
+
+DESCRIPTIONS = {
+    "zeroshot": "pretrained CLIP, no training",
+    "lora_finetune": "LoRA-B, L_cls only",
+    "+acgd": "+ ACGD on DPGD anchors",
+    "+tsgr": "+ TSGR text geometry",
+    "+visual_branch": "+ prototype path (no drift transfer)",
+    "+prototype_transfer": "+ anchor-induced prototype transfer (= segpcl)",
+    "segpcl": "full SeGP-CL",
+    "onlyclip": "full training, CLIP path only (beta = 0)",
+    "distill_new_data": "full, ACGD on new-task images instead of anchors",
+    "distill_seeds": "full, ACGD on seeds without PGD",
+}
+
+LADDER = ["zeroshot", "lora_finetune", "+acgd", "+tsgr", "+visual_branch", "segpcl", "onlyclip",
+          "distill_new_data"]
+
+
+def variant_names() -> list[str]:
+    return list(VARIANTS)
+
+
+def variant_overrides(name: str) -> dict[str, Any]:
+    """The dotted overrides of variant `name` (a copy); unknown names raise ConfigError listing the known."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown method variant '{name}' (run.method); known: {', '.join(VARIANTS)}")
+    return dict(VARIANTS[name])
+
+
+def resolve_variant(cfg: Config) -> Config:
+    """A copy of cfg with the overrides of variant cfg.run.method applied."""
+    name = cfg.run.method
+    overrides = variant_overrides(name)
+    if name in VISUAL_BRANCH and not cfg.prototypes.beta > 0:
+        raise ConfigError(f"method '{name}' uses the prototype path but prototypes.beta = {cfg.prototypes.beta}; "
+                          f"set prototypes.beta > 0 (method.md: 0.5) or use run.method=onlyclip")
+    return apply_overrides(copy.deepcopy(cfg), overrides)

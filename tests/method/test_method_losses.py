@@ -1,0 +1,108 @@
+"""Stage 2: L_cls, ACGD, TSGR graph and loss, total loss (method.md)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segpcl_fast.config import Config
+from segpcl_fast.method import losses
+
+
+def _unit2d(degrees):
+    rad = torch.tensor(degrees, dtype=torch.float32) * math.pi / 180
+    return torch.stack([rad.cos(), rad.sin()], dim=-1)
+
+
+def test_cls_loss_is_cross_entropy_of_scaled_cosines():
+    g = torch.Generator().manual_seed(0)
+    img, text = torch.randn(4, 6, generator=g), torch.randn(3, 6, generator=g)
+    y = torch.tensor([2, 0, 1, 2])
+    expected = 0.0
+    for i in range(4):
+        cos = torch.stack([F.cosine_similarity(img[i], text[c], dim=0) for c in range(3)])
+        expected += float(-torch.log_softmax(50.0 * cos, 0)[y[i]]) / 4
+    assert math.isclose(float(losses.cls_loss(img, text, y, 50.0)), expected, rel_tol=1e-5)
+
+
+def test_acgd_zero_when_student_equals_teacher_positive_otherwise():
+    z_t = torch.randn(6, 5) * 10
+    assert abs(float(losses.acgd_loss(z_t.clone(), z_t, 20.0))) < 1e-6
+    z_s = z_t + torch.randn(6, 5) * 5
+    got = float(losses.acgd_loss(z_s, z_t, 20.0))
+    p_t, log_p_s = F.softmax(z_t / 20, -1), F.log_softmax(z_s / 20, -1)
+    expected = 400.0 * float((p_t * (p_t.log() - log_p_s)).sum(-1).mean())
+    assert got > 0 and math.isclose(got, expected, rel_tol=1e-4)
+    with pytest.raises(ValueError, match="old classes"):
+        losses.acgd_loss(z_s[:, :4], z_t, 20.0)
+
+
+def test_tsgr_graph_neighbours_on_constructed_embeddings():
+    # classes on the unit circle at 0, 10, 30, 90, 180 degrees; new classes: rows 3 and 4
+    ref = _unit2d([0, 10, 30, 90, 180])
+    graph = losses.TSGRGraph.build(ref, [3, 4], k=2, tau=0.05)
+    assert graph.roots.tolist() == [3, 4]
+    # 90: nearest are 30 (60 deg), 10 (80 deg); 180: nearest are 90 (90 deg), 30 (150 deg)
+    assert graph.neighbors[0].tolist() == [2, 1]
+    assert graph.neighbors[1].tolist() == [3, 2]
+    cos = torch.tensor([[math.cos(math.radians(60)), math.cos(math.radians(80))],
+                        [math.cos(math.radians(90)), math.cos(math.radians(150))]])
+    torch.testing.assert_close(graph.ref_logprob, F.log_softmax(cos / 0.05, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_tsgr_root_excluded_even_with_duplicate_embedding():
+    ref = _unit2d([0, 0, 45, 90])  # class 1 duplicates class 0
+    graph = losses.TSGRGraph.build(ref, [0], k=2, tau=0.1)
+    assert graph.neighbors.tolist() == [[1, 2]]
+
+
+def test_tsgr_k_shrinks_and_single_class_graph_is_empty():
+    ref = _unit2d([0, 40, 80])
+    graph = losses.TSGRGraph.build(ref, [1, 2], k=10, tau=0.05)
+    assert graph.neighbors.shape == (2, 2)
+    assert sorted(graph.neighbors[0].tolist()) == [0, 2]
+    one = losses.TSGRGraph.build(_unit2d([30]), [0], k=10, tau=0.05)
+    assert one.empty and len(one) == 0
+    student = torch.randn(1, 2, requires_grad=True)
+    loss = losses.tsgr_loss(student, one)
+    assert float(loss) == 0.0
+    with pytest.raises(ValueError, match="0..1"):
+        losses.TSGRGraph.build(ref[:2], [2], k=3, tau=0.05)
+
+
+def test_tsgr_loss_zero_at_reference_and_equals_formula_otherwise():
+    g = torch.Generator().manual_seed(0)
+    ref = F.normalize(torch.randn(8, 5, generator=g), dim=-1)
+    graph = losses.TSGRGraph.build(ref, [5, 6, 7], k=3, tau=0.05)
+    assert abs(float(losses.tsgr_loss(ref, graph))) < 1e-6
+    student = ref + 0.3 * torch.randn(8, 5, generator=g)
+    got = float(losses.tsgr_loss(student, graph))
+    s = F.normalize(student, dim=-1)
+    expected = 0.0
+    for r, root in enumerate(graph.roots.tolist()):
+        nbrs = graph.neighbors[r]
+        q0 = F.softmax(ref[root] @ ref[nbrs].T / 0.05, -1)
+        log_qs = F.log_softmax(s[root] @ s[nbrs].T / 0.05, -1)
+        expected += float((q0 * (q0.log() - log_qs)).sum()) / 3
+    assert got > 0 and math.isclose(got, expected, rel_tol=1e-4)
+    with pytest.raises(ValueError, match="8 seen classes"):
+        losses.tsgr_loss(student[:6], graph)
+
+
+def test_total_loss_weights_and_skips_none():
+    cfg = Config()
+    a, b, c = torch.tensor(1.0), torch.tensor(0.5), torch.tensor(2.0)
+    assert float(losses.total_loss(a, b, c, cfg)) == pytest.approx(1.0 + 5.0 * 0.5 + 1.0 * 2.0)
+    assert float(losses.total_loss(a, None, c, cfg)) == pytest.approx(3.0)
+    cfg.tsgr.weight = 0.25
+    assert float(losses.total_loss(a, None, c, cfg)) == pytest.approx(1.5)
+
+
+def test_non_finite_loss_names_the_term():
+    cfg = Config()
+    with pytest.raises(FloatingPointError, match=r"L_ACGD is nan at step 7"):
+        losses.total_loss(torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(0.1), cfg, step=7)
+    with pytest.raises(FloatingPointError, match=r"L_GR is inf"):
+        losses.total_loss(torch.tensor(1.0), None, torch.tensor(float("inf")), cfg)
+    total = losses.total_loss(torch.tensor(1.0), torch.tensor(float("nan")), None, cfg, check=False)
+    assert math.isnan(float(total))

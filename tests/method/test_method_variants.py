@@ -1,0 +1,68 @@
+"""Named method variants resolve to the documented switches."""
+import pytest
+
+from segpcl_fast.config import Config, ConfigError
+from segpcl_fast.method import variants
+
+
+def _resolved(name, **changes):
+    cfg = Config()
+    cfg.run.method = name
+    for key, value in changes.items():
+        section, field = key.split("__")
+        setattr(getattr(cfg, section), field, value)
+    return variants.resolve_variant(cfg)
+
+
+def _switches(cfg):
+    return (cfg.acgd.enabled, cfg.tsgr.enabled, cfg.prototypes.transfer, cfg.prototypes.beta, cfg.acgd.source)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("lora_finetune", (False, False, False, 0.0, "anchors")),
+    ("+acgd", (True, False, False, 0.0, "anchors")),
+    ("+tsgr", (True, True, False, 0.0, "anchors")),
+    ("+visual_branch", (True, True, False, 0.5, "anchors")),
+    ("+prototype_transfer", (True, True, True, 0.5, "anchors")),
+    ("segpcl", (True, True, True, 0.5, "anchors")),
+    ("onlyclip", (True, True, True, 0.0, "anchors")),
+    ("distill_new_data", (True, True, True, 0.5, "new_data")),
+    ("distill_seeds", (True, True, True, 0.5, "seeds")),
+])
+def test_variant_switches(name, expected):
+    assert _switches(_resolved(name)) == expected
+
+
+def test_variants_turn_components_back_on_and_keep_tuned_values():
+    cfg = _resolved("segpcl", acgd__enabled=False, tsgr__enabled=False, acgd__weight=2.0, prototypes__beta=0.3)
+    assert cfg.acgd.enabled and cfg.tsgr.enabled
+    assert cfg.acgd.weight == 2.0 and cfg.prototypes.beta == 0.3
+
+
+def test_zeroshot_trains_nothing():
+    cfg = _resolved("zeroshot")
+    assert cfg.optim.epochs == 0 and cfg.prototypes.beta == 0.0 and not cfg.acgd.enabled
+
+
+def test_resolve_does_not_mutate_input():
+    cfg = Config()
+    cfg.run.method = "lora_finetune"
+    variants.resolve_variant(cfg)
+    assert cfg.acgd.enabled and cfg.prototypes.beta == 0.5
+
+
+def test_unknown_variant_lists_names():
+    with pytest.raises(ConfigError, match="known: .*segpcl.*lora_finetune|known: .*lora_finetune.*segpcl"):
+        _resolved("segpcl++")
+
+
+def test_visual_variant_with_zero_beta_is_refused():
+    with pytest.raises(ConfigError, match="onlyclip"):
+        _resolved("segpcl", prototypes__beta=0.0)
+
+
+def test_ladder_is_made_of_known_variants_in_paper_order():
+    assert all(name in variants.VARIANTS for name in variants.LADDER)
+    order = [variants.LADDER.index(n) for n in ("lora_finetune", "+acgd", "+tsgr", "+visual_branch", "segpcl")]
+    assert order == sorted(order)
+    assert set(variants.DESCRIPTIONS) == set(variants.VARIANTS)
