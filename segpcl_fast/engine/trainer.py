@@ -260,7 +260,7 @@ def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int) -> None:
     if torch.isfinite(loss):
         return
     bad = [k for k, v in parts.items() if not torch.isfinite(v)]
-    raise FloatingPointError(f"loss is {float(loss)} at task {t + 1}, step {step} (non-finite term(s): "
+    raise FloatingPointError(f"loss is {float(loss.detach())} at task {t + 1}, step {step} (non-finite term(s): "
                              f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); lower optim.lr, "
                              f"use run.precision=fp32, or check the data for NaN pixels")
 

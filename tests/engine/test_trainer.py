@@ -1,0 +1,94 @@
+"""End-to-end trainer runs on the offline world with a 2-layer random CLIP (fast), resume, errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from segpcl_fast import metrics
+from segpcl_fast.api import make_config, train
+from segpcl_fast.engine import checkpoint as ckpt
+from segpcl_fast.engine.trainer import Trainer
+
+
+def small_config(tiny_model_name, out, **kw):
+    base = dict(model__name=tiny_model_name, model__pretrained=None, max_train_per_class=2, max_test_per_class=2,
+                num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=2, dpgd__k_seed=2, output_dir=str(out),
+                progress=False, num_threads=1)
+    base.update(kw)
+    return make_config(**base)
+
+
+def test_full_run_writes_results_and_consistent_metrics(tiny_model_name, tmp_path):
+    result = train(small_config(tiny_model_name, tmp_path / "run"))
+    out = tmp_path / "run"
+    saved = json.loads((out / "results.json").read_text())
+    for name in ("accuracy_matrix.png", "acc_per_task.png", "config.yaml", "checkpoints/task_01.pt"):
+        assert (out / name).exists(), name
+    matrix = metrics.matrix_from_list(result.accuracy_matrix)
+    assert matrix.shape == (2, 2) and np.isnan(matrix[0, 1])
+    assert result.metrics == pytest.approx(metrics.summarize(matrix, result.acc_per_task, result.fwt_before))
+    assert saved["metrics"]["Last"] == pytest.approx(result.metrics["Last"])
+    assert result.fwt_before[0] is None and 0.0 <= result.fwt_before[1] <= 100.0
+    assert set(result.ops) >= {"lora_b_linear", "pgd_step", "anchor_kl", "knn_subgraph_kl"}
+
+
+def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch):
+    full = train(small_config(tiny_model_name, tmp_path / "full"))
+
+    original = Trainer.train_task
+
+    def crash_at_second_task(self, t):
+        if t == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, t)
+
+    monkeypatch.setattr(Trainer, "train_task", crash_at_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_model_name, tmp_path / "resumed"))
+    assert ckpt.find_last_checkpoint(tmp_path / "resumed").name == "task_00.pt"
+    monkeypatch.setattr(Trainer, "train_task", original)
+    resumed = train(small_config(tiny_model_name, tmp_path / "resumed", resume=True))
+    assert resumed.accuracy_matrix == full.accuracy_matrix
+    assert resumed.metrics == full.metrics
+    assert resumed.fwt_before == full.fwt_before
+
+
+def test_resume_with_another_config_is_refused(tiny_model_name, tmp_path):
+    train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
+    with pytest.raises(ckpt.CheckpointError, match="optim.lr"):
+        train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, resume=True, lr=0.5))
+
+
+def test_nan_loss_is_one_clear_error(tiny_model_name, tmp_path, monkeypatch):
+    from segpcl_fast.method.learner import Learner
+
+    def nan_loss(self, images, labels):
+        bad = torch.tensor(float("nan"), requires_grad=True)
+        return bad, {"cls": bad}
+
+    monkeypatch.setattr(Learner, "loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="L_CLS.*lower optim.lr"):
+        train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_zeroshot_does_not_change_the_model_and_finetune_does(tiny_model_name, tmp_path):
+    zs = Trainer(small_config(tiny_model_name, tmp_path / "zs", method="zeroshot", num_tasks=1))
+    zs.run()
+    assert all(float(p.abs().sum()) == 0.0 for p in zs.lora_params)
+    ft = Trainer(small_config(tiny_model_name, tmp_path / "ft", method="lora_finetune", num_tasks=1, lr=0.05))
+    ft.run()
+    assert any(float(p.abs().sum()) > 0.0 for p in ft.lora_params)
+
+
+def test_cli_train_and_bad_key(tiny_model_name, tmp_path, capsys):
+    from segpcl_fast.cli import main
+    args = ["train", "--set", f"model.name={tiny_model_name}", "--set", "model.pretrained=none",
+            "--set", "data.max_train_per_class=1", "--set", "data.max_test_per_class=1", "--set", "data.num_tasks=1",
+            "--set", "optim.epochs=1", "--set", "run.progress=false", "-o", str(tmp_path / "cli")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Last" in printed and "results.json" in printed
+    assert main(["train", "--set", "dpgd.kadv=3"]) == 2
+    assert "unknown config key 'dpgd.kadv'" in capsys.readouterr().err
