@@ -21,5 +21,11 @@ def tiny_model_name(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seed, and one torch thread: the tests' tensors are tiny, so extra threads only add overhead
+    (and on a shared 2-core machine, oversubscription makes them 10-100x slower)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
