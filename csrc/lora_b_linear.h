@@ -63,6 +63,6 @@ inline std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t n) {
 std::tuple<at::Tensor, at::Tensor> lora_b_linear_fwd_aten(const at::Tensor& x, const at::Tensor& weight,
                                                           const std::optional<at::Tensor>& bias,
                                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                          double scaling);
+                                                          double scaling, bool allow_k_concat);
 
 }  // namespace segpcl

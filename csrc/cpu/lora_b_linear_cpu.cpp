@@ -25,6 +25,13 @@ at::ScalarType accumulate_type(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
 }
 
+std::tuple<at::Tensor, at::Tensor> lora_b_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                         double scaling) {
+  return lora_b_linear_fwd_aten(x, weight, bias, lora_A, lora_B, scaling, /*allow_k_concat=*/false);
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& u,
                                                          const at::Tensor& weight, const at::Tensor& lora_A,
                                                          const at::Tensor& lora_B, double scaling,
@@ -67,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cpu(const at::Tensor& grad_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segpcl, CPU, m) {
-  m.impl("lora_b_linear_fwd", &lora_b_linear_fwd_aten);
+  m.impl("lora_b_linear_fwd", &lora_b_linear_fwd_cpu);
   m.impl("lora_b_linear_bwd", &lora_b_linear_bwd_cpu);
 }
 

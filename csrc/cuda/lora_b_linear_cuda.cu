@@ -1,6 +1,7 @@
 // CUDA kernels of segpcl::lora_b_linear_{fwd,bwd}.
 //
-// Forward: the shared ATen forward (cuBLAS GEMMs, fp32 accumulation), see lora_b_linear_fwd.cpp.
+// Forward: the shared ATen forward (cuBLAS GEMMs, fp32 accumulation, K-concatenated GEMM when
+// in + r < out), see lora_b_linear_fwd.cpp.
 // Backward, with g = grad_out (N x out) and u = x A^T (N x r) saved by the forward:
 //   grad_x = g W + s (g B) A        grad_B = s g^T u
 // The two rank-r products of g, g B (N x r) and g^T u (out x r), come from one fused kernel that
@@ -135,6 +136,14 @@ std::tuple<at::Tensor, at::Tensor> rank_r_grads_fused(const at::Tensor& g, const
   return {gB, grad_B};
 }
 
+std::tuple<at::Tensor, at::Tensor> lora_b_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                          double scaling) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  return lora_b_linear_fwd_aten(x, weight, bias, lora_A, lora_B, scaling, /*allow_k_concat=*/true);
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& u,
                                                           const at::Tensor& weight, const at::Tensor& lora_A,
                                                           const at::Tensor& lora_B, double scaling,
@@ -167,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segpcl, CUDA, m) {
-  m.impl("lora_b_linear_fwd", &lora_b_linear_fwd_aten);
+  m.impl("lora_b_linear_fwd", &lora_b_linear_fwd_cuda);
   m.impl("lora_b_linear_bwd", &lora_b_linear_bwd_cuda);
 }
 

@@ -24,8 +24,8 @@ def _extension():
         yield
 
 
-# (lead dims, in, out, rank): in + r < out takes the K-concatenated forward GEMM, the others the
-# in-place rank-r update; 300 rows exercise several cache blocks of the CPU backward.
+# (lead dims, in, out, rank): wide and narrow layers, with and without leading dims;
+# 300 rows exercise several cache blocks of the CPU backward.
 SHAPES = [((3, 5), 24, 40, 4), ((7,), 40, 24, 4), ((2, 150), 32, 96, 8), ((300,), 96, 32, 16),
           ((), 16, 16, 2)]
 
