@@ -1,0 +1,108 @@
+"""fwd+bwd time and saved-activation bytes of the LoRA-B-only linear.
+
+    python -m pytest benchmarks/test_bench_lora_linear.py --benchmark-only -q
+
+Compared, for one CLIP c_fc-sized layer (in 768 -> out 3072, r 32): the C++ op
+(segpcl::lora_b_linear), the plain-PyTorch reference, peft's LoRA layer with lora_A frozen, peft's
+LoRA with A trainable (its default), and the frozen base nn.Linear alone. CPU always (fp32, N =
+SEGPCL_BENCH_TOKENS or 4096 tokens); CUDA (bf16, 128 x 197 tokens) when a GPU is present.
+Saved-activation bytes (what autograd keeps for backward, weights excluded) go to extra_info.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from segpcl_fast.ops import dispatch
+from segpcl_fast.ops.lora_linear import extension_status, lora_b_linear, lora_b_linear_reference
+
+N_IN, N_OUT, RANK = 768, 3072, 32
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+IMPLS = ["segpcl_cpp", "reference", "peft_A_frozen", "peft_A_trainable", "base_linear"]
+
+
+def _tokens(device):
+    return int(os.environ.get("SEGPCL_BENCH_TOKENS", 4096 if device == "cpu" else 128 * 197))
+
+
+def _dtype(device):
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def _peft_layer(base, train_A):
+    import peft
+
+    wrapper = torch.nn.Sequential()
+    wrapper.add_module("fc", base)
+    model = peft.get_peft_model(wrapper, peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["fc"]),
+                                autocast_adapter_dtype=False)
+    layer = model.base_model.model.fc
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.02)
+    layer.lora_A["default"].weight.requires_grad_(train_A)
+    return model
+
+
+def _layer(impl, device):
+    dtype = _dtype(device)
+    base = torch.nn.Linear(N_IN, N_OUT).to(device=device, dtype=dtype).requires_grad_(False)
+    if impl == "base_linear":
+        return base
+    if impl.startswith("peft"):
+        return _peft_layer(base, train_A=impl == "peft_A_trainable")
+    lora_A = (torch.randn(RANK, N_IN, device=device) / N_IN ** 0.5).to(dtype)
+    lora_B = torch.nn.Parameter((torch.randn(N_OUT, RANK, device=device) * 0.02).to(dtype))
+    fn = lora_b_linear if impl == "segpcl_cpp" else lora_b_linear_reference
+
+    def forward(x):
+        return fn(x, base.weight, base.bias, lora_A, lora_B, 1.0)
+    forward.params = [lora_B]
+    return forward
+
+
+def _saved_activation_bytes(layer, x):
+    weights = {p.untyped_storage().data_ptr() for p in getattr(layer, "parameters", lambda: [])()}
+    weights |= {p.untyped_storage().data_ptr() for p in getattr(layer, "params", [])}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights and ptr != 0:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lora_linear_fwd_bwd(benchmark, impl, device):
+    if impl == "segpcl_cpp" and not (extension_status()["built"] and
+                                     (device == "cpu" or extension_status()["cuda"])):
+        pytest.skip(f"segpcl_fast._C not built for {device}: {extension_status()}")
+    if impl.startswith("peft"):
+        pytest.importorskip("peft")
+    torch.manual_seed(0)
+    layer = _layer(impl, device)
+    n = _tokens(device)
+    x = torch.randn(n, N_IN, device=device, dtype=_dtype(device), requires_grad=True)
+    g = torch.randn(n, N_OUT, device=device, dtype=_dtype(device))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        y = layer(x)
+        y.backward(g)
+        sync()
+
+    with dispatch.backend("auto"):
+        saved = _saved_activation_bytes(layer, x)
+        if impl == "segpcl_cpp":
+            assert dispatch.last_choice()["lora_b_linear"] == "cpp"
+        benchmark.extra_info.update(saved_activation_bytes=saved, tokens=n, n_in=N_IN, n_out=N_OUT, rank=RANK,
+                                    dtype=str(_dtype(device)), device=device)
+        rounds = 5 if device == "cpu" else 50
+        benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=2)
