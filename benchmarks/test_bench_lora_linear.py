@@ -58,7 +58,7 @@ def _layer(impl, device):
 
     def forward(x):
         return fn(x, base.weight, base.bias, lora_A, lora_B, 1.0)
-    forward.params = [lora_B]
+    forward.params = [base.weight, base.bias, lora_A, lora_B]  # weights, not activations
     return forward
 
 
