@@ -101,3 +101,15 @@ class lazy_jit:
 
     def __getitem__(self, grid):
         return self.kernel[grid]
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype a kernel should store `dtype` results in.
+
+    On a GPU: `dtype` itself (Triton's fp32 -> bf16/fp16 cast rounds to nearest even). Triton's
+    interpreter truncates in that cast instead, so under it kernels store fp32 and the launcher
+    casts with torch (round to nearest even): the same values a GPU run stores.
+    """
+    if interpret_mode() and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import cdiv, check_can_run, lazy_jit, next_pow2, rows_per_program
+from ._triton_utils import cdiv, check_can_run, lazy_jit, next_pow2, rows_per_program, store_dtype
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -82,7 +82,7 @@ def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, 
     s_exp = tl.exp(s - s_max[:, None])
     s_sum = tl.sum(s_exp, axis=1)
     log_ps = s - s_max[:, None] - tl.log(s_sum)[:, None]
-    p_s = s_exp / s_sum[:, None]
+    p_s = tl.exp(log_ps)  # as autograd of log_softmax does
     if TEACHER_IS_LOGPROB:
         log_pt = t
     else:
@@ -109,16 +109,16 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
     zs = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
     zt = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     kl = torch.empty(n_rows, dtype=torch.float32, device=zs.device)
-    dz = torch.empty((n_rows, n_cols), dtype=zs.dtype, device=zs.device)
+    dz = torch.empty((n_rows, n_cols), dtype=store_dtype(zs.dtype), device=zs.device)
     if n_rows == 0 or n_cols == 0:
-        return kl.zero_(), dz
+        return kl.zero_(), dz.to(zs.dtype)
     block_c = next_pow2(n_cols)
     rows = rows or rows_per_program(n_rows, block_c, gpu_tile_elems=4096)
     grid = (cdiv(n_rows, rows),)
     _anchor_kl_kernel[grid](zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0),
                             float(tau), TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows,
                             BLOCK_C=block_c, num_warps=4 if rows * block_c <= 4096 else 8)
-    return kl, dz
+    return kl, dz.to(zs.dtype)
 
 
 # ---------------------------------------------------------------- torch.library registration

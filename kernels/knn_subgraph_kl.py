@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import cdiv, check_can_run, interpret_mode, lazy_jit, next_pow2
+from ._triton_utils import cdiv, check_can_run, interpret_mode, lazy_jit, next_pow2, store_dtype
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -183,9 +183,9 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root):
     check_can_run("knn_subgraph_kl", emb, roots, neighbors, g)
     n_roots, k = neighbors.shape
     d = emb.shape[1]
-    out = torch.zeros_like(emb, memory_format=torch.contiguous_format)
+    out = torch.zeros(emb.shape, dtype=store_dtype(emb.dtype), device=emb.device)
     if n_roots == 0 or k == 0:
-        return out
+        return out.to(emb.dtype)
     targets = torch.cat([roots, neighbors.reshape(-1)])
     sorted_target, source = torch.sort(targets, stable=True)
     seg_end = torch.searchsorted(sorted_target, sorted_target, right=True)
@@ -194,7 +194,7 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root):
     _knn_kl_bwd_kernel[grid](sorted_target, seg_end, source, grad_kl.float().contiguous(), g_root, g, emb_c,
                              roots.contiguous(), out, n_roots, k, d, emb_c.stride(0), out.stride(0),
                              BLOCK_D=next_pow2(d), num_warps=4)
-    return out
+    return out.to(emb.dtype)
 
 
 # ---------------------------------------------------------------- torch.library registration

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import cdiv, check_can_run, interpret_mode, lazy_jit, next_pow2
+from ._triton_utils import cdiv, check_can_run, interpret_mode, lazy_jit, next_pow2, store_dtype
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -100,18 +100,24 @@ def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | Non
     """Launch the kernel; writes into `out` (contiguous, may be x_adv itself) or a new tensor."""
     check_can_run("pgd_step", x_adv, grad, x0)
     x_adv_c, grad_c, x0_c = x_adv.contiguous(), grad.contiguous(), x0.contiguous()
-    if out is None:
-        out = torch.empty(x_adv.shape, dtype=x_adv.dtype, device=x_adv.device)
+    dtype = store_dtype(x_adv.dtype)
+    if out is not None and out.dtype == dtype:
+        buffer = out
+    else:
+        buffer = torch.empty(x_adv.shape, dtype=dtype, device=x_adv.device)
     params = [p.float().contiguous() for p in (gamma, eps, lo, hi)]
     n = x_adv_c.numel()
-    if n == 0:
+    if n > 0:
+        block_size = _block_size(n, block)
+        hw = x_adv.shape[2] * x_adv.shape[3]
+        grid = (cdiv(n, block_size),)
+        _pgd_step_kernel[grid](x_adv_c, grad_c, x0_c, buffer, *params, n, hw, x_adv.shape[1],
+                               BLOCK=block_size, num_warps=8 if block_size >= 4096 else 4)
+    if buffer is out:
         return out
-    block_size = _block_size(n, block)
-    hw = x_adv.shape[2] * x_adv.shape[3]
-    grid = (cdiv(n, block_size),)
-    _pgd_step_kernel[grid](x_adv_c, grad_c, x0_c, out, *params, n, hw, x_adv.shape[1],
-                           BLOCK=block_size, num_warps=8 if block_size >= 4096 else 4)
-    return out
+    if out is None:
+        return buffer.to(x_adv.dtype)
+    return out.copy_(buffer)
 
 
 # ---------------------------------------------------------------- torch.library registration

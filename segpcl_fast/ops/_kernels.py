@@ -48,12 +48,14 @@ def load_kernel(name: str):
 _utils = load_kernel("_triton_utils")
 
 
-def choose_impl(op: str, *tensors) -> str:
+def choose_impl(op: str, *tensors, supported: bool = True) -> str:
     """"triton" or "reference" for these tensors under the current backend, recorded in dispatch.
 
     auto: Triton on CUDA tensors when triton imports, else the reference. "triton": Triton on
     CUDA, or on CPU under TRITON_INTERPRET=1 (tests); anywhere else one clear error.
     "reference" (and "cpp", which has no version of these ops): the reference.
+    supported=False (shapes the fused kernel does not take) picks the reference under "auto";
+    under "triton" the launcher then raises its own clear error.
     Inside torch.compile tracing the choice is not recorded (its logging would break the graph).
     """
     backend = dispatch.get_backend()
@@ -61,7 +63,7 @@ def choose_impl(op: str, *tensors) -> str:
     if backend == "triton":
         _utils.check_can_run(op, *tensors)
         impl = "triton"
-    elif backend == "auto" and _utils.HAS_TRITON and all(t.is_cuda for t in tensors):
+    elif backend == "auto" and supported and _utils.HAS_TRITON and all(t.is_cuda for t in tensors):
         impl = "triton"
     else:
         impl = "reference"

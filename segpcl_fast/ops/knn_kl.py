@@ -24,8 +24,7 @@ def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Ten
     emb (root and neighbour rows).
     """
     _k.check_knn_inputs(emb, roots, neighbors, ref_logprob, tau)
-    impl = choose_impl("knn_subgraph_kl", emb, roots, neighbors, ref_logprob)
-    k, d = neighbors.shape[1], emb.shape[1]
-    if impl == "triton" and _k.next_pow2(k) * _k.next_pow2(d) <= _k.MAX_FUSED_TILE:
+    fits = _k.next_pow2(neighbors.shape[1]) * _k.next_pow2(emb.shape[1]) <= _k.MAX_FUSED_TILE
+    if choose_impl("knn_subgraph_kl", emb, roots, neighbors, ref_logprob, supported=fits) == "triton":
         return _k.knn_subgraph_kl_fused(emb, roots, neighbors, ref_logprob, tau)
     return knn_subgraph_kl_reference(emb, roots, neighbors, ref_logprob, tau)

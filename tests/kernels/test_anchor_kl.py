@@ -1,0 +1,146 @@
+"""anchor_kl: Triton kernel vs reference vs torch's kl_div, gradients, NaN/inf, opcheck, compile."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segpcl_fast import ops
+from segpcl_fast.ops._kernels import load_kernel
+
+kernel = load_kernel("anchor_kl")
+
+TAU = 20.0
+
+
+def _logits(rows, cols, dtype, device, seed, scale=30.0):
+    g = torch.Generator().manual_seed(seed)
+    student = scale * torch.randn(rows, cols, generator=g)
+    teacher = student + 0.5 * scale * torch.randn(rows, cols, generator=g)
+    return student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype)
+
+
+def _grad(fn, student, *args):
+    student = student.detach().clone().requires_grad_(True)
+    loss = fn(student, *args)
+    loss.backward()
+    return loss.detach(), student.grad
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (5, 3), (37, 100), (8, 999)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("teacher_is_logprob", [False, True])
+def test_matches_reference(rows, cols, dtype, teacher_is_logprob, device, triton_backend):
+    student, teacher = _logits(rows, cols, dtype, device, seed=rows * cols)
+    if teacher_is_logprob:
+        teacher = F.log_softmax(teacher.float() / TAU, dim=-1)
+    loss, grad = _grad(ops.anchor_kl, student, teacher, TAU, teacher_is_logprob)
+    assert ops.last_choice()["anchor_kl"] == "triton"
+    ref_loss, ref_grad = _grad(kernel.anchor_kl_reference, student, teacher, TAU, teacher_is_logprob)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert grad.dtype == dtype
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    else:  # both round an fp32 gradient to bf16 once
+        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2 ** -7, atol=1e-8)
+    if cols > 1:
+        assert loss > 0
+
+
+def test_reference_equals_torch_kl_div():
+    student, teacher = _logits(16, 50, torch.float32, "cpu", seed=1)
+    peer = TAU ** 2 * F.kl_div(F.log_softmax(student / TAU, -1), F.log_softmax(teacher / TAU, -1),
+                               log_target=True, reduction="batchmean")
+    torch.testing.assert_close(kernel.anchor_kl_reference(student, teacher, TAU), peer, rtol=1e-5, atol=1e-7)
+
+
+def test_hand_computed_two_classes(device, triton_backend):
+    # tau = 1; teacher p = (0.5, 0.5), student q = (sigmoid(1), sigmoid(-1))
+    student = torch.tensor([[1.0, 0.0]], device=device, requires_grad=True)
+    teacher = torch.zeros(1, 2, device=device)
+    q = 1 / (1 + math.exp(-1))
+    expected = 0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q))
+    loss = ops.anchor_kl(student, teacher, 1.0)
+    loss.backward()
+    assert abs(loss.item() - expected) < 1e-6
+    torch.testing.assert_close(student.grad.cpu(), torch.tensor([[q - 0.5, 0.5 - q]]))
+
+
+def test_identical_logits_give_zero(device, triton_backend):
+    student, _ = _logits(6, 33, torch.float32, device, seed=2)
+    loss, grad = _grad(ops.anchor_kl, student, student.clone(), TAU)
+    assert abs(loss.item()) < 1e-5 and grad.abs().max() < 1e-6  # fp32 rounding only
+
+
+def test_gradient_computed_in_forward_pass(device, triton_backend, monkeypatch):
+    """One kernel launch for forward + backward: backward reuses the saved gradient."""
+    launches = []
+    real = kernel._anchor_kl_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernel, "_anchor_kl_kernel", Counting())
+    student, teacher = _logits(9, 21, torch.float32, device, seed=3)
+    loss, grad = _grad(ops.anchor_kl, student, teacher, TAU)
+    assert len(launches) == 1
+    assert grad.abs().sum() > 0
+
+
+def test_nan_and_inf(device, triton_backend):
+    student, teacher = _logits(4, 10, torch.float32, device, seed=4)
+    # teacher -inf = a zero-probability class: contributes 0, everything finite
+    teacher[1, 3] = float("-inf")
+    loss, grad = _grad(ops.anchor_kl, student, teacher, TAU)
+    ref_loss, ref_grad = _grad(kernel.anchor_kl_reference, student, teacher, TAU)
+    assert loss.isfinite() and grad.isfinite().all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    logprob = F.log_softmax(teacher / TAU, dim=-1)
+    assert logprob[1, 3] == float("-inf")
+    assert ops.anchor_kl(student, logprob, TAU, teacher_is_logprob=True).isfinite()
+    # a NaN student logit poisons its row (loss NaN, that row's gradient NaN), not other rows
+    student[2, 5] = float("nan")
+    loss, grad = _grad(ops.anchor_kl, student, teacher, TAU)
+    assert loss.isnan()
+    assert grad[2].isnan().all() and grad[[0, 1, 3]].isfinite().all()
+
+
+def test_opcheck(device):
+    student, teacher = _logits(7, 13, torch.float32, device, seed=5)
+    op = torch.ops.segpcl.anchor_kl_rows.default
+    torch.library.opcheck(op, (student, teacher, TAU, False))
+    torch.library.opcheck(op, (student.requires_grad_(True), F.log_softmax(teacher / TAU, -1), TAU, True))
+
+
+def test_compile_fullgraph_no_breaks(device, triton_backend, graph_breaks):
+    student, teacher = _logits(12, 30, torch.float32, device, seed=6)
+
+    def loss_fn(s, t):
+        return 5.0 * ops.anchor_kl(s, t, TAU)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss, grad = _grad(compiled, student, teacher)
+    assert graph_breaks() == 0
+    ref_loss, ref_grad = _grad(lambda s, t: 5.0 * kernel.anchor_kl_reference(s, t, TAU), student, teacher)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_dispatch_and_errors(monkeypatch):
+    student, teacher = _logits(3, 4, torch.float32, "cpu", seed=7)
+    ops.anchor_kl(student, teacher, TAU)
+    assert ops.last_choice()["anchor_kl"] == "reference"
+    with pytest.raises(ValueError, match="teacher has shape"):
+        ops.anchor_kl(student, teacher[:, :3], TAU)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        ops.anchor_kl(student, teacher, 0.0)
+    wide = torch.zeros(1, kernel.MAX_FUSED_COLS + 1)
+    ops.anchor_kl(wide, wide, TAU)  # too wide for the fused kernel: auto takes the reference
+    assert ops.last_choice()["anchor_kl"] == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with ops.backend("triton"), pytest.raises(ValueError, match="reference backend"):
+        ops.anchor_kl(wide, wide, TAU)

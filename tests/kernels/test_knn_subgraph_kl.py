@@ -1,0 +1,147 @@
+"""knn_subgraph_kl: Triton kernels vs reference, deterministic scatter, duplicates, NaN/inf, opcheck, compile."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segpcl_fast import ops
+from segpcl_fast.ops._kernels import load_kernel
+
+kernel = load_kernel("knn_subgraph_kl")
+
+TAU = 0.05
+
+
+def _problem(classes, dim, roots, k, dtype, device, seed, duplicates=True):
+    g = torch.Generator().manual_seed(seed)
+    ref_emb = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
+    emb = F.normalize(ref_emb + 0.3 * torch.randn(classes, dim, generator=g), dim=-1)
+    root_idx = torch.randperm(classes, generator=g)[:roots]
+    neighbors = torch.randint(0, classes, (roots, k), generator=g)
+    if duplicates and k > 1:
+        neighbors[0, 1] = neighbors[0, 0]  # a repeated neighbour
+        neighbors[-1, 0] = root_idx[-1]  # a root listed among its own neighbours
+        neighbors[:, -1] = neighbors[0, 0]  # one row shared by every subgraph (long segment)
+    log_q0 = ops.knn_reference_logprob(ref_emb, root_idx, neighbors, TAU)
+    to = dict(device=device)
+    return emb.to(dtype=dtype, **to), root_idx.to(**to), neighbors.to(**to), log_q0.to(**to)
+
+
+def _loss_and_grad(fn, emb, *args):
+    emb = emb.detach().clone().requires_grad_(True)
+    loss = fn(emb, *args)
+    loss.backward()
+    return loss.detach(), emb.grad
+
+
+@pytest.mark.parametrize("classes,dim,roots,k", [(5, 3, 1, 1), (23, 37, 7, 5), (40, 64, 9, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(classes, dim, roots, k, dtype, device, triton_backend):
+    emb, root_idx, neighbors, log_q0 = _problem(classes, dim, roots, k, dtype, device, seed=classes + k)
+    loss, grad = _loss_and_grad(ops.knn_subgraph_kl, emb, root_idx, neighbors, log_q0, TAU)
+    assert ops.last_choice()["knn_subgraph_kl"] == "triton"
+    ref_loss, ref_grad = _loss_and_grad(kernel.knn_subgraph_kl_reference, emb, root_idx, neighbors, log_q0, TAU)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+    else:
+        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2 ** -6, atol=1e-3)
+    used = torch.zeros(classes, dtype=torch.bool, device=device)
+    used[root_idx] = True
+    used[neighbors.flatten()] = True
+    assert (grad[~used] == 0).all()  # rows outside every subgraph get exactly zero
+    if k > 1:
+        assert loss > 0 and grad[used].abs().sum() > 0
+
+
+def test_deterministic_and_accurate(device, triton_backend):
+    """Repeated runs give bit-identical gradients, close to a float64 reference."""
+    emb, root_idx, neighbors, log_q0 = _problem(30, 48, 12, 10, torch.float32, device, seed=1)
+    grads = [_loss_and_grad(ops.knn_subgraph_kl, emb, root_idx, neighbors, log_q0, TAU)[1] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+    emb64 = emb.double().requires_grad_(True)
+    log_q = F.log_softmax(torch.einsum("rd,rkd->rk", emb64[root_idx], emb64[neighbors]) / TAU, -1)
+    q0 = log_q0.double().exp()
+    (q0 * (log_q0.double() - log_q)).sum(-1).mean().backward()
+    torch.testing.assert_close(grads[0].double(), emb64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_hand_computed(device, triton_backend):
+    # root e0 = (1, 0); neighbours e1 = (1, 0), e2 = (0, 1); tau = 1 -> q_S = softmax(1, 0);
+    # reference q_0 = (0.5, 0.5): KL = 0.5 log(0.5 / q1) + 0.5 log(0.5 / q2).
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], device=device, requires_grad=True)
+    roots, neighbors = torch.tensor([0], device=device), torch.tensor([[1, 2]], device=device)
+    log_q0 = torch.log(torch.tensor([[0.5, 0.5]], device=device))
+    q1 = 1 / (1 + math.exp(-1))
+    loss = ops.knn_subgraph_kl(emb, roots, neighbors, log_q0, 1.0)
+    loss.backward()
+    assert abs(loss.item() - (0.5 * math.log(0.5 / q1) + 0.5 * math.log(0.5 / (1 - q1)))) < 1e-6
+    g1, g2 = q1 - 0.5, 0.5 - q1  # d KL / d sim_j = q_S - q_0
+    expected = torch.tensor([[g1 * 1 + g2 * 0, g1 * 0 + g2 * 1], [g1, 0.0], [g2, 0.0]])
+    torch.testing.assert_close(emb.grad.cpu(), expected)
+
+
+def test_reference_logprob_and_zero_at_reference(device, triton_backend):
+    emb, root_idx, neighbors, _ = _problem(16, 24, 5, 4, torch.float32, device, seed=2, duplicates=False)
+    log_q0 = ops.knn_reference_logprob(emb, root_idx, neighbors, TAU)
+    torch.testing.assert_close(log_q0.exp().sum(-1), torch.ones(5, device=device))
+    cos = F.cosine_similarity(emb[root_idx][:, None, :], emb[neighbors], dim=-1)
+    torch.testing.assert_close(log_q0, F.log_softmax(cos / TAU, -1), rtol=1e-5, atol=1e-5)
+    loss, grad = _loss_and_grad(ops.knn_subgraph_kl, emb, root_idx, neighbors, log_q0, TAU)
+    assert abs(loss.item()) < 1e-5 and grad.abs().max() < 1e-3
+
+
+def test_nan_and_inf(device, triton_backend):
+    emb, root_idx, neighbors, log_q0 = _problem(20, 16, 4, 3, torch.float32, device, seed=3, duplicates=False)
+    # q_0 = 0 for one neighbour (log q_0 = -inf): contributes 0 to the KL, still gets a gradient
+    log_q0 = log_q0.clone()
+    log_q0[1, 2] = float("-inf")
+    log_q0[1] = log_q0[1] - torch.logsumexp(log_q0[1], 0)
+    loss, grad = _loss_and_grad(ops.knn_subgraph_kl, emb, root_idx, neighbors, log_q0, TAU)
+    ref_loss, ref_grad = _loss_and_grad(kernel.knn_subgraph_kl_reference, emb, root_idx, neighbors, log_q0, TAU)
+    assert loss.isfinite() and grad.isfinite().all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+    # a NaN embedding row used by a subgraph makes the loss NaN
+    emb = emb.clone()
+    emb[neighbors[0, 0]] = float("nan")
+    assert ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0, TAU).isnan()
+
+
+def test_opcheck(device):
+    emb, root_idx, neighbors, log_q0 = _problem(12, 10, 4, 3, torch.float32, device, seed=4)
+    torch.library.opcheck(torch.ops.segpcl.knn_subgraph_kl_rows.default, (emb, root_idx, neighbors, log_q0, TAU))
+    torch.library.opcheck(torch.ops.segpcl.knn_subgraph_kl_rows.default,
+                          (emb.clone().requires_grad_(True), root_idx, neighbors, log_q0, TAU))
+    kl, g, g_root = torch.ops.segpcl.knn_subgraph_kl_rows(emb, root_idx, neighbors, log_q0, TAU)
+    torch.library.opcheck(torch.ops.segpcl.knn_subgraph_kl_backward.default,
+                          (torch.rand_like(kl), emb, root_idx, neighbors, g, g_root))
+
+
+def test_compile_fullgraph_no_breaks(device, triton_backend, graph_breaks):
+    emb, root_idx, neighbors, log_q0 = _problem(18, 20, 6, 4, torch.float32, device, seed=5)
+
+    def loss_fn(e, r, n, q):
+        return ops.knn_subgraph_kl(F.normalize(e, dim=-1), r, n, q, TAU)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss, grad = _loss_and_grad(compiled, emb, root_idx, neighbors, log_q0)
+    assert graph_breaks() == 0
+    ref = lambda e, r, n, q: kernel.knn_subgraph_kl_reference(F.normalize(e, dim=-1), r, n, q, TAU)  # noqa: E731
+    ref_loss, ref_grad = _loss_and_grad(ref, emb, root_idx, neighbors, log_q0)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch_and_errors():
+    emb, root_idx, neighbors, log_q0 = _problem(10, 8, 3, 2, torch.float32, "cpu", seed=6)
+    ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0, TAU)
+    assert ops.last_choice()["knn_subgraph_kl"] == "reference"
+    with pytest.raises(TypeError, match="int64"):
+        ops.knn_subgraph_kl(emb, root_idx.int(), neighbors, log_q0, TAU)
+    with pytest.raises(ValueError, match="knn_reference_logprob"):
+        ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0[:, :1], TAU)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0, -1.0)

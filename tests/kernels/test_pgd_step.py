@@ -1,0 +1,159 @@
+"""pgd_step: Triton kernel vs reference (bitwise), vs torchattacks' PGD, autograd, opcheck, compile."""
+import pytest
+import torch
+
+from segpcl_fast import ops
+from segpcl_fast.ops._kernels import load_kernel
+
+kernel = load_kernel("pgd_step")
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 7, 9), (3, 4, 5, 13)]
+
+
+def _inputs(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x0 = torch.rand(shape, generator=g)
+    x_adv = (x0 + 0.06 * (torch.rand(shape, generator=g) - 0.5)).clamp(0, 1)
+    grad = torch.randn(shape, generator=g)
+    grad[grad.abs() < 0.1] = 0.0  # exercise sign(0) = 0
+    per_channel = [0.01 + 0.02 * torch.rand(c, generator=g),  # gamma
+                   0.02 + 0.02 * torch.rand(c, generator=g),  # eps
+                   -0.1 * torch.rand(c, generator=g),  # lo
+                   0.9 + 0.2 * torch.rand(c, generator=g)]  # hi
+    tensors = [t.to(device=device, dtype=dtype) for t in (x_adv, grad, x0)]
+    return tensors + [p.to(device) for p in per_channel]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_bitwise(shape, dtype, device, triton_backend):
+    args = _inputs(shape, dtype, device, seed=sum(shape))
+    out = ops.pgd_step(*args)
+    assert ops.last_choice()["pgd_step"] == "triton"
+    expected = kernel.pgd_step_reference(*args)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    assert torch.equal(out, expected)
+    if out.numel() > 8:  # the step really moved: not a copy of x_adv or x0
+        assert not torch.equal(out, args[0]) and not torch.equal(out, args[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_writes_x_adv(dtype, device, triton_backend):
+    args = _inputs((2, 3, 6, 5), dtype, device, seed=3)
+    expected = kernel.pgd_step_reference(*args)
+    x_adv = args[0]
+    out = ops.pgd_step(*args, inplace=True)
+    assert out is x_adv
+    assert torch.equal(x_adv, expected)
+
+
+def test_inplace_non_contiguous_x_adv(device, triton_backend):
+    args = _inputs((2, 3, 5, 4), torch.float32, device, seed=4)
+    expected = kernel.pgd_step_reference(*args)
+    x_adv_t = args[0].transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    assert not x_adv_t.is_contiguous()
+    ops.pgd_step(x_adv_t, *args[1:], inplace=True)
+    assert torch.equal(x_adv_t, expected)
+
+
+def test_hand_computed_values():
+    # x0 = 0.5, eps = 0.1, gamma = 0.25: a descent step of 0.25 is cut back to the ball edge 0.4;
+    # the upper box hi = 0.55 clips an ascent; a zero gradient does not move.
+    x_adv = torch.tensor([0.5, 0.5, 0.45, 0.5]).view(1, 4, 1, 1)
+    grad = torch.tensor([1.0, -1.0, 1.0, 0.0]).view(1, 4, 1, 1)
+    x0 = torch.full_like(x_adv, 0.5)
+    gamma, eps = torch.full((4,), 0.25), torch.full((4,), 0.1)
+    lo, hi = torch.zeros(4), torch.full((4,), 0.55)
+    out = kernel.pgd_step_reference(x_adv, grad, x0, gamma, eps, lo, hi).flatten()
+    assert torch.allclose(out, torch.tensor([0.4, 0.55, 0.4, 0.5]))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_equals_torchattacks_pgd(impl, device):
+    """torchattacks' PGD ascends CE; our step descends, so feed it the negated gradient."""
+    torchattacks = pytest.importorskip("torchattacks")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)).to(device)
+    images = torch.rand(4, 3, 8, 8, device=device)
+    labels = torch.randint(0, 5, (4,), device=device)
+    steps, alpha, eps = 3, 2 / 255, 8 / 255
+    attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+    expected = attack(images, labels)
+
+    adv = images.clone()
+    with ops.backend(impl):
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            cost = torch.nn.functional.cross_entropy(model(adv), labels)
+            grad = torch.autograd.grad(cost, adv)[0]
+            adv = ops.pgd_step(adv.detach(), -grad, images, alpha, eps, 0.0, 1.0)
+    assert torch.equal(adv, expected)
+    assert (adv - images).abs().max() > 0
+
+
+def test_nan_behaviour(device, triton_backend):
+    """sign(NaN) = 0 (torch.sign): a NaN gradient does not move the pixel; NaN pixels stay NaN."""
+    x_adv, grad, x0, *pc = _inputs((1, 3, 4, 4), torch.float32, device, seed=5)
+    grad[0, 0, 0, 0] = float("nan")
+    x_adv[0, 1, 1, 1] = float("nan")
+    x0[0, 2, 2, 2] = float("nan")
+    x_adv[0, 2, 3, 3] = float("inf")
+    out = ops.pgd_step(x_adv, grad, x0, *pc)
+    expected = kernel.pgd_step_reference(x_adv, grad, x0, *pc)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(expected))
+    assert out.isnan().sum() == 2 and out[0, 1, 1, 1].isnan() and out[0, 2, 2, 2].isnan()
+    no_step = kernel.pgd_step_reference(x_adv, torch.zeros_like(grad), x0, *pc)
+    assert out[0, 0, 0, 0] == no_step[0, 0, 0, 0]
+    assert out[0, 2, 3, 3].isfinite()  # +inf is projected into the eps-ball around x0
+
+
+def test_autograd_matches_reference(device, triton_backend):
+    x_adv, grad, x0, *pc = _inputs((2, 3, 5, 5), torch.float32, device, seed=6)
+    x_adv.requires_grad_(True)
+    x0.requires_grad_(True)
+    weights = torch.randn(x_adv.shape, device=device)
+    (ops.pgd_step(x_adv, grad, x0, *pc) * weights).sum().backward()
+    got = (x_adv.grad.clone(), x0.grad.clone())
+    x_adv.grad = x0.grad = None
+    (kernel.pgd_step_reference(x_adv, grad, x0, *pc) * weights).sum().backward()
+    assert torch.equal(got[0], x_adv.grad) and torch.equal(got[1], x0.grad)
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0  # both clamps active somewhere
+
+
+def test_opcheck(device):
+    args = _inputs((2, 3, 3, 5), torch.float32, device, seed=7)
+    torch.library.opcheck(torch.ops.segpcl.pgd_step.default, args)
+    torch.library.opcheck(torch.ops.segpcl.pgd_step_.default, [a.clone() for a in args])
+    with_grad = [a.clone().requires_grad_(i in (0, 2)) for i, a in enumerate(args)]
+    torch.library.opcheck(torch.ops.segpcl.pgd_step.default, with_grad,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compile_fullgraph_no_breaks(device, triton_backend, graph_breaks):
+    x_adv, grad, x0, gamma, eps, lo, hi = _inputs((2, 3, 4, 6), torch.float32, device, seed=8)
+
+    def k_steps(x, g):
+        x = ops.pgd_step(x, g, x0, gamma, eps, lo, hi)
+        return ops.pgd_step(x, -g, x0, gamma, eps, lo, hi, inplace=True)
+
+    compiled = torch.compile(k_steps, fullgraph=True, backend="aot_eager")
+    out = compiled(x_adv, grad)
+    assert graph_breaks() == 0
+    expected = kernel.pgd_step_reference(kernel.pgd_step_reference(x_adv, grad, x0, gamma, eps, lo, hi),
+                                         -grad, x0, gamma, eps, lo, hi)
+    assert torch.equal(out, expected)
+
+
+def test_dispatch_choice_and_errors(monkeypatch):
+    args = _inputs((1, 3, 2, 2), torch.float32, "cpu")
+    ops.pgd_step(*args)  # auto on CPU: the reference
+    assert ops.last_choice()["pgd_step"] == "reference"
+    with pytest.raises(ValueError, match="per-channel"):
+        ops.pgd_step(*args[:3], torch.zeros(2), *args[4:])
+    with pytest.raises(ValueError, match="must match"):
+        ops.pgd_step(args[0], args[1][:, :, :1], *args[2:])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ops.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        ops.pgd_step(*args)
