@@ -1,0 +1,137 @@
+"""The offline world: deterministic rendering, sane splits, and the shipped tiny CLIP."""
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from segpcl_fast.config import DataConfig
+from segpcl_fast.data import synthetic
+from segpcl_fast.data.base import ArrayDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "segpcl_fast" / "assets" / "segpcl-tiny-world.pt"
+MODEL_CONFIGS = ROOT / "segpcl_fast" / "model_configs"
+
+SMALL = dict(max_train_per_class=3, max_test_per_class=2)
+
+
+def test_same_seed_same_world_and_different_seed_different_world():
+    a = synthetic.render_split.__wrapped__(5, "shifted", "train", 2)  # bypass the cache
+    b = synthetic.render_split.__wrapped__(5, "shifted", "train", 2)
+    c = synthetic.render_split.__wrapped__(6, "shifted", "train", 2)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert (a[0] != c[0]).mean() > 0.5
+
+
+def test_world_does_not_touch_global_rng():
+    np.random.seed(123)
+    before = np.random.random()
+    np.random.seed(123)
+    synthetic.render_split.__wrapped__(0, "source", "pretrain", 1)
+    assert np.random.random() == before
+
+
+def test_class_names_unique_words_and_attributes_shared():
+    names = synthetic.class_names()
+    assert len(names) == 100 and len(set(names)) == 100
+    for n in names:
+        words = n.split()
+        assert len(words) == 2 and all(w.isalpha() and w.islower() for w in words)
+    # every colour appears with every shape: classes share attributes
+    assert {n.split()[0] for n in names} == set(synthetic.COLOUR_NAMES)
+    assert {n.split()[1] for n in names} == set(synthetic.SHAPES)
+
+
+def test_cl_datasets_interface_caps_and_disjoint_splits():
+    train, test = synthetic.build_synthetic_datasets(DataConfig(**SMALL), None, None)
+    assert isinstance(train, ArrayDataset) and isinstance(test, ArrayDataset)
+    assert len(train) == 300 and len(test) == 200
+    assert np.bincount(train.targets, minlength=100).tolist() == [3] * 100
+    assert np.bincount(test.targets, minlength=100).tolist() == [2] * 100
+    img, label = train[7]
+    assert img.size == (32, 32) and img.mode == "RGB" and label == train.targets[7]
+    # no test image is a copy of a train image
+    tr = train.images.reshape(len(train), -1)
+    te = test.images.reshape(len(test), -1)
+    dists = np.abs(tr[:, None, :].astype(np.int16) - te[None, :, :].astype(np.int16)).mean(-1)
+    assert dists.min() > 5
+
+
+def test_default_counts_and_seed_honoured():
+    train, test = synthetic.build_synthetic_datasets(DataConfig(max_test_per_class=1), None, None)
+    assert len(train) == 100 * synthetic.DEFAULT_TRAIN_PER_CLASS and len(test) == 100
+    _, test_other = synthetic.build_synthetic_datasets(DataConfig(max_test_per_class=1, synthetic_seed=1), None, None)
+    assert (test.images != test_other.images).mean() > 0.5
+
+
+def test_negative_cap_is_a_clear_error():
+    with pytest.raises(ValueError, match="max_train_per_class"):
+        synthetic.build_synthetic_datasets(DataConfig(max_train_per_class=-1), None, None)
+
+
+def test_domains_differ_in_style():
+    src = synthetic.render_split(0, "source", "test", 2)[0].astype(np.float32)
+    shf = synthetic.render_split(0, "shifted", "test", 2)[0].astype(np.float32)
+    sk = synthetic.render_split(0, "sketch", "heldout", 2)[0].astype(np.float32)
+    # source backgrounds are grey and flat, shifted ones are colourful and textured, sketches are bright paper
+    border = lambda x: np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # noqa: E731
+    saturation = lambda x: (border(x).max(-1) - border(x).min(-1)).mean()  # noqa: E731
+    assert saturation(shf) > 2 * saturation(src)
+    assert border(shf).std(axis=1).mean() > 2 * border(src).std(axis=1).mean()
+    assert border(sk).mean() > 200 > border(src).mean()
+
+
+def test_pretraining_captions_name_the_class():
+    ds = synthetic.build_pretraining_dataset(seed=0, per_class=1)
+    assert len(ds.captions) == len(ds) == 100
+    for cap, t in zip(ds.captions, ds.targets):
+        assert ds.class_names[t] in cap
+
+
+def test_heldout_refuses_the_cl_domain():
+    with pytest.raises(ValueError, match="held-out"):
+        synthetic.build_heldout_dataset(domain="shifted")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    if not ASSET.exists():
+        pytest.fail(f"shipped checkpoint missing: {ASSET}; regenerate with scripts/pretrain_tiny_clip.py")
+    torch.manual_seed(0)
+    open_clip.add_model_config(MODEL_CONFIGS)
+    model, _, preprocess = open_clip.create_model_and_transforms("segpcl-tiny", pretrained=str(ASSET))
+    return model.eval(), preprocess, open_clip.get_tokenizer("segpcl-tiny")
+
+
+@torch.no_grad()
+def _zeroshot_acc(model, preprocess, tokenizer, ds):
+    text = model.encode_text(tokenizer([f"a good photo of a {c}." for c in ds.class_names]))
+    img = model.encode_image(torch.stack([preprocess(ds.load_image(i)) for i in range(len(ds))]))
+    assert torch.isfinite(text).all() and torch.isfinite(img).all()
+    pred = (torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T).argmax(-1)
+    return (pred.numpy() == np.asarray(ds.targets)).mean()
+
+
+def test_checkpoint_loads_through_open_clip_in_fp32(tiny_clip):
+    model, _, tokenizer = tiny_clip
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert isinstance(model.visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
+    emb = model.encode_text(tokenizer(["a good photo of a striped blue circle."]))
+    assert emb.shape == (1, 64) and torch.isfinite(emb).all()
+    assert 1.0 < model.logit_scale.exp().item() <= 100.0
+    # the weights are the trained ones, not a fresh init
+    fresh = open_clip.create_model("segpcl-tiny")
+    assert not torch.allclose(fresh.visual.conv1.weight, model.visual.conv1.weight)
+
+
+def test_zeroshot_clearly_above_chance(tiny_clip):
+    model, preprocess, tokenizer = tiny_clip
+    source = synthetic.build_source_test_dataset(seed=0, per_class=1)
+    _, shifted = synthetic.build_synthetic_datasets(DataConfig(max_test_per_class=2), None, None)
+    acc_source = _zeroshot_acc(model, preprocess, tokenizer, source)
+    acc_shifted = _zeroshot_acc(model, preprocess, tokenizer, shifted)
+    assert acc_source > 0.6  # chance is 0.01
+    assert 0.15 < acc_shifted < acc_source  # the shifted domain is harder, but far above chance
