@@ -5,6 +5,11 @@
     segpcl-fast train --config runs/c100/config.yaml --resume
     segpcl-fast evaluate runs/c100
     segpcl-fast ablate --seeds 0,1,2 -o runs/ablation  # the ladder lora_finetune -> segpcl, one table
+    segpcl-fast fragility -o runs/fragility             # boundary vs core JSD across each task
+    segpcl-fast retention --variants lora_finetune,segpcl --datasets food101=/data/food-101
+    segpcl-fast sweep --set dpgd.k_adv=5,10,20 --seeds 0,1 -o runs/k_adv
+    segpcl-fast distill-sources --sources anchors,new_data,seeds,folder --folder /data/ref_images
+    segpcl-fast anchor-views --task 2 --projection pca
 """
 from __future__ import annotations
 
@@ -73,6 +78,93 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def _print_analysis(out: dict) -> None:
+    print(out["table"])
+    print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
+
+
+def _csv(text):
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def cmd_fragility(args) -> int:
+    from .analysis import fragility
+    cfg = _config_from_args(args)
+    tasks = [int(t) for t in _csv(args.tasks)] if args.tasks else None
+    _print_analysis(fragility(cfg, tasks=tasks, score=args.score, threshold=args.threshold,
+                              method=args.method or "lora_finetune", max_old_images=args.max_old_images))
+    return 0
+
+
+def cmd_retention(args) -> int:
+    from .analysis import retention
+    cfg = _config_from_args(args)
+    _print_analysis(retention(cfg, variants=_csv(args.variants), datasets=_csv(args.datasets),
+                              per_class=args.per_class))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .analysis import sweep
+    axes, args.overrides = args.overrides, list(args.fixed)
+    cfg = _config_from_args(args)
+    _print_analysis(sweep(cfg, axes=axes, seeds=[int(s) for s in _csv(args.seeds)]))
+    return 0
+
+
+def cmd_distill_sources(args) -> int:
+    from .analysis import distill_sources
+    cfg = _config_from_args(args)
+    _print_analysis(distill_sources(cfg, sources=_csv(args.sources), folder=args.folder,
+                                    seeds=[int(s) for s in _csv(args.seeds)], method=args.method or "segpcl"))
+    return 0
+
+
+def cmd_anchor_views(args) -> int:
+    from .analysis import anchor_views
+    cfg = _config_from_args(args)
+    _print_analysis(anchor_views(cfg, task=args.task, method=args.projection, run_method=args.method or "segpcl"))
+    return 0
+
+
+def _add_analysis_parsers(sub) -> None:
+    p = sub.add_parser("fragility", help="JSD of old-class predictions across a task: boundary vs core images, "
+                                         "DPGD anchors vs random new images")
+    _add_config_args(p)
+    p.add_argument("--tasks", default=None, help="1-based tasks to measure, e.g. 2,5 (default: 2..T)")
+    p.add_argument("--score", default="text_sim", choices=["text_sim", "margin"],
+                   help="boundary score (default text_sim: similarity to the nearest new-class text)")
+    p.add_argument("--threshold", default="median", help="median (default), quantile:q, or a number")
+    p.add_argument("--max-old-images", type=int, default=2000, help="old-class test images per task (0 = all)")
+    p.set_defaults(func=cmd_fragility)
+    p = sub.add_parser("retention", help="zero-shot accuracy outside the sequence, before vs after, per variant")
+    _add_config_args(p)
+    p.add_argument("--variants", default=None, help="comma-separated variants (default: zeroshot,lora_finetune,"
+                                                    "+acgd,+tsgr,segpcl)")
+    p.add_argument("--datasets", default=None, help="comma-separated: synthetic-sketch, synthetic-source, "
+                                                    "food101=ROOT, pets=ROOT, imagenet=ROOT (default: synthetic)")
+    p.add_argument("--per-class", type=int, default=0, help="images per class (0 = all / synthetic default 20)")
+    p.set_defaults(func=cmd_retention)
+    p = sub.add_parser("sweep", help="sweep config keys (--set key=v1,v2; several keys -> grid) over seeds")
+    _add_config_args(p)
+    p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
+                   help="a fixed override that is not split into values (e.g. a value holding commas)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("distill-sources", help="ACGD on DPGD anchors vs new-task images vs seeds vs a folder")
+    _add_config_args(p)
+    p.add_argument("--sources", default=None, help="comma-separated subset of anchors,new_data,seeds,folder")
+    p.add_argument("--folder", default=None, help="reference image folder for source 'folder' "
+                                                  "(offline default: held-out synthetic source-domain images)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.set_defaults(func=cmd_distill_sources)
+    p = sub.add_parser("anchor-views", help="2-D view of prototypes, seeds, anchors and new images (PNG)")
+    _add_config_args(p)
+    p.add_argument("--task", type=int, default=2, help="1-based task whose anchors are shown (>= 2)")
+    p.add_argument("--projection", default="pca", choices=["pca", "tsne"], help="tsne needs scikit-learn")
+    p.set_defaults(func=cmd_anchor_views)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpcl-fast", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages (op dispatch, timings)")
@@ -90,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="re-evaluate a run directory from its last checkpoint")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_evaluate)
+    _add_analysis_parsers(sub)
     return parser
 
 

@@ -1,0 +1,103 @@
+"""Which images should ACGD distil on? The full method with only acgd.source changed:
+
+    anchors   DPGD anchors (the method)
+    new_data  the raw task-t training images (the paper: -0.8 Last on CIFAR100)
+    seeds     the selected seeds without the PGD steps
+    folder    unlabeled images from a reference folder (ZSCL-style), at most as many as the task
+              has training images (seeded choice); acgd.source_folder or folder=... gives it
+
+Offline (data.dataset=synthetic) with no folder given, "folder" uses a reference folder written
+under <output_dir>/reference_images: held-out images of the synthetic pretraining domain (the
+analogue of ZSCL's pretraining-like reference set). On real data, "folder" needs a folder.
+
+The method variants pin acgd.source, so each run resolves run.method (default "segpcl") first and
+then sets acgd.source / acgd.source_folder on the resolved config.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..config import ConfigError, apply_overrides
+from .outputs import METRICS, make_trainer, plus_minus, run_config, summarize_runs, write_table_files
+
+log = logging.getLogger("segpcl_fast.analysis")
+
+SOURCES = ("anchors", "new_data", "seeds", "folder")
+REFERENCE_PER_CLASS = 5  # offline reference folder: 5 held-out source-domain images per class (500)
+
+
+def write_synthetic_reference_folder(folder: Path, seed: int = 0, per_class: int = REFERENCE_PER_CLASS) -> Path:
+    """PNG files of held-out source-domain images (no labels used) -> folder; returns it."""
+    from PIL import Image
+
+    from ..data.synthetic import build_heldout_dataset
+    from ..report.io import atomic_write_bytes
+    ds = build_heldout_dataset(seed, per_class, None, domain="source")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(len(ds)):
+        path = folder / f"{i:05d}.png"
+        if path.exists():
+            continue
+        buf = io.BytesIO()
+        Image.fromarray(ds.images[i]).save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
+    return folder
+
+
+def _trainer_for_source(cfg, method: str, source: str, folder: Optional[str], out: Path):
+    trainer = make_trainer(run_config(cfg, method, out))
+    trainer.cfg.acgd.source = source  # shared with trainer.learner.cfg; saved into config.yaml by run()
+    trainer.cfg.acgd.source_folder = folder if source == "folder" else trainer.cfg.acgd.source_folder
+    trainer.learner.eval_transform = trainer.test_tf
+    if not (trainer.cfg.acgd.enabled and trainer.cfg.acgd.weight > 0):
+        raise ConfigError(f"method '{method}' does not use ACGD (acgd.enabled / acgd.weight): the distillation "
+                          f"source makes no difference; use method=segpcl")
+    return trainer
+
+
+def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder: Optional[str] = None,
+                    seeds: Sequence[int] = (0,), method: str = "segpcl", **overrides) -> dict:
+    """Run `method` with each ACGD source over seeds; one table (mean +- std) and a bar plot of Last.
+
+    Writes <output_dir>/distill_sources.{json,txt,png}; runs under <output_dir>/<source>/seed<s>/.
+    """
+    from ..api import make_config
+    cfg = make_config(config, **overrides)
+    sources = list(sources or SOURCES)
+    bad = [s for s in sources if s not in SOURCES]
+    if bad:
+        raise ConfigError(f"unknown ACGD source(s) {bad}; choose from {', '.join(SOURCES)}")
+    out = Path(cfg.run.output_dir)
+    folder = folder or cfg.acgd.source_folder
+    if "folder" in sources:
+        if folder is None and cfg.data.dataset == "synthetic":
+            folder = str(write_synthetic_reference_folder(out / "reference_images", cfg.data.synthetic_seed))
+        from ..data.retention import list_reference_images
+        list_reference_images(folder)  # a missing folder fails before anything runs
+    rows, runs = [], {}
+    for source in sources:
+        results = []
+        for seed in seeds:
+            seeded = apply_overrides(cfg, {"run.seed": int(seed)})
+            results.append(_trainer_for_source(seeded, method, source, folder, out / source / f"seed{seed}").run())
+        runs[source] = [r.output_dir for r in results]
+        rows.append({"source": source, "seeds": len(seeds), **summarize_runs(results)})
+        log.info("distill source %s: Last %s", source, rows[-1]["Last"])
+    table = format_sources_table(rows, method, cfg.data.dataset, len(seeds))
+    paths = write_table_files(out, "distill_sources", {"method": method, "folder": folder, "seeds": list(seeds),
+                                                       "rows": rows, "runs": runs, "config": cfg.to_dict()}, table)
+    if cfg.run.plots:
+        from ..report import plots
+        paths["png"] = str(plots.plot_bars({r["source"]: r["Last"] for r in rows}, out / "distill_sources.png",
+                                           ylabel="Last (%)", title=f"ACGD source ({method}, {cfg.data.dataset})"))
+    return {"rows": rows, "runs": runs, "paths": paths, "table": table}
+
+
+def format_sources_table(rows: list, method: str, dataset: str, n_seeds: int) -> str:
+    from ..report import format_table
+    body = [[r["source"]] + [plus_minus(r[m], r[m + "_std"]) for m in METRICS] for r in rows]
+    return format_table(body, ["ACGD source"] + list(METRICS),
+                        title=f"ACGD distillation source ({method} on {dataset}, {n_seeds} seed(s), mean +- std)")

@@ -1,0 +1,112 @@
+"""What every analysis writes: <out>/<name>.json (strict JSON), <name>.txt (the printed table),
+<name>.png, all atomically; plus the small shared pieces (figures, a Trainer for a variant,
+per-image CLIP-path embeddings)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..config import Config, apply_overrides, atomic_write_text
+from ..report.results import to_jsonable
+
+DPI = 120
+
+
+def new_figure(size=(6.0, 4.0)) -> Figure:
+    """A matplotlib Figure on the Agg canvas (no pyplot, no global backend)."""
+    fig = Figure(figsize=size, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Figure, path: str | os.PathLike) -> str:
+    from ..report.plots import save_figure
+    return str(save_figure(fig, path))
+
+
+def write_table_files(out: str | os.PathLike, name: str, payload: dict, table: str) -> dict:
+    """Write <out>/<name>.json and <out>/<name>.txt atomically; returns their paths."""
+    out = Path(out)
+    json_path, txt_path = out / f"{name}.json", out / f"{name}.txt"
+    atomic_write_text(json_path, json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(txt_path, table + "\n")
+    return {"json": str(json_path), "table": str(txt_path)}
+
+
+def run_config(cfg: Config, method: Optional[str], output_dir: str | os.PathLike) -> Config:
+    """cfg with run.method (when given) and run.output_dir set."""
+    overrides = {"run.output_dir": str(output_dir)}
+    if method is not None:
+        overrides["run.method"] = method
+    return apply_overrides(cfg, overrides)
+
+
+def make_trainer(cfg: Config):
+    from ..engine.trainer import Trainer
+    return Trainer(cfg)
+
+
+@torch.no_grad()
+def encode_batches(model, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r(x), v̄(x)) in fp32 for a tensor of normalised images, in batches (model in eval mode)."""
+    raws, embs = [], []
+    for start in range(0, images.shape[0], batch_size):
+        raw, emb = model.encode_image(images[start:start + batch_size])
+        raws.append(raw.float())
+        embs.append(F.normalize(emb.float(), dim=-1))
+    return torch.cat(raws), torch.cat(embs)
+
+
+def stack_dataset(dataset, device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (image, label) pairs of a dataset as two tensors (images already transformed)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    images, labels = [], []
+    for x, y in loader:
+        images.append(x)
+        labels.append(torch.as_tensor(y))
+    if not images:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(images).to(device), torch.cat(labels).to(device)
+
+
+def mean_std(values: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample std of the non-None values (std 0 for one value, None for none)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return mean, std
+
+
+def plus_minus(mean: Optional[float], std: Optional[float]) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.2f} +- {std:.2f}" if std else f"{mean:.2f}"
+
+
+METRICS = ("Avg", "Last", "Forgetting", "BWT")
+
+
+def summarize_runs(results: list, keys: Iterable[str] = METRICS) -> dict:
+    """{key: mean, key_std: std} over Results (train() outputs) for each metric key."""
+    row = {}
+    for key in keys:
+        row[key], row[key + "_std"] = mean_std(r.metrics.get(key) for r in results)
+    return row
+
+
+def slug(text: str) -> str:
+    """A folder-safe name for a variant or a grid point."""
+    keep = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text.replace("+", "plus_"))
+    return keep.strip("_") or "run"
+
+
+LogFn = Callable[[str], None]

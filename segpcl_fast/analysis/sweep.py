@@ -1,0 +1,204 @@
+"""Hyper-parameter sweeps: any config keys, several keys give a grid, seeds repeat every point.
+
+    segpcl-fast sweep --set dpgd.k_adv=5,10,20 --seeds 0,1
+    segpcl-fast sweep --set dpgd.k_adv=5,10 --set optim.lr=1e-3,3e-4        # 2 x 2 grid
+    segpcl-fast sweep --set "lora.targets=[k,v];[q,k,v]"                     # list-valued key
+
+Value syntax of one `--set key=...`:
+  - values are separated by ';' when the text holds a ';' outside brackets/quotes, else by ','
+    outside brackets/quotes; each value is read with YAML rules (config.parse_value), so
+    `[k,v]` is a list, `1e-3` a float, `true` a bool.
+  - a list-valued key takes each value in YAML list syntax: `lora.targets=[k,v],[q,k,v]` or
+    `lora.targets=[k,v];[q,k,v]`; `data.templates=[a photo of a {}.]` is one value.
+  - a key given one value is a fixed override for every run.
+Every grid point (and every seed) is checked with apply_overrides and the variant resolver first:
+an unknown key or a value of the wrong type is one ConfigError before anything runs.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from ..config import Config, ConfigError, apply_overrides, known_keys, parse_value
+from .outputs import METRICS, new_figure, plus_minus, save_png, slug, summarize_runs, write_table_files
+
+log = logging.getLogger("segpcl_fast.analysis")
+
+AxesSpec = Union[Sequence[str], Mapping[str, Sequence[Any]]]
+
+
+def split_values(text: str) -> list[str]:
+    """Split a value list at top-level ';' (if any) else top-level ','; brackets and quotes nest."""
+    def split_at(sep: str) -> list[str]:
+        parts, depth, quote, cur = [], 0, None, []
+        for ch in text:
+            if quote:
+                quote = None if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch in "[{(":
+                depth += 1
+            elif ch in "]})":
+                depth -= 1
+            elif ch == sep and depth == 0:
+                parts.append("".join(cur))
+                cur = []
+                continue
+            cur.append(ch)
+        parts.append("".join(cur))
+        return parts
+    if depth_unbalanced(text):
+        raise ConfigError(f"sweep values '{text}' have unbalanced brackets or quotes")
+    semi = split_at(";")
+    parts = semi if len(semi) > 1 else split_at(",")
+    parts = [p.strip() for p in parts]
+    if any(p == "" for p in parts):
+        raise ConfigError(f"sweep values '{text}' contain an empty value; write e.g. dpgd.k_adv=5,10,20")
+    return parts
+
+
+def depth_unbalanced(text: str) -> bool:
+    depth, quote = 0, None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+            if depth < 0:
+                return True
+    return depth != 0 or quote is not None
+
+
+def parse_axes(specs: AxesSpec) -> dict[str, list[Any]]:
+    """{key: [values]} from ["dpgd.k_adv=5,10", ...] (CLI) or a dict {key: [values] or value}."""
+    axes: dict[str, list[Any]] = {}
+    if isinstance(specs, Mapping):
+        for key, vals in specs.items():
+            axes[str(key)] = list(vals) if isinstance(vals, (list, tuple)) else [vals]
+    else:
+        for spec in specs:
+            if "=" not in spec:
+                raise ConfigError(f"sweep spec '{spec}' must look like section.key=v1,v2,... e.g. dpgd.k_adv=5,10,20")
+            key, text = spec.split("=", 1)
+            key = key.strip()
+            if key in axes:
+                raise ConfigError(f"sweep key '{key}' is given twice; put all its values in one --set")
+            axes[key] = [parse_value(v) for v in split_values(text)]
+    known = set(known_keys())
+    for key, vals in axes.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{key}' in the sweep; known keys: {', '.join(sorted(known))}")
+        if not vals:
+            raise ConfigError(f"sweep key '{key}' has no values")
+    if "run.output_dir" in axes:
+        raise ConfigError("run.output_dir cannot be swept: every point gets <output_dir>/<point>/seed<s>")
+    return axes
+
+
+def expand_grid(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The Cartesian product of the axes, first key varying slowest: [{key: value, ...}, ...]."""
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def point_name(point: Mapping[str, Any]) -> str:
+    return ",".join(f"{k.split('.', 1)[1]}={_show(v)}" for k, v in point.items()) or "base"
+
+
+def _show(v: Any) -> str:
+    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v)
+
+
+def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Sequence[int],
+                  out: Path) -> list[list[Config]]:
+    """Per point, per seed, the run's Config; any invalid point raises one ConfigError naming it."""
+    from ..method.variants import resolve_variant
+    configs = []
+    for point in points:
+        per_seed = []
+        for seed in seeds:
+            try:
+                c = apply_overrides(cfg, dict(point))
+                c = apply_overrides(c, {"run.seed": int(seed),
+                                        "run.output_dir": str(out / slug(point_name(point)) / f"seed{seed}")})
+                resolve_variant(c)
+            except ConfigError as e:
+                hint = ""
+                if "expects a list" in str(e):
+                    hint = " (give each list value in brackets, several separated by ';' or ',': [k,v];[q,k,v])"
+                raise ConfigError(f"sweep point {point_name(point)}: {e}{hint}") from None
+            per_seed.append(c)
+        configs.append(per_seed)
+    return configs
+
+
+def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overrides) -> dict:
+    """Train every grid point for every seed; one table (mean +- std over seeds) and one plot.
+
+    Writes <output_dir>/sweep.{json,txt,png}; runs under <output_dir>/<point>/seed<s>/.
+    Returns {"rows", "axes", "paths", "table"}.
+    """
+    from ..api import make_config, train
+    cfg = make_config(config, **overrides)
+    axes = parse_axes(axes)
+    if "run.seed" in axes:
+        raise ConfigError("run.seed cannot be a sweep key: give the seeds with seeds=... (--seeds 0,1,2)")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("sweep needs at least one seed (--seeds 0)")
+    out = Path(cfg.run.output_dir)
+    points = expand_grid(axes)
+    configs = validate_grid(cfg, points, seeds, out)  # every error before the first run
+    swept = [k for k, v in axes.items() if len(v) > 1]
+    rows = []
+    for point, per_seed in zip(points, configs):
+        results = [train(c) for c in per_seed]
+        row = {**{k: point[k] for k in axes}, "seeds": len(seeds), **summarize_runs(results),
+               "runs": [r.output_dir for r in results]}
+        rows.append(row)
+        log.info("sweep %s: Last %.2f", point_name(point), row["Last"] or float("nan"))
+    table = format_sweep_table(rows, list(axes), len(seeds), cfg.data.dataset)
+    paths = write_table_files(out, "sweep", {"axes": axes, "seeds": seeds, "rows": rows,
+                                             "config": cfg.to_dict()}, table)
+    if cfg.run.plots:
+        paths["png"] = plot_sweep(rows, axes, swept, out / "sweep.png", cfg.data.dataset)
+    return {"rows": rows, "axes": axes, "paths": paths, "table": table}
+
+
+def format_sweep_table(rows: list, keys: list, n_seeds: int, dataset: str) -> str:
+    from ..report import format_table
+    body = [[_show(r[k]) for k in keys] + [plus_minus(r[m], r[m + "_std"]) for m in METRICS] for r in rows]
+    return format_table(body, keys + list(METRICS),
+                        title=f"sweep on {dataset} ({n_seeds} seed(s), mean +- std)")
+
+
+def plot_sweep(rows: list, axes: Mapping[str, list], swept: list, path, dataset: str) -> str:
+    """Last and Avg against the first swept key; one line per combination of the other keys."""
+    keys = list(axes)
+    x_key = swept[0] if swept else keys[0]
+    others = [k for k in keys if k != x_key and len(axes[k]) > 1]
+    xs = [_show(v) for v in axes[x_key]]
+    fig = new_figure((7.0, 4.0))
+    ax = fig.add_subplot()
+    groups = expand_grid({k: axes[k] for k in others}) or [{}]
+    for group in groups:
+        members = [r for r in rows if all(r[k] == v for k, v in group.items())]
+        for metric, style in (("Last", "-o"), ("Avg", "--s")):
+            ys = [next((r[metric] for r in members if _show(r[x_key]) == x), None) for x in xs]
+            errs = [next((r[metric + "_std"] for r in members if _show(r[x_key]) == x), None) for x in xs]
+            label = metric + (f" ({point_name(group)})" if group else "")
+            ax.errorbar(range(len(xs)), [float("nan") if y is None else y for y in ys],
+                        yerr=[0.0 if e is None else e for e in errs], fmt=style, capsize=3, label=label)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"sweep on {dataset}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_png(fig, path)

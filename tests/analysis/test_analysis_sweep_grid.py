@@ -1,0 +1,76 @@
+"""Sweep specs -> values -> grid, and every error before anything runs."""
+import pytest
+
+from segpcl_fast.analysis.sweep import expand_grid, parse_axes, point_name, split_values, sweep, validate_grid
+from segpcl_fast.api import make_config
+from segpcl_fast.config import ConfigError
+
+
+def test_split_values_commas_semicolons_and_brackets():
+    assert split_values("5,10,20") == ["5", "10", "20"]
+    assert split_values("[k,v],[q,k,v]") == ["[k,v]", "[q,k,v]"]
+    assert split_values("[k,v];[q,k,v]") == ["[k,v]", "[q,k,v]"]
+    assert split_values("a photo, of {};the {}") == ["a photo, of {}", "the {}"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+    with pytest.raises(ConfigError, match="unbalanced"):
+        split_values("[k,v")
+    with pytest.raises(ConfigError, match="empty value"):
+        split_values("5,,10")
+
+
+def test_parse_axes_types_and_grid_order():
+    axes = parse_axes(["dpgd.k_adv=5,10,20", "optim.lr=1e-3,3e-4", "lora.targets=[k,v];[q,k,v]"])
+    assert axes["dpgd.k_adv"] == [5, 10, 20]
+    assert axes["optim.lr"] == [1e-3, 3e-4] and all(isinstance(v, float) for v in axes["optim.lr"])
+    assert axes["lora.targets"] == [["k", "v"], ["q", "k", "v"]]
+    grid = expand_grid(axes)
+    assert len(grid) == 3 * 2 * 2
+    assert grid[0] == {"dpgd.k_adv": 5, "optim.lr": 1e-3, "lora.targets": ["k", "v"]}
+    assert grid[1] == {"dpgd.k_adv": 5, "optim.lr": 1e-3, "lora.targets": ["q", "k", "v"]}
+    assert grid[-1] == {"dpgd.k_adv": 20, "optim.lr": 3e-4, "lora.targets": ["q", "k", "v"]}
+    assert len({tuple(map(str, p.values())) for p in grid}) == len(grid)
+    assert expand_grid({}) == [{}]
+
+
+@pytest.mark.parametrize("specs, match", [
+    (["dpgd.kadv=5,10"], "unknown config key 'dpgd.kadv'"),
+    (["dpgd.k_adv"], "must look like section.key=v1,v2"),
+    (["dpgd.k_adv=5", "dpgd.k_adv=10"], "given twice"),
+    (["run.output_dir=a,b"], "run.output_dir cannot be swept"),
+])
+def test_parse_axes_errors(specs, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_axes(specs)
+
+
+def test_wrong_value_type_names_the_point(tmp_path):
+    cfg = make_config()
+    points = expand_grid(parse_axes(["dpgd.k_adv=5,ten"]))
+    with pytest.raises(ConfigError, match="k_adv=ten.*expects an integer"):
+        validate_grid(cfg, points, [0], tmp_path)
+    points = expand_grid(parse_axes(["lora.targets=k,v"]))
+    with pytest.raises(ConfigError, match=r"expects a list.*\[k,v\];\[q,k,v\]"):
+        validate_grid(cfg, points, [0], tmp_path)
+    points = expand_grid(parse_axes(["run.method=segpcl,nonsense"]))
+    with pytest.raises(ConfigError, match="unknown method variant 'nonsense'"):
+        validate_grid(cfg, points, [0], tmp_path)
+
+
+def test_validate_grid_gives_one_config_per_point_and_seed(tmp_path):
+    cfg = make_config()
+    points = expand_grid(parse_axes(["dpgd.k_adv=5,10", "optim.lr=1e-3"]))
+    configs = validate_grid(cfg, points, [0, 3], tmp_path)
+    assert [[c.dpgd.k_adv for c in per] for per in configs] == [[5, 5], [10, 10]]
+    assert [c.run.seed for c in configs[1]] == [0, 3]
+    assert len({c.run.output_dir for per in configs for c in per}) == 4
+
+
+def test_bad_grid_point_fails_before_any_training(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("segpcl_fast.api.train", lambda cfg: calls.append(cfg))
+    with pytest.raises(ConfigError, match="k_adv=oops"):
+        sweep(make_config(output_dir=str(tmp_path)), axes=["dpgd.k_adv=5,oops"], seeds=[0])
+    assert calls == []
+    with pytest.raises(ConfigError, match="run.seed cannot be a sweep key"):
+        sweep(make_config(output_dir=str(tmp_path)), axes=["run.seed=0,1"])
+    assert point_name({"dpgd.k_adv": 5, "lora.targets": ["k", "v"]}) == "k_adv=5,targets=[k,v]"
