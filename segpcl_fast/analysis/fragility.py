@@ -103,6 +103,13 @@ def boundary_scores(emb_norm: torch.Tensor, text: torch.Tensor, n_old: int, kind
     raise ConfigError(f"unknown fragility score '{kind}'; choose one of {SCORES}")
 
 
+def _correlation(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+    """Pearson correlation, None when either side is constant (or fewer than 2 values)."""
+    if len(a) < 2 or float(np.std(a)) == 0.0 or float(np.std(b)) == 0.0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def group_stats(values: torch.Tensor) -> dict:
     v = values.double().cpu()
     if v.numel() == 0:
@@ -189,12 +196,12 @@ def measure_task(trainer, t: int, score: str = "text_sim", threshold: Union[str,
     jsd_anchor = jensen_shannon(pa_before, class_distribution(model, anchors, text_after[:n_old])).cpu()
     jsd_random = jensen_shannon(pr_before, class_distribution(model, random_images, text_after[:n_old])).cpu()
     is_boundary, thr = split_boundary_core(scores.cpu(), threshold)
-    corr = float(np.corrcoef(scores.cpu().numpy(), jsd.numpy())[0, 1]) if len(jsd) > 1 else None
+    corr = _correlation(scores.cpu().numpy(), jsd.numpy())
     return {
         "task": t + 1, "old_classes": n_old, "new_classes": n_seen - n_old, "threshold": thr,
         "boundary": group_stats(jsd[is_boundary]), "core": group_stats(jsd[~is_boundary]),
         "anchors": group_stats(jsd_anchor), "random_new": group_stats(jsd_random),
-        "score_jsd_correlation": corr if corr is None or math.isfinite(corr) else None,
+        "score_jsd_correlation": corr,
         "train_steps": info["timings"]["steps"],
         "values": {"jsd": jsd.tolist(), "score": scores.cpu().tolist(), "is_boundary": is_boundary.tolist(),
                    "jsd_anchors": jsd_anchor.tolist(), "jsd_random_new": jsd_random.tolist()},

@@ -43,6 +43,8 @@ class Learner:
         self.graph: Optional[stage2.TSGRGraph] = None
         self.text_cache: Optional[torch.Tensor] = None  # u_S for seen classes after the last task
         self.anchor_generator = torch.Generator()
+        # transform for acgd.source="folder" images; None = the CLIP test transform of the model's stats
+        self.eval_transform = None
         # Reference (pretrained, B = 0) text embeddings of every class: fixed for the whole run.
         with torch.no_grad():
             self.ref_text = model.class_embeddings(self.class_prompts, device=device).detach()
@@ -105,12 +107,21 @@ class Learner:
         elif source == "new_data":
             pixels = images
             targets = torch.full((len(images),), -1, dtype=torch.long, device=self.device)
+        elif source == "folder":  # ZSCL-style: unlabeled reference images, as many as the task has (at most)
+            from ..data.retention import load_reference_images
+            from ..data.transforms import clip_test_transform
+            stats = self.model.image_stats
+            transform = self.eval_transform or clip_test_transform(stats.size, stats.mean, stats.std)
+            pixels = load_reference_images(self.cfg.acgd.source_folder, transform, limit=len(images),
+                                           seed=self.anchor_generator.initial_seed()).to(self.device)
+            targets = torch.full((len(pixels),), -1, dtype=torch.long, device=self.device)
         else:
-            raise ValueError(f"acgd.source='{source}' is not supported by the trainer; use anchors, seeds or new_data")
+            raise ValueError(f"acgd.source='{source}' is not supported by the trainer; use anchors, seeds, "
+                             f"new_data or folder")
         stats = self.model.image_stats
         cache = stage1.build_anchor_cache(
             teacher, pixels, targets, old_text, self.prototypes.tensor[:self.n_old].to(self.device), logit_scale,
-            self.cfg.dpgd, stats.mean, stats.std, source="seeds" if source == "new_data" else source)
+            self.cfg.dpgd, stats.mean, stats.std, source="anchors" if source == "anchors" else "seeds")
         del teacher
         return cache
 
