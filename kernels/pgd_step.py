@@ -66,18 +66,21 @@ def check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi) -> None:
 
 @lazy_jit
 def _pgd_step_kernel(x_ptr, g_ptr, x0_ptr, out_ptr, gamma_ptr, eps_ptr, lo_ptr, hi_ptr,
-                     n_elements, hw, channels, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    ch = (offs // hw) % channels
+                     hw, channels, BLOCK: tl.constexpr):
+    # grid: (N * C planes, chunks of BLOCK pixels within a plane): the channel is one scalar
+    # per program, so the per-channel bounds are 4 scalar loads, no per-element index math.
+    plane = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hw
+    offs = plane * hw + cols
+    ch = plane % channels
+    gamma = tl.load(gamma_ptr + ch)
+    eps = tl.load(eps_ptr + ch)
+    lo = tl.load(lo_ptr + ch)
+    hi = tl.load(hi_ptr + ch)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gamma = tl.load(gamma_ptr + ch, mask=mask, other=0.0)
-    eps = tl.load(eps_ptr + ch, mask=mask, other=0.0)
-    lo = tl.load(lo_ptr + ch, mask=mask, other=0.0)
-    hi = tl.load(hi_ptr + ch, mask=mask, other=0.0)
     sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))  # NaN -> 0, as torch.sign
     stepped = x - gamma * sign
     delta = tl.minimum(tl.maximum(stepped - x0, -eps, propagate_nan=tl.PropagateNan.ALL), eps,
@@ -87,12 +90,12 @@ def _pgd_step_kernel(x_ptr, g_ptr, x0_ptr, out_ptr, gamma_ptr, eps_ptr, lo_ptr, 
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_size(n_elements: int, block: int | None) -> int:
+def _block_size(hw: int, block: int | None) -> int:
     if block is not None:
         return next_pow2(block)
-    if interpret_mode():  # ~3 ms per program in the interpreter: few big programs
-        return min(1 << 16, next_pow2(cdiv(n_elements, 2)))
-    return 4096
+    if interpret_mode():  # ~3 ms per program in the interpreter: one program per plane
+        return min(1 << 16, next_pow2(hw))
+    return min(2048, next_pow2(hw))
 
 
 def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | None = None,
@@ -106,13 +109,13 @@ def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | Non
     else:
         buffer = torch.empty(x_adv.shape, dtype=dtype, device=x_adv.device)
     params = [p.float().contiguous() for p in (gamma, eps, lo, hi)]
-    n = x_adv_c.numel()
-    if n > 0:
-        block_size = _block_size(n, block)
-        hw = x_adv.shape[2] * x_adv.shape[3]
-        grid = (cdiv(n, block_size),)
-        _pgd_step_kernel[grid](x_adv_c, grad_c, x0_c, buffer, *params, n, hw, x_adv.shape[1],
-                               BLOCK=block_size, num_warps=8 if block_size >= 4096 else 4)
+    n, channels, height, width = x_adv.shape
+    hw = height * width
+    if x_adv.numel() > 0:
+        block_size = _block_size(hw, block)
+        grid = (n * channels, cdiv(hw, block_size))
+        _pgd_step_kernel[grid](x_adv_c, grad_c, x0_c, buffer, *params, hw, channels,
+                               BLOCK=block_size, num_warps=4 if block_size <= 2048 else 8)
     if buffer is out:
         return out
     if out is None:

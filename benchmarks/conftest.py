@@ -1,0 +1,84 @@
+"""Shared benchmark helpers: the device's measured copy bandwidth and roofline bookkeeping.
+
+`device_bandwidth(device)` (session fixture) measures, once per session and device, a
+device-to-device copy of a large buffer (best of several) and returns GB/s counting the bytes
+read plus the bytes written. `record_roofline(benchmark, bytes_moved, device, bandwidth)` (or the `roofline` fixture) puts
+the achieved GB/s of the op just benchmarked (bytes it must move / its median time) and that
+fraction of the measured bandwidth into benchmark.extra_info.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_copy_bandwidth(device: str, nbytes: int | None = None, repeats: int | None = None) -> float:
+    """GB/s of dst.copy_(src) on `device`, counting read + write (2 * nbytes), best of `repeats`."""
+    nbytes = nbytes or (1 << 30 if device == "cuda" else 1 << 28)
+    repeats = repeats or (20 if device == "cuda" else 5)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up (page faults, allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - t0
+        best = min(best, seconds)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
+@pytest.fixture(scope="session")
+def device_bandwidth():
+    """device -> measured copy GB/s (read + write), measured on first use in this session."""
+    measured: dict[str, float] = {}
+
+    def get(device: str) -> float:
+        if device not in measured:
+            measured[device] = measure_copy_bandwidth(device)
+        return measured[device]
+    return get
+
+
+def median_seconds(benchmark) -> float | None:
+    """Median seconds per round of the benchmark just run (None when benchmarking is disabled)."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:
+        return None
+    return stats.stats.median
+
+
+def record_roofline(benchmark, bytes_moved: int, device: str, bandwidth_gbs: float) -> None:
+    """extra_info: bytes_moved, achieved_GBps, device_copy_GBps, fraction_of_copy_bandwidth."""
+    benchmark.extra_info.update(bytes_moved=int(bytes_moved), device=device,
+                                device_copy_GBps=round(bandwidth_gbs, 2))
+    seconds = median_seconds(benchmark)
+    if seconds:
+        achieved = bytes_moved / seconds / 1e9
+        benchmark.extra_info.update(achieved_GBps=round(achieved, 2),
+                                    fraction_of_copy_bandwidth=round(achieved / bandwidth_gbs, 4))
+
+
+@pytest.fixture(scope="session")
+def roofline(device_bandwidth):
+    """`roofline(benchmark, bytes_moved, device)`: record_roofline against this session's measured bandwidth."""
+    def record(benchmark, bytes_moved: int, device: str) -> None:
+        record_roofline(benchmark, bytes_moved, device, device_bandwidth(device))
+    return record

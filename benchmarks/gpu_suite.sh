@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# On a GPU machine: run the CUDA kernel tests (real Triton, no interpreter) and the benchmarks,
+# writing everything under $OUT (default ./gpu_results). Others may append steps below.
+#
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh
+#
+# Files: device.txt (GPU, driver, torch/triton versions), kernel_tests.{txt,xml},
+# benchmarks.{txt,json}; exit status non-zero when any step failed (all steps still run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_results}"
+mkdir -p "$OUT"
+status=0
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv 2>&1 || true
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(0))"
+} > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+# CUDA variants of tests/kernels (the CPU-interpreter variants skip with TRITON_INTERPRET=0)
+TRITON_INTERPRET=0 python -m pytest tests/kernels -q -rs -p no:cacheprovider \
+  --junitxml="$OUT/kernel_tests.xml" 2>&1 | tee "$OUT/kernel_tests.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# every benchmark file: eager / compiled reference / fast paths, paper and roofline sizes
+TRITON_INTERPRET=0 python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=min,median,max,rounds 2>&1 | tee "$OUT/benchmarks.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# a compact table of the kernel benchmarks: median ms, GB/s, fraction of copy bandwidth
+python benchmarks/summarize_kernels.py "$OUT/benchmarks.json" | tee "$OUT/kernels_summary.md"
+
+# segpcl_fast._C with CUDA kernels (LoRA-B linear): build, GPU tests, fwd+bwd benchmark vs peft/base
+CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" SEGPCL_WITH_CUDA=1 python setup.py build_ext --inplace > "$OUT/ext_build.txt" 2>&1 || status=1
+python -m pytest tests/ops/test_lora_linear_cuda.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/lora_linear_cuda_tests.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+python -m pytest benchmarks/test_bench_lora_linear.py --benchmark-only -q -p no:cacheprovider -k cuda \
+  --benchmark-json="$OUT/bench_lora_linear.json" 2>&1 | tee "$OUT/bench_lora_linear.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+exit $status

@@ -1,0 +1,133 @@
+"""The three Triton ops vs their eager reference vs torch.compile of the reference.
+
+    python -m pytest benchmarks/test_bench_kernels.py --benchmark-only -q
+
+pgd_step is timed alone (it runs under no_grad); anchor_kl and knn_subgraph_kl forward +
+backward (what a training step does). Sizes: "paper" (DPGD batch of 64 3x224x224 images;
+512 anchors x 1000 old classes; 200 roots x k 10 x d 512 over 1000 classes) on every device,
+"large" (roofline) on CUDA only. Triton runs on CUDA only (on CPU it exists only as the
+interpreter, which is for tests). extra_info holds the bytes each op must move (its inputs read
+once, its outputs written once; fp32), the achieved GB/s and the fraction of the device's
+measured copy bandwidth (benchmarks/conftest.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segpcl_fast import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+IMPLS = ["eager_reference", "compiled_reference", "triton"]
+F32 = 4
+
+PGD_SIZES = {"paper": 64, "large": 512}  # images of 3 x 224 x 224
+ANCHOR_SIZES = {"paper": (512, 1000), "large": (65536, 1000), "large_wide": (8192, 8000)}
+KNN_SIZES = {"paper": (1000, 200, 10, 512), "large": (100_000, 20_000, 10, 512)}  # classes, roots, k, d
+
+
+def _skip_unsupported(impl: str, device: str, size: str) -> None:
+    if impl == "triton" and device != "cuda":
+        pytest.skip("Triton kernels run on CUDA only (on CPU only through the test interpreter)")
+    if size.startswith("large") and device != "cuda":
+        pytest.skip("roofline sizes run on a GPU only")
+
+
+def _rounds(device: str) -> dict:
+    return dict(rounds=3, warmup_rounds=1, iterations=1) if device == "cpu" else \
+        dict(rounds=50, warmup_rounds=5, iterations=1)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+# ---------------------------------------------------------------- pgd_step
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", list(PGD_SIZES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pgd_step(benchmark, impl, size, device, roofline):
+    _skip_unsupported(impl, device, size)
+    torch.manual_seed(0)
+    shape = (PGD_SIZES[size], 3, 224, 224)
+    x0 = torch.rand(shape, device=device)
+    x_adv = (x0 + 0.01 * torch.randn_like(x0)).clamp(0, 1)
+    grad = torch.randn_like(x0)
+    per_channel = [torch.full((3,), v, device=device) for v in (1.5e-3, 8 / 255, 0.0, 1.0)]
+    fn = {"eager_reference": ops.pgd_step_reference, "compiled_reference": _compiled(ops.pgd_step_reference),
+          "triton": ops.pgd_step}[impl]
+
+    def step():
+        with torch.no_grad():
+            fn(x_adv, grad, x0, *per_channel)
+        sync(device)
+
+    with ops.backend("triton" if impl == "triton" else "reference"):
+        benchmark.pedantic(step, **_rounds(device))
+    benchmark.extra_info.update(op="pgd_step", impl=impl, size=size, shape=list(shape))
+    roofline(benchmark, 4 * x0.numel() * F32, device)
+
+
+# ---------------------------------------------------------------- anchor_kl (forward + backward)
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", list(ANCHOR_SIZES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_anchor_kl_fwd_bwd(benchmark, impl, size, device, roofline):
+    _skip_unsupported(impl, device, size)
+    torch.manual_seed(0)
+    anchors, classes = ANCHOR_SIZES[size]
+    student = (30 * torch.randn(anchors, classes, device=device)).requires_grad_(True)
+    teacher = 30 * torch.randn(anchors, classes, device=device)
+    tau = 20.0
+    reference = lambda s, t: ops.anchor_kl_reference(s, t, tau)  # noqa: E731
+    fn = {"eager_reference": reference, "compiled_reference": _compiled(reference),
+          "triton": lambda s, t: ops.anchor_kl(s, t, tau)}[impl]
+
+    def step():
+        torch.autograd.grad(fn(student, teacher), student)
+        sync(device)
+
+    with ops.backend("triton" if impl == "triton" else "reference"):
+        benchmark.pedantic(step, **_rounds(device))
+    benchmark.extra_info.update(op="anchor_kl", impl=impl, size=size, anchors=anchors, classes=classes)
+    # must move: read z_S and z_T once, write d loss / d z_S once
+    roofline(benchmark, 3 * anchors * classes * F32, device)
+
+
+# ---------------------------------------------------------------- knn_subgraph_kl (forward + backward)
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", list(KNN_SIZES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_knn_subgraph_kl_fwd_bwd(benchmark, impl, size, device, roofline):
+    _skip_unsupported(impl, device, size)
+    torch.manual_seed(0)
+    classes, roots, k, dim = KNN_SIZES[size]
+    ref_emb = F.normalize(torch.randn(classes, dim, device=device), dim=-1)
+    emb = F.normalize(ref_emb + 0.3 * torch.randn_like(ref_emb), dim=-1).requires_grad_(True)
+    root_idx = torch.randperm(classes, device=device)[:roots]
+    neighbors = torch.randint(0, classes, (roots, k), device=device)
+    log_q0 = ops.knn_reference_logprob(ref_emb, root_idx, neighbors, 0.05)
+    reference = lambda e: ops.knn_subgraph_kl_reference(e, root_idx, neighbors, log_q0, 0.05)  # noqa: E731
+    fn = {"eager_reference": reference, "compiled_reference": _compiled(reference),
+          "triton": lambda e: ops.knn_subgraph_kl(e, root_idx, neighbors, log_q0, 0.05)}[impl]
+
+    def step():
+        torch.autograd.grad(fn(emb), emb)
+        sync(device)
+
+    with ops.backend("triton" if impl == "triton" else "reference"):
+        benchmark.pedantic(step, **_rounds(device))
+    benchmark.extra_info.update(op="knn_subgraph_kl", impl=impl, size=size, classes=classes, roots=roots,
+                                k=k, dim=dim)
+    # must move: gather the R * (k + 1) embedding rows, read log q_0, write the dense (classes x d) gradient
+    bytes_moved = (roots * (k + 1) * dim + roots * k + classes * dim) * F32
+    roofline(benchmark, bytes_moved, device)
