@@ -302,7 +302,7 @@ def plot_fragility(rows: list, path, method: str) -> str:
         top = max([float(v.max()) for _, v in series if v.size] + [1e-6])
         bins = np.linspace(0.0, top, 30)
         for label, v in series:
-            ax.hist(v, bins=bins, alpha=0.55, label=f"{label} (n={v.size}, mean={v.mean() if v.size else 0:.3f})")
+            ax.hist(v, bins=bins, alpha=0.55, label=f"{label} (n={v.size}, mean={v.mean() if v.size else 0:.4f})")
         ax.set_xlabel("JSD(before, after task t) [nats]")
         ax.set_ylabel("images")
         ax.set_title(title, fontsize=9)
