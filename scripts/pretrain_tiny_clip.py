@@ -139,7 +139,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-class", type=int, default=300, help="source images rendered per class")
+    p.add_argument("--per-class", type=int, default=synthetic.DEFAULT_PRETRAIN_PER_CLASS, help="source images rendered per class")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)

@@ -9,16 +9,16 @@ moves the features of old ones (the world forgets), and the text tower can share
 across names.
 
 Three domains (styles) of the same classes:
-  - "source":  solid shapes on plain grey backgrounds. Used ONLY to pretrain the tiny CLIP
+  - "source":  solid shapes on muted, faintly textured backgrounds. Used ONLY to pretrain the tiny CLIP
                (`build_pretraining_dataset`, captions from `CAPTION_TEMPLATES`).
   - "shifted": striped / dotted shapes with a dark rim on cluttered colourful backgrounds,
-               tinted light, stronger noise. The continual-learning domain
+               tinted light, stronger noise (how much: SHIFT_STRENGTH). The continual-learning domain
                (`build_synthetic_datasets`: disjoint train/test draws). The pretrained model is
                only partly right on it zero-shot, like CLIP on ImageNet-R.
   - "sketch":  outlines with hatching on paper. Never trained on (`build_heldout_dataset`),
                for retention tests across scenarios.
 
-Generation is vectorised over chunks of images; the whole default world renders in a few
+Generation is vectorised over rounds of 100 images; the whole default world renders in a few
 seconds on one core and is cached in memory per (seed, domain, split, count).
 """
 from __future__ import annotations
@@ -50,13 +50,12 @@ COLOURS = {
 COLOUR_NAMES = tuple(COLOURS)
 _COLOUR_RGB = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
 DOMAINS = ("source", "shifted", "sketch")
-SPLITS = ("train", "test", "pretrain", "heldout")
 
 # Default images per class (chosen so the default 10-task run fits in minutes on 2 CPU cores).
 DEFAULT_TRAIN_PER_CLASS = 40
 DEFAULT_TEST_PER_CLASS = 20
 DEFAULT_HELDOUT_PER_CLASS = 20
-DEFAULT_PRETRAIN_PER_CLASS = 200
+DEFAULT_PRETRAIN_PER_CLASS = 300
 
 # Captions of the source domain used for contrastive pretraining.
 CAPTION_TEMPLATES = (
@@ -80,10 +79,10 @@ def class_names() -> list[str]:
     return [f"{colour} {shape}" for colour in COLOUR_NAMES for shape in SHAPES]
 
 
-def _rng(seed: int, domain: str, split: str) -> np.random.Generator:
-    """An independent stream per (seed, domain, split); stable across Python runs."""
+def _rng(seed: int, domain: str, split: str, round_index: int = 0) -> np.random.Generator:
+    """An independent stream per (seed, domain, split, round); stable across Python runs."""
     tag = int.from_bytes(hashlib.sha256(f"{domain}/{split}".encode()).digest()[:4], "little")
-    return np.random.default_rng(np.random.SeedSequence([int(seed), tag]))
+    return np.random.default_rng(np.random.SeedSequence([int(seed), tag, int(round_index)]))
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -226,7 +225,7 @@ def _render_source(rng, shape_ids, colour_ids):
 
 # How far the continual-learning domain is from the source (0 = source-like, 1 = full shift).
 # Tuned so that the pretrained tiny CLIP is partly right zero-shot (see RESULTS.md).
-SHIFT_STRENGTH = 0.5
+SHIFT_STRENGTH = 0.35
 
 
 def _render_shifted(rng, shape_ids, colour_ids, strength: float = None):
@@ -269,45 +268,33 @@ _RENDERERS = {"source": _render_source, "shifted": _render_shifted, "sketch": _r
 
 
 @functools.lru_cache(maxsize=16)
-def render_split(seed: int, domain: str, split: str, per_class: int, chunk: int = 512):
+def render_split(seed: int, domain: str, split: str, per_class: int):
     """Render `per_class` images of each of the 100 classes -> (images uint8 (N,32,32,3), targets int64 (N,)).
 
-    Samples are interleaved (class 0..99, then again), so the first k*100 images hold k per class.
+    Rendered in rounds of one image per class (class 0..99), each round from its own seeded
+    stream, so a smaller `per_class` gives exactly the first rounds of a larger one.
     Cached in memory; the returned arrays are read-only.
     """
     if domain not in _RENDERERS:
         raise ValueError(f"unknown synthetic domain '{domain}'; choose one of {DOMAINS}")
     if per_class <= 0:
         raise ValueError(f"per_class must be a positive number of images, got {per_class}")
-    rng = _rng(seed, domain, split)
     num_classes = len(SHAPES) * len(COLOUR_NAMES)
-    targets = np.tile(np.arange(num_classes), per_class)
+    one_round = np.arange(num_classes)
+    targets = np.tile(one_round, per_class)
     images = np.empty((len(targets), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for start in range(0, len(targets), chunk):
-        t = targets[start:start + chunk]
-        images[start:start + chunk] = _RENDERERS[domain](rng, t % len(SHAPES), t // len(SHAPES))
+    for r in range(per_class):
+        rng = _rng(seed, domain, split, r)
+        images[r * num_classes:(r + 1) * num_classes] = _RENDERERS[domain](
+            rng, one_round % len(SHAPES), one_round // len(SHAPES))
     images.setflags(write=False)
     targets.setflags(write=False)
     return images, targets
 
 
-def _first_per_class(targets: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the first k samples of every class (k <= 0: all)."""
-    if k <= 0:
-        return np.arange(len(targets))
-    seen = np.zeros(targets.max() + 1, dtype=np.int64)
-    keep = []
-    for i, t in enumerate(targets):
-        if seen[t] < k:
-            keep.append(i)
-            seen[t] += 1
-    return np.asarray(keep, dtype=np.int64)
-
-
-def _dataset(seed, domain, split, per_class, cap, transform) -> ArrayDataset:
+def _dataset(seed, domain, split, per_class, transform) -> ArrayDataset:
     images, targets = render_split(int(seed), domain, split, int(per_class))
-    idx = _first_per_class(targets, cap)
-    return ArrayDataset(images[idx], targets[idx].tolist(), class_names(), transform)
+    return ArrayDataset(images, targets.tolist(), class_names(), transform)
 
 
 def build_synthetic_datasets(data_cfg, train_transform: Optional[Callable] = None,
@@ -315,22 +302,23 @@ def build_synthetic_datasets(data_cfg, train_transform: Optional[Callable] = Non
     """The continual-learning splits (shifted domain) -> (train_ds, test_ds), both ArrayDataset.
 
     Honours data_cfg.synthetic_seed, max_train_per_class and max_test_per_class (0 = default
-    counts: DEFAULT_TRAIN_PER_CLASS / DEFAULT_TEST_PER_CLASS; a cap above the default renders more).
+    counts: DEFAULT_TRAIN_PER_CLASS / DEFAULT_TEST_PER_CLASS). A count k gives the first k
+    images per class of any larger count (a value above the default renders more).
     """
     seed = int(getattr(data_cfg, "synthetic_seed", 0))
     n_train = int(getattr(data_cfg, "max_train_per_class", 0) or 0)
     n_test = int(getattr(data_cfg, "max_test_per_class", 0) or 0)
     if n_train < 0 or n_test < 0:
         raise ValueError("data.max_train_per_class / data.max_test_per_class must be >= 0 (0 = default count)")
-    train = _dataset(seed, "shifted", "train", max(n_train, DEFAULT_TRAIN_PER_CLASS), n_train, train_transform)
-    test = _dataset(seed, "shifted", "test", max(n_test, DEFAULT_TEST_PER_CLASS), n_test, test_transform)
+    train = _dataset(seed, "shifted", "train", n_train or DEFAULT_TRAIN_PER_CLASS, train_transform)
+    test = _dataset(seed, "shifted", "test", n_test or DEFAULT_TEST_PER_CLASS, test_transform)
     return train, test
 
 
 def build_pretraining_dataset(seed: int = 0, per_class: int = DEFAULT_PRETRAIN_PER_CLASS,
                               transform: Optional[Callable] = None) -> ArrayDataset:
     """The source domain with one caption per image (`.captions`), for pretraining the tiny CLIP."""
-    ds = _dataset(seed, "source", "pretrain", per_class, 0, transform)
+    ds = _dataset(seed, "source", "pretrain", per_class, transform)
     rng = _rng(seed, "source", "captions")
     which = rng.integers(0, len(CAPTION_TEMPLATES), size=len(ds))
     ds.captions = [CAPTION_TEMPLATES[w].format(ds.class_names[t]) for w, t in zip(which, ds.targets)]
@@ -340,7 +328,7 @@ def build_pretraining_dataset(seed: int = 0, per_class: int = DEFAULT_PRETRAIN_P
 def build_source_test_dataset(seed: int = 0, per_class: int = DEFAULT_TEST_PER_CLASS,
                               transform: Optional[Callable] = None) -> ArrayDataset:
     """Fresh source-domain images (disjoint draw from pretraining), to measure in-domain accuracy."""
-    return _dataset(seed, "source", "test", per_class, 0, transform)
+    return _dataset(seed, "source", "test", per_class, transform)
 
 
 def build_heldout_dataset(seed: int = 0, per_class: int = DEFAULT_HELDOUT_PER_CLASS,
@@ -348,4 +336,4 @@ def build_heldout_dataset(seed: int = 0, per_class: int = DEFAULT_HELDOUT_PER_CL
     """Images never used for training (sketch style by default), for retention tests across scenarios."""
     if domain == "shifted":
         raise ValueError("the held-out set must not be the continual-learning domain; use 'sketch' or 'source'")
-    return _dataset(seed, domain, "heldout", per_class, 0, transform)
+    return _dataset(seed, domain, "heldout", per_class, transform)
