@@ -92,7 +92,8 @@ def cmd_fragility(args) -> int:
     cfg = _config_from_args(args)
     tasks = [int(t) for t in _csv(args.tasks)] if args.tasks else None
     _print_analysis(fragility(cfg, tasks=tasks, score=args.score, threshold=args.threshold,
-                              method=args.method or "lora_finetune", max_old_images=args.max_old_images))
+                              method=args.method or "lora_finetune", max_old_images=args.max_old_images,
+                              temperature=args.temperature))
     return 0
 
 
@@ -136,6 +137,8 @@ def _add_analysis_parsers(sub) -> None:
                    help="boundary score (default text_sim: similarity to the nearest new-class text)")
     p.add_argument("--threshold", default="median", help="median (default), quantile:q, or a number")
     p.add_argument("--max-old-images", type=int, default=2000, help="old-class test images per task (0 = all)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature of the class distributions (1 = the model's; 20 = ACGD's tau_A)")
     p.set_defaults(func=cmd_fragility)
     p = sub.add_parser("retention", help="zero-shot accuracy outside the sequence, before vs after, per variant")
     _add_config_args(p)

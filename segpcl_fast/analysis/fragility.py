@@ -5,6 +5,7 @@ For a finished task t (1-based, t >= 2) and each test image x of an old class (C
 
     p_before(x) = softmax_c( s · v̄(x) · u_c ),  c in C_<=t, model and text as before task t
     p_after(x)  = the same after training task t (CLIP path; the model's own text embeddings)
+    (optionally softened: softmax(logits / temperature), e.g. temperature = tau_A = 20 as ACGD sees it)
     JSD(x)      = JS(p_before(x), p_after(x))        natural log, so 0 <= JSD <= ln 2
 
 Boundary score (configurable, computed with the model before task t):
@@ -120,10 +121,10 @@ def group_stats(values: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------- model pieces
 
 @torch.no_grad()
-def class_distribution(model, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """softmax(s · v̄(x) · U^T) over the given (normalised) text rows."""
+def class_distribution(model, images: torch.Tensor, text: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(s · v̄(x) · U^T / temperature) over the given (normalised) text rows."""
     _, emb = encode_batches(model, images)
-    return torch.softmax(float(model.logit_scale()) * emb @ text.float().T, dim=-1)
+    return torch.softmax(float(model.logit_scale()) * emb @ text.float().T / temperature, dim=-1)
 
 
 def build_task_anchors(trainer, t: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,7 +164,7 @@ def _tasks_to_analyse(tasks: Optional[Sequence[int]], num_tasks: int) -> list[in
 # ----------------------------------------------------------------------------- the analysis
 
 def measure_task(trainer, t: int, score: str = "text_sim", threshold: Union[str, float] = "median",
-                 max_old_images: int = 0) -> dict:
+                 max_old_images: int = 0, temperature: float = 1.0) -> dict:
     """Train task t (0-based, t >= 1) on `trainer` and measure the JSDs around it."""
     model, learner, scenario, dev = trainer.model, trainer.learner, trainer.scenario, trainer.device
     n_old = learner.n_seen
@@ -180,21 +181,22 @@ def measure_task(trainer, t: int, score: str = "text_sim", threshold: Union[str,
         text_before = model.class_embeddings(prompts[:n_seen], device=dev).float()
     _, emb_before = encode_batches(model, old_images)
     scores = boundary_scores(emb_before, text_before, n_old, score)
-    p_before = class_distribution(model, old_images, text_before)
+    tau = temperature
+    p_before = class_distribution(model, old_images, text_before, tau)
     anchors, _, _ = build_task_anchors(trainer, t, new_images)
     pick = torch.randperm(len(new_images), generator=torch.Generator().manual_seed(trainer.cfg.run.seed * 1000 + t))
     random_images = new_images[pick[:len(anchors)].to(dev)]
-    pa_before = class_distribution(model, anchors, text_before[:n_old])
-    pr_before = class_distribution(model, random_images, text_before[:n_old])
+    pa_before = class_distribution(model, anchors, text_before[:n_old], tau)
+    pr_before = class_distribution(model, random_images, text_before[:n_old], tau)
 
     info = trainer.train_task(t)
 
     model.eval()
     with torch.no_grad():
         text_after = model.class_embeddings(prompts[:n_seen], device=dev).float()
-    jsd = jensen_shannon(p_before, class_distribution(model, old_images, text_after)).cpu()
-    jsd_anchor = jensen_shannon(pa_before, class_distribution(model, anchors, text_after[:n_old])).cpu()
-    jsd_random = jensen_shannon(pr_before, class_distribution(model, random_images, text_after[:n_old])).cpu()
+    jsd = jensen_shannon(p_before, class_distribution(model, old_images, text_after, tau)).cpu()
+    jsd_anchor = jensen_shannon(pa_before, class_distribution(model, anchors, text_after[:n_old], tau)).cpu()
+    jsd_random = jensen_shannon(pr_before, class_distribution(model, random_images, text_after[:n_old], tau)).cpu()
     is_boundary, thr = split_boundary_core(scores.cpu(), threshold)
     corr = _correlation(scores.cpu().numpy(), jsd.numpy())
     return {
@@ -210,12 +212,14 @@ def measure_task(trainer, t: int, score: str = "text_sim", threshold: Union[str,
 
 def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "text_sim",
               threshold: Union[str, float] = "median", method: Optional[str] = "lora_finetune",
-              max_old_images: int = 2000, **overrides) -> dict:
+              max_old_images: int = 2000, temperature: float = 1.0, **overrides) -> dict:
     """Run `method` task by task and measure boundary vs core and anchor vs random JSDs.
 
     tasks: 1-based tasks to measure (default: 2..T); training runs up to the last of them.
     max_old_images: a seeded random sample of at most this many old-class test images per task
     (0 = all; bounds memory on real benchmarks, the offline world has fewer).
+    temperature: the distributions are softmax(logits / temperature); 1 = the model's own
+    distribution (default); acgd.tau (20) = the softened distribution ACGD distils.
     Writes <output_dir>/fragility.{json,txt,png}; returns {"rows", "pooled", "paths", "table"}.
     """
     from ..api import make_config
@@ -224,19 +228,22 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
     cfg = make_config(config, **overrides)
     out = Path(cfg.run.output_dir)
     resolve_threshold(torch.zeros(1), threshold)  # a bad threshold fails before training
+    if not temperature > 0:
+        raise ConfigError(f"fragility temperature must be > 0, got {temperature}")
     trainer = make_trainer(run_config(cfg, method, out / "run"))
     wanted = _tasks_to_analyse(tasks, trainer.scenario.num_tasks)
     rows = []
     for t in range(wanted[-1] + 1):
         if t in wanted:
-            rows.append(measure_task(trainer, t, score, threshold, max_old_images))
+            rows.append(measure_task(trainer, t, score, threshold, max_old_images, temperature))
             log.info("fragility task %d: boundary %.4f core %.4f", t + 1, rows[-1]["boundary"]["mean"] or 0,
                      rows[-1]["core"]["mean"] or 0)
         else:
             trainer.train_task(t)
     pooled = _pooled(rows)
-    table = format_fragility_table(rows, pooled, trainer.cfg.run.method, score)
+    table = format_fragility_table(rows, pooled, trainer.cfg.run.method, score, temperature)
     payload = {"method": trainer.cfg.run.method, "score": score, "threshold_rule": threshold,
+               "temperature": temperature,
                "tasks": rows, "pooled": pooled, "config": trainer.cfg.to_dict()}
     paths = write_table_files(out, "fragility", payload, table)
     if cfg.run.plots:
@@ -265,7 +272,7 @@ def _pooled(rows: list) -> dict:
     return pooled
 
 
-def format_fragility_table(rows: list, pooled: dict, method: str, score: str) -> str:
+def format_fragility_table(rows: list, pooled: dict, method: str, score: str, temperature: float = 1.0) -> str:
     from ..report import format_table
     header = ["task", "threshold", "boundary mean", "boundary med", "core mean", "core med", "corr(score,JSD)",
               "anchors mean", "anchors med", "random mean", "random med"]
@@ -275,7 +282,8 @@ def format_fragility_table(rows: list, pooled: dict, method: str, score: str) ->
                      r["core"]["mean"], r["core"]["median"], r["score_jsd_correlation"],
                      r["anchors"]["mean"], r["anchors"]["median"], r["random_new"]["mean"],
                      r["random_new"]["median"]])
-    title = (f"fragility ({method}; score={score}; JSD in nats, max ln2=0.693): boundary > core in "
+    title = (f"fragility ({method}; score={score}; temperature={temperature:g}; JSD in nats, max ln2=0.693): "
+             f"boundary > core in "
              f"{pooled['tasks_boundary_gt_core']}/{pooled['tasks']} tasks, anchors > random new-task images in "
              f"{pooled['tasks_anchors_gt_random']}/{pooled['tasks']}")
     return format_table(body, header, floatfmt=".4f", title=title)

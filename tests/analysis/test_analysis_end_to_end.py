@@ -136,3 +136,13 @@ def test_learner_folder_source_distils_on_the_folder_images(small_config, tmp_pa
                             for p in sorted(ref.rglob("*.png"))])
     assert torch.allclose(cache.pixels.cpu(), expected)
     assert cache.teacher_logits.shape == (3, 50)
+
+
+def test_fragility_temperature_softens_the_distributions(small_config):
+    sharp = fragility(small_config("t1", lr=0.05))["rows"][0]
+    soft = fragility(small_config("t20", lr=0.05), temperature=20.0)["rows"][0]
+    # same training (deterministic), softer distributions move less in JSD
+    assert soft["threshold"] == pytest.approx(sharp["threshold"])
+    assert soft["core"]["mean"] < sharp["core"]["mean"]
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        fragility(small_config("t0"), temperature=0.0)
