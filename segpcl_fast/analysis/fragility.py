@@ -42,6 +42,7 @@ log = logging.getLogger("segpcl_fast.analysis")
 
 SCORES = ("text_sim", "margin")
 LN2 = math.log(2.0)
+JSD_FLOOR = 1e-6  # histogram floor (log x axis)
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -289,6 +290,13 @@ def format_fragility_table(rows: list, pooled: dict, method: str, score: str, te
     return format_table(body, header, floatfmt=".4f", title=title)
 
 
+def replot_fragility(json_path, png_path=None) -> str:
+    """Redraw fragility.png from a fragility.json (no model needed)."""
+    import json
+    data = json.loads(Path(json_path).read_text())
+    return plot_fragility(data["tasks"], png_path or Path(json_path).with_suffix(".png"), data["method"])
+
+
 def plot_fragility(rows: list, path, method: str) -> str:
     """Two histograms (pooled over tasks): boundary vs core JSD; anchors vs random new-task images."""
     fig = new_figure((10.0, 4.0))
@@ -307,11 +315,14 @@ def plot_fragility(rows: list, path, method: str) -> str:
                     v = v[m if mask else ~m]
                 vals.append(v)
             series.append((label, np.concatenate(vals) if vals else np.zeros(0)))
-        top = max([float(v.max()) for _, v in series if v.size] + [1e-6])
-        bins = np.linspace(0.0, top, 30)
+        # heavy-tailed values: log-spaced bins, values below FLOOR (incl. exact 0) in the first bin
+        top = max([float(v.max()) for _, v in series if v.size] + [10 * JSD_FLOOR])
+        bins = np.logspace(np.log10(JSD_FLOOR), np.log10(max(top, 10 * JSD_FLOOR)), 40)
         for label, v in series:
-            ax.hist(v, bins=bins, alpha=0.55, label=f"{label} (n={v.size}, mean={v.mean() if v.size else 0:.4f})")
-        ax.set_xlabel("JSD(before, after task t) [nats]")
+            ax.hist(np.clip(v, JSD_FLOOR, None), bins=bins, alpha=0.55,
+                    label=f"{label} (n={v.size}, mean={v.mean() if v.size else 0:.4f})")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"JSD(before, after task t) [nats, log; < {JSD_FLOOR:g} in the first bin]")
         ax.set_ylabel("images")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
