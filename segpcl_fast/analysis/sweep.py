@@ -141,6 +141,8 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
 def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overrides) -> dict:
     """Train every grid point for every seed; one table (mean +- std over seeds) and one plot.
 
+    Keys given one value are fixed overrides (applied to every run, not table columns).
+
     Writes <output_dir>/sweep.{json,txt,png}; runs under <output_dir>/<point>/seed<s>/.
     Returns {"rows", "axes", "paths", "table"}.
     """
@@ -152,10 +154,16 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("sweep needs at least one seed (--seeds 0)")
+    fixed = {k: v[0] for k, v in axes.items() if len(v) == 1}
+    axes = {k: v for k, v in axes.items() if len(v) > 1}
+    try:
+        cfg = apply_overrides(cfg, fixed)
+    except ConfigError as e:
+        raise ConfigError(f"sweep: fixed override: {e}") from None
     out = Path(cfg.run.output_dir)
     points = expand_grid(axes)
     configs = validate_grid(cfg, points, seeds, out)  # every error before the first run
-    swept = [k for k, v in axes.items() if len(v) > 1]
+    swept = list(axes)
     rows = []
     for point, per_seed in zip(points, configs):
         results = [train(c) for c in per_seed]
@@ -164,7 +172,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
         rows.append(row)
         log.info("sweep %s: Last %.2f", point_name(point), row["Last"] or float("nan"))
     table = format_sweep_table(rows, list(axes), len(seeds), cfg.data.dataset)
-    paths = write_table_files(out, "sweep", {"axes": axes, "seeds": seeds, "rows": rows,
+    paths = write_table_files(out, "sweep", {"axes": axes, "fixed": fixed, "seeds": seeds, "rows": rows,
                                              "config": cfg.to_dict()}, table)
     if cfg.run.plots:
         paths["png"] = plot_sweep(rows, axes, swept, out / "sweep.png", cfg.data.dataset)
@@ -181,6 +189,8 @@ def format_sweep_table(rows: list, keys: list, n_seeds: int, dataset: str) -> st
 def plot_sweep(rows: list, axes: Mapping[str, list], swept: list, path, dataset: str) -> str:
     """Last and Avg against the first swept key; one line per combination of the other keys."""
     keys = list(axes)
+    if not keys:  # a single run: nothing to put on an x axis but its name
+        axes, keys, rows = {"point": ["base"]}, ["point"], [dict(r, point="base") for r in rows]
     x_key = swept[0] if swept else keys[0]
     others = [k for k in keys if k != x_key and len(axes[k]) > 1]
     xs = [_show(v) for v in axes[x_key]]

@@ -60,11 +60,15 @@ def test_retention_end_to_end(small_config):
 
 
 def test_sweep_end_to_end(small_config):
-    out = sweep(small_config("sw", num_tasks=1, eval__fwt=False), axes=["dpgd.k_adv=1,2"], seeds=[0])
+    out = sweep(small_config("sw", num_tasks=1, eval__fwt=False), axes=["dpgd.k_adv=1,2", "optim.lr=0.02"],
+                seeds=[0])
     saved = _check_files(out["paths"])
     assert [r["dpgd.k_adv"] for r in saved["rows"]] == [1, 2]
     assert all(r["Last"] is not None for r in saved["rows"])
-    assert "k_adv" in out["table"]
+    assert "k_adv" in out["table"] and "optim.lr" not in out["table"]  # a one-value key is a fixed override
+    assert saved["fixed"] == {"optim.lr": 0.02} and saved["config"]["optim"]["lr"] == 0.02
+    with pytest.raises(ConfigError, match="fixed override.*expects an integer"):
+        sweep(small_config("sw2"), axes=["dpgd.k_adv=1,2", "dpgd.k_seed=two"])
 
 
 def test_distill_sources_end_to_end_with_a_folder(small_config, tmp_path):
