@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from .. import metrics, ops
@@ -26,6 +27,8 @@ from ..method.variants import resolve_variant
 from ..model.clip import load_model
 from ..model.lora import inject_lora, lora_state_dict
 from . import checkpoint as ckpt
+from . import compiling
+from . import distributed as ddp
 
 log = logging.getLogger("segpcl_fast.engine")
 
@@ -72,6 +75,15 @@ def _loader(dataset, batch_size: int, shuffle: bool, cfg: Config, seed: int = 0)
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
+def _sharded_loader(dataset, global_batch: int, cfg: Config, seed: int, ctx: "ddp.DistContext") -> DataLoader:
+    """This rank's slices of the global batches the single-process loader would draw (same seed)."""
+    sampler = ddp.ShardedBatchSampler(len(dataset), global_batch, ctx.rank, ctx.world_size,
+                                      torch.Generator().manual_seed(seed))
+    # the loader's own generator only feeds its worker base seed; a private one leaves the global RNG alone
+    return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(seed),
+                      num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+
+
 def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:
     """SGD (momentum 0.9) over the LoRA B matrices; apex FusedSGD if installed and asked for."""
     o = cfg.optim
@@ -98,11 +110,25 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, log_fn: Optional[Callable[[str], None]] = None):
+    """One process of a run; under torchrun (WORLD_SIZE > 1) one rank of a data-parallel run.
+
+    dist: the process group context (default: from torchrun's environment, single process
+    otherwise); ddp_settings: all-reduce buckets; compile_settings: torch.compile mode/backend
+    used when run.compile is true. See distributed.py and compiling.py.
+    """
+
+    def __init__(self, cfg: Config, log_fn: Optional[Callable[[str], None]] = None,
+                 dist: Optional["ddp.DistContext"] = None, ddp_settings: Optional["ddp.DDPSettings"] = None,
+                 compile_settings: Optional["compiling.CompileSettings"] = None):
         self.cfg = resolve_variant(cfg)
+        self.ddp_settings = ddp_settings or ddp.DDPSettings()
+        self.dist = dist or ddp.DistContext.from_env(self.ddp_settings, self.cfg.run.device)
         self.log_fn = log_fn or (lambda msg: log.info(msg))
+        if not self.dist.is_main:
+            self.log_fn = lambda msg: log.debug(msg)
         self.out = Path(self.cfg.run.output_dir)
-        self.device = resolve_device(self.cfg.run.device)
+        self.device = self.dist.device(self.cfg.run.device) if self.dist.enabled else resolve_device(self.cfg.run.device)
+        self.local_batch = ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)
         ops.set_backend(self.cfg.run.ops)
@@ -117,18 +143,36 @@ class Trainer:
         self.scenario = ClassIncrementalScenario.from_config(c.data, train_ds, test_ds)
         self.prompts = format_prompts(self.scenario.class_names, c.data.templates)
         self.learner = Learner(c, self.model, self.prompts, self.device)
+        self.compiled = compiling.compile_model(self.model, compile_settings) if c.run.compile else {}
+        self.grad_sync = None
+        if self.dist.enabled:
+            self.grad_sync = ddp.LoRAGradSync(self.lora_params, self.dist, self.ddp_settings)
+            self._anchors_on_rank0()
+
+    def _anchors_on_rank0(self) -> None:
+        """Stage 1 runs on rank 0 only; its anchor cache is broadcast to the other ranks."""
+        build = self.learner._build_anchors
+
+        def build_once(loader):
+            cache = build(loader) if self.dist.is_main else None
+            return ddp.broadcast_anchor_cache(cache, self.dist, self.device)
+        self.learner._build_anchors = build_once
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _count_correct(self, dataset, logits_fn) -> tuple[int, int]:
+    def _count_correct_local(self, dataset, logits_fn) -> tuple[int, int]:
         correct = total = 0
-        for images, labels in _loader(dataset, self.cfg.eval.batch_size, False, self.cfg):
+        for images, labels in _loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, False, self.cfg):
             images, labels = images.to(self.device), labels.to(self.device)
             with self._amp():
                 pred = logits_fn(images).argmax(dim=-1)
             correct += int((pred == labels).sum())
             total += len(labels)
         return correct, total
+
+    def _count_correct(self, dataset, logits_fn) -> tuple[int, int]:
+        """(correct, total) over the whole dataset; each rank counts its shard, the counts are summed."""
+        return ddp.all_reduce_counts([self._count_correct_local(dataset, logits_fn)], self.dist, self.device)[0]
 
     def _amp(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.run.precision == "bf16" \
@@ -137,7 +181,10 @@ class Trainer:
     def evaluate_seen(self, t: int) -> list[tuple[int, int]]:
         """(correct, total) per task j <= t, predicting among all seen classes (dual path)."""
         self.model.eval()
-        return [self._count_correct(self.scenario.test_dataset(j), self.learner.logits) for j in range(t + 1)]
+        with record_function("eval"):
+            counts = [self._count_correct_local(self.scenario.test_dataset(j), self.learner.logits)
+                      for j in range(t + 1)]
+        return ddp.all_reduce_counts(counts, self.dist, self.device)
 
     def forward_transfer(self, t: int) -> float:
         """Accuracy on task t before training it: CLIP path, among all classes of the benchmark."""
@@ -157,10 +204,15 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         eval_loader = _loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, False, c)
-        info = self.learner.begin_task(t, n_new, eval_loader, seed=task_seed)
+        with record_function("dpgd"):
+            info = self.learner.begin_task(t, n_new, eval_loader, seed=task_seed)
         timings["stage1_s"] = time.perf_counter() - t0
 
-        loader = _loader(self.scenario.train_dataset(t), c.optim.batch_size, True, c, seed=task_seed)
+        train_ds = self.scenario.train_dataset(t)
+        if self.dist.enabled:
+            loader = _sharded_loader(train_ds, c.optim.batch_size, c, task_seed, self.dist)
+        else:
+            loader = _loader(train_ds, c.optim.batch_size, True, c, seed=task_seed)
         steps_per_epoch = len(loader)
         total_steps = steps_per_epoch * c.optim.epochs
         if c.run.max_steps_per_task:
@@ -168,44 +220,78 @@ class Trainer:
         optimizer = make_optimizer(self.lora_params, c) if total_steps else None
         t1 = time.perf_counter()
         step, losses = 0, []
-        bar = _progress(total_steps, f"task {t + 1}/{self.scenario.num_tasks}", c.run.progress)
+        bar = _progress(total_steps, f"task {t + 1}/{self.scenario.num_tasks}", c.run.progress and self.dist.is_main)
         self.model.train()
         while step < total_steps:
-            for images, labels in loader:
+            for b, (images, labels) in enumerate(loader):
                 if step >= total_steps:
                     break
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_at(step, total_steps, c)
-                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
-                with self._amp():
-                    loss, parts = self.learner.loss(images, labels)
-                _check_finite(loss, parts, step, t)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if c.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
-                optimizer.step()
-                losses.append({k: float(v.detach()) for k, v in parts.items()})
+                global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
+                parts = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
+                if parts:
+                    losses.append(parts)
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses[-1].items()})
+                    if parts:
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
         if bar is not None:
             bar.close()
         timings["train_s"] = time.perf_counter() - t1
         timings["steps"] = step
         t2 = time.perf_counter()
-        info.update(self.learner.end_task(t, n_new, eval_loader))
+        with record_function("prototypes"):
+            info.update(self.learner.end_task(t, n_new, eval_loader))
+            if self.dist.enabled:  # identical on every rank up to float order; make them bit-identical
+                self.learner.prototypes.tensor = ddp.broadcast_tensor(
+                    self.learner.prototypes.tensor, self.dist, self.learner.prototypes.tensor.device)
+                self.learner.text_cache = ddp.broadcast_tensor(self.learner.text_cache, self.dist, self.device)
         timings["stage3_s"] = time.perf_counter() - t2
         info["final_loss"] = losses[-1] if losses else {}
         info["timings"] = timings
         return info
 
+    def train_step(self, optimizer, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int, t: int,
+                   global_n: int) -> dict:
+        """One SGD step on this rank's part of a global batch of `global_n` images; returns the loss parts.
+
+        Under DDP the local loss is weighted by n_local * world / global_n before the averaging
+        all-reduce, so the update equals the single-process update on the whole global batch.
+        """
+        c = self.cfg
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        n_local = len(labels)
+        if self.grad_sync is not None:
+            self.grad_sync.prepare()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        parts = {}
+        if n_local:
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+            with record_function("student_forward_losses"), self._amp():
+                loss, parts = self.learner.loss(images, labels)
+            _check_finite(loss, parts, step, t)
+            if self.grad_sync is not None:
+                loss = loss * (n_local * self.dist.world_size / global_n)
+            with record_function("backward"):
+                loss.backward()
+        if self.grad_sync is not None:
+            with record_function("grad_sync"):
+                self.grad_sync.finish()
+        with record_function("optimizer"):
+            if c.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
+            optimizer.step()
+        return {k: float(v.detach()) for k, v in parts.items()}
+
     # ------------------------------------------------------------------ the run
     def run(self) -> Result:
         c = self.cfg
         T = self.scenario.num_tasks
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         fingerprint = ckpt.config_fingerprint(c.to_dict(), RUN_ONLY_KEYS)
         correct = np.full((T, T), np.nan)
         totals = [len(self.scenario.test_dataset(j)) for j in range(T)]
@@ -223,7 +309,8 @@ class Trainer:
                 task_info = state["task_info"]
                 start = state["task"] + 1
                 self.log_fn(f"resumed from {last}: tasks 1..{start} done")
-        save_config(c, self.out / "config.yaml")
+        if main:
+            save_config(c, self.out / "config.yaml")
         t_run = time.perf_counter()
         for t in range(start, T):
             if c.eval.fwt and t > 0:
@@ -237,7 +324,7 @@ class Trainer:
             task_info.append(info)
             self.log_fn(f"task {t + 1}/{T}: acc on seen classes {acc_t:.2f}%  "
                         f"(train {info['timings']['train_s']:.1f}s, stage1 {info['timings']['stage1_s']:.1f}s)")
-            if c.run.checkpoint:
+            if c.run.checkpoint and main:
                 ckpt.save_task_checkpoint(self.out, t, {
                     "task": t, "fingerprint": fingerprint, "config": c.to_dict(),
                     "lora": lora_state_dict(self.model), "learner": self.learner.state_dict(),
@@ -250,9 +337,10 @@ class Trainer:
                         metrics=summary, fwt_before=fwt_before, output_dir=str(self.out),
                         timings={"run_s": time.perf_counter() - t_run, "tasks": [i["timings"] for i in task_info]},
                         ops=ops.last_choice(), config=c.to_dict())
-        from ..report import write_run_report
-        result.paths = write_run_report(result, self.out, plots=c.run.plots,
-                                        class_names=self.scenario.class_names)
+        if main:
+            from ..report import write_run_report
+            result.paths = write_run_report(result, self.out, plots=c.run.plots,
+                                            class_names=self.scenario.class_names)
         return result
 
 

@@ -1,0 +1,93 @@
+"""torch.compile of the student step (and, through the same bindings, of DPGD's teacher step).
+
+What is compiled (run.compile=true): the two towers' heavy parts, bound on the model instance so
+that every caller (Learner.loss, DPGD, evaluation, prototypes) runs them:
+
+- image side: `CLIPModel.raw_features` (patch embedding + transformer + pooling): one graph per
+  grad mode (training step with grad; DPGD: grad w.r.t. the input only; evaluation: no grad).
+  The batch dimension changes between task 1 (images) and later tasks (images + anchors) and at
+  the last batch of an epoch: dynamo's automatic dynamic shapes turn it symbolic at its first
+  change, so the image graph compiles at most twice per grad mode for the whole run.
+- text side: the text transformer trunk, compiled with dynamic=True from the start: both the
+  class count (grows every task) and the truncated length (the longest prompt's end-of-text token
+  among the classes seen so far) change per task, so a static graph would recompile every task.
+  The embedding lookup, the truncation (`.item()` of the EOT position, a data-dependent host
+  sync) and the pooling stay eager: they are cheap and are what would break the graph.
+
+The compiled functions are bound with types.MethodType on the instance; copy.deepcopy (which the
+learner uses for the teacher) re-binds them to the copy, so the teacher's DPGD forward/backward
+runs compiled code on the teacher's own weights. LoRA linears go through
+`torch.ops.segpcl.lora_b_linear_fwd` (C++ op with a registered fake kernel) and the Triton ops are
+torch.library custom ops with fake kernels, so dynamo sees through them without graph breaks.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("segpcl_fast.engine")
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class CompileSettings:
+    mode: str = "default"  # torch.compile mode; "max-autotune-no-cudagraphs" is the GPU preset's choice
+    backend: str = "inductor"  # "aot_eager" (tests: same graphs, no code generation) or "eager"
+    dynamic_text: bool = True  # text trunk symbolic in class count and length from the start
+
+    def options(self) -> dict:
+        if self.mode not in MODES:
+            raise ValueError(f"compile mode '{self.mode}' is unknown; choose one of {MODES}")
+        kwargs = {"backend": self.backend}
+        if self.backend == "inductor":
+            kwargs["mode"] = self.mode
+        return kwargs
+
+
+def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
+    """Bind compiled raw_features and text-trunk forward on `model` (a CLIPModel), in place.
+
+    Returns {"image": ..., "text": ...} naming what was compiled. Idempotent.
+    """
+    settings = settings or CompileSettings()
+    opts = settings.options()
+    done = {}
+    if "raw_features" not in model.__dict__:
+        fn = torch.compile(type(model).raw_features, dynamic=None, **opts)
+        model.raw_features = types.MethodType(fn, model)
+    done["image"] = "CLIPModel.raw_features"
+    trunk = getattr(model.text_tower, "transformer", None)
+    if isinstance(trunk, torch.nn.Module) and "forward" not in trunk.__dict__:
+        fn = torch.compile(type(trunk).forward, dynamic=True if settings.dynamic_text else None, **opts)
+        trunk.forward = types.MethodType(fn, trunk)
+        done["text"] = f"{type(trunk).__name__}.forward (text trunk)"
+    elif isinstance(trunk, torch.nn.Module):
+        done["text"] = f"{type(trunk).__name__}.forward (text trunk)"
+    log.info("torch.compile (%s): %s", opts, done)
+    return done
+
+
+def is_compiled(model) -> bool:
+    return "raw_features" in model.__dict__
+
+
+def uncompile_model(model) -> None:
+    """Drop the compiled bindings (back to the class methods)."""
+    model.__dict__.pop("raw_features", None)
+    trunk = getattr(model.text_tower, "transformer", None)
+    if isinstance(trunk, torch.nn.Module):
+        trunk.__dict__.pop("forward", None)
+
+
+def compile_counters() -> dict:
+    """Dynamo's counters: graphs compiled, graph breaks (by reason), recompilations."""
+    from torch._dynamo.utils import counters
+    return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": dict(counters["graph_break"]),
+            "frames_ok": int(counters["frames"].get("ok", 0)),
+            "recompiles": sum(int(v) for k, v in counters["recompiles"].items()) if "recompiles" in counters else 0}

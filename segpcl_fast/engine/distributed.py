@@ -1,0 +1,294 @@
+"""Data-parallel training over torch.distributed: torchrun, NCCL on GPU, gloo on CPU.
+
+    torchrun --nproc_per_node 2 -m segpcl_fast.cli train --config cifar100 --hw 2x4090
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+             --rdzv_id run1 -m segpcl_fast.cli train ...            (multi-node: standard rendezvous)
+
+What is distributed and how (one process per device, `DistContext.from_env()` reads torchrun's
+RANK / WORLD_SIZE / LOCAL_RANK):
+
+- Gradients: only the LoRA B matrices are trained, so only their gradients are all-reduced
+  (`LoRAGradSync`: DDP-style buckets of at most `bucket_cap_mb`, each launched asynchronously as
+  soon as backward has produced all its gradients, overlapping communication with the rest of
+  backward; with `gradient_as_bucket_view` the .grad tensors are views into the flat buckets, so
+  no copy in or out). The frozen backbone is never wrapped or communicated. DDP itself is not
+  used because the method calls the two towers through several methods (encode_image,
+  class_embeddings), not one module forward, which DDP's reducer needs.
+- Data: `optim.batch_size` is the GLOBAL batch. `ShardedBatchSampler` draws the global
+  permutation exactly as the single-process DataLoader does (same generator, same draws) and gives
+  rank r its contiguous slice of every global batch, so the union of the ranks' batches is the
+  single-process batch. Each rank's loss is weighted by n_r * world / N before the averaging
+  all-reduce, which makes uneven last batches exact too.
+- Anchors: generated once, on rank 0 (teacher seeds + DPGD), then broadcast tensor by tensor;
+  stage 1 is a few % of a task's compute (about 5 |C_old| x K_adv image passes vs 2 x epochs x
+  |task| for training), so it is not sharded.
+- Evaluation: each rank counts correct / total on a strided shard of the test set; the counts are
+  all-reduced (sum). Prototypes (computed on every rank from identical weights) are broadcast from
+  rank 0 so that every rank holds bit-identical state.
+- Files: only rank 0 writes (checkpoints, config, results, plots).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler, Subset
+
+log = logging.getLogger("segpcl_fast.engine")
+
+
+@dataclass
+class DDPSettings:
+    """Knobs of the gradient all-reduce (names as in torch DDP)."""
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = True
+    backend: str = "auto"  # "auto" = nccl on CUDA, gloo on CPU
+    timeout_s: int = 1800
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None  # None: single process, no process group
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str) -> torch.device:
+        """The device of this rank: cuda:LOCAL_RANK under NCCL, else what run.device resolves to."""
+        if self.enabled and self.backend == "nccl":
+            return torch.device("cuda", self.local_rank)
+        if requested == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(requested)
+
+    @classmethod
+    def from_env(cls, settings: Optional[DDPSettings] = None, device: str = "auto") -> "DistContext":
+        """Single process unless torchrun's WORLD_SIZE > 1; then join (or reuse) the process group."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1 and not dist.is_initialized():
+            return cls()
+        settings = settings or DDPSettings()
+        if not dist.is_initialized():
+            backend = settings.backend
+            if backend == "auto":
+                wants_cuda = device != "cpu" and torch.cuda.is_available()
+                backend = "nccl" if wants_cuda else "gloo"
+            if backend == "nccl" and not torch.cuda.is_available():
+                raise RuntimeError("DDP backend 'nccl' needs CUDA devices; on CPU use the gloo backend "
+                                   "(run.device=cpu, or SEGPCL_DDP_BACKEND=gloo)")
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=settings.timeout_s))
+        ctx = cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                  local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=dist.get_backend())
+        log.info("distributed: rank %d of %d (local rank %d), backend %s", ctx.rank, ctx.world_size,
+                 ctx.local_rank, ctx.backend)
+        return ctx
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def local_batch_size(global_batch: int, world_size: int) -> int:
+    if global_batch % world_size:
+        raise ValueError(f"optim.batch_size={global_batch} (the global batch) must divide evenly over "
+                         f"{world_size} processes; use a multiple of {world_size}")
+    return global_batch // world_size
+
+
+# ----------------------------------------------------------------------------- data
+
+class ShardedBatchSampler(Sampler):
+    """Rank r's slice of each global batch of a seeded shuffle, identical to DataLoader(shuffle=True).
+
+    Per epoch (each __iter__) it draws, from `generator`, first the int64 the DataLoader draws for
+    its worker base seed, then randperm(n), then (once the epoch is exhausted) the extra randperm
+    RandomSampler draws for its remainder: the same sequence a DataLoader(shuffle=True,
+    generator=g) consumes. Global batch i is perm[i*G:(i+1)*G]; rank r gets the r-th of `world`
+    near-equal contiguous chunks of it (possibly empty for a tiny last batch).
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int, world_size: int, generator: torch.Generator,
+                 shuffle: bool = True):
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world_size
+        self.generator, self.shuffle = generator, shuffle
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.global_batch)
+
+    def global_batches(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            perm = torch.randperm(self.n, generator=self.generator).tolist()
+        else:
+            perm = list(range(self.n))
+        for start in range(0, self.n, self.global_batch):
+            yield perm[start:start + self.global_batch]
+        if self.shuffle:  # RandomSampler draws one more (empty) permutation when an epoch is exhausted
+            torch.randperm(self.n, generator=self.generator)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches():
+            yield shard_slice(batch, self.rank, self.world)
+
+
+def shard_slice(items: Sequence, rank: int, world: int) -> list:
+    """The rank-th of `world` contiguous, near-equal chunks (sizes differ by at most one)."""
+    n = len(items)
+    start = rank * n // world
+    return list(items[start:(rank + 1) * n // world])
+
+
+def shard_dataset(dataset, ctx: DistContext):
+    """Strided shard (rank, rank + world, ...) without padding, for evaluation; counts are summed after."""
+    if not ctx.enabled:
+        return dataset
+    return Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def _comm_device(ctx: DistContext, like: torch.device) -> torch.device:
+    return like if ctx.backend == "nccl" else torch.device("cpu")
+
+
+def all_reduce_counts(counts: Sequence[tuple[int, int]], ctx: DistContext, device: torch.device) -> list[tuple[int, int]]:
+    """Sum (correct, total) pairs over the ranks."""
+    if not ctx.enabled:
+        return list(counts)
+    t = torch.tensor([[c, n] for c, n in counts], dtype=torch.int64, device=_comm_device(ctx, device))
+    dist.all_reduce(t)
+    return [(int(c), int(n)) for c, n in t.tolist()]
+
+
+def broadcast_tensor(t: Optional[torch.Tensor], ctx: DistContext, device: torch.device, src: int = 0) -> torch.Tensor:
+    """Rank src's tensor on every rank (others may pass None: shape and dtype are broadcast first)."""
+    meta = [(tuple(t.shape), t.dtype) if ctx.rank == src else None]
+    dist.broadcast_object_list(meta, src=src)
+    shape, dtype = meta[0]
+    comm = _comm_device(ctx, device)
+    buf = t.detach().to(comm).contiguous() if ctx.rank == src else torch.empty(shape, dtype=dtype, device=comm)
+    dist.broadcast(buf, src=src)
+    return buf.to(device)
+
+
+def broadcast_anchor_cache(cache, ctx: DistContext, device: torch.device):
+    """Rank 0's AnchorCache (or None) on every rank."""
+    from ..method.anchors import AnchorCache
+    present = [cache is not None if ctx.is_main else None]
+    dist.broadcast_object_list(present, src=0)
+    if not present[0]:
+        return None
+    source = [cache.source if ctx.is_main else None]
+    dist.broadcast_object_list(source, src=0)
+    tensors = [broadcast_tensor(getattr(cache, n) if ctx.is_main else None, ctx, device)
+               for n in AnchorCache._TENSORS]
+    return AnchorCache(*tensors, source=source[0])
+
+
+# ----------------------------------------------------------------------------- gradients
+
+class LoRAGradSync:
+    """Average the LoRA B gradients over the ranks, DDP-style: flat buckets, async all-reduce per bucket.
+
+    Usage per step:   sync.prepare()  ->  loss.backward()  ->  sync.finish()  ->  optimizer.step()
+    Buckets follow reverse parameter order (roughly the order backward produces the gradients);
+    a bucket's all-reduce starts from a post-accumulate-grad hook as soon as all its parameters
+    have their gradient. finish() launches any bucket that did not fill (parameters without a
+    gradient this step count as zero), waits, and divides by the world size.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], ctx: DistContext, settings: DDPSettings):
+        self.ctx, self.settings = ctx, settings
+        self.params = [p for p in params if p.requires_grad]
+        cap = max(1, int(settings.bucket_cap_mb * 1024 * 1024))
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        current, size = [], 0
+        for p in reversed(self.params):
+            nbytes = p.numel() * p.element_size()
+            if current and size + nbytes > cap:
+                self.buckets.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += nbytes
+        if current:
+            self.buckets.append(current)
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.flat = [torch.zeros(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
+                     for b in self.buckets]
+        self._views = [self._split(i) for i in range(len(self.buckets))]
+        self._pending = [0] * len(self.buckets)
+        self._handles: list = [None] * len(self.buckets)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def _split(self, i: int) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for p in self.buckets[i]:
+            views.append(self.flat[i][offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return views
+
+    def prepare(self) -> None:
+        """Before backward: zero the buckets; with gradient_as_bucket_view, point .grad at them."""
+        for i, bucket in enumerate(self.buckets):
+            self._pending[i] = len(bucket)
+            self._handles[i] = None
+            self.flat[i].zero_()
+            if self.settings.gradient_as_bucket_view:
+                for p, v in zip(bucket, self._views[i]):
+                    p.grad = v
+            else:
+                for p in bucket:
+                    p.grad = None
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        i = self._bucket_of[id(p)]
+        self._pending[i] -= 1
+        if self._pending[i] == 0:
+            self._launch(i)
+
+    def _launch(self, i: int) -> None:
+        if self._handles[i] is not None:
+            return
+        if not self.settings.gradient_as_bucket_view:
+            for p, v in zip(self.buckets[i], self._views[i]):
+                if p.grad is not None:
+                    v.copy_(p.grad)
+        comm = self.flat[i] if self.ctx.backend == "nccl" or not self.flat[i].is_cuda else self.flat[i].cpu()
+        self._handles[i] = (dist.all_reduce(comm, async_op=True), comm)
+
+    def finish(self) -> None:
+        """After backward: complete every bucket's all-reduce and leave the averaged gradients in .grad."""
+        for i in range(len(self.buckets)):
+            self._launch(i)
+        for i, bucket in enumerate(self.buckets):
+            work, comm = self._handles[i]
+            work.wait()
+            if comm is not self.flat[i]:
+                self.flat[i].copy_(comm)
+            self.flat[i].div_(self.ctx.world_size)
+            for p, v in zip(bucket, self._views[i]):
+                if p.grad is None or p.grad.data_ptr() != v.data_ptr():
+                    p.grad = v
+            self._handles[i] = None
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,127 @@
+"""Data-parallel training on CPU: 2 gloo processes reproduce the 1-process run (same global batch)."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from segpcl_fast.api import make_config
+from segpcl_fast.engine import distributed as ddp
+from segpcl_fast.engine.trainer import Trainer
+
+
+def _config(model_name, out, **kw):
+    base = dict(model__name=model_name, model__pretrained=None, max_train_per_class=2, max_test_per_class=2,
+                num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=2, dpgd__k_seed=2, output_dir=str(out),
+                progress=False, plots=False, num_threads=1, train_augment=False, run__device="cpu",
+                acgd__anchor_batch=1000)  # every anchor every step: the ACGD term is independent of sharding
+    base.update(kw)
+    return make_config(**base)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, model_dir, model_name, out, result_file):
+    import open_clip
+    open_clip.add_model_config(model_dir)
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    try:
+        trainer = Trainer(_config(model_name, out))
+        assert trainer.dist.world_size == world and trainer.dist.backend == "gloo"
+        result = trainer.run()
+        lora = {k: v.tolist() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
+        with open(f"{result_file}.{rank}", "w") as f:
+            json.dump({"matrix": result.accuracy_matrix, "fwt": result.fwt_before, "lora": lora,
+                       "protos": trainer.learner.prototypes.tensor.tolist(), "paths": result.paths}, f)
+    finally:
+        ddp.destroy()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_name, tmp_path_factory):
+    import open_clip
+    tmp = tmp_path_factory.mktemp("ddp")
+    model_dir = str(next(p for p in open_clip.factory._MODEL_CONFIG_PATHS if (p / "test-tiny.json").exists()))
+    single = Trainer(_config(tiny_model_name, tmp / "single"))
+    result = single.run()
+    one = {"matrix": result.accuracy_matrix, "fwt": result.fwt_before,
+           "lora": {k: v.tolist() for k, v in single.model.state_dict().items() if "lora_B" in k},
+           "protos": single.learner.prototypes.tensor.tolist()}
+    mp.spawn(_worker, args=(2, _free_port(), model_dir, tiny_model_name, str(tmp / "ddp"), str(tmp / "res")),
+             nprocs=2, join=True)
+    ranks = [json.loads((tmp / f"res.{r}").read_text()) for r in range(2)]
+    return one, ranks, tmp
+
+
+def test_two_gloo_ranks_match_one_process(runs):
+    one, ranks, _ = runs
+    lora_1 = {k: torch.tensor(v) for k, v in one["lora"].items()}
+    for rank in ranks:
+        assert rank["matrix"] == one["matrix"]
+        assert rank["fwt"] == pytest.approx(one["fwt"])
+        for k, v in rank["lora"].items():
+            torch.testing.assert_close(torch.tensor(v), lora_1[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(rank["protos"]), torch.tensor(one["protos"]), rtol=1e-4, atol=1e-5)
+    assert any(float(torch.tensor(v).abs().sum()) > 0 for v in one["lora"].values())  # training moved B
+
+
+def test_ranks_hold_identical_state_and_only_rank0_writes(runs):
+    _, (r0, r1), tmp = runs
+    assert r0["lora"] == r1["lora"] and r0["protos"] == r1["protos"]  # bit-identical across ranks
+    assert (tmp / "ddp" / "results.json").exists() and (tmp / "ddp" / "checkpoints" / "task_01.pt").exists()
+    assert r0["paths"] and not r1["paths"]
+
+
+def test_sharded_sampler_reproduces_the_single_process_loader():
+    from torch.utils.data import DataLoader
+    n, batch = 23, 8
+    dl = DataLoader(list(range(n)), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(7))
+    expected = [b.tolist() for epoch in range(2) for b in dl]
+    g0, g1, g2 = (torch.Generator().manual_seed(7) for _ in range(3))
+    s0, s1 = ddp.ShardedBatchSampler(n, batch, 0, 2, g0), ddp.ShardedBatchSampler(n, batch, 1, 2, g1)
+    got = [a + b for epoch in range(2) for a, b in zip(list(s0), list(s1))]
+    assert got == expected
+    assert [len(b) for b in ddp.ShardedBatchSampler(n, batch, 1, 2, g2)] == [4, 4, 4]
+    assert ddp.shard_slice(list(range(5)), 0, 2) == [0, 1] and ddp.shard_slice(list(range(5)), 1, 2) == [2, 3, 4]
+
+
+def test_global_batch_must_divide():
+    with pytest.raises(ValueError, match="multiple of 3"):
+        ddp.local_batch_size(128, 3)
+    assert ddp.local_batch_size(128, 2) == 64
+
+
+def _grad_sync_worker(rank, world, port, bucket_mb, as_view):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ctx = ddp.DistContext(rank=rank, world_size=world, backend="gloo")
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(4)] + [torch.nn.Parameter(torch.randn(2))]
+        sync = ddp.LoRAGradSync(params, ctx, ddp.DDPSettings(bucket_cap_mb=bucket_mb, gradient_as_bucket_view=as_view))
+        assert len(sync.buckets) == (5 if bucket_mb < 1e-4 else 1)
+        for step in range(2):
+            sync.prepare()
+            # the last parameter gets no gradient on rank 1: its bucket must still complete (as zero)
+            used = params if rank == 0 else params[:-1]
+            loss = sum((p * (rank + 1 + step)).sum() for p in used)
+            loss.backward()
+            sync.finish()
+            for i, p in enumerate(params):
+                expected = (1 + step + (2 + step if i < 4 else 0)) / 2
+                torch.testing.assert_close(p.grad, torch.full_like(p, expected))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("bucket_mb,as_view", [(25.0, True), (1e-5, False)])
+def test_grad_sync_averages_over_ranks(bucket_mb, as_view):
+    mp.spawn(_grad_sync_worker, args=(2, _free_port(), bucket_mb, as_view), nprocs=2, join=True)
