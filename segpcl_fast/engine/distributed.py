@@ -209,8 +209,9 @@ class LoRAGradSync:
 
     Usage per step:   sync.prepare()  ->  loss.backward()  ->  sync.finish()  ->  optimizer.step()
     Buckets follow reverse parameter order (roughly the order backward produces the gradients);
-    a bucket's all-reduce starts from a post-accumulate-grad hook as soon as all its parameters
-    have their gradient. finish() launches any bucket that did not fill (parameters without a
+    a bucket's all-reduce starts from a post-accumulate-grad hook as soon as it and every bucket
+    before it have all their gradients (collectives must be issued in the same order on every
+    rank, as DDP does). finish() launches any bucket that did not fill (parameters without a
     gradient this step count as zero), waits, and divides by the world size.
     """
 
@@ -234,6 +235,7 @@ class LoRAGradSync:
                      for b in self.buckets]
         self._views = [self._split(i) for i in range(len(self.buckets))]
         self._pending = [0] * len(self.buckets)
+        self._next = 0  # the next bucket to launch: launches go in bucket order on every rank
         self._handles: list = [None] * len(self.buckets)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
@@ -246,6 +248,7 @@ class LoRAGradSync:
 
     def prepare(self) -> None:
         """Before backward: zero the buckets; with gradient_as_bucket_view, point .grad at them."""
+        self._next = 0
         for i, bucket in enumerate(self.buckets):
             self._pending[i] = len(bucket)
             self._handles[i] = None
@@ -260,12 +263,12 @@ class LoRAGradSync:
     def _on_grad(self, p: torch.Tensor) -> None:
         i = self._bucket_of[id(p)]
         self._pending[i] -= 1
-        if self._pending[i] == 0:
-            self._launch(i)
+        while self._next < len(self.buckets) and self._pending[self._next] == 0:
+            self._launch_next()
 
-    def _launch(self, i: int) -> None:
-        if self._handles[i] is not None:
-            return
+    def _launch_next(self) -> None:
+        i = self._next
+        self._next += 1
         if not self.settings.gradient_as_bucket_view:
             for p, v in zip(self.buckets[i], self._views[i]):
                 if p.grad is not None:
@@ -275,8 +278,8 @@ class LoRAGradSync:
 
     def finish(self) -> None:
         """After backward: complete every bucket's all-reduce and leave the averaged gradients in .grad."""
-        for i in range(len(self.buckets)):
-            self._launch(i)
+        while self._next < len(self.buckets):
+            self._launch_next()
         for i, bucket in enumerate(self.buckets):
             work, comm = self._handles[i]
             work.wait()
