@@ -1,0 +1,125 @@
+"""torch.compile of the training step: no graph breaks, bounded recompiles across tasks, same numbers."""
+import copy
+
+import pytest
+import torch
+
+from segpcl_fast.api import make_config
+from segpcl_fast.engine import compiling
+from segpcl_fast.engine.trainer import Trainer
+from segpcl_fast.model.clip import load_model
+from segpcl_fast.model.lora import inject_lora
+
+AOT = compiling.CompileSettings(backend="aot_eager")  # same dynamo graphs as inductor, no code generation
+
+
+def _config(model_name, out, **kw):
+    base = dict(model__name=model_name, model__pretrained=None, max_train_per_class=2, max_test_per_class=1,
+                num_tasks=3, task_sizes=[34, 33, 33], epochs=1, optim__batch_size=16, dpgd__k_adv=2, dpgd__k_seed=1, output_dir=str(out),
+                progress=False, plots=False, checkpoint=False, num_threads=1, train_augment=False,
+                run__device="cpu", fwt=False)
+    base.update(kw)
+    return make_config(**base)
+
+
+def _lora(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_B" in k}
+
+
+def test_compiled_run_has_no_graph_breaks_and_bounded_recompiles(tiny_model_name, tmp_path):
+    torch._dynamo.reset()
+    trainer = Trainer(_config(tiny_model_name, tmp_path / "c", compile=True), compile_settings=AOT)
+    assert set(trainer.compiled) == {"image", "text"}
+    graphs_after = []
+    original = trainer.train_task
+
+    def train_task(t):
+        info = original(t)
+        graphs_after.append(compiling.compile_counters()["unique_graphs"])
+        return info
+    trainer.train_task = train_task
+    result = trainer.run()
+    stats = compiling.compile_counters()
+    assert stats["graph_breaks"] == {}, stats["graph_breaks"]
+    # the class count grows (3 tasks) and the text length changes, yet task 3 compiles nothing new:
+    # text trunk dynamic from the start, image batch dynamic after its first change
+    assert graphs_after[2] == graphs_after[1], graphs_after
+    assert stats["unique_graphs"] <= 10, stats
+    eager = Trainer(_config(tiny_model_name, tmp_path / "e"))
+    expected = eager.run()
+    assert result.accuracy_matrix == expected.accuracy_matrix
+    for k, v in _lora(eager.model).items():
+        torch.testing.assert_close(_lora(trainer.model)[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_copy_runs_its_own_compiled_forward(tiny_model_name):
+    torch._dynamo.reset()
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4.0)
+    compiling.compile_model(model, AOT)
+    teacher = copy.deepcopy(model)
+    assert teacher.raw_features.__self__ is teacher
+    assert teacher.text_tower.transformer.forward.__self__ is teacher.text_tower.transformer
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    raw_t, _ = teacher.encode_image(x)
+    (grad,) = torch.autograd.grad(raw_t.sum(), x)  # DPGD's step: gradient w.r.t. the input, compiled
+    compiling.uncompile_model(teacher)
+    ref_raw, _ = teacher.encode_image(x)
+    (ref_grad,) = torch.autograd.grad(ref_raw.sum(), x)
+    torch.testing.assert_close(raw_t, ref_raw)
+    torch.testing.assert_close(grad, ref_grad)
+    assert not torch.allclose(model.raw_features(x), ref_raw)  # student moved: teacher used its own weights
+
+
+def test_compile_sees_through_custom_ops_with_fullgraph(tiny_model_name):
+    """The LoRA C++ op (when built) and every Triton op wrapper trace into one graph."""
+    from segpcl_fast import ops
+    torch._dynamo.reset()
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4.0)
+    fn = torch.compile(type(model).raw_features, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(fn(model, x), model.raw_features(x))
+    z, zt = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
+    kl = torch.compile(lambda a, b: ops.anchor_kl(a, b, 20.0), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(kl(z, zt), ops.anchor_kl(z, zt, 20.0))
+
+
+def test_bf16_autocast_compiled_step_is_close_to_fp32(tiny_model_name, tmp_path):
+    torch._dynamo.reset()
+    cfg = _config(tiny_model_name, tmp_path / "b", num_tasks=1, task_sizes=None, compile=True, precision="bf16", lr=0.05,
+                  method="lora_finetune")
+    trainer = Trainer(cfg, compile_settings=AOT)
+    bf16 = trainer.run()
+    fp32 = Trainer(_config(tiny_model_name, tmp_path / "f", num_tasks=1, task_sizes=None, lr=0.05, method="lora_finetune"))
+    fp32.run()
+    assert compiling.compile_counters()["graph_breaks"] == {}
+    moved = [float(v.abs().sum()) for v in _lora(trainer.model).values()]
+    assert sum(moved) > 0
+    for k, v in _lora(fp32.model).items():
+        torch.testing.assert_close(_lora(trainer.model)[k], v, rtol=0.1, atol=5e-3)
+    assert bf16.accuracy_matrix is not None
+
+
+@pytest.mark.slow
+def test_inductor_compiled_step_matches_eager(tiny_model_name):
+    torch._dynamo.reset()
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4.0)
+    params = [p for n, p in model.named_parameters() if "lora_B" in n and ".visual." in n]
+    x = torch.randn(4, 3, 32, 32)
+
+    def step():
+        raw, emb = model.encode_image(x)
+        loss = emb.square().mean() + raw.mean()
+        return loss, torch.autograd.grad(loss, params)
+    ref_loss, ref_grads = step()
+    compiling.compile_model(model, compiling.CompileSettings())
+    loss, grads = step()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
