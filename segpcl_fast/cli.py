@@ -10,6 +10,7 @@
     segpcl-fast sweep --set dpgd.k_adv=5,10,20 --seeds 0,1 -o runs/k_adv
     segpcl-fast distill-sources --sources anchors,new_data,seeds,folder --folder /data/ref_images
     segpcl-fast anchor-views --task 2 --projection pca
+    segpcl-fast profile --steps 5 -o runs/profile          # torch.profiler trace + top kernels + stages
 """
 from __future__ import annotations
 
@@ -128,6 +129,37 @@ def cmd_anchor_views(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .engine.profile import ncu_command, profile_training
+    cfg = _config_from_args(args)
+    out_dir = args.output_dir or "runs/profile"
+    print(f"segpcl-fast profile: {args.steps} steps of task 2, model={cfg.model.name} precision={cfg.run.precision} "
+          f"compile={cfg.run.compile} ops={cfg.run.ops} -> {out_dir}", flush=True)
+    out = profile_training(cfg, out_dir, steps=args.steps, row_limit=args.rows, nvtx=args.nvtx)
+    print(out["table"])
+    print(f"stages (task {out['task']}, {out['steps']} steps, {out['device']}):")
+    print(out["stages_table"])
+    print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
+    if out["top_kernel"]:
+        argv = args.argv[args.argv.index("profile") + 1:] if "profile" in args.argv else []
+        argv = [a for a in argv if a != "--nvtx"]
+        print(f"top by self time: {out['top_kernel']}\nprofile one launch of it with Nsight Compute (GPU):\n  "
+              f"{ncu_command(out['top_kernel'], argv + ['--steps', '1'])}")
+    print("NVTX timeline (GPU): nsys profile -t cuda,nvtx -o segpcl_timeline "
+          "segpcl-fast profile --nvtx [same options]")
+    return 0
+
+
+def _add_profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="run N training steps of task 2 under torch.profiler: Chrome trace, "
+                                       "top kernels by self time, time per stage, ncu command")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=5, help="training steps to profile (default 5)")
+    p.add_argument("--rows", type=int, default=30, help="rows of the top-ops table (default 30)")
+    p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges (for nsys; CUDA only)")
+    p.set_defaults(func=cmd_profile)
+
+
 def _add_analysis_parsers(sub) -> None:
     p = sub.add_parser("fragility", help="JSD of old-class predictions across a task: boundary vs core images, "
                                          "DPGD anchors vs random new images")
@@ -186,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_evaluate)
     _add_analysis_parsers(sub)
+    _add_profile_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
