@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import ConfigError
@@ -29,6 +30,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", "-o", default=None, help="same as --set run.output_dir=...")
     p.add_argument("--method", default=None, help="same as --set run.method=... (segpcl, lora_finetune, ...)")
     p.add_argument("--seed", type=int, default=None, help="same as --set run.seed=...")
+    p.add_argument("--hw", default=None, metavar="PRESET",
+                   help="hardware preset laid over the config before --set: 1gpu, 2x4090 (see engine/presets.py)")
 
 
 def _config_from_args(args) -> "Config":
@@ -42,6 +45,9 @@ def _config_from_args(args) -> "Config":
         overrides.append(f"run.seed={args.seed}")
     if getattr(args, "resume", False):
         overrides.append("run.resume=true")
+    if getattr(args, "hw", None):
+        from .engine.presets import apply_preset
+        return make_config(apply_preset(make_config(args.config), args.hw), overrides)
     return make_config(args.config, overrides)
 
 
@@ -56,7 +62,10 @@ def cmd_train(args) -> int:
     print(f"segpcl-fast train: method={cfg.run.method} dataset={cfg.data.dataset} model={cfg.model.name} "
           f"tasks={cfg.data.num_tasks} -> {cfg.run.output_dir}", flush=True)
     result = train(cfg)
-    _print_result(result)
+    from .engine.distributed import destroy
+    destroy()  # under torchrun: leave the process group cleanly
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
+        _print_result(result)
     return 0
 
 

@@ -23,6 +23,7 @@ torch.library custom ops with fake kernels, so dynamo sees through them without 
 from __future__ import annotations
 
 import logging
+import os
 import types
 from dataclasses import dataclass
 from typing import Optional
@@ -39,6 +40,15 @@ class CompileSettings:
     mode: str = "default"  # torch.compile mode; "max-autotune-no-cudagraphs" is the GPU preset's choice
     backend: str = "inductor"  # "aot_eager" (tests: same graphs, no code generation) or "eager"
     dynamic_text: bool = True  # text trunk symbolic in class count and length from the start
+
+    @classmethod
+    def from_env(cls) -> "CompileSettings":
+        """Defaults, overridden by SEGPCL_COMPILE_MODE and SEGPCL_COMPILE_BACKEND (hardware presets set these)."""
+        s = cls()
+        s.mode = os.environ.get("SEGPCL_COMPILE_MODE", s.mode)
+        s.backend = os.environ.get("SEGPCL_COMPILE_BACKEND", s.backend)
+        s.options()  # validate now: one clear error before the run starts
+        return s
 
     def options(self) -> dict:
         if self.mode not in MODES:

@@ -51,6 +51,24 @@ class DDPSettings:
     backend: str = "auto"  # "auto" = nccl on CUDA, gloo on CPU
     timeout_s: int = 1800
 
+    @classmethod
+    def from_env(cls) -> "DDPSettings":
+        """Defaults, overridden by SEGPCL_DDP_BUCKET_MB, SEGPCL_DDP_GRAD_AS_BUCKET_VIEW (0/1),
+        SEGPCL_DDP_BACKEND (auto/nccl/gloo), SEGPCL_DDP_TIMEOUT_S (hardware presets set these)."""
+        env = os.environ
+        s = cls()
+        if "SEGPCL_DDP_BUCKET_MB" in env:
+            s.bucket_cap_mb = float(env["SEGPCL_DDP_BUCKET_MB"])
+        if "SEGPCL_DDP_GRAD_AS_BUCKET_VIEW" in env:
+            s.gradient_as_bucket_view = env["SEGPCL_DDP_GRAD_AS_BUCKET_VIEW"].lower() in ("1", "true", "yes")
+        if "SEGPCL_DDP_BACKEND" in env:
+            s.backend = env["SEGPCL_DDP_BACKEND"]
+        if "SEGPCL_DDP_TIMEOUT_S" in env:
+            s.timeout_s = int(env["SEGPCL_DDP_TIMEOUT_S"])
+        if s.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"SEGPCL_DDP_BACKEND='{s.backend}' is unknown; use auto, nccl or gloo")
+        return s
+
 
 @dataclass
 class DistContext:

@@ -121,7 +121,7 @@ class Trainer:
                  dist: Optional["ddp.DistContext"] = None, ddp_settings: Optional["ddp.DDPSettings"] = None,
                  compile_settings: Optional["compiling.CompileSettings"] = None):
         self.cfg = resolve_variant(cfg)
-        self.ddp_settings = ddp_settings or ddp.DDPSettings()
+        self.ddp_settings = ddp_settings or ddp.DDPSettings.from_env()
         self.dist = dist or ddp.DistContext.from_env(self.ddp_settings, self.cfg.run.device)
         self.log_fn = log_fn or (lambda msg: log.info(msg))
         if not self.dist.is_main:
@@ -143,7 +143,9 @@ class Trainer:
         self.scenario = ClassIncrementalScenario.from_config(c.data, train_ds, test_ds)
         self.prompts = format_prompts(self.scenario.class_names, c.data.templates)
         self.learner = Learner(c, self.model, self.prompts, self.device)
-        self.compiled = compiling.compile_model(self.model, compile_settings) if c.run.compile else {}
+        self.compiled = {}
+        if c.run.compile:
+            self.compiled = compiling.compile_model(self.model, compile_settings or compiling.CompileSettings.from_env())
         self.grad_sync = None
         if self.dist.enabled:
             self.grad_sync = ddp.LoRAGradSync(self.lora_params, self.dist, self.ddp_settings)
