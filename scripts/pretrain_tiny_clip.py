@@ -82,6 +82,7 @@ def atomic_save(state_dict: dict, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(state_dict, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; package data must be world-readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
