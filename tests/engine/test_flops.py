@@ -1,0 +1,41 @@
+"""The analytic step FLOPs (MFU numerator) against torch.utils.flop_counter on the real step."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from segpcl_fast import ops
+from segpcl_fast.config import Config
+from segpcl_fast.engine.bench import build_step, class_names
+from segpcl_fast.engine.flops import step_flops
+
+
+def _counted(step) -> int:
+    with ops.backend("reference"), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("targets,n_old", [(["k", "v", "c_fc", "c_proj"], 6), (["q", "out", "c_proj"], 0),
+                                           (["c_fc"], 4)])
+def test_analytic_flops_match_the_flop_counter(tiny_model_name, targets, n_old):
+    cfg = Config()
+    cfg.lora.rank, cfg.lora.targets = 4, targets
+    step = build_step(tiny_model_name, "cpu", n_images=5, n_old=n_old, n_new=4, cfg=cfg)
+    counted = _counted(step)
+    analytic = step_flops(step.model, step.shape, count="executed")
+    assert counted == analytic["total"], (counted, analytic)  # every matmul, forward and backward, exactly
+    model = step_flops(step.model, step.shape, count="model")["total"]
+    assert model <= analytic["total"]
+    if "q" in targets or "k" in targets:
+        assert model < analytic["total"]  # the packed B_full carries zeros
+
+
+def test_step_shape_reflects_the_task(tiny_model_name):
+    step = build_step(tiny_model_name, "cpu", n_images=3, n_old=5, n_new=2)
+    s = step.shape
+    assert (s.n_images, s.n_anchors, s.n_prompts, s.n_cls_classes, s.n_old) == (3, 3, 7, 2, 5)
+    assert s.tsgr_pairs == 2 * 6  # k = 10 shrinks to the 6 other seen classes
+    tokens = step.model.tokenize([f"a good photo of a {c}." for c in class_names(7)])
+    assert s.text_len == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
+    assert len(set(class_names(50))) == 50
