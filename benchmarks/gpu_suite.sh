@@ -39,4 +39,11 @@ python -m pytest benchmarks/test_bench_lora_linear.py --benchmark-only -q -p no:
   --benchmark-json="$OUT/bench_lora_linear.json" 2>&1 | tee "$OUT/bench_lora_linear.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+# end-to-end training step (issue 7): images/s and MFU vs the bf16 matmul peak measured in the same run
+python benchmarks/test_bench_e2e.py "$OUT/benchmarks.json" | tee "$OUT/e2e_summary.md" || status=1
+# profile of 5 steps of task 2 with ViT-B/16 (random weights) on the offline world: trace + top kernels + stages
+python -m segpcl_fast.cli profile --steps 5 -o "$OUT/profile_vitb16" --set model.name=ViT-B-16 \
+  --set model.pretrained=none --set data.max_train_per_class=3 --set run.precision=bf16 --set run.compile=true \
+  > "$OUT/profile_vitb16.txt" 2>&1 || status=1
+
 exit $status

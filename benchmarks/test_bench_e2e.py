@@ -1,0 +1,107 @@
+"""End-to-end training step: images/s and MFU, eager reference vs compiled vs compiled + fused ops.
+
+    python -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q --benchmark-json=e2e.json
+    python benchmarks/test_bench_e2e.py e2e.json          # the table for BENCHMARKS.md
+
+One step = what the trainer runs per iteration of a mid-run task: Learner.loss on a batch of task
+images plus as many anchors (one image-tower forward), the text tower on every needed class,
+L_cls + 5 L_ACGD + L_GR, backward into the LoRA B matrices, SGD. FLOPs are analytic
+(segpcl_fast.engine.flops, checked equal to torch's FlopCounterMode); MFU = FLOPs / median step
+time / the matmul peak measured on the same device in the same session (fp32 on CPU, bf16 on GPU).
+
+Variants: eager_reference (plain PyTorch ops, no compile), eager_fused (ops backend auto: the C++
+LoRA op, Triton ops on GPU), compiled_reference (torch.compile, reference ops), compiled_fused.
+CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
+classes, fp32. GPU: ViT-B/16 with random weights, batch 128 + 128 anchors, 90 old + 10 new classes
+(CIFAR100's last task), bf16 autocast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from segpcl_fast import ops
+from segpcl_fast.engine.bench import build_step, matmul_peak_flops, sync
+from segpcl_fast.engine.compiling import CompileSettings
+from segpcl_fast.engine.flops import step_flops
+
+VARIANTS = {  # name: (ops backend, compiled)
+    "eager_reference": ("reference", False),
+    "eager_fused": ("auto", False),
+    "compiled_reference": ("reference", True),
+    "compiled_fused": ("auto", True),
+}
+SETUPS = {
+    "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
+                precision="fp32", dtype=torch.float32, rounds=5),
+    "cuda": dict(model="ViT-B-16", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 128)), n_old=90, n_new=10,
+                 precision="bf16", dtype=torch.bfloat16, rounds=20),
+}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the ViT-B/16 bf16 row needs a GPU"))]
+
+
+@pytest.fixture(scope="session")
+def matmul_peak():
+    measured = {}
+
+    def get(device: str) -> float:
+        if device not in measured:
+            measured[device] = matmul_peak_flops(device, SETUPS[device]["dtype"])
+        return measured[device]
+    return get
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_e2e_step(benchmark, matmul_peak, device, variant):
+    setup = SETUPS[device]
+    backend, compiled = VARIANTS[variant]
+    torch._dynamo.reset()
+    settings = CompileSettings(mode=os.environ.get("SEGPCL_COMPILE_MODE", "default")) if compiled else None
+    with ops.backend(backend):
+        step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
+                          precision=setup["precision"], compile_settings=settings)
+
+        def timed():
+            loss = step()
+            sync(step.device)
+            return loss
+        loss = benchmark.pedantic(timed, rounds=setup["rounds"], warmup_rounds=3, iterations=1)
+    assert torch.isfinite(loss)
+    flops = step_flops(step.model, step.shape)["total"]
+    peak = matmul_peak(device)
+    info = dict(device=device, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                model=setup["model"], precision=setup["precision"], ops=ops.last_choice(), compiled=compiled,
+                batch=setup["n_images"], anchors=step.shape.n_anchors, classes=setup["n_old"] + setup["n_new"],
+                step_flops=flops, matmul_peak_tflops=round(peak / 1e12, 4), threads=torch.get_num_threads())
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        median = stats.stats.median
+        info.update(step_ms=round(median * 1e3, 3), images_per_s=round(setup["n_images"] / median, 2),
+                    achieved_tflops=round(flops / median / 1e12, 4), mfu=round(flops / median / peak, 4))
+    benchmark.extra_info.update(info)
+
+
+def summarize(path: str) -> str:
+    """Markdown table from a --benchmark-json file of this module."""
+    data = json.load(open(path))
+    rows = ["| device | model | variant | step ms (median) | images/s | TFLOP/s | MFU | matmul peak TFLOP/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for b in data["benchmarks"]:
+        if "test_e2e_step" not in b["name"]:
+            continue
+        e = b["extra_info"]
+        variant = b["params"]["variant"]
+        rows.append(f"| {e['device_name']} | {e['model']} ({e['precision']}, batch {e['batch']}+{e['anchors']}) | "
+                    f"{variant} | {e['step_ms']:.1f} | {e['images_per_s']:.1f} | {e['achieved_tflops']:.4f} | "
+                    f"{100 * e['mfu']:.1f}% | {e['matmul_peak_tflops']:.3f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(summarize(sys.argv[1]))
