@@ -19,7 +19,8 @@ RANK / WORLD_SIZE / LOCAL_RANK):
   rank r its contiguous slice of every global batch, so the union of the ranks' batches is the
   single-process batch. Each rank's loss is weighted by n_r * world / N before the averaging
   all-reduce, which makes uneven last batches exact too.
-- Anchors: generated once, on rank 0 (teacher seeds + DPGD), then broadcast tensor by tensor;
+- Anchors: generated once, on rank 0 (teacher seeds + DPGD), then broadcast tensor by tensor
+  (each rank then draws its per-step anchor batch from its own generator stream);
   stage 1 is a few % of a task's compute (about 5 |C_old| x K_adv image passes vs 2 x epochs x
   |task| for training), so it is not sharded.
 - Evaluation: each rank counts correct / total on a strided shard of the test set; the counts are

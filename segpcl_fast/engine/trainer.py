@@ -128,7 +128,7 @@ class Trainer:
             self.log_fn = lambda msg: log.debug(msg)
         self.out = Path(self.cfg.run.output_dir)
         self.device = self.dist.device(self.cfg.run.device) if self.dist.enabled else resolve_device(self.cfg.run.device)
-        self.local_batch = ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)
+        ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)
         ops.set_backend(self.cfg.run.ops)
@@ -208,6 +208,8 @@ class Trainer:
         eval_loader = _loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, False, c)
         with record_function("dpgd"):
             info = self.learner.begin_task(t, n_new, eval_loader, seed=task_seed)
+        if self.dist.rank:  # each rank samples its own anchors per step (rank 0 keeps the 1-process stream)
+            self.learner.anchor_generator.manual_seed(task_seed + 100003 * self.dist.rank)
         timings["stage1_s"] = time.perf_counter() - t0
 
         train_ds = self.scenario.train_dataset(t)
