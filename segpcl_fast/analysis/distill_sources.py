@@ -10,8 +10,8 @@ Offline (data.dataset=synthetic) with no folder given, "folder" uses a reference
 under <output_dir>/reference_images: held-out images of the synthetic pretraining domain (the
 analogue of ZSCL's pretraining-like reference set). On real data, "folder" needs a folder.
 
-The method variants pin acgd.source, so each run resolves run.method (default "segpcl") first and
-then sets acgd.source / acgd.source_folder on the resolved config.
+Each run resolves run.method (default "segpcl") first and then sets acgd.source /
+acgd.source_folder on the resolved config (distill_new_data / distill_seeds pin the source themselves).
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@
     cfg = resolve_variant(cfg)          # acgd on, tsgr off, no visual branch
 
 Variants set the switches that define them and nothing else, so tuned values (weights,
-temperatures, lr) carry over. Variants that use the visual branch keep the config's beta
-(method.md: 0.5) and refuse beta = 0 (that is "onlyclip").
+temperatures, lr, the ACGD source) carry over: `--method segpcl --set acgd.source=seeds` runs the
+full method on seeds. Only distill_new_data / distill_seeds pin acgd.source. Variants that use
+the visual branch keep the config's beta (method.md: 0.5) and refuse beta = 0 ("onlyclip").
 
 LADDER is the order `segpcl-fast ablate` runs them in (the paper's ablation, plus references).
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides
 
-_FULL = {"acgd.enabled": True, "acgd.source": "anchors", "tsgr.enabled": True, "prototypes.transfer": True}
+_FULL = {"acgd.enabled": True, "tsgr.enabled": True, "prototypes.transfer": True}
 _NO_VISUAL = {"prototypes.beta": 0.0}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -25,12 +26,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
                  "prototypes.transfer": False, **_NO_VISUAL},
     # L_cls only: the LoRA-B baseline
     "lora_finetune": {"acgd.enabled": False, "tsgr.enabled": False, "prototypes.transfer": False, **_NO_VISUAL},
-    "+acgd": {"acgd.enabled": True, "acgd.source": "anchors", "tsgr.enabled": False,
+    "+acgd": {"acgd.enabled": True, "tsgr.enabled": False,
               "prototypes.transfer": False, **_NO_VISUAL},
-    "+tsgr": {"acgd.enabled": True, "acgd.source": "anchors", "tsgr.enabled": True,
+    "+tsgr": {"acgd.enabled": True, "tsgr.enabled": True,
               "prototypes.transfer": False, **_NO_VISUAL},
     # dual-path inference with prototypes frozen at their task's end (no drift transfer)
-    "+visual_branch": {"acgd.enabled": True, "acgd.source": "anchors", "tsgr.enabled": True,
+    "+visual_branch": {"acgd.enabled": True, "tsgr.enabled": True,
                        "prototypes.transfer": False},
     "+prototype_transfer": dict(_FULL),
     "segpcl": dict(_FULL),

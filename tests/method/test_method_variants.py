@@ -39,6 +39,13 @@ def test_variants_turn_components_back_on_and_keep_tuned_values():
     assert cfg.acgd.weight == 2.0 and cfg.prototypes.beta == 0.3
 
 
+@pytest.mark.parametrize("name", ["+acgd", "+tsgr", "+visual_branch", "segpcl", "onlyclip"])
+def test_variants_keep_the_chosen_acgd_source(name):
+    # `train --method segpcl --set acgd.source=seeds` must run on seeds, not silently on anchors
+    assert _resolved(name, acgd__source="seeds").acgd.source == "seeds"
+    assert _resolved("distill_new_data", acgd__source="seeds").acgd.source == "new_data"
+
+
 def test_zeroshot_trains_nothing():
     cfg = _resolved("zeroshot")
     assert cfg.optim.epochs == 0 and cfg.prototypes.beta == 0.0 and not cfg.acgd.enabled
