@@ -68,8 +68,12 @@ def evaluate(run_dir: Union[str, os.PathLike]) -> dict:
     trainer.learner.load_state_dict(state["learner"])
     counts = trainer.evaluate_seen(state["task"])
     return {"task": state["task"] + 1,
-            "acc_per_task_j": [percent(c, n) for c, n in counts],
-            "acc": percent(sum(c for c, _ in counts), sum(n for _, n in counts))}
+            "acc_per_task_j": [percent(c, n) for c, _, n in counts],
+            "acc": percent(sum(c for c, _, _ in counts), sum(n for _, _, n in counts))}
+
+
+# Forgetting_own: forgetting within each task's own label space (metrics.forgetting_own_space)
+ABLATION_METRICS = ("Avg", "Last", "Forgetting", "BWT", "Forgetting_own")
 
 
 def _mean_std(values: list) -> tuple:
@@ -86,7 +90,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     """Run method variants (default: the ablation ladder) on one scenario, over seeds.
 
     Writes <output_dir>/ablation.json, ablation.txt (table of mean +- std of Avg, Last, Forgetting,
-    BWT) and ablation.png (acc_t curves of each variant, seed 0) and returns
+    BWT, Forgetting_own) and ablation.png (acc_t curves of each variant, seed 0) and returns
     {"rows": [...], "runs": {variant: [Result, ...]}, "paths": {...}}.
     """
     import json
@@ -108,13 +112,12 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
                                             "run.output_dir": str(out / name.replace("+", "plus_") / f"seed{seed}")})
             runs[name].append(train(run_cfg))
         row = {"method": name, "seeds": len(seeds)}
-        for key in ("Avg", "Last", "Forgetting", "BWT"):
-            mean, std = _mean_std([r.metrics[key] for r in runs[name]])
+        for key in ABLATION_METRICS:
+            mean, std = _mean_std([r.metrics.get(key) for r in runs[name]])
             row[key], row[key + "_std"] = mean, std
         rows.append(row)
     table = format_metrics_table(
-        [{"method": r["method"], **{k: _pm(r[k], r[k + "_std"]) for k in ("Avg", "Last", "Forgetting", "BWT")}}
-         for r in rows], title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- std)")
+        [{"method": r["method"], **{k: _pm(r[k], r[k + "_std"]) for k in ABLATION_METRICS}} for r in rows], title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- std)")
     paths = {"json": str(out / "ablation.json"), "table": str(out / "ablation.txt")}
     atomic_write_text(out / "ablation.txt", table + "\n")
     atomic_write_text(out / "ablation.json", json.dumps(to_jsonable(

@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 METRIC_NAMES = ("Avg", "Last", "Forgetting", "BWT", "FWT")
+# Not in method.md: Forgetting measured in each task's own label space (see forgetting_own_space).
+EXTRA_METRIC_NAMES = ("Forgetting_own",)
 
 
 class MetricsError(ValueError):
@@ -138,6 +140,18 @@ def forgetting(matrix) -> Optional[float]:
     return float(np.mean(drops))
 
 
+def forgetting_own_space(matrix_own) -> Optional[float]:
+    """Forgetting of the own-space matrix; None when T = 1.
+
+    matrix_own[t][j]: accuracy on task j's test images after task t, predicting among C_<=j only
+    (the classes seen when task j was learned) instead of all of C_<=t. Its diagonal equals the
+    accuracy matrix's. Plain Forgetting also counts the images of task j that later classes take
+    over merely because the label space grew (a frozen zero-shot model "forgets" that way too);
+    this one counts only what changed among the classes task j competed with when it was learned.
+    """
+    return forgetting(matrix_own)
+
+
 def backward_transfer(matrix) -> Optional[float]:
     """BWT = mean over j < T of a[T][j] - a[j][j]; None when T = 1."""
     a = _square_lower(matrix)
@@ -164,10 +178,11 @@ def forward_transfer(before) -> Optional[float]:
     return float(rest.mean())
 
 
-def summarize(matrix, acc_per_task, fwt_before=None) -> dict:
+def summarize(matrix, acc_per_task, fwt_before=None, matrix_own=None) -> dict:
     """{"Avg", "Last", "Forgetting", "BWT", "FWT"} in percent (float) or None where undefined.
 
     FWT is None when `fwt_before` is not given or T = 1; Forgetting and BWT are None when T = 1.
+    With `matrix_own` (see forgetting_own_space) the dict also holds "Forgetting_own".
     """
     a = _square_lower(matrix)
     _check_percent(a, "accuracy matrix")
@@ -184,6 +199,7 @@ def summarize(matrix, acc_per_task, fwt_before=None) -> dict:
         "Forgetting": forgetting(a),
         "BWT": backward_transfer(a),
         "FWT": forward_transfer(fwt_before) if fwt_before is not None else None,
+        **({"Forgetting_own": forgetting_own_space(matrix_own)} if matrix_own is not None else {}),
     }
 
 

@@ -51,6 +51,17 @@ def test_hand_computed_summary():
     assert all(isinstance(v, float) for v in s.values())
 
 
+def test_forgetting_own_space_hand_computed():
+    # own[t][j]: task j among C_<=j. Diagonal as MATRIX; task 1 among its own classes 80 -> 85 -> 78,
+    # task 2 among C_<=2: 90 -> 94. Forgetting_own = mean(max(80, 85) - 78, 90 - 94) = mean(7, -4) = 1.5
+    own = [[80, NAN, NAN], [85, 90, NAN], [78, 94, 95]]
+    assert M.forgetting_own_space(own) == pytest.approx(1.5)
+    s = M.summarize(MATRIX, [80.0, 87.5, 85.5], matrix_own=own)
+    assert s["Forgetting"] == pytest.approx(11.5) and s["Forgetting_own"] == pytest.approx(1.5)
+    assert "Forgetting_own" not in M.summarize(MATRIX, [80.0, 87.5, 85.5])
+    assert M.forgetting_own_space([[50.0]]) is None
+
+
 def _reference(a, n, before):
     """method.md written literally with 1-based indices."""
     T = len(a)

@@ -187,13 +187,13 @@ def _comm_device(ctx: DistContext, like: torch.device) -> torch.device:
     return like if ctx.backend == "nccl" else torch.device("cpu")
 
 
-def all_reduce_counts(counts: Sequence[tuple[int, int]], ctx: DistContext, device: torch.device) -> list[tuple[int, int]]:
-    """Sum (correct, total) pairs over the ranks."""
+def all_reduce_counts(counts: Sequence[tuple[int, ...]], ctx: DistContext, device: torch.device) -> list[tuple[int, ...]]:
+    """Sum count tuples, e.g. (correct, total), element-wise over the ranks."""
     if not ctx.enabled:
-        return list(counts)
-    t = torch.tensor([[c, n] for c, n in counts], dtype=torch.int64, device=_comm_device(ctx, device))
+        return [tuple(c) for c in counts]
+    t = torch.tensor([list(c) for c in counts], dtype=torch.int64, device=_comm_device(ctx, device))
     dist.all_reduce(t)
-    return [(int(c), int(n)) for c, n in t.tolist()]
+    return [tuple(int(v) for v in row) for row in t.tolist()]
 
 
 def broadcast_tensor(t: Optional[torch.Tensor], ctx: DistContext, device: torch.device, src: int = 0) -> torch.Tensor:

@@ -50,6 +50,8 @@ class Result:
     timings: dict = field(default_factory=dict)
     ops: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    # a_own[t][j]: task j's accuracy among C_<=j (metrics.forgetting_own_space); [] if unknown
+    accuracy_matrix_own: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -180,11 +182,29 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.run.precision == "bf16" \
             else torch.autocast(self.device.type, enabled=False)
 
-    def evaluate_seen(self, t: int) -> list[tuple[int, int]]:
-        """(correct, total) per task j <= t, predicting among all seen classes (dual path)."""
+    @torch.no_grad()
+    def _count_seen_local(self, dataset, n_own: int) -> tuple[int, int, int]:
+        """(correct among all seen classes, correct among the first n_own classes, total) on this rank."""
+        correct = correct_own = total = 0
+        for images, labels in _loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, False, self.cfg):
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self._amp():
+                logits = self.learner.logits(images)
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            correct_own += int((logits[:, :n_own].argmax(dim=-1) == labels).sum())
+            total += len(labels)
+        return correct, correct_own, total
+
+    def evaluate_seen(self, t: int) -> list[tuple[int, int, int]]:
+        """(correct, correct_own, total) per task j <= t with the dual-path logits.
+
+        correct: predicting among all seen classes C_<=t (the accuracy matrix a[t][j]);
+        correct_own: predicting among C_<=j only, the label space task j was learned in (the
+        own-space matrix, which factors the growth of the label space out of forgetting).
+        """
         self.model.eval()
         with record_function("eval"):
-            counts = [self._count_correct_local(self.scenario.test_dataset(j), self.learner.logits)
+            counts = [self._count_seen_local(self.scenario.test_dataset(j), len(self.scenario.seen_classes(j)))
                       for j in range(t + 1)]
         return ddp.all_reduce_counts(counts, self.dist, self.device)
 
@@ -298,6 +318,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         fingerprint = ckpt.config_fingerprint(c.to_dict(), RUN_ONLY_KEYS)
         correct = np.full((T, T), np.nan)
+        correct_own = np.full((T, T), np.nan)
         totals = [len(self.scenario.test_dataset(j)) for j in range(T)]
         fwt_before = [None] * T
         task_info = []
@@ -309,6 +330,7 @@ class Trainer:
                 self.model.load_state_dict(state["lora"], strict=False)
                 self.learner.load_state_dict(state["learner"])
                 correct = np.array(state["correct"], dtype=np.float64)
+                correct_own = np.array(state.get("correct_own", np.full((T, T), np.nan)), dtype=np.float64)
                 fwt_before = state["fwt_before"]
                 task_info = state["task_info"]
                 start = state["task"] + 1
@@ -321,9 +343,9 @@ class Trainer:
                 fwt_before[t] = self.forward_transfer(t)
             info = self.train_task(t)
             counts = self.evaluate_seen(t)
-            for j, (cj, nj) in enumerate(counts):
-                correct[t, j] = cj
-            acc_t = metrics.percent(sum(x for x, _ in counts), sum(n for _, n in counts))
+            for j, (cj, cj_own, _) in enumerate(counts):
+                correct[t, j], correct_own[t, j] = cj, cj_own
+            acc_t = metrics.percent(sum(c[0] for c in counts), sum(c[-1] for c in counts))
             info["acc"] = acc_t
             task_info.append(info)
             self.log_fn(f"task {t + 1}/{T}: acc on seen classes {acc_t:.2f}%  "
@@ -332,12 +354,17 @@ class Trainer:
                 ckpt.save_task_checkpoint(self.out, t, {
                     "task": t, "fingerprint": fingerprint, "config": c.to_dict(),
                     "lora": lora_state_dict(self.model), "learner": self.learner.state_dict(),
-                    "correct": correct.tolist(), "fwt_before": fwt_before, "task_info": task_info,
+                    "correct": correct.tolist(),
+                    "correct_own": correct_own.tolist(), "fwt_before": fwt_before, "task_info": task_info,
                 })
         matrix = metrics.accuracy_matrix(correct, totals)
         acc = metrics.acc_per_task(correct, totals)
-        summary = metrics.summarize(matrix, acc, fwt_before if c.eval.fwt else None)
+        # a run resumed from a checkpoint written before own-space counts existed has no own matrix
+        lower = np.tril(np.ones((T, T), dtype=bool))
+        matrix_own = metrics.accuracy_matrix(correct_own, totals) if np.isfinite(correct_own[lower]).all() else None
+        summary = metrics.summarize(matrix, acc, fwt_before if c.eval.fwt else None, matrix_own)
         result = Result(accuracy_matrix=metrics.matrix_to_list(matrix), acc_per_task=acc.tolist(),
+                        accuracy_matrix_own=metrics.matrix_to_list(matrix_own) if matrix_own is not None else [],
                         metrics=summary, fwt_before=fwt_before, output_dir=str(self.out),
                         timings={"run_s": time.perf_counter() - t_run, "tasks": [i["timings"] for i in task_info]},
                         ops=ops.last_choice(), config=c.to_dict())

@@ -39,6 +39,7 @@ def results_row(result: Any, label: Optional[str] = None) -> dict:
     if cfg.get("data", {}).get("dataset"):
         row["dataset"] = cfg["data"]["dataset"]
     row.update({k: r["metrics"].get(k) for k in M.METRIC_NAMES})
+    row.update({k: r["metrics"][k] for k in M.EXTRA_METRIC_NAMES if k in r["metrics"]})
     return row
 
 
@@ -62,7 +63,8 @@ def write_run_report(result: Any, output_dir: str | os.PathLike, plots: bool = T
                   matrix=M.matrix_from_list(r["accuracy_matrix"]), acc_per_task=r["acc_per_task"],
                   metrics=r["metrics"], fwt_before=r.get("fwt_before"), timings=r.get("timings"),
                   paths=paths, ops=r.get("ops") or {},
-                  extra={"class_names": list(class_names)} if class_names is not None else None)
+                  extra={**({"class_names": list(class_names)} if class_names is not None else {}),
+                         **({"matrix_own": r["accuracy_matrix_own"]} if r.get("accuracy_matrix_own") else {})} or None)
     return paths
 
 

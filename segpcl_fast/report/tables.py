@@ -13,7 +13,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..metrics import METRIC_NAMES
+from ..metrics import EXTRA_METRIC_NAMES, METRIC_NAMES
+
+TABLE_METRICS = METRIC_NAMES + EXTRA_METRIC_NAMES
 
 MISSING = "n/a"
 
@@ -56,13 +58,13 @@ def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str], floatfmt:
 def format_metrics_table(rows: Sequence[dict], columns: Optional[Sequence[str]] = None,
                          floatfmt: str = ".2f", title: Optional[str] = None) -> str:
     """One row per dict. Default columns: the non-metric keys of the first row, then the
-    metrics (Avg, Last, Forgetting, BWT, FWT) present in any row. A key missing from a row is n/a."""
+    metrics (Avg, Last, Forgetting, BWT, FWT, Forgetting_own) present in any row. A key missing from a row is n/a."""
     if not rows:
         raise ValueError("format_metrics_table needs at least one row")
     if columns is None:
         present = {k for r in rows for k in r}
-        columns = [k for k in rows[0] if k not in METRIC_NAMES]
-        columns += [k for k in METRIC_NAMES if k in present]
+        columns = [k for k in rows[0] if k not in TABLE_METRICS]
+        columns += [k for k in TABLE_METRICS if k in present]
     return format_table([[r.get(c) for c in columns] for r in rows], list(columns), floatfmt, title)
 
 

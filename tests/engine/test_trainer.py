@@ -27,8 +27,13 @@ def test_full_run_writes_results_and_consistent_metrics(tiny_model_name, tmp_pat
         assert (out / name).exists(), name
     matrix = metrics.matrix_from_list(result.accuracy_matrix)
     assert matrix.shape == (2, 2) and np.isnan(matrix[0, 1])
-    assert result.metrics == pytest.approx(metrics.summarize(matrix, result.acc_per_task, result.fwt_before))
+    own = metrics.matrix_from_list(result.accuracy_matrix_own)
+    assert result.metrics == pytest.approx(metrics.summarize(matrix, result.acc_per_task, result.fwt_before, own))
     assert saved["metrics"]["Last"] == pytest.approx(result.metrics["Last"])
+    # own label space C_<=j: same diagonal, and a subset of the columns holding the label is never worse
+    np.testing.assert_allclose(np.diag(own), np.diag(matrix))
+    assert own[1, 0] >= matrix[1, 0]
+    assert saved["matrix_own"] == result.accuracy_matrix_own
     assert result.fwt_before[0] is None and 0.0 <= result.fwt_before[1] <= 100.0
     assert set(result.ops) >= {"lora_b_linear", "pgd_step", "anchor_kl", "knn_subgraph_kl"}
 
@@ -52,6 +57,23 @@ def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch)
     assert resumed.accuracy_matrix == full.accuracy_matrix
     assert resumed.metrics == full.metrics
     assert resumed.fwt_before == full.fwt_before
+    assert resumed.accuracy_matrix_own == full.accuracy_matrix_own
+
+
+def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
+    """Hand-made logits over 4 seen classes; the own space of this task is classes 0..1."""
+    from types import SimpleNamespace
+    logits = torch.tensor([[5.0, 1.0, 9.0, 0.0],    # label 0: all-space argmax 2 (wrong), own argmax 0 (right)
+                           [0.0, 3.0, 1.0, 2.0],    # label 1: right in both
+                           [4.0, 1.0, 0.0, 8.0],    # label 1: wrong in both (own argmax 0)
+                           [1.0, 2.0, 0.0, 0.0]])   # label 0: wrong in both (own argmax 1)
+    labels = torch.tensor([0, 1, 1, 0])
+    dataset = torch.utils.data.TensorDataset(torch.arange(4), labels)
+    stub = SimpleNamespace(cfg=make_config(eval__batch_size=3), dist=SimpleNamespace(enabled=False),
+                           device=torch.device("cpu"), _amp=lambda: torch.autocast("cpu", enabled=False),
+                           learner=SimpleNamespace(logits=lambda idx: logits[idx]))
+    assert Trainer._count_seen_local(stub, dataset, n_own=2) == (1, 2, 4)
+    assert Trainer._count_seen_local(stub, dataset, n_own=4) == (1, 1, 4)
 
 
 def test_resume_with_another_config_is_refused(tiny_model_name, tmp_path):
