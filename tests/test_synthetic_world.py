@@ -137,3 +137,33 @@ def test_zeroshot_clearly_above_chance(tiny_clip):
     acc_shifted = _zeroshot_acc(model, preprocess, tokenizer, shifted)
     assert acc_source > 0.6  # chance is 0.01
     assert 0.15 < acc_shifted < acc_source  # the shifted domain is harder, but far above chance
+
+
+def test_default_cli_run_uses_the_bundled_model_with_no_network(tmp_path, monkeypatch, capsys):
+    """`segpcl-fast train` with the default config (synthetic world, shipped segpcl-tiny weights), with
+    every socket refused: nothing is fetched. Shortened by --set (2 tasks, 2 steps each)."""
+    import json
+    import socket
+
+    from segpcl_fast.cli import main
+    from segpcl_fast.config import Config
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default run tried to open a network connection")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.chdir(tmp_path)
+    defaults = Config()
+    assert (defaults.model.name, defaults.model.pretrained, defaults.data.dataset) == \
+        ("segpcl-tiny", "segpcl-world", "synthetic")
+    rc = main(["train", "--set", "data.num_tasks=2", "--set", "run.max_steps_per_task=2",
+               "--set", "data.max_train_per_class=2", "--set", "data.max_test_per_class=2",
+               "--set", "run.num_threads=1", "--set", "run.progress=false", "--set", "run.plots=false"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Last" in printed and "Forgetting" in printed
+    res = json.loads((tmp_path / "runs" / "default" / "results.json").read_text())
+    assert res["config"]["model"]["pretrained"] == "segpcl-world"
+    # the pretrained weights are in use: zero-shot forward transfer on task 2 is far above chance (1%)
+    assert res["fwt_before"][1] > 10.0
