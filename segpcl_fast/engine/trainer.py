@@ -26,6 +26,7 @@ from ..method.learner import Learner
 from ..method.variants import resolve_variant
 from ..model.clip import load_model
 from ..model.lora import inject_lora, lora_state_dict
+from . import accel
 from . import checkpoint as ckpt
 from . import compiling
 from . import distributed as ddp
@@ -87,11 +88,15 @@ def _sharded_loader(dataset, global_batch: int, cfg: Config, seed: int, ctx: "dd
 
 
 def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9) over the LoRA B matrices; apex FusedSGD if installed and asked for."""
+    """SGD (momentum 0.9) over the LoRA B matrices.
+
+    optim.fused: "auto" = NVIDIA apex FusedSGD when installed and the params are on CUDA, else
+    torch's fused SGD on CUDA, else foreach; "apex" = the same but logs when apex is missing;
+    "foreach" = torch's foreach SGD always.
+    """
     o = cfg.optim
-    if o.fused == "apex":
-        from ..engine.accel import apex_fused_sgd
-        opt = apex_fused_sgd(params, o)
+    if o.fused == "apex" or (o.fused == "auto" and accel.has_apex_fused_sgd()):
+        opt = accel.apex_fused_sgd(params, o)
         if opt is not None:
             return opt
     kwargs = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)

@@ -114,3 +114,22 @@ def test_cli_train_and_bad_key(tiny_model_name, tmp_path, capsys):
     assert "Last" in printed and "results.json" in printed
     assert main(["train", "--set", "dpgd.kadv=3"]) == 2
     assert "unknown config key 'dpgd.kadv'" in capsys.readouterr().err
+
+
+def test_optimizer_choice_auto_prefers_apex_and_falls_back_to_torch(monkeypatch):
+    from segpcl_fast.engine import accel
+    from segpcl_fast.engine.trainer import make_optimizer
+    params = [torch.nn.Parameter(torch.ones(3))]
+    cfg = make_config(lr=0.1)
+    opt = make_optimizer(params, cfg)  # CPU, no apex here: torch's foreach SGD
+    assert type(opt) is torch.optim.SGD and opt.defaults["foreach"] and opt.defaults["momentum"] == 0.9
+    params[0].grad = torch.full((3,), 2.0)
+    opt.step()
+    torch.testing.assert_close(params[0].detach(), torch.full((3,), 1.0 - 0.1 * 2.0))
+    sentinel = object()
+    monkeypatch.setattr(accel, "has_apex_fused_sgd", lambda: True)
+    monkeypatch.setattr(accel, "apex_fused_sgd", lambda p, o: sentinel)
+    assert make_optimizer(params, cfg) is sentinel  # auto takes apex when it is there
+    assert make_optimizer(params, make_config(lr=0.1, optim__fused="foreach")) is not sentinel
+    monkeypatch.setattr(accel, "apex_fused_sgd", lambda p, o: None)  # apex present but unusable (CPU params)
+    assert type(make_optimizer(params, cfg)) is torch.optim.SGD
