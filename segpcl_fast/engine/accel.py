@@ -2,6 +2,7 @@
 
 The PyPI package called `apex` is unrelated to NVIDIA apex; we check for the fused optimizer
 module itself. Each probe says what it found, so a run can report which path it used.
+The xformers attention path itself lives in segpcl_fast/ops/mha.py (model code calls ops/).
 """
 from __future__ import annotations
 

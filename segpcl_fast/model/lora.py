@@ -110,7 +110,7 @@ class LoRAMultiheadAttention(nn.Module):
         q, k, v = (t.view(bsz, length, h, d // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = ops.attention(q, k, v, attn_mask)  # xformers when available (CUDA, no mask), else SDPA
         out = out.transpose(1, 2).reshape(bsz, length, d)
         return self.out_proj(out), None
 

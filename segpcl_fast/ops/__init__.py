@@ -9,3 +9,5 @@ from .anchor_kl import anchor_kl, anchor_kl_reference
 from .knn_kl import knn_reference_logprob, knn_subgraph_kl, knn_subgraph_kl_reference
 __all__ += ["pgd_step", "pgd_step_reference", "anchor_kl", "anchor_kl_reference",
             "knn_subgraph_kl", "knn_subgraph_kl_reference", "knn_reference_logprob"]
+from .mha import attention, attention_reference
+__all__ += ["attention", "attention_reference"]

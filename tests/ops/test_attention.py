@@ -1,0 +1,91 @@
+"""ops.attention: SDPA by default; the optional xformers path (a stand-in module here: xformers has
+no CPU kernels) must get the (B, L, H, D) layout right, and masked / reference / compiled calls
+must stay on SDPA."""
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from segpcl_fast import ops
+from segpcl_fast.ops import mha as attn_mod
+
+
+def _explicit_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(D) + mask) v on (B, H, L, D), written out."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(-1) @ v
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """A stand-in `xformers.ops` whose memory_efficient_attention takes (B, L, H, D) like the real one."""
+    calls = []
+
+    def memory_efficient_attention(q, k, v):
+        assert q.dim() == 4 and q.shape == k.shape == v.shape
+        calls.append(tuple(q.shape))
+        out = _explicit_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    pkg = types.ModuleType("xformers")
+    mod = types.ModuleType("xformers.ops")
+    mod.memory_efficient_attention = memory_efficient_attention
+    pkg.ops = mod
+    monkeypatch.setitem(sys.modules, "xformers", pkg)
+    monkeypatch.setitem(sys.modules, "xformers.ops", mod)
+    monkeypatch.setattr(attn_mod, "XFORMERS_DEVICES", {"cuda", "cpu"})
+    attn_mod._xformers_ops.cache_clear()
+    yield calls
+    attn_mod._xformers_ops.cache_clear()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (1, 1, 7, 4), (3, 2, 17, 16)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_default_is_sdpa_and_matches_the_formula(shape, masked):
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    mask = torch.full((shape[2], shape[2]), float("-inf")).triu(1) if masked else None
+    out = ops.attention(q, k, v, mask)
+    torch.testing.assert_close(out, _explicit_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert ops.last_choice()["attention"] == "sdpa"  # no xformers on this machine
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (3, 2, 17, 16)])
+def test_xformers_path_layout_equals_sdpa(fake_xformers, shape):
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    out = ops.attention(q, k, v)
+    assert ops.last_choice()["attention"] == "xformers"
+    assert fake_xformers == [(shape[0], shape[2], shape[1], shape[3])]  # called with (B, L, H, D)
+    torch.testing.assert_close(out, ops.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_and_reference_backend_stay_on_sdpa(fake_xformers):
+    q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))
+    mask = torch.full((6, 6), float("-inf")).triu(1)
+    ops.attention(q, k, v, mask)
+    assert ops.last_choice()["attention"] == "sdpa"
+    with ops.backend("reference"):
+        ops.attention(q, k, v)
+    assert ops.last_choice()["attention"] == "sdpa"
+    assert fake_xformers == []
+
+
+def test_lora_model_output_is_the_same_through_xformers(fake_xformers, tiny_model_name):
+    from segpcl_fast.model.clip import load_model
+    from segpcl_fast.model.lora import inject_lora
+    model = load_model(tiny_model_name, None, device="cpu")
+    inject_lora(model, rank=4, alpha=4.0)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)  # non-zero B
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        raw_x, emb_x = model.encode_image(images)
+        with ops.backend("reference"):
+            raw_s, emb_s = model.encode_image(images)
+    assert fake_xformers, "the image tower did not reach the xformers path"
+    torch.testing.assert_close(raw_x, raw_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emb_x, emb_s, rtol=1e-5, atol=1e-5)
