@@ -60,6 +60,21 @@ def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch)
     assert resumed.accuracy_matrix_own == full.accuracy_matrix_own
 
 
+def test_resume_from_a_checkpoint_without_own_space_counts(tiny_model_name, tmp_path):
+    """Checkpoints written before the own-space matrix existed still resume; Forgetting_own is then
+    left out (it cannot be computed without every a_own[t][j]) instead of being made up."""
+    cfg = small_config(tiny_model_name, tmp_path / "run")
+    full = train(cfg)
+    path = ckpt.checkpoint_path(tmp_path / "run", 0)
+    state = torch.load(path, weights_only=False)
+    del state["correct_own"]
+    ckpt.save_task_checkpoint(tmp_path / "run", 0, state)  # "last" now points at task 0
+    resumed = train(small_config(tiny_model_name, tmp_path / "run", resume=True))
+    assert resumed.accuracy_matrix == full.accuracy_matrix
+    assert "Forgetting_own" not in resumed.metrics and resumed.accuracy_matrix_own == []
+    assert resumed.metrics == {k: v for k, v in full.metrics.items() if k != "Forgetting_own"}
+
+
 def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
     """Hand-made logits over 4 seen classes; the own space of this task is classes 0..1."""
     from types import SimpleNamespace
