@@ -117,7 +117,8 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
             row[key], row[key + "_std"] = mean, std
         rows.append(row)
     table = format_metrics_table(
-        [{"method": r["method"], **{k: _pm(r[k], r[k + "_std"]) for k in ABLATION_METRICS}} for r in rows], title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- std)")
+        [{"method": r["method"], **{k: _pm(r[k], r[k + "_std"]) for k in ABLATION_METRICS}} for r in rows],
+        title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- std)")
     paths = {"json": str(out / "ablation.json"), "table": str(out / "ablation.txt")}
     atomic_write_text(out / "ablation.txt", table + "\n")
     atomic_write_text(out / "ablation.json", json.dumps(to_jsonable(

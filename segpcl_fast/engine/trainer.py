@@ -169,36 +169,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _count_correct_local(self, dataset, logits_fn) -> tuple[int, int]:
-        correct = total = 0
-        for images, labels in _loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, False, self.cfg):
-            images, labels = images.to(self.device), labels.to(self.device)
-            with self._amp():
-                pred = logits_fn(images).argmax(dim=-1)
-            correct += int((pred == labels).sum())
-            total += len(labels)
-        return correct, total
-
-    def _count_correct(self, dataset, logits_fn) -> tuple[int, int]:
-        """(correct, total) over the whole dataset; each rank counts its shard, the counts are summed."""
-        return ddp.all_reduce_counts([self._count_correct_local(dataset, logits_fn)], self.dist, self.device)[0]
-
-    def _amp(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.run.precision == "bf16" \
-            else torch.autocast(self.device.type, enabled=False)
-
-    @torch.no_grad()
-    def _count_seen_local(self, dataset, n_own: int) -> tuple[int, int, int]:
-        """(correct among all seen classes, correct among the first n_own classes, total) on this rank."""
+    def _count_correct_local(self, dataset, logits_fn, n_own: Optional[int] = None) -> tuple[int, int, int]:
+        """(correct, correct_own, total) on this rank's shard: correct_own restricts the argmax to the
+        first n_own classes (the own label space, see evaluate_seen); n_own=None: all, same as correct."""
         correct = correct_own = total = 0
         for images, labels in _loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, False, self.cfg):
             images, labels = images.to(self.device), labels.to(self.device)
             with self._amp():
-                logits = self.learner.logits(images)
-            correct += int((logits.argmax(dim=-1) == labels).sum())
-            correct_own += int((logits[:, :n_own].argmax(dim=-1) == labels).sum())
+                logits = logits_fn(images)
+            hits = int((logits.argmax(dim=-1) == labels).sum())
+            correct += hits
+            correct_own += hits if n_own is None else int((logits[:, :n_own].argmax(dim=-1) == labels).sum())
             total += len(labels)
         return correct, correct_own, total
+
+    def _count_correct(self, dataset, logits_fn) -> tuple[int, int]:
+        """(correct, total) over the whole dataset; each rank counts its shard, the counts are summed."""
+        correct, _, total = ddp.all_reduce_counts([self._count_correct_local(dataset, logits_fn)],
+                                                  self.dist, self.device)[0]
+        return correct, total
+
+    def _amp(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.run.precision == "bf16" \
+            else torch.autocast(self.device.type, enabled=False)
 
     def evaluate_seen(self, t: int) -> list[tuple[int, int, int]]:
         """(correct, correct_own, total) per task j <= t with the dual-path logits.
@@ -209,7 +202,8 @@ class Trainer:
         """
         self.model.eval()
         with record_function("eval"):
-            counts = [self._count_seen_local(self.scenario.test_dataset(j), len(self.scenario.seen_classes(j)))
+            counts = [self._count_correct_local(self.scenario.test_dataset(j), self.learner.logits,
+                                            len(self.scenario.seen_classes(j)))
                       for j in range(t + 1)]
         return ddp.all_reduce_counts(counts, self.dist, self.device)
 

@@ -59,12 +59,16 @@ def write_run_report(result: Any, output_dir: str | os.PathLike, plots: bool = T
         if (out / rel).exists():
             paths[name] = str(out / rel)
     paths["results"] = str(out / RESULTS_FILE)
+    extra = {}
+    if class_names is not None:
+        extra["class_names"] = list(class_names)
+    if r.get("accuracy_matrix_own"):
+        extra["matrix_own"] = r["accuracy_matrix_own"]
     write_results(out / RESULTS_FILE, config=r.get("config") or {},
                   matrix=M.matrix_from_list(r["accuracy_matrix"]), acc_per_task=r["acc_per_task"],
                   metrics=r["metrics"], fwt_before=r.get("fwt_before"), timings=r.get("timings"),
                   paths=paths, ops=r.get("ops") or {},
-                  extra={**({"class_names": list(class_names)} if class_names is not None else {}),
-                         **({"matrix_own": r["accuracy_matrix_own"]} if r.get("accuracy_matrix_own") else {})} or None)
+                  extra=extra or None)
     return paths
 
 

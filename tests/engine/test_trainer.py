@@ -85,10 +85,10 @@ def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
     labels = torch.tensor([0, 1, 1, 0])
     dataset = torch.utils.data.TensorDataset(torch.arange(4), labels)
     stub = SimpleNamespace(cfg=make_config(eval__batch_size=3), dist=SimpleNamespace(enabled=False),
-                           device=torch.device("cpu"), _amp=lambda: torch.autocast("cpu", enabled=False),
-                           learner=SimpleNamespace(logits=lambda idx: logits[idx]))
-    assert Trainer._count_seen_local(stub, dataset, n_own=2) == (1, 2, 4)
-    assert Trainer._count_seen_local(stub, dataset, n_own=4) == (1, 1, 4)
+                           device=torch.device("cpu"), _amp=lambda: torch.autocast("cpu", enabled=False))
+    assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx], n_own=2) == (1, 2, 4)
+    assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx], n_own=4) == (1, 1, 4)
+    assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx]) == (1, 1, 4)
 
 
 def test_resume_with_another_config_is_refused(tiny_model_name, tmp_path):
