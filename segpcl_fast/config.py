@@ -63,6 +63,9 @@ class DataConfig:
     max_train_per_class: int = 0
     max_test_per_class: int = 0
     synthetic_seed: int = 0  # the offline world is generated from this seed
+    # how far the offline world's continual-learning domain is from the pretraining domain
+    # (0 = source-like style, 1 = full shift); default synthetic.SHIFT_STRENGTH (RESULTS.md)
+    synthetic_shift: float = 0.35
     # format-specific options (see segpcl_fast/data/*.py)
     names_file: Optional[str] = None  # wnid -> name mapping (ImageNet-R README.txt, LOC_synset_mapping.txt, JSON)
     class_list: Optional[str] = None  # ImageNet-Subset: file of wnids (default <root>/imagenet100.txt)

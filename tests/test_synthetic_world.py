@@ -86,6 +86,30 @@ def test_domains_differ_in_style():
     assert border(sk).mean() > 200 > border(src).mean()
 
 
+def test_shift_option_moves_the_cl_domain_between_source_and_full_shift():
+    assert DataConfig().synthetic_shift == synthetic.SHIFT_STRENGTH  # config default = the world's constant
+    default, _ = synthetic.build_synthetic_datasets(DataConfig(max_train_per_class=2), None, None)
+    explicit = synthetic.render_split.__wrapped__(0, "shifted", "train", 2, synthetic.SHIFT_STRENGTH)[0]
+    np.testing.assert_array_equal(default.images, explicit)
+    border = lambda x: np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # noqa: E731
+    saturation = lambda x: (border(x).max(-1) - border(x).min(-1)).mean()  # noqa: E731
+    src = synthetic.render_split(0, "source", "test", 2)[0].astype(np.float32)
+    sat = {}
+    for shift in (0.0, 0.35, 1.0):
+        ds, _ = synthetic.build_synthetic_datasets(DataConfig(max_train_per_class=2, synthetic_shift=shift), None, None)
+        sat[shift] = saturation(ds.images.astype(np.float32))
+    # background saturation grows with the shift and starts at the source's
+    assert sat[0.0] < sat[0.35] < sat[1.0]
+    assert abs(sat[0.0] - saturation(src)) < 0.15 * saturation(src)
+
+
+def test_shift_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match="synthetic_shift"):
+        synthetic.build_synthetic_datasets(DataConfig(max_train_per_class=1, synthetic_shift=1.5), None, None)
+    with pytest.raises(ValueError, match="shifted"):
+        synthetic.render_split.__wrapped__(0, "source", "test", 1, 0.2)
+
+
 def test_pretraining_captions_name_the_class():
     ds = synthetic.build_pretraining_dataset(seed=0, per_class=1)
     assert len(ds.captions) == len(ds) == 100

@@ -269,32 +269,37 @@ _RENDERERS = {"source": _render_source, "shifted": _render_shifted, "sketch": _r
 
 
 @functools.lru_cache(maxsize=16)
-def render_split(seed: int, domain: str, split: str, per_class: int):
+def render_split(seed: int, domain: str, split: str, per_class: int, shift: Optional[float] = None):
     """Render `per_class` images of each of the 100 classes -> (images uint8 (N,32,32,3), targets int64 (N,)).
 
     Rendered in rounds of one image per class (class 0..99), each round from its own seeded
     stream, so a smaller `per_class` gives exactly the first rounds of a larger one.
+    `shift` (shifted domain only; None = SHIFT_STRENGTH) is the style distance from the source.
     Cached in memory; the returned arrays are read-only.
     """
     if domain not in _RENDERERS:
         raise ValueError(f"unknown synthetic domain '{domain}'; choose one of {DOMAINS}")
     if per_class <= 0:
         raise ValueError(f"per_class must be a positive number of images, got {per_class}")
+    if shift is not None and domain != "shifted":
+        raise ValueError(f"shift applies to the 'shifted' domain only, not '{domain}'")
+    if shift is not None and not 0.0 <= float(shift) <= 1.0:
+        raise ValueError(f"data.synthetic_shift must be in [0, 1] (0 = source-like style), got {shift}")
+    render = _RENDERERS[domain] if shift is None else functools.partial(_render_shifted, strength=float(shift))
     num_classes = len(SHAPES) * len(COLOUR_NAMES)
     one_round = np.arange(num_classes)
     targets = np.tile(one_round, per_class)
     images = np.empty((len(targets), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for r in range(per_class):
         rng = _rng(seed, domain, split, r)
-        images[r * num_classes:(r + 1) * num_classes] = _RENDERERS[domain](
-            rng, one_round % len(SHAPES), one_round // len(SHAPES))
+        images[r * num_classes:(r + 1) * num_classes] = render(rng, one_round % len(SHAPES), one_round // len(SHAPES))
     images.setflags(write=False)
     targets.setflags(write=False)
     return images, targets
 
 
-def _dataset(seed, domain, split, per_class, transform) -> ArrayDataset:
-    images, targets = render_split(int(seed), domain, split, int(per_class))
+def _dataset(seed, domain, split, per_class, transform, shift=None) -> ArrayDataset:
+    images, targets = render_split(int(seed), domain, split, int(per_class), shift)
     return ArrayDataset(images, targets.tolist(), class_names(), transform)
 
 
@@ -302,17 +307,19 @@ def build_synthetic_datasets(data_cfg, train_transform: Optional[Callable] = Non
                              test_transform: Optional[Callable] = None):
     """The continual-learning splits (shifted domain) -> (train_ds, test_ds), both ArrayDataset.
 
-    Honours data_cfg.synthetic_seed, max_train_per_class and max_test_per_class (0 = default
+    Honours data_cfg.synthetic_seed, synthetic_shift, max_train_per_class and max_test_per_class (0 = default
     counts: DEFAULT_TRAIN_PER_CLASS / DEFAULT_TEST_PER_CLASS). A count k gives the first k
     images per class of any larger count (a value above the default renders more).
     """
     seed = int(getattr(data_cfg, "synthetic_seed", 0))
+    shift = float(getattr(data_cfg, "synthetic_shift", SHIFT_STRENGTH))
+    shift = None if shift == SHIFT_STRENGTH else shift  # one cache entry for the default world
     n_train = int(getattr(data_cfg, "max_train_per_class", 0) or 0)
     n_test = int(getattr(data_cfg, "max_test_per_class", 0) or 0)
     if n_train < 0 or n_test < 0:
         raise ValueError("data.max_train_per_class / data.max_test_per_class must be >= 0 (0 = default count)")
-    train = _dataset(seed, "shifted", "train", n_train or DEFAULT_TRAIN_PER_CLASS, train_transform)
-    test = _dataset(seed, "shifted", "test", n_test or DEFAULT_TEST_PER_CLASS, test_transform)
+    train = _dataset(seed, "shifted", "train", n_train or DEFAULT_TRAIN_PER_CLASS, train_transform, shift)
+    test = _dataset(seed, "shifted", "test", n_test or DEFAULT_TEST_PER_CLASS, test_transform, shift)
     return train, test
 
 
