@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Fetch (here, where pip reaches PyPI) the pure-Python / stable-ABI wheels that a GPU machine
+# without network needs to run benchmarks/gpu_suite.sh: open_clip and its two missing deps,
+# torchattacks (peer reference of the PGD tests) and xformers (optional attention path).
+# Everything else the suite imports (torch, triton, peft, timm, pytest-benchmark, pybind11,
+# regex, safetensors, huggingface_hub, ...) is already in the device image (device/KINDS.md).
+#
+#   bash benchmarks/device_wheels.sh            # -> .whl/ (git-ignored via .git/info/exclude)
+#
+# Then, in one device call (carry [".whl"]):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; \
+#   OUT=$OUT bash benchmarks/gpu_suite.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.whl/' >> .git/info/exclude; }
+PY="${DEVICE_PYTHON:-3.12}"
+python3 -m pip download --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth torchattacks==3.5.1 "${XFORMERS:-xformers==0.0.35}"
+ls -la .whl
