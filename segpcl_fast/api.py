@@ -63,7 +63,7 @@ def evaluate(run_dir: Union[str, os.PathLike]) -> dict:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")
     trainer = Trainer(cfg)
     state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict(), RUN_ONLY_KEYS),
-                                 trainer.cfg.to_dict(), RUN_ONLY_KEYS)
+                                 trainer.cfg.to_dict(), RUN_ONLY_KEYS, defaults=type(trainer.cfg)().to_dict())
     trainer.model.load_state_dict(state["lora"], strict=False)
     trainer.learner.load_state_dict(state["learner"])
     counts = trainer.evaluate_seen(state["task"])

@@ -119,10 +119,13 @@ def _fsync_dir(folder: Path) -> None:
 
 def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
                     expected_config: Optional[Mapping] = None,
-                    ignore_keys: Iterable[str] = RUN_ONLY_KEYS, map_location: Any = "cpu") -> dict:
+                    ignore_keys: Iterable[str] = RUN_ONLY_KEYS, map_location: Any = "cpu",
+                    defaults: Optional[Mapping] = None) -> dict:
     """Load a checkpoint; with `expected_fingerprint`, raise CheckpointError when it was made
     with another config. The checkpoint's own "config" (if stored) and `expected_config` are
-    diffed so the message names the differing keys."""
+    diffed so the message names the differing keys. With `defaults` (the config's default
+    values), a key that the stored config lacks (added by a later version) matches when its
+    current value is the default, so upgrading the package does not strand a run."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; start without --resume, or point "
@@ -135,14 +138,27 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     if expected_fingerprint is not None:
-        _check_fingerprint(path, state, expected_fingerprint, expected_config, tuple(ignore_keys))
+        _check_fingerprint(path, state, expected_fingerprint, expected_config, tuple(ignore_keys), defaults)
     return state
 
 
+def _only_new_keys_at_default(stored: Mapping, current: Mapping, defaults: Mapping,
+                              ignore_keys: Iterable[str]) -> bool:
+    """True when `current` differs from `stored` only by keys `stored` lacks, each at its default."""
+    old, new, default = (_relevant(c, ignore_keys) for c in (stored, current, defaults))
+    if set(old) - set(new):
+        return False
+    return all(old[k] == v if k in old else (k in default and default[k] == v) for k, v in new.items())
+
+
 def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: Optional[Mapping],
-                       ignore_keys: Iterable[str]) -> None:
+                       ignore_keys: Iterable[str], defaults: Optional[Mapping] = None) -> None:
     found = state.get("fingerprint", state.get("config_fingerprint"))
     if found == expected:
+        return
+    stored = state.get("config")
+    if (defaults is not None and expected_config is not None and isinstance(stored, Mapping)
+            and _only_new_keys_at_default(stored, expected_config, defaults, ignore_keys)):
         return
     fix = ("Resume (--resume) with the same config (only run-only keys such as "
            f"{', '.join(sorted(ignore_keys)[:4])}, ... may change), or set a new run.output_dir "

@@ -325,7 +325,8 @@ class Trainer:
         if c.run.resume:
             last = ckpt.find_last_checkpoint(self.out)
             if last is not None:
-                state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), RUN_ONLY_KEYS)
+                state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), RUN_ONLY_KEYS,
+                                             defaults=type(c)().to_dict())
                 self.model.load_state_dict(state["lora"], strict=False)
                 self.learner.load_state_dict(state["learner"])
                 correct = np.array(state["correct"], dtype=np.float64)

@@ -66,6 +66,30 @@ def test_different_config_is_one_clear_error(tmp_path):
     ckpt.load_checkpoint(path, ckpt.config_fingerprint(ok), ok)
 
 
+def test_checkpoint_from_before_a_key_existed_resumes_only_at_that_keys_default(tmp_path):
+    old = _cfg()
+    del old["data"]["synthetic_shift"]  # a checkpoint written before data.synthetic_shift existed
+    path = ckpt.save_checkpoint(tmp_path / "c.pt", _state(old, 0, 1.0))
+    defaults = Config().to_dict()
+    now = _cfg()
+    assert ckpt.config_fingerprint(now) != ckpt.config_fingerprint(old)
+    ckpt.load_checkpoint(path, ckpt.config_fingerprint(now), now, defaults=defaults)  # default: same run
+    with pytest.raises(ckpt.CheckpointError, match="different config"):  # no defaults given: strict
+        ckpt.load_checkpoint(path, ckpt.config_fingerprint(now), now)
+    changed = _cfg(**{"data.synthetic_shift": 0.1})
+    with pytest.raises(ckpt.CheckpointError, match=r"data.synthetic_shift was None, now 0.1"):
+        ckpt.load_checkpoint(path, ckpt.config_fingerprint(changed), changed, defaults=defaults)
+    also_lr = _cfg(**{"optim.lr": 0.5})  # a real change next to the new key still fails
+    with pytest.raises(ckpt.CheckpointError, match="optim.lr"):
+        ckpt.load_checkpoint(path, ckpt.config_fingerprint(also_lr), also_lr, defaults=defaults)
+    # a key the current config no longer has is a difference, not an upgrade
+    extra = _cfg()
+    extra["data"]["retired_key"] = 1
+    path2 = ckpt.save_checkpoint(tmp_path / "d.pt", _state(extra, 0, 1.0))
+    with pytest.raises(ckpt.CheckpointError, match="retired_key"):
+        ckpt.load_checkpoint(path2, ckpt.config_fingerprint(now), now, defaults=defaults)
+
+
 def test_missing_or_corrupt_checkpoint(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         ckpt.load_checkpoint(tmp_path / "nope.pt")

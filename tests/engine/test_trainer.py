@@ -60,14 +60,17 @@ def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch)
     assert resumed.accuracy_matrix_own == full.accuracy_matrix_own
 
 
-def test_resume_from_a_checkpoint_without_own_space_counts(tiny_model_name, tmp_path):
-    """Checkpoints written before the own-space matrix existed still resume; Forgetting_own is then
-    left out (it cannot be computed without every a_own[t][j]) instead of being made up."""
+def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path):
+    """Checkpoints written before the own-space matrix and data.synthetic_shift existed still
+    resume; Forgetting_own is then left out (it cannot be computed without every a_own[t][j])
+    instead of being made up."""
     cfg = small_config(tiny_model_name, tmp_path / "run")
     full = train(cfg)
     path = ckpt.checkpoint_path(tmp_path / "run", 0)
     state = torch.load(path, weights_only=False)
     del state["correct_own"]
+    del state["config"]["data"]["synthetic_shift"]
+    state["fingerprint"] = ckpt.config_fingerprint(state["config"])
     ckpt.save_task_checkpoint(tmp_path / "run", 0, state)  # "last" now points at task 0
     resumed = train(small_config(tiny_model_name, tmp_path / "run", resume=True))
     assert resumed.accuracy_matrix == full.accuracy_matrix
