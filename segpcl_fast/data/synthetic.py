@@ -13,7 +13,7 @@ Three domains (styles) of the same classes:
   - "source":  solid shapes on muted, faintly textured backgrounds. Used ONLY to pretrain the tiny CLIP
                (`build_pretraining_dataset`, captions from `CAPTION_TEMPLATES`).
   - "shifted": striped / dotted shapes with a dark rim on cluttered colourful backgrounds,
-               tinted light, stronger noise (how much: SHIFT_STRENGTH). The continual-learning domain
+               tinted light, stronger noise (how much: data.synthetic_shift, default SHIFT_STRENGTH). The continual-learning domain
                (`build_synthetic_datasets`: disjoint train/test draws). The pretrained model is
                only partly right on it zero-shot, like CLIP on ImageNet-R.
   - "sketch":  outlines with hatching on paper. Never trained on (`build_heldout_dataset`),
