@@ -13,8 +13,9 @@ Three domains (styles) of the same classes:
   - "source":  solid shapes on muted, faintly textured backgrounds. Used ONLY to pretrain the tiny CLIP
                (`build_pretraining_dataset`, captions from `CAPTION_TEMPLATES`).
   - "shifted": striped / dotted shapes with a dark rim on cluttered colourful backgrounds,
-               tinted light, stronger noise (how much: data.synthetic_shift, default SHIFT_STRENGTH). The continual-learning domain
-               (`build_synthetic_datasets`: disjoint train/test draws). The pretrained model is
+               tinted light, stronger noise (how much: data.synthetic_shift, default
+               SHIFT_STRENGTH). The continual-learning domain (`build_synthetic_datasets`:
+               disjoint train/test draws). The pretrained model is
                only partly right on it zero-shot, like CLIP on ImageNet-R.
   - "sketch":  outlines with hatching on paper. Never trained on (`build_heldout_dataset`),
                for retention tests across scenarios.
@@ -285,14 +286,17 @@ def render_split(seed: int, domain: str, split: str, per_class: int, shift: Opti
         raise ValueError(f"shift applies to the 'shifted' domain only, not '{domain}'")
     if shift is not None and not 0.0 <= float(shift) <= 1.0:
         raise ValueError(f"data.synthetic_shift must be in [0, 1] (0 = source-like style), got {shift}")
-    render = _RENDERERS[domain] if shift is None else functools.partial(_render_shifted, strength=float(shift))
+    render = _RENDERERS[domain]
+    if shift is not None:
+        render = functools.partial(_render_shifted, strength=float(shift))
     num_classes = len(SHAPES) * len(COLOUR_NAMES)
     one_round = np.arange(num_classes)
     targets = np.tile(one_round, per_class)
     images = np.empty((len(targets), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for r in range(per_class):
         rng = _rng(seed, domain, split, r)
-        images[r * num_classes:(r + 1) * num_classes] = render(rng, one_round % len(SHAPES), one_round // len(SHAPES))
+        shape_ids, colour_ids = one_round % len(SHAPES), one_round // len(SHAPES)
+        images[r * num_classes:(r + 1) * num_classes] = render(rng, shape_ids, colour_ids)
     images.setflags(write=False)
     targets.setflags(write=False)
     return images, targets
