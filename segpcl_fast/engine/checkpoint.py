@@ -69,14 +69,20 @@ def config_fingerprint(config: Mapping, ignore_keys: Iterable[str] = RUN_ONLY_KE
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def config_diff(old: Mapping, new: Mapping, ignore_keys: Iterable[str] = RUN_ONLY_KEYS
-                ) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (old value, new value)} for every result-relevant key that differs."""
+def config_diff(old: Mapping, new: Mapping, ignore_keys: Iterable[str] = RUN_ONLY_KEYS,
+                defaults: Optional[Mapping] = None) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every result-relevant key that differs.
+
+    With `defaults`, a key that `old` lacks (added by a later version) does not differ while
+    `new` holds its default value."""
     a, b = _relevant(old, ignore_keys), _relevant(new, ignore_keys)
+    default = _relevant(defaults, ignore_keys) if defaults is not None else {}
     missing = object()
     diff = {}
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, missing), b.get(key, missing)
+        if va is missing and key in default and default[key] == vb:
+            continue
         if va != vb:
             diff[key] = (None if va is missing else va, None if vb is missing else vb)
     return diff
@@ -142,24 +148,16 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
     return state
 
 
-def _only_new_keys_at_default(stored: Mapping, current: Mapping, defaults: Mapping,
-                              ignore_keys: Iterable[str]) -> bool:
-    """True when `current` differs from `stored` only by keys `stored` lacks, each at its default."""
-    old, new, default = (_relevant(c, ignore_keys) for c in (stored, current, defaults))
-    if set(old) - set(new):
-        return False
-    return all(old[k] == v if k in old else (k in default and default[k] == v) for k, v in new.items())
-
-
 def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: Optional[Mapping],
                        ignore_keys: Iterable[str], defaults: Optional[Mapping] = None) -> None:
     found = state.get("fingerprint", state.get("config_fingerprint"))
     if found == expected:
         return
-    stored = state.get("config")
-    if (defaults is not None and expected_config is not None and isinstance(stored, Mapping)
-            and _only_new_keys_at_default(stored, expected_config, defaults, ignore_keys)):
-        return
+    diff = None
+    if expected_config is not None and isinstance(state.get("config"), Mapping):
+        diff = config_diff(state["config"], expected_config, ignore_keys, defaults)
+        if not diff and defaults is not None:  # only keys added since, each at its default
+            return
     fix = ("Resume (--resume) with the same config (only run-only keys such as "
            f"{', '.join(sorted(ignore_keys)[:4])}, ... may change), or set a new run.output_dir "
            "(--set run.output_dir=...) to start a fresh run.")
@@ -167,11 +165,9 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
         raise CheckpointError(f"checkpoint {path} stores no config fingerprint, so it cannot be "
                               f"matched to this config. {fix}")
     what = "a different config"
-    if expected_config is not None and isinstance(state.get("config"), Mapping):
-        diff = config_diff(state["config"], expected_config, ignore_keys)
-        if diff:
-            what = "a different config: " + "; ".join(
-                f"{k} was {old!r}, now {new!r}" for k, (old, new) in diff.items())
+    if diff:
+        what = "a different config: " + "; ".join(
+            f"{k} was {old!r}, now {new!r}" for k, (old, new) in diff.items())
     raise CheckpointError(f"checkpoint {path} was made with {what} (fingerprint {found} != "
                           f"{expected}). {fix}")
 
