@@ -291,11 +291,11 @@ def render_split(seed: int, domain: str, split: str, per_class: int, shift: Opti
         render = functools.partial(_render_shifted, strength=float(shift))
     num_classes = len(SHAPES) * len(COLOUR_NAMES)
     one_round = np.arange(num_classes)
+    shape_ids, colour_ids = one_round % len(SHAPES), one_round // len(SHAPES)
     targets = np.tile(one_round, per_class)
     images = np.empty((len(targets), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for r in range(per_class):
         rng = _rng(seed, domain, split, r)
-        shape_ids, colour_ids = one_round % len(SHAPES), one_round // len(SHAPES)
         images[r * num_classes:(r + 1) * num_classes] = render(rng, shape_ids, colour_ids)
     images.setflags(write=False)
     targets.setflags(write=False)
