@@ -5,7 +5,7 @@
 # Everything else the suite imports (torch, triton, peft, timm, pytest-benchmark, pybind11,
 # regex, safetensors, huggingface_hub, ...) is already in the device image (device/KINDS.md).
 #
-#   bash benchmarks/device_wheels.sh            # -> .whl/ (git-ignored via .git/info/exclude)
+#   bash benchmarks/device_wheels.sh            # -> .whl/ (ignored by .gitignore, so it travels only when carried)
 #
 # Then, in one device call (carry [".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -13,7 +13,6 @@
 #   OUT=$OUT bash benchmarks/gpu_suite.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.whl/' >> .git/info/exclude; }
 PY="${DEVICE_PYTHON:-3.12}"
 python3 -m pip download --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
