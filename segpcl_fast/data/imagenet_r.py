@@ -1,40 +1,85 @@
 """ImageNet-R (200 ImageNet classes as renditions), as extracted from imagenet-r.tar.
 
-ImageNet-R ships no train/test split. Default: the usual continual-learning protocol of a seeded
-80/20 split per class (CODA-Prompt / RAPF style; see files.stratified_split, seed `split_seed`).
-If split files are present (`train.txt` and `test.txt`, lines "relative/path [label]", in the
-root or in imagenet-r/), they are used instead. Labels always come from the wnid folder in the
-path (class index = position of the wnid in the sorted folder list); a label column, if present,
-is only checked for consistency.
+ImageNet-R ships no train/test split. The split used is the first of these that applies (the
+choice is logged at INFO, naming the file or folders):
+
+1. a pre-split copy: `train/<wnid>/` next to `test/<wnid>/` (or `val/<wnid>/`; test wins when
+   both exist), in the root or in imagenet-r/ -- the layout of RAPF's README and ImageFolder
+   repos. Those folders are used as given; setting `split_file` as well is an error.
+2. `split_file` (data.split_file), when set: a file with section lines `train` and `test`
+   (or `val`), each followed by lines "relative/path [label]" -- RAPF's imgr_train_test_split.txt
+   ("train", "n02051845/art_0.jpg", ..., "test", "n02051845/tattoo_4.jpg", ...).
+3. `train.txt` + `test.txt` (lines "relative/path [label]") in the root or in imagenet-r/.
+4. RAPF's `imgr_train_test_split.txt` (format of 2) in the root, in imagenet-r/ or in
+   <root>/imgr_split/: a split file someone put next to the data is meant to be used.
+5. otherwise the usual continual-learning protocol: a seeded 80/20 split per class
+   (CODA-Prompt / RAPF style; see files.stratified_split, seed `split_seed`).
+
+Paths in split files are resolved against the root, imagenet-r/ and imagenet-r/'s parent, so
+both "n02051845/art_0.jpg" and "imagenet-r/n02051845/art_0.jpg" work whichever of the two
+folders data.root names. Labels always come from the wnid folder in the path (class index =
+position of the wnid in the sorted folder list); a label column, if present, is only checked
+for consistency. An image listed in both train and test is an error.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from .base import FileListDataset
-from .files import (format_error, list_images, names_for_wnids, read_lines, relative_to_any,
-                    require_root, stratified_split, wnid_folders)
+from .files import (format_error, list_images, names_for_wnids, relative_to_any, require_root,
+                    stratified_split, wnid_folders)
+
+log = logging.getLogger(__name__)
 
 NAME = "imagenet-r"
+RAPF_SPLIT = "imgr_train_test_split.txt"
+TEST_DIRS = ("test", "val")
+SECTIONS = {"train": "train", "test": "test", "val": "test"}
 LAYOUT = """  <root>/imagenet-r/<wnid>/*.jpg       (200 wnid folders, e.g. n01443537/)
   <root>/imagenet-r/README.txt         (ships in imagenet-r.tar; lines 'n01443537 goldfish')
   optional: <root>/train.txt + <root>/test.txt  (lines 'imagenet-r/<wnid>/<file>.jpg [label]')
+  optional: <root>/imgr_train_test_split.txt or data.split_file  (RAPF: a line 'train', then
+            lines '<wnid>/<file>.jpg', a line 'test', then lines '<wnid>/<file>.jpg')
+  or pre-split: <root>/train/<wnid>/*.jpg + <root>/test/<wnid>/*.jpg (or val/ instead of test/)
   (<root> may also be the imagenet-r folder itself)"""
 
+Split = tuple[list[str], list[int]]
 
-def _folder(root: Optional[str]) -> tuple[Path, Path]:
+
+def _locate(root: Optional[str]) -> tuple[Path, Path, Optional[Path]]:
+    """(root_path, folder, test_dir): `folder` holds the wnid folders, or train/ + `test_dir`
+    for a pre-split copy (test_dir is None for the flat layout)."""
     path = require_root(root, NAME, LAYOUT)
     for cand in (path / "imagenet-r", path):
         if wnid_folders(cand):
-            return path, cand
-    raise format_error(NAME, f"no wnid class folders (n########/) in '{path / 'imagenet-r'}' or '{path}'",
-                       LAYOUT, "extract imagenet-r.tar into data.root")
+            return path, cand, None
+        if wnid_folders(cand / "train"):
+            test_dir = next((cand / d for d in TEST_DIRS if wnid_folders(cand / d)), None)
+            if test_dir is None:
+                raise format_error(NAME, f"'{cand / 'train'}' holds wnid class folders but neither "
+                                         f"'{cand / 'test'}' nor '{cand / 'val'}' does", LAYOUT,
+                                   "add the test/ (or val/) wnid folders of the split, or use the "
+                                   "unsplit imagenet-r/ folder")
+            return path, cand, test_dir
+    raise format_error(NAME, f"no wnid class folders (n########/) in '{path / 'imagenet-r'}' or '{path}' "
+                             f"(nor in a train/ folder there)", LAYOUT, "extract imagenet-r.tar into data.root")
 
 
-def _read_split_file(path: Path, bases: list[Path], wnid_index: dict[str, int]) -> tuple[list[str], list[int]]:
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, stripped line) of the non-empty, non-'#' lines of `path`."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                yield n, text
+
+
+def _parse_entries(path: Path, lines: list[tuple[int, str]], bases: list[Path],
+                   wnid_index: dict[str, int]) -> Split:
     paths, targets, seen_labels = [], [], {}
-    for n, line in enumerate(read_lines(path), 1):
+    for n, line in lines:
         parts = line.split()
         file = relative_to_any(parts[0], bases)
         if file is None:
@@ -45,47 +90,118 @@ def _read_split_file(path: Path, bases: list[Path], wnid_index: dict[str, int]) 
         if wnid not in wnid_index:
             raise format_error(NAME, f"{path}:{n}: '{parts[0]}' is not inside a wnid class folder", LAYOUT,
                                "split lines must look like 'imagenet-r/<wnid>/<file>.jpg [label]'")
-        label = wnid_index[wnid]
-        if len(parts) > 1:
-            given = parts[1]
-            if seen_labels.setdefault(given, wnid) != wnid:
-                raise format_error(NAME, f"{path}:{n}: label {given} is used for both "
-                                         f"{seen_labels[given]} and {wnid}", LAYOUT,
-                                   "fix the split file: one label per wnid folder")
+        if len(parts) > 1 and seen_labels.setdefault(parts[1], wnid) != wnid:
+            raise format_error(NAME, f"{path}:{n}: label {parts[1]} is used for both "
+                                     f"{seen_labels[parts[1]]} and {wnid}", LAYOUT,
+                               "fix the split file: one label per wnid folder")
         paths.append(str(file))
-        targets.append(label)
+        targets.append(wnid_index[wnid])
     return paths, targets
 
 
-def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = None,
-                    test_transform: Optional[Callable] = None, names_file: Optional[str] = None,
-                    split_seed: int = 0, test_fraction: float = 0.2
-                    ) -> tuple[FileListDataset, FileListDataset]:
-    """(train, test) ImageNet-R; names from imagenet-r/README.txt or `names_file`."""
-    root_path, folder = _folder(root)
-    wnids = wnid_folders(folder)
-    class_names = names_for_wnids(wnids, [folder / "README.txt", root_path / "README.txt"],
-                                  NAME, LAYOUT, names_file)
-    wnid_index = {w: i for i, w in enumerate(wnids)}
-    bases = [root_path, folder]
-    for split_dir in (root_path, folder):
-        train_list, test_list = split_dir / "train.txt", split_dir / "test.txt"
+def _read_sectioned(path: Path, bases: list[Path], wnid_index: dict[str, int]) -> tuple[Split, Split]:
+    """RAPF format: a line 'train' (or 'test' / 'val') starts a section of image lines."""
+    sections: dict[str, list[tuple[int, str]]] = {"train": [], "test": []}
+    current = None
+    for n, line in _numbered_lines(path):
+        head = SECTIONS.get(line.lower().rstrip(":"))
+        if head is not None:
+            current = head
+        elif current is None:
+            raise format_error(NAME, f"{path}:{n}: '{line}' comes before any 'train' or 'test' line",
+                               LAYOUT, "start the split file with a line 'train' (RAPF's "
+                                       "imgr_train_test_split.txt format), or use train.txt + test.txt")
+        else:
+            sections[current].append((n, line))
+    empty = [name for name, lines in sections.items() if not lines]
+    if empty:
+        raise format_error(NAME, f"split file '{path}' has no '{empty[0]}' images", LAYOUT,
+                           "list images under both a 'train' line and a 'test' line")
+    return (_parse_entries(path, sections["train"], bases, wnid_index),
+            _parse_entries(path, sections["test"], bases, wnid_index))
+
+
+def _check_disjoint(train: Split, test: Split, source: str) -> None:
+    both = sorted(set(train[0]) & set(test[0]))
+    if both:
+        raise format_error(NAME, f"{len(both)} images are in both train and test of {source}, "
+                                 f"e.g. '{both[0]}'", LAYOUT, "list each image in one split only")
+
+
+def _split_from_files(root_path: Path, folder: Path, wnid_index: dict[str, int],
+                      split_file: Optional[str]) -> Optional[tuple[Split, Split, str]]:
+    """(train, test, source) from the split file that applies, or None (seeded split)."""
+    bases = list(dict.fromkeys([root_path, folder, folder.parent]))
+    if split_file:
+        path = Path(split_file).expanduser()
+        if not path.is_file():
+            raise format_error(NAME, f"split file '{path}' (data.split_file) not found", LAYOUT,
+                               "fix the path, or unset data.split_file to use the split found in data.root")
+        return (*_read_sectioned(path, bases, wnid_index), str(path))
+    dirs = list(dict.fromkeys([root_path, folder]))
+    for d in dirs:
+        train_list, test_list = d / "train.txt", d / "test.txt"
         if train_list.is_file() and test_list.is_file():
-            train = _read_split_file(train_list, bases, wnid_index)
-            test = _read_split_file(test_list, bases, wnid_index)
-            return (FileListDataset(*train, class_names, train_transform),
-                    FileListDataset(*test, class_names, test_transform))
+            return (_parse_entries(train_list, list(_numbered_lines(train_list)), bases, wnid_index),
+                    _parse_entries(test_list, list(_numbered_lines(test_list)), bases, wnid_index),
+                    f"{train_list} + {test_list}")
+    for d in dirs + [root_path / "imgr_split"]:
+        if (d / RAPF_SPLIT).is_file():
+            return (*_read_sectioned(d / RAPF_SPLIT, bases, wnid_index), str(d / RAPF_SPLIT))
+    return None
+
+
+def _scan(folder: Path, wnids: list[str]) -> Split:
     paths, targets = [], []
     for label, wnid in enumerate(wnids):
-        files = list_images(folder / wnid)
+        files = list_images(folder / wnid) if (folder / wnid).is_dir() else []
         paths += [str(f) for f in files]
         targets += [label] * len(files)
     if not paths:
         raise format_error(NAME, f"the wnid folders in '{folder}' hold no images", LAYOUT,
                            "extract imagenet-r.tar again")
-    train_idx, test_idx = stratified_split(targets, test_fraction, split_seed)
-    train = FileListDataset([paths[i] for i in train_idx], [targets[i] for i in train_idx],
-                            class_names, train_transform)
-    test = FileListDataset([paths[i] for i in test_idx], [targets[i] for i in test_idx],
-                           class_names, test_transform)
-    return train, test
+    return paths, targets
+
+
+def _from_split_folders(folder: Path, test_dir: Path) -> tuple[list[str], Split, Split]:
+    """(wnids, train, test) of a pre-split copy; classes are the wnid folders of train/."""
+    wnids = wnid_folders(folder / "train")
+    extra = sorted(set(wnid_folders(test_dir)) - set(wnids))
+    if extra:
+        raise format_error(NAME, f"'{test_dir}' has {len(extra)} wnid folders that '{folder / 'train'}' "
+                                 f"lacks, e.g. {extra[:5]}", LAYOUT,
+                           "every test class needs a train/<wnid>/ folder: copy the full split")
+    return wnids, _scan(folder / "train", wnids), _scan(test_dir, wnids)
+
+
+def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = None,
+                    test_transform: Optional[Callable] = None, names_file: Optional[str] = None,
+                    split_seed: int = 0, test_fraction: float = 0.2, split_file: Optional[str] = None
+                    ) -> tuple[FileListDataset, FileListDataset]:
+    """(train, test) ImageNet-R; names from README.txt (imagenet-r/ or root) or `names_file`.
+    Which split is used: see the module docstring ('' or None `split_file` = not set)."""
+    root_path, folder, test_dir = _locate(root)
+    name_files = [folder / "README.txt", root_path / "README.txt"]
+    if test_dir is not None:
+        if split_file:
+            raise format_error(NAME, f"data.split_file '{split_file}' is set but '{folder}' is already "
+                                     f"split into train/ and {test_dir.name}/", LAYOUT,
+                               "unset data.split_file, or point data.root at an unsplit imagenet-r/ folder")
+        wnids, train, test = _from_split_folders(folder, test_dir)
+        source = f"the folders {folder / 'train'} and {test_dir}"
+    else:
+        wnids = wnid_folders(folder)
+        found = _split_from_files(root_path, folder, {w: i for i, w in enumerate(wnids)}, split_file)
+        if found is not None:
+            train, test, source = found
+        else:
+            paths, targets = _scan(folder, wnids)
+            train_idx, test_idx = stratified_split(targets, test_fraction, split_seed)
+            train = ([paths[i] for i in train_idx], [targets[i] for i in train_idx])
+            test = ([paths[i] for i in test_idx], [targets[i] for i in test_idx])
+            source = f"a seeded per-class split (split_seed={split_seed}, test_fraction={test_fraction})"
+    _check_disjoint(train, test, source)
+    class_names = names_for_wnids(wnids, name_files, NAME, LAYOUT, names_file)
+    log.info("%s: train/test split from %s: %d train, %d test images", NAME, source, len(train[0]), len(test[0]))
+    return (FileListDataset(*train, class_names, train_transform),
+            FileListDataset(*test, class_names, test_transform))

@@ -1,7 +1,9 @@
+import logging
+
 import pytest
 from PIL import Image
 
-from data_fakes import IMR_PER_CLASS, IMR_WNIDS, decode_colour
+from data_fakes import IMR_PER_CLASS, IMR_WNIDS, colour, decode_colour, write_image
 from segpcl_fast.data.base import DatasetFormatError
 from segpcl_fast.data.imagenet_r import load_imagenet_r
 
@@ -72,3 +74,117 @@ def test_wrong_format(tmp_path):
     (tmp_path / "imagenet-r" / "goldfish").mkdir(parents=True)
     with pytest.raises(DatasetFormatError, match="no wnid class folders"):
         load_imagenet_r(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- other split sources
+def _write_presplit(base, test_dir="test", n_train=3, n_test=2):
+    """A pre-split copy: base/train/<wnid>/ and base/<test_dir>/<wnid>/ (RAPF README layout)."""
+    for c, wnid in enumerate(WNIDS):
+        for i in range(n_train):
+            write_image(base / "train" / wnid / f"art_{i}.jpg", colour(c, i))
+        for i in range(n_test):
+            write_image(base / test_dir / wnid / f"sketch_{i}.jpg", colour(c, n_train + i))
+    (base / "README.txt").write_text("".join(f"{w} {n}\n" for w, n in sorted(IMR_WNIDS.items())))
+    return base
+
+
+@pytest.mark.parametrize("test_dir,nested", [("test", False), ("val", False), ("val", True)])
+def test_presplit_folders_used_as_given(tmp_path, test_dir, nested):
+    _write_presplit(tmp_path / "imagenet-r" if nested else tmp_path, test_dir)
+    train, test = load_imagenet_r(str(tmp_path))
+    assert len(train) == 4 * 3 and len(test) == 4 * 2
+    assert all(p.split("/")[-3] == "train" for p in train.paths)
+    assert all(p.split("/")[-3] == test_dir for p in test.paths)
+    assert train.targets == [c for c in range(4) for _ in range(3)]
+    assert train.class_names[1] == "great white shark"
+    _check_labels_follow_folders(train)
+    _check_labels_follow_folders(test)
+    img, label = test[5]
+    assert decode_colour(img) == (label, 3 + 5 % 2)  # test image sketch_1 of class 2
+
+
+def test_presplit_errors(tmp_path):
+    _write_presplit(tmp_path)
+    write_image(tmp_path / "test" / "n09999999" / "x.jpg", colour(0, 0))
+    with pytest.raises(DatasetFormatError, match="wnid folders that .* lacks"):
+        load_imagenet_r(str(tmp_path))
+    with pytest.raises(DatasetFormatError, match="already split"):
+        load_imagenet_r(str(tmp_path), split_file=str(tmp_path / "any.txt"))
+    only_train = tmp_path / "only_train"
+    write_image(only_train / "train" / WNIDS[0] / "a.jpg", colour(0, 0))
+    with pytest.raises(DatasetFormatError, match="neither .* nor .*val"):
+        load_imagenet_r(str(only_train))
+
+
+def _rapf_lines(prefix=""):
+    """RAPF imgr_train_test_split.txt: 'train' section (images 0-2), 'test' section (images 3-4)."""
+    lines = ["train"] + [f"{prefix}{w}/cartoon_{i}.jpg" for w in WNIDS for i in range(3)]
+    lines += ["test"] + [f"{prefix}{w}/cartoon_{i}.jpg" for w in WNIDS for i in range(3, 5)]
+    return "\n".join(lines) + "\n"
+
+
+def _assert_rapf_split(train, test):
+    assert len(train) == 12 and len(test) == 8
+    assert [p.split("/")[-1] for p in test.paths] == [f"cartoon_{i}.jpg" for _ in WNIDS for i in (3, 4)]
+    assert train.targets == [c for c in range(4) for _ in range(3)]
+    _check_labels_follow_folders(train)
+    _check_labels_follow_folders(test)
+
+
+@pytest.mark.parametrize("where", ["root", "imagenet-r", "imgr_split"])
+def test_rapf_split_file_found_next_to_data(imagenet_r_root, where, caplog):
+    folder = {"root": imagenet_r_root, "imagenet-r": imagenet_r_root / "imagenet-r",
+              "imgr_split": imagenet_r_root / "imgr_split"}[where]
+    folder.mkdir(exist_ok=True)
+    (folder / "imgr_train_test_split.txt").write_text(_rapf_lines())
+    with caplog.at_level(logging.INFO, logger="segpcl_fast.data.imagenet_r"):
+        train, test = load_imagenet_r(str(imagenet_r_root))
+    _assert_rapf_split(train, test)
+    assert "imgr_train_test_split.txt" in caplog.text and "12 train, 8 test" in caplog.text
+
+
+def test_explicit_split_file(imagenet_r_root, tmp_path, caplog):
+    split = tmp_path / "elsewhere" / "my_split.txt"
+    split.parent.mkdir()
+    split.write_text("# RAPF split\nTrain\n" + _rapf_lines("imagenet-r/").split("\n", 1)[1])
+    # an explicit split file wins over train.txt / test.txt in the root
+    (imagenet_r_root / "train.txt").write_text(f"imagenet-r/{WNIDS[0]}/cartoon_0.jpg\n")
+    (imagenet_r_root / "test.txt").write_text(f"imagenet-r/{WNIDS[0]}/cartoon_1.jpg\n")
+    with caplog.at_level(logging.INFO, logger="segpcl_fast.data.imagenet_r"):
+        _assert_rapf_split(*load_imagenet_r(str(imagenet_r_root), split_file=str(split)))
+    assert "my_split.txt" in caplog.text
+    # '' means unset (getattr(data_cfg, 'split_file', '')): train.txt / test.txt apply
+    train, test = load_imagenet_r(str(imagenet_r_root), split_file="")
+    assert len(train) == 1 and len(test) == 1
+
+
+@pytest.mark.parametrize("text,match", [
+    (f"{WNIDS[0]}/cartoon_0.jpg\ntrain\n", "before any 'train'"),
+    (f"train\n{WNIDS[0]}/cartoon_0.jpg\n", "no 'test' images"),
+    (f"train\n{WNIDS[0]}/cartoon_0.jpg\ntest\n{WNIDS[0]}/cartoon_0.jpg\n", "in both train and test"),
+    (f"train\n{WNIDS[0]}/cartoon_0.jpg\ntest\n{WNIDS[0]}/cartoon_9.jpg\n", r"split.txt:4: image .* not found"),
+])
+def test_sectioned_split_file_errors(imagenet_r_root, tmp_path, text, match):
+    split = tmp_path / "split.txt"
+    split.write_text(text)
+    with pytest.raises(DatasetFormatError, match=match):
+        load_imagenet_r(str(imagenet_r_root), split_file=str(split))
+    with pytest.raises(DatasetFormatError, match="not found"):
+        load_imagenet_r(str(imagenet_r_root), split_file=str(tmp_path / "absent.txt"))
+
+
+def test_split_file_paths_with_folder_prefix_when_root_is_the_folder(imagenet_r_root):
+    folder = imagenet_r_root / "imagenet-r"
+    (folder / "train.txt").write_text("".join(f"imagenet-r/{w}/cartoon_0.jpg\n" for w in WNIDS))
+    (folder / "test.txt").write_text("".join(f"{w}/cartoon_1.jpg\n" for w in WNIDS))
+    train, test = load_imagenet_r(str(folder))
+    assert len(train) == 4 and len(test) == 4
+    assert all(p.endswith("cartoon_0.jpg") for p in train.paths)
+    _check_labels_follow_folders(train)
+    _check_labels_follow_folders(test)
+
+
+def test_seeded_split_is_logged(imagenet_r_root, caplog):
+    with caplog.at_level(logging.INFO, logger="segpcl_fast.data.imagenet_r"):
+        load_imagenet_r(str(imagenet_r_root), split_seed=3)
+    assert "seeded per-class split (split_seed=3" in caplog.text
