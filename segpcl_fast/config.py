@@ -52,7 +52,8 @@ class DataConfig:
     root: Optional[str] = None
     num_tasks: int = 10
     task_sizes: Optional[list[int]] = None  # explicit classes per task (e.g. UCF101: [11, 10, ...])
-    # "seeded" shuffles class ids with order_seed (1993, as in PyCIL/RAPF); "natural" keeps
+    # "seeded" shuffles class ids with order_seed (1993: PyCIL's np.random.seed(1993) permutation,
+    # also RAPF's ImageNet-100 order; RAPF's other orders are explicit lists); "natural" keeps
     # the dataset's order; or an explicit list of class names / indices.
     class_order: Any = "seeded"
     order_seed: int = 1993
@@ -72,6 +73,12 @@ class DataConfig:
     frames_dir: Optional[str] = None  # UCF101: folder of middle frames / frame folders (auto-detected)
     split_seed: int = 0  # ImageNet-R: seeded per-class train/test split when no split files exist
     test_fraction: float = 0.2  # ImageNet-R: test share of the seeded split
+    # ImageNet-R: train/test split file in RAPF's format (a line 'train', then '<wnid>/<file>.jpg'
+    # lines, a line 'test', then its lines); None = auto-detect (see data/imagenet_r.py)
+    split_file: Optional[str] = None
+    # number of classes data.root must hold (the benchmark presets set theirs: CIFAR100 100,
+    # ImageNet-R 200, ...); None or 0 = no check (a deliberate subset)
+    expected_classes: Optional[int] = None
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Keyed by data_cfg.dataset. Reader options that DataConfig may carry (read with getattr, so a
 config without them keeps the defaults): names_file (wnid -> name mapping, ImageNet-R /
 ImageNet-Subset), class_list (ImageNet-Subset wnids, default <root>/imagenet100.txt),
-frames_dir (UCF101), split_seed / test_fraction (ImageNet-R 80/20 split, default 0 / 0.2).
+frames_dir (UCF101), split_seed / test_fraction (ImageNet-R 80/20 split, default 0 / 0.2),
+split_file (ImageNet-R, RAPF's sectioned train/test file).
+data_cfg.expected_classes (set by the benchmark presets) must match the classes found.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ def _read(data_cfg, train_transform: Optional[Callable], test_transform: Optiona
     if name == "imagenet-r":
         from .imagenet_r import load_imagenet_r
         return load_imagenet_r(root, train_transform, test_transform, names_file=opt("names_file"),
-                               split_seed=opt("split_seed", 0), test_fraction=opt("test_fraction", 0.2))
+                               split_seed=opt("split_seed", 0), test_fraction=opt("test_fraction", 0.2),
+                               split_file=opt("split_file"))
     if name == "imagenet-subset":
         from .imagenet_subset import load_imagenet_subset
         return load_imagenet_subset(root, train_transform, test_transform, class_list=opt("class_list"),
@@ -62,11 +65,23 @@ def _read(data_cfg, train_transform: Optional[Callable], test_transform: Optiona
     raise DatasetFormatError(f"unknown data.dataset {name!r}; known: {list(DATASETS)}")
 
 
+def _check_class_count(data_cfg, train: ClassDataset) -> None:
+    """A partial copy of a benchmark (10 of ImageNet-R's 200 wnids) would otherwise run silently."""
+    expected = getattr(data_cfg, "expected_classes", None)
+    found = len(train.class_names)
+    if expected and found != int(expected):
+        raise DatasetFormatError(
+            f"{data_cfg.dataset} at data.root={data_cfg.root!r} has {found} classes, but "
+            f"data.expected_classes is {expected} (the benchmark's count): point data.root at the "
+            f"full copy, or set data.expected_classes={found} (or null) to run on this subset on purpose")
+
+
 def build_datasets(data_cfg, train_transform: Optional[Callable] = None,
                    test_transform: Optional[Callable] = None) -> tuple[ClassDataset, ClassDataset]:
     """(train, test) ClassDatasets with dataset labels and human-readable class_names,
     capped per class by data_cfg.max_train_per_class / max_test_per_class (0 = all)."""
     train, test = _read(data_cfg, train_transform, test_transform)
+    _check_class_count(data_cfg, train)
     if data_cfg.dataset == "synthetic":  # renders exactly the capped counts itself
         return train, test
     return (cap_per_class(train, int(data_cfg.max_train_per_class)),

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .. import metrics, ops
 from ..config import Config, save_config
-from ..data import ClassIncrementalScenario, build_datasets, build_transforms, format_prompts
+from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
 from ..model.clip import load_model
@@ -141,12 +141,16 @@ class Trainer:
         ops.set_backend(self.cfg.run.ops)
         _seed_everything(self.cfg.run.seed)
         c = self.cfg
+        # the data is indexed before the model loads, so a bad data root fails before any weights
+        # are fetched; the transforms need the model's image size and stats, so they come after
+        raw_train, raw_test = build_datasets(c.data)
         self.model = load_model(c.model.name, c.model.pretrained, device=self.device, cache_dir=c.model.cache_dir)
         self.lora_params = inject_lora(self.model, c.lora.rank, c.lora.alpha, c.lora.targets, c.lora.towers,
                                        seed=c.lora.init_seed)
         stats = self.model.image_stats
         train_tf, self.test_tf = build_transforms(stats.size, stats.mean, stats.std, c.data.train_augment)
-        train_ds, test_ds = build_datasets(c.data, train_tf, self.test_tf)
+        train_ds = ClassSubset(raw_train, range(len(raw_train)), transform=train_tf)
+        test_ds = ClassSubset(raw_test, range(len(raw_test)), transform=self.test_tf)
         self.scenario = ClassIncrementalScenario.from_config(c.data, train_ds, test_ds)
         self.prompts = format_prompts(self.scenario.class_names, c.data.templates)
         self.learner = Learner(c, self.model, self.prompts, self.device)

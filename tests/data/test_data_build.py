@@ -56,3 +56,35 @@ def test_synthetic_dispatch():
     assert len(train) == 2 * len(train.class_names) and len(test) == len(test.class_names)
     sc = ClassIncrementalScenario.from_config(cfg, train, test)
     assert sc.num_classes == len(train.class_names) and len(sc.train_dataset(0)) == 2 * len(sc.task_classes(0))
+
+
+def test_a_preset_refuses_a_partial_copy_of_its_benchmark(tmp_path):
+    from segpcl_fast.config import load_config
+    root = make_imagenet_r(tmp_path / "imagenet-r")  # 4 of ImageNet-R's 200 wnids
+    cfg = load_config("imagenet-r").data
+    assert cfg.expected_classes == 200
+    cfg.root = str(root)
+    with pytest.raises(DatasetFormatError, match=r"has 4 classes, but data.expected_classes is 200.*"
+                                                 r"full copy.*data.expected_classes=4"):
+        build_datasets(cfg)
+    for deliberate in (4, None, 0):
+        cfg.expected_classes = deliberate
+        train, _ = build_datasets(cfg)
+        assert len(train.class_names) == 4
+    cfg.expected_classes = 5
+    with pytest.raises(DatasetFormatError, match="has 4 classes"):
+        build_datasets(cfg)
+
+
+def test_data_split_file_reaches_the_imagenet_r_reader(tmp_path):
+    from data_fakes import IMR_WNIDS
+    root = make_imagenet_r(tmp_path / "r")
+    wnids = sorted(IMR_WNIDS)
+    split = tmp_path / "split.txt"  # RAPF's sectioned format: image 0 of each class trains, image 1 tests
+    split.write_text("\n".join(["train"] + [f"{w}/cartoon_0.jpg" for w in wnids]
+                               + ["test"] + [f"{w}/cartoon_1.jpg" for w in wnids]) + "\n")
+    train, test = build_datasets(DataConfig(dataset="imagenet-r", root=str(root), split_file=str(split)))
+    assert (len(train), len(test)) == (len(wnids), len(wnids))
+    assert all(p.endswith("cartoon_0.jpg") for p in train.paths)
+    with pytest.raises(DatasetFormatError, match="absent.txt"):
+        build_datasets(DataConfig(dataset="imagenet-r", root=str(root), split_file=str(tmp_path / "absent.txt")))

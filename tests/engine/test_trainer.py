@@ -113,6 +113,21 @@ def test_nan_loss_is_one_clear_error(tiny_model_name, tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_bad_data_root_fails_before_any_weights_are_loaded(tmp_path, monkeypatch):
+    """The user hears about data.root first, not after fetching ~600 MB of CLIP weights."""
+    from segpcl_fast.data.base import DatasetFormatError
+    from segpcl_fast.engine import trainer as trainer_module
+
+    def load_model_must_not_run(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data root was checked")
+
+    monkeypatch.setattr(trainer_module, "load_model", load_model_must_not_run)
+    cfg = make_config("cifar100", overrides=[f"data.root={tmp_path / 'no-such-dir'}",
+                                             f"run.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(DatasetFormatError, match="no-such-dir"):
+        train(cfg)
+
+
 def test_zeroshot_does_not_change_the_model_and_finetune_does(tiny_model_name, tmp_path):
     zs = Trainer(small_config(tiny_model_name, tmp_path / "zs", method="zeroshot", num_tasks=1))
     zs.run()
