@@ -1,12 +1,17 @@
 """UCF101 as still images: one frame per video, official split (ucfTrainTestlist, split 1).
 
-Two frame layouts are accepted, per video:
+Frame layouts accepted, per video (<frames dir> = `frames_dir` relative to the root if given, else
+the first of FRAME_DIR_CANDIDATES that holds the class folders):
   (a) one middle-frame image per video: <frames dir>/<ClassName>/<video>.jpg, or CoOp's
       UCF-101-midframes/<Class_Name>/<video>.jpg (class folders renamed 'Apply_Eye_Makeup');
   (b) a folder of extracted frames per video: <frames dir>/<ClassName>/<video>/*.jpg; the
-      middle frame (index n // 2 in natural name order) is read, lazily, at load time.
-The frames dir is `frames_dir` (relative to the root) if given, else the first of
-FRAME_DIR_CANDIDATES that holds the class folders. Class names: CamelCase split
+      middle RGB frame (index n // 2 in natural name order) is read lazily and cached. Optical-flow
+      images kept beside them (MMAction2 rawframes: img_00001.jpg, flow_x_00001.jpg, flow_y_00001.jpg)
+      are skipped: see `middle_frame`;
+  (c) either of the above without class folders: <frames dir>/<video>.jpg or <frames dir>/<video>/
+      (the two-stream release jpegs_256/v_ApplyEyeMakeup_g08_c01/frame000001.jpg; set frames_dir).
+Video names match exactly, else case-insensitively (the release spells 'v_HandStandPushups' in the
+lists where some frame dumps write 'v_HandstandPushups'). Class names: CamelCase split
 ('ApplyEyeMakeup' -> 'Apply Eye Makeup'); class index = classInd.txt id - 1.
 """
 from __future__ import annotations
@@ -27,7 +32,8 @@ LAYOUT = """  <root>/ucfTrainTestlist/classInd.txt      ('1 ApplyEyeMakeup')
   <root>/ucfTrainTestlist/testlist01.txt    ('ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi')
   and frames, either
   <root>/UCF-101-midframes/<Class_Name>/<video>.jpg       (one middle frame per video, CoOp), or
-  <root>/<frames dir>/<ClassName>/<video>/<frame>.jpg     (all frames; the middle one is used)
+  <root>/<frames dir>/<ClassName>/<video>/<frame>.jpg     (all frames; the middle RGB one is used)
+  <root>/<frames dir>/<video>/<frame>.jpg or <video>.jpg   (no class folders, e.g. jpegs_256)
   (<frames dir>: data.frames_dir, or one of """ + ", ".join(FRAME_DIR_CANDIDATES) + ")"
 
 
@@ -45,11 +51,43 @@ def _natural_key(path: Path):
     return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", path.name)]
 
 
+RGB_SERIES = ("img", "image", "frame", "images", "frames", "rgb")
+
+
+def _series(path: Path) -> str:
+    """The name of the image series a frame belongs to: 'flow_x_00012.jpg' -> 'flow_x'."""
+    return re.sub(r"\d+", "", path.stem).strip("_-. ").lower()
+
+
 def middle_frame(video_dir: Path) -> Path:
-    frames = sorted((p for p in video_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
-    if not frames:
+    """The middle frame (natural name order) of the RGB series in a per-video frame folder.
+
+    Files are grouped by name without digits; optical-flow series ('flow*') are dropped; an
+    RGB-named series (img, image, frame, ...) is preferred, else the largest remaining one.
+    """
+    series: dict[str, list[Path]] = {}
+    for p in video_dir.iterdir():
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            series.setdefault(_series(p), []).append(p)
+    if not series:
         raise format_error(NAME, f"video frame folder '{video_dir}' holds no images", LAYOUT,
                            "re-extract the frames of this video")
+    rgb = {k: v for k, v in series.items() if not k.startswith("flow")}
+    if not rgb:
+        raise format_error(NAME, f"video frame folder '{video_dir}' holds only optical-flow images "
+                                 f"({sorted(series)})", LAYOUT,
+                           "extract the RGB frames too (MMAction2: img_00001.jpg ...), or point "
+                           "data.frames_dir at a folder of RGB frames")
+    named = {k: v for k, v in rgb.items() if k in RGB_SERIES}
+    pool = named or rgb
+    size = max(len(v) for v in pool.values())
+    largest = [k for k, v in pool.items() if len(v) == size]
+    if len(largest) > 1:
+        counts = {k: len(v) for k, v in sorted(rgb.items())}
+        raise format_error(NAME, f"video frame folder '{video_dir}' mixes image series {counts}; "
+                                 "cannot tell which holds the RGB frames", LAYOUT,
+                           "keep only the RGB frames there, or name them img_00001.jpg, img_00002.jpg, ...")
+    frames = sorted(pool[largest[0]], key=_natural_key)
     return frames[len(frames) // 2]
 
 
@@ -60,11 +98,18 @@ class VideoFrameDataset(ClassDataset):
                  transform: Optional[Callable] = None):
         super().__init__(class_names, targets, transform)
         self.sources = list(sources)
+        self._frame_paths: dict[int, Path] = {}  # index -> chosen frame; a folder is listed once
+
+    def frame_path(self, index: int) -> Path:
+        path = self._frame_paths.get(index)
+        if path is None:
+            src = Path(self.sources[index])
+            path = middle_frame(src) if src.is_dir() else src
+            self._frame_paths[index] = path
+        return path
 
     def load_image(self, index: int) -> Image.Image:
-        src = Path(self.sources[index])
-        path = middle_frame(src) if src.is_dir() else src
-        with Image.open(path) as im:
+        with Image.open(self.frame_path(index)) as im:
             return im.convert("RGB")
 
 
@@ -98,9 +143,49 @@ def _frames_dir(root: Path, classes: list[str], frames_dir: Optional[str]) -> Pa
                        "extract frames there, or set data.frames_dir")
 
 
+FRAME_SUFFIXES = (".jpg", ".png", "")  # a middle-frame image, or a folder of frames
+
+
+def _find_video(folders: list[Path], stem: str, listings: dict[Path, dict[str, Path]]) -> Optional[Path]:
+    """`<folder>/<stem>.jpg|.png|/` in the first folder that has one; exact name, else any case."""
+    for folder in folders:
+        for suffix in FRAME_SUFFIXES:
+            path = folder / f"{stem}{suffix}"
+            if path.is_dir() if suffix == "" else path.is_file():
+                return path
+    for folder in folders:
+        if folder not in listings:
+            listings[folder] = {p.name.lower(): p for p in folder.iterdir()} if folder.is_dir() else {}
+        for suffix in FRAME_SUFFIXES:
+            path = listings[folder].get(f"{stem}{suffix}".lower())
+            if path is not None and (path.is_dir() if suffix == "" else path.is_file()):
+                return path
+    return None
+
+
+def _missing_error(list_path: Path, frames: Path, missing: list[tuple[list[Path], str]]) -> Exception:
+    """Videos without frames; when the frames dir holds the .avi files themselves, say so and how to extract."""
+    videos = [f / name for folders, name in missing for f in folders if (f / name).is_file()]
+    if videos:
+        src = frames.name
+        ffmpeg = (f'for v in {src}/*/*.avi; do o=UCF-101-midframes/${{v#{src}/}}; mkdir -p "$(dirname "$o")"; '
+                  'ffmpeg -loglevel error -ss "$(ffprobe -v error -show_entries format=duration -of csv=p=0 '
+                  '"$v" | awk \'{print $1/2}\')" -i "$v" -frames:v 1 "${o%.avi}.jpg"; done')
+        return format_error(NAME, f"{len(missing)} videos of {list_path.name} have no frames under '{frames}': "
+                                  f"it holds the videos themselves (e.g. {[str(v) for v in videos[:3]]}), "
+                                  "not extracted frames", LAYOUT,
+                            f"extract one middle frame per video, e.g. in data.root run:  {ffmpeg}  "
+                            "(or set data.frames_dir to a folder of extracted frames)")
+    examples = [str(folders[0] / Path(name).stem) for folders, name in missing[:3]]
+    return format_error(NAME, f"{len(missing)} videos of {list_path.name} have no frames under '{frames}', "
+                              f"e.g. {examples} (.jpg or a folder)", LAYOUT,
+                        "extract frames for every video of the split")
+
+
 def _read_list(path: Path, frames: Path, class_index: dict[str, int], with_labels: bool
                ) -> tuple[list[str], list[int]]:
     sources, targets, missing = [], [], []
+    listings: dict[Path, dict[str, Path]] = {}
     for n, line in enumerate(read_lines(path), 1):
         parts = line.split()
         rel = Path(parts[0])
@@ -112,20 +197,15 @@ def _read_list(path: Path, frames: Path, class_index: dict[str, int], with_label
             raise format_error(NAME, f"{path}:{n}: label {parts[1]} disagrees with classInd.txt "
                                      f"({rel.parent.name} is {label + 1})", LAYOUT,
                                "use split lists and classInd.txt from the same release")
-        stem = rel.with_suffix("").name
-        folders = [frames / f for f in class_folders(rel.parent.name)]
-        source = next((c for folder in folders
-                       for c in (folder / f"{stem}.jpg", folder / f"{stem}.png", folder / stem)
-                       if c.exists()), None)
+        folders = [frames / f for f in class_folders(rel.parent.name)] + [frames]
+        source = _find_video(folders, rel.with_suffix("").name, listings)
         if source is None:
-            missing.append(str(folders[0] / stem))
+            missing.append((folders, rel.name))
             continue
         sources.append(str(source))
         targets.append(label)
     if missing:
-        raise format_error(NAME, f"{len(missing)} videos of {path.name} have no frames under '{frames}', "
-                                 f"e.g. {missing[:3]} (.jpg or a folder)", LAYOUT,
-                           "extract frames for every video of the split")
+        raise _missing_error(path, frames, missing)
     return sources, targets
 
 

@@ -1,10 +1,15 @@
 import os
+import shutil
+import struct
 
 import pytest
+from PIL import Image
 
-from data_fakes import UCF_TEST_GROUPS, UCF_TRAIN_GROUPS, decode_colour, make_ucf101
+from data_fakes import (UCF_FRAMES, UCF_TEST_GROUPS, UCF_TRAIN_GROUPS, colour, decode_colour, make_ucf101,
+                        ucf_videos, write_image)
+from segpcl_fast.data import ucf101
 from segpcl_fast.data.base import DatasetFormatError
-from segpcl_fast.data.ucf101 import class_folders, class_name, load_ucf101
+from segpcl_fast.data.ucf101 import class_folders, class_name, load_ucf101, middle_frame
 
 
 @pytest.mark.parametrize("layout", ["midframes", "frames"])
@@ -53,3 +58,122 @@ def test_frames_dir_option(ucf_root):
         load_ucf101(str(ucf_root))
     train, _ = load_ucf101(str(ucf_root), frames_dir="my_frames")
     assert len(train) == 6
+
+
+# ----------------------------------------------------------------------------- real frame-dump layouts
+FLOW_GREY = 60  # flow_x / flow_y images: greyscale JPEGs, as MMAction2's denseflow writes them
+
+
+def write_lists(root):
+    """Only ucfTrainTestlist/ of the fake release (no frames): lists, classInd with the HandStand quirk."""
+    make_ucf101(root, layout="frames")
+    shutil.rmtree(root / "UCF-101-frames")
+    return root
+
+
+def write_video_frames(folder, rgb, names=("img_{:05d}.jpg",), flow=(), n=UCF_FRAMES):
+    """A per-video frame folder: RGB series `names` (only the middle frame has colour `rgb`), plus flow series."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for pattern in names:
+        for k in range(1, n + 1):
+            write_image(folder / pattern.format(k), rgb if k == n // 2 + 1 else (250, 250, 250))
+    for pattern in flow:
+        for k in range(1, n + 1):
+            path = folder / pattern.format(k)
+            Image.new("L", (10, 8), FLOW_GREY).save(path, quality=95)
+
+
+def all_videos():
+    return ucf_videos(UCF_TRAIN_GROUPS + UCF_TEST_GROUPS)
+
+
+def group(video):
+    return int(video.split("_g")[1][:2])
+
+
+def assert_middle_rgb_frames(train, test):
+    for ds, groups in ((train, UCF_TRAIN_GROUPS), (test, UCF_TEST_GROUPS)):
+        assert len(ds) == 3 * len(groups)
+        for i in range(len(ds)):
+            img, label = ds[i]
+            c, g = decode_colour(img)  # only the middle RGB frame has this colour; flow is grey, others white
+            assert c == label and g in groups
+
+
+def test_mmaction_rawframes_skip_optical_flow(tmp_path):
+    """MMAction2 rawframes/: img_, flow_x_, flow_y_ in one folder; the middle *RGB* frame is read."""
+    root = write_lists(tmp_path / "ucf")
+    for c, folder, video in all_videos():
+        write_video_frames(root / "rawframes" / folder / video, colour(c, group(video)),
+                           flow=("flow_x_{:05d}.jpg", "flow_y_{:05d}.jpg"))
+    c, folder, video = all_videos()[0]
+    assert middle_frame(root / "rawframes" / folder / video).name == "img_00006.jpg"
+    train, test = load_ucf101(str(root))
+    assert_middle_rgb_frames(train, test)
+
+
+def test_middle_frame_series_choice(tmp_path):
+    # no RGB-named series: the largest non-flow one; 'frame000001' (two-stream) and 'image_0001' styles
+    write_video_frames(tmp_path / "a", (1, 2, 3), names=("shot{:03d}.png",), n=7)
+    write_image(tmp_path / "a" / "thumb_1.jpg", (0, 0, 0))
+    assert middle_frame(tmp_path / "a").name == "shot004.png"
+    write_video_frames(tmp_path / "b", (1, 2, 3), names=("frame{:06d}.jpg", "other_{:02d}.jpg"), n=5)
+    assert middle_frame(tmp_path / "b").name == "frame000003.jpg"  # RGB-named wins a tie
+    write_video_frames(tmp_path / "c", (1, 2, 3), names=("image_{:04d}.jpg",), flow=("flowx_{:04d}.jpg",), n=3)
+    assert middle_frame(tmp_path / "c").name == "image_0002.jpg"
+
+
+def test_middle_frame_ambiguous_or_flow_only(tmp_path):
+    write_video_frames(tmp_path / "v_mixed", (1, 2, 3), names=("left_{:03d}.jpg", "right_{:03d}.jpg"), n=3)
+    with pytest.raises(DatasetFormatError, match=r"v_mixed.*mixes image series.*\n(.*\n)*Fix: keep only the RGB"):
+        middle_frame(tmp_path / "v_mixed")
+    write_video_frames(tmp_path / "v_flow", (1, 2, 3), names=(), flow=("flow_x_{:05d}.jpg", "flow_y_{:05d}.jpg"))
+    with pytest.raises(DatasetFormatError, match="v_flow' holds only optical-flow images"):
+        middle_frame(tmp_path / "v_flow")
+
+
+def test_frame_folder_listed_once(tmp_path, monkeypatch):
+    root = write_lists(tmp_path / "ucf")
+    for c, folder, video in all_videos():
+        write_video_frames(root / "rawframes" / folder / video, colour(c, group(video)), flow=("flow_x_{:05d}.jpg",))
+    train, _ = load_ucf101(str(root))
+    calls = []
+    monkeypatch.setattr(ucf101, "middle_frame", lambda d: calls.append(d) or middle_frame(d))
+    first = [train[i][0].getpixel((0, 0)) for i in range(len(train))]
+    again = [train[i][0].getpixel((0, 0)) for i in range(len(train))]
+    assert first == again and len(calls) == len(train)
+
+
+@pytest.mark.parametrize("style", ["folders", "midframes"])
+def test_flat_frames_dir_without_class_folders(tmp_path, style):
+    """Two-stream release: jpegs_256/v_ApplyEyeMakeup_g08_c01/frame000001.jpg (no class folders);
+    that release spells 'v_HandstandPushups' where the split lists say 'v_HandStandPushups'."""
+    root = write_lists(tmp_path / "ucf")
+    for c, _, video in all_videos():
+        video = video.replace("HandStand", "Handstand")
+        if style == "folders":
+            write_video_frames(root / "jpegs_256" / video, colour(c, group(video)), names=("frame{:06d}.jpg",))
+        else:
+            write_image(root / "jpegs_256" / f"{video}.jpg", colour(c, group(video)))
+    train, test = load_ucf101(str(root), frames_dir="jpegs_256")
+    assert_middle_rgb_frames(train, test)
+    assert test.targets == [0, 1, 2]
+
+
+def write_avi(path):
+    """A minimal RIFF/AVI header: enough to be a '.avi' file of the raw release on disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = b"AVI " + b"LIST" + struct.pack("<I", 4) + b"hdrl"
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_raw_videos_only_says_extract(tmp_path):
+    root = write_lists(tmp_path / "ucf")
+    for _, folder, video in all_videos():
+        write_avi(root / "UCF-101" / folder / f"{video}.avi")
+    with pytest.raises(DatasetFormatError) as err:
+        load_ucf101(str(root))
+    msg = str(err.value)
+    assert "it holds the videos themselves" in msg and "v_ApplyEyeMakeup_g08_c01.avi" in msg
+    assert "ffmpeg" in msg and "UCF-101-midframes" in msg and "data.frames_dir" in msg
+    assert "has no frames" not in msg and "(.jpg or a folder)" not in msg
