@@ -36,7 +36,7 @@ log = logging.getLogger("segpcl_fast.engine")
 # keys that may differ between a run and its resumption
 RUN_ONLY_KEYS = ("run.resume", "run.output_dir", "run.progress", "run.plots", "run.num_threads",
                  "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
-                 "dpgd.batch_size")
+                 "dpgd.batch_size", "data.expected_classes")  # the last: a check on the data, not a setting
 
 
 @dataclass
