@@ -64,6 +64,49 @@ def clean_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
+def _mapping_from_meta_bin(path: Path) -> dict[str, str]:
+    """torchvision ImageNet's meta.bin: torch.save((wnid_to_classes, val_wnids)), where
+    wnid_to_classes maps a wnid to a tuple of names; the first name is kept."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            data = torch.load(path, weights_only=True)
+        except TypeError:  # a torch without weights_only
+            data = torch.load(path)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise ValueError(f"'{path}' is not a torchvision meta.bin ({type(err).__name__}: {err})") from err
+    wnid_to_classes = data[0] if isinstance(data, (tuple, list)) and data else data
+    if not isinstance(wnid_to_classes, dict):
+        raise ValueError(f"'{path}' does not hold torchvision's (wnid_to_classes, val_wnids)")
+    mapping = {}
+    for wnid, names in wnid_to_classes.items():
+        name = names[0] if isinstance(names, (list, tuple)) and names else names
+        if WNID_RE.match(str(wnid)) and isinstance(name, str):
+            mapping[str(wnid)] = clean_name(name.split(",")[0])
+    return mapping
+
+
+def _mapping_from_json(path: Path) -> dict[str, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"'{path}' is not valid JSON ({err})") from err
+    mapping: dict[str, str] = {}
+    if not isinstance(data, dict):
+        return mapping
+    for key, val in data.items():
+        if WNID_RE.match(str(key)):
+            name = val[0] if isinstance(val, (list, tuple)) else val
+            mapping[str(key)] = clean_name(str(name).split(",")[0])
+        elif isinstance(val, (list, tuple)) and len(val) >= 2 and WNID_RE.match(str(val[0])):
+            mapping[str(val[0])] = clean_name(str(val[1]).split(",")[0])
+    return mapping
+
+
 def parse_wnid_mapping(path: Path) -> dict[str, str]:
     """Read a wnid -> class name file.
 
@@ -71,20 +114,15 @@ def parse_wnid_mapping(path: Path) -> dict[str, str]:
     "n01440764 tench, Tinca tinca" (LOC_synset_mapping.txt: the first name is kept).
     Lines that do not start with a wnid are skipped, so a README's prose is fine.
     JSON formats: {"n01440764": "tench"} or torchvision/Keras' {"0": ["n01440764", "tench"]}.
+    Binary: torchvision ImageNet's meta.bin (suffix .bin). A file that cannot be parsed
+    (invalid JSON, not a meta.bin) raises ValueError naming the file.
     """
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _mapping_from_json(path)
+    if suffix == ".bin":
+        return _mapping_from_meta_bin(path)
     mapping: dict[str, str] = {}
-    if path.suffix.lower() == ".json":
-        with open(path) as f:
-            data = json.load(f)
-        if not isinstance(data, dict):
-            return {}
-        for key, val in data.items():
-            if WNID_RE.match(str(key)):
-                name = val[0] if isinstance(val, (list, tuple)) else val
-                mapping[str(key)] = clean_name(str(name).split(",")[0])
-            elif isinstance(val, (list, tuple)) and len(val) >= 2 and WNID_RE.match(str(val[0])):
-                mapping[str(val[0])] = clean_name(str(val[1]).split(",")[0])
-        return mapping
     for line in read_lines(path):
         parts = line.split(None, 1)
         if len(parts) == 2 and WNID_RE.match(parts[0]):
@@ -92,10 +130,52 @@ def parse_wnid_mapping(path: Path) -> dict[str, str]:
     return mapping
 
 
+ILSVRC2012_FIRST_LAST = ("n01440764", "n15075141")  # smallest and largest of the 1000 ILSVRC-2012 wnids
+
+
+def clip_imagenet_names(mapping: dict[str, str]) -> Optional[dict[str, str]]:
+    """CLIP's curated ImageNet names (open_clip's IMAGENET_CLASSNAMES, indexed by sorted wnid)
+    for a mapping that covers exactly the 1000 ILSVRC-2012 wnids; None otherwise (another
+    wnid set, or open_clip not installed)."""
+    wnids = sorted(mapping)
+    if len(wnids) != 1000 or (wnids[0], wnids[-1]) != ILSVRC2012_FIRST_LAST:
+        return None
+    try:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    except ImportError:
+        return None
+    if len(IMAGENET_CLASSNAMES) != 1000:
+        return None
+    return dict(zip(wnids, IMAGENET_CLASSNAMES))
+
+
+def check_unique_names(wnids: Sequence[str], names: Sequence[str], source: str, dataset: str,
+                       layout: str) -> None:
+    """Two classes whose names match case-insensitively (CLIP's tokenizer lowercases) would
+    get identical prompts: one error listing every collision."""
+    by_name: dict[str, list[str]] = {}
+    for wnid, name in zip(wnids, names):
+        by_name.setdefault(name.lower(), []).append(wnid)
+    clashes = [f"'{n}' ({', '.join(ws)})" for n, ws in by_name.items() if len(ws) > 1]
+    if clashes:
+        raise format_error(dataset, f"class names from {source} collide (case-insensitively): "
+                                    f"{'; '.join(clashes)}", layout,
+                           "set data.names_file to a mapping ('<wnid> <class name>' lines or JSON) "
+                           "that gives these classes distinct names")
+
+
 def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset: str,
-                    layout: str, user_file: Optional[str]) -> list[str]:
+                    layout: str, user_file: Optional[str], unique: bool = False) -> list[str]:
     """Class names for `wnids` from the user's mapping file (if given) or the first of
-    `mapping_files` that exists; a missing file or missing wnids is one clear error."""
+    `mapping_files` that exists; a missing or unreadable file or missing wnids is one clear error.
+
+    Names from a shipped file that lists exactly the 1000 ILSVRC-2012 wnids (LOC_synset_mapping.txt,
+    meta.bin) are replaced by CLIP's curated names when open_clip is installed; a user's
+    data.names_file is always taken as written. unique=True (for class-incremental datasets, whose
+    classes must get distinct prompts): names colliding case-insensitively are an error (see
+    check_unique_names). Off by default for zero-shot evaluation sets, where CLIP's own 1000 ImageNet
+    names repeat 'missile' and 'sunglasses'.
+    """
     if user_file:
         path = Path(user_file).expanduser()
         if not path.is_file():
@@ -108,13 +188,26 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
             raise format_error(dataset, f"no class-name mapping found (looked for: {tried})", layout,
                                "put the mapping file there, or set data.names_file to a file with lines "
                                "'<wnid> <class name>'")
-    mapping = parse_wnid_mapping(path)
+    try:
+        mapping = parse_wnid_mapping(path)
+    except ValueError as err:
+        raise format_error(dataset, f"class-name mapping {err}", layout,
+                           "fix the file, or set data.names_file to a file with lines '<wnid> <class name>' "
+                           "or JSON {\"<wnid>\": \"<class name>\"}") from err
+    source = f"'{path}'"
+    if not user_file:
+        clip_names = clip_imagenet_names(mapping)
+        if clip_names is not None:
+            mapping, source = clip_names, f"CLIP's ImageNet names (open_clip; wnids from '{path}')"
     missing = [w for w in wnids if w not in mapping]
     if missing:
         raise format_error(dataset, f"class-name mapping '{path}' lacks {len(missing)} of the "
                                     f"{len(wnids)} wnids, e.g. {missing[:5]}", layout,
                            "use a complete mapping (lines '<wnid> <class name>') via data.names_file")
-    return [mapping[w] for w in wnids]
+    names = [mapping[w] for w in wnids]
+    if unique:
+        check_unique_names(wnids, names, source, dataset, layout)
+    return names
 
 
 def stratified_split(targets: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:

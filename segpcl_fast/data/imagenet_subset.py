@@ -1,57 +1,149 @@
 """ImageNet-Subset (ImageNet-100): ImageNet train/val folders restricted to a class list.
 
-Class list: the file `class_list` (absolute, or relative to the root), default
-`<root>/imagenet100.txt`: one wnid per line (extra words on a line are ignored, '#' comments
-skipped). Without that file, a root whose train/ holds exactly 100 wnid folders (an already
-cut ImageNet-100 copy, as PyCIL uses) takes those. Class index = position in the class list.
+Class list: the file `class_list` (absolute, or relative to the root); without it the first of
+`<root>/imagenet100.txt`, `<root>/train_100.txt` that exists; without either, a root whose
+train/ holds exactly 100 wnid folders (an already cut ImageNet-100 copy, as PyCIL uses) takes
+those. Two class-list formats:
+  - wnid list: one wnid per line (extra words on a line ignored, '#' comments skipped);
+  - split list (continuum / PODNet's train_100.txt, as RAPF uses): lines
+    'train/n01440764/n01440764_10026.JPEG 0', an image path relative to the ImageNet root and
+    an integer label. The wnid is the image's folder; wnids and labels must match one to one.
+    Train is exactly the listed files. Val is exactly the files of the sibling list named with
+    'train' replaced by 'val' (train_100.txt -> val_100.txt next to it) when that file exists
+    (its paths may also be flat 'val/<file> <label>': the label names the class); otherwise
+    the val folders / CSV below, restricted to the list's classes.
+Class index = position in the SORTED wnids of the class list, whatever the list's line order or
+labels (the ImageFolder convention, so a pre-cut train/ and a list file give the same indices and
+RAPF's class_orders/imagenet100.yaml = RandomState(1993).permutation(100) applies); to use
+another order, set data.class_order.
 Validation images: val/<wnid>/ folders, or a flat val/ plus LOC_val_solution.csv (Kaggle).
+Kaggle layout: when <root>/ILSVRC/Data/CLS-LOC/train exists, images are read from
+ILSVRC/Data/CLS-LOC/{train,val} and the metadata files (CSV, mapping, class list) from <root>.
+Class names: data.names_file, else <root>/LOC_synset_mapping.txt, else torchvision's
+<root>/meta.bin; when that file covers the 1000 ILSVRC-2012 wnids, CLIP's curated ImageNet names
+(open_clip) are used instead. Names that collide case-insensitively are an error.
 """
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import WNID_RE, format_error, list_images, names_for_wnids, read_lines, require_root, wnid_folders
+from .files import (WNID_RE, format_error, list_images, names_for_wnids, read_lines, relative_to_any,
+                    require_root, wnid_folders)
+
+log = logging.getLogger(__name__)
 
 NAME = "imagenet-subset"
-DEFAULT_CLASS_LIST = "imagenet100.txt"
+DEFAULT_CLASS_LISTS = ("imagenet100.txt", "train_100.txt")
+KAGGLE_IMAGES = Path("ILSVRC") / "Data" / "CLS-LOC"
+VAL_CSV = "LOC_val_solution.csv"
+VAL_CSV_COLUMNS = ("ImageId", "PredictionString")
 LAYOUT = f"""  <root>/train/<wnid>/*.JPEG
-  <root>/val/<wnid>/*.JPEG          (or flat val/*.JPEG + <root>/LOC_val_solution.csv)
-  <root>/LOC_synset_mapping.txt     (lines 'n01440764 tench, Tinca tinca')
-  <root>/{DEFAULT_CLASS_LIST}           (the subset: one wnid a line; or set data.class_list)"""
+  <root>/val/<wnid>/*.JPEG          (or flat val/*.JPEG + <root>/{VAL_CSV})
+  (Kaggle: images in <root>/{KAGGLE_IMAGES}/{{train,val}}, the files below in <root>)
+  <root>/LOC_synset_mapping.txt     (lines 'n01440764 tench, Tinca tinca'; or torchvision's meta.bin)
+  <root>/imagenet100.txt            (the subset: one wnid a line; or set data.class_list)
+  or <root>/train_100.txt + val_100.txt (continuum/PODNet lists: 'train/<wnid>/<file> <label>')"""
+
+Split = tuple[list[str], list[int]]
 
 
-def _class_list(root: Path, class_list: Optional[str]) -> list[str]:
+class ClassList:
+    """The subset's sorted wnids; for a split list also its train files and val-list path."""
+
+    def __init__(self, wnids: list[str], path: Optional[Path] = None,
+                 train_files: Optional[list[tuple[str, str]]] = None, label_to_wnid: Optional[dict] = None):
+        self.wnids = sorted(wnids)
+        self.path = path
+        self.train_files = train_files  # (relative path, wnid) per listed image, or None
+        self.label_to_wnid = label_to_wnid or {}
+
+
+def _is_split_line(line: str) -> bool:
+    parts = line.split()
+    return len(parts) == 2 and "/" in parts[0]
+
+
+def _parse_split_list(path: Path, lines: list[str], label_to_wnid: Optional[dict] = None) -> tuple[list, dict]:
+    """(relative path, wnid) per line and the label -> wnid map of a split list; the wnid is the
+    folder of the path, or (flat val list) the class of its label in `label_to_wnid`."""
+    files, pairs = [], {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise format_error(NAME, f"split list '{path}': line '{line}' is not '<split>/<wnid>/<file> <label>'",
+                               LAYOUT, "one image path (relative to the ImageNet root) and an integer label a line")
+        rel, label = parts[0], int(parts[1])
+        folder = Path(rel).parent.name
+        if WNID_RE.match(folder):
+            wnid = folder
+        elif label_to_wnid is not None and label in label_to_wnid:
+            wnid = label_to_wnid[label]
+        else:
+            raise format_error(NAME, f"split list '{path}': the folder of '{rel}' is not a wnid", LAYOUT,
+                               "list paths as '<split>/<wnid>/<file>'")
+        pairs.setdefault((wnid, label), 0)
+        files.append((rel, wnid))
+    by_wnid, by_label = {}, {}
+    for wnid, label in pairs:
+        by_wnid.setdefault(wnid, []).append(label)
+        by_label.setdefault(label, []).append(wnid)
+    clashes = [f"{w} has labels {sorted(ls)}" for w, ls in by_wnid.items() if len(ls) > 1]
+    clashes += [f"label {lb} has wnids {sorted(ws)}" for lb, ws in by_label.items() if len(ws) > 1]
+    if clashes:
+        raise format_error(NAME, f"split list '{path}': wnids and labels do not match one to one: "
+                                 f"{'; '.join(sorted(clashes)[:5])}", LAYOUT,
+                           "give every image of one wnid folder the same label, and each wnid its own label")
+    return files, {lb: ws[0] for lb, ws in by_label.items()}
+
+
+def _read_class_list(path: Path) -> ClassList:
+    lines = read_lines(path)
+    if not lines:
+        raise format_error(NAME, f"class list '{path}' is empty", LAYOUT, "one wnid (n########) a line")
+    if _is_split_line(lines[0]):
+        files, label_to_wnid = _parse_split_list(path, lines)
+        labels = sorted(label_to_wnid)
+        wnids = sorted(label_to_wnid.values())
+        if [label_to_wnid[lb] for lb in labels] != wnids:
+            log.warning("split list %s: its labels are not in sorted-wnid order; class index = sorted wnid "
+                        "order (set data.class_order to reproduce the list's labels)", path)
+        return ClassList(wnids, path, files, label_to_wnid)
+    wnids = [ln.split()[0] for ln in lines]
+    bad = [w for w in wnids if not WNID_RE.match(w)]
+    if bad:
+        raise format_error(NAME, f"class list '{path}' has {len(bad)} entries that are not wnids, "
+                                 f"e.g. {bad[:3]}", LAYOUT,
+                           "one wnid (n########) a line, or a split list of '<split>/<wnid>/<file> <label>' lines")
+    dupes = sorted({w for w in wnids if wnids.count(w) > 1})
+    if dupes:
+        raise format_error(NAME, f"class list '{path}' repeats wnids {dupes[:5]}", LAYOUT, "list each wnid once")
+    return ClassList(wnids, path)
+
+
+def _class_list(root: Path, image_root: Path, class_list: Optional[str]) -> ClassList:
     if class_list:
         path = Path(class_list).expanduser()
         path = path if path.is_absolute() else root / path
         if not path.is_file():
             raise format_error(NAME, f"class list '{path}' (data.class_list) not found", LAYOUT,
                                "fix the path (absolute, or relative to data.root)")
-    else:
-        path = root / DEFAULT_CLASS_LIST
-        if not path.is_file():
-            train_wnids = wnid_folders(root / "train")
-            if len(train_wnids) == 100:
-                return train_wnids
-            raise format_error(NAME, f"no class list: '{path}' is missing and train/ holds "
-                                     f"{len(train_wnids)} wnid folders, not 100", LAYOUT,
-                               f"write the 100 wnids to {path} or set data.class_list")
-    wnids = [ln.split()[0] for ln in read_lines(path)]
-    bad = [w for w in wnids if not WNID_RE.match(w)]
-    if bad or not wnids:
-        raise format_error(NAME, f"class list '{path}' has {len(bad)} entries that are not wnids, "
-                                 f"e.g. {bad[:3]}" if bad else f"class list '{path}' is empty", LAYOUT,
-                           "one wnid (n########) a line")
-    dupes = sorted({w for w in wnids if wnids.count(w) > 1})
-    if dupes:
-        raise format_error(NAME, f"class list '{path}' repeats wnids {dupes[:5]}", LAYOUT, "list each wnid once")
-    return wnids
+        return _read_class_list(path)
+    for name in DEFAULT_CLASS_LISTS:
+        if (root / name).is_file():
+            return _read_class_list(root / name)
+    train_wnids = wnid_folders(image_root / "train")
+    if len(train_wnids) == 100:
+        return ClassList(train_wnids)
+    raise format_error(NAME, f"no class list: none of {', '.join(DEFAULT_CLASS_LISTS)} in '{root}' and "
+                             f"train/ holds {len(train_wnids)} wnid folders, not 100", LAYOUT,
+                       f"write the 100 wnids to {root / DEFAULT_CLASS_LISTS[0]} or set data.class_list")
 
 
-def _split_from_folders(folder: Path, wnids: list[str], split: str) -> tuple[list[str], list[int]]:
+def _split_from_folders(folder: Path, wnids: list[str], split: str) -> Split:
     missing = [w for w in wnids if not (folder / w).is_dir()]
     if missing:
         raise format_error(NAME, f"{len(missing)} classes of the class list have no folder in "
@@ -65,42 +157,97 @@ def _split_from_folders(folder: Path, wnids: list[str], split: str) -> tuple[lis
     return paths, targets
 
 
-def _val_from_csv(root: Path, folder: Path, wnids: list[str]) -> tuple[list[str], list[int]]:
+def _split_from_list(files: list[tuple[str, str]], wnids: list[str], list_path: Path,
+                     bases: list[Path]) -> Split:
+    index = {w: i for i, w in enumerate(wnids)}
+    paths, targets, missing = [], [], []
+    for rel, wnid in files:
+        found = relative_to_any(rel, bases)
+        if found is None:
+            missing.append(rel)
+            continue
+        paths.append(str(found))
+        targets.append(index[wnid])
+    if missing:
+        raise format_error(NAME, f"{len(missing)} images listed in '{list_path}' are missing under "
+                                 f"{' or '.join(str(b) for b in bases)}, e.g. {missing[:3]}", LAYOUT,
+                           "point data.root at the ImageNet root the list's paths are relative to")
+    return paths, targets
+
+
+def _val_from_csv(csv_path: Path, folder: Path, wnids: list[str]) -> Split:
     index = {w: i for i, w in enumerate(wnids)}
     pairs = []
-    with open(root / "LOC_val_solution.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            wnid = (row.get("PredictionString") or "").split()[:1]
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        absent = [c for c in VAL_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if absent:
+            raise format_error(NAME, f"'{csv_path}' lacks the column(s) {absent} (header: {reader.fieldnames})",
+                               LAYOUT, f"use Kaggle's {VAL_CSV} (header 'ImageId,PredictionString'), "
+                                       "or sort val/ into val/<wnid>/ folders")
+        for row in reader:
+            wnid = (row["PredictionString"] or "").split()[:1]
             if wnid and wnid[0] in index:
                 pairs.append((row["ImageId"], index[wnid[0]]))
+    if not pairs:
+        raise format_error(NAME, f"'{csv_path}' lists no val image of the {len(wnids)} classes, e.g. "
+                                 f"{wnids[:3]}", LAYOUT, "use the full ILSVRC-2012 val solution file")
     paths, targets = [], []
     for image_id, label in sorted(pairs):
         path = folder / f"{image_id}.JPEG"
         if not path.is_file():
-            raise format_error(NAME, f"val image '{path}' listed in LOC_val_solution.csv is missing",
+            raise format_error(NAME, f"val image '{path}' listed in {VAL_CSV} is missing",
                                LAYOUT, "extract the full ImageNet val set")
         paths.append(str(path))
         targets.append(label)
     return paths, targets
 
 
+def _val_list_path(classes: ClassList) -> Optional[Path]:
+    """The val list next to a split list: its file name with 'train' replaced by 'val'."""
+    if classes.train_files is None or "train" not in classes.path.name:
+        return None
+    path = classes.path.with_name(classes.path.name.replace("train", "val", 1))
+    return path if path.is_file() else None
+
+
+def _val_split(root: Path, image_root: Path, classes: ClassList, bases: list[Path]) -> Split:
+    val_list = _val_list_path(classes)
+    if val_list is not None:
+        files, label_to_wnid = _parse_split_list(val_list, read_lines(val_list), classes.label_to_wnid)
+        wrong = sorted(lb for lb, w in label_to_wnid.items() if classes.label_to_wnid.get(lb) != w)
+        if wrong or sorted(label_to_wnid.values()) != classes.wnids:
+            raise format_error(NAME, f"val list '{val_list}' does not match '{classes.path}': its labels "
+                                     f"{wrong[:5]} name other wnids, or its classes differ", LAYOUT,
+                               "use the val list made with the train list (same wnids, same labels)")
+        return _split_from_list(files, classes.wnids, val_list, bases)
+    val_dir = image_root / "val"
+    if wnid_folders(val_dir):
+        return _split_from_folders(val_dir, classes.wnids, "val")
+    if val_dir.is_dir() and (root / VAL_CSV).is_file():
+        return _val_from_csv(root / VAL_CSV, val_dir, classes.wnids)
+    raise format_error(NAME, f"no val/<wnid>/ folders in '{image_root}' (and no flat val/ with "
+                             f"{root / VAL_CSV})", LAYOUT, "extract the ImageNet val set into val/")
+
+
 def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable] = None,
                          test_transform: Optional[Callable] = None, class_list: Optional[str] = None,
                          names_file: Optional[str] = None) -> tuple[FileListDataset, FileListDataset]:
-    """(train, val) over the class list; names from LOC_synset_mapping.txt or `names_file`."""
+    """(train, val) over the class list (class index = sorted wnid order); names from
+    `names_file`, LOC_synset_mapping.txt or meta.bin (see the module docstring)."""
     path = require_root(root, NAME, LAYOUT)
-    if not (path / "train").is_dir():
-        raise format_error(NAME, f"no train/ folder in '{path}'", LAYOUT, "point data.root at the ImageNet folder")
-    wnids = _class_list(path, class_list)
-    class_names = names_for_wnids(wnids, [path / "LOC_synset_mapping.txt"], NAME, LAYOUT, names_file)
-    train = _split_from_folders(path / "train", wnids, "train")
-    val_dir = path / "val"
-    if wnid_folders(val_dir):
-        val = _split_from_folders(val_dir, wnids, "val")
-    elif val_dir.is_dir() and (path / "LOC_val_solution.csv").is_file():
-        val = _val_from_csv(path, val_dir, wnids)
+    image_root = path / KAGGLE_IMAGES if (path / KAGGLE_IMAGES / "train").is_dir() else path
+    if not (image_root / "train").is_dir():
+        raise format_error(NAME, f"no train/ folder in '{path}' (nor in '{path / KAGGLE_IMAGES}')", LAYOUT,
+                           "point data.root at the ImageNet folder")
+    classes = _class_list(path, image_root, class_list)
+    class_names = names_for_wnids(classes.wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin"],
+                                  NAME, LAYOUT, names_file, unique=True)
+    bases = [image_root] if image_root == path else [image_root, path]
+    if classes.train_files is not None:
+        train = _split_from_list(classes.train_files, classes.wnids, classes.path, bases)
     else:
-        raise format_error(NAME, f"no val/<wnid>/ folders in '{path}' (and no flat val/ with "
-                                 f"LOC_val_solution.csv)", LAYOUT, "extract the ImageNet val set into val/")
+        train = _split_from_folders(image_root / "train", classes.wnids, "train")
+    val = _val_split(path, image_root, classes, bases)
     return (FileListDataset(*train, class_names, train_transform),
             FileListDataset(*val, class_names, test_transform))

@@ -72,30 +72,59 @@ def make_imagenet_r(root: Path, readme: bool = True) -> Path:
 IN_SYNSETS = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",
               "n01484850": "great white shark, white shark, man-eater", "n01491361": "tiger shark, Galeocerdo cuvieri",
               "n01494475": "hammerhead, hammerhead shark"}
-IN_SUBSET = ["n01484850", "n01440764", "n01494475"]  # deliberately not sorted
+IN_SUBSET = ["n01484850", "n01440764", "n01494475"]  # unsorted on purpose: the reader must sort it
+IN_KAGGLE_IMAGES = Path("ILSVRC") / "Data" / "CLS-LOC"
+
+
+def in_val_name(c: int, i: int) -> str:
+    """File stem of val image i of class c (c = index in sorted(IN_SYNSETS))."""
+    return f"ILSVRC2012_val_{c:04d}{i:04d}"
 
 
 def make_imagenet_subset(root: Path, n_train: int = 3, n_val: int = 2, mapping: bool = True,
-                         class_list: bool = True, flat_val: bool = False) -> Path:
-    rows = []
+                         class_list: bool = True, flat_val: bool = False, kaggle: bool = False,
+                         split_lists: bool = False, meta_bin: bool = False) -> Path:
+    """ImageNet with the classes of IN_SYNSETS. kaggle: images under ILSVRC/Data/CLS-LOC/ (metadata
+    stays in root). split_lists: continuum/PODNet train_100.txt + val_100.txt over IN_SUBSET
+    (label = index in sorted(IN_SUBSET)) instead of imagenet100.txt. meta_bin: torchvision's meta.bin."""
+    images = root / IN_KAGGLE_IMAGES if kaggle else root
+    rows, train_lines, val_lines = [], [], []
+    subset_label = {w: k for k, w in enumerate(sorted(IN_SUBSET))}
     for c, wnid in enumerate(sorted(IN_SYNSETS)):
         for i in range(n_train):
-            write_image(root / "train" / wnid / f"{wnid}_{i}.JPEG", colour(c, i))
+            write_image(images / "train" / wnid / f"{wnid}_{i}.JPEG", colour(c, i))
+            if wnid in subset_label:
+                train_lines.append(f"train/{wnid}/{wnid}_{i}.JPEG {subset_label[wnid]}")
         for i in range(n_val):
-            name = f"ILSVRC2012_val_{c:04d}{i:04d}"
+            name = in_val_name(c, i)
             if flat_val:
-                write_image(root / "val" / f"{name}.JPEG", colour(c, i))
+                write_image(images / "val" / f"{name}.JPEG", colour(c, i))
                 rows.append(f"{name},{wnid} 1 2 3 4 {wnid} 5 6 7 8")
             else:
-                write_image(root / "val" / wnid / f"{name}.JPEG", colour(c, i))
+                write_image(images / "val" / wnid / f"{name}.JPEG", colour(c, i))
+            if wnid in subset_label:
+                rel = f"val/{name}.JPEG" if flat_val else f"val/{wnid}/{name}.JPEG"
+                val_lines.append(f"{rel} {subset_label[wnid]}")
     if flat_val:
         (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
     if mapping:
         (root / "LOC_synset_mapping.txt").write_text(
             "".join(f"{w} {n}\n" for w, n in sorted(IN_SYNSETS.items())))
-    if class_list:
+    if meta_bin:
+        write_meta_bin(root / "meta.bin", {w: tuple(n.split(", ")) for w, n in IN_SYNSETS.items()})
+    if split_lists:
+        (root / "train_100.txt").write_text("\n".join(train_lines) + "\n")
+        (root / "val_100.txt").write_text("\n".join(val_lines) + "\n")
+    elif class_list:
         (root / "imagenet100.txt").write_text("\n".join(IN_SUBSET) + "\n")
     return root
+
+
+def write_meta_bin(path: Path, wnid_to_classes: dict) -> None:
+    """torchvision ImageNet's meta.bin: torch.save((wnid_to_classes, val_wnids))."""
+    import torch
+
+    torch.save((wnid_to_classes, sorted(wnid_to_classes)), path)
 
 
 # ----------------------------------------------------------------------------- CUB-200-2011

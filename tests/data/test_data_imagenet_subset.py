@@ -1,32 +1,40 @@
+import numpy as np
 import pytest
 
-from data_fakes import IN_SUBSET, IN_SYNSETS, decode_colour, make_imagenet_subset
+from data_fakes import (IN_KAGGLE_IMAGES, IN_SUBSET, IN_SYNSETS, colour, decode_colour, in_val_name,
+                        make_imagenet_subset, write_image, write_meta_bin)
 from segpcl_fast.data.base import DatasetFormatError
 from segpcl_fast.data.imagenet_subset import load_imagenet_subset
 
 SORTED = sorted(IN_SYNSETS)
+SUBSET_SORTED = sorted(IN_SUBSET)
+assert SUBSET_SORTED != IN_SUBSET  # the fake's list is unsorted, so the tests below prove sorting
+
+
+def assert_images_match_labels(ds, wnids):
+    """Every image's colour encodes the class of its wnid (index in SORTED)."""
+    for i in range(len(ds)):
+        img, label = ds[i]
+        assert decode_colour(img)[0] == SORTED.index(wnids[label])
 
 
 def test_class_list_order_and_names(imagenet_subset_root):
     train, val = load_imagenet_subset(str(imagenet_subset_root))
-    assert train.class_names == ["great white shark", "tench", "hammerhead"]
+    assert train.class_names == ["tench", "great white shark", "hammerhead"]  # sorted wnids, not line order
     assert len(train) == 3 * 3 and len(val) == 3 * 2
     for ds in (train, val):
         for path, label in zip(ds.paths, ds.targets):
-            assert f"/{IN_SUBSET[label]}/" in path
-    img, label = val[3]
-    assert decode_colour(img)[0] == SORTED.index(IN_SUBSET[label])
+            assert f"/{SUBSET_SORTED[label]}/" in path
+    assert_images_match_labels(val, SUBSET_SORTED)
 
 
 def test_explicit_class_list_and_flat_val(tmp_path):
     root = make_imagenet_subset(tmp_path / "in", class_list=False, flat_val=True)
     (root / "mine.txt").write_text("# two classes\nn01491361 tiger shark\nn01443537\n")
     train, val = load_imagenet_subset(str(root), class_list="mine.txt")
-    assert train.class_names == ["tiger shark", "goldfish"]
+    assert train.class_names == ["goldfish", "tiger shark"]
     assert len(val) == 4 and sorted(val.targets) == [0, 0, 1, 1]
-    for i in range(len(val)):
-        img, label = val[i]
-        assert decode_colour(img)[0] == SORTED.index(["n01491361", "n01443537"][label])
+    assert_images_match_labels(val, ["n01443537", "n01491361"])
 
 
 def test_missing_class_list_is_an_error(tmp_path):
@@ -57,9 +65,173 @@ def test_missing_synset_mapping(tmp_path):
     (tmp_path / "map.json").write_text('{"0": ["n01440764", "tench"], "1": ["n01484850", "great_white_shark"],'
                                        ' "2": ["n01494475", "hammerhead"]}')
     train, _ = load_imagenet_subset(str(root), names_file=str(tmp_path / "map.json"))
-    assert train.class_names == ["great white shark", "tench", "hammerhead"]
+    assert train.class_names == ["tench", "great white shark", "hammerhead"]
 
 
 def test_no_train_folder(tmp_path):
     with pytest.raises(DatasetFormatError, match="no train/"):
         load_imagenet_subset(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- class index = sorted wnids
+def make_precut_100(root):
+    """An already cut ImageNet-100: train/ and val/ with 100 wnid folders, one image each."""
+    wnids = [f"n{1000000 + 37 * k:08d}" for k in range(100)]
+    for k, wnid in enumerate(wnids):
+        write_image(root / "train" / wnid / f"{wnid}_0.JPEG", (k, 0, 0), size=(2, 2))
+        write_image(root / "val" / wnid / f"{wnid}_v.JPEG", (k, 0, 0), size=(2, 2))
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} thing {k}\n" for k, w in enumerate(wnids)))
+    return wnids
+
+
+def test_folders_and_list_file_give_the_same_class_indices(tmp_path):
+    root = tmp_path / "in100"
+    wnids = make_precut_100(root)
+    from_folders = load_imagenet_subset(str(root))
+    (root / "imagenet100.txt").write_text("\n".join(reversed(wnids)) + "\n")
+    from_list = load_imagenet_subset(str(root))
+    for a, b in zip(from_folders, from_list):
+        assert a.class_names == b.class_names == [f"thing {k}" for k in range(100)]
+        assert a.paths == b.paths and a.targets == b.targets
+    # so 'seeded' 1993 over sorted-wnid labels is RAPF's class_orders/imagenet100.yaml
+    assert list(np.random.RandomState(1993).permutation(100)[:5]) == [68, 56, 78, 8, 23]
+
+
+# ----------------------------------------------------------------------------- continuum / PODNet split lists
+def add_unlisted_images(root, images=None):
+    """An extra train and val image of a listed class that the split lists do not name."""
+    images = images or root
+    wnid = IN_SUBSET[0]
+    write_image(images / "train" / wnid / "unlisted.JPEG", colour(SORTED.index(wnid), 9))
+    write_image(images / "val" / wnid / "unlisted.JPEG", colour(SORTED.index(wnid), 9))
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_split_lists_use_exactly_the_listed_files(tmp_path, explicit):
+    root = make_imagenet_subset(tmp_path / "in", split_lists=True)
+    add_unlisted_images(root)
+    train, val = load_imagenet_subset(str(root), class_list="train_100.txt" if explicit else None)
+    assert train.class_names == ["tench", "great white shark", "hammerhead"]
+    assert len(train) == 3 * 3 and len(val) == 3 * 2
+    assert not any("unlisted" in p for p in train.paths + val.paths)
+    assert_images_match_labels(train, SUBSET_SORTED)
+    assert_images_match_labels(val, SUBSET_SORTED)
+
+
+def test_split_list_without_val_list_falls_back_to_val_folders(tmp_path):
+    root = make_imagenet_subset(tmp_path / "in", split_lists=True)
+    add_unlisted_images(root)
+    (root / "val_100.txt").unlink()
+    train, val = load_imagenet_subset(str(root))
+    assert len(train) == 3 * 3 and len(val) == 3 * 2 + 1
+    assert_images_match_labels(val, SUBSET_SORTED)
+
+
+def test_split_list_errors(tmp_path):
+    root = make_imagenet_subset(tmp_path / "in", split_lists=True)
+    good = (root / "train_100.txt").read_text()
+    wnid = SUBSET_SORTED[0]
+    (root / "train_100.txt").write_text(good + f"train/{wnid}/{wnid}_0.JPEG 2\n")  # a second label for wnid
+    with pytest.raises(DatasetFormatError, match=f"one to one.*{wnid} has labels \\[0, 2\\]"):
+        load_imagenet_subset(str(root))
+    (root / "train_100.txt").write_text(good + "train/sharks/x.JPEG 1\n")
+    with pytest.raises(DatasetFormatError, match="folder of 'train/sharks/x.JPEG' is not a wnid"):
+        load_imagenet_subset(str(root))
+    (root / "train_100.txt").write_text(good + f"train/{wnid}/absent.JPEG 0\n")
+    with pytest.raises(DatasetFormatError, match="1 images listed in .*absent.JPEG"):
+        load_imagenet_subset(str(root))
+    (root / "train_100.txt").write_text(good)
+    val = (root / "val_100.txt").read_text()
+    swapped = {"0": "0", "1": "2", "2": "1"}  # one to one within val_100.txt, but not train_100.txt's labels
+    (root / "val_100.txt").write_text("".join(
+        f"{ln.rsplit(' ', 1)[0]} {swapped[ln.rsplit(' ', 1)[1]]}\n" for ln in val.splitlines()))
+    with pytest.raises(DatasetFormatError, match=r"val_100.txt' does not match .*labels \[1, 2\]"):
+        load_imagenet_subset(str(root))
+
+
+# ----------------------------------------------------------------------------- Kaggle layout
+@pytest.mark.parametrize("split_lists", [False, True])
+def test_kaggle_layout(tmp_path, split_lists):
+    root = make_imagenet_subset(tmp_path / "in", kaggle=True, flat_val=True, split_lists=split_lists)
+    assert not (root / "train").exists() and (root / IN_KAGGLE_IMAGES / "train").is_dir()
+    train, val = load_imagenet_subset(str(root))
+    assert train.class_names == ["tench", "great white shark", "hammerhead"]
+    assert len(train) == 3 * 3 and len(val) == 3 * 2
+    assert all(str(IN_KAGGLE_IMAGES) in p for p in train.paths + val.paths)
+    assert_images_match_labels(train, SUBSET_SORTED)
+    assert_images_match_labels(val, SUBSET_SORTED)
+
+
+# ----------------------------------------------------------------------------- class names
+def test_names_from_torchvision_meta_bin(tmp_path):
+    root = make_imagenet_subset(tmp_path / "in", mapping=False, meta_bin=True)
+    train, _ = load_imagenet_subset(str(root))
+    assert train.class_names == ["tench", "great white shark", "hammerhead"]
+    (root / "meta.bin").write_bytes(b"not a torch file")
+    with pytest.raises(DatasetFormatError, match="meta.bin"):
+        load_imagenet_subset(str(root))
+
+
+def test_colliding_names_are_an_error(tmp_path):
+    root = make_imagenet_subset(tmp_path / "in")
+    synsets = dict(IN_SYNSETS, n01440764="Cardigan, Cardigan Welsh corgi", n01494475="cardigan")
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {n}\n" for w, n in sorted(synsets.items())))
+    with pytest.raises(DatasetFormatError, match=r"collide.*'cardigan' \(n01440764, n01494475\)") as err:
+        load_imagenet_subset(str(root))
+    assert "data.names_file" in str(err.value)
+    (tmp_path / "names.txt").write_text("n01440764 Cardigan corgi\nn01484850 great white shark\n"
+                                        "n01494475 cardigan sweater\n")
+    train, _ = load_imagenet_subset(str(root), names_file=str(tmp_path / "names.txt"))
+    assert train.class_names == ["Cardigan corgi", "great white shark", "cardigan sweater"]
+
+
+ILSVRC_FILLERS = [f"n{1494476 + k:08d}" for k in range(994)]  # stand-ins for the 994 wnids in between
+
+
+@pytest.mark.parametrize("source", ["LOC_synset_mapping.txt", "meta.bin"])
+def test_clip_names_for_the_1000_ilsvrc_wnids(tmp_path, source):
+    root = make_imagenet_subset(tmp_path / "in", mapping=False)
+    synsets = dict(IN_SYNSETS, **{w: "filler" for w in ILSVRC_FILLERS}, n15075141="toilet tissue")
+    if source == "meta.bin":
+        write_meta_bin(root / source, {w: tuple(n.split(", ")) for w, n in synsets.items()})
+    else:
+        (root / source).write_text("".join(f"{w} {n}\n" for w, n in sorted(synsets.items())))
+    train, _ = load_imagenet_subset(str(root))
+    assert train.class_names == ["tench", "great white shark", "hammerhead shark"]  # CLIP's: index 4
+    (tmp_path / "mine.txt").write_text("".join(f"{w} {n}\n" for w, n in sorted(synsets.items())))
+    train, _ = load_imagenet_subset(str(root), names_file=str(tmp_path / "mine.txt"))
+    assert train.class_names == ["tench", "great white shark", "hammerhead"]  # the user's file as written
+
+
+def test_1000_other_wnids_keep_the_file_names(tmp_path):
+    root = make_imagenet_subset(tmp_path / "in", mapping=False)
+    synsets = dict(IN_SYNSETS, **{w: "filler" for w in ILSVRC_FILLERS}, n15075142="not ilsvrc")
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {n}\n" for w, n in sorted(synsets.items())))
+    train, _ = load_imagenet_subset(str(root))
+    assert train.class_names == ["tench", "great white shark", "hammerhead"]
+
+
+def test_invalid_names_json(tmp_path, imagenet_subset_root):
+    (tmp_path / "names.json").write_text('{"n01440764": "tench",')
+    with pytest.raises(DatasetFormatError, match=r"names.json' is not valid JSON"):
+        load_imagenet_subset(str(imagenet_subset_root), names_file=str(tmp_path / "names.json"))
+
+
+# ----------------------------------------------------------------------------- val CSV
+@pytest.mark.parametrize("header", ["id,label", "Image,PredictionString", "ImageId PredictionString"])
+def test_val_csv_with_other_header(tmp_path, header):
+    root = make_imagenet_subset(tmp_path / "in", flat_val=True)
+    csv_path = root / "LOC_val_solution.csv"
+    csv_path.write_text(header + "\n" + csv_path.read_text().split("\n", 1)[1])
+    with pytest.raises(DatasetFormatError, match=r"(?s)LOC_val_solution.csv' lacks the column.*'ImageId,PredictionString'"):
+        load_imagenet_subset(str(root))
+
+
+def test_val_csv_without_the_subset(tmp_path):
+    root = make_imagenet_subset(tmp_path / "in", flat_val=True)
+    csv_path = root / "LOC_val_solution.csv"
+    keep = [ln for ln in csv_path.read_text().splitlines() if not any(w in ln for w in IN_SUBSET)]
+    csv_path.write_text("\n".join(keep) + "\n")
+    assert in_val_name(SORTED.index("n01443537"), 0) in csv_path.read_text()  # other classes' rows remain
+    with pytest.raises(DatasetFormatError, match="lists no val image of the 3 classes"):
+        load_imagenet_subset(str(root))
