@@ -2,7 +2,8 @@
 
 Keyed by data_cfg.dataset. Reader options that DataConfig may carry (read with getattr, so a
 config without them keeps the defaults): names_file (wnid -> name mapping, ImageNet-R /
-ImageNet-Subset), class_list (ImageNet-Subset wnids, default <root>/imagenet100.txt),
+ImageNet-Subset), class_list (ImageNet-Subset wnids or PODNet train_100.txt; default
+<root>/imagenet100.txt, then <root>/train_100.txt),
 frames_dir (UCF101), split_seed / test_fraction (ImageNet-R 80/20 split, default 0 / 0.2),
 split_file (ImageNet-R, RAPF's sectioned train/test file).
 data_cfg.expected_classes (set by the benchmark presets) must match the classes found.

@@ -188,3 +188,12 @@ def test_seeded_split_is_logged(imagenet_r_root, caplog):
     with caplog.at_level(logging.INFO, logger="segpcl_fast.data.imagenet_r"):
         load_imagenet_r(str(imagenet_r_root), split_seed=3)
     assert "seeded per-class split (split_seed=3" in caplog.text
+
+
+def test_names_that_collide_case_insensitively_are_one_error(imagenet_r_root, tmp_path):
+    """CLIP lowercases prompts: 'Crane' and 'crane' would be one class to the text tower."""
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"{w} {'Crane' if i == 0 else 'crane' if i == 1 else f'class {i}'}"
+                               for i, w in enumerate(WNIDS)) + "\n")
+    with pytest.raises(DatasetFormatError, match=f"(?s)collide.*'crane' \\({WNIDS[0]}, {WNIDS[1]}\\).*data.names_file"):
+        load_imagenet_r(str(imagenet_r_root), names_file=str(names))
