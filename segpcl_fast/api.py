@@ -104,14 +104,18 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs
     out = Path(cfg.run.output_dir)
-    runs, rows = {}, []
+    runs, rows, trained = {}, [], {}
     for name in variants:
-        runs[name] = []
-        for seed in seeds:
-            run_cfg = apply_overrides(cfg, {"run.method": name, "run.seed": int(seed),
-                                            "run.output_dir": str(out / name.replace("+", "plus_") / f"seed{seed}")})
-            runs[name].append(train(run_cfg))
-        row = {"method": name, "seeds": len(seeds)}
+        same_as = trained.setdefault(_training_key(cfg, name), name)
+        if same_as != name:  # e.g. onlyclip is +prototype_transfer's config: its runs are reused
+            runs[name] = runs[same_as]
+        else:
+            runs[name] = []
+            for seed in seeds:
+                run_cfg = apply_overrides(cfg, {"run.method": name, "run.seed": int(seed),
+                                                "run.output_dir": str(out / name.replace("+", "plus_") / f"seed{seed}")})
+                runs[name].append(train(run_cfg))
+        row = {"method": name if same_as == name else f"{name} (= {same_as})", "seeds": len(seeds)}
         for key in ABLATION_METRICS:
             mean, std = _mean_std([r.metrics.get(key) for r in runs[name]])
             row[key], row[key + "_std"] = mean, std
@@ -129,6 +133,16 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
         paths["png"] = str(plots.plot_acc_curves({n: rs[0].acc_per_task for n, rs in runs.items()},
                                                  out / "ablation.png", title=f"ablation: acc per task ({cfg.data.dataset})"))
     return {"rows": rows, "runs": runs, "paths": paths, "table": table}
+
+
+def _training_key(cfg, name: str) -> str:
+    """What variant `name` computes, as text: two variants with the same key give the same runs."""
+    import json
+
+    from .method.variants import resolve_variant
+    resolved = resolve_variant(apply_overrides(cfg, {"run.method": name})).to_dict()
+    resolved["run"].pop("method", None)
+    return json.dumps(resolved, sort_keys=True, default=str)
 
 
 def _pm(mean, std) -> str:

@@ -142,7 +142,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     # which method: "segpcl" (full), "lora_finetune", "zeroshot", "onlyclip", "+acgd", "+tsgr",
-    # "+prototype_transfer", "distill_new_data"; see method/variants.py
+    # "+prototype_transfer", "+visual_branch", "distill_new_data", ...; see method/variants.py
     method: str = "segpcl"
     seed: int = 0
     output_dir: str = "runs/default"

@@ -26,8 +26,8 @@ from .outputs import make_trainer, new_figure, run_config, save_png, slug, write
 
 log = logging.getLogger("segpcl_fast.analysis")
 
-# The ablation ladder's distinct trainings: +visual_branch trains exactly like +tsgr and onlyclip
-# exactly like segpcl (they differ only in the prototype path, which zero-shot does not use).
+# The ablation ladder's distinct trainings: +prototype_transfer (= onlyclip) trains like segpcl
+# (they differ only in the prototype path, which zero-shot does not use).
 DEFAULT_VARIANTS = ("zeroshot", "lora_finetune", "+acgd", "+tsgr", "segpcl")
 DatasetSpec = Union[Sequence[str], Mapping[str, Optional[str]], None]
 

@@ -8,7 +8,8 @@ temperatures, lr, the ACGD source) carry over: `--method segpcl --set acgd.sourc
 full method on seeds. Only distill_new_data / distill_seeds pin acgd.source. Variants that use
 the visual branch keep the config's beta (method.md: 0.5) and refuse beta = 0 ("onlyclip").
 
-LADDER is the order `segpcl-fast ablate` runs them in (the paper's ablation, plus references).
+LADDER is the order `segpcl-fast ablate` runs them in (the paper's ablation, method.md: LoRA-B,
++ ACGD, + TSGR, + prototype transfer, + visual branch = full; plus references).
 """
 from __future__ import annotations
 
@@ -30,13 +31,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
               "prototypes.transfer": False, **_NO_VISUAL},
     "+tsgr": {"acgd.enabled": True, "tsgr.enabled": True,
               "prototypes.transfer": False, **_NO_VISUAL},
-    # dual-path inference with prototypes frozen at their task's end (no drift transfer)
-    "+visual_branch": {"acgd.enabled": True, "tsgr.enabled": True,
-                       "prototypes.transfer": False},
-    "+prototype_transfer": dict(_FULL),
+    # the paper's ablation rungs 4 and 5 (method.md): + prototype transfer (old prototypes follow the
+    # anchors' drift; with beta = 0 it acts through DPGD's visual term), then + visual branch (the
+    # dual path), which is the full method
+    "+prototype_transfer": {**_FULL, **_NO_VISUAL},
+    "+visual_branch": dict(_FULL),
     "segpcl": dict(_FULL),
-    # full training (prototypes kept, so DPGD keeps its visual term), CLIP path only at inference
+    # full training, CLIP path only at inference: the same config as +prototype_transfer
     "onlyclip": {**_FULL, **_NO_VISUAL},
+    # not a paper rung: dual-path inference with prototypes frozen at their task's end
+    "visual_no_transfer": {"acgd.enabled": True, "tsgr.enabled": True, "prototypes.transfer": False},
     # ACGD on the raw new-task images instead of DPGD anchors (the paper: hurts)
     "distill_new_data": {**_FULL, "acgd.source": "new_data"},
     # ACGD on the undisturbed seeds (no PGD): isolates what the PGD steps add
@@ -44,22 +48,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 # variants whose inference uses the prototype path: beta must be > 0
-VISUAL_BRANCH = ("+visual_branch", "+prototype_transfer", "segpcl", "distill_new_data", "distill_seeds")
+VISUAL_BRANCH = ("+visual_branch", "segpcl", "visual_no_transfer", "distill_new_data", "distill_seeds")
 
 DESCRIPTIONS = {
     "zeroshot": "pretrained CLIP, no training",
     "lora_finetune": "LoRA-B, L_cls only",
     "+acgd": "+ ACGD on DPGD anchors",
     "+tsgr": "+ TSGR text geometry",
-    "+visual_branch": "+ prototype path (no drift transfer)",
-    "+prototype_transfer": "+ anchor-induced prototype transfer (= segpcl)",
+    "+prototype_transfer": "+ anchor-induced prototype transfer, CLIP path only (= onlyclip)",
+    "+visual_branch": "+ dual-path inference (= segpcl)",
     "segpcl": "full SeGP-CL",
     "onlyclip": "full training, CLIP path only (beta = 0)",
+    "visual_no_transfer": "ACGD + TSGR, dual path with prototypes not transferred",
     "distill_new_data": "full, ACGD on new-task images instead of anchors",
     "distill_seeds": "full, ACGD on seeds without PGD",
 }
 
-LADDER = ["zeroshot", "lora_finetune", "+acgd", "+tsgr", "+visual_branch", "segpcl", "onlyclip",
+# the paper's rungs (+visual_branch is segpcl, the full method), then the references; onlyclip is
+# +prototype_transfer's config, so `ablate` trains it once and reports it under both names
+LADDER = ["zeroshot", "lora_finetune", "+acgd", "+tsgr", "+prototype_transfer", "segpcl", "onlyclip",
           "distill_new_data"]
 
 

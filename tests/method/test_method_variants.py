@@ -22,10 +22,12 @@ def _switches(cfg):
     ("lora_finetune", (False, False, False, 0.0, "anchors")),
     ("+acgd", (True, False, False, 0.0, "anchors")),
     ("+tsgr", (True, True, False, 0.0, "anchors")),
-    ("+visual_branch", (True, True, False, 0.5, "anchors")),
-    ("+prototype_transfer", (True, True, True, 0.5, "anchors")),
+    # method.md's ablation: + prototype transfer (CLIP path only), then + visual branch (= full)
+    ("+prototype_transfer", (True, True, True, 0.0, "anchors")),
+    ("+visual_branch", (True, True, True, 0.5, "anchors")),
     ("segpcl", (True, True, True, 0.5, "anchors")),
     ("onlyclip", (True, True, True, 0.0, "anchors")),
+    ("visual_no_transfer", (True, True, False, 0.5, "anchors")),
     ("distill_new_data", (True, True, True, 0.5, "new_data")),
     ("distill_seeds", (True, True, True, 0.5, "seeds")),
 ])
@@ -70,6 +72,11 @@ def test_visual_variant_with_zero_beta_is_refused():
 
 def test_ladder_is_made_of_known_variants_in_paper_order():
     assert all(name in variants.VARIANTS for name in variants.LADDER)
-    order = [variants.LADDER.index(n) for n in ("lora_finetune", "+acgd", "+tsgr", "+visual_branch", "segpcl")]
+    order = [variants.LADDER.index(n) for n in ("lora_finetune", "+acgd", "+tsgr", "+prototype_transfer", "segpcl")]
     assert order == sorted(order)
+    assert "onlyclip" in variants.LADDER and "distill_new_data" in variants.LADDER
+    # each rung adds exactly one component to the one before it (method.md's ablation rows)
+    rungs = [_switches(_resolved(n))[:4] for n in ("lora_finetune", "+acgd", "+tsgr", "+prototype_transfer",
+                                                   "+visual_branch")]
+    assert all(sum(a != b for a, b in zip(prev, cur)) == 1 for prev, cur in zip(rungs, rungs[1:]))
     assert set(variants.DESCRIPTIONS) == set(variants.VARIANTS)
