@@ -163,12 +163,15 @@ class Trainer:
             self._anchors_on_rank0()
 
     def _anchors_on_rank0(self) -> None:
-        """Stage 1 runs on rank 0 only; its anchor cache is broadcast to the other ranks."""
+        """Stage 1 runs on rank 0 only; its anchor caches (ACGD's, the transfer's) are broadcast."""
         build = self.learner._build_anchors
 
         def build_once(loader):
-            cache = build(loader) if self.dist.is_main else None
-            return ddp.broadcast_anchor_cache(cache, self.dist, self.device)
+            acgd, transfer = build(loader) if self.dist.is_main else (None, None)
+            same = [transfer is acgd if self.dist.is_main else None]
+            torch.distributed.broadcast_object_list(same, src=0)
+            acgd = ddp.broadcast_anchor_cache(acgd, self.dist, self.device)
+            return acgd, acgd if same[0] else ddp.broadcast_anchor_cache(transfer, self.dist, self.device)
         self.learner._build_anchors = build_once
 
     # ------------------------------------------------------------------ evaluation

@@ -241,8 +241,8 @@ def teacher_outputs(teacher, pixels: torch.Tensor, old_text: torch.Tensor,
     logits, raws = [], []
     text = F.normalize(old_text.float(), dim=-1)
     with frozen_eval(teacher):
-        for start in range(0, pixels.shape[0], batch_size):
-            raw, emb = teacher.encode_image(pixels[start:start + batch_size])
+        for start in range(0, pixels.shape[0], batch_size):  # pixels may be on the CPU: batches move
+            raw, emb = teacher.encode_image(pixels[start:start + batch_size].to(text.device))
             logits.append(_scalar(logit_scale) * F.normalize(emb.float(), dim=-1) @ text.T)
             raws.append(raw.float())
     return torch.cat(logits), torch.cat(raws)
@@ -268,7 +268,8 @@ def build_anchor_cache(teacher, seeds_pixels: torch.Tensor, targets: torch.Tenso
         pixels = seeds_pixels.detach()
     teacher_logits, teacher_raw = teacher_outputs(teacher, pixels, old_text, logit_scale,
                                                   batch_size=max(cfg.batch_size, 1))
-    return AnchorCache(pixels, targets.to(pixels.device), teacher_logits, teacher_raw, source=source)
+    device = pixels.device  # the cache lives where its pixels do (CPU for a whole task's images)
+    return AnchorCache(pixels, targets.to(device), teacher_logits.to(device), teacher_raw.to(device), source=source)
 
 
 def sample_anchor_batch(cache: AnchorCache, n: int, generator: Optional[torch.Generator] = None) -> AnchorCache:

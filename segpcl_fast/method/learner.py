@@ -39,7 +39,8 @@ class Learner:
         self.n_old = 0  # classes before the current task
         self.n_new = 0  # classes of the current task
         self.prototypes = stage3.PrototypeMemory()
-        self.anchor_cache: Optional[stage1.AnchorCache] = None
+        self.anchor_cache: Optional[stage1.AnchorCache] = None  # what ACGD distils on (acgd.source)
+        self.transfer_cache: Optional[stage1.AnchorCache] = None  # DPGD anchors for the drift transfer
         self.graph: Optional[stage2.TSGRGraph] = None
         self.text_cache: Optional[torch.Tensor] = None  # u_S for seen classes after the last task
         self.anchor_generator = torch.Generator()
@@ -82,48 +83,69 @@ class Learner:
                                                 k=self.cfg.tsgr.k, tau=self.cfg.tsgr.tau)
         else:
             self.graph = None
-        self.anchor_cache = None
+        self.anchor_cache = self.transfer_cache = None
         if self.uses_anchors:
-            self.anchor_cache = self._build_anchors(train_eval_loader)
-            info["anchors"] = len(self.anchor_cache.targets)
+            self.anchor_cache, self.transfer_cache = self._build_anchors(train_eval_loader)
+            info["anchors"] = len(self.anchor_cache.targets) if self.anchor_cache is not None else 0
+            if self.transfer_cache is not None and self.transfer_cache is not self.anchor_cache:
+                info["transfer_anchors"] = len(self.transfer_cache.targets)
         return info
 
-    def _build_anchors(self, train_eval_loader: Iterable) -> "stage1.AnchorCache":
-        """Teacher = frozen copy of the model at the end of task t-1; used here only, then dropped."""
+    def _build_anchors(self, train_eval_loader: Iterable) -> tuple[Optional["stage1.AnchorCache"],
+                                                                     Optional["stage1.AnchorCache"]]:
+        """(ACGD cache from acgd.source, drift-transfer cache = DPGD anchors): one object when the
+        source is the anchors; either is None when its stage is off. Teacher = frozen copy of the
+        model at the end of task t-1; used here only, then dropped.
+
+        The task's images stay on the CPU (a task of ImageNet-Subset at 224 px is ~8 GB in fp32):
+        they go to the device in batches for the teacher, and only the chosen seeds move for good.
+        """
         teacher = copy.deepcopy(self.model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        source = self.cfg.acgd.source
+        source = self.cfg.acgd.source if self.cfg.acgd.enabled and self.cfg.acgd.weight > 0 else None
         with torch.no_grad():
             old_text = teacher.class_embeddings(self.class_prompts[:self.n_old], device=self.device)
             logit_scale = teacher.logit_scale()
-        images = torch.cat([x for x, _ in train_eval_loader]).to(self.device)
-        if source in ("anchors", "seeds"):
+        images = torch.cat([x for x, _ in train_eval_loader])
+        stats = self.model.image_stats
+        build = lambda pixels, targets, kind: stage1.build_anchor_cache(  # noqa: E731
+            teacher, pixels, targets, old_text, self.prototypes.tensor[:self.n_old].to(self.device), logit_scale,
+            self.cfg.dpgd, stats.mean, stats.std, source=kind)
+        seeds = None
+        if source in ("anchors", "seeds") or self.cfg.prototypes.transfer:
             with torch.no_grad():
-                embs = torch.cat([teacher.encode_image(images[i:i + 256])[1] for i in range(0, len(images), 256)])
-            seed_idx, targets = stage1.select_seeds(F.normalize(embs.float(), dim=-1), old_text.float(),
-                                                    self.cfg.dpgd.k_seed)
-            pixels = images[seed_idx]
+                embs = torch.cat([teacher.encode_image(images[i:i + 256].to(self.device))[1]
+                                  for i in range(0, len(images), 256)])
+            seed_idx, seed_targets = stage1.select_seeds(F.normalize(embs.float(), dim=-1), old_text.float(),
+                                                         self.cfg.dpgd.k_seed)
+            seeds = (images[seed_idx.cpu()].to(self.device), seed_targets)
+        # method.md: the drift is measured on the DPGD anchors, whatever ACGD distils on
+        transfer = build(*seeds, "anchors") if self.cfg.prototypes.transfer else None
+        if source is None:
+            acgd = None
+        elif source == "anchors":
+            acgd = transfer if transfer is not None else build(*seeds, "anchors")
+        elif source == "seeds":
+            acgd = build(*seeds, "seeds")
         elif source == "new_data":
-            pixels = images
-            targets = torch.full((len(images),), -1, dtype=torch.long, device=self.device)
+            pixels = images  # on the CPU, like the cache built from it: batches move in loss()
+            targets = torch.full((len(images),), -1, dtype=torch.long)
         elif source == "folder":  # ZSCL-style: unlabeled reference images, as many as the task has (at most)
             from ..data.retention import load_reference_images
             from ..data.transforms import clip_test_transform
             stats = self.model.image_stats
             transform = self.eval_transform or clip_test_transform(stats.size, stats.mean, stats.std)
             pixels = load_reference_images(self.cfg.acgd.source_folder, transform, limit=len(images),
-                                           seed=self.anchor_generator.initial_seed()).to(self.device)
-            targets = torch.full((len(pixels),), -1, dtype=torch.long, device=self.device)
+                                           seed=self.anchor_generator.initial_seed())
+            targets = torch.full((len(pixels),), -1, dtype=torch.long)
         else:
             raise ValueError(f"acgd.source='{source}' is not supported by the trainer; use anchors, seeds, "
                              f"new_data or folder")
-        stats = self.model.image_stats
-        cache = stage1.build_anchor_cache(
-            teacher, pixels, targets, old_text, self.prototypes.tensor[:self.n_old].to(self.device), logit_scale,
-            self.cfg.dpgd, stats.mean, stats.std, source="anchors" if source == "anchors" else "seeds")
+        if source in ("new_data", "folder"):
+            acgd = build(pixels, targets, "seeds")
         del teacher
-        return cache
+        return acgd, transfer
 
     # ------------------------------------------------------------------ stage 2
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -136,7 +158,7 @@ class Learner:
         anchor_batch = None
         if self.anchor_cache is not None and cfg.acgd.enabled and cfg.acgd.weight > 0:
             n_anchor = cfg.acgd.anchor_batch or n_img
-            anchor_batch = stage1.sample_anchor_batch(self.anchor_cache, n_anchor, self.anchor_generator)
+            anchor_batch = stage1.sample_anchor_batch(self.anchor_cache, n_anchor, self.anchor_generator).to(self.device)
             images = torch.cat([images, anchor_batch.pixels.to(images.dtype)])
         _, emb = self.model.encode_image(images)
         emb = F.normalize(emb, dim=-1)
@@ -163,17 +185,17 @@ class Learner:
         # Prototypes are kept for every variant: DPGD's visual term needs p_c even when beta = 0.
         raw, _, labels = self._embed_loader(self.model, train_eval_loader)
         new = stage3.class_means(raw, labels, list(range(self.n_old, n_total)))
-        if self.n_old > 0 and self.cfg.prototypes.transfer and self.anchor_cache is not None:
-            cache = self.anchor_cache
+        if self.n_old > 0 and self.cfg.prototypes.transfer and self.transfer_cache is not None:
+            cache = self.transfer_cache
             student_raw = torch.cat([self.model.raw_features(cache.pixels[i:i + 256].to(self.device)).float()
                                      for i in range(0, len(cache.pixels), 256)])
-            shift = self.prototypes.transfer(self.n_old, cache.teacher_raw.float(), student_raw,
+            shift = self.prototypes.transfer(self.n_old, cache.teacher_raw.float().to(self.device), student_raw,
                                              weight_rule=self.cfg.prototypes.weight_rule)
             info["prototype_shift"] = float(shift.mean())
         self.prototypes.add(new)
         self.n_seen = n_total
         self.text_cache = self.text_embeddings(n_total).detach()
-        self.anchor_cache = None  # the anchors belong to task t only
+        self.anchor_cache = self.transfer_cache = None  # the anchors belong to task t only
         return info
 
     # ------------------------------------------------------------------ inference

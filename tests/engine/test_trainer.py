@@ -168,3 +168,32 @@ def test_optimizer_choice_auto_prefers_apex_and_falls_back_to_torch(monkeypatch)
     assert make_optimizer(params, make_config(lr=0.1, optim__fused="foreach")) is not sentinel
     monkeypatch.setattr(accel, "apex_fused_sgd", lambda p, o: None)  # apex present but unusable (CPU params)
     assert type(make_optimizer(params, cfg)) is torch.optim.SGD
+
+
+@pytest.mark.parametrize("method", ["segpcl", "distill_new_data"])
+def test_the_drift_transfer_always_uses_the_dpgd_anchors(tiny_model_name, tmp_path, method):
+    """method.md: the drift is measured on the DPGD anchors; distill_new_data changes only what
+    ACGD distils on (the task's raw images), not the transfer."""
+    cfg = small_config(tiny_model_name, tmp_path / method, method=method, max_train_per_class=3)
+    trainer = Trainer(cfg)
+    seen = {}
+    original = trainer.learner.begin_task
+
+    def capture(*args, **kwargs):
+        info = original(*args, **kwargs)
+        seen.update(acgd=trainer.learner.anchor_cache, transfer=trainer.learner.transfer_cache, info=info)
+        return info
+    trainer.learner.begin_task = capture
+    trainer.train_task(0)
+    trainer.train_task(1)
+    n_old, k_seed = trainer.learner.n_old, cfg.dpgd.k_seed
+    transfer = seen["transfer"]
+    assert transfer.source == "anchors" and len(transfer) == n_old * k_seed
+    assert sorted(transfer.targets.tolist()) == sorted(list(range(n_old)) * k_seed)
+    if method == "segpcl":
+        assert seen["acgd"] is transfer
+    else:
+        n_task_images = len(trainer.scenario.train_dataset(1))
+        assert seen["acgd"].source == "seeds" and len(seen["acgd"]) == n_task_images
+        assert seen["acgd"].targets.tolist() == [-1] * n_task_images
+        assert seen["info"]["transfer_anchors"] == n_old * k_seed
