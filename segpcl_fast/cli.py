@@ -81,8 +81,7 @@ def cmd_ablate(args) -> int:
     from .api import ablate
     cfg = _config_from_args(args)
     variants = args.variants.split(",") if args.variants else None
-    seeds = [int(s) for s in args.seeds.split(",")]
-    out = ablate(cfg, variants=variants, seeds=seeds)
+    out = ablate(cfg, variants=variants, seeds=args.seeds)
     print(out["table"])
     print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
     return 0
@@ -91,6 +90,27 @@ def cmd_ablate(args) -> int:
 def _print_analysis(out: dict) -> None:
     print(out["table"])
     print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type of --seeds: "0,1,2" -> [0, 1, 2]; anything else is a usage error."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds expects comma-separated integers like 0,1,2, got {text!r}")
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed, e.g. --seeds 0")
+    return seeds
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects an integer >= 1, got {text!r}")
+    return value
 
 
 def _csv(text):
@@ -119,7 +139,7 @@ def cmd_sweep(args) -> int:
     from .analysis import sweep
     axes, args.overrides = args.overrides, list(args.fixed)
     cfg = _config_from_args(args)
-    _print_analysis(sweep(cfg, axes=axes, seeds=[int(s) for s in _csv(args.seeds)]))
+    _print_analysis(sweep(cfg, axes=axes, seeds=args.seeds))
     return 0
 
 
@@ -127,7 +147,7 @@ def cmd_distill_sources(args) -> int:
     from .analysis import distill_sources
     cfg = _config_from_args(args)
     _print_analysis(distill_sources(cfg, sources=_csv(args.sources), folder=args.folder,
-                                    seeds=[int(s) for s in _csv(args.seeds)], method=args.method or "segpcl"))
+                                    seeds=args.seeds, method=args.method or "segpcl"))
     return 0
 
 
@@ -138,10 +158,28 @@ def cmd_anchor_views(args) -> int:
     return 0
 
 
+def _drop_options(argv: list[str], flags=(), with_value=()) -> list[str]:
+    """argv without the given flags and options (with their values, as "--opt v" or "--opt=v")."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags or any(a.startswith(o + "=") for o in with_value):
+            continue
+        elif a in with_value:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def cmd_profile(args) -> int:
     from .engine.profile import ncu_command, profile_training
     cfg = _config_from_args(args)
-    out_dir = args.output_dir or "runs/profile"
+    # -o, else a run.output_dir from --set / the YAML, else runs/profile
+    from .config import RunConfig
+    set_dir = cfg.run.output_dir if cfg.run.output_dir != RunConfig().output_dir else None
+    out_dir = args.output_dir or set_dir or "runs/profile"
     print(f"segpcl-fast profile: {args.steps} steps of task 2, model={cfg.model.name} precision={cfg.run.precision} "
           f"compile={cfg.run.compile} ops={cfg.run.ops} -> {out_dir}", flush=True)
     out = profile_training(cfg, out_dir, steps=args.steps, row_limit=args.rows, nvtx=args.nvtx)
@@ -151,9 +189,9 @@ def cmd_profile(args) -> int:
     print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
     if out["top_kernel"]:
         argv = args.argv[args.argv.index("profile") + 1:] if "profile" in args.argv else []
-        argv = [a for a in argv if a != "--nvtx"]
+        argv = _drop_options(argv, flags=("--nvtx",), with_value=("--steps", "-o", "--output-dir"))
         print(f"top by self time: {out['top_kernel']}\nprofile one launch of it with Nsight Compute (GPU):\n  "
-              f"{ncu_command(out['top_kernel'], argv + ['--steps', '1'])}")
+              f"{ncu_command(out['top_kernel'], argv + ['--steps', '1', '-o', str(out_dir).rstrip('/') + '-ncu'])}")
     print("NVTX timeline (GPU): nsys profile -t cuda,nvtx -o segpcl_timeline "
           "segpcl-fast profile --nvtx [same options]")
     return 0
@@ -163,7 +201,7 @@ def _add_profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="run N training steps of task 2 under torch.profiler: Chrome trace, "
                                        "top kernels by self time, time per stage, ncu command")
     _add_config_args(p)
-    p.add_argument("--steps", type=int, default=5, help="training steps to profile (default 5)")
+    p.add_argument("--steps", type=positive_int, default=5, help="training steps to profile (default 5)")
     p.add_argument("--rows", type=int, default=30, help="rows of the top-ops table (default 30)")
     p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges (for nsys; CUDA only)")
     p.set_defaults(func=cmd_profile)
@@ -193,14 +231,14 @@ def _add_analysis_parsers(sub) -> None:
     _add_config_args(p)
     p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
                    help="a fixed override that is not split into values (e.g. a value holding commas)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1")
+    p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds, e.g. 0,1")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("distill-sources", help="ACGD on DPGD anchors vs new-task images vs seeds vs a folder")
     _add_config_args(p)
     p.add_argument("--sources", default=None, help="comma-separated subset of anchors,new_data,seeds,folder")
     p.add_argument("--folder", default=None, help="reference image folder for source 'folder' "
                                                   "(offline default: held-out synthetic source-domain images)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds")
     p.set_defaults(func=cmd_distill_sources)
     p = sub.add_parser("anchor-views", help="2-D view of prototypes, seeds, anchors and new images (PNG)")
     _add_config_args(p)
@@ -221,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--variants", default=None,
                    help="comma-separated variant names (default: the ladder zeroshot,lora_finetune,+acgd,...)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds, e.g. 0,1,2")
     p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("evaluate", help="re-evaluate a run directory from its last checkpoint")
     p.add_argument("run_dir")
@@ -247,8 +285,9 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:  # known user-facing errors carry their fix in the message
         from .data.base import DatasetFormatError
+        from .engine.checkpoint import CheckpointError
         from .model.clip import ModelLoadError
-        if isinstance(e, (DatasetFormatError, ModelLoadError, FloatingPointError)):
+        if isinstance(e, (DatasetFormatError, ModelLoadError, CheckpointError, FloatingPointError)):
             print(f"segpcl-fast: error: {e}", file=sys.stderr)
             return 2
         raise

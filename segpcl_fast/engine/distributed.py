@@ -126,7 +126,8 @@ def destroy() -> None:
 
 def local_batch_size(global_batch: int, world_size: int) -> int:
     if global_batch % world_size:
-        raise ValueError(f"optim.batch_size={global_batch} (the global batch) must divide evenly over "
+        from ..config import ConfigError
+        raise ConfigError(f"optim.batch_size={global_batch} (the global batch) must divide evenly over "
                          f"{world_size} processes; use a multiple of {world_size}")
     return global_batch // world_size
 

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from .. import metrics, ops
-from ..config import Config, save_config
+from ..config import Config, ConfigError, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
@@ -62,7 +62,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device='{name}' but no CUDA device is available; use run.device=cpu")
+        raise ConfigError(f"run.device='{name}' but no CUDA device is available; use run.device=cpu (or auto)")
     return torch.device(name)
 
 

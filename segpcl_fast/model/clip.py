@@ -11,6 +11,7 @@ Knows nothing of method/ or engine/.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -176,6 +177,9 @@ def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optiona
     path = Path(os.path.expanduser(pretrained))
     if path.is_file():
         return str(path)
+    if path.is_dir():
+        raise ModelLoadError(f"model.pretrained='{pretrained}' is a directory; give the checkpoint file "
+                             f"inside it (e.g. {path / 'open_clip_pytorch_model.bin'})")
     looks_like_path = os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
     if looks_like_path:
         raise ModelLoadError(f"checkpoint file '{pretrained}' does not exist; give an existing file path "
@@ -216,6 +220,46 @@ def _weights_cached(cfg: dict, cache_dir: Optional[str]) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _hf_hub_offline():
+    """No network while open_clip loads. huggingface_hub reads HF_HUB_OFFLINE once, at its import
+    (already done by open_clip), so the module constant is switched as well as the variable."""
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hf_constants
+    except ImportError:
+        hf_constants = None
+    old_const = getattr(hf_constants, "HF_HUB_OFFLINE", None)
+    if hf_constants is not None:
+        hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if hf_constants is not None:
+            hf_constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _require_cached_hf_config(name: str, cache_dir: Optional[str]) -> None:
+    """An hf-hub: model needs its open_clip_config.json in the local Hugging Face cache."""
+    repo = name[len("hf-hub:"):].strip("/")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(repo, "open_clip_config.json", cache_dir=cache_dir)
+    except Exception:  # no huggingface_hub, or a repo id it rejects
+        hit = None
+    if not (isinstance(hit, str) and os.path.exists(hit)):
+        raise ModelLoadError(
+            f"'{name}' is not in the local Hugging Face cache and weights are never downloaded at run "
+            f"time. On a machine with internet run python -c \"import open_clip; open_clip.create_model("
+            f"'{name}')\" and copy ~/.cache/huggingface here (or set model.cache_dir); the weights come "
+            f"with the model, so keep model.pretrained=null for hf-hub: names")
+
+
 def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-world",
                device: str | torch.device = "cpu", cache_dir: Optional[str] = None) -> CLIPModel:
     """Load an open_clip model by name with a pretrained tag, a local checkpoint path, or None.
@@ -234,20 +278,15 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
         raise ModelLoadError(f"could not resolve pretrained weights '{pretrained}' for {name}")
     if resolved is None:
         log.warning("model %s created with random weights (model.pretrained is None)", name)
-    offline = {"HF_HUB_OFFLINE": "1"}
-    old = {k: os.environ.get(k) for k in offline}
-    os.environ.update(offline)
+    if name.startswith("hf-hub:"):
+        _require_cached_hf_config(name, cache_dir)
     try:
-        clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device)
-        tokenizer = open_clip.get_tokenizer(name)
-    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:
-        raise ModelLoadError(f"could not load {name} with pretrained='{pretrained}': {e}. If this is a "
-                             f"local checkpoint, check it was saved from the same model config") from e
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        with _hf_hub_offline():
+            clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device)
+            tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # a corrupt file fails in pickle / zipfile / safetensors, not only torch
+        raise ModelLoadError(f"could not load {name} with pretrained='{pretrained}': {type(e).__name__}: {e}. "
+                             f"If this is a local checkpoint, check it is a state_dict saved from the same "
+                             f"model config") from e
     clip.eval()
     return CLIPModel(clip, tokenizer, name, pretrained)

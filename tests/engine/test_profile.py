@@ -56,3 +56,10 @@ def test_cli_profile(tiny_model_name, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "trace.json" in printed and "ncu --kernel-name" in printed and "student_forward_losses" in printed
+    assert (tmp_path / "p" / "trace.json").exists()
+    # the printed ncu command profiles one step into its own folder, not over this one
+    ncu = next(line for line in printed.splitlines() if "ncu --kernel-name" in line)
+    assert ncu.count("--steps") == 1 and f"-o {tmp_path / 'p'}-ncu" in ncu
+    # run.output_dir from --set is where the profile goes when -o is not given
+    assert main(args[:-2] + ["--set", f"run.output_dir={tmp_path / 'q'}"]) == 0
+    assert (tmp_path / "q" / "trace.json").exists()

@@ -151,6 +151,36 @@ def test_cli_train_and_bad_key(tiny_model_name, tmp_path, capsys):
     assert "unknown config key 'dpgd.kadv'" in capsys.readouterr().err
 
 
+def test_cli_user_errors_are_one_line_and_exit_2(tiny_model_name, tmp_path, capsys):
+    from segpcl_fast.cli import main
+    args = ["train", "--set", f"model.name={tiny_model_name}", "--set", "model.pretrained=none",
+            "--set", "data.max_train_per_class=1", "--set", "data.max_test_per_class=1", "--set", "data.num_tasks=2",
+            "--set", "optim.epochs=1", "--set", "run.progress=false", "-o", str(tmp_path / "cli")]
+    assert main(args + ["--method", "lora_finetune"]) == 0
+    capsys.readouterr()
+    # resuming a lora_finetune run as segpcl: the CheckpointError names the key, no traceback
+    assert main(args + ["--method", "segpcl", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segpcl-fast: error:") and "run.method" in err and "Traceback" not in err
+    (tmp_path / "cli" / "checkpoints" / "last").write_text("garbage")
+    assert main(["evaluate", str(tmp_path / "cli")]) == 2
+    assert capsys.readouterr().err.startswith("segpcl-fast: error:")
+    if not torch.cuda.is_available():
+        assert main(args + ["--set", "run.device=cuda", "-o", str(tmp_path / "gpu")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    for bad in (["ablate", "--seeds", "0,a"], ["ablate", "--seeds", ""], ["profile", "--steps", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(bad)
+        assert exit_info.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_the_printed_ncu_command_drops_this_runs_steps_output_and_nvtx():
+    from segpcl_fast.cli import _drop_options
+    argv = ["--steps", "5", "-o", "runs/p", "--nvtx", "--set", "a=1", "--output-dir=x"]
+    assert _drop_options(argv, flags=("--nvtx",), with_value=("--steps", "-o", "--output-dir")) == ["--set", "a=1"]
+
+
 def test_optimizer_choice_auto_prefers_apex_and_falls_back_to_torch(monkeypatch):
     from segpcl_fast.engine import accel
     from segpcl_fast.engine.trainer import make_optimizer

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -73,3 +75,34 @@ def test_missing_file_and_unknown_tag(tiny_model_name, tmp_path):
 def test_uncached_weights_fail_fast_offline(tmp_path):
     with pytest.raises(ModelLoadError, match="not available offline"):
         load_model("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
+
+
+def test_a_corrupt_or_directory_checkpoint_is_one_clear_error(tiny_model_name, tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("these are not weights")
+    with pytest.raises(ModelLoadError, match="could not load .*notes.pt.*state_dict saved from the same"):
+        load_model(tiny_model_name, pretrained=str(text))
+    with pytest.raises(ModelLoadError, match="is a directory; give the checkpoint file"):
+        load_model(tiny_model_name, pretrained=str(tmp_path))
+
+
+def test_uncached_hf_hub_model_fails_before_any_network_call(tmp_path, monkeypatch):
+    import socket
+    tries = []
+
+    def refuse(self, address, *args, **kwargs):
+        tries.append(address)
+        raise OSError("network disabled in this test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache.*model.pretrained=null"):
+        load_model("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", pretrained=None, cache_dir=str(tmp_path))
+    assert tries == []
+
+
+def test_the_hub_is_offline_while_open_clip_loads_and_restored_after():
+    import huggingface_hub.constants as hf_constants
+    from segpcl_fast.model.clip import _hf_hub_offline
+    before = hf_constants.HF_HUB_OFFLINE
+    with _hf_hub_offline():
+        assert hf_constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert hf_constants.HF_HUB_OFFLINE == before
