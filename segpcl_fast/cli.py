@@ -59,8 +59,9 @@ def _print_result(result) -> None:
 def cmd_train(args) -> int:
     from .api import train
     cfg = _config_from_args(args)
-    print(f"segpcl-fast train: method={cfg.run.method} dataset={cfg.data.dataset} model={cfg.model.name} "
-          f"tasks={cfg.data.num_tasks} -> {cfg.run.output_dir}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one header, from rank 0
+        print(f"segpcl-fast train: method={cfg.run.method} dataset={cfg.data.dataset} model={cfg.model.name} "
+              f"tasks={cfg.data.num_tasks} -> {cfg.run.output_dir}", flush=True)
     result = train(cfg)
     from .engine.distributed import destroy
     destroy()  # under torchrun: leave the process group cleanly
@@ -79,6 +80,9 @@ def cmd_evaluate(args) -> int:
 
 def cmd_ablate(args) -> int:
     from .api import ablate
+    if args.method or args.seed is not None:
+        raise ConfigError("ablate runs every --variants entry over every --seeds entry; --method and --seed "
+                          "do not apply (use --variants segpcl --seeds 3)")
     cfg = _config_from_args(args)
     variants = args.variants.split(",") if args.variants else None
     out = ablate(cfg, variants=variants, seeds=args.seeds)

@@ -342,6 +342,9 @@ class Trainer:
                 task_info = state["task_info"]
                 start = state["task"] + 1
                 self.log_fn(f"resumed from {last}: tasks 1..{start} done")
+            elif main:
+                log.warning("run.resume is set but %s has no finished task; starting from task 1",
+                            self.out / ckpt.CHECKPOINT_DIR)
         if main:
             save_config(c, self.out / "config.yaml")
         t_run = time.perf_counter()

@@ -80,6 +80,13 @@ def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path)
     assert resumed.metrics == {k: v for k, v in full.metrics.items() if k != "Forgetting_own"}
 
 
+def test_resume_without_checkpoints_says_it_starts_from_task_1(tiny_model_name, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
+        result = train(small_config(tiny_model_name, tmp_path / "fresh", num_tasks=1, resume=True))
+    assert "has no finished task; starting from task 1" in caplog.text
+    assert len(result.accuracy_matrix) == 1
+
+
 def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
     """Hand-made logits over 4 seen classes; the own space of this task is classes 0..1."""
     from types import SimpleNamespace
@@ -168,6 +175,8 @@ def test_cli_user_errors_are_one_line_and_exit_2(tiny_model_name, tmp_path, caps
     if not torch.cuda.is_available():
         assert main(args + ["--set", "run.device=cuda", "-o", str(tmp_path / "gpu")]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+    assert main(["ablate", "--method", "segpcl", "--seeds", "0"]) == 2
+    assert "--method and --seed do not apply" in capsys.readouterr().err
     for bad in (["ablate", "--seeds", "0,a"], ["ablate", "--seeds", ""], ["profile", "--steps", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
