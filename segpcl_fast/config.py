@@ -7,18 +7,23 @@ Ground floor: imports nothing from the rest of the package.
     cfg = apply_overrides(cfg, ["dpgd.k_adv=5", "optim.lr=3e-4"])
     save_config(cfg, "run/config.yaml")
 
+Every Config built from user input (config_from_dict, apply_overrides, load_config) goes through
+validate(): one ConfigError lists each invalid key, its value and what it accepts (RULES).
+
 Fields marked [choice] are ours where the paper is silent (method.md says so too).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
+import re
 import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -181,6 +186,18 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _parse_number(text: str) -> Any:
+    """int or float parsed from `text` ("5", "1e-3", "1e3"); `text` itself when neither parses."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -203,12 +220,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
     if tp is int:
+        if isinstance(value, str):  # YAML 1.1 reads 1e3 as a string
+            value = _parse_number(value)
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            value = _parse_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
         return float(value)
@@ -219,8 +240,185 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def config_from_dict(d: dict, base: Optional[Config] = None) -> Config:
-    """Build a Config from a (possibly partial) nested dict; unknown keys are an error."""
+# ----------------------------------------------------------------------------- validation
+# Accepted values, copied from the code that consumes each key (config.py imports nothing from the
+# package; tests/test_config.py checks these tuples against the consumers' own constants).
+PRECISIONS = ("fp32", "bf16")  # engine/trainer.py: "bf16" autocasts, anything else would run fp32
+OPS_BACKENDS = ("auto", "reference", "triton", "cpp")  # ops/dispatch.py BACKENDS
+SCHEDULES = ("cosine", "constant")  # engine/trainer.py lr_at
+CLS_OVER = ("current", "seen")  # method/learner.py
+FUSED_SGD = ("auto", "foreach", "apex")  # engine/trainer.py make_optimizer
+ACGD_SOURCES = ("anchors", "new_data", "seeds", "folder")  # method/learner.py
+WEIGHT_RULES = ("relu_cos", "uniform")  # method/prototypes.py WEIGHT_RULES
+LORA_TARGETS = ("q", "k", "v", "out", "c_fc", "c_proj")  # model/lora.py VALID_TARGETS
+LORA_TOWERS = ("visual", "text")  # model/lora.py VALID_TOWERS
+DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101")  # data/build.py
+CLASS_ORDERS = ("seeded", "natural")  # data/protocol.py (or an explicit list)
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")  # what torch.device takes, plus "auto"
+MAX_NUMPY_SEED = 2**32 - 1  # numpy RandomState seeds (data.order_seed, data.split_seed + label)
+
+_Check = Callable[[Any], Optional[str]]  # None when the value is fine, else "must be ..."
+
+
+def _number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+            hi_open: bool = False, optional: bool = False) -> _Check:
+    """A finite number in the range [lo, hi] (open ends with lo_open / hi_open); None if optional."""
+    if lo is not None and hi is not None:
+        rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        rng = ""
+    what = f"a finite number {rng}".strip() + (" (or null)" if optional else "")
+
+    def check(value: Any) -> Optional[str]:
+        if value is None and optional:
+            return None
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+        ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+        return None if ok else f"must be {what}"
+    return check
+
+
+def _integer(lo: int = 0, hi: Optional[int] = None, optional: bool = False) -> _Check:
+    what = f"an integer {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}" + (" (or null)" if optional else "")
+
+    def check(value: Any) -> Optional[str]:
+        if value is None and optional:
+            return None
+        ok = isinstance(value, int) and value >= lo and (hi is None or value <= hi)
+        return None if ok else f"must be {what}"
+    return check
+
+
+def _one_of(allowed: tuple) -> _Check:
+    return lambda value: None if value in allowed else f"must be one of {list(allowed)}"
+
+
+def _subset_of(allowed: tuple) -> _Check:
+    def check(value: list) -> Optional[str]:
+        if value and all(v in allowed for v in value):
+            return None
+        return f"must be a non-empty list of {list(allowed)}"
+    return check
+
+
+def _nonempty_str(value: Any) -> Optional[str]:
+    return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
+
+
+def _device(value: Any) -> Optional[str]:
+    if isinstance(value, str) and DEVICE_PATTERN.fullmatch(value):
+        return None
+    return "must be 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps' or 'xpu[:<index>]'"
+
+
+def _templates(value: list) -> Optional[str]:
+    return None if value and all(isinstance(t, str) and t for t in value) else \
+        "must be a non-empty list of templates ('a photo of a {}.') or template set names"
+
+
+def _task_sizes(value: Optional[list]) -> Optional[str]:
+    if value is None or all(v >= 1 for v in value):
+        return None
+    return "must be null or a list of task sizes, each an integer >= 1"
+
+
+def _class_order(value: Any) -> Optional[str]:
+    if isinstance(value, str) and value in CLASS_ORDERS:
+        return None
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in value):
+        return None
+    return f"must be one of {list(CLASS_ORDERS)} or a non-empty list of class names / indices (>= 0)"
+
+
+# every key with a constraint beyond its type; keys not listed here (paths, flags, run.method, which
+# method/variants.py checks) are only type-checked
+RULES: dict[str, _Check] = {
+    "model.name": _nonempty_str,
+    "lora.rank": _integer(1),
+    "lora.alpha": _number(0, lo_open=True),
+    "lora.targets": _subset_of(LORA_TARGETS),
+    "lora.towers": _subset_of(LORA_TOWERS),
+    "lora.init_seed": _integer(0),
+    "data.dataset": _one_of(DATASETS),
+    "data.num_tasks": _integer(1),
+    "data.task_sizes": _task_sizes,
+    "data.class_order": _class_order,
+    "data.order_seed": _integer(0, MAX_NUMPY_SEED),
+    "data.templates": _templates,
+    "data.num_workers": _integer(0),
+    "data.max_train_per_class": _integer(0),  # 0 = no cap
+    "data.max_test_per_class": _integer(0),
+    "data.synthetic_seed": _integer(0),
+    "data.synthetic_shift": _number(0, 1),
+    "data.split_seed": _integer(0, MAX_NUMPY_SEED),
+    "data.test_fraction": _number(0, 1, lo_open=True, hi_open=True),
+    "data.expected_classes": _integer(0, optional=True),  # 0 / null = no check
+    "dpgd.k_seed": _integer(1),
+    "dpgd.k_adv": _integer(0),  # 0 = the seeds themselves
+    "dpgd.gamma": _number(0),
+    "dpgd.eps": _number(0),
+    "dpgd.lambda_p": _number(0),
+    "dpgd.batch_size": _integer(1),
+    "acgd.weight": _number(0),  # 0 = off
+    "acgd.tau": _number(0, lo_open=True),
+    "acgd.anchor_batch": _integer(0),  # 0 = the image batch
+    "acgd.source": _one_of(ACGD_SOURCES),
+    "tsgr.weight": _number(0),
+    "tsgr.k": _integer(1),
+    "tsgr.tau": _number(0, lo_open=True),
+    "prototypes.beta": _number(0),  # 0 = CLIP path only (onlyclip)
+    "prototypes.weight_rule": _one_of(WEIGHT_RULES),
+    "optim.lr": _number(0, lo_open=True),
+    "optim.momentum": _number(0, 1, hi_open=True),
+    "optim.weight_decay": _number(0),
+    "optim.batch_size": _integer(1),
+    "optim.epochs": _integer(0),  # 0 = no training (the zeroshot variant)
+    "optim.schedule": _one_of(SCHEDULES),
+    "optim.warmup_steps": _integer(0),
+    "optim.cls_over": _one_of(CLS_OVER),
+    "optim.grad_clip": _number(0),  # 0 = off
+    "optim.fused": _one_of(FUSED_SGD),
+    "eval.batch_size": _integer(1),
+    "run.seed": _integer(0),
+    "run.output_dir": _nonempty_str,
+    "run.device": _device,
+    "run.precision": _one_of(PRECISIONS),
+    "run.ops": _one_of(OPS_BACKENDS),
+    "run.num_threads": _integer(0),  # 0 = torch default
+    "run.max_steps_per_task": _integer(0),  # 0 = full epochs
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value of `cfg` (types, choices, ranges); return cfg, type-normalised in place.
+
+    Raises one ConfigError that lists every invalid key with its value and what it accepts.
+    """
+    problems = []
+    for sec_name, sec_tp in _field_types(Config).items():
+        section = getattr(cfg, sec_name)
+        for key, tp in _field_types(sec_tp).items():
+            dotted = f"{sec_name}.{key}"
+            try:
+                value = _coerce(getattr(section, key), tp, dotted)
+            except ConfigError as e:
+                problems.append(str(e))
+                continue
+            setattr(section, key, value)
+            why = RULES[dotted](value) if dotted in RULES else None
+            if why:
+                problems.append(f"{dotted} {why}, got {value!r}")
+    if problems:
+        raise ConfigError(f"{len(problems)} invalid config value(s):\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def _merge(d: dict, base: Optional[Config] = None) -> Config:
+    """A copy of base (default Config()) with the nested dict's keys set; types checked, ranges not."""
     cfg = copy.deepcopy(base) if base is not None else Config()
     sections = _field_types(Config)
     for sec_name, sec_val in (d or {}).items():
@@ -238,6 +436,11 @@ def config_from_dict(d: dict, base: Optional[Config] = None) -> Config:
     return cfg
 
 
+def config_from_dict(d: dict, base: Optional[Config] = None) -> Config:
+    """Build a validated Config from a (possibly partial) nested dict; unknown keys are an error."""
+    return validate(_merge(d, base))
+
+
 def known_keys() -> list[str]:
     keys = []
     for sec_name, sec_tp in _field_types(Config).items():
@@ -253,7 +456,13 @@ def parse_value(text: str) -> Any:
             return float(text)
     except (ValueError, IndexError):
         pass
-    return yaml.safe_load(text) if text != "" else ""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read the value {text!r} (YAML syntax: {getattr(e, 'problem', None) or e}); "
+                          f"quote it or close its brackets, e.g. lora.targets=[k,v]") from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
@@ -302,28 +511,112 @@ def kwargs_to_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Config:
-    """Load YAML (partial configs fine). `path` may also be a preset name in configs/ (e.g. cifar100)."""
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped in segpcl_fast/configs (cifar100, 1gpu, ...)."""
+    return sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(name: str) -> Optional[Path]:
+    """configs/<name>.yaml when `name` is a bare preset name ("cifar100" or "cifar100.yaml")."""
+    if not name or "/" in name or os.sep in name:
+        return None
+    candidate = PRESET_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    return candidate if candidate.is_file() else None
+
+
+def _find_config(path: str | os.PathLike, relative_to: Optional[Path] = None) -> Path:
+    """The YAML file `path` names: a file (relative to `relative_to` when given), else a preset name."""
     p = Path(path)
-    if not p.exists():
-        preset = Path(__file__).parent / "configs" / f"{path}.yaml"
-        if preset.exists():
-            p = preset
-        else:
-            raise ConfigError(f"config file '{path}' not found (nor a preset of that name in "
-                              f"{preset.parent}: {sorted(q.stem for q in preset.parent.glob('*.yaml'))})")
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
+    if relative_to is not None and not p.is_absolute():
+        p = relative_to / p
+    if p.is_dir():
+        listed = sorted(q.name for q in p.glob("*.y*ml"))
+        raise ConfigError(f"config path '{p}' is a directory, not a YAML file"
+                          + (f"; YAML files in it: {listed}" if listed else "")
+                          + f" (presets: {preset_names()})")
+    if p.is_file():
+        return p
+    preset = _preset_path(str(path))
+    if preset is not None:
+        return preset
+    is_name = "/" not in str(path) and os.sep not in str(path)
+    raise ConfigError(f"config file '{p}' does not exist" + (" and is not a preset name" if is_name else "")
+                      + f"; give a YAML file or one of the presets {preset_names()}")
+
+
+def _read_yaml(p: Path) -> dict:
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and context_mark is not None:
+            problem += f" ({context} at line {context_mark.line + 1})"
+        raise ConfigError(f"config file '{p}' is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file '{p}': {e}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{p}' must hold a mapping of sections")
+        raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _load_chain(p: Path, chain: tuple[Path, ...]) -> Config:
+    """Config of file p over its `base:` (resolved against p's folder, or a preset name)."""
+    here = p.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(q) for q in (*chain[chain.index(here):], here))
+        raise ConfigError(f"config 'base:' cycle: {cycle}; remove one of these base: lines")
+    data = _read_yaml(p)
     base_name = data.pop("base", None)
-    base = load_config(base_name) if base_name else None
-    cfg = config_from_dict(data, base=base)
+    base = None
+    if base_name is not None:
+        if not isinstance(base_name, str) or not base_name:
+            raise ConfigError(f"config file '{p}': base must be a file path or preset name, got {base_name!r}")
+        try:
+            base_path = _find_config(base_name, relative_to=p.parent)
+        except ConfigError as e:
+            raise ConfigError(f"config file '{p}', base {base_name!r}: {e}") from None
+        base = _load_chain(base_path, (*chain, here))
+    try:
+        return _merge(data, base)
+    except ConfigError as e:
+        raise ConfigError(f"config file '{p}': {e}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Config:
+    """Load YAML (partial configs fine), validated. `path` may also be a preset name in configs/
+    (e.g. cifar100). A `base:` key names another YAML (relative to this file's folder) or a preset
+    whose values this file's keys override."""
+    p = _find_config(path)
+    cfg = _load_chain(p, ())
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"config file '{p}': {e}") from None
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
+def chmod_like_open(path: str | os.PathLike) -> None:
+    """Give `path` the mode open() would create it with (0o666 minus the umask).
+
+    tempfile.mkstemp creates files 0600 and os.replace keeps the mode, so an atomic write calls
+    this on its temp file before the replace.
+    """
+    umask = os.umask(0)  # the only way to read the umask: set it, then restore at once
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, then rename)."""
+    """Write a text file atomically (temp file in the same folder, then rename); mode as open() gives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -332,6 +625,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        chmod_like_open(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

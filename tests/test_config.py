@@ -1,0 +1,242 @@
+"""Config handling: value validation, numeric strings from YAML, load_config errors, file modes."""
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from segpcl_fast import config as C
+from segpcl_fast.config import (Config, ConfigError, apply_overrides, atomic_write_text, chmod_like_open,
+                                config_from_dict, load_config, save_config, validate)
+
+# (override, the key the error must name): values the old code accepted silently or failed on late
+INVALID = [
+    ("run.precision=fp16", "run.precision"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("optim.cls_over=foo", "optim.cls_over"),
+    ("optim.fused=foo", "optim.fused"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=.nan", "optim.lr"),
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.batch_size=0", "optim.batch_size"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("dpgd.k_adv=-1", "dpgd.k_adv"),
+    ("dpgd.k_seed=0", "dpgd.k_seed"),
+    ("acgd.source=foo", "acgd.source"),
+    ("acgd.tau=0", "acgd.tau"),
+    ("acgd.weight=-5", "acgd.weight"),
+    ("prototypes.weight_rule=foo", "prototypes.weight_rule"),
+    ("prototypes.beta=.nan", "prototypes.beta"),
+    ("lora.rank=0", "lora.rank"),
+    ("lora.targets=[foo]", "lora.targets"),
+    ("lora.targets=[]", "lora.targets"),
+    ("lora.towers=[vis]", "lora.towers"),
+    ("tsgr.k=0", "tsgr.k"),
+    ("tsgr.tau=0", "tsgr.tau"),
+    ("run.ops=foo", "run.ops"),
+    ("run.device=gpu", "run.device"),
+    ("data.max_train_per_class=-1", "data.max_train_per_class"),
+    ("data.synthetic_shift=5", "data.synthetic_shift"),
+    ("data.test_fraction=1", "data.test_fraction"),
+    ("data.class_order=random", "data.class_order"),
+    ("data.dataset=mnist", "data.dataset"),
+    ("data.num_tasks=0", "data.num_tasks"),
+    ("data.task_sizes=[10,0]", "data.task_sizes"),
+    ("optim.momentum=1.5", "optim.momentum"),
+    ("optim.epochs=-1", "optim.epochs"),
+]
+
+
+@pytest.mark.parametrize("override,key", INVALID)
+def test_invalid_value_is_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), [override])
+    assert key in str(e.value)
+    assert "got" in str(e.value)
+
+
+def test_one_error_lists_every_invalid_key_with_value_and_range():
+    bad = {"optim": {"lr": -1, "schedule": "linear"}, "run": {"precision": "fp16"}, "tsgr": {"k": 0}}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(bad)
+    msg = str(e.value)
+    assert "optim.lr must be a finite number > 0, got -1.0" in msg
+    assert "optim.schedule must be one of ['cosine', 'constant'], got 'linear'" in msg
+    assert "run.precision must be one of ['fp32', 'bf16'], got 'fp16'" in msg
+    assert "tsgr.k must be an integer >= 1, got 0" in msg
+    assert msg.startswith("4 invalid")
+
+
+@pytest.mark.parametrize("override", [
+    "optim.epochs=0",               # zeroshot variant
+    "data.max_train_per_class=0",   # no cap
+    "data.max_test_per_class=0",
+    "acgd.weight=0",                # ACGD off
+    "prototypes.beta=0",            # onlyclip
+    "dpgd.k_adv=0",                 # seeds without PGD
+    "data.synthetic_shift=0", "data.synthetic_shift=1",
+    "data.expected_classes=null", "data.expected_classes=0",
+    "data.class_order=natural", "data.class_order=[2,0,1]", "data.class_order=[cat,dog]",
+    "run.device=cuda:1", "run.device=cpu",
+    "lora.targets=[q,k,v,out,c_fc,c_proj]", "lora.towers=[visual]",
+    "optim.grad_clip=0", "optim.momentum=0",
+])
+def test_meaningful_boundary_values_are_accepted(override):
+    apply_overrides(Config(), [override])
+
+
+def test_defaults_presets_and_variants_validate():
+    from segpcl_fast.method.variants import resolve_variant, variant_names
+    assert validate(Config()) == Config()
+    for name in C.preset_names():
+        assert isinstance(load_config(name), Config)
+    for name in variant_names():  # every variant's overrides are valid values
+        resolve_variant(apply_overrides(Config(), {"run.method": name}))
+
+
+def test_validate_catches_values_set_directly_on_the_dataclasses():
+    cfg = Config()
+    cfg.optim.lr = "fast"
+    cfg.tsgr.tau = float("inf")
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert "optim.lr" in str(e.value) and "tsgr.tau" in str(e.value)
+
+
+def test_accepted_choices_match_the_consuming_code():
+    from segpcl_fast.data.build import DATASETS
+    from segpcl_fast.method.prototypes import WEIGHT_RULES
+    from segpcl_fast.model.lora import VALID_TARGETS, VALID_TOWERS
+    from segpcl_fast.ops.dispatch import BACKENDS
+    assert set(C.OPS_BACKENDS) == set(BACKENDS)
+    assert set(C.LORA_TARGETS) == set(VALID_TARGETS)
+    assert set(C.LORA_TOWERS) == set(VALID_TOWERS)
+    assert set(C.WEIGHT_RULES) == set(WEIGHT_RULES)
+    assert set(C.DATASETS) == set(DATASETS)
+
+
+def test_every_schedule_and_fused_choice_does_what_it_names():
+    import torch
+    from segpcl_fast.engine.trainer import lr_at, make_optimizer
+    cosine = apply_overrides(Config(), ["optim.schedule=cosine"])
+    constant = apply_overrides(Config(), ["optim.schedule=constant"])
+    assert lr_at(50, 100, cosine) == pytest.approx(0.5e-3)
+    assert lr_at(50, 100, constant) == pytest.approx(1e-3)
+    for fused in C.FUSED_SGD:
+        opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], apply_overrides(Config(), [f"optim.fused={fused}"]))
+        assert isinstance(opt, torch.optim.SGD)
+
+
+# ----------------------------------------------------------------------------- numeric strings
+
+def test_yaml_exponent_literals_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  batch_size: 1e2\n  weight_decay: 5E-4\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.batch_size == 100 and isinstance(cfg.optim.batch_size, int)
+    assert cfg.optim.weight_decay == 5e-4
+
+
+def test_numeric_strings_coerce_only_when_they_parse():
+    cfg = config_from_dict({"optim": {"lr": "3e-4", "epochs": "7"}, "data": {"expected_classes": "100"}})
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.data.expected_classes) == (3e-4, 7, 100)
+    for bad in ({"optim": {"lr": "fast"}}, {"optim": {"batch_size": "1.5e0"}}, {"optim": {"epochs": "nan"}}):
+        with pytest.raises(ConfigError):
+            config_from_dict(bad)
+
+
+# ----------------------------------------------------------------------------- load_config errors
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  schedule: [cosine\nrun:\n  seed: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "line" in str(e.value)
+
+
+def test_base_cycle_is_an_error_naming_the_cycle(tmp_path):
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "self.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "a.yaml")
+    assert "a.yaml -> " in str(e.value) and "b.yaml" in str(e.value)
+
+
+def test_base_is_relative_to_the_yaml_folder_and_presets_still_work(tmp_path, monkeypatch):
+    sub = tmp_path / "exp"
+    sub.mkdir()
+    (sub / "common.yaml").write_text("optim:\n  lr: 0.05\n  epochs: 3\n")
+    (sub / "child.yaml").write_text("base: common.yaml\noptim:\n  epochs: 4\n")
+    (sub / "on_preset.yaml").write_text("base: cifar100\nrun:\n  seed: 3\n")
+    monkeypatch.chdir(tmp_path)  # the base must not be looked up relative to the cwd
+    cfg = load_config("exp/child.yaml")
+    assert (cfg.optim.lr, cfg.optim.epochs) == (0.05, 4)
+    cfg = load_config(sub / "on_preset.yaml")
+    assert cfg.data.dataset == "cifar100" and cfg.run.seed == 3
+
+
+def test_directory_and_missing_paths_give_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="directory"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "y" / "nonexist.yaml")
+    msg = str(e.value)
+    assert "does not exist" in msg and "cifar100" in msg
+    assert str(C.PRESET_DIR / "y") not in msg and "nonexist.yaml.yaml" not in msg
+
+
+def test_invalid_value_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  precision: fp16\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "run.precision" in str(e.value)
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = apply_overrides(Config(), ["optim.lr=3e-4", "lora.towers=[text]", "data.class_order=[1,0]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+# ----------------------------------------------------------------------------- file modes
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_gives_the_mode_open_would(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "out" / "a.txt", "x\n")
+        assert stat.S_IMODE((tmp_path / "out" / "a.txt").stat().st_mode) == mode
+        with open(tmp_path / "plain.txt", "w") as f:  # the reference: what open() creates
+            f.write("x\n")
+        assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == mode
+        assert os.umask(umask) == umask  # chmod_like_open restored the umask
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "a.txt").read_text() == "x\n"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"]  # no temp file left
+
+
+def test_chmod_like_open_on_a_mkstemp_file(tmp_path):
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=tmp_path)
+    os.close(fd)
+    old = os.umask(0o027)
+    try:
+        assert stat.S_IMODE(Path(tmp).stat().st_mode) == 0o600
+        chmod_like_open(tmp)
+        assert stat.S_IMODE(Path(tmp).stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_override_with_broken_yaml_is_a_config_error():
+    with pytest.raises(ConfigError, match="lora.targets=\\[k,v\\]"):
+        apply_overrides(Config(), ["lora.targets=[k,v"])
