@@ -26,6 +26,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
+from ..config import chmod_like_open
+
 PathLike = Union[str, os.PathLike]
 
 # Keys that change how a run is executed or where it writes, but not its results, so they may
@@ -100,6 +102,7 @@ def save_checkpoint(path: PathLike, state: Mapping) -> Path:
             torch.save(dict(state), f)
             f.flush()
             os.fsync(f.fileno())
+        chmod_like_open(tmp)  # mkstemp makes 0600; give the file open()'s mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -194,6 +197,7 @@ def _write_pointer(pointer: Path, name: str) -> None:
             f.write(name + "\n")
             f.flush()
             os.fsync(f.fileno())
+        chmod_like_open(tmp)  # mkstemp makes 0600; give the file open()'s mode
         os.replace(tmp, pointer)
     except BaseException:
         if os.path.exists(tmp):

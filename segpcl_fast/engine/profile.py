@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ..config import Config, atomic_write_text
+from ..config import Config, atomic_write_text, chmod_like_open
 
 STAGES = ("dpgd", "student_forward_losses", "image_forward", "text_forward", "losses.cls", "losses.acgd",
           "losses.gr", "backward", "grad_sync", "optimizer", "prototypes")
@@ -65,6 +65,7 @@ def _atomic_export_trace(prof, path: Path) -> None:
     os.close(fd)
     try:
         prof.export_chrome_trace(tmp)
+        chmod_like_open(tmp)  # mkstemp makes 0600; give the file open()'s mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

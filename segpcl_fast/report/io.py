@@ -5,6 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..config import chmod_like_open
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` so readers see either the old file or the whole new one."""
@@ -16,6 +18,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        chmod_like_open(tmp)  # mkstemp makes 0600; give the file open()'s mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

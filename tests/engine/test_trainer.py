@@ -236,3 +236,18 @@ def test_the_drift_transfer_always_uses_the_dpgd_anchors(tiny_model_name, tmp_pa
         assert seen["acgd"].source == "seeds" and len(seen["acgd"]) == n_task_images
         assert seen["acgd"].targets.tolist() == [-1] * n_task_images
         assert seen["info"]["transfer_anchors"] == n_old * k_seed
+
+
+def test_run_files_get_the_mode_open_would_give_them(tiny_model_name, tmp_path):
+    """Atomic writes go through mkstemp (0600): results must still be readable by the group/others."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, plots=True))
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    files = [run / "results.json", run / "config.yaml", run / "accuracy_matrix.png",
+             run / "checkpoints" / "task_00.pt", run / "checkpoints" / "last"]
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o644" for f in files}
