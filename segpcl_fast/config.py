@@ -158,6 +158,9 @@ class RunConfig:
     num_threads: int = 0  # torch CPU threads; 0 = torch default
     checkpoint: bool = True  # checkpoint after every task
     resume: bool = False
+    # a new (not resumed) run refuses an output_dir that holds another run unless this is true;
+    # true replaces it (its checkpoints are removed first)
+    overwrite: bool = False
     progress: bool = True  # tqdm bars
     plots: bool = True
     max_steps_per_task: int = 0  # 0 = full epochs; >0 caps steps (smoke tests, profiling)

@@ -32,7 +32,7 @@ PathLike = Union[str, os.PathLike]
 
 # Keys that change how a run is executed or where it writes, but not its results, so they may
 # differ between a run and its resumption. Callers (the trainer) may pass their own list.
-RUN_ONLY_KEYS = ("run.resume", "run.output_dir", "run.progress", "run.plots", "run.num_threads",
+RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.num_threads",
                  "run.compile", "run.device", "run.ops", "run.checkpoint", "eval.batch_size")
 
 CHECKPOINT_DIR = "checkpoints"

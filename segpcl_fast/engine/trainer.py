@@ -34,7 +34,7 @@ from . import distributed as ddp
 log = logging.getLogger("segpcl_fast.engine")
 
 # keys that may differ between a run and its resumption
-RUN_ONLY_KEYS = ("run.resume", "run.output_dir", "run.progress", "run.plots", "run.num_threads",
+RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.num_threads",
                  "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
                  "dpgd.batch_size", "data.expected_classes")  # the last: a check on the data, not a setting
 
@@ -161,6 +161,23 @@ class Trainer:
         if self.dist.enabled:
             self.grad_sync = ddp.LoRAGradSync(self.lora_params, self.dist, self.ddp_settings)
             self._anchors_on_rank0()
+
+    def _claim_output_dir(self) -> None:
+        """A new run must not mix its files with another run's (stale task_03.pt next to new ones)."""
+        checkpoints = self.out / ckpt.CHECKPOINT_DIR
+        earlier = [p for p in (self.out / "config.yaml", self.out / "results.json") if p.exists()]
+        earlier += sorted(checkpoints.glob("task_*.pt")) if checkpoints.is_dir() else []
+        if not earlier:
+            return
+        if not self.cfg.run.overwrite:
+            raise ConfigError(
+                f"output dir {self.out} already holds a run ({', '.join(p.name for p in earlier[:3])}"
+                f"{', ...' if len(earlier) > 3 else ''}): continue it with --resume (run.resume=true), "
+                f"pick another dir with -o, or replace it with --set run.overwrite=true")
+        for p in checkpoints.glob("task_*.pt") if checkpoints.is_dir() else []:
+            p.unlink()
+        (checkpoints / ckpt.LAST_POINTER).unlink(missing_ok=True)
+        self.log_fn(f"run.overwrite: replacing the run in {self.out}")
 
     def _anchors_on_rank0(self) -> None:
         """Stage 1 runs on rank 0 only; its anchor caches (ACGD's, the transfer's) are broadcast."""
@@ -346,6 +363,8 @@ class Trainer:
                 log.warning("run.resume is set but %s has no finished task; starting from task 1",
                             self.out / ckpt.CHECKPOINT_DIR)
         if main:
+            if not c.run.resume:
+                self._claim_output_dir()
             save_config(c, self.out / "config.yaml")
         t_run = time.perf_counter()
         for t in range(start, T):

@@ -7,6 +7,7 @@ import torch
 
 from segpcl_fast import metrics
 from segpcl_fast.api import make_config, train
+from segpcl_fast.config import ConfigError
 from segpcl_fast.engine import checkpoint as ckpt
 from segpcl_fast.engine.trainer import Trainer
 
@@ -251,3 +252,15 @@ def test_run_files_get_the_mode_open_would_give_them(tiny_model_name, tmp_path):
     files = [run / "results.json", run / "config.yaml", run / "accuracy_matrix.png",
              run / "checkpoints" / "task_00.pt", run / "checkpoints" / "last"]
     assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o644" for f in files}
+
+
+def test_a_new_run_refuses_a_dir_holding_another_run_unless_told_to_overwrite(tiny_model_name, tmp_path):
+    train(small_config(tiny_model_name, tmp_path / "run", num_tasks=2))
+    assert (tmp_path / "run" / "checkpoints" / "task_01.pt").exists()
+    with pytest.raises(ConfigError, match="already holds a run.*--resume.*-o.*run.overwrite=true"):
+        train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune"))
+    result = train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune",
+                                run__overwrite=True))
+    # the old run's task_01.pt is gone: nothing stale is left next to the new run's files
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("task_*.pt")) == ["task_00.pt"]
+    assert len(result.accuracy_matrix) == 1
