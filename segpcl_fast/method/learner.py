@@ -58,8 +58,14 @@ class Learner:
                                    self.cfg.prototypes.transfer)
 
     def text_embeddings(self, n_classes: int) -> torch.Tensor:
-        """u_S for classes 0..n_classes-1 (gradients flow to the text tower's LoRA)."""
-        return self.model.class_embeddings(self.class_prompts[:n_classes], device=self.device)
+        """u_S for classes 0..n_classes-1 (gradients flow to the text tower's LoRA).
+
+        Always fp32, also under bf16 autocast: TSGR compares them with the fp32 reference at
+        tau_T = 0.05, where bf16 rounding alone gives L_GR ~ 1e-3 with nothing trained (loss()
+        also computes L_GR itself in fp32). The text tower runs over C prompts, not the image
+        batch, so this costs little."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.model.class_embeddings(self.class_prompts[:n_classes], device=self.device)
 
     @torch.no_grad()
     def _embed_loader(self, model: CLIPModel, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,7 +177,8 @@ class Learner:
             z_s = scale * emb[n_img:] @ text[:self.n_old].T
             parts["acgd"] = stage2.acgd_loss(z_s, anchor_batch.teacher_logits, cfg.acgd.tau)
         if self.graph is not None and len(self.graph.roots) > 0:
-            parts["gr"] = stage2.tsgr_loss(text, self.graph)
+            with torch.autocast(self.device.type, enabled=False):  # fp32 against the fp32 reference
+                parts["gr"] = stage2.tsgr_loss(text.float(), self.graph)
         total = stage2.total_loss(parts.get("cls"), parts.get("acgd"), parts.get("gr"), cfg, check=False)
         return total, parts
 

@@ -106,3 +106,22 @@ def test_non_finite_loss_names_the_term():
         losses.total_loss(torch.tensor(1.0), None, torch.tensor(float("inf")), cfg)
     total = losses.total_loss(torch.tensor(1.0), torch.tensor(float("nan")), None, cfg, check=False)
     assert math.isnan(float(total))
+
+
+def test_tsgr_is_zero_before_training_under_bf16_autocast(tiny_model_name):
+    """Student text = reference text while B = 0, also when the step runs under bf16 autocast."""
+    from segpcl_fast.config import Config
+    from segpcl_fast.method.learner import Learner
+    from segpcl_fast.model.clip import load_model
+    from segpcl_fast.model.lora import inject_lora
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4, targets=("k", "v", "c_fc", "c_proj"), towers=("visual", "text"))
+    prompts = [[f"a good photo of a class {i}."] for i in range(12)]
+    learner = Learner(Config(), model, prompts, torch.device("cpu"))
+    learner.n_old, learner.n_new = 6, 6
+    learner.graph = losses.TSGRGraph.build(learner.ref_text, list(range(6, 12)), k=5, tau=0.05)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([6, 7, 8, 9])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert learner.text_embeddings(12).dtype == torch.float32
+        _, parts = learner.loss(images, labels)
+    assert float(parts["gr"]) < 1e-6
