@@ -87,7 +87,7 @@ run_step "$PYTHON" -m pytest benchmarks/test_bench_lora_linear.py --benchmark-on
 fi
 
 # end-to-end training step (issue 7): images/s and MFU against the bf16 matmul peak measured in
-# the same run (a measured peak, about 0.8x the H100's 989 TFLOP/s spec: MFU reads that much higher)
+# the same run (a measured peak, below the H100's 989 TFLOP/s spec, so MFU reads higher than a spec-based one)
 if want e2e; then
 TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q -p no:cacheprovider \
   -k "not cpu" --benchmark-json="$WORK/bench_e2e.json" 2>&1 | tee "$WORK/bench_e2e.txt"
