@@ -20,7 +20,9 @@ from segpcl_fast.ops.lora_linear import extension_status, lora_b_linear, lora_b_
 
 N_IN, N_OUT, RANK = 768, 3072, 32
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-IMPLS = ["segpcl_cpp", "reference", "peft_A_frozen", "peft_A_trainable", "base_linear"]
+# segpcl_cpp_cublas: the same C++ op with SEGPCL_LORA_BWD=cublas (CUDA backward through two skinny
+# cuBLAS GEMMs instead of the fused rank-r kernel; on the CPU both rows run the same code)
+IMPLS = ["segpcl_cpp", "segpcl_cpp_cublas", "reference", "peft_A_frozen", "peft_A_trainable", "base_linear"]
 
 
 def _tokens(device):
@@ -80,7 +82,14 @@ def _saved_activation_bytes(layer, x):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_lora_linear_fwd_bwd(benchmark, impl, device):
+def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
+    if impl == "segpcl_cpp_cublas":
+        if device == "cpu":
+            pytest.skip("SEGPCL_LORA_BWD picks a CUDA backward path; on the CPU it is segpcl_cpp")
+        monkeypatch.setenv("SEGPCL_LORA_BWD", "cublas")
+        impl = "segpcl_cpp"
+    else:
+        monkeypatch.delenv("SEGPCL_LORA_BWD", raising=False)
     if impl == "segpcl_cpp" and not (extension_status()["built"] and
                                      (device == "cpu" or extension_status()["cuda"])):
         pytest.skip(f"segpcl_fast._C not built for {device}: {extension_status()}")

@@ -8,7 +8,9 @@
 // reads each tile of g once into shared memory and uses it for both, accumulating in fp32
 // (lora_rank_r_grad_kernel below). The dense term is then one cuBLAS GEMM with the low-rank term
 // as its C operand: grad_x = addmm(s (g B) A, g, W). Ranks above kMaxRank and float64 take the
-// plain cuBLAS path (two skinny GEMMs).
+// plain cuBLAS path (two skinny GEMMs); SEGPCL_LORA_BWD=cublas picks that path for every call
+// (read per call, so a benchmark times both in one process; which is faster is measured on the
+// GPU, see BENCHMARKS.md).
 #include "../lora_b_linear.h"
 
 #include <ATen/Dispatch.h>
@@ -18,6 +20,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
 
 namespace segpcl {
 namespace {
@@ -157,7 +162,9 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad
   const at::Tensor u2 = u.reshape({-1, r}).contiguous();
 
   at::Tensor gB, grad_B;
-  if (r <= kMaxRank && dtype != at::kDouble) {
+  const char* path = std::getenv("SEGPCL_LORA_BWD");
+  const bool cublas_only = path != nullptr && std::strcmp(path, "cublas") == 0;
+  if (r <= kMaxRank && dtype != at::kDouble && !cublas_only) {
     std::tie(gB, grad_B) = rank_r_grads_fused(g, lora_B.contiguous(), u2, need_grad_x, need_grad_B);
   } else {
     if (need_grad_x) gB = at::mm(g, lora_B);
