@@ -150,12 +150,16 @@ def test_numeric_strings_coerce_only_when_they_parse():
 
 # ----------------------------------------------------------------------------- load_config errors
 
-def test_yaml_syntax_error_names_file_and_line(tmp_path):
-    path = tmp_path / "broken.yaml"
-    path.write_text("optim:\n  lr: 0.1\n  schedule: [cosine\nrun:\n  seed: 1\n")
+@pytest.mark.parametrize("text, names", [
+    ("optim:\n  lr: 0.1\n  schedule: [cosine\nrun:\n  seed: 1\n", "line"),  # YAML syntax error: its line
+    ("run:\n  precision: fp16\n", "run.precision"),  # an invalid value: its key
+])
+def test_a_bad_file_is_one_error_naming_the_file(tmp_path, text, names):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert str(path) in str(e.value) and "line" in str(e.value)
+    assert str(path) in str(e.value) and names in str(e.value)
 
 
 def test_base_cycle_is_an_error_naming_the_cycle(tmp_path):
@@ -190,14 +194,6 @@ def test_directory_and_missing_paths_give_config_errors(tmp_path):
     msg = str(e.value)
     assert "does not exist" in msg and "cifar100" in msg
     assert str(C.PRESET_DIR / "y") not in msg and "nonexist.yaml.yaml" not in msg
-
-
-def test_invalid_value_in_a_file_names_the_file(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("run:\n  precision: fp16\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(path)
-    assert str(path) in str(e.value) and "run.precision" in str(e.value)
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -165,8 +165,8 @@ class Trainer:
     def _claim_output_dir(self) -> None:
         """A new run must not mix its files with another run's (stale task_03.pt next to new ones)."""
         checkpoints = self.out / ckpt.CHECKPOINT_DIR
-        earlier = [p for p in (self.out / "config.yaml", self.out / "results.json") if p.exists()]
-        earlier += sorted(checkpoints.glob("task_*.pt")) if checkpoints.is_dir() else []
+        stale = sorted(checkpoints.glob("task_*.pt")) if checkpoints.is_dir() else []
+        earlier = [p for p in (self.out / "config.yaml", self.out / "results.json") if p.exists()] + stale
         if not earlier:
             return
         if not self.cfg.run.overwrite:
@@ -174,7 +174,7 @@ class Trainer:
                 f"output dir {self.out} already holds a run ({', '.join(p.name for p in earlier[:3])}"
                 f"{', ...' if len(earlier) > 3 else ''}): continue it with --resume (run.resume=true), "
                 f"pick another dir with -o, or replace it with --set run.overwrite=true")
-        for p in checkpoints.glob("task_*.pt") if checkpoints.is_dir() else []:
+        for p in stale:
             p.unlink()
         (checkpoints / ckpt.LAST_POINTER).unlink(missing_ok=True)
         self.log_fn(f"run.overwrite: replacing the run in {self.out}")

@@ -199,19 +199,23 @@ def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optiona
     return pretrained
 
 
+def _in_hf_cache(repo: str, filename: str, cache_dir: Optional[str]) -> bool:
+    """True if `filename` of Hugging Face repo `repo` is in the local cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+    except Exception:  # no huggingface_hub, or a repo id it rejects
+        return False
+    return isinstance(hit, str) and os.path.exists(hit)
+
+
 def _weights_cached(cfg: dict, cache_dir: Optional[str]) -> bool:
     """True if open_clip would find these weights without the network."""
     hf_hub = cfg.get("hf_hub", "")
     if hf_hub:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return False
         repo = "/".join(hf_hub.strip("/").split("/")[:2])
-        for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            hit = try_to_load_from_cache(repo, fname, cache_dir=cache_dir)
-            if isinstance(hit, str) and os.path.exists(hit):
-                return True
+        if any(_in_hf_cache(repo, f, cache_dir) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+            return True
     url = cfg.get("url", "")
     if url:
         root = cache_dir or os.path.expanduser("~/.cache/clip")
@@ -246,13 +250,7 @@ def _hf_hub_offline():
 
 def _require_cached_hf_config(name: str, cache_dir: Optional[str]) -> None:
     """An hf-hub: model needs its open_clip_config.json in the local Hugging Face cache."""
-    repo = name[len("hf-hub:"):].strip("/")
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        hit = try_to_load_from_cache(repo, "open_clip_config.json", cache_dir=cache_dir)
-    except Exception:  # no huggingface_hub, or a repo id it rejects
-        hit = None
-    if not (isinstance(hit, str) and os.path.exists(hit)):
+    if not _in_hf_cache(name[len("hf-hub:"):].strip("/"), "open_clip_config.json", cache_dir):
         raise ModelLoadError(
             f"'{name}' is not in the local Hugging Face cache and weights are never downloaded at run "
             f"time. On a machine with internet run python -c \"import open_clip; open_clip.create_model("
