@@ -6,12 +6,12 @@
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh
 #   STEPS="kernels bench" bash benchmarks/gpu_suite.sh   # a subset: one device call stops at 10 min
 #
-# Steps, in order, with the H100 time estimated from the code (BENCHMARKS.md has measured ones):
-#   kernels  CUDA variants of tests/kernels                                  ~1.5 min
-#   bench    every benchmark file but the e2e one, CUDA rows only + summary  ~2.5 min
-#   ext      build segpcl_fast._C with CUDA, its GPU tests and benchmark    ~2.5 min
-#   e2e      end-to-end training step (ViT-B/16, compiled), images/s + MFU   ~5 min
-#   profile  5 steps of task 2 with ViT-B/16 (random weights, eager)        ~1.5 min
+# Steps, in order (none timed on a GPU yet; BENCHMARKS.md will hold measured times):
+#   kernels  CUDA variants of tests/kernels
+#   bench    every benchmark file but the e2e one, CUDA rows only + summary
+#   ext      build segpcl_fast._C with CUDA, its GPU tests and benchmark
+#   e2e      end-to-end training step (ViT-B/16, compiled), images/s + MFU
+#   profile  5 steps of task 2 with ViT-B/16 (random weights, eager)
 # Suggested calls: STEPS="kernels bench", then STEPS="ext e2e", then STEPS="profile".
 # Each pytest step stops at STEP_TIMEOUT seconds (SIGINT, so pytest-benchmark still writes its
 # JSON). Exit status non-zero when any step failed (all chosen steps still run).
