@@ -14,7 +14,10 @@
 #   profile  5 steps of task 2 with ViT-B/16 (random weights, eager)
 # Suggested calls: STEPS="kernels bench", then STEPS="ext e2e", then STEPS="profile".
 # Each pytest step stops at STEP_TIMEOUT seconds (SIGINT, so pytest-benchmark still writes its
-# JSON). Exit status non-zero when any step failed (all chosen steps still run).
+# JSON). BUDGET (seconds, default none) bounds the whole script: a command gets at most what is
+# left, and a step that would start with under 60 s left is skipped and listed in skipped.txt, so
+# one device call can run "kernels bench ext e2e profile" and a second call picks up the rest.
+# Exit status non-zero when any step failed (all chosen steps still run).
 #
 # $OUT receives: device.txt, summary.md (kernel + e2e tables), results.tgz (every log, JSON and
 # the profile without its trace), trace.json.gz (when under 16 MiB).
@@ -31,7 +34,20 @@ for step in $STEPS; do
   case " kernels bench ext e2e profile " in *" $step "*) ;; *) echo "unknown step '$step' in STEPS; choose from: kernels bench ext e2e profile" >&2; exit 2;; esac
 done
 want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
-run_step() { timeout -s INT -k 30 "$STEP_TIMEOUT" "$@"; }  # SIGINT: pytest ends the session cleanly
+BUDGET="${BUDGET:-0}"  # 0: no overall bound
+START=$SECONDS
+left() { if [ "$BUDGET" -gt 0 ]; then echo $((BUDGET - (SECONDS - START))); else echo 999999; fi; }
+run_step() {  # SIGINT: pytest ends the session cleanly and pytest-benchmark writes its JSON
+  local t="$STEP_TIMEOUT" l; l=$(left)
+  [ "$l" -lt "$t" ] && t=$l
+  [ "$t" -lt 10 ] && t=10
+  timeout -s INT -k 20 "$t" "$@"
+}
+starts() {  # starts <step>: chosen and enough budget left to be worth starting
+  want "$1" || return 1
+  if [ "$(left)" -lt 60 ]; then echo "$1" >> "$WORK/skipped.txt"; echo "step $1 skipped: BUDGET spent" >&2; return 1; fi
+  echo "== step $1 ($(left) s of budget left) ==" >&2
+}
 
 pack() {  # what comes back: at most 8 files in $OUT
   cp "$WORK/device.txt" "$OUT/" 2>/dev/null
@@ -45,6 +61,7 @@ pack() {  # what comes back: at most 8 files in $OUT
       echo "trace.json.gz is over 16 MiB: not returned (top_ops.txt and stages.txt are in results.tgz)" | tee -a "$WORK/notes.txt"
     fi
   fi
+  [ -f "$WORK/skipped.txt" ] && cp "$WORK/skipped.txt" "$OUT/"
   tar czf "$OUT/results.tgz" -C "$WORK" --exclude=trace.json --exclude=trace.json.gz .
   ls -la "$OUT"
 }
@@ -53,19 +70,20 @@ trap pack EXIT
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv 2>&1 || true
   "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(0))"
+  "$PYTHON" -c "import xformers, xformers.ops as xo, torch; q = torch.randn(1, 8, 2, 64, device='cuda', dtype=torch.bfloat16); xo.memory_efficient_attention(q, q, q); print('xformers', xformers.__version__, 'runs')" 2>&1 | tail -1
   echo "steps: $STEPS; date: $(date -u +%Y-%m-%dT%H:%MZ); commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } > "$WORK/device.txt" 2>&1
 cat "$WORK/device.txt"
 
 # CUDA variants of tests/kernels (the CPU-interpreter variants skip with TRITON_INTERPRET=0)
-if want kernels; then
+if starts kernels; then
 TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest tests/kernels -q -rs -p no:cacheprovider \
   --junitxml="$WORK/kernel_tests.xml" 2>&1 | tee "$WORK/kernel_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 # every benchmark file but e2e (its own step): eager / compiled reference / fast paths, CUDA rows
-if want bench; then
+if starts bench; then
 TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
   --ignore=benchmarks/test_bench_e2e.py -k "not cpu" \
   --benchmark-json="$WORK/benchmarks.json" --benchmark-columns=min,median,max,rounds 2>&1 | tee "$WORK/benchmarks.txt"
@@ -75,7 +93,7 @@ TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest benchmarks/ --benchmark-only -q 
 fi
 
 # segpcl_fast._C with CUDA kernels (LoRA-B linear): build, GPU tests, fwd+bwd benchmark vs peft/base
-if want ext; then
+if starts ext; then
 NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
 CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}" SEGPCL_WITH_CUDA=1 \
   run_step "$PYTHON" setup.py build_ext --inplace > "$WORK/ext_build.txt" 2>&1 || status=1
@@ -88,7 +106,7 @@ fi
 
 # end-to-end training step (issue 7): images/s and MFU against the bf16 matmul peak measured in
 # the same run (a measured peak, below the H100's 989 TFLOP/s spec, so MFU reads higher than a spec-based one)
-if want e2e; then
+if starts e2e; then
 TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q -p no:cacheprovider \
   -k "not cpu" --benchmark-json="$WORK/bench_e2e.json" 2>&1 | tee "$WORK/bench_e2e.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -98,7 +116,7 @@ fi
 
 # profile of 5 steps of task 2 with ViT-B/16 (random weights): trace + top kernels + stages.
 # Eager: with run.compile=true task 2's new graphs would compile inside the profiled window.
-if want profile; then
+if starts profile; then
 run_step "$PYTHON" -m segpcl_fast.cli profile --steps 5 -o "$WORK/profile_vitb16" --set model.name=ViT-B-16 \
   --set model.pretrained=none --set data.max_train_per_class=3 --set run.precision=bf16 --set run.compile=false \
   > "$WORK/profile_vitb16.txt" 2>&1 || status=1
