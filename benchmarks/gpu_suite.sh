@@ -9,7 +9,7 @@
 # Steps, in order (none timed on a GPU yet; BENCHMARKS.md will hold measured times):
 #   kernels  CUDA variants of tests/kernels
 #   bench    every benchmark file but the e2e one, CUDA rows only + summary
-#   ext      build segpcl_fast._C with CUDA, its GPU tests and benchmark
+#   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
 #   e2e      end-to-end training step (ViT-B/16, compiled), images/s + MFU
 #   profile  5 steps of task 2 with ViT-B/16 (random weights, eager)
 # Suggested calls: STEPS="kernels bench", then STEPS="ext e2e", then STEPS="profile".
@@ -51,7 +51,7 @@ starts() {  # starts <step>: chosen and enough budget left to be worth starting
 
 pack() {  # what comes back: at most 8 files in $OUT
   cp "$WORK/device.txt" "$OUT/" 2>/dev/null
-  cat "$WORK"/kernels_summary.md "$WORK"/e2e_summary.md > "$OUT/summary.md" 2>/dev/null
+  cat "$WORK"/kernels_summary.md "$WORK"/lora_parts.md "$WORK"/e2e_summary.md > "$OUT/summary.md" 2>/dev/null
   local trace="$WORK/profile_vitb16/trace.json"
   if [ -f "$trace" ]; then
     gzip -c "$trace" > "$WORK/trace.json.gz"
@@ -101,6 +101,8 @@ run_step "$PYTHON" -m pytest tests/ops/test_lora_linear_cuda.py -q -rs -p no:cac
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 run_step "$PYTHON" -m pytest benchmarks/test_bench_lora_linear.py --benchmark-only -q -p no:cacheprovider -k cuda \
   --benchmark-json="$WORK/bench_lora_linear.json" 2>&1 | tee "$WORK/bench_lora_linear.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+run_step "$PYTHON" benchmarks/lora_parts_cuda.py 2>&1 | tee "$WORK/lora_parts.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

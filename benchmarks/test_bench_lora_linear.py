@@ -20,9 +20,11 @@ from segpcl_fast.ops.lora_linear import extension_status, lora_b_linear, lora_b_
 
 N_IN, N_OUT, RANK = 768, 3072, 32
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# segpcl_cpp_cublas: the same C++ op with SEGPCL_LORA_BWD=cublas (CUDA backward through two skinny
-# cuBLAS GEMMs instead of the fused rank-r kernel; on the CPU both rows run the same code)
-IMPLS = ["segpcl_cpp", "segpcl_cpp_cublas", "reference", "peft_A_frozen", "peft_A_trainable", "base_linear"]
+# CUDA-only variants of the same C++ op (environment read per call; on the CPU they are segpcl_cpp):
+# segpcl_cpp_fused: SEGPCL_LORA_BWD=fused (g B and g^T u from one rank-r kernel, not two cuBLAS GEMMs)
+# segpcl_cpp_addmm: SEGPCL_LORA_FWD=addmm (base GEMM + in-place rank-r addmm, not the K-concat GEMM)
+CUDA_VARIANTS = {"segpcl_cpp_fused": ("SEGPCL_LORA_BWD", "fused"), "segpcl_cpp_addmm": ("SEGPCL_LORA_FWD", "addmm")}
+IMPLS = ["segpcl_cpp", *CUDA_VARIANTS, "reference", "peft_A_frozen", "peft_A_trainable", "base_linear"]
 
 
 def _tokens(device):
@@ -83,13 +85,13 @@ def _saved_activation_bytes(layer, x):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
-    if impl == "segpcl_cpp_cublas":
+    monkeypatch.delenv("SEGPCL_LORA_BWD", raising=False)
+    monkeypatch.delenv("SEGPCL_LORA_FWD", raising=False)
+    if impl in CUDA_VARIANTS:
         if device == "cpu":
-            pytest.skip("SEGPCL_LORA_BWD picks a CUDA backward path; on the CPU it is segpcl_cpp")
-        monkeypatch.setenv("SEGPCL_LORA_BWD", "cublas")
+            pytest.skip(f"{impl} picks a CUDA path; on the CPU it is segpcl_cpp")
+        monkeypatch.setenv(*CUDA_VARIANTS[impl])
         impl = "segpcl_cpp"
-    else:
-        monkeypatch.delenv("SEGPCL_LORA_BWD", raising=False)
     if impl == "segpcl_cpp" and not (extension_status()["built"] and
                                      (device == "cpu" or extension_status()["cuda"])):
         pytest.skip(f"segpcl_fast._C not built for {device}: {extension_status()}")

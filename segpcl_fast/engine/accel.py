@@ -30,11 +30,17 @@ def apex_fused_sgd(params, optim_cfg):
 
 
 def has_xformers() -> bool:
+    """xformers imports and, where CUDA is present, its attention runs there in bf16
+    (an import alone proves nothing: a wheel for another CUDA imports without kernels)."""
     try:
         importlib.import_module("xformers.ops")
-        return True
     except Exception:
         return False
+    import torch
+    if not torch.cuda.is_available():
+        return True
+    from ..ops.mha import xformers_failure
+    return xformers_failure(torch.device("cuda"), torch.bfloat16, 64) is None
 
 
 def available() -> dict:

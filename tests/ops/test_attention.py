@@ -39,8 +39,10 @@ def fake_xformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers.ops", mod)
     monkeypatch.setattr(attn_mod, "XFORMERS_DEVICES", {"cuda", "cpu"})
     attn_mod._xformers_ops.cache_clear()
+    attn_mod._probed.clear()
     yield calls
     attn_mod._xformers_ops.cache_clear()
+    attn_mod._probed.clear()
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 8), (1, 1, 7, 4), (3, 2, 17, 16)])
@@ -58,7 +60,8 @@ def test_xformers_path_layout_equals_sdpa(fake_xformers, shape):
     q, k, v = (torch.randn(shape) for _ in range(3))
     out = ops.attention(q, k, v)
     assert ops.last_choice()["attention"] == "xformers"
-    assert fake_xformers == [(shape[0], shape[2], shape[1], shape[3])]  # called with (B, L, H, D)
+    probe = (1, 8, 2, shape[3])  # the one-off check that the kernels run for this dtype/head size
+    assert fake_xformers == [probe, (shape[0], shape[2], shape[1], shape[3])]  # called with (B, L, H, D)
     torch.testing.assert_close(out, ops.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
 
 
@@ -89,3 +92,22 @@ def test_lora_model_output_is_the_same_through_xformers(fake_xformers, tiny_mode
     assert fake_xformers, "the image tower did not reach the xformers path"
     torch.testing.assert_close(raw_x, raw_s, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(emb_x, emb_s, rtol=1e-5, atol=1e-5)
+
+
+def test_xformers_without_kernels_falls_back_to_sdpa_once(fake_xformers, monkeypatch, caplog):
+    """A wheel built for another CUDA imports but raises NotImplementedError at dispatch (seen on an
+    H100: "xFormers wasn't build with CUDA support"): run SDPA, warn once, do not retry per call."""
+    def no_kernels(q, k, v):
+        fake_xformers.append(tuple(q.shape))
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`\n"
+                                  "    xFormers wasn't build with CUDA support")
+    monkeypatch.setattr(sys.modules["xformers.ops"], "memory_efficient_attention", no_kernels)
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    with caplog.at_level("WARNING", logger="segpcl_fast.ops"):
+        for _ in range(3):
+            out = ops.attention(q, k, v)
+    torch.testing.assert_close(out, _explicit_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert ops.last_choice()["attention"] == "sdpa"
+    assert fake_xformers == [(1, 8, 2, 8)]  # probed once, never called on real inputs
+    assert "wasn't build with CUDA support" in caplog.text and caplog.text.count("using SDPA") == 1
+    assert attn_mod.xformers_failure(q.device, q.dtype, 8).startswith("NotImplementedError")

@@ -71,7 +71,7 @@ def test_cuda_grad_flags():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fused_and_cublas_backward_paths_agree(dtype, monkeypatch):
-    """SEGPCL_LORA_BWD=cublas (two skinny GEMMs) and the fused rank-r kernel compute the same grads."""
+    """SEGPCL_LORA_BWD=fused (the rank-r kernel) and the default cuBLAS path compute the same grads."""
     x, weight, bias, lora_A, lora_B = make_inputs((1000,), 200, 130, 32, device="cuda", dtype=dtype)
     g = torch.randn(1000, 130, device="cuda", dtype=dtype)
     u = (x @ lora_A.T).detach().to(dtype)
@@ -82,3 +82,18 @@ def test_cuda_fused_and_cublas_backward_paths_agree(dtype, monkeypatch):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for fused, cublas in zip(grads["fused"], grads["cublas"]):
         torch.testing.assert_close(fused, cublas, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_k_concat_and_addmm_forward_paths_agree(dtype, monkeypatch):
+    """SEGPCL_LORA_FWD=addmm (base GEMM + in-place rank-r update) equals the default K-concatenated GEMM."""
+    x, weight, bias, lora_A, lora_B = make_inputs((3, 333), 200, 520, 32, device="cuda", dtype=dtype)
+    outs = {}
+    for path in ("addmm", "concat"):
+        monkeypatch.setenv("SEGPCL_LORA_FWD", path)
+        outs[path] = torch.ops.segpcl.lora_b_linear_fwd(x, weight, bias, lora_A, lora_B.detach(), 0.5)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(outs["addmm"], outs["concat"]):
+        torch.testing.assert_close(a, b, **tol)
+    ref = x.float() @ weight.float().T + bias.float() + 0.5 * (x.float() @ lora_A.float().T) @ lora_B.detach().float().T
+    torch.testing.assert_close(outs["concat"][0].float(), ref, **tol)

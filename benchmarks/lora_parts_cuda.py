@@ -1,0 +1,96 @@
+"""Where the LoRA-B-only linear's time goes on a GPU: each GEMM/pass alone, timed with CUDA events.
+
+    python benchmarks/lora_parts_cuda.py            # bf16, N = 128 x 197 tokens, 768 -> 3072, r 32
+
+Prints a markdown table: median ms over 50 timed runs (after 10 warm-ups), each run on one of 4
+rotating input sets so the 50 MB L2 does not hold them. Rows: the frozen base linear fwd+bwd
+(the issue's 1.1x yardstick), the op's fwd+bwd under each SEGPCL_LORA_FWD / SEGPCL_LORA_BWD
+choice, and the pieces they are built from, with the bytes each must move over the copy bandwidth
+measured in the same run (a memory floor for the memory-bound pieces).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+import torch
+
+N, N_IN, N_OUT, R = 128 * 197, 768, 3072, 32
+DT = torch.bfloat16
+SETS = 4
+
+
+def timed(fn, sets, warmup=10, runs=50):
+    for i in range(warmup):
+        fn(*sets[i % len(sets)])
+    times = []
+    for i in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*sets[i % len(sets)])
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main():
+    from segpcl_fast.ops.lora_linear import extension_status, lora_b_linear
+    assert torch.cuda.is_available() and extension_status()["cuda"], extension_status()
+    dev = "cuda"
+    torch.manual_seed(0)
+    W = torch.randn(N_OUT, N_IN, device=dev, dtype=DT) / N_IN ** 0.5
+    b = torch.randn(N_OUT, device=dev, dtype=DT)
+    A = torch.randn(R, N_IN, device=dev, dtype=DT) / N_IN ** 0.5
+    B = (torch.randn(N_OUT, R, device=dev, dtype=DT) * 0.02).requires_grad_()
+    sets = [(torch.randn(N, N_IN, device=dev, dtype=DT, requires_grad=True),
+             torch.randn(N, N_OUT, device=dev, dtype=DT)) for _ in range(SETS)]
+    u = [(x.detach() @ A.T, g) for x, g in sets]
+
+    big = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev)
+    copy_ms = timed(lambda t: t.clone(), [(big,)])
+    bw = 2 * big.numel() / copy_ms / 1e6  # GB/s, read + write
+    rows = [("device-to-device copy, 256 MiB", copy_ms, 2 * big.numel())]
+
+    def op_fwd_bwd(x, g):
+        lora_b_linear(x, W, b, A, B, 1.0).backward(g)
+
+    def base_fwd_bwd(x, g):
+        torch.nn.functional.linear(x, W, b).backward(g)
+
+    rows.append(("base linear fwd+bwd (grad_x only)", timed(base_fwd_bwd, sets), None))
+    for fwd in ("concat", "addmm"):
+        for bwd in ("cublas", "fused"):
+            os.environ["SEGPCL_LORA_FWD"], os.environ["SEGPCL_LORA_BWD"] = fwd, bwd
+            rows.append((f"op fwd+bwd, fwd={fwd} bwd={bwd}", timed(op_fwd_bwd, sets), None))
+    os.environ.pop("SEGPCL_LORA_FWD"), os.environ.pop("SEGPCL_LORA_BWD")
+    e = 2  # bytes per bf16 element
+    xs = [(x.detach(), g) for x, g in sets]
+    pieces = [
+        ("fwd: x W^T + b (base GEMM)", lambda x, g: torch.addmm(b, x, W.T), None),
+        ("fwd: u = x A^T", lambda x, g: x @ A.T, e * (N * N_IN + N * R)),
+        ("fwd: cat([x, u]) (K-concat copy)", lambda x, g: torch.cat([x, x[:, :R]], 1), e * 2 * N * (N_IN + R)),
+        ("fwd: [x|u] [W|B]^T + b (K = in + r)", None, None),
+        ("fwd: y += u B^T (in-place addmm)", lambda x, g: g.addmm_(x[:, :R], B.detach().T), e * 2 * N * N_OUT),
+        ("bwd: g W (base grad_x GEMM)", lambda x, g: g @ W, None),
+        ("bwd: g B (N x r)", lambda x, g: g @ B.detach(), e * (N * N_OUT + N * R)),
+        ("bwd: g^T u (out x r)", lambda x, g: g.T @ x[:, :R], e * (N * N_OUT + N * R)),
+        ("bwd: addmm(s gB A, g, W)", lambda x, g: torch.addmm(x, g, W), None),
+    ]
+    xu = [(torch.cat([x, ug[0]], 1), g) for (x, g), ug in zip(xs, u)]
+    WB = torch.cat([W, B.detach()], 1)
+    for name, fn, nbytes in pieces:
+        if fn is None:
+            rows.append((name, timed(lambda z, g: torch.addmm(b, z, WB.T), xu), None))
+        else:
+            rows.append((name, timed(fn, xs), nbytes))
+    print(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16, N {N}, "
+          f"{N_IN} -> {N_OUT}, r {R}; copy bandwidth {bw:.0f} GB/s (read + write)")
+    print("| part | median ms | memory floor ms (bytes / copy BW) |\n|---|---|---|")
+    for name, ms, nbytes in rows:
+        floor = f"{nbytes / bw / 1e6:.4f}" if nbytes else ""
+        print(f"| {name} | {ms:.4f} | {floor} |")
+
+
+if __name__ == "__main__":
+    main()
