@@ -66,6 +66,7 @@ def main():
     os.environ.pop("SEGPCL_LORA_FWD"), os.environ.pop("SEGPCL_LORA_BWD")
     e = 2  # bytes per bf16 element
     xs = [(x.detach(), g) for x, g in sets]
+    WB = torch.cat([W, B.detach()], 1)  # out x (in + r)
     pieces = [
         ("fwd: x W^T + b (base GEMM)", lambda x, g: torch.addmm(b, x, W.T), None),
         ("fwd: u = x A^T", lambda x, g: x @ A.T, e * (N * N_IN + N * R)),
@@ -76,9 +77,9 @@ def main():
         ("bwd: g B (N x r)", lambda x, g: g @ B.detach(), e * (N * N_OUT + N * R)),
         ("bwd: g^T u (out x r)", lambda x, g: g.T @ x[:, :R], e * (N * N_OUT + N * R)),
         ("bwd: addmm(s gB A, g, W)", lambda x, g: torch.addmm(x, g, W), None),
+        ("bwd: g [W|B] (g W and g B in one GEMM)", lambda x, g: g @ WB, None),
     ]
     xu = [(torch.cat([x, ug[0]], 1), g) for (x, g), ug in zip(xs, u)]
-    WB = torch.cat([W, B.detach()], 1)
     for name, fn, nbytes in pieces:
         if fn is None:
             rows.append((name, timed(lambda z, g: torch.addmm(b, z, WB.T), xu), None))

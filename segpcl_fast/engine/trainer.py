@@ -249,7 +249,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         eval_loader = _loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, False, c)
-        with record_function("dpgd"):
+        with record_function("dpgd"), self._amp():  # run.precision=bf16 covers DPGD too (cached outputs are fp32)
             info = self.learner.begin_task(t, n_new, eval_loader, seed=task_seed)
         if self.dist.rank:  # each rank samples its own anchors per step (rank 0 keeps the 1-process stream)
             self.learner.anchor_generator.manual_seed(task_seed + 100003 * self.dist.rank)
@@ -287,7 +287,7 @@ class Trainer:
         timings["train_s"] = time.perf_counter() - t1
         timings["steps"] = step
         t2 = time.perf_counter()
-        with record_function("prototypes"):
+        with record_function("prototypes"), self._amp():
             info.update(self.learner.end_task(t, n_new, eval_loader))
             if self.dist.enabled:  # identical on every rank up to float order; make them bit-identical
                 self.learner.prototypes.tensor = ddp.broadcast_tensor(

@@ -264,3 +264,22 @@ def test_a_new_run_refuses_a_dir_holding_another_run_unless_told_to_overwrite(ti
     # the old run's task_01.pt is gone: nothing stale is left next to the new run's files
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("task_*.pt")) == ["task_00.pt"]
     assert len(result.accuracy_matrix) == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_run_precision_covers_dpgd_training_and_prototypes(tiny_model_name, tmp_path, precision):
+    """run.precision=bf16 autocasts stage 1 (DPGD, whose fp32 GEMMs topped an H100 profile when it ran
+    outside autocast) and stage 3 as well as the training step; fp32 runs none of them under autocast."""
+    cfg = small_config(tiny_model_name, tmp_path / precision, max_train_per_class=3, run__precision=precision)
+    trainer = Trainer(cfg)
+    seen = {}
+    for name in ("begin_task", "end_task", "loss"):
+        original = getattr(trainer.learner, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            seen.setdefault(_name, set()).add(torch.is_autocast_enabled("cpu"))
+            return _original(*args, **kwargs)
+        setattr(trainer.learner, name, spy)
+    trainer.train_task(0)
+    trainer.train_task(1)
+    assert seen == {name: {precision == "bf16"} for name in ("begin_task", "end_task", "loss")}
