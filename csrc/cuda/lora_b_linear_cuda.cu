@@ -5,13 +5,14 @@
 // (base GEMM + in-place rank-r addmm), read per call so one process can time both.
 // Backward, with g = grad_out (N x out) and u = x A^T (N x r) saved by the forward:
 //   grad_x = g W + s (g B) A        grad_B = s g^T u
-// Default (cuBLAS): [g W | g B] = g [W | B] is one GEMM (g read once for both, N x (in + r)), then
-// grad_x = addmm(g W, g B, A, alpha = s) adds the rank-r term, and grad_B = s g^T u is one skinny
-// GEMM. SEGPCL_LORA_BWD=fused instead computes g B and g^T u in one kernel that reads each tile of
-// g once into shared memory (lora_rank_r_grad_kernel below, fp32 accumulation; ranks <= kMaxRank,
-// not float64), then grad_x = addmm(s (g B) A, g, W). On an H100 (bf16, N 25216, 768 -> 3072,
-// r 32) the fused kernel made fwd+bwd 2.61 ms against 1.40 ms with two skinny cuBLAS GEMMs
-// (BENCHMARKS.md), so cuBLAS is the default.
+// Default (cuBLAS): g B (N x r) and g^T u (out x r) are two skinny GEMMs, and the dense term is
+// one GEMM with the rank-r term as its C operand: grad_x = addmm(s (g B) A, g, W).
+// (Tried on the H100: g [W | B] as one GEMM, then addmm(g W, g B, A) on its column slices; the
+// op's fwd+bwd went from 2.04x to 2.22x the base linear, so it was reverted; BENCHMARKS.md.)
+// SEGPCL_LORA_BWD=fused computes g B and g^T u in one kernel that reads each tile of g once into
+// shared memory (lora_rank_r_grad_kernel below, fp32 accumulation; ranks <= kMaxRank, not
+// float64). On an H100 (bf16, N 25216, 768 -> 3072, r 32) it made fwd+bwd 2.61 ms against 1.40 ms
+// with the two skinny cuBLAS GEMMs (BENCHMARKS.md), so cuBLAS is the default.
 #include "../lora_b_linear.h"
 
 #include <ATen/Dispatch.h>
@@ -170,19 +171,13 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad
   at::Tensor grad_x = at::empty({0}, g.options());
   if (fused && r <= kMaxRank && dtype != at::kDouble) {
     std::tie(gB, grad_B) = rank_r_grads_fused(g, lora_B.contiguous(), u2, need_grad_x, need_grad_B);
-    if (need_grad_x) {
-      const at::Tensor low_rank = at::mm(gB.mul(scaling).to(dtype), lora_A);   // s (g B) A, N x in
-      grad_x = at::addmm(low_rank, g, weight).view(with_last_dim(grad_out, in));  // + g W, one cuBLAS GEMM
-    }
   } else {
-    if (need_grad_x) {
-      // g W and g B share the operand g and the contraction over out: one GEMM g [W | B] reads g
-      // once for both (N x (in + r)); then grad_x = g W + s (g B) A, the rank-r term as addmm's C input.
-      const at::Tensor gWB = at::mm(g, at::cat({weight, lora_B}, 1));
-      grad_x = at::addmm(gWB.narrow(1, 0, in), gWB.narrow(1, in, r), lora_A, /*beta=*/1.0, /*alpha=*/scaling)
-                   .view(with_last_dim(grad_out, in));
-    }
+    if (need_grad_x) gB = at::mm(g, lora_B);
     if (need_grad_B) grad_B = at::mm(g.t(), u2);
+  }
+  if (need_grad_x) {
+    const at::Tensor low_rank = at::mm(gB.mul(scaling).to(dtype), lora_A);   // s (g B) A, N x in
+    grad_x = at::addmm(low_rank, g, weight).view(with_last_dim(grad_out, in));  // + g W, one cuBLAS GEMM
   }
   at::Tensor grad_B_out = need_grad_B ? grad_B.mul(scaling).to(dtype) : at::empty({0}, g.options());
   return {grad_x, grad_B_out};
