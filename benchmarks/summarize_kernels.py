@@ -13,8 +13,12 @@ from collections import defaultdict
 
 
 def summarize(path: str) -> str:
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"{path}: no benchmark results ({type(exc).__name__}); the pytest run was stopped before "
+                 "writing its JSON: give it more time (STEP_TIMEOUT / BUDGET in gpu_suite.sh)")
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})

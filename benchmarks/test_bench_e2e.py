@@ -87,12 +87,22 @@ def test_e2e_step(benchmark, matmul_peak, device, variant):
     benchmark.extra_info.update(info)
 
 
-def summarize(path: str) -> str:
-    """Markdown table from a --benchmark-json file of this module."""
-    data = json.load(open(path))
+def _load(path: str) -> list:
+    """The benchmarks of one --benchmark-json file; [] with a note when the run wrote none."""
+    try:
+        with open(path) as f:
+            return json.load(f)["benchmarks"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"{path}: no benchmark results ({type(exc).__name__}; the pytest run was stopped before "
+              "writing its JSON: give it more time, e.g. STEP_TIMEOUT / BUDGET in gpu_suite.sh)", file=sys.stderr)
+        return []
+
+
+def summarize(*paths: str) -> str:
+    """Markdown table from --benchmark-json files of this module."""
     rows = ["| device | model | variant | step ms (median) | images/s | TFLOP/s | MFU | matmul peak TFLOP/s |",
             "|---|---|---|---|---|---|---|---|"]
-    for b in data["benchmarks"]:
+    for b in [b for path in paths for b in _load(path)]:
         if "test_e2e_step" not in b["name"]:
             continue
         e = b["extra_info"]
@@ -104,4 +114,6 @@ def summarize(path: str) -> str:
 
 
 if __name__ == "__main__":
-    print(summarize(sys.argv[1]))
+    if len(sys.argv) < 2:
+        sys.exit("usage: python benchmarks/test_bench_e2e.py BENCH.json [MORE.json ...]")
+    print(summarize(*sys.argv[1:]))
