@@ -95,7 +95,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     """
     import json
 
-    from .config import atomic_write_text
+    from .fileio import atomic_write_text
     from .method.variants import LADDER, variant_overrides
     from .report import format_metrics_table
     from .report.results import to_jsonable

@@ -19,13 +19,14 @@ import dataclasses
 import math
 import os
 import re
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
+
+from .fileio import atomic_write_text, chmod_like_open  # noqa: F401  (re-exported: config users write files)
 
 
 class ConfigError(ValueError):
@@ -605,35 +606,6 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) 
     except ConfigError as e:
         raise ConfigError(f"config file '{p}': {e}") from None
     return apply_overrides(cfg, overrides) if overrides else cfg
-
-
-def chmod_like_open(path: str | os.PathLike) -> None:
-    """Give `path` the mode open() would create it with (0o666 minus the umask).
-
-    tempfile.mkstemp creates files 0600 and os.replace keeps the mode, so an atomic write calls
-    this on its temp file before the replace.
-    """
-    umask = os.umask(0)  # the only way to read the umask: set it, then restore at once
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, then rename); mode as open() gives."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        chmod_like_open(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def dump_config(cfg: Config) -> str:

@@ -34,7 +34,7 @@ def write_synthetic_reference_folder(folder: Path, seed: int = 0, per_class: int
     from PIL import Image
 
     from ..data.synthetic import build_heldout_dataset
-    from ..report.io import atomic_write_bytes
+    from ..fileio import atomic_write_bytes
     ds = build_heldout_dataset(seed, per_class, None, domain="source")
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(len(ds)):

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..config import Config, apply_overrides, atomic_write_text
+from ..config import Config, apply_overrides
+from ..fileio import atomic_write_text
 from ..report.results import to_jsonable
 
 DPI = 120

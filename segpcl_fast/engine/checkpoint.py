@@ -20,20 +20,22 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..config import chmod_like_open
+from ..fileio import atomic_path, atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 
 # Keys that change how a run is executed or where it writes, but not its results, so they may
 # differ between a run and its resumption. Callers (the trainer) may pass their own list.
-RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.num_threads",
-                 "run.compile", "run.device", "run.ops", "run.checkpoint", "eval.batch_size")
+# keys that may differ between a run and its resumption (they change no result): where files go
+# and what is shown, how fast it runs, and data.expected_classes (a check on the data, not a setting)
+RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.checkpoint",
+                 "run.num_threads", "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
+                 "dpgd.batch_size", "data.expected_classes")
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_POINTER = "last"
@@ -94,36 +96,9 @@ def config_diff(old: Mapping, new: Mapping, ignore_keys: Iterable[str] = RUN_ONL
 
 def save_checkpoint(path: PathLike, state: Mapping) -> Path:
     """torch.save `state` to `path` atomically: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        chmod_like_open(tmp)  # mkstemp makes 0600; give the file open()'s mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(dict(state), tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
@@ -191,19 +166,7 @@ def save_task_checkpoint(output_dir: PathLike, task: int, state: Mapping) -> Pat
 
 
 def _write_pointer(pointer: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=pointer.parent, prefix=f".{pointer.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        chmod_like_open(tmp)  # mkstemp makes 0600; give the file open()'s mode
-        os.replace(tmp, pointer)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(pointer.parent)
+    atomic_write_text(pointer, name + "\n", durable=True)
 
 
 def find_last_checkpoint(output_dir: PathLike) -> Optional[Path]:

@@ -20,14 +20,14 @@ import functools
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ..config import Config, atomic_write_text, chmod_like_open
+from ..config import Config
+from ..fileio import atomic_path, atomic_write_text
 
 STAGES = ("dpgd", "student_forward_losses", "image_forward", "text_forward", "losses.cls", "losses.acgd",
           "losses.gr", "backward", "grad_sync", "optimizer", "prototypes")
@@ -58,18 +58,6 @@ def stage_ranges():
     finally:
         for owner, attr, original in saved:
             setattr(owner, attr, original)
-
-
-def _atomic_export_trace(prof, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(tmp)
-        chmod_like_open(tmp)  # mkstemp makes 0600; give the file open()'s mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def stage_table(events, on_gpu: bool) -> tuple[str, dict]:
@@ -137,7 +125,8 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     table = events.table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=90)
     stages_text, stages = stage_table(events, on_gpu)
     paths = {"trace": out / "trace.json", "top_ops": out / "top_ops.txt", "stages": out / "stages.txt"}
-    _atomic_export_trace(prof, paths["trace"])
+    with atomic_path(paths["trace"]) as tmp:
+        prof.export_chrome_trace(str(tmp))
     atomic_write_text(paths["top_ops"], table + "\n")
     atomic_write_text(paths["stages"], stages_text)
     kernel = top_kernel(events, on_gpu)

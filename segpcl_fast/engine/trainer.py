@@ -33,10 +33,7 @@ from . import distributed as ddp
 
 log = logging.getLogger("segpcl_fast.engine")
 
-# keys that may differ between a run and its resumption
-RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.num_threads",
-                 "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
-                 "dpgd.batch_size", "data.expected_classes")  # the last: a check on the data, not a setting
+RUN_ONLY_KEYS = ckpt.RUN_ONLY_KEYS  # keys that may differ between a run and its resumption
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .io import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 DPI = 120
 

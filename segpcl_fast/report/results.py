@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import metrics as M
 from ..version import __version__
-from .io import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 

@@ -109,8 +109,8 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
 
     def crashing_save(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)  # write the whole thing ...
-        f.truncate(f.tell() // 2)   # ... then lose half of it and die
+        real_save(obj, f, *a, **k)  # write the whole thing (to the temp path) ...
+        os.truncate(f, os.path.getsize(f) // 2)  # ... then lose half of it and die
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(torch, "save", crashing_save)

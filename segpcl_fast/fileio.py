@@ -1,0 +1,69 @@
+"""Atomic file writes: every file the library writes goes through `atomic_path`.
+
+    with atomic_path("run/results.json") as tmp:   # a temp file in the same folder
+        tmp.write_text(...)                        # or torch.save(obj, tmp), prof.export_chrome_trace(tmp)
+    # on normal exit: fsync, the mode open() would give (mkstemp makes 0600), os.replace onto the
+    # target; on an exception: the temp file is removed and the target is untouched
+
+A reader sees the old file or the whole new one, never a half-written file. `durable=True` also
+fsyncs the folder, so the rename itself survives a crash (checkpoints and their pointer).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def chmod_like_open(path: str | os.PathLike) -> None:
+    """Give `path` the mode open() would create it with (0o666 minus the umask)."""
+    umask = os.umask(0)  # the only way to read the umask: set it, then restore at once
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """fsync a file or folder by path (no-op where it cannot be opened for that, e.g. folders on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `path`; replace `path` with it when the block ends without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _fsync(tmp)
+        chmod_like_open(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if durable:
+        _fsync(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> Path:
+    with atomic_path(path, durable) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, durable: bool = False) -> Path:
+    with atomic_path(path, durable) as tmp:
+        tmp.write_text(text)
+    return Path(path)
