@@ -51,7 +51,7 @@ def evaluate(run_dir: Union[str, os.PathLike]) -> dict:
     seen test images} computed now, with the dual-path logits of the checkpointed state.
     """
     from .engine import checkpoint as ckpt
-    from .engine.trainer import RUN_ONLY_KEYS, Trainer
+    from .engine.trainer import Trainer
     from .metrics import percent
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -62,8 +62,8 @@ def evaluate(run_dir: Union[str, os.PathLike]) -> dict:
     if last is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")
     trainer = Trainer(cfg)
-    state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict(), RUN_ONLY_KEYS),
-                                 trainer.cfg.to_dict(), RUN_ONLY_KEYS, defaults=type(trainer.cfg)().to_dict())
+    state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
+                                 defaults=type(trainer.cfg)().to_dict())
     trainer.model.load_state_dict(state["lora"], strict=False)
     trainer.learner.load_state_dict(state["learner"])
     counts = trainer.evaluate_seen(state["task"])

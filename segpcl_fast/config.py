@@ -1,6 +1,6 @@
 """Configuration: one dataclass per concern, every default of ../shared/method.md lives here.
 
-Ground floor: imports nothing from the rest of the package.
+Ground floor: imports nothing from the rest of the package but fileio (atomic writes).
 
     cfg = Config()                              # method.md defaults, offline world
     cfg = load_config("configs/cifar100.yaml")  # YAML, partial: missing keys keep defaults
@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from .fileio import atomic_write_text, chmod_like_open  # noqa: F401  (re-exported: config users write files)
+from .fileio import atomic_write_text
 
 
 class ConfigError(ValueError):

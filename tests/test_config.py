@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from segpcl_fast import config as C
-from segpcl_fast.config import (Config, ConfigError, apply_overrides, atomic_write_text, chmod_like_open,
-                                config_from_dict, load_config, save_config, validate)
+from segpcl_fast.config import (Config, ConfigError, apply_overrides, config_from_dict, load_config, save_config,
+                                validate)
+from segpcl_fast.fileio import atomic_write_text, chmod_like_open
 
 # (override, the key the error must name): values the old code accepted silently or failed on late
 INVALID = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from .base import DatasetFormatError
 
@@ -40,10 +40,18 @@ def first_existing(candidates: Iterable[Path]) -> Optional[Path]:
     return None
 
 
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, stripped line) of the non-empty, non-'#' lines of `path`."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                yield n, text
+
+
 def read_lines(path: Path) -> list[str]:
     """Non-empty, stripped lines; '#' comment lines skipped."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    return [text for _, text in numbered_lines(path)]
 
 
 def list_images(folder: Path) -> list[Path]:

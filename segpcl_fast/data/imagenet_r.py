@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (format_error, list_images, names_for_wnids, relative_to_any, require_root,
+from .files import (format_error, list_images, names_for_wnids, numbered_lines, relative_to_any, require_root,
                     stratified_split, wnid_folders)
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,6 @@ def _locate(root: Optional[str]) -> tuple[Path, Path, Optional[Path]]:
                              f"(nor in a train/ folder there)", LAYOUT, "extract imagenet-r.tar into data.root")
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, stripped line) of the non-empty, non-'#' lines of `path`."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            text = line.strip()
-            if text and not text.startswith("#"):
-                yield n, text
-
-
 def _parse_entries(path: Path, lines: list[tuple[int, str]], bases: list[Path],
                    wnid_index: dict[str, int]) -> Split:
     paths, targets, seen_labels = [], [], {}
@@ -103,7 +94,7 @@ def _read_sectioned(path: Path, bases: list[Path], wnid_index: dict[str, int]) -
     """RAPF format: a line 'train' (or 'test' / 'val') starts a section of image lines."""
     sections: dict[str, list[tuple[int, str]]] = {"train": [], "test": []}
     current = None
-    for n, line in _numbered_lines(path):
+    for n, line in numbered_lines(path):
         head = SECTIONS.get(line.lower().rstrip(":"))
         if head is not None:
             current = head
@@ -142,8 +133,8 @@ def _split_from_files(root_path: Path, folder: Path, wnid_index: dict[str, int],
     for d in dirs:
         train_list, test_list = d / "train.txt", d / "test.txt"
         if train_list.is_file() and test_list.is_file():
-            return (_parse_entries(train_list, list(_numbered_lines(train_list)), bases, wnid_index),
-                    _parse_entries(test_list, list(_numbered_lines(test_list)), bases, wnid_index),
+            return (_parse_entries(train_list, list(numbered_lines(train_list)), bases, wnid_index),
+                    _parse_entries(test_list, list(numbered_lines(test_list)), bases, wnid_index),
                     f"{train_list} + {test_list}")
     for d in dirs + [root_path / "imgr_split"]:
         if (d / RAPF_SPLIT).is_file():

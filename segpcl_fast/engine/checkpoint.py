@@ -29,10 +29,8 @@ from ..fileio import atomic_path, atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 
-# Keys that change how a run is executed or where it writes, but not its results, so they may
-# differ between a run and its resumption. Callers (the trainer) may pass their own list.
-# keys that may differ between a run and its resumption (they change no result): where files go
-# and what is shown, how fast it runs, and data.expected_classes (a check on the data, not a setting)
+# Keys that may differ between a run and its resumption (they change no result): where files go
+# and what is shown, how fast it runs, and data.expected_classes (a check on the data, not a setting).
 RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.checkpoint",
                  "run.num_threads", "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
                  "dpgd.batch_size", "data.expected_classes")

@@ -33,9 +33,6 @@ from . import distributed as ddp
 
 log = logging.getLogger("segpcl_fast.engine")
 
-RUN_ONLY_KEYS = ckpt.RUN_ONLY_KEYS  # keys that may differ between a run and its resumption
-
-
 @dataclass
 class Result:
     """What train() returns: the accuracy matrix, metrics and the files written."""
@@ -336,7 +333,7 @@ class Trainer:
         main = self.dist.is_main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-        fingerprint = ckpt.config_fingerprint(c.to_dict(), RUN_ONLY_KEYS)
+        fingerprint = ckpt.config_fingerprint(c.to_dict())
         correct = np.full((T, T), np.nan)
         correct_own = np.full((T, T), np.nan)
         totals = [len(self.scenario.test_dataset(j)) for j in range(T)]
@@ -346,8 +343,7 @@ class Trainer:
         if c.run.resume:
             last = ckpt.find_last_checkpoint(self.out)
             if last is not None:
-                state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), RUN_ONLY_KEYS,
-                                             defaults=type(c)().to_dict())
+                state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), defaults=type(c)().to_dict())
                 self.model.load_state_dict(state["lora"], strict=False)
                 self.learner.load_state_dict(state["learner"])
                 correct = np.array(state["correct"], dtype=np.float64)
