@@ -37,7 +37,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _config_from_args(args) -> "Config":
     from .api import make_config
     overrides = list(args.overrides)
-    if args.output_dir:
+    if args.output_dir is not None:  # -o "" reaches the validator and is refused, not ignored
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.method:
         overrides.append(f"run.method={args.method}")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import format_error, read_lines, require_root
+from .files import format_error, numbered_lines, require_root
 
 NAME = "cub200"
 META_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
@@ -25,7 +25,7 @@ def class_name(folder_name: str) -> str:
 
 def _pairs(path: Path) -> dict[int, str]:
     out = {}
-    for n, line in enumerate(read_lines(path), 1):
+    for n, line in numbered_lines(path):
         parts = line.split(None, 1)
         if len(parts) != 2 or not parts[0].isdigit():
             raise format_error(NAME, f"{path}:{n}: expected '<id> <value>', got {line!r}", LAYOUT,

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import ClassDataset, FileListDataset
-from .files import (clean_name, first_existing, format_error, list_images, names_for_wnids, read_lines,
-                    require_root, wnid_folders)
+from .files import (clean_name, first_existing, format_error, list_images, names_for_wnids, numbered_lines,
+                    read_lines, require_root, wnid_folders)
 from .prompts import OPENAI_IMAGENET
 
 FOOD_LAYOUT = """  <root>/food-101/meta/classes.txt    ('apple_pie', one class a line)
@@ -83,7 +83,7 @@ def load_food101(root: Optional[str], transform: Optional[Callable] = None) -> F
 
 def _pet_rows(path: Path) -> list[tuple[str, int]]:
     rows = []
-    for n, line in enumerate(read_lines(path), 1):
+    for n, line in numbered_lines(path):
         parts = line.split()
         if len(parts) < 2 or not parts[1].isdigit():
             raise format_error("pets", f"{path}:{n}: expected '<image> <class id> <species> <breed id>', got {line!r}",

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 from PIL import Image
 
 from .base import ClassDataset
-from .files import IMAGE_EXTENSIONS, format_error, read_lines, require_root
+from .files import IMAGE_EXTENSIONS, format_error, numbered_lines, require_root
 
 NAME = "ucf101"
 FRAME_DIR_CANDIDATES = ("UCF-101-midframes", "UCF-101-frames", "frames", "rawframes", "UCF-101", "UCF101")
@@ -115,7 +115,7 @@ class VideoFrameDataset(ClassDataset):
 
 def _classes(lists: Path) -> list[str]:
     entries = {}
-    for n, line in enumerate(read_lines(lists / "classInd.txt"), 1):
+    for n, line in numbered_lines(lists / "classInd.txt"):
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit():
             raise format_error(NAME, f"{lists / 'classInd.txt'}:{n}: expected '<id> <ClassName>', got {line!r}",
@@ -186,7 +186,7 @@ def _read_list(path: Path, frames: Path, class_index: dict[str, int], with_label
                ) -> tuple[list[str], list[int]]:
     sources, targets, missing = [], [], []
     listings: dict[Path, dict[str, Path]] = {}
-    for n, line in enumerate(read_lines(path), 1):
+    for n, line in numbered_lines(path):
         parts = line.split()
         rel = Path(parts[0])
         label = class_index.get(rel.parent.name.lower())

@@ -94,9 +94,12 @@ def test_build_retention_dataset_templates_and_caps(tmp_path):
         build_retention_dataset("cifar10", None)
 
 
-def test_dataset_specs():
+def test_dataset_specs(tmp_path):
     assert parse_dataset_specs(None) == {"synthetic-sketch": None, "synthetic-source": None}
-    assert parse_dataset_specs(["pets=/d/pets", "synthetic-sketch"]) == {"pets": "/d/pets", "synthetic-sketch": None}
+    pets = str(tmp_path)
+    assert parse_dataset_specs([f"pets={pets}", "synthetic-sketch"]) == {"pets": pets, "synthetic-sketch": None}
+    with pytest.raises(ConfigError, match=r"'pets': data root '/no/such/pets' does not exist.*pets=/path/to/pets"):
+        parse_dataset_specs(["pets=/no/such/pets"])
     with pytest.raises(ConfigError, match="needs a data root: write it as food101="):
         parse_dataset_specs(["food101"])
     with pytest.raises(ConfigError, match="unknown retention dataset 'cifar'"):

@@ -40,3 +40,11 @@ def test_missing_image(cub_root):
 def test_not_cub(tmp_path):
     with pytest.raises(DatasetFormatError, match="images.txt"):
         load_cub200(str(tmp_path))
+
+
+def test_metadata_errors_cite_the_file_line_past_blank_lines(cub_root):
+    path = cub_root / "CUB_200_2011" / "images.txt"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n\n" + "not-an-id " + lines[1] + "\n")
+    with pytest.raises(DatasetFormatError, match=r"images.txt:3: expected '<id> <value>'"):
+        load_cub200(str(cub_root))

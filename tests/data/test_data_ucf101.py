@@ -177,3 +177,12 @@ def test_raw_videos_only_says_extract(tmp_path):
     assert "it holds the videos themselves" in msg and "v_ApplyEyeMakeup_g08_c01.avi" in msg
     assert "ffmpeg" in msg and "UCF-101-midframes" in msg and "data.frames_dir" in msg
     assert "has no frames" not in msg and "(.jpg or a folder)" not in msg
+
+
+def test_list_errors_cite_the_file_line_past_blank_and_comment_lines(ucf_root):
+    path = ucf_root / "ucfTrainTestlist" / "trainlist01.txt"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace(".avi 1", ".avi 3").replace(".avi 2", ".avi 3")
+    path.write_text("# UCF101 split 1\n\n" + "\n".join(lines) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"trainlist01.txt:4: label 3 disagrees"):
+        load_ucf101(str(ucf_root))

@@ -178,6 +178,8 @@ def test_cli_user_errors_are_one_line_and_exit_2(tiny_model_name, tmp_path, caps
         assert "no CUDA device" in capsys.readouterr().err
     assert main(["ablate", "--method", "segpcl", "--seeds", "0"]) == 2
     assert "--method and --seed do not apply" in capsys.readouterr().err
+    assert main(["train", "-o", ""]) == 2  # not silently runs/default
+    assert "run.output_dir" in capsys.readouterr().err
     for bad in (["ablate", "--seeds", "0,a"], ["ablate", "--seeds", ""], ["profile", "--steps", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
