@@ -4,9 +4,9 @@
 
 Prints a markdown table: median ms over 50 timed runs (after 10 warm-ups), each run on one of 4
 rotating input sets so the 50 MB L2 does not hold them. Rows: the frozen base linear fwd+bwd
-(the issue's 1.1x yardstick), the op's fwd+bwd under each SEGPCL_LORA_FWD / SEGPCL_LORA_BWD
-choice, and the pieces they are built from, with the bytes each must move over the copy bandwidth
-measured in the same run (a memory floor for the memory-bound pieces).
+(the issue's 1.1x yardstick), the op's fwd+bwd under SEGPCL_LORA_FWD / SEGPCL_LORA_BWD choices
+(merged/merged is the default), and the pieces they are built from, with the bytes each must move
+over the copy bandwidth measured in the same run (a memory floor for the memory-bound pieces).
 """
 from __future__ import annotations
 
@@ -59,15 +59,17 @@ def main():
         torch.nn.functional.linear(x, W, b).backward(g)
 
     rows.append(("base linear fwd+bwd (grad_x only)", timed(base_fwd_bwd, sets), None))
-    for fwd in ("concat", "addmm"):
-        for bwd in ("cublas", "fused"):
-            os.environ["SEGPCL_LORA_FWD"], os.environ["SEGPCL_LORA_BWD"] = fwd, bwd
-            rows.append((f"op fwd+bwd, fwd={fwd} bwd={bwd}", timed(op_fwd_bwd, sets), None))
+    for fwd, bwd in (("merged", "merged"), ("concat", "split"), ("concat", "fused"), ("addmm", "split"),
+                     ("merged", "split"), ("concat", "merged")):
+        os.environ["SEGPCL_LORA_FWD"], os.environ["SEGPCL_LORA_BWD"] = fwd, bwd
+        rows.append((f"op fwd+bwd, fwd={fwd} bwd={bwd}", timed(op_fwd_bwd, sets), None))
     os.environ.pop("SEGPCL_LORA_FWD"), os.environ.pop("SEGPCL_LORA_BWD")
     e = 2  # bytes per bf16 element
     xs = [(x.detach(), g) for x, g in sets]
     WB = torch.cat([W, B.detach()], 1)  # out x (in + r)
+    Bd = B.detach()
     pieces = [
+        ("W + s B A (merged weight, out x in)", lambda x, g: torch.addmm(W, Bd, A), e * 2 * N_OUT * N_IN),
         ("fwd: x W^T + b (base GEMM)", lambda x, g: torch.addmm(b, x, W.T), None),
         ("fwd: u = x A^T", lambda x, g: x @ A.T, e * (N * N_IN + N * R)),
         ("fwd: cat([x, u]) (K-concat copy)", lambda x, g: torch.cat([x, x[:, :R]], 1), e * 2 * N * (N_IN + R)),

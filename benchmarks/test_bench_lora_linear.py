@@ -20,11 +20,17 @@ from segpcl_fast.ops.lora_linear import extension_status, lora_b_linear, lora_b_
 
 N_IN, N_OUT, RANK = 768, 3072, 32
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# CUDA-only variants of the same C++ op (environment read per call; on the CPU they are segpcl_cpp):
-# segpcl_cpp_fused: SEGPCL_LORA_BWD=fused (g B and g^T u from one rank-r kernel, not two cuBLAS GEMMs)
-# segpcl_cpp_addmm: SEGPCL_LORA_FWD=addmm (base GEMM + in-place rank-r addmm, not the K-concat GEMM)
-CUDA_VARIANTS = {"segpcl_cpp_fused": ("SEGPCL_LORA_BWD", "fused"), "segpcl_cpp_addmm": ("SEGPCL_LORA_FWD", "addmm")}
-IMPLS = ["segpcl_cpp", *CUDA_VARIANTS, "reference", "peft_A_frozen", "peft_A_trainable", "base_linear"]
+# The C++ op's GEMM arrangements (csrc/lora_b_linear_aten.cpp), environment read per call:
+# segpcl_cpp: the default, merged forward and backward (y = x (W + s B A)^T + b, grad_x = g (W + s B A))
+# segpcl_cpp_split: K-concatenated forward, split backward (g B and g^T u, then addmm(s gB A, g, W))
+# segpcl_cpp_fused: as split, with g B and g^T u from the one rank-r CUDA kernel (CUDA only)
+# segpcl_cpp_addmm: base GEMM + in-place rank-r addmm forward, split backward
+VARIANTS = {"segpcl_cpp": {"SEGPCL_LORA_FWD": "merged", "SEGPCL_LORA_BWD": "merged"},
+            "segpcl_cpp_split": {"SEGPCL_LORA_FWD": "concat", "SEGPCL_LORA_BWD": "split"},
+            "segpcl_cpp_fused": {"SEGPCL_LORA_FWD": "concat", "SEGPCL_LORA_BWD": "fused"},
+            "segpcl_cpp_addmm": {"SEGPCL_LORA_FWD": "addmm", "SEGPCL_LORA_BWD": "split"}}
+CUDA_ONLY = {"segpcl_cpp_fused"}
+IMPLS = [*VARIANTS, "reference", "peft_A_frozen", "peft_A_trainable", "base_linear"]
 
 
 def _tokens(device):
@@ -58,7 +64,7 @@ def _layer(impl, device):
         return _peft_layer(base, train_A=impl == "peft_A_trainable")
     lora_A = (torch.randn(RANK, N_IN, device=device) / N_IN ** 0.5).to(dtype)
     lora_B = torch.nn.Parameter((torch.randn(N_OUT, RANK, device=device) * 0.02).to(dtype))
-    fn = lora_b_linear if impl == "segpcl_cpp" else lora_b_linear_reference
+    fn = lora_b_linear if impl.startswith("segpcl_cpp") else lora_b_linear_reference
 
     def forward(x):
         return fn(x, base.weight, base.bias, lora_A, lora_B, 1.0)
@@ -85,14 +91,11 @@ def _saved_activation_bytes(layer, x):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
-    monkeypatch.delenv("SEGPCL_LORA_BWD", raising=False)
-    monkeypatch.delenv("SEGPCL_LORA_FWD", raising=False)
-    if impl in CUDA_VARIANTS:
-        if device == "cpu":
-            pytest.skip(f"{impl} picks a CUDA path; on the CPU it is segpcl_cpp")
-        monkeypatch.setenv(*CUDA_VARIANTS[impl])
-        impl = "segpcl_cpp"
-    if impl == "segpcl_cpp" and not (extension_status()["built"] and
+    if impl in CUDA_ONLY and device == "cpu":
+        pytest.skip(f"{impl} picks a CUDA kernel; on the CPU it is segpcl_cpp_split")
+    for name, value in VARIANTS.get(impl, {}).items():
+        monkeypatch.setenv(name, value)
+    if impl.startswith("segpcl_cpp") and not (extension_status()["built"] and
                                      (device == "cpu" or extension_status()["cuda"])):
         pytest.skip(f"segpcl_fast._C not built for {device}: {extension_status()}")
     if impl.startswith("peft"):
@@ -111,7 +114,7 @@ def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
 
     with dispatch.backend("auto"):
         saved = _saved_activation_bytes(layer, x)
-        if impl == "segpcl_cpp":
+        if impl.startswith("segpcl_cpp"):
             assert dispatch.last_choice()["lora_b_linear"] == "cpp"
         benchmark.extra_info.update(saved_activation_bytes=saved, tokens=n, n_in=N_IN, n_out=N_OUT, rank=RANK,
                                     dtype=str(_dtype(device)), device=device)

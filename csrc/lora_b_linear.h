@@ -59,10 +59,22 @@ inline std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t n) {
   return shape;
 }
 
-// Forward (shared by CPU and CUDA: ATen GEMMs, cuBLAS / MKL underneath).
+// Which GEMM arrangement computes the forward / backward (lora_b_linear_aten.cpp has the formulas).
+// Chosen per call from SEGPCL_LORA_FWD (merged | concat | addmm) and SEGPCL_LORA_BWD
+// (merged | split | fused); unset means merged; an unknown value is an error naming the choices.
+enum class FwdPath { kMerged, kConcat, kAddmm };
+enum class BwdPath { kMerged, kSplit, kFused };
+FwdPath fwd_path_from_env();
+BwdPath bwd_path_from_env();
+
+// W + s B A (out x in) in W's dtype, products accumulated in fp32, rounded once.
+at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                         double scaling);
+
+// Forward in ATen GEMMs, shared by CPU and CUDA (cuBLAS / MKL underneath).
 std::tuple<at::Tensor, at::Tensor> lora_b_linear_fwd_aten(const at::Tensor& x, const at::Tensor& weight,
                                                           const std::optional<at::Tensor>& bias,
                                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                          double scaling, bool allow_k_concat);
+                                                          double scaling, FwdPath path);
 
 }  // namespace segpcl

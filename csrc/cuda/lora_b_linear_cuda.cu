@@ -1,18 +1,19 @@
 // CUDA kernels of segpcl::lora_b_linear_{fwd,bwd}.
 //
-// Forward: the shared ATen forward (cuBLAS GEMMs, fp32 accumulation, K-concatenated GEMM when
-// in + r < out), see lora_b_linear_fwd.cpp. SEGPCL_LORA_FWD=addmm turns the K-concatenation off
-// (base GEMM + in-place rank-r addmm), read per call so one process can time both.
-// Backward, with g = grad_out (N x out) and u = x A^T (N x r) saved by the forward:
-//   grad_x = g W + s (g B) A        grad_B = s g^T u
-// Default (cuBLAS): g B (N x r) and g^T u (out x r) are two skinny GEMMs, and the dense term is
-// one GEMM with the rank-r term as its C operand: grad_x = addmm(s (g B) A, g, W).
-// (Tried on the H100: g [W | B] as one GEMM, then addmm(g W, g B, A) on its column slices; the
-// op's fwd+bwd went from 2.04x to 2.22x the base linear, so it was reverted; BENCHMARKS.md.)
-// SEGPCL_LORA_BWD=fused computes g B and g^T u in one kernel that reads each tile of g once into
-// shared memory (lora_rank_r_grad_kernel below, fp32 accumulation; ranks <= kMaxRank, not
-// float64). On an H100 (bf16, N 25216, 768 -> 3072, r 32) it made fwd+bwd 2.61 ms against 1.40 ms
-// with the two skinny cuBLAS GEMMs (BENCHMARKS.md), so cuBLAS is the default.
+// Forward: the shared ATen forward (cuBLAS GEMMs, fp32 accumulation), path from SEGPCL_LORA_FWD:
+// merged (default, y = x (W + s B A)^T + b), concat or addmm; see lora_b_linear_aten.cpp.
+// Backward, with g = grad_out (N x out) and u = x A^T (N x r) saved by the forward, path from
+// SEGPCL_LORA_BWD:
+//   merged (default): grad_x = g (W + s B A), one base-sized cuBLAS GEMM; grad_B = s g^T u.
+//   split:            g B (N x r) and g^T u (out x r) as two skinny cuBLAS GEMMs, then
+//                     grad_x = addmm(s (g B) A, g, W). The default on the H100 before merged:
+//                     2.04x the base linear fwd+bwd in CUDA-event timing (BENCHMARKS.md).
+//   fused:            split, with g B and g^T u from one kernel that reads each tile of g once into
+//                     shared memory (lora_rank_r_grad_kernel below, fp32 accumulation; ranks <=
+//                     kMaxRank, not float64; float64 or larger ranks run split). On an H100 (bf16,
+//                     N 25216, 768 -> 3072, r 32) it made fwd+bwd 2.61 ms against 1.40 ms for split.
+// (Also tried on the H100: g [W | B] as one GEMM, then addmm(g W, g B, A) on its column slices;
+// 2.22x against split's 2.04x the base linear, reverted.)
 #include "../lora_b_linear.h"
 
 #include <ATen/Dispatch.h>
@@ -22,9 +23,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cstdlib>
-#include <cstring>
 
 namespace segpcl {
 namespace {
@@ -148,9 +146,7 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_fwd_cuda(const at::Tensor& x, c
                                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                           double scaling) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const char* fwd = std::getenv("SEGPCL_LORA_FWD");
-  const bool k_concat = fwd == nullptr || std::strcmp(fwd, "addmm") != 0;
-  return lora_b_linear_fwd_aten(x, weight, bias, lora_A, lora_B, scaling, /*allow_k_concat=*/k_concat);
+  return lora_b_linear_fwd_aten(x, weight, bias, lora_A, lora_B, scaling, fwd_path_from_env());
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& u,
@@ -165,19 +161,26 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad
   const at::Tensor g = grad_out.reshape({-1, out}).contiguous();
   const at::Tensor u2 = u.reshape({-1, r}).contiguous();
 
-  at::Tensor gB, grad_B;
-  const char* path = std::getenv("SEGPCL_LORA_BWD");
-  const bool fused = path != nullptr && std::strcmp(path, "fused") == 0;
+  const BwdPath path = bwd_path_from_env();
   at::Tensor grad_x = at::empty({0}, g.options());
-  if (fused && r <= kMaxRank && dtype != at::kDouble) {
-    std::tie(gB, grad_B) = rank_r_grads_fused(g, lora_B.contiguous(), u2, need_grad_x, need_grad_B);
-  } else {
-    if (need_grad_x) gB = at::mm(g, lora_B);
+  at::Tensor gB, grad_B;
+  if (path == BwdPath::kMerged) {
     if (need_grad_B) grad_B = at::mm(g.t(), u2);
-  }
-  if (need_grad_x) {
-    const at::Tensor low_rank = at::mm(gB.mul(scaling).to(dtype), lora_A);   // s (g B) A, N x in
-    grad_x = at::addmm(low_rank, g, weight).view(with_last_dim(grad_out, in));  // + g W, one cuBLAS GEMM
+    if (need_grad_x) {
+      const at::Tensor w = merged_weight(weight, lora_A, lora_B, scaling);  // W + s B A, out x in
+      grad_x = at::mm(g, w).view(with_last_dim(grad_out, in));
+    }
+  } else {
+    if (path == BwdPath::kFused && r <= kMaxRank && dtype != at::kDouble) {
+      std::tie(gB, grad_B) = rank_r_grads_fused(g, lora_B.contiguous(), u2, need_grad_x, need_grad_B);
+    } else {
+      if (need_grad_x) gB = at::mm(g, lora_B);
+      if (need_grad_B) grad_B = at::mm(g.t(), u2);
+    }
+    if (need_grad_x) {
+      const at::Tensor low_rank = at::mm(gB.mul(scaling).to(dtype), lora_A);   // s (g B) A, N x in
+      grad_x = at::addmm(low_rank, g, weight).view(with_last_dim(grad_out, in));  // + g W, one cuBLAS GEMM
+    }
   }
   at::Tensor grad_B_out = need_grad_B ? grad_B.mul(scaling).to(dtype) : at::empty({0}, g.options());
   return {grad_x, grad_B_out};

@@ -47,3 +47,30 @@ def forward_backward(fn, x, weight, bias, lora_A, lora_B, scaling, grad_out=None
 
 def upcast(tensors):
     return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+# (SEGPCL_LORA_FWD, SEGPCL_LORA_BWD): every GEMM arrangement the op has (csrc/README.md); the first
+# is the default. The CPU runs `fused` (a CUDA kernel) as `split`.
+PATHS = [("merged", "merged"), ("concat", "split"), ("concat", "fused"), ("addmm", "split")]
+
+
+def set_paths(monkeypatch, fwd, bwd):
+    monkeypatch.setenv("SEGPCL_LORA_FWD", fwd)
+    monkeypatch.setenv("SEGPCL_LORA_BWD", bwd)
+
+
+def small_update_slopes(fn, ref_fn, bscale, device="cpu"):
+    """(slope of fn, slope of ref_fn): bf16, B small against W (early training); the LoRA part of the
+    output, y(B) - y(0), regressed on its float64 value. 1 keeps all of it; rounding y to bf16 after
+    adding the update (the reference, peft) drops part of a small one."""
+    x, weight, bias, lora_A, lora_B = make_inputs((64,), 256, 384, 16, dtype=torch.bfloat16, device=device)
+    x = x.detach()
+    lora_B = (lora_B.detach().float() * bscale / 0.5).to(torch.bfloat16)
+    zero = torch.zeros_like(lora_B)
+    xd, wd, bd, ad, b_d = upcast([x, weight, bias, lora_A, lora_B])
+    exact = ref_fn(xd, wd, bd, ad, b_d, 1.0) - ref_fn(xd, wd, bd, ad, 0 * b_d, 1.0)
+
+    def slope(f):
+        got = (f(x, weight, bias, lora_A, lora_B, 1.0) - f(x, weight, bias, lora_A, zero, 1.0)).double()
+        return ((got * exact).sum() / (exact * exact).sum()).item()
+    return slope(fn), slope(ref_fn)

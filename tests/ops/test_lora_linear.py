@@ -12,7 +12,8 @@ import torch
 from segpcl_fast.ops import dispatch, lora_linear
 from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_reference
 
-from lora_cases import forward_backward, make_inputs, require_extension, upcast
+from lora_cases import (PATHS, forward_backward, make_inputs, require_extension, set_paths, small_update_slopes,
+                        upcast)
 
 pytestmark = pytest.mark.usefixtures("_extension")
 
@@ -24,6 +25,15 @@ def _extension():
         yield
 
 
+CPU_PATHS = [p for p in PATHS if p[1] != "fused"]  # fused runs split on the CPU
+
+
+@pytest.fixture(params=CPU_PATHS, ids=["-".join(p) for p in CPU_PATHS])
+def lora_path(request, monkeypatch):
+    set_paths(monkeypatch, *request.param)
+    return request.param
+
+
 # (lead dims, in, out, rank): wide and narrow layers, with and without leading dims;
 # 300 rows exercise several cache blocks of the CPU backward.
 SHAPES = [((3, 5), 24, 40, 4), ((7,), 40, 24, 4), ((2, 150), 32, 96, 8), ((300,), 96, 32, 16),
@@ -32,7 +42,7 @@ SHAPES = [((3, 5), 24, 40, 4), ((7,), 40, 24, 4), ((2, 150), 32, 96, 8), ((300,)
 
 @pytest.mark.parametrize("lead,n_in,n_out,rank", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_reference_fp32(lead, n_in, n_out, rank, bias):
+def test_matches_reference_fp32(lead, n_in, n_out, rank, bias, lora_path):
     args = make_inputs(lead, n_in, n_out, rank, bias=bias)
     y, gx, gB = forward_backward(lora_b_linear, *args, 0.75)
     assert dispatch.last_choice()["lora_b_linear"] == "cpp"
@@ -59,7 +69,7 @@ def test_hand_computed_values():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_error_no_worse_than_reference(dtype):
+def test_low_precision_error_no_worse_than_reference(dtype, lora_path):
     """Against a float64 ground truth, the op's bf16/fp16 error (fp32 accumulation) stays within
     the plain-PyTorch low-precision reference's error."""
     args = make_inputs((4, 64), 96, 160, 8, dtype=dtype)
@@ -73,6 +83,27 @@ def test_low_precision_error_no_worse_than_reference(dtype):
         ref_err = (ref.double() - exact).abs().max().item()
         scale = exact.abs().max().item()
         assert err <= 1.5 * ref_err + 1e-3 * scale, (err, ref_err, scale)
+
+
+@pytest.mark.parametrize("bscale", [1e-3, 3e-4])
+def test_bf16_keeps_small_updates_at_least_as_well_as_the_reference(bscale, lora_path):
+    """`merged` rounds W + s B A once (slope 0.97 / 0.60 here against the reference's 0.90 / 0.46)."""
+    ours, ref = small_update_slopes(lora_b_linear, lora_b_linear_reference, bscale)
+    assert dispatch.last_choice()["lora_b_linear"] == "cpp"
+    assert ref < 0.95  # the effect under test exists at this size
+    assert ours >= ref - 0.02, (ours, ref)
+
+
+def test_unknown_path_names_the_choices(monkeypatch):
+    args = make_inputs((2,), 8, 8, 2)
+    monkeypatch.setenv("SEGPCL_LORA_FWD", "fastest")
+    with pytest.raises(RuntimeError, match="SEGPCL_LORA_FWD='fastest' is not a forward path; use merged"):
+        lora_b_linear(*args, 1.0)
+    monkeypatch.setenv("SEGPCL_LORA_FWD", "merged")
+    monkeypatch.setenv("SEGPCL_LORA_BWD", "cublas")
+    y = lora_b_linear(*args, 1.0)
+    with pytest.raises(RuntimeError, match="SEGPCL_LORA_BWD='cublas' is not a backward path; use merged"):
+        y.sum().backward()
 
 
 def test_grad_flags_skip_unneeded_grads():
@@ -101,7 +132,7 @@ def test_opcheck_forward_and_backward_ops():
                               (g, u, weight, lora_A, lora_B.detach(), 0.5, *flags))
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(lora_path):
     x, weight, bias, lora_A, lora_B = make_inputs((2, 3), 6, 10, 3, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x_, b_: lora_b_linear(x_, weight, bias, lora_A, b_, 1.3),
                                     (x, lora_B))

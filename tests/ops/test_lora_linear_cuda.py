@@ -1,5 +1,5 @@
-"""segpcl::lora_b_linear CUDA kernels (fused rank-r backward) against the reference; needs a GPU
-and an extension built with CUDA (SEGPCL_WITH_CUDA=1)."""
+"""segpcl::lora_b_linear on CUDA (every SEGPCL_LORA_FWD / SEGPCL_LORA_BWD path, including the fused
+rank-r kernel) against the reference; needs a GPU and an extension built with CUDA (SEGPCL_WITH_CUDA=1)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from segpcl_fast.ops import dispatch, lora_linear
 from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_reference
 
-from lora_cases import forward_backward, make_inputs, upcast
+from lora_cases import PATHS, forward_backward, make_inputs, set_paths, small_update_slopes, upcast
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,14 +26,17 @@ def _cuda_extension():
         yield
 
 
-# rank 32 and 64 take the fused kernel, 80 the cuBLAS fallback; rows/cols not multiples of the tiles.
+# with bwd=fused, rank 32 and 64 take the rank-r kernel, 80 the cuBLAS fallback; rows/cols not
+# multiples of the tiles.
 CASES = [((4, 197), 768, 3072, 32), ((333,), 3072, 768, 32), ((1000,), 200, 130, 64), ((77,), 64, 96, 80),
          ((5000,), 96, 64, 8)]
 
 
+@pytest.mark.parametrize("paths", PATHS, ids=["-".join(p) for p in PATHS])
 @pytest.mark.parametrize("lead,n_in,n_out,rank", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_matches_float64_truth(lead, n_in, n_out, rank, dtype):
+def test_cuda_matches_float64_truth(lead, n_in, n_out, rank, dtype, paths, monkeypatch):
+    set_paths(monkeypatch, *paths)
     args = make_inputs(lead, n_in, n_out, rank, dtype=dtype, device="cuda")
     ours = forward_backward(lora_b_linear, *args, 2.0)
     assert dispatch.last_choice()["lora_b_linear"] == "cpp"
@@ -70,30 +73,41 @@ def test_cuda_grad_flags():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_fused_and_cublas_backward_paths_agree(dtype, monkeypatch):
-    """SEGPCL_LORA_BWD=fused (the rank-r kernel) and the default cuBLAS path compute the same grads."""
+def test_cuda_backward_paths_agree(dtype, monkeypatch):
+    """SEGPCL_LORA_BWD=merged (default), split (cuBLAS) and fused (the rank-r kernel): the same grads."""
     x, weight, bias, lora_A, lora_B = make_inputs((1000,), 200, 130, 32, device="cuda", dtype=dtype)
     g = torch.randn(1000, 130, device="cuda", dtype=dtype)
     u = (x @ lora_A.T).detach().to(dtype)
     grads = {}
-    for path in ("fused", "cublas"):
+    for path in ("merged", "split", "fused"):
         monkeypatch.setenv("SEGPCL_LORA_BWD", path)
         grads[path] = torch.ops.segpcl.lora_b_linear_bwd(g, u, weight, lora_A, lora_B.detach(), 0.5, True, True)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for fused, cublas in zip(grads["fused"], grads["cublas"]):
-        torch.testing.assert_close(fused, cublas, **tol)
+    for path in ("split", "fused"):
+        for got, merged in zip(grads[path], grads["merged"]):
+            torch.testing.assert_close(got, merged, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_k_concat_and_addmm_forward_paths_agree(dtype, monkeypatch):
-    """SEGPCL_LORA_FWD=addmm (base GEMM + in-place rank-r update) equals the default K-concatenated GEMM."""
+def test_cuda_forward_paths_agree(dtype, monkeypatch):
+    """SEGPCL_LORA_FWD=merged (default), concat (K-concatenated GEMM) and addmm: the same (y, u)."""
     x, weight, bias, lora_A, lora_B = make_inputs((3, 333), 200, 520, 32, device="cuda", dtype=dtype)
     outs = {}
-    for path in ("addmm", "concat"):
+    for path in ("merged", "concat", "addmm"):
         monkeypatch.setenv("SEGPCL_LORA_FWD", path)
         outs[path] = torch.ops.segpcl.lora_b_linear_fwd(x, weight, bias, lora_A, lora_B.detach(), 0.5)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for a, b in zip(outs["addmm"], outs["concat"]):
-        torch.testing.assert_close(a, b, **tol)
+    for path in ("concat", "addmm"):
+        for a, b in zip(outs[path], outs["merged"]):
+            torch.testing.assert_close(a, b, **tol)
     ref = x.float() @ weight.float().T + bias.float() + 0.5 * (x.float() @ lora_A.float().T) @ lora_B.detach().float().T
-    torch.testing.assert_close(outs["concat"][0].float(), ref, **tol)
+    torch.testing.assert_close(outs["merged"][0].float(), ref, **tol)
+
+
+@pytest.mark.parametrize("paths", PATHS, ids=["-".join(p) for p in PATHS])
+@pytest.mark.parametrize("bscale", [1e-3, 3e-4])
+def test_cuda_bf16_keeps_small_updates_at_least_as_well_as_the_reference(bscale, paths, monkeypatch):
+    set_paths(monkeypatch, *paths)
+    ours, ref = small_update_slopes(lora_b_linear, lora_b_linear_reference, bscale, device="cuda")
+    assert dispatch.last_choice()["lora_b_linear"] == "cpp"
+    assert ours >= ref - 0.02, (ours, ref)
