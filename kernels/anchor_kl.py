@@ -11,11 +11,18 @@ d KL_a / d z_S[a] = (p_S * sum(p_T) - p_T) / tau (= (p_S - p_T) / tau for a norm
 saved for backward, which only scales it: no second read of the logits, no host sync.
 Compute is fp32 whatever the storage (fp32 / bf16); the loss is fp32, the gradient has z_S's dtype.
 
+Two kernels, the same results. Rows up to SINGLE_BLOCK_COLS wide: a whole row (padded to a power
+of two) is one register tile. Wider rows (any width): the row is walked in BLOCK_C-column chunks
+twice. The first walk keeps running maxima and rescaled sums (online softmax) for the student's
+and the teacher's normaliser and for sum_j e_T[j] (t_j - s_j), from which the KL follows; the
+second walk writes the gradient, re-reading the row while it is still in L2, so DRAM traffic
+stays one read of each input and one write, without a spilled 8192-wide tile per program.
+
 NaN / inf: a NaN anywhere in a row of z_S or z_T makes that row's KL (and so the loss) NaN and
 its gradient NaN. A teacher entry of -inf (logit or log-prob) is a zero-probability class and
 contributes exactly 0 (0 * log 0 = 0). z_S must be finite: a -inf student logit where the teacher
-has mass gives an infinite loss. Rows longer than MAX_FUSED_COLS are not fused (the dispatcher
-falls back to the reference).
+has mass gives an infinite loss. A +inf anywhere in a row is undefined (NaN or inf). Any column
+count runs fused.
 
 Contents: `anchor_kl_reference` (the spec), the Triton kernel and launcher, and the custom op
 `segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob) -> (kl_rows (A,), dkl_dz (A, C))`
@@ -31,9 +38,10 @@ from ._triton_utils import cdiv, check_can_run, lazy_jit, next_pow2, rows_per_pr
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
 __all__ = ["anchor_kl_reference", "anchor_kl_fused", "anchor_kl_triton", "check_anchor_kl_inputs",
-           "MAX_FUSED_COLS"]
+           "SINGLE_BLOCK_COLS", "CHUNK_COLS"]
 
-MAX_FUSED_COLS = 16384
+SINGLE_BLOCK_COLS = 4096  # widest row held as one register tile; wider rows take the chunked kernel
+CHUNK_COLS = 1024         # columns per chunk in the chunked kernel
 
 
 def anchor_kl_reference(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
@@ -98,26 +106,109 @@ def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, 
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
+@lazy_jit
+def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, stride_t, stride_dz,
+                              tau, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    neg_inf = float("-inf")
+    m_s = tl.full((ROWS,), neg_inf, tl.float32)   # running max of s = z_S / tau
+    d_s = tl.zeros((ROWS,), tl.float32)           # sum exp(s - m_s)
+    m_t = tl.full((ROWS,), neg_inf, tl.float32)   # running max of t (logits: z_T / tau; log-probs: 0)
+    if TEACHER_IS_LOGPROB:
+        m_t = tl.zeros((ROWS,), tl.float32)
+    d_t = tl.zeros((ROWS,), tl.float32)           # sum e_t, e_t = exp(t - m_t)
+    a_d = tl.zeros((ROWS,), tl.float32)           # sum e_t (t - s) over classes with mass
+    n_nan = tl.zeros((ROWS,), tl.float32)         # NaNs seen in the row (poison the row, as one tile does)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < n_cols
+        mask = row_ok[:, None] & col_ok[None, :]
+        s = tl.load(zs_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(zt_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        n_nan += tl.sum(((s != s) | (t != t)).to(tl.float32), axis=1)
+        s = tl.where(col_ok[None, :], s / tau, neg_inf)
+        if TEACHER_IS_LOGPROB:
+            t = tl.where(col_ok[None, :], t, neg_inf)
+        else:
+            t = tl.where(col_ok[None, :], t / tau, neg_inf)
+        m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
+        d_s = d_s * tl.where(m_s_new > neg_inf, tl.exp(m_s - m_s_new), 1.0)
+        d_s += tl.sum(tl.where(s > neg_inf, tl.exp(s - m_s_new[:, None]), 0.0), axis=1)
+        m_s = m_s_new
+        if not TEACHER_IS_LOGPROB:
+            m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
+            # rows with no mass yet keep m_t = -inf: rescale by 1 (their sums are 0), not exp(nan)
+            rescale = tl.where(m_t_new > neg_inf, tl.exp(m_t - m_t_new), 1.0)
+            d_t = d_t * rescale
+            a_d = a_d * rescale
+            m_t = m_t_new
+        has_mass = t > neg_inf
+        e_t = tl.where(has_mass, tl.exp(t - m_t[:, None]), 0.0)
+        d_t += tl.sum(e_t, axis=1)
+        a_d += tl.sum(tl.where(has_mass, e_t * (t - s), 0.0), axis=1)
+    lse_s = m_s + tl.log(d_s)
+    if TEACHER_IS_LOGPROB:
+        # p_t = exp(t): KL = sum p_t (t - s) + lse_s sum p_t
+        kl = a_d + lse_s * d_t
+        pt_sum = d_t
+        lse_t = tl.zeros((ROWS,), tl.float32)
+    else:
+        # p_t = e_t / d_t: KL = sum p_t (t - s) - lse_t + lse_s, lse_t = m_t + log d_t
+        lse_t = m_t + tl.log(d_t)
+        kl = a_d / d_t - lse_t + lse_s
+        pt_sum = tl.full((ROWS,), 1.0, tl.float32)
+    poisoned = n_nan > 0
+    kl = tl.where(poisoned, float("nan"), kl)
+    tl.store(kl_ptr + rows, kl, mask=row_ok)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < n_cols
+        mask = row_ok[:, None] & col_ok[None, :]
+        s = tl.load(zs_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(zt_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        p_s = tl.exp(s / tau - lse_s[:, None])
+        if TEACHER_IS_LOGPROB:
+            p_t = tl.exp(t)
+        else:
+            p_t = tl.exp(t / tau - lse_t[:, None])
+        dz = (p_s * pt_sum[:, None] - p_t) / tau
+        dz = tl.where(poisoned[:, None], float("nan"), dz)
+        tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
 def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
-                     teacher_is_logprob: bool = False, rows: int | None = None):
-    """Launch the kernel: (kl_rows fp32 (A,), dkl_dz (A, C) in z_S's dtype)."""
+                     teacher_is_logprob: bool = False, rows: int | None = None,
+                     chunk_cols: int | None = None):
+    """Launch a kernel: (kl_rows fp32 (A,), dkl_dz (A, C) in z_S's dtype).
+
+    Rows up to SINGLE_BLOCK_COLS wide run as one tile each, wider ones in chunks of CHUNK_COLS;
+    `chunk_cols` (a power of two) forces the chunked kernel with that chunk (tests, tuning).
+    """
     check_can_run("anchor_kl", student_logits, teacher)
     n_rows, n_cols = student_logits.shape
-    if n_cols > MAX_FUSED_COLS:
-        raise ValueError(f"anchor_kl: {n_cols} classes exceed the fused kernel's limit of {MAX_FUSED_COLS}; "
-                         "use the reference backend")
     zs = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
     zt = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     kl = torch.empty(n_rows, dtype=torch.float32, device=zs.device)
     dz = torch.empty((n_rows, n_cols), dtype=store_dtype(zs.dtype), device=zs.device)
     if n_rows == 0 or n_cols == 0:
         return kl.zero_(), dz.to(zs.dtype)
-    block_c = next_pow2(n_cols)
-    rows = rows or rows_per_program(n_rows, block_c, gpu_tile_elems=4096)
-    grid = (cdiv(n_rows, rows),)
-    _anchor_kl_kernel[grid](zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0),
-                            float(tau), TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows,
-                            BLOCK_C=block_c, num_warps=4 if rows * block_c <= 4096 else 8)
+    if chunk_cols is None and next_pow2(n_cols) <= SINGLE_BLOCK_COLS:
+        block_c = next_pow2(n_cols)
+        rows = rows or rows_per_program(n_rows, block_c, gpu_tile_elems=4096)
+        _anchor_kl_kernel[(cdiv(n_rows, rows),)](
+            zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
+            TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
+            num_warps=4 if rows * block_c <= 4096 else 8)
+    else:
+        block_c = chunk_cols or CHUNK_COLS
+        if block_c != next_pow2(block_c):
+            raise ValueError(f"anchor_kl: chunk_cols must be a power of two, got {block_c}")
+        rows = rows or rows_per_program(n_rows, n_cols, gpu_tile_elems=1)  # one row per program on a GPU
+        _anchor_kl_chunked_kernel[(cdiv(n_rows, rows),)](
+            zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
+            TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c, num_warps=4)
     return kl, dz.to(zs.dtype)
 
 

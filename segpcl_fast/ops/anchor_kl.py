@@ -21,7 +21,6 @@ def anchor_kl(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
     log_softmax(z_T / tau). Gradient flows into student_logits only.
     """
     _k.check_anchor_kl_inputs(student_logits, teacher, tau)
-    fits = student_logits.shape[-1] <= _k.MAX_FUSED_COLS
-    if choose_impl("anchor_kl", student_logits, teacher, supported=fits) == "triton":
+    if choose_impl("anchor_kl", student_logits, teacher) == "triton":
         return _k.anchor_kl_fused(student_logits, teacher, tau, teacher_is_logprob)
     return anchor_kl_reference(student_logits, teacher, tau, teacher_is_logprob)

@@ -20,6 +20,20 @@ def _logits(rows, cols, dtype, device, seed, scale=30.0):
     return student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype)
 
 
+def _count_launches(monkeypatch, name):
+    """Replace kernel.<name> by a wrapper that records each launch's grid; returns that list."""
+    launches = []
+    real = getattr(kernel, name)
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernel, name, Counting())
+    return launches
+
+
 def _grad(fn, student, *args):
     student = student.detach().clone().requires_grad_(True)
     loss = fn(student, *args)
@@ -46,6 +60,46 @@ def test_matches_reference(rows, cols, dtype, teacher_is_logprob, device, triton
         torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2 ** -7, atol=1e-8)
     if cols > 1:
         assert loss > 0
+
+
+@pytest.mark.parametrize("rows,cols,chunk", [(3, 5, 4), (5, 100, 16), (4, 999, 256), (2, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("teacher_is_logprob", [False, True])
+def test_chunked_kernel_matches_reference(rows, cols, chunk, dtype, teacher_is_logprob, device):
+    """The wide-row kernel (online softmax over column chunks, a second walk for the gradient),
+    forced with small chunks: a ragged last chunk, one exact chunk, many chunks."""
+    student, teacher = _logits(rows, cols, dtype, device, seed=rows + cols)
+    if teacher_is_logprob:
+        teacher = F.log_softmax(teacher.float() / TAU, dim=-1)
+    kl_rows, dkl = kernel.anchor_kl_triton(student, teacher, TAU, teacher_is_logprob, chunk_cols=chunk)
+    ref = student.detach().float().requires_grad_(True)
+    p_t = teacher.float().exp() if teacher_is_logprob else F.softmax(teacher.float() / TAU, -1)
+    log_p_t = teacher.float() if teacher_is_logprob else F.log_softmax(teacher.float() / TAU, -1)
+    ref_rows = (p_t * (log_p_t - F.log_softmax(ref / TAU, -1))).sum(-1)
+    (ref_grad,) = torch.autograd.grad(ref_rows.sum(), ref)
+    torch.testing.assert_close(kl_rows, ref_rows.detach(), rtol=1e-5, atol=1e-6)
+    assert dkl.dtype == dtype
+    tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-8)
+    torch.testing.assert_close(dkl.float(), ref_grad.to(dtype).float(), **tol)
+    assert (kl_rows > 0).all()
+
+
+def test_chunked_kernel_nan_inf_and_identical(device):
+    student, teacher = _logits(4, 40, torch.float32, device, seed=8)
+    teacher[1, 3] = float("-inf")          # a zero-probability class
+    teacher[2, :16] = float("-inf")        # a whole chunk without mass
+    kl_rows, dkl = kernel.anchor_kl_triton(student, teacher, TAU, chunk_cols=16)
+    ref_rows = torch.stack([kernel.anchor_kl_reference(student[i:i + 1], teacher[i:i + 1], TAU) for i in range(4)])
+    assert kl_rows.isfinite().all() and dkl.isfinite().all()
+    torch.testing.assert_close(kl_rows * TAU ** 2, ref_rows, rtol=1e-5, atol=1e-6)
+    same, _ = kernel.anchor_kl_triton(student, student.clone(), TAU, chunk_cols=16)
+    assert same.abs().max() < 1e-5
+    student[2, 35] = float("nan")          # in the last chunk: poisons row 2 only, in both walks
+    kl_rows, dkl = kernel.anchor_kl_triton(student, teacher, TAU, chunk_cols=16)
+    assert kl_rows[2].isnan() and dkl[2].isnan().all()
+    assert kl_rows[[0, 1, 3]].isfinite().all() and dkl[[0, 1, 3]].isfinite().all()
+    with pytest.raises(ValueError, match="power of two"):
+        kernel.anchor_kl_triton(student, teacher, TAU, chunk_cols=24)
 
 
 def test_reference_equals_torch_kl_div():
@@ -75,15 +129,7 @@ def test_identical_logits_give_zero(device, triton_backend):
 
 def test_gradient_computed_in_forward_pass(device, triton_backend, monkeypatch):
     """One kernel launch for forward + backward: backward reuses the saved gradient."""
-    launches = []
-    real = kernel._anchor_kl_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(kernel, "_anchor_kl_kernel", Counting())
+    launches = _count_launches(monkeypatch, "_anchor_kl_kernel")
     student, teacher = _logits(9, 21, torch.float32, device, seed=3)
     loss, grad = _grad(ops.anchor_kl, student, teacher, TAU)
     assert len(launches) == 1
@@ -138,9 +184,14 @@ def test_dispatch_and_errors(monkeypatch):
         ops.anchor_kl(student, teacher[:, :3], TAU)
     with pytest.raises(ValueError, match="tau must be > 0"):
         ops.anchor_kl(student, teacher, 0.0)
-    wide = torch.zeros(1, kernel.MAX_FUSED_COLS + 1)
-    ops.anchor_kl(wide, wide, TAU)  # too wide for the fused kernel: auto takes the reference
-    assert ops.last_choice()["anchor_kl"] == "reference"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with ops.backend("triton"), pytest.raises(ValueError, match="reference backend"):
-        ops.anchor_kl(wide, wide, TAU)
+
+
+
+def test_rows_wider_than_one_tile_take_the_chunked_kernel(device, triton_backend, monkeypatch):
+    launches = _count_launches(monkeypatch, "_anchor_kl_chunked_kernel")
+    student, teacher = _logits(2, kernel.SINGLE_BLOCK_COLS + 3, torch.float32, device, seed=9)
+    loss, grad = _grad(ops.anchor_kl, student, teacher, TAU)
+    assert ops.last_choice()["anchor_kl"] == "triton" and len(launches) == 1
+    ref_loss, ref_grad = _grad(kernel.anchor_kl_reference, student, teacher, TAU)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
