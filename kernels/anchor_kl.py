@@ -119,7 +119,9 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
     if TEACHER_IS_LOGPROB:
         m_t = tl.zeros((ROWS,), tl.float32)
     d_t = tl.zeros((ROWS,), tl.float32)           # sum e_t, e_t = exp(t - m_t)
-    a_d = tl.zeros((ROWS,), tl.float32)           # sum e_t (t - s) over classes with mass
+    # c = sum e_t ((t - m_t) - (s - m_s)) over classes with mass: every term is a difference of
+    # values near their row maxima, so large logits do not cancel (as in the one-tile kernel)
+    c = tl.zeros((ROWS,), tl.float32)
     n_nan = tl.zeros((ROWS,), tl.float32)         # NaNs seen in the row (poison the row, as one tile does)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -133,31 +135,35 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
             t = tl.where(col_ok[None, :], t, neg_inf)
         else:
             t = tl.where(col_ok[None, :], t / tau, neg_inf)
+        # a new maximum: rescale the sums and move c's reference points (rows with nothing summed
+        # yet have d = 0 and m = -inf: leave them, rather than compute exp(nan) or 0 * inf)
         m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
-        d_s = d_s * tl.where(m_s_new > neg_inf, tl.exp(m_s - m_s_new), 1.0)
-        d_s += tl.sum(tl.where(s > neg_inf, tl.exp(s - m_s_new[:, None]), 0.0), axis=1)
+        s_moved = (m_s_new > m_s) & (d_s > 0)
+        d_s = tl.where(s_moved, d_s * tl.exp(m_s - m_s_new), d_s)
+        c = tl.where(s_moved & (d_t > 0), c + (m_s_new - m_s) * d_t, c)
         m_s = m_s_new
         if not TEACHER_IS_LOGPROB:
             m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
-            # rows with no mass yet keep m_t = -inf: rescale by 1 (their sums are 0), not exp(nan)
-            rescale = tl.where(m_t_new > neg_inf, tl.exp(m_t - m_t_new), 1.0)
+            t_moved = (m_t_new > m_t) & (d_t > 0)
+            rescale = tl.where(t_moved, tl.exp(m_t - m_t_new), 1.0)
+            c = tl.where(t_moved, (c - (m_t_new - m_t) * d_t) * rescale, c)
             d_t = d_t * rescale
-            a_d = a_d * rescale
             m_t = m_t_new
+        d_s += tl.sum(tl.where(s > neg_inf, tl.exp(s - m_s[:, None]), 0.0), axis=1)
         has_mass = t > neg_inf
         e_t = tl.where(has_mass, tl.exp(t - m_t[:, None]), 0.0)
         d_t += tl.sum(e_t, axis=1)
-        a_d += tl.sum(tl.where(has_mass, e_t * (t - s), 0.0), axis=1)
-    lse_s = m_s + tl.log(d_s)
+        c += tl.sum(tl.where(has_mass, e_t * ((t - m_t[:, None]) - (s - m_s[:, None])), 0.0), axis=1)
+    log_d_s = tl.log(d_s)
     if TEACHER_IS_LOGPROB:
-        # p_t = exp(t): KL = sum p_t (t - s) + lse_s sum p_t
-        kl = a_d + lse_s * d_t
+        # p_t = exp(t): KL = sum p_t (t - s) + lse_s sum p_t = c + d_t log d_s
+        kl = c + d_t * log_d_s
         pt_sum = d_t
-        lse_t = tl.zeros((ROWS,), tl.float32)
+        log_d_t = tl.zeros((ROWS,), tl.float32)
     else:
-        # p_t = e_t / d_t: KL = sum p_t (t - s) - lse_t + lse_s, lse_t = m_t + log d_t
-        lse_t = m_t + tl.log(d_t)
-        kl = a_d / d_t - lse_t + lse_s
+        # p_t = e_t / d_t: KL = sum p_t (t - s) - lse_t + lse_s = c / d_t - log d_t + log d_s
+        log_d_t = tl.log(d_t)
+        kl = c / d_t - log_d_t + log_d_s
         pt_sum = tl.full((ROWS,), 1.0, tl.float32)
     poisoned = n_nan > 0
     kl = tl.where(poisoned, float("nan"), kl)
@@ -168,11 +174,11 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
         mask = row_ok[:, None] & col_ok[None, :]
         s = tl.load(zs_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         t = tl.load(zt_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        p_s = tl.exp(s / tau - lse_s[:, None])
+        p_s = tl.exp((s / tau - m_s[:, None]) - log_d_s[:, None])
         if TEACHER_IS_LOGPROB:
             p_t = tl.exp(t)
         else:
-            p_t = tl.exp(t / tau - lse_t[:, None])
+            p_t = tl.exp((t / tau - m_t[:, None]) - log_d_t[:, None])
         dz = (p_s * pt_sum[:, None] - p_t) / tau
         dz = tl.where(poisoned[:, None], float("nan"), dz)
         tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)

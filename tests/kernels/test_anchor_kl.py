@@ -98,8 +98,31 @@ def test_chunked_kernel_nan_inf_and_identical(device):
     kl_rows, dkl = kernel.anchor_kl_triton(student, teacher, TAU, chunk_cols=16)
     assert kl_rows[2].isnan() and dkl[2].isnan().all()
     assert kl_rows[[0, 1, 3]].isfinite().all() and dkl[[0, 1, 3]].isfinite().all()
+    teacher[0, 20] = float("nan")          # a teacher NaN poisons its row too
+    kl_rows, dkl = kernel.anchor_kl_triton(student, teacher, TAU, chunk_cols=16)
+    assert kl_rows[0].isnan() and dkl[0].isnan().all() and kl_rows[[1, 3]].isfinite().all()
     with pytest.raises(ValueError, match="power of two"):
         kernel.anchor_kl_triton(student, teacher, TAU, chunk_cols=24)
+
+
+@pytest.mark.parametrize("teacher_is_logprob", [False, True])
+def test_chunked_kernel_keeps_precision_at_large_logits(teacher_is_logprob, device):
+    """Logits offset by 3000 at tau 1 (and rising along the row, so the running maxima move in
+    every chunk): the KL is a small difference of large numbers unless the sums are kept
+    relative to the maxima. Both kernels against float64."""
+    g = torch.Generator().manual_seed(11)
+    ramp = torch.linspace(0, 6, 200)
+    student = (3000 + ramp + 0.5 * torch.randn(3, 200, generator=g)).to(device)
+    teacher = (3000 + ramp + 0.5 * torch.randn(3, 200, generator=g)).to(device)
+    if teacher_is_logprob:
+        teacher = F.log_softmax(teacher.double(), -1).float()
+    exact_p = teacher.double().exp() if teacher_is_logprob else F.softmax(teacher.double(), -1)
+    exact_log_p = teacher.double() if teacher_is_logprob else F.log_softmax(teacher.double(), -1)
+    exact = (exact_p * (exact_log_p - F.log_softmax(student.double(), -1))).sum(-1)
+    for chunk in (None, 16):
+        kl_rows, _ = kernel.anchor_kl_triton(student, teacher, 1.0, teacher_is_logprob,
+                                             chunk_cols=chunk)
+        torch.testing.assert_close(kl_rows.double(), exact, rtol=1e-5, atol=2e-6)
 
 
 def test_reference_equals_torch_kl_div():
@@ -176,7 +199,7 @@ def test_compile_fullgraph_no_breaks(device, triton_backend, graph_breaks):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
 
 
-def test_dispatch_and_errors(monkeypatch):
+def test_dispatch_and_errors():
     student, teacher = _logits(3, 4, torch.float32, "cpu", seed=7)
     ops.anchor_kl(student, teacher, TAU)
     assert ops.last_choice()["anchor_kl"] == "reference"
@@ -184,7 +207,6 @@ def test_dispatch_and_errors(monkeypatch):
         ops.anchor_kl(student, teacher[:, :3], TAU)
     with pytest.raises(ValueError, match="tau must be > 0"):
         ops.anchor_kl(student, teacher, 0.0)
-
 
 
 def test_rows_wider_than_one_tile_take_the_chunked_kernel(device, triton_backend, monkeypatch):
