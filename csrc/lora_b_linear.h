@@ -18,6 +18,7 @@ inline std::array<int64_t, 3> check_lora_b_linear_args(const at::Tensor& x, cons
   TORCH_CHECK(lora_A.dim() == 2, "lora_b_linear: lora_A must be 2-D (r, in), got shape ", lora_A.sizes());
   TORCH_CHECK(lora_B.dim() == 2, "lora_b_linear: lora_B must be 2-D (out, r), got shape ", lora_B.sizes());
   const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(r >= 1, "lora_b_linear: lora_A has rank 0 (shape ", lora_A.sizes(), "); the rank must be >= 1");
   TORCH_CHECK(x.size(-1) == in, "lora_b_linear: x's last dimension (", x.size(-1),
               ") must equal weight's in-features (", in, ")");
   TORCH_CHECK(lora_A.size(1) == in, "lora_b_linear: lora_A must be (r, in) = (r, ", in, "), got ", lora_A.sizes());
@@ -42,6 +43,7 @@ inline void check_lora_b_linear_bwd_args(const at::Tensor& grad_out, const at::T
                                          const at::Tensor& weight, const at::Tensor& lora_A,
                                          const at::Tensor& lora_B) {
   const int64_t out = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(r >= 1, "lora_b_linear_bwd: lora_A has rank 0; the rank must be >= 1");
   TORCH_CHECK(grad_out.size(-1) == out, "lora_b_linear_bwd: grad_out's last dimension must be out=", out);
   TORCH_CHECK(u.size(-1) == r, "lora_b_linear_bwd: u's last dimension must be r=", r);
   TORCH_CHECK(u.numel() / r == grad_out.numel() / out, "lora_b_linear_bwd: u and grad_out must have the same rows");

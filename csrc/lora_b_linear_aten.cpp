@@ -61,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_fwd_aten(const at::Tensor& x, c
                                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                           double scaling, FwdPath path) {
   const auto [in, out, r] = check_lora_b_linear_args(x, weight, bias, lora_A, lora_B);
+  bwd_path_from_env();  // a bad SEGPCL_LORA_BWD fails here, before any work, not in backward
   // The caller already cast for autocast; keep it from re-casting the GEMMs below.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor x2 = x.reshape({-1, in});

@@ -110,6 +110,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// s * (a b) in a's dtype: s scales the fp32 accumulator, then one rounding (beta = 0: addmm ignores
+// the uninitialised input, NaN and all).
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double s) {
+  return at::addmm(at::empty({a.size(0), b.size(1)}, a.options()), a, b, /*beta=*/0.0, /*alpha=*/s);
+}
+
 // (g B, g^T u) in fp32, g read once. g (N x out), B (out x r), u (N x r), all contiguous.
 std::tuple<at::Tensor, at::Tensor> rank_r_grads_fused(const at::Tensor& g, const at::Tensor& B,
                                                       const at::Tensor& u, bool want_gB, bool want_grad_B) {
@@ -163,27 +169,28 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad
 
   const BwdPath path = bwd_path_from_env();
   at::Tensor grad_x = at::empty({0}, g.options());
-  at::Tensor gB, grad_B;
+  at::Tensor gB, grad_B = at::empty({0}, g.options());
   if (path == BwdPath::kMerged) {
-    if (need_grad_B) grad_B = at::mm(g.t(), u2);
+    if (need_grad_B) grad_B = scaled_mm(g.t(), u2, scaling);
     if (need_grad_x) {
       const at::Tensor w = merged_weight(weight, lora_A, lora_B, scaling);  // W + s B A, out x in
       grad_x = at::mm(g, w).view(with_last_dim(grad_out, in));
     }
   } else {
     if (path == BwdPath::kFused && r <= kMaxRank && dtype != at::kDouble) {
-      std::tie(gB, grad_B) = rank_r_grads_fused(g, lora_B.contiguous(), u2, need_grad_x, need_grad_B);
+      at::Tensor grad_B_fp32;  // the kernel's fp32 sums, unscaled
+      std::tie(gB, grad_B_fp32) = rank_r_grads_fused(g, lora_B.contiguous(), u2, need_grad_x, need_grad_B);
+      if (need_grad_B) grad_B = grad_B_fp32.mul_(scaling).to(dtype);
     } else {
       if (need_grad_x) gB = at::mm(g, lora_B);
-      if (need_grad_B) grad_B = at::mm(g.t(), u2);
+      if (need_grad_B) grad_B = scaled_mm(g.t(), u2, scaling);
     }
     if (need_grad_x) {
       const at::Tensor low_rank = at::mm(gB.mul(scaling).to(dtype), lora_A);   // s (g B) A, N x in
       grad_x = at::addmm(low_rank, g, weight).view(with_last_dim(grad_out, in));  // + g W, one cuBLAS GEMM
     }
   }
-  at::Tensor grad_B_out = need_grad_B ? grad_B.mul(scaling).to(dtype) : at::empty({0}, g.options());
-  return {grad_x, grad_B_out};
+  return {grad_x, grad_B};
 }
 
 }  // namespace

@@ -46,7 +46,7 @@ def parse_dataset_specs(datasets: DatasetSpec) -> dict[str, Optional[str]]:
             raise ConfigError(f"retention dataset '{name}' needs a data root: write it as {name}=/path/to/{name}")
         if root and not Path(root).expanduser().is_dir():
             raise ConfigError(f"retention dataset '{name}': data root '{root}' does not exist or is not a folder; "
-                              f"fix the path in {name}=/path/to/{name}")
+                              f"fix the path in --datasets {name}=/path/to/{name}")
         specs[name] = root
     return specs
 

@@ -98,7 +98,7 @@ def test_dataset_specs(tmp_path):
     assert parse_dataset_specs(None) == {"synthetic-sketch": None, "synthetic-source": None}
     pets = str(tmp_path)
     assert parse_dataset_specs([f"pets={pets}", "synthetic-sketch"]) == {"pets": pets, "synthetic-sketch": None}
-    with pytest.raises(ConfigError, match=r"'pets': data root '/no/such/pets' does not exist.*pets=/path/to/pets"):
+    with pytest.raises(ConfigError, match=r"'pets': data root '/no/such/pets' does not exist.*--datasets pets=/path/to/pets"):
         parse_dataset_specs(["pets=/no/such/pets"])
     with pytest.raises(ConfigError, match="needs a data root: write it as food101="):
         parse_dataset_specs(["food101"])

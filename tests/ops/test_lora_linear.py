@@ -91,7 +91,7 @@ def test_bf16_keeps_small_updates_at_least_as_well_as_the_reference(bscale, lora
     ours, ref = small_update_slopes(lora_b_linear, lora_b_linear_reference, bscale)
     assert dispatch.last_choice()["lora_b_linear"] == "cpp"
     assert ref < 0.95  # the effect under test exists at this size
-    assert ours >= ref - 0.02, (ours, ref)
+    assert ref - 0.02 <= ours <= 1.02, (ours, ref)  # keeps at least as much, and invents none
 
 
 def test_unknown_path_names_the_choices(monkeypatch):
@@ -100,13 +100,21 @@ def test_unknown_path_names_the_choices(monkeypatch):
     with pytest.raises(RuntimeError, match="SEGPCL_LORA_FWD='fastest' is not a forward path; use merged"):
         lora_b_linear(*args, 1.0)
     monkeypatch.setenv("SEGPCL_LORA_FWD", "merged")
-    monkeypatch.setenv("SEGPCL_LORA_BWD", "cublas")
-    y = lora_b_linear(*args, 1.0)
+    monkeypatch.setenv("SEGPCL_LORA_BWD", "cublas")  # refused by the forward, before any work
     with pytest.raises(RuntimeError, match="SEGPCL_LORA_BWD='cublas' is not a backward path; use merged"):
-        y.sum().backward()
+        lora_b_linear(*args, 1.0)
 
 
-def test_grad_flags_skip_unneeded_grads():
+def test_empty_batch_and_rank_zero(lora_path):
+    x, weight, bias, lora_A, lora_B = make_inputs((0,), 24, 40, 4)
+    y, gx, gB = forward_backward(lora_b_linear, x, weight, bias, lora_A, lora_B, 0.5)
+    assert y.shape == (0, 40) and gx.shape == (0, 24)
+    torch.testing.assert_close(gB, torch.zeros_like(gB))  # no rows: no gradient, not garbage
+    with pytest.raises(RuntimeError, match="rank must be >= 1"):
+        lora_b_linear(*make_inputs((3,), 8, 8, 1)[:3], torch.zeros(0, 8), torch.zeros(8, 0), 1.0)
+
+
+def test_grad_flags_skip_unneeded_grads(lora_path):
     x, weight, bias, lora_A, lora_B = make_inputs()
     y = lora_b_linear(x.detach(), weight, bias, lora_A, lora_B, 0.5)  # only B needs a grad
     (gB,) = torch.autograd.grad(y.sum(), lora_B)
@@ -122,7 +130,7 @@ def test_grad_flags_skip_unneeded_grads():
     assert gx_only.shape == (15, 24) and gB_empty.numel() == 0
 
 
-def test_opcheck_forward_and_backward_ops():
+def test_opcheck_forward_and_backward_ops(lora_path):
     x, weight, bias, lora_A, lora_B = make_inputs((2, 3))
     torch.library.opcheck(torch.ops.segpcl.lora_b_linear_fwd.default, (x, weight, bias, lora_A, lora_B, 0.5))
     torch.library.opcheck(torch.ops.segpcl.lora_b_linear_fwd.default, (x, weight, None, lora_A, lora_B, 0.5))

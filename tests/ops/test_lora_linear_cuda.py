@@ -61,7 +61,9 @@ def test_cuda_opcheck_and_gradcheck():
     assert torch.autograd.gradcheck(lambda x_, b_: lora_b_linear(x_, w64, b64, a64, b_, 1.3), (x64, lb64))
 
 
-def test_cuda_grad_flags():
+@pytest.mark.parametrize("paths", PATHS, ids=["-".join(p) for p in PATHS])
+def test_cuda_grad_flags(paths, monkeypatch):
+    set_paths(monkeypatch, *paths)
     x, weight, bias, lora_A, lora_B = make_inputs((64,), 32, 96, 8, device="cuda")
     g, u = torch.randn(64, 96, device="cuda"), torch.randn(64, 8, device="cuda")
     gx, gB = torch.ops.segpcl.lora_b_linear_bwd(g, u, weight, lora_A, lora_B.detach(), 0.5, False, True)
@@ -110,4 +112,4 @@ def test_cuda_bf16_keeps_small_updates_at_least_as_well_as_the_reference(bscale,
     set_paths(monkeypatch, *paths)
     ours, ref = small_update_slopes(lora_b_linear, lora_b_linear_reference, bscale, device="cuda")
     assert dispatch.last_choice()["lora_b_linear"] == "cpp"
-    assert ours >= ref - 0.02, (ours, ref)
+    assert ref - 0.02 <= ours <= 1.02, (ours, ref)
