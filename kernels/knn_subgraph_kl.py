@@ -13,8 +13,9 @@ and its k neighbour rows once, and writes the per-root KL, g[r, j] = d KL_r / d 
 (q_S * sum(q_0) - q_0) / tau, and the root's gradient sum_j g[r, j] emb[neighbors[r, j]] (the
 neighbour rows are already loaded). Backward scatters into emb deterministically, with no float
 atomics: the R * (k + 1) contributions (R root rows, then R * k neighbour rows in row-major order)
-are stably sorted by target row; one program per segment of equal targets sums them in that fixed
-order and writes its row once. Duplicate neighbours and a root listed among its own neighbours
+are stably sorted by target row, and CSR offsets (searchsorted, no host sync) give each row of emb
+its run of them; one program per row sums its run in that fixed order and writes the row once
+(zeros for rows nothing points at, so the gradient needs no separate zero fill). Duplicate neighbours and a root listed among its own neighbours
 are summed like any other contributions. Compute is fp32; the loss is fp32, the gradient has
 emb's dtype.
 
@@ -124,29 +125,31 @@ def _knn_kl_fwd_kernel(emb_ptr, roots_ptr, nb_ptr, ref_ptr, kl_ptr, g_ptr, groot
             tl.store(groot_ptr + r * d + offs_d, g_root, mask=d_ok)
 
 @lazy_jit
-def _knn_kl_bwd_kernel(sorted_target_ptr, seg_end_ptr, source_ptr, grad_kl_ptr, groot_ptr, g_ptr,
-                       emb_ptr, roots_ptr, out_ptr, n_roots, k, d, stride_e, stride_out,
-                       BLOCK_D: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)
+def _knn_kl_bwd_kernel(row_start_ptr, source_ptr, grad_kl_ptr, groot_ptr, g_ptr, emb_ptr, roots_ptr, out_ptr,
+                       n_rows, n_roots, k, d, stride_e, stride_out,
+                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < d
-    target = tl.load(sorted_target_ptr + p)
-    previous = tl.load(sorted_target_ptr + p - 1, mask=p > 0, other=-1)
-    if (p == 0) | (target != previous):  # this program leads a segment of equal targets
-        end = tl.load(seg_end_ptr + p)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for q in range(p, end):
-            src = tl.load(source_ptr + q)
-            if src < n_roots:  # root r = src: its precomputed sum_j g[r, j] emb[nb_j]
-                w = tl.load(grad_kl_ptr + src)
-                acc += w * tl.load(groot_ptr + src * d + offs_d, mask=d_ok, other=0.0)
-            else:  # neighbour slot (r, j): g[r, j] * emb[roots[r]]
-                slot = src - n_roots
-                r = slot // k
-                w = tl.load(grad_kl_ptr + r) * tl.load(g_ptr + slot)
-                root = tl.load(roots_ptr + r)
-                acc += w * tl.load(emb_ptr + root * stride_e + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + target * stride_out + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+    for i in range(ROWS):
+        row = pid * ROWS + i
+        if row < n_rows:
+            # this row's contributions are source[row_start[row]:row_start[row + 1]], in sorted order
+            start = tl.load(row_start_ptr + row)
+            end = tl.load(row_start_ptr + row + 1)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for q in range(start, end):
+                src = tl.load(source_ptr + q)
+                if src < n_roots:  # root r = src: its precomputed sum_j g[r, j] emb[nb_j]
+                    w = tl.load(grad_kl_ptr + src)
+                    acc += w * tl.load(groot_ptr + src * d + offs_d, mask=d_ok, other=0.0)
+                else:  # neighbour slot (r, j): g[r, j] * emb[roots[r]]
+                    slot = src - n_roots
+                    r = slot // k
+                    w = tl.load(grad_kl_ptr + r) * tl.load(g_ptr + slot)
+                    root = tl.load(roots_ptr + r)
+                    acc += w * tl.load(emb_ptr + root * stride_e + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * stride_out + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _tile(k: int, d: int) -> tuple[int, int]:
@@ -183,17 +186,19 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root):
     check_can_run("knn_subgraph_kl", emb, roots, neighbors, g)
     n_roots, k = neighbors.shape
     d = emb.shape[1]
-    out = torch.zeros(emb.shape, dtype=store_dtype(emb.dtype), device=emb.device)
     if n_roots == 0 or k == 0:
-        return out.to(emb.dtype)
+        return torch.zeros(emb.shape, dtype=emb.dtype, device=emb.device)
+    n_rows = emb.shape[0]
     targets = torch.cat([roots, neighbors.reshape(-1)])
     sorted_target, source = torch.sort(targets, stable=True)
-    seg_end = torch.searchsorted(sorted_target, sorted_target, right=True)
+    # CSR offsets: row t's contributions are source[row_start[t]:row_start[t + 1]] (no host sync)
+    row_start = torch.searchsorted(sorted_target, torch.arange(n_rows + 1, device=emb.device))
     emb_c = emb if emb.stride(-1) == 1 else emb.contiguous()
-    grid = (targets.numel(),)
-    _knn_kl_bwd_kernel[grid](sorted_target, seg_end, source, grad_kl.float().contiguous(), g_root, g, emb_c,
-                             roots.contiguous(), out, n_roots, k, d, emb_c.stride(0), out.stride(0),
-                             BLOCK_D=next_pow2(d), num_warps=4)
+    out = torch.empty(emb.shape, dtype=store_dtype(emb.dtype), device=emb.device)  # every row is written
+    rows = cdiv(n_rows, 4) if interpret_mode() else 1
+    _knn_kl_bwd_kernel[(cdiv(n_rows, rows),)](
+        row_start, source, grad_kl.float().contiguous(), g_root, g, emb_c, roots.contiguous(), out,
+        n_rows, n_roots, k, d, emb_c.stride(0), out.stride(0), ROWS=rows, BLOCK_D=next_pow2(d), num_warps=4)
     return out.to(emb.dtype)
 
 

@@ -68,6 +68,25 @@ def test_deterministic_and_accurate(device, triton_backend):
     torch.testing.assert_close(grads[0].double(), emb64.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_backward_writes_every_row_including_untouched_ones(device, monkeypatch):
+    """The backward allocates the gradient uninitialised and each program writes its row: rows no
+    subgraph touches must come out exactly 0, touched rows equal to the reference's gradient.
+    torch.empty is made to return NaN-filled memory so a skipped row cannot pass as zeros."""
+    emb, roots, neighbors, log_q0 = _problem(30, 16, 3, 2, torch.float32, device, seed=12, duplicates=False)
+    touched = torch.zeros(30, dtype=torch.bool)
+    touched[torch.cat([roots, neighbors.reshape(-1)]).cpu()] = True
+    assert (~touched).sum() > 10
+    kl, g, g_root = kernel.knn_kl_forward_triton(emb, roots, neighbors, log_q0, TAU)
+    grad_kl = torch.full_like(kl, 1.0 / kl.numel())
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    grad = kernel.knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert (grad[~touched.to(grad.device)] == 0).all()
+    _, ref_grad = _loss_and_grad(kernel.knn_subgraph_kl_reference, emb, roots, neighbors, log_q0, TAU)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_hand_computed(device, triton_backend):
     # root e0 = (1, 0); neighbours e1 = (1, 0), e2 = (0, 1); tau = 1 -> q_S = softmax(1, 0);
     # reference q_0 = (0.5, 0.5): KL = 0.5 log(0.5 / q1) + 0.5 log(0.5 / q2).
