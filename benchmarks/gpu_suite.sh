@@ -8,7 +8,7 @@
 #
 # Steps, in order (none timed on a GPU yet; BENCHMARKS.md will hold measured times):
 #   kernels  CUDA variants of tests/kernels
-#   bench    every benchmark file but the e2e one, CUDA rows only + summary
+#   bench    every benchmark file but the e2e one, CUDA rows only + summary; anchor_kl knob sweep
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
 #   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU
 #   profile  5 steps of task 2 with ViT-B/16 (random weights, eager)
@@ -51,7 +51,8 @@ starts() {  # starts <step>: chosen and enough budget left to be worth starting
 
 pack() {  # what comes back: at most 8 files in $OUT
   cp "$WORK/device.txt" "$OUT/" 2>/dev/null
-  cat "$WORK"/kernels_summary.md "$WORK"/lora_parts.md "$WORK"/e2e_summary.md > "$OUT/summary.md" 2>/dev/null
+  cat "$WORK"/kernels_summary.md "$WORK"/kernel_knobs.md "$WORK"/lora_parts.md "$WORK"/e2e_summary.md \
+    > "$OUT/summary.md" 2>/dev/null
   local trace="$WORK/profile_vitb16/trace.json"
   if [ -f "$trace" ]; then
     gzip -c "$trace" > "$WORK/trace.json.gz"
@@ -90,6 +91,9 @@ TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest benchmarks/ --benchmark-only -q 
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # a compact table of the kernel benchmarks: median ms, GB/s, fraction of copy bandwidth
 "$PYTHON" benchmarks/summarize_kernels.py "$WORK/benchmarks.json" | tee "$WORK/kernels_summary.md"
+# knob sweep (anchor_kl: one tile vs chunk sizes per row width), to set the kernels' defaults
+TRITON_INTERPRET=0 run_step "$PYTHON" benchmarks/tune_kernels_cuda.py 2>&1 | tee "$WORK/kernel_knobs.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 # segpcl_fast._C with CUDA kernels (LoRA-B linear): build, GPU tests, fwd+bwd benchmark vs peft/base

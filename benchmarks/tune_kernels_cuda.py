@@ -1,0 +1,48 @@
+"""Knob sweep for the Triton kernels on a GPU: which anchor_kl kernel and chunk for which width.
+
+    TRITON_INTERPRET=0 python benchmarks/tune_kernels_cuda.py      # markdown table on stdout
+
+anchor_kl forward+backward (fp32, 8192 anchors, tau 20) for row widths around and above
+SINGLE_BLOCK_COLS: the one-tile kernel (where it takes the width) and the chunked kernel at
+several chunk sizes, timed with triton.testing.do_bench (median), with GB/s for the 3 passes the
+op must make (read z_S, read z_T, write the gradient) against the device-to-device copy bandwidth
+measured in the same run. The defaults in kernels/anchor_kl.py (SINGLE_BLOCK_COLS, CHUNK_COLS)
+should be set from this table.
+"""
+from __future__ import annotations
+
+import torch
+
+ROWS = 8192
+WIDTHS = (1000, 2048, 4096, 8000, 16000)
+CHUNKS = (512, 1024, 2048, 4096)
+
+
+def main():
+    import triton.testing
+
+    from segpcl_fast.ops._kernels import load_kernel
+    k = load_kernel("anchor_kl")
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    big = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")
+    copy_ms = triton.testing.do_bench(lambda: big.clone(), return_mode="median")
+    bw = 2 * big.numel() / copy_ms / 1e6  # GB/s, read + write
+    print(f"device {torch.cuda.get_device_name(0)}; copy bandwidth {bw:.0f} GB/s; anchor_kl fp32, "
+          f"{ROWS} rows, tau 20, kernel launch + loss/gradient pass (ms, GB/s, % of copy)")
+    print("| width | kernel | ms | GB/s | % copy |\n|---|---|---|---|---|")
+    torch.manual_seed(0)
+    for width in WIDTHS:
+        student = 30 * torch.randn(ROWS, width, device="cuda")
+        teacher = student + 15 * torch.randn_like(student)
+        moved = 3 * ROWS * width * 4
+        variants = [("one tile", None)] if width <= k.SINGLE_BLOCK_COLS else []
+        variants += [(f"chunked {c}", c) for c in CHUNKS if c <= max(width, CHUNKS[0])]
+        for name, chunk in variants:
+            ms = triton.testing.do_bench(lambda: k.anchor_kl_triton(student, teacher, 20.0, chunk_cols=chunk),
+                                         return_mode="median")
+            gbs = moved / ms / 1e6
+            print(f"| {width} | {name} | {ms:.4f} | {gbs:.0f} | {100 * gbs / bw:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
