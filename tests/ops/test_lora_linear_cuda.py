@@ -74,6 +74,15 @@ def test_cuda_grad_flags(paths, monkeypatch):
     torch.testing.assert_close(gx, g @ weight + 0.5 * (g @ lora_B.detach()) @ lora_A, rtol=1e-4, atol=1e-4)
 
 
+def _path_tolerance(t):
+    """Paths round at different points: in bf16 they may differ by a few units in the last place of
+    the largest entries (4 ulps of max |t| here; a fixed rtol fails on small entries that come out
+    of cancellation); fp32 to 1e-4."""
+    if t.dtype == torch.float32:
+        return dict(rtol=1e-4, atol=1e-4)
+    return dict(rtol=0.0, atol=4 * 2.0 ** -8 * t.float().abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_backward_paths_agree(dtype, monkeypatch):
     """SEGPCL_LORA_BWD=merged (default), split (cuBLAS) and fused (the rank-r kernel): the same grads."""
@@ -84,10 +93,9 @@ def test_cuda_backward_paths_agree(dtype, monkeypatch):
     for path in ("merged", "split", "fused"):
         monkeypatch.setenv("SEGPCL_LORA_BWD", path)
         grads[path] = torch.ops.segpcl.lora_b_linear_bwd(g, u, weight, lora_A, lora_B.detach(), 0.5, True, True)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for path in ("split", "fused"):
         for got, merged in zip(grads[path], grads["merged"]):
-            torch.testing.assert_close(got, merged, **tol)
+            torch.testing.assert_close(got, merged, **_path_tolerance(merged))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -98,12 +106,11 @@ def test_cuda_forward_paths_agree(dtype, monkeypatch):
     for path in ("merged", "concat", "addmm"):
         monkeypatch.setenv("SEGPCL_LORA_FWD", path)
         outs[path] = torch.ops.segpcl.lora_b_linear_fwd(x, weight, bias, lora_A, lora_B.detach(), 0.5)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for path in ("concat", "addmm"):
         for a, b in zip(outs[path], outs["merged"]):
-            torch.testing.assert_close(a, b, **tol)
+            torch.testing.assert_close(a, b, **_path_tolerance(b))
     ref = x.float() @ weight.float().T + bias.float() + 0.5 * (x.float() @ lora_A.float().T) @ lora_B.detach().float().T
-    torch.testing.assert_close(outs["merged"][0].float(), ref, **tol)
+    torch.testing.assert_close(outs["merged"][0].float(), ref, **_path_tolerance(outs["merged"][0]))
 
 
 @pytest.mark.parametrize("paths", PATHS, ids=["-".join(p) for p in PATHS])
