@@ -2,7 +2,7 @@
 
 The pure-Python package always installs. The C++/CUDA extension `segpcl_fast._C` is built
 when torch is importable at build time (use `pip install --no-build-isolation .`); the CUDA
-sources are added when a CUDA torch and nvcc are present, or forced with SEGPCL_WITH_CUDA=1
+sources are added when a CUDA torch, a visible GPU and nvcc are present, or forced with SEGPCL_WITH_CUDA=1
 (FORCE_CUDA=1 is accepted too). SEGPCL_NO_EXT=1 skips the extension entirely.
 The list of sources lives in csrc/sources.txt, shared with CMakeLists.txt.
 """

@@ -6,7 +6,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh
 #   STEPS="kernels bench" bash benchmarks/gpu_suite.sh   # a subset: one device call stops at 10 min
 #
-# Steps, in order (none timed on a GPU yet; BENCHMARKS.md will hold measured times):
+# Steps, in order (measured times per step on an H100: BENCHMARKS.md):
 #   kernels  CUDA variants of tests/kernels
 #   bench    every benchmark file but the e2e one, CUDA rows only + summary; anchor_kl knob sweep
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing

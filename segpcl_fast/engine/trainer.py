@@ -95,7 +95,7 @@ def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:
             return opt
     kwargs = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     on_cuda = params and params[0].is_cuda
-    if o.fused == "auto" and on_cuda:
+    if o.fused in ("auto", "apex") and on_cuda:
         return torch.optim.SGD(params, fused=True, **kwargs)
     return torch.optim.SGD(params, foreach=True, **kwargs)
 

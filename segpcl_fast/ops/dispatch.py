@@ -14,7 +14,11 @@ import os
 log = logging.getLogger("segpcl_fast.ops")
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
-_backend = os.environ.get("SEGPCL_OPS", "auto")
+# the starting backend: SEGPCL_OPS=<one of BACKENDS> (e.g. SEGPCL_OPS=reference to run a whole
+# program on the references), else "auto"; run.ops in a config sets it per run
+_backend = os.environ.get("SEGPCL_OPS", "") or "auto"
+if _backend not in BACKENDS:
+    raise ValueError(f"SEGPCL_OPS='{_backend}' is not an ops backend; use one of {BACKENDS} or unset it")
 _logged: set[tuple] = set()
 _last_choice: dict[str, str] = {}
 

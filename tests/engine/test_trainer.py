@@ -211,6 +211,15 @@ def test_optimizer_choice_auto_prefers_apex_and_falls_back_to_torch(monkeypatch)
     monkeypatch.setattr(accel, "apex_fused_sgd", lambda p, o: None)  # apex present but unusable (CPU params)
     assert type(make_optimizer(params, cfg)) is torch.optim.SGD
 
+    class LooksCuda(torch.nn.Parameter):  # CUDA params without a GPU: only is_cuda is read
+        @property
+        def is_cuda(self):
+            return True
+    on_cuda = [LooksCuda(torch.ones(3))]
+    for fused in ("auto", "apex"):  # without usable apex both take torch's fused SGD on CUDA
+        assert make_optimizer(on_cuda, make_config(lr=0.1, optim__fused=fused)).defaults["fused"]
+    assert make_optimizer(on_cuda, make_config(lr=0.1, optim__fused="foreach")).defaults["foreach"]
+
 
 @pytest.mark.parametrize("method", ["segpcl", "distill_new_data"])
 def test_the_drift_transfer_always_uses_the_dpgd_anchors(tiny_model_name, tmp_path, method):

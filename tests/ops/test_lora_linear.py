@@ -264,3 +264,14 @@ def test_import_without_extension_in_fresh_process():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value,ok", [("reference", True), ("", True), ("bogus", False)])
+def test_segpcl_ops_sets_the_starting_backend_and_rejects_unknown_values(value, ok):
+    code = "from segpcl_fast.ops import dispatch; print(dispatch.get_backend())"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), SEGPCL_OPS=value)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    if ok:
+        assert result.returncode == 0 and result.stdout.strip() == (value or "auto"), result.stderr[-2000:]
+    else:
+        assert result.returncode != 0 and "SEGPCL_OPS='bogus' is not an ops backend" in result.stderr
