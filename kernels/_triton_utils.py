@@ -80,7 +80,9 @@ class lazy_jit:
     At the first launch it imports triton, binds the real `triton.language` to the name `tl`
     in the kernel's module (where it is None until then) and jits the function; launch as usual:
     `kernel[grid](...)`. Deferring both lets TRITON_INTERPRET be set after this package was
-    imported and still run the kernels in the interpreter.
+    imported and still run the kernels in the interpreter. A @lazy_jit function can also be a
+    helper that kernels of the same module call: at the first launch every @lazy_jit name of the
+    module is bound to its jitted function.
     """
 
     def __init__(self, fn):
@@ -95,8 +97,14 @@ class lazy_jit:
             import triton
             import triton.language
 
-            self.fn.__globals__["tl"] = triton.language
+            module = self.fn.__globals__
+            module["tl"] = triton.language
             self._kernel = triton.jit(self.fn)
+            # a kernel may call other @lazy_jit functions of its module (helpers): Triton resolves
+            # them by name and needs jitted functions there, so bind every one to its jitted form
+            for name, value in list(module.items()):
+                if isinstance(value, lazy_jit):
+                    module[name] = value.kernel
         return self._kernel
 
     def __getitem__(self, grid):

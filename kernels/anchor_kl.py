@@ -14,9 +14,12 @@ Compute is fp32 whatever the storage (fp32 / bf16); the loss is fp32, the gradie
 Two kernels, the same results. Rows up to SINGLE_BLOCK_COLS wide: a whole row (padded to a power
 of two) is one register tile. Wider rows (any width): the row is walked in BLOCK_C-column chunks
 twice. The first walk keeps running maxima and rescaled sums (online softmax) for the student's
-and the teacher's normaliser and for sum_j e_T[j] (t_j - s_j), from which the KL follows; the
-second walk writes the gradient, re-reading the row while it is still in L2, so DRAM traffic
-stays one read of each input and one write, without a spilled 8192-wide tile per program.
+and the teacher's normaliser and for sum_j e_T[j] ((t_j - m_T) - (s_j - m_S)), from which the KL
+follows; the
+second walk writes the gradient, re-reading the row, which is meant to still be in L2 (one
+DRAM read of each input and one write, without a spilled 8192-wide tile per program; not yet
+measured on a GPU). The sums are kept relative to the running maxima, so large logits do not
+cancel.
 
 NaN / inf: a NaN anywhere in a row of z_S or z_T makes that row's KL (and so the loss) NaN and
 its gradient NaN. A teacher entry of -inf (logit or log-prob) is a zero-probability class and
@@ -107,6 +110,17 @@ def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, 
 
 
 @lazy_jit
+def _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t, BLOCK_C: tl.constexpr):
+    """Columns c0 .. c0 + BLOCK_C of the rows: (z_S, z_T) in fp32, the column and tile masks."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    s = tl.load(zs_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(zt_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return s, t, cols, col_ok, mask
+
+
+@lazy_jit
 def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, stride_t, stride_dz,
                               tau, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -124,11 +138,8 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
     c = tl.zeros((ROWS,), tl.float32)
     n_nan = tl.zeros((ROWS,), tl.float32)         # NaNs seen in the row (poison the row, as one tile does)
     for c0 in range(0, n_cols, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < n_cols
-        mask = row_ok[:, None] & col_ok[None, :]
-        s = tl.load(zs_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(zt_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s, t, cols, col_ok, mask = _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t,
+                                                   BLOCK_C)
         n_nan += tl.sum(((s != s) | (t != t)).to(tl.float32), axis=1)
         s = tl.where(col_ok[None, :], s / tau, neg_inf)
         if TEACHER_IS_LOGPROB:
@@ -169,11 +180,8 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
     kl = tl.where(poisoned, float("nan"), kl)
     tl.store(kl_ptr + rows, kl, mask=row_ok)
     for c0 in range(0, n_cols, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < n_cols
-        mask = row_ok[:, None] & col_ok[None, :]
-        s = tl.load(zs_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(zt_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s, t, cols, col_ok, mask = _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t,
+                                                   BLOCK_C)
         p_s = tl.exp((s / tau - m_s[:, None]) - log_d_s[:, None])
         if TEACHER_IS_LOGPROB:
             p_t = tl.exp(t)
