@@ -15,8 +15,8 @@ neighbour rows are already loaded). Backward scatters into emb deterministically
 atomics: the R * (k + 1) contributions (R root rows, then R * k neighbour rows in row-major order)
 are stably sorted by target row, and CSR offsets (searchsorted, no host sync) give each row of emb
 its run of them; one program per row sums its run in that fixed order and writes the row once
-(zeros for rows nothing points at, so the gradient needs no separate zero fill). Duplicate neighbours and a root listed among its own neighbours
-are summed like any other contributions. Compute is fp32; the loss is fp32, the gradient has
+(zeros for rows nothing points at, so the gradient needs no separate zero fill). Duplicate
+neighbours and a root listed among its own neighbours are summed like any other contributions. Compute is fp32; the loss is fp32, the gradient has
 emb's dtype.
 
 NaN / inf: a NaN in a gathered embedding row or in ref_logprob[r] makes KL_r and the loss NaN.
