@@ -290,6 +290,9 @@ class Trainer:
         timings["stage3_s"] = time.perf_counter() - t2
         info["final_loss"] = losses[-1] if losses else {}
         info["timings"] = timings
+        warning = divergence_warning([p.get("cls") for p in losses], n_new, t, c.optim.lr)
+        if warning and self.dist.is_main:
+            log.warning(warning)
         return info
 
     def train_step(self, optimizer, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int, t: int,
@@ -404,6 +407,28 @@ def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int) -> None:
     raise FloatingPointError(f"loss is {float(loss.detach())} at task {t + 1}, step {step} (non-finite term(s): "
                              f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); lower optim.lr, "
                              f"use run.precision=fp32, or check the data for NaN pixels")
+
+
+def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float) -> Optional[str]:
+    """A message when L_cls rose by over 10 % across task t and ended above chance level
+    ln(n_classes), else None.
+
+    Finite but diverged runs (weights blown up, predictions worse than uniform guessing) pass
+    _check_finite; this catches them from the per-step losses already on the host. It compares
+    the means of the first and last tenth of the steps, so one noisy batch does not trigger it.
+    A model whose logits are all equal sits at exactly ln(n) and is not flagged.
+    """
+    values = [float(v) for v in cls_losses if v is not None]
+    if len(values) < 2 or n_classes < 2:
+        return None
+    k = max(1, len(values) // 10)
+    first, last = sum(values[:k]) / k, sum(values[-k:]) / k
+    chance = math.log(n_classes)
+    if last <= 1.1 * first or last <= chance:
+        return None
+    return (f"task {t + 1}: L_CLS rose from {first:.3f} to {last:.3f} over the task, above chance level "
+            f"ln({n_classes}) = {chance:.3f}: training diverged; lower optim.lr (now {lr:g}) or set "
+            f"optim.grad_clip")
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -294,3 +294,36 @@ def test_run_precision_covers_dpgd_training_and_prototypes(tiny_model_name, tmp_
     trainer.train_task(0)
     trainer.train_task(1)
     assert seen == {name: {precision == "bf16"} for name in ("begin_task", "end_task", "loss")}
+
+
+@pytest.mark.parametrize("losses, warned", [
+    ([1.0] * 10 + [3.0] * 10, True),          # rose well above ln(10) = 2.303
+    ([3.0] * 10 + [2.5] * 10, False),         # above chance but falling: slow start, not divergence
+    ([0.5] * 10 + [2.0] * 10, False),         # rose but still better than uniform guessing
+    ([2.303] * 20, False),                    # collapsed to equal logits: exactly chance, no rise
+    ([1.0] * 99 + [9.0], False),              # one bad batch among the last tenth's ten: mean 1.8
+    ([1.0, None, 4.0], True),                 # steps without a loss (an empty DDP shard) are skipped
+    ([4.0], False),                           # one step: nothing to compare
+])
+def test_divergence_warning_needs_a_rise_above_chance(losses, warned):
+    from segpcl_fast.engine.trainer import divergence_warning
+    message = divergence_warning(losses, 10, 2, 0.1)
+    assert (message is not None) == warned
+    if warned:
+        assert "task 3" in message and "ln(10) = 2.303" in message and "lower optim.lr (now 0.1)" in message
+
+
+def test_a_run_whose_loss_rises_warns_once_per_task(tiny_model_name, tmp_path, caplog, monkeypatch):
+    calls = []
+    real_step = Trainer.train_step
+
+    def rising_step(self, optimizer, images, labels, lr, step, t, global_n):
+        real_step(self, optimizer, images, labels, lr, step, t, global_n)
+        calls.append(step)
+        return {"cls": 1.0 + 10.0 * step}  # ends far above ln(2 classes)
+
+    monkeypatch.setattr(Trainer, "train_step", rising_step)
+    with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
+        train(small_config(tiny_model_name, tmp_path / "run", epochs=3, optim__batch_size=2))
+    flagged = [r.getMessage() for r in caplog.records if "training diverged" in r.getMessage()]
+    assert len(flagged) == 2 and flagged[0].startswith("task 1: L_CLS rose") and len(calls) > 2
