@@ -6,7 +6,8 @@ Prints a markdown table: median ms over 50 timed runs (after 10 warm-ups), each 
 rotating input sets so the 50 MB L2 does not hold them. Rows: the frozen base linear fwd+bwd
 (the issue's 1.1x yardstick), the op's fwd+bwd under SEGPCL_LORA_FWD / SEGPCL_LORA_BWD choices
 (merged/merged is the default), and the pieces they are built from, with the bytes each must move
-over the copy bandwidth measured in the same run (a memory floor for the memory-bound pieces).
+over the copy bandwidth measured in the same run (benchmarks/conftest.py's measure_copy_bandwidth;
+a memory floor for the memory-bound pieces).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def timed(fn, sets, warmup=10, runs=50):
 
 
 def main():
+    from conftest import measure_copy_bandwidth  # benchmarks/conftest.py (this script's folder)
+
     from segpcl_fast.ops.lora_linear import extension_status, lora_b_linear
     assert torch.cuda.is_available() and extension_status()["cuda"], extension_status()
     dev = "cuda"
@@ -47,10 +50,8 @@ def main():
              torch.randn(N, N_OUT, device=dev, dtype=DT)) for _ in range(SETS)]
     u = [(x.detach() @ A.T, g) for x, g in sets]
 
-    big = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev)
-    copy_ms = timed(lambda t: t.clone(), [(big,)])
-    bw = 2 * big.numel() / copy_ms / 1e6  # GB/s, read + write
-    rows = [("device-to-device copy, 256 MiB", copy_ms, 2 * big.numel())]
+    bw = measure_copy_bandwidth(dev)  # GB/s, read + write: the pytest benchmarks' roofline yardstick
+    rows = []
 
     def op_fwd_bwd(x, g):
         lora_b_linear(x, W, b, A, B, 1.0).backward(g)

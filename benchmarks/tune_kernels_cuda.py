@@ -6,8 +6,9 @@ anchor_kl forward+backward (fp32, 8192 anchors, tau 20) for row widths around an
 SINGLE_BLOCK_COLS: the one-tile kernel (where it takes the width) and the chunked kernel at
 several chunk sizes, timed with triton.testing.do_bench (median), with GB/s for the 3 passes the
 op must make (read z_S, read z_T, write the gradient) against the device-to-device copy bandwidth
-measured in the same run. The defaults in kernels/anchor_kl.py (SINGLE_BLOCK_COLS, CHUNK_COLS)
-should be set from this table.
+measured in the same run (benchmarks/conftest.py's measure_copy_bandwidth, as the pytest
+benchmarks do). The defaults in kernels/anchor_kl.py (SINGLE_BLOCK_COLS, CHUNK_COLS) should be
+set from this table.
 """
 from __future__ import annotations
 
@@ -20,13 +21,12 @@ CHUNKS = (512, 1024, 2048, 4096)
 
 def main():
     import triton.testing
+    from conftest import measure_copy_bandwidth  # benchmarks/conftest.py (this script's folder)
 
     from segpcl_fast.ops._kernels import load_kernel
     k = load_kernel("anchor_kl")
     assert torch.cuda.is_available(), "needs a CUDA device"
-    big = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")
-    copy_ms = triton.testing.do_bench(lambda: big.clone(), return_mode="median")
-    bw = 2 * big.numel() / copy_ms / 1e6  # GB/s, read + write
+    bw = measure_copy_bandwidth("cuda")  # GB/s, read + write: the pytest benchmarks' roofline yardstick
     print(f"device {torch.cuda.get_device_name(0)}; copy bandwidth {bw:.0f} GB/s; anchor_kl fp32, "
           f"{ROWS} rows, tau 20, kernel launch + loss/gradient pass (ms, GB/s, % of copy)")
     print("| width | kernel | ms | GB/s | % copy |\n|---|---|---|---|---|")
