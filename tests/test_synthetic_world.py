@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from segpcl_fast.config import DataConfig
+from segpcl_fast.config import Config, DataConfig
 from segpcl_fast.data import synthetic
 from segpcl_fast.data.base import ArrayDataset
 
@@ -43,6 +43,21 @@ def test_class_names_unique_words_and_attributes_shared():
     # every colour appears with every shape: classes share attributes
     assert {n.split()[0] for n in names} == set(synthetic.COLOUR_NAMES)
     assert {n.split()[1] for n in names} == set(synthetic.SHAPES)
+
+
+def test_world_by_colour_preset_gives_one_colour_per_task():
+    from segpcl_fast.config import load_config
+    from segpcl_fast.data.protocol import resolve_class_order
+    cfg = load_config("world-by-colour")
+    assert cfg.data.dataset == "synthetic" and cfg.model == Config().model  # the bundled tiny CLIP
+    names = synthetic.class_names()
+    order = resolve_class_order(cfg.data.class_order, names, cfg.data.order_seed)
+    per_task = len(names) // cfg.data.num_tasks
+    tasks = [[names[i] for i in order[k * per_task:(k + 1) * per_task]] for k in range(cfg.data.num_tasks)]
+    colours = [{n.split()[0] for n in task} for task in tasks]
+    assert all(len(c) == 1 for c in colours)                        # one colour per task ...
+    assert [c.pop() for c in colours] == list(synthetic.COLOUR_NAMES)  # ... each colour once
+    assert all({n.split()[1] for n in task} == set(synthetic.SHAPES) for task in tasks)
 
 
 def test_cl_datasets_interface_caps_and_disjoint_splits():
