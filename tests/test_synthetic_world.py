@@ -47,13 +47,13 @@ def test_class_names_unique_words_and_attributes_shared():
 
 def test_world_by_colour_preset_gives_one_colour_per_task():
     from segpcl_fast.config import load_config
-    from segpcl_fast.data.protocol import resolve_class_order
+    from segpcl_fast.data.protocol import resolve_class_order, split_tasks
     cfg = load_config("world-by-colour")
     assert cfg.data.dataset == "synthetic" and cfg.model == Config().model  # the bundled tiny CLIP
     names = synthetic.class_names()
     order = resolve_class_order(cfg.data.class_order, names, cfg.data.order_seed)
-    per_task = len(names) // cfg.data.num_tasks
-    tasks = [[names[i] for i in order[k * per_task:(k + 1) * per_task]] for k in range(cfg.data.num_tasks)]
+    tasks = [[names[order[label]] for label in labels]  # ordered label -> dataset class -> name
+             for labels in split_tasks(len(names), cfg.data.num_tasks, cfg.data.task_sizes)]
     colours = [{n.split()[0] for n in task} for task in tasks]
     assert all(len(c) == 1 for c in colours)                        # one colour per task ...
     assert [c.pop() for c in colours] == list(synthetic.COLOUR_NAMES)  # ... each colour once
