@@ -15,10 +15,9 @@ Two kernels, the same results. Rows up to SINGLE_BLOCK_COLS wide: a whole row (p
 of two) is one register tile. Wider rows (any width): the row is walked in BLOCK_C-column chunks
 twice. The first walk keeps running maxima and rescaled sums (online softmax) for the student's
 and the teacher's normaliser and for sum_j e_T[j] ((t_j - m_T) - (s_j - m_S)), from which the KL
-follows; the
-second walk writes the gradient, re-reading the row, which is meant to still be in L2 (one
-DRAM read of each input and one write, without a spilled 8192-wide tile per program; not yet
-measured on a GPU). The sums are kept relative to the running maxima, so large logits do not
+follows; the second walk writes the gradient, re-reading the row, which is meant to still be in
+L2 (one DRAM read of each input and one write, without a spilled 8192-wide tile per program; not
+yet measured on a GPU). The sums are kept relative to the running maxima, so large logits do not
 cancel.
 
 NaN / inf: a NaN anywhere in a row of z_S or z_T makes that row's KL (and so the loss) NaN and

@@ -16,8 +16,8 @@ atomics: the R * (k + 1) contributions (R root rows, then R * k neighbour rows i
 are stably sorted by target row, and CSR offsets (searchsorted, no host sync) give each row of emb
 its run of them; one program per row sums its run in that fixed order and writes the row once
 (zeros for rows nothing points at, so the gradient needs no separate zero fill). Duplicate
-neighbours and a root listed among its own neighbours are summed like any other contributions. Compute is fp32; the loss is fp32, the gradient has
-emb's dtype.
+neighbours and a root listed among its own neighbours are summed like any other contributions.
+Compute is fp32; the loss is fp32, the gradient has emb's dtype.
 
 NaN / inf: a NaN in a gathered embedding row or in ref_logprob[r] makes KL_r and the loss NaN.
 ref_logprob = -inf marks a neighbour with q_0 = 0: it contributes 0 to the KL (0 * log 0 = 0)
