@@ -101,7 +101,8 @@ if starts ext; then
 NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
 CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}" SEGPCL_WITH_CUDA=1 \
   run_step "$PYTHON" setup.py build_ext --inplace > "$WORK/ext_build.txt" 2>&1 || status=1
-run_step "$PYTHON" -m pytest tests/ops/test_lora_linear_cuda.py -q -rs -p no:cacheprovider 2>&1 | tee "$WORK/lora_linear_cuda_tests.txt"
+run_step "$PYTHON" -m pytest tests/ops/test_lora_linear_cuda.py tests/ops/test_lora_linear_merged.py -q -rs -p no:cacheprovider \
+  2>&1 | tee "$WORK/lora_linear_cuda_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 run_step "$PYTHON" -m pytest benchmarks/test_bench_lora_linear.py --benchmark-only -q -p no:cacheprovider -k cuda \
   --benchmark-json="$WORK/bench_lora_linear.json" 2>&1 | tee "$WORK/bench_lora_linear.txt"
@@ -115,7 +116,7 @@ fi
 if starts e2e; then
 # one pytest per variant, most telling first: each writes its own JSON, so running out of budget
 # loses only the variants not yet run
-for variant in compiled_reference compiled_fused eager_reference eager_fused; do
+for variant in compiled_reference compiled_fused compiled_cpp_lora eager_reference eager_fused; do
   [ "$(left)" -lt 45 ] && { echo "e2e-$variant" >> "$WORK/skipped.txt"; continue; }
   TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q -p no:cacheprovider \
     -k "cuda and $variant" --benchmark-json="$WORK/bench_e2e_$variant.json" 2>&1 | tee "$WORK/bench_e2e_$variant.txt"

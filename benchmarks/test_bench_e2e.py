@@ -10,7 +10,9 @@ L_cls + 5 L_ACGD + L_GR, backward into the LoRA B matrices, SGD. FLOPs are analy
 time / the matmul peak measured on the same device in the same session (fp32 on CPU, bf16 on GPU).
 
 Variants: eager_reference (plain PyTorch ops, no compile), eager_fused (ops backend auto: the C++
-LoRA op, Triton ops on GPU), compiled_reference (torch.compile, reference ops), compiled_fused.
+LoRA op, Triton ops on GPU), compiled_reference (torch.compile, reference ops), compiled_fused
+(auto under compile: LoRA as the plain-PyTorch merged arrangement, which inductor traces, and the
+Triton ops) and compiled_cpp_lora (the same with the opaque C++ LoRA op, SEGPCL_LORA_COMPILE=cpp).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
 classes, fp32. GPU: ViT-B/16 with random weights, batch 128 + 128 anchors, 90 old + 10 new classes
 (CIFAR100's last task), bf16 autocast.
@@ -29,11 +31,12 @@ from segpcl_fast.engine.bench import build_step, matmul_peak_flops, sync
 from segpcl_fast.engine.compiling import CompileSettings
 from segpcl_fast.engine.flops import step_flops
 
-VARIANTS = {  # name: (ops backend, compiled)
-    "eager_reference": ("reference", False),
-    "eager_fused": ("auto", False),
-    "compiled_reference": ("reference", True),
-    "compiled_fused": ("auto", True),
+VARIANTS = {  # name: (ops backend, compiled, environment)
+    "eager_reference": ("reference", False, {}),
+    "eager_fused": ("auto", False, {}),
+    "compiled_reference": ("reference", True, {}),
+    "compiled_fused": ("auto", True, {}),  # LoRA: the plain-PyTorch merged arrangement, traced by inductor
+    "compiled_cpp_lora": ("auto", True, {"SEGPCL_LORA_COMPILE": "cpp"}),  # LoRA: the opaque C++ op
 }
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
@@ -58,9 +61,11 @@ def matmul_peak():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("device", DEVICES)
-def test_e2e_step(benchmark, matmul_peak, device, variant):
+def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
     setup = SETUPS[device]
-    backend, compiled = VARIANTS[variant]
+    backend, compiled, env = VARIANTS[variant]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     torch._dynamo.reset()
     settings = CompileSettings(mode=os.environ.get("SEGPCL_COMPILE_MODE", "default")) if compiled else None
     with ops.backend(backend):

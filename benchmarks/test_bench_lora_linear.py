@@ -3,9 +3,11 @@
     python -m pytest benchmarks/test_bench_lora_linear.py --benchmark-only -q
 
 Compared, for one CLIP c_fc-sized layer (in 768 -> out 3072, r 32): the C++ op
-(segpcl::lora_b_linear), the plain-PyTorch reference, peft's LoRA layer with lora_A frozen, peft's
-LoRA with A trainable (its default), and the frozen base nn.Linear alone. CPU always (fp32, N =
-SEGPCL_BENCH_TOKENS or 4096 tokens); CUDA (bf16, 128 x 197 tokens) when a GPU is present.
+(segpcl::lora_b_linear) in each GEMM arrangement, its merged arrangement in plain PyTorch (eager,
+and compiled as the trainer runs it under run.compile), the plain-PyTorch reference, peft's LoRA
+layer with lora_A frozen, peft's LoRA with A trainable (its default), and the frozen base
+nn.Linear alone (eager and compiled). CPU always (fp32, N = SEGPCL_BENCH_TOKENS or 4096 tokens);
+CUDA (bf16, 128 x 197 tokens) when a GPU is present.
 Saved-activation bytes (what autograd keeps for backward, weights excluded) go to extra_info.
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ import pytest
 import torch
 
 from segpcl_fast.ops import dispatch
-from segpcl_fast.ops.lora_linear import extension_status, lora_b_linear, lora_b_linear_reference
+from segpcl_fast.ops.lora_linear import (extension_status, lora_b_linear, lora_b_linear_merged,
+                                         lora_b_linear_reference)
 
 N_IN, N_OUT, RANK = 768, 3072, 32
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -30,7 +33,12 @@ VARIANTS = {"segpcl_cpp": {"SEGPCL_LORA_FWD": "merged", "SEGPCL_LORA_BWD": "merg
             "segpcl_cpp_fused": {"SEGPCL_LORA_FWD": "concat", "SEGPCL_LORA_BWD": "fused"},
             "segpcl_cpp_addmm": {"SEGPCL_LORA_FWD": "addmm", "SEGPCL_LORA_BWD": "split"}}
 CUDA_ONLY = {"segpcl_cpp_fused"}
-IMPLS = [*VARIANTS, "reference", "peft_A_frozen", "peft_A_trainable", "base_linear"]
+# segpcl_merged: the same merged arrangement in plain PyTorch (lora_b_linear_merged), eager;
+# *_compiled: torch.compile (inductor, default mode) of the layer: segpcl_compiled is what the
+# trainer runs under run.compile (ops backend auto: the merged arrangement, traced by inductor),
+# base_linear_compiled the frozen base nn.Linear compiled the same way.
+IMPLS = [*VARIANTS, "segpcl_merged", "segpcl_compiled", "reference", "peft_A_frozen", "peft_A_trainable",
+         "base_linear", "base_linear_compiled"]
 
 
 def _tokens(device):
@@ -60,16 +68,19 @@ def _layer(impl, device):
     base = torch.nn.Linear(N_IN, N_OUT).to(device=device, dtype=dtype).requires_grad_(False)
     if impl == "base_linear":
         return base
+    if impl == "base_linear_compiled":
+        return torch.compile(base)
     if impl.startswith("peft"):
         return _peft_layer(base, train_A=impl == "peft_A_trainable")
     lora_A = (torch.randn(RANK, N_IN, device=device) / N_IN ** 0.5).to(dtype)
     lora_B = torch.nn.Parameter((torch.randn(N_OUT, RANK, device=device) * 0.02).to(dtype))
-    fn = lora_b_linear if impl.startswith("segpcl_cpp") else lora_b_linear_reference
+    fn = {"segpcl_merged": lora_b_linear_merged, "reference": lora_b_linear_reference}.get(impl, lora_b_linear)
 
     def forward(x):
         return fn(x, base.weight, base.bias, lora_A, lora_B, 1.0)
-    forward.params = [base.weight, base.bias, lora_A, lora_B]  # weights, not activations
-    return forward
+    layer = torch.compile(forward) if impl == "segpcl_compiled" else forward
+    layer.params = [base.weight, base.bias, lora_A, lora_B]  # weights, not activations
+    return layer
 
 
 def _saved_activation_bytes(layer, x):

@@ -16,8 +16,10 @@ that every caller (Learner.loss, DPGD, evaluation, prototypes) runs them:
 
 The compiled functions are bound with types.MethodType on the instance; copy.deepcopy (which the
 learner uses for the teacher) re-binds them to the copy, so the teacher's DPGD forward/backward
-runs compiled code on the teacher's own weights. LoRA linears go through
-`torch.ops.segpcl.lora_b_linear_fwd` (C++ op with a registered fake kernel) and the Triton ops are
+runs compiled code on the teacher's own weights. Inside compiled graphs LoRA linears run the
+merged arrangement in plain PyTorch (ops.lora_linear.lora_b_linear_merged, an autograd.Function of
+aten ops that inductor traces and fuses around; SEGPCL_LORA_COMPILE=cpp puts the C++ op
+`torch.ops.segpcl.lora_b_linear_fwd`, with its fake kernel, there instead), and the Triton ops are
 torch.library custom ops with fake kernels, so dynamo sees through them without graph breaks.
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ C++ op where it can run; "cpp" requires it (error otherwise); "reference" forces
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from . import dispatch
 from ._ext import extension_status, has_kernel
 
-__all__ = ["lora_b_linear", "lora_b_linear_reference", "lora_b_linear_impl", "extension_status"]
+__all__ = ["lora_b_linear", "lora_b_linear_reference", "lora_b_linear_merged", "lora_b_linear_impl",
+           "extension_status"]
 
 OP = "lora_b_linear"
 
@@ -30,21 +32,77 @@ def lora_b_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_A), lora_B)
 
 
+class _MergedLoRABLinear(torch.autograd.Function):
+    """The merged arrangement in plain PyTorch (the C++ op's default, csrc/lora_b_linear_aten.cpp):
+    y = x (W + s B A)^T + b and grad_x = g (W + s B A) (exact rewrites of the formula), u = x A^T
+    saved for grad_B = s g^T u. Made of aten ops only, so torch.compile traces it and inductor
+    fuses around its GEMMs; the merged weight costs O(out in r), not O(N)."""
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, scaling):
+        merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+        return F.linear(x, merged, bias), F.linear(x, lora_A)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _x, weight, _bias, lora_A, lora_B, scaling = inputs
+        ctx.scaling = scaling
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1], weight, lora_A, lora_B)  # u = x A^T, not x
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_u):
+        u, weight, lora_A, lora_B = ctx.saved_tensors
+        grad_x = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ torch.addmm(weight, lora_B, lora_A, alpha=ctx.scaling)
+        if ctx.needs_input_grad[4]:
+            grad_B = torch.mm(grad_y.reshape(-1, grad_y.shape[-1]).t(), u.reshape(-1, u.shape[-1]))
+            grad_B = grad_B.mul_(ctx.scaling).to(lora_B.dtype)
+        return grad_x, None, None, None, grad_B, None
+
+
+def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The merged arrangement in plain PyTorch: y = x (W + s B A)^T + b, saving u = x A^T (not x)."""
+    x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])  # then autocast is a no-op
+    y, _u = _MergedLoRABLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling))
+    return y
+
+
 def lora_b_linear_impl(x: torch.Tensor) -> str:
-    """Which implementation `lora_b_linear` runs for this input: "cpp" or "reference"."""
+    """Which implementation `lora_b_linear` runs for this input: "cpp", "merged" or "reference".
+
+    "auto" (and "triton") take the C++ op in eager mode where it has a kernel for x's device, and
+    the plain-PyTorch merged arrangement under torch.compile (inductor traces it and fuses the bias
+    and its neighbours into the GEMMs; the C++ op is opaque to it) or where the C++ op cannot run.
+    """
     name = dispatch.get_backend()
     if name == "reference":
         return "reference"
-    if has_kernel(x.device.type):
-        return "cpp"
     if name == "cpp":
+        if has_kernel(x.device.type):
+            return "cpp"
         status = extension_status()
         why = status["error"] or f"built without a kernel for device '{x.device.type}' (cuda={status['cuda']})"
         raise RuntimeError(
             f"ops backend 'cpp' forced but segpcl_fast._C cannot run lora_b_linear: {why}. Build it with "
             "`pip install --no-build-isolation .` (SEGPCL_WITH_CUDA=1 for the CUDA kernels) or use "
             "set_backend('auto').")
-    return "reference"
+    if not has_kernel(x.device.type):
+        return "merged"
+    if torch.compiler.is_compiling():
+        return compiled_impl()
+    return "cpp"
+
+
+def compiled_impl() -> str:
+    """What "auto" runs under torch.compile where the C++ op could run: SEGPCL_LORA_COMPILE=merged
+    (default: plain PyTorch, traced by inductor) or cpp (the opaque custom op, for comparison)."""
+    value = os.environ.get("SEGPCL_LORA_COMPILE", "merged")
+    if value not in ("merged", "cpp"):
+        raise ValueError(f"SEGPCL_LORA_COMPILE='{value}' is not a LoRA implementation; use merged (default) or cpp")
+    return value
 
 
 def _autocast(tensors):
@@ -64,6 +122,8 @@ def lora_b_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         dispatch.record_choice(OP, impl, x.device.type)
     if impl == "reference":
         return lora_b_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
+    if impl == "merged":
+        return lora_b_linear_merged(x, weight, bias, lora_A, lora_B, scaling)
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])
     y, _u = torch.ops.segpcl.lora_b_linear_fwd(x, weight, bias, lora_A, lora_B, float(scaling))
     return y

@@ -28,6 +28,7 @@ def _lora(model):
 
 def test_compiled_run_has_no_graph_breaks_and_bounded_recompiles(tiny_model_name, tmp_path):
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # process-wide: count only this run's graphs
     trainer = Trainer(_config(tiny_model_name, tmp_path / "c", compile=True), compile_settings=AOT)
     assert set(trainer.compiled) == {"image", "text"}
     graphs_after = []
@@ -91,6 +92,7 @@ def test_compile_sees_through_custom_ops_with_fullgraph(tiny_model_name):
 
 def test_bf16_autocast_compiled_step_is_close_to_fp32(tiny_model_name, tmp_path):
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     cfg = _config(tiny_model_name, tmp_path / "b", num_tasks=1, task_sizes=None, compile=True, precision="bf16", lr=0.05,
                   method="lora_finetune")
     trainer = Trainer(cfg, compile_settings=AOT)

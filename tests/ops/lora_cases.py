@@ -74,3 +74,38 @@ def small_update_slopes(fn, ref_fn, bscale, device="cpu"):
         got = (f(x, weight, bias, lora_A, lora_B, 1.0) - f(x, weight, bias, lora_A, zero, 1.0)).double()
         return ((got * exact).sum() / (exact * exact).sum()).item()
     return slope(fn), slope(ref_fn)
+
+
+def check_autocast_casts_like_linear(fn):
+    """Under CPU bf16 autocast fn casts like F.linear: bf16 output close to the reference's, and
+    B's gradient arrives in B's own dtype (fp32)."""
+    x, weight, bias, lora_A, lora_B = make_inputs((3, 4), 32, 48, 4)
+    lora_B_ref = lora_B.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x, weight, bias, lora_A, lora_B, 0.5)
+        y_ref = lora_linear.lora_b_linear_reference(x, weight, bias, lora_A, lora_B_ref, 0.5)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    y_ref.float().sum().backward()
+    assert lora_B.grad.dtype == torch.float32
+    torch.testing.assert_close(lora_B.grad, lora_B_ref.grad, rtol=2e-2, atol=5e-2)
+
+
+def saved_tensors(fn, *args):
+    """(fn(*args), the tensors autograd saved for backward while running it)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fn(*args)
+    return y, saved
+
+
+def check_saves_u_not_x(fn, x, weight, bias, lora_A, lora_B):
+    """fn keeps u = x A^T (and weights), never x, for its backward."""
+    _, saved = saved_tensors(fn, x, weight, bias, lora_A, lora_B, 0.5)
+    assert all(t.data_ptr() != x.data_ptr() for t in saved)
+    activation_like = [t for t in saved if t.shape[:-1] == x.shape[:-1]]
+    assert [tuple(t.shape) for t in activation_like] == [(*x.shape[:-1], lora_A.shape[0])]  # u only
+    torch.testing.assert_close(activation_like[0], x.detach() @ lora_A.T)
+    assert {t.data_ptr() for t in saved} - {activation_like[0].data_ptr()} <= {
+        weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr()}

@@ -1,0 +1,173 @@
+"""The plain-PyTorch merged LoRA-B linear (what "auto" runs under torch.compile and without the
+extension) against the reference: values, grads, low precision, saved tensors, torch.compile.
+Needs no extension: these tests run under SEGPCL_NO_EXT=1 too."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segpcl_fast.ops import _ext, dispatch, lora_linear
+from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_merged, lora_b_linear_reference
+
+from lora_cases import (check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
+                        small_update_slopes, upcast)
+
+SHAPES = [((3, 5), 24, 40, 4), ((7,), 40, 24, 4), ((2, 150), 32, 96, 8), ((), 16, 16, 2)]
+
+
+@pytest.mark.parametrize("lead,n_in,n_out,rank", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference_fp32(lead, n_in, n_out, rank, bias):
+    args = make_inputs(lead, n_in, n_out, rank, bias=bias)
+    got = forward_backward(lora_b_linear_merged, *args, 0.75)
+    want = forward_backward(lora_b_linear_reference, *args, 0.75)
+    assert got[0].shape == (*lead, n_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_hand_computed_values():
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    bias = torch.tensor([0.5, 0.0, -1.0])
+    lora_A = torch.tensor([[1.0, -1.0]])
+    lora_B = torch.tensor([[2.0], [0.0], [1.0]], requires_grad=True)
+    y = lora_b_linear_merged(x, weight, bias, lora_A, lora_B, 0.5)
+    # W + s B A = [[2, -1], [0, 1], [1.5, 0.5]]; x (W + s B A)^T + b = [0.5, 2, 1.5]
+    torch.testing.assert_close(y, torch.tensor([[0.5, 2.0, 1.5]]))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[3.5, 0.5]]))   # 1 (W + s B A)
+    torch.testing.assert_close(lora_B.grad, torch.full((3, 1), -0.5))  # s 1^T u, u = -1
+
+
+def test_gradcheck_float64():
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 3), 6, 10, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x_, b_: lora_b_linear_merged(x_, weight, bias, lora_A, b_, 1.3),
+                                    (x, lora_B))
+
+
+def test_grad_flags_skip_unneeded_grads():
+    x, weight, bias, lora_A, lora_B = make_inputs()
+    for x_, b_, wrt in [(x.detach(), lora_B, "B"), (x, lora_B.detach(), "x")]:  # student / frozen B (DPGD)
+        inputs = (b_,) if wrt == "B" else (x_,)
+        got = torch.autograd.grad(lora_b_linear_merged(x_, weight, bias, lora_A, b_, 0.5).sum(), inputs)
+        want = torch.autograd.grad(lora_b_linear_reference(x_, weight, bias, lora_A, b_, 0.5).sum(), inputs)
+        torch.testing.assert_close(got, want)
+
+
+def test_empty_batch():
+    x, weight, bias, lora_A, lora_B = make_inputs((0,), 24, 40, 4)
+    y, gx, gB = forward_backward(lora_b_linear_merged, x, weight, bias, lora_A, lora_B, 0.5)
+    assert y.shape == (0, 40) and gx.shape == (0, 24)
+    torch.testing.assert_close(gB, torch.zeros_like(gB))
+
+
+def test_saves_u_not_x():
+    check_saves_u_not_x(lora_b_linear_merged, *make_inputs((4, 6), 32, 48, 4))
+
+
+def on_cuda(*values):
+    """A parameter set whose first value is "cuda": marked gpu, skipped without a CUDA device."""
+    return pytest.param("cuda", *values, marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])
+
+
+# (device, lead, in, out, rank): on CUDA the sizes of the C++ op's CUDA tests
+TRUTH_CASES = [("cpu", (4, 64), 96, 160, 8)] + [on_cuda(*case) for case in [
+    ((4, 197), 768, 3072, 32), ((333,), 3072, 768, 32), ((1000,), 200, 130, 64), ((5000,), 96, 64, 8)]]
+
+
+@pytest.mark.parametrize("device,lead,n_in,n_out,rank", TRUTH_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_error_against_float64_no_worse_than_reference(device, lead, n_in, n_out, rank, dtype):
+    """Against a float64 ground truth, the merged path's error stays within the plain-PyTorch
+    reference's error at the same precision."""
+    args = make_inputs(lead, n_in, n_out, rank, dtype=dtype, device=device)
+    ours = forward_backward(lora_b_linear_merged, *args, 2.0)
+    low_ref = forward_backward(lora_b_linear_reference, *args, 2.0)
+    g = torch.randn(ours[0].shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    truth = forward_backward(lora_b_linear_reference, *upcast(args), 2.0, grad_out=g.double())
+    for got, ref, exact in zip(ours, low_ref, truth):
+        assert got.dtype == dtype and got.shape == exact.shape
+        err = (got.double() - exact).abs().max().item()
+        ref_err = (ref.double() - exact).abs().max().item()
+        assert err <= 2.0 * ref_err + 1e-4 * exact.abs().max().item(), (err, ref_err)
+
+
+@pytest.mark.parametrize("bscale", [1e-3, 3e-4])
+def test_bf16_keeps_small_updates_at_least_as_well_as_the_reference(bscale):
+    ours, ref = small_update_slopes(lora_b_linear_merged, lora_b_linear_reference, bscale)
+    assert ref < 0.95
+    assert ref - 0.02 <= ours <= 1.02, (ours, ref)
+
+
+def test_autocast_casts_like_linear():
+    check_autocast_casts_like_linear(lora_b_linear_merged)
+
+
+def test_auto_runs_merged_without_the_extension(monkeypatch):
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_load_error", "ImportError: simulated")
+    args = make_inputs()
+    with dispatch.backend("auto"):
+        y = lora_b_linear(*args, 0.5)
+    assert dispatch.last_choice()["lora_b_linear"] == "merged"
+    torch.testing.assert_close(y, lora_b_linear_reference(*args, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def _traced_targets(fn, *args):
+    """The ops in the graph dynamo captures for fn(*args), subgraphs (autograd.Function bodies) included."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        for module in gm.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                targets.extend(str(n.target) for n in module.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return out, targets
+
+
+@pytest.mark.parametrize("setting,opaque", [(None, False), ("merged", False), ("cpp", True)])
+def test_under_compile_auto_traces_merged_unless_told_cpp(setting, opaque, monkeypatch):
+    """Under torch.compile "auto" hands inductor the merged arrangement's aten ops; with
+    SEGPCL_LORA_COMPILE=cpp (and the extension built) the opaque C++ op instead."""
+    if setting is None:
+        monkeypatch.delenv("SEGPCL_LORA_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("SEGPCL_LORA_COMPILE", setting)
+    if opaque and not lora_linear.extension_status()["built"]:
+        pytest.skip("SEGPCL_LORA_COMPILE=cpp needs the extension")
+    args = make_inputs((2, 5), 16, 24, 4)
+    with dispatch.backend("auto"):
+        y, targets = _traced_targets(lora_b_linear, *args, 0.5)
+    assert any("segpcl.lora_b_linear_fwd" in t for t in targets) == opaque, targets
+    assert any("linear" in t or "addmm" in t for t in targets)
+    torch.testing.assert_close(y, lora_b_linear_reference(*args, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_compile_setting_names_the_choices(monkeypatch):
+    monkeypatch.setenv("SEGPCL_LORA_COMPILE", "fastest")
+    if not lora_linear.extension_status()["built"]:
+        pytest.skip("the setting is read only where the C++ op could run")
+    with dispatch.backend("auto"), pytest.raises(Exception, match="SEGPCL_LORA_COMPILE='fastest'.*merged"):
+        torch._dynamo.reset()
+        torch.compile(lora_b_linear, backend="aot_eager", fullgraph=True)(*make_inputs(), 0.5)
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), on_cuda(torch.float32), on_cuda(torch.bfloat16)])
+def test_inductor_compiles_it_with_no_graph_break_and_matches_eager(device, dtype):
+    """Real code generation (inductor: C++ on the CPU, Triton on CUDA), forward and backward,
+    against the eager reference."""
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 7), 32, 48, 4, dtype=dtype, device=device)
+    explanation = torch._dynamo.explain(lora_b_linear_merged)(x, weight, bias, lora_A, lora_B, 0.5)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(lora_b_linear_merged, fullgraph=True)
+    got = forward_backward(compiled, x, weight, bias, lora_A, lora_B, 0.5)
+    want = forward_backward(lora_b_linear_reference, x, weight, bias, lora_A, lora_B, 0.5)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
