@@ -11,7 +11,8 @@
 #   bench    every benchmark file but the e2e one, CUDA rows only + summary; anchor_kl knob sweep
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
 #   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU
-#   profile  5 steps of task 2 with ViT-B/16 (random weights, eager)
+#   profile  the compiled e2e step in steady state (kernel categories), then 5 steps of task 2
+#            with ViT-B/16 (random weights, eager) through `segpcl-fast profile`
 # Suggested calls: STEPS="kernels bench", then STEPS="ext e2e", then STEPS="profile".
 # Each pytest step stops at STEP_TIMEOUT seconds (SIGINT, so pytest-benchmark still writes its
 # JSON). BUDGET (seconds, default none) bounds the whole script: a command gets at most what is
@@ -52,7 +53,7 @@ starts() {  # starts <step>: chosen and enough budget left to be worth starting
 pack() {  # what comes back: at most 8 files in $OUT
   cp "$WORK/device.txt" "$OUT/" 2>/dev/null
   cat "$WORK"/kernels_summary.md "$WORK"/kernel_knobs.md "$WORK"/lora_parts.md "$WORK"/e2e_summary.md \
-    > "$OUT/summary.md" 2>/dev/null
+    "$WORK"/profile_e2e_step/categories.txt "$WORK"/profile_e2e_step/summary.json > "$OUT/summary.md" 2>/dev/null
   local trace="$WORK/profile_vitb16/trace.json"
   if [ -f "$trace" ]; then
     gzip -c "$trace" > "$WORK/trace.json.gz"
@@ -128,7 +129,11 @@ fi
 
 # profile of 5 steps of task 2 with ViT-B/16 (random weights): trace + top kernels + stages.
 # Eager: with run.compile=true task 2's new graphs would compile inside the profiled window.
+# First the steady-state compiled step of the e2e benchmark (compiled before the window): where
+# its time goes by kind of kernel, and how fast its GEMM + attention kernels run on their own.
 if starts profile; then
+TRITON_INTERPRET=0 run_step "$PYTHON" benchmarks/profile_e2e_step.py --device cuda --variant compiled_fused --steps 5 \
+  -o "$WORK/profile_e2e_step" > "$WORK/profile_e2e_step.txt" 2>&1 || status=1
 run_step "$PYTHON" -m segpcl_fast.cli profile --steps 5 -o "$WORK/profile_vitb16" --set model.name=ViT-B-16 \
   --set model.pretrained=none --set data.max_train_per_class=3 --set run.precision=bf16 --set run.compile=false \
   > "$WORK/profile_vitb16.txt" 2>&1 || status=1

@@ -190,6 +190,8 @@ def cmd_profile(args) -> int:
     print(out["table"])
     print(f"stages (task {out['task']}, {out['steps']} steps, {out['device']}):")
     print(out["stages_table"])
+    print("self time by kind of kernel:")
+    print(out["categories_table"])
     print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
     if out["top_kernel"]:
         argv = args.argv[args.argv.index("profile") + 1:] if "profile" in args.argv else []

@@ -6,6 +6,8 @@ needs), then task 2 under the profiler: stage 1 (DPGD), `steps` training steps, 
     trace.json       Chrome / Perfetto trace (chrome://tracing, ui.perfetto.dev)
     top_ops.txt      ops and kernels by self time (device time on GPU, CPU time otherwise)
     stages.txt       total time inside each stage range
+    categories.txt   self time by kind of kernel (GEMM, attention, inductor-fused, our Triton
+                     kernels, other elementwise, copies) and, on GPU, the time no kernel ran
 
 Stage ranges (torch.profiler.record_function; NVTX ranges too with nvtx=True under nsys): the
 trainer's own `dpgd`, `student_forward_losses`, `backward`, `grad_sync`, `optimizer`,
@@ -18,8 +20,10 @@ import contextlib
 import copy
 import functools
 import os
+import re
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +79,51 @@ def stage_table(events, on_gpu: bool) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", totals
 
 
+# (category, pattern searched in a kernel's (GPU) or op's (CPU) name): the first match wins, so
+# attention's cutlass/fmha kernels are taken before the GEMM patterns see "cutlass"
+KERNEL_CATEGORIES = (
+    ("attention", r"flash|fmha|attention|scaled_dot_product"),
+    ("segpcl triton", r"_pgd_step_kernel|_anchor_kl|_knn_kl_"),
+    ("gemm", r"gemm|xmma|nvjet|cutlass|cublas|wgmma|^aten::(mm|addmm|bmm|baddbmm|_addmm_activation)$|"
+             r"^segpcl::lora_b_linear|^mkldnn|^aten::(_?convolution|mkldnn_convolution)"),
+    ("inductor fused", r"^triton_|cpp_fused|^Torch-Compiled Region|^CompiledFunction"),
+    ("copy / memset", r"memcpy|memset|Memcpy|Memset|^aten::(copy_|to|_to_copy|clone|contiguous)$"),
+    ("elementwise / reduction", r"elementwise|vectorized|reduce|unrolled|softmax|norm|^aten::"),
+)
+
+
+def kernel_category(name: str) -> str:
+    """Which KERNEL_CATEGORIES entry a kernel or op name falls in ("other" when none)."""
+    for category, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, name):
+            return category
+    return "other"
+
+
+def category_table(events, on_gpu: bool, wall_ms: float) -> tuple[str, dict]:
+    """Self time per kernel category (GPU kernels on GPU, ops on CPU) and its share of `wall_ms`,
+    the profiled window's wall time; on GPU also the time no kernel ran (launch gaps, host syncs)."""
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.key in STAGES or e.key.startswith(("ProfilerStep", "## ")):
+            continue
+        if on_gpu and getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(e, key)
+        if us > 0:
+            category = kernel_category(e.key)
+            totals[category] = totals.get(category, 0.0) + us / 1e3
+    busy = sum(totals.values())
+    rows = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    if on_gpu:
+        rows["(no kernel running)"] = max(wall_ms - busy, 0.0)
+    lines = [f"{'category':<28}{'self ms':>12}{'% of wall':>12}"]
+    lines += [f"{name:<28}{ms:>12.2f}{100 * ms / max(wall_ms, 1e-9):>11.1f}%" for name, ms in rows.items()]
+    lines.append(f"{'wall time of the window':<28}{wall_ms:>12.2f}")
+    return "\n".join(lines) + "\n", rows
+
+
 def top_kernel(events, on_gpu: bool) -> Optional[str]:
     """Name of the kernel (GPU) or op (CPU) with the largest self time, stage ranges excluded.
 
@@ -117,19 +166,25 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     nvtx_ctx = torch.autograd.profiler.emit_nvtx() if nvtx and on_gpu else contextlib.nullcontext()
     with stage_ranges(), nvtx_ctx, profile(activities=activities, record_shapes=False) as prof:
+        start = time.perf_counter()
         info = trainer.train_task(task)
         if on_gpu:
             torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3
     events = prof.key_averages()
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     table = events.table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=90)
     stages_text, stages = stage_table(events, on_gpu)
-    paths = {"trace": out / "trace.json", "top_ops": out / "top_ops.txt", "stages": out / "stages.txt"}
+    categories_text, categories = category_table(events, on_gpu, wall_ms)
+    paths = {"trace": out / "trace.json", "top_ops": out / "top_ops.txt", "stages": out / "stages.txt",
+             "categories": out / "categories.txt"}
     with atomic_path(paths["trace"]) as tmp:
         prof.export_chrome_trace(str(tmp))
     atomic_write_text(paths["top_ops"], table + "\n")
     atomic_write_text(paths["stages"], stages_text)
+    atomic_write_text(paths["categories"], categories_text)
     kernel = top_kernel(events, on_gpu)
     return {"paths": {k: str(v) for k, v in paths.items()}, "table": table, "stages": stages,
-            "stages_table": stages_text, "top_kernel": kernel, "device": str(trainer.device),
+            "stages_table": stages_text, "categories": categories, "categories_table": categories_text,
+            "top_kernel": kernel, "device": str(trainer.device),
             "task": task + 1, "steps": info["timings"]["steps"], "sort_by": sort_by}

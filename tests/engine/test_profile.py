@@ -4,7 +4,7 @@ import json
 import pytest
 
 from segpcl_fast.api import make_config
-from segpcl_fast.engine.profile import STAGES, ncu_command, profile_training, stage_ranges
+from segpcl_fast.engine.profile import STAGES, kernel_category, ncu_command, profile_training, stage_ranges
 
 
 def _config(model_name, out, **kw):
@@ -29,7 +29,41 @@ def test_profile_writes_trace_table_and_every_stage(tiny_model_name, tmp_path):
     table = (tmp_path / "prof" / "top_ops.txt").read_text()
     assert "Self CPU" in table and out["top_kernel"] and out["top_kernel"] in table
     assert "dpgd" in (tmp_path / "prof" / "stages.txt").read_text()
+    # the CPU self time by category: GEMMs and attention are there, and no time is counted twice
+    cats = out["categories"]
+    assert cats["gemm"] > 0 and cats["attention"] > 0
+    wall = float((tmp_path / "prof" / "categories.txt").read_text().split("wall time of the window")[1])
+    assert sum(cats.values()) <= wall * 1.02, (cats, wall)
     assert not (tmp_path / "unused").exists() or not any((tmp_path / "unused").glob("checkpoints/*"))
+
+
+@pytest.mark.parametrize("name,category", [
+    # kernel names seen in the H100 profile (BENCHMARKS.md) and in inductor / cuBLAS / our Triton output
+    ("sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize128x128x8_stage3_warpsize2x2x1_ffma_aligna4", "gemm"),
+    ("cutlass_80_simt_sgemm_128x128_8x4_nn_align1", "gemm"),
+    ("nvjet_tst_192x192_64x3_2x1_v_bz_coopB_TNT", "gemm"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(...)", "gemm"),
+    ("fmha_cutlassB_f32_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<...>)", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, "
+     "cutlass::bfloat16_t>>(...)", "attention"),
+    ("triton_per_fused__to_copy_add_native_layer_norm_3", "inductor fused"),
+    ("triton_poi_fused_gelu_7", "inductor fused"),
+    ("_anchor_kl_chunked_kernel", "segpcl triton"),
+    ("_knn_kl_bwd_kernel", "segpcl triton"),
+    ("_pgd_step_kernel", "segpcl triton"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>(...)",
+     "elementwise / reduction"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, ...>>(...)", "elementwise / reduction"),
+    ("Memcpy DtoD (Device -> Device)", "copy / memset"),
+    ("Memset (Device)", "copy / memset"),
+    # CPU op names
+    ("aten::addmm", "gemm"), ("aten::mm", "gemm"), ("segpcl::lora_b_linear_fwd", "gemm"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::copy_", "copy / memset"), ("aten::gelu", "elementwise / reduction"),
+    ("autograd::engine::evaluate_function: MmBackward0", "other"),
+])
+def test_kernel_category(name, category):
+    assert kernel_category(name) == category
 
 
 def test_stage_ranges_are_removed_afterwards():
@@ -63,3 +97,24 @@ def test_cli_profile(tiny_model_name, tmp_path, capsys):
     # run.output_dir from --set is where the profile goes when -o is not given
     assert main(args[:-2] + ["--set", f"run.output_dir={tmp_path / 'q'}"]) == 0
     assert (tmp_path / "q" / "trace.json").exists()
+
+
+def test_e2e_step_profile_script(tmp_path):
+    """benchmarks/profile_e2e_step.py on the CPU: files, and a summary whose numbers add up."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_e2e_step.py"
+    spec = importlib.util.spec_from_file_location("profile_e2e_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.profile_step("cpu", "eager_reference", steps=1, out_dir=tmp_path / "p", warmup=1)
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"top_kernels.txt", "categories.txt", "summary.json",
+                                                          "trace.json.gz"}
+    assert json.loads((tmp_path / "p" / "summary.json").read_text()) == summary
+    cats = summary["category_ms_per_step"]
+    assert cats["gemm"] > 0 and cats["attention"] > 0
+    assert sum(cats.values()) <= summary["step_ms"] * 1.02
+    # MFU and the GEMM + attention throughput come from the same analytic FLOPs
+    assert summary["mfu"] == pytest.approx(
+        summary["step_flops"] / (summary["step_ms"] / 1e3) / (summary["matmul_peak_tflops"] * 1e12), rel=2e-3)
+    assert summary["gemm_attention_tflops"] * 1e12 > summary["step_flops"] / (summary["step_ms"] / 1e3)
