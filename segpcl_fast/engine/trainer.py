@@ -335,6 +335,7 @@ class Trainer:
         c = self.cfg
         T = self.scenario.num_tasks
         main = self.dist.is_main
+        ops.reset_choices()  # results.json "ops": what this run ran
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         fingerprint = ckpt.config_fingerprint(c.to_dict())
@@ -393,7 +394,7 @@ class Trainer:
                         accuracy_matrix_own=metrics.matrix_to_list(matrix_own) if matrix_own is not None else [],
                         metrics=summary, fwt_before=fwt_before, output_dir=str(self.out),
                         timings={"run_s": time.perf_counter() - t_run, "tasks": [i["timings"] for i in task_info]},
-                        ops=ops.last_choice(), config=c.to_dict())
+                        ops=ops.choices_used(), config=c.to_dict())
         if main:
             from ..report import write_run_report
             result.paths = write_run_report(result, self.out, plots=c.run.plots,

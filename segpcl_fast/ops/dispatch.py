@@ -21,6 +21,7 @@ if _backend not in BACKENDS:
     raise ValueError(f"SEGPCL_OPS='{_backend}' is not an ops backend; use one of {BACKENDS} or unset it")
 _logged: set[tuple] = set()
 _last_choice: dict[str, str] = {}
+_used: dict[str, dict[str, None]] = {}  # op -> implementations in order of first use (a dict as ordered set)
 
 
 def set_backend(name: str) -> None:
@@ -48,6 +49,7 @@ def backend(name: str):
 def record_choice(op: str, impl: str, device: str) -> str:
     """Remember and log (once per op/device/impl) which implementation ran."""
     _last_choice[op] = impl
+    _used.setdefault(op, {})[impl] = None
     key = (op, device, impl)
     if key not in _logged:
         _logged.add(key)
@@ -58,3 +60,15 @@ def record_choice(op: str, impl: str, device: str) -> str:
 def last_choice() -> dict[str, str]:
     """{op name: implementation used by its last call}."""
     return dict(_last_choice)
+
+
+def choices_used() -> dict[str, str]:
+    """{op name: every implementation it ran since the last reset_choices(), "+"-joined in order
+    of first use}: e.g. lora_b_linear "cpp+merged" when training ran the C++ op and evaluation (B
+    needs no gradient) the merged GEMM. Calls inside torch.compile'd code are not recorded."""
+    return {op: "+".join(impls) for op, impls in _used.items()}
+
+
+def reset_choices() -> None:
+    _last_choice.clear()
+    _used.clear()

@@ -1,13 +1,18 @@
 """LoRA-B-only linear: y = x W^T + b + s * (x A^T) B^T, with W, b, A frozen and only B trained.
 
-`lora_b_linear` is the one function every LoRA layer calls. It runs the C++/CUDA op
-`torch.ops.segpcl.lora_b_linear_fwd` (csrc/, built as segpcl_fast._C) when the extension is built
-with a kernel for x's device, else `lora_b_linear_reference`; `dispatch.last_choice()` says which
-ran ("cpp" or "reference"). The op saves u = x A^T (N x r) for backward instead of x (N x in)
-and returns gradients for x and B only (W, b, A are frozen by contract).
+`lora_b_linear` is the one function every LoRA layer calls. Three implementations, one result:
 
-Backends (dispatch.set_backend): "auto" (and "triton": this op has no Triton kernel) take the
-C++ op where it can run; "cpp" requires it (error otherwise); "reference" forces plain PyTorch.
+- "cpp": the C++/CUDA op `torch.ops.segpcl.lora_b_linear_fwd` (csrc/, built as segpcl_fast._C),
+  GEMM arrangement chosen by SEGPCL_LORA_FWD / SEGPCL_LORA_BWD (default merged);
+- "merged": `lora_b_linear_merged`, the merged arrangement y = x (W + s B A)^T + b written in plain
+  PyTorch (an autograd.Function of aten ops, which torch.compile traces);
+- "reference": `lora_b_linear_reference`, the formula as written (the spec).
+
+"cpp" and "merged" save u = x A^T (N x r) for backward instead of x (N x in) and return gradients
+for x and B only (W, b, A are frozen by contract). `dispatch.last_choice()` says which ran.
+
+Backends (dispatch.set_backend): "auto" (and "triton": this op has no Triton kernel) pick per call
+(`lora_b_linear_impl`); "cpp" requires the C++ op (error otherwise); "reference" forces the formula.
 """
 from __future__ import annotations
 
@@ -64,18 +69,57 @@ class _MergedLoRABLinear(torch.autograd.Function):
 
 def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The merged arrangement in plain PyTorch: y = x (W + s B A)^T + b, saving u = x A^T (not x)."""
+    """The merged arrangement in plain PyTorch: y = x (W + s B A)^T + b, saving u = x A^T (not x).
+
+    When B needs no gradient (evaluation, prototypes, the frozen teacher in DPGD), u is never
+    needed: y is one F.linear with the merged weight, and autograd (grad_x = g (W + s B A) for
+    DPGD) saves no activation at all."""
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])  # then autocast is a no-op
+    _check_args(x, weight, bias, lora_A, lora_B)
+    if not _needs_grad_B(lora_B):
+        return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
     y, _u = _MergedLoRABLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling))
     return y
 
 
-def lora_b_linear_impl(x: torch.Tensor) -> str:
+def _check_args(x, weight, bias, lora_A, lora_B) -> None:
+    """The C++ op's argument checks (csrc/lora_b_linear.h), with its messages. Plain ifs: under
+    torch.compile they become guards, not graph breaks."""
+    if x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise RuntimeError(f"lora_b_linear: x must be (..., in), weight (out, in), lora_A (r, in), lora_B (out, r); "
+                           f"got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    out, n_in, r = weight.shape[0], weight.shape[1], lora_A.shape[0]
+    problem = None
+    if r < 1:
+        problem = f"lora_A has rank 0 (shape {tuple(lora_A.shape)}); the rank must be >= 1"
+    elif x.shape[-1] != n_in:
+        problem = f"x's last dimension ({x.shape[-1]}) must equal weight's in-features ({n_in})"
+    elif lora_A.shape[1] != n_in:
+        problem = f"lora_A must be (r, in) = (r, {n_in}), got {tuple(lora_A.shape)}"
+    elif lora_B.shape[0] != out or lora_B.shape[1] != r:
+        problem = f"lora_B must be (out, r) = ({out}, {r}), got {tuple(lora_B.shape)}"
+    elif bias is not None and (bias.dim() != 1 or bias.shape[0] != out):
+        problem = f"bias must be 1-D (out,) = ({out},), got {tuple(bias.shape)}"
+    else:
+        for t in (weight, bias, lora_A, lora_B):
+            if t is not None and (t.dtype != x.dtype or t.device != x.device):
+                problem = (f"all tensors must share x's dtype {x.dtype} and device {x.device}, got {t.dtype} on "
+                           f"{t.device} (cast the weights, or run under autocast)")
+    if problem is not None:
+        raise RuntimeError(f"lora_b_linear: {problem}")
+
+
+def _needs_grad_B(lora_B: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and lora_B.requires_grad
+
+
+def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None) -> str:
     """Which implementation `lora_b_linear` runs for this input: "cpp", "merged" or "reference".
 
     "auto" (and "triton") take the C++ op in eager mode where it has a kernel for x's device, and
     the plain-PyTorch merged arrangement under torch.compile (inductor traces it and fuses the bias
-    and its neighbours into the GEMMs; the C++ op is opaque to it) or where the C++ op cannot run.
+    and its neighbours into the GEMMs; the C++ op is opaque to it), where the C++ op cannot run, and
+    where B needs no gradient (then merged is one GEMM and computes no u; the C++ op always does).
     """
     name = dispatch.get_backend()
     if name == "reference":
@@ -89,7 +133,7 @@ def lora_b_linear_impl(x: torch.Tensor) -> str:
             f"ops backend 'cpp' forced but segpcl_fast._C cannot run lora_b_linear: {why}. Build it with "
             "`pip install --no-build-isolation .` (SEGPCL_WITH_CUDA=1 for the CUDA kernels) or use "
             "set_backend('auto').")
-    if not has_kernel(x.device.type):
+    if not has_kernel(x.device.type) or (lora_B is not None and not _needs_grad_B(lora_B)):
         return "merged"
     if torch.compiler.is_compiling():
         return compiled_impl()
@@ -117,7 +161,7 @@ def _autocast(tensors):
 def lora_b_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """y = x W^T + b + scaling * (x A^T) B^T for x of shape (..., in); grads flow to x and lora_B."""
-    impl = lora_b_linear_impl(x)
+    impl = lora_b_linear_impl(x, lora_B)
     if not torch.compiler.is_compiling():
         dispatch.record_choice(OP, impl, x.device.type)
     if impl == "reference":

@@ -74,9 +74,9 @@ def collect_versions() -> dict[str, Optional[str]]:
 
 
 def fused_ops_used() -> dict[str, str]:
-    """{op: implementation} of each fused op's last call in this process (ops.dispatch)."""
+    """{op: the implementations it ran} since the last dispatch.reset_choices() (a run's start)."""
     from ..ops import dispatch
-    return dispatch.last_choice()
+    return dispatch.choices_used()
 
 
 def build_results(*, config: Mapping, matrix, acc_per_task, metrics: Mapping,

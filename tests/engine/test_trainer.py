@@ -37,6 +37,12 @@ def test_full_run_writes_results_and_consistent_metrics(tiny_model_name, tmp_pat
     assert saved["matrix_own"] == result.accuracy_matrix_own
     assert result.fwt_before[0] is None and 0.0 <= result.fwt_before[1] <= 100.0
     assert set(result.ops) >= {"lora_b_linear", "pgd_step", "anchor_kl", "knn_subgraph_kl"}
+    assert saved["ops"] == result.ops
+    # every LoRA implementation the run used: training (B trains) the C++ op where built; DPGD's
+    # frozen teacher, evaluation and prototypes (B needs no gradient) the merged GEMM
+    from segpcl_fast.ops.lora_linear import extension_status
+    trained_with = "cpp" if extension_status()["built"] else "merged"
+    assert set(result.ops["lora_b_linear"].split("+")) == {trained_with, "merged"}
 
 
 def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch):

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("_extension")
 
 @pytest.fixture
 def _extension():
+    """The C++ op itself: backend "cpp" (under "auto" a call whose B needs no gradient runs merged)."""
     require_extension()
-    with dispatch.backend("auto"):
+    with dispatch.backend("cpp"):
         yield
 
 
@@ -178,6 +179,7 @@ def test_compile_has_no_graph_breaks_and_matches_eager(under_compile, monkeypatc
     through its fake kernel and registered autograd)."""
     monkeypatch.setenv("SEGPCL_LORA_COMPILE", under_compile)
     torch._dynamo.reset()
+    dispatch.set_backend("auto")  # the fixture restores "cpp" afterwards
     model = _TwoLoraLayers()
     x = torch.randn(2, 5, 16, requires_grad=True)
     explanation = torch._dynamo.explain(model)(x)
@@ -218,12 +220,26 @@ def test_reference_backend_forces_reference():
     torch.testing.assert_close(y, lora_b_linear_reference(*args, 0.5))
 
 
+def test_auto_takes_cpp_when_B_trains_and_merged_when_it_does_not():
+    x, weight, bias, lora_A, lora_B = make_inputs()
+    with dispatch.backend("auto"):
+        lora_b_linear(x, weight, bias, lora_A, lora_B, 0.5)
+        assert dispatch.last_choice()["lora_b_linear"] == "cpp"
+        for b_frozen, grad_mode in [(lora_B.detach(), True), (lora_B, False)]:  # frozen teacher; evaluation
+            with torch.set_grad_enabled(grad_mode):
+                y = lora_b_linear(x, weight, bias, lora_A, b_frozen, 0.5)
+            assert dispatch.last_choice()["lora_b_linear"] == "merged"
+            torch.testing.assert_close(y, lora_b_linear_reference(x, weight, bias, lora_A, lora_B, 0.5),
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_fallback_when_extension_missing(monkeypatch):
     from segpcl_fast.ops import _ext
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "_load_error", "ImportError: simulated")
     args = make_inputs()
-    y = lora_b_linear(*args, 0.5)
+    with dispatch.backend("auto"):
+        y = lora_b_linear(*args, 0.5)
     assert dispatch.last_choice()["lora_b_linear"] == "merged"  # the plain-PyTorch fast path
     torch.testing.assert_close(y, lora_b_linear_reference(*args, 0.5), rtol=1e-5, atol=1e-5)
     assert lora_linear.extension_status() == {"built": False, "cuda": False, "error": "ImportError: simulated"}

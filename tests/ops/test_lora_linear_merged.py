@@ -55,11 +55,43 @@ def test_grad_flags_skip_unneeded_grads():
         torch.testing.assert_close(got, want)
 
 
-def test_empty_batch():
+def test_empty_batch_and_rank_zero():
     x, weight, bias, lora_A, lora_B = make_inputs((0,), 24, 40, 4)
     y, gx, gB = forward_backward(lora_b_linear_merged, x, weight, bias, lora_A, lora_B, 0.5)
     assert y.shape == (0, 40) and gx.shape == (0, 24)
     torch.testing.assert_close(gB, torch.zeros_like(gB))
+    for b in (torch.zeros(8, 0), torch.zeros(8, 0, requires_grad=True)):  # both branches check
+        with pytest.raises(RuntimeError, match="rank must be >= 1"):
+            lora_b_linear_merged(*make_inputs((3,), 8, 8, 1)[:3], torch.zeros(0, 8), b, 1.0)
+
+
+@pytest.mark.parametrize("b_grad", [True, False])
+def test_bad_arguments_raise_the_c_ops_errors(b_grad):
+    x, weight, bias, lora_A, lora_B = make_inputs()
+    lora_B = lora_B.detach().requires_grad_(b_grad)
+    cases = [((x, weight, bias, lora_A[:, :-1], lora_B), r"lora_A must be \(r, in\)"),
+             ((x, weight, bias, lora_A, lora_B[:-1]), r"lora_B must be \(out, r\)"),
+             ((x[..., :-1], weight, bias, lora_A, lora_B), "x's last dimension"),
+             ((x, weight, bias[:-1], lora_A, lora_B), "bias must be 1-D"),
+             ((x, weight.double(), bias, lora_A, lora_B), "must share x's dtype")]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            lora_b_linear_merged(*args, 0.5)
+
+
+def test_frozen_B_is_one_gemm_and_saves_no_activation():
+    """B needs no gradient (teacher in DPGD, evaluation): no u; grad_x still exact."""
+    x, weight, bias, lora_A, lora_B = make_inputs((4, 6), 32, 48, 4)
+    frozen = lora_B.detach()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora_b_linear_merged(x, weight, bias, lora_A, frozen, 0.5)
+    assert all(t.shape[:-1] != x.shape[:-1] for t in saved), [t.shape for t in saved]  # neither x nor u
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    y_ref = lora_b_linear_reference(x, weight, bias, lora_A, frozen, 0.5)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_saves_u_not_x():
