@@ -5,6 +5,9 @@ torch.library custom op with fake + autograd). Knows only torch and triton.
 - anchor_kl:       ACGD tempered KL, loss + grad in one pass (segpcl::anchor_kl_rows)
 - knn_subgraph_kl: TSGR kNN-subgraph KL + deterministic bwd  (segpcl::knn_subgraph_kl_rows, _backward)
 
+check_triton_build: compiles every kernel as its launcher calls it for sm_89 / sm_90 without a GPU
+(`python -m segpcl_fast.kernels.check_triton_build`), with registers, spills, shared memory, occupancy.
+
 Modules are imported on demand (segpcl_fast.ops does it), so importing this package is cheap and
 works without triton.
 """

@@ -1,0 +1,354 @@
+"""Compile every Triton kernel as its launcher calls it, for sm_89 and sm_90, without a GPU.
+
+    python -m segpcl_fast.kernels.check_triton_build [--archs 89,90] [--json report.json]
+
+The Triton counterpart of csrc/check_cuda_build.py: a GPU session is rare, so a kernel that does
+not compile, or compiles to something a launch would refuse, should fail on the CPU machines.
+Each case runs an op's real launcher (`pgd_step_triton`, `anchor_kl_triton`,
+`knn_kl_forward_triton`, `knn_kl_backward_triton`) on meta tensors at the paper's and the
+benchmarks' sizes. Every kernel launch is caught and, instead of running, compiled for each
+target with Triton's own argument binder, so the specialisation (constexprs, 16-byte alignment,
+integer widths, num_warps) is the one a launch on that GPU compiles. Each compiled kernel is then
+read back: registers, local memory (spills) and stack from the cubin (Triton's cuobjdump), shared
+memory from Triton's metadata, and checked against what would make its launch fail there:
+
+- shared memory over the per-block opt-in limit of the arch (227 KiB sm_90, 99 KiB sm_89);
+- registers x threads over the 64 Ki register file;
+- a grid over CUDA's limits (2^31 - 1 programs on axis 0, 65535 on axes 1 and 2).
+
+Spilled bytes are reported, not failed (a spill is slow, not wrong). Exit status 0 only when every
+kernel compiles and fits on every arch. Binding goes through Triton's internal
+`create_function_from_signature` and `JITFunction._pack_args` (Triton 3.x, checked on 3.8); the
+command line compiles, never interprets: it sets TRITON_INTERPRET=0 for its own process; `check()`
+refuses to run in a process that imported triton in interpreter mode (run it in a fresh one).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from . import _triton_utils
+
+
+
+@dataclass(frozen=True)
+class SM:
+    """Per-arch limits (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability")."""
+    shared_per_block: int  # the opt-in maximum a launch may ask for
+    shared_per_sm: int
+    warps_per_sm: int
+    blocks_per_sm: int
+
+
+SMS = {80: SM(163 * 1024, 164 * 1024, 64, 32), 86: SM(99 * 1024, 100 * 1024, 48, 16),
+       89: SM(99 * 1024, 100 * 1024, 48, 24), 90: SM(227 * 1024, 228 * 1024, 64, 32)}
+REGISTER_FILE = 64 * 1024  # per SM, and the most one block may use
+REG_ALLOC_UNIT = 256  # registers are given to a warp in units of 256
+SHARED_RESERVED_PER_BLOCK = 1024  # the system's share of each block's shared memory (sm_80 and later)
+MAX_GRID = (2**31 - 1, 65535, 65535)
+DEFAULT_ARCHS = (89, 90)  # RTX 4090 (the 2x4090 preset), H100 / H200
+
+
+@dataclass
+class Compiled:
+    """One kernel specialisation compiled for one arch, and what it uses."""
+    case: str
+    kernel: str
+    arch: int
+    grid: tuple
+    constexprs: dict
+    pointers: str = ""  # element types of the pointer arguments, in order
+    num_warps: int = 0
+    registers: int = 0
+    spill_bytes: int = 0
+    stack_bytes: int = 0
+    shared_bytes: int = 0
+    occupancy: float = 0.0  # resident warps per SM / the arch's most, from registers, shared memory, blocks
+    seconds: float = 0.0
+    problems: list = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    """A label and a thunk that calls one launcher on meta tensors."""
+    name: str
+    run: Callable[[], object]
+
+
+# ---------------------------------------------------------------- compiling instead of launching
+
+def _targets(archs: Iterable[int]):
+    from triton.backends.compiler import GPUTarget
+    return [GPUTarget("cuda", int(a), 32) for a in archs]
+
+
+def _cuobjdump() -> str:
+    import triton
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.is_file():
+        raise FileNotFoundError(f"Triton's bundled cuobjdump is missing at {path}; reinstall triton")
+    return str(path)
+
+
+def resource_usage(cubin: bytes, kernel: str) -> dict[str, int]:
+    """REG / STACK / LOCAL of `kernel` in a cubin, read with `cuobjdump -res-usage`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([_cuobjdump(), "-res-usage", str(path)], check=True, capture_output=True,
+                             text=True).stdout
+    match = re.search(rf"Function {re.escape(kernel)}:\s*\n\s*(.*)", out)
+    if match is None:
+        raise RuntimeError(f"cuobjdump -res-usage listed no function {kernel}:\n{out}")
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", match.group(1))}
+
+
+def launch_problems(arch: int, grid: tuple, num_warps: int, registers: int, shared: int) -> list[str]:
+    """What makes a launch of this compiled kernel fail on `arch` (empty when it fits)."""
+    problems = []
+    if arch in SMS and shared > SMS[arch].shared_per_block:
+        problems.append(f"shared memory {shared} B > {SMS[arch].shared_per_block} B per block on sm_{arch}")
+    threads = num_warps * 32
+    if registers * threads > REGISTER_FILE:
+        problems.append(f"{registers} registers x {threads} threads > {REGISTER_FILE} registers per block")
+    for axis, (size, most) in enumerate(zip(tuple(grid) + (1, 1), MAX_GRID)):
+        if not 0 < size <= most:
+            problems.append(f"grid axis {axis} = {size} outside 1..{most}")
+    return problems
+
+
+def occupancy(arch: int, num_warps: int, registers: int, shared: int) -> float:
+    """Theoretical occupancy: resident warps per SM over the arch's most (0 where a block does not fit)."""
+    sm = SMS.get(arch)
+    if sm is None or num_warps < 1:
+        return 0.0
+    regs_per_warp = -(-max(registers, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    blocks = min(sm.blocks_per_sm, sm.warps_per_sm // num_warps, REGISTER_FILE // (regs_per_warp * num_warps))
+    if shared > 0:
+        blocks = min(blocks, sm.shared_per_sm // (shared + SHARED_RESERVED_PER_BLOCK))
+    return blocks * num_warps / sm.warps_per_sm
+
+
+def _compile_launch(case: str, jit, targets, grid, args, kwargs) -> list[Compiled]:
+    import triton
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    results = []
+    for target in targets:
+        t0 = time.perf_counter()
+        backend = make_backend(target)
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        grid_now = tuple(grid(bound) if callable(grid) else grid)
+        options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+        names = {path: jit.arg_names[path[0]] for path in constexprs}
+        record = Compiled(case=case, kernel=jit.fn.__name__, arch=target.arch, grid=grid_now,
+                          constexprs={names[p]: v for p, v in constexprs.items()},
+                          pointers=",".join(t[1:] for t in signature.values() if t.startswith("*")))
+        try:
+            kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+            usage = resource_usage(kernel.asm["cubin"], kernel.metadata.name)
+            record.num_warps = kernel.metadata.num_warps
+            record.registers, record.spill_bytes = usage.get("REG", 0), usage.get("LOCAL", 0)
+            record.stack_bytes, record.shared_bytes = usage.get("STACK", 0), kernel.metadata.shared
+            record.problems = launch_problems(target.arch, grid_now, record.num_warps, record.registers,
+                                              record.shared_bytes)
+            record.occupancy = occupancy(target.arch, record.num_warps, record.registers, record.shared_bytes)
+        except Exception as exc:  # noqa: BLE001 - a compile error is the finding, reported per kernel
+            first = str(exc).strip().splitlines()
+            record.problems = [f"does not compile: {type(exc).__name__}: {first[-1] if first else ''}"]
+        record.seconds = time.perf_counter() - t0
+        results.append(record)
+    return results
+
+
+class Recorder:
+    """What `compile_instead_of_launch` yields: set `case` before a launcher runs; `results` holds
+    one Compiled per distinct specialisation and arch (a repeated launch is compiled once)."""
+
+    def __init__(self, archs: Iterable[int]):
+        self.targets = _targets(archs)
+        self.case = ""
+        self.results: list[Compiled] = []
+        self._seen: set[tuple] = set()
+
+    def launch(self, jit, grid, args, kwargs) -> None:
+        key = (jit.fn.__qualname__, repr(grid), tuple(_spec_key(a) for a in args), repr(sorted(kwargs.items())))
+        if key not in self._seen:
+            self._seen.add(key)
+            self.results += _compile_launch(self.case, jit, self.targets, grid, args, kwargs)
+
+
+def _spec_key(arg):
+    """What of an argument can change the compiled specialisation (tensor dtype, int value)."""
+    if isinstance(arg, torch.Tensor):
+        return ("tensor", str(arg.dtype))
+    return (type(arg).__name__, arg if isinstance(arg, (int, bool)) else None)
+
+
+@contextlib.contextmanager
+def compile_instead_of_launch(archs: Iterable[int]) -> Iterator[Recorder]:
+    """Within the block a Triton launch compiles for each arch instead of running, and the
+    launchers accept meta tensors (no data is touched)."""
+    if _triton_utils.interpret_mode():
+        raise RuntimeError("check_triton_build compiles kernels, but TRITON_INTERPRET=1 is set in this process "
+                           "(triton interprets once imported): run the check in a fresh process")
+    from triton.runtime.jit import JITFunction
+
+    recorder = Recorder(archs)
+    saved_run, saved_can_run = JITFunction.run, _triton_utils.can_run_triton
+    JITFunction.run = lambda jit, *args, grid, warmup, **kwargs: recorder.launch(jit, grid, args, kwargs)
+    _triton_utils.can_run_triton = lambda *tensors: True
+    try:
+        yield recorder
+    finally:
+        JITFunction.run, _triton_utils.can_run_triton = saved_run, saved_can_run
+
+
+def check(cases: Iterable[Case], archs: Iterable[int] = DEFAULT_ARCHS) -> list[Compiled]:
+    """Compile every kernel launch the cases make, for each arch; a launcher that raises is a
+    failed result too."""
+    failures = []
+    with compile_instead_of_launch(archs) as recorder:
+        for case in cases:
+            recorder.case = case.name
+            try:
+                case.run()
+            except Exception as exc:  # noqa: BLE001 - a launcher that raises is a finding too
+                failures.append(Compiled(case=case.name, kernel="(launcher)", arch=0, grid=(), constexprs={},
+                                         problems=[f"launcher raised {type(exc).__name__}: {exc}"]))
+    return recorder.results + failures
+
+
+# ---------------------------------------------------------------- the launch sites, as cases
+
+def default_cases() -> list[Case]:
+    """The configurations the ops launch with: paper sizes, the benchmarks' large sizes, the tiny
+    model, fp32 and bf16 storage, both teacher forms, one-tile and chunked anchor_kl rows."""
+    from . import anchor_kl, knn_subgraph_kl, pgd_step
+
+    meta = torch.device("meta")
+    f32, bf16 = torch.float32, torch.bfloat16
+    cases = []
+
+    def pgd(n, hw, dtype):
+        x = torch.empty(n, 3, hw, hw, dtype=dtype, device=meta)
+        params = [torch.empty(3, device=meta) for _ in range(4)]
+        return lambda: pgd_step.pgd_step_triton(x, x, x, *params)
+
+    for dtype in (f32, bf16):
+        for n, hw in ((64, 224), (512, 224), (128, 32)):  # paper batch, roofline size, tiny model
+            cases.append(Case(f"pgd_step {n}x3x{hw}x{hw} {_name(dtype)}", pgd(n, hw, dtype)))
+
+    def akl(rows, cols, s_dtype, t_dtype, logprob):
+        zs = torch.empty(rows, cols, dtype=s_dtype, device=meta)
+        zt = torch.empty(rows, cols, dtype=t_dtype, device=meta)
+        return lambda: anchor_kl.anchor_kl_triton(zs, zt, 20.0, logprob)
+
+    widths = ((512, 10), (512, 1000), (65536, 1000), (512, anchor_kl.SINGLE_BLOCK_COLS), (8192, 8000))
+    for rows, cols in widths:
+        for s_dtype, t_dtype in ((f32, f32), (bf16, bf16), (bf16, f32)):
+            for logprob in (False, True):
+                form = "log-probs" if logprob else "logits"
+                cases.append(Case(f"anchor_kl {rows}x{cols} {_name(s_dtype)}/{_name(t_dtype)} teacher {form}",
+                                  akl(rows, cols, s_dtype, t_dtype, logprob)))
+
+    def knn(classes, n_roots, k, d, dtype):
+        emb = torch.empty(classes, d, dtype=dtype, device=meta)
+        roots = torch.empty(n_roots, dtype=torch.long, device=meta)
+        neighbors = torch.empty(n_roots, k, dtype=torch.long, device=meta)
+        ref = torch.empty(n_roots, k, device=meta)
+
+        def run():
+            kl, g, g_root = knn_subgraph_kl.knn_kl_forward_triton(emb, roots, neighbors, ref, 0.05)
+            knn_subgraph_kl.knn_kl_backward_triton(kl, emb, roots, neighbors, g, g_root)
+        return run
+
+    for classes, n_roots, k, d in ((1000, 200, 10, 512), (100000, 20000, 10, 512), (1000, 200, 10, 768),
+                                   (1000, 200, 20, 1024)):
+        for dtype in (f32, bf16):
+            cases.append(Case(f"knn_subgraph_kl {classes} classes {n_roots}x{k} d{d} {_name(dtype)}",
+                              knn(classes, n_roots, k, d, dtype)))
+    return cases
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+# ---------------------------------------------------------------- report
+
+def table(results: list[Compiled]) -> str:
+    """One line per distinct compiled kernel and arch, and the cases that failed."""
+    lines = [f"{'kernel':<26} {'arch':>5} {'warps':>5} {'regs':>4} {'spill B':>7} {'shared B':>8} {'occ':>4}  "
+             "constexprs; pointer types"]
+    distinct = {}
+    for r in results:
+        if r.kernel != "(launcher)":
+            distinct.setdefault((r.kernel, r.arch, json.dumps(r.constexprs, sort_keys=True), r.pointers), r)
+    for r in sorted(distinct.values(), key=lambda r: (r.kernel, r.arch, json.dumps(r.constexprs), r.pointers)):
+        consts = " ".join(f"{k}={v}" for k, v in r.constexprs.items())
+        lines.append(f"{r.kernel:<26} {'sm_' + str(r.arch):>5} {r.num_warps:>5} {r.registers:>4} {r.spill_bytes:>7} "
+                     f"{r.shared_bytes:>8} {r.occupancy:>4.0%}  {consts}; {r.pointers}")
+    for r in results:
+        for problem in r.problems:
+            lines.append(f"FAIL {r.case}: {r.kernel} sm_{r.arch}: {problem}")
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, results: list[Compiled], archs, seconds: float) -> None:
+    payload = {"archs": list(archs), "seconds": seconds, "triton": _triton_version(),
+               "ok": not any(r.problems for r in results), "kernels": [asdict(r) for r in results]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
+
+
+def main(argv=None) -> int:
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret (read when triton is imported)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", default=",".join(map(str, DEFAULT_ARCHS)),
+                        help="compute capabilities, e.g. 89,90 (RTX 4090, H100) or 80 (A100)")
+    parser.add_argument("--json", type=Path, help="also write every compiled kernel and its usage here")
+    parser.add_argument("-k", dest="select", default="", help="only the cases whose name contains this")
+    args = parser.parse_args(argv)
+    archs = [int(a.strip().replace(".", "")) for a in re.split(r"[,;]", args.archs) if a.strip()]
+    if not archs:
+        parser.error(f"--archs '{args.archs}' names no compute capability; e.g. --archs 89,90")
+    cases = [c for c in default_cases() if args.select in c.name]
+    if not cases:
+        parser.error(f"-k '{args.select}' matches no case")
+    t0 = time.perf_counter()
+    results = check(cases, archs)
+    seconds = time.perf_counter() - t0
+    print(table(results))
+    failed = sum(bool(r.problems) for r in results)
+    print(f"{len(cases)} cases, {len(results)} compiles for sm_{', sm_'.join(map(str, archs))} in {seconds:.1f} s "
+          f"(triton {_triton_version()}): {'all compile and fit' if not failed else f'{failed} FAILED'}")
+    if args.json:
+        _write_json(args.json, results, archs, seconds)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The ahead-of-time compile check (segpcl_fast.kernels.check_triton_build): every Triton kernel,
+as its launcher calls it, compiles for sm_89 and sm_90 and fits what a launch there allows.
+
+The compiles run in fresh processes: this pytest process runs the interpreter (conftest.py).
+About 45 s on 2 cores with an empty Triton cache, a few seconds with a warm one.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from segpcl_fast.ops._kernels import load_kernel
+
+pytest.importorskip("triton")
+check_build = load_kernel("check_triton_build")
+KERNEL_MODULES = ("pgd_step", "anchor_kl", "knn_subgraph_kl")
+
+
+def _compile_env():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _launched_kernels() -> set[str]:
+    """Every @lazy_jit function a module launches (`name[grid](...)`); helpers are only called."""
+    lazy_jit = load_kernel("_triton_utils").lazy_jit
+    names = set()
+    for module_name in KERNEL_MODULES:
+        module = load_kernel(module_name)
+        source = Path(module.__file__).read_text()
+        for name, value in vars(module).items():
+            jitted = isinstance(value, lazy_jit) or callable(getattr(value, "fn", None))  # bound after a launch
+            if jitted and re.search(rf"\b{re.escape(name)}\[", source):
+                names.add(name)
+    return names
+
+
+def test_every_kernel_compiles_and_fits_on_sm89_and_sm90(tmp_path):
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "segpcl_fast.kernels.check_triton_build", "--json", str(report)],
+                          env=_compile_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "all compile and fit" in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["ok"] and data["archs"] == [89, 90]
+    compiled = {(k["kernel"], k["arch"]) for k in data["kernels"]}
+    expected = _launched_kernels()
+    assert expected == {"_pgd_step_kernel", "_anchor_kl_kernel", "_anchor_kl_chunked_kernel",
+                        "_knn_kl_fwd_kernel", "_knn_kl_bwd_kernel"}
+    assert compiled == {(name, arch) for name in expected for arch in (89, 90)}
+    for k in data["kernels"]:
+        assert k["registers"] > 0 and k["num_warps"] in (1, 2, 4, 8, 16) and 0 < k["occupancy"] <= 1, k
+        assert not k["problems"], k
+    # the launchers' own choices reached the compiler: one-tile anchor_kl up to SINGLE_BLOCK_COLS, bf16 storage
+    widths = {k["constexprs"]["BLOCK_C"] for k in data["kernels"] if k["kernel"] == "_anchor_kl_kernel"}
+    assert max(widths) == load_kernel("anchor_kl").SINGLE_BLOCK_COLS
+    assert any(k["pointers"].startswith("bf16") for k in data["kernels"] if k["kernel"] == "_pgd_step_kernel")
+
+
+BROKEN = '''
+from __future__ import annotations
+import json, sys
+import torch
+from segpcl_fast.kernels._triton_utils import lazy_jit
+from segpcl_fast.kernels.check_triton_build import Case, check
+
+tl = None
+
+
+@lazy_jit
+def not_a_power_of_two(x_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs) * 2)
+
+
+@lazy_jit
+def big_tiles(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    m = tl.arange(0, BM)
+    n = tl.arange(0, BN)
+    k = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a = tl.load(a_ptr + m[:, None] * K + (k0 + k)[None, :])
+        b = tl.load(b_ptr + (k0 + k)[:, None] * BN + n[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + m[:, None] * BN + n[None, :], acc)
+
+
+def raises():
+    raise ValueError("bad sizes")
+
+
+meta = torch.device("meta")
+x = torch.empty(64, device=meta)
+a = torch.empty(128, 4096, dtype=torch.bfloat16, device=meta)
+b = torch.empty(4096, 128, dtype=torch.bfloat16, device=meta)
+c = torch.empty(128, 128, device=meta)
+results = check([
+    Case("ok", lambda: not_a_power_of_two[(1,)](x, BLOCK=64)),
+    Case("arange 48", lambda: not_a_power_of_two[(1,)](x, BLOCK=48)),
+    Case("128x128x128 bf16 tiles, 3 stages", lambda: big_tiles[(1,)](a, b, c, 4096, BM=128, BN=128, BK=128,
+                                                                       num_stages=3)),
+    Case("grid", lambda: not_a_power_of_two[(1, 70000)](x, BLOCK=64)),
+    Case("launcher", raises),
+])
+json.dump([[r.case, r.kernel, r.arch, r.shared_bytes, r.problems] for r in results], sys.stdout)
+'''
+
+
+def test_the_check_fails_what_a_launch_would_refuse(tmp_path):
+    """A compile error, shared memory over the 4090's 99 KiB (fits the H100's 227 KiB), a grid over
+    CUDA's 65535 on axis 1, and a launcher that raises: each is reported on its own case."""
+    script = tmp_path / "broken_kernels.py"  # Triton needs the kernels' source in a file
+    script.write_text(textwrap.dedent(BROKEN))
+    proc = subprocess.run([sys.executable, str(script)], env=_compile_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    problems = {}
+    for case, kernel, arch, shared, found in rows:
+        problems.setdefault(case, {})[arch] = (shared, found)
+    assert problems["ok"] == {89: (0, []), 90: (0, [])}
+    for arch in (89, 90):
+        assert problems["arange 48"][arch][1][0].startswith("does not compile"), problems["arange 48"]
+        assert any("grid axis 1 = 70000" in p for p in problems["grid"][arch][1]), problems["grid"]
+    shared_89, found_89 = problems["128x128x128 bf16 tiles, 3 stages"][89]
+    shared_90, found_90 = problems["128x128x128 bf16 tiles, 3 stages"][90]
+    assert shared_89 > 99 * 1024 and found_89 == [f"shared memory {shared_89} B > 101376 B per block on sm_89"]
+    assert 99 * 1024 < shared_90 <= 227 * 1024 and found_90 == []
+    assert problems["launcher"][0][1] == ["launcher raised ValueError: bad sizes"]
+
+
+@pytest.mark.parametrize("arch, warps, regs, shared, expected", [
+    (90, 4, 255, 1024, 8 / 64),   # 255 regs -> 8192 per warp: 2 blocks of 4 warps
+    (90, 4, 45, 16, 40 / 64),     # 45 -> 1536 per warp: 10 blocks
+    (89, 4, 45, 16, 40 / 48),     # the same block on a 4090 (48 warps per SM)
+    (89, 8, 32, 0, 48 / 48),      # warp-limited: 6 blocks of 8
+    (90, 4, 32, 100 * 1024, 8 / 64),  # shared-limited: 228 KiB / (100 KiB + 1 KiB) = 2 blocks
+    (90, 1, 16, 0, 32 / 64),      # block-limited: at most 32 blocks per SM
+])
+def test_occupancy_by_hand(arch, warps, regs, shared, expected):
+    assert check_build.occupancy(arch, warps, regs, shared) == pytest.approx(expected)
+
+
+def test_launch_problems_by_hand():
+    assert check_build.launch_problems(90, (10, 3), 4, 255, 227 * 1024) == []
+    assert check_build.launch_problems(89, (10,), 4, 32, 227 * 1024) == [
+        f"shared memory {227 * 1024} B > {99 * 1024} B per block on sm_89"]
+    assert check_build.launch_problems(90, (0,), 4, 32, 0) == ["grid axis 0 = 0 outside 1..2147483647"]
+    assert check_build.launch_problems(90, (1,), 32, 128, 0) == ["128 registers x 1024 threads > 65536 registers per block"]
