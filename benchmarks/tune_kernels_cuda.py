@@ -9,6 +9,14 @@ op must make (read z_S, read z_T, write the gradient) against the device-to-devi
 measured in the same run (benchmarks/conftest.py's measure_copy_bandwidth, as the pytest
 benchmarks do). The defaults in kernels/anchor_kl.py (SINGLE_BLOCK_COLS, CHUNK_COLS) should be
 set from this table.
+
+A second table sweeps the one-tile kernel's rows and warps per program at ACGD's widths (old
+classes: 10 ... 90 on CIFAR100's tasks, 200 on ImageNet-R / CUB, 1000, 4096), beside each
+variant's registers and theoretical occupancy as compiled for this GPU
+(segpcl_fast.kernels.check_triton_build). The launcher's default holds a 4096-element tile per
+program on 4 warps (32 elements a thread): 120-255 registers and 12-25 % occupancy on sm_90 by that
+check; whether more warps make it faster is what this table measures. The default rule in
+anchor_kl_triton should be set from it.
 """
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ import torch
 ROWS = 8192
 WIDTHS = (1000, 2048, 4096, 8000, 16000)
 CHUNKS = (512, 1024, 2048, 4096)
+TILE_WIDTHS = (10, 90, 200, 1000, 4096)
+TILE_WARPS = (4, 8, 16)
 
 
 def main():
@@ -42,6 +52,35 @@ def main():
                                          return_mode="median")
             gbs = moved / ms / 1e6
             print(f"| {width} | {name} | {ms:.4f} | {gbs:.0f} | {100 * gbs / bw:.0f}% |")
+    sweep_tile(k, bw)
+
+
+def sweep_tile(k, bw):
+    """The one-tile kernel at ACGD widths: rows x warps per program, time beside registers."""
+    import triton.testing
+
+    from segpcl_fast.ops._kernels import load_kernel
+    check_build = load_kernel("check_triton_build")
+    arch = int("".join(map(str, torch.cuda.get_device_capability())))
+    print(f"\none-tile anchor_kl, fp32, {ROWS} rows, tau 20: rows and warps per program (default marked *); "
+          f"registers and occupancy as compiled for sm_{arch}")
+    print("| width | rows | warps | ms | GB/s | % copy | regs | occupancy |\n|---|---|---|---|---|---|---|---|")
+    for width in TILE_WIDTHS:
+        student = 30 * torch.randn(ROWS, width, device="cuda")
+        teacher = student + 15 * torch.randn_like(student)
+        moved = 3 * ROWS * width * 4
+        default_rows = k.tile_rows(ROWS, width)
+        default_warps = k.tile_warps(default_rows, width)
+        for rows in sorted({max(1, default_rows // 2), default_rows, default_rows * 2}):
+            for warps in TILE_WARPS:
+                def run(rows=rows, warps=warps):
+                    return k.anchor_kl_triton(student, teacher, 20.0, rows=rows, num_warps=warps)
+                (compiled,) = check_build.check([check_build.Case("tile", run)], [arch])
+                ms = triton.testing.do_bench(run, return_mode="median")
+                gbs = moved / ms / 1e6
+                mark = "*" if (rows, warps) == (default_rows, default_warps) else ""
+                print(f"| {width} | {rows}{mark} | {warps}{mark} | {ms:.4f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | "
+                      f"{compiled.registers} | {compiled.occupancy:.0%} |")
 
 
 if __name__ == "__main__":

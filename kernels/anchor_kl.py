@@ -191,13 +191,25 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
         tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
+def tile_rows(n_rows: int, n_cols: int) -> int:
+    """Rows per program of the one-tile kernel: a tile of about 4096 elements (few, large programs
+    under the interpreter)."""
+    return rows_per_program(n_rows, next_pow2(n_cols), gpu_tile_elems=4096)
+
+
+def tile_warps(rows: int, n_cols: int) -> int:
+    """Warps per program of the one-tile kernel: 4 up to 4096 elements a tile, else 8."""
+    return 4 if rows * next_pow2(n_cols) <= 4096 else 8
+
+
 def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
                      teacher_is_logprob: bool = False, rows: int | None = None,
-                     chunk_cols: int | None = None):
+                     chunk_cols: int | None = None, num_warps: int | None = None):
     """Launch a kernel: (kl_rows fp32 (A,), dkl_dz (A, C) in z_S's dtype).
 
     Rows up to SINGLE_BLOCK_COLS wide run as one tile each, wider ones in chunks of CHUNK_COLS;
-    `chunk_cols` (a power of two) forces the chunked kernel with that chunk (tests, tuning).
+    `chunk_cols` (a power of two) forces the chunked kernel with that chunk, `rows` the rows per
+    program and `num_warps` the warps per program (tests, tuning: benchmarks/tune_kernels_cuda.py).
     """
     check_can_run("anchor_kl", student_logits, teacher)
     n_rows, n_cols = student_logits.shape
@@ -209,11 +221,13 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
         return kl.zero_(), dz.to(zs.dtype)
     if chunk_cols is None and next_pow2(n_cols) <= SINGLE_BLOCK_COLS:
         block_c = next_pow2(n_cols)
-        rows = rows or rows_per_program(n_rows, block_c, gpu_tile_elems=4096)
+        rows = rows or tile_rows(n_rows, n_cols)
+        if rows != next_pow2(rows):
+            raise ValueError(f"anchor_kl: rows per program must be a power of two, got {rows}")
         _anchor_kl_kernel[(cdiv(n_rows, rows),)](
             zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
             TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
-            num_warps=4 if rows * block_c <= 4096 else 8)
+            num_warps=num_warps or tile_warps(rows, n_cols))
     else:
         block_c = chunk_cols or CHUNK_COLS
         if block_c != next_pow2(block_c):
@@ -221,7 +235,7 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
         rows = rows or rows_per_program(n_rows, n_cols, gpu_tile_elems=1)  # one row per program on a GPU
         _anchor_kl_chunked_kernel[(cdiv(n_rows, rows),)](
             zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
-            TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c, num_warps=4)
+            TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c, num_warps=num_warps or 4)
     return kl, dz.to(zs.dtype)
 
 

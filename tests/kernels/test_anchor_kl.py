@@ -125,6 +125,28 @@ def test_chunked_kernel_keeps_precision_at_large_logits(teacher_is_logprob, devi
         torch.testing.assert_close(kl_rows.double(), exact, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("rows_per_program,num_warps", [(1, 2), (2, 8), (8, 16)])
+@pytest.mark.parametrize("teacher_is_logprob", [False, True])
+def test_one_tile_kernel_knobs_keep_the_result(rows_per_program, num_warps, teacher_is_logprob, device, monkeypatch):
+    """Rows and warps per program (benchmarks/tune_kernels_cuda.py sweeps them) change the launch,
+    not the values: 7 rows (a ragged last program) x 300 classes against the reference."""
+    student, teacher = _logits(7, 300, torch.float32, device, seed=11)
+    if teacher_is_logprob:
+        teacher = F.log_softmax(teacher / TAU, dim=-1)
+    launches = _count_launches(monkeypatch, "_anchor_kl_kernel")
+    kl_rows, dkl = kernel.anchor_kl_triton(student, teacher, TAU, teacher_is_logprob, rows=rows_per_program,
+                                           num_warps=num_warps)
+    assert launches == [(-(-7 // rows_per_program),)]
+    ref = student.detach().requires_grad_(True)
+    log_p_t = teacher if teacher_is_logprob else F.log_softmax(teacher / TAU, -1)
+    ref_rows = (log_p_t.exp() * (log_p_t - F.log_softmax(ref / TAU, -1))).sum(-1)
+    (ref_grad,) = torch.autograd.grad(ref_rows.sum(), ref)
+    torch.testing.assert_close(kl_rows, ref_rows.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dkl, ref_grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="rows per program must be a power of two, got 3"):
+        kernel.anchor_kl_triton(student, teacher, TAU, teacher_is_logprob, rows=3)
+
+
 def test_reference_equals_torch_kl_div():
     student, teacher = _logits(16, 50, torch.float32, "cpu", seed=1)
     peer = TAU ** 2 * F.kl_div(F.log_softmax(student / TAU, -1), F.log_softmax(teacher / TAU, -1),

@@ -136,6 +136,34 @@ def test_the_check_fails_what_a_launch_would_refuse(tmp_path):
     assert problems["launcher"][0][1] == ["launcher raised ValueError: bad sizes"]
 
 
+KNOBS = '''
+import json, sys
+import torch
+from segpcl_fast.kernels import anchor_kl
+from segpcl_fast.kernels.check_triton_build import Case, check
+
+z = torch.empty(8192, 1000, device="meta")
+cases = [Case(str(w), lambda w=w: anchor_kl.anchor_kl_triton(z, z, 20.0, num_warps=w)) for w in (None, 8, 16)]
+json.dump([[r.case, r.num_warps, r.constexprs["ROWS"], r.registers, r.occupancy] for r in check(cases, [90])],
+          sys.stdout)
+'''
+
+
+def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
+    """num_warps (swept by benchmarks/tune_kernels_cuda.py) is what gets compiled: the default 4
+    warps hold 32 elements of the 4 x 1024 tile a thread; 8 and 16 warps fewer, so fewer registers."""
+    script = tmp_path / "knobs.py"
+    script.write_text(KNOBS)
+    proc = subprocess.run([sys.executable, str(script)], env=_compile_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {case: rest for case, *rest in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert [rows[c][:2] for c in ("None", "8", "16")] == [[4, 4], [8, 4], [16, 4]]
+    regs = [rows[c][2] for c in ("None", "8", "16")]
+    occupancy = [rows[c][3] for c in ("None", "8", "16")]
+    assert regs[0] > regs[1] > regs[2] and occupancy[0] < occupancy[1] <= occupancy[2], rows
+
+
 @pytest.mark.parametrize("arch, warps, regs, shared, expected", [
     (90, 4, 255, 1024, 8 / 64),   # 255 regs -> 8192 per warp: 2 blocks of 4 warps
     (90, 4, 45, 16, 40 / 64),     # 45 -> 1536 per warp: 10 blocks
