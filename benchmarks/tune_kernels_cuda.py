@@ -75,12 +75,15 @@ def sweep_tile(k, bw):
             for warps in TILE_WARPS:
                 def run(rows=rows, warps=warps):
                     return k.anchor_kl_triton(student, teacher, 20.0, rows=rows, num_warps=warps)
-                (compiled,) = check_build.check([check_build.Case("tile", run)], [arch])
+                try:  # Triton internals (check_triton_build's binder): a failure costs the columns, not the row
+                    (compiled,) = check_build.check([check_build.Case("tile", run)], [arch])
+                    usage = f"{compiled.registers} | {compiled.occupancy:.0%}"
+                except Exception as exc:  # noqa: BLE001
+                    usage = f"n/a ({type(exc).__name__}) | n/a"
                 ms = triton.testing.do_bench(run, return_mode="median")
                 gbs = moved / ms / 1e6
                 mark = "*" if (rows, warps) == (default_rows, default_warps) else ""
-                print(f"| {width} | {rows}{mark} | {warps}{mark} | {ms:.4f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | "
-                      f"{compiled.registers} | {compiled.occupancy:.0%} |")
+                print(f"| {width} | {rows}{mark} | {warps}{mark} | {ms:.4f} | {gbs:.0f} | {100 * gbs / bw:.0f}% | {usage} |")
 
 
 if __name__ == "__main__":
