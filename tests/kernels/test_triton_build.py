@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from segpcl_fast.ops._kernels import load_kernel
 
@@ -182,3 +183,40 @@ def test_launch_problems_by_hand():
         f"shared memory {227 * 1024} B > {99 * 1024} B per block on sm_89"]
     assert check_build.launch_problems(90, (0,), 4, 32, 0) == ["grid axis 0 = 0 outside 1..2147483647"]
     assert check_build.launch_problems(90, (1,), 32, 128, 0) == ["128 registers x 1024 threads > 65536 registers per block"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("0", "") or not torch.cuda.is_available(),
+                    reason="needs a CUDA device and TRITON_INTERPRET=0 (benchmarks/gpu_suite.sh's kernels step)")
+def test_static_usage_equals_the_loaded_kernels():
+    """On a GPU: what the check reads off the cubin (registers, spills, shared memory) is what the
+    driver reports for the same kernels launched for real on this device."""
+    from triton.runtime.jit import JITFunction
+
+    arch = int("".join(map(str, torch.cuda.get_device_capability())))
+    z = torch.randn(512, 1000, device="cuda")
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    params = [torch.full((3,), 0.1, device="cuda") for _ in range(4)]
+    launchers = [lambda: load_kernel("anchor_kl").anchor_kl_triton(z, z + 1, 20.0),
+                 lambda: load_kernel("anchor_kl").anchor_kl_triton(z, z + 1, 20.0, chunk_cols=256),
+                 lambda: load_kernel("pgd_step").pgd_step_triton(x, x, x, *params)]
+    static = check_build.check([check_build.Case(str(i), run) for i, run in enumerate(launchers)], [arch])
+    loaded = []
+    real_run = JITFunction.run
+
+    def keep(self, *args, **kwargs):
+        kernel = real_run(self, *args, **kwargs)
+        loaded.append(kernel)
+        return kernel
+
+    JITFunction.run = keep
+    try:
+        for run in launchers:
+            run()
+        torch.cuda.synchronize()
+    finally:
+        JITFunction.run = real_run
+    assert [s.kernel for s in static] == [k.name for k in loaded]
+    for s, k in zip(static, loaded):
+        # Triton's n_spills is the driver's local memory per thread in 4-byte words
+        assert (s.registers, s.spill_bytes, s.shared_bytes) == (k.n_regs, 4 * k.n_spills, k.metadata.shared), s.kernel
