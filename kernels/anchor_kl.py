@@ -212,6 +212,9 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
     program and `num_warps` the warps per program (tests, tuning: benchmarks/tune_kernels_cuda.py).
     """
     check_can_run("anchor_kl", student_logits, teacher)
+    for name, value in (("rows", rows), ("chunk_cols", chunk_cols), ("num_warps", num_warps)):
+        if value is not None and (value < 1 or value != next_pow2(value)):
+            raise ValueError(f"anchor_kl: {name} must be a power of two >= 1 (or None for the default), got {value}")
     n_rows, n_cols = student_logits.shape
     zs = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
     zt = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
@@ -222,16 +225,12 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
     if chunk_cols is None and next_pow2(n_cols) <= SINGLE_BLOCK_COLS:
         block_c = next_pow2(n_cols)
         rows = rows or tile_rows(n_rows, n_cols)
-        if rows != next_pow2(rows):
-            raise ValueError(f"anchor_kl: rows per program must be a power of two, got {rows}")
         _anchor_kl_kernel[(cdiv(n_rows, rows),)](
             zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
             TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
             num_warps=num_warps or tile_warps(rows, n_cols))
     else:
         block_c = chunk_cols or CHUNK_COLS
-        if block_c != next_pow2(block_c):
-            raise ValueError(f"anchor_kl: chunk_cols must be a power of two, got {block_c}")
         rows = rows or rows_per_program(n_rows, n_cols, gpu_tile_elems=1)  # one row per program on a GPU
         _anchor_kl_chunked_kernel[(cdiv(n_rows, rows),)](
             zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),

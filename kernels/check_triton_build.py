@@ -17,15 +17,19 @@ memory from Triton's metadata, and checked against what would make its launch fa
 - a grid over CUDA's limits (2^31 - 1 programs on axis 0, 65535 on axes 1 and 2).
 
 Spilled bytes are reported, not failed (a spill is slow, not wrong). Exit status 0 only when every
-kernel compiles and fits on every arch. Binding goes through Triton's internal
-`create_function_from_signature` and `JITFunction._pack_args` (Triton 3.x, checked on 3.8); the
-command line compiles, never interprets: it sets TRITON_INTERPRET=0 for its own process; `check()`
-refuses to run in a process that imported triton in interpreter mode (run it in a fresh one).
+kernel compiles and fits on every arch. Archs with a row of limits: sm_80, sm_86, sm_89, sm_90;
+any other is refused, not guessed. Binding goes through Triton's internal
+`create_function_from_signature` and `JITFunction._pack_args` (Triton 3.x, checked on 3.8;
+`binder_available()` says when they differ). Meta tensors keep their storage offsets, so a view's
+alignment specialises as on a GPU. The command line compiles, never interprets: it sets
+TRITON_INTERPRET=0 for its own process; `check()` refuses while TRITON_INTERPRET=1 is set (triton
+interprets once imported so): run it in a fresh process.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -42,7 +46,6 @@ import torch
 from . import _triton_utils
 
 
-
 @dataclass(frozen=True)
 class SM:
     """Per-arch limits (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability")."""
@@ -56,7 +59,9 @@ SMS = {80: SM(163 * 1024, 164 * 1024, 64, 32), 86: SM(99 * 1024, 100 * 1024, 48,
        89: SM(99 * 1024, 100 * 1024, 48, 24), 90: SM(227 * 1024, 228 * 1024, 64, 32)}
 REGISTER_FILE = 64 * 1024  # per SM, and the most one block may use
 REG_ALLOC_UNIT = 256  # registers are given to a warp in units of 256
+SUB_PARTITIONS = 4  # an SM's register file is split between 4 sub-partitions (warp schedulers)
 SHARED_RESERVED_PER_BLOCK = 1024  # the system's share of each block's shared memory (sm_80 and later)
+SHARED_ALLOC_UNIT = 128
 MAX_GRID = (2**31 - 1, 65535, 65535)
 DEFAULT_ARCHS = (89, 90)  # RTX 4090 (the 2x4090 preset), H100 / H200
 
@@ -117,9 +122,10 @@ def resource_usage(cubin: bytes, kernel: str) -> dict[str, int]:
 
 def launch_problems(arch: int, grid: tuple, num_warps: int, registers: int, shared: int) -> list[str]:
     """What makes a launch of this compiled kernel fail on `arch` (empty when it fits)."""
+    sm = sm_limits(arch)
     problems = []
-    if arch in SMS and shared > SMS[arch].shared_per_block:
-        problems.append(f"shared memory {shared} B > {SMS[arch].shared_per_block} B per block on sm_{arch}")
+    if shared > sm.shared_per_block:
+        problems.append(f"shared memory {shared} B > {sm.shared_per_block} B per block on sm_{arch}")
     threads = num_warps * 32
     if registers * threads > REGISTER_FILE:
         problems.append(f"{registers} registers x {threads} threads > {REGISTER_FILE} registers per block")
@@ -129,84 +135,126 @@ def launch_problems(arch: int, grid: tuple, num_warps: int, registers: int, shar
     return problems
 
 
+def sm_limits(arch: int) -> SM:
+    """The per-SM limits of `arch`; an arch without a row is an error, never a guess."""
+    if arch not in SMS:
+        raise ValueError(f"no SM limits for sm_{arch}; known: {', '.join(f'sm_{a}' for a in sorted(SMS))} "
+                         "(add a row to SMS from the CUDA C++ Programming Guide's table)")
+    return SMS[arch]
+
+
 def occupancy(arch: int, num_warps: int, registers: int, shared: int) -> float:
-    """Theoretical occupancy: resident warps per SM over the arch's most (0 where a block does not fit)."""
-    sm = SMS.get(arch)
-    if sm is None or num_warps < 1:
+    """Theoretical occupancy: resident warps per SM over the arch's most, as the CUDA occupancy
+    calculator counts them (registers per warp in units of 256 within each of the 4 SM
+    sub-partitions, shared memory with the 1 KiB system share in units of 128 B); 0 where a block
+    does not fit."""
+    sm = sm_limits(arch)
+    if num_warps < 1:
         return 0.0
-    regs_per_warp = -(-max(registers, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
-    blocks = min(sm.blocks_per_sm, sm.warps_per_sm // num_warps, REGISTER_FILE // (regs_per_warp * num_warps))
+    regs_per_warp = _round_up(max(registers, 1) * 32, REG_ALLOC_UNIT)
+    warps_by_registers = (REGISTER_FILE // SUB_PARTITIONS // regs_per_warp) * SUB_PARTITIONS
+    blocks = min(sm.blocks_per_sm, sm.warps_per_sm // num_warps, warps_by_registers // num_warps)
     if shared > 0:
-        blocks = min(blocks, sm.shared_per_sm // (shared + SHARED_RESERVED_PER_BLOCK))
+        blocks = min(blocks, sm.shared_per_sm // _round_up(shared + SHARED_RESERVED_PER_BLOCK, SHARED_ALLOC_UNIT))
     return blocks * num_warps / sm.warps_per_sm
 
 
-def _compile_launch(case: str, jit, targets, grid, args, kwargs) -> list[Compiled]:
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+def binder_available() -> str | None:
+    """None when this Triton has the internals the check binds arguments with, else why not."""
+    try:
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+    except ImportError as exc:
+        return f"triton {_triton_version()} has no triton.runtime.jit.create_function_from_signature ({exc})"
+    params = list(inspect.signature(create_function_from_signature).parameters)
+    if params[:3] != ["sig", "kparams", "backend"] or not hasattr(JITFunction, "_pack_args"):
+        return (f"triton {_triton_version()}: create_function_from_signature{tuple(params)} / "
+                "JITFunction._pack_args differ from Triton 3.x's (checked on 3.8)")
+    return None
+
+
+def _launch_options(jit, kwargs: dict) -> dict:
+    """The options a real launch adds to the call (JITFunction.run): debug, instrumentation."""
+    from triton import knobs
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", jit.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    return kwargs
+
+
+def _compile(case: str, jit, target, grid: tuple, bound, specialization, options, kwargs) -> Compiled:
     import triton
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
-    results = []
-    for target in targets:
-        t0 = time.perf_counter()
-        backend = make_backend(target)
-        binder = create_function_from_signature(jit.signature, jit.params, backend)
-        bound, specialization, options = binder(*args, **kwargs)
-        grid_now = tuple(grid(bound) if callable(grid) else grid)
-        options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
-        names = {path: jit.arg_names[path[0]] for path in constexprs}
-        record = Compiled(case=case, kernel=jit.fn.__name__, arch=target.arch, grid=grid_now,
-                          constexprs={names[p]: v for p, v in constexprs.items()},
-                          pointers=",".join(t[1:] for t in signature.values() if t.startswith("*")))
-        try:
-            kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
-                                    options=options.__dict__)
-            usage = resource_usage(kernel.asm["cubin"], kernel.metadata.name)
-            record.num_warps = kernel.metadata.num_warps
-            record.registers, record.spill_bytes = usage.get("REG", 0), usage.get("LOCAL", 0)
-            record.stack_bytes, record.shared_bytes = usage.get("STACK", 0), kernel.metadata.shared
-            record.problems = launch_problems(target.arch, grid_now, record.num_warps, record.registers,
-                                              record.shared_bytes)
-            record.occupancy = occupancy(target.arch, record.num_warps, record.registers, record.shared_bytes)
-        except Exception as exc:  # noqa: BLE001 - a compile error is the finding, reported per kernel
-            first = str(exc).strip().splitlines()
-            record.problems = [f"does not compile: {type(exc).__name__}: {first[-1] if first else ''}"]
-        record.seconds = time.perf_counter() - t0
-        results.append(record)
-    return results
+    t0 = time.perf_counter()
+    backend = make_backend(target)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    names = {path: jit.arg_names[path[0]] for path in constexprs}
+    record = Compiled(case=case, kernel=jit.fn.__name__, arch=target.arch, grid=grid,
+                      constexprs={names[p]: v for p, v in constexprs.items()},
+                      pointers=",".join(t[1:] for t in signature.values() if t.startswith("*")))
+    try:
+        kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__)
+        usage = resource_usage(kernel.asm["cubin"], kernel.metadata.name)
+        record.num_warps = kernel.metadata.num_warps
+        record.registers, record.spill_bytes = usage.get("REG", 0), usage.get("LOCAL", 0)
+        record.stack_bytes, record.shared_bytes = usage.get("STACK", 0), kernel.metadata.shared
+        record.problems = launch_problems(target.arch, grid, record.num_warps, record.registers, record.shared_bytes)
+        record.occupancy = occupancy(target.arch, record.num_warps, record.registers, record.shared_bytes)
+    except Exception as exc:  # noqa: BLE001 - a compile error is the finding, reported per kernel
+        first = str(exc).strip().splitlines()
+        record.problems = [f"does not compile: {type(exc).__name__}: {first[-1] if first else ''}"]
+    record.seconds = time.perf_counter() - t0
+    return record
 
 
 class Recorder:
     """What `compile_instead_of_launch` yields: set `case` before a launcher runs; `results` holds
-    one Compiled per distinct specialisation and arch (a repeated launch is compiled once)."""
+    one Compiled per distinct specialisation and arch. Two launches are the same compile when
+    Triton's own binder gives the same specialisation (constexpr values, dtypes, 16-byte
+    alignment, integer widths) and options (num_warps, ...) for the same kernel and grid."""
 
     def __init__(self, archs: Iterable[int]):
+        archs = tuple(archs)
+        for arch in archs:
+            sm_limits(arch)
         self.targets = _targets(archs)
         self.case = ""
         self.results: list[Compiled] = []
         self._seen: set[tuple] = set()
 
     def launch(self, jit, grid, args, kwargs) -> None:
-        key = (jit.fn.__qualname__, repr(grid), tuple(_spec_key(a) for a in args), repr(sorted(kwargs.items())))
-        if key not in self._seen:
-            self._seen.add(key)
-            self.results += _compile_launch(self.case, jit, self.targets, grid, args, kwargs)
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
 
-
-def _spec_key(arg):
-    """What of an argument can change the compiled specialisation (tensor dtype, int value)."""
-    if isinstance(arg, torch.Tensor):
-        return ("tensor", str(arg.dtype))
-    return (type(arg).__name__, arg if isinstance(arg, (int, bool)) else None)
+        kwargs = _launch_options(jit, kwargs)
+        for target in self.targets:
+            binder = create_function_from_signature(jit.signature, jit.params, make_backend(target))
+            bound, specialization, options = binder(*args, **kwargs)
+            grid_now = tuple(grid(bound) if callable(grid) else grid)
+            key = (id(jit), target.arch, repr(specialization), repr(sorted(options.items())), grid_now)
+            if key not in self._seen:
+                self._seen.add(key)
+                self.results.append(_compile(self.case, jit, target, grid_now, bound, specialization, options,
+                                             kwargs))
 
 
 @contextlib.contextmanager
 def compile_instead_of_launch(archs: Iterable[int]) -> Iterator[Recorder]:
     """Within the block a Triton launch compiles for each arch instead of running, and the
-    launchers accept meta tensors (no data is touched)."""
+    launchers accept meta tensors (no data is touched). It patches triton's JITFunction.run and
+    _triton_utils.can_run_triton for the whole process (restored on exit): not for use while
+    another thread launches kernels. Interpreter mode is read from TRITON_INTERPRET, as
+    _triton_utils does: a process that imported triton interpreted must not clear it and call this."""
     if _triton_utils.interpret_mode():
         raise RuntimeError("check_triton_build compiles kernels, but TRITON_INTERPRET=1 is set in this process "
                            "(triton interprets once imported): run the check in a fresh process")
+    missing = binder_available()
+    if missing is not None:
+        raise RuntimeError(f"check_triton_build cannot bind kernel arguments: {missing}")
     from triton.runtime.jit import JITFunction
 
     recorder = Recorder(archs)
@@ -299,8 +347,10 @@ def table(results: list[Compiled]) -> str:
     distinct = {}
     for r in results:
         if r.kernel != "(launcher)":
-            distinct.setdefault((r.kernel, r.arch, json.dumps(r.constexprs, sort_keys=True), r.pointers), r)
-    for r in sorted(distinct.values(), key=lambda r: (r.kernel, r.arch, json.dumps(r.constexprs), r.pointers)):
+            distinct.setdefault((r.kernel, r.arch, json.dumps(r.constexprs, sort_keys=True), r.pointers, r.num_warps,
+                                 r.registers), r)
+    for r in sorted(distinct.values(), key=lambda r: (r.kernel, r.arch, json.dumps(r.constexprs), r.pointers,
+                                                      r.num_warps)):
         consts = " ".join(f"{k}={v}" for k, v in r.constexprs.items())
         lines.append(f"{r.kernel:<26} {'sm_' + str(r.arch):>5} {r.num_warps:>5} {r.registers:>4} {r.spill_bytes:>7} "
                      f"{r.shared_bytes:>8} {r.occupancy:>4.0%}  {consts}; {r.pointers}")
@@ -332,9 +382,18 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write every compiled kernel and its usage here")
     parser.add_argument("-k", dest="select", default="", help="only the cases whose name contains this")
     args = parser.parse_args(argv)
-    archs = [int(a.strip().replace(".", "")) for a in re.split(r"[,;]", args.archs) if a.strip()]
-    if not archs:
-        parser.error(f"--archs '{args.archs}' names no compute capability; e.g. --archs 89,90")
+    archs = [int(a.strip().replace(".", "")) for a in re.split(r"[,;]", args.archs) if a.strip().replace(".", "").isdigit()]
+    if not archs or len(archs) != len([a for a in re.split(r"[,;]", args.archs) if a.strip()]):
+        parser.error(f"--archs '{args.archs}' is not a list of compute capabilities; e.g. --archs 89,90")
+    for arch in archs:
+        try:
+            sm_limits(arch)
+        except ValueError as exc:
+            parser.error(str(exc))
+    missing = binder_available()
+    if missing is not None:
+        print(f"check_triton_build: cannot bind kernel arguments on this Triton: {missing}", file=sys.stderr)
+        return 2
     cases = [c for c in default_cases() if args.select in c.name]
     if not cases:
         parser.error(f"-k '{args.select}' matches no case")

@@ -73,7 +73,9 @@ def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
     When B needs no gradient (evaluation, prototypes, the frozen teacher in DPGD), u is never
     needed: y is one F.linear with the merged weight, and autograd (grad_x = g (W + s B A) for
-    DPGD) saves no activation at all."""
+    DPGD) saves no activation at all; where x needs a gradient it keeps that merged (out x in)
+    weight until backward instead, one per layer. W, b and A are frozen by contract: this branch
+    would also pass gradients to them if they required one (the other paths return None)."""
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])  # then autocast is a no-op
     _check_args(x, weight, bias, lora_A, lora_B)
     if not _needs_grad_B(lora_B):
@@ -105,6 +107,7 @@ def _check_args(x, weight, bias, lora_A, lora_B) -> None:
             if t is not None and (t.dtype != x.dtype or t.device != x.device):
                 problem = (f"all tensors must share x's dtype {x.dtype} and device {x.device}, got {t.dtype} on "
                            f"{t.device} (cast the weights, or run under autocast)")
+                break
     if problem is not None:
         raise RuntimeError(f"lora_b_linear: {problem}")
 

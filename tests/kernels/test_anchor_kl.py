@@ -143,8 +143,12 @@ def test_one_tile_kernel_knobs_keep_the_result(rows_per_program, num_warps, teac
     (ref_grad,) = torch.autograd.grad(ref_rows.sum(), ref)
     torch.testing.assert_close(kl_rows, ref_rows.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dkl, ref_grad, rtol=1e-4, atol=1e-7)
-    with pytest.raises(ValueError, match="rows per program must be a power of two, got 3"):
-        kernel.anchor_kl_triton(student, teacher, TAU, teacher_is_logprob, rows=3)
+    for knob, bad in [("rows", 3), ("rows", 0), ("num_warps", 6), ("num_warps", 0), ("chunk_cols", 24)]:
+        for chunked in (None, 64):  # both kernels refuse, before any launch
+            knobs = {"chunk_cols": chunked, knob: bad}
+            with pytest.raises(ValueError, match=f"{knob} must be a power of two >= 1 .* got {bad}"):
+                kernel.anchor_kl_triton(student, teacher, TAU, teacher_is_logprob, **knobs)
+    assert len(launches) == 1
 
 
 def test_reference_equals_torch_kl_div():

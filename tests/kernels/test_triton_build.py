@@ -19,6 +19,8 @@ from segpcl_fast.ops._kernels import load_kernel
 
 pytest.importorskip("triton")
 check_build = load_kernel("check_triton_build")
+needs_binder = pytest.mark.skipif(check_build.binder_available() is not None,
+                                  reason=f"{check_build.binder_available()}: the check cannot bind arguments")
 KERNEL_MODULES = ("pgd_step", "anchor_kl", "knn_subgraph_kl")
 
 
@@ -42,6 +44,7 @@ def _launched_kernels() -> set[str]:
     return names
 
 
+@needs_binder
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine compiles and runs every kernel in the cuda "
                     "tests; this 45 s CPU-side check would only spend device time there")
 def test_every_kernel_compiles_and_fits_on_sm89_and_sm90(tmp_path):
@@ -116,6 +119,7 @@ json.dump([[r.case, r.kernel, r.arch, r.shared_bytes, r.problems] for r in resul
 '''
 
 
+@needs_binder
 def test_the_check_fails_what_a_launch_would_refuse(tmp_path):
     """A compile error, shared memory over the 4090's 99 KiB (fits the H100's 227 KiB), a grid over
     CUDA's 65535 on axis 1, and a launcher that raises: each is reported on its own case."""
@@ -152,6 +156,7 @@ json.dump([[r.case, r.num_warps, r.constexprs["ROWS"], r.registers, r.occupancy]
 '''
 
 
+@needs_binder
 def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
     """num_warps (swept by benchmarks/tune_kernels_cuda.py) is what gets compiled: the default 4
     warps hold 32 elements of the 4 x 1024 tile a thread; 8 and 16 warps fewer, so fewer registers."""
@@ -174,9 +179,21 @@ def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
     (89, 8, 32, 0, 48 / 48),      # warp-limited: 6 blocks of 8
     (90, 4, 32, 100 * 1024, 8 / 64),  # shared-limited: 228 KiB / (100 KiB + 1 KiB) = 2 blocks
     (90, 1, 16, 0, 32 / 64),      # block-limited: at most 32 blocks per SM
+    (89, 2, 192, 0, 8 / 48),      # 6144 per warp: 2 warps in each 16384-register sub-partition, 4 blocks
+    (90, 4, 32, 99 * 1024 + 1, 8 / 64),  # 101377 + 1024 rounds up to 102528 B: 2 blocks in 228 KiB
 ])
 def test_occupancy_by_hand(arch, warps, regs, shared, expected):
     assert check_build.occupancy(arch, warps, regs, shared) == pytest.approx(expected)
+
+
+def test_an_arch_without_limits_is_refused_not_guessed():
+    with pytest.raises(ValueError, match="no SM limits for sm_75; known: sm_80, sm_86, sm_89, sm_90"):
+        check_build.occupancy(75, 4, 32, 0)
+    with pytest.raises(ValueError, match="no SM limits for sm_120"):
+        check_build.launch_problems(120, (1,), 4, 32, 0)
+    proc = subprocess.run([sys.executable, "-m", "segpcl_fast.kernels.check_triton_build", "--archs", "89,100"],
+                          env=_compile_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "no SM limits for sm_100" in proc.stderr
 
 
 def test_launch_problems_by_hand():
@@ -187,6 +204,7 @@ def test_launch_problems_by_hand():
     assert check_build.launch_problems(90, (1,), 32, 128, 0) == ["128 registers x 1024 threads > 65536 registers per block"]
 
 
+@needs_binder
 @pytest.mark.gpu
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("0", "") or not torch.cuda.is_available(),
                     reason="needs a CUDA device and TRITON_INTERPRET=0 (benchmarks/gpu_suite.sh's kernels step)")
