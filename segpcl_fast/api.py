@@ -44,12 +44,22 @@ def train(config: ConfigLike = None, **overrides: Any):
     return Trainer(cfg).run()
 
 
-def evaluate(run_dir: Union[str, os.PathLike]) -> dict:
+# what evaluate() may change about how a run is evaluated (nothing that changes the model or the data)
+EVALUATE_OVERRIDABLE = ("run.device", "run.ops", "run.compile", "run.num_threads", "run.progress",
+                        "eval.batch_size", "data.num_workers")
+
+
+def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]] = None, **kwargs: Any) -> dict:
     """Re-evaluate a finished (or interrupted) run from its last checkpoint.
 
     Returns {"task": last finished task (1-based), "acc_per_task_j": [...], "acc": accuracy on all
     seen test images} computed now, with the dual-path logits of the checkpointed state.
+    `overrides` ("run.ops=cpp") and kwargs (run__device="cuda") may set how it runs: the keys in
+    EVALUATE_OVERRIDABLE (device, ops backend, compile, threads, batch size, loader workers).
+
+        segpcl_fast.evaluate("runs/default", run__ops="reference")
     """
+    from .config import kwargs_to_overrides
     from .engine import checkpoint as ckpt
     from .engine.trainer import Trainer
     from .metrics import percent
@@ -57,7 +67,15 @@ def evaluate(run_dir: Union[str, os.PathLike]) -> dict:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found: evaluate() takes the output_dir of a train() run")
+    strings, keyed = list(overrides or []), kwargs_to_overrides(kwargs)
+    for key in [change.split("=", 1)[0].strip() for change in strings] + list(keyed):
+        if key not in EVALUATE_OVERRIDABLE:
+            raise ConfigError(f"evaluate() cannot override '{key}': it would not be the run that was trained; "
+                              f"it can set {', '.join(EVALUATE_OVERRIDABLE)}")
     cfg = load_config(cfg_path)
+    for changes in (strings, keyed):
+        if changes:
+            cfg = apply_overrides(cfg, changes)
     last = ckpt.find_last_checkpoint(run_dir)
     if last is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")

@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .api import evaluate
-    out = evaluate(args.run_dir)
+    out = evaluate(args.run_dir, args.overrides)
     accs = "  ".join(f"{a:.1f}" for a in out["acc_per_task_j"])
     print(f"after task {out['task']}: acc on seen classes {out['acc']:.2f}%  per task: {accs}")
     return 0
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("evaluate", help="re-evaluate a run directory from its last checkpoint")
     p.add_argument("run_dir")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="how to evaluate: run.device, run.ops, run.compile, run.num_threads, eval.batch_size, "
+                        "data.num_workers (e.g. --set run.device=cuda)")
     p.set_defaults(func=cmd_evaluate)
     _add_analysis_parsers(sub)
     _add_profile_parser(sub)

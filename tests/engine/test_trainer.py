@@ -67,6 +67,33 @@ def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch)
     assert resumed.accuracy_matrix_own == full.accuracy_matrix_own
 
 
+def test_evaluate_reproduces_the_run_on_any_ops_path_and_refuses_other_keys(tiny_model_name, tmp_path, capsys):
+    """evaluate(run_dir) gives the run's last accuracy row; how it runs (ops backend, batch size)
+    may change, what was trained may not."""
+    from segpcl_fast import ops as fused_ops
+    from segpcl_fast.api import evaluate
+    from segpcl_fast.cli import main
+    from segpcl_fast.ops.lora_linear import extension_status
+    result = train(small_config(tiny_model_name, tmp_path / "run"))
+    last_row = result.accuracy_matrix[-1]
+    expected_impl = {"auto": "merged", "reference": "reference", "cpp": "cpp"}  # evaluation: B needs no gradient
+    for ops, kwargs in [("auto", {}), ("reference", {"eval__batch_size": 7}), ("cpp", {})]:
+        if ops == "cpp" and not extension_status()["built"]:
+            continue
+        out = evaluate(tmp_path / "run", run__ops=ops, **kwargs)
+        assert fused_ops.last_choice()["lora_b_linear"] == expected_impl[ops]
+        assert out["task"] == len(result.accuracy_matrix)
+        assert out["acc_per_task_j"] == pytest.approx(last_row[:len(out["acc_per_task_j"])], abs=1e-9), ops
+    with pytest.raises(ConfigError, match="cannot override 'optim.lr'.*run.ops"):
+        evaluate(tmp_path / "run", lr=0.5)
+    with pytest.raises(ConfigError, match="cannot override 'lora.rank'"):
+        evaluate(tmp_path / "run", ["lora.rank=4"])
+    assert main(["evaluate", str(tmp_path / "run"), "--set", "run.ops=reference"]) == 0
+    assert f"{out['acc']:.2f}%" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "run"), "--set", "data.num_tasks=3"]) == 2
+    assert "cannot override 'data.num_tasks'" in capsys.readouterr().err
+
+
 def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path):
     """Checkpoints written before the own-space matrix and data.synthetic_shift existed still
     resume; Forgetting_own is then left out (it cannot be computed without every a_own[t][j])
