@@ -177,8 +177,12 @@ def binder_available() -> str | None:
 
 
 def _launch_options(jit, kwargs: dict) -> dict:
-    """The options a real launch adds to the call (JITFunction.run): debug, instrumentation."""
-    from triton import knobs
+    """The options a real launch adds to the call (JITFunction.run): debug, instrumentation (Triton
+    3.4+ reads them from triton.knobs; older releases get the call's own options)."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return dict(kwargs)
     kwargs = dict(kwargs)
     kwargs["debug"] = kwargs.get("debug", jit.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
