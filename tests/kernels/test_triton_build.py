@@ -19,6 +19,9 @@ from segpcl_fast.ops._kernels import load_kernel
 
 pytest.importorskip("triton")
 check_build = load_kernel("check_triton_build")
+cpu_side = pytest.mark.skipif(torch.cuda.is_available(), reason="the check stands in for a GPU; on a GPU machine the "
+                              "cuda tests compile and run every kernel, and test_static_usage_equals_the_loaded_kernels "
+                              "holds the check to the driver, so this would only spend device time")
 needs_binder = pytest.mark.skipif(check_build.binder_available() is not None,
                                   reason=f"{check_build.binder_available()}: the check cannot bind arguments")
 KERNEL_MODULES = ("pgd_step", "anchor_kl", "knn_subgraph_kl")
@@ -45,8 +48,7 @@ def _launched_kernels() -> set[str]:
 
 
 @needs_binder
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine compiles and runs every kernel in the cuda "
-                    "tests; this 45 s CPU-side check would only spend device time there")
+@cpu_side
 def test_every_kernel_compiles_and_fits_on_sm89_and_sm90(tmp_path):
     report = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "segpcl_fast.kernels.check_triton_build", "--json", str(report)],
@@ -119,6 +121,7 @@ json.dump([[r.case, r.kernel, r.arch, r.shared_bytes, r.problems] for r in resul
 '''
 
 
+@cpu_side
 @needs_binder
 def test_the_check_fails_what_a_launch_would_refuse(tmp_path):
     """A compile error, shared memory over the 4090's 99 KiB (fits the H100's 227 KiB), a grid over
@@ -156,6 +159,7 @@ json.dump([[r.case, r.num_warps, r.constexprs["ROWS"], r.registers, r.occupancy]
 '''
 
 
+@cpu_side
 @needs_binder
 def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
     """num_warps (swept by benchmarks/tune_kernels_cuda.py) is what gets compiled: the default 4
