@@ -4,13 +4,16 @@
 
 Runs nvcc on every *.cu in csrc/sources.txt with torch's include paths and the extension's flags,
 for each arch (default: TORCH_CUDA_ARCH_LIST or "8.9;9.0", i.e. RTX 4090 and H100), then checks
-with cuobjdump that the object holds a cubin per arch. Exit status 0 only when all of it works, so
-a CUDA compile error fails CI on CPU-only machines. Needs a CUDA build of torch and nvcc.
+with cuobjdump (the toolkit's, else the one Triton bundles) that the object holds a cubin per arch
+and prints each kernel's registers, spilled, shared and stack bytes per arch. Exit status 0 only
+when all of it works, so a CUDA compile error fails CI on CPU-only machines. Needs a CUDA build of
+torch and nvcc.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -59,16 +62,51 @@ def nvcc_command(home: Path, src: Path, obj: Path, archs: str) -> list[str]:
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *arch_flags(archs)]
 
 
-def check_cubins(home: Path, obj: Path, archs: str) -> None:
-    cuobjdump = home / "bin" / "cuobjdump"
-    if not cuobjdump.is_file():
-        return
+def find_cuobjdump(home: Path) -> Path | None:
+    """The toolkit's cuobjdump, else the one Triton bundles (a toolkit may ship nvcc without it)."""
+    candidates = [home / "bin" / "cuobjdump"]
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("triton")
+        if spec is not None and spec.origin:
+            candidates.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except (ImportError, ValueError):
+        pass
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def check_cubins(cuobjdump: Path, obj: Path, archs: str) -> None:
     listing = subprocess.run([str(cuobjdump), "--list-elf", str(obj)], capture_output=True, text=True,
                              check=True).stdout
     for arch in archs.replace(",", ";").split(";"):
         num = arch.strip().replace(".", "")
         if num and f"sm_{num}" not in listing:
             raise RuntimeError(f"{obj.name} has no sm_{num} cubin:\n{listing}")
+
+
+def resource_usage(cuobjdump: Path, obj: Path) -> list[dict]:
+    """Per kernel and arch: registers, stack, shared and local (spilled) bytes, from
+    `cuobjdump -res-usage`, kernel names demangled with c++filt where it is installed."""
+    out = subprocess.run([str(cuobjdump), "-res-usage", str(obj)], capture_output=True, text=True, check=True).stdout
+    rows, arch = [], None
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+        elif line.strip().startswith("Function ") and i + 1 < len(lines):
+            usage = dict(re.findall(r"(\w+):(\d+)", lines[i + 1]))
+            rows.append({"arch": arch, "kernel": line.strip()[len("Function "):].rstrip(":"),
+                         **{k: int(usage.get(k, 0)) for k in ("REG", "STACK", "SHARED", "LOCAL")}})
+    names = [r["kernel"] for r in rows]
+    try:
+        demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                                   check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        demangled = names
+    for row, name in zip(rows, demangled):
+        name = name.replace("(anonymous namespace)::", "").split("(")[0]  # drop the argument list
+        row["kernel"] = name.removeprefix("void ")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -91,9 +129,16 @@ def main(argv=None) -> int:
             sys.stderr.write(result.stdout + result.stderr)
             sys.stderr.write(f"FAILED: nvcc {src.relative_to(ROOT)} (archs {args.archs})\n")
             return 1
-        check_cubins(home, obj, args.archs)
         print(f"ok: {src.relative_to(ROOT)} -> {obj} (archs {args.archs}, "
               f"{time.perf_counter() - start:.1f} s)")
+        cuobjdump = find_cuobjdump(home)
+        if cuobjdump is None:
+            print("  no cuobjdump (toolkit or triton): cubins per arch and resource usage not checked")
+            continue
+        check_cubins(cuobjdump, obj, args.archs)
+        for row in resource_usage(cuobjdump, obj):
+            print(f"  {row['arch']}: {row['kernel']}: {row['REG']} registers, {row['LOCAL']} B spilled, "
+                  f"{row['SHARED']} B shared, {row['STACK']} B stack")
     return 0
 
 

@@ -1,7 +1,8 @@
 """CI on CPU machines: the CUDA sources of segpcl_fast._C must compile (nvcc, sm_89 and sm_90).
 
 Runs csrc/check_cuda_build.py (about 45 s on 2 cores); skipped only where there is no nvcc or
-the installed torch is a CPU-only build.
+the installed torch is a CPU-only build. With a cuobjdump (the toolkit's or Triton's) it also
+checks a cubin per arch and that no kernel spills registers.
 """
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ def test_cuda_sources_compile_for_sm89_and_sm90(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     objects = sorted(p.name for p in tmp_path.glob("*.o"))
     assert objects == ["lora_b_linear_cuda.o"]
+    sys.path.insert(0, str(ROOT / "csrc"))
+    from check_cuda_build import find_cuobjdump
+    if find_cuobjdump(Path(CUDA_HOME)) is None:
+        assert "resource usage not checked" in result.stdout
+        return
+    # every instantiation of the CUDA kernel on both archs, read off the cubins: registers, no spills
+    usage = [line.strip() for line in result.stdout.splitlines() if "lora_rank_r_grad_kernel<" in line]
+    for arch in ("sm_89", "sm_90"):
+        for dtype in ("c10::BFloat16", "c10::Half", "float", "double"):
+            (line,) = [u for u in usage if u.startswith(f"{arch}: segpcl::lora_rank_r_grad_kernel<{dtype}>:")]
+            registers = int(line.split(": ")[2].split(" registers")[0])
+            assert 0 < registers <= 255 and ", 0 B spilled," in line, line
 
 
 def test_arch_flags_parse_the_arch_list():
