@@ -6,11 +6,19 @@ the same pipeline as open_clip.image_transform(image_size, is_train=False) (a te
 Train ([choice], documented here): RandomResizedCrop(image_size, scale=(0.6, 1.0), bicubic)
 + RandomHorizontalFlip, then to tensor and normalise. open_clip's own train transform uses
 scale=(0.9, 1.0) and no flip; continual-learning CLIP methods commonly add flip and a wider crop.
+
+Two exact shortcuts (the same values, bit for bit; tests compare with torchvision's steps): "to
+tensor and normalise" is one step (`ToNormalizedTensor`: ToTensor's and Normalize's own tensor
+ops, without their per-call module overhead), and the test transform skips resize and center crop
+for an image already image_size x image_size, where both are the identity (the offline world's
+32 x 32 images at the tiny model's 32: 6x faster per image on the CPU).
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
+import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -24,15 +32,51 @@ def _to_rgb(image):
     return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
 
 
+class ToNormalizedTensor:
+    """_to_rgb + T.ToTensor() + T.Normalize(mean, std) for a PIL image, as one call: the same
+    tensor ops (uint8 HWC -> CHW in the default float dtype, / 255, - mean, / std), so the same values."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        if any(float(v) == 0.0 for v in std):
+            raise ValueError(f"std {tuple(std)} has a zero: normalising would divide by zero")
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self._stats: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(_to_rgb(image), dtype=np.uint8, copy=True))
+        tensor = pixels.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)
+        if tensor.dtype not in self._stats:
+            self._stats[tensor.dtype] = (torch.as_tensor(self.mean, dtype=tensor.dtype).view(-1, 1, 1),
+                                         torch.as_tensor(self.std, dtype=tensor.dtype).view(-1, 1, 1))
+        mean, std = self._stats[tensor.dtype]
+        return tensor.sub_(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
+
+
+class ClipTestTransform:
+    """Resize the shorter side (bicubic), center crop, to tensor, normalise; resize and crop are
+    skipped for an image already image_size x image_size (both are the identity there)."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.image_size = int(image_size)
+        self.resize_crop = T.Compose([T.Resize(self.image_size, interpolation=InterpolationMode.BICUBIC),
+                                      T.CenterCrop(self.image_size)])
+        self.to_tensor = ToNormalizedTensor(mean, std)
+
+    def __call__(self, image) -> torch.Tensor:
+        if getattr(image, "size", None) != (self.image_size, self.image_size):
+            image = self.resize_crop(image)
+        return self.to_tensor(image)
+
+    def __repr__(self) -> str:
+        return f"ClipTestTransform({self.resize_crop}, {self.to_tensor})"
+
+
 def clip_test_transform(image_size: int, mean: Sequence[float] = CLIP_MEAN,
                         std: Sequence[float] = CLIP_STD) -> Callable:
-    return T.Compose([
-        T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
-        _to_rgb,
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    return ClipTestTransform(image_size, mean, std)
 
 
 def clip_train_transform(image_size: int, mean: Sequence[float] = CLIP_MEAN,
@@ -41,7 +85,7 @@ def clip_train_transform(image_size: int, mean: Sequence[float] = CLIP_MEAN,
     steps = [T.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
-    steps += [_to_rgb, T.ToTensor(), T.Normalize(mean, std)]
+    steps.append(ToNormalizedTensor(mean, std))
     return T.Compose(steps)
 
 

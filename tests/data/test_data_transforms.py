@@ -25,3 +25,54 @@ def test_train_transform_shape_and_randomness():
     assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0  # normalised with mean = std = 0.5
     same, test2 = build_transforms(16, (0.5,) * 3, (0.5,) * 3, train_augment=False)
     assert torch.equal(same(img), test2(img))
+
+
+def _torchvision_test(size, mean, std):
+    """The test transform written with torchvision's own steps (what the fast one must equal)."""
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+    return T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(mean, std)])
+
+
+@pytest.mark.parametrize("shape, mode", [((32, 32, 3), "RGB"), ((37, 53, 3), "RGB"), ((32, 32), "L"),
+                                         ((32, 32, 4), "RGBA"), ((64, 32, 3), "RGB")])
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_fast_test_transform_equals_torchvision_bit_for_bit(shape, mode, default_dtype):
+    """Same-size images skip resize and crop (the identity there); every image is converted and
+    normalised by one call instead of ToTensor + Normalize: the values must not move by one ulp."""
+    pixels = np.random.RandomState(sum(shape)).randint(0, 256, shape, dtype=np.uint8)
+    img = Image.fromarray(pixels, mode=mode) if mode != "RGB" else Image.fromarray(pixels)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        _, ours = build_transforms(32, CLIP_MEAN, CLIP_STD)
+        want = _torchvision_test(32, CLIP_MEAN, CLIP_STD)(img)
+        got = ours(img)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == want.dtype == default_dtype and got.shape == (3, 32, 32)
+    assert torch.equal(got, want)
+
+
+def test_fast_train_transform_equals_torchvision_under_the_same_seed():
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    from segpcl_fast.data.transforms import TRAIN_CROP_SCALE
+    img = Image.fromarray(np.random.RandomState(3).randint(0, 256, (40, 30, 3), dtype=np.uint8))
+    train, _ = build_transforms(16, CLIP_MEAN, CLIP_STD, train_augment=True)
+    ref = T.Compose([T.RandomResizedCrop(16, scale=TRAIN_CROP_SCALE, interpolation=InterpolationMode.BICUBIC),
+                     T.RandomHorizontalFlip(), lambda im: im.convert("RGB"), T.ToTensor(),
+                     T.Normalize(CLIP_MEAN, CLIP_STD)])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        got = train(img)
+        torch.manual_seed(seed)
+        assert torch.equal(got, ref(img))
+
+
+def test_zero_std_is_refused():
+    from segpcl_fast.data.transforms import ToNormalizedTensor
+    with pytest.raises(ValueError, match="std .* has a zero"):
+        ToNormalizedTensor((0.5, 0.5, 0.5), (0.5, 0.0, 0.5))
