@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -43,6 +44,9 @@ class ToNormalizedTensor:
         self._stats: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, image) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"the CLIP transforms take PIL images (what every ClassDataset loads), got "
+                            f"{type(image).__name__}; wrap arrays with PIL.Image.fromarray")
         pixels = torch.from_numpy(np.array(_to_rgb(image), dtype=np.uint8, copy=True))
         tensor = pixels.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)
         if tensor.dtype not in self._stats:

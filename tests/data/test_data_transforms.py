@@ -72,7 +72,14 @@ def test_fast_train_transform_equals_torchvision_under_the_same_seed():
         assert torch.equal(got, ref(img))
 
 
-def test_zero_std_is_refused():
+def test_zero_std_and_non_images_are_refused():
     from segpcl_fast.data.transforms import ToNormalizedTensor
     with pytest.raises(ValueError, match="std .* has a zero"):
         ToNormalizedTensor((0.5, 0.5, 0.5), (0.5, 0.0, 0.5))
+    train, test = build_transforms(8, CLIP_MEAN, CLIP_STD)
+    for bad in (torch.zeros(3, 8, 8), np.zeros((8, 8, 3), dtype=np.float32)):  # no silent reinterpretation
+        with pytest.raises(TypeError, match="take PIL images"):
+            ToNormalizedTensor(CLIP_MEAN, CLIP_STD)(bad)
+        for transform in (train, test):  # torchvision's resize / crop may refuse first
+            with pytest.raises(TypeError):
+                transform(bad)
