@@ -6,7 +6,7 @@
 the test transform, skips resize and center crop for an image already at the model's size; both
 give the same values bit for bit (tests/data/test_data_transforms.py). Cases: the offline world's
 32 x 32 images at the tiny model's 32 (where the skip applies) and a 256 x 320 image at ViT-B/16's
-224 (where it does not), test and train transforms, each against the torchvision Compose.
+224 (where it does not), test and train transforms, each against `clip_transform_reference` (torchvision's Compose).
 """
 from __future__ import annotations
 
@@ -14,20 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
 
-from segpcl_fast.data.transforms import CLIP_MEAN, CLIP_STD, TRAIN_CROP_SCALE, build_transforms
+from segpcl_fast.data.transforms import CLIP_MEAN, CLIP_STD, build_transforms, clip_transform_reference
 
 CASES = {"world_32_at_32": ((32, 32, 3), 32), "photo_256x320_at_224": ((256, 320, 3), 224)}
-
-
-def _torchvision(kind: str, size: int):
-    to_tensor = [lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
-    if kind == "test":
-        return T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size), *to_tensor])
-    return T.Compose([T.RandomResizedCrop(size, scale=TRAIN_CROP_SCALE, interpolation=InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), *to_tensor])
 
 
 @pytest.mark.parametrize("impl", ["segpcl", "torchvision"])
@@ -37,7 +27,8 @@ def test_transform_per_image(benchmark, case, kind, impl):
     shape, size = CASES[case]
     img = Image.fromarray(np.random.RandomState(0).randint(0, 256, shape, dtype=np.uint8))
     train, test = build_transforms(size, CLIP_MEAN, CLIP_STD, train_augment=True)
-    transform = {"test": test, "train": train}[kind] if impl == "segpcl" else _torchvision(kind, size)
+    transform = ({"test": test, "train": train}[kind] if impl == "segpcl"
+                 else clip_transform_reference(size, CLIP_MEAN, CLIP_STD, train=kind == "train"))
     torch.manual_seed(0)
     out = benchmark(transform, img)
     assert out.shape == (3, size, size)

@@ -386,9 +386,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write every compiled kernel and its usage here")
     parser.add_argument("-k", dest="select", default="", help="only the cases whose name contains this")
     args = parser.parse_args(argv)
-    archs = [int(a.strip().replace(".", "")) for a in re.split(r"[,;]", args.archs) if a.strip().replace(".", "").isdigit()]
-    if not archs or len(archs) != len([a for a in re.split(r"[,;]", args.archs) if a.strip()]):
+    tokens = [a.strip().replace(".", "") for a in re.split(r"[,;]", args.archs) if a.strip()]
+    if not tokens or not all(t.isdigit() for t in tokens):
         parser.error(f"--archs '{args.archs}' is not a list of compute capabilities; e.g. --archs 89,90")
+    archs = [int(t) for t in tokens]
     for arch in archs:
         try:
             sm_limits(arch)

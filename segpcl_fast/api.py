@@ -59,7 +59,6 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
 
         segpcl_fast.evaluate("runs/default", run__ops="reference")
     """
-    from .config import kwargs_to_overrides
     from .engine import checkpoint as ckpt
     from .engine.trainer import Trainer
     from .metrics import percent

@@ -93,6 +93,18 @@ def clip_train_transform(image_size: int, mean: Sequence[float] = CLIP_MEAN,
     return T.Compose(steps)
 
 
+def clip_transform_reference(image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                             train: bool = False, scale: tuple[float, float] = TRAIN_CROP_SCALE) -> Callable:
+    """The spec the fast transforms are held to: the same pipeline in torchvision's own steps
+    (Resize + CenterCrop or RandomResizedCrop + flip, then _to_rgb, ToTensor, Normalize)."""
+    if train:
+        geometry = [T.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip()]
+    else:
+        geometry = [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
+    return T.Compose([*geometry, _to_rgb, T.ToTensor(), T.Normalize(mean, std)])
+
+
 def build_transforms(image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                      train_augment: bool = True) -> tuple[Callable, Callable]:
     """(train_transform, test_transform); without augmentation both are the test transform."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segpcl_fast.data.transforms import CLIP_MEAN, CLIP_STD, build_transforms
+from segpcl_fast.data.transforms import CLIP_MEAN, CLIP_STD, build_transforms, clip_transform_reference
 
 
 def test_test_transform_matches_open_clip():
@@ -27,14 +27,6 @@ def test_train_transform_shape_and_randomness():
     assert torch.equal(same(img), test2(img))
 
 
-def _torchvision_test(size, mean, std):
-    """The test transform written with torchvision's own steps (what the fast one must equal)."""
-    from torchvision import transforms as T
-    from torchvision.transforms import InterpolationMode
-    return T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(mean, std)])
-
-
 @pytest.mark.parametrize("shape, mode", [((32, 32, 3), "RGB"), ((37, 53, 3), "RGB"), ((32, 32), "L"),
                                          ((32, 32, 4), "RGBA"), ((64, 32, 3), "RGB")])
 @pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
@@ -47,7 +39,7 @@ def test_fast_test_transform_equals_torchvision_bit_for_bit(shape, mode, default
     torch.set_default_dtype(default_dtype)
     try:
         _, ours = build_transforms(32, CLIP_MEAN, CLIP_STD)
-        want = _torchvision_test(32, CLIP_MEAN, CLIP_STD)(img)
+        want = clip_transform_reference(32, CLIP_MEAN, CLIP_STD)(img)
         got = ours(img)
     finally:
         torch.set_default_dtype(previous)
@@ -56,15 +48,9 @@ def test_fast_test_transform_equals_torchvision_bit_for_bit(shape, mode, default
 
 
 def test_fast_train_transform_equals_torchvision_under_the_same_seed():
-    from torchvision import transforms as T
-    from torchvision.transforms import InterpolationMode
-
-    from segpcl_fast.data.transforms import TRAIN_CROP_SCALE
     img = Image.fromarray(np.random.RandomState(3).randint(0, 256, (40, 30, 3), dtype=np.uint8))
     train, _ = build_transforms(16, CLIP_MEAN, CLIP_STD, train_augment=True)
-    ref = T.Compose([T.RandomResizedCrop(16, scale=TRAIN_CROP_SCALE, interpolation=InterpolationMode.BICUBIC),
-                     T.RandomHorizontalFlip(), lambda im: im.convert("RGB"), T.ToTensor(),
-                     T.Normalize(CLIP_MEAN, CLIP_STD)])
+    ref = clip_transform_reference(16, CLIP_MEAN, CLIP_STD, train=True)
     for seed in range(5):
         torch.manual_seed(seed)
         got = train(img)
