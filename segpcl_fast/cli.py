@@ -4,6 +4,8 @@
     segpcl-fast train --config cifar100 --set data.root=/data/cifar --set run.output_dir=runs/c100
     segpcl-fast train --config runs/c100/config.yaml --resume
     segpcl-fast evaluate runs/c100
+    segpcl-fast predict runs/c100 cat.jpg photos/ --topk 5  # the trained run as a classifier
+    segpcl-fast export runs/c100 -o c100_model.pt        # LoRA merged into plain open_clip weights
     segpcl-fast ablate --seeds 0,1,2 -o runs/ablation  # the ladder lora_finetune -> segpcl, one table
     segpcl-fast fragility -o runs/fragility             # boundary vs core JSD across each task
     segpcl-fast retention --variants lora_finetune,segpcl --datasets food101=/data/food-101
@@ -253,6 +255,68 @@ def _add_analysis_parsers(sub) -> None:
     p.set_defaults(func=cmd_anchor_views)
 
 
+def image_paths(items: list[str]) -> list[str]:
+    """Files as given; folders expanded to their image files (sorted, not recursive)."""
+    from pathlib import Path
+
+    from .data.files import IMAGE_EXTENSIONS
+    paths = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        else:
+            paths.append(item)
+    return paths
+
+
+def cmd_predict(args) -> int:
+    import json
+    from .classifier import load_classifier
+    clf = load_classifier(args.source, task=args.task, device=args.device)
+    paths = image_paths(args.images)
+    predictions = clf.predict(paths, topk=args.topk, batch_size=args.batch_size)
+    if args.json:
+        rows = [{"image": path, "top": [{"class": name, "prob": prob} for name, prob in top]}
+                for path, top in zip(paths, predictions)]
+        print(json.dumps({"task": clf.task, "classes": len(clf.class_names), "predictions": rows}, indent=1))
+        return 0
+    print(f"after task {clf.task}: {len(clf.class_names)} classes", file=sys.stderr)
+    for path, top in zip(paths, predictions):
+        print(f"{path}\t" + "  ".join(f"{name} ({100 * prob:.1f}%)" for name, prob in top))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .classifier import load_classifier
+    clf = load_classifier(args.source, task=args.task)
+    path = clf.export(args.output)
+    print(f"wrote {path}: {clf.model.name} with LoRA merged (plain open_clip weights), {len(clf.class_names)} "
+          f"classes after task {clf.task}, text embeddings + prototypes (beta {clf.beta:g})")
+    return 0
+
+
+def _add_classifier_parsers(sub) -> None:
+    p = sub.add_parser("predict", help="classify images with a trained run (dual-path logits over its seen classes)")
+    p.add_argument("source", help="run directory, checkpoint file (checkpoints/task_NN.pt) or exported file")
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
+    p.add_argument("--topk", type=positive_int, default=1, help="classes per image (default 1)")
+    p.add_argument("--task", type=positive_int, default=None, help="the model after this task (1-based; default last)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("export", help="write a trained run as one file: LoRA merged into plain open_clip weights, "
+                                      "class names, text embeddings, prototypes")
+    p.add_argument("source", help="run directory or checkpoint file")
+    p.add_argument("--output", "-o", required=True, help="file to write (atomically)")
+    p.add_argument("--task", type=positive_int, default=None, help="the model after this task (1-based; default last)")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpcl-fast", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages (op dispatch, timings)")
@@ -273,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to evaluate: run.device, run.ops, run.compile, run.num_threads, eval.batch_size, "
                         "data.num_workers (e.g. --set run.device=cuda)")
     p.set_defaults(func=cmd_evaluate)
+    _add_classifier_parsers(sub)
     _add_analysis_parsers(sub)
     _add_profile_parser(sub)
     return parser
@@ -295,8 +360,9 @@ def main(argv=None) -> int:
     except Exception as e:  # known user-facing errors carry their fix in the message
         from .data.base import DatasetFormatError
         from .engine.checkpoint import CheckpointError
+        from .classifier import ClassifierError
         from .model.clip import ModelLoadError
-        if isinstance(e, (DatasetFormatError, ModelLoadError, CheckpointError, FloatingPointError)):
+        if isinstance(e, (DatasetFormatError, ModelLoadError, CheckpointError, ClassifierError, FloatingPointError)):
             print(f"segpcl-fast: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -66,6 +66,17 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def build_model(cfg: Config, device: torch.device) -> tuple:
+    """(model, trainable B parameters): the run's open_clip model with LoRA-B injected. Random
+    weights (model.pretrained none) are drawn after torch.manual_seed(run.seed), so a run's model can
+    be rebuilt outside its Trainer (classifier.load_classifier) with the same weights."""
+    torch.manual_seed(cfg.run.seed)
+    model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir)
+    params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers,
+                         seed=cfg.lora.init_seed)
+    return model, params
+
+
 def _loader(dataset, batch_size: int, shuffle: bool, cfg: Config, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
@@ -139,9 +150,7 @@ class Trainer:
         # the data is indexed before the model loads, so a bad data root fails before any weights
         # are fetched; the transforms need the model's image size and stats, so they come after
         raw_train, raw_test = build_datasets(c.data)
-        self.model = load_model(c.model.name, c.model.pretrained, device=self.device, cache_dir=c.model.cache_dir)
-        self.lora_params = inject_lora(self.model, c.lora.rank, c.lora.alpha, c.lora.targets, c.lora.towers,
-                                       seed=c.lora.init_seed)
+        self.model, self.lora_params = build_model(c, self.device)
         stats = self.model.image_stats
         train_tf, self.test_tf = build_transforms(stats.size, stats.mean, stats.std, c.data.train_augment)
         train_ds = ClassSubset(raw_train, range(len(raw_train)), transform=train_tf)
@@ -381,6 +390,7 @@ class Trainer:
                 ckpt.save_task_checkpoint(self.out, t, {
                     "task": t, "fingerprint": fingerprint, "config": c.to_dict(),
                     "lora": lora_state_dict(self.model), "learner": self.learner.state_dict(),
+                    "class_names": list(self.scenario.class_names),  # ordered: logit column c = class c
                     "correct": correct.tolist(),
                     "correct_own": correct_own.tolist(), "fwt_before": fwt_before, "task_info": task_info,
                 })

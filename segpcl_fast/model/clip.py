@@ -288,3 +288,39 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
                              f"model config") from e
     clip.eval()
     return CLIPModel(clip, tokenizer, name, pretrained)
+
+
+def model_from_state_dict(name: str, state_dict: dict, device: str | torch.device = "cpu",
+                          pretrained: Optional[str] = None) -> CLIPModel:
+    """An open_clip model `name` holding `state_dict` (e.g. merged weights from an export), strict.
+
+    `pretrained` only labels where the weights came from. Raises ModelLoadError when the name is
+    unknown or the weights do not fit the model's config.
+    """
+    import open_clip
+    register_model_configs()
+    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+        raise ModelLoadError(f"unknown model '{name}': register its open_clip config (open_clip.add_model_config) "
+                             f"before loading weights made for it")
+    try:
+        with _hf_hub_offline(), _quiet_random_init():
+            clip = open_clip.create_model(name, pretrained=None, device=device)
+            tokenizer = open_clip.get_tokenizer(name)
+        clip.load_state_dict(state_dict, strict=True)
+    except Exception as e:
+        raise ModelLoadError(f"could not build {name} from the given weights: {type(e).__name__}: {e}") from e
+    clip.eval()
+    return CLIPModel(clip, tokenizer, name, pretrained)
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Drop open_clip's "initialized randomly" warning: the weights are loaded right after."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)

@@ -50,6 +50,17 @@ class LoRABLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
 
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with weight W + s B A (the same function, see merge_lora)."""
+        w = self.weight
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        linear.weight.copy_(merged_weight(w, self.lora_A, self.lora_B, self.scaling))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
 
 class LoRAMultiheadAttention(nn.Module):
     """Self-attention replacing nn.MultiheadAttention (batch_first) with LoRA on chosen q/k/v slices.
@@ -96,6 +107,23 @@ class LoRAMultiheadAttention(nn.Module):
                 rows.append(self.in_proj_weight.new_zeros(d, n * r))
         return torch.cat(rows)
 
+    @torch.no_grad()
+    def merged(self) -> nn.MultiheadAttention:
+        """A plain nn.MultiheadAttention (batch_first, as open_clip builds it) whose packed in_proj
+        weight is W + s B_full A_cat and whose out_proj is merged too (see merge_lora)."""
+        w = self.in_proj_weight
+        mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, bias=self.in_proj_bias is not None,
+                                    batch_first=True, device=w.device, dtype=w.dtype)
+        mha.in_proj_weight.copy_(merged_weight(w, self.lora_A, self.packed_lora_B(), self.scaling)
+                                 if self.slices else w)
+        if self.in_proj_bias is not None:
+            mha.in_proj_bias.copy_(self.in_proj_bias)
+        out = self.out_proj.merged() if isinstance(self.out_proj, LoRABLinear) else self.out_proj
+        mha.out_proj.weight.copy_(out.weight)
+        if out.bias is not None:
+            mha.out_proj.bias.copy_(out.bias)
+        return mha.requires_grad_(False)
+
     def forward(self, query, key=None, value=None, need_weights: bool = False,
                 attn_mask: Optional[torch.Tensor] = None):
         if (key is not None and key is not query) or (value is not None and value is not query):
@@ -113,6 +141,28 @@ class LoRAMultiheadAttention(nn.Module):
         out = ops.attention(q, k, v, attn_mask)  # xformers when available (CUDA, no mask), else SDPA
         out = out.transpose(1, 2).reshape(bsz, length, d)
         return self.out_proj(out), None
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + s B A computed in fp32, rounded once to W's dtype."""
+    return torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling).to(weight.dtype)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its frozen weight, in place (peft's merge_and_unload).
+
+    Each LoRABLinear becomes an nn.Linear with W + s B A and each LoRAMultiheadAttention the
+    nn.MultiheadAttention it replaced, merged the same way, so the model is plain open_clip again:
+    `model.clip.state_dict()` loads into `open_clip.create_model(name)` with strict=True and computes
+    the same function (up to fp32 rounding of the merged weights). Returns how many modules merged.
+    """
+    merged = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (LoRABLinear, LoRAMultiheadAttention)):
+                setattr(parent, name, child.merged())
+                merged += 1
+    return merged
 
 
 def _residual_blocks(tower: nn.Module) -> list[nn.Module]:

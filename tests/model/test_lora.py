@@ -102,3 +102,67 @@ def test_bad_targets_and_rank(tiny_model_name):
         inject_lora(model, targets=["key"])
     with pytest.raises(ValueError, match="rank must be positive"):
         inject_lora(model, rank=0)
+
+
+@pytest.mark.parametrize("targets", [("k", "v", "c_fc", "c_proj"), ("q", "v", "out"), ("c_fc",)])
+def test_merge_lora_is_plain_open_clip_computing_the_same_function(tiny_model_name, targets):
+    """merge_lora folds W + s B A into every adapted weight: no LoRA module is left, the state dict
+    loads strictly into a fresh open_clip model of the same name, and both towers compute what the
+    adapted model computes (B random, so every slice's update matters)."""
+    import open_clip
+    from segpcl_fast.model.lora import merge_lora
+    model = load_model(tiny_model_name, pretrained=None)
+    params = inject_lora(model, rank=4, alpha=8.0, targets=targets)
+    for p in params:
+        torch.nn.init.normal_(p, std=0.2)
+    images = torch.randn(3, 3, model.image_stats.size, model.image_stats.size)
+    prompts = [["a photo of a dog."], ["a small red car on a long road.", "a car."]]
+    with torch.no_grad():
+        raw, emb = model.encode_image(images)
+        text = model.class_embeddings(prompts)
+    merged = copy.deepcopy(model)
+    n_adapted = sum(isinstance(m, (LoRABLinear, LoRAMultiheadAttention)) for m in model.modules())
+    assert merge_lora(merged) == n_adapted > 0
+    assert not any(isinstance(m, (LoRABLinear, LoRAMultiheadAttention)) for m in merged.modules())
+    assert not [k for k in merged.state_dict() if "lora_" in k]
+    with torch.no_grad():
+        raw_m, emb_m = merged.encode_image(images)
+        text_m = merged.class_embeddings(prompts)
+    torch.testing.assert_close(raw_m, raw, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb_m, emb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text_m, text, atol=1e-5, rtol=1e-5)
+    fresh = open_clip.create_model(tiny_model_name).eval()
+    fresh.load_state_dict(merged.clip.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.encode_image(images), emb, atol=1e-5, rtol=1e-5)
+    # the update really is in the weights: with B = 0 the model computes something else
+    for p in params:
+        torch.nn.init.zeros_(p)
+    with torch.no_grad():
+        assert (model.encode_image(images)[1] - emb).abs().max() > 1e-2
+
+
+def test_merged_linear_equals_peft_merge_and_unload():
+    """LoRABLinear.merged() against peft's merge_and_unload on the same W, b, A, B (the peer)."""
+    peft = pytest.importorskip("peft")
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 20)
+
+        def forward(self, x):
+            return self.fc(x)
+    base = One()
+    layer = LoRABLinear(copy.deepcopy(base.fc), rank=4, alpha=8.0, generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(layer.lora_B)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"]))
+    lora = model.base_model.model.fc
+    with torch.no_grad():
+        lora.lora_A["default"].weight.copy_(layer.lora_A)
+        lora.lora_B["default"].weight.copy_(layer.lora_B)
+    plain = model.merge_and_unload().fc
+    ours = layer.merged()
+    assert type(ours) is torch.nn.Linear and not ours.weight.requires_grad
+    torch.testing.assert_close(ours.weight, plain.weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours.bias, plain.bias)

@@ -1,0 +1,251 @@
+"""A trained run as an image classifier over the classes it has seen (method.md, "Inference").
+
+    clf = segpcl_fast.load_classifier("runs/c100")          # the run's last finished task
+    clf.predict(["cat.jpg", "dir/dog.png"], topk=5)         # [[("tabby cat", 0.91), ...], ...]
+    clf.logits(images)                                      # (B, C_seen) dual-path logits
+    clf.export("c100_model.pt")                             # LoRA merged: plain open_clip weights
+    clf = segpcl_fast.load_classifier("c100_model.pt")      # the same classifier, from the export
+
+Logits are the dual path l(x, c) = s cos(v_S(x), u_S,c) + beta s cos(r_S(x), p_c) of the checkpointed
+state (LoRA B, prototypes, cached text embeddings), the same function evaluation uses; inputs that
+are not tensors go through the run's CLIP test transform.
+
+The export is one torch file: `state_dict` holds the open_clip model's weights with every LoRA
+adapter folded in (W + s B A, model.lora.merge_lora), so plain open_clip runs the CLIP path of the
+continual model with no segpcl_fast import:
+
+    ckpt = torch.load("c100_model.pt", weights_only=True)
+    model = open_clip.create_model(ckpt["model_name"]); model.load_state_dict(ckpt["state_dict"])
+    logits = ckpt["logit_scale"] * F.normalize(model.encode_image(x), dim=-1) @ ckpt["text"].T
+
+and `text` (u_S, normalised), `prototypes` (p_c, raw features: ln_post of the CLS token before the
+projection), `beta`, `class_names` and `image_stats` give the prototype path and the transform.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .config import config_from_dict
+from .data.transforms import clip_test_transform
+from .fileio import atomic_path
+from .method.prototypes import dual_path_logits
+from .model.clip import CLIPModel, ImageStats, model_from_state_dict
+from .model.lora import merge_lora
+from .version import __version__
+
+EXPORT_FORMAT = "segpcl_fast.classifier/1"
+PathLike = Union[str, os.PathLike]
+
+
+class ClassifierError(RuntimeError):
+    """A run, checkpoint or export that cannot become a classifier; the message says what to do."""
+
+
+@dataclass
+class ContinualClassifier:
+    """The continual model after some task: CLIP with its LoRA state, text cache and prototypes."""
+
+    model: CLIPModel
+    class_names: list[str]  # the seen classes, in the run's class order (index = logit column)
+    text: torch.Tensor  # (C, e) u_S, normalised: the text embeddings cached after the task
+    prototypes: torch.Tensor  # (C, D) p_c, raw-feature prototypes
+    beta: float  # weight of the prototype path (0 = CLIP path only)
+    task: int  # tasks learned (1-based)
+    precision: str = "fp32"  # "bf16": image tower under bf16 autocast, as the run evaluated
+
+    def __post_init__(self):
+        n = len(self.class_names)
+        if self.text.shape[0] != n or self.prototypes.shape[0] != n:
+            raise ClassifierError(f"{n} class names but {self.text.shape[0]} text embeddings and "
+                                  f"{self.prototypes.shape[0]} prototypes: one row per seen class is needed")
+        stats = self.model.image_stats
+        self.transform = clip_test_transform(stats.size, stats.mean, stats.std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.device
+
+    def to(self, device: Union[str, torch.device]) -> "ContinualClassifier":
+        self.model.to(device)
+        self.text, self.prototypes = self.text.to(device), self.prototypes.to(device)
+        return self
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C) dual-path logits of a batch already through `self.transform` (B, 3, H, W)."""
+        self.model.eval()
+        images = images.to(self.device)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with amp:
+            raw, emb = self.model.encode_image(images)
+        return dual_path_logits(emb, raw, self.text, self.prototypes, self.model.logit_scale(), self.beta)
+
+    def load_images(self, images: Sequence) -> torch.Tensor:
+        """Paths or PIL images -> one transformed batch."""
+        from PIL import Image
+        batch = []
+        for item in images:
+            if isinstance(item, (str, os.PathLike)):
+                path = Path(item)
+                if not path.is_file():
+                    raise FileNotFoundError(f"image {path} does not exist")
+                try:
+                    with Image.open(path) as img:
+                        item = img.convert("RGB")
+                except OSError as e:
+                    raise ClassifierError(f"{path} cannot be read as an image ({e})") from e
+            elif not isinstance(item, Image.Image):
+                raise TypeError(f"predict() takes image paths, PIL images or a (B, 3, H, W) tensor, got "
+                                f"{type(item).__name__}")
+            batch.append(self.transform(item.convert("RGB")))
+        return torch.stack(batch)
+
+    def predict(self, images: Union[torch.Tensor, Sequence], topk: int = 1,
+                batch_size: int = 64) -> list[list[tuple[str, float]]]:
+        """Per image, the top-k (class name, softmax probability over the seen classes)."""
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        topk = min(topk, len(self.class_names))
+        results = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            batch = chunk if isinstance(chunk, torch.Tensor) else self.load_images(chunk)
+            probs = self.logits(batch).float().softmax(dim=-1)
+            values, indices = probs.topk(topk, dim=-1)
+            results += [[(self.class_names[j], float(v)) for v, j in zip(vs.tolist(), js.tolist())]
+                        for vs, js in zip(values, indices)]
+        return results
+
+    def export(self, path: PathLike) -> Path:
+        """Write the classifier with LoRA merged into the weights (plain open_clip), atomically."""
+        merged = copy.deepcopy(self.model).cpu()
+        merge_lora(merged)
+        stats = self.model.image_stats
+        payload = {"format": EXPORT_FORMAT, "segpcl_fast_version": __version__, "model_name": self.model.name,
+                   "pretrained": self.model.pretrained, "state_dict": merged.clip.state_dict(),
+                   "class_names": list(self.class_names), "text": self.text.detach().float().cpu(),
+                   "prototypes": self.prototypes.detach().float().cpu(), "beta": float(self.beta),
+                   "logit_scale": float(self.model.logit_scale()), "task": self.task, "precision": self.precision,
+                   "image_stats": {"size": stats.size, "mean": list(stats.mean), "std": list(stats.std)}}
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        return Path(path)
+
+
+def load_classifier(source: PathLike, task: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                    class_names: Optional[Sequence[str]] = None) -> ContinualClassifier:
+    """A classifier from a run directory (its last finished task, or `task`, 1-based), one of its
+    checkpoints (checkpoints/task_NN.pt) or a file written by ContinualClassifier.export.
+
+    The run's model is rebuilt from its config (model.name / model.pretrained: the pretrained weights
+    must be where the run found them) and checked against the checkpoint's reference text
+    embeddings. class_names: only for checkpoints written before they were stored (the run's class
+    order); by default they come from the checkpoint.
+    """
+    source = Path(source)
+    if source.is_dir():
+        path = _run_checkpoint(source, task)
+    elif source.is_file():
+        if task is not None:
+            raise ClassifierError(f"task={task} selects a checkpoint of a run directory; {source} is one file")
+        path = source
+    else:
+        raise FileNotFoundError(f"{source} does not exist: give a run directory (train's output_dir), "
+                                f"a checkpoint file or an exported classifier")
+    state = _read(path)
+    if state.get("format") == EXPORT_FORMAT:
+        return _from_export(path, state, device)
+    return _from_checkpoint(path, state, device, class_names)
+
+
+def _run_checkpoint(run_dir: Path, task: Optional[int]) -> Path:
+    from .engine import checkpoint as ckpt
+    if task is None:
+        last = ckpt.find_last_checkpoint(run_dir)
+        if last is None:
+            raise ClassifierError(f"no checkpoint in {run_dir}: the run finished no task (or ran with "
+                                  f"run.checkpoint=false)")
+        return last
+    path = ckpt.checkpoint_path(run_dir, task - 1)
+    if not path.is_file():
+        found = sorted(int(p.stem.split("_")[1]) + 1 for p in path.parent.glob("task_*.pt"))
+        raise ClassifierError(f"{run_dir} has no checkpoint of task {task}; tasks with one: {found or 'none'}")
+    return path
+
+
+def _read(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, or not a torch file
+        raise ClassifierError(f"{path} cannot be read ({type(e).__name__}: {e}): it is not a segpcl_fast "
+                              f"checkpoint or export") from e
+    if not isinstance(state, dict) or not ({"format", "lora"} & set(state)):
+        raise ClassifierError(f"{path} is neither a segpcl_fast checkpoint (checkpoints/task_NN.pt) nor an "
+                              f"exported classifier")
+    return state
+
+
+def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequence[str]]) -> ContinualClassifier:
+    from .data import format_prompts
+    if "config" not in state or "learner" not in state:
+        raise ClassifierError(f"checkpoint {path} stores no config or learner state; it was not written by "
+                              f"segpcl_fast's trainer")
+    cfg = config_from_dict(state["config"])
+    learner = state["learner"]
+    n_seen = int(learner["n_seen"])
+    names = list(class_names) if class_names is not None else state.get("class_names")
+    if names is None:
+        raise ClassifierError(f"checkpoint {path} predates stored class names: pass class_names= (the run's "
+                              f"class order, e.g. Trainer(cfg).scenario.class_names)")
+    if len(names) < n_seen:
+        raise ClassifierError(f"{len(names)} class names for a checkpoint that has seen {n_seen} classes")
+    names = list(names)[:n_seen]
+    from .engine.trainer import build_model
+    model, _ = build_model(cfg, torch.device(device))
+    # B = 0 here: the pretrained model, whose text embeddings the run stored as its reference
+    with torch.no_grad():
+        ref = model.class_embeddings(format_prompts(names, cfg.data.templates), device=device)
+    stored_ref = learner["ref_text"][:n_seen].to(device)
+    if stored_ref.shape != ref.shape or not torch.allclose(stored_ref.float(), ref.float(), atol=1e-4):
+        raise ClassifierError(f"checkpoint {path}: the pretrained text embeddings of these class names differ "
+                              f"from the run's (other weights at model.pretrained={cfg.model.pretrained!r}, or "
+                              f"class names not in the run's order)")
+    lora = state["lora"]
+    expected = {k for k in model.state_dict() if "lora_" in k}
+    if set(lora) != expected:
+        missing, extra = sorted(expected - set(lora)), sorted(set(lora) - expected)
+        raise ClassifierError(f"checkpoint {path}: its LoRA tensors do not fit the model its config builds "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    model.load_state_dict(lora, strict=False)
+    protos = learner["prototypes"]
+    return ContinualClassifier(model=model.eval(), class_names=names,
+                               text=learner["text_cache"].to(device), prototypes=_prototype_tensor(protos, device),
+                               beta=cfg.prototypes.beta, task=int(state["task"]) + 1, precision=cfg.run.precision)
+
+
+def _prototype_tensor(protos, device) -> torch.Tensor:
+    from .method.prototypes import PrototypeMemory
+    memory = PrototypeMemory()
+    memory.load_state_dict(protos)
+    return memory.tensor.to(device)
+
+
+def _from_export(path: Path, state: dict, device) -> ContinualClassifier:
+    try:
+        model = model_from_state_dict(state["model_name"], state["state_dict"], device=device,
+                                      pretrained=state.get("pretrained"))
+        stats = state["image_stats"]
+        model.image_stats = ImageStats(size=int(stats["size"]), mean=tuple(stats["mean"]), std=tuple(stats["std"]))
+        return ContinualClassifier(model=model.eval(), class_names=list(state["class_names"]),
+                                   text=state["text"].to(device), prototypes=state["prototypes"].to(device),
+                                   beta=float(state["beta"]), task=int(state["task"]),
+                                   precision=state.get("precision", "fp32"))
+    except KeyError as e:
+        raise ClassifierError(f"export {path} lacks {e}: it was not written by ContinualClassifier.export") from e

@@ -1,0 +1,170 @@
+"""A trained run as a classifier: load_classifier / predict / export and the CLI's predict / export."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segpcl_fast.api import make_config, train
+from segpcl_fast.classifier import ClassifierError, load_classifier
+from segpcl_fast.cli import main
+from segpcl_fast.engine import checkpoint as ckpt
+from segpcl_fast.engine.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_name, tmp_path_factory):
+    """A finished 2-task SeGP-CL run of the 2-layer random CLIP: (config, result, run dir)."""
+    out = tmp_path_factory.mktemp("classifier") / "run"
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = make_config(model__name=tiny_model_name, model__pretrained=None, max_train_per_class=2,
+                      max_test_per_class=3, num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=2,
+                      dpgd__k_seed=2, output_dir=str(out), progress=False, num_threads=1)
+    result = train(cfg)
+    torch.set_num_threads(threads)
+    return cfg, result, out
+
+
+def _images(n, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size + 7 * i, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def _accuracy_per_task(clf, trainer, t):
+    """clf's accuracy (%) on each task j <= t's test images, predicting among its seen classes."""
+    accs = []
+    for j in range(t + 1):
+        ds = trainer.scenario.test_dataset_task(j)
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        labels = torch.tensor([ds[i][1] for i in range(len(ds))])
+        accs.append(100.0 * float((clf.logits(images).argmax(-1) == labels).float().mean()))
+    return accs
+
+
+def test_classifier_reproduces_the_runs_accuracy_after_each_task(run):
+    """Its argmax gives the run's accuracy matrix rows: the same model, text cache, prototypes and
+    class order as the trainer's evaluation, after the last task and after task 1."""
+    cfg, result, out = run
+    trainer = Trainer(cfg)
+    for task, clf in [(2, load_classifier(out)), (1, load_classifier(out, task=1))]:
+        assert clf.task == task
+        n_seen = len(trainer.scenario.seen_classes(task - 1))
+        assert clf.class_names == trainer.scenario.class_names[:n_seen]
+        assert clf.beta == cfg.prototypes.beta == 0.5
+        np.testing.assert_allclose(_accuracy_per_task(clf, trainer, task - 1),
+                                   result.accuracy_matrix[task - 1][:task], atol=1e-9)
+
+
+def test_predict_takes_paths_pil_images_and_tensors_alike(run, tmp_path):
+    _, _, out = run
+    clf = load_classifier(out)
+    images = _images(3)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        img.save(paths[-1])
+    by_path = clf.predict(paths, topk=3, batch_size=2)
+    by_pil = clf.predict(images, topk=3)
+    by_tensor = clf.predict(clf.load_images(images), topk=3)
+    for other in (by_path, by_tensor):  # other batch splits: the same classes, equal probabilities
+        for a, b in zip(by_pil, other):
+            assert [n for n, _ in a] == [n for n, _ in b]
+            np.testing.assert_allclose([p for _, p in a], [p for _, p in b], atol=1e-6)
+    logits = clf.logits(clf.load_images(images))
+    probs = logits.softmax(-1)
+    for row, top in zip(probs, by_pil):
+        best = row.topk(3)
+        assert [name for name, _ in top] == [clf.class_names[i] for i in best.indices.tolist()]
+        np.testing.assert_allclose([p for _, p in top], best.values.tolist(), rtol=1e-6)
+        assert top[0][1] >= top[1][1] >= top[2][1]
+    assert len(clf.predict(images, topk=10_000)[0]) == len(clf.class_names)
+
+
+def test_export_is_plain_open_clip_and_loads_back_as_the_same_classifier(run, tmp_path):
+    import open_clip
+    _, _, out = run
+    clf = load_classifier(out)
+    path = clf.export(tmp_path / "model.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temp file left
+    back = load_classifier(path)
+    images = clf.load_images(_images(4))
+    torch.testing.assert_close(back.logits(images), clf.logits(images), atol=1e-4, rtol=1e-5)
+    assert back.class_names == clf.class_names and back.task == clf.task and back.beta == clf.beta
+    # the CLIP path with nothing but open_clip and torch, as the module docstring shows
+    saved = torch.load(path, weights_only=True)
+    model = open_clip.create_model(saved["model_name"]).eval()
+    model.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        clip_logits = saved["logit_scale"] * F.normalize(model.encode_image(images), dim=-1) @ saved["text"].T
+        _, emb = clf.model.encode_image(images)
+    expected = clf.model.logit_scale() * F.normalize(emb, dim=-1) @ clf.text.T
+    torch.testing.assert_close(clip_logits, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_cli_predict_and_export(run, tmp_path, capsys):
+    _, _, out = run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, img in enumerate(_images(2)):
+        img.save(folder / f"p{i}.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["predict", str(out), str(folder), "--topk", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    clf = load_classifier(out)
+    expected = clf.predict(sorted(str(p) for p in folder.glob("*.jpg")), topk=2)
+    assert report["task"] == 2 and report["classes"] == len(clf.class_names)
+    assert [r["image"] for r in report["predictions"]] == sorted(str(p) for p in folder.glob("*.jpg"))
+    assert [[t["class"] for t in r["top"]] for r in report["predictions"]] == [[n for n, _ in e] for e in expected]
+    assert main(["export", str(out), "-o", str(tmp_path / "m.pt"), "--task", "1"]) == 0
+    assert "after task 1" in capsys.readouterr().out
+    assert main(["predict", str(tmp_path / "m.pt"), str(folder / "p0.jpg")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(folder / "p0.jpg")) and "%)" in line
+    assert main(["predict", str(out), str(tmp_path / "missing.jpg")]) == 2
+    assert "missing.jpg does not exist" in capsys.readouterr().err
+    assert main(["predict", str(out), str(folder), "--task", "7"]) == 2
+    assert "no checkpoint of task 7; tasks with one: [1, 2]" in capsys.readouterr().err
+
+
+def test_bad_sources_and_images_give_one_clear_error(run, tmp_path):
+    _, _, out = run
+    with pytest.raises(FileNotFoundError, match="does not exist: give a run directory"):
+        load_classifier(tmp_path / "nowhere")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(ClassifierError, match="no checkpoint in"):
+        load_classifier(tmp_path / "empty_run")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ClassifierError, match="cannot be read"):
+        load_classifier(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ClassifierError, match="neither a segpcl_fast checkpoint"):
+        load_classifier(tmp_path / "other.pt")
+    with pytest.raises(ClassifierError, match="one file"):
+        load_classifier(ckpt.find_last_checkpoint(out), task=1)
+    clf = load_classifier(out)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ClassifierError, match="broken.png cannot be read as an image"):
+        clf.predict([str(tmp_path / "broken.png")])
+    with pytest.raises(TypeError, match="image paths, PIL images or a"):
+        clf.predict([np.zeros((8, 8, 3))])
+    with pytest.raises(ValueError, match="topk must be >= 1"):
+        clf.predict(_images(1), topk=0)
+
+
+def test_checkpoint_without_class_names_needs_them_in_the_runs_order(run, tmp_path):
+    """Checkpoints written before class names were stored: class_names= supplies them, and names
+    out of the run's order are refused (the stored reference text embeddings do not match)."""
+    _, _, out = run
+    state = torch.load(ckpt.find_last_checkpoint(out), weights_only=False)
+    names = state.pop("class_names")
+    old = tmp_path / "task_01.pt"
+    torch.save(state, old)
+    with pytest.raises(ClassifierError, match="predates stored class names: pass class_names="):
+        load_classifier(old)
+    assert load_classifier(old, class_names=names).class_names == names[:len(load_classifier(out).class_names)]
+    with pytest.raises(ClassifierError, match="text embeddings of these class names differ"):
+        load_classifier(old, class_names=names[1:] + names[:1])
