@@ -58,8 +58,6 @@ class ContinualClassifier:
     prototypes: torch.Tensor  # (C, D) p_c, raw-feature prototypes
     beta: float  # weight of the prototype path (0 = CLIP path only)
     task: int  # tasks learned (1-based)
-    precision: str = "fp32"  # "bf16": image tower under bf16 autocast, as the run evaluated
-
     def __post_init__(self):
         n = len(self.class_names)
         if self.text.shape[0] != n or self.prototypes.shape[0] != n:
@@ -81,10 +79,7 @@ class ContinualClassifier:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) dual-path logits of a batch already through `self.transform` (B, 3, H, W)."""
         self.model.eval()
-        images = images.to(self.device)
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-        with amp:
-            raw, emb = self.model.encode_image(images)
+        raw, emb = self.model.encode_image(images.to(self.device))  # the image tower at the run's precision
         return dual_path_logits(emb, raw, self.text, self.prototypes, self.model.logit_scale(), self.beta)
 
     def load_images(self, images: Sequence) -> torch.Tensor:
@@ -127,12 +122,13 @@ class ContinualClassifier:
         """Write the classifier with LoRA merged into the weights (plain open_clip), atomically."""
         merged = copy.deepcopy(self.model).cpu()
         merge_lora(merged)
-        stats = self.model.image_stats
+        stats, autocast = self.model.image_stats, self.model.image_autocast
         payload = {"format": EXPORT_FORMAT, "segpcl_fast_version": __version__, "model_name": self.model.name,
                    "pretrained": self.model.pretrained, "state_dict": merged.clip.state_dict(),
                    "class_names": list(self.class_names), "text": self.text.detach().float().cpu(),
                    "prototypes": self.prototypes.detach().float().cpu(), "beta": float(self.beta),
-                   "logit_scale": float(self.model.logit_scale()), "task": self.task, "precision": self.precision,
+                   "logit_scale": float(self.model.logit_scale()), "task": self.task,
+                   "image_autocast": None if autocast is None else str(autocast).removeprefix("torch."),
                    "image_stats": {"size": stats.size, "mean": list(stats.mean), "std": list(stats.std)}}
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
@@ -227,7 +223,7 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
     protos = learner["prototypes"]
     return ContinualClassifier(model=model.eval(), class_names=names,
                                text=learner["text_cache"].to(device), prototypes=_prototype_tensor(protos, device),
-                               beta=cfg.prototypes.beta, task=int(state["task"]) + 1, precision=cfg.run.precision)
+                               beta=cfg.prototypes.beta, task=int(state["task"]) + 1)
 
 
 def _prototype_tensor(protos, device) -> torch.Tensor:
@@ -243,9 +239,9 @@ def _from_export(path: Path, state: dict, device) -> ContinualClassifier:
                                       pretrained=state.get("pretrained"))
         stats = state["image_stats"]
         model.image_stats = ImageStats(size=int(stats["size"]), mean=tuple(stats["mean"]), std=tuple(stats["std"]))
+        model.image_autocast = getattr(torch, state["image_autocast"]) if state.get("image_autocast") else None
         return ContinualClassifier(model=model.eval(), class_names=list(state["class_names"]),
                                    text=state["text"].to(device), prototypes=state["prototypes"].to(device),
-                                   beta=float(state["beta"]), task=int(state["task"]),
-                                   precision=state.get("precision", "fp32"))
+                                   beta=float(state["beta"]), task=int(state["task"]))
     except KeyError as e:
         raise ClassifierError(f"export {path} lacks {e}: it was not written by ContinualClassifier.export") from e

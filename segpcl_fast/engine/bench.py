@@ -3,7 +3,7 @@
 `build_step(...)` sets up a model with LoRA-B, a Learner in the state of a mid-run task (old and
 new classes, an anchor cache, the TSGR graph; random tensors stand in for what stage 1 would have
 cached: they cost the same) and returns a `Step`: calling it runs exactly the trainer's step
-(Learner.loss under autocast, backward, SGD) on fixed random images.
+(Learner.loss with the image tower at the given precision, backward, SGD) on fixed random images.
 """
 from __future__ import annotations
 
@@ -75,12 +75,10 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     labels = torch.randint(n_old, n_total, (n_images,), device=device)
     optimizer = make_optimizer(params, cfg)
     model.train()
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-           else torch.autocast(device.type, enabled=False))
+    model.image_autocast = torch.bfloat16 if precision == "bf16" else None  # as trainer.build_model sets it
 
     def run() -> torch.Tensor:
-        with amp:
-            loss, _ = learner.loss(images, labels)
+        loss, _ = learner.loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -67,11 +67,14 @@ def _seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: Config, device: torch.device) -> tuple:
-    """(model, trainable B parameters): the run's open_clip model with LoRA-B injected. Random
-    weights (model.pretrained none) are drawn after torch.manual_seed(run.seed), so a run's model can
-    be rebuilt outside its Trainer (classifier.load_classifier) with the same weights."""
+    """(model, trainable B parameters): the run's open_clip model with LoRA-B injected, its image
+    tower under bf16 autocast when run.precision=bf16 (CLIPModel.image_autocast: every stage, the
+    features come out fp32). Random weights (model.pretrained none) are drawn after
+    torch.manual_seed(run.seed), so a run's model can be rebuilt outside its Trainer
+    (classifier.load_classifier) with the same weights."""
     torch.manual_seed(cfg.run.seed)
     model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir)
+    model.image_autocast = torch.bfloat16 if cfg.run.precision == "bf16" else None
     params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers,
                          seed=cfg.lora.init_seed)
     return model, params
@@ -203,8 +206,7 @@ class Trainer:
         correct = correct_own = total = 0
         for images, labels in _loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, False, self.cfg):
             images, labels = images.to(self.device), labels.to(self.device)
-            with self._amp():
-                logits = logits_fn(images)
+            logits = logits_fn(images)
             hits = int((logits.argmax(dim=-1) == labels).sum())
             correct += hits
             correct_own += hits if n_own is None else int((logits[:, :n_own].argmax(dim=-1) == labels).sum())
@@ -216,10 +218,6 @@ class Trainer:
         correct, _, total = ddp.all_reduce_counts([self._count_correct_local(dataset, logits_fn)],
                                                   self.dist, self.device)[0]
         return correct, total
-
-    def _amp(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.run.precision == "bf16" \
-            else torch.autocast(self.device.type, enabled=False)
 
     def evaluate_seen(self, t: int) -> list[tuple[int, int, int]]:
         """(correct, correct_own, total) per task j <= t with the dual-path logits.
@@ -253,7 +251,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         eval_loader = _loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, False, c)
-        with record_function("dpgd"), self._amp():  # run.precision=bf16 covers DPGD too (cached outputs are fp32)
+        with record_function("dpgd"):  # run.precision=bf16: the image tower under autocast, all else fp32
             info = self.learner.begin_task(t, n_new, eval_loader, seed=task_seed)
         if self.dist.rank:  # each rank samples its own anchors per step (rank 0 keeps the 1-process stream)
             self.learner.anchor_generator.manual_seed(task_seed + 100003 * self.dist.rank)
@@ -291,7 +289,7 @@ class Trainer:
         timings["train_s"] = time.perf_counter() - t1
         timings["steps"] = step
         t2 = time.perf_counter()
-        with record_function("prototypes"), self._amp():
+        with record_function("prototypes"):
             info.update(self.learner.end_task(t, n_new, eval_loader))
             if self.dist.enabled:  # identical on every rank up to float order; make them bit-identical
                 self.learner.prototypes.tensor = ddp.broadcast_tensor(
@@ -323,7 +321,7 @@ class Trainer:
         parts = {}
         if n_local:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
-            with record_function("student_forward_losses"), self._amp():
+            with record_function("student_forward_losses"):
                 loss, parts = self.learner.loss(images, labels)
             _check_finite(loss, parts, step, t)
             if self.grad_sync is not None:

@@ -92,12 +92,15 @@ class TSGRGraph:
         if roots.numel() == 0 or k_eff < 1:
             none = torch.zeros(0, 0, device=ref_text_all.device)
             return cls(roots[:0], none.long(), none.float(), float(tau), n_seen)
-        ref = F.normalize(ref_text_all.float(), dim=-1)
-        sim = ref[roots] @ ref.T  # (R, C_seen) cosines in the reference space
-        sim[torch.arange(roots.numel(), device=sim.device), roots] = float("-inf")  # N(c) excludes c
-        neighbors = sim.topk(k_eff, dim=-1).indices
-        # log q_0 with the same similarity computation the loss uses on the student side
-        ref_logprob = ops.knn_reference_logprob(ref, roots, neighbors, tau)
+        # fp32 whatever the caller's autocast: q_0 is the fixed target (a bf16 build leaves L_GR > 0
+        # at student = reference and can pick other neighbours)
+        with torch.autocast(ref_text_all.device.type, enabled=False):
+            ref = F.normalize(ref_text_all.float(), dim=-1)
+            sim = ref[roots] @ ref.T  # (R, C_seen) cosines in the reference space
+            sim[torch.arange(roots.numel(), device=sim.device), roots] = float("-inf")  # N(c) excludes c
+            neighbors = sim.topk(k_eff, dim=-1).indices
+            # log q_0 with the same similarity computation the loss uses on the student side
+            ref_logprob = ops.knn_reference_logprob(ref, roots, neighbors, tau)
         return cls(roots, neighbors, ref_logprob, float(tau), n_seen)
 
 

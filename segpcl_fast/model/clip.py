@@ -7,6 +7,12 @@ Notation of method.md:
   u_c   L2-normalised text embedding of class c's prompt(s)    -> CLIPModel.class_embeddings
   s     = exp(logit_scale)                                     -> CLIPModel.logit_scale()
 
+Precision: `CLIPModel.image_autocast` (None, or torch.bfloat16 for run.precision=bf16) runs the image
+tower's transformer under autocast; r(x) is returned in fp32, so the projection and everything the
+method computes from the features (logits, cosines, KL, prototypes, seed scores) stays fp32 (a bf16
+logit at s = 100 is spaced 0.25-0.5 apart: argmax ties, L_GR / L_ACGD > 0 at student = teacher).
+The text tower runs in fp32 (it sees class prompts, not the batch: cheap).
+
 Knows nothing of method/ or engine/.
 """
 from __future__ import annotations
@@ -70,6 +76,7 @@ class CLIPModel(nn.Module):
         self.image_stats = ImageStats(size=size,
                                       mean=tuple(getattr(visual, "image_mean", None) or _OPENAI_MEAN),
                                       std=tuple(getattr(visual, "image_std", None) or _OPENAI_STD))
+        self.image_autocast: Optional[torch.dtype] = None  # autocast dtype of the image tower (None: off)
         self._vit = hasattr(visual, "_embeds") and hasattr(visual, "_pool")
         if not self._vit:
             log.warning("image tower of %s is not an open_clip VisionTransformer: r(x) is taken as the "
@@ -86,14 +93,17 @@ class CLIPModel(nn.Module):
         return self.clip.text if hasattr(self.clip, "text") else self.clip
 
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:
-        """r(x): pooled image feature before the final projection (ViT: ln_post(CLS))."""
+        """r(x): pooled image feature before the final projection (ViT: ln_post(CLS)), in fp32 when the
+        tower ran under `image_autocast`."""
         visual = self.visual
-        if not self._vit:
-            return visual(images)
-        x = visual._embeds(images)
-        x = visual.transformer(x)
-        pooled, _ = visual._pool(x)
-        return pooled
+        amp = (torch.autocast(images.device.type, dtype=self.image_autocast) if self.image_autocast is not None
+               else contextlib.nullcontext())
+        with amp:
+            if not self._vit:
+                pooled = visual(images)
+            else:
+                pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+        return pooled.float() if self.image_autocast is not None else pooled
 
     def project(self, raw: torch.Tensor) -> torch.Tensor:
         """v = proj(r)."""

@@ -131,7 +131,7 @@ def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
     labels = torch.tensor([0, 1, 1, 0])
     dataset = torch.utils.data.TensorDataset(torch.arange(4), labels)
     stub = SimpleNamespace(cfg=make_config(eval__batch_size=3), dist=SimpleNamespace(enabled=False),
-                           device=torch.device("cpu"), _amp=lambda: torch.autocast("cpu", enabled=False))
+                           device=torch.device("cpu"))
     assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx], n_own=2) == (1, 2, 4)
     assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx], n_own=4) == (1, 1, 4)
     assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx]) == (1, 1, 4)
@@ -311,22 +311,42 @@ def test_a_new_run_refuses_a_dir_holding_another_run_unless_told_to_overwrite(ti
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_run_precision_covers_dpgd_training_and_prototypes(tiny_model_name, tmp_path, precision):
-    """run.precision=bf16 autocasts stage 1 (DPGD, whose fp32 GEMMs topped an H100 profile when it ran
-    outside autocast) and stage 3 as well as the training step; fp32 runs none of them under autocast."""
+def test_run_precision_puts_the_image_tower_in_bf16_and_keeps_the_method_fp32(tiny_model_name, tmp_path, precision):
+    """run.precision=bf16 runs the image transformer under autocast in every stage (DPGD, whose fp32
+    GEMMs topped an H100 profile when it ran outside autocast; the training step; prototypes;
+    evaluation) and nothing else: the TSGR graph, the teacher's cached logits, the text embeddings,
+    the losses and the logits stay fp32. So at task 1, where B = 0 and the student text is the
+    reference text, L_GR is 0 (graphs built under autocast had left 1e-4), and bf16 logits never tie."""
     cfg = small_config(tiny_model_name, tmp_path / precision, max_train_per_class=3, run__precision=precision)
     trainer = Trainer(cfg)
-    seen = {}
-    for name in ("begin_task", "end_task", "loss"):
-        original = getattr(trainer.learner, name)
+    learner = trainer.learner
+    stage, tower_autocast, dtypes, first_parts = ["setup"], {}, {}, []
+    trainer.model.visual.transformer.register_forward_pre_hook(
+        lambda module, args: tower_autocast.setdefault(stage[0], set()).add(torch.is_autocast_enabled("cpu")))
+    for name in ("begin_task", "end_task", "loss", "logits"):
+        original = getattr(learner, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
-            seen.setdefault(_name, set()).add(torch.is_autocast_enabled("cpu"))
-            return _original(*args, **kwargs)
-        setattr(trainer.learner, name, spy)
+            stage[0] = _name
+            out = _original(*args, **kwargs)
+            if _name == "loss":
+                first_parts.append({k: float(v.detach()) for k, v in out[1].items()})
+                dtypes.update({f"L_{k}": v.dtype for k, v in out[1].items()})
+                if learner.anchor_cache is not None:
+                    dtypes["teacher_logits"] = learner.anchor_cache.teacher_logits.dtype
+            if _name == "logits":
+                dtypes["logits"] = out.dtype
+            return out
+        setattr(learner, name, spy)
     trainer.train_task(0)
+    assert first_parts[0]["gr"] < 1e-6, first_parts[0]
+    dtypes["graph"] = learner.graph.ref_logprob.dtype
+    trainer.evaluate_seen(0)
     trainer.train_task(1)
-    assert seen == {name: {precision == "bf16"} for name in ("begin_task", "end_task", "loss")}
+    dtypes["text_cache"] = learner.text_cache.dtype
+    assert tower_autocast == {name: {precision == "bf16"} for name in ("begin_task", "loss", "end_task", "logits")}
+    assert set(dtypes) == {"L_cls", "L_acgd", "L_gr", "teacher_logits", "logits", "graph", "text_cache"}
+    assert set(dtypes.values()) == {torch.float32}, dtypes
 
 
 # Per-step L_cls of lora_finetune on task 8 of the offline world with tasks by colour
