@@ -48,7 +48,9 @@ class LoRAConfig:
     alpha: float = 32.0  # [choice] scaling alpha / rank = 1
     targets: list[str] = field(default_factory=lambda: ["k", "v", "c_fc", "c_proj"])  # [choice]
     towers: list[str] = field(default_factory=lambda: ["visual", "text"])
-    init_seed: int = 0  # seed for the frozen Kaiming-uniform A matrices
+    # seed of the frozen Kaiming-uniform A matrices [choice]: the same A for every run.seed, so seeds
+    # vary shuffling, augmentation and anchor sampling only; null draws A from run.seed instead
+    init_seed: Optional[int] = 0
 
 
 @dataclass
@@ -346,7 +348,7 @@ RULES: dict[str, _Check] = {
     "lora.alpha": _number(0, lo_open=True),
     "lora.targets": _subset_of(LORA_TARGETS),
     "lora.towers": _subset_of(LORA_TOWERS),
-    "lora.init_seed": _integer(0),
+    "lora.init_seed": _integer(0, optional=True),
     "data.dataset": _one_of(DATASETS),
     "data.num_tasks": _integer(1),
     "data.task_sizes": _task_sizes,

@@ -76,7 +76,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
     model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir)
     model.image_autocast = torch.bfloat16 if cfg.run.precision == "bf16" else None
     params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers,
-                         seed=cfg.lora.init_seed)
+                         seed=cfg.run.seed if cfg.lora.init_seed is None else cfg.lora.init_seed)
     return model, params
 
 

@@ -391,3 +391,21 @@ def test_a_run_whose_loss_rises_warns_once_per_task(tiny_model_name, tmp_path, c
         train(small_config(tiny_model_name, tmp_path / "run", epochs=3, optim__batch_size=2))
     flagged = [r.getMessage() for r in caplog.records if "training diverged" in r.getMessage()]
     assert len(flagged) == 2 and flagged[0].startswith("task 1: L_CLS rose") and len(calls) > 2
+
+
+def test_lora_A_comes_from_lora_init_seed_or_with_null_from_run_seed(tiny_model_name, tmp_path):
+    """lora.init_seed (default 0) fixes the frozen A matrices for every run.seed; null draws them
+    from run.seed, so a seed sweep also varies A. B starts at zero either way."""
+    from segpcl_fast.engine.trainer import build_model
+
+    def lora_A(**kw):
+        cfg = small_config(tiny_model_name, tmp_path, model__pretrained="none", **kw)
+        model, params = build_model(cfg, torch.device("cpu"))
+        assert all(float(p.abs().sum()) == 0 for p in params)
+        return torch.cat([v.flatten() for k, v in model.state_dict().items() if "lora_A" in k])
+
+    assert torch.equal(lora_A(seed=1), lora_A(seed=2))
+    assert torch.equal(lora_A(seed=3, lora__init_seed=None), lora_A(seed=0, lora__init_seed=3))
+    assert not torch.equal(lora_A(seed=1, lora__init_seed=None), lora_A(seed=2, lora__init_seed=None))
+    assert "lora.init_seed must be an integer >= 0 (or null)" in str(
+        pytest.raises(Exception, small_config, tiny_model_name, tmp_path, lora__init_seed=-1).value)
