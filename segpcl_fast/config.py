@@ -94,7 +94,9 @@ class DPGDConfig:
     k_seed: int = 5
     k_adv: int = 10
     gamma: float = 1.5e-3  # step size, [0,1] pixel units
-    eps: float = 8.0 / 255.0  # [choice] L_inf radius, [0,1] pixel units
+    # [choice] L_inf radius, [0,1] pixel units; inactive at the defaults: K_adv steps of gamma move a
+    # pixel at most K_adv * gamma = 0.015 < 8/255, so only an eps below that (or more steps) binds
+    eps: float = 8.0 / 255.0
     lambda_p: float = 1.0  # [choice] weight of the raw-prototype (visual anchoring) term
     random_start: bool = False  # [choice]
     batch_size: int = 64  # anchors per PGD batch (memory knob only; results do not depend on it)
@@ -130,7 +132,7 @@ class PrototypeConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    momentum: float = 0.9  # [choice]
+    momentum: float = 0.9  # [choice]; the optimiser (and its momentum) is new at every task
     weight_decay: float = 0.0
     batch_size: int = 128
     epochs: int = 10
