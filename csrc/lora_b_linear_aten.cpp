@@ -15,7 +15,11 @@
 // Merging rounds W + s B A once to x's dtype: in bf16, an update entry below half a unit in the
 // last place of W's entry is dropped, the same size of loss as adding a bf16 LoRA output to a bf16
 // base output (plain PyTorch, peft); tests/ops/test_lora_linear.py holds the error to the
-// reference's.
+// reference's. What merging does lose in bf16 is some exactness of differences between two LoRA
+// states (y(B2) - y(B1), e.g. a student's drift from its teacher): the unmerged formula's rounding
+// of x W^T is the same for both and cancels, the merged weight's is not. Measured (N 512, 768 x 768,
+// r 32, CPU, 2026-12-02): relative error of y(B2) - y(B1) 0.101 merged vs 0.072 unmerged at updates
+// of 1e-2, 0.98 vs 0.68 at 1e-3; total error against fp64 equal (2.4e-3 / 2.9e-3 both ways).
 #include "lora_b_linear.h"
 
 #include <ATen/autocast_mode.h>
