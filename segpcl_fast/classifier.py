@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from .config import config_from_dict
 from .data.transforms import clip_test_transform

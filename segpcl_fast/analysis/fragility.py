@@ -32,7 +32,6 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError
 from .outputs import encode_batches, make_trainer, new_figure, run_config, save_png, stack_dataset, \

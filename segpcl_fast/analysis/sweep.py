@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 from ..config import Config, ConfigError, apply_overrides, known_keys, parse_value
 from .outputs import METRICS, new_figure, plus_minus, save_png, slug, summarize_runs, write_table_files

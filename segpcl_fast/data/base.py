@@ -19,6 +19,17 @@ class DatasetFormatError(ValueError):
     """A data root that is missing or not in the expected on-disk format; the message says what to fix."""
 
 
+def read_rgb(path) -> Image.Image:
+    """The image file at `path` as RGB; a missing, truncated or unreadable file is one
+    DatasetFormatError naming it (PIL's own error names no file, and it surfaces mid-run)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated data, bad headers
+        raise DatasetFormatError(f"image file '{path}' cannot be read ({type(e).__name__}: {e}); re-extract it from "
+                                 f"the dataset's archive, or delete it (and its line in any split list)") from e
+
+
 class ClassDataset(torch.utils.data.Dataset):
     """A list of (loader key, label) pairs plus class names; subclasses define `load_image`."""
 
@@ -52,8 +63,7 @@ class FileListDataset(ClassDataset):
             raise ValueError("paths and targets differ in length")
 
     def load_image(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as im:
-            return im.convert("RGB")
+        return read_rgb(self.paths[index])
 
 
 class ArrayDataset(ClassDataset):

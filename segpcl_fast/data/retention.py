@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from .base import ClassDataset, FileListDataset
+from .base import ClassDataset, FileListDataset, read_rgb
 from .files import (clean_name, first_existing, format_error, list_images, names_for_wnids, numbered_lines,
                     read_lines, require_root, wnid_folders)
 from .prompts import OPENAI_IMAGENET
@@ -195,7 +195,6 @@ def load_reference_images(folder: Optional[str], transform: Callable, limit: int
     """
     import numpy as np
     import torch
-    from PIL import Image
 
     files = list_reference_images(folder)
     if limit and len(files) > limit:
@@ -203,6 +202,5 @@ def load_reference_images(folder: Optional[str], transform: Callable, limit: int
         files = [files[i] for i in keep]
     images = []
     for f in files:
-        with Image.open(f) as im:
-            images.append(transform(im.convert("RGB")))
+        images.append(transform(read_rgb(f)))
     return torch.stack(images)

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
-from .base import ClassDataset
+from .base import ClassDataset, read_rgb
 from .files import IMAGE_EXTENSIONS, format_error, numbered_lines, require_root
 
 NAME = "ucf101"
@@ -109,8 +109,7 @@ class VideoFrameDataset(ClassDataset):
         return path
 
     def load_image(self, index: int) -> Image.Image:
-        with Image.open(self.frame_path(index)) as im:
-            return im.convert("RGB")
+        return read_rgb(self.frame_path(index))
 
 
 def _classes(lists: Path) -> list[str]:

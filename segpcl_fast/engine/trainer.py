@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.profiler import record_function
 from torch.utils.data import DataLoader
 

@@ -88,3 +88,27 @@ def test_data_split_file_reaches_the_imagenet_r_reader(tmp_path):
     assert all(p.endswith("cartoon_0.jpg") for p in train.paths)
     with pytest.raises(DatasetFormatError, match="absent.txt"):
         build_datasets(DataConfig(dataset="imagenet-r", root=str(root), split_file=str(tmp_path / "absent.txt")))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image", "missing"])
+def test_an_unreadable_image_is_one_error_naming_the_file(tmp_path, damage):
+    """A truncated, foreign or vanished image file surfaces when it is loaded (mid-run): one
+    DatasetFormatError naming the file and the fix, also through a DataLoader worker."""
+    from PIL import Image
+    from segpcl_fast.data.base import FileListDataset
+    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(good)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(bad)
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:300])
+    elif damage == "not_an_image":
+        bad.write_text("<html>404</html>")
+    else:
+        bad.unlink()
+    ds = FileListDataset([str(good), str(bad)], [0, 1], ["a", "b"])
+    assert ds[0][0].size == (64, 64)
+    with pytest.raises(DatasetFormatError, match=r"image file '.*bad\.jpg' cannot be read .* re-extract it"):
+        ds[1]
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=lambda batch: batch)
+    with pytest.raises(DatasetFormatError, match=r"bad\.jpg' cannot be read"):
+        next(iter(loader))

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from data_fakes import CIFAR_NAMES
 from segpcl_fast.data.base import DatasetFormatError
 from segpcl_fast.data.cifar import load_cifar100
 from segpcl_fast.data.transforms import clip_test_transform

@@ -1,6 +1,5 @@
 """Savings that change no result: the teacher runs only in stage 1, reference text is computed once,
 the student's text embeddings once per step, one image forward (images + anchors) per step."""
-import pytest
 
 from segpcl_fast.api import make_config
 from segpcl_fast.engine.trainer import Trainer

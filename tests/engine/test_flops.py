@@ -1,6 +1,5 @@
 """The analytic step FLOPs (MFU numerator) against torch.utils.flop_counter on the real step."""
 import pytest
-import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from segpcl_fast.model.clip import load_model
-from segpcl_fast.model.lora import (LoRABLinear, LoRAMultiheadAttention, count_trainable, inject_lora,
-                                    lora_parameters)
+from segpcl_fast.model.lora import (LoRABLinear, LoRAMultiheadAttention, count_trainable, inject_lora)
 
 
 @pytest.fixture(scope="module")
