@@ -44,9 +44,10 @@ def train(config: ConfigLike = None, **overrides: Any):
     return Trainer(cfg).run()
 
 
-# what evaluate() may change about how a run is evaluated (nothing that changes the model or the data)
+# what evaluate() may change about how a run is evaluated (nothing that changes the model or the data:
+# a moved data root must hold the same classes in the same order, checked against the checkpoint)
 EVALUATE_OVERRIDABLE = ("run.device", "run.ops", "run.compile", "run.num_threads", "run.progress",
-                        "eval.batch_size", "data.num_workers")
+                        "eval.batch_size", "data.num_workers", "data.root", "data.frames_dir", "model.cache_dir")
 
 
 def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]] = None, **kwargs: Any) -> dict:
@@ -55,7 +56,8 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     Returns {"task": last finished task (1-based), "acc_per_task_j": [...], "acc": accuracy on all
     seen test images} computed now, with the dual-path logits of the checkpointed state.
     `overrides` ("run.ops=cpp") and kwargs (run__device="cuda") may set how it runs: the keys in
-    EVALUATE_OVERRIDABLE (device, ops backend, compile, threads, batch size, loader workers).
+    EVALUATE_OVERRIDABLE (device, ops backend, compile, threads, batch size, loader workers, and
+    where the data and weights now lie).
 
         segpcl_fast.evaluate("runs/default", run__ops="reference")
     """
@@ -81,6 +83,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     trainer = Trainer(cfg)
     state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
                                  defaults=type(trainer.cfg)().to_dict())
+    ckpt.check_class_names(last, state, trainer.scenario.class_names)
     trainer.model.load_state_dict(state["lora"], strict=False)
     trainer.learner.load_state_dict(state["learner"])
     counts = trainer.evaluate_seen(state["task"])

@@ -49,8 +49,26 @@ def _config_from_args(args) -> "Config":
         overrides.append("run.resume=true")
     if getattr(args, "hw", None):
         from .engine.presets import apply_preset
-        return make_config(apply_preset(make_config(args.config), args.hw), overrides)
-    return make_config(args.config, overrides)
+        cfg = make_config(apply_preset(make_config(args.config), args.hw), overrides)
+    else:
+        cfg = make_config(args.config, overrides)
+    if getattr(args, "resume", False):
+        _check_resume_target(args.config, cfg)
+    return cfg
+
+
+def _check_resume_target(config_arg, cfg) -> None:
+    """`--config <dir>/config.yaml --resume` of a run copied or moved to <dir> would resume (and
+    write into) the output dir recorded in that file, not <dir>: refuse and ask which one."""
+    from pathlib import Path
+    if not config_arg or Path(config_arg).name != "config.yaml" or not Path(config_arg).is_file():
+        return
+    folder = Path(config_arg).resolve().parent
+    target = Path(cfg.run.output_dir).expanduser().resolve()
+    if (folder / "checkpoints").is_dir() and folder != target:
+        raise ConfigError(f"--resume with {config_arg}, a run's config whose run.output_dir is {cfg.run.output_dir}, not "
+                          f"the folder it lies in ({folder}): resume that folder with -o {folder}, or the "
+                          f"recorded one with -o {cfg.run.output_dir}")
 
 
 def _print_result(result) -> None:
@@ -334,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="re-evaluate a run directory from its last checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="how to evaluate: run.device, run.ops, run.compile, run.num_threads, eval.batch_size, "
-                        "data.num_workers (e.g. --set run.device=cuda)")
+                   help="how to evaluate: run.device, run.ops, run.compile, run.num_threads, run.progress, "
+                        "eval.batch_size, data.num_workers, and where the data / weights now lie: data.root, "
+                        "data.frames_dir, model.cache_dir (e.g. --set run.device=cuda)")
     p.set_defaults(func=cmd_evaluate)
     _add_classifier_parsers(sub)
     _add_analysis_parsers(sub)

@@ -30,10 +30,12 @@ from ..fileio import atomic_path, atomic_write_text
 PathLike = Union[str, os.PathLike]
 
 # Keys that may differ between a run and its resumption (they change no result): where files go
-# and what is shown, how fast it runs, and data.expected_classes (a check on the data, not a setting).
+# and what is shown, how fast it runs, data.expected_classes (a check on the data, not a setting),
+# and where the data and weights lie (a moved copy of the same dataset: the trainer then checks
+# the class names against the checkpoint's, see check_class_names).
 RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.checkpoint",
                  "run.num_threads", "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
-                 "dpgd.batch_size", "data.expected_classes")
+                 "dpgd.batch_size", "data.expected_classes", "data.root", "data.frames_dir", "model.cache_dir")
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_POINTER = "last"
@@ -134,7 +136,7 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
         diff = config_diff(state["config"], expected_config, ignore_keys, defaults)
         if not diff and defaults is not None:  # only keys added since, each at its default
             return
-    fix = ("Resume (--resume) with the same config (only run-only keys such as "
+    fix = ("Resume (--resume) or evaluate with the same config (only run-only keys such as "
            f"{', '.join(sorted(ignore_keys)[:4])}, ... may change), or set a new run.output_dir "
            "(--set run.output_dir=...) to start a fresh run.")
     if found is None:
@@ -149,6 +151,19 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
 
 
 # ----------------------------------------------------------------------------- per-task files
+
+def check_class_names(path: PathLike, state: Mapping, class_names: list) -> None:
+    """The checkpoint's ordered class names (stored since they are) must be this run's: a data root
+    may move, but it must hold the same classes in the same order."""
+    stored = state.get("class_names")
+    if stored is None or list(stored) == list(class_names):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(stored, class_names)) if a != b), min(len(stored), len(class_names)))
+    raise CheckpointError(f"checkpoint {path} was trained on other classes than data.root now holds: class "
+                          f"{first} was {stored[first] if first < len(stored) else '(none)'!r}, now "
+                          f"{class_names[first] if first < len(class_names) else '(none)'!r} ({len(stored)} "
+                          f"classes then, {len(class_names)} now); point data.root at the run's dataset")
+
 
 def checkpoint_path(output_dir: PathLike, task: int) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR / f"task_{task:02d}.pt"

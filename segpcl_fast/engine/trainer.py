@@ -19,7 +19,7 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from .. import metrics, ops
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, apply_overrides, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
@@ -171,8 +171,10 @@ class Trainer:
         """A new run must not mix its files with another run's (stale task_03.pt next to new ones)."""
         checkpoints = self.out / ckpt.CHECKPOINT_DIR
         stale = sorted(checkpoints.glob("task_*.pt")) if checkpoints.is_dir() else []
-        earlier = [p for p in (self.out / "config.yaml", self.out / "results.json") if p.exists()] + stale
-        if not earlier:
+        earlier = [p for p in [self.out / "results.json"] if p.exists()] + stale
+        if not earlier:  # at most the config.yaml of a run that finished no task (a NaN, a bad file): replaced
+            if (self.out / "config.yaml").exists():
+                self.log_fn(f"{self.out} holds the config of a run that finished no task: starting over there")
             return
         if not self.cfg.run.overwrite:
             raise ConfigError(
@@ -335,12 +337,28 @@ class Trainer:
             optimizer.step()
         return {k: float(v.detach()) for k, v in parts.items()}
 
+    def _finished_result(self, T: int) -> Result:
+        """--resume of a run whose every task is done: nothing runs and nothing is rewritten; the
+        Result is the run's results.json (which also holds the ops and timings of the real run)."""
+        from ..report.results import read_results
+        path = self.out / "results.json"
+        saved = read_results(path)
+        self.log_fn(f"all {T} tasks of the run in {self.out} are finished: nothing to resume ({path} kept)")
+        return Result(accuracy_matrix=metrics.matrix_to_list(saved["matrix"]), acc_per_task=saved["acc_per_task"],
+                      metrics=saved["metrics"], fwt_before=saved.get("fwt_before") or [None] * T,
+                      output_dir=str(self.out), paths=saved.get("paths", {}), timings=saved.get("timings", {}),
+                      ops=saved.get("ops", {}), config=saved.get("config", {}),
+                      accuracy_matrix_own=saved.get("matrix_own", []))
+
     # ------------------------------------------------------------------ the run
     def run(self) -> Result:
         c = self.cfg
         T = self.scenario.num_tasks
         main = self.dist.is_main
         ops.reset_choices()  # results.json "ops": what this run ran
+        if c.run.resume and not self.out.is_dir():
+            raise ConfigError(f"run.resume is set but {self.out} does not exist: check run.output_dir (-o), or drop "
+                              f"--resume to start a new run there")
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         fingerprint = ckpt.config_fingerprint(c.to_dict())
@@ -354,6 +372,7 @@ class Trainer:
             last = ckpt.find_last_checkpoint(self.out)
             if last is not None:
                 state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), defaults=type(c)().to_dict())
+                ckpt.check_class_names(last, state, self.scenario.class_names)
                 self.model.load_state_dict(state["lora"], strict=False)
                 self.learner.load_state_dict(state["learner"])
                 correct = np.array(state["correct"], dtype=np.float64)
@@ -365,10 +384,14 @@ class Trainer:
             elif main:
                 log.warning("run.resume is set but %s has no finished task; starting from task 1",
                             self.out / ckpt.CHECKPOINT_DIR)
+        if start == T and (self.out / "results.json").exists():
+            return self._finished_result(T)
         if main:
             if not c.run.resume:
                 self._claim_output_dir()
-            save_config(c, self.out / "config.yaml")
+            # resuming is an action, not part of the run's config: a later `train --config <dir>/config.yaml`
+            # without --resume must not resume silently
+            save_config(apply_overrides(c, {"run.resume": False}), self.out / "config.yaml")
         t_run = time.perf_counter()
         for t in range(start, T):
             if c.eval.fwt and t > 0:

@@ -115,10 +115,73 @@ def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path)
 
 
 def test_resume_without_checkpoints_says_it_starts_from_task_1(tiny_model_name, tmp_path, caplog):
+    """An existing dir without a finished task (e.g. a run that failed in task 1) starts at task 1;
+    a dir that does not exist is a mistyped -o, not a run to start silently."""
+    with pytest.raises(ConfigError, match="run.resume is set but .*typo does not exist: check run.output_dir"):
+        train(small_config(tiny_model_name, tmp_path / "typo", num_tasks=1, resume=True))
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "fresh").mkdir()
     with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
         result = train(small_config(tiny_model_name, tmp_path / "fresh", num_tasks=1, resume=True))
     assert "has no finished task; starting from task 1" in caplog.text
     assert len(result.accuracy_matrix) == 1
+
+
+def test_a_failed_run_leaves_nothing_that_blocks_the_rerun(tiny_model_name, tmp_path, monkeypatch):
+    """A run that stops in task 1 (NaN, a bad file) leaves only its config.yaml: the corrected
+    rerun starts there without --resume or run.overwrite."""
+    def fail(self, t):
+        raise FloatingPointError("loss is nan")
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_task", fail)
+        with pytest.raises(FloatingPointError):
+            train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
+    assert len(train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1)).accuracy_matrix) == 1
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_model_name, tmp_path):
+    """--resume after the last task: no task runs and results.json (with the ops and timings of
+    the real run) is not rewritten; config.yaml never records run.resume (a later plain
+    `train --config <dir>/config.yaml` must not resume silently)."""
+    from segpcl_fast.config import load_config
+    full = train(small_config(tiny_model_name, tmp_path / "run"))
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    again = train(small_config(tiny_model_name, tmp_path / "run", resume=True))
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
+    assert again.metrics == pytest.approx(full.metrics) and again.accuracy_matrix == full.accuracy_matrix
+    assert again.ops == full.ops and again.ops
+    assert load_config(tmp_path / "run" / "config.yaml").run.resume is False
+
+
+def test_a_moved_data_root_may_resume_but_must_hold_the_same_classes(tiny_model_name, tmp_path):
+    """data.root (and frames_dir, model.cache_dir) say where things lie: they may change on resume
+    and evaluate; the checkpoint's ordered class names guard that it is the same data."""
+    assert ckpt.config_fingerprint(small_config(tiny_model_name, tmp_path, data__root="/a").to_dict()) == \
+        ckpt.config_fingerprint(small_config(tiny_model_name, tmp_path, data__root="/b").to_dict())
+    state = {"class_names": ["cat", "dog", "owl"]}
+    ckpt.check_class_names("c.pt", state, ["cat", "dog", "owl"])
+    ckpt.check_class_names("c.pt", {}, ["x"])  # checkpoints from before class names were stored
+    with pytest.raises(ckpt.CheckpointError, match="other classes than data.root now holds: class 1 was 'dog', "
+                                                   "now 'cow' .3 classes then, 3 now.; point data.root"):
+        ckpt.check_class_names("c.pt", state, ["cat", "cow", "owl"])
+    with pytest.raises(ckpt.CheckpointError, match="class 3 was '.none.', now 'emu'"):
+        ckpt.check_class_names("c.pt", state, ["cat", "dog", "owl", "emu"])
+
+
+def test_cli_resume_of_a_copied_run_names_both_dirs(tiny_model_name, tmp_path, capsys):
+    """`--config copy/config.yaml --resume` would resume the original dir recorded in the file."""
+    import shutil
+    from segpcl_fast.cli import main
+    train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    assert main(["train", "--config", str(tmp_path / "copy" / "config.yaml"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"resume that folder with -o {tmp_path / 'copy'}" in err and str(tmp_path / "run") in err
+    before = (tmp_path / "copy" / "results.json").read_bytes()
+    assert main(["train", "--config", str(tmp_path / "copy" / "config.yaml"), "--resume", "-o",
+                 str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "results.json").read_bytes() == before  # finished: nothing rewritten
 
 
 def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
