@@ -323,8 +323,14 @@ def _device(value: Any) -> Optional[str]:
 
 
 def _templates(value: list) -> Optional[str]:
-    return None if value and all(isinstance(t, str) and t for t in value) else \
-        "must be a non-empty list of templates ('a photo of a {}.') or template set names"
+    if not (value and all(isinstance(t, str) and t for t in value)):
+        return "must be a non-empty list of templates ('a photo of a {}.') or template set names"
+    from .data.prompts import resolve_templates  # the set names live with the templates (lazy: data/ imports torch)
+    try:
+        resolve_templates(value)
+    except ValueError as e:
+        return f"is not usable: {e}"
+    return None
 
 
 def _task_sizes(value: Optional[list]) -> Optional[str]:
@@ -420,6 +426,11 @@ def validate(cfg: Config) -> Config:
             why = RULES[dotted](value) if dotted in RULES else None
             if why:
                 problems.append(f"{dotted} {why}, got {value!r}")
+    sizes = cfg.data.task_sizes
+    if sizes is not None and isinstance(sizes, list) and len(sizes) != cfg.data.num_tasks:
+        problems.append(f"data.task_sizes has {len(sizes)} entries ({sizes}) but data.num_tasks is "
+                        f"{cfg.data.num_tasks}: give one size per task, or set data.task_sizes=null to split the "
+                        f"classes into num_tasks equal tasks (a preset such as ucf101 sets task_sizes)")
     if problems:
         raise ConfigError(f"{len(problems)} invalid config value(s):\n  " + "\n  ".join(problems))
     return cfg

@@ -45,6 +45,8 @@ INVALID = [
     ("data.dataset=mnist", "data.dataset"),
     ("data.num_tasks=0", "data.num_tasks"),
     ("data.task_sizes=[10,0]", "data.task_sizes"),
+    ("data.templates=[a,b]", "data.templates"),
+    ("data.templates=[clip_default,cub]", "data.templates"),
     ("optim.momentum=1.5", "optim.momentum"),
     ("optim.epochs=-1", "optim.epochs"),
 ]
@@ -56,6 +58,19 @@ def test_invalid_value_is_rejected_naming_the_key(override, key):
         apply_overrides(Config(), [override])
     assert key in str(e.value)
     assert "got" in str(e.value)
+
+
+def test_task_sizes_and_num_tasks_must_agree():
+    """A preset's task_sizes (ucf101: 11 + 9 x 10) with another num_tasks was a late, puzzling error
+    about the class count; now it is a config error naming both keys and the fix."""
+    from segpcl_fast.api import make_config
+    with pytest.raises(ConfigError, match=r"data.task_sizes has 10 entries .* data.num_tasks is 2: .*"
+                                          r"data.task_sizes=null"):
+        make_config("ucf101", ["data.num_tasks=2"])
+    assert make_config("ucf101", ["data.num_tasks=2", "data.task_sizes=null"]).data.task_sizes is None
+    assert make_config(None, ["data.num_tasks=2", "data.task_sizes=[60,40]"]).data.task_sizes == [60, 40]
+    with pytest.raises(ConfigError, match="data.task_sizes has 2 entries"):
+        make_config(None, ["data.task_sizes=[60,40]"])
 
 
 def test_one_error_lists_every_invalid_key_with_value_and_range():
