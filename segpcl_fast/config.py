@@ -440,18 +440,28 @@ def _merge(d: dict, base: Optional[Config] = None) -> Config:
     """A copy of base (default Config()) with the nested dict's keys set; types checked, ranges not."""
     cfg = copy.deepcopy(base) if base is not None else Config()
     sections = _field_types(Config)
+    problems = []  # every unknown key and wrong type, in one error
     for sec_name, sec_val in (d or {}).items():
         if sec_name not in sections:
-            raise ConfigError(f"unknown config section '{sec_name}'; known: {sorted(sections)}")
+            problems.append(f"unknown config section '{sec_name}'; known: {sorted(sections)}")
+            continue
         if not isinstance(sec_val, dict):
-            raise ConfigError(f"config section '{sec_name}' must be a mapping, got {sec_val!r}")
+            problems.append(f"config section '{sec_name}' must be a mapping, got {sec_val!r}")
+            continue
         section = getattr(cfg, sec_name)
         types = _field_types(type(section))
         for key, val in sec_val.items():
             if key not in types:
-                raise ConfigError(
-                    f"unknown config key '{sec_name}.{key}'; known keys of '{sec_name}': {sorted(types)}")
-            setattr(section, key, _coerce(val, types[key], f"{sec_name}.{key}"))
+                problems.append(f"unknown config key '{sec_name}.{key}'; known keys of '{sec_name}': {sorted(types)}")
+                continue
+            try:
+                setattr(section, key, _coerce(val, types[key], f"{sec_name}.{key}"))
+            except ConfigError as e:
+                problems.append(str(e))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} invalid config keys / values:\n  " + "\n  ".join(problems))
     return cfg
 
 

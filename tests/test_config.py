@@ -252,3 +252,12 @@ def test_chmod_like_open_on_a_mkstemp_file(tmp_path):
 def test_override_with_broken_yaml_is_a_config_error():
     with pytest.raises(ConfigError, match="lora.targets=\\[k,v\\]"):
         apply_overrides(Config(), ["lora.targets=[k,v"])
+
+
+def test_unknown_keys_and_wrong_types_are_listed_together():
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), ["data.bogus=1", "optim.epochs=abc", "foo.x=1"])
+    msg = str(e.value)
+    assert msg.startswith("3 invalid config keys / values")
+    assert "unknown config key 'data.bogus'" in msg and "'optim.epochs' expects an integer, got 'abc'" in msg
+    assert "unknown config section 'foo'" in msg
