@@ -24,14 +24,17 @@ import sys
 from .config import ConfigError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
+    """one_run=False (ablate: --variants x --seeds): --method / --seed stay parseable, to refuse them
+    with the fix, but are left out of --help."""
     p.add_argument("--config", "-c", default=None,
                    help="YAML file or preset name in configs/ (cifar100, imagenet-r, ...); default: offline world")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set dpgd.k_adv=5 (repeatable)")
     p.add_argument("--output-dir", "-o", default=None, help="same as --set run.output_dir=...")
-    p.add_argument("--method", default=None, help="same as --set run.method=... (segpcl, lora_finetune, ...)")
-    p.add_argument("--seed", type=int, default=None, help="same as --set run.seed=...")
+    p.add_argument("--method", default=None, help="same as --set run.method=... (segpcl, lora_finetune, ...)"
+                   if one_run else argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=None, help="same as --set run.seed=..." if one_run else argparse.SUPPRESS)
     p.add_argument("--hw", default=None, metavar="PRESET",
                    help="hardware preset laid over the config before --set: 1gpu, 2x4090 (see engine/presets.py)")
 
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last finished task in output_dir")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("ablate", help="run the ablation ladder (or chosen variants) and write one table + plot")
-    _add_config_args(p)
+    _add_config_args(p, one_run=False)
     p.add_argument("--variants", default=None,
                    help="comma-separated variant names (default: the ladder zeroshot,lora_finetune,+acgd,...)")
     p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds, e.g. 0,1,2")

@@ -43,8 +43,8 @@ def project_2d(points: torch.Tensor, method: str = "pca", seed: int = 0) -> np.n
         try:
             from sklearn.manifold import TSNE
         except ImportError:
-            raise ConfigError("anchor views with method='tsne' need scikit-learn (pip install scikit-learn); "
-                              "or use method='pca'") from None
+            raise ConfigError("anchor views with projection 'tsne' need scikit-learn (pip install scikit-learn); "
+                              "or use --projection pca (projection='pca')") from None
         perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x.numpy())
     raise ConfigError(f"unknown projection '{method}'; choose one of {PROJECTIONS}")

@@ -61,7 +61,11 @@ def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
         if not file.is_file():
             raise format_error(NAME, f"image '{file}' listed in images.txt is missing", LAYOUT,
                                "re-extract CUB_200_2011.tgz (images/ incomplete)")
-        paths, targets = split["train" if is_train[image_id].strip() == "1" else "test"]
+        flag = is_train[image_id].strip()
+        if flag not in ("0", "1"):
+            raise format_error(NAME, f"train_test_split.txt gives image id {image_id} the flag {flag!r}, not 1 "
+                               f"(train) or 0 (test)", LAYOUT, "re-extract CUB_200_2011.tgz")
+        paths, targets = split["train" if flag == "1" else "test"]
         paths.append(str(file))
         targets.append(class_index[cid])
     return (FileListDataset(*split["train"], class_names, train_transform),

@@ -283,7 +283,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     if parts:
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
+                        bar.set_postfix({k: f"{round(v, 3) + 0.0:.3f}" for k, v in parts.items()})  # no "-0.000"
         if bar is not None:
             bar.close()
         timings["train_s"] = time.perf_counter() - t1

@@ -280,7 +280,8 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
     known = open_clip.list_models()
     if name not in known and not name.startswith(("hf-hub:", "local-dir:")):
         close = difflib.get_close_matches(name, known, n=5)
-        raise ModelLoadError(f"unknown model '{name}'; did you mean {close}? (open_clip.list_models() lists all)")
+        hint = f"did you mean {close}? " if close else ""
+        raise ModelLoadError(f"unknown model '{name}'; {hint}(open_clip.list_models() lists all)")
     resolved = _resolve_pretrained(name, pretrained, cache_dir)
     if resolved is None and pretrained not in (None, "", "none", "random"):
         raise ModelLoadError(f"could not resolve pretrained weights '{pretrained}' for {name}")
@@ -293,11 +294,29 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
             clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device)
             tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # a corrupt file fails in pickle / zipfile / safetensors, not only torch
-        raise ModelLoadError(f"could not load {name} with pretrained='{pretrained}': {type(e).__name__}: {e}. "
-                             f"If this is a local checkpoint, check it is a state_dict saved from the same "
-                             f"model config") from e
+        raise ModelLoadError(_load_failure(name, pretrained, resolved, e)) from e
     clip.eval()
     return CLIPModel(clip, tokenizer, name, pretrained)
+
+
+def _load_failure(name: str, pretrained: Optional[str], resolved: Optional[str], error: Exception) -> str:
+    """Why `open_clip.create_model` failed on these weights, and the fix, in one message (torch's
+    own text for a file that is no checkpoint suggests weights_only=False and filing an issue)."""
+    head = f"could not load {name} with pretrained='{pretrained}'"
+    if resolved and os.path.isfile(resolved):
+        try:
+            state = torch.load(resolved, map_location="cpu", weights_only=False)
+        except Exception as e:
+            return (f"{head}: '{resolved}' is not a checkpoint torch can read ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); give an open_clip state_dict file (.pt/.bin/.safetensors)")
+        if isinstance(state, dict) and {"lora", "learner"} <= set(state):
+            return (f"{head}: '{resolved}' is a segpcl_fast run checkpoint (checkpoints/task_NN.pt), not CLIP "
+                    f"weights; continue that run with --resume, re-evaluate it with `segpcl-fast evaluate RUN_DIR`, "
+                    f"or use it with segpcl_fast.load_classifier(path); model.pretrained takes the base CLIP weights")
+        detail = str(error).splitlines()
+        return (f"{head}: {type(error).__name__}: {' '.join(detail[:3])[:600]}. Check it is a state_dict saved "
+                f"from the same model config ({name})")
+    return f"{head}: {type(error).__name__}: {error}"
 
 
 def model_from_state_dict(name: str, state_dict: dict, device: str | torch.device = "cpu",

@@ -30,6 +30,15 @@ def test_missing_metadata(cub_root):
         load_cub200(str(cub_root))
 
 
+def test_a_split_flag_other_than_0_or_1_is_refused(cub_root):
+    split = cub_root / "CUB_200_2011" / "train_test_split.txt"
+    lines = split.read_text().splitlines()
+    image_id = lines[0].split()[0]
+    split.write_text("\n".join([f"{image_id} 2"] + lines[1:]) + "\n")
+    with pytest.raises(DatasetFormatError, match=f"image id {image_id} the flag '2', not 1 .train. or 0 .test."):
+        load_cub200(str(cub_root))
+
+
 def test_missing_image(cub_root):
     folder = cub_root / "CUB_200_2011" / "images" / "002.Laysan_Albatross"
     os.remove(sorted(folder.iterdir())[0])

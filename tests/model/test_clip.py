@@ -63,6 +63,8 @@ def test_checkpoint_of_another_config_is_a_clear_error(tiny_model_name, tmp_path
 def test_unknown_model_suggests_names():
     with pytest.raises(ModelLoadError, match="unknown model 'ViT-B-61'.*ViT-B-16"):
         load_model("ViT-B-61", pretrained=None)
+    with pytest.raises(ModelLoadError, match=r"unknown model 'qqqqqqqq'; \(open_clip.list_models\(\) lists all\)"):
+        load_model("qqqqqqqq", pretrained=None)
 
 
 def test_missing_file_and_unknown_tag(tiny_model_name, tmp_path):
@@ -80,8 +82,14 @@ def test_uncached_weights_fail_fast_offline(tmp_path):
 def test_a_corrupt_or_directory_checkpoint_is_one_clear_error(tiny_model_name, tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("these are not weights")
-    with pytest.raises(ModelLoadError, match="could not load .*notes.pt.*state_dict saved from the same"):
+    with pytest.raises(ModelLoadError, match="could not load .*notes.pt.* is not a checkpoint torch can read .*"
+                                             "give an open_clip state_dict file") as e:
         load_model(tiny_model_name, pretrained=str(text))
+    assert "weights_only=False" not in str(e.value)  # torch's advice for files it cannot unpickle
+    run_checkpoint = tmp_path / "task_00.pt"
+    torch.save({"task": 0, "lora": {}, "learner": {}, "config": {}}, run_checkpoint)
+    with pytest.raises(ModelLoadError, match="is a segpcl_fast run checkpoint .* not CLIP weights; continue that run"):
+        load_model(tiny_model_name, pretrained=str(run_checkpoint))
     with pytest.raises(ModelLoadError, match="is a directory; give the checkpoint file"):
         load_model(tiny_model_name, pretrained=str(tmp_path))
 
