@@ -333,9 +333,14 @@ class Trainer:
                 self.grad_sync.finish()
         with record_function("optimizer"):
             if c.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
+            else:
+                grad_norm = _grad_norm(self.lora_params)
             optimizer.step()
-        return {k: float(v.detach()) for k, v in parts.items()}
+        values = {k: float(v.detach()) for k, v in parts.items()}  # the step's one host sync ...
+        if not math.isfinite(float(grad_norm)):  # ... and this one, after it: nothing waits mid-step
+            _raise_nonfinite_grad(values, step, t)
+        return values
 
     def _finished_result(self, T: int) -> Result:
         """--resume of a run whose every task is done: nothing runs and nothing is rewritten; the
@@ -429,6 +434,22 @@ class Trainer:
             result.paths = write_run_report(result, self.out, plots=c.run.plots,
                                             class_names=self.scenario.class_names)
         return result
+
+
+def _grad_norm(params: list) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+
+
+def _raise_nonfinite_grad(values: dict, step: int, t: int) -> None:
+    """Finite loss terms, non-finite LoRA-B gradients: one term's backward overflowed. Without this
+    check the NaN weights surface one step later as a NaN L_cls, blaming the wrong term."""
+    terms = ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items())
+    raise FloatingPointError(f"the LoRA B gradients are not finite at task {t + 1}, step {step} while every loss term "
+                             f"is ({terms}): a term's backward overflowed; check very small temperatures "
+                             f"(acgd.tau, tsgr.tau) and lower optim.lr, or use run.precision=fp32")
 
 
 def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int) -> None:

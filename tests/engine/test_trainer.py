@@ -219,6 +219,23 @@ def test_nan_loss_is_one_clear_error(tiny_model_name, tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_finite_loss_with_nonfinite_gradients_is_named_at_its_own_step(tiny_model_name, tmp_path, monkeypatch):
+    """sqrt(|B|) at B = 0 is 0 forward and non-finite backward: the error comes at step 0 naming the
+    gradients and the finite terms, not one step later as a NaN L_cls."""
+    from segpcl_fast.method.learner import Learner
+    original = Learner.loss
+
+    def overflowing(self, images, labels):
+        total, parts = original(self, images, labels)
+        spike = sum(p.abs().sqrt().sum() for p in self.trainable_parameters())
+        return total + spike, dict(parts, cls=parts["cls"] + spike)
+
+    monkeypatch.setattr(Learner, "loss", overflowing)
+    with pytest.raises(FloatingPointError, match=r"LoRA B gradients are not finite at task 1, step 0 while every "
+                                                 r"loss term is \(L_CLS=[0-9.]+.*acgd.tau, tsgr.tau"):
+        train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
+
+
 def test_a_bad_data_root_fails_before_any_weights_are_loaded(tmp_path, monkeypatch):
     """The user hears about data.root first, not after fetching ~600 MB of CLIP weights."""
     from segpcl_fast.data.base import DatasetFormatError
