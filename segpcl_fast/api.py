@@ -5,7 +5,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .config import Config, ConfigError, apply_overrides, config_from_dict, kwargs_to_overrides, load_config
+from .config import (Config, ConfigError, apply_overrides, check_task_count, config_from_dict, kwargs_to_overrides,
+                     load_config)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -29,7 +30,7 @@ def make_config(config: ConfigLike = None, overrides: Optional[Sequence[str]] = 
         cfg = apply_overrides(cfg, list(overrides))
     if kwargs:
         cfg = apply_overrides(cfg, kwargs_to_overrides(kwargs))
-    return cfg
+    return check_task_count(cfg)
 
 
 def train(config: ConfigLike = None, **overrides: Any):
@@ -132,8 +133,10 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
         else:
             runs[name] = []
             for seed in seeds:
-                run_cfg = apply_overrides(cfg, {"run.method": name, "run.seed": int(seed),
-                                                "run.output_dir": str(out / name.replace("+", "plus_") / f"seed{seed}")})
+                run_dir = out / name.replace("+", "plus_") / f"seed{seed}"
+                # run.resume continues an interrupted ablation: runs not started yet start
+                run_cfg = apply_overrides(cfg, {"run.method": name, "run.seed": int(seed), "run.output_dir": str(run_dir),
+                                                "run.resume": cfg.run.resume and run_dir.is_dir()})
                 runs[name].append(train(run_cfg))
         row = {"method": name if same_as == name else f"{name} (= {same_as})", "seeds": len(seeds)}
         for key in ABLATION_METRICS:

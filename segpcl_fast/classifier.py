@@ -93,8 +93,8 @@ class ContinualClassifier:
                 try:
                     with Image.open(path) as img:
                         item = img.convert("RGB")
-                except OSError as e:
-                    raise ClassifierError(f"{path} cannot be read as an image ({e})") from e
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                    raise ClassifierError(f"{path} cannot be read as an image ({type(e).__name__}: {e})") from e
             elif not isinstance(item, Image.Image):
                 raise TypeError(f"predict() takes image paths, PIL images or a (B, 3, H, W) tensor, got "
                                 f"{type(item).__name__}")
@@ -196,14 +196,18 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
     learner = state["learner"]
     n_seen = int(learner["n_seen"])
     names = list(class_names) if class_names is not None else state.get("class_names")
+    if names is None:  # a checkpoint from before they were stored: a finished run's results.json has them
+        names = _names_from_results(path.parent.parent / "results.json")
     if names is None:
-        raise ClassifierError(f"checkpoint {path} predates stored class names: pass class_names= (the run's "
-                              f"class order, e.g. Trainer(cfg).scenario.class_names)")
+        raise ClassifierError(f"checkpoint {path} predates stored class names and its run has no results.json "
+                              f"holding them: pass class_names= (the run's class order, e.g. "
+                              f"Trainer(cfg).scenario.class_names)")
     if len(names) < n_seen:
         raise ClassifierError(f"{len(names)} class names for a checkpoint that has seen {n_seen} classes")
     names = list(names)[:n_seen]
     from .engine.trainer import build_model
-    model, _ = build_model(cfg, torch.device(device))
+    with torch.random.fork_rng(devices=[]):  # build_model seeds torch: leave the caller's random stream alone
+        model, _ = build_model(cfg, torch.device(device))
     # B = 0 here: the pretrained model, whose text embeddings the run stored as its reference
     with torch.no_grad():
         ref = model.class_embeddings(format_prompts(names, cfg.data.templates), device=device)
@@ -223,6 +227,14 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
     return ContinualClassifier(model=model.eval(), class_names=names,
                                text=learner["text_cache"].to(device), prototypes=_prototype_tensor(protos, device),
                                beta=cfg.prototypes.beta, task=int(state["task"]) + 1)
+
+
+def _names_from_results(path: Path) -> Optional[list]:
+    import json
+    try:
+        return json.loads(path.read_text()).get("class_names")
+    except (OSError, ValueError):
+        return None
 
 
 def _prototype_tensor(protos, device) -> torch.Tensor:

@@ -426,13 +426,21 @@ def validate(cfg: Config) -> Config:
             why = RULES[dotted](value) if dotted in RULES else None
             if why:
                 problems.append(f"{dotted} {why}, got {value!r}")
-    sizes = cfg.data.task_sizes
-    if sizes is not None and isinstance(sizes, list) and len(sizes) != cfg.data.num_tasks:
-        problems.append(f"data.task_sizes has {len(sizes)} entries ({sizes}) but data.num_tasks is "
-                        f"{cfg.data.num_tasks}: give one size per task, or set data.task_sizes=null to split the "
-                        f"classes into num_tasks equal tasks (a preset such as ucf101 sets task_sizes)")
     if problems:
         raise ConfigError(f"{len(problems)} invalid config value(s):\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def check_task_count(cfg: Config) -> Config:
+    """data.task_sizes, when set, defines the tasks; a new config must give num_tasks of them (a
+    preset's task sizes with another num_tasks was a late, puzzling class-count error). Checked where
+    users build configs (api.make_config), not on a stored run's config: runs made before this check
+    may hold sizes with the default num_tasks, and they must still resume and evaluate."""
+    sizes = cfg.data.task_sizes
+    if sizes is not None and len(sizes) != cfg.data.num_tasks:
+        raise ConfigError(f"data.task_sizes has {len(sizes)} entries ({sizes}) but data.num_tasks is "
+                          f"{cfg.data.num_tasks}: give one size per task, or set data.task_sizes=null to split the "
+                          f"classes into num_tasks equal tasks (a preset such as ucf101 sets task_sizes)")
     return cfg
 
 

@@ -130,6 +130,15 @@ def test_cli_predict_and_export(run, tmp_path, capsys):
     assert "no checkpoint of task 7; tasks with one: [1, 2]" in capsys.readouterr().err
 
 
+def test_loading_leaves_the_callers_random_stream_alone(run):
+    _, _, out = run
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_classifier(out)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_bad_sources_and_images_give_one_clear_error(run, tmp_path):
     _, _, out = run
     with pytest.raises(FileNotFoundError, match="does not exist: give a run directory"):
@@ -156,15 +165,23 @@ def test_bad_sources_and_images_give_one_clear_error(run, tmp_path):
 
 
 def test_checkpoint_without_class_names_needs_them_in_the_runs_order(run, tmp_path):
-    """Checkpoints written before class names were stored: class_names= supplies them, and names
-    out of the run's order are refused (the stored reference text embeddings do not match)."""
+    """Checkpoints written before class names were stored: the run's results.json or class_names=
+    supplies them, and names out of the run's order are refused (the stored reference text
+    embeddings do not match)."""
     _, _, out = run
     state = torch.load(ckpt.find_last_checkpoint(out), weights_only=False)
     names = state.pop("class_names")
     old = tmp_path / "task_01.pt"
     torch.save(state, old)
-    with pytest.raises(ClassifierError, match="predates stored class names: pass class_names="):
+    with pytest.raises(ClassifierError, match="predates stored class names and its run has no results.json "
+                                              "holding them: pass class_names="):
         load_classifier(old)
+    # inside a finished run's folder, its results.json has them (what the CLI relies on)
+    import shutil
+    (tmp_path / "old_run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(old, tmp_path / "old_run" / "checkpoints" / "task_01.pt")
+    shutil.copy(out / "results.json", tmp_path / "old_run" / "results.json")
+    assert load_classifier(tmp_path / "old_run").class_names == load_classifier(out).class_names
     assert load_classifier(old, class_names=names).class_names == names[:len(load_classifier(out).class_names)]
     with pytest.raises(ClassifierError, match="text embeddings of these class names differ"):
         load_classifier(old, class_names=names[1:] + names[:1])

@@ -71,6 +71,8 @@ def test_task_sizes_and_num_tasks_must_agree():
     assert make_config(None, ["data.num_tasks=2", "data.task_sizes=[60,40]"]).data.task_sizes == [60, 40]
     with pytest.raises(ConfigError, match="data.task_sizes has 2 entries"):
         make_config(None, ["data.task_sizes=[60,40]"])
+    # a stored run's config from before the check (sizes with the default num_tasks) still loads
+    assert config_from_dict({"data": {"task_sizes": [60, 40]}}).data.task_sizes == [60, 40]
 
 
 def test_one_error_lists_every_invalid_key_with_value_and_range():

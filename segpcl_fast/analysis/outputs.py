@@ -42,8 +42,9 @@ def write_table_files(out: str | os.PathLike, name: str, payload: dict, table: s
 
 
 def run_config(cfg: Config, method: Optional[str], output_dir: str | os.PathLike) -> Config:
-    """cfg with run.method (when given) and run.output_dir set."""
-    overrides = {"run.output_dir": str(output_dir)}
+    """cfg with run.method (when given) and run.output_dir set; run.resume only where that dir exists
+    (an interrupted sweep continues, its runs not started yet start)."""
+    overrides = {"run.output_dir": str(output_dir), "run.resume": cfg.run.resume and Path(output_dir).is_dir()}
     if method is not None:
         overrides["run.method"] = method
     return apply_overrides(cfg, overrides)

@@ -184,6 +184,7 @@ class Trainer:
         for p in stale:
             p.unlink()
         (checkpoints / ckpt.LAST_POINTER).unlink(missing_ok=True)
+        (self.out / "results.json").unlink(missing_ok=True)  # else a later --resume could report the old run
         self.log_fn(f"run.overwrite: replacing the run in {self.out}")
 
     def _anchors_on_rank0(self) -> None:
@@ -348,6 +349,12 @@ class Trainer:
         from ..report.results import read_results
         path = self.out / "results.json"
         saved = read_results(path)
+        diff = ckpt.config_diff(saved.get("config") or {}, self.cfg.to_dict(), defaults=type(self.cfg)().to_dict())
+        if diff:
+            raise ckpt.CheckpointError(
+                f"{path} holds a finished run of another config (" + "; ".join(
+                    f"{k} was {old!r}, now {new!r}" for k, (old, new) in list(diff.items())[:5]) +
+                "): resume it with its own config, or start a new run with -o or --set run.overwrite=true")
         self.log_fn(f"all {T} tasks of the run in {self.out} are finished: nothing to resume ({path} kept)")
         return Result(accuracy_matrix=metrics.matrix_to_list(saved["matrix"]), acc_per_task=saved["acc_per_task"],
                       metrics=saved["metrics"], fwt_before=saved.get("fwt_before") or [None] * T,
@@ -386,6 +393,8 @@ class Trainer:
                 task_info = state["task_info"]
                 start = state["task"] + 1
                 self.log_fn(f"resumed from {last}: tasks 1..{start} done")
+            elif (self.out / "results.json").exists():  # run.checkpoint=false: a finished run is its results
+                return self._finished_result(T)
             elif main:
                 log.warning("run.resume is set but %s has no finished task; starting from task 1",
                             self.out / ckpt.CHECKPOINT_DIR)

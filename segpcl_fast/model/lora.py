@@ -154,15 +154,17 @@ def merge_lora(model: nn.Module) -> int:
     Each LoRABLinear becomes an nn.Linear with W + s B A and each LoRAMultiheadAttention the
     nn.MultiheadAttention it replaced, merged the same way, so the model is plain open_clip again:
     `model.clip.state_dict()` loads into `open_clip.create_model(name)` with strict=True and computes
-    the same function (up to fp32 rounding of the merged weights). Returns how many modules merged.
+    the same function up to the rounding of the merged weights to their dtype (W + s B A is
+    computed in fp32); in bf16 that is the arrangement the run's own evaluation uses (ops: merged).
+    Returns how many LoRA modules were folded.
     """
-    merged = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, (LoRABLinear, LoRAMultiheadAttention)):
-                setattr(parent, name, child.merged())
-                merged += 1
-    return merged
+    adapted = [(name, m) for name, m in model.named_modules() if isinstance(m, (LoRABLinear, LoRAMultiheadAttention))]
+    outer = [(name, m) for name, m in adapted  # an attention module's LoRA out_proj merges with it
+             if not any(name.startswith(other + ".") for other, _ in adapted)]
+    for name, module in outer:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.merged())
+    return len(adapted)
 
 
 def _residual_blocks(tower: nn.Module) -> list[nn.Module]:

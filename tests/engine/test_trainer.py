@@ -154,6 +154,27 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_model_name, tmp_path):
     assert load_config(tmp_path / "run" / "config.yaml").run.resume is False
 
 
+def test_resume_of_a_finished_run_without_checkpoints_changes_nothing(tiny_model_name, tmp_path):
+    """run.checkpoint=false: a finished run is its results.json; --resume must not train it again,
+    and with another config it is refused, not reported as this config's results."""
+    train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, checkpoint=False))
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    again = train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, checkpoint=False, resume=True))
+    assert (tmp_path / "run" / "results.json").read_bytes() == before and again.ops
+    with pytest.raises(ckpt.CheckpointError, match="finished run of another config .optim.lr was 0.001, now 0.5"):
+        train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, checkpoint=False, resume=True, lr=0.5))
+
+
+def test_resuming_an_ablation_starts_the_runs_it_had_not_reached(tiny_model_name, tmp_path):
+    from segpcl_fast.api import ablate
+    cfg = small_config(tiny_model_name, tmp_path / "abl", num_tasks=1)
+    first = ablate(cfg, variants=["lora_finetune"], seeds=[0])
+    again = ablate(small_config(tiny_model_name, tmp_path / "abl", num_tasks=1, resume=True),
+                   variants=["lora_finetune"], seeds=[0, 1])  # seed 0 finished, seed 1 never started
+    assert again["rows"][0]["seeds"] == 2 and first["rows"][0]["seeds"] == 1
+    assert (tmp_path / "abl" / "lora_finetune" / "seed1" / "results.json").exists()
+
+
 def test_a_moved_data_root_may_resume_but_must_hold_the_same_classes(tiny_model_name, tmp_path):
     """data.root (and frames_dir, model.cache_dir) say where things lie: they may change on resume
     and evaluate; the checkpoint's ordered class names guard that it is the same data."""
@@ -383,6 +404,18 @@ def test_a_new_run_refuses_a_dir_holding_another_run_unless_told_to_overwrite(ti
     assert (tmp_path / "run" / "checkpoints" / "task_01.pt").exists()
     with pytest.raises(ConfigError, match="already holds a run.*--resume.*-o.*run.overwrite=true"):
         train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune"))
+    original = Trainer.train_task
+
+    def crash(self, t):
+        raise KeyboardInterrupt("simulated crash")
+    Trainer.train_task = crash
+    try:  # an overwrite that dies before its first task leaves none of the old run's results behind
+        with pytest.raises(KeyboardInterrupt):
+            train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune",
+                               run__overwrite=True))
+    finally:
+        Trainer.train_task = original
+    assert not (tmp_path / "run" / "results.json").exists()
     result = train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune",
                                 run__overwrite=True))
     # the old run's task_01.pt is gone: nothing stale is left next to the new run's files
