@@ -263,6 +263,7 @@ LORA_TOWERS = ("visual", "text")  # model/lora.py VALID_TOWERS
 DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101")  # data/build.py
 CLASS_ORDERS = ("seeded", "natural")  # data/protocol.py (or an explicit list)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")  # what torch.device takes, plus "auto"
+HARDWARE_PRESETS = ("1gpu", "2x4090")  # engine/presets.py PRESETS (partial configs laid over one by --hw)
 MAX_NUMPY_SEED = 2**32 - 1  # numpy RandomState seeds (data.order_seed, data.split_seed + label)
 
 _Check = Callable[[Any], Optional[str]]  # None when the value is fine, else "must be ..."
@@ -556,6 +557,14 @@ def preset_names() -> list[str]:
     return sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
 
 
+def _presets_text() -> str:
+    """The shipped presets as an error message lists them: configs, then the hardware ones (--hw)."""
+    names = preset_names()
+    configs = [n for n in names if n not in HARDWARE_PRESETS]
+    hardware = [n for n in names if n in HARDWARE_PRESETS]
+    return f"{configs}" + (f"; hardware presets for --hw: {hardware}" if hardware else "")
+
+
 def _preset_path(name: str) -> Optional[Path]:
     """configs/<name>.yaml when `name` is a bare preset name ("cifar100" or "cifar100.yaml")."""
     if not name or "/" in name or os.sep in name:
@@ -573,7 +582,7 @@ def _find_config(path: str | os.PathLike, relative_to: Optional[Path] = None) ->
         listed = sorted(q.name for q in p.glob("*.y*ml"))
         raise ConfigError(f"config path '{p}' is a directory, not a YAML file"
                           + (f"; YAML files in it: {listed}" if listed else "")
-                          + f" (presets: {preset_names()})")
+                          + f" (presets: {_presets_text()})")
     if p.is_file():
         return p
     preset = _preset_path(str(path))
@@ -581,7 +590,7 @@ def _find_config(path: str | os.PathLike, relative_to: Optional[Path] = None) ->
         return preset
     is_name = "/" not in str(path) and os.sep not in str(path)
     raise ConfigError(f"config file '{p}' does not exist" + (" and is not a preset name" if is_name else "")
-                      + f"; give a YAML file or one of the presets {preset_names()}")
+                      + f"; give a YAML file or one of the presets {_presets_text()}")
 
 
 def _read_yaml(p: Path) -> dict:

@@ -133,6 +133,15 @@ def test_accepted_choices_match_the_consuming_code():
     assert set(C.LORA_TOWERS) == set(VALID_TOWERS)
     assert set(C.WEIGHT_RULES) == set(WEIGHT_RULES)
     assert set(C.DATASETS) == set(DATASETS)
+    from segpcl_fast.engine.presets import PRESETS
+    assert set(C.HARDWARE_PRESETS) == set(PRESETS)
+
+
+def test_an_unknown_config_lists_configs_and_hardware_presets_apart():
+    with pytest.raises(ConfigError, match=r"one of the presets \[.*'cifar100'.*\]; hardware presets for --hw: "
+                                          r"\['1gpu', '2x4090'\]") as e:
+        load_config("cifar1000")
+    assert "'1gpu'" not in str(e.value).split("hardware presets")[0]
 
 
 def test_every_schedule_and_fused_choice_does_what_it_names():
