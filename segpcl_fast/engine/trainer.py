@@ -455,7 +455,7 @@ def _grad_norm(params: list) -> torch.Tensor:
 def _raise_nonfinite_grad(values: dict, step: int, t: int) -> None:
     """Finite loss terms, non-finite LoRA-B gradients: one term's backward overflowed. Without this
     check the NaN weights surface one step later as a NaN L_cls, blaming the wrong term."""
-    terms = ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items()) or "none on this rank: another's"
+    terms = ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items()) or "no terms on this rank, which had no samples"
     raise FloatingPointError(f"the LoRA B gradients are not finite at task {t + 1}, step {step} while every loss term "
                              f"is ({terms}): a term's backward overflowed; check very small temperatures "
                              f"(acgd.tau, tsgr.tau) and lower optim.lr, or use run.precision=fp32")
