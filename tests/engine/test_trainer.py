@@ -252,9 +252,12 @@ def test_a_finite_loss_with_nonfinite_gradients_is_named_at_its_own_step(tiny_mo
         return total + spike, dict(parts, cls=parts["cls"] + spike)
 
     monkeypatch.setattr(Learner, "loss", overflowing)
+    trainer = Trainer(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
     with pytest.raises(FloatingPointError, match=r"LoRA B gradients are not finite at task 1, step 0 while every "
                                                  r"loss term is \(L_CLS=[0-9.]+.*acgd.tau, tsgr.tau"):
-        train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
+        trainer.run()
+    # raised before the update: the weights a caller catching the error holds are still finite
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.lora_params)
 
 
 def test_a_bad_data_root_fails_before_any_weights_are_loaded(tmp_path, monkeypatch):
