@@ -84,6 +84,8 @@ class ContinualClassifier:
     def load_images(self, images: Sequence) -> torch.Tensor:
         """Paths or PIL images -> one transformed batch."""
         from PIL import Image
+
+        from .data.base import DatasetFormatError, read_rgb
         batch = []
         for item in images:
             if isinstance(item, (str, os.PathLike)):
@@ -91,14 +93,15 @@ class ContinualClassifier:
                 if not path.is_file():
                     raise FileNotFoundError(f"image {path} does not exist")
                 try:
-                    with Image.open(path) as img:
-                        item = img.convert("RGB")
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                    raise ClassifierError(f"{path} cannot be read as an image ({type(e).__name__}: {e})") from e
-            elif not isinstance(item, Image.Image):
+                    item = read_rgb(path)  # the datasets' reader: every PIL failure, one error
+                except DatasetFormatError as e:
+                    raise ClassifierError(f"{path} cannot be read as an image ({e.__cause__!r})") from e.__cause__
+            elif isinstance(item, Image.Image):
+                item = item.convert("RGB")
+            else:
                 raise TypeError(f"predict() takes image paths, PIL images or a (B, 3, H, W) tensor, got "
                                 f"{type(item).__name__}")
-            batch.append(self.transform(item.convert("RGB")))
+            batch.append(self.transform(item))
         return torch.stack(batch)
 
     def predict(self, images: Union[torch.Tensor, Sequence], topk: int = 1,

@@ -25,7 +25,8 @@ def read_rgb(path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated data, bad headers
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's failures: not an
+        # image (UnidentifiedImageError), truncated data, bad headers, over PIL's pixel limit
         raise DatasetFormatError(f"image file '{path}' cannot be read ({type(e).__name__}: {e}); re-extract it from "
                                  f"the dataset's archive, or delete it (and its line in any split list)") from e
 

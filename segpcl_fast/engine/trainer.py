@@ -171,7 +171,8 @@ class Trainer:
         """A new run must not mix its files with another run's (stale task_03.pt next to new ones)."""
         checkpoints = self.out / ckpt.CHECKPOINT_DIR
         stale = sorted(checkpoints.glob("task_*.pt")) if checkpoints.is_dir() else []
-        earlier = [p for p in [self.out / "results.json"] if p.exists()] + stale
+        results = self.out / "results.json"
+        earlier = ([results] if results.exists() else []) + stale
         if not earlier:  # at most the config.yaml of a run that finished no task (a NaN, a bad file): replaced
             if (self.out / "config.yaml").exists():
                 self.log_fn(f"{self.out} holds the config of a run that finished no task: starting over there")
@@ -184,7 +185,7 @@ class Trainer:
         for p in stale:
             p.unlink()
         (checkpoints / ckpt.LAST_POINTER).unlink(missing_ok=True)
-        (self.out / "results.json").unlink(missing_ok=True)  # else a later --resume could report the old run
+        results.unlink(missing_ok=True)  # else a later --resume could report the old run
         self.log_fn(f"run.overwrite: replacing the run in {self.out}")
 
     def _anchors_on_rank0(self) -> None:

@@ -278,7 +278,7 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
     import open_clip
     register_model_configs()
     known = open_clip.list_models()
-    if name not in known and not name.startswith(("hf-hub:", "local-dir:")):
+    if not _is_known_model(name, known):
         close = difflib.get_close_matches(name, known, n=5)
         hint = f"did you mean {close}? " if close else ""
         raise ModelLoadError(f"unknown model '{name}'; {hint}(open_clip.list_models() lists all)")
@@ -297,6 +297,11 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
         raise ModelLoadError(_load_failure(name, pretrained, resolved, e)) from e
     clip.eval()
     return CLIPModel(clip, tokenizer, name, pretrained)
+
+
+def _is_known_model(name: str, known: Sequence[str]) -> bool:
+    """A registered open_clip config, or a name open_clip resolves itself (Hugging Face hub, local dir)."""
+    return name in known or name.startswith(("hf-hub:", "local-dir:"))
 
 
 def _load_failure(name: str, pretrained: Optional[str], resolved: Optional[str], error: Exception) -> str:
@@ -328,7 +333,7 @@ def model_from_state_dict(name: str, state_dict: dict, device: str | torch.devic
     """
     import open_clip
     register_model_configs()
-    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+    if not _is_known_model(name, open_clip.list_models()):
         raise ModelLoadError(f"unknown model '{name}': register its open_clip config (open_clip.add_model_config) "
                              f"before loading weights made for it")
     try:
