@@ -20,8 +20,8 @@
 # one device call can run "kernels bench ext e2e profile" and a second call picks up the rest.
 # Exit status non-zero when any step failed (all chosen steps still run).
 #
-# $OUT receives: device.txt, summary.md (kernel + e2e tables), results.tgz (every log, JSON and
-# the profile without its trace), trace.json.gz (when under 16 MiB).
+# $OUT receives: device.txt (ending with `segpcl-fast env`), summary.md (kernel + e2e tables),
+# results.tgz (every log, JSON and the profile without its trace), trace.json.gz (when under 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_results}"
@@ -51,6 +51,8 @@ starts() {  # starts <step>: chosen and enough budget left to be worth starting
 }
 
 pack() {  # what comes back: at most 8 files in $OUT
+  # the paths each op takes, after the ext step built (or did not build) the CUDA kernels
+  { echo; echo "== segpcl-fast env =="; timeout 60 "$PYTHON" -m segpcl_fast.cli env 2>&1; } >> "$WORK/device.txt"
   cp "$WORK/device.txt" "$OUT/" 2>/dev/null
   cat "$WORK"/kernels_summary.md "$WORK"/kernel_knobs.md "$WORK"/lora_parts.md "$WORK"/e2e_summary.md \
     "$WORK"/profile_e2e_step/categories.txt "$WORK"/profile_e2e_step/summary.json > "$OUT/summary.md" 2>/dev/null

@@ -13,6 +13,7 @@
     segpcl-fast distill-sources --sources anchors,new_data,seeds,folder --folder /data/ref_images
     segpcl-fast anchor-views --task 2 --projection pca
     segpcl-fast profile --steps 5 -o runs/profile          # torch.profiler trace + top kernels + stages
+    segpcl-fast env                                     # versions, devices, which path each fused op takes
 """
 from __future__ import annotations
 
@@ -338,6 +339,17 @@ def _add_classifier_parsers(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_env(args) -> int:
+    from .report.environment import environment, format_environment
+    env = environment()
+    if args.json:
+        import json
+        print(json.dumps(env, indent=1))
+    else:
+        print(format_environment(env))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpcl-fast", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages (op dispatch, timings)")
@@ -362,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classifier_parsers(sub)
     _add_analysis_parsers(sub)
     _add_profile_parser(sub)
+    p = sub.add_parser("env", help="versions, devices, Triton / C++ extension / apex / xformers, and which "
+                                   "implementation each fused op takes here (for bug reports)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
+    p.set_defaults(func=cmd_env)
     return parser
 
 

@@ -58,15 +58,20 @@ def choose_impl(op: str, *tensors, supported: bool = True) -> str:
     under "triton" the launcher then raises its own clear error.
     Inside torch.compile tracing the choice is not recorded (its logging would break the graph).
     """
-    backend = dispatch.get_backend()
-    device = tensors[0].device.type
-    if backend == "triton":
+    if dispatch.get_backend() == "triton":
         _utils.check_can_run(op, *tensors)
-        impl = "triton"
-    elif backend == "auto" and supported and _utils.HAS_TRITON and all(t.is_cuda for t in tensors):
-        impl = "triton"
-    else:
-        impl = "reference"
+    impl = impl_for_devices({t.device.type for t in tensors}, supported)
     if not torch.compiler.is_compiling():  # record_choice logs: a graph break under dynamo
-        dispatch.record_choice(op, impl, device)
+        dispatch.record_choice(op, impl, tensors[0].device.type)
     return impl
+
+
+def impl_for_devices(device_types: set, supported: bool = True) -> str:
+    """choose_impl's rule without tensors (`segpcl-fast env` asks it per device): "triton" under
+    the "triton" backend, or under "auto" for CUDA-only inputs when triton is installed."""
+    backend = dispatch.get_backend()
+    if backend == "triton":
+        return "triton"
+    if backend == "auto" and supported and _utils.HAS_TRITON and set(device_types) == {"cuda"}:
+        return "triton"
+    return "reference"

@@ -1,0 +1,201 @@
+"""`segpcl-fast env`: what this machine has, and which implementation each fused op takes on it.
+
+Like `python -m torch.utils.collect_env` or `python -m xformers.info`, narrowed to what decides
+segpcl_fast's paths; paste its output into a bug report. The per-device answers come from the
+dispatch's own predicates (`ops._kernels.impl_for_devices`, `ops.lora_linear.lora_b_linear_impl`,
+`ops.mha._use_xformers`), so they are what a call would run, not a second copy of the rules.
+Nothing here imports open_clip or launches a kernel (on CUDA, xformers' one-off probe aside).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+from typing import Optional
+
+import torch
+
+from .results import _dist_version, collect_versions
+
+# environment variables that change what runs (ours, Triton's, CUDA's, the DDP presets')
+ENV_PREFIXES = ("SEGPCL_", "TRITON_", "NCCL_", "TORCHINDUCTOR_")
+ENV_NAMES = ("CUDA_VISIBLE_DEVICES", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS", "TORCH_LOGS")
+TRITON_OPS = ("pgd_step", "anchor_kl", "knn_subgraph_kl")
+
+
+def _devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def _triton() -> dict:
+    from ..ops._kernels import _utils
+    info = {"installed": _utils.HAS_TRITON, "version": _dist_version("triton"),
+            "interpreter": _utils.interpret_mode(), "import_error": None}
+    if _utils.HAS_TRITON:
+        try:
+            importlib.import_module("triton")
+        except Exception as exc:  # installed but broken (e.g. built for another torch)
+            info["import_error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def _extension() -> dict:
+    from ..ops import _ext
+    status = dict(_ext.extension_status())
+    status["path"] = getattr(_ext._C, "__file__", None)
+    return status
+
+
+def _cuda_devices() -> list[dict]:
+    if not torch.cuda.is_available():
+        return []
+    rows = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        rows.append({"index": index, "name": props.name, "capability": f"{props.major}.{props.minor}",
+                     "memory_gib": round(props.total_memory / 2**30, 1),
+                     "multiprocessors": props.multi_processor_count})
+    return rows
+
+
+def _triton_op_impl(op: str, device: str) -> str:
+    from ..ops import _kernels
+    if _kernels.dispatch.get_backend() == "triton":
+        try:
+            _kernels._utils.check_can_run(op, torch.empty(0, device=device))
+        except RuntimeError as exc:
+            return f"error: {exc}"
+    return _kernels.impl_for_devices({device})
+
+
+def _lora_impls(device: str) -> dict:
+    from ..ops.lora_linear import compiled_impl, has_kernel, lora_b_linear_impl
+    x = torch.empty(0, device=device)
+    trained_B = torch.empty(0, device=device, requires_grad=True)
+    try:
+        with torch.enable_grad():
+            train = lora_b_linear_impl(x, trained_B)
+        frozen = lora_b_linear_impl(x, trained_B.detach())
+    except RuntimeError as exc:  # run.ops=cpp forced where the extension has no kernel
+        return {"training": f"error: {exc}", "frozen_B": f"error: {exc}", "compiled": f"error: {exc}"}
+    compiled = compiled_impl() if train == "cpp" and has_kernel(device) else train
+    return {"training": train, "frozen_B": frozen, "compiled": compiled}
+
+
+def _attention_impl(device: str) -> str:
+    from ..ops.mha import _use_xformers
+    q = torch.empty(1, 1, 1, 64, device=device, dtype=torch.bfloat16)  # ViT-B head size, bf16
+    return "xformers" if _use_xformers(q, None) else "sdpa"
+
+
+def op_paths(device: str) -> dict:
+    """{op: implementation} that a call on `device` tensors takes under the current ops backend."""
+    paths = {op: _triton_op_impl(op, device) for op in TRITON_OPS}
+    lora = _lora_impls(device)
+    paths["lora_b_linear"] = lora["training"]
+    paths["lora_b_linear (B frozen)"] = lora["frozen_B"]
+    paths["lora_b_linear (compiled)"] = lora["compiled"]
+    paths["attention (no mask)"] = _attention_impl(device)
+    paths["attention (masked)"] = "sdpa"
+    return paths
+
+
+def _optional_packages() -> dict:
+    from ..engine import accel
+    found = accel.available()
+    found["scikit_learn"] = _dist_version("scikit-learn")
+    found["peft"] = _dist_version("peft")
+    return found
+
+
+def _environment_variables() -> dict:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+
+
+def environment() -> dict:
+    """The whole report as a JSON-ready dict (`segpcl-fast env --json`)."""
+    from ..ops import dispatch
+    versions = collect_versions()
+    versions["peft"] = _dist_version("peft")
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": {"available": torch.cuda.is_available(), "torch_built_with": torch.version.cuda,
+                 "torch_arch_list": torch.cuda.get_arch_list() if torch.cuda.is_available() else [],
+                 "devices": _cuda_devices()},
+        "triton": _triton(),
+        "extension": _extension(),
+        "optional": _optional_packages(),
+        "ops_backend": dispatch.get_backend(),
+        "op_paths": {device: op_paths(device) for device in _devices()},
+        "environment_variables": _environment_variables(),
+    }
+
+
+def _yes(flag: Optional[bool]) -> str:
+    return "yes" if flag else "no"
+
+
+def format_environment(env: dict) -> str:
+    """The report as the text `segpcl-fast env` prints."""
+    v, cuda, triton, ext = env["versions"], env["cuda"], env["triton"], env["extension"]
+    lines = [f"segpcl_fast {v['segpcl_fast']}   python {v['python']}   {env['platform']}",
+             "   ".join(f"{k} {v.get(k) or '-'}" for k in ("torch", "torchvision", "open_clip", "numpy", "peft"))]
+    if cuda["available"]:
+        for d in cuda["devices"]:
+            lines.append(f"cuda:{d['index']} {d['name']} (sm_{d['capability'].replace('.', '')}, "
+                         f"{d['memory_gib']} GiB, {d['multiprocessors']} SMs)")
+        lines.append(f"torch CUDA {cuda['torch_built_with']}, kernels for {' '.join(cuda['torch_arch_list'])}")
+    else:
+        lines.append(f"no CUDA device (torch built with CUDA {cuda['torch_built_with'] or '-'}); "
+                     f"cpu: {env['cpu_threads']} threads")
+    if not triton["installed"]:
+        lines.append("triton: not installed (the fused kernels' references run)")
+    else:
+        state = f"import fails: {triton['import_error']}" if triton["import_error"] else (
+            "interpreter on (TRITON_INTERPRET)" if triton["interpreter"] else "compiles for CUDA")
+        lines.append(f"triton {triton['version']}: {state}")
+    if ext["built"]:
+        lines.append(f"extension segpcl_fast._C: CPU kernels, {'with' if ext['cuda'] else 'no'} CUDA kernels "
+                     f"({ext['path']})")
+    else:
+        lines.append(f"extension segpcl_fast._C: not built ({ext['error']}); LoRA runs in plain PyTorch")
+    opt = env["optional"]
+    lines.append(f"apex FusedSGD: {_yes(opt['apex_fused_sgd'])}   xformers: {_yes(opt['xformers'])}   "
+                 f"scikit-learn: {opt['scikit_learn'] or 'no'}")
+    devices = list(env["op_paths"])
+    lines.append(f"\nop paths under ops backend '{env['ops_backend']}' (run.ops / SEGPCL_OPS):")
+    width = max(len(op) for op in env["op_paths"][devices[0]])
+    col = max([12] + [len(impl) + 2 for paths in env["op_paths"].values() for impl in paths.values()
+                      if not impl.startswith("error")])
+    lines.append("  " + "op".ljust(width) + "  " + "".join(d.ljust(col) for d in devices))
+    errors = []
+    for op in env["op_paths"][devices[0]]:
+        cells = []
+        for d in devices:
+            impl = env["op_paths"][d][op]
+            if impl.startswith("error: "):
+                errors.append(f"  {op} on {d}: {impl[len('error: '):]}")
+                impl = "error (below)"
+            cells.append(impl.ljust(col))
+        lines.append("  " + op.ljust(width) + "  " + "".join(cells).rstrip())
+    lines += errors
+    lines += _hints(env)
+    variables = env["environment_variables"]
+    lines.append("\nenvironment: " + (" ".join(f"{k}={val}" for k, val in variables.items()) or "(none of ours set)"))
+    return "\n".join(lines)
+
+
+def _hints(env: dict) -> list[str]:
+    """What to install or rebuild when a GPU is here but a fast path is not."""
+    if not env["cuda"]["available"]:
+        return []
+    hints = []
+    if not env["triton"]["installed"] or env["triton"]["import_error"]:
+        hints.append("the Triton kernels need an importable triton matching this torch (`pip install triton`)")
+    if not env["extension"]["cuda"]:
+        hints.append("the C++ LoRA op has no CUDA kernels: rebuild with `SEGPCL_WITH_CUDA=1 pip install "
+                     "--no-build-isolation .` (needs nvcc; CUDA_HOME)")
+    return ["\nhint: " + h for h in hints]
