@@ -155,7 +155,8 @@ def format_environment(env: dict) -> str:
         lines.append("triton: not installed (the fused kernels' references run)")
     else:
         state = f"import fails: {triton['import_error']}" if triton["import_error"] else (
-            "interpreter on (TRITON_INTERPRET)" if triton["interpreter"] else "compiles for CUDA")
+            "interpreter on (TRITON_INTERPRET): the kernels run on CPU tensors under run.ops=triton"
+            if triton["interpreter"] else "imports; the kernels run on CUDA tensors")
         lines.append(f"triton {triton['version']}: {state}")
     if ext["built"]:
         lines.append(f"extension segpcl_fast._C: CPU kernels, {'with' if ext['cuda'] else 'no'} CUDA kernels "
@@ -170,7 +171,7 @@ def format_environment(env: dict) -> str:
     width = max(len(op) for op in env["op_paths"][devices[0]])
     col = max([12] + [len(impl) + 2 for paths in env["op_paths"].values() for impl in paths.values()
                       if not impl.startswith("error")])
-    lines.append("  " + "op".ljust(width) + "  " + "".join(d.ljust(col) for d in devices))
+    lines.append(("  " + "op".ljust(width) + "  " + "".join(d.ljust(col) for d in devices)).rstrip())
     errors = []
     for op in env["op_paths"][devices[0]]:
         cells = []
