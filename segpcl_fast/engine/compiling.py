@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from ..ops.lora_linear import compiled_impl as compiled_lora_impl
+
 log = logging.getLogger("segpcl_fast.engine")
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -55,6 +57,9 @@ class CompileSettings:
     def options(self) -> dict:
         if self.mode not in MODES:
             raise ValueError(f"compile mode '{self.mode}' is unknown; choose one of {MODES}")
+        # read again while tracing; checked here, in eager code, because dynamo (seen on torch 2.6)
+        # may replace an error raised during tracing with "Observed exception", dropping its message
+        compiled_lora_impl()
         kwargs = {"backend": self.backend}
         if self.backend == "inductor":
             kwargs["mode"] = self.mode
