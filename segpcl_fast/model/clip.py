@@ -78,6 +78,12 @@ class CLIPModel(nn.Module):
                                       std=tuple(getattr(visual, "image_std", None) or _OPENAI_STD))
         self.image_autocast: Optional[torch.dtype] = None  # autocast dtype of the image tower (None: off)
         self._vit = hasattr(visual, "_embeds") and hasattr(visual, "_pool")
+        if not self._vit and type(visual).__name__ == "VisionTransformer":
+            import importlib.metadata
+            raise ModelLoadError(
+                f"open_clip {importlib.metadata.version('open_clip_torch')}'s VisionTransformer has no _embeds / _pool "
+                "(added in open_clip 2.32), which r(x), the pre-projection image feature, is read from: "
+                "pip install 'open_clip_torch>=2.32'")
         if not self._vit:
             log.warning("image tower of %s is not an open_clip VisionTransformer: r(x) is taken as the "
                         "tower's output (r = v), so the prototype path works in embedding space", name)

@@ -1,8 +1,8 @@
 """Hardware presets and the torchrun entry point (CPU, gloo)."""
 import json
 import os
-import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -45,13 +45,14 @@ def test_cli_set_wins_over_the_preset():
     assert _config_from_args(args).optim.batch_size == 64
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_cpu_ranks_match_one_process(tmp_path):
-    """The documented launch line (torchrun -m segpcl_fast.cli train) on 2 gloo ranks, shipped tiny model."""
+    """The documented launch line (torchrun -m segpcl_fast.cli train) on 2 gloo ranks, shipped tiny model.
+    torchrun is run as `python -m torch.distributed.run` (the same program) with this interpreter: a
+    `torchrun` found on PATH may belong to another environment, with another torch and open_clip."""
     sets = ["run.device=cpu", "data.max_train_per_class=2", "data.max_test_per_class=2", "data.num_tasks=2",
             "optim.epochs=1", "optim.batch_size=32", "dpgd.k_adv=2", "run.progress=false", "run.plots=false",
             "run.num_threads=1", "data.train_augment=false", "acgd.anchor_batch=1000"]
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "segpcl_fast.cli", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "segpcl_fast.cli", "train",
            "-o", str(tmp_path / "ddp")] + [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

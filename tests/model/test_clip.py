@@ -114,3 +114,14 @@ def test_the_hub_is_offline_while_open_clip_loads_and_restored_after():
     with _hf_hub_offline():
         assert hf_constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
     assert hf_constants.HF_HUB_OFFLINE == before
+
+
+def test_open_clip_without_vit_hooks_is_one_clear_error(tiny_model_name, monkeypatch):
+    """open_clip < 2.32: its VisionTransformer has no _embeds / _pool, so r(x) cannot be read; that is
+    an error naming the upgrade, not a silent fall-back to r = v (which a non-ViT tower takes)."""
+    import open_clip.transformer as oct
+    from segpcl_fast.model.clip import CLIPModel
+    clip = load_model(tiny_model_name, pretrained=None).clip
+    monkeypatch.delattr(oct.VisionTransformer, "_embeds")
+    with pytest.raises(ModelLoadError, match=r"no _embeds / _pool.*open_clip_torch>=2.32"):
+        CLIPModel(clip, None, tiny_model_name, None)
