@@ -72,6 +72,9 @@ def test_compiled_lora_row_follows_SEGPCL_LORA_COMPILE(monkeypatch):
     assert op_paths("cpu")["lora_b_linear (compiled)"] == "cpp"
     with ops.backend("reference"):
         assert op_paths("cpu")["lora_b_linear (compiled)"] == "reference"
+    monkeypatch.delenv("SEGPCL_LORA_COMPILE")
+    with ops.backend("cpp"):  # a forced backend holds in compiled graphs too: the variable is not read
+        assert op_paths("cpu")["lora_b_linear (compiled)"] == "cpp"
 
 
 def _env_cli(*args, **env):

@@ -51,27 +51,25 @@ _utils = load_kernel("_triton_utils")
 def choose_impl(op: str, *tensors, supported: bool = True) -> str:
     """"triton" or "reference" for these tensors under the current backend, recorded in dispatch.
 
-    auto: Triton on CUDA tensors when triton imports, else the reference. "triton": Triton on
+    auto: Triton on CUDA tensors when triton is installed, else the reference. "triton": Triton on
     CUDA, or on CPU under TRITON_INTERPRET=1 (tests); anywhere else one clear error.
     "reference" (and "cpp", which has no version of these ops): the reference.
     supported=False (shapes the fused kernel does not take) picks the reference under "auto";
     under "triton" the launcher then raises its own clear error.
     Inside torch.compile tracing the choice is not recorded (its logging would break the graph).
     """
-    if dispatch.get_backend() == "triton":
-        _utils.check_can_run(op, *tensors)
-    impl = impl_for_devices({t.device.type for t in tensors}, supported)
+    impl = impl_for(op, *tensors, supported=supported)
     if not torch.compiler.is_compiling():  # record_choice logs: a graph break under dynamo
         dispatch.record_choice(op, impl, tensors[0].device.type)
     return impl
 
 
-def impl_for_devices(device_types: set, supported: bool = True) -> str:
-    """choose_impl's rule without tensors (`segpcl-fast env` asks it per device): "triton" under
-    the "triton" backend, or under "auto" for CUDA-only inputs when triton is installed."""
+def impl_for(op: str, *tensors, supported: bool = True) -> str:
+    """choose_impl's rule, without recording the choice (`segpcl-fast env` asks it per device)."""
     backend = dispatch.get_backend()
     if backend == "triton":
+        _utils.check_can_run(op, *tensors)
         return "triton"
-    if backend == "auto" and supported and _utils.HAS_TRITON and set(device_types) == {"cuda"}:
+    if backend == "auto" and supported and _utils.HAS_TRITON and all(t.is_cuda for t in tensors):
         return "triton"
     return "reference"

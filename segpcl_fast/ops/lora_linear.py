@@ -116,8 +116,10 @@ def _needs_grad_B(lora_B: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and lora_B.requires_grad
 
 
-def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None) -> str:
+def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
+                       compiling: Optional[bool] = None) -> str:
     """Which implementation `lora_b_linear` runs for this input: "cpp", "merged" or "reference".
+    `compiling` (default: whether torch.compile is tracing now) asks for the traced choice.
 
     "auto" (and "triton") take the C++ op in eager mode where it has a kernel for x's device, and
     the plain-PyTorch merged arrangement under torch.compile (inductor traces it and fuses the bias
@@ -138,7 +140,7 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None) -
             "set_backend('auto').")
     if not has_kernel(x.device.type) or (lora_B is not None and not _needs_grad_B(lora_B)):
         return "merged"
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return compiled_impl()
     return "cpp"
 

@@ -2,14 +2,13 @@
 
 Like `python -m torch.utils.collect_env` or `python -m xformers.info`, narrowed to what decides
 segpcl_fast's paths; paste its output into a bug report. The per-device answers come from the
-dispatch's own predicates (`ops._kernels.impl_for_devices`, `ops.lora_linear.lora_b_linear_impl`,
+dispatch's own predicates (`ops._kernels.impl_for`, `ops.lora_linear.lora_b_linear_impl`,
 `ops.mha._use_xformers`), so they are what a call would run, not a second copy of the rules.
 Nothing here imports open_clip or launches a kernel (on CUDA, xformers' one-off probe aside).
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import platform
 from typing import Optional
@@ -59,28 +58,22 @@ def _cuda_devices() -> list[dict]:
     return rows
 
 
-def _triton_op_impl(op: str, device: str) -> str:
-    from ..ops import _kernels
-    if _kernels.dispatch.get_backend() == "triton":
-        try:
-            _kernels._utils.check_can_run(op, torch.empty(0, device=device))
-        except RuntimeError as exc:
-            return f"error: {exc}"
-    return _kernels.impl_for_devices({device})
+def _impl_or_error(choose) -> str:
+    """choose() -> the implementation name, or "error: ..." where the forced backend cannot run."""
+    try:
+        return choose()
+    except RuntimeError as exc:
+        return f"error: {exc}"
 
 
 def _lora_impls(device: str) -> dict:
-    from ..ops.lora_linear import compiled_impl, has_kernel, lora_b_linear_impl
+    from ..ops.lora_linear import lora_b_linear_impl
     x = torch.empty(0, device=device)
     trained_B = torch.empty(0, device=device, requires_grad=True)
-    try:
-        with torch.enable_grad():
-            train = lora_b_linear_impl(x, trained_B)
-        frozen = lora_b_linear_impl(x, trained_B.detach())
-    except RuntimeError as exc:  # run.ops=cpp forced where the extension has no kernel
-        return {"training": f"error: {exc}", "frozen_B": f"error: {exc}", "compiled": f"error: {exc}"}
-    compiled = compiled_impl() if train == "cpp" and has_kernel(device) else train
-    return {"training": train, "frozen_B": frozen, "compiled": compiled}
+    with torch.enable_grad():
+        return {"training": _impl_or_error(lambda: lora_b_linear_impl(x, trained_B, compiling=False)),
+                "frozen_B": _impl_or_error(lambda: lora_b_linear_impl(x, trained_B.detach(), compiling=False)),
+                "compiled": _impl_or_error(lambda: lora_b_linear_impl(x, trained_B, compiling=True))}
 
 
 def _attention_impl(device: str) -> str:
@@ -91,7 +84,9 @@ def _attention_impl(device: str) -> str:
 
 def op_paths(device: str) -> dict:
     """{op: implementation} that a call on `device` tensors takes under the current ops backend."""
-    paths = {op: _triton_op_impl(op, device) for op in TRITON_OPS}
+    from ..ops._kernels import impl_for
+    probe = torch.empty(0, device=device)
+    paths = {op: _impl_or_error(lambda: impl_for(op, probe)) for op in TRITON_OPS}
     lora = _lora_impls(device)
     paths["lora_b_linear"] = lora["training"]
     paths["lora_b_linear (B frozen)"] = lora["frozen_B"]
@@ -105,7 +100,6 @@ def _optional_packages() -> dict:
     from ..engine import accel
     found = accel.available()
     found["scikit_learn"] = _dist_version("scikit-learn")
-    found["peft"] = _dist_version("peft")
     return found
 
 
