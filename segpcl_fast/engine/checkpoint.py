@@ -126,6 +126,11 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
     return state
 
 
+def format_config_diff(diff: Mapping[str, tuple[Any, Any]], limit: Optional[int] = None) -> str:
+    """config_diff's result as an error message lists it: "key was old, now new; ..." (the first `limit`)."""
+    return "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in list(diff.items())[:limit])
+
+
 def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: Optional[Mapping],
                        ignore_keys: Iterable[str], defaults: Optional[Mapping] = None) -> None:
     found = state.get("fingerprint", state.get("config_fingerprint"))
@@ -144,8 +149,7 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
                               f"matched to this config. {fix}")
     what = "a different config"
     if diff:
-        what = "a different config: " + "; ".join(
-            f"{k} was {old!r}, now {new!r}" for k, (old, new) in diff.items())
+        what = "a different config: " + format_config_diff(diff)
     raise CheckpointError(f"checkpoint {path} was made with {what} (fingerprint {found} != "
                           f"{expected}). {fix}")
 

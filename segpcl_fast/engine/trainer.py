@@ -355,9 +355,8 @@ class Trainer:
         diff = ckpt.config_diff(saved.get("config") or {}, self.cfg.to_dict(), defaults=type(self.cfg)().to_dict())
         if diff:
             raise ckpt.CheckpointError(
-                f"{path} holds a finished run of another config (" + "; ".join(
-                    f"{k} was {old!r}, now {new!r}" for k, (old, new) in list(diff.items())[:5]) +
-                "): resume it with its own config, or start a new run with -o or --set run.overwrite=true")
+                f"{path} holds a finished run of another config ({ckpt.format_config_diff(diff, limit=5)}): "
+                "resume it with its own config, or start a new run with -o or --set run.overwrite=true")
         self.log_fn(f"all {T} tasks of the run in {self.out} are finished: nothing to resume ({path} kept)")
         return Result(accuracy_matrix=metrics.matrix_to_list(saved["matrix"]), acc_per_task=saved["acc_per_task"],
                       metrics=saved["metrics"], fwt_before=saved.get("fwt_before") or [None] * T,
