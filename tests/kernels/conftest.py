@@ -76,8 +76,8 @@ def _old_interpreter_numpy_bug(exc: BaseException) -> bool:
     (1,)), which numpy >= 2.4 refuses; Triton 3.7+ squeezes first. Compiled kernels are unaffected."""
     import numpy
     import triton
-    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # noqa: E731
-    if not INTERPRET or version(triton.__version__) > (3, 6) or version(numpy.__version__) < (2, 4):
+    from packaging.version import Version
+    if not INTERPRET or Version(triton.__version__) >= Version("3.7") or Version(numpy.__version__) < Version("2.4"):
         return False
     while exc is not None:
         if "only 0-dimensional arrays can be converted to Python scalars" in str(exc):
