@@ -42,7 +42,7 @@ def first_existing(candidates: Iterable[Path]) -> Optional[Path]:
 
 def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, stripped line) of the non-empty, non-'#' lines of `path`."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not text
         for n, line in enumerate(f, 1):
             text = line.strip()
             if text and not text.startswith("#"):
@@ -54,10 +54,15 @@ def read_lines(path: Path) -> list[str]:
     return [text for _, text in numbered_lines(path)]
 
 
+def is_image_name(path: Path) -> bool:
+    """An image file name: a known extension (any case), not hidden. Hidden names include macOS's
+    AppleDouble '._<name>.jpg' metadata files that copies from a Mac leave beside every image."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name (deterministic)."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir() if is_image_name(p) and p.is_file())
 
 
 def wnid_folders(folder: Path) -> list[str]:
@@ -99,7 +104,7 @@ def _mapping_from_meta_bin(path: Path) -> dict[str, str]:
 
 def _mapping_from_json(path: Path) -> dict[str, str]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"'{path}' is not valid JSON ({err})") from err

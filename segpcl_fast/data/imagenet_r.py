@@ -132,6 +132,10 @@ def _split_from_files(root_path: Path, folder: Path, wnid_index: dict[str, int],
     dirs = list(dict.fromkeys([root_path, folder]))
     for d in dirs:
         train_list, test_list = d / "train.txt", d / "test.txt"
+        if train_list.is_file() != test_list.is_file():  # half a split: not silently replaced by the seeded one
+            have, lack = (train_list, test_list) if train_list.is_file() else (test_list, train_list)
+            raise format_error(NAME, f"'{have}' is there but '{lack}' is not", LAYOUT,
+                               f"put {lack.name} next to it, or move {have.name} away to use the seeded split")
         if train_list.is_file() and test_list.is_file():
             return (_parse_entries(train_list, list(numbered_lines(train_list)), bases, wnid_index),
                     _parse_entries(test_list, list(numbered_lines(test_list)), bases, wnid_index),

@@ -178,7 +178,7 @@ def _split_from_list(files: list[tuple[str, str]], wnids: list[str], list_path: 
 def _val_from_csv(csv_path: Path, folder: Path, wnids: list[str]) -> Split:
     index = {w: i for i, w in enumerate(wnids)}
     pairs = []
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         absent = [c for c in VAL_CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if absent:

@@ -179,8 +179,8 @@ def list_reference_images(folder: Optional[str]) -> list[Path]:
     if not path.is_dir():
         raise format_error("acgd.source=folder", f"reference folder '{path}' does not exist", layout,
                            "point acgd.source_folder at a folder of images")
-    from .files import IMAGE_EXTENSIONS
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    from .files import is_image_name
+    files = sorted(p for p in path.rglob("*") if is_image_name(p) and p.is_file())
     if not files:
         raise format_error("acgd.source=folder", f"reference folder '{path}' holds no image files", layout,
                            "put images there or choose another acgd.source_folder")

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 from PIL import Image
 
 from .base import ClassDataset, read_rgb
-from .files import IMAGE_EXTENSIONS, format_error, numbered_lines, require_root
+from .files import format_error, is_image_name, numbered_lines, require_root
 
 NAME = "ucf101"
 FRAME_DIR_CANDIDATES = ("UCF-101-midframes", "UCF-101-frames", "frames", "rawframes", "UCF-101", "UCF101")
@@ -67,7 +67,7 @@ def middle_frame(video_dir: Path) -> Path:
     """
     series: dict[str, list[Path]] = {}
     for p in video_dir.iterdir():
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
+        if is_image_name(p):
             series.setdefault(_series(p), []).append(p)
     if not series:
         raise format_error(NAME, f"video frame folder '{video_dir}' holds no images", LAYOUT,
@@ -142,11 +142,11 @@ def _frames_dir(root: Path, classes: list[str], frames_dir: Optional[str]) -> Pa
                        "extract frames there, or set data.frames_dir")
 
 
-FRAME_SUFFIXES = (".jpg", ".png", "")  # a middle-frame image, or a folder of frames
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", "")  # a middle-frame image, or a folder of frames
 
 
 def _find_video(folders: list[Path], stem: str, listings: dict[Path, dict[str, Path]]) -> Optional[Path]:
-    """`<folder>/<stem>.jpg|.png|/` in the first folder that has one; exact name, else any case."""
+    """`<folder>/<stem>.jpg|.jpeg|.png|/` in the first folder that has one; exact name, else any case."""
     for folder in folders:
         for suffix in FRAME_SUFFIXES:
             path = folder / f"{stem}{suffix}"
@@ -177,7 +177,7 @@ def _missing_error(list_path: Path, frames: Path, missing: list[tuple[list[Path]
                             "(or set data.frames_dir to a folder of extracted frames)")
     examples = [str(folders[0] / Path(name).stem) for folders, name in missing[:3]]
     return format_error(NAME, f"{len(missing)} videos of {list_path.name} have no frames under '{frames}', "
-                              f"e.g. {examples} (.jpg or a folder)", LAYOUT,
+                              f"e.g. {examples} (.jpg, .jpeg, .png or a folder)", LAYOUT,
                         "extract frames for every video of the split")
 
 
@@ -185,6 +185,8 @@ def _read_list(path: Path, frames: Path, class_index: dict[str, int], with_label
                ) -> tuple[list[str], list[int]]:
     sources, targets, missing = [], [], []
     listings: dict[Path, dict[str, Path]] = {}
+    # class folders matched in any case ('HandStandPushups/' holds the list's 'HandstandPushups')
+    class_dirs = {p.name.lower(): p for p in frames.iterdir() if p.is_dir()} if frames.is_dir() else {}
     for n, line in numbered_lines(path):
         parts = line.split()
         rel = Path(parts[0])
@@ -196,7 +198,7 @@ def _read_list(path: Path, frames: Path, class_index: dict[str, int], with_label
             raise format_error(NAME, f"{path}:{n}: label {parts[1]} disagrees with classInd.txt "
                                      f"({rel.parent.name} is {label + 1})", LAYOUT,
                                "use split lists and classInd.txt from the same release")
-        folders = [frames / f for f in class_folders(rel.parent.name)] + [frames]
+        folders = [class_dirs.get(f.lower(), frames / f) for f in class_folders(rel.parent.name)] + [frames]
         source = _find_video(folders, rel.with_suffix("").name, listings)
         if source is None:
             missing.append((folders, rel.name))

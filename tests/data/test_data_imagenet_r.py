@@ -197,3 +197,29 @@ def test_names_that_collide_case_insensitively_are_one_error(imagenet_r_root, tm
                                for i, w in enumerate(WNIDS)) + "\n")
     with pytest.raises(DatasetFormatError, match=f"(?s)collide.*'crane' \\({WNIDS[0]}, {WNIDS[1]}\\).*data.names_file"):
         load_imagenet_r(str(imagenet_r_root), names_file=str(names))
+
+
+def test_macos_appledouble_files_are_not_images(imagenet_r_root):
+    """A copy from a Mac leaves '._<name>.jpg' (resource-fork metadata, not a JPEG) beside every image."""
+    folder = imagenet_r_root / "imagenet-r"
+    for wnid in WNIDS:
+        (folder / wnid / "._cartoon_0.jpg").write_bytes(b"\x00\x05\x16\x07 Mac OS X metadata")
+        (folder / wnid / ".hidden.png").write_bytes(b"not an image")
+    train, test = load_imagenet_r(str(imagenet_r_root))
+    assert len(train) + len(test) == len(WNIDS) * IMR_PER_CLASS
+    assert not any("/." in p for p in train.paths + test.paths)
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_wnid(imagenet_r_root):
+    readme = imagenet_r_root / "imagenet-r" / "README.txt"
+    readme.write_text("\ufeff" + "".join(f"{w} {n}\n" for w, n in sorted(IMR_WNIDS.items())), encoding="utf-8")
+    train, _ = load_imagenet_r(str(imagenet_r_root))
+    assert train.class_names[0] == "goldfish"
+
+
+@pytest.mark.parametrize("present", ["train.txt", "test.txt"])
+def test_half_a_split_file_pair_is_an_error_not_the_seeded_split(imagenet_r_root, present):
+    (imagenet_r_root / present).write_text(f"imagenet-r/{WNIDS[0]}/cartoon_0.jpg\n")
+    missing = "test.txt" if present == "train.txt" else "train.txt"
+    with pytest.raises(DatasetFormatError, match=f"{present}' is there but .*{missing}' is not"):
+        load_imagenet_r(str(imagenet_r_root))

@@ -186,3 +186,24 @@ def test_list_errors_cite_the_file_line_past_blank_and_comment_lines(ucf_root):
     path.write_text("# UCF101 split 1\n\n" + "\n".join(lines) + "\n")
     with pytest.raises(DatasetFormatError, match=r"trainlist01.txt:4: label 3 disagrees"):
         load_ucf101(str(ucf_root))
+
+
+def test_hidden_files_in_a_frame_folder_do_not_move_the_middle_frame(tmp_path):
+    video = tmp_path / "v_YoYo_g01_c01"
+    for k in range(1, 6):
+        write_image(video / f"frame_{k}.jpg", colour(1, k))
+        (video / f"._frame_{k}.jpg").write_bytes(b"\x00\x05\x16\x07 Mac OS X metadata")
+    assert middle_frame(video).name == "frame_3.jpg"  # 5 frames; with the 5 '._' files counted: frame_1
+
+
+def test_jpeg_middle_frames_and_class_folders_in_another_case(ucf_root):
+    frames = ucf_root / "UCF-101-midframes"
+    for path in sorted(frames.rglob("*.jpg")):
+        path.rename(path.with_suffix(".jpeg"))
+    (frames / "Handstand_Pushups").rename(frames / "HANDSTAND_PUSHUPS")
+    train, test = load_ucf101(str(ucf_root))
+    assert len(train) == 3 * len(UCF_TRAIN_GROUPS) and test.targets == [0, 1, 2]
+    for ds in (train, test):
+        for i in range(len(ds)):
+            img, label = ds[i]
+            assert decode_colour(img)[0] == label
