@@ -228,3 +228,34 @@ def test_cache_state_dict_round_trip_and_sampling():
     assert sorted(everything.targets.tolist()) == list(range(5))
     with pytest.raises(ValueError, match="one row per anchor"):
         anchors.AnchorCache(torch.randn(5, 3, 4, 4), torch.arange(4), torch.randn(5, 2), torch.randn(5, 7))
+
+
+def test_lambda_p_weights_the_visual_term(teacher):
+    """lambda_p = 0 with prototypes is the CE-only attack; other lambda_p values change the anchors."""
+    _, seeds, targets, text, protos, _, _ = _setup(teacher)
+    stats = (teacher.image_stats.mean, teacher.image_stats.std)
+
+    def attack(prototypes, lambda_p):
+        cfg = DPGDConfig(k_adv=3, lambda_p=lambda_p)
+        return anchors.run_dpgd(teacher, seeds, targets, text, prototypes, teacher.logit_scale(), cfg, *stats)
+
+    ce_only = attack(None, 1.0)
+    torch.testing.assert_close(attack(protos, 0.0), ce_only, atol=1e-6, rtol=0)
+    with_visual = attack(protos, 1.0)
+    assert float((with_visual - ce_only).abs().max()) > 1e-3  # the visual term moves the anchors
+    assert float((attack(protos, 50.0) - with_visual).abs().max()) > 1e-3  # and its weight matters
+
+
+def test_random_start_is_uniform_in_the_whole_ball(teacher):
+    """Random start draws delta in [-eps, eps] (both signs), not [0, eps]."""
+    pixels, seeds, targets, text, protos, mean, std = _setup(teacher)
+    cfg = DPGDConfig(k_adv=0, random_start=True)
+    g = torch.Generator().manual_seed(4)
+    adv = anchors.run_dpgd(teacher, seeds, targets, text, protos, 1.0, cfg, teacher.image_stats.mean,
+                           teacher.image_stats.std, generator=g) * std + mean
+    free = pixels[:, :, 4:-4]  # rows away from the saturated bands
+    delta = (adv[:, :, 4:-4] - free)[(free > cfg.eps) & (free < 1 - cfg.eps)]  # the box cannot bind here
+    assert delta.numel() > 1000
+    assert float(delta.min()) < -cfg.eps / 2 and float(delta.max()) > cfg.eps / 2
+    assert abs(float(delta.mean())) < cfg.eps / 10  # E[delta] = 0 for uniform in [-eps, eps]
+    assert 0.4 < float((delta < 0).float().mean()) < 0.6

@@ -125,3 +125,17 @@ def test_tsgr_is_zero_before_training_under_bf16_autocast(tiny_model_name):
         assert learner.text_embeddings(12).dtype == torch.float32
         _, parts = learner.loss(images, labels)
     assert float(parts["gr"]) < 1e-6
+
+
+def test_tsgr_graph_depends_on_directions_only():
+    """N(c) and q_0 use cosines: rescaling the reference rows by positive factors changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    ref = F.normalize(torch.randn(8, 5, generator=g), dim=-1)
+    scales = torch.tensor([0.2, 3.0, 0.5, 5.0, 1.0, 0.1, 2.0, 7.0]).unsqueeze(1)
+    plain = losses.TSGRGraph.build(ref, [5, 6, 7], k=3, tau=0.05)
+    scaled = losses.TSGRGraph.build(ref * scales, [5, 6, 7], k=3, tau=0.05)
+    dot = (ref * scales)[[5, 6, 7]] @ (ref * scales).T
+    dot[torch.arange(3), torch.tensor([5, 6, 7])] = -math.inf
+    assert not torch.equal(dot.topk(3, dim=-1).indices, plain.neighbors)  # dot products would rank otherwise
+    assert torch.equal(scaled.neighbors, plain.neighbors)
+    torch.testing.assert_close(scaled.ref_logprob, plain.ref_logprob, atol=1e-5, rtol=1e-5)

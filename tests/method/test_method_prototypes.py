@@ -68,3 +68,13 @@ def test_prototype_memory_add_transfer_state():
     assert torch.equal(other.tensor, mem.tensor)
     with pytest.raises(ValueError, match="width"):
         mem.add(torch.zeros(1, 3))
+
+
+def test_anchors_with_negative_cosine_get_zero_weight():
+    """w = max(0, cos): an anchor pointing away from p_c does not pull it (neither way)."""
+    protos = torch.tensor([[1.0, 0.0]])
+    teacher_raw = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])  # cos = 1 and -1/sqrt(2)
+    drift = torch.tensor([[0.0, 1.0], [5.0, 0.0]])
+    torch.testing.assert_close(P.transfer_weights(teacher_raw, protos), torch.tensor([[1.0], [0.0]]))
+    moved = P.transfer_prototypes(protos, teacher_raw, teacher_raw + drift)
+    torch.testing.assert_close(moved, protos + drift[0])  # the first anchor's drift only

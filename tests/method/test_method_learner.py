@@ -1,0 +1,213 @@
+"""The Learner wires the three stages together (method.md): which tensors reach which stage.
+
+Two tiny tasks of 3 classes each on the random-weight 'test-tiny' CLIP (32 px): task 0 has no
+anchors, task 1 (t = 2 in method.md) has 3 old classes, DPGD anchors and a TSGR graph. Each check
+recomputes the quantity by hand from the model and compares.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from segpcl_fast.config import Config
+from segpcl_fast.method import anchors as stage1
+from segpcl_fast.method import losses as stage2
+from segpcl_fast.method import prototypes as stage3
+from segpcl_fast.method.learner import Learner
+from segpcl_fast.model.clip import CLIPModel, load_model
+from segpcl_fast.model.lora import inject_lora, lora_parameters
+
+N_OLD = N_NEW = 3
+N_TOTAL = N_OLD + N_NEW
+TSGR_K = 3  # < N_TOTAL - 1, so k itself (not the shrunken k) sets the neighbourhood size
+
+
+def _perturb_lora(model, scale=0.05, seed=1):
+    """Stand-in for training: nonzero B on both towers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _first_task_done(tiny_model_name, perturb=True):
+    """A learner that finished task 0 (B nonzero when perturb: the student no longer equals the
+    pretrained reference), plus task 1's images and ordered labels."""
+    model = load_model(tiny_model_name, pretrained=None)
+    with torch.no_grad():  # s = 100 as in OpenAI's weights (random init gives 1 / 0.07)
+        model.clip.logit_scale.fill_(math.log(100.0))
+    inject_lora(model, rank=4, alpha=4, targets=("k", "v", "c_fc", "c_proj"), towers=("visual", "text"))
+    prompts = [[f"a good photo of a class {i}."] for i in range(N_TOTAL)]
+    cfg = Config()
+    cfg.dpgd.k_adv, cfg.dpgd.k_seed, cfg.tsgr.k = 2, 2, TSGR_K
+    learner = Learner(cfg, model, prompts, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    img1, y1 = torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    learner.begin_task(0, N_NEW, [(img1, y1)])
+    if perturb:
+        _perturb_lora(model)
+    learner.end_task(0, N_NEW, [(img1, y1)])
+    img2, y2 = torch.randn(6, 3, 32, 32, generator=g), y1 + N_OLD
+    return learner, img2, y2
+
+
+def _second_task_started(tiny_model_name, perturb=True):
+    learner, img, y = _first_task_done(tiny_model_name, perturb)
+    learner.begin_task(1, N_NEW, [(img, y)])
+    return learner, img, y
+
+
+def _kl_distill(z_s, z_t, tau):
+    """tau^2 * mean_a KL(softmax(z_t / tau) || softmax(z_s / tau)), written out (fp64: at tau = 20 the KL
+    is a small difference of O(1) log-probabilities)."""
+    z_s, z_t = z_s.double(), z_t.double()
+    p_t = F.softmax(z_t / tau, dim=-1)
+    return float(tau ** 2 * (p_t * (F.log_softmax(z_t / tau, -1) - F.log_softmax(z_s / tau, -1))).sum(-1).mean())
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+def test_tsgr_graph_rooted_at_new_classes_with_k_neighbours_in_reference_space(tiny_model_name):
+    learner, _, _ = _second_task_started(tiny_model_name)
+    graph = learner.graph
+    assert graph.roots.tolist() == list(range(N_OLD, N_TOTAL))  # only task 1's classes are roots
+    assert N_TOTAL > TSGR_K + 1
+    assert graph.neighbors.shape == (N_NEW, min(TSGR_K, N_TOTAL - 1)) == (N_NEW, TSGR_K)
+    # neighbours and q_0 from the fixed pretrained text, not from the (trained) student text
+    ref = F.normalize(learner.ref_text[:N_TOTAL].float(), dim=-1)
+    for r, root in enumerate(range(N_OLD, N_TOTAL)):
+        cos = ref[root] @ ref.T
+        cos[root] = -math.inf
+        want = cos.topk(TSGR_K).indices
+        assert graph.neighbors[r].tolist() == want.tolist()
+        torch.testing.assert_close(graph.ref_logprob[r], F.log_softmax(cos[want] / learner.cfg.tsgr.tau, -1),
+                                   atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        student = stage2.TSGRGraph.build(learner.text_embeddings(N_TOTAL), list(range(N_OLD, N_TOTAL)),
+                                         k=TSGR_K, tau=learner.cfg.tsgr.tau)
+    # the student text really moved: a graph built from it would have another q_0
+    assert float((student.ref_logprob - graph.ref_logprob).abs().max()) > 1e-3
+
+
+def test_dpgd_gets_old_prototypes_and_seeds_are_cosine_top_k(tiny_model_name, monkeypatch):
+    learner, img, y = _first_task_done(tiny_model_name)
+    # image embeddings with very different norms (a positive per-image factor): cosine and dot
+    # product rank the images differently, and the seeds must follow the cosine (v̄_T · u_T,c)
+    img = img + torch.linspace(-2.0, 2.0, img.shape[0]).view(-1, 1, 1, 1)
+    original = CLIPModel.encode_image
+
+    def spread_norms(self, images):
+        raw, emb = original(self, images)
+        return raw, emb * torch.exp(3.0 * images.mean(dim=(1, 2, 3))).unsqueeze(1)
+
+    calls = []
+    build = stage1.build_anchor_cache
+
+    def spy(teacher, seeds_pixels, targets, old_text, prototypes, *args, **kwargs):
+        calls.append((seeds_pixels.clone(), targets.clone(), None if prototypes is None else prototypes.clone()))
+        return build(teacher, seeds_pixels, targets, old_text, prototypes, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPModel, "encode_image", spread_norms)
+    monkeypatch.setattr(stage1, "build_anchor_cache", spy)
+    old_protos = learner.prototypes.tensor[:N_OLD].clone()
+    learner.begin_task(1, N_NEW, [(img, y)])
+    assert calls
+    with torch.no_grad():
+        _, emb = learner.model.encode_image(img)
+        text = learner.model.class_embeddings(learner.class_prompts[:N_OLD])
+    k = learner.cfg.dpgd.k_seed
+    cos_top = (F.normalize(emb, dim=-1) @ F.normalize(text, dim=-1).T).topk(k, dim=0).indices.T.reshape(-1)
+    dot_top = (emb @ text.T).topk(k, dim=0).indices.T.reshape(-1)
+    assert cos_top.tolist() != dot_top.tolist()  # the norms do change the ranking
+    for pixels, targets, prototypes in calls:
+        assert torch.equal(pixels, img[cos_top])
+        assert targets.tolist() == [c for c in range(N_OLD) for _ in range(k)]
+        # DPGD's visual term sees p_c of every old class
+        assert prototypes is not None and prototypes.shape == old_protos.shape
+        assert torch.equal(prototypes, old_protos)
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+def test_acgd_is_zero_at_task_start_and_positive_once_the_student_moves(tiny_model_name):
+    learner, img, y = _second_task_started(tiny_model_name)
+    assert learner.anchor_cache is not None and len(learner.anchor_cache) == N_OLD * learner.cfg.dpgd.k_seed
+    with torch.no_grad():
+        _, parts = learner.loss(img, y)
+    assert float(parts["acgd"]) < 1e-4  # student == teacher before any step
+    _perturb_lora(learner.model, seed=5)
+    with torch.no_grad():
+        _, parts = learner.loss(img, y)
+    assert float(parts["acgd"]) > 1e-3
+
+
+def test_acgd_equals_hand_distillation_on_cached_anchors(tiny_model_name):
+    learner, img, y = _second_task_started(tiny_model_name)
+    _perturb_lora(learner.model, scale=0.2, seed=5)
+    state = learner.anchor_generator.get_state()
+    with torch.no_grad():
+        _, parts = learner.loss(img, y)
+        # the same anchors the step drew
+        g = torch.Generator()
+        g.set_state(state)
+        batch = stage1.sample_anchor_batch(learner.anchor_cache, img.shape[0], g)
+        _, emb = learner.model.encode_image(batch.pixels)
+        text = F.normalize(learner.model.class_embeddings(learner.class_prompts[:N_OLD]), dim=-1)
+        z_s = learner.model.logit_scale() * F.normalize(emb, dim=-1) @ text.T
+    tau = learner.cfg.acgd.tau
+    want = _kl_distill(z_s, batch.teacher_logits, tau)
+    assert want > 1e-3 and abs(_kl_distill(z_s, batch.teacher_logits, 1.0) - want) > 0.01 * want
+    assert math.isclose(float(parts["acgd"]), want, rel_tol=2e-4)
+
+
+def test_cls_loss_is_over_current_classes_by_default(tiny_model_name):
+    learner, img, y = _second_task_started(tiny_model_name)
+    assert learner.cfg.optim.cls_over == "current"
+    with torch.no_grad():
+        _, parts = learner.loss(img, y)
+        _, emb = learner.model.encode_image(img)
+        text = F.normalize(learner.model.class_embeddings(learner.class_prompts[:N_TOTAL]), dim=-1)
+        logits = learner.model.logit_scale() * F.normalize(emb, dim=-1) @ text.T
+    want = F.cross_entropy(logits[:, N_OLD:], y - N_OLD)
+    over_seen = F.cross_entropy(logits, y)
+    assert abs(float(want) - float(over_seen)) > 1e-3  # the two options differ here
+    assert math.isclose(float(parts["cls"]), float(want), rel_tol=1e-4)
+
+
+# ----------------------------------------------------------------------------- stage 3
+
+def test_end_task_moves_old_prototypes_by_the_anchor_drift(tiny_model_name):
+    learner, img, y = _second_task_started(tiny_model_name)
+    cache = learner.transfer_cache
+    assert cache is not None
+    learner.model.eval()
+    with torch.no_grad():
+        student_raw = learner.model.raw_features(cache.pixels).float()
+    c = torch.linspace(-0.3, 0.3, student_raw.shape[1])
+    # pretend the teacher saw r_S - c: every anchor drifted by exactly +c
+    learner.transfer_cache = stage1.AnchorCache(cache.pixels, cache.targets, cache.teacher_logits,
+                                                student_raw - c, source=cache.source)
+    old = learner.prototypes.tensor[:N_OLD].clone()
+    weights = stage3.transfer_weights(student_raw - c, old)
+    assert bool((weights.sum(0) > 0).all())  # every old class has some anchor weight
+    learner.end_task(1, N_NEW, [(img, y)])
+    torch.testing.assert_close(learner.prototypes.tensor[:N_OLD], old + c, atol=1e-4, rtol=1e-4)
+    assert len(learner.prototypes) == N_TOTAL
+
+
+# ----------------------------------------------------------------------------- inference
+
+def test_dual_path_logits_use_the_model_logit_scale(tiny_model_name):
+    learner, img, _ = _first_task_done(tiny_model_name)
+    s = learner.model.logit_scale()
+    assert abs(float(s) - 1.0) > 0.5 and learner.cfg.prototypes.beta > 0
+    got = learner.logits(img)
+    with torch.no_grad():
+        raw, emb = learner.model.encode_image(img)
+    beta, text, protos = learner.cfg.prototypes.beta, learner.text_cache, learner.prototypes.tensor[:N_OLD]
+    want = torch.empty(img.shape[0], N_OLD)
+    for i in range(img.shape[0]):
+        for c in range(N_OLD):
+            want[i, c] = (s * F.cosine_similarity(emb[i], text[c], dim=0)
+                          + beta * s * F.cosine_similarity(raw[i], protos[c], dim=0))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
