@@ -66,6 +66,9 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     from .engine.trainer import Trainer
     from .metrics import percent
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise FileNotFoundError(f"{run_dir} is a file: evaluate() takes a run directory (train's output_dir), e.g. "
+                                f"{run_dir.parent.parent if run_dir.parent.name == 'checkpoints' else run_dir.parent}")
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found: evaluate() takes the output_dir of a train() run")
@@ -81,7 +84,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     last = ckpt.find_last_checkpoint(run_dir)
     if last is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)
     state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
                                  defaults=type(trainer.cfg)().to_dict())
     ckpt.check_class_names(last, state, trainer.scenario.class_names)

@@ -15,6 +15,10 @@ adapter folded in (W + s B A, model.lora.merge_lora), so plain open_clip runs th
 continual model with no segpcl_fast import:
 
     ckpt = torch.load("c100_model.pt", weights_only=True)
+    if open_clip.get_model_config(ckpt["model_name"]) is None:  # a config open_clip does not ship (segpcl-tiny)
+        folder = tempfile.mkdtemp()                               # the export carries it: register it
+        Path(folder, ckpt["model_name"] + ".json").write_text(json.dumps(ckpt["model_config"]))
+        open_clip.add_model_config(folder)
     model = open_clip.create_model(ckpt["model_name"]); model.load_state_dict(ckpt["state_dict"])
     logits = ckpt["logit_scale"] * F.normalize(model.encode_image(x), dim=-1) @ ckpt["text"].T
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -122,10 +127,14 @@ class ContinualClassifier:
 
     def export(self, path: PathLike) -> Path:
         """Write the classifier with LoRA merged into the weights (plain open_clip), atomically."""
+        if Path(path).is_dir():
+            raise ClassifierError(f"{path} is a folder: export writes one file, e.g. {Path(path) / 'model.pt'}")
         merged = copy.deepcopy(self.model).cpu()
         merge_lora(merged)
         stats, autocast = self.model.image_stats, self.model.image_autocast
+        import open_clip
         payload = {"format": EXPORT_FORMAT, "segpcl_fast_version": __version__, "model_name": self.model.name,
+                   "model_config": copy.deepcopy(open_clip.get_model_config(self.model.name)),
                    "pretrained": self.model.pretrained, "state_dict": merged.clip.state_dict(),
                    "class_names": list(self.class_names), "text": self.text.detach().float().cpu(),
                    "prototypes": self.prototypes.detach().float().cpu(), "beta": float(self.beta),
@@ -147,6 +156,7 @@ def load_classifier(source: PathLike, task: Optional[int] = None, device: Union[
     embeddings. class_names: only for checkpoints written before they were stored (the run's class
     order); by default they come from the checkpoint.
     """
+    device = _available_device(device)  # before any file is read or weights load
     source = Path(source)
     if source.is_dir():
         path = _run_checkpoint(source, task)
@@ -161,6 +171,21 @@ def load_classifier(source: PathLike, task: Optional[int] = None, device: Union[
     if state.get("format") == EXPORT_FORMAT:
         return _from_export(path, state, device)
     return _from_checkpoint(path, state, device, class_names)
+
+
+def _available_device(device: Union[str, torch.device]) -> torch.device:
+    """`device` as a torch.device that exists here, else one ClassifierError naming the fix."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ClassifierError(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ClassifierError(f"device {device!r}, but no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ClassifierError(f"device {device!r}, but there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return dev
 
 
 def _run_checkpoint(run_dir: Path, task: Optional[int]) -> Path:
@@ -182,6 +207,12 @@ def _read(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, or not a torch file
+        m = re.fullmatch(r"task_(\d+)\.pt", path.name)
+        if m and path.parent.name == "checkpoints":  # a run's own checkpoint, damaged (a cut copy, a full disk)
+            earlier = int(m.group(1))  # task_NN.pt holds task NN + 1 (1-based): the one before is task NN
+            raise ClassifierError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}): copy it again from "
+                                  f"the run" + (f", or use the one before it (--task {earlier}, task={earlier})"
+                                               if earlier >= 1 else "")) from e
         raise ClassifierError(f"{path} cannot be read ({type(e).__name__}: {e}): it is not a segpcl_fast "
                               f"checkpoint or export") from e
     if not isinstance(state, dict) or not ({"format", "lora"} & set(state)):

@@ -25,17 +25,17 @@ import sys
 from .config import ConfigError
 
 
-def _add_config_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
-    """one_run=False (ablate: --variants x --seeds): --method / --seed stay parseable, to refuse them
-    with the fix, but are left out of --help."""
+def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool = True) -> None:
+    """method / seed False (a subcommand with --variants / --seeds instead): the option stays parseable,
+    to be refused with the fix (_refuse_run_options), but is left out of --help."""
     p.add_argument("--config", "-c", default=None,
                    help="YAML file or preset name in configs/ (cifar100, imagenet-r, ...); default: offline world")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set dpgd.k_adv=5 (repeatable)")
     p.add_argument("--output-dir", "-o", default=None, help="same as --set run.output_dir=...")
     p.add_argument("--method", default=None, help="same as --set run.method=... (segpcl, lora_finetune, ...)"
-                   if one_run else argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=None, help="same as --set run.seed=..." if one_run else argparse.SUPPRESS)
+                   if method else argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=None, help="same as --set run.seed=..." if seed else argparse.SUPPRESS)
     p.add_argument("--hw", default=None, metavar="PRESET",
                    help="hardware preset laid over the config before --set: 1gpu, 2x4090 (see engine/presets.py)")
 
@@ -75,6 +75,15 @@ def _check_resume_target(config_arg, cfg) -> None:
                           f"recorded one with -o {cfg.run.output_dir}")
 
 
+def _refuse_run_options(args, method_fix: str = "", seed_fix: str = "") -> None:
+    """--method / --seed where a subcommand's own option (--variants, --seeds) decides: an error with
+    the fix, not an option accepted and then ignored."""
+    given = [f"--{name} ({fix})" for name, value, fix in (("method", args.method, method_fix),
+                                                          ("seed", args.seed, seed_fix)) if fix and value is not None]
+    if given:
+        raise ConfigError(f"{args.command} does not take {' or '.join(given)}")
+
+
 def _print_result(result) -> None:
     from .report import format_run_summary
     print(format_run_summary(result))
@@ -104,9 +113,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_ablate(args) -> int:
     from .api import ablate
-    if args.method or args.seed is not None:
-        raise ConfigError("ablate runs every --variants entry over every --seeds entry; --method and --seed "
-                          "do not apply (use --variants segpcl --seeds 3)")
+    _refuse_run_options(args, "it runs every --variants entry: use --variants segpcl",
+                        "it runs every --seeds entry: use --seeds 3")
     cfg = _config_from_args(args)
     variants = args.variants.split(",") if args.variants else None
     out = ablate(cfg, variants=variants, seeds=args.seeds)
@@ -157,6 +165,7 @@ def cmd_fragility(args) -> int:
 
 def cmd_retention(args) -> int:
     from .analysis import retention
+    _refuse_run_options(args, method_fix="it compares every --variants entry: use --variants segpcl")
     cfg = _config_from_args(args)
     _print_analysis(retention(cfg, variants=_csv(args.variants), datasets=_csv(args.datasets),
                               per_class=args.per_class))
@@ -165,6 +174,7 @@ def cmd_retention(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .analysis import sweep
+    _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds 3")
     axes, args.overrides = args.overrides, list(args.fixed)
     cfg = _config_from_args(args)
     _print_analysis(sweep(cfg, axes=axes, seeds=args.seeds))
@@ -173,6 +183,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_distill_sources(args) -> int:
     from .analysis import distill_sources
+    _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds 3")
     cfg = _config_from_args(args)
     _print_analysis(distill_sources(cfg, sources=_csv(args.sources), folder=args.folder,
                                     seeds=args.seeds, method=args.method or "segpcl"))
@@ -250,7 +261,7 @@ def _add_analysis_parsers(sub) -> None:
                    help="softmax temperature of the class distributions (1 = the model's; 20 = ACGD's tau_A)")
     p.set_defaults(func=cmd_fragility)
     p = sub.add_parser("retention", help="zero-shot accuracy outside the sequence, before vs after, per variant")
-    _add_config_args(p)
+    _add_config_args(p, method=False)
     p.add_argument("--variants", default=None, help="comma-separated variants (default: zeroshot,lora_finetune,"
                                                     "+acgd,+tsgr,segpcl)")
     p.add_argument("--datasets", default=None, help="comma-separated: synthetic-sketch, synthetic-source, "
@@ -258,13 +269,13 @@ def _add_analysis_parsers(sub) -> None:
     p.add_argument("--per-class", type=int, default=0, help="images per class (0 = all / synthetic default 20)")
     p.set_defaults(func=cmd_retention)
     p = sub.add_parser("sweep", help="sweep config keys (--set key=v1,v2; several keys -> grid) over seeds")
-    _add_config_args(p)
+    _add_config_args(p, seed=False)
     p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
                    help="a fixed override that is not split into values (e.g. a value holding commas)")
     p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds, e.g. 0,1")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("distill-sources", help="ACGD on DPGD anchors vs new-task images vs seeds vs a folder")
-    _add_config_args(p)
+    _add_config_args(p, seed=False)
     p.add_argument("--sources", default=None, help="comma-separated subset of anchors,new_data,seeds,folder")
     p.add_argument("--folder", default=None, help="reference image folder for source 'folder' "
                                                   "(offline default: held-out synthetic source-domain images)")
@@ -281,12 +292,12 @@ def image_paths(items: list[str]) -> list[str]:
     """Files as given; folders expanded to their image files (sorted, not recursive)."""
     from pathlib import Path
 
-    from .data.files import IMAGE_EXTENSIONS
+    from .data.files import IMAGE_EXTENSIONS, is_image_name
     paths = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            found = sorted(str(p) for p in path.iterdir() if is_image_name(p) and p.is_file())
             if not found:
                 raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             paths += found
@@ -359,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last finished task in output_dir")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("ablate", help="run the ablation ladder (or chosen variants) and write one table + plot")
-    _add_config_args(p, one_run=False)
+    _add_config_args(p, method=False, seed=False)
     p.add_argument("--variants", default=None,
                    help="comma-separated variant names (default: the ladder zeroshot,lora_finetune,+acgd,...)")
     p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds, e.g. 0,1,2")
@@ -378,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "implementation each fused op takes here (for bug reports)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
     p.set_defaults(func=cmd_env)
+    for p in sub.choices.values():  # -v also after the subcommand (segpcl-fast train -v)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log INFO messages (op dispatch, timings)")
     return parser
 
 
@@ -394,6 +408,16 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"segpcl-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "train":  # each finished task is checkpointed (unless run.checkpoint=false)
+            hint = ": continue after the last finished task with the same command and --resume"
+        print(f"segpcl-fast: interrupted{hint}", file=sys.stderr)
+        return 130
+    except OSError as e:  # a path that cannot be written or read: the OS's reason and the path, one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"segpcl-fast: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except Exception as e:  # known user-facing errors carry their fix in the message
         from .data.base import DatasetFormatError

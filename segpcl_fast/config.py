@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -220,6 +221,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)
+        if isinstance(value, str) and args and args[0] is str:  # one template / target: a list of one
+            value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         return [_coerce(v, args[0], key) for v in value] if args else value
@@ -243,7 +246,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+            hint = f" (in a YAML file, quote it: {key.split('.')[-1]}: '{value}')" if isinstance(
+                value, (bool, int, float)) or value is None else ""
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}{hint}")
         return value
     return value
 
@@ -423,6 +428,8 @@ def validate(cfg: Config) -> Config:
             except ConfigError as e:
                 problems.append(str(e))
                 continue
+            if dotted == "run.output_dir" and isinstance(value, str):  # as the data paths: `~/runs/x` is home's
+                value = os.path.expanduser(value)
             setattr(section, key, value)
             why = RULES[dotted](value) if dotted in RULES else None
             if why:
@@ -461,7 +468,8 @@ def _merge(d: dict, base: Optional[Config] = None) -> Config:
         types = _field_types(type(section))
         for key, val in sec_val.items():
             if key not in types:
-                problems.append(f"unknown config key '{sec_name}.{key}'; known keys of '{sec_name}': {sorted(types)}")
+                problems.append(f"unknown config key '{sec_name}.{key}'{did_you_mean(f'{sec_name}.{key}')}; "
+                                f"known keys of '{sec_name}': {sorted(types)}")
                 continue
             try:
                 setattr(section, key, _coerce(val, types[key], f"{sec_name}.{key}"))
@@ -484,6 +492,35 @@ def known_keys() -> list[str]:
     for sec_name, sec_tp in _field_types(Config).items():
         keys += [f"{sec_name}.{k}" for k in _field_types(sec_tp)]
     return keys
+
+
+def did_you_mean(key: str) -> str:
+    """' (did you mean optim.lr?)' for a bare or misspelled key, '' when nothing is close."""
+    keys = known_keys()
+    same_leaf = [k for k in keys if k.split(".", 1)[1] == key.split(".")[-1]]
+    close = same_leaf or difflib.get_close_matches(key, keys, n=3, cutoff=0.75) or [
+        k for k in keys if k.split(".", 1)[1] in difflib.get_close_matches(key.split(".")[-1],
+                                                                           [q.split(".", 1)[1] for q in keys], n=3)]
+    return f" (did you mean {' or '.join(close[:3])}?)" if close else ""
+
+
+def _key_type(dotted: str) -> Any:
+    """The annotated type of a dotted config key, or None for an unknown key."""
+    sec, _, sub = dotted.partition(".")
+    section = _field_types(Config).get(sec)
+    return _field_types(section).get(sub) if section is not None else None
+
+
+def _override_value(key: str, text: str) -> Any:
+    """A command-line value for `key`: YAML rules (parse_value), except that a string key takes the
+    text as written where YAML would read something else: `-o 2024`, `data.root=off`, `-o '#x'`."""
+    value = parse_value(text)
+    tp = _key_type(key)
+    if tp is str or tp == Optional[str]:
+        keeps_null = tp is not str and text.strip() in ("null", "Null", "NULL", "~", "")
+        if not isinstance(value, str) and not keeps_null:
+            return text
+    return value
 
 
 def parse_value(text: str) -> Any:
@@ -513,11 +550,12 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
             if "=" not in item:
                 raise ConfigError(f"override '{item}' must look like section.key=value, e.g. dpgd.k_adv=5")
             key, text = item.split("=", 1)
-            items.append((key.strip(), parse_value(text)))
+            items.append((key.strip(), _override_value(key.strip(), text)))
     nested: dict[str, dict] = {}
     for key, val in items:
         if "." not in key:
-            raise ConfigError(f"override key '{key}' must be dotted (section.key); known: {', '.join(known_keys())}")
+            raise ConfigError(f"override key '{key}' must be dotted (section.key){did_you_mean(key)}; known: "
+                              f"{', '.join(known_keys())}")
         sec, sub = key.split(".", 1)
         nested.setdefault(sec, {})[sub] = val
     return config_from_dict(nested, base=cfg)

@@ -14,7 +14,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 def chmod_like_open(path: str | os.PathLike) -> None:
@@ -55,6 +55,24 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
             os.unlink(tmp)
     if durable:
         _fsync(path.parent)
+
+
+def unwritable_dir_reason(path: str | os.PathLike) -> Optional[str]:
+    """Why files cannot be written in the folder `path` (made when missing), or None when they can.
+
+    Asked before a run indexes data or loads weights, so a bad output path fails first. Creates nothing.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    existing = path
+    while not existing.exists():  # the nearest existing folder above: where the first mkdir happens
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing}, a parent of {path}, is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only or immutable folder
+        return f"{existing} is not writable" + ("" if existing == path else f" (to make {path} in it)")
+    return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> Path:

@@ -185,3 +185,53 @@ def test_checkpoint_without_class_names_needs_them_in_the_runs_order(run, tmp_pa
     assert load_classifier(old, class_names=names).class_names == names[:len(load_classifier(out).class_names)]
     with pytest.raises(ClassifierError, match="text embeddings of these class names differ"):
         load_classifier(old, class_names=names[1:] + names[:1])
+
+
+def test_devices_damaged_checkpoints_and_folder_outputs_are_one_clear_error(run, tmp_path, capsys):
+    _, _, out = run
+    with pytest.raises(ClassifierError, match="unknown device 'gpu'.*use cpu, cuda or cuda:N"):
+        load_classifier(out, device="gpu")
+    if not torch.cuda.is_available():  # not blamed on the weights, as it was
+        with pytest.raises(ClassifierError, match="no CUDA device is available here; use --device cpu"):
+            load_classifier(out, device="cuda")
+    copy = tmp_path / "copy"
+    (copy / "checkpoints").mkdir(parents=True)
+    for name in ("task_00.pt", "task_01.pt"):  # tasks 1 and 2; task 2's copy cut in half
+        data = (out / "checkpoints" / name).read_bytes()
+        (copy / "checkpoints" / name).write_bytes(data[:len(data) // 2] if name == "task_01.pt" else data)
+    with pytest.raises(ClassifierError, match=r"task_01.pt is damaged .*or use the one before it \(--task 1"):
+        load_classifier(copy / "checkpoints" / "task_01.pt")
+    assert load_classifier(copy, task=1).task == 1
+    with pytest.raises(ClassifierError, match="is a folder: export writes one file"):
+        load_classifier(out).export(tmp_path)
+    (tmp_path / "file.txt").write_text("a file where a folder is needed")
+    assert main(["export", str(out), "-o", str(tmp_path / "file.txt" / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segpcl-fast: error:") and "file.txt" in err and "Traceback" not in err
+    assert main(["predict", str(out), str(tmp_path), "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+
+
+def test_the_docstrings_plain_open_clip_snippet_runs_where_the_model_name_is_unknown(run, tmp_path):
+    """The module docstring's snippet, run as written in a fresh interpreter that never registered the
+    run's model config (as a user's script would be): it must rebuild the model from the export alone."""
+    import subprocess
+    import sys
+
+    import segpcl_fast.classifier as module
+    _, _, out = run
+    clf = load_classifier(out)
+    clf.export(tmp_path / "c100_model.pt")
+    images = clf.load_images(_images(3))
+    torch.save(images, tmp_path / "x.pt")
+    doc = module.__doc__
+    snippet = doc[doc.index("    ckpt = torch.load"):doc.index("\n\nand `text`")]
+    script = "\n".join(["import json, tempfile", "from pathlib import Path", "import torch, open_clip",
+                        "import torch.nn.functional as F", f"x = torch.load({str(tmp_path / 'x.pt')!r})",
+                        *(line[4:] for line in snippet.splitlines()),
+                        f"torch.save(logits.detach(), {str(tmp_path / 'logits.pt')!r})"])
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=300)
+    with torch.no_grad():
+        _, emb = clf.model.encode_image(images)
+    expected = clf.model.logit_scale() * F.normalize(emb, dim=-1) @ clf.text.T
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-4, rtol=1e-5)

@@ -272,3 +272,44 @@ def test_unknown_keys_and_wrong_types_are_listed_together():
     assert msg.startswith("3 invalid config keys / values")
     assert "unknown config key 'data.bogus'" in msg and "'optim.epochs' expects an integer, got 'abc'" in msg
     assert "unknown config section 'foo'" in msg
+
+
+def test_string_keys_take_the_command_line_text_as_written():
+    """YAML reads 2024, off, yes, '#x' and 'a: b' as other things; a folder may be called that."""
+    for text in ("2024", "off", "yes", "null", "#x", "a: b", "1e3"):
+        assert apply_overrides(Config(), [f"run.output_dir={text}"]).run.output_dir == text
+    assert apply_overrides(Config(), ["data.root=off"]).data.root == "off"
+    assert apply_overrides(Config(), ["data.root=null"]).data.root is None  # Optional: null still unsets
+    assert apply_overrides(Config(), ["model.pretrained=~"]).model.pretrained is None
+    assert apply_overrides(Config(), ["run.method='lora_finetune'"]).run.method == "lora_finetune"
+    cfg = apply_overrides(Config(), ["optim.lr=1e-3", "run.compile=true", "lora.targets=[k,v]"])
+    assert (cfg.optim.lr, cfg.run.compile, cfg.lora.targets) == (1e-3, True, ["k", "v"])  # others: YAML as before
+
+
+def test_a_yaml_number_for_a_string_key_says_to_quote_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  output_dir: 2024\n")
+    with pytest.raises(ConfigError, match="run.output_dir' expects a string, got 2024 \\(in a YAML file, quote it: "
+                                          "output_dir: '2024'\\)"):
+        load_config(path)
+
+
+def test_one_string_for_a_list_of_strings_is_a_list_of_one():
+    cfg = apply_overrides(Config(), ["data.templates=a photo of a {}."])
+    assert cfg.data.templates == ["a photo of a {}."]
+    assert config_from_dict({"lora": {"targets": "v"}}).lora.targets == ["v"]
+
+
+def test_output_dir_home_is_expanded_like_the_data_paths():
+    cfg = apply_overrides(Config(), ["run.output_dir=~/runs/x"])
+    assert cfg.run.output_dir == os.path.expanduser("~/runs/x") != "~/runs/x"
+
+
+def test_a_bare_or_misspelled_key_suggests_the_key():
+    with pytest.raises(ConfigError, match=r"'lr' must be dotted \(section.key\) \(did you mean optim.lr\?\)"):
+        apply_overrides(Config(), ["lr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean optim.lr\?\)"):
+        apply_overrides(Config(), ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'dpgd.kadv' \(did you mean dpgd.k_adv\?\)"):
+        apply_overrides(Config(), ["dpgd.kadv=3"])
+    assert C.did_you_mean("zzzz") == ""

@@ -33,3 +33,19 @@ def test_torch_save_through_atomic_path(tmp_path):
         torch.save(state, tmp)
     torch.testing.assert_close(torch.load(tmp_path / "ckpt.pt")["w"], state["w"])
     assert not tmp.exists()
+
+
+def test_unwritable_dir_reason_names_the_path_that_blocks(tmp_path, monkeypatch):
+    from segpcl_fast.fileio import unwritable_dir_reason
+    assert unwritable_dir_reason(tmp_path / "new" / "run") is None
+    assert not (tmp_path / "new").exists()  # asking creates nothing
+    (tmp_path / "f").write_text("x")
+    assert unwritable_dir_reason(tmp_path / "f") == f"{tmp_path / 'f'} exists and is not a folder"
+    assert unwritable_dir_reason(tmp_path / "f" / "run") == f"{tmp_path / 'f'}, a parent of {tmp_path / 'f' / 'run'}, " \
+                                                          f"is a file, not a folder"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # root passes chmod 0o500; a read-only mount or `chattr +i` is what access() reports
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    assert unwritable_dir_reason(locked) == f"{locked} is not writable"
+    assert unwritable_dir_reason(locked / "a" / "b") == f"{locked} is not writable (to make {locked / 'a' / 'b'} in it)"

@@ -117,7 +117,9 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated / not a torch file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it "
+        pointer = path.parent / LAST_POINTER
+        also = f" and {pointer} (it names this file)" if pointer.is_file() else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it{also} "
                               f"to resume from the one before, or start a new run.output_dir") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")

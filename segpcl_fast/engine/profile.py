@@ -158,7 +158,7 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     cfg.run.checkpoint, cfg.run.plots, cfg.run.progress, cfg.eval.fwt = False, False, False, False
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, compile_settings=compile_settings)
+    trainer = Trainer(cfg, compile_settings=compile_settings, writes=False)  # its files go to out_dir
     on_gpu = trainer.device.type == "cuda"
     task = 1 if trainer.scenario.num_tasks > 1 else 0
     if task:

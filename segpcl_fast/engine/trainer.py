@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 from .. import metrics, ops
 from ..config import Config, ConfigError, apply_overrides, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
+from ..fileio import unwritable_dir_reason
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
 from ..model.clip import load_model
@@ -57,6 +59,22 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"run.device='{name}' but no CUDA device is available; use run.device=cpu (or auto)")
     return torch.device(name)
+
+
+# where the run, its data and its weights cache lie: run-only keys (checkpoint.RUN_ONLY_KEYS) that
+# a relative path would tie to the working directory of the command that started the run
+LOCATION_KEYS = ("run.output_dir", "data.root", "model.cache_dir")
+
+
+def absolute_locations(cfg: Config) -> dict[str, str]:
+    """{key: absolute path} of the LOCATION_KEYS that are set (`~` expanded; symlinks kept)."""
+    located = {}
+    for key in LOCATION_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value:
+            located[key] = os.path.abspath(os.path.expanduser(value))
+    return located
 
 
 def _seed_everything(seed: int) -> None:
@@ -133,7 +151,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, log_fn: Optional[Callable[[str], None]] = None,
                  dist: Optional["ddp.DistContext"] = None, ddp_settings: Optional["ddp.DDPSettings"] = None,
-                 compile_settings: Optional["compiling.CompileSettings"] = None):
+                 compile_settings: Optional["compiling.CompileSettings"] = None, writes: bool = True):
         self.cfg = resolve_variant(cfg)
         self.ddp_settings = ddp_settings or ddp.DDPSettings.from_env()
         self.dist = dist or ddp.DistContext.from_env(self.ddp_settings, self.cfg.run.device)
@@ -141,6 +159,9 @@ class Trainer:
         if not self.dist.is_main:
             self.log_fn = lambda msg: log.debug(msg)
         self.out = Path(self.cfg.run.output_dir)
+        problem = unwritable_dir_reason(self.out) if writes and self.dist.is_main else None
+        if problem:  # before the data is indexed and weights load, not at the first file written
+            raise ConfigError(f"run.output_dir: {problem}; pick another folder with -o (run.output_dir)")
         self.device = self.dist.device(self.cfg.run.device) if self.dist.enabled else resolve_device(self.cfg.run.device)
         ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
         if self.cfg.run.num_threads:
@@ -325,7 +346,7 @@ class Trainer:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
             with record_function("student_forward_losses"):
                 loss, parts = self.learner.loss(images, labels)
-            _check_finite(loss, parts, step, t)
+            _check_finite(loss, parts, step, t, c)
             if self.grad_sync is not None:
                 loss = loss * (n_local * self.dist.world_size / global_n)
             with record_function("backward"):
@@ -342,7 +363,7 @@ class Trainer:
             # (what the GPU loses is the launch of the few foreach kernels of SGD, a few microseconds)
             values = {k: float(v.detach()) for k, v in parts.items()}
             if not math.isfinite(float(grad_norm)):
-                _raise_nonfinite_grad(values, step, t)
+                _raise_nonfinite_grad(values, step, t, c)
             optimizer.step()
         return values
 
@@ -406,8 +427,9 @@ class Trainer:
             if not c.run.resume:
                 self._claim_output_dir()
             # resuming is an action, not part of the run's config: a later `train --config <dir>/config.yaml`
-            # without --resume must not resume silently
-            save_config(apply_overrides(c, {"run.resume": False}), self.out / "config.yaml")
+            # without --resume must not resume silently; locations are saved absolute, so `evaluate` and
+            # `--resume` of the run work from any working directory
+            save_config(apply_overrides(c, {"run.resume": False, **absolute_locations(c)}), self.out / "config.yaml")
         t_run = time.perf_counter()
         for t in range(start, T):
             if c.eval.fwt and t > 0:
@@ -454,22 +476,38 @@ def _grad_norm(params: list) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, float("inf"))
 
 
-def _raise_nonfinite_grad(values: dict, step: int, t: int) -> None:
+# the settings a loss term's size depends on (besides optim.lr), by the term's key in Learner.loss's parts
+TERM_SETTINGS = {"acgd": ("acgd.tau", "acgd.weight"), "gr": ("tsgr.tau", "tsgr.weight")}
+
+
+def _nonfinite_fixes(terms: list, cfg: Config) -> str:
+    """'check acgd.tau (now 1e+25), acgd.weight (now 5.0); lower optim.lr (now 0.1); ...' for the terms."""
+    def now(key):
+        section, name = key.split(".")
+        return f"{key} (now {getattr(getattr(cfg, section), name):g})"
+    settings = [now(key) for term in terms for key in TERM_SETTINGS.get(term, ())]
+    fixes = ([f"check {', '.join(settings)}"] if settings else []) + [f"lower {now('optim.lr')}"]
+    if cfg.run.precision != "fp32":
+        fixes.append("use run.precision=fp32")
+    return "; ".join(fixes)
+
+
+def _raise_nonfinite_grad(values: dict, step: int, t: int, cfg: Config) -> None:
     """Finite loss terms, non-finite LoRA-B gradients: one term's backward overflowed. Without this
     check the NaN weights surface one step later as a NaN L_cls, blaming the wrong term."""
     terms = ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items()) or "no terms on this rank, which had no samples"
     raise FloatingPointError(f"the LoRA B gradients are not finite at task {t + 1}, step {step} while every loss term "
-                             f"is ({terms}): a term's backward overflowed; check very small temperatures "
-                             f"(acgd.tau, tsgr.tau) and lower optim.lr, or use run.precision=fp32")
+                             f"is ({terms}): a term's backward overflowed (very small temperatures overflow it); "
+                             f"{_nonfinite_fixes(list(values), cfg)}")
 
 
-def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int) -> None:
+def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int, cfg: Config) -> None:
     if torch.isfinite(loss):
         return
     bad = [k for k, v in parts.items() if not torch.isfinite(v)]
     raise FloatingPointError(f"loss is {float(loss.detach())} at task {t + 1}, step {step} (non-finite term(s): "
-                             f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); lower optim.lr, "
-                             f"use run.precision=fp32, or check the data for NaN pixels")
+                             f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); {_nonfinite_fixes(bad, cfg)}; "
+                             f"or check the data for NaN pixels")
 
 
 def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float) -> Optional[str]:

@@ -146,3 +146,17 @@ def test_find_last_checkpoint(tmp_path):
         ckpt.find_last_checkpoint(tmp_path)
     with pytest.raises(ValueError):
         ckpt.save_task_checkpoint(tmp_path, -1, {})
+
+
+def test_a_damaged_checkpoint_says_to_delete_the_pointer_naming_it_too(tmp_path):
+    """Deleting only the damaged file left checkpoints/last naming it: a second error before the resume."""
+    for task in (0, 1):
+        ckpt.save_task_checkpoint(tmp_path, task, {"task": task})
+    last = ckpt.find_last_checkpoint(tmp_path)
+    last.write_bytes(last.read_bytes()[:40])
+    pointer = tmp_path / ckpt.CHECKPOINT_DIR / ckpt.LAST_POINTER
+    with pytest.raises(ckpt.CheckpointError, match=f"delete it and {pointer} \\(it names this file\\)"):
+        ckpt.load_checkpoint(last)
+    last.unlink()
+    pointer.unlink()  # what the message says: then the run resumes from the task before
+    assert ckpt.load_checkpoint(ckpt.find_last_checkpoint(tmp_path))["task"] == 0

@@ -1,5 +1,6 @@
 """End-to-end trainer runs on the offline world with a 2-layer random CLIP (fast), resume, errors."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from segpcl_fast import metrics
 from segpcl_fast.api import make_config, train
-from segpcl_fast.config import ConfigError
+from segpcl_fast.config import ConfigError, apply_overrides
 from segpcl_fast.engine import checkpoint as ckpt
 from segpcl_fast.engine.trainer import Trainer
 
@@ -254,8 +255,9 @@ def test_a_finite_loss_with_nonfinite_gradients_is_named_at_its_own_step(tiny_mo
     monkeypatch.setattr(Learner, "loss", overflowing)
     trainer = Trainer(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
     with pytest.raises(FloatingPointError, match=r"LoRA B gradients are not finite at task 1, step 0 while every "
-                                                 r"loss term is \(L_CLS=[0-9.]+.*acgd.tau, tsgr.tau"):
-        trainer.run()
+                                                 r"loss term is \(L_CLS=[0-9.]+, L_GR=0\).*; check tsgr.tau \(now 0.05\), "
+                                                 r"tsgr.weight \(now 1\); lower optim.lr \(now 0.001\)$"):
+        trainer.run()  # the settings of the terms this run has, with their values; fp32 already: no precision hint
     # raised before the update: the weights a caller catching the error holds are still finite
     assert all(bool(torch.isfinite(p).all()) for p in trainer.lora_params)
 
@@ -314,7 +316,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(tiny_model_name, tmp_path, caps
         assert main(args + ["--set", "run.device=cuda", "-o", str(tmp_path / "gpu")]) == 2
         assert "no CUDA device" in capsys.readouterr().err
     assert main(["ablate", "--method", "segpcl", "--seeds", "0"]) == 2
-    assert "--method and --seed do not apply" in capsys.readouterr().err
+    assert "ablate does not take --method (it runs every --variants entry" in capsys.readouterr().err
     assert main(["train", "-o", ""]) == 2  # not silently runs/default
     assert "run.output_dir" in capsys.readouterr().err
     for bad in (["ablate", "--seeds", "0,a"], ["ablate", "--seeds", ""], ["profile", "--steps", "0"]):
@@ -525,3 +527,73 @@ def test_lora_A_comes_from_lora_init_seed_or_with_null_from_run_seed(tiny_model_
     assert not torch.equal(lora_A(seed=1, lora__init_seed=None), lora_A(seed=2, lora__init_seed=None))
     assert "lora.init_seed must be an integer >= 0 (or null)" in str(
         pytest.raises(Exception, small_config, tiny_model_name, tmp_path, lora__init_seed=-1).value)
+
+
+def test_a_runs_saved_locations_are_absolute_so_it_resumes_and_evaluates_from_anywhere(tiny_model_name, tmp_path,
+                                                                                      monkeypatch):
+    from segpcl_fast.api import evaluate
+    from segpcl_fast.config import load_config
+    from segpcl_fast.engine.trainer import absolute_locations
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(tiny_model_name, "runs/rel", num_tasks=1, model__cache_dir="~/weights")
+    assert absolute_locations(apply_overrides(cfg, {"data.root": "data/c100"})) == {
+        "run.output_dir": str(tmp_path / "runs/rel"), "data.root": str(tmp_path / "data/c100"),
+        "model.cache_dir": os.path.expanduser("~/weights")}
+    first = train(cfg)
+    saved = load_config(tmp_path / "runs/rel/config.yaml")
+    assert (saved.run.output_dir, saved.model.cache_dir) == (str(tmp_path / "runs/rel"), os.path.expanduser("~/weights"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert evaluate(tmp_path / "runs/rel")["acc"] == pytest.approx(first.accuracy_matrix[0][0])
+    again = train(load_config(tmp_path / "runs/rel/config.yaml"), run__resume=True)  # the finished run, not a new one
+    assert again.accuracy_matrix == first.accuracy_matrix and not (elsewhere / "runs").exists()
+    with pytest.raises(FileNotFoundError, match=r"task_00.pt is a file: evaluate\(\) takes a run directory .*, e.g. "
+                                                f"{tmp_path / 'runs/rel'}$"):
+        evaluate(tmp_path / "runs/rel/checkpoints/task_00.pt")
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_the_data_and_weights(tiny_model_name, tmp_path, capsys):
+    from segpcl_fast.cli import main
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        # a data root that does not exist: the output dir's error comes first
+        args = ["train", "--config", "cifar100", "--set", "data.root=" + str(tmp_path / "no_data"), "-o", str(out)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("segpcl-fast: error: run.output_dir: ") and "data root" not in err, err
+        assert "pick another folder with -o" in err and err.count("\n") == 1
+
+
+def test_cli_options_a_subcommand_would_ignore_are_refused_and_v_goes_anywhere(capsys):
+    from segpcl_fast.cli import build_parser, main
+    for argv, message in ((["sweep", "--set", "optim.lr=0.1,0.2", "--seed", "3"], "sweep does not take --seed (it "
+                                                                                  "runs every --seeds entry"),
+                          (["distill-sources", "--seed", "1"], "distill-sources does not take --seed"),
+                          (["retention", "--method", "segpcl"], "retention does not take --method (it compares every "
+                                                                "--variants entry"),
+                          (["ablate", "--method", "segpcl", "--seed", "1"], "ablate does not take --method (")):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    for argv in (["-v", "env"], ["env", "-v"], ["train", "--verbose"], ["train", "-v", "-o", "x"]):
+        assert build_parser().parse_args(argv).verbose is True
+    assert build_parser().parse_args(["env"]).verbose is False
+
+
+def test_ctrl_c_in_train_is_one_line_saying_how_to_resume(monkeypatch, capsys):
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(segpcl_fast.api, "train", interrupted)
+    assert main(["train", "-o", "unused"]) == 130
+    err = capsys.readouterr().err
+    assert err == "segpcl-fast: interrupted: continue after the last finished task with the same command and --resume\n"
+
+
+def test_the_nonfinite_message_names_the_settings_of_the_bad_terms():
+    from segpcl_fast.engine.trainer import _nonfinite_fixes
+    cfg = make_config(acgd__tau=1e25)
+    assert _nonfinite_fixes(["acgd"], cfg) == "check acgd.tau (now 1e+25), acgd.weight (now 5); lower optim.lr (now 0.001)"
+    assert _nonfinite_fixes(["cls"], make_config(precision="bf16")) == "lower optim.lr (now 0.001); use run.precision=fp32"
