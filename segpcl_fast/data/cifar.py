@@ -39,8 +39,10 @@ def _folder(root: Optional[str]) -> Path:
     for cand in (path / "cifar-100-python", path):
         if (cand / "meta").is_file():
             return cand
-    raise format_error(NAME, f"no cifar-100-python/meta under '{path}'", LAYOUT,
-                       "point data.root at the folder that contains cifar-100-python/")
+    tarball = path / "cifar-100-python.tar.gz"
+    fix = (f"extract the tarball there: tar xzf {tarball} -C {path}" if tarball.is_file()
+           else "point data.root at the folder that contains cifar-100-python/")
+    raise format_error(NAME, f"no cifar-100-python/meta under '{path}'", LAYOUT, fix)
 
 
 def _split(folder: Path, split: str, class_names: list[str], transform: Optional[Callable]) -> ArrayDataset:

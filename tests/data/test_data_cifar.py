@@ -50,3 +50,10 @@ def test_cifar100_no_meta(tmp_path):
     (tmp_path / "cifar-100-python").mkdir()
     with pytest.raises(DatasetFormatError, match="cifar-100-python/meta"):
         load_cifar100(str(tmp_path))
+
+
+def test_cifar100_root_with_only_the_tarball_says_to_extract_it(tmp_path):
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b not extracted")
+    with pytest.raises(DatasetFormatError, match=f"extract the tarball there: tar xzf {tmp_path}/cifar-100-python.tar.gz "
+                                                 f"-C {tmp_path}"):
+        load_cifar100(str(tmp_path))
