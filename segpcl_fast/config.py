@@ -207,6 +207,11 @@ def _parse_number(text: str) -> Any:
         return text
 
 
+# list keys where one string means a list of one: a template is a sentence, never a comma list. Not
+# lora.targets: in a sweep, `lora.targets=k,v` would then silently mean two runs ([k], [v]), not one.
+ONE_STRING_LISTS = ("data.templates",)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -221,7 +226,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)
-        if isinstance(value, str) and args and args[0] is str:  # one template / target: a list of one
+        if isinstance(value, str) and key in ONE_STRING_LISTS:  # one template: a list of one
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
