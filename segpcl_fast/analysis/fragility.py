@@ -252,16 +252,21 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
             "paths": paths, "table": table}
 
 
+def _pooled_values(rows: list, key: str, boundary: bool | None = None) -> np.ndarray:
+    """rows' per-image `key` values concatenated; boundary=True/False keeps only boundary/core images."""
+    vals = []
+    for r in rows:
+        v = np.asarray(r["values"][key], dtype=float)
+        if boundary is not None:
+            m = np.asarray(r["values"]["is_boundary"], dtype=bool)
+            v = v[m if boundary else ~m]
+        vals.append(v)
+    return np.concatenate(vals) if vals else np.zeros(0)
+
+
 def _pooled(rows: list) -> dict:
-    def cat(key, mask=None):
-        vals = []
-        for r in rows:
-            v = np.asarray(r["values"][key], dtype=float)
-            if mask is not None:
-                m = np.asarray(r["values"]["is_boundary"], dtype=bool)
-                v = v[m if mask else ~m]
-            vals.append(v)
-        return torch.from_numpy(np.concatenate(vals)) if vals else torch.zeros(0)
+    def cat(key, boundary=None):
+        return torch.from_numpy(_pooled_values(rows, key, boundary))
     pooled = {"boundary": group_stats(cat("jsd", True)), "core": group_stats(cat("jsd", False)),
               "anchors": group_stats(cat("jsd_anchors")), "random_new": group_stats(cat("jsd_random_new"))}
     pooled["tasks_boundary_gt_core"] = sum(
@@ -304,16 +309,7 @@ def plot_fragility(rows: list, path, method: str) -> str:
     titles = ["old-class test images (over seen classes)", "anchors vs new images (over old classes)"]
     for i, (pair, title) in enumerate(zip(pairs, titles)):
         ax = fig.add_subplot(1, 2, i + 1)
-        series = []
-        for label, key, mask in pair:
-            vals = []
-            for r in rows:
-                v = np.asarray(r["values"][key], dtype=float)
-                if mask is not None:
-                    m = np.asarray(r["values"]["is_boundary"], dtype=bool)
-                    v = v[m if mask else ~m]
-                vals.append(v)
-            series.append((label, np.concatenate(vals) if vals else np.zeros(0)))
+        series = [(label, _pooled_values(rows, key, boundary)) for label, key, boundary in pair]
         # heavy-tailed values: log-spaced bins, values below FLOOR (incl. exact 0) in the first bin
         top = max([float(v.max()) for _, v in series if v.size] + [10 * JSD_FLOOR])
         bins = np.logspace(np.log10(JSD_FLOOR), np.log10(max(top, 10 * JSD_FLOOR)), 40)

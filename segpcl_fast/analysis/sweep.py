@@ -29,24 +29,31 @@ log = logging.getLogger("segpcl_fast.analysis")
 AxesSpec = Union[Sequence[str], Mapping[str, Sequence[Any]]]
 
 
+def _scan(text: str):
+    """Yield (ch, depth, open_quote) after each character: bracket depth and the quote left open."""
+    depth, quote = 0, None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        yield ch, depth, quote
+
+
 def split_values(text: str) -> list[str]:
     """Split a value list at top-level ';' (if any) else top-level ','; brackets and quotes nest."""
     def split_at(sep: str) -> list[str]:
-        parts, depth, quote, cur = [], 0, None, []
-        for ch in text:
-            if quote:
-                quote = None if ch == quote else quote
-            elif ch in "'\"":
-                quote = ch
-            elif ch in "[{(":
-                depth += 1
-            elif ch in "]})":
-                depth -= 1
-            elif ch == sep and depth == 0:
+        parts, cur = [], []
+        for ch, depth, quote in _scan(text):
+            if ch == sep and depth == 0 and quote is None:
                 parts.append("".join(cur))
                 cur = []
-                continue
-            cur.append(ch)
+            else:
+                cur.append(ch)
         parts.append("".join(cur))
         return parts
     if depth_unbalanced(text):
@@ -61,17 +68,9 @@ def split_values(text: str) -> list[str]:
 
 def depth_unbalanced(text: str) -> bool:
     depth, quote = 0, None
-    for ch in text:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-            if depth < 0:
-                return True
+    for _, depth, quote in _scan(text):
+        if depth < 0:
+            return True
     return depth != 0 or quote is not None
 
 
