@@ -120,9 +120,12 @@ def step_flops(model, shape: StepShape, count: str = "model") -> dict:
     d_t, e_t = _proj_width(text.text_projection)
     t_fwd += 2 * shape.n_prompts * d_t * e_t
     t_bwd += 2 * shape.n_prompts * d_t * e_t if t_needs else 0
-    # logits (both operands need gradients: backward = 2x forward); TSGR: one dot product per pair
-    l_fwd = 2 * e * (shape.n_images * shape.n_cls_classes + shape.n_anchors * shape.n_old + shape.tsgr_pairs)
-    l_bwd = 2 * l_fwd if (i_needs and t_needs) else l_fwd
+    # logits: image . text, one backward product per operand that needs a gradient;
+    # TSGR: one dot product per pair of student text embeddings (both operands are text)
+    img_txt = 2 * e * (shape.n_images * shape.n_cls_classes + shape.n_anchors * shape.n_old)
+    pairs = 2 * e * shape.tsgr_pairs
+    l_fwd = img_txt + pairs
+    l_bwd = img_txt * (int(i_needs) + int(t_needs)) + (2 * pairs if t_needs else 0)
     fwd, bwd = i_fwd + t_fwd + l_fwd, i_bwd + t_bwd + l_bwd
     return {"image": i_fwd + i_bwd, "text": t_fwd + t_bwd, "losses": l_fwd + l_bwd, "forward": fwd,
             "backward": bwd, "total": fwd + bwd}

@@ -1,0 +1,571 @@
+"""Properties of the engine that a mutation audit found unchecked: the LR schedule's values, the
+trainer step (LR applied, exact DDP loss weighting, empty shards), resume bookkeeping, checkpoint
+lookup and class-order checks, the DDP / compile / preset settings read from the environment, the
+collectives used by the trainer (2 gloo processes), and the analytic FLOPs of count="model"."""
+import json
+import math
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from segpcl_fast.api import make_config, train
+from segpcl_fast.config import ConfigError
+from segpcl_fast.engine import checkpoint as ckpt
+from segpcl_fast.engine import distributed as ddp
+from segpcl_fast.engine.trainer import Trainer, lr_at, make_optimizer
+
+
+def small_config(tiny_model_name, out, **kw):
+    base = dict(model__name=tiny_model_name, model__pretrained=None, max_train_per_class=2, max_test_per_class=2,
+                num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=2, dpgd__k_seed=2, output_dir=str(out),
+                progress=False, plots=False, num_threads=1, train_augment=False, run__device="cpu")
+    base.update(kw)
+    return make_config(**base)
+
+
+# ----------------------------------------------------------------------------- LR schedule
+
+def test_lr_schedule_warmup_then_cosine_hand_values():
+    """Linear warmup reaches the full LR at its last step; the cosine then runs over the steps after
+    the warmup, starting at the full LR and stopping one step short of zero."""
+    cfg = make_config(lr=0.1, optim__warmup_steps=4, optim__schedule="cosine")
+    total = 12
+    got = [lr_at(s, total, cfg) for s in range(total)]
+    warm = [0.025, 0.05, 0.075, 0.1]
+    cosine = [0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]  # progress k / (12 - 4)
+    assert got == pytest.approx(warm + cosine, rel=1e-12, abs=1e-15)
+    assert got[4] == pytest.approx(0.1) and got[8] == pytest.approx(0.05)
+    assert got[-1] == pytest.approx(0.05 * (1 - math.cos(math.pi / 8))) and got[-1] > 0
+
+
+def test_lr_schedule_constant_keeps_its_warmup_and_edge_cases():
+    const = make_config(lr=0.2, optim__warmup_steps=2, optim__schedule="constant")
+    assert [lr_at(s, 6, const) for s in range(6)] == pytest.approx([0.1, 0.2, 0.2, 0.2, 0.2, 0.2])
+    cos = make_config(lr=0.2, optim__schedule="cosine")
+    assert lr_at(0, 1, cos) == pytest.approx(0.2)  # one step: the full LR
+    assert lr_at(0, 0, cos) == pytest.approx(0.2)
+    assert [lr_at(s, 4, cos) for s in range(4)] == pytest.approx(
+        [0.2, 0.1 * (1 + math.cos(math.pi / 4)), 0.1, 0.1 * (1 + math.cos(3 * math.pi / 4))])
+
+
+# ----------------------------------------------------------------------------- train_step on a stub
+
+class _LinearLearner:
+    """loss = mean over the batch of (x . w - y)^2: a per-sample mean, like L_cls."""
+
+    def __init__(self, w):
+        self.w = w
+        self.calls = 0
+
+    def loss(self, images, labels):
+        self.calls += 1
+        loss = ((images @ self.w - labels.float()) ** 2).mean()
+        return loss, {"cls": loss}
+
+
+class _RecordingSync:
+    """Stands in for LoRAGradSync on one rank: keeps the rank's (weighted) gradient."""
+
+    def __init__(self, params):
+        self.params, self.grads, self.finished = params, None, 0
+
+    def prepare(self):
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+
+    def finish(self):
+        self.finished += 1
+        self.grads = [p.grad.clone() for p in self.params]
+
+
+class _NoStep:
+    def __init__(self):
+        self.param_groups = [{"lr": None}]
+
+    def step(self):
+        pass
+
+
+def _stub_trainer(w, rank=0, world=1, sync=True, **cfg):
+    tr = Trainer.__new__(Trainer)  # no model, data or files: only what train_step reads
+    tr.cfg = make_config(**cfg)
+    tr.device = torch.device("cpu")
+    tr.lora_params = [w]
+    tr.learner = _LinearLearner(w)
+    tr.dist = ddp.DistContext(rank=rank, world_size=world, backend="gloo" if world > 1 else None)
+    tr.grad_sync = _RecordingSync([w]) if sync else None
+    return tr
+
+
+@pytest.mark.parametrize("n", [5, 1])  # 5 rows: shards of 2 and 3; 1 row: rank 0's shard is empty
+def test_ddp_loss_weighting_makes_the_averaged_gradient_the_global_batch_gradient(n):
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 3), torch.randint(0, 3, (n,))
+    w = torch.nn.Parameter(torch.randn(3))
+    expected, = torch.autograd.grad(((x @ w - y.float()) ** 2).mean(), w)
+    per_rank = []
+    for rank in range(2):
+        tr = _stub_trainer(w, rank=rank, world=2)
+        idx = ddp.shard_slice(list(range(n)), rank, 2)
+        parts = Trainer.train_step(tr, _NoStep(), x[idx], y[idx], 0.1, 0, 0, global_n=n)
+        assert tr.grad_sync.finished == 1  # an empty shard still joins the all-reduce
+        assert tr.learner.calls == (1 if idx else 0) and (parts == {}) == (not idx)
+        per_rank.append(tr.grad_sync.grads[0])
+    torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, expected)  # what the averaging all-reduce gives
+
+
+def test_train_step_sets_the_scheduled_lr_on_the_optimizer():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    tr = _stub_trainer(w, sync=False, lr=0.5)
+    opt = make_optimizer([w], tr.cfg)
+    x, y = torch.tensor([[1.0, 1.0]]), torch.tensor([0])
+    grad, = torch.autograd.grad(((x @ w - y.float()) ** 2).mean(), w)
+    before = w.detach().clone()
+    Trainer.train_step(tr, opt, x, y, 0.125, 0, 0, global_n=1)
+    assert opt.param_groups[0]["lr"] == 0.125
+    torch.testing.assert_close(w.detach(), before - 0.125 * grad)  # the step's LR, not optim.lr = 0.5
+    # single process: the gradient of the previous step does not leak into the next one
+    before = w.detach().clone()
+    grad, = torch.autograd.grad(((x @ w - y.float()) ** 2).mean(), w)
+    Trainer.train_step(tr, torch.optim.SGD([w], lr=0.0), x, y, 0.25, 1, 0, global_n=1)
+    torch.testing.assert_close(w.detach(), before - 0.25 * grad)
+
+
+def test_optimizer_applies_weight_decay_and_momentum():
+    p = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = make_optimizer([p], make_config(lr=0.1, optim__weight_decay=0.5, optim__fused="foreach"))
+    p.grad = torch.tensor([1.0])
+    opt.step()  # d = g + wd * p = 1 + 1 = 2; buf = d
+    assert p.item() == pytest.approx(2.0 - 0.1 * 2.0)
+    p.grad = torch.tensor([1.0])
+    opt.step()  # d = 1 + 0.5 * 1.8 = 1.9; buf = 0.9 * 2 + 1.9 = 3.7
+    assert p.item() == pytest.approx(1.8 - 0.1 * 3.7)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _reordered(d):
+    return {k: _reordered(v) if isinstance(v, dict) else v for k, v in reversed(list(d.items()))}
+
+
+def test_fingerprint_does_not_depend_on_key_order():
+    """A config read back from a file (or written by another version) may list its keys in another order."""
+    cfg = make_config().to_dict()
+    shuffled = _reordered(cfg)
+    assert list(shuffled) != list(cfg)
+    assert ckpt.config_fingerprint(shuffled) == ckpt.config_fingerprint(cfg)
+
+
+def test_checkpoint_with_the_older_fingerprint_key_still_matches(tmp_path):
+    cfg = make_config().to_dict()
+    fp = ckpt.config_fingerprint(cfg)
+    path = ckpt.save_checkpoint(tmp_path / "old.pt", {"task": 0, "config_fingerprint": fp, "config": cfg})
+    assert ckpt.load_checkpoint(path, fp, cfg)["task"] == 0
+    other = make_config(lr=0.5).to_dict()
+    with pytest.raises(ckpt.CheckpointError, match="optim.lr was 0.001, now 0.5"):
+        ckpt.load_checkpoint(path, ckpt.config_fingerprint(other), other)
+
+
+def test_a_stale_fingerprint_is_refused_even_when_the_stored_config_matches(tmp_path):
+    """Only the defaults path (keys added since, at their default) may excuse a fingerprint mismatch."""
+    cfg = make_config().to_dict()
+    path = ckpt.save_checkpoint(tmp_path / "c.pt", {"task": 0, "fingerprint": "0123456789abcdef", "config": cfg})
+    with pytest.raises(ckpt.CheckpointError, match="fingerprint 0123456789abcdef"):
+        ckpt.load_checkpoint(path, ckpt.config_fingerprint(cfg), cfg)
+
+
+def test_reordered_class_names_are_other_classes():
+    """Logit column c is class c: the same names in another order are not the same run's classes."""
+    with pytest.raises(ckpt.CheckpointError, match="class 0 was 'cat', now 'dog'"):
+        ckpt.check_class_names("c.pt", {"class_names": ["cat", "dog", "owl"]}, ["dog", "cat", "owl"])
+
+
+def test_without_a_pointer_the_numerically_highest_task_wins(tmp_path):
+    folder = tmp_path / ckpt.CHECKPOINT_DIR
+    folder.mkdir()
+    for t in (9, 99, 100):
+        ckpt.save_checkpoint(ckpt.checkpoint_path(tmp_path, t), {"task": t})
+    (folder / "notes.txt").write_text("x")
+    (folder / "task_7.pt.tmp").write_text("x")
+    assert ckpt.checkpoint_path(tmp_path, 100).name == "task_100.pt"
+    assert ckpt.find_last_checkpoint(tmp_path) == folder / "task_100.pt"
+
+
+def test_a_pointer_must_name_a_task_checkpoint(tmp_path):
+    ckpt.save_task_checkpoint(tmp_path, 0, {"task": 0})
+    folder = tmp_path / ckpt.CHECKPOINT_DIR
+    (folder / "other.pt").write_bytes((folder / "task_00.pt").read_bytes())
+    (folder / ckpt.LAST_POINTER).write_text("other.pt\n")
+    with pytest.raises(ckpt.CheckpointError, match="names 'other.pt', which is not a checkpoint"):
+        ckpt.find_last_checkpoint(tmp_path)
+
+
+def test_checkpoint_and_pointer_are_durable_writes(tmp_path, monkeypatch):
+    """Each of the two files goes through a temp file that is fsynced, renamed, and then its folder
+    fsynced (else the rename may not survive a power loss)."""
+    from segpcl_fast import fileio
+    synced, replaced = [], []
+    real_fsync, real_replace = fileio._fsync, os.replace
+    monkeypatch.setattr(fileio, "_fsync", lambda p: (synced.append(os.path.abspath(p)), real_fsync(p)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((str(a), str(b))), real_replace(a, b)))
+    path = ckpt.save_task_checkpoint(tmp_path, 3, {"task": 3})
+    folder = str(path.parent)
+    assert [os.path.basename(b) for _, b in replaced] == ["task_03.pt", "last"]  # the file first, then its pointer
+    assert synced.count(folder) == 2
+    assert all(os.path.dirname(a) == folder and a in synced for a, _ in replaced)  # temp files beside, fsynced
+    assert (path.parent / "last").read_text() == "task_03.pt\n"
+
+
+def test_trainer_checks_that_the_global_batch_divides_over_the_ranks_first(tmp_path):
+    cfg = make_config(optim__batch_size=33, output_dir=str(tmp_path / "run"), run__device="cpu")
+    with pytest.raises(ConfigError, match="optim.batch_size=33 .*multiple of 2"):
+        Trainer(cfg, dist=ddp.DistContext(rank=0, world_size=2, backend="gloo"), ddp_settings=ddp.DDPSettings())
+
+
+# ----------------------------------------------------------------------------- settings from the environment
+
+def test_ddp_settings_read_every_variable(monkeypatch):
+    for key in ("SEGPCL_DDP_BUCKET_MB", "SEGPCL_DDP_GRAD_AS_BUCKET_VIEW", "SEGPCL_DDP_BACKEND", "SEGPCL_DDP_TIMEOUT_S"):
+        monkeypatch.delenv(key, raising=False)
+    assert ddp.DDPSettings.from_env() == ddp.DDPSettings(25.0, True, "auto", 1800)
+    monkeypatch.setenv("SEGPCL_DDP_BUCKET_MB", "0.5")
+    monkeypatch.setenv("SEGPCL_DDP_GRAD_AS_BUCKET_VIEW", "0")
+    monkeypatch.setenv("SEGPCL_DDP_BACKEND", "gloo")
+    monkeypatch.setenv("SEGPCL_DDP_TIMEOUT_S", "60")
+    assert ddp.DDPSettings.from_env() == ddp.DDPSettings(0.5, False, "gloo", 60)
+    for value, on in (("true", True), ("Yes", True), ("1", True), ("false", False), ("no", False)):
+        monkeypatch.setenv("SEGPCL_DDP_GRAD_AS_BUCKET_VIEW", value)
+        assert ddp.DDPSettings.from_env().gradient_as_bucket_view is on, value
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank():
+    """Multi-node: rank 9 of 16 is the second process on its node, so cuda:1 (not cuda:9)."""
+    ctx = ddp.DistContext(rank=9, world_size=16, local_rank=1, backend="nccl")
+    assert ctx.device("auto") == torch.device("cuda", 1) and ctx.device("cuda") == torch.device("cuda", 1)
+    gloo = ddp.DistContext(rank=1, world_size=2, local_rank=1, backend="gloo")
+    assert gloo.device("cpu") == torch.device("cpu")
+    assert not ddp.DistContext().enabled and ddp.DistContext().is_main and not gloo.is_main
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "gloo"), ("auto", "nccl"), ("cuda", "nccl")])
+def test_auto_backend_is_gloo_for_run_device_cpu_even_with_gpus(monkeypatch, device, backend):
+    """backend auto = nccl on CUDA, gloo on CPU: run.device=cpu on a GPU machine must not pick nccl."""
+    import torch.distributed as dist
+    chosen, cuda_device = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", cuda_device.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: chosen.append((backend, timeout)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: chosen[-1][0])
+    ctx = ddp.DistContext.from_env(ddp.DDPSettings(timeout_s=42), device=device)
+    assert [b for b, _ in chosen] == [backend] and chosen[0][1].total_seconds() == 42
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend) == (1, 2, 1, backend)
+    assert cuda_device == ([1] if backend == "nccl" else [])
+
+
+def test_single_process_without_world_size(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert ddp.DistContext.from_env() == ddp.DistContext()
+
+
+def test_eval_shards_partition_the_test_set():
+    data = list(range(10))
+    shards = [ddp.shard_dataset(data, ddp.DistContext(rank=r, world_size=3, backend="gloo")) for r in range(3)]
+    items = [[s[i] for i in range(len(s))] for s in shards]
+    assert items == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]  # strided, no padding, nothing dropped
+    assert ddp.shard_dataset(data, ddp.DistContext()) is data
+
+
+def test_compile_settings_from_env_and_their_torch_compile_options(monkeypatch):
+    from segpcl_fast.engine import compiling
+    monkeypatch.delenv("SEGPCL_COMPILE_MODE", raising=False)
+    monkeypatch.setenv("SEGPCL_COMPILE_BACKEND", "aot_eager")
+    s = compiling.CompileSettings.from_env()
+    assert (s.mode, s.backend) == ("default", "aot_eager")
+    assert s.options() == {"backend": "aot_eager"}  # mode is an inductor option only
+    for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):  # torch.compile's modes
+        assert compiling.CompileSettings(mode=mode).options() == {"backend": "inductor", "mode": mode}
+
+
+def test_uncompile_restores_the_class_methods(tiny_model_name):
+    from segpcl_fast.engine import compiling
+    from segpcl_fast.model.clip import load_model
+    model = load_model(tiny_model_name, pretrained=None)
+    trunk = model.text_tower.transformer
+    assert compiling.compile_model(model, compiling.CompileSettings(backend="eager")) == {
+        "image": "CLIPModel.raw_features", "text": f"{type(trunk).__name__}.forward (text trunk)"}
+    assert compiling.is_compiled(model) and "forward" in trunk.__dict__
+    compiling.uncompile_model(model)
+    assert not compiling.is_compiled(model) and "forward" not in trunk.__dict__
+
+
+# ----------------------------------------------------------------------------- hardware presets
+
+def test_preset_environments_and_launch_lines(monkeypatch):
+    from segpcl_fast.engine import presets
+    keys = {k for p in presets.PRESETS.values() for k in p.env}
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    presets.apply_preset(make_config(), "2x4090")
+    assert {k: os.environ.get(k) for k in keys} == {
+        "NCCL_P2P_DISABLE": "1", "NCCL_IB_DISABLE": "1", "SEGPCL_DDP_BUCKET_MB": "25",
+        "SEGPCL_DDP_GRAD_AS_BUCKET_VIEW": "1", "SEGPCL_COMPILE_MODE": "max-autotune-no-cudagraphs"}
+    assert ddp.DDPSettings.from_env().bucket_cap_mb * 2 ** 20 > 3.44e6 * 4  # every B gradient in one bucket
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    cfg = presets.apply_preset(make_config(), "1gpu")
+    assert {k: os.environ.get(k) for k in keys if k in os.environ} == {
+        "SEGPCL_COMPILE_MODE": "max-autotune-no-cudagraphs"}
+    assert (cfg.run.device, cfg.run.precision, cfg.run.compile, cfg.optim.batch_size) == ("cuda", "bf16", True, 128)
+    assert presets.get_preset("1gpu").launch_command("c10", "") == "python -m segpcl_fast.cli train --config c10 --hw 1gpu"
+    assert presets.get_preset("2x4090").launch_command("c10", "--set a=1") == (
+        "torchrun --standalone --nproc_per_node 2 -m segpcl_fast.cli train --config c10 --hw 2x4090 --set a=1")
+
+
+def test_apply_preset_without_export_leaves_the_environment_alone(monkeypatch):
+    from segpcl_fast.engine import presets
+    for key in presets.PRESETS["2x4090"].env:
+        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
+    cfg = presets.apply_preset(make_config(), "2x4090", export_env=False)
+    assert dict(os.environ) == before and cfg.run.compile is True
+
+
+def test_a_preset_yaml_must_be_partial(tmp_path, monkeypatch):
+    from segpcl_fast.engine import presets
+    monkeypatch.setattr(presets, "CONFIG_DIR", tmp_path)
+    monkeypatch.setitem(presets.PRESETS, "tmp", presets.HardwarePreset(name="tmp", nproc_per_node=1))
+    (tmp_path / "tmp.yaml").write_text("base: cifar100\noptim:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match="must be a partial config"):
+        presets.apply_preset(make_config(), "tmp")
+    (tmp_path / "tmp.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a partial config"):
+        presets.preset_overrides("tmp")
+    (tmp_path / "tmp.yaml").write_text("optim:\n  lr: 0.5\n")
+    assert presets.apply_preset(make_config(), "tmp").optim.lr == 0.5
+
+
+# ----------------------------------------------------------------------------- collectives (2 gloo processes)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collectives_worker(rank, world, port, result_file):
+    from segpcl_fast.method.anchors import AnchorCache
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    ctx = ddp.DistContext.from_env(ddp.DDPSettings(backend="gloo"), device="cpu")
+    try:
+        out = {"ctx": [ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend]}
+        out["counts"] = ddp.all_reduce_counts([(rank + 1, 10, 3), (2 * rank, 3, rank)], ctx, torch.device("cpu"))
+        g = torch.Generator().manual_seed(5)
+        made = AnchorCache(torch.randn(4, 3, 2, 2, generator=g), torch.tensor([0, 1, 1, 0]),
+                           torch.randn(4, 2, generator=g), torch.randn(4, 6, generator=g).double(), source="seeds")
+        got = ddp.broadcast_anchor_cache(made if rank == 0 else None, ctx, torch.device("cpu"))
+        out["cache"] = {n: [str(getattr(got, n).dtype), getattr(got, n).tolist()] for n in AnchorCache._TENSORS}
+        out["source"] = got.source
+        out["cache_ok"] = all(torch.equal(getattr(got, n), getattr(made, n)) for n in AnchorCache._TENSORS)
+        out["none"] = ddp.broadcast_anchor_cache(None, ctx, torch.device("cpu")) is None
+        # the trainer's stage 1: built on rank 0 only, broadcast; one cache serving both uses stays one object
+        calls = []
+
+        def build(loader):
+            calls.append(loader)
+            return made, made
+        stub = SimpleNamespace(learner=SimpleNamespace(_build_anchors=build), dist=ctx, device=torch.device("cpu"))
+        Trainer._anchors_on_rank0(stub)
+        acgd, transfer = stub.learner._build_anchors("loader")
+        out["build_calls"] = len(calls)
+        out["same_object"] = acgd is transfer
+        out["built_ok"] = all(torch.equal(getattr(acgd, n), getattr(made, n)) for n in AnchorCache._TENSORS)
+        with open(f"{result_file}.{rank}", "w") as f:
+            json.dump(out, f)
+    finally:
+        ddp.destroy()
+
+
+def test_collectives_sum_counts_and_broadcast_rank0s_anchors(tmp_path):
+    mp.spawn(_collectives_worker, args=(2, _free_port(), str(tmp_path / "res")), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"res.{r}").read_text()) for r in range(2))
+    assert r0["ctx"] == [0, 2, 0, "gloo"] and r1["ctx"] == [1, 2, 1, "gloo"]
+    for r in (r0, r1):
+        assert r["counts"] == [[3, 20, 6], [2, 6, 1]]  # element-wise sums over the ranks, in order
+        assert r["source"] == "seeds" and r["cache_ok"] and r["none"] and r["built_ok"] and r["same_object"]
+        assert [r["cache"][n][0] for n in ("pixels", "targets", "teacher_logits", "teacher_raw")] == [
+            "torch.float32", "torch.int64", "torch.float32", "torch.float64"]
+    assert r0["cache"] == r1["cache"]
+    assert (r0["build_calls"], r1["build_calls"]) == (1, 0)  # stage 1 runs on rank 0 only
+
+
+# ----------------------------------------------------------------------------- analytic FLOPs, bench
+
+def _model_flops(tiny_model_name, targets, shape):
+    from segpcl_fast.engine.flops import step_flops
+    from segpcl_fast.model.clip import load_model
+    from segpcl_fast.model.lora import inject_lora
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4.0, targets=targets)
+    return step_flops(model, shape, count="model")
+
+
+def test_model_count_charges_each_attention_slice_as_one_lora_linear(tiny_model_name):
+    """count="model": adding the k slice next to q (everything downstream already needs gradients)
+    adds, per block, one LoRA path d -> r -> d: forward 2·M·r·(d + d); backward dB 2·M·r·d, plus
+    dU and dX 2·M·r·(d + d) where the block's input needs a gradient (block 2, not block 1)."""
+    from segpcl_fast.engine.flops import StepShape
+    shape = StepShape(n_images=3, n_anchors=2, n_prompts=5, text_len=7, n_cls_classes=2, n_old=2, tsgr_pairs=4)
+    q = _model_flops(tiny_model_name, ["q"], shape)
+    qk = _model_flops(tiny_model_name, ["q", "k"], shape)
+    r = 4
+    m_img, d_img = 5 * 17, 48  # (3 images + 2 anchors) x (4 x 4 patches + cls), width 48
+    m_txt, d_txt = 5 * 7, 32
+
+    def per_tower(m, d):
+        fwd = 2 * (2 * m * r * (d + d))
+        bwd = 2 * m * r * d + (2 * m * r * d + 2 * m * r * (d + d))
+        return fwd, bwd
+    (fi, bi), (ft, bt) = per_tower(m_img, d_img), per_tower(m_txt, d_txt)
+    assert qk["image"] - q["image"] == fi + bi
+    assert qk["text"] - q["text"] == ft + bt
+    assert (qk["forward"] - q["forward"], qk["backward"] - q["backward"]) == (fi + ft, bi + bt)
+    assert qk["losses"] == q["losses"]
+
+
+def test_matmul_peak_is_two_n_cubed_over_the_best_time(monkeypatch):
+    from segpcl_fast.engine import bench
+    clock = iter([0.0, 0.5, 1.0, 1.25, 2.0, 3.0])  # three timed repeats: 0.5 s, 0.25 s, 1.0 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.matmul_peak_flops("cpu", torch.float32, n=8, repeats=3) == pytest.approx(2 * 8 ** 3 / 0.25)
+
+
+def test_bench_step_takes_no_more_anchors_than_its_pool(tiny_model_name):
+    from segpcl_fast.config import Config
+    from segpcl_fast.engine.bench import build_step
+    cfg = Config()
+    cfg.acgd.anchor_batch = 50
+    step = build_step(tiny_model_name, "cpu", n_images=3, n_old=2, n_new=2, anchor_pool=4, cfg=cfg)
+    assert step.shape.n_anchors == 4 == len(step.learner.anchor_cache)
+    assert step.shape.n_cls_classes == 2  # optim.cls_over=current: the task's new classes
+    cfg.optim.cls_over = "seen"
+    seen = build_step(tiny_model_name, "cpu", n_images=3, n_old=2, n_new=2, anchor_pool=4, cfg=cfg)
+    assert seen.shape.n_cls_classes == 4  # every seen class
+
+
+# ----------------------------------------------------------------------------- evaluation, steps, resume
+
+def test_evaluate_seen_restricts_each_tasks_own_space_to_its_classes():
+    """Two tasks of two classes, evaluated after task 2: task 1's own space is classes 0-1, task 2's all four."""
+    logits = torch.tensor([[1.0, 0.0, 5.0, 0.0],   # task 1, label 0: wrong among all (2), right among 0-1
+                           [0.0, 2.0, 1.0, 0.0],   # task 1, label 1: right in both
+                           [0.0, 1.0, 0.0, 3.0],   # task 1, label 0: wrong in both (own argmax 1)
+                           [9.0, 0.0, 1.0, 0.0],   # task 2, label 2: wrong (0); own space is all 4 classes
+                           [0.0, 0.0, 0.0, 1.0]])  # task 2, label 3: right
+    sets = [torch.utils.data.TensorDataset(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0])),
+            torch.utils.data.TensorDataset(torch.tensor([3, 4]), torch.tensor([2, 3]))]
+    tr = Trainer.__new__(Trainer)
+    tr.cfg, tr.dist, tr.device = make_config(eval__batch_size=2), ddp.DistContext(), torch.device("cpu")
+    tr.model = SimpleNamespace(eval=lambda: None)
+    tr.scenario = SimpleNamespace(test_dataset=lambda j: sets[j], seen_classes=lambda j: list(range(2 * (j + 1))))
+    tr.learner = SimpleNamespace(logits=lambda idx: logits[idx])
+    assert Trainer.evaluate_seen(tr, 1) == [(1, 2, 3), (1, 1, 2)]
+    assert Trainer.evaluate_seen(tr, 0) == [(1, 2, 3)]
+
+
+def test_steps_per_task_are_epochs_times_batches_capped_by_max_steps(tiny_model_name, tmp_path):
+    cfg = small_config(tiny_model_name, tmp_path / "run", method="lora_finetune", epochs=2, optim__batch_size=8,
+                       checkpoint=False, num_tasks=10)
+    trainer = Trainer(cfg)
+    n = [len(trainer.scenario.train_dataset(t)) for t in range(3)]
+    assert min(n) > 8  # several batches per epoch
+    assert trainer.train_task(0)["timings"]["steps"] == 2 * math.ceil(n[0] / 8)
+    trainer.cfg.run.max_steps_per_task = 2  # a cap inside the first epoch
+    assert trainer.train_task(1)["timings"]["steps"] == 2
+    trainer.cfg.run.max_steps_per_task, trainer.cfg.optim.epochs = 1000, 1  # a cap above the task's steps
+    assert trainer.train_task(2)["timings"]["steps"] == math.ceil(n[2] / 8)
+
+
+def test_resume_restores_the_trained_state_and_the_task_log(tiny_model_name, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original = Trainer.train_task
+
+    def crash_at_second_task(self, t):
+        if t == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, t)
+    monkeypatch.setattr(Trainer, "train_task", crash_at_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_model_name, out, lr=0.05))
+    saved = torch.load(ckpt.checkpoint_path(out, 0), weights_only=False)
+    assert any(float(v.abs().sum()) > 0 for k, v in saved["lora"].items() if "lora_B" in k)
+
+    at_resume = {}
+
+    def capture(self, t):  # the state the resumed run starts task 2 from
+        at_resume.update(t=t, lora={k: v.clone() for k, v in self.model.state_dict().items() if "lora_" in k},
+                         learner=self.learner.state_dict())
+        return original(self, t)
+    monkeypatch.setattr(Trainer, "train_task", capture)
+    result = train(small_config(tiny_model_name, out, lr=0.05, resume=True))
+    assert at_resume["t"] == 1
+    assert at_resume["lora"].keys() == saved["lora"].keys()
+    assert all(torch.equal(at_resume["lora"][k], v) for k, v in saved["lora"].items())
+    assert at_resume["learner"]["n_seen"] == saved["learner"]["n_seen"] > 0
+    torch.testing.assert_close(at_resume["learner"]["prototypes"], saved["learner"]["prototypes"])
+    assert len(result.timings["tasks"]) == 2  # task 1's log comes from the checkpoint
+    assert json.loads((out / "results.json").read_text())["timings"]["tasks"][0] == saved["task_info"][0]["timings"]
+
+    # the checkpoint's classes in another order: refused on resume (logit column c is class c)
+    state = torch.load(ckpt.checkpoint_path(out, 0), weights_only=False)
+    state["class_names"] = list(reversed(state["class_names"]))
+    ckpt.save_task_checkpoint(out, 0, state)
+    (out / "results.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="other classes than data.root now holds"):
+        train(small_config(tiny_model_name, out, lr=0.05, resume=True))
+
+
+def test_an_overwrite_that_dies_early_leaves_no_pointer_to_the_old_run(tiny_model_name, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(small_config(tiny_model_name, out, num_tasks=2, method="lora_finetune"))
+    assert ckpt.find_last_checkpoint(out).name == "task_01.pt"
+
+    def crash(self, t):
+        raise KeyboardInterrupt("simulated crash")
+    monkeypatch.setattr(Trainer, "train_task", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_model_name, out, num_tasks=2, method="lora_finetune", run__overwrite=True))
+    assert ckpt.find_last_checkpoint(out) is None  # a --resume now starts at task 1, it does not fail
+    assert not list((out / ckpt.CHECKPOINT_DIR).glob("task_*.pt"))
+
+
+@pytest.mark.parametrize("targets,towers,n_old,n_new", [
+    (["out"], ["visual", "text"], 2, 2), (["c_proj"], ["visual", "text"], 2, 2),
+    (["c_proj"], ["visual"], 0, 1), (["c_fc"], ["text"], 0, 1),  # one tower frozen, no TSGR pairs
+    (["c_proj"], ["visual"], 2, 2), (["c_fc"], ["text"], 2, 2)])  # one tower frozen, TSGR pairs text . text
+def test_analytic_flops_match_the_flop_counter_for_single_targets_and_towers(tiny_model_name, targets, towers,
+                                                                            n_old, n_new):
+    """A LoRA only on out_proj or c_proj still makes everything downstream need gradients; with one
+    tower frozen its projection and the logits' operand from it need no backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from segpcl_fast import ops
+    from segpcl_fast.config import Config
+    from segpcl_fast.engine.bench import build_step
+    from segpcl_fast.engine.flops import step_flops
+    cfg = Config()
+    cfg.lora.rank, cfg.lora.targets, cfg.lora.towers = 4, targets, towers
+    step = build_step(tiny_model_name, "cpu", n_images=3, n_old=n_old, n_new=n_new, cfg=cfg)
+    with ops.backend("reference"), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step()
+    assert counter.get_total_flops() == step_flops(step.model, step.shape, count="executed")["total"]
