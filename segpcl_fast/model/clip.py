@@ -136,8 +136,12 @@ class CLIPModel(nn.Module):
         token. The causal mask makes every position blind to later ones, so this is exact.
         """
         tower = self.text_tower
+        # exact only for argmax (end-of-text) pooling behind a causal mask; CLIP keeps the pooling as
+        # text_pool_type, a TextTransformer (CustomTextCLIP) as pool_type
+        pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
         standard = (getattr(tower, "cls_emb", None) is None and not getattr(tower, "use_pad_mask", False)
-                    and getattr(tower, "pool_type", "argmax") == "argmax" and hasattr(tower, "token_embedding"))
+                    and pool == "argmax" and getattr(tower, "attn_mask", None) is not None
+                    and hasattr(tower, "token_embedding"))
         if not (truncate and standard):
             return self.clip.encode_text(tokens)
         length = int(tokens.argmax(dim=-1).max().item()) + 1
@@ -145,8 +149,7 @@ class CLIPModel(nn.Module):
         cast_dtype = tower.transformer.get_cast_dtype()
         x = tower.token_embedding(tokens).to(cast_dtype)
         x = x + tower.positional_embedding[:length].to(cast_dtype)
-        mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
-        x = tower.transformer(x, attn_mask=mask)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
         x = tower.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         proj = tower.text_projection
