@@ -142,8 +142,10 @@ def _pgd_setup_context(ctx, inputs, output):
 
 
 def _pgd_backward(ctx, grad_out):
-    """d x_new / d x_adv and d x_new / d x0 (clamp passes gradient where min <= x <= max, as torch);
-    the sign of `grad` is piecewise constant, and gamma/eps/lo/hi get no gradient."""
+    """d x_new / d x_adv and d x_new / d x0: clamp passes gradient where min <= x <= max, so at an exact
+    tie with a bound the whole gradient takes the unclamped branch (a subgradient; autograd of torch.clamp
+    with tensor bounds gives 0.5 there, with scalar bounds 0). The sign of `grad` is piecewise constant,
+    and gamma/eps/lo/hi get no gradient."""
     x_adv, grad, x0, gamma, eps, lo, hi = ctx.saved_tensors
     gamma, eps, lo, hi = (_per_channel(v) for v in (gamma, eps, lo, hi))
     x0f = x0.float()

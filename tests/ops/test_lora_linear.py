@@ -35,8 +35,8 @@ def lora_path(request, monkeypatch):
     return request.param
 
 
-# (lead dims, in, out, rank): wide and narrow layers, with and without leading dims;
-# 300 rows exercise several cache blocks of the CPU backward.
+# (lead dims, in, out, rank): wide and narrow layers, with and without leading dims (each fits in
+# one row block of the CPU backward; test_ops_mutants.py runs several blocks).
 SHAPES = [((3, 5), 24, 40, 4), ((7,), 40, 24, 4), ((2, 150), 32, 96, 8), ((300,), 96, 32, 16),
           ((), 16, 16, 2)]
 
