@@ -39,7 +39,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler, Subset
+from torch.utils.data import Sampler, Subset, default_collate
 
 log = logging.getLogger("segpcl_fast.engine")
 
@@ -166,6 +166,15 @@ class ShardedBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches():
             yield shard_slice(batch, self.rank, self.world)
+
+
+def collate_allow_empty(batch: list):
+    """default_collate, except that a rank's empty slice of a tiny last global batch gives an
+    (images, labels) pair of length 0 (default_collate fails on []); the rank still joins the
+    gradient all-reduce with zero gradients (Trainer.train_step)."""
+    if not batch:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return default_collate(batch)
 
 
 def shard_slice(items: Sequence, rank: int, world: int) -> list:

@@ -109,7 +109,8 @@ def _sharded_loader(dataset, global_batch: int, cfg: Config, seed: int, ctx: "dd
                                       torch.Generator().manual_seed(seed))
     # the loader's own generator only feeds its worker base seed; a private one leaves the global RNG alone
     return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(seed),
-                      num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+                      collate_fn=ddp.collate_allow_empty, num_workers=cfg.data.num_workers,
+                      pin_memory=torch.cuda.is_available())
 
 
 def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:

@@ -1,0 +1,302 @@
+"""Properties of the trainer's task loop and of the DDP helpers that a mutation audit found unchecked:
+per-task and per-rank seeding (module docstring of trainer.py, distributed.py "Anchors"), the
+divergence warning's thresholds (README: over 10 %, over two standard errors, above ln of the
+task's class count; exactly ln(n) is not flagged), a results.json-only run dir refused like a
+checkpointed one, shard_slice over more than two ranks, and the all-reduce bucket cap ("at most").
+Everything runs on stub trainers (Trainer.__new__): no model, no data, no process group."""
+import logging
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from segpcl_fast.api import make_config
+from segpcl_fast.config import ConfigError
+from segpcl_fast.engine import checkpoint as ckpt
+from segpcl_fast.engine import distributed as ddp
+from segpcl_fast.engine.trainer import Trainer, divergence_warning
+
+
+# ----------------------------------------------------------------------------- train_task on a stub
+
+class _StubLearner:
+    """What train_task touches: begin_task seeds the anchor generator (as Learner.begin_task does)."""
+
+    def __init__(self):
+        self.anchor_generator = torch.Generator()
+        self.seeds = []
+        self.prototypes = SimpleNamespace(tensor=torch.zeros(2, 3))
+        self.text_cache = torch.zeros(2, 3)
+
+    def begin_task(self, t, n_new, loader, seed=0):
+        self.seeds.append(seed)
+        self.anchor_generator.manual_seed(seed)
+        return {"anchors": 0}
+
+    def end_task(self, t, n_new, loader):
+        return {}
+
+
+def _stub_trainer(monkeypatch, rank=0, world=1, n_train=1, n_classes=(2, 2, 2), cls_losses=None, **cfg):
+    """A trainer whose tasks have n_classes[t] classes and n_train training images; train_step
+    returns cls_losses[step] (no model, no optimizer work); collectives are identity."""
+    monkeypatch.setattr(ddp, "broadcast_tensor", lambda t, ctx, device, src=0: t)
+    tr = Trainer.__new__(Trainer)
+    tr.cfg = make_config(progress=False, num_threads=1, **cfg)
+    tr.device = torch.device("cpu")
+    tr.dist = ddp.DistContext(rank=rank, world_size=world, backend="gloo" if world > 1 else None)
+    tr.model = SimpleNamespace(eval=lambda: None, train=lambda: None)
+    tr.test_tf = None
+    data = TensorDataset(torch.zeros(n_train, 1), torch.zeros(n_train, dtype=torch.long))
+    tr.scenario = SimpleNamespace(num_tasks=len(n_classes), task_classes=lambda t: list(range(n_classes[t])),
+                                  train_dataset=lambda t, transform=None: data)
+    tr.learner = _StubLearner()
+    tr.lora_params = [torch.nn.Parameter(torch.zeros(1))]
+    tr.grad_sync = None
+    losses = list(cls_losses or [])
+    tr.train_step = lambda opt, images, labels, lr, step, t, global_n: (
+        {"cls": torch.tensor(losses[step])} if step < len(losses) else {})
+    return tr
+
+
+def _anchor_draws(tr, n=16):
+    return torch.randperm(1000, generator=tr.learner.anchor_generator)[:n].tolist()
+
+
+def test_every_task_gets_its_own_seed_from_run_seed_and_t(monkeypatch):
+    """trainer.py: every task re-seeds torch (and its loader) from (run.seed, t): different tasks
+    get different streams (shuffle, augmentation, anchor batches); the same (seed, t) the same."""
+    tr = _stub_trainer(monkeypatch, seed=3)
+    torch_seeds, draws = [], []
+    for t in range(3):
+        tr.train_task(t)
+        torch_seeds.append(torch.initial_seed())
+        draws.append(_anchor_draws(tr))
+    assert len(set(tr.learner.seeds)) == 3 and torch_seeds == tr.learner.seeds
+    assert len({tuple(d) for d in draws}) == 3  # no two tasks replay the same anchor stream
+    again = _stub_trainer(monkeypatch, seed=3)
+    again.train_task(1)
+    assert again.learner.seeds == [tr.learner.seeds[1]] and _anchor_draws(again) == draws[1]
+    other = _stub_trainer(monkeypatch, seed=4)
+    other.train_task(1)
+    assert other.learner.seeds[0] not in tr.learner.seeds  # run.seed changes every task's seed
+
+
+def test_each_rank_draws_its_own_anchor_batches_and_rank0_keeps_the_single_process_stream(monkeypatch):
+    """distributed.py: each rank samples its per-step anchor batch from its own generator stream;
+    rank 0's stream is the one the single-process run uses."""
+    single = _stub_trainer(monkeypatch, n_train=3, seed=1)
+    single.train_task(1)
+    draws = []
+    for rank in range(3):
+        tr = _stub_trainer(monkeypatch, rank=rank, world=3, n_train=3, seed=1)  # one image per rank
+        tr.train_task(1)
+        assert tr.learner.seeds == single.learner.seeds  # stage 1 itself is seeded the same on every rank
+        draws.append(_anchor_draws(tr))
+    assert draws[0] == _anchor_draws(single)
+    assert draws[0] != draws[1] and draws[0] != draws[2] and draws[1] != draws[2]
+
+
+def test_train_task_judges_divergence_against_ln_of_the_tasks_class_count(monkeypatch, caplog):
+    """A task of 3 classes whose L_cls rises from 0.5 to 1.5: above ln(3) = 1.099, so it is flagged,
+    naming ln(3) (not the number of seen classes or anything else)."""
+    tr = _stub_trainer(monkeypatch, n_train=8, n_classes=(4, 3), cls_losses=[0.5] * 4 + [1.5] * 4,
+                       optim__batch_size=1, epochs=1, lr=0.25)
+    with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
+        info = tr.train_task(1)
+    assert info["timings"]["steps"] == 8
+    flagged = [r.getMessage() for r in caplog.records if "training diverged" in r.getMessage()]
+    assert len(flagged) == 1 and flagged[0].startswith("task 2: L_CLS rose from 0.500 to 1.500")
+    assert "ln(3) = 1.099" in flagged[0] and "optim.lr (now 0.25)" in flagged[0]
+    # the same losses ending below ln(4) = 1.386 on a 4-class task would not be flagged
+    caplog.clear()
+    tr = _stub_trainer(monkeypatch, n_train=8, n_classes=(4, 3), cls_losses=[0.5] * 4 + [1.3] * 4,
+                       optim__batch_size=1, epochs=1)
+    with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
+        tr.train_task(0)
+    assert not [r for r in caplog.records if "training diverged" in r.getMessage()]
+
+
+# ----------------------------------------------------------------------------- divergence thresholds
+
+def _two_quarters(head, tail, middle=2.5, n_middle=8):
+    return list(head) + [middle] * n_middle + list(tail)
+
+
+@pytest.mark.parametrize("rise, warned", [(0.05, False), (0.15, True)])
+def test_divergence_needs_a_rise_over_ten_percent(rise, warned):
+    """Noise-free quarters well above ln(10): a 5 % rise is not a divergence, a 15 % one is."""
+    losses = _two_quarters([3.0] * 4, [3.0 * (1 + rise)] * 4)
+    assert (divergence_warning(losses, 10, 0, 0.1) is not None) == warned
+
+
+@pytest.mark.parametrize("delta, warned", [(0.6, False), (1.0, True)])
+def test_divergence_needs_a_rise_over_two_welch_standard_errors(delta, warned):
+    """Quarters of k = 4 steps alternating +-0.5: variances 1/3 each, so the standard error of the
+    difference of the means is sqrt((1/3 + 1/3) / 4) = 0.408 and the bar is 2 x 0.408 = 0.816. Both
+    rises are over 10 % and end above ln(10)."""
+    head = [2.0, 3.0, 2.0, 3.0]
+    losses = _two_quarters(head, [v + delta for v in head])
+    assert len(losses) // 4 == 4  # the first and last quarter are exactly `head` and its shifted copy
+    assert (divergence_warning(losses, 10, 0, 0.1) is not None) == warned
+
+
+def test_a_loss_ending_exactly_at_chance_is_not_a_divergence():
+    """README: a model whose logits are all equal sits at exactly ln(n) and is not flagged, even
+    after a rise from a confident start."""
+    assert divergence_warning([1.0, 1.0, 1.0, math.log(10)], 10, 0, 0.1) is None
+    assert divergence_warning([1.0, 1.0, 1.0, math.log(10) + 1e-9], 10, 0, 0.1) is not None
+
+
+# ----------------------------------------------------------------------------- output dir
+
+def _claiming_trainer(out, **cfg):
+    tr = Trainer.__new__(Trainer)
+    tr.cfg, tr.out, tr.log_fn = make_config(output_dir=str(out), **cfg), out, lambda msg: None
+    return tr
+
+
+def test_a_dir_holding_only_results_json_is_a_run_too(tmp_path):
+    """A finished run.checkpoint=false run leaves results.json and no checkpoints: a new run there
+    is refused like any other, and with run.overwrite the old results are removed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds a run \(results.json\)"):
+        Trainer._claim_output_dir(_claiming_trainer(out))
+    assert (out / "results.json").exists()
+    Trainer._claim_output_dir(_claiming_trainer(out, run__overwrite=True))
+    assert not (out / "results.json").exists()
+    (out / ckpt.CHECKPOINT_DIR).mkdir()
+    Trainer._claim_output_dir(_claiming_trainer(out))  # an empty checkpoints dir is no run
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 10, 11])
+@pytest.mark.parametrize("world", [3, 4])
+def test_shard_slice_is_a_contiguous_near_equal_partition_for_any_world(n, world):
+    items = list(range(n))
+    chunks = [ddp.shard_slice(items, r, world) for r in range(world)]
+    assert sum(chunks, []) == items  # contiguous, in rank order, nothing dropped or repeated
+    sizes = [len(c) for c in chunks]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_grad_sync_buckets_hold_at_most_the_cap_and_a_bucket_may_fill_it_exactly():
+    """bucket_cap_mb is an upper bound: two 1 KiB parameters share a 2 KiB bucket, a third opens
+    the next; buckets follow reverse parameter order. (Construction needs no process group.)"""
+    params = [torch.nn.Parameter(torch.zeros(256)) for _ in range(5)]  # 1 KiB each in fp32
+    sync = ddp.LoRAGradSync(params, ddp.DistContext(rank=0, world_size=2, backend="gloo"),
+                            ddp.DDPSettings(bucket_cap_mb=2048 / 2 ** 20))
+    try:
+        assert [[next(i for i, q in enumerate(params) if q is p) for p in b] for b in sync.buckets] == [[4, 3], [2, 1], [0]]
+        assert [f.numel() for f in sync.flat] == [512, 512, 256]
+    finally:
+        sync.remove()
+
+
+# ----------------------------------------------------------------------------- run() on a stub
+
+# (correct, correct_own, total) per task j <= t, as evaluate_seen returns them; test sets of 4 and 2
+COUNTS = {0: [(3, 3, 4)], 1: [(1, 2, 4), (2, 2, 2)]}
+
+
+def _run_trainer(out, calls, **cfg):
+    tr = Trainer.__new__(Trainer)
+    tr.cfg = make_config(output_dir=str(out), plots=False, progress=False, num_tasks=2, **cfg)
+    tr.out, tr.log_fn, tr.dist, tr.device = out, lambda msg: None, ddp.DistContext(), torch.device("cpu")
+    tr.scenario = SimpleNamespace(num_tasks=2, test_dataset=lambda j: [0] * (4, 2)[j], class_names=["a", "b", "c", "d"])
+    tr.model = torch.nn.Linear(1, 1)
+    tr.learner = SimpleNamespace(state_dict=lambda: {"n_seen": 2})
+
+    def train_task(t):
+        calls.append(("train", t))
+        return {"timings": {"train_s": 0.0, "stage1_s": 0.0, "steps": 1}}
+
+    def evaluate_seen(t):
+        calls.append(("eval", t))
+        return COUNTS[t]
+
+    def forward_transfer(t):
+        calls.append(("fwt", t))
+        return 40.0 + t
+    tr.train_task, tr.evaluate_seen, tr.forward_transfer = train_task, evaluate_seen, forward_transfer
+    return tr
+
+
+def test_run_fills_row_t_of_both_matrices_and_writes_them_with_a_checkpoint_per_task(tmp_path):
+    """Row t of a[t][j] comes from the correct counts after task t, row t of the own-space matrix
+    from the own-space counts; acc_t (the task log) is over all seen classes; results.json and
+    one checkpoint per task hold them."""
+    import json
+    import numpy as np
+    calls = []
+    out = tmp_path / "run"
+    result = Trainer.run(_run_trainer(out, calls))
+    assert calls == [("train", 0), ("eval", 0), ("fwt", 1), ("train", 1), ("eval", 1)]
+    nan = float("nan")
+    np.testing.assert_equal(np.array(result.accuracy_matrix, dtype=float), [[75.0, nan], [25.0, 100.0]])
+    np.testing.assert_equal(np.array(result.accuracy_matrix_own, dtype=float), [[75.0, nan], [50.0, 100.0]])
+    assert result.acc_per_task == pytest.approx([75.0, 50.0])  # (1 + 2) / (4 + 2), not the own-space 4 / 6
+    assert result.fwt_before == [None, 41.0]
+    assert result.metrics["Last"] == pytest.approx(50.0) and result.metrics["Avg"] == pytest.approx(62.5)
+    assert result.metrics["Forgetting"] == pytest.approx(50.0) and result.metrics["Forgetting_own"] == pytest.approx(25.0)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["acc_per_task"] == pytest.approx([75.0, 50.0])
+    assert saved["matrix_own"] == result.accuracy_matrix_own and saved["fwt_before"] == [None, 41.0]
+    assert saved["metrics"] == pytest.approx(result.metrics)
+    for t in range(2):  # every task leaves its own checkpoint, holding the counts so far and the task log
+        state = torch.load(ckpt.checkpoint_path(out, t), weights_only=False)
+        assert state["task"] == t and len(state["task_info"]) == t + 1
+        assert [info["acc"] for info in state["task_info"]] == pytest.approx([75.0, 50.0][:t + 1])
+        assert state["correct"][t][:t + 1] == [c[0] for c in COUNTS[t]]
+        assert state["correct_own"][t][:t + 1] == [c[1] for c in COUNTS[t]]
+    assert ckpt.find_last_checkpoint(out).name == "task_01.pt"
+
+
+# ----------------------------------------------------------------------------- non-finite gradients
+
+class _SqrtLearner:
+    """loss = sum(sqrt(w)) at w = 0: the loss is 0 (finite), its gradient +inf (not NaN)."""
+
+    def loss(self, images, labels):
+        loss = torch.sqrt(self.w).sum()
+        return loss, {"cls": loss}
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_an_infinite_gradient_stops_the_step_before_the_update(grad_clip):
+    from segpcl_fast.engine.trainer import make_optimizer
+    w = torch.nn.Parameter(torch.zeros(3))
+    tr = Trainer.__new__(Trainer)
+    tr.cfg = make_config(optim__grad_clip=grad_clip)
+    tr.device, tr.lora_params, tr.dist, tr.grad_sync = torch.device("cpu"), [w], ddp.DistContext(), None
+    tr.learner = _SqrtLearner()
+    tr.learner.w = w
+    opt = make_optimizer([w], tr.cfg)
+    with pytest.raises(FloatingPointError, match=r"LoRA B gradients are not finite at task 2, step 5 .*L_CLS=0\)"):
+        Trainer.train_step(tr, opt, torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 0.1, 5, 1, global_n=2)
+    assert torch.equal(w.detach(), torch.zeros(3))  # the weights never saw the infinite gradient
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_rank_with_an_empty_slice_of_the_last_batch_gets_an_empty_batch(workers):
+    """5 images, global batch 4, 2 ranks: the last global batch holds 1 image, so rank 0's slice is
+    empty. Its loader must still yield that step (an empty batch: the rank joins the all-reduce with
+    zero gradients) instead of failing in default_collate([]); rank 1 gets the image."""
+    from segpcl_fast.engine.trainer import _sharded_loader
+    ds = TensorDataset(torch.arange(5.0).view(5, 1), torch.arange(5))
+    cfg = make_config(num_workers=workers)
+    seen = []
+    for rank in range(2):
+        batches = list(_sharded_loader(ds, 4, cfg, seed=0, ctx=ddp.DistContext(rank=rank, world_size=2,
+                                                                                backend="gloo")))
+        assert len(batches) == 2
+        assert [len(labels) for _, labels in batches] == ([2, 0] if rank == 0 else [2, 1])
+        for images, labels in batches:
+            assert images.shape[0] == len(labels) and labels.dtype == torch.long
+            seen += labels.tolist()
+    assert sorted(seen) == [0, 1, 2, 3, 4]
