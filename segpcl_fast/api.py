@@ -1,6 +1,7 @@
 """Public entry points: train(config | **overrides) -> Result, evaluate(run_dir) -> dict, ablate(...)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -18,8 +19,8 @@ def make_config(config: ConfigLike = None, overrides: Optional[Sequence[str]] = 
     """
     if config is None:
         cfg = Config()
-    elif isinstance(config, Config):
-        cfg = config
+    elif isinstance(config, Config):  # built or edited in code: checked like any other config, and copied
+        cfg = config_from_dict(dataclasses.asdict(config))
     elif isinstance(config, dict):
         cfg = config_from_dict(config)
     elif isinstance(config, (str, os.PathLike)):

@@ -67,6 +67,8 @@ def unwritable_dir_reason(path: str | os.PathLike) -> Optional[str]:
         return f"{path} exists and is not a folder"
     existing = path
     while not existing.exists():  # the nearest existing folder above: where the first mkdir happens
+        if existing.is_symlink():
+            return f"{existing} is a broken symbolic link (its target {os.readlink(existing)} does not exist)"
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing}, a parent of {path}, is a file, not a folder"

@@ -1,0 +1,397 @@
+"""Config validation, CLI option handling, train()/evaluate() keyword mapping and atomic writes:
+behaviour a mutation audit found unchecked (each test names what it pins down). Offline, no training."""
+import os
+
+import pytest
+
+from segpcl_fast import config as C
+from segpcl_fast.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, save_config
+
+
+# ----------------------------------------------------------------------------- validation: ranges and types
+
+# values the validator must refuse, each naming its key (ranges in config.RULES; types from the annotations)
+REFUSED = [
+    ("optim.momentum=1", "optim.momentum"),             # [0, 1): momentum 1 never decays
+    ("data.order_seed=4294967296", "data.order_seed"),  # numpy RandomState seeds end at 2**32 - 1
+    ("data.split_seed=4294967296", "data.split_seed"),
+    ("data.order_seed=-1", "data.order_seed"),
+    ("dpgd.eps=-0.1", "dpgd.eps"),
+    ("dpgd.gamma=-0.001", "dpgd.gamma"),
+    ("dpgd.lambda_p=-1", "dpgd.lambda_p"),
+    ("dpgd.batch_size=0", "dpgd.batch_size"),
+    ("tsgr.weight=-1", "tsgr.weight"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("lora.alpha=0", "lora.alpha"),
+    ("lora.init_seed=-1", "lora.init_seed"),
+    ("run.seed=-1", "run.seed"),
+    ("run.num_threads=-1", "run.num_threads"),
+    ("run.max_steps_per_task=-1", "run.max_steps_per_task"),
+    ("data.test_fraction=0", "data.test_fraction"),
+    ("data.expected_classes=-1", "data.expected_classes"),
+    ("data.synthetic_seed=-1", "data.synthetic_seed"),
+    ("data.max_test_per_class=-1", "data.max_test_per_class"),
+    ("acgd.anchor_batch=-1", "acgd.anchor_batch"),
+    ("model.name=' '", "model.name"),
+    ("run.output_dir=' '", "run.output_dir"),
+    ("data.class_order=[-1,0]", "data.class_order"),    # indices are >= 0
+    ("data.class_order=[true,false]", "data.class_order"),  # booleans are not class indices
+    ("data.class_order=[]", "data.class_order"),
+    ("run.device=cuda:", "run.device"),
+    ("run.device=cuda:x", "run.device"),
+    # a boolean is not a number and a number is not a boolean (bool is an int subclass in Python)
+    ("run.compile=1", "run.compile"),
+    ("run.plots=0", "run.plots"),
+    ("optim.epochs=true", "optim.epochs"),
+    ("lora.rank=true", "lora.rank"),
+    ("optim.lr=true", "optim.lr"),
+    ("acgd.weight=false", "acgd.weight"),
+]
+
+
+@pytest.mark.parametrize("override,key", REFUSED)
+def test_out_of_range_and_wrongly_typed_values_are_refused(override, key):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), [override])
+    assert key in str(e.value) and "got" in str(e.value)
+
+
+def test_wrong_types_set_in_a_dict_or_yaml_are_refused_too(tmp_path):
+    for bad in ({"run": {"compile": 1}}, {"optim": {"epochs": True}}, {"optim": {"lr": True}}):
+        with pytest.raises(ConfigError):
+            config_from_dict(bad)
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  compile: 1\n")
+    with pytest.raises(ConfigError, match="run.compile' expects true/false"):
+        load_config(path)
+
+
+# every documented choice (README / the consuming modules), written out here: a choice dropped from
+# config.py's tuples must fail, which iterating over those tuples would not notice
+ACCEPTED = [
+    "optim.fused=auto", "optim.fused=foreach", "optim.fused=apex",
+    "optim.cls_over=current", "optim.cls_over=seen",
+    "optim.schedule=cosine", "optim.schedule=constant",
+    "run.precision=fp32", "run.precision=bf16",
+    "run.ops=auto", "run.ops=reference", "run.ops=triton", "run.ops=cpp",
+    "acgd.source=anchors", "acgd.source=new_data", "acgd.source=seeds", "acgd.source=folder",
+    "prototypes.weight_rule=relu_cos", "prototypes.weight_rule=uniform",
+    "data.dataset=synthetic", "data.dataset=cifar100", "data.dataset=imagenet-r", "data.dataset=imagenet-subset",
+    "data.dataset=cub200", "data.dataset=ucf101",
+    "run.device=auto", "run.device=cpu", "run.device=mps", "run.device=cuda", "run.device=cuda:0",
+    "run.device=cuda:10", "run.device=xpu", "run.device=xpu:1",
+    "data.order_seed=4294967295", "data.split_seed=4294967295", "data.order_seed=0",
+    "optim.momentum=0.99", "data.test_fraction=0.5",
+    "lora.init_seed=null", "lora.init_seed=7",
+    "data.task_sizes=null", "data.expected_classes=100",
+    "dpgd.eps=0", "dpgd.gamma=0",
+]
+
+
+@pytest.mark.parametrize("override", ACCEPTED)
+def test_every_documented_choice_and_range_end_is_accepted(override):
+    cfg = apply_overrides(Config(), [override])
+    key, text = override.split("=", 1)
+    sec, sub = key.split(".")
+    assert getattr(getattr(cfg, sec), sub) == C.parse_value(text)
+
+
+# ----------------------------------------------------------------------------- override parsing
+
+def test_an_override_value_may_hold_an_equals_sign():
+    """Only the first '=' splits key from value: a path or template may contain '='."""
+    assert apply_overrides(Config(), ["data.root=/data/a=b"]).data.root == "/data/a=b"
+    assert apply_overrides(Config(), ["run.output_dir=runs/lr=0.1"]).run.output_dir == "runs/lr=0.1"
+
+
+@pytest.mark.parametrize("text", ["null", "Null", "NULL", "~"])
+def test_every_yaml_null_spelling_unsets_an_optional_string_key(text):
+    assert apply_overrides(Config(), [f"data.root={text}"]).data.root is None
+    assert apply_overrides(Config(), [f"model.pretrained={text}"]).model.pretrained is None
+    if text != "~":  # a plain string key still takes it as written (a folder may be called that; ~ is home)
+        assert apply_overrides(Config(), [f"run.output_dir={text}"]).run.output_dir == text
+
+
+def test_a_single_bad_key_is_its_own_message_and_several_are_counted():
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), ["optim.lrr=0.1"])
+    assert str(e.value).startswith("unknown config key 'optim.lrr'")
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), ["optim.lrr=0.1", "dpgd.kadv=1"])
+    assert str(e.value).startswith("2 invalid config keys / values")
+
+
+# ----------------------------------------------------------------------------- did_you_mean
+
+def test_a_bare_key_in_several_sections_suggests_each_of_them():
+    hint = C.did_you_mean("batch_size")
+    assert hint == " (did you mean dpgd.batch_size or optim.batch_size or eval.batch_size?)"
+
+
+def test_a_key_in_the_wrong_section_suggests_the_right_one():
+    assert C.did_you_mean("dpgd.lr") == " (did you mean optim.lr?)"
+    with pytest.raises(ConfigError, match=r"unknown config key 'tsgr.k_adv' \(did you mean dpgd.k_adv\?\)"):
+        apply_overrides(Config(), ["tsgr.k_adv=3"])
+
+
+# ----------------------------------------------------------------------------- YAML files and presets
+
+def test_an_empty_or_comment_only_yaml_is_the_default_config(tmp_path):
+    for text in ("", "# nothing set yet\n"):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        assert load_config(path) == Config()
+
+
+def test_a_preset_may_be_named_with_its_yaml_suffix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no cifar100.yaml here: the preset is meant
+    assert load_config("cifar100.yaml") == load_config("cifar100")
+    assert load_config("cifar100").data.dataset == "cifar100"
+
+
+def test_load_config_applies_its_overrides_after_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.05\n  epochs: 3\n")
+    cfg = load_config(path, ["optim.epochs=4", "dpgd.k_adv=2"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.dpgd.k_adv) == (0.05, 4, 2)
+    with pytest.raises(ConfigError, match="optim.epochs"):
+        load_config(path, ["optim.epochs=-1"])
+
+
+# ----------------------------------------------------------------------------- train() / make_config keywords
+
+def test_an_ambiguous_bare_keyword_is_an_error_listing_the_candidates():
+    """README: a bare name only when it is unique; batch_size is in dpgd, optim and eval."""
+    from segpcl_fast.api import make_config
+    with pytest.raises(ConfigError, match=r"'batch_size' is ambiguous: .*dpgd.batch_size.*optim.batch_size.*"
+                                          r"eval.batch_size.*optim__batch_size|'batch_size' is ambiguous"):
+        make_config(batch_size=3)
+    with pytest.raises(ConfigError) as e:
+        make_config(batch_size=3)
+    for key in ("dpgd.batch_size", "optim.batch_size", "eval.batch_size"):
+        assert key in str(e.value)
+    cfg = make_config(optim__batch_size=3, lr=0.05, k_adv=2, seed=4)
+    assert (cfg.optim.batch_size, cfg.optim.lr, cfg.dpgd.k_adv, cfg.run.seed) == (3, 0.05, 2, 4)
+    assert cfg.dpgd.batch_size == 64 and cfg.eval.batch_size == 256
+    with pytest.raises(ConfigError, match="unknown train\\(\\) argument 'k_advv'"):
+        make_config(k_advv=3)
+
+
+# ----------------------------------------------------------------------------- evaluate(): what may change
+
+# README: evaluate's --set may change how it runs and where the data / weights lie, nothing else
+EVALUATE_KEYS = [("run.device", "cpu"), ("run.ops", "reference"), ("run.compile", "false"),
+                 ("run.num_threads", "1"), ("run.progress", "false"), ("eval.batch_size", "7"),
+                 ("data.num_workers", "0"), ("data.root", "/elsewhere"), ("data.frames_dir", "frames"),
+                 ("model.cache_dir", "/weights")]
+
+
+@pytest.fixture
+def run_without_checkpoints(tmp_path):
+    save_config(Config(), tmp_path / "config.yaml")
+    return tmp_path
+
+
+@pytest.mark.parametrize("key,value", EVALUATE_KEYS)
+def test_evaluate_accepts_every_documented_key_as_string_and_keyword(run_without_checkpoints, key, value):
+    from segpcl_fast.api import evaluate
+    # past the key check, the run has no checkpoint: that is the error, not the key
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        evaluate(run_without_checkpoints, [f"{key}={value}"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        evaluate(run_without_checkpoints, **{key.replace(".", "__"): C.parse_value(value)})
+
+
+def test_evaluate_refuses_other_keys_given_as_keywords_too(run_without_checkpoints):
+    from segpcl_fast.api import evaluate
+    for kwargs in ({"num_tasks": 3}, {"dpgd__k_adv": 2}, {"lr": 0.1}):
+        with pytest.raises(ConfigError, match="evaluate\\(\\) cannot override"):
+            evaluate(run_without_checkpoints, **kwargs)
+    with pytest.raises(ConfigError, match="cannot override 'data.num_tasks'"):
+        evaluate(run_without_checkpoints, ["data.num_tasks=3"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _cfg(argv):
+    from segpcl_fast.cli import _config_from_args, build_parser
+    return _config_from_args(build_parser().parse_args(argv))
+
+
+def test_cli_config_options_reach_the_config(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("run:\n  output_dir: from_yaml\n  seed: 5\n  method: zeroshot\n")
+    cfg = _cfg(["train", "--config", str(yaml_file), "-o", str(tmp_path / "o"), "--seed", "3",
+                "--method", "lora_finetune"])
+    assert (cfg.run.output_dir, cfg.run.seed, cfg.run.method) == (str(tmp_path / "o"), 3, "lora_finetune")
+    assert _cfg(["train", "--seed", "0", "--set", "run.seed=9"]).run.seed == 0  # --seed is applied after --set
+    cfg = _cfg(["train", "--config", str(yaml_file)])
+    assert (cfg.run.output_dir, cfg.run.seed, cfg.run.method) == ("from_yaml", 5, "zeroshot")
+    assert _cfg(["train", "-s", "dpgd.k_adv=3", "--set", "optim.lr=0.5"]).dpgd.k_adv == 3
+    assert _cfg(["train", "--output-dir", "x", "--set", "run.output_dir=y"]).run.output_dir == "x"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["ablate", "--seed", "0"], "ablate does not take --seed (it runs every --seeds entry"),
+    (["sweep", "--set", "optim.lr=0.1,0.2", "--seed", "0"], "sweep does not take --seed"),
+    (["distill-sources", "--seed", "0"], "distill-sources does not take --seed"),
+])
+def test_a_refused_seed_option_is_refused_even_when_it_is_0(argv, message, capsys, monkeypatch):
+    import segpcl_fast.analysis
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the subcommand ran instead of refusing --seed")
+    for module, name in ((segpcl_fast.api, "ablate"), (segpcl_fast.analysis, "sweep"),
+                         (segpcl_fast.analysis, "distill_sources")):
+        monkeypatch.setattr(module, name, must_not_run)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sweep_fixed_overrides_reach_every_run_unsplit(monkeypatch, capsys):
+    import segpcl_fast.analysis
+    from segpcl_fast.cli import main
+    seen = {}
+
+    def fake_sweep(cfg, axes, seeds):
+        seen.update(cfg=cfg, axes=axes, seeds=seeds)
+        return {"table": "TABLE", "paths": {}}
+    monkeypatch.setattr(segpcl_fast.analysis, "sweep", fake_sweep)
+    assert main(["sweep", "--set", "dpgd.k_adv=5,10", "--fixed", "data.templates=a photo, of a {}.",
+                 "--fixed", "optim.epochs=2", "--seeds", "0,1", "-o", "runs/x"]) == 0
+    assert seen["cfg"].data.templates == ["a photo, of a {}."] and seen["cfg"].optim.epochs == 2
+    assert seen["axes"] == ["dpgd.k_adv=5,10"] and seen["seeds"] == [0, 1]
+    assert seen["cfg"].run.output_dir == "runs/x"
+    assert "TABLE" in capsys.readouterr().out
+
+
+def test_seed_lists_skip_empty_entries():
+    from segpcl_fast.cli import seed_list
+    assert seed_list("0,1,2") == [0, 1, 2]
+    assert seed_list("0,1,") == [0, 1] and seed_list(" 3 ") == [3]
+
+
+def test_no_subcommand_prints_help_and_exits_2(capsys):
+    from segpcl_fast.cli import main
+    assert main([]) == 2
+    assert "usage: segpcl-fast" in capsys.readouterr().out
+
+
+def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+
+    def denied(cfg):
+        raise PermissionError(13, "Permission denied", "/runs/x/results.json")
+    monkeypatch.setattr(segpcl_fast.api, "train", denied)
+    assert main(["train", "-o", "unused"]) == 2
+    assert capsys.readouterr().err == "segpcl-fast: error: /runs/x/results.json: Permission denied\n"
+
+
+def test_config_and_missing_file_errors_exit_2_and_interrupts_130(monkeypatch, capsys):
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+    assert main(["train", "--config", "no-such-preset"]) == 2
+    assert capsys.readouterr().err.startswith("segpcl-fast: error: config file 'no-such-preset' does not exist")
+    assert main(["evaluate", "/no/such/run"]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(segpcl_fast.api, "ablate", interrupted)
+    assert main(["ablate", "-o", "unused"]) == 130
+    assert capsys.readouterr().err == "segpcl-fast: interrupted\n"  # the --resume hint is train's
+
+
+# ----------------------------------------------------------------------------- fileio
+
+def _record_fsync_and_replace(monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name fsynced files")
+@pytest.mark.parametrize("writer", ["text", "bytes"])
+def test_the_temp_file_is_fsynced_before_the_rename_and_durable_fsyncs_the_folder(tmp_path, monkeypatch, writer):
+    from segpcl_fast.fileio import atomic_write_bytes, atomic_write_text
+    events = _record_fsync_and_replace(monkeypatch)
+    target = tmp_path / "d" / "f.bin"
+    (tmp_path / "d").mkdir()
+    write = (lambda p, durable: atomic_write_text(p, "x", durable=durable)) if writer == "text" else \
+        (lambda p, durable: atomic_write_bytes(p, b"x", durable=durable))
+    write(target, True)
+    replaces = [e for e in events if e[0] == "replace"]
+    assert len(replaces) == 1 and replaces[0][2] == str(target)
+    tmp = replaces[0][1]
+    i = events.index(replaces[0])
+    assert ("fsync", tmp) in events[:i]  # the data is on disk before the new name points at it
+    assert ("fsync", str(tmp_path / "d")) in events[i:]  # durable: the rename itself too
+    events.clear()
+    write(target, False)
+    assert ("fsync", str(tmp_path / "d")) not in events
+    assert target.read_bytes() == b"x" and os.listdir(tmp_path / "d") == ["f.bin"]
+
+
+def test_atomic_write_text_never_writes_the_target_in_place(tmp_path, monkeypatch):
+    """A failed rename leaves the old file whole (a writer that opened the target would have changed it)."""
+    from segpcl_fast.fileio import atomic_write_bytes, atomic_write_text
+    target = tmp_path / "results.json"
+    target.write_text("old\n")
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", no_rename)
+    for write in (lambda: atomic_write_text(target, "new\n"), lambda: atomic_write_bytes(target, b"new\n")):
+        with pytest.raises(OSError, match="No space"):
+            write()
+        assert target.read_text() == "old\n"
+        assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_folder_without_search_permission_is_not_writable(tmp_path, monkeypatch):
+    """Creating a file needs write and search (x) permission on the folder: access(W_OK | X_OK)."""
+    from segpcl_fast.fileio import unwritable_dir_reason
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) and mode & os.X_OK
+                        else real_access(p, mode))
+    assert unwritable_dir_reason(locked) == f"{locked} is not writable"
+    assert unwritable_dir_reason(tmp_path / "other") is None
+
+
+def test_a_config_object_is_validated_and_copied():
+    """README: every config value is checked when the config is built; a Config built in code too,
+    and train() never edits the caller's object."""
+    from segpcl_fast.api import make_config
+    from segpcl_fast.config import Config, ConfigError, OptimConfig
+    with pytest.raises(ConfigError, match=r"optim\.lr.*(?s:.*)optim\.schedule"):
+        make_config(Config(optim=OptimConfig(lr=-1.0, schedule="linear")))
+    mine = Config()
+    cfg = make_config(mine, lr=0.5)
+    assert cfg == make_config(lr=0.5) and cfg is not mine and mine.optim.lr != 0.5
+
+
+def test_a_broken_symlink_output_dir_is_named_before_anything_runs(tmp_path):
+    import os
+    from segpcl_fast.fileio import unwritable_dir_reason
+    os.symlink(tmp_path / "gone", tmp_path / "out")
+    for target in (tmp_path / "out", tmp_path / "out" / "run1"):
+        reason = unwritable_dir_reason(target)
+        assert reason is not None and "broken symbolic link" in reason and "gone" in reason
+    assert unwritable_dir_reason(tmp_path / "fine" / "run1") is None
