@@ -516,6 +516,12 @@ def _key_type(dotted: str) -> Any:
     return _field_types(section).get(sub) if section is not None else None
 
 
+def config_value(cfg: Config, dotted: str) -> Any:
+    """The value of a dotted key ('optim.lr') in `cfg`."""
+    sec, _, sub = dotted.partition(".")
+    return getattr(getattr(cfg, sec), sub)
+
+
 def _override_value(key: str, text: str) -> Any:
     """A command-line value for `key`: YAML rules (parse_value), except that a string key takes the
     text as written where YAML would read something else: `-o 2024`, `data.root=off`, `-o '#x'`."""

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from .. import metrics, ops
-from ..config import Config, ConfigError, apply_overrides, save_config
+from ..config import Config, ConfigError, apply_overrides, config_value, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
 from ..fileio import unwritable_dir_reason
 from ..method.learner import Learner
@@ -70,8 +70,7 @@ def absolute_locations(cfg: Config) -> dict[str, str]:
     """{key: absolute path} of the LOCATION_KEYS that are set (`~` expanded; symlinks kept)."""
     located = {}
     for key in LOCATION_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = config_value(cfg, key)
         if value:
             located[key] = os.path.abspath(os.path.expanduser(value))
     return located
@@ -484,8 +483,7 @@ TERM_SETTINGS = {"acgd": ("acgd.tau", "acgd.weight"), "gr": ("tsgr.tau", "tsgr.w
 def _nonfinite_fixes(terms: list, cfg: Config) -> str:
     """'check acgd.tau (now 1e+25), acgd.weight (now 5.0); lower optim.lr (now 0.1); ...' for the terms."""
     def now(key):
-        section, name = key.split(".")
-        return f"{key} (now {getattr(getattr(cfg, section), name):g})"
+        return f"{key} (now {config_value(cfg, key):g})"
     settings = [now(key) for term in terms for key in TERM_SETTINGS.get(term, ())]
     fixes = ([f"check {', '.join(settings)}"] if settings else []) + [f"lower {now('optim.lr')}"]
     if cfg.run.precision != "fp32":
