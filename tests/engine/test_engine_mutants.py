@@ -18,13 +18,12 @@ from segpcl_fast.engine import checkpoint as ckpt
 from segpcl_fast.engine import distributed as ddp
 from segpcl_fast.engine.trainer import Trainer, lr_at, make_optimizer
 
+import run_cases
+
 
 def small_config(tiny_model_name, out, **kw):
-    base = dict(model__name=tiny_model_name, model__pretrained=None, max_train_per_class=2, max_test_per_class=2,
-                num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=2, dpgd__k_seed=2, output_dir=str(out),
-                progress=False, plots=False, num_threads=1, train_augment=False, run__device="cpu")
-    base.update(kw)
-    return make_config(**base)
+    return run_cases.small_config(tiny_model_name, out, **{
+        "plots": False, "train_augment": False, "run__device": "cpu", **kw})
 
 
 # ----------------------------------------------------------------------------- LR schedule
@@ -499,12 +498,7 @@ def test_steps_per_task_are_epochs_times_batches_capped_by_max_steps(tiny_model_
 def test_resume_restores_the_trained_state_and_the_task_log(tiny_model_name, tmp_path, monkeypatch):
     out = tmp_path / "run"
     original = Trainer.train_task
-
-    def crash_at_second_task(self, t):
-        if t == 1:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, t)
-    monkeypatch.setattr(Trainer, "train_task", crash_at_second_task)
+    run_cases.crash_at_task(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(small_config(tiny_model_name, out, lr=0.05))
     saved = torch.load(ckpt.checkpoint_path(out, 0), weights_only=False)
@@ -540,9 +534,7 @@ def test_an_overwrite_that_dies_early_leaves_no_pointer_to_the_old_run(tiny_mode
     train(small_config(tiny_model_name, out, num_tasks=2, method="lora_finetune"))
     assert ckpt.find_last_checkpoint(out).name == "task_01.pt"
 
-    def crash(self, t):
-        raise KeyboardInterrupt("simulated crash")
-    monkeypatch.setattr(Trainer, "train_task", crash)
+    run_cases.crash_at_task(monkeypatch, 0)
     with pytest.raises(KeyboardInterrupt):
         train(small_config(tiny_model_name, out, num_tasks=2, method="lora_finetune", run__overwrite=True))
     assert ckpt.find_last_checkpoint(out) is None  # a --resume now starts at task 1, it does not fail

@@ -12,13 +12,7 @@ from segpcl_fast.config import ConfigError, apply_overrides
 from segpcl_fast.engine import checkpoint as ckpt
 from segpcl_fast.engine.trainer import Trainer
 
-
-def small_config(tiny_model_name, out, **kw):
-    base = dict(model__name=tiny_model_name, model__pretrained=None, max_train_per_class=2, max_test_per_class=2,
-                num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=2, dpgd__k_seed=2, output_dir=str(out),
-                progress=False, num_threads=1)
-    base.update(kw)
-    return make_config(**base)
+from run_cases import crash_at_task, small_config
 
 
 def test_full_run_writes_results_and_consistent_metrics(tiny_model_name, tmp_path):
@@ -49,18 +43,11 @@ def test_full_run_writes_results_and_consistent_metrics(tiny_model_name, tmp_pat
 def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch):
     full = train(small_config(tiny_model_name, tmp_path / "full"))
 
-    original = Trainer.train_task
-
-    def crash_at_second_task(self, t):
-        if t == 1:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, t)
-
-    monkeypatch.setattr(Trainer, "train_task", crash_at_second_task)
+    crash_at_task(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(small_config(tiny_model_name, tmp_path / "resumed"))
     assert ckpt.find_last_checkpoint(tmp_path / "resumed").name == "task_00.pt"
-    monkeypatch.setattr(Trainer, "train_task", original)
+    monkeypatch.undo()
     resumed = train(small_config(tiny_model_name, tmp_path / "resumed", resume=True))
     assert resumed.accuracy_matrix == full.accuracy_matrix
     assert resumed.metrics == full.metrics
@@ -409,17 +396,11 @@ def test_a_new_run_refuses_a_dir_holding_another_run_unless_told_to_overwrite(ti
     assert (tmp_path / "run" / "checkpoints" / "task_01.pt").exists()
     with pytest.raises(ConfigError, match="already holds a run.*--resume.*-o.*run.overwrite=true"):
         train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune"))
-    original = Trainer.train_task
-
-    def crash(self, t):
-        raise KeyboardInterrupt("simulated crash")
-    Trainer.train_task = crash
-    try:  # an overwrite that dies before its first task leaves none of the old run's results behind
+    with pytest.MonkeyPatch.context() as m:  # an overwrite that dies before its first task leaves none of
+        crash_at_task(m, 0)                    # the old run's results behind
         with pytest.raises(KeyboardInterrupt):
             train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune",
                                run__overwrite=True))
-    finally:
-        Trainer.train_task = original
     assert not (tmp_path / "run" / "results.json").exists()
     result = train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune",
                                 run__overwrite=True))

@@ -152,12 +152,17 @@ def test_pgd_result_does_not_depend_on_batch_size(teacher):
     assert float(((a - b).abs() > 1e-5).float().mean()) < 1e-3
 
 
-def test_random_start_stays_in_ball_and_box(teacher):
+def _random_start_only(teacher, seed: int):
+    """(pixels, anchors, cfg) of DPGD with random start and no PGD step, in pixel space."""
     pixels, seeds, targets, text, protos, mean, std = _setup(teacher)
     cfg = DPGDConfig(k_adv=0, random_start=True)
-    g = torch.Generator().manual_seed(3)
     adv = anchors.run_dpgd(teacher, seeds, targets, text, protos, 1.0, cfg, teacher.image_stats.mean,
-                           teacher.image_stats.std, generator=g) * std + mean
+                           teacher.image_stats.std, generator=torch.Generator().manual_seed(seed)) * std + mean
+    return pixels, adv, cfg
+
+
+def test_random_start_stays_in_ball_and_box(teacher):
+    pixels, adv, cfg = _random_start_only(teacher, seed=3)
     assert float((adv - pixels).abs().max()) <= cfg.eps + 1e-5
     assert float((adv - pixels).abs().mean()) > cfg.eps / 4  # actually moved
     assert float(adv.min()) >= -1e-5 and float(adv.max()) <= 1 + 1e-5
@@ -248,11 +253,7 @@ def test_lambda_p_weights_the_visual_term(teacher):
 
 def test_random_start_is_uniform_in_the_whole_ball(teacher):
     """Random start draws delta in [-eps, eps] (both signs), not [0, eps]."""
-    pixels, seeds, targets, text, protos, mean, std = _setup(teacher)
-    cfg = DPGDConfig(k_adv=0, random_start=True)
-    g = torch.Generator().manual_seed(4)
-    adv = anchors.run_dpgd(teacher, seeds, targets, text, protos, 1.0, cfg, teacher.image_stats.mean,
-                           teacher.image_stats.std, generator=g) * std + mean
+    pixels, adv, cfg = _random_start_only(teacher, seed=4)
     free = pixels[:, :, 4:-4]  # rows away from the saturated bands
     delta = (adv[:, :, 4:-4] - free)[(free > cfg.eps) & (free < 1 - cfg.eps)]  # the box cannot bind here
     assert delta.numel() > 1000

@@ -111,3 +111,33 @@ def test_xformers_without_kernels_falls_back_to_sdpa_once(fake_xformers, monkeyp
     assert fake_xformers == [(1, 8, 2, 8)]  # probed once, never called on real inputs
     assert "wasn't build with CUDA support" in caplog.text and caplog.text.count("using SDPA") == 1
     assert attn_mod.xformers_failure(q.device, q.dtype, 8).startswith("NotImplementedError")
+
+
+def test_compiled_attention_stays_on_sdpa(fake_xformers):
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    out = torch.compile(ops.attention, backend="eager")(q, k, v)
+    torch._dynamo.reset()
+    assert fake_xformers == []  # neither probed nor called while tracing
+    torch.testing.assert_close(out, ops.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+    ops.attention(q, k, v)  # eager: probed once, then used
+    assert fake_xformers == [(1, 8, 2, 8), (2, 5, 3, 8)]
+
+
+def test_xformers_probe_is_per_head_size(fake_xformers, monkeypatch):
+    """A head size xformers cannot run must not be cached as runnable because another size was."""
+    real = sys.modules["xformers.ops"].memory_efficient_attention
+
+    def no_head_dim_4(q, k, v):
+        if q.shape[-1] == 4:
+            raise NotImplementedError("no kernel for head_dim 4")
+        return real(q, k, v)
+
+    monkeypatch.setattr(sys.modules["xformers.ops"], "memory_efficient_attention", no_head_dim_4)
+    q8 = torch.randn(1, 2, 3, 8)
+    ops.attention(q8, q8, q8)
+    assert ops.last_choice()["attention"] == "xformers"
+    q4 = torch.randn(1, 2, 3, 4)
+    out = ops.attention(q4, q4, q4)
+    assert ops.last_choice()["attention"] == "sdpa"
+    torch.testing.assert_close(out, ops.attention_reference(q4, q4, q4), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,23 @@
+"""Shared by the trainer tests: a tiny run's config and a run killed at a chosen task."""
+from segpcl_fast.api import make_config
+from segpcl_fast.engine.trainer import Trainer
+
+
+def small_config(tiny_model_name, out, **kw):
+    base = dict(model__name=tiny_model_name, model__pretrained=None, max_train_per_class=2, max_test_per_class=2,
+                num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=2, dpgd__k_seed=2, output_dir=str(out),
+                progress=False, num_threads=1)
+    base.update(kw)
+    return make_config(**base)
+
+
+def crash_at_task(monkeypatch, task: int = 0) -> None:
+    """Trainer.train_task raises KeyboardInterrupt (a killed run) at 0-based task `task`, after the
+    earlier tasks trained and were checkpointed as usual."""
+    original = Trainer.train_task
+
+    def crash(self, t):
+        if t == task:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, t)
+    monkeypatch.setattr(Trainer, "train_task", crash)
