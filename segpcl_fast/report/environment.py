@@ -163,10 +163,7 @@ def format_environment(env: dict) -> str:
     devices = list(env["op_paths"])
     lines.append(f"\nop paths under ops backend '{env['ops_backend']}' (run.ops / SEGPCL_OPS):")
     width = max(len(op) for op in env["op_paths"][devices[0]])
-    col = max([12] + [len(impl) + 2 for paths in env["op_paths"].values() for impl in paths.values()
-                      if not impl.startswith("error")])
-    lines.append(("  " + "op".ljust(width) + "  " + "".join(d.ljust(col) for d in devices)).rstrip())
-    errors = []
+    errors, rows = [], []
     for op in env["op_paths"][devices[0]]:
         cells = []
         for d in devices:
@@ -174,8 +171,12 @@ def format_environment(env: dict) -> str:
             if impl.startswith("error: "):
                 errors.append(f"  {op} on {d}: {impl[len('error: '):]}")
                 impl = "error (below)"
-            cells.append(impl.ljust(col))
-        lines.append("  " + op.ljust(width) + "  " + "".join(cells).rstrip())
+            cells.append(impl)
+        rows.append((op, cells))
+    col = max([12] + [len(cell) + 2 for _, cells in rows for cell in cells])  # the cells as printed
+    lines.append(("  " + "op".ljust(width) + "  " + "".join(d.ljust(col) for d in devices)).rstrip())
+    for op, cells in rows:
+        lines.append("  " + op.ljust(width) + "  " + "".join(c.ljust(col) for c in cells).rstrip())
     lines += errors
     lines += _hints(env)
     variables = env["environment_variables"]

@@ -1,0 +1,545 @@
+"""Tests added by a mutation audit of segpcl_fast/report/ and engine/accel.py: the exact text of
+the tables (alignment, n/a, ints vs floats, default columns) and of the run summary; what
+results.json stores (types, versions, the ops of the run, matrix_own, the file names a run
+report writes); the data the plots hold (tick labels, annotations, lines, bars: read off the
+matplotlib figure, not the pixels); the `segpcl-fast env` pieces (CUDA device rows, env
+variables, triton / extension states, the text it prints); the optional-accelerator probes.
+The environment tests fake the triton probe and the CUDA device properties (no GPU needed)."""
+import datetime
+import importlib.metadata
+import json
+import platform
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segpcl_fast.report import (format_accuracy_matrix, format_metrics_table, format_run_summary,
+                                 format_table, read_results, results_row, write_results, write_run_report)
+from segpcl_fast.report import environment as envmod
+from segpcl_fast.report import plots
+from segpcl_fast.report import results as resmod
+from segpcl_fast.report.run_report import run_label
+from segpcl_fast.report.tables import format_cell
+
+NAN = float("nan")
+
+
+# ----------------------------------------------------------------------------- tables
+
+def test_format_cell_values():
+    assert format_cell(None) == "n/a" and format_cell(NAN) == "n/a" and format_cell(np.float32("inf")) == "n/a"
+    assert format_cell(7) == "7" and format_cell(np.int64(-3)) == "-3"  # ints stay ints
+    assert format_cell(1.5) == "1.50" and format_cell(np.float32(2.25), ".1f") == "2.2"
+    assert format_cell(True) == "True" and format_cell(np.bool_(False)) == "False"  # bools are not numbers
+    assert format_cell("x") == "x"
+
+
+def test_format_table_exact_text():
+    rows = [["segpcl", 89.8, 3, 4.5, "a"],
+            ["lora", -3.14159, 12, None, "long note"]]
+    text = format_table(rows, ["method", "Avg", "n", "Forgetting", "note"], title="results")
+    assert text.splitlines() == [
+        "results",
+        "method |   Avg |  n | Forgetting | note",
+        "-------+-------+----+------------+----------",
+        "segpcl | 89.80 |  3 |       4.50 | a",          # text left-aligned, no trailing blanks
+        "lora   | -3.14 | 12 |        n/a | long note",  # numbers (and n/a among them) right-aligned
+    ]
+    assert format_table(rows, ["method", "Avg", "n", "Forgetting", "note"]).splitlines()[0].startswith("method")
+
+
+def test_format_table_bool_column_is_text_and_short_rows_are_refused():
+    text = format_table([["a", True], ["bb", False]], ["k", "flag"])
+    assert text.splitlines()[2:] == ["a  | True", "bb | False"]
+    with pytest.raises(ValueError, match="header has 3"):
+        format_table([[1.0, 2.0]], ["a", "b", "c"])
+
+
+def test_metrics_table_default_columns_and_floatfmt():
+    rows = [{"method": "a", "Forgetting_own": 2.0, "Avg": 1.0},
+            {"method": "b", "Avg": 3.0, "FWT": 4.0}]  # FWT only in a later row: still a column
+    lines = format_metrics_table(rows).splitlines()
+    assert [c.strip() for c in lines[0].split("|")] == ["method", "Avg", "FWT", "Forgetting_own"]
+    assert [c.strip() for c in lines[2].split("|")] == ["a", "1.00", "n/a", "2.00"]
+    one = format_metrics_table([{"method": "a", "Avg": 89.8123}], floatfmt=".1f").splitlines()
+    assert one[2] == "a      | 89.8"
+    assert format_metrics_table([{"method": "a", "Avg": 1.0}], title="metrics (%)").splitlines()[0] == "metrics (%)"
+
+
+def test_accuracy_matrix_exact_text():
+    a = [[80.0, NAN], [85.24, 90.0]]
+    assert format_accuracy_matrix(a, [80.0, 87.66]).splitlines() == [
+        "after  |   T1 |   T2 | acc_t",
+        "-------+------+------+------",
+        "task 1 | 80.0 |  n/a |  80.0",
+        "task 2 | 85.2 | 90.0 |  87.7",
+    ]
+    assert format_accuracy_matrix(a, floatfmt=".0f").splitlines()[3] == "task 2 | 85 |  90"
+
+
+# ----------------------------------------------------------------------------- results.json
+
+def test_to_jsonable_types():
+    out = resmod.to_jsonable({1: np.float32(1.5), "b": (np.int64(2), np.bool_(True)),
+                              "c": np.array([[1.0, np.nan]]), "d": Path("/x/y"), "e": torch.tensor(2.5),
+                              "f": torch.tensor(3), "g": float("-inf"), "h": None, "i": True})
+    assert out == {"1": 1.5, "b": [2, True], "c": [[1.0, None]], "d": "/x/y", "e": 2.5, "f": 3, "g": None,
+                   "h": None, "i": True}
+    assert type(out["b"][0]) is int and out["b"][1] is True and out["i"] is True and type(out["f"]) is int
+
+
+def test_build_results_header_versions_and_explicit_ops(tmp_path):
+    from segpcl_fast.ops import dispatch
+    dispatch.record_choice("audit_report_op", "reference", "cpu")
+    before = datetime.datetime.now(datetime.timezone.utc)
+    path = write_results(tmp_path / "r.json", config={"a": (1, 2)}, matrix=[[50.0]], acc_per_task=[50.0],
+                         metrics={"Avg": 50.0}, ops={})
+    text = path.read_text()
+    assert text.endswith("}\n")
+    raw = json.loads(text)
+    assert raw["schema_version"] == 1
+    created = datetime.datetime.fromisoformat(raw["created"])
+    assert created.utcoffset() == datetime.timedelta(0)
+    assert abs((created - before).total_seconds()) < 60
+    assert raw["ops"] == {}  # ops given (even empty): dispatch is not asked
+    assert raw["config"] == {"a": [1, 2]} and raw["fwt_before"] is None
+    v = raw["versions"]
+    assert v["open_clip"] == importlib.metadata.version("open_clip_torch")
+    assert v["numpy"] == importlib.metadata.version("numpy")
+    assert v["torchvision"] == importlib.metadata.version("torchvision")
+    assert v["python"] == platform.python_version() and v["cuda"] == torch.version.cuda
+    if not torch.cuda.is_available():
+        assert v["device_name"] == (platform.processor() or platform.machine())
+
+
+def test_read_results_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="segpcl-fast train"):
+        read_results(tmp_path / "nope" / "results.json")
+
+
+# ----------------------------------------------------------------------------- run report
+
+def _result(**kw):
+    r = {"accuracy_matrix": [[80.0, None], [70.0, 90.0]], "acc_per_task": [80.0, 82.5],
+         "metrics": {"Avg": 81.25, "Last": 82.5, "Forgetting": 10.0, "BWT": -10.0, "FWT": None},
+         "config": {"run": {"method": "segpcl"}}, "fwt_before": [None, 30.0]}
+    r.update(kw)
+    return r
+
+
+def test_run_label_and_results_row():
+    assert run_label({}) == run_label({"run": {}}) == "run" and run_label({"run": {"method": "x"}}) == "x"
+    r = {"config": {"run": {"method": "segpcl"}, "data": {"dataset": "cifar100"}},
+         "metrics": {"Avg": 1.0, "Last": 2.0, "Forgetting_own": 0.5}}
+    assert results_row(r) == {"method": "segpcl", "dataset": "cifar100", "Avg": 1.0, "Last": 2.0,
+                              "Forgetting": None, "BWT": None, "FWT": None, "Forgetting_own": 0.5}
+    assert results_row(r, label="mine")["method"] == "mine"
+    assert results_row({"config": {}, "metrics": {}}) == {"method": "run", "Avg": None, "Last": None,
+                                                           "Forgetting": None, "BWT": None, "FWT": None}
+
+
+def _spy_figures(monkeypatch, render=False):
+    """Replace plots.save_figure: keep each figure; write the PNG only when `render`."""
+    figs = []
+    original = plots.save_figure
+
+    def spy(fig, path):
+        figs.append(fig)
+        return original(fig, path) if render else Path(path)
+    monkeypatch.setattr(plots, "save_figure", spy)
+    return figs
+
+
+def test_write_run_report_files_plots_and_stored_fields(tmp_path, monkeypatch):
+    from segpcl_fast.ops import dispatch
+    dispatch.record_choice("audit_report_op", "reference", "cpu")  # not this result's: must not be stored
+    figs = _spy_figures(monkeypatch, render=True)
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    own = [[80.0, None], [75.0, 90.0]]
+    paths = write_run_report(_result(accuracy_matrix_own=own), tmp_path, class_names=[])
+    assert paths == {"output_dir": str(tmp_path), "accuracy_matrix_png": str(tmp_path / "accuracy_matrix.png"),
+                     "acc_per_task_png": str(tmp_path / "acc_per_task.png"),
+                     "config": str(tmp_path / "config.yaml"), "results": str(tmp_path / "results.json")}
+    assert all(Path(p).exists() for p in paths.values())
+    heat, curve = figs
+    assert heat.axes[0].get_title() == "segpcl: accuracy a[t][j]"
+    (line,) = curve.axes[0].get_lines()
+    assert line.get_label() == "segpcl" and list(line.get_ydata()) == [80.0, 82.5]
+    back = read_results(paths["results"])
+    assert back["ops"] == {} and back["fwt_before"] == [None, 30.0]
+    assert back["matrix_own"] == own and back["class_names"] == []  # the keys the trainer's --resume reads
+
+
+def test_run_summary_exact_text():
+    r = _result(ops={"pgd_step": "reference", "anchor_kl": "triton"},
+                paths={"results": "/r/results.json", "output_dir": "/r"})
+    assert format_run_summary(r) == "\n".join([
+        "metrics (%)",
+        "method |   Avg |  Last | Forgetting |    BWT | FWT",
+        "-------+-------+-------+------------+--------+----",
+        "segpcl | 81.25 | 82.50 |      10.00 | -10.00 | n/a",
+        "",
+        "accuracy matrix a[t][j] (%)",
+        "after  |   T1 |   T2 | acc_t",
+        "-------+------+------+------",
+        "task 1 | 80.0 |  n/a |  80.0",
+        "task 2 | 70.0 | 90.0 |  82.5",
+        "",
+        "fused ops: anchor_kl=triton, pgd_step=reference",
+        "",
+        "files:",
+        "  results: /r/results.json",
+        "  output_dir: /r",
+    ])
+
+
+@pytest.mark.parametrize("T,shown", [(20, True), (21, False)])
+def test_run_summary_matrix_up_to_20_tasks(T, shown):
+    a = np.tril(np.full((T, T), 50.0)) + np.triu(np.full((T, T), NAN), 1)
+    r = {"accuracy_matrix": a.tolist(), "acc_per_task": [50.0] * T, "metrics": {}, "config": {}}
+    assert ("accuracy matrix a[t][j]" in format_run_summary(r)) is shown
+
+
+# ----------------------------------------------------------------------------- plots (figure data)
+
+def test_accuracy_matrix_plot_data(tmp_path, monkeypatch):
+    figs = _spy_figures(monkeypatch)
+    a = [[80.0, NAN, NAN], [85.0, 90.0, NAN], [55.5, 92.0, 95.04]]
+    plots.plot_accuracy_matrix(a, tmp_path / "m.png")
+    ax = figs[0].axes[0]
+    assert ax.images[0].get_clim() == (0.0, 100.0)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3"]
+    assert list(ax.get_xticks()) == [0, 1, 2] and list(ax.get_yticks()) == [0, 1, 2]
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == (
+        "accuracy matrix a[t][j]", "evaluated on task j", "after training task t")
+    cells = {(t.get_position(), t.get_text(), t.get_color()) for t in ax.texts}
+    assert cells == {((0, 0), "80.0", "black"), ((0, 1), "85.0", "black"), ((1, 1), "90.0", "black"),
+                     ((0, 2), "55.5", "white"), ((1, 2), "92.0", "black"), ((2, 2), "95.0", "black")}
+    assert np.ma.getmaskarray(ax.images[0].get_array()).tolist() == np.isnan(np.asarray(a)).tolist()
+    plots.plot_accuracy_matrix(a, tmp_path / "m.png", title="mine", annotate=False)
+    assert figs[1].axes[0].get_title() == "mine" and not figs[1].axes[0].texts
+
+
+@pytest.mark.parametrize("T,texts,size", [(2, 3, (4.1, 3.1)), (20, 210, (14.0, 13.0)), (21, 0, (14.55, 13.55)),
+                                         (25, 0, (15.0, 14.0))])
+def test_accuracy_matrix_annotates_up_to_20_tasks_and_caps_its_size(T, texts, size, tmp_path, monkeypatch):
+    figs = _spy_figures(monkeypatch)
+    a = np.tril(np.full((T, T), 50.0)) + np.triu(np.full((T, T), NAN), 1)
+    plots.plot_accuracy_matrix(a, tmp_path / "m.png")
+    assert len(figs[0].axes[0].texts) == texts
+    np.testing.assert_allclose(figs[0].get_size_inches(), size)
+
+
+def test_accuracy_matrix_plot_refuses_non_square_and_empty(tmp_path):
+    for bad in (np.zeros((2, 3)), np.zeros((0, 0))):
+        with pytest.raises(ValueError, match="T x T"):
+            plots.plot_accuracy_matrix(bad, tmp_path / "x.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_plot_lines_data(tmp_path, monkeypatch):
+    figs = _spy_figures(monkeypatch)
+    plots.plot_lines([1, 5, 10], {"Last": [80, 83, None], "Avg": [85, 86, 87]}, tmp_path / "l.png",
+                     xlabel="K_adv", ylabel="acc (%)", title="sweep")
+    ax = figs[0].axes[0]
+    last, avg = ax.get_lines()
+    assert list(last.get_xdata()) == [1, 5, 10] and list(avg.get_xdata()) == [1, 5, 10]
+    np.testing.assert_array_equal(last.get_ydata(), [80.0, 83.0, NAN])
+    assert last.get_marker() == "o"
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("K_adv", "acc (%)", "sweep")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Last", "Avg"]
+    plots.plot_lines([1], {"a": [1.0]}, tmp_path / "l.png", markers=False)
+    assert figs[1].axes[0].get_lines()[0].get_marker() in (None, "None", "")
+    assert figs[1].axes[0].get_title() == ""
+    with pytest.raises(ValueError, match="at least one series"):
+        plots.plot_lines([1], {}, tmp_path / "e.png")
+
+
+def test_plot_acc_curves_data(tmp_path, monkeypatch):
+    figs = _spy_figures(monkeypatch)
+    plots.plot_acc_curves({"segpcl": [90.0, 85.0, 80.0], "lora": [88.0, 70.0]}, tmp_path / "c.png")
+    ax = figs[0].axes[0]
+    (a, b) = ax.get_lines()
+    assert list(a.get_xdata()) == [1, 2, 3] and list(b.get_xdata()) == [1, 2]  # task t is 1-based
+    assert list(a.get_ydata()) == [90.0, 85.0, 80.0]
+    assert list(ax.get_xticks()) == [1, 2, 3]  # the longest curve's T, whatever the order
+    assert ax.get_title() == "acc per task" and ax.get_xlabel() == "task t"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["segpcl", "lora"]
+    plots.plot_acc_curves({"x": [1.0]}, tmp_path / "c.png", title="mine")
+    assert figs[1].axes[0].get_title() == "mine"
+    with pytest.raises(ValueError, match="at least one curve"):
+        plots.plot_acc_curves({}, tmp_path / "e.png")
+
+
+def test_plot_bars_data(tmp_path, monkeypatch):
+    figs = _spy_figures(monkeypatch)
+    plots.plot_bars({"LoRA-B": 77.0, "missing": None, "+ACGD": 81.66}, tmp_path / "b.png", ylabel="Last (%)",
+                    title="ablation")
+    ax = figs[0].axes[0]
+    np.testing.assert_array_equal([p.get_height() for p in ax.patches], [77.0, NAN, 81.66])
+    notes = [(t.get_text(), t.xy) for t in ax.texts]
+    assert notes == [("77.0", (0.0, 77.0)), ("81.7", (2.0, 81.66))]  # at each bar's top centre; none for None
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["LoRA-B", "missing", "+ACGD"]
+    assert [t.get_rotation() for t in ax.get_xticklabels()] == [0.0] * 3
+    assert (ax.get_ylabel(), ax.get_xlabel(), ax.get_title()) == ("Last (%)", "", "ablation")
+    plots.plot_bars({k: 1.0 for k in "abcd"}, tmp_path / "b.png")
+    assert {t.get_rotation() for t in figs[1].axes[0].get_xticklabels()} == {0.0}
+    plots.plot_bars({k: 1.0 for k in "abcde"}, tmp_path / "b.png", annotate=False)
+    assert {t.get_rotation() for t in figs[2].axes[0].get_xticklabels()} == {30.0} and not figs[2].axes[0].texts
+    with pytest.raises(ValueError, match="at least one value"):
+        plots.plot_bars({}, tmp_path / "e.png")
+
+
+# ----------------------------------------------------------------------------- segpcl-fast env
+
+def test_environment_variables_reported(monkeypatch):
+    wanted = {"SEGPCL_OPS": "reference", "TRITON_CACHE_DIR": "/c", "NCCL_DEBUG": "INFO", "TORCHINDUCTOR_X": "1",
+              "CUDA_VISIBLE_DEVICES": "0,1", "CUDA_HOME": "/cuda", "TORCH_CUDA_ARCH_LIST": "9.0",
+              "OMP_NUM_THREADS": "4", "TORCH_LOGS": "+dynamo"}
+    for k, v in {**wanted, "CUDA_OTHER": "x", "MY_SEGPCL_X": "y"}.items():
+        monkeypatch.setenv(k, v)
+    got = envmod._environment_variables()
+    assert {k: got[k] for k in wanted} == wanted
+    assert "CUDA_OTHER" not in got and "MY_SEGPCL_X" not in got and "PATH" not in got
+    assert list(got) == sorted(got)
+
+
+def _fake_cuda(monkeypatch):
+    props = [types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=int(139.8 * 2**30),
+                                   multi_processor_count=132, max_threads_per_multi_processor=2048),
+             types.SimpleNamespace(name="NVIDIA A100", major=8, minor=6, total_memory=40 * 2**30,
+                                   multi_processor_count=108, max_threads_per_multi_processor=2048)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(props))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+
+
+def test_cuda_device_rows(monkeypatch):
+    _fake_cuda(monkeypatch)
+    assert envmod._devices() == ["cpu", "cuda"]
+    assert envmod._cuda_devices() == [
+        {"index": 0, "name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8, "multiprocessors": 132},
+        {"index": 1, "name": "NVIDIA A100", "capability": "8.6", "memory_gib": 40.0, "multiprocessors": 108}]
+
+
+def test_attention_rows_probe_a_vitb_bf16_call(monkeypatch):
+    from segpcl_fast.ops import mha
+    seen = []
+
+    def fake(q, mask):
+        seen.append((q.dtype, q.shape[-1], mask))
+        return mask is None and q.dtype == torch.bfloat16 and q.shape[-1] == 64
+    monkeypatch.setattr(mha, "_use_xformers", fake)
+    paths = envmod.op_paths("cpu")
+    assert paths["attention (no mask)"] == "xformers" and paths["attention (masked)"] == "sdpa"
+    assert seen == [(torch.bfloat16, 64, None)]
+
+
+def test_triton_probe_states(monkeypatch):
+    from segpcl_fast.ops._kernels import _utils
+    monkeypatch.setattr(_utils, "HAS_TRITON", False)
+    assert envmod._triton()["installed"] is False and envmod._triton()["import_error"] is None
+    monkeypatch.setattr(_utils, "HAS_TRITON", True)
+
+    def broken(name):
+        raise RuntimeError("built for another torch")
+    monkeypatch.setattr(envmod, "importlib", types.SimpleNamespace(import_module=broken))
+    info = envmod._triton()
+    assert info["installed"] is True and info["import_error"] == "RuntimeError: built for another torch"
+
+
+def test_environment_dict_in_process(monkeypatch):
+    fake_triton = {"installed": True, "version": "9.9", "interpreter": False, "import_error": None}
+    monkeypatch.setattr(envmod, "_triton", lambda: fake_triton)
+    real = envmod._dist_version
+    monkeypatch.setattr(envmod, "_dist_version", lambda name: "1.5.2" if name == "scikit-learn" else real(name))
+    env = envmod.environment()
+    json.dumps(env, allow_nan=False)
+    assert env["versions"]["peft"] == real("peft") and env["versions"]["torch"] == real("torch")
+    assert env["cpu_threads"] == torch.get_num_threads()
+    assert env["triton"] is fake_triton
+    assert env["optional"] == {"apex_fused_sgd": False, "xformers": False, "scikit_learn": "1.5.2"}
+    from segpcl_fast.ops import _ext
+    assert env["extension"]["path"] == getattr(_ext._C, "__file__", None)
+    if not torch.cuda.is_available():
+        assert env["cuda"] == {"available": False, "torch_built_with": torch.version.cuda, "torch_arch_list": [],
+                               "devices": []}
+
+
+def test_environment_dict_on_a_faked_gpu_machine(monkeypatch):
+    _fake_cuda(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
+    monkeypatch.setattr(envmod, "_triton", lambda: {"installed": False, "version": None, "interpreter": False,
+                                                    "import_error": None})
+    monkeypatch.setattr(envmod, "op_paths", lambda device: {"pgd_step": f"on {device}"})  # no tensors on a fake GPU
+    env = envmod.environment()
+    assert env["cuda"]["available"] is True and env["cuda"]["torch_arch_list"] == ["sm_80", "sm_90"]
+    assert [d["name"] for d in env["cuda"]["devices"]] == ["NVIDIA H200", "NVIDIA A100"]
+    assert env["op_paths"] == {"cpu": {"pgd_step": "on cpu"}, "cuda": {"pgd_step": "on cuda"}}
+    assert env["versions"]["device_name"] == "NVIDIA H200"
+
+
+def _env(**kw):
+    env = {"versions": {"segpcl_fast": "1.2", "python": "3.11.9", "torch": "2.5.0", "torchvision": None,
+                        "open_clip": "2.0", "numpy": "1.26", "peft": None},
+           "platform": "Linux-x", "cpu_threads": 2,
+           "cuda": {"available": False, "torch_built_with": None, "torch_arch_list": [], "devices": []},
+           "triton": {"installed": True, "version": "3.1", "interpreter": False, "import_error": "ImportError: boom"},
+           "extension": {"built": False, "cuda": False, "error": "no _C here", "path": None},
+           "optional": {"apex_fused_sgd": False, "xformers": True, "scikit_learn": "1.5"},
+           "ops_backend": "auto",
+           "op_paths": {"cpu": {"pgd_step": "reference", "anchor_kl": "error: needs TRITON_INTERPRET=1",
+                                "lora_b_linear (B frozen)": "merged"}},
+           "environment_variables": {}}
+    env.update(kw)
+    return env
+
+
+def test_format_environment_cpu_exact_text():
+    assert envmod.format_environment(_env()).splitlines() == [
+        "segpcl_fast 1.2   python 3.11.9   Linux-x",
+        "torch 2.5.0   torchvision -   open_clip 2.0   numpy 1.26   peft -",
+        "no CUDA device (torch built with CUDA -); cpu: 2 threads",
+        "triton 3.1: import fails: ImportError: boom",
+        "extension segpcl_fast._C: not built (no _C here); LoRA runs in plain PyTorch",
+        "apex FusedSGD: no   xformers: yes   scikit-learn: 1.5",
+        "",
+        "op paths under ops backend 'auto' (run.ops / SEGPCL_OPS):",
+        "  op                        cpu",
+        "  pgd_step                  reference",
+        "  anchor_kl                 error (below)",
+        "  lora_b_linear (B frozen)  merged",
+        "  anchor_kl on cpu: needs TRITON_INTERPRET=1",
+        "",
+        "environment: (none of ours set)",
+    ]
+
+
+def test_format_environment_states():
+    def text(**kw):
+        return envmod.format_environment(_env(**kw))
+    base = _env()
+    triton = dict(base["triton"], import_error=None)
+    assert "triton 3.1: imports; the kernels run on CUDA tensors" in text(triton=triton)
+    assert "triton 3.1: interpreter on (TRITON_INTERPRET)" in text(triton=dict(triton, interpreter=True))
+    assert "triton: not installed" in text(triton=dict(triton, installed=False))
+    assert "extension segpcl_fast._C: CPU kernels, with CUDA kernels (/x/_C.so)" in text(
+        extension={"built": True, "cuda": True, "error": None, "path": "/x/_C.so"})
+    assert "extension segpcl_fast._C: CPU kernels, no CUDA kernels (/x/_C.so)" in text(
+        extension={"built": True, "cuda": False, "error": None, "path": "/x/_C.so"})
+    assert "scikit-learn: no" in text(optional={"apex_fused_sgd": True, "xformers": False, "scikit_learn": None})
+    assert "apex FusedSGD: yes   xformers: no" in text(
+        optional={"apex_fused_sgd": True, "xformers": False, "scikit_learn": None})
+    assert text(environment_variables={"A_X": "1", "SEGPCL_OPS": "cpp"}).endswith("\nenvironment: A_X=1 SEGPCL_OPS=cpp")
+    assert "hint" not in text()  # no GPU here: nothing to install
+
+
+def _gpu_env(op_paths=None, **kw):
+    cuda = {"available": True, "torch_built_with": "12.4", "torch_arch_list": ["sm_80", "sm_90"],
+            "devices": [{"index": 0, "name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8,
+                         "multiprocessors": 132}]}
+    if op_paths is None:  # the error only in the last column
+        op_paths = {"cpu": {"pgd_step": "reference", "lora_b_linear": "cpp"},
+                    "cuda": {"pgd_step": "triton", "lora_b_linear": "error: a long error message, not a column"}}
+    return _env(cuda=cuda, op_paths=op_paths, **kw)
+
+
+OK_TRITON = {"installed": True, "version": "3.1", "interpreter": False, "import_error": None}
+CUDA_EXT = {"built": True, "cuda": True, "error": None, "path": "/x/_C.so"}
+
+
+def test_format_environment_gpu_exact_text():
+    lines = envmod.format_environment(_gpu_env(triton=OK_TRITON, extension=CUDA_EXT)).splitlines()
+    assert lines[2:4] == ["cuda:0 NVIDIA H200 (sm_90, 139.8 GiB, 132 SMs)", "torch CUDA 12.4, kernels for sm_80 sm_90"]
+    header, pgd, lora, error = lines[lines.index("op paths under ops backend 'auto' (run.ops / SEGPCL_OPS):") + 1:][:4]
+    assert header.split() == ["op", "cpu", "cuda"] and header.startswith("  op ")
+    assert pgd.split() == ["pgd_step", "reference", "triton"] and lora.split() == ["lora_b_linear", "cpp", "error", "(below)"]
+    assert header.index("cpu") == pgd.index("reference") == lora.index("cpp") == 2 + len("lora_b_linear") + 2
+    assert header.index("cuda") == pgd.index("triton") == lora.index("error (below)")
+    assert header.index("cuda") - header.index("cpu") <= 16  # error messages go below the table, not in a column
+    assert error == "  lora_b_linear on cuda: a long error message, not a column"
+    assert not [ln for ln in lines if "hint" in ln]
+    broken = envmod.format_environment(_gpu_env(extension=CUDA_EXT))  # triton installed, its import fails
+    assert "hint: the Triton kernels need" in broken and "SEGPCL_WITH_CUDA" not in broken
+    no_cuda_ext = envmod.format_environment(_gpu_env(triton=OK_TRITON, extension=dict(CUDA_EXT, cuda=False)))
+    assert "hint: the C++ LoRA op has no CUDA kernels" in no_cuda_ext and "Triton kernels need" not in no_cuda_ext
+
+
+def test_format_environment_error_cell_keeps_the_columns_apart():
+    """SEGPCL_OPS=triton on a GPU machine: the Triton ops fail on CPU tensors, run on CUDA ones."""
+    paths = {"cpu": {"pgd_step": "error: needs TRITON_INTERPRET=1", "lora_b_linear": "reference"},
+             "cuda": {"pgd_step": "triton", "lora_b_linear": "cpp"}}
+    lines = envmod.format_environment(_gpu_env(op_paths=paths, triton=OK_TRITON, extension=CUDA_EXT)).splitlines()
+    header = next(ln for ln in lines if ln.split() == ["op", "cpu", "cuda"])
+    row = next(ln for ln in lines if ln.startswith("  pgd_step "))
+    assert row.split() == ["pgd_step", "error", "(below)", "triton"]
+    assert row.index("triton") == header.index("cuda")
+
+
+# ----------------------------------------------------------------------------- engine/accel.py
+
+def _fake_module(monkeypatch, name, **attrs):
+    mod = types.ModuleType(name)
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    monkeypatch.setitem(sys.modules, name, mod)
+    return mod
+
+
+class _FusedSGD:
+    def __init__(self, params, lr, momentum, weight_decay):
+        self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
+
+
+def test_apex_probe_needs_nvidia_fused_sgd(monkeypatch):
+    from segpcl_fast.engine import accel
+    _fake_module(monkeypatch, "apex")
+    _fake_module(monkeypatch, "apex.optimizers")  # the unrelated PyPI 'apex': no FusedSGD
+    assert accel.has_apex_fused_sgd() is False
+    _fake_module(monkeypatch, "apex.optimizers", FusedSGD=_FusedSGD)
+    assert accel.has_apex_fused_sgd() is True
+
+    def broken(name):
+        raise SyntaxError("PyPI apex on python 3")
+    monkeypatch.setattr(accel, "importlib", types.SimpleNamespace(import_module=broken))
+    assert accel.has_apex_fused_sgd() is False
+    assert accel.available()["apex_fused_sgd"] is False
+
+
+def test_apex_fused_sgd_only_for_cuda_params(monkeypatch):
+    from segpcl_fast.engine import accel
+    _fake_module(monkeypatch, "apex")
+    _fake_module(monkeypatch, "apex.optimizers", FusedSGD=_FusedSGD)
+    cfg = types.SimpleNamespace(lr=0.05, momentum=0.8, weight_decay=1e-4)
+    assert accel.apex_fused_sgd([torch.nn.Parameter(torch.ones(2))], cfg) is None  # CPU params
+    assert accel.apex_fused_sgd([], cfg) is None
+
+    class LooksCuda(torch.nn.Parameter):
+        @property
+        def is_cuda(self):
+            return True
+    params = [LooksCuda(torch.ones(2))]
+    opt = accel.apex_fused_sgd(params, cfg)
+    assert isinstance(opt, _FusedSGD) and opt.params is params
+    assert (opt.lr, opt.momentum, opt.weight_decay) == (0.05, 0.8, 1e-4)
+
+
+def test_xformers_probe(monkeypatch):
+    from segpcl_fast.engine import accel
+    from segpcl_fast.ops import mha
+    _fake_module(monkeypatch, "xformers")
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)  # the package, but its ops do not import
+    assert accel.has_xformers() is False
+    _fake_module(monkeypatch, "xformers.ops")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert accel.has_xformers() is True and accel.available() == {"apex_fused_sgd": False, "xformers": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # there, the kernels must run
+    monkeypatch.setattr(mha, "xformers_failure", lambda device, dtype, head: None)
+    assert accel.has_xformers() is True
+    monkeypatch.setattr(mha, "xformers_failure", lambda device, dtype, head: "no kernel image for sm_90")
+    assert accel.has_xformers() is False
