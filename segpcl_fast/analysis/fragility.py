@@ -106,7 +106,7 @@ def boundary_scores(emb_norm: torch.Tensor, text: torch.Tensor, n_old: int, kind
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> Optional[float]:
     """Pearson correlation, None when either side is constant (or fewer than 2 values)."""
-    if len(a) < 2 or float(np.std(a)) == 0.0 or float(np.std(b)) == 0.0:
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:  # np.std of a constant can be ~1e-17, not 0
         return None
     return float(np.corrcoef(a, b)[0, 1])
 
@@ -144,7 +144,8 @@ def build_task_anchors(trainer, t: int, images: torch.Tensor) -> tuple[torch.Ten
     stats = model.image_stats
     cache = stage1.build_anchor_cache(model, images[seed_idx], targets, old_text,
                                       learner.prototypes.tensor[:n_old].to(trainer.device), scale,
-                                      cfg.dpgd, stats.mean, stats.std, source="anchors")
+                                      cfg.dpgd, stats.mean, stats.std, source="anchors",
+                                      generator=torch.Generator().manual_seed(trainer.task_seed(t)))
     return cache.pixels, seed_idx, targets
 
 
@@ -184,7 +185,7 @@ def measure_task(trainer, t: int, score: str = "text_sim", threshold: Union[str,
     tau = temperature
     p_before = class_distribution(model, old_images, text_before, tau)
     anchors, _, _ = build_task_anchors(trainer, t, new_images)
-    pick = torch.randperm(len(new_images), generator=torch.Generator().manual_seed(trainer.cfg.run.seed * 1000 + t))
+    pick = torch.randperm(len(new_images), generator=torch.Generator().manual_seed(trainer.task_seed(t)))
     random_images = new_images[pick[:len(anchors)].to(dev)]
     pa_before = class_distribution(model, anchors, text_before[:n_old], tau)
     pr_before = class_distribution(model, random_images, text_before[:n_old], tau)

@@ -265,10 +265,14 @@ class Trainer:
         return metrics.percent(c, n)
 
     # ------------------------------------------------------------------ training
+    def task_seed(self, t: int) -> int:
+        """Task t's seed: global RNGs, the loader's shuffle, DPGD's random start and the anchor batches."""
+        return self.cfg.run.seed * 1000 + t
+
     def train_task(self, t: int) -> dict:
         c = self.cfg
         n_new = len(self.scenario.task_classes(t))
-        task_seed = c.run.seed * 1000 + t
+        task_seed = self.task_seed(t)
         _seed_everything(task_seed)
         timings = {}
         t0 = time.perf_counter()

@@ -91,20 +91,21 @@ class Learner:
             self.graph = None
         self.anchor_cache = self.transfer_cache = None
         if self.uses_anchors:
-            self.anchor_cache, self.transfer_cache = self._build_anchors(train_eval_loader)
+            self.anchor_cache, self.transfer_cache = self._build_anchors(train_eval_loader, seed)
             info["anchors"] = len(self.anchor_cache.targets) if self.anchor_cache is not None else 0
             if self.transfer_cache is not None and self.transfer_cache is not self.anchor_cache:
                 info["transfer_anchors"] = len(self.transfer_cache.targets)
         return info
 
-    def _build_anchors(self, train_eval_loader: Iterable) -> tuple[Optional["stage1.AnchorCache"],
-                                                                     Optional["stage1.AnchorCache"]]:
+    def _build_anchors(self, train_eval_loader: Iterable, seed: int) -> tuple[Optional["stage1.AnchorCache"],
+                                                                                Optional["stage1.AnchorCache"]]:
         """(ACGD cache from acgd.source, drift-transfer cache = DPGD anchors): one object when the
         source is the anchors; either is None when its stage is off. Teacher = frozen copy of the
         model at the end of task t-1; used here only, then dropped.
 
         The task's images stay on the CPU (a task of ImageNet-Subset at 224 px is ~8 GB in fp32):
         they go to the device in batches for the teacher, and only the chosen seeds move for good.
+        DPGD's random start (dpgd.random_start) draws from its own generator seeded with `seed`.
         """
         teacher = copy.deepcopy(self.model).eval()
         for p in teacher.parameters():
@@ -115,9 +116,12 @@ class Learner:
             logit_scale = teacher.logit_scale()
         images = torch.cat([x for x, _ in train_eval_loader])
         stats = self.model.image_stats
-        build = lambda pixels, targets, kind: stage1.build_anchor_cache(  # noqa: E731
-            teacher, pixels, targets, old_text, self.prototypes.tensor[:self.n_old].to(self.device), logit_scale,
-            self.cfg.dpgd, stats.mean, stats.std, source=kind)
+
+        def build(pixels, targets, kind):
+            return stage1.build_anchor_cache(
+                teacher, pixels, targets, old_text, self.prototypes.tensor[:self.n_old].to(self.device),
+                logit_scale, self.cfg.dpgd, stats.mean, stats.std, source=kind,
+                generator=torch.Generator().manual_seed(seed))
         seeds = None
         if source in ("anchors", "seeds") or self.cfg.prototypes.transfer:
             with torch.no_grad():

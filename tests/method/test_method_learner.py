@@ -211,3 +211,18 @@ def test_dual_path_logits_use_the_model_logit_scale(tiny_model_name):
             want[i, c] = (s * F.cosine_similarity(emb[i], text[c], dim=0)
                           + beta * s * F.cosine_similarity(raw[i], protos[c], dim=0))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_dpgd_random_start_follows_the_task_seed_not_the_global_rng(tiny_model_name):
+    """dpgd.random_start draws from a generator seeded with begin_task's seed: the same seed gives
+    the same anchors whatever the global RNG did before, another seed gives other anchors."""
+    learner, img, y = _first_task_done(tiny_model_name)
+    learner.cfg.dpgd.random_start = True
+    learner.cfg.dpgd.k_adv = 0  # the anchors are the random start itself
+    caches = []
+    for global_seed, task_seed in [(1, 5), (2, 5), (1, 6)]:
+        torch.manual_seed(global_seed)
+        learner.begin_task(1, N_NEW, [(img, y)], seed=task_seed)
+        caches.append(learner.anchor_cache.pixels.clone())
+    assert torch.equal(caches[0], caches[1])
+    assert not torch.allclose(caches[0], caches[2])

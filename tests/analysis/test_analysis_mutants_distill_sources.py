@@ -1,0 +1,119 @@
+"""Tests added by a mutation audit of segpcl_fast/analysis/distill_sources.py: what distill_sources
+hands each run (source, folder, seed, output folder) and what it makes of the runs' metrics (rows,
+table, JSON, the bar plot of Last), with the runs replaced by stand-ins; the offline reference
+folder's images; and the per-source trainer (ACGD must be on, acgd.source_folder only for 'folder')."""
+import importlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segpcl_fast.api import make_config
+from segpcl_fast.config import ConfigError
+from segpcl_fast.data.base import DatasetFormatError
+
+ds_mod = importlib.import_module("segpcl_fast.analysis.distill_sources")  # the package exports a function of that name
+
+# Last per (source, seed); the other metrics follow from it
+LAST = {("anchors", 0): 60.0, ("anchors", 1): 64.0, ("new_data", 0): 50.0, ("new_data", 1): 51.0,
+        ("seeds", 0): 55.0, ("seeds", 1): 55.0, ("folder", 0): 40.0, ("folder", 1): 44.0}
+
+
+@pytest.fixture
+def stand_in_runs(monkeypatch):
+    calls = []
+
+    def fake_trainer_for_source(cfg, method, source, folder, out):
+        calls.append({"seed": cfg.run.seed, "method": method, "source": source, "folder": folder, "out": Path(out)})
+        last = LAST[(source, cfg.run.seed)]
+        result = SimpleNamespace(output_dir=str(out), metrics={"Avg": last + 10, "Last": last, "Forgetting": 1.0,
+                                                               "BWT": None})
+        return SimpleNamespace(run=lambda: result)
+    monkeypatch.setattr(ds_mod, "_trainer_for_source", fake_trainer_for_source)
+    return calls
+
+
+def _folder(path, n=2):
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(path / f"{i}.png")
+    return str(path)
+
+
+def test_every_source_and_seed_runs_with_its_own_seed_and_folder(stand_in_runs, tmp_path, monkeypatch):
+    bars = {}
+    monkeypatch.setattr("segpcl_fast.report.plots.plot_bars", lambda values, path, **kw: bars.update(values) or path)
+    ref = _folder(tmp_path / "ref")
+    out = ds_mod.distill_sources(make_config(output_dir=str(tmp_path / "o")), folder=ref, seeds=[0, 1])
+    assert [(c["source"], c["seed"]) for c in stand_in_runs] == [(s, k) for s in ds_mod.SOURCES for k in (0, 1)]
+    assert all(c["folder"] == ref and c["method"] == "segpcl" for c in stand_in_runs)
+    assert [c["out"] for c in stand_in_runs] == [tmp_path / "o" / s / f"seed{k}" for s in ds_mod.SOURCES
+                                                 for k in (0, 1)]
+    rows = {r["source"]: r for r in out["rows"]}
+    assert rows["anchors"]["seeds"] == 2 and rows["anchors"]["Last"] == 62.0
+    assert rows["anchors"]["Last_std"] == pytest.approx(np.std([60.0, 64.0], ddof=1))
+    assert rows["seeds"]["Last_std"] == 0.0 and rows["folder"]["Avg"] == 52.0
+    assert rows["anchors"]["BWT"] is None
+    assert out["runs"]["new_data"] == [str(tmp_path / "o/new_data/seed0"), str(tmp_path / "o/new_data/seed1")]
+    assert "62.00 +- 2.83" in out["table"] and "55.00 " in out["table"] and "+- 0.00" not in out["table"]
+    assert bars == {"anchors": 62.0, "new_data": 50.5, "seeds": 55.0, "folder": 42.0}
+    saved = json.loads(Path(out["paths"]["json"]).read_text())
+    assert saved["folder"] == ref and saved["seeds"] == [0, 1] and len(saved["rows"]) == 4
+
+
+def test_the_configs_source_folder_is_the_default_folder(stand_in_runs, tmp_path):
+    ref = _folder(tmp_path / "ref")
+    ds_mod.distill_sources(make_config(output_dir=str(tmp_path / "o"), acgd__source_folder=ref),
+                           sources=["folder"])
+    assert [c["folder"] for c in stand_in_runs] == [ref]
+
+
+def test_a_missing_folder_fails_before_any_run(stand_in_runs, tmp_path):
+    with pytest.raises(DatasetFormatError, match="does not exist"):
+        ds_mod.distill_sources(make_config(output_dir=str(tmp_path / "o")), sources=["anchors", "folder"],
+                               folder=str(tmp_path / "nope"))
+    assert stand_in_runs == []
+
+
+def test_offline_folder_uses_the_synthetic_seed(stand_in_runs, tmp_path, monkeypatch):
+    written = []
+
+    def fake_write(folder, seed=0, per_class=5):
+        written.append((Path(folder), seed))
+        return Path(_folder(Path(folder), 1))
+    monkeypatch.setattr(ds_mod, "write_synthetic_reference_folder", fake_write)
+    ds_mod.distill_sources(make_config(output_dir=str(tmp_path / "o"), data__synthetic_seed=7), sources=["folder"])
+    assert written == [(tmp_path / "o" / "reference_images", 7)]
+    assert stand_in_runs[0]["folder"] == str(tmp_path / "o" / "reference_images")
+
+
+def test_a_real_dataset_without_a_folder_gets_no_synthetic_folder(stand_in_runs, tmp_path):
+    cfg = make_config(output_dir=str(tmp_path / "o"), data__dataset="cifar100", data__root=str(tmp_path))
+    with pytest.raises(DatasetFormatError, match="source_folder is not set"):
+        ds_mod.distill_sources(cfg, sources=["folder"])
+    assert not (tmp_path / "o" / "reference_images").exists()
+
+
+def test_reference_folder_holds_the_held_out_source_images_in_order(tmp_path):
+    from segpcl_fast.data.synthetic import build_heldout_dataset
+    folder = ds_mod.write_synthetic_reference_folder(tmp_path / "ref", seed=3, per_class=1)
+    files = sorted(folder.glob("*.png"))
+    ref = build_heldout_dataset(3, 1, None, domain="source")
+    assert len(files) == len(ref) == 100 and files[0].name == "00000.png"
+    for i in (0, 57, 99):
+        assert np.array_equal(np.asarray(Image.open(files[i])), ref.images[i])
+
+
+def test_per_source_trainer(small_config, tmp_path):
+    ref = _folder(tmp_path / "ref")
+    trainer = ds_mod._trainer_for_source(small_config("a"), "segpcl", "anchors", ref, tmp_path / "a")
+    assert trainer.cfg.acgd.source == "anchors" and trainer.cfg.acgd.source_folder is None
+    assert trainer.learner.cfg.acgd.source == "anchors" and trainer.cfg.run.output_dir == str(tmp_path / "a")
+    trainer = ds_mod._trainer_for_source(small_config("f"), "segpcl", "folder", ref, tmp_path / "f")
+    assert trainer.learner.cfg.acgd.source_folder == ref
+    for method, kw in (("lora_finetune", {}), ("segpcl", {"acgd__weight": 0.0})):
+        with pytest.raises(ConfigError, match="does not use ACGD"):
+            ds_mod._trainer_for_source(small_config("n", **kw), method, "seeds", None, tmp_path / "n")

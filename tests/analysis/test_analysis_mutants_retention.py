@@ -1,0 +1,120 @@
+"""Tests added by a mutation audit of segpcl_fast/analysis/retention.py: dataset specs in every
+accepted form, zero-shot accuracy against a plain argmax of the CLIP path, the prompts and per-class
+cap of each loaded set, and the orchestration (before = the untrained model, once; after = each
+trained variant; change = after - before) with the trainings replaced by stand-ins."""
+import importlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_analysis_retention_readers import make_food  # the Food-101 layout those reader tests build
+from segpcl_fast.api import make_config
+from segpcl_fast.config import ConfigError
+
+ret = importlib.import_module("segpcl_fast.analysis.retention")  # the package exports a function of that name
+
+
+def test_dataset_specs_other_forms(tmp_path, monkeypatch):
+    assert ret.parse_dataset_specs([]) == {"synthetic-sketch": None, "synthetic-source": None}
+    root = str(tmp_path)
+    assert ret.parse_dataset_specs({"pets": root, "synthetic-source": None}) == {"pets": root,
+                                                                               "synthetic-source": None}
+    assert ret.parse_dataset_specs([f" pets = {root} "]) == {"pets": root}
+    with pytest.raises(ConfigError, match="'imagenet' needs a data root"):
+        ret.parse_dataset_specs(["imagenet"])
+    with pytest.raises(ConfigError, match="'food101' needs a data root"):
+        ret.parse_dataset_specs({"food101": None})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "pets").mkdir()
+    assert ret.parse_dataset_specs(["pets=~/pets"]) == {"pets": "~/pets"}
+
+
+def test_zeroshot_accuracy_is_the_argmax_of_the_clip_path(tiny_model_name):
+    from segpcl_fast.model.clip import load_model
+    model = load_model(tiny_model_name, pretrained=None)
+    prompts = [["a photo of a cat."], ["a photo of a dog."], ["a photo of a car."]]
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        text = model.class_embeddings(prompts)
+        pred = (F.normalize(model.encode_image(images)[1], dim=-1) @ text.T).argmax(dim=1)
+    labels = pred.clone()
+    labels[::3] = (pred[::3] + 1) % 3  # 4 of the 12 wrong
+    ds = torch.utils.data.TensorDataset(images, labels)
+    assert ret.zeroshot_accuracy(model, ds, prompts, torch.device("cpu"), batch_size=5) == pytest.approx(800 / 12)
+    with pytest.raises(ValueError, match="empty"):
+        ret.zeroshot_accuracy(model, torch.utils.data.TensorDataset(images[:0], labels[:0]), prompts, "cpu")
+
+
+def test_loaded_sets_use_their_own_templates_and_the_per_class_cap(tmp_path):
+    cfg = make_config(data__templates=["art of a {}."])
+    trainer = SimpleNamespace(test_tf=None, cfg=cfg)
+    make_food(tmp_path)
+    sets = ret._load_sets({"food101": str(tmp_path), "synthetic-sketch": None}, trainer, per_class=1)
+    food, food_prompts = sets["food101"]
+    assert len(food) == 2 and food_prompts == [["a photo of Apple pie, a type of food."],
+                                               ["a photo of Baby back ribs, a type of food."]]
+    sketch, sketch_prompts = sets["synthetic-sketch"]
+    assert len(sketch) == 100 and sketch_prompts[0] == [f"art of a {sketch.class_names[0]}."]
+
+
+class _StandInTrainer:
+    """A 'model' that is 'pretrained' until run() trains it, which changes its accuracy by `change`."""
+
+    def __init__(self, cfg, change):
+        self.cfg, self.change = cfg, change
+        self.model = SimpleNamespace(change=0.0)
+        self.device, self.test_tf = torch.device("cpu"), None
+
+    def run(self):
+        self.model.change = self.change
+        return SimpleNamespace(metrics={"Avg": 90.0, "Last": self.change + 1, "BWT": -1.0})
+
+
+class _Set(list):
+    """A two-image stand-in dataset; `base` is the untrained model's accuracy on it."""
+    class_names = ("a", "b")
+
+    def __init__(self, base):
+        super().__init__([0, 1])
+        self.base = base
+
+
+def test_before_is_the_untrained_model_and_change_is_after_minus_before(tmp_path, monkeypatch):
+    built, figs = [], []
+
+    def make(cfg):
+        built.append(cfg)
+        return _StandInTrainer(cfg, {"zeroshot": 0.0, "lora_finetune": -15.0, "segpcl": -3.0}[cfg.run.method])
+    monkeypatch.setattr(ret, "make_trainer", make)
+    bases = {"synthetic-sketch": 40.0, "synthetic-source": 30.0}
+    monkeypatch.setattr(ret, "_load_sets", lambda specs, trainer, per_class: {d: (_Set(bases[d]), None) for d in specs})
+    monkeypatch.setattr(ret, "zeroshot_accuracy", lambda model, ds, prompts, device, bs=256: ds.base + model.change)
+    monkeypatch.setattr(ret, "save_png", lambda fig, path: figs.append(fig) or str(path))
+    out = ret.retention(make_config(output_dir=str(tmp_path)), variants=["zeroshot", "lora_finetune", "segpcl"],
+                        datasets=["synthetic-sketch", "synthetic-source"])
+    assert [c.run.output_dir for c in built] == [str(tmp_path / "zeroshot"), str(tmp_path / "lora_finetune"),
+                                                 str(tmp_path / "segpcl")]
+    assert out["before"] == bases
+    rows = {(r["dataset"], r["method"]): r for r in out["rows"]}
+    assert [(rows["synthetic-sketch", m]["before"], rows["synthetic-sketch", m]["after"],
+             rows["synthetic-sketch", m]["change"], rows["synthetic-sketch", m]["Last"])
+            for m in ("zeroshot", "lora_finetune", "segpcl")] == [(40.0, 40.0, 0.0, 1.0), (40.0, 25.0, -15.0, -14.0),
+                                                                 (40.0, 37.0, -3.0, -2.0)]
+    assert rows["synthetic-source", "segpcl"]["after"] == 27.0 and rows["synthetic-source", "segpcl"]["before"] == 30.0
+    line = next(ln for ln in out["table"].splitlines() if ln.startswith("synthetic-sketch | lora_finetune"))
+    assert [c.strip() for c in line.split("|")][2:6] == ["40.00", "25.00", "-15.00", "-14.00"]
+    # the plot: one bar per (dataset, method) at its after-accuracy, a dashed line per dataset at before
+    ax = figs[0].axes[0]
+    heights = [[bar.get_height() for bar in bars] for bars in ax.containers]
+    assert heights == [[40.0, 30.0], [25.0, 15.0], [37.0, 27.0]]
+    levels = sorted(float(seg[0][1]) for c in ax.collections for seg in c.get_segments())
+    assert levels == [30.0, 40.0]
+
+
+def test_an_unknown_variant_anywhere_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(ret, "make_trainer", lambda cfg: pytest.fail("built a trainer"))
+    with pytest.raises(ConfigError, match="unknown method variant 'nope'"):
+        ret.retention(make_config(output_dir=str(tmp_path)), variants=["zeroshot", "nope"])

@@ -1,0 +1,104 @@
+"""Tests added by a mutation audit of segpcl_fast/analysis/sweep.py: value splitting with double
+quotes, braces and parentheses and unbalanced text, the dict form of the axes, point names, the
+list-type hint, and sweep() itself with training replaced by a stand-in (every point x seed trained
+once with its seed, mean +- sample std per point, the fixed overrides, the single-run plot)."""
+import importlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from segpcl_fast.analysis.sweep import expand_grid, parse_axes, point_name, split_values, sweep, validate_grid
+from segpcl_fast.api import make_config
+from segpcl_fast.config import ConfigError
+
+sweep_mod = importlib.import_module("segpcl_fast.analysis.sweep")  # the package exports a function of that name
+
+
+def test_split_values_nests_double_quotes_braces_and_parentheses():
+    assert split_values('"a,b",c') == ['"a,b"', "c"]
+    assert split_values('"a;b",c') == ['"a;b"', "c"]
+    assert split_values("{a: 1, b: 2},{a: 3}") == ["{a: 1, b: 2}", "{a: 3}"]
+    assert split_values("(1,2),(3)") == ["(1,2)", "(3)"]
+
+
+@pytest.mark.parametrize("text", ["]k,v[", "'a,b", '"a', "{a: 1", "(1,2"])
+def test_unbalanced_values_are_refused(text):
+    with pytest.raises(ConfigError, match="unbalanced"):
+        split_values(text)
+
+
+def test_parse_axes_dict_form_and_spaces():
+    axes = parse_axes({"optim.lr": (1e-3, 1e-4), "dpgd.k_adv": 5, "lora.targets": [["k", "v"]]})
+    assert axes == {"optim.lr": [1e-3, 1e-4], "dpgd.k_adv": [5], "lora.targets": [["k", "v"]]}
+    assert parse_axes([" dpgd.k_adv = 5, 10"]) == {"dpgd.k_adv": [5, 10]}
+    with pytest.raises(ConfigError, match="'dpgd.k_adv' has no values"):
+        parse_axes({"dpgd.k_adv": []})
+
+
+def test_point_name_of_the_empty_point_is_base():
+    assert point_name({}) == "base"
+
+
+def test_only_list_errors_get_the_list_hint(tmp_path):
+    with pytest.raises(ConfigError, match="expects an integer") as err:
+        validate_grid(make_config(), expand_grid(parse_axes(["dpgd.k_adv=5,ten"])), [0], tmp_path)
+    assert "[k,v];[q,k,v]" not in str(err.value)
+
+
+def _last(cfg):
+    return 50.0 + cfg.dpgd.k_adv + 2.0 * cfg.run.seed
+
+
+@pytest.fixture
+def stand_in_train(monkeypatch):
+    calls = []
+
+    def train(cfg):
+        calls.append(cfg)
+        return SimpleNamespace(output_dir=cfg.run.output_dir,
+                               metrics={"Avg": _last(cfg) + 5, "Last": _last(cfg), "Forgetting": None, "BWT": -1.0})
+    monkeypatch.setattr("segpcl_fast.api.train", train)
+    return calls
+
+
+def test_sweep_trains_every_point_and_seed_and_averages_over_seeds(stand_in_train, tmp_path):
+    out = sweep(make_config(output_dir=str(tmp_path)), axes=["dpgd.k_adv=1,3", "optim.lr=0.02"], seeds=[0, 1, 5])
+    assert [(c.dpgd.k_adv, c.run.seed) for c in stand_in_train] == [(k, s) for k in (1, 3) for s in (0, 1, 5)]
+    assert all(c.optim.lr == 0.02 for c in stand_in_train)
+    rows = out["rows"]
+    assert [r["dpgd.k_adv"] for r in rows] == [1, 3] and all(r["seeds"] == 3 for r in rows)
+    lasts = [50.0 + 3 + 2.0 * s for s in (0, 1, 5)]
+    assert rows[1]["Last"] == pytest.approx(np.mean(lasts))
+    assert rows[1]["Last_std"] == pytest.approx(np.std(lasts, ddof=1))
+    assert rows[1]["Forgetting"] is None and rows[1]["BWT"] == -1.0
+    assert rows[1]["runs"] == [str(tmp_path / "k_adv=3" / f"seed{s}") for s in (0, 1, 5)]
+    assert f"{np.mean(lasts):.2f} +- {np.std(lasts, ddof=1):.2f}" in out["table"]
+    saved = json.loads(Path(out["paths"]["json"]).read_text())
+    assert saved["fixed"] == {"optim.lr": 0.02} and saved["axes"] == {"dpgd.k_adv": [1, 3]}
+    assert saved["seeds"] == [0, 1, 5]
+
+
+def test_a_sweep_without_a_swept_key_is_one_run_with_a_plot(stand_in_train, tmp_path):
+    out = sweep(make_config(output_dir=str(tmp_path)), axes=["optim.lr=0.02"], seeds=[0])
+    assert len(stand_in_train) == 1 and len(out["rows"]) == 1
+    assert Path(out["paths"]["png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_seeds_is_refused_before_training(stand_in_train, tmp_path):
+    with pytest.raises(ConfigError, match="at least one seed"):
+        sweep(make_config(output_dir=str(tmp_path)), axes=["dpgd.k_adv=1,2"], seeds=[])
+    assert stand_in_train == []
+
+
+def test_the_plot_puts_the_first_swept_key_on_the_x_axis(stand_in_train, tmp_path, monkeypatch):
+    figs = []
+    monkeypatch.setattr(sweep_mod, "save_png", lambda fig, path: figs.append(fig) or str(path))
+    sweep(make_config(output_dir=str(tmp_path)), axes=["dpgd.k_adv=1,3", "dpgd.k_seed=2,4,6"], seeds=[0])
+    ax = figs[0].axes[0]
+    assert ax.get_xlabel() == "dpgd.k_adv" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "3"]
+    lines = {c.get_label(): c.lines[0].get_ydata() for c in ax.containers}  # errorbar: (data line, caps, bars)
+    assert sorted(lines) == sorted(f"{m} (k_seed={k})" for m in ("Last", "Avg") for k in (2, 4, 6))
+    assert list(lines["Last (k_seed=4)"]) == [51.0, 53.0]  # Last = 50 + k_adv (seed 0)
