@@ -213,8 +213,8 @@ class Trainer:
         """Stage 1 runs on rank 0 only; its anchor caches (ACGD's, the transfer's) are broadcast."""
         build = self.learner._build_anchors
 
-        def build_once(loader):
-            acgd, transfer = build(loader) if self.dist.is_main else (None, None)
+        def build_once(loader, seed):
+            acgd, transfer = build(loader, seed) if self.dist.is_main else (None, None)
             same = [transfer is acgd if self.dist.is_main else None]
             torch.distributed.broadcast_object_list(same, src=0)
             acgd = ddp.broadcast_anchor_cache(acgd, self.dist, self.device)

@@ -380,13 +380,13 @@ def _collectives_worker(rank, world, port, result_file):
         # the trainer's stage 1: built on rank 0 only, broadcast; one cache serving both uses stays one object
         calls = []
 
-        def build(loader):
-            calls.append(loader)
+        def build(loader, seed):
+            calls.append([loader, seed])
             return made, made
         stub = SimpleNamespace(learner=SimpleNamespace(_build_anchors=build), dist=ctx, device=torch.device("cpu"))
         Trainer._anchors_on_rank0(stub)
-        acgd, transfer = stub.learner._build_anchors("loader")
-        out["build_calls"] = len(calls)
+        acgd, transfer = stub.learner._build_anchors("loader", 7)
+        out["build_calls"] = calls
         out["same_object"] = acgd is transfer
         out["built_ok"] = all(torch.equal(getattr(acgd, n), getattr(made, n)) for n in AnchorCache._TENSORS)
         with open(f"{result_file}.{rank}", "w") as f:
@@ -405,7 +405,7 @@ def test_collectives_sum_counts_and_broadcast_rank0s_anchors(tmp_path):
         assert [r["cache"][n][0] for n in ("pixels", "targets", "teacher_logits", "teacher_raw")] == [
             "torch.float32", "torch.int64", "torch.float32", "torch.float64"]
     assert r0["cache"] == r1["cache"]
-    assert (r0["build_calls"], r1["build_calls"]) == (1, 0)  # stage 1 runs on rank 0 only
+    assert (r0["build_calls"], r1["build_calls"]) == ([["loader", 7]], [])  # rank 0 only, task seed
 
 
 # ----------------------------------------------------------------------------- analytic FLOPs, bench
