@@ -49,6 +49,43 @@ INVALID = [
     ("data.templates=[clip_default,cub]", "data.templates"),
     ("optim.momentum=1.5", "optim.momentum"),
     ("optim.epochs=-1", "optim.epochs"),
+    # ranges (config.RULES) and types (the annotations) a mutation audit found unchecked
+    ("optim.momentum=1", "optim.momentum"),             # [0, 1): momentum 1 never decays
+    ("data.order_seed=4294967296", "data.order_seed"),  # numpy RandomState seeds end at 2**32 - 1
+    ("data.split_seed=4294967296", "data.split_seed"),
+    ("data.order_seed=-1", "data.order_seed"),
+    ("dpgd.eps=-0.1", "dpgd.eps"),
+    ("dpgd.gamma=-0.001", "dpgd.gamma"),
+    ("dpgd.lambda_p=-1", "dpgd.lambda_p"),
+    ("dpgd.batch_size=0", "dpgd.batch_size"),
+    ("tsgr.weight=-1", "tsgr.weight"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("lora.alpha=0", "lora.alpha"),
+    ("lora.init_seed=-1", "lora.init_seed"),
+    ("run.seed=-1", "run.seed"),
+    ("run.num_threads=-1", "run.num_threads"),
+    ("run.max_steps_per_task=-1", "run.max_steps_per_task"),
+    ("data.test_fraction=0", "data.test_fraction"),
+    ("data.expected_classes=-1", "data.expected_classes"),
+    ("data.synthetic_seed=-1", "data.synthetic_seed"),
+    ("data.max_test_per_class=-1", "data.max_test_per_class"),
+    ("acgd.anchor_batch=-1", "acgd.anchor_batch"),
+    ("model.name=' '", "model.name"),
+    ("run.output_dir=' '", "run.output_dir"),
+    ("data.class_order=[-1,0]", "data.class_order"),    # indices are >= 0
+    ("data.class_order=[true,false]", "data.class_order"),  # booleans are not class indices
+    ("data.class_order=[]", "data.class_order"),
+    ("run.device=cuda:", "run.device"),
+    ("run.device=cuda:x", "run.device"),
+    # a boolean is not a number and a number is not a boolean (bool is an int subclass in Python)
+    ("run.compile=1", "run.compile"),
+    ("run.plots=0", "run.plots"),
+    ("optim.epochs=true", "optim.epochs"),
+    ("lora.rank=true", "lora.rank"),
+    ("optim.lr=true", "optim.lr"),
+    ("acgd.weight=false", "acgd.weight"),
 ]
 
 
