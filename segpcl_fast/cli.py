@@ -21,8 +21,12 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool = True) -> None:
@@ -56,14 +60,14 @@ def _config_from_args(args) -> "Config":
         cfg = make_config(apply_preset(make_config(args.config), args.hw), overrides)
     else:
         cfg = make_config(args.config, overrides)
-    if getattr(args, "resume", False):
+    if getattr(args, "resume", False) and args.output_dir is None:  # an explicit -o says which dir
         _check_resume_target(args.config, cfg)
     return cfg
 
 
 def _check_resume_target(config_arg, cfg) -> None:
-    """`--config <dir>/config.yaml --resume` of a run copied or moved to <dir> would resume (and
-    write into) the output dir recorded in that file, not <dir>: refuse and ask which one."""
+    """`--config <dir>/config.yaml --resume` (no -o) of a run copied or moved to <dir> would resume
+    (and write into) the output dir recorded in that file, not <dir>: refuse and ask which one."""
     from pathlib import Path
     if not config_arg or Path(config_arg).name != "config.yaml" or not Path(config_arg).is_file():
         return

@@ -191,6 +191,11 @@ def test_cli_resume_of_a_copied_run_names_both_dirs(tiny_model_name, tmp_path, c
     assert main(["train", "--config", str(tmp_path / "copy" / "config.yaml"), "--resume", "-o",
                  str(tmp_path / "copy")]) == 0
     assert (tmp_path / "copy" / "results.json").read_bytes() == before  # finished: nothing rewritten
+    # the other fix the error offers: -o the recorded dir (also finished: a no-op)
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    assert main(["train", "--config", str(tmp_path / "copy" / "config.yaml"), "--resume", "-o",
+                 str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
 
 
 def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
