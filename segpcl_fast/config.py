@@ -261,6 +261,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------- validation
 # Accepted values, copied from the code that consumes each key (config.py imports nothing from the
 # package; tests/test_config.py checks these tuples against the consumers' own constants).
+METHODS = ("zeroshot", "lora_finetune", "+acgd", "+tsgr", "+prototype_transfer", "+visual_branch", "segpcl",
+           "onlyclip", "visual_no_transfer", "distill_new_data", "distill_seeds")  # method/variants.py VARIANTS
 PRECISIONS = ("fp32", "bf16")  # engine/trainer.py: "bf16" autocasts, anything else would run fp32
 OPS_BACKENDS = ("auto", "reference", "triton", "cpp")  # ops/dispatch.py BACKENDS
 SCHEDULES = ("cosine", "constant")  # engine/trainer.py lr_at
@@ -359,8 +361,7 @@ def _class_order(value: Any) -> Optional[str]:
     return f"must be one of {list(CLASS_ORDERS)} or a non-empty list of class names / indices (>= 0)"
 
 
-# every key with a constraint beyond its type; keys not listed here (paths, flags, run.method, which
-# method/variants.py checks) are only type-checked
+# every key with a constraint beyond its type; keys not listed here (paths, flags) are only type-checked
 RULES: dict[str, _Check] = {
     "model.name": _nonempty_str,
     "lora.rank": _integer(1),
@@ -408,6 +409,7 @@ RULES: dict[str, _Check] = {
     "optim.grad_clip": _number(0),  # 0 = off
     "optim.fused": _one_of(FUSED_SGD),
     "eval.batch_size": _integer(1),
+    "run.method": _one_of(METHODS),
     "run.seed": _integer(0),
     "run.output_dir": _nonempty_str,
     "run.device": _device,

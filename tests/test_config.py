@@ -12,6 +12,8 @@ from segpcl_fast.fileio import atomic_write_text, chmod_like_open
 
 # (override, the key the error must name): values the old code accepted silently or failed on late
 INVALID = [
+    ("run.method=bogus", "run.method"),
+    ("run.method=SeGP-CL", "run.method"),
     ("run.precision=fp16", "run.precision"),
     ("optim.schedule=linear", "optim.schedule"),
     ("optim.cls_over=foo", "optim.cls_over"),
@@ -172,6 +174,8 @@ def test_accepted_choices_match_the_consuming_code():
     assert set(C.DATASETS) == set(DATASETS)
     from segpcl_fast.engine.presets import PRESETS
     assert set(C.HARDWARE_PRESETS) == set(PRESETS)
+    from segpcl_fast.method.variants import variant_names
+    assert list(C.METHODS) == variant_names()
 
 
 def test_an_unknown_config_lists_configs_and_hardware_presets_apart():
