@@ -101,7 +101,7 @@ class Learner:
                                                                                 Optional["stage1.AnchorCache"]]:
         """(ACGD cache from acgd.source, drift-transfer cache = DPGD anchors): one object when the
         source is the anchors; either is None when its stage is off. Teacher = frozen copy of the
-        model at the end of task t-1; used here only, then dropped.
+        model at the end of task t-1; used here only (dropped on return).
 
         The task's images stay on the CPU (a task of ImageNet-Subset at 224 px is ~8 GB in fp32):
         they go to the device in batches for the teacher, and only the chosen seeds move for good.
@@ -153,7 +153,6 @@ class Learner:
                              f"new_data or folder")
         if source in ("new_data", "folder"):
             acgd = build(pixels, targets, "seeds")
-        del teacher
         return acgd, transfer
 
     # ------------------------------------------------------------------ stage 2
