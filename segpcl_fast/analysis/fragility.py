@@ -112,10 +112,12 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> Optional[float]:
 
 
 def group_stats(values: torch.Tensor) -> dict:
+    """Count, mean and median of a group (the median as resolve_threshold takes it: the mean of
+    the two middle values for an even count, not torch.median's lower one)."""
     v = values.double().cpu()
     if v.numel() == 0:
         return {"n": 0, "mean": None, "median": None}
-    return {"n": int(v.numel()), "mean": float(v.mean()), "median": float(v.median())}
+    return {"n": int(v.numel()), "mean": float(v.mean()), "median": float(np.median(v.numpy()))}
 
 
 # ----------------------------------------------------------------------------- model pieces

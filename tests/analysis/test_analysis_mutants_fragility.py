@@ -79,6 +79,10 @@ def test_correlation_is_none_for_any_constant_side():
 def test_group_stats_hand_values():
     assert frag.group_stats(torch.tensor([1.0, 2.0, 10.0])) == {"n": 3, "mean": pytest.approx(13 / 3), "median": 2.0}
     assert frag.group_stats(torch.zeros(0)) == {"n": 0, "mean": None, "median": None}
+    # even count: the mean of the two middle values, as the "median" threshold takes it
+    assert frag.group_stats(torch.tensor([4.0, 1.0, 2.0, 10.0]))["median"] == 3.0
+    scores = torch.tensor([0.5, 0.1, 0.9, 0.3])
+    assert frag.group_stats(scores)["median"] == frag.resolve_threshold(scores, "median")
 
 
 def test_class_distribution_is_the_scaled_cosine_softmax(tiny_model_name):
