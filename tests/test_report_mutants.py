@@ -172,6 +172,41 @@ def test_write_run_report_files_plots_and_stored_fields(tmp_path, monkeypatch):
     back = read_results(paths["results"])
     assert back["ops"] == {} and back["fwt_before"] == [None, 30.0]
     assert back["matrix_own"] == own and back["class_names"] == []  # the keys the trainer's --resume reads
+    assert "loss_per_epoch" not in back  # a result without training steps: no key, no loss plot
+
+
+def test_write_run_report_stores_and_plots_the_loss_curves(tmp_path, monkeypatch):
+    figs = _spy_figures(monkeypatch)
+    curves = [[{"epoch": 1, "steps": 3, "cls": 2.0}], [{"epoch": 1, "steps": 3, "cls": 1.0, "acgd": 0.5}]]
+    paths = write_run_report(_result(loss_per_epoch=curves), tmp_path)
+    assert paths["loss_curves_png"] == str(tmp_path / "loss_curves.png")
+    assert read_results(paths["results"])["loss_per_epoch"] == curves
+    assert figs[-1].axes[0].get_title() == "segpcl: training loss, mean per epoch"
+    paths = write_run_report(_result(loss_per_epoch=[[], []]), tmp_path / "zs")  # zeroshot: nothing trained
+    assert "loss_curves_png" not in paths and len(figs) == 5
+
+
+def test_plot_loss_curves_data(tmp_path, monkeypatch):
+    figs = _spy_figures(monkeypatch)
+    curves = [[{"epoch": 1, "steps": 4, "cls": 3.0, "gr": 0.1}, {"epoch": 2, "steps": 4, "cls": 2.0, "gr": 0.2}],
+              [],  # a task without steps takes no epochs on the axis
+              [{"epoch": 1, "steps": 2, "gr": 0.3, "acgd": 0.01, "cls": 1.5, "extra": 7.0},
+               {"epoch": 2, "steps": 2, "cls": 1.0, "acgd": None}]]
+    plots.plot_loss_curves(curves, tmp_path / "l.png")
+    axes = figs[0].axes
+    # one panel per term: the method's three in order, then any other term
+    assert [ax.get_ylabel() for ax in axes] == ["L_cls", "L_ACGD (tau^2 KL, before its weight)",
+                                                "L_GR (TSGR, before its weight)", "extra"]
+    cls_lines = axes[0].get_lines()
+    assert [list(line.get_xdata()) for line in cls_lines] == [[1, 2], [3, 4]]  # x counts epochs across tasks
+    assert [list(line.get_ydata()) for line in cls_lines] == [[3.0, 2.0], [1.5, 1.0]]
+    assert [line.get_label() for line in cls_lines] == ["task 1", "task 3"]
+    (acgd,) = axes[1].get_lines()
+    assert list(acgd.get_xdata()) == [3] and list(acgd.get_ydata()) == [0.01]  # None is no point
+    assert [list(line.get_ydata()) for line in axes[2].get_lines()] == [[0.1, 0.2], [0.3]]
+    assert axes[-1].get_xlabel() == "epoch (all tasks)" and axes[0].get_title() == "training loss, mean per epoch"
+    with pytest.raises(ValueError, match="at least one epoch"):
+        plots.plot_loss_curves([[], [{"epoch": 1, "steps": 0}]], tmp_path / "e.png")
 
 
 def test_run_summary_exact_text():

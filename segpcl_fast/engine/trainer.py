@@ -48,6 +48,9 @@ class Result:
     config: dict = field(default_factory=dict)
     # a_own[t][j]: task j's accuracy among C_<=j (metrics.forgetting_own_space); [] if unknown
     accuracy_matrix_own: list = field(default_factory=list)
+    # per task, per epoch: the mean of each loss term over the epoch's steps (epoch_means); a task
+    # without training steps has []; [] for runs from before it was recorded
+    loss_per_epoch: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -295,7 +298,7 @@ class Trainer:
             total_steps = min(total_steps, c.run.max_steps_per_task)
         optimizer = make_optimizer(self.lora_params, c) if total_steps else None
         t1 = time.perf_counter()
-        step, losses = 0, []
+        step, losses, epochs = 0, [], []
         bar = _progress(total_steps, f"task {t + 1}/{self.scenario.num_tasks}", c.run.progress and self.dist.is_main)
         self.model.train()
         while step < total_steps:
@@ -306,6 +309,7 @@ class Trainer:
                 parts = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
                 if parts:
                     losses.append(parts)
+                    epochs.append(step // steps_per_epoch)
                 step += 1
                 if bar is not None:
                     bar.update(1)
@@ -324,6 +328,7 @@ class Trainer:
                 self.learner.text_cache = ddp.broadcast_tensor(self.learner.text_cache, self.dist, self.device)
         timings["stage3_s"] = time.perf_counter() - t2
         info["final_loss"] = losses[-1] if losses else {}
+        info["loss_per_epoch"] = epoch_means(losses, epochs)
         info["timings"] = timings
         warning = divergence_warning([p.get("cls") for p in losses], n_new, t, c.optim.lr)
         if warning and self.dist.is_main:
@@ -387,7 +392,8 @@ class Trainer:
                       metrics=saved["metrics"], fwt_before=saved.get("fwt_before") or [None] * T,
                       output_dir=str(self.out), paths=saved.get("paths", {}), timings=saved.get("timings", {}),
                       ops=saved.get("ops", {}), config=saved.get("config", {}),
-                      accuracy_matrix_own=saved.get("matrix_own", []))
+                      accuracy_matrix_own=saved.get("matrix_own", []),
+                      loss_per_epoch=saved.get("loss_per_epoch", []))
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Result:
@@ -465,7 +471,8 @@ class Trainer:
                         accuracy_matrix_own=metrics.matrix_to_list(matrix_own) if matrix_own is not None else [],
                         metrics=summary, fwt_before=fwt_before, output_dir=str(self.out),
                         timings={"run_s": time.perf_counter() - t_run, "tasks": [i["timings"] for i in task_info]},
-                        ops=ops.choices_used(), config=c.to_dict())
+                        ops=ops.choices_used(), config=c.to_dict(),
+                        loss_per_epoch=[i.get("loss_per_epoch", []) for i in task_info])
         if main:
             from ..report import write_run_report
             result.paths = write_run_report(result, self.out, plots=c.run.plots,
@@ -511,6 +518,23 @@ def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int, cfg: Confi
     raise FloatingPointError(f"loss is {float(loss.detach())} at task {t + 1}, step {step} (non-finite term(s): "
                              f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); {_nonfinite_fixes(bad, cfg)}; "
                              f"or check the data for NaN pixels")
+
+
+def epoch_means(losses: list[dict], epochs: list[int]) -> list[dict]:
+    """[{"epoch": e (1-based), "steps": n, term: mean over the epoch's n steps, ...}] from the
+    per-step loss parts (floats) and the 0-based epoch of each step. Under DDP these are the main
+    rank's own batches (each rank's loss terms are over its slice of the global batch)."""
+    if len(losses) != len(epochs):
+        raise ValueError(f"epoch_means: {len(losses)} steps' losses but {len(epochs)} epochs")
+    by_epoch: dict[int, list[dict]] = {}
+    for parts, e in zip(losses, epochs):
+        by_epoch.setdefault(e, []).append(parts)
+    rows = []
+    for e, steps in sorted(by_epoch.items()):
+        terms = dict.fromkeys(k for parts in steps for k in parts)  # in the order the steps have them
+        rows.append({"epoch": e + 1, "steps": len(steps),
+                     **{k: statistics.fmean(float(p[k]) for p in steps if k in p) for k in terms}})
+    return rows
 
 
 def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float) -> Optional[str]:

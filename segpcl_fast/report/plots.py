@@ -6,6 +6,7 @@ ablation and sweep tables. Figures are made with matplotlib's object API on the 
     plot_acc_curves({"segpcl": acc, "lora_finetune": acc_lora}, out / "acc_per_task.png")
     plot_bars({"LoRA-B": 77.0, "+ACGD": 81.7}, out / "ablation.png", ylabel="Last (%)")
     plot_lines([1, 5, 10], {"Last": [80, 83, 84]}, out / "k_adv.png", xlabel="K_adv")
+    plot_loss_curves(result.loss_per_epoch, out / "loss_curves.png")
 """
 from __future__ import annotations
 
@@ -129,4 +130,34 @@ def plot_bars(values: Mapping[str, float | None], path: str | os.PathLike, ylabe
             if math.isfinite(y):
                 ax.annotate(f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
+    return save_figure(fig, path)
+
+
+LOSS_TITLES = {"cls": "L_cls", "acgd": "L_ACGD (tau^2 KL, before its weight)",
+               "gr": "L_GR (TSGR, before its weight)"}
+
+
+def plot_loss_curves(loss_per_epoch: Sequence[Sequence[Mapping]], path: str | os.PathLike,
+                     title: Optional[str] = None) -> Path:
+    """One panel per loss term: its per-epoch mean over the whole run (x = epochs counted across
+    tasks, 1-based), one line per task, so a task's first epoch does not join the last one's."""
+    present = {k for task in loss_per_epoch for row in task for k in row if k not in ("epoch", "steps")}
+    terms = [k for k in LOSS_TITLES if k in present] + sorted(present - set(LOSS_TITLES))  # L_cls, L_ACGD, L_GR
+    if not terms:
+        raise ValueError("plot_loss_curves needs at least one epoch with a loss term")
+    fig = _new_figure((7.0, 2.2 * len(terms) + 0.6))
+    axes = fig.subplots(len(terms), 1, sharex=True, squeeze=False)[:, 0]
+    start = 0
+    for t, task in enumerate(loss_per_epoch):
+        x = [start + row["epoch"] for row in task]
+        for ax, term in zip(axes, terms):
+            points = [(xi, row[term]) for xi, row in zip(x, task) if row.get(term) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=f"C{t % 10}", label=f"task {t + 1}")
+        start += max((row["epoch"] for row in task), default=0)
+    for ax, term in zip(axes, terms):
+        ax.set_ylabel(LOSS_TITLES.get(term, term), fontsize=8)
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel("epoch (all tasks)")
+    axes[0].set_title(title or "training loss, mean per epoch")
     return save_figure(fig, path)

@@ -1,11 +1,12 @@
 """What a finished run leaves behind and what the CLI prints about it.
 
     paths = write_run_report(result, out, plots=True, class_names=names)
-        # out/results.json, out/accuracy_matrix.png, out/acc_per_task.png -> {name: path}
+        # out/results.json, out/accuracy_matrix.png, out/acc_per_task.png, out/loss_curves.png -> {name: path}
     text = format_run_summary(result)       # metrics table + accuracy matrix + files
 
 `result` is the trainer's Result (anything with .to_dict()) or a plain dict with the keys
-accuracy_matrix, acc_per_task, metrics, fwt_before, output_dir, timings, ops, config, paths.
+accuracy_matrix, acc_per_task, metrics, fwt_before, output_dir, timings, ops, config, paths
+(optional: accuracy_matrix_own, loss_per_epoch).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .tables import format_accuracy_matrix, format_metrics_table
 RESULTS_FILE = "results.json"
 MATRIX_PNG = "accuracy_matrix.png"
 CURVE_PNG = "acc_per_task.png"
+LOSS_PNG = "loss_curves.png"
 
 
 def _as_dict(result: Any) -> dict:
@@ -45,7 +47,8 @@ def results_row(result: Any, label: Optional[str] = None) -> dict:
 
 def write_run_report(result: Any, output_dir: str | os.PathLike, plots: bool = True,
                      class_names: Optional[Sequence[str]] = None) -> dict[str, str]:
-    """Write results.json (always) and the two PNG plots (if `plots`); returns {name: path}."""
+    """Write results.json (always) and the PNG plots (if `plots`: the accuracy matrix and curve,
+    and the loss curves when the run trained); returns {name: path}."""
     r = _as_dict(result)
     out = Path(output_dir)
     paths = {"output_dir": str(out)}
@@ -55,6 +58,9 @@ def write_run_report(result: Any, output_dir: str | os.PathLike, plots: bool = T
         paths["accuracy_matrix_png"] = str(P.plot_accuracy_matrix(
             M.matrix_from_list(r["accuracy_matrix"]), out / MATRIX_PNG, title=f"{label}: accuracy a[t][j]"))
         paths["acc_per_task_png"] = str(P.plot_acc_curves({label: r["acc_per_task"]}, out / CURVE_PNG))
+        if any(r.get("loss_per_epoch") or []):
+            paths["loss_curves_png"] = str(P.plot_loss_curves(r["loss_per_epoch"], out / LOSS_PNG,
+                                                              title=f"{label}: training loss, mean per epoch"))
     for name, rel in [("config", "config.yaml"), ("checkpoints", "checkpoints")]:
         if (out / rel).exists():
             paths[name] = str(out / rel)
@@ -64,6 +70,8 @@ def write_run_report(result: Any, output_dir: str | os.PathLike, plots: bool = T
         extra["class_names"] = list(class_names)
     if r.get("accuracy_matrix_own"):
         extra["matrix_own"] = r["accuracy_matrix_own"]
+    if r.get("loss_per_epoch"):
+        extra["loss_per_epoch"] = r["loss_per_epoch"]
     write_results(out / RESULTS_FILE, config=r.get("config") or {},
                   matrix=M.matrix_from_list(r["accuracy_matrix"]), acc_per_task=r["acc_per_task"],
                   metrics=r["metrics"], fwt_before=r.get("fwt_before"), timings=r.get("timings"),

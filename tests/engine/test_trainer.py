@@ -53,6 +53,9 @@ def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch)
     assert resumed.metrics == full.metrics
     assert resumed.fwt_before == full.fwt_before
     assert resumed.accuracy_matrix_own == full.accuracy_matrix_own
+    # task 1's loss curve comes back from its checkpoint, task 2's is trained again
+    assert len(resumed.loss_per_epoch) == 2 and resumed.loss_per_epoch[0] == full.loss_per_epoch[0]
+    assert [r["steps"] for r in resumed.loss_per_epoch[1]] == [r["steps"] for r in full.loss_per_epoch[1]]
 
 
 def test_evaluate_reproduces_the_run_on_any_ops_path_and_refuses_other_keys(tiny_model_name, tmp_path, capsys):
@@ -269,10 +272,38 @@ def test_a_bad_data_root_fails_before_any_weights_are_loaded(tmp_path, monkeypat
         train(cfg)
 
 
+def test_the_run_records_each_terms_mean_per_epoch_and_plots_it(tiny_model_name, tmp_path, monkeypatch):
+    """Scripted steps (task 2's terms = 100 x task 1's): the per-epoch means are the hand means of
+    those steps, in the result, results.json and a resumed finished run; loss_curves.png is drawn."""
+    def scripted_step(self, optimizer, images, labels, lr, step, t, global_n):
+        scale = 100.0 ** t
+        return {"cls": scale * step, **({"acgd": scale * 2 * step} if step % 2 else {})}
+
+    monkeypatch.setattr(Trainer, "train_step", scripted_step)
+    # 100 classes / 2 tasks x 2 images = 100 images a task, batch 25: 4 steps an epoch; 6 steps at most
+    cfg = small_config(tiny_model_name, tmp_path / "run", epochs=2, optim__batch_size=25,
+                       run__max_steps_per_task=6)
+    result = train(cfg)
+    task1 = [{"epoch": 1, "steps": 4, "cls": 1.5, "acgd": 4.0},  # steps 0-3; acgd on steps 1, 3
+             {"epoch": 2, "steps": 2, "cls": 4.5, "acgd": 10.0}]  # steps 4-5 (max_steps_per_task); acgd on 5
+    assert result.loss_per_epoch[0] == task1
+    assert result.loss_per_epoch[1] == [{k: (v * 100 if k in ("cls", "acgd") else v) for k, v in row.items()}
+                                        for row in task1]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["loss_per_epoch"] == result.loss_per_epoch
+    assert result.paths["loss_curves_png"] == str(tmp_path / "run" / "loss_curves.png")
+    assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 0
+    again = train(small_config(tiny_model_name, tmp_path / "run", epochs=2, optim__batch_size=25,
+                               run__max_steps_per_task=6, resume=True))
+    assert again.loss_per_epoch == result.loss_per_epoch
+
+
 def test_zeroshot_does_not_change_the_model_and_finetune_does(tiny_model_name, tmp_path):
     zs = Trainer(small_config(tiny_model_name, tmp_path / "zs", method="zeroshot", num_tasks=1))
-    zs.run()
+    zs_result = zs.run()
     assert all(float(p.abs().sum()) == 0.0 for p in zs.lora_params)
+    assert zs_result.loss_per_epoch == [[]] and "loss_curves_png" not in zs_result.paths  # nothing trained
+    assert not (tmp_path / "zs" / "loss_curves.png").exists()
     ft = Trainer(small_config(tiny_model_name, tmp_path / "ft", method="lora_finetune", num_tasks=1, lr=0.05))
     ft.run()
     assert any(float(p.abs().sum()) > 0.0 for p in ft.lora_params)
