@@ -43,7 +43,22 @@ def train(config: ConfigLike = None, **overrides: Any):
     """
     from .engine.trainer import Trainer
     cfg = make_config(config, **overrides)
+    if cfg.run.resume and "run.output_dir" not in kwargs_to_overrides(overrides):
+        check_resume_target(config, cfg)
     return Trainer(cfg).run()
+
+
+def check_resume_target(config: ConfigLike, cfg: Config) -> None:
+    """Resuming from `<dir>/config.yaml` of a run copied or moved to <dir>, without naming the output
+    dir, would resume (and write into) the dir recorded in that file, not <dir>: refuse, naming both."""
+    if not isinstance(config, (str, os.PathLike)) or Path(config).name != "config.yaml" or not Path(config).is_file():
+        return
+    folder = Path(config).resolve().parent
+    target = Path(cfg.run.output_dir).expanduser().resolve()
+    if (folder / "checkpoints").is_dir() and folder != target:
+        raise ConfigError(f"resuming with {config}, a run's config whose run.output_dir is {cfg.run.output_dir}, not "
+                          f"the folder it lies in ({folder}): resume that folder with -o {folder} "
+                          f"(train(..., run__output_dir=...)), or the recorded one with -o {cfg.run.output_dir}")
 
 
 # what evaluate() may change about how a run is evaluated (nothing that changes the model or the data:

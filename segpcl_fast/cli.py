@@ -61,22 +61,9 @@ def _config_from_args(args) -> "Config":
     else:
         cfg = make_config(args.config, overrides)
     if getattr(args, "resume", False) and args.output_dir is None:  # an explicit -o says which dir
-        _check_resume_target(args.config, cfg)
+        from .api import check_resume_target
+        check_resume_target(args.config, cfg)
     return cfg
-
-
-def _check_resume_target(config_arg, cfg) -> None:
-    """`--config <dir>/config.yaml --resume` (no -o) of a run copied or moved to <dir> would resume
-    (and write into) the output dir recorded in that file, not <dir>: refuse and ask which one."""
-    from pathlib import Path
-    if not config_arg or Path(config_arg).name != "config.yaml" or not Path(config_arg).is_file():
-        return
-    folder = Path(config_arg).resolve().parent
-    target = Path(cfg.run.output_dir).expanduser().resolve()
-    if (folder / "checkpoints").is_dir() and folder != target:
-        raise ConfigError(f"--resume with {config_arg}, a run's config whose run.output_dir is {cfg.run.output_dir}, not "
-                          f"the folder it lies in ({folder}): resume that folder with -o {folder}, or the "
-                          f"recorded one with -o {cfg.run.output_dir}")
 
 
 def _refuse_run_options(args, method_fix: str = "", seed_fix: str = "") -> None:

@@ -209,7 +209,9 @@ class Trainer:
         for p in stale:
             p.unlink()
         (checkpoints / ckpt.LAST_POINTER).unlink(missing_ok=True)
-        results.unlink(missing_ok=True)  # else a later --resume could report the old run
+        from ..report.run_report import REPORT_FILES
+        for name in REPORT_FILES:  # results.json: else a later --resume could report the old run; the
+            (self.out / name).unlink(missing_ok=True)  # plots: else they show it (run.plots=false, a crash)
         self.log_fn(f"run.overwrite: replacing the run in {self.out}")
 
     def _anchors_on_rank0(self) -> None:

@@ -22,6 +22,7 @@ RESULTS_FILE = "results.json"
 MATRIX_PNG = "accuracy_matrix.png"
 CURVE_PNG = "acc_per_task.png"
 LOSS_PNG = "loss_curves.png"
+REPORT_FILES = (RESULTS_FILE, MATRIX_PNG, CURVE_PNG, LOSS_PNG)  # what write_run_report may leave in a run dir
 
 
 def _as_dict(result: Any) -> dict:

@@ -190,6 +190,10 @@ def test_cli_resume_of_a_copied_run_names_both_dirs(tiny_model_name, tmp_path, c
     assert main(["train", "--config", str(tmp_path / "copy" / "config.yaml"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"resume that folder with -o {tmp_path / 'copy'}" in err and str(tmp_path / "run") in err
+    with pytest.raises(ConfigError, match="resume that folder"):  # the Python API refuses it too
+        train(str(tmp_path / "copy" / "config.yaml"), resume=True)
+    with pytest.raises(ConfigError, match="resume that folder"):
+        train(tmp_path / "copy" / "config.yaml", run__resume=True)
     before = (tmp_path / "copy" / "results.json").read_bytes()
     assert main(["train", "--config", str(tmp_path / "copy" / "config.yaml"), "--resume", "-o",
                  str(tmp_path / "copy")]) == 0
@@ -438,6 +442,9 @@ def test_a_new_run_refuses_a_dir_holding_another_run_unless_told_to_overwrite(ti
             train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune",
                                run__overwrite=True))
     assert not (tmp_path / "run" / "results.json").exists()
+    # nor its plots, which would show the old run's numbers next to the new run's files
+    assert not any((tmp_path / "run" / name).exists()
+                   for name in ("accuracy_matrix.png", "acc_per_task.png", "loss_curves.png"))
     result = train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, method="lora_finetune",
                                 run__overwrite=True))
     # the old run's task_01.pt is gone: nothing stale is left next to the new run's files
