@@ -155,7 +155,8 @@ class Trainer:
     def __init__(self, cfg: Config, log_fn: Optional[Callable[[str], None]] = None,
                  dist: Optional["ddp.DistContext"] = None, ddp_settings: Optional["ddp.DDPSettings"] = None,
                  compile_settings: Optional["compiling.CompileSettings"] = None, writes: bool = True):
-        self.cfg = resolve_variant(cfg)
+        # locations absolute from here on: config.yaml, results.json and Result all name the same dirs
+        self.cfg = resolve_variant(apply_overrides(cfg, absolute_locations(cfg)))
         self.ddp_settings = ddp_settings or ddp.DDPSettings.from_env()
         self.dist = dist or ddp.DistContext.from_env(self.ddp_settings, self.cfg.run.device)
         self.log_fn = log_fn or (lambda msg: log.info(msg))
@@ -441,7 +442,7 @@ class Trainer:
             # resuming is an action, not part of the run's config: a later `train --config <dir>/config.yaml`
             # without --resume must not resume silently; locations are saved absolute, so `evaluate` and
             # `--resume` of the run work from any working directory
-            save_config(apply_overrides(c, {"run.resume": False, **absolute_locations(c)}), self.out / "config.yaml")
+            save_config(apply_overrides(c, {"run.resume": False}), self.out / "config.yaml")  # locations: absolute
         t_run = time.perf_counter()
         for t in range(start, T):
             if c.eval.fwt and t > 0:

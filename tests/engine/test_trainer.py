@@ -566,6 +566,11 @@ def test_a_runs_saved_locations_are_absolute_so_it_resumes_and_evaluates_from_an
     first = train(cfg)
     saved = load_config(tmp_path / "runs/rel/config.yaml")
     assert (saved.run.output_dir, saved.model.cache_dir) == (str(tmp_path / "runs/rel"), os.path.expanduser("~/weights"))
+    # results.json and the Result name the same absolute dirs as config.yaml
+    results = json.loads((tmp_path / "runs/rel/results.json").read_text())
+    assert results["config"]["run"]["output_dir"] == first.config["run"]["output_dir"] == str(tmp_path / "runs/rel")
+    assert first.output_dir == results["paths"]["output_dir"] == str(tmp_path / "runs/rel")
+    assert results["paths"]["results"] == str(tmp_path / "runs/rel/results.json")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
