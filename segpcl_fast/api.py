@@ -83,8 +83,11 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     from .metrics import percent
     run_dir = Path(run_dir)
     if run_dir.is_file():
-        raise FileNotFoundError(f"{run_dir} is a file: evaluate() takes a run directory (train's output_dir), e.g. "
-                                f"{run_dir.parent.parent if run_dir.parent.name == 'checkpoints' else run_dir.parent}")
+        owner = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+        raise FileNotFoundError(f"{run_dir} is a file: evaluate() takes a run directory (train's output_dir)"
+                                + (f", e.g. {owner}" if (owner / "config.yaml").is_file() else ""))
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist: evaluate() takes the output_dir of a train() run")
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found: evaluate() takes the output_dir of a train() run")

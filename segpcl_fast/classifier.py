@@ -82,9 +82,22 @@ class ContinualClassifier:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) dual-path logits of a batch already through `self.transform` (B, 3, H, W)."""
+        self._check_batch(images, "logits()")
         self.model.eval()
         raw, emb = self.model.encode_image(images.to(self.device))  # the image tower at the run's precision
         return dual_path_logits(emb, raw, self.text, self.prototypes, self.model.logit_scale(), self.beta)
+
+    def _check_batch(self, images, who: str) -> None:
+        """A (B, 3, size, size) tensor (what self.transform gives, stacked), else one error with the fix."""
+        size = self.model.image_stats.size
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"{who} takes a (B, 3, {size}, {size}) tensor already through clf.transform, got "
+                            f"{type(images).__name__}; predict() takes paths, folders and PIL images, "
+                            f"clf.load_images(...) turns them into such a batch")
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+            raise ValueError(f"{who}: images of shape {tuple(images.shape)}, the model takes (B, 3, {size}, {size}) "
+                             f"(its test transform's output); pass paths or PIL images to predict(), or "
+                             f"clf.transform each image first")
 
     def load_images(self, images: Sequence) -> torch.Tensor:
         """Paths or PIL images -> one transformed batch."""
@@ -104,16 +117,28 @@ class ContinualClassifier:
             elif isinstance(item, Image.Image):
                 item = item.convert("RGB")
             else:
-                raise TypeError(f"predict() takes image paths, PIL images or a (B, 3, H, W) tensor, got "
-                                f"{type(item).__name__}")
+                raise TypeError(f"predict() takes image paths, folders, PIL images or a (B, 3, H, W) tensor "
+                                f"(through clf.transform), got a list holding {type(item).__name__}")
             batch.append(self.transform(item))
         return torch.stack(batch)
 
-    def predict(self, images: Union[torch.Tensor, Sequence], topk: int = 1,
+    def predict(self, images: Union[torch.Tensor, Sequence, PathLike], topk: int = 1,
                 batch_size: int = 64) -> list[list[tuple[str, float]]]:
-        """Per image, the top-k (class name, softmax probability over the seen classes)."""
+        """Per image, the top-k (class name, softmax probability over the seen classes).
+
+        images: a list of image paths, folders (their image files, sorted) and PIL images, one such
+        item alone, or a (B, 3, H, W) tensor already through `self.transform`. One list per image.
+        """
+        from PIL import Image
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        if isinstance(images, torch.Tensor):
+            self._check_batch(images, "predict()")
+        else:
+            images = [p for item in images
+                      for p in (image_paths([item]) if isinstance(item, (str, os.PathLike)) else [item])]
         topk = min(topk, len(self.class_names))
         results = []
         for i in range(0, len(images), batch_size):
@@ -138,12 +163,28 @@ class ContinualClassifier:
                    "pretrained": self.model.pretrained, "state_dict": merged.clip.state_dict(),
                    "class_names": list(self.class_names), "text": self.text.detach().float().cpu(),
                    "prototypes": self.prototypes.detach().float().cpu(), "beta": float(self.beta),
-                   "logit_scale": float(self.model.logit_scale()), "task": self.task,
+                   "logit_scale": float(self.model.logit_scale().detach()), "task": self.task,
                    "image_autocast": None if autocast is None else str(autocast).removeprefix("torch."),
                    "image_stats": {"size": stats.size, "mean": list(stats.mean), "std": list(stats.std)}}
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
         return Path(path)
+
+
+def image_paths(items: Sequence[PathLike]) -> list[str]:
+    """Files as given; folders expanded to their image files (sorted, not recursive)."""
+    from .data.files import IMAGE_EXTENSIONS, is_image_name
+    paths = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if is_image_name(p) and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        else:
+            paths.append(os.fspath(item))
+    return paths
 
 
 def load_classifier(source: PathLike, task: Optional[int] = None, device: Union[str, torch.device] = "cpu",
@@ -190,6 +231,11 @@ def _available_device(device: Union[str, torch.device]) -> torch.device:
 
 def _run_checkpoint(run_dir: Path, task: Optional[int]) -> Path:
     from .engine import checkpoint as ckpt
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / ckpt.CHECKPOINT_DIR).is_dir():
+        runs = sorted(str(p.parent) for p in run_dir.glob("**/config.yaml"))[:3]
+        raise ClassifierError(f"{run_dir} is not a run directory (no config.yaml, no {ckpt.CHECKPOINT_DIR}/): give "
+                              f"train's output_dir, a checkpoint file or an exported classifier"
+                              + (f"; runs below it: {', '.join(runs)}" if runs else ""))
     if task is None:
         last = ckpt.find_last_checkpoint(run_dir)
         if last is None:

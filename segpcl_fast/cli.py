@@ -279,27 +279,9 @@ def _add_analysis_parsers(sub) -> None:
     p.set_defaults(func=cmd_anchor_views)
 
 
-def image_paths(items: list[str]) -> list[str]:
-    """Files as given; folders expanded to their image files (sorted, not recursive)."""
-    from pathlib import Path
-
-    from .data.files import IMAGE_EXTENSIONS, is_image_name
-    paths = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if is_image_name(p) and p.is_file())
-            if not found:
-                raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-            paths += found
-        else:
-            paths.append(item)
-    return paths
-
-
 def cmd_predict(args) -> int:
     import json
-    from .classifier import load_classifier
+    from .classifier import image_paths, load_classifier
     clf = load_classifier(args.source, task=args.task, device=args.device)
     paths = image_paths(args.images)
     predictions = clf.predict(paths, topk=args.topk, batch_size=args.batch_size)

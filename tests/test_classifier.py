@@ -82,6 +82,17 @@ def test_predict_takes_paths_pil_images_and_tensors_alike(run, tmp_path):
         np.testing.assert_allclose([p for _, p in top], best.values.tolist(), rtol=1e-6)
         assert top[0][1] >= top[1][1] >= top[2][1]
     assert len(clf.predict(images, topk=10_000)[0]) == len(clf.class_names)
+    # one item alone (a path, a PIL image) is a list of one; a folder is its image files, sorted
+    # (other batch splits: equal up to float order)
+    def same(a, b):
+        assert [[n for n, _ in top] for top in a] == [[n for n, _ in top] for top in b]
+        np.testing.assert_allclose([[p for _, p in top] for top in a], [[p for _, p in top] for top in b], rtol=1e-5)
+    same(clf.predict(paths[1], topk=3), [by_path[1]])
+    same(clf.predict(images[2], topk=3), [by_pil[2]])
+    (tmp_path / "notes.txt").write_text("not an image")
+    same(clf.predict(tmp_path, topk=3), by_path)
+    same(clf.predict([str(tmp_path)], topk=3), by_path)
+    same(clf.predict([paths[2], tmp_path], topk=3), [by_path[2]] + by_path)
 
 
 def test_export_is_plain_open_clip_and_loads_back_as_the_same_classifier(run, tmp_path):
@@ -144,8 +155,15 @@ def test_bad_sources_and_images_give_one_clear_error(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist: give a run directory"):
         load_classifier(tmp_path / "nowhere")
     (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "config.yaml").write_text("run: {}\n")  # a run that finished no task
     with pytest.raises(ClassifierError, match="no checkpoint in"):
         load_classifier(tmp_path / "empty_run")
+    (tmp_path / "pictures").mkdir()  # not a run at all
+    with pytest.raises(ClassifierError, match="pictures is not a run directory .no config.yaml, no checkpoints/.: "
+                                              "give train's output_dir, a checkpoint file or an exported classifier$"):
+        load_classifier(tmp_path / "pictures")
+    with pytest.raises(ClassifierError, match=f"not a run directory .*; runs below it: {tmp_path / 'empty_run'}$"):
+        load_classifier(tmp_path)  # an ablation's folder: its runs lie below it
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ClassifierError, match="cannot be read"):
         load_classifier(tmp_path / "junk.pt")
@@ -158,8 +176,16 @@ def test_bad_sources_and_images_give_one_clear_error(run, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(ClassifierError, match="broken.png cannot be read as an image"):
         clf.predict([str(tmp_path / "broken.png")])
-    with pytest.raises(TypeError, match="image paths, PIL images or a"):
+    with pytest.raises(TypeError, match="image paths, folders, PIL images or a .*got a list holding ndarray"):
         clf.predict([np.zeros((8, 8, 3))])
+    size = clf.model.image_stats.size
+    with pytest.raises(ValueError, match=rf"images of shape \(2, 3, {size + 1}, {size + 1}\), the model takes "
+                                         rf"\(B, 3, {size}, {size}\)"):
+        clf.logits(torch.zeros(2, 3, size + 1, size + 1))
+    with pytest.raises(ValueError, match=r"predict\(\): images of shape \(3, "):
+        clf.predict(torch.zeros(3, size, size))
+    with pytest.raises(TypeError, match=r"logits\(\) takes a .* got list; predict\(\) takes paths"):
+        clf.logits(_images(1))
     with pytest.raises(ValueError, match="topk must be >= 1"):
         clf.predict(_images(1), topk=0)
 

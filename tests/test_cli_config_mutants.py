@@ -253,7 +253,7 @@ def test_config_and_missing_file_errors_exit_2_and_interrupts_130(monkeypatch, c
     assert main(["train", "--config", "no-such-preset"]) == 2
     assert capsys.readouterr().err.startswith("segpcl-fast: error: config file 'no-such-preset' does not exist")
     assert main(["evaluate", "/no/such/run"]) == 2
-    assert "config.yaml not found" in capsys.readouterr().err
+    assert "/no/such/run does not exist: evaluate() takes the output_dir" in capsys.readouterr().err
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -580,6 +580,12 @@ def test_a_runs_saved_locations_are_absolute_so_it_resumes_and_evaluates_from_an
     with pytest.raises(FileNotFoundError, match=r"task_00.pt is a file: evaluate\(\) takes a run directory .*, e.g. "
                                                 f"{tmp_path / 'runs/rel'}$"):
         evaluate(tmp_path / "runs/rel/checkpoints/task_00.pt")
+    (elsewhere / "junk.pt").write_bytes(b"x")  # a file beside no run: no folder is offered as the run
+    with pytest.raises(FileNotFoundError, match=r"junk.pt is a file: evaluate\(\) takes a run directory \(train's output_dir\)$"):
+        evaluate("junk.pt")
+    (elsewhere / "pictures").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.yaml not found: evaluate"):
+        evaluate(elsewhere / "pictures")
 
 
 def test_an_output_dir_that_cannot_be_written_fails_before_the_data_and_weights(tiny_model_name, tmp_path, capsys):
