@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from .config import Config
 
 
-def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool = True) -> None:
+def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool = True,
+                     resume: bool = True) -> None:
     """method / seed False (a subcommand with --variants / --seeds instead): the option stays parseable,
     to be refused with the fix (_refuse_run_options), but is left out of --help."""
     p.add_argument("--config", "-c", default=None,
@@ -42,6 +43,9 @@ def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool
     p.add_argument("--seed", type=int, default=None, help="same as --set run.seed=..." if seed else argparse.SUPPRESS)
     p.add_argument("--hw", default=None, metavar="PRESET",
                    help="hardware preset laid over the config before --set: 1gpu, 2x4090 (see engine/presets.py)")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue the run(s) in the output dir after their "
+                                                             "last finished task (same as --set run.resume=true)")
 
 
 def _config_from_args(args) -> "Config":
@@ -232,7 +236,7 @@ def cmd_profile(args) -> int:
 def _add_profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="run N training steps of task 2 under torch.profiler: Chrome trace, "
                                        "top kernels by self time, time per stage, ncu command")
-    _add_config_args(p)
+    _add_config_args(p, resume=False)
     p.add_argument("--steps", type=positive_int, default=5, help="training steps to profile (default 5)")
     p.add_argument("--rows", type=int, default=30, help="rows of the top-ops table (default 30)")
     p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges (for nsys; CUDA only)")
@@ -340,7 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("train", help="run a class-incremental sequence")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the last finished task in output_dir")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("ablate", help="run the ablation ladder (or chosen variants) and write one table + plot")
     _add_config_args(p, method=False, seed=False)
@@ -384,7 +387,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = ""
-        if args.command == "train":  # each finished task is checkpointed (unless run.checkpoint=false)
+        if hasattr(args, "resume"):  # each finished task is checkpointed (unless run.checkpoint=false)
             hint = ": continue after the last finished task with the same command and --resume"
         print(f"segpcl-fast: interrupted{hint}", file=sys.stderr)
         return 130

@@ -258,8 +258,34 @@ def test_config_and_missing_file_errors_exit_2_and_interrupts_130(monkeypatch, c
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(segpcl_fast.api, "ablate", interrupted)
-    assert main(["ablate", "-o", "unused"]) == 130
-    assert capsys.readouterr().err == "segpcl-fast: interrupted\n"  # the --resume hint is train's
+    assert main(["ablate", "-o", "unused"]) == 130  # ablate resumes too: the same hint as train's
+    assert capsys.readouterr().err == ("segpcl-fast: interrupted: continue after the last finished task with the "
+                                       "same command and --resume\n")
+    import segpcl_fast.engine.profile
+    monkeypatch.setattr(segpcl_fast.engine.profile, "profile_training", interrupted)
+    assert main(["profile", "-o", "unused"]) == 130  # nothing to resume
+    assert capsys.readouterr().err == "segpcl-fast: interrupted\n"
+
+
+def test_every_command_that_trains_runs_takes_resume(monkeypatch):
+    """The refusal of an output dir holding a run says --resume: every subcommand that trains takes it."""
+    import segpcl_fast.analysis
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+    seen = []
+
+    def record(cfg, *args, **kwargs):
+        seen.append(cfg.run.resume)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(segpcl_fast.api, "ablate", record)
+    for name in ("fragility", "retention", "sweep", "distill_sources", "anchor_views"):
+        monkeypatch.setattr(segpcl_fast.analysis, name, record)
+    commands = ["ablate", "fragility", "retention", "distill-sources", "anchor-views"]
+    for command in commands:
+        assert main([command, "-o", "unused", "--resume"]) == 130
+        assert main([command, "-o", "unused"]) == 130
+    assert main(["sweep", "--set", "dpgd.k_adv=2,3", "-o", "unused", "--resume"]) == 130
+    assert seen == [True, False] * len(commands) + [True]
 
 
 # ----------------------------------------------------------------------------- fileio
