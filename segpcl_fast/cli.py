@@ -62,6 +62,11 @@ def _config_from_args(args) -> "Config":
     if getattr(args, "hw", None):
         from .engine.presets import apply_preset
         cfg = make_config(apply_preset(make_config(args.config), args.hw), overrides)
+        import torch
+        if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--hw {args.hw} is a preset for CUDA GPUs (it sets run.device={cfg.run.device}), but no "
+                              f"CUDA device is available here: drop --hw, or keep its other settings with "
+                              f"--set run.device=cpu")
     else:
         cfg = make_config(args.config, overrides)
     if getattr(args, "resume", False) and args.output_dir is None:  # an explicit -o says which dir

@@ -229,7 +229,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and key in ONE_STRING_LISTS:  # one template: a list of one
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+            hint = f" (in brackets: {key}=[{value}])" if isinstance(value, str) and "," in value else ""
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}{hint}")
         return [_coerce(v, args[0], key) for v in value] if args else value
     if tp is bool:
         if isinstance(value, bool):
@@ -425,6 +426,14 @@ def validate(cfg: Config) -> Config:
 
     Raises one ConfigError that lists every invalid key with its value and what it accepts.
     """
+    problems = _value_problems(cfg)
+    if problems:
+        raise ConfigError(f"{len(problems)} invalid config value(s):\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def _value_problems(cfg: Config) -> list[str]:
+    """validate's checks: every key's type, choice and range; normalises cfg in place; the problems."""
     problems = []
     for sec_name, sec_tp in _field_types(Config).items():
         section = getattr(cfg, sec_name)
@@ -441,9 +450,7 @@ def validate(cfg: Config) -> Config:
             why = RULES[dotted](value) if dotted in RULES else None
             if why:
                 problems.append(f"{dotted} {why}, got {value!r}")
-    if problems:
-        raise ConfigError(f"{len(problems)} invalid config value(s):\n  " + "\n  ".join(problems))
-    return cfg
+    return problems
 
 
 def check_task_count(cfg: Config) -> Config:
@@ -460,7 +467,8 @@ def check_task_count(cfg: Config) -> Config:
 
 
 def _merge(d: dict, base: Optional[Config] = None) -> Config:
-    """A copy of base (default Config()) with the nested dict's keys set; types checked, ranges not."""
+    """A copy of base (default Config()) with the nested dict's keys set; types checked (ranges by
+    validate, or here too when a key or type is wrong, so that one error lists every problem)."""
     cfg = copy.deepcopy(base) if base is not None else Config()
     sections = _field_types(Config)
     problems = []  # every unknown key and wrong type, in one error
@@ -482,6 +490,8 @@ def _merge(d: dict, base: Optional[Config] = None) -> Config:
                 setattr(section, key, _coerce(val, types[key], f"{sec_name}.{key}"))
             except ConfigError as e:
                 problems.append(str(e))
+    if problems:  # and the range / choice problems of the keys that were set, all in one error
+        problems += _value_problems(copy.deepcopy(cfg))
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:

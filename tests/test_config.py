@@ -114,6 +114,15 @@ def test_task_sizes_and_num_tasks_must_agree():
     assert config_from_dict({"data": {"task_sizes": [60, 40]}}).data.task_sizes == [60, 40]
 
 
+def test_one_error_lists_unknown_keys_wrong_types_and_out_of_range_values_together():
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), ["optim.lr=-1", "optim.epochs=abc", "foo.bar=1"])
+    msg = str(e.value)
+    assert msg.startswith("3 invalid")
+    assert "'optim.epochs' expects an integer, got 'abc'" in msg and "unknown config section 'foo'" in msg
+    assert "optim.lr must be a finite number > 0, got -1.0" in msg
+
+
 def test_one_error_lists_every_invalid_key_with_value_and_range():
     bad = {"optim": {"lr": -1, "schedule": "linear"}, "run": {"precision": "fp16"}, "tsgr": {"k": 0}}
     with pytest.raises(ConfigError) as e:
@@ -338,8 +347,11 @@ def test_a_yaml_number_for_a_string_key_says_to_quote_it(tmp_path):
 def test_one_template_string_is_a_list_of_one():
     cfg = apply_overrides(Config(), ["data.templates=a photo of a {}."])
     assert cfg.data.templates == ["a photo of a {}."]
-    with pytest.raises(ConfigError, match="'lora.targets' expects a list"):  # ambiguous in a sweep: still an error
+    with pytest.raises(ConfigError, match="'lora.targets' expects a list, got 'v'$"):  # ambiguous in a sweep: still an error
         config_from_dict({"lora": {"targets": "v"}})
+    with pytest.raises(ConfigError, match=r"'data.task_sizes' expects a list, got '30,30' \(in brackets: "
+                                          r"data.task_sizes=\[30,30\]\)$"):
+        apply_overrides(Config(), ["data.task_sizes=30,30"])
 
 
 def test_output_dir_home_is_expanded_like_the_data_paths():

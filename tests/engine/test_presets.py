@@ -39,10 +39,21 @@ def test_bad_preset_and_settings_are_one_clear_error(monkeypatch):
         DDPSettings.from_env()
 
 
-def test_cli_set_wins_over_the_preset():
+def test_cli_set_wins_over_the_preset(monkeypatch):
+    import torch
     from segpcl_fast.cli import _config_from_args, build_parser
-    args = build_parser().parse_args(["train", "--config", "cifar100", "--hw", "2x4090", "--set", "optim.batch_size=64"])
-    assert _config_from_args(args).optim.batch_size == 64
+    for preset in presets.PRESETS.values():  # the presets' environment defaults are undone after the test
+        for key in preset.env:
+            monkeypatch.delenv(key, raising=False)
+    args = build_parser().parse_args(["train", "--config", "cifar100", "--hw", "2x4090", "--set", "optim.batch_size=64",
+                                      "--set", "run.device=cpu"])
+    cfg = _config_from_args(args)
+    assert (cfg.optim.batch_size, cfg.run.device, cfg.run.precision) == (64, "cpu", "bf16")
+    if not torch.cuda.is_available():  # a GPU preset on a machine without one: the fix, not a late device error
+        args = build_parser().parse_args(["train", "--hw", "1gpu"])
+        with pytest.raises(ConfigError, match=r"--hw 1gpu is a preset for CUDA GPUs \(it sets run.device=cuda\), but "
+                                              r"no CUDA device is available here: drop --hw, or .*--set run.device=cpu"):
+            _config_from_args(args)
 
 
 def test_torchrun_two_cpu_ranks_match_one_process(tmp_path):
