@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .config import (Config, ConfigError, apply_overrides, check_task_count, config_from_dict, kwargs_to_overrides,
-                     load_config)
+from .config import (Config, ConfigError, apply_overrides, check_data_root, check_task_count, config_from_dict,
+                     kwargs_to_overrides, load_config)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -31,7 +31,7 @@ def make_config(config: ConfigLike = None, overrides: Optional[Sequence[str]] = 
         cfg = apply_overrides(cfg, list(overrides))
     if kwargs:
         cfg = apply_overrides(cfg, kwargs_to_overrides(kwargs))
-    return check_task_count(cfg)
+    return check_data_root(check_task_count(cfg))
 
 
 def train(config: ConfigLike = None, **overrides: Any):

@@ -466,6 +466,16 @@ def check_task_count(cfg: Config) -> Config:
     return cfg
 
 
+def check_data_root(cfg: Config) -> Config:
+    """data.root with the offline world (which reads no files) is a forgotten --config <dataset>:
+    refused where users build configs (api.make_config), not silently trained on synthetic images."""
+    if cfg.data.dataset == "synthetic" and cfg.data.root:
+        raise ConfigError(f"data.root is {cfg.data.root} but data.dataset is 'synthetic', the offline world, which "
+                          f"reads no files: name the dataset the root holds (--config cifar100, or --set "
+                          f"data.dataset=<{'|'.join(DATASETS[1:])}>), or drop data.root")
+    return cfg
+
+
 def _merge(d: dict, base: Optional[Config] = None) -> Config:
     """A copy of base (default Config()) with the nested dict's keys set; types checked (ranges by
     validate, or here too when a key or type is wrong, so that one error lists every problem)."""

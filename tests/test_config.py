@@ -114,6 +114,15 @@ def test_task_sizes_and_num_tasks_must_agree():
     assert config_from_dict({"data": {"task_sizes": [60, 40]}}).data.task_sizes == [60, 40]
 
 
+def test_a_data_root_for_the_offline_world_is_a_forgotten_dataset_choice():
+    from segpcl_fast.api import make_config
+    with pytest.raises(ConfigError, match=r"data.root is /data/c100 but data.dataset is 'synthetic', the offline "
+                                          r"world, which reads no files: .*--config cifar100.*or drop data.root"):
+        make_config(None, ["data.root=/data/c100"])
+    assert make_config("cifar100", ["data.root=/data/c100"]).data.root == "/data/c100"
+    assert make_config(None, ["data.root=null"]).data.root is None
+
+
 def test_one_error_lists_unknown_keys_wrong_types_and_out_of_range_values_together():
     with pytest.raises(ConfigError) as e:
         apply_overrides(Config(), ["optim.lr=-1", "optim.epochs=abc", "foo.bar=1"])

@@ -169,8 +169,10 @@ def test_resuming_an_ablation_starts_the_runs_it_had_not_reached(tiny_model_name
 def test_a_moved_data_root_may_resume_but_must_hold_the_same_classes(tiny_model_name, tmp_path):
     """data.root (and frames_dir, model.cache_dir) say where things lie: they may change on resume
     and evaluate; the checkpoint's ordered class names guard that it is the same data."""
-    assert ckpt.config_fingerprint(small_config(tiny_model_name, tmp_path, data__root="/a").to_dict()) == \
-        ckpt.config_fingerprint(small_config(tiny_model_name, tmp_path, data__root="/b").to_dict())
+    assert ckpt.config_fingerprint(small_config(tiny_model_name, tmp_path, data__dataset="cifar100",
+                                                data__root="/a").to_dict()) == \
+        ckpt.config_fingerprint(small_config(tiny_model_name, tmp_path, data__dataset="cifar100",
+                                             data__root="/b").to_dict())
     state = {"class_names": ["cat", "dog", "owl"]}
     ckpt.check_class_names("c.pt", state, ["cat", "dog", "owl"])
     ckpt.check_class_names("c.pt", {}, ["x"])  # checkpoints from before class names were stored
