@@ -116,7 +116,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
 
 
 # Forgetting_own: forgetting within each task's own label space (metrics.forgetting_own_space)
-ABLATION_METRICS = ("Avg", "Last", "Forgetting", "BWT", "Forgetting_own")
+ABLATION_METRICS = ("Avg", "Last", "Forgetting", "BWT", "FWT", "Forgetting_own")
 
 
 def _mean_std(values: list) -> tuple:
@@ -133,7 +133,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     """Run method variants (default: the ablation ladder) on one scenario, over seeds.
 
     Writes <output_dir>/ablation.json, ablation.txt (table of mean +- std of Avg, Last, Forgetting,
-    BWT, Forgetting_own) and ablation.png (acc_t curves of each variant, seed 0) and returns
+    BWT, FWT, Forgetting_own) and ablation.png (acc_t curves of each variant, seed 0) and returns
     {"rows": [...], "runs": {variant: [Result, ...]}, "paths": {...}}.
     """
     import json

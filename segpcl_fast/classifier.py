@@ -70,6 +70,10 @@ class ContinualClassifier:
         stats = self.model.image_stats
         self.transform = clip_test_transform(stats.size, stats.mean, stats.std)
 
+    def __repr__(self) -> str:  # not the dataclass's: that prints the whole model and every tensor
+        return (f"ContinualClassifier(model={self.model.name!r}, task={self.task}, classes={len(self.class_names)}, "
+                f"beta={self.beta}, device={self.device})")
+
     @property
     def device(self) -> torch.device:
         return self.text.device

@@ -52,6 +52,8 @@ def test_classifier_reproduces_the_runs_accuracy_after_each_task(run):
     trainer = Trainer(cfg)
     for task, clf in [(2, load_classifier(out)), (1, load_classifier(out, task=1))]:
         assert clf.task == task
+        assert repr(clf) == (f"ContinualClassifier(model={cfg.model.name!r}, task={task}, "
+                             f"classes={len(clf.class_names)}, beta=0.5, device=cpu)")
         n_seen = len(trainer.scenario.seen_classes(task - 1))
         assert clf.class_names == trainer.scenario.class_names[:n_seen]
         assert clf.beta == cfg.prototypes.beta == 0.5

@@ -284,8 +284,14 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         eval_loader = _loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, False, c)
+        # stage 1 (teacher outputs, DPGD, the graph) shows as one step: minutes on a large task, not silence
+        bar = _progress(1, f"task {t + 1}/{self.scenario.num_tasks} stage 1 (DPGD anchors)",
+                        c.run.progress and self.dist.is_main and t > 0)
         with record_function("dpgd"):  # run.precision=bf16: the image tower under autocast, all else fp32
             info = self.learner.begin_task(t, n_new, eval_loader, seed=task_seed)
+        if bar is not None:
+            bar.update(1)
+            bar.close()
         if self.dist.rank:  # each rank samples its own anchors per step (rank 0 keeps the 1-process stream)
             self.learner.anchor_generator.manual_seed(task_seed + 100003 * self.dist.rank)
         timings["stage1_s"] = time.perf_counter() - t0

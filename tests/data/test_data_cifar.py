@@ -21,6 +21,23 @@ def test_cifar100_reads_pickles(cifar_root):
     assert np.array_equal(np.asarray(img), expected) and label == raw["fine_labels"][4]
 
 
+def test_cifar100_pickles_resaved_with_bytes_keys_read_the_same(cifar_root, tmp_path):
+    """A copy re-pickled after pickle.load(f, encoding="bytes") of the Python 2 originals: bytes keys
+    and bytes class names."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test", "meta"):
+        with open(cifar_root / "cifar-100-python" / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        entry = {k.encode(): [n.encode() for n in v] if k.endswith("_names") else v for k, v in entry.items()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    (train, test), (want_train, want_test) = load_cifar100(str(tmp_path)), load_cifar100(str(cifar_root))
+    assert train.class_names == want_train.class_names == ["apple", "aquarium fish", "baby", "bear", "beaver"]
+    assert train.targets == want_train.targets and test.targets == want_test.targets
+    assert np.array_equal(np.asarray(train[3][0]), np.asarray(want_train[3][0]))
+
+
 def test_cifar100_root_may_be_the_inner_folder_and_transform_applies(cifar_root):
     train, _ = load_cifar100(str(cifar_root / "cifar-100-python"), train_transform=clip_test_transform(24))
     x, _ = train[0]

@@ -28,6 +28,10 @@ def test_ablate_writes_one_row_per_variant_and_trains_a_shared_config_once(tiny_
         lasts = [json.loads((out / folder / f"seed{s}" / "results.json").read_text())["metrics"]["Last"]
                  for s in (0, 1)]
         assert rows[name]["Last"] == pytest.approx(sum(lasts) / 2)
+        fwts = [json.loads((out / folder / f"seed{s}" / "results.json").read_text())["metrics"]["FWT"]
+                for s in (0, 1)]
+        assert rows[name]["FWT"] == pytest.approx(sum(fwts) / 2)  # the table has every metric train prints
+    assert "| FWT " in (out / "ablation.txt").read_text().splitlines()[1]
     assert rows["onlyclip (= +prototype_transfer)"]["Last"] == rows["+prototype_transfer"]["Last"]
     saved = json.loads((out / "ablation.json").read_text())
     assert [r["method"] for r in saved["rows"]] == list(rows) and saved["seeds"] == [0, 1]
