@@ -131,14 +131,18 @@ def test_a_failed_run_leaves_nothing_that_blocks_the_rerun(tiny_model_name, tmp_
     assert len(train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1)).accuracy_matrix) == 1
 
 
-def test_resume_of_a_finished_run_changes_nothing(tiny_model_name, tmp_path):
+def test_resume_of_a_finished_run_changes_nothing(tiny_model_name, tmp_path, caplog):
     """--resume after the last task: no task runs and results.json (with the ops and timings of
-    the real run) is not rewritten; config.yaml never records run.resume (a later plain
-    `train --config <dir>/config.yaml` must not resume silently)."""
+    the real run) is not rewritten, and a warning says so; config.yaml never records run.resume (a
+    later plain `train --config <dir>/config.yaml` must not resume silently)."""
     from segpcl_fast.config import load_config
     full = train(small_config(tiny_model_name, tmp_path / "run"))
     before = (tmp_path / "run" / "results.json").read_bytes()
-    again = train(small_config(tiny_model_name, tmp_path / "run", resume=True))
+    with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
+        again = train(small_config(tiny_model_name, tmp_path / "run", resume=True))
+    assert [r.getMessage() for r in caplog.records if r.name == "segpcl_fast.engine"] == [
+        f"all 2 tasks of the run in {tmp_path / 'run'} are finished: nothing to resume "
+        f"({tmp_path / 'run' / 'results.json'} kept)"]
     assert (tmp_path / "run" / "results.json").read_bytes() == before
     assert again.metrics == pytest.approx(full.metrics) and again.accuracy_matrix == full.accuracy_matrix
     assert again.ops == full.ops and again.ops
