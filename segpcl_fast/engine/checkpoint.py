@@ -146,6 +146,9 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
     fix = ("Resume (--resume) or evaluate with the same config (only run-only keys such as "
            f"{', '.join(sorted(ignore_keys)[:4])}, ... may change), or set a new run.output_dir "
            "(--set run.output_dir=...) to start a fresh run.")
+    own = Path(path).parent.parent / "config.yaml"  # <run>/checkpoints/task_NN.pt -> <run>/config.yaml
+    if own.is_file():
+        fix += f" The run's own config: --config {own}"
     if found is None:
         raise CheckpointError(f"checkpoint {path} stores no config fingerprint, so it cannot be "
                               f"matched to this config. {fix}")

@@ -395,7 +395,8 @@ class Trainer:
         if diff:
             raise ckpt.CheckpointError(
                 f"{path} holds a finished run of another config ({ckpt.format_config_diff(diff, limit=5)}): "
-                "resume it with its own config, or start a new run with -o or --set run.overwrite=true")
+                f"resume it with its own config (--config {self.out / 'config.yaml'}), or start a new run with -o "
+                "or --set run.overwrite=true")
         if self.dist.is_main:  # shown without -v: the table that follows was not trained now
             log.warning("all %d tasks of the run in %s are finished: nothing to resume (%s kept)", T, self.out, path)
         return Result(accuracy_matrix=metrics.matrix_to_list(saved["matrix"]), acc_per_task=saved["acc_per_task"],

@@ -156,7 +156,8 @@ def test_resume_of_a_finished_run_without_checkpoints_changes_nothing(tiny_model
     before = (tmp_path / "run" / "results.json").read_bytes()
     again = train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, checkpoint=False, resume=True))
     assert (tmp_path / "run" / "results.json").read_bytes() == before and again.ops
-    with pytest.raises(ckpt.CheckpointError, match="finished run of another config .optim.lr was 0.001, now 0.5"):
+    with pytest.raises(ckpt.CheckpointError, match="finished run of another config .optim.lr was 0.001, now 0.5.: "
+                                                   f"resume it with its own config .--config {tmp_path / 'run' / 'config.yaml'}"):
         train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, checkpoint=False, resume=True, lr=0.5))
 
 
@@ -227,9 +228,11 @@ def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
     assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx]) == (1, 1, 4)
 
 
-def test_resume_with_another_config_is_refused(tiny_model_name, tmp_path):
+def test_resume_with_another_config_is_refused_naming_the_runs_own(tiny_model_name, tmp_path):
     train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
-    with pytest.raises(ckpt.CheckpointError, match="optim.lr"):
+    own = f"--config {tmp_path / 'run' / 'config.yaml'}"
+    with pytest.raises(ckpt.CheckpointError, match=f"task_00.pt was made with a different config: optim.lr .*"
+                                                   f"The run's own config: {own}$"):
         train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, resume=True, lr=0.5))
 
 
