@@ -52,9 +52,10 @@ def _locate(root: Optional[str]) -> tuple[Path, Path, Optional[Path]]:
     """(root_path, folder, test_dir): `folder` holds the wnid folders, or train/ + `test_dir`
     for a pre-split copy (test_dir is None for the flat layout)."""
     path = require_root(root, NAME, LAYOUT)
-    for cand in (path / "imagenet-r", path):
-        if wnid_folders(cand):
-            return path, cand, None
+    candidates = (path / "imagenet-r", path)
+    # a pre-split copy wins over unsplit wnid folders beside it (a split made by copying, or by moving
+    # files out of folders left behind): the user's split is used, not a seeded one
+    for cand in candidates:
         if wnid_folders(cand / "train"):
             test_dir = next((cand / d for d in TEST_DIRS if wnid_folders(cand / d)), None)
             if test_dir is None:
@@ -62,7 +63,14 @@ def _locate(root: Optional[str]) -> tuple[Path, Path, Optional[Path]]:
                                          f"'{cand / 'test'}' nor '{cand / 'val'}' does", LAYOUT,
                                    "add the test/ (or val/) wnid folders of the split, or use the "
                                    "unsplit imagenet-r/ folder")
+            unsplit = next((c for c in candidates if wnid_folders(c)), None)
+            if unsplit is not None:
+                log.info("%s: using the pre-split %s + %s; the unsplit wnid folders in %s are not read",
+                         NAME, cand / "train", test_dir, unsplit)
             return path, cand, test_dir
+    for cand in candidates:
+        if wnid_folders(cand):
+            return path, cand, None
     raise format_error(NAME, f"no wnid class folders (n########/) in '{path / 'imagenet-r'}' or '{path}' "
                              f"(nor in a train/ folder there)", LAYOUT, "extract imagenet-r.tar into data.root")
 

@@ -3,7 +3,7 @@ import logging
 import pytest
 from PIL import Image
 
-from data_fakes import IMR_PER_CLASS, IMR_WNIDS, colour, decode_colour, write_image
+from data_fakes import IMR_PER_CLASS, IMR_WNIDS, colour, decode_colour, make_imagenet_r, write_image
 from segpcl_fast.data.base import DatasetFormatError
 from segpcl_fast.data.imagenet_r import load_imagenet_r
 
@@ -101,6 +101,24 @@ def test_presplit_folders_used_as_given(tmp_path, test_dir, nested):
     _check_labels_follow_folders(test)
     img, label = test[5]
     assert decode_colour(img) == (label, 3 + 5 % 2)  # test image sketch_1 of class 2
+
+
+@pytest.mark.parametrize("where", ["root", "imagenet-r"])
+@pytest.mark.parametrize("emptied", [False, True])
+def test_presplit_folders_win_over_unsplit_wnid_folders_beside_them(tmp_path, where, emptied, caplog):
+    """A split made by copying (the unsplit folders still full) or by moving (left empty): the user's
+    split is used, never a seeded one over the unsplit folders."""
+    make_imagenet_r(tmp_path)
+    if emptied:
+        for img in (tmp_path / "imagenet-r").glob("n*/*"):
+            img.unlink()
+    _write_presplit(tmp_path / "imagenet-r" if where == "imagenet-r" else tmp_path)
+    with caplog.at_level(logging.INFO, logger="segpcl_fast.data"):
+        train, test = load_imagenet_r(str(tmp_path))
+    assert len(train) == 4 * 3 and len(test) == 4 * 2
+    assert all(p.split("/")[-3] == "train" for p in train.paths) and all(p.split("/")[-3] == "test" for p in test.paths)
+    _check_labels_follow_folders(train)
+    assert any("using the pre-split" in r.getMessage() and "not read" in r.getMessage() for r in caplog.records)
 
 
 def test_presplit_errors(tmp_path):
