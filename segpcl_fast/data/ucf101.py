@@ -1,4 +1,5 @@
-"""UCF101 as still images: one frame per video, official split (ucfTrainTestlist, split 1).
+"""UCF101 as still images: one frame per video, official split (ucfTrainTestlist/ or MMAction2's
+annotations/, split 1).
 
 Frame layouts accepted, per video (<frames dir> = `frames_dir` relative to the root if given, else
 the first of FRAME_DIR_CANDIDATES that holds the class folders):
@@ -26,10 +27,12 @@ from .base import ClassDataset, read_rgb
 from .files import format_error, is_image_name, numbered_lines, require_root
 
 NAME = "ucf101"
+LIST_DIR_CANDIDATES = ("ucfTrainTestlist", "annotations")  # the release's zip; MMAction2's data/ucf101/annotations
 FRAME_DIR_CANDIDATES = ("UCF-101-midframes", "UCF-101-frames", "frames", "rawframes", "UCF-101", "UCF101")
 LAYOUT = """  <root>/ucfTrainTestlist/classInd.txt      ('1 ApplyEyeMakeup')
   <root>/ucfTrainTestlist/trainlist01.txt   ('ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1')
   <root>/ucfTrainTestlist/testlist01.txt    ('ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi')
+  (or the same three files in <root>/annotations/, MMAction2's layout)
   and frames, either
   <root>/UCF-101-midframes/<Class_Name>/<video>.jpg       (one middle frame per video, CoOp), or
   <root>/<frames dir>/<ClassName>/<video>/<frame>.jpg     (all frames; the middle RGB one is used)
@@ -214,7 +217,8 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
                 test_transform: Optional[Callable] = None, frames_dir: Optional[str] = None,
                 split: int = 1) -> tuple[VideoFrameDataset, VideoFrameDataset]:
     path = require_root(root, NAME, LAYOUT)
-    lists = path / "ucfTrainTestlist"
+    lists = next((path / d for d in LIST_DIR_CANDIDATES if (path / d / "classInd.txt").is_file()),
+                 path / LIST_DIR_CANDIDATES[0])
     needed = ["classInd.txt", f"trainlist0{split}.txt", f"testlist0{split}.txt"]
     missing = [f for f in needed if not (lists / f).is_file()]
     if missing:

@@ -110,6 +110,9 @@ def test_mmaction_rawframes_skip_optical_flow(tmp_path):
     assert middle_frame(root / "rawframes" / folder / video).name == "img_00006.jpg"
     train, test = load_ucf101(str(root))
     assert_middle_rgb_frames(train, test)
+    (root / "ucfTrainTestlist").rename(root / "annotations")  # MMAction2 keeps the lists in annotations/
+    train, test = load_ucf101(str(root))
+    assert_middle_rgb_frames(train, test)
 
 
 def test_middle_frame_series_choice(tmp_path):
