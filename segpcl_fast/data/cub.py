@@ -45,6 +45,12 @@ def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
     if missing:
         raise format_error(NAME, f"'{folder}' lacks {missing}", LAYOUT, "re-extract CUB_200_2011.tgz")
     images, classes, labels, is_train = (_pairs(folder / f) for f in META_FILES)
+    for cid, dir_name in classes.items():  # '2 002.Laysan_Albatross': the id and the folder's number agree
+        number = re.match(r"(\d+)\.", dir_name)
+        if number and int(number.group(1)) != cid:
+            raise format_error(NAME, f"classes.txt gives class id {cid} to '{dir_name}'", LAYOUT,
+                               "the class ids and folder numbers must agree: re-extract CUB_200_2011.tgz")
+    class_dirs = set(classes.values())
     class_ids = sorted(classes)
     class_index = {cid: i for i, cid in enumerate(class_ids)}
     class_names = [class_name(classes[c]) for c in class_ids]
@@ -57,6 +63,11 @@ def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
         if cid not in class_index:
             raise format_error(NAME, f"image id {image_id} has class id {cid}, not in classes.txt",
                                LAYOUT, "re-extract CUB_200_2011.tgz")
+        class_dir = Path(rel).parent.name
+        if class_dir in class_dirs and class_dir != classes[cid]:  # a label the image's folder contradicts
+            raise format_error(NAME, f"image id {image_id} ('{rel}') has class id {cid} ('{classes[cid]}') in "
+                                     f"image_class_labels.txt but lies in the folder of '{class_dir}'", LAYOUT,
+                               "image_class_labels.txt and images.txt come from different copies; re-extract")
         file = folder / "images" / rel
         if not file.is_file():
             raise format_error(NAME, f"image '{file}' listed in images.txt is missing", LAYOUT,

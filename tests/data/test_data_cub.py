@@ -39,6 +39,27 @@ def test_a_split_flag_other_than_0_or_1_is_refused(cub_root):
         load_cub200(str(cub_root))
 
 
+def test_labels_the_class_folders_contradict_are_refused(cub_root):
+    """A label from another copy (image 4 lies in 002.Laysan_Albatross/, labelled 1), or class ids
+    swapped in classes.txt: silently wrong class names before."""
+    folder = cub_root / "CUB_200_2011"
+    labels = folder / "image_class_labels.txt"
+    original = labels.read_text()
+    lines = original.splitlines()
+    image_id, cid = lines[CUB_PER_CLASS].split()  # the first image of class 2
+    assert cid == "2"
+    labels.write_text("\n".join(lines[:CUB_PER_CLASS] + [f"{image_id} 1"] + lines[CUB_PER_CLASS + 1:]) + "\n")
+    with pytest.raises(DatasetFormatError, match=f"image id {image_id} .'002.Laysan_Albatross/.*'. has class id 1 "
+                                                 r".'001.Black_footed_Albatross'. in image_class_labels.txt but lies "
+                                                 r"in the folder of '002.Laysan_Albatross'"):
+        load_cub200(str(cub_root))
+    labels.write_text(original)
+    classes = folder / "classes.txt"
+    classes.write_text(classes.read_text().replace("1 001.", "X 001.").replace("2 002.", "1 002.").replace("X 001.", "2 001."))
+    with pytest.raises(DatasetFormatError, match="classes.txt gives class id 2 to '001.Black_footed_Albatross'"):
+        load_cub200(str(cub_root))
+
+
 def test_missing_image(cub_root):
     folder = cub_root / "CUB_200_2011" / "images" / "002.Laysan_Albatross"
     os.remove(sorted(folder.iterdir())[0])
