@@ -458,11 +458,14 @@ def check_task_count(cfg: Config) -> Config:
     preset's task sizes with another num_tasks was a late, puzzling class-count error). Checked where
     users build configs (api.make_config), not on a stored run's config: runs made before this check
     may hold sizes with the default num_tasks, and they must still resume and evaluate."""
-    sizes = cfg.data.task_sizes
-    if sizes is not None and len(sizes) != cfg.data.num_tasks:
-        raise ConfigError(f"data.task_sizes has {len(sizes)} entries ({sizes}) but data.num_tasks is "
-                          f"{cfg.data.num_tasks}: give one size per task, or set data.task_sizes=null to split the "
-                          f"classes into num_tasks equal tasks (a preset such as ucf101 sets task_sizes)")
+    sizes, n = cfg.data.task_sizes, cfg.data.num_tasks
+    if sizes is not None and len(sizes) != n:
+        total = sum(sizes)
+        even = [total // n + (1 if i < total % n else 0) for i in range(n)]  # the same classes, n tasks
+        fix = (f"set data.task_sizes=null to split the {total} classes into {n} equal tasks" if total % n == 0 else
+               f"e.g. data.task_sizes=[{','.join(map(str, even))}] ({total} classes do not split into {n} equal tasks)")
+        raise ConfigError(f"data.task_sizes has {len(sizes)} entries ({sizes}) but data.num_tasks is {n}: give one "
+                          f"size per task, {fix} (a preset such as ucf101 sets task_sizes)")
     return cfg
 
 

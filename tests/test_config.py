@@ -103,9 +103,14 @@ def test_task_sizes_and_num_tasks_must_agree():
     """A preset's task_sizes (ucf101: 11 + 9 x 10) with another num_tasks was a late, puzzling error
     about the class count; now it is a config error naming both keys and the fix."""
     from segpcl_fast.api import make_config
-    with pytest.raises(ConfigError, match=r"data.task_sizes has 10 entries .* data.num_tasks is 2: .*"
-                                          r"data.task_sizes=null"):
+    # 101 classes into 2 tasks: null would fail later (no equal split), so the fix offered is sizes that work
+    with pytest.raises(ConfigError, match=r"data.task_sizes has 10 entries .* data.num_tasks is 2: give one size per "
+                                          r"task, e.g. data.task_sizes=\[51,50\] \(101 classes do not split into 2 "
+                                          r"equal tasks\)"):
         make_config("ucf101", ["data.num_tasks=2"])
+    assert make_config("ucf101", ["data.num_tasks=2", "data.task_sizes=[51,50]"]).data.task_sizes == [51, 50]
+    with pytest.raises(ConfigError, match=r"data.task_sizes=null to split the 100 classes into 5 equal tasks"):
+        make_config(None, ["data.num_tasks=5", "data.task_sizes=[60,40]"])
     assert make_config("ucf101", ["data.num_tasks=2", "data.task_sizes=null"]).data.task_sizes is None
     assert make_config(None, ["data.num_tasks=2", "data.task_sizes=[60,40]"]).data.task_sizes == [60, 40]
     with pytest.raises(ConfigError, match="data.task_sizes has 2 entries"):
