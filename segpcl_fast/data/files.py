@@ -33,6 +33,21 @@ def require_root(root: Optional[str], dataset: str, layout: str) -> Path:
     return path
 
 
+def found_deeper(root: Path, pattern: str, levels_up: int = 1) -> str:
+    """' (found one level down: ...)'-style fix text when `pattern` (a glob relative to a folder,
+    e.g. 'CUB_200_2011/images.txt') matches one or two folder levels below `root`; '' otherwise.
+    levels_up: how far above the match the data root lies (1: the match's parent holds the layout)."""
+    for depth in ("*", "*/*"):
+        hits = sorted(root.glob(f"{depth}/{pattern}"))
+        if hits:
+            suggested = hits[0]
+            for _ in range(levels_up):
+                suggested = suggested.parent
+            return (f"the layout was found {'one level' if depth == '*' else 'two levels'} further down: set "
+                    f"data.root={suggested}")
+    return ""
+
+
 def first_existing(candidates: Iterable[Path]) -> Optional[Path]:
     for c in candidates:
         if c.exists():

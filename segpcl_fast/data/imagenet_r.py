@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (format_error, list_images, names_for_wnids, numbered_lines, relative_to_any, require_root,
+from .files import (format_error, found_deeper, list_images, names_for_wnids, numbered_lines, relative_to_any, require_root,
                     stratified_split, wnid_folders)
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ def _locate(root: Optional[str]) -> tuple[Path, Path, Optional[Path]]:
         if wnid_folders(cand):
             return path, cand, None
     raise format_error(NAME, f"no wnid class folders (n########/) in '{path / 'imagenet-r'}' or '{path}' "
-                             f"(nor in a train/ folder there)", LAYOUT, "extract imagenet-r.tar into data.root")
+                             f"(nor in a train/ folder there)", LAYOUT,
+                       found_deeper(path, "imagenet-r/README.txt", levels_up=2) or "extract imagenet-r.tar into data.root")
 
 
 def _parse_entries(path: Path, lines: list[tuple[int, str]], bases: list[Path],

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from data_fakes import CUB_PER_CLASS, decode_colour
+from data_fakes import CUB_PER_CLASS, decode_colour, make_cub
 from segpcl_fast.data.base import DatasetFormatError
 from segpcl_fast.data.cub import class_name, load_cub200
 
@@ -58,6 +58,14 @@ def test_labels_the_class_folders_contradict_are_refused(cub_root):
     classes.write_text(classes.read_text().replace("1 001.", "X 001.").replace("2 002.", "1 002.").replace("X 001.", "2 001."))
     with pytest.raises(DatasetFormatError, match="classes.txt gives class id 2 to '001.Black_footed_Albatross'"):
         load_cub200(str(cub_root))
+
+
+def test_a_root_one_level_too_high_names_the_root_to_use(tmp_path):
+    make_cub(tmp_path / "CUB_200_2011")  # extracted into a folder named like the archive's own
+    with pytest.raises(DatasetFormatError, match=f"Fix: the layout was found one level further down: set "
+                                                 f"data.root={tmp_path / 'CUB_200_2011'}$"):
+        load_cub200(str(tmp_path))
+    assert len(load_cub200(str(tmp_path / "CUB_200_2011"))[0]) == 3 * CUB_PER_CLASS // 2
 
 
 def test_missing_image(cub_root):

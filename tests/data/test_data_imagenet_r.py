@@ -121,6 +121,14 @@ def test_presplit_folders_win_over_unsplit_wnid_folders_beside_them(tmp_path, wh
     assert any("using the pre-split" in r.getMessage() and "not read" in r.getMessage() for r in caplog.records)
 
 
+def test_a_root_one_level_too_high_names_the_root_to_use(tmp_path):
+    make_imagenet_r(tmp_path / "imagenet-r")  # imagenet-r/imagenet-r/<wnid>/
+    with pytest.raises(DatasetFormatError, match=f"Fix: the layout was found one level further down: set "
+                                                 f"data.root={tmp_path / 'imagenet-r'}$"):
+        load_imagenet_r(str(tmp_path))
+    assert len(load_imagenet_r(str(tmp_path / "imagenet-r"))[1]) > 0
+
+
 def test_presplit_errors(tmp_path):
     _write_presplit(tmp_path)
     write_image(tmp_path / "test" / "n09999999" / "x.jpg", colour(0, 0))
