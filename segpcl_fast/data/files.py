@@ -33,6 +33,18 @@ def require_root(root: Optional[str], dataset: str, layout: str) -> Path:
     return path
 
 
+def user_data_file(value: str, root: Optional[Path]) -> tuple[Path, str]:
+    """A data.* file option (class_list, names_file, split_file): (the file, where it was looked for).
+    Absolute: as written. Relative: in data.root, else in the working directory (where it was
+    looked for names both; the path returned then is the data.root one)."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or root is None:
+        return path, f"'{path}'"
+    candidates = [root / path, Path.cwd() / path]
+    found = next((c for c in candidates if c.is_file()), candidates[0])
+    return found, " or ".join(f"'{c}'" for c in candidates)
+
+
 def found_deeper(root: Path, pattern: str, levels_up: int = 1) -> str:
     """' (found one level down: ...)'-style fix text when `pattern` (a glob relative to a folder,
     e.g. 'CUB_200_2011/images.txt') matches one or two folder levels below `root`; '' otherwise.
@@ -193,9 +205,11 @@ def check_unique_names(wnids: Sequence[str], names: Sequence[str], source: str, 
 
 
 def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset: str,
-                    layout: str, user_file: Optional[str], unique: bool = False) -> list[str]:
+                    layout: str, user_file: Optional[str], unique: bool = False,
+                    root: Optional[Path] = None) -> list[str]:
     """Class names for `wnids` from the user's mapping file (if given) or the first of
     `mapping_files` that exists; a missing or unreadable file or missing wnids is one clear error.
+    A relative user_file is looked for in `root` (data.root), then the working directory.
 
     Names from a shipped file that lists exactly the 1000 ILSVRC-2012 wnids (LOC_synset_mapping.txt,
     meta.bin) are replaced by CLIP's curated names when open_clip is installed; a user's
@@ -205,10 +219,11 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
     names repeat 'missile' and 'sunglasses'.
     """
     if user_file:
-        path = Path(user_file).expanduser()
+        path, looked = user_data_file(user_file, root)
         if not path.is_file():
-            raise format_error(dataset, f"class-name mapping file '{path}' (data.names_file) not found",
-                               layout, "fix the path, or unset it to use the mapping shipped with the data")
+            raise format_error(dataset, f"class-name mapping file {looked} (data.names_file) not found",
+                               layout, "fix the path (absolute, or relative to data.root or the working "
+                                       "directory), or unset it to use the mapping shipped with the data")
     else:
         path = first_existing(mapping_files)
         if path is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (format_error, found_deeper, list_images, names_for_wnids, numbered_lines, relative_to_any, require_root,
+from .files import (format_error, found_deeper, list_images, user_data_file, names_for_wnids, numbered_lines, relative_to_any, require_root,
                     stratified_split, wnid_folders)
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,11 @@ def _split_from_files(root_path: Path, folder: Path, wnid_index: dict[str, int],
     """(train, test, source) from the split file that applies, or None (seeded split)."""
     bases = list(dict.fromkeys([root_path, folder, folder.parent]))
     if split_file:
-        path = Path(split_file).expanduser()
+        path, looked = user_data_file(split_file, root_path)
         if not path.is_file():
-            raise format_error(NAME, f"split file '{path}' (data.split_file) not found", LAYOUT,
-                               "fix the path, or unset data.split_file to use the split found in data.root")
+            raise format_error(NAME, f"split file {looked} (data.split_file) not found", LAYOUT,
+                               "fix the path (absolute, or relative to data.root or the working directory), or "
+                               "unset data.split_file to use the split found in data.root")
         return (*_read_sectioned(path, bases, wnid_index), str(path))
     dirs = list(dict.fromkeys([root_path, folder]))
     for d in dirs:
@@ -205,7 +206,7 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
             test = ([paths[i] for i in test_idx], [targets[i] for i in test_idx])
             source = f"a seeded per-class split (split_seed={split_seed}, test_fraction={test_fraction})"
     _check_disjoint(train, test, source)
-    class_names = names_for_wnids(wnids, name_files, NAME, LAYOUT, names_file, unique=True)
+    class_names = names_for_wnids(wnids, name_files, NAME, LAYOUT, names_file, unique=True, root=root_path)
     log.info("%s: train/test split from %s: %d train, %d test images", NAME, source, len(train[0]), len(test[0]))
     return (FileListDataset(*train, class_names, train_transform),
             FileListDataset(*test, class_names, test_transform))

@@ -1,6 +1,6 @@
 """ImageNet-Subset (ImageNet-100): ImageNet train/val folders restricted to a class list.
 
-Class list: the file `class_list` (absolute, or relative to the root); without it the first of
+Class list: the file `class_list` (absolute, or relative to the root, else to the working directory); without it the first of
 `<root>/imagenet100.txt`, `<root>/train_100.txt` that exists; without either, a root whose
 train/ holds exactly 100 wnid folders (an already cut ImageNet-100 copy, as PyCIL uses) takes
 those. Two class-list formats:
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (WNID_RE, format_error, list_images, names_for_wnids, read_lines, relative_to_any,
+from .files import (WNID_RE, format_error, list_images, names_for_wnids, read_lines, relative_to_any, user_data_file,
                     require_root, wnid_folders)
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,10 @@ def _read_class_list(path: Path) -> ClassList:
 
 def _class_list(root: Path, image_root: Path, class_list: Optional[str]) -> ClassList:
     if class_list:
-        path = Path(class_list).expanduser()
-        path = path if path.is_absolute() else root / path
+        path, looked = user_data_file(class_list, root)
         if not path.is_file():
-            raise format_error(NAME, f"class list '{path}' (data.class_list) not found", LAYOUT,
-                               "fix the path (absolute, or relative to data.root)")
+            raise format_error(NAME, f"class list {looked} (data.class_list) not found", LAYOUT,
+                               "fix the path (absolute, or relative to data.root or the working directory)")
         return _read_class_list(path)
     for name in DEFAULT_CLASS_LISTS:
         if (root / name).is_file():
@@ -242,7 +241,7 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
                            "point data.root at the ImageNet folder")
     classes = _class_list(path, image_root, class_list)
     class_names = names_for_wnids(classes.wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin"],
-                                  NAME, LAYOUT, names_file, unique=True)
+                                  NAME, LAYOUT, names_file, unique=True, root=path)
     bases = [image_root] if image_root == path else [image_root, path]
     if classes.train_files is not None:
         train = _split_from_list(classes.train_files, classes.wnids, classes.path, bases)

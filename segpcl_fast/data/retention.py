@@ -131,7 +131,7 @@ def load_imagenet_val(root: Optional[str], transform: Optional[Callable] = None,
         raise format_error("imagenet", f"no val/<wnid>/ folders in '{path}'", IMAGENET_LAYOUT,
                            "sort the validation images into val/<wnid>/ folders (e.g. with valprep.sh)")
     mapping_files = [path / "LOC_synset_mapping.txt", val.parent / "LOC_synset_mapping.txt"]
-    names = names_for_wnids(wnids, mapping_files, "imagenet", IMAGENET_LAYOUT, names_file)
+    names = names_for_wnids(wnids, mapping_files, "imagenet", IMAGENET_LAYOUT, names_file, root=path)
     paths, targets = [], []
     for label, wnid in enumerate(wnids):
         files = list_images(val / wnid)

@@ -179,6 +179,17 @@ def test_explicit_split_file(imagenet_r_root, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="segpcl_fast.data.imagenet_r"):
         _assert_rapf_split(*load_imagenet_r(str(imagenet_r_root), split_file=str(split)))
     assert "my_split.txt" in caplog.text
+    # a relative split file or names file: in data.root, else in the working directory
+    (imagenet_r_root / "in_root.txt").write_text(split.read_text())
+    _assert_rapf_split(*load_imagenet_r(str(imagenet_r_root), split_file="in_root.txt"))
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(split.parent)
+        _assert_rapf_split(*load_imagenet_r(str(imagenet_r_root), split_file="my_split.txt"))
+        with pytest.raises(DatasetFormatError, match=f"split file '{imagenet_r_root / 'nope.txt'}' or "
+                                                     f"'{split.parent / 'nope.txt'}' .data.split_file. not found"):
+            load_imagenet_r(str(imagenet_r_root), split_file="nope.txt")
+        (split.parent / "names.txt").write_text("".join(f"{w} cwd {w}\n" for w in WNIDS))
+        assert load_imagenet_r(str(imagenet_r_root), names_file="names.txt")[0].class_names[0] == f"cwd {WNIDS[0]}"
     # '' means unset (getattr(data_cfg, 'split_file', '')): train.txt / test.txt apply
     train, test = load_imagenet_r(str(imagenet_r_root), split_file="")
     assert len(train) == 1 and len(test) == 1
