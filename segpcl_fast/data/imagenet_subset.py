@@ -109,8 +109,10 @@ def _read_class_list(path: Path) -> ClassList:
         labels = sorted(label_to_wnid)
         wnids = sorted(label_to_wnid.values())
         if [label_to_wnid[lb] for lb in labels] != wnids:
+            order = [wnids.index(label_to_wnid[lb]) for lb in labels]  # the list's label order, as class indices
             log.warning("split list %s: its labels are not in sorted-wnid order; class index = sorted wnid "
-                        "order (set data.class_order to reproduce the list's labels)", path)
+                        "order (to take the classes in the list's label order: --set data.class_order=[%s])",
+                        path, ",".join(map(str, order)))
         return ClassList(wnids, path, files, label_to_wnid)
     wnids = [ln.split()[0] for ln in lines]
     bad = [w for w in wnids if not WNID_RE.match(w)]
@@ -137,9 +139,11 @@ def _class_list(root: Path, image_root: Path, class_list: Optional[str]) -> Clas
     train_wnids = wnid_folders(image_root / "train")
     if len(train_wnids) == 100:
         return ClassList(train_wnids)
+    fix = f"write the 100 wnids to {root / DEFAULT_CLASS_LISTS[0]} or set data.class_list"
+    if root.parts[-3:] == Path(KAGGLE_IMAGES).parts:  # data.root points inside Kaggle's ILSVRC/Data/CLS-LOC
+        fix = f"point data.root at {root.parents[2]} (Kaggle's layout: the folder with LOC_*.csv), or " + fix
     raise format_error(NAME, f"no class list: none of {', '.join(DEFAULT_CLASS_LISTS)} in '{root}' and "
-                             f"train/ holds {len(train_wnids)} wnid folders, not 100", LAYOUT,
-                       f"write the 100 wnids to {root / DEFAULT_CLASS_LISTS[0]} or set data.class_list")
+                             f"train/ holds {len(train_wnids)} wnid folders, not 100", LAYOUT, fix)
 
 
 def _split_from_folders(folder: Path, wnids: list[str], split: str) -> Split:
@@ -226,7 +230,9 @@ def _val_split(root: Path, image_root: Path, classes: ClassList, bases: list[Pat
     if val_dir.is_dir() and (root / VAL_CSV).is_file():
         return _val_from_csv(root / VAL_CSV, val_dir, classes.wnids)
     raise format_error(NAME, f"no val/<wnid>/ folders in '{image_root}' (and no flat val/ with "
-                             f"{root / VAL_CSV})", LAYOUT, "extract the ImageNet val set into val/")
+                             f"{root / VAL_CSV})", LAYOUT,
+                       "sort the validation images into val/<wnid>/ folders (e.g. with valprep.sh of PyTorch's "
+                       f"ImageNet example), or put Kaggle's {VAL_CSV} in {root}")
 
 
 def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable] = None,

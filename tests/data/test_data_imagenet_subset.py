@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 
@@ -147,6 +149,30 @@ def test_split_list_errors(tmp_path):
         f"{ln.rsplit(' ', 1)[0]} {swapped[ln.rsplit(' ', 1)[1]]}\n" for ln in val.splitlines()))
     with pytest.raises(DatasetFormatError, match=r"val_100.txt' does not match .*labels \[1, 2\]"):
         load_imagenet_subset(str(root))
+
+
+def test_split_lists_in_another_label_order_say_which_class_order_reproduces_them(tmp_path, caplog):
+    root = make_imagenet_subset(tmp_path / "in", split_lists=True)
+    new_label = {"0": "2", "1": "0", "2": "1"}  # the list's label 0 is the second sorted wnid, ...
+    for name in ("train_100.txt", "val_100.txt"):
+        lines = (root / name).read_text().splitlines()
+        (root / name).write_text("".join(f"{ln.rsplit(' ', 1)[0]} {new_label[ln.rsplit(' ', 1)[1]]}\n" for ln in lines))
+    with caplog.at_level(logging.WARNING, logger="segpcl_fast.data"):
+        train, _ = load_imagenet_subset(str(root))
+    assert_images_match_labels(train, SUBSET_SORTED)  # class index stays the sorted wnid order
+    assert "--set data.class_order=[1,2,0])" in caplog.text
+
+
+def test_flat_val_without_its_csv_and_a_root_inside_kaggles_tree_name_the_fix(tmp_path):
+    root = make_imagenet_subset(tmp_path / "in", class_list=False, flat_val=True)
+    (root / "LOC_val_solution.csv").unlink()
+    (tmp_path / "list.txt").write_text("\n".join(SUBSET_SORTED) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"Fix: sort the validation images into val/<wnid>/ folders "
+                                                 r"\(e.g. with valprep.sh .*\), or put Kaggle's LOC_val_solution.csv in"):
+        load_imagenet_subset(str(root), class_list=str(tmp_path / "list.txt"))
+    kaggle = make_imagenet_subset(tmp_path / "kg", kaggle=True, flat_val=True)
+    with pytest.raises(DatasetFormatError, match=f"Fix: point data.root at {kaggle} .Kaggle's layout"):
+        load_imagenet_subset(str(kaggle / IN_KAGGLE_IMAGES))
 
 
 # ----------------------------------------------------------------------------- Kaggle layout
