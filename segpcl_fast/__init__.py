@@ -8,10 +8,21 @@
     clf.predict(["photo.jpg"], topk=5)
 """
 from .api import ablate, evaluate, make_config, train
-from .classifier import ContinualClassifier, load_classifier
 from .config import Config, load_config, save_config
-from .model.clip import load_model
 from .version import __version__
+
+# imported on first use (PEP 562): torch and torchvision take seconds, and `segpcl-fast --help` or a
+# config error needs neither
+_LAZY = {"ContinualClassifier": ".classifier", "load_classifier": ".classifier", "load_model": ".model.clip"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'segpcl_fast' has no attribute {name!r}")
 
 __all__ = ["__version__", "Config", "load_config", "save_config", "make_config", "train", "evaluate",
            "ablate", "load_model", "load_classifier", "ContinualClassifier"]

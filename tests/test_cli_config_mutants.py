@@ -376,3 +376,24 @@ def test_a_broken_symlink_output_dir_is_named_before_anything_runs(tmp_path):
         reason = unwritable_dir_reason(target)
         assert reason is not None and "broken symbolic link" in reason and "gone" in reason
     assert unwritable_dir_reason(tmp_path / "fine" / "run1") is None
+
+
+def test_importing_the_package_and_cli_help_load_no_torch():
+    """`import segpcl_fast` and `segpcl-fast --help` take a fraction of a second (torch + torchvision
+    took ~4 s); the classifier and model entry points load on first use and are the real objects."""
+    import subprocess
+    import sys
+    probe = ("import sys, segpcl_fast, segpcl_fast.cli\n"
+             "assert segpcl_fast.cli.build_parser().format_help()\n"
+             "print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))\n"
+             "from segpcl_fast import load_classifier, ContinualClassifier, load_model\n"
+             "import segpcl_fast.classifier as c, segpcl_fast.model.clip as m\n"
+             "assert (load_classifier, ContinualClassifier, load_model) == (c.load_classifier, c.ContinualClassifier, "
+             "m.load_model)\n"
+             "print(sorted(set(segpcl_fast.__all__) - set(dir(segpcl_fast)) - set(segpcl_fast._LAZY)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["[]", "[]"]
+    import segpcl_fast
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        segpcl_fast.nope
