@@ -236,7 +236,8 @@ def _available_device(device: Union[str, torch.device]) -> torch.device:
 def _run_checkpoint(run_dir: Path, task: Optional[int]) -> Path:
     from .engine import checkpoint as ckpt
     if not (run_dir / "config.yaml").is_file() and not (run_dir / ckpt.CHECKPOINT_DIR).is_dir():
-        runs = sorted(str(p.parent) for p in run_dir.glob("**/config.yaml"))[:3]
+        # runs one or two levels below (an ablation's <variant>/seed<N>/), not a walk of a whole image tree
+        runs = sorted(str(p.parent) for depth in ("*", "*/*") for p in run_dir.glob(f"{depth}/config.yaml"))[:3]
         raise ClassifierError(f"{run_dir} is not a run directory (no config.yaml, no {ckpt.CHECKPOINT_DIR}/): give "
                               f"train's output_dir, a checkpoint file or an exported classifier"
                               + (f"; runs below it: {', '.join(runs)}" if runs else ""))

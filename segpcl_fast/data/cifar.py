@@ -32,7 +32,12 @@ def _load_pickle(path: Path) -> dict:
     if not isinstance(entry, dict):
         raise format_error(NAME, f"'{path}' does not hold a dict", LAYOUT, "re-extract cifar-100-python.tar.gz")
     # a copy re-saved after pickle.load(..., encoding="bytes") has b"data", b"fine_label_names", ...
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    return {_text(k): v for k, v in entry.items()}
+
+
+def _text(value) -> str:
+    """A pickled string: bytes (a copy re-saved with encoding="bytes") decoded as the originals are."""
+    return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
 def _folder(root: Optional[str]) -> Path:
@@ -75,7 +80,6 @@ def load_cifar100(root: Optional[str], train_transform: Optional[Callable] = Non
     if "fine_label_names" not in meta:
         raise format_error(NAME, f"'{folder / 'meta'}' lacks key 'fine_label_names' (has {sorted(meta)})",
                            LAYOUT, "re-extract cifar-100-python.tar.gz")
-    class_names = [(n.decode("latin1") if isinstance(n, bytes) else str(n)).replace("_", " ")
-                   for n in meta["fine_label_names"]]
+    class_names = [_text(n).replace("_", " ") for n in meta["fine_label_names"]]
     return (_split(folder, "train", class_names, train_transform),
             _split(folder, "test", class_names, test_transform))

@@ -33,22 +33,25 @@ def require_root(root: Optional[str], dataset: str, layout: str) -> Path:
     return path
 
 
-def user_data_file(value: str, root: Optional[Path]) -> tuple[Path, str]:
-    """A data.* file option (class_list, names_file, split_file): (the file, where it was looked for).
-    Absolute: as written. Relative: in data.root, else in the working directory (where it was
-    looked for names both; the path returned then is the data.root one)."""
+def user_data_file(value: str, root: Optional[Path], what: str, key: str, dataset: str, layout: str,
+                   or_else: str = "") -> Path:
+    """A data.* file option (class_list, names_file, split_file) as an existing file. Absolute: as
+    written. Relative: in data.root, else in the working directory. Missing: one error naming where it
+    was looked for, the fix, and `or_else` (another way out)."""
     path = Path(value).expanduser()
-    if path.is_absolute() or root is None:
-        return path, f"'{path}'"
-    candidates = [root / path, Path.cwd() / path]
-    found = next((c for c in candidates if c.is_file()), candidates[0])
-    return found, " or ".join(f"'{c}'" for c in candidates)
+    candidates = [path] if path.is_absolute() or root is None else [root / path, Path.cwd() / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        looked = " or ".join(f"'{c}'" for c in candidates)
+        raise format_error(dataset, f"{what} {looked} ({key}) not found", layout,
+                           "fix the path (absolute, or relative to data.root or the working directory)" + or_else)
+    return found
 
 
 def found_deeper(root: Path, pattern: str, levels_up: int = 1) -> str:
-    """' (found one level down: ...)'-style fix text when `pattern` (a glob relative to a folder,
-    e.g. 'CUB_200_2011/images.txt') matches one or two folder levels below `root`; '' otherwise.
-    levels_up: how far above the match the data root lies (1: the match's parent holds the layout)."""
+    """Fix text 'the layout was found one level further down: set data.root=...' when `pattern` (a
+    glob relative to a folder, e.g. 'CUB_200_2011/images.txt') matches one or two folder levels below
+    `root`; '' otherwise. levels_up: how far above the match the data root lies (1: its parent)."""
     for depth in ("*", "*/*"):
         hits = sorted(root.glob(f"{depth}/{pattern}"))
         if hits:
@@ -219,11 +222,8 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
     names repeat 'missile' and 'sunglasses'.
     """
     if user_file:
-        path, looked = user_data_file(user_file, root)
-        if not path.is_file():
-            raise format_error(dataset, f"class-name mapping file {looked} (data.names_file) not found",
-                               layout, "fix the path (absolute, or relative to data.root or the working "
-                                       "directory), or unset it to use the mapping shipped with the data")
+        path = user_data_file(user_file, root, "class-name mapping file", "data.names_file", dataset, layout,
+                              ", or unset it to use the mapping shipped with the data")
     else:
         path = first_existing(mapping_files)
         if path is None:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (format_error, found_deeper, list_images, user_data_file, names_for_wnids, numbered_lines, relative_to_any, require_root,
-                    stratified_split, wnid_folders)
+from .files import (format_error, found_deeper, list_images, names_for_wnids, numbered_lines, relative_to_any,
+                    require_root, stratified_split, user_data_file, wnid_folders)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def _locate(root: Optional[str]) -> tuple[Path, Path, Optional[Path]]:
             return path, cand, None
     raise format_error(NAME, f"no wnid class folders (n########/) in '{path / 'imagenet-r'}' or '{path}' "
                              f"(nor in a train/ folder there)", LAYOUT,
-                       found_deeper(path, "imagenet-r/README.txt", levels_up=2) or "extract imagenet-r.tar into data.root")
+                       found_deeper(path, "imagenet-r/README.txt", levels_up=2)
+                       or "extract imagenet-r.tar into data.root")
 
 
 def _parse_entries(path: Path, lines: list[tuple[int, str]], bases: list[Path],
@@ -133,11 +134,8 @@ def _split_from_files(root_path: Path, folder: Path, wnid_index: dict[str, int],
     """(train, test, source) from the split file that applies, or None (seeded split)."""
     bases = list(dict.fromkeys([root_path, folder, folder.parent]))
     if split_file:
-        path, looked = user_data_file(split_file, root_path)
-        if not path.is_file():
-            raise format_error(NAME, f"split file {looked} (data.split_file) not found", LAYOUT,
-                               "fix the path (absolute, or relative to data.root or the working directory), or "
-                               "unset data.split_file to use the split found in data.root")
+        path = user_data_file(split_file, root_path, "split file", "data.split_file", NAME, LAYOUT,
+                              ", or unset data.split_file to use the split found in data.root")
         return (*_read_sectioned(path, bases, wnid_index), str(path))
     dirs = list(dict.fromkeys([root_path, folder]))
     for d in dirs:

@@ -1,7 +1,7 @@
 """ImageNet-Subset (ImageNet-100): ImageNet train/val folders restricted to a class list.
 
-Class list: the file `class_list` (absolute, or relative to the root, else to the working directory); without it the first of
-`<root>/imagenet100.txt`, `<root>/train_100.txt` that exists; without either, a root whose
+Class list: the file `class_list` (absolute, or relative to the root, else to the working
+directory); without it the first of `<root>/imagenet100.txt`, `<root>/train_100.txt` that exists; without either, a root whose
 train/ holds exactly 100 wnid folders (an already cut ImageNet-100 copy, as PyCIL uses) takes
 those. Two class-list formats:
   - wnid list: one wnid per line (extra words on a line ignored, '#' comments skipped);
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (WNID_RE, format_error, list_images, names_for_wnids, read_lines, relative_to_any, user_data_file,
-                    require_root, wnid_folders)
+from .files import (WNID_RE, format_error, list_images, names_for_wnids, read_lines, relative_to_any,
+                    require_root, user_data_file, wnid_folders)
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,7 @@ def _read_class_list(path: Path) -> ClassList:
 
 def _class_list(root: Path, image_root: Path, class_list: Optional[str]) -> ClassList:
     if class_list:
-        path, looked = user_data_file(class_list, root)
-        if not path.is_file():
-            raise format_error(NAME, f"class list {looked} (data.class_list) not found", LAYOUT,
-                               "fix the path (absolute, or relative to data.root or the working directory)")
-        return _read_class_list(path)
+        return _read_class_list(user_data_file(class_list, root, "class list", "data.class_list", NAME, LAYOUT))
     for name in DEFAULT_CLASS_LISTS:
         if (root / name).is_file():
             return _read_class_list(root / name)
