@@ -378,19 +378,25 @@ def test_a_broken_symlink_output_dir_is_named_before_anything_runs(tmp_path):
     assert unwritable_dir_reason(tmp_path / "fine" / "run1") is None
 
 
-def test_importing_the_package_and_cli_help_load_no_torch():
-    """`import segpcl_fast` and `segpcl-fast --help` take a fraction of a second (torch + torchvision
-    took ~4 s); the classifier and model entry points load on first use and are the real objects."""
+def test_importing_the_package_cli_help_and_config_errors_load_no_torch():
+    """`import segpcl_fast`, `segpcl-fast --help` and a config error (templates checked by name, a value
+    out of range) take a fraction of a second (torch + torchvision took ~4 s); the classifier, model and
+    data entry points load on first use and are the real objects."""
     import subprocess
     import sys
     probe = ("import sys, segpcl_fast, segpcl_fast.cli\n"
              "assert segpcl_fast.cli.build_parser().format_help()\n"
+             "rc = segpcl_fast.cli.main(['train', '--set', 'data.templates=[photo]', '--set', 'optim.lr=-1'])\n"
+             "assert rc == 2, rc\n"
              "print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))\n"
              "from segpcl_fast import load_classifier, ContinualClassifier, load_model\n"
              "import segpcl_fast.classifier as c, segpcl_fast.model.clip as m\n"
              "assert (load_classifier, ContinualClassifier, load_model) == (c.load_classifier, c.ContinualClassifier, "
              "m.load_model)\n"
-             "print(sorted(set(segpcl_fast.__all__) - set(dir(segpcl_fast)) - set(segpcl_fast._LAZY)))\n")
+             "print(sorted(set(segpcl_fast.__all__) - set(dir(segpcl_fast)) - set(segpcl_fast._LAZY)))\n"
+             "import segpcl_fast.data as d, segpcl_fast.data.protocol as p, segpcl_fast.data.base as b\n"
+             "assert (d.split_tasks, d.DatasetFormatError) == (p.split_tasks, b.DatasetFormatError)\n"
+             "assert all(getattr(d, n) is not None for n in d.__all__)\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines() == ["[]", "[]"]

@@ -6,14 +6,25 @@ Knows nothing of models.
     scenario = ClassIncrementalScenario.from_config(cfg.data, train_ds, test_ds)
     prompts = format_prompts(scenario.class_names, cfg.data.templates)
 """
-from .base import ClassDataset, ClassSubset, DatasetFormatError
-from .build import DATASETS, build_datasets, cap_per_class
-from .prompts import TEMPLATE_SETS, format_prompts, resolve_templates
-from .protocol import ClassIncrementalScenario, resolve_class_order, split_tasks
-from .transforms import build_transforms, clip_test_transform, clip_train_transform
+import importlib
 
-__all__ = [
-    "ClassDataset", "ClassSubset", "DatasetFormatError", "DATASETS", "build_datasets", "cap_per_class",
-    "TEMPLATE_SETS", "format_prompts", "resolve_templates", "ClassIncrementalScenario",
-    "resolve_class_order", "split_tasks", "build_transforms", "clip_test_transform", "clip_train_transform",
-]
+# imported on first use (PEP 562): base and transforms import torch and torchvision, which a config
+# check (config.py reads the template set names from prompts.py) does not need
+_LAZY = {
+    "ClassDataset": ".base", "ClassSubset": ".base", "DatasetFormatError": ".base",
+    "DATASETS": ".build", "build_datasets": ".build", "cap_per_class": ".build",
+    "TEMPLATE_SETS": ".prompts", "format_prompts": ".prompts", "resolve_templates": ".prompts",
+    "ClassIncrementalScenario": ".protocol", "resolve_class_order": ".protocol", "split_tasks": ".protocol",
+    "build_transforms": ".transforms", "clip_test_transform": ".transforms", "clip_train_transform": ".transforms",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'segpcl_fast.data' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)
