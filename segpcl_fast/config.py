@@ -67,7 +67,7 @@ class DataConfig:
     class_order: Any = "seeded"
     order_seed: int = 1993
     templates: list[str] = field(default_factory=lambda: ["a good photo of a {}."])  # [choice]
-    train_augment: bool = True
+    train_augment: bool = True  # [choice] RandomResizedCrop(0.6-1.0) + flip (data/transforms.py)
     num_workers: int = 0
     # optional cap on training images per class (0 = all); handy for smoke runs
     max_train_per_class: int = 0
@@ -108,7 +108,9 @@ class ACGDConfig:
     enabled: bool = True
     weight: float = 5.0  # lambda_ACGD
     tau: float = 20.0  # tau_A
-    anchor_batch: int = 0  # anchors per step; 0 = same as the image batch [choice]
+    # anchors per step [choice]: 0 = as many as the image batch; drawn without replacement, so while
+    # A_t has fewer (CIFAR100 task 2: 50 anchors, batch 128) every step uses all of A_t, shuffled
+    anchor_batch: int = 0
     # distillation source: "anchors" (DPGD), "new_data" (raw task images), "seeds" (no PGD),
     # "folder" (ZSCL-style unlabeled reference images from source_folder)
     source: str = "anchors"
@@ -134,7 +136,7 @@ class PrototypeConfig:
 class OptimConfig:
     lr: float = 1e-3
     momentum: float = 0.9  # [choice]; the optimiser (and its momentum) is new at every task
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # [choice]
     batch_size: int = 128
     epochs: int = 10
     schedule: str = "cosine"  # "cosine" over the task's steps, or "constant"

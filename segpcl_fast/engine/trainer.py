@@ -349,7 +349,9 @@ class Trainer:
         """One SGD step on this rank's part of a global batch of `global_n` images; returns the loss parts.
 
         Under DDP the local loss is weighted by n_local * world / global_n before the averaging
-        all-reduce, so the update equals the single-process update on the whole global batch.
+        all-reduce, so the L_cls and L_GR parts of the update equal the single-process update on the
+        whole global batch; each rank samples its own anchors (engine/distributed.py), so the ACGD
+        part equals it in expectation over the anchor draw.
         """
         c = self.cfg
         for g in optimizer.param_groups:

@@ -28,7 +28,7 @@ from ..config import DPGDConfig
 
 log = logging.getLogger("segpcl_fast.method")
 
-SOURCES = ("anchors", "seeds")
+SOURCES = ("anchors", "seeds", "new_data", "folder")  # acgd.source; only "anchors" runs DPGD
 Stats = Union[Sequence[float], torch.Tensor]
 
 
@@ -188,7 +188,7 @@ class AnchorCache:
     """Everything stage 2 and stage 3 need from the teacher, computed once per task.
 
     pixels (M, 3, H, W) normalised anchors; targets (M,) their old classes (-1 when the anchors
-    are raw task images, acgd.source="new_data"); teacher_logits (M, C_old) = s · v̄_T(x_a) ·
+    are raw task or reference-folder images, acgd.source="new_data" / "folder"); source is acgd.source; teacher_logits (M, C_old) = s · v̄_T(x_a) ·
     U_T,<t^T (fp32); teacher_raw (M, D_raw) = r_T(x_a) (fp32).
     """
     pixels: torch.Tensor
@@ -252,7 +252,7 @@ def build_anchor_cache(teacher, seeds_pixels: torch.Tensor, targets: torch.Tenso
                        prototypes: Optional[torch.Tensor], logit_scale: Union[float, torch.Tensor],
                        cfg: DPGDConfig, mean: Stats, std: Stats, source: str = "anchors",
                        generator: Optional[torch.Generator] = None) -> AnchorCache:
-    """Run DPGD on the seeds (source="anchors") or keep them as they are (source="seeds"), then run
+    """Run DPGD on the seeds (source="anchors") or keep the images as they are (the other SOURCES), then run
     the teacher once more to cache its logits over the old classes and its raw features.
 
     This is the only place the teacher runs during a task.

@@ -152,7 +152,7 @@ class Learner:
             raise ValueError(f"acgd.source='{source}' is not supported by the trainer; use anchors, seeds, "
                              f"new_data or folder")
         if source in ("new_data", "folder"):
-            acgd = build(pixels, targets, "seeds")
+            acgd = build(pixels, targets, source)
         return acgd, transfer
 
     # ------------------------------------------------------------------ stage 2

@@ -420,7 +420,7 @@ def test_the_drift_transfer_always_uses_the_dpgd_anchors(tiny_model_name, tmp_pa
         assert seen["acgd"] is transfer
     else:
         n_task_images = len(trainer.scenario.train_dataset(1))
-        assert seen["acgd"].source == "seeds" and len(seen["acgd"]) == n_task_images
+        assert seen["acgd"].source == "new_data" and len(seen["acgd"]) == n_task_images
         assert seen["acgd"].targets.tolist() == [-1] * n_task_images
         assert seen["info"]["transfer_anchors"] == n_old * k_seed
 

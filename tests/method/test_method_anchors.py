@@ -215,9 +215,14 @@ def test_seed_source_skips_pgd(teacher):
     cache = anchors.build_anchor_cache(teacher, seeds, targets, text, protos, 100.0, DPGDConfig(),
                                        teacher.image_stats.mean, teacher.image_stats.std, source="seeds")
     assert torch.equal(cache.pixels, seeds) and cache.source == "seeds"
+    for source in ("new_data", "folder"):  # raw images, kept as they are and labelled with their source
+        cache = anchors.build_anchor_cache(teacher, seeds, torch.full_like(targets, -1), text, protos, 100.0,
+                                           DPGDConfig(), teacher.image_stats.mean, teacher.image_stats.std,
+                                           source=source)
+        assert torch.equal(cache.pixels, seeds) and cache.source == source
     with pytest.raises(ValueError, match="source"):
         anchors.build_anchor_cache(teacher, seeds, targets, text, protos, 100.0, DPGDConfig(),
-                                   teacher.image_stats.mean, teacher.image_stats.std, source="folder")
+                                   teacher.image_stats.mean, teacher.image_stats.std, source="zeroshot")
 
 
 def test_cache_state_dict_round_trip_and_sampling():
