@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -33,6 +34,23 @@ def can_run_triton(*tensors: torch.Tensor) -> bool:
     return interpret_mode() and all(t.device.type == "cpu" for t in tensors)
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the references compute in: fp32 for fp32 / bf16 / fp16 storage, fp64 when any input is
+    fp64 (gradcheck). The Triton kernels compute in fp32 and do not take fp64 (auto runs the reference)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _interpreter_came_too_late() -> bool:
+    """TRITON_INTERPRET=1 is set, but triton.language was imported before it was (torch.compile and
+    torch._dynamo import triton): its own helpers (tl.max, ...) were jitted for the GPU then, and the
+    interpreter cannot call them."""
+    language = sys.modules.get("triton.language")
+    if language is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+    return not isinstance(language.standard.max, InterpretedFunction)
+
+
 def check_can_run(op: str, *tensors: torch.Tensor) -> None:
     """Raise one clear error when a Triton launcher is called where it cannot run."""
     if not HAS_TRITON:
@@ -43,6 +61,13 @@ def check_can_run(op: str, *tensors: torch.Tensor) -> None:
         raise RuntimeError(f"segpcl::{op}: the Triton kernel needs CUDA tensors (or CPU tensors with "
                            f"TRITON_INTERPRET=1 set before triton is imported); got devices {devices}. "
                            "Use segpcl_fast.ops.<op> with backend 'auto' to fall back to the reference.")
+    if any(t.dtype == torch.float64 for t in tensors):
+        raise TypeError(f"segpcl::{op}: the Triton kernel computes in fp32 and takes fp32 / bf16 / fp16 "
+                        "tensors, got float64; backend 'auto' or 'reference' runs float64 in float64")
+    if interpret_mode() and not all(t.is_cuda for t in tensors) and _interpreter_came_too_late():
+        raise RuntimeError(f"segpcl::{op}: TRITON_INTERPRET=1 was set after triton had been imported (torch.compile "
+                           "and torch._dynamo import it), so the interpreter cannot run the kernel; set it before "
+                           "anything imports torch, e.g. `TRITON_INTERPRET=1 python ...`")
 
 
 def next_pow2(n: int) -> int:

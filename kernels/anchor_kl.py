@@ -23,8 +23,9 @@ cancel.
 NaN / inf: a NaN anywhere in a row of z_S or z_T makes that row's KL (and so the loss) NaN and
 its gradient NaN. A teacher entry of -inf (logit or log-prob) is a zero-probability class and
 contributes exactly 0 (0 * log 0 = 0). z_S must be finite: a -inf student logit where the teacher
-has mass gives an infinite loss. A +inf anywhere in a row is undefined (NaN or inf). Any column
-count runs fused.
+has mass gives an infinite loss. A +inf anywhere in a row, or a teacher row with no finite entry,
+is undefined (NaN or inf). The reference gives the same NaNs. 0 anchors give NaN (the mean of
+nothing, as torch.mean). Any column count runs fused. float64 runs on the reference, in float64.
 
 Contents: `anchor_kl_reference` (the spec), the Triton kernel and launcher, and the custom op
 `segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob) -> (kl_rows (A,), dkl_dz (A, C))`
@@ -32,10 +33,12 @@ with fake + autograd; `anchor_kl_fused` turns it into the scalar loss.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import cdiv, check_can_run, lazy_jit, next_pow2, rows_per_program, store_dtype
+from ._triton_utils import cdiv, check_can_run, compute_dtype, lazy_jit, next_pow2, rows_per_program, store_dtype
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -48,14 +51,16 @@ CHUNK_COLS = 1024         # columns per chunk in the chunked kernel
 
 def anchor_kl_reference(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
                         teacher_is_logprob: bool = False) -> torch.Tensor:
-    """tau^2 * mean over anchors of KL(softmax(z_T / tau) || softmax(z_S / tau)), fp32."""
-    log_p_student = F.log_softmax(student_logits.float() / tau, dim=-1)
+    """tau^2 * mean over anchors of KL(softmax(z_T / tau) || softmax(z_S / tau)), fp32 (fp64 for fp64
+    inputs). The teacher is a constant; 0 * log 0 = 0, and a NaN stays NaN."""
+    compute = compute_dtype(student_logits, teacher)
+    log_p_student = F.log_softmax(student_logits.to(compute) / tau, dim=-1)
     if teacher_is_logprob:
-        log_p_teacher = teacher.float()
+        log_p_teacher = teacher.detach().to(compute)
     else:
-        log_p_teacher = F.log_softmax(teacher.float() / tau, dim=-1)
+        log_p_teacher = F.log_softmax(teacher.detach().to(compute) / tau, dim=-1)
     p_teacher = log_p_teacher.exp()
-    kl_rows = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0).sum(-1)
+    kl_rows = torch.where(p_teacher == 0, 0.0, p_teacher * (log_p_teacher - log_p_student)).sum(-1)
     return tau ** 2 * kl_rows.mean()
 
 
@@ -70,8 +75,8 @@ def check_anchor_kl_inputs(student_logits: torch.Tensor, teacher: torch.Tensor, 
         raise TypeError(f"anchor_kl: logits must be floating tensors, got {student_logits.dtype} / {teacher.dtype}")
     if teacher.device != student_logits.device:
         raise ValueError(f"anchor_kl: teacher on {teacher.device}, student_logits on {student_logits.device}")
-    if not float(tau) > 0:
-        raise ValueError(f"anchor_kl: tau must be > 0, got {tau}")
+    if not 0 < float(tau) < math.inf:
+        raise ValueError(f"anchor_kl: tau must be a finite number > 0, got {tau}")
 
 
 @lazy_jit

@@ -19,9 +19,11 @@ its run of them; one program per row sums its run in that fixed order and writes
 neighbours and a root listed among its own neighbours are summed like any other contributions.
 Compute is fp32; the loss is fp32, the gradient has emb's dtype.
 
-NaN / inf: a NaN in a gathered embedding row or in ref_logprob[r] makes KL_r and the loss NaN.
-ref_logprob = -inf marks a neighbour with q_0 = 0: it contributes 0 to the KL (0 * log 0 = 0)
-and still receives gradient through the softmax.
+NaN / inf: a NaN in a gathered embedding row or in ref_logprob[r] makes KL_r and the loss NaN (on
+the reference too). ref_logprob = -inf marks a neighbour with q_0 = 0: it contributes 0 to the KL
+(0 * log 0 = 0) and still receives gradient through the softmax. 0 roots give NaN (the mean of
+nothing). Indices outside [0, classes) raise (a device assert on CUDA). float64 runs on the
+reference, in float64.
 
 Contents: `knn_subgraph_kl_reference` (the spec), `knn_reference_logprob`, the Triton kernels
 and launchers, and the custom ops `segpcl::knn_subgraph_kl_rows` (with fake + autograd) and
@@ -29,10 +31,12 @@ and launchers, and the custom ops `segpcl::knn_subgraph_kl_rows` (with fake + au
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import cdiv, check_can_run, interpret_mode, lazy_jit, next_pow2, store_dtype
+from ._triton_utils import cdiv, check_can_run, compute_dtype, interpret_mode, lazy_jit, next_pow2, store_dtype
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -43,8 +47,8 @@ MAX_FUSED_TILE = 1 << 16  # next_pow2(k) * next_pow2(d) elements held by one pro
 
 
 def _subgraph_similarities(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
-    """sim[r, j] = emb[roots[r]] . emb[neighbors[r, j]], fp32, shape (R, k)."""
-    emb = emb.float()
+    """sim[r, j] = emb[roots[r]] . emb[neighbors[r, j]], fp32 (fp64 for fp64 emb), shape (R, k)."""
+    emb = emb.to(compute_dtype(emb))
     return torch.einsum("rd,rkd->rk", emb[roots], emb[neighbors])
 
 
@@ -60,16 +64,18 @@ def knn_reference_logprob(ref_emb: torch.Tensor, roots: torch.Tensor, neighbors:
 
 def knn_subgraph_kl_reference(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
                               ref_logprob: torch.Tensor, tau: float) -> torch.Tensor:
-    """mean_r KL(q_0[r] || q_S[r]) with q_S[r] = softmax_j(emb[root] . emb[neighbour_j] / tau), fp32."""
+    """mean_r KL(q_0[r] || q_S[r]) with q_S[r] = softmax_j(emb[root] . emb[neighbour_j] / tau), fp32
+    (fp64 for fp64 emb). q_0 is a constant; 0 * log 0 = 0, and a NaN stays NaN."""
     log_q_student = F.log_softmax(_subgraph_similarities(emb, roots, neighbors) / tau, dim=-1)
-    log_q_ref = ref_logprob.float()
+    log_q_ref = ref_logprob.detach().to(log_q_student.dtype)
     q_ref = log_q_ref.exp()
-    kl_rows = torch.where(q_ref > 0, q_ref * (log_q_ref - log_q_student), 0.0).sum(-1)
+    kl_rows = torch.where(q_ref == 0, 0.0, q_ref * (log_q_ref - log_q_student)).sum(-1)
     return kl_rows.mean()
 
 
 def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau) -> None:
-    """Shape / dtype / device checks (no host sync, so indices are not range-checked here)."""
+    """Shape / dtype / device checks, and an index range check that does not sync with the host
+    (torch._assert_async: on CUDA a failure surfaces at the next synchronisation, as a device assert)."""
     if emb.dim() != 2 or not emb.is_floating_point():
         raise ValueError(f"knn_subgraph_kl: emb must be a floating (classes, dim) matrix, got "
                          f"{tuple(emb.shape)} {emb.dtype}")
@@ -79,6 +85,9 @@ def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau) -> None:
     if roots.dtype != torch.int64 or neighbors.dtype != torch.int64:
         raise TypeError(f"knn_subgraph_kl: roots / neighbors must be int64 (torch.long), got {roots.dtype} / "
                         f"{neighbors.dtype}; use .long()")
+    if not ref_logprob.is_floating_point():
+        raise TypeError(f"knn_subgraph_kl: ref_logprob must be a floating tensor of log-probabilities, got "
+                        f"{ref_logprob.dtype}; compute it with knn_reference_logprob(ref_emb, roots, neighbors, tau)")
     if ref_logprob.shape != neighbors.shape:
         raise ValueError(f"knn_subgraph_kl: ref_logprob has shape {tuple(ref_logprob.shape)}, neighbors "
                          f"{tuple(neighbors.shape)}; compute it with knn_reference_logprob(ref_emb, roots, "
@@ -86,8 +95,14 @@ def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau) -> None:
     devices = {t.device for t in (emb, roots, neighbors, ref_logprob)}
     if len(devices) != 1:
         raise ValueError(f"knn_subgraph_kl: all inputs must be on one device, got {sorted(map(str, devices))}")
-    if not float(tau) > 0:
-        raise ValueError(f"knn_subgraph_kl: tau must be > 0, got {tau}")
+    if not 0 < float(tau) < math.inf:
+        raise ValueError(f"knn_subgraph_kl: tau must be a finite number > 0, got {tau}")
+    if roots.numel() and neighbors.numel():
+        n = emb.shape[0]
+        (r_min, r_max), (nb_min, nb_max) = torch.aminmax(roots), torch.aminmax(neighbors)
+        in_range = (torch.minimum(r_min, nb_min) >= 0) & (torch.maximum(r_max, nb_max) < n)
+        torch._assert_async(in_range, f"knn_subgraph_kl: roots and neighbors must be row indices of emb, in "
+                                      f"[0, {n}); got a negative one or one >= {n}")
 
 
 @lazy_jit

@@ -8,7 +8,8 @@ written in torchattacks' PGD operation order (it ascends; we descend on L_DPGD):
     a = x_adv - gamma * sign(grad);  delta = clamp(a - x0, -eps, eps);  x_new = clamp(x0 + delta, lo, hi)
 
 so in fp32 the result equals torchattacks.PGD's step on the negated gradient bit for bit.
-Compute is fp32 whatever the storage (fp32 or bf16); bf16 is rounded once, at the store.
+Compute is fp32 whatever the storage (fp32 or bf16); bf16 is rounded once, at the store. float64
+runs on the reference, in float64. eps >= 0 and lo <= hi are checked for bounds on the CPU.
 
 NaN / inf: sign(NaN) is 0 (as torch.sign), so a NaN gradient entry leaves that pixel where the
 projection puts it; a NaN in x_adv or x0 gives NaN in x_new (clamp propagates NaN, as torch.clamp).
@@ -22,24 +23,25 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import cdiv, check_can_run, interpret_mode, lazy_jit, next_pow2, store_dtype
+from ._triton_utils import cdiv, check_can_run, compute_dtype, interpret_mode, lazy_jit, next_pow2, store_dtype
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
 __all__ = ["pgd_step_reference", "pgd_step_triton", "check_pgd_inputs"]
 
 
-def _per_channel(v: torch.Tensor) -> torch.Tensor:
-    return v.float().view(1, -1, 1, 1)
+def _per_channel(v: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return v.to(dtype).view(1, -1, 1, 1)
 
 
 def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor,
                        gamma: torch.Tensor, eps: torch.Tensor, lo: torch.Tensor,
                        hi: torch.Tensor) -> torch.Tensor:
-    """method.md DPGD step in torchattacks' order, fp32 compute, result in x_adv's dtype."""
-    gamma, eps, lo, hi = (_per_channel(v) for v in (gamma, eps, lo, hi))
-    x0 = x0.float()
-    stepped = x_adv.float() - gamma * grad.float().sign()
+    """method.md DPGD step in torchattacks' order, fp32 compute (fp64 for fp64 x_adv), result in x_adv's dtype."""
+    compute = compute_dtype(x_adv)
+    gamma, eps, lo, hi = (_per_channel(v, compute) for v in (gamma, eps, lo, hi))
+    x0 = x0.to(compute)
+    stepped = x_adv.to(compute) - gamma * grad.to(compute).sign()
     delta = torch.clamp(stepped - x0, min=-eps, max=eps)
     return torch.clamp(x0 + delta, min=lo, max=hi).to(x_adv.dtype)
 
@@ -62,6 +64,12 @@ def check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi) -> None:
     devices = {t.device for t in (x_adv, grad, x0, gamma, eps, lo, hi)}
     if len(devices) != 1:
         raise ValueError(f"pgd_step: all inputs must be on one device, got {sorted(map(str, devices))}")
+    # checked where it costs no host sync and no extra launches in DPGD's hot loop: CPU bounds, eagerly
+    # (ops.pgd_step builds them on the CPU from python floats); CUDA bounds are the caller's contract
+    if eps.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool((eps >= 0).all() & (lo <= hi).all()):
+            raise ValueError(f"pgd_step: every eps must be >= 0 and every lo <= hi (per channel); got eps "
+                             f"{eps.tolist()}, lo {lo.tolist()}, hi {hi.tolist()}")
 
 
 @lazy_jit

@@ -51,7 +51,7 @@ _utils = load_kernel("_triton_utils")
 def choose_impl(op: str, *tensors, supported: bool = True) -> str:
     """"triton" or "reference" for these tensors under the current backend, recorded in dispatch.
 
-    auto: Triton on CUDA tensors when triton is installed, else the reference. "triton": Triton on
+    auto: Triton on CUDA tensors when triton is installed, else (and for float64) the reference. "triton": Triton on
     CUDA, or on CPU under TRITON_INTERPRET=1 (tests); anywhere else one clear error.
     "reference" (and "cpp", which has no version of these ops): the reference.
     supported=False (shapes the fused kernel does not take) picks the reference under "auto";
@@ -70,6 +70,7 @@ def impl_for(op: str, *tensors, supported: bool = True) -> str:
     if backend == "triton":
         _utils.check_can_run(op, *tensors)
         return "triton"
-    if backend == "auto" and supported and _utils.HAS_TRITON and all(t.is_cuda for t in tensors):
+    if (backend == "auto" and supported and _utils.HAS_TRITON and all(t.is_cuda for t in tensors)
+            and not any(t.dtype == torch.float64 for t in tensors)):  # the kernels compute in fp32
         return "triton"
     return "reference"

@@ -9,7 +9,8 @@
 - "reference": `lora_b_linear_reference`, the formula as written (the spec).
 
 "cpp" and "merged" save u = x A^T (N x r) for backward instead of x (N x in) and return gradients
-for x and B only (W, b, A are frozen by contract). `dispatch.last_choice()` says which ran.
+for x and B only: W, b and A are frozen, and every path refuses them requiring grad (one error,
+not a silently missing gradient). `dispatch.last_choice()` says which ran.
 
 Backends (dispatch.set_backend): "auto" (and "triton": this op has no Triton kernel) pick per call
 (`lora_b_linear_impl`); "cpp" requires the C++ op (error otherwise); "reference" forces the formula.
@@ -74,8 +75,8 @@ def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     When B needs no gradient (evaluation, prototypes, the frozen teacher in DPGD), u is never
     needed: y is one F.linear with the merged weight, and autograd (grad_x = g (W + s B A) for
     DPGD) saves no activation at all; where x needs a gradient it keeps that merged (out x in)
-    weight until backward instead, one per layer. W, b and A are frozen by contract: this branch
-    would also pass gradients to them if they required one (the other paths return None)."""
+    weight until backward instead, one per layer. W, b and A are frozen: every path refuses
+    them requiring a gradient (`_check_args`)."""
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])  # then autocast is a no-op
     _check_args(x, weight, bias, lora_A, lora_B)
     if not _needs_grad_B(lora_B):
@@ -102,12 +103,20 @@ def _check_args(x, weight, bias, lora_A, lora_B) -> None:
         problem = f"lora_B must be (out, r) = ({out}, {r}), got {tuple(lora_B.shape)}"
     elif bias is not None and (bias.dim() != 1 or bias.shape[0] != out):
         problem = f"bias must be 1-D (out,) = ({out},), got {tuple(bias.shape)}"
+    elif not x.is_floating_point():
+        problem = f"x must be a floating tensor, got {x.dtype}"
     else:
-        for t in (weight, bias, lora_A, lora_B):
+        for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
             if t is not None and (t.dtype != x.dtype or t.device != x.device):
-                problem = (f"all tensors must share x's dtype {x.dtype} and device {x.device}, got {t.dtype} on "
-                           f"{t.device} (cast the weights, or run under autocast)")
+                problem = (f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; all tensors must share "
+                           "x's dtype and device (cast the weights, or run under autocast)")
                 break
+    if problem is None and torch.is_grad_enabled():
+        trained = [name for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A))
+                   if t is not None and t.requires_grad]
+        if trained:
+            problem = (f"{', '.join(trained)} require grad, but this op trains lora_B only and returns no gradient "
+                       "for weight, bias or lora_A; freeze them (.requires_grad_(False)) or use your own layer")
     if problem is not None:
         raise RuntimeError(f"lora_b_linear: {problem}")
 
@@ -165,14 +174,19 @@ def _autocast(tensors):
 
 def lora_b_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """y = x W^T + b + scaling * (x A^T) B^T for x of shape (..., in); grads flow to x and lora_B."""
+    """y = x W^T + b + scaling * (x A^T) B^T for x of shape (..., in); grads flow to x and lora_B.
+
+    Every path checks its arguments the same way first (`_check_args`: shapes, floating dtypes shared
+    with x after autocast, one device, and weight / bias / lora_A not requiring grad)."""
     impl = lora_b_linear_impl(x, lora_B)
     if not torch.compiler.is_compiling():
         dispatch.record_choice(OP, impl, x.device.type)
     if impl == "reference":
+        _check_args(*_autocast([x, weight, bias, lora_A, lora_B]))
         return lora_b_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
     if impl == "merged":
         return lora_b_linear_merged(x, weight, bias, lora_A, lora_B, scaling)
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])
+    _check_args(x, weight, bias, lora_A, lora_B)
     y, _u = torch.ops.segpcl.lora_b_linear_fwd(x, weight, bias, lora_A, lora_B, float(scaling))
     return y

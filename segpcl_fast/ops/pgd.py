@@ -17,10 +17,10 @@ pgd_step_reference = _k.pgd_step_reference
 PerChannel = Union[torch.Tensor, float]
 
 
-def _as_channels(v: PerChannel, channels: int, device: torch.device) -> torch.Tensor:
+def _as_channels(v: PerChannel, channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
-        return v.to(device=device, dtype=torch.float32)
-    return torch.full((channels,), float(v), dtype=torch.float32, device=device)
+        return v.to(device=device, dtype=dtype)
+    return torch.full((channels,), float(v), dtype=dtype, device=device)
 
 
 def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: PerChannel,
@@ -28,16 +28,28 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: P
     """x_new = clamp(clamp(x_adv - gamma*sign(grad), x0 - eps, x0 + eps), lo, hi), per channel.
 
     x_adv, grad, x0: (N, C, H, W); gamma, eps, lo, hi: (C,) tensors or python floats, in the
-    model's normalised input space. inplace=True overwrites x_adv and returns it.
+    model's normalised input space (eps >= 0, lo <= hi). inplace=True overwrites x_adv and returns it;
+    when x_adv or x0 is part of an autograd graph, the Triton path then copies the functional op's
+    result into x_adv (autograd sees it, as it sees the reference's) instead of running the in-place kernel.
+    float64 inputs compute in float64 (the reference).
     """
+    if not isinstance(eps, torch.Tensor) and not float(eps) >= 0:
+        raise ValueError(f"pgd_step: eps must be >= 0, got {eps}")
+    if not isinstance(lo, torch.Tensor) and not isinstance(hi, torch.Tensor) and not float(lo) <= float(hi):
+        raise ValueError(f"pgd_step: lo must be <= hi, got lo {lo}, hi {hi}")
     channels = x_adv.shape[1] if x_adv.dim() == 4 else 0
-    gamma, eps, lo, hi = (_as_channels(v, channels, x_adv.device) for v in (gamma, eps, lo, hi))
+    bounds_dtype = _k.compute_dtype(x_adv)
+    gamma, eps, lo, hi = (_as_channels(v, channels, x_adv.device, bounds_dtype) for v in (gamma, eps, lo, hi))
     _k.check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi)
     if choose_impl("pgd_step", x_adv, grad, x0) == "triton":
-        if inplace:
+        tracked = torch.is_grad_enabled() and (x_adv.requires_grad or x0.requires_grad)
+        if inplace and not tracked:
             torch.ops.segpcl.pgd_step_(x_adv, grad, x0, gamma, eps, lo, hi)
             return x_adv
-        return torch.ops.segpcl.pgd_step(x_adv, grad, x0, gamma, eps, lo, hi)
+        if not inplace:
+            return torch.ops.segpcl.pgd_step(x_adv, grad, x0, gamma, eps, lo, hi)
+        # the functional op saves its x_adv for backward: give it a copy, since copy_ then overwrites x_adv
+        return x_adv.copy_(torch.ops.segpcl.pgd_step(x_adv.clone(), grad, x0, gamma, eps, lo, hi))
     out = pgd_step_reference(x_adv, grad, x0, gamma, eps, lo, hi)
     if inplace:
         return x_adv.copy_(out)

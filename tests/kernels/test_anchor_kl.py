@@ -231,8 +231,9 @@ def test_dispatch_and_errors():
     assert ops.last_choice()["anchor_kl"] == "reference"
     with pytest.raises(ValueError, match="teacher has shape"):
         ops.anchor_kl(student, teacher[:, :3], TAU)
-    with pytest.raises(ValueError, match="tau must be > 0"):
-        ops.anchor_kl(student, teacher, 0.0)
+    for tau in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+            ops.anchor_kl(student, teacher, tau)
 
 
 def test_rows_wider_than_one_tile_take_the_chunked_kernel(device, triton_backend, monkeypatch):

@@ -260,9 +260,9 @@ def test_knn_supported_flag_follows_the_fused_tile(monkeypatch):
 
 # ---------------------------------------------------------------------------------------- dispatch
 
-def _cuda_stub():
-    """Stands in for a CUDA tensor in impl_for / choose_impl (which read only .is_cuda and .device)."""
-    return types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+def _cuda_stub(dtype=torch.float32):
+    """Stands in for a CUDA tensor in impl_for / choose_impl (which read only .is_cuda, .device and .dtype)."""
+    return types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"), dtype=dtype)
 
 
 def test_auto_takes_triton_on_cuda_only_when_supported_and_installed(monkeypatch):
@@ -274,6 +274,8 @@ def test_auto_takes_triton_on_cuda_only_when_supported_and_installed(monkeypatch
         assert _kernels.impl_for("knn_subgraph_kl", t, torch.zeros(1)) == "reference"  # a CPU tensor among them
         assert not utils.can_run_triton(t, torch.zeros(1))  # mixed devices: neither CUDA nor all-CPU
         assert utils.can_run_triton(t, t)
+        assert _kernels.impl_for("anchor_kl", t, _cuda_stub(torch.float64)) == "reference"  # kernels are fp32
+        assert _kernels.impl_for("anchor_kl", _cuda_stub(torch.bfloat16), _cuda_stub(torch.float16)) == "triton"
         monkeypatch.setattr(utils, "HAS_TRITON", False)
         assert _kernels.impl_for("anchor_kl", t, t) == "reference"
     with dispatch.backend("reference"):

@@ -162,5 +162,8 @@ def test_dispatch_and_errors():
         ops.knn_subgraph_kl(emb, root_idx.int(), neighbors, log_q0, TAU)
     with pytest.raises(ValueError, match="knn_reference_logprob"):
         ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0[:, :1], TAU)
-    with pytest.raises(ValueError, match="tau must be > 0"):
-        ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0, -1.0)
+    for tau in (-1.0, 0.0, float("inf")):
+        with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+            ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0, tau)
+    with pytest.raises(TypeError, match="ref_logprob must be a floating tensor"):
+        ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0.long(), TAU)

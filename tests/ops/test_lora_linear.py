@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from segpcl_fast.ops import dispatch, lora_linear
+from segpcl_fast.ops._ext import has_kernel
 from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_reference
 
 from lora_cases import (PATHS, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
@@ -210,6 +211,31 @@ def test_bad_shapes_raise_clear_errors():
         lora_b_linear(x, weight, bias, lora_A, lora_B[:-1], 0.5)
     with pytest.raises(RuntimeError, match="dtype"):
         lora_b_linear(x, weight.double(), bias, lora_A, lora_B, 0.5)
+
+
+@pytest.mark.parametrize("backend, b_grad", [("reference", True), ("cpp", True), ("auto", False)],
+                         ids=["reference", "cpp", "merged"])
+def test_every_path_refuses_bad_arguments_with_one_message(backend, b_grad):
+    """The reference ran on anything torch would (int64, a trainable A: then A trained on this path
+    only) and the C++ op named no tensor in a dtype error; every path now checks alike."""
+    if backend == "cpp" and not has_kernel("cpu"):
+        pytest.skip("segpcl_fast._C is not built")
+    x, weight, bias, lora_A, lora_B = make_inputs()
+    lora_B = lora_B.detach().requires_grad_(b_grad)
+    cases = [((x, weight, bias, lora_A.double(), lora_B), r"lora_A is torch.float64 on cpu, x is torch.float32"),
+             ((x.detach().long(), weight.long(), bias.long(), lora_A.long(), lora_B.detach().long()),
+              "x must be a floating tensor, got torch.int64"),
+             ((x, weight, bias, lora_A.requires_grad_(True), lora_B), "lora_A require grad, but this op trains lora_B "
+              r"only.*\.requires_grad_\(False\)"),
+             ((x, weight.requires_grad_(True), bias.requires_grad_(True), lora_A.detach(), lora_B),
+              "weight, bias require grad")]
+    with dispatch.backend(backend):
+        for args, message in cases:
+            with pytest.raises(RuntimeError, match=message):
+                lora_b_linear(*args, 0.5)
+        assert dispatch.last_choice()["lora_b_linear"] == {"reference": "reference", "cpp": "cpp", "auto": "merged"}[backend]
+        with torch.no_grad():  # nothing trains: frozen-ness is not asked
+            lora_b_linear(x, weight, bias, lora_A, lora_B, 0.5)
 
 
 def test_reference_backend_forces_reference():

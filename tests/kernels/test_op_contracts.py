@@ -1,0 +1,144 @@
+"""Contracts every path of the three Triton-backed ops keeps alike (reference and Triton): NaN stays
+NaN, the teacher / q_0 is a constant, bad indices and bounds raise, float64 computes in float64 on
+the reference and is refused by the kernels, pgd_step(inplace=True) stays differentiable, and a
+TRITON_INTERPRET set too late is named. Found by a user trial of the ops (each failed before).
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segpcl_fast import ops
+
+PATHS = ["reference", "triton"]
+
+
+def _path(name, device):
+    """The backend for a path; the `device` fixture already skips CPU Triton without the interpreter."""
+    return ops.backend(name)
+
+
+def _knn_problem(device, seed=0, classes=7, dim=8, roots=4, k=3):
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(classes, dim, generator=g), dim=-1).to(device)
+    root_idx = torch.tensor([0, 2, 5, 6], device=device)[:roots]
+    neighbors = torch.randint(0, classes, (roots, k), generator=g).to(device)
+    ref = torch.log_softmax(torch.randn(roots, k, generator=g), -1).to(device)
+    return emb, root_idx, neighbors, ref
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_in_the_teacher_or_q0_makes_the_loss_nan(path, device):
+    student, teacher = torch.zeros(2, 3, device=device), torch.zeros(2, 3, device=device)
+    teacher[0, 0] = float("nan")
+    no_mass = torch.zeros(2, 3, device=device)
+    no_mass[1] = float("-inf")  # a row with no probability anywhere: softmax is undefined
+    emb, roots, neighbors, ref = _knn_problem(device)
+    ref[1, 0] = float("nan")
+    with _path(path, device):
+        assert ops.anchor_kl(student, teacher, 2.0).isnan()
+        assert ops.anchor_kl(student, no_mass, 2.0).isnan()
+        assert ops.knn_subgraph_kl(emb, roots, neighbors, ref, 0.5).isnan()
+        # one -inf class is a zero-probability class: exactly no contribution, the loss stays finite
+        assert ops.anchor_kl(student, torch.tensor([[0.0, float("-inf"), 0.0]] * 2, device=device), 2.0).isfinite()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradient_flows_into_the_student_only(path, device):
+    student = torch.randn(3, 5, device=device, requires_grad=True)
+    for teacher_is_logprob in (False, True):
+        teacher = torch.randn(3, 5, device=device)
+        if teacher_is_logprob:
+            teacher = teacher.log_softmax(-1)
+        teacher.requires_grad_(True)
+        with _path(path, device):
+            ops.anchor_kl(student, teacher, 2.0, teacher_is_logprob=teacher_is_logprob).backward()
+        assert teacher.grad is None and student.grad is not None
+    emb, roots, neighbors, ref = _knn_problem(device)
+    emb.requires_grad_(True)
+    ref.requires_grad_(True)
+    with _path(path, device):
+        ops.knn_subgraph_kl(emb, roots, neighbors, ref, 0.5).backward()
+    assert ref.grad is None and emb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bad", [7, -1])
+def test_out_of_range_neighbours_and_roots_raise(path, device, bad):
+    emb, roots, neighbors, ref = _knn_problem(device)
+    with _path(path, device):
+        ops.knn_subgraph_kl(emb, roots, neighbors, ref, 0.5)  # in range
+        bad_neighbors = neighbors.clone()
+        bad_neighbors[1, 2] = bad
+        with pytest.raises(RuntimeError, match=r"row indices of emb, in \[0, 7\)"):
+            ops.knn_subgraph_kl(emb, roots, bad_neighbors, ref, 0.5)
+        bad_roots = roots.clone()
+        bad_roots[0] = bad
+        with pytest.raises(RuntimeError, match=r"row indices of emb"):
+            ops.knn_subgraph_kl(emb, bad_roots, neighbors, ref, 0.5)
+        compiled = torch.compile(ops.knn_subgraph_kl, fullgraph=True, backend="aot_eager")
+        with pytest.raises(RuntimeError, match=r"row indices of emb"):
+            compiled(emb, roots, bad_neighbors, ref, 0.5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_inplace_pgd_step_inside_an_autograd_graph_gets_the_reference_gradient(path, device):
+    def run(p):
+        leaf = torch.tensor([[[[0.0, 0.3], [-0.05, 0.9]]]], device=device, requires_grad=True)
+        x = leaf * 1.0
+        grad = torch.tensor([[[[1.0, -1.0], [1.0, 0.0]]]], device=device)
+        x0 = torch.full((1, 1, 2, 2), 0.5, device=device)
+        with _path(p, device):
+            out = ops.pgd_step(x, grad, x0, 0.1, 0.2, -1.0, 1.0, inplace=True)
+        assert out is x
+        (x * torch.arange(1.0, 5.0, device=device).view(1, 1, 2, 2)).sum().backward()
+        return x.detach(), leaf.grad
+    values, grad = run(path)
+    # x_adv - 0.1*sign(g) = [-0.1, 0.4, -0.15, 0.9]; in the ball [0.3, 0.7]: only 0.4 -> gradient 2 there
+    torch.testing.assert_close(values.flatten(), torch.tensor([0.3, 0.4, 0.3, 0.7], device=device))
+    torch.testing.assert_close(grad.flatten(), torch.tensor([0.0, 2.0, 0.0, 0.0], device=device))
+
+
+def test_float64_computes_in_float64_and_the_kernels_refuse_it(device):
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(4, 6, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    teacher = torch.randn(4, 6, dtype=torch.float64, generator=g).to(device)
+    assert torch.autograd.gradcheck(lambda s: ops.anchor_kl(s, teacher, 2.0), (student,))
+    emb, roots, neighbors, ref = _knn_problem(device)
+    emb = emb.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda e: ops.knn_subgraph_kl(e, roots, neighbors, ref, 0.5), (emb,))
+    x = torch.full((1, 3, 1, 1), 0.1, dtype=torch.float64, device=device)
+    out = ops.pgd_step(x, -torch.ones_like(x), torch.zeros_like(x), 1e-9, 0.5, -1.0, 1.0)
+    assert out.dtype == torch.float64 and out[0, 0, 0, 0].item() == 0.1 + 1e-9  # fp32 would round 1e-9 away
+    with _path("triton", device):
+        with pytest.raises(TypeError, match="float64"):
+            ops.anchor_kl(student, teacher, 2.0)
+        with pytest.raises(TypeError, match="float64"):
+            ops.pgd_step(x, torch.ones_like(x), x, 0.1, 0.5, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("bounds, message", [(dict(eps=-0.1, lo=-1.0, hi=1.0), "eps must be >= 0"),
+                                             (dict(eps=0.1, lo=1.0, hi=-1.0), "lo must be <= hi")])
+@pytest.mark.parametrize("as_tensors", [False, True])
+def test_pgd_step_refuses_a_negative_eps_or_lo_above_hi(bounds, message, as_tensors):
+    x = torch.zeros(1, 3, 2, 2)
+    if as_tensors:
+        bounds = {k: torch.full((3,), v) for k, v in bounds.items()}
+        message = "every eps must be >= 0 and every lo <= hi"
+    with pytest.raises(ValueError, match=message):
+        ops.pgd_step(x, torch.ones_like(x), x, 0.1, **bounds)
+
+
+def test_interpreter_switched_on_after_triton_was_imported_is_named():
+    probe = ("import os, torch, triton.language\n"  # triton imported (as torch.compile does) before the variable
+             "os.environ['TRITON_INTERPRET'] = '1'\n"
+             "from segpcl_fast import ops\n"
+             "with ops.backend('triton'):\n"
+             "    ops.anchor_kl(torch.randn(3, 5), torch.randn(3, 5), 2.0)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0
+    assert "TRITON_INTERPRET=1 was set after triton had been imported" in out.stderr, out.stderr[-1500:]
