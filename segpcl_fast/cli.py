@@ -60,13 +60,18 @@ def _config_from_args(args) -> "Config":
     if getattr(args, "resume", False):
         overrides.append("run.resume=true")
     if getattr(args, "hw", None):
-        from .engine.presets import apply_preset
+        from .engine.presets import apply_preset, get_preset
         cfg = make_config(apply_preset(make_config(args.config), args.hw), overrides)
+        preset = get_preset(args.hw)
         import torch
-        if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--hw {args.hw} is a preset for CUDA GPUs (it sets run.device={cfg.run.device}), but no "
-                              f"CUDA device is available here: drop --hw, or keep its other settings with "
-                              f"--set run.device=cpu")
+        if cfg.run.device != "cpu" and not torch.cuda.is_available():  # every preset is for CUDA GPUs
+            raise ConfigError(f"--hw {args.hw} is a preset for CUDA GPUs ({preset.notes}), but no CUDA device is "
+                              f"available here: drop --hw, or keep its other settings with --set run.device=cpu")
+        if preset.nproc_per_node > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            logging.getLogger("segpcl_fast").warning(
+                "--hw %s is a %d-process preset, but this is one process: its global batch runs on one device; "
+                "launch it as %s", args.hw, preset.nproc_per_node, preset.launch_command(
+                    args.config or "<config>", "[options]"))
     else:
         cfg = make_config(args.config, overrides)
     if getattr(args, "resume", False) and args.output_dir is None:  # an explicit -o says which dir
@@ -92,20 +97,34 @@ def _print_result(result) -> None:
 def cmd_train(args) -> int:
     from .api import train
     cfg = _config_from_args(args)
-    if os.environ.get("RANK", "0") == "0":  # torchrun: one header, from rank 0
+    if _rank0():  # torchrun: one header, from rank 0
         print(f"segpcl-fast train: method={cfg.run.method} dataset={cfg.data.dataset} model={cfg.model.name} "
               f"tasks={cfg.data.num_tasks} -> {cfg.run.output_dir}", flush=True)
     result = train(cfg)
     from .engine.distributed import destroy
     destroy()  # under torchrun: leave the process group cleanly
-    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
+    if _rank0():  # torchrun: rank 0 reports
         _print_result(result)
     return 0
+
+
+def _leave_process_group() -> None:
+    """torchrun: leave the process group, if this process joined one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _rank0() -> bool:
+    """This process is rank 0 of torchrun, or runs alone."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_evaluate(args) -> int:
     from .api import evaluate
     out = evaluate(args.run_dir, args.overrides)
+    if not _rank0():  # torchrun: the ranks share the counts; rank 0 reports
+        return 0
     accs = "  ".join(f"{a:.1f}" for a in out["acc_per_task_j"])
     print(f"after task {out['task']}: acc on seen classes {out['acc']:.2f}%  per task: {accs}")
     return 0
@@ -219,16 +238,22 @@ def cmd_profile(args) -> int:
     from .config import RunConfig
     set_dir = cfg.run.output_dir if cfg.run.output_dir != RunConfig().output_dir else None
     out_dir = args.output_dir or set_dir or "runs/profile"
-    print(f"segpcl-fast profile: {args.steps} steps of task 2, model={cfg.model.name} precision={cfg.run.precision} "
-          f"compile={cfg.run.compile} ops={cfg.run.ops} -> {out_dir}", flush=True)
+    if _rank0():
+        print(f"segpcl-fast profile: {args.steps} steps of task 2, model={cfg.model.name} precision={cfg.run.precision} "
+              f"compile={cfg.run.compile} ops={cfg.run.ops} -> {out_dir}", flush=True)
     out = profile_training(cfg, out_dir, steps=args.steps, row_limit=args.rows, nvtx=args.nvtx)
+    if not _rank0():  # torchrun: rank 0 reports; every rank's files are listed in the README
+        return 0
     print(out["table"])
     print(f"stages (task {out['task']}, {out['steps']} steps, {out['device']}):")
     print(out["stages_table"])
     print("self time by kind of kernel:")
     print(out["categories_table"])
     print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
-    if out["top_kernel"]:
+    if out["top_kernel"] and not out["on_gpu"]:
+        print(f"top op by self time: {out['top_kernel']} (a CPU profile: Nsight Compute needs a CUDA kernel, "
+              "run the profile on a GPU for its ncu command)")
+    elif out["top_kernel"]:
         argv = args.argv[args.argv.index("profile") + 1:] if "profile" in args.argv else []
         argv = _drop_options(argv, flags=("--nvtx",), with_value=("--steps", "-o", "--output-dir"))
         print(f"top by self time: {out['top_kernel']}\nprofile one launch of it with Nsight Compute (GPU):\n  "
@@ -385,20 +410,26 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # torchrun: an error every rank raised alike (rank 0's, shared: `echo`) or Ctrl-C (every rank gets
+    # it) is printed by rank 0 alone; any other error names its rank, since it may be that rank's own
+    where = "" if _rank0() else f" [rank {os.environ['RANK']}]"
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"segpcl-fast: error: {e}", file=sys.stderr)
+        if _rank0() or not getattr(e, "echo", False):
+            print(f"segpcl-fast: error{where}: {e}", file=sys.stderr)
+        _leave_process_group()  # else gloo's threads can abort the exit ("terminate called ...", SIGABRT)
         return 2
     except KeyboardInterrupt:
         hint = ""
         if hasattr(args, "resume"):  # each finished task is checkpointed (unless run.checkpoint=false)
             hint = ": continue after the last finished task with the same command and --resume"
-        print(f"segpcl-fast: interrupted{hint}", file=sys.stderr)
+        if _rank0():
+            print(f"segpcl-fast: interrupted{hint}", file=sys.stderr)
         return 130
     except OSError as e:  # a path that cannot be written or read: the OS's reason and the path, one line
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"segpcl-fast: error: {where}{e.strerror or e}", file=sys.stderr)
+        path = f"{e.filename}: " if e.filename else ""
+        print(f"segpcl-fast: error{where}: {path}{e.strerror or e}", file=sys.stderr)
         return 2
     except Exception as e:  # known user-facing errors carry their fix in the message
         from .data.base import DatasetFormatError
@@ -406,7 +437,7 @@ def main(argv=None) -> int:
         from .classifier import ClassifierError
         from .model.clip import ModelLoadError
         if isinstance(e, (DatasetFormatError, ModelLoadError, CheckpointError, ClassifierError, FloatingPointError)):
-            print(f"segpcl-fast: error: {e}", file=sys.stderr)
+            print(f"segpcl-fast: error{where}: {e}", file=sys.stderr)
             return 2
         raise
 

@@ -119,6 +119,22 @@ class DistContext:
         return ctx
 
 
+def raise_on_every_rank(error: Optional[Exception], ctx: DistContext) -> None:
+    """Raise rank 0's `error` (None: nothing) on every rank: checks only rank 0 makes (the output dir
+    it alone writes) must stop all ranks, not leave the others training into a dead peer's collective.
+    Other ranks raise a ConfigError with its message, marked `echo` (the CLI prints it from rank 0 only)."""
+    if ctx.enabled:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and not ctx.is_main:
+            from ..config import ConfigError
+            echo = ConfigError(message[0])
+            echo.echo = True
+            raise echo
+    if error is not None:
+        raise error
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

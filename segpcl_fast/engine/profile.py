@@ -4,8 +4,11 @@ What runs: task 1 for `steps` steps (warm-up: allocator, compilation, the protot
 needs), then task 2 under the profiler: stage 1 (DPGD), `steps` training steps, stage 3. Files:
 
     trace.json       Chrome / Perfetto trace (chrome://tracing, ui.perfetto.dev)
-    top_ops.txt      ops and kernels by self time (device time on GPU, CPU time otherwise)
-    stages.txt       total time inside each stage range
+    top_ops.txt      ops and kernels by self time (device time on GPU, CPU time otherwise); the
+                     stage ranges are left out (their time is their ops')
+    stages.txt       total time inside each stage range; ranges nest (image_forward inside dpgd,
+                     student_forward_losses and prototypes; losses.* inside student_forward_losses),
+                     so the column does not add up to the wall time
     categories.txt   self time by kind of kernel (GEMM, attention, inductor-fused, our Triton
                      kernels, other elementwise, copies) and, on GPU, the time no kernel ran
 
@@ -13,12 +16,16 @@ Stage ranges (torch.profiler.record_function; NVTX ranges too with nvtx=True und
 trainer's own `dpgd`, `student_forward_losses`, `backward`, `grad_sync`, `optimizer`,
 `prototypes`, `eval`, plus, while profiling only, `image_forward`, `text_forward` (the towers,
 student and teacher) and `losses.cls`, `losses.acgd`, `losses.gr` (the loss terms).
+
+Under torchrun every rank profiles its own part: rank 0 writes to out_dir, rank r > 0 to
+out_dir/rank<r>/ (its `dpgd` range is the wait for rank 0's anchors).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import functools
+import json
 import os
 import re
 import shlex
@@ -71,7 +78,7 @@ def stage_table(events, on_gpu: bool) -> tuple[str, dict]:
         if e.key in STAGES:
             us = e.device_time_total if on_gpu and e.device_time_total > 0 else e.cpu_time_total
             totals[e.key] = {"ms": us / 1e3, "calls": e.count}
-    lines = [f"{'stage':<26}{'calls':>8}{'total ms':>14}{'ms / call':>12}"]
+    lines = [f"{'stage (ranges nest)':<26}{'calls':>8}{'total ms':>14}{'ms / call':>12}"]
     for name in STAGES:
         if name in totals:
             t = totals[name]
@@ -100,13 +107,25 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def _is_range(e) -> bool:
+    """A stage range, a profiler step or a Python-level annotation: not an op or a kernel."""
+    return e.key in STAGES or e.key.startswith(("ProfilerStep", "## "))
+
+
+def ops_table(events, sort_by: str, row_limit: int) -> str:
+    """torch.profiler's table of ops and kernels by self time, without the stage ranges."""
+    from torch.autograd.profiler_util import EventList
+    return EventList([e for e in events if not _is_range(e)]).table(sort_by=sort_by, row_limit=row_limit,
+                                                                    max_name_column_width=90)
+
+
 def category_table(events, on_gpu: bool, wall_ms: float) -> tuple[str, dict]:
     """Self time per kernel category (GPU kernels on GPU, ops on CPU) and its share of `wall_ms`,
     the profiled window's wall time; on GPU also the time no kernel ran (launch gaps, host syncs)."""
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     totals: dict[str, float] = {}
     for e in events:
-        if e.key in STAGES or e.key.startswith(("ProfilerStep", "## ")):
+        if _is_range(e):
             continue
         if on_gpu and getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
@@ -129,7 +148,7 @@ def top_kernel(events, on_gpu: bool) -> Optional[str]:
 
     On CPU there is no kernel for ncu: the op name is a pointer to where the time goes."""
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    cands = [e for e in events if e.key not in STAGES and not e.key.startswith(("ProfilerStep", "## "))]
+    cands = [e for e in events if not _is_range(e)]
     if on_gpu:
         cands = [e for e in cands if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     else:  # ops (aten::mm, segpcl::lora_b_linear_fwd), not Python-level annotations (DataLoader, Optimizer)
@@ -156,9 +175,9 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     cfg = copy.deepcopy(cfg)
     cfg.run.max_steps_per_task = steps
     cfg.run.checkpoint, cfg.run.plots, cfg.run.progress, cfg.eval.fwt = False, False, False, False
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, compile_settings=compile_settings, writes=False)  # its files go to out_dir
+    out = Path(out_dir) if trainer.dist.is_main else Path(out_dir) / f"rank{trainer.dist.rank}"
+    out.mkdir(parents=True, exist_ok=True)
     on_gpu = trainer.device.type == "cuda"
     task = 1 if trainer.scenario.num_tasks > 1 else 0
     if task:
@@ -173,18 +192,20 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
         wall_ms = (time.perf_counter() - start) * 1e3
     events = prof.key_averages()
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    table = events.table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=90)
+    table = ops_table(events, sort_by, row_limit)
     stages_text, stages = stage_table(events, on_gpu)
     categories_text, categories = category_table(events, on_gpu, wall_ms)
     paths = {"trace": out / "trace.json", "top_ops": out / "top_ops.txt", "stages": out / "stages.txt",
              "categories": out / "categories.txt"}
     with atomic_path(paths["trace"]) as tmp:
         prof.export_chrome_trace(str(tmp))
+        trace = tmp.read_text()  # its "traceName" names the temporary file: name the real one
+        tmp.write_text(trace.replace(json.dumps(str(tmp)), json.dumps(str(paths["trace"]))))
     atomic_write_text(paths["top_ops"], table + "\n")
     atomic_write_text(paths["stages"], stages_text)
     atomic_write_text(paths["categories"], categories_text)
     kernel = top_kernel(events, on_gpu)
-    return {"paths": {k: str(v) for k, v in paths.items()}, "table": table, "stages": stages,
+    return {"paths": {k: str(v) for k, v in paths.items()}, "table": table, "stages": stages, "on_gpu": on_gpu,
             "stages_table": stages_text, "categories": categories, "categories_table": categories_text,
             "top_kernel": kernel, "device": str(trainer.device),
             "task": task + 1, "steps": info["timings"]["steps"], "sort_by": sort_by}

@@ -163,11 +163,12 @@ class Trainer:
         if not self.dist.is_main:
             self.log_fn = lambda msg: log.debug(msg)
         self.out = Path(self.cfg.run.output_dir)
-        problem = unwritable_dir_reason(self.out) if writes and self.dist.is_main else None
-        if problem:  # before the data is indexed and weights load, not at the first file written
-            raise ConfigError(f"run.output_dir: {problem}; pick another folder with -o (run.output_dir)")
-        self.device = self.dist.device(self.cfg.run.device) if self.dist.enabled else resolve_device(self.cfg.run.device)
         ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
+        problem = unwritable_dir_reason(self.out) if writes and self.dist.is_main else None
+        # before the data is indexed and weights load, not at the first file written; on every rank
+        ddp.raise_on_every_rank(ConfigError(f"run.output_dir: {problem}; pick another folder with -o "
+                                            "(run.output_dir)") if problem else None, self.dist)
+        self.device = self.dist.device(self.cfg.run.device) if self.dist.enabled else resolve_device(self.cfg.run.device)
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)
         ops.set_backend(self.cfg.run.ops)
@@ -446,13 +447,18 @@ class Trainer:
                             self.out / ckpt.CHECKPOINT_DIR)
         if start == T and (self.out / "results.json").exists():
             return self._finished_result(T)
+        problem = None
         if main:
-            if not c.run.resume:
-                self._claim_output_dir()
-            # resuming is an action, not part of the run's config: a later `train --config <dir>/config.yaml`
-            # without --resume must not resume silently; locations are saved absolute, so `evaluate` and
-            # `--resume` of the run work from any working directory
-            save_config(apply_overrides(c, {"run.resume": False}), self.out / "config.yaml")  # locations: absolute
+            try:
+                if not c.run.resume:
+                    self._claim_output_dir()
+                # resuming is an action, not part of the run's config: a later `train --config <dir>/config.yaml`
+                # without --resume must not resume silently; locations are saved absolute, so `evaluate` and
+                # `--resume` of the run work from any working directory
+                save_config(apply_overrides(c, {"run.resume": False}), self.out / "config.yaml")
+            except (ConfigError, OSError) as e:
+                problem = e
+        ddp.raise_on_every_rank(problem, self.dist)  # no rank trains into a run rank 0 refused
         t_run = time.perf_counter()
         for t in range(start, T):
             if c.eval.fwt and t > 0:
@@ -550,6 +556,9 @@ def epoch_means(losses: list[dict], epochs: list[int]) -> list[dict]:
     return rows
 
 
+MIN_STEPS_FOR_DIVERGENCE = 8  # quarters of >= 2 steps, so each has a variance
+
+
 def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float) -> Optional[str]:
     """A message when L_cls rose across task t, beyond its batch-to-batch noise, and ended above
     chance level ln(n_classes); else None.
@@ -559,16 +568,17 @@ def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float) -> O
     the means of the first and last quarter of the steps and flags a rise only when it is over
     10 % and over twice the standard error of that difference (Welch), so a flat but noisy loss
     (a task the model barely learns, a small last batch per epoch) is not called a divergence.
-    A model whose logits are all equal sits at exactly ln(n) and is not flagged.
+    A model whose logits are all equal sits at exactly ln(n) and is not flagged. Under 8 steps
+    (quarters of one step have no noise estimate: a smoke run's 4 steps) nothing is flagged.
     """
     values = [float(v) for v in cls_losses if v is not None]
-    if len(values) < 2 or n_classes < 2:
+    if len(values) < MIN_STEPS_FOR_DIVERGENCE or n_classes < 2:
         return None
-    k = max(1, len(values) // 4)
+    k = len(values) // 4
     head, tail = values[:k], values[-k:]
     first, last = statistics.fmean(head), statistics.fmean(tail)
     chance = math.log(n_classes)
-    noise = math.sqrt((statistics.variance(head) + statistics.variance(tail)) / k) if k > 1 else 0.0
+    noise = math.sqrt((statistics.variance(head) + statistics.variance(tail)) / k)
     if last <= 1.1 * first or last <= chance or last - first <= 2.0 * noise:
         return None
     return (f"task {t + 1}: L_CLS rose from {first:.3f} to {last:.3f} over the task (first and last quarter "

@@ -389,6 +389,12 @@ def _collectives_worker(rank, world, port, result_file):
         out["build_calls"] = calls
         out["same_object"] = acgd is transfer
         out["built_ok"] = all(torch.equal(getattr(acgd, n), getattr(made, n)) for n in AnchorCache._TENSORS)
+        # a check only rank 0 makes (its output dir) stops every rank: rank 1 raises rank 0's message, as an echo
+        ddp.raise_on_every_rank(None, ctx)  # nothing to raise: no rank raises
+        try:
+            ddp.raise_on_every_rank(ConfigError("output dir x already holds a run") if rank == 0 else None, ctx)
+        except ConfigError as e:
+            out["raised"] = [str(e), getattr(e, "echo", False)]
         with open(f"{result_file}.{rank}", "w") as f:
             json.dump(out, f)
     finally:
@@ -406,6 +412,8 @@ def test_collectives_sum_counts_and_broadcast_rank0s_anchors(tmp_path):
             "torch.float32", "torch.int64", "torch.float32", "torch.float64"]
     assert r0["cache"] == r1["cache"]
     assert (r0["build_calls"], r1["build_calls"]) == ([["loader", 7]], [])  # rank 0 only, task seed
+    assert r0["raised"] == ["output dir x already holds a run", False]
+    assert r1["raised"] == ["output dir x already holds a run", True]  # the CLI prints it from rank 0 only
 
 
 # ----------------------------------------------------------------------------- analytic FLOPs, bench

@@ -50,10 +50,27 @@ def test_cli_set_wins_over_the_preset(monkeypatch):
     cfg = _config_from_args(args)
     assert (cfg.optim.batch_size, cfg.run.device, cfg.run.precision) == (64, "cpu", "bf16")
     if not torch.cuda.is_available():  # a GPU preset on a machine without one: the fix, not a late device error
-        args = build_parser().parse_args(["train", "--hw", "1gpu"])
-        with pytest.raises(ConfigError, match=r"--hw 1gpu is a preset for CUDA GPUs \(it sets run.device=cuda\), but "
-                                              r"no CUDA device is available here: drop --hw, or .*--set run.device=cpu"):
-            _config_from_args(args)
+        for name in presets.PRESETS:  # 2x4090 sets run.device=auto (each rank takes its GPU): it ran on the CPU
+            args = build_parser().parse_args(["train", "--hw", name])
+            with pytest.raises(ConfigError, match=rf"--hw {name} is a preset for CUDA GPUs \(.*\), but no CUDA device "
+                                                  r"is available here: drop --hw, or .*--set run.device=cpu"):
+                _config_from_args(args)
+
+
+def test_a_multi_process_preset_without_torchrun_warns(monkeypatch, caplog):
+    from segpcl_fast.cli import _config_from_args, build_parser
+    for preset in presets.PRESETS.values():
+        for key in preset.env:
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = build_parser().parse_args(["train", "--hw", "2x4090", "--set", "run.device=cpu"])
+    _config_from_args(args)
+    assert "--hw 2x4090 is a 2-process preset, but this is one process" in caplog.text
+    assert "torchrun --standalone --nproc_per_node 2" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _config_from_args(args)
+    assert "preset" not in caplog.text
 
 
 def test_torchrun_two_cpu_ranks_match_one_process(tmp_path):
@@ -70,5 +87,27 @@ def test_torchrun_two_cpu_ranks_match_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("accuracy matrix") == 1  # only rank 0 reports
     ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    # the same line again: rank 0 refuses the existing run; rank 1 stops with it (it trained on into a dead
+    # peer's all-reduce and died in a gloo traceback), and the message is printed once
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert again.returncode != 0 and again.stderr.count("already holds a run") == 1, again.stderr[-3000:]
+    assert "exitcode  : 2" in again.stderr  # torchrun may SIGTERM the other rank once the first has exited
+    for crash in ("Connection closed", "terminate called", "SIGABRT", "segpcl_fast/"):  # no rank died in a traceback
+        assert crash not in again.stderr, again.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text()) == ddp
+    # evaluate and profile under torchrun: rank 0 reports once; each rank profiles into its own folder
+    launch = cmd[:cmd.index("train")]
+    evaluated = subprocess.run(launch + ["evaluate", str(tmp_path / "ddp")], capture_output=True, text=True,
+                               timeout=300, env=env, cwd=tmp_path)
+    assert evaluated.returncode == 0 and evaluated.stdout.count("after task 2: acc on seen classes") == 1, \
+        evaluated.stderr[-3000:]
+    assert f"{ddp['acc_per_task'][-1]:.2f}%" in evaluated.stdout
+    profiled = subprocess.run(launch + ["profile", "--steps", "1", "-o", str(tmp_path / "prof")] +
+                              [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=300,
+                              env=env, cwd=tmp_path)
+    assert profiled.returncode == 0 and profiled.stdout.count("stages (task 2") == 1, profiled.stderr[-3000:]
+    for folder in (tmp_path / "prof", tmp_path / "prof" / "rank1"):
+        trace = json.loads((folder / "trace.json").read_text())
+        assert "grad_sync" in {e.get("name") for e in trace["traceEvents"]}
     single = train(make_config(overrides=sets + [f"run.output_dir={tmp_path / 'single'}"]))
     assert ddp["acc_per_task"] == pytest.approx(single.acc_per_task) and ddp["metrics"] == pytest.approx(single.metrics)

@@ -33,7 +33,7 @@ def test_stage_table_cpu_exact():
     assert totals == {"optimizer": {"ms": 1.0, "calls": 2}, "backward": {"ms": 5.0, "calls": 4},
                       "dpgd": {"ms": 3.0, "calls": 1}}
     assert text == "".join(line + "\n" for line in [  # rows in STAGES order, whatever the events' order
-        f"{'stage':<26}{'calls':>8}{'total ms':>14}{'ms / call':>12}",
+        f"{'stage (ranges nest)':<26}{'calls':>8}{'total ms':>14}{'ms / call':>12}",
         f"{'dpgd':<26}{1:>8}{'3.00':>14}{'3.000':>12}",
         f"{'backward':<26}{4:>8}{'5.00':>14}{'1.250':>12}",
         f"{'optimizer':<26}{2:>8}{'1.00':>14}{'0.500':>12}"])

@@ -146,8 +146,16 @@ def test_divergence_needs_a_rise_over_two_welch_standard_errors(delta, warned):
 def test_a_loss_ending_exactly_at_chance_is_not_a_divergence():
     """README: a model whose logits are all equal sits at exactly ln(n) and is not flagged, even
     after a rise from a confident start."""
-    assert divergence_warning([1.0, 1.0, 1.0, math.log(10)], 10, 0, 0.1) is None
-    assert divergence_warning([1.0, 1.0, 1.0, math.log(10) + 1e-9], 10, 0, 0.1) is not None
+    assert divergence_warning([1.0] * 6 + [math.log(10)] * 2, 10, 0, 0.1) is None
+    assert divergence_warning([1.0] * 6 + [math.log(10) + 1e-9] * 2, 10, 0, 0.1) is not None
+
+
+def test_fewer_than_eight_steps_are_never_called_a_divergence():
+    """A smoke run's 4 steps are quarters of one step each, with no noise estimate: a small last batch
+    (29 images) read as a 'diverged' rise. From 8 steps (quarters of 2) the rule applies."""
+    assert divergence_warning([2.9, 3.0, 3.1, 3.5], 10, 0, 0.1) is None
+    assert divergence_warning([1.0] * 7, 10, 0, 0.1) is None
+    assert divergence_warning([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0], 10, 0, 0.1) is not None
 
 
 # ----------------------------------------------------------------------------- output dir
