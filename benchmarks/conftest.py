@@ -82,3 +82,18 @@ def roofline(device_bandwidth):
     def record(benchmark, bytes_moved: int, device: str) -> None:
         record_roofline(benchmark, bytes_moved, device, device_bandwidth(device))
     return record
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    """After pytest-benchmark's tables (all times, by group): each fast path against what it is
+    measured against (summary.py: x eager / x compiled, GB/s, time / base linear, images/s, MFU)."""
+    session = getattr(config, "_benchmarksession", None)
+    benchmarks = [b for b in getattr(session, "benchmarks", []) if not b.has_error]
+    if not benchmarks:
+        return
+    from summary import summarize
+    text = summarize([b.as_dict(include_data=False) for b in benchmarks])
+    if text:
+        terminalreporter.write_sep("-", "segpcl_fast comparisons (benchmarks/summary.py)")
+        terminalreporter.write_line(text)

@@ -6,8 +6,11 @@
 One step = what the trainer runs per iteration of a mid-run task: Learner.loss on a batch of task
 images plus as many anchors (one image-tower forward), the text tower on every needed class,
 L_cls + 5 L_ACGD + L_GR, backward into the LoRA B matrices, SGD. FLOPs are analytic
-(segpcl_fast.engine.flops, checked equal to torch's FlopCounterMode); MFU = FLOPs / median step
-time / the matmul peak measured on the same device in the same session (fp32 on CPU, bf16 on GPU).
+(segpcl_fast.engine.flops): MFU counts the model FLOPs (count="model": each LoRA slice's useful
+product); count="executed" (also the packed q/k/v LoRA's zero slices) is what the tests check equal
+to torch's FlopCounterMode on the reference ops. MFU = model FLOPs / median step time / the matmul
+peak measured on the same device in the same session (fp32 on CPU, bf16 on GPU). images/s counts
+the task images; the as many anchors in the same forward are work the FLOPs count, not images/s.
 
 Variants: eager_reference (plain PyTorch ops, no compile), eager_fused (ops backend auto: the C++
 LoRA op, Triton ops on GPU), compiled_reference (torch.compile, reference ops), compiled_fused
@@ -19,7 +22,6 @@ classes, fp32. GPU: ViT-B/16 with random weights, batch 128 + 128 anchors, 90 ol
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -63,6 +65,7 @@ def matmul_peak():
 @pytest.mark.parametrize("device", DEVICES)
 def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
     setup = SETUPS[device]
+    benchmark.group = f"e2e training step {device}"
     backend, compiled, env = VARIANTS[variant]
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -92,33 +95,8 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
     benchmark.extra_info.update(info)
 
 
-def _load(path: str) -> list:
-    """The benchmarks of one --benchmark-json file; [] with a note when the run wrote none."""
-    try:
-        with open(path) as f:
-            return json.load(f)["benchmarks"]
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"{path}: no benchmark results ({type(exc).__name__}; the pytest run was stopped before "
-              "writing its JSON: give it more time, e.g. STEP_TIMEOUT / BUDGET in gpu_suite.sh)", file=sys.stderr)
-        return []
-
-
-def summarize(*paths: str) -> str:
-    """Markdown table from --benchmark-json files of this module."""
-    rows = ["| device | model | variant | step ms (median) | images/s | TFLOP/s | MFU | matmul peak TFLOP/s |",
-            "|---|---|---|---|---|---|---|---|"]
-    for b in [b for path in paths for b in _load(path)]:
-        if "test_e2e_step" not in b["name"]:
-            continue
-        e = b["extra_info"]
-        variant = b["params"]["variant"]
-        rows.append(f"| {e['device_name']} | {e['model']} ({e['precision']}, batch {e['batch']}+{e['anchors']}) | "
-                    f"{variant} | {e['step_ms']:.1f} | {e['images_per_s']:.1f} | {e['achieved_tflops']:.4f} | "
-                    f"{100 * e['mfu']:.1f}% | {e['matmul_peak_tflops']:.3f} |")
-    return "\n".join(rows)
-
-
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: python benchmarks/test_bench_e2e.py BENCH.json [MORE.json ...]")
-    print(summarize(*sys.argv[1:]))
+    from summary import e2e_table, load
+    print(e2e_table([b for path in sys.argv[1:] for b in load(path)]))

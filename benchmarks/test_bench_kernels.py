@@ -55,6 +55,7 @@ def _compiled(fn):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_pgd_step(benchmark, impl, size, device, roofline):
     _skip_unsupported(impl, device, size)
+    benchmark.group = f"pgd_step {size} {device}"
     torch.manual_seed(0)
     shape = (PGD_SIZES[size], 3, 224, 224)
     x0 = torch.rand(shape, device=device)
@@ -82,6 +83,7 @@ def test_pgd_step(benchmark, impl, size, device, roofline):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_anchor_kl_fwd_bwd(benchmark, impl, size, device, roofline):
     _skip_unsupported(impl, device, size)
+    benchmark.group = f"anchor_kl {size} {device}"
     torch.manual_seed(0)
     anchors, classes = ANCHOR_SIZES[size]
     student = (30 * torch.randn(anchors, classes, device=device)).requires_grad_(True)
@@ -109,6 +111,7 @@ def test_anchor_kl_fwd_bwd(benchmark, impl, size, device, roofline):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_knn_subgraph_kl_fwd_bwd(benchmark, impl, size, device, roofline):
     _skip_unsupported(impl, device, size)
+    benchmark.group = f"knn_subgraph_kl {size} {device}"
     torch.manual_seed(0)
     classes, roots, k, dim = KNN_SIZES[size]
     ref_emb = F.normalize(torch.randn(classes, dim, device=device), dim=-1)

@@ -113,6 +113,7 @@ def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
         pytest.importorskip("peft")
     torch.manual_seed(0)
     layer = _layer(impl, device)
+    benchmark.group = f"lora_b_linear fwd+bwd {device}"
     n = _tokens(device)
     x = torch.randn(n, N_IN, device=device, dtype=_dtype(device), requires_grad=True)
     g = torch.randn(n, N_OUT, device=device, dtype=_dtype(device))

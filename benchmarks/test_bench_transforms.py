@@ -25,6 +25,7 @@ CASES = {"world_32_at_32": ((32, 32, 3), 32), "photo_256x320_at_224": ((256, 320
 @pytest.mark.parametrize("case", list(CASES))
 def test_transform_per_image(benchmark, case, kind, impl):
     shape, size = CASES[case]
+    benchmark.group = f"transform {case} {kind}"
     img = Image.fromarray(np.random.RandomState(0).randint(0, 256, shape, dtype=np.uint8))
     train, test = build_transforms(size, CLIP_MEAN, CLIP_STD, train_augment=True)
     transform = ({"test": test, "train": train}[kind] if impl == "segpcl"

@@ -1,0 +1,131 @@
+"""The comparisons each benchmark file exists for, as Markdown tables, from pytest-benchmark results.
+
+pytest-benchmark's own table lists every benchmark by time, its ratio column relative to the
+fastest row of a group. These tables put each fast path next to what it is measured against:
+
+- kernels: each Triton op vs its eager reference and torch.compile of the reference (x eager,
+  x compiled: speed-ups, > 1 is faster), achieved GB/s and fraction of the measured copy bandwidth;
+- lora: each LoRA-B linear implementation vs the frozen base nn.Linear (time / base: the
+  issue-6 target is <= 1.1 on a GPU) and its saved-activation bytes;
+- e2e: the training step's images/s (task images; as many anchors run with them, and are in the
+  FLOPs) and MFU (model FLOPs / median step time / the matmul peak measured in the same session);
+- transforms: each CLIP transform per image vs torchvision's Compose of the same steps.
+
+`benchmarks/conftest.py` prints them at the end of `pytest benchmarks/ --benchmark-only`;
+`python benchmarks/summary.py RESULTS.json [...]` prints them from --benchmark-json files.
+Each function takes the "benchmarks" list of that JSON (dicts with name, params, stats,
+extra_info) and returns "" when it holds no row of its kind.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def load(path: str) -> list[dict]:
+    """The benchmarks of one --benchmark-json file; [] with a note when the run wrote none."""
+    try:
+        with open(path) as f:
+            return json.load(f)["benchmarks"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"{path}: no benchmark results ({type(exc).__name__}; the pytest run was stopped before "
+              "writing its JSON: give it more time, e.g. STEP_TIMEOUT / BUDGET in gpu_suite.sh)", file=sys.stderr)
+        return []
+
+
+def _ms(bench: dict) -> float:
+    return bench["stats"]["median"] * 1e3
+
+
+def kernel_table(benchmarks: list[dict]) -> str:
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for bench in benchmarks:
+        info = bench.get("extra_info", {})
+        if "op" in info and "impl" in info:
+            groups[(info["op"], info["size"], info["device"])][info["impl"]] = dict(ms=_ms(bench), **info)
+    if not groups:
+        return ""
+    lines = ["| op | size | device | impl | median ms | x eager | x compiled | GB/s | of copy BW |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (op, size, device), impls in sorted(groups.items()):
+        eager = impls.get("eager_reference", {}).get("ms")
+        compiled = impls.get("compiled_reference", {}).get("ms")
+        for impl, row in sorted(impls.items()):
+            ratio = lambda base: f"{base / row['ms']:.2f}" if base else "-"  # noqa: E731
+            lines.append(f"| {op} | {size} | {device} | {impl} | {row['ms']:.3f} | {ratio(eager)} | "
+                         f"{ratio(compiled)} | {row.get('achieved_GBps', '-')} | "
+                         f"{row.get('fraction_of_copy_bandwidth', '-')} |")
+    if not any("triton" in impls for impls in groups.values()):
+        lines.append("\n(no Triton rows: the kernels run on CUDA only, so these are the references, eager vs "
+                     "compiled)")
+    return "\n".join(lines)
+
+
+def lora_table(benchmarks: list[dict]) -> str:
+    by_device: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in benchmarks:
+        info = bench.get("extra_info", {})
+        if "saved_activation_bytes" in info:
+            by_device[info["device"]][bench["params"]["impl"]] = dict(ms=_ms(bench), **info)
+    if not by_device:
+        return ""
+    lines = ["| device | impl | fwd+bwd ms (median) | time / base linear | saved activations MB | shape |",
+             "|---|---|---|---|---|---|"]
+    for device, impls in sorted(by_device.items()):
+        base = impls.get("base_linear", {}).get("ms")
+        for impl, row in sorted(impls.items(), key=lambda kv: kv[1]["ms"]):
+            ratio = f"{row['ms'] / base:.2f}" if base else "-"
+            shape = f"{row['tokens']} x {row['n_in']} -> {row['n_out']}, r {row['rank']}, {row['dtype']}"
+            lines.append(f"| {device} | {impl} | {row['ms']:.3f} | {ratio} | "
+                         f"{row['saved_activation_bytes'] / 2 ** 20:.2f} | {shape} |")
+    return "\n".join(lines)
+
+
+def e2e_table(benchmarks: list[dict]) -> str:
+    rows = ["| device | model | variant | step ms (median) | task images/s | TFLOP/s | MFU | matmul peak TFLOP/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for b in benchmarks:
+        e = b.get("extra_info", {})
+        if "test_e2e_step" not in b["name"] or "mfu" not in e:
+            continue
+        rows.append(f"| {e['device_name']} | {e['model']} ({e['precision']}, batch {e['batch']}+{e['anchors']}) | "
+                    f"{b['params']['variant']} | {e['step_ms']:.1f} | {e['images_per_s']:.1f} | "
+                    f"{e['achieved_tflops']:.4f} | {100 * e['mfu']:.1f}% | {e['matmul_peak_tflops']:.3f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def transforms_table(benchmarks: list[dict]) -> str:
+    groups: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for bench in benchmarks:
+        info = bench.get("extra_info", {})
+        if "case" in info and "kind" in info:
+            groups[(info["case"], info["kind"])][info["impl"]] = _ms(bench)
+    if not groups:
+        return ""
+    lines = ["| case | transform | segpcl ms / image | torchvision ms / image | x torchvision |",
+             "|---|---|---|---|---|"]
+    for (case, kind), impls in sorted(groups.items()):
+        ours, theirs = impls.get("segpcl"), impls.get("torchvision")
+        cell = lambda v: f"{v:.4f}" if v else "-"  # noqa: E731
+        ratio = f"{theirs / ours:.2f}" if ours and theirs else "-"
+        lines.append(f"| {case} | {kind} | {cell(ours)} | {cell(theirs)} | {ratio} |")
+    return "\n".join(lines)
+
+
+TABLES = {"Triton ops vs their references (x: speed-up, > 1 is faster)": kernel_table,
+          "LoRA-B linear fwd+bwd vs the frozen base linear (issue-6 target on GPU: <= 1.1)": lora_table,
+          "End-to-end training step": e2e_table,
+          "CLIP image transforms vs torchvision (x: speed-up)": transforms_table}
+
+
+def summarize(benchmarks: list[dict]) -> str:
+    """Every table that has rows, each under its title."""
+    parts = [f"{title}\n\n{table}" for title, fn in TABLES.items() if (table := fn(benchmarks))]
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python benchmarks/summary.py BENCHMARK_JSON [MORE.json ...]")
+    print(summarize([b for path in sys.argv[1:] for b in load(path)]))
