@@ -317,9 +317,8 @@ class Trainer:
                     break
                 global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
                 parts = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
-                if parts:
-                    losses.append(parts)
-                    epochs.append(step // steps_per_epoch)
+                losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
+                epochs.append(step // steps_per_epoch)
                 step += 1
                 if bar is not None:
                     bar.update(1)
@@ -337,7 +336,7 @@ class Trainer:
                     self.learner.prototypes.tensor, self.dist, self.learner.prototypes.tensor.device)
                 self.learner.text_cache = ddp.broadcast_tensor(self.learner.text_cache, self.dist, self.device)
         timings["stage3_s"] = time.perf_counter() - t2
-        info["final_loss"] = losses[-1] if losses else {}
+        info["final_loss"] = next((p for p in reversed(losses) if p), {})
         info["loss_per_epoch"] = epoch_means(losses, epochs)
         info["timings"] = timings
         warning = divergence_warning([p.get("cls") for p in losses], n_new, t, c.optim.lr)
@@ -540,9 +539,10 @@ def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int, cfg: Confi
 
 
 def epoch_means(losses: list[dict], epochs: list[int]) -> list[dict]:
-    """[{"epoch": e (1-based), "steps": n, term: mean over the epoch's n steps, ...}] from the
-    per-step loss parts (floats) and the 0-based epoch of each step. Under DDP these are the main
-    rank's own batches (each rank's loss terms are over its slice of the global batch)."""
+    """[{"epoch": e (1-based), "steps": n, term: mean over the epoch's steps that have it, ...}] from
+    the per-step loss parts (floats; {} for a step without images on this rank) and the 0-based epoch
+    of each step: n counts every step of the epoch. Under DDP the terms are the main rank's own
+    batches (each rank's loss terms are over its slice of the global batch)."""
     if len(losses) != len(epochs):
         raise ValueError(f"epoch_means: {len(losses)} steps' losses but {len(epochs)} epochs")
     by_epoch: dict[int, list[dict]] = {}
