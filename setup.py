@@ -34,6 +34,8 @@ def _env_flag(*names):
 def get_extensions():
     """Return (ext_modules, cmdclass); empty when the extension cannot or must not be built."""
     if _env_flag("SEGPCL_NO_EXT"):
+        print("segpcl_fast: SEGPCL_NO_EXT=1, not building the C++ extension (the LoRA op runs in plain "
+              "PyTorch)", file=sys.stderr)
         return [], {}
     try:
         import torch

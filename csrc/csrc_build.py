@@ -12,11 +12,14 @@ The source list is csrc/sources.txt, shared with CMakeLists.txt.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 EXT_NAME = "segpcl_fast._C"
 DEFAULT_CUDA_ARCHS = "8.9;9.0"
-CXX_FLAGS = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension (C++20 for torch >= 2.10)
+# the C++ standard comes from torch.utils.cpp_extension (C++20 for torch >= 2.10); -g0 undoes the -g of
+# Python's own CFLAGS (a 14 MB .so instead of ~0.3 MB; SEGPCL_DEBUG_SYMBOLS=1 keeps them)
+CXX_FLAGS = ["-O3"] + ([] if os.environ.get("SEGPCL_DEBUG_SYMBOLS") == "1" else ["-g0"])
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
@@ -37,20 +40,37 @@ def _flag(name: str) -> str | None:
     return "1" if value.lower() in ("1", "true", "yes", "on") else "0"
 
 
+def toolkit_problem(cuda_home: str | None) -> str | None:
+    """Why `cuda_home` is no CUDA toolkit to build with (None: nvcc, the runtime header and libcudart
+    are there). torch guesses CUDA_HOME from the nvcc on PATH, which can be a wrapper outside one."""
+    if cuda_home is None:
+        return "no CUDA toolkit found (CUDA_HOME unset and no nvcc on PATH)"
+    home = Path(cuda_home)
+    wanted = {"bin/nvcc": home / "bin" / "nvcc", "include/cuda_runtime.h": home / "include" / "cuda_runtime.h"}
+    missing = [name for name, path in wanted.items() if not path.is_file()]
+    if not any(any((home / lib).glob("libcudart.so*")) for lib in ("lib64", "lib", "targets/x86_64-linux/lib")):
+        missing.append("lib64/libcudart.so")
+    return f"CUDA_HOME={cuda_home} lacks {', '.join(missing)}" if missing else None
+
+
 def want_cuda(torch, cpp_extension) -> bool:
     """Whether to compile the CUDA sources; raises when forced on but impossible."""
     forced = _flag("SEGPCL_WITH_CUDA") or _flag("FORCE_CUDA")
     if forced == "0":
         return False
-    have_toolkit = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    problem = toolkit_problem(cpp_extension.CUDA_HOME)
+    if torch.version.cuda is None:
+        problem = f"this torch has no CUDA (torch.version.cuda is None, torch {torch.__version__})"
     if forced == "1":
-        if not have_toolkit:
-            raise RuntimeError(
-                "SEGPCL_WITH_CUDA/FORCE_CUDA=1 but no CUDA toolkit or CUDA torch: set "
-                f"CUDA_HOME (found {cpp_extension.CUDA_HOME}) and use a CUDA build of torch "
-                f"(torch.version.cuda={torch.version.cuda})")
+        if problem:
+            raise RuntimeError(f"SEGPCL_WITH_CUDA/FORCE_CUDA=1, but {problem}: set CUDA_HOME to a CUDA toolkit "
+                               "(e.g. /usr/local/cuda) and use a CUDA build of torch, or drop the switch for a "
+                               "CPU-only build")
         return True
-    return have_toolkit and torch.cuda.is_available()
+    if problem and torch.cuda.is_available():
+        print(f"segpcl_fast: building the C++ extension without its CUDA kernels: {problem} (set CUDA_HOME "
+              "to a CUDA toolkit to build them)", file=sys.stderr)
+    return problem is None and torch.cuda.is_available()
 
 
 def make_extension(root: Path, torch, cpp_extension):

@@ -273,6 +273,23 @@ def test_fallback_when_extension_missing(monkeypatch):
         lora_b_linear(*args, 0.5)
 
 
+def test_an_extension_built_against_another_torch_says_so(monkeypatch, caplog):
+    """A wheel's _C under another torch fails to import with 'undefined symbol': the status names
+    the cause and the fix (it said only 'not built' before), and a warning says so once."""
+    from segpcl_fast.ops import _ext
+
+    def stale(name):
+        raise ImportError(f"{name}: undefined symbol: _ZN3c1017RegisterOperators")
+    monkeypatch.setattr(_ext.importlib, "import_module", stale)
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_load_error", None)
+    _ext._load()
+    error = _ext.extension_status()["error"]
+    assert error.startswith(f"built against another torch than this one ({torch.__version__}): rebuild it with "
+                            "`pip install --no-build-isolation .`") and "undefined symbol" in error
+    assert "built against another torch" in caplog.text
+
+
 def test_import_without_extension_in_fresh_process():
     """The real loader: with segpcl_fast._C unimportable, the package imports and falls back."""
     code = (
