@@ -67,6 +67,17 @@ def test_gradient_flows_into_the_student_only(path, device):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bad", [7, -1])
 def test_out_of_range_neighbours_and_roots_raise(path, device, bad):
+    if device == "cuda":  # a device-side assert ends the process's CUDA context: see it fail in a child
+        probe = ("import torch, torch.nn.functional as F\nfrom segpcl_fast import ops\n"
+                 "emb = F.normalize(torch.randn(7, 8, device='cuda'), dim=-1)\n"
+                 f"nb = torch.tensor([[1, 2, 3], [0, {bad}, 4]], device='cuda')\n"
+                 f"with ops.backend('{path}'):\n"
+                 "    ops.knn_subgraph_kl(emb, torch.tensor([0, 2], device='cuda'), nb,\n"
+                 "                        torch.zeros(2, 3, device='cuda'), 0.5)\n"
+                 "torch.cuda.synchronize()\n")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and "assert" in out.stderr.lower(), out.stderr[-2000:]
+        return
     emb, roots, neighbors, ref = _knn_problem(device)
     with _path(path, device):
         ops.knn_subgraph_kl(emb, roots, neighbors, ref, 0.5)  # in range
