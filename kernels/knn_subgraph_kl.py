@@ -54,7 +54,8 @@ def _subgraph_similarities(emb: torch.Tensor, roots: torch.Tensor, neighbors: to
 
 def knn_reference_logprob(ref_emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
                           tau: float) -> torch.Tensor:
-    """log q_0 = log_softmax_j(cos(u_0,root, u_0,j) / tau) from the reference embeddings, fp32 (R, k).
+    """log q_0 = log_softmax_j(cos(u_0,root, u_0,j) / tau) from the reference embeddings, fp32 (fp64 for
+    fp64 ref_emb), (R, k).
 
     ref_emb must already be L2-normalised (rows); computed once, without gradient.
     """
@@ -73,7 +74,7 @@ def knn_subgraph_kl_reference(emb: torch.Tensor, roots: torch.Tensor, neighbors:
     return kl_rows.mean()
 
 
-def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau) -> None:
+def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices: bool = True) -> None:
     """Shape / dtype / device checks, and an index range check that does not sync with the host
     (torch._assert_async: on CUDA a failure surfaces at the next synchronisation, as a device assert)."""
     if emb.dim() != 2 or not emb.is_floating_point():
@@ -97,7 +98,7 @@ def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau) -> None:
         raise ValueError(f"knn_subgraph_kl: all inputs must be on one device, got {sorted(map(str, devices))}")
     if not 0 < float(tau) < math.inf:
         raise ValueError(f"knn_subgraph_kl: tau must be a finite number > 0, got {tau}")
-    if roots.numel() and neighbors.numel():
+    if check_indices and roots.numel() and neighbors.numel():
         n = emb.shape[0]
         (r_min, r_max), (nb_min, nb_max) = torch.aminmax(roots), torch.aminmax(neighbors)
         in_range = (torch.minimum(r_min, nb_min) >= 0) & (torch.maximum(r_max, nb_max) < n)

@@ -64,8 +64,9 @@ def check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi) -> None:
     devices = {t.device for t in (x_adv, grad, x0, gamma, eps, lo, hi)}
     if len(devices) != 1:
         raise ValueError(f"pgd_step: all inputs must be on one device, got {sorted(map(str, devices))}")
-    # checked where it costs no host sync and no extra launches in DPGD's hot loop: CPU bounds, eagerly
-    # (ops.pgd_step builds them on the CPU from python floats); CUDA bounds are the caller's contract
+    # checked where it costs no host sync and no extra launches in DPGD's hot loop: bounds on the CPU,
+    # eagerly (ops.pgd_step checks python floats before it makes them tensors on x_adv's device); bounds
+    # already on a GPU are the caller's contract
     if eps.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool((eps >= 0).all() & (lo <= hi).all()):
             raise ValueError(f"pgd_step: every eps must be >= 0 and every lo <= hi (per channel); got eps "

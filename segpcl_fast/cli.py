@@ -109,7 +109,9 @@ def cmd_train(args) -> int:
 
 
 def _leave_process_group() -> None:
-    """torchrun: leave the process group, if this process joined one."""
+    """torchrun: leave the process group, if this process joined one (after a command, or an error every
+    rank met; else gloo's threads can abort the exit: "terminate called ...", SIGABRT). Not after Ctrl-C
+    or an unexpected error, where a collective may still be in flight."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -414,11 +416,13 @@ def main(argv=None) -> int:
     # it) is printed by rank 0 alone; any other error names its rank, since it may be that rank's own
     where = "" if _rank0() else f" [rank {os.environ['RANK']}]"
     try:
-        return args.func(args)
+        rc = args.func(args)
+        _leave_process_group()
+        return rc
     except (ConfigError, FileNotFoundError) as e:
         if _rank0() or not getattr(e, "echo", False):
             print(f"segpcl-fast: error{where}: {e}", file=sys.stderr)
-        _leave_process_group()  # else gloo's threads can abort the exit ("terminate called ...", SIGABRT)
+        _leave_process_group()
         return 2
     except KeyboardInterrupt:
         hint = ""
@@ -430,6 +434,7 @@ def main(argv=None) -> int:
     except OSError as e:  # a path that cannot be written or read: the OS's reason and the path, one line
         path = f"{e.filename}: " if e.filename else ""
         print(f"segpcl-fast: error{where}: {path}{e.strerror or e}", file=sys.stderr)
+        _leave_process_group()
         return 2
     except Exception as e:  # known user-facing errors carry their fix in the message
         from .data.base import DatasetFormatError
@@ -438,6 +443,7 @@ def main(argv=None) -> int:
         from .model.clip import ModelLoadError
         if isinstance(e, (DatasetFormatError, ModelLoadError, CheckpointError, ClassifierError, FloatingPointError)):
             print(f"segpcl-fast: error{where}: {e}", file=sys.stderr)
+            _leave_process_group()
             return 2
         raise
 

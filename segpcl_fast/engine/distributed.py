@@ -125,7 +125,10 @@ def raise_on_every_rank(error: Optional[Exception], ctx: DistContext) -> None:
     Other ranks raise a ConfigError with its message, marked `echo` (the CLI prints it from rank 0 only)."""
     if ctx.enabled:
         message = [None if error is None else str(error)]
-        dist.broadcast_object_list(message, src=0)
+        # NCCL serialises through this rank's GPU: name it (the current device may be cuda:0 on every rank
+        # when the process group was set up outside this package)
+        device = torch.device("cuda", ctx.local_rank) if ctx.backend == "nccl" else None
+        dist.broadcast_object_list(message, src=0, device=device)
         if message[0] is not None and not ctx.is_main:
             from ..config import ConfigError
             echo = ConfigError(message[0])

@@ -200,7 +200,8 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     with atomic_path(paths["trace"]) as tmp:
         prof.export_chrome_trace(str(tmp))
         trace = tmp.read_text()  # its "traceName" names the temporary file: name the real one
-        tmp.write_text(trace.replace(json.dumps(str(tmp)), json.dumps(str(paths["trace"]))))
+        tmp.write_text(trace.replace(json.dumps(str(tmp), ensure_ascii=False),  # torch writes the path as is
+                                     json.dumps(str(paths["trace"]), ensure_ascii=False)))
     atomic_write_text(paths["top_ops"], table + "\n")
     atomic_write_text(paths["stages"], stages_text)
     atomic_write_text(paths["categories"], categories_text)

@@ -455,7 +455,7 @@ class Trainer:
                 # without --resume must not resume silently; locations are saved absolute, so `evaluate` and
                 # `--resume` of the run work from any working directory
                 save_config(apply_overrides(c, {"run.resume": False}), self.out / "config.yaml")
-            except (ConfigError, OSError) as e:
+            except Exception as e:  # noqa: BLE001  (whatever stops rank 0 here must stop every rank)
                 problem = e
         ddp.raise_on_every_rank(problem, self.dist)  # no rank trains into a run rank 0 refused
         t_run = time.perf_counter()

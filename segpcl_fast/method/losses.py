@@ -115,7 +115,10 @@ def tsgr_loss(student_text: torch.Tensor, graph: TSGRGraph) -> torch.Tensor:
         raise ValueError(f"tsgr_loss: student_text {tuple(student_text.shape)} must have a row for each of the "
                          f"{graph.n_classes} seen classes the graph was built on")
     emb = F.normalize(student_text, dim=-1)
-    return ops.knn_subgraph_kl(emb, graph.roots, graph.neighbors, graph.ref_logprob.to(emb.device), graph.tau)
+    # the graph's indices were validated when it was built (roots on the host, neighbours from topk over
+    # its n_classes rows, and student_text has those rows): no per-step range check
+    return ops.knn_subgraph_kl(emb, graph.roots, graph.neighbors, graph.ref_logprob.to(emb.device), graph.tau,
+                               check_indices=False)
 
 
 # ----------------------------------------------------------------------------- total

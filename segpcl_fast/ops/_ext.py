@@ -24,8 +24,9 @@ def _load():
         _C = importlib.import_module("segpcl_fast._C")
     except ImportError as exc:  # not built: the references run instead
         _load_error = f"{type(exc).__name__}: {exc}"
-        if "undefined symbol" in str(exc):  # built, but against another torch than this one
-            _load_error = (f"built against another torch than this one ({torch.__version__}): rebuild it with "
+        if "undefined symbol" in str(exc):  # most often: built against another torch than this one
+            _load_error = (f"cannot be loaded, most likely built against another torch than this one "
+                           f"({torch.__version__}; else another C++ / CUDA runtime): rebuild it with "
                            f"`pip install --no-build-isolation .` ({_load_error})")
             log.warning("segpcl_fast._C %s; the LoRA op runs in plain PyTorch meanwhile", _load_error)
         log.debug("segpcl_fast._C not available (%s)", _load_error)

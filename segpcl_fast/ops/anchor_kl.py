@@ -15,7 +15,8 @@ anchor_kl_reference = _k.anchor_kl_reference
 
 def anchor_kl(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
               teacher_is_logprob: bool = False) -> torch.Tensor:
-    """tau^2 * mean over rows of KL(softmax(teacher/tau) || softmax(student_logits/tau)), fp32 scalar.
+    """tau^2 * mean over rows of KL(softmax(teacher/tau) || softmax(student_logits/tau)), fp32 scalar
+    (fp64 for fp64 inputs).
 
     student_logits, teacher: (anchors, old classes). teacher_is_logprob=True: teacher already is
     log_softmax(z_T / tau). Gradient flows into student_logits only.

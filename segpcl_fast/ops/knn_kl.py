@@ -16,14 +16,18 @@ knn_reference_logprob = _k.knn_reference_logprob
 
 
 def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
-                    ref_logprob: torch.Tensor, tau: float) -> torch.Tensor:
+                    ref_logprob: torch.Tensor, tau: float, check_indices: bool = True) -> torch.Tensor:
     """mean_r KL(exp(ref_logprob[r]) || softmax_j(emb[roots[r]] . emb[neighbors[r, j]] / tau)), fp32 scalar.
 
     emb: (classes, d) student text embeddings, already L2-normalised; roots (R,) and neighbors
     (R, k) int64 row indices; ref_logprob (R, k) from knn_reference_logprob. Gradient flows into
-    emb (root and neighbour rows).
+    emb (root and neighbour rows). The loss is fp32 (fp64 for fp64 emb).
+
+    Indices outside [0, classes) raise (torch._assert_async: no host sync; on CUDA a device assert,
+    which ends the process's CUDA context). check_indices=False skips that check (about 8 small
+    launches on CUDA) for indices validated once already: the trainer's TSGR graph, fixed per task.
     """
-    _k.check_knn_inputs(emb, roots, neighbors, ref_logprob, tau)
+    _k.check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices)
     fits = _k.next_pow2(neighbors.shape[1]) * _k.next_pow2(emb.shape[1]) <= _k.MAX_FUSED_TILE
     if choose_impl("knn_subgraph_kl", emb, roots, neighbors, ref_logprob, supported=fits) == "triton":
         return _k.knn_subgraph_kl_fused(emb, roots, neighbors, ref_logprob, tau)

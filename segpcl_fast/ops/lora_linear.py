@@ -85,9 +85,10 @@ def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return y
 
 
-def _check_args(x, weight, bias, lora_A, lora_B) -> None:
+def _check_args(x, weight, bias, lora_A, lora_B, autocast_dtype: Optional[torch.dtype] = None) -> None:
     """The C++ op's argument checks (csrc/lora_b_linear.h), with its messages. Plain ifs: under
-    torch.compile they become guards, not graph breaks."""
+    torch.compile they become guards, not graph breaks. autocast_dtype: the dtype autocast will cast
+    every tensor to (the reference's F.linear does), so their own dtypes need not agree."""
     if x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         raise RuntimeError(f"lora_b_linear: x must be (..., in), weight (out, in), lora_A (r, in), lora_B (out, r); "
                            f"got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
@@ -107,7 +108,7 @@ def _check_args(x, weight, bias, lora_A, lora_B) -> None:
         problem = f"x must be a floating tensor, got {x.dtype}"
     else:
         for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
-            if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            if t is not None and ((autocast_dtype is None and t.dtype != x.dtype) or t.device != x.device):
                 problem = (f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; all tensors must share "
                            "x's dtype and device (cast the weights, or run under autocast)")
                 break
@@ -181,8 +182,10 @@ def lora_b_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     impl = lora_b_linear_impl(x, lora_B)
     if not torch.compiler.is_compiling():
         dispatch.record_choice(OP, impl, x.device.type)
-    if impl == "reference":
-        _check_args(*_autocast([x, weight, bias, lora_A, lora_B]))
+    if impl == "reference":  # checked without the autocast copies (F.linear makes its own)
+        device_type = x.device.type
+        _check_args(x, weight, bias, lora_A, lora_B, torch.get_autocast_dtype(device_type)
+                    if torch.is_autocast_enabled(device_type) else None)
         return lora_b_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
     if impl == "merged":
         return lora_b_linear_merged(x, weight, bias, lora_A, lora_B, scaling)

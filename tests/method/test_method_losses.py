@@ -139,3 +139,21 @@ def test_tsgr_graph_depends_on_directions_only():
     assert not torch.equal(dot.topk(3, dim=-1).indices, plain.neighbors)  # dot products would rank otherwise
     assert torch.equal(scaled.neighbors, plain.neighbors)
     torch.testing.assert_close(scaled.ref_logprob, plain.ref_logprob, atol=1e-5, rtol=1e-5)
+
+
+def test_tsgr_loss_skips_the_per_step_index_check_its_graph_made_unneeded(monkeypatch):
+    """The TSGR graph's indices are validated when it is built; the op's own range check (about 8
+    small launches on CUDA) would run every training step: tsgr_loss turns it off, a direct call keeps it."""
+    from segpcl_fast import ops
+    calls = []
+    real = ops.knn_subgraph_kl
+    monkeypatch.setattr(ops, "knn_subgraph_kl", lambda *a, **k: calls.append(k) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    ref = F.normalize(torch.randn(8, 6, generator=g), dim=-1)
+    graph = losses.TSGRGraph.build(ref, [5, 6, 7], k=3, tau=0.05)
+    losses.tsgr_loss(ref + 0.1 * torch.randn(8, 6, generator=g), graph)
+    assert calls == [{"check_indices": False}]
+    bad = graph.neighbors.clone()
+    bad[0, 0] = 8
+    with pytest.raises(RuntimeError, match="row indices of emb"):
+        real(ref, graph.roots, bad, graph.ref_logprob, 0.05)

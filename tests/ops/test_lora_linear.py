@@ -222,20 +222,20 @@ def test_every_path_refuses_bad_arguments_with_one_message(backend, b_grad):
         pytest.skip("segpcl_fast._C is not built")
     x, weight, bias, lora_A, lora_B = make_inputs()
     lora_B = lora_B.detach().requires_grad_(b_grad)
+    trained = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731  (a copy: the others stay frozen)
     cases = [((x, weight, bias, lora_A.double(), lora_B), r"lora_A is torch.float64 on cpu, x is torch.float32"),
              ((x.detach().long(), weight.long(), bias.long(), lora_A.long(), lora_B.detach().long()),
               "x must be a floating tensor, got torch.int64"),
-             ((x, weight, bias, lora_A.requires_grad_(True), lora_B), "lora_A require grad, but this op trains lora_B "
+             ((x, weight, bias, trained(lora_A), lora_B), r": lora_A require grad, but this op trains lora_B "
               r"only.*\.requires_grad_\(False\)"),
-             ((x, weight.requires_grad_(True), bias.requires_grad_(True), lora_A.detach(), lora_B),
-              "weight, bias require grad")]
+             ((x, trained(weight), trained(bias), lora_A, lora_B), ": weight, bias require grad")]
     with dispatch.backend(backend):
         for args, message in cases:
             with pytest.raises(RuntimeError, match=message):
                 lora_b_linear(*args, 0.5)
         assert dispatch.last_choice()["lora_b_linear"] == {"reference": "reference", "cpp": "cpp", "auto": "merged"}[backend]
         with torch.no_grad():  # nothing trains: frozen-ness is not asked
-            lora_b_linear(x, weight, bias, lora_A, lora_B, 0.5)
+            lora_b_linear(x, trained(weight), bias, trained(lora_A), lora_B, 0.5)
 
 
 def test_reference_backend_forces_reference():
@@ -285,7 +285,8 @@ def test_an_extension_built_against_another_torch_says_so(monkeypatch, caplog):
     monkeypatch.setattr(_ext, "_load_error", None)
     _ext._load()
     error = _ext.extension_status()["error"]
-    assert error.startswith(f"built against another torch than this one ({torch.__version__}): rebuild it with "
+    assert error.startswith(f"cannot be loaded, most likely built against another torch than this one "
+                            f"({torch.__version__}; else another C++ / CUDA runtime): rebuild it with "
                             "`pip install --no-build-isolation .`") and "undefined symbol" in error
     assert "built against another torch" in caplog.text
 
