@@ -34,10 +34,15 @@ def can_run_triton(*tensors: torch.Tensor) -> bool:
     return interpret_mode() and all(t.device.type == "cpu" for t in tensors)
 
 
+def has_fp64(*tensors) -> bool:
+    """Any float64 input: the Triton kernels compute in fp32 and do not take it (auto runs the reference)."""
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype the references compute in: fp32 for fp32 / bf16 / fp16 storage, fp64 when any input is
-    fp64 (gradcheck). The Triton kernels compute in fp32 and do not take fp64 (auto runs the reference)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    fp64 (gradcheck)."""
+    return torch.float64 if has_fp64(*tensors) else torch.float32
 
 
 def _interpreter_came_too_late() -> bool:
@@ -61,7 +66,7 @@ def check_can_run(op: str, *tensors: torch.Tensor) -> None:
         raise RuntimeError(f"segpcl::{op}: the Triton kernel needs CUDA tensors (or CPU tensors with "
                            f"TRITON_INTERPRET=1 set before triton is imported); got devices {devices}. "
                            "Use segpcl_fast.ops.<op> with backend 'auto' to fall back to the reference.")
-    if any(t.dtype == torch.float64 for t in tensors):
+    if has_fp64(*tensors):
         raise TypeError(f"segpcl::{op}: the Triton kernel computes in fp32 and takes fp32 / bf16 / fp16 "
                         "tensors, got float64; backend 'auto' or 'reference' runs float64 in float64")
     if interpret_mode() and not all(t.is_cuda for t in tensors) and _interpreter_came_too_late():

@@ -7,6 +7,7 @@
     clf = segpcl_fast.load_classifier("runs/default")  # the trained run as a classifier
     clf.predict(["photo.jpg"], topk=5)
 """
+from ._lazy import lazy_getattr
 from .api import ablate, evaluate, make_config, train
 from .config import Config, load_config, save_config
 from .version import __version__
@@ -14,15 +15,7 @@ from .version import __version__
 # imported on first use (PEP 562): torch and torchvision take seconds, and `segpcl-fast --help` or a
 # config error needs neither
 _LAZY = {"ContinualClassifier": ".classifier", "load_classifier": ".classifier", "load_model": ".model.clip"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'segpcl_fast' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = ["__version__", "Config", "load_config", "save_config", "make_config", "train", "evaluate",
            "ablate", "load_model", "load_classifier", "ContinualClassifier"]

@@ -6,7 +6,7 @@ Knows nothing of models.
     scenario = ClassIncrementalScenario.from_config(cfg.data, train_ds, test_ds)
     prompts = format_prompts(scenario.class_names, cfg.data.templates)
 """
-import importlib
+from .._lazy import lazy_getattr
 
 # imported on first use (PEP 562): base and transforms import torch and torchvision, which a config
 # check (config.py reads the template set names from prompts.py) does not need
@@ -17,14 +17,6 @@ _LAZY = {
     "ClassIncrementalScenario": ".protocol", "resolve_class_order": ".protocol", "split_tasks": ".protocol",
     "build_transforms": ".transforms", "clip_test_transform": ".transforms", "clip_train_transform": ".transforms",
 }
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'segpcl_fast.data' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = list(_LAZY)

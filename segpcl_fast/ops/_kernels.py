@@ -71,6 +71,6 @@ def impl_for(op: str, *tensors, supported: bool = True) -> str:
         _utils.check_can_run(op, *tensors)
         return "triton"
     if (backend == "auto" and supported and _utils.HAS_TRITON and all(t.is_cuda for t in tensors)
-            and not any(t.dtype == torch.float64 for t in tensors)):  # the kernels compute in fp32
+            and not _utils.has_fp64(*tensors)):
         return "triton"
     return "reference"

@@ -164,12 +164,16 @@ def compiled_impl() -> str:
     return value
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts F.linear's inputs to on this device; None when autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _autocast(tensors):
     """Cast like F.linear does under autocast: the C++ op has no autocast kernel of its own."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    dtype = _autocast_dtype(tensors[0].device.type)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
     return [t if t is None else t.to(dtype) for t in tensors]
 
 
@@ -183,9 +187,7 @@ def lora_b_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not torch.compiler.is_compiling():
         dispatch.record_choice(OP, impl, x.device.type)
     if impl == "reference":  # checked without the autocast copies (F.linear makes its own)
-        device_type = x.device.type
-        _check_args(x, weight, bias, lora_A, lora_B, torch.get_autocast_dtype(device_type)
-                    if torch.is_autocast_enabled(device_type) else None)
+        _check_args(x, weight, bias, lora_A, lora_B, _autocast_dtype(x.device.type))
         return lora_b_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
     if impl == "merged":
         return lora_b_linear_merged(x, weight, bias, lora_A, lora_B, scaling)
