@@ -54,11 +54,14 @@ ext_modules, cmdclass = get_extensions()
 
 setup(
     packages=PACKAGES,
+    license="Apache-2.0",  # the text: LICENSE (auto-included as License-File)
     package_dir={"segpcl_fast.kernels": "kernels"},
     package_data={
         "segpcl_fast": ["model_configs/*.json", "assets/*", "configs/*.yaml"],
     },
-    include_package_data=True,
+    # package_data lists every data file; include_package_data would also pull MANIFEST.in's
+    # data folders in as would-be packages (setuptools warns for assets/, configs/, model_configs/)
+    include_package_data=False,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
