@@ -55,7 +55,6 @@ ext_modules, cmdclass = get_extensions()
 setup(
     packages=PACKAGES,
     license="Apache-2.0",  # the text: LICENSE (auto-included as License-File)
-    package_dir={"segpcl_fast.kernels": "kernels"},
     package_data={
         "segpcl_fast": ["model_configs/*.json", "assets/*", "configs/*.yaml"],
     },

@@ -7,7 +7,7 @@ SINGLE_BLOCK_COLS: the one-tile kernel (where it takes the width) and the chunke
 several chunk sizes, timed with triton.testing.do_bench (median), with GB/s for the 3 passes the
 op must make (read z_S, read z_T, write the gradient) against the device-to-device copy bandwidth
 measured in the same run (benchmarks/conftest.py's measure_copy_bandwidth, as the pytest
-benchmarks do). The defaults in kernels/anchor_kl.py (SINGLE_BLOCK_COLS, CHUNK_COLS) should be
+benchmarks do). The defaults in segpcl_fast/kernels/anchor_kl.py (SINGLE_BLOCK_COLS, CHUNK_COLS) should be
 set from this table.
 
 A second table sweeps the one-tile kernel's rows and warps per program at ACGD's widths (old

@@ -5,6 +5,7 @@ Built from a copy of the checkout's files (tracked and untracked, not ignored) s
 gets no build/ or egg-info; the C++ extension is skipped (SEGPCL_NO_EXT=1), its build has tests
 of its own (tests/ops)."""
 import email
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -85,3 +86,15 @@ def test_wheel_metadata(wheel):
     assert torch_req == ["torch>=2.6"], torch_req
     (ep_name,) = [n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")]
     assert "segpcl-fast = segpcl_fast.cli:main" in zf.read(ep_name).decode()
+
+
+def test_checkout_root_shadows_no_installed_package():
+    """`python -m pytest` and scripts run from the checkout put its root first on sys.path: a package
+    there hides an installed one of the same name (a root kernels/ hid PyPI's `kernels`, which
+    peft and transformers import, and the peft peer tests failed to import)."""
+    roots = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert roots == ["segpcl_fast"], roots
+    if importlib.util.find_spec("peft") is None:
+        pytest.skip("peft is not installed")
+    proc = subprocess.run([sys.executable, "-c", "import peft"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,48 +1,17 @@
-"""Import `segpcl_fast.kernels.<name>`, also from a source checkout that was not pip-installed.
-
-setup.py installs the top-level kernels/ directory as the package `segpcl_fast.kernels`. In a
-plain checkout (tests run from the repository root) that package does not exist yet; this loader
-registers ../kernels under that same name, so every kernel module (and its torch.library custom
-op, which may be registered only once per process) is imported under exactly one name.
-"""
+"""The Triton kernel modules (`segpcl_fast.kernels.<name>`) and the rule that picks Triton or the
+reference for a call."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
 
 from . import dispatch
 
-_PKG = "segpcl_fast.kernels"
-
-
-def _ensure_kernels_package() -> None:
-    if _PKG in sys.modules:
-        return
-    try:
-        importlib.import_module(_PKG)
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name != _PKG:
-            raise
-    source_dir = Path(__file__).resolve().parents[2] / "kernels"
-    init = source_dir / "__init__.py"
-    if not init.is_file():
-        raise ModuleNotFoundError(f"{_PKG} is not installed and no source kernels/ directory was found at "
-                                  f"{source_dir}; reinstall with `pip install --no-build-isolation .`")
-    spec = importlib.util.spec_from_file_location(_PKG, init, submodule_search_locations=[str(source_dir)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_PKG] = module
-    spec.loader.exec_module(module)
-
 
 def load_kernel(name: str):
     """The kernel module `segpcl_fast.kernels.<name>` (e.g. "pgd_step")."""
-    _ensure_kernels_package()
-    return importlib.import_module(f"{_PKG}.{name}")
+    return importlib.import_module(f"segpcl_fast.kernels.{name}")
 
 
 _utils = load_kernel("_triton_utils")

@@ -1,5 +1,6 @@
 """Stage 1: seed selection, DPGD, anchor cache (method.md)."""
 import copy
+import importlib.util
 import math
 
 import pytest
@@ -125,7 +126,9 @@ def test_pgd_lowers_dpgd_loss(teacher):
 
 def test_pgd_matches_torchattacks_targeted_pgd(teacher):
     """lambda_p = 0: DPGD is targeted PGD on CE (descent), as torchattacks.PGD in targeted mode."""
-    torchattacks = pytest.importorskip("torchattacks")
+    if importlib.util.find_spec("torchattacks") is None:  # installed but broken: an error, not a skip
+        pytest.skip("torchattacks is not installed (pip install -e '.[test]')")
+    import torchattacks
     pixels, seeds, targets, text, _, mean, std = _setup(teacher)
     cfg = DPGDConfig(k_adv=5, gamma=1 / 255, eps=3 / 255, lambda_p=0.0)
     ours = anchors.run_dpgd(teacher, seeds, targets, text, None, teacher.logit_scale(), cfg,
