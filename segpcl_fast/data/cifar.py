@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .base import ArrayDataset
-from .files import format_error, require_root
+from .files import format_error, found_nearby, require_root
 
 LAYOUT = """  <root>/cifar-100-python/train   (pickle: data (N, 3072) uint8, fine_labels)
   <root>/cifar-100-python/test
@@ -47,7 +47,8 @@ def _folder(root: Optional[str]) -> Path:
             return cand
     tarball = path / "cifar-100-python.tar.gz"
     fix = (f"extract the tarball there: tar xzf {tarball} -C {path}" if tarball.is_file()
-           else "point data.root at the folder that contains cifar-100-python/")
+           else found_nearby(path, "cifar-100-python/meta", levels_up=2)
+           or "point data.root at the folder that contains cifar-100-python/")
     raise format_error(NAME, f"no cifar-100-python/meta under '{path}'", LAYOUT, fix)
 
 

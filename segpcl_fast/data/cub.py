@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import format_error, found_deeper, numbered_lines, require_root
+from .files import format_error, found_nearby, numbered_lines, require_root
 
 NAME = "cub200"
 META_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
@@ -40,7 +40,7 @@ def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
     folder = next((c for c in (path / "CUB_200_2011", path) if (c / "images.txt").is_file()), None)
     if folder is None:
         raise format_error(NAME, f"no CUB_200_2011/images.txt under '{path}'", LAYOUT,
-                           found_deeper(path, "CUB_200_2011/images.txt", levels_up=2)
+                           found_nearby(path, "CUB_200_2011/images.txt", levels_up=2)
                            or "extract CUB_200_2011.tgz into data.root")
     missing = [f for f in META_FILES if not (folder / f).is_file()]
     if missing:

@@ -48,18 +48,22 @@ def user_data_file(value: str, root: Optional[Path], what: str, key: str, datase
     return found
 
 
-def found_deeper(root: Path, pattern: str, levels_up: int = 1) -> str:
+def found_nearby(root: Path, pattern: str, levels_up: int = 1) -> str:
     """Fix text 'the layout was found one level further down: set data.root=...' when `pattern` (a
-    glob relative to a folder, e.g. 'CUB_200_2011/images.txt') matches one or two folder levels below
-    `root`; '' otherwise. levels_up: how far above the match the data root lies (1: its parent)."""
+    glob relative to a data root, e.g. 'CUB_200_2011/images.txt') matches one or two folder levels below
+    `root`, or '... one level up: set data.root=...' when it matches from a folder above `root` (a
+    root that points into the dataset); '' otherwise. levels_up: how many path parts `pattern` has."""
     for depth in ("*", "*/*"):
-        hits = sorted(root.glob(f"{depth}/{pattern}"))
-        if hits:
-            suggested = hits[0]
+        hit = next(iter(root.glob(f"{depth}/{pattern}")), None)  # the first: a glob may match thousands
+        if hit is not None:
+            suggested = hit
             for _ in range(levels_up):
                 suggested = suggested.parent
             return (f"the layout was found {'one level' if depth == '*' else 'two levels'} further down: set "
                     f"data.root={suggested}")
+    for n, above in enumerate(list(root.resolve().parents)[:2], 1):
+        if next(iter(above.glob(pattern)), None) is not None:
+            return f"the layout was found {'one level' if n == 1 else 'two levels'} up: set data.root={above}"
     return ""
 
 

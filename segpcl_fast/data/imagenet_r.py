@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (format_error, found_deeper, list_images, names_for_wnids, numbered_lines, relative_to_any,
+from .files import (format_error, found_nearby, list_images, names_for_wnids, numbered_lines, relative_to_any,
                     require_root, stratified_split, user_data_file, wnid_folders)
 
 log = logging.getLogger(__name__)
@@ -53,27 +53,34 @@ def _locate(root: Optional[str]) -> tuple[Path, Path, Optional[Path]]:
     for a pre-split copy (test_dir is None for the flat layout)."""
     path = require_root(root, NAME, LAYOUT)
     candidates = (path / "imagenet-r", path)
+    unsplit = next((c for c in candidates if wnid_folders(c)), None)
     # a pre-split copy wins over unsplit wnid folders beside it (a split made by copying, or by moving
-    # files out of folders left behind): the user's split is used, not a seeded one
+    # files out of folders left behind): the user's split is used, not a seeded one. A train/ in the
+    # other folder whose classes are not ImageNet-R's (ImageNet's own train/ in a shared data root) is
+    # not such a copy: the imagenet-r/ folder is read
     for cand in candidates:
-        if wnid_folders(cand / "train"):
-            test_dir = next((cand / d for d in TEST_DIRS if wnid_folders(cand / d)), None)
-            if test_dir is None:
-                raise format_error(NAME, f"'{cand / 'train'}' holds wnid class folders but neither "
-                                         f"'{cand / 'test'}' nor '{cand / 'val'}' does", LAYOUT,
-                                   "add the test/ (or val/) wnid folders of the split, or use the "
-                                   "unsplit imagenet-r/ folder")
-            unsplit = next((c for c in candidates if wnid_folders(c)), None)
-            if unsplit is not None:
-                log.info("%s: using the pre-split %s + %s; the unsplit wnid folders in %s are not read",
-                         NAME, cand / "train", test_dir, unsplit)
-            return path, cand, test_dir
-    for cand in candidates:
-        if wnid_folders(cand):
-            return path, cand, None
+        split_wnids = wnid_folders(cand / "train")
+        if not split_wnids:
+            continue
+        if unsplit is not None and unsplit != cand and not set(split_wnids) <= set(wnid_folders(unsplit)):
+            log.info("%s: %s holds classes that %s lacks: not a copy of ImageNet-R, not read",
+                     NAME, cand / "train", unsplit)
+            continue
+        test_dir = next((cand / d for d in TEST_DIRS if wnid_folders(cand / d)), None)
+        if test_dir is None:
+            raise format_error(NAME, f"'{cand / 'train'}' holds wnid class folders but neither "
+                                     f"'{cand / 'test'}' nor '{cand / 'val'}' does", LAYOUT,
+                               "add the test/ (or val/) wnid folders of the split, or use the "
+                               "unsplit imagenet-r/ folder")
+        if unsplit is not None:
+            log.info("%s: using the pre-split %s + %s; the unsplit wnid folders in %s are not read",
+                     NAME, cand / "train", test_dir, unsplit)
+        return path, cand, test_dir
+    if unsplit is not None:
+        return path, unsplit, None
     raise format_error(NAME, f"no wnid class folders (n########/) in '{path / 'imagenet-r'}' or '{path}' "
                              f"(nor in a train/ folder there)", LAYOUT,
-                       found_deeper(path, "imagenet-r/README.txt", levels_up=2)
+                       found_nearby(path, "imagenet-r/README.txt", levels_up=2)
                        or "extract imagenet-r.tar into data.root")
 
 
@@ -184,7 +191,7 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
     """(train, test) ImageNet-R; names from README.txt (imagenet-r/ or root) or `names_file`.
     Which split is used: see the module docstring ('' or None `split_file` = not set)."""
     root_path, folder, test_dir = _locate(root)
-    name_files = [folder / "README.txt", root_path / "README.txt"]
+    name_files = list(dict.fromkeys([folder / "README.txt", root_path / "README.txt"]))  # once each
     if test_dir is not None:
         if split_file:
             raise format_error(NAME, f"data.split_file '{split_file}' is set but '{folder}' is already "

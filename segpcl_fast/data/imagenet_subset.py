@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (WNID_RE, format_error, list_images, names_for_wnids, read_lines, relative_to_any,
+from .files import (WNID_RE, format_error, found_nearby, list_images, names_for_wnids, read_lines, relative_to_any,
                     require_root, user_data_file, wnid_folders)
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ def _split_from_list(files: list[tuple[str, str]], wnids: list[str], list_path: 
     if missing:
         raise format_error(NAME, f"{len(missing)} images listed in '{list_path}' are missing under "
                                  f"{' or '.join(str(b) for b in bases)}, e.g. {missing[:3]}", LAYOUT,
-                           "point data.root at the ImageNet root the list's paths are relative to")
+                           "point data.root at the ImageNet root that holds train/ and val/ (a list's paths "
+                           "may start with train/ or val/, or with the wnid folder)")
     return paths, targets
 
 
@@ -219,7 +220,7 @@ def _val_split(root: Path, image_root: Path, classes: ClassList, bases: list[Pat
             raise format_error(NAME, f"val list '{val_list}' does not match '{classes.path}': its labels "
                                      f"{wrong[:5]} name other wnids, or its classes differ", LAYOUT,
                                "use the val list made with the train list (same wnids, same labels)")
-        return _split_from_list(files, classes.wnids, val_list, bases)
+        return _split_from_list(files, classes.wnids, val_list, bases + [image_root / "val"])
     val_dir = image_root / "val"
     if wnid_folders(val_dir):
         return _split_from_folders(val_dir, classes.wnids, "val")
@@ -240,13 +241,15 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
     image_root = path / KAGGLE_IMAGES if (path / KAGGLE_IMAGES / "train").is_dir() else path
     if not (image_root / "train").is_dir():
         raise format_error(NAME, f"no train/ folder in '{path}' (nor in '{path / KAGGLE_IMAGES}')", LAYOUT,
-                           "point data.root at the ImageNet folder")
+                           found_nearby(path, "train/n[0-9]*", levels_up=2)
+                           or "point data.root at the ImageNet folder")
     classes = _class_list(path, image_root, class_list)
     class_names = names_for_wnids(classes.wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin"],
                                   NAME, LAYOUT, names_file, unique=True, root=path)
     bases = [image_root] if image_root == path else [image_root, path]
     if classes.train_files is not None:
-        train = _split_from_list(classes.train_files, classes.wnids, classes.path, bases)
+        # lists write 'train/n01440764/x.JPEG' (PODNet) or 'n01440764/x.JPEG', relative to train/
+        train = _split_from_list(classes.train_files, classes.wnids, classes.path, bases + [image_root / "train"])
     else:
         train = _split_from_folders(image_root / "train", classes.wnids, "train")
     val = _val_split(path, image_root, classes, bases)

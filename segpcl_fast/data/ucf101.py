@@ -24,11 +24,12 @@ from typing import Callable, Optional, Sequence
 from PIL import Image
 
 from .base import ClassDataset, read_rgb
-from .files import format_error, is_image_name, numbered_lines, require_root
+from .files import format_error, found_nearby, is_image_name, numbered_lines, require_root
 
 NAME = "ucf101"
 LIST_DIR_CANDIDATES = ("ucfTrainTestlist", "annotations")  # the release's zip; MMAction2's data/ucf101/annotations
-FRAME_DIR_CANDIDATES = ("UCF-101-midframes", "UCF-101-frames", "frames", "rawframes", "UCF-101", "UCF101")
+# last, "videos": MMAction2's raw .avi folder, found only to say how to extract frames from it
+FRAME_DIR_CANDIDATES = ("UCF-101-midframes", "UCF-101-frames", "frames", "rawframes", "UCF-101", "UCF101", "videos")
 LAYOUT = """  <root>/ucfTrainTestlist/classInd.txt      ('1 ApplyEyeMakeup')
   <root>/ucfTrainTestlist/trainlist01.txt   ('ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1')
   <root>/ucfTrainTestlist/testlist01.txt    ('ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi')
@@ -222,8 +223,10 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
     needed = ["classInd.txt", f"trainlist0{split}.txt", f"testlist0{split}.txt"]
     missing = [f for f in needed if not (lists / f).is_file()]
     if missing:
+        nearby = next((hint for d in LIST_DIR_CANDIDATES
+                       if (hint := found_nearby(path, f"{d}/classInd.txt", levels_up=2))), "")
         raise format_error(NAME, f"'{lists}' lacks {missing}", LAYOUT,
-                           "extract UCF101TrainTestSplits-RecognitionTask.zip into data.root")
+                           nearby or "extract UCF101TrainTestSplits-RecognitionTask.zip into data.root")
     classes = _classes(lists)
     class_index = {c.lower(): i for i, c in enumerate(classes)}
     frames = _frames_dir(path, classes, frames_dir)

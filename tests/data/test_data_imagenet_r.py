@@ -121,6 +121,20 @@ def test_presplit_folders_win_over_unsplit_wnid_folders_beside_them(tmp_path, wh
     assert any("using the pre-split" in r.getMessage() and "not read" in r.getMessage() for r in caplog.records)
 
 
+def test_imagenets_own_train_val_beside_imagenet_r_is_not_taken_for_a_split(tmp_path, caplog):
+    """A shared data root: imagenet-r/ beside ImageNet's train/ + val/ (other wnids). ImageNet-R is read,
+    with its README's names, not ImageNet's folders as a "pre-split ImageNet-R"."""
+    make_imagenet_r(tmp_path)
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n09999999"):  # classes ImageNet-R's folder lacks
+            write_image(tmp_path / split / wnid / "x.JPEG", colour(0, 0))
+    with caplog.at_level(logging.INFO, logger="segpcl_fast.data"):
+        train, test = load_imagenet_r(str(tmp_path))
+    assert {p.split("/")[-3] for p in train.paths + test.paths} == {"imagenet-r"}
+    assert sorted(train.class_names) == sorted(load_imagenet_r(str(tmp_path / "imagenet-r"))[0].class_names)
+    assert any("not a copy of ImageNet-R, not read" in r.getMessage() for r in caplog.records)
+
+
 def test_a_root_one_level_too_high_names_the_root_to_use(tmp_path):
     make_imagenet_r(tmp_path / "imagenet-r")  # imagenet-r/imagenet-r/<wnid>/
     with pytest.raises(DatasetFormatError, match=f"Fix: the layout was found one level further down: set "

@@ -120,6 +120,22 @@ def test_split_lists_use_exactly_the_listed_files(tmp_path, explicit):
     assert_images_match_labels(val, SUBSET_SORTED)
 
 
+def test_split_lists_relative_to_the_split_folders(tmp_path):
+    """Lists whose paths start at the wnid folder ('n01440764/x.JPEG 0', as many ImageNet-100 lists
+    are written) are relative to train/ and val/."""
+    root = make_imagenet_subset(tmp_path / "in", split_lists=True)
+    add_unlisted_images(root)
+    for name, prefix in (("train_100.txt", "train/"), ("val_100.txt", "val/")):
+        lines = (root / name).read_text().splitlines()
+        assert all(line.startswith(prefix) for line in lines)
+        (root / name).write_text("".join(line[len(prefix):] + "\n" for line in lines))
+    train, val = load_imagenet_subset(str(root))
+    assert len(train) == 3 * 3 and len(val) == 3 * 2
+    assert all("/train/" in p for p in train.paths) and all("/val/" in p for p in val.paths)
+    assert_images_match_labels(train, SUBSET_SORTED)
+    assert_images_match_labels(val, SUBSET_SORTED)
+
+
 def test_split_list_without_val_list_falls_back_to_val_folders(tmp_path):
     root = make_imagenet_subset(tmp_path / "in", split_lists=True)
     add_unlisted_images(root)

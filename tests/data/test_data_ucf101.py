@@ -170,10 +170,11 @@ def write_avi(path):
     path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
 
 
-def test_raw_videos_only_says_extract(tmp_path):
+@pytest.mark.parametrize("videos", ["UCF-101", "videos"])  # the release's archive; MMAction2's data/ucf101/videos
+def test_raw_videos_only_says_extract(tmp_path, videos):
     root = write_lists(tmp_path / "ucf")
     for _, folder, video in all_videos():
-        write_avi(root / "UCF-101" / folder / f"{video}.avi")
+        write_avi(root / videos / folder / f"{video}.avi")
     with pytest.raises(DatasetFormatError) as err:
         load_ucf101(str(root))
     msg = str(err.value)
