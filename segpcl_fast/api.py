@@ -90,7 +90,9 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         raise FileNotFoundError(f"{run_dir} does not exist: evaluate() takes the output_dir of a train() run")
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: evaluate() takes the output_dir of a train() run")
+        runs = ckpt.runs_below(run_dir)
+        raise FileNotFoundError(f"{cfg_path} not found: evaluate() takes the output_dir of a train() run"
+                                + (f"; runs below it: {', '.join(runs)}" if runs else ""))
     strings, keyed = list(overrides or []), kwargs_to_overrides(kwargs)
     for key in [change.split("=", 1)[0].strip() for change in strings] + list(keyed):
         if key not in EVALUATE_OVERRIDABLE:
@@ -105,7 +107,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")
     trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)
     state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
-                                 defaults=type(trainer.cfg)().to_dict())
+                                 defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
     ckpt.check_class_names(last, state, trainer.scenario.class_names)
     trainer.model.load_state_dict(state["lora"], strict=False)
     trainer.learner.load_state_dict(state["learner"])

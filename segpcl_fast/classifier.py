@@ -19,11 +19,17 @@ continual model with no segpcl_fast import:
         folder = tempfile.mkdtemp()                               # the export carries it: register it
         Path(folder, ckpt["model_name"] + ".json").write_text(json.dumps(ckpt["model_config"]))
         open_clip.add_model_config(folder)
-    model = open_clip.create_model(ckpt["model_name"]); model.load_state_dict(ckpt["state_dict"])
-    logits = ckpt["logit_scale"] * F.normalize(model.encode_image(x), dim=-1) @ ckpt["text"].T
+    model = open_clip.create_model(ckpt["model_name"]); model.load_state_dict(ckpt["state_dict"]); model.eval()
+    raw = []  # r(x), the prototype path's feature: ln_post of the CLS token, before the projection
+    hook = model.visual.ln_post.register_forward_hook(lambda module, args, out: raw.append(out[:, 0]))
+    emb = model.encode_image(x); hook.remove()  # x: images through the transform image_stats describes
+    s, beta, p = ckpt["logit_scale"], ckpt["beta"], F.normalize(ckpt["prototypes"], dim=-1)
+    logits = s * F.normalize(emb, dim=-1) @ ckpt["text"].T + beta * s * F.normalize(raw[0], dim=-1) @ p.T
 
-and `text` (u_S, normalised), `prototypes` (p_c, raw features: ln_post of the CLS token before the
-projection), `beta`, `class_names` and `image_stats` give the prototype path and the transform.
+(open_clip's "No pretrained weights loaded" warning is expected: the weights come from the export.)
+The hook is for a ViT with CLS pooling, open_clip's default (other towers: model.clip.raw_features).
+`text` is u_S (normalised), `prototypes` p_c, `class_names` the logit columns' classes and
+`image_stats` the transform (size, mean, std).
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ import torch
 
 from .config import config_from_dict
 from .data.transforms import clip_test_transform
-from .fileio import atomic_path
+from .fileio import UnsafeFileError, atomic_path, load_torch_file, unwritable_dir_reason
 from .method.prototypes import dual_path_logits
 from .model.clip import CLIPModel, ImageStats, model_from_state_dict
 from .model.lora import merge_lora
@@ -87,8 +93,11 @@ class ContinualClassifier:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) dual-path logits of a batch already through `self.transform` (B, 3, H, W)."""
         self._check_batch(images, "logits()")
+        if images.shape[0] == 0:
+            return torch.empty(0, len(self.class_names), device=self.device)
         self.model.eval()
-        raw, emb = self.model.encode_image(images.to(self.device))  # the image tower at the run's precision
+        # fp32 in, as the transform gives it; the image tower then runs at the run's precision
+        raw, emb = self.model.encode_image(images.to(self.device, torch.float32))
         return dual_path_logits(emb, raw, self.text, self.prototypes, self.model.logit_scale(), self.beta)
 
     def _check_batch(self, images, who: str) -> None:
@@ -98,6 +107,9 @@ class ContinualClassifier:
             raise TypeError(f"{who} takes a (B, 3, {size}, {size}) tensor already through clf.transform, got "
                             f"{type(images).__name__}; predict() takes paths, folders and PIL images, "
                             f"clf.load_images(...) turns them into such a batch")
+        if not images.is_floating_point():
+            raise TypeError(f"{who}: a {images.dtype} batch; the model takes float images through clf.transform "
+                            f"(scaled and normalised), or pass paths or PIL images to predict()")
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
             raise ValueError(f"{who}: images of shape {tuple(images.shape)}, the model takes (B, 3, {size}, {size}) "
                              f"(its test transform's output); pass paths or PIL images to predict(), or "
@@ -134,8 +146,12 @@ class ContinualClassifier:
         item alone, or a (B, 3, H, W) tensor already through `self.transform`. One list per image.
         """
         from PIL import Image
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+        for name, value in (("topk", topk), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if type(images).__module__ == "numpy":
+            raise TypeError("predict() got a numpy array: pass PIL images (PIL.Image.fromarray(a) per HxWx3 "
+                            "uint8 image), paths, or a (B, 3, H, W) tensor already through clf.transform")
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
         if isinstance(images, torch.Tensor):
@@ -156,8 +172,7 @@ class ContinualClassifier:
 
     def export(self, path: PathLike) -> Path:
         """Write the classifier with LoRA merged into the weights (plain open_clip), atomically."""
-        if Path(path).is_dir():
-            raise ClassifierError(f"{path} is a folder: export writes one file, e.g. {Path(path) / 'model.pt'}")
+        check_export_path(path)
         merged = copy.deepcopy(self.model).cpu()
         merge_lora(merged)
         stats, autocast = self.model.image_stats, self.model.image_autocast
@@ -173,6 +188,22 @@ class ContinualClassifier:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
         return Path(path)
+
+
+def check_export_path(path: PathLike) -> None:
+    """One ClassifierError before any work when `path` cannot or must not take an export: empty, a
+    folder, a run's own checkpoint, or a folder that cannot be written."""
+    if not os.fspath(path).strip():
+        raise ClassifierError("export needs a file path, e.g. model.pt; got an empty one")
+    path = Path(path)
+    if path.is_dir():
+        raise ClassifierError(f"{path} is a folder: export writes one file, e.g. {path / 'model.pt'}")
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        raise ClassifierError(f"{path} is in the checkpoints/ folder of the run {path.parent.parent}: an export "
+                              f"there would replace or pass for a training checkpoint; write it elsewhere")
+    reason = unwritable_dir_reason(path.parent)
+    if reason:
+        raise ClassifierError(f"cannot write {path}: {reason}")
 
 
 def image_paths(items: Sequence[PathLike]) -> list[str]:
@@ -227,7 +258,8 @@ def _available_device(device: Union[str, torch.device]) -> torch.device:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ClassifierError(f"device {device!r}, but no CUDA device is available here; use --device cpu")
+            raise ClassifierError(f"device {device!r}, but no CUDA device is available here; use device='cpu' "
+                                  f"(--device cpu)")
         if dev.index is not None and dev.index >= count:
             raise ClassifierError(f"device {device!r}, but there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
     return dev
@@ -236,8 +268,7 @@ def _available_device(device: Union[str, torch.device]) -> torch.device:
 def _run_checkpoint(run_dir: Path, task: Optional[int]) -> Path:
     from .engine import checkpoint as ckpt
     if not (run_dir / "config.yaml").is_file() and not (run_dir / ckpt.CHECKPOINT_DIR).is_dir():
-        # runs one or two levels below (an ablation's <variant>/seed<N>/), not a walk of a whole image tree
-        runs = sorted(str(p.parent) for depth in ("*", "*/*") for p in run_dir.glob(f"{depth}/config.yaml"))[:3]
+        runs = ckpt.runs_below(run_dir)
         raise ClassifierError(f"{run_dir} is not a run directory (no config.yaml, no {ckpt.CHECKPOINT_DIR}/): give "
                               f"train's output_dir, a checkpoint file or an exported classifier"
                               + (f"; runs below it: {', '.join(runs)}" if runs else ""))
@@ -255,8 +286,14 @@ def _run_checkpoint(run_dir: Path, task: Optional[int]) -> Path:
 
 
 def _read(path: Path) -> dict:
+    from .data.files import is_image_name
+    if is_image_name(path):
+        raise ClassifierError(f"{path} is an image: give the run first (its directory, a checkpoint or an export), "
+                              f"then the images")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path)
+    except UnsafeFileError as e:
+        raise ClassifierError(f"{e}: it is not a segpcl_fast checkpoint or export") from None
     except Exception as e:  # truncated, or not a torch file
         m = re.fullmatch(r"task_(\d+)\.pt", path.name)
         if m and path.parent.name == "checkpoints":  # a run's own checkpoint, damaged (a cut copy, a full disk)
@@ -274,9 +311,15 @@ def _read(path: Path) -> dict:
 
 def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequence[str]]) -> ContinualClassifier:
     from .data import format_prompts
+    from .engine import checkpoint as ckpt
     if "config" not in state or "learner" not in state:
         raise ClassifierError(f"checkpoint {path} stores no config or learner state; it was not written by "
                               f"segpcl_fast's trainer")
+    try:
+        ckpt.check_task_file(path, state)
+        ckpt.check_run_config(path, state, "load_classifier (predict, export)")
+    except ckpt.CheckpointError as e:
+        raise ClassifierError(str(e)) from None
     cfg = config_from_dict(state["config"])
     learner = state["learner"]
     n_seen = int(learner["n_seen"])

@@ -20,7 +20,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from .config import ConfigError
@@ -415,6 +418,7 @@ def main(argv=None) -> int:
     # torchrun: an error every rank raised alike (rank 0's, shared: `echo`) or Ctrl-C (every rank gets
     # it) is printed by rank 0 alone; any other error names its rank, since it may be that rank's own
     where = "" if _rank0() else f" [rank {os.environ['RANK']}]"
+    previous = _raise_on_sigterm()
     try:
         rc = args.func(args)
         _leave_process_group()
@@ -424,13 +428,14 @@ def main(argv=None) -> int:
             print(f"segpcl-fast: error{where}: {e}", file=sys.stderr)
         _leave_process_group()
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         hint = ""
         if hasattr(args, "resume"):  # each finished task is checkpointed (unless run.checkpoint=false)
             hint = ": continue after the last finished task with the same command and --resume"
         if _rank0():
-            print(f"segpcl-fast: interrupted{hint}", file=sys.stderr)
-        return 130
+            print(f"segpcl-fast: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}{hint}",
+                  file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # a path that cannot be written or read: the OS's reason and the path, one line
         path = f"{e.filename}: " if e.filename else ""
         print(f"segpcl-fast: error{where}: {path}{e.strerror or e}", file=sys.stderr)
@@ -442,10 +447,44 @@ def main(argv=None) -> int:
         from .classifier import ClassifierError
         from .model.clip import ModelLoadError
         if isinstance(e, (DatasetFormatError, ModelLoadError, CheckpointError, ClassifierError, FloatingPointError)):
-            print(f"segpcl-fast: error{where}: {e}", file=sys.stderr)
+            print(f"segpcl-fast: error{where}: {_user_message(e)}", file=sys.stderr)
             _leave_process_group()
             return 2
         raise
+    finally:
+        if previous is not False:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _user_message(error: BaseException) -> str:
+    """The error's own message. One raised in a DataLoader worker comes back re-raised by torch as
+    "Caught X in DataLoader worker process N." + the worker's whole traceback: keep its last part,
+    the message the library wrote."""
+    text = str(error)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    name = re.escape(type(error).__name__)
+    last = None
+    for last in re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, flags=re.MULTILINE):
+        pass
+    return text[last.end():].strip() if last else text
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, Kubernetes, torchrun stopping its workers), raised like Ctrl-C so that
+    every `finally` runs: a file being written is removed, not left half-written beside its target."""
+
+
+def _raise_on_sigterm():
+    """Handle SIGTERM by raising Terminated; returns the previous handler (None: one not set from
+    Python), or False off the main thread, where Python cannot install one."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,18 @@
     # target; on an exception: the temp file is removed and the target is untouched
 
 A reader sees the old file or the whole new one, never a half-written file. `durable=True` also
-fsyncs the folder, so the rename itself survives a crash (checkpoints and their pointer).
+fsyncs the folder, so the rename itself survives a crash (checkpoints and their pointer). A process
+killed outright (SIGKILL, power loss) leaves its temp file behind: `remove_stale_temps` clears a
+run's folders when the run starts or resumes.
+
+Torch files (checkpoints, exports, weights) are read with `load_torch_file`: torch.load with
+weights_only=True, so a file from elsewhere can hold tensors and plain values but never run code.
 """
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +50,10 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
     """Yield a temp path beside `path`; replace `path` with it when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # name the file being written, not the temp name beside it
+        raise type(e)(e.errno, e.strerror, str(path)) from e
     os.close(fd)
     try:
         yield Path(tmp)
@@ -55,6 +65,49 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
             os.unlink(tmp)
     if durable:
         _fsync(path.parent)
+
+
+# mkstemp's names here: "." + target name + "." + 8 random characters + ".tmp"
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that atomic_path left in `folder` when its process was killed mid-write
+    (not recursive). Call it only where no other process is writing (a run claiming its output dir)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if _TEMP_NAME.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+class UnsafeFileError(ValueError):
+    """A torch file holding Python objects that torch.load(weights_only=True) refuses to unpickle."""
+
+
+def load_torch_file(path: str | os.PathLike, map_location="cpu"):
+    """torch.load(path, weights_only=True): tensors, numbers, strings, lists, tuples and dicts only.
+
+    Anything else (pickled classes, functions: what a crafted file uses to run code on load) raises
+    UnsafeFileError; other failures (truncated, not a torch file) propagate as torch raises them."""
+    import torch  # here, not at module load: config and data import fileio without needing torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the class or function it refused ("unsupported GLOBAL posix.system"); any other
+        # unpickling failure is a damaged file or no torch file at all, for the caller to report as such
+        if "global" not in str(e).lower():
+            raise
+        first = next((line for line in str(e).splitlines() if "global" in line.lower()), "")
+        first = first.split(". Please")[0].replace("WeightsUnpickler error: ", "").strip().rstrip(".")
+        raise UnsafeFileError(f"{path} holds Python objects besides tensors and plain values"
+                              + (f" ({first})" if first else "") + "; segpcl_fast loads torch files with "
+                              "weights_only=True and never unpickles code from them") from None
 
 
 def unwritable_dir_reason(path: str | os.PathLike) -> Optional[str]:

@@ -188,7 +188,7 @@ def test_bad_sources_and_images_give_one_clear_error(run, tmp_path):
         clf.predict(torch.zeros(3, size, size))
     with pytest.raises(TypeError, match=r"logits\(\) takes a .* got list; predict\(\) takes paths"):
         clf.logits(_images(1))
-    with pytest.raises(ValueError, match="topk must be >= 1"):
+    with pytest.raises(ValueError, match="topk must be a whole number >= 1, got 0"):
         clf.predict(_images(1), topk=0)
 
 
@@ -197,7 +197,7 @@ def test_checkpoint_without_class_names_needs_them_in_the_runs_order(run, tmp_pa
     supplies them, and names out of the run's order are refused (the stored reference text
     embeddings do not match)."""
     _, _, out = run
-    state = torch.load(ckpt.find_last_checkpoint(out), weights_only=False)
+    state = torch.load(ckpt.find_last_checkpoint(out), weights_only=True)
     names = state.pop("class_names")
     old = tmp_path / "task_01.pt"
     torch.save(state, old)
@@ -220,7 +220,7 @@ def test_devices_damaged_checkpoints_and_folder_outputs_are_one_clear_error(run,
     with pytest.raises(ClassifierError, match="unknown device 'gpu'.*use cpu, cuda or cuda:N"):
         load_classifier(out, device="gpu")
     if not torch.cuda.is_available():  # not blamed on the weights, as it was
-        with pytest.raises(ClassifierError, match="no CUDA device is available here; use --device cpu"):
+        with pytest.raises(ClassifierError, match=r"no CUDA device is available here; use device='cpu' \(--device cpu\)"):
             load_classifier(out, device="cuda")
     copy = tmp_path / "copy"
     (copy / "checkpoints").mkdir(parents=True)
@@ -253,13 +253,112 @@ def test_the_docstrings_plain_open_clip_snippet_runs_where_the_model_name_is_unk
     images = clf.load_images(_images(3))
     torch.save(images, tmp_path / "x.pt")
     doc = module.__doc__
-    snippet = doc[doc.index("    ckpt = torch.load"):doc.index("\n\nand `text`")]
+    snippet = doc[doc.index("    ckpt = torch.load"):doc.index("\n\n(open_clip's")]
     script = "\n".join(["import json, tempfile", "from pathlib import Path", "import torch, open_clip",
                         "import torch.nn.functional as F", f"x = torch.load({str(tmp_path / 'x.pt')!r})",
                         *(line[4:] for line in snippet.splitlines()),
                         f"torch.save(logits.detach(), {str(tmp_path / 'logits.pt')!r})"])
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=300)
-    with torch.no_grad():
-        _, emb = clf.model.encode_image(images)
-    expected = clf.model.logit_scale() * F.normalize(emb, dim=-1) @ clf.text.T
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-4, rtol=1e-5)
+    assert clf.beta > 0  # both paths: the prototype path's hook is checked too
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), clf.logits(images), atol=1e-4, rtol=1e-5)
+
+
+class _RunsCode:
+    """Unpickling this runs `touch <marker>`: what a crafted .pt file does to an unsafe torch.load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_no_file_is_unpickled_with_code(run, tmp_path, capsys):
+    """Checkpoints and exports load with weights_only=True: a crafted file is refused, its code never runs."""
+    _, _, out = run
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pt"
+    torch.save({"format": _RunsCode(marker), "lora": {}}, evil)
+    with pytest.raises(ClassifierError, match=r"model.pt holds Python objects besides tensors .*GLOBAL posix.system"):
+        load_classifier(evil)
+    with pytest.raises(ckpt.CheckpointError, match="holds Python objects .*not a checkpoint segpcl_fast wrote"):
+        ckpt.load_checkpoint(evil)
+    assert main(["predict", str(evil), str(tmp_path)]) == 2
+    assert "never unpickles code" in capsys.readouterr().err
+    assert not marker.exists()
+    # what the package writes loads under the same rule
+    clf = load_classifier(out)
+    assert torch.load(clf.export(tmp_path / "ok.pt"), weights_only=True)["class_names"] == clf.class_names
+
+
+def _copy_run(out, dest):
+    import shutil
+    shutil.copytree(out, dest)
+    return dest
+
+
+def test_a_run_folder_whose_checkpoints_are_not_its_own_is_refused(run, tmp_path):
+    """A checkpoint renamed or copied over another, or a config.yaml from another run: predict and
+    export refuse it as evaluate and resume do, instead of serving another model under the run's name."""
+    from segpcl_fast.api import evaluate
+    _, _, out = run
+    swapped = _copy_run(out, tmp_path / "swapped")
+    (swapped / "checkpoints" / "task_00.pt").replace(swapped / "checkpoints" / "task_01.pt")
+    with pytest.raises(ClassifierError, match=r"task_01.pt holds task 1 \(1-based\), not task 2 as its name says"):
+        load_classifier(swapped)
+    with pytest.raises(ckpt.CheckpointError, match="holds task 1 .1-based., not task 2"):
+        evaluate(swapped)
+    mixed = _copy_run(out, tmp_path / "mixed")
+    text = (mixed / "config.yaml").read_text()
+    assert "  lr: 0.001\n" in text
+    (mixed / "config.yaml").write_text(text.replace("  lr: 0.001\n", "  lr: 0.002\n"))
+    with pytest.raises(ClassifierError, match=r"optim.lr was 0.001, now 0.002 .*come from different runs .*"
+                                              r"load_classifier \(predict, export\) needs a run directory"):
+        load_classifier(mixed)
+    with pytest.raises(ckpt.CheckpointError, match=r"come from different runs .*evaluate needs a run directory .*"
+                                                   r"run.device, run.ops"):
+        evaluate(mixed)
+    alone = tmp_path / "task_01.pt"  # a checkpoint outside a run folder vouches for itself
+    (mixed / "checkpoints" / "task_01.pt").replace(alone)
+    assert load_classifier(alone).task == 2
+
+
+def test_export_paths_are_checked_before_any_work_and_exports_are_no_checkpoints(run, tmp_path, capsys):
+    _, _, out = run
+    clf = load_classifier(out)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ClassifierError, match="is in the checkpoints/ folder of the run .*write it elsewhere"):
+        clf.export(out / "checkpoints" / "task_01.pt")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    with pytest.raises(ClassifierError, match="export needs a file path"):
+        clf.export("")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ClassifierError, match="cannot write .*m.pt: .*a_file exists and is not a folder"):
+        clf.export(tmp_path / "a_file" / "m.pt")
+    export = clf.export(tmp_path / "model.pt")
+    with pytest.raises(ckpt.CheckpointError, match="is an exported classifier .*evaluate needs the run's own"):
+        ckpt.load_checkpoint(export, purpose="evaluate")
+    image = tmp_path / "cat.png"
+    _images(1)[0].save(image)
+    assert main(["predict", str(image), str(image)]) == 2  # the run forgotten: the image came first
+    assert "cat.png is an image: give the run first" in capsys.readouterr().err
+
+
+def test_logits_and_predict_check_their_arguments(run):
+    _, _, out = run
+    clf = load_classifier(out)
+    batch = clf.load_images(_images(2))
+    n = len(clf.class_names)
+    assert clf.logits(batch[:0]).shape == (0, n) and clf.predict(batch[:0]) == []
+    torch.testing.assert_close(clf.logits(batch.double()), clf.logits(batch))  # any float dtype: fp32 in
+    with pytest.raises(TypeError, match="a torch.uint8 batch; the model takes float images through clf.transform"):
+        clf.logits((batch * 50).to(torch.uint8))
+    for kwargs in ({"topk": 2.5}, {"topk": True}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a whole number >= 1"):
+            clf.predict(batch, **kwargs)
+    with pytest.raises(TypeError, match=r"predict\(\) got a numpy array: pass PIL images"):
+        clf.predict(np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    one_by_one, together = clf.predict(batch, batch_size=1, topk=3), clf.predict(batch, topk=3)
+    assert [[c for c, _ in row] for row in one_by_one] == [[c for c, _ in row] for row in together]
+    assert [p for row in one_by_one for _, p in row] == pytest.approx([p for row in together for _, p in row], abs=1e-5)

@@ -58,7 +58,7 @@ def test_checkpoint_classifier_uses_the_runs_text_cache_not_the_reference(tiny_m
                       max_test_per_class=1, num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=1,
                       dpgd__k_seed=1, output_dir=str(tmp_path / "run"), progress=False, num_threads=1)
     train(cfg)
-    state = torch.load(ckpt.find_last_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=False)
+    state = torch.load(ckpt.find_last_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=True)
     clf = load_classifier(tmp_path / "run")
     n = len(clf.class_names)
     assert torch.equal(clf.text, state["learner"]["text_cache"][:n])

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from segpcl_fast.fileio import atomic_path, atomic_write_bytes, atomic_write_text
+from segpcl_fast.fileio import (UnsafeFileError, atomic_path, atomic_write_bytes, atomic_write_text, load_torch_file,
+                                remove_stale_temps)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
@@ -49,3 +50,55 @@ def test_unwritable_dir_reason_names_the_path_that_blocks(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
     assert unwritable_dir_reason(locked) == f"{locked} is not writable"
     assert unwritable_dir_reason(locked / "a" / "b") == f"{locked} is not writable (to make {locked / 'a' / 'b'} in it)"
+
+
+def test_remove_stale_temps_takes_only_atomic_paths_leftovers(tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # what a killed process leaves: simulate it by keeping the temp
+        with atomic_path(tmp_path / "task_01.pt") as tmp:
+            kept = tmp.with_name(tmp.name)
+            os.link(tmp, tmp_path / "keep_for_test")
+            raise KeyboardInterrupt
+    os.replace(tmp_path / "keep_for_test", kept)  # the temp name atomic_path made, as a SIGKILL leaves it
+    others = ["task_01.pt.tmp", ".task_01.pt.tmp", "notes.tmp", ".hidden", ".a.toolong123.tmp"]
+    for name in others:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".sub.abcdefgh.tmp").mkdir()  # a folder with a matching name is not ours
+    assert remove_stale_temps(tmp_path) == [kept]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + [".sub.abcdefgh.tmp"])
+    assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_a_temp_that_cannot_be_made_is_reported_under_the_targets_name(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:  # /proc takes no new files, even from root
+        atomic_write_text("/proc/segpcl_out.json", "{}")
+    assert e.value.filename == "/proc/segpcl_out.json"
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    try:
+        if not os.access(tmp_path / "ro", os.W_OK):  # root may write anywhere: no permission error to see
+            with pytest.raises(PermissionError) as e:
+                atomic_write_text(tmp_path / "ro" / "out.json", "{}")
+            assert e.value.filename == str(tmp_path / "ro" / "out.json")
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)
+
+
+class _Code:
+    def __reduce__(self):
+        return (print, ("ran",))
+
+
+def test_load_torch_file_reads_tensors_and_plain_values_only(tmp_path, capsys):
+    state = {"w": torch.arange(3), "names": ["a", "b"], "n": 2, "cfg": {"lr": 1e-3, "x": None}, "t": (1, "a")}
+    torch.save(state, tmp_path / "ok.pt")
+    got = load_torch_file(tmp_path / "ok.pt")
+    assert torch.equal(got["w"], state["w"]) and {k: v for k, v in got.items() if k != "w"} == \
+        {k: v for k, v in state.items() if k != "w"}
+    torch.save({"x": _Code()}, tmp_path / "code.pt")
+    with pytest.raises(UnsafeFileError, match=r"code.pt holds Python objects besides tensors and plain values \(.*GLOBAL .*print[^;]*\); "):
+        load_torch_file(tmp_path / "code.pt")
+    assert "ran" not in capsys.readouterr().out
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")  # damaged: torch's own error, not "unsafe"
+    with pytest.raises(Exception) as e:
+        load_torch_file(tmp_path / "junk.pt")
+    assert not isinstance(e.value, UnsafeFileError)

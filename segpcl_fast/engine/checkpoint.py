@@ -11,8 +11,8 @@ trainer counts) and <output_dir>/checkpoints/last, a one-line text file naming t
 Both are replaced atomically (temp file in the same folder, fsync, os.replace), so a crash
 mid-write leaves the previous checkpoint and pointer intact.
 
-Checkpoints are loaded with torch.load(weights_only=False): they hold Python/numpy objects (RNG
-states, lists). Load only checkpoints you (or your own runs) wrote.
+A checkpoint holds tensors and plain values only (dicts, lists, numbers, strings) and is loaded with
+torch.load(weights_only=True) (fileio.load_torch_file): a crafted file cannot run code.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import UnsafeFileError, atomic_path, atomic_write_text, load_torch_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,6 +36,9 @@ PathLike = Union[str, os.PathLike]
 RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.checkpoint",
                  "run.num_threads", "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
                  "dpgd.batch_size", "data.expected_classes", "data.root", "data.frames_dir", "model.cache_dir")
+
+# run-only keys a user changes on purpose, named in error messages (RUN_ONLY_KEYS has the whole list)
+RUN_ONLY_EXAMPLES = ("run.device", "run.ops", "eval.batch_size", "data.root", "model.cache_dir")
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_POINTER = "last"
@@ -104,18 +107,21 @@ def save_checkpoint(path: PathLike, state: Mapping) -> Path:
 def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
                     expected_config: Optional[Mapping] = None,
                     ignore_keys: Iterable[str] = RUN_ONLY_KEYS, map_location: Any = "cpu",
-                    defaults: Optional[Mapping] = None) -> dict:
+                    defaults: Optional[Mapping] = None, purpose: str = "resume") -> dict:
     """Load a checkpoint; with `expected_fingerprint`, raise CheckpointError when it was made
     with another config. The checkpoint's own "config" (if stored) and `expected_config` are
     diffed so the message names the differing keys. With `defaults` (the config's default
     values), a key that the stored config lacks (added by a later version) matches when its
-    current value is the default, so upgrading the package does not strand a run."""
+    current value is the default, so upgrading the package does not strand a run.
+    `purpose` ("resume" or "evaluate") picks the advice the error gives."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; start without --resume, or point "
                               f"run.output_dir at the folder of the run to resume")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = load_torch_file(path, map_location=map_location)
+    except UnsafeFileError as e:
+        raise CheckpointError(f"{e}: it is not a checkpoint segpcl_fast wrote") from None
     except Exception as e:  # truncated / not a torch file
         pointer = path.parent / LAST_POINTER
         also = f" and {pointer} (it names this file)" if pointer.is_file() else ""
@@ -123,9 +129,40 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
                               f"to resume from the one before, or start a new run.output_dir") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    if str(state.get("format", "")).startswith("segpcl_fast.classifier/"):
+        raise CheckpointError(f"{path} is an exported classifier (segpcl-fast export), not a training checkpoint: "
+                              f"{purpose} needs the run's own checkpoints/task_NN.pt; use the export with "
+                              f"`segpcl-fast predict` or segpcl_fast.load_classifier")
+    check_task_file(path, state)
     if expected_fingerprint is not None:
-        _check_fingerprint(path, state, expected_fingerprint, expected_config, tuple(ignore_keys), defaults)
+        _check_fingerprint(path, state, expected_fingerprint, expected_config, tuple(ignore_keys), defaults,
+                           purpose)
     return state
+
+
+def check_task_file(path: PathLike, state: Mapping) -> None:
+    """A file named task_NN.pt must hold task NN (0-based, as saved): a copy of another run's or another
+    task's checkpoint under that name would otherwise be taken for it."""
+    m = _TASK_FILE.match(Path(path).name)
+    if m and isinstance(state.get("task"), int) and state["task"] != int(m.group(1)):
+        raise CheckpointError(f"{path} holds task {state['task'] + 1} (1-based), not task {int(m.group(1)) + 1} as "
+                              f"its name says: a checkpoint copied or renamed by hand; put the run's own file back")
+
+
+def check_run_config(path: PathLike, state: Mapping, purpose: str) -> None:
+    """A checkpoint in <run>/checkpoints/ must come from the config in <run>/config.yaml (when it is
+    there and readable): the same check as resume and evaluate make, for readers of a run directory."""
+    path = Path(path)
+    own = path.parent.parent / "config.yaml"
+    if path.parent.name != CHECKPOINT_DIR or not own.is_file() or "config" not in state:
+        return
+    from ..config import ConfigError, load_config
+    try:
+        cfg = load_config(own)
+    except (ConfigError, OSError, ValueError):
+        return  # the checkpoint carries its own config; a config.yaml edited since cannot vouch for it
+    _check_fingerprint(path, state, config_fingerprint(cfg.to_dict()), cfg.to_dict(), RUN_ONLY_KEYS,
+                       type(cfg)().to_dict(), purpose)
 
 
 def format_config_diff(diff: Mapping[str, tuple[Any, Any]], limit: Optional[int] = None) -> str:
@@ -134,7 +171,8 @@ def format_config_diff(diff: Mapping[str, tuple[Any, Any]], limit: Optional[int]
 
 
 def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: Optional[Mapping],
-                       ignore_keys: Iterable[str], defaults: Optional[Mapping] = None) -> None:
+                       ignore_keys: Iterable[str], defaults: Optional[Mapping] = None,
+                       purpose: str = "resume") -> None:
     found = state.get("fingerprint", state.get("config_fingerprint"))
     if found == expected:
         return
@@ -143,12 +181,17 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
         diff = config_diff(state["config"], expected_config, ignore_keys, defaults)
         if not diff and defaults is not None:  # only keys added since, each at its default
             return
-    fix = ("Resume (--resume) or evaluate with the same config (only run-only keys such as "
-           f"{', '.join(sorted(ignore_keys)[:4])}, ... may change), or set a new run.output_dir "
-           "(--set run.output_dir=...) to start a fresh run.")
     own = Path(path).parent.parent / "config.yaml"  # <run>/checkpoints/task_NN.pt -> <run>/config.yaml
-    if own.is_file():
-        fix += f" The run's own config: --config {own}"
+    if purpose == "resume":
+        fix = ("Resume (--resume) with the same config (only run-only keys such as "
+               f"{', '.join(RUN_ONLY_EXAMPLES)}, ... may change), or set a new run.output_dir "
+               "(--set run.output_dir=...) to start a fresh run.")
+        if own.is_file():
+            fix += f" The run's own config: --config {own}"
+    else:
+        fix = (f"The run directory's config.yaml and its checkpoints come from different runs (a copied or "
+               f"mixed-up folder?): {purpose} needs a run directory whose checkpoints its own config wrote "
+               f"(only how it runs and where files lie may differ: {', '.join(RUN_ONLY_EXAMPLES)}, ...).")
     if found is None:
         raise CheckpointError(f"checkpoint {path} stores no config fingerprint, so it cannot be "
                               f"matched to this config. {fix}")
@@ -189,6 +232,14 @@ def save_task_checkpoint(output_dir: PathLike, task: int, state: Mapping) -> Pat
 
 def _write_pointer(pointer: Path, name: str) -> None:
     atomic_write_text(pointer, name + "\n", durable=True)
+
+
+def runs_below(folder: PathLike, limit: int = 3) -> list[str]:
+    """Run directories one or two levels below `folder` (an ablation's <variant>/seed<N>/), for an
+    error about a folder that is not a run; not a walk of a whole image tree."""
+    folder = Path(folder)
+    found = sorted(str(p.parent) for depth in ("*", "*/*") for p in folder.glob(f"{depth}/config.yaml"))
+    return found[:limit]
 
 
 def find_last_checkpoint(output_dir: PathLike) -> Optional[Path]:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from .. import metrics, ops
 from ..config import Config, ConfigError, apply_overrides, config_value, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
-from ..fileio import unwritable_dir_reason
+from ..fileio import remove_stale_temps, unwritable_dir_reason
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
 from ..model.clip import load_model
@@ -438,6 +438,7 @@ class Trainer:
                 fwt_before = state["fwt_before"]
                 task_info = state["task_info"]
                 start = state["task"] + 1
+                ops.restore_choices(state.get("ops", {}))  # results.json "ops": the whole run's, not this part's
                 self.log_fn(f"resumed from {last}: tasks 1..{start} done")
             elif (self.out / "results.json").exists():  # run.checkpoint=false: a finished run is its results
                 return self._finished_result(T)
@@ -451,6 +452,9 @@ class Trainer:
             try:
                 if not c.run.resume:
                     self._claim_output_dir()
+                for folder in (self.out, self.out / ckpt.CHECKPOINT_DIR):  # a killed run's half-written files
+                    for stale in remove_stale_temps(folder):
+                        log.info("removed %s, left by a run killed while writing", stale)
                 # resuming is an action, not part of the run's config: a later `train --config <dir>/config.yaml`
                 # without --resume must not resume silently; locations are saved absolute, so `evaluate` and
                 # `--resume` of the run work from any working directory
@@ -478,6 +482,7 @@ class Trainer:
                     "class_names": list(self.scenario.class_names),  # ordered: logit column c = class c
                     "correct": correct.tolist(),
                     "correct_own": correct_own.tolist(), "fwt_before": fwt_before, "task_info": task_info,
+                    "ops": ops.choices_used(),
                 })
         matrix = metrics.accuracy_matrix(correct, totals)
         acc = metrics.acc_per_task(correct, totals)

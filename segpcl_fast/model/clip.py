@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..fileio import UnsafeFileError, load_torch_file
+
 log = logging.getLogger("segpcl_fast.model")
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -319,7 +321,9 @@ def _load_failure(name: str, pretrained: Optional[str], resolved: Optional[str],
     head = f"could not load {name} with pretrained='{pretrained}'"
     if resolved and os.path.isfile(resolved):
         try:
-            state = torch.load(resolved, map_location="cpu", weights_only=False)
+            state = load_torch_file(resolved)  # weights_only: a file open_clip refused must not run code here
+        except UnsafeFileError as e:
+            return f"{head}: {e}; give an open_clip state_dict file (.pt/.bin/.safetensors)"
         except Exception as e:
             return (f"{head}: '{resolved}' is not a checkpoint torch can read ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}); give an open_clip state_dict file (.pt/.bin/.safetensors)")

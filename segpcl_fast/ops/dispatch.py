@@ -69,6 +69,15 @@ def choices_used() -> dict[str, str]:
     return {op: "+".join(impls) for op, impls in _used.items()}
 
 
+def restore_choices(used: dict[str, str]) -> None:
+    """Add choices_used()'s record of an earlier part of the run (a checkpoint's), first in order."""
+    earlier = {op: dict.fromkeys(impls.split("+")) for op, impls in used.items() if impls}
+    for op, impls in _used.items():
+        earlier.setdefault(op, {}).update(impls)
+    _used.clear()
+    _used.update(earlier)
+
+
 def reset_choices() -> None:
     _last_choice.clear()
     _used.clear()

@@ -509,7 +509,7 @@ def test_resume_restores_the_trained_state_and_the_task_log(tiny_model_name, tmp
     run_cases.crash_at_task(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(small_config(tiny_model_name, out, lr=0.05))
-    saved = torch.load(ckpt.checkpoint_path(out, 0), weights_only=False)
+    saved = torch.load(ckpt.checkpoint_path(out, 0), weights_only=True)
     assert any(float(v.abs().sum()) > 0 for k, v in saved["lora"].items() if "lora_B" in k)
 
     at_resume = {}
@@ -529,7 +529,7 @@ def test_resume_restores_the_trained_state_and_the_task_log(tiny_model_name, tmp
     assert json.loads((out / "results.json").read_text())["timings"]["tasks"][0] == saved["task_info"][0]["timings"]
 
     # the checkpoint's classes in another order: refused on resume (logit column c is class c)
-    state = torch.load(ckpt.checkpoint_path(out, 0), weights_only=False)
+    state = torch.load(ckpt.checkpoint_path(out, 0), weights_only=True)
     state["class_names"] = list(reversed(state["class_names"]))
     ckpt.save_task_checkpoint(out, 0, state)
     (out / "results.json").unlink()

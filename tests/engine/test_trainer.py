@@ -1,6 +1,7 @@
 """End-to-end trainer runs on the offline world with a 2-layer random CLIP (fast), resume, errors."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -48,7 +49,13 @@ def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch)
         train(small_config(tiny_model_name, tmp_path / "resumed"))
     assert ckpt.find_last_checkpoint(tmp_path / "resumed").name == "task_00.pt"
     monkeypatch.undo()
+    # a run killed (SIGKILL) while writing leaves atomic_path's temp files; resuming clears them
+    stale = [tmp_path / "resumed" / "checkpoints" / ".task_01.pt.k3x_9a1q.tmp", tmp_path / "resumed" / ".results.json.ab12cd34.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
     resumed = train(small_config(tiny_model_name, tmp_path / "resumed", resume=True))
+    assert not any(path.exists() for path in stale)
+    assert resumed.ops == full.ops  # results.json "ops": the whole run's, the crashed part's too
     assert resumed.accuracy_matrix == full.accuracy_matrix
     assert resumed.metrics == full.metrics
     assert resumed.fwt_before == full.fwt_before
@@ -92,7 +99,7 @@ def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path)
     cfg = small_config(tiny_model_name, tmp_path / "run")
     full = train(cfg)
     path = ckpt.checkpoint_path(tmp_path / "run", 0)
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     del state["correct_own"]
     del state["config"]["data"]["synthetic_shift"]
     del state["config"]["data"]["expected_classes"]
@@ -639,6 +646,67 @@ def test_ctrl_c_in_train_is_one_line_saying_how_to_resume(monkeypatch, capsys):
     assert main(["train", "-o", "unused"]) == 130
     err = capsys.readouterr().err
     assert err == "segpcl-fast: interrupted: continue after the last finished task with the same command and --resume\n"
+
+
+def test_sigterm_is_an_interrupt_that_leaves_no_half_written_file(monkeypatch, capsys, tmp_path):
+    """timeout, Slurm and torchrun stop a run with SIGTERM: the file being written is removed, the
+    message says how to resume, the exit status is 128 + 15, and the caller's handler comes back."""
+    import signal
+
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+    from segpcl_fast.fileio import atomic_path
+
+    def terminated_while_writing(cfg):
+        with atomic_path(tmp_path / "checkpoints" / "task_00.pt") as tmp:
+            tmp.write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises at the next bytecode; this never finishes
+    monkeypatch.setattr(segpcl_fast.api, "train", terminated_while_writing)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "-o", "unused"]) == 143
+    assert capsys.readouterr().err == ("segpcl-fast: terminated (SIGTERM): continue after the last finished task with "
+                                       "the same command and --resume\n")
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+class _BrokenImages(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.path = path
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from segpcl_fast.data.base import read_rgb
+        return read_rgb(self.path)
+
+
+def test_a_bad_image_read_in_a_dataloader_worker_is_the_librarys_one_line(monkeypatch, capsys, tmp_path):
+    """torch re-raises a worker's error with the worker's whole traceback in its message (PIL's error
+    chained under ours): the CLI prints only the library's message, as with num_workers=0."""
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+    (tmp_path / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+
+    def train_reading_it(cfg):
+        list(torch.utils.data.DataLoader(_BrokenImages(tmp_path / "cut.jpg"), num_workers=1))
+    monkeypatch.setattr(segpcl_fast.api, "train", train_reading_it)
+    assert main(["train", "-o", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segpcl-fast: error: image file '{tmp_path / 'cut.jpg'}' cannot be read (")
+    assert err.count("\n") == 1 and "Traceback" not in err and "worker" not in err
+
+
+def test_evaluate_of_a_folder_of_runs_names_them(tmp_path):
+    from segpcl_fast.api import evaluate
+    for name in ("lora_finetune/seed0", "segpcl/seed0"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(FileNotFoundError, match=f"config.yaml not found: evaluate.*; runs below it: "
+                                                f"{tmp_path / 'lora_finetune/seed0'}, {tmp_path / 'segpcl/seed0'}$"):
+        evaluate(tmp_path)
 
 
 def test_the_nonfinite_message_names_the_settings_of_the_bad_terms():

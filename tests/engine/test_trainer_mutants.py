@@ -257,7 +257,7 @@ def test_run_fills_row_t_of_both_matrices_and_writes_them_with_a_checkpoint_per_
     assert saved["matrix_own"] == result.accuracy_matrix_own and saved["fwt_before"] == [None, 41.0]
     assert saved["metrics"] == pytest.approx(result.metrics)
     for t in range(2):  # every task leaves its own checkpoint, holding the counts so far and the task log
-        state = torch.load(ckpt.checkpoint_path(out, t), weights_only=False)
+        state = torch.load(ckpt.checkpoint_path(out, t), weights_only=True)
         assert state["task"] == t and len(state["task_info"]) == t + 1
         assert [info["acc"] for info in state["task_info"]] == pytest.approx([75.0, 50.0][:t + 1])
         assert state["correct"][t][:t + 1] == [c[0] for c in COUNTS[t]]

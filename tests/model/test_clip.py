@@ -79,6 +79,25 @@ def test_uncached_weights_fail_fast_offline(tmp_path):
         load_model("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
 
 
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_weights_holding_code_are_refused_without_running_it(tiny_model_name, tmp_path):
+    """open_clip reads weights with weights_only=True and refuses such a file; the diagnosis of why it
+    failed must not unpickle it either (it once did, with weights_only=False)."""
+    evil = tmp_path / "weights.pt"
+    torch.save({"visual.proj": _RunsCode(tmp_path / "pwned")}, evil)
+    with pytest.raises(ModelLoadError, match="weights.pt holds Python objects besides tensors .*give an open_clip"):
+        load_model(tiny_model_name, pretrained=str(evil))
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_a_corrupt_or_directory_checkpoint_is_one_clear_error(tiny_model_name, tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("these are not weights")
