@@ -4,10 +4,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
-from .config import (Config, ConfigError, apply_overrides, check_data_root, check_task_count, config_from_dict,
-                     kwargs_to_overrides, load_config)
+from .config import (Config, ConfigError, apply_overrides, check_data_root, check_resume_dir, check_task_count,
+                     config_from_dict, kwargs_to_overrides, load_config)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -59,6 +59,15 @@ def check_resume_target(config: ConfigLike, cfg: Config) -> None:
         raise ConfigError(f"resuming with {config}, a run's config whose run.output_dir is {cfg.run.output_dir}, not "
                           f"the folder it lies in ({folder}): resume that folder with -o {folder} "
                           f"(train(..., run__output_dir=...)), or the recorded one with -o {cfg.run.output_dir}")
+
+
+def check_unique(items: Iterable, what: str) -> None:
+    """One ConfigError for an entry given twice (each would run into the same folder)."""
+    seen: set = set()
+    for item in items:
+        if item in seen:
+            raise ConfigError(f"{what} {item!r} is given twice: each runs into its own folder; give it once")
+        seen.add(item)
 
 
 # what evaluate() may change about how a run is evaluated (nothing that changes the model or the data:
@@ -135,19 +144,22 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     """Run method variants (default: the ablation ladder) on one scenario, over seeds.
 
     Writes <output_dir>/ablation.json, ablation.txt (table of mean +- std of Avg, Last, Forgetting,
-    BWT, FWT, Forgetting_own) and ablation.png (acc_t curves of each variant, seed 0) and returns
+    BWT, FWT, Forgetting_own) and ablation.png (acc_t curves of each variant, mean +- std over the seeds) and returns
     {"rows": [...], "runs": {variant: [Result, ...]}, "paths": {...}}.
     """
     import json
 
     from .fileio import atomic_write_text
     from .method.variants import LADDER, variant_overrides
-    from .report import format_metrics_table
+    from .report import format_metrics_table, plus_minus
     from .report.results import to_jsonable
     cfg = make_config(config, **overrides)
     variants = list(variants or LADDER)
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs
+    check_unique(variants, "variant")
+    check_unique([int(s) for s in seeds], "seed")
+    check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
     runs, rows, trained = {}, [], {}
     for name in variants:
@@ -168,7 +180,8 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
             row[key], row[key + "_std"] = mean, std
         rows.append(row)
     table = format_metrics_table(
-        [{"method": r["method"], **{k: _pm(r[k], r[k + "_std"]) for k in ABLATION_METRICS}} for r in rows],
+        [{"method": r["method"], **{k: plus_minus(r[k], r[k + "_std"], len(seeds)) for k in ABLATION_METRICS}}
+         for r in rows],
         title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- std)")
     paths = {"json": str(out / "ablation.json"), "table": str(out / "ablation.txt")}
     atomic_write_text(out / "ablation.txt", table + "\n")
@@ -177,8 +190,13 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
          "runs": {n: [r.output_dir for r in rs] for n, rs in runs.items()}}), indent=2))
     if cfg.run.plots:
         from .report import plots
-        paths["png"] = str(plots.plot_acc_curves({n: rs[0].acc_per_task for n, rs in runs.items()},
-                                                 out / "ablation.png", title=f"ablation: acc per task ({cfg.data.dataset})"))
+        import numpy as np
+        curves = {n: np.mean([r.acc_per_task for r in rs], axis=0) for n, rs in runs.items()}
+        spread = {n: np.std([r.acc_per_task for r in rs], axis=0, ddof=1) for n, rs in runs.items()} \
+            if len(seeds) > 1 else None
+        over = f"mean +- std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+        paths["png"] = str(plots.plot_acc_curves(curves, out / "ablation.png", errors=spread,
+                                                 title=f"ablation: acc per task ({cfg.data.dataset}, {over})"))
     return {"rows": rows, "runs": runs, "paths": paths, "table": table}
 
 
@@ -190,9 +208,3 @@ def _training_key(cfg, name: str) -> str:
     resolved = resolve_variant(apply_overrides(cfg, {"run.method": name})).to_dict()
     resolved["run"].pop("method", None)
     return json.dumps(resolved, sort_keys=True, default=str)
-
-
-def _pm(mean, std) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:.2f} +- {std:.2f}" if std else f"{mean:.2f}"

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool = True,
-                     resume: bool = True) -> None:
+                     resume: bool = True, method_help: str = "") -> None:
     """method / seed False (a subcommand with --variants / --seeds instead): the option stays parseable,
     to be refused with the fix (_refuse_run_options), but is left out of --help."""
     p.add_argument("--config", "-c", default=None,
@@ -41,8 +41,8 @@ def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set dpgd.k_adv=5 (repeatable)")
     p.add_argument("--output-dir", "-o", default=None, help="same as --set run.output_dir=...")
-    p.add_argument("--method", default=None, help="same as --set run.method=... (segpcl, lora_finetune, ...)"
-                   if method else argparse.SUPPRESS)
+    p.add_argument("--method", default=None, help=(method_help or "same as --set run.method=... (segpcl, "
+                                                                  "lora_finetune, ...)") if method else argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=None, help="same as --set run.seed=..." if seed else argparse.SUPPRESS)
     p.add_argument("--hw", default=None, metavar="PRESET",
                    help="hardware preset laid over the config before --set: 1gpu, 2x4090 (see engine/presets.py)")
@@ -140,7 +140,7 @@ def cmd_ablate(args) -> int:
     _refuse_run_options(args, "it runs every --variants entry: use --variants segpcl",
                         "it runs every --seeds entry: use --seeds 3")
     cfg = _config_from_args(args)
-    variants = args.variants.split(",") if args.variants else None
+    variants = _csv(args.variants, "--variants")
     out = ablate(cfg, variants=variants, seeds=args.seeds)
     print(out["table"])
     print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
@@ -173,16 +173,44 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _csv(text):
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expects an integer >= 0, got {text!r}")
+    return value
+
+
+def _csv(text, option: str = ""):
+    """"a,b" -> ["a", "b"]; None (option not given) -> None; given but naming nothing ("," or "") is an error."""
+    if text is None:
+        return None
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ConfigError(f"{option or 'the option'} names nothing ({text!r}): give comma-separated names, or leave "
+                          f"it out for the default")
+    return items
+
+
+# the analyses that train one method, from --method (their own default) and never from run.method: a
+# --set run.method would be overridden silently, so it is refused with the fix
+def _analysis_method(args, default: str) -> str:
+    if any(o.split("=", 1)[0].strip() == "run.method" for o in args.overrides):
+        raise ConfigError(f"{args.command} takes its method from --method (default {default}), not --set run.method")
+    return args.method or default
 
 
 def cmd_fragility(args) -> int:
     from .analysis import fragility
     cfg = _config_from_args(args)
-    tasks = [int(t) for t in _csv(args.tasks)] if args.tasks else None
+    try:
+        tasks = [int(t) for t in _csv(args.tasks, "--tasks")] if args.tasks is not None else None
+    except ValueError:
+        raise ConfigError(f"--tasks expects comma-separated 1-based task numbers like 2,5, got {args.tasks!r}") from None
     _print_analysis(fragility(cfg, tasks=tasks, score=args.score, threshold=args.threshold,
-                              method=args.method or "lora_finetune", max_old_images=args.max_old_images,
+                              method=_analysis_method(args, "lora_finetune"), max_old_images=args.max_old_images,
                               temperature=args.temperature))
     return 0
 
@@ -191,7 +219,7 @@ def cmd_retention(args) -> int:
     from .analysis import retention
     _refuse_run_options(args, method_fix="it compares every --variants entry: use --variants segpcl")
     cfg = _config_from_args(args)
-    _print_analysis(retention(cfg, variants=_csv(args.variants), datasets=_csv(args.datasets),
+    _print_analysis(retention(cfg, variants=_csv(args.variants, "--variants"), datasets=_csv(args.datasets, "--datasets"),
                               per_class=args.per_class))
     return 0
 
@@ -209,15 +237,16 @@ def cmd_distill_sources(args) -> int:
     from .analysis import distill_sources
     _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds 3")
     cfg = _config_from_args(args)
-    _print_analysis(distill_sources(cfg, sources=_csv(args.sources), folder=args.folder,
-                                    seeds=args.seeds, method=args.method or "segpcl"))
+    _print_analysis(distill_sources(cfg, sources=_csv(args.sources, "--sources"), folder=args.folder,
+                                    seeds=args.seeds, method=_analysis_method(args, "segpcl")))
     return 0
 
 
 def cmd_anchor_views(args) -> int:
     from .analysis import anchor_views
     cfg = _config_from_args(args)
-    _print_analysis(anchor_views(cfg, task=args.task, method=args.projection, run_method=args.method or "segpcl"))
+    _print_analysis(anchor_views(cfg, task=args.task, method=args.projection,
+                                 run_method=_analysis_method(args, "segpcl")))
     return 0
 
 
@@ -281,12 +310,13 @@ def _add_profile_parser(sub) -> None:
 def _add_analysis_parsers(sub) -> None:
     p = sub.add_parser("fragility", help="JSD of old-class predictions across a task: boundary vs core images, "
                                          "DPGD anchors vs random new images")
-    _add_config_args(p)
+    _add_config_args(p, resume=False, method_help="the method trained task by task (default lora_finetune)")
     p.add_argument("--tasks", default=None, help="1-based tasks to measure, e.g. 2,5 (default: 2..T)")
     p.add_argument("--score", default="text_sim", choices=["text_sim", "margin"],
                    help="boundary score (default text_sim: similarity to the nearest new-class text)")
     p.add_argument("--threshold", default="median", help="median (default), quantile:q, or a number")
-    p.add_argument("--max-old-images", type=int, default=2000, help="old-class test images per task (0 = all)")
+    p.add_argument("--max-old-images", type=non_negative_int, default=2000,
+                   help="old-class test images per task (0 = all)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="softmax temperature of the class distributions (1 = the model's; 20 = ACGD's tau_A)")
     p.set_defaults(func=cmd_fragility)
@@ -295,24 +325,29 @@ def _add_analysis_parsers(sub) -> None:
     p.add_argument("--variants", default=None, help="comma-separated variants (default: zeroshot,lora_finetune,"
                                                     "+acgd,+tsgr,segpcl)")
     p.add_argument("--datasets", default=None, help="comma-separated: synthetic-sketch, synthetic-source, "
-                                                    "food101=ROOT, pets=ROOT, imagenet=ROOT (default: synthetic)")
-    p.add_argument("--per-class", type=int, default=0, help="images per class (0 = all / synthetic default 20)")
+                                                    "food101=ROOT, pets=ROOT, imagenet=ROOT (default: synthetic-sketch,"
+                                                    "synthetic-source)")
+    p.add_argument("--per-class", type=non_negative_int, default=0,
+                   help="images per class (0 = all / synthetic default 20)")
     p.set_defaults(func=cmd_retention)
     p = sub.add_parser("sweep", help="sweep config keys (--set key=v1,v2; several keys -> grid) over seeds")
     _add_config_args(p, seed=False)
+    next(a for a in p._actions if a.dest == "overrides").help = (
+        "a swept key and its values, e.g. --set dpgd.k_adv=5,10,20 (';' separates values that hold commas, "
+        "e.g. lora.targets=[k,v];[q,k,v]); several --set give a grid; a key with one value is fixed")
     p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE",
                    help="a fixed override that is not split into values (e.g. a value holding commas)")
     p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds, e.g. 0,1")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("distill-sources", help="ACGD on DPGD anchors vs new-task images vs seeds vs a folder")
-    _add_config_args(p, seed=False)
+    _add_config_args(p, seed=False, method_help="the method whose ACGD source changes (default segpcl)")
     p.add_argument("--sources", default=None, help="comma-separated subset of anchors,new_data,seeds,folder")
     p.add_argument("--folder", default=None, help="reference image folder for source 'folder' "
                                                   "(offline default: held-out synthetic source-domain images)")
     p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds")
     p.set_defaults(func=cmd_distill_sources)
     p = sub.add_parser("anchor-views", help="2-D view of prototypes, seeds, anchors and new images (PNG)")
-    _add_config_args(p)
+    _add_config_args(p, resume=False, method_help="the method trained up to --task (default segpcl)")
     p.add_argument("--task", type=int, default=2, help="1-based task whose anchors are shown (>= 2)")
     p.add_argument("--projection", default="pca", choices=["pca", "tsne"], help="tsne needs scikit-learn")
     p.set_defaults(func=cmd_anchor_views)
@@ -401,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
     p.set_defaults(func=cmd_env)
     for p in sub.choices.values():  # -v also after the subcommand (segpcl-fast train -v)
+        # `segpcl-fast <sub> --help` opens with the line `segpcl-fast --help` lists for it
+        p.description = p.description or {a.dest: a.help for a in sub._choices_actions}.get(p.prog.split()[-1])
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log INFO messages (op dispatch, timings)")
     return parser

@@ -713,6 +713,15 @@ def _load_chain(p: Path, chain: tuple[Path, ...]) -> Config:
         raise ConfigError(f"config file '{p}': {e}") from None
 
 
+def check_resume_dir(cfg: Config) -> None:
+    """--resume of an output dir that does not exist is an error (a typo would start it all again): train and
+    every analysis ask it before any run."""
+    out = Path(cfg.run.output_dir)
+    if cfg.run.resume and not out.is_dir():
+        raise ConfigError(f"run.resume is set but {out} does not exist: check run.output_dir (-o), or drop "
+                          f"--resume to start a new run there")
+
+
 def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Config:
     """Load YAML (partial configs fine), validated. `path` may also be a preset name in configs/
     (e.g. cifar100). A `base:` key names another YAML (relative to this file's folder) or a preset

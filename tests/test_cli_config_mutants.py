@@ -280,12 +280,15 @@ def test_every_command_that_trains_runs_takes_resume(monkeypatch):
     monkeypatch.setattr(segpcl_fast.api, "ablate", record)
     for name in ("fragility", "retention", "sweep", "distill_sources", "anchor_views"):
         monkeypatch.setattr(segpcl_fast.analysis, name, record)
-    commands = ["ablate", "fragility", "retention", "distill-sources", "anchor-views"]
+    commands = ["ablate", "retention", "distill-sources"]
     for command in commands:
         assert main([command, "-o", "unused", "--resume"]) == 130
         assert main([command, "-o", "unused"]) == 130
     assert main(["sweep", "--set", "dpgd.k_adv=2,3", "-o", "unused", "--resume"]) == 130
     assert seen == [True, False] * len(commands) + [True]
+    for command in ("fragility", "anchor-views"):  # they keep no run to resume: --resume is no option of theirs
+        with pytest.raises(SystemExit):
+            main([command, "-o", "unused", "--resume"])
 
 
 # ----------------------------------------------------------------------------- fileio

@@ -309,6 +309,21 @@ def test_plot_acc_curves_data(tmp_path, monkeypatch):
     assert figs[1].axes[0].get_title() == "mine"
     with pytest.raises(ValueError, match="at least one curve"):
         plots.plot_acc_curves({}, tmp_path / "e.png")
+    # a mean over seeds with its std: error bars of exactly those half-lengths, on the mean curve
+    plots.plot_acc_curves({"segpcl": [90.0, 80.0]}, tmp_path / "c.png", errors={"segpcl": [1.0, 2.5]})
+    ax = figs[2].axes[0]
+    (bars,) = [c for c in ax.containers if c.has_yerr]
+    segments = bars.lines[2][0].get_segments()
+    assert [(float(s[0][1]), float(s[1][1])) for s in segments] == [(89.0, 91.0), (77.5, 82.5)]
+
+
+def test_plot_bars_errors(tmp_path, monkeypatch):
+    figs = _spy_figures(monkeypatch)
+    plots.plot_bars({"a": 50.0, "b": 40.0}, tmp_path / "b.png", errors={"a": 2.0, "b": None})
+    ax = figs[0].axes[0]
+    (bars,) = [c for c in ax.containers if getattr(c, "has_yerr", False)]
+    segments = bars.lines[2][0].get_segments()
+    assert [(float(s[0][1]), float(s[1][1])) for s in segments] == [(48.0, 52.0), (40.0, 40.0)]
 
 
 def test_plot_bars_data(tmp_path, monkeypatch):
@@ -318,7 +333,7 @@ def test_plot_bars_data(tmp_path, monkeypatch):
     ax = figs[0].axes[0]
     np.testing.assert_array_equal([p.get_height() for p in ax.patches], [77.0, NAN, 81.66])
     notes = [(t.get_text(), t.xy) for t in ax.texts]
-    assert notes == [("77.0", (0.0, 77.0)), ("81.7", (2.0, 81.66))]  # at each bar's top centre; none for None
+    assert notes == [("77.00", (0.0, 77.0)), ("81.66", (2.0, 81.66))]  # at each bar's top centre; none for None
     assert [t.get_text() for t in ax.get_xticklabels()] == ["LoRA-B", "missing", "+ACGD"]
     assert [t.get_rotation() for t in ax.get_xticklabels()] == [0.0] * 3
     assert (ax.get_ylabel(), ax.get_xlabel(), ax.get_title()) == ("Last (%)", "", "ablation")

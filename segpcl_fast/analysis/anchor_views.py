@@ -103,8 +103,9 @@ def anchor_views(config=None, task: int = 2, method: str = "pca", run_method: Op
                "targets": targets.tolist(), "new_labels": new_labels.tolist(),
                "coords": {k: v.tolist() for k, v in xy.items()}, "config": trainer.cfg.to_dict()}
     paths = write_table_files(out, "anchor_views", payload, table)
-    paths["png"] = plot_views(xy, targets.cpu().numpy(), out / "anchor_views.png", int(task), method,
-                              trainer.cfg.run.method)
+    if cfg.run.plots:
+        paths["png"] = plot_views(xy, targets.cpu().numpy(), out / "anchor_views.png", int(task), method,
+                                  trainer.cfg.run.method)
     return {"rows": rows, "paths": paths, "table": table}
 
 
@@ -119,20 +120,30 @@ def plot_views(xy: dict, targets: np.ndarray, path, task: int, method: str, run_
     """Scatter: new images grey, seeds (o) and anchors (^) coloured by target class, a line from each
     seed to its anchor, prototypes as large stars in their class colour."""
     from matplotlib import colormaps
-    cmap = colormaps["tab20"]
+    n_classes = len(xy["old prototypes"])
+
+    def class_colours(labels):  # 20 distinct colours while they last, else one hue per class around a wheel
+        labels = np.asarray(labels)
+        if n_classes <= 20:
+            return colormaps["tab20"](labels % 20)
+        return colormaps["turbo"](labels / (n_classes - 1))
     fig = new_figure((7.0, 6.0))
     ax = fig.add_subplot()
     new = xy["new-task images"]
     ax.scatter(new[:, 0], new[:, 1], s=6, c="lightgrey", label="new-task images")
     seeds, anchors, protos = xy["seeds"], xy["DPGD anchors"], xy["old prototypes"]
-    colours = cmap(targets % 20)
+    colours = class_colours(targets)
     for (sx, sy), (ax_, ay) in zip(seeds, anchors):
         ax.plot([sx, ax_], [sy, ay], color="grey", linewidth=0.5, alpha=0.6)
     ax.scatter(seeds[:, 0], seeds[:, 1], s=16, c=colours, marker="o", edgecolors="none", label="seeds")
     ax.scatter(anchors[:, 0], anchors[:, 1], s=22, c=colours, marker="^", edgecolors="black", linewidths=0.3,
                label="DPGD anchors")
-    ax.scatter(protos[:, 0], protos[:, 1], s=140, c=cmap(np.arange(len(protos)) % 20), marker="*",
+    ax.scatter(protos[:, 0], protos[:, 1], s=140, c=class_colours(np.arange(len(protos))), marker="*",
                edgecolors="black", linewidths=0.6, label="old prototypes")
-    ax.set_title(f"teacher raw features before task {task} ({run_method}), {method.upper()}", fontsize=10)
+    axis = "PC" if method == "pca" else "t-SNE "
+    ax.set_xlabel(f"{axis}1")
+    ax.set_ylabel(f"{axis}2")
+    ax.set_title(f"teacher raw features before task {task} ({run_method}), {method.upper()}; colour: target "
+                 f"old class", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     return save_png(fig, path)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import ConfigError, apply_overrides
-from .outputs import METRICS, make_trainer, plus_minus, run_config, summarize_runs, write_table_files
+from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plus_minus, run_config, summarize_runs,
+                      write_table_files)
 
 log = logging.getLogger("segpcl_fast.analysis")
 
@@ -47,14 +48,19 @@ def write_synthetic_reference_folder(folder: Path, seed: int = 0, per_class: int
     return folder
 
 
+def _check_uses_acgd(cfg, method: str) -> None:
+    from ..method.variants import resolve_variant
+    resolved = resolve_variant(apply_overrides(cfg, {"run.method": method}))
+    if not (resolved.acgd.enabled and resolved.acgd.weight > 0):
+        raise ConfigError(f"method '{method}' does not use ACGD (acgd.enabled / acgd.weight): the distillation "
+                          f"source makes no difference; use method=segpcl")
+
+
 def _trainer_for_source(cfg, method: str, source: str, folder: Optional[str], out: Path):
     trainer = make_trainer(run_config(cfg, method, out))
     trainer.cfg.acgd.source = source  # shared with trainer.learner.cfg; saved into config.yaml by run()
     trainer.cfg.acgd.source_folder = folder if source == "folder" else trainer.cfg.acgd.source_folder
     trainer.learner.eval_transform = trainer.test_tf
-    if not (trainer.cfg.acgd.enabled and trainer.cfg.acgd.weight > 0):
-        raise ConfigError(f"method '{method}' does not use ACGD (acgd.enabled / acgd.weight): the distillation "
-                          f"source makes no difference; use method=segpcl")
     return trainer
 
 
@@ -70,6 +76,13 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
     bad = [s for s in sources if s not in SOURCES]
     if bad:
         raise ConfigError(f"unknown ACGD source(s) {bad}; choose from {', '.join(SOURCES)}")
+    check_unique(sources, "ACGD source")
+    check_unique([int(s) for s in seeds], "seed")
+    if folder is not None and "folder" not in sources:
+        raise ConfigError(f"a reference folder ({folder}) is only used by the source 'folder', which "
+                          f"{', '.join(sources)} leaves out: add folder to the sources, or drop the folder")
+    _check_uses_acgd(cfg, method)  # before the offline reference folder is written
+    check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
     folder = folder or cfg.acgd.source_folder
     if "folder" in sources:
@@ -91,13 +104,16 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
                                                        "rows": rows, "runs": runs, "config": cfg.to_dict()}, table)
     if cfg.run.plots:
         from ..report import plots
+        over = f"mean +- std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
         paths["png"] = str(plots.plot_bars({r["source"]: r["Last"] for r in rows}, out / "distill_sources.png",
-                                           ylabel="Last (%)", title=f"ACGD source ({method}, {cfg.data.dataset})"))
+                                           errors={r["source"]: r["Last_std"] for r in rows} if len(seeds) > 1 else None,
+                                           ylabel="Last (%)",
+                                           title=f"ACGD source ({method}, {cfg.data.dataset}, {over})"))
     return {"rows": rows, "runs": runs, "paths": paths, "table": table}
 
 
 def format_sources_table(rows: list, method: str, dataset: str, n_seeds: int) -> str:
     from ..report import format_table
-    body = [[r["source"]] + [plus_minus(r[m], r[m + "_std"]) for m in METRICS] for r in rows]
+    body = [[r["source"]] + [plus_minus(r[m], r[m + "_std"], n_seeds) for m in METRICS] for r in rows]
     return format_table(body, ["ACGD source"] + list(METRICS),
                         title=f"ACGD distillation source ({method} on {dataset}, {n_seeds} seed(s), mean +- std)")

@@ -233,6 +233,8 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
     resolve_threshold(torch.zeros(1), threshold)  # a bad threshold fails before training
     if not temperature > 0:
         raise ConfigError(f"fragility temperature must be > 0, got {temperature}")
+    if isinstance(max_old_images, bool) or not isinstance(max_old_images, int) or max_old_images < 0:
+        raise ConfigError(f"fragility max_old_images must be a whole number >= 0 (0: all), got {max_old_images!r}")
     trainer = make_trainer(run_config(cfg, method, out / "run"))
     wanted = _tasks_to_analyse(tasks, trainer.scenario.num_tasks)
     rows = []
@@ -294,7 +296,7 @@ def format_fragility_table(rows: list, pooled: dict, method: str, score: str, te
              f"boundary > core in "
              f"{pooled['tasks_boundary_gt_core']}/{pooled['tasks']} tasks, anchors > random new-task images in "
              f"{pooled['tasks_anchors_gt_random']}/{pooled['tasks']}")
-    return format_table(body, header, floatfmt=".4f", title=title)
+    return format_table(body, header, floatfmt=".4g", title=title)  # 4 significant digits: JSDs may be ~1e-5
 
 
 def replot_fragility(json_path, png_path=None) -> str:
@@ -318,7 +320,7 @@ def plot_fragility(rows: list, path, method: str) -> str:
         bins = np.logspace(np.log10(JSD_FLOOR), np.log10(max(top, 10 * JSD_FLOOR)), 40)
         for label, v in series:
             ax.hist(np.clip(v, JSD_FLOOR, None), bins=bins, alpha=0.55,
-                    label=f"{label} (n={v.size}, mean={v.mean() if v.size else 0:.4f})")
+                    label=f"{label} (n={v.size}, mean={v.mean():.3g})" if v.size else f"{label} (none)")
         ax.set_xscale("log")
         ax.set_xlabel(f"JSD(before, after task t) [nats, log; < {JSD_FLOOR:g} in the first bin]")
         ax.set_ylabel("images")

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..config import Config, apply_overrides
+from ..api import check_unique  # noqa: F401  (the analyses' check is the API's)
+from ..config import Config, apply_overrides, check_resume_dir  # noqa: F401
 from ..fileio import atomic_write_text
 from ..report.results import to_jsonable
+from ..report.tables import plus_minus  # noqa: F401  (the analyses' table cells)
 
 DPI = 120
 
@@ -88,13 +90,7 @@ def mean_std(values: Iterable[Optional[float]]) -> tuple[Optional[float], Option
     return mean, std
 
 
-def plus_minus(mean: Optional[float], std: Optional[float]) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:.2f} +- {std:.2f}" if std else f"{mean:.2f}"
-
-
-METRICS = ("Avg", "Last", "Forgetting", "BWT")
+METRICS = ("Avg", "Last", "Forgetting", "BWT", "FWT", "Forgetting_own")  # ablate's columns
 
 
 def summarize_runs(results: list, keys: Iterable[str] = METRICS) -> dict:

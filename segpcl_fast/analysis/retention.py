@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, apply_overrides
 from ..data.retention import OFFLINE_DEFAULT, RETENTION_DATASETS
-from .outputs import make_trainer, new_figure, run_config, save_png, slug, write_table_files
+from .outputs import (check_resume_dir, check_unique, make_trainer, new_figure, run_config, save_png, slug,
+                      write_table_files)
 
 log = logging.getLogger("segpcl_fast.analysis")
 
@@ -42,6 +43,10 @@ def parse_dataset_specs(datasets: DatasetSpec) -> dict[str, Optional[str]]:
     for name, root in items:
         if name not in RETENTION_DATASETS:
             raise ConfigError(f"unknown retention dataset '{name}'; known: {', '.join(RETENTION_DATASETS)}")
+        if name in specs:
+            raise ConfigError(f"retention dataset '{name}' is given twice; give it once")
+        if name.startswith("synthetic") and root:
+            raise ConfigError(f"retention dataset '{name}' is generated, it takes no data root: write {name}")
         if not name.startswith("synthetic") and not root:
             raise ConfigError(f"retention dataset '{name}' needs a data root: write it as {name}=/path/to/{name}")
         if root and not Path(root).expanduser().is_dir():
@@ -94,7 +99,12 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     variants = list(variants or DEFAULT_VARIANTS)
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs
+    check_unique(variants, "variant")
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
+        raise ConfigError(f"retention per_class must be a whole number >= 0 (0: all / the synthetic default), "
+                          f"got {per_class!r}")
     specs = parse_dataset_specs(datasets)
+    check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
     before, rows, sets = {}, [], None
     for name in variants:
@@ -104,6 +114,11 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
             before = {d: zeroshot_accuracy(trainer.model, ds, prompts, trainer.device, cfg.eval.batch_size)
                       for d, (ds, prompts) in sets.items()}
         result = trainer.run()
+        if not trainer.holds_final_weights:  # resumed, finished with run.checkpoint=false: no weights kept
+            log.warning("retention: %s finished without checkpoints, so its trained weights are gone; training "
+                        "it again", trainer.out)
+            trainer = make_trainer(apply_overrides(trainer.cfg, {"run.resume": False, "run.overwrite": True}))
+            result = trainer.run()
         for d, (ds, prompts) in sets.items():
             after = zeroshot_accuracy(trainer.model, ds, prompts, trainer.device, cfg.eval.batch_size)
             rows.append({"dataset": d, "method": name, "before": before[d], "after": after,

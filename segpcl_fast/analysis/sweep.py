@@ -9,7 +9,7 @@ Value syntax of one `--set key=...`:
     outside brackets/quotes; each value is read with YAML rules (config.parse_value), so
     `[k,v]` is a list, `1e-3` a float, `true` a bool.
   - a list-valued key takes each value in YAML list syntax: `lora.targets=[k,v],[q,k,v]` or
-    `lora.targets=[k,v];[q,k,v]`; `data.templates=[a photo of a {}.]` is one value.
+    `lora.targets=[k,v];[q,k,v]`; `data.templates=['a photo of a {}.']` is one value (quoted: YAML).
   - a key given one value is a fixed override for every run.
 Every grid point (and every seed) is checked with apply_overrides and the variant resolver first:
 an unknown key or a value of the wrong type is one ConfigError before anything runs.
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from ..config import Config, ConfigError, apply_overrides, known_keys, parse_value
-from .outputs import METRICS, new_figure, plus_minus, save_png, slug, summarize_runs, write_table_files
+from .outputs import (METRICS, check_resume_dir, check_unique, new_figure, plus_minus, run_config, save_png, slug,
+                      summarize_runs, write_table_files)
 
 log = logging.getLogger("segpcl_fast.analysis")
 
@@ -119,13 +120,15 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
     """Per point, per seed, the run's Config; any invalid point raises one ConfigError naming it."""
     from ..method.variants import resolve_variant
     configs = []
+    check_unique([slug(point_name(point)) for point in points], "sweep point (as a folder name)")
     for point in points:
         per_seed = []
         for seed in seeds:
             try:
                 c = apply_overrides(cfg, dict(point))
-                c = apply_overrides(c, {"run.seed": int(seed),
-                                        "run.output_dir": str(out / slug(point_name(point)) / f"seed{seed}")})
+                # run.resume only where the point's run exists: an interrupted sweep's unstarted points start
+                c = run_config(apply_overrides(c, {"run.seed": int(seed)}), None,
+                               out / slug(point_name(point)) / f"seed{seed}")
                 resolve_variant(c)
             except ConfigError as e:
                 hint = ""
@@ -153,6 +156,8 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("sweep needs at least one seed (--seeds 0)")
+    check_unique(seeds, "seed")
+    check_resume_dir(cfg)
     fixed = {k: v[0] for k, v in axes.items() if len(v) == 1}
     axes = {k: v for k, v in axes.items() if len(v) > 1}
     try:
@@ -180,7 +185,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
 
 def format_sweep_table(rows: list, keys: list, n_seeds: int, dataset: str) -> str:
     from ..report import format_table
-    body = [[_show(r[k]) for k in keys] + [plus_minus(r[m], r[m + "_std"]) for m in METRICS] for r in rows]
+    body = [[_show(r[k]) for k in keys] + [plus_minus(r[m], r[m + "_std"], n_seeds) for m in METRICS] for r in rows]
     return format_table(body, keys + list(METRICS),
                         title=f"sweep on {dataset} ({n_seeds} seed(s), mean +- std)")
 

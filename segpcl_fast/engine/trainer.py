@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from .. import metrics, ops
-from ..config import Config, ConfigError, apply_overrides, config_value, save_config
+from ..config import Config, ConfigError, apply_overrides, check_resume_dir, config_value, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
 from ..fileio import remove_stale_temps, unwritable_dir_reason
 from ..method.learner import Learner
@@ -414,9 +414,10 @@ class Trainer:
         T = self.scenario.num_tasks
         main = self.dist.is_main
         ops.reset_choices()  # results.json "ops": what this run ran
-        if c.run.resume and not self.out.is_dir():
-            raise ConfigError(f"run.resume is set but {self.out} does not exist: check run.output_dir (-o), or drop "
-                              f"--resume to start a new run there")
+        # whether self.model holds the run's final weights when run() returns (not so for a finished run
+        # without checkpoints, which run() answers from its results.json alone)
+        self.holds_final_weights = False
+        check_resume_dir(c)
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         fingerprint = ckpt.config_fingerprint(c.to_dict())
@@ -446,6 +447,7 @@ class Trainer:
                 log.warning("run.resume is set but %s has no finished task; starting from task 1",
                             self.out / ckpt.CHECKPOINT_DIR)
         if start == T and (self.out / "results.json").exists():
+            self.holds_final_weights = True  # the last checkpoint was loaded above
             return self._finished_result(T)
         problem = None
         if main:
@@ -484,6 +486,7 @@ class Trainer:
                     "correct_own": correct_own.tolist(), "fwt_before": fwt_before, "task_info": task_info,
                     "ops": ops.choices_used(),
                 })
+        self.holds_final_weights = True
         matrix = metrics.accuracy_matrix(correct, totals)
         acc = metrics.acc_per_task(correct, totals)
         # a run resumed from a checkpoint written before own-space counts existed has no own matrix

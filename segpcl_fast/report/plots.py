@@ -89,8 +89,9 @@ def plot_lines(x: Sequence, series: Mapping[str, Sequence], path: str | os.PathL
 
 
 def plot_acc_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike,
-                    title: Optional[str] = None) -> Path:
-    """acc_t against the task index t = 1..T, one line per method (methods may differ in T)."""
+                    title: Optional[str] = None, errors: Optional[Mapping[str, Sequence[float]]] = None) -> Path:
+    """acc_t against the task index t = 1..T, one line per method (methods may differ in T); errors:
+    a +- bar per point (the std over seeds of a mean curve)."""
     if not curves:
         raise ValueError("plot_acc_curves needs at least one curve")
     fig = _new_figure()
@@ -99,7 +100,12 @@ def plot_acc_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLi
     for name, acc in curves.items():
         acc = np.asarray(acc, dtype=float).reshape(-1)
         T = max(T, len(acc))
-        ax.plot(np.arange(1, len(acc) + 1), acc, marker="o", label=str(name))
+        ts = np.arange(1, len(acc) + 1)
+        if errors is not None and errors.get(name) is not None:
+            ax.errorbar(ts, acc, yerr=np.asarray(errors[name], dtype=float).reshape(-1), marker="o", capsize=3,
+                        label=str(name))
+        else:
+            ax.plot(ts, acc, marker="o", label=str(name))
     ax.set_xticks(np.arange(1, T + 1))
     ax.set_xlabel("task t")
     ax.set_ylabel("accuracy on all seen classes (%)")
@@ -110,15 +116,18 @@ def plot_acc_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLi
 
 
 def plot_bars(values: Mapping[str, float | None], path: str | os.PathLike, ylabel: str = "",
-              title: Optional[str] = None, annotate: bool = True) -> Path:
-    """Bar chart of one number per named variant (ablation tables); None bars are omitted."""
+              title: Optional[str] = None, annotate: bool = True,
+              errors: Optional[Mapping[str, float | None]] = None) -> Path:
+    """Bar chart of one number per named variant (ablation tables); None bars are omitted; errors: a
+    +- bar per variant (std over seeds)."""
     if not values:
         raise ValueError("plot_bars needs at least one value")
     names = list(values)
     ys = np.array([np.nan if values[n] is None else values[n] for n in names], dtype=float)
     fig = _new_figure((max(4.0, 0.9 * len(names) + 1.5), 4.0))
     ax = fig.add_subplot()
-    bars = ax.bar(np.arange(len(names)), ys)  # NaN height: no bar drawn
+    yerr = None if errors is None else np.array([errors.get(n) or 0.0 for n in names], dtype=float)
+    bars = ax.bar(np.arange(len(names)), ys, yerr=yerr, capsize=4 if yerr is not None else 0)  # NaN: no bar
     ax.set_xticks(np.arange(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right"
                   if len(names) > 4 else "center")
     ax.set_ylabel(ylabel)
@@ -128,7 +137,7 @@ def plot_bars(values: Mapping[str, float | None], path: str | os.PathLike, ylabe
     if annotate:
         for bar, y in zip(bars, ys):
             if math.isfinite(y):
-                ax.annotate(f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ax.annotate(f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
     return save_figure(fig, path)
 

@@ -34,6 +34,14 @@ def format_cell(v: Any, floatfmt: str = ".2f") -> str:
     return str(v)
 
 
+def plus_minus(mean: Optional[float], std: Optional[float], n: int) -> str:
+    """A table cell: "mean +- std" over n > 1 runs (a std of 0.00 shown too: those runs agree), "mean" for
+    one run, "n/a" for none."""
+    if mean is None:
+        return "n/a"
+    return f"{mean:.2f} +- {std:.2f}" if n > 1 and std is not None else f"{mean:.2f}"
+
+
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str], floatfmt: str = ".2f",
                  title: Optional[str] = None) -> str:
     """Aligned text table: numbers right-aligned, text left-aligned, None/NaN as 'n/a'."""

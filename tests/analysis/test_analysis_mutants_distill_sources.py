@@ -58,7 +58,8 @@ def test_every_source_and_seed_runs_with_its_own_seed_and_folder(stand_in_runs, 
     assert rows["seeds"]["Last_std"] == 0.0 and rows["folder"]["Avg"] == 52.0
     assert rows["anchors"]["BWT"] is None
     assert out["runs"]["new_data"] == [str(tmp_path / "o/new_data/seed0"), str(tmp_path / "o/new_data/seed1")]
-    assert "62.00 +- 2.83" in out["table"] and "55.00 " in out["table"] and "+- 0.00" not in out["table"]
+    # two seeds that agree show their std of 0 (the row is not a single run)
+    assert "62.00 +- 2.83" in out["table"] and "55.00 +- 0.00" in out["table"]
     assert bars == {"anchors": 62.0, "new_data": 50.5, "seeds": 55.0, "folder": 42.0}
     saved = json.loads(Path(out["paths"]["json"]).read_text())
     assert saved["folder"] == ref and saved["seeds"] == [0, 1] and len(saved["rows"]) == 4
@@ -116,4 +117,8 @@ def test_per_source_trainer(small_config, tmp_path):
     assert trainer.learner.cfg.acgd.source_folder == ref
     for method, kw in (("lora_finetune", {}), ("segpcl", {"acgd__weight": 0.0})):
         with pytest.raises(ConfigError, match="does not use ACGD"):
-            ds_mod._trainer_for_source(small_config("n", **kw), method, "seeds", None, tmp_path / "n")
+            ds_mod._check_uses_acgd(small_config("n", **kw), method)
+        with pytest.raises(ConfigError, match="does not use ACGD"):  # before the reference folder is written
+            ds_mod.distill_sources(small_config("n", **kw), method=method)
+        assert not (tmp_path / "n").exists()
+    ds_mod._check_uses_acgd(small_config("n"), "segpcl")

@@ -145,7 +145,7 @@ def test_table_columns_follow_the_header():
             "anchors mean": r["anchors"]["mean"], "random mean": r["random_new"]["mean"]}
     for key, value in want.items():
         got = cells[header.index(key)]
-        assert got == (value if isinstance(value, str) else f"{value:.4f}"), key
+        assert got == (value if isinstance(value, str) else f"{value:.4g}"), key
     assert "boundary > core in 1/2 tasks" in table and "anchors > random new-task images in 2/2" in table
 
 
@@ -167,7 +167,7 @@ def test_histograms_count_every_value_including_exact_zeros(tmp_path, monkeypatc
     counts = [[int(sum(p.get_height() for p in bars)) for bars in ax.containers] for ax in (left, right)]
     assert counts == [[2, 2], [3, 1]]  # boundary, core; anchors, random (zeros in the first bin)
     labels = [t.get_text() for t in right.get_legend().get_texts()]
-    assert labels == ["DPGD anchors (n=3, mean=0.1667)", "random new-task images (n=1, mean=0.5000)"]
+    assert labels == ["DPGD anchors (n=3, mean=0.167)", "random new-task images (n=1, mean=0.5)"]
 
 
 # ----------------------------------------------------------------------------- orchestration

@@ -70,6 +70,18 @@ class _StandInTrainer:
 
     def run(self):
         self.model.change = self.change
+        self.holds_final_weights = True
+        return SimpleNamespace(metrics={"Avg": 90.0, "Last": self.change + 1, "BWT": -1.0})
+
+
+class _FinishedWithoutCheckpoints(_StandInTrainer):
+    """A resumed run that finished with run.checkpoint=false: run() answers from results.json, the model
+    stays pretrained (what Trainer.run does; retention measured it as 'after' once)."""
+
+    out = "runs/lora_finetune"
+
+    def run(self):
+        self.holds_final_weights = False
         return SimpleNamespace(metrics={"Avg": 90.0, "Last": self.change + 1, "BWT": -1.0})
 
 
@@ -118,3 +130,31 @@ def test_an_unknown_variant_anywhere_fails_before_training(tmp_path, monkeypatch
     monkeypatch.setattr(ret, "make_trainer", lambda cfg: pytest.fail("built a trainer"))
     with pytest.raises(ConfigError, match="unknown method variant 'nope'"):
         ret.retention(make_config(output_dir=str(tmp_path)), variants=["zeroshot", "nope"])
+
+
+def test_a_finished_run_without_its_weights_is_trained_again(tmp_path, monkeypatch):
+    built = []
+
+    def make(cfg):
+        built.append(cfg)
+        kind = _FinishedWithoutCheckpoints if len(built) == 1 else _StandInTrainer
+        return kind(cfg, -15.0)
+    monkeypatch.setattr(ret, "make_trainer", make)
+    monkeypatch.setattr(ret, "_load_sets", lambda specs, trainer, per_class: {d: (_Set(40.0), None) for d in specs})
+    monkeypatch.setattr(ret, "zeroshot_accuracy", lambda model, ds, prompts, device, bs=256: ds.base + model.change)
+    out = ret.retention(make_config(output_dir=str(tmp_path), plots=False), variants=["lora_finetune"],
+                        datasets=["synthetic-sketch"])
+    assert [r["after"] for r in out["rows"]] == [25.0]  # the trained model's, not the pretrained 40
+    assert len(built) == 2 and built[1].run.overwrite and not built[1].run.resume
+    assert built[1].run.output_dir == built[0].run.output_dir
+
+
+def test_retention_arguments_are_checked_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(ret, "make_trainer", lambda cfg: pytest.fail("built a trainer"))
+    for kwargs, match in [({"per_class": -1}, "per_class must be a whole number >= 0"),
+                          ({"variants": ["segpcl", "segpcl"]}, "variant 'segpcl' is given twice"),
+                          ({"datasets": ["synthetic-source=/x"]}, "is generated, it takes no data root")]:
+        with pytest.raises(ConfigError, match=match):
+            ret.retention(make_config(output_dir=str(tmp_path)), **kwargs)
+    with pytest.raises(ConfigError, match="run.resume is set but .*missing does not exist"):
+        ret.retention(make_config(output_dir=str(tmp_path / "missing"), run__resume=True))

@@ -74,3 +74,16 @@ def test_bad_grid_point_fails_before_any_training(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="run.seed cannot be a sweep key"):
         sweep(make_config(output_dir=str(tmp_path)), axes=["run.seed=0,1"])
     assert point_name({"dpgd.k_adv": 5, "lora.targets": ["k", "v"]}) == "k_adv=5,targets=[k,v]"
+
+
+def test_an_interrupted_sweep_resumes_the_points_it_started_and_starts_the_others(tmp_path):
+    """run.resume goes to a point only where its run folder exists (a sweep stopped in its second point:
+    the third has no folder, and resuming it would be refused as a missing run)."""
+    cfg = make_config(output_dir=str(tmp_path), run__resume=True)
+    points = expand_grid(parse_axes(["dpgd.k_adv=5,10,20"]))
+    for started in ("k_adv=5", "k_adv=10"):
+        (tmp_path / started / "seed0").mkdir(parents=True)
+    configs = validate_grid(cfg, points, [0, 1], tmp_path)
+    assert [[c.run.resume for c in per] for per in configs] == [[True, False], [True, False], [False, False]]
+    with pytest.raises(ConfigError, match="sweep point .as a folder name. 'lr=0.001' is given twice"):
+        validate_grid(cfg, expand_grid(parse_axes(["optim.lr=1e-3,0.001"])), [0], tmp_path)
