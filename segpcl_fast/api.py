@@ -66,7 +66,7 @@ def check_unique(items: Iterable, what: str) -> None:
     seen: set = set()
     for item in items:
         if item in seen:
-            raise ConfigError(f"{what} {item!r} is given twice: each runs into its own folder; give it once")
+            raise ConfigError(f"{what} {item!r} is given twice: both would run in the same folder; give it once")
         seen.add(item)
 
 

@@ -371,7 +371,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .classifier import load_classifier
+    from .classifier import check_export_path, load_classifier
+    check_export_path(args.output)  # before the model loads
     clf = load_classifier(args.source, task=args.task)
     path = clf.export(args.output)
     print(f"wrote {path}: {clf.model.name} with LoRA merged (plain open_clip weights), {len(clf.class_names)} "
@@ -517,6 +518,8 @@ def _raise_on_sigterm():
     Python), or False off the main thread, where Python cannot install one."""
     if threading.current_thread() is not threading.main_thread():
         return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun stops the other ranks with SIGTERM while they
+        return False  # wait in a collective, where a Python handler cannot run: keep the default, die at once
 
     def handler(signum, frame):
         raise Terminated()

@@ -715,7 +715,7 @@ def _load_chain(p: Path, chain: tuple[Path, ...]) -> Config:
 
 def check_resume_dir(cfg: Config) -> None:
     """--resume of an output dir that does not exist is an error (a typo would start it all again): train and
-    every analysis ask it before any run."""
+    the analyses that keep runs (ablate, sweep, retention, distill-sources) ask it before any run."""
     out = Path(cfg.run.output_dir)
     if cfg.run.resume and not out.is_dir():
         raise ConfigError(f"run.resume is set but {out} does not exist: check run.output_dir (-o), or drop "

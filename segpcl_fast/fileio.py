@@ -21,7 +21,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 def chmod_like_open(path: str | os.PathLike) -> None:
@@ -71,15 +71,17 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temp files that atomic_path left in `folder` when its process was killed mid-write
-    (not recursive). Call it only where no other process is writing (a run claiming its output dir)."""
+def remove_stale_temps(folder: str | os.PathLike, is_target: Callable[[str], bool]) -> list[Path]:
+    """Remove the temp files that atomic_path left in `folder` when its process was killed mid-write, for
+    the targets `is_target` accepts (the files the caller writes there; other tools' temp files in a shared
+    folder stay). Not recursive. Call it only where no other process writes those targets."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for entry in folder.iterdir():
-        if _TEMP_NAME.match(entry.name) and entry.is_file() and not entry.is_symlink():
+        m = _TEMP_NAME.match(entry.name)
+        if m and is_target(m.group("target")) and entry.is_file() and not entry.is_symlink():
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
@@ -101,8 +103,10 @@ def load_torch_file(path: str | os.PathLike, map_location="cpu"):
     except pickle.UnpicklingError as e:
         # torch names the class or function it refused ("unsupported GLOBAL posix.system"); any other
         # unpickling failure is a damaged file or no torch file at all, for the caller to report as such
-        if "global" not in str(e).lower():
-            raise
+        if "global" not in str(e).lower():  # torch's text advises weights_only=False: not ours to repeat
+            after = str(e).split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in str(e) else ""
+            detail = next((line.strip() for line in after.splitlines() if line.strip()), "")
+            raise pickle.UnpicklingError("not a torch file" + (f" ({detail})" if detail else "")) from None
         first = next((line for line in str(e).splitlines() if "global" in line.lower()), "")
         first = first.split(". Please")[0].replace("WeightsUnpickler error: ", "").strip().rstrip(".")
         raise UnsafeFileError(f"{path} holds Python objects besides tensors and plain values"

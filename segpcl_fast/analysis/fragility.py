@@ -233,6 +233,7 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
     resolve_threshold(torch.zeros(1), threshold)  # a bad threshold fails before training
     if not temperature > 0:
         raise ConfigError(f"fragility temperature must be > 0, got {temperature}")
+    max_old_images = 0 if max_old_images is None else max_old_images  # None: all, as 0
     if isinstance(max_old_images, bool) or not isinstance(max_old_images, int) or max_old_images < 0:
         raise ConfigError(f"fragility max_old_images must be a whole number >= 0 (0: all), got {max_old_images!r}")
     trainer = make_trainer(run_config(cfg, method, out / "run"))

@@ -117,7 +117,9 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
         if not trainer.holds_final_weights:  # resumed, finished with run.checkpoint=false: no weights kept
             log.warning("retention: %s finished without checkpoints, so its trained weights are gone; training "
                         "it again", trainer.out)
-            trainer = make_trainer(apply_overrides(trainer.cfg, {"run.resume": False, "run.overwrite": True}))
+            again = apply_overrides(trainer.cfg, {"run.resume": False, "run.overwrite": True})
+            del trainer  # one model on the device at a time
+            trainer = make_trainer(again)
             result = trainer.run()
         for d, (ds, prompts) in sets.items():
             after = zeroshot_accuracy(trainer.model, ds, prompts, trainer.device, cfg.eval.batch_size)

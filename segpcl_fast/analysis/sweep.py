@@ -115,20 +115,30 @@ def _show(v: Any) -> str:
     return "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v)
 
 
+def point_folders(points: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A folder name per point: its slug, plus a short hash of its full name where two distinct points
+    share a slug (values that differ only in characters a folder name drops: ['a {}!'] vs ['a {}?'])."""
+    import hashlib
+    names = [point_name(point) for point in points]
+    slugs = [slug(name) for name in names]
+    return [s if slugs.count(s) == 1 else f"{s}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+            for s, name in zip(slugs, names)]
+
+
 def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Sequence[int],
                   out: Path) -> list[list[Config]]:
     """Per point, per seed, the run's Config; any invalid point raises one ConfigError naming it."""
     from ..method.variants import resolve_variant
     configs = []
-    check_unique([slug(point_name(point)) for point in points], "sweep point (as a folder name)")
-    for point in points:
+    check_unique([point_name(point) for point in points], "sweep point")
+    folders = point_folders(points)
+    for point, folder in zip(points, folders):
         per_seed = []
         for seed in seeds:
             try:
                 c = apply_overrides(cfg, dict(point))
                 # run.resume only where the point's run exists: an interrupted sweep's unstarted points start
-                c = run_config(apply_overrides(c, {"run.seed": int(seed)}), None,
-                               out / slug(point_name(point)) / f"seed{seed}")
+                c = run_config(apply_overrides(c, {"run.seed": int(seed)}), None, out / folder / f"seed{seed}")
                 resolve_variant(c)
             except ConfigError as e:
                 hint = ""
@@ -157,13 +167,13 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
     if not seeds:
         raise ConfigError("sweep needs at least one seed (--seeds 0)")
     check_unique(seeds, "seed")
-    check_resume_dir(cfg)
     fixed = {k: v[0] for k, v in axes.items() if len(v) == 1}
     axes = {k: v for k, v in axes.items() if len(v) > 1}
     try:
         cfg = apply_overrides(cfg, fixed)
     except ConfigError as e:
         raise ConfigError(f"sweep: fixed override: {e}") from None
+    check_resume_dir(cfg)  # after the fixed keys: they may set run.resume or run.output_dir
     out = Path(cfg.run.output_dir)
     points = expand_grid(axes)
     configs = validate_grid(cfg, points, seeds, out)  # every error before the first run

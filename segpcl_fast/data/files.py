@@ -61,7 +61,7 @@ def found_nearby(root: Path, pattern: str, levels_up: int = 1) -> str:
                 suggested = suggested.parent
             return (f"the layout was found {'one level' if depth == '*' else 'two levels'} further down: set "
                     f"data.root={suggested}")
-    for n, above in enumerate(list(root.resolve().parents)[:2], 1):
+    for n, above in enumerate(list(root.absolute().parents)[:2], 1):  # as the user wrote it, not resolved
         if next(iter(above.glob(pattern)), None) is not None:
             return f"the layout was found {'one level' if n == 1 else 'two levels'} up: set data.root={above}"
     return ""

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..fileio import UnsafeFileError, atomic_path, atomic_write_text, load_torch_file
+from ..fileio import UnsafeFileError, atomic_path, atomic_write_text, load_torch_file, remove_stale_temps
 
 PathLike = Union[str, os.PathLike]
 
@@ -116,8 +116,9 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
     `purpose` ("resume" or "evaluate") picks the advice the error gives."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; start without --resume, or point "
-                              f"run.output_dir at the folder of the run to resume")
+        fix = ("start without --resume, or point run.output_dir at the folder of the run to resume"
+               if purpose == "resume" else "give the run directory the checkpoint belongs to")
+        raise CheckpointError(f"checkpoint {path} does not exist; {fix}")
     try:
         state = load_torch_file(path, map_location=map_location)
     except UnsafeFileError as e:
@@ -125,8 +126,9 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
     except Exception as e:  # truncated / not a torch file
         pointer = path.parent / LAST_POINTER
         also = f" and {pointer} (it names this file)" if pointer.is_file() else ""
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it{also} "
-                              f"to resume from the one before, or start a new run.output_dir") from e
+        fix = (f"delete it{also} to resume from the one before, or start a new run.output_dir" if purpose == "resume"
+               else f"copy it again from the run, or delete it{also} to {purpose} the task before")
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); {fix}") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     if str(state.get("format", "")).startswith("segpcl_fast.classifier/"):
@@ -232,6 +234,16 @@ def save_task_checkpoint(output_dir: PathLike, task: int, state: Mapping) -> Pat
 
 def _write_pointer(pointer: Path, name: str) -> None:
     atomic_write_text(pointer, name + "\n", durable=True)
+
+
+def remove_stale_run_temps(output_dir: PathLike) -> list[Path]:
+    """The temp files a killed run left beside its own files: config.yaml and the report in the run dir,
+    task_NN.pt and the pointer in checkpoints/ (fileio.remove_stale_temps)."""
+    from ..report.run_report import REPORT_FILES
+    own = {"config.yaml", *REPORT_FILES}
+    out = Path(output_dir)
+    return (remove_stale_temps(out, lambda name: name in own)
+            + remove_stale_temps(out / CHECKPOINT_DIR, lambda name: name == LAST_POINTER or bool(_TASK_FILE.match(name))))
 
 
 def runs_below(folder: PathLike, limit: int = 3) -> list[str]:

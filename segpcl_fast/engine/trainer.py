@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from .. import metrics, ops
 from ..config import Config, ConfigError, apply_overrides, check_resume_dir, config_value, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
-from ..fileio import remove_stale_temps, unwritable_dir_reason
+from ..fileio import unwritable_dir_reason
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
 from ..model.clip import load_model
@@ -163,6 +163,9 @@ class Trainer:
         if not self.dist.is_main:
             self.log_fn = lambda msg: log.debug(msg)
         self.out = Path(self.cfg.run.output_dir)
+        # whether self.model holds the run's final weights (after run(): not so for a finished run without
+        # checkpoints, which run() answers from its results.json alone)
+        self.holds_final_weights = False
         ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
         problem = unwritable_dir_reason(self.out) if writes and self.dist.is_main else None
         # before the data is indexed and weights load, not at the first file written; on every rank
@@ -414,8 +417,6 @@ class Trainer:
         T = self.scenario.num_tasks
         main = self.dist.is_main
         ops.reset_choices()  # results.json "ops": what this run ran
-        # whether self.model holds the run's final weights when run() returns (not so for a finished run
-        # without checkpoints, which run() answers from its results.json alone)
         self.holds_final_weights = False
         check_resume_dir(c)
         if main:
@@ -454,9 +455,8 @@ class Trainer:
             try:
                 if not c.run.resume:
                     self._claim_output_dir()
-                for folder in (self.out, self.out / ckpt.CHECKPOINT_DIR):  # a killed run's half-written files
-                    for stale in remove_stale_temps(folder):
-                        log.info("removed %s, left by a run killed while writing", stale)
+                for stale in ckpt.remove_stale_run_temps(self.out):  # a killed run's half-written files
+                    log.info("removed %s, left by a run killed while writing", stale)
                 # resuming is an action, not part of the run's config: a later `train --config <dir>/config.yaml`
                 # without --resume must not resume silently; locations are saved absolute, so `evaluate` and
                 # `--resume` of the run work from any working directory

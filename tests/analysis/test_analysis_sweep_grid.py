@@ -85,5 +85,11 @@ def test_an_interrupted_sweep_resumes_the_points_it_started_and_starts_the_other
         (tmp_path / started / "seed0").mkdir(parents=True)
     configs = validate_grid(cfg, points, [0, 1], tmp_path)
     assert [[c.run.resume for c in per] for per in configs] == [[True, False], [True, False], [False, False]]
-    with pytest.raises(ConfigError, match="sweep point .as a folder name. 'lr=0.001' is given twice"):
+    with pytest.raises(ConfigError, match="sweep point 'lr=0.001' is given twice"):
         validate_grid(cfg, expand_grid(parse_axes(["optim.lr=1e-3,0.001"])), [0], tmp_path)
+    # distinct values whose folder names would collide get a hash of their full name
+    configs = validate_grid(make_config(output_dir=str(tmp_path)),
+                            expand_grid(parse_axes(["data.templates=['a {}!'];['a {}?']"])), [0], tmp_path)
+    dirs = [per[0].run.output_dir for per in configs]
+    assert len(set(dirs)) == 2 and all(d.startswith(str(tmp_path / "templates=_a-")) for d in dirs)
+    assert [per[0].data.templates for per in configs] == [["a {}!"], ["a {}?"]]

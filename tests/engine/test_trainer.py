@@ -669,6 +669,10 @@ def test_sigterm_is_an_interrupt_that_leaves_no_half_written_file(monkeypatch, c
                                        "the same command and --resume\n")
     assert list((tmp_path / "checkpoints").iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is before
+    # under torchrun the other ranks get SIGTERM while blocked in a collective: the default handler stays
+    from segpcl_fast.cli import _raise_on_sigterm
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _raise_on_sigterm() is False and signal.getsignal(signal.SIGTERM) is before
 
 
 class _BrokenImages(torch.utils.data.Dataset):
