@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from .config import (Config, ConfigError, apply_overrides, check_data_root, check_resume_dir, check_task_count,
-                     config_from_dict, kwargs_to_overrides, load_config)
+                     config_from_dict, kwargs_to_overrides, load_config, map_kwargs)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -29,8 +29,14 @@ def make_config(config: ConfigLike = None, overrides: Optional[Sequence[str]] = 
         raise ConfigError(f"config must be a Config, dict, YAML path or preset name, got {type(config).__name__}")
     if overrides:
         cfg = apply_overrides(cfg, list(overrides))
-    if kwargs:
-        cfg = apply_overrides(cfg, kwargs_to_overrides(kwargs))
+    if kwargs:  # every bad keyword in one error: the unknown ones and the values of the known ones
+        mapped, problems = map_kwargs(kwargs)
+        try:
+            cfg = apply_overrides(cfg, mapped)
+        except ConfigError as e:
+            problems.append(str(e))
+        if problems:
+            raise ConfigError("; ".join(problems))
     return check_data_root(check_task_count(cfg))
 
 

@@ -1,4 +1,6 @@
-"""`segpcl-fast` command line: thin; parse, call the API, print.
+"""segpcl-fast: SeGP-CL continual learning for CLIP (train, evaluate, use, analyse, profile).
+
+Thin: parse, call the API, print.
 
     segpcl-fast train                                   # offline world, SeGP-CL, <= 5 min on 2 cores
     segpcl-fast train --config cifar100 --set data.root=/data/cifar --set run.output_dir=runs/c100
@@ -6,7 +8,7 @@
     segpcl-fast evaluate runs/c100
     segpcl-fast predict runs/c100 cat.jpg photos/ --topk 5  # the trained run as a classifier
     segpcl-fast export runs/c100 -o c100_model.pt        # LoRA merged into plain open_clip weights
-    segpcl-fast ablate --seeds 0,1,2 -o runs/ablation  # the ladder lora_finetune -> segpcl, one table
+    segpcl-fast ablate --seeds 0,1,2 -o runs/ablation  # the ladder zeroshot -> ... -> segpcl, one table
     segpcl-fast fragility -o runs/fragility             # boundary vs core JSD across each task
     segpcl-fast retention --variants lora_finetune,segpcl --datasets food101=/data/food-101
     segpcl-fast sweep --set dpgd.k_adv=5,10,20 --seeds 0,1 -o runs/k_adv

@@ -254,8 +254,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            hint = f" (in a YAML file, quote it: {key.split('.')[-1]}: '{value}')" if isinstance(
-                value, (bool, int, float)) or value is None else ""
+            # YAML read the text as another type: a number comes back as written; a bool or null may have
+            # been spelled no / off / ~ ..., so the hint cannot repeat it
+            name = key.split(".")[-1]
+            if isinstance(value, (bool, type(None))):
+                hint = (f" (YAML read the text as {value}: in a YAML file quote the text you meant, {name}: '...'; "
+                        f"leave the key out for its default)")
+            else:
+                hint = f" (in a YAML file, quote it: {name}: '{value}')" if isinstance(value, (int, float)) else ""
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}{hint}")
         return value
     return value
@@ -491,6 +497,8 @@ def _merge(d: dict, base: Optional[Config] = None) -> Config:
         if sec_name not in sections:
             problems.append(f"unknown config section '{sec_name}'; known: {sorted(sections)}")
             continue
+        if sec_val is None:  # an empty section in YAML ("run:" with nothing under it): no changes
+            continue
         if not isinstance(sec_val, dict):
             problems.append(f"config section '{sec_name}' must be a mapping, got {sec_val!r}")
             continue
@@ -590,13 +598,22 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
             key, text = item.split("=", 1)
             items.append((key.strip(), _override_value(key.strip(), text)))
     nested: dict[str, dict] = {}
+    problems = []  # every bad key in one error: the undotted ones here, the rest from config_from_dict
     for key, val in items:
         if "." not in key:
-            raise ConfigError(f"override key '{key}' must be dotted (section.key){did_you_mean(key)}; known: "
-                              f"{', '.join(known_keys())}")
+            problems.append(f"override key '{key}' must be dotted (section.key){did_you_mean(key)}")
+            continue
         sec, sub = key.split(".", 1)
         nested.setdefault(sec, {})[sub] = val
-    return config_from_dict(nested, base=cfg)
+    try:
+        new = config_from_dict(nested, base=cfg)
+    except ConfigError as e:
+        if not problems:
+            raise
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return new
 
 
 def kwargs_to_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -605,24 +622,39 @@ def kwargs_to_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     Dotted keys written with '__' (`dpgd__k_adv=5`) are accepted too. A bare key must be unique
     across sections, else the error lists the candidates.
     """
-    out = {}
+    out, problems = map_kwargs(kwargs)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return out
+
+
+def map_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """kwargs_to_overrides's mapping and its problems (unknown, ambiguous, repeated keys), not raised."""
+    out, problems = {}, []
     index: dict[str, list[str]] = {}
     for full in known_keys():
         index.setdefault(full.split(".", 1)[1], []).append(full)
     for key, val in kwargs.items():
         if "__" in key:
-            out[key.replace("__", ".", 1)] = val
+            dotted = key.replace("__", ".", 1)
+            if dotted in out:
+                problems.append(f"keyword argument '{key}' sets {dotted}, which another argument sets too")
+            out[dotted] = val
             continue
         cands = index.get(key, [])
         if len(cands) == 1:
+            if cands[0] in out:
+                problems.append(f"keyword argument '{key}' sets {cands[0]}, which another argument sets too")
             out[cands[0]] = val
         elif not cands:
-            raise ConfigError(f"unknown train() argument '{key}'; use a config key such as "
-                              f"dpgd__k_adv or one of: {', '.join(sorted(index))}")
+            close = difflib.get_close_matches(key, list(index), n=3, cutoff=0.7)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            problems.append(f"unknown keyword argument '{key}' ({hint}a config key as section__key, e.g. "
+                            f"dpgd__k_adv, or a unique key name)")
         else:
-            raise ConfigError(f"train() argument '{key}' is ambiguous: {cands}; write it as "
-                              f"{cands[0].replace('.', '__')}")
-    return out
+            problems.append(f"keyword argument '{key}' is ambiguous: it is {' and '.join(cands)}; write it as "
+                            f"{' or '.join(c.replace('.', '__') for c in cands)}")
+    return out, problems
 
 
 PRESET_DIR = Path(__file__).parent / "configs"

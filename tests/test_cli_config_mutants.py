@@ -130,8 +130,24 @@ def test_an_ambiguous_bare_keyword_is_an_error_listing_the_candidates():
     cfg = make_config(optim__batch_size=3, lr=0.05, k_adv=2, seed=4)
     assert (cfg.optim.batch_size, cfg.optim.lr, cfg.dpgd.k_adv, cfg.run.seed) == (3, 0.05, 2, 4)
     assert cfg.dpgd.batch_size == 64 and cfg.eval.batch_size == 256
-    with pytest.raises(ConfigError, match="unknown train\\(\\) argument 'k_advv'"):
+    with pytest.raises(ConfigError, match="unknown keyword argument 'k_advv' .did you mean k_adv"):
         make_config(k_advv=3)
+
+
+def test_every_bad_keyword_is_in_one_error():
+    """README: all bad keys in one error, from keywords as from --set (unknown names, bad values, a key
+    set twice)."""
+    from segpcl_fast.api import make_config
+    with pytest.raises(ConfigError) as e:
+        make_config(foo=1, bar=2, optim__lr=0, dpgd__k_adv=-3)
+    for part in ("'foo'", "'bar'", "optim.lr must be", "dpgd.k_adv must be"):
+        assert part in str(e.value)
+    with pytest.raises(ConfigError, match="'optim__lr' sets optim.lr, which another argument sets too"):
+        make_config(lr=1e-3, optim__lr=2e-3)
+    with pytest.raises(ConfigError) as e:
+        make_config(None, ["optim.lrr=1", "dpgd.k_adv=-1", "lr=3"])
+    for part in ("'lr' must be dotted", "optim.lrr", "dpgd.k_adv must be"):
+        assert part in str(e.value)
 
 
 # ----------------------------------------------------------------------------- evaluate(): what may change

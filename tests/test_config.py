@@ -373,3 +373,14 @@ def test_a_bare_or_misspelled_key_suggests_the_key():
     with pytest.raises(ConfigError, match=r"unknown config key 'dpgd.kadv' \(did you mean dpgd.k_adv\?\)"):
         apply_overrides(Config(), ["dpgd.kadv=3"])
     assert C.did_you_mean("zzzz") == ""
+
+
+def test_an_empty_yaml_section_changes_nothing_and_bool_or_null_text_gets_a_fitting_hint(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\noptim:\n  lr: 0.01\n")
+    cfg = load_config(path)
+    assert cfg.run == Config().run and cfg.optim.lr == 0.01
+    path.write_text("run:\n  device: null\n")  # null may have been written ~ or Null: the hint repeats none
+    with pytest.raises(ConfigError, match="'run.device' expects a string, got None \\(YAML read the text as None: "
+                                          "in a YAML file quote the text you meant, device: '...'"):
+        load_config(path)

@@ -129,9 +129,11 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
                   out: Path) -> list[list[Config]]:
     """Per point, per seed, the run's Config; any invalid point raises one ConfigError naming it."""
     from ..method.variants import resolve_variant
+    import json
     configs = []
     check_unique([point_name(point) for point in points], "sweep point")
     folders = point_folders(points)
+    trained: dict[str, str] = {}  # what a point trains (its resolved config) -> the first point that trains it
     for point, folder in zip(points, folders):
         per_seed = []
         for seed in seeds:
@@ -139,13 +141,20 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
                 c = apply_overrides(cfg, dict(point))
                 # run.resume only where the point's run exists: an interrupted sweep's unstarted points start
                 c = run_config(apply_overrides(c, {"run.seed": int(seed)}), None, out / folder / f"seed{seed}")
-                resolve_variant(c)
+                resolved = resolve_variant(c).to_dict()
             except ConfigError as e:
                 hint = ""
                 if "expects a list" in str(e):
                     hint = " (give each list value in brackets, several separated by ';' or ',': [k,v];[q,k,v])"
                 raise ConfigError(f"sweep point {point_name(point)}: {e}{hint}") from None
             per_seed.append(c)
+        resolved["run"].pop("output_dir")
+        resolved["run"].pop("resume")
+        same = trained.setdefault(json.dumps(resolved, sort_keys=True, default=str), point_name(point))
+        if same != point_name(point):  # e.g. tsgr.enabled, which run.method decides (method/variants.py)
+            raise ConfigError(f"sweep points {same} and {point_name(point)} train the same configuration: "
+                              f"run.method={c.run.method} decides the swept value (method/variants.py); sweep "
+                              f"run.method itself, or a key the method leaves alone (acgd.weight=0 turns ACGD off)")
         configs.append(per_seed)
     return configs
 

@@ -157,6 +157,9 @@ class Trainer:
                  compile_settings: Optional["compiling.CompileSettings"] = None, writes: bool = True):
         # locations absolute from here on: config.yaml, results.json and Result all name the same dirs
         self.cfg = resolve_variant(apply_overrides(cfg, absolute_locations(cfg)))
+        if self.cfg.acgd.enabled and self.cfg.acgd.source == "folder":  # at task 2 it would be after task 1 trained
+            from ..data.retention import list_reference_images
+            list_reference_images(self.cfg.acgd.source_folder)
         self.ddp_settings = ddp_settings or ddp.DDPSettings.from_env()
         self.dist = dist or ddp.DistContext.from_env(self.ddp_settings, self.cfg.run.device)
         self.log_fn = log_fn or (lambda msg: log.info(msg))

@@ -14,9 +14,12 @@ LADDER is the order `segpcl-fast ablate` runs them in (the paper's ablation, met
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides
+
+log = logging.getLogger("segpcl_fast.method")
 
 _FULL = {"acgd.enabled": True, "tsgr.enabled": True, "prototypes.transfer": True}
 _NO_VISUAL = {"prototypes.beta": 0.0}
@@ -81,6 +84,12 @@ def variant_overrides(name: str) -> dict[str, Any]:
     return dict(VARIANTS[name])
 
 
+# the switches a variant owns: a config's own value for them (a saved config.yaml of another method's run,
+# or a --set) is replaced, with a warning when it was set away from its default
+SWITCHES = ("acgd.enabled", "tsgr.enabled", "prototypes.transfer")
+_warned: set = set()
+
+
 def resolve_variant(cfg: Config) -> Config:
     """A copy of cfg with the overrides of variant cfg.run.method applied."""
     name = cfg.run.method
@@ -88,4 +97,18 @@ def resolve_variant(cfg: Config) -> Config:
     if name in VISUAL_BRANCH and not cfg.prototypes.beta > 0:
         raise ConfigError(f"method '{name}' uses the prototype path but prototypes.beta = {cfg.prototypes.beta}; "
                           f"set prototypes.beta > 0 (method.md: 0.5) or use run.method=onlyclip")
+    _warn_replaced_switches(cfg, name, overrides)
     return apply_overrides(copy.deepcopy(cfg), overrides)
+
+
+def _warn_replaced_switches(cfg: Config, name: str, overrides: dict) -> None:
+    from ..config import config_value
+    default = Config()
+    replaced = [f"{key}={config_value(cfg, key)} -> {overrides[key]}" for key in SWITCHES
+                if key in overrides and config_value(cfg, key) != overrides[key]
+                and config_value(cfg, key) != config_value(default, key)]
+    if replaced and (name, tuple(replaced)) not in _warned:
+        _warned.add((name, tuple(replaced)))
+        log.warning("run.method=%s sets %s: the method decides %s; to turn a loss term off within a method set "
+                    "its weight to 0 (acgd.weight, tsgr.weight), to compare methods use --method or ablate",
+                    name, ", ".join(replaced), ", ".join(SWITCHES))

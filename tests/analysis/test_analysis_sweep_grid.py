@@ -93,3 +93,15 @@ def test_an_interrupted_sweep_resumes_the_points_it_started_and_starts_the_other
     dirs = [per[0].run.output_dir for per in configs]
     assert len(set(dirs)) == 2 and all(d.startswith(str(tmp_path / "templates=_a-")) for d in dirs)
     assert [per[0].data.templates for per in configs] == [["a {}!"], ["a {}?"]]
+
+
+def test_points_that_train_the_same_configuration_are_refused(tmp_path):
+    """run.method decides acgd.enabled / tsgr.enabled / prototypes.transfer (and beta 0 for CLIP-path-only
+    variants): sweeping one of them would train one configuration twice under two labels."""
+    with pytest.raises(ConfigError, match="sweep points enabled=True and enabled=False train the same configuration: "
+                                          "run.method=segpcl decides the swept value"):
+        validate_grid(make_config(), expand_grid(parse_axes(["tsgr.enabled=true,false"])), [0], tmp_path)
+    with pytest.raises(ConfigError, match="beta=0.3 and beta=0.5 train the same configuration"):
+        validate_grid(make_config(method="lora_finetune"), expand_grid(parse_axes(["prototypes.beta=0.3,0.5"])),
+                      [0], tmp_path)
+    assert len(validate_grid(make_config(), expand_grid(parse_axes(["prototypes.beta=0.3,0.5"])), [0], tmp_path)) == 2

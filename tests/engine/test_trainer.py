@@ -718,3 +718,14 @@ def test_the_nonfinite_message_names_the_settings_of_the_bad_terms():
     cfg = make_config(acgd__tau=1e25)
     assert _nonfinite_fixes(["acgd"], cfg) == "check acgd.tau (now 1e+25), acgd.weight (now 5); lower optim.lr (now 0.001)"
     assert _nonfinite_fixes(["cls"], make_config(precision="bf16")) == "lower optim.lr (now 0.001); use run.precision=fp32"
+
+
+def test_acgd_on_a_reference_folder_needs_the_folder_before_task_1_trains(tmp_path, monkeypatch):
+    from segpcl_fast.data.base import DatasetFormatError
+    monkeypatch.setattr("segpcl_fast.engine.trainer.build_model", lambda *a, **k: pytest.fail("loaded weights"))
+    with pytest.raises(DatasetFormatError, match="no reference folder given .acgd.source_folder is not set"):
+        Trainer(make_config(acgd__source="folder", output_dir=str(tmp_path / "run")))
+    with pytest.raises(DatasetFormatError, match="missing"):
+        Trainer(make_config(acgd__source="folder", acgd__source_folder=str(tmp_path / "missing"),
+                            output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

@@ -35,10 +35,21 @@ def test_variant_switches(name, expected):
     assert _switches(_resolved(name)) == expected
 
 
-def test_variants_turn_components_back_on_and_keep_tuned_values():
-    cfg = _resolved("segpcl", acgd__enabled=False, tsgr__enabled=False, acgd__weight=2.0, prototypes__beta=0.3)
+def test_variants_turn_components_back_on_and_keep_tuned_values(caplog):
+    """A config.yaml saved by another method's run holds that method's switches: the variant sets its own,
+    and says so (a --set tsgr.enabled=false would otherwise vanish without a word)."""
+    variants._warned.clear()  # said once per process: start from none said
+    with caplog.at_level("WARNING", logger="segpcl_fast.method"):
+        cfg = _resolved("segpcl", acgd__enabled=False, tsgr__enabled=False, acgd__weight=2.0, prototypes__beta=0.3)
     assert cfg.acgd.enabled and cfg.tsgr.enabled
     assert cfg.acgd.weight == 2.0 and cfg.prototypes.beta == 0.3
+    (record,) = [r for r in caplog.records if r.name == "segpcl_fast.method"]
+    assert ("run.method=segpcl sets acgd.enabled=False -> True, tsgr.enabled=False -> True: the method decides"
+            in record.getMessage()) and "set its weight to 0" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpcl_fast.method"):
+        _resolved("lora_finetune")  # switches at their defaults: the variant's own choice, nothing to say
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("name", ["+acgd", "+tsgr", "+visual_branch", "segpcl", "onlyclip"])
