@@ -10,7 +10,9 @@ Ground floor: imports nothing from the rest of the package but fileio (atomic wr
 Every Config built from user input (config_from_dict, apply_overrides, load_config) goes through
 validate(): one ConfigError lists each invalid key, its value and what it accepts (RULES).
 
-Fields marked [choice] are ours where the paper is silent (method.md says so too).
+Fields marked [choice] are ours where the paper is silent; method.md marks the choices it states, and
+some it does not state at all (alpha, A's seed, the class order, augmentation, weight decay) are marked
+only here.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ class LoRAConfig:
     towers: list[str] = field(default_factory=lambda: ["visual", "text"])
     # seed of the frozen Kaiming-uniform A matrices [choice]: the same A for every run.seed, so seeds
     # vary shuffling, augmentation and anchor sampling only; null draws A from run.seed instead
-    init_seed: Optional[int] = 0
+    init_seed: Optional[int] = 0  # [choice]
 
 
 @dataclass
@@ -63,7 +65,7 @@ class DataConfig:
     task_sizes: Optional[list[int]] = None  # explicit classes per task (e.g. UCF101: [11, 10, ...])
     # "seeded" shuffles class ids with order_seed (1993: PyCIL's np.random.seed(1993) permutation,
     # also RAPF's ImageNet-100 order; RAPF's other orders are explicit lists); "natural" keeps
-    # the dataset's order; or an explicit list of class names / indices.
+    # the dataset's order; or an explicit list of class names / indices. [choice] (the paper names none)
     class_order: Any = "seeded"
     order_seed: int = 1993
     templates: list[str] = field(default_factory=lambda: ["a good photo of a {}."])  # [choice]

@@ -12,7 +12,8 @@ choice is logged at INFO, naming the file or folders):
 3. `train.txt` + `test.txt` (lines "relative/path [label]") in the root or in imagenet-r/.
 4. RAPF's `imgr_train_test_split.txt` (format of 2) in the root, in imagenet-r/ or in
    <root>/imgr_split/: a split file someone put next to the data is meant to be used.
-5. otherwise the usual continual-learning protocol: a seeded 80/20 split per class
+5. otherwise the usual continual-learning protocol: a seeded 80/20 split per class ([choice]: the paper
+   gives no split)
    (CODA-Prompt / RAPF style; see files.stratified_split, seed `split_seed`).
 
 Paths in split files are resolved against the root, imagenet-r/ and imagenet-r/'s parent, so

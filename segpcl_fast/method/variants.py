@@ -36,7 +36,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
               "prototypes.transfer": False, **_NO_VISUAL},
     # the paper's ablation rungs 4 and 5 (method.md): + prototype transfer (old prototypes follow the
     # anchors' drift; with beta = 0 it acts through DPGD's visual term), then + visual branch (the
-    # dual path), which is the full method
+    # dual path), which is the full method. [choice] how rung 4 runs without the visual branch: the paper
+    # lists the rungs only; so rung 4 is onlyclip's configuration
     "+prototype_transfer": {**_FULL, **_NO_VISUAL},
     "+visual_branch": dict(_FULL),
     "segpcl": dict(_FULL),
