@@ -34,6 +34,7 @@ The hook is for a ViT with CLS pooling, open_clip's default (other towers: model
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from .method.prototypes import dual_path_logits
 from .model.clip import CLIPModel, ImageStats, model_from_state_dict
 from .model.lora import merge_lora
 from .version import __version__
+
+log = logging.getLogger("segpcl_fast.classifier")
 
 EXPORT_FORMAT = "segpcl_fast.classifier/1"
 PathLike = Union[str, os.PathLike]
@@ -139,11 +142,13 @@ class ContinualClassifier:
         return torch.stack(batch)
 
     def predict(self, images: Union[torch.Tensor, Sequence, PathLike], topk: int = 1,
-                batch_size: int = 64) -> list[list[tuple[str, float]]]:
+                batch_size: int = 64, skip_unreadable: bool = False) -> list[Optional[list[tuple[str, float]]]]:
         """Per image, the top-k (class name, softmax probability over the seen classes).
 
         images: a list of image paths, folders (their image files, sorted) and PIL images, one such
         item alone, or a (B, 3, H, W) tensor already through `self.transform`. One list per image.
+        skip_unreadable: a file that cannot be read as an image gives None in its place (and a logged
+        warning) instead of stopping the whole call with a ClassifierError.
         """
         from PIL import Image
         for name, value in (("topk", topk), ("batch_size", batch_size)):
@@ -163,12 +168,30 @@ class ContinualClassifier:
         results = []
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size]
-            batch = chunk if isinstance(chunk, torch.Tensor) else self.load_images(chunk)
-            probs = self.logits(batch).float().softmax(dim=-1)
-            values, indices = probs.topk(topk, dim=-1)
-            results += [[(self.class_names[j], float(v)) for v, j in zip(vs.tolist(), js.tolist())]
-                        for vs, js in zip(values, indices)]
+            readable = list(range(len(chunk)))
+            if isinstance(chunk, torch.Tensor):
+                batch = chunk
+            elif skip_unreadable:
+                loaded = [self._load_or_none(item) for item in chunk]
+                readable = [k for k, x in enumerate(loaded) if x is not None]
+                batch = torch.stack([loaded[k] for k in readable]) if readable else chunk[:0]
+            else:
+                batch = self.load_images(chunk)
+            top = [None] * len(chunk)
+            if readable:
+                values, indices = self.logits(batch).float().softmax(dim=-1).topk(topk, dim=-1)
+                for k, vs, js in zip(readable, values.tolist(), indices.tolist()):
+                    top[k] = [(self.class_names[j], float(v)) for v, j in zip(vs, js)]
+            results += top
         return results
+
+    def _load_or_none(self, item) -> Optional[torch.Tensor]:
+        """One transformed image, or None (logged) when the file cannot be read as an image."""
+        try:
+            return self.load_images([item])[0]
+        except ClassifierError as e:
+            log.warning("skipped: %s", e)
+            return None
 
     def export(self, path: PathLike) -> Path:
         """Write the classifier with LoRA merged into the weights (plain open_clip), atomically."""

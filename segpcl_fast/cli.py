@@ -360,15 +360,17 @@ def cmd_predict(args) -> int:
     from .classifier import image_paths, load_classifier
     clf = load_classifier(args.source, task=args.task, device=args.device)
     paths = image_paths(args.images)
-    predictions = clf.predict(paths, topk=args.topk, batch_size=args.batch_size)
-    if args.json:
-        rows = [{"image": path, "top": [{"class": name, "prob": prob} for name, prob in top]}
+    predictions = clf.predict(paths, topk=args.topk, batch_size=args.batch_size,
+                              skip_unreadable=args.skip_unreadable)
+    if args.json:  # a skipped image: "top": null
+        rows = [{"image": path, "top": None if top is None else [{"class": name, "prob": prob} for name, prob in top]}
                 for path, top in zip(paths, predictions)]
         print(json.dumps({"task": clf.task, "classes": len(clf.class_names), "predictions": rows}, indent=1))
         return 0
     print(f"after task {clf.task}: {len(clf.class_names)} classes", file=sys.stderr)
     for path, top in zip(paths, predictions):
-        print(f"{path}\t" + "  ".join(f"{name} ({100 * prob:.1f}%)" for name, prob in top))
+        print(f"{path}\t" + ("(unreadable: skipped)" if top is None
+                             else "  ".join(f"{name} ({100 * prob:.1f}%)" for name, prob in top)))
     return 0
 
 
@@ -391,6 +393,8 @@ def _add_classifier_parsers(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="an image file that cannot be read is reported and skipped (default: one error)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="write a trained run as one file: LoRA merged into plain open_clip weights, "
                                       "class names, text embeddings, prototypes")

@@ -363,3 +363,26 @@ def test_logits_and_predict_check_their_arguments(run):
     one_by_one, together = clf.predict(batch, batch_size=1, topk=3), clf.predict(batch, topk=3)
     assert [[c for c, _ in row] for row in one_by_one] == [[c for c, _ in row] for row in together]
     assert [p for row in one_by_one for _, p in row] == pytest.approx([p for row in together for _, p in row], abs=1e-5)
+
+
+def test_skip_unreadable_keeps_going_past_a_bad_file(run, tmp_path, capsys, caplog):
+    _, _, out = run
+    clf = load_classifier(out)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(_images(3)):
+        image.save(folder / f"{i}.png")
+    (folder / "1.png").write_bytes(b"\x89PNG cut short")  # the middle one, in a batch with the others
+    with pytest.raises(ClassifierError, match="1.png cannot be read as an image"):
+        clf.predict(folder)
+    good = clf.predict([folder / "0.png", folder / "2.png"], topk=2)
+    with caplog.at_level("WARNING", logger="segpcl_fast.classifier"):
+        got = clf.predict(folder, topk=2, skip_unreadable=True, batch_size=2)
+    assert got[1] is None
+    assert [[c for c, _ in row] for row in (got[0], got[2])] == [[c for c, _ in row] for row in good]
+    assert [p for row in (got[0], got[2]) for _, p in row] == pytest.approx([p for row in good for _, p in row], abs=1e-5)
+    assert any("1.png cannot be read" in r.getMessage() for r in caplog.records)
+    assert main(["predict", str(out), str(folder), "--skip-unreadable", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["predictions"]
+    assert [r["top"] is None for r in rows] == [False, True, False]
+    assert main(["predict", str(out), str(folder)]) == 2
