@@ -393,6 +393,18 @@ class Trainer:
             optimizer.step()
         return values
 
+    def _moved_paths(self, saved: dict) -> dict:
+        """results.json's file paths, written absolute where the run was: under this output dir now (a
+        copied or moved run lists its own files, not the original's)."""
+        old = Path((saved.get("config") or {}).get("run", {}).get("output_dir") or self.out)
+        paths = {}
+        for name, value in (saved.get("paths") or {}).items():
+            try:
+                paths[name] = str(self.out / Path(value).relative_to(old))
+            except ValueError:  # not under the run's folder: as written
+                paths[name] = value
+        return paths
+
     def _finished_result(self, T: int) -> Result:
         """--resume of a run whose every task is done: nothing runs and nothing is rewritten; the
         Result is the run's results.json (which also holds the ops and timings of the real run)."""
@@ -409,7 +421,7 @@ class Trainer:
             log.warning("all %d tasks of the run in %s are finished: nothing to resume (%s kept)", T, self.out, path)
         return Result(accuracy_matrix=metrics.matrix_to_list(saved["matrix"]), acc_per_task=saved["acc_per_task"],
                       metrics=saved["metrics"], fwt_before=saved.get("fwt_before") or [None] * T,
-                      output_dir=str(self.out), paths=saved.get("paths", {}), timings=saved.get("timings", {}),
+                      output_dir=str(self.out), paths=self._moved_paths(saved), timings=saved.get("timings", {}),
                       ops=saved.get("ops", {}), config=saved.get("config", {}),
                       accuracy_matrix_own=saved.get("matrix_own", []),
                       loss_per_epoch=saved.get("loss_per_epoch", []))

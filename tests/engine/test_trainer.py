@@ -209,9 +209,12 @@ def test_cli_resume_of_a_copied_run_names_both_dirs(tiny_model_name, tmp_path, c
     with pytest.raises(ConfigError, match="resume that folder"):
         train(tmp_path / "copy" / "config.yaml", run__resume=True)
     before = (tmp_path / "copy" / "results.json").read_bytes()
+    capsys.readouterr()
     assert main(["train", "--config", str(tmp_path / "copy" / "config.yaml"), "--resume", "-o",
                  str(tmp_path / "copy")]) == 0
     assert (tmp_path / "copy" / "results.json").read_bytes() == before  # finished: nothing rewritten
+    files = capsys.readouterr().out.split("files:")[1]  # the copy's own files, not the original's
+    assert str(tmp_path / "copy" / "results.json") in files and str(tmp_path / "run") not in files
     # the other fix the error offers: -o the recorded dir (also finished: a no-op)
     before = (tmp_path / "run" / "results.json").read_bytes()
     assert main(["train", "--config", str(tmp_path / "copy" / "config.yaml"), "--resume", "-o",
