@@ -330,9 +330,9 @@ def _one_of(allowed: tuple) -> _Check:
 
 def _subset_of(allowed: tuple) -> _Check:
     def check(value: list) -> Optional[str]:
-        if value and all(v in allowed for v in value):
+        if value and all(v in allowed for v in value) and len(set(value)) == len(value):
             return None
-        return f"must be a non-empty list of {list(allowed)}"
+        return f"must be a non-empty list of {list(allowed)}, each at most once"
     return check
 
 
@@ -367,9 +367,11 @@ def _class_order(value: Any) -> Optional[str]:
     if isinstance(value, str) and value in CLASS_ORDERS:
         return None
     if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in value):
+            isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in value) \
+            and len(set(value)) == len(value):
         return None
-    return f"must be one of {list(CLASS_ORDERS)} or a non-empty list of class names / indices (>= 0)"
+    return (f"must be one of {list(CLASS_ORDERS)} or a non-empty list of class names / indices (>= 0), each "
+            f"at most once")
 
 
 # every key with a constraint beyond its type; keys not listed here (paths, flags) are only type-checked
@@ -396,8 +398,8 @@ RULES: dict[str, _Check] = {
     "data.expected_classes": _integer(0, optional=True),  # 0 / null = no check
     "dpgd.k_seed": _integer(1),
     "dpgd.k_adv": _integer(0),  # 0 = the seeds themselves
-    "dpgd.gamma": _number(0),
-    "dpgd.eps": _number(0),
+    "dpgd.gamma": _number(0, 1),  # [0,1] pixel units, as the images before normalisation
+    "dpgd.eps": _number(0, 1),
     "dpgd.lambda_p": _number(0),
     "dpgd.batch_size": _integer(1),
     "acgd.weight": _number(0),  # 0 = off

@@ -384,3 +384,16 @@ def test_an_empty_yaml_section_changes_nothing_and_bool_or_null_text_gets_a_fitt
     with pytest.raises(ConfigError, match="'run.device' expects a string, got None \\(YAML read the text as None: "
                                           "in a YAML file quote the text you meant, device: '...'"):
         load_config(path)
+
+
+def test_pixel_radii_duplicate_targets_and_a_repeated_class_are_refused_when_the_config_is_built():
+    """eps and gamma are [0,1] pixel units; a LoRA target or a class given twice in the order is a mistake
+    the run would otherwise meet late (or never)."""
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"dpgd": {"eps": 2.0, "gamma": 5.0}, "lora": {"targets": ["k", "k"]},
+                          "data": {"class_order": [0, 0, 1]}})
+    for part in ("dpgd.eps must be a finite number in [0, 1]", "dpgd.gamma must be a finite number in [0, 1]",
+                 "lora.targets must be a non-empty list of", "data.class_order must be one of"):
+        assert part in str(e.value)
+    cfg = config_from_dict({"dpgd": {"eps": 1.0, "gamma": 0.0}, "data": {"class_order": [2, 0, 1]}})
+    assert (cfg.dpgd.eps, cfg.dpgd.gamma, cfg.data.class_order) == (1.0, 0.0, [2, 0, 1])
