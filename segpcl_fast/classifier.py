@@ -174,7 +174,7 @@ class ContinualClassifier:
             elif skip_unreadable:
                 loaded = [self._load_or_none(item) for item in chunk]
                 readable = [k for k, x in enumerate(loaded) if x is not None]
-                batch = torch.stack([loaded[k] for k in readable]) if readable else chunk[:0]
+                batch = torch.stack([loaded[k] for k in readable]) if readable else None
             else:
                 batch = self.load_images(chunk)
             top = [None] * len(chunk)
@@ -218,10 +218,11 @@ def check_export_path(path: PathLike) -> None:
     folder, a run's own checkpoint, or a folder that cannot be written."""
     if not os.fspath(path).strip():
         raise ClassifierError("export needs a file path, e.g. model.pt; got an empty one")
+    from .engine.checkpoint import CHECKPOINT_DIR
     path = Path(path)
     if path.is_dir():
         raise ClassifierError(f"{path} is a folder: export writes one file, e.g. {path / 'model.pt'}")
-    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+    if path.parent.name == CHECKPOINT_DIR and (path.parent.parent / "config.yaml").is_file():
         raise ClassifierError(f"{path} is in the checkpoints/ folder of the run {path.parent.parent}: an export "
                               f"there would replace or pass for a training checkpoint; write it elsewhere")
     reason = unwritable_dir_reason(path.parent)

@@ -47,7 +47,7 @@ def _folder(root: Optional[str]) -> Path:
             return cand
     tarball = path / "cifar-100-python.tar.gz"
     fix = (f"extract the tarball there: tar xzf {tarball} -C {path}" if tarball.is_file()
-           else found_nearby(path, "cifar-100-python/meta", levels_up=2)
+           else found_nearby(path, "cifar-100-python/meta")
            or "point data.root at the folder that contains cifar-100-python/")
     raise format_error(NAME, f"no cifar-100-python/meta under '{path}'", LAYOUT, fix)
 

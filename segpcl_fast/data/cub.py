@@ -40,7 +40,7 @@ def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
     folder = next((c for c in (path / "CUB_200_2011", path) if (c / "images.txt").is_file()), None)
     if folder is None:
         raise format_error(NAME, f"no CUB_200_2011/images.txt under '{path}'", LAYOUT,
-                           found_nearby(path, "CUB_200_2011/images.txt", levels_up=2)
+                           found_nearby(path, "CUB_200_2011/images.txt")
                            or "extract CUB_200_2011.tgz into data.root")
     missing = [f for f in META_FILES if not (folder / f).is_file()]
     if missing:

@@ -48,11 +48,12 @@ def user_data_file(value: str, root: Optional[Path], what: str, key: str, datase
     return found
 
 
-def found_nearby(root: Path, pattern: str, levels_up: int = 1) -> str:
+def found_nearby(root: Path, pattern: str) -> str:
     """Fix text 'the layout was found one level further down: set data.root=...' when `pattern` (a
     glob relative to a data root, e.g. 'CUB_200_2011/images.txt') matches one or two folder levels below
     `root`, or '... one level up: set data.root=...' when it matches from a folder above `root` (a
-    root that points into the dataset); '' otherwise. levels_up: how many path parts `pattern` has."""
+    root that points into the dataset); '' otherwise."""
+    levels_up = len(Path(pattern).parts)  # a match lies this many folders below its data root
     for depth in ("*", "*/*"):
         hit = next(iter(root.glob(f"{depth}/{pattern}")), None)  # the first: a glob may match thousands
         if hit is not None:

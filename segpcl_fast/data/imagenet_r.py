@@ -81,7 +81,7 @@ def _locate(root: Optional[str]) -> tuple[Path, Path, Optional[Path]]:
         return path, unsplit, None
     raise format_error(NAME, f"no wnid class folders (n########/) in '{path / 'imagenet-r'}' or '{path}' "
                              f"(nor in a train/ folder there)", LAYOUT,
-                       found_nearby(path, "imagenet-r/README.txt", levels_up=2)
+                       found_nearby(path, "imagenet-r/README.txt")
                        or "extract imagenet-r.tar into data.root")
 
 

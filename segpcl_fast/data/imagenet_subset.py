@@ -241,7 +241,7 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
     image_root = path / KAGGLE_IMAGES if (path / KAGGLE_IMAGES / "train").is_dir() else path
     if not (image_root / "train").is_dir():
         raise format_error(NAME, f"no train/ folder in '{path}' (nor in '{path / KAGGLE_IMAGES}')", LAYOUT,
-                           found_nearby(path, "train/n[0-9]*", levels_up=2)
+                           found_nearby(path, "train/n[0-9]*")
                            or "point data.root at the ImageNet folder")
     classes = _class_list(path, image_root, class_list)
     class_names = names_for_wnids(classes.wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin"],

@@ -224,7 +224,7 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
     missing = [f for f in needed if not (lists / f).is_file()]
     if missing:
         nearby = next((hint for d in LIST_DIR_CANDIDATES
-                       if (hint := found_nearby(path, f"{d}/classInd.txt", levels_up=2))), "")
+                       if (hint := found_nearby(path, f"{d}/classInd.txt"))), "")
         raise format_error(NAME, f"'{lists}' lacks {missing}", LAYOUT,
                            nearby or "extract UCF101TrainTestSplits-RecognitionTask.zip into data.root")
     classes = _classes(lists)
