@@ -280,6 +280,11 @@ def cmd_profile(args) -> int:
     out = profile_training(cfg, out_dir, steps=args.steps, row_limit=args.rows, nvtx=args.nvtx)
     if not _rank0():  # torchrun: rank 0 reports; every rank's files are listed in the README
         return 0
+    if out["nvtx"]:
+        print(f"task {out['task']} ({out['steps']} steps, {out['device']}) ran in {out['wall_ms'] / 1e3:.1f} s with "
+              "NVTX ranges for every op and stage; the timeline is the Nsight tool's report (nsys: its -o file), "
+              "torch.profiler did not run and no file was written here")
+        return 0
     print(out["table"])
     print(f"stages (task {out['task']}, {out['steps']} steps, {out['device']}):")
     print(out["stages_table"])
@@ -291,9 +296,11 @@ def cmd_profile(args) -> int:
               "run the profile on a GPU for its ncu command)")
     elif out["top_kernel"]:
         argv = args.argv[args.argv.index("profile") + 1:] if "profile" in args.argv else []
-        argv = _drop_options(argv, flags=("--nvtx",), with_value=("--steps", "-o", "--output-dir"))
-        print(f"top by self time: {out['top_kernel']}\nprofile one launch of it with Nsight Compute (GPU):\n  "
-              f"{ncu_command(out['top_kernel'], argv + ['--steps', '1', '-o', str(out_dir).rstrip('/') + '-ncu'])}")
+        argv = _drop_options(argv, flags=("--nvtx",), with_value=("-o", "--output-dir"))
+        rerun = argv + ["-o", str(out_dir).rstrip("/") + "-ncu"]
+        print(f"top by self time: {out['top_kernel']} ({out['top_kernel_launches']} launches)\n"
+              f"profile one launch of it with Nsight Compute (GPU):\n  "
+              f"{ncu_command(out['top_kernel'], rerun, launches=out['top_kernel_launches'])}")
     print("NVTX timeline (GPU): nsys profile -t cuda,nvtx -o segpcl_timeline "
           "segpcl-fast profile --nvtx [same options]")
     return 0
@@ -305,7 +312,8 @@ def _add_profile_parser(sub) -> None:
     _add_config_args(p, resume=False)
     p.add_argument("--steps", type=positive_int, default=5, help="training steps to profile (default 5)")
     p.add_argument("--rows", type=int, default=30, help="rows of the top-ops table (default 30)")
-    p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges (for nsys; CUDA only)")
+    p.add_argument("--nvtx", action="store_true", help="for nsys / ncu (CUDA only): NVTX ranges for every op and "
+                                                         "stage, torch.profiler off, no files written")
     p.set_defaults(func=cmd_profile)
 
 

@@ -1,7 +1,15 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
+
+# Subprocesses the tests start (the CLI, torchrun's ranks, probes) import segpcl_fast from this
+# checkout, as the tests themselves do: not from an install elsewhere (a stale non-editable copy,
+# or an editable install whose source folder has moved), which would test other code.
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 TEST_TINY_CONFIG = {
     "embed_dim": 32,

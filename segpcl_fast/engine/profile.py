@@ -6,19 +6,26 @@ needs), then task 2 under the profiler: stage 1 (DPGD), `steps` training steps, 
     trace.json       Chrome / Perfetto trace (chrome://tracing, ui.perfetto.dev)
     top_ops.txt      ops and kernels by self time (device time on GPU, CPU time otherwise); the
                      stage ranges are left out (their time is their ops')
-    stages.txt       total time inside each stage range; ranges nest (image_forward inside dpgd,
+    stages.txt       time inside each stage range: host (wall) ms, and on GPU the device time of
+                     the kernels launched inside it ("-" for `backward`, whose kernels autograd
+                     launches from its own thread); ranges nest (image_forward inside dpgd,
                      student_forward_losses and prototypes; losses.* inside student_forward_losses),
-                     so the column does not add up to the wall time
+                     so a column does not add up to the wall time
     categories.txt   self time by kind of kernel (GEMM, attention, inductor-fused, our Triton
                      kernels, other elementwise, copies) and, on GPU, the time no kernel ran
 
-Stage ranges (torch.profiler.record_function; NVTX ranges too with nvtx=True under nsys): the
+Stage ranges (torch.profiler.record_function): the
 trainer's own `dpgd`, `student_forward_losses`, `backward`, `grad_sync`, `optimizer`,
 `prototypes`, `eval`, plus, while profiling only, `image_forward`, `text_forward` (the towers,
 student and teacher) and `losses.cls`, `losses.acgd`, `losses.gr` (the loss terms).
 
 Under torchrun every rank profiles its own part: rank 0 writes to out_dir, rank r > 0 to
 out_dir/rank<r>/ (its `dpgd` range is the wait for rank 0's anchors).
+
+nvtx=True is the mode for Nsight Systems and Nsight Compute (CUDA only): the same steps run under
+torch.autograd.profiler.emit_nvtx, so every op and stage range is an NVTX range, and torch.profiler
+does not run (only one profiler can be on per thread, and its CUPTI session would compete with
+nsys's / ncu's); the timeline is the Nsight tool's report, and no file is written.
 """
 from __future__ import annotations
 
@@ -72,17 +79,24 @@ def stage_ranges():
 
 
 def stage_table(events, on_gpu: bool) -> tuple[str, dict]:
-    """Total (inclusive) time per stage range, ms, and the table text."""
+    """Inclusive time per stage range and the table text: "ms", the host (wall) time inside the range;
+    on GPU also "device_ms", the time of the kernels launched inside it (None when none was: the
+    `backward` range, whose kernels autograd's own thread launches). Two clocks, two columns."""
     totals = {}
     for e in events:
         if e.key in STAGES:
-            us = e.device_time_total if on_gpu and e.device_time_total > 0 else e.cpu_time_total
-            totals[e.key] = {"ms": us / 1e3, "calls": e.count}
-    lines = [f"{'stage (ranges nest)':<26}{'calls':>8}{'total ms':>14}{'ms / call':>12}"]
+            totals[e.key] = {"ms": e.cpu_time_total / 1e3, "calls": e.count}
+            if on_gpu:
+                totals[e.key]["device_ms"] = e.device_time_total / 1e3 if e.device_time_total > 0 else None
+    head = f"{'stage (ranges nest)':<26}{'calls':>8}{'host ms':>14}{'host ms/call':>14}"
+    lines = [head + (f"{'kernel ms':>14}" if on_gpu else "")]
     for name in STAGES:
         if name in totals:
             t = totals[name]
-            lines.append(f"{name:<26}{t['calls']:>8}{t['ms']:>14.2f}{t['ms'] / max(t['calls'], 1):>12.3f}")
+            row = f"{name:<26}{t['calls']:>8}{t['ms']:>14.2f}{t['ms'] / max(t['calls'], 1):>14.3f}"
+            if on_gpu:
+                row += f"{t['device_ms']:>14.2f}" if t["device_ms"] is not None else f"{'-':>14}"
+            lines.append(row)
     return "\n".join(lines) + "\n", totals
 
 
@@ -149,20 +163,51 @@ def top_kernel(events, on_gpu: bool) -> Optional[str]:
     On CPU there is no kernel for ncu: the op name is a pointer to where the time goes."""
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     cands = [e for e in events if not _is_range(e)]
-    if on_gpu:
-        cands = [e for e in cands if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    if on_gpu:  # kernels: a Memcpy / Memset row is a copy engine's work, which ncu cannot profile
+        cands = [e for e in cands if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+                 and not e.key.startswith(("Memcpy", "Memset"))]
     else:  # ops (aten::mm, segpcl::lora_b_linear_fwd), not Python-level annotations (DataLoader, Optimizer)
         cands = [e for e in cands if "::" in e.key and "#" not in e.key and not e.key.startswith("Optimizer")]
     cands = [e for e in cands if getattr(e, key) > 0]
     return max(cands, key=lambda e: getattr(e, key)).key if cands else None
 
 
-def ncu_command(kernel: str, argv: list[str]) -> str:
-    """Nsight Compute command profiling one launch of `kernel` in a 1-step profile run."""
-    # ncu matches --kernel-name against the demangled function name: keep the bare identifier
-    name = kernel.split("(")[0].split("<")[0].strip().split(" ")[-1].split("::")[-1]
-    cmd = ["ncu", "--kernel-name", f"regex:{name}", "--launch-skip", "10", "--launch-count", "1", "--set", "full",
-           "-o", "segpcl_kernel", sys.executable, "-m", "segpcl_fast.cli", "profile", *argv]
+def _without_params(name: str) -> str:
+    """A demangled kernel name without its trailing parameter list: "void f<4, (anon)::g>(int, float*)"
+    -> "void f<4, (anon)::g>" (parentheses inside the name, as in "(anonymous namespace)", stay)."""
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i].rstrip()
+    return name
+
+
+def kernel_name_regex(kernel: str) -> str:
+    """A regex for ncu's `regex:` matching this kernel's whole demangled name with its template
+    arguments, and nothing longer: not another instantiation of the same template (an add on bf16
+    for one on fp32), not a kernel whose name contains this one. Anchored at the end, with any
+    parameter list, and after the start or a space, with or without a leading "void ", so the
+    demangler's spelling of the parameters and return type does not matter. Only metacharacters
+    are escaped, each with a backslash, which every common dialect (ECMAScript, POSIX extended,
+    PCRE, Python's re) reads as the literal character."""
+    name = _without_params(kernel)
+    name = name[len("void "):] if name.startswith("void ") else name
+    return "(^| )" + re.sub(r"([\\^$.*+?()\[\]{}|])", r"\\\1", name) + r"(\(.*\))?$"
+
+
+def ncu_command(kernel: str, argv: list[str], launches: Optional[int] = None) -> str:
+    """Nsight Compute command profiling one launch of `kernel` in a rerun of the profile with `argv`.
+
+    `launches`: how often the kernel ran in the profiled window; the rerun repeats that window, so
+    skipping at most launches - 1 (and at most 10, past warm-up and autotuning launches) still
+    reaches one. The rerun gets --nvtx: torch.profiler does not run under ncu."""
+    skip = 10 if launches is None else max(0, min(10, launches - 1))
+    cmd = ["ncu", "--kernel-name-base", "demangled", "--kernel-name", f"regex:{kernel_name_regex(kernel)}",
+           "--launch-skip", str(skip), "--launch-count", "1", "--set", "full", "-f", "-o", "segpcl_kernel",
+           sys.executable, "-m", "segpcl_fast.cli", "profile", *argv, "--nvtx"]
     return shlex.join(cmd)
 
 
@@ -176,15 +221,25 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     cfg.run.max_steps_per_task = steps
     cfg.run.checkpoint, cfg.run.plots, cfg.run.progress, cfg.eval.fwt = False, False, False, False
     trainer = Trainer(cfg, compile_settings=compile_settings, writes=False)  # its files go to out_dir
+    on_gpu = _is_cuda(trainer.device)
+    if nvtx and not on_gpu:
+        raise ValueError(f"profile --nvtx emits NVTX ranges for Nsight Systems / Compute, which profile CUDA "
+                         f"devices; this run is on {trainer.device}: drop --nvtx (torch.profiler's trace and "
+                         "tables work on the CPU), or run on a GPU")
     out = Path(out_dir) if trainer.dist.is_main else Path(out_dir) / f"rank{trainer.dist.rank}"
-    out.mkdir(parents=True, exist_ok=True)
-    on_gpu = trainer.device.type == "cuda"
     task = 1 if trainer.scenario.num_tasks > 1 else 0
     if task:
         trainer.train_task(0)  # warm-up, and the state task 2's DPGD starts from
+    if nvtx:  # the Nsight tool records the timeline; torch.profiler stays off (module docstring)
+        with stage_ranges(), torch.autograd.profiler.emit_nvtx():
+            start = time.perf_counter()
+            info = trainer.train_task(task)
+            wall_ms = (time.perf_counter() - start) * 1e3
+        return {"nvtx": True, "paths": {}, "on_gpu": on_gpu, "device": str(trainer.device), "task": task + 1,
+                "steps": info["timings"]["steps"], "wall_ms": wall_ms}
+    out.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    nvtx_ctx = torch.autograd.profiler.emit_nvtx() if nvtx and on_gpu else contextlib.nullcontext()
-    with stage_ranges(), nvtx_ctx, profile(activities=activities, record_shapes=False) as prof:
+    with stage_ranges(), profile(activities=activities, record_shapes=False) as prof:
         start = time.perf_counter()
         info = trainer.train_task(task)
         if on_gpu:
@@ -206,7 +261,13 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     atomic_write_text(paths["stages"], stages_text)
     atomic_write_text(paths["categories"], categories_text)
     kernel = top_kernel(events, on_gpu)
-    return {"paths": {k: str(v) for k, v in paths.items()}, "table": table, "stages": stages, "on_gpu": on_gpu,
-            "stages_table": stages_text, "categories": categories, "categories_table": categories_text,
-            "top_kernel": kernel, "device": str(trainer.device),
-            "task": task + 1, "steps": info["timings"]["steps"], "sort_by": sort_by}
+    launches = next((e.count for e in events if e.key == kernel), None) if kernel else None
+    return {"nvtx": False, "paths": {k: str(v) for k, v in paths.items()}, "table": table, "stages": stages,
+            "on_gpu": on_gpu, "stages_table": stages_text, "categories": categories,
+            "categories_table": categories_text, "top_kernel": kernel, "top_kernel_launches": launches,
+            "device": str(trainer.device), "task": task + 1, "steps": info["timings"]["steps"], "sort_by": sort_by,
+            "wall_ms": wall_ms}
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from segpcl_fast.api import make_config
 from segpcl_fast.engine.profile import STAGES, kernel_category, ncu_command, profile_training, stage_ranges
@@ -83,8 +84,40 @@ def test_stage_ranges_are_removed_afterwards():
 def test_ncu_command_names_the_kernel_and_reruns_profile():
     cmd = ncu_command("void at::native::vectorized_elementwise_kernel<4, ...>(int, ...)", ["--set", "run.compile=true",
                                                                                           "--steps", "1"])
-    assert cmd.startswith("ncu --kernel-name regex:vectorized_elementwise_kernel --launch-skip")
-    assert "segpcl_fast.cli profile --set run.compile=true --steps 1" in cmd
+    assert cmd.startswith("ncu --kernel-name-base demangled --kernel-name "
+                          "'regex:(^| )at::native::vectorized_elementwise_kernel<4, \\.\\.\\.>(\\(.*\\))?$' --launch-skip")
+    # the rerun has torch.profiler off (--nvtx): ncu's CUPTI session is the only one
+    assert cmd.endswith("segpcl_fast.cli profile --set run.compile=true --steps 1 --nvtx")
+
+
+def test_profile_nvtx_runs_under_emit_nvtx_without_torch_profiler(tiny_model_name, tmp_path, monkeypatch):
+    """--nvtx (for nsys / ncu) on a GPU, simulated on the CPU: emit_nvtx's only CUDA call is the device
+    synchronize on entry and exit. It used to start torch.profiler inside emit_nvtx, which raises
+    "Profiler is already enabled on this thread" (one profiler per thread) after the warm-up task."""
+    import segpcl_fast.engine.profile as profile_mod
+    from segpcl_fast.method import losses
+    monkeypatch.setattr(profile_mod, "_is_cuda", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    seen = []
+    real = losses.cls_loss
+
+    def cls_loss(*args, **kwargs):  # what profiler runs while the training step runs
+        seen.append(torch._C._autograd._profiler_type())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(losses, "cls_loss", cls_loss)
+    out = profile_training(_config(tiny_model_name, tmp_path / "unused"), tmp_path / "prof", steps=2, nvtx=True)
+    assert out["nvtx"] and out["task"] == 2 and out["steps"] == 2 and out["paths"] == {}
+    nvtx = torch._C._profiler.ActiveProfilerType.NVTX
+    assert seen[:2] == [torch._C._profiler.ActiveProfilerType.NONE] * 2  # task 1, the warm-up: no profiler
+    assert seen[2:] == [nvtx, nvtx]  # task 2: NVTX ranges, and no torch.profiler (Kineto) session
+    assert not (tmp_path / "prof").exists()  # the Nsight tool writes the report; nothing here
+    assert not torch._C._autograd._profiler_enabled()
+
+
+def test_profile_nvtx_on_cpu_is_refused(tiny_model_name, tmp_path):
+    with pytest.raises(ValueError, match=r"--nvtx emits NVTX ranges for Nsight .* this run is on cpu: drop --nvtx"):
+        profile_training(_config(tiny_model_name, tmp_path / "unused"), tmp_path / "prof", steps=1, nvtx=True)
+    assert not (tmp_path / "prof").exists()
 
 
 def test_cli_profile(tiny_model_name, tmp_path, capsys, monkeypatch):
@@ -106,7 +139,8 @@ def test_cli_profile(tiny_model_name, tmp_path, capsys, monkeypatch):
     assert main(args[:-2] + ["--set", f"run.output_dir={tmp_path / 'q'}"]) == 0
     assert (tmp_path / "q" / "trace.json").exists()
     ncu = next(line for line in capsys.readouterr().out.splitlines() if "ncu --kernel-name" in line)
-    assert ncu.count("--steps") == 1 and f"-o {tmp_path / 'q'}-ncu" in ncu
+    # the rerun repeats the profiled window (same --steps), into its own folder, under --nvtx
+    assert ncu.count("--steps 1") == 1 and ncu.endswith(f"-o {tmp_path / 'q'}-ncu --nvtx")
 
 
 def test_e2e_step_profile_script(tmp_path):

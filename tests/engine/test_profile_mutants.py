@@ -33,16 +33,26 @@ def test_stage_table_cpu_exact():
     assert totals == {"optimizer": {"ms": 1.0, "calls": 2}, "backward": {"ms": 5.0, "calls": 4},
                       "dpgd": {"ms": 3.0, "calls": 1}}
     assert text == "".join(line + "\n" for line in [  # rows in STAGES order, whatever the events' order
-        f"{'stage (ranges nest)':<26}{'calls':>8}{'total ms':>14}{'ms / call':>12}",
-        f"{'dpgd':<26}{1:>8}{'3.00':>14}{'3.000':>12}",
-        f"{'backward':<26}{4:>8}{'5.00':>14}{'1.250':>12}",
-        f"{'optimizer':<26}{2:>8}{'1.00':>14}{'0.500':>12}"])
+        f"{'stage (ranges nest)':<26}{'calls':>8}{'host ms':>14}{'host ms/call':>14}",
+        f"{'dpgd':<26}{1:>8}{'3.00':>14}{'3.000':>14}",
+        f"{'backward':<26}{4:>8}{'5.00':>14}{'1.250':>14}",
+        f"{'optimizer':<26}{2:>8}{'1.00':>14}{'0.500':>14}"])
 
 
-def test_stage_table_gpu_uses_device_time_where_there_is_some():
-    _, totals = stage_table(STAGE_EVENTS, on_gpu=True)
-    assert totals["backward"]["ms"] == 2.0  # device time
-    assert totals["dpgd"]["ms"] == 3.0 and totals["optimizer"]["ms"] == 1.0  # no device time: CPU time
+def test_stage_table_gpu_keeps_host_and_kernel_time_apart():
+    """One clock per column: host time always; kernel time where the range launched kernels, '-' where it
+    launched none (backward's kernels come from autograd's thread), never the host time in its place."""
+    events = STAGE_EVENTS[:2] + [_event("backward", cpu=5000.0, device=0.0, count=4),
+                                 _event("dpgd", cpu=3000.0, device=2500.0)]
+    text, totals = stage_table(events, on_gpu=True)
+    assert totals == {"optimizer": {"ms": 1.0, "calls": 2, "device_ms": None},
+                      "backward": {"ms": 5.0, "calls": 4, "device_ms": None},
+                      "dpgd": {"ms": 3.0, "calls": 1, "device_ms": 2.5}}
+    assert text.splitlines() == [
+        f"{'stage (ranges nest)':<26}{'calls':>8}{'host ms':>14}{'host ms/call':>14}{'kernel ms':>14}",
+        f"{'dpgd':<26}{1:>8}{'3.00':>14}{'3.000':>14}{'2.50':>14}",
+        f"{'backward':<26}{4:>8}{'5.00':>14}{'1.250':>14}{'-':>14}",
+        f"{'optimizer':<26}{2:>8}{'1.00':>14}{'0.500':>14}{'-':>14}"]
 
 
 def test_category_table_cpu_exact():
@@ -102,10 +112,57 @@ def test_kernel_category_more_names(name, category):
 
 
 def test_ncu_command_exact():
-    cmd = ncu_command("void my_kernel(Params<float, 4>)", ["--steps", "1", "-o", "out dir"])
-    assert shlex.split(cmd) == ["ncu", "--kernel-name", "regex:my_kernel", "--launch-skip", "10", "--launch-count",
-                                "1", "--set", "full", "-o", "segpcl_kernel", sys.executable, "-m", "segpcl_fast.cli",
-                                "profile", "--steps", "1", "-o", "out dir"]
+    cmd = ncu_command("void my_kernel<float, 4>(Params<float, 4>)", ["--steps", "3", "-o", "out dir"], launches=40)
+    assert shlex.split(cmd) == ["ncu", "--kernel-name-base", "demangled", "--kernel-name",
+                                r"regex:(^| )my_kernel<float, 4>(\(.*\))?$", "--launch-skip", "10", "--launch-count", "1",
+                                "--set", "full", "-f", "-o", "segpcl_kernel", sys.executable, "-m",
+                                "segpcl_fast.cli", "profile", "--steps", "3", "-o", "out dir", "--nvtx"]
+
+
+@pytest.mark.parametrize("launches,skip", [(1, 0), (4, 3), (11, 10), (500, 10), (None, 10)])
+def test_ncu_skips_fewer_launches_than_the_kernel_has(launches, skip):
+    """The rerun repeats the profiled window: a kernel launched n times there is still reached after n - 1 skips."""
+    args = shlex.split(ncu_command("k", [], launches=launches))
+    assert args[args.index("--launch-skip") + 1] == str(skip)
+
+
+ADD = ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, "
+       "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<float>, std::array<char*, 3ul>)")
+SOFTMAX = ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, "
+           "at::native::(anonymous namespace)::SoftMaxForwardEpilogue>(float*, float const*, int)")
+SGEMM = "void cutlass::Kernel2<cutlass_80_simt_sgemm_128x128_8x4_nn_align1>(cutlass_80_simt_sgemm_128x128_8x4_nn_align1::Params)"
+
+
+@pytest.mark.parametrize("kernel,same,others", [
+    # names as torch.profiler reports them on CUDA (BENCHMARKS.md's H100 profile, torch's own kernels)
+    (ADD, [ADD.replace("void ", "", 1), ADD.split("(int")[0] + "(int, at::native::CUDAFunctor_add<float>, "
+                                                              "std::array<char*, 3ul>)"],
+     [ADD.replace("CUDAFunctor_add<float>", "CUDAFunctor_add<c10::BFloat16>"), ADD.replace("<4,", "<2,")]),
+    (SOFTMAX, [SOFTMAX.replace("void ", "", 1)], [SOFTMAX.replace("SoftMaxForward<", "SoftMaxForwardSmem<"),
+                                                  SOFTMAX.replace("<4, float, float, float", "<4, float, float, c10::Half")]),
+    (SGEMM, [SGEMM.split("(")[0]], [SGEMM.replace("Kernel2<", "Kernel<"), SGEMM.replace("128x128_8x4", "256x128_8x4")]),
+    ("_anchor_kl_chunked_kernel", [], ["_anchor_kl_chunked_kernel_v2", "my_anchor_kl_chunked_kernel",
+                                        "_anchor_kl_kernel"]),
+    ("triton_per_fused__to_copy_add_native_layer_norm_3", [], ["triton_per_fused__to_copy_add_native_layer_norm_31"]),
+])
+def test_kernel_name_regex_matches_that_kernel_only(kernel, same, others):
+    """The old filter was the bare identifier (regex:vectorized_elementwise_kernel, regex:Kernel2, and an
+    empty regex for the softmax): every instantiation matched, so ncu profiled whichever launched 11th."""
+    import re
+    from segpcl_fast.engine.profile import kernel_name_regex
+    pattern = re.compile(kernel_name_regex(kernel))
+    for name in [kernel] + same:
+        assert pattern.search(name), (pattern.pattern, name)
+    for name in others:
+        assert not pattern.search(name), (pattern.pattern, name)
+
+
+def test_top_kernel_on_gpu_is_never_a_copy():
+    """ncu profiles kernels: a Memcpy / Memset row with the most device time is passed over."""
+    gpu = [_event("Memcpy HtoD (Pageable -> Device)", self_device=9000.0, device_type=CUDA),
+           _event("Memset (Device)", self_device=8000.0, device_type=CUDA),
+           _event("sm80_xmma_gemm_f32", self_device=300.0, device_type=CUDA)]
+    assert top_kernel(gpu, on_gpu=True) == "sm80_xmma_gemm_f32"
 
 
 def test_stage_ranges_are_removed_after_an_error():
