@@ -159,6 +159,8 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     from .method.variants import LADDER, variant_overrides
     from .report import format_metrics_table, plus_minus
     from .report.results import to_jsonable
+    from .engine.distributed import refuse_multi_process
+    refuse_multi_process("the ablation")
     cfg = make_config(config, **overrides)
     variants = list(variants or LADDER)
     for name in variants:

@@ -467,8 +467,6 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    # torchrun: an error every rank raised alike (rank 0's, shared: `echo`) or Ctrl-C (every rank gets
-    # it) is printed by rank 0 alone; any other error names its rank, since it may be that rank's own
     where = "" if _rank0() else f" [rank {os.environ['RANK']}]"
     previous = _raise_on_sigterm()
     try:
@@ -476,8 +474,7 @@ def main(argv=None) -> int:
         _leave_process_group()
         return rc
     except (ConfigError, FileNotFoundError) as e:
-        if _rank0() or not getattr(e, "echo", False):
-            print(f"segpcl-fast: error{where}: {e}", file=sys.stderr)
+        _report_error(str(e), where, getattr(e, "echo", False) or (isinstance(e, ConfigError) and not _joined()))
         _leave_process_group()
         return 2
     except KeyboardInterrupt as e:
@@ -490,7 +487,7 @@ def main(argv=None) -> int:
         return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # a path that cannot be written or read: the OS's reason and the path, one line
         path = f"{e.filename}: " if e.filename else ""
-        print(f"segpcl-fast: error{where}: {path}{e.strerror or e}", file=sys.stderr)
+        _report_error(f"{path}{e.strerror or e}", where, False)
         _leave_process_group()
         return 2
     except Exception as e:  # known user-facing errors carry their fix in the message
@@ -499,13 +496,41 @@ def main(argv=None) -> int:
         from .classifier import ClassifierError
         from .model.clip import ModelLoadError
         if isinstance(e, (DatasetFormatError, ModelLoadError, CheckpointError, ClassifierError, FloatingPointError)):
-            print(f"segpcl-fast: error{where}: {_user_message(e)}", file=sys.stderr)
+            _report_error(_user_message(e), where, False)
             _leave_process_group()
             return 2
+        if _joined() and _lost_peer(e):  # not this rank's error: the rank that stopped first says why
+            print(f"segpcl-fast: stopped{where}: another rank stopped first (its error is above, or in torchrun's "
+                  f"report) and this rank lost it in a collective: {str(e).strip().splitlines()[0][:200]}",
+                  file=sys.stderr)
+            return 1
         raise
     finally:
         if previous is not False:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _joined() -> bool:
+    """This process has joined a torchrun process group (so its peers may be gone)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def _lost_peer(error: BaseException) -> bool:
+    from .engine.distributed import lost_peer
+    return lost_peer(error)
+
+
+def _report_error(message: str, where: str, same_on_every_rank: bool) -> None:
+    """Print an error once per torchrun job where it can be: rank 0 prints it whole; another rank
+    prints nothing when every rank raised the same (rank 0's error shared with them, `echo`, or a
+    config error met before the ranks joined: the same arguments give the same error), else its
+    first line with its rank (it may be that rank's own, e.g. a file only its shard reads)."""
+    if _rank0():
+        print(f"segpcl-fast: error: {message}", file=sys.stderr)
+    elif not same_on_every_rank:
+        lines = message.strip().splitlines() or [""]
+        print(f"segpcl-fast: error{where}: {lines[0]}{' (...)' if len(lines) > 1 else ''}", file=sys.stderr)
 
 
 def _user_message(error: BaseException) -> str:

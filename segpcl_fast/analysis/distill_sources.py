@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import ConfigError, apply_overrides
+from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plus_minus, run_config, summarize_runs,
                       write_table_files)
 
@@ -71,6 +72,7 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
     Writes <output_dir>/distill_sources.{json,txt,png}; runs under <output_dir>/<source>/seed<s>/.
     """
     from ..api import make_config
+    refuse_multi_process("the distill-sources analysis")
     cfg = make_config(config, **overrides)
     sources = list(sources or SOURCES)
     bad = [s for s in sources if s not in SOURCES]

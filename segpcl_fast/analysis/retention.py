@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, apply_overrides
 from ..data.retention import OFFLINE_DEFAULT, RETENTION_DATASETS
+from ..engine.distributed import refuse_multi_process
 from .outputs import (check_resume_dir, check_unique, make_trainer, new_figure, run_config, save_png, slug,
                       write_table_files)
 
@@ -95,6 +96,7 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     """
     from ..api import make_config
     from ..method.variants import variant_overrides
+    refuse_multi_process("the retention analysis")
     cfg = make_config(config, **overrides)
     variants = list(variants or DEFAULT_VARIANTS)
     for name in variants:

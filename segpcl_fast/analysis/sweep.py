@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from ..config import Config, ConfigError, apply_overrides, known_keys, parse_value
+from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, new_figure, plus_minus, run_config, save_png, slug,
                       summarize_runs, write_table_files)
 
@@ -168,6 +169,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
     Returns {"rows", "axes", "paths", "table"}.
     """
     from ..api import make_config, train
+    refuse_multi_process("the sweep")
     cfg = make_config(config, **overrides)
     axes = parse_axes(axes)
     if "run.seed" in axes:

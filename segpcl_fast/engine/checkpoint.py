@@ -29,10 +29,14 @@ from ..fileio import UnsafeFileError, atomic_path, atomic_write_text, load_torch
 
 PathLike = Union[str, os.PathLike]
 
-# Keys that may differ between a run and its resumption (they change no result): where files go
-# and what is shown, how fast it runs, data.expected_classes (a check on the data, not a setting),
-# and where the data and weights lie (a moved copy of the same dataset: the trainer then checks
-# the class names against the checkpoint's, see check_class_names).
+# Keys that may differ between a run and its resumption (they change no setting of the method):
+# where files go and what is shown, how fast it runs, data.expected_classes (a check on the data,
+# not a setting), and where the data and weights lie (a moved copy of the same dataset: the trainer
+# then checks the class names against the checkpoint's, see check_class_names). One changes results
+# without changing the method: data.num_workers. Each DataLoader worker draws the random
+# augmentations of its batches from its own RNG (seeded from the loader's generator and its worker
+# id; with 0 workers they come from the main process's), so a run resumed with another worker count
+# is a valid run whose later tasks are not bit-identical to the uninterrupted one.
 RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.checkpoint",
                  "run.num_threads", "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
                  "dpgd.batch_size", "data.expected_classes", "data.root", "data.frames_dir", "model.cache_dir")
@@ -244,6 +248,48 @@ def remove_stale_run_temps(output_dir: PathLike) -> list[Path]:
     out = Path(output_dir)
     return (remove_stale_temps(out, lambda name: name in own)
             + remove_stale_temps(out / CHECKPOINT_DIR, lambda name: name == LAST_POINTER or bool(_TASK_FILE.match(name))))
+
+
+RUN_LOCK = ".segpcl-run.lock"
+
+
+def lock_run_dir(output_dir: PathLike) -> Optional[int]:
+    """Take the run lock of an output dir (an exclusive flock on <dir>/.segpcl-run.lock, which holds the
+    owner's pid) for as long as a run writes there; returns its file descriptor for unlock_run_dir.
+    Another process holding it (the same run started twice; workers orphaned by a SIGKILLed torchrun,
+    still training) makes this a ConfigError naming its pid. The OS drops the lock when its process
+    dies, so a killed run leaves none behind. None where fcntl is missing (Windows): no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    from ..config import ConfigError
+    path = Path(output_dir) / RUN_LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its pid, as far as it wrote one
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"output dir {output_dir} is in use by another run (pid {holder}; its lock is "
+                              f"{path}): let it finish or stop it, or pick another folder with -o") from None
+        try:  # unlock_run_dir unlinks before it unlocks: a lock on a file no longer at `path` locks nothing
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def unlock_run_dir(output_dir: PathLike, fd: int) -> None:
+    """Release lock_run_dir's lock and remove its file (first the file, then the lock: see there)."""
+    Path(output_dir, RUN_LOCK).unlink(missing_ok=True)
+    os.close(fd)
 
 
 def runs_below(folder: PathLike, limit: int = 3) -> list[str]:

@@ -26,7 +26,11 @@ RANK / WORLD_SIZE / LOCAL_RANK):
 - Evaluation: each rank counts correct / total on a strided shard of the test set; the counts are
   all-reduced (sum). Prototypes (computed on every rank from identical weights) are broadcast from
   rank 0 so that every rank holds bit-identical state.
-- Files: only rank 0 writes (checkpoints, config, results, plots).
+- Files: only rank 0 writes (checkpoints, config, results, plots), under the run lock
+  (checkpoint.lock_run_dir). The analyses, which train runs one after another, refuse to start
+  under torchrun (refuse_multi_process).
+- Errors: the CLI prints one every rank meets alike once (from rank 0); a rank whose collective
+  fails because a peer stopped first says so in one line (lost_peer), not with a traceback.
 """
 from __future__ import annotations
 
@@ -56,18 +60,33 @@ class DDPSettings:
     def from_env(cls) -> "DDPSettings":
         """Defaults, overridden by SEGPCL_DDP_BUCKET_MB, SEGPCL_DDP_GRAD_AS_BUCKET_VIEW (0/1),
         SEGPCL_DDP_BACKEND (auto/nccl/gloo), SEGPCL_DDP_TIMEOUT_S (hardware presets set these)."""
+        from ..config import ConfigError
         env = os.environ
         s = cls()
+
+        def number(name, kind, low, default):
+            try:
+                value = kind(env[name])
+            except ValueError:
+                value = None
+            if value is None or not math.isfinite(value) or value < low:
+                raise ConfigError(f"{name}='{env[name]}' is not {'an integer' if kind is int else 'a number'} "
+                                  f">= {low}: set one (the default is {default}) or unset it")
+            return value
         if "SEGPCL_DDP_BUCKET_MB" in env:
-            s.bucket_cap_mb = float(env["SEGPCL_DDP_BUCKET_MB"])
+            s.bucket_cap_mb = number("SEGPCL_DDP_BUCKET_MB", float, 0.001, s.bucket_cap_mb)
         if "SEGPCL_DDP_GRAD_AS_BUCKET_VIEW" in env:
-            s.gradient_as_bucket_view = env["SEGPCL_DDP_GRAD_AS_BUCKET_VIEW"].lower() in ("1", "true", "yes")
+            flag = env["SEGPCL_DDP_GRAD_AS_BUCKET_VIEW"].lower()
+            if flag not in ("0", "1", "true", "false", "yes", "no"):
+                raise ConfigError(f"SEGPCL_DDP_GRAD_AS_BUCKET_VIEW='{env['SEGPCL_DDP_GRAD_AS_BUCKET_VIEW']}' is "
+                                  "not a switch: set 1 or 0 (true / false), or unset it")
+            s.gradient_as_bucket_view = flag in ("1", "true", "yes")
         if "SEGPCL_DDP_BACKEND" in env:
             s.backend = env["SEGPCL_DDP_BACKEND"]
         if "SEGPCL_DDP_TIMEOUT_S" in env:
-            s.timeout_s = int(env["SEGPCL_DDP_TIMEOUT_S"])
+            s.timeout_s = number("SEGPCL_DDP_TIMEOUT_S", int, 1, s.timeout_s)
         if s.backend not in ("auto", "nccl", "gloo"):
-            raise ValueError(f"SEGPCL_DDP_BACKEND='{s.backend}' is unknown; use auto, nccl or gloo")
+            raise ConfigError(f"SEGPCL_DDP_BACKEND='{s.backend}' is unknown; use auto, nccl or gloo")
         return s
 
 
@@ -107,8 +126,9 @@ class DistContext:
                 wants_cuda = device != "cpu" and torch.cuda.is_available()
                 backend = "nccl" if wants_cuda else "gloo"
             if backend == "nccl" and not torch.cuda.is_available():
-                raise RuntimeError("DDP backend 'nccl' needs CUDA devices; on CPU use the gloo backend "
-                                   "(run.device=cpu, or SEGPCL_DDP_BACKEND=gloo)")
+                from ..config import ConfigError
+                raise ConfigError("SEGPCL_DDP_BACKEND=nccl needs CUDA devices, and none is available here: on "
+                                  "CPU use gloo (SEGPCL_DDP_BACKEND=gloo or auto, with run.device=cpu)")
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=settings.timeout_s))
@@ -117,6 +137,32 @@ class DistContext:
         log.info("distributed: rank %d of %d (local rank %d), backend %s", ctx.rank, ctx.world_size,
                  ctx.local_rank, ctx.backend)
         return ctx
+
+
+def refuse_multi_process(what: str) -> None:
+    """Stop `what` (an analysis that trains its runs one after another) under torchrun, before any
+    rank trains or writes: every rank would write the same tables, and each would decide on its own
+    whether a run's folder is there to resume (rank 0 creates it, another rank may look later)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        world = max(world, dist.get_world_size())
+    if world > 1:
+        from ..config import ConfigError
+        raise ConfigError(f"{what} runs in one process, but this is one of {world} (torchrun): launch it "
+                          "without torchrun (its runs train one after another), or train each run on several "
+                          "GPUs with `torchrun ... -m segpcl_fast.cli train` and compare their results.json")
+
+
+# what a collective raises when a peer rank is gone (it stopped on an error or a signal): gloo raises
+# a RuntimeError naming its transport, NCCL a DistBackendError; the other rank's own report says why
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank stopped."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _LOST_PEER)
 
 
 def raise_on_every_rank(error: Optional[Exception], ctx: DistContext) -> None:

@@ -161,6 +161,9 @@ class Trainer:
             from ..data.retention import list_reference_images
             list_reference_images(self.cfg.acgd.source_folder)
         self.ddp_settings = ddp_settings or ddp.DDPSettings.from_env()
+        if dist is None:  # errors every rank meets alike, before the ranks join (the CLI prints them once)
+            resolve_device(self.cfg.run.device)
+            ddp.local_batch_size(self.cfg.optim.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
         self.dist = dist or ddp.DistContext.from_env(self.ddp_settings, self.cfg.run.device)
         self.log_fn = log_fn or (lambda msg: log.info(msg))
         if not self.dist.is_main:
@@ -169,6 +172,7 @@ class Trainer:
         # whether self.model holds the run's final weights (after run(): not so for a finished run without
         # checkpoints, which run() answers from its results.json alone)
         self.holds_final_weights = False
+        self._lock = None  # ckpt.lock_run_dir's, while run() runs on rank 0
         ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
         problem = unwritable_dir_reason(self.out) if writes and self.dist.is_main else None
         # before the data is indexed and weights load, not at the first file written; on every rank
@@ -428,6 +432,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Result:
+        """Train (or resume) every task; rank 0 holds the output dir's run lock meanwhile."""
+        try:
+            return self._run()
+        finally:
+            if getattr(self, "_lock", None) is not None:
+                ckpt.unlock_run_dir(self.out, self._lock)
+                self._lock = None
+
+    def _run(self) -> Result:
         c = self.cfg
         T = self.scenario.num_tasks
         main = self.dist.is_main
@@ -468,6 +481,9 @@ class Trainer:
         problem = None
         if main:
             try:
+                # first: a second process in this folder (a run started twice, workers orphaned by a killed
+                # torchrun) would mix its files with this one's, and the clean-up below would delete its temps
+                self._lock = ckpt.lock_run_dir(self.out)
                 if not c.run.resume:
                     self._claim_output_dir()
                 for stale in ckpt.remove_stale_run_temps(self.out):  # a killed run's half-written files

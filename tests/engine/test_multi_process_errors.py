@@ -1,0 +1,200 @@
+"""How a torchrun job fails: once, in one line per rank at most, before anything is written.
+
+torchrun is simulated through its environment (RANK / WORLD_SIZE) where no process group is
+needed; the run lock is held by a real second process. The 2-rank gloo runs themselves are in
+test_distributed.py and test_presets.py."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from segpcl_fast.api import ablate, train
+from segpcl_fast.config import ConfigError
+from segpcl_fast.engine import checkpoint as ckpt
+from segpcl_fast.engine.distributed import DDPSettings, lost_peer
+from segpcl_fast.engine.trainer import Trainer
+
+from run_cases import small_config
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("SEGPCL_DDP_TIMEOUT_S", "abc", "SEGPCL_DDP_TIMEOUT_S='abc' is not an integer >= 1: set one (the default is 1800)"),
+    ("SEGPCL_DDP_TIMEOUT_S", "0", "SEGPCL_DDP_TIMEOUT_S='0' is not an integer >= 1"),
+    ("SEGPCL_DDP_BUCKET_MB", "-1", "SEGPCL_DDP_BUCKET_MB='-1' is not a number >= 0.001: set one (the default is 25.0)"),
+    ("SEGPCL_DDP_BUCKET_MB", "nan", "SEGPCL_DDP_BUCKET_MB='nan' is not a number"),
+    ("SEGPCL_DDP_GRAD_AS_BUCKET_VIEW", "maybe", "SEGPCL_DDP_GRAD_AS_BUCKET_VIEW='maybe' is not a switch"),
+    ("SEGPCL_DDP_BACKEND", "bogus", "SEGPCL_DDP_BACKEND='bogus' is unknown; use auto, nccl or gloo"),
+])
+def test_bad_ddp_variables_are_config_errors(monkeypatch, name, value, message):
+    """A ConfigError is one line from the CLI (it was a ValueError: a traceback on every rank)."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        DDPSettings.from_env()
+    assert str(info.value).startswith(message)
+
+
+def test_good_ddp_variables_are_read(monkeypatch):
+    for name, value in [("SEGPCL_DDP_TIMEOUT_S", "60"), ("SEGPCL_DDP_BUCKET_MB", "12.5"),
+                        ("SEGPCL_DDP_GRAD_AS_BUCKET_VIEW", "0"), ("SEGPCL_DDP_BACKEND", "gloo")]:
+        monkeypatch.setenv(name, value)
+    assert DDPSettings.from_env() == DDPSettings(bucket_cap_mb=12.5, gradient_as_bucket_view=False, backend="gloo",
+                                                 timeout_s=60)
+
+
+def _torchrun_env(monkeypatch, rank: int, world: int) -> None:
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+
+
+@pytest.mark.parametrize("world,kw,message", [
+    (2, {"device": "cuda"}, "run.device='cuda' but no CUDA device is available"),
+    (3, {"optim__batch_size": 32}, "optim.batch_size=32 (the global batch) must divide evenly over 3 processes"),
+])
+def test_errors_every_rank_meets_come_before_the_ranks_join(tiny_model_name, tmp_path, monkeypatch, world, kw, message):
+    """run.device=cuda without CUDA used to join gloo and fail later, in model loading, with a misleading
+    message; both errors now come before the process group (so the CLI prints them from rank 0 alone)."""
+    if kw.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    _torchrun_env(monkeypatch, 0, world)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Trainer(small_config(tiny_model_name, tmp_path / "run", **kw))
+    assert not torch.distributed.is_initialized()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["ablate", "sweep", "fragility", "retention", "distill_sources", "anchor_views"])
+def test_analyses_refuse_to_run_under_torchrun(tiny_model_name, tmp_path, monkeypatch, name):
+    """Under torchrun every rank wrote the same tables and decided --resume of a run's folder on its own."""
+    import importlib
+    analysis = {n: getattr(importlib.import_module(f"segpcl_fast.analysis.{n}"), n)
+                for n in ["sweep", "fragility", "retention", "distill_sources", "anchor_views"]}
+    calls = {"ablate": lambda cfg: ablate(cfg, variants=["lora_finetune"], seeds=[0]),
+             "sweep": lambda cfg: analysis["sweep"](cfg, axes={"dpgd.k_adv": [1, 2]}),
+             "fragility": lambda cfg: analysis["fragility"](cfg),
+             "retention": lambda cfg: analysis["retention"](cfg, variants=["lora_finetune"]),
+             "distill_sources": lambda cfg: analysis["distill_sources"](cfg, sources=["anchors"]),
+             "anchor_views": lambda cfg: analysis["anchor_views"](cfg)}
+    _torchrun_env(monkeypatch, 0, 2)
+    with pytest.raises(ConfigError, match=r"runs in one process, but this is one of 2 \(torchrun\): launch it "
+                                          r"without torchrun"):
+        calls[name](small_config(tiny_model_name, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the CLI's report
+
+def _fail_with(monkeypatch, error: BaseException) -> None:
+    import segpcl_fast.cli as cli
+
+    def failing(args):
+        raise error
+    monkeypatch.setattr(cli, "cmd_env", failing)
+
+
+def test_config_error_before_joining_is_printed_by_rank0_alone(monkeypatch, capsys):
+    """The same arguments give every rank the same error: N copies of it said nothing more."""
+    from segpcl_fast.cli import main
+    for rank, printed in [(0, True), (1, False)]:
+        _torchrun_env(monkeypatch, rank, 2)
+        assert main(["train", "--set", "optim.lrr=0.1"]) == 2
+        err = capsys.readouterr().err
+        assert ("optim.lrr" in err) == printed, (rank, err)
+        assert "rank" not in err
+
+
+def test_other_errors_rank0_whole_other_ranks_one_line(monkeypatch, capsys):
+    """An error that may be one rank's own (a file only its shard reads) is printed by that rank, in
+    its first line (rank 0 prints it whole)."""
+    from segpcl_fast.cli import main
+    from segpcl_fast.data.base import DatasetFormatError
+    message = "cannot read /data/train/x.jpg: truncated file\nthe layout expected:\n  train/<class>/<image>"
+    _fail_with(monkeypatch, DatasetFormatError(message))
+    _torchrun_env(monkeypatch, 1, 2)
+    assert main(["env"]) == 2
+    assert capsys.readouterr().err == "segpcl-fast: error [rank 1]: cannot read /data/train/x.jpg: truncated file (...)\n"
+    _torchrun_env(monkeypatch, 0, 2)
+    assert main(["env"]) == 2
+    assert capsys.readouterr().err == f"segpcl-fast: error: {message}\n"
+
+
+GLOO_LOST = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:32138: Connection "
+             "reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
+
+
+def test_a_rank_that_lost_its_peer_says_so_in_one_line(monkeypatch, capsys):
+    """Rank 0 stopped on its own error mid-run (a checkpoint it alone writes): the other rank's
+    collective fails, and it printed a ~30-line traceback; now one line pointing at rank 0's error."""
+    import segpcl_fast.cli as cli
+    _fail_with(monkeypatch, RuntimeError(GLOO_LOST))
+    monkeypatch.setattr(cli, "_joined", lambda: True)
+    _torchrun_env(monkeypatch, 1, 2)
+    assert cli.main(["env"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("segpcl-fast: stopped [rank 1]: another rank stopped first (its error is above, or in "
+                          "torchrun's report)") and err.count("\n") == 1 and "Traceback" not in err
+    # any other RuntimeError is a bug: its traceback is kept
+    _fail_with(monkeypatch, RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["env"])
+
+
+@pytest.mark.parametrize("error,lost", [
+    (RuntimeError(GLOO_LOST), True), (RuntimeError("... Connection closed by peer [10.0.0.2]:4021"), True),
+    (torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1"), True),
+    (RuntimeError("CUDA out of memory"), False), (ValueError("Connection reset by peer"), False),
+])
+def test_lost_peer(error, lost):
+    assert lost_peer(error) is lost
+
+
+# ----------------------------------------------------------------------------- the run lock
+
+HOLDER = """
+import sys, time
+from segpcl_fast.engine import checkpoint as ckpt
+ckpt.lock_run_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """A second process holding the run lock of tmp_path / 'run' (killed at the end)."""
+    (tmp_path / "run").mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_run_lock_in_one_process(tmp_path):
+    fd = ckpt.lock_run_dir(tmp_path)
+    assert (tmp_path / ckpt.RUN_LOCK).read_text() == f"{os.getpid()}\n"
+    with pytest.raises(ConfigError, match=rf"output dir {tmp_path} is in use by another run \(pid {os.getpid()};"):
+        ckpt.lock_run_dir(tmp_path)  # flock: a second open file description conflicts, also in one process
+    ckpt.unlock_run_dir(tmp_path, fd)
+    assert not (tmp_path / ckpt.RUN_LOCK).exists()
+    ckpt.unlock_run_dir(tmp_path, ckpt.lock_run_dir(tmp_path))
+
+
+def test_a_run_in_a_folder_another_process_writes_is_refused(tiny_model_name, tmp_path, lock_holder):
+    """Workers orphaned by a SIGKILLed torchrun go on training; a run started there (and its clean-up
+    of a killed run's temp files, which would be theirs) used to go ahead beside them."""
+    cfg = small_config(tiny_model_name, tmp_path / "run")
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match=rf"is in use by another run \(pid {lock_holder.pid};.*pick another "
+                                              "folder with -o"):
+            train(cfg, resume=resume)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [ckpt.RUN_LOCK]
+    # the OS drops the lock of a killed process: a SIGKILLed run leaves nothing that blocks the next
+    lock_holder.send_signal(signal.SIGKILL)
+    lock_holder.wait()
+    result = train(cfg)
+    assert result.metrics["Last"] is not None
+    assert not (tmp_path / "run" / ckpt.RUN_LOCK).exists()  # released, and its file removed, after the run
