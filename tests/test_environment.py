@@ -14,6 +14,7 @@ import torch
 
 from segpcl_fast import ops
 from segpcl_fast.ops import dispatch
+from segpcl_fast.ops._ext import has_kernel
 from segpcl_fast.ops.lora_linear import extension_status
 from segpcl_fast.report.environment import format_environment, op_paths
 
@@ -125,3 +126,51 @@ def test_gpu_machine_text_names_devices_and_missing_fast_paths():
     assert row.split()[-2:] == ["sdpa", "xformers"]
     env["triton"]["installed"], env["extension"]["cuda"] = True, True
     assert "hint:" not in envmod.format_environment(env)
+
+
+def test_env_says_why_each_path_runs(monkeypatch):
+    """Each row's reason comes from the dispatch's own state: the backend, the device, the extension."""
+    from segpcl_fast.report.environment import op_reasons
+    paths = op_paths("cpu")
+    why = op_reasons("cpu", paths)
+    assert set(why) == set(paths)
+    assert "take CUDA tensors" in why["pgd_step"] and why["pgd_step"] == why["anchor_kl"] == why["knn_subgraph_kl"]
+    if has_kernel("cpu"):
+        assert paths["lora_b_linear"] == "cpp" and "the C++ op (segpcl::lora_b_linear), eager" in why["lora_b_linear"]
+        assert paths["lora_b_linear (B frozen)"] == "merged" and "B needs no gradient" in why["lora_b_linear (B frozen)"]
+        assert "inductor traces the plain-PyTorch merged arrangement" in why["lora_b_linear (compiled)"]
+        monkeypatch.setenv("SEGPCL_LORA_COMPILE", "cpp")
+        assert "SEGPCL_LORA_COMPILE=cpp" in op_reasons("cpu", op_paths("cpu"))["lora_b_linear (compiled)"]
+    with ops.backend("reference"):
+        assert set(op_reasons("cpu", op_paths("cpu")).values()) == {
+            "ops backend 'reference' (run.ops / SEGPCL_OPS): every op runs its plain-PyTorch reference"}
+
+
+@pytest.mark.parametrize("fwd,bwd,shown", [
+    (None, None, "fwd merged, bwd merged"), ("addmm", "split", "fwd addmm, bwd split"),
+    ("bogus", None, "error: SEGPCL_LORA_FWD='bogus' is not a forward path of the C++ op; use merged, concat, addmm"),
+    (None, "nope", "error: SEGPCL_LORA_BWD='nope' is not a backward path of the C++ op; use merged, split, fused"),
+])
+def test_env_reports_the_lora_arrangement_and_refuses_what_the_op_would(monkeypatch, fwd, bwd, shown):
+    """The C++ op reads SEGPCL_LORA_FWD / _BWD per call and refuses other values at its first call:
+    `env` showed `cpp` for SEGPCL_LORA_FWD=bogus, and the run then failed."""
+    from segpcl_fast.report.environment import lora_arrangement
+    for name, value in (("SEGPCL_LORA_FWD", fwd), ("SEGPCL_LORA_BWD", bwd)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert lora_arrangement().startswith(shown)
+    if fwd == "bogus" and has_kernel("cpu"):  # the op itself agrees
+        from segpcl_fast.ops.lora_linear import lora_b_linear
+        x, w, a = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8)
+        b = torch.zeros(6, 2, requires_grad=True)
+        with pytest.raises(RuntimeError, match="SEGPCL_LORA_FWD='bogus' is not a forward path"):
+            lora_b_linear(x, w, None, a, b, 1.0)
+
+
+def test_bad_SEGPCL_OPS_is_one_line():
+    proc = _env_cli(SEGPCL_OPS="bogus")
+    assert proc.returncode == 2
+    assert proc.stderr == ("segpcl-fast: error: SEGPCL_OPS='bogus' is not an ops backend; use one of auto, reference, "
+                           "triton, cpp, or unset it\n")

@@ -17,8 +17,9 @@ BACKENDS = ("auto", "reference", "triton", "cpp")
 # the starting backend: SEGPCL_OPS=<one of BACKENDS> (e.g. SEGPCL_OPS=reference to run a whole
 # program on the references), else "auto"; run.ops in a config sets it per run
 _backend = os.environ.get("SEGPCL_OPS", "") or "auto"
-if _backend not in BACKENDS:
-    raise ValueError(f"SEGPCL_OPS='{_backend}' is not an ops backend; use one of {BACKENDS} or unset it")
+if _backend not in BACKENDS:  # a ConfigError: the CLI prints it as one line
+    from ..config import ConfigError
+    raise ConfigError(f"SEGPCL_OPS='{_backend}' is not an ops backend; use one of {', '.join(BACKENDS)}, or unset it")
 _logged: set[tuple] = set()
 _last_choice: dict[str, str] = {}
 _used: dict[str, dict[str, None]] = {}  # op -> implementations in order of first use (a dict as ordered set)

@@ -82,6 +82,67 @@ def _attention_impl(device: str) -> str:
     return "xformers" if _use_xformers(q, None) else "sdpa"
 
 
+# the C++ LoRA op's GEMM arrangements (csrc/lora_b_linear_aten.cpp reads these variables per call)
+LORA_PATHS = {"SEGPCL_LORA_FWD": ("merged", "concat", "addmm"), "SEGPCL_LORA_BWD": ("merged", "split", "fused")}
+
+
+def lora_arrangement() -> str:
+    """'fwd merged, bwd merged' (what the C++ op computes), or 'error: ...' for a value it would refuse
+    at its first call."""
+    chosen = []
+    for name, allowed in LORA_PATHS.items():
+        value = os.environ.get(name) or allowed[0]
+        if value not in allowed:
+            return (f"error: {name}='{value}' is not a {'forward' if 'FWD' in name else 'backward'} path of the "
+                    f"C++ op; use {', '.join(allowed)} (default {allowed[0]}), or unset it")
+        chosen.append(value)
+    return f"fwd {chosen[0]}, bwd {chosen[1]}"
+
+
+def op_reasons(device: str, paths: dict) -> dict:
+    """{op: why `paths[op]` runs on `device`}: the dispatch's conditions, read off the same state."""
+    from ..ops import _ext, dispatch
+    from ..ops._kernels import _utils
+    from ..ops.lora_linear import compiled_impl
+    backend = dispatch.get_backend()
+    if backend == "reference":
+        forced = "ops backend 'reference' (run.ops / SEGPCL_OPS): every op runs its plain-PyTorch reference"
+        return {op: forced for op in paths}
+    why = {}
+    for op in TRITON_OPS:
+        if paths.get(op) == "triton":
+            why[op] = ("ops backend 'triton' forces the kernels" if backend == "triton" else
+                       "auto: the Triton kernel, on CUDA tensors")
+        elif not _utils.HAS_TRITON:
+            why[op] = "auto: triton is not installed"
+        elif device != "cuda":
+            why[op] = "auto: the Triton kernels take CUDA tensors (the tests run them on CPU: TRITON_INTERPRET=1, run.ops=triton)"
+        else:
+            why[op] = "auto: the reference (fp64 tensors, or the kernel cannot run here)"
+    status = _ext.extension_status()
+    no_kernel = (f"segpcl_fast._C is not built ({status['error']})" if not status["built"] else
+                 f"segpcl_fast._C has no {device} kernel (built without CUDA)")
+    eager = ("the C++ op (segpcl::lora_b_linear), eager" if _ext.has_kernel(device) else
+             f"{no_kernel}: the plain-PyTorch merged arrangement")
+    why["lora_b_linear"] = f"{'forced, ' if backend == 'cpp' else ''}{eager}"
+    why["lora_b_linear (B frozen)"] = ("B needs no gradient: W + s B A as one GEMM, no u" if _ext.has_kernel(device)
+                                       else eager)
+    try:
+        traced = compiled_impl()
+    except ValueError as exc:
+        traced = f"error ({exc})"
+    why["lora_b_linear (compiled)"] = (
+        "under torch.compile inductor traces the plain-PyTorch merged arrangement and fuses its neighbours "
+        "(SEGPCL_LORA_COMPILE=cpp keeps the C++ op)" if traced == "merged" and _ext.has_kernel(device) else
+        f"under torch.compile: SEGPCL_LORA_COMPILE={traced}" if _ext.has_kernel(device) else eager)
+    why["attention (no mask)"] = ("xformers memory-efficient attention (installed, and its kernels run here)"
+                                  if paths.get("attention (no mask)") == "xformers" else
+                                  "SDPA: xformers is not installed, has no kernels for this device, or the "
+                                  "backend is 'reference'")
+    why["attention (masked)"] = "SDPA (the text tower's causal mask: xformers is not used with a mask)"
+    return {op: why[op] for op in paths if op in why}
+
+
 def op_paths(device: str) -> dict:
     """{op: implementation} that a call on `device` tensors takes under the current ops backend."""
     from ..ops._kernels import impl_for
@@ -112,6 +173,7 @@ def environment() -> dict:
     from ..ops import dispatch
     versions = collect_versions()
     versions["peft"] = _dist_version("peft")
+    paths = {device: op_paths(device) for device in _devices()}
     return {
         "versions": versions,
         "platform": platform.platform(),
@@ -123,7 +185,9 @@ def environment() -> dict:
         "extension": _extension(),
         "optional": _optional_packages(),
         "ops_backend": dispatch.get_backend(),
-        "op_paths": {device: op_paths(device) for device in _devices()},
+        "op_paths": paths,
+        "op_reasons": {device: op_reasons(device, paths[device]) for device in paths},
+        "lora_arrangement": lora_arrangement(),
         "environment_variables": _environment_variables(),
     }
 
@@ -178,6 +242,14 @@ def format_environment(env: dict) -> str:
     for op, cells in rows:
         lines.append("  " + op.ljust(width) + "  " + "".join(c.ljust(col) for c in cells).rstrip())
     lines += errors
+    if env.get("lora_arrangement"):
+        lines.append(f"  C++ LoRA op's GEMMs (SEGPCL_LORA_FWD / _BWD): {env['lora_arrangement']}")
+    for d, reasons in env.get("op_reasons", {}).items():  # why: each distinct reason once, with its ops
+        grouped: dict[str, list[str]] = {}
+        for op, reason in reasons.items():
+            grouped.setdefault(reason, []).append(op)
+        lines.append(f"why, on {d}:")
+        lines += [f"  {', '.join(ops)}: {reason}" for reason, ops in grouped.items()]
     lines += _hints(env)
     variables = env["environment_variables"]
     lines.append("\nenvironment: " + (" ".join(f"{k}={val}" for k, val in variables.items()) or "(none of ours set)"))
