@@ -81,7 +81,8 @@ def run(args) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
     model, _, tokenizer = load_tiny_clip(args.checkpoint)
-    train, test = synthetic.build_synthetic_datasets(DataConfig(synthetic_seed=args.world_seed), None, None)
+    train, test = synthetic.build_synthetic_datasets(DataConfig(synthetic_seed=args.world_seed,
+                                                                synthetic_shift=args.shift), None, None)
     names = train.class_names
     x_tr, y_tr = images_to_tensor(train.images), torch.as_tensor(train.targets)
     x_te, y_te = images_to_tensor(test.images), torch.as_tensor(test.targets)
@@ -134,6 +135,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CKPT)
     p.add_argument("--mode", choices=("full", "lora-mlp"), default="lora-mlp")
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--shift", type=float, default=DataConfig().synthetic_shift,
+                   help="domain shift of the continual-learning world (data.synthetic_shift)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)

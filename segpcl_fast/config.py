@@ -71,12 +71,13 @@ class DataConfig:
     templates: list[str] = field(default_factory=lambda: ["a good photo of a {}."])  # [choice]
     train_augment: bool = True  # [choice] RandomResizedCrop(0.6-1.0) + flip (data/transforms.py)
     num_workers: int = 0
-    # optional cap on training images per class (0 = all); handy for smoke runs
+    # training images per class: a seeded cap on datasets read from files (0 = all); on the synthetic
+    # world the number rendered (0 = its default 40; more renders more); small values: smoke runs
     max_train_per_class: int = 0
     max_test_per_class: int = 0
     synthetic_seed: int = 0  # the offline world is generated from this seed
     # how far the offline world's continual-learning domain is from the pretraining domain
-    # (0 = source-like style, 1 = full shift); default synthetic.SHIFT_STRENGTH (RESULTS.md)
+    # (0 = source-like style, 1 = full shift); 0.35, chosen in RESULTS.md (synthetic.SHIFT_STRENGTH reads it)
     synthetic_shift: float = 0.35
     # format-specific options (see segpcl_fast/data/*.py)
     names_file: Optional[str] = None  # wnid -> name mapping (ImageNet-R README.txt, LOC_synset_mapping.txt, JSON)

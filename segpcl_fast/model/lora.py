@@ -5,7 +5,8 @@ peft/loralib initialise it), B (out x r) starts at zero and is the only trained 
 Every LoRA product goes through `ops.lora_b_linear`, which the C++/CUDA op replaces when built.
 
 Targets: "q", "k", "v" (slices of open_clip's packed attention in_proj), "out" (attention
-output projection), "c_fc", "c_proj" (MLP). Default (method.md): k, v, c_fc, c_proj.
+output projection), "c_fc", "c_proj" (MLP). Default: lora.targets in config.py (method.md's k, v,
+c_fc, c_proj).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..config import LoRAConfig
 
+_DEFAULTS = LoRAConfig()  # inject_lora's defaults are config.py's (method.md), not repeated here
 VALID_TARGETS = ("q", "k", "v", "out", "c_fc", "c_proj")
 VALID_TOWERS = ("visual", "text")
 
@@ -174,9 +177,13 @@ def _residual_blocks(tower: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def inject_lora(model, rank: int = 32, alpha: float = 32.0, targets: Iterable[str] = ("k", "v", "c_fc", "c_proj"),
-                towers: Iterable[str] = ("visual", "text"), seed: int = 0) -> list[nn.Parameter]:
+def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alpha,
+                targets: Iterable[str] = tuple(_DEFAULTS.targets), towers: Iterable[str] = tuple(_DEFAULTS.towers),
+                seed: int = 0) -> list[nn.Parameter]:
     """Inject LoRA-B-only adapters into a segpcl_fast.model.CLIPModel in place; freeze everything else.
+
+    rank, alpha, targets and towers default to LoRAConfig's (config.py). seed draws the frozen A
+    matrices; the trainer passes lora.init_seed (or run.seed when that is null).
 
     Returns the list of trainable B parameters.
     """
