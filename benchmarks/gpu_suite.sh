@@ -1,117 +1,243 @@
 #!/usr/bin/env bash
 # On a GPU machine: CUDA kernel tests (real Triton, no interpreter), benchmarks, the CUDA
-# extension, the end-to-end MFU and a profile. Everything is written under $WORK, then packed
-# into $OUT as at most 8 files (the lent machines return at most 8 files of <= 16 MiB each).
+# extension, the end-to-end MFU and a profile. Everything is written under $WORK; after the device
+# probe, each step and each e2e variant, the files in $OUT are refreshed (each one written under a
+# temp name in $OUT and renamed, so a kill mid-copy never leaves a cut-off file in place of a good
+# one), so a call killed at the device's limit (SIGKILL, no trap runs) still returns what finished.
+# $OUT holds at most 8 files: the lent machines return at most 8 files of <= 16 MiB each.
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh
-#   STEPS="kernels bench" bash benchmarks/gpu_suite.sh   # a subset: one device call stops at 10 min
+#   STEPS="kernels bench" BUDGET=550 bash benchmarks/gpu_suite.sh   # a subset; a device call stops at 10 min
 #
 # Steps, in order (measured times per step on an H100: BENCHMARKS.md):
 #   kernels  CUDA variants of tests/kernels
-#   bench    every benchmark file but the e2e one, CUDA rows only + summary; anchor_kl knob sweep
+#   bench    every benchmark file but the e2e and the CPU-only transforms ones, CUDA rows only +
+#            summary; anchor_kl knob sweep
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
 #   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU
 #   profile  the compiled e2e step in steady state (kernel categories), then 5 steps of task 2
 #            with ViT-B/16 (random weights, eager) through `segpcl-fast profile`
-# Suggested calls: STEPS="kernels bench", then STEPS="ext e2e", then STEPS="profile".
-# Each pytest step stops at STEP_TIMEOUT seconds (SIGINT, so pytest-benchmark still writes its
-# JSON). BUDGET (seconds, default none) bounds the whole script: a command gets at most what is
-# left, and a step that would start with under 60 s left is skipped and listed in skipped.txt, so
-# one device call can run "kernels bench ext e2e profile" and a second call picks up the rest.
-# Exit status non-zero when any step failed (all chosen steps still run).
+# STEPS unset runs all five; STEPS="" (set but empty) is refused. Suggested calls: STEPS="kernels
+# bench", then STEPS="ext e2e", then STEPS="profile".
 #
-# $OUT receives: device.txt (ending with `segpcl-fast env`), summary.md (kernel + e2e tables),
-# results.tgz (every log, JSON and the profile without its trace), trace.json.gz (when under 16 MiB).
+# Time (all in whole seconds; environment variables):
+#   STEP_TIMEOUT (420)  each step command is sent SIGINT after this (pytest then ends its session and
+#                       pytest-benchmark still writes its JSON), SIGKILL KILL_GRACE (20) s later.
+#   BUDGET (0: none)    bounds the whole script: it returns within BUDGET s (+ about 2 s) whatever
+#                       its children do. RESERVE (45 when BUDGET > 0) of it is held back for the final
+#                       pack (`segpcl-fast env`, the last refresh of $OUT); every command before gets at
+#                       most what is left of the rest less its kill grace, and is not started when
+#                       that is under MIN_CMD_S (5). RESERVE must also cover the last refresh of
+#                       $OUT (a tar of the logs: seconds). A step that would start with under
+#                       MIN_STEP_S (60) s left, or an e2e variant with under MIN_VARIANT_S (45), is
+#                       skipped. Summary scripts, probes and `segpcl-fast env` have timeouts too.
+#   skipped.txt (reset by each call) names what this call skipped for lack of budget, one a line: a
+#   step, e2e-VARIANT, or STEP-PART for a command of a started step (e.g. bench-tune), so a second
+#   call with STEPS= set to those steps finishes the set.
+# Exit status non-zero when any command failed or ran out of time (all chosen steps still run).
+#
+# $OUT receives: device.txt (the probe; after the final pack it ends with `segpcl-fast env`),
+# summary.md (this call's commands with exit status and seconds, what it skipped, then the kernel,
+# knob, LoRA-part and e2e tables and the profile's categories), skipped.txt, results.tgz (all of
+# $WORK: every log and JSON, profile_e2e_step/trace.json.gz included, the eager ViT trace
+# profile_vitb16/trace.json not; when that is over 16 MiB it is rebuilt without any trace, as
+# notes.txt in it says) and trace.json.gz (that eager trace gzipped, when under 16 MiB).
+# $WORK is not emptied between calls: results.tgz and summary.md also carry what an earlier call on
+# the same machine left there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_results}"
 WORK="${WORK:-/tmp/segpcl_gpu_work}"
 PYTHON="${PYTHON:-python3}"
-STEP_TIMEOUT="${STEP_TIMEOUT:-420}"
-mkdir -p "$OUT" "$WORK"
-status=0
-STEPS="${STEPS:-kernels bench ext e2e profile}"
+ALL_STEPS="kernels bench ext e2e profile"
+if [ "${STEPS+set}" = set ] && [ -z "${STEPS//[[:space:]]/}" ]; then
+  echo "gpu_suite.sh: STEPS is set but empty: name the steps to run (from: $ALL_STEPS), or unset STEPS to run all five" >&2
+  exit 2
+fi
+STEPS="${STEPS:-$ALL_STEPS}"
 for step in $STEPS; do
-  case " kernels bench ext e2e profile " in *" $step "*) ;; *) echo "unknown step '$step' in STEPS; choose from: kernels bench ext e2e profile" >&2; exit 2;; esac
+  case " $ALL_STEPS " in *" $step "*) ;; *) echo "unknown step '$step' in STEPS; choose from: $ALL_STEPS" >&2; exit 2;; esac
 done
-want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 BUDGET="${BUDGET:-0}"  # 0: no overall bound
+STEP_TIMEOUT="${STEP_TIMEOUT:-420}"
+KILL_GRACE="${KILL_GRACE:-20}"
+MIN_STEP_S="${MIN_STEP_S:-60}"
+MIN_VARIANT_S="${MIN_VARIANT_S:-45}"
+MIN_CMD_S="${MIN_CMD_S:-5}"
+if [ -z "${RESERVE:-}" ]; then case "$BUDGET" in 0|'') RESERVE=0;; *) RESERVE=45;; esac; fi
+for var in BUDGET RESERVE STEP_TIMEOUT KILL_GRACE MIN_STEP_S MIN_VARIANT_S MIN_CMD_S; do
+  case "${!var}" in ''|*[!0-9]*) echo "gpu_suite.sh: $var must be a whole number of seconds, not '${!var}'" >&2; exit 2;; esac
+done
+for var in STEP_TIMEOUT KILL_GRACE MIN_CMD_S; do  # timeout treats 0 as "no limit"
+  [ "${!var}" -ge 1 ] || { echo "gpu_suite.sh: $var must be at least 1" >&2; exit 2; }
+done
+QUICK_GRACE=$(( KILL_GRACE < 5 ? KILL_GRACE : 5 ))  # kill grace of the quick commands (summaries, env)
 START=$SECONDS
-left() { if [ "$BUDGET" -gt 0 ]; then echo $((BUDGET - (SECONDS - START))); else echo 999999; fi; }
-run_step() {  # SIGINT: pytest ends the session cleanly and pytest-benchmark writes its JSON
-  local t="$STEP_TIMEOUT" l; l=$(left)
-  [ "$l" -lt "$t" ] && t=$l
-  [ "$t" -lt 10 ] && t=10
-  timeout -s INT -k 20 "$t" "$@"
+# seconds left for the steps / for everything; SECONDS counts whole seconds, so +1 rounds elapsed up
+left() { if [ "$BUDGET" -gt 0 ]; then echo $((BUDGET - RESERVE - (SECONDS - START + 1))); else echo 999999; fi; }
+left_all() { if [ "$BUDGET" -gt 0 ]; then echo $((BUDGET - (SECONDS - START + 1))); else echo 999999; fi; }
+POOL=left  # the budget the commands draw on: left during the steps, left_all in the final pack
+
+mkdir -p "$OUT" "$WORK" || exit 2
+STAGE="${WORK%/}.stage"  # where the files for $OUT are built (not inside $WORK, which tar reads)
+mkdir -p "$STAGE" || exit 2
+: > "$WORK/skipped.txt"  # this call's, not an earlier call's on the same machine
+: > "$WORK/steps.txt"
+rm -f "$OUT"/.*.tmp
+status=0
+
+want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
+
+bounded() {  # bounded LABEL SIG GRACE LIMIT CMD...: CMD for at most LIMIT s and what $POOL has left less GRACE, then SIG, SIGKILL GRACE s later
+  local label=$1 sig=$2 grace=$3 t=$4 l rc t0
+  shift 4
+  if [ "$BUDGET" -gt 0 ]; then
+    l=$($POOL); l=$((l - grace))
+    [ "$l" -lt "$t" ] && t=$l
+  fi
+  if [ "$t" -lt "$MIN_CMD_S" ]; then
+    echo "gpu_suite.sh: ${label:-${*:1:4}} not started: ${t} s left for it (BUDGET=$BUDGET, MIN_CMD_S=$MIN_CMD_S)" >&2
+    if [ -n "$label" ]; then echo "$label" >> "$WORK/skipped.txt"; echo "$label: not started (budget spent)" >> "$WORK/steps.txt"; fi
+    return 125
+  fi
+  t0=$SECONDS
+  # (fd 3: the command's stderr; bash's own "Killed" notice when timeout SIGKILLs goes to /dev/null)
+  { timeout -s "$sig" -k "$grace" "$t" "$@" 2>&3 3>&-; } 3>&2 2>/dev/null
+  rc=$?
+  if [ -n "$label" ]; then
+    case $rc in 124|137) echo "$label: stopped at its limit of $t s (exit $rc)";; *) echo "$label: exit $rc after $((SECONDS - t0)) s (limit $t s)";; esac >> "$WORK/steps.txt"
+  fi
+  return $rc
+}
+run_step() {  # run_step LABEL CMD...: a step command; SIGINT, so pytest ends cleanly and pytest-benchmark writes its JSON
+  local label=$1; shift
+  bounded "$label" INT "$KILL_GRACE" "$STEP_TIMEOUT" "$@"
+}
+quick() {  # quick LABEL LIMIT CMD...: a short command (summary script, probe)
+  local label=$1 limit=$2; shift 2
+  bounded "$label" TERM "$QUICK_GRACE" "$limit" "$@"
 }
 starts() {  # starts <step>: chosen and enough budget left to be worth starting
   want "$1" || return 1
-  if [ "$(left)" -lt 60 ]; then echo "$1" >> "$WORK/skipped.txt"; echo "step $1 skipped: BUDGET spent" >&2; return 1; fi
-  echo "== step $1 ($(left) s of budget left) ==" >&2
+  if [ "$(left)" -lt "$MIN_STEP_S" ]; then
+    echo "$1" >> "$WORK/skipped.txt"; echo "step $1 skipped: $(left) s of budget left (MIN_STEP_S=$MIN_STEP_S)" >&2; return 1
+  fi
+  if [ "$BUDGET" -gt 0 ]; then echo "== step $1 ($(left) s of budget left) ==" >&2; else echo "== step $1 ==" >&2; fi
 }
 
-pack() {  # what comes back: at most 8 files in $OUT
-  # the paths each op takes, after the ext step built (or did not build) the CUDA kernels
-  { echo; echo "== segpcl-fast env =="; timeout 60 "$PYTHON" -m segpcl_fast.cli env 2>&1; } >> "$WORK/device.txt"
-  cp "$WORK/device.txt" "$OUT/" 2>/dev/null
-  cat "$WORK"/kernels_summary.md "$WORK"/kernel_knobs.md "$WORK"/lora_parts.md "$WORK"/e2e_summary.md \
-    "$WORK"/profile_e2e_step/categories.txt "$WORK"/profile_e2e_step/summary.json > "$OUT/summary.md" 2>/dev/null
-  local trace="$WORK/profile_vitb16/trace.json"
-  if [ -f "$trace" ]; then
-    gzip -c "$trace" > "$WORK/trace.json.gz"
-    if [ "$(stat -c %s "$WORK/trace.json.gz")" -le $((16 * 1024 * 1024)) ]; then
-      cp "$WORK/trace.json.gz" "$OUT/"
-    else
-      echo "trace.json.gz is over 16 MiB: not returned (top_ops.txt and stages.txt are in results.tgz)" | tee -a "$WORK/notes.txt"
-    fi
+put() {  # put SRC NAME: $OUT/NAME replaced by one rename (a kill mid-copy leaves .NAME.tmp beside the old file)
+  cp "$1" "$OUT/.$2.tmp" && mv -f "$OUT/.$2.tmp" "$OUT/$2"
+}
+fast() {  # fast CMD...: a command of save (tar, cp): what is left, at least 3 s, at most 120 s
+  local t; t=$(left_all); t=$(( t < 3 ? 3 : (t > 120 ? 120 : t) ))
+  timeout -k 1 "$t" "$@"
+}
+note() {  # note TEXT: into notes.txt (packed in results.tgz) once
+  grep -qxF "$1" "$WORK/notes.txt" 2>/dev/null || echo "$1" | tee -a "$WORK/notes.txt" >&2
+}
+save() {  # refresh $OUT from $WORK: quick, nothing slow like `segpcl-fast env` here
+  local max=$((16 * 1024 * 1024)) rc f
+  {
+    echo "# gpu_suite.sh: this call (steps: $STEPS; $(date -u +%Y-%m-%dT%H:%MZ))"
+    echo
+    if [ -s "$WORK/steps.txt" ]; then sed 's/^/- /' "$WORK/steps.txt"; else echo "- no step command has run yet"; fi
+    [ -s "$WORK/skipped.txt" ] && echo "- skipped (budget): $(tr '\n' ' ' < "$WORK/skipped.txt")"
+    for f in kernels_summary.md kernel_knobs.md lora_parts.md e2e_summary.md profile_e2e_step/categories.txt \
+             profile_e2e_step/summary.json; do
+      [ -f "$WORK/$f" ] && { echo; echo "## $f"; echo; cat "$WORK/$f"; }
+    done
+  } > "$STAGE/summary.md" 2>/dev/null
+  put "$STAGE/summary.md" summary.md
+  [ -f "$WORK/device.txt" ] && put "$WORK/device.txt" device.txt
+  put "$WORK/skipped.txt" skipped.txt
+  # the eager ViT trace: gzipped once per new trace, returned on its own when under 16 MiB
+  local trace="$WORK/profile_vitb16/trace.json" gz="$WORK/trace.json.gz"
+  if [ -f "$trace" ] && { [ ! -f "$gz" ] || [ "$trace" -nt "$gz" ]; }; then
+    if bounded "" TERM "$QUICK_GRACE" 120 gzip -c "$trace" > "$gz.tmp"; then mv -f "$gz.tmp" "$gz"; else rm -f "$gz.tmp"; fi
   fi
-  [ -f "$WORK/skipped.txt" ] && cp "$WORK/skipped.txt" "$OUT/"
-  tar czf "$OUT/results.tgz" -C "$WORK" --exclude=trace.json --exclude=trace.json.gz .
+  if [ -f "$gz" ]; then
+    if [ "$(stat -c %s "$gz")" -le "$max" ]; then put "$gz" trace.json.gz
+    else note "trace.json.gz is over 16 MiB: not returned (top_ops.txt and stages.txt are in results.tgz)"; fi
+  fi
+  # every log and JSON; the steady-state profile's trace.json.gz too, not the eager ViT one (above)
+  local tgz="$STAGE/results.tgz"
+  rm -f "$tgz"
+  fast tar czf "$tgz" -C "$WORK" --anchored --exclude=./profile_vitb16/trace.json \
+    --exclude='./profile_vitb16/.trace.json.*' --exclude=./trace.json.gz --exclude=./trace.json.gz.tmp .
+  rc=$?  # 1: a file changed while read (still a whole archive)
+  if [ "$rc" -le 1 ] && [ -f "$tgz" ] && [ "$(stat -c %s "$tgz")" -gt "$max" ]; then
+    note "results.tgz was over 16 MiB: rebuilt without any trace (profile_e2e_step/trace.json.gz included)"
+    rm -f "$tgz"
+    fast tar czf "$tgz" -C "$WORK" --no-anchored --exclude='*trace.json*' .
+    rc=$?
+  fi
+  if [ "$rc" -le 1 ] && [ -f "$tgz" ]; then put "$tgz" results.tgz; else echo "gpu_suite.sh: results.tgz not refreshed (tar exit $rc)" >&2; fi
+}
+pack() {  # the final refresh of $OUT, from RESERVE: `segpcl-fast env` (which path each op takes, after
+  local rc=$?  # the ext step built, or did not build, the CUDA kernels), then save
+  trap - EXIT
+  POOL=left_all
+  local l; l=$(left_all); l=$(( l - 3 < 60 ? l - 3 : 60 ))  # 3 s for the save after it
+  { echo; echo "== segpcl-fast env =="; quick "" "$l" "$PYTHON" -m segpcl_fast.cli env \
+    || echo "(segpcl-fast env: exit $?; 124 or 137: stopped at its limit, 125: not started)"; } \
+    >> "$WORK/device.txt" 2>&1
+  save
+  rm -rf "$STAGE"
   ls -la "$OUT"
+  exit "$rc"
 }
 trap pack EXIT
 
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv 2>&1 || true
-  "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(0))"
-  "$PYTHON" -c "import xformers, xformers.ops as xo, torch; q = torch.randn(1, 8, 2, 64, device='cuda', dtype=torch.bfloat16); xo.memory_efficient_attention(q, q, q); print('xformers', xformers.__version__, 'runs')" 2>&1 | tail -1
-  echo "steps: $STEPS; date: $(date -u +%Y-%m-%dT%H:%MZ); commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  quick "" 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv 2>&1 || true
+  quick "" 90 "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(0))"
+  quick "" 90 "$PYTHON" -c "import xformers, xformers.ops as xo, torch; q = torch.randn(1, 8, 2, 64, device='cuda', dtype=torch.bfloat16); xo.memory_efficient_attention(q, q, q); print('xformers', xformers.__version__, 'runs')" 2>&1 | tail -1
+  echo "steps: $STEPS; budget: $BUDGET s (reserve $RESERVE s); date: $(date -u +%Y-%m-%dT%H:%MZ); commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } > "$WORK/device.txt" 2>&1
 cat "$WORK/device.txt"
+save
 
 # CUDA variants of tests/kernels (the CPU-interpreter variants skip with TRITON_INTERPRET=0)
 if starts kernels; then
-TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest tests/kernels -q -rs -p no:cacheprovider \
+TRITON_INTERPRET=0 run_step kernels "$PYTHON" -m pytest tests/kernels -q -rs -p no:cacheprovider \
   --junitxml="$WORK/kernel_tests.xml" 2>&1 | tee "$WORK/kernel_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+save
 fi
 
-# every benchmark file but e2e (its own step): eager / compiled reference / fast paths, CUDA rows
+# every benchmark file but e2e (its own step) and transforms (CPU-only data pipeline): eager /
+# compiled reference / fast paths, CUDA rows
 if starts bench; then
-TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-  --ignore=benchmarks/test_bench_e2e.py -k "not cpu" \
+TRITON_INTERPRET=0 run_step bench "$PYTHON" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+  --ignore=benchmarks/test_bench_e2e.py --ignore=benchmarks/test_bench_transforms.py -k "not cpu" \
   --benchmark-json="$WORK/benchmarks.json" --benchmark-columns=min,median,max,rounds 2>&1 | tee "$WORK/benchmarks.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # a compact table of the kernel benchmarks: median ms, GB/s, fraction of copy bandwidth
-"$PYTHON" benchmarks/summarize_kernels.py "$WORK/benchmarks.json" | tee "$WORK/kernels_summary.md"
+quick bench-summary 60 "$PYTHON" benchmarks/summarize_kernels.py "$WORK/benchmarks.json" 2>&1 | tee "$WORK/kernels_summary.md"
+save
 # knob sweep (anchor_kl: one tile vs chunk sizes per row width), to set the kernels' defaults
-TRITON_INTERPRET=0 run_step "$PYTHON" benchmarks/tune_kernels_cuda.py 2>&1 | tee "$WORK/kernel_knobs.md"
+TRITON_INTERPRET=0 run_step bench-tune "$PYTHON" benchmarks/tune_kernels_cuda.py 2>&1 | tee "$WORK/kernel_knobs.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+save
 fi
 
 # segpcl_fast._C with CUDA kernels (LoRA-B linear): build, GPU tests, fwd+bwd benchmark vs peft/base
 if starts ext; then
 NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
 CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}" SEGPCL_WITH_CUDA=1 \
-  run_step "$PYTHON" setup.py build_ext --inplace > "$WORK/ext_build.txt" 2>&1 || status=1
-run_step "$PYTHON" -m pytest tests/ops/test_lora_linear_cuda.py tests/ops/test_lora_linear_merged.py -q -rs -p no:cacheprovider \
-  2>&1 | tee "$WORK/lora_linear_cuda_tests.txt"
+  run_step ext-build "$PYTHON" setup.py build_ext --inplace > "$WORK/ext_build.txt" 2>&1 || status=1
+save
+run_step ext-tests "$PYTHON" -m pytest tests/ops/test_lora_linear_cuda.py tests/ops/test_lora_linear_merged.py -q -rs \
+  -p no:cacheprovider 2>&1 | tee "$WORK/lora_linear_cuda_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-run_step "$PYTHON" -m pytest benchmarks/test_bench_lora_linear.py --benchmark-only -q -p no:cacheprovider -k cuda \
+save
+run_step ext-bench "$PYTHON" -m pytest benchmarks/test_bench_lora_linear.py --benchmark-only -q -p no:cacheprovider -k cuda \
   --benchmark-json="$WORK/bench_lora_linear.json" 2>&1 | tee "$WORK/bench_lora_linear.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-run_step "$PYTHON" benchmarks/lora_parts_cuda.py 2>&1 | tee "$WORK/lora_parts.md"
+save
+run_step ext-parts "$PYTHON" benchmarks/lora_parts_cuda.py 2>&1 | tee "$WORK/lora_parts.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+save
 fi
 
 # end-to-end training step (issue 7): images/s and MFU against the bf16 matmul peak measured in
@@ -121,13 +247,25 @@ if starts e2e; then
 # loses only the variants not yet run (compiled_fused, the merged plain-PyTorch LoRA under inductor,
 # has never run on a GPU; compiled_reference is the best row measured, 25.6 % MFU on the H100)
 for variant in compiled_fused compiled_reference eager_fused compiled_cpp_lora eager_reference; do
-  [ "$(left)" -lt 45 ] && { echo "e2e-$variant" >> "$WORK/skipped.txt"; continue; }
-  TRITON_INTERPRET=0 run_step "$PYTHON" -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q -p no:cacheprovider \
-    -k "cuda and $variant" --benchmark-json="$WORK/bench_e2e_$variant.json" 2>&1 | tee "$WORK/bench_e2e_$variant.txt"
+  if [ "$(left)" -lt "$MIN_VARIANT_S" ]; then
+    echo "e2e-$variant" >> "$WORK/skipped.txt"
+    echo "e2e variant $variant skipped: $(left) s of budget left (MIN_VARIANT_S=$MIN_VARIANT_S)" >&2
+    continue
+  fi
+  TRITON_INTERPRET=0 run_step "e2e-$variant" "$PYTHON" -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q \
+    -p no:cacheprovider -k "cuda and $variant" --benchmark-json="$WORK/bench_e2e_$variant.json" 2>&1 \
+    | tee "$WORK/bench_e2e_$variant.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  save
 done
-"$PYTHON" benchmarks/test_bench_e2e.py "$WORK"/bench_e2e_*.json | tee "$WORK/e2e_summary.md"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+shopt -s nullglob; e2e_json=("$WORK"/bench_e2e_*.json); shopt -u nullglob
+if [ "${#e2e_json[@]}" -gt 0 ]; then
+  quick e2e-summary 90 "$PYTHON" benchmarks/test_bench_e2e.py "${e2e_json[@]}" 2>&1 | tee "$WORK/e2e_summary.md"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "no e2e variant wrote its JSON (bench_e2e_*.json)" | tee "$WORK/e2e_summary.md"; status=1
+fi
+save
 fi
 
 # profile of 5 steps of task 2 with ViT-B/16 (random weights): trace + top kernels + stages.
@@ -135,9 +273,10 @@ fi
 # First the steady-state compiled step of the e2e benchmark (compiled before the window): where
 # its time goes by kind of kernel, and how fast its GEMM + attention kernels run on their own.
 if starts profile; then
-TRITON_INTERPRET=0 run_step "$PYTHON" benchmarks/profile_e2e_step.py --device cuda --variant compiled_fused --steps 5 \
-  -o "$WORK/profile_e2e_step" > "$WORK/profile_e2e_step.txt" 2>&1 || status=1
-run_step "$PYTHON" -m segpcl_fast.cli profile --steps 5 -o "$WORK/profile_vitb16" --set model.name=ViT-B-16 \
+TRITON_INTERPRET=0 run_step profile-e2e_step "$PYTHON" benchmarks/profile_e2e_step.py --device cuda --variant compiled_fused \
+  --steps 5 -o "$WORK/profile_e2e_step" > "$WORK/profile_e2e_step.txt" 2>&1 || status=1
+save
+run_step profile-vitb16 "$PYTHON" -m segpcl_fast.cli profile --steps 5 -o "$WORK/profile_vitb16" --set model.name=ViT-B-16 \
   --set model.pretrained=none --set data.max_train_per_class=3 --set run.precision=bf16 --set run.compile=false \
   > "$WORK/profile_vitb16.txt" 2>&1 || status=1
 fi

@@ -4,15 +4,16 @@
 
 One row per (op, size, device, impl): median ms, speed-up over the eager reference and over
 torch.compile of the reference, achieved GB/s and fraction of the measured copy bandwidth
-(summary.kernel_table; `python benchmarks/summary.py` prints every table).
+(summary.kernel_table; `python benchmarks/summary.py` prints every table). Exit 1 when there is no
+table: the file is missing ("no such file"), cut off, or holds no kernel rows.
 """
 from __future__ import annotations
 
 import sys
 
-from summary import kernel_table, load
+from summary import kernel_table, main
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python benchmarks/summarize_kernels.py BENCHMARK_JSON")
-    print(kernel_table(load(sys.argv[1])))
+    sys.exit(main(sys.argv[1:], kernel_table))

@@ -12,7 +12,9 @@ fastest row of a group. These tables put each fast path next to what it is measu
 - transforms: each CLIP transform per image vs torchvision's Compose of the same steps.
 
 `benchmarks/conftest.py` prints them at the end of `pytest benchmarks/ --benchmark-only`;
-`python benchmarks/summary.py RESULTS.json [...]` prints them from --benchmark-json files.
+`python benchmarks/summary.py RESULTS.json [...]` prints them from --benchmark-json files (exit 1,
+with the reason on stderr, when no file gave a table: a missing file is "no such file", an unreadable
+or cut-off one a pytest run stopped before writing its JSON; the files that load still print).
 Each function takes the "benchmarks" list of that JSON (dicts with name, params, stats,
 extra_info) and returns "" when it holds no row of its kind.
 """
@@ -21,14 +23,18 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 
 
 def load(path: str) -> list[dict]:
-    """The benchmarks of one --benchmark-json file; [] with a note when the run wrote none."""
+    """The benchmarks of one --benchmark-json file; [] with a note on stderr when there is none."""
     try:
         with open(path) as f:
             return json.load(f)["benchmarks"]
-    except (OSError, ValueError, KeyError) as exc:
+    except FileNotFoundError:
+        print(f"{path}: no such file", file=sys.stderr)
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"{path}: no benchmark results ({type(exc).__name__}; the pytest run was stopped before "
               "writing its JSON: give it more time, e.g. STEP_TIMEOUT / BUDGET in gpu_suite.sh)", file=sys.stderr)
         return []
@@ -125,7 +131,22 @@ def summarize(benchmarks: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def main(paths: list[str], table: Callable[[list[dict]], str] = summarize) -> int:
+    """Print `table` of the benchmarks in `paths` (the files that load); 0, or 1 with the reason on
+    stderr when that gives no table at all (summarize_kernels.py and test_bench_e2e.py use it too)."""
+    loaded = [load(path) for path in paths]
+    text = table([b for benchmarks in loaded for b in benchmarks])
+    if not text:
+        n_read = sum(1 for benchmarks in loaded if benchmarks)
+        why = ("no file held benchmark results" if not n_read else
+               f"the {n_read} file(s) with results hold no row of this table's kind")
+        print(f"no table: {why}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: python benchmarks/summary.py BENCHMARK_JSON [MORE.json ...]")
-    print(summarize([b for path in sys.argv[1:] for b in load(path)]))
+    sys.exit(main(sys.argv[1:]))

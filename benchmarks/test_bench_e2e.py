@@ -98,5 +98,5 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: python benchmarks/test_bench_e2e.py BENCH.json [MORE.json ...]")
-    from summary import e2e_table, load
-    print(e2e_table([b for path in sys.argv[1:] for b in load(path)]))
+    from summary import e2e_table, main
+    sys.exit(main(sys.argv[1:], e2e_table))  # exit 1 when no file gave a row (missing: "no such file")

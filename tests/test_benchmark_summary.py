@@ -1,5 +1,8 @@
 """benchmarks/summary.py: the comparison tables printed after `pytest benchmarks/ --benchmark-only`,
-checked on hand-made results (ratios computed by hand)."""
+checked on hand-made results (ratios computed by hand), and the command lines' exit status and
+messages on missing, cut-off and empty files."""
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,3 +48,66 @@ def test_e2e_and_transform_rows_and_empty_kinds():
     text = summary.summarize([e2e] + t)
     assert "End-to-end training step" in text and "CLIP image transforms" in text and "LoRA" not in text
     assert summary.summarize([]) == ""
+
+
+# the command lines (summary.py, summarize_kernels.py, test_bench_e2e.py): what a missing, a cut-off
+# and an empty file say, and the exit status (1 only when no table came out at all)
+
+ROOT = Path(__file__).resolve().parents[1]
+E2E = _bench("test_e2e_step[cuda-compiled_fused]", 0.5, {"variant": "compiled_fused"}, device_name="H100",
+             model="ViT-B-16", precision="bf16", batch=128, anchors=128, step_ms=500.0, images_per_s=256.0,
+             achieved_tflops=100.0, mfu=0.25, matmul_peak_tflops=400.0)
+KERNEL = _bench("k", 0.004, op="anchor_kl", impl="eager_reference", size="paper", device="cuda")
+
+
+def _files(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"benchmarks": [E2E, KERNEL]}))
+    cut = tmp_path / "cut.json"
+    cut.write_text(good.read_text()[:40])
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"benchmarks": []}))
+    return good, cut, empty, tmp_path / "mistyped.json"
+
+
+def test_main_says_why_there_is_no_table(tmp_path, capsys):
+    good, cut, empty, missing = _files(tmp_path)
+    assert summary.load(str(missing)) == [] and summary.load(str(cut)) == []
+    err = capsys.readouterr().err
+    assert f"{missing}: no such file\n" in err and "stopped before" not in err.split(str(cut))[0]
+    assert f"{cut}: no benchmark results (JSONDecodeError; the pytest run was stopped before writing its JSON" in err
+
+    assert summary.main([str(missing)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "no such file" in err and "no table: no file held benchmark results" in err
+    assert summary.main([str(cut)]) == 1
+    assert "stopped before writing its JSON" in capsys.readouterr().err
+    assert summary.main([str(empty)]) == 1
+    assert summary.main([str(good)], summary.lora_table) == 1
+    assert "the 1 file(s) with results hold no row of this table's kind" in capsys.readouterr().err
+    # some of several files missing: what loads still prints, exit 0
+    assert summary.main([str(missing), str(good), str(cut)]) == 0
+    out, err = capsys.readouterr()
+    assert "End-to-end training step" in out and "Triton ops vs their references" in out
+    assert "no such file" in err and "stopped before" in err and "no table" not in err
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
+                          check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_scripts_exit_1_without_a_table_and_name_a_missing_file(tmp_path):
+    good, cut, _, missing = _files(tmp_path)
+    for script in ("summary.py", "summarize_kernels.py", "test_bench_e2e.py"):
+        run = _run(script, missing)
+        assert run.returncode == 1 and run.stdout == "", (script, run.stdout, run.stderr)
+        assert f"{missing}: no such file" in run.stderr and "stopped before" not in run.stderr, script
+    run = _run("summarize_kernels.py", cut)
+    assert run.returncode == 1 and "stopped before writing its JSON" in run.stderr
+    run = _run("summary.py", good, missing)
+    assert run.returncode == 0 and "| H100 | ViT-B-16" in run.stdout and "no such file" in run.stderr
+    run = _run("summarize_kernels.py", good)
+    assert run.returncode == 0 and "| anchor_kl | paper | cuda | eager_reference |" in run.stdout
+    run = _run("test_bench_e2e.py", good, missing)
+    assert run.returncode == 0 and "| H100 | ViT-B-16" in run.stdout and "no such file" in run.stderr

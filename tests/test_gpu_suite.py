@@ -1,0 +1,179 @@
+"""benchmarks/gpu_suite.sh, run for real on the CPU with a fake PYTHON: BUDGET bounds the whole call
+whatever the children do, $OUT is refreshed after each step (a call SIGKILLed at the device's limit
+still returns what finished), skipped.txt is this call's, STEPS="" is refused, and results.tgz keeps
+the steady-state step's trace but not the big eager ViT one.
+
+The fake PYTHON answers the quick calls (-c probes, summary scripts, `-m segpcl_fast.cli env`) at
+once; every other command (pytest, setup.py, the tune / profile scripts) exits at once
+(FAKE_MODE=fast), or sleeps far past the budget, ending on SIGINT (obey) or ignoring it (ignore).
+Each call it gets is logged, with its pid, to FAKE_LOG; the sleeps left behind by a killed script
+are ended by those pids."""
+import gzip
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
+STEPS = ["kernels", "bench", "ext", "e2e", "profile"]
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "$$ $*" >> "$FAKE_LOG"
+case "$1" in
+  -c) echo "fake probe"; exit 0;;
+  benchmarks/summarize_kernels.py|benchmarks/test_bench_e2e.py) echo "| fake | table |"; exit 0;;
+esac
+if [ "$1 $2 $3" = "-m segpcl_fast.cli env" ]; then
+  if [ "${FAKE_ENV:-}" = hang ]; then trap '' INT TERM; exec sleep 120; fi
+  echo "fake env"; exit 0
+fi
+if [ -n "${FAKE_FAST:-}" ]; then case "$*" in *"$FAKE_FAST"*) echo "fast: $*"; exit 0;; esac; fi
+case "${FAKE_MODE:-fast}" in
+  obey) exec sleep 120;;
+  ignore) trap '' INT; exec sleep 120;;
+  *) echo "fake run: $*"; exit 0;;
+esac
+"""
+
+pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("bash", "timeout", "tar", "gzip")),
+                                reason="needs bash, coreutils timeout, tar and gzip")
+
+
+@pytest.fixture
+def suite(tmp_path):
+    """suite(**env) -> (Popen, env): gpu_suite.sh started in its own session with the fake PYTHON."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "fake.log"
+    started = []
+
+    def start(**env):
+        full = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(log), WORK=str(tmp_path / "work"),
+                    OUT=str(tmp_path / "out"), KILL_GRACE="2", MIN_CMD_S="1", MIN_STEP_S="4", MIN_VARIANT_S="2")
+        full.update(env)
+        proc = subprocess.Popen(["bash", str(SUITE)], env=full, cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        started.append(proc)
+        return proc, full
+
+    yield start
+    for proc in started:  # the script itself, if a test left it running
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if log.exists():  # the fake's sleeps (timeout puts them in a process group of their own)
+        for line in log.read_text().splitlines():
+            pid = int(line.split()[0])
+            try:
+                if b"sleep" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+
+
+def _members(tgz: Path) -> set[str]:
+    with tarfile.open(tgz) as tar:
+        return set(tar.getnames())
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split()
+
+
+@pytest.mark.parametrize("mode", ["obey", "ignore"])
+def test_budget_bounds_the_call_whatever_the_children_do(suite, tmp_path, mode):
+    # 12 s: 5 held back for the final pack, so the kernels pytest gets about 7 - 2 (kill grace) s,
+    # then under MIN_STEP_S is left and the other four steps are skipped; in the ignore case the
+    # children ignore SIGINT and `segpcl-fast env` ignores SIGTERM too, so both end by SIGKILL
+    budget = 12
+    t0 = time.monotonic()
+    proc, _ = suite(STEPS=" ".join(STEPS), BUDGET=str(budget), RESERVE="5", STEP_TIMEOUT="100", FAKE_MODE=mode,
+                    FAKE_ENV="hang" if mode == "ignore" else "")
+    _, stderr = proc.communicate(timeout=budget + 30)
+    took = time.monotonic() - t0
+    assert took <= budget + 2.5, (took, stderr)
+    assert proc.returncode == 1  # the kernels pytest was stopped at its limit
+    out = tmp_path / "out"
+    assert _lines(out / "skipped.txt") == ["bench", "ext", "e2e", "profile"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["device.txt", "results.tgz", "skipped.txt", "summary.md"], names
+    summary = (out / "summary.md").read_text()
+    assert "- kernels: stopped at its limit" in summary and "skipped (budget): bench ext e2e profile" in summary
+    assert {"./kernel_tests.txt", "./steps.txt", "./skipped.txt"} <= _members(out / "results.tgz")
+    device = (out / "device.txt").read_text()
+    assert "== segpcl-fast env ==" in device
+    assert ("fake env" in device) == (mode == "obey")
+
+
+def test_out_is_refreshed_after_each_step_so_a_kill_keeps_what_finished(suite, tmp_path):
+    proc, env = suite(STEPS="kernels bench", FAKE_MODE="obey", FAKE_FAST="tests/kernels", STEP_TIMEOUT="100")
+    log = Path(env["FAKE_LOG"])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (log.exists() and "--benchmark-only" in log.read_text()):
+        time.sleep(0.1)
+    assert proc.poll() is None and "--benchmark-only" in log.read_text()  # the bench step's pytest runs
+    os.killpg(proc.pid, signal.SIGKILL)  # as the device does at its limit: no trap runs
+    proc.wait()
+    out = tmp_path / "out"
+    assert not list(out.glob(".*.tmp"))
+    assert "./kernel_tests.txt" in _members(out / "results.tgz")
+    assert "fast: -m pytest tests/kernels" in (tmp_path / "work" / "kernel_tests.txt").read_text()
+    assert "- kernels: exit 0" in (out / "summary.md").read_text()
+    assert "fake probe" in (out / "device.txt").read_text()
+    assert _lines(out / "skipped.txt") == []
+
+
+@pytest.mark.parametrize("steps", ["", "  "])
+def test_explicitly_empty_steps_is_refused(suite, tmp_path, steps):
+    proc, _ = suite(STEPS=steps)
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "STEPS is set but empty" in stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_traces_stale_skipped_and_the_bench_step(suite, tmp_path):
+    work = tmp_path / "work"
+    (work / "profile_e2e_step").mkdir(parents=True)
+    (work / "profile_vitb16").mkdir()
+    (work / "profile_e2e_step" / "trace.json.gz").write_bytes(b"steady-state trace")
+    (work / "profile_vitb16" / "trace.json").write_text('{"traceEvents": []}')
+    (work / "profile_vitb16" / "top_ops.txt").write_text("top ops")
+    (work / "skipped.txt").write_text("bench\nprofile\n")  # an earlier call's
+    proc, env = suite(STEPS="kernels bench", BUDGET="0")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    out = tmp_path / "out"
+    assert _lines(out / "skipped.txt") == []
+    members = _members(out / "results.tgz")
+    assert {"./profile_e2e_step/trace.json.gz", "./profile_vitb16/top_ops.txt", "./notes.txt"} - members \
+        == {"./notes.txt"}
+    assert "./profile_vitb16/trace.json" not in members and "./trace.json.gz" not in members
+    assert gzip.decompress((out / "trace.json.gz").read_bytes()) == b'{"traceEvents": []}'
+    assert (out / "device.txt").read_text().rstrip().endswith("fake env")
+    bench = [line for line in Path(env["FAKE_LOG"]).read_text().splitlines() if "--benchmark-only" in line]
+    assert len(bench) == 1 and "--ignore=benchmarks/test_bench_transforms.py" in bench[0]
+    assert "| fake | table |" in (out / "summary.md").read_text()
+
+
+def test_results_over_16_mib_are_rebuilt_without_any_trace(suite, tmp_path):
+    work = tmp_path / "work"
+    (work / "profile_e2e_step").mkdir(parents=True)
+    (work / "profile_e2e_step" / "trace.json.gz").write_bytes(os.urandom(16 * 2 ** 20 + 2 ** 16))
+    proc, _ = suite(STEPS="kernels", BUDGET="0")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    tgz = tmp_path / "out" / "results.tgz"
+    assert tgz.stat().st_size < 2 ** 20
+    with tarfile.open(tgz) as tar:
+        assert "./profile_e2e_step/trace.json.gz" not in tar.getnames()
+        notes = io.TextIOWrapper(tar.extractfile("./notes.txt")).read()
+    assert "rebuilt without any trace" in notes and notes.count("\n") == 1
