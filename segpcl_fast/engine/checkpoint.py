@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -269,11 +270,17 @@ def lock_run_dir(output_dir: PathLike) -> Optional[int]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: its pid, as far as it wrote one
+        except BlockingIOError:  # held: its pid, as far as it wrote one
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(f"output dir {output_dir} is in use by another run (pid {holder}; its lock is "
                               f"{path}): let it finish or stop it, or pick another folder with -o") from None
+        except OSError as exc:  # a filesystem without flock (some network mounts): run without the lock
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            logging.getLogger("segpcl_fast.engine").warning(
+                "no run lock in %s (%s): nothing stops a second run from writing there", output_dir, exc)
+            return None
         try:  # unlock_run_dir unlinks before it unlocks: a lock on a file no longer at `path` locks nothing
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

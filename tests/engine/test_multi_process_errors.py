@@ -198,3 +198,16 @@ def test_a_run_in_a_folder_another_process_writes_is_refused(tiny_model_name, tm
     result = train(cfg)
     assert result.metrics["Last"] is not None
     assert not (tmp_path / "run" / ckpt.RUN_LOCK).exists()  # released, and its file removed, after the run
+
+
+def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch, caplog):
+    """ENOLCK / EOPNOTSUPP (some network mounts) is no other run: a warning, no lock, no file left."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    assert ckpt.lock_run_dir(tmp_path) is None
+    assert "no run lock in" in caplog.text and "No locks available" in caplog.text
+    assert not (tmp_path / ckpt.RUN_LOCK).exists()
