@@ -34,6 +34,16 @@ def can_run_triton(*tensors: torch.Tensor) -> bool:
     return interpret_mode() and all(t.device.type == "cpu" for t in tensors)
 
 
+def refuse_double_backward(op: str) -> None:
+    """Called at the top of a backward whose result is not itself differentiable (a gradient computed
+    in the forward pass, a saved output marked non-differentiable): under create_graph=True autograd
+    runs backward with grad mode on, and would build a silently wrong second-order graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: double backward (torch.autograd.grad(..., create_graph=True) through this op) "
+                           "is not supported by its fast path; for higher-order gradients run the plain-PyTorch "
+                           "reference: segpcl_fast.ops.backend('reference') (run.ops=reference)")
+
+
 def has_fp64(*tensors) -> bool:
     """Any float64 input: the Triton kernels compute in fp32 and do not take it (auto runs the reference)."""
     return any(t.dtype == torch.float64 for t in tensors)

@@ -38,7 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import cdiv, check_can_run, compute_dtype, lazy_jit, next_pow2, rows_per_program, store_dtype
+from ._triton_utils import (cdiv, check_can_run, compute_dtype, lazy_jit, next_pow2, refuse_double_backward,
+                            rows_per_program, store_dtype)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -263,7 +264,9 @@ def _anchor_kl_setup_context(ctx, inputs, output):
 
 
 def _anchor_kl_backward(ctx, grad_kl, grad_dz):
-    """d loss / d z_S = grad_kl[a] * dkl_dz[a]: the gradient was computed in the forward pass."""
+    """d loss / d z_S = grad_kl[a] * dkl_dz[a]: the gradient was computed in the forward pass (so it has
+    no graph of its own: no double backward)."""
+    refuse_double_backward("anchor_kl (Triton)")
     (dkl_dz,) = ctx.saved_tensors
     grad_student = (grad_kl[:, None] * dkl_dz).to(dkl_dz.dtype)
     return grad_student, None, None, None

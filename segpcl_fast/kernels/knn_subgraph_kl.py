@@ -36,7 +36,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import cdiv, check_can_run, compute_dtype, interpret_mode, lazy_jit, next_pow2, store_dtype
+from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, lazy_jit, next_pow2,
+                            refuse_double_backward, store_dtype)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -253,6 +254,7 @@ def _knn_setup_context(ctx, inputs, output):
 
 
 def _knn_backward(ctx, grad_kl, grad_g, grad_g_root):
+    refuse_double_backward("knn_subgraph_kl (Triton)")  # the backward kernel has no autograd of its own
     emb, roots, neighbors, g, g_root = ctx.saved_tensors
     grad_emb = torch.ops.segpcl.knn_subgraph_kl_backward(grad_kl, emb, roots, neighbors, g, g_root)
     return grad_emb, None, None, None, None

@@ -58,6 +58,7 @@ class _MergedLoRABLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_u):
+        dispatch.refuse_double_backward("lora_b_linear (merged)")  # u is saved without its graph
         u, weight, lora_A, lora_B = ctx.saved_tensors
         grad_x = grad_B = None
         if ctx.needs_input_grad[0]:
