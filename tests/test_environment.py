@@ -141,6 +141,12 @@ def test_env_says_why_each_path_runs(monkeypatch):
         assert "inductor traces the plain-PyTorch merged arrangement" in why["lora_b_linear (compiled)"]
         monkeypatch.setenv("SEGPCL_LORA_COMPILE", "cpp")
         assert "SEGPCL_LORA_COMPILE=cpp" in op_reasons("cpu", op_paths("cpu"))["lora_b_linear (compiled)"]
+    with ops.backend("cpp"):  # the table says cpp for every LoRA row: so does the reason (it said "one GEMM")
+        forced = op_reasons("cpu", op_paths("cpu"))
+        if has_kernel("cpu"):
+            assert {forced[k] for k in ("lora_b_linear", "lora_b_linear (B frozen)", "lora_b_linear (compiled)")} == {
+                "ops backend 'cpp' (run.ops / SEGPCL_OPS) forces the C++ op"}
+        assert forced["pgd_step"].startswith("ops backend 'cpp' forces the C++ LoRA op only")
     with ops.backend("reference"):
         assert set(op_reasons("cpu", op_paths("cpu")).values()) == {
             "ops backend 'reference' (run.ops / SEGPCL_OPS): every op runs its plain-PyTorch reference"}

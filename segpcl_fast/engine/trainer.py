@@ -181,6 +181,8 @@ class Trainer:
         self.device = self.dist.device(self.cfg.run.device) if self.dist.enabled else resolve_device(self.cfg.run.device)
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)
+        _check_ops_backend(self.cfg.run.ops, self.device)
+        self._previous_ops = ops.get_backend()  # run() gives it back: a run's backend does not outlive the run
         ops.set_backend(self.cfg.run.ops)
         _seed_everything(self.cfg.run.seed)
         c = self.cfg
@@ -439,12 +441,19 @@ class Trainer:
             if getattr(self, "_lock", None) is not None:
                 ckpt.unlock_run_dir(self.out, self._lock)
                 self._lock = None
+            if getattr(self, "_previous_ops", None) is not None:
+                ops.set_backend(self._previous_ops)
 
     def _run(self) -> Result:
         c = self.cfg
         T = self.scenario.num_tasks
         main = self.dist.is_main
         ops.reset_choices()  # results.json "ops": what this run ran
+        if self.compiled:  # a call inside a compiled graph records nothing: the choices the graphs traced
+            from ..ops.lora_linear import OP, lora_b_linear_impl
+            probe, trained_B = torch.empty(0, device=self.device), torch.empty(0, device=self.device, requires_grad=True)
+            ops.dispatch.record_choice(OP, lora_b_linear_impl(probe, trained_B, compiling=True), self.device.type)
+            ops.dispatch.record_choice("attention", "sdpa", self.device.type)  # xformers is never traced
         self.holds_final_weights = False
         check_resume_dir(c)
         if main:
@@ -535,6 +544,23 @@ class Trainer:
             result.paths = write_run_report(result, self.out, plots=c.run.plots,
                                             class_names=self.scenario.class_names)
         return result
+
+
+def _check_ops_backend(name: str, device: torch.device) -> None:
+    """run.ops=triton on a device the Triton kernels cannot run on fails here, before the data is
+    indexed and weights load (it failed at the first TSGR call, deep in a traceback); SEGPCL_OPS set to
+    something else than the run's run.ops is named (a run takes run.ops, whose default is auto)."""
+    from ..ops._kernels import _utils
+    if name == "triton" and not _utils.can_run_triton(torch.empty(0, device=device)):
+        why = ("triton is not installed" if not _utils.HAS_TRITON else
+               f"they take CUDA tensors, and this run is on {device} without TRITON_INTERPRET=1 (the CPU "
+               "interpreter, for tests: set it before segpcl_fast is imported)")
+        raise ConfigError(f"run.ops=triton forces the Triton kernels, but {why}; use run.ops=auto (the fast path "
+                          "where there is one)")
+    env = os.environ.get("SEGPCL_OPS")
+    if env and env != name:
+        log.warning("SEGPCL_OPS=%s is not what this run uses: a run takes run.ops (%s here); set --set run.ops=%s "
+                    "(or run.ops in the config) to run it", env, name, env)
 
 
 def _grad_norm(params: list) -> torch.Tensor:

@@ -110,7 +110,9 @@ def op_reasons(device: str, paths: dict) -> dict:
         return {op: forced for op in paths}
     why = {}
     for op in TRITON_OPS:
-        if paths.get(op) == "triton":
+        if backend == "cpp":
+            why[op] = "ops backend 'cpp' forces the C++ LoRA op only: the Triton ops run their references"
+        elif paths.get(op) == "triton":
             why[op] = ("ops backend 'triton' forces the kernels" if backend == "triton" else
                        "auto: the Triton kernel, on CUDA tensors")
         elif not _utils.HAS_TRITON:
@@ -124,7 +126,11 @@ def op_reasons(device: str, paths: dict) -> dict:
                  f"segpcl_fast._C has no {device} kernel (built without CUDA)")
     eager = ("the C++ op (segpcl::lora_b_linear), eager" if _ext.has_kernel(device) else
              f"{no_kernel}: the plain-PyTorch merged arrangement")
-    why["lora_b_linear"] = f"{'forced, ' if backend == 'cpp' else ''}{eager}"
+    if backend == "cpp":  # every LoRA call takes the C++ op, or fails (the table's error rows say why)
+        forced = "ops backend 'cpp' (run.ops / SEGPCL_OPS) forces the C++ op"
+        why.update({op: forced for op in ("lora_b_linear", "lora_b_linear (B frozen)", "lora_b_linear (compiled)")})
+        return _attention_reasons(why, paths)
+    why["lora_b_linear"] = eager
     why["lora_b_linear (B frozen)"] = ("B needs no gradient: W + s B A as one GEMM, no u" if _ext.has_kernel(device)
                                        else eager)
     try:
@@ -135,6 +141,10 @@ def op_reasons(device: str, paths: dict) -> dict:
         "under torch.compile inductor traces the plain-PyTorch merged arrangement and fuses its neighbours "
         "(SEGPCL_LORA_COMPILE=cpp keeps the C++ op)" if traced == "merged" and _ext.has_kernel(device) else
         f"under torch.compile: SEGPCL_LORA_COMPILE={traced}" if _ext.has_kernel(device) else eager)
+    return _attention_reasons(why, paths)
+
+
+def _attention_reasons(why: dict, paths: dict) -> dict:
     why["attention (no mask)"] = ("xformers memory-efficient attention (installed, and its kernels run here)"
                                   if paths.get("attention (no mask)") == "xformers" else
                                   "SDPA: xformers is not installed, has no kernels for this device, or the "

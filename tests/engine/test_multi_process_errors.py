@@ -211,3 +211,43 @@ def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch, caplog)
     assert ckpt.lock_run_dir(tmp_path) is None
     assert "no run lock in" in caplog.text and "No locks available" in caplog.text
     assert not (tmp_path / ckpt.RUN_LOCK).exists()
+
+
+# ----------------------------------------------------------------------------- the ops backend of a run
+
+def test_run_ops_triton_where_triton_cannot_run_fails_first(tiny_model_name, tmp_path, monkeypatch):
+    """It passed the config check, indexed the data, loaded the model, and failed at the first TSGR
+    call with a 40-line traceback."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match=r"run.ops=triton forces the Triton kernels, but (triton is not installed|"
+                                          r"they take CUDA tensors, and this run is on cpu without TRITON_INTERPRET=1)"):
+        Trainer(small_config(tiny_model_name, tmp_path / "run", run__ops="triton"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_gives_the_ops_backend_back_and_names_an_ignored_SEGPCL_OPS(tiny_model_name, tmp_path, monkeypatch,
+                                                                         caplog):
+    from segpcl_fast import ops
+    monkeypatch.setenv("SEGPCL_OPS", "cpp")
+    with ops.backend("auto"):
+        train(small_config(tiny_model_name, tmp_path / "run", run__ops="reference", num_tasks=1))
+        assert ops.get_backend() == "auto"  # it stayed 'reference' for the rest of the process
+    assert "SEGPCL_OPS=cpp is not what this run uses: a run takes run.ops (reference here)" in caplog.text
+
+
+def test_a_compiled_run_records_the_lora_and_attention_paths_its_graphs_traced(tiny_model_name, tmp_path, monkeypatch):
+    """Calls inside compiled graphs record nothing: results.json "ops" of a compiled run listed only the
+    Triton ops, so run.ops=cpp and run.ops=reference read the same. (The compile itself is stubbed: what
+    is tested is the record, from the same rule the traced calls follow.)"""
+    import json
+
+    from segpcl_fast.engine import compiling
+    from segpcl_fast.ops.lora_linear import lora_b_linear_impl
+    monkeypatch.setattr(compiling, "compile_model", lambda model, settings=None: {"raw_features": True})
+    cfg = small_config(tiny_model_name, tmp_path / "run", num_tasks=1, run__compile=True)
+    train(cfg)
+    recorded = json.loads((tmp_path / "run" / "results.json").read_text())["ops"]
+    traced = lora_b_linear_impl(torch.empty(0), torch.empty(0, requires_grad=True), compiling=True)
+    assert recorded["lora_b_linear"].split("+")[0] == traced and recorded["attention"].split("+")[0] == "sdpa"
+    train(small_config(tiny_model_name, tmp_path / "ref", num_tasks=1, run__compile=True, run__ops="reference"))
+    assert json.loads((tmp_path / "ref" / "results.json").read_text())["ops"]["lora_b_linear"].split("+")[0] == "reference"
