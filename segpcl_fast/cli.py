@@ -487,7 +487,9 @@ def main(argv=None) -> int:
         return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # a path that cannot be written or read: the OS's reason and the path, one line
         path = f"{e.filename}: " if e.filename else ""
-        _report_error(f"{path}{e.strerror or e}", where, False)
+        fix = (" (this user may not read or write it: fix its permissions or owner, e.g. chmod -R a+rX on a "
+               "dataset folder, or use a copy it can reach)" if isinstance(e, PermissionError) else "")
+        _report_error(f"{path}{e.strerror or e}{fix}", where, False)
         _leave_process_group()
         return 2
     except Exception as e:  # known user-facing errors carry their fix in the message

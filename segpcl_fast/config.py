@@ -473,7 +473,8 @@ def check_task_count(cfg: Config) -> Config:
     may hold sizes with the default num_tasks, and they must still resume and evaluate."""
     sizes, n = cfg.data.task_sizes, cfg.data.num_tasks
     if sizes is not None and len(sizes) != n:
-        total = sum(sizes)
+        # the classes the tasks split: data.expected_classes where given (a subset of the preset's), else the preset's sum
+        total = cfg.data.expected_classes or sum(sizes)
         even = [total // n + (1 if i < total % n else 0) for i in range(n)]  # the same classes, n tasks
         fix = (f"set data.task_sizes=null to split the {total} classes into {n} equal tasks" if total % n == 0 else
                f"e.g. data.task_sizes=[{','.join(map(str, even))}] ({total} classes do not split into {n} equal tasks)")

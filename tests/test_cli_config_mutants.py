@@ -260,7 +260,15 @@ def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):
         raise PermissionError(13, "Permission denied", "/runs/x/results.json")
     monkeypatch.setattr(segpcl_fast.api, "train", denied)
     assert main(["train", "-o", "unused"]) == 2
-    assert capsys.readouterr().err == "segpcl-fast: error: /runs/x/results.json: Permission denied\n"
+    assert capsys.readouterr().err == ("segpcl-fast: error: /runs/x/results.json: Permission denied (this user may not "
+                                       "read or write it: fix its permissions or owner, e.g. chmod -R a+rX on a "
+                                       "dataset folder, or use a copy it can reach)\n")
+
+    def gone(cfg):  # other OS errors: the OS's reason alone
+        raise IsADirectoryError(21, "Is a directory", "/runs/x/results.json")
+    monkeypatch.setattr(segpcl_fast.api, "train", gone)
+    assert main(["train", "-o", "unused"]) == 2
+    assert capsys.readouterr().err == "segpcl-fast: error: /runs/x/results.json: Is a directory\n"
 
 
 def test_config_and_missing_file_errors_exit_2_and_interrupts_130(monkeypatch, capsys):

@@ -109,6 +109,11 @@ def test_task_sizes_and_num_tasks_must_agree():
                                           r"equal tasks\)"):
         make_config("ucf101", ["data.num_tasks=2"])
     assert make_config("ucf101", ["data.num_tasks=2", "data.task_sizes=[51,50]"]).data.task_sizes == [51, 50]
+    # a subset (data.expected_classes, as README says for a few classes): the fix splits those classes, not 101
+    with pytest.raises(ConfigError, match=r"data.task_sizes=null to split the 4 classes into 2 equal tasks"):
+        make_config("ucf101", ["data.num_tasks=2", "data.expected_classes=4"])
+    with pytest.raises(ConfigError, match=r"e.g. data.task_sizes=\[3,2\] \(5 classes do not split"):
+        make_config("ucf101", ["data.num_tasks=2", "data.expected_classes=5"])
     with pytest.raises(ConfigError, match=r"data.task_sizes=null to split the 100 classes into 5 equal tasks"):
         make_config(None, ["data.num_tasks=5", "data.task_sizes=[60,40]"])
     assert make_config("ucf101", ["data.num_tasks=2", "data.task_sizes=null"]).data.task_sizes is None

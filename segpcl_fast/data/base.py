@@ -27,6 +27,9 @@ def read_rgb(path) -> Image.Image:
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's failures: not an
         # image (UnidentifiedImageError), truncated data, bad headers, over PIL's pixel limit
+        if isinstance(e, PermissionError):  # a readable copy is there: its mode or owner is the problem
+            raise DatasetFormatError(f"image file '{path}' cannot be read: permission denied for this user; fix "
+                                     f"its permissions (e.g. chmod -R a+rX on the dataset folder) or its owner") from e
         raise DatasetFormatError(f"image file '{path}' cannot be read ({type(e).__name__}: {e}); re-extract it from "
                                  f"the dataset's archive, or delete it (and its line in any split list)") from e
 

@@ -56,7 +56,7 @@ def _read(data_cfg, train_transform: Optional[Callable], test_transform: Optiona
     if name == "imagenet-subset":
         from .imagenet_subset import load_imagenet_subset
         return load_imagenet_subset(root, train_transform, test_transform, class_list=opt("class_list"),
-                                    names_file=opt("names_file"))
+                                    names_file=opt("names_file"), n_classes=opt("expected_classes") or 100)
     if name == "cub200":
         from .cub import load_cub200
         return load_cub200(root, train_transform, test_transform)

@@ -126,20 +126,20 @@ def _read_class_list(path: Path) -> ClassList:
     return ClassList(wnids, path)
 
 
-def _class_list(root: Path, image_root: Path, class_list: Optional[str]) -> ClassList:
+def _class_list(root: Path, image_root: Path, class_list: Optional[str], n_classes: int = 100) -> ClassList:
     if class_list:
         return _read_class_list(user_data_file(class_list, root, "class list", "data.class_list", NAME, LAYOUT))
     for name in DEFAULT_CLASS_LISTS:
         if (root / name).is_file():
             return _read_class_list(root / name)
     train_wnids = wnid_folders(image_root / "train")
-    if len(train_wnids) == 100:
+    if len(train_wnids) == n_classes:  # a copy cut to the subset (n_classes: data.expected_classes, 100 by default)
         return ClassList(train_wnids)
-    fix = f"write the 100 wnids to {root / DEFAULT_CLASS_LISTS[0]} or set data.class_list"
+    fix = f"write the {n_classes} wnids to {root / DEFAULT_CLASS_LISTS[0]} or set data.class_list"
     if root.parts[-3:] == Path(KAGGLE_IMAGES).parts:  # data.root points inside Kaggle's ILSVRC/Data/CLS-LOC
         fix = f"point data.root at {root.parents[2]} (Kaggle's layout: the folder with LOC_*.csv), or " + fix
     raise format_error(NAME, f"no class list: none of {', '.join(DEFAULT_CLASS_LISTS)} in '{root}' and "
-                             f"train/ holds {len(train_wnids)} wnid folders, not 100", LAYOUT, fix)
+                             f"train/ holds {len(train_wnids)} wnid folders, not {n_classes}", LAYOUT, fix)
 
 
 def _split_from_folders(folder: Path, wnids: list[str], split: str) -> Split:
@@ -234,16 +234,18 @@ def _val_split(root: Path, image_root: Path, classes: ClassList, bases: list[Pat
 
 def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable] = None,
                          test_transform: Optional[Callable] = None, class_list: Optional[str] = None,
-                         names_file: Optional[str] = None) -> tuple[FileListDataset, FileListDataset]:
+                         names_file: Optional[str] = None, n_classes: int = 100) -> tuple[FileListDataset, FileListDataset]:
     """(train, val) over the class list (class index = sorted wnid order); names from
-    `names_file`, LOC_synset_mapping.txt or meta.bin (see the module docstring)."""
+    `names_file`, LOC_synset_mapping.txt or meta.bin (see the module docstring). Without a class
+    list, a train/ holding exactly `n_classes` wnid folders (data.expected_classes; 100, the
+    benchmark's count, by default) is taken as the subset."""
     path = require_root(root, NAME, LAYOUT)
     image_root = path / KAGGLE_IMAGES if (path / KAGGLE_IMAGES / "train").is_dir() else path
     if not (image_root / "train").is_dir():
         raise format_error(NAME, f"no train/ folder in '{path}' (nor in '{path / KAGGLE_IMAGES}')", LAYOUT,
                            found_nearby(path, "train/n[0-9]*")
                            or "point data.root at the ImageNet folder")
-    classes = _class_list(path, image_root, class_list)
+    classes = _class_list(path, image_root, class_list, n_classes)
     class_names = names_for_wnids(classes.wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin"],
                                   NAME, LAYOUT, names_file, unique=True, root=path)
     bases = [image_root] if image_root == path else [image_root, path]

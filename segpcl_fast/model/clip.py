@@ -205,7 +205,7 @@ def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optiona
     if looks_like_path:
         raise ModelLoadError(f"checkpoint file '{pretrained}' does not exist; give an existing file path "
                              f"or an open_clip pretrained tag for {name}")
-    tags = open_clip.list_pretrained_tags_by_model(name)
+    tags = [tag for model, tag in BUNDLED_WEIGHTS if model == name] + open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise ModelLoadError(f"unknown pretrained tag '{pretrained}' for model '{name}'; "
                              f"known tags: {tags or 'none (pass a local checkpoint path)'}")

@@ -99,6 +99,26 @@ def test_folders_and_list_file_give_the_same_class_indices(tmp_path):
     assert list(np.random.RandomState(1993).permutation(100)[:5]) == [68, 56, 78, 8, 23]
 
 
+def test_a_precut_smaller_subset_is_taken_when_expected_classes_says_so(tmp_path):
+    """README: data.expected_classes runs a subset on purpose. A train/ cut to exactly that many wnids
+    is the subset (it was refused: 'not 100', with 'write the 100 wnids' as the fix)."""
+    from segpcl_fast.api import make_config
+    from segpcl_fast.data.base import DatasetFormatError
+    from segpcl_fast.data.build import build_datasets
+    root = tmp_path / "in4"
+    wnids = make_precut_100(root)
+    import shutil
+    for wnid in wnids[4:]:
+        shutil.rmtree(root / "train" / wnid)
+        shutil.rmtree(root / "val" / wnid)
+    cfg = make_config("imagenet-subset", [f"data.root={root}", "data.expected_classes=4", "data.task_sizes=null",
+                                          "data.num_tasks=2"])
+    train, val = build_datasets(cfg.data)
+    assert train.class_names == val.class_names == [f"thing {k}" for k in range(4)]
+    with pytest.raises(DatasetFormatError, match=r"(?s)train/ holds 4 wnid folders, not 100.*write the 100 wnids"):
+        build_datasets(make_config("imagenet-subset", [f"data.root={root}"]).data)
+
+
 # ----------------------------------------------------------------------------- continuum / PODNet split lists
 def add_unlisted_images(root, images=None):
     """An extra train and val image of a listed class that the split lists do not name."""

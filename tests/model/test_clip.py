@@ -72,6 +72,10 @@ def test_missing_file_and_unknown_tag(tiny_model_name, tmp_path):
         load_model(tiny_model_name, pretrained=str(tmp_path / "nope.pt"))
     with pytest.raises(ModelLoadError, match="unknown pretrained tag"):
         load_model("ViT-B-16", pretrained="not-a-tag")
+    # the bundled model's own tag is named (its list from open_clip is empty: it said "known tags: none")
+    with pytest.raises(ModelLoadError, match=r"unknown pretrained tag 'openai' for model 'segpcl-tiny'; known tags: "
+                                             r"\['segpcl-world'\]"):
+        load_model("segpcl-tiny", pretrained="openai")
 
 
 def test_uncached_weights_fail_fast_offline(tmp_path):
