@@ -449,7 +449,7 @@ class Trainer:
         T = self.scenario.num_tasks
         main = self.dist.is_main
         ops.reset_choices()  # results.json "ops": what this run ran
-        if self.compiled:  # a call inside a compiled graph records nothing: the choices the graphs traced
+        if getattr(self, "compiled", None):  # a call inside a compiled graph records nothing: the choices the graphs traced
             from ..ops.lora_linear import OP, lora_b_linear_impl
             probe, trained_B = torch.empty(0, device=self.device), torch.empty(0, device=self.device, requires_grad=True)
             ops.dispatch.record_choice(OP, lora_b_linear_impl(probe, trained_B, compiling=True), self.device.type)
