@@ -117,9 +117,8 @@ def _leave_process_group() -> None:
     """torchrun: leave the process group, if this process joined one (after a command, or an error every
     rank met; else gloo's threads can abort the exit: "terminate called ...", SIGABRT). Not after Ctrl-C
     or an unexpected error, where a collective may still be in flight."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if _joined():
+        sys.modules["torch.distributed"].destroy_process_group()
 
 
 def _rank0() -> bool:
@@ -501,7 +500,8 @@ def main(argv=None) -> int:
             _report_error(_user_message(e), where, False)
             _leave_process_group()
             return 2
-        if _joined() and _lost_peer(e):  # not this rank's error: the rank that stopped first says why
+        from .engine.distributed import lost_peer
+        if _joined() and lost_peer(e):  # not this rank's error: the rank that stopped first says why
             print(f"segpcl-fast: stopped{where}: another rank stopped first (its error is above, or in torchrun's "
                   f"report) and this rank lost it in a collective: {str(e).strip().splitlines()[0][:200]}",
                   file=sys.stderr)
@@ -516,11 +516,6 @@ def _joined() -> bool:
     """This process has joined a torchrun process group (so its peers may be gone)."""
     dist = sys.modules.get("torch.distributed")
     return bool(dist is not None and dist.is_available() and dist.is_initialized())
-
-
-def _lost_peer(error: BaseException) -> bool:
-    from .engine.distributed import lost_peer
-    return lost_peer(error)
 
 
 def _report_error(message: str, where: str, same_on_every_rank: bool) -> None:

@@ -37,7 +37,8 @@ def can_run_triton(*tensors: torch.Tensor) -> bool:
 def refuse_double_backward(op: str) -> None:
     """Called at the top of a backward whose result is not itself differentiable (a gradient computed
     in the forward pass, a saved output marked non-differentiable): under create_graph=True autograd
-    runs backward with grad mode on, and would build a silently wrong second-order graph."""
+    runs backward with grad mode on, and would build a silently wrong second-order graph. Also the
+    LoRA op's fast paths' guard (ops/ may import kernels/, not the other way)."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"{op}: double backward (torch.autograd.grad(..., create_graph=True) through this op) "
                            "is not supported by its fast path; for higher-order gradients run the plain-PyTorch "

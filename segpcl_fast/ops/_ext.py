@@ -74,8 +74,8 @@ def _register_python_side() -> None:
         ctx.save_for_backward(u, weight, lora_A, lora_B)  # u = x A^T, not x
 
     def _backward(ctx, grad_y, grad_u):
-        from .dispatch import refuse_double_backward
-        refuse_double_backward("lora_b_linear (C++ op)")  # its backward is an opaque op, with u saved
+        from ._kernels import _utils
+        _utils.refuse_double_backward("lora_b_linear (C++ op)")  # its backward is an opaque op, with u saved
         u, weight, lora_A, lora_B = ctx.saved_tensors
         grad_x, grad_B = torch.ops.segpcl.lora_b_linear_bwd(
             grad_y, u, weight, lora_A, lora_B, ctx.scaling, ctx.need_grad_x, ctx.need_grad_B)

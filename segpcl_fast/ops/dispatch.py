@@ -58,18 +58,6 @@ def record_choice(op: str, impl: str, device: str) -> str:
     return impl
 
 
-def refuse_double_backward(op: str) -> None:
-    """At the top of a fast path's backward whose result has no graph of its own (a saved output
-    marked non-differentiable, a gradient computed by a kernel): under create_graph=True autograd
-    runs backward with grad mode on and would build a silently wrong second-order graph. (The same
-    check as kernels/_triton_utils.py's, which may import nothing of ops/.)"""
-    import torch
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"{op}: double backward (torch.autograd.grad(..., create_graph=True) through this op) "
-                           "is not supported by its fast path; for higher-order gradients run the plain-PyTorch "
-                           "reference: segpcl_fast.ops.backend('reference') (run.ops=reference)")
-
-
 def last_choice() -> dict[str, str]:
     """{op name: implementation used by its last call}."""
     return dict(_last_choice)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._ext import extension_status, has_kernel
+from ._kernels import _utils
 
 __all__ = ["lora_b_linear", "lora_b_linear_reference", "lora_b_linear_merged", "lora_b_linear_impl",
            "extension_status"]
@@ -58,7 +59,7 @@ class _MergedLoRABLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_u):
-        dispatch.refuse_double_backward("lora_b_linear (merged)")  # u is saved without its graph
+        _utils.refuse_double_backward("lora_b_linear (merged)")  # u is saved without its graph
         u, weight, lora_A, lora_B = ctx.saved_tensors
         grad_x = grad_B = None
         if ctx.needs_input_grad[0]:
