@@ -34,9 +34,11 @@ def cuda_home() -> Path:
 def arch_flags(archs: str) -> list[str]:
     flags = []
     for arch in archs.replace(",", ";").split(";"):
-        num = arch.strip().replace(".", "")
+        num = arch.strip().removesuffix("+PTX").replace(".", "")
         if num:
             flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+        if num and arch.strip().endswith("+PTX"):  # also embed PTX, as torch's arch list means
+            flags += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
     if not flags:
         raise ValueError(f"no CUDA arch in '{archs}'; pass e.g. --archs '8.9;9.0'")
     return flags

@@ -5,7 +5,8 @@ Switches (environment):
                                        CUDA_HOME, e.g. /usr/local/cuda, and a CUDA build of torch)
   SEGPCL_WITH_CUDA=0                   CPU-only build even where a GPU is visible
   (unset)                              CUDA sources when torch sees a GPU and nvcc is found
-  TORCH_CUDA_ARCH_LIST                 GPU archs; default "8.9;9.0" (RTX 4090, H100)
+  TORCH_CUDA_ARCH_LIST                 GPU archs; unset: the visible GPUs' archs (torch's own rule), or
+                                       "8.9;9.0+PTX" (RTX 4090, H100, PTX for newer GPUs) when none is visible
   SEGPCL_NO_EXT=1                      (setup.py) skip the extension entirely
 The source list is csrc/sources.txt, shared with CMakeLists.txt.
 """
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 EXT_NAME = "segpcl_fast._C"
-DEFAULT_CUDA_ARCHS = "8.9;9.0"
+DEFAULT_CUDA_ARCHS = "8.9;9.0+PTX"  # for builds without a visible GPU (CI, images)
 # the C++ standard comes from torch.utils.cpp_extension (C++20 for torch >= 2.10); -g0 undoes the -g of
 # Python's own CFLAGS (a 14 MB .so instead of ~0.3 MB; SEGPCL_DEBUG_SYMBOLS=1 keeps them)
 CXX_FLAGS = ["-O3"] + ([] if os.environ.get("SEGPCL_DEBUG_SYMBOLS") == "1" else ["-g0"])
@@ -83,7 +84,8 @@ def make_extension(root: Path, torch, cpp_extension):
         return cpp_extension.CppExtension(
             EXT_NAME, sources=sources, include_dirs=[str(root / "csrc")],
             extra_compile_args={"cxx": CXX_FLAGS})
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS  # with a GPU, torch builds for the GPUs it sees
     return cpp_extension.CUDAExtension(
         EXT_NAME, sources=sources, include_dirs=[str(root / "csrc")],
         define_macros=[("SEGPCL_WITH_CUDA", "1")],

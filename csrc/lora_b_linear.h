@@ -19,6 +19,8 @@ inline std::array<int64_t, 3> check_lora_b_linear_args(const at::Tensor& x, cons
   TORCH_CHECK(lora_B.dim() == 2, "lora_b_linear: lora_B must be 2-D (out, r), got shape ", lora_B.sizes());
   const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
   TORCH_CHECK(r >= 1, "lora_b_linear: lora_A has rank 0 (shape ", lora_A.sizes(), "); the rank must be >= 1");
+  TORCH_CHECK(in >= 1 && out >= 1, "lora_b_linear: weight has shape ", weight.sizes(),
+              "; a layer needs at least one input and one output feature");
   TORCH_CHECK(x.size(-1) == in, "lora_b_linear: x's last dimension (", x.size(-1),
               ") must equal weight's in-features (", in, ")");
   TORCH_CHECK(lora_A.size(1) == in, "lora_b_linear: lora_A must be (r, in) = (r, ", in, "), got ", lora_A.sizes());
@@ -44,9 +46,13 @@ inline void check_lora_b_linear_bwd_args(const at::Tensor& grad_out, const at::T
                                          const at::Tensor& lora_B) {
   const int64_t out = weight.size(0), r = lora_A.size(0);
   TORCH_CHECK(r >= 1, "lora_b_linear_bwd: lora_A has rank 0; the rank must be >= 1");
+  TORCH_CHECK(out >= 1 && weight.size(1) >= 1, "lora_b_linear_bwd: weight has shape ", weight.sizes(),
+              "; a layer needs at least one input and one output feature");
+  TORCH_CHECK(grad_out.dim() >= 1 && u.dim() >= 1, "lora_b_linear_bwd: grad_out and u must be (..., out), (..., r)");
   TORCH_CHECK(grad_out.size(-1) == out, "lora_b_linear_bwd: grad_out's last dimension must be out=", out);
   TORCH_CHECK(u.size(-1) == r, "lora_b_linear_bwd: u's last dimension must be r=", r);
-  TORCH_CHECK(u.numel() / r == grad_out.numel() / out, "lora_b_linear_bwd: u and grad_out must have the same rows");
+  TORCH_CHECK(u.sizes().slice(0, u.dim() - 1) == grad_out.sizes().slice(0, grad_out.dim() - 1),
+              "lora_b_linear_bwd: u ", u.sizes(), " and grad_out ", grad_out.sizes(), " must have the same leading dims");
   TORCH_CHECK(lora_B.size(0) == out && lora_B.size(1) == r, "lora_b_linear_bwd: lora_B must be (out, r)");
   for (const at::Tensor* t : {&u, &weight, &lora_A, &lora_B}) {
     TORCH_CHECK(t->scalar_type() == grad_out.scalar_type() && t->device() == grad_out.device(),

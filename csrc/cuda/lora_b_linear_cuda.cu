@@ -151,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_fwd_cuda(const at::Tensor& x, c
                                                           const std::optional<at::Tensor>& bias,
                                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                           double scaling) {
+  check_lora_b_linear_args(x, weight, bias, lora_A, lora_B);  // before the guard: x on the CPU gets this message
   const c10::cuda::CUDAGuard device_guard(x.device());
   return lora_b_linear_fwd_aten(x, weight, bias, lora_A, lora_B, scaling, fwd_path_from_env());
 }
@@ -169,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad
 
   const BwdPath path = bwd_path_from_env();
   at::Tensor grad_x = at::empty({0}, g.options());
-  at::Tensor gB, grad_B = at::empty({0}, g.options());
+  at::Tensor s_gB, grad_B = at::empty({0}, g.options());  // s_gB = s (g B), N x r, in dtype
   if (path == BwdPath::kMerged) {
     if (need_grad_B) grad_B = scaled_mm(g.t(), u2, scaling);
     if (need_grad_x) {
@@ -178,15 +179,18 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad
     }
   } else {
     if (path == BwdPath::kFused && r <= kMaxRank && dtype != at::kDouble) {
-      at::Tensor grad_B_fp32;  // the kernel's fp32 sums, unscaled
-      std::tie(gB, grad_B_fp32) = rank_r_grads_fused(g, lora_B.contiguous(), u2, need_grad_x, need_grad_B);
+      // float atomics: the sum order of grad_B and g B varies from run to run
+      at::globalContext().alertNotDeterministic("segpcl::lora_b_linear_bwd with SEGPCL_LORA_BWD=fused (CUDA)");
+      at::Tensor gB_fp32, grad_B_fp32;  // the kernel's fp32 sums, unscaled: scaled, then rounded once
+      std::tie(gB_fp32, grad_B_fp32) = rank_r_grads_fused(g, lora_B.contiguous(), u2, need_grad_x, need_grad_B);
       if (need_grad_B) grad_B = grad_B_fp32.mul_(scaling).to(dtype);
+      if (need_grad_x) s_gB = gB_fp32.mul_(scaling).to(dtype);
     } else {
-      if (need_grad_x) gB = at::mm(g, lora_B);
+      if (need_grad_x) s_gB = scaled_mm(g, lora_B, scaling);
       if (need_grad_B) grad_B = scaled_mm(g.t(), u2, scaling);
     }
     if (need_grad_x) {
-      const at::Tensor low_rank = at::mm(gB.mul(scaling).to(dtype), lora_A);   // s (g B) A, N x in
+      const at::Tensor low_rank = at::mm(s_gB, lora_A);   // s (g B) A, N x in
       grad_x = at::addmm(low_rank, g, weight).view(with_last_dim(grad_out, in));  // + g W, one cuBLAS GEMM
     }
   }

@@ -71,9 +71,13 @@ def _register_python_side() -> None:
         ctx.scaling = scaling
         ctx.need_grad_x = ctx.needs_input_grad[0]
         ctx.need_grad_B = ctx.needs_input_grad[4]
+        ctx.mark_non_differentiable(u)  # u is saved for backward, not an output to differentiate
+        ctx.set_materialize_grads(False)  # so no (N, r) zeros are made for u's gradient each step
         ctx.save_for_backward(u, weight, lora_A, lora_B)  # u = x A^T, not x
 
-    def _backward(ctx, grad_y, grad_u):
+    def _backward(ctx, grad_y, _grad_u):
+        if grad_y is None:  # y took no part in what was differentiated
+            return None, None, None, None, None, None
         from ._kernels import _utils
         _utils.refuse_double_backward("lora_b_linear (C++ op)")  # its backward is an opaque op, with u saved
         u, weight, lora_A, lora_B = ctx.saved_tensors

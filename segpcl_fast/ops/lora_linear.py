@@ -55,18 +55,21 @@ class _MergedLoRABLinear(torch.autograd.Function):
         _x, weight, _bias, lora_A, lora_B, scaling = inputs
         ctx.scaling = scaling
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no (N, r) zeros for u's gradient each step
         ctx.save_for_backward(output[1], weight, lora_A, lora_B)  # u = x A^T, not x
 
     @staticmethod
     def backward(ctx, grad_y, _grad_u):
+        if grad_y is None:  # y took no part in what was differentiated
+            return None, None, None, None, None, None
         _utils.refuse_double_backward("lora_b_linear (merged)")  # u is saved without its graph
         u, weight, lora_A, lora_B = ctx.saved_tensors
         grad_x = grad_B = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ torch.addmm(weight, lora_B, lora_A, alpha=ctx.scaling)
-        if ctx.needs_input_grad[4]:
-            grad_B = torch.mm(grad_y.reshape(-1, grad_y.shape[-1]).t(), u.reshape(-1, u.shape[-1]))
-            grad_B = grad_B.mul_(ctx.scaling).to(lora_B.dtype)
+        if ctx.needs_input_grad[4]:  # s g^T u, s applied to the GEMM's accumulator: one rounding
+            grad_B = torch.addmm(lora_B, grad_y.reshape(-1, grad_y.shape[-1]).t(), u.reshape(-1, u.shape[-1]),
+                                 beta=0, alpha=ctx.scaling)  # beta=0: lora_B's values are ignored (shape only)
         return grad_x, None, None, None, grad_B, None
 
 
@@ -98,6 +101,8 @@ def _check_args(x, weight, bias, lora_A, lora_B, autocast_dtype: Optional[torch.
     problem = None
     if r < 1:
         problem = f"lora_A has rank 0 (shape {tuple(lora_A.shape)}); the rank must be >= 1"
+    elif n_in < 1 or out < 1:
+        problem = f"weight has shape {tuple(weight.shape)}; a layer needs at least one input and one output feature"
     elif x.shape[-1] != n_in:
         problem = f"x's last dimension ({x.shape[-1]}) must equal weight's in-features ({n_in})"
     elif lora_A.shape[1] != n_in:
@@ -171,12 +176,16 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts; float64 it leaves alone
+
+
 def _autocast(tensors):
-    """Cast like F.linear does under autocast: the C++ op has no autocast kernel of its own."""
+    """Cast like F.linear does under autocast (fp32/fp16/bf16 tensors to the autocast dtype, float64
+    untouched): the C++ op has no autocast kernel of its own."""
     dtype = _autocast_dtype(tensors[0].device.type)
     if dtype is None:
         return tensors
-    return [t if t is None else t.to(dtype) for t in tensors]
+    return [t.to(dtype) if t is not None and t.dtype in _AUTOCAST_FROM else t for t in tensors]
 
 
 def lora_b_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

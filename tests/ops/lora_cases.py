@@ -90,6 +90,28 @@ def check_autocast_casts_like_linear(fn):
     y_ref.float().sum().backward()
     assert lora_B.grad.dtype == torch.float32
     torch.testing.assert_close(lora_B.grad, lora_B_ref.grad, rtol=2e-2, atol=5e-2)
+    # autocast leaves float64 alone (it cast every tensor to bf16 here, so float64 came back bf16)
+    args64 = [t.detach().double() for t in (x, weight, bias, lora_A, lora_B)]
+    args64[-1].requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64 = fn(*args64, 0.5)
+        y64_ref = lora_linear.lora_b_linear_reference(*args64, 0.5)
+    assert y64.dtype == y64_ref.dtype == torch.float64
+    torch.testing.assert_close(y64, y64_ref)
+
+
+def backward_ops(y: torch.Tensor) -> list:
+    """Names of the aten ops that y.sum().backward() runs."""
+    seen = []
+
+    class _Log(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with _Log():
+        y.sum().backward()
+    return seen
 
 
 def saved_tensors(fn, *args):

@@ -56,3 +56,20 @@ def test_forced_cuda_without_a_toolkit_fails_at_once_with_the_fix(tmp_path, monk
         csrc_build.want_cuda(_torch(cuda=None), SimpleNamespace(CUDA_HOME=str(tmp_path / "full")))
     monkeypatch.setenv("SEGPCL_WITH_CUDA", "0")
     assert not csrc_build.want_cuda(_torch(), SimpleNamespace(CUDA_HOME=str(tmp_path / "full")))
+
+
+@pytest.mark.parametrize("gpu, preset, expected", [(True, None, None), (False, None, "8.9;9.0+PTX"),
+                                                   (False, "8.0", "8.0"), (True, "8.6", "8.6")])
+def test_arch_list_default_only_without_a_visible_gpu(gpu, preset, expected, tmp_path, monkeypatch):
+    """With a GPU visible torch builds for the GPUs it sees (an A100 user got sm_89/sm_90 only, so
+    the fused kernel had no image); without one (CI, images) the default list, with PTX for newer GPUs."""
+    monkeypatch.setenv("SEGPCL_WITH_CUDA", "1")
+    if preset is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", preset)
+    fake_ext = SimpleNamespace(CUDA_HOME=str(_toolkit(tmp_path / "cuda")), CUDAExtension=lambda *a, **k: ("cuda", k),
+                               CppExtension=lambda *a, **k: ("cpp", k))
+    kind, _ = csrc_build.make_extension(Path(__file__).resolve().parents[2], _torch(gpu=gpu), fake_ext)
+    assert kind == "cuda"
+    assert csrc_build.os.environ.get("TORCH_CUDA_ARCH_LIST") == expected

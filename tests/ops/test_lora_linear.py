@@ -13,7 +13,7 @@ from segpcl_fast.ops import dispatch, lora_linear
 from segpcl_fast.ops._ext import has_kernel
 from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_reference
 
-from lora_cases import (PATHS, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
+from lora_cases import (PATHS, backward_ops, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
                         require_extension, saved_tensors, set_paths, small_update_slopes, upcast)
 
 pytestmark = pytest.mark.usefixtures("_extension")
@@ -114,6 +114,73 @@ def test_empty_batch_and_rank_zero(lora_path):
     torch.testing.assert_close(gB, torch.zeros_like(gB))  # no rows: no gradient, not garbage
     with pytest.raises(RuntimeError, match="rank must be >= 1"):
         lora_b_linear(*make_inputs((3,), 8, 8, 1)[:3], torch.zeros(0, 8), torch.zeros(8, 0), 1.0)
+
+
+def test_a_layer_with_no_features_is_refused_by_every_entry():
+    """out = 0 made the backward's row check divide by zero (SIGFPE: the process died, no traceback);
+    in = 0 failed in a reshape. Now one message, from the wrapper and from the raw ops; run in a child
+    so that a crash is a failed test, not a dead test session."""
+    code = """
+import torch, segpcl_fast.ops.lora_linear as L
+from segpcl_fast.ops import dispatch
+dispatch.set_backend("cpp")
+msgs = []
+for n_in, out in ((8, 0), (0, 8)):
+    x, W, A, B = torch.randn(3, n_in), torch.randn(out, n_in), torch.randn(2, n_in), torch.randn(out, 2)
+    for call in (lambda: L.lora_b_linear(x, W, None, A, B.requires_grad_(), 1.0),
+                 lambda: torch.ops.segpcl.lora_b_linear_fwd(x, W, None, A, B, 1.0),
+                 lambda: torch.ops.segpcl.lora_b_linear_bwd(torch.randn(3, out), torch.randn(3, 2), W, A, B,
+                                                            1.0, True, True)):
+        try:
+            call()
+            msgs.append("no error")
+        except RuntimeError as exc:
+            msgs.append(str(exc).splitlines()[0])
+print("\\n".join(msgs))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().split("\n")
+    assert len(lines) == 6, proc.stdout
+    assert all("a layer needs at least one input and one output feature" in line for line in lines), lines
+
+
+def test_u_is_not_differentiable_and_its_gradient_is_not_materialised():
+    """u = x A^T is returned for the backward only. A gradient through it was silently dropped
+    (grad of u.sum() w.r.t. x came out zero), and each backward made an (N, r) zeros tensor for it."""
+    x, weight, bias, lora_A, lora_B = make_inputs((5,), 24, 40, 4)
+    y, u = torch.ops.segpcl.lora_b_linear_fwd(x, weight, bias, lora_A, lora_B, 0.5)
+    assert y.requires_grad and not u.requires_grad
+    ran = backward_ops(y)
+    assert "segpcl.lora_b_linear_bwd.default" in ran
+    assert not any("zeros" in name or "fill" in name for name in ran), ran
+
+
+def test_the_ops_name_the_module_of_their_fake_kernels():
+    """A process that loads _C but not segpcl_fast (torch.ops.load_library, torch.export.load) gets
+    torch's message naming segpcl_fast.ops._ext (TORCH_LIBRARY's set_python_module), not 'unsupported'."""
+    from segpcl_fast.ops import _ext
+    code = f"""
+import sys, torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+torch.ops.load_library({_ext._C.__file__!r})
+assert "segpcl_fast" not in sys.modules
+args = lambda: (torch.randn(4, 8), torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+try:
+    with FakeTensorMode():
+        torch.ops.segpcl.lora_b_linear_fwd(*args())
+except Exception as exc:
+    print("before:", str(exc.__context__ or exc).replace(chr(10), " "))
+import segpcl_fast.ops._ext
+with FakeTensorMode():
+    y, u = torch.ops.segpcl.lora_b_linear_fwd(*args())
+print("after:", tuple(y.shape), tuple(u.shape))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = proc.stdout.strip().splitlines()
+    assert "import the 'segpcl_fast.ops._ext' Python module" in before, before
+    assert after == "after: (4, 6) (4, 2)"
 
 
 def test_grad_flags_skip_unneeded_grads(lora_path):

@@ -120,3 +120,26 @@ def test_cuda_bf16_keeps_small_updates_at_least_as_well_as_the_reference(bscale,
     ours, ref = small_update_slopes(lora_b_linear, lora_b_linear_reference, bscale, device="cuda")
     assert dispatch.last_choice()["lora_b_linear"] == "cpp"
     assert ref - 0.02 <= ours <= 1.02, (ours, ref)
+
+
+def test_cuda_fused_backward_is_flagged_nondeterministic(monkeypatch):
+    """The fused kernel adds with float atomics: deterministic mode must hear of it; merged must not."""
+    args = make_inputs((300,), 64, 96, 8, device="cuda")
+    try:
+        torch.use_deterministic_algorithms(True)
+        set_paths(monkeypatch, "merged", "fused")
+        with pytest.raises(RuntimeError, match="SEGPCL_LORA_BWD=fused"):
+            forward_backward(lora_b_linear, *args, 0.5)
+        set_paths(monkeypatch, "merged", "merged")
+        forward_backward(lora_b_linear, *make_inputs((300,), 64, 96, 8, device="cuda"), 0.5)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_cuda_raw_op_with_x_on_another_device_names_the_devices():
+    """The CUDAGuard used to come before the argument checks: x on the CPU with CUDA weights failed in
+    the guard ('non-CUDA DeviceType') instead of naming the devices."""
+    x, weight, bias, lora_A, lora_B = make_inputs((5,), 24, 40, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="all tensors must be on x's device"):
+        torch.ops.segpcl.lora_b_linear_fwd(torch.ones(5, 24), weight, bias, lora_A,
+                                            lora_B, 0.5)

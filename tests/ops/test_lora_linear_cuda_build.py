@@ -48,5 +48,7 @@ def test_arch_flags_parse_the_arch_list():
 
     assert arch_flags("8.9;9.0") == ["-gencode", "arch=compute_89,code=sm_89",
                                      "-gencode", "arch=compute_90,code=sm_90"]
+    assert arch_flags("9.0+PTX") == ["-gencode", "arch=compute_90,code=sm_90",
+                                     "-gencode", "arch=compute_90,code=compute_90"]
     with pytest.raises(ValueError, match="no CUDA arch"):
         arch_flags(" ; ")

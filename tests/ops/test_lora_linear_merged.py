@@ -9,7 +9,7 @@ import torch
 from segpcl_fast.ops import _ext, dispatch, lora_linear
 from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_merged, lora_b_linear_reference
 
-from lora_cases import (check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
+from lora_cases import (backward_ops, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
                         small_update_slopes, upcast)
 
 SHAPES = [((3, 5), 24, 40, 4), ((7,), 40, 24, 4), ((2, 150), 32, 96, 8), ((), 16, 16, 2)]
@@ -92,6 +92,16 @@ def test_frozen_B_is_one_gemm_and_saves_no_activation():
     (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_makes_no_zeros_for_u():
+    """u is marked non-differentiable and grads are not materialised: each backward made an (N, r)
+    zeros tensor for u's gradient; and B's gradient is scaled in the GEMM (addmm alpha), not after."""
+    x, weight, bias, lora_A, lora_B = make_inputs((5,), 24, 40, 4)
+    ran = backward_ops(lora_b_linear_merged(x, weight, bias, lora_A, lora_B, 0.5))
+    assert "aten.addmm.default" in ran
+    assert not any("zeros" in name or "fill" in name or name.startswith("aten.mul") for name in ran), ran
+    assert lora_B.grad is not None and x.grad is not None
 
 
 def test_saves_u_not_x():
