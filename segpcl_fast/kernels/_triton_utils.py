@@ -7,6 +7,7 @@ them on CPU tensors through Triton's interpreter (tests/kernels/conftest.py does
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -32,6 +33,14 @@ def can_run_triton(*tensors: torch.Tensor) -> bool:
     if all(t.is_cuda for t in tensors):
         return True
     return interpret_mode() and all(t.device.type == "cpu" for t in tensors)
+
+
+def launch_device(t: torch.Tensor):
+    """Context for a kernel launch on t's device: Triton launches on the *current* GPU and its current
+    stream, and checks only that a pointer is a GPU address, not which GPU's. Without this, tensors
+    on cuda:1 while cuda:0 is current (run.device=cuda:1 in one process) were read by a kernel on
+    cuda:0's stream: an illegal access without peer access, unordered stale reads with it."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def refuse_double_backward(op: str) -> None:
@@ -72,6 +81,10 @@ def check_can_run(op: str, *tensors: torch.Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError(f"segpcl::{op}: triton is not installed; `pip install triton` or use the "
                            "reference backend (segpcl_fast.ops.set_backend('reference'))")
+    if len({t.device for t in tensors}) > 1:
+        devices = [str(t.device) for t in tensors]
+        raise RuntimeError(f"segpcl::{op}: all tensors must be on one device, got {devices}; move them to one "
+                           "device (.to(x.device))")
     if not can_run_triton(*tensors):
         devices = sorted({str(t.device) for t in tensors})
         raise RuntimeError(f"segpcl::{op}: the Triton kernel needs CUDA tensors (or CPU tensors with "

@@ -28,7 +28,7 @@ is undefined (NaN or inf). The reference gives the same NaNs. 0 anchors give NaN
 nothing, as torch.mean). Any column count runs fused. float64 runs on the reference, in float64.
 
 Contents: `anchor_kl_reference` (the spec), the Triton kernel and launcher, and the custom op
-`segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob) -> (kl_rows (A,), dkl_dz (A, C))`
+`segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob) -> (kl_rows (A,), dkl_dz (A, C))`, both fp32
 with fake + autograd; `anchor_kl_fused` turns it into the scalar loss.
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, compute_dtype, lazy_jit, next_pow2, refuse_double_backward,
-                            rows_per_program, store_dtype)
+from ._triton_utils import (cdiv, check_can_run, compute_dtype, launch_device, lazy_jit, next_pow2,
+                            refuse_double_backward, rows_per_program)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -211,7 +211,8 @@ def tile_warps(rows: int, n_cols: int) -> int:
 def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
                      teacher_is_logprob: bool = False, rows: int | None = None,
                      chunk_cols: int | None = None, num_warps: int | None = None):
-    """Launch a kernel: (kl_rows fp32 (A,), dkl_dz (A, C) in z_S's dtype).
+    """Launch a kernel: (kl_rows (A,), dkl_dz (A, C)), both fp32 (the backward scales dkl_dz by the
+    incoming gradient, then rounds once to z_S's dtype).
 
     Rows up to SINGLE_BLOCK_COLS wide run as one tile each, wider ones in chunks of CHUNK_COLS;
     `chunk_cols` (a power of two) forces the chunked kernel with that chunk, `rows` the rows per
@@ -225,23 +226,26 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
     zs = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
     zt = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     kl = torch.empty(n_rows, dtype=torch.float32, device=zs.device)
-    dz = torch.empty((n_rows, n_cols), dtype=store_dtype(zs.dtype), device=zs.device)
+    dz = torch.empty((n_rows, n_cols), dtype=torch.float32, device=zs.device)
     if n_rows == 0 or n_cols == 0:
-        return kl.zero_(), dz.to(zs.dtype)
+        return kl.zero_(), dz
     if chunk_cols is None and next_pow2(n_cols) <= SINGLE_BLOCK_COLS:
         block_c = next_pow2(n_cols)
         rows = rows or tile_rows(n_rows, n_cols)
-        _anchor_kl_kernel[(cdiv(n_rows, rows),)](
-            zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
-            TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
-            num_warps=num_warps or tile_warps(rows, n_cols))
+        with launch_device(zs):
+            _anchor_kl_kernel[(cdiv(n_rows, rows),)](
+                zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
+                TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
+                num_warps=num_warps or tile_warps(rows, n_cols))
     else:
         block_c = chunk_cols or CHUNK_COLS
         rows = rows or rows_per_program(n_rows, n_cols, gpu_tile_elems=1)  # one row per program on a GPU
-        _anchor_kl_chunked_kernel[(cdiv(n_rows, rows),)](
-            zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
-            TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c, num_warps=num_warps or 4)
-    return kl, dz.to(zs.dtype)
+        with launch_device(zs):
+            _anchor_kl_chunked_kernel[(cdiv(n_rows, rows),)](
+                zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
+                TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
+                num_warps=num_warps or 4)
+    return kl, dz
 
 
 # ---------------------------------------------------------------- torch.library registration
@@ -256,19 +260,24 @@ def anchor_kl_rows_op(student_logits: torch.Tensor, teacher: torch.Tensor, tau: 
 def _anchor_kl_rows_fake(student_logits, teacher, tau, teacher_is_logprob):
     n_rows, n_cols = student_logits.shape
     kl = student_logits.new_empty((n_rows,), dtype=torch.float32)
-    return kl, student_logits.new_empty((n_rows, n_cols))
+    return kl, student_logits.new_empty((n_rows, n_cols), dtype=torch.float32)
 
 
 def _anchor_kl_setup_context(ctx, inputs, output):
+    ctx.student_dtype = inputs[0].dtype
+    ctx.mark_non_differentiable(output[1])  # the gradient itself, for the backward: not differentiable
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
-def _anchor_kl_backward(ctx, grad_kl, grad_dz):
-    """d loss / d z_S = grad_kl[a] * dkl_dz[a]: the gradient was computed in the forward pass (so it has
-    no graph of its own: no double backward)."""
+def _anchor_kl_backward(ctx, grad_kl, _grad_dz):
+    """d loss / d z_S = grad_kl[a] * dkl_dz[a], in fp32, rounded once to z_S's dtype: the gradient was
+    computed in the forward pass (so it has no graph of its own: no double backward)."""
+    if grad_kl is None:
+        return None, None, None, None
     refuse_double_backward("anchor_kl (Triton)")
     (dkl_dz,) = ctx.saved_tensors
-    grad_student = (grad_kl[:, None] * dkl_dz).to(dkl_dz.dtype)
+    grad_student = (grad_kl.float()[:, None] * dkl_dz).to(ctx.student_dtype)
     return grad_student, None, None, None
 
 

@@ -16,7 +16,9 @@ memory from Triton's metadata, and checked against what would make its launch fa
 - registers x threads over the 64 Ki register file;
 - a grid over CUDA's limits (2^31 - 1 programs on axis 0, 65535 on axes 1 and 2).
 
-Spilled bytes are reported, not failed (a spill is slow, not wrong). Exit status 0 only when every
+Local memory ("spill B") and the stack frame ("stack B", where ptxas puts spilled registers; cuobjdump
+counts them there, not as LOCAL) are reported, with a WARN line per kernel with a stack frame, not
+failed (a spill is slow, not wrong). Exit status 0 only when every
 kernel compiles and fits on every arch. Archs with a row of limits: sm_80, sm_86, sm_89, sm_90;
 any other is refused, not guessed. Binding goes through Triton's internal
 `create_function_from_signature` and `JITFunction._pack_args` (Triton 3.x, checked on 3.8;
@@ -346,8 +348,8 @@ def _name(dtype: torch.dtype) -> str:
 
 def table(results: list[Compiled]) -> str:
     """One line per distinct compiled kernel and arch, and the cases that failed."""
-    lines = [f"{'kernel':<26} {'arch':>5} {'warps':>5} {'regs':>4} {'spill B':>7} {'shared B':>8} {'occ':>4}  "
-             "constexprs; pointer types"]
+    lines = [f"{'kernel':<26} {'arch':>5} {'warps':>5} {'regs':>4} {'spill B':>7} {'stack B':>7} {'shared B':>8} "
+             f"{'occ':>4}  constexprs; pointer types"]
     distinct = {}
     for r in results:
         if r.kernel != "(launcher)":
@@ -357,7 +359,12 @@ def table(results: list[Compiled]) -> str:
                                                       r.num_warps)):
         consts = " ".join(f"{k}={v}" for k, v in r.constexprs.items())
         lines.append(f"{r.kernel:<26} {'sm_' + str(r.arch):>5} {r.num_warps:>5} {r.registers:>4} {r.spill_bytes:>7} "
-                     f"{r.shared_bytes:>8} {r.occupancy:>4.0%}  {consts}; {r.pointers}")
+                     f"{r.stack_bytes:>7} {r.shared_bytes:>8} {r.occupancy:>4.0%}  {consts}; {r.pointers}")
+    for r in sorted(distinct.values(), key=lambda r: (r.kernel, r.arch, json.dumps(r.constexprs))):
+        if r.stack_bytes > 0:  # ptxas puts spilled registers in the stack frame: slow, not wrong
+            consts = " ".join(f"{k}={v}" for k, v in r.constexprs.items())
+            lines.append(f"WARN {r.kernel} sm_{r.arch} {consts}: {r.stack_bytes} B stack frame per thread "
+                         "(registers spilled there: a smaller tile or more warps)")
     for r in results:
         for problem in r.problems:
             lines.append(f"FAIL {r.case}: {r.kernel} sm_{r.arch}: {problem}")

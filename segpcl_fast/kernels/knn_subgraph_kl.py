@@ -36,7 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, lazy_jit, next_pow2,
+from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, launch_device, lazy_jit, next_pow2,
                             refuse_double_backward, store_dtype)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
@@ -191,10 +191,11 @@ def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_pro
     if roots_per_program is None:
         roots_per_program = cdiv(n_roots, 4) if interpret_mode() else 1
     grid = (cdiv(n_roots, roots_per_program),)
-    _knn_kl_fwd_kernel[grid](emb_c, roots.contiguous(), neighbors.contiguous(), ref_logprob.float().contiguous(),
-                             kl, g, g_root, n_roots, k, d, emb_c.stride(0), float(tau),
-                             ROOTS=roots_per_program, BLOCK_K=block_k, BLOCK_D=block_d,
-                             num_warps=4 if block_k * block_d <= 4096 else 8)
+    with launch_device(emb):
+        _knn_kl_fwd_kernel[grid](emb_c, roots.contiguous(), neighbors.contiguous(), ref_logprob.float().contiguous(),
+                                 kl, g, g_root, n_roots, k, d, emb_c.stride(0), float(tau),
+                                 ROOTS=roots_per_program, BLOCK_K=block_k, BLOCK_D=block_d,
+                                 num_warps=4 if block_k * block_d <= 4096 else 8)
     return kl, g, g_root
 
 
@@ -213,9 +214,11 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root):
     emb_c = emb if emb.stride(-1) == 1 else emb.contiguous()
     out = torch.empty(emb.shape, dtype=store_dtype(emb.dtype), device=emb.device)  # every row is written
     rows = cdiv(n_rows, 4) if interpret_mode() else 1
-    _knn_kl_bwd_kernel[(cdiv(n_rows, rows),)](
-        row_start, source, grad_kl.float().contiguous(), g_root, g, emb_c, roots.contiguous(), out,
-        n_rows, n_roots, k, d, emb_c.stride(0), out.stride(0), ROWS=rows, BLOCK_D=next_pow2(d), num_warps=4)
+    with launch_device(emb):
+        _knn_kl_bwd_kernel[(cdiv(n_rows, rows),)](
+            row_start, source, grad_kl.float().contiguous(), g_root.contiguous(), g.contiguous(), emb_c,
+            roots.contiguous(), out, n_rows, n_roots, k, d, emb_c.stride(0), out.stride(0), ROWS=rows,
+            BLOCK_D=next_pow2(d), num_warps=4)
     return out.to(emb.dtype)
 
 
@@ -250,10 +253,14 @@ def _knn_backward_fake(grad_kl, emb, roots, neighbors, g, g_root):
 def _knn_setup_context(ctx, inputs, output):
     emb, roots, neighbors, _, _ = inputs
     _, g, g_root = output
+    ctx.mark_non_differentiable(g, g_root)  # intermediates for the backward, not outputs to differentiate
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(emb, roots, neighbors, g, g_root)
 
 
-def _knn_backward(ctx, grad_kl, grad_g, grad_g_root):
+def _knn_backward(ctx, grad_kl, _grad_g, _grad_g_root):
+    if grad_kl is None:
+        return None, None, None, None, None
     refuse_double_backward("knn_subgraph_kl (Triton)")  # the backward kernel has no autograd of its own
     emb, roots, neighbors, g, g_root = ctx.saved_tensors
     grad_emb = torch.ops.segpcl.knn_subgraph_kl_backward(grad_kl, emb, roots, neighbors, g, g_root)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import cdiv, check_can_run, compute_dtype, interpret_mode, lazy_jit, next_pow2, store_dtype
+from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, launch_device, lazy_jit, next_pow2,
+                            store_dtype)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -111,6 +112,10 @@ def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | Non
                     block: int | None = None) -> torch.Tensor:
     """Launch the kernel; writes into `out` (contiguous, may be x_adv itself) or a new tensor."""
     check_can_run("pgd_step", x_adv, grad, x0)
+    devices = {t.device for t in (x_adv, gamma, eps, lo, hi)}
+    if len(devices) > 1:
+        raise RuntimeError(f"segpcl::pgd_step: gamma, eps, lo and hi must be on x_adv's device {x_adv.device}, got "
+                           f"{sorted(map(str, devices))}")
     x_adv_c, grad_c, x0_c = x_adv.contiguous(), grad.contiguous(), x0.contiguous()
     dtype = store_dtype(x_adv.dtype)
     if out is not None and out.dtype == dtype:
@@ -123,8 +128,9 @@ def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | Non
     if x_adv.numel() > 0:
         block_size = _block_size(hw, block)
         grid = (n * channels, cdiv(hw, block_size))
-        _pgd_step_kernel[grid](x_adv_c, grad_c, x0_c, buffer, *params, hw, channels,
-                               BLOCK=block_size, num_warps=4 if block_size <= 2048 else 8)
+        with launch_device(x_adv):
+            _pgd_step_kernel[grid](x_adv_c, grad_c, x0_c, buffer, *params, hw, channels,
+                                   BLOCK=block_size, num_warps=4 if block_size <= 2048 else 8)
     if buffer is out:
         return out
     if out is None:
