@@ -17,5 +17,9 @@ from .version import __version__
 _LAZY = {"ContinualClassifier": ".classifier", "load_classifier": ".classifier", "load_model": ".model.clip"}
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
+
+def __dir__() -> list[str]:  # the lazy names too (tab completion, dir())
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = ["__version__", "Config", "load_config", "save_config", "make_config", "train", "evaluate",
            "ablate", "load_model", "load_classifier", "ContinualClassifier"]

@@ -1,6 +1,7 @@
 """Public entry points: train(config | **overrides) -> Result, evaluate(run_dir) -> dict, ablate(...)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -10,6 +11,40 @@ from .config import (Config, ConfigError, apply_overrides, check_data_root, chec
                      config_from_dict, kwargs_to_overrides, load_config, map_kwargs)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
+
+
+def override_list(overrides: Union[str, Sequence[str], None]) -> list[str]:
+    """Overrides as a list: one string ("run.device=cpu") is one override, not a sequence of characters."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return [overrides]
+    if not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"overrides are 'key=value' strings, got {list(overrides)!r}")
+    return list(overrides)
+
+
+@contextlib.contextmanager
+def process_state_kept():
+    """What a Trainer sets for its run (ops backend, torch threads, the torch / numpy / random seeds),
+    given back afterwards: for calls that only read a run (evaluate)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from . import ops
+    backend, threads = ops.get_backend(), torch.get_num_threads()
+    np_state, py_state = np.random.get_state(), random.getstate()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        ops.set_backend(backend)
+        torch.set_num_threads(threads)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 def make_config(config: ConfigLike = None, overrides: Optional[Sequence[str]] = None, **kwargs: Any) -> Config:
@@ -28,7 +63,7 @@ def make_config(config: ConfigLike = None, overrides: Optional[Sequence[str]] = 
     else:
         raise ConfigError(f"config must be a Config, dict, YAML path or preset name, got {type(config).__name__}")
     if overrides:
-        cfg = apply_overrides(cfg, list(overrides))
+        cfg = apply_overrides(cfg, override_list(overrides))
     if kwargs:  # every bad keyword in one error: the unknown ones and the values of the known ones
         mapped, problems = map_kwargs(kwargs)
         try:
@@ -108,7 +143,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         runs = ckpt.runs_below(run_dir)
         raise FileNotFoundError(f"{cfg_path} not found: evaluate() takes the output_dir of a train() run"
                                 + (f"; runs below it: {', '.join(runs)}" if runs else ""))
-    strings, keyed = list(overrides or []), kwargs_to_overrides(kwargs)
+    strings, keyed = override_list(overrides), kwargs_to_overrides(kwargs)
     for key in [change.split("=", 1)[0].strip() for change in strings] + list(keyed):
         if key not in EVALUATE_OVERRIDABLE:
             raise ConfigError(f"evaluate() cannot override '{key}': it would not be the run that was trained; "
@@ -120,13 +155,14 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     last = ckpt.find_last_checkpoint(run_dir)
     if last is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")
-    trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)
-    state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
-                                 defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
-    ckpt.check_class_names(last, state, trainer.scenario.class_names)
-    trainer.model.load_state_dict(state["lora"], strict=False)
-    trainer.learner.load_state_dict(state["learner"])
-    counts = trainer.evaluate_seen(state["task"])
+    with process_state_kept():  # the caller's ops backend, threads and random streams are left as they were
+        trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)
+        state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
+                                     defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
+        ckpt.check_class_names(last, state, trainer.scenario.class_names)
+        trainer.model.load_state_dict(state["lora"], strict=False)
+        trainer.learner.load_state_dict(state["learner"])
+        counts = trainer.evaluate_seen(state["task"])
     return {"task": state["task"] + 1,
             "acc_per_task_j": [percent(c, n) for c, _, n in counts],
             "acc": percent(sum(c for c, _, _ in counts), sum(n for _, _, n in counts))}

@@ -37,13 +37,14 @@ import copy
 import logging
 import os
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .config import config_from_dict
+from .config import ConfigError, apply_overrides, config_from_dict
 from .data.transforms import clip_test_transform
 from .fileio import UnsafeFileError, atomic_path, load_torch_file, unwritable_dir_reason
 from .method.prototypes import dual_path_logits
@@ -71,6 +72,8 @@ class ContinualClassifier:
     prototypes: torch.Tensor  # (C, D) p_c, raw-feature prototypes
     beta: float  # weight of the prototype path (0 = CLIP path only)
     task: int  # tasks learned (1-based)
+    _warned_unnormalised: bool = field(default=False, init=False, repr=False)
+
     def __post_init__(self):
         n = len(self.class_names)
         if self.text.shape[0] != n or self.prototypes.shape[0] != n:
@@ -98,6 +101,11 @@ class ContinualClassifier:
         self._check_batch(images, "logits()")
         if images.shape[0] == 0:
             return torch.empty(0, len(self.class_names), device=self.device)
+        if not self._warned_unnormalised and images.min() >= 0 and images.max() <= 1:
+            self._warned_unnormalised = True  # CLIP-normalised images are practically always partly negative
+            warnings.warn("logits() got a batch with every value in [0, 1]: it looks like ToTensor() output, not "
+                          "normalised by clf.transform (the CLIP mean and std); predictions on it are poor. Pass "
+                          "clf.transform(image) per image, or paths / PIL images to predict()", stacklevel=3)
         self.model.eval()
         # fp32 in, as the transform gives it; the image tower then runs at the run's precision
         raw, emb = self.model.encode_image(images.to(self.device, torch.float32))
@@ -118,13 +126,26 @@ class ContinualClassifier:
                              f"(its test transform's output); pass paths or PIL images to predict(), or "
                              f"clf.transform each image first")
 
-    def load_images(self, images: Sequence) -> torch.Tensor:
-        """Paths or PIL images -> one transformed batch."""
+    @staticmethod
+    def image_items(images, who: str = "load_images()") -> list:
+        """Paths, folders (their image files, sorted) and PIL images, one alone or in a list, as a flat
+        list of paths and PIL images."""
+        from PIL import Image
+        if type(images).__module__ == "numpy":
+            raise TypeError(f"{who} got a numpy array: pass PIL images (PIL.Image.fromarray(a) per HxWx3 uint8 image), "
+                            "paths, or a (B, 3, H, W) tensor already through clf.transform")
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        return [p for item in images for p in (image_paths([item]) if isinstance(item, (str, os.PathLike)) else [item])]
+
+    def load_images(self, images) -> torch.Tensor:
+        """Paths, folders or PIL images (one alone, or a list) -> one transformed batch (B, 3, S, S);
+        no images give a (0, 3, S, S) batch."""
         from PIL import Image
 
         from .data.base import DatasetFormatError, read_rgb
         batch = []
-        for item in images:
+        for item in self.image_items(images):
             if isinstance(item, (str, os.PathLike)):
                 path = Path(item)
                 if not path.is_file():
@@ -139,6 +160,9 @@ class ContinualClassifier:
                 raise TypeError(f"predict() takes image paths, folders, PIL images or a (B, 3, H, W) tensor "
                                 f"(through clf.transform), got a list holding {type(item).__name__}")
             batch.append(self.transform(item))
+        if not batch:
+            size = self.model.image_stats.size
+            return torch.empty(0, 3, size, size)
         return torch.stack(batch)
 
     def predict(self, images: Union[torch.Tensor, Sequence, PathLike], topk: int = 1,
@@ -150,20 +174,13 @@ class ContinualClassifier:
         skip_unreadable: a file that cannot be read as an image gives None in its place (and a logged
         warning) instead of stopping the whole call with a ClassifierError.
         """
-        from PIL import Image
         for name, value in (("topk", topk), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-        if type(images).__module__ == "numpy":
-            raise TypeError("predict() got a numpy array: pass PIL images (PIL.Image.fromarray(a) per HxWx3 "
-                            "uint8 image), paths, or a (B, 3, H, W) tensor already through clf.transform")
-        if isinstance(images, (str, os.PathLike, Image.Image)):
-            images = [images]
         if isinstance(images, torch.Tensor):
             self._check_batch(images, "predict()")
         else:
-            images = [p for item in images
-                      for p in (image_paths([item]) if isinstance(item, (str, os.PathLike)) else [item])]
+            images = self.image_items(images, "predict()")
         topk = min(topk, len(self.class_names))
         results = []
         for i in range(0, len(images), batch_size):
@@ -246,31 +263,54 @@ def image_paths(items: Sequence[PathLike]) -> list[str]:
     return paths
 
 
+# where a run's pretrained weights now lie (the same weights: checked against the stored reference
+# text embeddings); model.pretrained only when the run named a file (a moved file, not other weights)
+CLASSIFIER_OVERRIDABLE = ("model.cache_dir", "model.pretrained")
+
+
 def load_classifier(source: PathLike, task: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-                    class_names: Optional[Sequence[str]] = None) -> ContinualClassifier:
+                    class_names: Optional[Sequence[str]] = None,
+                    overrides: Union[str, Sequence[str], None] = None) -> ContinualClassifier:
     """A classifier from a run directory (its last finished task, or `task`, 1-based), one of its
     checkpoints (checkpoints/task_NN.pt) or a file written by ContinualClassifier.export.
 
-    The run's model is rebuilt from its config (model.name / model.pretrained: the pretrained weights
-    must be where the run found them) and checked against the checkpoint's reference text
-    embeddings. class_names: only for checkpoints written before they were stored (the run's class
-    order); by default they come from the checkpoint.
+    The run's model is rebuilt from its config (model.name / model.pretrained) and checked against
+    the checkpoint's reference text embeddings. The pretrained weights must be where the run found
+    them, or `overrides` say where they lie now: "model.cache_dir=/new/hf_cache", or, for a run that
+    named a weights file, "model.pretrained=/new/path/weights.pt" (CLI: --set). class_names: only for
+    checkpoints written before they were stored (the run's class order); by default they come from the
+    checkpoint. An export holds its weights and class names: neither applies to it.
     """
+    if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task < 1):
+        raise ClassifierError(f"task must be a whole number >= 1 (1-based; --task), got {task!r}")
+    if isinstance(class_names, str):
+        raise ClassifierError(f"class_names must be a list of names, got one string {class_names!r}")
+    from .api import override_list
+    overrides = override_list(overrides)
+    for change in overrides:
+        if change.split("=", 1)[0].strip() not in CLASSIFIER_OVERRIDABLE:
+            raise ClassifierError(f"load_classifier cannot override '{change}': it may set only where the run's "
+                                  f"pretrained weights now lie ({', '.join(CLASSIFIER_OVERRIDABLE)})")
     device = _available_device(device)  # before any file is read or weights load
     source = Path(source)
     if source.is_dir():
         path = _run_checkpoint(source, task)
     elif source.is_file():
         if task is not None:
-            raise ClassifierError(f"task={task} selects a checkpoint of a run directory; {source} is one file")
+            raise ClassifierError(f"task={task} (--task {task}) selects a checkpoint of a run directory; {source} "
+                                  f"is one file")
         path = source
     else:
         raise FileNotFoundError(f"{source} does not exist: give a run directory (train's output_dir), "
                                 f"a checkpoint file or an exported classifier")
     state = _read(path)
     if state.get("format") == EXPORT_FORMAT:
+        if class_names is not None or overrides:
+            given = "class_names" if class_names is not None else f"overrides {overrides}"
+            raise ClassifierError(f"{path} is an export: it holds its weights and class names, so {given} "
+                                  f"do not apply; load it without them")
         return _from_export(path, state, device)
-    return _from_checkpoint(path, state, device, class_names)
+    return _from_checkpoint(path, state, device, class_names, overrides)
 
 
 def _available_device(device: Union[str, torch.device]) -> torch.device:
@@ -279,6 +319,8 @@ def _available_device(device: Union[str, torch.device]) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ClassifierError(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "meta":
+        raise ClassifierError(f"device {device!r} holds no values to classify with; use cpu, cuda or cuda:N")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -333,7 +375,8 @@ def _read(path: Path) -> dict:
     return state
 
 
-def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequence[str]]) -> ContinualClassifier:
+def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequence[str]],
+                     overrides: Sequence[str] = ()) -> ContinualClassifier:
     from .data import format_prompts
     from .engine import checkpoint as ckpt
     if "config" not in state or "learner" not in state:
@@ -344,7 +387,21 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
         ckpt.check_run_config(path, state, "load_classifier (predict, export)")
     except ckpt.CheckpointError as e:
         raise ClassifierError(str(e)) from None
-    cfg = config_from_dict(state["config"])
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as e:  # most often a checkpoint of a newer segpcl_fast, whose config has keys this one lacks
+        written = state.get("segpcl_fast_version", "an unrecorded version")
+        raise ClassifierError(f"checkpoint {path} was written by segpcl_fast {written} and its config does not "
+                              f"load in this one ({__version__}): {e}; load it with the version that wrote it "
+                              f"(or upgrade segpcl_fast)") from None
+    if any(change.split("=", 1)[0].strip() == "model.pretrained" for change in overrides):
+        from .model.clip import names_a_file
+        if not names_a_file(cfg.model.pretrained):
+            raise ClassifierError(f"checkpoint {path}: the run's model.pretrained is {cfg.model.pretrained!r}, not a "
+                                  f"file: only a weights file that moved can be named anew (a tag's cache: "
+                                  f"model.cache_dir=...)")
+    if overrides:
+        cfg = apply_overrides(cfg, list(overrides))
     learner = state["learner"]
     n_seen = int(learner["n_seen"])
     names = list(class_names) if class_names is not None else state.get("class_names")
@@ -358,8 +415,14 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
         raise ClassifierError(f"{len(names)} class names for a checkpoint that has seen {n_seen} classes")
     names = list(names)[:n_seen]
     from .engine.trainer import build_model
-    with torch.random.fork_rng(devices=[]):  # build_model seeds torch: leave the caller's random stream alone
-        model, _ = build_model(cfg, torch.device(device))
+    from .model.clip import ModelLoadError, names_a_file
+    try:
+        with torch.random.fork_rng(devices=[]):  # build_model seeds torch: leave the caller's random stream alone
+            model, _ = build_model(cfg, torch.device(device))
+    except ModelLoadError as e:
+        key = "model.pretrained=/new/path" if names_a_file(cfg.model.pretrained) else "model.cache_dir=/new/cache"
+        raise ClassifierError(f"checkpoint {path}: the run's pretrained weights do not load here ({e}); if they "
+                              f"moved, say where: --set {key} (load_classifier(..., overrides=['{key}']))") from None
     # B = 0 here: the pretrained model, whose text embeddings the run stored as its reference
     with torch.no_grad():
         ref = model.class_embeddings(format_prompts(names, cfg.data.templates), device=device)

@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import ConfigError
@@ -365,8 +366,12 @@ def _add_analysis_parsers(sub) -> None:
 def cmd_predict(args) -> int:
     import json
     from .classifier import image_paths, load_classifier
-    clf = load_classifier(args.source, task=args.task, device=args.device)
-    paths = image_paths(args.images)
+    paths = image_paths(args.images)  # before the model loads: a mistyped path fails at once
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)"
+                                                                         if len(missing) > 1 else ""))
+    clf = load_classifier(args.source, task=args.task, device=args.device, overrides=args.overrides)
     predictions = clf.predict(paths, topk=args.topk, batch_size=args.batch_size,
                               skip_unreadable=args.skip_unreadable)
     if args.json:  # a skipped image: "top": null
@@ -384,7 +389,7 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from .classifier import check_export_path, load_classifier
     check_export_path(args.output)  # before the model loads
-    clf = load_classifier(args.source, task=args.task)
+    clf = load_classifier(args.source, task=args.task, overrides=args.overrides)
     path = clf.export(args.output)
     print(f"wrote {path}: {clf.model.name} with LoRA merged (plain open_clip weights), {len(clf.class_names)} "
           f"classes after task {clf.task}, text embeddings + prototypes (beta {clf.beta:g})")
@@ -402,13 +407,21 @@ def _add_classifier_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="an image file that cannot be read is reported and skipped (default: one error)")
+    _add_weights_location_arg(p)
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="write a trained run as one file: LoRA merged into plain open_clip weights, "
                                       "class names, text embeddings, prototypes")
     p.add_argument("source", help="run directory or checkpoint file")
     p.add_argument("--output", "-o", required=True, help="file to write (atomically)")
     p.add_argument("--task", type=positive_int, default=None, help="the model after this task (1-based; default last)")
+    _add_weights_location_arg(p)
     p.set_defaults(func=cmd_export)
+
+
+def _add_weights_location_arg(p) -> None:
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="where the run's pretrained weights now lie: model.cache_dir=DIR, or model.pretrained=FILE "
+                        "for a run that named a weights file (checked against the run's text embeddings)")
 
 
 def cmd_env(args) -> int:

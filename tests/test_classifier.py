@@ -237,7 +237,8 @@ def test_devices_damaged_checkpoints_and_folder_outputs_are_one_clear_error(run,
     assert main(["export", str(out), "-o", str(tmp_path / "file.txt" / "m.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("segpcl-fast: error:") and "file.txt" in err and "Traceback" not in err
-    assert main(["predict", str(out), str(tmp_path), "--device", "gpu"]) == 2
+    _images(1)[0].save(tmp_path / "a.png")
+    assert main(["predict", str(out), str(tmp_path / "a.png"), "--device", "gpu"]) == 2
     assert "unknown device 'gpu'" in capsys.readouterr().err
 
 
@@ -285,7 +286,8 @@ def test_no_file_is_unpickled_with_code(run, tmp_path, capsys):
         load_classifier(evil)
     with pytest.raises(ckpt.CheckpointError, match="holds Python objects .*not a checkpoint segpcl_fast wrote"):
         ckpt.load_checkpoint(evil)
-    assert main(["predict", str(evil), str(tmp_path)]) == 2
+    _images(1)[0].save(tmp_path / "a.png")
+    assert main(["predict", str(evil), str(tmp_path / "a.png")]) == 2
     assert "never unpickles code" in capsys.readouterr().err
     assert not marker.exists()
     # what the package writes loads under the same rule
@@ -386,3 +388,112 @@ def test_skip_unreadable_keeps_going_past_a_bad_file(run, tmp_path, capsys, capl
     rows = json.loads(capsys.readouterr().out)["predictions"]
     assert [r["top"] is None for r in rows] == [False, True, False]
     assert main(["predict", str(out), str(folder)]) == 2
+
+
+def test_load_images_takes_what_predict_takes(run, tmp_path):
+    """A single path was iterated character by character, a folder was 'not found', [] raised torch's
+    stack error and a PIL image alone was 'not iterable'."""
+    _, _, out = run
+    clf = load_classifier(out)
+    images = _images(2)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        img.save(folder / f"{i}.png")
+    expected = clf.load_images(images)
+    torch.testing.assert_close(clf.load_images(str(folder / "1.png")), expected[1:])
+    torch.testing.assert_close(clf.load_images(folder / "0.png"), expected[:1])
+    torch.testing.assert_close(clf.load_images([str(folder)]), expected)
+    torch.testing.assert_close(clf.load_images(images[1]), expected[1:])
+    size = clf.model.image_stats.size
+    assert clf.load_images([]).shape == (0, 3, size, size)
+    with pytest.raises(TypeError, match=r"load_images\(\) got a numpy array"):
+        clf.load_images(np.zeros((8, 8, 3), dtype=np.uint8))
+
+
+def test_an_unnormalised_batch_is_warned_about_once(run):
+    """ToTensor() output ([0, 1], not CLIP-normalised) classified silently badly."""
+    import warnings
+
+    _, _, out = run
+    clf = load_classifier(out)
+    batch = clf.load_images(_images(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clf.logits(batch)  # normalised: no warning
+    raw = torch.rand(2, 3, *batch.shape[2:])
+    with pytest.warns(UserWarning, match=r"every value in \[0, 1\]: it looks like ToTensor\(\) output"):
+        clf.predict(raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clf.logits(raw)  # once per classifier
+
+
+def test_arguments_of_the_wrong_kind_are_one_clear_error(run):
+    _, _, out = run
+    for task in ("2", 2.0, True, 0):
+        with pytest.raises(ClassifierError, match="task must be a whole number >= 1"):
+            load_classifier(out, task=task)
+    with pytest.raises(ClassifierError, match="class_names must be a list of names, got one string"):
+        load_classifier(out, class_names="abc")
+    with pytest.raises(ClassifierError, match="cannot override 'data.root=/x'"):
+        load_classifier(out, overrides=["data.root=/x"])
+    with pytest.raises(ClassifierError, match="holds no values"):
+        load_classifier(out, device="meta")
+    clf = load_classifier(out, overrides="model.cache_dir=/nowhere")  # random weights: no cache read; one string
+    assert clf.task == 2
+
+
+def test_an_export_refuses_class_names_and_weight_locations(run, tmp_path):
+    _, _, out = run
+    path = load_classifier(out).export(tmp_path / "m.pt")
+    with pytest.raises(ClassifierError, match="is an export: it holds its weights and class names, so class_names"):
+        load_classifier(path, class_names=["x"] * 10)
+    with pytest.raises(ClassifierError, match="so overrides"):
+        load_classifier(path, overrides=["model.cache_dir=/x"])
+
+
+def test_a_checkpoint_of_a_newer_version_names_both_versions(run, tmp_path):
+    from segpcl_fast import __version__
+    _, _, out = run
+    state = torch.load(ckpt.find_last_checkpoint(out), weights_only=True)
+    assert state["segpcl_fast_version"] == __version__  # recorded in every task checkpoint
+    state["config"]["run"]["a_key_of_the_future"] = 1
+    state["segpcl_fast_version"] = "9.0.0"
+    torch.save(state, tmp_path / "future.pt")
+    with pytest.raises(ClassifierError, match=rf"written by segpcl_fast 9.0.0 .* this one \({__version__}\).*"
+                                              r"a_key_of_the_future.*load it with the version that wrote it"):
+        load_classifier(tmp_path / "future.pt")
+
+
+def test_a_run_whose_weights_file_moved_loads_with_its_new_place(tiny_model_name, tmp_path, capsys, monkeypatch):
+    """predict and export could not be told where a run's weights file lies now (evaluate could)."""
+    import open_clip
+
+    weights = tmp_path / "w" / "tiny.pt"
+    weights.parent.mkdir()
+    torch.manual_seed(3)
+    torch.save(open_clip.create_model(tiny_model_name).state_dict(), weights)
+    cfg = make_config(model__name=tiny_model_name, model__pretrained=str(weights), max_train_per_class=2,
+                      max_test_per_class=2, num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=1,
+                      dpgd__k_seed=1, output_dir=str(tmp_path / "run"), progress=False, num_threads=1)
+    train(cfg)
+    before = load_classifier(tmp_path / "run")
+    image = tmp_path / "a.png"
+    _images(1)[0].save(image)
+    moved = weights.rename(tmp_path / "tiny_moved.pt")
+    with pytest.raises(ClassifierError, match=r"do not load here .*does not exist.*--set model.pretrained=/new/path"):
+        load_classifier(tmp_path / "run")
+    after = load_classifier(tmp_path / "run", overrides=[f"model.pretrained={moved}"])
+    torch.testing.assert_close(after.logits(after.load_images(image)), before.logits(before.load_images(image)))
+    torch.save(open_clip.create_model(tiny_model_name).state_dict(), tmp_path / "other.pt")  # other weights
+    with pytest.raises(ClassifierError, match="pretrained text embeddings of these class names differ"):
+        load_classifier(tmp_path / "run", overrides=[f"model.pretrained={tmp_path / 'other.pt'}"])
+    assert main(["predict", str(tmp_path / "run"), str(image), "--set", f"model.pretrained={moved}"]) == 0
+    assert str(image) in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "m.pt"), "-s", f"model.pretrained={moved}"]) == 0
+    # a mistyped image path fails before any model loads
+    import segpcl_fast.classifier as classifier_module
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "typo.png")]) == 2
+    assert "typo.png does not exist" in capsys.readouterr().err

@@ -206,3 +206,16 @@ def test_default_cli_run_uses_the_bundled_model_with_no_network(tmp_path, monkey
     assert res["config"]["model"]["pretrained"] == "segpcl-world"
     # the pretrained weights are in use: zero-shot forward transfer on task 2 is far above chance (1%)
     assert res["fwt_before"][1] > 10.0
+
+
+def test_bf16_drift_script_runs_and_shows_rounding_shrinking_with_the_update():
+    """scripts/bf16_lora_drift.py (RESULTS.md's table): the larger the LoRA update, the smaller
+    bf16's share of it and the closer d_bf16 points along d_fp32."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bf16_lora_drift.py"), "--images", "4",
+                           "--scales", "1e-4,1e-2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[-2:]]
+    (small_err, small_cos), (large_err, large_cos) = [(float(r[2]), float(r[3])) for r in rows]
+    assert small_err > 1 > large_err and small_cos < large_cos

@@ -27,6 +27,7 @@ from ..method.learner import Learner
 from ..method.variants import resolve_variant
 from ..model.clip import load_model
 from ..model.lora import inject_lora, lora_state_dict
+from ..version import __version__
 from . import accel
 from . import checkpoint as ckpt
 from . import compiling
@@ -184,6 +185,14 @@ class Trainer:
         _check_ops_backend(self.cfg.run.ops, self.device)
         self._previous_ops = ops.get_backend()  # run() gives it back: a run's backend does not outlive the run
         ops.set_backend(self.cfg.run.ops)
+        try:
+            self._build(compile_settings)
+        except BaseException:  # a bad data root, weights that do not load: no run() will give the backend back
+            ops.set_backend(self._previous_ops)
+            raise
+
+    def _build(self, compile_settings: Optional["compiling.CompileSettings"]) -> None:
+        """Data, model, learner (and compiled model, gradient sync) of the run."""
         _seed_everything(self.cfg.run.seed)
         c = self.cfg
         # the data is indexed before the model loads, so a bad data root fails before any weights
@@ -519,7 +528,7 @@ class Trainer:
                         f"(train {info['timings']['train_s']:.1f}s, stage1 {info['timings']['stage1_s']:.1f}s)")
             if c.run.checkpoint and main:
                 ckpt.save_task_checkpoint(self.out, t, {
-                    "task": t, "fingerprint": fingerprint, "config": c.to_dict(),
+                    "task": t, "fingerprint": fingerprint, "config": c.to_dict(), "segpcl_fast_version": __version__,
                     "lora": lora_state_dict(self.model), "learner": self.learner.state_dict(),
                     "class_names": list(self.scenario.class_names),  # ordered: logit column c = class c
                     "correct": correct.tolist(),

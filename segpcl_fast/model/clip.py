@@ -184,6 +184,14 @@ _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ---------------------------------------------------------------------- loading
 
+def names_a_file(pretrained: Optional[str]) -> bool:
+    """Whether model.pretrained names a local weights file (rather than an open_clip tag or none)."""
+    if not pretrained:
+        return False
+    path = Path(os.path.expanduser(pretrained))
+    return path.is_file() or os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
 def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optional[str]) -> Optional[str]:
     """Return what to hand to open_clip: None (random init), a local file path, or a cached tag."""
     import open_clip
@@ -201,8 +209,7 @@ def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optiona
     if path.is_dir():
         raise ModelLoadError(f"model.pretrained='{pretrained}' is a directory; give the checkpoint file "
                              f"inside it (e.g. {path / 'open_clip_pytorch_model.bin'})")
-    looks_like_path = os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-    if looks_like_path:
+    if names_a_file(pretrained):
         raise ModelLoadError(f"checkpoint file '{pretrained}' does not exist; give an existing file path "
                              f"or an open_clip pretrained tag for {name}")
     tags = [tag for model, tag in BUNDLED_WEIGHTS if model == name] + open_clip.list_pretrained_tags_by_model(name)

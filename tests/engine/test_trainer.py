@@ -90,6 +90,35 @@ def test_evaluate_reproduces_the_run_on_any_ops_path_and_refuses_other_keys(tiny
     assert f"{out['acc']:.2f}%" in capsys.readouterr().out
     assert main(["evaluate", str(tmp_path / "run"), "--set", "data.num_tasks=3"]) == 2
     assert "cannot override 'data.num_tasks'" in capsys.readouterr().err
+    # evaluate reads a run: the caller's ops backend, torch threads and random streams stay as they were
+    # (it left them set to the run's: later predict() calls in the process ran the reference ops)
+    import random
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fused_ops.set_backend("auto")
+        draws = lambda: (torch.rand(2).tolist(), np.random.rand(), random.random())  # noqa: E731
+        seed = lambda: (torch.manual_seed(123), np.random.seed(5), random.seed(7))  # noqa: E731
+        seed()
+        expected = draws()
+        seed()
+        evaluate(tmp_path / "run", ["run.num_threads=1"])
+        again = evaluate(tmp_path / "run", "run.ops=reference")  # one string: one override, not its characters
+        assert again["acc"] == out["acc"]
+        assert (fused_ops.get_backend(), torch.get_num_threads(), draws()) == ("auto", 2, expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_trainer_that_fails_to_build_gives_the_ops_backend_back(tiny_model_name, tmp_path):
+    from segpcl_fast import ops as fused_ops
+    from segpcl_fast.model.clip import ModelLoadError
+    cfg = small_config(tiny_model_name, tmp_path / "run")
+    cfg = apply_overrides(cfg, ["run.ops=reference", f"model.pretrained={tmp_path / 'gone' / 'weights.pt'}"])
+    with fused_ops.backend("auto"):
+        with pytest.raises(ModelLoadError, match="does not exist"):
+            Trainer(cfg)
+        assert fused_ops.get_backend() == "auto"
 
 
 def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path):
