@@ -252,7 +252,9 @@ for variant in compiled_fused compiled_reference eager_fused compiled_cpp_lora e
     echo "e2e variant $variant skipped: $(left) s of budget left (MIN_VARIANT_S=$MIN_VARIANT_S)" >&2
     continue
   fi
-  TRITON_INTERPRET=0 run_step "e2e-$variant" "$PYTHON" -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q \
+  # one matmul peak for every variant's MFU: the first variant measures it into this file, the rest read it
+  SEGPCL_BENCH_PEAK_FILE="$WORK/matmul_peak.json" TRITON_INTERPRET=0 \
+    run_step "e2e-$variant" "$PYTHON" -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q \
     -p no:cacheprovider -k "cuda and $variant" --benchmark-json="$WORK/bench_e2e_$variant.json" 2>&1 \
     | tee "$WORK/bench_e2e_$variant.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -135,6 +135,16 @@ def main(paths: list[str], table: Callable[[list[dict]], str] = summarize) -> in
     """Print `table` of the benchmarks in `paths` (the files that load); 0, or 1 with the reason on
     stderr when that gives no table at all (summarize_kernels.py and test_bench_e2e.py use it too)."""
     loaded = [load(path) for path in paths]
+    seen: dict[str, list[str]] = defaultdict(list)
+    for path, benchmarks in zip(paths, loaded):
+        for bench in benchmarks:
+            seen[bench.get("fullname", bench.get("name", "?"))].append(path)
+    repeated = {name: files for name, files in seen.items() if len(files) > 1}
+    if repeated:  # the op, LoRA and transform tables hold one row per benchmark: the last file's
+        name, files = next(iter(repeated.items()))
+        print(f"note: {len(repeated)} benchmark(s) appear in several files (e.g. {name} in {', '.join(files)}); "
+              f"the op, LoRA and transform tables show the last file's row of each, the e2e table every row; "
+              f"summarise one run per call to compare runs", file=sys.stderr)
     text = table([b for benchmarks in loaded for b in benchmarks])
     if not text:
         n_read = sum(1 for benchmarks in loaded if benchmarks)

@@ -22,6 +22,7 @@ classes, fp32. GPU: ViT-B/16 with random weights, batch 128 + 128 anchors, 90 ol
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -52,11 +53,21 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def matmul_peak():
+    """The MFU denominator, measured once per device per session. With SEGPCL_BENCH_PEAK_FILE set
+    (gpu_suite.sh: one pytest per variant), the first session measures and writes it there and the
+    later ones read it, so every variant's MFU is over the same peak."""
+    shared = os.environ.get("SEGPCL_BENCH_PEAK_FILE")
     measured = {}
+    if shared and os.path.isfile(shared):
+        with open(shared) as f:
+            measured = {device: float(flops) for device, flops in json.load(f).items()}
 
     def get(device: str) -> float:
         if device not in measured:
             measured[device] = matmul_peak_flops(device, SETUPS[device]["dtype"])
+            if shared:
+                from segpcl_fast.fileio import atomic_write_text
+                atomic_write_text(shared, json.dumps(measured))
         return measured[device]
     return get
 

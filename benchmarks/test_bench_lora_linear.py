@@ -120,10 +120,10 @@ def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
     x = torch.randn(n, N_IN, device=device, dtype=_dtype(device), requires_grad=True)
     g = torch.randn(n, N_OUT, device=device, dtype=_dtype(device))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    wrt = [x] + [p for p in layer.parameters() if p.requires_grad]
 
-    def step():
-        y = layer(x)
-        y.backward(g)
+    def step():  # autograd.grad, not backward: .grad would add up across rounds (an extra add per round)
+        torch.autograd.grad(layer(x), wrt, g)
         sync()
 
     with dispatch.backend("auto"):

@@ -92,6 +92,20 @@ def test_main_says_why_there_is_no_table(tmp_path, capsys):
     assert "no such file" in err and "stopped before" in err and "no table" not in err
 
 
+def test_a_benchmark_in_several_files_is_named_not_silently_dropped(tmp_path, capsys):
+    rows = [_bench("k", 0.004, op="anchor_kl", impl="triton", size="paper", device="cuda")]
+    files = []
+    for i, ms in enumerate((0.004, 0.002)):
+        rows[0]["stats"]["median"] = ms
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps({"benchmarks": rows}))
+    assert summary.main([str(f) for f in files]) == 0
+    out, err = capsys.readouterr()
+    assert "| triton | 2.000 |" in out  # the last file's row
+    assert f"1 benchmark(s) appear in several files (e.g. k in {files[0]}, {files[1]})" in err
+    assert summary.main([str(files[0])]) == 0 and "several files" not in capsys.readouterr().err
+
+
 def _run(script, *args):
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
                           check=False, capture_output=True, text=True, timeout=120)
