@@ -3,8 +3,9 @@
 `device_bandwidth(device)` (session fixture) measures, once per session and device, a
 device-to-device copy of a large buffer (best of several) and returns GB/s counting the bytes
 read plus the bytes written. `record_roofline(benchmark, bytes_moved, device, bandwidth)` (or the `roofline` fixture) puts
-the achieved GB/s of the op just benchmarked (bytes it must move / its median time) and that
-fraction of the measured bandwidth into benchmark.extra_info.
+the achieved GB/s of the op just benchmarked (bytes it must move / its median time: on CUDA its
+device time from CUDA events, `device_median_ms`, else the host-timed median) and that fraction
+of the measured bandwidth into benchmark.extra_info.
 """
 from __future__ import annotations
 
@@ -65,11 +66,32 @@ def median_seconds(benchmark) -> float | None:
     return stats.stats.median
 
 
-def record_roofline(benchmark, bytes_moved: int, device: str, bandwidth_gbs: float) -> None:
-    """extra_info: bytes_moved, achieved_GBps, device_copy_GBps, fraction_of_copy_bandwidth."""
+def device_median_ms(fn, device: str) -> float | None:
+    """On CUDA, fn's device time in ms: triton.testing.do_bench's median (CUDA events around each call,
+    L2 flushed before each, so neither host dispatch nor a cache-resident input is in it); None on
+    other devices or without triton. pytest-benchmark's own rounds are host-timed with a synchronize."""
+    if device != "cuda":
+        return None
+    try:
+        import triton.testing
+    except ImportError:
+        return None
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def record_roofline(benchmark, bytes_moved: int, device: str, bandwidth_gbs: float,
+                    device_ms: float | None = None) -> None:
+    """extra_info: bytes_moved, achieved_GBps, device_copy_GBps, fraction_of_copy_bandwidth; with
+    device_ms (CUDA events, `device_median_ms`) the GB/s are over it (timing="cuda events"), else over
+    the host-timed median (timing="host")."""
     benchmark.extra_info.update(bytes_moved=int(bytes_moved), device=device,
                                 device_copy_GBps=round(bandwidth_gbs, 2))
     seconds = median_seconds(benchmark)
+    if device_ms is not None:
+        benchmark.extra_info.update(device_ms=round(device_ms, 4), timing="cuda events")
+        seconds = device_ms / 1e3
+    elif seconds:
+        benchmark.extra_info.update(timing="host")
     if seconds:
         achieved = bytes_moved / seconds / 1e9
         benchmark.extra_info.update(achieved_GBps=round(achieved, 2),
@@ -78,9 +100,11 @@ def record_roofline(benchmark, bytes_moved: int, device: str, bandwidth_gbs: flo
 
 @pytest.fixture(scope="session")
 def roofline(device_bandwidth):
-    """`roofline(benchmark, bytes_moved, device)`: record_roofline against this session's measured bandwidth."""
-    def record(benchmark, bytes_moved: int, device: str) -> None:
-        record_roofline(benchmark, bytes_moved, device, device_bandwidth(device))
+    """`roofline(benchmark, bytes_moved, device, run=None)`: record_roofline against this session's
+    measured bandwidth; on CUDA `run` (the op without a synchronize) is timed with CUDA events too."""
+    def record(benchmark, bytes_moved: int, device: str, run=None) -> None:
+        device_ms = device_median_ms(run, device) if run is not None and median_seconds(benchmark) else None
+        record_roofline(benchmark, bytes_moved, device, device_bandwidth(device), device_ms)
     return record
 
 

@@ -8,7 +8,10 @@ backward (what a training step does). Sizes: "paper" (DPGD batch of 64 3x224x224
 "large" (roofline) on CUDA only. Triton runs on CUDA only (on CPU it exists only as the
 interpreter, which is for tests). extra_info holds the bytes each op must move (its inputs read
 once, its outputs written once; fp32), the achieved GB/s and the fraction of the device's
-measured copy bandwidth (benchmarks/conftest.py).
+measured copy bandwidth (benchmarks/conftest.py). pytest-benchmark's rounds are host-timed with a
+synchronize (launch-bound ops read their dispatch cost); on CUDA each op is also timed with CUDA
+events, L2 flushed between calls (extra_info device_ms, `triton.testing.do_bench`), and the GB/s
+and the summary's speed-ups are over that device time.
 """
 from __future__ import annotations
 
@@ -65,15 +68,18 @@ def test_pgd_step(benchmark, impl, size, device, roofline):
     fn = {"eager_reference": ops.pgd_step_reference, "compiled_reference": _compiled(ops.pgd_step_reference),
           "triton": ops.pgd_step}[impl]
 
-    def step():
+    def run():
         with torch.no_grad():
             fn(x_adv, grad, x0, *per_channel)
+
+    def step():
+        run()
         sync(device)
 
     with ops.backend("triton" if impl == "triton" else "reference"):
         benchmark.pedantic(step, **_rounds(device))
+        roofline(benchmark, 4 * x0.numel() * F32, device, run)
     benchmark.extra_info.update(op="pgd_step", impl=impl, size=size, shape=list(shape))
-    roofline(benchmark, 4 * x0.numel() * F32, device)
 
 
 # ---------------------------------------------------------------- anchor_kl (forward + backward)
@@ -93,17 +99,20 @@ def test_anchor_kl_fwd_bwd(benchmark, impl, size, device, roofline):
     fn = {"eager_reference": reference, "compiled_reference": _compiled(reference),
           "triton": lambda s, t: ops.anchor_kl(s, t, tau)}[impl]
 
-    def step():
+    def run():
         torch.autograd.grad(fn(student, teacher), student)
+
+    def step():
+        run()
         sync(device)
 
     with ops.backend("triton" if impl == "triton" else "reference"):
         benchmark.pedantic(step, **_rounds(device))
+        # must move, forward + backward as two autograd nodes: read z_S and z_T, write dkl_dz (forward),
+        # read dkl_dz and write d loss / d z_S (backward): 5 passes (the single launch timed by
+        # tune_kernels_cuda.py moves 3)
+        roofline(benchmark, 5 * anchors * classes * F32, device, run)
     benchmark.extra_info.update(op="anchor_kl", impl=impl, size=size, anchors=anchors, classes=classes)
-    # must move, forward + backward as two autograd nodes: read z_S and z_T, write dkl_dz (forward),
-    # read dkl_dz and write d loss / d z_S (backward): 5 passes (the single launch timed by
-    # tune_kernels_cuda.py moves 3)
-    roofline(benchmark, 5 * anchors * classes * F32, device)
 
 
 # ---------------------------------------------------------------- knn_subgraph_kl (forward + backward)
@@ -126,17 +135,20 @@ def test_knn_subgraph_kl_fwd_bwd(benchmark, impl, size, device, roofline):
           # as the training step calls it: its TSGR graph's indices are checked once, at build
           "triton": lambda e: ops.knn_subgraph_kl(e, root_idx, neighbors, log_q0, 0.05, check_indices=False)}[impl]
 
-    def step():
+    def run():
         torch.autograd.grad(fn(emb), emb)
+
+    def step():
+        run()
         sync(device)
 
-    with ops.backend("triton" if impl == "triton" else "reference"):
-        benchmark.pedantic(step, **_rounds(device))
-    benchmark.extra_info.update(op="knn_subgraph_kl", impl=impl, size=size, classes=classes, roots=roots,
-                                k=k, dim=dim)
     # must move: read each embedding row the graph touches once (neighbours repeat rows: counting all
     # R * (k + 1) gathers over-counted 1.68x), read log q_0 and the int64 indices, write the dense
     # (classes x d) gradient
     touched = torch.unique(torch.cat([root_idx, neighbors.reshape(-1)])).numel()
     bytes_moved = (touched * dim + roots * k + classes * dim) * F32 + roots * (k + 1) * 8
-    roofline(benchmark, bytes_moved, device)
+    with ops.backend("triton" if impl == "triton" else "reference"):
+        benchmark.pedantic(step, **_rounds(device))
+        roofline(benchmark, bytes_moved, device, run)
+    benchmark.extra_info.update(op="knn_subgraph_kl", impl=impl, size=size, classes=classes, roots=roots,
+                                k=k, dim=dim)

@@ -20,10 +20,15 @@ def test_kernel_rows_are_speed_ups_over_eager_and_compiled():
             _bench("k", 0.001, op="anchor_kl", impl="triton", size="paper", device="cuda", achieved_GBps=900.0,
                    fraction_of_copy_bandwidth=0.3)]
     table = summary.kernel_table(rows)
-    assert "| anchor_kl | paper | cuda | triton | 1.000 | 4.00 | 2.00 | 900.0 | 0.3 |" in table
-    assert "| anchor_kl | paper | cuda | eager_reference | 4.000 | 1.00 | 0.50 | - | - |" in table
+    assert "| anchor_kl | paper | cuda | triton | 1.000 | - | 4.00 | 2.00 | 900.0 | 0.3 |" in table
+    assert "| anchor_kl | paper | cuda | eager_reference | 4.000 | - | 1.00 | 0.50 | - | - |" in table
     assert "no Triton rows" not in table
     assert "no Triton rows" in summary.kernel_table(rows[:2])
+    # with CUDA-event times on every row, the speed-ups are over those, not the host-timed medians
+    for row, device_ms in zip(rows, (0.9, 0.3, 0.1)):
+        row["extra_info"]["device_ms"] = device_ms
+    table = summary.kernel_table(rows)
+    assert "| anchor_kl | paper | cuda | triton | 1.000 | 0.1 | 9.00 | 3.00 | 900.0 | 0.3 |" in table
 
 
 def test_lora_rows_are_times_over_the_base_linear_fastest_first():
