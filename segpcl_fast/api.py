@@ -172,15 +172,6 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
 ABLATION_METRICS = ("Avg", "Last", "Forgetting", "BWT", "FWT", "Forgetting_own")
 
 
-def _mean_std(values: list) -> tuple:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    mean = sum(vals) / len(vals)
-    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-    return mean, std
-
-
 def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
            seeds: Sequence[int] = (0,), **overrides: Any) -> dict:
     """Run method variants (default: the ablation ladder) on one scenario, over seeds.
@@ -193,7 +184,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
 
     from .fileio import atomic_write_text
     from .method.variants import LADDER, variant_overrides
-    from .report import format_metrics_table, plus_minus
+    from .report import format_metrics_table, mean_std, plus_minus
     from .report.results import to_jsonable
     from .engine.distributed import refuse_multi_process
     refuse_multi_process("the ablation")
@@ -220,7 +211,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
                 runs[name].append(train(run_cfg))
         row = {"method": name if same_as == name else f"{name} (= {same_as})", "seeds": len(seeds)}
         for key in ABLATION_METRICS:
-            mean, std = _mean_std([r.metrics.get(key) for r in runs[name]])
+            mean, std = mean_std([r.metrics.get(key) for r in runs[name]])
             row[key], row[key + "_std"] = mean, std
         rows.append(row)
     table = format_metrics_table(

@@ -76,14 +76,14 @@ def anchor_views(config=None, task: int = 2, method: str = "pca", run_method: Op
     model, learner, dev = trainer.model, trainer.learner, trainer.device
     model.eval()
     n_old = learner.n_seen
-    new_images, new_labels = stack_dataset(trainer.scenario.train_dataset(t, transform=trainer.test_tf), dev)
+    new_images, new_labels = stack_dataset(trainer.scenario.train_dataset(t, transform=trainer.test_tf))  # CPU
     anchors, seed_idx, targets = build_task_anchors(trainer, t, new_images)
     protos = learner.prototypes.tensor[:n_old].float().to(dev)
     seed_raw, _ = encode_batches(model, new_images[seed_idx])
     anchor_raw, _ = encode_batches(model, anchors)
     if max_new_images and len(new_images) > max_new_images:
         keep = torch.randperm(len(new_images), generator=torch.Generator().manual_seed(t))[:max_new_images]
-        new_images, new_labels = new_images[keep.to(dev)], new_labels[keep.to(dev)]
+        new_images, new_labels = new_images[keep], new_labels[keep]
     new_raw, _ = encode_batches(model, new_images)
 
     def cos_to(raw, which):

@@ -7,7 +7,8 @@
               has training images (seeded choice); acgd.source_folder or folder=... gives it
 
 Offline (data.dataset=synthetic) with no folder given, "folder" uses a reference folder written
-under <output_dir>/reference_images: held-out images of the synthetic pretraining domain (the
+under <output_dir>/reference_images: images of the synthetic pretraining domain, from their own
+stream (not retention's held-out synthetic-source set, which would then score its own distillation data; the
 analogue of ZSCL's pretraining-like reference set). On real data, "folder" needs a folder.
 
 Each run resolves run.method (default "segpcl") first and then sets acgd.source /
@@ -28,16 +29,17 @@ from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plu
 log = logging.getLogger("segpcl_fast.analysis")
 
 SOURCES = ("anchors", "new_data", "seeds", "folder")
-REFERENCE_PER_CLASS = 5  # offline reference folder: 5 held-out source-domain images per class (500)
+REFERENCE_PER_CLASS = 5  # offline reference folder: 5 source-domain images per class (500), own stream
 
 
 def write_synthetic_reference_folder(folder: Path, seed: int = 0, per_class: int = REFERENCE_PER_CLASS) -> Path:
-    """PNG files of held-out source-domain images (no labels used) -> folder; returns it."""
+    """PNG files of source-domain images (no labels used; their own stream, not retention's held-out
+    synthetic-source set) -> folder; returns it."""
     from PIL import Image
 
-    from ..data.synthetic import build_heldout_dataset
+    from ..data.synthetic import build_reference_dataset
     from ..fileio import atomic_write_bytes
-    ds = build_heldout_dataset(seed, per_class, None, domain="source")
+    ds = build_reference_dataset(seed, per_class)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(len(ds)):
         path = folder / f"{i:05d}.png"

@@ -144,8 +144,9 @@ def build_task_anchors(trainer, t: int, images: torch.Tensor) -> tuple[torch.Ten
         scale = model.logit_scale()
     _, emb = encode_batches(model, images)
     seed_idx, targets = stage1.select_seeds(emb, old_text.float(), cfg.dpgd.k_seed)
+    seed_idx = seed_idx.cpu()  # images may stay on the CPU; the seeds alone go to the device
     stats = model.image_stats
-    cache = stage1.build_anchor_cache(model, images[seed_idx], targets, old_text,
+    cache = stage1.build_anchor_cache(model, images[seed_idx].to(trainer.device), targets, old_text,
                                       learner.prototypes.tensor[:n_old].to(trainer.device), scale,
                                       cfg.dpgd, stats.mean, stats.std, source="anchors",
                                       generator=torch.Generator().manual_seed(trainer.task_seed(t)))
@@ -179,8 +180,8 @@ def measure_task(trainer, t: int, score: str = "text_sim", threshold: Union[str,
     if max_old_images and len(old_set) > max_old_images:
         keep = torch.randperm(len(old_set), generator=torch.Generator().manual_seed(t))[:max_old_images]
         old_set = torch.utils.data.Subset(old_set, sorted(keep.tolist()))
-    old_images, _ = stack_dataset(old_set, dev)
-    new_images, _ = stack_dataset(scenario.train_dataset(t, transform=trainer.test_tf), dev)
+    old_images, _ = stack_dataset(old_set)  # on the CPU; encode_batches moves one batch at a time
+    new_images, _ = stack_dataset(scenario.train_dataset(t, transform=trainer.test_tf))
     with torch.no_grad():
         text_before = model.class_embeddings(prompts[:n_seen], device=dev).float()
     _, emb_before = encode_batches(model, old_images)
@@ -189,7 +190,7 @@ def measure_task(trainer, t: int, score: str = "text_sim", threshold: Union[str,
     p_before = class_distribution(model, old_images, text_before, tau)
     anchors, _, _ = build_task_anchors(trainer, t, new_images)
     pick = torch.randperm(len(new_images), generator=torch.Generator().manual_seed(trainer.task_seed(t)))
-    random_images = new_images[pick[:len(anchors)].to(dev)]
+    random_images = new_images[pick[:len(anchors)]]
     pa_before = class_distribution(model, anchors, text_before[:n_old], tau)
     pr_before = class_distribution(model, random_images, text_before[:n_old], tau)
 
@@ -255,7 +256,7 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
                "tasks": rows, "pooled": pooled, "config": trainer.cfg.to_dict()}
     paths = write_table_files(out, "fragility", payload, table)
     if cfg.run.plots:
-        paths["png"] = plot_fragility(rows, out / "fragility.png", trainer.cfg.run.method)
+        paths["png"] = plot_fragility(rows, out / "fragility.png", trainer.cfg.run.method, score, temperature)
     return {"rows": [{k: v for k, v in r.items() if k != "values"} for r in rows], "pooled": pooled,
             "paths": paths, "table": table}
 
@@ -306,10 +307,12 @@ def replot_fragility(json_path, png_path=None) -> str:
     """Redraw fragility.png from a fragility.json (no model needed)."""
     import json
     data = json.loads(Path(json_path).read_text())
-    return plot_fragility(data["tasks"], png_path or Path(json_path).with_suffix(".png"), data["method"])
+    return plot_fragility(data["tasks"], png_path or Path(json_path).with_suffix(".png"), data["method"],
+                          data.get("score"), data.get("temperature"))
 
 
-def plot_fragility(rows: list, path, method: str) -> str:
+def plot_fragility(rows: list, path, method: str, score: Optional[str] = None,
+                   temperature: Optional[float] = None) -> str:
     """Two histograms (pooled over tasks): boundary vs core JSD; anchors vs random new-task images."""
     fig = new_figure((10.0, 4.0))
     pairs = [(("boundary", "jsd", True), ("core", "jsd", False)),
@@ -329,5 +332,7 @@ def plot_fragility(rows: list, path, method: str) -> str:
         ax.set_ylabel("images")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(f"fragility: {method}, tasks {', '.join(str(r['task']) for r in rows)}", fontsize=10)
+    how = "".join(part for part in (f", score={score}" if score else "",
+                                   f", temperature={temperature:g}" if temperature is not None else ""))
+    fig.suptitle(f"fragility: {method}{how}, tasks {', '.join(str(r['task']) for r in rows)}", fontsize=10)
     return save_png(fig, path)

@@ -17,7 +17,7 @@ from ..api import check_unique  # noqa: F401  (the analyses' check is the API's)
 from ..config import Config, apply_overrides, check_resume_dir  # noqa: F401
 from ..fileio import atomic_write_text
 from ..report.results import to_jsonable
-from ..report.tables import plus_minus  # noqa: F401  (the analyses' table cells)
+from ..report.tables import mean_std, plus_minus  # noqa: F401  (the analyses' table cells)
 
 DPI = 120
 
@@ -59,17 +59,22 @@ def make_trainer(cfg: Config):
 
 @torch.no_grad()
 def encode_batches(model, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r(x), v̄(x)) in fp32 for a tensor of normalised images, in batches (model in eval mode)."""
+    """(r(x), v̄(x)) in fp32, on the model's device, for a tensor of normalised images anywhere (a
+    task's images stay on the CPU: only one batch at a time goes to the device; model in eval mode)."""
+    params = getattr(model, "parameters", None)
+    device = next(params(), images).device if params is not None else images.device
     raws, embs = [], []
     for start in range(0, images.shape[0], batch_size):
-        raw, emb = model.encode_image(images[start:start + batch_size])
+        raw, emb = model.encode_image(images[start:start + batch_size].to(device, non_blocking=True))
         raws.append(raw.float())
         embs.append(F.normalize(emb.float(), dim=-1))
     return torch.cat(raws), torch.cat(embs)
 
 
-def stack_dataset(dataset, device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (image, label) pairs of a dataset as two tensors (images already transformed)."""
+def stack_dataset(dataset, device: torch.device = torch.device("cpu"),
+                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (image, label) pairs of a dataset as two tensors (images already transformed), on `device`
+    (the analyses keep them on the CPU: a task of ImageNet-Subset is ~8 GB at 224 px in fp32)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     images, labels = [], []
     for x, y in loader:
@@ -78,16 +83,6 @@ def stack_dataset(dataset, device: torch.device, batch_size: int = 256) -> tuple
     if not images:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
     return torch.cat(images).to(device), torch.cat(labels).to(device)
-
-
-def mean_std(values: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
-    """Mean and sample std of the non-None values (std 0 for one value, None for none)."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None, None
-    mean = sum(vals) / len(vals)
-    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-    return mean, std
 
 
 METRICS = ("Avg", "Last", "Forgetting", "BWT", "FWT", "Forgetting_own")  # ablate's columns

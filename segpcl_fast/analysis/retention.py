@@ -105,6 +105,10 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
         raise ConfigError(f"retention per_class must be a whole number >= 0 (0: all / the synthetic default), "
                           f"got {per_class!r}")
+    if not datasets and cfg.data.dataset != "synthetic":  # the default sets are the offline world's toys
+        raise ConfigError(f"retention of a {cfg.data.dataset} run needs --datasets (datasets=...): the default, "
+                          f"{', '.join(OFFLINE_DEFAULT)}, is the offline world's, not a test of a real-data model; "
+                          f"e.g. --datasets food101=/data/food-101,pets=/data/oxford-pets")
     specs = parse_dataset_specs(datasets)
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)

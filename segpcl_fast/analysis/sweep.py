@@ -200,7 +200,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
     paths = write_table_files(out, "sweep", {"axes": axes, "fixed": fixed, "seeds": seeds, "rows": rows,
                                              "config": cfg.to_dict()}, table)
     if cfg.run.plots:
-        paths["png"] = plot_sweep(rows, axes, swept, out / "sweep.png", cfg.data.dataset)
+        paths["png"] = plot_sweep(rows, axes, swept, out / "sweep.png", cfg.data.dataset, len(seeds))
     return {"rows": rows, "axes": axes, "paths": paths, "table": table}
 
 
@@ -211,8 +211,9 @@ def format_sweep_table(rows: list, keys: list, n_seeds: int, dataset: str) -> st
                         title=f"sweep on {dataset} ({n_seeds} seed(s), mean +- std)")
 
 
-def plot_sweep(rows: list, axes: Mapping[str, list], swept: list, path, dataset: str) -> str:
-    """Last and Avg against the first swept key; one line per combination of the other keys."""
+def plot_sweep(rows: list, axes: Mapping[str, list], swept: list, path, dataset: str, n_seeds: int = 1) -> str:
+    """Last and Avg against the first swept key; one line per combination of the other keys; error
+    bars (sample std over the seeds) only with more than one seed."""
     keys = list(axes)
     if not keys:  # a single run: nothing to put on an x axis but its name
         axes, keys, rows = {"point": ["base"]}, ["point"], [dict(r, point="base") for r in rows]
@@ -228,12 +229,14 @@ def plot_sweep(rows: list, axes: Mapping[str, list], swept: list, path, dataset:
             ys = [next((r[metric] for r in members if _show(r[x_key]) == x), None) for x in xs]
             errs = [next((r[metric + "_std"] for r in members if _show(r[x_key]) == x), None) for x in xs]
             label = metric + (f" ({point_name(group)})" if group else "")
+            yerr = None if all(e is None for e in errs) else [0.0 if e is None else e for e in errs]
             ax.errorbar(range(len(xs)), [float("nan") if y is None else y for y in ys],
-                        yerr=[0.0 if e is None else e for e in errs], fmt=style, capsize=3, label=label)
+                        yerr=yerr, fmt=style, capsize=3, label=label)
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlabel(x_key)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"sweep on {dataset}")
+    ax.set_title(f"sweep on {dataset}: " + (f"mean +- sample std over {n_seeds} seeds" if n_seeds > 1
+                                               else "one seed"))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return save_png(fig, path)

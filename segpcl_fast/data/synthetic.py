@@ -351,3 +351,10 @@ def build_heldout_dataset(seed: int = 0, per_class: int = DEFAULT_HELDOUT_PER_CL
     if domain == "shifted":
         raise ValueError("the held-out set must not be the continual-learning domain; use 'sketch' or 'source'")
     return _dataset(seed, domain, "heldout", per_class, transform)
+
+
+def build_reference_dataset(seed: int = 0, per_class: int = 5, transform: Optional[Callable] = None) -> ArrayDataset:
+    """Source-domain images of their own stream (split "reference"): the offline stand-in for a
+    ZSCL-style reference folder. Not the held-out set, which retention scores: distilling on the
+    images a retention score is measured on would flatter it."""
+    return _dataset(seed, "source", "reference", per_class, transform)

@@ -34,6 +34,18 @@ def format_cell(v: Any, floatfmt: str = ".2f") -> str:
     return str(v)
 
 
+def mean_std(values) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample std (ddof 1) of the non-None values; the std is None below two values (one
+    run has no spread to show, not a spread of 0), both None for none."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+
+
 def plus_minus(mean: Optional[float], std: Optional[float], n: int) -> str:
     """A table cell: "mean +- std" over n > 1 runs (a std of 0.00 shown too: those runs agree), "mean" for
     one run, "n/a" for none."""

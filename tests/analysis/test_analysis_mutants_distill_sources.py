@@ -98,11 +98,11 @@ def test_a_real_dataset_without_a_folder_gets_no_synthetic_folder(stand_in_runs,
     assert not (tmp_path / "o" / "reference_images").exists()
 
 
-def test_reference_folder_holds_the_held_out_source_images_in_order(tmp_path):
-    from segpcl_fast.data.synthetic import build_heldout_dataset
+def test_reference_folder_holds_the_reference_source_images_in_order(tmp_path):
+    from segpcl_fast.data.synthetic import build_reference_dataset
     folder = ds_mod.write_synthetic_reference_folder(tmp_path / "ref", seed=3, per_class=1)
     files = sorted(folder.glob("*.png"))
-    ref = build_heldout_dataset(3, 1, None, domain="source")
+    ref = build_reference_dataset(3, 1, None)
     assert len(files) == len(ref) == 100 and files[0].name == "00000.png"
     for i in (0, 57, 99):
         assert np.array_equal(np.asarray(Image.open(files[i])), ref.images[i])
@@ -122,3 +122,17 @@ def test_per_source_trainer(small_config, tmp_path):
             ds_mod.distill_sources(small_config("n", **kw), method=method)
         assert not (tmp_path / "n").exists()
     ds_mod._check_uses_acgd(small_config("n"), "segpcl")
+
+
+def test_offline_reference_folder_is_not_retentions_held_out_set(tmp_path):
+    """The reference images were the first rounds of retention's synthetic-source set: a folder-source
+    run's retention was scored on its own distillation data."""
+    import numpy as np
+    from PIL import Image
+
+    from segpcl_fast.data.synthetic import build_heldout_dataset
+    folder = ds_mod.write_synthetic_reference_folder(tmp_path / "ref", seed=0, per_class=2)
+    reference = {np.asarray(Image.open(p)).tobytes() for p in sorted(folder.glob("*.png"))}
+    assert len(reference) == 200
+    held_out = build_heldout_dataset(0, 20, None, domain="source")
+    assert not reference & {held_out.images[i].tobytes() for i in range(len(held_out))}

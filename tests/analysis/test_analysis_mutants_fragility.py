@@ -168,6 +168,8 @@ def test_histograms_count_every_value_including_exact_zeros(tmp_path, monkeypatc
     assert counts == [[2, 2], [3, 1]]  # boundary, core; anchors, random (zeros in the first bin)
     labels = [t.get_text() for t in right.get_legend().get_texts()]
     assert labels == ["DPGD anchors (n=3, mean=0.167)", "random new-task images (n=1, mean=0.5)"]
+    frag.plot_fragility(rows, tmp_path / "f.png", "m", "text_sim", 20.0)  # T=1 and T=20 differ ~100x: say which
+    assert figs[1]._suptitle.get_text() == "fragility: m, score=text_sim, temperature=20, tasks 2"
 
 
 # ----------------------------------------------------------------------------- orchestration

@@ -61,7 +61,9 @@ def test_stack_dataset_keeps_order_and_handles_empty():
 
 def test_mean_std_plus_minus_and_summaries():
     assert outputs.mean_std([1.0, None, 2.0, 6.0]) == (3.0, pytest.approx(7 ** 0.5))  # sample std, None skipped
-    assert outputs.mean_std([4.0]) == (4.0, 0.0) and outputs.mean_std([None]) == (None, None)
+    assert outputs.mean_std([4.0]) == (4.0, None) and outputs.mean_std([None]) == (None, None)  # one run: no std
+    assert outputs.mean_std([None, 40.0]) == (40.0, None)  # a metric one of two seeds lacks: no "+- 0.00"
+    assert outputs.plus_minus(*outputs.mean_std([None, 40.0]), 2) == "40.00"
     assert outputs.plus_minus(3.0, 2.6457, 3) == "3.00 +- 2.65"
     assert outputs.plus_minus(4.0, 0.0, 1) == "4.00" and outputs.plus_minus(None, None, 2) == "n/a"
     assert outputs.plus_minus(4.0, 0.0, 2) == "4.00 +- 0.00"  # runs that agree, not one run

@@ -158,3 +158,8 @@ def test_retention_arguments_are_checked_before_training(tmp_path, monkeypatch):
             ret.retention(make_config(output_dir=str(tmp_path)), **kwargs)
     with pytest.raises(ConfigError, match="run.resume is set but .*missing does not exist"):
         ret.retention(make_config(output_dir=str(tmp_path / "missing"), run__resume=True))
+    # a real-data run scored on the offline world's toy sets by default: refused, --datasets named
+    (tmp_path / "cifar").mkdir()
+    cifar = make_config("cifar100", data__root=str(tmp_path / "cifar"), output_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="retention of a cifar100 run needs --datasets"):
+        ret.retention(cifar)

@@ -102,3 +102,9 @@ def test_the_plot_puts_the_first_swept_key_on_the_x_axis(stand_in_train, tmp_pat
     lines = {c.get_label(): c.lines[0].get_ydata() for c in ax.containers}  # errorbar: (data line, caps, bars)
     assert sorted(lines) == sorted(f"{m} (k_seed={k})" for m in ("Last", "Avg") for k in (2, 4, 6))
     assert list(lines["Last (k_seed=4)"]) == [51.0, 53.0]  # Last = 50 + k_adv (seed 0)
+    assert ax.get_title().endswith(": one seed")
+    assert all(c.has_yerr is False for c in ax.containers)  # one seed: no zero-length error bars
+    figs.clear()
+    sweep(make_config(output_dir=str(tmp_path / "two")), axes=["dpgd.k_adv=1,3"], seeds=[0, 1])
+    ax = figs[0].axes[0]
+    assert ax.get_title().endswith("mean +- sample std over 2 seeds") and all(c.has_yerr for c in ax.containers)
