@@ -26,7 +26,11 @@ def apex_fused_sgd(params, optim_cfg):
         log.info("apex FusedSGD not available (needs NVIDIA apex and CUDA); using torch SGD")
         return None
     from apex.optimizers import FusedSGD
-    return FusedSGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+    try:
+        return FusedSGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+    except RuntimeError as e:  # apex built without --cuda_ext: "apex.optimizers.FusedSGD requires cuda extensions"
+        log.warning("apex FusedSGD cannot run here (%s); using torch SGD", e)
+        return None
 
 
 def has_xformers() -> bool:

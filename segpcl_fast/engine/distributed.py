@@ -106,8 +106,10 @@ class DistContext:
         return self.rank == 0
 
     def device(self, requested: str) -> torch.device:
-        """The device of this rank: cuda:LOCAL_RANK under NCCL, else what run.device resolves to."""
-        if self.enabled and self.backend == "nccl":
+        """The device of this rank: cuda:LOCAL_RANK under NCCL, and under gloo where run.device is auto
+        or cuda and CUDA is there (every rank was on cuda:0); else what run.device resolves to."""
+        on_gpus = requested in ("auto", "cuda") and torch.cuda.is_available()
+        if self.enabled and (self.backend == "nccl" or on_gpus):
             return torch.device("cuda", self.local_rank)
         if requested == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,8 +131,8 @@ class DistContext:
                 from ..config import ConfigError
                 raise ConfigError("SEGPCL_DDP_BACKEND=nccl needs CUDA devices, and none is available here: on "
                                   "CPU use gloo (SEGPCL_DDP_BACKEND=gloo or auto, with run.device=cpu)")
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            if backend == "nccl" or (device in ("auto", "cuda") and torch.cuda.is_available()):
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # this rank's GPU, any backend
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=settings.timeout_s))
         ctx = cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=dist.get_backend())
@@ -271,29 +273,51 @@ def all_reduce_counts(counts: Sequence[tuple[int, ...]], ctx: DistContext, devic
     return [tuple(int(v) for v in row) for row in t.tolist()]
 
 
-def broadcast_tensor(t: Optional[torch.Tensor], ctx: DistContext, device: torch.device, src: int = 0) -> torch.Tensor:
-    """Rank src's tensor on every rank (others may pass None: shape and dtype are broadcast first)."""
+BROADCAST_CHUNK_BYTES = 256 << 20  # a tensor sent through another device than its own goes in pieces of this
+
+
+def broadcast_tensor(t: Optional[torch.Tensor], ctx: DistContext, device: torch.device, src: int = 0,
+                     to: Optional[torch.device] = None) -> torch.Tensor:
+    """Rank src's tensor on every rank, placed on `to` (default: device; others may pass None: shape
+    and dtype are broadcast first). Where the backend sends through another device than `to` (NCCL
+    for a CPU tensor, gloo for a GPU one) it goes in BROADCAST_CHUNK_BYTES pieces, so a task's
+    images kept on the CPU never sit whole on the GPU."""
     meta = [(tuple(t.shape), t.dtype) if ctx.rank == src else None]
     dist.broadcast_object_list(meta, src=src)
     shape, dtype = meta[0]
+    to = device if to is None else to
     comm = _comm_device(ctx, device)
-    buf = t.detach().to(comm).contiguous() if ctx.rank == src else torch.empty(shape, dtype=dtype, device=comm)
-    dist.broadcast(buf, src=src)
-    return buf.to(device)
+    out = t.detach().to(to).contiguous() if ctx.rank == src else torch.empty(shape, dtype=dtype, device=to)
+    if out.device == comm:
+        dist.broadcast(out, src=src)
+        return out
+    flat = out.view(-1)
+    step = max(1, BROADCAST_CHUNK_BYTES // out.element_size())
+    for start in range(0, flat.numel(), step):
+        piece = flat[start:start + step]
+        buf = piece.to(comm) if ctx.rank == src else torch.empty(piece.shape, dtype=dtype, device=comm)
+        dist.broadcast(buf, src=src)
+        if ctx.rank != src:
+            piece.copy_(buf)
+    return out
 
 
 def broadcast_anchor_cache(cache, ctx: DistContext, device: torch.device):
-    """Rank 0's AnchorCache (or None) on every rank."""
+    """Rank 0's AnchorCache (or None) on every rank, each tensor where rank 0 keeps it: on `device`,
+    or on the CPU (the pixels of the new_data / folder sources: a whole task's images)."""
     from ..method.anchors import AnchorCache
     present = [cache is not None if ctx.is_main else None]
     dist.broadcast_object_list(present, src=0)
     if not present[0]:
         return None
-    source = [cache.source if ctx.is_main else None]
-    dist.broadcast_object_list(source, src=0)
-    tensors = [broadcast_tensor(getattr(cache, n) if ctx.is_main else None, ctx, device)
-               for n in AnchorCache._TENSORS]
-    return AnchorCache(*tensors, source=source[0])
+    info = [(cache.source, [getattr(cache, n).device.type == "cpu" for n in AnchorCache._TENSORS])
+            if ctx.is_main else None]
+    dist.broadcast_object_list(info, src=0)
+    source, on_cpu = info[0]
+    tensors = [broadcast_tensor(getattr(cache, n) if ctx.is_main else None, ctx, device,
+                                to=torch.device("cpu") if cpu else device)
+               for n, cpu in zip(AnchorCache._TENSORS, on_cpu)]
+    return AnchorCache(*tensors, source=source)
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -99,6 +99,9 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
     return model, params
 
 
+RANK_SEED_STRIDE = 100003  # rank r's own random streams (augmentation, anchors) start at seed + r * this
+
+
 def _loader(dataset, batch_size: int, shuffle: bool, cfg: Config, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
@@ -110,8 +113,11 @@ def _sharded_loader(dataset, global_batch: int, cfg: Config, seed: int, ctx: "dd
     """This rank's slices of the global batches the single-process loader would draw (same seed)."""
     sampler = ddp.ShardedBatchSampler(len(dataset), global_batch, ctx.rank, ctx.world_size,
                                       torch.Generator().manual_seed(seed))
-    # the loader's own generator only feeds its worker base seed; a private one leaves the global RNG alone
-    return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(seed),
+    # the loader's own generator only feeds its workers' base seed (their augmentation draws): one per
+    # rank, rank 0 keeping the 1-process stream (the same seed made every rank crop and flip alike);
+    # a private generator leaves the global RNG alone. The sampler's is shared: one global permutation.
+    worker_seed = seed + RANK_SEED_STRIDE * ctx.rank
+    return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(worker_seed),
                       collate_fn=ddp.collate_allow_empty, num_workers=cfg.data.num_workers,
                       pin_memory=torch.cuda.is_available())
 
@@ -314,8 +320,10 @@ class Trainer:
         if bar is not None:
             bar.update(1)
             bar.close()
-        if self.dist.rank:  # each rank samples its own anchors per step (rank 0 keeps the 1-process stream)
-            self.learner.anchor_generator.manual_seed(task_seed + 100003 * self.dist.rank)
+        if self.dist.rank:  # each rank samples its own anchors per step (rank 0 keeps the 1-process stream),
+            own = task_seed + RANK_SEED_STRIDE * self.dist.rank  # and, with num_workers=0, its own augmentation
+            self.learner.anchor_generator.manual_seed(own)  # (drawn from the global RNG in this process)
+            torch.manual_seed(own)
         timings["stage1_s"] = time.perf_counter() - t0
 
         train_ds = self.scenario.train_dataset(t)

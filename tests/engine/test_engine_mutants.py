@@ -250,6 +250,26 @@ def test_each_rank_takes_the_gpu_of_its_local_rank():
     assert not ddp.DistContext().enabled and ddp.DistContext().is_main and not gloo.is_main
 
 
+def test_gloo_on_a_gpu_machine_puts_each_rank_on_its_own_gpu(monkeypatch):
+    """SEGPCL_DDP_BACKEND=gloo with run.device auto / cuda put every rank on cuda:0."""
+    import torch.distributed as dist
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gloo = ddp.DistContext(rank=1, world_size=2, local_rank=1, backend="gloo")
+    assert gloo.device("auto") == gloo.device("cuda") == torch.device("cuda", 1)
+    assert gloo.device("cpu") == torch.device("cpu") and gloo.device("cuda:0") == torch.device("cuda", 0)
+    set_to = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    ddp.DistContext.from_env(ddp.DDPSettings(backend="gloo"), device="auto")
+    assert set_to == [1]
+
+
 @pytest.mark.parametrize("device,backend", [("cpu", "gloo"), ("auto", "nccl"), ("cuda", "nccl")])
 def test_auto_backend_is_gloo_for_run_device_cpu_even_with_gpus(monkeypatch, device, backend):
     """backend auto = nccl on CUDA, gloo on CPU: run.device=cpu on a GPU machine must not pick nccl."""
@@ -267,7 +287,7 @@ def test_auto_backend_is_gloo_for_run_device_cpu_even_with_gpus(monkeypatch, dev
     ctx = ddp.DistContext.from_env(ddp.DDPSettings(timeout_s=42), device=device)
     assert [b for b, _ in chosen] == [backend] and chosen[0][1].total_seconds() == 42
     assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend) == (1, 2, 1, backend)
-    assert cuda_device == ([1] if backend == "nccl" else [])
+    assert cuda_device == ([1] if backend == "nccl" else [])  # run.device=cpu: no GPU is touched
 
 
 def test_single_process_without_world_size(monkeypatch):
@@ -377,6 +397,16 @@ def _collectives_worker(rank, world, port, result_file):
         out["source"] = got.source
         out["cache_ok"] = all(torch.equal(getattr(got, n), getattr(made, n)) for n in AnchorCache._TENSORS)
         out["none"] = ddp.broadcast_anchor_cache(None, ctx, torch.device("cpu")) is None
+        # sent through another device than its own (NCCL for CPU pixels): in pieces, whole at the end
+        # (torch.device("cpu", 0) stands in for that other device: not equal to "cpu", and real here)
+        ddp._comm_device, real_comm = (lambda c, like: torch.device("cpu", 0)), ddp._comm_device
+        ddp.BROADCAST_CHUNK_BYTES, real_chunk = 40, ddp.BROADCAST_CHUNK_BYTES  # 10 fp32 values a piece
+        try:
+            big = torch.arange(37.0).view(37, 1) if rank == 0 else None
+            sent = ddp.broadcast_tensor(big, ctx, torch.device("cpu"), to=torch.device("cpu"))
+            out["chunked_ok"] = torch.equal(sent, torch.arange(37.0).view(37, 1)) and sent.device.type == "cpu"
+        finally:
+            ddp._comm_device, ddp.BROADCAST_CHUNK_BYTES = real_comm, real_chunk
         # the trainer's stage 1: built on rank 0 only, broadcast; one cache serving both uses stays one object
         calls = []
 
@@ -407,7 +437,7 @@ def test_collectives_sum_counts_and_broadcast_rank0s_anchors(tmp_path):
     assert r0["ctx"] == [0, 2, 0, "gloo"] and r1["ctx"] == [1, 2, 1, "gloo"]
     for r in (r0, r1):
         assert r["counts"] == [[3, 20, 6], [2, 6, 1]]  # element-wise sums over the ranks, in order
-        assert r["source"] == "seeds" and r["cache_ok"] and r["none"] and r["built_ok"] and r["same_object"]
+        assert r["source"] == "seeds" and r["cache_ok"] and r["none"] and r["chunked_ok"] and r["built_ok"] and r["same_object"]
         assert [r["cache"][n][0] for n in ("pixels", "targets", "teacher_logits", "teacher_raw")] == [
             "torch.float32", "torch.int64", "torch.float32", "torch.float64"]
     assert r0["cache"] == r1["cache"]

@@ -439,6 +439,33 @@ def test_optimizer_choice_auto_prefers_apex_and_falls_back_to_torch(monkeypatch)
     assert make_optimizer(on_cuda, make_config(lr=0.1, optim__fused="foreach")).defaults["foreach"]
 
 
+def test_an_apex_without_its_cuda_extension_falls_back_to_torch_sgd(monkeypatch, caplog):
+    """apex installed Python-only: FusedSGD's constructor raises, which crashed the run at its first
+    optimizer instead of falling back."""
+    import sys
+    import types
+
+    from segpcl_fast.engine import accel
+
+    class FusedSGD:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("apex.optimizers.FusedSGD requires cuda extensions")
+
+    fake = types.ModuleType("apex.optimizers")
+    fake.FusedSGD = FusedSGD
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.optimizers", fake)
+
+    class LooksCuda(torch.nn.Parameter):
+        @property
+        def is_cuda(self):
+            return True
+    assert accel.has_apex_fused_sgd()
+    with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
+        assert accel.apex_fused_sgd([LooksCuda(torch.ones(3))], make_config().optim) is None
+    assert "requires cuda extensions" in caplog.text
+
+
 @pytest.mark.parametrize("method", ["segpcl", "distill_new_data"])
 def test_the_drift_transfer_always_uses_the_dpgd_anchors(tiny_model_name, tmp_path, method):
     """method.md: the drift is measured on the DPGD anchors; distill_new_data changes only what

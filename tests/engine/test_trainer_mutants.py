@@ -308,3 +308,30 @@ def test_a_rank_with_an_empty_slice_of_the_last_batch_gets_an_empty_batch(worker
             assert images.shape[0] == len(labels) and labels.dtype == torch.long
             seen += labels.tolist()
     assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
+class _RandomDraws(torch.utils.data.Dataset):
+    """Each item: one draw from the process's global torch RNG, as an augmentation makes."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.rand(1), i
+
+
+def test_each_rank_draws_its_own_augmentation_in_its_workers():
+    """Every rank seeded its loader's worker base seed alike, so the i-th image of every rank got the
+    same crop and flip. Rank 0 keeps the 1-process stream, rank 1 has its own."""
+    from segpcl_fast.engine.trainer import _loader, _sharded_loader
+    cfg = make_config(num_workers=1)
+
+    def draws(rank):
+        ctx = ddp.DistContext(rank=rank, world_size=2, backend="gloo")
+        return torch.cat([x for x, _ in _sharded_loader(_RandomDraws(), 8, cfg, seed=5, ctx=ctx)])
+
+    rank0, rank1 = draws(0), draws(1)
+    assert torch.equal(rank0, draws(0))  # seeded: a rerun draws the same
+    assert not torch.equal(rank0, rank1)
+    single = torch.cat([x for x, _ in _loader(_RandomDraws(), 4, False, cfg, seed=5)])
+    assert torch.equal(rank0, single[:len(rank0)])  # rank 0's worker stream is the 1-process one
