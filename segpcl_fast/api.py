@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from .config import (Config, ConfigError, apply_overrides, check_data_root, check_resume_dir, check_task_count,
-                     config_from_dict, kwargs_to_overrides, load_config, map_kwargs)
+                     config_from_dict, kwargs_to_overrides, load_config, map_kwargs, override_key)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -144,7 +144,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         raise FileNotFoundError(f"{cfg_path} not found: evaluate() takes the output_dir of a train() run"
                                 + (f"; runs below it: {', '.join(runs)}" if runs else ""))
     strings, keyed = override_list(overrides), kwargs_to_overrides(kwargs)
-    for key in [change.split("=", 1)[0].strip() for change in strings] + list(keyed):
+    for key in [override_key(change) for change in strings] + list(keyed):
         if key not in EVALUATE_OVERRIDABLE:
             raise ConfigError(f"evaluate() cannot override '{key}': it would not be the run that was trained; "
                               f"it can set {', '.join(EVALUATE_OVERRIDABLE)}")

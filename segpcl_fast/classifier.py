@@ -44,7 +44,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .config import ConfigError, apply_overrides, config_from_dict
+from .config import ConfigError, apply_overrides, config_from_dict, override_key
 from .data.transforms import clip_test_transform
 from .fileio import UnsafeFileError, atomic_path, load_torch_file, unwritable_dir_reason
 from .method.prototypes import dual_path_logits
@@ -141,29 +141,31 @@ class ContinualClassifier:
     def load_images(self, images) -> torch.Tensor:
         """Paths, folders or PIL images (one alone, or a list) -> one transformed batch (B, 3, S, S);
         no images give a (0, 3, S, S) batch."""
-        from PIL import Image
-
-        from .data.base import DatasetFormatError, read_rgb
-        batch = []
-        for item in self.image_items(images):
-            if isinstance(item, (str, os.PathLike)):
-                path = Path(item)
-                if not path.is_file():
-                    raise FileNotFoundError(f"image {path} does not exist")
-                try:
-                    item = read_rgb(path)  # the datasets' reader: every PIL failure, one error
-                except DatasetFormatError as e:
-                    raise ClassifierError(f"{path} cannot be read as an image ({e.__cause__!r})") from e.__cause__
-            elif isinstance(item, Image.Image):
-                item = item.convert("RGB")
-            else:
-                raise TypeError(f"predict() takes image paths, folders, PIL images or a (B, 3, H, W) tensor "
-                                f"(through clf.transform), got a list holding {type(item).__name__}")
-            batch.append(self.transform(item))
+        batch = [self._load_one(item) for item in self.image_items(images)]
         if not batch:
             size = self.model.image_stats.size
             return torch.empty(0, 3, size, size)
         return torch.stack(batch)
+
+    def _load_one(self, item) -> torch.Tensor:
+        """One image path or PIL image (an item of `image_items`) through the transform."""
+        from PIL import Image
+
+        from .data.base import DatasetFormatError, read_rgb
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            if not path.is_file():
+                raise FileNotFoundError(f"image {path} does not exist")
+            try:
+                item = read_rgb(path)  # the datasets' reader: every PIL failure, one error
+            except DatasetFormatError as e:
+                raise ClassifierError(f"{path} cannot be read as an image ({e.__cause__!r})") from e.__cause__
+        elif isinstance(item, Image.Image):
+            item = item.convert("RGB")
+        else:
+            raise TypeError(f"predict() takes image paths, folders, PIL images or a (B, 3, H, W) tensor "
+                            f"(through clf.transform), got a list holding {type(item).__name__}")
+        return self.transform(item)
 
     def predict(self, images: Union[torch.Tensor, Sequence, PathLike], topk: int = 1,
                 batch_size: int = 64, skip_unreadable: bool = False) -> list[Optional[list[tuple[str, float]]]]:
@@ -192,8 +194,8 @@ class ContinualClassifier:
                 loaded = [self._load_or_none(item) for item in chunk]
                 readable = [k for k, x in enumerate(loaded) if x is not None]
                 batch = torch.stack([loaded[k] for k in readable]) if readable else None
-            else:
-                batch = self.load_images(chunk)
+            else:  # chunk: image_items already expanded the folders
+                batch = torch.stack([self._load_one(item) for item in chunk])
             top = [None] * len(chunk)
             if readable:
                 values, indices = self.logits(batch).float().softmax(dim=-1).topk(topk, dim=-1)
@@ -205,7 +207,7 @@ class ContinualClassifier:
     def _load_or_none(self, item) -> Optional[torch.Tensor]:
         """One transformed image, or None (logged) when the file cannot be read as an image."""
         try:
-            return self.load_images([item])[0]
+            return self._load_one(item)
         except ClassifierError as e:
             log.warning("skipped: %s", e)
             return None
@@ -288,7 +290,7 @@ def load_classifier(source: PathLike, task: Optional[int] = None, device: Union[
     from .api import override_list
     overrides = override_list(overrides)
     for change in overrides:
-        if change.split("=", 1)[0].strip() not in CLASSIFIER_OVERRIDABLE:
+        if override_key(change) not in CLASSIFIER_OVERRIDABLE:
             raise ClassifierError(f"load_classifier cannot override '{change}': it may set only where the run's "
                                   f"pretrained weights now lie ({', '.join(CLASSIFIER_OVERRIDABLE)})")
     device = _available_device(device)  # before any file is read or weights load
@@ -394,8 +396,8 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
         raise ClassifierError(f"checkpoint {path} was written by segpcl_fast {written} and its config does not "
                               f"load in this one ({__version__}): {e}; load it with the version that wrote it "
                               f"(or upgrade segpcl_fast)") from None
-    if any(change.split("=", 1)[0].strip() == "model.pretrained" for change in overrides):
-        from .model.clip import names_a_file
+    from .model.clip import ModelLoadError, names_a_file
+    if any(override_key(change) == "model.pretrained" for change in overrides):
         if not names_a_file(cfg.model.pretrained):
             raise ClassifierError(f"checkpoint {path}: the run's model.pretrained is {cfg.model.pretrained!r}, not a "
                                   f"file: only a weights file that moved can be named anew (a tag's cache: "
@@ -415,7 +417,6 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
         raise ClassifierError(f"{len(names)} class names for a checkpoint that has seen {n_seen} classes")
     names = list(names)[:n_seen]
     from .engine.trainer import build_model
-    from .model.clip import ModelLoadError, names_a_file
     try:
         with torch.random.fork_rng(devices=[]):  # build_model seeds torch: leave the caller's random stream alone
             model, _ = build_model(cfg, torch.device(device))

@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError
+from .config import ConfigError, override_key
 
 if TYPE_CHECKING:
     from .config import Config
@@ -199,7 +199,7 @@ def _csv(text, option: str = ""):
 # the analyses that train one method, from --method (their own default) and never from run.method: a
 # --set run.method would be overridden silently, so it is refused with the fix
 def _analysis_method(args, default: str) -> str:
-    if any(o.split("=", 1)[0].strip() == "run.method" for o in args.overrides):
+    if any(override_key(o) == "run.method" for o in args.overrides):
         raise ConfigError(f"{args.command} takes its method from --method (default {default}), not --set run.method")
     return args.method or default
 

@@ -592,6 +592,11 @@ def parse_value(text: str) -> Any:
                           f"quote it or close its brackets, e.g. lora.targets=[k,v]") from None
 
 
+def override_key(change: str) -> str:
+    """The dotted key of a `section.key=value` override string ("run.device" of "run.device=cpu")."""
+    return change.split("=", 1)[0].strip()
+
+
 def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
     """Apply `section.key=value` overrides (strings from the CLI, or a dict of dotted keys)."""
     if isinstance(overrides, dict):
@@ -601,8 +606,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' must look like section.key=value, e.g. dpgd.k_adv=5")
-            key, text = item.split("=", 1)
-            items.append((key.strip(), _override_value(key.strip(), text)))
+            key = override_key(item)
+            items.append((key, _override_value(key, item.split("=", 1)[1])))
     nested: dict[str, dict] = {}
     problems = []  # every bad key in one error: the undotted ones here, the rest from config_from_dict
     for key, val in items:
