@@ -204,22 +204,31 @@ def local_batch_size(global_batch: int, world_size: int) -> int:
 class ShardedBatchSampler(Sampler):
     """Rank r's slice of each global batch of a seeded shuffle, identical to DataLoader(shuffle=True).
 
-    Per epoch (each __iter__) it draws, from `generator`, first the int64 the DataLoader draws for
-    its worker base seed, then randperm(n), then (once the epoch is exhausted) the extra randperm
-    RandomSampler draws for its remainder: the same sequence a DataLoader(shuffle=True,
-    generator=g) consumes. Global batch i is perm[i*G:(i+1)*G]; rank r gets the r-th of `world`
+    Per epoch it draws, from `generator`, first the int64 the DataLoader draws for its worker base
+    seed, then randperm(n), then (once the epoch is exhausted) the extra randperm RandomSampler
+    draws for its remainder: the same sequence a DataLoader(shuffle=True, generator=g) consumes,
+    epoch after epoch. Global batch i is perm[i*G:(i+1)*G]; rank r gets the r-th of `world`
     near-equal contiguous chunks of it (possibly empty for a tiny last batch).
+
+    One __iter__ yields `num_batches` batches (default: one epoch), running on into as many epochs
+    as that takes, so one loader iterator serves a whole task: its workers start once and prefetch
+    across epoch boundaries (a new iterator per epoch restarts them and waits for a whole batch).
     """
 
     def __init__(self, n: int, global_batch: int, rank: int, world_size: int, generator: torch.Generator,
-                 shuffle: bool = True):
+                 shuffle: bool = True, num_batches: Optional[int] = None):
         self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world_size
         self.generator, self.shuffle = generator, shuffle
+        self.batches_per_epoch = math.ceil(n / global_batch)
+        self.num_batches = self.batches_per_epoch if num_batches is None else num_batches
+        if self.num_batches < 0 or (self.num_batches and not n):
+            raise ValueError(f"ShardedBatchSampler: {self.num_batches} batches from {n} items")
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.global_batch)
+        return self.num_batches
 
     def global_batches(self) -> Iterator[list[int]]:
+        """One epoch's global batches."""
         if self.shuffle:
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
             perm = torch.randperm(self.n, generator=self.generator).tolist()
@@ -231,8 +240,13 @@ class ShardedBatchSampler(Sampler):
             torch.randperm(self.n, generator=self.generator)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.global_batches():
-            yield shard_slice(batch, self.rank, self.world)
+        left = self.num_batches
+        while left:
+            for batch in self.global_batches():  # an epoch run to its end draws its extra randperm
+                if not left:
+                    return
+                yield shard_slice(batch, self.rank, self.world)
+                left -= 1
 
 
 def collate_allow_empty(batch: list):

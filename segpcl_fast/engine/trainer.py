@@ -102,17 +102,18 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
 RANK_SEED_STRIDE = 100003  # rank r's own random streams (augmentation, anchors) start at seed + r * this
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, cfg: Config, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
-                      num_workers=cfg.data.num_workers, drop_last=False,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+def _eval_loader(dataset, batch_size: int, cfg: Config) -> DataLoader:
+    """In order, every item once (a private generator: starting its workers leaves the global RNG alone)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0),
+                      num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
 
 
-def _sharded_loader(dataset, global_batch: int, cfg: Config, seed: int, ctx: "ddp.DistContext") -> DataLoader:
-    """This rank's slices of the global batches the single-process loader would draw (same seed)."""
-    sampler = ddp.ShardedBatchSampler(len(dataset), global_batch, ctx.rank, ctx.world_size,
-                                      torch.Generator().manual_seed(seed))
+def _train_loader(dataset, cfg: Config, seed: int, ctx: "ddp.DistContext", num_batches: int) -> DataLoader:
+    """A task's `num_batches` training batches, epoch after epoch, from one loader iterator: its
+    workers start once per task and prefetch across epoch boundaries. Under torchrun, this rank's
+    slices of the global batches the single-process loader draws (same seed, same permutations)."""
+    sampler = ddp.ShardedBatchSampler(len(dataset), cfg.optim.batch_size, ctx.rank, ctx.world_size,
+                                      torch.Generator().manual_seed(seed), num_batches=num_batches)
     # the loader's own generator only feeds its workers' base seed (their augmentation draws): one per
     # rank, rank 0 keeping the 1-process stream (the same seed made every rank crop and flip alike);
     # a private generator leaves the global RNG alone. The sampler's is shared: one global permutation.
@@ -261,7 +262,7 @@ class Trainer:
         """(correct, correct_own, total) on this rank's shard: correct_own restricts the argmax to the
         first n_own classes (the own label space, see evaluate_seen); n_own=None: all, same as correct."""
         correct = correct_own = total = 0
-        for images, labels in _loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, False, self.cfg):
+        for images, labels in _eval_loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, self.cfg):
             images, labels = images.to(self.device), labels.to(self.device)
             logits = logits_fn(images)
             hits = int((logits.argmax(dim=-1) == labels).sum())
@@ -311,7 +312,7 @@ class Trainer:
         timings = {}
         t0 = time.perf_counter()
         self.model.eval()
-        eval_loader = _loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, False, c)
+        eval_loader = _eval_loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, c)
         # stage 1 (teacher outputs, DPGD, the graph) shows as one step: minutes on a large task, not silence
         bar = _progress(1, f"task {t + 1}/{self.scenario.num_tasks} stage 1 (DPGD anchors)",
                         c.run.progress and self.dist.is_main and t > 0)
@@ -327,36 +328,29 @@ class Trainer:
         timings["stage1_s"] = time.perf_counter() - t0
 
         train_ds = self.scenario.train_dataset(t)
-        if self.dist.enabled:
-            loader = _sharded_loader(train_ds, c.optim.batch_size, c, task_seed, self.dist)
-        else:
-            loader = _loader(train_ds, c.optim.batch_size, True, c, seed=task_seed)
-        steps_per_epoch = len(loader)
+        steps_per_epoch = math.ceil(len(train_ds) / c.optim.batch_size)
         total_steps = steps_per_epoch * c.optim.epochs
         if c.run.max_steps_per_task:
             total_steps = min(total_steps, c.run.max_steps_per_task)
         optimizer = make_optimizer(self.lora_params, c) if total_steps else None
         t1 = time.perf_counter()
-        step, losses, epochs = 0, [], []
+        losses, epochs = [], []
         bar = _progress(total_steps, f"task {t + 1}/{self.scenario.num_tasks}", c.run.progress and self.dist.is_main)
         self.model.train()
-        while step < total_steps:
-            for b, (images, labels) in enumerate(loader):
-                if step >= total_steps:
-                    break
-                global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
-                parts = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
-                losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
-                epochs.append(step // steps_per_epoch)
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                    if parts:
-                        bar.set_postfix({k: f"{round(v, 3) + 0.0:.3f}" for k, v in parts.items()})  # no "-0.000"
+        for step, (images, labels) in enumerate(_train_loader(train_ds, c, task_seed, self.dist, total_steps)):
+            b = step % steps_per_epoch  # the global batch's place in its epoch
+            global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
+            parts = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
+            losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
+            epochs.append(step // steps_per_epoch)
+            if bar is not None:
+                bar.update(1)
+                if parts:
+                    bar.set_postfix({k: f"{round(v, 3) + 0.0:.3f}" for k, v in parts.items()})  # no "-0.000"
         if bar is not None:
             bar.close()
         timings["train_s"] = time.perf_counter() - t1
-        timings["steps"] = step
+        timings["steps"] = len(losses)
         t2 = time.perf_counter()
         with record_function("prototypes"):
             info.update(self.learner.end_task(t, n_new, eval_loader))

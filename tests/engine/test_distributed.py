@@ -90,6 +90,27 @@ def test_sharded_sampler_reproduces_the_single_process_loader():
     got = [a + b for epoch in range(2) for a, b in zip(list(s0), list(s1))]
     assert got == expected
     assert [len(b) for b in ddp.ShardedBatchSampler(n, batch, 1, 2, g2)] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("num_batches", [0, 2, 3, 7, 9])
+def test_one_sampler_iterator_runs_on_through_epochs_as_the_loader_does(num_batches):
+    """num_batches batches from one __iter__ (3 per epoch here) are the first num_batches of the
+    single-process DataLoader's epochs, one iterator per epoch, on one rank and split over two."""
+    from torch.utils.data import DataLoader
+    n, batch = 23, 8
+    dl = DataLoader(list(range(n)), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(7))
+    expected = [b.tolist() for epoch in range(4) for b in dl][:num_batches]
+    one = ddp.ShardedBatchSampler(n, batch, 0, 1, torch.Generator().manual_seed(7), num_batches=num_batches)
+    assert len(one) == num_batches and list(one) == expected
+    halves = [ddp.ShardedBatchSampler(n, batch, r, 2, torch.Generator().manual_seed(7), num_batches=num_batches)
+              for r in range(2)]
+    assert [a + b for a, b in zip(*halves)] == expected
+
+
+def test_a_sampler_refuses_batches_of_nothing():
+    with pytest.raises(ValueError, match="3 batches from 0 items"):
+        ddp.ShardedBatchSampler(0, 8, 0, 1, torch.Generator(), num_batches=3)
+    assert list(ddp.ShardedBatchSampler(0, 8, 0, 1, torch.Generator())) == []
     assert ddp.shard_slice(list(range(5)), 0, 2) == [0, 1] and ddp.shard_slice(list(range(5)), 1, 2) == [2, 3, 4]
 
 

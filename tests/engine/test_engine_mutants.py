@@ -533,6 +533,45 @@ def test_steps_per_task_are_epochs_times_batches_capped_by_max_steps(tiny_model_
     assert trainer.train_task(2)["timings"]["steps"] == math.ceil(n[2] / 8)
 
 
+def test_a_task_trains_from_one_loader_iterator_each_epoch_seeing_every_image_once(tiny_model_name, tmp_path,
+                                                                                   monkeypatch):
+    """Workers start once per task (one iterator over all epochs; a new one per epoch restarts them
+    and stalls for a whole batch), and each epoch still visits each of the task's images once."""
+    from segpcl_fast.engine import trainer as trainer_mod
+    cfg = small_config(tiny_model_name, tmp_path / "run", method="lora_finetune", epochs=3, optim__batch_size=8,
+                       checkpoint=False, num_tasks=10, num_workers=1, train_augment=False)
+    trainer = Trainer(cfg)
+    iterators, seen = [], []
+    make_loader = trainer_mod._train_loader
+
+    def counting_loader(*args, **kw):
+        loader = make_loader(*args, **kw)
+        original_iter = type(loader).__iter__
+        iterators.append(0)
+
+        class Counted(type(loader)):
+            def __iter__(self):
+                iterators[-1] += 1
+                return original_iter(self)
+        loader.__class__ = Counted
+        return loader
+    monkeypatch.setattr(trainer_mod, "_train_loader", counting_loader)
+    original_step = Trainer.train_step
+
+    def record(self, optimizer, images, labels, *rest):
+        seen.append(labels.tolist())
+        return original_step(self, optimizer, images, labels, *rest)
+    monkeypatch.setattr(Trainer, "train_step", record)
+    trainer.train_task(0)
+    n = len(trainer.scenario.train_dataset(0))
+    per_epoch = math.ceil(n / 8)
+    assert iterators == [1] and len(seen) == 3 * per_epoch
+    task_labels = sorted(trainer.scenario.train_dataset(0).targets)
+    for e in range(3):
+        assert sorted(sum(seen[e * per_epoch:(e + 1) * per_epoch], [])) == task_labels
+    assert seen[:per_epoch] != seen[per_epoch:2 * per_epoch]  # reshuffled each epoch
+
+
 def test_resume_restores_the_trained_state_and_the_task_log(tiny_model_name, tmp_path, monkeypatch):
     out = tmp_path / "run"
     original = Trainer.train_task

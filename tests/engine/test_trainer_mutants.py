@@ -295,13 +295,13 @@ def test_a_rank_with_an_empty_slice_of_the_last_batch_gets_an_empty_batch(worker
     """5 images, global batch 4, 2 ranks: the last global batch holds 1 image, so rank 0's slice is
     empty. Its loader must still yield that step (an empty batch: the rank joins the all-reduce with
     zero gradients) instead of failing in default_collate([]); rank 1 gets the image."""
-    from segpcl_fast.engine.trainer import _sharded_loader
+    from segpcl_fast.engine.trainer import _train_loader
     ds = TensorDataset(torch.arange(5.0).view(5, 1), torch.arange(5))
-    cfg = make_config(num_workers=workers)
+    cfg = make_config(num_workers=workers, optim__batch_size=4)
     seen = []
     for rank in range(2):
-        batches = list(_sharded_loader(ds, 4, cfg, seed=0, ctx=ddp.DistContext(rank=rank, world_size=2,
-                                                                                backend="gloo")))
+        batches = list(_train_loader(ds, cfg, seed=0, ctx=ddp.DistContext(rank=rank, world_size=2, backend="gloo"),
+                                     num_batches=2))
         assert len(batches) == 2
         assert [len(labels) for _, labels in batches] == ([2, 0] if rank == 0 else [2, 1])
         for images, labels in batches:
@@ -323,15 +323,15 @@ class _RandomDraws(torch.utils.data.Dataset):
 def test_each_rank_draws_its_own_augmentation_in_its_workers():
     """Every rank seeded its loader's worker base seed alike, so the i-th image of every rank got the
     same crop and flip. Rank 0 keeps the 1-process stream, rank 1 has its own."""
-    from segpcl_fast.engine.trainer import _loader, _sharded_loader
-    cfg = make_config(num_workers=1)
+    from segpcl_fast.engine.trainer import _train_loader
 
-    def draws(rank):
-        ctx = ddp.DistContext(rank=rank, world_size=2, backend="gloo")
-        return torch.cat([x for x, _ in _sharded_loader(_RandomDraws(), 8, cfg, seed=5, ctx=ctx)])
+    def draws(rank, world, batch):
+        cfg = make_config(num_workers=1, optim__batch_size=batch)
+        ctx = ddp.DistContext(rank=rank, world_size=world, backend="gloo" if world > 1 else None)
+        return torch.cat([x for x, _ in _train_loader(_RandomDraws(), cfg, seed=5, ctx=ctx, num_batches=2)])
 
-    rank0, rank1 = draws(0), draws(1)
-    assert torch.equal(rank0, draws(0))  # seeded: a rerun draws the same
+    rank0, rank1 = draws(0, 2, 8), draws(1, 2, 8)
+    assert torch.equal(rank0, draws(0, 2, 8))  # seeded: a rerun draws the same
     assert not torch.equal(rank0, rank1)
-    single = torch.cat([x for x, _ in _loader(_RandomDraws(), 4, False, cfg, seed=5)])
+    single = draws(0, 1, 4)
     assert torch.equal(rank0, single[:len(rank0)])  # rank 0's worker stream is the 1-process one
