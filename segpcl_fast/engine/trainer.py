@@ -102,10 +102,12 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
 RANK_SEED_STRIDE = 100003  # rank r's own random streams (augmentation, anchors) start at seed + r * this
 
 
-def _eval_loader(dataset, batch_size: int, cfg: Config) -> DataLoader:
-    """In order, every item once (a private generator: starting its workers leaves the global RNG alone)."""
+def _eval_loader(dataset, batch_size: int, cfg: Config, pin: bool = True) -> DataLoader:
+    """In order, every item once (a private generator: starting its workers leaves the global RNG alone).
+    pin=False for batches kept on the CPU: torch caches freed pinned blocks (rounded up to a power of
+    two) instead of giving them back, so a whole task's pinned images would stay page-locked."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0),
-                      num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+                      num_workers=cfg.data.num_workers, pin_memory=pin and torch.cuda.is_available())
 
 
 def _train_loader(dataset, cfg: Config, seed: int, ctx: "ddp.DistContext", num_batches: int) -> DataLoader:
@@ -312,7 +314,8 @@ class Trainer:
         timings = {}
         t0 = time.perf_counter()
         self.model.eval()
-        eval_loader = _eval_loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, c)
+        eval_loader = _eval_loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, c,
+                                   pin=False)  # stage 1 keeps the task's images on the CPU
         # stage 1 (teacher outputs, DPGD, the graph) shows as one step: minutes on a large task, not silence
         bar = _progress(1, f"task {t + 1}/{self.scenario.num_tasks} stage 1 (DPGD anchors)",
                         c.run.progress and self.dist.is_main and t > 0)

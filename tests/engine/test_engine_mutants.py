@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
 
 from segpcl_fast.api import make_config, train
 from segpcl_fast.config import ConfigError
@@ -570,6 +571,30 @@ def test_a_task_trains_from_one_loader_iterator_each_epoch_seeing_every_image_on
     for e in range(3):
         assert sorted(sum(seen[e * per_epoch:(e + 1) * per_epoch], [])) == task_labels
     assert seen[:per_epoch] != seen[per_epoch:2 * per_epoch]  # reshuffled each epoch
+
+
+def test_stage_one_loader_is_not_pinned_the_evaluation_loader_is(tiny_model_name, tmp_path, monkeypatch):
+    """Stage 1 keeps a whole task's images on the CPU; pinned, torch's pinned-memory cache would keep
+    them page-locked (rounded up to powers of two) after the task. Evaluation batches stream: pinned."""
+    from segpcl_fast.engine import trainer as trainer_mod
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ds = TensorDataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+    cfg = make_config()
+    assert trainer_mod._eval_loader(ds, 2, cfg).pin_memory is True
+    assert trainer_mod._eval_loader(ds, 2, cfg, pin=False).pin_memory is False
+    monkeypatch.undo()
+    pins = []
+    make = trainer_mod._eval_loader
+
+    def record(dataset, batch_size, cfg, pin=True):
+        pins.append(pin)
+        return make(dataset, batch_size, cfg, pin)
+    monkeypatch.setattr(trainer_mod, "_eval_loader", record)
+    trainer = Trainer(small_config(tiny_model_name, tmp_path / "run", checkpoint=False, num_tasks=10))
+    trainer.train_task(0)
+    assert pins == [False]
+    trainer.evaluate_seen(0)
+    assert pins == [False, True]
 
 
 def test_resume_restores_the_trained_state_and_the_task_log(tiny_model_name, tmp_path, monkeypatch):

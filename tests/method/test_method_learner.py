@@ -226,3 +226,21 @@ def test_dpgd_random_start_follows_the_task_seed_not_the_global_rng(tiny_model_n
         caches.append(learner.anchor_cache.pixels.clone())
     assert torch.equal(caches[0], caches[1])
     assert not torch.allclose(caches[0], caches[2])
+
+
+def test_stack_batches_is_torch_cat_and_frees_the_batches_as_it_copies():
+    from segpcl_fast.method.learner import stack_batches
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, 3, 4, 4, generator=g) for n in (5, 1, 7, 2)]
+    expected = torch.cat(batches)
+    given = list(batches)
+    got = stack_batches(given)
+    assert torch.equal(got, expected) and got.dtype == expected.dtype
+    assert given == []  # emptied: its batches can be freed while the result fills
+    assert torch.equal(stack_batches([torch.arange(3)]), torch.arange(3))
+    try:
+        stack_batches([])
+    except ValueError as e:
+        assert "no batches" in str(e)
+    else:
+        raise AssertionError("an empty task must be an error")
