@@ -18,6 +18,7 @@ lists where some frame dumps write 'v_HandstandPushups'). Class names: CamelCase
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -95,25 +96,31 @@ def middle_frame(video_dir: Path) -> Path:
     return frames[len(frames) // 2]
 
 
+def chosen_frames(sources: Sequence[str]) -> list[Path]:
+    """The file each source is read from: an image file itself, a folder's middle frame. Chosen once,
+    when the dataset is built in the main process: a cache filled inside DataLoader workers dies
+    with them, so every pass would list every folder again. Folders are listed on a few threads (a
+    network file system answers each listing slowly, not busily)."""
+    def chosen(source: str) -> Path:
+        path = Path(source)
+        return middle_frame(path) if path.is_dir() else path
+    if not sources:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(sources))) as pool:
+        return list(pool.map(chosen, sources))
+
+
 class VideoFrameDataset(ClassDataset):
-    """`sources[i]` is an image file (a middle frame) or a folder of frames (middle one is read)."""
+    """`sources[i]` is an image file (a middle frame) or a folder of frames (its middle one is read)."""
 
     def __init__(self, sources: Sequence[str], targets: Sequence[int], class_names: Sequence[str],
                  transform: Optional[Callable] = None):
         super().__init__(class_names, targets, transform)
         self.sources = list(sources)
-        self._frame_paths: dict[int, Path] = {}  # index -> chosen frame; a folder is listed once
-
-    def frame_path(self, index: int) -> Path:
-        path = self._frame_paths.get(index)
-        if path is None:
-            src = Path(self.sources[index])
-            path = middle_frame(src) if src.is_dir() else src
-            self._frame_paths[index] = path
-        return path
+        self.frame_paths = chosen_frames(self.sources)
 
     def load_image(self, index: int) -> Image.Image:
-        return read_rgb(self.frame_path(index))
+        return read_rgb(self.frame_paths[index])
 
 
 def _classes(lists: Path) -> list[str]:

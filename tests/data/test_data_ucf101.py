@@ -1,6 +1,7 @@
 import os
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -135,16 +136,22 @@ def test_middle_frame_ambiguous_or_flow_only(tmp_path):
         middle_frame(tmp_path / "v_flow")
 
 
-def test_frame_folder_listed_once(tmp_path, monkeypatch):
+def test_frame_folders_are_listed_once_when_the_dataset_is_built(tmp_path, monkeypatch):
+    """Each folder is listed when the dataset is built, in the main process: a cache filled while
+    reading would be filled inside DataLoader workers and die with them (a listing per pass)."""
+    from torch.utils.data import DataLoader
     root = write_lists(tmp_path / "ucf")
     for c, folder, video in all_videos():
         write_video_frames(root / "rawframes" / folder / video, colour(c, group(video)), flow=("flow_x_{:05d}.jpg",))
-    train, _ = load_ucf101(str(root))
     calls = []
     monkeypatch.setattr(ucf101, "middle_frame", lambda d: calls.append(d) or middle_frame(d))
+    train, test = load_ucf101(str(root))
+    assert sorted(calls) == sorted(Path(s) for s in train.sources + test.sources)
     first = [train[i][0].getpixel((0, 0)) for i in range(len(train))]
     again = [train[i][0].getpixel((0, 0)) for i in range(len(train))]
-    assert first == again and len(calls) == len(train)
+    assert first == again and len(calls) == len(train) + len(test)
+    loaded = [y for _, y in DataLoader(train, batch_size=2, num_workers=1, collate_fn=lambda b: b[0])]
+    assert loaded and len(calls) == len(train) + len(test)
 
 
 @pytest.mark.parametrize("style", ["folders", "midframes"])
