@@ -27,7 +27,9 @@ def override_list(overrides: Union[str, Sequence[str], None]) -> list[str]:
 @contextlib.contextmanager
 def process_state_kept():
     """What a Trainer sets for its run (ops backend, torch threads, the torch / numpy / random seeds),
-    given back afterwards: for calls that only read a run (evaluate)."""
+    given back afterwards: for calls that only read a run (evaluate). CUDA's generators are given back
+    on the devices already started; a seed queued before CUDA starts is the run's afterwards (keeping
+    it would mean starting every GPU, or torch's private lazy-seed queue)."""
     import random
 
     import numpy as np
@@ -160,7 +162,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
                                      defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
         ckpt.check_class_names(last, state, trainer.scenario.class_names)
-        trainer.model.load_state_dict(state["lora"], strict=False)
+        ckpt.restore_lora(last, trainer.model, state)
         trainer.learner.load_state_dict(state["learner"])
         counts = trainer.evaluate_seen(state["task"])
     return {"task": state["task"] + 1,

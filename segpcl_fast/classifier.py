@@ -49,7 +49,7 @@ from .data.transforms import clip_test_transform
 from .fileio import UnsafeFileError, atomic_path, load_torch_file, unwritable_dir_reason
 from .method.prototypes import dual_path_logits
 from .model.clip import CLIPModel, ImageStats, model_from_state_dict
-from .model.lora import merge_lora
+from .model.lora import load_lora_state_dict, merge_lora
 from .version import __version__
 
 log = logging.getLogger("segpcl_fast.classifier")
@@ -432,13 +432,10 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
         raise ClassifierError(f"checkpoint {path}: the pretrained text embeddings of these class names differ "
                               f"from the run's (other weights at model.pretrained={cfg.model.pretrained!r}, or "
                               f"class names not in the run's order)")
-    lora = state["lora"]
-    expected = {k for k in model.state_dict() if "lora_" in k}
-    if set(lora) != expected:
-        missing, extra = sorted(expected - set(lora)), sorted(set(lora) - expected)
-        raise ClassifierError(f"checkpoint {path}: its LoRA tensors do not fit the model its config builds "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    model.load_state_dict(lora, strict=False)
+    try:
+        load_lora_state_dict(model, state["lora"])
+    except ValueError as e:
+        raise ClassifierError(f"checkpoint {path}: {e}") from None
     protos = learner["prototypes"]
     return ContinualClassifier(model=model.eval(), class_names=names,
                                text=learner["text_cache"].to(device), prototypes=_prototype_tensor(protos, device),

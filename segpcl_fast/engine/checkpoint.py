@@ -33,11 +33,12 @@ PathLike = Union[str, os.PathLike]
 # Keys that may differ between a run and its resumption (they change no setting of the method):
 # where files go and what is shown, how fast it runs, data.expected_classes (a check on the data,
 # not a setting), and where the data and weights lie (a moved copy of the same dataset: the trainer
-# then checks the class names against the checkpoint's, see check_class_names). One changes results
-# without changing the method: data.num_workers. Each DataLoader worker draws the random
+# then checks the class names against the checkpoint's, see check_class_names). Some change results
+# without changing the method: data.num_workers, as each DataLoader worker draws the random
 # augmentations of its batches from its own RNG (seeded from the loader's generator and its worker
-# id; with 0 workers they come from the main process's), so a run resumed with another worker count
-# is a valid run whose later tasks are not bit-identical to the uninterrupted one.
+# id; with 0 workers they come from the main process's); and, at rounding level, the keys that pick
+# how the arithmetic runs (run.device, run.ops, run.compile, run.num_threads, dpgd.batch_size). A run
+# resumed with other values is a valid run whose later tasks are not bit-identical to the uninterrupted one.
 RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.checkpoint",
                  "run.num_threads", "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
                  "dpgd.batch_size", "data.expected_classes", "data.root", "data.frames_dir", "model.cache_dir")
@@ -222,6 +223,15 @@ def check_class_names(path: PathLike, state: Mapping, class_names: list) -> None
                           f"{first} was {stored[first] if first < len(stored) else '(none)'!r}, now "
                           f"{class_names[first] if first < len(class_names) else '(none)'!r} ({len(stored)} "
                           f"classes then, {len(class_names)} now); point data.root at the run's dataset")
+
+
+def restore_lora(path: PathLike, model: torch.nn.Module, state: Mapping) -> None:
+    """The checkpoint's LoRA tensors into the model, every one of them (model.lora.load_lora_state_dict)."""
+    from ..model.lora import load_lora_state_dict
+    try:
+        load_lora_state_dict(model, state["lora"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
 
 
 def checkpoint_path(output_dir: PathLike, task: int) -> Path:

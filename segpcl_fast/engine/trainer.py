@@ -484,7 +484,7 @@ class Trainer:
             if last is not None:
                 state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), defaults=type(c)().to_dict())
                 ckpt.check_class_names(last, state, self.scenario.class_names)
-                self.model.load_state_dict(state["lora"], strict=False)
+                ckpt.restore_lora(last, self.model, state)
                 self.learner.load_state_dict(state["learner"])
                 correct = np.array(state["correct"], dtype=np.float64)
                 correct_own = np.array(state.get("correct_own", np.full((T, T), np.nan)), dtype=np.float64)
@@ -493,14 +493,14 @@ class Trainer:
                 start = state["task"] + 1
                 ops.restore_choices(state.get("ops", {}))  # results.json "ops": the whole run's, not this part's
                 self.log_fn(f"resumed from {last}: tasks 1..{start} done")
-            elif (self.out / "results.json").exists():  # run.checkpoint=false: a finished run is its results
-                return self._finished_result(T)
-            elif main:
-                log.warning("run.resume is set but %s has no finished task; starting from task 1",
-                            self.out / ckpt.CHECKPOINT_DIR)
-        if start == T and (self.out / "results.json").exists():
-            self.holds_final_weights = True  # the last checkpoint was loaded above
+        # a finished run is its results, whichever task its last checkpoint holds: with run.checkpoint=false
+        # (also set on a --resume) the tasks trained since wrote none
+        if c.run.resume and (self.out / "results.json").exists():
+            self.holds_final_weights = start == T  # the last checkpoint, loaded above, is the final one
             return self._finished_result(T)
+        if c.run.resume and start == 0 and main:
+            log.warning("run.resume is set but %s has no finished task; starting from task 1",
+                        self.out / ckpt.CHECKPOINT_DIR)
         problem = None
         if main:
             try:

@@ -252,6 +252,7 @@ class Learner:
         self.n_seen = state["n_seen"]
         self.n_old = self.n_seen
         self.prototypes.load_state_dict(state["prototypes"])
+        self.prototypes.tensor = self.prototypes.tensor.to(self.device)  # where an unbroken run keeps them
         self.text_cache = state["text_cache"].to(self.device) if state["text_cache"] is not None else None
         if not torch.allclose(state["ref_text"].to(self.device), self.ref_text, atol=1e-5):
             raise RuntimeError("checkpoint's reference text embeddings differ from this model's: "

@@ -11,7 +11,7 @@ c_fc, c_proj).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -225,6 +225,18 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors (A buffers and B parameters): the whole trained state of a run."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def load_lora_state_dict(model: nn.Module, lora: Mapping[str, torch.Tensor]) -> None:
+    """Load a run's LoRA tensors, which must be exactly the model's: load_state_dict(strict=False)
+    alone skips any whose names differ and leaves those B at zero without a word."""
+    expected = {k for k in model.state_dict() if "lora_" in k}
+    if set(lora) != expected:
+        missing, extra = sorted(expected - set(lora)), sorted(set(lora) - expected)
+        raise ValueError(f"its LoRA tensors do not fit the model its config builds (missing {len(missing)}: "
+                         f"{missing[:3]}, unexpected {len(extra)}: {extra[:3]}; another open_clip version names "
+                         f"the layers otherwise?)")
+    model.load_state_dict(lora, strict=False)
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -134,6 +134,7 @@ def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path)
     del state["config"]["data"]["expected_classes"]
     state["fingerprint"] = ckpt.config_fingerprint(state["config"])
     ckpt.save_task_checkpoint(tmp_path / "run", 0, state)  # "last" now points at task 0
+    (tmp_path / "run" / "results.json").unlink()  # as if killed in task 1 (a finished run is its results)
     # a preset of the newer version sets data.expected_classes: a check, so it may differ on resume
     resumed = train(small_config(tiny_model_name, tmp_path / "run", resume=True, data__expected_classes=100))
     assert resumed.accuracy_matrix == full.accuracy_matrix
@@ -195,6 +196,42 @@ def test_resume_of_a_finished_run_without_checkpoints_changes_nothing(tiny_model
     with pytest.raises(ckpt.CheckpointError, match="finished run of another config .optim.lr was 0.001, now 0.5.: "
                                                    f"resume it with its own config .--config {tmp_path / 'run' / 'config.yaml'}"):
         train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, checkpoint=False, resume=True, lr=0.5))
+
+
+def test_a_run_finished_by_a_resume_without_checkpoints_is_finished(tiny_model_name, tmp_path, monkeypatch):
+    """Checkpoints for task 1 only, then a --resume with run.checkpoint=false trains task 2 and writes
+    results.json: a further --resume must return that, not train task 2 again from task 1's checkpoint."""
+    out = tmp_path / "run"
+    crash_at_task(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_model_name, out))
+    monkeypatch.undo()
+    finished = train(small_config(tiny_model_name, out, resume=True, checkpoint=False))
+    assert ckpt.find_last_checkpoint(out).name == "task_00.pt"
+    before = (out / "results.json").read_bytes()
+    crash_at_task(monkeypatch, 1)  # training anything now fails the test
+    again = train(small_config(tiny_model_name, out, resume=True))
+    assert (out / "results.json").read_bytes() == before
+    assert again.accuracy_matrix == finished.accuracy_matrix
+
+
+def test_a_checkpoint_whose_lora_tensors_do_not_fit_the_model_is_refused(tiny_model_name, tmp_path, monkeypatch):
+    """load_state_dict(strict=False) skipped LoRA tensors of other names without a word: the run
+    resumed (or evaluated) with B = 0 in those layers, mixed with the checkpoint's prototypes."""
+    from segpcl_fast.api import evaluate
+    out = tmp_path / "run"
+    crash_at_task(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_model_name, out))
+    monkeypatch.undo()
+    path = ckpt.find_last_checkpoint(out)
+    state = torch.load(path, weights_only=True)
+    state["lora"] = {k.replace("resblocks.", "blocks."): v for k, v in state["lora"].items()}
+    torch.save(state, path)
+    for attempt in (lambda: train(small_config(tiny_model_name, out, resume=True)), lambda: evaluate(out)):
+        with pytest.raises(ckpt.CheckpointError, match=r"task_00.pt: its LoRA tensors do not fit the model its "
+                                                       r"config builds \(missing 28: \['clip.*unexpected 28"):
+            attempt()
 
 
 def test_resuming_an_ablation_starts_the_runs_it_had_not_reached(tiny_model_name, tmp_path):
