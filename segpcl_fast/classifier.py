@@ -80,7 +80,7 @@ class ContinualClassifier:
             raise ClassifierError(f"{n} class names but {self.text.shape[0]} text embeddings and "
                                   f"{self.prototypes.shape[0]} prototypes: one row per seen class is needed")
         stats = self.model.image_stats
-        self.transform = clip_test_transform(stats.size, stats.mean, stats.std)
+        self.transform = clip_test_transform(stats.size, stats.mean, stats.std, **stats.geometry())
 
     def __repr__(self) -> str:  # not the dataclass's: that prints the whole model and every tensor
         return (f"ContinualClassifier(model={self.model.name!r}, task={self.task}, classes={len(self.class_names)}, "
@@ -226,7 +226,7 @@ class ContinualClassifier:
                    "prototypes": self.prototypes.detach().float().cpu(), "beta": float(self.beta),
                    "logit_scale": float(self.model.logit_scale().detach()), "task": self.task,
                    "image_autocast": None if autocast is None else str(autocast).removeprefix("torch."),
-                   "image_stats": {"size": stats.size, "mean": list(stats.mean), "std": list(stats.std)}}
+                   "image_stats": {"size": stats.size, "mean": list(stats.mean), "std": list(stats.std), **stats.geometry()}}
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
         return Path(path)
@@ -462,7 +462,8 @@ def _from_export(path: Path, state: dict, device) -> ContinualClassifier:
         model = model_from_state_dict(state["model_name"], state["state_dict"], device=device,
                                       pretrained=state.get("pretrained"))
         stats = state["image_stats"]
-        model.image_stats = ImageStats(size=int(stats["size"]), mean=tuple(stats["mean"]), std=tuple(stats["std"]))
+        model.image_stats = ImageStats(size=int(stats["size"]), mean=tuple(stats["mean"]), std=tuple(stats["std"]),
+                                       **{k: stats[k] for k in ("resize_mode", "interpolation", "fill_color") if k in stats})
         model.image_autocast = getattr(torch, state["image_autocast"]) if state.get("image_autocast") else None
         return ContinualClassifier(model=model.eval(), class_names=list(state["class_names"]),
                                    text=state["text"].to(device), prototypes=state["prototypes"].to(device),

@@ -97,6 +97,17 @@ def test_predict_takes_paths_pil_images_and_tensors_alike(run, tmp_path):
     same(clf.predict([paths[2], tmp_path], topk=3), [by_path[2]] + by_path)
 
 
+def test_an_export_keeps_the_models_evaluation_geometry(run, tmp_path):
+    """A model whose preprocess_cfg squashes (SigLIP, DFN) is exported and loaded back squashing."""
+    import dataclasses
+    _, _, out = run
+    clf = load_classifier(out)
+    clf.model.image_stats = dataclasses.replace(clf.model.image_stats, resize_mode="squash", interpolation="bilinear")
+    back = load_classifier(clf.export(tmp_path / "model.pt"))
+    assert back.model.image_stats == clf.model.image_stats
+    assert tuple(back.transform.resize_crop.transforms[0].size) == (back.model.image_stats.size,) * 2  # squash
+
+
 def test_export_is_plain_open_clip_and_loads_back_as_the_same_classifier(run, tmp_path):
     import open_clip
     _, _, out = run

@@ -2,7 +2,9 @@
 input size and normalisation (open_clip: model.visual.preprocess_cfg / image_mean, image_std).
 
 Test: resize the shorter side to `image_size` (bicubic), center crop, to tensor, normalise --
-the same pipeline as open_clip.image_transform(image_size, is_train=False) (a test checks it).
+the same pipeline as open_clip.image_transform(image_size, is_train=False) (a test checks it);
+models whose preprocess_cfg says otherwise (resize_mode squash / longest, bilinear: SigLIP, DFN, ...)
+get open_clip's geometry for it (eval_geometry).
 Train ([choice], documented here): RandomResizedCrop(image_size, scale=(0.6, 1.0), bicubic)
 + RandomHorizontalFlip, then to tensor and normalise. open_clip's own train transform uses
 scale=(0.9, 1.0) and no flip; continual-learning CLIP methods commonly add flip and a wider crop.
@@ -59,14 +61,39 @@ class ToNormalizedTensor:
         return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
 
 
-class ClipTestTransform:
-    """Resize the shorter side (bicubic), center crop, to tensor, normalise; resize and crop are
-    skipped for an image already image_size x image_size (both are the identity there)."""
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "random")
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+
+def eval_geometry(image_size: int, resize_mode: str = "shortest", interpolation: str = "bicubic",
+                  fill_color: int = 0) -> T.Compose:
+    """open_clip's evaluation geometry for its preprocess_cfg (open_clip.image_transform, is_train=False):
+    shortest: resize the shorter side, center crop; squash: resize to a square, aspect not kept;
+    longest: resize the longer side, pad to a square with fill_color. 'random' interpolation means
+    bicubic at evaluation, as in open_clip."""
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES} (open_clip's), got {resize_mode!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS} (open_clip's), got {interpolation!r}")
+    mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
+    if resize_mode == "squash":
+        return T.Compose([T.Resize((image_size, image_size), interpolation=mode)])
+    if resize_mode == "longest":
+        from open_clip.transform import CenterCropOrPad, ResizeKeepRatio  # open_clip's own steps
+        return T.Compose([ResizeKeepRatio(image_size, interpolation=mode, longest=1),
+                          CenterCropOrPad(image_size, fill=fill_color)])
+    return T.Compose([T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size)])
+
+
+class ClipTestTransform:
+    """Resize the shorter side (bicubic), center crop, to tensor, normalise (or another of open_clip's
+    geometries: eval_geometry); resize and crop are skipped for an image already image_size x
+    image_size (every geometry is the identity there)."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], resize_mode: str = "shortest",
+                 interpolation: str = "bicubic", fill_color: int = 0):
         self.image_size = int(image_size)
-        self.resize_crop = T.Compose([T.Resize(self.image_size, interpolation=InterpolationMode.BICUBIC),
-                                      T.CenterCrop(self.image_size)])
+        self.resize_crop = eval_geometry(self.image_size, resize_mode, interpolation, fill_color)
         self.to_tensor = ToNormalizedTensor(mean, std)
 
     def __call__(self, image) -> torch.Tensor:
@@ -78,9 +105,9 @@ class ClipTestTransform:
         return f"ClipTestTransform({self.resize_crop}, {self.to_tensor})"
 
 
-def clip_test_transform(image_size: int, mean: Sequence[float] = CLIP_MEAN,
-                        std: Sequence[float] = CLIP_STD) -> Callable:
-    return ClipTestTransform(image_size, mean, std)
+def clip_test_transform(image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                        resize_mode: str = "shortest", interpolation: str = "bicubic", fill_color: int = 0) -> Callable:
+    return ClipTestTransform(image_size, mean, std, resize_mode, interpolation, fill_color)
 
 
 def clip_train_transform(image_size: int, mean: Sequence[float] = CLIP_MEAN,
@@ -106,8 +133,9 @@ def clip_transform_reference(image_size: int, mean: Sequence[float] = CLIP_MEAN,
 
 
 def build_transforms(image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                     train_augment: bool = True) -> tuple[Callable, Callable]:
-    """(train_transform, test_transform); without augmentation both are the test transform."""
-    test = clip_test_transform(image_size, mean, std)
+                     train_augment: bool = True, **geometry) -> tuple[Callable, Callable]:
+    """(train_transform, test_transform); without augmentation both are the test transform.
+    geometry: the test transform's resize_mode / interpolation / fill_color (eval_geometry)."""
+    test = clip_test_transform(image_size, mean, std, **geometry)
     train = clip_train_transform(image_size, mean, std) if train_augment else test
     return train, test

@@ -209,7 +209,8 @@ class Trainer:
         raw_train, raw_test = build_datasets(c.data)
         self.model, self.lora_params = build_model(c, self.device)
         stats = self.model.image_stats
-        train_tf, self.test_tf = build_transforms(stats.size, stats.mean, stats.std, c.data.train_augment)
+        train_tf, self.test_tf = build_transforms(stats.size, stats.mean, stats.std, c.data.train_augment,
+                                                 **stats.geometry())
         train_ds = ClassSubset(raw_train, range(len(raw_train)), transform=train_tf)
         test_ds = ClassSubset(raw_test, range(len(raw_test)), transform=self.test_tf)
         self.scenario = ClassIncrementalScenario.from_config(c.data, train_ds, test_ds)

@@ -162,7 +162,8 @@ class Learner:
         elif source == "folder":  # ZSCL-style: unlabeled reference images, as many as the task has (at most)
             from ..data.retention import load_reference_images
             from ..data.transforms import clip_test_transform
-            transform = self.eval_transform or clip_test_transform(stats.size, stats.mean, stats.std)
+            transform = self.eval_transform or clip_test_transform(stats.size, stats.mean, stats.std,
+                                                                   **stats.geometry())
             pixels = load_reference_images(self.cfg.acgd.source_folder, transform, limit=len(images),
                                            seed=self.anchor_generator.initial_seed())
             targets = torch.full((len(pixels),), -1, dtype=torch.long)

@@ -58,9 +58,18 @@ def register_model_configs() -> None:
 
 @dataclass
 class ImageStats:
+    """The image tower's input: size and normalisation, and open_clip's evaluation geometry for it
+    (visual.preprocess_cfg: resize_mode, interpolation, fill_color; data.transforms.eval_geometry)."""
     size: int
     mean: tuple
     std: tuple
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    fill_color: int = 0
+
+    def geometry(self) -> dict:
+        """The keyword arguments of data.transforms' test transform beyond size, mean and std."""
+        return {"resize_mode": self.resize_mode, "interpolation": self.interpolation, "fill_color": self.fill_color}
 
 
 class CLIPModel(nn.Module):
@@ -75,9 +84,13 @@ class CLIPModel(nn.Module):
         visual = clip.visual
         size = visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        preprocess = getattr(visual, "preprocess_cfg", None) or {}
         self.image_stats = ImageStats(size=size,
                                       mean=tuple(getattr(visual, "image_mean", None) or _OPENAI_MEAN),
-                                      std=tuple(getattr(visual, "image_std", None) or _OPENAI_STD))
+                                      std=tuple(getattr(visual, "image_std", None) or _OPENAI_STD),
+                                      resize_mode=preprocess.get("resize_mode") or "shortest",
+                                      interpolation=preprocess.get("interpolation") or "bicubic",
+                                      fill_color=int(preprocess.get("fill_color") or 0))
         self.image_autocast: Optional[torch.dtype] = None  # autocast dtype of the image tower (None: off)
         self._vit = hasattr(visual, "_embeds") and hasattr(visual, "_pool")
         if not self._vit and type(visual).__name__ == "VisionTransformer":

@@ -16,6 +16,40 @@ def test_test_transform_matches_open_clip():
     assert ours(gray).shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "random"])
+@pytest.mark.parametrize("shape", [(37, 53, 3), (53, 37, 3), (32, 32, 3)])
+def test_every_open_clip_evaluation_geometry_matches_open_clip(resize_mode, interpolation, shape):
+    """SigLIP, DFN and others squash or pad instead of cropping (their preprocess_cfg): the test
+    transform must be open_clip's for the model, not always shortest-side + crop."""
+    open_clip = pytest.importorskip("open_clip")
+    img = Image.fromarray(np.random.RandomState(sum(shape)).randint(0, 256, shape, dtype=np.uint8))
+    geometry = dict(resize_mode=resize_mode, interpolation=interpolation, fill_color=7)
+    _, ours = build_transforms(32, CLIP_MEAN, CLIP_STD, **geometry)
+    ref = open_clip.image_transform(32, is_train=False, mean=CLIP_MEAN, std=CLIP_STD, **geometry)
+    assert torch.equal(ours(img), ref(img))
+    if shape[0] != shape[1] and (resize_mode, interpolation) not in (("shortest", "bicubic"), ("shortest", "random")):
+        assert not torch.equal(ours(img), build_transforms(32, CLIP_MEAN, CLIP_STD)[1](img))
+
+
+def test_an_unknown_geometry_is_refused():
+    with pytest.raises(ValueError, match="resize_mode must be one of"):
+        build_transforms(32, resize_mode="stretch")
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        build_transforms(32, interpolation="nearest")
+
+
+def test_the_models_preprocess_cfg_gives_its_image_stats_geometry(tiny_model_name):
+    from segpcl_fast.model.clip import load_model
+    model = load_model(tiny_model_name, None)
+    assert model.image_stats.geometry() == {"resize_mode": "shortest", "interpolation": "bicubic", "fill_color": 0}
+    visual = model.clip.visual
+    visual.preprocess_cfg = dict(getattr(visual, "preprocess_cfg", {}), resize_mode="squash", interpolation="bilinear")
+    from segpcl_fast.model.clip import CLIPModel
+    again = CLIPModel(model.clip, model.tokenizer, model.name, None)
+    assert again.image_stats.geometry() == {"resize_mode": "squash", "interpolation": "bilinear", "fill_color": 0}
+
+
 def test_train_transform_shape_and_randomness():
     img = Image.fromarray(np.random.RandomState(1).randint(0, 256, (40, 30, 3), dtype=np.uint8))
     train, test = build_transforms(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train_augment=True)
