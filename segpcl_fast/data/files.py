@@ -159,7 +159,8 @@ def parse_wnid_mapping(path: Path) -> dict[str, str]:
     """Read a wnid -> class name file.
 
     Text formats (one class a line): "n01443537 goldfish" (ImageNet-R README.txt),
-    "n01440764 tench, Tinca tinca" (LOC_synset_mapping.txt: the first name is kept).
+    "n01440764 tench, Tinca tinca" (LOC_synset_mapping.txt: the first name is kept), and either after
+    an index column: "0 n01443537 goldfish" (RAPF's imagenet_R_classes.txt).
     Lines that do not start with a wnid are skipped, so a README's prose is fine.
     JSON formats: {"n01440764": "tench"} or torchvision/Keras' {"0": ["n01440764", "tench"]}.
     Binary: torchvision ImageNet's meta.bin (suffix .bin). A file that cannot be parsed
@@ -173,6 +174,8 @@ def parse_wnid_mapping(path: Path) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for line in read_lines(path):
         parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].isdigit():  # "<index> <wnid> <name>" (RAPF's imagenet_R_classes.txt)
+            parts = parts[1].split(None, 1)
         if len(parts) == 2 and WNID_RE.match(parts[0]):
             mapping[parts[0]] = clean_name(parts[1].split(",")[0])
     return mapping
@@ -247,6 +250,10 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
         clip_names = clip_imagenet_names(mapping)
         if clip_names is not None:
             mapping, source = clip_names, f"CLIP's ImageNet names (open_clip; wnids from '{path}')"
+    if not mapping:
+        raise format_error(dataset, f"class-name mapping '{path}' has no line '<wnid> <class name>' (nor "
+                                    f"'<index> <wnid> <class name>')", layout,
+                           "use a mapping with lines '<wnid> <class name>' via data.names_file")
     missing = [w for w in wnids if w not in mapping]
     if missing:
         raise format_error(dataset, f"class-name mapping '{path}' lacks {len(missing)} of the "

@@ -157,11 +157,17 @@ def _split_from_folders(folder: Path, wnids: list[str], split: str) -> Split:
 
 
 def _split_from_list(files: list[tuple[str, str]], wnids: list[str], list_path: Path,
-                     bases: list[Path]) -> Split:
+                     bases: list[Path], flat_val: Optional[Path] = None, val_csv: Optional[Path] = None) -> Split:
+    """The listed images. flat_val: Kaggle's flat val/ folder, where a list written for val/<wnid>/
+    folders (PODNet's val_100.txt) finds its images by file name; their wnids are then checked
+    against val_csv (LOC_val_solution.csv) where it exists."""
     index = {w: i for i, w in enumerate(wnids)}
-    paths, targets, missing = [], [], []
+    paths, targets, missing, flat = [], [], [], {}
     for rel, wnid in files:
         found = relative_to_any(rel, bases)
+        if found is None and flat_val is not None and (flat_val / Path(rel).name).is_file():
+            found = flat_val / Path(rel).name
+            flat[found.stem] = wnid
         if found is None:
             missing.append(rel)
             continue
@@ -172,12 +178,21 @@ def _split_from_list(files: list[tuple[str, str]], wnids: list[str], list_path: 
                                  f"{' or '.join(str(b) for b in bases)}, e.g. {missing[:3]}", LAYOUT,
                            "point data.root at the ImageNet root that holds train/ and val/ (a list's paths "
                            "may start with train/ or val/, or with the wnid folder)")
+    if flat and val_csv is not None:
+        solution = _val_solution(val_csv)
+        wrong = [f"{i} ({w} in the list, {solution.get(i)} in {VAL_CSV})" for i, w in sorted(flat.items())
+                 if solution.get(i) != w]
+        if wrong:
+            raise format_error(NAME, f"{len(wrong)} images of '{list_path}' found in the flat '{flat_val}' belong "
+                                     f"to other classes by {val_csv}, e.g. {wrong[:3]}", LAYOUT,
+                               "use the val list made for ImageNet's own val set, or sort val/ into val/<wnid>/ "
+                               "folders")
     return paths, targets
 
 
-def _val_from_csv(csv_path: Path, folder: Path, wnids: list[str]) -> Split:
-    index = {w: i for i, w in enumerate(wnids)}
-    pairs = []
+def _val_solution(csv_path: Path) -> dict[str, str]:
+    """Kaggle's LOC_val_solution.csv: image id -> wnid (the first of its PredictionString)."""
+    solution = {}
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         absent = [c for c in VAL_CSV_COLUMNS if c not in (reader.fieldnames or [])]
@@ -187,8 +202,14 @@ def _val_from_csv(csv_path: Path, folder: Path, wnids: list[str]) -> Split:
                                        "or sort val/ into val/<wnid>/ folders")
         for row in reader:
             wnid = (row["PredictionString"] or "").split()[:1]
-            if wnid and wnid[0] in index:
-                pairs.append((row["ImageId"], index[wnid[0]]))
+            if wnid:
+                solution[row["ImageId"]] = wnid[0]
+    return solution
+
+
+def _val_from_csv(csv_path: Path, folder: Path, wnids: list[str]) -> Split:
+    index = {w: i for i, w in enumerate(wnids)}
+    pairs = [(image_id, index[wnid]) for image_id, wnid in _val_solution(csv_path).items() if wnid in index]
     if not pairs:
         raise format_error(NAME, f"'{csv_path}' lists no val image of the {len(wnids)} classes, e.g. "
                                  f"{wnids[:3]}", LAYOUT, "use the full ILSVRC-2012 val solution file")
@@ -220,7 +241,10 @@ def _val_split(root: Path, image_root: Path, classes: ClassList, bases: list[Pat
             raise format_error(NAME, f"val list '{val_list}' does not match '{classes.path}': its labels "
                                      f"{wrong[:5]} name other wnids, or its classes differ", LAYOUT,
                                "use the val list made with the train list (same wnids, same labels)")
-        return _split_from_list(files, classes.wnids, val_list, bases + [image_root / "val"])
+        val_dir = image_root / "val"
+        flat = val_dir if val_dir.is_dir() and not wnid_folders(val_dir) else None
+        csv_path = root / VAL_CSV if flat is not None and (root / VAL_CSV).is_file() else None
+        return _split_from_list(files, classes.wnids, val_list, bases + [val_dir], flat, csv_path)
     val_dir = image_root / "val"
     if wnid_folders(val_dir):
         return _split_from_folders(val_dir, classes.wnids, "val")

@@ -66,6 +66,13 @@ def test_names_need_readme_or_mapping(imagenet_r_root, tmp_path):
     mapping.write_text(f"{WNIDS[0]} only one\n")
     with pytest.raises(DatasetFormatError, match="lacks 3 of the 4 wnids"):
         load_imagenet_r(str(imagenet_r_root), names_file=str(mapping))
+    # RAPF's imagenet_R_classes.txt: '<index>\t<wnid>\t<name>', indices in another order than the wnids
+    mapping.write_text("".join(f"{3 - i}\t{w}\tRapf name {i}\n" for i, w in enumerate(WNIDS)))
+    train, _ = load_imagenet_r(str(imagenet_r_root), names_file=str(mapping))
+    assert train.class_names == [f"Rapf name {i}" for i in range(4)]
+    mapping.write_text("goldfish\nshark\n")
+    with pytest.raises(DatasetFormatError, match="has no line '<wnid> <class name>'"):
+        load_imagenet_r(str(imagenet_r_root), names_file=str(mapping))
     with pytest.raises(DatasetFormatError, match="not found"):
         load_imagenet_r(str(imagenet_r_root), names_file=str(tmp_path / "absent.txt"))
 

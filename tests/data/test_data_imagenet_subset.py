@@ -156,6 +156,25 @@ def test_split_lists_relative_to_the_split_folders(tmp_path):
     assert_images_match_labels(val, SUBSET_SORTED)
 
 
+def test_podnet_val_list_over_kaggles_flat_val_folder(tmp_path):
+    """PODNet's val_100.txt says val/<wnid>/<file>; Kaggle's val/ is flat: the images are found by
+    file name and checked against LOC_val_solution.csv (a list from elsewhere is one error)."""
+    root = make_imagenet_subset(tmp_path / "in", split_lists=True, kaggle=True, flat_val=True)
+    lines = (root / "val_100.txt").read_text().splitlines()
+    assert all(line.startswith("val/") and line.count("/") == 1 for line in lines)  # the fake's flat form
+    podnet = [f"val/{SUBSET_SORTED[int(label)]}/{rel[len('val/'):]} {label}" for rel, label in map(str.split, lines)]
+    (root / "val_100.txt").write_text("\n".join(podnet) + "\n")
+    train, val = load_imagenet_subset(str(root))
+    assert len(train) == 3 * 3 and len(val) == 3 * 2
+    assert all(f"{IN_KAGGLE_IMAGES}/val/" in p for p in val.paths)
+    assert_images_match_labels(val, SUBSET_SORTED)
+    (a, la), (b, lb) = podnet[0].split(), podnet[-1].split()  # two images of two classes trade folders
+    swapped = [f"{a.rsplit('/', 1)[0]}/{b.rsplit('/', 1)[1]} {la}", f"{b.rsplit('/', 1)[0]}/{a.rsplit('/', 1)[1]} {lb}"]
+    (root / "val_100.txt").write_text("\n".join(swapped + podnet[1:-1]) + "\n")
+    with pytest.raises(DatasetFormatError, match="found in the flat .* belong to other classes by"):
+        load_imagenet_subset(str(root))
+
+
 def test_split_list_without_val_list_falls_back_to_val_folders(tmp_path):
     root = make_imagenet_subset(tmp_path / "in", split_lists=True)
     add_unlisted_images(root)
