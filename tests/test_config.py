@@ -402,3 +402,27 @@ def test_pixel_radii_duplicate_targets_and_a_repeated_class_are_refused_when_the
         assert part in str(e.value)
     cfg = config_from_dict({"dpgd": {"eps": 1.0, "gamma": 0.0}, "data": {"class_order": [2, 0, 1]}})
     assert (cfg.dpgd.eps, cfg.dpgd.gamma, cfg.data.class_order) == (1.0, 0.0, [2, 0, 1])
+
+
+# method.md's defaults (its [choice] marks included), key by key: a changed default changes the
+# method every run and preset inherits, so each is pinned here against the text it comes from.
+METHOD_MD_DEFAULTS = {
+    "lora.rank": 32, "lora.targets": ["k", "v", "c_fc", "c_proj"], "lora.towers": ["visual", "text"],
+    "data.templates": ["a good photo of a {}."],
+    "dpgd.k_seed": 5, "dpgd.k_adv": 10, "dpgd.gamma": 1.5e-3, "dpgd.eps": 8 / 255, "dpgd.random_start": False,
+    "dpgd.lambda_p": 1.0,
+    "acgd.enabled": True, "acgd.weight": 5.0, "acgd.tau": 20.0, "acgd.anchor_batch": 0, "acgd.source": "anchors",
+    "tsgr.enabled": True, "tsgr.weight": 1.0, "tsgr.k": 10, "tsgr.tau": 0.05,
+    "prototypes.transfer": True, "prototypes.beta": 0.5, "prototypes.weight_rule": "relu_cos",
+    "optim.lr": 1e-3, "optim.momentum": 0.9, "optim.batch_size": 128, "optim.epochs": 10,
+    "optim.schedule": "cosine", "optim.cls_over": "current",
+    "data.num_tasks": 10, "run.method": "segpcl",
+}
+
+
+def test_the_defaults_are_method_mds():
+    defaults = Config().to_dict()
+    got = {key: defaults[key.split(".")[0]][key.split(".")[1]] for key in METHOD_MD_DEFAULTS}
+    assert got == METHOD_MD_DEFAULTS
+    lora = Config().lora
+    assert lora.alpha / lora.rank == 1.0  # [choice] scaling alpha / r = 1

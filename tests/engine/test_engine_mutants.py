@@ -597,6 +597,28 @@ def test_stage_one_loader_is_not_pinned_the_evaluation_loader_is(tiny_model_name
     assert pins == [False, True]
 
 
+def test_forward_transfer_predicts_among_all_the_benchmarks_classes(tiny_model_name, tmp_path, monkeypatch):
+    """method.md: FWT is the CLIP path's accuracy on task j before training it, predicting among all
+    classes of the benchmark (not the classes seen so far); labels are positions in the class order."""
+    from segpcl_fast.method.learner import Learner
+    trainer = Trainer(small_config(tiny_model_name, tmp_path / "run", checkpoint=False, num_tasks=10))
+    texts = []
+    clip_logits = Learner.clip_logits
+    monkeypatch.setattr(Learner, "clip_logits", lambda self, x, text: texts.append(text) or clip_logits(self, x, text))
+    fwt = trainer.forward_transfer(1)
+    n_classes = trainer.scenario.num_classes
+    assert texts and all(text.shape[0] == n_classes > len(trainer.scenario.seen_classes(1)) for text in texts)
+    with torch.no_grad():
+        want = trainer.model.class_embeddings(trainer.prompts, device=trainer.device)
+    torch.testing.assert_close(texts[0], want)
+    correct = total = 0
+    for images, labels in torch.utils.data.DataLoader(trainer.scenario.test_dataset(1), batch_size=64):
+        with torch.no_grad():
+            correct += int((clip_logits(trainer.learner, images, want).argmax(-1) == labels).sum())
+        total += len(labels)
+    assert fwt == pytest.approx(100.0 * correct / total)
+
+
 def test_resume_restores_the_trained_state_and_the_task_log(tiny_model_name, tmp_path, monkeypatch):
     out = tmp_path / "run"
     original = Trainer.train_task

@@ -174,6 +174,70 @@ def test_cls_loss_is_over_current_classes_by_default(tiny_model_name):
     assert math.isclose(float(parts["cls"]), float(want), rel_tol=1e-4)
 
 
+def test_cls_loss_over_seen_classes_when_asked(tiny_model_name):
+    learner, img, y = _second_task_started(tiny_model_name)
+    learner.cfg.optim.cls_over = "seen"
+    with torch.no_grad():
+        _, parts = learner.loss(img, y)
+        _, emb = learner.model.encode_image(img)
+        text = F.normalize(learner.model.class_embeddings(learner.class_prompts[:N_TOTAL]), dim=-1)
+        logits = learner.model.logit_scale() * F.normalize(emb, dim=-1) @ text.T
+    assert math.isclose(float(parts["cls"]), float(F.cross_entropy(logits, y)), rel_tol=1e-4)
+
+
+def _lora_b(model, tower):
+    return [p for n, p in model.named_parameters() if "lora_B" in n and (n.startswith("clip.visual.") == (tower == "visual"))]
+
+
+def test_acgd_and_tsgr_train_what_their_formulas_train(tiny_model_name):
+    """The gradients of the learner's L_ACGD reach both towers' B as the hand formula's do (a detach
+    on either side of z_S would stop one), and L_GR's reach the text tower's B as TSGR's on the
+    student text embeddings do."""
+    learner, img, y = _second_task_started(tiny_model_name)
+    _perturb_lora(learner.model, scale=0.2, seed=5)
+    model, tau = learner.model, learner.cfg.acgd.tau
+    visual, text_b = _lora_b(model, "visual"), _lora_b(model, "text")
+    assert visual and text_b
+    state = learner.anchor_generator.get_state()
+    _, parts = learner.loss(img, y)
+    got = torch.autograd.grad(parts["acgd"], visual + text_b, allow_unused=True)
+    g = torch.Generator()
+    g.set_state(state)
+    batch = stage1.sample_anchor_batch(learner.anchor_cache, img.shape[0], g)
+    _, emb = model.encode_image(batch.pixels)
+    text = F.normalize(model.class_embeddings(learner.class_prompts[:N_OLD]), dim=-1)
+    z_s = model.logit_scale() * F.normalize(emb, dim=-1) @ text.T
+    p_t = F.softmax(batch.teacher_logits / tau, dim=-1)
+    hand = tau ** 2 * (p_t * (F.log_softmax(batch.teacher_logits / tau, -1) - F.log_softmax(z_s / tau, -1))).sum(-1).mean()
+    want = torch.autograd.grad(hand, visual + text_b)
+    for tower, n in (("visual", len(visual)), ("text", len(text_b))):
+        pairs = list(zip(got, want))[:n] if tower == "visual" else list(zip(got, want))[len(visual):]
+        assert all(a is not None for a, _ in pairs), f"L_ACGD gives the {tower} tower no gradient"
+        a, b = torch.cat([x.flatten() for x, _ in pairs]), torch.cat([x.flatten() for _, x in pairs])
+        assert float(b.norm()) > 0 and float((a - b).norm()) < 1e-3 * float(b.norm()), tower
+    _, parts = learner.loss(img, y)
+    got = torch.autograd.grad(parts["gr"], text_b, allow_unused=True)
+    want = torch.autograd.grad(stage2.tsgr_loss(learner.text_embeddings(N_TOTAL), learner.graph), text_b)
+    assert all(a is not None for a in got), "L_GR gives the text tower no gradient"
+    a, b = torch.cat([x.flatten() for x in got]), torch.cat([x.flatten() for x in want])
+    assert float(b.norm()) > 0 and float((a - b).norm()) < 1e-4 * float(b.norm())
+
+
+def test_each_step_draws_as_many_anchors_as_images_or_acgd_anchor_batch(tiny_model_name, monkeypatch):
+    learner, img, y = _first_task_done(tiny_model_name)
+    learner.cfg.dpgd.k_seed = 3  # 9 anchors for a batch of 6 images
+    learner.begin_task(1, N_NEW, [(img, y)])
+    assert len(learner.anchor_cache) == 9 and img.shape[0] == 6
+    drawn = []
+    sample = stage1.sample_anchor_batch
+    monkeypatch.setattr(stage1, "sample_anchor_batch", lambda cache, n, g=None: drawn.append(n) or sample(cache, n, g))
+    with torch.no_grad():
+        learner.loss(img, y)
+        learner.cfg.acgd.anchor_batch = 4
+        learner.loss(img, y)
+    assert drawn == [6, 4]
+
+
 # ----------------------------------------------------------------------------- stage 3
 
 def test_end_task_moves_old_prototypes_by_the_anchor_drift(tiny_model_name):
@@ -193,6 +257,27 @@ def test_end_task_moves_old_prototypes_by_the_anchor_drift(tiny_model_name):
     learner.end_task(1, N_NEW, [(img, y)])
     torch.testing.assert_close(learner.prototypes.tensor[:N_OLD], old + c, atol=1e-4, rtol=1e-4)
     assert len(learner.prototypes) == N_TOTAL
+
+
+def test_end_task_weighs_the_drift_by_prototypes_weight_rule(tiny_model_name):
+    """Anchors drifted by different amounts: relu_cos weights them by cos(r_T, p_c), uniform by 1
+    (every old class moves by the mean drift): the rule in the config must be the one applied."""
+    learner, img, y = _second_task_started(tiny_model_name)
+    cache = learner.transfer_cache
+    learner.model.eval()
+    with torch.no_grad():
+        student_raw = learner.model.raw_features(cache.pixels).float()
+    c = torch.linspace(-0.3, 0.3, student_raw.shape[1])
+    drift = c * torch.arange(1, len(student_raw) + 1, dtype=torch.float32).unsqueeze(1)  # anchor a drifts (a+1) c
+    learner.transfer_cache = stage1.AnchorCache(cache.pixels, cache.targets, cache.teacher_logits,
+                                                student_raw - drift, source=cache.source)
+    learner.cfg.prototypes.weight_rule = "uniform"
+    old = learner.prototypes.tensor[:N_OLD].clone()
+    relu_cos = stage3.transfer_prototypes(old, student_raw - drift, student_raw, "relu_cos")
+    learner.end_task(1, N_NEW, [(img, y)])
+    want = old + drift.mean(0)
+    torch.testing.assert_close(learner.prototypes.tensor[:N_OLD], want, atol=1e-4, rtol=1e-4)
+    assert float((relu_cos - want).abs().max()) > 1e-2  # the other rule would not give it
 
 
 # ----------------------------------------------------------------------------- inference
