@@ -186,7 +186,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
 
     from .fileio import atomic_write_text
     from .method.variants import LADDER, variant_overrides
-    from .report import format_metrics_table, mean_std, plus_minus
+    from .report import format_metrics_table, metric_columns, plus_minus
     from .report.results import to_jsonable
     from .engine.distributed import refuse_multi_process
     refuse_multi_process("the ablation")
@@ -211,15 +211,13 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
                 run_cfg = apply_overrides(cfg, {"run.method": name, "run.seed": int(seed), "run.output_dir": str(run_dir),
                                                 "run.resume": cfg.run.resume and run_dir.is_dir()})
                 runs[name].append(train(run_cfg))
-        row = {"method": name if same_as == name else f"{name} (= {same_as})", "seeds": len(seeds)}
-        for key in ABLATION_METRICS:
-            mean, std = mean_std([r.metrics.get(key) for r in runs[name]])
-            row[key], row[key + "_std"] = mean, std
+        row = {"method": name if same_as == name else f"{name} (= {same_as})", "seeds": len(seeds),
+               **metric_columns([r.metrics for r in runs[name]], ABLATION_METRICS)}
         rows.append(row)
     table = format_metrics_table(
-        [{"method": r["method"], **{k: plus_minus(r[k], r[k + "_std"], len(seeds)) for k in ABLATION_METRICS}}
-         for r in rows],
-        title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- std)")
+        [{"method": r["method"], **{k: plus_minus(r[k], r[k + "_std"], len(seeds), r[k + "_n"])
+                                    for k in ABLATION_METRICS}} for r in rows],
+        title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- sample std)")
     paths = {"json": str(out / "ablation.json"), "table": str(out / "ablation.txt")}
     atomic_write_text(out / "ablation.txt", table + "\n")
     atomic_write_text(out / "ablation.json", json.dumps(to_jsonable(
@@ -231,7 +229,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
         curves = {n: np.mean([r.acc_per_task for r in rs], axis=0) for n, rs in runs.items()}
         spread = {n: np.std([r.acc_per_task for r in rs], axis=0, ddof=1) for n, rs in runs.items()} \
             if len(seeds) > 1 else None
-        over = f"mean +- std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+        over = f"mean +- sample std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
         paths["png"] = str(plots.plot_acc_curves(curves, out / "ablation.png", errors=spread,
                                                  title=f"ablation: acc per task ({cfg.data.dataset}, {over})"))
     return {"rows": rows, "runs": runs, "paths": paths, "table": table}

@@ -190,6 +190,12 @@ def summarize(matrix, acc_per_task, fwt_before=None, matrix_own=None) -> dict:
     if acc.shape != (a.shape[0],):
         raise MetricsError(f"acc per task must have length T={a.shape[0]}, got {acc.shape}")
     _check_percent(acc, "acc per task")
+    for t in range(a.shape[0]):  # a weighted mean of row t's accuracies lies within them
+        lo, hi = float(np.min(a[t, :t + 1])), float(np.max(a[t, :t + 1]))
+        if not lo - 1e-6 <= acc[t] <= hi + 1e-6:
+            raise MetricsError(f"acc per task [{t}] = {acc[t]:g} lies outside row {t} of the accuracy matrix "
+                               f"([{lo:g}, {hi:g}]): acc_t is the image-weighted mean of a[t][0..t], in the "
+                               f"same units (percent)")
     if fwt_before is not None and len(fwt_before) != a.shape[0]:
         raise MetricsError(f"fwt_before must have length T={a.shape[0]} (entry 0 is ignored), "
                            f"got {len(fwt_before)}")

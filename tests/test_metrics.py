@@ -141,3 +141,14 @@ def test_matrix_list_round_trip():
     assert rows[0][1] is None and rows[2][2] == 95.0
     np.testing.assert_array_equal(M.matrix_from_list(rows), np.array(MATRIX))
     assert math.isclose(M.percent(1, 4), 25.0)
+
+
+def test_acc_per_task_must_lie_within_its_matrix_row():
+    """acc_t is the image-weighted mean of a[t][0..t]: a value outside the row is another quantity
+    (fractions against percent, another run's curve), refused instead of averaged."""
+    a = np.array([[90.0, np.nan], [70.0, 80.0]])
+    assert M.summarize(a, [90.0, 76.0])["Avg"] == pytest.approx(83.0)
+    with pytest.raises(M.MetricsError, match=r"acc per task \[1\] = 10 lies outside row 1 of the accuracy matrix \(\[70, 80\]\)"):
+        M.summarize(a, [90.0, 10.0])
+    with pytest.raises(M.MetricsError, match="outside row 0"):
+        M.summarize(a / 100, [90.0, 76.0])

@@ -593,3 +593,22 @@ def test_xformers_probe(monkeypatch):
     assert accel.has_xformers() is True
     monkeypatch.setattr(mha, "xformers_failure", lambda device, dtype, head: "no kernel image for sm_90")
     assert accel.has_xformers() is False
+
+
+def test_results_name_the_runs_own_device_not_the_first_gpu(monkeypatch):
+    from segpcl_fast.report.results import collect_versions
+    _fake_cuda(monkeypatch)
+    assert collect_versions("cuda:1")["device_name"] == "NVIDIA A100"
+    assert collect_versions()["device_name"] == "NVIDIA H200"  # no device given: the first GPU
+    assert "NVIDIA" not in collect_versions("cpu")["device_name"]
+
+
+def test_metric_columns_count_the_runs_that_have_each_metric():
+    from segpcl_fast.report.tables import metric_columns, plus_minus
+    row = metric_columns([{"Last": 1.0, "Forgetting_own": None}, {"Last": 3.0}, {"Last": 2.0, "Forgetting_own": 4.0}],
+                         ["Last", "Forgetting_own"])
+    assert row["Last"] == 2.0 and row["Last_std"] == pytest.approx(1.0) and row["Last_n"] == 3  # sample std
+    assert row["Forgetting_own"] == 4.0 and row["Forgetting_own_std"] is None and row["Forgetting_own_n"] == 1
+    assert plus_minus(row["Last"], row["Last_std"], 3, row["Last_n"]) == "2.00 +- 1.00"
+    assert plus_minus(row["Forgetting_own"], None, 3, row["Forgetting_own_n"]) == "4.00 (n=1)"
+    assert plus_minus(None, None, 3, 0) == "n/a"

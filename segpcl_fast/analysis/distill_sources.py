@@ -108,7 +108,7 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
                                                        "rows": rows, "runs": runs, "config": cfg.to_dict()}, table)
     if cfg.run.plots:
         from ..report import plots
-        over = f"mean +- std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+        over = f"mean +- sample std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
         paths["png"] = str(plots.plot_bars({r["source"]: r["Last"] for r in rows}, out / "distill_sources.png",
                                            errors={r["source"]: r["Last_std"] for r in rows} if len(seeds) > 1 else None,
                                            ylabel="Last (%)",
@@ -118,6 +118,6 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
 
 def format_sources_table(rows: list, method: str, dataset: str, n_seeds: int) -> str:
     from ..report import format_table
-    body = [[r["source"]] + [plus_minus(r[m], r[m + "_std"], n_seeds) for m in METRICS] for r in rows]
+    body = [[r["source"]] + [plus_minus(r[m], r[m + "_std"], n_seeds, r.get(m + "_n")) for m in METRICS] for r in rows]
     return format_table(body, ["ACGD source"] + list(METRICS),
-                        title=f"ACGD distillation source ({method} on {dataset}, {n_seeds} seed(s), mean +- std)")
+                        title=f"ACGD distillation source ({method} on {dataset}, {n_seeds} seed(s), mean +- sample std)")

@@ -17,7 +17,7 @@ from ..api import check_unique  # noqa: F401  (the analyses' check is the API's)
 from ..config import Config, apply_overrides, check_resume_dir  # noqa: F401
 from ..fileio import atomic_write_text
 from ..report.results import to_jsonable
-from ..report.tables import mean_std, plus_minus  # noqa: F401  (the analyses' table cells)
+from ..report.tables import mean_std, metric_columns, plus_minus  # noqa: F401  (the analyses' table cells)
 
 DPI = 120
 
@@ -89,11 +89,8 @@ METRICS = ("Avg", "Last", "Forgetting", "BWT", "FWT", "Forgetting_own")  # ablat
 
 
 def summarize_runs(results: list, keys: Iterable[str] = METRICS) -> dict:
-    """{key: mean, key_std: std} over Results (train() outputs) for each metric key."""
-    row = {}
-    for key in keys:
-        row[key], row[key + "_std"] = mean_std(r.metrics.get(key) for r in results)
-    return row
+    """{key: mean, key_std: sample std, key_n: runs with it} over Results (train() outputs) per metric."""
+    return metric_columns([r.metrics for r in results], list(keys))
 
 
 def slug(text: str) -> str:

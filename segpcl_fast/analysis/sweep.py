@@ -195,7 +195,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
         row = {**{k: point[k] for k in axes}, "seeds": len(seeds), **summarize_runs(results),
                "runs": [r.output_dir for r in results]}
         rows.append(row)
-        log.info("sweep %s: Last %.2f", point_name(point), row["Last"] or float("nan"))
+        log.info("sweep %s: Last %.2f", point_name(point), float("nan") if row["Last"] is None else row["Last"])
     table = format_sweep_table(rows, list(axes), len(seeds), cfg.data.dataset)
     paths = write_table_files(out, "sweep", {"axes": axes, "fixed": fixed, "seeds": seeds, "rows": rows,
                                              "config": cfg.to_dict()}, table)
@@ -206,9 +206,10 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
 
 def format_sweep_table(rows: list, keys: list, n_seeds: int, dataset: str) -> str:
     from ..report import format_table
-    body = [[_show(r[k]) for k in keys] + [plus_minus(r[m], r[m + "_std"], n_seeds) for m in METRICS] for r in rows]
+    body = [[_show(r[k]) for k in keys] + [plus_minus(r[m], r[m + "_std"], n_seeds, r.get(m + "_n")) for m in METRICS]
+            for r in rows]
     return format_table(body, keys + list(METRICS),
-                        title=f"sweep on {dataset} ({n_seeds} seed(s), mean +- std)")
+                        title=f"sweep on {dataset} ({n_seeds} seed(s), mean +- sample std)")
 
 
 def plot_sweep(rows: list, axes: Mapping[str, list], swept: list, path, dataset: str, n_seeds: int = 1) -> str:

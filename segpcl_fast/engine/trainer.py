@@ -52,6 +52,10 @@ class Result:
     # per task, per epoch: the mean of each loss term over the epoch's steps (epoch_means); a task
     # without training steps has []; [] for runs from before it was recorded
     loss_per_epoch: list = field(default_factory=list)
+    # test_images[j]: task j's test images; correct[t][j] / correct_own[t][j]: how many were right after
+    # task t (None above the diagonal): the matrix and acc_t recomputed under any weighting
+    counts: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)  # world_size, device: what ran it (not config keys)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -445,7 +449,8 @@ class Trainer:
                       output_dir=str(self.out), paths=self._moved_paths(saved), timings=saved.get("timings", {}),
                       ops=saved.get("ops", {}), config=saved.get("config", {}),
                       accuracy_matrix_own=saved.get("matrix_own", []),
-                      loss_per_epoch=saved.get("loss_per_epoch", []))
+                      loss_per_epoch=saved.get("loss_per_epoch", []), counts=saved.get("counts", {}),
+                      run=saved.get("run", {}))
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Result:
@@ -551,14 +556,23 @@ class Trainer:
         result = Result(accuracy_matrix=metrics.matrix_to_list(matrix), acc_per_task=acc.tolist(),
                         accuracy_matrix_own=metrics.matrix_to_list(matrix_own) if matrix_own is not None else [],
                         metrics=summary, fwt_before=fwt_before, output_dir=str(self.out),
-                        timings={"run_s": time.perf_counter() - t_run, "tasks": [i["timings"] for i in task_info]},
+                        timings={"run_s": time.perf_counter() - t_run, "tasks": [i["timings"] for i in task_info],
+                                 **({"run_s_from_task": start + 1} if start else {})},  # a resume: its part
                         ops=ops.choices_used(), config=c.to_dict(),
-                        loss_per_epoch=[i.get("loss_per_epoch", []) for i in task_info])
+                        loss_per_epoch=[i.get("loss_per_epoch", []) for i in task_info],
+                        counts={"test_images": totals, "correct": _count_rows(correct),
+                                "correct_own": _count_rows(correct_own) if matrix_own is not None else []},
+                        run={"world_size": self.dist.world_size, "device": str(self.device)})
         if main:
             from ..report import write_run_report
             result.paths = write_run_report(result, self.out, plots=c.run.plots,
                                             class_names=self.scenario.class_names)
         return result
+
+
+def _count_rows(counts: np.ndarray) -> list[list[Optional[int]]]:
+    """A count matrix as JSON rows: ints, None where not measured (above the diagonal)."""
+    return [[None if v is None else int(v) for v in row] for row in metrics.matrix_to_list(counts)]
 
 
 def _check_ops_backend(name: str, device: torch.device) -> None:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -57,8 +58,26 @@ def _dist_version(name: str) -> Optional[str]:
         return None
 
 
-def collect_versions() -> dict[str, Optional[str]]:
-    """Versions of the software that produced a result (None when a package is absent)."""
+def source_revision() -> Optional[dict]:
+    """{"commit", "dirty"} of the git checkout the package runs from (an editable install or a source
+    tree; `__version__` alone does not change between commits); None for an installed copy or
+    without git. dirty: tracked files differ from the commit."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def collect_versions(device=None) -> dict[str, Optional[str]]:
+    """Versions of the software that produced a result (None when a package is absent), and the
+    name of `device` (the run's; default: the first GPU if any, else the CPU)."""
     versions = {"segpcl_fast": __version__, "python": platform.python_version()}
     for key, dist in [("torch", "torch"), ("open_clip", "open_clip_torch"), ("triton", "triton"),
                       ("numpy", "numpy"), ("torchvision", "torchvision")]:
@@ -66,10 +85,13 @@ def collect_versions() -> dict[str, Optional[str]]:
     try:
         import torch
         versions["cuda"] = torch.version.cuda
-        versions["device_name"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        versions["device_name"] = (torch.cuda.get_device_name(device.index or 0) if device.type == "cuda"
                                    else platform.processor() or platform.machine())
     except ImportError:
         pass
+    versions["source"] = source_revision()
     return versions
 
 
@@ -82,8 +104,9 @@ def fused_ops_used() -> dict[str, str]:
 def build_results(*, config: Mapping, matrix, acc_per_task, metrics: Mapping,
                   fwt_before=None, timings: Optional[Mapping] = None,
                   paths: Optional[Mapping] = None, ops: Optional[Mapping] = None,
-                  extra: Optional[Mapping] = None) -> dict:
-    """The results dict (JSON-ready). `ops=None` asks ops.dispatch which implementations ran."""
+                  extra: Optional[Mapping] = None, device=None) -> dict:
+    """The results dict (JSON-ready). `ops=None` asks ops.dispatch which implementations ran;
+    `device`: the run's, whose name the versions record."""
     return to_jsonable({
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -94,7 +117,7 @@ def build_results(*, config: Mapping, matrix, acc_per_task, metrics: Mapping,
         "timings": dict(timings or {}),
         "paths": dict(paths or {}),
         "ops": dict(fused_ops_used() if ops is None else ops),
-        "versions": collect_versions(),
+        "versions": collect_versions(device),
         "config": dict(config),
         **dict(extra or {}),
     })

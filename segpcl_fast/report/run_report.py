@@ -73,11 +73,14 @@ def write_run_report(result: Any, output_dir: str | os.PathLike, plots: bool = T
         extra["matrix_own"] = r["accuracy_matrix_own"]
     if r.get("loss_per_epoch"):
         extra["loss_per_epoch"] = r["loss_per_epoch"]
+    for key in ("counts", "run"):
+        if r.get(key):
+            extra[key] = r[key]
     write_results(out / RESULTS_FILE, config=r.get("config") or {},
                   matrix=M.matrix_from_list(r["accuracy_matrix"]), acc_per_task=r["acc_per_task"],
                   metrics=r["metrics"], fwt_before=r.get("fwt_before"), timings=r.get("timings"),
                   paths=paths, ops=r.get("ops") or {},
-                  extra=extra or None)
+                  extra=extra or None, device=(r.get("run") or {}).get("device"))
     return paths
 
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -46,12 +46,24 @@ def mean_std(values) -> tuple[Optional[float], Optional[float]]:
     return mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
 
 
-def plus_minus(mean: Optional[float], std: Optional[float], n: int) -> str:
+def metric_columns(runs_metrics: Sequence[Mapping], keys: Sequence[str]) -> dict:
+    """{key: mean, key_std: sample std, key_n: runs that have it} over the runs' metrics dicts (a
+    metric a run lacks, e.g. one resumed from an older checkpoint, is left out, and key_n says so)."""
+    row = {}
+    for key in keys:
+        values = [m.get(key) for m in runs_metrics]
+        row[key], row[key + "_std"] = mean_std(values)
+        row[key + "_n"] = sum(v is not None for v in values)
+    return row
+
+
+def plus_minus(mean: Optional[float], std: Optional[float], n: int, n_used: Optional[int] = None) -> str:
     """A table cell: "mean +- std" over n > 1 runs (a std of 0.00 shown too: those runs agree), "mean" for
-    one run, "n/a" for none."""
+    one run, "n/a" for none; "(n=k)" when only k of the n runs have the value."""
     if mean is None:
         return "n/a"
-    return f"{mean:.2f} +- {std:.2f}" if n > 1 and std is not None else f"{mean:.2f}"
+    cell = f"{mean:.2f} +- {std:.2f}" if n > 1 and std is not None else f"{mean:.2f}"
+    return cell + (f" (n={n_used})" if n_used is not None and n_used < n else "")
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str], floatfmt: str = ".2f",

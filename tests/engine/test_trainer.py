@@ -2,6 +2,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +185,29 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_model_name, tmp_path, cap
     assert again.metrics == pytest.approx(full.metrics) and again.accuracy_matrix == full.accuracy_matrix
     assert again.ops == full.ops and again.ops
     assert load_config(tmp_path / "run" / "config.yaml").run.resume is False
+
+
+def test_results_hold_the_counts_behind_the_matrix_and_what_ran_the_run(tiny_model_name, tmp_path):
+    """Uneven tasks: acc_t is weighted by test images, which only counts in results.json let anyone
+    re-derive; the run's device, world size and source revision are recorded beside the versions."""
+    out = tmp_path / "run"
+    train(small_config(tiny_model_name, out, num_tasks=2, task_sizes=[60, 40], max_test_per_class=3))
+    saved = json.loads((out / "results.json").read_text())
+    counts = saved["counts"]
+    assert counts["test_images"] == [180, 120]
+    correct = np.array([[np.nan if v is None else v for v in row] for row in counts["correct"]])
+    for t in range(2):
+        want = 100 * np.nansum(correct[t, :t + 1]) / sum(counts["test_images"][:t + 1])
+        assert saved["acc_per_task"][t] == pytest.approx(want)
+        assert saved["matrix"][t][:t + 1] == pytest.approx(list(100 * correct[t, :t + 1] / counts["test_images"][:t + 1]))
+    assert counts["correct"][0][1] is None and all(isinstance(v, int) for v in counts["correct"][1])
+    assert saved["run"] == {"world_size": 1, "device": "cpu"}
+    source = saved["versions"]["source"]
+    if (Path(__file__).resolve().parents[2] / ".git").exists():  # a source checkout: its commit
+        assert len(source["commit"]) == 40 and isinstance(source["dirty"], bool)
+    again = train(small_config(tiny_model_name, out, num_tasks=2, task_sizes=[60, 40], max_test_per_class=3,
+                               resume=True))
+    assert again.counts == counts and again.run == saved["run"]
 
 
 def test_resume_of_a_finished_run_without_checkpoints_changes_nothing(tiny_model_name, tmp_path):
