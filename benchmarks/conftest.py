@@ -68,8 +68,9 @@ def median_seconds(benchmark) -> float | None:
 
 def device_median_ms(fn, device: str) -> float | None:
     """On CUDA, fn's device time in ms: triton.testing.do_bench's median (CUDA events around each call,
-    L2 flushed before each, so neither host dispatch nor a cache-resident input is in it); None on
-    other devices or without triton. pytest-benchmark's own rounds are host-timed with a synchronize."""
+    L2 flushed before each, calls queued without a synchronize between them, so a call whose kernels
+    outrun their host dispatch shows the dispatch: the small, launch-bound sizes); None on other
+    devices or without triton. pytest-benchmark's own rounds are host-timed with a synchronize."""
     if device != "cuda":
         return None
     try:

@@ -14,11 +14,15 @@
 #   bench    every benchmark file but the e2e and the CPU-only transforms ones, CUDA rows only +
 #            summary; anchor_kl knob sweep
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
-#   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU
+#   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU: the
+#            E2E_VARIANTS (default compiled_fused compiled_reference eager_fused) here; the
+#            E2E_EXTRA ones (default compiled_cpp_lora eager_reference, measured on the H100 before)
+#            after the profile step, as budget allows
 #   profile  the compiled e2e step in steady state (kernel categories), then 5 steps of task 2
 #            with ViT-B/16 (random weights, eager) through `segpcl-fast profile`
-# STEPS unset runs all five; STEPS="" (set but empty) is refused. Suggested calls: STEPS="kernels
-# bench", then STEPS="ext e2e", then STEPS="profile".
+# STEPS unset runs all five; STEPS="" (set but empty) is refused. An entry STEP-PART runs that part
+# of a step alone, as skipped.txt names them (e2e-eager_reference, bench-tune, profile-vitb16, ...).
+# e2e and profile need open_clip (bring it: benchmarks/device_wheels.sh); without it they are skipped.
 #
 # Time (all in whole seconds; environment variables):
 #   STEP_TIMEOUT (420)  each step command is sent SIGINT after this (pytest then ends its session and
@@ -29,8 +33,10 @@
 #                       most what is left of the rest less its kill grace, and is not started when
 #                       that is under MIN_CMD_S (5). RESERVE must also cover the last refresh of
 #                       $OUT (a tar of the logs: seconds). A step that would start with under
-#                       MIN_STEP_S (60) s left, or an e2e variant with under MIN_VARIANT_S (45), is
-#                       skipped. Summary scripts, probes and `segpcl-fast env` have timeouts too.
+#                       MIN_STEP_S (60) s left (the profile step: MIN_PROFILE_S, 120: its first
+#                       command compiles ViT-B/16), or an e2e variant with under MIN_VARIANT_S (45),
+#                       is skipped. The knob sweep (bench-tune) stops after TUNE_TIMEOUT (120).
+#                       Summary scripts, probes and `segpcl-fast env` have timeouts too.
 #   skipped.txt (reset by each call) names what this call skipped for lack of budget, one a line: a
 #   step, e2e-VARIANT, or STEP-PART for a command of a started step (e.g. bench-tune), so a second
 #   call with STEPS= set to those steps finishes the set.
@@ -46,6 +52,8 @@
 # the same machine left there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts run as files import segpcl_fast from here
+export PYTHONUNBUFFERED=1  # a script killed at its limit keeps the rows it printed
 OUT="${OUT:-$PWD/gpu_results}"
 WORK="${WORK:-/tmp/segpcl_gpu_work}"
 PYTHON="${PYTHON:-python3}"
@@ -55,20 +63,24 @@ if [ "${STEPS+set}" = set ] && [ -z "${STEPS//[[:space:]]/}" ]; then
   exit 2
 fi
 STEPS="${STEPS:-$ALL_STEPS}"
-for step in $STEPS; do
-  case " $ALL_STEPS " in *" $step "*) ;; *) echo "unknown step '$step' in STEPS; choose from: $ALL_STEPS" >&2; exit 2;; esac
+for entry in $STEPS; do  # a step, or STEP-PART (a part of it alone)
+  case " $ALL_STEPS " in *" ${entry%%-*} "*) ;; *) echo "unknown step '$entry' in STEPS; choose from: $ALL_STEPS (or STEP-PART)" >&2; exit 2;; esac
 done
+E2E_VARIANTS="${E2E_VARIANTS-compiled_fused compiled_reference eager_fused}"
+E2E_EXTRA="${E2E_EXTRA-compiled_cpp_lora eager_reference}"
 BUDGET="${BUDGET:-0}"  # 0: no overall bound
 STEP_TIMEOUT="${STEP_TIMEOUT:-420}"
 KILL_GRACE="${KILL_GRACE:-20}"
 MIN_STEP_S="${MIN_STEP_S:-60}"
 MIN_VARIANT_S="${MIN_VARIANT_S:-45}"
+MIN_PROFILE_S="${MIN_PROFILE_S:-120}"
+TUNE_TIMEOUT="${TUNE_TIMEOUT:-120}"
 MIN_CMD_S="${MIN_CMD_S:-5}"
 if [ -z "${RESERVE:-}" ]; then case "$BUDGET" in 0|'') RESERVE=0;; *) RESERVE=45;; esac; fi
-for var in BUDGET RESERVE STEP_TIMEOUT KILL_GRACE MIN_STEP_S MIN_VARIANT_S MIN_CMD_S; do
+for var in BUDGET RESERVE STEP_TIMEOUT KILL_GRACE MIN_STEP_S MIN_VARIANT_S MIN_PROFILE_S TUNE_TIMEOUT MIN_CMD_S; do
   case "${!var}" in ''|*[!0-9]*) echo "gpu_suite.sh: $var must be a whole number of seconds, not '${!var}'" >&2; exit 2;; esac
 done
-for var in STEP_TIMEOUT KILL_GRACE MIN_CMD_S; do  # timeout treats 0 as "no limit"
+for var in STEP_TIMEOUT KILL_GRACE TUNE_TIMEOUT MIN_CMD_S; do  # timeout treats 0 as "no limit"
   [ "${!var}" -ge 1 ] || { echo "gpu_suite.sh: $var must be at least 1" >&2; exit 2; }
 done
 QUICK_GRACE=$(( KILL_GRACE < 5 ? KILL_GRACE : 5 ))  # kill grace of the quick commands (summaries, env)
@@ -86,7 +98,12 @@ mkdir -p "$STAGE" || exit 2
 rm -f "$OUT"/.*.tmp
 status=0
 
-want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
+want() {  # want STEP: the step, or a part of it, is chosen
+  case " $STEPS " in *" $1 "*|*" $1-"*) return 0;; *) return 1;; esac
+}
+part() {  # part LABEL (STEP-PART): chosen, as its whole step or by itself
+  case " $STEPS " in *" ${1%%-*} "*|*" $1 "*) return 0;; *) return 1;; esac
+}
 
 bounded() {  # bounded LABEL SIG GRACE LIMIT CMD...: CMD for at most LIMIT s and what $POOL has left less GRACE, then SIG, SIGKILL GRACE s later
   local label=$1 sig=$2 grace=$3 t=$4 l rc t0
@@ -117,10 +134,14 @@ quick() {  # quick LABEL LIMIT CMD...: a short command (summary script, probe)
   local label=$1 limit=$2; shift 2
   bounded "$label" TERM "$QUICK_GRACE" "$limit" "$@"
 }
-starts() {  # starts <step>: chosen and enough budget left to be worth starting
+starts() {  # starts STEP [MIN_S]: chosen and enough budget left (MIN_S, default MIN_STEP_S) to be worth starting
+  local min=${2:-$MIN_STEP_S}
   want "$1" || return 1
-  if [ "$(left)" -lt "$MIN_STEP_S" ]; then
-    echo "$1" >> "$WORK/skipped.txt"; echo "step $1 skipped: $(left) s of budget left (MIN_STEP_S=$MIN_STEP_S)" >&2; return 1
+  if [ -n "${NEEDS_OPEN_CLIP:-}" ] && [ "${HAVE_OPEN_CLIP:-1}" != 1 ] && case " $NEEDS_OPEN_CLIP " in *" $1 "*) true;; *) false;; esac; then
+    echo "$1" >> "$WORK/skipped.txt"; echo "step $1 skipped: open_clip is not importable here (benchmarks/device_wheels.sh)" | tee -a "$WORK/steps.txt" >&2; return 1
+  fi
+  if [ "$(left)" -lt "$min" ]; then
+    echo "$1" >> "$WORK/skipped.txt"; echo "step $1 skipped: $(left) s of budget left (needs $min)" >&2; return 1
   fi
   if [ "$BUDGET" -gt 0 ]; then echo "== step $1 ($(left) s of budget left) ==" >&2; else echo "== step $1 ==" >&2; fi
 }
@@ -194,6 +215,14 @@ trap pack EXIT
   quick "" 90 "$PYTHON" -c "import xformers, xformers.ops as xo, torch; q = torch.randn(1, 8, 2, 64, device='cuda', dtype=torch.bfloat16); xo.memory_efficient_attention(q, q, q); print('xformers', xformers.__version__, 'runs')" 2>&1 | tail -1
   echo "steps: $STEPS; budget: $BUDGET s (reserve $RESERVE s); date: $(date -u +%Y-%m-%dT%H:%MZ); commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } > "$WORK/device.txt" 2>&1
+NEEDS_OPEN_CLIP="e2e profile"  # the ViT-B/16 model comes from open_clip (not in the device image)
+if quick "" 90 "$PYTHON" -c "import open_clip; print('open_clip', open_clip.__version__)" >> "$WORK/device.txt" 2>&1; then
+  HAVE_OPEN_CLIP=1
+else
+  HAVE_OPEN_CLIP=0; echo "open_clip is not importable: the e2e and profile steps will be skipped" >> "$WORK/device.txt"
+fi
+quick "" 60 "$PYTHON" -c "import torchattacks" >/dev/null 2>&1 \
+  || echo "torchattacks is not importable: the PGD peer test will skip" >> "$WORK/device.txt"
 cat "$WORK/device.txt"
 save
 
@@ -207,80 +236,116 @@ fi
 
 # every benchmark file but e2e (its own step) and transforms (CPU-only data pipeline): eager /
 # compiled reference / fast paths, CUDA rows
+# (the LoRA benchmarks run in the ext step, with the extension built)
 if starts bench; then
+if part bench; then
 TRITON_INTERPRET=0 run_step bench "$PYTHON" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-  --ignore=benchmarks/test_bench_e2e.py --ignore=benchmarks/test_bench_transforms.py -k "not cpu" \
+  --ignore=benchmarks/test_bench_e2e.py --ignore=benchmarks/test_bench_transforms.py \
+  --ignore=benchmarks/test_bench_lora_linear.py -k "not cpu" \
   --benchmark-json="$WORK/benchmarks.json" --benchmark-columns=min,median,max,rounds 2>&1 | tee "$WORK/benchmarks.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # a compact table of the kernel benchmarks: median ms, GB/s, fraction of copy bandwidth
 quick bench-summary 60 "$PYTHON" benchmarks/summarize_kernels.py "$WORK/benchmarks.json" 2>&1 | tee "$WORK/kernels_summary.md"
 save
+fi
 # knob sweep (anchor_kl: one tile vs chunk sizes per row width), to set the kernels' defaults
-TRITON_INTERPRET=0 run_step bench-tune "$PYTHON" benchmarks/tune_kernels_cuda.py 2>&1 | tee "$WORK/kernel_knobs.md"
+if part bench-tune; then
+TRITON_INTERPRET=0 bounded bench-tune INT "$KILL_GRACE" "$TUNE_TIMEOUT" "$PYTHON" benchmarks/tune_kernels_cuda.py 2>&1 \
+  | tee "$WORK/kernel_knobs.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 save
+fi
 fi
 
 # segpcl_fast._C with CUDA kernels (LoRA-B linear): build, GPU tests, fwd+bwd benchmark vs peft/base
 if starts ext; then
 NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
+if part ext-build; then
 CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}" SEGPCL_WITH_CUDA=1 \
   run_step ext-build "$PYTHON" setup.py build_ext --inplace > "$WORK/ext_build.txt" 2>&1 || status=1
 save
+fi
+if part ext-tests; then
 run_step ext-tests "$PYTHON" -m pytest tests/ops/test_lora_linear_cuda.py tests/ops/test_lora_linear_merged.py -q -rs \
   -p no:cacheprovider 2>&1 | tee "$WORK/lora_linear_cuda_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 save
+fi
+if part ext-bench; then
 run_step ext-bench "$PYTHON" -m pytest benchmarks/test_bench_lora_linear.py --benchmark-only -q -p no:cacheprovider -k cuda \
   --benchmark-json="$WORK/bench_lora_linear.json" 2>&1 | tee "$WORK/bench_lora_linear.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 save
+fi
+if part ext-parts; then
 run_step ext-parts "$PYTHON" benchmarks/lora_parts_cuda.py 2>&1 | tee "$WORK/lora_parts.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 save
 fi
+fi
 
 # end-to-end training step (issue 7): images/s and MFU against the bf16 matmul peak measured in
 # the same run (a measured peak, below the H100's 989 TFLOP/s spec, so MFU reads higher than a spec-based one)
-if starts e2e; then
-# one pytest per variant, most telling first: each writes its own JSON, so running out of budget
-# loses only the variants not yet run (compiled_fused, the merged plain-PyTorch LoRA under inductor,
-# has never run on a GPU; compiled_reference is the best row measured, 25.6 % MFU on the H100)
-for variant in compiled_fused compiled_reference eager_fused compiled_cpp_lora eager_reference; do
-  if [ "$(left)" -lt "$MIN_VARIANT_S" ]; then
-    echo "e2e-$variant" >> "$WORK/skipped.txt"
-    echo "e2e variant $variant skipped: $(left) s of budget left (MIN_VARIANT_S=$MIN_VARIANT_S)" >&2
-    continue
+e2e_variants() {  # e2e_variants VARIANT...: one pytest per chosen variant, each writing its own JSON, so
+  local variant   # running out of budget loses only the variants not yet run
+  for variant in "$@"; do
+    part "e2e-$variant" || continue
+    if [ "$(left)" -lt "$MIN_VARIANT_S" ]; then
+      echo "e2e-$variant" >> "$WORK/skipped.txt"
+      echo "e2e variant $variant skipped: $(left) s of budget left (MIN_VARIANT_S=$MIN_VARIANT_S)" >&2
+      continue
+    fi
+    # one matmul peak for every variant's MFU: the first variant measures it into this file, the rest read it
+    SEGPCL_BENCH_PEAK_FILE="$WORK/matmul_peak.json" TRITON_INTERPRET=0 \
+      run_step "e2e-$variant" "$PYTHON" -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q \
+      -p no:cacheprovider -k "cuda and $variant" --benchmark-json="$WORK/bench_e2e_$variant.json" 2>&1 \
+      | tee "$WORK/bench_e2e_$variant.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    save
+  done
+}
+e2e_summary() {
+  local e2e_json
+  shopt -s nullglob; e2e_json=("$WORK"/bench_e2e_*.json); shopt -u nullglob
+  if [ "${#e2e_json[@]}" -gt 0 ]; then
+    quick e2e-summary 90 "$PYTHON" benchmarks/test_bench_e2e.py "${e2e_json[@]}" 2>&1 | tee "$WORK/e2e_summary.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  else
+    echo "no e2e variant wrote its JSON (bench_e2e_*.json)" | tee "$WORK/e2e_summary.md"; status=1
   fi
-  # one matmul peak for every variant's MFU: the first variant measures it into this file, the rest read it
-  SEGPCL_BENCH_PEAK_FILE="$WORK/matmul_peak.json" TRITON_INTERPRET=0 \
-    run_step "e2e-$variant" "$PYTHON" -m pytest benchmarks/test_bench_e2e.py --benchmark-only -q \
-    -p no:cacheprovider -k "cuda and $variant" --benchmark-json="$WORK/bench_e2e_$variant.json" 2>&1 \
-    | tee "$WORK/bench_e2e_$variant.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   save
-done
-shopt -s nullglob; e2e_json=("$WORK"/bench_e2e_*.json); shopt -u nullglob
-if [ "${#e2e_json[@]}" -gt 0 ]; then
-  quick e2e-summary 90 "$PYTHON" benchmarks/test_bench_e2e.py "${e2e_json[@]}" 2>&1 | tee "$WORK/e2e_summary.md"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else
-  echo "no e2e variant wrote its JSON (bench_e2e_*.json)" | tee "$WORK/e2e_summary.md"; status=1
-fi
-save
+}
+# most telling first (compiled_fused, the merged plain-PyTorch LoRA under inductor, has never run on
+# a GPU; compiled_reference is the best row measured, 25.6 % MFU on the H100); the E2E_EXTRA variants
+# follow the profile step when the whole e2e step is chosen, here when named one by one
+E2E_LATER=""
+if starts e2e; then
+  e2e_variants $E2E_VARIANTS
+  if part e2e; then E2E_LATER="$E2E_EXTRA"; else e2e_variants $E2E_EXTRA; fi
+  e2e_summary
 fi
 
 # profile of 5 steps of task 2 with ViT-B/16 (random weights): trace + top kernels + stages.
 # Eager: with run.compile=true task 2's new graphs would compile inside the profiled window.
 # First the steady-state compiled step of the e2e benchmark (compiled before the window): where
 # its time goes by kind of kernel, and how fast its GEMM + attention kernels run on their own.
-if starts profile; then
+if starts profile "$MIN_PROFILE_S"; then
+if part profile-e2e_step; then
 TRITON_INTERPRET=0 run_step profile-e2e_step "$PYTHON" benchmarks/profile_e2e_step.py --device cuda --variant compiled_fused \
   --steps 5 -o "$WORK/profile_e2e_step" > "$WORK/profile_e2e_step.txt" 2>&1 || status=1
 save
+fi
+if part profile-vitb16; then
 run_step profile-vitb16 "$PYTHON" -m segpcl_fast.cli profile --steps 5 -o "$WORK/profile_vitb16" --set model.name=ViT-B-16 \
   --set model.pretrained=none --set data.max_train_per_class=3 --set run.precision=bf16 --set run.compile=false \
   > "$WORK/profile_vitb16.txt" 2>&1 || status=1
+save
+fi
+fi
+
+if [ -n "$E2E_LATER" ]; then
+  e2e_variants $E2E_LATER
+  e2e_summary
 fi
 
 exit $status

@@ -27,7 +27,7 @@ STEPS = ["kernels", "bench", "ext", "e2e", "profile"]
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$$ $*" >> "$FAKE_LOG"
 case "$1" in
-  -c) echo "fake probe"; exit 0;;
+  -c) case "$2" in *open_clip*) [ -n "${FAKE_NO_OPEN_CLIP:-}" ] && exit 1;; esac; echo "fake probe"; exit 0;;
   benchmarks/summarize_kernels.py|benchmarks/test_bench_e2e.py) echo "| fake | table |"; exit 0;;
 esac
 if [ "$1 $2 $3" = "-m segpcl_fast.cli env" ]; then
@@ -38,7 +38,8 @@ if [ -n "${FAKE_FAST:-}" ]; then case "$*" in *"$FAKE_FAST"*) echo "fast: $*"; e
 case "${FAKE_MODE:-fast}" in
   obey) exec sleep 120;;
   ignore) trap '' INT; exec sleep 120;;
-  *) echo "fake run: $*"; exit 0;;
+  *) for a in "$@"; do case "$a" in --benchmark-json=*) echo '{}' > "${a#--benchmark-json=}";; esac; done
+     echo "fake run: $*"; exit 0;;
 esac
 """
 
@@ -177,3 +178,51 @@ def test_results_over_16_mib_are_rebuilt_without_any_trace(suite, tmp_path):
         assert "./profile_e2e_step/trace.json.gz" not in tar.getnames()
         notes = io.TextIOWrapper(tar.extractfile("./notes.txt")).read()
     assert "rebuilt without any trace" in notes and notes.count("\n") == 1
+
+
+def _commands(env) -> list[str]:
+    """The fake PYTHON's calls that are step commands (not probes, summaries or env)."""
+    lines = [line.split(" ", 1)[1] for line in Path(env["FAKE_LOG"]).read_text().splitlines()]
+    return [c for c in lines if not c.startswith("-c ") and "summarize_kernels" not in c and "segpcl_fast.cli env" not in c
+            and not c.startswith("benchmarks/test_bench_e2e.py")]
+
+
+def test_all_steps_in_order_main_e2e_variants_before_the_profile_extra_after(suite, tmp_path):
+    proc, env = suite(BUDGET="0")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    commands = _commands(env)
+    e2e = [c.split("-k cuda and ")[1].split()[0] for c in commands if "-k cuda and " in c]
+    assert e2e == ["compiled_fused", "compiled_reference", "eager_fused", "compiled_cpp_lora", "eager_reference"]
+    order = [next(i for i, c in enumerate(commands) if key in c) for key in
+             ("tests/kernels", "--benchmark-only -q -p no:cacheprovider --ignore", "tune_kernels_cuda", "setup.py",
+              "and compiled_fused", "and eager_fused", "profile_e2e_step", "segpcl_fast.cli profile",
+              "and compiled_cpp_lora")]
+    assert order == sorted(order), commands
+    bench = next(c for c in commands if "--ignore=benchmarks/test_bench_e2e.py" in c)
+    assert "--ignore=benchmarks/test_bench_lora_linear.py" in bench  # the ext step runs those, with the extension
+    assert sum("test_bench_lora_linear.py" in c and "--ignore" not in c for c in commands) == 1
+
+
+def test_a_step_part_runs_alone_as_skipped_txt_names_it(suite, tmp_path):
+    proc, env = suite(STEPS="e2e-eager_reference bench-tune profile-vitb16", BUDGET="0")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    commands = _commands(env)
+    assert len(commands) == 3, commands
+    assert "tune_kernels_cuda.py" in commands[0] and "-k cuda and eager_reference" in commands[1]
+    assert "segpcl_fast.cli profile" in commands[2]
+    proc, _ = suite(STEPS="e2e-eager_reference benchmark")
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "unknown step 'benchmark'" in stderr
+
+
+def test_without_open_clip_e2e_and_profile_are_skipped_up_front(suite, tmp_path):
+    proc, env = suite(STEPS="kernels e2e profile", BUDGET="0", FAKE_NO_OPEN_CLIP="1")
+    _, stderr = proc.communicate(timeout=60)
+    commands = _commands(env)
+    assert len(commands) == 1 and "tests/kernels" in commands[0]
+    out = tmp_path / "out"
+    assert _lines(out / "skipped.txt") == ["e2e", "profile"]
+    assert "open_clip is not importable" in (out / "device.txt").read_text()
+    assert "step e2e skipped: open_clip is not importable" in (out / "summary.md").read_text()
