@@ -11,8 +11,8 @@
 #
 # Steps, in order (measured times per step on an H100: BENCHMARKS.md):
 #   kernels  CUDA variants of tests/kernels
-#   bench    every benchmark file but the e2e and the CPU-only transforms ones, CUDA rows only +
-#            summary; anchor_kl knob sweep
+#   bench    every benchmark file but the e2e, LoRA (the ext step's) and CPU-only transforms ones,
+#            CUDA rows only + summary; anchor_kl knob sweep
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
 #   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU: the
 #            E2E_VARIANTS (default compiled_fused compiled_reference eager_fused) here; the
@@ -63,11 +63,15 @@ if [ "${STEPS+set}" = set ] && [ -z "${STEPS//[[:space:]]/}" ]; then
   exit 2
 fi
 STEPS="${STEPS:-$ALL_STEPS}"
-for entry in $STEPS; do  # a step, or STEP-PART (a part of it alone)
-  case " $ALL_STEPS " in *" ${entry%%-*} "*) ;; *) echo "unknown step '$entry' in STEPS; choose from: $ALL_STEPS (or STEP-PART)" >&2; exit 2;; esac
-done
 E2E_VARIANTS="${E2E_VARIANTS-compiled_fused compiled_reference eager_fused}"
 E2E_EXTRA="${E2E_EXTRA-compiled_cpp_lora eager_reference}"
+# a step, or one part of it alone (the labels skipped.txt and summary.md use)
+PARTS="bench-summary bench-tune ext-build ext-tests ext-bench ext-parts e2e-summary profile-e2e_step profile-vitb16"
+for v in $E2E_VARIANTS $E2E_EXTRA; do PARTS="$PARTS e2e-$v"; done
+for entry in $STEPS; do
+  case " $ALL_STEPS $PARTS " in *" $entry "*) ;; *)
+    echo "unknown step '$entry' in STEPS; choose from: $ALL_STEPS, or one part: $PARTS" >&2; exit 2;; esac
+done
 BUDGET="${BUDGET:-0}"  # 0: no overall bound
 STEP_TIMEOUT="${STEP_TIMEOUT:-420}"
 KILL_GRACE="${KILL_GRACE:-20}"
@@ -138,7 +142,7 @@ starts() {  # starts STEP [MIN_S]: chosen and enough budget left (MIN_S, default
   local min=${2:-$MIN_STEP_S}
   want "$1" || return 1
   if [ -n "${NEEDS_OPEN_CLIP:-}" ] && [ "${HAVE_OPEN_CLIP:-1}" != 1 ] && case " $NEEDS_OPEN_CLIP " in *" $1 "*) true;; *) false;; esac; then
-    echo "$1" >> "$WORK/skipped.txt"; echo "step $1 skipped: open_clip is not importable here (benchmarks/device_wheels.sh)" | tee -a "$WORK/steps.txt" >&2; return 1
+    echo "step $1 skipped: open_clip is not importable here (benchmarks/device_wheels.sh)" | tee -a "$WORK/steps.txt" >&2; return 1
   fi
   if [ "$(left)" -lt "$min" ]; then
     echo "$1" >> "$WORK/skipped.txt"; echo "step $1 skipped: $(left) s of budget left (needs $min)" >&2; return 1
@@ -244,7 +248,9 @@ TRITON_INTERPRET=0 run_step bench "$PYTHON" -m pytest benchmarks/ --benchmark-on
   --ignore=benchmarks/test_bench_lora_linear.py -k "not cpu" \
   --benchmark-json="$WORK/benchmarks.json" --benchmark-columns=min,median,max,rounds 2>&1 | tee "$WORK/benchmarks.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-# a compact table of the kernel benchmarks: median ms, GB/s, fraction of copy bandwidth
+save
+fi
+if part bench-summary; then  # a compact table of the kernel benchmarks: median ms, GB/s, fraction of copy bandwidth
 quick bench-summary 60 "$PYTHON" benchmarks/summarize_kernels.py "$WORK/benchmarks.json" 2>&1 | tee "$WORK/kernels_summary.md"
 save
 fi
@@ -322,14 +328,14 @@ E2E_LATER=""
 if starts e2e; then
   e2e_variants $E2E_VARIANTS
   if part e2e; then E2E_LATER="$E2E_EXTRA"; else e2e_variants $E2E_EXTRA; fi
-  e2e_summary
+  if [ -n "$E2E_VARIANTS" ] || [ -z "$E2E_LATER" ]; then e2e_summary; fi  # (else after the later variants)
 fi
 
 # profile of 5 steps of task 2 with ViT-B/16 (random weights): trace + top kernels + stages.
 # Eager: with run.compile=true task 2's new graphs would compile inside the profiled window.
 # First the steady-state compiled step of the e2e benchmark (compiled before the window): where
 # its time goes by kind of kernel, and how fast its GEMM + attention kernels run on their own.
-if starts profile "$MIN_PROFILE_S"; then
+if starts profile "$(part profile-e2e_step && echo "$MIN_PROFILE_S" || echo "$MIN_STEP_S")"; then
 if part profile-e2e_step; then
 TRITON_INTERPRET=0 run_step profile-e2e_step "$PYTHON" benchmarks/profile_e2e_step.py --device cuda --variant compiled_fused \
   --steps 5 -o "$WORK/profile_e2e_step" > "$WORK/profile_e2e_step.txt" 2>&1 || status=1

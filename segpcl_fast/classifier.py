@@ -34,6 +34,7 @@ The hook is for a ViT with CLS pooling, open_clip's default (other towers: model
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import re
@@ -436,6 +437,8 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
         load_lora_state_dict(model, state["lora"])
     except ValueError as e:
         raise ClassifierError(f"checkpoint {path}: {e}") from None
+    # the run's test transform (what its prototypes were made with), whatever the model now asks for
+    model.image_stats = dataclasses.replace(model.image_stats, **ckpt.stored_image_geometry(state))
     protos = learner["prototypes"]
     return ContinualClassifier(model=model.eval(), class_names=names,
                                text=learner["text_cache"].to(device), prototypes=_prototype_tensor(protos, device),

@@ -212,9 +212,22 @@ def test_a_step_part_runs_alone_as_skipped_txt_names_it(suite, tmp_path):
     assert len(commands) == 3, commands
     assert "tune_kernels_cuda.py" in commands[0] and "-k cuda and eager_reference" in commands[1]
     assert "segpcl_fast.cli profile" in commands[2]
-    proc, _ = suite(STEPS="e2e-eager_reference benchmark")
-    _, stderr = proc.communicate(timeout=20)
-    assert proc.returncode == 2 and "unknown step 'benchmark'" in stderr
+    for wrong in ("benchmark", "bench-knobs", "e2e-eager"):  # a typo runs nothing and says so
+        proc, _ = suite(STEPS=f"e2e-eager_reference {wrong}")
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 2 and f"unknown step '{wrong}'" in stderr
+
+
+def test_summaries_alone_and_no_main_e2e_variants(suite, tmp_path):
+    proc, env = suite(STEPS="bench-summary e2e-summary", BUDGET="0")
+    _, stderr = proc.communicate(timeout=60)
+    assert _commands(env) == []
+    calls = Path(env["FAKE_LOG"]).read_text()
+    assert "summarize_kernels.py" in calls and "no e2e variant wrote its JSON" in (tmp_path / "out" / "summary.md").read_text()
+    proc, env = suite(STEPS="e2e", E2E_VARIANTS="", E2E_EXTRA="eager_reference", BUDGET="0")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr  # no summary of nothing before the later variants
+    assert [c for c in _commands(env) if "-k cuda and" in c][-1].endswith("--benchmark-json=" + str(tmp_path / "work" / "bench_e2e_eager_reference.json"))
 
 
 def test_without_open_clip_e2e_and_profile_are_skipped_up_front(suite, tmp_path):
@@ -223,6 +236,6 @@ def test_without_open_clip_e2e_and_profile_are_skipped_up_front(suite, tmp_path)
     commands = _commands(env)
     assert len(commands) == 1 and "tests/kernels" in commands[0]
     out = tmp_path / "out"
-    assert _lines(out / "skipped.txt") == ["e2e", "profile"]
+    assert _lines(out / "skipped.txt") == []  # not for lack of budget: another call would not run them either
     assert "open_clip is not importable" in (out / "device.txt").read_text()
     assert "step e2e skipped: open_clip is not importable" in (out / "summary.md").read_text()

@@ -6,7 +6,8 @@ the first of FRAME_DIR_CANDIDATES that holds the class folders):
   (a) one middle-frame image per video: <frames dir>/<ClassName>/<video>.jpg, or CoOp's
       UCF-101-midframes/<Class_Name>/<video>.jpg (class folders renamed 'Apply_Eye_Makeup');
   (b) a folder of extracted frames per video: <frames dir>/<ClassName>/<video>/*.jpg; the
-      middle RGB frame (index n // 2 in natural name order) is read lazily and cached. Optical-flow
+      middle RGB frame (index n // 2 in natural name order), chosen for every video when the dataset
+      is built (all of them: per-class caps apply afterwards; a broken folder fails then). Optical-flow
       images kept beside them (MMAction2 rawframes: img_00001.jpg, flow_x_00001.jpg, flow_y_00001.jpg)
       are skipped: see `middle_frame`;
   (c) either of the above without class folders: <frames dir>/<video>.jpg or <frames dir>/<video>/

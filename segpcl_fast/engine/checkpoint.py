@@ -225,6 +225,28 @@ def check_class_names(path: PathLike, state: Mapping, class_names: list) -> None
                           f"classes then, {len(class_names)} now); point data.root at the run's dataset")
 
 
+# the test transform's geometry of checkpoints written before it was stored: every model's then
+LEGACY_IMAGE_GEOMETRY = {"resize_mode": "shortest", "interpolation": "bicubic", "fill_color": 0}
+
+
+def stored_image_geometry(state: Mapping) -> dict:
+    """The evaluation geometry (model.clip.ImageStats.geometry) the checkpoint's run used."""
+    return dict(state.get("image_geometry") or LEGACY_IMAGE_GEOMETRY)
+
+
+def check_image_geometry(path: PathLike, state: Mapping, geometry: Mapping) -> None:
+    """The run's prototypes and accuracies were made with its test transform: one of another
+    geometry (open_clip's preprocess_cfg for the model, followed since 2026-12-04) would mix two."""
+    stored = stored_image_geometry(state)
+    if stored == dict(geometry):
+        return
+    older = "" if state.get("image_geometry") else (" (checkpoints written before the geometry was stored "
+                                                    "used it for every model)")
+    raise CheckpointError(f"checkpoint {path} was made with test images resized {stored}{older}, but this model's "
+                          f"open_clip preprocess asks for {dict(geometry)}: its prototypes and accuracies would mix "
+                          f"the two; finish or evaluate it with the segpcl_fast that wrote it, or start a new run (-o)")
+
+
 def restore_lora(path: PathLike, model: torch.nn.Module, state: Mapping) -> None:
     """The checkpoint's LoRA tensors into the model, every one of them (model.lora.load_lora_state_dict)."""
     from ..model.lora import load_lora_state_dict

@@ -319,13 +319,13 @@ class Trainer:
         timings = {}
         t0 = time.perf_counter()
         self.model.eval()
-        eval_loader = _eval_loader(self.scenario.train_dataset(t, transform=self.test_tf), c.eval.batch_size, c,
-                                   pin=False)  # stage 1 keeps the task's images on the CPU
+        task_images = self.scenario.train_dataset(t, transform=self.test_tf)  # the evaluation transform
+        stage1_loader = _eval_loader(task_images, c.eval.batch_size, c, pin=False)  # kept whole on the CPU
         # stage 1 (teacher outputs, DPGD, the graph) shows as one step: minutes on a large task, not silence
         bar = _progress(1, f"task {t + 1}/{self.scenario.num_tasks} stage 1 (DPGD anchors)",
                         c.run.progress and self.dist.is_main and t > 0)
         with record_function("dpgd"):  # run.precision=bf16: the image tower under autocast, all else fp32
-            info = self.learner.begin_task(t, n_new, eval_loader, seed=task_seed)
+            info = self.learner.begin_task(t, n_new, stage1_loader, seed=task_seed)
         if bar is not None:
             bar.update(1)
             bar.close()
@@ -361,7 +361,7 @@ class Trainer:
         timings["steps"] = len(losses)
         t2 = time.perf_counter()
         with record_function("prototypes"):
-            info.update(self.learner.end_task(t, n_new, eval_loader))
+            info.update(self.learner.end_task(t, n_new, _eval_loader(task_images, c.eval.batch_size, c)))  # streamed
             if self.dist.enabled:  # identical on every rank up to float order; make them bit-identical
                 self.learner.prototypes.tensor = ddp.broadcast_tensor(
                     self.learner.prototypes.tensor, self.dist, self.learner.prototypes.tensor.device)
@@ -490,6 +490,7 @@ class Trainer:
             if last is not None:
                 state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), defaults=type(c)().to_dict())
                 ckpt.check_class_names(last, state, self.scenario.class_names)
+                ckpt.check_image_geometry(last, state, self.model.image_stats.geometry())
                 ckpt.restore_lora(last, self.model, state)
                 self.learner.load_state_dict(state["learner"])
                 correct = np.array(state["correct"], dtype=np.float64)
@@ -542,6 +543,7 @@ class Trainer:
                     "task": t, "fingerprint": fingerprint, "config": c.to_dict(), "segpcl_fast_version": __version__,
                     "lora": lora_state_dict(self.model), "learner": self.learner.state_dict(),
                     "class_names": list(self.scenario.class_names),  # ordered: logit column c = class c
+                    "image_geometry": self.model.image_stats.geometry(),  # its test transform
                     "correct": correct.tolist(),
                     "correct_own": correct_own.tolist(), "fwt_before": fwt_before, "task_info": task_info,
                     "ops": ops.choices_used(),

@@ -575,7 +575,8 @@ def test_a_task_trains_from_one_loader_iterator_each_epoch_seeing_every_image_on
 
 def test_stage_one_loader_is_not_pinned_the_evaluation_loader_is(tiny_model_name, tmp_path, monkeypatch):
     """Stage 1 keeps a whole task's images on the CPU; pinned, torch's pinned-memory cache would keep
-    them page-locked (rounded up to powers of two) after the task. Evaluation batches stream: pinned."""
+    them page-locked (rounded up to powers of two) after the task. Stage 3's and evaluation's batches
+    stream to the device: pinned."""
     from segpcl_fast.engine import trainer as trainer_mod
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     ds = TensorDataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
@@ -592,9 +593,9 @@ def test_stage_one_loader_is_not_pinned_the_evaluation_loader_is(tiny_model_name
     monkeypatch.setattr(trainer_mod, "_eval_loader", record)
     trainer = Trainer(small_config(tiny_model_name, tmp_path / "run", checkpoint=False, num_tasks=10))
     trainer.train_task(0)
-    assert pins == [False]
+    assert pins == [False, True]  # stage 1 (kept), stage 3 (streamed to the device for the prototypes)
     trainer.evaluate_seen(0)
-    assert pins == [False, True]
+    assert pins == [False, True, True]
 
 
 def test_forward_transfer_predicts_among_all_the_benchmarks_classes(tiny_model_name, tmp_path, monkeypatch):

@@ -239,23 +239,50 @@ def test_a_run_finished_by_a_resume_without_checkpoints_is_finished(tiny_model_n
     assert again.accuracy_matrix == finished.accuracy_matrix
 
 
-def test_a_checkpoint_whose_lora_tensors_do_not_fit_the_model_is_refused(tiny_model_name, tmp_path, monkeypatch):
-    """load_state_dict(strict=False) skipped LoRA tensors of other names without a word: the run
-    resumed (or evaluated) with B = 0 in those layers, mixed with the checkpoint's prototypes."""
-    from segpcl_fast.api import evaluate
-    out = tmp_path / "run"
+def _killed_in_task_2(tiny_model_name, out, monkeypatch):
+    """A run killed in its second task: (its last checkpoint, task 1's, and that checkpoint's state)."""
     crash_at_task(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(small_config(tiny_model_name, out))
     monkeypatch.undo()
     path = ckpt.find_last_checkpoint(out)
-    state = torch.load(path, weights_only=True)
+    return path, torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_whose_lora_tensors_do_not_fit_the_model_is_refused(tiny_model_name, tmp_path, monkeypatch):
+    """load_state_dict(strict=False) skipped LoRA tensors of other names without a word: the run
+    resumed (or evaluated) with B = 0 in those layers, mixed with the checkpoint's prototypes."""
+    from segpcl_fast.api import evaluate
+    out = tmp_path / "run"
+    path, state = _killed_in_task_2(tiny_model_name, out, monkeypatch)
     state["lora"] = {k.replace("resblocks.", "blocks."): v for k, v in state["lora"].items()}
     torch.save(state, path)
     for attempt in (lambda: train(small_config(tiny_model_name, out, resume=True)), lambda: evaluate(out)):
         with pytest.raises(ckpt.CheckpointError, match=r"task_00.pt: its LoRA tensors do not fit the model its "
                                                        r"config builds \(missing 28: \['clip.*unexpected 28"):
             attempt()
+
+
+def test_a_checkpoint_of_another_test_geometry_is_refused_and_the_classifier_keeps_the_runs(
+        tiny_model_name, tmp_path, monkeypatch):
+    """The run's prototypes were made with its test transform: a resume or evaluate under another
+    open_clip geometry is refused; load_classifier uses the run's. Checkpoints without the field
+    (before it was stored) count as shortest-side + bicubic."""
+    from segpcl_fast.api import evaluate
+    from segpcl_fast.classifier import load_classifier
+    out = tmp_path / "run"
+    path, state = _killed_in_task_2(tiny_model_name, out, monkeypatch)
+    assert state["image_geometry"] == ckpt.LEGACY_IMAGE_GEOMETRY  # the tiny model's own
+    state["image_geometry"] = dict(state["image_geometry"], resize_mode="squash")
+    torch.save(state, path)
+    for attempt in (lambda: train(small_config(tiny_model_name, out, resume=True)), lambda: evaluate(out)):
+        with pytest.raises(ckpt.CheckpointError, match="made with test images resized .*'squash'.* this model's "
+                                                       "open_clip preprocess asks for .*'shortest'"):
+            attempt()
+    assert load_classifier(out).model.image_stats.resize_mode == "squash"
+    del state["image_geometry"]  # an older checkpoint: shortest + bicubic, which the tiny model asks for
+    torch.save(state, path)
+    assert len(train(small_config(tiny_model_name, out, resume=True)).acc_per_task) == 2
 
 
 def test_resuming_an_ablation_starts_the_runs_it_had_not_reached(tiny_model_name, tmp_path):

@@ -322,6 +322,20 @@ def test_stack_batches_is_torch_cat_and_frees_the_batches_as_it_copies():
     got = stack_batches(given)
     assert torch.equal(got, expected) and got.dtype == expected.dtype
     assert given == []  # emptied: its batches can be freed while the result fills
+    # while copying, each batch already copied is gone (only the list held it): never two copies
+    import weakref
+    fresh = [torch.randn(n, 3, 4, 4, generator=g) for n in (5, 1, 7, 2)]
+    refs = [weakref.ref(b) for b in fresh]
+    alive = []
+
+    class Watched(list):
+        def pop(self, *args):
+            alive.append(sum(r() is not None for r in refs))
+            return super().pop(*args)
+    watched = Watched(fresh)
+    del fresh
+    stack_batches(watched)
+    assert alive == [4, 3, 2, 1]
     assert torch.equal(stack_batches([torch.arange(3)]), torch.arange(3))
     try:
         stack_batches([])
