@@ -83,7 +83,12 @@ class CLIPModel(nn.Module):
         self.pretrained = pretrained
         visual = clip.visual
         size = visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        if isinstance(size, (tuple, list)):
+            if len(set(size)) != 1:
+                raise ModelLoadError(f"{name} takes non-square images {tuple(size)}: not supported (the CLIP "
+                                     f"transforms and the method's anchors are square); use a square image_size")
+            size = size[0]
+        size = int(size)
         preprocess = getattr(visual, "preprocess_cfg", None) or {}
         self.image_stats = ImageStats(size=size,
                                       mean=tuple(getattr(visual, "image_mean", None) or _OPENAI_MEAN),

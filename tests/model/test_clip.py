@@ -148,3 +148,14 @@ def test_open_clip_without_vit_hooks_is_one_clear_error(tiny_model_name, monkeyp
     monkeypatch.delattr(oct.VisionTransformer, "_embeds")
     with pytest.raises(ModelLoadError, match=r"no _embeds / _pool.*open_clip_torch>=2.32"):
         CLIPModel(clip, None, tiny_model_name, None)
+
+
+def test_a_non_square_image_size_is_refused_when_the_model_loads(tiny_model_name):
+    """It loaded and then failed at the first forward (the transforms took size[0])."""
+    from segpcl_fast.model.clip import CLIPModel
+    model = load_model(tiny_model_name, None)
+    model.clip.visual.image_size = (32, 48)
+    with pytest.raises(ModelLoadError, match=r"non-square images \(32, 48\): not supported"):
+        CLIPModel(model.clip, model.tokenizer, tiny_model_name, None)
+    model.clip.visual.image_size = (32, 32)
+    assert CLIPModel(model.clip, model.tokenizer, tiny_model_name, None).image_stats.size == 32
