@@ -17,6 +17,7 @@ from segpcl_fast.config import ConfigError
 from segpcl_fast.engine import checkpoint as ckpt
 from segpcl_fast.engine import distributed as ddp
 from segpcl_fast.engine.trainer import Trainer, divergence_warning
+from segpcl_fast.model.clip import ImageStats
 
 
 # ----------------------------------------------------------------------------- train_task on a stub
@@ -218,6 +219,7 @@ def _run_trainer(out, calls, **cfg):
     tr.out, tr.log_fn, tr.dist, tr.device = out, lambda msg: None, ddp.DistContext(), torch.device("cpu")
     tr.scenario = SimpleNamespace(num_tasks=2, test_dataset=lambda j: [0] * (4, 2)[j], class_names=["a", "b", "c", "d"])
     tr.model = torch.nn.Linear(1, 1)
+    tr.model.image_stats = ImageStats(8, (0.5,) * 3, (0.25,) * 3, resize_mode="squash", interpolation="bilinear")
     tr.learner = SimpleNamespace(state_dict=lambda: {"n_seen": 2})
 
     def train_task(t):
@@ -262,6 +264,7 @@ def test_run_fills_row_t_of_both_matrices_and_writes_them_with_a_checkpoint_per_
         assert [info["acc"] for info in state["task_info"]] == pytest.approx([75.0, 50.0][:t + 1])
         assert state["correct"][t][:t + 1] == [c[0] for c in COUNTS[t]]
         assert state["correct_own"][t][:t + 1] == [c[1] for c in COUNTS[t]]
+        assert state["image_geometry"] == {"resize_mode": "squash", "interpolation": "bilinear", "fill_color": 0}
     assert ckpt.find_last_checkpoint(out).name == "task_01.pt"
 
 
