@@ -28,6 +28,28 @@ def tiny_model_name(tmp_path_factory):
     return "test-tiny"
 
 
+TEST_TINY_COCA_CONFIG = {  # open_clip's coca_ViT-B-32, shrunk: the text tower appends a class token
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 48, "patch_size": 8, "head_width": 16,
+                   "attentional_pool": True, "attn_pooler_heads": 4, "output_tokens": True},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                       "attn_pooler_heads": 4},
+    "custom_text": True,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_coca_name(tmp_path_factory):
+    """Register a tiny CoCa config 'test-tiny-coca' (random weights) and return its name."""
+    import open_clip
+    d = tmp_path_factory.mktemp("coca_configs")
+    (d / "test-tiny-coca.json").write_text(json.dumps(TEST_TINY_COCA_CONFIG))
+    open_clip.add_model_config(d)
+    return "test-tiny-coca"
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
     """Seed, and one torch thread: the tests' tensors are tiny, so extra threads only add overhead

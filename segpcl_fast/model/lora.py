@@ -140,10 +140,30 @@ class LoRAMultiheadAttention(nn.Module):
         h = self.num_heads
         q, k, v = (t.view(bsz, length, h, d // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
         if attn_mask is not None:
-            attn_mask = attn_mask.to(q.dtype)
+            attn_mask = sdpa_mask(attn_mask, bsz, h, q.dtype)
         out = ops.attention(q, k, v, attn_mask)  # xformers when available (CUDA, no mask), else SDPA
         out = out.transpose(1, 2).reshape(bsz, length, d)
         return self.out_proj(out), None
+
+
+def sdpa_mask(attn_mask: torch.Tensor, bsz: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """nn.MultiheadAttention's attn_mask as the additive mask SDPA adds to (B, H, L, S) scores.
+
+    A bool mask is True where attention is not allowed (MHA's convention; SDPA's bool is the
+    opposite): it becomes -inf there and 0 elsewhere. A float mask is added as it is. A 3-D mask is
+    per sample and head, (B * H, L, S) with sample b's heads at rows b*H .. b*H + H - 1 (open_clip's
+    padding / CoCa class-token masks), viewed as (B, H, L, S); a 2-D (L, S) mask broadcasts."""
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(
+            attn_mask, float("-inf"))
+    else:
+        attn_mask = attn_mask.to(dtype)
+    if attn_mask.dim() == 3:
+        if attn_mask.shape[0] != bsz * heads:
+            raise ValueError(f"a 3-D attn_mask must be (batch * heads, L, S) = ({bsz * heads}, ...), got "
+                             f"{tuple(attn_mask.shape)}")
+        attn_mask = attn_mask.view(bsz, heads, *attn_mask.shape[1:])
+    return attn_mask
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from segpcl_fast.model.clip import load_model
-from segpcl_fast.model.lora import (LoRABLinear, LoRAMultiheadAttention, count_trainable, inject_lora)
+from segpcl_fast.model.lora import (LoRABLinear, LoRAMultiheadAttention, count_trainable, inject_lora,
+                                    lora_parameters)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,61 @@ def test_attention_matches_torch_mha_with_mask():
     mask = torch.full((6, 6), float("-inf")).triu(1)
     ref = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
     torch.testing.assert_close(attn(x, x, x, attn_mask=mask)[0], ref)
+
+
+def _mha_and_lora(seed=0):
+    torch.manual_seed(seed)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).train()
+    attn = LoRAMultiheadAttention(copy.deepcopy(mha), ["q", "k", "v"], out_lora=True, rank=2, alpha=2.0,
+                                  generator=torch.Generator().manual_seed(0))
+    for b in attn.lora_B.values():  # B != 0, so the LoRA path runs; the peer is the merged MHA
+        torch.nn.init.normal_(b, std=0.1)
+    return attn.merged().train(), attn
+
+
+@pytest.mark.parametrize("kind", ["per_sample_heads_float", "per_sample_heads_bool", "shared_bool"])
+def test_attention_takes_every_mask_torch_mha_takes(kind):
+    """(B*H, L, S) masks differ per sample and head (open_clip's padding and CoCa class-token
+    masks): broadcasting them over the batch instead of viewing them as (B, H, L, S) fails for B > 1
+    or mixes samples; bool masks are True where attention is NOT allowed (MHA's convention)."""
+    mha, attn = _mha_and_lora()
+    B, H, L = 3, 4, 6
+    x = torch.randn(B, L, 16)
+    allowed = torch.rand(B * H, L, L) > 0.4
+    allowed |= torch.eye(L, dtype=torch.bool)  # every query sees at least itself (no all -inf rows)
+    if kind == "per_sample_heads_float":
+        mask = torch.zeros(B * H, L, L).masked_fill_(~allowed, float("-inf"))
+    elif kind == "per_sample_heads_bool":
+        mask = ~allowed
+    else:
+        mask = ~allowed[0]
+    ref = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+    torch.testing.assert_close(attn(x, x, x, attn_mask=mask)[0], ref)
+    with pytest.raises(ValueError, match=r"\(batch \* heads, L, S\) = \(12, ...\), got \(4, 6, 6\)"):
+        attn(x, x, x, attn_mask=torch.zeros(H, L, L))
+
+
+def test_coca_text_tower_with_lora_runs_several_prompts(tiny_coca_name):
+    """CoCa's text tower gives every block a (B*heads, L, L) padding + class-token mask: with LoRA
+    injected and B = 0 it computes what open_clip's own CoCa computes, prompt by prompt."""
+    ref = load_model(tiny_coca_name, pretrained=None)
+    model = copy.deepcopy(ref)
+    inject_lora(model, rank=4)
+    for b in lora_parameters(model):
+        assert not b.any()
+    prompts = [["a photo of a {}.".format(c), "a {}.".format(c)] for c in ("dog", "very small striped cat")]
+    with torch.no_grad():
+        got = model.class_embeddings(prompts)
+        want = ref.class_embeddings(prompts)
+        one_by_one = torch.stack([ref.class_embeddings([p]) for p in prompts]).squeeze(1)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, one_by_one, rtol=1e-5, atol=1e-6)
+    # and it trains: every text block's B gets a finite, non-zero gradient through the masked attention
+    text_b = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("clip.text.")]
+    for p in lora_parameters(model):
+        torch.nn.init.normal_(p, std=0.01)  # B = 0 gives A-side products zero gradient in the next layer only
+    model.class_embeddings(prompts).square().sum().backward()
+    assert text_b and all(p.grad is not None and p.grad.isfinite().all() and p.grad.any() for p in text_b)
 
 
 def test_gradients_reach_only_b(tiny_model_name):
