@@ -43,6 +43,12 @@ class ModelConfig:
     name: str = "segpcl-tiny"
     pretrained: Optional[str] = "segpcl-world"
     cache_dir: Optional[str] = None
+    # the image preprocessing (normalisation and test-transform geometry). null: open_clip's for these
+    # weights: a tag's own when loading by tag, the model config's (OpenAI's for most) for a local file.
+    # A tag of this model (e.g. "webli") applies that tag's preprocessing to a local copy of its weights;
+    # a mapping sets any of mean, std, interpolation, resize_mode, fill_color (open_clip's
+    # force_preprocess_cfg).
+    preprocess: Any = None
 
 
 @dataclass
@@ -286,6 +292,9 @@ LORA_TARGETS = ("q", "k", "v", "out", "c_fc", "c_proj")  # model/lora.py VALID_T
 LORA_TOWERS = ("visual", "text")  # model/lora.py VALID_TOWERS
 DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101")  # data/build.py
 CLASS_ORDERS = ("seeded", "natural")  # data/protocol.py (or an explicit list)
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")  # model/clip.py PREPROCESS_KEYS
+RESIZE_MODES = ("shortest", "longest", "squash")  # data/transforms.py RESIZE_MODES
+INTERPOLATIONS = ("bicubic", "bilinear", "random")  # data/transforms.py INTERPOLATIONS
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")  # what torch.device takes, plus "auto"
 HARDWARE_PRESETS = ("1gpu", "2x4090")  # engine/presets.py PRESETS (partial configs laid over one by --hw)
 MAX_NUMPY_SEED = 2**32 - 1  # numpy RandomState seeds (data.order_seed, data.split_seed + label)
@@ -364,6 +373,34 @@ def _task_sizes(value: Optional[list]) -> Optional[str]:
     return "must be null or a list of task sizes, each an integer >= 1"
 
 
+def _preprocess(value: Any) -> Optional[str]:
+    """model.preprocess: null, a pretrained tag, or a mapping of open_clip preprocess_cfg keys."""
+    if value is None or (isinstance(value, str) and value.strip()):
+        return None
+    what = (f"must be null, a pretrained tag of model.name (e.g. 'webli'), or a mapping with any of "
+            f"{list(PREPROCESS_KEYS)}")
+    if not isinstance(value, dict) or not value:
+        return what
+    unknown = sorted(set(value) - set(PREPROCESS_KEYS))
+    if unknown:
+        return f"{what}; unknown key(s) {unknown}"
+    for key in ("mean", "std"):
+        v = value.get(key)
+        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            return f"{what}; {key} must be 3 finite numbers (one per RGB channel)"
+    if value.get("std") is not None and min(value["std"]) <= 0:
+        return f"{what}; std must be > 0 in every channel"
+    if value.get("interpolation") is not None and value["interpolation"] not in INTERPOLATIONS:
+        return f"{what}; interpolation must be one of {list(INTERPOLATIONS)}"
+    if value.get("resize_mode") is not None and value["resize_mode"] not in RESIZE_MODES:
+        return f"{what}; resize_mode must be one of {list(RESIZE_MODES)}"
+    fill = value.get("fill_color")
+    if fill is not None and not (isinstance(fill, int) and not isinstance(fill, bool) and 0 <= fill <= 255):
+        return f"{what}; fill_color must be an integer in [0, 255]"
+    return None
+
+
 def _class_order(value: Any) -> Optional[str]:
     if isinstance(value, str) and value in CLASS_ORDERS:
         return None
@@ -378,6 +415,7 @@ def _class_order(value: Any) -> Optional[str]:
 # every key with a constraint beyond its type; keys not listed here (paths, flags) are only type-checked
 RULES: dict[str, _Check] = {
     "model.name": _nonempty_str,
+    "model.preprocess": _preprocess,
     "lora.rank": _integer(1),
     "lora.alpha": _number(0, lo_open=True),
     "lora.targets": _subset_of(LORA_TARGETS),

@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,8 @@ ASSET_DIR = PACKAGE_DIR / "assets"
 BUNDLED_WEIGHTS = {("segpcl-tiny", "segpcl-world"): ASSET_DIR / "segpcl-tiny-world.pt"}
 
 _registered = False
+# the keys of open_clip's PreprocessCfg that model.preprocess may set (size is the model's own)
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
 
 
 class ModelLoadError(RuntimeError):
@@ -305,11 +307,16 @@ def _require_cached_hf_config(name: str, cache_dir: Optional[str]) -> None:
 
 
 def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-world",
-               device: str | torch.device = "cpu", cache_dir: Optional[str] = None) -> CLIPModel:
+               device: str | torch.device = "cpu", cache_dir: Optional[str] = None,
+               preprocess: Optional[str | Mapping] = None) -> CLIPModel:
     """Load an open_clip model by name with a pretrained tag, a local checkpoint path, or None.
 
+    `preprocess` (model.preprocess) overrides the image preprocessing open_clip picks for these weights:
+    a pretrained tag of `name` (its mean, std, interpolation, resize_mode: for a local copy of that
+    tag's weights, which open_clip would give the model config's), or a mapping of those keys.
+
     Raises ModelLoadError with the fix when the model name is unknown, the checkpoint is missing or
-    does not fit the model, or the weights are not available offline.
+    does not fit the model, the weights are not available offline, or `preprocess` names no tag of it.
     """
     import open_clip
     register_model_configs()
@@ -318,6 +325,7 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
         close = difflib.get_close_matches(name, known, n=5)
         hint = f"did you mean {close}? " if close else ""
         raise ModelLoadError(f"unknown model '{name}'; {hint}(open_clip.list_models() lists all)")
+    force_preprocess = preprocess_override(name, preprocess)
     resolved = _resolve_pretrained(name, pretrained, cache_dir)
     if resolved is None and pretrained not in (None, "", "none", "random"):
         raise ModelLoadError(f"could not resolve pretrained weights '{pretrained}' for {name}")
@@ -327,12 +335,34 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
         _require_cached_hf_config(name, cache_dir)
     try:
         with _hf_hub_offline():
-            clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device)
+            clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device,
+                                          force_preprocess_cfg=force_preprocess)
             tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # a corrupt file fails in pickle / zipfile / safetensors, not only torch
         raise ModelLoadError(_load_failure(name, pretrained, resolved, e)) from e
     clip.eval()
     return CLIPModel(clip, tokenizer, name, pretrained)
+
+
+def preprocess_override(name: str, preprocess: Optional[str | Mapping]) -> Optional[dict]:
+    """model.preprocess as open_clip's force_preprocess_cfg: None (open_clip decides), the preprocess
+    keys that tag `preprocess` of model `name` sets (those open_clip merges when it loads that tag), or
+    the mapping's keys."""
+    if preprocess is None:
+        return None
+    if not isinstance(preprocess, str):
+        unknown = sorted(set(preprocess) - set(PREPROCESS_KEYS))
+        if unknown:
+            raise ModelLoadError(f"model.preprocess has unknown key(s) {unknown}; it takes {list(PREPROCESS_KEYS)}")
+        return {k: (tuple(v) if k in ("mean", "std") else v) for k, v in preprocess.items() if v is not None}
+    import open_clip
+    tag_cfg = open_clip.get_pretrained_cfg(name, preprocess)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        known = f"its tags: {tags}" if tags else "it has no pretrained tags in open_clip"
+        raise ModelLoadError(f"model.preprocess='{preprocess}' is no pretrained tag of {name} ({known}); give one "
+                             f"of them, a mapping of {list(PREPROCESS_KEYS)}, or null for open_clip's choice")
+    return {k: tag_cfg[k] for k in PREPROCESS_KEYS if tag_cfg.get(k) is not None}
 
 
 def _is_known_model(name: str, known: Sequence[str]) -> bool:
