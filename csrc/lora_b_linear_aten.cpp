@@ -82,7 +82,9 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_fwd_aten(const at::Tensor& x, c
     y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
     y.addmm_(u, lora_B.t(), /*beta=*/1.0, /*alpha=*/scaling);
   }
-  return {y.view(with_last_dim(x, out)), u.view(with_last_dim(x, r))};
+  // _unsafe_view, not view: a view of an intermediate is flagged by autograd as created inside a custom
+  // Function, and an in-place op on y (timm's `qkv += bias`) would then be refused (aten::matmul does the same)
+  return {at::_unsafe_view(y, with_last_dim(x, out)), at::_unsafe_view(u, with_last_dim(x, r))};
 }
 
 }  // namespace segpcl

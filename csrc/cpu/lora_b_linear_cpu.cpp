@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cpu(const at::Tensor& grad_
   }
 
   at::Tensor grad_B = need_grad_B ? grad_B_acc.mul_(scaling).to(dtype) : at::empty({0}, g.options());
-  if (need_grad_x) grad_x = grad_x.view(with_last_dim(grad_out, in));
+  if (need_grad_x) grad_x = at::_unsafe_view(grad_x, with_last_dim(grad_out, in));
   return {grad_x, grad_B};
 }
 

@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad
     if (need_grad_B) grad_B = scaled_mm(g.t(), u2, scaling);
     if (need_grad_x) {
       const at::Tensor w = merged_weight(weight, lora_A, lora_B, scaling);  // W + s B A, out x in
-      grad_x = at::mm(g, w).view(with_last_dim(grad_out, in));
+      grad_x = at::_unsafe_view(at::mm(g, w), with_last_dim(grad_out, in));
     }
   } else {
     if (path == BwdPath::kFused && r <= kMaxRank && dtype != at::kDouble) {
@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> lora_b_linear_bwd_cuda(const at::Tensor& grad
     }
     if (need_grad_x) {
       const at::Tensor low_rank = at::mm(s_gB, lora_A);   // s (g B) A, N x in
-      grad_x = at::addmm(low_rank, g, weight).view(with_last_dim(grad_out, in));  // + g W, one cuBLAS GEMM
+      grad_x = at::_unsafe_view(at::addmm(low_rank, g, weight), with_last_dim(grad_out, in));  // + g W, one cuBLAS GEMM
     }
   }
   return {grad_x, grad_B};

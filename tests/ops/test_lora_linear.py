@@ -199,6 +199,27 @@ def test_grad_flags_skip_unneeded_grads(lora_path):
     assert gx_only.shape == (15, 24) and gB_empty.numel() == 0
 
 
+@pytest.mark.parametrize("backend", ["cpp", "auto", "reference"])
+@pytest.mark.parametrize("lead", [(3, 5), (7,)])
+def test_the_output_takes_an_in_place_update_as_a_linear_s_does(backend, lead, lora_path):
+    """`y += bias` on the output under autograd (timm's EvaAttention adds its q/v biases so) must work
+    and differentiate as out of place: an output that is a view made inside the op would be refused."""
+    x, weight, bias, lora_A, lora_B = make_inputs(lead)
+    extra = torch.randn(40)
+
+    def with_inplace_bias(*args):
+        y = lora_b_linear(*args)
+        y += extra
+        return y
+
+    with dispatch.backend(backend):
+        y, gx, gB = forward_backward(with_inplace_bias, x, weight, bias, lora_A, lora_B, 0.5)
+    ry, rgx, rgB = forward_backward(lambda *a: lora_b_linear_reference(*a) + extra, x, weight, bias, lora_A, lora_B, 0.5)
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, rgx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gB, rgB, rtol=1e-5, atol=1e-5)
+
+
 def test_opcheck_forward_and_backward_ops(lora_path):
     x, weight, bias, lora_A, lora_B = make_inputs((2, 3))
     torch.library.opcheck(torch.ops.segpcl.lora_b_linear_fwd.default, (x, weight, bias, lora_A, lora_B, 0.5))
