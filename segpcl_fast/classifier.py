@@ -27,7 +27,9 @@ continual model with no segpcl_fast import:
     logits = s * F.normalize(emb, dim=-1) @ ckpt["text"].T + beta * s * F.normalize(raw[0], dim=-1) @ p.T
 
 (open_clip's "No pretrained weights loaded" warning is expected: the weights come from the export.)
-The hook is for a ViT with CLS pooling, open_clip's default (other towers: model.clip.raw_features).
+The hook is for open_clip's own ViT with CLS pooling, its default. For a timm image tower (SigLIP,
+EVA, PE) r(x) is the trunk's pooled feature: `raw = [model.visual.trunk.forward_head(
+model.visual.trunk.forward_features(x), pre_logits=True)]` (segpcl_fast: CLIPModel.raw_features).
 `text` is u_S (normalised), `prototypes` p_c, `class_names` the logit columns' classes and
 `image_stats` the transform (size, mean, std).
 """

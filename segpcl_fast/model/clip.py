@@ -2,7 +2,8 @@
 
 Notation of method.md:
   r(x)  raw visual feature: the image tower's pooled output before the final projection
-        (ViT: ln_post(CLS)),                                   -> CLIPModel.raw_features
+        (ViT: ln_post(CLS); a timm tower: its trunk's pooled feature
+        before the trunk's classifier head, e.g. SigLIP's MAP pool)     -> CLIPModel.raw_features
   v(x)  = proj(r(x)), the CLIP image embedding                 -> CLIPModel.project
   u_c   L2-normalised text embedding of class c's prompt(s)    -> CLIPModel.class_embeddings
   s     = exp(logit_scale)                                     -> CLIPModel.logit_scale()
@@ -100,13 +101,17 @@ class CLIPModel(nn.Module):
                                       fill_color=int(preprocess.get("fill_color") or 0))
         self.image_autocast: Optional[torch.dtype] = None  # autocast dtype of the image tower (None: off)
         self._vit = hasattr(visual, "_embeds") and hasattr(visual, "_pool")
+        # open_clip's TimmModel: trunk (a timm model, its classifier head the projection when the config
+        # names none) then head (open_clip's extra projection, possibly empty)
+        self._timm = (not self._vit and hasattr(getattr(visual, "trunk", None), "forward_head")
+                      and hasattr(visual.trunk, "get_classifier") and isinstance(getattr(visual, "head", None), nn.Module))
         if not self._vit and type(visual).__name__ == "VisionTransformer":
             import importlib.metadata
             raise ModelLoadError(
                 f"open_clip {importlib.metadata.version('open_clip_torch')}'s VisionTransformer has no _embeds / _pool "
                 "(added in open_clip 2.32), which r(x), the pre-projection image feature, is read from: "
                 "pip install 'open_clip_torch>=2.32'")
-        if not self._vit:
+        if not (self._vit or self._timm):
             log.warning("image tower of %s is not an open_clip VisionTransformer: r(x) is taken as the "
                         "tower's output (r = v), so the prototype path works in embedding space", name)
 
@@ -127,14 +132,18 @@ class CLIPModel(nn.Module):
         amp = (torch.autocast(images.device.type, dtype=self.image_autocast) if self.image_autocast is not None
                else contextlib.nullcontext())
         with amp:
-            if not self._vit:
-                pooled = visual(images)
-            else:
+            if self._vit:
                 pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+            elif self._timm:  # the trunk's pooled (and fc_norm'ed) feature before its classifier head
+                pooled = visual.trunk.forward_head(visual.trunk.forward_features(images), pre_logits=True)
+            else:
+                pooled = visual(images)
         return pooled.float() if self.image_autocast is not None else pooled
 
     def project(self, raw: torch.Tensor) -> torch.Tensor:
-        """v = proj(r)."""
+        """v = proj(r) (timm towers: the trunk's classifier head, then open_clip's head)."""
+        if self._timm:
+            return self.visual.head(self.visual.trunk.get_classifier()(raw))
         proj = getattr(self.visual, "proj", None) if self._vit else None
         return raw @ proj if proj is not None else raw
 
@@ -333,15 +342,30 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
         log.warning("model %s created with random weights (model.pretrained is None)", name)
     if name.startswith("hf-hub:"):
         _require_cached_hf_config(name, cache_dir)
+    tokenizer = _tokenizer(name)  # first: a tokenizer missing offline fails before a large model is built
     try:
         with _hf_hub_offline():
             clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device,
                                           force_preprocess_cfg=force_preprocess)
-            tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # a corrupt file fails in pickle / zipfile / safetensors, not only torch
         raise ModelLoadError(_load_failure(name, pretrained, resolved, e)) from e
     clip.eval()
     return CLIPModel(clip, tokenizer, name, pretrained)
+
+
+def _tokenizer(name: str):
+    """open_clip's tokenizer for `name`, offline. Some (SigLIP's, hf_tokenizer_name) come from the
+    Hugging Face hub: not cached, that is one error saying how to cache them."""
+    import open_clip
+    try:
+        with _hf_hub_offline():
+            return open_clip.get_tokenizer(name)
+    except Exception as e:
+        hub = ((open_clip.get_model_config(name) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+        where = (f"its tokenizer comes from the Hugging Face hub ('{hub}') and is not in the local cache; on a "
+                 f"machine online run `python -c \"import open_clip; open_clip.get_tokenizer('{name}')\"` and copy "
+                 f"~/.cache/huggingface here (or set HF_HOME to a copy)") if hub else "its tokenizer does not load"
+        raise ModelLoadError(f"could not load {name}: {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
 def preprocess_override(name: str, preprocess: Optional[str | Mapping]) -> Optional[dict]:
@@ -407,12 +431,11 @@ def model_from_state_dict(name: str, state_dict: dict, device: str | torch.devic
     try:
         with _hf_hub_offline(), _quiet_random_init():
             clip = open_clip.create_model(name, pretrained=None, device=device)
-            tokenizer = open_clip.get_tokenizer(name)
         clip.load_state_dict(state_dict, strict=True)
     except Exception as e:
         raise ModelLoadError(f"could not build {name} from the given weights: {type(e).__name__}: {e}") from e
     clip.eval()
-    return CLIPModel(clip, tokenizer, name, pretrained)
+    return CLIPModel(clip, _tokenizer(name), name, pretrained)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,13 @@ Every LoRA product goes through `ops.lora_b_linear`, which the C++/CUDA op repla
 Targets: "q", "k", "v" (slices of open_clip's packed attention in_proj), "out" (attention
 output projection), "c_fc", "c_proj" (MLP). Default: lora.targets in config.py (method.md's k, v,
 c_fc, c_proj).
+
+Towers: open_clip's own transformers (nn.MultiheadAttention blocks) and timm ViT-style image towers
+(open_clip's TimmModel: SigLIP, EVA, PE), whose blocks name the same layers otherwise:
+  q / k / v -> slices of attn.qkv (packed, rows [q; k; v]) or attn.q_proj / k_proj / v_proj
+  out       -> attn.proj
+  c_fc      -> mlp.fc1 (SwiGLU: both input projections, fc1_g and fc1_x)
+  c_proj    -> mlp.fc2
 """
 from __future__ import annotations
 
@@ -65,6 +72,66 @@ class LoRABLinear(nn.Module):
         return linear.requires_grad_(False)
 
 
+def pack_slices(lora_B: Mapping[str, torch.Tensor], slices: list[str], d: int, rank: int,
+                like: torch.Tensor) -> torch.Tensor:
+    """B_full (3d x n*r) of a packed q/k/v projection: slice s's d rows hold [0 .. B_s .. 0], B_s in
+    the r columns of its own A rows; an unadapted slice's rows are zero."""
+    n = len(slices)
+    rows = []
+    for name in ("q", "k", "v"):
+        if name in lora_B:
+            j = slices.index(name)
+            rows.append(F.pad(lora_B[name], (j * rank, (n - 1 - j) * rank)))
+        else:
+            rows.append(like.new_zeros(d, n * rank))
+    return torch.cat(rows)
+
+
+class LoRAPackedLinear(nn.Module):
+    """Replaces a packed q/k/v nn.Linear (timm's attn.qkv, output rows [q; k; v]) with LoRA on the
+    chosen slices, arranged as LoRAMultiheadAttention arranges open_clip's in_proj: one GEMM with
+    A_cat (n*r x in) and B_full (3d x n*r, see pack_slices)."""
+
+    def __init__(self, base: nn.Linear, slices: list[str], rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        if base.out_features % 3:
+            raise ValueError(f"a packed q/k/v projection has 3 * d outputs, got {base.out_features}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.slices = [s for s in ("q", "k", "v") if s in slices]
+        self.rank, self.scaling = rank, alpha / rank
+        d = base.out_features // 3
+        self.register_buffer("lora_A", torch.cat(
+            [_kaiming_uniform(rank, base.in_features, generator) for _ in self.slices]).to(base.weight))
+        self.lora_B = nn.ParameterDict({
+            s: nn.Parameter(torch.zeros(d, rank, dtype=base.weight.dtype, device=base.weight.device))
+            for s in self.slices})
+
+    def packed_lora_B(self) -> torch.Tensor:
+        return pack_slices(self.lora_B, self.slices, self.out_features // 3, self.rank, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.lora_b_linear(x, self.weight, self.bias, self.lora_A, self.packed_lora_B(), self.scaling)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, slices={self.slices}, rank={self.rank}, "
+                f"scaling={self.scaling:g}")
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with weight W + s B_full A_cat (see merge_lora)."""
+        w = self.weight
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        linear.weight.copy_(merged_weight(w, self.lora_A, self.packed_lora_B(), self.scaling))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+
 class LoRAMultiheadAttention(nn.Module):
     """Self-attention replacing nn.MultiheadAttention (batch_first) with LoRA on chosen q/k/v slices.
 
@@ -100,15 +167,7 @@ class LoRAMultiheadAttention(nn.Module):
 
     def packed_lora_B(self) -> torch.Tensor:
         """B_full (3d x n*r): slice s's rows hold [0 .. B_s .. 0] in its own r columns."""
-        n, r, d = len(self.slices), self.rank, self.embed_dim
-        rows = []
-        for name in ("q", "k", "v"):
-            if name in self.lora_B:
-                j = self.slices.index(name)
-                rows.append(F.pad(self.lora_B[name], (j * r, (n - 1 - j) * r)))
-            else:
-                rows.append(self.in_proj_weight.new_zeros(d, n * r))
-        return torch.cat(rows)
+        return pack_slices(self.lora_B, self.slices, self.embed_dim, self.rank, self.in_proj_weight)
 
     @torch.no_grad()
     def merged(self) -> nn.MultiheadAttention:
@@ -174,14 +233,15 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 def merge_lora(model: nn.Module) -> int:
     """Fold every LoRA adapter into its frozen weight, in place (peft's merge_and_unload).
 
-    Each LoRABLinear becomes an nn.Linear with W + s B A and each LoRAMultiheadAttention the
+    Each LoRABLinear (and LoRAPackedLinear) becomes an nn.Linear with W + s B A and each LoRAMultiheadAttention the
     nn.MultiheadAttention it replaced, merged the same way, so the model is plain open_clip again:
     `model.clip.state_dict()` loads into `open_clip.create_model(name)` with strict=True and computes
     the same function up to the rounding of the merged weights to their dtype (W + s B A is
     computed in fp32); in bf16 that is the arrangement the run's own evaluation uses (ops: merged).
     Returns how many LoRA modules were folded.
     """
-    adapted = [(name, m) for name, m in model.named_modules() if isinstance(m, (LoRABLinear, LoRAMultiheadAttention))]
+    adapted = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention))]
     outer = [(name, m) for name, m in adapted  # an attention module's LoRA out_proj merges with it
              if not any(name.startswith(other + ".") for other, _ in adapted)]
     for name, module in outer:
@@ -195,6 +255,52 @@ def _residual_blocks(tower: nn.Module) -> list[nn.Module]:
     blocks = [m for m in tower.modules()
               if isinstance(getattr(m, "attn", None), nn.MultiheadAttention) and hasattr(getattr(m, "mlp", None), "c_fc")]
     return blocks
+
+
+def _is_linear(module: Optional[nn.Module]) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _timm_blocks(tower: nn.Module) -> list[nn.Module]:
+    """timm ViT-style blocks (timm's Block, EvaBlock): .attn with a Linear proj and a packed qkv or
+    q_proj / k_proj / v_proj, .mlp with fc2 and fc1 (or SwiGLU's fc1_g, fc1_x). Attention pools
+    (AttentionPoolLatent: q, kv, no .attn) are not blocks, as open_clip's attn_pool is not."""
+    def attn_ok(a):
+        return (a is not None and _is_linear(getattr(a, "proj", None))
+                and (_is_linear(getattr(a, "qkv", None))
+                     or all(_is_linear(getattr(a, f"{s}_proj", None)) for s in ("q", "k", "v"))))
+
+    def mlp_ok(m):
+        return (m is not None and _is_linear(getattr(m, "fc2", None))
+                and (_is_linear(getattr(m, "fc1", None))
+                     or (_is_linear(getattr(m, "fc1_g", None)) and _is_linear(getattr(m, "fc1_x", None)))))
+    return [m for m in tower.modules() if attn_ok(getattr(m, "attn", None)) and mlp_ok(getattr(m, "mlp", None))]
+
+
+def _inject_timm_block(block: nn.Module, targets: list[str], rank: int, alpha: float,
+                       generator: torch.Generator) -> None:
+    attn, mlp = block.attn, block.mlp
+    slices = [s for s in ("q", "k", "v") if s in targets]
+    if slices and _is_linear(getattr(attn, "qkv", None)):
+        if getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", True):
+            # EvaAttention with a fused qkv and separate q/k/v biases runs F.linear(x, self.qkv.weight, bias),
+            # which never calls a wrapped qkv; its qkv_bias_separate mode calls self.qkv(x) and adds the bias
+            # after (the same function, the bias added in another order)
+            attn.qkv_bias_separate = True
+        elif getattr(attn, "q_bias", None) is not None and not hasattr(attn, "qkv_bias_separate"):
+            raise ValueError(f"{type(attn).__name__} of this timm version reads its fused qkv weight directly: LoRA "
+                             f"on q/k/v cannot run there; upgrade timm, or use lora.targets without q, k, v")
+        attn.qkv = LoRAPackedLinear(attn.qkv, slices, rank, alpha, generator)
+    else:
+        for s in slices:
+            setattr(attn, f"{s}_proj", LoRABLinear(getattr(attn, f"{s}_proj"), rank, alpha, generator))
+    if "out" in targets:
+        attn.proj = LoRABLinear(attn.proj, rank, alpha, generator)
+    if "c_fc" in targets:
+        for name in (("fc1",) if _is_linear(getattr(mlp, "fc1", None)) else ("fc1_g", "fc1_x")):
+            setattr(mlp, name, LoRABLinear(getattr(mlp, name), rank, alpha, generator))
+    if "c_proj" in targets:
+        mlp.fc2 = LoRABLinear(mlp.fc2, rank, alpha, generator)
 
 
 def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alpha,
@@ -226,9 +332,12 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
         if tower_name == "text":  # the text tower's blocks, not the image tower's inside a CLIP module
             module = getattr(module, "transformer", module)
         blocks = _residual_blocks(module)
-        if not blocks:
-            raise ValueError(f"the {tower_name} tower of {model.name} has no open_clip transformer blocks "
-                             f"with nn.MultiheadAttention; LoRA injection supports ViT/text transformer towers")
+        timm_blocks = [] if blocks else _timm_blocks(module)
+        if not blocks and not timm_blocks:
+            raise ValueError(f"the {tower_name} tower of {model.name} has no transformer blocks LoRA injection "
+                             f"knows (open_clip's nn.MultiheadAttention blocks, timm's ViT / EVA blocks)")
+        for block in timm_blocks:
+            _inject_timm_block(block, targets, rank, alpha, generator)
         for block in blocks:
             if slices or "out" in targets:
                 block.attn = LoRAMultiheadAttention(block.attn, slices, "out" in targets, rank, alpha, generator)

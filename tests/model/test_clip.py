@@ -159,3 +159,21 @@ def test_a_non_square_image_size_is_refused_when_the_model_loads(tiny_model_name
         CLIPModel(model.clip, model.tokenizer, tiny_model_name, None)
     model.clip.visual.image_size = (32, 32)
     assert CLIPModel(model.clip, model.tokenizer, tiny_model_name, None).image_stats.size == 32
+
+
+def test_a_hub_tokenizer_missing_offline_is_one_error_before_the_model_is_built(monkeypatch):
+    """SigLIP's tokenizer (text_cfg.hf_tokenizer_name) comes from the Hugging Face hub: offline and not
+    cached, the error names it and how to cache it, before a large model is built for nothing."""
+    import open_clip
+
+    def offline(name, *args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the tokenizer was checked")
+    monkeypatch.setattr(open_clip, "get_tokenizer", offline)
+    monkeypatch.setattr(open_clip, "create_model", never)
+    with pytest.raises(ModelLoadError, match=r"could not load ViT-B-16-SigLIP: its tokenizer comes from the Hugging "
+                                             r"Face hub \('timm/ViT-B-16-SigLIP'\) and is not in the local cache; .*"
+                                             r"open_clip.get_tokenizer\('ViT-B-16-SigLIP'\)"):
+        load_model("ViT-B-16-SigLIP", pretrained=None)
