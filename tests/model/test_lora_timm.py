@@ -210,3 +210,16 @@ def test_a_tower_without_transformer_blocks_is_refused():
     trunk = timm.create_model("resnet18", pretrained=False, num_classes=0)
     with pytest.raises(ValueError, match="no transformer blocks LoRA injection knows"):
         inject_lora(_Tower(trunk), towers=["visual"])
+
+
+def test_torch_compile_traces_a_timm_tower_with_lora_without_graph_breaks(models):
+    """Dynamo sees through the LoRA layers (custom ops with fake kernels) inside timm's blocks,
+    rotary embeddings and the in-place bias add included."""
+    model = copy.deepcopy(models["test-timm-eva"])
+    params = inject_lora(model, rank=2, towers=["visual"])
+
+    def step(x):
+        return model.encode_image(x)[1].square().sum()
+    explained = torch._dynamo.explain(step)(_images(1))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1 and params
