@@ -13,7 +13,7 @@ Two exact shortcuts (the same values, bit for bit; tests compare with torchvisio
 tensor and normalise" is one step (`ToNormalizedTensor`: ToTensor's and Normalize's own tensor
 ops, without their per-call module overhead), and the test transform skips resize and center crop
 for an image already image_size x image_size, where both are the identity (the offline world's
-32 x 32 images at the tiny model's 32: 6x faster per image on the CPU).
+32 x 32 images at the tiny model's 32: about 3x faster per image on the CPU, BENCHMARKS.md).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Notation of method.md:
 Precision: `CLIPModel.image_autocast` (None, or torch.bfloat16 for run.precision=bf16) runs the image
 tower's transformer under autocast; r(x) is returned in fp32, so the projection and everything the
 method computes from the features (logits, cosines, KL, prototypes, seed scores) stays fp32 (a bf16
-logit at s = 100 is spaced 0.25-0.5 apart: argmax ties, L_GR / L_ACGD > 0 at student = teacher).
+logit at s = 100 (about 20-35) is spaced 0.125-0.25 apart: argmax ties, L_GR / L_ACGD > 0 at student = teacher).
 The text tower runs in fp32 (it sees class prompts, not the batch: cheap).
 
 Knows nothing of method/ or engine/.

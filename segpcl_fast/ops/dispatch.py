@@ -2,8 +2,9 @@
 
 One switch for every op: `set_backend("reference")` forces the plain-PyTorch references (the
 spec), "triton" / "cpp" force a fast path (error if it cannot run on the given tensors), and
-"auto" (default) picks the fast path where it exists for the device and dtype. `which(op, ...)`
-says what would run, and every first choice per (op, device, impl) is logged.
+"auto" (default) picks the fast path where it exists for the device and dtype.
+`ops._kernels.impl_for(op, *tensors)` (the Triton ops) and `ops.lora_linear.lora_b_linear_impl`
+say what would run, `last_choice()` what ran, and every first choice per (op, device, impl) is logged.
 """
 from __future__ import annotations
 
