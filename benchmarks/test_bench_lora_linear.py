@@ -84,9 +84,13 @@ def _layer(impl, device):
     return layer
 
 
+def _weights(layer):
+    """The layer's weights: an nn.Module's parameters, or the tensors a functional layer lists in .params."""
+    return list(layer.parameters()) if isinstance(layer, torch.nn.Module) else list(layer.params)
+
+
 def _saved_activation_bytes(layer, x):
-    weights = {p.untyped_storage().data_ptr() for p in getattr(layer, "parameters", lambda: [])()}
-    weights |= {p.untyped_storage().data_ptr() for p in getattr(layer, "params", [])}
+    weights = {p.untyped_storage().data_ptr() for p in _weights(layer)}
     saved = {}
 
     def pack(t):
@@ -120,7 +124,7 @@ def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
     x = torch.randn(n, N_IN, device=device, dtype=_dtype(device), requires_grad=True)
     g = torch.randn(n, N_OUT, device=device, dtype=_dtype(device))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    wrt = [x] + [p for p in layer.parameters() if p.requires_grad]
+    wrt = [x] + [p for p in _weights(layer) if p.requires_grad]
 
     def step():  # autograd.grad, not backward: .grad would add up across rounds (an extra add per round)
         torch.autograd.grad(layer(x), wrt, g)
