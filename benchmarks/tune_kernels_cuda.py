@@ -14,9 +14,9 @@ A second table sweeps the one-tile kernel's rows and warps per program at ACGD's
 classes: 10 on CIFAR100's second task, 200 on ImageNet-R / CUB, 1000, 4096), beside each
 variant's registers and theoretical occupancy as compiled for this GPU
 (segpcl_fast.kernels.check_triton_build). The launcher's default holds a 4096-element tile per
-program on 4 warps (32 elements a thread): 80-255 registers and 12-38 % occupancy on sm_90 by that
-check; whether more warps make it faster is what this table measures. The default rule in
-anchor_kl_triton should be set from it.
+program on 4 warps (32 elements a thread) until 2026-12-04: 80-255 registers and 12-38 % occupancy on
+sm_90 by that check, and 1.3-2.8x slower than the best variant this table found on an H200 at each
+width (BENCHMARKS.md). The default rule (anchor_kl.tile_rows / tile_warps) is set from it.
 """
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ def sweep_tile(k, bw):
         moved = 3 * ROWS * width * 4
         default_rows = k.tile_rows(ROWS, width)
         default_warps = k.tile_warps(default_rows, width)
-        # the default, half of it, and an eighth (at 10 classes the default 256 rows make 32 programs for
-        # 8192 rows: fewer than the SMs, so the grid, not occupancy, may be the limit there)
-        for rows in sorted({max(1, default_rows // 8), max(1, default_rows // 2), default_rows}):
+        # the default (chosen from the 2026-12-04 H200 sweep), half and twice it, and 8 times it (the
+        # 2026-12-04 sweep's own variants were the rule before: a 4096-element tile, half and an eighth)
+        for rows in sorted({max(1, default_rows // 2), default_rows, 2 * default_rows, 8 * default_rows}):
             for warps in TILE_WARPS:
                 def run(rows=rows, warps=warps):
                     return k.anchor_kl_triton(student, teacher, 20.0, rows=rows, num_warps=warps)

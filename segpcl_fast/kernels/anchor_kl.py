@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, compute_dtype, launch_device, lazy_jit, next_pow2,
+from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, launch_device, lazy_jit, next_pow2,
                             refuse_double_backward, rows_per_program)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
@@ -197,15 +197,35 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
         tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
+# One-tile kernel's rows and warps per program on a GPU, from the knob sweep on an H200 (BENCHMARKS.md,
+# 2026-12-04: benchmarks/tune_kernels_cuda.py, 8192 rows, fp32, kernel alone). Fastest measured
+# (rows, warps) by width, against the rule before it (a 4096-element tile on 4 warps, 8 above):
+#   10 columns    (128, 16)  0.0079 ms   was (256, 4)  0.0223 ms
+#   200 columns   (2, 4)     0.0159 ms   was (16, 4)   0.0316 ms
+#   1000 columns  (2, 4)     0.0366 ms   was (4, 4)    0.0462 ms
+#   4096 columns  (1, 16)    0.1162 ms   was (1, 4)    0.1733 ms
+# Widths between measured ones take the nearer measured regime (not measured themselves): up to 64
+# columns a 2048-element tile on 16 warps, from 128 to 2048 two rows (one at 2048) on 4 warps.
+NARROW_COLS = 64          # up to this width (padded to a power of two): a 2048-element tile, 16 warps
+NARROW_TILE_ELEMS = 2048
+
+
 def tile_rows(n_rows: int, n_cols: int) -> int:
-    """Rows per program of the one-tile kernel: a tile of about 4096 elements (few, large programs
-    under the interpreter)."""
-    return rows_per_program(n_rows, next_pow2(n_cols), gpu_tile_elems=4096)
+    """Rows per program of the one-tile kernel (a power of two): on a GPU as the sweep above chose;
+    under the interpreter few, large programs (tests stay quick)."""
+    cols = next_pow2(n_cols)
+    if interpret_mode():
+        return rows_per_program(n_rows, cols, gpu_tile_elems=4096)
+    if cols <= NARROW_COLS:
+        return NARROW_TILE_ELEMS // cols
+    return 2 if cols <= 1024 else 1
 
 
 def tile_warps(rows: int, n_cols: int) -> int:
-    """Warps per program of the one-tile kernel: 4 up to 4096 elements a tile, else 8."""
-    return 4 if rows * next_pow2(n_cols) <= 4096 else 8
+    """Warps per program of the one-tile kernel: 16 for narrow rows (a 2048-element tile) and for
+    4096-wide ones, 4 in between (the sweep above)."""
+    cols = next_pow2(n_cols)
+    return 16 if cols <= NARROW_COLS or rows * cols >= 4096 else 4
 
 
 def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,

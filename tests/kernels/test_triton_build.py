@@ -163,17 +163,27 @@ json.dump([[r.case, r.num_warps, r.constexprs["ROWS"], r.registers, r.occupancy]
 @needs_binder
 def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
     """num_warps (swept by benchmarks/tune_kernels_cuda.py) is what gets compiled: the default 4
-    warps hold 32 elements of the 4 x 1024 tile a thread; 8 and 16 warps fewer, so fewer registers."""
+    warps hold 16 elements of the 2 x 1024 tile a thread; 8 and 16 warps fewer, so fewer registers."""
     script = tmp_path / "knobs.py"
     script.write_text(KNOBS)
     proc = subprocess.run([sys.executable, str(script)], env=_compile_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {case: rest for case, *rest in json.loads(proc.stdout.strip().splitlines()[-1])}
-    assert [rows[c][:2] for c in ("None", "8", "16")] == [[4, 4], [8, 4], [16, 4]]
+    assert [rows[c][:2] for c in ("None", "8", "16")] == [[4, 2], [8, 2], [16, 2]]
     regs = [rows[c][2] for c in ("None", "8", "16")]
     occupancy = [rows[c][3] for c in ("None", "8", "16")]
     assert regs[0] > regs[1] > regs[2] and occupancy[0] < occupancy[1] <= occupancy[2], rows
+
+
+@pytest.mark.parametrize("cols, rows, warps", [(10, 128, 16), (200, 2, 4), (1000, 2, 4), (4096, 1, 16)])
+def test_anchor_kl_default_tile_is_the_sweeps_fastest(monkeypatch, cols, rows, warps):
+    """On a GPU the one-tile kernel's default (rows, warps) at each width the H200 sweep measured
+    (BENCHMARKS.md, 2026-12-04) is that sweep's fastest variant, and what the launcher compiles."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    anchor_kl = load_kernel("anchor_kl")
+    assert (anchor_kl.tile_rows(8192, cols), anchor_kl.tile_warps(anchor_kl.tile_rows(8192, cols), cols)) == \
+        (rows, warps)
 
 
 @pytest.mark.parametrize("arch, warps, regs, shared, expected", [
