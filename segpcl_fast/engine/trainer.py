@@ -505,6 +505,11 @@ class Trainer:
         # (also set on a --resume) the tasks trained since wrote none
         if c.run.resume and (self.out / "results.json").exists():
             self.holds_final_weights = start == T  # the last checkpoint, loaded above, is the final one
+            if c.run.checkpoint and start < T and main:  # e.g. a damaged last checkpoint deleted, as its error says
+                log.warning("the run in %s is finished (results.json) but its checkpoints end at task %d of %d: the "
+                            "final weights are not on disk. To train tasks %d..%d again from %s, delete %s and "
+                            "resume", self.out, start, T, start + 1, T,
+                            ckpt.find_last_checkpoint(self.out) or "the start", self.out / "results.json")
             return self._finished_result(T)
         if c.run.resume and start == 0 and main:
             log.warning("run.resume is set but %s has no finished task; starting from task 1",

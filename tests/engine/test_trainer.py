@@ -187,6 +187,29 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_model_name, tmp_path, cap
     assert load_config(tmp_path / "run" / "config.yaml").run.resume is False
 
 
+def test_resume_of_a_finished_run_missing_its_last_checkpoint_says_how_to_retrain(tiny_model_name, tmp_path,
+                                                                                  caplog):
+    """A finished run whose last checkpoint was deleted (a damaged one's error says to delete it): --resume
+    returns results.json but warns that the final weights are not on disk and how to train the last task
+    again; deleting results.json then trains it from the checkpoint before, and writes both back."""
+    out = tmp_path / "run"
+    train(small_config(tiny_model_name, out))
+    folder = out / ckpt.CHECKPOINT_DIR
+    (folder / "task_01.pt").unlink()
+    (folder / ckpt.LAST_POINTER).unlink()
+    with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
+        train(small_config(tiny_model_name, out, resume=True))
+    messages = [r.getMessage() for r in caplog.records if r.name == "segpcl_fast.engine"]
+    assert messages[0] == (f"the run in {out} is finished (results.json) but its checkpoints end at task 1 of 2: the "
+                           f"final weights are not on disk. To train tasks 2..2 again from {folder / 'task_00.pt'}, "
+                           f"delete {out / 'results.json'} and resume")
+    assert not (folder / "task_01.pt").exists()
+    (out / "results.json").unlink()
+    again = train(small_config(tiny_model_name, out, resume=True))
+    assert (folder / "task_01.pt").is_file() and (out / "results.json").is_file()
+    assert again.timings["run_s_from_task"] == 2
+
+
 def test_results_hold_the_counts_behind_the_matrix_and_what_ran_the_run(tiny_model_name, tmp_path):
     """Uneven tasks: acc_t is weighted by test images, which only counts in results.json let anyone
     re-derive; the run's device, world size and source revision are recorded beside the versions."""
