@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..fileio import atomic_path, atomic_write_text
 
 STAGES = ("dpgd", "student_forward_losses", "image_forward", "text_forward", "losses.cls", "losses.acgd",
@@ -214,18 +214,19 @@ def ncu_command(kernel: str, argv: list[str], launches: Optional[int] = None) ->
 def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, row_limit: int = 30,
                      nvtx: bool = False, compile_settings=None) -> dict:
     """Profile `steps` training steps of task 2 (or task 1 if there is one task); returns paths and stats."""
-    from .trainer import Trainer
+    from .trainer import Trainer, resolve_device
     if steps < 1:
-        raise ValueError(f"profile: --steps must be >= 1, got {steps}")
+        raise ConfigError(f"profile: --steps must be >= 1, got {steps}")
+    device = resolve_device(cfg.run.device)  # before the model and data load: a refusal costs nothing
+    if nvtx and not _is_cuda(device):
+        raise ConfigError(f"profile --nvtx emits NVTX ranges for Nsight Systems / Compute, which profile CUDA "
+                          f"devices; this run is on {device}: drop --nvtx (torch.profiler's trace and "
+                          "tables work on the CPU), or run on a GPU")
     cfg = copy.deepcopy(cfg)
     cfg.run.max_steps_per_task = steps
     cfg.run.checkpoint, cfg.run.plots, cfg.run.progress, cfg.eval.fwt = False, False, False, False
     trainer = Trainer(cfg, compile_settings=compile_settings, writes=False)  # its files go to out_dir
     on_gpu = _is_cuda(trainer.device)
-    if nvtx and not on_gpu:
-        raise ValueError(f"profile --nvtx emits NVTX ranges for Nsight Systems / Compute, which profile CUDA "
-                         f"devices; this run is on {trainer.device}: drop --nvtx (torch.profiler's trace and "
-                         "tables work on the CPU), or run on a GPU")
     out = Path(out_dir) if trainer.dist.is_main else Path(out_dir) / f"rank{trainer.dist.rank}"
     task = 1 if trainer.scenario.num_tasks > 1 else 0
     if task:

@@ -114,10 +114,22 @@ def test_profile_nvtx_runs_under_emit_nvtx_without_torch_profiler(tiny_model_nam
     assert not torch._C._autograd._profiler_enabled()
 
 
-def test_profile_nvtx_on_cpu_is_refused(tiny_model_name, tmp_path):
-    with pytest.raises(ValueError, match=r"--nvtx emits NVTX ranges for Nsight .* this run is on cpu: drop --nvtx"):
+def test_profile_nvtx_on_cpu_is_refused(tiny_model_name, tmp_path, monkeypatch, capsys):
+    """Refused before the model and data load (a ConfigError: the CLI prints one line, no traceback)."""
+    from segpcl_fast.cli import main
+    from segpcl_fast.config import ConfigError
+    from segpcl_fast.engine import trainer as trainer_mod
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("the Trainer was built before --nvtx was refused")
+    monkeypatch.setattr(trainer_mod, "Trainer", no_trainer)
+    with pytest.raises(ConfigError, match=r"--nvtx emits NVTX ranges for Nsight .* this run is on cpu: drop --nvtx"):
         profile_training(_config(tiny_model_name, tmp_path / "unused"), tmp_path / "prof", steps=1, nvtx=True)
     assert not (tmp_path / "prof").exists()
+    code = main(["profile", "--nvtx", "--set", f"model.name={tiny_model_name}", "--set", "run.device=cpu",
+                 "-o", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert code != 0 and "drop --nvtx" in err and "Traceback" not in err
 
 
 def test_cli_profile(tiny_model_name, tmp_path, capsys, monkeypatch):
