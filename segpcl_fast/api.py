@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from .config import (Config, ConfigError, apply_overrides, check_data_root, check_resume_dir, check_task_count,
-                     config_from_dict, kwargs_to_overrides, load_config, map_kwargs, override_key)
+                     config_from_dict, join_some, kwargs_to_overrides, load_config, map_kwargs, override_key,
+                     runs_below)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -142,9 +143,9 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         raise FileNotFoundError(f"{run_dir} does not exist: evaluate() takes the output_dir of a train() run")
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
-        runs = ckpt.runs_below(run_dir)
+        runs = runs_below(run_dir)
         raise FileNotFoundError(f"{cfg_path} not found: evaluate() takes the output_dir of a train() run"
-                                + (f"; runs below it: {', '.join(runs)}" if runs else ""))
+                                + (f"; runs below it: {join_some(runs)}" if runs else ""))
     strings, keyed = override_list(overrides), kwargs_to_overrides(kwargs)
     for key in [override_key(change) for change in strings] + list(keyed):
         if key not in EVALUATE_OVERRIDABLE:

@@ -47,7 +47,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .config import ConfigError, apply_overrides, config_from_dict, override_key
+from .config import ConfigError, apply_overrides, config_from_dict, join_some, override_key, runs_below
 from .data.transforms import clip_test_transform
 from .fileio import UnsafeFileError, atomic_path, load_torch_file, unwritable_dir_reason
 from .method.prototypes import dual_path_logits
@@ -339,10 +339,10 @@ def _available_device(device: Union[str, torch.device]) -> torch.device:
 def _run_checkpoint(run_dir: Path, task: Optional[int]) -> Path:
     from .engine import checkpoint as ckpt
     if not (run_dir / "config.yaml").is_file() and not (run_dir / ckpt.CHECKPOINT_DIR).is_dir():
-        runs = ckpt.runs_below(run_dir)
+        runs = runs_below(run_dir)
         raise ClassifierError(f"{run_dir} is not a run directory (no config.yaml, no {ckpt.CHECKPOINT_DIR}/): give "
                               f"train's output_dir, a checkpoint file or an exported classifier"
-                              + (f"; runs below it: {', '.join(runs)}" if runs else ""))
+                              + (f"; runs below it: {join_some(runs)}" if runs else ""))
     if task is None:
         last = ckpt.find_last_checkpoint(run_dir)
         if last is None:

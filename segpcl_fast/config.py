@@ -801,6 +801,23 @@ def check_resume_dir(cfg: Config) -> None:
     if cfg.run.resume and not out.is_dir():
         raise ConfigError(f"run.resume is set but {out} does not exist: check run.output_dir (-o), or drop "
                           f"--resume to start a new run there")
+    below = runs_below(out) if cfg.run.resume and not (out / "config.yaml").is_file() else []
+    if below:  # an analysis' folder (<variant>/seed<N>/ runs): resuming it would start a run among them
+        raise ConfigError(f"run.resume is set but {out} is not a run (no config.yaml); it holds runs: "
+                          f"{join_some(below)}: resume one of them (-o {below[0]}), or the analysis that made them")
+
+
+def runs_below(folder: str | os.PathLike) -> list[str]:
+    """Run directories (with a config.yaml) one or two levels below `folder` (an ablation's
+    <variant>/seed<N>/), for an error about a folder that is not a run; not a walk of a whole tree."""
+    folder = Path(folder)
+    return sorted(str(p.parent) for depth in ("*", "*/*") for p in folder.glob(f"{depth}/config.yaml"))
+
+
+def join_some(items: list[str], limit: int = 3) -> str:
+    """'a, b, c and 4 more': the first `limit` items, and how many are left out."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Config:

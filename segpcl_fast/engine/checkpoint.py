@@ -331,14 +331,6 @@ def unlock_run_dir(output_dir: PathLike, fd: int) -> None:
     os.close(fd)
 
 
-def runs_below(folder: PathLike, limit: int = 3) -> list[str]:
-    """Run directories one or two levels below `folder` (an ablation's <variant>/seed<N>/), for an
-    error about a folder that is not a run; not a walk of a whole image tree."""
-    folder = Path(folder)
-    found = sorted(str(p.parent) for depth in ("*", "*/*") for p in folder.glob(f"{depth}/config.yaml"))
-    return found[:limit]
-
-
 def find_last_checkpoint(output_dir: PathLike) -> Optional[Path]:
     """The newest finished-task checkpoint of a run, or None when there is none.
 

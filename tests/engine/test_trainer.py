@@ -883,6 +883,20 @@ def test_evaluate_of_a_folder_of_runs_names_them(tmp_path):
         evaluate(tmp_path)
 
 
+def test_resume_of_a_folder_of_runs_is_refused_naming_them(tiny_model_name, tmp_path):
+    """--resume of an analysis' folder (no config.yaml, runs below it) started a fresh run among them;
+    it is refused naming the runs, the first few and how many more."""
+    names = [f"v{i}/seed0" for i in range(5)]
+    for name in names:
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(ConfigError, match=f"{tmp_path} is not a run .no config.yaml.; it holds runs: "
+                                          f"{tmp_path / 'v0/seed0'}, {tmp_path / 'v1/seed0'}, {tmp_path / 'v2/seed0'} "
+                                          f"and 2 more: resume one of them .-o {tmp_path / 'v0/seed0'}."):
+        train(small_config(tiny_model_name, tmp_path, resume=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v0", "v1", "v2", "v3", "v4"]  # nothing written
+
+
 def test_the_nonfinite_message_names_the_settings_of_the_bad_terms():
     from segpcl_fast.engine.trainer import _nonfinite_fixes
     cfg = make_config(acgd__tau=1e25)
