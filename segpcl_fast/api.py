@@ -9,7 +9,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from .config import (Config, ConfigError, apply_overrides, check_data_root, check_resume_dir, check_task_count,
                      config_from_dict, join_some, kwargs_to_overrides, load_config, map_kwargs, override_key,
-                     runs_below)
+                     refuse_decided_keys, runs_below)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -192,6 +192,8 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     from .report.results import to_jsonable
     from .engine.distributed import refuse_multi_process
     refuse_multi_process("the ablation")
+    refuse_decided_keys("ablate()", overrides, {"run.method": "it runs every variants entry: pass variants=['segpcl']",
+                                                "run.seed": "it runs every seeds entry: pass seeds=[1]"})
     cfg = make_config(config, **overrides)
     variants = list(variants or LADDER)
     for name in variants:

@@ -57,6 +57,12 @@ def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool
 def _config_from_args(args) -> "Config":
     from .api import make_config
     overrides = list(args.overrides)
+    shorthands = {"run.output_dir": ("-o", args.output_dir), "run.method": ("--method", args.method),
+                  "run.seed": ("--seed", args.seed)}
+    for change in overrides:  # one of the two would be dropped silently (the later one won)
+        flag, value = shorthands.get(override_key(change), (None, None))
+        if value is not None:
+            raise ConfigError(f"{flag} {value} and --set {change} both set {override_key(change)}: give one of them")
     if args.output_dir is not None:  # -o "" reaches the validator and is refused, not ignored
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.method:
@@ -87,10 +93,13 @@ def _config_from_args(args) -> "Config":
 
 
 def _refuse_run_options(args, method_fix: str = "", seed_fix: str = "") -> None:
-    """--method / --seed where a subcommand's own option (--variants, --seeds) decides: an error with
-    the fix, not an option accepted and then ignored."""
-    given = [f"--{name} ({fix})" for name, value, fix in (("method", args.method, method_fix),
-                                                          ("seed", args.seed, seed_fix)) if fix and value is not None]
+    """--method / --seed, or --set (sweep: --fixed) run.method / run.seed, where a subcommand's own
+    option (--variants, --seeds) decides: an error with the fix, not an option accepted and then ignored."""
+    keys = {override_key(o) for o in list(args.overrides or []) + list(getattr(args, "fixed", None) or [])}
+    given = [f"{option} ({fix})" for name, value, fix in (("method", args.method, method_fix),
+                                                          ("seed", args.seed, seed_fix)) if fix
+             for option in ([f"--{name}"] if value is not None else []) + (
+                 [f"run.{name}"] if f"run.{name}" in keys else [])]
     if given:
         raise ConfigError(f"{args.command} does not take {' or '.join(given)}")
 
@@ -229,6 +238,9 @@ def cmd_retention(args) -> int:
 def cmd_sweep(args) -> int:
     from .analysis import sweep
     _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds 3")
+    both = sorted({override_key(o) for o in args.overrides} & {override_key(o) for o in args.fixed})
+    if both:  # the swept values replaced the fixed one without a word
+        raise ConfigError(f"sweep: {', '.join(both)} is both swept (--set) and fixed (--fixed): give it once")
     axes, args.overrides = args.overrides, list(args.fixed)
     cfg = _config_from_args(args)
     _print_analysis(sweep(cfg, axes=axes, seeds=args.seeds))

@@ -677,6 +677,15 @@ def kwargs_to_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def refuse_decided_keys(what: str, kwargs: dict[str, Any], decided: dict[str, str]) -> None:
+    """Keyword overrides (`method=`, `run__seed=`, ...) of keys that `what` sets itself for every run
+    (an ablation's run.method from its variants, run.seed from its seeds): an error with the fix
+    (`decided`: key -> fix), not a value accepted and then overridden."""
+    given = [f"{key} ({decided[key]})" for key in kwargs_to_overrides(kwargs) if key in decided]
+    if given:
+        raise ConfigError(f"{what} does not take {' or '.join(given)}")
+
+
 def map_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """kwargs_to_overrides's mapping and its problems (unknown, ambiguous, repeated keys), not raised."""
     out, problems = {}, []

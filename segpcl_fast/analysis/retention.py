@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, apply_overrides
+from ..config import ConfigError, apply_overrides, refuse_decided_keys
 from ..data.retention import OFFLINE_DEFAULT, RETENTION_DATASETS
 from ..engine.distributed import refuse_multi_process
 from .outputs import (check_resume_dir, check_unique, make_trainer, new_figure, run_config, save_png, slug,
@@ -97,6 +97,8 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     from ..api import make_config
     from ..method.variants import variant_overrides
     refuse_multi_process("the retention analysis")
+    refuse_decided_keys("retention()", overrides,
+                        {"run.method": "it trains every variants entry: pass variants=['segpcl']"})
     cfg = make_config(config, **overrides)
     variants = list(variants or DEFAULT_VARIANTS)
     for name in variants:

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from ..config import Config, ConfigError, apply_overrides, known_keys, parse_value
+from ..config import Config, ConfigError, apply_overrides, known_keys, parse_value, refuse_decided_keys
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, new_figure, plus_minus, run_config, save_png, slug,
                       summarize_runs, write_table_files)
@@ -170,6 +170,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
     """
     from ..api import make_config, train
     refuse_multi_process("the sweep")
+    refuse_decided_keys("sweep()", overrides, {"run.seed": "it runs every seeds entry: pass seeds=[1]"})
     cfg = make_config(config, **overrides)
     axes = parse_axes(axes)
     if "run.seed" in axes:

@@ -806,6 +806,58 @@ def test_cli_options_a_subcommand_would_ignore_are_refused_and_v_goes_anywhere(c
     assert build_parser().parse_args(["env"]).verbose is False
 
 
+def _no_training(monkeypatch, tmp_path):
+    """Work in tmp_path, and fail at once if anything starts training (a wrong refusal would train)."""
+    import segpcl_fast.api
+    from segpcl_fast.engine import trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run was started")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(segpcl_fast.api, "train", refuse)
+    monkeypatch.setattr(trainer.Trainer, "__init__", refuse)
+
+
+def test_set_keys_a_subcommand_decides_itself_or_set_twice_are_refused(capsys, monkeypatch, tmp_path):
+    """--set run.method / run.seed where --variants / --seeds decide (they were overridden without a
+    word), the same key from a shorthand and --set (the later one won), a sweep key also --fixed (the
+    swept values replaced it): each one line naming the conflict, before anything runs."""
+    from segpcl_fast.cli import main
+    _no_training(monkeypatch, tmp_path)
+    for argv, message in (
+            (["ablate", "--set", "run.method=segpcl"], "ablate does not take run.method (it runs every --variants"),
+            (["ablate", "--set", "run.seed=4"], "ablate does not take run.seed (it runs every --seeds entry"),
+            (["retention", "--set", "run.method=segpcl"], "retention does not take run.method (it compares every"),
+            (["sweep", "--set", "optim.lr=0.1,0.2", "--fixed", "run.seed=2"], "sweep does not take run.seed ("),
+            (["distill-sources", "--set", "run.seed=1"], "distill-sources does not take run.seed ("),
+            (["train", "--method", "segpcl", "--set", "run.method=lora_finetune"],
+             "--method segpcl and --set run.method=lora_finetune both set run.method: give one of them"),
+            (["train", "-o", "a", "--set", "run.output_dir=b"], "-o a and --set run.output_dir=b both set "
+                                                               "run.output_dir"),
+            (["sweep", "--set", "optim.lr=0.1,0.2", "--fixed", "optim.lr=0.3"],
+             "sweep: optim.lr is both swept (--set) and fixed (--fixed): give it once")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+@pytest.mark.parametrize("call, message", [
+    ("ablate(method='segpcl')", r"ablate\(\) does not take run.method \(it runs every variants entry"),
+    ("ablate(seed=3)", r"ablate\(\) does not take run.seed \(it runs every seeds entry: pass seeds=\[1\]\)"),
+    ("sweep(axes={'optim.lr': [0.1, 0.2]}, run__seed=3)", r"sweep\(\) does not take run.seed"),
+    ("retention(method='segpcl')", r"retention\(\) does not take run.method"),
+    ("distill_sources(run__method='segpcl')", r"distill_sources\(\) does not take run.method \(pass method="),
+])
+def test_api_keywords_an_analysis_decides_itself_are_refused(call, message, tmp_path, monkeypatch):
+    from segpcl_fast import api
+    _no_training(monkeypatch, tmp_path)
+    from segpcl_fast.analysis import distill_sources, retention, sweep
+    scope = {"ablate": api.ablate, "sweep": sweep, "retention": retention, "distill_sources": distill_sources}
+    with pytest.raises(ConfigError, match=message):
+        eval(call.replace("(", f"(run__output_dir={str(tmp_path / 'out')!r}, ", 1), scope)
+    assert not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_in_train_is_one_line_saying_how_to_resume(monkeypatch, capsys):
     import segpcl_fast.api
     from segpcl_fast.cli import main
