@@ -661,17 +661,23 @@ def epoch_means(losses: list[dict], epochs: list[int]) -> list[dict]:
 MIN_STEPS_FOR_DIVERGENCE = 8  # quarters of >= 2 steps, so each has a variance
 
 
+COLLAPSE_FRACTION = 0.95  # a rise that ends at >= this fraction of ln(n): the predictions became near-uniform
+
+
 def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float) -> Optional[str]:
     """A message when L_cls rose across task t, beyond its batch-to-batch noise, and ended above
-    chance level ln(n_classes); else None.
+    chance level ln(n_classes) (diverged) or within 5 % under it (collapsed to near-uniform
+    predictions); else None.
 
     Finite but diverged runs (weights blown up, predictions worse than uniform guessing) pass
     _check_finite; this catches them from the per-step losses already on the host. It compares
     the means of the first and last quarter of the steps and flags a rise only when it is over
     10 % and over twice the standard error of that difference (Welch), so a flat but noisy loss
     (a task the model barely learns, a small last batch per epoch) is not called a divergence.
-    A model whose logits are all equal sits at exactly ln(n) and is not flagged. Under 8 steps
-    (quarters of one step have no noise estimate: a smoke run's 4 steps) nothing is flagged.
+    A rise that ends at COLLAPSE_FRACTION of ln(n) or more is a collapse: a model that knew the
+    classes now spreads its probability evenly (equal logits give exactly ln(n)). A loss that sits
+    at chance from the start has no rise and is not flagged. Under 8 steps (quarters of one step
+    have no noise estimate: a smoke run's 4 steps) nothing is flagged.
     """
     values = [float(v) for v in cls_losses if v is not None]
     if len(values) < MIN_STEPS_FOR_DIVERGENCE or n_classes < 2:
@@ -681,11 +687,14 @@ def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float) -> O
     first, last = statistics.fmean(head), statistics.fmean(tail)
     chance = math.log(n_classes)
     noise = math.sqrt((statistics.variance(head) + statistics.variance(tail)) / k)
-    if last <= 1.1 * first or last <= chance or last - first <= 2.0 * noise:
+    if last <= 1.1 * first or last < COLLAPSE_FRACTION * chance or last - first <= 2.0 * noise:
         return None
-    return (f"task {t + 1}: L_CLS rose from {first:.3f} to {last:.3f} over the task (first and last quarter "
-            f"of its steps), above chance level ln({n_classes}) = {chance:.3f}: training diverged; lower "
-            f"optim.lr (now {lr:g}) or set optim.grad_clip")
+    fix = f"lower optim.lr (now {lr:g}) or set optim.grad_clip"
+    rise = f"task {t + 1}: L_CLS rose from {first:.3f} to {last:.3f} over the task (first and last quarter of its steps)"
+    if last <= chance:
+        return (f"{rise}, to chance level ln({n_classes}) = {chance:.3f}: training collapsed (near-uniform "
+                f"predictions); {fix}")
+    return f"{rise}, above chance level ln({n_classes}) = {chance:.3f}: training diverged; {fix}"
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -695,7 +695,8 @@ RISING_NOISY = [v + 0.05 * i for i, v in enumerate(FLAT_NOISY)]  # the same nois
     (FLAT_NOISY, False),                      # no trend: the end-window gap is within the noise
     (RISING_NOISY, True),                     # the same noise on a real rise is still caught
     ([3.0] * 10 + [2.5] * 10, False),         # above chance but falling: slow start, not divergence
-    ([0.5] * 10 + [2.0] * 10, False),         # rose but still better than uniform guessing
+    ([0.5] * 10 + [2.0] * 10, False),         # rose but still better than uniform guessing (under 0.95 ln(10))
+    ([0.5] * 10 + [2.25] * 10, True),         # rose to near-uniform predictions: collapsed
     ([2.303] * 20, False),                    # collapsed to equal logits: exactly chance, no rise
     ([1.0] * 99 + [9.0], False),              # one bad batch among the last tenth's ten: mean 1.8
     ([1.0] * 4 + [None] + [4.0] * 4, True),  # steps without a loss (an empty DDP shard) are skipped
@@ -708,6 +709,7 @@ def test_divergence_warning_needs_a_rise_above_chance(losses, warned):
     assert (message is not None) == warned
     if warned:
         assert "task 3" in message and "ln(10) = 2.303" in message and "lower optim.lr (now 0.1)" in message
+        assert ("training collapsed" in message) == (losses[-1] <= 2.303)  # to chance, not above it
 
 
 def test_a_run_whose_loss_rises_warns_once_per_task(tiny_model_name, tmp_path, caplog, monkeypatch):

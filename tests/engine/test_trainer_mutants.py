@@ -16,7 +16,7 @@ from segpcl_fast.api import make_config
 from segpcl_fast.config import ConfigError
 from segpcl_fast.engine import checkpoint as ckpt
 from segpcl_fast.engine import distributed as ddp
-from segpcl_fast.engine.trainer import Trainer, divergence_warning
+from segpcl_fast.engine.trainer import COLLAPSE_FRACTION, Trainer, divergence_warning
 from segpcl_fast.model.clip import ImageStats
 
 
@@ -144,11 +144,16 @@ def test_divergence_needs_a_rise_over_two_welch_standard_errors(delta, warned):
     assert (divergence_warning(losses, 10, 0, 0.1) is not None) == warned
 
 
-def test_a_loss_ending_exactly_at_chance_is_not_a_divergence():
-    """README: a model whose logits are all equal sits at exactly ln(n) and is not flagged, even
-    after a rise from a confident start."""
-    assert divergence_warning([1.0] * 6 + [math.log(10)] * 2, 10, 0, 0.1) is None
-    assert divergence_warning([1.0] * 6 + [math.log(10) + 1e-9] * 2, 10, 0, 0.1) is not None
+def test_a_rise_to_chance_is_a_collapse_from_95_percent_of_it():
+    """A rise from a confident start that ends at >= 0.95 ln(n) is a collapse (near-uniform
+    predictions; equal logits give exactly ln(n)), over ln(n) a divergence; under 0.95 ln(n) neither."""
+    edge = COLLAPSE_FRACTION * math.log(10)
+    assert COLLAPSE_FRACTION == 0.95
+    assert divergence_warning([1.0] * 6 + [edge - 1e-9] * 2, 10, 0, 0.1) is None
+    assert "training collapsed" in divergence_warning([1.0] * 6 + [edge] * 2, 10, 0, 0.1)
+    assert "training collapsed" in divergence_warning([1.0] * 6 + [math.log(10)] * 2, 10, 0, 0.1)
+    assert "training diverged" in divergence_warning([1.0] * 6 + [math.log(10) + 1e-9] * 2, 10, 0, 0.1)
+    assert divergence_warning([math.log(10)] * 8, 10, 0, 0.1) is None  # at chance from the start: no rise
 
 
 def test_fewer_than_eight_steps_are_never_called_a_divergence():
