@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from .config import (Config, ConfigError, apply_overrides, check_data_root, check_resume_dir, check_task_count,
-                     config_from_dict, join_some, kwargs_to_overrides, load_config, map_kwargs, override_key,
-                     refuse_decided_keys, runs_below)
+from .config import (Config, ConfigError, analysis_config, apply_overrides, check_data_root, check_resume_dir,
+                     check_resume_run, check_task_count, config_from_dict, join_some, kwargs_to_overrides,
+                     load_config, map_kwargs, override_key, refuse_decided_keys, runs_below)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -89,6 +89,7 @@ def train(config: ConfigLike = None, **overrides: Any):
     cfg = make_config(config, **overrides)
     if cfg.run.resume and "run.output_dir" not in kwargs_to_overrides(overrides):
         check_resume_target(config, cfg)
+    check_resume_run(cfg)  # before the model and data load (Trainer.run asks again)
     return Trainer(cfg).run()
 
 
@@ -194,7 +195,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     refuse_multi_process("the ablation")
     refuse_decided_keys("ablate()", overrides, {"run.method": "it runs every variants entry: pass variants=['segpcl']",
                                                 "run.seed": "it runs every seeds entry: pass seeds=[1]"})
-    cfg = make_config(config, **overrides)
+    cfg = analysis_config(make_config(config, **overrides), "ablate")
     variants = list(variants or LADDER)
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs

@@ -810,10 +810,30 @@ def check_resume_dir(cfg: Config) -> None:
     if cfg.run.resume and not out.is_dir():
         raise ConfigError(f"run.resume is set but {out} does not exist: check run.output_dir (-o), or drop "
                           f"--resume to start a new run there")
+
+
+def check_resume_run(cfg: Config) -> None:
+    """check_resume_dir for one run (train): also refuses a folder that is not a run but holds runs
+    (an analysis' <variant>/seed<N>/ folders): resuming it would start a fresh run among them."""
+    check_resume_dir(cfg)
+    out = Path(cfg.run.output_dir)
     below = runs_below(out) if cfg.run.resume and not (out / "config.yaml").is_file() else []
-    if below:  # an analysis' folder (<variant>/seed<N>/ runs): resuming it would start a run among them
+    if below:
         raise ConfigError(f"run.resume is set but {out} is not a run (no config.yaml); it holds runs: "
                           f"{join_some(below)}: resume one of them (-o {below[0]}), or the analysis that made them")
+
+
+def analysis_config(cfg: Config, name: str) -> Config:
+    """An analysis' config: its runs go in their own folder. The offline default run.output_dir
+    (runs/default, train's) becomes runs/<name>; a folder that is a train run (it holds config.yaml) is
+    refused, as the analysis would put its runs inside that run's."""
+    if cfg.run.output_dir == RunConfig().output_dir:
+        cfg = apply_overrides(cfg, {"run.output_dir": f"runs/{name}"})
+    out = Path(cfg.run.output_dir)
+    if (out / "config.yaml").is_file():
+        raise ConfigError(f"{out} is a train run's folder (it holds config.yaml): {name} would put its runs inside "
+                          f"that run's; give it its own folder (-o {str(out).rstrip('/')}-{name})")
+    return cfg
 
 
 def runs_below(folder: str | os.PathLike) -> list[str]:

@@ -197,11 +197,13 @@ def test_cli_config_options_reach_the_config(tmp_path):
     cfg = _cfg(["train", "--config", str(yaml_file), "-o", str(tmp_path / "o"), "--seed", "3",
                 "--method", "lora_finetune"])
     assert (cfg.run.output_dir, cfg.run.seed, cfg.run.method) == (str(tmp_path / "o"), 3, "lora_finetune")
-    assert _cfg(["train", "--seed", "0", "--set", "run.seed=9"]).run.seed == 0  # --seed is applied after --set
+    with pytest.raises(ConfigError, match="--seed 0 and --set run.seed=9 both set run.seed: give one of them"):
+        _cfg(["train", "--seed", "0", "--set", "run.seed=9"])  # one of them was dropped without a word
     cfg = _cfg(["train", "--config", str(yaml_file)])
     assert (cfg.run.output_dir, cfg.run.seed, cfg.run.method) == ("from_yaml", 5, "zeroshot")
     assert _cfg(["train", "-s", "dpgd.k_adv=3", "--set", "optim.lr=0.5"]).dpgd.k_adv == 3
-    assert _cfg(["train", "--output-dir", "x", "--set", "run.output_dir=y"]).run.output_dir == "x"
+    with pytest.raises(ConfigError, match="-o x and --set run.output_dir=y both set run.output_dir"):
+        _cfg(["train", "--output-dir", "x", "--set", "run.output_dir=y"])
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import ConfigError, apply_overrides, refuse_decided_keys
+from ..config import ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plus_minus, run_config, summarize_runs,
                       write_table_files)
@@ -77,7 +77,7 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
     refuse_multi_process("the distill-sources analysis")
     refuse_decided_keys("distill_sources()", overrides, {"run.method": "pass method='segpcl'",
                                                          "run.seed": "it runs every seeds entry: pass seeds=[1]"})
-    cfg = make_config(config, **overrides)
+    cfg = analysis_config(make_config(config, **overrides), "distill-sources")
     sources = list(sources or SOURCES)
     bad = [s for s in sources if s not in SOURCES]
     if bad:

@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, analysis_config
 from ..engine.distributed import refuse_multi_process
 from .outputs import encode_batches, make_trainer, new_figure, run_config, save_png, stack_dataset, \
     write_table_files
@@ -231,7 +231,7 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
     if score not in SCORES:
         raise ConfigError(f"unknown fragility score '{score}'; choose one of {SCORES}")
     refuse_multi_process("the fragility analysis")
-    cfg = make_config(config, **overrides)
+    cfg = analysis_config(make_config(config, **overrides), "fragility")
     out = Path(cfg.run.output_dir)
     resolve_threshold(torch.zeros(1), threshold)  # a bad threshold fails before training
     if not temperature > 0:

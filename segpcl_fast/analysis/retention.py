@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, apply_overrides, refuse_decided_keys
+from ..config import ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..data.retention import OFFLINE_DEFAULT, RETENTION_DATASETS
 from ..engine.distributed import refuse_multi_process
 from .outputs import (check_resume_dir, check_unique, make_trainer, new_figure, run_config, save_png, slug,
@@ -99,7 +99,7 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     refuse_multi_process("the retention analysis")
     refuse_decided_keys("retention()", overrides,
                         {"run.method": "it trains every variants entry: pass variants=['segpcl']"})
-    cfg = make_config(config, **overrides)
+    cfg = analysis_config(make_config(config, **overrides), "retention")
     variants = list(variants or DEFAULT_VARIANTS)
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from ..config import Config, ConfigError, apply_overrides, known_keys, parse_value, refuse_decided_keys
+from ..config import Config, ConfigError, analysis_config, apply_overrides, known_keys, parse_value, refuse_decided_keys
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, new_figure, plus_minus, run_config, save_png, slug,
                       summarize_runs, write_table_files)
@@ -185,6 +185,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
         cfg = apply_overrides(cfg, fixed)
     except ConfigError as e:
         raise ConfigError(f"sweep: fixed override: {e}") from None
+    cfg = analysis_config(cfg, "sweep")  # after the fixed keys: they may set run.output_dir
     check_resume_dir(cfg)  # after the fixed keys: they may set run.resume or run.output_dir
     out = Path(cfg.run.output_dir)
     points = expand_grid(axes)

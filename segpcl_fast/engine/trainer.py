@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from .. import metrics, ops
-from ..config import Config, ConfigError, apply_overrides, check_resume_dir, config_value, save_config
+from ..config import Config, ConfigError, apply_overrides, check_resume_run, config_value, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
 from ..fileio import unwritable_dir_reason
 from ..method.learner import Learner
@@ -476,7 +476,7 @@ class Trainer:
             ops.dispatch.record_choice(OP, lora_b_linear_impl(probe, trained_B, compiling=True), self.device.type)
             ops.dispatch.record_choice("attention", "sdpa", self.device.type)  # xformers is never traced
         self.holds_final_weights = False
-        check_resume_dir(c)
+        check_resume_run(c)
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         fingerprint = ckpt.config_fingerprint(c.to_dict())

@@ -860,6 +860,33 @@ def test_api_keywords_an_analysis_decides_itself_are_refused(call, message, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_analyses_keep_their_runs_out_of_train_runs(tmp_path, monkeypatch, capsys):
+    """The offline default run.output_dir (train's runs/default) becomes runs/<analysis>; a folder that
+    is a train run is refused (the analysis' runs went inside it), from the API and the CLI alike."""
+    from segpcl_fast import api
+    from segpcl_fast.analysis import distill_sources, fragility, retention, sweep
+    from segpcl_fast.cli import main
+    from segpcl_fast.config import analysis_config
+    assert analysis_config(make_config(), "ablate").run.output_dir == "runs/ablate"
+    assert analysis_config(make_config(run__output_dir="x"), "sweep").run.output_dir == "x"
+    _no_training(monkeypatch, tmp_path)
+    (tmp_path / "trained").mkdir()
+    (tmp_path / "trained" / "config.yaml").write_text("run: {}\n")
+    fix = f"give it its own folder .-o {tmp_path / 'trained'}-"
+    trained = str(tmp_path / "trained")
+    for name, call in (("ablate", lambda: api.ablate(run__output_dir=trained)),
+                       ("sweep", lambda: sweep(axes={"optim.lr": [0.1, 0.2]}, run__output_dir=trained)),
+                       ("retention", lambda: retention(run__output_dir=trained)),
+                       ("distill-sources", lambda: distill_sources(run__output_dir=trained)),
+                       ("fragility", lambda: fragility(run__output_dir=trained))):
+        with pytest.raises(ConfigError, match=f"is a train run's folder .it holds config.yaml.: {name} would put its "
+                                              f"runs inside that run's; {fix}{name}"):
+            call()
+    assert main(["ablate", "-o", str(tmp_path / "trained")]) == 2
+    assert "is a train run's folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained"]
+
+
 def test_ctrl_c_in_train_is_one_line_saying_how_to_resume(monkeypatch, capsys):
     import segpcl_fast.api
     from segpcl_fast.cli import main
