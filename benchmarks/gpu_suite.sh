@@ -36,6 +36,9 @@
 #                       MIN_STEP_S (60) s left (the profile step: MIN_PROFILE_S, 120: its first
 #                       command compiles ViT-B/16), or an e2e variant with under MIN_VARIANT_S (45),
 #                       is skipped. The knob sweep (bench-tune) stops after TUNE_TIMEOUT (120).
+#   KERNEL_WORKERS (8)  pytest-xdist workers for the kernels step where xdist imports (the device image
+#                       has it): its tests each compile Triton kernels, a CPU-bound wait (140 tests took
+#                       117 s in one process on the H200, 2026-12-04); 1 runs them in one process.
 #                       Summary scripts, probes and `segpcl-fast env` have timeouts too.
 #   skipped.txt (reset by each call) names what this call skipped for lack of budget, one a line: a
 #   step, e2e-VARIANT, or STEP-PART for a command of a started step (e.g. bench-tune), so a second
@@ -79,6 +82,7 @@ MIN_STEP_S="${MIN_STEP_S:-60}"
 MIN_VARIANT_S="${MIN_VARIANT_S:-45}"
 MIN_PROFILE_S="${MIN_PROFILE_S:-120}"
 TUNE_TIMEOUT="${TUNE_TIMEOUT:-120}"
+KERNEL_WORKERS="${KERNEL_WORKERS:-8}"
 MIN_CMD_S="${MIN_CMD_S:-5}"
 if [ -z "${RESERVE:-}" ]; then case "$BUDGET" in 0|'') RESERVE=0;; *) RESERVE=45;; esac; fi
 for var in BUDGET RESERVE STEP_TIMEOUT KILL_GRACE MIN_STEP_S MIN_VARIANT_S MIN_PROFILE_S TUNE_TIMEOUT MIN_CMD_S; do
@@ -230,9 +234,14 @@ quick "" 60 "$PYTHON" -c "import torchattacks" >/dev/null 2>&1 \
 cat "$WORK/device.txt"
 save
 
-# CUDA variants of tests/kernels (the CPU-interpreter variants skip with TRITON_INTERPRET=0)
+# CUDA variants of tests/kernels (the CPU-interpreter variants skip with TRITON_INTERPRET=0), in
+# KERNEL_WORKERS pytest-xdist processes where xdist imports, else in one
 if starts kernels; then
-TRITON_INTERPRET=0 run_step kernels "$PYTHON" -m pytest tests/kernels -q -rs -p no:cacheprovider \
+XDIST=()
+if [ "$KERNEL_WORKERS" -gt 1 ] && quick "" 60 "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
+  XDIST=(-n "$KERNEL_WORKERS")
+fi
+TRITON_INTERPRET=0 run_step kernels "$PYTHON" -m pytest tests/kernels -q -rs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
   --junitxml="$WORK/kernel_tests.xml" 2>&1 | tee "$WORK/kernel_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 save

@@ -27,7 +27,8 @@ STEPS = ["kernels", "bench", "ext", "e2e", "profile"]
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$$ $*" >> "$FAKE_LOG"
 case "$1" in
-  -c) case "$2" in *open_clip*) [ -n "${FAKE_NO_OPEN_CLIP:-}" ] && exit 1;; esac; echo "fake probe"; exit 0;;
+  -c) case "$2" in *open_clip*) [ -n "${FAKE_NO_OPEN_CLIP:-}" ] && exit 1;; *xdist*) [ -n "${FAKE_NO_XDIST:-}" ] && exit 1;;
+      esac; echo "fake probe"; exit 0;;
   benchmarks/summarize_kernels.py|benchmarks/test_bench_e2e.py) echo "| fake | table |"; exit 0;;
 esac
 if [ "$1 $2 $3" = "-m segpcl_fast.cli env" ]; then
@@ -239,3 +240,15 @@ def test_without_open_clip_e2e_and_profile_are_skipped_up_front(suite, tmp_path)
     assert _lines(out / "skipped.txt") == []  # not for lack of budget: another call would not run them either
     assert "open_clip is not importable" in (out / "device.txt").read_text()
     assert "step e2e skipped: open_clip is not importable" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("env, workers", [({}, "-n 8"), ({"KERNEL_WORKERS": "3"}, "-n 3"),
+                                          ({"KERNEL_WORKERS": "1"}, None), ({"FAKE_NO_XDIST": "1"}, None)])
+def test_kernel_tests_run_in_xdist_workers_where_xdist_imports(suite, tmp_path, env, workers):
+    """The kernels step's pytest gets -n KERNEL_WORKERS (default 8) when xdist imports, and runs in one
+    process when it does not or KERNEL_WORKERS=1; either way it is the one kernels command."""
+    proc, _ = suite(STEPS="kernels", **env)
+    proc.communicate(timeout=120)
+    runs = [line for line in (tmp_path / "fake.log").read_text().splitlines() if "-m pytest tests/kernels" in line]
+    assert len(runs) == 1
+    assert (" -n " in runs[0]) == (workers is not None) and (workers is None or workers + " " in runs[0])
