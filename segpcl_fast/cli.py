@@ -111,7 +111,9 @@ def _print_result(result) -> None:
 
 def cmd_train(args) -> int:
     from .api import train
+    from .config import check_resume_run
     cfg = _config_from_args(args)
+    check_resume_run(cfg)  # a refused --resume is the only line, not after a header
     if _rank0():  # torchrun: one header, from rank 0
         print(f"segpcl-fast train: method={cfg.run.method} dataset={cfg.data.dataset} model={cfg.model.name} "
               f"tasks={cfg.data.num_tasks} -> {cfg.run.output_dir}", flush=True)
@@ -423,7 +425,8 @@ def _add_classifier_parsers(sub) -> None:
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="write a trained run as one file: LoRA merged into plain open_clip weights, "
                                       "class names, text embeddings, prototypes")
-    p.add_argument("source", help="run directory or checkpoint file")
+    p.add_argument("source", help="run directory, checkpoint file (checkpoints/task_NN.pt) or exported file "
+                                  "(written again as it is, e.g. to another place)")
     p.add_argument("--output", "-o", required=True, help="file to write (atomically)")
     p.add_argument("--task", type=positive_int, default=None, help="the model after this task (1-based; default last)")
     _add_weights_location_arg(p)

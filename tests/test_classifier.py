@@ -148,6 +148,13 @@ def test_cli_predict_and_export(run, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "m.pt"), str(folder / "p0.jpg")]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(str(folder / "p0.jpg")) and "%)" in line
+    assert main(["export", str(tmp_path / "m.pt"), "-o", str(tmp_path / "m2.pt")]) == 0  # an export exports again
+    assert "after task 1" in capsys.readouterr().out
+    first, again = load_classifier(tmp_path / "m.pt"), load_classifier(tmp_path / "m2.pt")
+    images = first.load_images(_images(2))
+    torch.testing.assert_close(again.logits(images), first.logits(images))
+    assert main(["export", str(tmp_path / "m.pt"), "-o", str(tmp_path / "m3.pt"), "--task", "2"]) == 2
+    assert "--task 2) selects a checkpoint of a run directory; " in capsys.readouterr().err
     assert main(["predict", str(out), str(tmp_path / "missing.jpg")]) == 2
     assert "missing.jpg does not exist" in capsys.readouterr().err
     assert main(["predict", str(out), str(folder), "--task", "7"]) == 2

@@ -978,6 +978,14 @@ def test_resume_of_a_folder_of_runs_is_refused_naming_them(tiny_model_name, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v0", "v1", "v2", "v3", "v4"]  # nothing written
 
 
+def test_cli_train_prints_a_refused_resume_alone(tmp_path, capsys):
+    """No 'segpcl-fast train: ...' header before the refusal: the error is the whole output."""
+    from segpcl_fast.cli import main
+    assert main(["train", "--resume", "-o", str(tmp_path / "typo")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "does not exist: check run.output_dir" in captured.err
+
+
 def test_the_nonfinite_message_names_the_settings_of_the_bad_terms():
     from segpcl_fast.engine.trainer import _nonfinite_fixes
     cfg = make_config(acgd__tau=1e25)
