@@ -313,7 +313,7 @@ def default_cases() -> list[Case]:
         zt = torch.empty(rows, cols, dtype=t_dtype, device=meta)
         return lambda: anchor_kl.anchor_kl_triton(zs, zt, 20.0, logprob)
 
-    widths = ((512, 10), (512, 1000), (65536, 1000), (512, anchor_kl.SINGLE_BLOCK_COLS), (8192, 8000))
+    widths = ((512, 10), (512, 1000), (524288, 1000), (512, anchor_kl.SINGLE_BLOCK_COLS), (65536, 8000))
     for rows, cols in widths:
         for s_dtype, t_dtype in ((f32, f32), (bf16, bf16), (bf16, f32)):
             for logprob in (False, True):
@@ -332,7 +332,7 @@ def default_cases() -> list[Case]:
             knn_subgraph_kl.knn_kl_backward_triton(kl, emb, roots, neighbors, g, g_root)
         return run
 
-    for classes, n_roots, k, d in ((1000, 200, 10, 512), (100000, 20000, 10, 512), (1000, 200, 10, 768),
+    for classes, n_roots, k, d in ((1000, 200, 10, 512), (2000000, 400000, 10, 512), (1000, 200, 10, 768),
                                    (1000, 200, 20, 1024)):
         for dtype in (f32, bf16):
             cases.append(Case(f"knn_subgraph_kl {classes} classes {n_roots}x{k} d{d} {_name(dtype)}",
