@@ -95,11 +95,20 @@ def e2e_table(benchmarks: list[dict]) -> str:
     rows = ["| device | model | variant | step ms (median) | task images/s | TFLOP/s | MFU | matmul peak TFLOP/s |",
             "|---|---|---|---|---|---|---|---|"]
     for b in benchmarks:
-        e = b.get("extra_info", {})
-        if "test_e2e_step" not in b["name"] or "mfu" not in e:
+        e = dict(b.get("extra_info", {}))
+        if "test_e2e_step" not in b["name"]:
             continue
+        variant = b["params"]["variant"]
+        if "mfu" not in e:  # stopped in its rounds: from the median of the rounds it wrote
+            median = (b.get("stats") or {}).get("median")
+            if not median or "step_flops" not in e:
+                continue
+            e.update(step_ms=median * 1e3, images_per_s=e["batch"] / median,
+                     achieved_tflops=e["step_flops"] / median / 1e12,
+                     mfu=e["step_flops"] / median / (e["matmul_peak_tflops"] * 1e12))
+            variant += f" (stopped after {b['stats']['rounds']} rounds)"
         rows.append(f"| {e['device_name']} | {e['model']} ({e['precision']}, batch {e['batch']}+{e['anchors']}) | "
-                    f"{b['params']['variant']} | {e['step_ms']:.1f} | {e['images_per_s']:.1f} | "
+                    f"{variant} | {e['step_ms']:.1f} | {e['images_per_s']:.1f} | "
                     f"{e['achieved_tflops']:.4f} | {100 * e['mfu']:.1f}% | {e['matmul_peak_tflops']:.3f} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 

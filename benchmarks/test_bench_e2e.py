@@ -90,24 +90,45 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
         step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
                           precision=setup["precision"], compile_settings=settings)
 
+        # what the row needs besides its times, recorded before them: a run stopped in its rounds
+        # (gpu_suite's step limit) still writes a JSON that summary.py can turn into a row
+        flops = step_flops(step.model, step.shape)["total"]
+        peak = matmul_peak(device)
+        benchmark.extra_info.update(
+            device=device, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            model=setup["model"], precision=setup["precision"], compiled=compiled, batch=setup["n_images"],
+            anchors=step.shape.n_anchors, classes=setup["n_old"] + setup["n_new"], step_flops=flops,
+            matmul_peak_tflops=round(peak / 1e12, 4), threads=torch.get_num_threads())
+
         def timed():
             loss = step()
             sync(step.device)
             return loss
-        loss = benchmark.pedantic(timed, rounds=setup["rounds"], warmup_rounds=3, iterations=1)
+        for _ in range(3):  # warm-up (compiles), outside the counters below
+            timed()
+        before = _disturbances(device)
+        loss = benchmark.pedantic(timed, rounds=setup["rounds"], warmup_rounds=0, iterations=1)
+        after = _disturbances(device)
     assert torch.isfinite(loss)
-    flops = step_flops(step.model, step.shape)["total"]
-    peak = matmul_peak(device)
-    info = dict(device=device, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                model=setup["model"], precision=setup["precision"], ops=ops.last_choice(), compiled=compiled,
-                batch=setup["n_images"], anchors=step.shape.n_anchors, classes=setup["n_old"] + setup["n_new"],
-                step_flops=flops, matmul_peak_tflops=round(peak / 1e12, 4), threads=torch.get_num_threads())
+    # what can make one round slow (the H200's compiled_fused had one 1218 ms round among 73-96 ms ones):
+    # graphs compiled and caching-allocator retries (a cudaFree of its cache, with a sync) during the rounds
+    info = dict(ops=ops.last_choice(), **{k: after[k] - before[k] for k in after})
     stats = getattr(benchmark, "stats", None)
     if stats is not None:
         median = stats.stats.median
         info.update(step_ms=round(median * 1e3, 3), images_per_s=round(setup["n_images"] / median, 2),
-                    achieved_tflops=round(flops / median / 1e12, 4), mfu=round(flops / median / peak, 4))
+                    achieved_tflops=round(flops / median / 1e12, 4), mfu=round(flops / median / peak, 4),
+                    slowest_round_ms=round(stats.stats.max * 1e3, 3))
     benchmark.extra_info.update(info)
+
+
+def _disturbances(device: str) -> dict:
+    """Counters of what can stall one step: frames dynamo compiled, caching-allocator retries (CUDA)."""
+    from torch._dynamo.utils import counters
+    found = {"graphs_compiled": counters["frames"]["ok"]}
+    if device == "cuda":
+        found["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    return found
 
 
 if __name__ == "__main__":
