@@ -21,6 +21,27 @@ DT = torch.bfloat16
 SETS = 4
 
 
+class KeepMerged(torch.autograd.Function):
+    """Experiment (not the library's op): the merged arrangement with the forward's W + s B A kept for
+    the backward instead of computed again (ops.lora_linear's _MergedLoRABLinear and the C++ op
+    compute it twice); what it saves is one small GEMM, what it costs is an out x in tensor per layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+        u = torch.nn.functional.linear(x, lora_A)
+        ctx.save_for_backward(u, merged)
+        ctx.scaling = scaling
+        return torch.nn.functional.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, merged = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_B = torch.mm(g.t(), u.reshape(-1, u.shape[-1])).mul_(ctx.scaling)  # out x r: the scale is cheap
+        return grad_y @ merged, None, None, None, grad_B, None
+
+
 def timed(fn, sets, warmup=10, runs=50):
     for i in range(warmup):
         fn(*sets[i % len(sets)])
@@ -38,7 +59,7 @@ def timed(fn, sets, warmup=10, runs=50):
 def main():
     from conftest import measure_copy_bandwidth  # benchmarks/conftest.py (this script's folder)
 
-    from segpcl_fast.ops.lora_linear import extension_status, lora_b_linear
+    from segpcl_fast.ops.lora_linear import extension_status, lora_b_linear, lora_b_linear_merged
     assert torch.cuda.is_available() and extension_status()["cuda"], extension_status()
     dev = "cuda"
     torch.manual_seed(0)
@@ -60,6 +81,14 @@ def main():
         torch.autograd.grad(torch.nn.functional.linear(x, W, b), (x,), g)
 
     rows.append(("base linear fwd+bwd (grad_x only)", timed(base_fwd_bwd, sets), None))
+
+    def merged_fwd_bwd(x, g):  # the plain-PyTorch merged arrangement (what inductor traces), eager
+        torch.autograd.grad(lora_b_linear_merged(x, W, b, A, B, 1.0), (x, B), g)
+
+    def kept_fwd_bwd(x, g):
+        torch.autograd.grad(KeepMerged.apply(x, W, b, A, B, 1.0), (x, B), g)
+    rows.append(("plain-PyTorch merged fwd+bwd (lora_b_linear_merged, eager)", timed(merged_fwd_bwd, sets), None))
+    rows.append(("the same, W + s B A kept for backward (experiment: KeepMerged)", timed(kept_fwd_bwd, sets), None))
     for fwd, bwd in (("merged", "merged"), ("concat", "split"), ("concat", "fused"), ("addmm", "split"),
                      ("merged", "split"), ("concat", "merged")):
         os.environ["SEGPCL_LORA_FWD"], os.environ["SEGPCL_LORA_BWD"] = fwd, bwd

@@ -219,3 +219,17 @@ def test_inductor_compiles_it_with_no_graph_break_and_matches_eager(device, dtyp
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol)
+
+
+def test_the_parts_scripts_kept_merged_weight_experiment_computes_the_op():
+    """benchmarks/lora_parts_cuda.py times a variant that keeps W + s B A for backward; on the GPU its
+    time is only worth comparing if it computes the same y, grad_x and grad_B (float64, vs the reference)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from lora_parts_cuda import KeepMerged
+    x, weight, bias, lora_A, lora_B = make_inputs((3, 5), 24, 40, 4, dtype=torch.float64)
+    ours = forward_backward(KeepMerged.apply, x, weight, bias, lora_A, lora_B, 0.5)
+    ref = forward_backward(lora_b_linear_reference, x, weight, bias, lora_A, lora_B, 0.5)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
