@@ -371,7 +371,9 @@ class Trainer:
         info["final_loss"] = next((p for p in reversed(losses) if p), {})
         info["loss_per_epoch"] = epoch_means(losses, epochs)
         info["timings"] = timings
-        warning = divergence_warning([p.get("cls") for p in losses], n_new, t, c.optim.lr)
+        # chance level of L_cls: its softmax spans the seen classes (optim.cls_over=seen) or the new ones
+        cls_classes = self.learner.n_old + n_new if c.optim.cls_over == "seen" else n_new
+        warning = divergence_warning([p.get("cls") for p in losses], cls_classes, t, c.optim.lr)
         if warning and self.dist.is_main:
             log.warning(warning)
         return info

@@ -712,6 +712,18 @@ def test_divergence_warning_needs_a_rise_above_chance(losses, warned):
         assert ("training collapsed" in message) == (losses[-1] <= 2.303)  # to chance, not above it
 
 
+@pytest.mark.parametrize("cls_over", ["current", "seen"])
+def test_the_divergence_check_takes_the_classes_l_cls_spans(tiny_model_name, tmp_path, monkeypatch, cls_over):
+    """Chance level is ln of the classes L_cls's softmax spans: the task's new ones, or every seen class
+    with optim.cls_over=seen (with only the new ones a sound seen-class loss read as 'collapsed')."""
+    import segpcl_fast.engine.trainer as trainer_mod
+    seen = []
+    monkeypatch.setattr(trainer_mod, "divergence_warning", lambda losses, n, t, lr: seen.append((t, n)))
+    train(small_config(tiny_model_name, tmp_path / "run", optim__cls_over=cls_over))
+    (t1, n1), (t2, n2) = seen  # two tasks of equally many classes
+    assert (t1, t2) == (0, 1) and n1 > 1 and n2 == (2 * n1 if cls_over == "seen" else n1)
+
+
 def test_a_run_whose_loss_rises_warns_once_per_task(tiny_model_name, tmp_path, caplog, monkeypatch):
     calls = []
     real_step = Trainer.train_step
