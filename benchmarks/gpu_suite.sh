@@ -88,6 +88,9 @@ if [ -z "${RESERVE:-}" ]; then case "$BUDGET" in 0|'') RESERVE=0;; *) RESERVE=45
 for var in BUDGET RESERVE STEP_TIMEOUT KILL_GRACE MIN_STEP_S MIN_VARIANT_S MIN_PROFILE_S TUNE_TIMEOUT MIN_CMD_S; do
   case "${!var}" in ''|*[!0-9]*) echo "gpu_suite.sh: $var must be a whole number of seconds, not '${!var}'" >&2; exit 2;; esac
 done
+case "$KERNEL_WORKERS" in ''|*[!0-9]*|0)
+  echo "gpu_suite.sh: KERNEL_WORKERS must be a whole number of processes >= 1 (1: no xdist), not '$KERNEL_WORKERS'" >&2
+  exit 2;; esac
 for var in STEP_TIMEOUT KILL_GRACE TUNE_TIMEOUT MIN_CMD_S; do  # timeout treats 0 as "no limit"
   [ "${!var}" -ge 1 ] || { echo "gpu_suite.sh: $var must be at least 1" >&2; exit 2; }
 done

@@ -100,8 +100,10 @@ def e2e_table(benchmarks: list[dict]) -> str:
             continue
         variant = b["params"]["variant"]
         if "mfu" not in e:  # stopped in its rounds: from the median of the rounds it wrote
-            median = (b.get("stats") or {}).get("median")
-            if not median or "step_flops" not in e:
+            stats = b.get("stats") or {}
+            median, rounds = stats.get("median"), stats.get("rounds", 0)
+            # all its rounds and still no mfu: the test failed after them (a non-finite loss), no row
+            if not median or "step_flops" not in e or rounds >= e.get("rounds_planned", 0):
                 continue
             e.update(step_ms=median * 1e3, images_per_s=e["batch"] / median,
                      achieved_tflops=e["step_flops"] / median / 1e12,

@@ -57,12 +57,7 @@ def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool
 def _config_from_args(args) -> "Config":
     from .api import make_config
     overrides = list(args.overrides)
-    shorthands = {"run.output_dir": ("-o", args.output_dir), "run.method": ("--method", args.method),
-                  "run.seed": ("--seed", args.seed)}
-    for change in overrides:  # one of the two would be dropped silently (the later one won)
-        flag, value = shorthands.get(override_key(change), (None, None))
-        if value is not None:
-            raise ConfigError(f"{flag} {value} and --set {change} both set {override_key(change)}: give one of them")
+    _refuse_shorthand_conflicts(args, overrides, "--set")
     if args.output_dir is not None:  # -o "" reaches the validator and is refused, not ignored
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.method:
@@ -90,6 +85,17 @@ def _config_from_args(args) -> "Config":
         from .api import check_resume_target
         check_resume_target(args.config, cfg)
     return cfg
+
+
+def _refuse_shorthand_conflicts(args, changes: list[str], option: str) -> None:
+    """A shorthand (-o, --method, --seed) and a KEY=VALUE option (`option`: --set, sweep's --fixed) that
+    set the same key: one of the two would be dropped without a word (the later one won)."""
+    shorthands = {"run.output_dir": ("-o", args.output_dir), "run.method": ("--method", args.method),
+                  "run.seed": ("--seed", args.seed)}
+    for change in changes:
+        flag, value = shorthands.get(override_key(change), (None, None))
+        if value is not None:
+            raise ConfigError(f"{flag} {value} and {option} {change} both set {override_key(change)}: give one of them")
 
 
 def _refuse_run_options(args, method_fix: str = "", seed_fix: str = "") -> None:
@@ -217,13 +223,14 @@ def _analysis_method(args, default: str) -> str:
 
 def cmd_fragility(args) -> int:
     from .analysis import fragility
+    method = _analysis_method(args, "lora_finetune")  # before the config: its --set run.method refusal
     cfg = _config_from_args(args)
     try:
         tasks = [int(t) for t in _csv(args.tasks, "--tasks")] if args.tasks is not None else None
     except ValueError:
         raise ConfigError(f"--tasks expects comma-separated 1-based task numbers like 2,5, got {args.tasks!r}") from None
     _print_analysis(fragility(cfg, tasks=tasks, score=args.score, threshold=args.threshold,
-                              method=_analysis_method(args, "lora_finetune"), max_old_images=args.max_old_images,
+                              method=method, max_old_images=args.max_old_images,
                               temperature=args.temperature))
     return 0
 
@@ -243,6 +250,8 @@ def cmd_sweep(args) -> int:
     both = sorted({override_key(o) for o in args.overrides} & {override_key(o) for o in args.fixed})
     if both:  # the swept values replaced the fixed one without a word
         raise ConfigError(f"sweep: {', '.join(both)} is both swept (--set) and fixed (--fixed): give it once")
+    _refuse_shorthand_conflicts(args, list(args.overrides), "--set")  # swept keys override -o / --method too
+    _refuse_shorthand_conflicts(args, list(args.fixed), "--fixed")
     axes, args.overrides = args.overrides, list(args.fixed)
     cfg = _config_from_args(args)
     _print_analysis(sweep(cfg, axes=axes, seeds=args.seeds))
@@ -251,18 +260,20 @@ def cmd_sweep(args) -> int:
 
 def cmd_distill_sources(args) -> int:
     from .analysis import distill_sources
+    method = _analysis_method(args, "segpcl")  # before the config: its --set run.method refusal
     _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds 3")
     cfg = _config_from_args(args)
     _print_analysis(distill_sources(cfg, sources=_csv(args.sources, "--sources"), folder=args.folder,
-                                    seeds=args.seeds, method=_analysis_method(args, "segpcl")))
+                                    seeds=args.seeds, method=method))
     return 0
 
 
 def cmd_anchor_views(args) -> int:
     from .analysis import anchor_views
+    method = _analysis_method(args, "segpcl")  # before the config: its --set run.method refusal
     cfg = _config_from_args(args)
     _print_analysis(anchor_views(cfg, task=args.task, method=args.projection,
-                                 run_method=_analysis_method(args, "segpcl")))
+                                 run_method=method))
     return 0
 
 
@@ -282,8 +293,9 @@ def _drop_options(argv: list[str], flags=(), with_value=()) -> list[str]:
 
 
 def cmd_profile(args) -> int:
-    from .engine.profile import ncu_command, profile_training
+    from .engine.profile import check_profile_args, ncu_command, profile_training
     cfg = _config_from_args(args)
+    check_profile_args(cfg, args.steps, args.nvtx)  # a refusal is the only line, not after the header
     # -o, else a run.output_dir from --set / the YAML, else runs/profile
     from .config import RunConfig
     set_dir = cfg.run.output_dir if cfg.run.output_dir != RunConfig().output_dir else None

@@ -61,12 +61,14 @@ def test_an_e2e_run_stopped_in_its_rounds_is_a_row_from_the_rounds_it_wrote():
     Hand-computed: 19.37 TFLOP over 0.1033 s = 187.5 TFLOP/s, / 787.7 = 23.8 %, 128 / 0.1033 = 1239.1."""
     stopped = _bench("test_e2e_step[cuda-eager_fused]", 0.1033, {"variant": "eager_fused"}, device_name="H200",
                      model="ViT-B-16", precision="bf16", batch=128, anchors=128, step_flops=19.37e12,
-                     matmul_peak_tflops=787.7)
+                     matmul_peak_tflops=787.7, rounds_planned=20)
     stopped["stats"]["rounds"] = 18
     assert ("| H200 | ViT-B-16 (bf16, batch 128+128) | eager_fused (stopped after 18 rounds) | 103.3 | 1239.1 | "
             "187.5121 | 23.8% | 787.700 |") in summary.e2e_table([stopped])
     no_flops = _bench("test_e2e_step[cuda-eager_fused]", 0.1, {"variant": "eager_fused"})
     assert summary.e2e_table([no_flops]) == ""  # a run stopped before it recorded anything: no row
+    failed = dict(stopped, stats={"median": 0.1033, "rounds": 20})  # every round, then its loss check failed
+    assert summary.e2e_table([failed]) == ""
 
 
 # the command lines (summary.py, summarize_kernels.py, test_bench_e2e.py): what a missing, a cut-off

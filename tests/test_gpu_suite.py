@@ -252,3 +252,11 @@ def test_kernel_tests_run_in_xdist_workers_where_xdist_imports(suite, tmp_path, 
     runs = [line for line in (tmp_path / "fake.log").read_text().splitlines() if "-m pytest tests/kernels" in line]
     assert len(runs) == 1
     assert (" -n " in runs[0]) == (workers is not None) and (workers is None or workers + " " in runs[0])
+
+
+@pytest.mark.parametrize("value", ["auto", "0", "-2"])
+def test_kernel_workers_must_be_a_count(suite, value):
+    """KERNEL_WORKERS=auto (an xdist value) made `[ -gt ]` fail and the tests run in one process without a word."""
+    proc, _ = suite(STEPS="kernels", KERNEL_WORKERS=value)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "KERNEL_WORKERS must be a whole number of processes >= 1" in err

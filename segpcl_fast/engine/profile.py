@@ -211,17 +211,23 @@ def ncu_command(kernel: str, argv: list[str], launches: Optional[int] = None) ->
     return shlex.join(cmd)
 
 
-def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, row_limit: int = 30,
-                     nvtx: bool = False, compile_settings=None) -> dict:
-    """Profile `steps` training steps of task 2 (or task 1 if there is one task); returns paths and stats."""
-    from .trainer import Trainer, resolve_device
+def check_profile_args(cfg: Config, steps: int, nvtx: bool) -> None:
+    """profile's own refusals, before anything loads: --steps < 1, --nvtx on a run that is not on CUDA."""
+    from .trainer import resolve_device
     if steps < 1:
         raise ConfigError(f"profile: --steps must be >= 1, got {steps}")
-    device = resolve_device(cfg.run.device)  # before the model and data load: a refusal costs nothing
+    device = resolve_device(cfg.run.device)
     if nvtx and not _is_cuda(device):
         raise ConfigError(f"profile --nvtx emits NVTX ranges for Nsight Systems / Compute, which profile CUDA "
                           f"devices; this run is on {device}: drop --nvtx (torch.profiler's trace and "
                           "tables work on the CPU), or run on a GPU")
+
+
+def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, row_limit: int = 30,
+                     nvtx: bool = False, compile_settings=None) -> dict:
+    """Profile `steps` training steps of task 2 (or task 1 if there is one task); returns paths and stats."""
+    from .trainer import Trainer
+    check_profile_args(cfg, steps, nvtx)  # before the model and data load: a refusal costs nothing
     cfg = copy.deepcopy(cfg)
     cfg.run.max_steps_per_task = steps
     cfg.run.checkpoint, cfg.run.plots, cfg.run.progress, cfg.eval.fwt = False, False, False, False

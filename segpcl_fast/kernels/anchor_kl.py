@@ -204,28 +204,29 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
 #   200 columns   (2, 4)     0.0159 ms   was (16, 4)   0.0316 ms
 #   1000 columns  (2, 4)     0.0366 ms   was (4, 4)    0.0462 ms
 #   4096 columns  (1, 16)    0.1162 ms   was (1, 4)    0.1733 ms
-# Widths between measured ones take the nearer measured regime (not measured themselves): up to 64
-# columns a 2048-element tile on 16 warps, from 128 to 2048 two rows (one at 2048) on 4 warps.
-NARROW_COLS = 64          # up to this width (padded to a power of two): a 2048-element tile, 16 warps
-NARROW_TILE_ELEMS = 2048
+# By the width padded to a power of two. The measured widths' winners hold 4 elements a thread at 16
+# and 256 columns; the widths between are not measured and follow that: a 2048-element tile on 16
+# warps up to 64 columns, 1024 on 8 warps at 128 (CIFAR100's 70-90 old classes), then as measured.
+TILE_DEFAULTS = {16: (128, 16), 32: (64, 16), 64: (32, 16), 128: (8, 8), 256: (2, 4), 512: (2, 4),
+                 1024: (2, 4), 2048: (1, 4), 4096: (1, 16)}
 
 
 def tile_rows(n_rows: int, n_cols: int) -> int:
-    """Rows per program of the one-tile kernel (a power of two): on a GPU as the sweep above chose;
-    under the interpreter few, large programs (tests stay quick)."""
+    """Rows per program of the one-tile kernel (a power of two): on a GPU TILE_DEFAULTS (narrower than
+    16 columns: 16's); under the interpreter few, large programs (tests stay quick)."""
     cols = next_pow2(n_cols)
     if interpret_mode():
         return rows_per_program(n_rows, cols, gpu_tile_elems=4096)
-    if cols <= NARROW_COLS:
-        return NARROW_TILE_ELEMS // cols
-    return 2 if cols <= 1024 else 1
+    return TILE_DEFAULTS[max(16, cols)][0]
 
 
 def tile_warps(rows: int, n_cols: int) -> int:
-    """Warps per program of the one-tile kernel: 16 for narrow rows (a 2048-element tile) and for
-    4096-wide ones, 4 in between (the sweep above)."""
-    cols = next_pow2(n_cols)
-    return 16 if cols <= NARROW_COLS or rows * cols >= 4096 else 4
+    """Warps per program of the one-tile kernel: TILE_DEFAULTS' for its default rows; for other rows
+    (tests, the sweep) 4 up to a 4096-element tile, else 8."""
+    default_rows, warps = TILE_DEFAULTS[max(16, next_pow2(n_cols))]
+    if rows == default_rows:
+        return warps
+    return 4 if rows * next_pow2(n_cols) <= 4096 else 8
 
 
 def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,

@@ -313,7 +313,7 @@ def default_cases() -> list[Case]:
         zt = torch.empty(rows, cols, dtype=t_dtype, device=meta)
         return lambda: anchor_kl.anchor_kl_triton(zs, zt, 20.0, logprob)
 
-    widths = ((512, 10), (512, 1000), (524288, 1000), (512, anchor_kl.SINGLE_BLOCK_COLS), (65536, 8000))
+    widths = ((512, 10), (512, 90), (512, 1000), (524288, 1000), (512, anchor_kl.SINGLE_BLOCK_COLS), (65536, 8000))
     for rows, cols in widths:
         for s_dtype, t_dtype in ((f32, f32), (bf16, bf16), (bf16, f32)):
             for logprob in (False, True):

@@ -128,8 +128,9 @@ def test_profile_nvtx_on_cpu_is_refused(tiny_model_name, tmp_path, monkeypatch, 
     assert not (tmp_path / "prof").exists()
     code = main(["profile", "--nvtx", "--set", f"model.name={tiny_model_name}", "--set", "run.device=cpu",
                  "-o", str(tmp_path / "p")])
-    err = capsys.readouterr().err
-    assert code != 0 and "drop --nvtx" in err and "Traceback" not in err
+    captured = capsys.readouterr()
+    assert code != 0 and "drop --nvtx" in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""  # no "segpcl-fast profile: ..." header before the refusal
 
 
 def test_cli_profile(tiny_model_name, tmp_path, capsys, monkeypatch):

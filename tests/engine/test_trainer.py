@@ -849,7 +849,13 @@ def test_set_keys_a_subcommand_decides_itself_or_set_twice_are_refused(capsys, m
             (["train", "-o", "a", "--set", "run.output_dir=b"], "-o a and --set run.output_dir=b both set "
                                                                "run.output_dir"),
             (["sweep", "--set", "optim.lr=0.1,0.2", "--fixed", "optim.lr=0.3"],
-             "sweep: optim.lr is both swept (--set) and fixed (--fixed): give it once")):
+             "sweep: optim.lr is both swept (--set) and fixed (--fixed): give it once"),
+            (["sweep", "--method", "segpcl", "--set", "run.method=lora_finetune"],  # a one-value --set is fixed
+             "--method segpcl and --set run.method=lora_finetune both set run.method"),
+            (["sweep", "--set", "optim.lr=0.1,0.2", "-o", "a", "--fixed", "run.output_dir=b"],
+             "-o a and --fixed run.output_dir=b both set run.output_dir"),
+            (["fragility", "--method", "segpcl", "--set", "run.method=zeroshot"],  # the fix that works
+             "fragility takes its method from --method (default lora_finetune), not --set run.method")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (argv, err)

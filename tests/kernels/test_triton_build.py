@@ -179,11 +179,15 @@ def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
 @pytest.mark.parametrize("cols, rows, warps", [(10, 128, 16), (200, 2, 4), (1000, 2, 4), (4096, 1, 16)])
 def test_anchor_kl_default_tile_is_the_sweeps_fastest(monkeypatch, cols, rows, warps):
     """On a GPU the one-tile kernel's default (rows, warps) at each width the H200 sweep measured
-    (BENCHMARKS.md, 2026-12-04) is that sweep's fastest variant, and what the launcher compiles."""
+    (BENCHMARKS.md, 2026-12-04) is that sweep's fastest variant (test_anchor_kl_warps_knob_reaches_the_compiler
+    checks that the default is what gets compiled); every width the one-tile kernel takes has a default."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     anchor_kl = load_kernel("anchor_kl")
     assert (anchor_kl.tile_rows(8192, cols), anchor_kl.tile_warps(anchor_kl.tile_rows(8192, cols), cols)) == \
         (rows, warps)
+    for width in range(1, anchor_kl.SINGLE_BLOCK_COLS + 1, 7):
+        tile_rows = anchor_kl.tile_rows(8192, width)
+        assert tile_rows >= 1 and anchor_kl.tile_warps(tile_rows, width) in (4, 8, 16)
 
 
 @pytest.mark.parametrize("arch, warps, regs, shared, expected", [
