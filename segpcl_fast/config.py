@@ -826,13 +826,13 @@ def check_resume_run(cfg: Config) -> None:
 def analysis_config(cfg: Config, name: str) -> Config:
     """An analysis' config: its runs go in their own folder. The offline default run.output_dir
     (runs/default, train's) becomes runs/<name>; a folder that is a train run (it holds config.yaml) is
-    refused, as the analysis would put its runs inside that run's."""
+    refused, as the analysis would write its runs and files among that run's."""
     if cfg.run.output_dir == RunConfig().output_dir:
         cfg = apply_overrides(cfg, {"run.output_dir": f"runs/{name}"})
     out = Path(cfg.run.output_dir)
     if (out / "config.yaml").is_file():
-        raise ConfigError(f"{out} is a train run's folder (it holds config.yaml): {name} would put its runs inside "
-                          f"that run's; give it its own folder (-o {str(out).rstrip('/')}-{name})")
+        raise ConfigError(f"{out} is a train run's folder (it holds config.yaml): {name} would write its runs and "
+                          f"files among that run's; give it its own folder (-o {str(out).rstrip('/')}-{name})")
     return cfg
 
 

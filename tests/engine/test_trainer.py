@@ -897,8 +897,8 @@ def test_analyses_keep_their_runs_out_of_train_runs(tmp_path, monkeypatch, capsy
                        ("retention", lambda: retention(run__output_dir=trained)),
                        ("distill-sources", lambda: distill_sources(run__output_dir=trained)),
                        ("fragility", lambda: fragility(run__output_dir=trained))):
-        with pytest.raises(ConfigError, match=f"is a train run's folder .it holds config.yaml.: {name} would put its "
-                                              f"runs inside that run's; {fix}{name}"):
+        with pytest.raises(ConfigError, match=f"is a train run's folder .it holds config.yaml.: {name} would write "
+                                              f"its runs and files among that run's; {fix}{name}"):
             call()
     assert main(["ablate", "-o", str(tmp_path / "trained")]) == 2
     assert "is a train run's folder" in capsys.readouterr().err
