@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, analysis_config
 from .fragility import build_task_anchors
 from ..engine.distributed import refuse_multi_process
 from .outputs import encode_batches, make_trainer, new_figure, run_config, save_png, stack_dataset, \
@@ -64,7 +64,7 @@ def anchor_views(config=None, task: int = 2, method: str = "pca", run_method: Op
     if method == "tsne":
         project_2d(torch.zeros(4, 2), "tsne")  # missing scikit-learn fails before training
     refuse_multi_process("the anchor-views analysis")
-    cfg = make_config(config, **overrides)
+    cfg = analysis_config(make_config(config, **overrides), "anchor-views")
     out = Path(cfg.run.output_dir)
     trainer = make_trainer(run_config(cfg, run_method, out / "run"))
     T = trainer.scenario.num_tasks

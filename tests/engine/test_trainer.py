@@ -882,7 +882,7 @@ def test_analyses_keep_their_runs_out_of_train_runs(tmp_path, monkeypatch, capsy
     """The offline default run.output_dir (train's runs/default) becomes runs/<analysis>; a folder that
     is a train run is refused (the analysis' runs went inside it), from the API and the CLI alike."""
     from segpcl_fast import api
-    from segpcl_fast.analysis import distill_sources, fragility, retention, sweep
+    from segpcl_fast.analysis import anchor_views, distill_sources, fragility, retention, sweep
     from segpcl_fast.cli import main
     from segpcl_fast.config import analysis_config
     assert analysis_config(make_config(), "ablate").run.output_dir == "runs/ablate"
@@ -896,7 +896,8 @@ def test_analyses_keep_their_runs_out_of_train_runs(tmp_path, monkeypatch, capsy
                        ("sweep", lambda: sweep(axes={"optim.lr": [0.1, 0.2]}, run__output_dir=trained)),
                        ("retention", lambda: retention(run__output_dir=trained)),
                        ("distill-sources", lambda: distill_sources(run__output_dir=trained)),
-                       ("fragility", lambda: fragility(run__output_dir=trained))):
+                       ("fragility", lambda: fragility(run__output_dir=trained)),
+                       ("anchor-views", lambda: anchor_views(run__output_dir=trained))):
         with pytest.raises(ConfigError, match=f"is a train run's folder .it holds config.yaml.: {name} would write "
                                               f"its runs and files among that run's; {fix}{name}"):
             call()
