@@ -108,7 +108,7 @@ def e2e_table(benchmarks: list[dict]) -> str:
             e.update(step_ms=median * 1e3, images_per_s=e["batch"] / median,
                      achieved_tflops=e["step_flops"] / median / 1e12,
                      mfu=e["step_flops"] / median / (e["matmul_peak_tflops"] * 1e12))
-            variant += f" (stopped after {b['stats']['rounds']} rounds)"
+            variant += f" (stopped after {rounds} rounds)"
         rows.append(f"| {e['device_name']} | {e['model']} ({e['precision']}, batch {e['batch']}+{e['anchors']}) | "
                     f"{variant} | {e['step_ms']:.1f} | {e['images_per_s']:.1f} | "
                     f"{e['achieved_tflops']:.4f} | {100 * e['mfu']:.1f}% | {e['matmul_peak_tflops']:.3f} |")

@@ -98,7 +98,8 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             device=device, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
             model=setup["model"], precision=setup["precision"], compiled=compiled, batch=setup["n_images"],
             anchors=step.shape.n_anchors, classes=setup["n_old"] + setup["n_new"], step_flops=flops,
-            matmul_peak_tflops=round(peak / 1e12, 4), threads=torch.get_num_threads(), rounds_planned=setup["rounds"])
+            matmul_peak_tflops=round(peak / 1e12, 4), threads=torch.get_num_threads(),
+            rounds_planned=setup["rounds"])
 
         def timed():
             loss = step()

@@ -21,7 +21,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from ..config import Config, ConfigError, analysis_config, apply_overrides, known_keys, parse_value, refuse_decided_keys
+from ..config import (Config, ConfigError, analysis_config, apply_overrides, known_keys, parse_value,
+                      refuse_decided_keys)
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, new_figure, plus_minus, run_config, save_png, slug,
                       summarize_runs, write_table_files)

@@ -38,8 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, launch_device, lazy_jit, next_pow2,
-                            refuse_double_backward, rows_per_program)
+from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, launch_device, lazy_jit,
+                            next_pow2, refuse_double_backward, rows_per_program)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
