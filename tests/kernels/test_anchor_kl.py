@@ -150,6 +150,25 @@ def test_one_tile_kernel_knobs_keep_the_result(rows_per_program, num_warps, teac
     assert len(launches) == 1
 
 
+@pytest.mark.parametrize("cols", [10, 30, 60, 90, 200, 500, 1000, 2000, 4000])
+def test_the_gpu_tile_defaults_keep_the_result(cols, device, monkeypatch):
+    """Each width band's GPU default (TILE_DEFAULTS: rows and warps per program) on a ragged row count,
+    launched as the launcher would on a GPU, against the reference."""
+    rows, warps = kernel.TILE_DEFAULTS[max(16, kernel.next_pow2(cols))]
+    assert kernel.tile_warps(rows, cols) == warps
+    n = rows + 3  # a ragged last program
+    student, teacher = _logits(n, cols, torch.float32, device, seed=cols)
+    launches = _count_launches(monkeypatch, "_anchor_kl_kernel")
+    kl_rows, dkl = kernel.anchor_kl_triton(student, teacher, TAU, rows=rows, num_warps=warps)
+    assert launches == [(-(-n // rows),)]
+    ref = student.detach().requires_grad_(True)
+    log_p_t = F.log_softmax(teacher / TAU, -1)
+    ref_rows = (log_p_t.exp() * (log_p_t - F.log_softmax(ref / TAU, -1))).sum(-1)
+    (ref_grad,) = torch.autograd.grad(ref_rows.sum(), ref)
+    torch.testing.assert_close(kl_rows, ref_rows.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dkl, ref_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_reference_equals_torch_kl_div():
     student, teacher = _logits(16, 50, torch.float32, "cpu", seed=1)
     peer = TAU ** 2 * F.kl_div(F.log_softmax(student / TAU, -1), F.log_softmax(teacher / TAU, -1),
