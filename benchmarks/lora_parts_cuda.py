@@ -42,6 +42,46 @@ class KeepMerged(torch.autograd.Function):
         return grad_y @ merged, None, None, None, grad_B, None
 
 
+class ConcatKeep(torch.autograd.Function):
+    """Experiment: KeepMerged, and u = x A^T from the base GEMM itself: one GEMM against the stacked
+    weight [W + s B A; A] ((out + r) x in) gives [y | u] (N x (out + r)); y is returned as a strided
+    view of it (row stride out + r). What it saves is u's own pass over x; what it costs is a
+    non-contiguous y for the next op (most take it as is, a reshape of it may copy)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        n_out, r = weight.shape[0], lora_A.shape[0]
+        stacked = torch.empty(n_out + r, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        torch.addmm(weight, lora_B, lora_A, alpha=scaling, out=stacked[:n_out])
+        stacked[n_out:].copy_(lora_A)
+        bias_u = torch.cat([bias, bias.new_zeros(r)]) if bias is not None else None
+        x2 = x.reshape(-1, x.shape[-1])
+        yu = torch.addmm(bias_u, x2, stacked.T) if bias_u is not None else x2 @ stacked.T
+        u = yu[:, n_out:]
+        ctx.save_for_backward(u, stacked[:n_out])
+        ctx.scaling = scaling
+        return yu[:, :n_out].view(*x.shape[:-1], n_out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, merged = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_B = torch.mm(g.t(), u).mul_(ctx.scaling)
+        return grad_y @ merged, None, None, None, grad_B, None
+
+
+def split_k_gtu(g, u, splits):
+    """g^T u (out x r) as `splits` batched partial products over row chunks, then their sum: cuBLAS's
+    own g^T u has one long K = N reduction on a small output."""
+    n = g.shape[0] - g.shape[0] % splits
+    parts = torch.bmm(g[:n].view(splits, n // splits, -1).transpose(1, 2), u[:n].view(splits, n // splits, -1))
+    acc = torch.promote_types(g.dtype, torch.float32)
+    total = parts.sum(0, dtype=acc)
+    if n < g.shape[0]:
+        total += (g[n:].T @ u[n:]).to(acc)
+    return total.to(g.dtype)
+
+
 def timed(fn, sets, warmup=10, runs=50):
     for i in range(warmup):
         fn(*sets[i % len(sets)])
@@ -89,6 +129,11 @@ def main():
         torch.autograd.grad(KeepMerged.apply(x, W, b, A, B, 1.0), (x, B), g)
     rows.append(("plain-PyTorch merged fwd+bwd (lora_b_linear_merged, eager)", timed(merged_fwd_bwd, sets), None))
     rows.append(("the same, W + s B A kept for backward (experiment: KeepMerged)", timed(kept_fwd_bwd, sets), None))
+
+    def concat_keep_fwd_bwd(x, g):
+        torch.autograd.grad(ConcatKeep.apply(x, W, b, A, B, 1.0), (x, B), g)
+    rows.append(("KeepMerged + u from the base GEMM ([W + s B A; A] stacked; experiment: ConcatKeep)",
+                 timed(concat_keep_fwd_bwd, sets), None))
     for fwd, bwd in (("merged", "merged"), ("concat", "split"), ("concat", "fused"), ("addmm", "split"),
                      ("merged", "split"), ("concat", "merged")):
         os.environ["SEGPCL_LORA_FWD"], os.environ["SEGPCL_LORA_BWD"] = fwd, bwd
@@ -98,6 +143,8 @@ def main():
     xs = [(x.detach(), g) for x, g in sets]
     WB = torch.cat([W, B.detach()], 1)  # out x (in + r)
     Bd = B.detach()
+    Wf, Bf, Af = W.float(), Bd.float(), A.float()
+    W_stacked, b_stacked = torch.cat([W, A]), torch.cat([b, b.new_zeros(R)])
     pieces = [
         ("W + s B A (merged weight, out x in)", lambda x, g: torch.addmm(W, Bd, A), e * 2 * N_OUT * N_IN),
         ("fwd: x W^T + b (base GEMM)", lambda x, g: torch.addmm(b, x, W.T), None),
@@ -108,6 +155,14 @@ def main():
         ("bwd: g W (base grad_x GEMM)", lambda x, g: g @ W, None),
         ("bwd: g B (N x r)", lambda x, g: g @ B.detach(), e * (N * N_OUT + N * R)),
         ("bwd: g^T u (out x r)", lambda x, g: g.T @ x[:, :R], e * (N * N_OUT + N * R)),
+        ("bwd: (u^T g)^T (the same product, r x out output)", lambda x, g: (x[:, :R].T @ g).T, e * (N * N_OUT + N * R)),
+        ("bwd: g^T u, split-K 8 (bmm + sum)", lambda x, g: split_k_gtu(g, x[:, :R], 8), e * (N * N_OUT + N * R)),
+        ("bwd: g^T u, split-K 32 (bmm + sum)", lambda x, g: split_k_gtu(g, x[:, :R], 32), e * (N * N_OUT + N * R)),
+        ("merged weight: B A alone (mm, no add)", lambda x, g: Bd @ A, e * N_OUT * N_IN),
+        ("merged weight: W + B A (mm, then add)", lambda x, g: W + Bd @ A, e * 3 * N_OUT * N_IN),
+        ("merged weight: fp32 addmm (W, B, A in fp32)", lambda x, g: torch.addmm(Wf, Bf, Af), 4 * 2 * N_OUT * N_IN),
+        ("fwd: x [W';A]^T + [b;0] (y and u in one GEMM, N x (out + r))",
+         lambda x, g: torch.addmm(b_stacked, x, W_stacked.T), None),
         ("bwd: addmm(s gB A, g, W)", lambda x, g: torch.addmm(x, g, W), None),
         ("bwd: g [W|B] (g W and g B in one GEMM)", lambda x, g: g @ WB, None),
     ]

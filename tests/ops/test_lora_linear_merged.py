@@ -221,15 +221,19 @@ def test_inductor_compiles_it_with_no_graph_break_and_matches_eager(device, dtyp
         torch.testing.assert_close(g, w, **tol)
 
 
-def test_the_parts_scripts_kept_merged_weight_experiment_computes_the_op():
+def test_the_parts_scripts_experiments_compute_the_op():
     """benchmarks/lora_parts_cuda.py times a variant that keeps W + s B A for backward; on the GPU its
     time is only worth comparing if it computes the same y, grad_x and grad_B (float64, vs the reference)."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from lora_parts_cuda import KeepMerged
+    from lora_parts_cuda import ConcatKeep, KeepMerged, split_k_gtu
     x, weight, bias, lora_A, lora_B = make_inputs((3, 5), 24, 40, 4, dtype=torch.float64)
-    ours = forward_backward(KeepMerged.apply, x, weight, bias, lora_A, lora_B, 0.5)
     ref = forward_backward(lora_b_linear_reference, x, weight, bias, lora_A, lora_B, 0.5)
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b)
+    for experiment in (KeepMerged, ConcatKeep):
+        ours = forward_backward(experiment.apply, x, weight, bias, lora_A, lora_B, 0.5)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b)
+    g, u = torch.randn(37, 12, dtype=torch.float64), torch.randn(37, 5, dtype=torch.float64)
+    for splits in (1, 4, 8):  # 37 rows: a remainder past the last whole chunk
+        torch.testing.assert_close(split_k_gtu(g, u, splits), g.T @ u)
