@@ -15,7 +15,7 @@
 #            CUDA rows only + summary; anchor_kl knob sweep
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
 #   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU: the
-#            E2E_VARIANTS (default compiled_fused compiled_reference eager_fused) here; the
+#            E2E_VARIANTS (default compiled_fused cudagraphs_fused compiled_reference eager_fused) here; the
 #            E2E_EXTRA ones (default compiled_cpp_lora eager_reference, measured on the H100 before)
 #            after the profile step, as budget allows
 #   profile  the compiled e2e step in steady state (kernel categories), then 5 steps of task 2
@@ -66,7 +66,7 @@ if [ "${STEPS+set}" = set ] && [ -z "${STEPS//[[:space:]]/}" ]; then
   exit 2
 fi
 STEPS="${STEPS:-$ALL_STEPS}"
-E2E_VARIANTS="${E2E_VARIANTS-compiled_fused compiled_reference eager_fused}"
+E2E_VARIANTS="${E2E_VARIANTS-compiled_fused cudagraphs_fused compiled_reference eager_fused}"
 E2E_EXTRA="${E2E_EXTRA-compiled_cpp_lora eager_reference}"
 # a step, or one part of it alone (the labels skipped.txt and summary.md use)
 PARTS="bench-summary bench-tune ext-build ext-tests ext-bench ext-parts e2e-summary profile-e2e_step profile-vitb16"
@@ -333,8 +333,8 @@ e2e_summary() {
   fi
   save
 }
-# most telling first (compiled_fused, the merged plain-PyTorch LoRA under inductor, has never run on
-# a GPU; compiled_reference is the best row measured, 25.6 % MFU on the H100); the E2E_EXTRA variants
+# most telling first (compiled_fused, the best row measured, 29-31 % MFU on the H200; cudagraphs_fused,
+# the same under CUDA graphs, never run: the H200 profile found the compiled step launch-bound); the E2E_EXTRA variants
 # follow the profile step when the whole e2e step is chosen, here when named one by one
 E2E_LATER=""
 if starts e2e; then

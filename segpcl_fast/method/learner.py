@@ -179,7 +179,6 @@ class Learner:
         """Total training loss on a batch of task-t images (labels: ordered labels)."""
         cfg = self.cfg
         n_total = self.n_old + self.n_new
-        text = self.text_embeddings(n_total)
         scale = self.model.logit_scale()
         n_img = images.shape[0]
         anchor_batch = None
@@ -188,6 +187,9 @@ class Learner:
             anchor_batch = stage1.sample_anchor_batch(self.anchor_cache, n_anchor, self.anchor_generator).to(self.device)
             images = torch.cat([images, anchor_batch.pixels.to(images.dtype)])
         _, emb = self.model.encode_image(images)
+        # the text tower after the image tower: its many small kernels (C prompts, fp32) are launched
+        # while the GPU still works through the image batch, instead of in front of it on an idle GPU
+        text = self.text_embeddings(n_total)
         emb = F.normalize(emb, dim=-1)
         if cfg.optim.cls_over == "seen":
             l_cls = stage2.cls_loss(emb[:n_img], text, labels, scale)

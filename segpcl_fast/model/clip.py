@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+from collections import OrderedDict
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fileio import UnsafeFileError, load_torch_file
+from .patch_embed import use_patch_gemm
 
 log = logging.getLogger("segpcl_fast.model")
 
@@ -75,6 +77,9 @@ class ImageStats:
         return {"resize_mode": self.resize_mode, "interpolation": self.interpolation, "fill_color": self.fill_color}
 
 
+TOKEN_CACHE_SIZE = 8  # prompt sets CLIPModel.prompt_tokens keeps (a task uses 2-3: all, seen, old classes)
+
+
 class CLIPModel(nn.Module):
     """A thin wrapper around an open_clip CLIP exposing the quantities the method needs."""
 
@@ -100,7 +105,10 @@ class CLIPModel(nn.Module):
                                       interpolation=preprocess.get("interpolation") or "bicubic",
                                       fill_color=int(preprocess.get("fill_color") or 0))
         self.image_autocast: Optional[torch.dtype] = None  # autocast dtype of the image tower (None: off)
+        self._token_cache: OrderedDict = OrderedDict()  # prompt_tokens: tokenized prompt sets
         self._vit = hasattr(visual, "_embeds") and hasattr(visual, "_pool")
+        # a ViT's stride = kernel patch conv as one GEMM (model/patch_embed.py); "conv" / "none" otherwise
+        self.patch_embed = use_patch_gemm(visual) if self._vit else "none"
         # open_clip's TimmModel: trunk (a timm model, its classifier head the projection when the config
         # names none) then head (open_clip's extra projection, possibly empty)
         self._timm = (not self._vit and hasattr(getattr(visual, "trunk", None), "forward_head")
@@ -160,11 +168,15 @@ class CLIPModel(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 
-    def encode_text(self, tokens: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, truncate: bool = True, length: Optional[int] = None,
+                    eot: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Text embeddings (unnormalised).
 
         With truncate=True the transformer runs only up to the longest prompt's end-of-text
         token. The causal mask makes every position blind to later ones, so this is exact.
+        `length` (that token's position + 1) and `eot` (each prompt's end-of-text position) may be
+        given, computed once on the CPU tokens (class_embeddings does): otherwise the length is read
+        back from `tokens`, a host sync when they are on a GPU.
         """
         tower = self.text_tower
         # exact only for argmax (end-of-text) pooling behind a causal mask; CLIP keeps the pooling as
@@ -175,18 +187,44 @@ class CLIPModel(nn.Module):
                     and hasattr(tower, "token_embedding"))
         if not (truncate and standard):
             return self.clip.encode_text(tokens)
-        length = int(tokens.argmax(dim=-1).max().item()) + 1
+        if eot is None:
+            eot = tokens.argmax(dim=-1)
+        if length is None:
+            length = int(eot.max().item()) + 1
         tokens = tokens[:, :length]
         cast_dtype = tower.transformer.get_cast_dtype()
         x = tower.token_embedding(tokens).to(cast_dtype)
         x = x + tower.positional_embedding[:length].to(cast_dtype)
         x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
         x = tower.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = tower.text_projection
         if proj is None:
             return pooled
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+    def prompt_tokens(self, prompts: Sequence[str], device: torch.device,
+                      batch_size: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """The prompts tokenized, in chunks of `batch_size`: (tokens, end-of-text positions, truncated
+        length) on `device`, the length an int computed on the CPU tokens.
+
+        Cached per (prompts, device, batch_size) (the last TOKEN_CACHE_SIZE sets): the training step
+        embeds the same class prompts every step, and tokenizing them again each time costs Python
+        (BPE, 100 tensors for 100 prompts), a pageable host-to-device copy and, to truncate, a read
+        of the longest prompt's length back from the GPU, a sync that drains the launch queue."""
+        key = (tuple(prompts), str(device), batch_size)
+        hit = self._token_cache.get(key)
+        if hit is not None:
+            self._token_cache.move_to_end(key)
+            return hit
+        tokens = self.tokenize(prompts)
+        eot = tokens.argmax(dim=-1)
+        hit = [(tokens[i:i + batch_size].to(device), eot[i:i + batch_size].to(device),
+                int(eot[i:i + batch_size].max()) + 1) for i in range(0, len(prompts), batch_size)]
+        self._token_cache[key] = hit
+        while len(self._token_cache) > TOKEN_CACHE_SIZE:
+            self._token_cache.popitem(last=False)
+        return hit
 
     def class_embeddings(self, prompts: Sequence[Sequence[str]], device=None,
                          batch_size: int = 1024) -> torch.Tensor:
@@ -195,11 +233,11 @@ class CLIPModel(nn.Module):
         Each prompt embedding is L2-normalised, averaged over the class's prompts, normalised again.
         Returns (C, d), gradients flow (call under no_grad where not training).
         """
-        device = device or next(self.parameters()).device
+        device = torch.device(device or next(self.parameters()).device)
         flat = [p for plist in prompts for p in plist]
         counts = [len(plist) for plist in prompts]
-        tokens = self.tokenize(flat).to(device)
-        embs = torch.cat([self.encode_text(tokens[i:i + batch_size]) for i in range(0, len(flat), batch_size)])
+        embs = torch.cat([self.encode_text(tokens, length=length, eot=eot)
+                          for tokens, eot, length in self.prompt_tokens(flat, device, batch_size)])
         embs = F.normalize(embs, dim=-1)
         if all(c == 1 for c in counts):
             return embs

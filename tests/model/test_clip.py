@@ -177,3 +177,36 @@ def test_a_hub_tokenizer_missing_offline_is_one_error_before_the_model_is_built(
                                              r"Face hub \('timm/ViT-B-16-SigLIP'\) and is not in the local cache; .*"
                                              r"open_clip.get_tokenizer\('ViT-B-16-SigLIP'\)"):
         load_model("ViT-B-16-SigLIP", pretrained=None)
+
+
+def test_class_embeddings_tokenize_a_prompt_set_once_and_read_nothing_back(tiny_model_name, monkeypatch):
+    """The training step embeds the same class prompts every step: the second call must not tokenize
+    again nor read the truncation length back from the tokens' device (Tensor.item: a host sync on a
+    GPU), and must give what a fresh tokenization gives."""
+    from segpcl_fast.model import clip as clip_module
+    model = load_model(tiny_model_name, pretrained=None)
+    prompts = [["a {}.".format(c), "a photo of a {}.".format(c)] for c in ("dog", "cat", "very small striped bird")]
+    calls = []
+    tokenize = model.tokenizer
+    model.tokenizer = lambda texts: calls.append(len(texts)) or tokenize(texts)
+    with torch.no_grad():
+        first = model.class_embeddings(prompts)
+        assert calls == [6]
+
+        def no_item(self):
+            raise AssertionError("Tensor.item() called by a cached class_embeddings")
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", no_item)
+            again = model.class_embeddings(prompts)
+        assert calls == [6]
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        fresh = load_model(tiny_model_name, pretrained=None)
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fresh.class_embeddings(prompts), first, rtol=0, atol=0)
+        # a different set (or chunking) is tokenized for itself; the cache keeps the last few sets
+        model.class_embeddings(prompts[:2])
+        model.class_embeddings(prompts, batch_size=4)
+        assert calls == [6, 4, 6]
+        for n in range(clip_module.TOKEN_CACHE_SIZE + 2):
+            model.class_embeddings([[f"a photo number {n}."]])
+    assert len(model._token_cache) == clip_module.TOKEN_CACHE_SIZE
