@@ -22,9 +22,10 @@ SETS = 4
 
 
 class KeepMerged(torch.autograd.Function):
-    """Experiment (not the library's op): the merged arrangement with the forward's W + s B A kept for
-    the backward instead of computed again (ops.lora_linear's _MergedLoRABLinear and the C++ op
-    compute it twice); what it saves is one small GEMM, what it costs is an out x in tensor per layer."""
+    """Experiment: the merged arrangement with the forward's W + s B A kept for the backward instead of
+    computed again (the C++ op computes it twice; ops.lora_linear's _MergedLoRABLinear keeps it since
+    session 35, after this experiment's H200 time); what it saves is one small GEMM, what it costs is
+    an out x in tensor per layer."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
@@ -127,7 +128,12 @@ def main():
 
     def kept_fwd_bwd(x, g):
         torch.autograd.grad(KeepMerged.apply(x, W, b, A, B, 1.0), (x, B), g)
-    rows.append(("plain-PyTorch merged fwd+bwd (lora_b_linear_merged, eager)", timed(merged_fwd_bwd, sets), None))
+    rows.append(("plain-PyTorch merged fwd+bwd (lora_b_linear_merged, eager; W + s B A kept)",
+                 timed(merged_fwd_bwd, sets), None))
+    os.environ["SEGPCL_LORA_MERGED_BACKWARD"] = "recompute"
+    rows.append(("the same, W + s B A formed again in backward (SEGPCL_LORA_MERGED_BACKWARD=recompute)",
+                 timed(merged_fwd_bwd, sets), None))
+    os.environ.pop("SEGPCL_LORA_MERGED_BACKWARD")
     rows.append(("the same, W + s B A kept for backward (experiment: KeepMerged)", timed(kept_fwd_bwd, sets), None))
 
     def concat_keep_fwd_bwd(x, g):

@@ -43,39 +43,60 @@ class _MergedLoRABLinear(torch.autograd.Function):
     """The merged arrangement in plain PyTorch (the C++ op's default, csrc/lora_b_linear_aten.cpp):
     y = x (W + s B A)^T + b and grad_x = g (W + s B A) (exact rewrites of the formula), u = x A^T
     saved for grad_B = s g^T u. Made of aten ops only, so torch.compile traces it and inductor
-    fuses around its GEMMs; the merged weight costs O(out in r), not O(N)."""
+    fuses around its GEMMs; the merged weight costs O(out in r), not O(N).
+
+    The forward's W + s B A is kept for the backward (one out x in tensor per layer until then)
+    rather than formed again: on an H200 (BENCHMARKS.md, session 35) the layer's fwd + bwd took
+    0.603 ms kept against 0.861 ms formed twice (25216 x 768 -> 3072, r 32, bf16).
+    SEGPCL_LORA_MERGED_BACKWARD=recompute forms it again (less memory, for A/B timing)."""
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, scaling):
+    def forward(x, weight, bias, lora_A, lora_B, scaling, keep_merged):
         merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
-        return F.linear(x, merged, bias), F.linear(x, lora_A)
+        return F.linear(x, merged, bias), F.linear(x, lora_A), merged
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _x, weight, _bias, lora_A, lora_B, scaling = inputs
+        _x, weight, _bias, lora_A, lora_B, scaling, keep_merged = inputs
         ctx.scaling = scaling
-        ctx.mark_non_differentiable(output[1])
+        ctx.keep_merged = keep_merged
+        ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)  # no (N, r) zeros for u's gradient each step
-        ctx.save_for_backward(output[1], weight, lora_A, lora_B)  # u = x A^T, not x
+        kept = output[2] if keep_merged else weight
+        ctx.save_for_backward(output[1], kept, lora_A, lora_B)  # u = x A^T, not x
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_u):
+    def backward(ctx, grad_y, _grad_u, _grad_merged):
         if grad_y is None:  # y took no part in what was differentiated
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         _utils.refuse_double_backward("lora_b_linear (merged)")  # u is saved without its graph
-        u, weight, lora_A, lora_B = ctx.saved_tensors
+        u, kept, lora_A, lora_B = ctx.saved_tensors
         grad_x = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ torch.addmm(weight, lora_B, lora_A, alpha=ctx.scaling)
+            merged = kept if ctx.keep_merged else torch.addmm(kept, lora_B, lora_A, alpha=ctx.scaling)
+            grad_x = grad_y @ merged
         if ctx.needs_input_grad[4]:  # s g^T u, s applied to the GEMM's accumulator: one rounding
             grad_B = torch.addmm(lora_B, grad_y.reshape(-1, grad_y.shape[-1]).t(), u.reshape(-1, u.shape[-1]),
                                  beta=0, alpha=ctx.scaling)  # beta=0: lora_B's values are ignored (shape only)
-        return grad_x, None, None, None, grad_B, None
+        return grad_x, None, None, None, grad_B, None, None
+
+
+MERGED_BACKWARDS = ("keep", "recompute")
+
+
+def merged_backward() -> str:
+    """SEGPCL_LORA_MERGED_BACKWARD: "keep" (default) saves the forward's W + s B A for grad_x,
+    "recompute" forms it again in the backward."""
+    value = os.environ.get("SEGPCL_LORA_MERGED_BACKWARD", "keep")
+    if value not in MERGED_BACKWARDS:
+        raise ValueError(f"SEGPCL_LORA_MERGED_BACKWARD='{value}' is unknown; use one of {MERGED_BACKWARDS}")
+    return value
 
 
 def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The merged arrangement in plain PyTorch: y = x (W + s B A)^T + b, saving u = x A^T (not x).
+    """The merged arrangement in plain PyTorch: y = x (W + s B A)^T + b, saving u = x A^T (not x)
+    and the merged weight (SEGPCL_LORA_MERGED_BACKWARD, `_MergedLoRABLinear`).
 
     When B needs no gradient (evaluation, prototypes, the frozen teacher in DPGD), u is never
     needed: y is one F.linear with the merged weight, and autograd (grad_x = g (W + s B A) for
@@ -86,7 +107,8 @@ def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     _check_args(x, weight, bias, lora_A, lora_B)
     if not _needs_grad_B(lora_B):
         return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
-    y, _u = _MergedLoRABLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling))
+    y, _u, _merged = _MergedLoRABLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling),
+                                              merged_backward() == "keep")
     return y
 
 

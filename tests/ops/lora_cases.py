@@ -122,12 +122,18 @@ def saved_tensors(fn, *args):
     return y, saved
 
 
-def check_saves_u_not_x(fn, x, weight, bias, lora_A, lora_B):
-    """fn keeps u = x A^T (and weights), never x, for its backward."""
+def check_saves_u_not_x(fn, x, weight, bias, lora_A, lora_B, merged_weight: bool = False):
+    """fn keeps u = x A^T (and weights), never x, for its backward; with merged_weight, also one
+    out x in tensor equal to W + s B A (the merged arrangement keeps it for grad_x)."""
     _, saved = saved_tensors(fn, x, weight, bias, lora_A, lora_B, 0.5)
     assert all(t.data_ptr() != x.data_ptr() for t in saved)
     activation_like = [t for t in saved if t.shape[:-1] == x.shape[:-1]]
     assert [tuple(t.shape) for t in activation_like] == [(*x.shape[:-1], lora_A.shape[0])]  # u only
     torch.testing.assert_close(activation_like[0], x.detach() @ lora_A.T)
-    assert {t.data_ptr() for t in saved} - {activation_like[0].data_ptr()} <= {
-        weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr()}
+    params = {weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr()}
+    others = [t for t in saved if t.data_ptr() not in params and t.data_ptr() != activation_like[0].data_ptr()]
+    if merged_weight:
+        assert len(others) == 1 and others[0].shape == weight.shape
+        torch.testing.assert_close(others[0], torch.addmm(weight, lora_B, lora_A, alpha=0.5).detach())
+    else:
+        assert others == []

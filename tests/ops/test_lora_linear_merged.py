@@ -104,8 +104,30 @@ def test_backward_makes_no_zeros_for_u():
     assert lora_B.grad is not None and x.grad is not None
 
 
-def test_saves_u_not_x():
+def test_saves_u_not_x(monkeypatch):
+    """u and the merged weight by default (kept for grad_x); u and the parameters alone with
+    SEGPCL_LORA_MERGED_BACKWARD=recompute, whose backward forms W + s B A again."""
+    check_saves_u_not_x(lora_b_linear_merged, *make_inputs((4, 6), 32, 48, 4), merged_weight=True)
+    monkeypatch.setenv("SEGPCL_LORA_MERGED_BACKWARD", "recompute")
     check_saves_u_not_x(lora_b_linear_merged, *make_inputs((4, 6), 32, 48, 4))
+
+
+@pytest.mark.parametrize("choice", ["keep", "recompute"])
+def test_both_merged_backwards_equal_the_reference(monkeypatch, choice):
+    monkeypatch.setenv("SEGPCL_LORA_MERGED_BACKWARD", choice)
+    x, weight, bias, lora_A, lora_B = make_inputs((3, 5), 24, 40, 4, dtype=torch.float64)
+    ours = forward_backward(lora_b_linear_merged, x, weight, bias, lora_A, lora_B, 0.5)
+    ref = forward_backward(lora_b_linear_reference, x, weight, bias, lora_A, lora_B, 0.5)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    ran = backward_ops(lora_b_linear_merged(*make_inputs((5,), 24, 40, 4), 0.5))
+    assert ran.count("aten.addmm.default") == (1 if choice == "keep" else 2), ran  # grad_B (+ W + s B A again)
+
+
+def test_an_unknown_merged_backward_is_refused(monkeypatch):
+    monkeypatch.setenv("SEGPCL_LORA_MERGED_BACKWARD", "lazy")
+    with pytest.raises(ValueError, match="SEGPCL_LORA_MERGED_BACKWARD='lazy' is unknown"):
+        lora_b_linear_merged(*make_inputs((5,), 24, 40, 4), 0.5)
 
 
 def on_cuda(*values):
@@ -237,3 +259,29 @@ def test_the_parts_scripts_experiments_compute_the_op():
     g, u = torch.randn(37, 12, dtype=torch.float64), torch.randn(37, 5, dtype=torch.float64)
     for splits in (1, 4, 8):  # 37 rows: a remainder past the last whole chunk
         torch.testing.assert_close(split_k_gtu(g, u, splits), g.T @ u)
+
+
+@pytest.mark.parametrize("choice, backward_gemms", [("keep", 2), ("recompute", 3)])
+def test_under_compile_the_backward_graph_uses_the_kept_merged_weight(monkeypatch, choice, backward_gemms):
+    """AOTAutograd's backward graph of the merged arrangement: grad_x = g M and grad_B = s g^T u, and
+    with SEGPCL_LORA_MERGED_BACKWARD=recompute a third GEMM forming M = W + s B A again."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    monkeypatch.setenv("SEGPCL_LORA_MERGED_BACKWARD", choice)
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, _inputs):
+            graphs[name] = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compiler
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 5), 16, 24, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lora_b_linear_merged, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")),
+                             fullgraph=True)
+    got = forward_backward(compiled, x, weight, bias, lora_A, lora_B, 0.5)
+    gemms = [t for t in graphs["bw"] if t.split(".")[1] in ("mm", "addmm", "bmm")]
+    assert len(gemms) == backward_gemms, graphs["bw"]
+    want = forward_backward(lora_b_linear_reference, x, weight, bias, lora_A, lora_B, 0.5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
