@@ -16,7 +16,8 @@ Variants: eager_reference (plain PyTorch ops, no compile), eager_fused (ops back
 LoRA op, Triton ops on GPU), compiled_reference (torch.compile, reference ops), compiled_fused
 (auto under compile: LoRA as the plain-PyTorch merged arrangement, which inductor traces, and the
 Triton ops), compiled_cpp_lora (the same with the opaque C++ LoRA op, SEGPCL_LORA_COMPILE=cpp) and,
-on CUDA only, cudagraphs_fused (compiled_fused under mode "reduce-overhead": CUDA graphs).
+on CUDA only, cudagraphs_fused (compiled_fused under mode "reduce-overhead": CUDA graphs) and
+bf16text_fused (compiled_fused with run.text_precision=bf16, the text transformer under autocast).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
 classes, fp32. GPU: ViT-B/16 with random weights, batch 128 + 128 anchors, 90 old + 10 new classes
 (CIFAR100's last task), bf16 autocast.
@@ -31,6 +32,7 @@ import pytest
 import torch
 
 from segpcl_fast import ops
+from segpcl_fast.config import Config
 from segpcl_fast.engine.bench import build_step, matmul_peak_flops, sync
 from segpcl_fast.engine.compiling import CompileSettings
 from segpcl_fast.engine.flops import step_flops
@@ -44,8 +46,11 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     # compiled_fused replayed as CUDA graphs (torch.compile mode "reduce-overhead"): the H200 profile
     # found the compiled step's forwards launch-bound (GPU idle 28 % of the step). CUDA only.
     "cudagraphs_fused": ("auto", True, {"SEGPCL_COMPILE_MODE": "reduce-overhead"}),
+    # compiled_fused with run.text_precision=bf16 (opt-in): the text transformer under bf16 autocast; the
+    # profile found its fp32 GEMMs on SIMT cores, about 7 ms of GPU time a step. CUDA only.
+    "bf16text_fused": ("auto", True, {"SEGPCL_BENCH_TEXT_PRECISION": "bf16"}),
 }
-CUDA_ONLY = {"cudagraphs_fused"}  # on the CPU it would be compiled_fused again
+CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused"}  # on the CPU they would be compiled_fused again (fp32 there)
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),
@@ -93,9 +98,11 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
         monkeypatch.setenv(name, value)
     torch._dynamo.reset()
     settings = CompileSettings(mode=os.environ.get("SEGPCL_COMPILE_MODE", "default")) if compiled else None
+    cfg = Config()
+    cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
     with ops.backend(backend):
         step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
-                          precision=setup["precision"], compile_settings=settings)
+                          precision=setup["precision"], compile_settings=settings, cfg=cfg)
 
         # what the row needs besides its times, recorded before them: a run stopped in its rounds
         # (gpu_suite's step limit) still writes a JSON that summary.py can turn into a row

@@ -431,7 +431,10 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
     with torch.no_grad():
         ref = model.class_embeddings(format_prompts(names, cfg.data.templates), device=device)
     stored_ref = learner["ref_text"][:n_seen].to(device)
-    if stored_ref.shape != ref.shape or not torch.allclose(stored_ref.float(), ref.float(), atol=1e-4):
+    # bf16 text (run.text_precision) rounds differently on another device or kernel; other weights or
+    # another class order move unit-norm embeddings by far more than either tolerance
+    atol = 2e-2 if cfg.run.text_precision == "bf16" else 1e-4
+    if stored_ref.shape != ref.shape or not torch.allclose(stored_ref.float(), ref.float(), atol=atol):
         raise ClassifierError(f"checkpoint {path}: the pretrained text embeddings of these class names differ "
                               f"from the run's (other weights at model.pretrained={cfg.model.pretrained!r}, or "
                               f"class names not in the run's order)")

@@ -169,7 +169,10 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     device: str = "auto"  # "auto" = cuda if available else cpu
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    precision: str = "fp32"  # "fp32" or "bf16": the image tower under bf16 autocast (method math stays fp32)
+    # [choice] the text transformer: "fp32" (default: TSGR compares text embeddings at tau_T = 0.05,
+    # where bf16 rounding shows) or "bf16" (under autocast, faster on a GPU; embeddings still fp32)
+    text_precision: str = "fp32"
     compile: bool = False  # torch.compile the student step
     ops: str = "auto"  # fused-op backend: "auto", "reference", "triton", "cpp"
     num_threads: int = 0  # torch CPU threads; 0 = torch default
@@ -466,6 +469,7 @@ RULES: dict[str, _Check] = {
     "run.output_dir": _nonempty_str,
     "run.device": _device,
     "run.precision": _one_of(PRECISIONS),
+    "run.text_precision": _one_of(PRECISIONS),
     "run.ops": _one_of(OPS_BACKENDS),
     "run.num_threads": _integer(0),  # 0 = torch default
     "run.max_steps_per_task": _integer(0),  # 0 = full epochs

@@ -51,6 +51,7 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     cfg = cfg or Config()
     cfg.model.name, cfg.model.pretrained = model_name, pretrained
     model = load_model(model_name, pretrained, device=device)
+    model.text_autocast = torch.bfloat16 if cfg.run.text_precision == "bf16" else None  # before the learner's reference text
     params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers)
     n_total = n_old + n_new
     prompts = [[t.format(c) for t in cfg.data.templates] for c in class_names(n_total)]

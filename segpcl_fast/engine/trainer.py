@@ -92,13 +92,14 @@ def _seed_everything(seed: int) -> None:
 def build_model(cfg: Config, device: torch.device) -> tuple:
     """(model, trainable B parameters): the run's open_clip model with LoRA-B injected, its image
     tower under bf16 autocast when run.precision=bf16 (CLIPModel.image_autocast: every stage, the
-    features come out fp32). Random weights (model.pretrained none) are drawn after
+    features come out fp32), and its text transformer so when run.text_precision=bf16. Random weights (model.pretrained none) are drawn after
     torch.manual_seed(run.seed), so a run's model can be rebuilt outside its Trainer
     (classifier.load_classifier) with the same weights."""
     torch.manual_seed(cfg.run.seed)
     model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir,
                        preprocess=cfg.model.preprocess)
     model.image_autocast = torch.bfloat16 if cfg.run.precision == "bf16" else None
+    model.text_autocast = torch.bfloat16 if cfg.run.text_precision == "bf16" else None
     params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers,
                          seed=cfg.run.seed if cfg.lora.init_seed is None else cfg.lora.init_seed)
     return model, params

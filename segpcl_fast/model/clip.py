@@ -12,7 +12,9 @@ Precision: `CLIPModel.image_autocast` (None, or torch.bfloat16 for run.precision
 tower's transformer under autocast; r(x) is returned in fp32, so the projection and everything the
 method computes from the features (logits, cosines, KL, prototypes, seed scores) stays fp32 (a bf16
 logit at s = 100 (about 20-35) is spaced 0.125-0.25 apart: argmax ties, L_GR / L_ACGD > 0 at student = teacher).
-The text tower runs in fp32 (it sees class prompts, not the batch: cheap).
+The text tower runs in fp32 (it sees class prompts, not the batch) unless `CLIPModel.text_autocast`
+is set (run.text_precision=bf16, opt-in): then its transformer runs under autocast and its
+embeddings come out fp32 in the same way.
 
 Knows nothing of method/ or engine/.
 """
@@ -105,6 +107,7 @@ class CLIPModel(nn.Module):
                                       interpolation=preprocess.get("interpolation") or "bicubic",
                                       fill_color=int(preprocess.get("fill_color") or 0))
         self.image_autocast: Optional[torch.dtype] = None  # autocast dtype of the image tower (None: off)
+        self.text_autocast: Optional[torch.dtype] = None  # of the text transformer (run.text_precision; None: fp32)
         self._token_cache: OrderedDict = OrderedDict()  # prompt_tokens: tokenized prompt sets
         self._vit = hasattr(visual, "_embeds") and hasattr(visual, "_pool")
         # a ViT's stride = kernel patch conv as one GEMM (model/patch_embed.py); "conv" / "none" otherwise
@@ -177,8 +180,12 @@ class CLIPModel(nn.Module):
         `length` (that token's position + 1) and `eot` (each prompt's end-of-text position) may be
         given, computed once on the CPU tokens (class_embeddings does): otherwise the length is read
         back from `tokens`, a host sync when they are on a GPU.
+        With `text_autocast` set (run.text_precision=bf16) the transformer runs under that autocast
+        and everything after it (ln_final, pooling, projection) in fp32, as the image tower's r(x).
         """
         tower = self.text_tower
+        amp = (torch.autocast(tokens.device.type, dtype=self.text_autocast) if self.text_autocast is not None
+               else contextlib.nullcontext())
         # exact only for argmax (end-of-text) pooling behind a causal mask; CLIP keeps the pooling as
         # text_pool_type, a TextTransformer (CustomTextCLIP) as pool_type
         pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
@@ -186,7 +193,9 @@ class CLIPModel(nn.Module):
                     and pool == "argmax" and getattr(tower, "attn_mask", None) is not None
                     and hasattr(tower, "token_embedding"))
         if not (truncate and standard):
-            return self.clip.encode_text(tokens)
+            with amp:
+                out = self.clip.encode_text(tokens)
+            return out.float() if self.text_autocast is not None else out
         if eot is None:
             eot = tokens.argmax(dim=-1)
         if length is None:
@@ -195,8 +204,9 @@ class CLIPModel(nn.Module):
         cast_dtype = tower.transformer.get_cast_dtype()
         x = tower.token_embedding(tokens).to(cast_dtype)
         x = x + tower.positional_embedding[:length].to(cast_dtype)
-        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-        x = tower.ln_final(x)
+        with amp:
+            x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+        x = tower.ln_final(x.to(cast_dtype))
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = tower.text_projection
         if proj is None:

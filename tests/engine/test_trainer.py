@@ -681,6 +681,47 @@ def test_run_precision_puts_the_image_tower_in_bf16_and_keeps_the_method_fp32(ti
     assert set(dtypes.values()) == {torch.float32}, dtypes
 
 
+def test_run_text_precision_bf16_autocasts_the_text_transformer_for_every_text_embedding(tiny_model_name, tmp_path):
+    """run.text_precision=bf16 (opt-in) runs the text transformer under bf16 autocast wherever text is
+    embedded: the reference embeddings (the learner's setup), the teacher's old-class text (begin_task),
+    the student's text in the training step; the embeddings come out fp32, the image tower keeps
+    run.precision (fp32 here), and L_GR at task 1 (B = 0: student text = reference text, both through
+    the same bf16 path) is still about 0. The default keeps the text transformer fp32."""
+    cfg = small_config(tiny_model_name, tmp_path / "run", max_train_per_class=3, run__text_precision="bf16")
+    trainer = Trainer(cfg)
+    learner, model = trainer.learner, trainer.model
+    assert model.text_autocast is torch.bfloat16 and model.image_autocast is None
+    with torch.no_grad():
+        bf16_ref = model.class_embeddings(learner.class_prompts)
+        model.text_autocast = None
+        fp32_ref = model.class_embeddings(learner.class_prompts)
+        model.text_autocast = torch.bfloat16
+    torch.testing.assert_close(learner.ref_text, bf16_ref, rtol=0, atol=0)
+    assert (learner.ref_text - fp32_ref).abs().max() > 1e-5  # bf16 rounding shows: the autocast did run
+    stage, seen, parts = ["setup"], {}, []
+    model.text_tower.transformer.register_forward_pre_hook(
+        lambda module, args: seen.setdefault(stage[0], set()).add(torch.is_autocast_enabled("cpu")))
+    model.visual.transformer.register_forward_pre_hook(
+        lambda module, args: seen.setdefault("image", set()).add(torch.is_autocast_enabled("cpu")))
+    for name in ("begin_task", "loss"):
+        original = getattr(learner, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            stage[0] = _name
+            out = _original(*args, **kwargs)
+            if _name == "loss":
+                parts.append({k: float(v.detach()) for k, v in out[1].items()})
+            return out
+        setattr(learner, name, spy)
+    trainer.train_task(0)
+    assert parts[0]["gr"] < 1e-6, parts[0]
+    trainer.train_task(1)
+    assert seen == {"begin_task": {True}, "loss": {True}, "image": {False}}, seen
+    assert learner.text_cache.dtype == torch.float32
+    default = Trainer(small_config(tiny_model_name, tmp_path / "default", max_train_per_class=3))
+    assert default.model.text_autocast is None
+
+
 # Per-step L_cls of lora_finetune on task 8 of the offline world with tasks by colour
 # (data.class_order=natural, lr 1e-3, seed 0): flat and noisy, every 4th step a 16-image batch.
 # Its first tenth averages 2.43 and its last 2.70, which the session-18 rule called a divergence.
