@@ -642,6 +642,19 @@ def test_a_new_run_refuses_a_dir_holding_another_run_unless_told_to_overwrite(ti
     assert len(result.accuracy_matrix) == 1
 
 
+def _spy_stages(learner, names, stage, record):
+    """Wrap each named Learner method: stage[0] names the one running, record(name, output) after it."""
+    for name in names:
+        original = getattr(learner, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            stage[0] = _name
+            out = _original(*args, **kwargs)
+            record(_name, out)
+            return out
+        setattr(learner, name, spy)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_run_precision_puts_the_image_tower_in_bf16_and_keeps_the_method_fp32(tiny_model_name, tmp_path, precision):
     """run.precision=bf16 runs the image transformer under autocast in every stage (DPGD, whose fp32
@@ -655,21 +668,15 @@ def test_run_precision_puts_the_image_tower_in_bf16_and_keeps_the_method_fp32(ti
     stage, tower_autocast, dtypes, first_parts = ["setup"], {}, {}, []
     trainer.model.visual.transformer.register_forward_pre_hook(
         lambda module, args: tower_autocast.setdefault(stage[0], set()).add(torch.is_autocast_enabled("cpu")))
-    for name in ("begin_task", "end_task", "loss", "logits"):
-        original = getattr(learner, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            stage[0] = _name
-            out = _original(*args, **kwargs)
-            if _name == "loss":
-                first_parts.append({k: float(v.detach()) for k, v in out[1].items()})
-                dtypes.update({f"L_{k}": v.dtype for k, v in out[1].items()})
-                if learner.anchor_cache is not None:
-                    dtypes["teacher_logits"] = learner.anchor_cache.teacher_logits.dtype
-            if _name == "logits":
-                dtypes["logits"] = out.dtype
-            return out
-        setattr(learner, name, spy)
+    def record(name, out):
+        if name == "loss":
+            first_parts.append({k: float(v.detach()) for k, v in out[1].items()})
+            dtypes.update({f"L_{k}": v.dtype for k, v in out[1].items()})
+            if learner.anchor_cache is not None:
+                dtypes["teacher_logits"] = learner.anchor_cache.teacher_logits.dtype
+        if name == "logits":
+            dtypes["logits"] = out.dtype
+    _spy_stages(learner, ("begin_task", "end_task", "loss", "logits"), stage, record)
     trainer.train_task(0)
     assert first_parts[0]["gr"] < 1e-6, first_parts[0]
     dtypes["graph"] = learner.graph.ref_logprob.dtype
@@ -703,16 +710,8 @@ def test_run_text_precision_bf16_autocasts_the_text_transformer_for_every_text_e
         lambda module, args: seen.setdefault(stage[0], set()).add(torch.is_autocast_enabled("cpu")))
     model.visual.transformer.register_forward_pre_hook(
         lambda module, args: seen.setdefault("image", set()).add(torch.is_autocast_enabled("cpu")))
-    for name in ("begin_task", "loss"):
-        original = getattr(learner, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            stage[0] = _name
-            out = _original(*args, **kwargs)
-            if _name == "loss":
-                parts.append({k: float(v.detach()) for k, v in out[1].items()})
-            return out
-        setattr(learner, name, spy)
+    _spy_stages(learner, ("begin_task", "loss"), stage,
+                lambda name, out: name == "loss" and parts.append({k: float(v.detach()) for k, v in out[1].items()}))
     trainer.train_task(0)
     assert parts[0]["gr"] < 1e-6, parts[0]
     trainer.train_task(1)
