@@ -24,6 +24,7 @@ torch.library custom ops with fake kernels, so dynamo sees through them without 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import types
@@ -66,6 +67,22 @@ class CompileSettings:
         return kwargs
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor replays these as CUDA graphs
+
+
+def _cloning_outputs(fn):
+    """A CUDA-graph replay writes its outputs into the graph's own memory pool, and the next replay of
+    that graph overwrites them (cudagraph trees then refuse any access to the old ones). The trainer
+    keeps outputs across calls (prototypes: a list of r(x) per batch, which .float() of an fp32 r(x)
+    does not copy), so under these modes each compiled tower's output is cloned, outside the graph:
+    N x width for the image tower, C x L x width for the text trunk, small beside the towers' work."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return out.clone() if isinstance(out, torch.Tensor) else out
+    return run
+
+
 def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
     """Bind compiled raw_features and text-trunk forward on `model` (a CLIPModel), in place.
 
@@ -73,15 +90,16 @@ def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
     """
     settings = settings or CompileSettings()
     opts = settings.options()
+    wrap = _cloning_outputs if opts.get("mode") in CUDA_GRAPH_MODES else (lambda fn: fn)
     done = {}
     if "raw_features" not in model.__dict__:
         fn = torch.compile(type(model).raw_features, dynamic=None, **opts)
-        model.raw_features = types.MethodType(fn, model)
+        model.raw_features = types.MethodType(wrap(fn), model)
     done["image"] = "CLIPModel.raw_features"
     trunk = getattr(model.text_tower, "transformer", None)
     if isinstance(trunk, torch.nn.Module) and "forward" not in trunk.__dict__:
         fn = torch.compile(type(trunk).forward, dynamic=True if settings.dynamic_text else None, **opts)
-        trunk.forward = types.MethodType(fn, trunk)
+        trunk.forward = types.MethodType(wrap(fn), trunk)
         done["text"] = f"{type(trunk).__name__}.forward (text trunk)"
     elif isinstance(trunk, torch.nn.Module):
         done["text"] = f"{type(trunk).__name__}.forward (text trunk)"

@@ -327,6 +327,34 @@ def test_uncompile_restores_the_class_methods(tiny_model_name):
     assert not compiling.is_compiled(model) and "forward" not in trunk.__dict__
 
 
+@pytest.mark.parametrize("mode, cloned", [("reduce-overhead", True), ("max-autotune", True), ("default", False),
+                                           ("max-autotune-no-cudagraphs", False)])
+def test_cuda_graph_modes_hand_out_copies_of_the_towers_outputs(tiny_model_name, monkeypatch, mode, cloned):
+    """Under a CUDA-graph mode a replay overwrites its previous outputs, and prototypes keep r(x) of
+    every batch: each compiled tower's output must then be a copy, not the graph's own buffer.
+    torch.compile is stood in for by a function returning one fixed buffer, as a replay would."""
+    from segpcl_fast.engine import compiling
+    from segpcl_fast.model.clip import load_model
+    model = load_model(tiny_model_name, pretrained=None)
+    buffers = {}  # compiled function's name: its one output buffer, rewritten by each replay
+
+    def fake_compile(fn, **kwargs):
+        def replay(*args, **kw):
+            out = fn(*args, **kw).detach()
+            return buffers.setdefault(fn.__qualname__, out.clone()).copy_(out)
+        return replay
+    monkeypatch.setattr(compiling.torch, "compile", fake_compile)
+    compiling.compile_model(model, compiling.CompileSettings(mode=mode))
+    with torch.no_grad():
+        first = model.raw_features(torch.randn(2, 3, 32, 32))
+        second = model.raw_features(torch.randn(2, 3, 32, 32))
+    assert (first.data_ptr() != buffers["CLIPModel.raw_features"].data_ptr()) == cloned
+    assert not torch.equal(first, second) if cloned else torch.equal(first, second)  # the kept one unchanged
+    text = model.class_embeddings([["a dog."], ["a cat."]])
+    assert text.shape[0] == 2
+    compiling.uncompile_model(model)
+
+
 # ----------------------------------------------------------------------------- hardware presets
 
 def test_preset_environments_and_launch_lines(monkeypatch):
