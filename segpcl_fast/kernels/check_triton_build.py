@@ -83,6 +83,7 @@ class Compiled:
     stack_bytes: int = 0
     shared_bytes: int = 0
     occupancy: float = 0.0  # resident warps per SM / the arch's most, from registers, shared memory, blocks
+    instructions: int = 0  # SASS instructions in the cubin (static: a loop body counts once)
     seconds: float = 0.0
     problems: list = field(default_factory=list)
 
@@ -120,6 +121,21 @@ def resource_usage(cubin: bytes, kernel: str) -> dict[str, int]:
     if match is None:
         raise RuntimeError(f"cuobjdump -res-usage listed no function {kernel}:\n{out}")
     return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", match.group(1))}
+
+
+def sass_instructions(cubin: bytes, kernel: str) -> int:
+    """The static SASS instruction count of `kernel` (`cuobjdump -sass`; NOPs padding the end not
+    counted). For a kernel without loops, instructions per thread per launch: a proxy for its
+    arithmetic cost that needs no GPU (anchor_kl's one-tile kernel: BENCHMARKS.md, session 35)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([_cuobjdump(), "-sass", "-fun", kernel, str(path)], check=True, capture_output=True,
+                             text=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", out)
+    while ops and ops[-1] in ("NOP", "BRA"):  # the trailing self-branch and alignment padding
+        ops.pop()
+    return len(ops)
 
 
 def launch_problems(arch: int, grid: tuple, num_warps: int, registers: int, shared: int) -> list[str]:
@@ -210,6 +226,7 @@ def _compile(case: str, jit, target, grid: tuple, bound, specialization, options
         record.stack_bytes, record.shared_bytes = usage.get("STACK", 0), kernel.metadata.shared
         record.problems = launch_problems(target.arch, grid, record.num_warps, record.registers, record.shared_bytes)
         record.occupancy = occupancy(target.arch, record.num_warps, record.registers, record.shared_bytes)
+        record.instructions = sass_instructions(kernel.asm["cubin"], kernel.metadata.name)
     except Exception as exc:  # noqa: BLE001 - a compile error is the finding, reported per kernel
         first = str(exc).strip().splitlines()
         record.problems = [f"does not compile: {type(exc).__name__}: {first[-1] if first else ''}"]
@@ -349,7 +366,7 @@ def _name(dtype: torch.dtype) -> str:
 def table(results: list[Compiled]) -> str:
     """One line per distinct compiled kernel and arch, and the cases that failed."""
     lines = [f"{'kernel':<26} {'arch':>5} {'warps':>5} {'regs':>4} {'spill B':>7} {'stack B':>7} {'shared B':>8} "
-             f"{'occ':>4}  constexprs; pointer types"]
+             f"{'occ':>4} {'instr':>6}  constexprs; pointer types"]
     distinct = {}
     for r in results:
         if r.kernel != "(launcher)":
@@ -359,7 +376,8 @@ def table(results: list[Compiled]) -> str:
                                                       r.num_warps)):
         consts = " ".join(f"{k}={v}" for k, v in r.constexprs.items())
         lines.append(f"{r.kernel:<26} {'sm_' + str(r.arch):>5} {r.num_warps:>5} {r.registers:>4} {r.spill_bytes:>7} "
-                     f"{r.stack_bytes:>7} {r.shared_bytes:>8} {r.occupancy:>4.0%}  {consts}; {r.pointers}")
+                     f"{r.stack_bytes:>7} {r.shared_bytes:>8} {r.occupancy:>4.0%} {r.instructions:>6}  {consts}; "
+                     f"{r.pointers}")
     for r in sorted(distinct.values(), key=lambda r: (r.kernel, r.arch, json.dumps(r.constexprs))):
         if r.stack_bytes > 0:  # ptxas puts spilled registers in the stack frame: slow, not wrong
             consts = " ".join(f"{k}={v}" for k, v in r.constexprs.items())

@@ -176,6 +176,41 @@ def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
     assert regs[0] > regs[1] > regs[2] and occupancy[0] < occupancy[1] <= occupancy[2], rows
 
 
+INSTRUCTIONS = '''
+import json, sys
+import torch
+from segpcl_fast.kernels import anchor_kl
+from segpcl_fast.kernels.check_triton_build import Case, check
+
+cases = []
+for cols in (1000, 4096):
+    for logprob in (False, True):
+        z = torch.empty(8192, cols, device="meta")
+        cases.append(Case(f"{cols} {logprob}", lambda z=z, logprob=logprob: anchor_kl.anchor_kl_triton(z, z, 20.0, logprob)))
+json.dump([[r.case, r.num_warps, r.constexprs["ROWS"], r.constexprs["BLOCK_C"], r.instructions]
+           for r in check(cases, [90])], sys.stdout)
+'''
+
+
+@cpu_side
+@needs_binder
+def test_anchor_kl_one_tile_kernel_stays_cheap_per_element(tmp_path):
+    """The one-tile kernel's sm_90 SASS, counted statically (it has no loop): written with a division
+    by tau per element and p = exp(log p) it took 1313 instructions for the 16 elements a thread holds
+    at 1000 classes (82 an element, as many cycles as the bytes take: 64 % of copy bandwidth on an
+    H200), 78 at 4096; with per-row reciprocals and one exponential per input 57 and 59 (Triton 3.8).
+    For a log-prob teacher 63 and 58 then, 47 and 49 now. The bounds (62; 52) fail the old form."""
+    script = tmp_path / "instructions.py"
+    script.write_text(INSTRUCTIONS)
+    proc = subprocess.run([sys.executable, str(script)], env=_compile_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for case, warps, rows, block, instructions in json.loads(proc.stdout.strip().splitlines()[-1]):
+        per_element = instructions / (rows * block / (32 * warps))
+        assert instructions > 0 and per_element < (52 if case.endswith("True") else 62), (case, warps, rows, block,
+                                                                                           instructions)
+
+
 @pytest.mark.parametrize("cols, rows, warps", [(10, 128, 16), (200, 2, 4), (1000, 2, 4), (4096, 1, 16)])
 def test_anchor_kl_default_tile_is_the_sweeps_fastest(monkeypatch, cols, rows, warps):
     """On a GPU the one-tile kernel's default (rows, warps) at each width the H200 sweep measured
