@@ -11,8 +11,9 @@ that every caller (Learner.loss, DPGD, evaluation, prototypes) runs them:
 - text side: the text transformer trunk, compiled with dynamic=True from the start: both the
   class count (grows every task) and the truncated length (the longest prompt's end-of-text token
   among the classes seen so far) change per task, so a static graph would recompile every task.
-  The embedding lookup, the truncation (`.item()` of the EOT position, a data-dependent host
-  sync) and the pooling stay eager: they are cheap and are what would break the graph.
+  The embedding lookup, the truncation (to a length CLIPModel.prompt_tokens computed once on the
+  CPU tokens: no host sync) and the pooling stay eager: they are cheap, and a length read from a
+  tensor would break the graph.
 
 The compiled functions are bound with types.MethodType on the instance; copy.deepcopy (which the
 learner uses for the teacher) re-binds them to the copy, so the teacher's DPGD forward/backward

@@ -132,8 +132,14 @@ def sass_instructions(cubin: bytes, kernel: str) -> int:
         path.write_bytes(cubin)
         out = subprocess.run([_cuobjdump(), "-sass", "-fun", kernel, str(path)], check=True, capture_output=True,
                              text=True).stdout
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", out)
-    while ops and ops[-1] in ("NOP", "BRA"):  # the trailing self-branch and alignment padding
+    return count_sass(out)
+
+
+def count_sass(listing: str) -> int:
+    """Instructions in a `cuobjdump -sass` listing: lines `/*ADDR*/  [@P0] OPCODE ...` (the address
+    in hex, 4 digits, then 5 from 0x10000), less the trailing self-branch and NOP padding."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", listing)
+    while ops and ops[-1] in ("NOP", "BRA"):
         ops.pop()
     return len(ops)
 

@@ -181,7 +181,9 @@ class CLIPModel(nn.Module):
         given, computed once on the CPU tokens (class_embeddings does): otherwise the length is read
         back from `tokens`, a host sync when they are on a GPU.
         With `text_autocast` set (run.text_precision=bf16) the transformer runs under that autocast
-        and everything after it (ln_final, pooling, projection) in fp32, as the image tower's r(x).
+        and everything after it (ln_final, pooling, projection) in fp32, as the image tower's r(x); a
+        tower the truncation does not apply to runs open_clip's encode_text whole under the autocast
+        (projection included), its output cast to fp32.
         """
         tower = self.text_tower
         amp = (torch.autocast(tokens.device.type, dtype=self.text_autocast) if self.text_autocast is not None
@@ -218,11 +220,13 @@ class CLIPModel(nn.Module):
         """The prompts tokenized, in chunks of `batch_size`: (tokens, end-of-text positions, truncated
         length) on `device`, the length an int computed on the CPU tokens.
 
-        Cached per (prompts, device, batch_size) (the last TOKEN_CACHE_SIZE sets): the training step
+        Cached per (tokenizer, prompts, device, batch_size) (the last TOKEN_CACHE_SIZE sets): the training step
         embeds the same class prompts every step, and tokenizing them again each time costs Python
         (BPE, 100 tensors for 100 prompts), a pageable host-to-device copy and, to truncate, a read
         of the longest prompt's length back from the GPU, a sync that drains the launch queue."""
-        key = (tuple(prompts), str(device), batch_size)
+        if device.type == "cuda" and device.index is None:  # "cuda" means the device current now
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (id(self.tokenizer), tuple(prompts), str(device), batch_size)  # a tokenizer assigned anew: miss
         hit = self._token_cache.get(key)
         if hit is not None:
             self._token_cache.move_to_end(key)

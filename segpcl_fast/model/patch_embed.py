@@ -7,7 +7,9 @@ non-overlapping C x P x Q patch with each filter, so
     conv1(x) = (patches(x) @ W.reshape(out, C * P * Q).T).reshape(N, H/P, W/Q, out), in NCHW order
 
 with patches(x) the (N * H/P * W/Q, C * P * Q) matrix of the patches, flattened in W's own (C, P, Q)
-order. Same products and sums, only their order inside each dot product differs (fp rounding). On
+order. Same products and sums, only their order inside each dot product differs (fp rounding);
+fp32 on CUDA outside autocast keeps the convolution (torch's defaults give cuDNN convolutions TF32
+but fp32 matmuls none: the GEMM would be slower there and not the same arithmetic). On
 an H200 (BENCHMARKS.md, session 35's profile) cuDNN ran ViT-B/16's patch conv on 256 images in
 2.1 ms plus a 0.57 ms NCHW -> NHWC conversion, for 59 GFLOP that a GEMM does in about a tenth of a
 millisecond. The output is returned as an NCHW view of the GEMM's NHWC result, which open_clip's
@@ -51,15 +53,24 @@ class PatchEmbedGEMM(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p, q = self.kernel_size
         ragged = x.dim() != 4 or x.shape[-2] % p or x.shape[-1] % q  # an edge the convolution drops
+        use_conv = ragged or _conv_is_cheaper_in_fp32(x)
         if not torch.compiler.is_compiling():
-            record_choice("patch_embed", "conv" if ragged else "gemm", x.device.type)
-        if ragged:
+            record_choice("patch_embed", "conv" if use_conv else "gemm", x.device.type)
+        if use_conv:
             return super().forward(x)
         n, c, h, w = x.shape
         gh, gw = h // p, w // q
         patches = x.reshape(n, c, gh, p, gw, q).permute(0, 2, 4, 1, 3, 5).reshape(n * gh * gw, c * p * q)
         y = F.linear(patches, self.weight.reshape(self.out_channels, c * p * q), self.bias)
         return y.reshape(n, gh, gw, self.out_channels).permute(0, 3, 1, 2)
+
+
+def _conv_is_cheaper_in_fp32(x: torch.Tensor) -> bool:
+    """fp32 on CUDA outside autocast (run.precision=fp32): torch lets cuDNN convolutions use TF32 by
+    default but not fp32 matmuls, so there the GEMM would run on the CUDA cores, slower than the
+    convolution and not the same arithmetic: keep cuDNN's convolution, exactly as before."""
+    return (x.is_cuda and x.dtype == torch.float32 and not torch.is_autocast_enabled("cuda")
+            and torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32)
 
 
 def choice() -> str:

@@ -45,8 +45,8 @@ class _MergedLoRABLinear(torch.autograd.Function):
     saved for grad_B = s g^T u. Made of aten ops only, so torch.compile traces it and inductor
     fuses around its GEMMs; the merged weight costs O(out in r), not O(N).
 
-    The forward's W + s B A is kept for the backward (one out x in tensor per layer until then)
-    rather than formed again: on an H200 (BENCHMARKS.md, session 35) the layer's fwd + bwd took
+    Where x needs a gradient, the forward's W + s B A is kept for the backward (one out x in tensor
+    per call of the layer until then) rather than formed again: on an H200 (BENCHMARKS.md, session 35) the layer's fwd + bwd took
     0.603 ms kept against 0.861 ms formed twice (25216 x 768 -> 3072, r 32, bf16).
     SEGPCL_LORA_MERGED_BACKWARD=recompute forms it again (less memory, for A/B timing)."""
 
@@ -59,10 +59,10 @@ class _MergedLoRABLinear(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _x, weight, _bias, lora_A, lora_B, scaling, keep_merged = inputs
         ctx.scaling = scaling
-        ctx.keep_merged = keep_merged
         ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)  # no (N, r) zeros for u's gradient each step
-        kept = output[2] if keep_merged else weight
+        ctx.keep_merged = keep_merged and ctx.needs_input_grad[0]  # no grad_x (a tower's first layer): no use
+        kept = output[2] if ctx.keep_merged else weight
         ctx.save_for_backward(output[1], kept, lora_A, lora_B)  # u = x A^T, not x
 
     @staticmethod

@@ -176,6 +176,16 @@ def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
     assert regs[0] > regs[1] > regs[2] and occupancy[0] < occupancy[1] <= occupancy[2], rows
 
 
+def test_sass_count_reads_every_address_width():
+    """cuobjdump writes addresses with 4 hex digits up to 0xfff0 and 5 from 0x10000: a kernel past
+    4096 instructions was undercounted at 4096 when only 4 were read."""
+    lines = [f"        /*{addr:04x}*/                   FADD R{i % 9}, R1, R2 ;   /* 0x000fe20000000000 */"
+             for i, addr in enumerate(range(0, 0x10000 + 0x40, 0x10))]
+    lines[3] = "        /*0030*/              @!P0 BRA `(.L_x_1) ;   /* 0x0000000000008947 */"
+    lines += ["        /*10040*/                   BRA 0x10040;", "        /*10050*/                   NOP;"]
+    assert check_build.count_sass("\n".join(lines)) == 0x1004
+
+
 INSTRUCTIONS = '''
 import json, sys
 import torch

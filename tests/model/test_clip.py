@@ -207,6 +207,9 @@ def test_class_embeddings_tokenize_a_prompt_set_once_and_read_nothing_back(tiny_
         model.class_embeddings(prompts[:2])
         model.class_embeddings(prompts, batch_size=4)
         assert calls == [6, 4, 6]
+        model.tokenizer = lambda texts: calls.append(-len(texts)) or tokenize(texts)  # another tokenizer: no stale hit
+        model.class_embeddings(prompts)
+        assert calls == [6, 4, 6, -6]
         for n in range(clip_module.TOKEN_CACHE_SIZE + 2):
             model.class_embeddings([[f"a photo number {n}."]])
     assert len(model._token_cache) == clip_module.TOKEN_CACHE_SIZE

@@ -9,7 +9,7 @@ import torch
 from segpcl_fast.ops import _ext, dispatch, lora_linear
 from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_merged, lora_b_linear_reference
 
-from lora_cases import (backward_ops, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
+from lora_cases import (saved_tensors, backward_ops, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
                         small_update_slopes, upcast)
 
 SHAPES = [((3, 5), 24, 40, 4), ((7,), 40, 24, 4), ((2, 150), 32, 96, 8), ((), 16, 16, 2)]
@@ -110,6 +110,19 @@ def test_saves_u_not_x(monkeypatch):
     check_saves_u_not_x(lora_b_linear_merged, *make_inputs((4, 6), 32, 48, 4), merged_weight=True)
     monkeypatch.setenv("SEGPCL_LORA_MERGED_BACKWARD", "recompute")
     check_saves_u_not_x(lora_b_linear_merged, *make_inputs((4, 6), 32, 48, 4))
+
+
+def test_no_merged_weight_is_kept_where_x_needs_no_gradient():
+    """A tower's first LoRA layer sees frozen embeddings: no grad_x, so the merged weight kept for it
+    would only hold memory until the backward."""
+    x, weight, bias, lora_A, lora_B = make_inputs((4, 6), 32, 48, 4)
+    x = x.detach()
+    _, saved = saved_tensors(lora_b_linear_merged, x, weight, bias, lora_A, lora_B, 0.5)
+    assert not any(t.shape == weight.shape and t.data_ptr() != weight.data_ptr() for t in saved)
+    y = lora_b_linear_merged(x, weight, bias, lora_A, lora_B, 0.5)
+    (grad_B,) = torch.autograd.grad(y.square().sum(), lora_B)
+    (want,) = torch.autograd.grad(lora_b_linear_reference(x, weight, bias, lora_A, lora_B, 0.5).square().sum(), lora_B)
+    torch.testing.assert_close(grad_B, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("choice", ["keep", "recompute"])
