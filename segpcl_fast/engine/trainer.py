@@ -92,9 +92,9 @@ def _seed_everything(seed: int) -> None:
 def build_model(cfg: Config, device: torch.device) -> tuple:
     """(model, trainable B parameters): the run's open_clip model with LoRA-B injected, its image
     tower under bf16 autocast when run.precision=bf16 (CLIPModel.image_autocast: every stage, the
-    features come out fp32), and its text transformer so when run.text_precision=bf16. Random weights (model.pretrained none) are drawn after
-    torch.manual_seed(run.seed), so a run's model can be rebuilt outside its Trainer
-    (classifier.load_classifier) with the same weights."""
+    features come out fp32), and its text transformer so when run.text_precision=bf16. Random
+    weights (model.pretrained none) are drawn after torch.manual_seed(run.seed), so a run's model
+    can be rebuilt outside its Trainer (classifier.load_classifier) with the same weights."""
     torch.manual_seed(cfg.run.seed)
     model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir,
                        preprocess=cfg.model.preprocess)

@@ -89,7 +89,7 @@ def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, 
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
-    # Per element: 2 exponentials (a log-prob teacher: 1) and a few adds and multiplies; divisions and
+    # Per element: 2 exponentials (one per input) and a few adds and multiplies; divisions and
     # logarithms are per row. KL = sum_j p_T[j] (log p_T[j] - log p_S[j]) is summed as the chunked
     # kernel does, from the shifted logits (t - m_T) - (s - m_S) and the two log-normalisers, and
     # p = e / sum e with 1 / tau folded into the row's scale. (Written with a division by tau per

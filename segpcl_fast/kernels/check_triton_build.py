@@ -110,13 +110,17 @@ def _cuobjdump() -> str:
     return str(path)
 
 
-def resource_usage(cubin: bytes, kernel: str) -> dict[str, int]:
-    """REG / STACK / LOCAL of `kernel` in a cubin, read with `cuobjdump -res-usage`."""
+def _cuobjdump_cubin(cubin: bytes, *flags: str) -> str:
+    """Triton's cuobjdump with `flags` on a cubin (written to a temporary file), its stdout."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        out = subprocess.run([_cuobjdump(), "-res-usage", str(path)], check=True, capture_output=True,
-                             text=True).stdout
+        return subprocess.run([_cuobjdump(), *flags, str(path)], check=True, capture_output=True, text=True).stdout
+
+
+def resource_usage(cubin: bytes, kernel: str) -> dict[str, int]:
+    """REG / STACK / LOCAL of `kernel` in a cubin, read with `cuobjdump -res-usage`."""
+    out = _cuobjdump_cubin(cubin, "-res-usage")
     match = re.search(rf"Function {re.escape(kernel)}:\s*\n\s*(.*)", out)
     if match is None:
         raise RuntimeError(f"cuobjdump -res-usage listed no function {kernel}:\n{out}")
@@ -127,12 +131,7 @@ def sass_instructions(cubin: bytes, kernel: str) -> int:
     """The static SASS instruction count of `kernel` (`cuobjdump -sass`; NOPs padding the end not
     counted). For a kernel without loops, instructions per thread per launch: a proxy for its
     arithmetic cost that needs no GPU (anchor_kl's one-tile kernel: BENCHMARKS.md, session 35)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(cubin)
-        out = subprocess.run([_cuobjdump(), "-sass", "-fun", kernel, str(path)], check=True, capture_output=True,
-                             text=True).stdout
-    return count_sass(out)
+    return count_sass(_cuobjdump_cubin(cubin, "-sass", "-fun", kernel))
 
 
 def count_sass(listing: str) -> int:

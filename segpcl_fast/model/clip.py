@@ -79,6 +79,11 @@ class ImageStats:
         return {"resize_mode": self.resize_mode, "interpolation": self.interpolation, "fill_color": self.fill_color}
 
 
+def _autocast_or_not(device_type: str, dtype: Optional[torch.dtype]):
+    """Autocast to `dtype` (a tower's image_autocast / text_autocast), or nothing when it is None."""
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 TOKEN_CACHE_SIZE = 8  # prompt sets CLIPModel.prompt_tokens keeps (a task uses 2-3: all, seen, old classes)
 
 
@@ -140,9 +145,7 @@ class CLIPModel(nn.Module):
         """r(x): pooled image feature before the final projection (ViT: ln_post(CLS)), in fp32 when the
         tower ran under `image_autocast`."""
         visual = self.visual
-        amp = (torch.autocast(images.device.type, dtype=self.image_autocast) if self.image_autocast is not None
-               else contextlib.nullcontext())
-        with amp:
+        with _autocast_or_not(images.device.type, self.image_autocast):
             if self._vit:
                 pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
             elif self._timm:  # the trunk's pooled (and fc_norm'ed) feature before its classifier head
@@ -186,8 +189,7 @@ class CLIPModel(nn.Module):
         (projection included), its output cast to fp32.
         """
         tower = self.text_tower
-        amp = (torch.autocast(tokens.device.type, dtype=self.text_autocast) if self.text_autocast is not None
-               else contextlib.nullcontext())
+        amp = _autocast_or_not(tokens.device.type, self.text_autocast)
         # exact only for argmax (end-of-text) pooling behind a causal mask; CLIP keeps the pooling as
         # text_pool_type, a TextTransformer (CustomTextCLIP) as pool_type
         pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))

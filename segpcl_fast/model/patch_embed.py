@@ -39,12 +39,8 @@ CHOICES = ("gemm", "conv")
 def qualifies(conv: nn.Module) -> bool:
     """A Conv2d that tiles its input into non-overlapping patches (stride = kernel, no padding/dilation/groups)."""
     return (isinstance(conv, nn.Conv2d) and tuple(conv.stride) == tuple(conv.kernel_size)
-            and all(p == 0 for p in _padding(conv)) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
-
-
-def _padding(conv: nn.Conv2d) -> tuple:
-    return (1,) if isinstance(conv.padding, str) else tuple(conv.padding)  # "same"/"valid": not ours to rewrite
+            and conv.padding == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")  # padding "same" / "valid" (a string): not ours to rewrite
 
 
 class PatchEmbedGEMM(nn.Conv2d):

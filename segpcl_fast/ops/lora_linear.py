@@ -46,8 +46,9 @@ class _MergedLoRABLinear(torch.autograd.Function):
     fuses around its GEMMs; the merged weight costs O(out in r), not O(N).
 
     Where x needs a gradient, the forward's W + s B A is kept for the backward (one out x in tensor
-    per call of the layer until then) rather than formed again: on an H200 (BENCHMARKS.md, session 35) the layer's fwd + bwd took
-    0.603 ms kept against 0.861 ms formed twice (25216 x 768 -> 3072, r 32, bf16).
+    per call of the layer until then) rather than formed again: on an H200 (BENCHMARKS.md, session
+    35) the layer's fwd + bwd took 0.603 ms kept against 0.861 ms formed twice (25216 x 768 -> 3072,
+    r 32, bf16).
     SEGPCL_LORA_MERGED_BACKWARD=recompute forms it again (less memory, for A/B timing)."""
 
     @staticmethod
