@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -124,6 +125,7 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             return loss
         for _ in range(3):  # warm-up (compiles), outside the counters below
             timed()
+        benchmark.extra_info.update(_host_syncs(step))
         before = _disturbances(device)
         with _gc_timer() as gc_time:
             loss = benchmark.pedantic(timed, rounds=setup["rounds"], warmup_rounds=0, iterations=1)
@@ -164,6 +166,25 @@ def _gc_timer():
     finally:
         gc.callbacks.remove(callback)
         found["gc_ms"], found["gc_longest_ms"] = round(found["gc_ms"], 3), round(found["gc_longest_ms"], 3)
+
+
+def _host_syncs(step) -> dict:
+    """CUDA only: the host syncs one step makes (torch.cuda.set_sync_debug_mode "warn": `.item()`, a
+    blocking CPU -> GPU copy, a nonzero...), counted on one untimed step, with the Python lines that
+    made them (host_sync_sites). Each one drains the GPU's queue: the host can no longer launch ahead."""
+    if step.device.type != "cuda":
+        return {}
+    sync(step.device)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = [f"{os.path.relpath(w.filename)}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
+    sync(step.device)
+    return {"host_syncs_per_step": len(sites), "host_sync_sites": sorted(set(sites))[:10]}
 
 
 def _disturbances(device: str) -> dict:

@@ -44,8 +44,8 @@ def test_lora_rows_are_times_over_the_base_linear_fastest_first():
 def test_e2e_and_transform_rows_and_empty_kinds():
     e2e = _bench("test_e2e_step[cuda-compiled_fused]", 0.5, {"variant": "compiled_fused"}, device_name="H100",
                  model="ViT-B-16", precision="bf16", batch=128, anchors=128, step_ms=500.0, images_per_s=256.0,
-                 achieved_tflops=100.0, mfu=0.25, matmul_peak_tflops=400.0)
-    assert "| H100 | ViT-B-16 (bf16, batch 128+128) | compiled_fused | 500.0 | 256.0 | 100.0000 | 25.0% | 400.000 |" \
+                 achieved_tflops=100.0, mfu=0.25, matmul_peak_tflops=400.0, host_syncs_per_step=0)
+    assert "| H100 | ViT-B-16 (bf16, batch 128+128) | compiled_fused | 500.0 | 256.0 | 100.0000 | 25.0% | 400.000 | 0 |" \
         in summary.e2e_table([e2e])
     t = [_bench("t", 0.001, case="c", kind="test", impl="segpcl"), _bench("t", 0.003, case="c", kind="test",
                                                                           impl="torchvision")]
@@ -64,7 +64,7 @@ def test_an_e2e_run_stopped_in_its_rounds_is_a_row_from_the_rounds_it_wrote():
                      matmul_peak_tflops=787.7, rounds_planned=20)
     stopped["stats"]["rounds"] = 18
     assert ("| H200 | ViT-B-16 (bf16, batch 128+128) | eager_fused (stopped after 18 rounds) | 103.3 | 1239.1 | "
-            "187.5121 | 23.8% | 787.700 |") in summary.e2e_table([stopped])
+            "187.5121 | 23.8% | 787.700 | - |") in summary.e2e_table([stopped])
     no_flops = _bench("test_e2e_step[cuda-eager_fused]", 0.1, {"variant": "eager_fused"})
     assert summary.e2e_table([no_flops]) == ""  # a run stopped before it recorded anything: no row
     failed = dict(stopped, stats={"median": 0.1033, "rounds": 20})  # every round, then its loss check failed

@@ -398,7 +398,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         parts = {}
         if n_local:
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with record_function("student_forward_losses"):
                 loss, parts = self.learner.loss(images, labels)
             _check_finite(loss, parts, step, t, c)

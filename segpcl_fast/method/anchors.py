@@ -213,11 +213,11 @@ class AnchorCache:
         return self.pixels.device
 
     def to(self, device: Union[str, torch.device]) -> "AnchorCache":
-        return AnchorCache(*(getattr(self, n).to(device) for n in self._TENSORS), source=self.source)
+        return AnchorCache(*(host_to_device(getattr(self, n), device) for n in self._TENSORS), source=self.source)
 
     def select(self, index: torch.Tensor) -> "AnchorCache":
         """The anchors at `index` (a (n,) int64 tensor), as a new cache."""
-        index = index.to(self.device)
+        index = host_to_device(index, self.device)
         return AnchorCache(*(getattr(self, n)[index] for n in self._TENSORS), source=self.source)
 
     def state_dict(self) -> dict:
@@ -231,6 +231,18 @@ class AnchorCache:
         if missing:
             raise KeyError(f"AnchorCache state is missing {missing}; was it saved by AnchorCache.state_dict()?")
         return cls(*(state[n] for n in cls._TENSORS), source=state["source"])
+
+
+def host_to_device(t: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """t on `device`, without a host sync when a CPU tensor goes to a GPU: torch's blocking copy of a
+    CPU tensor to CUDA synchronises the stream (it waits for every kernel queued before it), which in a
+    training step stops the host from launching the step's kernels ahead of the GPU. The CPU tensor is
+    staged in pinned memory (torch's caching host allocator, reused once the copy is done) and copied
+    asynchronously, in stream order: kernels queued after it see the data."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @torch.no_grad()

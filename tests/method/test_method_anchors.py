@@ -268,3 +268,28 @@ def test_random_start_is_uniform_in_the_whole_ball(teacher):
     assert float(delta.min()) < -cfg.eps / 2 and float(delta.max()) > cfg.eps / 2
     assert abs(float(delta.mean())) < cfg.eps / 10  # E[delta] = 0 for uniform in [-eps, eps]
     assert 0.4 < float((delta < 0).float().mean()) < 0.6
+
+
+def test_host_to_device_stages_cpu_tensors_in_pinned_memory_for_cuda(monkeypatch):
+    """A blocking CPU -> CUDA copy synchronises the stream (a stall per training step when the anchor
+    indices come from the CPU generator): the copy must be pinned + non_blocking. No GPU here, so the
+    two Tensor methods are spied on; a CPU target keeps the plain copy."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    real_to = torch.Tensor.to
+
+    def spy_to(self, *args, **kwargs):
+        calls.append(("to", str(args[0]), kwargs.get("non_blocking", False)))
+        return real_to(self, "cpu")
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    index = torch.arange(3)
+    assert torch.equal(anchors.host_to_device(index, "cuda:0"), index)
+    assert calls == ["pin", ("to", "cuda:0", True)]
+    calls.clear()
+    anchors.host_to_device(index, "cpu")
+    assert calls == [("to", "cpu", False)]
+    calls.clear()  # the sampled batch's index goes through it
+    cache = anchors.AnchorCache(torch.randn(5, 3, 4, 4), torch.arange(5), torch.randn(5, 2), torch.randn(5, 7))
+    monkeypatch.setattr(anchors.AnchorCache, "device", property(lambda self: torch.device("cuda", 0)))
+    anchors.sample_anchor_batch(cache, 3, torch.Generator().manual_seed(0))
+    assert calls[:2] == ["pin", ("to", "cuda:0", True)]
