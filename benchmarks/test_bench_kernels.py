@@ -137,9 +137,12 @@ def test_knn_subgraph_kl_fwd_bwd(benchmark, impl, size, device, roofline):
     neighbors = torch.randint(0, classes, (roots, k), device=device)
     log_q0 = ops.knn_reference_logprob(ref_emb, root_idx, neighbors, 0.05)
     reference = lambda e: ops.knn_subgraph_kl_reference(e, root_idx, neighbors, log_q0, 0.05)  # noqa: E731
+    # as the training step calls it: its TSGR graph's indices are checked, and its backward plan built,
+    # once per task (TSGRGraph.build), not per call
+    plan = ops.knn_backward_plan(root_idx, neighbors, classes) if impl == "triton" else None
     fn = {"eager_reference": reference, "compiled_reference": _compiled(reference),
-          # as the training step calls it: its TSGR graph's indices are checked once, at build
-          "triton": lambda e: ops.knn_subgraph_kl(e, root_idx, neighbors, log_q0, 0.05, check_indices=False)}[impl]
+          "triton": lambda e: ops.knn_subgraph_kl(e, root_idx, neighbors, log_q0, 0.05, check_indices=False,
+                                                  plan=plan)}[impl]
 
     def run():
         torch.autograd.grad(fn(emb), emb)
@@ -157,4 +160,22 @@ def test_knn_subgraph_kl_fwd_bwd(benchmark, impl, size, device, roofline):
         benchmark.pedantic(step, **_rounds(device))
         roofline(benchmark, bytes_moved, device, run)
     benchmark.extra_info.update(op="knn_subgraph_kl", impl=impl, size=size, classes=classes, roots=roots,
-                                k=k, dim=dim)
+                                k=k, dim=dim, **_gathered(benchmark, classes, roots, k, dim))
+
+
+def _gathered(benchmark, classes: int, roots: int, k: int, dim: int) -> dict:
+    """The bytes a gather moves, every gathered row counted each time it is read (a 2 KB row of 512
+    fp32 is one contiguous read; rows repeat across subgraphs, and at the large size they are spread
+    over 4 GB, far beyond L2): the forward reads R (k + 1) rows and writes g and g_root, the backward
+    reads g_root and R k root rows and writes the (classes x d) gradient. Against the distinct-row count
+    (bytes_moved), this is the traffic a gather-and-scatter pass cannot avoid."""
+    rows = roots * (k + 1) * dim + roots * k  # forward: embedding rows, log q_0
+    rows += roots * k + roots * dim  # forward writes: g, g_root
+    rows += roots * dim + roots * k * dim + roots * k + classes * dim  # backward: g_root, root rows, g, gradient
+    gathered = rows * F32 + roots * (k + 1) * 8 * 3  # and the int64 indices and plan
+    info = {"gathered_bytes": gathered}
+    ms, bandwidth = benchmark.extra_info.get("device_ms"), benchmark.extra_info.get("device_copy_GBps")
+    if ms and bandwidth:
+        info.update(gathered_GBps=round(gathered / ms / 1e6, 2),
+                    gathered_fraction_of_copy_bandwidth=round(gathered / ms / 1e6 / bandwidth, 4))
+    return info

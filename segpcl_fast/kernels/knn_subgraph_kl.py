@@ -12,9 +12,15 @@ Forward kernel (one root per loop step, `roots_per_program` per program): gather
 and its k neighbour rows once, and writes the per-root KL, g[r, j] = d KL_r / d sim[r, j] =
 (q_S * sum(q_0) - q_0) / tau, and the root's gradient sum_j g[r, j] emb[neighbors[r, j]] (the
 neighbour rows are already loaded). Backward scatters into emb deterministically, with no float
-atomics: the R * (k + 1) contributions (R root rows, then R * k neighbour rows in row-major order)
-are stably sorted by target row, and CSR offsets (searchsorted, no host sync) give each row of emb
-its run of them; one program per row sums its run in that fixed order and writes the row once
+atomics, from a *plan* of the graph (`knn_backward_plan`, one int64 tensor): the R * (k + 1)
+contributions (R root rows, then R * k neighbour rows in row-major order) stably sorted by target
+row, CSR offsets giving each row of emb its run of them (searchsorted, no host sync), and for each
+contribution the row it reads (g_root[r] for a root, emb[roots[r]] for a neighbour slot of root r).
+The plan depends on the indices only: a caller whose graph is fixed (the trainer's TSGR graph, one
+per task) builds it once and passes it, and the backward then launches one kernel; without it the
+backward builds it (a sort and a search, a few launches). One program per row of emb loads its
+contributions' rows together (up to BLOCK_C at a time, so the gathers are in flight at once rather
+than one dependent load chain each), sums them in the plan's fixed order and writes the row once
 (zeros for rows nothing points at, so the gradient needs no separate zero fill). Duplicate
 neighbours and a root listed among its own neighbours are summed like any other contributions.
 Compute is fp32; the loss is fp32, the gradient has emb's dtype.
@@ -25,13 +31,14 @@ the reference too). ref_logprob = -inf marks a neighbour with q_0 = 0: it contri
 nothing). Indices outside [0, classes) raise (a device assert on CUDA). float64 runs on the
 reference, in float64.
 
-Contents: `knn_subgraph_kl_reference` (the spec), `knn_reference_logprob`, the Triton kernels
-and launchers, and the custom ops `segpcl::knn_subgraph_kl_rows` (with fake + autograd) and
+Contents: `knn_subgraph_kl_reference` (the spec), `knn_reference_logprob`, `knn_backward_plan`,
+the Triton kernels and launchers, and the custom ops `segpcl::knn_subgraph_kl_rows` (with fake + autograd) and
 `segpcl::knn_subgraph_kl_backward` (with fake).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +48,8 @@ from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, 
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
-__all__ = ["knn_subgraph_kl_reference", "knn_reference_logprob", "knn_subgraph_kl_fused",
-           "check_knn_inputs", "MAX_FUSED_TILE"]
+__all__ = ["knn_subgraph_kl_reference", "knn_reference_logprob", "knn_subgraph_kl_fused", "knn_backward_plan",
+           "check_knn_inputs", "check_knn_plan", "MAX_FUSED_TILE"]
 
 MAX_FUSED_TILE = 1 << 16  # next_pow2(k) * next_pow2(d) elements held by one program
 
@@ -142,30 +149,41 @@ def _knn_kl_fwd_kernel(emb_ptr, roots_ptr, nb_ptr, ref_ptr, kl_ptr, g_ptr, groot
             tl.store(groot_ptr + r * d + offs_d, g_root, mask=d_ok)
 
 @lazy_jit
-def _knn_kl_bwd_kernel(row_start_ptr, source_ptr, grad_kl_ptr, groot_ptr, g_ptr, emb_ptr, roots_ptr, out_ptr,
-                       n_rows, n_roots, k, d, stride_e, stride_out,
-                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _knn_kl_bwd_kernel(plan_ptr, grad_kl_ptr, stride_gkl, groot_ptr, g_ptr, emb_ptr, out_ptr,
+                       n_rows, n_roots, k, n_contrib, d, stride_e, stride_out,
+                       ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
     d_ok = offs_d < d
+    source_ptr = plan_ptr + n_rows + 1  # the plan: row_start (n_rows + 1), source, gather_row (n_contrib each)
+    gather_ptr = source_ptr + n_contrib
     for i in range(ROWS):
         row = pid * ROWS + i
         if row < n_rows:
-            # this row's contributions are source[row_start[row]:row_start[row + 1]], in sorted order
-            start = tl.load(row_start_ptr + row)
-            end = tl.load(row_start_ptr + row + 1)
+            # this row's contributions are source[row_start[row]:row_start[row + 1]], in the plan's order
+            start = tl.load(plan_ptr + row)
+            end = tl.load(plan_ptr + row + 1)
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for q in range(start, end):
-                src = tl.load(source_ptr + q)
-                if src < n_roots:  # root r = src: its precomputed sum_j g[r, j] emb[nb_j]
-                    w = tl.load(grad_kl_ptr + src)
-                    acc += w * tl.load(groot_ptr + src * d + offs_d, mask=d_ok, other=0.0)
-                else:  # neighbour slot (r, j): g[r, j] * emb[roots[r]]
-                    slot = src - n_roots
-                    r = slot // k
-                    w = tl.load(grad_kl_ptr + r) * tl.load(g_ptr + slot)
-                    root = tl.load(roots_ptr + r)
-                    acc += w * tl.load(emb_ptr + root * stride_e + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            for q0 in range(start, end, BLOCK_C):
+                q = q0 + offs_c
+                ok = q < end
+                src = tl.load(source_ptr + q, mask=ok, other=0)
+                gather = tl.load(gather_ptr + q, mask=ok, other=0)
+                is_root = ok & (src < n_roots)
+                is_nb = ok & (src >= n_roots)
+                # root r = src: w = grad_kl[r], row g_root[r] (its precomputed sum_j g[r, j] emb[nb_j]);
+                # neighbour slot (r, j) = src - n_roots: w = grad_kl[r] g[r, j], row emb[roots[r]]
+                slot = tl.where(is_nb, src - n_roots, 0)
+                r = tl.where(is_root, src, slot // k)
+                w = tl.load(grad_kl_ptr + r * stride_gkl, mask=ok, other=0.0).to(tl.float32)
+                w_nb = w * tl.load(g_ptr + slot, mask=is_nb, other=0.0)
+                v_root = tl.load(groot_ptr + gather[:, None] * d + offs_d[None, :],
+                                 mask=is_root[:, None] & d_ok[None, :], other=0.0)
+                v_nb = tl.load(emb_ptr + gather[:, None] * stride_e + offs_d[None, :],
+                               mask=is_nb[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                contrib = tl.where(is_root[:, None], w[:, None] * v_root, w_nb[:, None] * v_nb)
+                acc += tl.sum(contrib, axis=0)
             tl.store(out_ptr + row * stride_out + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -183,11 +201,11 @@ def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_pro
         raise ValueError(f"knn_subgraph_kl: k={k}, d={d} exceed the fused tile ({MAX_FUSED_TILE} elements); "
                          "use the reference backend")
     emb_c = emb if emb.stride(-1) == 1 else emb.contiguous()
-    kl = torch.empty(n_roots, dtype=torch.float32, device=emb.device)
-    g = torch.zeros((n_roots, k), dtype=torch.float32, device=emb.device)
-    g_root = torch.zeros((n_roots, d), dtype=torch.float32, device=emb.device)
+    f32 = dict(dtype=torch.float32, device=emb.device)
     if n_roots == 0 or k == 0:
-        return kl.zero_(), g, g_root
+        return torch.zeros(n_roots, **f32), torch.zeros((n_roots, k), **f32), torch.zeros((n_roots, d), **f32)
+    # the kernel writes every element of all three (no zero fills: each is a launch on the GPU)
+    kl, g, g_root = torch.empty(n_roots, **f32), torch.empty((n_roots, k), **f32), torch.empty((n_roots, d), **f32)
     if roots_per_program is None:
         roots_per_program = cdiv(n_roots, 4) if interpret_mode() else 1
     grid = (cdiv(n_roots, roots_per_program),)
@@ -199,26 +217,62 @@ def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_pro
     return kl, g, g_root
 
 
-def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root):
-    """Deterministic segment-sum scatter of all contributions into d loss / d emb (emb's dtype)."""
+def knn_backward_plan(roots: torch.Tensor, neighbors: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The backward's plan of a graph over an embedding matrix of n_rows rows, one int64 tensor of
+    n_rows + 1 + 2 * R * (k + 1) entries: [row_start | source | gather_row].
+
+    The R * (k + 1) contributions are numbered root r -> r, neighbour slot (r, j) -> R + r * k + j;
+    source lists them stably sorted by the row of emb they add to (roots[r], neighbors[r, j]), row t's
+    run being source[row_start[t]:row_start[t + 1]]; gather_row[q] is the row contribution source[q]
+    reads: r (a row of g_root) for a root, roots[r] (a row of emb) for a neighbour slot. It depends on
+    the indices only, so a fixed graph builds it once (TSGRGraph does) and passes it to every call.
+    No host sync."""
+    n_roots, k = neighbors.shape
+    targets = torch.cat([roots, neighbors.reshape(-1)])
+    sorted_target, source = torch.sort(targets, stable=True)
+    row_start = torch.searchsorted(sorted_target, torch.arange(n_rows + 1, device=targets.device))
+    owner = roots[(source - n_roots).clamp_min(0) // max(k, 1)] if n_roots else source
+    gather_row = torch.where(source < n_roots, source, owner)
+    return torch.cat([row_start, source, gather_row])
+
+
+def plan_size(n_rows: int, n_roots: int, k: int) -> int:
+    return n_rows + 1 + 2 * n_roots * (k + 1)
+
+
+def check_knn_plan(plan: torch.Tensor, emb: torch.Tensor, neighbors: torch.Tensor) -> None:
+    """Shape / dtype / device of a plan (its values are the caller's: `knn_backward_plan` of the same
+    roots and neighbours, over emb's rows)."""
+    want = plan_size(emb.shape[0], *neighbors.shape)
+    if plan.dim() != 1 or plan.numel() != want or plan.dtype != torch.int64 or plan.device != emb.device:
+        raise ValueError(f"knn_subgraph_kl: plan must be knn_backward_plan(roots, neighbors, emb.shape[0]): an int64 "
+                         f"vector of {want} entries on {emb.device}, got {tuple(plan.shape)} {plan.dtype} on "
+                         f"{plan.device}; build it again for this graph and embedding matrix")
+
+
+def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None, rows_per_program: int | None = None,
+                           contributions_per_load: int = 4):
+    """Deterministic segment-sum scatter of all contributions into d loss / d emb (emb's dtype).
+
+    plan: `knn_backward_plan(roots, neighbors, emb.shape[0])`, built here when None.
+    contributions_per_load: how many of a row's contributions one program gathers at once."""
     check_can_run("knn_subgraph_kl", emb, roots, neighbors, g)
     n_roots, k = neighbors.shape
     d = emb.shape[1]
     if n_roots == 0 or k == 0:
         return torch.zeros(emb.shape, dtype=emb.dtype, device=emb.device)
     n_rows = emb.shape[0]
-    targets = torch.cat([roots, neighbors.reshape(-1)])
-    sorted_target, source = torch.sort(targets, stable=True)
-    # CSR offsets: row t's contributions are source[row_start[t]:row_start[t + 1]] (no host sync)
-    row_start = torch.searchsorted(sorted_target, torch.arange(n_rows + 1, device=emb.device))
+    plan = knn_backward_plan(roots, neighbors, n_rows) if plan is None else plan.contiguous()
     emb_c = emb if emb.stride(-1) == 1 else emb.contiguous()
     out = torch.empty(emb.shape, dtype=store_dtype(emb.dtype), device=emb.device)  # every row is written
-    rows = cdiv(n_rows, 4) if interpret_mode() else 1
+    rows = rows_per_program or (cdiv(n_rows, 4) if interpret_mode() else 1)
+    block_c, block_d = next_pow2(contributions_per_load), next_pow2(d)
+    grad_kl = grad_kl.float()  # the mean's gradient is a stride-0 expand: read through its stride, not copied
     with launch_device(emb):
         _knn_kl_bwd_kernel[(cdiv(n_rows, rows),)](
-            row_start, source, grad_kl.float().contiguous(), g_root.contiguous(), g.contiguous(), emb_c,
-            roots.contiguous(), out, n_rows, n_roots, k, d, emb_c.stride(0), out.stride(0), ROWS=rows,
-            BLOCK_D=next_pow2(d), num_warps=4)
+            plan, grad_kl, grad_kl.stride(0), g_root.contiguous(), g.contiguous(), emb_c, out,
+            n_rows, n_roots, k, n_roots * (k + 1), d, emb_c.stride(0), out.stride(0),
+            ROWS=rows, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=max(1, min(4, block_c * block_d // 1024)))
     return out.to(emb.dtype)
 
 
@@ -226,13 +280,14 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root):
 
 @torch.library.custom_op("segpcl::knn_subgraph_kl_rows", mutates_args=())
 def knn_subgraph_kl_rows_op(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
-                            ref_logprob: torch.Tensor, tau: float
+                            ref_logprob: torch.Tensor, tau: float, plan: Optional[torch.Tensor] = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kl_rows, g, g_root); plan (`knn_backward_plan`, optional) is for the backward only."""
     return knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau)
 
 
 @knn_subgraph_kl_rows_op.register_fake
-def _knn_rows_fake(emb, roots, neighbors, ref_logprob, tau):
+def _knn_rows_fake(emb, roots, neighbors, ref_logprob, tau, plan=None):
     n_roots, k = neighbors.shape
     f32 = dict(dtype=torch.float32, device=emb.device)
     return (torch.empty((n_roots,), **f32), torch.empty((n_roots, k), **f32),
@@ -241,37 +296,42 @@ def _knn_rows_fake(emb, roots, neighbors, ref_logprob, tau):
 
 @torch.library.custom_op("segpcl::knn_subgraph_kl_backward", mutates_args=())
 def knn_subgraph_kl_backward_op(grad_kl: torch.Tensor, emb: torch.Tensor, roots: torch.Tensor,
-                                neighbors: torch.Tensor, g: torch.Tensor, g_root: torch.Tensor) -> torch.Tensor:
-    return knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root)
+                                neighbors: torch.Tensor, g: torch.Tensor, g_root: torch.Tensor,
+                                plan: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan)
 
 
 @knn_subgraph_kl_backward_op.register_fake
-def _knn_backward_fake(grad_kl, emb, roots, neighbors, g, g_root):
+def _knn_backward_fake(grad_kl, emb, roots, neighbors, g, g_root, plan=None):
     return torch.empty(emb.shape, dtype=emb.dtype, device=emb.device)
 
 
 def _knn_setup_context(ctx, inputs, output):
-    emb, roots, neighbors, _, _ = inputs
+    emb, roots, neighbors, _, _, plan = inputs
     _, g, g_root = output
     ctx.mark_non_differentiable(g, g_root)  # intermediates for the backward, not outputs to differentiate
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(emb, roots, neighbors, g, g_root)
+    ctx.save_for_backward(emb, roots, neighbors, g, g_root, plan)
 
 
 def _knn_backward(ctx, grad_kl, _grad_g, _grad_g_root):
     if grad_kl is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     refuse_double_backward("knn_subgraph_kl (Triton)")  # the backward kernel has no autograd of its own
-    emb, roots, neighbors, g, g_root = ctx.saved_tensors
-    grad_emb = torch.ops.segpcl.knn_subgraph_kl_backward(grad_kl, emb, roots, neighbors, g, g_root)
-    return grad_emb, None, None, None, None
+    emb, roots, neighbors, g, g_root, plan = ctx.saved_tensors
+    grad_emb = torch.ops.segpcl.knn_subgraph_kl_backward(grad_kl, emb, roots, neighbors, g, g_root, plan)
+    return grad_emb, None, None, None, None, None
 
 
 knn_subgraph_kl_rows_op.register_autograd(_knn_backward, setup_context=_knn_setup_context)
 
 
 def knn_subgraph_kl_fused(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
-                          ref_logprob: torch.Tensor, tau: float) -> torch.Tensor:
-    """The same loss as `knn_subgraph_kl_reference` through the fused ops (Triton), fp32 scalar."""
-    kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob, float(tau))
+                          ref_logprob: torch.Tensor, tau: float, plan: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The same loss as `knn_subgraph_kl_reference` through the fused ops (Triton), fp32 scalar.
+    plan: `knn_backward_plan(roots, neighbors, emb.shape[0])` of a fixed graph (built in the backward
+    when None)."""
+    if plan is not None:
+        check_knn_plan(plan, emb, neighbors)
+    kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob, float(tau), plan)
     return kl_rows.mean()

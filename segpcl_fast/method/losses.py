@@ -60,6 +60,9 @@ class TSGRGraph:
     ref_logprob: torch.Tensor
     tau: float
     n_classes: int  # C_seen at build time: the student text must have at least this many rows
+    # ops.knn_backward_plan over n_classes rows: the fused backward's scatter order, built once per
+    # graph instead of every step (None for an empty graph)
+    plan: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.roots.shape[0]
@@ -70,7 +73,7 @@ class TSGRGraph:
 
     def to(self, device: Union[str, torch.device]) -> "TSGRGraph":
         return TSGRGraph(self.roots.to(device), self.neighbors.to(device), self.ref_logprob.to(device), self.tau,
-                         self.n_classes)
+                         self.n_classes, None if self.plan is None else self.plan.to(device))
 
     @classmethod
     def build(cls, ref_text_all: torch.Tensor, new_classes: Sequence[int], k: int, tau: float) -> "TSGRGraph":
@@ -101,7 +104,7 @@ class TSGRGraph:
             neighbors = sim.topk(k_eff, dim=-1).indices
             # log q_0 with the same similarity computation the loss uses on the student side
             ref_logprob = ops.knn_reference_logprob(ref, roots, neighbors, tau)
-        return cls(roots, neighbors, ref_logprob, float(tau), n_seen)
+        return cls(roots, neighbors, ref_logprob, float(tau), n_seen, ops.knn_backward_plan(roots, neighbors, n_seen))
 
 
 def tsgr_loss(student_text: torch.Tensor, graph: TSGRGraph) -> torch.Tensor:
@@ -114,11 +117,14 @@ def tsgr_loss(student_text: torch.Tensor, graph: TSGRGraph) -> torch.Tensor:
     if student_text.dim() != 2 or student_text.shape[0] < graph.n_classes:
         raise ValueError(f"tsgr_loss: student_text {tuple(student_text.shape)} must have a row for each of the "
                          f"{graph.n_classes} seen classes the graph was built on")
-    emb = F.normalize(student_text, dim=-1)
+    # rows past the graph's n_classes are in no subgraph (zero gradient either way); without them the
+    # graph's plan, built over n_classes rows, fits
+    emb = F.normalize(student_text[:graph.n_classes], dim=-1)
     # the graph's indices were validated when it was built (roots on the host, neighbours from topk over
     # its n_classes rows, and student_text has those rows): no per-step range check
+    plan = None if graph.plan is None else graph.plan.to(emb.device)
     return ops.knn_subgraph_kl(emb, graph.roots, graph.neighbors, graph.ref_logprob.to(emb.device), graph.tau,
-                               check_indices=False)
+                               check_indices=False, plan=plan)
 
 
 # ----------------------------------------------------------------------------- total

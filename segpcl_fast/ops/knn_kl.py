@@ -6,6 +6,8 @@ formula and NaN / inf behaviour. `knn_reference_logprob` computes the fixed log 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._kernels import choose_impl, load_kernel
@@ -13,10 +15,12 @@ from ._kernels import choose_impl, load_kernel
 _k = load_kernel("knn_subgraph_kl")
 knn_subgraph_kl_reference = _k.knn_subgraph_kl_reference
 knn_reference_logprob = _k.knn_reference_logprob
+knn_backward_plan = _k.knn_backward_plan
 
 
 def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
-                    ref_logprob: torch.Tensor, tau: float, check_indices: bool = True) -> torch.Tensor:
+                    ref_logprob: torch.Tensor, tau: float, check_indices: bool = True,
+                    plan: Optional[torch.Tensor] = None) -> torch.Tensor:
     """mean_r KL(exp(ref_logprob[r]) || softmax_j(emb[roots[r]] . emb[neighbors[r, j]] / tau)), fp32 scalar.
 
     emb: (classes, d) student text embeddings, already L2-normalised; roots (R,) and neighbors
@@ -26,9 +30,16 @@ def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Ten
     Indices outside [0, classes) raise (torch._assert_async: no host sync; on CUDA a device assert,
     which ends the process's CUDA context). check_indices=False skips that check (about 8 small
     launches on CUDA) for indices validated once already: the trainer's TSGR graph, fixed per task.
+
+    plan: `knn_backward_plan(roots, neighbors, emb.shape[0])` for a graph used more than once (the
+    TSGR graph is fixed for a task): the Triton backward then runs one kernel instead of building
+    it (a sort and a search) every call. Its shape is checked; its values must come from these roots
+    and neighbours. The reference ignores it.
     """
     _k.check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices)
+    if plan is not None:
+        _k.check_knn_plan(plan, emb, neighbors)
     fits = _k.next_pow2(neighbors.shape[1]) * _k.next_pow2(emb.shape[1]) <= _k.MAX_FUSED_TILE
     if choose_impl("knn_subgraph_kl", emb, roots, neighbors, ref_logprob, supported=fits) == "triton":
-        return _k.knn_subgraph_kl_fused(emb, roots, neighbors, ref_logprob, tau)
+        return _k.knn_subgraph_kl_fused(emb, roots, neighbors, ref_logprob, tau, plan)
     return knn_subgraph_kl_reference(emb, roots, neighbors, ref_logprob, tau)

@@ -167,3 +167,54 @@ def test_dispatch_and_errors():
             ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0, tau)
     with pytest.raises(TypeError, match="ref_logprob must be a floating tensor"):
         ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0.long(), TAU)
+
+
+def test_backward_plan_by_hand():
+    """roots (2, 0), neighbours [[0, 2], [2, 2]] over 4 rows. Contributions: roots 0 -> row 2, 1 -> row 0;
+    slots 2 (r0, j0) -> row 0, 3 (r0, j1) -> row 2, 4 (r1, j0) -> row 2, 5 (r1, j1) -> row 2. Stably sorted
+    by row: row 0 <- [1, 2], row 1 <- [], row 2 <- [0, 3, 4, 5], row 3 <- []; a root reads its own g_root
+    row r, a slot of root r reads emb[roots[r]]: 1 -> 1, 2 -> roots[0] = 2, 0 -> 0, 3 -> 2, 4 -> 0, 5 -> 0."""
+    plan = ops.knn_backward_plan(torch.tensor([2, 0]), torch.tensor([[0, 2], [2, 2]]), 4)
+    assert plan.tolist() == [0, 2, 2, 6, 6] + [1, 2, 0, 3, 4, 5] + [1, 2, 0, 2, 0, 0]
+
+
+@pytest.mark.parametrize("per_load", [1, 2, 8])
+def test_given_plan_and_gather_widths_match(device, triton_backend, monkeypatch, per_load):
+    """A plan built once (as TSGRGraph does) gives the same gradient, bit for bit, as the one the
+    backward builds, and the backward then sorts nothing; any number of contributions per load sums
+    the same rows (the busiest row here has 16 contributions: chunks of 1, 2, 8 and the default 4)."""
+    emb, roots, neighbors, log_q0 = _problem(30, 40, 12, 6, torch.float32, device, seed=21)
+    _, want = _loss_and_grad(ops.knn_subgraph_kl, emb, roots, neighbors, log_q0, TAU)
+    plan = ops.knn_backward_plan(roots, neighbors, emb.shape[0])
+    sorts = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **kw: sorts.append(1) or real_sort(*a, **kw))
+    assert int(torch.diff(plan[:emb.shape[0] + 1]).max()) == 16
+    _, got = _loss_and_grad(lambda *a: ops.knn_subgraph_kl(*a, plan=plan), emb, roots, neighbors, log_q0, TAU)
+    assert sorts == [] and torch.equal(got, want)
+    kl, g, g_root = kernel.knn_kl_forward_triton(emb, roots, neighbors, log_q0, TAU)
+    weights = torch.rand_like(kl)  # a per-root upstream gradient, not the mean's uniform one
+    grad = kernel.knn_kl_backward_triton(weights, emb, roots, neighbors, g, g_root, plan,
+                                         contributions_per_load=per_load)
+    e = emb.detach().double().requires_grad_(True)
+    log_q = F.log_softmax(torch.einsum("rd,rkd->rk", e[roots], e[neighbors]) / TAU, -1)
+    q0 = log_q0.double().exp()
+    ((q0 * (log_q0.double() - log_q)).sum(-1) * weights.double()).sum().backward()
+    torch.testing.assert_close(grad.double(), e.grad, rtol=1e-4, atol=1e-5)
+    stride0 = torch.full((1,), 0.5, device=device).expand(kl.shape[0])  # the mean's gradient: stride 0
+    torch.testing.assert_close(kernel.knn_kl_backward_triton(stride0, emb, roots, neighbors, g, g_root, plan),
+                               kernel.knn_kl_backward_triton(stride0.contiguous(), emb, roots, neighbors, g, g_root))
+
+
+def test_plan_opcheck_and_shape_errors(device):
+    emb, roots, neighbors, log_q0 = _problem(12, 10, 4, 3, torch.float32, device, seed=22)
+    plan = ops.knn_backward_plan(roots, neighbors, 12)
+    torch.library.opcheck(torch.ops.segpcl.knn_subgraph_kl_rows.default,
+                          (emb.clone().requires_grad_(True), roots, neighbors, log_q0, TAU, plan))
+    kl, g, g_root = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, log_q0, TAU, plan)
+    torch.library.opcheck(torch.ops.segpcl.knn_subgraph_kl_backward.default,
+                          (torch.rand_like(kl), emb, roots, neighbors, g, g_root, plan))
+    stale = ops.knn_backward_plan(roots, neighbors, 11)  # built for another embedding matrix
+    for bad in (stale, plan.int(), plan[None]):
+        with pytest.raises(ValueError, match=r"plan must be knn_backward_plan\(roots, neighbors, emb.shape\[0\]\)"):
+            ops.knn_subgraph_kl(emb, roots, neighbors, log_q0, TAU, plan=bad)

@@ -152,8 +152,33 @@ def test_tsgr_loss_skips_the_per_step_index_check_its_graph_made_unneeded(monkey
     ref = F.normalize(torch.randn(8, 6, generator=g), dim=-1)
     graph = losses.TSGRGraph.build(ref, [5, 6, 7], k=3, tau=0.05)
     losses.tsgr_loss(ref + 0.1 * torch.randn(8, 6, generator=g), graph)
-    assert calls == [{"check_indices": False}]
+    assert [c["check_indices"] for c in calls] == [False]
     bad = graph.neighbors.clone()
     bad[0, 0] = 8
     with pytest.raises(RuntimeError, match="row indices of emb"):
         real(ref, graph.roots, bad, graph.ref_logprob, 0.05)
+
+
+def test_tsgr_graph_builds_its_backward_plan_once_and_the_loss_passes_it(monkeypatch):
+    """The graph is fixed for a task, so the fused backward's scatter plan is built with it (not each
+    step); tsgr_loss hands it over, and student rows past the graph's classes (no subgraph touches
+    them) leave the loss and every gradient as they were."""
+    from segpcl_fast import ops
+    g = torch.Generator().manual_seed(1)
+    ref = F.normalize(torch.randn(9, 6, generator=g), dim=-1)
+    graph = losses.TSGRGraph.build(ref, [6, 7, 8], k=3, tau=0.05)
+    assert torch.equal(graph.plan, ops.knn_backward_plan(graph.roots, graph.neighbors, 9))
+    assert torch.equal(graph.to("cpu").plan, graph.plan)
+    assert losses.TSGRGraph.build(ref[:1], [0], k=3, tau=0.05).plan is None  # empty graph
+    calls = []
+    real = ops.knn_subgraph_kl
+    monkeypatch.setattr(ops, "knn_subgraph_kl", lambda *a, **k: calls.append(k) or real(*a, **k))
+    student = (ref + 0.2 * torch.randn(9, 6, generator=g)).requires_grad_(True)
+    loss = losses.tsgr_loss(student, graph)
+    assert calls[0]["plan"] is graph.plan
+    (grad,) = torch.autograd.grad(loss, student)
+    longer = torch.cat([student, torch.randn(2, 6, generator=g)]).detach().requires_grad_(True)
+    loss_longer = losses.tsgr_loss(longer, graph)
+    (grad_longer,) = torch.autograd.grad(loss_longer, longer)
+    assert torch.equal(loss_longer, loss) and torch.equal(grad_longer[:9], grad)
+    assert (grad_longer[9:] == 0).all()
