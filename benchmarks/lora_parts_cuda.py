@@ -135,6 +135,14 @@ def main():
                  timed(merged_fwd_bwd, sets), None))
     os.environ.pop("SEGPCL_LORA_MERGED_BACKWARD")
     rows.append(("the same, W + s B A kept for backward (experiment: KeepMerged)", timed(kept_fwd_bwd, sets), None))
+    opt_in = [("W + s B A by the Triton kernel (SEGPCL_LORA_MERGE=triton)", {"SEGPCL_LORA_MERGE": "triton"}),
+              ("u and g^T u on a second stream (SEGPCL_LORA_OVERLAP=1)", {"SEGPCL_LORA_OVERLAP": "1"}),
+              ("both", {"SEGPCL_LORA_MERGE": "triton", "SEGPCL_LORA_OVERLAP": "1"})]
+    for name, env in opt_in:
+        os.environ.update(env)
+        rows.append((f"lora_b_linear_merged, {name}", timed(merged_fwd_bwd, sets), None))
+        for key in env:
+            os.environ.pop(key)
 
     def concat_keep_fwd_bwd(x, g):
         torch.autograd.grad(ConcatKeep.apply(x, W, b, A, B, 1.0), (x, B), g)
@@ -151,8 +159,10 @@ def main():
     Bd = B.detach()
     Wf, Bf, Af = W.float(), Bd.float(), A.float()
     W_stacked, b_stacked = torch.cat([W, A]), torch.cat([b, b.new_zeros(R)])
+    merge_op = torch.ops.segpcl.lora_merged_weight  # registered by segpcl_fast.ops.lora_linear's import
     pieces = [
         ("W + s B A (merged weight, out x in)", lambda x, g: torch.addmm(W, Bd, A), e * 2 * N_OUT * N_IN),
+        ("W + s B A, Triton kernel (kernels/lora_merge.py)", lambda x, g: merge_op(W, A, Bd, 1.0), e * 2 * N_OUT * N_IN),
         ("fwd: x W^T + b (base GEMM)", lambda x, g: torch.addmm(b, x, W.T), None),
         ("fwd: u = x A^T", lambda x, g: x @ A.T, e * (N * N_IN + N * R)),
         ("fwd: cat([x, u]) (K-concat copy)", lambda x, g: torch.cat([x, x[:, :R]], 1), e * 2 * N * (N_IN + R)),

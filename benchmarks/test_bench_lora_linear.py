@@ -33,12 +33,18 @@ VARIANTS = {"segpcl_cpp": {"SEGPCL_LORA_FWD": "merged", "SEGPCL_LORA_BWD": "merg
             "segpcl_cpp_split": {"SEGPCL_LORA_FWD": "concat", "SEGPCL_LORA_BWD": "split"},
             "segpcl_cpp_fused": {"SEGPCL_LORA_FWD": "concat", "SEGPCL_LORA_BWD": "fused"},
             "segpcl_cpp_addmm": {"SEGPCL_LORA_FWD": "addmm", "SEGPCL_LORA_BWD": "split"}}
-CUDA_ONLY = {"segpcl_cpp_fused"}
+# the plain-PyTorch merged arrangement with the opt-in GPU changes (ops/lora_linear.py): W + s B A by
+# the Triton kernel (kernels/lora_merge.py), u and g^T u on a second CUDA stream, and both
+MERGED_VARIANTS = {"segpcl_merged_triton_merge": {"SEGPCL_LORA_MERGE": "triton"},
+                   "segpcl_merged_overlap": {"SEGPCL_LORA_OVERLAP": "1"},
+                   "segpcl_merged_triton_merge_overlap": {"SEGPCL_LORA_MERGE": "triton", "SEGPCL_LORA_OVERLAP": "1"}}
+CUDA_ONLY = {"segpcl_cpp_fused", *MERGED_VARIANTS}
 # segpcl_merged: the same merged arrangement in plain PyTorch (lora_b_linear_merged), eager;
 # *_compiled: torch.compile (inductor, default mode) of the layer: segpcl_compiled is what the
 # trainer runs under run.compile (ops backend auto: the merged arrangement, traced by inductor),
 # base_linear_compiled the frozen base nn.Linear compiled the same way.
-IMPLS = [*VARIANTS, "segpcl_merged", "segpcl_compiled", "reference", "peft_A_frozen", "peft_A_trainable",
+IMPLS = [*VARIANTS, "segpcl_merged", *MERGED_VARIANTS, "segpcl_compiled", "reference", "peft_A_frozen",
+         "peft_A_trainable",
          "base_linear", "base_linear_compiled"]
 
 
@@ -75,7 +81,8 @@ def _layer(impl, device):
         return _peft_layer(base, train_A=impl == "peft_A_trainable")
     lora_A = (torch.randn(RANK, N_IN, device=device) / N_IN ** 0.5).to(dtype)
     lora_B = torch.nn.Parameter((torch.randn(N_OUT, RANK, device=device) * 0.02).to(dtype))
-    fn = {"segpcl_merged": lora_b_linear_merged, "reference": lora_b_linear_reference}.get(impl, lora_b_linear)
+    fn = lora_b_linear_merged if impl.startswith("segpcl_merged") else \
+        {"reference": lora_b_linear_reference}.get(impl, lora_b_linear)
 
     def forward(x):
         return fn(x, base.weight, base.bias, lora_A, lora_B, 1.0)
@@ -108,8 +115,8 @@ def _saved_activation_bytes(layer, x):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
     if impl in CUDA_ONLY and device == "cpu":
-        pytest.skip(f"{impl} picks a CUDA kernel; on the CPU it is segpcl_cpp_split")
-    for name, value in VARIANTS.get(impl, {}).items():
+        pytest.skip(f"{impl} picks a CUDA kernel or stream; on the CPU it is another row again")
+    for name, value in {**VARIANTS, **MERGED_VARIANTS}.get(impl, {}).items():
         monkeypatch.setenv(name, value)
     if impl.startswith("segpcl_cpp") and not (extension_status()["built"] and
                                      (device == "cpu" or extension_status()["cuda"])):

@@ -28,8 +28,8 @@ is undefined (NaN or inf). The reference gives the same NaNs. 0 anchors give NaN
 nothing, as torch.mean). Any column count runs fused. float64 runs on the reference, in float64.
 
 Contents: `anchor_kl_reference` (the spec), the Triton kernel and launcher, and the custom op
-`segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob) -> (kl_rows (A,), dkl_dz (A, C))`, both fp32
-with fake + autograd; `anchor_kl_fused` turns it into the scalar loss.
+`segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob, scale=1) -> (kl_rows (A,), dkl_dz (A, C))`,
+both fp32 and both times scale, with fake + autograd; `anchor_kl_fused` turns it into the scalar loss.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def check_anchor_kl_inputs(student_logits: torch.Tensor, teacher: torch.Tensor, 
 
 @lazy_jit
 def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, stride_t, stride_dz,
-                      tau, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                      tau, scale, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
@@ -113,13 +113,14 @@ def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, 
     c = tl.sum(tl.where(has_mass, e_t * (t_shift - s_shift), 0.0), axis=1)
     e_sum = tl.sum(e_t, axis=1)
     log_s_sum = tl.log(s_sum)
+    g = inv_tau * scale  # both outputs are scale * (KL, d KL / d z_S): per row, no cost per element
     if TEACHER_IS_LOGPROB:  # KL = sum p_T (log p_T - s_shift) + log(s_sum) sum p_T;  d/dz_S: (p_S sum p_T - p_T) / tau
         kl = c + e_sum * log_s_sum
-        dz = s_exp * (e_sum * inv_tau / s_sum)[:, None] - e_t * inv_tau
+        dz = s_exp * (e_sum * g / s_sum)[:, None] - e_t * g
     else:  # p_T = e_t / e_sum: KL = c / e_sum - log(e_sum) + log(s_sum);  d/dz_S: (p_S - p_T) / tau
         kl = c / e_sum - tl.log(e_sum) + log_s_sum
-        dz = s_exp * (inv_tau / s_sum)[:, None] - e_t * (inv_tau / e_sum)[:, None]
-    tl.store(kl_ptr + rows, kl, mask=row_ok)
+        dz = s_exp * (g / s_sum)[:, None] - e_t * (g / e_sum)[:, None]
+    tl.store(kl_ptr + rows, kl * scale, mask=row_ok)
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -136,7 +137,7 @@ def _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t
 
 @lazy_jit
 def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, stride_t, stride_dz,
-                              tau, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                              tau, scale, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -193,7 +194,8 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
         pt_sum = tl.full((ROWS,), 1.0, tl.float32)
     poisoned = n_nan > 0
     kl = tl.where(poisoned, float("nan"), kl)
-    tl.store(kl_ptr + rows, kl, mask=row_ok)
+    tl.store(kl_ptr + rows, kl * scale, mask=row_ok)
+    g = inv_tau * scale
     for c0 in range(0, n_cols, BLOCK_C):
         s, t, cols, col_ok, mask = _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t,
                                                    BLOCK_C)
@@ -202,7 +204,7 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
             p_t = tl.exp(t)
         else:
             p_t = tl.exp((t * inv_tau - m_t[:, None]) - log_d_t[:, None])
-        dz = (p_s * pt_sum[:, None] - p_t) * inv_tau
+        dz = (p_s * pt_sum[:, None] - p_t) * g
         dz = tl.where(poisoned[:, None], float("nan"), dz)
         tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
@@ -241,9 +243,9 @@ def tile_warps(rows: int, n_cols: int) -> int:
 
 def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
                      teacher_is_logprob: bool = False, rows: int | None = None,
-                     chunk_cols: int | None = None, num_warps: int | None = None):
-    """Launch a kernel: (kl_rows (A,), dkl_dz (A, C)), both fp32 (the backward scales dkl_dz by the
-    incoming gradient, then rounds once to z_S's dtype).
+                     chunk_cols: int | None = None, num_warps: int | None = None, scale: float = 1.0):
+    """Launch a kernel: (kl_rows (A,), dkl_dz (A, C)), both fp32 and both multiplied by `scale` (the
+    backward scales dkl_dz by the incoming gradient, then rounds once to z_S's dtype).
 
     Rows up to SINGLE_BLOCK_COLS wide run as one tile each, wider ones in chunks of CHUNK_COLS;
     `chunk_cols` (a power of two) forces the chunked kernel with that chunk, `rows` the rows per
@@ -265,7 +267,7 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
         rows = rows or tile_rows(n_rows, n_cols)
         with launch_device(zs):
             _anchor_kl_kernel[(cdiv(n_rows, rows),)](
-                zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
+                zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau), float(scale),
                 TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
                 num_warps=num_warps or tile_warps(rows, n_cols))
     else:
@@ -273,7 +275,7 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
         rows = rows or rows_per_program(n_rows, n_cols, gpu_tile_elems=1)  # one row per program on a GPU
         with launch_device(zs):
             _anchor_kl_chunked_kernel[(cdiv(n_rows, rows),)](
-                zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau),
+                zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau), float(scale),
                 TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
                 num_warps=num_warps or 4)
     return kl, dz
@@ -283,12 +285,12 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
 
 @torch.library.custom_op("segpcl::anchor_kl_rows", mutates_args=())
 def anchor_kl_rows_op(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
-                      teacher_is_logprob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return anchor_kl_triton(student_logits, teacher, tau, teacher_is_logprob)
+                      teacher_is_logprob: bool, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return anchor_kl_triton(student_logits, teacher, tau, teacher_is_logprob, scale=scale)
 
 
 @anchor_kl_rows_op.register_fake
-def _anchor_kl_rows_fake(student_logits, teacher, tau, teacher_is_logprob):
+def _anchor_kl_rows_fake(student_logits, teacher, tau, teacher_is_logprob, scale=1.0):
     n_rows, n_cols = student_logits.shape
     kl = student_logits.new_empty((n_rows,), dtype=torch.float32)
     return kl, student_logits.new_empty((n_rows, n_cols), dtype=torch.float32)
@@ -302,14 +304,16 @@ def _anchor_kl_setup_context(ctx, inputs, output):
 
 
 def _anchor_kl_backward(ctx, grad_kl, _grad_dz):
-    """d loss / d z_S = grad_kl[a] * dkl_dz[a], in fp32, rounded once to z_S's dtype: the gradient was
-    computed in the forward pass (so it has no graph of its own: no double backward)."""
+    """d loss / d z_S = grad_kl[a] * dkl_dz[a], in fp32, rounded once to z_S's dtype in the same
+    kernel (out=): the gradient was computed in the forward pass (so it has no graph of its own: no
+    double backward)."""
     if grad_kl is None:
-        return None, None, None, None
+        return None, None, None, None, None
     refuse_double_backward("anchor_kl (Triton)")
     (dkl_dz,) = ctx.saved_tensors
-    grad_student = (grad_kl.float()[:, None] * dkl_dz).to(ctx.student_dtype)
-    return grad_student, None, None, None
+    grad_student = torch.empty(dkl_dz.shape, dtype=ctx.student_dtype, device=dkl_dz.device)
+    torch.mul(dkl_dz, grad_kl.float()[:, None], out=grad_student)
+    return grad_student, None, None, None, None
 
 
 anchor_kl_rows_op.register_autograd(_anchor_kl_backward, setup_context=_anchor_kl_setup_context)
@@ -317,6 +321,15 @@ anchor_kl_rows_op.register_autograd(_anchor_kl_backward, setup_context=_anchor_k
 
 def anchor_kl_fused(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
                     teacher_is_logprob: bool = False) -> torch.Tensor:
-    """The same loss as `anchor_kl_reference` through the fused op (Triton), fp32 scalar."""
-    kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau), bool(teacher_is_logprob))
-    return (float(tau) ** 2) * kl_rows.mean()
+    """The same loss as `anchor_kl_reference` through the fused op (Triton), fp32 scalar.
+
+    The kernel scales each row's KL and gradient by tau^2 / A, so the loss is their sum: the mean's
+    division and the tau^2 product, and their two backward products, are not launched (on a GPU each
+    is a kernel launch, and at the paper's sizes the launches, not the bytes, take the time)."""
+    n_rows = student_logits.shape[0]
+    if n_rows == 0:  # the mean of nothing: NaN, as torch.mean
+        return (float(tau) ** 2) * torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau),
+                                                                   bool(teacher_is_logprob))[0].mean()
+    kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau), bool(teacher_is_logprob),
+                                                 float(tau) ** 2 / n_rows)
+    return kl_rows.sum()

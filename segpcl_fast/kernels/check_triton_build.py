@@ -314,8 +314,9 @@ def check(cases: Iterable[Case], archs: Iterable[int] = DEFAULT_ARCHS) -> list[C
 
 def default_cases() -> list[Case]:
     """The configurations the ops launch with: paper sizes, the benchmarks' large sizes, the tiny
-    model, fp32 and bf16 storage, both teacher forms, one-tile and chunked anchor_kl rows."""
-    from . import anchor_kl, knn_subgraph_kl, pgd_step
+    model, fp32 and bf16 storage, both teacher forms, one-tile and chunked anchor_kl rows, and the
+    merged LoRA weight of ViT-B/16's layers."""
+    from . import anchor_kl, knn_subgraph_kl, lora_merge, pgd_step
 
     meta = torch.device("meta")
     f32, bf16 = torch.float32, torch.bfloat16
@@ -359,6 +360,16 @@ def default_cases() -> list[Case]:
         for dtype in (f32, bf16):
             cases.append(Case(f"knn_subgraph_kl {classes} classes {n_roots}x{k} d{d} {_name(dtype)}",
                               knn(classes, n_roots, k, d, dtype)))
+
+    def merge(n_out, n_in, rank, dtype):
+        w = torch.empty(n_out, n_in, dtype=dtype, device=meta)
+        a, b = torch.empty(rank, n_in, dtype=dtype, device=meta), torch.empty(n_out, rank, dtype=dtype, device=meta)
+        return lambda: lora_merge.lora_merged_weight_triton(w, a, b, 2.0)
+
+    for n_out, n_in, rank in ((3072, 768, 32), (768, 768, 8), (768, 3072, 128)):  # c_fc, attention, widest rank
+        for dtype in (f32, bf16):
+            cases.append(Case(f"lora_merged_weight {n_out}x{n_in} r{rank} {_name(dtype)}",
+                              merge(n_out, n_in, rank, dtype)))
     return cases
 
 

@@ -116,7 +116,7 @@ def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices: boo
 
 @lazy_jit
 def _knn_kl_fwd_kernel(emb_ptr, roots_ptr, nb_ptr, ref_ptr, kl_ptr, g_ptr, groot_ptr,
-                       n_roots, k, d, stride_e, tau,
+                       n_roots, k, d, stride_e, tau, scale,
                        ROOTS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -142,9 +142,9 @@ def _knn_kl_fwd_kernel(emb_ptr, roots_ptr, nb_ptr, ref_ptr, kl_ptr, g_ptr, groot
             q0 = tl.exp(log_q0)
             has_mass = q0 > 0
             kl = tl.sum(q0 * (tl.where(has_mass, log_q0, 0.0) - tl.where(has_mass, log_q, 0.0)), axis=0)
-            g = tl.where(k_ok, (q_exp / q_sum * tl.sum(q0, axis=0) - q0) / tau, 0.0)
+            g = tl.where(k_ok, (q_exp / q_sum * tl.sum(q0, axis=0) - q0) * (scale / tau), 0.0)
             g_root = tl.sum(g[:, None] * e_nb, axis=0)
-            tl.store(kl_ptr + r, kl)
+            tl.store(kl_ptr + r, kl * scale)
             tl.store(g_ptr + r * k + offs_k, g, mask=k_ok)
             tl.store(groot_ptr + r * d + offs_d, g_root, mask=d_ok)
 
@@ -191,8 +191,10 @@ def _tile(k: int, d: int) -> tuple[int, int]:
     return next_pow2(k), next_pow2(d)
 
 
-def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_program: int | None = None):
-    """Launch the forward kernel: (kl_rows (R,), g (R, k), g_root (R, d)), all fp32."""
+def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_program: int | None = None,
+                          scale: float = 1.0):
+    """Launch the forward kernel: (kl_rows (R,), g (R, k), g_root (R, d)), all fp32 and all multiplied
+    by `scale` (the per-root KL and its derivatives)."""
     check_can_run("knn_subgraph_kl", emb, roots, neighbors, ref_logprob)
     n_roots, k = neighbors.shape
     d = emb.shape[1]
@@ -211,7 +213,7 @@ def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_pro
     grid = (cdiv(n_roots, roots_per_program),)
     with launch_device(emb):
         _knn_kl_fwd_kernel[grid](emb_c, roots.contiguous(), neighbors.contiguous(), ref_logprob.float().contiguous(),
-                                 kl, g, g_root, n_roots, k, d, emb_c.stride(0), float(tau),
+                                 kl, g, g_root, n_roots, k, d, emb_c.stride(0), float(tau), float(scale),
                                  ROOTS=roots_per_program, BLOCK_K=block_k, BLOCK_D=block_d,
                                  num_warps=4 if block_k * block_d <= 4096 else 8)
     return kl, g, g_root
@@ -280,14 +282,14 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None,
 
 @torch.library.custom_op("segpcl::knn_subgraph_kl_rows", mutates_args=())
 def knn_subgraph_kl_rows_op(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
-                            ref_logprob: torch.Tensor, tau: float, plan: Optional[torch.Tensor] = None
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kl_rows, g, g_root); plan (`knn_backward_plan`, optional) is for the backward only."""
-    return knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau)
+                            ref_logprob: torch.Tensor, tau: float, plan: Optional[torch.Tensor] = None,
+                            scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scale * (kl_rows, g, g_root); plan (`knn_backward_plan`, optional) is for the backward only."""
+    return knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, scale=scale)
 
 
 @knn_subgraph_kl_rows_op.register_fake
-def _knn_rows_fake(emb, roots, neighbors, ref_logprob, tau, plan=None):
+def _knn_rows_fake(emb, roots, neighbors, ref_logprob, tau, plan=None, scale=1.0):
     n_roots, k = neighbors.shape
     f32 = dict(dtype=torch.float32, device=emb.device)
     return (torch.empty((n_roots,), **f32), torch.empty((n_roots, k), **f32),
@@ -307,7 +309,7 @@ def _knn_backward_fake(grad_kl, emb, roots, neighbors, g, g_root, plan=None):
 
 
 def _knn_setup_context(ctx, inputs, output):
-    emb, roots, neighbors, _, _, plan = inputs
+    emb, roots, neighbors, _, _, plan, _ = inputs
     _, g, g_root = output
     ctx.mark_non_differentiable(g, g_root)  # intermediates for the backward, not outputs to differentiate
     ctx.set_materialize_grads(False)
@@ -316,11 +318,11 @@ def _knn_setup_context(ctx, inputs, output):
 
 def _knn_backward(ctx, grad_kl, _grad_g, _grad_g_root):
     if grad_kl is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     refuse_double_backward("knn_subgraph_kl (Triton)")  # the backward kernel has no autograd of its own
     emb, roots, neighbors, g, g_root, plan = ctx.saved_tensors
     grad_emb = torch.ops.segpcl.knn_subgraph_kl_backward(grad_kl, emb, roots, neighbors, g, g_root, plan)
-    return grad_emb, None, None, None, None, None
+    return grad_emb, None, None, None, None, None, None
 
 
 knn_subgraph_kl_rows_op.register_autograd(_knn_backward, setup_context=_knn_setup_context)
@@ -330,8 +332,12 @@ def knn_subgraph_kl_fused(emb: torch.Tensor, roots: torch.Tensor, neighbors: tor
                           ref_logprob: torch.Tensor, tau: float, plan: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same loss as `knn_subgraph_kl_reference` through the fused ops (Triton), fp32 scalar.
     plan: `knn_backward_plan(roots, neighbors, emb.shape[0])` of a fixed graph (built in the backward
-    when None)."""
+    when None). The kernel scales each root's KL and derivatives by 1 / R, so the loss is their sum
+    (no division and no backward product of the mean to launch)."""
     if plan is not None:
         check_knn_plan(plan, emb, neighbors)
-    kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob, float(tau), plan)
-    return kl_rows.mean()
+    n_roots = roots.shape[0]
+    scale = 1.0 / n_roots if n_roots else 1.0  # 0 roots: the mean of nothing, NaN (as torch.mean)
+    kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob, float(tau), plan,
+                                                          scale)
+    return kl_rows.sum() if n_roots else kl_rows.mean()

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._ext import extension_status, has_kernel
-from ._kernels import _utils
+from ._kernels import _utils, load_kernel
+
+load_kernel("lora_merge")  # registers segpcl::lora_merged_weight (SEGPCL_LORA_MERGE=triton)
 
 __all__ = ["lora_b_linear", "lora_b_linear_reference", "lora_b_linear_merged", "lora_b_linear_impl",
            "extension_status"]
@@ -49,12 +51,26 @@ class _MergedLoRABLinear(torch.autograd.Function):
     per call of the layer until then) rather than formed again: on an H200 (BENCHMARKS.md, session
     35) the layer's fwd + bwd took 0.603 ms kept against 0.861 ms formed twice (25216 x 768 -> 3072,
     r 32, bf16).
-    SEGPCL_LORA_MERGED_BACKWARD=recompute forms it again (less memory, for A/B timing)."""
+    SEGPCL_LORA_MERGED_BACKWARD=recompute forms it again (less memory, for A/B timing).
+    SEGPCL_LORA_MERGE=triton forms W + s B A with the Triton kernel (`merged_weight`);
+    SEGPCL_LORA_OVERLAP=1 runs u = x A^T and g^T u on a second CUDA stream, beside the layer's two
+    big GEMMs (`_side_stream`). Both are opt-in until a GPU has timed them."""
 
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, scaling, keep_merged):
-        merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
-        return F.linear(x, merged, bias), F.linear(x, lora_A), merged
+        merged = merged_weight(weight, lora_A, lora_B, scaling)
+        side = _side_stream(x)
+        if side is None:
+            return F.linear(x, merged, bias), F.linear(x, lora_A), merged
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)  # x and A are ready
+        with torch.cuda.stream(side):
+            u = F.linear(x, lora_A)  # memory-bound (reads x), beside the compute-bound y GEMM
+        y = F.linear(x, merged, bias)
+        main.wait_stream(side)
+        x.record_stream(side)  # the allocator must not hand x's memory out while side still reads it
+        u.record_stream(main)  # made on side, used on main from here on
+        return y, u, merged
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -73,13 +89,73 @@ class _MergedLoRABLinear(torch.autograd.Function):
         _utils.refuse_double_backward("lora_b_linear (merged)")  # u is saved without its graph
         u, kept, lora_A, lora_B = ctx.saved_tensors
         grad_x = grad_B = None
+        side = _side_stream(grad_y) if ctx.needs_input_grad[0] and ctx.needs_input_grad[4] else None
+        if side is not None:  # g^T u (memory-bound: reads g) beside grad_x = g W' (compute-bound)
+            main = torch.cuda.current_stream(grad_y.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                grad_B = _grad_B(grad_y, u, lora_B, ctx.scaling)
         if ctx.needs_input_grad[0]:
-            merged = kept if ctx.keep_merged else torch.addmm(kept, lora_B, lora_A, alpha=ctx.scaling)
+            merged = kept if ctx.keep_merged else merged_weight(kept, lora_A, lora_B, ctx.scaling)
             grad_x = grad_y @ merged
-        if ctx.needs_input_grad[4]:  # s g^T u, s applied to the GEMM's accumulator: one rounding
-            grad_B = torch.addmm(lora_B, grad_y.reshape(-1, grad_y.shape[-1]).t(), u.reshape(-1, u.shape[-1]),
-                                 beta=0, alpha=ctx.scaling)  # beta=0: lora_B's values are ignored (shape only)
+        if side is not None:
+            main.wait_stream(side)
+            grad_y.record_stream(side)
+            u.record_stream(side)
+            grad_B.record_stream(main)
+        elif ctx.needs_input_grad[4]:
+            grad_B = _grad_B(grad_y, u, lora_B, ctx.scaling)
         return grad_x, None, None, None, grad_B, None, None
+
+
+def _grad_B(grad_y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s g^T u, s applied to the GEMM's accumulator (one rounding); beta=0: lora_B gives the shape only."""
+    return torch.addmm(lora_B, grad_y.reshape(-1, grad_y.shape[-1]).t(), u.reshape(-1, u.shape[-1]),
+                       beta=0, alpha=scaling)
+
+
+MERGE_KERNELS = ("addmm", "triton")
+
+
+def merge_kernel() -> str:
+    """SEGPCL_LORA_MERGE: how the merged arrangement forms W + s B A: "addmm" (default, cuBLAS / the
+    CPU's GEMM) or "triton" (kernels/lora_merge.py, where Triton runs: CUDA tensors, or the CPU
+    under TRITON_INTERPRET=1; elsewhere addmm)."""
+    value = os.environ.get("SEGPCL_LORA_MERGE", "addmm")
+    if value not in MERGE_KERNELS:
+        raise ValueError(f"SEGPCL_LORA_MERGE='{value}' is unknown; use one of {MERGE_KERNELS}")
+    return value
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + s B A in W's dtype (fp32 accumulation, one rounding), by SEGPCL_LORA_MERGE's kernel."""
+    if (merge_kernel() == "triton" and _utils.can_run_triton(weight, lora_A, lora_B)
+            and not _utils.has_fp64(weight, lora_A, lora_B)):
+        return torch.ops.segpcl.lora_merged_weight(weight, lora_A, lora_B, float(scaling))
+    return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def overlap() -> bool:
+    """SEGPCL_LORA_OVERLAP: "1" runs the merged arrangement's rank-r products (u = x A^T forward,
+    g^T u backward) on a second CUDA stream, concurrently with the layer's big GEMMs; "0" (default)
+    keeps one stream. Eager CUDA only (not while torch.compile traces, not during a CUDA-graph
+    capture)."""
+    value = os.environ.get("SEGPCL_LORA_OVERLAP", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"SEGPCL_LORA_OVERLAP='{value}' must be 0 or 1")
+    return value == "1"
+
+
+def _side_stream(t: torch.Tensor):
+    """The second stream of t's device when SEGPCL_LORA_OVERLAP=1 applies to this call, else None."""
+    if not overlap() or not t.is_cuda or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return None
+    if t.device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[t.device] = torch.cuda.Stream(device=t.device)
+    return _SIDE_STREAMS[t.device]
 
 
 MERGED_BACKWARDS = ("keep", "recompute")
@@ -107,7 +183,7 @@ def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])  # then autocast is a no-op
     _check_args(x, weight, bias, lora_A, lora_B)
     if not _needs_grad_B(lora_B):
-        return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
+        return F.linear(x, merged_weight(weight, lora_A, lora_B, scaling), bias)
     y, _u, _merged = _MergedLoRABLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling),
                                               merged_backward() == "keep")
     return y

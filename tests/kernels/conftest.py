@@ -98,3 +98,36 @@ def pytest_runtest_call(item):
                         f"under numpy {numpy.__version__} (fixed in Triton 3.7): pip install 'numpy<2.4' or a "
                         "newer triton to run it on the CPU; the compiled CUDA kernel is unaffected")
         raise
+
+
+# ops that allocate or make views: no kernel runs on a GPU for them
+_NO_KERNEL = ("empty", "view", "expand", "unsqueeze", "squeeze", "slice", "select", "t.", "transpose", "permute",
+              "detach", "alias", "as_strided", "_reshape_alias", "reshape")
+
+
+@pytest.fixture
+def kernel_launches():
+    """`with kernel_launches() as ops_run:` records the names of the ops dispatched inside that launch
+    a kernel on a GPU (allocations and views left out; a custom op counts once). At the paper's
+    sizes a fused op's time is the host's cost of its launches: the count is what tests can hold."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self, names):
+            super().__init__()
+            self.names = names
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if not any(f".{part}" in name for part in _NO_KERNEL):
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def record():
+        names = []
+        with Record(names):
+            yield names
+    return record

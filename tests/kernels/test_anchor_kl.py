@@ -285,3 +285,32 @@ def test_rows_wider_than_one_tile_take_the_chunked_kernel(device, triton_backend
     ref_loss, ref_grad = _grad(kernel.anchor_kl_reference, student, teacher, TAU)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_scale_multiplies_both_outputs(chunk, device):
+    """anchor_kl_rows(..., scale) = scale * (KL rows, their gradient): what the fused loss folds
+    tau^2 / A into, so that the loss is a plain sum."""
+    z_s, z_t = torch.randn(6, 50, device=device), torch.randn(6, 50, device=device) * 4
+    kl1, dz1 = kernel.anchor_kl_triton(z_s, z_t, 2.0, chunk_cols=chunk)
+    kl3, dz3 = kernel.anchor_kl_triton(z_s, z_t, 2.0, chunk_cols=chunk, scale=0.37)
+    torch.testing.assert_close(kl3, 0.37 * kl1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(dz3, 0.37 * dz1, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_launches_four_kernels(dtype, device, triton_backend, kernel_launches):
+    """Forward + backward of the fused loss: the kernel, the sum, autograd's seed and one scaling of
+    the saved gradient into z_S's dtype. (The mean, tau^2 and their backward products, and a
+    separate cast for bf16, were 4-5 more launches, each about 40 us of host time on the H200.)"""
+    z_s = torch.randn(8, 90, device=device, dtype=dtype, requires_grad=True)
+    z_t = torch.randn(8, 90, device=device)
+    with kernel_launches() as launched:
+        loss = ops.anchor_kl(z_s, z_t, 2.0)
+        (grad,) = torch.autograd.grad(loss, z_s)
+    assert launched == ["segpcl.anchor_kl_rows.default", "aten.sum.default", "aten.ones_like.default",
+                        "aten.mul.out"], launched
+    want = torch.autograd.grad(kernel.anchor_kl_reference(z_s, z_t, 2.0), z_s)[0]
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), want.float(), rtol=1e-4 if dtype == torch.float32 else 2 ** -7,
+                               atol=1e-7 if dtype == torch.float32 else 1e-5)

@@ -218,3 +218,23 @@ def test_plan_opcheck_and_shape_errors(device):
     for bad in (stale, plan.int(), plan[None]):
         with pytest.raises(ValueError, match=r"plan must be knn_backward_plan\(roots, neighbors, emb.shape\[0\]\)"):
             ops.knn_subgraph_kl(emb, roots, neighbors, log_q0, TAU, plan=bad)
+
+
+def test_fused_loss_launches_three_kernels_given_a_plan(device, triton_backend, kernel_launches):
+    """Forward + backward with the graph's plan: the forward kernel, the sum, autograd's seed and the
+    backward kernel; 1 / R is folded into the kernels (a mean would add a division in the backward)."""
+    emb, roots, neighbors, log_q0 = _problem(30, 40, 12, 6, torch.float32, device, seed=23)
+    plan = ops.knn_backward_plan(roots, neighbors, 30)
+    emb.requires_grad_(True)
+    with kernel_launches() as launched:
+        loss = ops.knn_subgraph_kl(emb, roots, neighbors, log_q0, TAU, check_indices=False, plan=plan)
+        (grad,) = torch.autograd.grad(loss, emb)
+    assert launched == ["segpcl.knn_subgraph_kl_rows.default", "aten.sum.default", "aten.ones_like.default",
+                        "segpcl.knn_subgraph_kl_backward.default"], launched
+    want_loss, want_grad = _loss_and_grad(kernel.knn_subgraph_kl_reference, emb, roots, neighbors, log_q0, TAU)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5)
+    kl1 = kernel.knn_kl_forward_triton(emb.detach(), roots, neighbors, log_q0, TAU)
+    kl3 = kernel.knn_kl_forward_triton(emb.detach(), roots, neighbors, log_q0, TAU, scale=0.37)
+    for one, scaled in zip(kl1, kl3):  # scale multiplies the rows' KL, g and g_root alike
+        torch.testing.assert_close(scaled, 0.37 * one, rtol=1e-5, atol=1e-8)

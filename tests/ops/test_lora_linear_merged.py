@@ -298,3 +298,23 @@ def test_under_compile_the_backward_graph_uses_the_kept_merged_weight(monkeypatc
     want = forward_backward(lora_b_linear_reference, x, weight, bias, lora_A, lora_B, 0.5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), on_cuda(torch.float32), on_cuda(torch.bfloat16)])
+def test_overlap_on_a_second_stream_changes_no_value(device, dtype, monkeypatch):
+    """SEGPCL_LORA_OVERLAP=1 moves u = x A^T and g^T u onto a second CUDA stream: the same kernels on
+    the same inputs, so y, grad_x and grad_B are bit for bit those of one stream (on the CPU it is
+    ignored). Repeated, so that a missing stream wait (a read of g or u before it is written, memory
+    handed out while the other stream reads it) has chances to show."""
+    args = make_inputs((4, 197), 96, 160, 8, dtype=dtype, device=device)
+    want = forward_backward(lora_b_linear_merged, *args, 0.5)
+    monkeypatch.setenv("SEGPCL_LORA_OVERLAP", "1")
+    for _ in range(5):
+        got = forward_backward(lora_b_linear_merged, *args, 0.5)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    if device == "cuda":
+        assert lora_linear._side_stream(args[0]) is not None
+    monkeypatch.setenv("SEGPCL_LORA_OVERLAP", "yes")
+    with pytest.raises(ValueError, match="SEGPCL_LORA_OVERLAP='yes' must be 0 or 1"):
+        lora_b_linear_merged(*args, 0.5)
