@@ -144,6 +144,33 @@ def main():
         for key in env:
             os.environ.pop(key)
 
+    from segpcl_fast.kernels import lora_fused
+    from segpcl_fast.ops import dispatch
+
+    def fused_fwd_bwd(x, g):
+        with dispatch.backend("triton"):
+            torch.autograd.grad(lora_b_linear(x, W, b, A, B, 1.0), (x, B), g)
+    rows.append(("fused Triton GEMMs, u and g^T u in their launches (ops backend triton, kernels/lora_fused.py)",
+                 timed(fused_fwd_bwd, sets), None))
+    # the fused kernels' tiles (block_m, block_n, block_k, warps, stages; g^T u splits default), each alone
+    u_fused = [lora_fused.lora_fused_forward(x.detach(), W, b, A, B.detach(), 1.0)[1:] for x, _ in sets]
+    fused_sets = [(x.detach(), g, u_, merged) for (x, g), (u_, merged) in zip(sets, u_fused)]
+    for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+                                      (64, 128, 64, 4, 4), (128, 64, 64, 4, 3)):
+        tiles = lora_fused.FusedTiles(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+        knobs = f"{bm}x{bn}x{bk}, {warps} warps, {stages} stages"
+        rows.append((f"fused fwd alone (y and u), {knobs}",
+                     timed(lambda x, g, u_, m: lora_fused.lora_fused_forward(x, W, b, A, B.detach(), 1.0, tiles),
+                           fused_sets), None))
+        rows.append((f"fused bwd alone (grad_x and g^T u), {knobs}",
+                     timed(lambda x, g, u_, m: lora_fused.lora_fused_backward(g, u_, m, B.detach(), 1.0, tiles),
+                           fused_sets), None))
+    for splits in (1, 4, 16):
+        tiles = lora_fused.FusedTiles(splits=splits)
+        rows.append((f"fused bwd alone, default tiles, g^T u in {splits} row splits",
+                     timed(lambda x, g, u_, m: lora_fused.lora_fused_backward(g, u_, m, B.detach(), 1.0, tiles),
+                           fused_sets), None))
+
     def concat_keep_fwd_bwd(x, g):
         torch.autograd.grad(ConcatKeep.apply(x, W, b, A, B, 1.0), (x, B), g)
     rows.append(("KeepMerged + u from the base GEMM ([W + s B A; A] stacked; experiment: ConcatKeep)",

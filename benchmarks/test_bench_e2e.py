@@ -17,7 +17,8 @@ LoRA op, Triton ops on GPU), compiled_reference (torch.compile, reference ops), 
 (auto under compile: LoRA as the plain-PyTorch merged arrangement, which inductor traces, and the
 Triton ops), compiled_cpp_lora (the same with the opaque C++ LoRA op, SEGPCL_LORA_COMPILE=cpp) and,
 on CUDA only, cudagraphs_fused (compiled_fused under mode "reduce-overhead": CUDA graphs) and
-bf16text_fused (compiled_fused with run.text_precision=bf16, the text transformer under autocast).
+bf16text_fused (compiled_fused with run.text_precision=bf16, the text transformer under autocast)
+and compiled_triton (compiled, ops backend "triton": the image tower's LoRA layers as fused Triton GEMMs).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
 classes, fp32. GPU: ViT-B/16 with random weights, batch 128 + 128 anchors, 90 old + 10 new classes
 (CIFAR100's last task), bf16 autocast.
@@ -53,8 +54,11 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     # compiled_fused with run.text_precision=bf16 (opt-in): the text transformer under bf16 autocast; the
     # profile found its fp32 GEMMs on SIMT cores, about 7 ms of GPU time a step. CUDA only.
     "bf16text_fused": ("auto", True, {"SEGPCL_BENCH_TEXT_PRECISION": "bf16"}),
+    # compiled, ops backend "triton": the LoRA layers as the fused Triton GEMMs (kernels/lora_fused.py; the
+    # bf16 image tower: the fp32 text tower keeps the merged arrangement). CUDA only.
+    "compiled_triton": ("triton", True, {}),
 }
-CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused"}  # on the CPU they would be compiled_fused again (fp32 there)
+CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton"}  # on the CPU they would be compiled_fused again (fp32 there)
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),

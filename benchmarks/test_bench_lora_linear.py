@@ -38,13 +38,14 @@ VARIANTS = {"segpcl_cpp": {"SEGPCL_LORA_FWD": "merged", "SEGPCL_LORA_BWD": "merg
 MERGED_VARIANTS = {"segpcl_merged_triton_merge": {"SEGPCL_LORA_MERGE": "triton"},
                    "segpcl_merged_overlap": {"SEGPCL_LORA_OVERLAP": "1"},
                    "segpcl_merged_triton_merge_overlap": {"SEGPCL_LORA_MERGE": "triton", "SEGPCL_LORA_OVERLAP": "1"}}
-CUDA_ONLY = {"segpcl_cpp_fused", *MERGED_VARIANTS}
+# segpcl_triton: the fused Triton GEMMs (kernels/lora_fused.py, ops backend "triton"; bf16 on CUDA only)
+CUDA_ONLY = {"segpcl_cpp_fused", *MERGED_VARIANTS, "segpcl_triton"}
 # segpcl_merged: the same merged arrangement in plain PyTorch (lora_b_linear_merged), eager;
 # *_compiled: torch.compile (inductor, default mode) of the layer: segpcl_compiled is what the
 # trainer runs under run.compile (ops backend auto: the merged arrangement, traced by inductor),
 # base_linear_compiled the frozen base nn.Linear compiled the same way.
-IMPLS = [*VARIANTS, "segpcl_merged", *MERGED_VARIANTS, "segpcl_compiled", "reference", "peft_A_frozen",
-         "peft_A_trainable",
+IMPLS = [*VARIANTS, "segpcl_merged", *MERGED_VARIANTS, "segpcl_triton", "segpcl_compiled", "reference",
+         "peft_A_frozen", "peft_A_trainable",
          "base_linear", "base_linear_compiled"]
 
 
@@ -137,10 +138,10 @@ def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
         torch.autograd.grad(layer(x), wrt, g)
         sync()
 
-    with dispatch.backend("auto"):
+    with dispatch.backend("triton" if impl == "segpcl_triton" else "auto"):
         saved = _saved_activation_bytes(layer, x)
-        if impl.startswith("segpcl_cpp"):
-            assert dispatch.last_choice()["lora_b_linear"] == "cpp"
+        if impl.startswith("segpcl_cpp") or impl == "segpcl_triton":
+            assert dispatch.last_choice()["lora_b_linear"] == impl.split("_")[1]
         benchmark.extra_info.update(saved_activation_bytes=saved, tokens=n, n_in=N_IN, n_out=N_OUT, rank=RANK,
                                     dtype=str(_dtype(device)), device=device)
         rounds = 15 if device == "cpu" else 50  # 5 CPU rounds flipped rankings between runs on a shared box

@@ -316,7 +316,7 @@ def default_cases() -> list[Case]:
     """The configurations the ops launch with: paper sizes, the benchmarks' large sizes, the tiny
     model, fp32 and bf16 storage, both teacher forms, one-tile and chunked anchor_kl rows, and the
     merged LoRA weight of ViT-B/16's layers."""
-    from . import anchor_kl, knn_subgraph_kl, lora_merge, pgd_step
+    from . import anchor_kl, knn_subgraph_kl, lora_fused, lora_merge, pgd_step
 
     meta = torch.device("meta")
     f32, bf16 = torch.float32, torch.bfloat16
@@ -370,6 +370,21 @@ def default_cases() -> list[Case]:
         for dtype in (f32, bf16):
             cases.append(Case(f"lora_merged_weight {n_out}x{n_in} r{rank} {_name(dtype)}",
                               merge(n_out, n_in, rank, dtype)))
+
+    def fused(tokens, n_in, n_out, rank, dtype):
+        x = torch.empty(tokens, n_in, dtype=dtype, device=meta)
+        w, bias = torch.empty(n_out, n_in, dtype=dtype, device=meta), torch.empty(n_out, dtype=dtype, device=meta)
+        a, b = torch.empty(rank, n_in, dtype=dtype, device=meta), torch.empty(n_out, rank, dtype=dtype, device=meta)
+
+        def run():
+            _, u, merged = lora_fused.lora_fused_forward(x, w, bias, a, b, 2.0)
+            lora_fused.lora_fused_backward(torch.empty(tokens, n_out, dtype=dtype, device=meta), u, merged, b, 2.0)
+        return run
+
+    for tokens, n_in, n_out, rank in ((128 * 197, 768, 3072, 32), (128 * 197, 3072, 768, 32), (4096, 512, 512, 8)):
+        for dtype in (bf16, torch.float16):
+            cases.append(Case(f"lora_fused {tokens}x{n_in}->{n_out} r{rank} {_name(dtype)}",
+                              fused(tokens, n_in, n_out, rank, dtype)))
     return cases
 
 

@@ -1,19 +1,22 @@
 """LoRA-B-only linear: y = x W^T + b + s * (x A^T) B^T, with W, b, A frozen and only B trained.
 
-`lora_b_linear` is the one function every LoRA layer calls. Three implementations, one result:
+`lora_b_linear` is the one function every LoRA layer calls. Four implementations, one result:
 
+- "triton": `kernels/lora_fused.py`, the merged arrangement as two Triton GEMMs with u = x A^T and
+  g^T u folded into their launches (opt-in: backend "triton");
 - "cpp": the C++/CUDA op `torch.ops.segpcl.lora_b_linear_fwd` (csrc/, built as segpcl_fast._C),
   GEMM arrangement chosen by SEGPCL_LORA_FWD / SEGPCL_LORA_BWD (default merged);
 - "merged": `lora_b_linear_merged`, the merged arrangement y = x (W + s B A)^T + b written in plain
   PyTorch (an autograd.Function of aten ops, which torch.compile traces);
 - "reference": `lora_b_linear_reference`, the formula as written (the spec).
 
-"cpp" and "merged" save u = x A^T (N x r) for backward instead of x (N x in) and return gradients
+"triton", "cpp" and "merged" save u = x A^T (N x r) for backward instead of x (N x in) and return gradients
 for x and B only: W, b and A are frozen, and every path refuses them requiring grad (one error,
 not a silently missing gradient). `dispatch.last_choice()` says which ran.
 
-Backends (dispatch.set_backend): "auto" (and "triton": this op has no Triton kernel) pick per call
-(`lora_b_linear_impl`); "cpp" requires the C++ op (error otherwise); "reference" forces the formula.
+Backends (dispatch.set_backend): "auto" and "triton" pick per call (`lora_b_linear_impl`; "triton"
+takes the fused Triton GEMMs where they run); "cpp" requires the C++ op (error otherwise);
+"reference" forces the formula.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from ._ext import extension_status, has_kernel
 from ._kernels import _utils, load_kernel
 
 load_kernel("lora_merge")  # registers segpcl::lora_merged_weight (SEGPCL_LORA_MERGE=triton)
+_fused = load_kernel("lora_fused")  # registers segpcl::lora_fused_fwd / _bwd (backend "triton")
 
 __all__ = ["lora_b_linear", "lora_b_linear_reference", "lora_b_linear_merged", "lora_b_linear_impl",
            "extension_status"]
@@ -234,17 +238,23 @@ def _needs_grad_B(lora_B: torch.Tensor) -> bool:
 
 def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
                        compiling: Optional[bool] = None) -> str:
-    """Which implementation `lora_b_linear` runs for this input: "cpp", "merged" or "reference".
+    """Which implementation `lora_b_linear` runs for this input: "triton", "cpp", "merged" or "reference".
     `compiling` (default: whether torch.compile is tracing now) asks for the traced choice.
 
-    "auto" (and "triton") take the C++ op in eager mode where it has a kernel for x's device, and
-    the plain-PyTorch merged arrangement under torch.compile (inductor traces it and fuses the bias
-    and its neighbours into the GEMMs; the C++ op is opaque to it), where the C++ op cannot run, and
-    where B needs no gradient (then merged is one GEMM and computes no u; the C++ op always does).
+    "auto" takes the C++ op in eager mode where it has a kernel for x's device, and the plain-PyTorch
+    merged arrangement under torch.compile (inductor traces it and fuses the bias and its neighbours
+    into the GEMMs; the C++ op is opaque to it), where the C++ op cannot run, and where B needs no
+    gradient (then merged is one GEMM and computes no u; the C++ op always does).
+    "triton" takes the fused Triton GEMMs (kernels/lora_fused.py: u and g^T u folded into the two
+    GEMMs' launches) where they run (bf16 / fp16 on CUDA, after autocast; the CPU under
+    TRITON_INTERPRET=1) and B needs a gradient, eager or compiled; elsewhere what "auto" takes.
+    Opt-in until a GPU has timed it against the others.
     """
     name = dispatch.get_backend()
     if name == "reference":
         return "reference"
+    if name == "triton" and (lora_B is None or _needs_grad_B(lora_B)) and _fused_runs(x):
+        return "triton"
     if name == "cpp":
         if has_kernel(x.device.type):
             return "cpp"
@@ -259,6 +269,11 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
     if torch.compiler.is_compiling() if compiling is None else compiling:
         return compiled_impl()
     return "cpp"
+
+
+def _fused_runs(x: torch.Tensor) -> bool:
+    """Whether the fused Triton LoRA kernels take x (its dtype after autocast)."""
+    return _utils.HAS_TRITON and _fused.fused_supported(x.device, _autocast_dtype(x.device.type) or x.dtype)
 
 
 def compiled_impl() -> str:
@@ -303,5 +318,7 @@ def lora_b_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return lora_b_linear_merged(x, weight, bias, lora_A, lora_B, scaling)
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])
     _check_args(x, weight, bias, lora_A, lora_B)
+    if impl == "triton":
+        return _fused.lora_b_linear_fused(x, weight, bias, lora_A, lora_B, scaling)
     y, _u = torch.ops.segpcl.lora_b_linear_fwd(x, weight, bias, lora_A, lora_B, float(scaling))
     return y

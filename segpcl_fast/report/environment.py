@@ -68,8 +68,10 @@ def _impl_or_error(choose) -> str:
 
 def _lora_impls(device: str) -> dict:
     from ..ops.lora_linear import lora_b_linear_impl
-    x = torch.empty(0, device=device)
-    trained_B = torch.empty(0, device=device, requires_grad=True)
+    # a GPU trains in bf16 (run.precision's default there): the fused Triton path takes bf16 / fp16 only
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    x = torch.empty(0, device=device, dtype=dtype)
+    trained_B = torch.empty(0, device=device, dtype=dtype, requires_grad=True)
     with torch.enable_grad():
         return {"training": _impl_or_error(lambda: lora_b_linear_impl(x, trained_B, compiling=False)),
                 "frozen_B": _impl_or_error(lambda: lora_b_linear_impl(x, trained_B.detach(), compiling=False)),

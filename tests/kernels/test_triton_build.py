@@ -24,7 +24,9 @@ cpu_side = pytest.mark.skipif(torch.cuda.is_available(), reason="the check stand
                               "holds the check to the driver, so this would only spend device time")
 needs_binder = pytest.mark.skipif(check_build.binder_available() is not None,
                                   reason=f"{check_build.binder_available()}: the check cannot bind arguments")
-KERNEL_MODULES = ("pgd_step", "anchor_kl", "knn_subgraph_kl")
+# every kernel module of the package (a new one is covered without editing this list)
+KERNEL_MODULES = tuple(sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "segpcl_fast" / "kernels")
+                              .glob("*.py") if not p.stem.startswith("_") and p.stem != "check_triton_build"))
 
 
 def _compile_env():
@@ -60,7 +62,8 @@ def test_every_kernel_compiles_and_fits_on_sm89_and_sm90(tmp_path):
     compiled = {(k["kernel"], k["arch"]) for k in data["kernels"]}
     expected = _launched_kernels()
     assert expected == {"_pgd_step_kernel", "_anchor_kl_kernel", "_anchor_kl_chunked_kernel",
-                        "_knn_kl_fwd_kernel", "_knn_kl_bwd_kernel"}
+                        "_knn_kl_fwd_kernel", "_knn_kl_bwd_kernel", "_lora_merge_kernel", "_lora_fwd_kernel",
+                        "_lora_bwd_kernel"}
     assert compiled == {(name, arch) for name in expected for arch in (89, 90)}
     for k in data["kernels"]:
         assert k["registers"] > 0 and k["num_warps"] in (1, 2, 4, 8, 16) and 0 < k["occupancy"] <= 1, k

@@ -1,0 +1,126 @@
+"""The fused Triton LoRA-B linear (kernels/lora_fused.py, backend "triton") against the reference:
+values, both gradients, the g^T u splits, determinism, saved tensors, opcheck, torch.compile."""
+import pytest
+import torch
+
+from segpcl_fast import ops
+from segpcl_fast.ops import lora_linear
+from segpcl_fast.ops._kernels import load_kernel
+
+fused = load_kernel("lora_fused")
+
+
+def _layer(lead, n_in, n_out, rank, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, n_in, generator=g)
+    w = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
+    b = torch.randn(n_out, generator=g) if bias else None
+    a = torch.randn(rank, n_in, generator=g) / n_in ** 0.5
+    lb = torch.randn(n_out, rank, generator=g) * 0.3
+    to = dict(device=device, dtype=dtype)
+    return (x.to(**to).requires_grad_(), w.to(**to), None if b is None else b.to(**to), a.to(**to),
+            lb.to(**to).requires_grad_())
+
+
+def _dt(device):
+    """fp32 under the interpreter; bf16 on CUDA (there fp32 runs the merged arrangement)."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def _tol(device):
+    return dict(rtol=1e-4, atol=1e-5) if device == "cpu" else dict(rtol=2e-2, atol=2e-2)
+
+
+def _fwd_bwd(fn, x, w, b, a, lb, scaling=0.5):
+    y = fn(x, w, b, a, lb, scaling)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y)
+    grads = torch.autograd.grad(y, [t for t in (x, lb) if t.requires_grad], g)
+    return (y, *grads)
+
+
+@pytest.mark.parametrize("lead,n_in,n_out,rank", [((3, 37), 48, 40, 5), ((1,), 20, 70, 16), ((), 33, 17, 1),
+                                                  ((130,), 64, 96, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(lead, n_in, n_out, rank, dtype, bias, device, triton_backend):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("on CUDA the fused kernels take bf16 / fp16 (fp32 runs the merged arrangement)")
+    args = _layer(lead, n_in, n_out, rank, dtype, device, bias)
+    got = _fwd_bwd(lora_linear.lora_b_linear, *args)
+    assert ops.last_choice()["lora_b_linear"] == "triton"
+    want = _fwd_bwd(lora_linear.lora_b_linear_reference, *args)
+    truth = _fwd_bwd(lora_linear.lora_b_linear_reference, *[None if t is None else t.detach().double()
+                                                            .requires_grad_(t.requires_grad) for t in args])
+    for ours, ref, exact in zip(got, want, truth):
+        assert ours.dtype == dtype and ours.shape == ref.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+        else:  # bf16 storage: no further from the float64 truth than the reference's own rounding allows
+            err = (ours.double() - exact).abs().max().item()
+            ref_err = (ref.double() - exact).abs().max().item()
+            assert err <= 2.0 * ref_err + 1e-2 * exact.abs().max().item(), (err, ref_err)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_g_t_u_splits_and_determinism(splits, device):
+    """grad_B from one split (written by the side programs, scaled and rounded there) and from several
+    (fp32 partials summed afterwards) are the same product; a repeat is bit-identical (no atomics)."""
+    x, w, b, a, lb = _layer((150,), 40, 56, 6, _dt(device), device, seed=1)
+    y, u, merged = fused.lora_fused_forward(x.detach(), w, b, a, lb.detach(), 0.5)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
+    tiles = fused.FusedTiles(block_m=32, block_n=32, block_k=32, block_o=32, group_m=2, num_warps=4, num_stages=1,
+                             splits=splits)
+    grad_x, grad_B = fused.lora_fused_backward(g, u, merged, lb.detach(), 0.5, tiles)
+    again = fused.lora_fused_backward(g, u, merged, lb.detach(), 0.5, tiles)
+    assert torch.equal(grad_x, again[0]) and torch.equal(grad_B, again[1])
+    f = torch.float32
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad_x.to(f), g.to(f) @ merged.to(f), **tol)
+    torch.testing.assert_close(grad_B.to(f), 0.5 * g.to(f).T @ u.to(f), **tol)
+    torch.testing.assert_close(u.to(f), x.detach().to(f) @ a.to(f).T, **tol)
+    torch.testing.assert_close(merged.to(f), w.to(f) + 0.5 * lb.detach().to(f) @ a.to(f), **tol)
+
+
+def test_saves_u_not_x_and_partial_gradients(device, triton_backend):
+    """Autograd keeps u (N x r) and the merged weight, never x; grad_x alone and grad_B alone (a
+    tower's first layer: x needs none) take their own products."""
+    x, w, b, a, lb = _layer((200,), 64, 48, 4, _dt(device), device, seed=3)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora_linear.lora_b_linear(x, w, b, a, lb, 0.5)
+    assert sorted(tuple(t.shape) for t in saved) == sorted([(200, 4), (48, 64), (48, 4)])
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved)
+    g = torch.randn_like(y)
+    want_x, want_B = torch.autograd.grad(lora_linear.lora_b_linear_reference(x, w, b, a, lb, 0.5), (x, lb), g)
+    (only_x,) = torch.autograd.grad(lora_linear.lora_b_linear(x, w, b, a, lb, 0.5), (x,), g)
+    (only_B,) = torch.autograd.grad(lora_linear.lora_b_linear(x.detach(), w, b, a, lb, 0.5), (lb,), g)
+    torch.testing.assert_close(only_x, want_x, **_tol(device))
+    torch.testing.assert_close(only_B, want_B, **_tol(device))
+
+
+def test_dispatch_takes_it_only_where_it_runs_and_b_trains(device, triton_backend):
+    x, w, b, a, lb = _layer((8,), 16, 24, 4, _dt(device), device)
+    with torch.no_grad():  # no gradient for B: the merged arrangement's one GEMM
+        lora_linear.lora_b_linear(x, w, b, a, lb, 0.5)
+    assert ops.last_choice()["lora_b_linear"] == "merged"
+    lora_linear.lora_b_linear(*_layer((8,), 16, 24, 4, torch.float64, device), 0.5)  # float64: not the fused path
+    assert ops.last_choice()["lora_b_linear"] != "triton"
+    x, w, b, a, lb = _layer((8,), 16, 24, 4, torch.float32, device)
+    with torch.autocast(device, dtype=torch.bfloat16):  # fp32 x, cast like F.linear: the fused path in bf16
+        y = lora_linear.lora_b_linear(x, w, b, a, lb, 0.5)
+    assert ops.last_choice()["lora_b_linear"] == "triton" and y.dtype == torch.bfloat16
+
+
+def test_opcheck_empty_batch_and_compile(device, triton_backend, graph_breaks):
+    x, w, b, a, lb = _layer((6,), 16, 24, 4, _dt(device), device)
+    torch.library.opcheck(torch.ops.segpcl.lora_fused_fwd.default, (x, w, b, a, lb, 0.5))
+    torch.library.opcheck(torch.ops.segpcl.lora_fused_fwd.default, (x.detach(), w, None, a, lb.detach(), 0.5))
+    y, u, merged = torch.ops.segpcl.lora_fused_fwd(x.detach(), w, b, a, lb.detach(), 0.5)
+    torch.library.opcheck(torch.ops.segpcl.lora_fused_bwd.default, (torch.randn_like(y), u, merged, lb.detach(), 0.5))
+    empty = _fwd_bwd(lora_linear.lora_b_linear, x[:0].detach().requires_grad_(), w, b, a, lb)
+    assert empty[0].shape == (0, 24) and empty[1].shape == (0, 16) and (empty[2] == 0).all()
+    compiled = torch.compile(lora_linear.lora_b_linear, fullgraph=True, backend="aot_eager")
+    got = _fwd_bwd(compiled, x, w, b, a, lb)
+    assert graph_breaks() == 0
+    for ours, ref in zip(got, _fwd_bwd(lora_linear.lora_b_linear_reference, x, w, b, a, lb)):
+        torch.testing.assert_close(ours, ref, **_tol(device))
