@@ -72,6 +72,27 @@ def _tile(ptr, rows, cols, stride_rows, stride_cols, rows_ok, cols_ok, DOT_FP32:
 
 
 @lazy_jit
+def _gemm_tile(a_ptr, b_ptr, tile, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+               DOT_FP32: tl.constexpr):
+    """GEMM tile `tile` of A (M x K) @ B (K x N), both read through their strides: (fp32 accumulator,
+    its rows, its columns, their masks)."""
+    pid_m, pid_n = _tile_mn(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        acc = tl.dot(_tile(a_ptr, offs_m, kk, stride_am, stride_ak, m_ok, k_ok, DOT_FP32),
+                     _tile(b_ptr, kk, offs_n, stride_bk, stride_bn, k_ok, n_ok, DOT_FP32), acc)
+    return acc, offs_m, offs_n, m_ok, n_ok
+
+
+@lazy_jit
 def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, u_ptr, M, N, K, R,
                      stride_x, stride_w, stride_a, stride_y, stride_u,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -80,33 +101,15 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, u_ptr, M, N, K, R,
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     side, side_idx, tile = _is_side(pid, num_pid_m * num_pid_n, num_pid_m)
-    offs_k = tl.arange(0, BLOCK_K)
     # (the compiler wants a name bound in both branches to have one type: each branch has its own)
-    if side:  # u[m block] = x[m block] A^T
-        offs_m = side_idx.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_r = tl.arange(0, BLOCK_R)
-        m_ok = offs_m < M
-        r_ok = offs_r < R
-        acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < K
-            acc_u = tl.dot(_tile(x_ptr, offs_m, kk, stride_x, 1, m_ok, k_ok, DOT_FP32),
-                           _tile(a_ptr, kk, offs_r, 1, stride_a, k_ok, r_ok, DOT_FP32), acc_u)
+    if side:  # u[m block] = x[m block] A^T: a GEMM of one column block (r <= BLOCK_R)
+        acc_u, offs_m, offs_r, m_ok, r_ok = _gemm_tile(x_ptr, a_ptr, side_idx, M, R, K, stride_x, 1, 1, stride_a,
+                                                       BLOCK_M, BLOCK_R, BLOCK_K, 1, DOT_FP32)
         tl.store(u_ptr + offs_m[:, None] * stride_u + offs_r[None, :], acc_u.to(u_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & r_ok[None, :])
-    else:  # y tile = x W'^T + b
-        pid_m, pid_n = _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M)
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < K
-            acc = tl.dot(_tile(x_ptr, offs_m, kk, stride_x, 1, m_ok, k_ok, DOT_FP32),
-                         _tile(w_ptr, kk, offs_n, 1, stride_w, k_ok, n_ok, DOT_FP32), acc)
+    else:  # y tile = x W'^T + b (W' is (N, K): its transpose read through the strides)
+        acc, offs_m, offs_n, m_ok, n_ok = _gemm_tile(x_ptr, w_ptr, tile, M, N, K, stride_x, 1, 1, stride_w,
+                                                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_FP32)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -144,18 +147,8 @@ def _lora_bwd_kernel(g_ptr, w_ptr, u_ptr, gx_ptr, part_ptr, M, N, K, R, rows_per
         else:
             tl.store(out, acc_gu, mask=o_ok[:, None] & r_ok[None, :])
     else:  # grad_x tile = g W'
-        pid_m, pid_n = _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M)
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < K
-            acc = tl.dot(_tile(g_ptr, offs_m, kk, stride_g, 1, m_ok, k_ok, DOT_FP32),
-                         _tile(w_ptr, kk, offs_n, stride_w, 1, k_ok, n_ok, DOT_FP32), acc)
+        acc, offs_m, offs_n, m_ok, n_ok = _gemm_tile(g_ptr, w_ptr, tile, M, N, K, stride_g, 1, stride_w, 1,
+                                                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_FP32)
         tl.store(gx_ptr + offs_m[:, None] * stride_gx + offs_n[None, :], acc.to(gx_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
