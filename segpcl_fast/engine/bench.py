@@ -3,12 +3,16 @@
 `build_step(...)` sets up a model with LoRA-B, a Learner in the state of a mid-run task (old and
 new classes, an anchor cache, the TSGR graph; random tensors stand in for what stage 1 would have
 cached: they cost the same) and returns a `Step`: calling it runs exactly the trainer's step
-(Learner.loss with the image tower at the given precision, backward, SGD) on fixed random images.
+(`Trainer.train_step`: Learner.loss with the image tower at the given precision, backward, the
+gradient norm and the finiteness check, SGD) on fixed random images, and reads the previous step's
+outcome after queueing its own, as the trainer's loop does.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +24,8 @@ from ..method.learner import Learner
 from ..model.clip import load_model
 from ..model.lora import inject_lora
 from .flops import StepShape
-from .trainer import make_optimizer
+from .distributed import DistContext
+from .trainer import Trainer, make_optimizer
 
 _WORDS = ("red", "green", "striped", "small", "round", "wooden", "spotted", "large", "metal", "blue")
 
@@ -78,12 +83,17 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     model.train()
     model.image_autocast = torch.bfloat16 if precision == "bf16" else None  # as trainer.build_model sets it
 
+    # what Trainer.train_step reads of its trainer, for one process
+    runner = SimpleNamespace(cfg=cfg, device=device, learner=learner, lora_params=params, grad_sync=None,
+                             dist=DistContext())
+    previous, steps = [], itertools.count()
+
     def run() -> torch.Tensor:
-        loss, _ = learner.loss(images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        outcome = Trainer.train_step(runner, optimizer, images, labels, cfg.optim.lr, next(steps), 1, n_images)
+        if previous:
+            previous.pop().values(cfg)  # the trainer's loop: the last step's outcome, read after queueing this one
+        previous.append(outcome)
+        return outcome.loss
 
     tokens = model.tokenize([p for plist in prompts for p in plist])
     text_len = int(tokens.argmax(dim=-1).max()) + 1

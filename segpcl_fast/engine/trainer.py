@@ -146,8 +146,19 @@ def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:
     kwargs = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     on_cuda = params and params[0].is_cuda
     if o.fused in ("auto", "apex") and on_cuda:
-        return torch.optim.SGD(params, fused=True, **kwargs)
+        return _with_momentum_buffers(torch.optim.SGD(params, fused=True, **kwargs))
     return torch.optim.SGD(params, foreach=True, **kwargs)
+
+
+def _with_momentum_buffers(optimizer: torch.optim.SGD) -> torch.optim.SGD:
+    """Zero momentum buffers made up front. torch's fused SGD makes a buffer uninitialised at a
+    parameter's first step and, when found_inf skips that step, keeps the garbage for the next (seen on
+    torch 2.14); from zeros, the first update is the same: buf = momentum * 0 + grad = grad."""
+    for group in optimizer.param_groups:
+        if group["momentum"] != 0:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
@@ -347,16 +358,29 @@ class Trainer:
         losses, epochs = [], []
         bar = _progress(total_steps, f"task {t + 1}/{self.scenario.num_tasks}", c.run.progress and self.dist.is_main)
         self.model.train()
-        for step, (images, labels) in enumerate(_train_loader(train_ds, c, task_seed, self.dist, total_steps)):
-            b = step % steps_per_epoch  # the global batch's place in its epoch
-            global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
-            parts = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
+        def record(step: int, done) -> None:
+            # a StepOutcome raises FloatingPointError for a non-finite step (its update was skipped)
+            parts = done.values(c) if isinstance(done, StepOutcome) else done
             losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
             epochs.append(step // steps_per_epoch)
             if bar is not None:
                 bar.update(1)
                 if parts:
                     bar.set_postfix({k: f"{round(v, 3) + 0.0:.3f}" for k, v in parts.items()})  # no "-0.000"
+
+        # a step's outcome is read back while the next step's kernels are queued (`StepOutcome`): with
+        # torch's fused SGD the device skips a non-finite update itself, so no step waits for its own
+        # results (elsewhere train_step reads them before the update, as it always did)
+        pending = None
+        for step, (images, labels) in enumerate(_train_loader(train_ds, c, task_seed, self.dist, total_steps)):
+            b = step % steps_per_epoch  # the global batch's place in its epoch
+            global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
+            outcome = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
+            if pending is not None:
+                record(*pending)
+            pending = (step, outcome)
+        if pending is not None:
+            record(*pending)
         if bar is not None:
             bar.close()
         timings["train_s"] = time.perf_counter() - t1
@@ -380,8 +404,16 @@ class Trainer:
         return info
 
     def train_step(self, optimizer, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int, t: int,
-                   global_n: int) -> dict:
-        """One SGD step on this rank's part of a global batch of `global_n` images; returns the loss parts.
+                   global_n: int) -> "StepOutcome":
+        """One SGD step on this rank's part of a global batch of `global_n` images; returns its outcome
+        (`StepOutcome.values(cfg)`: the loss parts as floats, or the FloatingPointError of a non-finite step).
+
+        Non-finite loss terms or LoRA-B gradients never reach the weights. With torch's fused SGD
+        (CUDA's default) the check runs on the device: the optimizer's found_inf flag (what AMP's
+        GradScaler uses) makes the fused kernel skip the whole update, momentum included, and nothing
+        here waits for the GPU; the outcome is read when the caller asks, after it has queued the next
+        step. Otherwise (foreach SGD, apex) the outcome is read here, before the update: a host sync,
+        free on the CPU.
 
         Under DDP the local loss is weighted by n_local * world / global_n before the averaging
         all-reduce, so the L_cls and L_GR parts of the update equal the single-process update on the
@@ -396,16 +428,17 @@ class Trainer:
             self.grad_sync.prepare()
         else:
             optimizer.zero_grad(set_to_none=True)
-        parts = {}
+        parts, loss = {}, None
+        on_device = skips_nonfinite_on_device(optimizer)
         if n_local:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with record_function("student_forward_losses"):
                 loss, parts = self.learner.loss(images, labels)
-            _check_finite(loss, parts, step, t, c)
-            if self.grad_sync is not None:
-                loss = loss * (n_local * self.dist.world_size / global_n)
+            if not on_device:
+                _check_finite(loss, parts, step, t, c)
+            weighted = loss * (n_local * self.dist.world_size / global_n) if self.grad_sync is not None else loss
             with record_function("backward"):
-                loss.backward()
+                weighted.backward()
         if self.grad_sync is not None:
             with record_function("grad_sync"):
                 self.grad_sync.finish()
@@ -414,13 +447,17 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
             else:
                 grad_norm = _grad_norm(self.lora_params)
-            # the step's host sync, before the update: non-finite gradients never reach the weights
-            # (what the GPU loses is the launch of the few foreach kernels of SGD, a few microseconds)
-            values = {k: float(v.detach()) for k, v in parts.items()}
-            if not math.isfinite(float(grad_norm)):
-                _raise_nonfinite_grad(values, step, t, c)
-            optimizer.step()
-        return values
+            outcome = StepOutcome(step, t, parts, loss, grad_norm)
+            if on_device:
+                optimizer.found_inf = outcome.nonfinite()  # 1: the fused kernel leaves weights and momentum
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.found_inf
+            else:
+                outcome.values(c)  # the host sync, before the update: raises for a non-finite step
+                optimizer.step()
+        return outcome
 
     def _moved_paths(self, saved: dict) -> dict:
         """results.json's file paths, written absolute where the run was: under this output dir now (a
@@ -601,6 +638,43 @@ def _check_ops_backend(name: str, device: torch.device) -> None:
     if env and env != name:
         log.warning("SEGPCL_OPS=%s is not what this run uses: a run takes run.ops (%s here); set --set run.ops=%s "
                     "(or run.ops in the config) to run it", env, name, env)
+
+
+class StepOutcome:
+    """A training step's loss parts and finiteness, on the device until `values` reads them (once).
+
+    values(cfg): {term: float}, or FloatingPointError naming the step and the term (a non-finite
+    loss term: `_check_finite`'s message; finite terms but non-finite gradients: one term's backward
+    overflowed)."""
+
+    def __init__(self, step: int, t: int, parts: dict, loss: Optional[torch.Tensor], grad_norm: torch.Tensor):
+        self.step, self.t = step, t
+        self.loss = None if loss is None else loss.detach()  # the total loss, on the device (a scalar)
+        self._parts, self._loss, self._grad_norm = parts, loss, grad_norm
+        self._values: Optional[dict] = None
+
+    def nonfinite(self) -> torch.Tensor:
+        """1.0 (fp32 scalar, on the gradients' device) when the loss or the gradient norm is not finite."""
+        finite = torch.isfinite(self._grad_norm)
+        if self._loss is not None:
+            finite = finite & torch.isfinite(self._loss.detach())
+        return (~finite).float()
+
+    def values(self, cfg: Config) -> dict:
+        if self._values is None:
+            if self._loss is not None:
+                _check_finite(self._loss, self._parts, self.step, self.t, cfg)
+            values = {k: float(v.detach()) for k, v in self._parts.items()}
+            if not math.isfinite(float(self._grad_norm)):
+                _raise_nonfinite_grad(values, self.step, self.t, cfg)
+            self._values = values
+            self._parts = self._loss = self._grad_norm = None  # nothing on the device kept past the read
+        return self._values
+
+
+def skips_nonfinite_on_device(optimizer) -> bool:
+    """torch's fused SGD: its kernel reads the optimizer's found_inf flag and skips the update itself."""
+    return isinstance(optimizer, torch.optim.SGD) and bool(optimizer.defaults.get("fused"))
 
 
 def _grad_norm(params: list) -> torch.Tensor:

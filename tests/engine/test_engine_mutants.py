@@ -111,7 +111,7 @@ def test_ddp_loss_weighting_makes_the_averaged_gradient_the_global_batch_gradien
     for rank in range(2):
         tr = _stub_trainer(w, rank=rank, world=2)
         idx = ddp.shard_slice(list(range(n)), rank, 2)
-        parts = Trainer.train_step(tr, _NoStep(), x[idx], y[idx], 0.1, 0, 0, global_n=n)
+        parts = Trainer.train_step(tr, _NoStep(), x[idx], y[idx], 0.1, 0, 0, global_n=n).values(tr.cfg)
         assert tr.grad_sync.finished == 1  # an empty shard still joins the all-reduce
         assert tr.learner.calls == (1 if idx else 0) and (parts == {}) == (not idx)
         per_rank.append(tr.grad_sync.grads[0])
@@ -133,6 +133,93 @@ def test_train_step_sets_the_scheduled_lr_on_the_optimizer():
     grad, = torch.autograd.grad(((x @ w - y.float()) ** 2).mean(), w)
     Trainer.train_step(tr, torch.optim.SGD([w], lr=0.0), x, y, 0.25, 1, 0, global_n=1)
     torch.testing.assert_close(w.detach(), before - 0.25 * grad)
+
+
+def _fused_sgd(w, **kw):
+    """torch's fused SGD as make_optimizer builds it on CUDA (zero momentum buffers up front); on the CPU
+    here, where its found_inf flag works the same way."""
+    from segpcl_fast.engine.trainer import _with_momentum_buffers
+    return _with_momentum_buffers(torch.optim.SGD([w], fused=True, **kw))
+
+
+def test_fused_sgd_steps_check_on_the_device_and_equal_the_synchronous_ones(monkeypatch):
+    """With fused SGD a step reads nothing back before its update (the caller reads its outcome after
+    queueing the next step); its updates equal the synchronous path's (foreach SGD, outcome read before
+    the update), momentum and weight decay included."""
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    w_dev, w_sync = torch.nn.Parameter(torch.randn(3)), None
+    w_sync = torch.nn.Parameter(w_dev.detach().clone())
+    tr_dev, tr_sync = _stub_trainer(w_dev, sync=False), _stub_trainer(w_sync, sync=False)
+    opt_dev, opt_sync = _fused_sgd(w_dev, **kw), torch.optim.SGD([w_sync], foreach=True, **kw)
+    reads = []
+    for name in ("__float__", "__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+    outcomes = []
+    for step in range(3):
+        outcomes.append(Trainer.train_step(tr_dev, opt_dev, x, y, 0.1, step, 0, global_n=4))
+        assert reads == [], reads  # nothing read back: the GPU would keep its queue
+        Trainer.train_step(tr_sync, opt_sync, x, y, 0.1, step, 0, global_n=4)
+        reads.clear()
+    monkeypatch.undo()
+    torch.testing.assert_close(w_dev.detach(), w_sync.detach(), rtol=1e-6, atol=1e-7)
+    assert [o.values(tr_dev.cfg)["cls"] > 0 for o in outcomes] == [True] * 3
+
+
+class _PoisonedLearner(_LinearLearner):
+    """From step `bad_from` on: a NaN loss (nan_loss) or a finite loss whose gradient is not finite."""
+
+    def __init__(self, w, bad_from, nan_loss):
+        super().__init__(w)
+        self.bad_from, self.nan_loss = bad_from, nan_loss
+
+    def loss(self, images, labels):
+        self.calls += 1
+        if self.calls - 1 < self.bad_from:
+            return super().loss(images, labels)
+        loss = (self.w * float("nan")).sum() if self.nan_loss else (self.w - self.w.detach()).abs().sqrt().sum()
+        return loss, {"cls": loss}
+
+
+@pytest.mark.parametrize("nan_loss", [True, False])
+def test_a_non_finite_step_is_skipped_on_the_device_and_raised_when_read(nan_loss):
+    """The fused kernel leaves weights and momentum as they were when the step's loss or gradient is
+    not finite; reading the step's outcome raises the error the synchronous path raises, naming it."""
+    torch.manual_seed(2)
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    w = torch.nn.Parameter(torch.randn(3))
+    tr = _stub_trainer(w, sync=False)
+    tr.learner = _PoisonedLearner(w, bad_from=1, nan_loss=nan_loss)
+    opt = _fused_sgd(w, lr=0.1, momentum=0.9)
+    Trainer.train_step(tr, opt, x, y, 0.1, 0, 0, global_n=4).values(tr.cfg)
+    before, buf = w.detach().clone(), opt.state[w]["momentum_buffer"].clone()
+    bad = Trainer.train_step(tr, opt, x, y, 0.1, 1, 0, global_n=4)
+    assert torch.equal(w.detach(), before) and torch.equal(opt.state[w]["momentum_buffer"], buf)
+    assert not hasattr(opt, "found_inf")  # the flag is the step's own
+    message = "loss is nan at task 1, step 1" if nan_loss else "LoRA B gradients are not finite at task 1, step 1"
+    with pytest.raises(FloatingPointError, match=message):
+        bad.values(tr.cfg)
+
+
+def test_a_skipped_first_step_leaves_no_momentum_behind(monkeypatch):
+    """torch's fused SGD makes its momentum buffer uninitialised at the first step (torch.empty_like)
+    and keeps it when found_inf skips that step; make_optimizer's zero buffers make the next step a
+    clean first step. empty_like is made to return NaNs, so leftover garbage cannot pass as zeros."""
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    w, fresh = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    tr = _stub_trainer(w, sync=False)
+    tr.learner = _PoisonedLearner(w, bad_from=0, nan_loss=True)
+    opt = _fused_sgd(w, lr=0.1, momentum=0.9)
+    Trainer.train_step(tr, opt, x, y, 0.1, 0, 0, global_n=4)  # skipped on the device
+    tr.learner = _LinearLearner(w)
+    Trainer.train_step(tr, opt, x, y, 0.1, 1, 0, global_n=4).values(tr.cfg)
+    tr_fresh = _stub_trainer(fresh, sync=False)
+    Trainer.train_step(tr_fresh, torch.optim.SGD([fresh], lr=0.1, momentum=0.9), x, y, 0.1, 0, 0, global_n=4)
+    assert torch.equal(w.detach(), fresh.detach()) and torch.equal(opt.state[w]["momentum_buffer"], fresh.grad)
 
 
 def test_optimizer_applies_weight_decay_and_momentum():
