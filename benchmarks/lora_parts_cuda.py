@@ -11,6 +11,7 @@ a memory floor for the memory-bound pieces).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 
@@ -83,6 +84,21 @@ def split_k_gtu(g, u, splits):
     return total.to(g.dtype)
 
 
+@contextlib.contextmanager
+def environment(**values):
+    """Environment variables set inside, their earlier values (or absence) restored after, also on an error."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def timed(fn, sets, warmup=10, runs=50):
     for i in range(warmup):
         fn(*sets[i % len(sets)])
@@ -130,19 +146,16 @@ def main():
         torch.autograd.grad(KeepMerged.apply(x, W, b, A, B, 1.0), (x, B), g)
     rows.append(("plain-PyTorch merged fwd+bwd (lora_b_linear_merged, eager; W + s B A kept)",
                  timed(merged_fwd_bwd, sets), None))
-    os.environ["SEGPCL_LORA_MERGED_BACKWARD"] = "recompute"
-    rows.append(("the same, W + s B A formed again in backward (SEGPCL_LORA_MERGED_BACKWARD=recompute)",
-                 timed(merged_fwd_bwd, sets), None))
-    os.environ.pop("SEGPCL_LORA_MERGED_BACKWARD")
+    with environment(SEGPCL_LORA_MERGED_BACKWARD="recompute"):
+        rows.append(("the same, W + s B A formed again in backward (SEGPCL_LORA_MERGED_BACKWARD=recompute)",
+                     timed(merged_fwd_bwd, sets), None))
     rows.append(("the same, W + s B A kept for backward (experiment: KeepMerged)", timed(kept_fwd_bwd, sets), None))
     opt_in = [("W + s B A by the Triton kernel (SEGPCL_LORA_MERGE=triton)", {"SEGPCL_LORA_MERGE": "triton"}),
               ("u and g^T u on a second stream (SEGPCL_LORA_OVERLAP=1)", {"SEGPCL_LORA_OVERLAP": "1"}),
               ("both", {"SEGPCL_LORA_MERGE": "triton", "SEGPCL_LORA_OVERLAP": "1"})]
     for name, env in opt_in:
-        os.environ.update(env)
-        rows.append((f"lora_b_linear_merged, {name}", timed(merged_fwd_bwd, sets), None))
-        for key in env:
-            os.environ.pop(key)
+        with environment(**env):
+            rows.append((f"lora_b_linear_merged, {name}", timed(merged_fwd_bwd, sets), None))
 
     from segpcl_fast.kernels import lora_fused
     from segpcl_fast.ops import dispatch
@@ -177,9 +190,8 @@ def main():
                  timed(concat_keep_fwd_bwd, sets), None))
     for fwd, bwd in (("merged", "merged"), ("concat", "split"), ("concat", "fused"), ("addmm", "split"),
                      ("merged", "split"), ("concat", "merged")):
-        os.environ["SEGPCL_LORA_FWD"], os.environ["SEGPCL_LORA_BWD"] = fwd, bwd
-        rows.append((f"op fwd+bwd, fwd={fwd} bwd={bwd}", timed(op_fwd_bwd, sets), None))
-    os.environ.pop("SEGPCL_LORA_FWD"), os.environ.pop("SEGPCL_LORA_BWD")
+        with environment(SEGPCL_LORA_FWD=fwd, SEGPCL_LORA_BWD=bwd):
+            rows.append((f"op fwd+bwd, fwd={fwd} bwd={bwd}", timed(op_fwd_bwd, sets), None))
     e = 2  # bytes per bf16 element
     xs = [(x.detach(), g) for x, g in sets]
     WB = torch.cat([W, B.detach()], 1)  # out x (in + r)

@@ -28,8 +28,8 @@ is undefined (NaN or inf). The reference gives the same NaNs. 0 anchors give NaN
 nothing, as torch.mean). Any column count runs fused. float64 runs on the reference, in float64.
 
 Contents: `anchor_kl_reference` (the spec), the Triton kernel and launcher, and the custom op
-`segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob, scale=1) -> (kl_rows (A,), dkl_dz (A, C))`,
-both fp32 and both times scale, with fake + autograd; `anchor_kl_fused` turns it into the scalar loss.
+`segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob, scale=1, mean=False) -> (kl_rows (A,),
+dkl_dz (A, C))`, both fp32 and both times scale (/ A with mean), with fake + autograd; `anchor_kl_fused` turns it into the scalar loss.
 """
 from __future__ import annotations
 
@@ -243,9 +243,12 @@ def tile_warps(rows: int, n_cols: int) -> int:
 
 def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
                      teacher_is_logprob: bool = False, rows: int | None = None,
-                     chunk_cols: int | None = None, num_warps: int | None = None, scale: float = 1.0):
-    """Launch a kernel: (kl_rows (A,), dkl_dz (A, C)), both fp32 and both multiplied by `scale` (the
-    backward scales dkl_dz by the incoming gradient, then rounds once to z_S's dtype).
+                     chunk_cols: int | None = None, num_warps: int | None = None, scale: float = 1.0,
+                     mean: bool = False):
+    """Launch a kernel: (kl_rows (A,), dkl_dz (A, C)), both fp32 and both multiplied by `scale`, and by
+    1 / A too when `mean` (the backward scales dkl_dz by the incoming gradient, then rounds once to
+    z_S's dtype). A is read here, from the tensor, so that torch.compile sees constant arguments: a
+    scale computed from the shape by the caller would be a new constant, and a recompile, per A.
 
     Rows up to SINGLE_BLOCK_COLS wide run as one tile each, wider ones in chunks of CHUNK_COLS;
     `chunk_cols` (a power of two) forces the chunked kernel with that chunk, `rows` the rows per
@@ -256,6 +259,7 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
         if value is not None and (value < 1 or value != next_pow2(value)):
             raise ValueError(f"anchor_kl: {name} must be a power of two >= 1 (or None for the default), got {value}")
     n_rows, n_cols = student_logits.shape
+    scale = scale / max(n_rows, 1) if mean else scale
     zs = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
     zt = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     kl = torch.empty(n_rows, dtype=torch.float32, device=zs.device)
@@ -285,12 +289,13 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
 
 @torch.library.custom_op("segpcl::anchor_kl_rows", mutates_args=())
 def anchor_kl_rows_op(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
-                      teacher_is_logprob: bool, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    return anchor_kl_triton(student_logits, teacher, tau, teacher_is_logprob, scale=scale)
+                      teacher_is_logprob: bool, scale: float = 1.0, mean: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return anchor_kl_triton(student_logits, teacher, tau, teacher_is_logprob, scale=scale, mean=mean)
 
 
 @anchor_kl_rows_op.register_fake
-def _anchor_kl_rows_fake(student_logits, teacher, tau, teacher_is_logprob, scale=1.0):
+def _anchor_kl_rows_fake(student_logits, teacher, tau, teacher_is_logprob, scale=1.0, mean=False):
     n_rows, n_cols = student_logits.shape
     kl = student_logits.new_empty((n_rows,), dtype=torch.float32)
     return kl, student_logits.new_empty((n_rows, n_cols), dtype=torch.float32)
@@ -308,12 +313,12 @@ def _anchor_kl_backward(ctx, grad_kl, _grad_dz):
     kernel (out=): the gradient was computed in the forward pass (so it has no graph of its own: no
     double backward)."""
     if grad_kl is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     refuse_double_backward("anchor_kl (Triton)")
     (dkl_dz,) = ctx.saved_tensors
     grad_student = torch.empty(dkl_dz.shape, dtype=ctx.student_dtype, device=dkl_dz.device)
     torch.mul(dkl_dz, grad_kl.float()[:, None], out=grad_student)
-    return grad_student, None, None, None, None
+    return grad_student, None, None, None, None, None
 
 
 anchor_kl_rows_op.register_autograd(_anchor_kl_backward, setup_context=_anchor_kl_setup_context)
@@ -326,10 +331,9 @@ def anchor_kl_fused(student_logits: torch.Tensor, teacher: torch.Tensor, tau: fl
     The kernel scales each row's KL and gradient by tau^2 / A, so the loss is their sum: the mean's
     division and the tau^2 product, and their two backward products, are not launched (on a GPU each
     is a kernel launch, and at the paper's sizes the launches, not the bytes, take the time)."""
-    n_rows = student_logits.shape[0]
-    if n_rows == 0:  # the mean of nothing: NaN, as torch.mean
+    if student_logits.shape[0] == 0:  # the mean of nothing: NaN, as torch.mean
         return (float(tau) ** 2) * torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau),
                                                                    bool(teacher_is_logprob))[0].mean()
     kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau), bool(teacher_is_logprob),
-                                                 float(tau) ** 2 / n_rows)
+                                                 float(tau) ** 2, True)
     return kl_rows.sum()

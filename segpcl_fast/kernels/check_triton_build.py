@@ -381,7 +381,8 @@ def default_cases() -> list[Case]:
             lora_fused.lora_fused_backward(torch.empty(tokens, n_out, dtype=dtype, device=meta), u, merged, b, 2.0)
         return run
 
-    for tokens, n_in, n_out, rank in ((128 * 197, 768, 3072, 32), (128 * 197, 3072, 768, 32), (4096, 512, 512, 8)):
+    for tokens, n_in, n_out, rank in ((128 * 197, 768, 3072, 32), (128 * 197, 3072, 768, 32), (4096, 512, 512, 8),
+                                      (4096, 768, 2304, lora_fused.MAX_RANK)):  # the widest rank it takes
         for dtype in (bf16, torch.float16):
             cases.append(Case(f"lora_fused {tokens}x{n_in}->{n_out} r{rank} {_name(dtype)}",
                               fused(tokens, n_in, n_out, rank, dtype)))

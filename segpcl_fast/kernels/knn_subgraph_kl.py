@@ -192,11 +192,13 @@ def _tile(k: int, d: int) -> tuple[int, int]:
 
 
 def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_program: int | None = None,
-                          scale: float = 1.0):
+                          scale: float = 1.0, mean: bool = False):
     """Launch the forward kernel: (kl_rows (R,), g (R, k), g_root (R, d)), all fp32 and all multiplied
-    by `scale` (the per-root KL and its derivatives)."""
+    by `scale`, and by 1 / R too when `mean` (R read here, from the tensor: constant arguments for
+    torch.compile, not a new constant per R)."""
     check_can_run("knn_subgraph_kl", emb, roots, neighbors, ref_logprob)
     n_roots, k = neighbors.shape
+    scale = scale / max(n_roots, 1) if mean else scale
     d = emb.shape[1]
     block_k, block_d = _tile(k, d)
     if block_k * block_d > MAX_FUSED_TILE:
@@ -283,13 +285,15 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None,
 @torch.library.custom_op("segpcl::knn_subgraph_kl_rows", mutates_args=())
 def knn_subgraph_kl_rows_op(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
                             ref_logprob: torch.Tensor, tau: float, plan: Optional[torch.Tensor] = None,
-                            scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scale * (kl_rows, g, g_root); plan (`knn_backward_plan`, optional) is for the backward only."""
-    return knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, scale=scale)
+                            scale: float = 1.0, mean: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scale * (kl_rows, g, g_root) (/ R with mean); plan (`knn_backward_plan`, optional) is for the
+    backward only."""
+    return knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, scale=scale, mean=mean)
 
 
 @knn_subgraph_kl_rows_op.register_fake
-def _knn_rows_fake(emb, roots, neighbors, ref_logprob, tau, plan=None, scale=1.0):
+def _knn_rows_fake(emb, roots, neighbors, ref_logprob, tau, plan=None, scale=1.0, mean=False):
     n_roots, k = neighbors.shape
     f32 = dict(dtype=torch.float32, device=emb.device)
     return (torch.empty((n_roots,), **f32), torch.empty((n_roots, k), **f32),
@@ -309,7 +313,7 @@ def _knn_backward_fake(grad_kl, emb, roots, neighbors, g, g_root, plan=None):
 
 
 def _knn_setup_context(ctx, inputs, output):
-    emb, roots, neighbors, _, _, plan, _ = inputs
+    emb, roots, neighbors, _, _, plan, _, _ = inputs
     _, g, g_root = output
     ctx.mark_non_differentiable(g, g_root)  # intermediates for the backward, not outputs to differentiate
     ctx.set_materialize_grads(False)
@@ -318,11 +322,11 @@ def _knn_setup_context(ctx, inputs, output):
 
 def _knn_backward(ctx, grad_kl, _grad_g, _grad_g_root):
     if grad_kl is None:
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     refuse_double_backward("knn_subgraph_kl (Triton)")  # the backward kernel has no autograd of its own
     emb, roots, neighbors, g, g_root, plan = ctx.saved_tensors
     grad_emb = torch.ops.segpcl.knn_subgraph_kl_backward(grad_kl, emb, roots, neighbors, g, g_root, plan)
-    return grad_emb, None, None, None, None, None, None
+    return grad_emb, None, None, None, None, None, None, None
 
 
 knn_subgraph_kl_rows_op.register_autograd(_knn_backward, setup_context=_knn_setup_context)
@@ -336,8 +340,6 @@ def knn_subgraph_kl_fused(emb: torch.Tensor, roots: torch.Tensor, neighbors: tor
     (no division and no backward product of the mean to launch)."""
     if plan is not None:
         check_knn_plan(plan, emb, neighbors)
-    n_roots = roots.shape[0]
-    scale = 1.0 / n_roots if n_roots else 1.0  # 0 roots: the mean of nothing, NaN (as torch.mean)
     kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob, float(tau), plan,
-                                                          scale)
-    return kl_rows.sum() if n_roots else kl_rows.mean()
+                                                          1.0, True)
+    return kl_rows.sum() if roots.shape[0] else kl_rows.mean()  # 0 roots: the mean of nothing, NaN

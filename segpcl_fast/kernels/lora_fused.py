@@ -38,7 +38,12 @@ from .lora_merge import lora_merged_weight_triton
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
-__all__ = ["lora_b_linear_fused", "lora_fused_forward", "lora_fused_backward", "fused_supported", "FusedTiles"]
+__all__ = ["lora_b_linear_fused", "lora_fused_forward", "lora_fused_backward", "fused_supported", "FusedTiles",
+           "MAX_RANK"]
+
+# widest rank r the kernels hold in one tile: at r 192 (BLOCK_R 256) the backward needs 240 KiB of shared
+# memory on sm_90, over its 227 (check_triton_build); wider layers take the merged arrangement
+MAX_RANK = 128
 
 
 @lazy_jit
@@ -175,20 +180,25 @@ class FusedTiles:
         return max(1, min(16, cdiv(rows, 4096)))
 
 
-def fused_supported(device: torch.device, dtype: torch.dtype) -> bool:
+def fused_supported(device: torch.device, dtype: torch.dtype, rank: int = 1) -> bool:
     """Where the fused kernels take x: bf16 / fp16 on CUDA (tensor-core tl.dot), or fp32 / bf16 / fp16
-    on the CPU under the interpreter (tests)."""
+    on the CPU under the interpreter (tests); LoRA rank r up to MAX_RANK."""
+    if rank > MAX_RANK:
+        return False
     if interpret_mode() and device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16, torch.float16)
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
-def _check_dtype(t: torch.Tensor) -> None:
-    """The launchers' dtype rule (the device is check_can_run's): bf16 / fp16, or any of fused_supported's
-    under the interpreter."""
+def _check_dtype_and_rank(t: torch.Tensor, rank: int) -> None:
+    """The launchers' dtype and rank rules (the device is check_can_run's): bf16 / fp16, or any of
+    fused_supported's under the interpreter; r up to MAX_RANK."""
     if t.dtype not in (torch.bfloat16, torch.float16) and not fused_supported(t.device, t.dtype):
         raise TypeError(f"lora_fused: the fused Triton kernels take bf16 / fp16 on CUDA, got {t.dtype} on {t.device}; "
                         "fp32 runs the merged arrangement (ops backend 'auto')")
+    if rank > MAX_RANK:
+        raise ValueError(f"lora_fused: rank {rank} exceeds the kernels' tile (r <= {MAX_RANK}); the merged "
+                         "arrangement (ops backend 'auto') takes any rank")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -200,18 +210,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def lora_fused_forward(x, weight, bias, lora_A, lora_B, scaling, tiles: Optional[FusedTiles] = None):
     """(y (..., out), u (..., r), W + s B A (out, in)), in x's dtype."""
     check_can_run("lora_fused", x, weight, lora_A, lora_B)
-    _check_dtype(x)
+    _check_dtype_and_rank(x, lora_A.shape[0])
     tiles = tiles or FusedTiles.default()
     merged = lora_merged_weight_triton(weight, lora_A, lora_B, scaling)
     x2 = _rows(x)
     M, K = x2.shape
     N, R = weight.shape[0], lora_A.shape[0]
     dtype = store_dtype(x.dtype)
-    y = torch.empty((M, N), dtype=dtype, device=x.device)
-    u = torch.empty((M, R), dtype=dtype, device=x.device)
+    lead = x.shape[:-1]
+    # made in their final shapes: the op returns these tensors themselves, not views of them (an
+    # output that is a view cannot be changed in place downstream)
+    y_out = torch.empty((*lead, N), dtype=dtype, device=x.device)
+    u_out = torch.empty((*lead, R), dtype=dtype, device=x.device)
+    y, u = y_out.view(M, N), u_out.view(M, R)
     if M > 0:
         a = lora_A if lora_A.stride(-1) == 1 else lora_A.contiguous()
-        b = bias if bias is not None else merged  # any pointer: HAS_BIAS=False never reads it
+        b = bias.contiguous() if bias is not None else merged  # any pointer: HAS_BIAS=False never reads it
         n_prog = cdiv(M, tiles.block_m) * (cdiv(N, tiles.block_n) + 1)
         with launch_device(x2):
             _lora_fwd_kernel[(n_prog,)](
@@ -219,20 +233,20 @@ def lora_fused_forward(x, weight, bias, lora_A, lora_B, scaling, tiles: Optional
                 u.stride(0), HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                 BLOCK_K=tiles.block_k, BLOCK_R=max(16, next_pow2(R)), GROUP_M=tiles.group_m,
                 DOT_FP32=interpret_mode(), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    lead = x.shape[:-1]
-    return y.to(x.dtype).view(*lead, N), u.to(x.dtype).view(*lead, R), merged
+    return y_out.to(x.dtype), u_out.to(x.dtype), merged
 
 
 def lora_fused_backward(grad_y, u, merged, lora_B, scaling, tiles: Optional[FusedTiles] = None):
     """(grad_x (..., in), grad_B (out, r)): grad_x = g W', grad_B = s g^T u (deterministic)."""
     check_can_run("lora_fused", grad_y, u, merged)
-    _check_dtype(grad_y)
+    _check_dtype_and_rank(grad_y, u.shape[-1])
     tiles = tiles or FusedTiles.default()
     g2, u2 = _rows(grad_y), _rows(u)
     M, K = g2.shape  # K = out
     N, R = merged.shape[1], u2.shape[1]
     dtype = store_dtype(grad_y.dtype)
-    grad_x = torch.empty((M, N), dtype=dtype, device=grad_y.device)
+    grad_x_out = torch.empty((*grad_y.shape[:-1], N), dtype=dtype, device=grad_y.device)  # returned itself
+    grad_x = grad_x_out.view(M, N)
     splits = tiles.n_splits(M) if M > 0 else 1
     final = splits == 1
     part = torch.empty((K, R) if final else (splits, K, R), dtype=store_dtype(lora_B.dtype) if final else torch.float32,
@@ -253,7 +267,7 @@ def lora_fused_backward(grad_y, u, merged, lora_B, scaling, tiles: Optional[Fuse
     else:  # the partials summed in split order (a fixed-shape reduction: deterministic), scaled, rounded once
         grad_B = torch.empty((K, R), dtype=lora_B.dtype, device=grad_y.device)
         torch.mul(part.sum(0), float(scaling), out=grad_B)
-    return grad_x.to(grad_y.dtype).view(*grad_y.shape[:-1], N), grad_B
+    return grad_x_out.to(grad_y.dtype), grad_B
 
 
 # ---------------------------------------------------------------- torch.library registration

@@ -66,14 +66,17 @@ class _MergedLoRABLinear(torch.autograd.Function):
         side = _side_stream(x)
         if side is None:
             return F.linear(x, merged, bias), F.linear(x, lora_A), merged
+        # u is allocated on the main stream (so its memory returns to the main stream's pool) and
+        # written on the side one: memory-bound (reads x), beside the compute-bound y GEMM
         main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)  # x and A are ready
+        u = x.new_empty((*x.shape[:-1], lora_A.shape[0]))
+        side.wait_stream(main)  # x, A and u's allocation are ready
         with torch.cuda.stream(side):
-            u = F.linear(x, lora_A)  # memory-bound (reads x), beside the compute-bound y GEMM
+            torch.matmul(x, lora_A.t(), out=u)
         y = F.linear(x, merged, bias)
         main.wait_stream(side)
-        x.record_stream(side)  # the allocator must not hand x's memory out while side still reads it
-        u.record_stream(main)  # made on side, used on main from here on
+        for t in (x, u):  # the allocator must not hand their memory out while side may still use it
+            t.record_stream(side)
         return y, u, merged
 
     @staticmethod
@@ -96,17 +99,18 @@ class _MergedLoRABLinear(torch.autograd.Function):
         side = _side_stream(grad_y) if ctx.needs_input_grad[0] and ctx.needs_input_grad[4] else None
         if side is not None:  # g^T u (memory-bound: reads g) beside grad_x = g W' (compute-bound)
             main = torch.cuda.current_stream(grad_y.device)
+            g2 = grad_y.reshape(-1, grad_y.shape[-1])  # any copy (a stride-0 gradient) and grad_B: made on main
+            grad_B = torch.empty_like(lora_B)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                grad_B = _grad_B(grad_y, u, lora_B, ctx.scaling)
+                torch.addmm(lora_B, g2.t(), u.reshape(-1, u.shape[-1]), beta=0, alpha=ctx.scaling, out=grad_B)
         if ctx.needs_input_grad[0]:
             merged = kept if ctx.keep_merged else merged_weight(kept, lora_A, lora_B, ctx.scaling)
             grad_x = grad_y @ merged
         if side is not None:
             main.wait_stream(side)
-            grad_y.record_stream(side)
-            u.record_stream(side)
-            grad_B.record_stream(main)
+            for t in (g2, u, grad_B):
+                t.record_stream(side)
         elif ctx.needs_input_grad[4]:
             grad_B = _grad_B(grad_y, u, lora_B, ctx.scaling)
         return grad_x, None, None, None, grad_B, None, None
@@ -247,13 +251,14 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
     gradient (then merged is one GEMM and computes no u; the C++ op always does).
     "triton" takes the fused Triton GEMMs (kernels/lora_fused.py: u and g^T u folded into the two
     GEMMs' launches) where they run (bf16 / fp16 on CUDA, after autocast; the CPU under
-    TRITON_INTERPRET=1) and B needs a gradient, eager or compiled; elsewhere what "auto" takes.
+    TRITON_INTERPRET=1; r <= 128) and B needs a gradient, eager or compiled; elsewhere what "auto"
+    takes.
     Opt-in until a GPU has timed it against the others.
     """
     name = dispatch.get_backend()
     if name == "reference":
         return "reference"
-    if name == "triton" and (lora_B is None or _needs_grad_B(lora_B)) and _fused_runs(x):
+    if name == "triton" and (lora_B is None or _needs_grad_B(lora_B)) and _fused_runs(x, lora_B):
         return "triton"
     if name == "cpp":
         if has_kernel(x.device.type):
@@ -271,9 +276,10 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
     return "cpp"
 
 
-def _fused_runs(x: torch.Tensor) -> bool:
-    """Whether the fused Triton LoRA kernels take x (its dtype after autocast)."""
-    return _utils.HAS_TRITON and _fused.fused_supported(x.device, _autocast_dtype(x.device.type) or x.dtype)
+def _fused_runs(x: torch.Tensor, lora_B: Optional[torch.Tensor]) -> bool:
+    """Whether the fused Triton LoRA kernels take x (its dtype after autocast) and this rank."""
+    rank = lora_B.shape[-1] if lora_B is not None and lora_B.dim() == 2 else 1
+    return _utils.HAS_TRITON and _fused.fused_supported(x.device, _autocast_dtype(x.device.type) or x.dtype, rank)
 
 
 def compiled_impl() -> str:

@@ -238,3 +238,22 @@ def test_fused_loss_launches_three_kernels_given_a_plan(device, triton_backend, 
     kl3 = kernel.knn_kl_forward_triton(emb.detach(), roots, neighbors, log_q0, TAU, scale=0.37)
     for one, scaled in zip(kl1, kl3):  # scale multiplies the rows' KL, g and g_root alike
         torch.testing.assert_close(scaled, 0.37 * one, rtol=1e-5, atol=1e-8)
+
+
+def test_compiled_loss_takes_any_root_count_without_recompiling(device, triton_backend):
+    """1 / R is read inside the op: the new classes per task may differ without a recompile."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: ops.knn_subgraph_kl(*a, TAU, check_indices=False), backend=counting,
+                             dynamic=True)
+    for roots in (3, 5, 6):
+        emb, root_idx, neighbors, log_q0 = _problem(20, 16, roots, 4, torch.float32, device, seed=roots)
+        loss = compiled(emb, root_idx, neighbors, log_q0)
+        torch.testing.assert_close(loss, kernel.knn_subgraph_kl_reference(emb, root_idx, neighbors, log_q0, TAU),
+                                   rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 1
+    torch._dynamo.reset()

@@ -124,3 +124,27 @@ def test_opcheck_empty_batch_and_compile(device, triton_backend, graph_breaks):
     assert graph_breaks() == 0
     for ours, ref in zip(got, _fwd_bwd(lora_linear.lora_b_linear_reference, x, w, b, a, lb)):
         torch.testing.assert_close(ours, ref, **_tol(device))
+
+
+def test_output_takes_in_place_changes_and_a_strided_bias(device, triton_backend):
+    """The op returns its own tensors, not views of them (autograd refuses in-place changes of a
+    custom op's view output); a bias with stride 2 is read as such."""
+    x, w, b, a, lb = _layer((5, 7), 24, 40, 4, _dt(device), device)
+    strided = torch.zeros(80, device=device, dtype=b.dtype)[::2]
+    strided.copy_(b)
+    y = lora_linear.lora_b_linear(x, w, strided, a, lb, 0.5)
+    assert ops.last_choice()["lora_b_linear"] == "triton"
+    torch.testing.assert_close(y, lora_linear.lora_b_linear_reference(x, w, b, a, lb, 0.5), **_tol(device))
+    y.add_(1.0)
+    y.sum().backward()
+    assert x.grad is not None and lb.grad is not None
+
+
+def test_ranks_past_the_tile_take_another_path(device, triton_backend):
+    """r > MAX_RANK (a tile the GPU's shared memory cannot hold): dispatch takes another path, and the
+    launcher itself refuses with one clear error."""
+    x, w, b, a, lb = _layer((6,), 16, 24, fused.MAX_RANK + 1, _dt(device), device)
+    lora_linear.lora_b_linear(x, w, b, a, lb, 0.5)
+    assert ops.last_choice()["lora_b_linear"] != "triton"
+    with pytest.raises(ValueError, match="exceeds the kernels' tile"):
+        fused.lora_fused_forward(x.detach(), w, b, a, lb.detach(), 0.5)
