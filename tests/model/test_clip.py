@@ -36,6 +36,12 @@ def test_class_embeddings_average_templates(tiny_model_name):
     expected = torch.nn.functional.normalize(single.view(2, 2, -1).mean(1), dim=-1)
     torch.testing.assert_close(u, expected)
     torch.testing.assert_close(u.norm(dim=-1), torch.ones(2))
+    ragged = [["a dog."], ["a cat.", "a photo of a cat."], ["a cow.", "a big cow.", "a photo of a cow."]]
+    with torch.no_grad():  # classes with different prompt counts: each its own mean
+        u = model.class_embeddings(ragged)
+        single = model.class_embeddings([[p] for plist in ragged for p in plist])
+    expected = torch.stack([single[0], single[1:3].mean(0), single[3:].mean(0)])
+    torch.testing.assert_close(u, torch.nn.functional.normalize(expected, dim=-1))
 
 
 def test_logit_scale_is_exp(tiny_model_name):
