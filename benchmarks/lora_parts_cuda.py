@@ -99,6 +99,15 @@ def environment(**values):
                 os.environ[k] = v
 
 
+def attempt(name, fn, sets):
+    """A row for a knob setting: its time, or the error it raised (a tile that does not fit the GPU's
+    shared memory, say), so one setting cannot stop the rows after it."""
+    try:
+        return name, timed(fn, sets), None
+    except Exception as exc:  # noqa: BLE001 - recorded in the table, the sweep goes on
+        return f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", float("nan"), None
+
+
 def timed(fn, sets, warmup=10, runs=50):
     for i in range(warmup):
         fn(*sets[i % len(sets)])
@@ -155,7 +164,7 @@ def main():
               ("both", {"SEGPCL_LORA_MERGE": "triton", "SEGPCL_LORA_OVERLAP": "1"})]
     for name, env in opt_in:
         with environment(**env):
-            rows.append((f"lora_b_linear_merged, {name}", timed(merged_fwd_bwd, sets), None))
+            rows.append(attempt(f"lora_b_linear_merged, {name}", merged_fwd_bwd, sets))
 
     from segpcl_fast.kernels import lora_fused
     from segpcl_fast.ops import dispatch
@@ -163,8 +172,8 @@ def main():
     def fused_fwd_bwd(x, g):
         with dispatch.backend("triton"):
             torch.autograd.grad(lora_b_linear(x, W, b, A, B, 1.0), (x, B), g)
-    rows.append(("fused Triton GEMMs, u and g^T u in their launches (ops backend triton, kernels/lora_fused.py)",
-                 timed(fused_fwd_bwd, sets), None))
+    rows.append(attempt("fused Triton GEMMs, u and g^T u in their launches (ops backend triton, kernels/lora_fused.py)",
+                        fused_fwd_bwd, sets))
     # the fused kernels' tiles (block_m, block_n, block_k, warps, stages; g^T u splits default), each alone
     u_fused = [lora_fused.lora_fused_forward(x.detach(), W, b, A, B.detach(), 1.0)[1:] for x, _ in sets]
     fused_sets = [(x.detach(), g, u_, merged) for (x, g), (u_, merged) in zip(sets, u_fused)]
@@ -172,17 +181,17 @@ def main():
                                       (64, 128, 64, 4, 4), (128, 64, 64, 4, 3)):
         tiles = lora_fused.FusedTiles(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
         knobs = f"{bm}x{bn}x{bk}, {warps} warps, {stages} stages"
-        rows.append((f"fused fwd alone (y and u), {knobs}",
-                     timed(lambda x, g, u_, m: lora_fused.lora_fused_forward(x, W, b, A, B.detach(), 1.0, tiles),
-                           fused_sets), None))
-        rows.append((f"fused bwd alone (grad_x and g^T u), {knobs}",
-                     timed(lambda x, g, u_, m: lora_fused.lora_fused_backward(g, u_, m, B.detach(), 1.0, tiles),
-                           fused_sets), None))
+        rows.append(attempt(f"fused fwd alone (y and u), {knobs}",
+                            lambda x, g, u_, m: lora_fused.lora_fused_forward(x, W, b, A, B.detach(), 1.0, tiles),
+                            fused_sets))
+        rows.append(attempt(f"fused bwd alone (grad_x and g^T u), {knobs}",
+                            lambda x, g, u_, m: lora_fused.lora_fused_backward(g, u_, m, B.detach(), 1.0, tiles),
+                            fused_sets))
     for splits in (1, 4, 16):
         tiles = lora_fused.FusedTiles(splits=splits)
-        rows.append((f"fused bwd alone, default tiles, g^T u in {splits} row splits",
-                     timed(lambda x, g, u_, m: lora_fused.lora_fused_backward(g, u_, m, B.detach(), 1.0, tiles),
-                           fused_sets), None))
+        rows.append(attempt(f"fused bwd alone, default tiles, g^T u in {splits} row splits",
+                            lambda x, g, u_, m: lora_fused.lora_fused_backward(g, u_, m, B.detach(), 1.0, tiles),
+                            fused_sets))
 
     def concat_keep_fwd_bwd(x, g):
         torch.autograd.grad(ConcatKeep.apply(x, W, b, A, B, 1.0), (x, B), g)
