@@ -257,3 +257,20 @@ def test_compiled_loss_takes_any_root_count_without_recompiling(device, triton_b
                                    rtol=1e-5, atol=1e-6)
     assert len(graphs) == 1
     torch._dynamo.reset()
+
+
+def test_the_gpu_launch_shapes_give_the_same_gradient(device):
+    """One root and one row of emb per program (the GPU's defaults; the interpreter's are few large
+    programs), against the float64 reference."""
+    emb, roots, neighbors, log_q0 = _problem(40, 24, 9, 6, torch.float32, device, seed=31)
+    plan = ops.knn_backward_plan(roots, neighbors, 40)
+    kl, g, g_root = kernel.knn_kl_forward_triton(emb, roots, neighbors, log_q0, TAU, roots_per_program=1)
+    weights = torch.rand_like(kl)
+    grad = kernel.knn_kl_backward_triton(weights, emb, roots, neighbors, g, g_root, plan, rows_per_program=1)
+    e = emb.detach().double().requires_grad_(True)
+    log_q = F.log_softmax(torch.einsum("rd,rkd->rk", e[roots], e[neighbors]) / TAU, -1)
+    q0 = log_q0.double().exp()
+    kl_want = (q0 * (log_q0.double() - log_q)).sum(-1)
+    (kl_want * weights.double()).sum().backward()
+    torch.testing.assert_close(kl.double(), kl_want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), e.grad, rtol=1e-4, atol=1e-5)

@@ -148,3 +148,21 @@ def test_ranks_past_the_tile_take_another_path(device, triton_backend):
     assert ops.last_choice()["lora_b_linear"] != "triton"
     with pytest.raises(ValueError, match="exceeds the kernels' tile"):
         fused.lora_fused_forward(x.detach(), w, b, a, lb.detach(), 0.5)
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_the_gpu_tiles_give_the_same_products(splits, device):
+    """The GPU's default tiles (128 x 128 x 64, 64-row blocks of out for g^T u), run here through the
+    interpreter on a layer none of whose sizes is a multiple of them: the grid mapping, masks and
+    split reduction the GPU will use."""
+    x, w, b, a, lb = _layer((300,), 200, 260, 40, _dt(device), device, seed=4)
+    tiles = fused.FusedTiles(splits=splits)  # the GPU defaults (num_stages has no effect in the interpreter)
+    y, u, merged = fused.lora_fused_forward(x.detach(), w, b, a, lb.detach(), 0.5, tiles)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y)
+    grad_x, grad_B = fused.lora_fused_backward(g, u, merged, lb.detach(), 0.5, tiles)
+    f = torch.float32
+    tol = dict(rtol=1e-4, atol=1e-4) if device == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.to(f), x.detach().to(f) @ merged.to(f).T + b.to(f), **tol)
+    torch.testing.assert_close(u.to(f), x.detach().to(f) @ a.to(f).T, **tol)
+    torch.testing.assert_close(grad_x.to(f), g.to(f) @ merged.to(f), **tol)
+    torch.testing.assert_close(grad_B.to(f), 0.5 * g.to(f).T @ u.to(f), **tol)
