@@ -28,6 +28,7 @@ and `segpcl::lora_fused_bwd` (with fake), and `lora_b_linear_fused`, the layer's
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -158,13 +159,19 @@ def _lora_bwd_kernel(g_ptr, w_ptr, u_ptr, gx_ptr, part_ptr, M, N, K, R, rows_per
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
+@dataclass
 class FusedTiles:
-    """Tile sizes and launch knobs (GPU defaults; the interpreter takes few, large programs)."""
-
-    def __init__(self, block_m=128, block_n=128, block_k=64, block_o=64, group_m=8, num_warps=8, num_stages=3,
-                 splits: Optional[int] = None):
-        self.block_m, self.block_n, self.block_k, self.block_o = block_m, block_n, block_k, block_o
-        self.group_m, self.num_warps, self.num_stages, self.splits = group_m, num_warps, num_stages, splits
+    """Tile sizes and launch knobs (GPU defaults; the interpreter takes few, large programs).
+    block_o: rows of out per g^T u side program; splits: row ranges g^T u is reduced over (None: by
+    the row count, `n_splits`)."""
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    block_o: int = 64
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    splits: Optional[int] = None
 
     @classmethod
     def default(cls) -> "FusedTiles":
