@@ -18,7 +18,8 @@ LoRA op, Triton ops on GPU), compiled_reference (torch.compile, reference ops), 
 Triton ops), compiled_cpp_lora (the same with the opaque C++ LoRA op, SEGPCL_LORA_COMPILE=cpp) and,
 on CUDA only, cudagraphs_fused (compiled_fused under mode "reduce-overhead": CUDA graphs) and
 bf16text_fused (compiled_fused with run.text_precision=bf16, the text transformer under autocast)
-and compiled_triton (compiled, ops backend "triton": the image tower's LoRA layers as fused Triton GEMMs).
+compiled_triton (compiled, ops backend "triton": the image tower's LoRA layers as fused Triton GEMMs)
+and bf16text_cudagraphs (CUDA graphs and the bf16 text trunk together).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
 classes, fp32. GPU: ViT-B/16 with random weights, batch 128 + 128 anchors, 90 old + 10 new classes
 (CIFAR100's last task), bf16 autocast.
@@ -57,8 +58,13 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     # compiled, ops backend "triton": the LoRA layers as the fused Triton GEMMs (kernels/lora_fused.py; the
     # bf16 image tower: the fp32 text tower keeps the merged arrangement). CUDA only.
     "compiled_triton": ("triton", True, {}),
+    # both of the above that remove the most time: CUDA graphs (host launches) and the bf16 text trunk
+    # (the step all in bf16, as issue 7 defines it). CUDA only.
+    "bf16text_cudagraphs": ("auto", True, {"SEGPCL_COMPILE_MODE": "reduce-overhead",
+                                                 "SEGPCL_BENCH_TEXT_PRECISION": "bf16"}),
 }
-CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton"}  # on the CPU they would be compiled_fused again (fp32 there)
+# on the CPU they would be compiled_fused again (fp32 there)
+CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs"}
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),

@@ -11,6 +11,7 @@ are ended by those pids."""
 import gzip
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -195,7 +196,7 @@ def test_all_steps_in_order_main_e2e_variants_before_the_profile_extra_after(sui
     commands = _commands(env)
     e2e = [c.split("-k cuda and ")[1].split()[0] for c in commands if "-k cuda and " in c]
     assert e2e == ["compiled_fused", "cudagraphs_fused", "compiled_reference", "eager_fused", "bf16text_fused",
-                   "compiled_triton", "compiled_cpp_lora", "eager_reference"]
+                   "bf16text_cudagraphs", "compiled_triton", "compiled_cpp_lora", "eager_reference"]
     order = [next(i for i, c in enumerate(commands) if key in c) for key in
              ("tests/kernels", "--benchmark-only -q -p no:cacheprovider --ignore", "tune_kernels_cuda", "setup.py",
               "and compiled_fused", "and eager_fused", "profile_e2e_step", "segpcl_fast.cli profile",
@@ -261,3 +262,13 @@ def test_kernel_workers_must_be_a_count(suite, value):
     proc, _ = suite(STEPS="kernels", KERNEL_WORKERS=value)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "KERNEL_WORKERS must be a whole number of processes >= 1" in err
+
+
+def test_no_e2e_variant_name_contains_another():
+    """gpu_suite.sh picks each variant with pytest -k "cuda and NAME": a name inside another
+    (bf16text_fused in a cudagraphs_bf16text_fused, say) would run both under one step."""
+    source = Path(__file__).resolve().parents[1] / "benchmarks" / "test_bench_e2e.py"
+    names = re.findall(r'^    "(\w+)": \(', source.read_text(), flags=re.M)
+    assert len(names) >= 9
+    clashes = [(a, b) for a in names for b in names if a != b and a in b]
+    assert clashes == []
