@@ -281,15 +281,18 @@ class Trainer:
     def _count_correct_local(self, dataset, logits_fn, n_own: Optional[int] = None) -> tuple[int, int, int]:
         """(correct, correct_own, total) on this rank's shard: correct_own restricts the argmax to the
         first n_own classes (the own label space, see evaluate_seen); n_own=None: all, same as correct."""
-        correct = correct_own = total = 0
+        # the counts stay on the device until the end: a read per batch would make the host wait for
+        # each batch's forward before it queues the next one's
+        correct = correct_own = torch.zeros((), dtype=torch.long, device=self.device)
+        total = 0
         for images, labels in _eval_loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, self.cfg):
-            images, labels = images.to(self.device), labels.to(self.device)
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             logits = logits_fn(images)
-            hits = int((logits.argmax(dim=-1) == labels).sum())
-            correct += hits
-            correct_own += hits if n_own is None else int((logits[:, :n_own].argmax(dim=-1) == labels).sum())
+            hits = (logits.argmax(dim=-1) == labels).sum()
+            correct = correct + hits
+            correct_own = correct_own + (hits if n_own is None else (logits[:, :n_own].argmax(dim=-1) == labels).sum())
             total += len(labels)
-        return correct, correct_own, total
+        return int(correct), int(correct_own), total
 
     def _count_correct(self, dataset, logits_fn) -> tuple[int, int]:
         """(correct, total) over the whole dataset; each rank counts its shard, the counts are summed."""

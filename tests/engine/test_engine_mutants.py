@@ -636,6 +636,26 @@ def test_evaluate_seen_restricts_each_tasks_own_space_to_its_classes():
     assert Trainer.evaluate_seen(tr, 0) == [(1, 2, 3)]
 
 
+def test_evaluation_reads_its_counts_back_once_per_dataset_not_per_batch(monkeypatch):
+    """A read per batch makes the host wait for each batch's forward before queueing the next: the counts
+    stay on the device and two ints (correct, correct_own) are read at the end, whatever the batch count."""
+    logits = torch.randn(11, 5, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 5, (11,), generator=torch.Generator().manual_seed(1))
+    data = torch.utils.data.TensorDataset(torch.arange(11), labels)
+    tr = Trainer.__new__(Trainer)
+    tr.cfg, tr.dist, tr.device = make_config(eval__batch_size=3), ddp.DistContext(), torch.device("cpu")
+    reads = []
+    for name in ("__int__", "__float__", "__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+    counts = Trainer._count_correct_local(tr, data, lambda idx: logits[idx], n_own=3)
+    monkeypatch.undo()
+    # 4 batches of 3: two ints at the end; the one .item() is the DataLoader's own (its base seed, from a
+    # CPU generator, once per iterator)
+    assert sorted(reads) == ["__int__", "__int__", "item"]
+    assert counts == (int((logits.argmax(-1) == labels).sum()), int((logits[:, :3].argmax(-1) == labels).sum()), 11)
+
+
 def test_steps_per_task_are_epochs_times_batches_capped_by_max_steps(tiny_model_name, tmp_path):
     cfg = small_config(tiny_model_name, tmp_path / "run", method="lora_finetune", epochs=2, optim__batch_size=8,
                        checkpoint=False, num_tasks=10)
