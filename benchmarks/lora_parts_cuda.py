@@ -4,10 +4,13 @@
 
 Prints a markdown table: median ms over 50 timed runs (after 10 warm-ups), each run on one of 4
 rotating input sets so the 50 MB L2 does not hold them. Rows: the frozen base linear fwd+bwd
-(the issue's 1.1x yardstick), the op's fwd+bwd under SEGPCL_LORA_FWD / SEGPCL_LORA_BWD choices
-(merged/merged is the default), and the pieces they are built from, with the bytes each must move
-over the copy bandwidth measured in the same run (benchmarks/conftest.py's measure_copy_bandwidth;
-a memory floor for the memory-bound pieces).
+(the issue's 1.1x yardstick); the plain-PyTorch merged arrangement, alone and with the opt-in
+SEGPCL_LORA_MERGE=triton / SEGPCL_LORA_OVERLAP=1; the fused Triton GEMMs (ops backend "triton"),
+then each of its two kernels alone over a sweep of tiles and g^T u row splits; the C++ op's fwd+bwd
+under SEGPCL_LORA_FWD / SEGPCL_LORA_BWD choices (merged/merged is the default); and the pieces they
+are built from, with the bytes each must move over the copy bandwidth measured in the same run
+(benchmarks/conftest.py's measure_copy_bandwidth; a memory floor for the memory-bound pieces). A
+row that raises (a tile the GPU cannot hold, say) is printed with its error and NaN.
 """
 from __future__ import annotations
 
