@@ -125,3 +125,36 @@ def test_inductor_compiled_step_matches_eager(tiny_model_name):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+def test_compiled_towers_mutate_no_input_so_cuda_graphs_can_replay_them(tiny_model_name, monkeypatch):
+    """torch.compile's CUDA-graph modes (reduce-overhead, the e2e cudagraphs variants) skip a graph
+    that mutates one of its inputs and run it without graphs, silently. The training step's two
+    compiled graphs (image tower, text trunk), forward and backward, are traced here through
+    AOTAutograd (no code generation) and their inputs checked: none is written."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._guards import TracingContext
+
+    from segpcl_fast import ops
+    from segpcl_fast.config import Config
+    from segpcl_fast.engine.bench import build_step
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        def forward_compiler(graph, inputs):
+            meta = TracingContext.get().fw_metadata
+            graphs.append([i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata])
+            return graph.forward
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
+                                     bw_compiler=lambda graph, inputs: graph.forward)
+
+    monkeypatch.setattr(compiling.CompileSettings, "options", lambda self: {"backend": recording})
+    torch._dynamo.reset()
+    with ops.backend("auto"):
+        step = build_step(tiny_model_name, "cpu", 4, 5, 3, compile_settings=compiling.CompileSettings(),
+                          cfg=Config())
+        for _ in range(2):
+            step()
+    torch._dynamo.reset()
+    assert len(graphs) == 2 and graphs == [[], []], graphs  # image tower and text trunk, no input written
