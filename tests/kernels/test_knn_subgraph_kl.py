@@ -274,3 +274,30 @@ def test_the_gpu_launch_shapes_give_the_same_gradient(device):
     (kl_want * weights.double()).sum().backward()
     torch.testing.assert_close(kl.double(), kl_want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), e.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_random_graphs_and_launch_knobs(trial, device):
+    """Random sizes (1 included), repeated rows and launch knobs, with and without a given plan and with
+    a per-root upstream gradient, against float64 autograd."""
+    import random
+    rnd = random.Random(trial)
+    classes, dim, n_roots, k = (rnd.choice(v) for v in ([2, 5, 13, 40], [1, 3, 16, 33], [1, 2, 7, 20], [1, 2, 5, 9]))
+    g = torch.Generator().manual_seed(trial)
+    emb = F.normalize(torch.randn(classes, dim, generator=g), dim=-1).to(device)
+    roots = torch.randint(0, classes, (n_roots,), generator=g).to(device)
+    neighbors = torch.randint(0, classes, (n_roots, k), generator=g).to(device)
+    log_q0 = torch.log_softmax(torch.randn(n_roots, k, generator=g), -1).to(device)
+    kl, g_s, g_root = kernel.knn_kl_forward_triton(emb, roots, neighbors, log_q0, 0.3,
+                                                   roots_per_program=rnd.choice([1, 2, 3, None]))
+    weights = torch.rand(n_roots, generator=g).to(device)
+    plan = ops.knn_backward_plan(roots, neighbors, classes) if trial % 2 else None
+    grad = kernel.knn_kl_backward_triton(weights, emb, roots, neighbors, g_s, g_root, plan,
+                                         rows_per_program=rnd.choice([1, 2, None]),
+                                         contributions_per_load=rnd.choice([1, 2, 3, 8]))
+    e = emb.double().requires_grad_(True)
+    log_q = F.log_softmax(torch.einsum("rd,rkd->rk", e[roots], e[neighbors]) / 0.3, -1)
+    want = (log_q0.double().exp() * (log_q0.double() - log_q)).sum(-1)
+    (want * weights.double()).sum().backward()
+    torch.testing.assert_close(kl.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), e.grad, rtol=1e-4, atol=1e-5)

@@ -166,3 +166,26 @@ def test_the_gpu_tiles_give_the_same_products(splits, device):
     torch.testing.assert_close(u.to(f), x.detach().to(f) @ a.to(f).T, **tol)
     torch.testing.assert_close(grad_x.to(f), g.to(f) @ merged.to(f), **tol)
     torch.testing.assert_close(grad_B.to(f), 0.5 * g.to(f).T @ u.to(f), **tol)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_random_shapes_and_tiles(trial, device):
+    """Random sizes (1 included) and tiles, grouping and splits: every output against plain products
+    (float32 under the interpreter; bf16 on CUDA within its rounding)."""
+    import random
+    rnd = random.Random(trial)
+    M, K, N, R = (rnd.choice(v) for v in ([1, 5, 33, 65, 130], [1, 16, 31, 70], [1, 15, 33, 100], [1, 7, 16, 40]))
+    tiles = fused.FusedTiles(block_m=rnd.choice([16, 32, 64]), block_n=rnd.choice([16, 32, 64]),
+                             block_k=rnd.choice([16, 32]), block_o=rnd.choice([16, 32]), group_m=rnd.choice([1, 2, 8]),
+                             num_warps=4, num_stages=1, splits=rnd.choice([None, 1, 2, 5]))
+    x, w, b, a, lb = _layer((M,), K, N, R, _dt(device), device, bias=trial % 2 == 0, seed=trial)
+    y, u, merged = fused.lora_fused_forward(x.detach(), w, b, a, lb.detach(), 0.7, tiles)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(trial)).to(y)
+    grad_x, grad_B = fused.lora_fused_backward(g, u, merged, lb.detach(), 0.7, tiles)
+    f = torch.float32
+    tol = dict(rtol=1e-4, atol=1e-4) if device == "cpu" else dict(rtol=3e-2, atol=3e-2)
+    bias = b.to(f) if b is not None else 0.0
+    torch.testing.assert_close(y.to(f), x.detach().to(f) @ merged.to(f).T + bias, **tol)
+    torch.testing.assert_close(u.to(f), x.detach().to(f) @ a.to(f).T, **tol)
+    torch.testing.assert_close(grad_x.to(f), g.to(f) @ merged.to(f), **tol)
+    torch.testing.assert_close(grad_B.to(f), 0.7 * g.to(f).T @ u.to(f), **tol)
