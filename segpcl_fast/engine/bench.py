@@ -56,7 +56,8 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     cfg = cfg or Config()
     cfg.model.name, cfg.model.pretrained = model_name, pretrained
     model = load_model(model_name, pretrained, device=device)
-    model.text_autocast = torch.bfloat16 if cfg.run.text_precision == "bf16" else None  # before the learner's reference text
+    # as trainer.build_model does, before the learner caches its reference text
+    model.set_precision(image=precision, text=cfg.run.text_precision)
     params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers)
     n_total = n_old + n_new
     prompts = [[t.format(c) for t in cfg.data.templates] for c in class_names(n_total)]
@@ -81,7 +82,6 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     labels = torch.randint(n_old, n_total, (n_images,), device=device)
     optimizer = make_optimizer(params, cfg)
     model.train()
-    model.image_autocast = torch.bfloat16 if precision == "bf16" else None  # as trainer.build_model sets it
 
     # what Trainer.train_step reads of its trainer, for one process
     runner = SimpleNamespace(cfg=cfg, device=device, learner=learner, lora_params=params, grad_sync=None,

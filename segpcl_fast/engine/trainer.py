@@ -98,8 +98,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
     torch.manual_seed(cfg.run.seed)
     model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir,
                        preprocess=cfg.model.preprocess)
-    model.image_autocast = torch.bfloat16 if cfg.run.precision == "bf16" else None
-    model.text_autocast = torch.bfloat16 if cfg.run.text_precision == "bf16" else None
+    model.set_precision(image=cfg.run.precision, text=cfg.run.text_precision)
     params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers,
                          seed=cfg.run.seed if cfg.lora.init_seed is None else cfg.lora.init_seed)
     return model, params

@@ -166,6 +166,15 @@ class CLIPModel(nn.Module):
         raw = self.raw_features(images)
         return raw, self.project(raw)
 
+    def set_precision(self, image: str = "fp32", text: str = "fp32") -> None:
+        """run.precision / run.text_precision ("fp32" or "bf16") as the towers' autocast dtypes
+        (image_autocast, text_autocast). Set before anything caches text embeddings."""
+        for name, value in (("image", image), ("text", text)):
+            if value not in ("fp32", "bf16"):
+                raise ValueError(f"set_precision: {name} precision '{value}' is not fp32 or bf16")
+        self.image_autocast = torch.bfloat16 if image == "bf16" else None
+        self.text_autocast = torch.bfloat16 if text == "bf16" else None
+
     def logit_scale(self) -> torch.Tensor:
         """s = exp(logit_scale) (100 for OpenAI weights), clamped at 100 as CLIP does."""
         return self.clip.logit_scale.exp().clamp(max=100.0)

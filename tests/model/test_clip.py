@@ -219,3 +219,13 @@ def test_class_embeddings_tokenize_a_prompt_set_once_and_read_nothing_back(tiny_
         for n in range(clip_module.TOKEN_CACHE_SIZE + 2):
             model.class_embeddings([[f"a photo number {n}."]])
     assert len(model._token_cache) == clip_module.TOKEN_CACHE_SIZE
+
+
+def test_set_precision_maps_run_settings_to_tower_autocast(tiny_model_name):
+    model = load_model(tiny_model_name, pretrained=None)
+    model.set_precision(image="bf16", text="fp32")
+    assert model.image_autocast is torch.bfloat16 and model.text_autocast is None
+    model.set_precision(image="fp32", text="bf16")
+    assert model.image_autocast is None and model.text_autocast is torch.bfloat16
+    with pytest.raises(ValueError, match="text precision 'fp16' is not fp32 or bf16"):
+        model.set_precision(text="fp16")
