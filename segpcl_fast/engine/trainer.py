@@ -449,7 +449,7 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
             else:
                 grad_norm = _grad_norm(self.lora_params)
-            outcome = StepOutcome(step, t, parts, loss, grad_norm)
+            outcome = StepOutcome(step, t, parts, loss, grad_norm, copy_ahead=on_device)
             if on_device:
                 optimizer.found_inf = outcome.nonfinite()  # 1: the fused kernel leaves weights and momentum
                 try:
@@ -643,34 +643,57 @@ def _check_ops_backend(name: str, device: torch.device) -> None:
 
 
 class StepOutcome:
-    """A training step's loss parts and finiteness, on the device until `values` reads them (once).
+    """A training step's loss parts and finiteness, read back once, by `values`.
 
     values(cfg): {term: float}, or FloatingPointError naming the step and the term (a non-finite
     loss term: `_check_finite`'s message; finite terms but non-finite gradients: one term's backward
-    overflowed)."""
+    overflowed).
 
-    def __init__(self, step: int, t: int, parts: dict, loss: Optional[torch.Tensor], grad_norm: torch.Tensor):
+    On a GPU with `copy_ahead` the parts, the loss and the gradient norm are copied into pinned host
+    memory behind the step's kernels (non_blocking) and an event is recorded after them: `values`
+    then waits for that event only, i.e. for this step's kernels, not for those queued since. (A
+    plain `.item()` would copy in stream order and so wait for the next step too.)"""
+
+    def __init__(self, step: int, t: int, parts: dict, loss: Optional[torch.Tensor], grad_norm: torch.Tensor,
+                 copy_ahead: bool = False):
         self.step, self.t = step, t
         self.loss = None if loss is None else loss.detach()  # the total loss, on the device (a scalar)
-        self._parts, self._loss, self._grad_norm = parts, loss, grad_norm
+        self._names = list(parts)
+        self._grad_norm = grad_norm.detach()
+        scalars = [v.detach().float().reshape(()) for v in parts.values()]
+        if self.loss is not None:
+            scalars.append(self.loss.float().reshape(()))
+        scalars.append(self._grad_norm.float().reshape(()).to(scalars[0].device if scalars else self._grad_norm.device))
+        packed = torch.stack(scalars)
+        self._event = None
+        if copy_ahead and packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = packed
         self._values: Optional[dict] = None
 
     def nonfinite(self) -> torch.Tensor:
         """1.0 (fp32 scalar, on the gradients' device) when the loss or the gradient norm is not finite."""
         finite = torch.isfinite(self._grad_norm)
-        if self._loss is not None:
-            finite = finite & torch.isfinite(self._loss.detach())
+        if self.loss is not None:
+            finite = finite & torch.isfinite(self.loss.to(finite.device))
         return (~finite).float()
 
     def values(self, cfg: Config) -> dict:
         if self._values is None:
-            if self._loss is not None:
-                _check_finite(self._loss, self._parts, self.step, self.t, cfg)
-            values = {k: float(v.detach()) for k, v in self._parts.items()}
-            if not math.isfinite(float(self._grad_norm)):
+            if self._event is not None:
+                self._event.synchronize()  # this step's kernels, and its copy, are done
+            read = self._host.tolist()
+            values = dict(zip(self._names, read))
+            if self.loss is not None and not math.isfinite(read[len(self._names)]):
+                _raise_nonfinite_loss(read[len(self._names)], values, self.step, self.t, cfg)
+            if not math.isfinite(read[-1]):
                 _raise_nonfinite_grad(values, self.step, self.t, cfg)
             self._values = values
-            self._parts = self._loss = self._grad_norm = None  # nothing on the device kept past the read
+            self._host = self._event = self._grad_norm = None  # nothing kept past the read
         return self._values
 
 
@@ -713,8 +736,12 @@ def _raise_nonfinite_grad(values: dict, step: int, t: int, cfg: Config) -> None:
 def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int, cfg: Config) -> None:
     if torch.isfinite(loss):
         return
-    bad = [k for k, v in parts.items() if not torch.isfinite(v)]
-    raise FloatingPointError(f"loss is {float(loss.detach())} at task {t + 1}, step {step} (non-finite term(s): "
+    _raise_nonfinite_loss(float(loss.detach()), {k: float(v.detach()) for k, v in parts.items()}, step, t, cfg)
+
+
+def _raise_nonfinite_loss(loss: float, values: dict, step: int, t: int, cfg: Config) -> None:
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    raise FloatingPointError(f"loss is {loss} at task {t + 1}, step {step} (non-finite term(s): "
                              f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); {_nonfinite_fixes(bad, cfg)}; "
                              f"or check the data for NaN pixels")
 

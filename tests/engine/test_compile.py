@@ -132,6 +132,7 @@ def test_compiled_towers_mutate_no_input_so_cuda_graphs_can_replay_them(tiny_mod
     that mutates one of its inputs and run it without graphs, silently. The training step's two
     compiled graphs (image tower, text trunk), forward and backward, are traced here through
     AOTAutograd (no code generation) and their inputs checked: none is written."""
+    from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._guards import TracingContext
 
@@ -145,9 +146,9 @@ def test_compiled_towers_mutate_no_input_so_cuda_graphs_can_replay_them(tiny_mod
         def forward_compiler(graph, inputs):
             meta = TracingContext.get().fw_metadata
             graphs.append([i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata])
-            return graph.forward
+            return make_boxed_func(graph.forward)
         return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
-                                     bw_compiler=lambda graph, inputs: graph.forward)
+                                     bw_compiler=lambda graph, inputs: make_boxed_func(graph.forward))
 
     monkeypatch.setattr(compiling.CompileSettings, "options", lambda self: {"backend": recording})
     torch._dynamo.reset()

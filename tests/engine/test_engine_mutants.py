@@ -821,3 +821,21 @@ def test_analytic_flops_match_the_flop_counter_for_single_targets_and_towers(tin
     with ops.backend("reference"), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         step()
     assert counter.get_total_flops() == step_flops(step.model, step.shape, count="executed")["total"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_step_outcome_is_copied_ahead_and_read_after_its_event():
+    """On a GPU the outcome is copied to pinned memory behind the step and read after its event (a
+    stream-ordered .item() would wait for every kernel queued since); the values and errors are the
+    synchronous path's."""
+    from segpcl_fast.engine.trainer import StepOutcome
+    cuda = dict(device="cuda")
+    parts = {"cls": torch.tensor(1.5, **cuda), "gr": torch.tensor(0.25, **cuda)}
+    done = StepOutcome(3, 0, parts, parts["cls"] + parts["gr"], torch.tensor(2.0, **cuda), copy_ahead=True)
+    assert done._event is not None and done._host.is_pinned()
+    assert done.values(make_config()) == {"cls": 1.5, "gr": 0.25}
+    nan = torch.tensor(float("nan"), **cuda)
+    bad = StepOutcome(4, 0, {"cls": nan}, nan, torch.tensor(1.0, **cuda), copy_ahead=True)
+    with pytest.raises(FloatingPointError, match="loss is nan at task 1, step 4"):
+        bad.values(make_config())
