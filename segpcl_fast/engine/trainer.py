@@ -154,7 +154,7 @@ def _with_momentum_buffers(optimizer: torch.optim.SGD) -> torch.optim.SGD:
     parameter's first step and, when found_inf skips that step, keeps the garbage for the next (seen on
     torch 2.14); from zeros, the first update is the same: buf = momentum * 0 + grad = grad."""
     for group in optimizer.param_groups:
-        if group["momentum"] != 0:
+        if group["momentum"] != 0 and group["dampening"] == 0:  # with dampening d the first step would be (1-d) grad
             for p in group["params"]:
                 optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return optimizer
@@ -670,7 +670,7 @@ class StepOutcome:
             self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self._host.copy_(packed, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(packed.device))  # the copy's stream (run.device=cuda:1)
         else:
             self._host = packed
         self._values: Optional[dict] = None
@@ -728,9 +728,14 @@ def _raise_nonfinite_grad(values: dict, step: int, t: int, cfg: Config) -> None:
     """Finite loss terms, non-finite LoRA-B gradients: one term's backward overflowed. Without this
     check the NaN weights surface one step later as a NaN L_cls, blaming the wrong term."""
     terms = ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items()) or "no terms on this rank, which had no samples"
+    # under torchrun the gradients are all-reduced: another rank's non-finite loss (its own error names
+    # the term) reaches this rank's gradients too
+    others = (" (or another rank's loss was not finite: see that rank's error)"
+              if torch.distributed.is_available() and torch.distributed.is_initialized()
+              and torch.distributed.get_world_size() > 1 else "")
     raise FloatingPointError(f"the LoRA B gradients are not finite at task {t + 1}, step {step} while every loss term "
-                             f"is ({terms}): a term's backward overflowed (very small temperatures overflow it); "
-                             f"{_nonfinite_fixes(list(values), cfg)}")
+                             f"is ({terms}): a term's backward overflowed (very small temperatures overflow it)"
+                             f"{others}; {_nonfinite_fixes(list(values), cfg)}")
 
 
 def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int, cfg: Config) -> None:

@@ -252,10 +252,11 @@ def teacher_outputs(teacher, pixels: torch.Tensor, old_text: torch.Tensor,
     """(s · v̄_T(x) · U_T,<t^T, r_T(x)) in fp32, in batches, teacher in eval mode."""
     logits, raws = [], []
     text = F.normalize(old_text.float(), dim=-1)
+    scale = _scalar(logit_scale)  # once: a read per batch would wait for each batch's forward
     with frozen_eval(teacher):
         for start in range(0, pixels.shape[0], batch_size):  # pixels may be on the CPU: batches move
-            raw, emb = teacher.encode_image(host_to_device(pixels[start:start + batch_size], text.device))
-            logits.append(_scalar(logit_scale) * F.normalize(emb.float(), dim=-1) @ text.T)
+            raw, emb = teacher.encode_image(pixels[start:start + batch_size].to(text.device))
+            logits.append(scale * F.normalize(emb.float(), dim=-1) @ text.T)
             raws.append(raw.float())
     return torch.cat(logits), torch.cat(raws)
 

@@ -145,7 +145,7 @@ class Learner:
         seeds = None
         if source in ("anchors", "seeds") or self.cfg.prototypes.transfer:
             with torch.no_grad():
-                embs = torch.cat([teacher.encode_image(stage1.host_to_device(images[i:i + 256], self.device))[1]
+                embs = torch.cat([teacher.encode_image(images[i:i + 256].to(self.device))[1]
                                   for i in range(0, len(images), 256)])
             seed_idx, seed_targets = stage1.select_seeds(F.normalize(embs.float(), dim=-1), old_text.float(),
                                                          self.cfg.dpgd.k_seed)
@@ -219,8 +219,7 @@ class Learner:
         new = stage3.class_means(raw, labels, list(range(self.n_old, n_total)))
         if self.n_old > 0 and self.cfg.prototypes.transfer and self.transfer_cache is not None:
             cache = self.transfer_cache
-            student_raw = torch.cat([self.model.raw_features(stage1.host_to_device(cache.pixels[i:i + 256],
-                                                                                    self.device)).float()
+            student_raw = torch.cat([self.model.raw_features(cache.pixels[i:i + 256].to(self.device)).float()
                                      for i in range(0, len(cache.pixels), 256)])
             shift = self.prototypes.transfer(self.n_old, cache.teacher_raw.float().to(self.device), student_raw,
                                              weight_rule=self.cfg.prototypes.weight_rule)
