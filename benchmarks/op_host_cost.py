@@ -14,19 +14,21 @@ from __future__ import annotations
 import os
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # the Triton path on CPU tensors (its kernels are stubbed below)
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from segpcl_fast import ops
+from segpcl_fast.ops._kernels import load_kernel
 
-from segpcl_fast import ops  # noqa: E402
-from segpcl_fast.ops._kernels import load_kernel  # noqa: E402
-
+# dispatched ops that allocate or make views: no kernel runs on a GPU for them
 NO_KERNEL = ("empty", "view", "expand", "unsqueeze", "squeeze", "slice", "select", "t.", "transpose", "permute",
-             "detach", "alias", "as_strided", "_reshape_alias", "reshape")  # as tests/kernels/conftest.py
+             "detach", "alias", "as_strided", "_reshape_alias", "reshape")
 
 
 class Launches(TorchDispatchMode):
+    """`with Launches() as seen:` records in seen.names the dispatched ops that launch a kernel on a
+    GPU (a custom op counts once). tests/kernels' `kernel_launches` fixture uses it too."""
+
     def __init__(self):
         super().__init__()
         self.names = []
@@ -62,6 +64,7 @@ def _best_us(fn, calls=2000, repeats=5) -> float:
 
 
 def main() -> None:
+    os.environ["TRITON_INTERPRET"] = "1"  # the Triton path on CPU tensors (its kernels are stubbed out)
     _stub_kernels()
     torch.set_num_threads(1)
     z_s, z_t = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)

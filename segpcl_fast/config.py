@@ -284,7 +284,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # package; tests/test_config.py checks these tuples against the consumers' own constants).
 METHODS = ("zeroshot", "lora_finetune", "+acgd", "+tsgr", "+prototype_transfer", "+visual_branch", "segpcl",
            "onlyclip", "visual_no_transfer", "distill_new_data", "distill_seeds")  # method/variants.py VARIANTS
-PRECISIONS = ("fp32", "bf16")  # engine/trainer.py: "bf16" autocasts, anything else would run fp32
+PRECISIONS = ("fp32", "bf16")  # model.CLIPModel.set_precision: "bf16" autocasts the tower
 OPS_BACKENDS = ("auto", "reference", "triton", "cpp")  # ops/dispatch.py BACKENDS
 SCHEDULES = ("cosine", "constant")  # engine/trainer.py lr_at
 CLS_OVER = ("current", "seen")  # method/learner.py

@@ -287,11 +287,11 @@ class Trainer:
         for images, labels in _eval_loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, self.cfg):
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             logits = logits_fn(images)
-            hits = (logits.argmax(dim=-1) == labels).sum()
-            correct = correct + hits
-            correct_own = correct_own + (hits if n_own is None else (logits[:, :n_own].argmax(dim=-1) == labels).sum())
+            correct = correct + (logits.argmax(dim=-1) == labels).sum()
+            if n_own is not None:
+                correct_own = correct_own + (logits[:, :n_own].argmax(dim=-1) == labels).sum()
             total += len(labels)
-        return int(correct), int(correct_own), total
+        return int(correct), int(correct if n_own is None else correct_own), total
 
     def _count_correct(self, dataset, logits_fn) -> tuple[int, int]:
         """(correct, total) over the whole dataset; each rank counts its shard, the counts are summed."""

@@ -331,9 +331,6 @@ def anchor_kl_fused(student_logits: torch.Tensor, teacher: torch.Tensor, tau: fl
     The kernel scales each row's KL and gradient by tau^2 / A, so the loss is their sum: the mean's
     division and the tau^2 product, and their two backward products, are not launched (on a GPU each
     is a kernel launch, and at the paper's sizes the launches, not the bytes, take the time)."""
-    if student_logits.shape[0] == 0:  # the mean of nothing: NaN, as torch.mean
-        return (float(tau) ** 2) * torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau),
-                                                                   bool(teacher_is_logprob))[0].mean()
     kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau), bool(teacher_is_logprob),
                                                  float(tau) ** 2, True)
-    return kl_rows.sum()
+    return kl_rows.sum() if student_logits.shape[0] else kl_rows.mean()  # 0 anchors: the mean of nothing, NaN

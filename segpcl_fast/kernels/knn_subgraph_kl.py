@@ -336,10 +336,8 @@ def knn_subgraph_kl_fused(emb: torch.Tensor, roots: torch.Tensor, neighbors: tor
                           ref_logprob: torch.Tensor, tau: float, plan: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same loss as `knn_subgraph_kl_reference` through the fused ops (Triton), fp32 scalar.
     plan: `knn_backward_plan(roots, neighbors, emb.shape[0])` of a fixed graph (built in the backward
-    when None). The kernel scales each root's KL and derivatives by 1 / R, so the loss is their sum
+    when None; its shape checked by the caller, ops.knn_subgraph_kl, as the inputs are). The kernel scales each root's KL and derivatives by 1 / R, so the loss is their sum
     (no division and no backward product of the mean to launch)."""
-    if plan is not None:
-        check_knn_plan(plan, emb, neighbors)
     kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob, float(tau), plan,
                                                           1.0, True)
     return kl_rows.sum() if roots.shape[0] else kl_rows.mean()  # 0 roots: the mean of nothing, NaN

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import PRECISIONS
 from ..fileio import UnsafeFileError, load_torch_file
 from .patch_embed import use_patch_gemm
 
@@ -170,8 +171,8 @@ class CLIPModel(nn.Module):
         """run.precision / run.text_precision ("fp32" or "bf16") as the towers' autocast dtypes
         (image_autocast, text_autocast). Set before anything caches text embeddings."""
         for name, value in (("image", image), ("text", text)):
-            if value not in ("fp32", "bf16"):
-                raise ValueError(f"set_precision: {name} precision '{value}' is not fp32 or bf16")
+            if value not in PRECISIONS:
+                raise ValueError(f"set_precision: {name} precision '{value}' is not {' or '.join(PRECISIONS)}")
         self.image_autocast = torch.bfloat16 if image == "bf16" else None
         self.text_autocast = torch.bfloat16 if text == "bf16" else None
 

@@ -103,7 +103,7 @@ class _MergedLoRABLinear(torch.autograd.Function):
             grad_B = torch.empty_like(lora_B)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                torch.addmm(lora_B, g2.t(), u.reshape(-1, u.shape[-1]), beta=0, alpha=ctx.scaling, out=grad_B)
+                _grad_B(g2, u, lora_B, ctx.scaling, out=grad_B)
         if ctx.needs_input_grad[0]:
             merged = kept if ctx.keep_merged else merged_weight(kept, lora_A, lora_B, ctx.scaling)
             grad_x = grad_y @ merged
@@ -116,10 +116,11 @@ class _MergedLoRABLinear(torch.autograd.Function):
         return grad_x, None, None, None, grad_B, None, None
 
 
-def _grad_B(grad_y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+def _grad_B(grad_y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """s g^T u, s applied to the GEMM's accumulator (one rounding); beta=0: lora_B gives the shape only."""
     return torch.addmm(lora_B, grad_y.reshape(-1, grad_y.shape[-1]).t(), u.reshape(-1, u.shape[-1]),
-                       beta=0, alpha=scaling)
+                       beta=0, alpha=scaling, out=out)
 
 
 MERGE_KERNELS = ("addmm", "triton")

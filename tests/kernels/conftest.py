@@ -100,34 +100,20 @@ def pytest_runtest_call(item):
         raise
 
 
-# ops that allocate or make views: no kernel runs on a GPU for them
-_NO_KERNEL = ("empty", "view", "expand", "unsqueeze", "squeeze", "slice", "select", "t.", "transpose", "permute",
-              "detach", "alias", "as_strided", "_reshape_alias", "reshape")
-
-
 @pytest.fixture
 def kernel_launches():
     """`with kernel_launches() as ops_run:` records the names of the ops dispatched inside that launch
-    a kernel on a GPU (allocations and views left out; a custom op counts once). At the paper's
-    sizes a fused op's time is the host's cost of its launches: the count is what tests can hold."""
+    a kernel on a GPU (allocations and views left out; a custom op counts once: benchmarks/
+    op_host_cost.py's Launches). At the paper's sizes a fused op's time is the host's cost of its
+    launches: the count is what tests can hold."""
     import contextlib
+    from pathlib import Path
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self, names):
-            super().__init__()
-            self.names = names
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func)
-            if not any(f".{part}" in name for part in _NO_KERNEL):
-                self.names.append(name)
-            return func(*args, **(kwargs or {}))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from op_host_cost import Launches
 
     @contextlib.contextmanager
     def record():
-        names = []
-        with Record(names):
-            yield names
+        with Launches() as seen:
+            yield seen.names
     return record
