@@ -11,6 +11,8 @@ and the backward pass for the LoRA B matrices only:
 - a LoRA path (in -> r -> out) costs 2·M·r·(in + out) forward; backward dB = 2·M·r·out, plus
   dU and dX through A (2·M·r·(out + in)) when the input needs a gradient.
 - attention: 4·S·N²·d forward (QK^T, AV), 8·S·N²·d backward (no recomputation counted).
+- a ViT whose last block runs for its class token alone (model/vit_tail.py): that block's keys and
+  values on every token, its query, attention output, out_proj and MLP on one token a sequence.
 - the patch embedding convolution runs forward only.
 
 count="model" counts each LoRA slice's useful product; count="executed" counts what the packed
@@ -21,9 +23,11 @@ Norms, softmax, GELU and other elementwise work are not counted (the MFU convent
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from ..model import vit_tail
 from ..model.lora import LoRABLinear, LoRAMultiheadAttention
 
 
@@ -54,36 +58,49 @@ def _has_lora(module) -> bool:
     return isinstance(module, LoRABLinear) or (isinstance(module, LoRAMultiheadAttention) and bool(module.slices))
 
 
-def _attention_flops(attn, seqs: int, tokens: int, needs_dx: bool, count: str) -> tuple[int, int, bool]:
-    """(forward, backward, output needs grad) of one self-attention on seqs x tokens."""
-    rows = seqs * tokens
+def _attention_flops(attn, seqs: int, tokens: int, needs_dx: bool, count: str,
+                     queries: Optional[int] = None) -> tuple[int, int, bool]:
+    """(forward, backward, output needs grad) of one self-attention on seqs x tokens, whose output is
+    computed for `queries` rows a sequence (all tokens by default; 1 in a ViT's class-token last block,
+    model/vit_tail.py: keys and values on every token, the query and everything after it on one)."""
+    queries = tokens if queries is None else queries
+    rows, q_rows = seqs * tokens, seqs * queries
     d = attn.embed_dim
     qkv_needs = needs_dx or _has_lora(attn)
-    fwd = 2 * rows * d * 3 * d + 4 * seqs * tokens * tokens * d
-    bwd = (2 * rows * d * 3 * d if needs_dx else 0) + (8 * seqs * tokens * tokens * d if qkv_needs else 0)
+    # the packed in_proj: one 3d-wide product on all rows, or q (d) on the query rows and k, v (2d) on all
+    parts = [(rows, 3 * d, ("q", "k", "v"))] if queries == tokens else [(q_rows, d, ("q",)), (rows, 2 * d, ("k", "v"))]
+    fwd = sum(2 * n * d * width for n, width, _ in parts) + 4 * seqs * queries * tokens * d
+    bwd = (sum(2 * n * d * width for n, width, _ in parts) if needs_dx else 0) + \
+        (8 * seqs * queries * tokens * d if qkv_needs else 0)
     if isinstance(attn, LoRAMultiheadAttention) and attn.slices:
-        r, n = attn.rank, len(attn.slices)
-        if count == "executed":  # the packed B_full (3d x n*r) product, zeros included
-            fwd += 2 * rows * d * n * r + 2 * rows * n * r * 3 * d
-            bwd += 2 * rows * 3 * d * n * r + (2 * rows * n * r * (3 * d + d) if needs_dx else 0)
-        else:
-            fwd += n * 2 * rows * r * (d + d)
-            bwd += n * (2 * rows * r * d + (2 * rows * r * (d + d) if needs_dx else 0))
-    o_fwd, o_bwd = _linear_flops(attn.out_proj, rows, qkv_needs, count)
+        r, n_r = attn.rank, len(attn.slices) * attn.rank
+        for n, width, names in parts:
+            if count == "executed":  # the packed B_full rows of this part (n*r wide, zeros included)
+                if any(s in names for s in attn.slices):
+                    fwd += 2 * n * d * n_r + 2 * n * n_r * width
+                    bwd += 2 * n * width * n_r + (2 * n * n_r * (width + d) if needs_dx else 0)
+            else:
+                k = sum(s in names for s in attn.slices)
+                fwd += k * 2 * n * r * (d + d)
+                bwd += k * (2 * n * r * d + (2 * n * r * (d + d) if needs_dx else 0))
+    o_fwd, o_bwd = _linear_flops(attn.out_proj, q_rows, qkv_needs, count)
     return fwd + o_fwd, bwd + o_bwd, qkv_needs or _has_lora(attn.out_proj)
 
 
-def tower_flops(blocks, seqs: int, tokens: int, count: str = "model") -> tuple[int, int]:
-    """(forward, backward) FLOPs of a stack of open_clip residual blocks on seqs x tokens.
+def tower_flops(blocks, seqs: int, tokens: int, count: str = "model", last_queries: Optional[int] = None) -> tuple[int, int]:
+    """(forward, backward) FLOPs of a stack of open_clip residual blocks on seqs x tokens; the last
+    block's output computed for `last_queries` rows a sequence (all by default).
 
     Tracks which activations need a gradient: the first block's input does not (frozen
     embeddings); from the first LoRA on, everything downstream does.
     """
     fwd = bwd = 0
-    rows = seqs * tokens
     needs = False
-    for block in blocks:
-        a_fwd, a_bwd, attn_needs = _attention_flops(block.attn, seqs, tokens, needs, count)
+    blocks = list(blocks)
+    for i, block in enumerate(blocks):
+        queries = last_queries if i == len(blocks) - 1 else None
+        rows = seqs * (tokens if queries is None else queries)
+        a_fwd, a_bwd, attn_needs = _attention_flops(block.attn, seqs, tokens, needs, count, queries)
         needs = needs or attn_needs
         f_fwd, f_bwd = _linear_flops(block.mlp.c_fc, rows, needs, count)
         fc_needs = needs or _has_lora(block.mlp.c_fc)
@@ -110,7 +127,8 @@ def step_flops(model, shape: StepShape, count: str = "model") -> dict:
     patches = (visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size) \
         // conv.kernel_size[0]
     tokens = patches * patches + 1
-    i_fwd, i_bwd, i_needs = tower_flops(visual.transformer.resblocks, n_img, tokens, count)
+    last = 1 if vit_tail.applies(visual) else None  # the class token's row of the last block alone
+    i_fwd, i_bwd, i_needs = tower_flops(visual.transformer.resblocks, n_img, tokens, count, last_queries=last)
     i_fwd += 2 * n_img * (tokens - 1) * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
     d_v, e = _proj_width(visual.proj)
     i_fwd += 2 * n_img * d_v * e

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..config import PRECISIONS
 from ..fileio import UnsafeFileError, load_torch_file
+from . import vit_tail
 from .patch_embed import use_patch_gemm
 
 log = logging.getLogger("segpcl_fast.model")
@@ -148,7 +149,8 @@ class CLIPModel(nn.Module):
         visual = self.visual
         with _autocast_or_not(images.device.type, self.image_autocast):
             if self._vit:
-                pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+                # the last block for the class token alone where that is all _pool reads (model/vit_tail.py)
+                pooled, _ = visual._pool(vit_tail.run_transformer(visual, visual._embeds(images)))
             elif self._timm:  # the trunk's pooled (and fc_norm'ed) feature before its classifier head
                 pooled = visual.trunk.forward_head(visual.trunk.forward_features(images), pre_logits=True)
             else:

@@ -188,21 +188,38 @@ class LoRAMultiheadAttention(nn.Module):
 
     def forward(self, query, key=None, value=None, need_weights: bool = False,
                 attn_mask: Optional[torch.Tensor] = None):
-        if (key is not None and key is not query) or (value is not None and value is not query):
-            raise NotImplementedError("LoRAMultiheadAttention supports self-attention only")
+        """Self-attention (key and value None or `query` itself), or attention of `query`'s rows over
+        the rows of one other tensor given as both key and value (nn.MultiheadAttention's packed
+        in_proj split as [q; k, v]: model/vit_tail.py runs a ViT's last block for its class token so)."""
+        kv = query if key is None else key
+        if (value if value is not None else kv) is not kv:
+            raise NotImplementedError("LoRAMultiheadAttention takes one tensor as both key and value")
         bsz, length, d = query.shape
-        if self.slices:
-            qkv = ops.lora_b_linear(query, self.in_proj_weight, self.in_proj_bias, self.lora_A,
-                                    self.packed_lora_B(), self.scaling)
+        if kv is query:
+            q, k, v = self._project(query).chunk(3, dim=-1)
         else:
-            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+            q = self._project(query, "q")
+            k, v = self._project(kv, "kv").chunk(2, dim=-1)
         h = self.num_heads
-        q, k, v = (t.view(bsz, length, h, d // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        q, k, v = (t.view(bsz, -1, h, d // h).transpose(1, 2) for t in (q, k, v))
         if attn_mask is not None:
             attn_mask = sdpa_mask(attn_mask, bsz, h, q.dtype)
         out = ops.attention(q, k, v, attn_mask)  # xformers when available (CUDA, no mask), else SDPA
         out = out.transpose(1, 2).reshape(bsz, length, d)
         return self.out_proj(out), None
+
+    def _project(self, x: torch.Tensor, part: str = "qkv") -> torch.Tensor:
+        """x through `part` of the packed in_proj ("qkv": all 3d rows, "q": rows 0..d, "kv": d..3d),
+        LoRA on the adapted slices among them (a part with none is a plain linear)."""
+        d = self.embed_dim
+        rows = {"q": slice(0, d), "kv": slice(d, 3 * d)}.get(part)  # None: the whole tensors, not views
+
+        def take(t):
+            return t if rows is None or t is None else t[rows]
+        weight, bias = take(self.in_proj_weight), take(self.in_proj_bias)
+        if not any(s in part for s in self.slices):
+            return F.linear(x, weight, bias)
+        return ops.lora_b_linear(x, weight, bias, self.lora_A, take(self.packed_lora_B()), self.scaling)
 
 
 def sdpa_mask(attn_mask: torch.Tensor, bsz: int, heads: int, dtype: torch.dtype) -> torch.Tensor:

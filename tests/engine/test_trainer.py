@@ -666,7 +666,7 @@ def test_run_precision_puts_the_image_tower_in_bf16_and_keeps_the_method_fp32(ti
     trainer = Trainer(cfg)
     learner = trainer.learner
     stage, tower_autocast, dtypes, first_parts = ["setup"], {}, {}, []
-    trainer.model.visual.transformer.register_forward_pre_hook(
+    trainer.model.visual.transformer.resblocks[0].register_forward_pre_hook(
         lambda module, args: tower_autocast.setdefault(stage[0], set()).add(torch.is_autocast_enabled("cpu")))
     def record(name, out):
         if name == "loss":
@@ -708,7 +708,7 @@ def test_run_text_precision_bf16_autocasts_the_text_transformer_for_every_text_e
     stage, seen, parts = ["setup"], {}, []
     model.text_tower.transformer.register_forward_pre_hook(
         lambda module, args: seen.setdefault(stage[0], set()).add(torch.is_autocast_enabled("cpu")))
-    model.visual.transformer.register_forward_pre_hook(
+    model.visual.transformer.resblocks[0].register_forward_pre_hook(
         lambda module, args: seen.setdefault("image", set()).add(torch.is_autocast_enabled("cpu")))
     _spy_stages(learner, ("begin_task", "loss"), stage,
                 lambda name, out: name == "loss" and parts.append({k: float(v.detach()) for k, v in out[1].items()}))

@@ -189,7 +189,7 @@ def test_teacher_gets_no_param_grads_and_state_is_restored(teacher):
 def test_cache_holds_teacher_outputs_and_teacher_is_not_run_afterwards(teacher):
     _, seeds, targets, text, protos, _, _ = _setup(teacher)
     calls = []
-    hook = teacher.visual.transformer.register_forward_hook(lambda *a: calls.append(1))
+    hook = teacher.visual.transformer.resblocks[0].register_forward_hook(lambda *a: calls.append(1))
     try:
         cfg = DPGDConfig(k_adv=2, batch_size=4)  # 2 batches
         cache = anchors.build_anchor_cache(teacher, seeds, targets, text, protos, teacher.logit_scale(), cfg,

@@ -22,11 +22,12 @@ def _explicit_attention(q, k, v, mask=None):
 
 @pytest.fixture
 def fake_xformers(monkeypatch):
-    """A stand-in `xformers.ops` whose memory_efficient_attention takes (B, L, H, D) like the real one."""
+    """A stand-in `xformers.ops` whose memory_efficient_attention takes (B, L, H, D) like the real one
+    (queries (B, Mq, H, D) over keys and values (B, Mkv, H, D): Mq may differ from Mkv)."""
     calls = []
 
     def memory_efficient_attention(q, k, v):
-        assert q.dim() == 4 and q.shape == k.shape == v.shape
+        assert q.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]
         calls.append(tuple(q.shape))
         out = _explicit_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
@@ -55,13 +56,14 @@ def test_default_is_sdpa_and_matches_the_formula(shape, masked):
     assert ops.last_choice()["attention"] == "sdpa"  # no xformers on this machine
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (3, 2, 17, 16)])
-def test_xformers_path_layout_equals_sdpa(fake_xformers, shape):
-    q, k, v = (torch.randn(shape) for _ in range(3))
+@pytest.mark.parametrize("shape, queries", [((2, 3, 5, 8), 5), ((3, 2, 17, 16), 17), ((3, 2, 17, 16), 1)])
+def test_xformers_path_layout_equals_sdpa(fake_xformers, shape, queries):
+    k, v = (torch.randn(shape) for _ in range(2))
+    q = torch.randn(shape[0], shape[1], queries, shape[3])  # 1 query row: a ViT's class-token last block
     out = ops.attention(q, k, v)
     assert ops.last_choice()["attention"] == "xformers"
     probe = (1, 8, 2, shape[3])  # the one-off check that the kernels run for this dtype/head size
-    assert fake_xformers == [probe, (shape[0], shape[2], shape[1], shape[3])]  # called with (B, L, H, D)
+    assert fake_xformers == [probe, (shape[0], queries, shape[1], shape[3])]  # called with (B, L, H, D)
     torch.testing.assert_close(out, ops.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,85 @@
+"""A ViT's last block for its class token alone: the rest of that block's output is never read.
+
+open_clip's ViT pools r(x) = ln_post(x_L[:, 0]) (pool_type "tok", no attention pool), one row of the
+last block's output. That row is
+
+    h = ln_1(x)                                         all tokens: they are the keys and values
+    y = x[:, :1] + ls_1(attn(query = h[:, :1], key = value = h))
+    y = y + ls_2(mlp(ln_2(y)))
+
+so the last block needs the key and value projections of every token, but the query projection, the
+attention, the output projection and the MLP for the class token alone. Same products and sums for
+the row that is read (the other rows are not computed); only GEMM shapes differ, so the rounding of
+a sum may. For ViT-B/16 (197 tokens, width d) a block costs about 24 d^2 + 4 * 197 * d FLOPs a token
+forward, of which the last block keeps 4 d^2 (keys and values): 84 % of that block, 7 % of the
+tower's 12 blocks, forward and backward alike (engine/flops.py counts it so), and none of the skipped
+rows' activations are kept for the backward.
+
+`qualifies` says whether a tower's structure is the one above; `run_transformer` runs the tower's
+transformer either way and `ops.last_choice()["vit_last_block"]` says which ran. SEGPCL_VIT_TAIL=full
+runs the whole last block (for A/B timing).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ops.dispatch import record_choice
+from .lora import LoRAMultiheadAttention
+
+CHOICES = ("cls", "full")
+
+
+def choice() -> str:
+    value = os.environ.get("SEGPCL_VIT_TAIL", "cls")
+    if value not in CHOICES:
+        raise ValueError(f"SEGPCL_VIT_TAIL={value!r} is unknown; choose one of {CHOICES}")
+    return value
+
+
+def qualifies(visual: nn.Module) -> bool:
+    """An open_clip VisionTransformer pooling its class token (pool_type "tok", no attention pool) whose
+    last block is open_clip's own self-attention ResidualAttentionBlock (its attention nn.MultiheadAttention
+    or our LoRAMultiheadAttention). Read at each call: LoRA injection replaces blocks' attention after load."""
+    from open_clip.transformer import ResidualAttentionBlock, Transformer
+    transformer = getattr(visual, "transformer", None)
+    if (getattr(visual, "pool_type", None) != "tok" or getattr(visual, "attn_pool", None) is not None
+            or type(transformer) is not Transformer or not getattr(transformer, "batch_first", True)
+            or len(transformer.resblocks) == 0):
+        return False
+    last = transformer.resblocks[-1]
+    return (type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv")
+            and type(last.attn) in (nn.MultiheadAttention, LoRAMultiheadAttention))
+
+
+def applies(visual: nn.Module) -> bool:
+    """Whether raw_features runs `visual`'s last block for the class token alone now."""
+    return choice() == "cls" and qualifies(visual)
+
+
+def class_token_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """block(x)[:, :1] of an open_clip ResidualAttentionBlock, computing the class token's row only."""
+    h = block.ln_1(x)
+    y = x[:, :1] + block.ls_1(block.attention(q_x=h[:, :1], k_x=h, v_x=h))
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
+
+
+def run_transformer(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """visual.transformer(x) where `visual._pool` reads all of it; (N, 1, width), the class token's row
+    of the last block, where the tower qualifies (module docstring). Either way `visual._pool` of the
+    result gives the same pooled feature."""
+    tail = applies(visual)
+    if not torch.compiler.is_compiling():
+        record_choice("vit_last_block", "cls" if tail else "full", x.device.type)
+    if not tail:
+        return visual.transformer(x)
+    transformer = visual.transformer
+    for block in transformer.resblocks[:-1]:  # as open_clip's Transformer.forward runs them
+        if transformer.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint(block, x, None, None, None, use_reentrant=False)
+        else:
+            x = block(x)
+    return class_token_block(transformer.resblocks[-1], x)

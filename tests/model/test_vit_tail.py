@@ -1,0 +1,158 @@
+"""The ViT's last block for its class token alone (model/vit_tail.py): r(x) and every gradient must
+equal the whole block's (float64), LoRA's cross form must equal torch's nn.MultiheadAttention, the tail
+must run only where _pool reads the class token alone, and it must keep less for the backward."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from segpcl_fast import ops
+from segpcl_fast.model import vit_tail
+from segpcl_fast.model.clip import load_model
+from segpcl_fast.model.lora import LoRAMultiheadAttention, inject_lora, lora_parameters
+
+
+def _lora_model(name, targets, rank=4, towers=("visual",)):
+    model = load_model(name, pretrained=None).double()
+    if targets:
+        inject_lora(model, rank=rank, targets=targets, towers=list(towers))
+        for p in lora_parameters(model):
+            nn.init.normal_(p, std=0.2)  # B = 0 would hide a wrong LoRA path
+    return model
+
+
+def _features_and_grads(model, x):
+    params = lora_parameters(model.visual)
+    raw = model.raw_features(x)
+    weights = torch.randn(raw.shape, dtype=raw.dtype, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((raw * weights).sum(), [x] + params)
+    return raw, grads
+
+
+@pytest.mark.parametrize("targets", [["k", "v", "c_fc", "c_proj"], ["q", "k", "v", "out", "c_fc", "c_proj"],
+                                     ["q", "out"], []])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_class_token_tail_equals_the_whole_block(tiny_model_name, targets, checkpointing, monkeypatch):
+    torch.manual_seed(0)
+    model = _lora_model(tiny_model_name, targets)
+    model.train()
+    model.visual.transformer.grad_checkpointing = checkpointing
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    assert vit_tail.applies(model.visual)
+    got, got_grads = _features_and_grads(model, x)
+    assert ops.last_choice()["vit_last_block"] == "cls"
+    monkeypatch.setenv("SEGPCL_VIT_TAIL", "full")
+    want, want_grads = _features_and_grads(model, x)
+    assert ops.last_choice()["vit_last_block"] == "full"
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert len(got_grads) == 1 + len(lora_parameters(model.visual))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # and open_clip's own image encoder (the whole tower, its projection)
+        torch.testing.assert_close(model.encode_image(x)[1], model.clip.encode_image(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("slices, out_lora", [(["k", "v"], False), (["q"], True), (["q", "k", "v"], True), ([], False)])
+def test_lora_attention_with_other_keys_equals_torch_multihead_attention(slices, out_lora):
+    """query rows over another tensor as key = value: the same as torch's MHA with the merged weights."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).double()
+    lora = LoRAMultiheadAttention(mha, slices, out_lora, rank=4, alpha=8.0, generator=torch.Generator().manual_seed(1))
+    for p in lora_parameters(lora):
+        nn.init.normal_(p, std=0.3)
+    plain = nn.MultiheadAttention(32, 4, batch_first=True).double()  # merged in float64 (merged() rounds via fp32)
+    with torch.no_grad():
+        w = lora.in_proj_weight
+        plain.in_proj_weight.copy_(w + lora.scaling * lora.packed_lora_B() @ lora.lora_A if slices else w)
+        plain.in_proj_bias.copy_(lora.in_proj_bias)
+        out = lora.out_proj
+        plain.out_proj.weight.copy_(out.weight + out.scaling * out.lora_B @ out.lora_A if out_lora else out.weight)
+        plain.out_proj.bias.copy_(out.bias)
+    kv = torch.randn(3, 7, 32, dtype=torch.float64)
+    for query in (kv[:, :1], kv[:, 2:5], torch.randn(3, 2, 32, dtype=torch.float64)):
+        got = lora(query, kv, kv)[0]
+        want = plain(query, kv, kv, need_weights=False)[0]
+        assert got.shape == (3, query.shape[1], 32)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lora(kv[:, :1], kv, kv)[0], lora(kv)[0][:, :1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="one tensor as both key and value"):
+        lora(kv, kv, kv.clone())
+
+
+def _register(tmp_path, name, vision_extra):
+    import open_clip
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16, **vision_extra},
+           "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    return name
+
+
+@pytest.mark.parametrize("vision_extra", [{"pool_type": "avg"}, {"pool_type": "avg", "final_ln_after_pool": True},
+                                          {"attentional_pool": True, "attn_pooler_heads": 4}])
+def test_a_tower_pooling_more_than_its_class_token_runs_the_whole_block(tmp_path, vision_extra):
+    name = _register(tmp_path, f"test-tail-{len(vision_extra)}-{'-'.join(map(str, vision_extra.values()))}".lower(),
+                     vision_extra)
+    model = _lora_model(name, ["k", "v", "c_fc"])
+    assert not vit_tail.qualifies(model.visual)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got = model.encode_image(x)[1]
+        assert ops.last_choice()["vit_last_block"] == "full"
+        torch.testing.assert_close(got, model.clip.encode_image(x), rtol=1e-10, atol=1e-12)
+
+
+def test_a_final_ln_after_pool_tower_still_takes_the_tail(tmp_path):
+    """pool_type tok with ln_post after the pool: the class token's row is still all that is read."""
+    name = _register(tmp_path, "test-tail-ln-after", {"final_ln_after_pool": True})
+    model = _lora_model(name, ["k", "v"])
+    assert vit_tail.qualifies(model.visual)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x)[1], model.clip.encode_image(x), rtol=1e-10, atol=1e-12)
+    assert ops.last_choice()["vit_last_block"] == "cls"
+
+
+def test_unknown_choice_is_one_clear_error(tiny_model_name, monkeypatch):
+    model = load_model(tiny_model_name, pretrained=None)
+    monkeypatch.setenv("SEGPCL_VIT_TAIL", "token")
+    with pytest.raises(ValueError, match="SEGPCL_VIT_TAIL='token' is unknown"):
+        model.raw_features(torch.randn(1, 3, 32, 32))
+
+
+def _saved_bytes(model, x) -> int:
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.raw_features(x)
+    return sum(total)
+
+
+def test_the_tail_keeps_less_for_the_backward(tiny_model_name, monkeypatch):
+    """Skipped rows keep no activations: a tail that computed the whole block and sliced it would not."""
+    model = _lora_model(tiny_model_name, ["k", "v", "c_fc", "c_proj"])
+    model.train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    tail = _saved_bytes(model, x)
+    monkeypatch.setenv("SEGPCL_VIT_TAIL", "full")
+    full = _saved_bytes(model, x)
+    # test-tiny: 2 blocks of 17 tokens; the last block's MLP (4x width) and attention rows are kept for 1 of 17
+    assert tail < 0.9 * full, (tail, full)  # 0.82 here; computing the whole block and slicing it keeps all
+
+
+def test_compiles_with_no_graph_break(tiny_model_name):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = _lora_model(tiny_model_name, ["k", "v", "c_fc", "c_proj"]).float()
+    model.train()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    want = model.raw_features(x)
+    compiled = torch.compile(type(model).raw_features, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(model, x), want)
+    assert not counters["graph_break"]
