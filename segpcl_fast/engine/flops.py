@@ -70,8 +70,14 @@ def _attention_flops(attn, seqs: int, tokens: int, needs_dx: bool, count: str,
     # the packed in_proj: one 3d-wide product on all rows, or q (d) on the query rows and k, v (2d) on all
     parts = [(rows, 3 * d, ("q", "k", "v"))] if queries == tokens else [(q_rows, d, ("q",)), (rows, 2 * d, ("k", "v"))]
     fwd = sum(2 * n * d * width for n, width, _ in parts) + 4 * seqs * queries * tokens * d
-    bwd = (sum(2 * n * d * width for n, width, _ in parts) if needs_dx else 0) + \
-        (8 * seqs * queries * tokens * d if qkv_needs else 0)
+    bwd = sum(2 * n * d * width for n, width, _ in parts) if needs_dx else 0
+    unit = 2 * seqs * queries * tokens * d  # one of the backward's four products: dV, dP, dQ, dK
+    if queries == tokens or needs_dx:  # q, k, v one tensor (or all downstream of x): all four
+        bwd += 4 * unit if qkv_needs else 0
+    else:  # the class-token form with x needing no gradient: q and k, v need one each only with LoRA there
+        slices = attn.slices if isinstance(attn, LoRAMultiheadAttention) else []
+        gq, gkv = "q" in slices, "k" in slices or "v" in slices
+        bwd += unit * (gkv + (gq or gkv) + gq + gkv)
     if isinstance(attn, LoRAMultiheadAttention) and attn.slices:
         r, n_r = attn.rank, len(attn.slices) * attn.rank
         for n, width, names in parts:
@@ -87,8 +93,9 @@ def _attention_flops(attn, seqs: int, tokens: int, needs_dx: bool, count: str,
     return fwd + o_fwd, bwd + o_bwd, qkv_needs or _has_lora(attn.out_proj)
 
 
-def tower_flops(blocks, seqs: int, tokens: int, count: str = "model", last_queries: Optional[int] = None) -> tuple[int, int]:
-    """(forward, backward) FLOPs of a stack of open_clip residual blocks on seqs x tokens; the last
+def tower_flops(blocks, seqs: int, tokens: int, count: str = "model",
+                last_queries: Optional[int] = None) -> tuple[int, int, bool]:
+    """(forward, backward, output needs grad) FLOPs of a stack of open_clip residual blocks on seqs x tokens; the last
     block's output computed for `last_queries` rows a sequence (all by default).
 
     Tracks which activations need a gradient: the first block's input does not (frozen

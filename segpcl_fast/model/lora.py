@@ -195,6 +195,9 @@ class LoRAMultiheadAttention(nn.Module):
         if (value if value is not None else kv) is not kv:
             raise NotImplementedError("LoRAMultiheadAttention takes one tensor as both key and value")
         bsz, length, d = query.shape
+        if kv is not query and (kv.dim() != 3 or kv.shape[0] != bsz or kv.shape[-1] != d):
+            raise ValueError(f"LoRAMultiheadAttention: key / value {tuple(kv.shape)} do not fit query "
+                             f"{tuple(query.shape)}: they take (batch {bsz}, any length, width {d})")
         if kv is query:
             q, k, v = self._project(query).chunk(3, dim=-1)
         else:

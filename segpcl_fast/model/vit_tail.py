@@ -11,13 +11,15 @@ so the last block needs the key and value projections of every token, but the qu
 attention, the output projection and the MLP for the class token alone. Same products and sums for
 the row that is read (the other rows are not computed); only GEMM shapes differ, so the rounding of
 a sum may. For ViT-B/16 (197 tokens, width d) a block costs about 24 d^2 + 4 * 197 * d FLOPs a token
-forward, of which the last block keeps 4 d^2 (keys and values): 84 % of that block, 7 % of the
-tower's 12 blocks, forward and backward alike (engine/flops.py counts it so), and none of the skipped
-rows' activations are kept for the backward.
+forward; the last block still computes 4 d^2 of it (keys and values) for the other 196 tokens and
+skips the rest, 84 % of that block, 7 % of the tower's 12 blocks, forward and backward alike
+(engine/flops.py counts it so), and none of the skipped rows' activations are kept for the backward.
 
 `qualifies` says whether a tower's structure is the one above; `run_transformer` runs the tower's
-transformer either way and `ops.last_choice()["vit_last_block"]` says which ran. SEGPCL_VIT_TAIL=full
-runs the whole last block (for A/B timing).
+transformer either way and, in eager calls, `ops.last_choice()["vit_last_block"]` says which ran
+(calls inside torch.compile'd code are not recorded). SEGPCL_VIT_TAIL=full runs the whole last block
+(for A/B timing). A forward hook (or pre-hook) on the tower's transformer or on its last block keeps
+the whole block: the tail calls neither module, so their hooks would not fire.
 """
 from __future__ import annotations
 
@@ -52,7 +54,14 @@ def qualifies(visual: nn.Module) -> bool:
         return False
     last = transformer.resblocks[-1]
     return (type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv")
-            and type(last.attn) in (nn.MultiheadAttention, LoRAMultiheadAttention))
+            and type(last.attn) in (nn.MultiheadAttention, LoRAMultiheadAttention)
+            and not _hooked(transformer) and not _hooked(last))
+
+
+def _hooked(module: nn.Module) -> bool:
+    """The module has forward hooks of its own, which expect module(x) to run. (Global module hooks,
+    such as FlopCounterMode's module tracker, fire on whichever modules run: they keep the tail.)"""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def applies(visual: nn.Module) -> bool:
@@ -77,9 +86,8 @@ def run_transformer(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not tail:
         return visual.transformer(x)
     transformer = visual.transformer
+    checkpointed = transformer.grad_checkpointing and not torch.jit.is_scripting()
     for block in transformer.resblocks[:-1]:  # as open_clip's Transformer.forward runs them
-        if transformer.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint(block, x, None, None, None, use_reentrant=False)
-        else:
-            x = block(x)
-    return class_token_block(transformer.resblocks[-1], x)
+        x = checkpoint(block, x, None, None, None, use_reentrant=False) if checkpointed else block(x)
+    last = transformer.resblocks[-1]
+    return checkpoint(class_token_block, last, x, use_reentrant=False) if checkpointed else class_token_block(last, x)

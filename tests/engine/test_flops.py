@@ -38,3 +38,23 @@ def test_step_shape_reflects_the_task(tiny_model_name):
     tokens = step.model.tokenize([f"a good photo of a {c}." for c in class_names(7)])
     assert s.text_len == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
     assert len(set(class_names(50))) == 50
+
+
+@pytest.mark.parametrize("targets", [["q"], ["v"], ["k", "v"], ["q", "c_fc"], ["out"]])
+@pytest.mark.parametrize("tail", ["cls", "full"])
+def test_a_one_block_tower_is_counted_exactly(tmp_path, targets, tail, monkeypatch):
+    """One block is first and last at once: its input needs no gradient, so in the class-token form
+    q and k, v each need the attention's backward only where LoRA sits on them."""
+    import json
+
+    import open_clip
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 48, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "test-one-block.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    monkeypatch.setenv("SEGPCL_VIT_TAIL", tail)
+    config = Config()
+    config.lora.rank, config.lora.targets = 4, targets
+    step = build_step("test-one-block", "cpu", n_images=3, n_old=4, n_new=3, cfg=config)
+    assert _counted(step) == step_flops(step.model, step.shape, count="executed")["total"]

@@ -78,6 +78,9 @@ def test_lora_attention_with_other_keys_equals_torch_multihead_attention(slices,
     torch.testing.assert_close(lora(kv[:, :1], kv, kv)[0], lora(kv)[0][:, :1], rtol=1e-10, atol=1e-12)
     with pytest.raises(NotImplementedError, match="one tensor as both key and value"):
         lora(kv, kv, kv.clone())
+    other = torch.randn(6, 7, 32, dtype=torch.float64)  # another batch size: torch's MHA refuses it too
+    with pytest.raises(ValueError, match=r"key / value \(6, 7, 32\) do not fit query \(3, 1, 32\)"):
+        lora(kv[:, :1], other, other)
 
 
 def _register(tmp_path, name, vision_extra):
@@ -91,11 +94,13 @@ def _register(tmp_path, name, vision_extra):
 
 
 @pytest.mark.parametrize("vision_extra", [{"pool_type": "avg"}, {"pool_type": "avg", "final_ln_after_pool": True},
-                                          {"attentional_pool": True, "attn_pooler_heads": 4}])
+                                          {"attentional_pool": True, "attn_pooler_heads": 4},
+                                          {"block_type": "custom"}])
 def test_a_tower_pooling_more_than_its_class_token_runs_the_whole_block(tmp_path, vision_extra):
     name = _register(tmp_path, f"test-tail-{len(vision_extra)}-{'-'.join(map(str, vision_extra.values()))}".lower(),
                      vision_extra)
-    model = _lora_model(name, ["k", "v", "c_fc"])
+    custom = vision_extra.get("block_type") == "custom"  # open_clip's CustomResidualAttentionBlock: no LoRA there
+    model = _lora_model(name, [] if custom else ["k", "v", "c_fc"])
     assert not vit_tail.qualifies(model.visual)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -133,16 +138,55 @@ def _saved_bytes(model, x) -> int:
     return sum(total)
 
 
-def test_the_tail_keeps_less_for_the_backward(tiny_model_name, monkeypatch):
-    """Skipped rows keep no activations: a tail that computed the whole block and sliced it would not."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_tail_keeps_less_for_the_backward(tiny_model_name, monkeypatch, checkpointing):
+    """Skipped rows keep no activations: a tail that computed the whole block and sliced it would not.
+    Under gradient checkpointing the last block is checkpointed too (it keeps its input alone)."""
     model = _lora_model(tiny_model_name, ["k", "v", "c_fc", "c_proj"])
     model.train()
+    model.visual.transformer.grad_checkpointing = checkpointing
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
     tail = _saved_bytes(model, x)
     monkeypatch.setenv("SEGPCL_VIT_TAIL", "full")
     full = _saved_bytes(model, x)
     # test-tiny: 2 blocks of 17 tokens; the last block's MLP (4x width) and attention rows are kept for 1 of 17
-    assert tail < 0.9 * full, (tail, full)  # 0.82 here; computing the whole block and slicing it keeps all
+    if checkpointing:  # each block keeps its input alone, in both paths
+        assert tail <= full, (tail, full)
+    else:
+        assert tail < 0.9 * full, (tail, full)  # 0.82 here; computing the whole block and slicing it keeps all
+
+
+def test_hooks_on_the_tower_keep_the_whole_block(tiny_model_name):
+    """The tail calls neither visual.transformer nor its last block: with a hook on either, the whole
+    block runs, so the hook fires."""
+    model = _lora_model(tiny_model_name, ["k", "v"])
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for module in (model.visual.transformer, model.visual.transformer.resblocks[-1]):
+        for register in (module.register_forward_hook, module.register_forward_pre_hook):
+            fired = []
+            handle = register(lambda *args: fired.append(1))
+            with torch.no_grad():
+                model.raw_features(x)
+            handle.remove()
+            assert fired == [1] and ops.last_choice()["vit_last_block"] == "full"
+    with torch.no_grad():
+        model.raw_features(x)
+    assert ops.last_choice()["vit_last_block"] == "cls"
+
+
+@pytest.mark.parametrize("vision_extra", [{"ls_init_value": 0.3}, {"patch_dropout": 0.5}])
+def test_layer_scale_and_patch_dropout_keep_the_tail_exact(tmp_path, vision_extra):
+    name = _register(tmp_path, f"test-tail-{next(iter(vision_extra))}".replace("_", "-"), vision_extra)
+    model = _lora_model(name, ["q", "k", "v", "out", "c_fc", "c_proj"])
+    model.train()  # patch dropout drops tokens in training (the class token kept)
+    assert vit_tail.qualifies(model.visual)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    got = model.raw_features(x)
+    assert ops.last_choice()["vit_last_block"] == "cls"
+    torch.manual_seed(5)  # the same tokens dropped
+    want = model.visual._pool(model.visual.transformer(model.visual._embeds(x)))[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_compiles_with_no_graph_break(tiny_model_name):
