@@ -93,8 +93,8 @@ def lora_table(benchmarks: list[dict]) -> str:
 
 def e2e_table(benchmarks: list[dict]) -> str:
     rows = ["| device | model | variant | step ms (median) | task images/s | TFLOP/s | MFU | matmul peak TFLOP/s | "
-            "host syncs / step |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "host syncs / step | graphs without CUDA graphs |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for b in benchmarks:
         e = dict(b.get("extra_info", {}))
         if "test_e2e_step" not in b["name"]:
@@ -113,7 +113,7 @@ def e2e_table(benchmarks: list[dict]) -> str:
         rows.append(f"| {e['device_name']} | {e['model']} ({e['precision']}, batch {e['batch']}+{e['anchors']}) | "
                     f"{variant} | {e['step_ms']:.1f} | {e['images_per_s']:.1f} | "
                     f"{e['achieved_tflops']:.4f} | {100 * e['mfu']:.1f}% | {e['matmul_peak_tflops']:.3f} | "
-                    f"{e.get('host_syncs_per_step', '-')} |")
+                    f"{e.get('host_syncs_per_step', '-')} | {e.get('cudagraph_skips', '-')} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 

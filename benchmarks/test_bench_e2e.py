@@ -18,8 +18,11 @@ LoRA op, Triton ops on GPU), compiled_reference (torch.compile, reference ops), 
 Triton ops), compiled_cpp_lora (the same with the opaque C++ LoRA op, SEGPCL_LORA_COMPILE=cpp) and,
 on CUDA only, cudagraphs_fused (compiled_fused under mode "reduce-overhead": CUDA graphs) and
 bf16text_fused (compiled_fused with run.text_precision=bf16, the text transformer under autocast)
-compiled_triton (compiled, ops backend "triton": the image tower's LoRA layers as fused Triton GEMMs)
-and bf16text_cudagraphs (CUDA graphs and the bf16 text trunk together).
+compiled_triton (compiled, ops backend "triton": the image tower's LoRA layers as fused Triton GEMMs),
+bf16text_cudagraphs (CUDA graphs and the bf16 text trunk together), autotune_fused (mode
+"max-autotune-no-cudagraphs", the GPU presets' choice) and autotune_cudagraphs (mode "max-autotune").
+A CUDA-graph variant records how many compiled graphs ran without CUDA graphs, and why
+(cudagraph_skips, cudagraph_skip_reasons: engine/compiling.py).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
 classes, fp32. GPU: ViT-B/16 with random weights, batch 128 + 128 anchors, 90 old + 10 new classes
 (CIFAR100's last task), bf16 autocast.
@@ -40,7 +43,7 @@ import torch
 from segpcl_fast import ops
 from segpcl_fast.config import Config
 from segpcl_fast.engine.bench import build_step, matmul_peak_flops, sync
-from segpcl_fast.engine.compiling import CompileSettings
+from segpcl_fast.engine.compiling import CUDA_GRAPH_MODES, CompileSettings, cudagraph_skips
 from segpcl_fast.engine.flops import step_flops
 
 VARIANTS = {  # name: (ops backend, compiled, environment)
@@ -62,9 +65,15 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     # (the step all in bf16, as issue 7 defines it). CUDA only.
     "bf16text_cudagraphs": ("auto", True, {"SEGPCL_COMPILE_MODE": "reduce-overhead",
                                                  "SEGPCL_BENCH_TEXT_PRECISION": "bf16"}),
+    # the GPU presets' compile mode (engine/presets.py): inductor's autotuned GEMM templates, which can
+    # take a GEMM's bias + GELU (c_fc) into its epilogue; compiles for minutes. CUDA only.
+    "autotune_fused": ("auto", True, {"SEGPCL_COMPILE_MODE": "max-autotune-no-cudagraphs"}),
+    # the same with CUDA graphs (mode "max-autotune"). CUDA only.
+    "autotune_cudagraphs": ("auto", True, {"SEGPCL_COMPILE_MODE": "max-autotune"}),
 }
 # on the CPU they would be compiled_fused again (fp32 there)
-CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs"}
+CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs", "autotune_fused",
+             "autotune_cudagraphs"}
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),
@@ -133,8 +142,11 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             loss = step()
             sync(step.device)
             return loss
-        for _ in range(3):  # warm-up (compiles), outside the counters below
-            timed()
+        with cudagraph_skips() as skips:  # a CUDA-graph variant whose graphs all skipped is compiled_fused again
+            for _ in range(3):  # warm-up (compiles), outside the counters below
+                timed()
+        if settings is not None and settings.mode in CUDA_GRAPH_MODES:
+            benchmark.extra_info.update(cudagraph_skips=skips["count"], cudagraph_skip_reasons=skips["reasons"][:5])
         benchmark.extra_info.update(_host_syncs(step))
         before = _disturbances(device)
         with _gc_timer() as gc_time:

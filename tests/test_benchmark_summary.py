@@ -45,8 +45,10 @@ def test_e2e_and_transform_rows_and_empty_kinds():
     e2e = _bench("test_e2e_step[cuda-compiled_fused]", 0.5, {"variant": "compiled_fused"}, device_name="H100",
                  model="ViT-B-16", precision="bf16", batch=128, anchors=128, step_ms=500.0, images_per_s=256.0,
                  achieved_tflops=100.0, mfu=0.25, matmul_peak_tflops=400.0, host_syncs_per_step=0)
-    assert "| H100 | ViT-B-16 (bf16, batch 128+128) | compiled_fused | 500.0 | 256.0 | 100.0000 | 25.0% | 400.000 | 0 |" \
+    assert "| H100 | ViT-B-16 (bf16, batch 128+128) | compiled_fused | 500.0 | 256.0 | 100.0000 | 25.0% | 400.000 | 0 | - |" \
         in summary.e2e_table([e2e])
+    graphs = dict(e2e, params={"variant": "cudagraphs_fused"}, extra_info=dict(e2e["extra_info"], cudagraph_skips=2))
+    assert summary.e2e_table([graphs]).endswith("| cudagraphs_fused | 500.0 | 256.0 | 100.0000 | 25.0% | 400.000 | 0 | 2 |")
     t = [_bench("t", 0.001, case="c", kind="test", impl="segpcl"), _bench("t", 0.003, case="c", kind="test",
                                                                           impl="torchvision")]
     assert "| c | test | 1.0000 | 3.0000 | 3.00 |" in summary.transforms_table(t)

@@ -22,9 +22,15 @@ merged arrangement in plain PyTorch (ops.lora_linear.lora_b_linear_merged, an au
 aten ops that inductor traces and fuses around; SEGPCL_LORA_COMPILE=cpp puts the C++ op
 `torch.ops.segpcl.lora_b_linear_fwd`, with its fake kernel, there instead), and the Triton ops are
 torch.library custom ops with fake kernels, so dynamo sees through them without graph breaks.
+
+Under the CUDA-graph modes (reduce-overhead, max-autotune) inductor may still run a graph without
+CUDA graphs (mutated inputs, CPU tensors, an op it cannot capture); it says so only to a log that
+is off by default. The towers then log a warning with inductor's reason, and `cudagraph_skips()`
+counts such graphs (the e2e benchmark records it for its CUDA-graph variants).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -71,6 +77,75 @@ class CompileSettings:
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor replays these as CUDA graphs
 
 
+# inductor logs each graph its CUDA-graph modes run without CUDA graphs ("skipping cudagraphs due to
+# mutated inputs", "... cpu device", "... non-cudagraphable ops") to this artifact logger, whose records
+# do not reach the root logger unless TORCH_LOGS names it, and counts them in counters["inductor"]
+CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+
+
+class _SkipReasons(logging.Handler):
+    """Keeps the last `keep` "skipping cudagraphs" messages of inductor's cudagraphs logger."""
+
+    def __init__(self, keep: int = 32):
+        super().__init__(level=logging.WARNING)
+        self.reasons: list[str] = []
+        self.keep = keep
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "cudagraph" in message:
+            self.reasons = (self.reasons + [message])[-self.keep:]
+
+
+def cudagraph_skip_count() -> int:
+    """Graphs torch.compile's CUDA-graph modes have run without CUDA graphs in this process (inductor's count)."""
+    from torch._dynamo.utils import counters
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
+@contextlib.contextmanager
+def cudagraph_skips():
+    """Yields a dict that on exit holds how many compiled graphs inside the block were run without CUDA
+    graphs under a CUDA-graph mode ("count") and inductor's reasons ("reasons": those it logged; a graph
+    on the CPU is counted but not logged). The e2e benchmark records it: a CUDA-graph variant whose
+    graphs were all skipped would time the plain compiled step again without a word."""
+    handler = _SkipReasons()
+    logger = logging.getLogger(CUDAGRAPH_LOGGER)
+    logger.addHandler(handler)
+    found = {"count": cudagraph_skip_count(), "reasons": []}
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        found["count"] = cudagraph_skip_count() - found["count"]
+        found["reasons"] = list(handler.reasons)
+
+
+_skip_log: Optional[_SkipReasons] = None  # installed on the cudagraphs logger by the first _warning_on_skips
+
+
+def _warning_on_skips(fn, mode: str, what: str):
+    """Under a CUDA-graph mode: log a warning, with inductor's reason, when a call of `fn` (a compiled
+    tower) compiles a graph that will run without CUDA graphs (once per graph: a new shape or grad
+    mode compiles a new one). Costs one counter read a call."""
+    global _skip_log
+    if _skip_log is None:
+        _skip_log = _SkipReasons()
+        logging.getLogger(CUDAGRAPH_LOGGER).addHandler(_skip_log)
+    handler = _skip_log
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        before = cudagraph_skip_count()
+        out = fn(*args, **kwargs)
+        if cudagraph_skip_count() > before:
+            reason = handler.reasons[-1] if handler.reasons else "no reason logged (a CPU graph?)"
+            log.warning("torch.compile mode '%s': %s ran without CUDA graphs (%s); it still runs, compiled, "
+                        "with a launch per kernel", mode, what, reason)
+        return out
+    return run
+
+
 def _cloning_outputs(fn):
     """A CUDA-graph replay writes its outputs into the graph's own memory pool, and the next replay of
     that graph overwrites them (cudagraph trees then refuse any access to the old ones). The trainer
@@ -91,16 +166,21 @@ def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
     """
     settings = settings or CompileSettings()
     opts = settings.options()
-    wrap = _cloning_outputs if opts.get("mode") in CUDA_GRAPH_MODES else (lambda fn: fn)
+    mode = opts.get("mode")
+
+    def wrap(fn, what):
+        if mode not in CUDA_GRAPH_MODES:
+            return fn
+        return _warning_on_skips(_cloning_outputs(fn), mode, what)
     done = {}
     if "raw_features" not in model.__dict__:
         fn = torch.compile(type(model).raw_features, dynamic=None, **opts)
-        model.raw_features = types.MethodType(wrap(fn), model)
+        model.raw_features = types.MethodType(wrap(fn, "the image tower"), model)
     done["image"] = "CLIPModel.raw_features"
     trunk = getattr(model.text_tower, "transformer", None)
     if isinstance(trunk, torch.nn.Module) and "forward" not in trunk.__dict__:
         fn = torch.compile(type(trunk).forward, dynamic=True if settings.dynamic_text else None, **opts)
-        trunk.forward = types.MethodType(wrap(fn), trunk)
+        trunk.forward = types.MethodType(wrap(fn, "the text trunk"), trunk)
         done["text"] = f"{type(trunk).__name__}.forward (text trunk)"
     elif isinstance(trunk, torch.nn.Module):
         done["text"] = f"{type(trunk).__name__}.forward (text trunk)"

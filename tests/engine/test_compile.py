@@ -159,3 +159,40 @@ def test_compiled_towers_mutate_no_input_so_cuda_graphs_can_replay_them(tiny_mod
             step()
     torch._dynamo.reset()
     assert len(graphs) == 2 and graphs == [[], []], graphs  # image tower and text trunk, no input written
+
+
+def test_cudagraph_skips_are_counted_with_inductors_reason():
+    """cudagraph_skips reads inductor's own logger and counter (named by this torch version): a skip
+    inductor logs is caught with its message; a CPU graph under reduce-overhead is counted."""
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+    with compiling.cudagraph_skips() as found:
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
+    assert found == {"count": 1, "reasons": ["skipping cudagraphs due to mutated inputs (1 instances)"]}
+    torch._dynamo.reset()
+    with compiling.cudagraph_skips() as found:
+        fn = torch.compile(lambda x: (x * 2).sin(), mode="reduce-overhead")
+        torch.testing.assert_close(fn(torch.ones(4)), torch.full((4,), 2.0).sin())
+    assert found["count"] == 1 and found["reasons"] == []  # inductor does not log a CPU graph's skip
+    with compiling.cudagraph_skips() as found:
+        pass
+    assert found == {"count": 0, "reasons": []}
+
+
+def test_a_tower_run_without_cuda_graphs_is_a_warning(caplog):
+    """Under a CUDA-graph mode the compiled towers warn, with inductor's reason, when a graph skips
+    CUDA graphs (a silent fallback would leave the step launch-bound without a word); once per graph."""
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+    compiled = []
+
+    def tower(x):
+        if not compiled:  # the first call compiles the graph, and inductor decides against CUDA graphs
+            compiled.append(1)
+            log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to non-cudagraphable ops")
+        return x + 1
+    run = compiling._warning_on_skips(tower, "reduce-overhead", "the image tower")
+    with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
+        for _ in range(3):
+            assert run(1) == 2
+    warned = [r.getMessage() for r in caplog.records if r.name == "segpcl_fast.engine"]
+    assert warned == ["torch.compile mode 'reduce-overhead': the image tower ran without CUDA graphs (skipping "
+                      "cudagraphs due to non-cudagraphable ops); it still runs, compiled, with a launch per kernel"]
