@@ -25,7 +25,7 @@ def _lora_model(name, targets, rank=4, towers=("visual",)):
 def _features_and_grads(model, x):
     params = lora_parameters(model.visual)
     raw = model.raw_features(x)
-    weights = torch.randn(raw.shape, dtype=raw.dtype, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(raw.shape, dtype=raw.dtype, generator=torch.Generator().manual_seed(3)).to(raw.device)
     grads = torch.autograd.grad((raw * weights).sum(), [x] + params)
     return raw, grads
 
@@ -200,3 +200,46 @@ def test_compiles_with_no_graph_break(tiny_model_name):
     compiled = torch.compile(type(model).raw_features, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(model, x), want)
     assert not counters["graph_break"]
+
+
+def _bf16_tail_and_whole_block_agree(name, device, backend, monkeypatch):
+    """Under bf16 autocast, through the `backend` LoRA path (the cross form hands row slices of the packed
+    in_proj, views with a storage offset, to the C++ op and the Triton kernels): the class-token tail and
+    the whole block agree to bf16 rounding, values and gradients."""
+    if backend == "cpp":
+        from segpcl_fast.ops import _ext
+        if not _ext.has_kernel(device):
+            pytest.skip(f"segpcl_fast._C has no {device} kernel here (build it: gpu_suite.sh's ext-build step)")
+    torch.manual_seed(0)
+    model = load_model(name, pretrained=None, device=device)
+    model.set_precision(image="bf16")
+    inject_lora(model, rank=4, targets=["q", "k", "v", "out", "c_fc", "c_proj"], towers=["visual"])
+    for p in lora_parameters(model):
+        nn.init.normal_(p, std=0.2)
+    model.train()
+    x = torch.randn(6, 3, 32, 32, device=device, requires_grad=True)
+
+    def run():
+        with ops.backend(backend):
+            return _features_and_grads(model, x)
+    got, got_grads = run()
+    assert ops.last_choice()["vit_last_block"] == "cls"
+    monkeypatch.setenv("SEGPCL_VIT_TAIL", "full")
+    want, want_grads = run()
+    monkeypatch.delenv("SEGPCL_VIT_TAIL")
+
+    def close(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() < 5e-2  # 0.013 at most on the CPU; a wrong row: O(1)
+    assert close(got, want)
+    assert all(close(g, w) for g, w in zip(got_grads, want_grads))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpp"])
+def test_bf16_tail_equals_the_whole_block(tiny_model_name, backend, monkeypatch):
+    _bf16_tail_and_whole_block_agree(tiny_model_name, "cpu", backend, monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (gpu_suite.sh's ext-tests step)")
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpp", "triton"])
+def test_cuda_tail_equals_the_whole_block_under_bf16_autocast(tiny_model_name, backend, monkeypatch):
+    _bf16_tail_and_whole_block_agree(tiny_model_name, "cuda", backend, monkeypatch)
