@@ -122,26 +122,31 @@ def cudagraph_skips():
 
 
 _skip_log: Optional[_SkipReasons] = None  # installed on the cudagraphs logger by the first _warning_on_skips
+_skips_reported = 0  # inductor's skip count when the towers last warned
 
 
 def _warning_on_skips(fn, mode: str, what: str):
-    """Under a CUDA-graph mode: log a warning, with inductor's reason, when a call of `fn` (a compiled
-    tower) compiles a graph that will run without CUDA graphs (once per graph: a new shape or grad
-    mode compiles a new one). Costs one counter read a call."""
-    global _skip_log
+    """Under a CUDA-graph mode: after a call of `fn` (a compiled tower), log a warning with inductor's
+    reasons if graphs have run without CUDA graphs since the last warning: the tower's own, compiled in
+    this call (once per graph: a new shape or grad mode compiles a new one), or a backward graph whose
+    skip inductor found while the backward ran. Costs one counter read a call."""
+    global _skip_log, _skips_reported
     if _skip_log is None:
         _skip_log = _SkipReasons()
         logging.getLogger(CUDAGRAPH_LOGGER).addHandler(_skip_log)
+        _skips_reported = cudagraph_skip_count()
     handler = _skip_log
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        before = cudagraph_skip_count()
+        global _skips_reported
         out = fn(*args, **kwargs)
-        if cudagraph_skip_count() > before:
-            reason = handler.reasons[-1] if handler.reasons else "no reason logged (a CPU graph?)"
-            log.warning("torch.compile mode '%s': %s ran without CUDA graphs (%s); it still runs, compiled, "
-                        "with a launch per kernel", mode, what, reason)
+        count = cudagraph_skip_count()
+        if count > _skips_reported:
+            new, _skips_reported = count - _skips_reported, count
+            reasons = "; ".join(handler.reasons[-new:]) or "no reason logged (a CPU graph?)"
+            log.warning("torch.compile mode '%s': %d compiled graph(s) ran without CUDA graphs, seen after %s "
+                        "(%s); they still run, compiled, with a launch per kernel", mode, new, what, reasons)
         return out
     return run
 

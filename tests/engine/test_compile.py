@@ -178,9 +178,10 @@ def test_cudagraph_skips_are_counted_with_inductors_reason():
     assert found == {"count": 0, "reasons": []}
 
 
-def test_a_tower_run_without_cuda_graphs_is_a_warning(caplog):
-    """Under a CUDA-graph mode the compiled towers warn, with inductor's reason, when a graph skips
-    CUDA graphs (a silent fallback would leave the step launch-bound without a word); once per graph."""
+def test_a_tower_run_without_cuda_graphs_is_a_warning(caplog, monkeypatch):
+    """Under a CUDA-graph mode the compiled towers warn, with inductor's reason, when graphs skip CUDA
+    graphs (a silent fallback would leave the step launch-bound without a word): once per skip, the
+    tower's own (compiled in its call) or a backward graph's (found while the backward ran)."""
     from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
     compiled = []
 
@@ -190,9 +191,17 @@ def test_a_tower_run_without_cuda_graphs_is_a_warning(caplog):
             log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to non-cudagraphable ops")
         return x + 1
     run = compiling._warning_on_skips(tower, "reduce-overhead", "the image tower")
+    monkeypatch.setattr(compiling, "_skips_reported", compiling.cudagraph_skip_count())  # other tests' skips: seen
     with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
         for _ in range(3):
             assert run(1) == 2
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")  # a backward
+        assert run(1) == 2
+        assert run(1) == 2
     warned = [r.getMessage() for r in caplog.records if r.name == "segpcl_fast.engine"]
-    assert warned == ["torch.compile mode 'reduce-overhead': the image tower ran without CUDA graphs (skipping "
-                      "cudagraphs due to non-cudagraphable ops); it still runs, compiled, with a launch per kernel"]
+    assert warned == [
+        "torch.compile mode 'reduce-overhead': 1 compiled graph(s) ran without CUDA graphs, seen after the image "
+        "tower (skipping cudagraphs due to non-cudagraphable ops); they still run, compiled, with a launch per kernel",
+        "torch.compile mode 'reduce-overhead': 1 compiled graph(s) ran without CUDA graphs, seen after the image "
+        "tower (skipping cudagraphs due to mutated inputs (1 instances)); they still run, compiled, with a launch "
+        "per kernel"]
