@@ -140,6 +140,22 @@ def test_output_takes_in_place_changes_and_a_strided_bias(device, triton_backend
     assert x.grad is not None and lb.grad is not None
 
 
+def test_row_slices_of_a_packed_weight(device, triton_backend):
+    """The class-token last block (model/vit_tail.py) projects q and k, v with row slices of the packed
+    in_proj: W[d:3d], its bias and B_full rows are views with a storage offset. Values and gradients
+    equal the reference on the same slices."""
+    d = 24
+    x, w, b, a, lb = _layer((5, 7), d, 3 * d, 4, _dt(device), device)
+    for rows in (slice(0, d), slice(d, 3 * d)):
+        args = (x, w[rows], b[rows], a, lb[rows])  # lb[rows]: a view of the trained B_full, as packed_lora_B()[rows]
+        assert args[1].storage_offset() == rows.start * d and args[4].storage_offset() == rows.start * 4
+        got = _fwd_bwd(lora_linear.lora_b_linear, *args)
+        assert ops.last_choice()["lora_b_linear"] == "triton"
+        want = _fwd_bwd(lora_linear.lora_b_linear_reference, *args)
+        for ours, ref in zip(got, want):
+            torch.testing.assert_close(ours, ref, **_tol(device))
+
+
 def test_ranks_past_the_tile_take_another_path(device, triton_backend):
     """r > MAX_RANK (a tile the GPU's shared memory cannot hold): dispatch takes another path, and the
     launcher itself refuses with one clear error."""
