@@ -79,7 +79,7 @@ def test_attention(benchmark, size, impl):
     try:
         run()
         sync(device)
-    except (RuntimeError, NotImplementedError, ValueError) as exc:  # no kernel for this shape / device / mask
+    except Exception as exc:  # no kernel for this shape / device / mask (each backend raises its own kind)
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         pytest.skip(f"{impl} does not run {size}: {lines[0][:200]}")
     benchmark.group = f"attention {size} {device}"
