@@ -23,13 +23,12 @@ convolution (for A/B timing).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.dispatch import record_choice
+from ..ops.dispatch import env_choice, record_choice
 
 log = logging.getLogger("segpcl_fast.model")
 
@@ -70,10 +69,7 @@ def _conv_is_cheaper_in_fp32(x: torch.Tensor) -> bool:
 
 
 def choice() -> str:
-    value = os.environ.get("SEGPCL_PATCH_EMBED", "gemm")
-    if value not in CHOICES:
-        raise ValueError(f"SEGPCL_PATCH_EMBED={value!r} is unknown; choose one of {CHOICES}")
-    return value
+    return env_choice("SEGPCL_PATCH_EMBED", CHOICES, "gemm")
 
 
 def use_patch_gemm(visual: nn.Module) -> str:

@@ -23,23 +23,18 @@ the whole block: the tail calls neither module, so their hooks would not fire.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops.dispatch import record_choice
+from ..ops.dispatch import env_choice, record_choice
 from .lora import LoRAMultiheadAttention
 
 CHOICES = ("cls", "full")
 
 
 def choice() -> str:
-    value = os.environ.get("SEGPCL_VIT_TAIL", "cls")
-    if value not in CHOICES:
-        raise ValueError(f"SEGPCL_VIT_TAIL={value!r} is unknown; choose one of {CHOICES}")
-    return value
+    return env_choice("SEGPCL_VIT_TAIL", CHOICES, "cls")
 
 
 def qualifies(visual: nn.Module) -> bool:

@@ -26,6 +26,15 @@ _last_choice: dict[str, str] = {}
 _used: dict[str, dict[str, None]] = {}  # op -> implementations in order of first use (a dict as ordered set)
 
 
+def env_choice(name: str, choices: tuple, default: str) -> str:
+    """The value of the A/B switch `name` (an environment variable, e.g. SEGPCL_LORA_MERGE), `default`
+    when unset; a value not in `choices` is one ValueError naming the variable and the choices."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is unknown; choose one of {choices}")
+    return value
+
+
 def set_backend(name: str) -> None:
     global _backend
     if name not in BACKENDS:

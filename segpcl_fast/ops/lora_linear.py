@@ -130,10 +130,7 @@ def merge_kernel() -> str:
     """SEGPCL_LORA_MERGE: how the merged arrangement forms W + s B A: "addmm" (default, cuBLAS / the
     CPU's GEMM) or "triton" (kernels/lora_merge.py, where Triton runs: CUDA tensors, or the CPU
     under TRITON_INTERPRET=1; elsewhere addmm)."""
-    value = os.environ.get("SEGPCL_LORA_MERGE", "addmm")
-    if value not in MERGE_KERNELS:
-        raise ValueError(f"SEGPCL_LORA_MERGE='{value}' is unknown; use one of {MERGE_KERNELS}")
-    return value
+    return dispatch.env_choice("SEGPCL_LORA_MERGE", MERGE_KERNELS, "addmm")
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -173,10 +170,7 @@ MERGED_BACKWARDS = ("keep", "recompute")
 def merged_backward() -> str:
     """SEGPCL_LORA_MERGED_BACKWARD: "keep" (default) saves the forward's W + s B A for grad_x,
     "recompute" forms it again in the backward."""
-    value = os.environ.get("SEGPCL_LORA_MERGED_BACKWARD", "keep")
-    if value not in MERGED_BACKWARDS:
-        raise ValueError(f"SEGPCL_LORA_MERGED_BACKWARD='{value}' is unknown; use one of {MERGED_BACKWARDS}")
-    return value
+    return dispatch.env_choice("SEGPCL_LORA_MERGED_BACKWARD", MERGED_BACKWARDS, "keep")
 
 
 def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -286,10 +280,7 @@ def _fused_runs(x: torch.Tensor, lora_B: Optional[torch.Tensor]) -> bool:
 def compiled_impl() -> str:
     """What "auto" runs under torch.compile where the C++ op could run: SEGPCL_LORA_COMPILE=merged
     (default: plain PyTorch, traced by inductor) or cpp (the opaque custom op, for comparison)."""
-    value = os.environ.get("SEGPCL_LORA_COMPILE", "merged")
-    if value not in ("merged", "cpp"):
-        raise ValueError(f"SEGPCL_LORA_COMPILE='{value}' is not a LoRA implementation; use merged (default) or cpp")
-    return value
+    return dispatch.env_choice("SEGPCL_LORA_COMPILE", ("merged", "cpp"), "merged")
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
