@@ -66,6 +66,22 @@ def median_seconds(benchmark) -> float | None:
     return stats.stats.median
 
 
+def saved_bytes(fn, exclude=()) -> tuple:
+    """(fn(), the bytes autograd holds for its backward): the distinct storages saved while fn ran,
+    each counted once however many nodes save it, the storages of `exclude` (the weights) left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and ptr != 0:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved.values())
+
+
 def device_median_ms(fn, device: str) -> float | None:
     """On CUDA, fn's device time in ms: triton.testing.do_bench's median (CUDA events around each call,
     L2 flushed before each, calls queued without a synchronize between them, so a call whose kernels

@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 
+from conftest import saved_bytes
 from segpcl_fast.ops import dispatch
 from segpcl_fast.ops.lora_linear import (extension_status, lora_b_linear, lora_b_linear_merged,
                                          lora_b_linear_reference)
@@ -98,18 +99,9 @@ def _weights(layer):
 
 
 def _saved_activation_bytes(layer, x):
-    weights = {p.untyped_storage().data_ptr() for p in _weights(layer)}
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights and ptr != 0:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
+    y, nbytes = saved_bytes(lambda: layer(x), _weights(layer))
     y.sum().backward()
-    return sum(saved.values())
+    return nbytes
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,8 +6,9 @@ One round: CLIPModel.raw_features on a batch (the training step's image-tower fo
 backward into the input and the image tower's LoRA B matrices, eager. "eager_reference" runs the
 whole last block (SEGPCL_VIT_TAIL=full), "cls" the class token's row of it (the default); the
 kernel table of benchmarks/summary.py puts them side by side (x eager = full / cls). extra_info
-gives each row's analytic image-tower FLOPs (engine/flops.py) and the bytes autograd kept for the
-backward. CPU: the shipped tiny ViT (segpcl-tiny, 4 blocks of 17 tokens), fp32, 32 images. CUDA:
+gives each row's analytic image-tower FLOPs (engine/flops.py) and the bytes autograd holds for the
+backward (distinct storages, the weights left out: conftest.saved_bytes). CPU: the shipped tiny
+ViT (segpcl-tiny, 4 blocks of 17 tokens), fp32, 32 images. CUDA:
 ViT-B/16 (12 blocks of 197 tokens, random weights), bf16 autocast, 256 images (the e2e step's 128 +
 128 anchors); on CUDA the device time is CUDA events (triton.testing.do_bench's median).
 """
@@ -18,7 +19,7 @@ import os
 import pytest
 import torch
 
-from conftest import device_median_ms, sync
+from conftest import device_median_ms, saved_bytes, sync
 from segpcl_fast.config import Config
 from segpcl_fast.engine.flops import tower_flops
 from segpcl_fast.model import vit_tail
@@ -57,17 +58,6 @@ def towers():
     return get
 
 
-def _saved_bytes(fn) -> int:
-    total = []
-
-    def pack(t):
-        total.append(t.numel() * t.element_size())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(total)
-
-
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("device", DEVICES)
 def test_vit_last_block(benchmark, towers, monkeypatch, device, impl):
@@ -98,7 +88,7 @@ def test_vit_last_block(benchmark, towers, monkeypatch, device, impl):
     size = f"{setup['model']} {setup['precision']} {setup['batch']} img"
     benchmark.extra_info.update(op="vit_last_block", impl=impl, size=size, device=device,
                                 tower_gflop=round((fwd + bwd) / 1e9, 3),
-                                autograd_saved_bytes=_saved_bytes(forward))
+                                autograd_saved_bytes=saved_bytes(forward, model.parameters())[1])
     device_ms = device_median_ms(run, device)
     if device_ms is not None:
         benchmark.extra_info.update(device_ms=round(device_ms, 4), timing="cuda events")
