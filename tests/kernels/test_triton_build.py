@@ -212,7 +212,8 @@ def test_anchor_kl_one_tile_kernel_stays_cheap_per_element(tmp_path):
     by tau per element and p = exp(log p) it took 1313 instructions for the 16 elements a thread holds
     at 1000 classes (82 an element, as many cycles as the bytes take: 64 % of copy bandwidth on an
     H200), 78 at 4096; with per-row reciprocals and one exponential per input 57 and 59 (Triton 3.8).
-    For a log-prob teacher 63 and 58 then, 47 and 49 now. The bounds (62; 52) fail the old form."""
+    For a log-prob teacher 63 and 58 then, 47 and 49 now. Triton 3.6 (the H200 device's) compiles the
+    new form to 57.6 and 62.0 (log-prob 47.9 and 51.4). The bounds (66; 56) fail the old form."""
     script = tmp_path / "instructions.py"
     script.write_text(INSTRUCTIONS)
     proc = subprocess.run([sys.executable, str(script)], env=_compile_env(), capture_output=True, text=True,
@@ -220,7 +221,7 @@ def test_anchor_kl_one_tile_kernel_stays_cheap_per_element(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     for case, warps, rows, block, instructions in json.loads(proc.stdout.strip().splitlines()[-1]):
         per_element = instructions / (rows * block / (32 * warps))
-        assert instructions > 0 and per_element < (52 if case.endswith("True") else 62), (case, warps, rows, block,
+        assert instructions > 0 and per_element < (56 if case.endswith("True") else 66), (case, warps, rows, block,
                                                                                            instructions)
 
 
