@@ -414,8 +414,10 @@ class Trainer:
         (CUDA's default) the check runs on the device: the optimizer's found_inf flag (what AMP's
         GradScaler uses) makes the fused kernel skip the whole update, momentum included, and nothing
         here waits for the GPU; the outcome is read when the caller asks, after it has queued the next
-        step. Otherwise (foreach SGD, apex) the outcome is read here, before the update: a host sync,
-        free on the CPU.
+        step; until then the steps queued after a non-finite one are skipped too, so the weights at the
+        raise are the synchronous path's. Otherwise (foreach SGD, apex) the outcome is read here, before
+        the update: a host sync, free on the CPU (under DDP after the all-reduce, which carries a rank's
+        non-finite loss to every rank's gradients, so every rank raises, not only the one that diverged).
 
         Under DDP the local loss is weighted by n_local * world / global_n before the averaging
         all-reduce, so the L_cls and L_GR parts of the update equal the single-process update on the
@@ -436,7 +438,7 @@ class Trainer:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with record_function("student_forward_losses"):
                 loss, parts = self.learner.loss(images, labels)
-            if not on_device:
+            if not on_device and self.grad_sync is None:  # under DDP: `outcome.values` below, on every rank
                 _check_finite(loss, parts, step, t, c)
             weighted = loss * (n_local * self.dist.world_size / global_n) if self.grad_sync is not None else loss
             with record_function("backward"):
@@ -451,7 +453,14 @@ class Trainer:
                 grad_norm = _grad_norm(self.lora_params)
             outcome = StepOutcome(step, t, parts, loss, grad_norm, copy_ahead=on_device)
             if on_device:
-                optimizer.found_inf = outcome.nonfinite()  # 1: the fused kernel leaves weights and momentum
+                # 1: the fused kernel leaves weights and momentum. Sticky: the steps queued after a non-finite
+                # one (before its error is read) are skipped too, so the weights at the raise are those the
+                # synchronous path raises with
+                skip = outcome.nonfinite()
+                earlier = getattr(optimizer, "_segpcl_nonfinite", None)
+                optimizer._segpcl_nonfinite = skip = skip if earlier is None else torch.maximum(skip, earlier)
+                optimizer.found_inf = skip
+                outcome.skips_in = optimizer  # reading a non-finite outcome clears the flag
                 try:
                     optimizer.step()
                 finally:
@@ -674,6 +683,7 @@ class StepOutcome:
         else:
             self._host = packed
         self._values: Optional[dict] = None
+        self.skips_in = None  # the fused optimizer whose sticky skip flag this step set (Trainer.train_step)
 
     def nonfinite(self) -> torch.Tensor:
         """1.0 (fp32 scalar, on the gradients' device) when the loss or the gradient norm is not finite."""
@@ -688,12 +698,16 @@ class StepOutcome:
                 self._event.synchronize()  # this step's kernels, and its copy, are done
             read = self._host.tolist()
             values = dict(zip(self._names, read))
-            if self.loss is not None and not math.isfinite(read[len(self._names)]):
+            loss_ok = self.loss is None or math.isfinite(read[len(self._names)])
+            if (not loss_ok or not math.isfinite(read[-1])) and self.skips_in is not None:
+                # the error is out: the steps queued after this one were skipped; later ones run again
+                self.skips_in.__dict__.pop("_segpcl_nonfinite", None)
+            if not loss_ok:
                 _raise_nonfinite_loss(read[len(self._names)], values, self.step, self.t, cfg)
             if not math.isfinite(read[-1]):
                 _raise_nonfinite_grad(values, self.step, self.t, cfg)
             self._values = values
-            self._host = self._event = self._grad_norm = None  # nothing kept past the read
+            self._host = self._event = self._grad_norm = self.skips_in = None  # nothing kept past the read
         return self._values
 
 
@@ -729,13 +743,15 @@ def _raise_nonfinite_grad(values: dict, step: int, t: int, cfg: Config) -> None:
     check the NaN weights surface one step later as a NaN L_cls, blaming the wrong term."""
     terms = ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items()) or "no terms on this rank, which had no samples"
     # under torchrun the gradients are all-reduced: another rank's non-finite loss (its own error names
-    # the term) reaches this rank's gradients too
-    others = (" (or another rank's loss was not finite: see that rank's error)"
-              if torch.distributed.is_available() and torch.distributed.is_initialized()
-              and torch.distributed.get_world_size() > 1 else "")
+    # the term) reaches this rank's gradients too, and is the likelier cause
+    ranks = (torch.distributed.is_available() and torch.distributed.is_initialized()
+             and torch.distributed.get_world_size() > 1)
+    cause = ("another rank's loss was not finite (see that rank's error), or a term's backward overflowed (very "
+             "small temperatures overflow it)" if ranks else
+             "a term's backward overflowed (very small temperatures overflow it)")
     raise FloatingPointError(f"the LoRA B gradients are not finite at task {t + 1}, step {step} while every loss term "
-                             f"is ({terms}): a term's backward overflowed (very small temperatures overflow it)"
-                             f"{others}; {_nonfinite_fixes(list(values), cfg)}")
+                             f"{'on this rank ' if ranks else ''}is ({terms}): {cause}; "
+                             f"{_nonfinite_fixes(list(values), cfg)}")
 
 
 def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int, cfg: Config) -> None:

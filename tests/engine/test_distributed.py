@@ -146,3 +146,66 @@ def _grad_sync_worker(rank, world, port, bucket_mb, as_view):
 @pytest.mark.parametrize("bucket_mb,as_view", [(25.0, True), (1e-5, False)])
 def test_grad_sync_averages_over_ranks(bucket_mb, as_view):
     mp.spawn(_grad_sync_worker, args=(2, _free_port(), bucket_mb, as_view), nprocs=2, join=True)
+
+
+class _NaNOnRank1:
+    """loss = mean (x . w - y)^2; NaN on rank 1 from step `bad` on."""
+
+    def __init__(self, w, rank, bad):
+        self.w, self.rank, self.bad, self.calls = w, rank, bad, 0
+
+    def loss(self, images, labels):
+        loss = ((images @ self.w - labels.float()) ** 2).mean()
+        if self.rank == 1 and self.calls >= self.bad:
+            loss = loss * float("nan")
+        self.calls += 1
+        return loss, {"cls": loss}
+
+
+def _nan_worker(rank, world, port, fused, out):
+    from segpcl_fast.engine.trainer import _with_momentum_buffers
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(3))
+        x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+        tr = Trainer.__new__(Trainer)  # only what train_step reads
+        tr.cfg, tr.device, tr.lora_params = make_config(), torch.device("cpu"), [w]
+        tr.dist = ddp.DistContext(rank=rank, world_size=world, backend="gloo")
+        tr.grad_sync = ddp.LoRAGradSync([w], tr.dist, ddp.DDPSettings())
+        tr.learner = _NaNOnRank1(w, rank, bad=1)
+        kw = dict(lr=0.1, momentum=0.9)
+        opt = (_with_momentum_buffers(torch.optim.SGD([w], fused=True, **kw)) if fused
+               else torch.optim.SGD([w], foreach=True, **kw))
+        shard = slice(2 * rank, 2 * rank + 2)
+        message, pending, after_first = "no error", None, None
+        try:  # the trainer's loop: a step's outcome is read after the next step is queued
+            for step in range(3):
+                outcome = Trainer.train_step(tr, opt, x[shard], y[shard], 0.1, step, 0, global_n=4)
+                if pending is not None:
+                    pending.values(tr.cfg)
+                pending = outcome
+                if step == 0:
+                    outcome.values(tr.cfg)
+                    after_first = w.detach().clone()
+            pending.values(tr.cfg)
+        except FloatingPointError as e:
+            message = str(e)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"message": message, "unchanged": bool(torch.equal(w.detach(), after_first))}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path, fused):
+    """Rank 1's loss turns NaN at step 1. The all-reduce carries it into every rank's gradients, so every
+    rank raises for step 1 (none waits in a collective for a rank that left) and none applies step 1 or
+    the step queued after it: rank 1's error names its loss, the other's names the other rank."""
+    mp.spawn(_nan_worker, args=(2, _free_port(), fused, str(tmp_path / "res")), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"res.{rank}").read_text()) for rank in range(2)]
+    assert "loss is nan at task 1, step 1" in results[1]["message"], results[1]
+    assert "not finite at task 1, step 1" in results[0]["message"], results[0]
+    assert "another rank's loss was not finite" in results[0]["message"]
+    assert all(r["unchanged"] for r in results), results

@@ -186,7 +186,9 @@ class _PoisonedLearner(_LinearLearner):
 @pytest.mark.parametrize("nan_loss", [True, False])
 def test_a_non_finite_step_is_skipped_on_the_device_and_raised_when_read(nan_loss):
     """The fused kernel leaves weights and momentum as they were when the step's loss or gradient is
-    not finite; reading the step's outcome raises the error the synchronous path raises, naming it."""
+    not finite; reading the step's outcome raises the error the synchronous path raises, naming it.
+    The trainer reads a step's outcome after queueing the next one: that step is skipped too (the flag
+    is sticky until the error is read), so the weights at the raise are the synchronous path's."""
     torch.manual_seed(2)
     x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
     w = torch.nn.Parameter(torch.randn(3))
@@ -198,9 +200,15 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_raised_when_read(nan_los
     bad = Trainer.train_step(tr, opt, x, y, 0.1, 1, 0, global_n=4)
     assert torch.equal(w.detach(), before) and torch.equal(opt.state[w]["momentum_buffer"], buf)
     assert not hasattr(opt, "found_inf")  # the flag is the step's own
+    tr.learner = _LinearLearner(w)  # finite again
+    queued = Trainer.train_step(tr, opt, x, y, 0.1, 2, 0, global_n=4)
+    assert queued.values(tr.cfg)["cls"] > 0  # finite, but queued before the bad step was read: skipped
+    assert torch.equal(w.detach(), before) and torch.equal(opt.state[w]["momentum_buffer"], buf)
     message = "loss is nan at task 1, step 1" if nan_loss else "LoRA B gradients are not finite at task 1, step 1"
     with pytest.raises(FloatingPointError, match=message):
         bad.values(tr.cfg)
+    Trainer.train_step(tr, opt, x, y, 0.1, 3, 0, global_n=4).values(tr.cfg)  # read: steps apply again
+    assert not torch.equal(w.detach(), before)
 
 
 def test_a_skipped_first_step_leaves_no_momentum_behind(monkeypatch):
@@ -214,7 +222,9 @@ def test_a_skipped_first_step_leaves_no_momentum_behind(monkeypatch):
     tr = _stub_trainer(w, sync=False)
     tr.learner = _PoisonedLearner(w, bad_from=0, nan_loss=True)
     opt = _fused_sgd(w, lr=0.1, momentum=0.9)
-    Trainer.train_step(tr, opt, x, y, 0.1, 0, 0, global_n=4)  # skipped on the device
+    bad = Trainer.train_step(tr, opt, x, y, 0.1, 0, 0, global_n=4)  # skipped on the device
+    with pytest.raises(FloatingPointError):
+        bad.values(tr.cfg)  # read (and caught): the steps after it run again
     tr.learner = _LinearLearner(w)
     Trainer.train_step(tr, opt, x, y, 0.1, 1, 0, global_n=4).values(tr.cfg)
     tr_fresh = _stub_trainer(fresh, sync=False)
