@@ -50,6 +50,7 @@ import torch
 from .config import ConfigError, apply_overrides, config_from_dict, join_some, override_key, runs_below
 from .data.transforms import clip_test_transform
 from .fileio import UnsafeFileError, atomic_path, load_torch_file, unwritable_dir_reason
+from .method.learner import same_reference_text
 from .method.prototypes import dual_path_logits
 from .model.clip import CLIPModel, ImageStats, model_from_state_dict
 from .model.lora import load_lora_state_dict, merge_lora
@@ -431,10 +432,7 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
     with torch.no_grad():
         ref = model.class_embeddings(format_prompts(names, cfg.data.templates), device=device)
     stored_ref = learner["ref_text"][:n_seen].to(device)
-    # bf16 text (run.text_precision) rounds differently on another device or kernel; other weights or
-    # another class order move unit-norm embeddings by far more than either tolerance
-    atol = 2e-2 if cfg.run.text_precision == "bf16" else 1e-4
-    if stored_ref.shape != ref.shape or not torch.allclose(stored_ref.float(), ref.float(), atol=atol):
+    if not same_reference_text(stored_ref, ref, cfg.run.text_precision):
         raise ClassifierError(f"checkpoint {path}: the pretrained text embeddings of these class names differ "
                               f"from the run's (other weights at model.pretrained={cfg.model.pretrained!r}, or "
                               f"class names not in the run's order)")

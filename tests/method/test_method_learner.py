@@ -6,6 +6,8 @@ recomputes the quantity by hand from the model and compares.
 """
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -343,3 +345,28 @@ def test_stack_batches_is_torch_cat_and_frees_the_batches_as_it_copies():
         assert "no batches" in str(e)
     else:
         raise AssertionError("an empty task must be an error")
+
+
+def test_a_checkpoints_reference_text_is_checked_with_the_tolerance_of_its_text_precision(tiny_model_name):
+    """Learner.load_state_dict refuses a checkpoint whose B = 0 text embeddings are another model's. bf16
+    text rounds differently under another attention / GEMM kernel (another device: here the CPU's math
+    SDPA instead of its flash kernel moves them by about 4e-4), which must not be refused; other prompts
+    must be, at either precision."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4, targets=("k", "v"), towers=("visual", "text"))
+    prompts = [[f"a good photo of a class {i}."] for i in range(N_TOTAL)]
+    for precision in ("bf16", "fp32"):
+        cfg = Config()
+        cfg.run.text_precision = precision
+        model.text_autocast = torch.bfloat16 if precision == "bf16" else None
+        state = Learner(cfg, model, prompts, torch.device("cpu")).state_dict()
+        with sdpa_kernel([SDPBackend.MATH]):  # another kernel: bf16 embeddings move by rounding only
+            other_kernel = Learner(cfg, model, prompts, torch.device("cpu"))
+        moved = (other_kernel.ref_text - state["ref_text"]).abs().max().item()
+        assert (moved > 1e-4) == (precision == "bf16"), moved  # past the fp32 tolerance in bf16 only
+        other_kernel.load_state_dict(state)
+        other_prompts = Learner(cfg, model, [[f"a photo of a thing {i}."] for i in range(N_TOTAL)],
+                                torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="reference text embeddings differ"):
+            other_prompts.load_state_dict(state)
