@@ -164,6 +164,35 @@ def _cloning_outputs(fn):
     return run
 
 
+# (function, structure) -> that function with a code object of its own (_code_for)
+_CODE_COPIES: dict = {}
+
+
+def _structure(module: torch.nn.Module, *extra) -> tuple:
+    """What dynamo guards a module's compiled graphs on that differs between models of one
+    architecture: every parameter's and buffer's name, shape, dtype, device and requires_grad."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return (*extra, *((n, tuple(t.shape), t.dtype, t.device, t.requires_grad) for n, t in tensors))
+
+
+def _code_for(fn, module: torch.nn.Module, *extra):
+    """`fn` (a plain function) as a function with a code object of its own per module structure.
+    Dynamo keeps compiled graphs per code object and counts them against its recompile limit (8 by
+    default) there. Compiling `CLIPModel.raw_features` itself, every model compiled in a process would
+    add its graphs to one list: a sweep over lora.rank or lora.targets (about 5 image and 3 text graphs
+    each) would have dynamo give up from the second structure on and run the towers eager, with a
+    warning. Models of one structure (seeds, ablation variants, evaluate after train) share a copy, so
+    they reuse each other's graphs as before."""
+    key = (fn, _structure(module, *extra))
+    if key not in _CODE_COPIES:
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                 fn.__closure__)
+        own.__kwdefaults__, own.__qualname__, own.__doc__ = fn.__kwdefaults__, fn.__qualname__, fn.__doc__
+        own.__dict__.update(fn.__dict__)
+        _CODE_COPIES[key] = own
+    return _CODE_COPIES[key]
+
+
 def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
     """Bind compiled raw_features and text-trunk forward on `model` (a CLIPModel), in place.
 
@@ -179,12 +208,14 @@ def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
         return _warning_on_skips(_cloning_outputs(fn), mode, what)
     done = {}
     if "raw_features" not in model.__dict__:
-        fn = torch.compile(type(model).raw_features, dynamic=None, **opts)
+        fn = torch.compile(_code_for(type(model).raw_features, model.visual, model.image_autocast), dynamic=None,
+                           **opts)
         model.raw_features = types.MethodType(wrap(fn, "the image tower"), model)
     done["image"] = "CLIPModel.raw_features"
     trunk = getattr(model.text_tower, "transformer", None)
     if isinstance(trunk, torch.nn.Module) and "forward" not in trunk.__dict__:
-        fn = torch.compile(type(trunk).forward, dynamic=True if settings.dynamic_text else None, **opts)
+        fn = torch.compile(_code_for(type(trunk).forward, trunk, model.text_autocast),
+                           dynamic=True if settings.dynamic_text else None, **opts)
         trunk.forward = types.MethodType(wrap(fn, "the text trunk"), trunk)
         done["text"] = f"{type(trunk).__name__}.forward (text trunk)"
     elif isinstance(trunk, torch.nn.Module):

@@ -76,6 +76,31 @@ def test_teacher_copy_runs_its_own_compiled_forward(tiny_model_name):
     assert not torch.allclose(model.raw_features(x), ref_raw)  # student moved: teacher used its own weights
 
 
+def test_models_of_other_structures_each_get_dynamos_whole_recompile_budget(tiny_model_name, monkeypatch):
+    """Dynamo counts compiled graphs against its recompile limit per code object. A sweep over lora.rank
+    compiles towers of 3 structures in one process: with the limit at 2 here (8 by default, about 5 image
+    and 3 text graphs per structure), the third model's towers must still compile, not fall back to eager.
+    A second model of a structure already compiled reuses its graphs (seeds, ablation variants)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    base = load_model(tiny_model_name, pretrained=None)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = base.tokenize(["a photo of a dog.", "a cat."])
+
+    def graphs_compiled_by(rank):
+        model = copy.deepcopy(base)
+        inject_lora(model, rank=rank, alpha=4.0)
+        compiling.compile_model(model, AOT)
+        before = compiling.compile_counters()["unique_graphs"]
+        for grad in (True, False):  # two graphs per tower: what fills a limit of 2 with one structure
+            with torch.set_grad_enabled(grad):
+                model.raw_features(x)
+                model.encode_text(tokens)
+        return compiling.compile_counters()["unique_graphs"] - before
+    assert [graphs_compiled_by(rank) for rank in (2, 4, 8)] == [4, 4, 4]
+    assert graphs_compiled_by(4) == 0
+
+
 def test_compile_sees_through_custom_ops_with_fullgraph(tiny_model_name):
     """The LoRA C++ op (when built) and every Triton op wrapper trace into one graph."""
     from segpcl_fast import ops
