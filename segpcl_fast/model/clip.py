@@ -240,16 +240,19 @@ class CLIPModel(nn.Module):
         of the longest prompt's length back from the GPU, a sync that drains the launch queue."""
         if device.type == "cuda" and device.index is None:  # "cuda" means the device current now
             device = torch.device("cuda", torch.cuda.current_device())
-        key = (id(self.tokenizer), tuple(prompts), str(device), batch_size)  # a tokenizer assigned anew: miss
-        hit = self._token_cache.get(key)
-        if hit is not None:
+        key = (tuple(prompts), str(device), batch_size)
+        tokenizer, hit = self._token_cache.get(key, (None, None))
+        if hit is not None and tokenizer is self.tokenizer:  # a tokenizer assigned anew: a miss
             self._token_cache.move_to_end(key)
             return hit
-        tokens = self.tokenize(prompts)
-        eot = tokens.argmax(dim=-1)
-        hit = [(tokens[i:i + batch_size].to(device), eot[i:i + batch_size].to(device),
-                int(eot[i:i + batch_size].max()) + 1) for i in range(0, len(prompts), batch_size)]
-        self._token_cache[key] = hit
+        # normal tensors even when made under torch.inference_mode (a zero-shot check): an inference
+        # tensor cannot be saved for a later training step's backward (the end-of-text gather)
+        with torch.inference_mode(False):
+            tokens = self.tokenize(prompts)
+            eot = tokens.argmax(dim=-1)
+            hit = [(tokens[i:i + batch_size].to(device), eot[i:i + batch_size].to(device),
+                    int(eot[i:i + batch_size].max()) + 1) for i in range(0, len(prompts), batch_size)]
+        self._token_cache[key] = (self.tokenizer, hit)
         while len(self._token_cache) > TOKEN_CACHE_SIZE:
             self._token_cache.popitem(last=False)
         return hit

@@ -221,6 +221,21 @@ def test_class_embeddings_tokenize_a_prompt_set_once_and_read_nothing_back(tiny_
     assert len(model._token_cache) == clip_module.TOKEN_CACHE_SIZE
 
 
+def test_prompts_first_embedded_under_inference_mode_still_train(tiny_model_name):
+    """A prompt set first embedded under torch.inference_mode (a zero-shot check) is cached; a later
+    training step reuses those tokens and must still backpropagate (the end-of-text gather saves them)."""
+    from segpcl_fast.model.lora import inject_lora, lora_parameters
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=2, towers=("text",))
+    prompts = [["a photo of a dog."], ["a photo of a small cat."]]
+    with torch.inference_mode():
+        zero_shot = model.class_embeddings(prompts)
+    emb = model.class_embeddings(prompts)
+    emb.sum().backward()
+    assert all(p.grad is not None for p in lora_parameters(model))
+    torch.testing.assert_close(emb.detach(), zero_shot, rtol=0, atol=0)
+
+
 def test_set_precision_maps_run_settings_to_tower_autocast(tiny_model_name):
     model = load_model(tiny_model_name, pretrained=None)
     model.set_precision(image="bf16", text="fp32")
