@@ -50,13 +50,16 @@ def qualifies(visual: nn.Module) -> bool:
     last = transformer.resblocks[-1]
     return (type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv")
             and type(last.attn) in (nn.MultiheadAttention, LoRAMultiheadAttention)
-            and not _hooked(transformer) and not _hooked(last))
+            and not _hooked(transformer) and not any(_hooked(m) for m in last.modules()))
 
 
 def _hooked(module: nn.Module) -> bool:
-    """The module has forward hooks of its own, which expect module(x) to run. (Global module hooks,
-    such as FlopCounterMode's module tracker, fire on whichever modules run: they keep the tail.)"""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """The module has hooks of its own, which expect module(x) to run on every token: forward hooks
+    (the tail never calls the transformer or its last block, and calls the last block's parts on the
+    class token's row alone) and backward hooks. (Global module hooks, such as FlopCounterMode's module
+    tracker, fire on whichever modules run: they keep the tail.)"""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def applies(visual: nn.Module) -> bool:

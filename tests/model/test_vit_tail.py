@@ -157,18 +157,28 @@ def test_the_tail_keeps_less_for_the_backward(tiny_model_name, monkeypatch, chec
 
 
 def test_hooks_on_the_tower_keep_the_whole_block(tiny_model_name):
-    """The tail calls neither visual.transformer nor its last block: with a hook on either, the whole
-    block runs, so the hook fires."""
+    """The tail calls neither visual.transformer nor its last block, and the last block's parts on the
+    class token's row alone: with a hook on any of these, the whole block runs, so a forward hook fires
+    and sees every token, and a backward hook fires."""
     model = _lora_model(tiny_model_name, ["k", "v"])
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    for module in (model.visual.transformer, model.visual.transformer.resblocks[-1]):
+    last = model.visual.transformer.resblocks[-1]
+    tokens = 1 + (32 // 8) ** 2
+    for module in (model.visual.transformer, last, last.attn, last.mlp, last.ln_2, last.mlp.c_fc):
         for register in (module.register_forward_hook, module.register_forward_pre_hook):
-            fired = []
-            handle = register(lambda *args: fired.append(1))
+            seen = []
+            handle = register(lambda _m, args, *out: seen.append(args[0].shape[1]))
             with torch.no_grad():
                 model.raw_features(x)
             handle.remove()
-            assert fired == [1] and ops.last_choice()["vit_last_block"] == "full"
+            assert seen == [tokens] and ops.last_choice()["vit_last_block"] == "full", (module, seen)
+    for module in (model.visual.transformer, last, last.mlp):
+        for register in (module.register_full_backward_hook, module.register_full_backward_pre_hook):
+            fired = []
+            handle = register(lambda *args: fired.append(1))
+            model.raw_features(x.clone().requires_grad_()).sum().backward()
+            handle.remove()
+            assert fired == [1] and ops.last_choice()["vit_last_block"] == "full", module
     with torch.no_grad():
         model.raw_features(x)
     assert ops.last_choice()["vit_last_block"] == "cls"
