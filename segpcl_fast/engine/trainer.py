@@ -526,6 +526,8 @@ class Trainer:
             probe, trained_B = torch.empty(0, device=self.device), torch.empty(0, device=self.device, requires_grad=True)
             ops.dispatch.record_choice(OP, lora_b_linear_impl(probe, trained_B, compiling=True), self.device.type)
             ops.dispatch.record_choice("attention", "sdpa", self.device.type)  # xformers is never traced
+            for op, impl in self.model.compiled_choices(self.device).items():
+                ops.dispatch.record_choice(op, impl, self.device.type)
         self.holds_final_weights = False
         check_resume_run(c)
         if main:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..config import PRECISIONS
 from ..fileio import UnsafeFileError, load_torch_file
 from . import vit_tail
-from .patch_embed import use_patch_gemm
+from .patch_embed import conv_is_cheaper, use_patch_gemm
 
 log = logging.getLogger("segpcl_fast.model")
 
@@ -156,6 +156,18 @@ class CLIPModel(nn.Module):
             else:
                 pooled = visual(images)
         return pooled.float() if self.image_autocast is not None else pooled
+
+    def compiled_choices(self, device: torch.device) -> dict:
+        """What raw_features chooses on fp32 images on `device` that a compiled graph cannot record
+        (ops.last_choice: the trainer records these for a compiled run's results.json): the patch
+        embedding's GEMM or convolution and the last block's class-token tail or whole block."""
+        choices = {}
+        if self.patch_embed == "gemm":
+            conv = conv_is_cheaper(torch.device(device).type == "cuda", torch.float32, self.image_autocast is not None)
+            choices["patch_embed"] = "conv" if conv else "gemm"
+        if self._vit:
+            choices["vit_last_block"] = "cls" if vit_tail.applies(self.visual) else "full"
+        return choices
 
     def project(self, raw: torch.Tensor) -> torch.Tensor:
         """v = proj(r) (timm towers: the trunk's classifier head, then open_clip's head)."""

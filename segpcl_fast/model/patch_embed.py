@@ -60,12 +60,16 @@ class PatchEmbedGEMM(nn.Conv2d):
         return y.reshape(n, gh, gw, self.out_channels).permute(0, 3, 1, 2)
 
 
-def _conv_is_cheaper_in_fp32(x: torch.Tensor) -> bool:
+def conv_is_cheaper(on_cuda: bool, dtype: torch.dtype, autocast: bool) -> bool:
     """fp32 on CUDA outside autocast (run.precision=fp32): torch lets cuDNN convolutions use TF32 by
     default but not fp32 matmuls, so there the GEMM would run on the CUDA cores, slower than the
     convolution and not the same arithmetic: keep cuDNN's convolution, exactly as before."""
-    return (x.is_cuda and x.dtype == torch.float32 and not torch.is_autocast_enabled("cuda")
+    return (on_cuda and dtype == torch.float32 and not autocast
             and torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32)
+
+
+def _conv_is_cheaper_in_fp32(x: torch.Tensor) -> bool:
+    return conv_is_cheaper(x.is_cuda, x.dtype, torch.is_autocast_enabled("cuda"))
 
 
 def choice() -> str:

@@ -251,3 +251,48 @@ def test_a_compiled_run_records_the_lora_and_attention_paths_its_graphs_traced(t
     assert recorded["lora_b_linear"].split("+")[0] == traced and recorded["attention"].split("+")[0] == "sdpa"
     train(small_config(tiny_model_name, tmp_path / "ref", num_tasks=1, run__compile=True, run__ops="reference"))
     assert json.loads((tmp_path / "ref" / "results.json").read_text())["ops"]["lora_b_linear"].split("+")[0] == "reference"
+
+
+def test_a_compiled_run_records_the_patch_embedding_and_last_block_its_graphs_traced(tiny_model_name, tmp_path,
+                                                                                  monkeypatch):
+    """The patch embedding and the ViT tail record their choice only outside a graph, so a compiled run's
+    results.json named neither. The image tower is made to look compiled to our code (is_compiling()
+    during raw_features: nothing it calls records); the trainer records what the graph traced."""
+    import json
+
+    from segpcl_fast.engine import compiling
+
+    def fake_compile(model, settings=None):
+        eager = model.raw_features
+
+        def traced(images):
+            with monkeypatch.context() as m:
+                m.setattr(torch.compiler, "is_compiling", lambda: True)
+                return eager(images)
+        model.raw_features = traced
+        return {"image": "stub"}
+    monkeypatch.setattr(compiling, "compile_model", fake_compile)
+    for tail in ("cls", "full"):
+        monkeypatch.setenv("SEGPCL_VIT_TAIL", tail)
+        train(small_config(tiny_model_name, tmp_path / tail, num_tasks=1, run__compile=True))
+        recorded = json.loads((tmp_path / tail / "results.json").read_text())["ops"]
+        assert recorded.get("patch_embed") == "gemm" and recorded.get("vit_last_block") == tail, recorded
+
+
+def test_compiled_choices_are_what_an_eager_call_records(tiny_model_name, monkeypatch):
+    from segpcl_fast import ops
+    from segpcl_fast.model.clip import load_model
+    model = load_model(tiny_model_name, pretrained=None)
+    for tail in ("cls", "full"):
+        monkeypatch.setenv("SEGPCL_VIT_TAIL", tail)
+        ops.reset_choices()
+        with torch.no_grad():
+            model.raw_features(torch.randn(2, 3, 32, 32))
+        eager = {k: v for k, v in ops.last_choice().items() if k in ("patch_embed", "vit_last_block")}
+        assert model.compiled_choices(torch.device("cpu")) == eager == {"patch_embed": "gemm", "vit_last_block": tail}
+    # fp32 on CUDA outside autocast keeps cuDNN's convolution (torch's TF32 defaults: model/patch_embed.py)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert model.compiled_choices(torch.device("cuda"))["patch_embed"] == "conv"
+    model.image_autocast = torch.bfloat16
+    assert model.compiled_choices(torch.device("cuda"))["patch_embed"] == "gemm"
