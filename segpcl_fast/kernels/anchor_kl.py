@@ -180,7 +180,10 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
         has_mass = t > neg_inf
         e_t = tl.where(has_mass, tl.exp(t - m_t[:, None]), 0.0)
         d_t += tl.sum(e_t, axis=1)
-        c += tl.sum(tl.where(has_mass, e_t * ((t - m_t[:, None]) - (s - m_s[:, None])), 0.0), axis=1)
+        # a student -inf where the teacher has mass adds +inf, also while the row's student maximum is
+        # still -inf (a first chunk of -inf only: -inf - -inf would be nan)
+        s_shift = tl.where(s > neg_inf, s - m_s[:, None], neg_inf)
+        c += tl.sum(tl.where(has_mass, e_t * ((t - m_t[:, None]) - s_shift), 0.0), axis=1)
     log_d_s = tl.log(d_s)
     if TEACHER_IS_LOGPROB:
         # p_t = exp(t): KL = sum p_t (t - s) + lse_s sum p_t = c + d_t log d_s

@@ -104,6 +104,19 @@ def test_chunked_kernel_nan_inf_and_identical(device):
         kernel.anchor_kl_triton(student, teacher, TAU, chunk_cols=24)
 
 
+@pytest.mark.parametrize("where", [slice(0, 16), slice(20, 22)], ids=["first-chunk", "after-finite"])
+def test_a_student_minus_inf_under_teacher_mass_is_an_infinite_loss_in_the_chunked_kernel(device, where):
+    """q = 0 where p > 0: KL = +inf (the reference's value), also when the row's first chunk is all -inf
+    (the running student maximum still -inf there: -inf - -inf had made the row nan)."""
+    student, teacher = _logits(2, 40, torch.float32, device, seed=9)
+    student[1, where] = float("-inf")
+    kl_rows, _ = kernel.anchor_kl_triton(student, teacher, TAU, chunk_cols=16)
+    one_tile, _ = kernel.anchor_kl_triton(student, teacher, TAU)
+    assert kl_rows[1] == float("inf") and one_tile[1] == float("inf")
+    assert kernel.anchor_kl_reference(student[1:], teacher[1:], TAU) == float("inf")
+    torch.testing.assert_close(kl_rows[0], one_tile[0], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("teacher_is_logprob", [False, True])
 def test_chunked_kernel_keeps_precision_at_large_logits(teacher_is_logprob, device):
     """Logits offset by 3000 at tau 1 (and rising along the row, so the running maxima move in
