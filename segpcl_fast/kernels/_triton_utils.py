@@ -175,3 +175,13 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
     if interpret_mode() and dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return dtype
+
+
+def refuse_frozen_grads(op: str, needs_input_grad) -> None:
+    """The op's backward gives grad_x and grad_B only: weight, bias and lora_A are frozen. A direct
+    call (torch.ops.segpcl.*, skipping the Python wrapper's checks) with one of them requiring grad
+    is refused here rather than leaving its .grad silently None."""
+    frozen = [name for name, needs in zip(("weight", "bias", "lora_A"), needs_input_grad[1:4]) if needs]
+    if frozen:
+        raise RuntimeError(f"{op}: {', '.join(frozen)} require(s) grad, but the LoRA-B-only linear trains lora_B "
+                           f"(and x) only; freeze them (requires_grad_(False)) or use a plain linear")

@@ -33,8 +33,8 @@ from typing import Optional
 
 import torch
 
-from ._triton_utils import (cdiv, check_can_run, interpret_mode, launch_device, lazy_jit, next_pow2,
-                            refuse_double_backward, store_dtype)
+from ._triton_utils import (refuse_frozen_grads, cdiv, check_can_run, interpret_mode, launch_device, lazy_jit,
+                            next_pow2, refuse_double_backward, store_dtype)
 from .lora_merge import lora_merged_weight_triton
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
@@ -306,6 +306,7 @@ def _lora_fused_bwd_fake(grad_y, u, merged, lora_B, scaling):
 
 def _fused_setup_context(ctx, inputs, output):
     x, _weight, _bias, _lora_A, lora_B, scaling = inputs
+    refuse_frozen_grads("segpcl::lora_fused_fwd", ctx.needs_input_grad)
     _, u, merged = output
     ctx.scaling = scaling
     ctx.mark_non_differentiable(u, merged)

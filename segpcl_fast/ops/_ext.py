@@ -67,6 +67,8 @@ def _register_python_side() -> None:
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, lora_A, lora_B, scaling = inputs
+        from ._kernels import _utils
+        _utils.refuse_frozen_grads("segpcl::lora_b_linear_fwd", ctx.needs_input_grad)
         _, u = output
         ctx.scaling = scaling
         ctx.need_grad_x = ctx.needs_input_grad[0]
@@ -87,6 +89,16 @@ def _register_python_side() -> None:
                 grad_B if ctx.need_grad_B else None, None)
 
     torch.library.register_autograd("segpcl::lora_b_linear_fwd", _backward, setup_context=_setup_context)
+
+    def _bwd_backward(ctx, *grads):
+        raise RuntimeError("segpcl::lora_b_linear_bwd is not differentiable: it is the backward of "
+                           "lora_b_linear_fwd (double backward: run the reference, run.ops=reference)")
+
+    # called by a backward with grad mode off; a direct call on tensors that require grad gets outputs
+    # whose backward is this one clear error (without an autograd kernel the CPU kernel's mm(out=) raised
+    # in fp32, and bf16 outputs carried a meaningless grad_fn)
+    torch.library.register_autograd("segpcl::lora_b_linear_bwd", _bwd_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 _load()

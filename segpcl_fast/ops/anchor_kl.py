@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._kernels import choose_impl, load_kernel
+from .dispatch import refuse_trained_constants
 
 _k = load_kernel("anchor_kl")
 anchor_kl_reference = _k.anchor_kl_reference
@@ -21,6 +22,7 @@ def anchor_kl(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
     student_logits, teacher: (anchors, old classes). teacher_is_logprob=True: teacher already is
     log_softmax(z_T / tau). Gradient flows into student_logits only.
     """
+    refuse_trained_constants("anchor_kl", tau=tau)
     _k.check_anchor_kl_inputs(student_logits, teacher, tau)
     if choose_impl("anchor_kl", student_logits, teacher) == "triton":
         return _k.anchor_kl_fused(student_logits, teacher, tau, teacher_is_logprob)

@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 
+import torch
+
 log = logging.getLogger("segpcl_fast.ops")
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
@@ -33,6 +35,16 @@ def env_choice(name: str, choices: tuple, default: str) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is unknown; choose one of {choices}")
     return value
+
+
+def refuse_trained_constants(op: str, **constants) -> None:
+    """The ops take these (tau, scaling, the PGD step's bounds) as constants: no gradient flows to
+    them on any fast path. A tensor among them that requires grad is one ValueError (the reference
+    alone would have differentiated through it), not a gradient that silently does not arrive."""
+    for name, value in constants.items():
+        if isinstance(value, torch.Tensor) and value.requires_grad:  # (getattr on a SymFloat breaks a graph)
+            raise ValueError(f"{op}: {name} is a constant of the op (no gradient flows to it) but requires grad; "
+                             f"pass {name}.detach() (or a float)")
 
 
 def set_backend(name: str) -> None:

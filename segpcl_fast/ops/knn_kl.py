@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ._kernels import choose_impl, load_kernel
+from .dispatch import refuse_trained_constants
 
 _k = load_kernel("knn_subgraph_kl")
 knn_subgraph_kl_reference = _k.knn_subgraph_kl_reference
@@ -36,6 +37,7 @@ def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Ten
     it (a sort and a search) every call. Its shape is checked; its values must come from these roots
     and neighbours. The reference ignores it.
     """
+    refuse_trained_constants("knn_subgraph_kl", tau=tau)
     _k.check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices)
     if plan is not None:
         _k.check_knn_plan(plan, emb, neighbors)

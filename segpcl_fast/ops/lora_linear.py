@@ -185,6 +185,11 @@ def lora_b_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     them requiring a gradient (`_check_args`)."""
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])  # then autocast is a no-op
     _check_args(x, weight, bias, lora_A, lora_B)
+    return _merged_checked(x, weight, bias, lora_A, lora_B, scaling)
+
+
+def _merged_checked(x, weight, bias, lora_A, lora_B, scaling):
+    """lora_b_linear_merged on arguments already cast and checked."""
     if not _needs_grad_B(lora_B):
         return F.linear(x, merged_weight(weight, lora_A, lora_B, scaling), bias)
     y, _u, _merged = _MergedLoRABLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling),
@@ -272,9 +277,11 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
 
 
 def _fused_runs(x: torch.Tensor, lora_B: Optional[torch.Tensor]) -> bool:
-    """Whether the fused Triton LoRA kernels take x (its dtype after autocast) and this rank."""
+    """Whether the fused Triton LoRA kernels take x (its dtype after autocast, which leaves float64
+    as it is) and this rank."""
     rank = lora_B.shape[-1] if lora_B is not None and lora_B.dim() == 2 else 1
-    return _utils.HAS_TRITON and _fused.fused_supported(x.device, _autocast_dtype(x.device.type) or x.dtype, rank)
+    dtype = _autocast_dtype(x.device.type) if x.dtype in _AUTOCAST_FROM else None
+    return _utils.HAS_TRITON and _fused.fused_supported(x.device, dtype or x.dtype, rank)
 
 
 def compiled_impl() -> str:
@@ -306,16 +313,19 @@ def lora_b_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
     Every path checks its arguments the same way first (`_check_args`: shapes, floating dtypes shared
     with x after autocast, one device, and weight / bias / lora_A not requiring grad)."""
+    dispatch.refuse_trained_constants(OP, scaling=scaling)
     impl = lora_b_linear_impl(x, lora_B)
-    if not torch.compiler.is_compiling():
-        dispatch.record_choice(OP, impl, x.device.type)
     if impl == "reference":  # checked without the autocast copies (F.linear makes its own)
         _check_args(x, weight, bias, lora_A, lora_B, _autocast_dtype(x.device.type))
+    else:
+        x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])
+        _check_args(x, weight, bias, lora_A, lora_B)
+    if not torch.compiler.is_compiling():  # recorded once the arguments passed: what ran
+        dispatch.record_choice(OP, impl, x.device.type)
+    if impl == "reference":
         return lora_b_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
     if impl == "merged":
-        return lora_b_linear_merged(x, weight, bias, lora_A, lora_B, scaling)
-    x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B])
-    _check_args(x, weight, bias, lora_A, lora_B)
+        return _merged_checked(x, weight, bias, lora_A, lora_B, scaling)
     if impl == "triton":
         return _fused.lora_b_linear_fused(x, weight, bias, lora_A, lora_B, scaling)
     y, _u = torch.ops.segpcl.lora_b_linear_fwd(x, weight, bias, lora_A, lora_B, float(scaling))

@@ -68,7 +68,7 @@ def xformers_failure(device: torch.device, dtype: torch.dtype, head_dim: int) ->
 
 
 def _use_xformers(q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:
-    return (attn_mask is None and q.device.type in XFORMERS_DEVICES and get_backend() != "reference"
+    return (attn_mask is None and q.dim() == 4 and q.device.type in XFORMERS_DEVICES and get_backend() != "reference"
             and not torch.compiler.is_compiling() and _xformers_ops() is not None
             and xformers_failure(q.device, q.dtype, q.shape[-1]) is None)
 

@@ -10,6 +10,7 @@ from typing import Union
 import torch
 
 from ._kernels import choose_impl, load_kernel
+from .dispatch import refuse_trained_constants
 
 _k = load_kernel("pgd_step")
 pgd_step_reference = _k.pgd_step_reference
@@ -33,6 +34,7 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: P
     result into x_adv (autograd sees it, as it sees the reference's) instead of running the in-place kernel.
     float64 inputs compute in float64 (the reference).
     """
+    refuse_trained_constants("pgd_step", gamma=gamma, eps=eps, lo=lo, hi=hi)
     if not isinstance(eps, torch.Tensor) and not float(eps) >= 0:
         raise ValueError(f"pgd_step: eps must be >= 0, got {eps}")
     if not isinstance(lo, torch.Tensor) and not isinstance(hi, torch.Tensor) and not float(lo) <= float(hi):

@@ -109,6 +109,13 @@ def test_dispatch_takes_it_only_where_it_runs_and_b_trains(device, triton_backen
     with torch.autocast(device, dtype=torch.bfloat16):  # fp32 x, cast like F.linear: the fused path in bf16
         y = lora_linear.lora_b_linear(x, w, b, a, lb, 0.5)
     assert ops.last_choice()["lora_b_linear"] == "triton" and y.dtype == torch.bfloat16
+    x, w, b, a, lb = _layer((8,), 16, 24, 4, torch.float64, device)
+    with torch.autocast(device, dtype=torch.bfloat16):  # autocast leaves float64 alone: not the fused path
+        y = lora_linear.lora_b_linear(x, w, b, a, lb, 0.5)
+    assert ops.last_choice()["lora_b_linear"] != "triton" and y.dtype == torch.float64
+    x, w, b, a, lb = _layer((8,), 16, 24, 4, _dt(device), device)
+    with pytest.raises(RuntimeError, match="lora_A require"):  # a direct call: refused, not a silent None
+        torch.ops.segpcl.lora_fused_fwd(x, w, b, a.requires_grad_(), lb, 0.5)
 
 
 def test_opcheck_empty_batch_and_compile(device, triton_backend, graph_breaks):

@@ -75,6 +75,9 @@ def test_masked_and_reference_backend_stay_on_sdpa(fake_xformers):
     with ops.backend("reference"):
         ops.attention(q, k, v)
     assert ops.last_choice()["attention"] == "sdpa"
+    q3, k3, v3 = (torch.randn(2, 6, 8) for _ in range(3))  # (N, L, D), which SDPA takes and xformers reads otherwise
+    torch.testing.assert_close(ops.attention(q3, k3, v3), ops.attention_reference(q3, k3, v3))
+    assert ops.last_choice()["attention"] == "sdpa"
     assert fake_xformers == []
 
 

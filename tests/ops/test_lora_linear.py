@@ -228,6 +228,49 @@ def test_opcheck_forward_and_backward_ops(lora_path):
     for flags in [(True, True), (True, False), (False, True)]:
         torch.library.opcheck(torch.ops.segpcl.lora_b_linear_bwd.default,
                               (g, u, weight, lora_A, lora_B.detach(), 0.5, *flags))
+    # the backward op on tensors that require grad (a direct call): an autograd kernel that refuses
+    g.requires_grad_()
+    torch.library.opcheck(torch.ops.segpcl.lora_b_linear_bwd.default, (g, u, weight, lora_A, lora_B.detach(), 0.5,
+                                                                        True, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for dtype in (torch.float32, torch.bfloat16):
+        gx, gB = torch.ops.segpcl.lora_b_linear_bwd(g.to(dtype), u.to(dtype), weight.to(dtype), lora_A.to(dtype),
+                                                    lora_B.detach().to(dtype), 0.5, True, True)
+        with pytest.raises(RuntimeError, match="lora_b_linear_bwd is not differentiable"):
+            gx.float().sum().backward()
+
+
+def test_constants_that_require_grad_are_refused_on_every_path():
+    """tau, scaling and the PGD step's bounds are constants of the ops: no fast path differentiates
+    them, so a tensor that requires grad is refused (the reference alone would have given it one)."""
+    from segpcl_fast import ops as ops_
+    tau = torch.tensor(2.0, requires_grad=True)
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 3))
+    z = torch.randn(3, 5)
+    e, idx = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1), torch.tensor([[1, 2], [0, 3]])
+    for backend in ("reference", "auto"):
+        with dispatch.backend(backend):
+            with pytest.raises(ValueError, match="anchor_kl: tau is a constant"):
+                ops_.anchor_kl(z, z, tau)
+            with pytest.raises(ValueError, match="knn_subgraph_kl: tau is a constant"):
+                ops_.knn_subgraph_kl(e, torch.tensor([4, 5]), idx, torch.log_softmax(torch.randn(2, 2), -1), tau)
+            with pytest.raises(ValueError, match="lora_b_linear: scaling is a constant"):
+                lora_b_linear(x, weight, bias, lora_A, lora_B, tau)
+            img = torch.randn(1, 3, 4, 4)
+            with pytest.raises(ValueError, match="pgd_step: eps is a constant"):
+                ops_.pgd_step(img, img, img, 0.1, torch.full((3,), 0.5, requires_grad=True), -1.0, 1.0)
+    assert float(ops_.anchor_kl(z, z + 1, tau.detach())) >= 0  # detached: a constant again
+
+
+def test_direct_calls_of_the_fused_ops_refuse_frozen_inputs_that_require_grad(lora_path):
+    """The ops' backwards give grad_x and grad_B only; a direct torch.ops call (which skips the wrapper's
+    argument checks) with W, b or A requiring grad is refused, not left with a .grad of None."""
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 3))
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A)):
+        args = [x, weight, bias, lora_A, lora_B]
+        args[("weight", "bias", "lora_A").index(name) + 1] = t.detach().clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=f"{name} require"):
+            torch.ops.segpcl.lora_b_linear_fwd(*args, 0.5)
 
 
 def test_gradcheck_float64(lora_path):
@@ -317,13 +360,15 @@ def test_every_path_refuses_bad_arguments_with_one_message(backend, b_grad):
              ((x, weight, bias, trained(lora_A), lora_B), r": lora_A require grad, but this op trains lora_B "
               r"only.*\.requires_grad_\(False\)"),
              ((x, trained(weight), trained(bias), lora_A, lora_B), ": weight, bias require grad")]
+    dispatch.reset_choices()
     with dispatch.backend(backend):
         for args, message in cases:
             with pytest.raises(RuntimeError, match=message):
                 lora_b_linear(*args, 0.5)
-        assert dispatch.last_choice()["lora_b_linear"] == {"reference": "reference", "cpp": "cpp", "auto": "merged"}[backend]
+        assert "lora_b_linear" not in dispatch.last_choice()  # a refused call ran nothing
         with torch.no_grad():  # nothing trains: frozen-ness is not asked
             lora_b_linear(x, trained(weight), bias, trained(lora_A), lora_B, 0.5)
+        assert dispatch.last_choice()["lora_b_linear"] == {"reference": "reference", "cpp": "cpp", "auto": "merged"}[backend]
 
 
 def test_reference_backend_forces_reference():
