@@ -647,6 +647,12 @@ def _check_ops_backend(name: str, device: torch.device) -> None:
                "interpreter, for tests: set it before segpcl_fast is imported)")
         raise ConfigError(f"run.ops=triton forces the Triton kernels, but {why}; use run.ops=auto (the fast path "
                           "where there is one)")
+    from ..model import patch_embed, vit_tail
+    from ..ops import lora_linear
+    try:  # every A/B switch, read where its path runs: a bad value now, not mid-run (evaluation, task 2)
+        lora_linear.switches(), patch_embed.choice(), vit_tail.choice()
+    except ValueError as e:
+        raise ConfigError(f"{e} (an environment variable; unset it for the default)") from None
     env = os.environ.get("SEGPCL_OPS")
     if env and env != name:
         log.warning("SEGPCL_OPS=%s is not what this run uses: a run takes run.ops (%s here); set --set run.ops=%s "

@@ -30,8 +30,9 @@ _used: dict[str, dict[str, None]] = {}  # op -> implementations in order of firs
 
 def env_choice(name: str, choices: tuple, default: str) -> str:
     """The value of the A/B switch `name` (an environment variable, e.g. SEGPCL_LORA_MERGE), `default`
-    when unset; a value not in `choices` is one ValueError naming the variable and the choices."""
-    value = os.environ.get(name, default)
+    when unset or empty (as for SEGPCL_OPS); a value not in `choices` is one ValueError naming the
+    variable and the choices."""
+    value = os.environ.get(name) or default
     if value not in choices:
         raise ValueError(f"{name}={value!r} is unknown; choose one of {choices}")
     return value

@@ -149,7 +149,7 @@ def overlap() -> bool:
     g^T u backward) on a second CUDA stream, concurrently with the layer's big GEMMs; "0" (default)
     keeps one stream. Eager CUDA only (not while torch.compile traces, not during a CUDA-graph
     capture)."""
-    value = os.environ.get("SEGPCL_LORA_OVERLAP", "0")
+    value = os.environ.get("SEGPCL_LORA_OVERLAP") or "0"
     if value not in ("0", "1"):
         raise ValueError(f"SEGPCL_LORA_OVERLAP='{value}' must be 0 or 1")
     return value == "1"
@@ -282,6 +282,31 @@ def _fused_runs(x: torch.Tensor, lora_B: Optional[torch.Tensor]) -> bool:
     rank = lora_B.shape[-1] if lora_B is not None and lora_B.dim() == 2 else 1
     dtype = _autocast_dtype(x.device.type) if x.dtype in _AUTOCAST_FROM else None
     return _utils.HAS_TRITON and _fused.fused_supported(x.device, dtype or x.dtype, rank)
+
+
+# the C++ op's GEMM arrangements (csrc/lora_b_linear_aten.cpp reads these variables per call, default first)
+CPP_PATHS = {"SEGPCL_LORA_FWD": ("merged", "concat", "addmm"), "SEGPCL_LORA_BWD": ("merged", "split", "fused")}
+
+
+def switches() -> dict:
+    """Every LoRA A/B switch's value now ({variable: value}, defaults where unset). Each is otherwise
+    read only where its path runs (SEGPCL_LORA_MERGE=bogus surfaced at the first frozen-B call, in
+    evaluation): a run reads them all up front, so a bad value is one ValueError before it starts."""
+    return {"SEGPCL_LORA_MERGE": merge_kernel(), "SEGPCL_LORA_OVERLAP": "1" if overlap() else "0",
+            "SEGPCL_LORA_MERGED_BACKWARD": merged_backward(), "SEGPCL_LORA_COMPILE": compiled_impl(), **cpp_paths()}
+
+
+def cpp_paths() -> dict:
+    """{SEGPCL_LORA_FWD: ..., SEGPCL_LORA_BWD: ...}: the C++ op's GEMM arrangements now; a value it
+    would refuse at its first call is one ValueError."""
+    values = {}
+    for name, allowed in CPP_PATHS.items():
+        value = os.environ.get(name) or allowed[0]
+        if value not in allowed:
+            raise ValueError(f"{name}='{value}' is not a {'forward' if 'FWD' in name else 'backward'} path of the "
+                             f"C++ op; use {', '.join(allowed)} (default {allowed[0]}), or unset it")
+        values[name] = value
+    return values
 
 
 def compiled_impl() -> str:

@@ -84,21 +84,24 @@ def _attention_impl(device: str) -> str:
     return "xformers" if _use_xformers(q, None) else "sdpa"
 
 
-# the C++ LoRA op's GEMM arrangements (csrc/lora_b_linear_aten.cpp reads these variables per call)
-LORA_PATHS = {"SEGPCL_LORA_FWD": ("merged", "concat", "addmm"), "SEGPCL_LORA_BWD": ("merged", "split", "fused")}
-
-
 def lora_arrangement() -> str:
     """'fwd merged, bwd merged' (what the C++ op computes), or 'error: ...' for a value it would refuse
     at its first call."""
-    chosen = []
-    for name, allowed in LORA_PATHS.items():
-        value = os.environ.get(name) or allowed[0]
-        if value not in allowed:
-            return (f"error: {name}='{value}' is not a {'forward' if 'FWD' in name else 'backward'} path of the "
-                    f"C++ op; use {', '.join(allowed)} (default {allowed[0]}), or unset it")
-        chosen.append(value)
-    return f"fwd {chosen[0]}, bwd {chosen[1]}"
+    from ..ops.lora_linear import cpp_paths
+    try:
+        values = cpp_paths()
+    except ValueError as e:
+        return f"error: {e}"
+    return f"fwd {values['SEGPCL_LORA_FWD']}, bwd {values['SEGPCL_LORA_BWD']}"
+
+
+def lora_switches():
+    """Every LoRA A/B switch's value ({variable: value}), or 'error: ...' for the first bad one."""
+    from ..ops.lora_linear import switches
+    try:
+        return switches()
+    except ValueError as e:
+        return f"error: {e}"
 
 
 def op_reasons(device: str, paths: dict) -> dict:
@@ -200,6 +203,7 @@ def environment() -> dict:
         "op_paths": paths,
         "op_reasons": {device: op_reasons(device, paths[device]) for device in paths},
         "lora_arrangement": lora_arrangement(),
+        "lora_switches": lora_switches(),
         "environment_variables": _environment_variables(),
     }
 
@@ -256,6 +260,12 @@ def format_environment(env: dict) -> str:
     lines += errors
     if env.get("lora_arrangement"):
         lines.append(f"  C++ LoRA op's GEMMs (SEGPCL_LORA_FWD / _BWD): {env['lora_arrangement']}")
+    switches = env.get("lora_switches")
+    if switches:
+        shown = switches if isinstance(switches, str) else ", ".join(
+            f"{k.removeprefix('SEGPCL_LORA_')}={v}" for k, v in switches.items() if k not in ("SEGPCL_LORA_FWD",
+                                                                                          "SEGPCL_LORA_BWD"))
+        lines.append(f"  LoRA switches (SEGPCL_LORA_*): {shown}")
     for d, reasons in env.get("op_reasons", {}).items():  # why: each distinct reason once, with its ops
         grouped: dict[str, list[str]] = {}
         for op, reason in reasons.items():
