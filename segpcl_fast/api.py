@@ -118,7 +118,8 @@ def check_unique(items: Iterable, what: str) -> None:
 # what evaluate() may change about how a run is evaluated (nothing that changes the model or the data:
 # a moved data root must hold the same classes in the same order, checked against the checkpoint)
 EVALUATE_OVERRIDABLE = ("run.device", "run.ops", "run.compile", "run.num_threads", "run.progress",
-                        "eval.batch_size", "data.num_workers", "data.root", "data.frames_dir", "model.cache_dir")
+                        "eval.batch_size", "data.num_workers", "data.root", "data.frames_dir", "model.cache_dir",
+                        "data.names_file", "data.class_list", "data.split_file", "model.pretrained")
 
 
 def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]] = None, **kwargs: Any) -> dict:
@@ -164,6 +165,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
                                      defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
         ckpt.check_class_names(last, state, trainer.scenario.class_names)
+        ckpt.check_split(last, state, trainer.split_digest)
         ckpt.check_image_geometry(last, state, trainer.model.image_stats.geometry())
         ckpt.restore_lora(last, trainer.model, state)
         trainer.learner.load_state_dict(state["learner"])

@@ -9,6 +9,9 @@ Labels here are the dataset's own class indices; the class-incremental protocol
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -108,3 +111,18 @@ class ClassSubset(ClassDataset):
 
     def load_image(self, index: int) -> Image.Image:
         return self.base.load_image(self.indices[index])
+
+
+def split_digest(train: ClassDataset, test: ClassDataset) -> str:
+    """A digest of which images are train and which are test, with their labels: each image by its
+    file's last two path parts (class folder / file: the same wherever data.root now lies), or by its
+    index for images held in memory. A checkpoint stores it: a moved data.root that splits the same
+    files otherwise (an ImageNet-R copy without its train.txt / test.txt takes the seeded split) is
+    refused on resume and evaluate instead of testing on another test set."""
+    h = hashlib.sha256()
+    for name, ds in (("train", train), ("test", test)):
+        keys = ([os.path.join(*Path(p).parts[-2:]) for p in ds.paths] if isinstance(ds, FileListDataset)
+                else [str(i) for i in range(len(ds))])
+        h.update(f"{name} {len(ds)}\n".encode())
+        h.update("\n".join(f"{k} {t}" for k, t in zip(keys, ds.targets)).encode())
+    return h.hexdigest()[:16]

@@ -41,7 +41,12 @@ PathLike = Union[str, os.PathLike]
 # resumed with other values is a valid run whose later tasks are not bit-identical to the uninterrupted one.
 RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.checkpoint",
                  "run.num_threads", "run.compile", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
-                 "dpgd.batch_size", "data.expected_classes", "data.root", "data.frames_dir", "model.cache_dir")
+                 "dpgd.batch_size", "data.expected_classes", "data.root", "data.frames_dir", "model.cache_dir",
+                 *("data.names_file", "data.class_list", "data.split_file", "model.pretrained"))
+# ^ where the dataset's side files and the weights lie (a moved file, a path written relative to where
+# the run started): what they hold is checked instead, as for data.root: the class names and the
+# train / test split (check_class_names, check_split) and the pretrained model's text embeddings
+# (Learner.load_state_dict's reference embeddings: other weights differ by far more than rounding)
 
 # run-only keys a user changes on purpose, named in error messages (RUN_ONLY_KEYS has the whole list)
 RUN_ONLY_EXAMPLES = ("run.device", "run.ops", "eval.batch_size", "data.root", "model.cache_dir")
@@ -223,6 +228,18 @@ def check_class_names(path: PathLike, state: Mapping, class_names: list) -> None
                           f"{first} was {stored[first] if first < len(stored) else '(none)'!r}, now "
                           f"{class_names[first] if first < len(class_names) else '(none)'!r} ({len(stored)} "
                           f"classes then, {len(class_names)} now); point data.root at the run's dataset")
+
+
+def check_split(path: PathLike, state: Mapping, digest: str) -> None:
+    """The checkpoint's train / test split (data.base.split_digest, stored since it is) must be the one
+    data.root gives now: a copy that splits the same files otherwise would test on other images."""
+    stored = state.get("split_digest")
+    if stored is None or stored == digest:
+        return
+    raise CheckpointError(f"checkpoint {path} was trained on another train / test split than data.root gives now "
+                          f"(split digest {stored}, now {digest}): point data.root at the run's copy of the dataset, "
+                          f"with the split files it had (train.txt / test.txt, data.split_file), or the same "
+                          f"data.split_file")
 
 
 # the test transform's geometry of checkpoints written before it was stored: every model's then

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from .. import metrics, ops
 from ..config import Config, ConfigError, apply_overrides, check_resume_run, config_value, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
+from ..data.base import split_digest
 from ..fileio import unwritable_dir_reason
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
@@ -72,15 +73,34 @@ def resolve_device(name: str) -> torch.device:
 # where the run, its data and its weights cache lie: run-only keys (checkpoint.RUN_ONLY_KEYS) that
 # a relative path would tie to the working directory of the command that started the run
 LOCATION_KEYS = ("run.output_dir", "data.root", "model.cache_dir")
+# the dataset's side files: a relative one is looked up in data.root, then in the working directory
+# (data/files.user_data_file); one found in the working directory is made absolute, as the folders are
+DATA_FILE_KEYS = ("data.names_file", "data.class_list", "data.split_file")
 
 
 def absolute_locations(cfg: Config) -> dict[str, str]:
-    """{key: absolute path} of the LOCATION_KEYS that are set (`~` expanded; symlinks kept)."""
+    """{key: absolute path} of the LOCATION_KEYS that are set (`~` expanded; symlinks kept), of
+    acgd.source_folder, of model.pretrained where it is a weights file here, and of the DATA_FILE_KEYS
+    found in the working directory (not in data.root: those move with it). config.yaml then holds no
+    path that only the starting directory resolves, so evaluate and --resume work from anywhere."""
     located = {}
     for key in LOCATION_KEYS:
         value = config_value(cfg, key)
         if value:
             located[key] = os.path.abspath(os.path.expanduser(value))
+    root = located.get("data.root")
+    for key in DATA_FILE_KEYS:
+        value = config_value(cfg, key)
+        path = Path(os.path.expanduser(value)) if value else None
+        if (path is not None and not path.is_absolute() and not (root and (Path(root) / path).is_file())
+                and path.is_file()):
+            located[key] = str(path.resolve())
+    folder = cfg.acgd.source_folder
+    if folder:
+        located["acgd.source_folder"] = os.path.abspath(os.path.expanduser(folder))
+    weights = cfg.model.pretrained
+    if weights and Path(os.path.expanduser(weights)).is_file():
+        located["model.pretrained"] = os.path.abspath(os.path.expanduser(weights))
     return located
 
 
@@ -223,6 +243,7 @@ class Trainer:
         # the data is indexed before the model loads, so a bad data root fails before any weights
         # are fetched; the transforms need the model's image size and stats, so they come after
         raw_train, raw_test = build_datasets(c.data)
+        self.split_digest = split_digest(raw_train, raw_test)
         self.model, self.lora_params = build_model(c, self.device)
         stats = self.model.image_stats
         train_tf, self.test_tf = build_transforms(stats.size, stats.mean, stats.std, c.data.train_augment,
@@ -544,6 +565,7 @@ class Trainer:
             if last is not None:
                 state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), defaults=type(c)().to_dict())
                 ckpt.check_class_names(last, state, self.scenario.class_names)
+                ckpt.check_split(last, state, self.split_digest)
                 ckpt.check_image_geometry(last, state, self.model.image_stats.geometry())
                 ckpt.restore_lora(last, self.model, state)
                 self.learner.load_state_dict(state["learner"])
@@ -602,6 +624,7 @@ class Trainer:
                     "task": t, "fingerprint": fingerprint, "config": c.to_dict(), "segpcl_fast_version": __version__,
                     "lora": lora_state_dict(self.model), "learner": self.learner.state_dict(),
                     "class_names": list(self.scenario.class_names),  # ordered: logit column c = class c
+                    "split_digest": self.split_digest,  # which images are train and which test
                     "image_geometry": self.model.image_stats.geometry(),  # its test transform
                     "correct": correct.tolist(),
                     "correct_own": correct_own.tolist(), "fwt_before": fwt_before, "task_info": task_info,

@@ -808,6 +808,16 @@ def test_a_runs_saved_locations_are_absolute_so_it_resumes_and_evaluates_from_an
     assert absolute_locations(apply_overrides(cfg, {"data.root": "data/c100"})) == {
         "run.output_dir": str(tmp_path / "runs/rel"), "data.root": str(tmp_path / "data/c100"),
         "model.cache_dir": os.path.expanduser("~/weights")}
+    # a weights file and side files named relative to here; an open_clip tag and a file in data.root stay
+    (tmp_path / "w.pt").write_bytes(b"")
+    (tmp_path / "names.txt").write_text("")
+    (tmp_path / "data/c100").mkdir(parents=True)
+    (tmp_path / "data/c100/split.txt").write_text("")
+    located = absolute_locations(apply_overrides(cfg, {"data.root": "data/c100", "model.pretrained": "w.pt",
+                                                       "data.names_file": "names.txt", "data.split_file": "split.txt"}))
+    assert (located["model.pretrained"], located["data.names_file"]) == (str(tmp_path / "w.pt"), str(tmp_path / "names.txt"))
+    assert "data.split_file" not in located  # found in data.root: it moves with it
+    assert "model.pretrained" not in absolute_locations(apply_overrides(cfg, {"model.pretrained": "openai"}))
     first = train(cfg)
     saved = load_config(tmp_path / "runs/rel/config.yaml")
     assert (saved.run.output_dir, saved.model.cache_dir) == (str(tmp_path / "runs/rel"), os.path.expanduser("~/weights"))

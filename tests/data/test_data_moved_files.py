@@ -1,0 +1,64 @@
+"""A run's dataset side files and split after the run: paths written relative to the starting folder,
+side files that moved, and a data root that splits the same images otherwise (engine/trainer.py
+absolute_locations, checkpoint.check_split)."""
+import shutil
+
+import pytest
+
+from data_fakes import IMR_WNIDS, make_imagenet_r
+from segpcl_fast.api import evaluate, make_config, train
+from segpcl_fast.config import load_config
+from segpcl_fast.data.base import split_digest
+from segpcl_fast.data.imagenet_r import load_imagenet_r
+from segpcl_fast.engine.checkpoint import CheckpointError
+
+
+def _split_files(root, n_test=2):
+    """train.txt / test.txt: the last n_test images of each class are test (not the seeded 80/20 split)."""
+    train, test = [], []
+    for c, wnid in enumerate(sorted(IMR_WNIDS)):
+        files = sorted(p.name for p in (root / "imagenet-r" / wnid).iterdir())
+        for i, name in enumerate(files):
+            (test if i >= len(files) - n_test else train).append(f"imagenet-r/{wnid}/{name} {c}")
+    (root / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "test.txt").write_text("\n".join(test) + "\n")
+
+
+def test_split_digest_follows_the_split_not_the_root(tmp_path):
+    root = make_imagenet_r(tmp_path / "a")
+    _split_files(root)
+    copy = tmp_path / "b"
+    shutil.copytree(root, copy)
+    digest = split_digest(*load_imagenet_r(str(root)))
+    assert split_digest(*load_imagenet_r(str(copy))) == digest  # the same split elsewhere
+    for name in ("train.txt", "test.txt"):
+        (copy / name).unlink()
+    assert split_digest(*load_imagenet_r(str(copy))) != digest  # the seeded split of the same files
+
+
+def test_a_run_with_relative_side_files_evaluates_from_anywhere_and_refuses_another_split(tiny_model_name, tmp_path,
+                                                                                        monkeypatch):
+    root = make_imagenet_r(tmp_path / "imr", readme=False)
+    _split_files(root)
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "names.txt").write_text("".join(f"{w} {n}\n" for w, n in sorted(IMR_WNIDS.items())))
+    monkeypatch.chdir(start)
+    cfg = make_config(model__name=tiny_model_name, model__pretrained=None, data__dataset="imagenet-r",
+                      data__root=str(root), data__names_file="names.txt", data__expected_classes=None,
+                      num_tasks=2, epochs=1, optim__batch_size=8, dpgd__k_adv=1, dpgd__k_seed=1,
+                      output_dir=str(tmp_path / "run"), progress=False, plots=False, num_threads=1)
+    train(cfg)
+    assert load_config(tmp_path / "run" / "config.yaml").data.names_file == str(start / "names.txt")
+    acc = evaluate(tmp_path / "run")["acc"]
+    monkeypatch.chdir(tmp_path)  # elsewhere: the saved path is absolute
+    assert evaluate(tmp_path / "run")["acc"] == acc
+    moved = tmp_path / "moved.txt"  # the side file moved: evaluate may be pointed at it
+    (start / "names.txt").rename(moved)
+    assert evaluate(tmp_path / "run", data__names_file=str(moved))["acc"] == acc
+    copy = tmp_path / "copy"  # the same images without their split files: the seeded split
+    shutil.copytree(root, copy)
+    for name in ("train.txt", "test.txt"):
+        (copy / name).unlink()
+    with pytest.raises(CheckpointError, match="another train / test split than data.root gives now"):
+        evaluate(tmp_path / "run", data__root=str(copy), data__names_file=str(moved))
