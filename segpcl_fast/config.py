@@ -89,6 +89,7 @@ class DataConfig:
     names_file: Optional[str] = None  # wnid -> name mapping (ImageNet-R README.txt, LOC_synset_mapping.txt, JSON)
     class_list: Optional[str] = None  # ImageNet-Subset: file of wnids (default <root>/imagenet100.txt)
     frames_dir: Optional[str] = None  # UCF101: folder of middle frames / frame folders (auto-detected)
+    official_split: int = 1  # UCF101: which of its three official train / test splits (trainlist0N / testlist0N)
     split_seed: int = 0  # ImageNet-R: seeded per-class train/test split when no split files exist
     test_fraction: float = 0.2  # ImageNet-R: test share of the seeded split
     # ImageNet-R: train/test split file in RAPF's format (a line 'train', then '<wnid>/<file>.jpg'
@@ -437,6 +438,7 @@ RULES: dict[str, _Check] = {
     "data.synthetic_shift": _number(0, 1),
     "data.split_seed": _integer(0, MAX_NUMPY_SEED),
     "data.test_fraction": _number(0, 1, lo_open=True, hi_open=True),
+    "data.official_split": _integer(1, 3),
     "data.expected_classes": _integer(0, optional=True),  # 0 / null = no check
     "dpgd.k_seed": _integer(1),
     "dpgd.k_adv": _integer(0),  # 0 = the seeds themselves

@@ -4,7 +4,7 @@ Keyed by data_cfg.dataset. Reader options that DataConfig may carry (read with g
 config without them keeps the defaults): names_file (wnid -> name mapping, ImageNet-R /
 ImageNet-Subset), class_list (ImageNet-Subset wnids or PODNet train_100.txt; default
 <root>/imagenet100.txt, then <root>/train_100.txt),
-frames_dir (UCF101), split_seed / test_fraction (ImageNet-R 80/20 split, default 0 / 0.2),
+frames_dir and official_split (UCF101: its split 1, 2 or 3), split_seed / test_fraction (ImageNet-R 80/20 split, default 0 / 0.2),
 split_file (ImageNet-R, RAPF's sectioned train/test file).
 data_cfg.expected_classes (set by the benchmark presets) must match the classes found.
 """
@@ -62,7 +62,8 @@ def _read(data_cfg, train_transform: Optional[Callable], test_transform: Optiona
         return load_cub200(root, train_transform, test_transform)
     if name == "ucf101":
         from .ucf101 import load_ucf101
-        return load_ucf101(root, train_transform, test_transform, frames_dir=opt("frames_dir"))
+        return load_ucf101(root, train_transform, test_transform, frames_dir=opt("frames_dir"),
+                           split=opt("official_split") or 1)
     raise DatasetFormatError(f"unknown data.dataset {name!r}; known: {list(DATASETS)}")
 
 

@@ -222,3 +222,24 @@ def test_jpeg_middle_frames_and_class_folders_in_another_case(ucf_root):
         for i in range(len(ds)):
             img, label = ds[i]
             assert decode_colour(img)[0] == label
+
+
+def test_data_official_split_picks_the_split_lists(ucf_root):
+    """UCF101 has three official splits (trainlist0N / testlist0N); data.official_split picks one."""
+    from segpcl_fast.api import make_config
+    from segpcl_fast.config import ConfigError
+    from segpcl_fast.data import build_datasets
+    lists = ucf_root / "ucfTrainTestlist"
+    (lists / "trainlist02.txt").write_text((lists / "testlist01.txt").read_text())  # split 2: the roles swapped
+    (lists / "testlist02.txt").write_text((lists / "trainlist01.txt").read_text())
+    sizes = {}
+    for split in (1, 2):
+        cfg = make_config(data__dataset="ucf101", data__root=str(ucf_root), data__expected_classes=None,
+                          data__official_split=split)
+        train, test = build_datasets(cfg.data)
+        sizes[split] = (len(train), len(test))
+    assert sizes[1] == (3 * len(UCF_TRAIN_GROUPS), 3 * len(UCF_TEST_GROUPS)) and sizes[2] == sizes[1][::-1]
+    with pytest.raises(DatasetFormatError, match="trainlist03.txt"):
+        build_datasets(make_config(data__dataset="ucf101", data__root=str(ucf_root), data__official_split=3).data)
+    with pytest.raises(ConfigError, match="official_split"):
+        make_config(data__dataset="ucf101", data__official_split=4)
