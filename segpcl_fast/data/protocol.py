@@ -84,7 +84,9 @@ def split_tasks(num_classes: int, num_tasks: int, task_sizes: Optional[Sequence[
     if task_sizes:
         sizes = [int(s) for s in task_sizes]
         if any(s <= 0 for s in sizes) or sum(sizes) != num_classes:
-            raise DatasetFormatError(f"task sizes {sizes} must be positive and sum to the {num_classes} classes")
+            raise DatasetFormatError(f"task sizes {sizes} (data.task_sizes) must be positive and sum to the "
+                                     f"{num_classes} classes the data root holds; fix data.task_sizes (or unset it "
+                                     f"for data.num_tasks equal tasks)")
     else:
         if num_tasks <= 0 or num_classes % num_tasks:
             divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]

@@ -244,6 +244,8 @@ class Trainer:
         # are fetched; the transforms need the model's image size and stats, so they come after
         raw_train, raw_test = build_datasets(c.data)
         self.split_digest = split_digest(raw_train, raw_test)
+        # the class order and task split too (a wrong data.task_sizes failed after the weights loaded)
+        ClassIncrementalScenario.from_config(c.data, raw_train, raw_test)
         self.model, self.lora_params = build_model(c, self.device)
         stats = self.model.image_stats
         train_tf, self.test_tf = build_transforms(stats.size, stats.mean, stats.std, c.data.train_augment,

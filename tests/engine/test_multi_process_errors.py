@@ -313,3 +313,18 @@ def test_compiled_choices_are_what_an_eager_call_records(tiny_model_name, monkey
     assert model.compiled_choices(torch.device("cuda"))["patch_embed"] == "conv"
     model.image_autocast = torch.bfloat16
     assert model.compiled_choices(torch.device("cuda"))["patch_embed"] == "gemm"
+
+
+def test_a_task_split_that_does_not_fit_the_data_fails_before_the_weights_load(tiny_model_name, tmp_path,
+                                                                               monkeypatch):
+    """data.task_sizes is checked against the classes found as soon as the data is indexed: with
+    ViT-B/16 the user waited for the weights (or saw their download error) before this one."""
+    from segpcl_fast.data.base import DatasetFormatError
+    from segpcl_fast.engine import trainer as trainer_module
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model loaded before the task split was checked")
+    monkeypatch.setattr(trainer_module, "build_model", no_weights)
+    with pytest.raises(DatasetFormatError, match=r"task sizes \[3, 3\] \(data.task_sizes\) must be positive and sum "
+                                                 r"to the 100 classes .* fix data.task_sizes"):
+        Trainer(small_config(tiny_model_name, tmp_path / "run", task_sizes=[3, 3]))
