@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -27,7 +28,7 @@ def read_rgb(path) -> Image.Image:
     DatasetFormatError naming it (PIL's own error names no file, and it surfaces mid-run)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return _as_8bit(im).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's failures: not an
         # image (UnidentifiedImageError), truncated data, bad headers, over PIL's pixel limit
         if isinstance(e, PermissionError):  # a readable copy is there: its mode or owner is the problem
@@ -35,6 +36,17 @@ def read_rgb(path) -> Image.Image:
                                      f"its permissions (e.g. chmod -R a+rX on the dataset folder) or its owner") from e
         raise DatasetFormatError(f"image file '{path}' cannot be read ({type(e).__name__}: {e}); re-extract it from "
                                  f"the dataset's archive, or delete it (and its line in any split list)") from e
+
+
+def _as_8bit(im: Image.Image) -> Image.Image:
+    """16-bit grayscale (PIL modes I;16*, and I holding values past 255) scaled to 8 bits: PIL's own
+    convert clips them at 255, turning a 16-bit image almost all white."""
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    values = np.asarray(im).astype(np.float64)
+    if im.mode == "I" and values.max(initial=0) <= 255:
+        return im
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
 class ClassDataset(torch.utils.data.Dataset):

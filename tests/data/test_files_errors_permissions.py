@@ -20,3 +20,18 @@ def test_unreadable_image_names_permissions(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(DatasetFormatError, match="re-extract it from the dataset's archive"):
         read_rgb(path)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """PIL's convert('RGB') clips a 16-bit grayscale PNG at 255 (a 0..65535 ramp came out 99.6 % white);
+    read_rgb scales it to 8 bits, as the 8-bit version of the same image reads."""
+    import numpy as np
+    from PIL import Image
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16")
+    got = np.asarray(read_rgb(tmp_path / "g16.png")).astype(int)
+    expected = np.rint(ramp / 257.0).astype(int)
+    assert got.shape == (64, 64, 3) and (got == expected[..., None]).all()
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "g8.png")  # 8-bit files are untouched
+    assert (np.asarray(read_rgb(tmp_path / "g8.png")) == (ramp // 257).astype(np.uint8)[..., None]).all()
