@@ -44,3 +44,19 @@ def test_the_e2e_benchmarks_gc_timer_counts_full_collections():
     gc.collect()  # after the block: not counted
     assert found["gc_full_collections"] == 3
     assert 0 < found["gc_longest_ms"] <= found["gc_ms"]
+
+
+@pytest.mark.parametrize("probe", [["gc", "--steps", "3"], ["guards", "--steps", "2"],
+                                   ["guards", "--steps", "2", "--filter", "keep_tensor_guards_unsafe"]])
+def test_the_host_probes_run_and_report(probe):
+    """benchmarks/host_probes.py (BENCHMARKS.md, session 38) on the tiny step, compiled with aot_eager:
+    dynamo's guards are the same as under inductor, without the code generation."""
+    proc = subprocess.run([sys.executable, "benchmarks/host_probes.py", *probe, "--backend", "aot_eager",
+                           "--images", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if probe[0] == "gc":
+        assert "tracked objects, full collection ms" in proc.stdout and "generation 2 collected" in proc.stdout
+    else:
+        assert "Cache Lookup 4 calls in 2 steps" in proc.stdout, proc.stdout
+        if "--filter" not in probe:
+            assert proc.stdout.count(" guards; ") == 2  # the image tower's and the text trunk's
