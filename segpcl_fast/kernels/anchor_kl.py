@@ -27,6 +27,13 @@ has mass gives an infinite loss. A +inf anywhere in a row, or a teacher row with
 is undefined (NaN or inf). The reference gives the same NaNs. 0 anchors give NaN (the mean of
 nothing, as torch.mean). Any column count runs fused. float64 runs on the reference, in float64.
 
+Precision: the KL is a sum of terms of both signs, so in fp32 (both paths) its value has an absolute
+error of about 1e-7 times the row's size: a student within 1e-3 of its teacher at tau 20 (each task's
+first steps) gives a loss value off by several times (even slightly negative), while the gradient,
+computed from the probabilities directly, stays within about 4e-5 relative. The loss value is for
+logging there; training follows the gradient. Very large tau (1e5 and up) flattens the softmaxes
+below fp32's resolution (loss and gradient both lose accuracy); tau is meant to be O(1-100).
+
 Contents: `anchor_kl_reference` (the spec), the Triton kernel and launcher, and the custom op
 `segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob, scale=1, mean=False) -> (kl_rows (A,),
 dkl_dz (A, C))`, both fp32 and both times scale (/ A with mean), with fake + autograd; `anchor_kl_fused` turns it into the scalar loss.
