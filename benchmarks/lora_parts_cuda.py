@@ -111,12 +111,31 @@ def attempt(name, fn, sets):
         return f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", float("nan"), None
 
 
+class _PrintedRows(list):
+    """(name, median ms, bytes or None) rows, each printed as a table line when appended."""
+
+    def __init__(self, bandwidth_gbs: float):
+        super().__init__()
+        self.bandwidth_gbs = bandwidth_gbs
+
+    def append(self, row) -> None:
+        super().append(row)
+        name, ms, nbytes = row
+        floor = f"{nbytes / self.bandwidth_gbs / 1e6:.4f}" if nbytes else ""
+        print(f"| {name} | {ms:.4f} | {floor} |", flush=True)
+
+
 def timed(fn, sets, warmup=10, runs=50):
+    """Median device ms of fn over `runs` calls, rotating the input sets. Before each call the GPU is
+    kept busy (torch.cuda._sleep) while the call is queued, so the start event fires when the GPU
+    reaches the call, not when the host does: a synchronize before each start would put the host's
+    dispatch of a tens-of-microseconds part inside its interval (session 38's review)."""
     for i in range(warmup):
         fn(*sets[i % len(sets)])
     times = []
     for i in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # about 0.5 ms of GPU spin: longer than queueing the call takes
         start.record()
         fn(*sets[i % len(sets)])
         end.record()
@@ -141,7 +160,10 @@ def main():
     u = [(x.detach() @ A.T, g) for x, g in sets]
 
     bw = measure_copy_bandwidth(dev)  # GB/s, read + write: the pytest benchmarks' roofline yardstick
-    rows = []
+    print(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16, N {N}, "
+          f"{N_IN} -> {N_OUT}, r {R}; copy bandwidth {bw:.0f} GB/s (read + write)")
+    print("| part | median ms | memory floor ms (bytes / copy BW) |\n|---|---|---|", flush=True)
+    rows = _PrintedRows(bw)  # each row printed as it is measured: a step stopped at its limit keeps them
 
     def op_fwd_bwd(x, g):  # autograd.grad: x.grad / B.grad would add up across calls
         torch.autograd.grad(lora_b_linear(x, W, b, A, B, 1.0), (x, B), g)
@@ -245,12 +267,6 @@ def main():
             rows.append((name, timed(lambda z, g: torch.addmm(b, z, WB.T), xu), None))
         else:
             rows.append((name, timed(fn, xs), nbytes))
-    print(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16, N {N}, "
-          f"{N_IN} -> {N_OUT}, r {R}; copy bandwidth {bw:.0f} GB/s (read + write)")
-    print("| part | median ms | memory floor ms (bytes / copy BW) |\n|---|---|---|")
-    for name, ms, nbytes in rows:
-        floor = f"{nbytes / bw / 1e6:.4f}" if nbytes else ""
-        print(f"| {name} | {ms:.4f} | {floor} |")
 
 
 if __name__ == "__main__":

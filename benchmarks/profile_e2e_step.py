@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_bench_e2e import SETUPS, VARIANTS  # noqa: E402  (the benchmark's own sizes and variants)
 
 from segpcl_fast import ops  # noqa: E402
+from segpcl_fast.config import Config  # noqa: E402
 from segpcl_fast.engine.bench import build_step, matmul_peak_flops, sync  # noqa: E402
 from segpcl_fast.engine.compiling import CompileSettings  # noqa: E402
 from segpcl_fast.engine.flops import step_flops  # noqa: E402
@@ -49,8 +50,10 @@ def profile_step(device: str, variant: str, steps: int, out_dir: Path, warmup: i
     settings = CompileSettings(mode=os.environ.get("SEGPCL_COMPILE_MODE", "default")) if compiled else None
     on_gpu = device == "cuda"
     with ops.backend(backend):
+        cfg = Config()  # the variant's text precision, as test_bench_e2e.py sets it (bf16text_*: bf16)
+        cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
         step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
-                          precision=setup["precision"], compile_settings=settings)
+                          precision=setup["precision"], compile_settings=settings, cfg=cfg)
         for _ in range(warmup):
             step()
         sync(step.device)

@@ -60,7 +60,8 @@ def suite(tmp_path):
 
     def start(**env):
         full = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(log), WORK=str(tmp_path / "work"),
-                    OUT=str(tmp_path / "out"), KILL_GRACE="2", MIN_CMD_S="1", MIN_STEP_S="4", MIN_VARIANT_S="2")
+                    OUT=str(tmp_path / "out"), KILL_GRACE="2", MIN_CMD_S="1", MIN_STEP_S="4", MIN_VARIANT_S="2",
+                    MIN_COMPILED_VARIANT_S="2")
         full.update(env)
         proc = subprocess.Popen(["bash", str(SUITE)], env=full, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -273,3 +274,16 @@ def test_no_e2e_variant_name_contains_another():
     assert len(names) >= 9
     clashes = [(a, b) for a in names for b in names if a != b and a in b]
     assert clashes == []
+
+
+def test_a_compiled_e2e_variant_needs_more_budget_than_an_eager_one(suite, tmp_path):
+    """A compiled variant builds and compiles ViT-B/16 before its first round (79-177 s on the H200):
+    started with less than MIN_COMPILED_VARIANT_S it would only spend the call; an eager one still runs."""
+    proc, env = suite(STEPS="e2e-compiled_fused e2e-eager_reference", BUDGET="100", RESERVE="40",
+                      MIN_COMPILED_VARIANT_S="80")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    e2e = [c for c in _commands(env) if "-k cuda and" in c]
+    assert len(e2e) == 1 and "-k cuda and eager_reference" in e2e[0], e2e
+    assert _lines(tmp_path / "out" / "skipped.txt") == ["e2e-compiled_fused"]
+    assert "MIN_COMPILED_VARIANT_S=80" in stderr
