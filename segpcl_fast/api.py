@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import os
 from pathlib import Path
@@ -78,6 +79,15 @@ def make_config(config: ConfigLike = None, overrides: Optional[Sequence[str]] = 
     return check_data_root(check_task_count(cfg))
 
 
+def keeps_process_state(fn):
+    """fn inside process_state_kept: the analyses that build Trainers give the caller's state back."""
+    @functools.wraps(fn)
+    def kept(*args, **kwargs):
+        with process_state_kept():
+            return fn(*args, **kwargs)
+    return kept
+
+
 def train(config: ConfigLike = None, **overrides: Any):
     """Run the class-incremental sequence; returns a Result (accuracy matrix, metrics, paths).
 
@@ -90,7 +100,8 @@ def train(config: ConfigLike = None, **overrides: Any):
     if cfg.run.resume and "run.output_dir" not in kwargs_to_overrides(overrides):
         check_resume_target(config, cfg)
     check_resume_run(cfg)  # before the model and data load (Trainer.run asks again)
-    return Trainer(cfg).run()
+    with process_state_kept():  # a later call (train without run.num_threads, say) starts from the caller's state
+        return Trainer(cfg).run()
 
 
 def check_resume_target(config: ConfigLike, cfg: Config) -> None:

@@ -155,7 +155,7 @@ class ContinualClassifier:
         """One image path or PIL image (an item of `image_items`) through the transform."""
         from PIL import Image
 
-        from .data.base import DatasetFormatError, read_rgb
+        from .data.base import DatasetFormatError, as_8bit, read_rgb
         if isinstance(item, (str, os.PathLike)):
             path = Path(item)
             if not path.is_file():
@@ -165,7 +165,7 @@ class ContinualClassifier:
             except DatasetFormatError as e:
                 raise ClassifierError(f"{path} cannot be read as an image ({e.__cause__!r})") from e.__cause__
         elif isinstance(item, Image.Image):
-            item = item.convert("RGB")
+            item = as_8bit(item).convert("RGB")  # as read_rgb reads a file (16-bit grayscale scaled)
         else:
             raise TypeError(f"predict() takes image paths, folders, PIL images or a (B, 3, H, W) tensor "
                             f"(through clf.transform), got a list holding {type(item).__name__}")

@@ -515,3 +515,15 @@ def test_a_run_whose_weights_file_moved_loads_with_its_new_place(tiny_model_name
     monkeypatch.setattr(classifier_module, "load_classifier", lambda *a, **k: pytest.fail("loaded the model first"))
     assert main(["predict", str(tmp_path / "run"), str(tmp_path / "typo.png")]) == 2
     assert "typo.png does not exist" in capsys.readouterr().err
+
+
+def test_a_sixteen_bit_pil_image_is_read_as_its_file_is(run, tmp_path):
+    """predict() / load_images on a PIL image take the datasets' 8-bit scaling of 16-bit grayscale, as
+    on its path (PIL's convert('RGB') clipped it near white)."""
+    import numpy as np
+    from PIL import Image
+    clf = load_classifier(run[2])
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        torch.testing.assert_close(clf.load_images([im]), clf.load_images([tmp_path / "g16.png"]), rtol=0, atol=0)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..api import keeps_process_state
 from ..config import ConfigError, analysis_config
 from .fragility import build_task_anchors
 from ..engine.distributed import refuse_multi_process
@@ -51,6 +52,7 @@ def project_2d(points: torch.Tensor, method: str = "pca", seed: int = 0) -> np.n
     raise ConfigError(f"unknown projection '{method}'; choose one of {PROJECTIONS}")
 
 
+@keeps_process_state
 def anchor_views(config=None, task: int = 2, method: str = "pca", run_method: Optional[str] = "segpcl",
                  max_new_images: int = 500, **overrides) -> dict:
     """Train tasks 1..task-1 of `run_method`, build task `task`'s seeds and anchors, project, plot.
@@ -149,3 +151,4 @@ def plot_views(xy: dict, targets: np.ndarray, path, task: int, method: str, run_
                  f"old class", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     return save_png(fig, path)
+

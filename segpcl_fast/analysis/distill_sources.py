@@ -16,6 +16,8 @@ acgd.source_folder on the resolved config (distill_new_data / distill_seeds pin 
 """
 from __future__ import annotations
 
+import os
+
 import io
 import logging
 from pathlib import Path
@@ -62,7 +64,8 @@ def _check_uses_acgd(cfg, method: str) -> None:
 def _trainer_for_source(cfg, method: str, source: str, folder: Optional[str], out: Path):
     trainer = make_trainer(run_config(cfg, method, out))
     trainer.cfg.acgd.source = source  # shared with trainer.learner.cfg; saved into config.yaml by run()
-    trainer.cfg.acgd.source_folder = folder if source == "folder" else trainer.cfg.acgd.source_folder
+    if source == "folder":  # absolute, as the trainer makes its other paths: config.yaml is read from anywhere
+        trainer.cfg.acgd.source_folder = os.path.abspath(os.path.expanduser(folder))
     trainer.learner.eval_transform = trainer.test_tf
     return trainer
 

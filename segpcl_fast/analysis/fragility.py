@@ -33,6 +33,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..api import keeps_process_state
 from ..config import ConfigError, analysis_config
 from ..engine.distributed import refuse_multi_process
 from .outputs import encode_batches, make_trainer, new_figure, run_config, save_png, stack_dataset, \
@@ -215,6 +216,7 @@ def measure_task(trainer, t: int, score: str = "text_sim", threshold: Union[str,
     }
 
 
+@keeps_process_state
 def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "text_sim",
               threshold: Union[str, float] = "median", method: Optional[str] = "lora_finetune",
               max_old_images: int = 2000, temperature: float = 1.0, **overrides) -> dict:
@@ -336,3 +338,4 @@ def plot_fragility(rows: list, path, method: str, score: Optional[str] = None,
                                    f", temperature={temperature:g}" if temperature is not None else ""))
     fig.suptitle(f"fragility: {method}{how}, tasks {', '.join(str(r['task']) for r in rows)}", fontsize=10)
     return save_png(fig, path)
+

@@ -28,7 +28,7 @@ def read_rgb(path) -> Image.Image:
     DatasetFormatError naming it (PIL's own error names no file, and it surfaces mid-run)."""
     try:
         with Image.open(path) as im:
-            return _as_8bit(im).convert("RGB")
+            return as_8bit(im).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's failures: not an
         # image (UnidentifiedImageError), truncated data, bad headers, over PIL's pixel limit
         if isinstance(e, PermissionError):  # a readable copy is there: its mode or owner is the problem
@@ -38,7 +38,7 @@ def read_rgb(path) -> Image.Image:
                                  f"the dataset's archive, or delete it (and its line in any split list)") from e
 
 
-def _as_8bit(im: Image.Image) -> Image.Image:
+def as_8bit(im: Image.Image) -> Image.Image:
     """16-bit grayscale (PIL modes I;16*, and I holding values past 255) scaled to 8 bits: PIL's own
     convert clips them at 255, turning a 16-bit image almost all white."""
     if not (im.mode.startswith("I;16") or im.mode == "I"):

@@ -203,7 +203,8 @@ class Trainer:
                  compile_settings: Optional["compiling.CompileSettings"] = None, writes: bool = True):
         # locations absolute from here on: config.yaml, results.json and Result all name the same dirs
         self.cfg = resolve_variant(apply_overrides(cfg, absolute_locations(cfg)))
-        if self.cfg.acgd.enabled and self.cfg.acgd.source == "folder":  # at task 2 it would be after task 1 trained
+        # checked now: at task 2 it would be after task 1 trained (not for evaluation, which never reads it)
+        if writes and self.cfg.acgd.enabled and self.cfg.acgd.source == "folder":
             from ..data.retention import list_reference_images
             list_reference_images(self.cfg.acgd.source_folder)
         self.ddp_settings = ddp_settings or ddp.DDPSettings.from_env()

@@ -1071,3 +1071,33 @@ def test_acgd_on_a_reference_folder_needs_the_folder_before_task_1_trains(tmp_pa
         Trainer(make_config(acgd__source="folder", acgd__source_folder=str(tmp_path / "missing"),
                             output_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_distilled_run_evaluates_after_its_reference_folder_moved(tiny_model_name, tmp_path):
+    """acgd.source=folder: the trainer checks the reference folder before task 1 trains, but evaluation
+    never reads it, so a run whose folder has since moved (or was deleted) still evaluates."""
+    from segpcl_fast.analysis.distill_sources import write_synthetic_reference_folder
+    from segpcl_fast.api import evaluate
+    ref = write_synthetic_reference_folder(tmp_path / "ref", per_class=1)
+    cfg = small_config(tiny_model_name, tmp_path / "run", acgd__source="folder", acgd__source_folder=str(ref))
+    train(cfg)
+    acc = evaluate(tmp_path / "run")["acc"]
+    ref.rename(tmp_path / "ref_moved")
+    assert evaluate(tmp_path / "run")["acc"] == acc
+    with pytest.raises(Exception, match="reference folder"):  # a new run still needs it
+        Trainer(small_config(tiny_model_name, tmp_path / "run2", acgd__source="folder", acgd__source_folder=str(ref)))
+
+
+def test_train_gives_the_callers_process_state_back(tiny_model_name, tmp_path):
+    """train() ran with run.num_threads, run.ops and run.seed and left all three set: a later call without
+    run.num_threads ran on the first one's thread count. Now it gives them back, as evaluate() does."""
+    from segpcl_fast import ops
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng, np_state, backend = torch.random.get_rng_state(), np.random.get_state(), ops.get_backend()
+        train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, num_threads=1, run__ops="reference"))
+        assert torch.get_num_threads() == 2 and ops.get_backend() == backend
+        assert torch.equal(torch.random.get_rng_state(), rng) and np.array_equal(np.random.get_state()[1], np_state[1])
+    finally:
+        torch.set_num_threads(threads)
