@@ -53,7 +53,7 @@ def kernel_table(benchmarks: list[dict]) -> str:
             groups[(info["op"], info["size"], info["device"])][info["impl"]] = dict(ms=_ms(bench), **info)
     if not groups:
         return ""
-    lines = ["| op | size | device | impl | median ms (host) | device ms (events) | x eager | x compiled | GB/s | "
+    lines = ["| op | size | device | impl | median ms (host) | device ms (events) | x eager | x compiled | GB/s (or TFLOP/s) | "
              "of copy BW |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (op, size, device), impls in sorted(groups.items()):
         # speed-ups over device time (CUDA events) where every row of the group has it, else host time
@@ -62,8 +62,10 @@ def kernel_table(benchmarks: list[dict]) -> str:
         compiled = impls.get("compiled_reference", {}).get(key)
         for impl, row in sorted(impls.items()):
             ratio = lambda base: f"{base / row[key]:.2f}" if base else "-"  # noqa: E731
+            # a compute-bound row (attention) reports TFLOP/s where the memory-bound ones report GB/s
+            rate = row.get("achieved_GBps", f"{row['achieved_tflops']} TFLOP/s" if "achieved_tflops" in row else "-")
             lines.append(f"| {op} | {size} | {device} | {impl} | {row['ms']:.3f} | {row.get('device_ms', '-')} | "
-                         f"{ratio(eager)} | {ratio(compiled)} | {row.get('achieved_GBps', '-')} | "
+                         f"{ratio(eager)} | {ratio(compiled)} | {rate} | "
                          f"{row.get('fraction_of_copy_bandwidth', '-')} |")
     if not any("triton" in impls for impls in groups.values()):
         lines.append("\n(no Triton rows: the kernels run on CUDA only, so these are the references, eager vs "

@@ -19,6 +19,8 @@ import os
 import pytest
 import torch
 
+pytest.importorskip("open_clip", reason="the ViT models come from open_clip (a wheel the device does not ship)")
+
 from conftest import device_median_ms, saved_bytes, sync
 from segpcl_fast.config import Config
 from segpcl_fast.engine.flops import tower_flops

@@ -148,3 +148,14 @@ def test_scripts_exit_1_without_a_table_and_name_a_missing_file(tmp_path):
     assert run.returncode == 0 and "| anchor_kl | paper | cuda | eager_reference |" in run.stdout
     run = _run("test_bench_e2e.py", good, missing)
     assert run.returncode == 0 and "| H100 | ViT-B-16" in run.stdout and "no such file" in run.stderr
+
+
+def test_kernel_table_shows_an_attention_rows_tflops():
+    """The attention benchmark's rows (compute-bound) carry achieved_tflops, not GB/s: the table shows it."""
+    from summary import kernel_table
+    rows = [{"stats": {"median": 0.002}, "extra_info": {"op": "attention", "size": "vit", "device": "cuda",
+                                                        "impl": "flash", "achieved_tflops": 123.4}},
+            {"stats": {"median": 0.001}, "extra_info": {"op": "pgd_step", "size": "paper", "device": "cuda",
+                                                        "impl": "triton", "achieved_GBps": 1325.0}}]
+    table = kernel_table(rows)
+    assert "| 123.4 TFLOP/s |" in table and "| 1325.0 |" in table
