@@ -463,10 +463,46 @@ def _prototype_tensor(protos, device) -> torch.Tensor:
     return memory.tensor.to(device)
 
 
+def _config_alias(config: dict) -> str:
+    """A name open_clip knows `config` (an export's model config) by: registered once per process from a
+    temporary folder (open_clip reads the file when it is added)."""
+    import hashlib
+    import json
+    import tempfile
+
+    import open_clip
+    text = json.dumps(config, sort_keys=True)
+    alias = "segpcl-export-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    if open_clip.get_model_config(alias) is None:
+        with tempfile.TemporaryDirectory(prefix="segpcl_export_config_") as folder:
+            Path(folder, f"{alias}.json").write_text(text)
+            open_clip.add_model_config(folder)
+    return alias
+
+
+def _export_model(state: dict, device) -> CLIPModel:
+    """The export's model by its name; where that name no longer resolves (a `local-dir:` folder that
+    moved, a config registered only in the exporting process), by the model config the export carries,
+    so an export stands on its own."""
+    from .model.clip import ModelLoadError
+    name, weights, pretrained = state["model_name"], state["state_dict"], state.get("pretrained")
+    try:
+        return model_from_state_dict(name, weights, device=device, pretrained=pretrained)
+    except ModelLoadError as error:
+        if not state.get("model_config"):
+            raise
+        try:
+            model = model_from_state_dict(_config_alias(state["model_config"]), weights, device=device,
+                                          pretrained=pretrained)
+        except ModelLoadError:
+            raise error from None
+        log.info("export's model '%s' does not resolve here (%s): built from the config it carries", name, error)
+        return model
+
+
 def _from_export(path: Path, state: dict, device) -> ContinualClassifier:
     try:
-        model = model_from_state_dict(state["model_name"], state["state_dict"], device=device,
-                                      pretrained=state.get("pretrained"))
+        model = _export_model(state, device)
         stats = state["image_stats"]
         model.image_stats = ImageStats(size=int(stats["size"]), mean=tuple(stats["mean"]), std=tuple(stats["std"]),
                                        **{k: stats[k] for k in ("resize_mode", "interpolation", "fill_color") if k in stats})

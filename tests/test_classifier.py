@@ -527,3 +527,21 @@ def test_a_sixteen_bit_pil_image_is_read_as_its_file_is(run, tmp_path):
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     with Image.open(tmp_path / "g16.png") as im:
         torch.testing.assert_close(clf.load_images([im]), clf.load_images([tmp_path / "g16.png"]), rtol=0, atol=0)
+
+
+def test_an_export_whose_model_name_no_longer_resolves_loads_from_the_config_it_carries(run, tmp_path):
+    """A `local-dir:` model whose folder moved (or a config registered only in the exporting process):
+    the export carries its model config, so it still loads and predicts as before."""
+    clf = load_classifier(run[2])
+    path = clf.export(tmp_path / "model.pt")
+    state = torch.load(path, weights_only=True)
+    state["model_name"] = f"local-dir:{tmp_path / 'moved_away'}"
+    torch.save(state, tmp_path / "moved.pt")
+    x = torch.randn(3, 3, clf.model.image_stats.size, clf.model.image_stats.size)
+    moved = load_classifier(tmp_path / "moved.pt")
+    torch.testing.assert_close(moved.logits(x), load_classifier(path).logits(x), rtol=0, atol=0)
+    del state["model_config"]  # without one: the name's own error
+    torch.save(state, tmp_path / "bare.pt")
+    from segpcl_fast.model.clip import ModelLoadError
+    with pytest.raises(ModelLoadError, match="moved_away"):
+        load_classifier(tmp_path / "bare.pt")
