@@ -175,9 +175,8 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)
         state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
                                      defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
-        ckpt.check_class_names(last, state, trainer.scenario.class_names)
-        ckpt.check_split(last, state, trainer.split_digest)
-        ckpt.check_image_geometry(last, state, trainer.model.image_stats.geometry())
+        ckpt.check_same_data(last, state, trainer.scenario.class_names, trainer.split_digest,
+                             trainer.model.image_stats.geometry())
         ckpt.restore_lora(last, trainer.model, state)
         trainer.learner.load_state_dict(state["learner"])
         counts = trainer.evaluate_seen(state["task"])

@@ -151,4 +151,3 @@ def plot_views(xy: dict, targets: np.ndarray, path, task: int, method: str, run_
                  f"old class", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     return save_png(fig, path)
-

@@ -338,4 +338,3 @@ def plot_fragility(rows: list, path, method: str, score: Optional[str] = None,
                                    f", temperature={temperature:g}" if temperature is not None else ""))
     fig.suptitle(f"fragility: {method}{how}, tasks {', '.join(str(r['task']) for r in rows)}", fontsize=10)
     return save_png(fig, path)
-

@@ -242,6 +242,16 @@ def check_split(path: PathLike, state: Mapping, digest: str) -> None:
                           f"data.split_file")
 
 
+def check_same_data(path: PathLike, state: Mapping, class_names: list, split_digest: str,
+                    geometry: Mapping) -> None:
+    """What resume and evaluate ask of a checkpoint before using it: this run's class names, train / test
+    split and test-transform geometry are the checkpoint's (check_class_names, check_split,
+    check_image_geometry)."""
+    check_class_names(path, state, class_names)
+    check_split(path, state, split_digest)
+    check_image_geometry(path, state, geometry)
+
+
 # the test transform's geometry of checkpoints written before it was stored: every model's then
 LEGACY_IMAGE_GEOMETRY = {"resize_mode": "shortest", "interpolation": "bicubic", "fill_color": 0}
 

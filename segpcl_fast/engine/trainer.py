@@ -567,9 +567,8 @@ class Trainer:
             last = ckpt.find_last_checkpoint(self.out)
             if last is not None:
                 state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), defaults=type(c)().to_dict())
-                ckpt.check_class_names(last, state, self.scenario.class_names)
-                ckpt.check_split(last, state, self.split_digest)
-                ckpt.check_image_geometry(last, state, self.model.image_stats.geometry())
+                ckpt.check_same_data(last, state, self.scenario.class_names, self.split_digest,
+                                     self.model.image_stats.geometry())
                 ckpt.restore_lora(last, self.model, state)
                 self.learner.load_state_dict(state["learner"])
                 correct = np.array(state["correct"], dtype=np.float64)

@@ -33,8 +33,8 @@ from typing import Optional
 
 import torch
 
-from ._triton_utils import (refuse_frozen_grads, cdiv, check_can_run, interpret_mode, launch_device, lazy_jit,
-                            next_pow2, refuse_double_backward, store_dtype)
+from ._triton_utils import (cdiv, check_can_run, interpret_mode, launch_device, lazy_jit, next_pow2,
+                            refuse_double_backward, refuse_frozen_grads, store_dtype)
 from .lora_merge import lora_merged_weight_triton
 
 tl = None  # triton.language, bound by lazy_jit at the first launch

@@ -18,8 +18,9 @@ skips the rest, 84 % of that block, 7 % of the tower's 12 blocks, forward and ba
 `qualifies` says whether a tower's structure is the one above; `run_transformer` runs the tower's
 transformer either way and, in eager calls, `ops.last_choice()["vit_last_block"]` says which ran
 (calls inside torch.compile'd code are not recorded). SEGPCL_VIT_TAIL=full runs the whole last block
-(for A/B timing). A forward hook (or pre-hook) on the tower's transformer or on its last block keeps
-the whole block: the tail calls neither module, so their hooks would not fire.
+(for A/B timing). A hook (forward, pre-forward or backward) on the tower's transformer or on any
+module of its last block keeps the whole block: the tail calls neither the transformer nor that block,
+and calls the block's parts on one row, so those hooks would not fire or would see one token.
 """
 from __future__ import annotations
 

@@ -52,6 +52,7 @@ def _with_last_dim(t: torch.Tensor, n: int) -> tuple:
 
 
 def _register_python_side() -> None:
+    from ._kernels import _utils  # once, not in each forward's setup_context and backward
     @torch.library.register_fake("segpcl::lora_b_linear_fwd")
     def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling):
         torch._check(x.shape[-1] == weight.shape[1], lambda: "lora_b_linear: x's last dim != in-features")
@@ -67,7 +68,6 @@ def _register_python_side() -> None:
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, lora_A, lora_B, scaling = inputs
-        from ._kernels import _utils
         _utils.refuse_frozen_grads("segpcl::lora_b_linear_fwd", ctx.needs_input_grad)
         _, u = output
         ctx.scaling = scaling
@@ -80,7 +80,6 @@ def _register_python_side() -> None:
     def _backward(ctx, grad_y, _grad_u):
         if grad_y is None:  # y took no part in what was differentiated
             return None, None, None, None, None, None
-        from ._kernels import _utils
         _utils.refuse_double_backward("lora_b_linear (C++ op)")  # its backward is an opaque op, with u saved
         u, weight, lora_A, lora_B = ctx.saved_tensors
         grad_x, grad_B = torch.ops.segpcl.lora_b_linear_bwd(

@@ -262,9 +262,9 @@ def format_environment(env: dict) -> str:
         lines.append(f"  C++ LoRA op's GEMMs (SEGPCL_LORA_FWD / _BWD): {env['lora_arrangement']}")
     switches = env.get("lora_switches")
     if switches:
+        from ..ops.lora_linear import CPP_PATHS  # shown on the line above
         shown = switches if isinstance(switches, str) else ", ".join(
-            f"{k.removeprefix('SEGPCL_LORA_')}={v}" for k, v in switches.items() if k not in ("SEGPCL_LORA_FWD",
-                                                                                          "SEGPCL_LORA_BWD"))
+            f"{k.removeprefix('SEGPCL_LORA_')}={v}" for k, v in switches.items() if k not in CPP_PATHS)
         lines.append(f"  LoRA switches (SEGPCL_LORA_*): {shown}")
     for d, reasons in env.get("op_reasons", {}).items():  # why: each distinct reason once, with its ops
         grouped: dict[str, list[str]] = {}
