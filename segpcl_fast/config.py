@@ -110,7 +110,9 @@ class DPGDConfig:
     eps: float = 8.0 / 255.0
     lambda_p: float = 1.0  # [choice] weight of the raw-prototype (visual anchoring) term
     random_start: bool = False  # [choice]
-    batch_size: int = 64  # anchors per PGD batch (memory knob only; results do not depend on it)
+    # anchors per PGD batch: a memory knob, equal results in exact arithmetic; in fp32 the GEMMs round
+    # differently per batch size and sign(grad) turns that into whole gamma steps on a few pixels
+    batch_size: int = 64
 
 
 @dataclass
