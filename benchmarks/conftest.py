@@ -69,17 +69,28 @@ def median_seconds(benchmark) -> float | None:
 def saved_bytes(fn, exclude=()) -> tuple:
     """(fn(), the bytes autograd holds for its backward): the distinct storages saved while fn ran,
     each counted once however many nodes save it, the storages of `exclude` (the weights) left out."""
+    out, per_row, other = saved_bytes_by_rows(fn, exclude, rows=None)
+    return out, per_row + other
+
+
+def saved_bytes_by_rows(fn, exclude=(), rows: int | None = None) -> tuple:
+    """(fn(), per-row bytes, other bytes) of what autograd holds for fn's backward (distinct storages, the
+    storages of `exclude` left out): a saved tensor whose first dimension is `rows` (the batch's tokens)
+    is an activation, one that is not (a weight-shaped tensor kept for the backward, such as the merged
+    arrangement's W + s B A) counts under other bytes; with rows None all count as per-row."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     saved = {}
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in skip and ptr != 0:
-            saved[ptr] = t.untyped_storage().nbytes()
+            is_row = rows is None or (t.dim() > 0 and t.shape[0] == rows)
+            saved[ptr] = (t.untyped_storage().nbytes(), saved.get(ptr, (0, False))[1] or is_row)
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return out, sum(saved.values())
+    per_row = sum(n for n, is_row in saved.values() if is_row)
+    return out, per_row, sum(n for n, is_row in saved.values() if not is_row)
 
 
 def device_median_ms(fn, device: str) -> float | None:

@@ -81,15 +81,17 @@ def lora_table(benchmarks: list[dict]) -> str:
             by_device[info["device"]][bench["params"]["impl"]] = dict(ms=_ms(bench), **info)
     if not by_device:
         return ""
-    lines = ["| device | impl | fwd+bwd ms (median) | time / base linear | saved activations MB | shape |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| device | impl | fwd+bwd ms (median) | time / base linear | saved activations MB | "
+             "kept weight-shaped MB | shape |",
+             "|---|---|---|---|---|---|---|"]
     for device, impls in sorted(by_device.items()):
         base = impls.get("base_linear", {}).get("ms")
         for impl, row in sorted(impls.items(), key=lambda kv: kv[1]["ms"]):
             ratio = f"{row['ms'] / base:.2f}" if base else "-"
             shape = f"{row['tokens']} x {row['n_in']} -> {row['n_out']}, r {row['rank']}, {row['dtype']}"
+            kept = "-" if "saved_weight_shaped_bytes" not in row else f"{row['saved_weight_shaped_bytes'] / 2 ** 20:.2f}"
             lines.append(f"| {device} | {impl} | {row['ms']:.3f} | {ratio} | "
-                         f"{row['saved_activation_bytes'] / 2 ** 20:.2f} | {shape} |")
+                         f"{row['saved_activation_bytes'] / 2 ** 20:.2f} | {kept} | {shape} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ and compiled as the trainer runs it under run.compile), the plain-PyTorch refere
 layer with lora_A frozen, peft's LoRA with A trainable (its default), and the frozen base
 nn.Linear alone (eager and compiled). CPU always (fp32, N = SEGPCL_BENCH_TOKENS or 4096 tokens);
 CUDA (bf16, 128 x 197 tokens) when a GPU is present.
-Saved-activation bytes (what autograd keeps for backward, weights excluded) go to extra_info.
+Saved bytes (what autograd keeps for backward, the parameters excluded) go to extra_info in two parts:
+activations (tensors with a row per token: u, or x) and weight-shaped tensors (the merged arrangement's
+kept W + s B A, out x in whatever the batch).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import os
 import pytest
 import torch
 
-from conftest import saved_bytes
+from conftest import saved_bytes_by_rows
 from segpcl_fast.ops import dispatch
 from segpcl_fast.ops.lora_linear import (extension_status, lora_b_linear, lora_b_linear_merged,
                                          lora_b_linear_reference)
@@ -98,10 +100,12 @@ def _weights(layer):
     return list(layer.parameters()) if isinstance(layer, torch.nn.Module) else list(layer.params)
 
 
-def _saved_activation_bytes(layer, x):
-    y, nbytes = saved_bytes(lambda: layer(x), _weights(layer))
+def _saved_bytes(layer, x) -> tuple[int, int]:
+    """(activation bytes, weight-shaped bytes) autograd keeps for the layer's backward: u (N x r) or x are
+    activations; the merged arrangement's kept W + s B A (out x in, whatever the batch) is weight-shaped."""
+    y, activations, kept = saved_bytes_by_rows(lambda: layer(x), _weights(layer), rows=x.shape[0])
     y.sum().backward()
-    return nbytes
+    return activations, kept
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -131,10 +135,10 @@ def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
         sync()
 
     with dispatch.backend("triton" if impl == "segpcl_triton" else "auto"):
-        saved = _saved_activation_bytes(layer, x)
+        saved, kept = _saved_bytes(layer, x)
         if impl.startswith("segpcl_cpp") or impl == "segpcl_triton":
             assert dispatch.last_choice()["lora_b_linear"] == impl.split("_")[1]
-        benchmark.extra_info.update(saved_activation_bytes=saved, tokens=n, n_in=N_IN, n_out=N_OUT, rank=RANK,
+        benchmark.extra_info.update(saved_activation_bytes=saved, saved_weight_shaped_bytes=kept, tokens=n, n_in=N_IN, n_out=N_OUT, rank=RANK,
                                     dtype=str(_dtype(device)), device=device)
         rounds = 15 if device == "cpu" else 50  # 5 CPU rounds flipped rankings between runs on a shared box
         benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=2)

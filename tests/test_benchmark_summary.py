@@ -35,10 +35,12 @@ def test_lora_rows_are_times_over_the_base_linear_fastest_first():
     info = dict(tokens=8, n_in=4, n_out=6, rank=2, dtype="torch.bfloat16", device="cuda")
     rows = [_bench("l", 0.010, {"impl": "base_linear"}, saved_activation_bytes=0, **info),
             _bench("l", 0.012, {"impl": "segpcl_cpp"}, saved_activation_bytes=2 ** 20, **info),
-            _bench("l", 0.009, {"impl": "segpcl_compiled"}, saved_activation_bytes=2 ** 19, **info)]
+            _bench("l", 0.009, {"impl": "segpcl_compiled"}, saved_activation_bytes=2 ** 19,
+                   saved_weight_shaped_bytes=3 * 2 ** 19, **info)]
     lines = summary.lora_table(rows).splitlines()[2:]
     assert [line.split(" | ")[1] for line in lines] == ["segpcl_compiled", "base_linear", "segpcl_cpp"]
-    assert "| cuda | segpcl_cpp | 12.000 | 1.20 | 1.00 | 8 x 4 -> 6, r 2, torch.bfloat16 |" in lines
+    assert "| cuda | segpcl_cpp | 12.000 | 1.20 | 1.00 | - | 8 x 4 -> 6, r 2, torch.bfloat16 |" in lines
+    assert "| cuda | segpcl_compiled | 9.000 | 0.90 | 0.50 | 1.50 | 8 x 4 -> 6, r 2, torch.bfloat16 |" in lines
 
 
 def test_e2e_and_transform_rows_and_empty_kinds():
@@ -159,3 +161,25 @@ def test_kernel_table_shows_an_attention_rows_tflops():
                                                         "impl": "triton", "achieved_GBps": 1325.0}}]
     table = kernel_table(rows)
     assert "| 123.4 TFLOP/s |" in table and "| 1325.0 |" in table
+
+
+def test_saved_bytes_split_activations_from_the_kept_merged_weight():
+    """benchmarks/conftest.saved_bytes_by_rows: the merged LoRA arrangement keeps u = x A^T (N x r, an
+    activation) and W + s B A (out x in, whatever N) for its backward; the split counts each where it
+    belongs, and the total is what saved_bytes counts."""
+    import importlib.util
+
+    import torch
+    spec = importlib.util.spec_from_file_location("benchmarks_conftest", Path(summary.__file__).with_name("conftest.py"))
+    bench_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_conftest)
+    saved_bytes, saved_bytes_by_rows = bench_conftest.saved_bytes, bench_conftest.saved_bytes_by_rows
+    from segpcl_fast.ops.lora_linear import lora_b_linear_merged
+    n, n_in, n_out, r = 10, 6, 7, 3
+    x = torch.randn(n, n_in, requires_grad=True)
+    w, b, a = torch.randn(n_out, n_in), torch.randn(n_out), torch.randn(r, n_in)
+    lora_b = torch.randn(n_out, r, requires_grad=True)
+    layer = lambda: lora_b_linear_merged(x, w, b, a, lora_b, 0.5)  # noqa: E731
+    _, activations, kept = saved_bytes_by_rows(layer, [w, b, a, lora_b], rows=n)
+    assert activations == n * r * 4 and kept == n_out * n_in * 4
+    assert saved_bytes(layer, [w, b, a, lora_b])[1] == activations + kept
