@@ -7,7 +7,9 @@ One step = what the trainer runs per iteration of a mid-run task: Learner.loss o
 images plus as many anchors (one image-tower forward), the text tower on every needed class,
 L_cls + 5 L_ACGD + L_GR, backward into the LoRA B matrices, SGD. FLOPs are analytic
 (segpcl_fast.engine.flops): MFU counts the model FLOPs (count="model": each LoRA slice's useful
-product); count="executed" (also the packed q/k/v LoRA's zero slices) is what the tests check equal
+product, in the rank-r form x W^T + s (x A^T) B^T, which the merged arrangement of the "auto" variants
+runs as x (W + s B A)^T, 2.6 % fewer FLOPs at ViT-B/16's shape: benchmarks/flop_audit.py);
+count="executed" (also the packed q/k/v LoRA's zero slices) is what the tests check equal
 to torch's FlopCounterMode on the reference ops. MFU = model FLOPs / median step time / the matmul
 peak measured on the same device in the same session (fp32 on CPU, bf16 on GPU). images/s counts
 the task images; the as many anchors in the same forward are work the FLOPs count, not images/s.
@@ -129,12 +131,16 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
 
         # what the row needs besides its times, recorded before them: a run stopped in its rounds
         # (gpu_suite's step limit) still writes a JSON that summary.py can turn into a row
-        flops = step_flops(step.model, step.shape)["total"]
+        counted = step_flops(step.model, step.shape)
+        flops = counted["total"]
         peak = matmul_peak(device)
         benchmark.extra_info.update(
             device=device, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
             model=setup["model"], precision=setup["precision"], compiled=compiled, batch=setup["n_images"],
             anchors=step.shape.n_anchors, classes=setup["n_old"] + setup["n_new"], step_flops=flops,
+            # the text tower's share of the FLOPs, and the precision it runs in (fp32 by default: those
+            # FLOPs run on fp32 kernels, yet count against the bf16 peak like the rest)
+            text_flops=counted["text"], text_precision=cfg.run.text_precision,
             matmul_peak_tflops=round(peak / 1e12, 4), threads=torch.get_num_threads(),
             rounds_planned=setup["rounds"])
 

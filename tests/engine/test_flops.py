@@ -58,3 +58,20 @@ def test_a_one_block_tower_is_counted_exactly(tmp_path, targets, tail, monkeypat
     config.lora.rank, config.lora.targets = 4, targets
     step = build_step("test-one-block", "cpu", n_images=3, n_old=4, n_new=3, cfg=config)
     assert _counted(step) == step_flops(step.model, step.shape, count="executed")["total"]
+
+
+def test_flop_audit_extrapolates_exactly_and_the_merged_arrangement_runs_fewer_flops(tiny_model_name):
+    """benchmarks/flop_audit.py (BENCHMARKS.md's statement that MFU's numerator counts LoRA's rank-r
+    products, which the merged arrangement skips): the counts it extrapolates from 2 and 4 images are
+    affine in the batch, its reference count is the analytic executed one, and the merged arrangement
+    executes fewer FLOPs than the model count."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import flop_audit
+    ref = {n: flop_audit.counted(tiny_model_name, n, 6, 4, "reference") for n in (2, 4, 6)}
+    assert ref[6][0] - ref[4][0] == ref[4][0] - ref[2][0]
+    step = ref[6][1]
+    assert ref[6][0] == step_flops(step.model, step.shape, count="executed")["total"]
+    merged, _ = flop_audit.counted(tiny_model_name, 6, 6, 4, "merged")
+    assert merged < step_flops(step.model, step.shape, count="model")["total"] < ref[6][0]
