@@ -265,6 +265,7 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
     program and `num_warps` the warps per program (tests, tuning: benchmarks/tune_kernels_cuda.py).
     """
     check_can_run("anchor_kl", student_logits, teacher)
+    check_anchor_kl_inputs(student_logits, teacher, tau)  # also for a direct torch.ops.segpcl call: one shape
     for name, value in (("rows", rows), ("chunk_cols", chunk_cols), ("num_warps", num_warps)):
         if value is not None and (value < 1 or value != next_pow2(value)):
             raise ValueError(f"anchor_kl: {name} must be a power of two >= 1 (or None for the default), got {value}")

@@ -49,9 +49,17 @@ from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
 __all__ = ["knn_subgraph_kl_reference", "knn_reference_logprob", "knn_subgraph_kl_fused", "knn_backward_plan",
-           "check_knn_inputs", "check_knn_plan", "MAX_FUSED_TILE"]
+           "check_knn_inputs", "check_knn_plan", "MAX_FUSED_TILE", "MAX_FUSED_DIM",
+           "fused_fits"]
 
-MAX_FUSED_TILE = 1 << 16  # next_pow2(k) * next_pow2(d) elements held by one program
+MAX_FUSED_TILE = 1 << 15  # next_pow2(k) * next_pow2(d) elements held by a forward program (1 << 16 spilled on sm_90)
+MAX_FUSED_DIM = 1 << 13  # next_pow2(d) of a backward program (16384 spilled on sm_90)
+
+
+def fused_fits(k: int, d: int) -> bool:
+    """Whether the kernels take k neighbours of d-dim embeddings without spilling (sm_90, Triton 3.8:
+    check_triton_build); wider problems run on the reference."""
+    return next_pow2(k) * next_pow2(d) <= MAX_FUSED_TILE and next_pow2(d) <= MAX_FUSED_DIM
 
 
 def _subgraph_similarities(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
@@ -197,12 +205,16 @@ def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_pro
     by `scale`, and by 1 / R too when `mean` (R read here, from the tensor: constant arguments for
     torch.compile, not a new constant per R)."""
     check_can_run("knn_subgraph_kl", emb, roots, neighbors, ref_logprob)
+    # shapes also for a direct torch.ops.segpcl call; index ranges are checked by ops.knn_subgraph_kl
+    # (check_indices), a raw op's caller's contract
+    check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices=False)
     n_roots, k = neighbors.shape
     scale = scale / max(n_roots, 1) if mean else scale
     d = emb.shape[1]
     block_k, block_d = _tile(k, d)
-    if block_k * block_d > MAX_FUSED_TILE:
-        raise ValueError(f"knn_subgraph_kl: k={k}, d={d} exceed the fused tile ({MAX_FUSED_TILE} elements); "
+    if not fused_fits(k, d):
+        raise ValueError(f"knn_subgraph_kl: k={k}, d={d} exceed the fused tiles (next_pow2(k) * next_pow2(d) <= "
+                         f"{MAX_FUSED_TILE}, next_pow2(d) <= {MAX_FUSED_DIM}); "
                          "use the reference backend")
     emb_c = emb if emb.stride(-1) == 1 else emb.contiguous()
     f32 = dict(dtype=torch.float32, device=emb.device)
@@ -254,15 +266,29 @@ def check_knn_plan(plan: torch.Tensor, emb: torch.Tensor, neighbors: torch.Tenso
                          f"{plan.device}; build it again for this graph and embedding matrix")
 
 
+def _backward_warps(block_c: int, block_d: int) -> int:
+    """Warps of a backward program: 1024 elements of its (BLOCK_C x BLOCK_D) gather tile a warp, up to 16 (at
+    most 4 left d 2048 fp32 spilling on sm_90, and d 8192 2.7 KB a thread)."""
+    return max(1, min(16, block_c * block_d // 1024))
+
+
 def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None, rows_per_program: int | None = None,
                            contributions_per_load: int = 4):
     """Deterministic segment-sum scatter of all contributions into d loss / d emb (emb's dtype).
 
     plan: `knn_backward_plan(roots, neighbors, emb.shape[0])`, built here when None.
     contributions_per_load: how many of a row's contributions one program gathers at once."""
-    check_can_run("knn_subgraph_kl", emb, roots, neighbors, g)
+    check_can_run("knn_subgraph_kl", emb, roots, neighbors, g, g_root, grad_kl, *([] if plan is None else [plan]))
     n_roots, k = neighbors.shape
     d = emb.shape[1]
+    if (grad_kl.shape, g.shape, g_root.shape) != ((n_roots,), (n_roots, k), (n_roots, d)):
+        raise ValueError(f"knn_subgraph_kl backward: grad_kl (R,), g (R, k) and g_root (R, d) expected for R={n_roots}, "
+                         f"k={k}, d={d}; got {tuple(grad_kl.shape)}, {tuple(g.shape)}, {tuple(g_root.shape)}")
+    if plan is not None:
+        check_knn_plan(plan, emb, neighbors)
+    if not fused_fits(k, d):
+        raise ValueError(f"knn_subgraph_kl backward: d={d} exceeds the fused tile (next_pow2(d) <= {MAX_FUSED_DIM}); "
+                         "use the reference backend")
     if n_roots == 0 or k == 0:
         return torch.zeros(emb.shape, dtype=emb.dtype, device=emb.device)
     n_rows = emb.shape[0]
@@ -276,7 +302,7 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None,
         _knn_kl_bwd_kernel[(cdiv(n_rows, rows),)](
             plan, grad_kl, grad_kl.stride(0), g_root.contiguous(), g.contiguous(), emb_c, out,
             n_rows, n_roots, k, n_roots * (k + 1), d, emb_c.stride(0), out.stride(0),
-            ROWS=rows, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=max(1, min(4, block_c * block_d // 1024)))
+            ROWS=rows, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=_backward_warps(block_c, block_d))
     return out.to(emb.dtype)
 
 

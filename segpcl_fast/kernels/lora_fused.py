@@ -86,7 +86,7 @@ def _gemm_tile(a_ptr, b_ptr, tile, M, N, K, stride_am, stride_ak, stride_bk, str
     pid_m, pid_n = _tile_mn(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)  # int32: k * stride stays under out * in < 2^31 (MAX_WEIGHT_ELEMS)
     m_ok = offs_m < M
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -187,14 +187,26 @@ class FusedTiles:
         return max(1, min(16, cdiv(rows, 4096)))
 
 
-def fused_supported(device: torch.device, dtype: torch.dtype, rank: int = 1) -> bool:
+def fused_supported(device: torch.device, dtype: torch.dtype, rank: int = 1, weight_elems: int = 0) -> bool:
     """Where the fused kernels take x: bf16 / fp16 on CUDA (tensor-core tl.dot), or fp32 / bf16 / fp16
-    on the CPU under the interpreter (tests); LoRA rank r up to MAX_RANK."""
-    if rank > MAX_RANK:
+    on the CPU under the interpreter (tests); LoRA rank r up to MAX_RANK; W (out x in) under
+    MAX_WEIGHT_ELEMS elements."""
+    if rank > MAX_RANK or weight_elems >= MAX_WEIGHT_ELEMS:
         return False
     if interpret_mode() and device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16, torch.float16)
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
+# the GEMMs index W's tile rows k * stride in int32 (int64 offsets cost the sm_90 kernels 4-7 % more
+# instructions): W with 2^31 elements or more runs the merged arrangement
+MAX_WEIGHT_ELEMS = 1 << 31
+
+
+def _check_weight_size(weight: torch.Tensor) -> None:
+    if weight.numel() >= MAX_WEIGHT_ELEMS:
+        raise ValueError(f"lora_fused: W {tuple(weight.shape)} has 2^31 elements or more, past the kernels' int32 "
+                         "offsets; the merged arrangement (ops backend 'auto') takes it")
 
 
 def _check_dtype_and_rank(t: torch.Tensor, rank: int) -> None:
@@ -208,6 +220,18 @@ def _check_dtype_and_rank(t: torch.Tensor, rank: int) -> None:
                          "arrangement (ops backend 'auto') takes any rank")
 
 
+def _check_operands(op: str, named: dict, shapes: dict) -> None:
+    """One dtype for every operand (tl.dot takes one on a GPU; the interpreter's fp32 casts hide a mix) and
+    the shapes the kernels index by (a direct torch.ops.segpcl call skips lora_b_linear's checks)."""
+    dtypes = {name: t.dtype for name, t in named.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"{op}: all operands must share one dtype, got {dtypes}; cast them to x's dtype")
+    for name, want in shapes.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., d) as a (rows, d) matrix with unit stride along d (a view where possible)."""
     t = t.reshape(-1, t.shape[-1])
@@ -216,8 +240,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def lora_fused_forward(x, weight, bias, lora_A, lora_B, scaling, tiles: Optional[FusedTiles] = None):
     """(y (..., out), u (..., r), W + s B A (out, in)), in x's dtype."""
-    check_can_run("lora_fused", x, weight, lora_A, lora_B)
+    check_can_run("lora_fused", x, weight, lora_A, lora_B, *([] if bias is None else [bias]))
     _check_dtype_and_rank(x, lora_A.shape[0])
+    n_out, rank = lora_B.shape if lora_B.dim() == 2 else (-1, -1)
+    _check_operands("lora_fused_fwd", dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B),
+                    dict(weight=(n_out, x.shape[-1]), bias=(n_out,), lora_A=(rank, x.shape[-1])))
+    _check_weight_size(weight)
     tiles = tiles or FusedTiles.default()
     merged = lora_merged_weight_triton(weight, lora_A, lora_B, scaling)
     x2 = _rows(x)
@@ -245,8 +273,14 @@ def lora_fused_forward(x, weight, bias, lora_A, lora_B, scaling, tiles: Optional
 
 def lora_fused_backward(grad_y, u, merged, lora_B, scaling, tiles: Optional[FusedTiles] = None):
     """(grad_x (..., in), grad_B (out, r)): grad_x = g W', grad_B = s g^T u (deterministic)."""
-    check_can_run("lora_fused", grad_y, u, merged)
+    check_can_run("lora_fused", grad_y, u, merged, lora_B)
     _check_dtype_and_rank(grad_y, u.shape[-1])
+    _check_operands("lora_fused_bwd", dict(grad_y=grad_y, u=u, merged=merged),  # lora_B: grad_B's dtype and shape only
+                    dict(u=(*grad_y.shape[:-1], u.shape[-1]), merged=(grad_y.shape[-1], merged.shape[-1])))
+    if tuple(lora_B.shape) != (grad_y.shape[-1], u.shape[-1]):
+        raise ValueError(f"lora_fused_bwd: lora_B must have shape {(grad_y.shape[-1], u.shape[-1])}, got "
+                         f"{tuple(lora_B.shape)}")
+    _check_weight_size(merged)
     tiles = tiles or FusedTiles.default()
     g2, u2 = _rows(grad_y), _rows(u)
     M, K = g2.shape  # K = out

@@ -33,10 +33,11 @@ def lora_merged_weight_reference(weight: torch.Tensor, lora_A: torch.Tensor, lor
 
 @lazy_jit
 def _lora_merge_kernel(w_ptr, a_ptr, b_ptr, out_ptr, n_out, n_in, rank, scaling,
-                       stride_w, stride_a, stride_b, stride_out,
+                       stride_w, stride_a, stride_b, stride_out, blocks_i,
                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    pid_o = tl.program_id(0).to(tl.int64)
-    pid_i = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # one 1-D grid over (row block, column block): a second axis stops at 65535
+    pid_o = pid // blocks_i
+    pid_i = pid % blocks_i
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     o_ok = offs_o < n_out
@@ -44,10 +45,14 @@ def _lora_merge_kernel(w_ptr, a_ptr, b_ptr, out_ptr, n_out, n_in, rank, scaling,
     # B A as r rank-1 updates in fp32 (exact products of bf16 / fp16 values, summed in order j = 0..r-1):
     # a fp32 tl.dot at IEEE precision took 201 registers on sm_90 at r = 32 and spilled at 128
     ba = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
-    for j in range(0, rank):
-        b_col = tl.load(b_ptr + offs_o * stride_b + j, mask=o_ok, other=0.0).to(tl.float32)
-        a_row = tl.load(a_ptr + j * stride_a + offs_i, mask=i_ok, other=0.0).to(tl.float32)
+    b_cols = b_ptr + offs_o * stride_b  # B[:, j] and A[j, :] (pointers stepped: no 32-bit j * stride product)
+    a_rows = a_ptr + offs_i
+    for _ in range(0, rank):
+        b_col = tl.load(b_cols, mask=o_ok, other=0.0).to(tl.float32)
+        a_row = tl.load(a_rows, mask=i_ok, other=0.0).to(tl.float32)
         ba += b_col[:, None] * a_row[None, :]
+        b_cols += 1
+        a_rows += stride_a
     mask = o_ok[:, None] & i_ok[None, :]
     w = tl.load(w_ptr + offs_o[:, None] * stride_w + offs_i[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_o[:, None] * stride_out + offs_i[None, :], (w + scaling * ba).to(out_ptr.dtype.element_ty),
@@ -76,9 +81,10 @@ def lora_merged_weight_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B
         return out.to(weight.dtype)
     block_o, block_i = block or _tiles(n_out, n_in)
     with launch_device(w):
-        _lora_merge_kernel[(cdiv(n_out, block_o), cdiv(n_in, block_i))](
+        blocks_i = cdiv(n_in, block_i)
+        _lora_merge_kernel[(cdiv(n_out, block_o) * blocks_i,)](
             w, a, b, out, n_out, n_in, rank, float(scaling), w.stride(0), a.stride(0), b.stride(0), out.stride(0),
-            BLOCK_O=block_o, BLOCK_I=block_i, num_warps=4)
+            blocks_i, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=4)
     return out.to(weight.dtype)
 
 

@@ -76,11 +76,13 @@ def check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi) -> None:
 
 @lazy_jit
 def _pgd_step_kernel(x_ptr, g_ptr, x0_ptr, out_ptr, gamma_ptr, eps_ptr, lo_ptr, hi_ptr,
-                     hw, channels, BLOCK: tl.constexpr):
-    # grid: (N * C planes, chunks of BLOCK pixels within a plane): the channel is one scalar
-    # per program, so the per-channel bounds are 4 scalar loads, no per-element index math.
-    plane = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                     hw, channels, blocks_per_plane, BLOCK: tl.constexpr):
+    # one program per chunk of BLOCK pixels within a plane (N * C planes, one 1-D grid: a second grid
+    # axis stops at 65535): the channel is one scalar per program, so the per-channel bounds are 4
+    # scalar loads, no per-element index math.
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // blocks_per_plane
+    cols = (pid % blocks_per_plane) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hw
     offs = plane * hw + cols
     ch = plane % channels
@@ -116,6 +118,8 @@ def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | Non
     if len(devices) > 1:
         raise RuntimeError(f"segpcl::pgd_step: gamma, eps, lo and hi must be on x_adv's device {x_adv.device}, got "
                            f"{sorted(map(str, devices))}")
+    check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi)  # also for a direct torch.ops.segpcl call: the kernel
+    # reads grad and x0 at x_adv's offsets
     x_adv_c, grad_c, x0_c = x_adv.contiguous(), grad.contiguous(), x0.contiguous()
     dtype = store_dtype(x_adv.dtype)
     if out is not None and out.dtype == dtype:
@@ -127,10 +131,11 @@ def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | Non
     hw = height * width
     if x_adv.numel() > 0:
         block_size = _block_size(hw, block)
-        grid = (n * channels, cdiv(hw, block_size))
+        blocks_per_plane = cdiv(hw, block_size)
         with launch_device(x_adv):
-            _pgd_step_kernel[grid](x_adv_c, grad_c, x0_c, buffer, *params, hw, channels,
-                                   BLOCK=block_size, num_warps=4 if block_size <= 2048 else 8)
+            _pgd_step_kernel[(n * channels * blocks_per_plane,)](
+                x_adv_c, grad_c, x0_c, buffer, *params, hw, channels, blocks_per_plane, BLOCK=block_size,
+                num_warps=4 if block_size <= 2048 else 8)
     if buffer is out:
         return out
     if out is None:

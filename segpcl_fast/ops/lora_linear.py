@@ -279,9 +279,11 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
 def _fused_runs(x: torch.Tensor, lora_B: Optional[torch.Tensor]) -> bool:
     """Whether the fused Triton LoRA kernels take x (its dtype after autocast, which leaves float64
     as it is) and this rank."""
-    rank = lora_B.shape[-1] if lora_B is not None and lora_B.dim() == 2 else 1
+    two_d = lora_B is not None and lora_B.dim() == 2
+    rank = lora_B.shape[-1] if two_d else 1
+    weight_elems = lora_B.shape[0] * x.shape[-1] if two_d and x.dim() else 0  # W is (out, in)
     dtype = _autocast_dtype(x.device.type) if x.dtype in _AUTOCAST_FROM else None
-    return _utils.HAS_TRITON and _fused.fused_supported(x.device, dtype or x.dtype, rank)
+    return _utils.HAS_TRITON and _fused.fused_supported(x.device, dtype or x.dtype, rank, weight_elems)
 
 
 # the C++ op's GEMM arrangements (csrc/lora_b_linear_aten.cpp reads these variables per call, default first)

@@ -252,10 +252,13 @@ def test_knn_supported_flag_follows_the_fused_tile(monkeypatch):
         return "reference"
 
     monkeypatch.setattr(knn_op, "choose_impl", fake_choose)
-    for dim, fits in [(8, True), (knn.MAX_FUSED_TILE // 4, True), (knn.MAX_FUSED_TILE // 4 + 1, False)]:
-        emb, roots, neighbors, log_q0 = _knn_problem(6, dim, 2, 3, "cpu", seed=45, tau=0.1)  # k = 3 -> 4
+    for dim, k, fits in [(8, 3, True), (knn.MAX_FUSED_TILE // 4, 3, True), (knn.MAX_FUSED_TILE // 4 + 1, 3, False),
+                         (knn.MAX_FUSED_DIM, 2, True), (knn.MAX_FUSED_DIM + 1, 2, False)]:  # k = 3 -> 4
+        emb, roots, neighbors, log_q0 = _knn_problem(6, dim, 2, k, "cpu", seed=45, tau=0.1)
         knn_op.knn_subgraph_kl(emb, roots, neighbors, log_q0, 0.1)
-        assert seen[-1] is fits, (dim, seen)
+        assert seen[-1] is fits, (dim, k, seen)
+    # the tile and width limits that compile without spilling on sm_90 (check_triton_build, Triton 3.8)
+    assert (knn.MAX_FUSED_TILE, knn.MAX_FUSED_DIM) == (1 << 15, 1 << 13)
 
 
 # ---------------------------------------------------------------------------------------- dispatch

@@ -317,8 +317,11 @@ from segpcl_fast.kernels.check_triton_build import Case, check, table
 
 emb = torch.empty(200, 1024, device="meta")
 roots, neighbors = (torch.empty(shape, dtype=torch.int64, device="meta") for shape in ((8,), (8, 64)))
-log_q0 = torch.empty(8, 64, device="meta")
-results = check([Case("k64 d1024", lambda: knn.knn_kl_forward_triton(emb, roots, neighbors, log_q0, 0.1))], [90])
+log_q0, g, kl, g_root = (torch.empty(shape, device="meta") for shape in ((8, 64), (8, 64), (8,), (8, 1024)))
+# the kernel itself, as the launcher used to call it (it now sends tiles this big to the reference)
+results = check([Case("k64 d1024", lambda: knn._knn_kl_fwd_kernel[(8,)](
+    emb, roots, neighbors, log_q0, kl, g, g_root, 8, 64, 1024, 1024, 0.1, 1.0, ROOTS=1, BLOCK_K=64, BLOCK_D=1024,
+    num_warps=8))], [90])
 print(table(results))
 json.dump([[r.kernel, r.stack_bytes, r.problems] for r in results], sys.stdout)
 '''
@@ -340,3 +343,34 @@ def test_a_spilling_kernel_is_reported(tmp_path):
     assert kernel == "_knn_kl_fwd_kernel" and stack > 0 and problems == []
     assert any(line.startswith("WARN _knn_kl_fwd_kernel sm_90") and f"{stack} B stack frame" in line
                for line in table_lines), table_lines
+
+
+HUGE_GRIDS = '''
+import json, sys
+import torch
+from segpcl_fast.kernels import lora_merge, pgd_step
+from segpcl_fast.kernels.check_triton_build import Case, check
+
+meta = torch.device("meta")
+x = torch.empty(1, 3, 12000, 12000, device=meta)  # 70313 pixel blocks of 2048 a plane
+c = torch.empty(3, device=meta)
+w, a, b = torch.empty(64, 5_000_000, device=meta), torch.empty(4, 5_000_000, device=meta), torch.empty(64, 4, device=meta)
+cases = [Case("pgd", lambda: pgd_step.pgd_step_triton(x, x, x, c, c, c, c)),
+         Case("merge", lambda: lora_merge.lora_merged_weight_triton(w, a, b, 2.0))]  # 78125 column blocks
+json.dump([[r.case, list(r.grid), r.problems] for r in check(cases, [90])], sys.stdout)
+'''
+
+
+@cpu_side
+@needs_binder
+def test_grids_stay_within_cuda_limits_at_huge_sizes(tmp_path):
+    """pgd_step's pixel blocks and lora_merge's column blocks went on grid axis 1, which CUDA stops at
+    65535 (a 12000 x 12000 image; a 5M-wide weight): both launch one 1-D grid now."""
+    script = tmp_path / "huge_grids.py"
+    script.write_text(HUGE_GRIDS)
+    proc = subprocess.run([sys.executable, str(script)], env=_compile_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {case: (grid, problems) for case, grid, problems in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert rows["pgd"] == ([3 * 70313], []), rows
+    assert rows["merge"] == ([1 * 78125], []), rows
