@@ -95,11 +95,12 @@ def train(config: ConfigLike = None, **overrides: Any):
         result = segpcl_fast.train("cifar100", data__root="/data")    # a paper preset
         result = segpcl_fast.train(method="lora_finetune", epochs=2)
     """
-    from .engine.trainer import Trainer
+    from .engine.trainer import Trainer, check_new_run_dir
     cfg = make_config(config, **overrides)
     if cfg.run.resume and "run.output_dir" not in kwargs_to_overrides(overrides):
         check_resume_target(config, cfg)
     check_resume_run(cfg)  # before the model and data load (Trainer.run asks again)
+    check_new_run_dir(cfg)
     with process_state_kept():  # a later call (train without run.num_threads, say) starts from the caller's state
         return Trainer(cfg).run()
 

@@ -296,10 +296,10 @@ def cmd_profile(args) -> int:
     from .engine.profile import check_profile_args, ncu_command, profile_training
     cfg = _config_from_args(args)
     check_profile_args(cfg, args.steps, args.nvtx)  # a refusal is the only line, not after the header
-    # -o, else a run.output_dir from --set / the YAML, else runs/profile
-    from .config import RunConfig
-    set_dir = cfg.run.output_dir if cfg.run.output_dir != RunConfig().output_dir else None
-    out_dir = args.output_dir or set_dir or "runs/profile"
+    # -o or a run.output_dir from --set / the YAML, as an analysis takes it: train's defaults (runs/default,
+    # a preset's runs/<preset>) become runs/profile, runs/<preset>-profile; a train run's folder is refused
+    from .config import analysis_config
+    out_dir = analysis_config(cfg, "profile").run.output_dir
     if _rank0():
         print(f"segpcl-fast profile: {args.steps} steps of task 2, model={cfg.model.name} precision={cfg.run.precision} "
               f"compile={cfg.run.compile} ops={cfg.run.ops} -> {out_dir}", flush=True)

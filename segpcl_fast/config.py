@@ -825,18 +825,34 @@ def check_resume_run(cfg: Config) -> None:
     (an analysis' <variant>/seed<N>/ folders): resuming it would start a fresh run among them."""
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
-    below = runs_below(out) if cfg.run.resume and not (out / "config.yaml").is_file() else []
-    if below:
+    below = runs_below(out) if out.is_dir() and not (out / "config.yaml").is_file() else []
+    if below and cfg.run.resume:
         raise ConfigError(f"run.resume is set but {out} is not a run (no config.yaml); it holds runs: "
                           f"{join_some(below)}: resume one of them (-o {below[0]}), or the analysis that made them")
+    if below:  # an analysis' folder: a run started there would put its files among the analysis' runs
+        raise ConfigError(f"{out} holds an analysis' runs ({join_some(below)}): a new run there would write its "
+                          f"files among them; give it its own folder (-o {str(out).rstrip('/')}-train)")
+
+
+def preset_output_dirs() -> set[str]:
+    """The run.output_dir each shipped preset sets (runs/cifar100, ...): train's folders by default."""
+    dirs = set()
+    for name in preset_names():
+        run = (_read_yaml(PRESET_DIR / f"{name}.yaml") or {}).get("run") or {}
+        if isinstance(run.get("output_dir"), str):
+            dirs.add(run["output_dir"])
+    return dirs
 
 
 def analysis_config(cfg: Config, name: str) -> Config:
     """An analysis' config: its runs go in their own folder. The offline default run.output_dir
-    (runs/default, train's) becomes runs/<name>; a folder that is a train run (it holds config.yaml) is
-    refused, as the analysis would write its runs and files among that run's."""
+    (runs/default, train's) becomes runs/<name>, a preset's (runs/cifar100) runs/cifar100-<name>; a
+    folder that is a train run (it holds config.yaml) is refused, as the analysis would write its runs
+    and files among that run's."""
     if cfg.run.output_dir == RunConfig().output_dir:
         cfg = apply_overrides(cfg, {"run.output_dir": f"runs/{name}"})
+    elif cfg.run.output_dir in preset_output_dirs():
+        cfg = apply_overrides(cfg, {"run.output_dir": f"{cfg.run.output_dir}-{name}"})
     out = Path(cfg.run.output_dir)
     if (out / "config.yaml").is_file():
         raise ConfigError(f"{out} is a train run's folder (it holds config.yaml): {name} would write its runs and "

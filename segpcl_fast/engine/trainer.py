@@ -190,6 +190,30 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return 0.5 * o.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def earlier_run_files(out: Path) -> list[Path]:
+    """The files of a run that finished a task in `out` (results.json, checkpoints/task_*.pt)."""
+    checkpoints = out / ckpt.CHECKPOINT_DIR
+    stale = sorted(checkpoints.glob("task_*.pt")) if checkpoints.is_dir() else []
+    results = out / "results.json"
+    return ([results] if results.exists() else []) + stale
+
+
+def check_new_run_dir(cfg: Config) -> None:
+    """A new run (no --resume, no run.overwrite) into a folder holding another run's files is refused:
+    api.train asks before the data and weights load, the trainer again when it claims the folder."""
+    if not (cfg.run.resume or cfg.run.overwrite):
+        refuse_earlier_run(Path(cfg.run.output_dir))
+
+
+def refuse_earlier_run(out: Path) -> None:
+    earlier = earlier_run_files(out)
+    if earlier:
+        raise ConfigError(
+            f"output dir {out} already holds a run ({', '.join(p.name for p in earlier[:3])}"
+            f"{', ...' if len(earlier) > 3 else ''}): continue it with --resume (run.resume=true), "
+            f"pick another dir with -o, or replace it with --set run.overwrite=true")
+
+
 class Trainer:
     """One process of a run; under torchrun (WORLD_SIZE > 1) one rank of a data-parallel run.
 
@@ -266,19 +290,15 @@ class Trainer:
 
     def _claim_output_dir(self) -> None:
         """A new run must not mix its files with another run's (stale task_03.pt next to new ones)."""
-        checkpoints = self.out / ckpt.CHECKPOINT_DIR
-        stale = sorted(checkpoints.glob("task_*.pt")) if checkpoints.is_dir() else []
-        results = self.out / "results.json"
-        earlier = ([results] if results.exists() else []) + stale
+        earlier = earlier_run_files(self.out)
+        stale = [p for p in earlier if p.name != "results.json"]
         if not earlier:  # at most the config.yaml of a run that finished no task (a NaN, a bad file): replaced
             if (self.out / "config.yaml").exists():
                 self.log_fn(f"{self.out} holds the config of a run that finished no task: starting over there")
             return
         if not self.cfg.run.overwrite:
-            raise ConfigError(
-                f"output dir {self.out} already holds a run ({', '.join(p.name for p in earlier[:3])}"
-                f"{', ...' if len(earlier) > 3 else ''}): continue it with --resume (run.resume=true), "
-                f"pick another dir with -o, or replace it with --set run.overwrite=true")
+            refuse_earlier_run(self.out)
+        checkpoints = self.out / ckpt.CHECKPOINT_DIR
         for p in stale:
             p.unlink()
         (checkpoints / ckpt.LAST_POINTER).unlink(missing_ok=True)

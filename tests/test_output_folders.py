@@ -1,0 +1,52 @@
+"""Train runs and analyses keep out of each other's folders (found by following the README as a user:
+`train --config cifar100` then `ablate --config cifar100` was refused; the other order mixed a train
+run into the ablation's folder), and a new run into an occupied folder is refused before any data or
+weights load."""
+import pytest
+
+import segpcl_fast
+from segpcl_fast.cli import main
+from segpcl_fast.api import make_config
+from segpcl_fast.config import ConfigError, analysis_config, load_config, preset_output_dirs
+
+
+def test_a_presets_default_folder_becomes_its_own_for_an_analysis():
+    assert "runs/cifar100" in preset_output_dirs() and "runs/world-by-colour" in preset_output_dirs()
+    assert analysis_config(load_config("cifar100"), "ablate").run.output_dir == "runs/cifar100-ablate"
+    assert analysis_config(make_config(), "sweep").run.output_dir == "runs/sweep"
+    assert analysis_config(make_config(run__output_dir="runs/mine"), "sweep").run.output_dir == "runs/mine"
+
+
+def _fail_if_built(monkeypatch):
+    from segpcl_fast.engine import trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trainer was built: data and weights would load before the refusal")
+    monkeypatch.setattr(trainer.Trainer, "__init__", refuse)
+
+
+def test_train_refuses_an_analysis_folder_before_loading(tmp_path, monkeypatch):
+    run = tmp_path / "abl" / "segpcl" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("run: {}\n")
+    _fail_if_built(monkeypatch)
+    with pytest.raises(ConfigError, match="holds an analysis' runs .*-o .*abl-train"):
+        segpcl_fast.train(run__output_dir=str(tmp_path / "abl"))
+
+
+def test_train_refuses_a_finished_run_before_loading(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "task_01.pt").write_bytes(b"")
+    _fail_if_built(monkeypatch)
+    with pytest.raises(ConfigError, match="already holds a run \\(task_01.pt\\)"):
+        segpcl_fast.train(run__output_dir=str(out))
+
+
+def test_profile_keeps_out_of_a_train_run(tmp_path, capsys):
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "config.yaml").write_text("run: {}\n")
+    assert main(["profile", "--steps", "1", "-o", str(out)]) == 2
+    assert "is a train run's folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
