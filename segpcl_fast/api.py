@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from .config import (Config, ConfigError, analysis_config, apply_overrides, check_data_root, check_resume_dir,
-                     check_resume_run, check_task_count, config_from_dict, join_some, kwargs_to_overrides,
-                     load_config, map_kwargs, override_key, refuse_decided_keys, runs_below)
+                     check_resume_run, check_task_count, config_from_dict, did_you_mean, join_some, known_keys,
+                     kwargs_to_overrides, load_config, map_kwargs, override_key, refuse_decided_keys, runs_below)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -162,6 +162,9 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
                                 + (f"; runs below it: {join_some(runs)}" if runs else ""))
     strings, keyed = override_list(overrides), kwargs_to_overrides(kwargs)
     for key in [override_key(change) for change in strings] + list(keyed):
+        if key not in known_keys():  # a typo is a typo, not a key evaluate may not change
+            raise ConfigError(f"unknown config key '{key}'{did_you_mean(key)}; evaluate can set "
+                              f"{', '.join(EVALUATE_OVERRIDABLE)}")
         if key not in EVALUATE_OVERRIDABLE:
             raise ConfigError(f"evaluate() cannot override '{key}': it would not be the run that was trained; "
                               f"it can set {', '.join(EVALUATE_OVERRIDABLE)}")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import ConfigError, override_key
+from .version import __version__
 
 if TYPE_CHECKING:
     from .config import Config
@@ -48,7 +49,7 @@ def _add_config_args(p: argparse.ArgumentParser, method: bool = True, seed: bool
                                                                   "lora_finetune, ...)") if method else argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=None, help="same as --set run.seed=..." if seed else argparse.SUPPRESS)
     p.add_argument("--hw", default=None, metavar="PRESET",
-                   help="hardware preset laid over the config before --set: 1gpu, 2x4090 (see engine/presets.py)")
+                   help="hardware preset laid over the config before --set: 1gpu, 2x4090 (configs/<preset>.yaml)")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue the run(s) in the output dir after their "
                                                              "last finished task (same as --set run.resume=true)")
@@ -101,7 +102,10 @@ def _refuse_shorthand_conflicts(args, changes: list[str], option: str) -> None:
 def _refuse_run_options(args, method_fix: str = "", seed_fix: str = "") -> None:
     """--method / --seed, or --set (sweep: --fixed) run.method / run.seed, where a subcommand's own
     option (--variants, --seeds) decides: an error with the fix, not an option accepted and then ignored."""
-    keys = {override_key(o) for o in list(args.overrides or []) + list(getattr(args, "fixed", None) or [])}
+    overrides = list(args.overrides or []) + list(getattr(args, "fixed", None) or [])
+    keys = {override_key(o) for o in overrides}
+    set_seeds = [o.split("=", 1)[1] for o in overrides if override_key(o) == "run.seed" and "=" in o]
+    seed_fix = seed_fix.format(seed=args.seed if args.seed is not None else (set_seeds[-1] if set_seeds else "N"))
     given = [f"{option} ({fix})" for name, value, fix in (("method", args.method, method_fix),
                                                           ("seed", args.seed, seed_fix)) if fix
              for option in ([f"--{name}"] if value is not None else []) + (
@@ -157,7 +161,7 @@ def cmd_evaluate(args) -> int:
 def cmd_ablate(args) -> int:
     from .api import ablate
     _refuse_run_options(args, "it runs every --variants entry: use --variants segpcl",
-                        "it runs every --seeds entry: use --seeds 3")
+                        "it runs every --seeds entry: use --seeds {seed}")
     cfg = _config_from_args(args)
     variants = _csv(args.variants, "--variants")
     out = ablate(cfg, variants=variants, seeds=args.seeds)
@@ -246,7 +250,7 @@ def cmd_retention(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .analysis import sweep
-    _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds 3")
+    _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds {seed}")
     both = sorted({override_key(o) for o in args.overrides} & {override_key(o) for o in args.fixed})
     if both:  # the swept values replaced the fixed one without a word
         raise ConfigError(f"sweep: {', '.join(both)} is both swept (--set) and fixed (--fixed): give it once")
@@ -261,7 +265,7 @@ def cmd_sweep(args) -> int:
 def cmd_distill_sources(args) -> int:
     from .analysis import distill_sources
     method = _analysis_method(args, "segpcl")  # before the config: its --set run.method refusal
-    _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds 3")
+    _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds {seed}")
     cfg = _config_from_args(args)
     _print_analysis(distill_sources(cfg, sources=_csv(args.sources, "--sources"), folder=args.folder,
                                     seeds=args.seeds, method=method))
@@ -429,7 +433,7 @@ def _add_classifier_parsers(sub) -> None:
     p.add_argument("--topk", type=positive_int, default=1, help="classes per image (default 1)")
     p.add_argument("--task", type=positive_int, default=None, help="the model after this task (1-based; default last)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images a forward pass (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="an image file that cannot be read is reported and skipped (default: one error)")
@@ -465,6 +469,7 @@ def cmd_env(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpcl-fast", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages (op dispatch, timings)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("train", help="run a class-incremental sequence")
     _add_config_args(p)
@@ -480,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="how to evaluate: run.device, run.ops, run.compile, run.num_threads, run.progress, "
                         "eval.batch_size, data.num_workers, and where the data / weights now lie: data.root, "
-                        "data.frames_dir, model.cache_dir (e.g. --set run.device=cuda)")
+                        "data.frames_dir, data.names_file, data.class_list, data.split_file, model.cache_dir, "
+                        "model.pretrained (checked against the checkpoint; e.g. --set run.device=cuda)")
     p.set_defaults(func=cmd_evaluate)
     _add_classifier_parsers(sub)
     _add_analysis_parsers(sub)

@@ -326,7 +326,10 @@ def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optiona
                              f"or an open_clip pretrained tag for {name}")
     tags = [tag for model, tag in BUNDLED_WEIGHTS if model == name] + open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
-        raise ModelLoadError(f"unknown pretrained tag '{pretrained}' for model '{name}'; "
+        bundled_elsewhere = [model for model, tag in BUNDLED_WEIGHTS if tag == pretrained and model != name]
+        hint = (f" ('{pretrained}' is the weights of {bundled_elsewhere[0]}, the offline default: set model.pretrained "
+                "too, or model.pretrained=none for random weights)" if bundled_elsewhere else "")
+        raise ModelLoadError(f"unknown pretrained tag '{pretrained}' for model '{name}'{hint}; "
                              f"known tags: {tags or 'none (pass a local checkpoint path)'}")
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not _weights_cached(cfg, cache_dir):

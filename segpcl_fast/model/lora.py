@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import LoRAConfig
+from ..config import ConfigError, LoRAConfig
 
 _DEFAULTS = LoRAConfig()  # inject_lora's defaults are config.py's (method.md), not repeated here
 VALID_TARGETS = ("q", "k", "v", "out", "c_fc", "c_proj")
@@ -250,15 +250,16 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     return torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling).to(weight.dtype)
 
 
-def merge_lora(model: nn.Module) -> int:
-    """Fold every LoRA adapter into its frozen weight, in place (peft's merge_and_unload).
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its frozen weight, in place, and return the model (as peft's
+    merge_and_unload does).
 
     Each LoRABLinear (and LoRAPackedLinear) becomes an nn.Linear with W + s B A and each LoRAMultiheadAttention the
     nn.MultiheadAttention it replaced, merged the same way, so the model is plain open_clip again:
     `model.clip.state_dict()` loads into `open_clip.create_model(name)` with strict=True and computes
     the same function up to the rounding of the merged weights to their dtype (W + s B A is
     computed in fp32); in bf16 that is the arrangement the run's own evaluation uses (ops: merged).
-    Returns how many LoRA modules were folded.
+    A model without adapters is returned as it is.
     """
     adapted = [(name, m) for name, m in model.named_modules()
                if isinstance(m, (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention))]
@@ -267,7 +268,7 @@ def merge_lora(model: nn.Module) -> int:
     for name, module in outer:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.merged())
-    return len(adapted)
+    return model
 
 
 def _residual_blocks(tower: nn.Module) -> list[nn.Module]:
@@ -354,8 +355,9 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
         blocks = _residual_blocks(module)
         timm_blocks = [] if blocks else _timm_blocks(module)
         if not blocks and not timm_blocks:
-            raise ValueError(f"the {tower_name} tower of {model.name} has no transformer blocks LoRA injection "
-                             f"knows (open_clip's nn.MultiheadAttention blocks, timm's ViT / EVA blocks)")
+            raise ConfigError(f"the {tower_name} tower of {model.name} has no transformer blocks LoRA injection "
+                              f"knows (open_clip's nn.MultiheadAttention blocks, timm's ViT / EVA blocks): pick a "
+                              f"ViT model (model.name), or leave that tower out (lora.towers)")
         for block in timm_blocks:
             _inject_timm_block(block, targets, rank, alpha, generator)
         for block in blocks:

@@ -890,7 +890,9 @@ def test_set_keys_a_subcommand_decides_itself_or_set_twice_are_refused(capsys, m
     _no_training(monkeypatch, tmp_path)
     for argv, message in (
             (["ablate", "--set", "run.method=segpcl"], "ablate does not take run.method (it runs every --variants"),
-            (["ablate", "--set", "run.seed=4"], "ablate does not take run.seed (it runs every --seeds entry"),
+            (["ablate", "--set", "run.seed=4"], "ablate does not take run.seed (it runs every --seeds entry: use "
+                                                "--seeds 4)"),
+            (["ablate", "--seed", "7"], "ablate does not take --seed (it runs every --seeds entry: use --seeds 7)"),
             (["retention", "--set", "run.method=segpcl"], "retention does not take run.method (it compares every"),
             (["sweep", "--set", "optim.lr=0.1,0.2", "--fixed", "run.seed=2"], "sweep does not take run.seed ("),
             (["distill-sources", "--set", "run.seed=1"], "distill-sources does not take run.seed ("),

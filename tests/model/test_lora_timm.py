@@ -114,7 +114,8 @@ def test_merged_weights_load_into_plain_open_clip_and_compute_the_adapted_functi
         raw, emb = model.encode_image(x)
         text = model.class_embeddings([["a photo of a dog."], ["a car.", "a red car."]])
     merged = copy.deepcopy(model)
-    assert merge_lora(merged) > 0 and not [k for k in merged.state_dict() if "lora_" in k]
+    assert [k for k in merged.state_dict() if "lora_" in k]
+    assert merge_lora(merged) is merged and not [k for k in merged.state_dict() if "lora_" in k]
     fresh = open_clip.create_model(name).eval()
     fresh.load_state_dict(merged.clip.state_dict(), strict=True)
     with torch.no_grad():
@@ -207,9 +208,18 @@ def test_a_fused_qkv_with_separate_biases_runs_its_lora():
 
 
 def test_a_tower_without_transformer_blocks_is_refused():
+    from segpcl_fast.config import ConfigError
     trunk = timm.create_model("resnet18", pretrained=False, num_classes=0)
-    with pytest.raises(ValueError, match="no transformer blocks LoRA injection knows"):
+    with pytest.raises(ConfigError, match="no transformer blocks LoRA injection knows.*lora.towers"):
         inject_lora(_Tower(trunk), towers=["visual"])
+
+
+def test_the_cli_refuses_a_resnet_clip_in_one_line(tmp_path, capsys):
+    """A ResNet CLIP (RN50) was a traceback with exit code 1; it is a config error now, one line, code 2."""
+    from segpcl_fast.cli import main
+    assert main(["train", "--set", "model.name=RN50", "--set", "model.pretrained=none", "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the visual tower of RN50 has no transformer blocks" in err[0], err
 
 
 def test_torch_compile_traces_a_timm_tower_with_lora_without_graph_breaks(models):

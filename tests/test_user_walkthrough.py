@@ -1,4 +1,4 @@
-"""Train runs and analyses keep out of each other's folders (found by following the README as a user:
+"""What a user following the README ran into. Train runs and analyses keep out of each other's folders (found by following the README as a user:
 `train --config cifar100` then `ablate --config cifar100` was refused; the other order mixed a train
 run into the ablation's folder), and a new run into an occupied folder is refused before any data or
 weights load."""
@@ -50,3 +50,32 @@ def test_profile_keeps_out_of_a_train_run(tmp_path, capsys):
     assert main(["profile", "--steps", "1", "-o", str(out)]) == 2
     assert "is a train run's folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_evaluate_names_a_typo_as_an_unknown_key(tmp_path):
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'run.devcie' \\(did you mean run.device\\?\\)"):
+        segpcl_fast.evaluate(tmp_path, ["run.devcie=cpu"])
+    with pytest.raises(ConfigError, match="cannot override 'optim.lr'"):
+        segpcl_fast.evaluate(tmp_path, ["optim.lr=0.1"])
+
+
+def test_version_and_the_help_texts_a_user_reads(capsys):
+    from segpcl_fast.version import __version__
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"segpcl-fast {__version__}"
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    from segpcl_fast.api import EVALUATE_OVERRIDABLE
+    assert all(key in text for key in EVALUATE_OVERRIDABLE), text  # every key evaluate takes is listed
+
+
+def test_another_model_with_the_offline_default_weights_says_to_set_them():
+    from segpcl_fast.model.clip import ModelLoadError, _resolve_pretrained
+    with pytest.raises(ModelLoadError, match="'segpcl-world' is the weights of segpcl-tiny.*set model.pretrained"):
+        _resolve_pretrained("ViT-B-16", "segpcl-world", None)
+    with pytest.raises(ModelLoadError) as typo:
+        _resolve_pretrained("ViT-B-16", "opnai", None)
+    assert "offline default" not in str(typo.value) and "known tags" in str(typo.value)
