@@ -79,3 +79,19 @@ def test_another_model_with_the_offline_default_weights_says_to_set_them():
     with pytest.raises(ModelLoadError) as typo:
         _resolve_pretrained("ViT-B-16", "opnai", None)
     assert "offline default" not in str(typo.value) and "known tags" in str(typo.value)
+
+
+def test_reference_folder_errors_name_the_option_given_and_a_broken_image_as_a_reference_one(tmp_path):
+    from PIL import Image
+
+    from segpcl_fast.data.base import DatasetFormatError
+    from segpcl_fast.data.retention import list_reference_images, load_reference_images
+    with pytest.raises(DatasetFormatError, match="point --folder \\(folder=\\) at a folder"):
+        list_reference_images(str(tmp_path / "missing"), "--folder (folder=)")
+    with pytest.raises(DatasetFormatError, match="point acgd.source_folder at"):
+        list_reference_images(str(tmp_path / "missing"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetFormatError, match="reference image .*broken.jpg.*delete it from the reference folder") as e:
+        load_reference_images(str(tmp_path), lambda im: __import__("torch").zeros(3))
+    assert "re-extract" not in str(e.value)

@@ -93,12 +93,13 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
     _check_uses_acgd(cfg, method)  # before the offline reference folder is written
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
+    option = "--folder (folder=)" if folder is not None else "acgd.source_folder"
     folder = folder or cfg.acgd.source_folder
     if "folder" in sources:
         if folder is None and cfg.data.dataset == "synthetic":
             folder = str(write_synthetic_reference_folder(out / "reference_images", cfg.data.synthetic_seed))
         from ..data.retention import list_reference_images
-        list_reference_images(folder)  # a missing folder fails before anything runs
+        list_reference_images(folder, option)  # a missing folder fails before anything runs
     rows, runs = [], {}
     for source in sources:
         results = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from .base import ClassDataset, FileListDataset, read_rgb
+from .base import ClassDataset, DatasetFormatError, FileListDataset, read_rgb
 from .files import (clean_name, first_existing, format_error, list_images, names_for_wnids, numbered_lines,
                     read_lines, require_root, wnid_folders)
 from .prompts import OPENAI_IMAGENET
@@ -169,21 +169,22 @@ def build_retention_dataset(name: str, root: Optional[str] = None, transform: Op
 
 # ----------------------------------------------------------------------------- reference folder
 
-def list_reference_images(folder: Optional[str]) -> list[Path]:
-    """Every image file under `folder` (recursively, sorted): a ZSCL-style unlabeled reference set."""
+def list_reference_images(folder: Optional[str], option: str = "acgd.source_folder") -> list[Path]:
+    """Every image file under `folder` (recursively, sorted): a ZSCL-style unlabeled reference set.
+    option: what the user set the folder with, as the errors name it (distill-sources: --folder)."""
     layout = "  <folder>/**/*.jpg|.jpeg|.png|.bmp|.webp   (any tree of image files; labels are not used)"
     if not folder:
-        raise format_error("acgd.source=folder", "no reference folder given (acgd.source_folder is not set)",
-                           layout, "set acgd.source_folder=/path/to/images")
+        raise format_error("acgd.source=folder", f"no reference folder given ({option} is not set)",
+                           layout, f"set {option}=/path/to/images")
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise format_error("acgd.source=folder", f"reference folder '{path}' does not exist", layout,
-                           "point acgd.source_folder at a folder of images")
+                           f"point {option} at a folder of images")
     from .files import is_image_name
     files = sorted(p for p in path.rglob("*") if is_image_name(p) and p.is_file())
     if not files:
         raise format_error("acgd.source=folder", f"reference folder '{path}' holds no image files", layout,
-                           "put images there or choose another acgd.source_folder")
+                           f"put images there or choose another {option}")
     return files
 
 
@@ -202,5 +203,10 @@ def load_reference_images(folder: Optional[str], transform: Callable, limit: int
         files = [files[i] for i in keep]
     images = []
     for f in files:
-        images.append(transform(read_rgb(f)))
+        try:
+            image = read_rgb(f)
+        except DatasetFormatError as e:  # read_rgb's advice is a dataset's (re-extract it, its split list)
+            raise DatasetFormatError(f"reference image '{f}' cannot be read ({e.__cause__ or e}); replace it or "
+                                     f"delete it from the reference folder {folder}") from e
+        images.append(transform(image))
     return torch.stack(images)
