@@ -140,7 +140,8 @@ def run_dpgd(teacher, seeds: torch.Tensor, targets: torch.Tensor, old_text: torc
              mean: Stats, std: Stats, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """K_adv steps of x <- clamp_box(clamp_eps(x - gamma · sign(grad_x L_DPGD))) on each seed.
 
-    teacher: a segpcl_fast.model.CLIPModel (frozen copy of the model at the end of task t-1).
+    teacher: a segpcl_fast.model.CLIPModel (the model at the end of task t-1, frozen: the learner
+    passes the model itself under frozen_eval).
     seeds: (M, 3, H, W) normalised images; targets: (M,) old classes; old_text: (C_old, d)
     normalised u_T; prototypes: (C_old, D_raw) or None/empty (visual term dropped).
     Runs in batches of cfg.batch_size: equal anchors in exact arithmetic (float64: bit for bit), but in

@@ -1,6 +1,6 @@
 """SeGP-CL as the paper's three stages around one task, on top of a LoRA-B-only CLIP.
 
-    learner.begin_task(t, ...)   stage 1: teacher snapshot, seeds, DPGD anchors + cache; TSGR graph
+    learner.begin_task(t, ...)   stage 1: teacher (the model, frozen), seeds, DPGD anchors + cache; TSGR graph
     learner.loss(images, labels) stage 2: L_cls + lambda_ACGD * L_ACGD + lambda_GR * L_GR
     learner.end_task(t, ...)     stage 3: new prototypes, anchor-induced drift transfer, text cache
     learner.logits(images)       dual-path inference over all seen classes
@@ -11,7 +11,6 @@ config flags of this one learner (see variants.py).
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Iterable, Optional, Sequence
 
@@ -120,61 +119,61 @@ class Learner:
     def _build_anchors(self, train_eval_loader: Iterable, seed: int) -> tuple[Optional["stage1.AnchorCache"],
                                                                                 Optional["stage1.AnchorCache"]]:
         """(ACGD cache from acgd.source, drift-transfer cache = DPGD anchors): one object when the
-        source is the anchors; either is None when its stage is off. Teacher = frozen copy of the
-        model at the end of task t-1; used here only (dropped on return).
+        source is the anchors; either is None when its stage is off. Teacher = the model at the end of
+        task t-1: the model itself, frozen and in eval mode for the block (nothing trains here).
 
         The task's images stay on the CPU (a task of ImageNet-Subset at 224 px is ~8 GB in fp32):
         they go to the device in batches for the teacher, and only the chosen seeds move for good.
         DPGD's random start (dpgd.random_start) draws from its own generator seeded with `seed`.
         """
-        teacher = copy.deepcopy(self.model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        source = self.cfg.acgd.source if self.cfg.acgd.enabled and self.cfg.acgd.weight > 0 else None
-        with torch.no_grad():
-            old_text = teacher.class_embeddings(self.class_prompts[:self.n_old], device=self.device)
-            logit_scale = teacher.logit_scale()
-        images = stack_batches([x for x, _ in train_eval_loader])  # one copy of the task at a time, not two
-        stats = self.model.image_stats
-
-        def build(pixels, targets, kind):
-            return stage1.build_anchor_cache(
-                teacher, pixels, targets, old_text, self.prototypes.tensor[:self.n_old].to(self.device),
-                logit_scale, self.cfg.dpgd, stats.mean, stats.std, source=kind,
-                generator=torch.Generator().manual_seed(seed))
-        seeds = None
-        if source in ("anchors", "seeds") or self.cfg.prototypes.transfer:
+        # the teacher is the model itself, frozen and in eval mode for the block: nothing trains in stage 1, so
+        # it is the model at the end of task t-1 (a deep copy cost a second model's memory and compiled graphs)
+        with stage1.frozen_eval(self.model) as teacher:
+            source = self.cfg.acgd.source if self.cfg.acgd.enabled and self.cfg.acgd.weight > 0 else None
             with torch.no_grad():
-                embs = torch.cat([teacher.encode_image(images[i:i + 256].to(self.device))[1]
-                                  for i in range(0, len(images), 256)])
-            seed_idx, seed_targets = stage1.select_seeds(F.normalize(embs.float(), dim=-1), old_text.float(),
-                                                         self.cfg.dpgd.k_seed)
-            seeds = (images[seed_idx.cpu()].to(self.device), seed_targets)
-        # method.md: the drift is measured on the DPGD anchors, whatever ACGD distils on
-        transfer = build(*seeds, "anchors") if self.cfg.prototypes.transfer else None
-        if source is None:
-            acgd = None
-        elif source == "anchors":
-            acgd = transfer if transfer is not None else build(*seeds, "anchors")
-        elif source == "seeds":
-            acgd = build(*seeds, "seeds")
-        elif source == "new_data":
-            pixels = images  # on the CPU, like the cache built from it: batches move in loss()
-            targets = torch.full((len(images),), -1, dtype=torch.long)
-        elif source == "folder":  # ZSCL-style: unlabeled reference images, as many as the task has (at most)
-            from ..data.retention import load_reference_images
-            from ..data.transforms import clip_test_transform
-            transform = self.eval_transform or clip_test_transform(stats.size, stats.mean, stats.std,
-                                                                   **stats.geometry())
-            pixels = load_reference_images(self.cfg.acgd.source_folder, transform, limit=len(images),
-                                           seed=self.anchor_generator.initial_seed())
-            targets = torch.full((len(pixels),), -1, dtype=torch.long)
-        else:
-            raise ValueError(f"acgd.source='{source}' is not supported by the trainer; use anchors, seeds, "
-                             f"new_data or folder")
-        if source in ("new_data", "folder"):
-            acgd = build(pixels, targets, source)
-        return acgd, transfer
+                old_text = teacher.class_embeddings(self.class_prompts[:self.n_old], device=self.device)
+                logit_scale = teacher.logit_scale()
+            images = stack_batches([x for x, _ in train_eval_loader])  # one copy of the task at a time, not two
+            stats = self.model.image_stats
+
+            def build(pixels, targets, kind):
+                return stage1.build_anchor_cache(
+                    teacher, pixels, targets, old_text, self.prototypes.tensor[:self.n_old].to(self.device),
+                    logit_scale, self.cfg.dpgd, stats.mean, stats.std, source=kind,
+                    generator=torch.Generator().manual_seed(seed))
+            seeds = None
+            if source in ("anchors", "seeds") or self.cfg.prototypes.transfer:
+                with torch.no_grad():
+                    embs = torch.cat([teacher.encode_image(images[i:i + 256].to(self.device))[1]
+                                      for i in range(0, len(images), 256)])
+                seed_idx, seed_targets = stage1.select_seeds(F.normalize(embs.float(), dim=-1), old_text.float(),
+                                                             self.cfg.dpgd.k_seed)
+                seeds = (images[seed_idx.cpu()].to(self.device), seed_targets)
+            # method.md: the drift is measured on the DPGD anchors, whatever ACGD distils on
+            transfer = build(*seeds, "anchors") if self.cfg.prototypes.transfer else None
+            if source is None:
+                acgd = None
+            elif source == "anchors":
+                acgd = transfer if transfer is not None else build(*seeds, "anchors")
+            elif source == "seeds":
+                acgd = build(*seeds, "seeds")
+            elif source == "new_data":
+                pixels = images  # on the CPU, like the cache built from it: batches move in loss()
+                targets = torch.full((len(images),), -1, dtype=torch.long)
+            elif source == "folder":  # ZSCL-style: unlabeled reference images, as many as the task has (at most)
+                from ..data.retention import load_reference_images
+                from ..data.transforms import clip_test_transform
+                transform = self.eval_transform or clip_test_transform(stats.size, stats.mean, stats.std,
+                                                                       **stats.geometry())
+                pixels = load_reference_images(self.cfg.acgd.source_folder, transform, limit=len(images),
+                                               seed=self.anchor_generator.initial_seed())
+                targets = torch.full((len(pixels),), -1, dtype=torch.long)
+            else:
+                raise ValueError(f"acgd.source='{source}' is not supported by the trainer; use anchors, seeds, "
+                                 f"new_data or folder")
+            if source in ("new_data", "folder"):
+                acgd = build(pixels, targets, source)
+            return acgd, transfer
 
     # ------------------------------------------------------------------ stage 2
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:

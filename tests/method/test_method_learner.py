@@ -370,3 +370,32 @@ def test_a_checkpoints_reference_text_is_checked_with_the_tolerance_of_its_text_
                                 torch.device("cpu"))
         with pytest.raises(RuntimeError, match="reference text embeddings differ"):
             other_prompts.load_state_dict(state)
+
+
+def test_stage1_teacher_is_the_model_frozen_not_a_copy_with_the_same_anchors(tiny_model_name, monkeypatch):
+    """Stage 1 runs the model itself as the teacher (frozen, eval mode, both restored after), not a deep
+    copy (a second model's memory and its own compiled graphs); the anchor caches equal those a deep-copied
+    teacher builds, bit for bit."""
+    import copy
+
+    learner, img, y = _first_task_done(tiny_model_name)
+    twin = copy.deepcopy(learner)
+    copies = []
+    real_deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda obj, *a: copies.append(type(obj).__name__) or real_deepcopy(obj, *a))
+    learner.model.train()
+    learner.begin_task(1, N_NEW, [(img, y)])
+    assert "CLIPModel" not in copies
+    assert learner.model.training and all(p.requires_grad for p in lora_parameters(learner.model))
+    monkeypatch.setattr(copy, "deepcopy", real_deepcopy)
+
+    @__import__("contextlib").contextmanager
+    def copied_teacher(model):  # the old stage 1: a frozen deep copy
+        teacher = real_deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        yield teacher
+    monkeypatch.setattr(stage1, "frozen_eval", copied_teacher)
+    twin.begin_task(1, N_NEW, [(img, y)])
+    for field in ("pixels", "targets", "teacher_logits", "teacher_raw"):
+        assert torch.equal(getattr(learner.anchor_cache, field), getattr(twin.anchor_cache, field)), field
