@@ -59,3 +59,21 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tf32_flags():
+    """Set torch's TF32 switches in a test, restored after: monkeypatch.setattr cannot (pytest 9.2 undoes
+    it with a delattr, which torch.backends.cuda.matmul refuses, and the undos queued after it are lost).
+    Yields a setter: tf32_flags(cudnn=True, matmul=False)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+    def set_flags(cudnn=None, matmul=None):
+        if cudnn is not None:
+            torch.backends.cudnn.allow_tf32 = cudnn
+        if matmul is not None:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+    try:
+        yield set_flags
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -81,6 +81,8 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor replays these
 # mutated inputs", "... cpu device", "... non-cudagraphable ops") to this artifact logger, whose records
 # do not reach the root logger unless TORCH_LOGS names it, and counts them in counters["inductor"]
 CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+# torch 2.6 logs the same messages to its perf-hints logger instead: the reasons are read from both
+CUDAGRAPH_LOGGERS = (CUDAGRAPH_LOGGER, "torch._inductor.cudagraph_utils.__perf_hints")
 
 
 class _SkipReasons(logging.Handler):
@@ -110,13 +112,14 @@ def cudagraph_skips():
     on the CPU is counted but not logged). The e2e benchmark records it: a CUDA-graph variant whose
     graphs were all skipped would time the plain compiled step again without a word."""
     handler = _SkipReasons()
-    logger = logging.getLogger(CUDAGRAPH_LOGGER)
-    logger.addHandler(handler)
+    for name in CUDAGRAPH_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
     found = {"count": cudagraph_skip_count(), "reasons": []}
     try:
         yield found
     finally:
-        logger.removeHandler(handler)
+        for name in CUDAGRAPH_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
         found["count"] = cudagraph_skip_count() - found["count"]
         found["reasons"] = list(handler.reasons)
 
@@ -133,7 +136,8 @@ def _warning_on_skips(fn, mode: str, what: str):
     global _skip_log, _skips_reported
     if _skip_log is None:
         _skip_log = _SkipReasons()
-        logging.getLogger(CUDAGRAPH_LOGGER).addHandler(_skip_log)
+        for name in CUDAGRAPH_LOGGERS:
+            logging.getLogger(name).addHandler(_skip_log)
         _skips_reported = cudagraph_skip_count()
     handler = _skip_log
 

@@ -38,6 +38,7 @@ import datetime
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -188,7 +189,18 @@ def raise_on_every_rank(error: Optional[Exception], ctx: DistContext) -> None:
 
 def destroy() -> None:
     if dist.is_initialized():
+        if dist.get_backend() == "gloo" and _torch_before(2, 8):
+            # torch < 2.8: ~ProcessGroupGloo joins its worker thread holding the GIL while the worker's last
+            # work item waits for the GIL (pytorch#154976): the exit hung in about half the runs on torch 2.6.
+            # Letting every rank's outstanding work finish first avoided it in 15 of 15.
+            dist.barrier()
+            time.sleep(0.05)
         dist.destroy_process_group()
+
+
+def _torch_before(major: int, minor: int) -> bool:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return version < (major, minor)
 
 
 def local_batch_size(global_batch: int, world_size: int) -> int:

@@ -344,4 +344,6 @@ def anchor_kl_fused(student_logits: torch.Tensor, teacher: torch.Tensor, tau: fl
     is a kernel launch, and at the paper's sizes the launches, not the bytes, take the time)."""
     kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau), bool(teacher_is_logprob),
                                                  float(tau) ** 2, True)
-    return kl_rows.sum() if student_logits.shape[0] else kl_rows.mean()  # 0 anchors: the mean of nothing, NaN
+    # 0 anchors: the mean of nothing, NaN. `!= 0`, not the bare shape: torch 2.6's dynamo guarded on the
+    # shape's value there, a recompile per anchor count
+    return kl_rows.sum() if student_logits.shape[0] != 0 else kl_rows.mean()

@@ -366,4 +366,6 @@ def knn_subgraph_kl_fused(emb: torch.Tensor, roots: torch.Tensor, neighbors: tor
     (no division and no backward product of the mean to launch)."""
     kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob, float(tau), plan,
                                                           1.0, True)
-    return kl_rows.sum() if roots.shape[0] else kl_rows.mean()  # 0 roots: the mean of nothing, NaN
+    # 0 roots: the mean of nothing, NaN. `!= 0`, not the bare shape: torch 2.6's dynamo guarded on the
+    # shape's value there, a recompile per root count
+    return kl_rows.sum() if roots.shape[0] != 0 else kl_rows.mean()

@@ -76,13 +76,17 @@ def test_teacher_copy_runs_its_own_compiled_forward(tiny_model_name):
     assert not torch.allclose(model.raw_features(x), ref_raw)  # student moved: teacher used its own weights
 
 
-def test_models_of_other_structures_each_get_dynamos_whole_recompile_budget(tiny_model_name, monkeypatch):
+def test_models_of_other_structures_each_get_dynamos_whole_recompile_budget(tiny_model_name, request):
     """Dynamo counts compiled graphs against its recompile limit per code object. A sweep over lora.rank
     compiles towers of 3 structures in one process: with the limit at 2 here (8 by default, about 5 image
     and 3 text graphs per structure), the third model's towers must still compile, not fall back to eager.
     A second model of a structure already compiled reuses its graphs (seeds, ablation variants)."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    # the config's own patch, not monkeypatch.setattr: pytest 9.2 undoes that with a delattr, which deletes
+    # the key from dynamo's config module for the rest of the session
+    patch = torch._dynamo.config.patch(recompile_limit=2)
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
     base = load_model(tiny_model_name, pretrained=None)
     x = torch.randn(2, 3, 32, 32)
     tokens = base.tokenize(["a photo of a dog.", "a cat."])

@@ -209,3 +209,23 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path, f
     assert "not finite at task 1, step 1" in results[0]["message"], results[0]
     assert "another rank's loss was not finite" in results[0]["message"]
     assert all(r["unchanged"] for r in results), results
+
+
+def test_gloo_teardown_on_old_torch_lets_outstanding_work_finish_first(monkeypatch):
+    """torch < 2.8 could hang in destroy_process_group on gloo (pytorch#154976; seen on torch 2.6 at the
+    end of a 2-rank torchrun): destroy() runs a barrier first there, and only there."""
+    from segpcl_fast.engine import distributed as d
+    calls = []
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(d.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(d.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(d.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(d.torch, "__version__", "2.6.0+cu124")
+    assert d._torch_before(2, 8)
+    d.destroy()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    monkeypatch.setattr(d.torch, "__version__", "2.14.1")
+    assert not d._torch_before(2, 8)
+    d.destroy()
+    assert calls == ["destroy"]

@@ -296,7 +296,7 @@ def test_a_compiled_run_records_the_patch_embedding_and_last_block_its_graphs_tr
         assert recorded.get("patch_embed") == "gemm" and recorded.get("vit_last_block") == tail, recorded
 
 
-def test_compiled_choices_are_what_an_eager_call_records(tiny_model_name, monkeypatch):
+def test_compiled_choices_are_what_an_eager_call_records(tiny_model_name, monkeypatch, tf32_flags):
     from segpcl_fast import ops
     from segpcl_fast.model.clip import load_model
     model = load_model(tiny_model_name, pretrained=None)
@@ -308,8 +308,7 @@ def test_compiled_choices_are_what_an_eager_call_records(tiny_model_name, monkey
         eager = {k: v for k, v in ops.last_choice().items() if k in ("patch_embed", "vit_last_block")}
         assert model.compiled_choices(torch.device("cpu")) == eager == {"patch_embed": "gemm", "vit_last_block": tail}
     # fp32 on CUDA outside autocast keeps cuDNN's convolution (torch's TF32 defaults: model/patch_embed.py)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    tf32_flags(cudnn=True, matmul=False)
     assert model.compiled_choices(torch.device("cuda"))["patch_embed"] == "conv"
     model.image_autocast = torch.bfloat16
     assert model.compiled_choices(torch.device("cuda"))["patch_embed"] == "gemm"

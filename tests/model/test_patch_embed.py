@@ -101,7 +101,7 @@ def test_compiles_with_no_graph_break():
     assert not counters["graph_break"]
 
 
-def test_fp32_on_cuda_outside_autocast_keeps_the_convolution(monkeypatch):
+def test_fp32_on_cuda_outside_autocast_keeps_the_convolution(tf32_flags, monkeypatch):
     """torch's defaults give cuDNN convolutions TF32 but fp32 matmuls none: there the GEMM would be
     slower and not the same arithmetic, so the convolution runs. Checked by making tensors say they
     are on CUDA (the arithmetic still runs on the CPU)."""
@@ -113,12 +113,11 @@ def test_fp32_on_cuda_outside_autocast_keeps_the_convolution(monkeypatch):
     ran = []
     monkeypatch.setattr(nn.Conv2d, "forward", lambda self, x: ran.append("conv") or conv._conv_forward(x, self.weight, self.bias))
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    tf32_flags(cudnn=True, matmul=False)
     x = torch.randn(2, 3, 16, 16)
     assert patch_embed._conv_is_cheaper_in_fp32(x)
     tower.conv1(x)
     assert ran == ["conv"] and ops.last_choice()["patch_embed"] == "conv"
     assert not patch_embed._conv_is_cheaper_in_fp32(x.to(torch.bfloat16))  # bf16 storage: the GEMM
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32_flags(matmul=True)
     assert not patch_embed._conv_is_cheaper_in_fp32(x)  # TF32 matmuls allowed: the GEMM is as cheap
