@@ -51,6 +51,9 @@ def test_the_e2e_benchmarks_gc_timer_counts_full_collections():
 def test_the_host_probes_run_and_report(probe):
     """benchmarks/host_probes.py (BENCHMARKS.md, session 38) on the tiny step, compiled with aot_eager:
     dynamo's guards are the same as under inductor, without the code generation."""
+    import torch
+    if probe[0] == "guards" and not hasattr(torch.compiler, "keep_tensor_guards_unsafe"):
+        pytest.skip(f"torch {torch.__version__} has no guard filters (torch.compiler.keep_tensor_guards_unsafe)")
     proc = subprocess.run([sys.executable, "benchmarks/host_probes.py", *probe, "--backend", "aot_eager",
                            "--images", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

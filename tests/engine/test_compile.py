@@ -84,7 +84,8 @@ def test_models_of_other_structures_each_get_dynamos_whole_recompile_budget(tiny
     torch._dynamo.reset()
     # the config's own patch, not monkeypatch.setattr: pytest 9.2 undoes that with a delattr, which deletes
     # the key from dynamo's config module for the rest of the session
-    patch = torch._dynamo.config.patch(recompile_limit=2)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch 2.6
+    patch = torch._dynamo.config.patch(**{limit: 2})
     patch.__enter__()
     request.addfinalizer(lambda: patch.__exit__(None, None, None))
     base = load_model(tiny_model_name, pretrained=None)

@@ -13,13 +13,19 @@ def _config(model_name, out):
                        output_dir=str(out), progress=False, plots=False, checkpoint=False, num_threads=1, fwt=False)
 
 
-def _count(obj, name, counter):
+def _count(obj, name, counter, when=lambda: True):
     original = getattr(obj, name)
 
     def counted(*args, **kwargs):
-        counter[name] = counter.get(name, 0) + 1
+        if when():
+            counter[name] = counter.get(name, 0) + 1
         return original(*args, **kwargs)
     setattr(obj, name, counted)
+
+
+def _frozen(model) -> bool:
+    """The model as stage 1's teacher (the model itself under anchors.frozen_eval): nothing requires grad."""
+    return not any(p.requires_grad for p in model.parameters())
 
 
 def test_teacher_and_reference_text_run_once_text_once_per_step(tiny_model_name, tmp_path, monkeypatch):
@@ -29,9 +35,9 @@ def test_teacher_and_reference_text_run_once_text_once_per_step(tiny_model_name,
 
     def build_and_watch(teacher, *args, **kwargs):
         cache = build(teacher, *args, **kwargs)
-        teachers.append(teacher)  # from here on, any teacher forward is counted
-        _count(teacher, "raw_features", teacher_calls)
-        _count(teacher, "encode_text", teacher_calls)
+        teachers.append(teacher)  # from here on, any forward of the model as the frozen teacher is counted
+        _count(teacher, "raw_features", teacher_calls, lambda: _frozen(teacher))
+        _count(teacher, "encode_text", teacher_calls, lambda: _frozen(teacher))
         return cache
     monkeypatch.setattr(stage1, "build_anchor_cache", build_and_watch)
     graph_build = stage2.TSGRGraph.build.__func__

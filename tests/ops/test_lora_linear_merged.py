@@ -285,7 +285,8 @@ def test_under_compile_the_backward_graph_uses_the_kept_merged_weight(monkeypatc
 
     def keep(name):
         def compiler(gm, _inputs):
-            graphs[name] = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            graphs[name] = [(str(n.target), tuple(getattr(n.meta.get("val"), "shape", ())))
+                            for n in gm.graph.nodes if n.op == "call_function"]
             return make_boxed_func(gm.forward)
         return compiler
     x, weight, bias, lora_A, lora_B = make_inputs((2, 5), 16, 24, 4)
@@ -293,8 +294,11 @@ def test_under_compile_the_backward_graph_uses_the_kept_merged_weight(monkeypatc
     compiled = torch.compile(lora_b_linear_merged, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")),
                              fullgraph=True)
     got = forward_backward(compiled, x, weight, bias, lora_A, lora_B, 0.5)
-    gemms = [t for t in graphs["bw"] if t.split(".")[1] in ("mm", "addmm", "bmm")]
-    assert len(gemms) == backward_gemms, graphs["bw"]
+    gemms = [(t, shape) for t, shape in graphs["bw"] if t.split(".")[1] in ("mm", "addmm", "bmm")]
+    # the merged weight (out x in = 24 x 16) formed again in the backward only with recompute; torch 2.6's
+    # partitioner also recomputes u = x A^T there (one more GEMM, of another shape), torch 2.14's keeps it
+    assert sum(shape == (24, 16) for _, shape in gemms) == backward_gemms - 2, graphs["bw"]
+    assert len(gemms) >= backward_gemms, graphs["bw"]
     want = forward_backward(lora_b_linear_reference, x, weight, bias, lora_A, lora_B, 0.5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
