@@ -113,7 +113,23 @@ def test_build_results_header_versions_and_explicit_ops(tmp_path):
     assert v["torchvision"] == importlib.metadata.version("torchvision")
     assert v["python"] == platform.python_version() and v["cuda"] == torch.version.cuda
     if not torch.cuda.is_available():
-        assert v["device_name"] == (platform.processor() or platform.machine())
+        from segpcl_fast.report.results import cpu_name
+        assert v["device_name"] == cpu_name()  # the CPU model name where /proc/cpuinfo has one, not "x86_64"
+
+
+def test_cpu_name_reads_the_model_name_and_falls_back_to_platform(monkeypatch, tmp_path):
+    import builtins
+
+    from segpcl_fast.report import results
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6338\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                            *a, **k))
+    assert results.cpu_name() == "Intel(R) Xeon(R) Gold 6338"
+    cpuinfo.write_text("processor\t: 0\n")  # no model name (some ARM kernels)
+    monkeypatch.setattr(results.platform, "processor", lambda: "")
+    assert results.cpu_name() == platform.machine()
 
 
 def test_read_results_missing_file_says_what_to_do(tmp_path):

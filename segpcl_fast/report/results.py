@@ -88,11 +88,24 @@ def collect_versions(device=None) -> dict[str, Optional[str]]:
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         versions["device_name"] = (torch.cuda.get_device_name(device.index or 0) if device.type == "cuda"
-                                   else platform.processor() or platform.machine())
+                                   else cpu_name())
     except ImportError:
         pass
     versions["source"] = source_revision()
     return versions
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) ..."): Linux's /proc/cpuinfo, else what platform says
+    (platform.processor() is often empty, and platform.machine() is the architecture, x86_64)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def fused_ops_used() -> dict[str, str]:
