@@ -138,7 +138,7 @@ def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
         saved, kept = _saved_bytes(layer, x)
         if impl.startswith("segpcl_cpp") or impl == "segpcl_triton":
             assert dispatch.last_choice()["lora_b_linear"] == impl.split("_")[1]
-        benchmark.extra_info.update(saved_activation_bytes=saved, saved_weight_shaped_bytes=kept, tokens=n, n_in=N_IN, n_out=N_OUT, rank=RANK,
-                                    dtype=str(_dtype(device)), device=device)
+        benchmark.extra_info.update(saved_activation_bytes=saved, saved_weight_shaped_bytes=kept, tokens=n, n_in=N_IN,
+                                    n_out=N_OUT, rank=RANK, dtype=str(_dtype(device)), device=device)
         rounds = 15 if device == "cpu" else 50  # 5 CPU rounds flipped rankings between runs on a shared box
         benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=2)

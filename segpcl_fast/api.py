@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union

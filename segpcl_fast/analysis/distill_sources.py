@@ -16,10 +16,9 @@ acgd.source_folder on the resolved config (distill_new_data / distill_seeds pin 
 """
 from __future__ import annotations
 
-import os
-
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 

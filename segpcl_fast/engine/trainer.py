@@ -202,11 +202,12 @@ def check_new_run_dir(cfg: Config) -> None:
     """A new run (no --resume, no run.overwrite) into a folder holding another run's files is refused:
     api.train asks before the data and weights load, the trainer again when it claims the folder."""
     if not (cfg.run.resume or cfg.run.overwrite):
-        refuse_earlier_run(Path(cfg.run.output_dir))
+        out = Path(cfg.run.output_dir)
+        refuse_earlier_run(out, earlier_run_files(out))
 
 
-def refuse_earlier_run(out: Path) -> None:
-    earlier = earlier_run_files(out)
+def refuse_earlier_run(out: Path, earlier: list[Path]) -> None:
+    """One error naming `earlier` (earlier_run_files(out)) when there are any."""
     if earlier:
         raise ConfigError(
             f"output dir {out} already holds a run ({', '.join(p.name for p in earlier[:3])}"
@@ -297,7 +298,7 @@ class Trainer:
                 self.log_fn(f"{self.out} holds the config of a run that finished no task: starting over there")
             return
         if not self.cfg.run.overwrite:
-            refuse_earlier_run(self.out)
+            refuse_earlier_run(self.out, earlier)
         checkpoints = self.out / ckpt.CHECKPOINT_DIR
         for p in stale:
             p.unlink()

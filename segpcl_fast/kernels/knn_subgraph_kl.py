@@ -286,9 +286,9 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None,
                          f"k={k}, d={d}; got {tuple(grad_kl.shape)}, {tuple(g.shape)}, {tuple(g_root.shape)}")
     if plan is not None:
         check_knn_plan(plan, emb, neighbors)
-    if not fused_fits(k, d):
-        raise ValueError(f"knn_subgraph_kl backward: d={d} exceeds the fused tile (next_pow2(d) <= {MAX_FUSED_DIM}); "
-                         "use the reference backend")
+    if not fused_fits(k, d):  # the forward's rule: a backward is of a forward the kernels took
+        raise ValueError(f"knn_subgraph_kl backward: k={k}, d={d} exceed the fused tiles (next_pow2(k) * next_pow2(d) "
+                         f"<= {MAX_FUSED_TILE}, next_pow2(d) <= {MAX_FUSED_DIM}); use the reference backend")
     if n_roots == 0 or k == 0:
         return torch.zeros(emb.shape, dtype=emb.dtype, device=emb.device)
     n_rows = emb.shape[0]

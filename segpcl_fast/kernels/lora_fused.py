@@ -187,6 +187,11 @@ class FusedTiles:
         return max(1, min(16, cdiv(rows, 4096)))
 
 
+# the GEMMs index W's tile rows k * stride in int32 (int64 offsets cost the sm_90 kernels 4-7 % more
+# instructions): W with 2^31 elements or more runs the merged arrangement
+MAX_WEIGHT_ELEMS = 1 << 31
+
+
 def fused_supported(device: torch.device, dtype: torch.dtype, rank: int = 1, weight_elems: int = 0) -> bool:
     """Where the fused kernels take x: bf16 / fp16 on CUDA (tensor-core tl.dot), or fp32 / bf16 / fp16
     on the CPU under the interpreter (tests); LoRA rank r up to MAX_RANK; W (out x in) under
@@ -196,11 +201,6 @@ def fused_supported(device: torch.device, dtype: torch.dtype, rank: int = 1, wei
     if interpret_mode() and device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16, torch.float16)
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-
-
-# the GEMMs index W's tile rows k * stride in int32 (int64 offsets cost the sm_90 kernels 4-7 % more
-# instructions): W with 2^31 elements or more runs the merged arrangement
-MAX_WEIGHT_ELEMS = 1 << 31
 
 
 def _check_weight_size(weight: torch.Tensor) -> None:
