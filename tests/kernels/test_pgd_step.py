@@ -40,6 +40,16 @@ def test_matches_reference_bitwise(shape, dtype, device, triton_backend):
         assert not torch.equal(out, args[0]) and not torch.equal(out, args[2])
 
 
+@pytest.mark.parametrize("block", [8, 16, 64])
+def test_several_pixel_blocks_a_plane_keep_the_result(block, device):
+    """The 1-D grid's program -> (plane, pixel block) mapping where a plane takes several programs (on a
+    GPU every 224 x 224 plane does: 25 blocks of 2048; the interpreter's default is one a plane), with a
+    ragged last block (65 pixels a plane), against the reference bit for bit."""
+    args = _inputs((3, 4, 5, 13), torch.float32, device, seed=11)
+    out = kernel.pgd_step_triton(*args, block=block)
+    assert torch.equal(out, kernel.pgd_step_reference(*args))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_writes_x_adv(dtype, device, triton_backend):
     args = _inputs((2, 3, 6, 5), dtype, device, seed=3)
