@@ -12,12 +12,12 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.profiler import record_function
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from .. import metrics, ops
 from ..config import Config, ConfigError, apply_overrides, check_resume_run, config_value, save_config
@@ -127,12 +127,37 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
 RANK_SEED_STRIDE = 100003  # rank r's own random streams (augmentation, anchors) start at seed + r * this
 
 
-def _eval_loader(dataset, batch_size: int, cfg: Config, pin: bool = True) -> DataLoader:
+def _eval_loader(dataset, batch_size: int, cfg: Config, pin: bool = True,
+                 parts: Optional[Sequence[int]] = None) -> DataLoader:
     """In order, every item once (a private generator: starting its workers leaves the global RNG alone).
     pin=False for batches kept on the CPU: torch caches freed pinned blocks (rounded up to a power of
-    two) instead of giving them back, so a whole task's pinned images would stay page-locked."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0),
+    two) instead of giving them back, so a whole task's pinned images would stay page-locked.
+    parts: the sizes of consecutive pieces of `dataset` whose items never share a batch (see PartBatches)."""
+    batching = {"batch_size": batch_size} if parts is None else {"batch_sampler": PartBatches(parts, batch_size)}
+    return DataLoader(dataset, **batching, shuffle=False, generator=torch.Generator().manual_seed(0),
                       num_workers=cfg.data.num_workers, pin_memory=pin and torch.cuda.is_available())
+
+
+class PartBatches:
+    """Batches of consecutive indices over pieces of sizes `sizes` laid end to end, no batch crossing
+    a piece's end: each piece is batched exactly as a loader over it alone would batch it, so one
+    loader (its workers started once) gives every piece the batches, and so the logits, of its own."""
+
+    def __init__(self, sizes: Sequence[int], batch_size: int):
+        self.sizes, self.batch_size = [int(n) for n in sizes], int(batch_size)
+
+    def piece_of_batch(self) -> list[int]:
+        return [j for j, n in enumerate(self.sizes) for _ in range(math.ceil(n / self.batch_size))]
+
+    def __iter__(self):
+        start = 0
+        for n in self.sizes:
+            for lo in range(0, n, self.batch_size):
+                yield list(range(start + lo, start + min(lo + self.batch_size, n)))
+            start += n
+
+    def __len__(self) -> int:
+        return len(self.piece_of_batch())
 
 
 def _train_loader(dataset, cfg: Config, seed: int, ctx: "ddp.DistContext", num_batches: int) -> DataLoader:
@@ -322,25 +347,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _count_correct_local(self, dataset, logits_fn, n_own: Optional[int] = None) -> tuple[int, int, int]:
-        """(correct, correct_own, total) on this rank's shard: correct_own restricts the argmax to the
-        first n_own classes (the own label space, see evaluate_seen); n_own=None: all, same as correct."""
+    def _count_correct_local(self, parts: Sequence[tuple], logits_fn) -> list[tuple[int, int, int]]:
+        """(correct, correct_own, total) per (dataset, n_own) in `parts`, on this rank's shards:
+        correct_own restricts the argmax to the first n_own classes (the own label space, see
+        evaluate_seen); n_own=None: all, same as correct.
+
+        One loader over all the parts (a loader per part started its workers once per part: 55
+        start-ups in a 10-task run), batched per part exactly as a loader of its own would (PartBatches):
+        the same batches, so the same logits and counts."""
+        shards = [ddp.shard_dataset(dataset, self.dist) for dataset, _ in parts]
+        sizes = [len(shard) for shard in shards]
+        loader = _eval_loader(ConcatDataset(shards), self.cfg.eval.batch_size, self.cfg, parts=sizes)
         # the counts stay on the device until the end: a read per batch would make the host wait for
         # each batch's forward before it queues the next one's
-        correct = correct_own = torch.zeros((), dtype=torch.long, device=self.device)
-        total = 0
-        for images, labels in _eval_loader(ddp.shard_dataset(dataset, self.dist), self.cfg.eval.batch_size, self.cfg):
+        correct = torch.zeros(len(parts), 2, dtype=torch.long, device=self.device)  # (all seen, own space)
+        for j, (images, labels) in zip(loader.batch_sampler.piece_of_batch(), loader, strict=True):
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             logits = logits_fn(images)
-            correct = correct + (logits.argmax(dim=-1) == labels).sum()
-            if n_own is not None:
-                correct_own = correct_own + (logits[:, :n_own].argmax(dim=-1) == labels).sum()
-            total += len(labels)
-        return int(correct), int(correct if n_own is None else correct_own), total
+            n_own = parts[j][1]
+            hit = logits.argmax(dim=-1) == labels
+            hit_own = hit if n_own is None else logits[:, :n_own].argmax(dim=-1) == labels
+            correct[j, 0] += hit.sum()
+            correct[j, 1] += hit_own.sum()
+        return [(c, c_own, n) for (c, c_own), n in zip(correct.tolist(), sizes)]
 
     def _count_correct(self, dataset, logits_fn) -> tuple[int, int]:
         """(correct, total) over the whole dataset; each rank counts its shard, the counts are summed."""
-        correct, _, total = ddp.all_reduce_counts([self._count_correct_local(dataset, logits_fn)],
+        correct, _, total = ddp.all_reduce_counts(self._count_correct_local([(dataset, None)], logits_fn),
                                                   self.dist, self.device)[0]
         return correct, total
 
@@ -353,9 +386,8 @@ class Trainer:
         """
         self.model.eval()
         with record_function("eval"):
-            counts = [self._count_correct_local(self.scenario.test_dataset(j), self.learner.logits,
-                                            len(self.scenario.seen_classes(j)))
-                      for j in range(t + 1)]
+            counts = self._count_correct_local([(self.scenario.test_dataset(j), len(self.scenario.seen_classes(j)))
+                                                for j in range(t + 1)], self.learner.logits)
         return ddp.all_reduce_counts(counts, self.dist, self.device)
 
     def forward_transfer(self, t: int) -> float:
@@ -634,7 +666,9 @@ class Trainer:
             if c.eval.fwt and t > 0:
                 fwt_before[t] = self.forward_transfer(t)
             info = self.train_task(t)
+            t_eval = time.perf_counter()
             counts = self.evaluate_seen(t)
+            info["timings"]["eval_s"] = time.perf_counter() - t_eval
             for j, (cj, cj_own, _) in enumerate(counts):
                 correct[t, j], correct_own[t, j] = cj, cj_own
             acc_t = metrics.percent(sum(c[0] for c in counts), sum(c[-1] for c in counts))

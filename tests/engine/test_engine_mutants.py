@@ -646,24 +646,52 @@ def test_evaluate_seen_restricts_each_tasks_own_space_to_its_classes():
     assert Trainer.evaluate_seen(tr, 0) == [(1, 2, 3)]
 
 
-def test_evaluation_reads_its_counts_back_once_per_dataset_not_per_batch(monkeypatch):
+def test_evaluation_reads_its_counts_back_once_per_evaluation_not_per_batch_or_task(monkeypatch):
     """A read per batch makes the host wait for each batch's forward before queueing the next: the counts
-    stay on the device and two ints (correct, correct_own) are read at the end, whatever the batch count."""
+    stay on the device and are read once at the end, whatever the batch and task counts."""
     logits = torch.randn(11, 5, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 5, (11,), generator=torch.Generator().manual_seed(1))
-    data = torch.utils.data.TensorDataset(torch.arange(11), labels)
+    data = [torch.utils.data.TensorDataset(torch.arange(7), labels[:7]),
+            torch.utils.data.TensorDataset(torch.arange(7, 11), labels[7:])]
     tr = Trainer.__new__(Trainer)
     tr.cfg, tr.dist, tr.device = make_config(eval__batch_size=3), ddp.DistContext(), torch.device("cpu")
     reads = []
     for name in ("__int__", "__float__", "__bool__", "item", "tolist"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
-    counts = Trainer._count_correct_local(tr, data, lambda idx: logits[idx], n_own=3)
+    counts = Trainer._count_correct_local(tr, [(data[0], 3), (data[1], None)], lambda idx: logits[idx])
     monkeypatch.undo()
-    # 4 batches of 3: two ints at the end; the one .item() is the DataLoader's own (its base seed, from a
-    # CPU generator, once per iterator)
-    assert sorted(reads) == ["__int__", "__int__", "item"]
-    assert counts == (int((logits.argmax(-1) == labels).sum()), int((logits[:, :3].argmax(-1) == labels).sum()), 11)
+    # 3 + 2 batches of up to 3: one tolist at the end; the one .item() is the DataLoader's own (its base
+    # seed, from a CPU generator, once per iterator)
+    assert sorted(reads) == ["item", "tolist"]
+    hit = logits.argmax(-1) == labels
+    assert counts == [(int(hit[:7].sum()), int((logits[:7, :3].argmax(-1) == labels[:7]).sum()), 7),
+                      (int(hit[7:].sum()), int(hit[7:].sum()), 4)]
+
+
+def test_evaluation_starts_one_loader_and_batches_each_task_as_its_own_loader_did(monkeypatch):
+    """Worker start-ups: one loader per evaluation, not one per seen task. The batches stay those of a
+    loader per task (none spans two tasks' images, the last of each task may be short), so the logits,
+    and the accuracy matrix, are what per-task loaders gave, bit for bit."""
+    from segpcl_fast.engine import trainer as trainer_mod
+    sizes = [7, 4, 6]
+    sets = [torch.utils.data.TensorDataset(torch.arange(100 * j, 100 * j + n), torch.full((n,), j))
+            for j, n in enumerate(sizes)]
+    tr = Trainer.__new__(Trainer)
+    tr.cfg, tr.dist, tr.device = make_config(eval__batch_size=3), ddp.DistContext(), torch.device("cpu")
+    tr.model = SimpleNamespace(eval=lambda: None)
+    tr.scenario = SimpleNamespace(test_dataset=lambda j: sets[j], seen_classes=lambda j: list(range(j + 1)))
+    batches = []
+    tr.learner = SimpleNamespace(logits=lambda idx: batches.append(idx.tolist()) or torch.zeros(len(idx), 3))
+    loaders = []
+    make = trainer_mod._eval_loader
+    monkeypatch.setattr(trainer_mod, "_eval_loader", lambda *a, **kw: loaders.append(a) or make(*a, **kw))
+    counts = Trainer.evaluate_seen(tr, 2)
+    assert len(loaders) == 1
+    per_task = [b.tolist() for ds in sets for (b, _) in torch.utils.data.DataLoader(ds, batch_size=3)]
+    assert batches == per_task  # [0 1 2] [3 4 5] [6] [100 101 102] [103] [200 201 202] [203 204 205]
+    assert [n for *_, n in counts] == sizes
+    assert counts[0][:2] == (7, 7) and counts[1][:2] == counts[2][:2] == (0, 0)  # argmax 0 of zeros: label 0
 
 
 def test_steps_per_task_are_epochs_times_batches_capped_by_max_steps(tiny_model_name, tmp_path):
@@ -732,9 +760,9 @@ def test_stage_one_loader_is_not_pinned_the_evaluation_loader_is(tiny_model_name
     pins = []
     make = trainer_mod._eval_loader
 
-    def record(dataset, batch_size, cfg, pin=True):
+    def record(dataset, batch_size, cfg, pin=True, **kw):
         pins.append(pin)
-        return make(dataset, batch_size, cfg, pin)
+        return make(dataset, batch_size, cfg, pin, **kw)
     monkeypatch.setattr(trainer_mod, "_eval_loader", record)
     trainer = Trainer(small_config(tiny_model_name, tmp_path / "run", checkpoint=False, num_tasks=10))
     trainer.train_task(0)

@@ -373,9 +373,11 @@ def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
     dataset = torch.utils.data.TensorDataset(torch.arange(4), labels)
     stub = SimpleNamespace(cfg=make_config(eval__batch_size=3), dist=SimpleNamespace(enabled=False),
                            device=torch.device("cpu"))
-    assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx], n_own=2) == (1, 2, 4)
-    assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx], n_own=4) == (1, 1, 4)
-    assert Trainer._count_correct_local(stub, dataset, lambda idx: logits[idx]) == (1, 1, 4)
+    def count(n_own):
+        return Trainer._count_correct_local(stub, [(dataset, n_own)], lambda idx: logits[idx])
+    assert count(2) == [(1, 2, 4)]
+    assert count(4) == [(1, 1, 4)]
+    assert count(None) == [(1, 1, 4)]
 
 
 def test_resume_with_another_config_is_refused_naming_the_runs_own(tiny_model_name, tmp_path):
