@@ -12,6 +12,10 @@ the first of FRAME_DIR_CANDIDATES that holds the class folders):
       are skipped: see `middle_frame`;
   (c) either of the above without class folders: <frames dir>/<video>.jpg or <frames dir>/<video>/
       (the two-stream release jpegs_256/v_ApplyEyeMakeup_g08_c01/frame000001.jpg; set frames_dir).
+Split: the official lists (ucfTrainTestlist/ or annotations/); without them, CoOp's
+split_zhou_UCF101.json beside UCF-101-midframes/ (CoOp / Tip-Adapter's copy): its train + val entries
+train and its test entries test, which are the official split 1's trainlist01 / testlist01 (CoOp cut
+its val out of trainlist01); labels as written there (classInd.txt id - 1, the same indices).
 Video names match exactly, else case-insensitively (the release spells 'v_HandStandPushups' in the
 lists where some frame dumps write 'v_HandstandPushups'). Class names: CamelCase split
 ('ApplyEyeMakeup' -> 'Apply Eye Makeup'); class index = classInd.txt id - 1.
@@ -26,7 +30,7 @@ from typing import Callable, Optional, Sequence
 from PIL import Image
 
 from .base import ClassDataset, read_rgb
-from .files import format_error, found_nearby, is_image_name, numbered_lines, require_root
+from .files import IMAGE_EXTENSIONS, format_error, found_nearby, is_image_name, numbered_lines, require_root
 
 NAME = "ucf101"
 LIST_DIR_CANDIDATES = ("ucfTrainTestlist", "annotations")  # the release's zip; MMAction2's data/ucf101/annotations
@@ -35,7 +39,8 @@ FRAME_DIR_CANDIDATES = ("UCF-101-midframes", "UCF-101-frames", "frames", "rawfra
 LAYOUT = """  <root>/ucfTrainTestlist/classInd.txt      ('1 ApplyEyeMakeup')
   <root>/ucfTrainTestlist/trainlist01.txt   ('ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1')
   <root>/ucfTrainTestlist/testlist01.txt    ('ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi')
-  (or the same three files in <root>/annotations/, MMAction2's layout)
+  (or the same three files in <root>/annotations/, MMAction2's layout;
+   or CoOp's <root>/split_zhou_UCF101.json: {"train"|"val"|"test": [["<Class_Name>/<video>.jpg", label, "<Class_Name>"], ...]})
   and frames, either
   <root>/UCF-101-midframes/<Class_Name>/<video>.jpg       (one middle frame per video, CoOp), or
   <root>/<frames dir>/<ClassName>/<video>/<frame>.jpg     (all frames; the middle RGB one is used)
@@ -154,7 +159,7 @@ def _frames_dir(root: Path, classes: list[str], frames_dir: Optional[str]) -> Pa
                        "extract frames there, or set data.frames_dir")
 
 
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", "")  # a middle-frame image, or a folder of frames
+FRAME_SUFFIXES = IMAGE_EXTENSIONS + ("",)  # a middle-frame image, or a folder of frames
 
 
 def _find_video(folders: list[Path], stem: str, listings: dict[Path, dict[str, Path]]) -> Optional[Path]:
@@ -189,7 +194,7 @@ def _missing_error(list_path: Path, frames: Path, missing: list[tuple[list[Path]
                             "(or set data.frames_dir to a folder of extracted frames)")
     examples = [str(folders[0] / Path(name).stem) for folders, name in missing[:3]]
     return format_error(NAME, f"{len(missing)} videos of {list_path.name} have no frames under '{frames}', "
-                              f"e.g. {examples} (.jpg, .jpeg, .png or a folder)", LAYOUT,
+                              f"e.g. {examples} ({', '.join(IMAGE_EXTENSIONS)} or a folder)", LAYOUT,
                         "extract frames for every video of the split")
 
 
@@ -222,6 +227,41 @@ def _read_list(path: Path, frames: Path, class_index: dict[str, int], with_label
     return sources, targets
 
 
+COOP_SPLIT = "split_zhou_UCF101.json"
+COOP_FRAMES = "UCF-101-midframes"
+
+
+def _read_coop_split(path: Path, frames: Path) -> tuple[list[str], tuple[list[str], list[int]], tuple[list[str], list[int]]]:
+    """(class names, train, test) from CoOp's split file: train = its "train" + "val" entries."""
+    import json
+
+    try:
+        split = json.loads(path.read_text(encoding="utf-8-sig"))
+        parts = {k: [(str(rel), int(label), str(name)) for rel, label, name in split[k]] for k in ("train", "val", "test")}
+    except (ValueError, KeyError, TypeError) as err:
+        raise format_error(NAME, f"'{path}' is not CoOp's split file ({type(err).__name__}: {err})", LAYOUT,
+                           "use CoOp's split_zhou_UCF101.json as released, or the official ucfTrainTestlist/") from err
+    names: dict[int, set[str]] = {}
+    for _, label, name in parts["train"] + parts["val"] + parts["test"]:
+        names.setdefault(label, set()).add(name)
+    bad = [f"label {lb}: {sorted(ns)}" for lb, ns in sorted(names.items()) if len(ns) > 1]
+    if bad or sorted(names) != list(range(len(names))):
+        raise format_error(NAME, f"'{path}': labels are not 0..{len(names) - 1}, one class name each"
+                                 + (f" ({'; '.join(bad[:3])})" if bad else f" (labels {sorted(names)[:5]}...)"),
+                           LAYOUT, "use CoOp's split_zhou_UCF101.json as released")
+    missing = [rel for rel, _, _ in parts["train"] + parts["val"] + parts["test"] if not (frames / rel).is_file()]
+    if missing:
+        raise format_error(NAME, f"{len(missing)} images of {path.name} are missing under '{frames}', e.g. "
+                                 f"{missing[:3]}", LAYOUT,
+                           f"extract CoOp's UCF-101-midframes.zip into data.root (or set data.frames_dir to the "
+                           f"folder the paths in {path.name} are relative to)")
+    class_names = [class_name(next(iter(names[lb]))) for lb in range(len(names))]
+
+    def sources(entries):
+        return [str(frames / rel) for rel, _, _ in entries], [label for _, label, _ in entries]
+    return class_names, sources(parts["train"] + parts["val"]), sources(parts["test"])
+
+
 def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
                 test_transform: Optional[Callable] = None, frames_dir: Optional[str] = None,
                 split: int = 1) -> tuple[VideoFrameDataset, VideoFrameDataset]:
@@ -230,11 +270,20 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
                  path / LIST_DIR_CANDIDATES[0])
     needed = ["classInd.txt", f"trainlist0{split}.txt", f"testlist0{split}.txt"]
     missing = [f for f in needed if not (lists / f).is_file()]
+    if missing and split == 1 and (path / COOP_SPLIT).is_file():  # CoOp's copy: its split is split 1's
+        frames = path / (frames_dir or COOP_FRAMES)
+        if not frames.is_dir():
+            raise format_error(NAME, f"'{path / COOP_SPLIT}' is there but its image folder '{frames}' is not",
+                               LAYOUT, "extract CoOp's UCF-101-midframes.zip into data.root, or set data.frames_dir")
+        class_names, train, test = _read_coop_split(path / COOP_SPLIT, frames)
+        return (VideoFrameDataset(*train, class_names, train_transform),
+                VideoFrameDataset(*test, class_names, test_transform))
     if missing:
         nearby = next((hint for d in LIST_DIR_CANDIDATES
                        if (hint := found_nearby(path, f"{d}/classInd.txt"))), "")
         raise format_error(NAME, f"'{lists}' lacks {missing}", LAYOUT,
-                           nearby or "extract UCF101TrainTestSplits-RecognitionTask.zip into data.root")
+                           nearby or "extract UCF101TrainTestSplits-RecognitionTask.zip into data.root"
+                           + (f" (or, for split 1, put CoOp's {COOP_SPLIT} there)" if split == 1 else ""))
     classes = _classes(lists)
     class_index = {c.lower(): i for i, c in enumerate(classes)}
     frames = _frames_dir(path, classes, frames_dir)

@@ -243,3 +243,68 @@ def test_data_official_split_picks_the_split_lists(ucf_root):
         build_datasets(make_config(data__dataset="ucf101", data__root=str(ucf_root), data__official_split=3).data)
     with pytest.raises(ConfigError, match="official_split"):
         make_config(data__dataset="ucf101", data__official_split=4)
+
+
+def _write_coop_split(root: Path) -> None:
+    """CoOp's split_zhou_UCF101.json for the fake release: trainlist01 cut into train and val (CoOp
+    cut its val out of trainlist01), testlist01 as test; paths relative to UCF-101-midframes/."""
+    import json
+    import re
+
+    def entries(groups):
+        out = []
+        for c, folder, video in ucf_videos(groups):
+            coop = "_".join(re.findall(r"[A-Z][^A-Z]*", folder))
+            out.append([f"{coop}/{video}.jpg", c, coop])
+        return out
+    train = entries(UCF_TRAIN_GROUPS)
+    (root / "split_zhou_UCF101.json").write_text(json.dumps({"train": train[::2], "val": train[1::2],
+                                                             "test": entries(UCF_TEST_GROUPS)}))
+
+
+def test_coop_split_file_without_the_official_lists_gives_the_official_split(ucf_root):
+    """CoOp's copy (UCF-101-midframes/ + split_zhou_UCF101.json, no ucfTrainTestlist/): its train + val
+    are trainlist01, its test testlist01, so the same images, labels and class names as the lists give."""
+    official = load_ucf101(str(ucf_root))
+    _write_coop_split(ucf_root)
+    assert [sorted(zip(ds.frame_paths, ds.targets)) for ds in load_ucf101(str(ucf_root))] == \
+        [sorted(zip(ds.frame_paths, ds.targets)) for ds in official]  # the lists win when both are there
+    shutil.rmtree(ucf_root / "ucfTrainTestlist")
+    coop = load_ucf101(str(ucf_root))
+    for ds, ref in zip(coop, official):
+        assert ds.class_names == ref.class_names == ["Apply Eye Makeup", "Handstand Pushups", "Yo Yo"]
+        assert sorted(zip(ds.frame_paths, ds.targets)) == sorted(zip(ref.frame_paths, ref.targets))
+        for i in range(len(ds)):
+            img, label = ds[i]
+            assert decode_colour(img)[0] == label
+    with pytest.raises(DatasetFormatError, match="lacks .*classInd.txt"):  # split 2 is not in CoOp's file
+        load_ucf101(str(ucf_root), split=2)
+
+
+def test_coop_split_file_errors(ucf_root):
+    shutil.rmtree(ucf_root / "ucfTrainTestlist")
+    with pytest.raises(DatasetFormatError, match="or, for split 1, put CoOp's split_zhou_UCF101.json there"):
+        load_ucf101(str(ucf_root))
+    _write_coop_split(ucf_root)
+    os.remove(ucf_root / "UCF-101-midframes" / "Yo_Yo" / "v_YoYo_g01_c01.jpg")
+    with pytest.raises(DatasetFormatError, match=r"1 images of split_zhou_UCF101.json are missing .*Yo_Yo/v_YoYo_g01"):
+        load_ucf101(str(ucf_root))
+    path = ucf_root / "split_zhou_UCF101.json"
+    path.write_text(path.read_text().replace('"Yo_Yo"]', '"Yo_Yo_2"]', 1))
+    with pytest.raises(DatasetFormatError, match=r"one class name each \(label 2: \['Yo_Yo', 'Yo_Yo_2'\]\)"):
+        load_ucf101(str(ucf_root))
+    path.write_text('{"train": []}')
+    with pytest.raises(DatasetFormatError, match="is not CoOp's split file \\(KeyError"):
+        load_ucf101(str(ucf_root))
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".webp", ".PNG"])
+def test_middle_frames_in_any_image_format_frame_folders_take(ucf_root, suffix):
+    frames = sorted((ucf_root / "UCF-101-midframes").rglob("*.jpg"))
+    for p in frames:
+        Image.open(p).save(p.with_suffix(suffix), format={".bmp": "BMP", ".webp": "WEBP"}.get(suffix, "PNG"),
+                           **({"lossless": True} if suffix == ".webp" else {}))
+        p.unlink()
+    train, test = load_ucf101(str(ucf_root))
+    assert len(train) + len(test) == len(frames)
+    assert all(decode_colour(train[i][0])[0] == train.targets[i] for i in range(len(train)))
