@@ -184,12 +184,29 @@ def parse_wnid_mapping(path: Path) -> dict[str, str]:
 ILSVRC2012_FIRST_LAST = ("n01440764", "n15075141")  # smallest and largest of the 1000 ILSVRC-2012 wnids
 
 
-def clip_imagenet_names(mapping: dict[str, str]) -> Optional[dict[str, str]]:
+def ilsvrc2012_wnids() -> Optional[list[str]]:
+    """The 1000 ILSVRC-2012 wnids, sorted (timm's ImageNetInfo, which open_clip depends on); None without timm."""
+    try:
+        from timm.data import ImageNetInfo
+        wnids = sorted(ImageNetInfo().label_names())
+    except Exception:  # noqa: BLE001  (timm missing, or an old one without ImageNetInfo)
+        return None
+    return wnids if len(wnids) == 1000 and (wnids[0], wnids[-1]) == ILSVRC2012_FIRST_LAST else None
+
+
+def clip_imagenet_names(mapping: dict[str, str], subsets: bool = False) -> Optional[dict[str, str]]:
     """CLIP's curated ImageNet names (open_clip's IMAGENET_CLASSNAMES, indexed by sorted wnid)
-    for a mapping that covers exactly the 1000 ILSVRC-2012 wnids; None otherwise (another
-    wnid set, or open_clip not installed)."""
+    for a mapping that covers exactly the 1000 ILSVRC-2012 wnids, or (subsets=True) only ILSVRC-2012
+    wnids (Kaggle's ImageNet-100 Labels.json: its 100); None otherwise (another wnid set, or
+    open_clip not installed)."""
     wnids = sorted(mapping)
-    if len(wnids) != 1000 or (wnids[0], wnids[-1]) != ILSVRC2012_FIRST_LAST:
+    if len(wnids) == 1000 and (wnids[0], wnids[-1]) == ILSVRC2012_FIRST_LAST:
+        all_wnids = wnids
+    elif subsets and wnids:
+        all_wnids = ilsvrc2012_wnids()
+        if all_wnids is None or not set(wnids) <= set(all_wnids):
+            return None
+    else:
         return None
     try:
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
@@ -197,7 +214,8 @@ def clip_imagenet_names(mapping: dict[str, str]) -> Optional[dict[str, str]]:
         return None
     if len(IMAGENET_CLASSNAMES) != 1000:
         return None
-    return dict(zip(wnids, IMAGENET_CLASSNAMES))
+    names = dict(zip(all_wnids, IMAGENET_CLASSNAMES))
+    return {w: names[w] for w in wnids}
 
 
 def check_unique_names(wnids: Sequence[str], names: Sequence[str], source: str, dataset: str,
@@ -217,14 +235,16 @@ def check_unique_names(wnids: Sequence[str], names: Sequence[str], source: str, 
 
 def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset: str,
                     layout: str, user_file: Optional[str], unique: bool = False,
-                    root: Optional[Path] = None) -> list[str]:
+                    root: Optional[Path] = None, clip_subsets: bool = False, origin: str = "") -> list[str]:
     """Class names for `wnids` from the user's mapping file (if given) or the first of
     `mapping_files` that exists; a missing or unreadable file or missing wnids is one clear error.
     A relative user_file is looked for in `root` (data.root), then the working directory.
 
     Names from a shipped file that lists exactly the 1000 ILSVRC-2012 wnids (LOC_synset_mapping.txt,
     meta.bin) are replaced by CLIP's curated names when open_clip is installed; a user's
-    data.names_file is always taken as written. unique=True (for class-incremental datasets, whose
+    data.names_file is always taken as written. clip_subsets=True: also for a shipped file that lists
+    only ILSVRC-2012 wnids (Kaggle's ImageNet-100 Labels.json). origin: where the shipped files come
+    from, said when none is there. unique=True (for class-incremental datasets, whose
     classes must get distinct prompts): names colliding case-insensitively are an error (see
     check_unique_names). Off by default for zero-shot evaluation sets, where CLIP's own 1000 ImageNet
     names repeat 'missile' and 'sunglasses'.
@@ -237,8 +257,8 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
         if path is None:
             tried = ", ".join(str(p) for p in mapping_files)
             raise format_error(dataset, f"no class-name mapping found (looked for: {tried})", layout,
-                               "put the mapping file there, or set data.names_file to a file with lines "
-                               "'<wnid> <class name>'")
+                               f"put the mapping file there{f' ({origin})' if origin else ''}, or set "
+                               "data.names_file to a file with lines '<wnid> <class name>'")
     try:
         mapping = parse_wnid_mapping(path)
     except ValueError as err:
@@ -247,7 +267,7 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
                            "or JSON {\"<wnid>\": \"<class name>\"}") from err
     source = f"'{path}'"
     if not user_file:
-        clip_names = clip_imagenet_names(mapping)
+        clip_names = clip_imagenet_names(mapping, subsets=clip_subsets)
         if clip_names is not None:
             mapping, source = clip_names, f"CLIP's ImageNet names (open_clip; wnids from '{path}')"
     if not mapping:

@@ -212,7 +212,8 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
             test = ([paths[i] for i in test_idx], [targets[i] for i in test_idx])
             source = f"a seeded per-class split (split_seed={split_seed}, test_fraction={test_fraction})"
     _check_disjoint(train, test, source)
-    class_names = names_for_wnids(wnids, name_files, NAME, LAYOUT, names_file, unique=True, root=root_path)
+    class_names = names_for_wnids(wnids, name_files, NAME, LAYOUT, names_file, unique=True, root=root_path,
+                                  origin="README.txt is in imagenet-r.tar, beside the class folders")
     log.info("%s: train/test split from %s: %d train, %d test images", NAME, source, len(train[0]), len(test[0]))
     return (FileListDataset(*train, class_names, train_transform),
             FileListDataset(*test, class_names, test_transform))

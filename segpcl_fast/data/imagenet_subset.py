@@ -19,9 +19,13 @@ another order, set data.class_order.
 Validation images: val/<wnid>/ folders, or a flat val/ plus LOC_val_solution.csv (Kaggle).
 Kaggle layout: when <root>/ILSVRC/Data/CLS-LOC/train exists, images are read from
 ILSVRC/Data/CLS-LOC/{train,val} and the metadata files (CSV, mapping, class list) from <root>.
+Kaggle's "imagenet100" copy (no train/): train images in <root>/train.X1 ... train.X4/<wnid>/ (each
+wnid in one of them), val images in <root>/val.X/<wnid>/, names in <root>/Labels.json; the classes
+are its wnid folders (or data.class_list's wnids).
 Class names: data.names_file, else <root>/LOC_synset_mapping.txt, else torchvision's
-<root>/meta.bin; when that file covers the 1000 ILSVRC-2012 wnids, CLIP's curated ImageNet names
-(open_clip) are used instead. Names that collide case-insensitively are an error.
+<root>/meta.bin, else Labels.json; when that file covers the 1000 ILSVRC-2012 wnids (or, Labels.json,
+only ILSVRC-2012 wnids), CLIP's curated ImageNet names (open_clip) are used instead. Names that
+collide case-insensitively are an error.
 """
 from __future__ import annotations
 
@@ -41,12 +45,16 @@ DEFAULT_CLASS_LISTS = ("imagenet100.txt", "train_100.txt")
 KAGGLE_IMAGES = Path("ILSVRC") / "Data" / "CLS-LOC"
 VAL_CSV = "LOC_val_solution.csv"
 VAL_CSV_COLUMNS = ("ImageId", "PredictionString")
+KAGGLE100_TRAIN, KAGGLE100_VAL, KAGGLE100_NAMES = "train.X*", "val.X", "Labels.json"  # Kaggle's "imagenet100"
+NAMES_ORIGIN = ("LOC_synset_mapping.txt comes with Kaggle's ImageNet download, meta.bin from torchvision's "
+                "ImageNet, Labels.json with Kaggle's imagenet100")
 LAYOUT = f"""  <root>/train/<wnid>/*.JPEG
   <root>/val/<wnid>/*.JPEG          (or flat val/*.JPEG + <root>/{VAL_CSV})
   (Kaggle: images in <root>/{KAGGLE_IMAGES}/{{train,val}}, the files below in <root>)
   <root>/LOC_synset_mapping.txt     (lines 'n01440764 tench, Tinca tinca'; or torchvision's meta.bin)
   <root>/imagenet100.txt            (the subset: one wnid a line; or set data.class_list)
-  or <root>/train_100.txt + val_100.txt (continuum/PODNet lists: 'train/<wnid>/<file> <label>')"""
+  or <root>/train_100.txt + val_100.txt (continuum/PODNet lists: 'train/<wnid>/<file> <label>')
+  (Kaggle's imagenet100: <root>/train.X1..X4/<wnid>/, <root>/val.X/<wnid>/, <root>/Labels.json)"""
 
 Split = tuple[list[str], list[int]]
 
@@ -265,13 +273,15 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
     benchmark's count, by default) is taken as the subset."""
     path = require_root(root, NAME, LAYOUT)
     image_root = path / KAGGLE_IMAGES if (path / KAGGLE_IMAGES / "train").is_dir() else path
+    if not (image_root / "train").is_dir() and (parts := sorted(p for p in path.glob(KAGGLE100_TRAIN) if p.is_dir())):
+        return _load_kaggle100(path, parts, train_transform, test_transform, class_list, names_file)
     if not (image_root / "train").is_dir():
         raise format_error(NAME, f"no train/ folder in '{path}' (nor in '{path / KAGGLE_IMAGES}')", LAYOUT,
                            found_nearby(path, "train/n[0-9]*")
                            or "point data.root at the ImageNet folder")
     classes = _class_list(path, image_root, class_list, n_classes)
     class_names = names_for_wnids(classes.wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin"],
-                                  NAME, LAYOUT, names_file, unique=True, root=path)
+                                  NAME, LAYOUT, names_file, unique=True, root=path, origin=NAMES_ORIGIN)
     bases = [image_root] if image_root == path else [image_root, path]
     if classes.train_files is not None:
         # lists write 'train/n01440764/x.JPEG' (PODNet) or 'n01440764/x.JPEG', relative to train/
@@ -280,4 +290,48 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
         train = _split_from_folders(image_root / "train", classes.wnids, "train")
     val = _val_split(path, image_root, classes, bases)
     return (FileListDataset(*train, class_names, train_transform),
+            FileListDataset(*val, class_names, test_transform))
+
+
+def _load_kaggle100(path: Path, parts: list[Path], train_transform: Optional[Callable],
+                    test_transform: Optional[Callable], class_list: Optional[str],
+                    names_file: Optional[str]) -> tuple[FileListDataset, FileListDataset]:
+    """Kaggle's "imagenet100": train.X1..X4/<wnid>/ (a wnid's images in one of them), val.X/<wnid>/."""
+    folder_of: dict[str, Path] = {}
+    for part in parts:
+        for wnid in wnid_folders(part):
+            if wnid in folder_of:
+                raise format_error(NAME, f"class {wnid} has train folders in both '{folder_of[wnid].parent}' and "
+                                         f"'{part}'", LAYOUT, "keep one train folder per class")
+            folder_of[wnid] = part / wnid
+    if class_list:
+        classes = _read_class_list(user_data_file(class_list, path, "class list", "data.class_list", NAME, LAYOUT))
+        if classes.train_files is not None:
+            raise format_error(NAME, f"class list '{classes.path}' lists train/ images, but this copy is Kaggle's "
+                                     f"imagenet100 ({', '.join(p.name for p in parts)}, no train/)", LAYOUT,
+                               "give data.class_list as one wnid a line, or unset it to take the copy's classes")
+        wnids = classes.wnids
+    else:
+        wnids = sorted(folder_of)
+    missing = [w for w in wnids if w not in folder_of]
+    where = ", ".join(str(p) for p in parts)
+    if missing or not wnids:
+        problem = f"{len(missing)} classes have no folder in {where}, e.g. {missing[:5]}" if missing else \
+            f"no wnid folders in {where}"
+        raise format_error(NAME, problem, LAYOUT,
+                           "extract the whole Kaggle imagenet100 archive into data.root, or fix data.class_list")
+    paths, targets = [], []
+    for label, wnid in enumerate(wnids):
+        files = list_images(folder_of[wnid])
+        paths += [str(f) for f in files]
+        targets += [label] * len(files)
+    val_dir = path / KAGGLE100_VAL
+    if not val_dir.is_dir():
+        raise format_error(NAME, f"'{parts[0]}' is there but its val folder '{val_dir}' is not", LAYOUT,
+                           "extract the whole Kaggle imagenet100 archive into data.root")
+    val = _split_from_folders(val_dir, wnids, "val")
+    class_names = names_for_wnids(wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin", path / KAGGLE100_NAMES],
+                                  NAME, LAYOUT, names_file, unique=True, root=path, clip_subsets=True,
+                                  origin=NAMES_ORIGIN)
+    return (FileListDataset(paths, targets, class_names, train_transform),
             FileListDataset(*val, class_names, test_transform))

@@ -59,6 +59,7 @@ def test_names_need_readme_or_mapping(imagenet_r_root, tmp_path):
     with pytest.raises(DatasetFormatError, match="README.txt") as err:
         load_imagenet_r(str(imagenet_r_root))
     assert "names_file" in str(err.value)
+    assert "Fix: put the mapping file there (README.txt is in imagenet-r.tar, beside the class folders)" in str(err.value)
     mapping = tmp_path / "names.txt"
     mapping.write_text("".join(f"{w} Name {i}\n" for i, w in enumerate(WNIDS)))
     train, _ = load_imagenet_r(str(imagenet_r_root / "imagenet-r"), names_file=str(mapping))

@@ -62,7 +62,7 @@ def test_class_list_wnid_without_folder(imagenet_subset_root):
 
 def test_missing_synset_mapping(tmp_path):
     root = make_imagenet_subset(tmp_path / "in", mapping=False)
-    with pytest.raises(DatasetFormatError, match="LOC_synset_mapping.txt"):
+    with pytest.raises(DatasetFormatError, match="LOC_synset_mapping.txt comes with Kaggle's ImageNet download"):
         load_imagenet_subset(str(root))
     (tmp_path / "map.json").write_text('{"0": ["n01440764", "tench"], "1": ["n01484850", "great_white_shark"],'
                                        ' "2": ["n01494475", "hammerhead"]}')
@@ -315,4 +315,56 @@ def test_val_csv_without_the_subset(tmp_path):
     csv_path.write_text("\n".join(keep) + "\n")
     assert in_val_name(SORTED.index("n01443537"), 0) in csv_path.read_text()  # other classes' rows remain
     with pytest.raises(DatasetFormatError, match="lists no val image of the 3 classes"):
+        load_imagenet_subset(str(root))
+
+
+def make_kaggle_imagenet100(root, n_train: int = 3, n_val: int = 2):
+    """Kaggle's "imagenet100": train.X1/ and train.X2/ share the classes, val.X/ has them all, and
+    Labels.json maps each wnid to its WordNet names ("great white shark, white shark, man-eater")."""
+    import json
+    for k, wnid in enumerate(SUBSET_SORTED):
+        c = SORTED.index(wnid)
+        for i in range(n_train):
+            write_image(root / f"train.X{1 + k // 2}" / wnid / f"{wnid}_{i}.JPEG", colour(c, i))
+        for i in range(n_val):
+            write_image(root / "val.X" / wnid / f"{in_val_name(c, i)}.JPEG", colour(c, i))
+    (root / "Labels.json").write_text(json.dumps({w: IN_SYNSETS[w] for w in IN_SUBSET}))
+    return root
+
+
+def test_kaggle_imagenet100_layout_loads_with_clips_names(tmp_path):
+    """Its 100 wnids are ILSVRC-2012's, so CLIP's curated names apply as for a 1000-wnid mapping
+    ("hammerhead shark", not WordNet's "hammerhead"); indices, images and names are those of the same
+    classes in ImageNet's own layout."""
+    root = make_kaggle_imagenet100(tmp_path / "imagenet100")
+    train, val = load_imagenet_subset(str(root))
+    assert train.class_names == val.class_names == ["tench", "great white shark", "hammerhead shark"]
+    assert len(train) == 3 * 3 and len(val) == 3 * 2
+    for ds in (train, val):
+        assert_images_match_labels(ds, SUBSET_SORTED)
+    assert sorted(train.targets) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    train, _ = load_imagenet_subset(str(root), names_file=str(root / "Labels.json"))
+    assert train.class_names == ["tench", "great white shark", "hammerhead"]  # the user's file as written
+    (root / "mine.txt").write_text("n01494475\nn01440764\n")
+    train, val = load_imagenet_subset(str(root), class_list="mine.txt")
+    assert train.class_names == ["tench", "hammerhead shark"] and len(val) == 2 * 2
+    assert_images_match_labels(val, ["n01440764", "n01494475"])
+
+
+def test_kaggle_imagenet100_names_outside_ilsvrc_and_errors(tmp_path):
+    import json
+    import shutil
+    root = make_kaggle_imagenet100(tmp_path / "imagenet100")
+    labels = json.loads((root / "Labels.json").read_text())
+    (root / "Labels.json").write_text(json.dumps(dict(labels, n99999999="not ilsvrc")))
+    assert load_imagenet_subset(str(root))[0].class_names == ["tench", "great white shark", "hammerhead"]
+    (root / "mine.txt").write_text("n01491361\n")
+    with pytest.raises(DatasetFormatError, match=r"1 classes have no folder in .*train.X1.*e.g. \['n01491361'\]"):
+        load_imagenet_subset(str(root), class_list="mine.txt")
+    shutil.copytree(root / "train.X1" / "n01440764", root / "train.X2" / "n01440764")
+    with pytest.raises(DatasetFormatError, match="class n01440764 has train folders in both"):
+        load_imagenet_subset(str(root))
+    shutil.rmtree(root / "train.X2" / "n01440764")
+    shutil.rmtree(root / "val.X")
+    with pytest.raises(DatasetFormatError, match=r"its val folder '.*val.X' is not"):
         load_imagenet_subset(str(root))
