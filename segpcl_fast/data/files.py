@@ -3,6 +3,7 @@ class-name mappings. Every failure is a `DatasetFormatError` that names the miss
 and the expected layout."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -48,6 +49,9 @@ def user_data_file(value: str, root: Optional[Path], what: str, key: str, datase
     return found
 
 
+NEARBY_HITS = 5000  # glob matches read when looking for the layout below a root (a class list's folders: ~1000 a copy)
+
+
 def found_nearby(root: Path, pattern: str) -> str:
     """Fix text 'the layout was found one level further down: set data.root=...' when `pattern` (a
     glob relative to a data root, e.g. 'CUB_200_2011/images.txt') matches one or two folder levels below
@@ -55,13 +59,13 @@ def found_nearby(root: Path, pattern: str) -> str:
     root that points into the dataset); '' otherwise."""
     levels_up = len(Path(pattern).parts)  # a match lies this many folders below its data root
     for depth in ("*", "*/*"):
-        hit = next(iter(root.glob(f"{depth}/{pattern}")), None)  # the first: a glob may match thousands
-        if hit is not None:
-            suggested = hit
-            for _ in range(levels_up):
-                suggested = suggested.parent
+        hits = itertools.islice(root.glob(f"{depth}/{pattern}"), NEARBY_HITS)  # a glob may match thousands
+        roots = sorted({hit.parents[levels_up - 1] for hit in hits})
+        if roots:
+            others = f" (also found in: {', '.join(map(str, roots[1:4]))}{', ...' if len(roots) > 4 else ''})" \
+                if len(roots) > 1 else ""
             return (f"the layout was found {'one level' if depth == '*' else 'two levels'} further down: set "
-                    f"data.root={suggested}")
+                    f"data.root={roots[0]}{others}")
     for n, above in enumerate(list(root.absolute().parents)[:2], 1):  # as the user wrote it, not resolved
         if next(iter(above.glob(pattern)), None) is not None:
             return f"the layout was found {'one level' if n == 1 else 'two levels'} up: set data.root={above}"

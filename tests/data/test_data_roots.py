@@ -35,3 +35,14 @@ def test_a_root_above_or_inside_the_dataset_names_the_root_to_use(tmp_path, name
     up = "one level up" if inside.count("/") == 0 else "two levels up"
     with pytest.raises(DatasetFormatError, match=re.escape(f"{up}: set data.root={root}")):
         load(str(root / inside))
+
+
+@pytest.mark.parametrize("name", ["cub200", "imagenet-subset"])
+def test_several_copies_below_a_root_are_all_named_sorted(tmp_path, name):
+    """The first glob hit depends on the file system's listing order: the suggestion is the first
+    copy in name order, and the others are named too (a user may have meant any of them)."""
+    load, make, _ = CASES[name]
+    roots = [make(tmp_path / "data" / sub) for sub in ("b_copy", "a_copy", "c_copy")]
+    with pytest.raises(DatasetFormatError, match=re.escape(
+            f"one level further down: set data.root={roots[1]} (also found in: {roots[0]}, {roots[2]})")):
+        load(str(tmp_path / "data"))
