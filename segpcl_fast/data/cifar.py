@@ -46,9 +46,12 @@ def _folder(root: Optional[str]) -> Path:
         if (cand / "meta").is_file():
             return cand
     tarball = path / "cifar-100-python.tar.gz"
+    cifar10 = next((c for c in (path / "cifar-10-batches-py", path) if (c / "batches.meta").is_file()), None)
     fix = (f"extract the tarball there: tar xzf {tarball} -C {path}" if tarball.is_file()
            else found_nearby(path, "cifar-100-python/meta")
-           or "point data.root at the folder that contains cifar-100-python/")
+           or (f"'{cifar10}' is CIFAR-10 (batches.meta, data_batch_1..5): this benchmark needs CIFAR-100's "
+               "cifar-100-python/ (cifar-100-python.tar.gz), e.g. torchvision.datasets.CIFAR100(root, download=True)"
+               if cifar10 is not None else "point data.root at the folder that contains cifar-100-python/"))
     raise format_error(NAME, f"no cifar-100-python/meta under '{path}'", LAYOUT, fix)
 
 

@@ -1,4 +1,5 @@
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -74,3 +75,15 @@ def test_cifar100_root_with_only_the_tarball_says_to_extract_it(tmp_path):
     with pytest.raises(DatasetFormatError, match=f"extract the tarball there: tar xzf {tmp_path}/cifar-100-python.tar.gz "
                                                  f"-C {tmp_path}"):
         load_cifar100(str(tmp_path))
+
+
+@pytest.mark.parametrize("inner", [True, False])
+def test_a_cifar10_copy_is_named_as_cifar10(tmp_path, inner):
+    """torchvision's CIFAR-10 folder (cifar-10-batches-py/: batches.meta, data_batch_1..5, test_batch)."""
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ("batches.meta", "data_batch_1", "test_batch"):
+        (folder / name).write_bytes(b"")
+    root = folder if inner else folder.parent
+    with pytest.raises(DatasetFormatError, match=re.escape(f"Fix: '{folder}' is CIFAR-10 (batches.meta")):
+        load_cifar100(str(root))
