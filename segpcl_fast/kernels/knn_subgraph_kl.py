@@ -118,8 +118,11 @@ def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices: boo
         n = emb.shape[0]
         (r_min, r_max), (nb_min, nb_max) = torch.aminmax(roots), torch.aminmax(neighbors)
         in_range = (torch.minimum(r_min, nb_min) >= 0) & (torch.maximum(r_max, nb_max) < n)
+        # under torch.compile the message names no size: formatting emb.shape[0] into it specialises the
+        # graph to that class count (a recompile per task's class count; with dynamic=True an error)
+        bound = "emb.shape[0]" if torch.compiler.is_compiling() else str(n)
         torch._assert_async(in_range, f"knn_subgraph_kl: roots and neighbors must be row indices of emb, in "
-                                      f"[0, {n}); got a negative one or one >= {n}")
+                                      f"[0, {bound}); got a negative one or one >= {bound}")
 
 
 @lazy_jit
