@@ -297,7 +297,7 @@ def _drop_options(argv: list[str], flags=(), with_value=()) -> list[str]:
 
 
 def cmd_profile(args) -> int:
-    from .engine.profile import check_profile_args, ncu_command, profile_training
+    from .engine.profile import check_profile_args, ncu_command, profile_training, profiled_task
     cfg = _config_from_args(args)
     check_profile_args(cfg, args.steps, args.nvtx)  # a refusal is the only line, not after the header
     # -o or a run.output_dir from --set / the YAML, as an analysis takes it: train's defaults (runs/default,
@@ -305,11 +305,17 @@ def cmd_profile(args) -> int:
     from .config import analysis_config
     out_dir = analysis_config(cfg, "profile").run.output_dir
     if _rank0():
-        print(f"segpcl-fast profile: {args.steps} steps of task 2, model={cfg.model.name} precision={cfg.run.precision} "
+        task = profiled_task(cfg.data.num_tasks, cfg.run.compile) + 1
+        print(f"segpcl-fast profile: {args.steps} steps of task {task} (the tasks before it: warm-up), "
+              f"model={cfg.model.name} precision={cfg.run.precision} "
               f"compile={cfg.run.compile} ops={cfg.run.ops} -> {out_dir}", flush=True)
     out = profile_training(cfg, out_dir, steps=args.steps, row_limit=args.rows, nvtx=args.nvtx)
     if not _rank0():  # torchrun: rank 0 reports; every rank's files are listed in the README
         return 0
+    if out["graphs_compiled_in_window"]:
+        print(f"note: {out['graphs_compiled_in_window']} graphs were compiled inside the profiled window (task "
+              f"{out['task']}): its times include dynamo / inductor compilation (TORCH_LOGS=recompiles names "
+              "each graph's cause)")
     if out["nvtx"]:
         print(f"task {out['task']} ({out['steps']} steps, {out['device']}) ran in {out['wall_ms'] / 1e3:.1f} s with "
               "NVTX ranges for every op and stage; the timeline is the Nsight tool's report (nsys: its -o file), "
@@ -331,7 +337,7 @@ def cmd_profile(args) -> int:
         print(f"top by self time: {out['top_kernel']} ({out['top_kernel_launches']} launches)\n"
               f"profile one launch of it with Nsight Compute (GPU):\n  "
               f"{ncu_command(out['top_kernel'], rerun, launches=out['top_kernel_launches'])}")
-    print("NVTX timeline (GPU): nsys profile -t cuda,nvtx -o segpcl_timeline "
+    print("NVTX timeline (GPU): nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi -o segpcl_timeline "
           "segpcl-fast profile --nvtx [same options]")
     return 0
 

@@ -1,7 +1,11 @@
 """`segpcl-fast profile`: a few training steps of task 2 under torch.profiler.
 
 What runs: task 1 for `steps` steps (warm-up: allocator, compilation, the prototypes task 2's DPGD
-needs), then task 2 under the profiler: stage 1 (DPGD), `steps` training steps, stage 3. Files:
+needs), then task 2 under the profiler: stage 1 (DPGD), `steps` training steps, stage 3. Under
+run.compile task 2 is warm-up too and task 3 is profiled (where there is one): task 2 compiles
+graphs of its own (the teacher's, and the batch grown by the anchors), so a task-2 window timed
+mostly dynamo and inductor. Any graph still compiled inside the window is counted and reported
+("graphs_compiled_in_window"). Files:
 
     trace.json       Chrome / Perfetto trace (chrome://tracing, ui.perfetto.dev)
     top_ops.txt      ops and kernels by self time (device time on GPU, CPU time otherwise); the
@@ -25,7 +29,10 @@ out_dir/rank<r>/ (its `dpgd` range is the wait for rank 0's anchors).
 nvtx=True is the mode for Nsight Systems and Nsight Compute (CUDA only): the same steps run under
 torch.autograd.profiler.emit_nvtx, so every op and stage range is an NVTX range, and torch.profiler
 does not run (only one profiler can be on per thread, and its CUPTI session would compete with
-nsys's / ncu's); the timeline is the Nsight tool's report, and no file is written.
+nsys's / ncu's); the timeline is the Nsight tool's report, and no file is written. The profiled
+task runs between cudaProfilerStart and cudaProfilerStop (torch.cuda.profiler.profile), so
+`ncu --profile-from-start off` and `nsys --capture-range=cudaProfilerApi` see that window alone,
+not the warm-up: ncu's --launch-skip then counts launches inside the window.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..config import Config, ConfigError
 from ..fileio import atomic_path, atomic_write_text
+from .compiling import compile_counters
 
 STAGES = ("dpgd", "student_forward_losses", "image_forward", "text_forward", "losses.cls", "losses.acgd",
           "losses.gr", "backward", "grad_sync", "optimizer", "prototypes")
@@ -201,11 +209,13 @@ def kernel_name_regex(kernel: str) -> str:
 def ncu_command(kernel: str, argv: list[str], launches: Optional[int] = None) -> str:
     """Nsight Compute command profiling one launch of `kernel` in a rerun of the profile with `argv`.
 
-    `launches`: how often the kernel ran in the profiled window; the rerun repeats that window, so
-    skipping at most launches - 1 (and at most 10, past warm-up and autotuning launches) still
-    reaches one. The rerun gets --nvtx: torch.profiler does not run under ncu."""
+    `launches`: how often the kernel ran in the profiled window. The rerun (--nvtx) repeats that
+    window between cudaProfilerStart / Stop and ncu starts with profiling off, so its launch count
+    starts at the window (not at the warm-up task before it): skipping at most launches - 1 (and at
+    most 10, past a first launch's autotuning) still reaches one. torch.profiler does not run under ncu."""
     skip = 10 if launches is None else max(0, min(10, launches - 1))
-    cmd = ["ncu", "--kernel-name-base", "demangled", "--kernel-name", f"regex:{kernel_name_regex(kernel)}",
+    cmd = ["ncu", "--profile-from-start", "off", "--kernel-name-base", "demangled",
+           "--kernel-name", f"regex:{kernel_name_regex(kernel)}",
            "--launch-skip", str(skip), "--launch-count", "1", "--set", "full", "-f", "-o", "segpcl_kernel",
            sys.executable, "-m", "segpcl_fast.cli", "profile", *argv, "--nvtx"]
     return shlex.join(cmd)
@@ -225,7 +235,8 @@ def check_profile_args(cfg: Config, steps: int, nvtx: bool) -> None:
 
 def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, row_limit: int = 30,
                      nvtx: bool = False, compile_settings=None) -> dict:
-    """Profile `steps` training steps of task 2 (or task 1 if there is one task); returns paths and stats."""
+    """Profile `steps` training steps of task 2 (task 3 under run.compile; the last task of a shorter run),
+    after the tasks before it as warm-up; returns paths and stats."""
     from .trainer import Trainer
     check_profile_args(cfg, steps, nvtx)  # before the model and data load: a refusal costs nothing
     cfg = copy.deepcopy(cfg)
@@ -234,16 +245,18 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     trainer = Trainer(cfg, compile_settings=compile_settings, writes=False)  # its files go to out_dir
     on_gpu = _is_cuda(trainer.device)
     out = Path(out_dir) if trainer.dist.is_main else Path(out_dir) / f"rank{trainer.dist.rank}"
-    task = 1 if trainer.scenario.num_tasks > 1 else 0
-    if task:
-        trainer.train_task(0)  # warm-up, and the state task 2's DPGD starts from
+    task = profiled_task(trainer.scenario.num_tasks, bool(trainer.compiled))
+    for warm_up in range(task):
+        trainer.train_task(warm_up)  # compilation, and the state the profiled task's DPGD starts from
+    graphs_before = compile_counters()["unique_graphs"]
     if nvtx:  # the Nsight tool records the timeline; torch.profiler stays off (module docstring)
-        with stage_ranges(), torch.autograd.profiler.emit_nvtx():
+        with stage_ranges(), torch.autograd.profiler.emit_nvtx(), cuda_profiler_window():
             start = time.perf_counter()
             info = trainer.train_task(task)
             wall_ms = (time.perf_counter() - start) * 1e3
         return {"nvtx": True, "paths": {}, "on_gpu": on_gpu, "device": str(trainer.device), "task": task + 1,
-                "steps": info["timings"]["steps"], "wall_ms": wall_ms}
+                "steps": info["timings"]["steps"], "wall_ms": wall_ms,
+                "graphs_compiled_in_window": compile_counters()["unique_graphs"] - graphs_before}
     out.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with stage_ranges(), profile(activities=activities, record_shapes=False) as prof:
@@ -252,6 +265,7 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
         if on_gpu:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3
+    graphs_in_window = compile_counters()["unique_graphs"] - graphs_before
     events = prof.key_averages()
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     table = ops_table(events, sort_by, row_limit)
@@ -273,7 +287,19 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
             "on_gpu": on_gpu, "stages_table": stages_text, "categories": categories,
             "categories_table": categories_text, "top_kernel": kernel, "top_kernel_launches": launches,
             "device": str(trainer.device), "task": task + 1, "steps": info["timings"]["steps"], "sort_by": sort_by,
-            "wall_ms": wall_ms}
+            "wall_ms": wall_ms, "graphs_compiled_in_window": graphs_in_window}
+
+
+def cuda_profiler_window():
+    """cudaProfilerStart on entry, cudaProfilerStop on exit: where `ncu --profile-from-start off` and
+    `nsys --capture-range=cudaProfilerApi` record."""
+    return torch.cuda.profiler.profile()
+
+
+def profiled_task(num_tasks: int, compiled: bool) -> int:
+    """0-based task profiled: the second (the first with DPGD and anchors), or under run.compile the
+    third, whose graphs tasks 1 and 2 compiled; the last one in a shorter run."""
+    return min(2 if compiled else 1, num_tasks - 1)
 
 
 def _is_cuda(device: torch.device) -> bool:

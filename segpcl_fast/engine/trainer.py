@@ -175,6 +175,20 @@ def _train_loader(dataset, cfg: Config, seed: int, ctx: "ddp.DistContext", num_b
                       pin_memory=torch.cuda.is_available())
 
 
+def record_compiled_choices(model, device: torch.device) -> None:
+    """Record (ops.choices_used) what a compiled run's graphs trace, which calls inside them cannot:
+    the LoRA linear with B trained (the step) and with B frozen (evaluation, the teacher: under
+    SEGPCL_LORA_COMPILE=cpp the first is the C++ op, the second still the merged GEMM), SDPA
+    attention (xformers is never traced), the patch embedding and the ViT tail."""
+    from ..ops.lora_linear import OP, lora_b_linear_impl
+    probe = torch.empty(0, device=device)
+    for B in (torch.empty(0, device=device, requires_grad=True), torch.empty(0, device=device)):
+        ops.dispatch.record_choice(OP, lora_b_linear_impl(probe, B, compiling=True), device.type)
+    ops.dispatch.record_choice("attention", "sdpa", device.type)
+    for op, impl in model.compiled_choices(device).items():
+        ops.dispatch.record_choice(op, impl, device.type)
+
+
 def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:
     """SGD (momentum 0.9) over the LoRA B matrices.
 
@@ -599,12 +613,7 @@ class Trainer:
         main = self.dist.is_main
         ops.reset_choices()  # results.json "ops": what this run ran
         if getattr(self, "compiled", None):  # a call inside a compiled graph records nothing: the choices the graphs traced
-            from ..ops.lora_linear import OP, lora_b_linear_impl
-            probe, trained_B = torch.empty(0, device=self.device), torch.empty(0, device=self.device, requires_grad=True)
-            ops.dispatch.record_choice(OP, lora_b_linear_impl(probe, trained_B, compiling=True), self.device.type)
-            ops.dispatch.record_choice("attention", "sdpa", self.device.type)  # xformers is never traced
-            for op, impl in self.model.compiled_choices(self.device).items():
-                ops.dispatch.record_choice(op, impl, self.device.type)
+            record_compiled_choices(self.model, self.device)
         self.holds_final_weights = False
         check_resume_run(c)
         if main:

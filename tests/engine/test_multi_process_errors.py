@@ -270,6 +270,21 @@ def test_a_compiled_run_records_the_lora_and_attention_paths_its_graphs_traced(t
     assert json.loads((tmp_path / "ref" / "results.json").read_text())["ops"]["lora_b_linear"].split("+")[0] == "reference"
 
 
+@pytest.mark.parametrize("setting,recorded", [("merged", "merged"), ("cpp", "cpp+merged")])
+def test_compiled_choices_record_the_frozen_b_graphs_lora_path_too(tiny_model_name, monkeypatch, setting, recorded):
+    """SEGPCL_LORA_COMPILE=cpp traces the C++ op where B trains, and the merged GEMM where B is frozen
+    (evaluation, the teacher): results.json said "cpp" alone."""
+    from segpcl_fast import ops
+    from segpcl_fast.engine.trainer import record_compiled_choices
+    from segpcl_fast.model.clip import load_model
+    monkeypatch.setenv("SEGPCL_LORA_COMPILE", setting)
+    ops.reset_choices()
+    record_compiled_choices(load_model(tiny_model_name, pretrained=None), torch.device("cpu"))
+    assert ops.choices_used()["lora_b_linear"] == recorded
+    assert ops.choices_used()["attention"] == "sdpa"
+    ops.reset_choices()
+
+
 def test_a_compiled_run_records_the_patch_embedding_and_last_block_its_graphs_traced(tiny_model_name, tmp_path,
                                                                                   monkeypatch):
     """The patch embedding and the ViT tail record their choice only outside a graph, so a compiled run's

@@ -1,4 +1,5 @@
 """`segpcl-fast profile` on CPU: trace, top-ops table, stage ranges, ncu command."""
+import contextlib
 import json
 
 import pytest
@@ -84,7 +85,7 @@ def test_stage_ranges_are_removed_afterwards():
 def test_ncu_command_names_the_kernel_and_reruns_profile():
     cmd = ncu_command("void at::native::vectorized_elementwise_kernel<4, ...>(int, ...)", ["--set", "run.compile=true",
                                                                                           "--steps", "1"])
-    assert cmd.startswith("ncu --kernel-name-base demangled --kernel-name "
+    assert cmd.startswith("ncu --profile-from-start off --kernel-name-base demangled --kernel-name "
                           "'regex:(^| )at::native::vectorized_elementwise_kernel<4, \\.\\.\\.>(\\(.*\\))?$' --launch-skip")
     # the rerun has torch.profiler off (--nvtx): ncu's CUPTI session is the only one
     assert cmd.endswith("segpcl_fast.cli profile --set run.compile=true --steps 1 --nvtx")
@@ -98,18 +99,26 @@ def test_profile_nvtx_runs_under_emit_nvtx_without_torch_profiler(tiny_model_nam
     from segpcl_fast.method import losses
     monkeypatch.setattr(profile_mod, "_is_cuda", lambda device: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    seen = []
+    seen, window = [], []
+
+    @contextlib.contextmanager
+    def cuda_profiler_window():  # cudaProfilerStart / Stop, which need a driver
+        window.append("start")
+        yield
+        window.append("stop")
+    monkeypatch.setattr(profile_mod, "cuda_profiler_window", cuda_profiler_window)
     real = losses.cls_loss
 
     def cls_loss(*args, **kwargs):  # what profiler runs while the training step runs
-        seen.append(torch._C._autograd._profiler_type())
+        seen.append((torch._C._autograd._profiler_type(), list(window)))
         return real(*args, **kwargs)
     monkeypatch.setattr(losses, "cls_loss", cls_loss)
     out = profile_training(_config(tiny_model_name, tmp_path / "unused"), tmp_path / "prof", steps=2, nvtx=True)
     assert out["nvtx"] and out["task"] == 2 and out["steps"] == 2 and out["paths"] == {}
-    nvtx = torch._C._profiler.ActiveProfilerType.NVTX
-    assert seen[:2] == [torch._C._profiler.ActiveProfilerType.NONE] * 2  # task 1, the warm-up: no profiler
-    assert seen[2:] == [nvtx, nvtx]  # task 2: NVTX ranges, and no torch.profiler (Kineto) session
+    nvtx, none = torch._C._profiler.ActiveProfilerType.NVTX, torch._C._profiler.ActiveProfilerType.NONE
+    assert seen[:2] == [(none, [])] * 2  # task 1, the warm-up: no profiler, and outside ncu's / nsys's window
+    # task 2: NVTX ranges, no torch.profiler (Kineto) session, inside cudaProfilerStart / Stop
+    assert seen[2:] == [(nvtx, ["start"])] * 2 and window == ["start", "stop"]
     assert not (tmp_path / "prof").exists()  # the Nsight tool writes the report; nothing here
     assert not torch._C._autograd._profiler_enabled()
 
@@ -151,7 +160,7 @@ def test_cli_profile(tiny_model_name, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(profile_mod, "profile_training", lambda *a, **k: {**real(*a, **k), "on_gpu": True})
     assert main(args[:-2] + ["--set", f"run.output_dir={tmp_path / 'q'}"]) == 0
     assert (tmp_path / "q" / "trace.json").exists()
-    ncu = next(line for line in capsys.readouterr().out.splitlines() if "ncu --kernel-name" in line)
+    ncu = next(line for line in capsys.readouterr().out.splitlines() if "ncu --profile-from-start off --kernel-name" in line)
     # the rerun repeats the profiled window (same --steps), into its own folder, under --nvtx
     assert ncu.count("--steps 1") == 1 and ncu.endswith(f"-o {tmp_path / 'q'}-ncu --nvtx")
 
@@ -175,3 +184,25 @@ def test_e2e_step_profile_script(tmp_path):
     assert summary["mfu_under_profiler"] == pytest.approx(
         summary["step_flops"] / (summary["step_ms"] / 1e3) / (summary["matmul_peak_tflops"] * 1e12), rel=2e-3)
     assert summary["gemm_attention_tflops"] * 1e12 > summary["step_flops"] / (summary["step_ms"] / 1e3)
+
+
+def test_profiled_task_is_past_the_tasks_that_compile():
+    from segpcl_fast.engine.profile import profiled_task
+    assert [profiled_task(n, False) for n in (1, 2, 3, 10)] == [0, 1, 1, 1]
+    assert [profiled_task(n, True) for n in (1, 2, 3, 10)] == [0, 1, 2, 2]
+
+
+@pytest.mark.slow
+def test_a_compiled_profile_window_compiles_nothing(tiny_model_name, tmp_path):
+    """Tasks 1 and 2 compile graphs (task 2: the teacher's and the batch grown by anchors); a window on
+    task 2 timed mostly dynamo. Under run.compile the window is task 3, and the count proves it."""
+    from segpcl_fast.engine.compiling import CompileSettings
+    settings = CompileSettings(backend="aot_eager")
+    cfg = _config(tiny_model_name, tmp_path / "unused", run__compile=True, num_tasks=4)
+    out = profile_training(cfg, tmp_path / "prof", steps=1, compile_settings=settings)
+    assert out["task"] == 3 and out["graphs_compiled_in_window"] == 0
+    torch._dynamo.reset()
+    cfg = _config(tiny_model_name, tmp_path / "unused2", run__compile=True, num_tasks=2)
+    out = profile_training(cfg, tmp_path / "prof2", steps=1, compile_settings=settings)
+    assert out["task"] == 2 and out["graphs_compiled_in_window"] > 0  # the count sees what task 2 compiles
+    torch._dynamo.reset()

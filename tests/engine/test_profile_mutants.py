@@ -113,8 +113,8 @@ def test_kernel_category_more_names(name, category):
 
 def test_ncu_command_exact():
     cmd = ncu_command("void my_kernel<float, 4>(Params<float, 4>)", ["--steps", "3", "-o", "out dir"], launches=40)
-    assert shlex.split(cmd) == ["ncu", "--kernel-name-base", "demangled", "--kernel-name",
-                                r"regex:(^| )my_kernel<float, 4>(\(.*\))?$", "--launch-skip", "10", "--launch-count", "1",
+    assert shlex.split(cmd) == ["ncu", "--profile-from-start", "off", "--kernel-name-base", "demangled",
+                                "--kernel-name", r"regex:(^| )my_kernel<float, 4>(\(.*\))?$", "--launch-skip", "10", "--launch-count", "1",
                                 "--set", "full", "-f", "-o", "segpcl_kernel", sys.executable, "-m",
                                 "segpcl_fast.cli", "profile", "--steps", "3", "-o", "out dir", "--nvtx"]
 
