@@ -663,10 +663,11 @@ class Trainer:
                     self._claim_output_dir()
                 for stale in ckpt.remove_stale_run_temps(self.out):  # a killed run's half-written files
                     log.info("removed %s, left by a run killed while writing", stale)
-                # resuming is an action, not part of the run's config: a later `train --config <dir>/config.yaml`
-                # without --resume must not resume silently; locations are saved absolute, so `evaluate` and
-                # `--resume` of the run work from any working directory
-                save_config(apply_overrides(c, {"run.resume": False}), self.out / "config.yaml")
+                # resuming and overwriting are actions, not part of the run's config: a later `train --config
+                # <dir>/config.yaml` without --resume must neither resume silently nor delete this run's
+                # checkpoints (a saved run.overwrite=true did, with nothing said); locations are saved
+                # absolute, so `evaluate` and `--resume` of the run work from any working directory
+                save_config(apply_overrides(c, {"run.resume": False, "run.overwrite": False}), self.out / "config.yaml")
             except Exception as e:  # noqa: BLE001  (whatever stops rank 0 here must stop every rank)
                 problem = e
         ddp.raise_on_every_rank(problem, self.dist)  # no rank trains into a run rank 0 refused

@@ -187,6 +187,18 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_model_name, tmp_path, cap
     assert load_config(tmp_path / "run" / "config.yaml").run.resume is False
 
 
+def test_a_run_made_with_overwrite_is_not_overwritten_by_its_own_config(tiny_model_name, tmp_path):
+    """config.yaml recorded run.overwrite=true, so `train --config <dir>/config.yaml` (the README's resume
+    command without --resume) deleted the run's checkpoints and trained again, saying nothing."""
+    from segpcl_fast.cli import main
+    from segpcl_fast.config import load_config
+    train(small_config(tiny_model_name, tmp_path / "run", overwrite=True))
+    assert load_config(tmp_path / "run" / "config.yaml").run.overwrite is False
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    assert main(["train", "--config", str(tmp_path / "run" / "config.yaml")]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()} == before
+
+
 def test_resume_of_a_finished_run_missing_its_last_checkpoint_says_how_to_retrain(tiny_model_name, tmp_path,
                                                                                   caplog):
     """A finished run whose last checkpoint was deleted (a damaged one's error says to delete it): --resume
