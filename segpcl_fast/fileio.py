@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -91,13 +92,42 @@ class UnsafeFileError(ValueError):
     """A torch file holding Python objects that torch.load(weights_only=True) refuses to unpickle."""
 
 
+class DamagedFileError(ValueError):
+    """A torch file whose bytes changed after it was written (a record fails its CRC-32 check)."""
+
+
+CRC_CHUNK = 16 << 20
+
+
+def check_torch_zip(path: str | os.PathLike) -> None:
+    """Every record of a torch zip file against the CRC-32 torch.save stored for it: torch.load reads
+    a record with changed bytes as if nothing were wrong (a damaged copy or disk gave NaN losses and
+    wrong predictions, or silently other weights). Records saved without a CRC (torch.utils.serialization
+    config save.compute_crc32=False stores 0) and legacy non-zip files are not checked. Raises
+    DamagedFileError naming the first bad record."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size > 0:  # no CRC stored: nothing to check against
+                    continue
+                with archive.open(info) as record:  # reading to the end checks the CRC-32
+                    while record.read(CRC_CHUNK):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+        raise DamagedFileError(f"its bytes changed after it was written ({e}): a damaged copy or disk") from None
+
+
 def load_torch_file(path: str | os.PathLike, map_location="cpu"):
     """torch.load(path, weights_only=True): tensors, numbers, strings, lists, tuples and dicts only.
 
     Anything else (pickled classes, functions: what a crafted file uses to run code on load) raises
-    UnsafeFileError; other failures (truncated, not a torch file) propagate as torch raises them."""
+    UnsafeFileError; a record that fails its CRC-32 check raises DamagedFileError (check_torch_zip);
+    other failures (truncated, not a torch file) propagate as torch raises them."""
     import torch  # here, not at module load: config and data import fileio without needing torch
 
+    check_torch_zip(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

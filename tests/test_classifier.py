@@ -248,6 +248,12 @@ def test_devices_damaged_checkpoints_and_folder_outputs_are_one_clear_error(run,
         (copy / "checkpoints" / name).write_bytes(data[:len(data) // 2] if name == "task_01.pt" else data)
     with pytest.raises(ClassifierError, match=r"task_01.pt is damaged .*or use the one before it \(--task 1"):
         load_classifier(copy / "checkpoints" / "task_01.pt")
+    data = bytearray((out / "checkpoints" / "task_01.pt").read_bytes())  # whole, but a block in it changed
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    (copy / "checkpoints" / "task_01.pt").write_bytes(bytes(data))
+    with pytest.raises(ClassifierError, match=r"task_01.pt is damaged \(DamagedFileError: its bytes changed .*or use "
+                                              r"the one before it \(--task 1"):
+        load_classifier(copy / "checkpoints" / "task_01.pt")
     assert load_classifier(copy, task=1).task == 1
     with pytest.raises(ClassifierError, match="is a folder: export writes one file"):
         load_classifier(out).export(tmp_path)

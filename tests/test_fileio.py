@@ -103,3 +103,38 @@ def test_load_torch_file_reads_tensors_and_plain_values_only(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")  # no torch file: not "unsafe", and one line
     with pytest.raises(pickle.UnpicklingError, match=r"^not a torch file \(Unsupported operand \d+\)$"):
         load_torch_file(tmp_path / "junk.pt")  # without torch's advice to retry with weights_only=False
+
+
+def _damage(path, offset_fraction=0.5, n=64):
+    """Overwrite n bytes in the middle of a file (a flipped disk block), keeping its size."""
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * offset_fraction)
+    data[at:at + n] = bytes(255 - b for b in data[at:at + n])
+    path.write_bytes(bytes(data))
+
+
+def test_a_torch_file_whose_bytes_changed_is_refused_not_loaded(tmp_path):
+    """torch.load reads a tensor record with changed bytes as if nothing were wrong; the CRC-32 torch.save
+    stores per record catches it (a damaged checkpoint resumed into NaN losses, or other weights)."""
+    from segpcl_fast.fileio import DamagedFileError
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.arange(20000.0)}, path)
+    assert torch.equal(load_torch_file(path)["w"], torch.arange(20000.0))
+    _damage(path)
+    assert not torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(20000.0))  # what torch gives
+    with pytest.raises(DamagedFileError, match=r"its bytes changed after it was written \(Bad CRC-32 for file "
+                                               r"'w/data/0'\): a damaged copy or disk"):
+        load_torch_file(path)
+
+
+def test_a_torch_file_saved_without_crcs_still_loads(tmp_path):
+    """torch.utils.serialization.config.save.compute_crc32=False stores 0 for every CRC: nothing to check."""
+    serialization = pytest.importorskip("torch.utils.serialization")
+    if not hasattr(serialization.config.save, "compute_crc32"):
+        pytest.skip("this torch always stores CRCs")
+    path = tmp_path / "w.pt"
+    with serialization.config.patch({"save.compute_crc32": False}):
+        torch.save({"w": torch.arange(20000.0)}, path)
+    import zipfile
+    assert {info.CRC for info in zipfile.ZipFile(path).infolist()} == {0}
+    assert torch.equal(load_torch_file(path)["w"], torch.arange(20000.0))

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PRECISIONS
-from ..fileio import UnsafeFileError, load_torch_file
+from ..fileio import DamagedFileError, UnsafeFileError, check_torch_zip, load_torch_file
 from . import vit_tail
 from .patch_embed import conv_is_cheaper, use_patch_gemm
 
@@ -429,6 +429,12 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
     if name.startswith("hf-hub:"):
         _require_cached_hf_config(name, cache_dir)
     tokenizer = _tokenizer(name)  # first: a tokenizer missing offline fails before a large model is built
+    if resolved and os.path.isfile(resolved):
+        try:  # open_clip's torch.load reads a record with changed bytes as if nothing were wrong
+            check_torch_zip(resolved)
+        except DamagedFileError as e:
+            raise ModelLoadError(f"could not load {name} with pretrained='{pretrained}': '{resolved}' {e}; copy or "
+                                 "download the weights again") from None
     try:
         with _hf_hub_offline():
             clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device,
