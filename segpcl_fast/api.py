@@ -182,7 +182,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         ckpt.check_same_data(last, state, trainer.scenario.class_names, trainer.split_digest,
                              trainer.model.image_stats.geometry())
         ckpt.restore_lora(last, trainer.model, state)
-        trainer.learner.load_state_dict(state["learner"])
+        ckpt.restore_learner(last, trainer.learner, state, trainer.cfg.model.pretrained)
         counts = trainer.evaluate_seen(state["task"])
     return {"task": state["task"] + 1,
             "acc_per_task_j": [percent(c, n) for c, _, n in counts],

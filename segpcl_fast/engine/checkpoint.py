@@ -242,6 +242,19 @@ def check_split(path: PathLike, state: Mapping, digest: str) -> None:
                           f"data.split_file")
 
 
+def restore_learner(path: PathLike, learner, state: Mapping, pretrained: Optional[str]) -> None:
+    """learner.load_state_dict(state["learner"]); a checkpoint whose reference text embeddings are not this
+    model's (the run's weights moved, or others given) is one CheckpointError naming model.pretrained."""
+    from ..method.learner import ReferenceTextMismatch
+    try:
+        learner.load_state_dict(state["learner"])
+    except ReferenceTextMismatch:
+        raise CheckpointError(f"checkpoint {path}: the run's reference text embeddings differ from this model's, so "
+                              f"these are not the run's pretrained weights (model.pretrained={pretrained!r}) or "
+                              "prompts; give the run's own: --set model.pretrained=/path/to/them (a file) or "
+                              "--set model.cache_dir=/their/cache (a named tag)") from None
+
+
 def check_same_data(path: PathLike, state: Mapping, class_names: list, split_digest: str,
                     geometry: Mapping) -> None:
     """What resume and evaluate ask of a checkpoint before using it: this run's class names, train / test

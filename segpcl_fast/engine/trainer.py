@@ -632,7 +632,7 @@ class Trainer:
                 ckpt.check_same_data(last, state, self.scenario.class_names, self.split_digest,
                                      self.model.image_stats.geometry())
                 ckpt.restore_lora(last, self.model, state)
-                self.learner.load_state_dict(state["learner"])
+                ckpt.restore_learner(last, self.learner, state, c.model.pretrained)
                 correct = np.array(state["correct"], dtype=np.float64)
                 correct_own = np.array(state.get("correct_own", np.full((T, T), np.nan)), dtype=np.float64)
                 fwt_before = state["fwt_before"]

@@ -45,6 +45,10 @@ def stack_batches(batches: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+class ReferenceTextMismatch(RuntimeError):
+    """A checkpoint's reference text embeddings are not this model's (other weights or prompts)."""
+
+
 class Learner:
     def __init__(self, cfg: Config, model: CLIPModel, class_prompts: Sequence[Sequence[str]],
                  device: torch.device):
@@ -260,8 +264,8 @@ class Learner:
         self.text_cache = state["text_cache"].to(self.device) if state["text_cache"] is not None else None
         stored = state["ref_text"].to(self.device)
         if not same_reference_text(stored, self.ref_text, self.cfg.run.text_precision):
-            raise RuntimeError("checkpoint's reference text embeddings differ from this model's: "
-                               "the checkpoint was made with other pretrained weights or prompts")
+            raise ReferenceTextMismatch("checkpoint's reference text embeddings differ from this model's: "
+                                        "the checkpoint was made with other pretrained weights or prompts")
 
     def trainable_parameters(self) -> list:
         return lora_parameters(self.model)

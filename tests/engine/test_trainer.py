@@ -1117,3 +1117,30 @@ def test_train_gives_the_callers_process_state_back(tiny_model_name, tmp_path):
         assert torch.equal(torch.random.get_rng_state(), rng) and np.array_equal(np.random.get_state()[1], np_state[1])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_resume_or_evaluate_with_other_pretrained_weights_is_one_error_naming_the_fix(tiny_model_name, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """The run's weights are a file; a perturbed copy given instead (a moved run pointed at the wrong file)
+    fails the reference-text check: a CheckpointError naming model.pretrained and the fix, not a traceback."""
+    from segpcl_fast.api import evaluate
+    from segpcl_fast.cli import main
+    from segpcl_fast.model.clip import load_model
+    weights, other = tmp_path / "weights.pt", tmp_path / "other.pt"
+    state = load_model(tiny_model_name, pretrained=None).clip.state_dict()
+    torch.save(state, weights)
+    torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}, other)
+    crash_at_task(monkeypatch, task=1)  # an interrupted run: task 1 checkpointed
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_model_name, tmp_path / "run", model__pretrained=str(weights)))
+    monkeypatch.undo()
+    want = (r"task_00.pt: the run's reference text embeddings differ from this model's, so these are not the run's "
+            r"pretrained weights \(model.pretrained='.*other.pt'\) or prompts; give the run's own: --set "
+            r"model.pretrained=/path/to/them \(a file\) or --set model.cache_dir=/their/cache \(a named tag\)")
+    with pytest.raises(ckpt.CheckpointError, match=want):
+        evaluate(tmp_path / "run", [f"model.pretrained={other}"])
+    assert evaluate(tmp_path / "run")["task"] == 1  # its own weights: fine
+    assert main(["train", "--config", str(tmp_path / "run" / "config.yaml"), "--resume",
+                 "--set", f"model.pretrained={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "give the run's own: --set model.pretrained=" in err
