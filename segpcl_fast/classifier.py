@@ -49,7 +49,7 @@ import torch
 
 from .config import ConfigError, apply_overrides, config_from_dict, join_some, override_key, runs_below
 from .data.transforms import clip_test_transform
-from .fileio import UnsafeFileError, atomic_path, load_torch_file, unwritable_dir_reason
+from .fileio import UnsafeFileError, load_torch_file, save_torch_file, unwritable_dir_reason
 from .method.learner import same_reference_text
 from .method.prototypes import dual_path_logits
 from .model.clip import CLIPModel, ImageStats, model_from_state_dict
@@ -231,9 +231,7 @@ class ContinualClassifier:
                    "logit_scale": float(self.model.logit_scale().detach()), "task": self.task,
                    "image_autocast": None if autocast is None else str(autocast).removeprefix("torch."),
                    "image_stats": {"size": stats.size, "mean": list(stats.mean), "std": list(stats.std), **stats.geometry()}}
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-        return Path(path)
+        return save_torch_file(payload, path)
 
 
 def check_export_path(path: PathLike) -> None:

@@ -5,7 +5,9 @@
     # on normal exit: fsync, the mode open() would give (mkstemp makes 0600), os.replace onto the
     # target; on an exception: the temp file is removed and the target is untouched
 
-A reader sees the old file or the whole new one, never a half-written file. `durable=True` also
+A reader sees the old file or the whole new one, never a half-written file; a write that fails (a full
+disk, a file-size limit; torch.save's zip writer too, through `save_torch_file`) is an OSError naming
+the target. SIGINT / SIGTERM are held while the temp file is made. `durable=True` also
 fsyncs the folder, so the rename itself survives a crash (checkpoints and their pointer). A process
 killed outright (SIGKILL, power loss) leaves its temp file behind: `remove_stale_temps` clears a
 run's folders when the run starts or resumes.
@@ -15,9 +17,11 @@ weights_only=True, so a file from elsewhere can hold tensors and plain values bu
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import signal
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -47,25 +51,74 @@ def _fsync(path: str | os.PathLike) -> None:
 
 
 @contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (delivered when the block ends) on platforms that can block them: a
+    temp file is created and its name recorded for clean-up without a Ctrl-C between the two."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside `path`; replace `path` with it when the block ends without error."""
+    """Yield a temp path beside `path`; replace `path` with it when the block ends without error.
+    An OSError while writing (a full disk, a file-size limit) names `path`, not the temp file or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:  # name the file being written, not the temp name beside it
-        raise type(e)(e.errno, e.strerror, str(path)) from e
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        _fsync(tmp)
-        chmod_like_open(tmp)
-        os.replace(tmp, path)
+        with _signals_held():  # a Ctrl-C between mkstemp and `tmp = ...` left the temp file behind
+            try:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            except OSError as e:  # name the file being written, not the temp name beside it
+                raise type(e)(e.errno, e.strerror, str(path)) from e
+            os.close(fd)
+        try:
+            yield Path(tmp)
+            _fsync(tmp)
+            chmod_like_open(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.filename not in (None, tmp, str(tmp)):
+                raise
+            raise type(e)(e.errno, f"{e.strerror or e} while writing it{_space_hint(e)}", str(path)) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     if durable:
         _fsync(path.parent)
+
+
+def save_torch_file(obj, path: str | os.PathLike, durable: bool = False) -> Path:
+    """torch.save(obj) to `path` atomically. torch reports a failed write (a full disk, a file-size
+    limit) as a RuntimeError from its zip writer ("enforce fail at inline_container.cc ... unexpected
+    pos"), naming no file: here it is an OSError naming `path`."""
+    import torch
+
+    with atomic_path(path, durable) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            if not any(k in str(e) for k in ("inline_container", "PytorchStreamWriter", "unexpected pos")):
+                raise
+            first = str(e).strip().splitlines()[0][:200]
+            raise OSError(errno.EIO, f"torch.save could not write it ({first}): the disk may be full, or a "
+                                     "file-size limit (`ulimit -f`) reached", str(tmp)) from e
+    return Path(path)
+
+
+def _space_hint(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return " (the disk is full: free space there, or write elsewhere)"
+    if e.errno == errno.EFBIG:
+        return " (a file-size limit: `ulimit -f` in this shell, or the file system's own)"
+    return ""
 
 
 # mkstemp's names here: "." + target name + "." + 8 random characters + ".tmp"

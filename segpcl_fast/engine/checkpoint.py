@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..fileio import UnsafeFileError, atomic_path, atomic_write_text, load_torch_file, remove_stale_temps
+from ..fileio import UnsafeFileError, atomic_write_text, load_torch_file, remove_stale_temps, save_torch_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -110,9 +110,7 @@ def config_diff(old: Mapping, new: Mapping, ignore_keys: Iterable[str] = RUN_ONL
 
 def save_checkpoint(path: PathLike, state: Mapping) -> Path:
     """torch.save `state` to `path` atomically: a reader sees the old file or the whole new one."""
-    with atomic_path(path, durable=True) as tmp:
-        torch.save(dict(state), tmp)
-    return Path(path)
+    return save_torch_file(dict(state), path, durable=True)
 
 
 def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
