@@ -578,7 +578,11 @@ class Trainer:
         Result is the run's results.json (which also holds the ops and timings of the real run)."""
         from ..report.results import read_results
         path = self.out / "results.json"
-        saved = read_results(path)
+        try:
+            saved = read_results(path)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{e}: delete it and --resume again, which writes it anew from the "
+                                       "run's checkpoints (no task trains)") from None
         diff = ckpt.config_diff(saved.get("config") or {}, self.cfg.to_dict(), defaults=type(self.cfg)().to_dict())
         if diff:
             raise ckpt.CheckpointError(

@@ -148,7 +148,10 @@ def read_results(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no results file at {path}; run `segpcl-fast train` first")
-    with open(path) as f:
-        data = json.load(f)
-    data["matrix"] = M.matrix_from_list(data["matrix"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        data["matrix"] = M.matrix_from_list(data["matrix"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not a whole results.json ({type(e).__name__}: {e})") from None
     return data

@@ -199,6 +199,22 @@ def test_a_run_made_with_overwrite_is_not_overwritten_by_its_own_config(tiny_mod
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()} == before
 
 
+def test_resume_of_a_finished_run_with_a_cut_results_file_says_how_to_rewrite_it(tiny_model_name, tmp_path):
+    """results.json cut in half (a full disk on a copy) gave a JSONDecodeError traceback; the fix the error
+    names (delete it, --resume) writes it again from the checkpoints, with the same metrics."""
+    full = train(small_config(tiny_model_name, tmp_path / "run"))
+    path = tmp_path / "run" / "results.json"
+    text = path.read_text()
+    path.write_text(text[:len(text) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"results.json is not a whole results.json \(JSONDecodeError: "
+                                                   r".*delete it and --resume again"):
+        train(small_config(tiny_model_name, tmp_path / "run", resume=True))
+    path.unlink()
+    again = train(small_config(tiny_model_name, tmp_path / "run", resume=True))
+    assert again.metrics == pytest.approx(full.metrics) and again.accuracy_matrix == full.accuracy_matrix
+    assert json.loads(path.read_text())["metrics"] == pytest.approx(full.metrics)
+
+
 def test_resume_of_a_finished_run_missing_its_last_checkpoint_says_how_to_retrain(tiny_model_name, tmp_path,
                                                                                   caplog):
     """A finished run whose last checkpoint was deleted (a damaged one's error says to delete it): --resume
