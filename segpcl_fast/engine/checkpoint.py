@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 
 from ..fileio import UnsafeFileError, atomic_write_text, load_torch_file, remove_stale_temps, save_torch_file
+from ..version import __version__
 
 PathLike = Union[str, os.PathLike]
 
@@ -193,6 +194,14 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
         if not diff and defaults is not None:  # only keys added since, each at its default
             return
     own = Path(path).parent.parent / "config.yaml"  # <run>/checkpoints/task_NN.pt -> <run>/config.yaml
+    known = _relevant(defaults, ignore_keys) if defaults is not None else None
+    unknown = sorted(k for k in diff or {} if known is not None and k not in known)
+    if unknown:  # a newer version's keys: "resume with the same config" cannot be followed here
+        writer = state.get("segpcl_fast_version", "another version")
+        raise CheckpointError(f"checkpoint {path} was written by segpcl_fast {writer} with config keys this "
+                              f"segpcl_fast ({__version__}) does not know: {', '.join(unknown)}; {purpose} it with "
+                              f"the version that wrote it (pip install segpcl_fast=={writer}), or start a new run "
+                              "(--set run.output_dir=...)")
     if purpose == "resume":
         fix = ("Resume (--resume) with the same config (only run-only keys such as "
                f"{', '.join(RUN_ONLY_EXAMPLES)}, ... may change), or set a new run.output_dir "

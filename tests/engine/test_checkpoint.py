@@ -175,3 +175,22 @@ def test_a_checkpoint_damaged_on_disk_is_one_error_with_the_fix(tmp_path):
                                                    r".*; delete it and .*last \(it names this file\) to resume from "
                                                    r"the one before"):
         ckpt.load_checkpoint(path, ckpt.config_fingerprint(cfg), cfg)
+
+
+def test_a_checkpoint_of_a_newer_version_with_keys_this_one_lacks_names_the_writer(tmp_path):
+    """Its advice was "resume with the same config --config <run>/config.yaml", which this version
+    refuses (unknown key): name the version that wrote it instead."""
+    newer = _cfg()
+    newer["optim"]["new_knob"] = 3
+    state = {**_state(newer, 0, 1.0), "segpcl_fast_version": "9.9.9"}
+    path = ckpt.save_task_checkpoint(tmp_path, 0, state)
+    current = _cfg()
+    with pytest.raises(ckpt.CheckpointError, match=r"written by segpcl_fast 9.9.9 with config keys this segpcl_fast "
+                                                   r"\(.*\) does not know: optim.new_knob; resume it with the version "
+                                                   r"that wrote it \(pip install segpcl_fast==9.9.9\)"):
+        ckpt.load_checkpoint(path, ckpt.config_fingerprint(current), current, defaults=Config().to_dict())
+    newer["optim"]["lr"] = 0.5  # a known key that differs too: still the writer's version is the fix
+    with pytest.raises(ckpt.CheckpointError, match="does not know: optim.new_knob"):
+        ckpt.load_checkpoint(ckpt.save_task_checkpoint(tmp_path, 1, {**_state(newer, 1, 1.0),
+                                                                     "segpcl_fast_version": "9.9.9"}),
+                             ckpt.config_fingerprint(current), current, defaults=Config().to_dict())
