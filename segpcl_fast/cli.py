@@ -538,8 +538,9 @@ def main(argv=None) -> int:
         return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # a path that cannot be written or read: the OS's reason and the path, one line
         path = f"{e.filename}: " if e.filename else ""
-        fix = (" (this user may not read or write it: fix its permissions or owner, e.g. chmod -R a+rX on a "
-               "dataset folder, or use a copy it can reach)" if isinstance(e, PermissionError) else "")
+        fix = (" (this user may not read or write it: fix its permissions or owner (chmod u+w on a folder it "
+               "writes, chmod -R a+rX on a dataset folder it reads), or use a copy or folder it can reach)"
+               if isinstance(e, PermissionError) else "")
         _report_error(f"{path}{e.strerror or e}{fix}", where, False)
         _leave_process_group()
         return 2

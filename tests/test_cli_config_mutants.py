@@ -263,8 +263,9 @@ def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):
     monkeypatch.setattr(segpcl_fast.api, "train", denied)
     assert main(["train", "-o", "unused"]) == 2
     assert capsys.readouterr().err == ("segpcl-fast: error: /runs/x/results.json: Permission denied (this user may not "
-                                       "read or write it: fix its permissions or owner, e.g. chmod -R a+rX on a "
-                                       "dataset folder, or use a copy it can reach)\n")
+                                       "read or write it: fix its permissions or owner (chmod u+w on a folder it "
+                                       "writes, chmod -R a+rX on a dataset folder it reads), or use a copy or folder "
+                                       "it can reach)\n")
 
     def gone(cfg):  # other OS errors: the OS's reason alone
         raise IsADirectoryError(21, "Is a directory", "/runs/x/results.json")

@@ -285,10 +285,14 @@ class Trainer:
         self.holds_final_weights = False
         self._lock = None  # ckpt.lock_run_dir's, while run() runs on rank 0
         ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
-        problem = unwritable_dir_reason(self.out) if writes and self.dist.is_main else None
+        problem = None
+        if writes and self.dist.is_main:  # the run folder, and its checkpoints/ where an earlier run made it
+            problem = next(filter(None, (unwritable_dir_reason(d) for d in (self.out, self.out / ckpt.CHECKPOINT_DIR)
+                                         if d == self.out or d.is_dir())), None)
+        fix = ("make it writable to resume this run there (chmod u+w), or copy the run to a folder you can write and "
+               "resume that" if self.cfg.run.resume else "pick another folder with -o (run.output_dir)")
         # before the data is indexed and weights load, not at the first file written; on every rank
-        ddp.raise_on_every_rank(ConfigError(f"run.output_dir: {problem}; pick another folder with -o "
-                                            "(run.output_dir)") if problem else None, self.dist)
+        ddp.raise_on_every_rank(ConfigError(f"run.output_dir: {problem}; {fix}") if problem else None, self.dist)
         self.device = self.dist.device(self.cfg.run.device) if self.dist.enabled else resolve_device(self.cfg.run.device)
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)

@@ -1160,3 +1160,25 @@ def test_resume_or_evaluate_with_other_pretrained_weights_is_one_error_naming_th
                  "--set", f"model.pretrained={other}"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "give the run's own: --set model.pretrained=" in err
+
+
+def test_a_resume_whose_checkpoints_folder_cannot_be_written_fails_before_training(tiny_model_name, tmp_path,
+                                                                                   monkeypatch):
+    """A read-only checkpoints/ in a writable run folder was found only after a whole task trained (its
+    checkpoint's write failed), and a read-only run folder got "pick another folder with -o", which starts a
+    new run rather than resuming: both are refused up front, with a fix that resumes."""
+    crash_at_task(monkeypatch, task=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_model_name, tmp_path / "run"))
+    monkeypatch.undo()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != checkpoints and real_access(p, mode, **kw))
+    trained = []
+    monkeypatch.setattr(Trainer, "train_task", lambda self, t: trained.append(t))
+    with pytest.raises(ConfigError, match=rf"run.output_dir: {checkpoints} is not writable; make it writable to "
+                                          r"resume this run there \(chmod u\+w\), or copy the run"):
+        train(small_config(tiny_model_name, tmp_path / "run", resume=True))
+    assert trained == []
+    with pytest.raises(ConfigError, match="pick another folder with -o"):  # a new run there: another folder
+        train(small_config(tiny_model_name, tmp_path / "run", overwrite=True))
