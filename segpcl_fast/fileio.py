@@ -84,10 +84,15 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
             _fsync(tmp)
             chmod_like_open(tmp)
             os.replace(tmp, path)
-        except OSError as e:
-            if e.filename not in (None, tmp, str(tmp)):
-                raise
-            raise type(e)(e.errno, f"{e.strerror or e} while writing it{_space_hint(e)}", str(path)) from e
+        except OSError as e:  # the OS's error writing the temp file (no name, or the temp's): name the target
+            if e.errno is None or (e.filename is not None and str(e.filename) != str(tmp)):
+                raise  # the caller's own error (another file, a network error): as it was raised
+            message = f"{e.strerror or e} while writing it{_space_hint(e)}"
+            try:
+                relabelled = type(e)(e.errno, message, str(path))
+            except TypeError:  # a subclass with another constructor
+                relabelled = OSError(e.errno, message, str(path))
+            raise relabelled from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -109,7 +114,7 @@ def save_torch_file(obj, path: str | os.PathLike, durable: bool = False) -> Path
                 raise
             first = str(e).strip().splitlines()[0][:200]
             raise OSError(errno.EIO, f"torch.save could not write it ({first}): the disk may be full, or a "
-                                     "file-size limit (`ulimit -f`) reached", str(tmp)) from e
+                                     "file-size limit (`ulimit -f`) reached", str(path)) from e
     return Path(path)
 
 
@@ -158,18 +163,28 @@ def check_torch_zip(path: str | os.PathLike) -> None:
     wrong predictions, or silently other weights). Records saved without a CRC (torch.utils.serialization
     config save.compute_crc32=False stores 0) and legacy non-zip files are not checked. Raises
     DamagedFileError naming the first bad record."""
-    if not zipfile.is_zipfile(path):
-        return
     try:
+        if not zipfile.is_zipfile(path):
+            return
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
+                # torch writes neither folders nor encrypted records; its reader takes a record flagged
+                # as a folder for an empty one (a one-bit change gave uninitialised tensor memory)
+                if info.is_dir() or info.external_attr & 0x10 or info.flag_bits & 0x1:
+                    raise zipfile.BadZipFile(f"record {info.filename!r} is flagged as a folder or encrypted")
                 if info.CRC == 0 and info.file_size > 0:  # no CRC stored: nothing to check against
                     continue
                 with archive.open(info) as record:  # reading to the end checks the CRC-32
                     while record.read(CRC_CHUNK):
                         pass
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
-        raise DamagedFileError(f"its bytes changed after it was written ({e}): a damaged copy or disk") from None
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # not damage: the caller's own error for an unreadable path
+    # damaged headers fail in many ways inside zipfile: a name that does not decode, an unknown
+    # compression method, a seek before the start, a bad magic number
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, RuntimeError,
+            OSError) as e:
+        raise DamagedFileError(f"its bytes changed after it was written ({type(e).__name__}: {e}): a damaged "
+                               "copy or disk") from None
 
 
 def load_torch_file(path: str | os.PathLike, map_location="cpu"):

@@ -122,7 +122,7 @@ def test_a_torch_file_whose_bytes_changed_is_refused_not_loaded(tmp_path):
     assert torch.equal(load_torch_file(path)["w"], torch.arange(20000.0))
     _damage(path)
     assert not torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(20000.0))  # what torch gives
-    with pytest.raises(DamagedFileError, match=r"its bytes changed after it was written \(Bad CRC-32 for file "
+    with pytest.raises(DamagedFileError, match=r"its bytes changed after it was written \(BadZipFile: Bad CRC-32 for file "
                                                r"'w/data/0'\): a damaged copy or disk"):
         load_torch_file(path)
 
@@ -180,6 +180,7 @@ def test_a_write_past_a_file_size_limit_names_the_file_and_leaves_nothing(tmp_pa
     assert sorted(os.listdir(tmp_path)) == []  # no temp file, no half target
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="SIGINT to itself ends the process")
 def test_a_ctrl_c_right_after_the_temp_file_is_made_leaves_no_temp_file(tmp_path, monkeypatch):
     """A KeyboardInterrupt between mkstemp returning and the temp name being recorded left
     '.<name>.XXXXXXXX.tmp' behind (seen in 1 of 37 SIGTERMs): the signals are held across it."""
@@ -195,4 +196,45 @@ def test_a_ctrl_c_right_after_the_temp_file_is_made_leaves_no_temp_file(tmp_path
     with pytest.raises(KeyboardInterrupt):
         with atomic_path(tmp_path / "config.yaml") as tmp:
             tmp.write_text("never finished")
+    assert os.listdir(tmp_path) == []
+
+
+def test_damaged_zip_headers_are_damage_not_other_errors(tmp_path):
+    """Bytes changed in a record's headers: a record flagged as a folder (torch's reader then returns
+    uninitialised memory for it, the CRC still matching), a name that no longer decodes, an unknown
+    compression method: each is a DamagedFileError, not a UnicodeDecodeError / NotImplementedError."""
+    import zipfile
+
+    from segpcl_fast.fileio import DamagedFileError
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(8)}, path)
+    data = path.read_bytes()
+    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("data/0"))
+    central = data.index(info.filename.encode(), data.index(b"PK\x01\x02")) - 46  # this record's central entry
+
+    def changed(offset, value):
+        damaged = bytearray(data)
+        damaged[offset] = value
+        p = tmp_path / f"d{offset}_{value}.pt"
+        p.write_bytes(bytes(damaged))
+        return p
+    external_attr = central + 38  # the low byte of the external attributes: 0x10 = MS-DOS folder
+    cases = [changed(external_attr, data[external_attr] | 0x10),
+             changed(info.header_offset + 30, 0xFF),  # the first byte of the local header's name
+             changed(central + 10, 0x63)]  # compression method 99 (AES): zipfile cannot read it
+    for p in cases:
+        with pytest.raises(DamagedFileError, match="its bytes changed after it was written"):
+            load_torch_file(p)
+
+
+def test_the_callers_own_os_errors_inside_atomic_path_pass_unchanged(tmp_path):
+    """Only the OS's error writing the temp file is relabelled with the target's name: an error of the
+    caller's (a network error without errno, another file) comes out as raised, its type kept."""
+    import urllib.error
+    for error in (urllib.error.URLError("no network"), ConnectionResetError("peer went away"),
+                  FileNotFoundError(2, "No such file or directory", str(tmp_path / "source.bin"))):
+        with pytest.raises(type(error)) as raised:
+            with atomic_path(tmp_path / "out.json"):
+                raise error
+        assert raised.value is error
     assert os.listdir(tmp_path) == []

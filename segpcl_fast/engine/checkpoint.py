@@ -197,10 +197,11 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
     known = _relevant(defaults, ignore_keys) if defaults is not None else None
     unknown = sorted(k for k in diff or {} if known is not None and k not in known)
     if unknown:  # a newer version's keys: "resume with the same config" cannot be followed here
-        writer = state.get("segpcl_fast_version", "another version")
-        raise CheckpointError(f"checkpoint {path} was written by segpcl_fast {writer} with config keys this "
-                              f"segpcl_fast ({__version__}) does not know: {', '.join(unknown)}; {purpose} it with "
-                              f"the version that wrote it (pip install segpcl_fast=={writer}), or start a new run "
+        writer = state.get("segpcl_fast_version")
+        install = f" (pip install segpcl_fast=={writer})" if writer else ""
+        raise CheckpointError(f"checkpoint {path} was written by {f'segpcl_fast {writer}' if writer else 'another version'} "
+                              f"with config keys this segpcl_fast ({__version__}) does not know: {', '.join(unknown)}; "
+                              f"{purpose} it with the version that wrote it{install}, or start a new run "
                               "(--set run.output_dir=...)")
     if purpose == "resume":
         fix = ("Resume (--resume) with the same config (only run-only keys such as "

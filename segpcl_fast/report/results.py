@@ -152,6 +152,9 @@ def read_results(path: str | os.PathLike) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         data["matrix"] = M.matrix_from_list(data["matrix"])
+        missing = [k for k in ("acc_per_task", "metrics") if k not in data]
+        if missing:
+            raise KeyError(", ".join(missing))
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} is not a whole results.json ({type(e).__name__}: {e})") from None
     return data

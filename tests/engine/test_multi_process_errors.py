@@ -279,10 +279,12 @@ def test_compiled_choices_record_the_frozen_b_graphs_lora_path_too(tiny_model_na
     from segpcl_fast.model.clip import load_model
     monkeypatch.setenv("SEGPCL_LORA_COMPILE", setting)
     ops.reset_choices()
-    record_compiled_choices(load_model(tiny_model_name, pretrained=None), torch.device("cpu"))
-    assert ops.choices_used()["lora_b_linear"] == recorded
-    assert ops.choices_used()["attention"] == "sdpa"
-    ops.reset_choices()
+    try:
+        record_compiled_choices(load_model(tiny_model_name, pretrained=None), torch.device("cpu"))
+        assert ops.choices_used()["lora_b_linear"] == recorded
+        assert ops.choices_used()["attention"] == "sdpa"
+    finally:
+        ops.reset_choices()
 
 
 def test_a_compiled_run_records_the_patch_embedding_and_last_block_its_graphs_traced(tiny_model_name, tmp_path,

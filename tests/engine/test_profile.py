@@ -198,11 +198,14 @@ def test_a_compiled_profile_window_compiles_nothing(tiny_model_name, tmp_path):
     task 2 timed mostly dynamo. Under run.compile the window is task 3, and the count proves it."""
     from segpcl_fast.engine.compiling import CompileSettings
     settings = CompileSettings(backend="aot_eager")
-    cfg = _config(tiny_model_name, tmp_path / "unused", run__compile=True, num_tasks=4)
-    out = profile_training(cfg, tmp_path / "prof", steps=1, compile_settings=settings)
-    assert out["task"] == 3 and out["graphs_compiled_in_window"] == 0
     torch._dynamo.reset()
-    cfg = _config(tiny_model_name, tmp_path / "unused2", run__compile=True, num_tasks=2)
-    out = profile_training(cfg, tmp_path / "prof2", steps=1, compile_settings=settings)
-    assert out["task"] == 2 and out["graphs_compiled_in_window"] > 0  # the count sees what task 2 compiles
-    torch._dynamo.reset()
+    try:
+        cfg = _config(tiny_model_name, tmp_path / "unused", run__compile=True, num_tasks=4)
+        out = profile_training(cfg, tmp_path / "prof", steps=1, compile_settings=settings)
+        assert out["task"] == 3 and out["graphs_compiled_in_window"] == 0
+        torch._dynamo.reset()
+        cfg = _config(tiny_model_name, tmp_path / "unused2", run__compile=True, num_tasks=2)
+        out = profile_training(cfg, tmp_path / "prof2", steps=1, compile_settings=settings)
+        assert out["task"] == 2 and out["graphs_compiled_in_window"] > 0  # the count sees what task 2 compiles
+    finally:
+        torch._dynamo.reset()

@@ -271,14 +271,16 @@ def test_compiled_loss_with_its_index_check_takes_any_class_count_without_recomp
         graphs.append(gm)
         return gm.forward
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: ops.knn_subgraph_kl(*a, TAU), backend=counting, dynamic=dynamic)
-    for classes, roots in ((20, 3), (30, 5), (40, 6), (50, 4)):
-        emb, root_idx, neighbors, log_q0 = _problem(classes, 16, roots, 4, torch.float32, device, seed=classes)
-        loss = compiled(emb, root_idx, neighbors, log_q0)
-        torch.testing.assert_close(loss, kernel.knn_subgraph_kl_reference(emb, root_idx, neighbors, log_q0, TAU),
-                                   rtol=1e-5, atol=1e-6)
-    assert len(graphs) == (1 if dynamic else 2)
-    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda *a: ops.knn_subgraph_kl(*a, TAU), backend=counting, dynamic=dynamic)
+        for classes, roots in ((20, 3), (30, 5), (40, 6), (50, 4)):
+            emb, root_idx, neighbors, log_q0 = _problem(classes, 16, roots, 4, torch.float32, device, seed=classes)
+            loss = compiled(emb, root_idx, neighbors, log_q0)
+            torch.testing.assert_close(loss, kernel.knn_subgraph_kl_reference(emb, root_idx, neighbors, log_q0, TAU),
+                                       rtol=1e-5, atol=1e-6)
+        assert len(graphs) == (1 if dynamic else 2)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_the_gpu_launch_shapes_give_the_same_gradient(device):

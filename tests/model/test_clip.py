@@ -68,7 +68,7 @@ def test_local_weights_whose_bytes_changed_are_refused(tiny_model_name, tmp_path
     data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
     path.write_bytes(bytes(data))
     with pytest.raises(ModelLoadError, match=r"could not load .* '.*weights.pt' its bytes changed after it was "
-                                             r"written \(Bad CRC-32 .*\): a damaged copy or disk; copy or download "
+                                             r"written \(BadZipFile: Bad CRC-32 .*\): a damaged copy or disk; copy or download "
                                              r"the weights again"):
         load_model(tiny_model_name, pretrained=str(path))
 
