@@ -2,12 +2,12 @@
 
     with atomic_path("run/results.json") as tmp:   # a temp file in the same folder
         tmp.write_text(...)                        # or torch.save(obj, tmp), prof.export_chrome_trace(tmp)
-    # on normal exit: fsync, the mode open() would give (mkstemp makes 0600), os.replace onto the
+    # on normal exit: fsync, the mode open() would give (the temp file is made 0600), os.replace onto the
     # target; on an exception: the temp file is removed and the target is untouched
 
 A reader sees the old file or the whole new one, never a half-written file; a write that fails (a full
 disk, a file-size limit; torch.save's zip writer too, through `save_torch_file`) is an OSError naming
-the target. SIGINT / SIGTERM are held while the temp file is made. `durable=True` also
+the target; an interrupt at any point leaves no temp file. `durable=True` also
 fsyncs the folder, so the rename itself survives a crash (checkpoints and their pointer). A process
 killed outright (SIGKILL, power loss) leaves its temp file behind: `remove_stale_temps` clears a
 run's folders when the run starts or resumes.
@@ -21,8 +21,7 @@ import errno
 import os
 import pickle
 import re
-import signal
-import tempfile
+import secrets
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,19 +49,12 @@ def _fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held back (delivered when the block ends) on platforms that can block them: a
-    temp file is created and its name recorded for clean-up without a Ctrl-C between the two."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkstemp's alphabet (remove_stale_temps' pattern)
+
+
+def _create_temp(candidate: str) -> None:
+    """Create `candidate` exclusively, mode 0600 (as mkstemp does); FileExistsError when it exists."""
+    os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600))
 
 
 @contextmanager
@@ -73,12 +65,20 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
-        with _signals_held():  # a Ctrl-C between mkstemp and `tmp = ...` left the temp file behind
+        # the temp name is recorded before the file is made, so an interrupt (Ctrl-C, SIGTERM) at any point
+        # leaves nothing behind: with mkstemp, one right after it returned left its file (1 in 37 SIGTERMs)
+        for _ in range(100):
+            tmp = str(path.parent / f".{path.name}.{''.join(secrets.choice(_TEMP_CHARS) for _ in range(8))}.tmp")
             try:
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                _create_temp(tmp)
+                break
+            except FileExistsError:
+                tmp = None  # another's temp file: never removed here
             except OSError as e:  # name the file being written, not the temp name beside it
+                tmp = None
                 raise type(e)(e.errno, e.strerror, str(path)) from e
-            os.close(fd)
+        else:
+            raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))
         try:
             yield Path(tmp)
             _fsync(tmp)
@@ -126,7 +126,7 @@ def _space_hint(e: OSError) -> str:
     return ""
 
 
-# mkstemp's names here: "." + target name + "." + 8 random characters + ".tmp"
+# temp names here: "." + target name + "." + 8 random characters + ".tmp" (mkstemp's form)
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 

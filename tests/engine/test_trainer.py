@@ -637,7 +637,7 @@ def test_the_drift_transfer_always_uses_the_dpgd_anchors(tiny_model_name, tmp_pa
 
 
 def test_run_files_get_the_mode_open_would_give_them(tiny_model_name, tmp_path):
-    """Atomic writes go through mkstemp (0600): results must still be readable by the group/others."""
+    """Atomic writes make their temp file 0600 (as mkstemp): results must still be readable by the group/others."""
     import os
     import stat
     old = os.umask(0o022)
