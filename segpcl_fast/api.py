@@ -201,12 +201,9 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     BWT, FWT, Forgetting_own) and ablation.png (acc_t curves of each variant, mean +- std over the seeds) and returns
     {"rows": [...], "runs": {variant: [Result, ...]}, "paths": {...}}.
     """
-    import json
-
-    from .fileio import atomic_write_text
+    from .analysis.outputs import write_table_files
     from .method.variants import LADDER, variant_overrides
     from .report import format_metrics_table, metric_columns, plus_minus
-    from .report.results import to_jsonable
     from .engine.distributed import refuse_multi_process
     refuse_multi_process("the ablation")
     refuse_decided_keys("ablate()", overrides, {"run.method": "it runs every variants entry: pass variants=['segpcl']",
@@ -238,12 +235,10 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     table = format_metrics_table(
         [{"method": r["method"], **{k: plus_minus(r[k], r[k + "_std"], len(seeds), r[k + "_n"])
                                     for k in ABLATION_METRICS}} for r in rows],
-        title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- sample std)")
-    paths = {"json": str(out / "ablation.json"), "table": str(out / "ablation.txt")}
-    atomic_write_text(out / "ablation.txt", table + "\n")
-    atomic_write_text(out / "ablation.json", json.dumps(to_jsonable(
-        {"rows": rows, "seeds": list(seeds), "config": cfg.to_dict(),
-         "runs": {n: [r.output_dir for r in rs] for n, rs in runs.items()}}), indent=2))
+        title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- sample std, accuracies in %)")
+    paths = write_table_files(out, "ablation", {"rows": rows, "seeds": list(seeds), "config": cfg.to_dict(),
+                                                "runs": {n: [r.output_dir for r in rs] for n, rs in runs.items()}},
+                              table, plots=cfg.run.plots)
     if cfg.run.plots:
         from .report import plots
         import numpy as np

@@ -258,7 +258,7 @@ def cmd_sweep(args) -> int:
     _refuse_shorthand_conflicts(args, list(args.fixed), "--fixed")
     axes, args.overrides = args.overrides, list(args.fixed)
     cfg = _config_from_args(args)
-    _print_analysis(sweep(cfg, axes=axes, seeds=args.seeds))
+    _print_analysis(sweep(cfg, axes=axes, seeds=args.seeds, fixed=list(args.fixed)))
     return 0
 
 

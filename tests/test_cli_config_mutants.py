@@ -230,14 +230,15 @@ def test_sweep_fixed_overrides_reach_every_run_unsplit(monkeypatch, capsys):
     from segpcl_fast.cli import main
     seen = {}
 
-    def fake_sweep(cfg, axes, seeds):
-        seen.update(cfg=cfg, axes=axes, seeds=seeds)
+    def fake_sweep(cfg, axes, seeds, fixed):
+        seen.update(cfg=cfg, axes=axes, seeds=seeds, fixed=fixed)
         return {"table": "TABLE", "paths": {}}
     monkeypatch.setattr(segpcl_fast.analysis, "sweep", fake_sweep)
     assert main(["sweep", "--set", "dpgd.k_adv=5,10", "--fixed", "data.templates=a photo, of a {}.",
                  "--fixed", "optim.epochs=2", "--seeds", "0,1", "-o", "runs/x"]) == 0
     assert seen["cfg"].data.templates == ["a photo, of a {}."] and seen["cfg"].optim.epochs == 2
     assert seen["axes"] == ["dpgd.k_adv=5,10"] and seen["seeds"] == [0, 1]
+    assert seen["fixed"] == ["data.templates=a photo, of a {}.", "optim.epochs=2"]  # recorded by the sweep
     assert seen["cfg"].run.output_dir == "runs/x"
     assert "TABLE" in capsys.readouterr().out
 

@@ -24,7 +24,7 @@ from ..api import keeps_process_state
 from ..config import ConfigError, analysis_config
 from .fragility import build_task_anchors
 from ..engine.distributed import refuse_multi_process
-from .outputs import encode_batches, make_trainer, new_figure, run_config, save_png, stack_dataset, \
+from .outputs import encode_batches, make_trainer, new_figure, require_old_classes, run_config, save_png, stack_dataset, \
     write_table_files
 
 log = logging.getLogger("segpcl_fast.analysis")
@@ -67,6 +67,7 @@ def anchor_views(config=None, task: int = 2, method: str = "pca", run_method: Op
         project_2d(torch.zeros(4, 2), "tsne")  # missing scikit-learn fails before training
     refuse_multi_process("the anchor-views analysis")
     cfg = analysis_config(make_config(config, **overrides), "anchor-views")
+    require_old_classes(cfg, "anchor views")  # before the model and data load
     out = Path(cfg.run.output_dir)
     trainer = make_trainer(run_config(cfg, run_method, out / "run"))
     T = trainer.scenario.num_tasks
@@ -106,7 +107,7 @@ def anchor_views(config=None, task: int = 2, method: str = "pca", run_method: Op
     payload = {"task": int(task), "projection": method, "run_method": trainer.cfg.run.method, "rows": rows,
                "targets": targets.tolist(), "new_labels": new_labels.tolist(),
                "coords": {k: v.tolist() for k, v in xy.items()}, "config": trainer.cfg.to_dict()}
-    paths = write_table_files(out, "anchor_views", payload, table)
+    paths = write_table_files(out, "anchor_views", payload, table, plots=cfg.run.plots)
     if cfg.run.plots:
         paths["png"] = plot_views(xy, targets.cpu().numpy(), out / "anchor_views.png", int(task), method,
                                   trainer.cfg.run.method)

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 
 from ..config import ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..engine.distributed import refuse_multi_process
-from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plus_minus, run_config, summarize_runs,
-                      write_table_files)
+from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plus_minus, require_old_classes, run_config,
+                      summarize_runs, write_table_files)
 
 log = logging.getLogger("segpcl_fast.analysis")
 
@@ -89,6 +89,7 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
     if folder is not None and "folder" not in sources:
         raise ConfigError(f"a reference folder ({folder}) is only used by the source 'folder', which "
                           f"{', '.join(sources)} leaves out: add folder to the sources, or drop the folder")
+    require_old_classes(cfg, "distill-sources", "ACGD distils from task 2 on (task 1 has no old classes)")
     _check_uses_acgd(cfg, method)  # before the offline reference folder is written
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
@@ -110,7 +111,8 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
         log.info("distill source %s: Last %s", source, rows[-1]["Last"])
     table = format_sources_table(rows, method, cfg.data.dataset, len(seeds))
     paths = write_table_files(out, "distill_sources", {"method": method, "folder": folder, "seeds": list(seeds),
-                                                       "rows": rows, "runs": runs, "config": cfg.to_dict()}, table)
+                                                       "rows": rows, "runs": runs, "config": cfg.to_dict()}, table,
+                              plots=cfg.run.plots)
     if cfg.run.plots:
         from ..report import plots
         over = f"mean +- sample std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
@@ -125,4 +127,5 @@ def format_sources_table(rows: list, method: str, dataset: str, n_seeds: int) ->
     from ..report import format_table
     body = [[r["source"]] + [plus_minus(r[m], r[m + "_std"], n_seeds, r.get(m + "_n")) for m in METRICS] for r in rows]
     return format_table(body, ["ACGD source"] + list(METRICS),
-                        title=f"ACGD distillation source ({method} on {dataset}, {n_seeds} seed(s), mean +- sample std)")
+                        title=f"ACGD distillation source ({method} on {dataset}, {n_seeds} seed(s), mean +- sample std, "
+                              "accuracies in %)")

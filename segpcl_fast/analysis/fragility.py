@@ -256,7 +256,7 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
     payload = {"method": trainer.cfg.run.method, "score": score, "threshold_rule": threshold,
                "temperature": temperature,
                "tasks": rows, "pooled": pooled, "config": trainer.cfg.to_dict()}
-    paths = write_table_files(out, "fragility", payload, table)
+    paths = write_table_files(out, "fragility", payload, table, plots=cfg.run.plots)
     if cfg.run.plots:
         paths["png"] = plot_fragility(rows, out / "fragility.png", trainer.cfg.run.method, score, temperature)
     return {"rows": [{k: v for k, v in r.items() if k != "values"} for r in rows], "pooled": pooled,

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..api import check_unique  # noqa: F401  (the analyses' check is the API's)
-from ..config import Config, apply_overrides, check_resume_dir  # noqa: F401
+from ..config import Config, ConfigError, apply_overrides, check_resume_dir  # noqa: F401
 from ..fileio import atomic_write_text
 from ..report.results import to_jsonable
 from ..report.tables import mean_std, metric_columns, plus_minus  # noqa: F401  (the analyses' table cells)
@@ -34,13 +34,24 @@ def save_png(fig: Figure, path: str | os.PathLike) -> str:
     return str(save_figure(fig, path))
 
 
-def write_table_files(out: str | os.PathLike, name: str, payload: dict, table: str) -> dict:
-    """Write <out>/<name>.json and <out>/<name>.txt atomically; returns their paths."""
+def write_table_files(out: str | os.PathLike, name: str, payload: dict, table: str, plots: bool = True) -> dict:
+    """Write <out>/<name>.json and <out>/<name>.txt atomically; returns their paths. plots=False
+    (run.plots=false): an earlier run's <out>/<name>.png is removed, not left beside other numbers (the
+    caller draws it anew otherwise)."""
     out = Path(out)
     json_path, txt_path = out / f"{name}.json", out / f"{name}.txt"
     atomic_write_text(json_path, json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
     atomic_write_text(txt_path, table + "\n")
+    if not plots:
+        (out / f"{name}.png").unlink(missing_ok=True)
     return {"json": str(json_path), "table": str(txt_path)}
+
+
+def require_old_classes(cfg: Config, what: str, why: str = "task 1 has no old classes") -> None:
+    """One ConfigError before anything loads when the scenario has one task (data.num_tasks, which
+    data.task_sizes must match): the analyses that look at old classes have nothing to look at."""
+    if cfg.data.num_tasks < 2:
+        raise ConfigError(f"{what} needs at least 2 tasks (data.num_tasks >= 2, got {cfg.data.num_tasks}): {why}")
 
 
 def run_config(cfg: Config, method: Optional[str], output_dir: str | os.PathLike) -> Config:

@@ -139,7 +139,7 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
                                                                  "classes": len(sets[d][0].class_names)}
                                                              for d, r in specs.items()},
                "variants": variants, "config": cfg.to_dict()}
-    paths = write_table_files(out, "retention", payload, table)
+    paths = write_table_files(out, "retention", payload, table, plots=cfg.run.plots)
     if cfg.run.plots:
         paths["png"] = plot_retention(rows, before, out / "retention.png", cfg.data.dataset)
     return {"rows": rows, "before": before, "paths": paths, "table": table}

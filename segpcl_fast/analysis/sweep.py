@@ -19,10 +19,10 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-from ..config import (Config, ConfigError, analysis_config, apply_overrides, known_keys, parse_value,
-                      refuse_decided_keys)
+from ..config import (Config, ConfigError, analysis_config, apply_overrides, config_value, known_keys, override_key,
+                      parse_value, refuse_decided_keys)
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, new_figure, plus_minus, run_config, save_png, slug,
                       summarize_runs, write_table_files)
@@ -161,10 +161,13 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
     return configs
 
 
-def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overrides) -> dict:
+def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: Sequence[str] = (),
+          **overrides) -> dict:
     """Train every grid point for every seed; one table (mean +- std over seeds) and one plot.
 
-    Keys given one value are fixed overrides (applied to every run, not table columns).
+    Keys given one value are fixed overrides (applied to every run, not table columns), as are
+    `fixed` ('key=value' strings, the CLI's --fixed: a value may hold commas); both are recorded in
+    sweep.json's "fixed" and named in the table's title.
 
     Writes <output_dir>/sweep.{json,txt,png}; runs under <output_dir>/<point>/seed<s>/.
     Returns {"rows", "axes", "paths", "table"}.
@@ -180,12 +183,13 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
     if not seeds:
         raise ConfigError("sweep needs at least one seed (--seeds 0)")
     check_unique(seeds, "seed")
-    fixed = {k: v[0] for k, v in axes.items() if len(v) == 1}
+    single = {k: v[0] for k, v in axes.items() if len(v) == 1}
     axes = {k: v for k, v in axes.items() if len(v) > 1}
     try:
-        cfg = apply_overrides(cfg, fixed)
+        cfg = apply_overrides(apply_overrides(cfg, list(fixed)), single)
     except ConfigError as e:
         raise ConfigError(f"sweep: fixed override: {e}") from None
+    fixed = {**{override_key(o): config_value(cfg, override_key(o)) for o in fixed}, **single}
     cfg = analysis_config(cfg, "sweep")  # after the fixed keys: they may set run.output_dir
     check_resume_dir(cfg)  # after the fixed keys: they may set run.resume or run.output_dir
     out = Path(cfg.run.output_dir)
@@ -199,20 +203,21 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), **overr
                "runs": [r.output_dir for r in results]}
         rows.append(row)
         log.info("sweep %s: Last %.2f", point_name(point), float("nan") if row["Last"] is None else row["Last"])
-    table = format_sweep_table(rows, list(axes), len(seeds), cfg.data.dataset)
+    table = format_sweep_table(rows, list(axes), len(seeds), cfg.data.dataset, fixed)
     paths = write_table_files(out, "sweep", {"axes": axes, "fixed": fixed, "seeds": seeds, "rows": rows,
-                                             "config": cfg.to_dict()}, table)
+                                             "config": cfg.to_dict()}, table, plots=cfg.run.plots)
     if cfg.run.plots:
         paths["png"] = plot_sweep(rows, axes, swept, out / "sweep.png", cfg.data.dataset, len(seeds))
     return {"rows": rows, "axes": axes, "paths": paths, "table": table}
 
 
-def format_sweep_table(rows: list, keys: list, n_seeds: int, dataset: str) -> str:
+def format_sweep_table(rows: list, keys: list, n_seeds: int, dataset: str, fixed: Optional[Mapping] = None) -> str:
     from ..report import format_table
     body = [[_show(r[k]) for k in keys] + [plus_minus(r[m], r[m + "_std"], n_seeds, r.get(m + "_n")) for m in METRICS]
             for r in rows]
+    held = f"; fixed: {', '.join(f'{k}={_show(v)}' for k, v in fixed.items())}" if fixed else ""
     return format_table(body, keys + list(METRICS),
-                        title=f"sweep on {dataset} ({n_seeds} seed(s), mean +- sample std)")
+                        title=f"sweep on {dataset} ({n_seeds} seed(s), mean +- sample std, accuracies in %{held})")
 
 
 def plot_sweep(rows: list, axes: Mapping[str, list], swept: list, path, dataset: str, n_seeds: int = 1) -> str:

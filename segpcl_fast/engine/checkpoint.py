@@ -201,12 +201,12 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
         install = f" (pip install segpcl_fast=={writer})" if writer else ""
         raise CheckpointError(f"checkpoint {path} was written by {f'segpcl_fast {writer}' if writer else 'another version'} "
                               f"with config keys this segpcl_fast ({__version__}) does not know: {', '.join(unknown)}; "
-                              f"{purpose} it with the version that wrote it{install}, or start a new run "
-                              "(--set run.output_dir=...)")
+                              f"{purpose} it with the version that wrote it{install}, or start a new run in "
+                              "another folder (-o DIR)")
     if purpose == "resume":
         fix = ("Resume (--resume) with the same config (only run-only keys such as "
-               f"{', '.join(RUN_ONLY_EXAMPLES)}, ... may change), or set a new run.output_dir "
-               "(--set run.output_dir=...) to start a fresh run.")
+               f"{', '.join(RUN_ONLY_EXAMPLES)}, ... may change), or start a fresh run in another folder "
+               "(-o DIR, or run.output_dir).")
         if own.is_file():
             fix += f" The run's own config: --config {own}"
     else:

@@ -65,7 +65,8 @@ def test_sweep_end_to_end(small_config):
     saved = _check_files(out["paths"])
     assert [r["dpgd.k_adv"] for r in saved["rows"]] == [1, 2]
     assert all(r["Last"] is not None for r in saved["rows"])
-    assert "k_adv" in out["table"] and "optim.lr" not in out["table"]  # a one-value key is a fixed override
+    header = out["table"].splitlines()[1]  # a one-value key is a fixed override: in the title, not a column
+    assert "k_adv" in header and "optim.lr" not in header and "fixed: optim.lr=0.02" in out["table"].splitlines()[0]
     assert saved["fixed"] == {"optim.lr": 0.02} and saved["config"]["optim"]["lr"] == 0.02
     with pytest.raises(ConfigError, match="fixed override.*expects an integer"):
         sweep(small_config("sw2"), axes=["dpgd.k_adv=1,2", "dpgd.k_seed=two"])

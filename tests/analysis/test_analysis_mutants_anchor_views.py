@@ -135,3 +135,11 @@ def test_max_new_images_subsamples_images_and_labels_together(small_config, monk
     assert rows["new-task images"]["n"] == 10 and len(saved["coords"]["new-task images"]) == 10
     assert len(saved["new_labels"]) == 10 and len(set(saved["new_labels"])) > 1
     assert rows["seeds"]["n"] == 4  # the seeds are chosen among all the task's images, not the sample
+
+
+def test_one_task_is_refused_before_the_model_and_data_load(monkeypatch, tmp_path):
+    """It said "task must be in 2..1", after loading the model and data."""
+    monkeypatch.setattr(av, "make_trainer", lambda cfg: pytest.fail("built a trainer"))
+    with pytest.raises(ConfigError, match=r"anchor views needs at least 2 tasks \(data.num_tasks >= 2, got 1\): "
+                                          "task 1 has no old classes"):
+        av.anchor_views(make_config(output_dir=str(tmp_path), num_tasks=1))

@@ -136,3 +136,11 @@ def test_offline_reference_folder_is_not_retentions_held_out_set(tmp_path):
     assert len(reference) == 200
     held_out = build_heldout_dataset(0, 20, None, domain="source")
     assert not reference & {held_out.images[i].tobytes() for i in range(len(held_out))}
+
+
+def test_one_task_is_refused_before_any_run(stand_in_runs, tmp_path):
+    """ACGD acts from task 2 on: with one task every source trained the same run (four identical rows)."""
+    with pytest.raises(ConfigError, match=r"distill-sources needs at least 2 tasks \(data.num_tasks >= 2, got 1\): "
+                                          r"ACGD distils from task 2 on"):
+        ds_mod.distill_sources(make_config(output_dir=str(tmp_path), num_tasks=1), seeds=[0])
+    assert stand_in_runs == []

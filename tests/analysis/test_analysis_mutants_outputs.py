@@ -116,3 +116,13 @@ def test_retention_distill_and_anchor_view_options_reach_the_analysis(monkeypatc
     seen = _capture(monkeypatch, "anchor_views")
     assert main(["anchor-views", "--task", "3", "--projection", "tsne", "--method", "+acgd"]) == 0
     assert (seen["task"], seen["method"], seen["run_method"]) == (3, "tsne", "+acgd")
+
+
+def test_table_files_with_plots_off_remove_an_earlier_plot(tmp_path):
+    """A rerun with run.plots=false rewrote the JSON and table but left the earlier run's PNG beside them."""
+    from segpcl_fast.analysis.outputs import write_table_files
+    (tmp_path / "fragility.png").write_bytes(b"\x89PNG old")
+    write_table_files(tmp_path, "fragility", {"rows": []}, "table", plots=True)
+    assert (tmp_path / "fragility.png").exists()  # the caller draws it anew
+    write_table_files(tmp_path, "fragility", {"rows": []}, "table", plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fragility.json", "fragility.txt"]

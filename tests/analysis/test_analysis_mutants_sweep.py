@@ -108,3 +108,22 @@ def test_the_plot_puts_the_first_swept_key_on_the_x_axis(stand_in_train, tmp_pat
     sweep(make_config(output_dir=str(tmp_path / "two")), axes=["dpgd.k_adv=1,3"], seeds=[0, 1])
     ax = figs[0].axes[0]
     assert ax.get_title().endswith("mean +- sample std over 2 seeds") and all(c.has_yerr for c in ax.containers)
+
+
+def test_the_clis_fixed_keys_are_recorded_and_named_and_plots_off_removes_a_stale_plot(stand_in_train, tmp_path,
+                                                                                       capsys):
+    """--fixed values (which may hold commas) reached the runs but sweep.json said "fixed": {} and the
+    table named none; a rerun with run.plots=false left the earlier sweep.png beside the new numbers."""
+    from segpcl_fast.cli import main
+    assert main(["sweep", "--set", "dpgd.k_adv=1,3", "--fixed", "data.task_sizes=[50,50]", "--fixed",
+                 "data.num_tasks=2", "-o", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["fixed"] == {"data.task_sizes": [50, 50], "data.num_tasks": 2}
+    assert all(c.data.task_sizes == [50, 50] for c in stand_in_train)
+    table = (tmp_path / "sweep.txt").read_text()
+    assert "accuracies in %; fixed: data.task_sizes=[50,50], data.num_tasks=2)" in table
+    assert (tmp_path / "sweep.png").is_file()
+    for p in tmp_path.glob("k_adv=*"):  # the stand-in trains nothing: a rerun may use the folder again
+        p.rmdir() if p.is_dir() and not any(p.iterdir()) else None
+    sweep(make_config(output_dir=str(tmp_path), run__plots=False, run__overwrite=True), axes=["dpgd.k_adv=1,3"])
+    assert not (tmp_path / "sweep.png").exists()
