@@ -434,11 +434,14 @@ class Trainer:
         # stage 1 (teacher outputs, DPGD, the graph) shows as one step: minutes on a large task, not silence
         bar = _progress(1, f"task {t + 1}/{self.scenario.num_tasks} stage 1 (DPGD anchors)",
                         c.run.progress and self.dist.is_main and t > 0)
-        with record_function("dpgd"):  # run.precision=bf16: the image tower under autocast, all else fp32
-            info = self.learner.begin_task(t, n_new, stage1_loader, seed=task_seed)
-        if bar is not None:
-            bar.update(1)
-            bar.close()
+        try:  # closed on an error too: a bar left open put the error's message on its line
+            with record_function("dpgd"):  # run.precision=bf16: the image tower under autocast, all else fp32
+                info = self.learner.begin_task(t, n_new, stage1_loader, seed=task_seed)
+            if bar is not None:
+                bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         if self.dist.rank:  # each rank samples its own anchors per step (rank 0 keeps the 1-process stream),
             own = task_seed + RANK_SEED_STRIDE * self.dist.rank  # and, with num_workers=0, its own augmentation
             self.learner.anchor_generator.manual_seed(own)  # (drawn from the global RNG in this process)
@@ -469,17 +472,19 @@ class Trainer:
         # torch's fused SGD the device skips a non-finite update itself, so no step waits for its own
         # results (elsewhere train_step reads them before the update, as it always did)
         pending = None
-        for step, (images, labels) in enumerate(_train_loader(train_ds, c, task_seed, self.dist, total_steps)):
-            b = step % steps_per_epoch  # the global batch's place in its epoch
-            global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
-            outcome = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
+        try:  # closed on an error too (a NaN loss, Ctrl-C): else the message lands on the bar's line
+            for step, (images, labels) in enumerate(_train_loader(train_ds, c, task_seed, self.dist, total_steps)):
+                b = step % steps_per_epoch  # the global batch's place in its epoch
+                global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
+                outcome = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
+                if pending is not None:
+                    record(*pending)
+                pending = (step, outcome)
             if pending is not None:
                 record(*pending)
-            pending = (step, outcome)
-        if pending is not None:
-            record(*pending)
-        if bar is not None:
-            bar.close()
+        finally:
+            if bar is not None:
+                bar.close()
         timings["train_s"] = time.perf_counter() - t1
         timings["steps"] = len(losses)
         t2 = time.perf_counter()

@@ -1182,3 +1182,37 @@ def test_a_resume_whose_checkpoints_folder_cannot_be_written_fails_before_traini
     assert trained == []
     with pytest.raises(ConfigError, match="pick another folder with -o"):  # a new run there: another folder
         train(small_config(tiny_model_name, tmp_path / "run", overwrite=True))
+
+
+@pytest.mark.parametrize("where", ["stage1", "step"])
+def test_a_progress_bar_is_closed_when_its_stage_fails(tiny_model_name, tmp_path, monkeypatch, where):
+    """A bar left open on an error (a NaN loss, Ctrl-C) put the CLI's error message on the bar's line."""
+    from segpcl_fast.engine import trainer as trainer_mod
+    from segpcl_fast.method.learner import Learner
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, enabled):
+            self.desc, self.closed = desc, False
+            bars.append(self)
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, values):
+            pass
+
+        def close(self):
+            self.closed = True
+    monkeypatch.setattr(trainer_mod, "_progress", Bar)
+
+    def fail(*args, **kwargs):
+        raise FloatingPointError("loss is nan")
+    if where == "stage1":
+        monkeypatch.setattr(Learner, "begin_task", fail)
+    else:
+        monkeypatch.setattr(Trainer, "train_step", fail)
+    trainer = Trainer(small_config(tiny_model_name, tmp_path / "run", progress=True))
+    with pytest.raises(FloatingPointError):
+        trainer.train_task(1 if where == "stage1" else 0)
+    assert bars and all(bar.closed for bar in bars), [(b.desc, b.closed) for b in bars]
