@@ -1,5 +1,6 @@
 """Each analysis end to end on the tiny setup (2-layer random CLIP, 2 tasks, 2 images per class)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +56,9 @@ def test_retention_end_to_end(small_config):
     assert rows["zeroshot"]["change"] == pytest.approx(0.0)
     assert 0.0 <= rows["lora_finetune"]["after"] <= 100.0
     assert saved["datasets"]["synthetic-sketch"]["images"] == 100
+    from segpcl_fast.config import load_config  # each row names the run it measured: its config is exact
+    assert {m: load_config(Path(r["run"]) / "config.yaml").run.method for m, r in rows.items()} == \
+        {"zeroshot": "zeroshot", "lora_finetune": "lora_finetune"}
     with pytest.raises(ConfigError, match="unknown method variant"):
         retention(small_config("ret2"), variants=["nope"])
 
