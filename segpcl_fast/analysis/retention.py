@@ -133,7 +133,7 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
             after = zeroshot_accuracy(trainer.model, ds, prompts, trainer.device, cfg.eval.batch_size)
             rows.append({"dataset": d, "method": name, "before": before[d], "after": after,
                          "change": after - before[d], "Last": result.metrics.get("Last"),
-                         "run": str(trainer.out)})  # its config.yaml: what the row trained
+                         "run": str(trainer.cfg.run.output_dir)})  # its config.yaml: what the row trained
             log.info("retention %s on %s: %.2f -> %.2f", name, d, before[d], after)
     table = format_retention_table(rows, cfg.data.dataset)
     payload = {"rows": rows, "before": before, "datasets": {d: {"root": r, "images": len(sets[d][0]),
