@@ -76,7 +76,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
                 tmp = None  # another's temp file: never removed here
             except OSError as e:  # name the file being written, not the temp name beside it
                 tmp = None
-                raise type(e)(e.errno, e.strerror, str(path)) from e
+                raise _naming(e, e.strerror, path) from e
         else:
             raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))
         try:
@@ -87,12 +87,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
         except OSError as e:  # the OS's error writing the temp file (no name, or the temp's): name the target
             if e.errno is None or (e.filename is not None and str(e.filename) != str(tmp)):
                 raise  # the caller's own error (another file, a network error): as it was raised
-            message = f"{e.strerror or e} while writing it{_space_hint(e)}"
-            try:
-                relabelled = type(e)(e.errno, message, str(path))
-            except TypeError:  # a subclass with another constructor
-                relabelled = OSError(e.errno, message, str(path))
-            raise relabelled from e
+            raise _naming(e, f"{e.strerror or e} while writing it{_space_hint(e)}", path) from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -116,6 +111,14 @@ def save_torch_file(obj, path: str | os.PathLike, durable: bool = False) -> Path
             raise OSError(errno.EIO, f"torch.save could not write it ({first}): the disk may be full, or a "
                                      "file-size limit (`ulimit -f`) reached", str(path)) from e
     return Path(path)
+
+
+def _naming(e: OSError, message: str, path: Path) -> OSError:
+    """`e` again, of its own type where its constructor allows, with `message` and the target's name."""
+    try:
+        return type(e)(e.errno, message, str(path))
+    except TypeError:  # a subclass with another constructor
+        return OSError(e.errno, message, str(path))
 
 
 def _space_hint(e: OSError) -> str:

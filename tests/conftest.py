@@ -62,6 +62,16 @@ def _seed_and_one_thread():
 
 
 @pytest.fixture
+def zero_block():
+    """Zero n bytes in the middle of a file, in place (a damaged disk block; the size stays)."""
+    def damage(path, n: int = 64) -> None:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2:len(data) // 2 + n] = bytes(n)
+        path.write_bytes(bytes(data))
+    return damage
+
+
+@pytest.fixture
 def tf32_flags():
     """Set torch's TF32 switches in a test, restored after: monkeypatch.setattr cannot (pytest 9.2 undoes
     it with a delattr, which torch.backends.cuda.matmul refuses, and the undos queued after it are lost).

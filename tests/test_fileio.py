@@ -105,22 +105,14 @@ def test_load_torch_file_reads_tensors_and_plain_values_only(tmp_path, capsys):
         load_torch_file(tmp_path / "junk.pt")  # without torch's advice to retry with weights_only=False
 
 
-def _damage(path, offset_fraction=0.5, n=64):
-    """Overwrite n bytes in the middle of a file (a flipped disk block), keeping its size."""
-    data = bytearray(path.read_bytes())
-    at = int(len(data) * offset_fraction)
-    data[at:at + n] = bytes(255 - b for b in data[at:at + n])
-    path.write_bytes(bytes(data))
-
-
-def test_a_torch_file_whose_bytes_changed_is_refused_not_loaded(tmp_path):
+def test_a_torch_file_whose_bytes_changed_is_refused_not_loaded(tmp_path, zero_block):
     """torch.load reads a tensor record with changed bytes as if nothing were wrong; the CRC-32 torch.save
     stores per record catches it (a damaged checkpoint resumed into NaN losses, or other weights)."""
     from segpcl_fast.fileio import DamagedFileError
     path = tmp_path / "w.pt"
     torch.save({"w": torch.arange(20000.0)}, path)
     assert torch.equal(load_torch_file(path)["w"], torch.arange(20000.0))
-    _damage(path)
+    zero_block(path)
     assert not torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(20000.0))  # what torch gives
     with pytest.raises(DamagedFileError, match=r"its bytes changed after it was written \(BadZipFile: Bad CRC-32 for file "
                                                r"'w/data/0'\): a damaged copy or disk"):

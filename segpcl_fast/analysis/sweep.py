@@ -189,7 +189,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
         cfg = apply_overrides(apply_overrides(cfg, list(fixed)), single)
     except ConfigError as e:
         raise ConfigError(f"sweep: fixed override: {e}") from None
-    fixed = {**{override_key(o): config_value(cfg, override_key(o)) for o in fixed}, **single}
+    held = {**{override_key(o): config_value(cfg, override_key(o)) for o in fixed}, **single}  # recorded
     cfg = analysis_config(cfg, "sweep")  # after the fixed keys: they may set run.output_dir
     check_resume_dir(cfg)  # after the fixed keys: they may set run.resume or run.output_dir
     out = Path(cfg.run.output_dir)
@@ -203,8 +203,8 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
                "runs": [r.output_dir for r in results]}
         rows.append(row)
         log.info("sweep %s: Last %.2f", point_name(point), float("nan") if row["Last"] is None else row["Last"])
-    table = format_sweep_table(rows, list(axes), len(seeds), cfg.data.dataset, fixed)
-    paths = write_table_files(out, "sweep", {"axes": axes, "fixed": fixed, "seeds": seeds, "rows": rows,
+    table = format_sweep_table(rows, list(axes), len(seeds), cfg.data.dataset, held)
+    paths = write_table_files(out, "sweep", {"axes": axes, "fixed": held, "seeds": seeds, "rows": rows,
                                              "config": cfg.to_dict()}, table, plots=cfg.run.plots)
     if cfg.run.plots:
         paths["png"] = plot_sweep(rows, axes, swept, out / "sweep.png", cfg.data.dataset, len(seeds))
@@ -215,9 +215,9 @@ def format_sweep_table(rows: list, keys: list, n_seeds: int, dataset: str, fixed
     from ..report import format_table
     body = [[_show(r[k]) for k in keys] + [plus_minus(r[m], r[m + "_std"], n_seeds, r.get(m + "_n")) for m in METRICS]
             for r in rows]
-    held = f"; fixed: {', '.join(f'{k}={_show(v)}' for k, v in fixed.items())}" if fixed else ""
+    named = f"; fixed: {', '.join(f'{k}={_show(v)}' for k, v in fixed.items())}" if fixed else ""
     return format_table(body, keys + list(METRICS),
-                        title=f"sweep on {dataset} ({n_seeds} seed(s), mean +- sample std, accuracies in %{held})")
+                        title=f"sweep on {dataset} ({n_seeds} seed(s), mean +- sample std, accuracies in %{named})")
 
 
 def plot_sweep(rows: list, axes: Mapping[str, list], swept: list, path, dataset: str, n_seeds: int = 1) -> str:

@@ -156,9 +156,14 @@ def _split_from_folders(folder: Path, wnids: list[str], split: str) -> Split:
         raise format_error(NAME, f"{len(missing)} classes of the class list have no folder in "
                                  f"'{folder}', e.g. {missing[:5]}", LAYOUT,
                            f"extract the full ImageNet {split} set there, or fix the class list")
+    return _images_of_classes([folder / w for w in wnids])
+
+
+def _images_of_classes(class_folders: list[Path]) -> Split:
+    """Every image of each class folder, labelled with the folder's position in the list."""
     paths, targets = [], []
-    for label, wnid in enumerate(wnids):
-        files = list_images(folder / wnid)
+    for label, folder in enumerate(class_folders):
+        files = list_images(folder)
         paths += [str(f) for f in files]
         targets += [label] * len(files)
     return paths, targets
@@ -320,11 +325,7 @@ def _load_kaggle100(path: Path, parts: list[Path], train_transform: Optional[Cal
             f"no wnid folders in {where}"
         raise format_error(NAME, problem, LAYOUT,
                            "extract the whole Kaggle imagenet100 archive into data.root, or fix data.class_list")
-    paths, targets = [], []
-    for label, wnid in enumerate(wnids):
-        files = list_images(folder_of[wnid])
-        paths += [str(f) for f in files]
-        targets += [label] * len(files)
+    train = _images_of_classes([folder_of[w] for w in wnids])
     val_dir = path / KAGGLE100_VAL
     if not val_dir.is_dir():
         raise format_error(NAME, f"'{parts[0]}' is there but its val folder '{val_dir}' is not", LAYOUT,
@@ -333,5 +334,5 @@ def _load_kaggle100(path: Path, parts: list[Path], train_transform: Optional[Cal
     class_names = names_for_wnids(wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin", path / KAGGLE100_NAMES],
                                   NAME, LAYOUT, names_file, unique=True, root=path, clip_subsets=True,
                                   origin=NAMES_ORIGIN)
-    return (FileListDataset(paths, targets, class_names, train_transform),
+    return (FileListDataset(*train, class_names, train_transform),
             FileListDataset(*val, class_names, test_transform))

@@ -241,15 +241,16 @@ def _read_coop_split(path: Path, frames: Path) -> tuple[list[str], tuple[list[st
     except (ValueError, KeyError, TypeError) as err:
         raise format_error(NAME, f"'{path}' is not CoOp's split file ({type(err).__name__}: {err})", LAYOUT,
                            "use CoOp's split_zhou_UCF101.json as released, or the official ucfTrainTestlist/") from err
+    entries = parts["train"] + parts["val"] + parts["test"]
     names: dict[int, set[str]] = {}
-    for _, label, name in parts["train"] + parts["val"] + parts["test"]:
+    for _, label, name in entries:
         names.setdefault(label, set()).add(name)
     bad = [f"label {lb}: {sorted(ns)}" for lb, ns in sorted(names.items()) if len(ns) > 1]
     if bad or sorted(names) != list(range(len(names))):
         raise format_error(NAME, f"'{path}': labels are not 0..{len(names) - 1}, one class name each"
                                  + (f" ({'; '.join(bad[:3])})" if bad else f" (labels {sorted(names)[:5]}...)"),
                            LAYOUT, "use CoOp's split_zhou_UCF101.json as released")
-    missing = [rel for rel, _, _ in parts["train"] + parts["val"] + parts["test"] if not (frames / rel).is_file()]
+    missing = [rel for rel, _, _ in entries if not (frames / rel).is_file()]
     if missing:
         raise format_error(NAME, f"{len(missing)} images of {path.name} are missing under '{frames}', e.g. "
                                  f"{missing[:3]}", LAYOUT,

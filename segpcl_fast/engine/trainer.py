@@ -287,8 +287,9 @@ class Trainer:
         ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
         problem = None
         if writes and self.dist.is_main:  # the run folder, and its checkpoints/ where an earlier run made it
-            problem = next(filter(None, (unwritable_dir_reason(d) for d in (self.out, self.out / ckpt.CHECKPOINT_DIR)
-                                         if d == self.out or d.is_dir())), None)
+            checkpoints = self.out / ckpt.CHECKPOINT_DIR
+            folders = [self.out] + ([checkpoints] if checkpoints.is_dir() else [])
+            problem = next((reason for reason in map(unwritable_dir_reason, folders) if reason), None)
         fix = ("make it writable to resume this run there (chmod u+w), or copy the run to a folder you can write and "
                "resume that" if self.cfg.run.resume else "pick another folder with -o (run.output_dir)")
         # before the data is indexed and weights load, not at the first file written; on every rank

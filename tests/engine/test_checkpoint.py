@@ -162,15 +162,13 @@ def test_a_damaged_checkpoint_says_to_delete_the_pointer_naming_it_too(tmp_path)
     assert ckpt.load_checkpoint(ckpt.find_last_checkpoint(tmp_path))["task"] == 0
 
 
-def test_a_checkpoint_damaged_on_disk_is_one_error_with_the_fix(tmp_path):
+def test_a_checkpoint_damaged_on_disk_is_one_error_with_the_fix(tmp_path, zero_block):
     """A flipped block inside a tensor record: torch.load returns other numbers; the resume is refused
     with the same advice as a truncated checkpoint (delete it and `last` to resume from the one before)."""
     cfg = _cfg()
     ckpt.save_task_checkpoint(tmp_path, 0, _state(cfg, 0, 1.0))
     path = ckpt.save_task_checkpoint(tmp_path, 1, {**_state(cfg, 1, 2.0), "big": torch.arange(50000.0)})
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
-    path.write_bytes(bytes(data))
+    zero_block(path)
     with pytest.raises(ckpt.CheckpointError, match=r"task_01.pt cannot be read \(DamagedFileError: its bytes changed "
                                                    r".*; delete it and .*last \(it names this file\) to resume from "
                                                    r"the one before"):
