@@ -4,12 +4,13 @@ What is compiled (run.compile=true): the two towers' heavy parts, bound on the m
 that every caller (Learner.loss, DPGD, evaluation, prototypes) runs them:
 
 - image side: `CLIPModel.raw_features` (patch embedding + transformer + pooling): one graph per
-  use (training step, B trainable; evaluation and prototypes, no grad; stage 1's teacher under
-  `frozen_eval`, B frozen: its no-grad logits, and DPGD's grad w.r.t. the input only). B's
-  requires_grad is in dynamo's guards, so the teacher's no-grad graph is not the evaluation's.
+  use (training step, B trainable; no-grad forwards; DPGD's grad w.r.t. the input only). B's
+  requires_grad is in dynamo's guards, so every no-grad forward runs the model as stage 1's teacher
+  does, under `frozen_eval` (B frozen, eval mode): evaluation, stage 3's prototypes and text cache,
+  and the teacher share one no-grad graph per tower (with B trainable there they compiled two).
   The batch dimension changes between task 1 (images) and later tasks (images + anchors) and at
   the last batch of an epoch: dynamo's automatic dynamic shapes turn it symbolic at its first
-  change (one static graph, then one dynamic one). The tiny default run compiles 5 image and 3
+  change (one static graph, then one dynamic one). The tiny default run compiles 4 image and 2
   text graphs in tasks 1 and 2 and none after (TORCH_LOGS=recompiles shows each guard).
 - text side: the text transformer trunk, compiled with dynamic=True from the start: both the
   class count (grows every task) and the truncated length (the longest prompt's end-of-text token
@@ -186,7 +187,7 @@ def _code_for(fn, module: torch.nn.Module, *extra):
     """`fn` (a plain function) as a function with a code object of its own per module structure.
     Dynamo keeps compiled graphs per code object and counts them against its recompile limit (8 by
     default) there. Compiling `CLIPModel.raw_features` itself, every model compiled in a process would
-    add its graphs to one list: a sweep over lora.rank or lora.targets (about 5 image and 3 text graphs
+    add its graphs to one list: a sweep over lora.rank or lora.targets (about 4 image and 2 text graphs
     each) would have dynamo give up from the second structure on and run the towers eager, with a
     warning. Models of one structure (seeds, ablation variants, evaluate after train) share a copy, so
     they reuse each other's graphs as before."""

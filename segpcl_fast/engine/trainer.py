@@ -24,6 +24,7 @@ from ..config import Config, ConfigError, apply_overrides, check_resume_run, con
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
 from ..data.base import split_digest
 from ..fileio import unwritable_dir_reason
+from ..method.anchors import frozen_eval
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
 from ..model.clip import load_model
@@ -403,18 +404,18 @@ class Trainer:
         correct_own: predicting among C_<=j only, the label space task j was learned in (the
         own-space matrix, which factors the growth of the label space out of forgetting).
         """
-        self.model.eval()
-        with record_function("eval"):
+        # B frozen, as stage 1's teacher runs: under torch.compile one no-grad graph per tower serves both
+        with record_function("eval"), frozen_eval(self.model):
             counts = self._count_correct_local([(self.scenario.test_dataset(j), len(self.scenario.seen_classes(j)))
                                                 for j in range(t + 1)], self.learner.logits)
         return ddp.all_reduce_counts(counts, self.dist, self.device)
 
     def forward_transfer(self, t: int) -> float:
         """Accuracy on task t before training it: CLIP path, among all classes of the benchmark."""
-        self.model.eval()
-        with torch.no_grad():
-            text = self.model.class_embeddings(self.prompts, device=self.device)
-        c, n = self._count_correct(self.scenario.test_dataset(t), lambda x: self.learner.clip_logits(x, text))
+        with frozen_eval(self.model):  # as evaluate_seen
+            with torch.no_grad():
+                text = self.model.class_embeddings(self.prompts, device=self.device)
+            c, n = self._count_correct(self.scenario.test_dataset(t), lambda x: self.learner.clip_logits(x, text))
         return metrics.percent(c, n)
 
     # ------------------------------------------------------------------ training

@@ -213,8 +213,14 @@ class Learner:
     # ------------------------------------------------------------------ stage 3
     @torch.no_grad()
     def end_task(self, t: int, n_new: int, train_eval_loader: Iterable) -> dict:
-        """New prototypes (eval transform), drift transfer for old ones, cache text embeddings."""
-        self.model.eval()
+        """New prototypes (eval transform), drift transfer for old ones, cache text embeddings.
+
+        The model runs as stage 1's teacher does (frozen_eval: eval mode, B frozen): under
+        torch.compile the same no-grad graphs serve both (B's requires_grad is in dynamo's guards)."""
+        with stage1.frozen_eval(self.model):
+            return self._end_task(n_new, train_eval_loader)
+
+    def _end_task(self, n_new: int, train_eval_loader: Iterable) -> dict:
         n_total = self.n_old + n_new
         info = {}
         # Prototypes are kept for every variant: DPGD's visual term needs p_c even when beta = 0.

@@ -45,7 +45,10 @@ def test_compiled_run_has_no_graph_breaks_and_bounded_recompiles(tiny_model_name
     # the class count grows (3 tasks) and the text length changes, yet task 3 compiles nothing new:
     # text trunk dynamic from the start, image batch dynamic after its first change
     assert graphs_after[2] == graphs_after[1], graphs_after
-    assert stats["unique_graphs"] <= 10, stats
+    # image: the step's static and dynamic batch, DPGD's input gradient, one no-grad graph; text: the
+    # step's and one no-grad graph. The no-grad forwards (teacher, evaluation, stage 3) run with B frozen,
+    # so they share one graph per tower (B's requires_grad is guarded: with it trainable there they made 8)
+    assert stats["unique_graphs"] <= 6, stats
     eager = Trainer(_config(tiny_model_name, tmp_path / "e"))
     expected = eager.run()
     assert result.accuracy_matrix == expected.accuracy_matrix
@@ -78,8 +81,8 @@ def test_teacher_copy_runs_its_own_compiled_forward(tiny_model_name):
 
 def test_models_of_other_structures_each_get_dynamos_whole_recompile_budget(tiny_model_name, request):
     """Dynamo counts compiled graphs against its recompile limit per code object. A sweep over lora.rank
-    compiles towers of 3 structures in one process: with the limit at 2 here (8 by default, about 5 image
-    and 3 text graphs per structure), the third model's towers must still compile, not fall back to eager.
+    compiles towers of 3 structures in one process: with the limit at 2 here (8 by default, about 4 image
+    and 2 text graphs per structure), the third model's towers must still compile, not fall back to eager.
     A second model of a structure already compiled reuses its graphs (seeds, ablation variants)."""
     torch._dynamo.reset()
     # the config's own patch, not monkeypatch.setattr: pytest 9.2 undoes that with a delattr, which deletes

@@ -639,7 +639,7 @@ def test_evaluate_seen_restricts_each_tasks_own_space_to_its_classes():
             torch.utils.data.TensorDataset(torch.tensor([3, 4]), torch.tensor([2, 3]))]
     tr = Trainer.__new__(Trainer)
     tr.cfg, tr.dist, tr.device = make_config(eval__batch_size=2), ddp.DistContext(), torch.device("cpu")
-    tr.model = SimpleNamespace(eval=lambda: None)
+    tr.model = torch.nn.Module()  # no parameters: evaluation freezes none
     tr.scenario = SimpleNamespace(test_dataset=lambda j: sets[j], seen_classes=lambda j: list(range(2 * (j + 1))))
     tr.learner = SimpleNamespace(logits=lambda idx: logits[idx])
     assert Trainer.evaluate_seen(tr, 1) == [(1, 2, 3), (1, 1, 2)]
@@ -679,7 +679,7 @@ def test_evaluation_starts_one_loader_and_batches_each_task_as_its_own_loader_di
             for j, n in enumerate(sizes)]
     tr = Trainer.__new__(Trainer)
     tr.cfg, tr.dist, tr.device = make_config(eval__batch_size=3), ddp.DistContext(), torch.device("cpu")
-    tr.model = SimpleNamespace(eval=lambda: None)
+    tr.model = torch.nn.Module()  # no parameters: evaluation freezes none
     tr.scenario = SimpleNamespace(test_dataset=lambda j: sets[j], seen_classes=lambda j: list(range(j + 1)))
     batches = []
     tr.learner = SimpleNamespace(logits=lambda idx: batches.append(idx.tolist()) or torch.zeros(len(idx), 3))

@@ -24,22 +24,31 @@ def _count(obj, name, counter, when=lambda: True):
 
 
 def _frozen(model) -> bool:
-    """The model as stage 1's teacher (the model itself under anchors.frozen_eval): nothing requires grad."""
+    """The model under anchors.frozen_eval (stage 1's teacher; evaluation and stage 3 run it so too, to
+    share its compiled no-grad graphs): nothing requires grad."""
     return not any(p.requires_grad for p in model.parameters())
 
 
 def test_teacher_and_reference_text_run_once_text_once_per_step(tiny_model_name, tmp_path, monkeypatch):
     trainer = Trainer(_config(tiny_model_name, tmp_path / "run"))
     teacher_calls, teachers, graph_refs = {}, [], []
+    training = [False]  # from the cached anchors to the task's stage 3: where a teacher could run again
     build = stage1.build_anchor_cache
 
     def build_and_watch(teacher, *args, **kwargs):
         cache = build(teacher, *args, **kwargs)
         teachers.append(teacher)  # from here on, any forward of the model as the frozen teacher is counted
-        _count(teacher, "raw_features", teacher_calls, lambda: _frozen(teacher))
-        _count(teacher, "encode_text", teacher_calls, lambda: _frozen(teacher))
+        _count(teacher, "raw_features", teacher_calls, lambda: training[0] and _frozen(teacher))
+        _count(teacher, "encode_text", teacher_calls, lambda: training[0] and _frozen(teacher))
+        training[0] = True
         return cache
     monkeypatch.setattr(stage1, "build_anchor_cache", build_and_watch)
+    end_task = trainer.learner.end_task
+
+    def end_of_training(*args, **kwargs):
+        training[0] = False
+        return end_task(*args, **kwargs)
+    trainer.learner.end_task = end_of_training
     graph_build = stage2.TSGRGraph.build.__func__
 
     def build_graph(cls, ref_text_all, *args, **kwargs):
