@@ -47,7 +47,7 @@ def profile_step(device: str, variant: str, steps: int, out_dir: Path, warmup: i
     setup = SETUPS[device]
     backend, compiled, env = VARIANTS[variant]
     os.environ.update(env)
-    settings = CompileSettings(mode=os.environ.get("SEGPCL_COMPILE_MODE", "default")) if compiled else None
+    settings = CompileSettings.from_env() if compiled else None  # the variant's mode; SEGPCL_COMPILE_DYNAMIC_BATCH
     on_gpu = device == "cuda"
     with ops.backend(backend):
         cfg = Config()  # the variant's text precision, as test_bench_e2e.py sets it (bf16text_*: bf16)

@@ -122,7 +122,7 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     torch._dynamo.reset()
-    settings = CompileSettings(mode=os.environ.get("SEGPCL_COMPILE_MODE", "default")) if compiled else None
+    settings = CompileSettings.from_env() if compiled else None  # the variant's mode; SEGPCL_COMPILE_DYNAMIC_BATCH
     cfg = Config()
     cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
     with ops.backend(backend):
@@ -142,7 +142,9 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             # FLOPs run on fp32 kernels, yet count against the bf16 peak like the rest)
             text_flops=counted["text"], text_precision=cfg.run.text_precision,
             matmul_peak_tflops=round(peak / 1e12, 4), threads=torch.get_num_threads(),
-            rounds_planned=setup["rounds"])
+            rounds_planned=setup["rounds"],
+            # the image tower's graph symbolic in the batch, as training runs it (engine/compiling.py)
+            dynamic_batch=settings.dynamic_batch if settings is not None else None)
 
         def timed():
             loss = step()

@@ -9,9 +9,13 @@ that every caller (Learner.loss, DPGD, evaluation, prototypes) runs them:
   does, under `frozen_eval` (B frozen, eval mode): evaluation, stage 3's prototypes and text cache,
   and the teacher share one no-grad graph per tower (with B trainable there they compiled two).
   The batch dimension changes between task 1 (images) and later tasks (images + anchors) and at
-  the last batch of an epoch: dynamo's automatic dynamic shapes turn it symbolic at its first
-  change (one static graph, then one dynamic one). The tiny default run compiles 4 image and 2
-  text graphs in tasks 1 and 2 and none after (TORCH_LOGS=recompiles shows each guard).
+  the last batch of an epoch, so it is marked dynamic before each call (dynamic_batch): each use
+  compiles one symbolic graph. Left to dynamo's automatic dynamic shapes (SEGPCL_COMPILE_DYNAMIC_BATCH=0)
+  a use compiled a static graph first and a symbolic one at its first other batch size, which then
+  ran every later step: a training run's steps ran the static graph only until the first epoch's
+  last short batch, and a benchmark of steps of one batch size timed a graph training hardly runs.
+  The tiny default run compiles 3 image and 2 text graphs, all in tasks 1 and 2 (TORCH_LOGS=recompiles
+  shows each guard).
 - text side: the text transformer trunk, compiled with dynamic=True from the start: both the
   class count (grows every task) and the truncated length (the longest prompt's end-of-text token
   among the classes seen so far) change per task, so a static graph would recompile every task.
@@ -56,6 +60,9 @@ class CompileSettings:
     mode: str = "default"  # torch.compile mode; "max-autotune-no-cudagraphs" is the GPU preset's choice
     backend: str = "inductor"  # "aot_eager" (tests: same graphs, no code generation) or "eager"
     dynamic_text: bool = True  # text trunk symbolic in class count and length from the start
+    # image tower symbolic in the batch from the start (SEGPCL_COMPILE_DYNAMIC_BATCH=0: torch's automatic
+    # dynamic shapes, a static graph first); see the module docstring
+    dynamic_batch: bool = True
 
     @classmethod
     def from_env(cls) -> "CompileSettings":
@@ -63,6 +70,11 @@ class CompileSettings:
         s = cls()
         s.mode = os.environ.get("SEGPCL_COMPILE_MODE", s.mode)
         s.backend = os.environ.get("SEGPCL_COMPILE_BACKEND", s.backend)
+        flag = os.environ.get("SEGPCL_COMPILE_DYNAMIC_BATCH", "1")
+        if flag not in ("0", "1"):
+            raise ValueError(f"SEGPCL_COMPILE_DYNAMIC_BATCH={flag!r}: use 1 (the image batch symbolic from the "
+                             f"start, the default) or 0 (torch's automatic dynamic shapes)")
+        s.dynamic_batch = flag == "1"
         s.options()  # validate now: one clear error before the run starts
         return s
 
@@ -172,6 +184,19 @@ def _cloning_outputs(fn):
     return run
 
 
+def _batch_marked_dynamic(fn):
+    """Marks the images' batch dimension dynamic before each call of the compiled image tower, so its
+    first graph of a use is already the symbolic one (maybe_mark_dynamic: a batch of 1, which dynamo
+    specialises, gets a graph of its own instead of an error). Left to torch's automatic dynamic shapes,
+    the tower compiled a static graph first and a symbolic one at the first other batch size: a training
+    run's last short batch of task 1's first epoch, after which the symbolic graph ran every step."""
+    @functools.wraps(fn)
+    def run(self, images, *args, **kwargs):
+        torch._dynamo.maybe_mark_dynamic(images, 0)
+        return fn(self, images, *args, **kwargs)
+    return run
+
+
 # (function, structure) -> that function with a code object of its own (_code_for)
 _CODE_COPIES: dict = {}
 
@@ -187,7 +212,7 @@ def _code_for(fn, module: torch.nn.Module, *extra):
     """`fn` (a plain function) as a function with a code object of its own per module structure.
     Dynamo keeps compiled graphs per code object and counts them against its recompile limit (8 by
     default) there. Compiling `CLIPModel.raw_features` itself, every model compiled in a process would
-    add its graphs to one list: a sweep over lora.rank or lora.targets (about 4 image and 2 text graphs
+    add its graphs to one list: a sweep over lora.rank or lora.targets (about 3 image and 2 text graphs
     each) would have dynamo give up from the second structure on and run the towers eager, with a
     warning. Models of one structure (seeds, ablation variants, evaluate after train) share a copy, so
     they reuse each other's graphs as before."""
@@ -218,6 +243,8 @@ def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
     if "raw_features" not in model.__dict__:
         fn = torch.compile(_code_for(type(model).raw_features, model.visual, model.image_autocast), dynamic=None,
                            **opts)
+        if settings.dynamic_batch:
+            fn = _batch_marked_dynamic(fn)
         model.raw_features = types.MethodType(wrap(fn, "the image tower"), model)
     done["image"] = "CLIPModel.raw_features"
     trunk = getattr(model.text_tower, "transformer", None)

@@ -45,15 +45,44 @@ def test_compiled_run_has_no_graph_breaks_and_bounded_recompiles(tiny_model_name
     # the class count grows (3 tasks) and the text length changes, yet task 3 compiles nothing new:
     # text trunk dynamic from the start, image batch dynamic after its first change
     assert graphs_after[2] == graphs_after[1], graphs_after
-    # image: the step's static and dynamic batch, DPGD's input gradient, one no-grad graph; text: the
-    # step's and one no-grad graph. The no-grad forwards (teacher, evaluation, stage 3) run with B frozen,
-    # so they share one graph per tower (B's requires_grad is guarded: with it trainable there they made 8)
-    assert stats["unique_graphs"] <= 6, stats
+    # one graph per use: image: the step, DPGD's input gradient, no grad; text: the step, no grad. The
+    # no-grad forwards (teacher, evaluation, stage 3) run with B frozen, so they share one graph per
+    # tower (B's requires_grad is guarded: with it trainable there they made 2 more), and the image batch
+    # is symbolic from the start (torch's automatic dynamic shapes compiled a static graph first: 1 more)
+    assert stats["unique_graphs"] == 5, stats
     eager = Trainer(_config(tiny_model_name, tmp_path / "e"))
     expected = eager.run()
     assert result.accuracy_matrix == expected.accuracy_matrix
     for k, v in _lora(eager.model).items():
         torch.testing.assert_close(_lora(trainer.model)[k], v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("flag, graphs", [("1", [1, 0, 0]), ("0", [1, 1, 0])])
+def test_the_image_batch_is_symbolic_from_the_first_call(tiny_model_name, monkeypatch, flag, graphs):
+    """A training run's batches are full ones and a last short one per epoch. With the batch marked
+    dynamic (the default) the first graph already serves both; SEGPCL_COMPILE_DYNAMIC_BATCH=0 leaves it
+    to torch: a static graph first, then a symbolic one at the first other size. Same values."""
+    torch._dynamo.reset()
+    monkeypatch.setenv("SEGPCL_COMPILE_DYNAMIC_BATCH", flag)
+    monkeypatch.setenv("SEGPCL_COMPILE_BACKEND", "aot_eager")
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4.0)
+    eager = copy.deepcopy(model)
+    compiling.compile_model(model, compiling.CompileSettings.from_env())
+    new_graphs = []
+    for n in (8, 3, 8):
+        x = torch.randn(n, 3, 32, 32)
+        before = compiling.compile_counters()["unique_graphs"]
+        out = model.raw_features(x)
+        new_graphs.append(compiling.compile_counters()["unique_graphs"] - before)
+        torch.testing.assert_close(out, eager.raw_features(x))
+    assert new_graphs == graphs
+
+
+def test_a_bad_dynamic_batch_setting_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("SEGPCL_COMPILE_DYNAMIC_BATCH", "yes")
+    with pytest.raises(ValueError, match=r"SEGPCL_COMPILE_DYNAMIC_BATCH='yes': use 1 .* or 0"):
+        compiling.CompileSettings.from_env()
 
 
 def test_teacher_copy_runs_its_own_compiled_forward(tiny_model_name):
@@ -81,7 +110,7 @@ def test_teacher_copy_runs_its_own_compiled_forward(tiny_model_name):
 
 def test_models_of_other_structures_each_get_dynamos_whole_recompile_budget(tiny_model_name, request):
     """Dynamo counts compiled graphs against its recompile limit per code object. A sweep over lora.rank
-    compiles towers of 3 structures in one process: with the limit at 2 here (8 by default, about 4 image
+    compiles towers of 3 structures in one process: with the limit at 2 here (8 by default, about 3 image
     and 2 text graphs per structure), the third model's towers must still compile, not fall back to eager.
     A second model of a structure already compiled reuses its graphs (seeds, ablation variants)."""
     torch._dynamo.reset()
