@@ -109,6 +109,15 @@ def prev_pow2(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
+def common_divisor(limit: int, *values: int) -> int:
+    """The largest power of two up to `limit` that divides every value (0 counts as divisible): the
+    alignment a kernel may promise Triton (tl.multiple_of) for sizes and strides it cannot know."""
+    d = limit
+    while d > 1 and any(int(v) % d for v in values):
+        d //= 2
+    return d
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -45,7 +45,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, launch_device, lazy_jit,
+from ._triton_utils import (cdiv, check_can_run, common_divisor, compute_dtype, interpret_mode, launch_device, lazy_jit,
                             next_pow2, refuse_double_backward, rows_per_program)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
@@ -89,35 +89,46 @@ def check_anchor_kl_inputs(student_logits: torch.Tensor, teacher: torch.Tensor, 
 
 @lazy_jit
 def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, stride_t, stride_dz,
-                      tau, scale, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                      tau, scale, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                      VEC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
+    # VEC (a power of two) divides the column count and every row stride (the launcher's
+    # common_divisor): so each run of VEC columns starts aligned and is all in or all out of the mask,
+    # and Triton loads and stores 4 fp32 at once. Without the hints a width that is not a multiple of
+    # 16 (1000 classes) compiled to one element per load and store.
+    mask = tl.max_constancy(row_ok[:, None] & col_ok[None, :], [1, VEC])
+    s_offs = tl.max_contiguous(tl.multiple_of(rows[:, None] * stride_s + cols[None, :], [1, VEC]), [1, VEC])
+    t_offs = tl.max_contiguous(tl.multiple_of(rows[:, None] * stride_t + cols[None, :], [1, VEC]), [1, VEC])
+    dz_offs = tl.max_contiguous(tl.multiple_of(rows[:, None] * stride_dz + cols[None, :], [1, VEC]), [1, VEC])
     # Per element: 2 exponentials (one per input) and a few adds and multiplies; divisions and
-    # logarithms are per row. KL = sum_j p_T[j] (log p_T[j] - log p_S[j]) is summed as the chunked
-    # kernel does, from the shifted logits (t - m_T) - (s - m_S) and the two log-normalisers, and
-    # p = e / sum e with 1 / tau folded into the row's scale. (Written with a division by tau per
-    # element and p = exp(log p), the kernel compiled to about 83 sm_90 instructions an element, as
-    # many cycles as its bytes take at 1000 classes: on an H200 it moved 64 % of copy bandwidth.)
+    # logarithms are per row. The softmaxes are taken in base 2, log2(e) / tau folded into the row's
+    # scale: exp2 is one sm_90 instruction, exp is five (a multiply by log2 e and a fix-up for results
+    # below 2^-126; exp2 flushes those to 0). KL = sum_j p_T[j] (log p_T[j] - log p_S[j]) is summed as the
+    # chunked kernel does, from the shifted logits (t - m_T) - (s - m_S) (in units of log 2, so times
+    # ln 2) and the two log-normalisers, and p = e / sum e. (Written with a division by tau per element,
+    # p = exp(log p) and exp, the kernel compiled to about 83 sm_90 instructions an element, as many
+    # cycles as its bytes take at 1000 classes: on an H200 it moved 64 % of copy bandwidth.)
     inv_tau = 1.0 / tau
+    k = inv_tau * 1.4426950408889634  # log2(e) / tau
     # padding is -inf: a padding column has probability 0; a padding row is NaN throughout, never stored
-    s = tl.load(zs_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-    s = s * inv_tau
-    t = tl.load(zt_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-    s_shift = s - tl.max(s, axis=1)[:, None]
-    s_exp = tl.exp(s_shift)
+    # the row maximum is subtracted before the scale: z - max(z) is exact near the maximum, so large
+    # logits (z_S ~ 3000 at tau 1) lose nothing to the rounding of z * log2(e) / tau
+    s = tl.load(zs_ptr + s_offs, mask=mask, other=float("-inf")).to(tl.float32)
+    t = tl.load(zt_ptr + t_offs, mask=mask, other=float("-inf")).to(tl.float32)
+    s_shift = (s - tl.max(s, axis=1)[:, None]) * k
+    s_exp = tl.exp2(s_shift)
     s_sum = tl.sum(s_exp, axis=1)
     if TEACHER_IS_LOGPROB:
-        t_shift = t  # log p_T, normalised by the caller
+        t_shift = t * 1.4426950408889634  # log2 p_T, normalised by the caller
     else:
-        t = t * inv_tau
-        t_shift = t - tl.max(t, axis=1)[:, None]
-    e_t = tl.exp(t_shift)  # p_T up to its normaliser
+        t_shift = (t - tl.max(t, axis=1)[:, None]) * k
+    e_t = tl.exp2(t_shift)  # p_T up to its normaliser
     has_mass = e_t > 0  # 0 * log 0 = 0; also keeps padding free of (-inf) - (-inf)
-    c = tl.sum(tl.where(has_mass, e_t * (t_shift - s_shift), 0.0), axis=1)
+    c = tl.sum(tl.where(has_mass, e_t * (t_shift - s_shift), 0.0), axis=1) * 0.6931471805599453  # ln 2
     e_sum = tl.sum(e_t, axis=1)
     log_s_sum = tl.log(s_sum)
     g = inv_tau * scale  # both outputs are scale * (KL, d KL / d z_S): per row, no cost per element
@@ -128,23 +139,28 @@ def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, 
         kl = c / e_sum - tl.log(e_sum) + log_s_sum
         dz = s_exp * (g / s_sum)[:, None] - e_t * (g / e_sum)[:, None]
     tl.store(kl_ptr + rows, kl * scale, mask=row_ok)
-    tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + dz_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 @lazy_jit
-def _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t, BLOCK_C: tl.constexpr):
-    """Columns c0 .. c0 + BLOCK_C of the rows: (z_S, z_T) in fp32, the column and tile masks."""
+def _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t, BLOCK_C: tl.constexpr,
+                    VEC: tl.constexpr):
+    """Columns c0 .. c0 + BLOCK_C of the rows: (z_S, z_T) in fp32, the column and tile masks (VEC: as
+    in the one-tile kernel)."""
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    s = tl.load(zs_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(zt_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mask = tl.max_constancy(row_ok[:, None] & col_ok[None, :], [1, VEC])
+    s_offs = tl.max_contiguous(tl.multiple_of(rows[:, None] * stride_s + cols[None, :], [1, VEC]), [1, VEC])
+    t_offs = tl.max_contiguous(tl.multiple_of(rows[:, None] * stride_t + cols[None, :], [1, VEC]), [1, VEC])
+    s = tl.load(zs_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(zt_ptr + t_offs, mask=mask, other=0.0).to(tl.float32)
     return s, t, cols, col_ok, mask
 
 
 @lazy_jit
 def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, stride_t, stride_dz,
-                              tau, scale, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                              tau, scale, TEACHER_IS_LOGPROB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                              VEC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -162,7 +178,7 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
     n_nan = tl.zeros((ROWS,), tl.float32)         # NaNs seen in the row (poison the row, as one tile does)
     for c0 in range(0, n_cols, BLOCK_C):
         s, t, cols, col_ok, mask = _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t,
-                                                   BLOCK_C)
+                                                   BLOCK_C, VEC)
         n_nan += tl.sum(((s != s) | (t != t)).to(tl.float32), axis=1)
         s = tl.where(col_ok[None, :], s * inv_tau, neg_inf)
         if TEACHER_IS_LOGPROB:
@@ -183,9 +199,10 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
             c = tl.where(t_moved, (c - (m_t_new - m_t) * d_t) * rescale, c)
             d_t = d_t * rescale
             m_t = m_t_new
-        d_s += tl.sum(tl.where(s > neg_inf, tl.exp(s - m_s[:, None]), 0.0), axis=1)
+        # per element exp(x) as exp2(x log2(e)): one sm_90 instruction and a multiply, where exp is five
+        d_s += tl.sum(tl.where(s > neg_inf, tl.exp2((s - m_s[:, None]) * 1.4426950408889634), 0.0), axis=1)
         has_mass = t > neg_inf
-        e_t = tl.where(has_mass, tl.exp(t - m_t[:, None]), 0.0)
+        e_t = tl.where(has_mass, tl.exp2((t - m_t[:, None]) * 1.4426950408889634), 0.0)
         d_t += tl.sum(e_t, axis=1)
         # a student -inf where the teacher has mass adds +inf, also while the row's student maximum is
         # still -inf (a first chunk of -inf only: -inf - -inf would be nan)
@@ -208,15 +225,16 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
     g = inv_tau * scale
     for c0 in range(0, n_cols, BLOCK_C):
         s, t, cols, col_ok, mask = _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t,
-                                                   BLOCK_C)
-        p_s = tl.exp((s * inv_tau - m_s[:, None]) - log_d_s[:, None])
+                                                   BLOCK_C, VEC)
+        p_s = tl.exp2(((s * inv_tau - m_s[:, None]) - log_d_s[:, None]) * 1.4426950408889634)
         if TEACHER_IS_LOGPROB:
-            p_t = tl.exp(t)
+            p_t = tl.exp2(t * 1.4426950408889634)
         else:
-            p_t = tl.exp((t * inv_tau - m_t[:, None]) - log_d_t[:, None])
+            p_t = tl.exp2(((t * inv_tau - m_t[:, None]) - log_d_t[:, None]) * 1.4426950408889634)
         dz = (p_s * pt_sum[:, None] - p_t) * g
         dz = tl.where(poisoned[:, None], float("nan"), dz)
-        tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        dz_offs = tl.max_contiguous(tl.multiple_of(rows[:, None] * stride_dz + cols[None, :], [1, VEC]), [1, VEC])
+        tl.store(dz_ptr + dz_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 # One-tile kernel's rows and warps per program on a GPU, from the knob sweep on an H200 (BENCHMARKS.md,
@@ -284,6 +302,7 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
             _anchor_kl_kernel[(cdiv(n_rows, rows),)](
                 zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau), float(scale),
                 TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
+                VEC=common_divisor(16, n_cols, zs.stride(0), zt.stride(0), dz.stride(0)),
                 num_warps=num_warps or tile_warps(rows, n_cols))
     else:
         block_c = chunk_cols or CHUNK_COLS
@@ -292,7 +311,7 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
             _anchor_kl_chunked_kernel[(cdiv(n_rows, rows),)](
                 zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau), float(scale),
                 TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
-                num_warps=num_warps or 4)
+                VEC=common_divisor(16, n_cols, zs.stride(0), zt.stride(0), dz.stride(0)), num_warps=num_warps or 4)
     return kl, dz
 
 

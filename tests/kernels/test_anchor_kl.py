@@ -346,3 +346,54 @@ def test_compiled_loss_takes_any_anchor_count_without_recompiling(device, triton
         torch.testing.assert_close(loss, kernel.anchor_kl_reference(z_s, z_t, 2.0), rtol=1e-5, atol=1e-6)
     assert len(graphs) == 1
     torch._dynamo.reset()
+
+
+def _recording_launches(monkeypatch, name):
+    """Replace kernel.<name> by a recorder of each launch's keyword arguments (no kernel runs)."""
+    launches = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(kernel, name, Recording())
+    return launches
+
+
+@pytest.mark.parametrize("width, pad_s, pad_t, dtype, vec", [
+    (1000, 0, 0, torch.float32, 8), (1024, 0, 0, torch.float32, 16), (1000, 8, 0, torch.float32, 8),
+    (1000, 12, 0, torch.float32, 4), (1000, 0, 2, torch.bfloat16, 2), (1001, 0, 0, torch.float32, 1),
+    (90, 0, 0, torch.float32, 2), (8000, 0, 0, torch.float32, 16), (5000, 0, 0, torch.bfloat16, 8)])
+def test_the_alignment_promise_divides_the_width_and_every_row_stride(monkeypatch, width, pad_s, pad_t, dtype, vec):
+    """On a GPU the kernels tell Triton that runs of VEC columns start aligned and are all in or all out
+    of the mask (tl.multiple_of / max_constancy), so that it loads 4 fp32 at once; a VEC that does not
+    divide the width or a row stride would read misaligned or past the row there, silently. The
+    interpreter ignores the hints, so the promise is checked here: VEC is the largest power of two up to
+    16 dividing the width and the student's, teacher's and gradient's row strides."""
+    name = "_anchor_kl_chunked_kernel" if width > kernel.SINGLE_BLOCK_COLS else "_anchor_kl_kernel"
+    launches = _recording_launches(monkeypatch, name)
+    monkeypatch.setattr(kernel, "check_can_run", lambda *args: None)  # meta tensors: nothing runs
+    student = torch.empty(4, width + pad_s, dtype=dtype, device="meta")[:, :width]
+    teacher = torch.empty(4, width + pad_t, dtype=dtype, device="meta")[:, :width]
+    kernel.anchor_kl_triton(student, teacher, TAU)
+    assert [launch["VEC"] for launch in launches] == [vec]
+
+
+@pytest.mark.parametrize("width, pad, chunk", [(1000, 8, None), (1000, 12, None), (100, 4, None), (999, 1, None),
+                                               (1000, 8, 256)])
+@pytest.mark.parametrize("teacher_is_logprob", [False, True])
+def test_views_of_wider_rows_match_the_reference(width, pad, chunk, teacher_is_logprob, device):
+    """Logits that are column slices of wider rows (a row stride other than the width), at widths where
+    the alignment promise is 8, 4 or 1: the values the GPU's vector loads give (CUDA) and the
+    interpreter's (CPU) against the reference."""
+    wide_s, wide_t = _logits(6, width + pad, torch.float32, device, seed=width + pad)
+    student, teacher = wide_s[:, :width], wide_t[:, :width]
+    if teacher_is_logprob:
+        teacher = F.log_softmax(wide_t / TAU, dim=-1)[:, :width]
+    kl_rows, dz = kernel.anchor_kl_triton(student, teacher, TAU, teacher_is_logprob, chunk_cols=chunk)
+    ref_student = student.detach().clone().requires_grad_(True)
+    ref_rows = [kernel.anchor_kl_reference(ref_student[i:i + 1], teacher[i:i + 1], TAU, teacher_is_logprob) / TAU ** 2
+                for i in range(student.shape[0])]
+    (ref_dz,) = torch.autograd.grad(torch.stack(ref_rows).sum(), ref_student)
+    torch.testing.assert_close(kl_rows, torch.stack(ref_rows), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz, ref_dz, rtol=1e-4, atol=1e-7)
