@@ -144,7 +144,9 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             matmul_peak_tflops=round(peak / 1e12, 4), threads=torch.get_num_threads(),
             rounds_planned=setup["rounds"],
             # the image tower's graph symbolic in the batch, as training runs it (engine/compiling.py)
-            dynamic_batch=settings.dynamic_batch if settings is not None else None)
+            dynamic_batch=settings.dynamic_batch if settings is not None else None,
+            compile_backend=settings.backend if settings is not None else None,
+            compile_mode=settings.mode if settings is not None else None)
 
         def timed():
             loss = step()

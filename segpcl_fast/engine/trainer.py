@@ -404,6 +404,7 @@ class Trainer:
         correct_own: predicting among C_<=j only, the label space task j was learned in (the
         own-space matrix, which factors the growth of the label space out of forgetting).
         """
+        self.model.eval()  # and left so after, as before B was frozen here too
         # B frozen, as stage 1's teacher runs: under torch.compile one no-grad graph per tower serves both
         with record_function("eval"), frozen_eval(self.model):
             counts = self._count_correct_local([(self.scenario.test_dataset(j), len(self.scenario.seen_classes(j)))
@@ -412,6 +413,7 @@ class Trainer:
 
     def forward_transfer(self, t: int) -> float:
         """Accuracy on task t before training it: CLIP path, among all classes of the benchmark."""
+        self.model.eval()
         with frozen_eval(self.model):  # as evaluate_seen
             with torch.no_grad():
                 text = self.model.class_embeddings(self.prompts, device=self.device)

@@ -165,60 +165,65 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     neg_inf = float("-inf")
-    inv_tau = 1.0 / tau  # one division per program; per element, multiplies (as in the one-tile kernel)
-    m_s = tl.full((ROWS,), neg_inf, tl.float32)   # running max of s = z_S / tau
-    d_s = tl.zeros((ROWS,), tl.float32)           # sum exp(s - m_s)
-    m_t = tl.full((ROWS,), neg_inf, tl.float32)   # running max of t (logits: z_T / tau; log-probs: 0)
+    # Maxima and differences are kept in the logits' own units (z, not z / tau) and scaled after the
+    # subtraction, as in the one-tile kernel: z - max z is exact near the maximum, so large logits at a
+    # small tau lose nothing to the rounding of z / tau. Exponentials in base 2, k = log2(e) / tau.
+    inv_tau = 1.0 / tau
+    k = inv_tau * 1.4426950408889634
+    m_s = tl.full((ROWS,), neg_inf, tl.float32)   # running max of z_S
+    d_s = tl.zeros((ROWS,), tl.float32)           # sum exp((z_S - m_s) / tau)
+    m_t = tl.full((ROWS,), neg_inf, tl.float32)   # running max of t (logits: z_T; log-probs: tau log p_T, max 0)
     if TEACHER_IS_LOGPROB:
         m_t = tl.zeros((ROWS,), tl.float32)
-    d_t = tl.zeros((ROWS,), tl.float32)           # sum e_t, e_t = exp(t - m_t)
-    # c = sum e_t ((t - m_t) - (s - m_s)) over classes with mass: every term is a difference of
-    # values near their row maxima, so large logits do not cancel (as in the one-tile kernel)
+    d_t = tl.zeros((ROWS,), tl.float32)           # sum e_t, e_t = exp((t - m_t) / tau)
+    # c = sum e_t ((t - m_t) - (z_S - m_s)) over classes with mass (times 1 / tau at the end): every term is
+    # a difference of values near their row maxima, so large logits do not cancel
     c = tl.zeros((ROWS,), tl.float32)
     n_nan = tl.zeros((ROWS,), tl.float32)         # NaNs seen in the row (poison the row, as one tile does)
     for c0 in range(0, n_cols, BLOCK_C):
         s, t, cols, col_ok, mask = _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t,
                                                    BLOCK_C, VEC)
         n_nan += tl.sum(((s != s) | (t != t)).to(tl.float32), axis=1)
-        s = tl.where(col_ok[None, :], s * inv_tau, neg_inf)
+        s = tl.where(col_ok[None, :], s, neg_inf)
         if TEACHER_IS_LOGPROB:
-            t = tl.where(col_ok[None, :], t, neg_inf)
+            t = tl.where(col_ok[None, :], t * tau, neg_inf)  # log p_T in the logits' units
         else:
-            t = tl.where(col_ok[None, :], t * inv_tau, neg_inf)
+            t = tl.where(col_ok[None, :], t, neg_inf)
         # a new maximum: rescale the sums and move c's reference points (rows with nothing summed
         # yet have d = 0 and m = -inf: leave them, rather than compute exp(nan) or 0 * inf)
         m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
         s_moved = (m_s_new > m_s) & (d_s > 0)
-        d_s = tl.where(s_moved, d_s * tl.exp(m_s - m_s_new), d_s)
+        d_s = tl.where(s_moved, d_s * tl.exp2((m_s - m_s_new) * k), d_s)
         c = tl.where(s_moved & (d_t > 0), c + (m_s_new - m_s) * d_t, c)
         m_s = m_s_new
         if not TEACHER_IS_LOGPROB:
             m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
             t_moved = (m_t_new > m_t) & (d_t > 0)
-            rescale = tl.where(t_moved, tl.exp(m_t - m_t_new), 1.0)
+            rescale = tl.where(t_moved, tl.exp2((m_t - m_t_new) * k), 1.0)
             c = tl.where(t_moved, (c - (m_t_new - m_t) * d_t) * rescale, c)
             d_t = d_t * rescale
             m_t = m_t_new
-        # per element exp(x) as exp2(x log2(e)): one sm_90 instruction and a multiply, where exp is five
-        d_s += tl.sum(tl.where(s > neg_inf, tl.exp2((s - m_s[:, None]) * 1.4426950408889634), 0.0), axis=1)
+        d_s += tl.sum(tl.where(s > neg_inf, tl.exp2((s - m_s[:, None]) * k), 0.0), axis=1)
         has_mass = t > neg_inf
-        e_t = tl.where(has_mass, tl.exp2((t - m_t[:, None]) * 1.4426950408889634), 0.0)
+        e_t = tl.where(has_mass, tl.exp2((t - m_t[:, None]) * k), 0.0)
         d_t += tl.sum(e_t, axis=1)
         # a student -inf where the teacher has mass adds +inf, also while the row's student maximum is
         # still -inf (a first chunk of -inf only: -inf - -inf would be nan)
         s_shift = tl.where(s > neg_inf, s - m_s[:, None], neg_inf)
         c += tl.sum(tl.where(has_mass, e_t * ((t - m_t[:, None]) - s_shift), 0.0), axis=1)
+    c = c * inv_tau
     log_d_s = tl.log(d_s)
     if TEACHER_IS_LOGPROB:
-        # p_t = exp(t): KL = sum p_t (t - s) + lse_s sum p_t = c + d_t log d_s
+        # p_t = exp(log p_T): KL = sum p_t (log p_T - s / tau) + lse_s sum p_t = c + d_t log d_s
         kl = c + d_t * log_d_s
         pt_sum = d_t
-        log_d_t = tl.zeros((ROWS,), tl.float32)
+        lg_d_t = tl.zeros((ROWS,), tl.float32)
     else:
-        # p_t = e_t / d_t: KL = sum p_t (t - s) - lse_t + lse_s = c / d_t - log d_t + log d_s
-        log_d_t = tl.log(d_t)
-        kl = c / d_t - log_d_t + log_d_s
+        # p_t = e_t / d_t: KL = sum p_t (t - s) / tau - lse_t + lse_s = c / d_t - log d_t + log d_s
+        kl = c / d_t - tl.log(d_t) + log_d_s
         pt_sum = tl.full((ROWS,), 1.0, tl.float32)
+        lg_d_t = tl.log2(d_t)
+    lg_d_s = tl.log2(d_s)
     poisoned = n_nan > 0
     kl = tl.where(poisoned, float("nan"), kl)
     tl.store(kl_ptr + rows, kl * scale, mask=row_ok)
@@ -226,11 +231,11 @@ def _anchor_kl_chunked_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, st
     for c0 in range(0, n_cols, BLOCK_C):
         s, t, cols, col_ok, mask = _load_row_chunk(zs_ptr, zt_ptr, rows, row_ok, c0, n_cols, stride_s, stride_t,
                                                    BLOCK_C, VEC)
-        p_s = tl.exp2(((s * inv_tau - m_s[:, None]) - log_d_s[:, None]) * 1.4426950408889634)
+        p_s = tl.exp2((s - m_s[:, None]) * k - lg_d_s[:, None])
         if TEACHER_IS_LOGPROB:
             p_t = tl.exp2(t * 1.4426950408889634)
         else:
-            p_t = tl.exp2(((t * inv_tau - m_t[:, None]) - log_d_t[:, None]) * 1.4426950408889634)
+            p_t = tl.exp2((t - m_t[:, None]) * k - lg_d_t[:, None])
         dz = (p_s * pt_sum[:, None] - p_t) * g
         dz = tl.where(poisoned[:, None], float("nan"), dz)
         dz_offs = tl.max_contiguous(tl.multiple_of(rows[:, None] * stride_dz + cols[None, :], [1, VEC]), [1, VEC])
@@ -295,23 +300,27 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
     dz = torch.empty((n_rows, n_cols), dtype=torch.float32, device=zs.device)
     if n_rows == 0 or n_cols == 0:
         return kl.zero_(), dz
-    if chunk_cols is None and next_pow2(n_cols) <= SINGLE_BLOCK_COLS:
-        block_c = next_pow2(n_cols)
+    # row strides: a single row's is never used (and 0 keeps the alignment promise below true for it)
+    strides = (zs.stride(0), zt.stride(0), dz.stride(0)) if n_rows > 1 else (0, 0, 0)
+    one_tile = chunk_cols is None and next_pow2(n_cols) <= SINGLE_BLOCK_COLS
+    block_c = next_pow2(n_cols) if one_tile else chunk_cols or CHUNK_COLS
+    # VEC: runs of VEC columns start aligned and are all in or all out of the mask (the kernels' hints),
+    # so it divides the width and every row stride, and a chunk holds whole runs
+    vec = common_divisor(min(16, block_c), n_cols, *strides)
+    if one_tile:
         rows = rows or tile_rows(n_rows, n_cols)
         with launch_device(zs):
             _anchor_kl_kernel[(cdiv(n_rows, rows),)](
-                zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau), float(scale),
-                TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
-                VEC=common_divisor(16, n_cols, zs.stride(0), zt.stride(0), dz.stride(0)),
+                zs, zt, kl, dz, n_rows, n_cols, *strides, float(tau), float(scale),
+                TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c, VEC=vec,
                 num_warps=num_warps or tile_warps(rows, n_cols))
     else:
-        block_c = chunk_cols or CHUNK_COLS
         rows = rows or rows_per_program(n_rows, n_cols, gpu_tile_elems=1)  # one row per program on a GPU
         with launch_device(zs):
             _anchor_kl_chunked_kernel[(cdiv(n_rows, rows),)](
-                zs, zt, kl, dz, n_rows, n_cols, zs.stride(0), zt.stride(0), dz.stride(0), float(tau), float(scale),
-                TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c,
-                VEC=common_divisor(16, n_cols, zs.stride(0), zt.stride(0), dz.stride(0)), num_warps=num_warps or 4)
+                zs, zt, kl, dz, n_rows, n_cols, *strides, float(tau), float(scale),
+                TEACHER_IS_LOGPROB=bool(teacher_is_logprob), ROWS=rows, BLOCK_C=block_c, VEC=vec,
+                num_warps=num_warps or 4)
     return kl, dz
 
 

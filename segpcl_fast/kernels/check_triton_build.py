@@ -331,10 +331,10 @@ def default_cases() -> list[Case]:
         for n, hw in ((64, 224), (512, 224), (128, 32)):  # paper batch, roofline size, tiny model
             cases.append(Case(f"pgd_step {n}x3x{hw}x{hw} {_name(dtype)}", pgd(n, hw, dtype)))
 
-    def akl(rows, cols, s_dtype, t_dtype, logprob):
+    def akl(rows, cols, s_dtype, t_dtype, logprob, chunk=None):
         zs = torch.empty(rows, cols, dtype=s_dtype, device=meta)
         zt = torch.empty(rows, cols, dtype=t_dtype, device=meta)
-        return lambda: anchor_kl.anchor_kl_triton(zs, zt, 20.0, logprob)
+        return lambda: anchor_kl.anchor_kl_triton(zs, zt, 20.0, logprob, chunk_cols=chunk)
 
     widths = ((512, 10), (512, 90), (512, 1000), (524288, 1000), (512, anchor_kl.SINGLE_BLOCK_COLS), (65536, 8000))
     for rows, cols in widths:
@@ -343,6 +343,8 @@ def default_cases() -> list[Case]:
                 form = "log-probs" if logprob else "logits"
                 cases.append(Case(f"anchor_kl {rows}x{cols} {_name(s_dtype)}/{_name(t_dtype)} teacher {form}",
                                   akl(rows, cols, s_dtype, t_dtype, logprob)))
+    # chunks narrower than 16 columns (tests, the sweep): the alignment hints must fit inside one chunk
+    cases.append(Case("anchor_kl 512x64 in chunks of 8 fp32/fp32 teacher logits", akl(512, 64, f32, f32, False, 8)))
 
     def knn(classes, n_roots, k, d, dtype):
         emb = torch.empty(classes, d, dtype=dtype, device=meta)

@@ -646,6 +646,29 @@ def test_evaluate_seen_restricts_each_tasks_own_space_to_its_classes():
     assert Trainer.evaluate_seen(tr, 0) == [(1, 2, 3)]
 
 
+def test_evaluation_runs_the_model_frozen_and_leaves_it_in_eval_mode_with_its_trainable_parameters():
+    """Evaluation runs the model as stage 1's teacher does (eval mode, nothing requires grad: under
+    torch.compile they share the no-grad graphs), then gives B its requires_grad back and leaves the
+    model in eval mode, as evaluation always did."""
+    model = torch.nn.Linear(2, 4)
+    model.bias.requires_grad_(False)  # a frozen parameter stays frozen
+    seen = []
+
+    def logits(idx):
+        seen.append((model.training, [p.requires_grad for p in model.parameters()]))
+        return torch.zeros(len(idx), 4)
+    tr = Trainer.__new__(Trainer)
+    tr.cfg, tr.dist, tr.device = make_config(eval__batch_size=2), ddp.DistContext(), torch.device("cpu")
+    tr.model = model.train()
+    tr.scenario = SimpleNamespace(test_dataset=lambda j: torch.utils.data.TensorDataset(torch.arange(3),
+                                                                                         torch.zeros(3).long()),
+                                  seen_classes=lambda j: [0, 1])
+    tr.learner = SimpleNamespace(logits=logits)
+    Trainer.evaluate_seen(tr, 0)
+    assert seen == [(False, [False, False])] * 2
+    assert not model.training and [p.requires_grad for p in model.parameters()] == [True, False]
+
+
 def test_evaluation_reads_its_counts_back_once_per_evaluation_not_per_batch_or_task(monkeypatch):
     """A read per batch makes the host wait for each batch's forward before queueing the next: the counts
     stay on the device and are read once at the end, whatever the batch and task counts."""

@@ -137,6 +137,26 @@ def test_chunked_kernel_keeps_precision_at_large_logits(teacher_is_logprob, devi
         torch.testing.assert_close(kl_rows.double(), exact, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("chunk", [None, 16])
+@pytest.mark.parametrize("teacher_is_logprob", [False, True])
+def test_both_kernels_keep_the_gradient_at_large_logits_and_a_small_tau(chunk, teacher_is_logprob, device):
+    """Logits near 3000 at tau 0.05: scaled before the row maximum is subtracted, z / tau (60000) rounds
+    by about 0.004, 1e-4 of the probabilities' exponent scale, and the gradient was off by 9e-3 of its
+    largest entry. Both kernels subtract first, then scale."""
+    g = torch.Generator().manual_seed(5)
+    student = (3000 + torch.randn(3, 64, generator=g)).to(device)
+    teacher = student + 0.1 * torch.randn(3, 64, generator=g).to(device)
+    if teacher_is_logprob:
+        teacher = F.log_softmax(teacher.double() / 0.05, -1).float()
+    ref_student = student.double().requires_grad_(True)
+    ref_rows = torch.stack([kernel.anchor_kl_reference(ref_student[i:i + 1], teacher[i:i + 1].double(), 0.05,
+                                                       teacher_is_logprob) for i in range(3)]) / 0.05 ** 2
+    (ref_dz,) = torch.autograd.grad(ref_rows.sum(), ref_student)
+    kl_rows, dz = kernel.anchor_kl_triton(student, teacher, 0.05, teacher_is_logprob, chunk_cols=chunk)
+    assert (dz.double() - ref_dz).abs().max() < 1e-5 * ref_dz.abs().max()
+    torch.testing.assert_close(kl_rows.double(), ref_rows.detach(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows_per_program,num_warps", [(1, 2), (2, 8), (8, 16)])
 @pytest.mark.parametrize("teacher_is_logprob", [False, True])
 def test_one_tile_kernel_knobs_keep_the_result(rows_per_program, num_warps, teacher_is_logprob, device, monkeypatch):
@@ -349,34 +369,43 @@ def test_compiled_loss_takes_any_anchor_count_without_recompiling(device, triton
 
 
 def _recording_launches(monkeypatch, name):
-    """Replace kernel.<name> by a recorder of each launch's keyword arguments (no kernel runs)."""
+    """Replace kernel.<name> by a recorder of each launch's keyword arguments, and its positional ones
+    under "args" (no kernel runs)."""
     launches = []
 
     class Recording:
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(kwargs)
+            return lambda *args, **kwargs: launches.append(dict(kwargs, args=args))
 
     monkeypatch.setattr(kernel, name, Recording())
     return launches
 
 
-@pytest.mark.parametrize("width, pad_s, pad_t, dtype, vec", [
-    (1000, 0, 0, torch.float32, 8), (1024, 0, 0, torch.float32, 16), (1000, 8, 0, torch.float32, 8),
-    (1000, 12, 0, torch.float32, 4), (1000, 0, 2, torch.bfloat16, 2), (1001, 0, 0, torch.float32, 1),
-    (90, 0, 0, torch.float32, 2), (8000, 0, 0, torch.float32, 16), (5000, 0, 0, torch.bfloat16, 8)])
-def test_the_alignment_promise_divides_the_width_and_every_row_stride(monkeypatch, width, pad_s, pad_t, dtype, vec):
+@pytest.mark.parametrize("rows, width, pad_s, pad_t, dtype, chunk, vec", [
+    (4, 1000, 0, 0, torch.float32, None, 8), (4, 1024, 0, 0, torch.float32, None, 16),
+    (4, 1000, 8, 0, torch.float32, None, 8), (4, 1000, 12, 0, torch.float32, None, 4),
+    (4, 1000, 0, 2, torch.bfloat16, None, 2), (4, 1001, 0, 0, torch.float32, None, 1),
+    (4, 90, 0, 0, torch.float32, None, 2), (4, 8000, 0, 0, torch.float32, None, 16),
+    (4, 5000, 0, 0, torch.bfloat16, None, 8),
+    (4, 1000, 0, 0, torch.float32, 4, 4), (4, 64, 0, 0, torch.float32, 8, 8),  # a chunk holds whole runs
+    (1, 1000, 3, 5, torch.float32, None, 8)])  # one row: its stride is never used
+def test_the_alignment_promise_divides_the_width_and_every_row_stride(monkeypatch, rows, width, pad_s, pad_t, dtype,
+                                                                      chunk, vec):
     """On a GPU the kernels tell Triton that runs of VEC columns start aligned and are all in or all out
     of the mask (tl.multiple_of / max_constancy), so that it loads 4 fp32 at once; a VEC that does not
-    divide the width or a row stride would read misaligned or past the row there, silently. The
-    interpreter ignores the hints, so the promise is checked here: VEC is the largest power of two up to
-    16 dividing the width and the student's, teacher's and gradient's row strides."""
-    name = "_anchor_kl_chunked_kernel" if width > kernel.SINGLE_BLOCK_COLS else "_anchor_kl_kernel"
+    divide the width or a row stride would read misaligned or past the row there, silently, and one
+    wider than a chunk does not compile. The interpreter ignores the hints, so the promise is checked
+    here: VEC is the largest power of two up to 16 and up to the chunk dividing the width and the
+    student's, teacher's and gradient's row strides (a single row's strides are passed as 0)."""
+    name = "_anchor_kl_chunked_kernel" if width > kernel.SINGLE_BLOCK_COLS or chunk else "_anchor_kl_kernel"
     launches = _recording_launches(monkeypatch, name)
     monkeypatch.setattr(kernel, "check_can_run", lambda *args: None)  # meta tensors: nothing runs
-    student = torch.empty(4, width + pad_s, dtype=dtype, device="meta")[:, :width]
-    teacher = torch.empty(4, width + pad_t, dtype=dtype, device="meta")[:, :width]
-    kernel.anchor_kl_triton(student, teacher, TAU)
+    student = torch.empty(rows, width + pad_s, dtype=dtype, device="meta")[:, :width]
+    teacher = torch.empty(rows, width + pad_t, dtype=dtype, device="meta")[:, :width]
+    kernel.anchor_kl_triton(student, teacher, TAU, chunk_cols=chunk)
     assert [launch["VEC"] for launch in launches] == [vec]
+    if rows == 1:
+        assert launches[0]["args"][6:9] == (0, 0, 0)  # the row strides the kernel computes offsets with
 
 
 @pytest.mark.parametrize("width, pad, chunk", [(1000, 8, None), (1000, 12, None), (100, 4, None), (999, 1, None),
