@@ -54,12 +54,15 @@ __all__ = ["knn_subgraph_kl_reference", "knn_reference_logprob", "knn_subgraph_k
 
 MAX_FUSED_TILE = 1 << 15  # next_pow2(k) * next_pow2(d) elements held by a forward program (1 << 16 spilled on sm_90)
 MAX_FUSED_DIM = 1 << 13  # next_pow2(d) of a backward program (16384 spilled on sm_90)
+MAX_CONTRIBUTIONS = 1 << 31  # R * (k + 1): the backward numbers contributions in int32
 
 
-def fused_fits(k: int, d: int) -> bool:
+def fused_fits(k: int, d: int, n_roots: int = 0) -> bool:
     """Whether the kernels take k neighbours of d-dim embeddings without spilling (sm_90, Triton 3.8:
-    check_triton_build); wider problems run on the reference."""
-    return next_pow2(k) * next_pow2(d) <= MAX_FUSED_TILE and next_pow2(d) <= MAX_FUSED_DIM
+    check_triton_build), and R = n_roots roots (R * (k + 1) < MAX_CONTRIBUTIONS); other problems run
+    on the reference."""
+    return (next_pow2(k) * next_pow2(d) <= MAX_FUSED_TILE and next_pow2(d) <= MAX_FUSED_DIM
+            and n_roots * (k + 1) < MAX_CONTRIBUTIONS)
 
 
 def _subgraph_similarities(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
@@ -134,6 +137,7 @@ def _knn_kl_fwd_kernel(emb_ptr, roots_ptr, nb_ptr, ref_ptr, kl_ptr, g_ptr, groot
     offs_d = tl.arange(0, BLOCK_D)
     k_ok = offs_k < k
     d_ok = offs_d < d
+    log2e_over_tau = 1.4426950408889634 / tau  # once a program
     for i in range(ROOTS):
         r = pid * ROOTS + i
         if r < n_roots:
@@ -142,18 +146,20 @@ def _knn_kl_fwd_kernel(emb_ptr, roots_ptr, nb_ptr, ref_ptr, kl_ptr, g_ptr, groot
             nb = tl.load(nb_ptr + r * k + offs_k, mask=k_ok, other=0)
             e_nb = tl.load(emb_ptr + nb[:, None] * stride_e + offs_d[None, :],
                            mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            logits = tl.sum(e_nb * e_root[None, :], axis=1) / tau
-            logits = tl.where(k_ok, logits, float("-inf"))
-            shifted = logits - tl.max(logits, axis=0)
-            q_exp = tl.exp(shifted)
+            # base-2 softmax (exp2 is one sm_90 instruction, exp five; a division by tau an element six):
+            # the maximum is subtracted before the scale log2(e) / tau, as anchor_kl does
+            dots = tl.where(k_ok, tl.sum(e_nb * e_root[None, :], axis=1), float("-inf"))
+            shifted = (dots - tl.max(dots, axis=0)) * log2e_over_tau  # log2 of q_S up to its normaliser
+            q_exp = tl.exp2(shifted)
             q_sum = tl.sum(q_exp, axis=0)
-            log_q = shifted - tl.log(q_sum)
+            log2_q = shifted - tl.log2(q_sum)
             log_q0 = tl.load(ref_ptr + r * k + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            log_q0 = tl.where(k_ok, log_q0, float("-inf"))
-            q0 = tl.exp(log_q0)
+            log2_q0 = tl.where(k_ok, log_q0 * 1.4426950408889634, float("-inf"))
+            q0 = tl.exp2(log2_q0)
             has_mass = q0 > 0
-            kl = tl.sum(q0 * (tl.where(has_mass, log_q0, 0.0) - tl.where(has_mass, log_q, 0.0)), axis=0)
-            g = tl.where(k_ok, (q_exp / q_sum * tl.sum(q0, axis=0) - q0) * (scale / tau), 0.0)
+            kl = tl.sum(q0 * (tl.where(has_mass, log2_q0, 0.0) - tl.where(has_mass, log2_q, 0.0)),
+                        axis=0) * 0.6931471805599453  # ln 2
+            g = tl.where(k_ok, (q_exp * (tl.sum(q0, axis=0) / q_sum) - q0) * (scale / tau), 0.0)
             g_root = tl.sum(g[:, None] * e_nb, axis=0)
             tl.store(kl_ptr + r, kl * scale)
             tl.store(g_ptr + r * k + offs_k, g, mask=k_ok)
@@ -185,8 +191,10 @@ def _knn_kl_bwd_kernel(plan_ptr, grad_kl_ptr, stride_gkl, groot_ptr, g_ptr, emb_
                 is_nb = ok & (src >= n_roots)
                 # root r = src: w = grad_kl[r], row g_root[r] (its precomputed sum_j g[r, j] emb[nb_j]);
                 # neighbour slot (r, j) = src - n_roots: w = grad_kl[r] g[r, j], row emb[roots[r]]
-                slot = tl.where(is_nb, src - n_roots, 0)
-                r = tl.where(is_root, src, slot // k)
+                # int32: contributions number under 2^31 (the launchers check), and a 64-bit division is a
+                # branch to a 64-bit routine beside the 32-bit one, for each contribution
+                slot = tl.where(is_nb, src - n_roots, 0).to(tl.int32)
+                r = tl.where(is_root, src, (slot // k).to(tl.int64))
                 w = tl.load(grad_kl_ptr + r * stride_gkl, mask=ok, other=0.0).to(tl.float32)
                 w_nb = w * tl.load(g_ptr + slot, mask=is_nb, other=0.0)
                 v_root = tl.load(groot_ptr + gather[:, None] * d + offs_d[None, :],
@@ -215,10 +223,10 @@ def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_pro
     scale = scale / max(n_roots, 1) if mean else scale
     d = emb.shape[1]
     block_k, block_d = _tile(k, d)
-    if not fused_fits(k, d):
+    if not fused_fits(k, d, n_roots):
         raise ValueError(f"knn_subgraph_kl: k={k}, d={d} exceed the fused tiles (next_pow2(k) * next_pow2(d) <= "
-                         f"{MAX_FUSED_TILE}, next_pow2(d) <= {MAX_FUSED_DIM}); "
-                         "use the reference backend")
+                         f"{MAX_FUSED_TILE}, next_pow2(d) <= {MAX_FUSED_DIM}), or R={n_roots} roots R * (k + 1) >= "
+                         f"{MAX_CONTRIBUTIONS}; use the reference backend")
     emb_c = emb if emb.stride(-1) == 1 else emb.contiguous()
     f32 = dict(dtype=torch.float32, device=emb.device)
     if n_roots == 0 or k == 0:
@@ -289,9 +297,10 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None,
                          f"k={k}, d={d}; got {tuple(grad_kl.shape)}, {tuple(g.shape)}, {tuple(g_root.shape)}")
     if plan is not None:
         check_knn_plan(plan, emb, neighbors)
-    if not fused_fits(k, d):  # the forward's rule: a backward is of a forward the kernels took
+    if not fused_fits(k, d, n_roots):  # the forward's rule: a backward is of a forward the kernels took
         raise ValueError(f"knn_subgraph_kl backward: k={k}, d={d} exceed the fused tiles (next_pow2(k) * next_pow2(d) "
-                         f"<= {MAX_FUSED_TILE}, next_pow2(d) <= {MAX_FUSED_DIM}); use the reference backend")
+                         f"<= {MAX_FUSED_TILE}, next_pow2(d) <= {MAX_FUSED_DIM}), or R={n_roots} roots R * (k + 1) >= "
+                         f"{MAX_CONTRIBUTIONS}; use the reference backend")
     if n_roots == 0 or k == 0:
         return torch.zeros(emb.shape, dtype=emb.dtype, device=emb.device)
     n_rows = emb.shape[0]

@@ -80,9 +80,9 @@ def _tile(ptr, rows, cols, stride_rows, stride_cols, rows_ok, cols_ok, DOT_FP32:
 @lazy_jit
 def _gemm_tile(a_ptr, b_ptr, tile, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-               DOT_FP32: tl.constexpr):
+               DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
     """GEMM tile `tile` of A (M x K) @ B (K x N), both read through their strides: (fp32 accumulator,
-    its rows, its columns, their masks)."""
+    its rows, its columns, their masks). EVEN_K: BLOCK_K divides K, so no K step needs a mask."""
     pid_m, pid_n = _tile_mn(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -92,7 +92,10 @@ def _gemm_tile(a_ptr, b_ptr, tile, M, N, K, stride_am, stride_ak, stride_bk, str
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        k_ok = kk < K
+        if EVEN_K:  # all true: the tiles' masks are the rows' and columns' only, the same every step
+            k_ok = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            k_ok = kk < K
         acc = tl.dot(_tile(a_ptr, offs_m, kk, stride_am, stride_ak, m_ok, k_ok, DOT_FP32),
                      _tile(b_ptr, kk, offs_n, stride_bk, stride_bn, k_ok, n_ok, DOT_FP32), acc)
     return acc, offs_m, offs_n, m_ok, n_ok
@@ -102,7 +105,7 @@ def _gemm_tile(a_ptr, b_ptr, tile, M, N, K, stride_am, stride_ak, stride_bk, str
 def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, u_ptr, M, N, K, R,
                      stride_x, stride_w, stride_a, stride_y, stride_u,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr):
+                     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -110,12 +113,12 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, u_ptr, M, N, K, R,
     # (the compiler wants a name bound in both branches to have one type: each branch has its own)
     if side:  # u[m block] = x[m block] A^T: a GEMM of one column block (r <= BLOCK_R)
         acc_u, offs_m, offs_r, m_ok, r_ok = _gemm_tile(x_ptr, a_ptr, side_idx, M, R, K, stride_x, 1, 1, stride_a,
-                                                       BLOCK_M, BLOCK_R, BLOCK_K, 1, DOT_FP32)
+                                                       BLOCK_M, BLOCK_R, BLOCK_K, 1, DOT_FP32, EVEN_K)
         tl.store(u_ptr + offs_m[:, None] * stride_u + offs_r[None, :], acc_u.to(u_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & r_ok[None, :])
     else:  # y tile = x W'^T + b (W' is (N, K): its transpose read through the strides)
         acc, offs_m, offs_n, m_ok, n_ok = _gemm_tile(x_ptr, w_ptr, tile, M, N, K, stride_x, 1, 1, stride_w,
-                                                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_FP32)
+                                                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_FP32, EVEN_K)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -126,7 +129,8 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr, u_ptr, M, N, K, R,
 def _lora_bwd_kernel(g_ptr, w_ptr, u_ptr, gx_ptr, part_ptr, M, N, K, R, rows_per_split, n_splits, scaling,
                      stride_g, stride_w, stride_u, stride_gx,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-                     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, FINAL: tl.constexpr):
+                     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, FINAL: tl.constexpr,
+                     EVEN_K: tl.constexpr):
     # g: (M, K = out), W': (K = out, N = in), u: (M, R); grad_x: (M, N); part: (n_splits, K, R) fp32,
     # or grad_B (K, R) itself when FINAL (one split: scaled by s and rounded here)
     pid = tl.program_id(0)
@@ -154,7 +158,7 @@ def _lora_bwd_kernel(g_ptr, w_ptr, u_ptr, gx_ptr, part_ptr, M, N, K, R, rows_per
             tl.store(out, acc_gu, mask=o_ok[:, None] & r_ok[None, :])
     else:  # grad_x tile = g W'
         acc, offs_m, offs_n, m_ok, n_ok = _gemm_tile(g_ptr, w_ptr, tile, M, N, K, stride_g, 1, stride_w, 1,
-                                                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_FP32)
+                                                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_FP32, EVEN_K)
         tl.store(gx_ptr + offs_m[:, None] * stride_gx + offs_n[None, :], acc.to(gx_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
@@ -267,7 +271,8 @@ def lora_fused_forward(x, weight, bias, lora_A, lora_B, scaling, tiles: Optional
                 x2, merged, b, a, y, u, M, N, K, R, x2.stride(0), merged.stride(0), a.stride(0), y.stride(0),
                 u.stride(0), HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                 BLOCK_K=tiles.block_k, BLOCK_R=max(16, next_pow2(R)), GROUP_M=tiles.group_m,
-                DOT_FP32=interpret_mode(), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                DOT_FP32=interpret_mode(), EVEN_K=K % tiles.block_k == 0, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages)
     return y_out.to(x.dtype), u_out.to(x.dtype), merged
 
 
@@ -300,7 +305,7 @@ def lora_fused_backward(grad_y, u, merged, lora_B, scaling, tiles: Optional[Fuse
                 g2.stride(0), merged.stride(0), u2.stride(0), grad_x.stride(0),
                 BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_O=tiles.block_o,
                 BLOCK_R=max(16, next_pow2(R)), GROUP_M=tiles.group_m, DOT_FP32=interpret_mode(), FINAL=final,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                EVEN_K=K % tiles.block_k == 0, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     else:
         part.zero_()
     if final:

@@ -41,7 +41,7 @@ def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Ten
     _k.check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices)
     if plan is not None:
         _k.check_knn_plan(plan, emb, neighbors)
-    fits = _k.fused_fits(neighbors.shape[1], emb.shape[1])
+    fits = _k.fused_fits(neighbors.shape[1], emb.shape[1], neighbors.shape[0])
     if choose_impl("knn_subgraph_kl", emb, roots, neighbors, ref_logprob, supported=fits) == "triton":
         return _k.knn_subgraph_kl_fused(emb, roots, neighbors, ref_logprob, tau, plan)
     return knn_subgraph_kl_reference(emb, roots, neighbors, ref_logprob, tau)

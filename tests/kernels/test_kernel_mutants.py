@@ -261,6 +261,20 @@ def test_knn_supported_flag_follows_the_fused_tile(monkeypatch):
     assert (knn.MAX_FUSED_TILE, knn.MAX_FUSED_DIM) == (1 << 15, 1 << 13)
 
 
+def test_knn_contributions_stay_under_int32(monkeypatch):
+    """The backward numbers its R * (k + 1) contributions, and divides by k, in int32: a graph with 2^31 or
+    more is not the kernels' (fused_fits), and ops.knn_subgraph_kl asks with its root count."""
+    most = (knn.MAX_CONTRIBUTIONS - 1) // 11
+    assert knn.MAX_CONTRIBUTIONS == 1 << 31
+    assert knn.fused_fits(10, 512, most) and not knn.fused_fits(10, 512, most + 1)
+    asked = []
+    monkeypatch.setattr(knn, "fused_fits", lambda k, d, n_roots=0: asked.append((k, d, n_roots)) or True)
+    monkeypatch.setattr(knn_op, "choose_impl", lambda op, *tensors, supported=True: "reference")
+    emb, roots, neighbors, log_q0 = _knn_problem(6, 8, 2, 3, "cpu", seed=45, tau=0.1)
+    knn_op.knn_subgraph_kl(emb, roots, neighbors, log_q0, 0.1)
+    assert asked == [(3, 8, 2)]
+
+
 # ---------------------------------------------------------------------------------------- dispatch
 
 def _cuda_stub(dtype=torch.float32):

@@ -227,6 +227,75 @@ def test_anchor_kl_one_tile_kernel_stays_cheap_per_element(tmp_path):
         assert instructions > 0 and per_element < bounds[case], (case, warps, rows, block, instructions)
 
 
+MERGE_LOOP = '''
+import json, re, sys
+import torch
+from segpcl_fast.kernels import check_triton_build as ctb, lora_merge
+
+listings = []
+count = ctb.sass_instructions
+ctb.sass_instructions = lambda cubin, kernel: listings.append(ctb._cuobjdump_cubin(cubin, "-sass", "-fun", kernel)) \
+    or count(cubin, kernel)
+results = []
+for dtype in (torch.bfloat16, torch.float32):
+    w = torch.empty(3072, 768, dtype=dtype, device="meta")
+    a, b = torch.empty(32, 768, dtype=dtype, device="meta"), torch.empty(3072, 32, dtype=dtype, device="meta")
+    listings.clear()
+    (r,) = ctb.check([ctb.Case("merge", lambda: lora_merge.lora_merged_weight_triton(w, a, b, 2.0))], [90])
+    lines = [(int(m.group(1), 16), m.group(2)) for m in
+             (re.match(r"\\s+/\\*([0-9a-f]{4,})\\*/\\s+(.*?);", line) for line in listings[0].splitlines()) if m]
+    index = {addr: i for i, (addr, _) in enumerate(lines)}
+    body = max(i - index[int(m.group(1), 16)] + 1 for i, (addr, text) in enumerate(lines)
+               for m in [re.search(r"BRA (?:`\\(\\.L_x_\\d+\\) )?0x([0-9a-f]+)", text)]
+               if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index)
+    per_thread = r.constexprs["BLOCK_O"] * r.constexprs["BLOCK_I"] / (32 * r.num_warps)
+    results.append([str(dtype), body, per_thread])
+json.dump(results, sys.stdout)
+'''
+
+
+@cpu_side
+@needs_binder
+def test_lora_merge_rank_step_stays_cheap_per_element(tmp_path):
+    """W + s B A: each of the r rank steps adds one product to every element of the tile. On 4 warps a
+    thread loaded its 32 values of B's column from global memory one at a time in every step: the sm_90
+    loop took 182 instructions for 32 elements in bf16 (5.7 an element a step; fp32 127 / 32 = 4.0). On
+    2 warps a thread holds one column of the 64 x 64 tile and reads B through shared memory: 98 for 64
+    (1.5; fp32 96 / 64). The bound fails the 4-warp form."""
+    script = tmp_path / "merge_loop.py"
+    script.write_text(MERGE_LOOP)
+    proc = subprocess.run([sys.executable, str(script)], env=_compile_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for dtype, body, per_thread in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert 0 < body / per_thread < 2.5, (dtype, body, per_thread)
+
+
+KNN_COUNTS = '''
+import json, sys
+from segpcl_fast.kernels import check_triton_build as ctb
+cases = [c for c in ctb.default_cases() if c.name == "knn_subgraph_kl 1000 classes 200x10 d512 fp32"]
+json.dump([[r.kernel, r.instructions] for r in ctb.check(cases, [90])], sys.stdout)
+'''
+
+
+@cpu_side
+@needs_binder
+def test_knn_kernels_stay_cheap(tmp_path):
+    """knn_subgraph_kl at k 10, d 512, fp32, static sm_90 instructions: the forward with a division by
+    tau per neighbour, tl.exp and a division of each exponential by the sum took 815 (Triton 3.6: 834);
+    in base 2 with one division per root 754 (735). The backward's contribution numbers were 64-bit
+    (a division by k branched to a 64-bit routine): 679 (687); in int32 503 (498). The bounds fail the
+    old forms."""
+    script = tmp_path / "knn_counts.py"
+    script.write_text(KNN_COUNTS)
+    proc = subprocess.run([sys.executable, str(script)], env=_compile_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert 0 < counts["_knn_kl_fwd_kernel"] < 790 and 0 < counts["_knn_kl_bwd_kernel"] < 600, counts
+
+
 @pytest.mark.parametrize("cols, rows, warps", [(10, 128, 16), (200, 2, 4), (1000, 2, 4), (4096, 1, 16)])
 def test_anchor_kl_default_tile_is_the_sweeps_fastest(monkeypatch, cols, rows, warps):
     """On a GPU the one-tile kernel's default (rows, warps) at each width the H200 sweep measured
