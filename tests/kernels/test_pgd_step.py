@@ -123,6 +123,24 @@ def test_nan_behaviour(device, triton_backend):
     assert out[0, 2, 3, 3].isfinite()  # +inf is projected into the eps-ball around x0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_subnormal_gradients_step_like_torch_sign(dtype, device, triton_backend):
+    """A gradient too small to be normal still has a sign (torch.sign gives +-1): the step moves the
+    pixel as for any other gradient of that sign. On the GPU a flush-to-zero anywhere in the kernel's
+    sign would leave those pixels in place. Triton's CPU interpreter converts bf16 subnormals to 0, so
+    there the bf16 case is the GPU's only."""
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter flushes bf16 subnormals on load (a GPU converts them exactly)")
+    x_adv, grad, x0, *pc = _inputs((1, 3, 4, 4), dtype, device, seed=6)
+    tiny = torch.finfo(dtype).tiny
+    grad[0, :, :2] = tiny / 4  # subnormal, positive
+    grad[0, :, 2:] = -tiny / 8  # subnormal, negative
+    assert (grad != 0).all() and (grad.abs() < tiny).all()
+    out = ops.pgd_step(x_adv, grad, x0, *pc)
+    assert torch.equal(out, kernel.pgd_step_reference(x_adv, grad, x0, *pc))
+    assert not torch.equal(out, kernel.pgd_step_reference(x_adv, torch.zeros_like(grad), x0, *pc))
+
+
 def test_autograd_matches_reference(device, triton_backend):
     x_adv, grad, x0, *pc = _inputs((2, 3, 5, 5), torch.float32, device, seed=6)
     x_adv.requires_grad_(True)
