@@ -261,14 +261,15 @@ def test_lora_merge_rank_step_stays_cheap_per_element(tmp_path):
     thread loaded its 32 values of B's column from global memory one at a time in every step: the sm_90
     loop took 182 instructions for 32 elements in bf16 (5.7 an element a step; fp32 127 / 32 = 4.0). On
     2 warps a thread holds one column of the 64 x 64 tile and reads B through shared memory: 98 for 64
-    (1.5; fp32 96 / 64). The bound fails the 4-warp form."""
+    (1.5; fp32 96 / 64). Triton 3.6 (the H200 device's): 182 / 32 and 127 / 32 before, 192 / 64 (3.0) and
+    96 / 64 now. The bound fails the 4-warp form on both."""
     script = tmp_path / "merge_loop.py"
     script.write_text(MERGE_LOOP)
     proc = subprocess.run([sys.executable, str(script)], env=_compile_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for dtype, body, per_thread in json.loads(proc.stdout.strip().splitlines()[-1]):
-        assert 0 < body / per_thread < 2.5, (dtype, body, per_thread)
+        assert 0 < body / per_thread < 3.5, (dtype, body, per_thread)
 
 
 KNN_COUNTS = '''
