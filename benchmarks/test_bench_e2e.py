@@ -22,7 +22,8 @@ on CUDA only, cudagraphs_fused (compiled_fused under mode "reduce-overhead": CUD
 bf16text_fused (compiled_fused with run.text_precision=bf16, the text transformer under autocast)
 compiled_triton (compiled, ops backend "triton": the image tower's LoRA layers as fused Triton GEMMs),
 bf16text_cudagraphs (CUDA graphs and the bf16 text trunk together), autotune_fused (mode
-"max-autotune-no-cudagraphs", the GPU presets' choice) and autotune_cudagraphs (mode "max-autotune").
+"max-autotune-no-cudagraphs", the GPU presets' choice), autotune_cudagraphs (mode "max-autotune") and
+staticbatch_fused (compiled_fused with SEGPCL_COMPILE_DYNAMIC_BATCH=0: the static-batch graph).
 A CUDA-graph variant records how many compiled graphs ran without CUDA graphs, and why
 (cudagraph_skips, cudagraph_skip_reasons: engine/compiling.py).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
@@ -72,10 +73,14 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     "autotune_fused": ("auto", True, {"SEGPCL_COMPILE_MODE": "max-autotune-no-cudagraphs"}),
     # the same with CUDA graphs (mode "max-autotune"). CUDA only.
     "autotune_cudagraphs": ("auto", True, {"SEGPCL_COMPILE_MODE": "max-autotune"}),
+    # compiled_fused with the image batch left to torch's automatic dynamic shapes: the static graph a
+    # constant batch compiles, which training leaves at its first short batch (engine/compiling.py), beside
+    # compiled_fused's symbolic one. CUDA only (on the CPU the two measured the same: BENCHMARKS.md).
+    "staticbatch_fused": ("auto", True, {"SEGPCL_COMPILE_DYNAMIC_BATCH": "0"}),
 }
 # on the CPU they would be compiled_fused again (fp32 there)
 CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs", "autotune_fused",
-             "autotune_cudagraphs"}
+             "autotune_cudagraphs", "staticbatch_fused"}
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),
