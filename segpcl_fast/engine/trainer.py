@@ -404,7 +404,7 @@ class Trainer:
         correct_own: predicting among C_<=j only, the label space task j was learned in (the
         own-space matrix, which factors the growth of the label space out of forgetting).
         """
-        self.model.eval()  # and left so after, as before B was frozen here too
+        self.model.eval()  # before frozen_eval, which restores the mode it finds: evaluation leaves eval mode
         # B frozen, as stage 1's teacher runs: under torch.compile one no-grad graph per tower serves both
         with record_function("eval"), frozen_eval(self.model):
             counts = self._count_correct_local([(self.scenario.test_dataset(j), len(self.scenario.seen_classes(j)))

@@ -99,7 +99,8 @@ def _anchor_kl_kernel(zs_ptr, zt_ptr, kl_ptr, dz_ptr, n_rows, n_cols, stride_s, 
     # VEC (a power of two) divides the column count and every row stride (the launcher's
     # common_divisor): so each run of VEC columns starts aligned and is all in or all out of the mask,
     # and Triton loads and stores 4 fp32 at once. Without the hints a width that is not a multiple of
-    # 16 (1000 classes) compiled to one element per load and store.
+    # 16 (1000 classes) compiled to one element per load and store. (Written out at each access: hints
+    # on offsets a @jit helper returned did not reach the loads.)
     mask = tl.max_constancy(row_ok[:, None] & col_ok[None, :], [1, VEC])
     s_offs = tl.max_contiguous(tl.multiple_of(rows[:, None] * stride_s + cols[None, :], [1, VEC]), [1, VEC])
     t_offs = tl.max_contiguous(tl.multiple_of(rows[:, None] * stride_t + cols[None, :], [1, VEC]), [1, VEC])

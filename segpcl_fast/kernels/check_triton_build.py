@@ -84,6 +84,7 @@ class Compiled:
     shared_bytes: int = 0
     occupancy: float = 0.0  # resident warps per SM / the arch's most, from registers, shared memory, blocks
     instructions: int = 0  # SASS instructions in the cubin (static: a loop body counts once)
+    loop_instructions: int = 0  # SASS instructions of its longest loop body (0: no loop)
     seconds: float = 0.0
     problems: list = field(default_factory=list)
 
@@ -127,11 +128,12 @@ def resource_usage(cubin: bytes, kernel: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", match.group(1))}
 
 
-def sass_instructions(cubin: bytes, kernel: str) -> int:
-    """The static SASS instruction count of `kernel` (`cuobjdump -sass`; NOPs padding the end not
-    counted). For a kernel without loops, instructions per thread per launch: a proxy for its
-    arithmetic cost that needs no GPU (anchor_kl's one-tile kernel: BENCHMARKS.md, session 35)."""
-    return count_sass(_cuobjdump_cubin(cubin, "-sass", "-fun", kernel))
+def sass_listing(cubin: bytes, kernel: str) -> str:
+    """`cuobjdump -sass` of `kernel`. Its static instruction count (count_sass) is, for a kernel without
+    loops, instructions per thread per launch: a proxy for its arithmetic cost that needs no GPU
+    (anchor_kl's one-tile kernel: BENCHMARKS.md, session 35); for a loop, longest_loop_sass gives the
+    instructions of one iteration."""
+    return _cuobjdump_cubin(cubin, "-sass", "-fun", kernel)
 
 
 def count_sass(listing: str) -> int:
@@ -141,6 +143,17 @@ def count_sass(listing: str) -> int:
     while ops and ops[-1] in ("NOP", "BRA"):
         ops.pop()
     return len(ops)
+
+
+def longest_loop_sass(listing: str) -> int:
+    """Instructions in the longest loop body of a `cuobjdump -sass` listing: from a backward branch's
+    target to the branch itself, both counted (0 when nothing branches backward)."""
+    lines = [(int(addr, 16), text) for addr, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", listing)]
+    index = {addr: i for i, (addr, _) in enumerate(lines)}
+    bodies = [i - index[target] + 1 for i, (addr, text) in enumerate(lines)
+              for m in [re.search(r"\bBRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)] if m
+              for target in [int(m.group(1), 16)] if target < addr and target in index]
+    return max(bodies, default=0)
 
 
 def launch_problems(arch: int, grid: tuple, num_warps: int, registers: int, shared: int) -> list[str]:
@@ -231,7 +244,8 @@ def _compile(case: str, jit, target, grid: tuple, bound, specialization, options
         record.stack_bytes, record.shared_bytes = usage.get("STACK", 0), kernel.metadata.shared
         record.problems = launch_problems(target.arch, grid, record.num_warps, record.registers, record.shared_bytes)
         record.occupancy = occupancy(target.arch, record.num_warps, record.registers, record.shared_bytes)
-        record.instructions = sass_instructions(kernel.asm["cubin"], kernel.metadata.name)
+        listing = sass_listing(kernel.asm["cubin"], kernel.metadata.name)
+        record.instructions, record.loop_instructions = count_sass(listing), longest_loop_sass(listing)
     except Exception as exc:  # noqa: BLE001 - a compile error is the finding, reported per kernel
         first = str(exc).strip().splitlines()
         record.problems = [f"does not compile: {type(exc).__name__}: {first[-1] if first else ''}"]

@@ -189,6 +189,17 @@ def test_sass_count_reads_every_address_width():
     assert check_build.count_sass("\n".join(lines)) == 0x1004
 
 
+
+def test_longest_loop_is_counted_from_a_backward_branch_to_its_target():
+    """A loop's body: from the target of a branch back to it, both counted; forward branches and the
+    closing self-branch are not loops."""
+    body = ["FADD R1, R1, R2", "FMUL R3, R1, R1", "@P0 BRA 0x0060", "IADD3 R4, R4, 0x1, RZ",
+            "ISETP.NE.AND P1, PT, R4, 0x20, PT", "@P1 BRA `(.L_x_2) 0x0010", "EXIT", "BRA 0x0080"]
+    listing = "\n".join(f"        /*{0x10 * (i + 1):04x}*/                   {text} ;   /* 0x000fe20000000000 */"
+                         for i, text in enumerate(body))
+    assert check_build.longest_loop_sass(listing) == 6  # 0x0010 .. 0x0060
+    assert check_build.longest_loop_sass(listing.replace("(.L_x_2) 0x0010", "(.L_x_2) 0x0090")) == 0
+
 INSTRUCTIONS = '''
 import json, sys
 import torch
@@ -228,28 +239,17 @@ def test_anchor_kl_one_tile_kernel_stays_cheap_per_element(tmp_path):
 
 
 MERGE_LOOP = '''
-import json, re, sys
+import json, sys
 import torch
 from segpcl_fast.kernels import check_triton_build as ctb, lora_merge
 
-listings = []
-count = ctb.sass_instructions
-ctb.sass_instructions = lambda cubin, kernel: listings.append(ctb._cuobjdump_cubin(cubin, "-sass", "-fun", kernel)) \
-    or count(cubin, kernel)
 results = []
 for dtype in (torch.bfloat16, torch.float32):
     w = torch.empty(3072, 768, dtype=dtype, device="meta")
     a, b = torch.empty(32, 768, dtype=dtype, device="meta"), torch.empty(3072, 32, dtype=dtype, device="meta")
-    listings.clear()
     (r,) = ctb.check([ctb.Case("merge", lambda: lora_merge.lora_merged_weight_triton(w, a, b, 2.0))], [90])
-    lines = [(int(m.group(1), 16), m.group(2)) for m in
-             (re.match(r"\\s+/\\*([0-9a-f]{4,})\\*/\\s+(.*?);", line) for line in listings[0].splitlines()) if m]
-    index = {addr: i for i, (addr, _) in enumerate(lines)}
-    body = max(i - index[int(m.group(1), 16)] + 1 for i, (addr, text) in enumerate(lines)
-               for m in [re.search(r"BRA (?:`\\(\\.L_x_\\d+\\) )?0x([0-9a-f]+)", text)]
-               if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index)
     per_thread = r.constexprs["BLOCK_O"] * r.constexprs["BLOCK_I"] / (32 * r.num_warps)
-    results.append([str(dtype), body, per_thread])
+    results.append([str(dtype), r.loop_instructions, per_thread])
 json.dump(results, sys.stdout)
 '''
 
