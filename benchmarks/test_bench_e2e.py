@@ -23,7 +23,8 @@ bf16text_fused (compiled_fused with run.text_precision=bf16, the text transforme
 compiled_triton (compiled, ops backend "triton": the image tower's LoRA layers as fused Triton GEMMs),
 bf16text_cudagraphs (CUDA graphs and the bf16 text trunk together), autotune_fused (mode
 "max-autotune-no-cudagraphs", the GPU presets' choice), autotune_cudagraphs (mode "max-autotune") and
-staticbatch_fused (compiled_fused with SEGPCL_COMPILE_DYNAMIC_BATCH=0: the static-batch graph).
+staticbatch_fused (compiled_fused with SEGPCL_COMPILE_DYNAMIC_BATCH=0: the static-batch graph) and
+percallcast_fused (compiled_fused with SEGPCL_FROZEN_CAST=per_call: frozen weights cast every forward).
 A CUDA-graph variant records how many compiled graphs ran without CUDA graphs, and why
 (cudagraph_skips, cudagraph_skip_reasons: engine/compiling.py).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
@@ -77,10 +78,14 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     # constant batch compiles, which training leaves at its first short batch (engine/compiling.py), beside
     # compiled_fused's symbolic one. CUDA only (on the CPU the two measured the same: BENCHMARKS.md).
     "staticbatch_fused": ("auto", True, {"SEGPCL_COMPILE_DYNAMIC_BATCH": "0"}),
+    # compiled_fused with the frozen weights kept fp32 and cast by autocast on every forward (one kernel a
+    # tensor: about 100 a step for ViT-B/16), beside compiled_fused's stored in bf16 once
+    # (model/frozen_cast.py; the same results). CUDA only (the CPU rows are fp32: nothing is cast).
+    "percallcast_fused": ("auto", True, {"SEGPCL_FROZEN_CAST": "per_call"}),
 }
 # on the CPU they would be compiled_fused again (fp32 there)
 CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs", "autotune_fused",
-             "autotune_cudagraphs", "staticbatch_fused"}
+             "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused"}
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),
@@ -151,7 +156,9 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             # the image tower's graph symbolic in the batch, as training runs it (engine/compiling.py)
             dynamic_batch=settings.dynamic_batch if settings is not None else None,
             compile_backend=settings.backend if settings is not None else None,
-            compile_mode=settings.mode if settings is not None else None)
+            compile_mode=settings.mode if settings is not None else None,
+            # {tower: dtype} whose frozen GEMM weights are stored in the autocast dtype (model/frozen_cast.py)
+            frozen_storage={t: str(d).removeprefix("torch.") for t, d in step.model.frozen_storage.items()})
 
         def timed():
             loss = step()

@@ -550,3 +550,25 @@ def test_an_export_whose_model_name_no_longer_resolves_loads_from_the_config_it_
     from segpcl_fast.model.clip import ModelLoadError
     with pytest.raises(ModelLoadError, match="moved_away"):
         load_classifier(tmp_path / "bare.pt")
+
+
+def test_a_bf16_runs_export_holds_fp32_weights_at_the_values_it_used(tiny_model_name, tmp_path):
+    """run.precision=bf16 stores the image tower's frozen GEMM weights in bf16 (model/frozen_cast.py);
+    the classifier rebuilt from the run does too, and its export is fp32 throughout, as open_clip's own
+    (the merged weights computed in fp32 from the bf16 values the run used), loading back to the same
+    classifier."""
+    cfg = make_config(model__name=tiny_model_name, model__pretrained=None, max_train_per_class=2,
+                      max_test_per_class=2, num_tasks=1, epochs=1, dpgd__k_adv=2, dpgd__k_seed=2,
+                      output_dir=str(tmp_path / "run"), progress=False, num_threads=1, plots=False,
+                      run__precision="bf16")
+    train(cfg)
+    clf = load_classifier(tmp_path / "run")
+    assert clf.model.frozen_storage == {"visual": torch.bfloat16}
+    saved = torch.load(clf.export(tmp_path / "model.pt"), weights_only=True)
+    assert {t.dtype for t in saved["state_dict"].values() if t.is_floating_point()} == {torch.float32}
+    assert clf.model.frozen_storage == {"visual": torch.bfloat16}  # the export merged a copy
+    w = saved["state_dict"]["visual.transformer.resblocks.0.attn.out_proj.weight"]  # no LoRA there: W itself
+    assert torch.equal(w, w.bfloat16().float())
+    back = load_classifier(tmp_path / "model.pt")
+    images = clf.load_images(_images(3))
+    torch.testing.assert_close(back.logits(images), clf.logits(images), atol=0.5, rtol=0.02)

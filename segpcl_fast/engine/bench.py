@@ -59,6 +59,7 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     # as trainer.build_model does, before the learner caches its reference text
     model.set_precision(image=precision, text=cfg.run.text_precision)
     params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers)
+    model.store_frozen_weights()
     n_total = n_old + n_new
     prompts = [[t.format(c) for t in cfg.data.templates] for c in class_names(n_total)]
     learner = Learner(cfg, model, prompts, device)

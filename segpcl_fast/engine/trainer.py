@@ -115,13 +115,16 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
     tower under bf16 autocast when run.precision=bf16 (CLIPModel.image_autocast: every stage, the
     features come out fp32), and its text transformer so when run.text_precision=bf16. Random
     weights (model.pretrained none) are drawn after torch.manual_seed(run.seed), so a run's model
-    can be rebuilt outside its Trainer (classifier.load_classifier) with the same weights."""
+    can be rebuilt outside its Trainer (classifier.load_classifier) with the same weights. A bf16
+    tower's frozen GEMM weights are stored in bf16 (model/frozen_cast.py: what autocast would cast
+    them to every forward, so the same results)."""
     torch.manual_seed(cfg.run.seed)
     model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir,
                        preprocess=cfg.model.preprocess)
     model.set_precision(image=cfg.run.precision, text=cfg.run.text_precision)
     params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers,
                          seed=cfg.run.seed if cfg.lora.init_seed is None else cfg.lora.init_seed)
+    model.store_frozen_weights()  # an autocast tower's frozen GEMM weights cast once (same results)
     return model, params
 
 
@@ -188,6 +191,17 @@ def record_compiled_choices(model, device: torch.device) -> None:
     ops.dispatch.record_choice("attention", "sdpa", device.type)
     for op, impl in model.compiled_choices(device).items():
         ops.dispatch.record_choice(op, impl, device.type)
+
+
+def record_frozen_storage(model, device: torch.device) -> None:
+    """Record (ops.choices_used, results.json "ops") how an autocast tower gets its frozen GEMM weights:
+    "stored bf16" (cast once at build time, model/frozen_cast.py) or "autocast per call"
+    (SEGPCL_FROZEN_CAST=per_call)."""
+    for tower in ("visual", "text"):
+        if getattr(model, "image_autocast" if tower == "visual" else "text_autocast", None) is not None:
+            stored = model.frozen_storage.get(tower)
+            how = f"stored {str(stored).removeprefix('torch.')}" if stored is not None else "autocast per call"
+            ops.dispatch.record_choice(f"frozen_{'image' if tower == 'visual' else 'text'}_weights", how, device.type)
 
 
 def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:
@@ -631,6 +645,7 @@ class Trainer:
         ops.reset_choices()  # results.json "ops": what this run ran
         if getattr(self, "compiled", None):  # a call inside a compiled graph records nothing: the choices the graphs traced
             record_compiled_choices(self.model, self.device)
+        record_frozen_storage(self.model, self.device)
         self.holds_final_weights = False
         check_resume_run(c)
         if main:
@@ -754,10 +769,10 @@ def _check_ops_backend(name: str, device: torch.device) -> None:
                "interpreter, for tests: set it before segpcl_fast is imported)")
         raise ConfigError(f"run.ops=triton forces the Triton kernels, but {why}; use run.ops=auto (the fast path "
                           "where there is one)")
-    from ..model import patch_embed, vit_tail
+    from ..model import frozen_cast, patch_embed, vit_tail
     from ..ops import lora_linear
     try:  # every A/B switch, read where its path runs: a bad value now, not mid-run (evaluation, task 2)
-        lora_linear.switches(), patch_embed.choice(), vit_tail.choice()
+        lora_linear.switches(), patch_embed.choice(), vit_tail.choice(), frozen_cast.choice()
     except ValueError as e:
         raise ConfigError(f"{e} (an environment variable; unset it for the default)") from None
     env = os.environ.get("SEGPCL_OPS")

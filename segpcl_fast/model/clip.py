@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..config import PRECISIONS
 from ..fileio import DamagedFileError, UnsafeFileError, check_torch_zip, load_torch_file
-from . import vit_tail
+from . import frozen_cast, vit_tail
 from .patch_embed import conv_is_cheaper, use_patch_gemm
 
 log = logging.getLogger("segpcl_fast.model")
@@ -115,6 +115,8 @@ class CLIPModel(nn.Module):
                                       fill_color=int(preprocess.get("fill_color") or 0))
         self.image_autocast: Optional[torch.dtype] = None  # autocast dtype of the image tower (None: off)
         self.text_autocast: Optional[torch.dtype] = None  # of the text transformer (run.text_precision; None: fp32)
+        # tower -> dtype its frozen GEMM weights are stored in (model/frozen_cast.py; empty: as loaded)
+        self.frozen_storage: dict[str, torch.dtype] = {}
         self._token_cache: OrderedDict = OrderedDict()  # prompt_tokens: tokenized prompt sets
         self._vit = hasattr(visual, "_embeds") and hasattr(visual, "_pool")
         # a ViT's stride = kernel patch conv as one GEMM (model/patch_embed.py); "conv" / "none" otherwise
@@ -187,8 +189,25 @@ class CLIPModel(nn.Module):
         for name, value in (("image", image), ("text", text)):
             if value not in PRECISIONS:
                 raise ValueError(f"set_precision: {name} precision '{value}' is not {' or '.join(PRECISIONS)}")
-        self.image_autocast = torch.bfloat16 if image == "bf16" else None
-        self.text_autocast = torch.bfloat16 if text == "bf16" else None
+        image_dtype = torch.bfloat16 if image == "bf16" else None
+        text_dtype = torch.bfloat16 if text == "bf16" else None
+        for tower, dtype in (("visual", image_dtype), ("text", text_dtype)):
+            stored = self.frozen_storage.get(tower)
+            if stored is not None and dtype != stored:
+                raise ValueError(f"set_precision: the {tower} tower's frozen weights are stored in {stored} "
+                                 f"(store_frozen_weights), which another precision cannot use; call "
+                                 f"restore_frozen_weights() first, or build a fresh model")
+        self.image_autocast, self.text_autocast = image_dtype, text_dtype
+
+    def store_frozen_weights(self) -> dict:
+        """Store each autocast tower's frozen GEMM weights in its autocast dtype, once, instead of
+        autocast casting them every forward (model/frozen_cast.py: same results). After LoRA
+        injection. Returns {tower: tensors cast}."""
+        return frozen_cast.store_frozen(self)
+
+    def restore_frozen_weights(self) -> int:
+        """Undo store_frozen_weights: fp32 storage again (the values stay the rounded ones)."""
+        return frozen_cast.restore_frozen(self)
 
     def logit_scale(self) -> torch.Tensor:
         """s = exp(logit_scale) (100 for OpenAI weights), clamped at 100 as CLIP does."""

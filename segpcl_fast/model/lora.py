@@ -259,8 +259,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     `model.clip.state_dict()` loads into `open_clip.create_model(name)` with strict=True and computes
     the same function up to the rounding of the merged weights to their dtype (W + s B A is
     computed in fp32); in bf16 that is the arrangement the run's own evaluation uses (ops: merged).
+    Frozen weights stored in bf16 for autocast (CLIPModel.store_frozen_weights) go back to fp32 storage
+    first, holding the bf16-rounded values the run computed with.
     A model without adapters is returned as it is.
     """
+    if getattr(model, "frozen_storage", None):  # weights stored in bf16 for autocast: merge in fp32 storage
+        model.restore_frozen_weights()
     adapted = [(name, m) for name, m in model.named_modules()
                if isinstance(m, (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention))]
     outer = [(name, m) for name, m in adapted  # an attention module's LoRA out_proj merges with it
@@ -343,6 +347,9 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
         raise ValueError(f"unknown tower(s) {bad}; choose from {VALID_TOWERS}")
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
+    if getattr(model, "frozen_storage", None):  # B and A would take W's (reduced) dtype
+        raise ValueError(f"inject_lora: the model's frozen weights are already stored in {model.frozen_storage} "
+                         "(store_frozen_weights); inject LoRA first, then store them")
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)

@@ -227,7 +227,8 @@ def test_run_ops_triton_where_triton_cannot_run_fails_first(tiny_model_name, tmp
 
 @pytest.mark.parametrize("name, value", [("SEGPCL_LORA_MERGE", "bogus"), ("SEGPCL_LORA_OVERLAP", "yes"),
                                          ("SEGPCL_LORA_MERGED_BACKWARD", "x"), ("SEGPCL_LORA_COMPILE", "x"),
-                                         ("SEGPCL_LORA_FWD", "x"), ("SEGPCL_VIT_TAIL", "x"), ("SEGPCL_PATCH_EMBED", "x")])
+                                         ("SEGPCL_LORA_FWD", "x"), ("SEGPCL_VIT_TAIL", "x"), ("SEGPCL_PATCH_EMBED", "x"),
+                                         ("SEGPCL_FROZEN_CAST", "x")])
 def test_a_bad_ab_switch_fails_the_run_before_it_starts(tiny_model_name, tmp_path, monkeypatch, name, value):
     """Each switch is read where its path runs: SEGPCL_LORA_MERGE=bogus let a run train on the C++ op
     and fail at its first frozen-B call (evaluation). A run reads them all first; empty means unset."""
@@ -236,10 +237,10 @@ def test_a_bad_ab_switch_fails_the_run_before_it_starts(tiny_model_name, tmp_pat
         Trainer(small_config(tiny_model_name, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv(name, "")
-    from segpcl_fast.model import patch_embed, vit_tail
+    from segpcl_fast.model import frozen_cast, patch_embed, vit_tail
     from segpcl_fast.ops import lora_linear
     assert lora_linear.switches()["SEGPCL_LORA_MERGE"] == "addmm" and vit_tail.choice() == "cls"
-    assert patch_embed.choice() == "gemm" and not lora_linear.overlap()
+    assert patch_embed.choice() == "gemm" and not lora_linear.overlap() and frozen_cast.choice() == "once"
 
 
 def test_a_run_gives_the_ops_backend_back_and_names_an_ignored_SEGPCL_OPS(tiny_model_name, tmp_path, monkeypatch,

@@ -730,11 +730,7 @@ def test_run_text_precision_bf16_autocasts_the_text_transformer_for_every_text_e
     assert model.text_autocast is torch.bfloat16 and model.image_autocast is None
     with torch.no_grad():
         bf16_ref = model.class_embeddings(learner.class_prompts)
-        model.text_autocast = None
-        fp32_ref = model.class_embeddings(learner.class_prompts)
-        model.text_autocast = torch.bfloat16
     torch.testing.assert_close(learner.ref_text, bf16_ref, rtol=0, atol=0)
-    assert (learner.ref_text - fp32_ref).abs().max() > 1e-5  # bf16 rounding shows: the autocast did run
     stage, seen, parts = ["setup"], {}, []
     model.text_tower.transformer.register_forward_pre_hook(
         lambda module, args: seen.setdefault(stage[0], set()).add(torch.is_autocast_enabled("cpu")))
@@ -749,6 +745,34 @@ def test_run_text_precision_bf16_autocasts_the_text_transformer_for_every_text_e
     assert learner.text_cache.dtype == torch.float32
     default = Trainer(small_config(tiny_model_name, tmp_path / "default", max_train_per_class=3))
     assert default.model.text_autocast is None
+    # the same weights and prompts in fp32: bf16 rounding shows, so the autocast did run
+    assert (learner.ref_text - default.learner.ref_text).abs().max() > 1e-5
+
+
+def test_bf16_run_with_frozen_weights_stored_once_equals_autocast_casting_them(tiny_model_name, tmp_path, monkeypatch):
+    """model/frozen_cast.py: a bf16 tower's frozen GEMM weights stored in bf16 at build time (the default)
+    instead of cast by autocast on every forward: a whole run (DPGD, training, prototypes, evaluation;
+    both towers in bf16) gives the same numbers bit for bit, with the trained B and A the same."""
+    def run(name):
+        trainer = Trainer(small_config(tiny_model_name, tmp_path / name, max_train_per_class=3, plots=False,
+                                       run__precision="bf16", run__text_precision="bf16"))
+        return trainer, trainer.run()
+    stored, stored_result = run("stored")
+    assert stored.model.frozen_storage == {"visual": torch.bfloat16, "text": torch.bfloat16}
+    monkeypatch.setenv("SEGPCL_FROZEN_CAST", "per_call")
+    per_call, per_call_result = run("per_call")
+    assert per_call.model.frozen_storage == {}
+    assert stored_result.accuracy_matrix == per_call_result.accuracy_matrix
+    assert stored_result.accuracy_matrix_own == per_call_result.accuracy_matrix_own
+    mine, theirs = stored.model.state_dict(), per_call.model.state_dict()
+    trained = [k for k in theirs if "lora_B" in k]
+    assert trained and all(torch.equal(mine[k], theirs[k]) for k in trained)
+    assert all(torch.equal(mine[k], theirs[k].to(mine[k].dtype)) for k in theirs if "lora_A" in k)
+    assert any(mine[k].dtype == torch.bfloat16 for k in mine if "lora_A" in k)
+    ran = [json.loads((tmp_path / name / "results.json").read_text())["ops"] for name in ("stored", "per_call")]
+    assert {k: ran[0][k] for k in ("frozen_image_weights", "frozen_text_weights")} == {
+        "frozen_image_weights": "stored bfloat16", "frozen_text_weights": "stored bfloat16"}
+    assert ran[1]["frozen_image_weights"] == "autocast per call"
 
 
 # Per-step L_cls of lora_finetune on task 8 of the offline world with tasks by colour
