@@ -72,11 +72,12 @@ class LoRABLinear(nn.Module):
         return linear.requires_grad_(False)
 
 
-def pack_slices(lora_B: Mapping[str, torch.Tensor], slices: list[str], d: int, rank: int,
-                like: torch.Tensor) -> torch.Tensor:
+def pack_slices(lora_B: Mapping[str, torch.Tensor], slices: list[str], d: int, rank: int) -> torch.Tensor:
     """B_full (3d x n*r) of a packed q/k/v projection: slice s's d rows hold [0 .. B_s .. 0], B_s in
-    the r columns of its own A rows; an unadapted slice's rows are zero."""
+    the r columns of its own A rows; an unadapted slice's rows are zero (in B's dtype: W's may be
+    another, model/frozen_cast.py)."""
     n = len(slices)
+    like = next(iter(lora_B.values()))
     rows = []
     for name in ("q", "k", "v"):
         if name in lora_B:
@@ -111,7 +112,7 @@ class LoRAPackedLinear(nn.Module):
             for s in self.slices})
 
     def packed_lora_B(self) -> torch.Tensor:
-        return pack_slices(self.lora_B, self.slices, self.out_features // 3, self.rank, self.weight)
+        return pack_slices(self.lora_B, self.slices, self.out_features // 3, self.rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.lora_b_linear(x, self.weight, self.bias, self.lora_A, self.packed_lora_B(), self.scaling)
@@ -167,7 +168,7 @@ class LoRAMultiheadAttention(nn.Module):
 
     def packed_lora_B(self) -> torch.Tensor:
         """B_full (3d x n*r): slice s's rows hold [0 .. B_s .. 0] in its own r columns."""
-        return pack_slices(self.lora_B, self.slices, self.embed_dim, self.rank, self.in_proj_weight)
+        return pack_slices(self.lora_B, self.slices, self.embed_dim, self.rank)
 
     @torch.no_grad()
     def merged(self) -> nn.MultiheadAttention:
