@@ -63,3 +63,23 @@ def test_the_host_probes_run_and_report(probe):
         assert "Cache Lookup 4 calls in 2 steps" in proc.stdout, proc.stdout
         if "--filter" not in probe:
             assert proc.stdout.count(" guards; ") == 2  # the image tower's and the text trunk's
+
+
+def test_compiled_kernel_count_finds_fewer_kernels_with_frozen_weights_stored(monkeypatch):
+    """benchmarks/compiled_kernel_count.py (BENCHMARKS.md, session 42): the tiny model's bf16 step under
+    inductor generates fewer kernels with the frozen GEMM weights stored in bf16 (model/frozen_cast.py)
+    than with autocast casting them every forward, about one fewer per stored image-tower tensor."""
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from compiled_kernel_count import count
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = {}
+    for value in ("once", "per_call"):
+        monkeypatch.setenv("SEGPCL_FROZEN_CAST", value)
+        torch._dynamo.reset()
+        rows[value] = count("segpcl-tiny", "fp32")
+    torch._dynamo.reset()
+    assert rows["once"]["frozen_storage"] == {"visual": "torch.bfloat16"} and rows["per_call"]["frozen_storage"] == {}
+    assert 30 <= rows["per_call"]["kernels"] - rows["once"]["kernels"] <= 60, rows

@@ -2,10 +2,14 @@
 
 Under autocast every F.linear casts its fp32 weight and bias to bf16, on every call: the frozen
 weights of a CLIP tower are cast again each forward, one small kernel per tensor (ViT-B/16's image
-tower: about 100 launches a training step, and 85 M fp32 parameters read to write their bf16
-copies). They never change, so storing them in bf16 once gives the GEMMs the very operands
-autocast would have made (the same round-to-nearest-even cast): results are bit for bit the same,
-and the tower's frozen GEMM weights take half the memory.
+tower: 135 tensors, 87.8 M fp32 parameters read to write their bf16 copies; inductor generated 134
+fewer kernels for a training step with them stored, benchmarks/compiled_kernel_count.py). They never change, so storing them in bf16 once gives the GEMMs the very operands
+autocast would have made (the same round-to-nearest-even cast): eager results are bit for bit the
+same, and the tower's frozen GEMM weights take half the memory. Under inductor, whose default
+(torch._inductor.config.emulate_precision_casts off) may fuse a cast into the operation after it
+without rounding, fp32 storage compiles to slightly other numbers than eager (a ViT-B/16 step's loss
+240.6389 against eager's 240.6028 on the CPU) and bf16 storage to others again (240.6183); with
+emulate_precision_casts on both give 240.6013 (BENCHMARKS.md, session 42).
 
 Which tensors: inside the tower's transformer blocks, the frozen operands of matrix products
 only: nn.Linear weights and biases, and the LoRA modules' W, b and A (B is trained: its fp32
