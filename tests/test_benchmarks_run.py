@@ -60,9 +60,9 @@ def test_the_host_probes_run_and_report(probe):
     if probe[0] == "gc":
         assert "tracked objects, full collection ms" in proc.stdout and "generation 2 collected" in proc.stdout
     else:
-        assert "Cache Lookup 4 calls in 2 steps" in proc.stdout, proc.stdout
+        assert "Cache Lookup 6 calls in 2 steps" in proc.stdout, proc.stdout
         if "--filter" not in probe:
-            assert proc.stdout.count(" guards; ") == 2  # the image tower's and the text trunk's
+            assert proc.stdout.count(" guards; ") == 3  # the image tower's, the text trunk's, the loss terms'
 
 
 def test_compiled_kernel_count_finds_fewer_kernels_with_frozen_weights_stored(monkeypatch):

@@ -77,8 +77,8 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
             torch.randn(pool, n_old, device=device) * 10, torch.randn(pool, raw.shape[-1], device=device))
         n_anchors = min(cfg.acgd.anchor_batch or n_images, pool)
     if compile_settings is not None:
-        from .compiling import compile_model
-        compile_model(model, compile_settings)
+        from .compiling import compile_learner
+        compile_learner(learner, compile_settings)
     images = torch.randn(n_images, 3, size, size, device=device)
     labels = torch.randint(n_old, n_total, (n_images,), device=device)
     optimizer = make_optimizer(params, cfg)

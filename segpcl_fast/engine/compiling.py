@@ -16,6 +16,12 @@ that every caller (Learner.loss, DPGD, evaluation, prototypes) runs them:
   last short batch, and a benchmark of steps of one batch size timed a graph training hardly runs.
   The tiny default run compiles 3 image and 2 text graphs, all in tasks 1 and 2 (TORCH_LOGS=recompiles
   shows each guard).
+- loss terms: stage 2's math on the towers' outputs (method/losses.py: training_losses, bound as
+  Learner.loss_terms by `compile_learner`): the normalisations, the logit GEMMs, cross-entropy and the
+  anchor_kl / knn_subgraph_kl custom ops, forward and backward, as one graph instead of about a
+  hundred eager launches a step (an H200 trace put the step's eager ops at about 12 ms of host time,
+  BENCHMARKS.md session 42). dynamic=True, duck sizing off (_without_duck_sizing): one graph without
+  ACGD and TSGR (task 1), one with them. SEGPCL_COMPILE_LOSS=0 leaves them eager.
 - text side: the text transformer trunk, compiled with dynamic=True from the start: both the
   class count (grows every task) and the truncated length (the longest prompt's end-of-text token
   among the classes seen so far) change per task, so a static graph would recompile every task.
@@ -63,6 +69,8 @@ class CompileSettings:
     # image tower symbolic in the batch from the start (SEGPCL_COMPILE_DYNAMIC_BATCH=0: torch's automatic
     # dynamic shapes, a static graph first); see the module docstring
     dynamic_batch: bool = True
+    # Learner.loss_terms (stage 2's math on the towers' outputs) compiled too (SEGPCL_COMPILE_LOSS=0: eager)
+    loss: bool = True
 
     @classmethod
     def from_env(cls) -> "CompileSettings":
@@ -75,6 +83,11 @@ class CompileSettings:
             raise ValueError(f"SEGPCL_COMPILE_DYNAMIC_BATCH={flag!r}: use 1 (the image batch symbolic from the "
                              f"start, the default) or 0 (torch's automatic dynamic shapes)")
         s.dynamic_batch = flag == "1"
+        flag = os.environ.get("SEGPCL_COMPILE_LOSS", "1")
+        if flag not in ("0", "1"):
+            raise ValueError(f"SEGPCL_COMPILE_LOSS={flag!r}: use 1 (stage 2's loss terms compiled, the default) or "
+                             f"0 (eager)")
+        s.loss = flag == "1"
         s.options()  # validate now: one clear error before the run starts
         return s
 
@@ -257,6 +270,52 @@ def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
         done["text"] = f"{type(trunk).__name__}.forward (text trunk)"
     log.info("torch.compile (%s): %s", opts, done)
     return done
+
+
+def compile_learner(learner, settings: Optional[CompileSettings] = None) -> dict:
+    """compile_model(learner.model) and, with settings.loss, stage 2's loss terms
+    (Learner.loss_terms: the normalisations, the two logit GEMMs, cross-entropy, anchor_kl and
+    knn_subgraph_kl, forward and backward), which ran as about a hundred eager launches a step
+    between and after the towers' graphs (BENCHMARKS.md, session 42). Compiled with dynamic=True:
+    the batch, the anchors and the class counts change between tasks and at an epoch's last batch.
+    One code copy per model structure and loss settings (_code_for). Idempotent."""
+    from ..method.losses import training_losses
+    settings = settings or CompileSettings()
+    done = compile_model(learner.model, settings)
+    if settings.loss and not getattr(learner.loss_terms, "_segpcl_compiled", False):
+        opts = settings.options()
+        cfg = learner.cfg
+        constants = (cfg.optim.cls_over, cfg.acgd.tau, cfg.acgd.weight, cfg.tsgr.weight)
+        fn = _without_duck_sizing(torch.compile(_code_for(training_losses, learner.model, *constants), dynamic=True,
+                                                **opts))
+        if opts.get("mode") in CUDA_GRAPH_MODES:  # a replay overwrites the outputs the step's outcome keeps
+            fn = _warning_on_skips(_cloning_loss_outputs(fn), opts["mode"], "the loss terms")
+        fn._segpcl_compiled = True
+        learner.loss_terms = fn
+    if getattr(learner.loss_terms, "_segpcl_compiled", False):
+        done["loss"] = "Learner.loss_terms (method/losses.py: training_losses)"
+    return done
+
+
+def _without_duck_sizing(fn):
+    """Trace `fn` with duck sizing off: sizes equal at the first trace are otherwise one symbol, and a
+    later task where they differ compiles again. The loss terms met it at task 2 of an even split, where
+    the new classes (the TSGR roots) are as many as the old ones, and recompiled at task 3 (inside the
+    profiler's window, which starts at task 3). Read while tracing only; a call costs a config patch."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return fn(*args, **kwargs)
+    return run
+
+
+def _cloning_loss_outputs(fn):
+    """_cloning_outputs for the loss terms' (total, {term: value})."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        total, parts = fn(*args, **kwargs)
+        return total.clone(), {k: v.clone() for k, v in parts.items()}
+    return run
 
 
 def is_compiled(model) -> bool:

@@ -21,7 +21,8 @@ mostly dynamo and inductor. Any graph still compiled inside the window is counte
 Stage ranges (torch.profiler.record_function): the
 trainer's own `dpgd`, `student_forward_losses`, `backward`, `grad_sync`, `optimizer`,
 `prototypes`, `eval`, plus, while profiling only, `image_forward`, `text_forward` (the towers,
-student and teacher) and `losses.cls`, `losses.acgd`, `losses.gr` (the loss terms).
+student and teacher) and `losses.cls`, `losses.acgd`, `losses.gr` (the loss terms; under run.compile,
+where they are one compiled graph, `losses` around it).
 
 Under torchrun every rank profiles its own part: rank 0 writes to out_dir, rank r > 0 to
 out_dir/rank<r>/ (its `dpgd` range is the wait for rank 0's anchors).
@@ -55,7 +56,7 @@ from ..config import Config, ConfigError
 from ..fileio import atomic_path, atomic_write_text
 from .compiling import compile_counters
 
-STAGES = ("dpgd", "student_forward_losses", "image_forward", "text_forward", "losses.cls", "losses.acgd",
+STAGES = ("dpgd", "student_forward_losses", "image_forward", "text_forward", "losses", "losses.cls", "losses.acgd",
           "losses.gr", "backward", "grad_sync", "optimizer", "prototypes")
 
 
@@ -69,14 +70,20 @@ def _ranged(fn, name: str):
 
 
 @contextlib.contextmanager
-def stage_ranges():
-    """Add record_function ranges to the towers (class level: student and teacher) and loss terms."""
+def stage_ranges(learner=None):
+    """Add record_function ranges to the towers (class level: student and teacher) and loss terms. When
+    `learner`'s loss terms are compiled (run.compile: one graph, engine/compiling.py), one `losses` range
+    around that call instead of a range per term: patching the terms' functions would change what the
+    graph's guards check (a recompile inside the window), and the graph has no terms to time apart."""
     from ..method import losses as stage2
     from ..model.clip import CLIPModel
-    targets = [(CLIPModel, "encode_image", "image_forward"), (CLIPModel, "class_embeddings", "text_forward"),
-               (stage2, "cls_loss", "losses.cls"), (stage2, "acgd_loss", "losses.acgd"),
-               (stage2, "tsgr_loss", "losses.gr")]
-    saved = [(owner, attr, owner.__dict__[attr]) for owner, attr, _ in targets]
+    targets = [(CLIPModel, "encode_image", "image_forward"), (CLIPModel, "class_embeddings", "text_forward")]
+    if learner is not None and getattr(learner.loss_terms, "_segpcl_compiled", False):
+        targets.append((learner, "loss_terms", "losses"))
+    else:
+        targets += [(stage2, "cls_loss", "losses.cls"), (stage2, "acgd_loss", "losses.acgd"),
+                    (stage2, "tsgr_loss", "losses.gr")]
+    saved = [(owner, attr, vars(owner)[attr]) for owner, attr, _ in targets]
     try:
         for owner, attr, name in targets:
             setattr(owner, attr, _ranged(getattr(owner, attr), name))
@@ -250,7 +257,7 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
         trainer.train_task(warm_up)  # compilation, and the state the profiled task's DPGD starts from
     graphs_before = compile_counters()["unique_graphs"]
     if nvtx:  # the Nsight tool records the timeline; torch.profiler stays off (module docstring)
-        with stage_ranges(), torch.autograd.profiler.emit_nvtx(), cuda_profiler_window():
+        with stage_ranges(trainer.learner), torch.autograd.profiler.emit_nvtx(), cuda_profiler_window():
             start = time.perf_counter()
             info = trainer.train_task(task)
             wall_ms = (time.perf_counter() - start) * 1e3
@@ -259,7 +266,7 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
                 "graphs_compiled_in_window": compile_counters()["unique_graphs"] - graphs_before}
     out.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with stage_ranges(), profile(activities=activities, record_shapes=False) as prof:
+    with stage_ranges(trainer.learner), profile(activities=activities, record_shapes=False) as prof:
         start = time.perf_counter()
         info = trainer.train_task(task)
         if on_gpu:

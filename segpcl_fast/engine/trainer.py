@@ -342,7 +342,8 @@ class Trainer:
         self.learner = Learner(c, self.model, self.prompts, self.device)
         self.compiled = {}
         if c.run.compile:
-            self.compiled = compiling.compile_model(self.model, compile_settings or compiling.CompileSettings.from_env())
+            self.compiled = compiling.compile_learner(self.learner,
+                                                      compile_settings or compiling.CompileSettings.from_env())
         self.grad_sync = None
         if self.dist.enabled:
             self.grad_sync = ddp.LoRAGradSync(self.lora_params, self.dist, self.ddp_settings)

@@ -63,6 +63,8 @@ class Learner:
         self.anchor_cache: Optional[stage1.AnchorCache] = None  # what ACGD distils on (acgd.source)
         self.transfer_cache: Optional[stage1.AnchorCache] = None  # DPGD anchors for the drift transfer
         self.graph: Optional[stage2.TSGRGraph] = None
+        # stage 2's math on the towers' outputs; run.compile binds a compiled one (engine/compiling.py)
+        self.loss_terms = stage2.training_losses
         self.text_cache: Optional[torch.Tensor] = None  # u_S for seen classes after the last task
         self.anchor_generator = torch.Generator()
         # transform for acgd.source="folder" images; None = the CLIP test transform of the model's stats
@@ -195,20 +197,9 @@ class Learner:
         # the text tower after the image tower: its many small kernels (C prompts, fp32) are launched
         # while the GPU still works through the image batch, instead of in front of it on an idle GPU
         text = self.text_embeddings(n_total)
-        emb = F.normalize(emb, dim=-1)
-        if cfg.optim.cls_over == "seen":
-            l_cls = stage2.cls_loss(emb[:n_img], text, labels, scale)
-        else:
-            l_cls = stage2.cls_loss(emb[:n_img], text[self.n_old:], labels - self.n_old, scale)
-        parts = {"cls": l_cls}
-        if anchor_batch is not None:
-            z_s = scale * emb[n_img:] @ text[:self.n_old].T
-            parts["acgd"] = stage2.acgd_loss(z_s, anchor_batch.teacher_logits, cfg.acgd.tau)
-        if self.graph is not None and len(self.graph.roots) > 0:
-            with torch.autocast(self.device.type, enabled=False):  # fp32 against the fp32 reference
-                parts["gr"] = stage2.tsgr_loss(text.float(), self.graph)
-        total = stage2.total_loss(parts.get("cls"), parts.get("acgd"), parts.get("gr"), cfg, check=False)
-        return total, parts
+        teacher = None if anchor_batch is None else anchor_batch.teacher_logits
+        graph = self.graph if self.graph is not None and len(self.graph.roots) > 0 else None
+        return self.loss_terms(emb, text, labels, scale, self.n_old, teacher, graph, cfg)
 
     # ------------------------------------------------------------------ stage 3
     @torch.no_grad()

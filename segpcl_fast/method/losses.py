@@ -127,6 +127,37 @@ def tsgr_loss(student_text: torch.Tensor, graph: TSGRGraph) -> torch.Tensor:
                                check_indices=False, plan=plan)
 
 
+# ----------------------------------------------------------------------------- the step's losses
+
+def training_losses(emb: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor,
+                    n_old: int, teacher_logits: Optional[torch.Tensor], graph: Optional[TSGRGraph],
+                    cfg) -> tuple[torch.Tensor, dict]:
+    """(L, {term: value}) of a training step from its towers' outputs (Learner.loss's stage-2 math).
+
+    emb: (B + A, d) image embeddings v(x) of the batch's B images, then of its A anchors (A = 0 without
+    ACGD); text: (C_seen, d) the student's class embeddings u_S; labels: (B,) ordered labels;
+    teacher_logits: (A, C_old) the cached teacher logits, or None (no ACGD term); graph: the task's TSGR
+    graph, or None (no L_GR). cfg: optim.cls_over, acgd.tau and the terms' weights. Tensors in, tensors
+    out: under run.compile it is one compiled graph (engine/compiling.py: compile_learner), not the
+    hundred-odd eager launches its normalisations, GEMMs, cross-entropy and their backward are.
+    """
+    n_img = labels.shape[0]
+    emb = F.normalize(emb, dim=-1)
+    if cfg.optim.cls_over == "seen":
+        l_cls = cls_loss(emb[:n_img], text, labels, logit_scale)
+    else:
+        l_cls = cls_loss(emb[:n_img], text[n_old:], labels - n_old, logit_scale)
+    parts = {"cls": l_cls}
+    if teacher_logits is not None:
+        z_s = logit_scale * emb[n_img:] @ text[:n_old].T
+        parts["acgd"] = acgd_loss(z_s, teacher_logits, cfg.acgd.tau)
+    if graph is not None:
+        with torch.autocast(text.device.type, enabled=False):  # fp32 against the fp32 reference
+            parts["gr"] = tsgr_loss(text.float(), graph)
+    total = total_loss(parts.get("cls"), parts.get("acgd"), parts.get("gr"), cfg, check=False)
+    return total, parts
+
+
 # ----------------------------------------------------------------------------- total
 
 def check_finite(parts: Mapping[str, Optional[torch.Tensor]], step: Optional[int] = None) -> None:

@@ -30,7 +30,7 @@ def test_compiled_run_has_no_graph_breaks_and_bounded_recompiles(tiny_model_name
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # process-wide: count only this run's graphs
     trainer = Trainer(_config(tiny_model_name, tmp_path / "c", compile=True), compile_settings=AOT)
-    assert set(trainer.compiled) == {"image", "text"}
+    assert set(trainer.compiled) == {"image", "text", "loss"}
     graphs_after = []
     original = trainer.train_task
 
@@ -49,7 +49,7 @@ def test_compiled_run_has_no_graph_breaks_and_bounded_recompiles(tiny_model_name
     # no-grad forwards (teacher, evaluation, stage 3) run with B frozen, so they share one graph per
     # tower (B's requires_grad is guarded: with it trainable there they made 2 more), and the image batch
     # is symbolic from the start (torch's automatic dynamic shapes compiled a static graph first: 1 more)
-    assert stats["unique_graphs"] == 5, stats
+    assert stats["unique_graphs"] == 5 + 2, stats  # and the loss terms: task 1's, later tasks' (ACGD, TSGR)
     eager = Trainer(_config(tiny_model_name, tmp_path / "e"))
     expected = eager.run()
     assert result.accuracy_matrix == expected.accuracy_matrix
@@ -83,6 +83,20 @@ def test_a_bad_dynamic_batch_setting_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("SEGPCL_COMPILE_DYNAMIC_BATCH", "yes")
     with pytest.raises(ValueError, match=r"SEGPCL_COMPILE_DYNAMIC_BATCH='yes': use 1 .* or 0"):
         compiling.CompileSettings.from_env()
+    monkeypatch.setenv("SEGPCL_COMPILE_DYNAMIC_BATCH", "1")
+    monkeypatch.setenv("SEGPCL_COMPILE_LOSS", "on")
+    with pytest.raises(ValueError, match=r"SEGPCL_COMPILE_LOSS='on': use 1 .* or 0"):
+        compiling.CompileSettings.from_env()
+    monkeypatch.setenv("SEGPCL_COMPILE_LOSS", "0")
+    assert compiling.CompileSettings.from_env().loss is False
+
+
+def test_loss_terms_stay_eager_with_SEGPCL_COMPILE_LOSS_0(tiny_model_name, tmp_path, monkeypatch):
+    from segpcl_fast.method import losses
+    monkeypatch.setenv("SEGPCL_COMPILE_LOSS", "0")
+    monkeypatch.setenv("SEGPCL_COMPILE_BACKEND", "aot_eager")
+    trainer = Trainer(_config(tiny_model_name, tmp_path / "c", compile=True, num_tasks=1, task_sizes=None))
+    assert set(trainer.compiled) == {"image", "text"} and trainer.learner.loss_terms is losses.training_losses
 
 
 def test_teacher_copy_runs_its_own_compiled_forward(tiny_model_name):
@@ -191,8 +205,8 @@ def test_inductor_compiled_step_matches_eager(tiny_model_name):
 
 def test_compiled_towers_mutate_no_input_so_cuda_graphs_can_replay_them(tiny_model_name, monkeypatch):
     """torch.compile's CUDA-graph modes (reduce-overhead, the e2e cudagraphs variants) skip a graph
-    that mutates one of its inputs and run it without graphs, silently. The training step's two
-    compiled graphs (image tower, text trunk), forward and backward, are traced here through
+    that mutates one of its inputs and run it without graphs, silently. The training step's three
+    compiled graphs (image tower, text trunk, loss terms), forward and backward, are traced here through
     AOTAutograd (no code generation) and their inputs checked: none is written."""
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -220,7 +234,7 @@ def test_compiled_towers_mutate_no_input_so_cuda_graphs_can_replay_them(tiny_mod
         for _ in range(2):
             step()
     torch._dynamo.reset()
-    assert len(graphs) == 2 and graphs == [[], []], graphs  # image tower and text trunk, no input written
+    assert graphs == [[], [], []], graphs  # image tower, text trunk, loss terms: no input written
 
 
 def test_cudagraph_skips_are_counted_with_inductors_reason():

@@ -452,6 +452,44 @@ def test_cuda_graph_modes_hand_out_copies_of_the_towers_outputs(tiny_model_name,
     compiling.uncompile_model(model)
 
 
+@pytest.mark.parametrize("mode, cloned", [("reduce-overhead", True), ("max-autotune", True), ("default", False)])
+def test_cuda_graph_modes_hand_out_copies_of_the_loss_terms(tiny_model_name, monkeypatch, mode, cloned):
+    """The compiled loss terms (compile_learner) under a CUDA-graph mode: the step's outcome keeps the
+    loss and its parts past the next step's replay, so they must be copies of the graph's buffers.
+    torch.compile is stood in for by functions writing into fixed buffers, as a replay would."""
+    from segpcl_fast.config import Config
+    from segpcl_fast.engine import compiling
+    from segpcl_fast.engine.bench import build_step
+    buffers = {}
+
+    def fake_compile(fn, **kwargs):
+        def replay(*args, **kw):
+            out = fn(*args, **kw)
+            if not isinstance(out, tuple):  # a tower
+                return buffers.setdefault(fn.__qualname__, out.detach().clone()).copy_(out.detach())
+            total, parts = out
+            kept = buffers.setdefault("loss", (total.detach().clone(), {k: v.detach().clone() for k, v in parts.items()}))
+            kept[0].copy_(total.detach())
+            for k, v in parts.items():
+                kept[1][k].copy_(v.detach())
+            return kept
+        return replay
+    monkeypatch.setattr(compiling.torch, "compile", fake_compile)
+    step = build_step(tiny_model_name, "cpu", 4, 5, 3, compile_settings=compiling.CompileSettings(mode=mode),
+                      cfg=Config())
+    learner = step.learner
+    size = step.model.image_stats.size
+    with torch.no_grad():
+        first, first_parts = learner.loss(torch.randn(4, 3, size, size), torch.tensor([5, 6, 7, 5]))
+        kept = (float(first), {k: float(v) for k, v in first_parts.items()})
+        learner.loss(torch.randn(4, 3, size, size), torch.tensor([6, 6, 7, 7]))
+    assert set(first_parts) == {"cls", "acgd", "gr"}
+    assert (first.data_ptr() != buffers["loss"][0].data_ptr()) == cloned
+    unchanged = float(first) == kept[0] and all(float(first_parts[k]) == v for k, v in kept[1].items())
+    assert unchanged == cloned  # a buffer the second replay rewrote, where nothing copied it
+    compiling.uncompile_model(step.model)
+
+
 # ----------------------------------------------------------------------------- hardware presets
 
 def test_preset_environments_and_launch_lines(monkeypatch):
