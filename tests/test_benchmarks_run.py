@@ -83,3 +83,39 @@ def test_compiled_kernel_count_finds_fewer_kernels_with_frozen_weights_stored(mo
     torch._dynamo.reset()
     assert rows["once"]["frozen_storage"] == {"visual": "torch.bfloat16"} and rows["per_call"]["frozen_storage"] == {}
     assert 30 <= rows["per_call"]["kernels"] - rows["once"]["kernels"] <= 60, rows
+
+
+def test_trace_host_split_sums_top_level_host_events_by_kind(tmp_path):
+    """benchmarks/trace_host_split.py on a hand-made trace: nested events count once, in their
+    top-level event's kind; device events are left out; each thread apart."""
+    import gzip
+    import json
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from trace_host_split import host_split, load
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    events = [
+        {"cat": "cpu_op", "tid": 1, "ts": 0, "dur": 5000, "name": "Torch-Compiled Region: 0/0"},
+        {"cat": "cpu_op", "tid": 1, "ts": 100, "dur": 800, "name": "aten::mm"},  # inside the graph's call
+        {"cat": "cpu_op", "tid": 1, "ts": 5000, "dur": 300, "name": "TorchDynamo Cache Lookup"},
+        {"cat": "cpu_op", "tid": 1, "ts": 6000, "dur": 700, "name": "aten::div"},
+        {"cat": "cpu_op", "tid": 1, "ts": 6100, "dur": 200, "name": "aten::copy_"},  # inside aten::div
+        {"cat": "user_annotation", "tid": 1, "ts": 8000, "dur": 1000, "name": "Optimizer.step#SGD.step"},
+        {"cat": "kernel", "tid": 7, "ts": 0, "dur": 9000, "name": "gemm"},  # a device event
+        {"cat": "cpu_op", "tid": 2, "ts": 1000, "dur": 2000,
+         "name": "autograd::engine::evaluate_function: CompiledFunctionBackward"},
+        {"cat": "cpu_op", "tid": 2, "ts": 3000, "dur": 400,
+         "name": "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad"},
+        {"cat": "cpu_op", "tid": 2, "ts": 3500, "dur": 600, "name": "autograd::engine::evaluate_function: DivBackward0"},
+    ]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    split = host_split(load(str(path)))
+    assert set(split) == {1, 2}
+    assert split[1] == {"span_ms": 9.0, "events": 4, "compiled": 5.0, "guards": 0.3, "eager": 0.7, "optimizer": 1.0}
+    assert split[2] == {"span_ms": 3.1, "events": 3, "compiled": 2.0, "accumulate_grad": 0.4, "eager": 0.6}
+    proc = subprocess.run([sys.executable, "benchmarks/trace_host_split.py", str(path), "--steps", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "| 1 | 2 | 4.5 | 2.50 | 0.15 | 0.35 | 0.00 | 0.50 |" in proc.stdout, proc.stdout
