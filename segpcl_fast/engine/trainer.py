@@ -193,6 +193,22 @@ def record_compiled_choices(model, device: torch.device) -> None:
         ops.dispatch.record_choice(op, impl, device.type)
 
 
+def record_compiled_loss_choices(learner, device: torch.device) -> None:
+    """Record what the compiled loss terms' graph traces for ACGD's anchor_kl and TSGR's
+    knn_subgraph_kl (compile_learner; the ops record only outside a graph), where the run's config
+    uses them: the same rule (ops._kernels.impl_for) on fp32 probes of the step's dtype and device."""
+    from ..ops._kernels import impl_for
+    from ..ops.knn_kl import knn_fused_fits
+    cfg, probe = learner.cfg, torch.empty(0, device=device)
+    if cfg.acgd.enabled and cfg.acgd.weight > 0:
+        ops.dispatch.record_choice("anchor_kl", impl_for("anchor_kl", probe, probe), device.type)
+    if cfg.tsgr.enabled and cfg.tsgr.weight > 0:
+        fits = knn_fused_fits(cfg.tsgr.k, learner.ref_text.shape[-1], 1)
+        index = torch.empty(0, dtype=torch.long, device=device)
+        ops.dispatch.record_choice("knn_subgraph_kl", impl_for("knn_subgraph_kl", probe, index, index, probe,
+                                                               supported=fits), device.type)
+
+
 def record_frozen_storage(model, device: torch.device) -> None:
     """Record (ops.choices_used, results.json "ops") how an autocast tower gets its frozen GEMM weights:
     "stored bf16" (cast once at build time, model/frozen_cast.py) or "autocast per call"
@@ -646,6 +662,8 @@ class Trainer:
         ops.reset_choices()  # results.json "ops": what this run ran
         if getattr(self, "compiled", None):  # a call inside a compiled graph records nothing: the choices the graphs traced
             record_compiled_choices(self.model, self.device)
+            if "loss" in self.compiled and self.scenario.num_tasks > 1:  # ACGD and TSGR run from task 2 on
+                record_compiled_loss_choices(self.learner, self.device)
         record_frozen_storage(self.model, self.device)
         self.holds_final_weights = False
         check_resume_run(c)

@@ -17,6 +17,7 @@ _k = load_kernel("knn_subgraph_kl")
 knn_subgraph_kl_reference = _k.knn_subgraph_kl_reference
 knn_reference_logprob = _k.knn_reference_logprob
 knn_backward_plan = _k.knn_backward_plan
+knn_fused_fits = _k.fused_fits  # whether the Triton kernels take (k, d, roots): else "auto" runs the reference
 
 
 def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,

@@ -271,6 +271,27 @@ def test_a_compiled_run_records_the_lora_and_attention_paths_its_graphs_traced(t
     assert json.loads((tmp_path / "ref" / "results.json").read_text())["ops"]["lora_b_linear"].split("+")[0] == "reference"
 
 
+def test_a_compiled_run_records_the_loss_ops_its_loss_graph_traced(tiny_model_name, tmp_path, monkeypatch):
+    """anchor_kl and knn_subgraph_kl record their choice only outside a graph: with the loss terms
+    compiled (compile_learner), a compiled run's results.json named neither. The trainer records what
+    the loss graph traced, where the run uses them (2 tasks; not a 1-task run, which never does)."""
+    import json
+
+    from segpcl_fast.engine import compiling
+    from segpcl_fast.ops._kernels import impl_for
+    monkeypatch.setenv("SEGPCL_COMPILE_BACKEND", "aot_eager")
+    train(small_config(tiny_model_name, tmp_path / "run", num_tasks=2, run__compile=True))
+    recorded = json.loads((tmp_path / "run" / "results.json").read_text())["ops"]
+    probe = torch.empty(0)
+    assert recorded["anchor_kl"] == impl_for("anchor_kl", probe, probe) == "reference"
+    assert recorded["knn_subgraph_kl"] == "reference", recorded
+    torch._dynamo.reset()
+    train(small_config(tiny_model_name, tmp_path / "one", num_tasks=1, run__compile=True))
+    recorded = json.loads((tmp_path / "one" / "results.json").read_text())["ops"]
+    assert "anchor_kl" not in recorded and "knn_subgraph_kl" not in recorded, recorded
+    assert compiling.CompileSettings.from_env().loss
+
+
 @pytest.mark.parametrize("setting,recorded", [("merged", "merged"), ("cpp", "cpp+merged")])
 def test_compiled_choices_record_the_frozen_b_graphs_lora_path_too(tiny_model_name, monkeypatch, setting, recorded):
     """SEGPCL_LORA_COMPILE=cpp traces the C++ op where B trains, and the merged GEMM where B is frozen
