@@ -37,9 +37,18 @@ def kind(name: str) -> str:
     return "eager"
 
 
+def _counted(e: dict) -> bool:
+    """A host op, or the optimizer's range. Other record_function ranges (the trainer's
+    student_forward_losses, backward, losses, ...; ProfilerStep#N) enclose ops of every kind: they are
+    looked through, not counted, or a `segpcl-fast profile` trace would read as all eager."""
+    if "dur" not in e or e.get("name", "").startswith("ProfilerStep#"):
+        return False
+    return e.get("cat") == "cpu_op" or (e.get("cat") == "user_annotation" and e["name"].startswith("Optimizer."))
+
+
 def host_split(events: list[dict]) -> dict:
     """{thread id: {"span_ms": ..., "events": n top-level, kind: ms, ...}} over the host events."""
-    host = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
+    host = [e for e in events if _counted(e)]
     threads = collections.defaultdict(list)
     for e in host:
         threads[e["tid"]].append(e)

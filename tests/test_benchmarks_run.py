@@ -87,7 +87,8 @@ def test_compiled_kernel_count_finds_fewer_kernels_with_frozen_weights_stored(mo
 
 def test_trace_host_split_sums_top_level_host_events_by_kind(tmp_path):
     """benchmarks/trace_host_split.py on a hand-made trace: nested events count once, in their
-    top-level event's kind; device events are left out; each thread apart."""
+    top-level event's kind; record_function ranges (the trainer's, ProfilerStep) are looked through
+    (a `segpcl-fast profile` trace read as all eager); device events are left out; each thread apart."""
     import gzip
     import json
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -96,6 +97,8 @@ def test_trace_host_split_sums_top_level_host_events_by_kind(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     events = [
+        {"cat": "user_annotation", "tid": 1, "ts": 0, "dur": 7000, "name": "student_forward_losses"},  # looked through
+        {"cat": "cpu_op", "tid": 1, "ts": 0, "dur": 9500, "name": "ProfilerStep#3"},  # looked through
         {"cat": "cpu_op", "tid": 1, "ts": 0, "dur": 5000, "name": "Torch-Compiled Region: 0/0"},
         {"cat": "cpu_op", "tid": 1, "ts": 100, "dur": 800, "name": "aten::mm"},  # inside the graph's call
         {"cat": "cpu_op", "tid": 1, "ts": 5000, "dur": 300, "name": "TorchDynamo Cache Lookup"},

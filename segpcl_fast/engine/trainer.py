@@ -196,7 +196,8 @@ def record_compiled_choices(model, device: torch.device) -> None:
 def record_compiled_loss_choices(learner, device: torch.device) -> None:
     """Record what the compiled loss terms' graph traces for ACGD's anchor_kl and TSGR's
     knn_subgraph_kl (compile_learner; the ops record only outside a graph), where the run's config
-    uses them: the same rule (ops._kernels.impl_for) on fp32 probes of the step's dtype and device."""
+    uses them: the same rule (ops._kernels.impl_for) on fp32 probes of the step's dtype and device, the
+    knn tile rule at tsgr.k (the largest k the run uses; an early task's smaller k fits where it does)."""
     from ..ops._kernels import impl_for
     from ..ops.knn_kl import knn_fused_fits
     cfg, probe = learner.cfg, torch.empty(0, device=device)

@@ -60,9 +60,14 @@ MAX_CONTRIBUTIONS = 1 << 31  # R * (k + 1): the backward numbers contributions i
 def fused_fits(k: int, d: int, n_roots: int = 0) -> bool:
     """Whether the kernels take k neighbours of d-dim embeddings without spilling (sm_90, Triton 3.8:
     check_triton_build), and R = n_roots roots (R * (k + 1) < MAX_CONTRIBUTIONS); other problems run
-    on the reference."""
-    return (next_pow2(k) * next_pow2(d) <= MAX_FUSED_TILE and next_pow2(d) <= MAX_FUSED_DIM
-            and n_roots * (k + 1) < MAX_CONTRIBUTIONS)
+    on the reference.
+
+    k and R are only compared, never read as ints: in the compiled loss terms (engine/compiling.py)
+    they are symbolic (k = min(tsgr.k, seen classes - 1) and R, the task's new classes, change between
+    tasks), and next_pow2(k) specialised the graph on each k, one recompile per value (a sweep over
+    tsgr.k, or tasks of 1-2 classes, met dynamo's recompile limit). d, the model's width, is an int."""
+    widest_k = MAX_FUSED_TILE // next_pow2(d)  # next_pow2(k) * next_pow2(d) <= the tile iff k <= this
+    return k <= widest_k and next_pow2(d) <= MAX_FUSED_DIM and n_roots * (k + 1) < MAX_CONTRIBUTIONS
 
 
 def _subgraph_similarities(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:

@@ -119,10 +119,11 @@ def store_frozen(model) -> dict:
             if callable(getattr(root, "get_cast_dtype", None)) and "get_cast_dtype" not in vars(root):
                 root.get_cast_dtype = _CastDtype(root.get_cast_dtype())
         done[tower] = _cast(list(frozen_operands(model, tower)), dtype)
-        model.frozen_storage[tower] = dtype
+        if done[tower]:  # (a tower with no blocks this knows, e.g. a ConvNeXt trunk, keeps its storage)
+            model.frozen_storage[tower] = dtype
     if done:
         log.info("frozen GEMM weights stored in the autocast dtype (cast once, not every forward): %s",
-                 {tower: f"{n} tensors in {model.frozen_storage[tower]}" for tower, n in done.items()})
+                 {tower: f"{n} tensors in {model.frozen_storage.get(tower)}" for tower, n in done.items()})
     return done
 
 

@@ -281,3 +281,42 @@ def test_a_tower_run_without_cuda_graphs_is_a_warning(caplog, monkeypatch):
         "torch.compile mode 'reduce-overhead': 1 compiled graph(s) ran without CUDA graphs, seen after the image "
         "tower (skipping cudagraphs due to mutated inputs (1 instances)); they still run, compiled, with a launch "
         "per kernel"]
+
+
+def test_the_loss_terms_compile_a_bounded_number_of_graphs_across_tasks(monkeypatch):
+    """compile_learner's loss graph over 8 tasks of 2 classes: the TSGR neighbour count k = min(tsgr.k,
+    seen classes - 1) grows 3, 5, 7, 9, 10, the roots, old classes and batches change, and the last batch
+    is short. knn_subgraph_kl's tile rule read k as an int (next_pow2) and recompiled for each k; now
+    the graph guards ranges: at most one graph without ACGD / TSGR and two with them."""
+    import torch.nn.functional as F
+
+    from segpcl_fast.config import Config
+    from segpcl_fast.method import losses
+
+    class Learner:  # what compile_learner reads of a learner, the model a stub (compile_model is stubbed too)
+        def __init__(self, cfg):
+            self.cfg, self.model, self.loss_terms = cfg, torch.nn.Linear(2, 2), losses.training_losses
+
+    monkeypatch.setattr(compiling, "compile_model", lambda model, settings=None: {})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    cfg = Config()
+    learner = Learner(cfg)
+    compiling.compile_learner(learner, compiling.CompileSettings(backend="aot_eager"))
+    ref = F.normalize(torch.randn(16, 8), dim=-1)
+    ks = []
+    for t in range(8):
+        n_old, n_total = 2 * t, 2 * t + 2
+        graph = losses.TSGRGraph.build(ref[:n_total], range(n_old, n_total), cfg.tsgr.k, cfg.tsgr.tau) if t else None
+        ks.append(0 if graph is None else graph.neighbors.shape[1])
+        for batch in (6, 6, 3):
+            emb, text = torch.randn(batch + (4 if t else 0), 8), torch.randn(n_total, 8, requires_grad=True)
+            labels = torch.randint(n_old, n_total, (batch,))
+            teacher = torch.randn(4, n_old) if t else None
+            args = (emb, text, labels, torch.tensor(50.0), n_old, teacher, graph, cfg)
+            total, _ = learner.loss_terms(*args)
+            torch.testing.assert_close(total, losses.training_losses(*args)[0])
+    torch._dynamo.reset()
+    assert ks == [0, 3, 5, 7, 9, 10, 10, 10]
+    assert compiling.compile_counters()["unique_graphs"] <= 3, compiling.compile_counters()

@@ -172,3 +172,12 @@ def test_per_call_switch_keeps_fp32_storage(tiny_model_name, monkeypatch):
 def test_fp32_model_stores_nothing(tiny_model_name):
     model = _model(tiny_model_name, image="fp32")
     assert model.store_frozen_weights() == {} and model.frozen_storage == {}
+
+
+def test_a_tower_with_nothing_to_store_is_not_recorded_as_stored(tiny_model_name, monkeypatch):
+    """A tower whose blocks frozen_cast does not know (a ConvNeXt trunk: no `.blocks`) has nothing cast;
+    it must not read as stored (results.json's ops, set_precision's refusal)."""
+    model = _model(tiny_model_name, image="fp32", text="bf16")
+    monkeypatch.setattr(frozen_cast, "_tower_roots", lambda model, tower: [])
+    assert model.store_frozen_weights() == {"text": 0} and model.frozen_storage == {}
+    model.set_precision(image="fp32", text="fp32")  # nothing stored: nothing refused
