@@ -203,6 +203,8 @@ def test_a_compiled_profile_window_compiles_nothing(tiny_model_name, tmp_path):
         cfg = _config(tiny_model_name, tmp_path / "unused", run__compile=True, num_tasks=4)
         out = profile_training(cfg, tmp_path / "prof", steps=1, compile_settings=settings)
         assert out["task"] == 3 and out["graphs_compiled_in_window"] == 0
+        # the loss terms are one compiled graph there: one range around it, none per term
+        assert "losses" in out["stages"] and not {"losses.cls", "losses.acgd", "losses.gr"} & set(out["stages"])
         torch._dynamo.reset()
         cfg = _config(tiny_model_name, tmp_path / "unused2", run__compile=True, num_tasks=2)
         out = profile_training(cfg, tmp_path / "prof2", steps=1, compile_settings=settings)
