@@ -122,7 +122,8 @@ def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices: boo
         raise ValueError(f"knn_subgraph_kl: all inputs must be on one device, got {sorted(map(str, devices))}")
     if not 0 < float(tau) < math.inf:
         raise ValueError(f"knn_subgraph_kl: tau must be a finite number > 0, got {tau}")
-    if check_indices and roots.numel() and neighbors.numel():
+    # `> 0`, not a size's truth value: torch 2.6's dynamo turned that into a guard on the exact root count
+    if check_indices and roots.numel() > 0 and neighbors.numel() > 0:
         n = emb.shape[0]
         (r_min, r_max), (nb_min, nb_max) = torch.aminmax(roots), torch.aminmax(neighbors)
         in_range = (torch.minimum(r_min, nb_min) >= 0) & (torch.maximum(r_max, nb_max) < n)
