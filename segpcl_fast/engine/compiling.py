@@ -78,16 +78,9 @@ class CompileSettings:
         s = cls()
         s.mode = os.environ.get("SEGPCL_COMPILE_MODE", s.mode)
         s.backend = os.environ.get("SEGPCL_COMPILE_BACKEND", s.backend)
-        flag = os.environ.get("SEGPCL_COMPILE_DYNAMIC_BATCH", "1")
-        if flag not in ("0", "1"):
-            raise ValueError(f"SEGPCL_COMPILE_DYNAMIC_BATCH={flag!r}: use 1 (the image batch symbolic from the "
-                             f"start, the default) or 0 (torch's automatic dynamic shapes)")
-        s.dynamic_batch = flag == "1"
-        flag = os.environ.get("SEGPCL_COMPILE_LOSS", "1")
-        if flag not in ("0", "1"):
-            raise ValueError(f"SEGPCL_COMPILE_LOSS={flag!r}: use 1 (stage 2's loss terms compiled, the default) or "
-                             f"0 (eager)")
-        s.loss = flag == "1"
+        s.dynamic_batch = _env_flag("SEGPCL_COMPILE_DYNAMIC_BATCH", "the image batch symbolic from the start",
+                                    "torch's automatic dynamic shapes")
+        s.loss = _env_flag("SEGPCL_COMPILE_LOSS", "stage 2's loss terms compiled", "eager")
         s.options()  # validate now: one clear error before the run starts
         return s
 
@@ -101,6 +94,14 @@ class CompileSettings:
         if self.backend == "inductor":
             kwargs["mode"] = self.mode
         return kwargs
+
+
+def _env_flag(name: str, on: str, off: str) -> bool:
+    """A 0 / 1 switch (default 1), or one ValueError naming it and what each value does."""
+    flag = os.environ.get(name, "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"{name}={flag!r}: use 1 ({on}, the default) or 0 ({off})")
+    return flag == "1"
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor replays these as CUDA graphs
@@ -189,11 +190,13 @@ def _cloning_outputs(fn):
     that graph overwrites them (cudagraph trees then refuse any access to the old ones). The trainer
     keeps outputs across calls (prototypes: a list of r(x) per batch, which .float() of an fp32 r(x)
     does not copy), so under these modes each compiled tower's output is cloned, outside the graph:
-    N x width for the image tower, C x L x width for the text trunk, small beside the towers' work."""
+    N x width for the image tower, C x L x width for the text trunk, small beside the towers' work;
+    the loss terms' (total, {term: value}) too (the step's outcome keeps them past the next replay)."""
+    from torch.utils._pytree import tree_map
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        return out.clone() if isinstance(out, torch.Tensor) else out
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, fn(*args, **kwargs))
     return run
 
 
@@ -282,17 +285,17 @@ def compile_learner(learner, settings: Optional[CompileSettings] = None) -> dict
     from ..method.losses import training_losses
     settings = settings or CompileSettings()
     done = compile_model(learner.model, settings)
-    if settings.loss and not getattr(learner.loss_terms, "_segpcl_compiled", False):
+    if settings.loss and not loss_terms_compiled(learner):
         opts = settings.options()
         cfg = learner.cfg
         constants = (cfg.optim.cls_over, cfg.acgd.tau, cfg.acgd.weight, cfg.tsgr.weight)
         fn = _without_duck_sizing(torch.compile(_code_for(training_losses, learner.model, *constants), dynamic=True,
                                                 **opts))
         if opts.get("mode") in CUDA_GRAPH_MODES:  # a replay overwrites the outputs the step's outcome keeps
-            fn = _warning_on_skips(_cloning_loss_outputs(fn), opts["mode"], "the loss terms")
+            fn = _warning_on_skips(_cloning_outputs(fn), opts["mode"], "the loss terms")
         fn._segpcl_compiled = True
         learner.loss_terms = fn
-    if getattr(learner.loss_terms, "_segpcl_compiled", False):
+    if loss_terms_compiled(learner):
         done["loss"] = "Learner.loss_terms (method/losses.py: training_losses)"
     return done
 
@@ -309,13 +312,9 @@ def _without_duck_sizing(fn):
     return run
 
 
-def _cloning_loss_outputs(fn):
-    """_cloning_outputs for the loss terms' (total, {term: value})."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        total, parts = fn(*args, **kwargs)
-        return total.clone(), {k: v.clone() for k, v in parts.items()}
-    return run
+def loss_terms_compiled(learner) -> bool:
+    """Whether compile_learner bound compiled loss terms on `learner`."""
+    return getattr(learner.loss_terms, "_segpcl_compiled", False)
 
 
 def is_compiled(model) -> bool:

@@ -54,7 +54,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..config import Config, ConfigError
 from ..fileio import atomic_path, atomic_write_text
-from .compiling import compile_counters
+from .compiling import compile_counters, loss_terms_compiled
 
 STAGES = ("dpgd", "student_forward_losses", "image_forward", "text_forward", "losses", "losses.cls", "losses.acgd",
           "losses.gr", "backward", "grad_sync", "optimizer", "prototypes")
@@ -78,7 +78,7 @@ def stage_ranges(learner=None):
     from ..method import losses as stage2
     from ..model.clip import CLIPModel
     targets = [(CLIPModel, "encode_image", "image_forward"), (CLIPModel, "class_embeddings", "text_forward")]
-    if learner is not None and getattr(learner.loss_terms, "_segpcl_compiled", False):
+    if learner is not None and loss_terms_compiled(learner):
         targets.append((learner, "loss_terms", "losses"))
     else:
         targets += [(stage2, "cls_loss", "losses.cls"), (stage2, "acgd_loss", "losses.acgd"),

@@ -214,11 +214,12 @@ def record_frozen_storage(model, device: torch.device) -> None:
     """Record (ops.choices_used, results.json "ops") how an autocast tower gets its frozen GEMM weights:
     "stored bf16" (cast once at build time, model/frozen_cast.py) or "autocast per call"
     (SEGPCL_FROZEN_CAST=per_call)."""
-    for tower in ("visual", "text"):
-        if getattr(model, "image_autocast" if tower == "visual" else "text_autocast", None) is not None:
+    for tower, autocast, op in (("visual", "image_autocast", "frozen_image_weights"),
+                                ("text", "text_autocast", "frozen_text_weights")):
+        if getattr(model, autocast, None) is not None:
             stored = model.frozen_storage.get(tower)
             how = f"stored {str(stored).removeprefix('torch.')}" if stored is not None else "autocast per call"
-            ops.dispatch.record_choice(f"frozen_{'image' if tower == 'visual' else 'text'}_weights", how, device.type)
+            ops.dispatch.record_choice(op, how, device.type)
 
 
 def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:

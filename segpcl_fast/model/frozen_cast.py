@@ -3,8 +3,8 @@
 Under autocast every F.linear casts its fp32 weight and bias to bf16, on every call: the frozen
 weights of a CLIP tower are cast again each forward, one small kernel per tensor (ViT-B/16's image
 tower: 135 tensors, 87.8 M fp32 parameters read to write their bf16 copies; inductor generated 134
-fewer kernels for a training step with them stored, benchmarks/compiled_kernel_count.py). They never change, so storing them in bf16 once gives the GEMMs the very operands
-autocast would have made (the same round-to-nearest-even cast): eager results are bit for bit the
+fewer kernels for a training step with them stored, benchmarks/compiled_kernel_count.py). They
+never change, so storing them in bf16 once gives the GEMMs the very operands autocast would have made (the same round-to-nearest-even cast): eager results are bit for bit the
 same, and the tower's frozen GEMM weights take half the memory. Under inductor, whose default
 (torch._inductor.config.emulate_precision_casts off) may fuse a cast into the operation after it
 without rounding, fp32 storage compiles to slightly other numbers than eager (a ViT-B/16 step's loss
@@ -115,12 +115,15 @@ def store_frozen(model) -> dict:
     for tower, dtype in (("visual", model.image_autocast), ("text", model.text_autocast)):
         if dtype is None:
             continue
-        for root in _tower_roots(model, tower):  # open_clip casts the text tower's input to this: keep it
-            if callable(getattr(root, "get_cast_dtype", None)) and "get_cast_dtype" not in vars(root):
-                root.get_cast_dtype = _CastDtype(root.get_cast_dtype())
+        # open_clip casts the text tower's input to get_cast_dtype(), which reads a block's weight dtype:
+        # what it answers before the cast is what it must keep answering
+        answered = [(root, root.get_cast_dtype()) for root in _tower_roots(model, tower)
+                    if callable(getattr(root, "get_cast_dtype", None)) and "get_cast_dtype" not in vars(root)]
         done[tower] = _cast(list(frozen_operands(model, tower)), dtype)
         if done[tower]:  # (a tower with no blocks this knows, e.g. a ConvNeXt trunk, keeps its storage)
             model.frozen_storage[tower] = dtype
+            for root, cast_dtype in answered:
+                root.get_cast_dtype = _CastDtype(cast_dtype)
     if done:
         log.info("frozen GEMM weights stored in the autocast dtype (cast once, not every forward): %s",
                  {tower: f"{n} tensors in {model.frozen_storage.get(tower)}" for tower, n in done.items()})
