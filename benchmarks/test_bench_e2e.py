@@ -25,7 +25,8 @@ bf16text_cudagraphs (CUDA graphs and the bf16 text trunk together), autotune_fus
 "max-autotune-no-cudagraphs", the GPU presets' choice), autotune_cudagraphs (mode "max-autotune") and
 staticbatch_fused (compiled_fused with SEGPCL_COMPILE_DYNAMIC_BATCH=0: the static-batch graph) and
 percallcast_fused (compiled_fused with SEGPCL_FROZEN_CAST=per_call: frozen weights cast every forward)
-and eagerloss_fused (compiled_fused with SEGPCL_COMPILE_LOSS=0: the loss terms eager).
+and eagerloss_fused (compiled_fused with SEGPCL_COMPILE_LOSS=0: the loss terms eager) and
+cppwrapper_fused (compiled_fused with SEGPCL_COMPILE_CPP_WRAPPER=1: inductor's host code in C++).
 A CUDA-graph variant records how many compiled graphs ran without CUDA graphs, and why
 (cudagraph_skips, cudagraph_skip_reasons: engine/compiling.py).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
@@ -86,10 +87,15 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     # compiled_fused with stage 2's loss terms eager (SEGPCL_COMPILE_LOSS=0), as before they were compiled:
     # about a hundred more launches a step between and after the towers' graphs. CUDA only.
     "eagerloss_fused": ("auto", True, {"SEGPCL_COMPILE_LOSS": "0"}),
+    # compiled_fused with inductor's C++ wrapper (SEGPCL_COMPILE_CPP_WRAPPER=1): each graph's kernel launches,
+    # GEMM calls and buffer allocations run from compiled C++, not generated Python (the H200 profile: about
+    # 40-50 us of host time a kernel, the forwards launch-bound). Launch costs without CUDA graphs'
+    # constraints (static memory pools, a graph per shape). CUDA only.
+    "cppwrapper_fused": ("auto", True, {"SEGPCL_COMPILE_CPP_WRAPPER": "1"}),
 }
 # on the CPU they would be compiled_fused again (fp32 there)
 CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs", "autotune_fused",
-             "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused"}
+             "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused", "cppwrapper_fused"}
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),
@@ -163,6 +169,7 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             compile_mode=settings.mode if settings is not None else None,
             # stage 2's loss terms compiled too (engine/compiling.py: compile_learner; SEGPCL_COMPILE_LOSS)
             compile_loss=settings.loss if settings is not None else None,
+            cpp_wrapper=settings.cpp_wrapper if settings is not None else None,
             # {tower: dtype} whose frozen GEMM weights are stored in the autocast dtype (model/frozen_cast.py)
             frozen_storage={t: str(d).removeprefix("torch.") for t, d in step.model.frozen_storage.items()})
 

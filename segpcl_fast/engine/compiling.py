@@ -37,6 +37,11 @@ aten ops that inductor traces and fuses around; SEGPCL_LORA_COMPILE=cpp puts the
 `torch.ops.segpcl.lora_b_linear_fwd`, with its fake kernel, there instead), and the Triton ops are
 torch.library custom ops with fake kernels, so dynamo sees through them without graph breaks.
 
+SEGPCL_COMPILE_CPP_WRAPPER=1 has inductor write each graph's host code (kernel launches, GEMM calls,
+buffer allocations) as C++ it compiles, instead of Python: the H200 profile found the compiled step's
+forwards launch-bound, at about 40-50 us of host time a kernel. Off by default: every graph's compile
+then includes a C++ build, and its gain is not measured on a GPU yet.
+
 Under the CUDA-graph modes (reduce-overhead, max-autotune) inductor may still run a graph without
 CUDA graphs (mutated inputs, CPU tensors, an op it cannot capture); it says so only to a log that
 is off by default. The towers then log a warning with inductor's reason, and `cudagraph_skips()`
@@ -71,6 +76,11 @@ class CompileSettings:
     dynamic_batch: bool = True
     # Learner.loss_terms (stage 2's math on the towers' outputs) compiled too (SEGPCL_COMPILE_LOSS=0: eager)
     loss: bool = True
+    # inductor's C++ wrapper (SEGPCL_COMPILE_CPP_WRAPPER=1; backend inductor only): each graph's host code,
+    # which launches its kernels and GEMMs and allocates their buffers, compiled C++ instead of generated
+    # Python. The H200 profile had the compiled step launch-bound, about 40-50 us of host time a kernel.
+    # Longer compiles (a C++ build per graph); the same kernels, so the same values (tested on the CPU).
+    cpp_wrapper: bool = False
 
     @classmethod
     def from_env(cls) -> "CompileSettings":
@@ -81,6 +91,8 @@ class CompileSettings:
         s.dynamic_batch = _env_flag("SEGPCL_COMPILE_DYNAMIC_BATCH", "the image batch symbolic from the start",
                                     "torch's automatic dynamic shapes")
         s.loss = _env_flag("SEGPCL_COMPILE_LOSS", "stage 2's loss terms compiled", "eager")
+        s.cpp_wrapper = _env_flag("SEGPCL_COMPILE_CPP_WRAPPER", "inductor's C++ wrapper", "its Python wrapper",
+                                  default="0")
         s.options()  # validate now: one clear error before the run starts
         return s
 
@@ -91,16 +103,21 @@ class CompileSettings:
         # may replace an error raised during tracing with "Observed exception", dropping its message
         compiled_lora_impl()
         kwargs = {"backend": self.backend}
-        if self.backend == "inductor":
+        if self.backend == "inductor" and self.cpp_wrapper:
+            # torch.compile takes a mode or options, not both: the mode's own options, plus cpp_wrapper
+            from torch._inductor import list_mode_options
+            kwargs["options"] = {**list_mode_options(self.mode), "cpp_wrapper": True}
+        elif self.backend == "inductor":
             kwargs["mode"] = self.mode
         return kwargs
 
 
-def _env_flag(name: str, on: str, off: str) -> bool:
-    """A 0 / 1 switch (default 1), or one ValueError naming it and what each value does."""
-    flag = os.environ.get(name, "1")
+def _env_flag(name: str, on: str, off: str, default: str = "1") -> bool:
+    """A 0 / 1 switch, or one ValueError naming it and what each value does (`on`: 1, `off`: 0)."""
+    flag = os.environ.get(name, default)
     if flag not in ("0", "1"):
-        raise ValueError(f"{name}={flag!r}: use 1 ({on}, the default) or 0 ({off})")
+        on, off = (f"{on}, the default", off) if default == "1" else (on, f"{off}, the default")
+        raise ValueError(f"{name}={flag!r}: use 1 ({on}) or 0 ({off})")
     return flag == "1"
 
 
@@ -249,7 +266,7 @@ def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
     """
     settings = settings or CompileSettings()
     opts = settings.options()
-    mode = opts.get("mode")
+    mode = settings.mode if settings.backend == "inductor" else None
 
     def wrap(fn, what):
         if mode not in CUDA_GRAPH_MODES:
@@ -291,8 +308,9 @@ def compile_learner(learner, settings: Optional[CompileSettings] = None) -> dict
         constants = (cfg.optim.cls_over, cfg.acgd.tau, cfg.acgd.weight, cfg.tsgr.weight)
         fn = _without_duck_sizing(torch.compile(_code_for(training_losses, learner.model, *constants), dynamic=True,
                                                 **opts))
-        if opts.get("mode") in CUDA_GRAPH_MODES:  # a replay overwrites the outputs the step's outcome keeps
-            fn = _warning_on_skips(_cloning_outputs(fn), opts["mode"], "the loss terms")
+        mode = settings.mode if settings.backend == "inductor" else None
+        if mode in CUDA_GRAPH_MODES:  # a replay overwrites the outputs the step's outcome keeps
+            fn = _warning_on_skips(_cloning_outputs(fn), mode, "the loss terms")
         fn._segpcl_compiled = True
         learner.loss_terms = fn
     if loss_terms_compiled(learner):

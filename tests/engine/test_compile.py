@@ -89,6 +89,13 @@ def test_a_bad_dynamic_batch_setting_is_one_clear_error(monkeypatch):
         compiling.CompileSettings.from_env()
     monkeypatch.setenv("SEGPCL_COMPILE_LOSS", "0")
     assert compiling.CompileSettings.from_env().loss is False
+    assert compiling.CompileSettings.from_env().cpp_wrapper is False  # off unless asked for
+    monkeypatch.setenv("SEGPCL_COMPILE_CPP_WRAPPER", "yes")
+    with pytest.raises(ValueError, match=r"SEGPCL_COMPILE_CPP_WRAPPER='yes': use 1 \(inductor's C\+\+ wrapper\) "
+                                         r"or 0 \(its Python wrapper, the default\)"):
+        compiling.CompileSettings.from_env()
+    monkeypatch.setenv("SEGPCL_COMPILE_CPP_WRAPPER", "1")
+    assert compiling.CompileSettings.from_env().cpp_wrapper is True
 
 
 def test_loss_terms_stay_eager_with_SEGPCL_COMPILE_LOSS_0(tiny_model_name, tmp_path, monkeypatch):
@@ -184,7 +191,12 @@ def test_bf16_autocast_compiled_step_is_close_to_fp32(tiny_model_name, tmp_path)
 
 
 @pytest.mark.slow
-def test_inductor_compiled_step_matches_eager(tiny_model_name):
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+def test_inductor_compiled_step_matches_eager(tiny_model_name, cpp_wrapper):
+    """Inductor's code for the image tower, forward and backward, gives eager's loss and gradients,
+    with its Python wrapper and with its C++ one (SEGPCL_COMPILE_CPP_WRAPPER=1), which must really be
+    what ran: the generated host code of both graphs is C++ (aoti_torch calls), not Python."""
+    from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     model = load_model(tiny_model_name, pretrained=None)
     inject_lora(model, rank=4, alpha=4.0)
@@ -196,8 +208,10 @@ def test_inductor_compiled_step_matches_eager(tiny_model_name):
         loss = emb.square().mean() + raw.mean()
         return loss, torch.autograd.grad(loss, params)
     ref_loss, ref_grads = step()
-    compiling.compile_model(model, compiling.CompileSettings())
-    loss, grads = step()
+    compiling.compile_model(model, compiling.CompileSettings(cpp_wrapper=cpp_wrapper))
+    (loss, grads), codes = run_and_get_code(step)
+    assert len(codes) == 2  # the forward graph and the backward graph
+    assert all(("aoti_torch" in code) == cpp_wrapper for code in codes)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)

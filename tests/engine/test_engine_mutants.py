@@ -410,6 +410,14 @@ def test_compile_settings_from_env_and_their_torch_compile_options(monkeypatch):
     assert s.options() == {"backend": "aot_eager"}  # mode is an inductor option only
     for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):  # torch.compile's modes
         assert compiling.CompileSettings(mode=mode).options() == {"backend": "inductor", "mode": mode}
+    # with the C++ wrapper: torch.compile takes a mode or options, so the mode's options and cpp_wrapper
+    assert compiling.CompileSettings(cpp_wrapper=True).options() == {"backend": "inductor",
+                                                                     "options": {"cpp_wrapper": True}}
+    assert compiling.CompileSettings(mode="reduce-overhead", cpp_wrapper=True).options() == {
+        "backend": "inductor", "options": {"triton.cudagraphs": True, "cpp_wrapper": True}}
+    autotune = compiling.CompileSettings(mode="max-autotune-no-cudagraphs", cpp_wrapper=True).options()["options"]
+    assert autotune["max_autotune"] and autotune["cpp_wrapper"] and not autotune.get("triton.cudagraphs")
+    assert compiling.CompileSettings(backend="aot_eager", cpp_wrapper=True).options() == {"backend": "aot_eager"}
 
 
 def test_uncompile_restores_the_class_methods(tiny_model_name):
