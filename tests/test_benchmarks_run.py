@@ -122,3 +122,31 @@ def test_trace_host_split_sums_top_level_host_events_by_kind(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/trace_host_split.py", str(path), "--steps", "2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "| 1 | 2 | 4.5 | 2.50 | 0.15 | 0.35 | 0.00 | 0.50 |" in proc.stdout, proc.stdout
+
+
+def test_step_launches_counts_graph_kernels_graph_gemms_and_eager_ops_apart():
+    """benchmarks/step_launches.py on a hand-built step: an eager multiply and a view before a compiled
+    GEMM + ReLU + sum, in the trainer's forward range. The multiply counts as one eager op, the view as
+    nothing, the GEMM as a graph aten call and the fused ReLU + sum as graph kernels."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch.autograd.profiler import record_function
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from step_launches import count_launches
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    torch._dynamo.reset()
+    x, w = torch.randn(8, 16), torch.randn(16, 4)
+    graph = torch.compile(lambda a, b: (a @ b).relu().sum(), backend="inductor")
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        graph(x, w)  # compiled outside the profile
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with record_function("student_forward_losses"):
+                graph((x * 2).view(8, 16), w)
+    torch._dynamo.reset()
+    rows = count_launches(prof.events())
+    assert set(rows) == {"forward"}, rows
+    forward = rows["forward"]
+    assert forward["eager_ops"] == {"mul": 1} and forward["eager"] == 1
+    assert forward["graph_aten_ops"] == {"mm": 1} and forward["graph_kernels"] >= 1

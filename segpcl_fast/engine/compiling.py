@@ -22,12 +22,16 @@ that every caller (Learner.loss, DPGD, evaluation, prototypes) runs them:
   hundred eager launches a step (an H200 trace put the step's eager ops at about 12 ms of host time,
   BENCHMARKS.md session 42). dynamic=True, duck sizing off (_without_duck_sizing): one graph without
   ACGD and TSGR (task 1), one with them. SEGPCL_COMPILE_LOSS=0 leaves them eager.
-- text side: the text transformer trunk, compiled with dynamic=True from the start: both the
-  class count (grows every task) and the truncated length (the longest prompt's end-of-text token
-  among the classes seen so far) change per task, so a static graph would recompile every task.
-  The embedding lookup, the truncation (to a length CLIPModel.prompt_tokens computed once on the
-  CPU tokens: no host sync) and the pooling stay eager: they are cheap, and a length read from a
-  tensor would break the graph.
+- text side: `CLIPModel.text_features`, everything from the prompts' tokens (cut at the longest
+  end-of-text token by CLIPModel.prompt_tokens, once, on the CPU tokens: no host sync) to their
+  L2-normalised embeddings: token and positional embedding, the transformer, ln_final, the end-of-text
+  gather, the projection and the normalisation, forward and backward, as one graph (until session 43
+  only the transformer was compiled, and the rest ran as about twenty eager launches a step, half of
+  them in backward). dynamic=True from the start, duck sizing off: both the class count (grows every
+  task) and the truncated length (the longest prompt's end-of-text token among the classes seen so
+  far) change per task, so a static graph would recompile every task. A text tower the truncation
+  does not apply to (CLIPModel.truncates_text: a class token, a padding mask, another pooling) runs
+  open_clip's encode_text, and only its transformer trunk is compiled, as before.
 
 The compiled functions are bound with types.MethodType on the instance, so stage 1's teacher (the
 model itself under `frozen_eval`: eval mode, requires_grad off, both restored after) runs them
@@ -207,8 +211,9 @@ def _cloning_outputs(fn):
     that graph overwrites them (cudagraph trees then refuse any access to the old ones). The trainer
     keeps outputs across calls (prototypes: a list of r(x) per batch, which .float() of an fp32 r(x)
     does not copy), so under these modes each compiled tower's output is cloned, outside the graph:
-    N x width for the image tower, C x L x width for the text trunk, small beside the towers' work;
-    the loss terms' (total, {term: value}) too (the step's outcome keeps them past the next replay)."""
+    N x width for the image tower, C x d for the text tower (C x L x width for a trunk compiled alone),
+    small beside the towers' work; the loss terms' (total, {term: value}) too (the step's outcome keeps
+    them past the next replay)."""
     from torch.utils._pytree import tree_map
 
     @functools.wraps(fn)
@@ -260,7 +265,8 @@ def _code_for(fn, module: torch.nn.Module, *extra):
 
 
 def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
-    """Bind compiled raw_features and text-trunk forward on `model` (a CLIPModel), in place.
+    """Bind compiled raw_features and text_features (or, for a tower run whole, its trunk's forward) on
+    `model` (a CLIPModel), in place.
 
     Returns {"image": ..., "text": ...} naming what was compiled. Idempotent.
     """
@@ -280,13 +286,20 @@ def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
             fn = _batch_marked_dynamic(fn)
         model.raw_features = types.MethodType(wrap(fn, "the image tower"), model)
     done["image"] = "CLIPModel.raw_features"
+    dynamic_text = True if settings.dynamic_text else None
     trunk = getattr(model.text_tower, "transformer", None)
-    if isinstance(trunk, torch.nn.Module) and "forward" not in trunk.__dict__:
-        fn = torch.compile(_code_for(type(trunk).forward, trunk, model.text_autocast),
-                           dynamic=True if settings.dynamic_text else None, **opts)
-        trunk.forward = types.MethodType(wrap(fn, "the text trunk"), trunk)
-        done["text"] = f"{type(trunk).__name__}.forward (text trunk)"
-    elif isinstance(trunk, torch.nn.Module):
+    if model.truncates_text:  # tokens to embeddings, one graph (CLIPModel.text_features)
+        if "text_features" not in model.__dict__:
+            fn = torch.compile(_code_for(type(model).text_features, model.text_tower, model.text_autocast),
+                               dynamic=dynamic_text, **opts)
+            fn = _without_duck_sizing(fn)  # prompts and positions: two sizes, equal or not
+            model.text_features = types.MethodType(wrap(fn, "the text tower"), model)
+        done["text"] = "CLIPModel.text_features"
+    elif isinstance(trunk, torch.nn.Module):  # a tower run whole (open_clip's encode_text): its trunk
+        if "forward" not in trunk.__dict__:
+            fn = torch.compile(_code_for(type(trunk).forward, trunk, model.text_autocast), dynamic=dynamic_text,
+                               **opts)
+            trunk.forward = types.MethodType(wrap(fn, "the text trunk"), trunk)
         done["text"] = f"{type(trunk).__name__}.forward (text trunk)"
     log.info("torch.compile (%s): %s", opts, done)
     return done
@@ -342,6 +355,7 @@ def is_compiled(model) -> bool:
 def uncompile_model(model) -> None:
     """Drop the compiled bindings (back to the class methods)."""
     model.__dict__.pop("raw_features", None)
+    model.__dict__.pop("text_features", None)
     trunk = getattr(model.text_tower, "transformer", None)
     if isinstance(trunk, torch.nn.Module):
         trunk.__dict__.pop("forward", None)

@@ -231,39 +231,52 @@ class CLIPModel(nn.Module):
         tower the truncation does not apply to runs open_clip's encode_text whole under the autocast
         (projection included), its output cast to fp32.
         """
-        tower = self.text_tower
-        amp = _autocast_or_not(tokens.device.type, self.text_autocast)
-        # exact only for argmax (end-of-text) pooling behind a causal mask; CLIP keeps the pooling as
-        # text_pool_type, a TextTransformer (CustomTextCLIP) as pool_type
-        pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
-        standard = (getattr(tower, "cls_emb", None) is None and not getattr(tower, "use_pad_mask", False)
-                    and pool == "argmax" and getattr(tower, "attn_mask", None) is not None
-                    and hasattr(tower, "token_embedding"))
-        if not (truncate and standard):
-            with amp:
+        if not (truncate and self.truncates_text):
+            with _autocast_or_not(tokens.device.type, self.text_autocast):
                 out = self.clip.encode_text(tokens)
             return out.float() if self.text_autocast is not None else out
         if eot is None:
             eot = tokens.argmax(dim=-1)
         if length is None:
             length = int(eot.max().item()) + 1
-        tokens = tokens[:, :length]
+        return self.text_features(tokens[:, :length], eot)
+
+    @property
+    def truncates_text(self) -> bool:
+        """Whether the text tower may run only up to the longest prompt's end-of-text token: exact for
+        argmax (end-of-text) pooling behind a causal mask (CLIP keeps the pooling as text_pool_type, a
+        TextTransformer of CustomTextCLIP as pool_type), with no class token or padding mask."""
+        tower = self.text_tower
+        pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+        return (getattr(tower, "cls_emb", None) is None and not getattr(tower, "use_pad_mask", False)
+                and pool == "argmax" and getattr(tower, "attn_mask", None) is not None
+                and hasattr(tower, "token_embedding"))
+
+    def text_features(self, tokens: torch.Tensor, eot: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Text embeddings of prompts already cut at the longest one's end-of-text token (a tower that
+        `truncates_text`): token and positional embedding, the transformer over tokens.shape[1] positions,
+        ln_final, the end-of-text row of each prompt (eot: its position), the projection; L2-normalised
+        with `normalize`. Everything from the tokens on, in one function: under run.compile it is the text
+        tower's one compiled graph per use (engine/compiling.py), its shapes symbolic."""
+        tower = self.text_tower
+        length = tokens.shape[1]
         cast_dtype = tower.transformer.get_cast_dtype()
         x = tower.token_embedding(tokens).to(cast_dtype)
         x = x + tower.positional_embedding[:length].to(cast_dtype)
-        with amp:
+        with _autocast_or_not(tokens.device.type, self.text_autocast):
             x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
         x = tower.ln_final(x.to(cast_dtype))
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = tower.text_projection
-        if proj is None:
-            return pooled
-        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def prompt_tokens(self, prompts: Sequence[str], device: torch.device,
                       batch_size: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """The prompts tokenized, in chunks of `batch_size`: (tokens, end-of-text positions, truncated
-        length) on `device`, the length an int computed on the CPU tokens.
+        length) on `device`, the length an int computed on the CPU tokens; for a tower that
+        `truncates_text` the tokens are already cut to that length (what text_features takes).
 
         Cached per (tokenizer, prompts, device, batch_size) (the last TOKEN_CACHE_SIZE sets): the training step
         embeds the same class prompts every step, and tokenizing them again each time costs Python
@@ -281,8 +294,13 @@ class CLIPModel(nn.Module):
         with torch.inference_mode(False):
             tokens = self.tokenize(prompts)
             eot = tokens.argmax(dim=-1)
-            hit = [(tokens[i:i + batch_size].to(device), eot[i:i + batch_size].to(device),
-                    int(eot[i:i + batch_size].max()) + 1) for i in range(0, len(prompts), batch_size)]
+            hit = []
+            for i in range(0, len(prompts), batch_size):
+                chunk, chunk_eot = tokens[i:i + batch_size], eot[i:i + batch_size]
+                length = int(chunk_eot.max()) + 1
+                if self.truncates_text:  # the positions the transformer runs (text_features), copied alone
+                    chunk = chunk[:, :length].contiguous()
+                hit.append((chunk.to(device), chunk_eot.to(device), length))
         self._token_cache[key] = (self.tokenizer, hit)
         while len(self._token_cache) > TOKEN_CACHE_SIZE:
             self._token_cache.popitem(last=False)
@@ -298,9 +316,12 @@ class CLIPModel(nn.Module):
         device = torch.device(device or next(self.parameters()).device)
         flat = [p for plist in prompts for p in plist]
         counts = [len(plist) for plist in prompts]
-        embs = torch.cat([self.encode_text(tokens, length=length, eot=eot)
-                          for tokens, eot, length in self.prompt_tokens(flat, device, batch_size)])
-        embs = F.normalize(embs, dim=-1)
+        chunks = self.prompt_tokens(flat, device, batch_size)
+        if self.truncates_text:  # one function from the tokens on (compiled: one graph)
+            embs = [self.text_features(tokens, eot, normalize=True) for tokens, eot, _ in chunks]
+        else:
+            embs = [F.normalize(self.encode_text(tokens, truncate=False), dim=-1) for tokens, _, _ in chunks]
+        embs = embs[0] if len(embs) == 1 else torch.cat(embs)
         if all(c == 1 for c in counts):
             return embs
         if len(set(counts)) == 1:  # one template set for every class: one mean, not one launch per class

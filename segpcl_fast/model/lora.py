@@ -339,7 +339,8 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
 
     Returns the list of trainable B parameters.
     """
-    targets, towers = list(targets), list(towers)
+    # one name alone ("visual", "c_fc") is that one, not its letters
+    targets, towers = ([x] if isinstance(x, str) else list(x) for x in (targets, towers))
     bad = [t for t in targets if t not in VALID_TARGETS]
     if bad:
         raise ValueError(f"unknown LoRA target(s) {bad}; choose from {VALID_TARGETS}")

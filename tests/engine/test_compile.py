@@ -113,7 +113,7 @@ def test_teacher_copy_runs_its_own_compiled_forward(tiny_model_name):
     compiling.compile_model(model, AOT)
     teacher = copy.deepcopy(model)
     assert teacher.raw_features.__self__ is teacher
-    assert teacher.text_tower.transformer.forward.__self__ is teacher.text_tower.transformer
+    assert teacher.text_features.__self__ is teacher
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -334,3 +334,64 @@ def test_the_loss_terms_compile_a_bounded_number_of_graphs_across_tasks(monkeypa
     torch._dynamo.reset()
     assert ks == [0, 3, 5, 7, 9, 10, 10, 10]
     assert compiling.compile_counters()["unique_graphs"] <= 3, compiling.compile_counters()
+
+
+def test_the_text_tower_is_one_graph_from_tokens_to_normalised_embeddings(tiny_model_name):
+    """Under run.compile the text side is one graph per use from the prompts' (truncated) tokens to their
+    L2-normalised embeddings: the embedding lookup, ln_final, the end-of-text gather, the projection and
+    the normalisation ran as eager launches around a compiled trunk before. The same embeddings, with
+    gradients, and still the truncated length (the tokens cut once, in the token cache)."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4.0, towers=("visual", "text"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    eager = copy.deepcopy(model)
+    assert compiling.compile_model(model, compiling.CompileSettings(backend=recording))["text"] == \
+        "CLIPModel.text_features"
+    prompts = [["a red dog.", "a photo of a red striped dog on grass."], ["a cat.", "a small cat."]]
+    text, ref = model.class_embeddings(prompts), eager.class_embeddings(prompts)
+    torch.testing.assert_close(text, ref)
+    params = [p for n, p in model.named_parameters() if "lora_B" in n and ".visual." not in n]
+    ref_params = [p for n, p in eager.named_parameters() if "lora_B" in n and ".visual." not in n]
+    for g, r in zip(torch.autograd.grad(text.square().sum(), params), torch.autograd.grad(ref.square().sum(), ref_params)):
+        torch.testing.assert_close(g, r)
+    assert len(graphs) == 1  # one graph: tokens to normalised embeddings
+    called = {getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes
+              if n.op in ("call_function", "call_method")}
+    assert {"embedding", "layer_norm", "normalize"} <= called, called
+    (tokens, _, length), = model.prompt_tokens([p for ps in prompts for p in ps], torch.device("cpu"))
+    assert tokens.shape[1] == length < model.clip.context_length  # cut once, at the longest end-of-text
+
+
+def test_a_text_tower_run_whole_keeps_its_trunk_compiled(tmp_path):
+    """A text tower the truncation does not apply to (here pooling the first token) runs open_clip's
+    encode_text at full length: only its transformer trunk is compiled, as before text_features."""
+    import json
+
+    import open_clip
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 48, "patch_size": 8,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                        "pool_type": "first"}}
+    (tmp_path / "compile-tiny-first.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    torch._dynamo.reset()
+    model = load_model("compile-tiny-first", pretrained=None)
+    inject_lora(model, rank=4, alpha=4.0, towers="text")
+    eager = copy.deepcopy(model)
+    assert not model.truncates_text
+    trunk = model.text_tower.transformer
+    assert compiling.compile_model(model, AOT)["text"] == f"{type(trunk).__name__}.forward (text trunk)"
+    assert "forward" in trunk.__dict__ and "text_features" not in model.__dict__
+    prompts = [["a red dog."], ["a cat on a mat."]]
+    (tokens, _, _), = model.prompt_tokens([p for ps in prompts for p in ps], torch.device("cpu"))
+    assert tokens.shape[1] == 24  # not cut: this tower reads every position
+    torch.testing.assert_close(model.class_embeddings(prompts), eager.class_embeddings(prompts))

@@ -168,6 +168,15 @@ def test_bad_targets_and_rank(tiny_model_name):
         inject_lora(model, targets=["key"])
     with pytest.raises(ValueError, match="rank must be positive"):
         inject_lora(model, rank=0)
+    with pytest.raises(ValueError, match=r"unknown tower\(s\) \['both'\]"):  # the name, not its letters
+        inject_lora(model, towers="both")
+
+
+def test_one_tower_or_target_may_be_named_alone(tiny_model_name):
+    model = load_model(tiny_model_name, pretrained=None)
+    params = inject_lora(model, rank=4, targets="c_fc", towers="text")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(params) == len(names) > 0 and all(".visual." not in n and "c_fc" in n for n in names), names
 
 
 @pytest.mark.parametrize("targets", [("k", "v", "c_fc", "c_proj"), ("q", "v", "out"), ("c_fc",)])
