@@ -150,3 +150,30 @@ def test_step_launches_counts_graph_kernels_graph_gemms_and_eager_ops_apart():
     forward = rows["forward"]
     assert forward["eager_ops"] == {"mul": 1} and forward["eager"] == 1
     assert forward["graph_aten_ops"] == {"mm": 1} and forward["graph_kernels"] >= 1
+
+
+def test_the_e2e_benchmarks_sdpa_priority_puts_one_backend_first_and_keeps_the_others():
+    """cudnnattn_fused's context (benchmarks/test_bench_e2e.py): cuDNN first in torch's SDPA priority
+    order, the other three after it in torch's own order, all restored on exit; an unknown name is one
+    error naming the choices. Outside it, torch's order is the SDPA_ORDER the context assumes."""
+    import torch
+    from torch.nn.attention import SDPBackend
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from test_bench_e2e import SDPA_ORDER, sdpa_first_in_priority
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    value = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    default = torch._C._get_sdp_priority_order()
+    assert [b for b in default if b in {int(v) for v in value.values()}][:4] == [int(value[n]) for n in SDPA_ORDER]
+    with sdpa_first_in_priority("cudnn"):
+        assert torch._C._get_sdp_priority_order()[:4] == [int(value[n]) for n in ("cudnn", "flash", "efficient", "math")]
+        q = torch.randn(2, 2, 5, 8)
+        torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q),
+                                   torch.softmax(q @ q.transpose(-1, -2) / 8 ** 0.5, -1) @ q)
+    assert torch._C._get_sdp_priority_order() == default
+    with sdpa_first_in_priority(None):
+        assert torch._C._get_sdp_priority_order() == default
+    with pytest.raises(ValueError, match=r"SEGPCL_BENCH_SDPA_FIRST='cudnn9': choose one of \['cudnn', 'efficient'"):
+        sdpa_first_in_priority("cudnn9")
