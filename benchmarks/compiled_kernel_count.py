@@ -4,8 +4,8 @@
 
 Builds the e2e benchmark's step (engine/bench.py: bf16 image tower, batch 2 + 2 anchors, 5 old + 3
 new classes), compiles it with inductor for this machine's device, runs 2 steps and prints
-`torch._inductor.metrics.generated_kernel_count` (the kernels of every graph: image tower and text
-trunk, forward and backward; extern GEMM / attention calls are not kernels inductor generates) and
+`torch._inductor.metrics.generated_kernel_count` (the kernels of every graph: image tower, text
+tower and loss terms, forward and backward; extern GEMM / attention calls are not kernels inductor generates) and
 the two losses, once per SEGPCL_FROZEN_CAST value (model/frozen_cast.py), each in its own process.
 On a GPU host each generated kernel is one launch per step: the count is what a launch-bound step
 pays for. A CPU's inductor fuses with the same scheduler as a GPU's, so the counts compare; the

@@ -74,7 +74,7 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 class CompileSettings:
     mode: str = "default"  # torch.compile mode; "max-autotune-no-cudagraphs" is the GPU preset's choice
     backend: str = "inductor"  # "aot_eager" (tests: same graphs, no code generation) or "eager"
-    dynamic_text: bool = True  # text trunk symbolic in class count and length from the start
+    dynamic_text: bool = True  # text tower symbolic in class count and length from the start
     # image tower symbolic in the batch from the start (SEGPCL_COMPILE_DYNAMIC_BATCH=0: torch's automatic
     # dynamic shapes, a static graph first); see the module docstring
     dynamic_batch: bool = True
@@ -107,6 +107,12 @@ class CompileSettings:
         # may replace an error raised during tracing with "Observed exception", dropping its message
         compiled_lora_impl()
         kwargs = {"backend": self.backend}
+        if self.backend == "inductor" and self.cpp_wrapper and self.mode in CUDA_GRAPH_MODES:
+            # torch 2.11's inductor turns CUDA graphs off under its C++ wrapper; 2.14's, with graph partition
+            # (its default) on: the mode would run as plain compiled graphs, which its name does not say
+            raise ValueError(f"SEGPCL_COMPILE_CPP_WRAPPER=1 with compile mode '{self.mode}': inductor's C++ wrapper "
+                             f"runs without CUDA graphs, which this mode is for; use one or the other "
+                             f"(SEGPCL_COMPILE_CPP_WRAPPER=0, or mode default / max-autotune-no-cudagraphs)")
         if self.backend == "inductor" and self.cpp_wrapper:
             # torch.compile takes a mode or options, not both: the mode's own options, plus cpp_wrapper
             from torch._inductor import list_mode_options
@@ -267,6 +273,9 @@ def _code_for(fn, module: torch.nn.Module, *extra):
 def compile_model(model, settings: Optional[CompileSettings] = None) -> dict:
     """Bind compiled raw_features and text_features (or, for a tower run whole, its trunk's forward) on
     `model` (a CLIPModel), in place.
+
+    Hooks registered on the towers' modules after this are not seen by the compiled graphs (dynamo's
+    default, torch._dynamo.config.skip_nnmodule_hook_guards): register them first, or uncompile_model.
 
     Returns {"image": ..., "text": ...} naming what was compiled. Idempotent.
     """

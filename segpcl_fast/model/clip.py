@@ -224,7 +224,7 @@ class CLIPModel(nn.Module):
         With truncate=True the transformer runs only up to the longest prompt's end-of-text
         token. The causal mask makes every position blind to later ones, so this is exact.
         `length` (that token's position + 1) and `eot` (each prompt's end-of-text position) may be
-        given, computed once on the CPU tokens (class_embeddings does): otherwise the length is read
+        given, computed once on the CPU tokens (as prompt_tokens does): otherwise the length is read
         back from `tokens`, a host sync when they are on a GPU.
         With `text_autocast` set (run.text_precision=bf16) the transformer runs under that autocast
         and everything after it (ln_final, pooling, projection) in fp32, as the image tower's r(x); a
@@ -284,7 +284,7 @@ class CLIPModel(nn.Module):
         of the longest prompt's length back from the GPU, a sync that drains the launch queue."""
         if device.type == "cuda" and device.index is None:  # "cuda" means the device current now
             device = torch.device("cuda", torch.cuda.current_device())
-        key = (tuple(prompts), str(device), batch_size)
+        key = (tuple(prompts), str(device), batch_size, self.truncates_text)  # cut tokens or whole ones
         tokenizer, hit = self._token_cache.get(key, (None, None))
         if hit is not None and tokenizer is self.tokenizer:  # a tokenizer assigned anew: a miss
             self._token_cache.move_to_end(key)

@@ -220,7 +220,7 @@ def test_inductor_compiled_step_matches_eager(tiny_model_name, cpp_wrapper):
 def test_compiled_towers_mutate_no_input_so_cuda_graphs_can_replay_them(tiny_model_name, monkeypatch):
     """torch.compile's CUDA-graph modes (reduce-overhead, the e2e cudagraphs variants) skip a graph
     that mutates one of its inputs and run it without graphs, silently. The training step's three
-    compiled graphs (image tower, text trunk, loss terms), forward and backward, are traced here through
+    compiled graphs (image tower, text tower, loss terms), forward and backward, are traced here through
     AOTAutograd (no code generation) and their inputs checked: none is written."""
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -248,7 +248,7 @@ def test_compiled_towers_mutate_no_input_so_cuda_graphs_can_replay_them(tiny_mod
         for _ in range(2):
             step()
     torch._dynamo.reset()
-    assert graphs == [[], [], []], graphs  # image tower, text trunk, loss terms: no input written
+    assert graphs == [[], [], []], graphs  # image tower, text tower, loss terms: no input written
 
 
 def test_cudagraph_skips_are_counted_with_inductors_reason():

@@ -413,10 +413,12 @@ def test_compile_settings_from_env_and_their_torch_compile_options(monkeypatch):
     # with the C++ wrapper: torch.compile takes a mode or options, so the mode's options and cpp_wrapper
     assert compiling.CompileSettings(cpp_wrapper=True).options() == {"backend": "inductor",
                                                                      "options": {"cpp_wrapper": True}}
-    assert compiling.CompileSettings(mode="reduce-overhead", cpp_wrapper=True).options() == {
-        "backend": "inductor", "options": {"triton.cudagraphs": True, "cpp_wrapper": True}}
     autotune = compiling.CompileSettings(mode="max-autotune-no-cudagraphs", cpp_wrapper=True).options()["options"]
     assert autotune["max_autotune"] and autotune["cpp_wrapper"] and not autotune.get("triton.cudagraphs")
+    for mode in ("reduce-overhead", "max-autotune"):  # inductor's C++ wrapper turns their CUDA graphs off
+        with pytest.raises(ValueError, match=f"SEGPCL_COMPILE_CPP_WRAPPER=1 with compile mode '{mode}': "
+                                             "inductor's C\\+\\+ wrapper runs without CUDA graphs"):
+            compiling.CompileSettings(mode=mode, cpp_wrapper=True).options()
     assert compiling.CompileSettings(backend="aot_eager", cpp_wrapper=True).options() == {"backend": "aot_eager"}
 
 
@@ -454,8 +456,12 @@ def test_cuda_graph_modes_hand_out_copies_of_the_towers_outputs(tiny_model_name,
         second = model.raw_features(torch.randn(2, 3, 32, 32))
     assert (first.data_ptr() != buffers["CLIPModel.raw_features"].data_ptr()) == cloned
     assert not torch.equal(first, second) if cloned else torch.equal(first, second)  # the kept one unchanged
-    text = model.class_embeddings([["a dog."], ["a cat."]])
+    with torch.no_grad():  # one prompt a class, one chunk: class_embeddings returns the text graph's output
+        text = model.class_embeddings([["a dog."], ["a cat."]])
+        other = model.class_embeddings([["a red dog."], ["a small cat."]])
     assert text.shape[0] == 2
+    assert (text.data_ptr() != buffers["CLIPModel.text_features"].data_ptr()) == cloned
+    assert not torch.equal(text, other) if cloned else torch.equal(text, other)
     compiling.uncompile_model(model)
 
 
