@@ -26,8 +26,7 @@ bf16text_cudagraphs (CUDA graphs and the bf16 text trunk together), autotune_fus
 staticbatch_fused (compiled_fused with SEGPCL_COMPILE_DYNAMIC_BATCH=0: the static-batch graph) and
 percallcast_fused (compiled_fused with SEGPCL_FROZEN_CAST=per_call: frozen weights cast every forward)
 and eagerloss_fused (compiled_fused with SEGPCL_COMPILE_LOSS=0: the loss terms eager) and
-cppwrapper_fused (compiled_fused with SEGPCL_COMPILE_CPP_WRAPPER=1: inductor's host code in C++) and
-cudnnattn_fused (compiled_fused with cuDNN's fused attention first in SDPA's priority order).
+cppwrapper_fused (compiled_fused with SEGPCL_COMPILE_CPP_WRAPPER=1: inductor's host code in C++).
 A CUDA-graph variant records how many compiled graphs ran without CUDA graphs, and why
 (cudagraph_skips, cudagraph_skip_reasons: engine/compiling.py).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
@@ -43,7 +42,6 @@ import os
 import sys
 import time
 import warnings
-from typing import Optional
 
 import pytest
 import torch
@@ -94,16 +92,10 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     # 40-50 us of host time a kernel, the forwards launch-bound). Launch costs without CUDA graphs'
     # constraints (static memory pools, a graph per shape). CUDA only.
     "cppwrapper_fused": ("auto", True, {"SEGPCL_COMPILE_CPP_WRAPPER": "1"}),
-    # compiled_fused with cuDNN's fused attention first in SDPA's priority order (torch's own order puts flash
-    # first on an H100 / H200): the profile had attention at 8.6 ms a step, about 150 TFLOP/s, 197 tokens
-    # being short for flash's tiles; benchmarks/test_bench_attention.py times the backends alone. A shape
-    # cuDNN cannot run (the fp32 text trunk) takes the next backend. CUDA only.
-    "cudnnattn_fused": ("auto", True, {"SEGPCL_BENCH_SDPA_FIRST": "cudnn"}),
 }
 # on the CPU they would be compiled_fused again (fp32 there)
 CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs", "autotune_fused",
-             "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused", "cppwrapper_fused",
-             "cudnnattn_fused"}
+             "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused", "cppwrapper_fused"}
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),
@@ -153,8 +145,7 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
     settings = CompileSettings.from_env() if compiled else None  # the variant's mode; SEGPCL_COMPILE_DYNAMIC_BATCH
     cfg = Config()
     cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
-    sdpa_first = os.environ.get("SEGPCL_BENCH_SDPA_FIRST") or None
-    with ops.backend(backend), sdpa_first_in_priority(sdpa_first):
+    with ops.backend(backend):
         step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
                           precision=setup["precision"], compile_settings=settings, cfg=cfg)
 
@@ -179,8 +170,6 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             # stage 2's loss terms compiled too (engine/compiling.py: compile_learner; SEGPCL_COMPILE_LOSS)
             compile_loss=settings.loss if settings is not None else None,
             cpp_wrapper=settings.cpp_wrapper if settings is not None else None,
-            # the SDPA backend put first in torch's priority order for this row (None: torch's own order)
-            sdpa_first=sdpa_first,
             # {tower: dtype} whose frozen GEMM weights are stored in the autocast dtype (model/frozen_cast.py)
             frozen_storage={t: str(d).removeprefix("torch.") for t, d in step.model.frozen_storage.items()})
 
@@ -211,25 +200,6 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
                     achieved_tflops=round(flops / median / 1e12, 4), mfu=round(flops / median / peak, 4),
                     slowest_round_ms=round(stats.stats.max * 1e3, 3))
     benchmark.extra_info.update(info)
-
-
-# torch's own priority among the four, as torch._C._get_sdp_priority_order() gives it in 2.6, 2.11 and 2.14
-SDPA_ORDER = ("flash", "efficient", "math", "cudnn")
-
-
-def sdpa_first_in_priority(first: Optional[str]):
-    """A context with SDPA backend `first` ("cudnn", "flash", "efficient" or "math") at the head of torch's
-    priority order, the others after it in SDPA_ORDER, all still enabled: a shape `first` cannot run
-    takes the next one. Eager calls choose inside it, and so do compiled graphs traced inside it (the
-    choice is made while AOTAutograd traces). None: nothing changes."""
-    if first is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
-    if first not in names:
-        raise ValueError(f"SEGPCL_BENCH_SDPA_FIRST={first!r}: choose one of {sorted(names)}")
-    return sdpa_kernel([names[first], *(names[n] for n in SDPA_ORDER if n != first)], set_priority=True)
 
 
 @contextlib.contextmanager

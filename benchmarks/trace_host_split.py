@@ -16,10 +16,16 @@ In a launch-bound step each of these is time the GPU may wait on; the eager shar
 compiling more of the step (engine/compiling.py) can take away. The thread's span per step is
 printed too: its events cover less of it where the thread waits (the main thread in .backward()
 while autograd's thread runs) or runs plain Python.
+
+A second table counts, per thread and kind, the CUDA API calls that put work on the GPU: kernel
+launches (runtime cudaLaunchKernel* for aten / cuBLAS / flash kernels, driver cuLaunchKernel* for
+Triton's; the two are disjoint), memsets and memcpys, each under the top-level host event that
+made it.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -66,6 +72,40 @@ def host_split(events: list[dict]) -> dict:
     return out
 
 
+LAUNCHES = {"cudaLaunchKernel": "kernels", "cudaLaunchKernelExC": "kernels", "cuLaunchKernel": "kernels",
+            "cuLaunchKernelEx": "kernels", "cudaMemsetAsync": "memsets", "cudaMemcpyAsync": "memcpys"}
+
+
+def launches(events: list[dict]) -> dict:
+    """{thread id: {(kind, what): n}}: each CUDA API call of LAUNCHES (what: kernels, memsets, memcpys)
+    under the kind of the top-level host event of its thread that encloses it ("none": no host op)."""
+    host = collections.defaultdict(list)
+    for e in events:
+        if _counted(e):
+            host[e["tid"]].append(e)
+    tops = {}
+    for tid, es in host.items():
+        es.sort(key=lambda e: (e["ts"], -e["dur"]))
+        top, open_end = [], float("-inf")
+        for e in es:
+            if e["ts"] >= open_end:
+                top.append(e)
+                open_end = e["ts"] + e["dur"]
+        tops[tid] = top
+    out: dict = collections.defaultdict(collections.Counter)
+    for e in events:
+        what = LAUNCHES.get(e.get("name")) if e.get("cat") in ("cuda_runtime", "cuda_driver") else None
+        if what is None:
+            continue
+        owner = "none"
+        top = tops.get(e["tid"], [])
+        i = bisect.bisect_right([t["ts"] for t in top], e["ts"]) - 1 if top else -1
+        if i >= 0 and e["ts"] < top[i]["ts"] + top[i]["dur"]:
+            owner = kind(top[i]["name"])
+        out[e["tid"]][(owner, what)] += 1
+    return dict(out)
+
+
 def load(path: str) -> list[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
@@ -81,12 +121,24 @@ def main() -> None:
     parser.add_argument("trace")
     parser.add_argument("--steps", type=int, required=True, help="profiled steps in the trace")
     args = parser.parse_args()
-    split = host_split(load(args.trace))
+    events = load(args.trace)
+    split = host_split(events)
     print("| thread | top-level events / step | span ms / step | " + " | ".join(f"{k} ms / step" for k in KINDS) + " |")
     print("|---" * (3 + len(KINDS)) + "|")
     for tid, row in sorted(split.items(), key=lambda kv: -kv[1]["span_ms"]):
         cells = " | ".join(f"{row.get(k, 0.0) / args.steps:.2f}" for k in KINDS)
         print(f"| {tid} | {row['events'] / args.steps:.0f} | {row['span_ms'] / args.steps:.1f} | {cells} |")
+    counts = launches(events)
+    if counts:
+        owners = [*KINDS, "none"]
+        print("\nGPU work put on the queue per step (kernel launches / memsets / memcpys), by the host event that made it:\n")
+        print("| thread | " + " | ".join(owners) + " | all |")
+        print("|---" * (2 + len(owners)) + "|")
+        for tid, c in sorted(counts.items(), key=lambda kv: -sum(kv[1].values())):
+            def cell(owner):
+                return " / ".join(f"{sum(n for (o, w), n in c.items() if w == what and owner in (o, None)) / args.steps:.1f}"
+                                  for what in ("kernels", "memsets", "memcpys"))
+            print(f"| {tid} | " + " | ".join(cell(o) for o in owners) + f" | {cell(None)} |")
 
 
 if __name__ == "__main__":

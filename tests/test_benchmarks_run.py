@@ -93,7 +93,7 @@ def test_trace_host_split_sums_top_level_host_events_by_kind(tmp_path):
     import json
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from trace_host_split import host_split, load
+        from trace_host_split import host_split, launches, load
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     events = [
@@ -112,9 +112,23 @@ def test_trace_host_split_sums_top_level_host_events_by_kind(tmp_path):
          "name": "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad"},
         {"cat": "cpu_op", "tid": 2, "ts": 3500, "dur": 600, "name": "autograd::engine::evaluate_function: DivBackward0"},
     ]
+    events += [  # CUDA API calls, attributed to the top-level host event enclosing them on their thread
+        {"cat": "cuda_driver", "tid": 1, "ts": 200, "dur": 5, "name": "cuLaunchKernel"},  # in the graph (Triton)
+        {"cat": "cuda_runtime", "tid": 1, "ts": 300, "dur": 5, "name": "cudaLaunchKernel"},  # in the graph's aten::mm
+        {"cat": "cuda_runtime", "tid": 1, "ts": 310, "dur": 5, "name": "cudaMemsetAsync"},
+        {"cat": "cuda_runtime", "tid": 1, "ts": 6200, "dur": 5, "name": "cudaMemcpyAsync"},  # aten::div's copy_
+        {"cat": "cuda_runtime", "tid": 1, "ts": 6300, "dur": 5, "name": "cudaLaunchKernelExC"},  # aten::div
+        {"cat": "cuda_runtime", "tid": 1, "ts": 9600, "dur": 5, "name": "cudaLaunchKernel"},  # outside any host op
+        {"cat": "cuda_runtime", "tid": 1, "ts": 400, "dur": 5, "name": "cudaGetErrorString"},  # not GPU work
+        {"cat": "cuda_runtime", "tid": 2, "ts": 3100, "dur": 5, "name": "cudaLaunchKernel"},  # AccumulateGrad
+    ]
     path = tmp_path / "trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
+    counts = launches(load(str(path)))
+    assert counts == {1: {("compiled", "kernels"): 2, ("compiled", "memsets"): 1, ("eager", "memcpys"): 1,
+                          ("eager", "kernels"): 1, ("none", "kernels"): 1},
+                      2: {("accumulate_grad", "kernels"): 1}}, counts
     split = host_split(load(str(path)))
     assert set(split) == {1, 2}
     assert split[1] == {"span_ms": 9.0, "events": 4, "compiled": 5.0, "guards": 0.3, "eager": 0.7, "optimizer": 1.0}
@@ -122,6 +136,9 @@ def test_trace_host_split_sums_top_level_host_events_by_kind(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/trace_host_split.py", str(path), "--steps", "2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "| 1 | 2 | 4.5 | 2.50 | 0.15 | 0.35 | 0.00 | 0.50 |" in proc.stdout, proc.stdout
+    # per step (2 steps): compiled 2 kernels, 1 memset; eager 1 kernel, 1 memcpy; none 1 kernel
+    assert ("| 1 | 1.0 / 0.5 / 0.0 | 0.0 / 0.0 / 0.0 | 0.5 / 0.0 / 0.5 | 0.0 / 0.0 / 0.0 | 0.0 / 0.0 / 0.0 | "
+            "0.5 / 0.0 / 0.0 | 2.0 / 0.5 / 0.5 |") in proc.stdout, proc.stdout
 
 
 def test_step_launches_counts_graph_kernels_graph_gemms_and_eager_ops_apart():
@@ -150,30 +167,3 @@ def test_step_launches_counts_graph_kernels_graph_gemms_and_eager_ops_apart():
     forward = rows["forward"]
     assert forward["eager_ops"] == {"mul": 1} and forward["eager"] == 1
     assert forward["graph_aten_ops"] == {"mm": 1} and forward["graph_kernels"] >= 1
-
-
-def test_the_e2e_benchmarks_sdpa_priority_puts_one_backend_first_and_keeps_the_others():
-    """cudnnattn_fused's context (benchmarks/test_bench_e2e.py): cuDNN first in torch's SDPA priority
-    order, the other three after it in torch's own order, all restored on exit; an unknown name is one
-    error naming the choices. Outside it, torch's order is the SDPA_ORDER the context assumes."""
-    import torch
-    from torch.nn.attention import SDPBackend
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from test_bench_e2e import SDPA_ORDER, sdpa_first_in_priority
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    value = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
-    default = torch._C._get_sdp_priority_order()
-    assert [b for b in default if b in {int(v) for v in value.values()}][:4] == [int(value[n]) for n in SDPA_ORDER]
-    with sdpa_first_in_priority("cudnn"):
-        assert torch._C._get_sdp_priority_order()[:4] == [int(value[n]) for n in ("cudnn", "flash", "efficient", "math")]
-        q = torch.randn(2, 2, 5, 8)
-        torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q),
-                                   torch.softmax(q @ q.transpose(-1, -2) / 8 ** 0.5, -1) @ q)
-    assert torch._C._get_sdp_priority_order() == default
-    with sdpa_first_in_priority(None):
-        assert torch._C._get_sdp_priority_order() == default
-    with pytest.raises(ValueError, match=r"SEGPCL_BENCH_SDPA_FIRST='cudnn9': choose one of \['cudnn', 'efficient'"):
-        sdpa_first_in_priority("cudnn9")
