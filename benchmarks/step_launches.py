@@ -3,7 +3,7 @@
     python benchmarks/step_launches.py [--model segpcl-tiny] [--text-precision fp32|bf16] [--json]
 
 Builds the e2e benchmark's step (engine/bench.py: bf16 image tower, batch 2 + 2 anchors, 5 old + 3
-new classes), compiled with inductor for the CPU with its C++ kernels recording themselves to the
+new classes), compiled with inductor for the CPU (the SEGPCL_COMPILE_* switches apply) with its C++ kernels recording themselves to the
 profiler (inductor's cpp.enable_kernel_profile), runs 3 steps and profiles a 4th. In that step it
 counts, by phase (the trainer's record_function ranges: forward + losses, backward, optimizer):
 
@@ -103,7 +103,7 @@ def measure(model: str, text_precision: str) -> dict:
     cfg = Config()
     cfg.run.text_precision = text_precision
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
-        step = build_step(model, "cpu", 2, 5, 3, precision="bf16", compile_settings=compiling.CompileSettings(),
+        step = build_step(model, "cpu", 2, 5, 3, precision="bf16", compile_settings=compiling.CompileSettings.from_env(),
                           cfg=cfg)
         for _ in range(3):
             step.run()

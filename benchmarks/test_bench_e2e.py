@@ -26,7 +26,8 @@ bf16text_cudagraphs (CUDA graphs and the bf16 text trunk together), autotune_fus
 staticbatch_fused (compiled_fused with SEGPCL_COMPILE_DYNAMIC_BATCH=0: the static-batch graph) and
 percallcast_fused (compiled_fused with SEGPCL_FROZEN_CAST=per_call: frozen weights cast every forward)
 and eagerloss_fused (compiled_fused with SEGPCL_COMPILE_LOSS=0: the loss terms eager) and
-cppwrapper_fused (compiled_fused with SEGPCL_COMPILE_CPP_WRAPPER=1: inductor's host code in C++).
+cppwrapper_fused (compiled_fused with SEGPCL_COMPILE_CPP_WRAPPER=1: inductor's host code in C++) and
+unbatchedmerge_fused (compiled_fused with SEGPCL_COMPILE_BATCH_MERGE=0: one addmm a LoRA merge).
 A CUDA-graph variant records how many compiled graphs ran without CUDA graphs, and why
 (cudagraph_skips, cudagraph_skip_reasons: engine/compiling.py).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
@@ -92,10 +93,15 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     # 40-50 us of host time a kernel, the forwards launch-bound). Launch costs without CUDA graphs'
     # constraints (static memory pools, a graph per shape). CUDA only.
     "cppwrapper_fused": ("auto", True, {"SEGPCL_COMPILE_CPP_WRAPPER": "1"}),
+    # compiled_fused with each LoRA layer's W + s B A its own addmm (SEGPCL_COMPILE_BATCH_MERGE=0), as before
+    # they were batched into one bmm per shape: 72 GEMMs a ViT-B/16 step, each with a copy of W and a memset
+    # on CUDA (session 35's trace). CUDA only.
+    "unbatchedmerge_fused": ("auto", True, {"SEGPCL_COMPILE_BATCH_MERGE": "0"}),
 }
 # on the CPU they would be compiled_fused again (fp32 there)
 CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs", "autotune_fused",
-             "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused", "cppwrapper_fused"}
+             "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused", "cppwrapper_fused",
+             "unbatchedmerge_fused"}
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),
@@ -170,6 +176,8 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             # stage 2's loss terms compiled too (engine/compiling.py: compile_learner; SEGPCL_COMPILE_LOSS)
             compile_loss=settings.loss if settings is not None else None,
             cpp_wrapper=settings.cpp_wrapper if settings is not None else None,
+            # the LoRA merges batched into one bmm a shape (engine/compiling.py; SEGPCL_COMPILE_BATCH_MERGE)
+            batch_merge=settings.batch_merge if settings is not None else None,
             # {tower: dtype} whose frozen GEMM weights are stored in the autocast dtype (model/frozen_cast.py)
             frozen_storage={t: str(d).removeprefix("torch.") for t, d in step.model.frozen_storage.items()})
 

@@ -41,6 +41,12 @@ aten ops that inductor traces and fuses around; SEGPCL_LORA_COMPILE=cpp puts the
 `torch.ops.segpcl.lora_b_linear_fwd`, with its fake kernel, there instead), and the Triton ops are
 torch.library custom ops with fake kernels, so dynamo sees through them without graph breaks.
 
+LoRA merges: the merged arrangement forms W + s B A for every LoRA layer once a step. Inside compiled
+graphs (ops.lora_linear.merged_weight) it is an mm of parameters that inductor's batch_linear_post_grad
+pass batches into one bmm per layer shape and tower (6 for ViT-B/16's two towers instead of 72 GEMMs,
+each of which, as addmm on CUDA, also copied W and set a memset: session 35's H200 trace, BENCHMARKS.md
+session 43). SEGPCL_COMPILE_BATCH_MERGE=0 keeps one addmm a layer.
+
 SEGPCL_COMPILE_CPP_WRAPPER=1 has inductor write each graph's host code (kernel launches, GEMM calls,
 buffer allocations) as C++ it compiles, instead of Python: the H200 profile found the compiled step's
 forwards launch-bound, at about 40-50 us of host time a kernel. Off by default: every graph's compile
@@ -85,6 +91,9 @@ class CompileSettings:
     # Python. The H200 profile had the compiled step launch-bound, about 40-50 us of host time a kernel.
     # Longer compiles (a C++ build per graph); the same kernels, so the same values (tested on the CPU).
     cpp_wrapper: bool = False
+    # each tower's W + s B A formations batched into one bmm per layer shape (SEGPCL_COMPILE_BATCH_MERGE=0: one
+    # addmm a layer): inductor's batch_linear_post_grad pass, given where the merged_weight mm sits
+    batch_merge: bool = True
 
     @classmethod
     def from_env(cls) -> "CompileSettings":
@@ -97,6 +106,8 @@ class CompileSettings:
         s.loss = _env_flag("SEGPCL_COMPILE_LOSS", "stage 2's loss terms compiled", "eager")
         s.cpp_wrapper = _env_flag("SEGPCL_COMPILE_CPP_WRAPPER", "inductor's C++ wrapper", "its Python wrapper",
                                   default="0")
+        s.batch_merge = _env_flag("SEGPCL_COMPILE_BATCH_MERGE", "the LoRA merges batched into one bmm a shape",
+                                  "one addmm a layer")
         s.options()  # validate now: one clear error before the run starts
         return s
 
@@ -113,13 +124,31 @@ class CompileSettings:
             raise ValueError(f"SEGPCL_COMPILE_CPP_WRAPPER=1 with compile mode '{self.mode}': inductor's C++ wrapper "
                              f"runs without CUDA graphs, which this mode is for; use one or the other "
                              f"(SEGPCL_COMPILE_CPP_WRAPPER=0, or mode default / max-autotune-no-cudagraphs)")
-        if self.backend == "inductor" and self.cpp_wrapper:
-            # torch.compile takes a mode or options, not both: the mode's own options, plus cpp_wrapper
+        extra = self.inductor_options() if self.backend == "inductor" else {}
+        if extra:
+            # torch.compile takes a mode or options, not both: the mode's own options, plus ours
             from torch._inductor import list_mode_options
-            kwargs["options"] = {**list_mode_options(self.mode), "cpp_wrapper": True}
+            kwargs["options"] = {**list_mode_options(self.mode), **extra}
         elif self.backend == "inductor":
             kwargs["mode"] = self.mode
         return kwargs
+
+    def inductor_options(self) -> dict:
+        """The inductor options these settings add to the mode's own."""
+        extra = {}
+        if self.cpp_wrapper:
+            extra["cpp_wrapper"] = True
+        if self.batch_merge and self.dynamic_batch:
+            # batch the LoRA merges (ops.lora_linear.merged_weight: B A as an mm of parameters alone) of one
+            # shape into one bmm. The pass batches any independent mm of equal static shapes; with the
+            # image batch, the prompts and the positions symbolic, only products of parameters have them.
+            # (A static batch would give the layers' g^T u static shapes too, and stacking those copies
+            # activations: not with SEGPCL_COMPILE_DYNAMIC_BATCH=0.) Search depth 6 reaches the merges
+            # saved for the backward from the forward graph's output; deeper costs compile time (100:
+            # +80 s for ViT-B/16 on a CPU) for no more merges batched.
+            extra["post_grad_fusion_options"] = {"batch_linear_post_grad": {
+                "min_fuse_set_size": 2, "max_fuse_search_depth": 6}}
+        return extra
 
 
 def _env_flag(name: str, on: str, off: str, default: str = "1") -> bool:

@@ -134,11 +134,26 @@ def merge_kernel() -> str:
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + s B A in W's dtype (fp32 accumulation, one rounding), by SEGPCL_LORA_MERGE's kernel."""
+    """W + s B A in W's dtype (fp32 accumulation, one rounding), by SEGPCL_LORA_MERGE's kernel.
+
+    While torch.compile traces (and SEGPCL_COMPILE_BATCH_MERGE is not 0): B A as a plain mm in fp32
+    (or wider), then W + s (B A) rounded once, which inductor's batch_linear_post_grad pass
+    (engine/compiling.py) batches across the tower's layers of one shape into one bmm. As addmm,
+    each layer's merge was its own GEMM, and on CUDA also a copy of W into the output and a memset:
+    216 of the step's queued operations in session 35's H200 trace (BENCHMARKS.md, session 43)."""
     if (merge_kernel() == "triton" and _utils.can_run_triton(weight, lora_A, lora_B)
             and not _utils.has_fp64(weight, lora_A, lora_B)):
         return torch.ops.segpcl.lora_merged_weight(weight, lora_A, lora_B, float(scaling))
+    if torch.compiler.is_compiling() and batch_merge():
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        return (weight.to(wide) + scaling * torch.mm(lora_B.to(wide), lora_A.to(wide))).to(weight.dtype)
     return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+
+
+def batch_merge() -> bool:
+    """SEGPCL_COMPILE_BATCH_MERGE: "1" (default) forms W + s B A inside compiled graphs as an mm that
+    inductor batches across layers (merged_weight); "0" keeps one addmm a layer (A/B timing)."""
+    return dispatch.env_choice("SEGPCL_COMPILE_BATCH_MERGE", ("1", "0"), "1") == "1"
 
 
 _SIDE_STREAMS: dict = {}

@@ -191,13 +191,17 @@ def test_bf16_autocast_compiled_step_is_close_to_fp32(tiny_model_name, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cpp_wrapper", [False, True])
-def test_inductor_compiled_step_matches_eager(tiny_model_name, cpp_wrapper):
+@pytest.mark.parametrize("cpp_wrapper, batch_merge", [(False, True), (True, True), (False, False)])
+def test_inductor_compiled_step_matches_eager(tiny_model_name, monkeypatch, cpp_wrapper, batch_merge):
     """Inductor's code for the image tower, forward and backward, gives eager's loss and gradients,
     with its Python wrapper and with its C++ one (SEGPCL_COMPILE_CPP_WRAPPER=1), which must really be
-    what ran: the generated host code of both graphs is C++ (aoti_torch calls), not Python."""
+    what ran: the generated host code of both graphs is C++ (aoti_torch calls), not Python. With the
+    LoRA merges batched (the default) inductor's batch_linear_post_grad pass must have fired: the
+    layers' W + s B A of one shape are one bmm; with SEGPCL_COMPILE_BATCH_MERGE=0 it must not."""
+    from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
+    batched_before = counters["inductor"]["batch_linear_post_grad"]
     model = load_model(tiny_model_name, pretrained=None)
     inject_lora(model, rank=4, alpha=4.0)
     params = [p for n, p in model.named_parameters() if "lora_B" in n and ".visual." in n]
@@ -208,10 +212,13 @@ def test_inductor_compiled_step_matches_eager(tiny_model_name, cpp_wrapper):
         loss = emb.square().mean() + raw.mean()
         return loss, torch.autograd.grad(loss, params)
     ref_loss, ref_grads = step()
-    compiling.compile_model(model, compiling.CompileSettings(cpp_wrapper=cpp_wrapper))
+    monkeypatch.setenv("SEGPCL_COMPILE_BATCH_MERGE", "1" if batch_merge else "0")  # what from_env would read
+    compiling.compile_model(model, compiling.CompileSettings(cpp_wrapper=cpp_wrapper, batch_merge=batch_merge))
     (loss, grads), codes = run_and_get_code(step)
     assert len(codes) == 2  # the forward graph and the backward graph
     assert all(("aoti_torch" in code) == cpp_wrapper for code in codes)
+    # the tiny ViT's layers: each target's merges of one shape batched (2 layers a shape)
+    assert (counters["inductor"]["batch_linear_post_grad"] > batched_before) == batch_merge
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)

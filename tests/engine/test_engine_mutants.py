@@ -408,11 +408,21 @@ def test_compile_settings_from_env_and_their_torch_compile_options(monkeypatch):
     s = compiling.CompileSettings.from_env()
     assert (s.mode, s.backend) == ("default", "aot_eager")
     assert s.options() == {"backend": "aot_eager"}  # mode is an inductor option only
+    merges = {"post_grad_fusion_options": {"batch_linear_post_grad": {"min_fuse_set_size": 2,
+                                                                       "max_fuse_search_depth": 6}}}
     for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):  # torch.compile's modes
-        assert compiling.CompileSettings(mode=mode).options() == {"backend": "inductor", "mode": mode}
-    # with the C++ wrapper: torch.compile takes a mode or options, so the mode's options and cpp_wrapper
-    assert compiling.CompileSettings(cpp_wrapper=True).options() == {"backend": "inductor",
-                                                                     "options": {"cpp_wrapper": True}}
+        # without options of ours, the mode itself; with them (the LoRA merges batched, the default), torch.compile
+        # takes a mode or options, not both: the mode's own options, then ours
+        assert compiling.CompileSettings(mode=mode, batch_merge=False).options() == {"backend": "inductor", "mode": mode}
+        from torch._inductor import list_mode_options
+        assert compiling.CompileSettings(mode=mode).options() == {
+            "backend": "inductor", "options": {**list_mode_options(mode), **merges}}
+        # a static image batch: no merges batched (the pass would stack activations too)
+        assert compiling.CompileSettings(mode=mode, dynamic_batch=False).options() == {"backend": "inductor", "mode": mode}
+    assert compiling.CompileSettings(cpp_wrapper=True, batch_merge=False).options() == {
+        "backend": "inductor", "options": {"cpp_wrapper": True}}
+    assert compiling.CompileSettings(cpp_wrapper=True).options() == {
+        "backend": "inductor", "options": {"cpp_wrapper": True, **merges}}
     autotune = compiling.CompileSettings(mode="max-autotune-no-cudagraphs", cpp_wrapper=True).options()["options"]
     assert autotune["max_autotune"] and autotune["cpp_wrapper"] and not autotune.get("triton.cudagraphs")
     for mode in ("reduce-overhead", "max-autotune"):  # inductor's C++ wrapper turns their CUDA graphs off

@@ -322,3 +322,24 @@ def test_overlap_on_a_second_stream_changes_no_value(device, dtype, monkeypatch)
     monkeypatch.setenv("SEGPCL_LORA_OVERLAP", "yes")
     with pytest.raises(ValueError, match="SEGPCL_LORA_OVERLAP='yes' must be 0 or 1"):
         lora_b_linear_merged(*args, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_merge_inside_compiled_graphs_is_an_mm_rounded_once(monkeypatch, dtype):
+    """While torch.compile traces, merged_weight forms W + s B A as an mm in fp32 (fp64 for fp64) and one
+    rounding to W's dtype, the form inductor's batch_linear_post_grad pass batches across layers; its
+    values are addmm's up to summation order (one rounding both). SEGPCL_COMPILE_BATCH_MERGE=0 keeps addmm."""
+    from segpcl_fast.ops import lora_linear
+    g = torch.Generator().manual_seed(0)
+    w, b_, a = (torch.randn(*s, generator=g).to(dtype) for s in ((48, 40), (48, 8), (8, 40)))
+    reference = torch.addmm(w.double(), b_.double(), a.double(), alpha=0.5).to(dtype)  # exact, rounded once
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    seen = []
+    monkeypatch.setattr(torch, "addmm", lambda *args, **kw: seen.append("addmm") or torch.ops.aten.addmm(*args, **kw))
+    merged = lora_linear.merged_weight(w, a, b_, 0.5)
+    assert seen == [] and merged.dtype == dtype
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2 ** -7}[dtype]  # about 1 ulp
+    torch.testing.assert_close(merged, reference, rtol=tolerance, atol=tolerance)
+    monkeypatch.setenv("SEGPCL_COMPILE_BATCH_MERGE", "0")
+    lora_linear.merged_weight(w, a, b_, 0.5)
+    assert seen == ["addmm"]
