@@ -82,7 +82,9 @@ def test_compiled_kernel_count_finds_fewer_kernels_with_frozen_weights_stored(mo
         rows[value] = count("segpcl-tiny", "fp32")
     torch._dynamo.reset()
     assert rows["once"]["frozen_storage"] == {"visual": "torch.bfloat16"} and rows["per_call"]["frozen_storage"] == {}
-    assert 30 <= rows["per_call"]["kernels"] - rows["once"]["kernels"] <= 60, rows
+    # (46 fewer before the LoRA merges were batched, 29 since: per call, inductor now folds a merge's
+    # weight cast into the merge's own kernel, so storing in bf16 saves less there)
+    assert 20 <= rows["per_call"]["kernels"] - rows["once"]["kernels"] <= 60, rows
 
 
 def test_trace_host_split_sums_top_level_host_events_by_kind(tmp_path):
