@@ -217,8 +217,10 @@ def test_inductor_compiled_step_matches_eager(tiny_model_name, monkeypatch, cpp_
     (loss, grads), codes = run_and_get_code(step)
     assert len(codes) == 2  # the forward graph and the backward graph
     assert all(("aoti_torch" in code) == cpp_wrapper for code in codes)
-    # the tiny ViT's layers: each target's merges of one shape batched (2 layers a shape)
-    assert (counters["inductor"]["batch_linear_post_grad"] > batched_before) == batch_merge
+    # the tiny ViT's layers: each target's merges of one shape batched (2 layers a shape). torch 2.6's pass
+    # batches none of them here (depths 6 to 100 tried): each merge is then its own mm, as without the switch
+    batched = counters["inductor"]["batch_linear_post_grad"] > batched_before
+    assert batched == (batch_merge and torch.__version__ >= "2.7"), batched
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
