@@ -177,7 +177,7 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             compile_loss=settings.loss if settings is not None else None,
             cpp_wrapper=settings.cpp_wrapper if settings is not None else None,
             # the LoRA merges batched into one bmm a shape (engine/compiling.py; SEGPCL_COMPILE_BATCH_MERGE)
-            batch_merge=settings.batch_merge if settings is not None else None,
+            batch_merge=ops.lora_linear.batch_merge() if settings is not None else None,
             # {tower: dtype} whose frozen GEMM weights are stored in the autocast dtype (model/frozen_cast.py)
             frozen_storage={t: str(d).removeprefix("torch.") for t, d in step.model.frozen_storage.items()})
 

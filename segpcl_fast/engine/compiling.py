@@ -69,6 +69,7 @@ from typing import Optional
 
 import torch
 
+from ..ops.lora_linear import batch_merge
 from ..ops.lora_linear import compiled_impl as compiled_lora_impl
 
 log = logging.getLogger("segpcl_fast.engine")
@@ -91,9 +92,8 @@ class CompileSettings:
     # Python. The H200 profile had the compiled step launch-bound, about 40-50 us of host time a kernel.
     # Longer compiles (a C++ build per graph); the same kernels, so the same values (tested on the CPU).
     cpp_wrapper: bool = False
-    # each tower's W + s B A formations batched into one bmm per layer shape (SEGPCL_COMPILE_BATCH_MERGE=0: one
-    # addmm a layer): inductor's batch_linear_post_grad pass, given where the merged_weight mm sits
-    batch_merge: bool = True
+    # (the LoRA merges batched into one bmm per layer shape: SEGPCL_COMPILE_BATCH_MERGE, read by
+    # ops.lora_linear.batch_merge alone, since merged_weight reads it while tracing; see inductor_options)
 
     @classmethod
     def from_env(cls) -> "CompileSettings":
@@ -106,8 +106,6 @@ class CompileSettings:
         s.loss = _env_flag("SEGPCL_COMPILE_LOSS", "stage 2's loss terms compiled", "eager")
         s.cpp_wrapper = _env_flag("SEGPCL_COMPILE_CPP_WRAPPER", "inductor's C++ wrapper", "its Python wrapper",
                                   default="0")
-        s.batch_merge = _env_flag("SEGPCL_COMPILE_BATCH_MERGE", "the LoRA merges batched into one bmm a shape",
-                                  "one addmm a layer")
         s.options()  # validate now: one clear error before the run starts
         return s
 
@@ -117,6 +115,7 @@ class CompileSettings:
         # read again while tracing; checked here, in eager code, because dynamo (seen on torch 2.6)
         # may replace an error raised during tracing with "Observed exception", dropping its message
         compiled_lora_impl()
+        batch_merge()
         kwargs = {"backend": self.backend}
         if self.backend == "inductor" and self.cpp_wrapper and self.mode in CUDA_GRAPH_MODES:
             # torch 2.11's inductor turns CUDA graphs off under its C++ wrapper; 2.14's, with graph partition
@@ -138,7 +137,7 @@ class CompileSettings:
         extra = {}
         if self.cpp_wrapper:
             extra["cpp_wrapper"] = True
-        if self.batch_merge and self.dynamic_batch:
+        if batch_merge() and self.dynamic_batch:
             # batch the LoRA merges (ops.lora_linear.merged_weight: B A as an mm of parameters alone) of one
             # shape into one bmm. The pass batches any independent mm of equal static shapes; with the
             # image batch, the prompts and the positions symbolic, only products of parameters have them.

@@ -139,8 +139,8 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     While torch.compile traces (and SEGPCL_COMPILE_BATCH_MERGE is not 0): B A as a plain mm in fp32
     (or wider), then W + s (B A) rounded once, which inductor's batch_linear_post_grad pass
     (engine/compiling.py) batches across the tower's layers of one shape into one bmm. As addmm,
-    each layer's merge was its own GEMM, and on CUDA also a copy of W into the output and a memset:
-    216 of the step's queued operations in session 35's H200 trace (BENCHMARKS.md, session 43)."""
+    each layer's merge was its own GEMM, and on CUDA also a copy of W into the output, and most a memset:
+    72 GEMMs, 72 copies and 48 memsets a step in session 35's H200 trace (BENCHMARKS.md, session 43)."""
     if (merge_kernel() == "triton" and _utils.can_run_triton(weight, lora_A, lora_B)
             and not _utils.has_fp64(weight, lora_A, lora_B)):
         return torch.ops.segpcl.lora_merged_weight(weight, lora_A, lora_B, float(scaling))
@@ -152,7 +152,8 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 
 def batch_merge() -> bool:
     """SEGPCL_COMPILE_BATCH_MERGE: "1" (default) forms W + s B A inside compiled graphs as an mm that
-    inductor batches across layers (merged_weight); "0" keeps one addmm a layer (A/B timing)."""
+    inductor batches across layers (merged_weight; engine/compiling.py turns the pass on); "0" keeps one
+    addmm a layer (A/B timing). The one reader of the switch."""
     return dispatch.env_choice("SEGPCL_COMPILE_BATCH_MERGE", ("1", "0"), "1") == "1"
 
 

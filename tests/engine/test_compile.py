@@ -96,6 +96,9 @@ def test_a_bad_dynamic_batch_setting_is_one_clear_error(monkeypatch):
         compiling.CompileSettings.from_env()
     monkeypatch.setenv("SEGPCL_COMPILE_CPP_WRAPPER", "1")
     assert compiling.CompileSettings.from_env().cpp_wrapper is True
+    monkeypatch.setenv("SEGPCL_COMPILE_BATCH_MERGE", "yes")  # read by ops.lora_linear.batch_merge, checked up front
+    with pytest.raises(ValueError, match=r"SEGPCL_COMPILE_BATCH_MERGE='yes' is unknown; choose one of \('1', '0'\)"):
+        compiling.CompileSettings.from_env()
 
 
 def test_loss_terms_stay_eager_with_SEGPCL_COMPILE_LOSS_0(tiny_model_name, tmp_path, monkeypatch):
@@ -212,8 +215,8 @@ def test_inductor_compiled_step_matches_eager(tiny_model_name, monkeypatch, cpp_
         loss = emb.square().mean() + raw.mean()
         return loss, torch.autograd.grad(loss, params)
     ref_loss, ref_grads = step()
-    monkeypatch.setenv("SEGPCL_COMPILE_BATCH_MERGE", "1" if batch_merge else "0")  # what from_env would read
-    compiling.compile_model(model, compiling.CompileSettings(cpp_wrapper=cpp_wrapper, batch_merge=batch_merge))
+    monkeypatch.setenv("SEGPCL_COMPILE_BATCH_MERGE", "1" if batch_merge else "0")  # the pass and the merge's form
+    compiling.compile_model(model, compiling.CompileSettings(cpp_wrapper=cpp_wrapper))
     (loss, grads), codes = run_and_get_code(step)
     assert len(codes) == 2  # the forward graph and the backward graph
     assert all(("aoti_torch" in code) == cpp_wrapper for code in codes)

@@ -404,6 +404,7 @@ def test_eval_shards_partition_the_test_set():
 def test_compile_settings_from_env_and_their_torch_compile_options(monkeypatch):
     from segpcl_fast.engine import compiling
     monkeypatch.delenv("SEGPCL_COMPILE_MODE", raising=False)
+    monkeypatch.delenv("SEGPCL_COMPILE_BATCH_MERGE", raising=False)
     monkeypatch.setenv("SEGPCL_COMPILE_BACKEND", "aot_eager")
     s = compiling.CompileSettings.from_env()
     assert (s.mode, s.backend) == ("default", "aot_eager")
@@ -413,14 +414,18 @@ def test_compile_settings_from_env_and_their_torch_compile_options(monkeypatch):
     for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):  # torch.compile's modes
         # without options of ours, the mode itself; with them (the LoRA merges batched, the default), torch.compile
         # takes a mode or options, not both: the mode's own options, then ours
-        assert compiling.CompileSettings(mode=mode, batch_merge=False).options() == {"backend": "inductor", "mode": mode}
+        monkeypatch.setenv("SEGPCL_COMPILE_BATCH_MERGE", "0")
+        assert compiling.CompileSettings(mode=mode).options() == {"backend": "inductor", "mode": mode}
+        monkeypatch.delenv("SEGPCL_COMPILE_BATCH_MERGE")
         from torch._inductor import list_mode_options
         assert compiling.CompileSettings(mode=mode).options() == {
             "backend": "inductor", "options": {**list_mode_options(mode), **merges}}
         # a static image batch: no merges batched (the pass would stack activations too)
         assert compiling.CompileSettings(mode=mode, dynamic_batch=False).options() == {"backend": "inductor", "mode": mode}
-    assert compiling.CompileSettings(cpp_wrapper=True, batch_merge=False).options() == {
+    monkeypatch.setenv("SEGPCL_COMPILE_BATCH_MERGE", "0")
+    assert compiling.CompileSettings(cpp_wrapper=True).options() == {
         "backend": "inductor", "options": {"cpp_wrapper": True}}
+    monkeypatch.delenv("SEGPCL_COMPILE_BATCH_MERGE")
     assert compiling.CompileSettings(cpp_wrapper=True).options() == {
         "backend": "inductor", "options": {"cpp_wrapper": True, **merges}}
     autotune = compiling.CompileSettings(mode="max-autotune-no-cudagraphs", cpp_wrapper=True).options()["options"]
