@@ -30,7 +30,7 @@ NO_LAUNCH = frozenset(f"aten::{name}" for name in (
     "split_with_sizes", "chunk", "unbind", "alias", "resolve_conj", "resolve_neg", "empty", "empty_strided",
     "empty_like", "lift_fresh", "contiguous", "numel", "size", "stride", "result_type", "is_same_size",
     "unflatten", "flatten", "view_as", "_local_scalar_dense_noop"))
-GRAPH_MARKERS = ("Torch-Compiled Region", "CompiledFunction", "## Call CompiledFxGraph", "Call CompiledFxGraph")
+GRAPH_MARKERS = ("Torch-Compiled Region", "CompiledFunction", "Call CompiledFxGraph")
 PHASES = {"student_forward_losses": "forward", "backward": "backward", "optimizer": "optimizer"}
 
 

@@ -52,23 +52,34 @@ def _counted(e: dict) -> bool:
     return e.get("cat") == "cpu_op" or (e.get("cat") == "user_annotation" and e["name"].startswith("Optimizer."))
 
 
-def host_split(events: list[dict]) -> dict:
-    """{thread id: {"span_ms": ..., "events": n top-level, kind: ms, ...}} over the host events."""
-    host = [e for e in events if _counted(e)]
+def top_level(events: list[dict]) -> dict:
+    """{thread id: (its counted host events, the top-level ones among them)}: a thread's events nest, so
+    an event is top-level when no earlier one of its thread is still open at its start."""
     threads = collections.defaultdict(list)
-    for e in host:
-        threads[e["tid"]].append(e)
+    for e in events:
+        if _counted(e):
+            threads[e["tid"]].append(e)
     out = {}
     for tid, es in threads.items():
         es.sort(key=lambda e: (e["ts"], -e["dur"]))
-        totals, top, open_end = collections.Counter(), 0, float("-inf")
+        top, open_end = [], float("-inf")
         for e in es:
-            if e["ts"] >= open_end:  # not inside the last top-level event (a thread's events nest)
-                totals[kind(e["name"])] += e["dur"] / 1e3
-                top += 1
+            if e["ts"] >= open_end:
+                top.append(e)
                 open_end = e["ts"] + e["dur"]
+        out[tid] = (es, top)
+    return out
+
+
+def host_split(events: list[dict]) -> dict:
+    """{thread id: {"span_ms": ..., "events": n top-level, kind: ms, ...}} over the host events."""
+    out = {}
+    for tid, (es, top) in top_level(events).items():
+        totals = collections.Counter()
+        for e in top:
+            totals[kind(e["name"])] += e["dur"] / 1e3
         span = (max(e["ts"] + e["dur"] for e in es) - min(e["ts"] for e in es)) / 1e3
-        out[tid] = {"span_ms": span, "events": top, **totals}
+        out[tid] = {"span_ms": span, "events": len(top), **totals}
     return out
 
 
@@ -79,27 +90,15 @@ LAUNCHES = {"cudaLaunchKernel": "kernels", "cudaLaunchKernelExC": "kernels", "cu
 def launches(events: list[dict]) -> dict:
     """{thread id: {(kind, what): n}}: each CUDA API call of LAUNCHES (what: kernels, memsets, memcpys)
     under the kind of the top-level host event of its thread that encloses it ("none": no host op)."""
-    host = collections.defaultdict(list)
-    for e in events:
-        if _counted(e):
-            host[e["tid"]].append(e)
-    tops = {}
-    for tid, es in host.items():
-        es.sort(key=lambda e: (e["ts"], -e["dur"]))
-        top, open_end = [], float("-inf")
-        for e in es:
-            if e["ts"] >= open_end:
-                top.append(e)
-                open_end = e["ts"] + e["dur"]
-        tops[tid] = top
+    tops = {tid: (top, [t["ts"] for t in top]) for tid, (_, top) in top_level(events).items()}
     out: dict = collections.defaultdict(collections.Counter)
     for e in events:
         what = LAUNCHES.get(e.get("name")) if e.get("cat") in ("cuda_runtime", "cuda_driver") else None
         if what is None:
             continue
         owner = "none"
-        top = tops.get(e["tid"], [])
-        i = bisect.bisect_right([t["ts"] for t in top], e["ts"]) - 1 if top else -1
+        top, starts = tops.get(e["tid"], ([], []))
+        i = bisect.bisect_right(starts, e["ts"]) - 1
         if i >= 0 and e["ts"] < top[i]["ts"] + top[i]["dur"]:
             owner = kind(top[i]["name"])
         out[e["tid"]][(owner, what)] += 1
