@@ -27,7 +27,8 @@ staticbatch_fused (compiled_fused with SEGPCL_COMPILE_DYNAMIC_BATCH=0: the stati
 percallcast_fused (compiled_fused with SEGPCL_FROZEN_CAST=per_call: frozen weights cast every forward)
 and eagerloss_fused (compiled_fused with SEGPCL_COMPILE_LOSS=0: the loss terms eager) and
 cppwrapper_fused (compiled_fused with SEGPCL_COMPILE_CPP_WRAPPER=1: inductor's host code in C++) and
-unbatchedmerge_fused (compiled_fused with SEGPCL_COMPILE_BATCH_MERGE=0: one addmm a LoRA merge).
+unbatchedmerge_fused (compiled_fused with SEGPCL_COMPILE_BATCH_MERGE=0: one addmm a LoRA merge) and
+tf32_fused / tf32_cudagraphs (compiled_fused / cudagraphs_fused with run.tf32: fp32 GEMMs on TF32).
 A CUDA-graph variant records how many compiled graphs ran without CUDA graphs, and why
 (cudagraph_skips, cudagraph_skip_reasons: engine/compiling.py).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
@@ -52,6 +53,7 @@ from segpcl_fast.config import Config
 from segpcl_fast.engine.bench import build_step, matmul_peak_flops, sync
 from segpcl_fast.engine.compiling import CUDA_GRAPH_MODES, CompileSettings, cudagraph_skips
 from segpcl_fast.engine.flops import step_flops
+from segpcl_fast.model.tf32 import cuda_matmul_tf32_for
 
 VARIANTS = {  # name: (ops backend, compiled, environment)
     "eager_reference": ("reference", False, {}),
@@ -97,11 +99,17 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     # they were batched into one bmm per shape: 72 GEMMs a ViT-B/16 step, each with a copy of W and a memset
     # on CUDA (session 35's trace). CUDA only.
     "unbatchedmerge_fused": ("auto", True, {"SEGPCL_COMPILE_BATCH_MERGE": "0"}),
+    # compiled_fused with run.tf32 (the GPU presets' setting): the fp32 text trunk's GEMMs on TF32 tensor cores
+    # instead of the CUDA cores (session 35's profile: about 7 ms of an 82 ms step), its results at TF32
+    # rounding (10-bit mantissa; bf16text_fused's are at bf16's 7). CUDA only.
+    "tf32_fused": ("auto", True, {"SEGPCL_BENCH_TF32": "1"}),
+    # the same under CUDA graphs: the step as the GPU presets would run it with mode "reduce-overhead". CUDA only.
+    "tf32_cudagraphs": ("auto", True, {"SEGPCL_COMPILE_MODE": "reduce-overhead", "SEGPCL_BENCH_TF32": "1"}),
 }
 # on the CPU they would be compiled_fused again (fp32 there)
 CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs", "autotune_fused",
              "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused", "cppwrapper_fused",
-             "unbatchedmerge_fused"}
+             "unbatchedmerge_fused", "tf32_fused", "tf32_cudagraphs"}
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),
@@ -140,7 +148,7 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
     benchmark.group = f"e2e training step {device}"
     backend, compiled, env = VARIANTS[variant]
     if variant in CUDA_ONLY and device != "cuda":
-        pytest.skip(f"{variant} replays CUDA graphs: on {device} it would time compiled_fused again")
+        pytest.skip(f"{variant} is CUDA only: on {device} it would time compiled_fused again")
     if env.get("SEGPCL_LORA_COMPILE") == "cpp":
         from segpcl_fast.ops import _ext
         if not _ext.has_kernel(device):  # else the merged fallback would run, a second compiled_fused row
@@ -151,7 +159,9 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
     settings = CompileSettings.from_env() if compiled else None  # the variant's mode; SEGPCL_COMPILE_DYNAMIC_BATCH
     cfg = Config()
     cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
-    with ops.backend(backend):
+    cfg.run.tf32 = os.environ.get("SEGPCL_BENCH_TF32", "0") == "1"
+    # run.tf32 as the trainer applies it (CUDA only), around the compiles too (inductor reads it there)
+    with ops.backend(backend), cuda_matmul_tf32_for(cfg.run.tf32 and device == "cuda") as tf32:
         step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
                           precision=setup["precision"], compile_settings=settings, cfg=cfg)
 
@@ -167,6 +177,8 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             # the text tower's share of the FLOPs, and the precision it runs in (fp32 by default: those
             # FLOPs run on fp32 kernels, yet count against the bf16 peak like the rest)
             text_flops=counted["text"], text_precision=cfg.run.text_precision,
+            # whether fp32 CUDA matmuls ran on TF32 (run.tf32, or the process's own setting); None on the CPU
+            tf32=tf32 if device == "cuda" else None,
             matmul_peak_tflops=round(peak / 1e12, 4), threads=torch.get_num_threads(),
             rounds_planned=setup["rounds"],
             # the image tower's graph symbolic in the batch, as training runs it (engine/compiling.py)

@@ -28,8 +28,8 @@ def override_list(overrides: Union[str, Sequence[str], None]) -> list[str]:
 
 @contextlib.contextmanager
 def process_state_kept():
-    """What a Trainer sets for its run (ops backend, torch threads, the torch / numpy / random seeds),
-    given back afterwards: for calls that only read a run (evaluate). CUDA's generators are given back
+    """What a Trainer sets for its run (ops backend, torch threads, TF32 for CUDA matmuls, the torch / numpy
+    / random seeds), given back afterwards: for calls that only read a run (evaluate). CUDA's generators are given back
     on the devices already started; a seed queued before CUDA starts is the run's afterwards (keeping
     it would mean starting every GPU, or torch's private lazy-seed queue)."""
     import random
@@ -38,7 +38,8 @@ def process_state_kept():
     import torch
 
     from . import ops
-    backend, threads = ops.get_backend(), torch.get_num_threads()
+    from .model.tf32 import cuda_matmul_tf32, set_cuda_matmul_tf32
+    backend, threads, tf32 = ops.get_backend(), torch.get_num_threads(), cuda_matmul_tf32()
     np_state, py_state = np.random.get_state(), random.getstate()
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
@@ -47,6 +48,7 @@ def process_state_kept():
     finally:
         ops.set_backend(backend)
         torch.set_num_threads(threads)
+        set_cuda_matmul_tf32(tf32)
         np.random.set_state(np_state)
         random.setstate(py_state)
 

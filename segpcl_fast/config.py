@@ -176,6 +176,10 @@ class RunConfig:
     # [choice] the text transformer: "fp32" (default: TSGR compares text embeddings at tau_T = 0.05,
     # where bf16 rounding shows) or "bf16" (under autocast, faster on a GPU; embeddings still fp32)
     text_precision: str = "fp32"
+    # [choice] true: fp32 matmuls on CUDA (the text transformer at text_precision fp32, the projections,
+    # logits, TSGR similarities) may use TF32 tensor cores for the run (torch's switch set, given back
+    # after; model/tf32.py); false leaves torch's switch as the process set it (off by torch's default)
+    tf32: bool = False
     compile: bool = False  # torch.compile the student step
     ops: str = "auto"  # fused-op backend: "auto", "reference", "triton", "cpp"
     num_threads: int = 0  # torch CPU threads; 0 = torch default

@@ -71,19 +71,46 @@ def zero_block():
     return damage
 
 
+NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")  # torch >= 2.9: fp32_precision strings
+
+
+def _legacy_tf32_flags():
+    """(cudnn, matmul) allow_tf32, or None where reading them raises (torch >= 2.9 after the new API set them)."""
+    try:
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        return None
+
+
+def _set_legacy_tf32_flags(cudnn=None, matmul=None):
+    if cudnn is not None:
+        torch.backends.cudnn.allow_tf32 = cudnn
+    if matmul is not None:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 @pytest.fixture
 def tf32_flags():
     """Set torch's TF32 switches in a test, restored after: monkeypatch.setattr cannot (pytest 9.2 undoes
     it with a delattr, which torch.backends.cuda.matmul refuses, and the undos queued after it are lost).
-    Yields a setter: tf32_flags(cudnn=True, matmul=False)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    Yields a setter: tf32_flags(cudnn=True, matmul=False) through the legacy allow_tf32 flags, or
+    tf32_flags(matmul_precision="tf32") through torch >= 2.9's fp32_precision (skip where it is missing).
+    Restored whichever API the test used: the fp32_precision strings first, then the legacy flags (a
+    legacy set after a new one leaves both readable; the other order makes legacy reads raise)."""
+    b = torch.backends
+    new = ([(b, "fp32_precision"), (b.cuda.matmul, "fp32_precision"), (b.cudnn, "fp32_precision"),
+            (b.cudnn.conv, "fp32_precision")] if NEW_TF32_API else [])
+    saved_new = [(obj, name, getattr(obj, name)) for obj, name in new]
+    saved_legacy = _legacy_tf32_flags()
 
-    def set_flags(cudnn=None, matmul=None):
-        if cudnn is not None:
-            torch.backends.cudnn.allow_tf32 = cudnn
-        if matmul is not None:
-            torch.backends.cuda.matmul.allow_tf32 = matmul
+    def set_flags(cudnn=None, matmul=None, matmul_precision=None):
+        _set_legacy_tf32_flags(cudnn, matmul)
+        if matmul_precision is not None:
+            torch.backends.cuda.matmul.fp32_precision = matmul_precision
     try:
         yield set_flags
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for obj, name, value in saved_new:
+            setattr(obj, name, value)
+        if saved_legacy is not None:
+            _set_legacy_tf32_flags(*saved_legacy)

@@ -29,6 +29,7 @@ from ..method.learner import Learner
 from ..method.variants import resolve_variant
 from ..model.clip import load_model
 from ..model.lora import inject_lora, lora_state_dict
+from ..model.tf32 import cuda_matmul_tf32, set_cuda_matmul_tf32
 from ..version import __version__
 from . import accel
 from . import checkpoint as ckpt
@@ -333,11 +334,21 @@ class Trainer:
         _check_ops_backend(self.cfg.run.ops, self.device)
         self._previous_ops = ops.get_backend()  # run() gives it back: a run's backend does not outlive the run
         ops.set_backend(self.cfg.run.ops)
+        # run.tf32 on CUDA (where it is torch's switch), given back by run() as the backend is
+        self._undo_tf32 = set_cuda_matmul_tf32(True) if self.cfg.run.tf32 and self.device.type == "cuda" else None
         try:
             self._build(compile_settings)
         except BaseException:  # a bad data root, weights that do not load: no run() will give the backend back
-            ops.set_backend(self._previous_ops)
+            self._give_back_process_state()
             raise
+
+    def _give_back_process_state(self) -> None:
+        """The ops backend and TF32 switch the process had before this Trainer set the run's."""
+        if getattr(self, "_previous_ops", None) is not None:
+            ops.set_backend(self._previous_ops)
+        undo, self._undo_tf32 = getattr(self, "_undo_tf32", None), None
+        if undo is not None:
+            undo()
 
     def _build(self, compile_settings: Optional["compiling.CompileSettings"]) -> None:
         """Data, model, learner (and compiled model, gradient sync) of the run."""
@@ -654,8 +665,7 @@ class Trainer:
             if getattr(self, "_lock", None) is not None:
                 ckpt.unlock_run_dir(self.out, self._lock)
                 self._lock = None
-            if getattr(self, "_previous_ops", None) is not None:
-                ops.set_backend(self._previous_ops)
+            self._give_back_process_state()
 
     def _run(self) -> Result:
         c = self.cfg
@@ -766,7 +776,8 @@ class Trainer:
                         loss_per_epoch=[i.get("loss_per_epoch", []) for i in task_info],
                         counts={"test_images": totals, "correct": _count_rows(correct),
                                 "correct_own": _count_rows(correct_own) if matrix_own is not None else []},
-                        run={"world_size": self.dist.world_size, "device": str(self.device)})
+                        run={"world_size": self.dist.world_size, "device": str(self.device),
+                             **({"tf32": cuda_matmul_tf32()} if self.device.type == "cuda" else {})})
         if main:
             from ..report import write_run_report
             result.paths = write_run_report(result, self.out, plots=c.run.plots,

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dispatch import env_choice, record_choice
+from .tf32 import cuda_matmul_tf32, cudnn_conv_tf32
 
 log = logging.getLogger("segpcl_fast.model")
 
@@ -65,7 +66,7 @@ def conv_is_cheaper(on_cuda: bool, dtype: torch.dtype, autocast: bool) -> bool:
     default but not fp32 matmuls, so there the GEMM would run on the CUDA cores, slower than the
     convolution and not the same arithmetic: keep cuDNN's convolution, exactly as before."""
     return (on_cuda and dtype == torch.float32 and not autocast
-            and torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32)
+            and cudnn_conv_tf32() and not cuda_matmul_tf32())
 
 
 def _conv_is_cheaper_in_fp32(x: torch.Tensor) -> bool:

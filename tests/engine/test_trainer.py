@@ -122,6 +122,38 @@ def test_a_trainer_that_fails_to_build_gives_the_ops_backend_back(tiny_model_nam
         assert fused_ops.get_backend() == "auto"
 
 
+def test_run_tf32_holds_for_the_run_on_cuda_and_is_given_back(tiny_model_name, tmp_path, monkeypatch, tf32_flags):
+    """run.tf32 turns TF32 on for fp32 CUDA matmuls while the Trainer builds and runs, and gives torch's
+    setting back after (here after a build that fails, the path a run's end shares). The device is only
+    named cuda: _build is replaced, so nothing is placed on it. On the CPU the switch is not touched."""
+    from segpcl_fast.engine import trainer as trainer_module
+    from segpcl_fast.model.tf32 import cuda_matmul_tf32
+    tf32_flags(matmul=False)
+    seen = []
+
+    def build(self, compile_settings):
+        seen.append((self.device.type, cuda_matmul_tf32()))
+        raise RuntimeError("stop after the switch")
+    monkeypatch.setattr(Trainer, "_build", build)
+    cfg = small_config(tiny_model_name, tmp_path / "run", run__tf32=True)
+    with pytest.raises(RuntimeError, match="stop after the switch"):
+        Trainer(cfg)
+    monkeypatch.setattr(trainer_module, "resolve_device", lambda name: torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="stop after the switch"):
+        Trainer(cfg)
+    with pytest.raises(RuntimeError, match="stop after the switch"):
+        Trainer(small_config(tiny_model_name, tmp_path / "run", run__tf32=False))
+    assert seen == [("cpu", False), ("cuda", True), ("cuda", False)]
+    assert cuda_matmul_tf32() is False
+
+
+def test_a_cpu_run_with_run_tf32_leaves_the_switch_and_records_nothing(tiny_model_name, tmp_path, tf32_flags):
+    from segpcl_fast.model.tf32 import cuda_matmul_tf32
+    tf32_flags(matmul=False)
+    result = train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1, run__tf32=True))
+    assert cuda_matmul_tf32() is False and "tf32" not in result.run
+
+
 def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path):
     """Checkpoints written before the own-space matrix and data.synthetic_shift existed still
     resume; Forgetting_own is then left out (it cannot be computed without every a_own[t][j])

@@ -372,6 +372,56 @@ def test_a_checkpoints_reference_text_is_checked_with_the_tolerance_of_its_text_
             other_prompts.load_state_dict(state)
 
 
+def _round_to_tf32(t):
+    """fp32 -> the nearest TF32 value (10-bit mantissa, ties to even), as fp32; other tensors as they are."""
+    if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32):
+        return t
+    bits = t.contiguous().view(torch.int32)
+    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32).reshape(t.shape)
+
+
+def _tf32_gemms():
+    """A dispatch mode that runs every fp32 GEMM (mm, bmm, addmm's and baddbmm's products) on operands
+    rounded to TF32, accumulating in fp32: what cuBLAS does with TF32 on, emulated on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+
+    class TF32GEMMs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.mm.default, aten.bmm.default):
+                args = tuple(map(_round_to_tf32, args))
+            elif func in (aten.addmm.default, aten.baddbmm.default):
+                args = (args[0], _round_to_tf32(args[1]), _round_to_tf32(args[2]), *args[3:])
+            return func(*args, **(kwargs or {}))
+    return TF32GEMMs()
+
+
+def test_round_to_tf32_keeps_ten_mantissa_bits():
+    x = torch.tensor([1 + 2 ** -10, 1 + 2 ** -11, 1 + 3 * 2 ** -11, -(1 + 2 ** -12), 3.0])
+    assert _round_to_tf32(x).tolist() == [1 + 2 ** -10, 1.0, 1 + 2 ** -9, -1.0, 3.0]  # ties to even
+
+
+def test_fp32_reference_text_made_with_tf32_gemms_is_accepted(tiny_model_name):
+    """A run whose fp32 text tower ran its GEMMs on TF32 (run.tf32, the GPU presets; or a process that
+    turned TF32 on, as open_clip's training does) stores reference embeddings a few 1e-4 away from the
+    same model's without TF32 (the CPU, another setting): resuming or evaluating it there is the same
+    model and must not be refused (the fp32 tolerance was 1e-4); other prompts still are."""
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4, targets=("k", "v"), towers=("visual", "text"))
+    prompts = [[f"a good photo of a class {i}.", f"a photo of the number {i}."] for i in range(N_TOTAL)]
+    cfg = Config()
+    with _tf32_gemms():
+        state = Learner(cfg, model, prompts, torch.device("cpu")).state_dict()
+    exact = Learner(cfg, model, prompts, torch.device("cpu"))
+    moved = (exact.ref_text - state["ref_text"]).abs().max().item()
+    assert 1e-4 < moved < 2.5e-3 / 4, moved  # past the old tolerance, well inside the new one
+    exact.load_state_dict(state)
+    other = Learner(cfg, model, [[f"a photo of a thing {i}."] for i in range(N_TOTAL)], torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="reference text embeddings differ"):
+        other.load_state_dict(state)
+
+
 def test_stage1_teacher_is_the_model_frozen_not_a_copy_with_the_same_anchors(tiny_model_name, monkeypatch):
     """Stage 1 runs the model itself as the teacher (frozen, eval mode, both restored after), not a deep
     copy (a second model's memory and its own compiled graphs); the anchor caches equal those a deep-copied

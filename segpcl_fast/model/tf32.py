@@ -1,0 +1,79 @@
+"""TF32 for fp32 matmuls on CUDA (run.tf32): read and set torch's switch, whichever of its two APIs is in use.
+
+What stays fp32 in a run with run.precision=bf16 (the text transformer unless run.text_precision=bf16,
+the image projection, logits, the TSGR similarities) runs its CUDA GEMMs on the CUDA cores unless TF32
+is on: in session 35's H200 profile the fp32 text trunk's GEMMs took about 7 ms of an 82 ms ViT-B/16
+step (BENCHMARKS.md). TF32 rounds GEMM operands to a 10-bit mantissa (bf16 keeps 7) and accumulates
+in fp32, which open_clip's training script turns on for every run.
+
+torch has two switches for it: `torch.backends.cuda.matmul.allow_tf32` (every version) and, from
+torch 2.9, `torch.backends.cuda.matmul.fp32_precision` ("tf32" / "ieee" / "none": inherit). Once the
+new one is set, reading the old one raises ("mix of the legacy and new APIs"), so nothing here reads
+the old one where the new one exists, and setting uses the API the process already uses.
+cuDNN convolutions have their own switch (on by default in torch); it is left alone.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+
+def _matmul():
+    return torch.backends.cuda.matmul
+
+
+def cuda_matmul_tf32() -> bool:
+    """Whether fp32 CUDA matmuls may use TF32 now (never raises, whichever API set it)."""
+    m = _matmul()
+    if hasattr(m, "fp32_precision"):  # torch >= 2.9; reads right after either API
+        precision = m.fp32_precision
+        if precision == "none":  # inherits the CUDA backend's, which inherits the process-wide one
+            precision = getattr(torch.backends.cuda, "fp32_precision", "none")
+            if precision == "none":
+                precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"
+    return bool(m.allow_tf32)
+
+
+def cudnn_conv_tf32() -> bool:
+    """Whether fp32 cuDNN convolutions may use TF32 now (torch's default: yes); never raises."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        precision = conv.fp32_precision
+        if precision == "none":
+            precision = getattr(torch.backends.cudnn, "fp32_precision", "none")
+            if precision == "none":
+                precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def set_cuda_matmul_tf32(enabled: bool) -> Callable[[], None]:
+    """Turn TF32 for fp32 CUDA matmuls on or off; returns a function that puts back what was there.
+    Uses the legacy switch unless the process already set the new one (torch refuses reads of the
+    legacy switch after that, and both kinds of reader work after a legacy set)."""
+    m = _matmul()
+    if cuda_matmul_tf32() == enabled:
+        return lambda: None
+    try:
+        previous = m.allow_tf32
+    except RuntimeError:  # the new API is in use: stay with it
+        previous_precision = m.fp32_precision
+        m.fp32_precision = "tf32" if enabled else "ieee"
+        return lambda: setattr(m, "fp32_precision", previous_precision)
+    m.allow_tf32 = enabled
+    return lambda: setattr(m, "allow_tf32", previous)
+
+
+@contextlib.contextmanager
+def cuda_matmul_tf32_for(enabled: bool) -> Iterator[bool]:
+    """run.tf32 for a block: enabled=True turns TF32 on and gives back the previous setting after;
+    enabled=False leaves torch's setting as it is (a process that turned TF32 on itself keeps it).
+    Yields whether fp32 CUDA matmuls use TF32 in the block."""
+    undo = set_cuda_matmul_tf32(True) if enabled else (lambda: None)
+    try:
+        yield cuda_matmul_tf32()
+    finally:
+        undo()
