@@ -366,3 +366,25 @@ def test_a_task_split_that_does_not_fit_the_data_fails_before_the_weights_load(t
     with pytest.raises(DatasetFormatError, match=r"task sizes \[3, 3\] \(data.task_sizes\) must be positive and sum "
                                                  r"to the 100 classes .* fix data.task_sizes"):
         Trainer(small_config(tiny_model_name, tmp_path / "run", task_sizes=[3, 3]))
+
+
+def test_the_cli_leaves_the_process_group_through_the_gloo_teardown_workaround(tmp_path, monkeypatch):
+    """On torch < 2.8, ~ProcessGroupGloo can deadlock at exit (pytorch#154976): engine.distributed.destroy
+    runs a barrier first. The CLI's evaluate / profile / error paths called torch's destroy_process_group
+    directly, skipping it: `evaluate` under torchrun hung at exit on torch 2.6 (1 run of 3 here; with the
+    workaround 15 of 15 exited). A one-rank gloo group here; the torch version is made old."""
+    import torch.distributed as dist
+    from segpcl_fast import cli
+    from segpcl_fast.engine import distributed as ddp
+    monkeypatch.setattr(ddp, "_torch_before", lambda major, minor: True)
+    barriers = []
+    barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(1) or barrier(*a, **k))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert cli._joined()
+        cli._leave_process_group()
+        assert barriers == [1] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
