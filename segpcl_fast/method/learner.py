@@ -188,16 +188,16 @@ class Learner:
         n_total = self.n_old + self.n_new
         scale = self.model.logit_scale()
         n_img = images.shape[0]
-        anchor_batch = None
+        teacher = None
         if self.anchor_cache is not None and cfg.acgd.enabled and cfg.acgd.weight > 0:
             n_anchor = cfg.acgd.anchor_batch or n_img
-            anchor_batch = stage1.sample_anchor_batch(self.anchor_cache, n_anchor, self.anchor_generator).to(self.device)
-            images = torch.cat([images, anchor_batch.pixels.to(images.dtype)])
+            pixels, teacher = stage1.sample_anchor_inputs(self.anchor_cache, n_anchor, self.anchor_generator,
+                                                          self.device)
+            images = torch.cat([images, pixels.to(images.dtype)])
         _, emb = self.model.encode_image(images)
         # the text tower after the image tower: its many small kernels (C prompts, fp32) are launched
         # while the GPU still works through the image batch, instead of in front of it on an idle GPU
         text = self.text_embeddings(n_total)
-        teacher = None if anchor_batch is None else anchor_batch.teacher_logits
         graph = self.graph if self.graph is not None and len(self.graph.roots) > 0 else None
         return self.loss_terms(emb, text, labels, scale, self.n_old, teacher, graph, cfg)
 

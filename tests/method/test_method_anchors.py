@@ -243,6 +243,20 @@ def test_cache_state_dict_round_trip_and_sampling():
         anchors.AnchorCache(torch.randn(5, 3, 4, 4), torch.arange(4), torch.randn(5, 2), torch.randn(5, 7))
 
 
+def test_a_steps_anchor_inputs_are_the_sampled_batchs_two_fields():
+    """The training step gathers pixels and teacher logits alone: the same anchors, in the same order, as
+    sample_anchor_batch draws from the same generator state, and the generator advanced alike."""
+    cache = anchors.AnchorCache(torch.randn(9, 3, 4, 4), torch.arange(9), torch.randn(9, 2), torch.randn(9, 7))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for n in (4, 9, 20):
+        batch = anchors.sample_anchor_batch(cache, n, g1)
+        pixels, logits = anchors.sample_anchor_inputs(cache, n, g2, "cpu")
+        assert torch.equal(pixels, batch.pixels) and torch.equal(logits, batch.teacher_logits)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        anchors.sample_anchor_inputs(cache, 0, g1)
+
+
 def test_lambda_p_weights_the_visual_term(teacher):
     """lambda_p = 0 with prototypes is the CE-only attack; other lambda_p values change the anchors."""
     _, seeds, targets, text, protos, _, _ = _setup(teacher)

@@ -231,8 +231,9 @@ def test_each_step_draws_as_many_anchors_as_images_or_acgd_anchor_batch(tiny_mod
     learner.begin_task(1, N_NEW, [(img, y)])
     assert len(learner.anchor_cache) == 9 and img.shape[0] == 6
     drawn = []
-    sample = stage1.sample_anchor_batch
-    monkeypatch.setattr(stage1, "sample_anchor_batch", lambda cache, n, g=None: drawn.append(n) or sample(cache, n, g))
+    sample = stage1.sample_anchor_inputs
+    monkeypatch.setattr(stage1, "sample_anchor_inputs",
+                        lambda cache, n, g=None, device=None: drawn.append(n) or sample(cache, n, g, device))
     with torch.no_grad():
         learner.loss(img, y)
         learner.cfg.acgd.anchor_batch = 4
