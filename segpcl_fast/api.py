@@ -131,7 +131,7 @@ def check_unique(items: Iterable, what: str) -> None:
 
 # what evaluate() may change about how a run is evaluated (nothing that changes the model or the data:
 # a moved data root must hold the same classes in the same order, checked against the checkpoint)
-EVALUATE_OVERRIDABLE = ("run.device", "run.ops", "run.compile", "run.num_threads", "run.progress",
+EVALUATE_OVERRIDABLE = ("run.device", "run.ops", "run.compile", "run.tf32", "run.num_threads", "run.progress",
                         "eval.batch_size", "data.num_workers", "data.root", "data.frames_dir", "model.cache_dir",
                         "data.names_file", "data.class_list", "data.split_file", "model.pretrained")
 
@@ -142,7 +142,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     Returns {"task": last finished task (1-based), "acc_per_task_j": [...], "acc": accuracy on all
     seen test images} computed now, with the dual-path logits of the checkpointed state.
     `overrides` ("run.ops=cpp") and kwargs (run__device="cuda") may set how it runs: the keys in
-    EVALUATE_OVERRIDABLE (device, ops backend, compile, threads, batch size, loader workers, and
+    EVALUATE_OVERRIDABLE (device, ops backend, compile, TF32, threads, batch size, loader workers, and
     where the data and weights now lie).
 
         segpcl_fast.evaluate("runs/default", run__ops="reference")

@@ -135,15 +135,22 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(after_error: bool = False) -> None:
     """torchrun: leave the process group, if this process joined one (after a command, or an error every
     rank met; else gloo's threads can abort the exit: "terminate called ...", SIGABRT). Not after Ctrl-C
-    or an unexpected error, where a collective may still be in flight. Through engine.distributed.destroy,
-    as train's own call: on torch < 2.8 it lets gloo's outstanding work finish first (calling torch's
-    destroy_process_group directly, `evaluate` under torchrun hung at exit on torch 2.6, 3 runs of 3)."""
-    if _joined():
-        from .engine.distributed import destroy
-        destroy()
+    or an unexpected error, where a collective may still be in flight. After a command, through
+    engine.distributed.destroy, as train's own call: on torch < 2.8 it lets gloo's outstanding work
+    finish first (a barrier; calling torch's destroy_process_group directly, `evaluate` under torchrun
+    hung at exit on torch 2.6, 1 run of 3 here, 3 of 3 in session 43). Not after an error: one rank's
+    error (a NaN loss) finds its peers in an all-reduce, not at a barrier, and the barrier would hold
+    every rank for the group's timeout (SEGPCL_DDP_TIMEOUT_S) instead of letting them see a lost peer."""
+    if not _joined():
+        return
+    if after_error:
+        sys.modules["torch.distributed"].destroy_process_group()
+        return
+    from .engine.distributed import destroy
+    destroy()
 
 
 def _rank0() -> bool:
@@ -529,7 +536,7 @@ def main(argv=None) -> int:
         return rc
     except (ConfigError, FileNotFoundError) as e:
         _report_error(str(e), where, getattr(e, "echo", False) or (isinstance(e, ConfigError) and not _joined()))
-        _leave_process_group()
+        _leave_process_group(after_error=True)
         return 2
     except KeyboardInterrupt as e:
         hint = ""
@@ -545,7 +552,7 @@ def main(argv=None) -> int:
                "writes, chmod -R a+rX on a dataset folder it reads), or use a copy or folder it can reach)"
                if isinstance(e, PermissionError) else "")
         _report_error(f"{path}{e.strerror or e}{fix}", where, False)
-        _leave_process_group()
+        _leave_process_group(after_error=True)
         return 2
     except Exception as e:  # known user-facing errors carry their fix in the message
         from .data.base import DatasetFormatError
@@ -554,7 +561,7 @@ def main(argv=None) -> int:
         from .model.clip import ModelLoadError
         if isinstance(e, (DatasetFormatError, ModelLoadError, CheckpointError, ClassifierError, FloatingPointError)):
             _report_error(_user_message(e), where, False)
-            _leave_process_group()
+            _leave_process_group(after_error=True)
             return 2
         from .engine.distributed import lost_peer
         if _joined() and lost_peer(e):  # not this rank's error: the rank that stopped first says why

@@ -95,8 +95,9 @@ def tf32_flags():
     it with a delattr, which torch.backends.cuda.matmul refuses, and the undos queued after it are lost).
     Yields a setter: tf32_flags(cudnn=True, matmul=False) through the legacy allow_tf32 flags, or
     tf32_flags(matmul_precision="tf32") through torch >= 2.9's fp32_precision (skip where it is missing).
-    Restored whichever API the test used: the fp32_precision strings first, then the legacy flags (a
-    legacy set after a new one leaves both readable; the other order makes legacy reads raise)."""
+    Restored whichever API the test used: the legacy flags first (where they read), then the
+    fp32_precision strings, so a switch that inherited ("none") inherits again and both APIs read as
+    they did before."""
     b = torch.backends
     new = ([(b, "fp32_precision"), (b.cuda.matmul, "fp32_precision"), (b.cudnn, "fp32_precision"),
             (b.cudnn.conv, "fp32_precision")] if NEW_TF32_API else [])
@@ -110,7 +111,7 @@ def tf32_flags():
     try:
         yield set_flags
     finally:
-        for obj, name, value in saved_new:
-            setattr(obj, name, value)
         if saved_legacy is not None:
             _set_legacy_tf32_flags(*saved_legacy)
+        for obj, name, value in saved_new:
+            setattr(obj, name, value)

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..api import keeps_process_state
 from ..config import ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plus_minus, require_old_classes, run_config,
@@ -69,6 +70,7 @@ def _trainer_for_source(cfg, method: str, source: str, folder: Optional[str], ou
     return trainer
 
 
+@keeps_process_state
 def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder: Optional[str] = None,
                     seeds: Sequence[int] = (0,), method: str = "segpcl", **overrides) -> dict:
     """Run `method` with each ACGD source over seeds; one table (mean +- std) and a bar plot of Last.

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..api import keeps_process_state
 from ..config import ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..data.retention import OFFLINE_DEFAULT, RETENTION_DATASETS
 from ..engine.distributed import refuse_multi_process
+from ..model.tf32 import cuda_matmul_tf32_for
 from .outputs import (check_resume_dir, check_unique, make_trainer, new_figure, run_config, save_png, slug,
                       write_table_files)
 
@@ -86,6 +88,7 @@ def _load_sets(specs: dict, trainer, per_class: int) -> dict:
     return sets
 
 
+@keeps_process_state
 def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: DatasetSpec = None,
               per_class: int = 0, **overrides) -> dict:
     """Train each variant on the configured sequence and measure zero-shot accuracy on `datasets`
@@ -129,8 +132,11 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
             del trainer  # one model on the device at a time
             trainer = make_trainer(again)
             result = trainer.run()
-        for d, (ds, prompts) in sets.items():
-            after = zeroshot_accuracy(trainer.model, ds, prompts, trainer.device, cfg.eval.batch_size)
+        # under the TF32 switch the "before" figures had (the trainer's, which run() has given back)
+        with cuda_matmul_tf32_for(trainer.cfg.run.tf32 and trainer.device.type == "cuda"):
+            afters = {d: zeroshot_accuracy(trainer.model, ds, prompts, trainer.device, cfg.eval.batch_size)
+                      for d, (ds, prompts) in sets.items()}
+        for d, after in afters.items():
             rows.append({"dataset": d, "method": name, "before": before[d], "after": after,
                          "change": after - before[d], "Last": result.metrics.get("Last"),
                          "run": str(trainer.cfg.run.output_dir)})  # its config.yaml: what the row trained

@@ -292,11 +292,11 @@ def build_anchor_cache(teacher, seeds_pixels: torch.Tensor, targets: torch.Tenso
     return AnchorCache(pixels, targets.to(device), teacher_logits.to(device), teacher_raw.to(device), source=source)
 
 
-def _draw_anchor_indices(cache: AnchorCache, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _draw_anchor_indices(cache: AnchorCache, n: int, generator: Optional[torch.Generator], caller: str) -> torch.Tensor:
     if len(cache) == 0:
-        raise ValueError("sample_anchor_batch: the anchor cache is empty")
+        raise ValueError(f"{caller}: the anchor cache is empty")
     if n < 1:
-        raise ValueError(f"sample_anchor_batch: n must be >= 1, got {n}")
+        raise ValueError(f"{caller}: n must be >= 1, got {n}")
     return torch.randperm(len(cache), generator=generator)[:n]
 
 
@@ -305,7 +305,7 @@ def sample_anchor_batch(cache: AnchorCache, n: int, generator: Optional[torch.Ge
 
     `generator` is a CPU torch.Generator; the indices are moved to the cache's device.
     """
-    return cache.select(_draw_anchor_indices(cache, n, generator))
+    return cache.select(_draw_anchor_indices(cache, n, generator, "sample_anchor_batch"))
 
 
 def sample_anchor_inputs(cache: AnchorCache, n: int, generator: Optional[torch.Generator] = None,
@@ -313,6 +313,6 @@ def sample_anchor_inputs(cache: AnchorCache, n: int, generator: Optional[torch.G
     """(pixels, teacher_logits) of the n anchors sample_anchor_batch draws from the same generator state,
     on `device` (default: the cache's): the two fields a training step reads, gathered (and, from a CPU
     cache, moved) alone; the targets and raw features it never reads are not (two gathers a step, not four)."""
-    index = host_to_device(_draw_anchor_indices(cache, n, generator), cache.device)
+    index = host_to_device(_draw_anchor_indices(cache, n, generator, "sample_anchor_inputs"), cache.device)
     device = device or cache.device
     return host_to_device(cache.pixels[index], device), host_to_device(cache.teacher_logits[index], device)

@@ -8,8 +8,9 @@ in fp32, which open_clip's training script turns on for every run.
 
 torch has two switches for it: `torch.backends.cuda.matmul.allow_tf32` (every version) and, from
 torch 2.9, `torch.backends.cuda.matmul.fp32_precision` ("tf32" / "ieee" / "none": inherit). Once the
-new one is set, reading the old one raises ("mix of the legacy and new APIs"), so nothing here reads
-the old one where the new one exists, and setting uses the API the process already uses.
+new one is set to what the old one does not say, reading the old one raises ("mix of the legacy and
+new APIs"), so the readers here read the new one where it exists, and the setter sets the legacy one
+unless reading it raises (then the process uses the new API, and so does the setter).
 cuDNN convolutions have their own switch (on by default in torch); it is left alone.
 """
 from __future__ import annotations
@@ -29,10 +30,8 @@ def cuda_matmul_tf32() -> bool:
     m = _matmul()
     if hasattr(m, "fp32_precision"):  # torch >= 2.9; reads right after either API
         precision = m.fp32_precision
-        if precision == "none":  # inherits the CUDA backend's, which inherits the process-wide one
-            precision = getattr(torch.backends.cuda, "fp32_precision", "none")
-            if precision == "none":
-                precision = getattr(torch.backends, "fp32_precision", "none")
+        if precision == "none":  # inherits the process-wide setting
+            precision = getattr(torch.backends, "fp32_precision", "none")
         return precision == "tf32"
     return bool(m.allow_tf32)
 
@@ -63,8 +62,16 @@ def set_cuda_matmul_tf32(enabled: bool) -> Callable[[], None]:
         previous_precision = m.fp32_precision
         m.fp32_precision = "tf32" if enabled else "ieee"
         return lambda: setattr(m, "fp32_precision", previous_precision)
+    # "none" (inherit torch.backends.fp32_precision) comes back as "none", not the "ieee" / "tf32" the
+    # legacy setter leaves: a process-wide setting made later still reaches matmuls
+    inherited = getattr(m, "fp32_precision", None) == "none"
     m.allow_tf32 = enabled
-    return lambda: setattr(m, "allow_tf32", previous)
+
+    def undo() -> None:
+        m.allow_tf32 = previous
+        if inherited:
+            m.fp32_precision = "none"
+    return undo
 
 
 @contextlib.contextmanager

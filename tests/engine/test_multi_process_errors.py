@@ -372,7 +372,8 @@ def test_the_cli_leaves_the_process_group_through_the_gloo_teardown_workaround(t
     """On torch < 2.8, ~ProcessGroupGloo can deadlock at exit (pytorch#154976): engine.distributed.destroy
     runs a barrier first. The CLI's evaluate / profile / error paths called torch's destroy_process_group
     directly, skipping it: `evaluate` under torchrun hung at exit on torch 2.6 (1 run of 3 here; with the
-    workaround 15 of 15 exited). A one-rank gloo group here; the torch version is made old."""
+    workaround 15 of 15 exited). After an error the group is left without it. A one-rank gloo group here;
+    the torch version is made old."""
     import torch.distributed as dist
     from segpcl_fast import cli
     from segpcl_fast.engine import distributed as ddp
@@ -380,10 +381,15 @@ def test_the_cli_leaves_the_process_group_through_the_gloo_teardown_workaround(t
     barriers = []
     barrier = dist.barrier
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(1) or barrier(*a, **k))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         assert cli._joined()
         cli._leave_process_group()
+        assert barriers == [1] and not dist.is_initialized()
+        # after an error no barrier: one rank's error (a NaN loss) finds its peers in an all-reduce, and a
+        # barrier would hold them all for the group's timeout instead of letting them see a lost peer
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+        cli._leave_process_group(after_error=True)
         assert barriers == [1] and not dist.is_initialized()
     finally:
         if dist.is_initialized():

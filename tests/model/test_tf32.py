@@ -67,6 +67,19 @@ def test_the_legacy_switch_set_leaves_both_apis_readable(tf32_flags):
     assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cuda.matmul.fp32_precision != "tf32"
 
 
+@new_api_only
+def test_an_inheriting_switch_inherits_again_after_the_undo(tf32_flags):
+    """The legacy setter leaves fp32_precision at "tf32" / "ieee"; the undo puts back "none", so a
+    process-wide torch.backends.fp32_precision set after a run still reaches matmuls."""
+    tf32_flags(matmul_precision="none")
+    undo = set_cuda_matmul_tf32(True)
+    assert cuda_matmul_tf32() is True
+    undo()
+    assert torch.backends.cuda.matmul.fp32_precision == "none" and not torch.backends.cuda.matmul.allow_tf32
+    torch.backends.fp32_precision = "tf32"  # the fixture restores it
+    assert cuda_matmul_tf32() is True
+
+
 def test_the_block_turns_it_on_only_when_asked(tf32_flags):
     tf32_flags(matmul=False)
     with cuda_matmul_tf32_for(True) as on:
