@@ -114,7 +114,9 @@ def e2e_table(benchmarks: list[dict]) -> str:
                      achieved_tflops=e["step_flops"] / median / 1e12,
                      mfu=e["step_flops"] / median / (e["matmul_peak_tflops"] * 1e12))
             variant += f" (stopped after {rounds} rounds)"
-        rows.append(f"| {e['device_name']} | {e['model']} ({e['precision']}, batch {e['batch']}+{e['anchors']}) | "
+        # the text tower's precision, and TF32 for fp32 matmuls (run.tf32), where the JSON records them
+        text = f", text {e['text_precision']}{' TF32' if e.get('tf32') else ''}" if "text_precision" in e else ""
+        rows.append(f"| {e['device_name']} | {e['model']} ({e['precision']}{text}, batch {e['batch']}+{e['anchors']}) | "
                     f"{variant} | {e['step_ms']:.1f} | {e['images_per_s']:.1f} | "
                     f"{e['achieved_tflops']:.4f} | {100 * e['mfu']:.1f}% | {e['matmul_peak_tflops']:.3f} | "
                     f"{e.get('host_syncs_per_step', '-')} | {e.get('cudagraph_skips', '-')} |")

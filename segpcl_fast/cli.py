@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="re-evaluate a run directory from its last checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="how to evaluate: run.device, run.ops, run.compile, run.num_threads, run.progress, "
+                   help="how to evaluate: run.device, run.ops, run.compile, run.tf32, run.num_threads, run.progress, "
                         "eval.batch_size, data.num_workers, and where the data / weights now lie: data.root, "
                         "data.frames_dir, data.names_file, data.class_list, data.split_file, model.cache_dir, "
                         "model.pretrained (checked against the checkpoint; e.g. --set run.device=cuda)")

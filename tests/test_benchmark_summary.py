@@ -49,6 +49,10 @@ def test_e2e_and_transform_rows_and_empty_kinds():
                  achieved_tflops=100.0, mfu=0.25, matmul_peak_tflops=400.0, host_syncs_per_step=0)
     assert "| H100 | ViT-B-16 (bf16, batch 128+128) | compiled_fused | 500.0 | 256.0 | 100.0000 | 25.0% | 400.000 | 0 | - |" \
         in summary.e2e_table([e2e])
+    tf32 = dict(e2e, extra_info=dict(e2e["extra_info"], text_precision="fp32", tf32=True))
+    assert "| H100 | ViT-B-16 (bf16, text fp32 TF32, batch 128+128) | compiled_fused |" in summary.e2e_table([tf32])
+    plain = dict(e2e, extra_info=dict(e2e["extra_info"], text_precision="bf16", tf32=False))
+    assert "| H100 | ViT-B-16 (bf16, text bf16, batch 128+128) | compiled_fused |" in summary.e2e_table([plain])
     graphs = dict(e2e, params={"variant": "cudagraphs_fused"}, extra_info=dict(e2e["extra_info"], cudagraph_skips=2))
     assert summary.e2e_table([graphs]).endswith("| cudagraphs_fused | 500.0 | 256.0 | 100.0000 | 25.0% | 400.000 | 0 | 2 |")
     t = [_bench("t", 0.001, case="c", kind="test", impl="segpcl"), _bench("t", 0.003, case="c", kind="test",

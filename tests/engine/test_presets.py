@@ -20,11 +20,12 @@ def test_presets_are_partial_configs_laid_over_a_benchmark(monkeypatch):
     monkeypatch.setenv("SEGPCL_DDP_BUCKET_MB", "5")  # the user's own setting wins over the preset's
     cfg = presets.apply_preset(load_config("cifar100"), "2x4090")
     assert (cfg.data.dataset, cfg.model.name, cfg.optim.lr) == ("cifar100", "ViT-B-16", 1e-3)  # benchmark kept
-    assert (cfg.optim.batch_size, cfg.run.precision, cfg.run.compile) == (128, "bf16", True)
+    assert (cfg.optim.batch_size, cfg.run.precision, cfg.run.compile, cfg.run.tf32) == (128, "bf16", True, True)
+    assert load_config("cifar100").run.tf32 is False  # off unless asked: torch's own default
     assert os.environ["NCCL_P2P_DISABLE"] == "1"
     assert DDPSettings.from_env().bucket_cap_mb == 5.0 and DDPSettings.from_env().gradient_as_bucket_view
     assert CompileSettings.from_env().mode == "max-autotune-no-cudagraphs"
-    assert load_config("1gpu").run.device == "cuda"  # loadable on its own too
+    assert (load_config("1gpu").run.device, load_config("1gpu").run.tf32) == ("cuda", True)  # loadable on its own too
     assert presets.get_preset("2x4090").launch_command().startswith("torchrun --standalone --nproc_per_node 2 -m")
 
 
