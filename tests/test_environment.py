@@ -124,8 +124,21 @@ def test_gpu_machine_text_names_devices_and_missing_fast_paths():
     assert ["op", "cpu", "cuda"] in [line.split() for line in text.splitlines()]  # the table's header
     row = next(line for line in text.splitlines() if line.strip().startswith("attention (no mask)"))
     assert row.split()[-2:] == ["sdpa", "xformers"]
+    assert "TF32" not in text  # a report without the key (an older version's JSON): no line
     env["triton"]["installed"], env["extension"]["cuda"] = True, True
     assert "hint:" not in envmod.format_environment(env)
+    env["cuda"]["matmul_tf32"] = True
+    assert "fp32 matmuls: TF32 on in this process (run.tf32=true" in envmod.format_environment(env)
+    env["cuda"]["matmul_tf32"] = False
+    assert "fp32 matmuls: TF32 off" in envmod.format_environment(env)
+
+
+def test_the_report_reads_this_processs_tf32_switch(tf32_flags):
+    from segpcl_fast.report.environment import environment
+    tf32_flags(matmul=True)
+    assert environment()["cuda"]["matmul_tf32"] is True
+    tf32_flags(matmul=False)
+    assert environment()["cuda"]["matmul_tf32"] is False
 
 
 def test_env_says_why_each_path_runs(monkeypatch):

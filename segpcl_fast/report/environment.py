@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..model.tf32 import cuda_matmul_tf32
 from .results import _dist_version, collect_versions
 
 # environment variables that change what runs (ours, Triton's, CUDA's, the DDP presets')
@@ -195,7 +196,9 @@ def environment() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cuda": {"available": torch.cuda.is_available(), "torch_built_with": torch.version.cuda,
                  "torch_arch_list": torch.cuda.get_arch_list() if torch.cuda.is_available() else [],
-                 "devices": _cuda_devices()},
+                 "devices": _cuda_devices(),
+                 # this process's switch now; a run with run.tf32 turns it on for the run
+                 "matmul_tf32": cuda_matmul_tf32()},
         "triton": _triton(),
         "extension": _extension(),
         "optional": _optional_packages(),
@@ -222,6 +225,9 @@ def format_environment(env: dict) -> str:
             lines.append(f"cuda:{d['index']} {d['name']} (sm_{d['capability'].replace('.', '')}, "
                          f"{d['memory_gib']} GiB, {d['multiprocessors']} SMs)")
         lines.append(f"torch CUDA {cuda['torch_built_with']}, kernels for {' '.join(cuda['torch_arch_list'])}")
+        if "matmul_tf32" in cuda:
+            lines.append(f"fp32 matmuls: TF32 {'on' if cuda['matmul_tf32'] else 'off'} in this process "
+                         "(run.tf32=true turns it on for a run; the GPU presets set it)")
     else:
         lines.append(f"no CUDA device (torch built with CUDA {cuda['torch_built_with'] or '-'}); "
                      f"cpu: {env['cpu_threads']} threads")
