@@ -433,8 +433,9 @@ def test_environment_dict_in_process(monkeypatch):
     from segpcl_fast.ops import _ext
     assert env["extension"]["path"] == getattr(_ext._C, "__file__", None)
     if not torch.cuda.is_available():
+        from segpcl_fast.model.tf32 import cuda_matmul_tf32
         assert env["cuda"] == {"available": False, "torch_built_with": torch.version.cuda, "torch_arch_list": [],
-                               "devices": []}
+                               "devices": [], "matmul_tf32": cuda_matmul_tf32()}
 
 
 def test_environment_dict_on_a_faked_gpu_machine(monkeypatch):
