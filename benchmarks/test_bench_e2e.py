@@ -53,7 +53,7 @@ from segpcl_fast.config import Config
 from segpcl_fast.engine.bench import build_step, matmul_peak_flops, sync
 from segpcl_fast.engine.compiling import CUDA_GRAPH_MODES, CompileSettings, cudagraph_skips
 from segpcl_fast.engine.flops import step_flops
-from segpcl_fast.model.tf32 import cuda_matmul_tf32_for
+from segpcl_fast.model.tf32 import cuda_matmul_tf32_for, run_tf32
 
 VARIANTS = {  # name: (ops backend, compiled, environment)
     "eager_reference": ("reference", False, {}),
@@ -161,7 +161,7 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
     cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
     cfg.run.tf32 = os.environ.get("SEGPCL_BENCH_TF32", "0") == "1"
     # run.tf32 as the trainer applies it (CUDA only), around the compiles too (inductor reads it there)
-    with ops.backend(backend), cuda_matmul_tf32_for(cfg.run.tf32 and device == "cuda") as tf32:
+    with ops.backend(backend), cuda_matmul_tf32_for(run_tf32(cfg.run.tf32, device)) as tf32:
         step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
                           precision=setup["precision"], compile_settings=settings, cfg=cfg)
 

@@ -138,19 +138,13 @@ def cmd_train(args) -> int:
 def _leave_process_group(after_error: bool = False) -> None:
     """torchrun: leave the process group, if this process joined one (after a command, or an error every
     rank met; else gloo's threads can abort the exit: "terminate called ...", SIGABRT). Not after Ctrl-C
-    or an unexpected error, where a collective may still be in flight. After a command, through
-    engine.distributed.destroy, as train's own call: on torch < 2.8 it lets gloo's outstanding work
-    finish first (a barrier; calling torch's destroy_process_group directly, `evaluate` under torchrun
-    hung at exit on torch 2.6, 1 run of 3 here, 3 of 3 in session 43). Not after an error: one rank's
-    error (a NaN loss) finds its peers in an all-reduce, not at a barrier, and the barrier would hold
-    every rank for the group's timeout (SEGPCL_DDP_TIMEOUT_S) instead of letting them see a lost peer."""
-    if not _joined():
-        return
-    if after_error:
-        sys.modules["torch.distributed"].destroy_process_group()
-        return
-    from .engine.distributed import destroy
-    destroy()
+    or an unexpected error, where a collective may still be in flight. Through engine.distributed.destroy,
+    as train's own call: after a command, on torch < 2.8, it lets gloo's outstanding work finish first
+    (calling torch's destroy_process_group directly, `evaluate` under torchrun hung at exit on torch 2.6,
+    1 run of 3 here, 3 of 3 in session 43); after an error it does not (see destroy)."""
+    if _joined():
+        from .engine.distributed import destroy
+        destroy(after_error=after_error)
 
 
 def _rank0() -> bool:

@@ -24,7 +24,7 @@ from ..api import keeps_process_state
 from ..config import ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..data.retention import OFFLINE_DEFAULT, RETENTION_DATASETS
 from ..engine.distributed import refuse_multi_process
-from ..model.tf32 import cuda_matmul_tf32_for
+from ..model.tf32 import cuda_matmul_tf32_for, run_tf32
 from .outputs import (check_resume_dir, check_unique, make_trainer, new_figure, run_config, save_png, slug,
                       write_table_files)
 
@@ -133,7 +133,7 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
             trainer = make_trainer(again)
             result = trainer.run()
         # under the TF32 switch the "before" figures had (the trainer's, which run() has given back)
-        with cuda_matmul_tf32_for(trainer.cfg.run.tf32 and trainer.device.type == "cuda"):
+        with cuda_matmul_tf32_for(run_tf32(trainer.cfg.run.tf32, trainer.device)):
             afters = {d: zeroshot_accuracy(trainer.model, ds, prompts, trainer.device, cfg.eval.batch_size)
                       for d, (ds, prompts) in sets.items()}
         for d, after in afters.items():

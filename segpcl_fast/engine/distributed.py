@@ -187,9 +187,12 @@ def raise_on_every_rank(error: Optional[Exception], ctx: DistContext) -> None:
         raise error
 
 
-def destroy() -> None:
+def destroy(after_error: bool = False) -> None:
+    """Leave the process group. After an error (after_error=True) without the torch < 2.8 gloo barrier
+    below: one rank's error (a NaN loss) finds its peers in an all-reduce, not at a barrier, and the
+    barrier would hold every rank for the group's timeout instead of letting them see a lost peer."""
     if dist.is_initialized():
-        if dist.get_backend() == "gloo" and _torch_before(2, 8):
+        if not after_error and dist.get_backend() == "gloo" and _torch_before(2, 8):
             # torch < 2.8: ~ProcessGroupGloo joins its worker thread holding the GIL while the worker's last
             # work item waits for the GIL (pytorch#154976): the exit hung in about half the runs on torch 2.6.
             # Letting every rank's outstanding work finish first avoided it in 15 of 15.

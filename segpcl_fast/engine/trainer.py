@@ -29,7 +29,7 @@ from ..method.learner import Learner
 from ..method.variants import resolve_variant
 from ..model.clip import load_model
 from ..model.lora import inject_lora, lora_state_dict
-from ..model.tf32 import cuda_matmul_tf32, set_cuda_matmul_tf32
+from ..model.tf32 import cuda_matmul_tf32, run_tf32, set_cuda_matmul_tf32
 from ..version import __version__
 from . import accel
 from . import checkpoint as ckpt
@@ -335,7 +335,7 @@ class Trainer:
         self._previous_ops = ops.get_backend()  # run() gives it back: a run's backend does not outlive the run
         ops.set_backend(self.cfg.run.ops)
         # run.tf32 on CUDA (where it is torch's switch), given back by run() as the backend is
-        self._undo_tf32 = set_cuda_matmul_tf32(True) if self.cfg.run.tf32 and self.device.type == "cuda" else None
+        self._undo_tf32 = set_cuda_matmul_tf32(True) if run_tf32(self.cfg.run.tf32, self.device) else None
         try:
             self._build(compile_settings)
         except BaseException:  # a bad data root, weights that do not load: no run() will give the backend back

@@ -21,18 +21,16 @@ from typing import Callable, Iterator
 import torch
 
 
-def _matmul():
-    return torch.backends.cuda.matmul
+def _resolved(*precisions: str) -> bool:
+    """Whether the first fp32_precision that is not "none" (inherit) in a switch's chain is "tf32"."""
+    return next((p for p in precisions if p != "none"), "none") == "tf32"
 
 
 def cuda_matmul_tf32() -> bool:
     """Whether fp32 CUDA matmuls may use TF32 now (never raises, whichever API set it)."""
-    m = _matmul()
+    m = torch.backends.cuda.matmul
     if hasattr(m, "fp32_precision"):  # torch >= 2.9; reads right after either API
-        precision = m.fp32_precision
-        if precision == "none":  # inherits the process-wide setting
-            precision = getattr(torch.backends, "fp32_precision", "none")
-        return precision == "tf32"
+        return _resolved(m.fp32_precision, getattr(torch.backends, "fp32_precision", "none"))
     return bool(m.allow_tf32)
 
 
@@ -40,20 +38,21 @@ def cudnn_conv_tf32() -> bool:
     """Whether fp32 cuDNN convolutions may use TF32 now (torch's default: yes); never raises."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        precision = conv.fp32_precision
-        if precision == "none":
-            precision = getattr(torch.backends.cudnn, "fp32_precision", "none")
-            if precision == "none":
-                precision = getattr(torch.backends, "fp32_precision", "none")
-        return precision == "tf32"
+        return _resolved(conv.fp32_precision, getattr(torch.backends.cudnn, "fp32_precision", "none"),
+                         getattr(torch.backends, "fp32_precision", "none"))
     return bool(torch.backends.cudnn.allow_tf32)
+
+
+def run_tf32(enabled: bool, device: torch.device | str) -> bool:
+    """Whether run.tf32 sets the switch for a run on `device`: it is torch's CUDA switch, so on CUDA only."""
+    return bool(enabled) and torch.device(device).type == "cuda"
 
 
 def set_cuda_matmul_tf32(enabled: bool) -> Callable[[], None]:
     """Turn TF32 for fp32 CUDA matmuls on or off; returns a function that puts back what was there.
     Uses the legacy switch unless the process already set the new one (torch refuses reads of the
     legacy switch after that, and both kinds of reader work after a legacy set)."""
-    m = _matmul()
+    m = torch.backends.cuda.matmul
     if cuda_matmul_tf32() == enabled:
         return lambda: None
     try:
