@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import pkgutil
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 from .base import DatasetFormatError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 WNID_RE = re.compile(r"^n\d{8}$")
@@ -198,6 +202,17 @@ def ilsvrc2012_wnids() -> Optional[list[str]]:
     return wnids if len(wnids) == 1000 and (wnids[0], wnids[-1]) == ILSVRC2012_FIRST_LAST else None
 
 
+def timm_synsets(subset: str) -> Optional[frozenset[str]]:
+    """The wnids of an ImageNet variant as timm lists them (timm/data/_info/<subset>_synsets.txt:
+    "imagenet_r", "imagenet_a"); None without timm or without that file (an old timm)."""
+    try:
+        data = pkgutil.get_data("timm.data", f"_info/{subset}_synsets.txt")
+    except Exception:  # noqa: BLE001  (timm missing, or a timm without the file)
+        return None
+    wnids = frozenset(line.strip() for line in data.decode("utf-8").splitlines() if line.strip()) if data else None
+    return wnids or None
+
+
 def clip_imagenet_names(mapping: dict[str, str], subsets: bool = False) -> Optional[dict[str, str]]:
     """CLIP's curated ImageNet names (open_clip's IMAGENET_CLASSNAMES, indexed by sorted wnid)
     for a mapping that covers exactly the 1000 ILSVRC-2012 wnids, or (subsets=True) only ILSVRC-2012
@@ -239,7 +254,8 @@ def check_unique_names(wnids: Sequence[str], names: Sequence[str], source: str, 
 
 def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset: str,
                     layout: str, user_file: Optional[str], unique: bool = False,
-                    root: Optional[Path] = None, clip_subsets: bool = False, origin: str = "") -> list[str]:
+                    root: Optional[Path] = None, clip_subsets: bool = False, origin: str = "",
+                    clip_without_file: bool = False) -> list[str]:
     """Class names for `wnids` from the user's mapping file (if given) or the first of
     `mapping_files` that exists; a missing or unreadable file or missing wnids is one clear error.
     A relative user_file is looked for in `root` (data.root), then the working directory.
@@ -249,6 +265,9 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
     data.names_file is always taken as written. clip_subsets=True: also for a shipped file that lists
     only ILSVRC-2012 wnids (Kaggle's ImageNet-100 Labels.json). origin: where the shipped files come
     from, said when none is there. unique=True (for class-incremental datasets, whose
+    clip_without_file=True: with none of `mapping_files` there and no user file, ILSVRC-2012 wnids get
+    CLIP's curated names all the same (what a shipped 1000-wnid file would have given them: ILSVRC-2012
+    extracted from its train/val tars has no mapping file). unique=True (for class-incremental datasets, whose
     classes must get distinct prompts): names colliding case-insensitively are an error (see
     check_unique_names). Off by default for zero-shot evaluation sets, where CLIP's own 1000 ImageNet
     names repeat 'missile' and 'sunglasses'.
@@ -258,6 +277,14 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
                               ", or unset it to use the mapping shipped with the data")
     else:
         path = first_existing(mapping_files)
+        clip_names = clip_imagenet_names({w: w for w in wnids}, subsets=True) if path is None and clip_without_file else None
+        if clip_names is not None:
+            names = [clip_names[w] for w in wnids]
+            if unique:
+                check_unique_names(wnids, names, "CLIP's ImageNet names (open_clip)", dataset, layout)
+            log.info("%s: no class-name mapping file (looked for: %s): CLIP's ImageNet names (open_clip) for the "
+                     "%d ILSVRC-2012 wnids", dataset, ", ".join(str(p) for p in mapping_files), len(wnids))
+            return names
         if path is None:
             tried = ", ".join(str(p) for p in mapping_files)
             raise format_error(dataset, f"no class-name mapping found (looked for: {tried})", layout,

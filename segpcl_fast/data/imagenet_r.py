@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from .base import FileListDataset
 from .files import (format_error, found_nearby, list_images, names_for_wnids, numbered_lines, relative_to_any,
-                    require_root, stratified_split, user_data_file, wnid_folders)
+                    require_root, stratified_split, timm_synsets, user_data_file, wnid_folders)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,24 @@ def _from_split_folders(folder: Path, test_dir: Path) -> tuple[list[str], Split,
     return wnids, _scan(folder / "train", wnids), _scan(test_dir, wnids)
 
 
+def _check_imagenet_r_classes(wnids: list[str], folder: Path) -> None:
+    """Every class folder one of ImageNet-R's fixed 200 wnids (timm's list; not checked without it).
+    imagenet-a.tar has the same layout (200 wnid folders and a README.txt of names) and 86 of the same
+    wnids, and the two usually sit side by side: a root pointing at ImageNet-A would otherwise train
+    under ImageNet-R's name. A subset of ImageNet-R's classes is accepted."""
+    known = timm_synsets("imagenet_r")
+    foreign = sorted(set(wnids) - known) if known else []
+    if not foreign:
+        return
+    imagenet_a = timm_synsets("imagenet_a")
+    hint = (" (they are ImageNet-A classes: imagenet-a.tar has the same layout)"
+            if imagenet_a and set(foreign) <= imagenet_a else "")
+    raise format_error(NAME, f"{len(foreign)} of the {len(wnids)} class folders in '{folder}' are not "
+                             f"ImageNet-R classes, e.g. {foreign[:5]}{hint}", LAYOUT,
+                       "point data.root at the folder extracted from imagenet-r.tar (its 200 wnid folders, or "
+                       "a subset of them)")
+
+
 def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = None,
                     test_transform: Optional[Callable] = None, names_file: Optional[str] = None,
                     split_seed: int = 0, test_fraction: float = 0.2, split_file: Optional[str] = None
@@ -192,7 +210,10 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
     """(train, test) ImageNet-R; names from README.txt (imagenet-r/ or root) or `names_file`.
     Which split is used: see the module docstring ('' or None `split_file` = not set)."""
     root_path, folder, test_dir = _locate(root)
-    name_files = list(dict.fromkeys([folder / "README.txt", root_path / "README.txt"]))  # once each
+    # README.txt ships in imagenet-r.tar beside the wnid folders; a pre-split copy made next to the
+    # extracted imagenet-r/ leaves it there
+    name_files = list(dict.fromkeys([folder / "README.txt", root_path / "README.txt",
+                                     root_path / "imagenet-r" / "README.txt"]))  # once each
     if test_dir is not None:
         if split_file:
             raise format_error(NAME, f"data.split_file '{split_file}' is set but '{folder}' is already "
@@ -212,6 +233,7 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
             test = ([paths[i] for i in test_idx], [targets[i] for i in test_idx])
             source = f"a seeded per-class split (split_seed={split_seed}, test_fraction={test_fraction})"
     _check_disjoint(train, test, source)
+    _check_imagenet_r_classes(wnids, folder if test_dir is None else folder / "train")
     class_names = names_for_wnids(wnids, name_files, NAME, LAYOUT, names_file, unique=True, root=root_path,
                                   origin="README.txt is in imagenet-r.tar, beside the class folders")
     log.info("%s: train/test split from %s: %d train, %d test images", NAME, source, len(train[0]), len(test[0]))

@@ -24,7 +24,9 @@ wnid in one of them), val images in <root>/val.X/<wnid>/, names in <root>/Labels
 are its wnid folders (or data.class_list's wnids).
 Class names: data.names_file, else <root>/LOC_synset_mapping.txt, else torchvision's
 <root>/meta.bin, else Labels.json; when that file covers the 1000 ILSVRC-2012 wnids (or, Labels.json,
-only ILSVRC-2012 wnids), CLIP's curated ImageNet names (open_clip) are used instead. Names that
+only ILSVRC-2012 wnids), CLIP's curated ImageNet names (open_clip) are used instead. Without any of
+these files (ILSVRC-2012 extracted from its train/val tars has none), ILSVRC-2012 wnids get CLIP's
+curated names too (timm's wnid list and open_clip's names, both installed with open_clip). Names that
 collide case-insensitively are an error.
 """
 from __future__ import annotations
@@ -51,7 +53,8 @@ NAMES_ORIGIN = ("LOC_synset_mapping.txt comes with Kaggle's ImageNet download, m
 LAYOUT = f"""  <root>/train/<wnid>/*.JPEG
   <root>/val/<wnid>/*.JPEG          (or flat val/*.JPEG + <root>/{VAL_CSV})
   (Kaggle: images in <root>/{KAGGLE_IMAGES}/{{train,val}}, the files below in <root>)
-  <root>/LOC_synset_mapping.txt     (lines 'n01440764 tench, Tinca tinca'; or torchvision's meta.bin)
+  <root>/LOC_synset_mapping.txt     (lines 'n01440764 tench, Tinca tinca'; or torchvision's meta.bin;
+                                    without either, ILSVRC-2012 wnids get CLIP's names)
   <root>/imagenet100.txt            (the subset: one wnid a line; or set data.class_list)
   or <root>/train_100.txt + val_100.txt (continuum/PODNet lists: 'train/<wnid>/<file> <label>')
   (Kaggle's imagenet100: <root>/train.X1..X4/<wnid>/, <root>/val.X/<wnid>/, <root>/Labels.json)"""
@@ -286,7 +289,8 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
                            or "point data.root at the ImageNet folder")
     classes = _class_list(path, image_root, class_list, n_classes)
     class_names = names_for_wnids(classes.wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin"],
-                                  NAME, LAYOUT, names_file, unique=True, root=path, origin=NAMES_ORIGIN)
+                                  NAME, LAYOUT, names_file, unique=True, root=path, origin=NAMES_ORIGIN,
+                                  clip_without_file=True)
     bases = [image_root] if image_root == path else [image_root, path]
     if classes.train_files is not None:
         # lists write 'train/n01440764/x.JPEG' (PODNet) or 'n01440764/x.JPEG', relative to train/

@@ -17,7 +17,7 @@ def _check_labels_follow_folders(ds):
 
 def test_seeded_80_20_split_per_class(imagenet_r_root):
     train, test = load_imagenet_r(str(imagenet_r_root))
-    assert train.class_names == ["goldfish", "great white shark", "hammerhead", "electric ray"]
+    assert train.class_names == ["goldfish", "great white shark", "hammerhead", "stingray"]
     assert len(train) == 4 * 4 and len(test) == 4 * 1  # 5 per class -> 4 train, 1 test
     assert sorted(test.targets) == [0, 1, 2, 3]
     assert not set(train.paths) & set(test.paths)
@@ -149,6 +149,40 @@ def test_a_root_one_level_too_high_names_the_root_to_use(tmp_path):
                                                  f"data.root={tmp_path / 'imagenet-r'}$"):
         load_imagenet_r(str(tmp_path))
     assert len(load_imagenet_r(str(tmp_path / "imagenet-r"))[1]) > 0
+
+
+def test_presplit_beside_the_extracted_folder_takes_its_readme(tmp_path):
+    """imagenet-r.tar extracted into the root, a train/ + val/ copy made beside it: the names come from
+    imagenet-r/README.txt, where the tar put them."""
+    make_imagenet_r(tmp_path)
+    _write_presplit(tmp_path, "val")
+    (tmp_path / "README.txt").unlink()
+    train, test = load_imagenet_r(str(tmp_path))
+    assert train.class_names == test.class_names == ["goldfish", "great white shark", "hammerhead", "stingray"]
+    assert {p.split("/")[-3] for p in train.paths} == {"train"}
+
+
+# ImageNet-A (same layout as ImageNet-R) wnids that ImageNet-R lacks: bullfrog, agama
+IMAGENET_A_ONLY = {"n01641577": "American bullfrog", "n01687978": "agama"}
+
+
+@pytest.mark.parametrize("foreign,hint", [(IMAGENET_A_ONLY, True), ({"n09999999": "volcano"}, False)])
+def test_class_folders_outside_imagenet_r_are_refused(tmp_path, foreign, hint):
+    """imagenet-a.tar's layout is ImageNet-R's (wnid folders + README.txt): a root pointing at it is
+    refused, not trained under ImageNet-R's name. A subset of ImageNet-R's 200 classes loads (above)."""
+    pytest.importorskip("timm")
+    folder = make_imagenet_r(tmp_path) / "imagenet-r"
+    for wnid, name in foreign.items():
+        for i in range(2):
+            write_image(folder / wnid / f"x_{i}.jpg", colour(0, i))
+    with open(folder / "README.txt", "a") as f:
+        f.write("".join(f"{w} {n}\n" for w, n in foreign.items()))
+    with pytest.raises(DatasetFormatError, match=rf"{len(foreign)} of the {4 + len(foreign)} class folders in "
+                                                 rf"'{folder}' are not ImageNet-R classes") as err:
+        load_imagenet_r(str(tmp_path))
+    assert sorted(foreign)[0] in str(err.value)
+    assert ("ImageNet-A classes" in str(err.value)) == hint
+    assert "imagenet-r.tar" in str(err.value)
 
 
 def test_presplit_errors(tmp_path):

@@ -60,10 +60,26 @@ def test_class_list_wnid_without_folder(imagenet_subset_root):
         load_imagenet_subset(str(imagenet_subset_root))
 
 
+def test_no_mapping_file_gives_ilsvrc_wnids_clips_names(tmp_path, caplog):
+    """ILSVRC-2012 extracted from its train/val tars (valprep.sh) + PODNet's lists has no mapping file:
+    its wnids get CLIP's curated names, as a shipped LOC_synset_mapping.txt would give them."""
+    root = make_imagenet_subset(tmp_path / "in", mapping=False, split_lists=True)
+    with caplog.at_level(logging.INFO, logger="segpcl_fast.data"):
+        train, val = load_imagenet_subset(str(root))
+    assert train.class_names == val.class_names == ["tench", "great white shark", "hammerhead shark"]  # CLIP's
+    assert any("no class-name mapping file" in r.getMessage() and "CLIP's ImageNet names" in r.getMessage()
+               for r in caplog.records)
+    assert_images_match_labels(train, SUBSET_SORTED)
+
+
 def test_missing_synset_mapping(tmp_path):
     root = make_imagenet_subset(tmp_path / "in", mapping=False)
+    for split in ("train", "val"):  # a class outside ILSVRC-2012: CLIP's names do not cover it
+        write_image(root / split / "n09999999" / "x.JPEG", colour(0, 0))
+    (root / "imagenet100.txt").write_text("n01440764\nn09999999\n")
     with pytest.raises(DatasetFormatError, match="LOC_synset_mapping.txt comes with Kaggle's ImageNet download"):
         load_imagenet_subset(str(root))
+    (root / "imagenet100.txt").write_text("".join(f"{w}\n" for w in IN_SUBSET))
     (tmp_path / "map.json").write_text('{"0": ["n01440764", "tench"], "1": ["n01484850", "great_white_shark"],'
                                        ' "2": ["n01494475", "hammerhead"]}')
     train, _ = load_imagenet_subset(str(root), names_file=str(tmp_path / "map.json"))
