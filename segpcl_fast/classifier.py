@@ -50,7 +50,7 @@ import torch
 from .config import ConfigError, apply_overrides, config_from_dict, join_some, override_key, runs_below
 from .data.transforms import clip_test_transform
 from .fileio import UnsafeFileError, load_torch_file, save_torch_file, unwritable_dir_reason
-from .method.learner import same_reference_text
+from .method.learner import reference_image_embeddings, same_reference_image, same_reference_text
 from .method.prototypes import dual_path_logits
 from .model.clip import CLIPModel, ImageStats, model_from_state_dict
 from .model.lora import load_lora_state_dict, merge_lora
@@ -434,6 +434,13 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
         raise ClassifierError(f"checkpoint {path}: the pretrained text embeddings of these class names differ "
                               f"from the run's (other weights at model.pretrained={cfg.model.pretrained!r}, or "
                               f"class names not in the run's order)")
+    stored_image = learner.get("ref_image")  # checkpoints since 2026-12-06
+    if stored_image is not None and not same_reference_image(stored_image.to(device),
+                                                             reference_image_embeddings(model, device),
+                                                             cfg.run.precision):
+        raise ClassifierError(f"checkpoint {path}: the pretrained image embeddings of the probe images differ from "
+                              f"the run's: another image tower at model.pretrained={cfg.model.pretrained!r}; give "
+                              f"the run's own weights (--set model.pretrained=/path/to/them)")
     try:
         load_lora_state_dict(model, state["lora"])
     except ValueError as e:

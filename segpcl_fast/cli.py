@@ -85,6 +85,7 @@ def _config_from_args(args) -> "Config":
     if getattr(args, "resume", False) and args.output_dir is None:  # an explicit -o says which dir
         from .api import check_resume_target
         check_resume_target(args.config, cfg)
+    args.checkpointing = cfg.run.checkpoint  # what an interruption's hint says (main)
     return cfg
 
 
@@ -534,8 +535,10 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:
         hint = ""
-        if hasattr(args, "resume"):  # each finished task is checkpointed (unless run.checkpoint=false)
+        if hasattr(args, "resume") and getattr(args, "checkpointing", True):  # each finished task is checkpointed
             hint = ": continue after the last finished task with the same command and --resume"
+        elif hasattr(args, "resume"):
+            hint = ": run.checkpoint=false kept no checkpoint, so --resume would start again from task 1"
         if _rank0():
             print(f"segpcl-fast: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}{hint}",
                   file=sys.stderr)

@@ -251,15 +251,17 @@ def check_split(path: PathLike, state: Mapping, digest: str) -> None:
 
 
 def restore_learner(path: PathLike, learner, state: Mapping, pretrained: Optional[str]) -> None:
-    """learner.load_state_dict(state["learner"]); a checkpoint whose reference text embeddings are not this
-    model's (the run's weights moved, or others given) is one CheckpointError naming model.pretrained."""
-    from ..method.learner import ReferenceTextMismatch
+    """learner.load_state_dict(state["learner"]); a checkpoint whose reference text or image embeddings are
+    not this model's (the run's weights moved, or others given) is one CheckpointError naming model.pretrained."""
+    from ..method.learner import ReferenceMismatch
     try:
         learner.load_state_dict(state["learner"])
-    except ReferenceTextMismatch:
-        raise CheckpointError(f"checkpoint {path}: the run's reference text embeddings differ from this model's, so "
-                              f"these are not the run's pretrained weights (model.pretrained={pretrained!r}) or "
-                              "prompts; give the run's own: --set model.pretrained=/path/to/them (a file) or "
+    except ReferenceMismatch as e:
+        what = "pretrained weights (model.pretrained={!r}) or prompts" if e.tower == "text" else \
+            "pretrained image tower (model.pretrained={!r})"
+        raise CheckpointError(f"checkpoint {path}: the run's reference {e.tower} embeddings differ from this model's, "
+                              f"so these are not the run's {what.format(pretrained)}; give the run's own: "
+                              "--set model.pretrained=/path/to/them (a file) or "
                               "--set model.cache_dir=/their/cache (a named tag)") from None
 
 

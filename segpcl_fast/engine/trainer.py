@@ -730,7 +730,7 @@ class Trainer:
                 # <dir>/config.yaml` without --resume must neither resume silently nor delete this run's
                 # checkpoints (a saved run.overwrite=true did, with nothing said); locations are saved
                 # absolute, so `evaluate` and `--resume` of the run work from any working directory
-                save_config(apply_overrides(c, {"run.resume": False, "run.overwrite": False}), self.out / "config.yaml")
+                save_config(_as_saved(c), self.out / "config.yaml")
             except Exception as e:  # noqa: BLE001  (whatever stops rank 0 here must stop every rank)
                 problem = e
         ddp.raise_on_every_rank(problem, self.dist)  # no rank trains into a run rank 0 refused
@@ -770,9 +770,8 @@ class Trainer:
         result = Result(accuracy_matrix=metrics.matrix_to_list(matrix), acc_per_task=acc.tolist(),
                         accuracy_matrix_own=metrics.matrix_to_list(matrix_own) if matrix_own is not None else [],
                         metrics=summary, fwt_before=fwt_before, output_dir=str(self.out),
-                        timings={"run_s": time.perf_counter() - t_run, "tasks": [i["timings"] for i in task_info],
-                                 **({"run_s_from_task": start + 1} if start else {})},  # a resume: its part
-                        ops=ops.choices_used(), config=c.to_dict(),
+                        timings=_run_timings(time.perf_counter() - t_run, [i["timings"] for i in task_info], start, T),
+                        ops=ops.choices_used(), config=_as_saved(c).to_dict(),
                         loss_per_epoch=[i.get("loss_per_epoch", []) for i in task_info],
                         counts={"test_images": totals, "correct": _count_rows(correct),
                                 "correct_own": _count_rows(correct_own) if matrix_own is not None else []},
@@ -783,6 +782,22 @@ class Trainer:
             result.paths = write_run_report(result, self.out, plots=c.run.plots,
                                             class_names=self.scenario.class_names)
         return result
+
+
+def _as_saved(cfg: Config) -> Config:
+    """The run's config as config.yaml and results.json keep it: resuming and overwriting are actions, not
+    part of the run's config (a saved run.resume=true made `train --config` of it with another -o fail, a
+    saved run.overwrite=true deleted the run's checkpoints without a word)."""
+    return apply_overrides(cfg, {"run.resume": False, "run.overwrite": False})
+
+
+def _run_timings(run_s: float, tasks: list[dict], start: int, T: int) -> dict:
+    """results.json "timings": each task's, and run_s, this process's wall-clock seconds: a resume's part
+    from task run_s_from_task on; none when no task ran (a finished run's results rebuilt from its
+    checkpoints: rebuilt_from_checkpoints)."""
+    if start == T:
+        return {"tasks": tasks, "rebuilt_from_checkpoints": True}
+    return {"run_s": run_s, "tasks": tasks, **({"run_s_from_task": start + 1} if start else {})}
 
 
 def _count_rows(counts: np.ndarray) -> list[list[Optional[int]]]:

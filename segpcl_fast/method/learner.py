@@ -45,8 +45,33 @@ def stack_batches(batches: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-class ReferenceTextMismatch(RuntimeError):
-    """A checkpoint's reference text embeddings are not this model's (other weights or prompts)."""
+class ReferenceMismatch(RuntimeError):
+    """A checkpoint's reference embeddings (B = 0) are not this model's: its `tower` ("text": other
+    weights or prompts; "image": another image tower) differs."""
+
+    def __init__(self, tower: str, message: str):
+        super().__init__(message)
+        self.tower = tower
+
+
+PROBE_IMAGES = 4  # fixed images whose pretrained embeddings a checkpoint keeps (Learner.ref_image)
+
+
+def probe_images(stats) -> torch.Tensor:
+    """PROBE_IMAGES fixed images at the model's input (`stats`: model.clip.ImageStats), normalised: smooth
+    colour fields, bilinear from 8 x 8 draws of a seeded CPU generator (the same on every machine)."""
+    coarse = torch.rand(PROBE_IMAGES, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pixels = F.interpolate(coarse, size=(stats.size, stats.size), mode="bilinear", align_corners=False)
+    return (pixels - torch.tensor(stats.mean).view(1, 3, 1, 1)) / torch.tensor(stats.std).view(1, 3, 1, 1)
+
+
+def reference_image_embeddings(model: CLIPModel, device: torch.device) -> torch.Tensor:
+    """Unit image embeddings of probe_images under the model as it is (B = 0 at a run's start, as
+    ref_text): what lets a resume or an evaluation recognise the run's pretrained image tower, which
+    the text embeddings do not cover (model.pretrained may name a moved file; its weights are checked)."""
+    with torch.no_grad(), stage1.frozen_eval(model):
+        _, emb = model.encode_image(probe_images(model.image_stats).to(device))
+    return F.normalize(emb.float(), dim=-1)
 
 
 class Learner:
@@ -72,6 +97,8 @@ class Learner:
         # Reference (pretrained, B = 0) text embeddings of every class: fixed for the whole run.
         with torch.no_grad():
             self.ref_text = model.class_embeddings(self.class_prompts, device=device).detach()
+        # and of fixed probe images: a checkpoint's pair of them identifies its pretrained weights
+        self.ref_image = reference_image_embeddings(model, device)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -251,7 +278,7 @@ class Learner:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"n_seen": self.n_seen, "prototypes": self.prototypes.state_dict(),
-                "text_cache": self.text_cache, "ref_text": self.ref_text}
+                "text_cache": self.text_cache, "ref_text": self.ref_text, "ref_image": self.ref_image}
 
     def load_state_dict(self, state: dict) -> None:
         self.n_seen = state["n_seen"]
@@ -261,8 +288,13 @@ class Learner:
         self.text_cache = state["text_cache"].to(self.device) if state["text_cache"] is not None else None
         stored = state["ref_text"].to(self.device)
         if not same_reference_text(stored, self.ref_text, self.cfg.run.text_precision):
-            raise ReferenceTextMismatch("checkpoint's reference text embeddings differ from this model's: "
-                                        "the checkpoint was made with other pretrained weights or prompts")
+            raise ReferenceMismatch("text", "checkpoint's reference text embeddings differ from this model's: "
+                                            "the checkpoint was made with other pretrained weights or prompts")
+        stored = state.get("ref_image")  # checkpoints since 2026-12-06
+        if stored is not None and not same_reference_image(stored.to(self.device), self.ref_image,
+                                                           self.cfg.run.precision):
+            raise ReferenceMismatch("image", "checkpoint's reference image embeddings differ from this model's: "
+                                             "the checkpoint was made with another pretrained image tower")
 
     def trainable_parameters(self) -> list:
         return lora_parameters(self.model)
@@ -277,4 +309,13 @@ def same_reference_text(stored: torch.Tensor, ref: torch.Tensor, text_precision:
     text tower with random weights; tests/method/test_method_learner.py). Other weights, prompts or
     class order move them by far more than either tolerance (0.09-0.3 in the same emulation)."""
     atol = 2e-2 if text_precision == "bf16" else 2.5e-3
+    return stored.shape == ref.shape and torch.allclose(stored.float(), ref.float(), atol=atol)
+
+
+def same_reference_image(stored: torch.Tensor, ref: torch.Tensor, precision: str) -> bool:
+    """Whether a checkpoint's probe-image embeddings (unit norm, B = 0; reference_image_embeddings) are this
+    model's, with the tolerances of same_reference_text for the image tower's precision (run.precision):
+    another device's kernels, or TF32 (cuDNN's convolutions use it by default), round differently;
+    another image tower moves them by far more (tests/method/test_method_learner.py)."""
+    atol = 2e-2 if precision == "bf16" else 2.5e-3
     return stored.shape == ref.shape and torch.allclose(stored.float(), ref.float(), atol=atol)

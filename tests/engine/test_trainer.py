@@ -268,6 +268,12 @@ def test_resume_of_a_finished_run_missing_its_last_checkpoint_says_how_to_retrai
     again = train(small_config(tiny_model_name, out, resume=True))
     assert (folder / "task_01.pt").is_file() and (out / "results.json").is_file()
     assert again.timings["run_s_from_task"] == 2
+    assert json.loads((out / "results.json").read_text())["config"]["run"]["resume"] is False
+    (out / "results.json").unlink()  # all tasks checkpointed: nothing trains, the results are rebuilt
+    rebuilt = train(small_config(tiny_model_name, out, resume=True))
+    assert "run_s" not in rebuilt.timings and "run_s_from_task" not in rebuilt.timings
+    assert rebuilt.timings["rebuilt_from_checkpoints"] is True and len(rebuilt.timings["tasks"]) == 2
+    assert rebuilt.accuracy_matrix == again.accuracy_matrix
 
 
 def test_results_hold_the_counts_behind_the_matrix_and_what_ran_the_run(tiny_model_name, tmp_path):
@@ -1054,6 +1060,10 @@ def test_ctrl_c_in_train_is_one_line_saying_how_to_resume(monkeypatch, capsys):
     assert main(["train", "-o", "unused"]) == 130
     err = capsys.readouterr().err
     assert err == "segpcl-fast: interrupted: continue after the last finished task with the same command and --resume\n"
+    # run.checkpoint=false keeps nothing to resume from: --resume would start again, and the hint says so
+    assert main(["train", "-o", "unused", "--set", "run.checkpoint=false"]) == 130
+    assert capsys.readouterr().err == ("segpcl-fast: interrupted: run.checkpoint=false kept no checkpoint, so --resume "
+                                       "would start again from task 1\n")
 
 
 def test_sigterm_is_an_interrupt_that_leaves_no_half_written_file(monkeypatch, capsys, tmp_path):
@@ -1191,27 +1201,40 @@ def test_train_gives_the_callers_process_state_back(tiny_model_name, tmp_path):
         torch.set_num_threads(threads)
 
 
-def test_resume_or_evaluate_with_other_pretrained_weights_is_one_error_naming_the_fix(tiny_model_name, tmp_path,
-                                                                                      capsys, monkeypatch):
+@pytest.mark.parametrize("perturbed", ["", "visual."])
+def test_resume_evaluate_or_load_with_other_pretrained_weights_is_one_error_naming_the_fix(tiny_model_name, tmp_path,
+                                                                                           capsys, monkeypatch, perturbed):
     """The run's weights are a file; a perturbed copy given instead (a moved run pointed at the wrong file)
-    fails the reference-text check: a CheckpointError naming model.pretrained and the fix, not a traceback."""
+    is refused in resume, evaluate and load_classifier: a CheckpointError (ClassifierError) naming
+    model.pretrained and the fix, not a traceback. Every tensor perturbed fails the reference-text check;
+    only the image tower's (a copy whose text tower is the run's: a resume trained its later tasks on another
+    image tower and evaluate scored it, without a word) fails the probe images' reference embeddings."""
     from segpcl_fast.api import evaluate
+    from segpcl_fast.classifier import ClassifierError, load_classifier
     from segpcl_fast.cli import main
     from segpcl_fast.model.clip import load_model
     weights, other = tmp_path / "weights.pt", tmp_path / "other.pt"
     state = load_model(tiny_model_name, pretrained=None).clip.state_dict()
     torch.save(state, weights)
-    torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}, other)
+    torch.save({k: v + 0.05 * torch.randn_like(v) if k.startswith(perturbed) and v.is_floating_point() else v
+                for k, v in state.items()}, other)
     crash_at_task(monkeypatch, task=1)  # an interrupted run: task 1 checkpointed
     with pytest.raises(KeyboardInterrupt):
         train(small_config(tiny_model_name, tmp_path / "run", model__pretrained=str(weights)))
     monkeypatch.undo()
-    want = (r"task_00.pt: the run's reference text embeddings differ from this model's, so these are not the run's "
-            r"pretrained weights \(model.pretrained='.*other.pt'\) or prompts; give the run's own: --set "
-            r"model.pretrained=/path/to/them \(a file\) or --set model.cache_dir=/their/cache \(a named tag\)")
+    what = (r"image embeddings differ from this model's, so these are not the run's pretrained image tower "
+            r"\(model.pretrained='.*other.pt'\)" if perturbed else
+            r"text embeddings differ from this model's, so these are not the run's pretrained weights "
+            r"\(model.pretrained='.*other.pt'\) or prompts")
+    want = (rf"task_00.pt: the run's reference {what}; give the run's own: --set model.pretrained=/path/to/them "
+            r"\(a file\) or --set model.cache_dir=/their/cache \(a named tag\)")
     with pytest.raises(ckpt.CheckpointError, match=want):
         evaluate(tmp_path / "run", [f"model.pretrained={other}"])
+    with pytest.raises(ClassifierError, match=r"pretrained image embeddings of the probe images differ" if perturbed
+                       else r"pretrained text embeddings of these class names differ"):
+        load_classifier(tmp_path / "run", overrides=[f"model.pretrained={other}"])
     assert evaluate(tmp_path / "run")["task"] == 1  # its own weights: fine
+    assert len(load_classifier(tmp_path / "run").class_names) > 0
     assert main(["train", "--config", str(tmp_path / "run" / "config.yaml"), "--resume",
                  "--set", f"model.pretrained={other}"]) == 2
     err = capsys.readouterr().err

@@ -423,6 +423,47 @@ def test_fp32_reference_text_made_with_tf32_gemms_is_accepted(tiny_model_name):
         other.load_state_dict(state)
 
 
+def test_a_checkpoints_reference_image_embeddings_are_checked_with_the_tolerance_of_its_precision(tiny_model_name):
+    """The probe images' B = 0 embeddings (Learner.ref_image) identify the image tower: another attention
+    kernel (bf16 rounding: about 2e-3 here) or TF32 GEMMs (fp32: about 2e-4) are the same tower and must
+    load; another image tower (the same text tower) must not, at either precision; a checkpoint from
+    before ref_image was stored loads without the check."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from segpcl_fast.method.learner import probe_images
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4, alpha=4, targets=("k", "v"), towers=("visual", "text"))
+    prompts = [[f"a good photo of a class {i}."] for i in range(N_TOTAL)]
+    probes = probe_images(model.image_stats)
+    assert probes.shape == (4, 3, model.image_stats.size, model.image_stats.size)
+    assert torch.equal(probes, probe_images(model.image_stats)) and probes.std() > 0.1
+    for precision in ("bf16", "fp32"):
+        cfg = Config()
+        cfg.run.precision = precision
+        model.image_autocast = torch.bfloat16 if precision == "bf16" else None
+        state = Learner(cfg, model, prompts, torch.device("cpu")).state_dict()
+        assert torch.allclose(state["ref_image"].norm(dim=-1), torch.ones(4))
+        with sdpa_kernel([SDPBackend.MATH]):
+            other_kernel = Learner(cfg, model, prompts, torch.device("cpu"))
+        with _tf32_gemms():
+            tf32 = Learner(cfg, model, prompts, torch.device("cpu"))
+        moved = [(x.ref_image - state["ref_image"]).abs().max().item() for x in (other_kernel, tf32)]
+        assert max(moved) > 1e-4 and max(moved) < (2e-2 if precision == "bf16" else 2.5e-3) / 4, moved
+        other_kernel.load_state_dict(state)
+        tf32.load_state_dict(state)
+        saved = [p.detach().clone() for p in model.clip.visual.parameters()]
+        with torch.no_grad():
+            for p in model.clip.visual.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            other_tower = Learner(cfg, model, prompts, torch.device("cpu"))
+            for p, keep in zip(model.clip.visual.parameters(), saved):
+                p.copy_(keep)
+        with pytest.raises(RuntimeError, match="reference image embeddings differ") as err:
+            other_tower.load_state_dict(state)
+        assert err.value.tower == "image"
+        other_tower.load_state_dict({k: v for k, v in state.items() if k != "ref_image"})  # an older checkpoint
+    model.image_autocast = None
+
+
 def test_stage1_teacher_is_the_model_frozen_not_a_copy_with_the_same_anchors(tiny_model_name, monkeypatch):
     """Stage 1 runs the model itself as the teacher (frozen, eval mode, both restored after), not a deep
     copy (a second model's memory and its own compiled graphs); the anchor caches equal those a deep-copied
