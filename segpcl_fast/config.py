@@ -625,8 +625,17 @@ def _override_value(key: str, text: str) -> Any:
     return value
 
 
+_LEADING_ZERO_INT = re.compile(r"[+-]?0[0-9_]+")
+_BASE_60 = re.compile(r"[+-]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?")
+
+
 def parse_value(text: str) -> Any:
-    """Parse a command-line value with YAML rules (1e-3 -> float, true -> bool, [a,b] -> list)."""
+    """Parse a command-line value with YAML rules (1e-3 -> float, true -> bool, [a,b] -> list), but numbers
+    as YAML 1.2 and argparse read them, not as PyYAML's YAML 1.1: "010" is 10 (1.1: octal 8, while
+    `--seed 010` gave 10) and "1:30" is the text "1:30" (1.1: base 60, 90)."""
+    stripped = text.strip()
+    if _LEADING_ZERO_INT.fullmatch(stripped):
+        return int(stripped.replace("_", ""), 10)
     # YAML 1.1 reads "1e-3" as a string; try a float first for such literals.
     try:
         if any(c in text for c in "eE") and "." not in text and text.strip().lstrip("+-")[0].isdigit():
@@ -636,10 +645,13 @@ def parse_value(text: str) -> Any:
     if text == "":
         return ""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot read the value {text!r} (YAML syntax: {getattr(e, 'problem', None) or e}); "
                           f"quote it or close its brackets, e.g. lora.targets=[k,v]") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _BASE_60.fullmatch(stripped):
+        return stripped
+    return value
 
 
 def override_key(change: str) -> str:

@@ -235,6 +235,19 @@ def test_numeric_strings_coerce_only_when_they_parse():
             config_from_dict(bad)
 
 
+def test_command_line_integers_are_decimal_and_base_60_is_text():
+    """PyYAML's YAML 1.1 read `--set run.seed=010` as octal 8 (while `--seed 010` gave 10) and
+    `run.seed=1:30` as base 60, 90: command-line numbers are read as YAML 1.2 / argparse read them."""
+    from segpcl_fast.config import parse_value
+    assert apply_overrides(Config(), ["run.seed=010"]).run.seed == 10
+    assert apply_overrides(Config(), ["data.order_seed=0042"]).data.order_seed == 42
+    assert apply_overrides(Config(), ["run.seed=08"]).run.seed == 8  # YAML 1.1: the text '08'
+    assert [parse_value(t) for t in ("1_000", "0x10", "0", "00", "1:30")] == [1000, 16, 0, 0, "1:30"]
+    with pytest.raises(ConfigError, match=r"run.seed.*expects an integer, got '1:30'"):
+        apply_overrides(Config(), ["run.seed=1:30"])
+    assert apply_overrides(Config(), ["run.output_dir=010"]).run.output_dir == "010"  # a string key: as written
+
+
 # ----------------------------------------------------------------------------- load_config errors
 
 @pytest.mark.parametrize("text, names", [

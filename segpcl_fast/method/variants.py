@@ -85,8 +85,10 @@ def variant_overrides(name: str) -> dict[str, Any]:
     return dict(VARIANTS[name])
 
 
-# the switches a variant owns: a config's own value for them (a saved config.yaml of another method's run,
-# or a --set) is replaced, with a warning when it was set away from its default
+# the switches every variant owns; a variant also owns the other keys it sets (prototypes.beta = 0 for the
+# CLIP-path-only ones, zeroshot's optim.epochs = 0, distill_*'s acgd.source). A config's own value for any
+# of them (a saved config.yaml of another method's run, or a --set) is replaced, with a warning when it was
+# set away from its default
 SWITCHES = ("acgd.enabled", "tsgr.enabled", "prototypes.transfer")
 _warned: set = set()
 
@@ -105,11 +107,10 @@ def resolve_variant(cfg: Config) -> Config:
 def _warn_replaced_switches(cfg: Config, name: str, overrides: dict) -> None:
     from ..config import config_value
     default = Config()
-    replaced = [f"{key}={config_value(cfg, key)} -> {overrides[key]}" for key in SWITCHES
-                if key in overrides and config_value(cfg, key) != overrides[key]
-                and config_value(cfg, key) != config_value(default, key)]
+    replaced = [f"{key}={config_value(cfg, key)} -> {value}" for key, value in overrides.items()
+                if config_value(cfg, key) != value and config_value(cfg, key) != config_value(default, key)]
     if replaced and (name, tuple(replaced)) not in _warned:
         _warned.add((name, tuple(replaced)))
         log.warning("run.method=%s sets %s: the method decides %s; to turn a loss term off within a method set "
                     "its weight to 0 (acgd.weight, tsgr.weight), to compare methods use --method or ablate",
-                    name, ", ".join(replaced), ", ".join(SWITCHES))
+                    name, ", ".join(replaced), ", ".join(overrides))

@@ -52,6 +52,22 @@ def test_variants_turn_components_back_on_and_keep_tuned_values(caplog):
     assert not caplog.records
 
 
+@pytest.mark.parametrize("name,key,value,replaced", [
+    ("lora_finetune", "prototypes__beta", 0.7, "prototypes.beta=0.7 -> 0.0"),
+    ("zeroshot", "optim__epochs", 5, "optim.epochs=5 -> 0"),
+    ("distill_seeds", "acgd__source", "new_data", "acgd.source=new_data -> seeds"),
+])
+def test_every_key_a_variant_sets_is_warned_when_replaced(caplog, name, key, value, replaced):
+    """`--method lora_finetune --set prototypes.beta=0.7` and `--method zeroshot --set optim.epochs=5` lost the
+    user's value without a word (only the three switches were warned about): every key the variant sets is."""
+    variants._warned.clear()
+    with caplog.at_level("WARNING", logger="segpcl_fast.method"):
+        _resolved(name, **{key: value})
+    (record,) = [r for r in caplog.records if r.name == "segpcl_fast.method"]
+    assert f"run.method={name} sets {replaced}: the method decides" in record.getMessage()
+    assert key.replace("__", ".") in record.getMessage().split("decides ")[1]
+
+
 @pytest.mark.parametrize("name", ["+acgd", "+tsgr", "+visual_branch", "segpcl", "onlyclip"])
 def test_variants_keep_the_chosen_acgd_source(name):
     # `train --method segpcl --set acgd.source=seeds` must run on seeds, not silently on anchors
