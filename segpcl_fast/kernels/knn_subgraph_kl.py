@@ -123,10 +123,13 @@ def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices: boo
     if not 0 < float(tau) < math.inf:
         raise ValueError(f"knn_subgraph_kl: tau must be a finite number > 0, got {tau}")
     # `> 0`, not a size's truth value: torch 2.6's dynamo turned that into a guard on the exact root count
-    if check_indices and roots.numel() > 0 and neighbors.numel() > 0:
+    if check_indices and roots.numel() > 0:
         n = emb.shape[0]
-        (r_min, r_max), (nb_min, nb_max) = torch.aminmax(roots), torch.aminmax(neighbors)
-        in_range = (torch.minimum(r_min, nb_min) >= 0) & (torch.maximum(r_max, nb_max) < n)
+        lo, hi = torch.aminmax(roots)
+        if neighbors.numel() > 0:  # k = 0 (a graph over one seen class) has only roots to check
+            nb_lo, nb_hi = torch.aminmax(neighbors)
+            lo, hi = torch.minimum(lo, nb_lo), torch.maximum(hi, nb_hi)
+        in_range = (lo >= 0) & (hi < n)
         # under torch.compile the message names no size: formatting emb.shape[0] into it specialises the
         # graph to that class count (a recompile per task's class count; with dynamic=True an error)
         bound = "emb.shape[0]" if torch.compiler.is_compiling() else str(n)

@@ -89,6 +89,8 @@ def test_out_of_range_neighbours_and_roots_raise(path, device, bad):
         bad_roots[0] = bad
         with pytest.raises(RuntimeError, match=r"row indices of emb"):
             ops.knn_subgraph_kl(emb, bad_roots, neighbors, ref, 0.5)
+        with pytest.raises(RuntimeError, match=r"row indices of emb"):  # k = 0: the roots are still checked
+            ops.knn_subgraph_kl(emb, bad_roots, neighbors[:, :0], ref[:, :0], 0.5)
         compiled = torch.compile(ops.knn_subgraph_kl, fullgraph=True, backend="aot_eager")
         with pytest.raises(RuntimeError, match=r"row indices of emb"):
             compiled(emb, roots, bad_neighbors, ref, 0.5)
