@@ -20,6 +20,7 @@ takes the fused Triton GEMMs where they run); "cpp" requires the C++ op (error o
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -37,6 +38,8 @@ __all__ = ["lora_b_linear", "lora_b_linear_reference", "lora_b_linear_merged", "
            "extension_status"]
 
 OP = "lora_b_linear"
+log = logging.getLogger("segpcl_fast.ops")
+_said_no_cuda_kernel = False
 
 
 def lora_b_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -285,11 +288,29 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
             f"ops backend 'cpp' forced but segpcl_fast._C cannot run lora_b_linear: {why}. Build it with "
             "`pip install --no-build-isolation .` (SEGPCL_WITH_CUDA=1 for the CUDA kernels) or use "
             "set_backend('auto').")
-    if not has_kernel(x.device.type) or (lora_B is not None and not _needs_grad_B(lora_B)):
+    compiled = torch.compiler.is_compiling() if compiling is None else compiling
+    if lora_B is not None and not _needs_grad_B(lora_B):
         return "merged"
-    if torch.compiler.is_compiling() if compiling is None else compiling:
-        return compiled_impl()
-    return "cpp"
+    if not has_kernel(x.device.type):
+        if x.device.type == "cuda" and not compiled:
+            _say_no_cuda_kernel()
+        return "merged"
+    return compiled_impl() if compiled else "cpp"
+
+
+def _say_no_cuda_kernel() -> None:
+    """Once per process: eager training on CUDA runs without the C++ op it would take. A plain `pip install .`
+    (an isolated build, whose torch is not the user's) builds no extension and says so only under -v."""
+    global _said_no_cuda_kernel
+    if _said_no_cuda_kernel:
+        return
+    _said_no_cuda_kernel = True
+    status = extension_status()
+    why = status["error"] or "it was built without CUDA kernels"
+    log.warning("segpcl_fast._C has no CUDA kernel for lora_b_linear (%s): the LoRA layers run the plain-PyTorch "
+                "merged arrangement. Build it with `pip install --no-build-isolation .` (CUDA_HOME set, "
+                "SEGPCL_WITH_CUDA=1 to require the CUDA kernels); `segpcl-fast env` shows the extension's state",
+                why)
 
 
 def _fused_runs(x: torch.Tensor, lora_B: Optional[torch.Tensor]) -> bool:

@@ -406,6 +406,30 @@ def test_fallback_when_extension_missing(monkeypatch):
         lora_b_linear(*args, 0.5)
 
 
+@pytest.mark.parametrize("error", ["ImportError: No module named 'segpcl_fast._C'", None])
+def test_eager_cuda_without_the_extensions_kernel_warns_once(monkeypatch, caplog, error):
+    """A plain `pip install .` (isolated build: no extension) said nothing unless -v: eager training on CUDA then
+    ran the merged arrangement instead of the C++ op. One warning says so, with why and the build command;
+    not under torch.compile (merged is its choice anyway), not where B is frozen, and only once."""
+    from types import SimpleNamespace
+    from segpcl_fast.ops import _ext
+    monkeypatch.setattr(_ext, "_C", None if error else SimpleNamespace(WITH_CUDA=False))  # None: a CPU-only build
+    monkeypatch.setattr(_ext, "_load_error", error)
+    monkeypatch.setattr(lora_linear, "_said_no_cuda_kernel", False)
+    on_cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # what the dispatch reads of x
+    trained = torch.zeros(3, 2, requires_grad=True)
+    with dispatch.backend("auto"), caplog.at_level("WARNING", logger="segpcl_fast.ops"):
+        assert lora_linear.lora_b_linear_impl(on_cuda, trained, compiling=True) == "merged"
+        assert lora_linear.lora_b_linear_impl(on_cuda, trained.detach(), compiling=False) == "merged"
+        assert not caplog.records
+        for _ in range(2):
+            assert lora_linear.lora_b_linear_impl(on_cuda, trained, compiling=False) == "merged"
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"segpcl_fast._C has no CUDA kernel for lora_b_linear "
+                                          f"({error or 'it was built without CUDA kernels'}): the LoRA layers run")
+    assert "pip install --no-build-isolation ." in record.getMessage()
+
+
 def test_an_extension_built_against_another_torch_says_so(monkeypatch, caplog):
     """A wheel's _C under another torch fails to import with 'undefined symbol': the status names
     the cause and the fix (it said only 'not built' before), and a warning says so once."""
