@@ -74,7 +74,9 @@ def _config_from_args(args) -> "Config":
         import torch
         if cfg.run.device != "cpu" and not torch.cuda.is_available():  # every preset is for CUDA GPUs
             raise ConfigError(f"--hw {args.hw} is a preset for CUDA GPUs ({preset.notes}), but no CUDA device is "
-                              f"available here: drop --hw, or keep its other settings with --set run.device=cpu")
+                              f"available here: drop --hw (its torch.compile, bf16 and {cfg.data.num_workers} loader "
+                              f"workers are for a GPU; on a CPU they only slow a run down), or, to try them here "
+                              f"anyway, --set run.device=cpu")
         if preset.nproc_per_node > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             logging.getLogger("segpcl_fast").warning(
                 "--hw %s is a %d-process preset, but this is one process: its global batch runs on one device; "
@@ -281,8 +283,7 @@ def cmd_anchor_views(args) -> int:
     from .analysis import anchor_views
     method = _analysis_method(args, "segpcl")  # before the config: its --set run.method refusal
     cfg = _config_from_args(args)
-    _print_analysis(anchor_views(cfg, task=args.task, method=args.projection,
-                                 run_method=method))
+    _print_analysis(anchor_views(cfg, task=args.task, projection=args.projection, method=method))
     return 0
 
 
@@ -352,7 +353,7 @@ def _add_profile_parser(sub) -> None:
                                        "top kernels by self time, time per stage, ncu command")
     _add_config_args(p, resume=False)
     p.add_argument("--steps", type=positive_int, default=5, help="training steps to profile (default 5)")
-    p.add_argument("--rows", type=int, default=30, help="rows of the top-ops table (default 30)")
+    p.add_argument("--rows", type=positive_int, default=30, help="rows of the top-ops table (default 30)")
     p.add_argument("--nvtx", action="store_true", help="for nsys / ncu (CUDA only): NVTX ranges for every op and "
                                                          "stage, torch.profiler off, no files written")
     p.set_defaults(func=cmd_profile)
@@ -534,15 +535,13 @@ def main(argv=None) -> int:
         _leave_process_group(after_error=True)
         return 2
     except KeyboardInterrupt as e:
-        hint = ""
-        if hasattr(args, "resume") and getattr(args, "checkpointing", True):  # each finished task is checkpointed
-            hint = ": continue after the last finished task with the same command and --resume"
-        elif hasattr(args, "resume"):
-            hint = ": run.checkpoint=false kept no checkpoint, so --resume would start again from task 1"
-        if _rank0():
-            print(f"segpcl-fast: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}{hint}",
-                  file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        while True:  # timeout and Slurm signal the process, then its whole group: a second SIGTERM may come here
+            try:
+                if previous is not False:
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # this stop is being reported (finally: restored)
+                return _report_interrupt(args, e)
+            except Terminated as again:
+                e = again
     except OSError as e:  # a path that cannot be written or read: the OS's reason and the path, one line
         path = f"{e.filename}: " if e.filename else ""
         fix = (" (this user may not read or write it: fix its permissions or owner (chmod u+w on a folder it "
@@ -570,6 +569,20 @@ def main(argv=None) -> int:
     finally:
         if previous is not False:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            sys.unraisablehook = _unraisable_before.pop()
+
+
+def _report_interrupt(args, e: KeyboardInterrupt) -> int:
+    """Ctrl-C or SIGTERM: one line saying whether and how to resume; the exit status 130 or 143."""
+    hint = ""
+    if hasattr(args, "resume") and getattr(args, "checkpointing", True):  # each finished task is checkpointed
+        hint = ": continue after the last finished task with the same command and --resume"
+    elif hasattr(args, "resume"):
+        hint = ": run.checkpoint=false kept no checkpoint, so --resume would start again from task 1"
+    if _rank0():
+        print(f"segpcl-fast: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}{hint}",
+              file=sys.stderr)
+    return 143 if isinstance(e, Terminated) else 130
 
 
 def _joined() -> bool:
@@ -618,9 +631,34 @@ def _raise_on_sigterm():
         return False  # wait in a collective, where a Python handler cannot run: keep the default, die at once
 
     def handler(signum, frame):
+        # a SIGTERM to the process group (timeout, Slurm) also stops the DataLoader workers, and torch's SIGCHLD
+        # handler then raised "DataLoader worker (pid N) is killed by signal: Terminated" into the unwinding or
+        # at exit (20 lines after 'Exception ignored in ...'): their end is expected now. SIGCHLD stays at its
+        # default: the process is ending
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise Terminated()
 
-    return signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    _unraisable_before.append(sys.unraisablehook)
+    sys.unraisablehook = _terminated_again
+    return previous
+
+
+_unraisable_before: list = []  # sys.unraisablehook before main() installed _terminated_again
+
+
+def _terminated_again(unraisable) -> None:
+    """SIGTERM's Terminated raised where Python cannot raise (a fork callback as a DataLoader starts its workers,
+    a __del__) is printed as 'Exception ignored in ...' and lost, and the run went on: signal it again, to be
+    raised where it can be (from a thread, a moment later: a signal sent from here would be handled, and
+    raised, inside this hook). Anything else goes to the hook before."""
+    if isinstance(unraisable.exc_value, Terminated):
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+        again.daemon = True
+        again.start()
+        return
+    (_unraisable_before[-1] if _unraisable_before else sys.__unraisablehook__)(unraisable)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ def test_cli_set_wins_over_the_preset(monkeypatch):
         for name in presets.PRESETS:  # 2x4090 sets run.device=auto (each rank takes its GPU): it ran on the CPU
             args = build_parser().parse_args(["train", "--hw", name])
             with pytest.raises(ConfigError, match=rf"--hw {name} is a preset for CUDA GPUs \(.*\), but no CUDA device "
-                                                  r"is available here: drop --hw, or .*--set run.device=cpu"):
+                                                  r"is available here: drop --hw \(its torch.compile, bf16 and \d+ loader "
+                                                  r"workers are for a GPU; .*\), or, to try them here anyway, "
+                                                  r"--set run.device=cpu"):
                 _config_from_args(args)
 
 

@@ -1,6 +1,8 @@
 """End-to-end trainer runs on the offline world with a 2-layer random CLIP (fast), resume, errors."""
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -577,7 +579,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(tiny_model_name, tmp_path, caps
     assert "ablate does not take --method (it runs every --variants entry" in capsys.readouterr().err
     assert main(["train", "-o", ""]) == 2  # not silently runs/default
     assert "run.output_dir" in capsys.readouterr().err
-    for bad in (["ablate", "--seeds", "0,a"], ["ablate", "--seeds", ""], ["profile", "--steps", "0"]):
+    for bad in (["ablate", "--seeds", "0,a"], ["ablate", "--seeds", ""], ["profile", "--steps", "0"], ["profile", "--rows", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
         assert exit_info.value.code == 2
@@ -1091,6 +1093,89 @@ def test_sigterm_is_an_interrupt_that_leaves_no_half_written_file(monkeypatch, c
     from segpcl_fast.cli import _raise_on_sigterm
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert _raise_on_sigterm() is False and signal.getsignal(signal.SIGTERM) is before
+
+
+ONE_LINE = "segpcl-fast: terminated (SIGTERM): continue after the last finished task with the same command and --resume\n"
+
+
+def test_a_sigterm_swallowed_where_python_cannot_raise_is_raised_again(monkeypatch, capsys):
+    """Terminated raised inside a __del__ or a fork callback (a DataLoader starting its workers) was printed
+    as 'Exception ignored in ...' and lost: the run went on. It is signalled again and ends the command with
+    the one line; the hook that does it is put back after."""
+    import signal
+
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+
+    class Dying:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled here, inside __del__: its Terminated is unraisable
+
+    def terminated_in_a_finalizer(cfg):
+        Dying()
+        time.sleep(30)  # the SIGTERM sent again ends this
+    monkeypatch.setattr(segpcl_fast.api, "train", terminated_in_a_finalizer)
+    hook = sys.unraisablehook
+    started = time.perf_counter()
+    assert main(["train", "-o", "unused"]) == 143
+    assert time.perf_counter() - started < 10
+    assert capsys.readouterr().err == ONE_LINE
+    assert sys.unraisablehook is hook
+
+
+def test_a_second_sigterm_while_the_first_is_reported_is_ignored(monkeypatch, capsys):
+    """timeout and Slurm signal the process and then its group: the second SIGTERM, raised inside the except
+    clause reporting the first, escaped main() as a traceback."""
+    import signal
+
+    import segpcl_fast.api
+    import segpcl_fast.cli as cli
+
+    def terminated(cfg):
+        raise cli.Terminated()
+    monkeypatch.setattr(segpcl_fast.api, "train", terminated)
+    report, calls = cli._report_interrupt, []
+
+    def signalled_again_while_reporting(*args):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return report(*args)
+    monkeypatch.setattr(cli, "_report_interrupt", signalled_again_while_reporting)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["train", "-o", "unused"]) == 143
+    assert capsys.readouterr().err == ONE_LINE and calls
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_is_one_line(tmp_path):
+    """`timeout` and Slurm signal the whole group: the DataLoader workers die too, and torch's SIGCHLD handler
+    raised 'DataLoader worker (pid N) is killed by signal: Terminated' into the unwinding (20 more lines)."""
+    import signal
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        "import segpcl_fast.api\n"
+        "from segpcl_fast.cli import main\n"
+        "class Slow(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 1000\n"
+        "    def __getitem__(self, i): time.sleep(0.05); return i\n"
+        "def train(cfg):\n"
+        "    for i, _ in enumerate(torch.utils.data.DataLoader(Slow(), num_workers=2)):\n"
+        "        if i == 2: print('iterating', flush=True)\n"
+        "segpcl_fast.api.train = train\n"
+        "sys.exit(main(['train', '-o', sys.argv[1]]))\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "unused")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while (line := proc.stdout.readline()) not in ("iterating\n", ""):  # after the command's header
+            pass
+        assert line == "iterating\n"
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143 and err == ONE_LINE, err
 
 
 class _BrokenImages(torch.utils.data.Dataset):
