@@ -49,7 +49,7 @@ import torch
 
 from .config import ConfigError, apply_overrides, config_from_dict, join_some, override_key, runs_below
 from .data.transforms import clip_test_transform
-from .fileio import UnsafeFileError, load_torch_file, save_torch_file, unwritable_dir_reason
+from .fileio import DamagedFileError, UnsafeFileError, load_torch_file, save_torch_file, unwritable_dir_reason
 from .method.learner import reference_image_embeddings, same_reference_image, same_reference_text
 from .method.prototypes import dual_path_logits
 from .model.clip import CLIPModel, ImageStats, model_from_state_dict
@@ -371,6 +371,9 @@ def _read(path: Path) -> dict:
             raise ClassifierError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}): copy it again from "
                                   f"the run" + (f", or use the one before it (--task {earlier}, task={earlier})"
                                                if earlier >= 1 else "")) from e
+        if isinstance(e, DamagedFileError):  # a damaged export (or a checkpoint outside a run's checkpoints/)
+            raise ClassifierError(f"{path} is damaged ({e}): copy it again, or export it again from its run "
+                                  f"(segpcl-fast export RUN_DIR -o {path.name})") from None
         raise ClassifierError(f"{path} cannot be read ({type(e).__name__}: {e}): it is not a segpcl_fast "
                               f"checkpoint or export") from e
     if not isinstance(state, dict) or not ({"format", "lora"} & set(state)):

@@ -165,12 +165,15 @@ def check_torch_zip(path: str | os.PathLike) -> None:
     a record with changed bytes as if nothing were wrong (a damaged copy or disk gave NaN losses and
     wrong predictions, or silently other weights). Records saved without a CRC (torch.utils.serialization
     config save.compute_crc32=False stores 0) and legacy non-zip files are not checked. Raises
-    DamagedFileError naming the first bad record."""
+    DamagedFileError naming the first bad record (without the archive folder torch names after the file as
+    it was saved: under atomic writes a temp name such as '.r1_model.pt.5tk6jx1f')."""
+    name = None
     try:
         if not zipfile.is_zipfile(path):
             return
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
+                name = info.filename
                 # torch writes neither folders nor encrypted records; its reader takes a record flagged
                 # as a folder for an empty one (a one-bit change gave uninitialised tensor memory)
                 if info.is_dir() or info.external_attr & 0x10 or info.flag_bits & 0x1:
@@ -186,7 +189,8 @@ def check_torch_zip(path: str | os.PathLike) -> None:
     # compression method, a seek before the start, a bad magic number
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, RuntimeError,
             OSError) as e:
-        raise DamagedFileError(f"its bytes changed after it was written ({type(e).__name__}: {e}): a damaged "
+        detail = str(e).replace(name, name.split("/", 1)[-1]) if name else str(e)
+        raise DamagedFileError(f"its bytes changed after it was written ({type(e).__name__}: {detail}): a damaged "
                                "copy or disk") from None
 
 

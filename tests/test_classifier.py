@@ -254,6 +254,12 @@ def test_devices_damaged_checkpoints_and_folder_outputs_are_one_clear_error(run,
                                               r"the one before it \(--task 1"):
         load_classifier(copy / "checkpoints" / "task_01.pt")
     assert load_classifier(copy, task=1).task == 1
+    load_classifier(out).export(tmp_path / "m.pt")
+    zero_block(tmp_path / "m.pt")  # a damaged export: said so, with the fix (it was "not a checkpoint or export")
+    with pytest.raises(ClassifierError, match=r"m.pt is damaged \(its bytes changed after it was written \(BadZipFile: "
+                                              r"Bad CRC-32 for file 'data/\d+'\).*: copy it again, or export it again "
+                                              r"from its run \(segpcl-fast export RUN_DIR -o m.pt\)$"):
+        load_classifier(tmp_path / "m.pt")
     with pytest.raises(ClassifierError, match="is a folder: export writes one file"):
         load_classifier(out).export(tmp_path)
     (tmp_path / "file.txt").write_text("a file where a folder is needed")

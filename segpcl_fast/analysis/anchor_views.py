@@ -53,23 +53,25 @@ def project_2d(points: torch.Tensor, method: str = "pca", seed: int = 0) -> np.n
 
 
 @keeps_process_state
-def anchor_views(config=None, task: int = 2, method: str = "pca", run_method: Optional[str] = "segpcl",
+def anchor_views(config=None, task: int = 2, projection: str = "pca", method: Optional[str] = "segpcl",
                  max_new_images: int = 500, **overrides) -> dict:
-    """Train tasks 1..task-1 of `run_method`, build task `task`'s seeds and anchors, project, plot.
+    """Train tasks 1..task-1 of `method` (the training method, as the other analyses' and the CLI's
+    --method), build task `task`'s seeds and anchors, project (`projection`: pca or tsne, the CLI's
+    --projection), plot.
 
     task: 1-based, >= 2. Writes <output_dir>/anchor_views.{json,txt,png}; returns
     {"rows", "paths", "table"}.
     """
     from ..api import make_config
-    if method not in PROJECTIONS:
-        raise ConfigError(f"unknown projection '{method}'; choose one of {PROJECTIONS}")
-    if method == "tsne":
+    if projection not in PROJECTIONS:
+        raise ConfigError(f"unknown projection '{projection}'; choose one of {PROJECTIONS}")
+    if projection == "tsne":
         project_2d(torch.zeros(4, 2), "tsne")  # missing scikit-learn fails before training
     refuse_multi_process("the anchor-views analysis")
     cfg = analysis_config(make_config(config, **overrides), "anchor-views")
     require_old_classes(cfg, "anchor views")  # before the model and data load
     out = Path(cfg.run.output_dir)
-    trainer = make_trainer(run_config(cfg, run_method, out / "run"))
+    trainer = make_trainer(run_config(cfg, method, out / "run"))
     T = trainer.scenario.num_tasks
     if not 2 <= int(task) <= T:
         raise ConfigError(f"anchor views: task must be in 2..{T} (1-based; task 1 has no old classes), got {task}")
@@ -100,16 +102,16 @@ def anchor_views(config=None, task: int = 2, method: str = "pca", run_method: Op
         {"group": "new-task images", "n": len(new_raw), "cos_to_target_prototype": float(nearest.values.mean())},
     ]
     groups = [protos, seed_raw, anchor_raw, new_raw]
-    coords = project_2d(torch.cat(groups), method, seed=trainer.cfg.run.seed)
+    coords = project_2d(torch.cat(groups), projection, seed=trainer.cfg.run.seed)
     splits = np.cumsum([0] + [len(g) for g in groups])
     xy = {r["group"]: coords[splits[i]:splits[i + 1]] for i, r in enumerate(rows)}
-    table = format_views_table(rows, task, method)
-    payload = {"task": int(task), "projection": method, "run_method": trainer.cfg.run.method, "rows": rows,
+    table = format_views_table(rows, task, projection)
+    payload = {"task": int(task), "projection": projection, "run_method": trainer.cfg.run.method, "rows": rows,
                "targets": targets.tolist(), "new_labels": new_labels.tolist(),
                "coords": {k: v.tolist() for k, v in xy.items()}, "config": trainer.cfg.to_dict()}
     paths = write_table_files(out, "anchor_views", payload, table, plots=cfg.run.plots)
     if cfg.run.plots:
-        paths["png"] = plot_views(xy, targets.cpu().numpy(), out / "anchor_views.png", int(task), method,
+        paths["png"] = plot_views(xy, targets.cpu().numpy(), out / "anchor_views.png", int(task), projection,
                                   trainer.cfg.run.method)
     return {"rows": rows, "paths": paths, "table": table}
 

@@ -58,7 +58,8 @@ def _fake_trainer_factory(num_tasks=2):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"method": "umap"}, "unknown projection"),
+    ({"projection": "umap"}, "unknown projection"),
+    ({"method": "pca"}, r"run.method must be one of .*, got 'pca'"),  # method=: the training method, as in the CLI
     ({"task": 1}, r"task must be in 2\.\.2"),
     ({"task": 3}, r"task must be in 2\.\.2"),
 ])
@@ -67,7 +68,7 @@ def test_bad_arguments_fail_before_training(kwargs, match, monkeypatch, tmp_path
     monkeypatch.setattr(av, "make_trainer", lambda cfg: built.append(cfg) or _fake_trainer_factory()(cfg))
     with pytest.raises(ConfigError, match=match):
         av.anchor_views(make_config(output_dir=str(tmp_path)), **kwargs)
-    if "method" in kwargs:
+    if "projection" in kwargs:
         assert built == []  # an unknown projection fails before a trainer is even built
 
 
@@ -75,7 +76,7 @@ def test_tsne_without_scikit_learn_fails_before_training(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # import fails like a missing package
     monkeypatch.setattr(av, "make_trainer", lambda cfg: pytest.fail("built a trainer"))
     with pytest.raises(ConfigError, match="scikit-learn"):
-        av.anchor_views(make_config(output_dir=str(tmp_path)), method="tsne")
+        av.anchor_views(make_config(output_dir=str(tmp_path)), projection="tsne")
 
 
 SEEDS, ANCHORS, TARGETS = [3, 5, 8, 13], [20, 21, 34, 55], [0, 7, 3, 41]

@@ -115,7 +115,7 @@ def test_retention_distill_and_anchor_view_options_reach_the_analysis(monkeypatc
                                                                                 [1, 2], "segpcl")
     seen = _capture(monkeypatch, "anchor_views")
     assert main(["anchor-views", "--task", "3", "--projection", "tsne", "--method", "+acgd"]) == 0
-    assert (seen["task"], seen["method"], seen["run_method"]) == (3, "tsne", "+acgd")
+    assert (seen["task"], seen["projection"], seen["method"]) == (3, "tsne", "+acgd")
 
 
 def test_table_files_with_plots_off_remove_an_earlier_plot(tmp_path):
