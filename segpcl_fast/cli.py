@@ -395,7 +395,8 @@ def _add_analysis_parsers(sub) -> None:
     _add_config_args(p, seed=False, method_help="the method whose ACGD source changes (default segpcl)")
     p.add_argument("--sources", default=None, help="comma-separated subset of anchors,new_data,seeds,folder")
     p.add_argument("--folder", default=None, help="reference image folder for source 'folder' "
-                                                  "(offline default: held-out synthetic source-domain images)")
+                                                  "(offline default: synthetic source-domain images of their own stream, not "
+                                                  "retention's held-out set)")
     p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds")
     p.set_defaults(func=cmd_distill_sources)
     p = sub.add_parser("anchor-views", help="2-D view of prototypes, seeds, anchors and new images (PNG)")

@@ -17,6 +17,7 @@ acgd.source_folder on the resolved config (distill_new_data / distill_seeds pin 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -34,15 +35,31 @@ SOURCES = ("anchors", "new_data", "seeds", "folder")
 REFERENCE_PER_CLASS = 5  # offline reference folder: 5 source-domain images per class (500), own stream
 
 
+REFERENCE_MARKER = ".reference.json"  # which world's images the folder holds
+
+
 def write_synthetic_reference_folder(folder: Path, seed: int = 0, per_class: int = REFERENCE_PER_CLASS) -> Path:
     """PNG files of source-domain images (no labels used; their own stream, not retention's held-out
-    synthetic-source set) -> folder; returns it."""
+    synthetic-source set) -> folder; returns it. The folder's REFERENCE_MARKER names the world (seed,
+    images per class): a folder of another world's images (a rerun into the same output dir with another
+    data.synthetic_seed) is emptied and written anew (it was reused as it was); one of this world's
+    completes an interrupted write."""
     from PIL import Image
 
     from ..data.synthetic import build_reference_dataset
-    from ..fileio import atomic_write_bytes
+    from ..fileio import atomic_write_bytes, atomic_write_text
+    world = {"synthetic_seed": int(seed), "per_class": int(per_class)}
+    marker = folder / REFERENCE_MARKER
+    try:
+        same = json.loads(marker.read_text()) == world
+    except (OSError, ValueError):
+        same = False
+    if not same and folder.is_dir():
+        for old in folder.glob("[0-9]*.png"):
+            old.unlink()
     ds = build_reference_dataset(seed, per_class)
     folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(world) + "\n")  # first: a write cut short is completed, not redone
     for i in range(len(ds)):
         path = folder / f"{i:05d}.png"
         if path.exists():

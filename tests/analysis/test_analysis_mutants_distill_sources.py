@@ -108,6 +108,22 @@ def test_reference_folder_holds_the_reference_source_images_in_order(tmp_path):
         assert np.array_equal(np.asarray(Image.open(files[i])), ref.images[i])
 
 
+def test_reference_folder_of_another_world_is_written_anew(tmp_path):
+    """A rerun into the same output dir with another data.synthetic_seed reused the first world's images (the
+    PNGs were only ever added); one of the same world completes what an interrupted write left."""
+    from segpcl_fast.data.synthetic import build_reference_dataset
+    folder = ds_mod.write_synthetic_reference_folder(tmp_path / "ref", seed=0, per_class=1)
+    ds_mod.write_synthetic_reference_folder(folder, seed=1, per_class=1)
+    seed1 = build_reference_dataset(1, 1, None)
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 100 and all(np.array_equal(np.asarray(Image.open(files[i])), seed1.images[i]) for i in (0, 99))
+    files[5].unlink()  # cut short: the same world's folder is completed, the others kept as they are
+    kept = files[6].stat().st_mtime_ns
+    ds_mod.write_synthetic_reference_folder(folder, seed=1, per_class=1)
+    assert files[5].is_file() and files[6].stat().st_mtime_ns == kept
+    assert np.array_equal(np.asarray(Image.open(files[5])), seed1.images[5])
+
+
 def test_per_source_trainer(small_config, tmp_path):
     ref = _folder(tmp_path / "ref")
     trainer = ds_mod._trainer_for_source(small_config("a"), "segpcl", "anchors", ref, tmp_path / "a")
