@@ -141,6 +141,19 @@ def matmul_peak():
     return get
 
 
+def _step_choices(step, device: str, compiled: bool) -> dict:
+    """What the step ran (extra_info "ops"): ops.last_choice() sees only eager calls, so a compiled variant's
+    row said lora_b_linear "merged" under SEGPCL_LORA_COMPILE=cpp too, where its graphs call the C++ op. For a
+    compiled step the traced choices are asked as the trainer records them (record_compiled_choices)."""
+    choices = ops.last_choice()
+    if compiled:
+        from segpcl_fast.ops.lora_linear import OP, lora_b_linear_impl
+        trained_B = torch.empty(0, device=device, requires_grad=True)
+        choices[OP] = lora_b_linear_impl(torch.empty(0, device=device), trained_B, compiling=True)
+        choices.update(step.model.compiled_choices(torch.device(device)))
+    return choices
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("device", DEVICES)
 def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
@@ -207,12 +220,13 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
         with _gc_timer() as gc_time:
             loss = benchmark.pedantic(timed, rounds=setup["rounds"], warmup_rounds=0, iterations=1)
         after = _disturbances(device)
+        choices = _step_choices(step, device, compiled)
     assert torch.isfinite(loss)
     # what can make one round slow (the H200's compiled_fused had one round of 1218 ms, then one of 1441 ms,
     # among 73-96 ms ones, with no graph compiled and no allocator retry): graphs compiled, caching-allocator
     # retries (a cudaFree of its cache, with a sync), and Python's cyclic GC (a full collection walks every
     # object dynamo and inductor keep: its longest pause and total time in the rounds)
-    info = dict(ops=ops.last_choice(), **{k: after[k] - before[k] for k in after}, **gc_time)
+    info = dict(ops=choices, **{k: after[k] - before[k] for k in after}, **gc_time)
     stats = getattr(benchmark, "stats", None)
     if stats is not None:
         median = stats.stats.median
