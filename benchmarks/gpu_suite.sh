@@ -265,7 +265,7 @@ if starts bench; then
 if part bench; then
 TRITON_INTERPRET=0 run_step bench "$PYTHON" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
   --ignore=benchmarks/test_bench_e2e.py --ignore=benchmarks/test_bench_transforms.py \
-  --ignore=benchmarks/test_bench_lora_linear.py -k "not cpu" \
+  --ignore=benchmarks/test_bench_lora_linear.py -k "not cpu and not tiny" \
   --benchmark-json="$WORK/benchmarks.json" --benchmark-columns=min,median,max,rounds 2>&1 | tee "$WORK/benchmarks.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 save

@@ -41,6 +41,7 @@ import contextlib
 import copy
 import functools
 import json
+import logging
 import os
 import re
 import shlex
@@ -55,6 +56,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from ..config import Config, ConfigError
 from ..fileio import atomic_path, atomic_write_text
 from .compiling import compile_counters, loss_terms_compiled
+
+log = logging.getLogger("segpcl_fast.engine")
 
 STAGES = ("dpgd", "student_forward_losses", "image_forward", "text_forward", "losses", "losses.cls", "losses.acgd",
           "losses.gr", "backward", "grad_sync", "optimizer", "prototypes")
@@ -261,6 +264,7 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
             start = time.perf_counter()
             info = trainer.train_task(task)
             wall_ms = (time.perf_counter() - start) * 1e3
+        _say_fewer_steps(info, steps, task, cfg)
         return {"nvtx": True, "paths": {}, "on_gpu": on_gpu, "device": str(trainer.device), "task": task + 1,
                 "steps": info["timings"]["steps"], "wall_ms": wall_ms,
                 "graphs_compiled_in_window": compile_counters()["unique_graphs"] - graphs_before}
@@ -272,6 +276,7 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
         if on_gpu:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3
+    _say_fewer_steps(info, steps, task, cfg)
     graphs_in_window = compile_counters()["unique_graphs"] - graphs_before
     events = prof.key_averages()
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
@@ -295,6 +300,15 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
             "categories_table": categories_text, "top_kernel": kernel, "top_kernel_launches": launches,
             "device": str(trainer.device), "task": task + 1, "steps": info["timings"]["steps"], "sort_by": sort_by,
             "wall_ms": wall_ms, "graphs_compiled_in_window": graphs_in_window}
+
+
+def _say_fewer_steps(info: dict, steps: int, task: int, cfg: Config) -> None:
+    """The profiled task ran out of batches before --steps: the header's "N steps" was not what ran."""
+    ran = info["timings"]["steps"]
+    if ran < steps:
+        log.warning("profile: task %d has %d training steps (its images / optim.batch_size=%d x optim.epochs=%d), "
+                    "fewer than --steps %d: %d profiled; raise data.max_train_per_class or lower optim.batch_size "
+                    "to profile more", task + 1, ran, cfg.optim.batch_size, cfg.optim.epochs, steps, ran)
 
 
 def cuda_profiler_window():

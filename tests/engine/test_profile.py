@@ -17,6 +17,15 @@ def _config(model_name, out, **kw):
     return make_config(**base)
 
 
+def test_a_task_shorter_than_steps_is_said(tiny_model_name, tmp_path, caplog):
+    """Task 2 has 100 images, 7 batches of 16: --steps 9 profiled 7 while the header said 9, without a word."""
+    with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
+        out = profile_training(_config(tiny_model_name, tmp_path / "unused"), tmp_path / "prof", steps=9)
+    assert out["steps"] == 7
+    assert "profile: task 2 has 7 training steps (its images / optim.batch_size=16 x optim.epochs=1), fewer than " \
+           "--steps 9: 7 profiled" in caplog.text
+
+
 def test_profile_writes_trace_table_and_every_stage(tiny_model_name, tmp_path):
     out = profile_training(_config(tiny_model_name, tmp_path / "unused"), tmp_path / "prof", steps=2)
     trace = json.loads((tmp_path / "prof" / "trace.json").read_text())
