@@ -50,7 +50,7 @@ import torch
 from .config import ConfigError, apply_overrides, config_from_dict, join_some, override_key, runs_below
 from .data.transforms import clip_test_transform
 from .fileio import DamagedFileError, UnsafeFileError, load_torch_file, save_torch_file, unwritable_dir_reason
-from .method.learner import reference_image_embeddings, same_reference_image, same_reference_text
+from .method.learner import reference_image_embeddings, same_reference
 from .method.prototypes import dual_path_logits
 from .model.clip import CLIPModel, ImageStats, model_from_state_dict
 from .model.lora import load_lora_state_dict, merge_lora
@@ -433,14 +433,13 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
     with torch.no_grad():
         ref = model.class_embeddings(format_prompts(names, cfg.data.templates), device=device)
     stored_ref = learner["ref_text"][:n_seen].to(device)
-    if not same_reference_text(stored_ref, ref, cfg.run.text_precision):
+    if not same_reference(stored_ref, ref, cfg.run.text_precision):
         raise ClassifierError(f"checkpoint {path}: the pretrained text embeddings of these class names differ "
                               f"from the run's (other weights at model.pretrained={cfg.model.pretrained!r}, or "
                               f"class names not in the run's order)")
     stored_image = learner.get("ref_image")  # checkpoints since 2026-12-06
-    if stored_image is not None and not same_reference_image(stored_image.to(device),
-                                                             reference_image_embeddings(model, device),
-                                                             cfg.run.precision):
+    probes = reference_image_embeddings(model, device) if stored_image is not None else None
+    if probes is not None and not same_reference(stored_image.to(device), probes, cfg.run.precision):
         raise ClassifierError(f"checkpoint {path}: the pretrained image embeddings of the probe images differ from "
                               f"the run's: another image tower at model.pretrained={cfg.model.pretrained!r}; give "
                               f"the run's own weights (--set model.pretrained=/path/to/them)")

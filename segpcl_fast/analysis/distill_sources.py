@@ -33,8 +33,6 @@ log = logging.getLogger("segpcl_fast.analysis")
 
 SOURCES = ("anchors", "new_data", "seeds", "folder")
 REFERENCE_PER_CLASS = 5  # offline reference folder: 5 source-domain images per class (500), own stream
-
-
 REFERENCE_MARKER = ".reference.json"  # which world's images the folder holds
 
 

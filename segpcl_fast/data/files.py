@@ -193,18 +193,14 @@ ILSVRC2012_FIRST_LAST = ("n01440764", "n15075141")  # smallest and largest of th
 
 
 def ilsvrc2012_wnids() -> Optional[list[str]]:
-    """The 1000 ILSVRC-2012 wnids, sorted (timm's ImageNetInfo, which open_clip depends on); None without timm."""
-    try:
-        from timm.data import ImageNetInfo
-        wnids = sorted(ImageNetInfo().label_names())
-    except Exception:  # noqa: BLE001  (timm missing, or an old one without ImageNetInfo)
-        return None
+    """The 1000 ILSVRC-2012 wnids, sorted (timm's list, timm_synsets; open_clip depends on timm); None without timm."""
+    wnids = sorted(timm_synsets("imagenet") or ())
     return wnids if len(wnids) == 1000 and (wnids[0], wnids[-1]) == ILSVRC2012_FIRST_LAST else None
 
 
 def timm_synsets(subset: str) -> Optional[frozenset[str]]:
     """The wnids of an ImageNet variant as timm lists them (timm/data/_info/<subset>_synsets.txt:
-    "imagenet_r", "imagenet_a"); None without timm or without that file (an old timm)."""
+    "imagenet" (ILSVRC-2012), "imagenet_r", "imagenet_a"); None without timm or without that file (an old timm)."""
     try:
         data = pkgutil.get_data("timm.data", f"_info/{subset}_synsets.txt")
     except Exception:  # noqa: BLE001  (timm missing, or a timm without the file)
@@ -264,10 +260,10 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
     meta.bin) are replaced by CLIP's curated names when open_clip is installed; a user's
     data.names_file is always taken as written. clip_subsets=True: also for a shipped file that lists
     only ILSVRC-2012 wnids (Kaggle's ImageNet-100 Labels.json). origin: where the shipped files come
-    from, said when none is there. unique=True (for class-incremental datasets, whose
-    clip_without_file=True: with none of `mapping_files` there and no user file, ILSVRC-2012 wnids get
-    CLIP's curated names all the same (what a shipped 1000-wnid file would have given them: ILSVRC-2012
-    extracted from its train/val tars has no mapping file). unique=True (for class-incremental datasets, whose
+    from, said when none is there. clip_without_file=True: with none of `mapping_files` there and no user
+    file, ILSVRC-2012 wnids get CLIP's curated names all the same (what a shipped 1000-wnid file would have
+    given them: ILSVRC-2012 extracted from its train/val tars has no mapping file). unique=True (for
+    class-incremental datasets, whose
     classes must get distinct prompts): names colliding case-insensitively are an error (see
     check_unique_names). Off by default for zero-shot evaluation sets, where CLIP's own 1000 ImageNet
     names repeat 'missile' and 'sunglasses'.
@@ -277,19 +273,16 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
                               ", or unset it to use the mapping shipped with the data")
     else:
         path = first_existing(mapping_files)
-        clip_names = clip_imagenet_names({w: w for w in wnids}, subsets=True) if path is None and clip_without_file else None
-        if clip_names is not None:
-            names = [clip_names[w] for w in wnids]
-            if unique:
-                check_unique_names(wnids, names, "CLIP's ImageNet names (open_clip)", dataset, layout)
-            log.info("%s: no class-name mapping file (looked for: %s): CLIP's ImageNet names (open_clip) for the "
-                     "%d ILSVRC-2012 wnids", dataset, ", ".join(str(p) for p in mapping_files), len(wnids))
-            return names
         if path is None:
             tried = ", ".join(str(p) for p in mapping_files)
-            raise format_error(dataset, f"no class-name mapping found (looked for: {tried})", layout,
-                               f"put the mapping file there{f' ({origin})' if origin else ''}, or set "
-                               "data.names_file to a file with lines '<wnid> <class name>'")
+            clip_names = clip_imagenet_names({w: w for w in wnids}, subsets=True) if clip_without_file else None
+            if clip_names is None:
+                raise format_error(dataset, f"no class-name mapping found (looked for: {tried})", layout,
+                                   f"put the mapping file there{f' ({origin})' if origin else ''}, or set "
+                                   "data.names_file to a file with lines '<wnid> <class name>'")
+            log.info("%s: no class-name mapping file (looked for: %s): CLIP's ImageNet names (open_clip) for the "
+                     "%d ILSVRC-2012 wnids", dataset, tried, len(wnids))
+            return _names_of(wnids, clip_names, "CLIP's ImageNet names (open_clip)", unique, dataset, layout)
     try:
         mapping = parse_wnid_mapping(path)
     except ValueError as err:
@@ -310,6 +303,12 @@ def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset
         raise format_error(dataset, f"class-name mapping '{path}' lacks {len(missing)} of the "
                                     f"{len(wnids)} wnids, e.g. {missing[:5]}", layout,
                            "use a complete mapping (lines '<wnid> <class name>') via data.names_file")
+    return _names_of(wnids, mapping, source, unique, dataset, layout)
+
+
+def _names_of(wnids: Sequence[str], mapping: dict[str, str], source: str, unique: bool, dataset: str,
+              layout: str) -> list[str]:
+    """The names of `wnids` in `mapping`, distinct case-insensitively where `unique` (check_unique_names)."""
     names = [mapping[w] for w in wnids]
     if unique:
         check_unique_names(wnids, names, source, dataset, layout)

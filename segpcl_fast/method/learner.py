@@ -287,12 +287,11 @@ class Learner:
         self.prototypes.tensor = self.prototypes.tensor.to(self.device)  # where an unbroken run keeps them
         self.text_cache = state["text_cache"].to(self.device) if state["text_cache"] is not None else None
         stored = state["ref_text"].to(self.device)
-        if not same_reference_text(stored, self.ref_text, self.cfg.run.text_precision):
+        if not same_reference(stored, self.ref_text, self.cfg.run.text_precision):
             raise ReferenceMismatch("text", "checkpoint's reference text embeddings differ from this model's: "
                                             "the checkpoint was made with other pretrained weights or prompts")
         stored = state.get("ref_image")  # checkpoints since 2026-12-06
-        if stored is not None and not same_reference_image(stored.to(self.device), self.ref_image,
-                                                           self.cfg.run.precision):
+        if stored is not None and not same_reference(stored.to(self.device), self.ref_image, self.cfg.run.precision):
             raise ReferenceMismatch("image", "checkpoint's reference image embeddings differ from this model's: "
                                              "the checkpoint was made with another pretrained image tower")
 
@@ -300,22 +299,15 @@ class Learner:
         return lora_parameters(self.model)
 
 
-def same_reference_text(stored: torch.Tensor, ref: torch.Tensor, text_precision: str) -> bool:
-    """Whether a checkpoint's reference text embeddings (unit norm, B = 0) are this model's. bf16 text
-    (run.text_precision) rounds differently on another device or attention / GEMM kernel (by about 4e-4
-    between CPU SDPA backends). fp32 text computed with TF32 GEMMs (run.tf32, or a process that turned
-    TF32 on itself, as open_clip's training script does) and read back without them moves by a few
-    1e-4 (3.7e-4 at most in a CPU emulation of TF32's rounding on a tiny tower, 1.8e-4 on ViT-B/16's
-    text tower with random weights; tests/method/test_method_learner.py). Other weights, prompts or
-    class order move them by far more than either tolerance (0.09-0.3 in the same emulation)."""
-    atol = 2e-2 if text_precision == "bf16" else 2.5e-3
-    return stored.shape == ref.shape and torch.allclose(stored.float(), ref.float(), atol=atol)
-
-
-def same_reference_image(stored: torch.Tensor, ref: torch.Tensor, precision: str) -> bool:
-    """Whether a checkpoint's probe-image embeddings (unit norm, B = 0; reference_image_embeddings) are this
-    model's, with the tolerances of same_reference_text for the image tower's precision (run.precision):
-    another device's kernels, or TF32 (cuDNN's convolutions use it by default), round differently;
-    another image tower moves them by far more (tests/method/test_method_learner.py)."""
+def same_reference(stored: torch.Tensor, ref: torch.Tensor, precision: str) -> bool:
+    """Whether a checkpoint's reference embeddings (unit norm, B = 0: ref_text, or ref_image of the probe
+    images) are this model's, at the tolerance of the tower's precision (run.text_precision, run.precision).
+    bf16 rounds differently on another device or attention / GEMM kernel (text: about 4e-4 between CPU SDPA
+    backends; probe images: about 2e-3). fp32 computed with TF32 GEMMs (run.tf32, or a process that turned
+    TF32 on itself, as open_clip's training script does; cuDNN's convolutions use it by default) and read
+    back without them moves by a few 1e-4 (text: 3.7e-4 at most in a CPU emulation of TF32's rounding on a
+    tiny tower, 1.8e-4 on ViT-B/16's text tower with random weights; probe images: 1.6e-4;
+    tests/method/test_method_learner.py). Other weights, prompts or class order move them by far more than
+    either tolerance (text: 0.09-0.3 in the same emulation; probe images: 0.19-0.56)."""
     atol = 2e-2 if precision == "bf16" else 2.5e-3
     return stored.shape == ref.shape and torch.allclose(stored.float(), ref.float(), atol=atol)

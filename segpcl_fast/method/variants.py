@@ -85,11 +85,10 @@ def variant_overrides(name: str) -> dict[str, Any]:
     return dict(VARIANTS[name])
 
 
-# the switches every variant owns; a variant also owns the other keys it sets (prototypes.beta = 0 for the
-# CLIP-path-only ones, zeroshot's optim.epochs = 0, distill_*'s acgd.source). A config's own value for any
-# of them (a saved config.yaml of another method's run, or a --set) is replaced, with a warning when it was
-# set away from its default
-SWITCHES = ("acgd.enabled", "tsgr.enabled", "prototypes.transfer")
+# a variant owns the keys it sets: the switches acgd.enabled, tsgr.enabled, prototypes.transfer, and where it
+# sets them prototypes.beta = 0 (the CLIP-path-only ones), zeroshot's optim.epochs = 0, distill_*'s acgd.source.
+# A config's own value for any of them (a saved config.yaml of another method's run, or a --set) is replaced,
+# with a warning when it was set away from its default
 _warned: set = set()
 
 
@@ -100,11 +99,11 @@ def resolve_variant(cfg: Config) -> Config:
     if name in VISUAL_BRANCH and not cfg.prototypes.beta > 0:
         raise ConfigError(f"method '{name}' uses the prototype path but prototypes.beta = {cfg.prototypes.beta}; "
                           f"set prototypes.beta > 0 (method.md: 0.5) or use run.method=onlyclip")
-    _warn_replaced_switches(cfg, name, overrides)
+    _warn_replaced_keys(cfg, name, overrides)
     return apply_overrides(copy.deepcopy(cfg), overrides)
 
 
-def _warn_replaced_switches(cfg: Config, name: str, overrides: dict) -> None:
+def _warn_replaced_keys(cfg: Config, name: str, overrides: dict) -> None:
     from ..config import config_value
     default = Config()
     replaced = [f"{key}={config_value(cfg, key)} -> {value}" for key, value in overrides.items()

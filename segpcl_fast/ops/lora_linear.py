@@ -288,9 +288,9 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
             f"ops backend 'cpp' forced but segpcl_fast._C cannot run lora_b_linear: {why}. Build it with "
             "`pip install --no-build-isolation .` (SEGPCL_WITH_CUDA=1 for the CUDA kernels) or use "
             "set_backend('auto').")
-    compiled = torch.compiler.is_compiling() if compiling is None else compiling
     if lora_B is not None and not _needs_grad_B(lora_B):
         return "merged"
+    compiled = torch.compiler.is_compiling() if compiling is None else compiling
     if not has_kernel(x.device.type):
         if x.device.type == "cuda" and not compiled:
             _say_no_cuda_kernel()
