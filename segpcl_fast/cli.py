@@ -548,7 +548,7 @@ def main(argv=None) -> int:
         fix = (" (this user may not read or write it: fix its permissions or owner (chmod u+w on a folder it "
                "writes, chmod -R a+rX on a dataset folder it reads), or use a copy or folder it can reach)"
                if isinstance(e, PermissionError) else "")
-        _report_error(f"{path}{e.strerror or e}{fix}", where, False)
+        _report_error(f"{path}{e.strerror or e}{fix}", where, getattr(e, "echo", False))
         _leave_process_group(after_error=True)
         return 2
     except Exception as e:  # known user-facing errors carry their fix in the message
@@ -557,7 +557,7 @@ def main(argv=None) -> int:
         from .classifier import ClassifierError
         from .model.clip import ModelLoadError
         if isinstance(e, (DatasetFormatError, ModelLoadError, CheckpointError, ClassifierError, FloatingPointError)):
-            _report_error(_user_message(e), where, False)
+            _report_error(_user_message(e), where, getattr(e, "echo", False))
             _leave_process_group(after_error=True)
             return 2
         from .engine.distributed import lost_peer

@@ -879,8 +879,13 @@ def analysis_config(cfg: Config, name: str) -> Config:
 def runs_below(folder: str | os.PathLike) -> list[str]:
     """Run directories (with a config.yaml) one or two levels below `folder` (an ablation's
     <variant>/seed<N>/), for an error about a folder that is not a run; not a walk of a whole tree."""
-    folder = Path(folder)
-    return sorted(str(p.parent) for depth in ("*", "*/*") for p in folder.glob(f"{depth}/config.yaml"))
+    found = []
+    for depth in ("*", "*/*"):
+        try:
+            found += [str(p.parent) for p in Path(folder).glob(f"{depth}/config.yaml")]
+        except OSError:  # an entry gone while listed (-o /proc): the run's own checks name the folder
+            pass
+    return sorted(found)
 
 
 def join_some(items: list[str], limit: int = 3) -> str:

@@ -222,7 +222,9 @@ def load_torch_file(path: str | os.PathLike, map_location="cpu"):
 def unwritable_dir_reason(path: str | os.PathLike) -> Optional[str]:
     """Why files cannot be written in the folder `path` (made when missing), or None when they can.
 
-    Asked before a run indexes data or loads weights, so a bad output path fails first. Creates nothing.
+    Asked before a run indexes data or loads weights, so a bad output path fails first. Leaves nothing:
+    a folder is made and removed in the nearest existing folder, since access() passes root, and a pseudo
+    file system (/proc, /sys) refuses a mkdir that access() allows.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -236,6 +238,13 @@ def unwritable_dir_reason(path: str | os.PathLike) -> Optional[str]:
         return f"{existing}, a parent of {path}, is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only or immutable folder
         return f"{existing} is not writable" + ("" if existing == path else f" (to make {path} in it)")
+    probe = existing / f".segpcl-write-probe.{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        return f"{existing} refuses new entries ({e.strerror or e})" + ("" if existing == path else f", so {path} "
+                                                                        "cannot be made")
     return None
 
 

@@ -2,6 +2,7 @@
 the checkpoint pointer, profiles)."""
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,37 @@ def test_unwritable_dir_reason_names_the_path_that_blocks(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
     assert unwritable_dir_reason(locked) == f"{locked} is not writable"
     assert unwritable_dir_reason(locked / "a" / "b") == f"{locked} is not writable (to make {locked / 'a' / 'b'} in it)"
+
+
+def test_unwritable_dir_reason_tries_a_folder_where_access_passes(tmp_path, monkeypatch):
+    """access() passes root, and /proc or /sys refuse a mkdir it allows: a folder is made and removed to
+    know, and nothing is left behind."""
+    from segpcl_fast.fileio import unwritable_dir_reason
+    assert unwritable_dir_reason(tmp_path / "new" / "run") is None and os.listdir(tmp_path) == []
+    assert unwritable_dir_reason(tmp_path) is None and os.listdir(tmp_path) == []
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self.parent == tmp_path:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert unwritable_dir_reason(tmp_path / "a" / "b") == (f"{tmp_path} refuses new entries (Operation not "
+                                                           f"permitted), so {tmp_path / 'a' / 'b'} cannot be made")
+    assert unwritable_dir_reason(tmp_path) == f"{tmp_path} refuses new entries (Operation not permitted)"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_dir_in_proc_is_refused_before_the_run_starts(tmp_path):
+    """`-o /proc/foo` ran the model and data set-up and then failed with the OS's bare message; `-o /proc`
+    failed listing /proc for runs below it (a pid folder gone while listed)."""
+    from segpcl_fast.api import train
+    from segpcl_fast.config import ConfigError, runs_below
+    assert runs_below("/proc") == []
+    for out in ("/proc", "/proc/segpcl-out/run"):
+        with pytest.raises(ConfigError, match=r"run\.output_dir: /proc (refuses new entries|is not writable).*-o"):
+            train(run__output_dir=out)
 
 
 def test_remove_stale_temps_takes_only_atomic_paths_leftovers(tmp_path):

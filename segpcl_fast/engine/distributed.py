@@ -187,6 +187,39 @@ def raise_on_every_rank(error: Optional[Exception], ctx: DistContext) -> None:
         raise error
 
 
+def raise_together(error: Optional[Exception], ctx: DistContext) -> None:
+    """After a step every rank takes on its own and alike (indexing the data, splitting the tasks, loading
+    the weights): when any rank failed (`error`, None where it did not), every rank stops here, and the job's
+    error is printed once. The ranks' messages are gathered; rank 0 raises its own error, or where only
+    others failed, the first failing rank's message, naming that rank. Another rank raises its own error,
+    marked `echo` (the CLI prints it from rank 0 only) when rank 0 says the same, or rank 0's, echoed,
+    where it did not fail. Without this, a rank that failed alone left the others waiting in the next
+    collective for its lost peer, and an error every rank met (data.num_tasks=3) was printed once a rank."""
+    if not ctx.enabled:
+        if error is not None:
+            raise error
+        return
+    messages = [None] * ctx.world_size
+    mine = None if error is None else str(error)
+    if ctx.backend == "nccl":  # NCCL serialises through this rank's GPU, as raise_on_every_rank's broadcast
+        with torch.cuda.device(ctx.local_rank):
+            dist.all_gather_object(messages, mine)
+    else:
+        dist.all_gather_object(messages, mine)
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    if not failed:
+        return
+    first_rank, first = failed[0]  # what rank 0 prints: its own error, else the first failing rank's
+    from ..config import ConfigError
+    if ctx.is_main:
+        raise error if error is not None else ConfigError(f"rank {first_rank}: {first}")
+    if error is None:
+        error = ConfigError(first)
+    if str(error) == first:
+        error.echo = True
+    raise error
+
+
 def destroy(after_error: bool = False) -> None:
     """Leave the process group. After an error (after_error=True) without the torch < 2.8 gloo barrier
     below: one rank's error (a NaN loss) finds its peers in an all-reduce, not at a barrier, and the

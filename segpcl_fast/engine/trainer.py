@@ -352,6 +352,22 @@ class Trainer:
 
     def _build(self, compile_settings: Optional["compiling.CompileSettings"]) -> None:
         """Data, model, learner (and compiled model, gradient sync) of the run."""
+        error = None
+        try:
+            self._build_rank(compile_settings)
+        except Exception as e:
+            if not self.dist.enabled:
+                raise
+            error = e
+        ddp.raise_together(error, self.dist)  # before any collective: a rank that failed stops every rank
+        self.grad_sync = None
+        if self.dist.enabled:
+            self.grad_sync = ddp.LoRAGradSync(self.lora_params, self.dist, self.ddp_settings)
+            self._anchors_on_rank0()
+
+    def _build_rank(self, compile_settings: Optional["compiling.CompileSettings"]) -> None:
+        """What each rank builds on its own, with no collective: data, task split, model, learner, compiled
+        model."""
         _seed_everything(self.cfg.run.seed)
         c = self.cfg
         # the data is indexed before the model loads, so a bad data root fails before any weights
@@ -373,10 +389,6 @@ class Trainer:
         if c.run.compile:
             self.compiled = compiling.compile_learner(self.learner,
                                                       compile_settings or compiling.CompileSettings.from_env())
-        self.grad_sync = None
-        if self.dist.enabled:
-            self.grad_sync = ddp.LoRAGradSync(self.lora_params, self.dist, self.ddp_settings)
-            self._anchors_on_rank0()
 
     def _claim_output_dir(self) -> None:
         """A new run must not mix its files with another run's (stale task_03.pt next to new ones)."""

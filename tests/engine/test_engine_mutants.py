@@ -617,6 +617,18 @@ def _collectives_worker(rank, world, port, result_file):
             ddp.raise_on_every_rank(ConfigError("output dir x already holds a run") if rank == 0 else None, ctx)
         except ConfigError as e:
             out["raised"] = [str(e), getattr(e, "echo", False)]
+        # a step each rank takes alike: any rank's failure stops every rank, and the job prints it once
+        from segpcl_fast.data.base import DatasetFormatError
+        ddp.raise_together(None, ctx)
+        out["together"] = {}
+        for case, errors in {"both_same": ["bad root", "bad root"], "rank1_only": [None, "bad file"],
+                             "rank0_only": ["bad root", None], "different": ["bad root", "bad file"]}.items():
+            try:
+                mine = errors[rank]
+                ddp.raise_together(None if mine is None else DatasetFormatError(mine), ctx)
+                out["together"][case] = None
+            except (DatasetFormatError, ConfigError) as e:
+                out["together"][case] = [type(e).__name__, str(e), getattr(e, "echo", False)]
         with open(f"{result_file}.{rank}", "w") as f:
             json.dump(out, f)
     finally:
@@ -636,6 +648,16 @@ def test_collectives_sum_counts_and_broadcast_rank0s_anchors(tmp_path):
     assert (r0["build_calls"], r1["build_calls"]) == ([["loader", 7]], [])  # rank 0 only, task seed
     assert r0["raised"] == ["output dir x already holds a run", False]
     assert r1["raised"] == ["output dir x already holds a run", True]  # the CLI prints it from rank 0 only
+    # raise_together: rank 0 prints the job's error (its own, else the first failing rank's, named); another
+    # rank prints its own only where it differs from rank 0's (echo False)
+    assert r0["together"] == {"both_same": ["DatasetFormatError", "bad root", False],
+                              "rank1_only": ["ConfigError", "rank 1: bad file", False],
+                              "rank0_only": ["DatasetFormatError", "bad root", False],
+                              "different": ["DatasetFormatError", "bad root", False]}
+    assert r1["together"] == {"both_same": ["DatasetFormatError", "bad root", True],
+                              "rank1_only": ["DatasetFormatError", "bad file", True],
+                              "rank0_only": ["ConfigError", "bad root", True],
+                              "different": ["DatasetFormatError", "bad file", False]}
 
 
 # ----------------------------------------------------------------------------- analytic FLOPs, bench

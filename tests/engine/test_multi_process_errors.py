@@ -121,6 +121,22 @@ def test_other_errors_rank0_whole_other_ranks_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == f"segpcl-fast: error: {message}\n"
 
 
+def test_an_echoed_error_of_any_kind_is_printed_by_rank0_alone(monkeypatch, capsys):
+    """raise_together marks a rank's error `echo` where rank 0 prints the same: a data error every rank
+    met after joining (data.num_tasks=3, a missing data root) was printed once a rank."""
+    from segpcl_fast.cli import main
+    from segpcl_fast.data.base import DatasetFormatError
+    for error in (DatasetFormatError("cifar100: data root '/x' does not exist"), PermissionError(13, "denied", "/x")):
+        error.echo = True
+        _fail_with(monkeypatch, error)
+        _torchrun_env(monkeypatch, 1, 2)
+        assert main(["env"]) == 2
+        assert capsys.readouterr().err == ""
+        _torchrun_env(monkeypatch, 0, 2)
+        assert main(["env"]) == 2
+        assert "/x" in capsys.readouterr().err
+
+
 GLOO_LOST = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:32138: Connection "
              "reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
 
