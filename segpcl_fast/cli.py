@@ -305,11 +305,11 @@ def _drop_options(argv: list[str], flags=(), with_value=()) -> list[str]:
 def cmd_profile(args) -> int:
     from .engine.profile import check_profile_args, ncu_command, profile_training, profiled_task
     cfg = _config_from_args(args)
-    check_profile_args(cfg, args.steps, args.nvtx)  # a refusal is the only line, not after the header
     # -o or a run.output_dir from --set / the YAML, as an analysis takes it: train's defaults (runs/default,
     # a preset's runs/<preset>) become runs/profile, runs/<preset>-profile; a train run's folder is refused
     from .config import analysis_config
     out_dir = analysis_config(cfg, "profile").run.output_dir
+    check_profile_args(cfg, args.steps, args.nvtx, out_dir)  # a refusal is the only line, not after the header
     if _rank0():
         task = profiled_task(cfg.data.num_tasks, cfg.run.compile) + 1
         print(f"segpcl-fast profile: {args.steps} steps of task {task} (the tasks before it: warm-up), "

@@ -54,7 +54,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..config import Config, ConfigError
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path, atomic_write_text, unwritable_dir_reason
 from .compiling import compile_counters, loss_terms_compiled
 
 log = logging.getLogger("segpcl_fast.engine")
@@ -231,11 +231,15 @@ def ncu_command(kernel: str, argv: list[str], launches: Optional[int] = None) ->
     return shlex.join(cmd)
 
 
-def check_profile_args(cfg: Config, steps: int, nvtx: bool) -> None:
-    """profile's own refusals, before anything loads: --steps < 1, --nvtx on a run that is not on CUDA."""
+def check_profile_args(cfg: Config, steps: int, nvtx: bool, out_dir: Optional[str | os.PathLike] = None) -> None:
+    """profile's own refusals, before anything loads: --steps < 1, --nvtx on a run that is not on CUDA, an
+    output folder (`out_dir`, where the trace goes: not under --nvtx) that cannot be written."""
     from .trainer import resolve_device
     if steps < 1:
         raise ConfigError(f"profile: --steps must be >= 1, got {steps}")
+    problem = unwritable_dir_reason(out_dir) if out_dir is not None and not nvtx else None
+    if problem:
+        raise ConfigError(f"profile's output folder: {problem}; pick another folder with -o (run.output_dir)")
     device = resolve_device(cfg.run.device)
     if nvtx and not _is_cuda(device):
         raise ConfigError(f"profile --nvtx emits NVTX ranges for Nsight Systems / Compute, which profile CUDA "
@@ -248,7 +252,7 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     """Profile `steps` training steps of task 2 (task 3 under run.compile; the last task of a shorter run),
     after the tasks before it as warm-up; returns paths and stats."""
     from .trainer import Trainer
-    check_profile_args(cfg, steps, nvtx)  # before the model and data load: a refusal costs nothing
+    check_profile_args(cfg, steps, nvtx, out_dir)  # before the model and data load: a refusal costs nothing
     cfg = copy.deepcopy(cfg)
     cfg.run.max_steps_per_task = steps
     cfg.run.checkpoint, cfg.run.plots, cfg.run.progress, cfg.eval.fwt = False, False, False, False

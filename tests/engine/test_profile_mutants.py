@@ -182,6 +182,18 @@ def test_profile_training_refuses_zero_steps(tmp_path):
     assert not tmp_path.joinpath("trace.json").exists()
 
 
+def test_profile_refuses_an_output_folder_it_cannot_make_before_loading(tmp_path, capsys):
+    """`profile -o /proc/x` trained the warm-up tasks and then failed with the OS's bare message at the trace."""
+    from segpcl_fast.cli import main
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "prof"):
+        with pytest.raises(ValueError, match=r"profile's output folder: .*file.* pick another folder with -o"):
+            profile_training(make_config(), out, steps=1)
+    assert main(["profile", "-o", str(tmp_path / "file" / "prof")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a parent of" in err and "segpcl-fast profile:" not in err
+
+
 def test_profile_one_task_run(tiny_model_name, tmp_path):
     cfg = make_config(model__name=tiny_model_name, model__pretrained=None, max_train_per_class=1, max_test_per_class=1,
                       num_tasks=1, epochs=1, optim__batch_size=64, output_dir=str(tmp_path / "run"), num_threads=1)
