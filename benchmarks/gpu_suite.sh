@@ -48,7 +48,8 @@
 #   skipped.txt (reset by each call) names what this call skipped for lack of budget, one a line: a
 #   step, e2e-VARIANT, or STEP-PART for a command of a started step (e.g. bench-tune), so a second
 #   call with STEPS= set to those steps finishes the set.
-# Exit status non-zero when any command failed or ran out of time (all chosen steps still run).
+# Exit status non-zero when any command failed or ran out of time, or a chosen step needs open_clip and it is
+# not importable (all chosen steps still run).
 #
 # $OUT receives: device.txt (the probe; after the final pack it ends with `segpcl-fast env`),
 # summary.md (this call's commands with exit status and seconds, what it skipped, then the kernel,
@@ -157,7 +158,9 @@ starts() {  # starts STEP [MIN_S]: chosen and enough budget left (MIN_S, default
   local min=${2:-$MIN_STEP_S}
   want "$1" || return 1
   if [ -n "${NEEDS_OPEN_CLIP:-}" ] && [ "${HAVE_OPEN_CLIP:-1}" != 1 ] && case " $NEEDS_OPEN_CLIP " in *" $1 "*) true;; *) false;; esac; then
-    echo "step $1 skipped: open_clip is not importable here (benchmarks/device_wheels.sh)" | tee -a "$WORK/steps.txt" >&2; return 1
+    # a failure (status 1): a call that chose this step and ran nothing of it must not look like a success
+    echo "step $1 skipped: open_clip is not importable here (benchmarks/device_wheels.sh)" | tee -a "$WORK/steps.txt" >&2
+    status=1; return 1
   fi
   if [ "$(left)" -lt "$min" ]; then
     echo "$1" >> "$WORK/skipped.txt"; echo "step $1 skipped: $(left) s of budget left (needs $min)" >&2; return 1
@@ -286,8 +289,10 @@ fi
 # segpcl_fast._C with CUDA kernels (LoRA-B linear): build, GPU tests, fwd+bwd benchmark vs peft/base
 if starts ext; then
 NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
+TOOLKIT="$(dirname "$(dirname "$NVCC")")"  # nvcc's toolkit; an nvcc wrapper script (/usr/local/bin/nvcc) has none
+if [ ! -f "$TOOLKIT/include/cuda_runtime.h" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then TOOLKIT=/usr/local/cuda; fi
 if part ext-build; then
-CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}" SEGPCL_WITH_CUDA=1 \
+CUDA_HOME="${CUDA_HOME:-$TOOLKIT}" SEGPCL_WITH_CUDA=1 \
   run_step ext-build "$PYTHON" setup.py build_ext --inplace > "$WORK/ext_build.txt" 2>&1 || status=1
 save
 fi

@@ -27,6 +27,7 @@ STEPS = ["kernels", "bench", "ext", "e2e", "profile"]
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$$ $*" >> "$FAKE_LOG"
+[ "$1" = setup.py ] && echo "CUDA_HOME=${CUDA_HOME:-}" >> "$FAKE_LOG.env"
 case "$1" in
   -c) case "$2" in *open_clip*) [ -n "${FAKE_NO_OPEN_CLIP:-}" ] && exit 1;; *xdist*) [ -n "${FAKE_NO_XDIST:-}" ] && exit 1;;
       esac; echo "fake probe"; exit 0;;
@@ -239,12 +240,33 @@ def test_summaries_alone_and_no_main_e2e_variants(suite, tmp_path):
 def test_without_open_clip_e2e_and_profile_are_skipped_up_front(suite, tmp_path):
     proc, env = suite(STEPS="kernels e2e profile", BUDGET="0", FAKE_NO_OPEN_CLIP="1")
     _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr  # a call whose chosen steps ran nothing is not a success
     commands = _commands(env)
     assert len(commands) == 1 and "tests/kernels" in commands[0]
     out = tmp_path / "out"
     assert _lines(out / "skipped.txt") == []  # not for lack of budget: another call would not run them either
     assert "open_clip is not importable" in (out / "device.txt").read_text()
     assert "step e2e skipped: open_clip is not importable" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("nvcc_is_a_wrapper", [False, True])
+def test_the_extension_builds_with_the_toolkit_of_nvcc(suite, tmp_path, nvcc_is_a_wrapper):
+    """CUDA_HOME is the folder above nvcc's bin/; an nvcc wrapper script (/usr/local/bin/nvcc ->
+    exec /usr/local/cuda-13.0/bin/nvcc) has no toolkit there, and the build then takes /usr/local/cuda."""
+    toolkit = tmp_path / "cuda-x"
+    (toolkit / "bin").mkdir(parents=True)
+    if not nvcc_is_a_wrapper:
+        (toolkit / "include").mkdir()
+        (toolkit / "include" / "cuda_runtime.h").write_text("")
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    proc, fake_env = suite(STEPS="ext", PATH=f"{toolkit / 'bin'}:{os.environ['PATH']}", CUDA_HOME="")  # "": unset
+    proc.communicate(timeout=60)
+    seen = Path(fake_env["FAKE_LOG"] + ".env").read_text().split()
+    if nvcc_is_a_wrapper and not Path("/usr/local/cuda/include/cuda_runtime.h").is_file():
+        assert seen == [f"CUDA_HOME={toolkit}"]  # nothing better to take
+    else:
+        assert seen == ["CUDA_HOME=/usr/local/cuda" if nvcc_is_a_wrapper else f"CUDA_HOME={toolkit}"]
 
 
 @pytest.mark.parametrize("env, workers", [({}, "-n 8"), ({"KERNEL_WORKERS": "3"}, "-n 3"),

@@ -360,7 +360,7 @@ def default_cases() -> list[Case]:
     # chunks narrower than 16 columns (tests, the sweep): the alignment hints must fit inside one chunk
     cases.append(Case("anchor_kl 512x64 in chunks of 8 fp32/fp32 teacher logits", akl(512, 64, f32, f32, False, 8)))
 
-    def knn(classes, n_roots, k, d, dtype):
+    def knn(classes, n_roots, k, d, dtype, mean_grad=False):
         emb = torch.empty(classes, d, dtype=dtype, device=meta)
         roots = torch.empty(n_roots, dtype=torch.long, device=meta)
         neighbors = torch.empty(n_roots, k, dtype=torch.long, device=meta)
@@ -368,7 +368,10 @@ def default_cases() -> list[Case]:
 
         def run():
             kl, g, g_root = knn_subgraph_kl.knn_kl_forward_triton(emb, roots, neighbors, ref, 0.05)
-            knn_subgraph_kl.knn_kl_backward_triton(kl, emb, roots, neighbors, g, g_root)
+            # the training step's loss is the mean over roots: its gradient is a stride-0 expand, a stride
+            # Triton compiles apart from the contiguous one (specialised on 1)
+            grad_kl = torch.empty((), device=meta).expand(n_roots) if mean_grad else kl
+            knn_subgraph_kl.knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root)
         return run
 
     for classes, n_roots, k, d in ((1000, 200, 10, 512), (2000000, 400000, 10, 512), (1000, 200, 10, 768),
@@ -376,6 +379,8 @@ def default_cases() -> list[Case]:
         for dtype in (f32, bf16):
             cases.append(Case(f"knn_subgraph_kl {classes} classes {n_roots}x{k} d{d} {_name(dtype)}",
                               knn(classes, n_roots, k, d, dtype)))
+    cases.append(Case("knn_subgraph_kl 1000 classes 200x10 d512 fp32, the mean's stride-0 gradient",
+                      knn(1000, 200, 10, 512, f32, mean_grad=True)))
 
     def merge(n_out, n_in, rank, dtype):
         w = torch.empty(n_out, n_in, dtype=dtype, device=meta)
