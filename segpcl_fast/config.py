@@ -298,6 +298,9 @@ CLS_OVER = ("current", "seen")  # method/learner.py
 FUSED_SGD = ("auto", "foreach", "apex")  # engine/trainer.py make_optimizer
 ACGD_SOURCES = ("anchors", "new_data", "seeds", "folder")  # method/learner.py
 WEIGHT_RULES = ("relu_cos", "uniform")  # method/prototypes.py WEIGHT_RULES
+# acgd.tau's ceiling: tau^2 * KL of two near-uniform softmaxes is lost to fp32 rounding above it (the
+# log-probs are about -log C); tests/method/test_method_losses.py measures the loss against float64 there
+MAX_ACGD_TAU = 1000.0
 LORA_TARGETS = ("q", "k", "v", "out", "c_fc", "c_proj")  # model/lora.py VALID_TARGETS
 LORA_TOWERS = ("visual", "text")  # model/lora.py VALID_TOWERS
 DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101")  # data/build.py
@@ -313,8 +316,9 @@ _Check = Callable[[Any], Optional[str]]  # None when the value is fine, else "mu
 
 
 def _number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
-            hi_open: bool = False, optional: bool = False) -> _Check:
-    """A finite number in the range [lo, hi] (open ends with lo_open / hi_open); None if optional."""
+            hi_open: bool = False, optional: bool = False, why: str = "") -> _Check:
+    """A finite number in the range [lo, hi] (open ends with lo_open / hi_open); None if optional. `why`:
+    the reason for the range, said with the refusal."""
     if lo is not None and hi is not None:
         rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
     elif lo is not None:
@@ -329,7 +333,7 @@ def _number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: boo
         ok = isinstance(value, (int, float)) and math.isfinite(value)
         ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
         ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
-        return None if ok else f"must be {what}"
+        return None if ok else f"must be {what}" + (f" ({why})" if why else "")
     return check
 
 
@@ -453,7 +457,8 @@ RULES: dict[str, _Check] = {
     "dpgd.lambda_p": _number(0),
     "dpgd.batch_size": _integer(1),
     "acgd.weight": _number(0),  # 0 = off
-    "acgd.tau": _number(0, lo_open=True),
+    "acgd.tau": _number(0, MAX_ACGD_TAU, lo_open=True,
+                        why=f"above {MAX_ACGD_TAU:g} the fp32 KL of two near-uniform softmaxes is lost to rounding"),
     "acgd.anchor_batch": _integer(0),  # 0 = the image batch
     "acgd.source": _one_of(ACGD_SOURCES),
     "tsgr.weight": _number(0),

@@ -518,9 +518,13 @@ class Trainer:
         losses, epochs = [], []
         bar = _progress(total_steps, f"task {t + 1}/{self.scenario.num_tasks}", c.run.progress and self.dist.is_main)
         self.model.train()
+        read_last = None  # (step, parts, gradient norm) of the last step read: a non-finite step's error quotes it
+
         def record(step: int, done) -> None:
+            nonlocal read_last
             # a StepOutcome raises FloatingPointError for a non-finite step (its update was skipped)
             parts = done.values(c) if isinstance(done, StepOutcome) else done
+            read_last = (step, parts, done.grad_norm_read) if isinstance(done, StepOutcome) else None
             losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
             epochs.append(step // steps_per_epoch)
             if bar is not None:
@@ -542,6 +546,12 @@ class Trainer:
                 pending = (step, outcome)
             if pending is not None:
                 record(*pending)
+        except FloatingPointError as e:
+            step_before = pending  # read already where train_step read it before the update (not yet recorded)
+            if step_before is not None and isinstance(step_before[1], StepOutcome) and \
+                    step_before[1].grad_norm_read is not None and step_before[0] == getattr(e, "step", -1) - 1:
+                read_last = (step_before[0], step_before[1].values(c), step_before[1].grad_norm_read)
+            raise _with_step_before(e, read_last)
         finally:
             if bar is not None:
                 bar.close()
@@ -872,6 +882,7 @@ class StepOutcome:
         else:
             self._host = packed
         self._values: Optional[dict] = None
+        self.grad_norm_read: Optional[float] = None  # set by values(): a non-finite step's error quotes the one before
         self.skips_in = None  # the fused optimizer whose sticky skip flag this step set (Trainer.train_step)
 
     def nonfinite(self) -> torch.Tensor:
@@ -887,6 +898,7 @@ class StepOutcome:
                 self._event.synchronize()  # this step's kernels, and its copy, are done
             read = self._host.tolist()
             values = dict(zip(self._names, read))
+            self.grad_norm_read = read[-1]
             loss_ok = self.loss is None or math.isfinite(read[len(self._names)])
             if (not loss_ok or not math.isfinite(read[-1])) and self.skips_in is not None:
                 # the error is out: the steps queued after this one were skipped; later ones run again
@@ -930,7 +942,7 @@ def _nonfinite_fixes(terms: list, cfg: Config) -> str:
 def _raise_nonfinite_grad(values: dict, step: int, t: int, cfg: Config) -> None:
     """Finite loss terms, non-finite LoRA-B gradients: one term's backward overflowed. Without this
     check the NaN weights surface one step later as a NaN L_cls, blaming the wrong term."""
-    terms = ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items()) or "no terms on this rank, which had no samples"
+    terms = _terms_text(values) or "no terms on this rank, which had no samples"
     # under torchrun the gradients are all-reduced: another rank's non-finite loss (its own error names
     # the term) reaches this rank's gradients too, and is the likelier cause
     ranks = (torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -938,9 +950,9 @@ def _raise_nonfinite_grad(values: dict, step: int, t: int, cfg: Config) -> None:
     cause = ("another rank's loss was not finite (see that rank's error), or a term's backward overflowed (very "
              "small temperatures overflow it)" if ranks else
              "a term's backward overflowed (very small temperatures overflow it)")
-    raise FloatingPointError(f"the LoRA B gradients are not finite at task {t + 1}, step {step} while every loss term "
-                             f"{'on this rank ' if ranks else ''}is ({terms}): {cause}; "
-                             f"{_nonfinite_fixes(list(values), cfg)}")
+    raise _at_step(FloatingPointError(f"the LoRA B gradients are not finite at task {t + 1}, step {step} while every "
+                                      f"loss term {'on this rank ' if ranks else ''}is ({terms}): {cause}; "
+                                      f"{_nonfinite_fixes(list(values), cfg)}"), step)
 
 
 def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int, cfg: Config) -> None:
@@ -951,9 +963,31 @@ def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int, cfg: Confi
 
 def _raise_nonfinite_loss(loss: float, values: dict, step: int, t: int, cfg: Config) -> None:
     bad = [k for k, v in values.items() if not math.isfinite(v)]
-    raise FloatingPointError(f"loss is {loss} at task {t + 1}, step {step} (non-finite term(s): "
-                             f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); {_nonfinite_fixes(bad, cfg)}; "
-                             f"or check the data for NaN pixels")
+    raise _at_step(FloatingPointError(f"loss is {loss} at task {t + 1}, step {step} (non-finite term(s): "
+                                      f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); "
+                                      f"{_nonfinite_fixes(bad, cfg)}; or check the data for NaN pixels"), step)
+
+
+def _at_step(error: FloatingPointError, step: int) -> FloatingPointError:
+    error.step = step  # Trainer.train_task adds what the step before it read (_with_step_before)
+    return error
+
+
+def _terms_text(values: dict) -> str:
+    return ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items())
+
+
+def _with_step_before(error: FloatingPointError, before: Optional[tuple]) -> FloatingPointError:
+    """A non-finite step's error, with the loss terms and gradient norm of the step before it (`before`:
+    (step, parts, gradient norm), None when not read): a finite but huge gradient (tsgr.tau=1e-20: L_GR 4.9e15,
+    norm 1.4e18) passes the check and breaks the weights, and the next step's terms are all NaN, so the
+    step before is where the cause shows."""
+    step = getattr(error, "step", None)
+    if before is None or step is None or before[0] != step - 1 or not before[1]:
+        return error
+    error.args = (f"{error.args[0]}; the step before (step {step - 1}): {_terms_text(before[1])}, gradient norm "
+                  f"{before[2]:.3g}",) + error.args[1:]
+    return error
 
 
 def epoch_means(losses: list[dict], epochs: list[int]) -> list[dict]:

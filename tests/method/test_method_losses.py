@@ -182,3 +182,31 @@ def test_tsgr_graph_builds_its_backward_plan_once_and_the_loss_passes_it(monkeyp
     (grad_longer,) = torch.autograd.grad(loss_longer, longer)
     assert torch.equal(loss_longer, loss) and torch.equal(grad_longer[:9], grad)
     assert (grad_longer[9:] == 0).all()
+
+
+def test_acgd_tau_ceiling_is_where_fp32_loses_the_kl():
+    """acgd.tau is refused above MAX_ACGD_TAU: there tau^2 * KL of two near-uniform softmaxes (log-probs about
+    -log C, differences about 1/tau) is lost to fp32 rounding; a run at 1e6 logged negative ACGD losses. At
+    the ceiling the gradient (what trains) still holds; the logged value is rounding-bound well before it."""
+    from segpcl_fast.api import make_config
+    from segpcl_fast.config import MAX_ACGD_TAU, ConfigError
+    torch.manual_seed(0)
+    teacher = torch.randn(64, 90) * 10
+    student = teacher + 0.5 * torch.randn_like(teacher)
+
+    def errors(tau):  # relative error of the fp32 loss and of its gradient, against float64
+        got = student.clone().requires_grad_(True)
+        exact = student.double().clone().requires_grad_(True)
+        loss, loss_exact = losses.acgd_loss(got, teacher, tau), losses.acgd_loss(exact, teacher.double(), tau)
+        loss.backward()
+        loss_exact.backward()
+        loss, loss_exact = float(loss.detach()), float(loss_exact.detach())
+        return (abs(loss - loss_exact) / loss_exact,
+                float((got.grad.double() - exact.grad).norm() / exact.grad.norm()))
+    assert errors(20)[0] < 1e-3 and errors(100)[0] < 1e-2  # the default, and the sweeps' range
+    assert errors(MAX_ACGD_TAU)[1] < 2e-3
+    loss_error, grad_error = errors(100 * MAX_ACGD_TAU)
+    assert loss_error > 1 and grad_error > 1e-2
+    assert make_config(acgd__tau=MAX_ACGD_TAU).acgd.tau == MAX_ACGD_TAU
+    with pytest.raises(ConfigError, match=r"acgd\.tau.*in \(0, 1000\] \(above 1000 the fp32 KL .* rounding\)"):
+        make_config(acgd__tau=10 * MAX_ACGD_TAU)
