@@ -318,6 +318,8 @@ class Trainer:
         # checkpoints, which run() answers from its results.json alone)
         self.holds_final_weights = False
         self._lock = None  # ckpt.lock_run_dir's, while run() runs on rank 0
+        # the lowest L_cls last quarter / ln(n) of the tasks trained in this process (divergence_warning)
+        self._learned_cls_fraction: Optional[float] = None
         ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
         problem = None
         if writes and self.dist.is_main:  # the run folder, and its checkpoints/ where an earlier run made it
@@ -570,9 +572,13 @@ class Trainer:
         info["timings"] = timings
         # chance level of L_cls: its softmax spans the seen classes (optim.cls_over=seen) or the new ones
         cls_classes = self.learner.n_old + n_new if c.optim.cls_over == "seen" else n_new
-        warning = divergence_warning([p.get("cls") for p in losses], cls_classes, t, c.optim.lr)
+        cls_losses = [p.get("cls") for p in losses]
+        warning = divergence_warning(cls_losses, cls_classes, t, c.optim.lr, self._learned_cls_fraction)
         if warning and self.dist.is_main:
             log.warning(warning)
+        fraction = cls_chance_fraction(cls_losses, cls_classes)  # the lowest so far: the model had learned
+        if fraction is not None:
+            self._learned_cls_fraction = min(fraction, self._learned_cls_fraction or fraction)
         return info
 
     def train_step(self, optimizer, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int, t: int,
@@ -1008,16 +1014,27 @@ def epoch_means(losses: list[dict], epochs: list[int]) -> list[dict]:
     return rows
 
 
-MIN_STEPS_FOR_DIVERGENCE = 8  # quarters of >= 2 steps, so each has a variance
+MIN_STEPS_FOR_DIVERGENCE = 20  # quarters of >= 5 steps: a variance of 2 steps called noise a divergence
 
 
 COLLAPSE_FRACTION = 0.95  # a rise that ends at >= this fraction of ln(n): the predictions became near-uniform
+LEARNED_FRACTION = 0.8  # a task whose last quarter ended under this fraction of ln(n): the model had learned
 
 
-def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float) -> Optional[str]:
+def cls_chance_fraction(cls_losses: list, n_classes: int) -> Optional[float]:
+    """The mean L_cls of a task's last quarter of steps over chance level ln(n_classes) (None: no steps)."""
+    values = [float(v) for v in cls_losses if v is not None]
+    if not values or n_classes < 2:
+        return None
+    return statistics.fmean(values[-max(1, len(values) // 4):]) / math.log(n_classes)
+
+
+def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float,
+                       learned_before: Optional[float] = None) -> Optional[str]:
     """A message when L_cls rose across task t, beyond its batch-to-batch noise, and ended above
     chance level ln(n_classes) (diverged) or within 5 % under it (collapsed to near-uniform
-    predictions); else None.
+    predictions), or when a model that had learned (`learned_before`: the lowest cls_chance_fraction of
+    the tasks before, under LEARNED_FRACTION) spent task t at chance; else None.
 
     Finite but diverged runs (weights blown up, predictions worse than uniform guessing) pass
     _check_finite; this catches them from the per-step losses already on the host. It compares
@@ -1025,21 +1042,32 @@ def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float) -> O
     10 % and over twice the standard error of that difference (Welch), so a flat but noisy loss
     (a task the model barely learns, a small last batch per epoch) is not called a divergence.
     A rise that ends at COLLAPSE_FRACTION of ln(n) or more is a collapse: a model that knew the
-    classes now spreads its probability evenly (equal logits give exactly ln(n)). A loss that sits
-    at chance from the start has no rise and is not flagged. Under 8 steps (quarters of one step
-    have no noise estimate: a smoke run's 4 steps) nothing is flagged.
+    classes now spreads its probability evenly (equal logits give exactly ln(n)). Under 20 steps
+    (quarters of 5) no rise is flagged: with 10 steps, two unlucky batches at the end of a healthy
+    task read as one. A loss at chance for the whole task (its mean and its last quarter at
+    COLLAPSE_FRACTION of ln(n) or more) is flagged only after a task that learned, at any step count:
+    a blow-up in a task's first steps (lr=1: L_cls 3.6 -> 12.2, then ln(20) for every later task) has
+    no rise to see; an untrained model at chance from its first task is not flagged.
     """
     values = [float(v) for v in cls_losses if v is not None]
-    if len(values) < MIN_STEPS_FOR_DIVERGENCE or n_classes < 2:
+    if not values or n_classes < 2:
+        return None
+    chance = math.log(n_classes)
+    fix = f"lower optim.lr (now {lr:g}) or set optim.grad_clip"
+    last_fraction = cls_chance_fraction(values, n_classes)
+    if (learned_before is not None and learned_before < LEARNED_FRACTION and last_fraction >= COLLAPSE_FRACTION
+            and statistics.fmean(values) >= COLLAPSE_FRACTION * chance):
+        return (f"task {t + 1}: L_CLS stayed at chance level ln({n_classes}) = {chance:.3f} (mean {statistics.fmean(values):.3f}, "
+                f"last quarter of its steps {last_fraction * chance:.3f}) after an earlier task ended at "
+                f"{learned_before:.0%} of its chance level: training collapsed (near-uniform predictions); {fix}")
+    if len(values) < MIN_STEPS_FOR_DIVERGENCE:
         return None
     k = len(values) // 4
     head, tail = values[:k], values[-k:]
     first, last = statistics.fmean(head), statistics.fmean(tail)
-    chance = math.log(n_classes)
     noise = math.sqrt((statistics.variance(head) + statistics.variance(tail)) / k)
     if last <= 1.1 * first or last < COLLAPSE_FRACTION * chance or last - first <= 2.0 * noise:
         return None
-    fix = f"lower optim.lr (now {lr:g}) or set optim.grad_clip"
     rise = f"task {t + 1}: L_CLS rose from {first:.3f} to {last:.3f} over the task (first and last quarter of its steps)"
     if last <= chance:
         return (f"{rise}, to chance level ln({n_classes}) = {chance:.3f}: training collapsed (near-uniform "

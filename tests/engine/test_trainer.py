@@ -862,8 +862,8 @@ RISING_NOISY = [v + 0.05 * i for i, v in enumerate(FLAT_NOISY)]  # the same nois
     ([0.5] * 10 + [2.25] * 10, True),         # rose to near-uniform predictions: collapsed
     ([2.303] * 20, False),                    # collapsed to equal logits: exactly chance, no rise
     ([1.0] * 99 + [9.0], False),              # one bad batch among the last tenth's ten: mean 1.8
-    ([1.0] * 4 + [None] + [4.0] * 4, True),  # steps without a loss (an empty DDP shard) are skipped
-    ([1.0] * 4 + [None] * 4 + [4.0] * 3, False),  # ... and do not count as steps: 7 < 8, no noise estimate
+    ([1.0] * 10 + [None] + [4.0] * 10, True),  # steps without a loss (an empty DDP shard) are skipped
+    ([1.0] * 10 + [None] * 4 + [4.0] * 9, False),  # ... and do not count as steps: 19 < 20, no noise estimate
     ([4.0], False),                           # one step: nothing to compare
 ])
 def test_divergence_warning_needs_a_rise_above_chance(losses, warned):
@@ -881,7 +881,7 @@ def test_the_divergence_check_takes_the_classes_l_cls_spans(tiny_model_name, tmp
     with optim.cls_over=seen (with only the new ones a sound seen-class loss read as 'collapsed')."""
     import segpcl_fast.engine.trainer as trainer_mod
     seen = []
-    monkeypatch.setattr(trainer_mod, "divergence_warning", lambda losses, n, t, lr: seen.append((t, n)))
+    monkeypatch.setattr(trainer_mod, "divergence_warning", lambda losses, n, t, lr, learned: seen.append((t, n)))
     train(small_config(tiny_model_name, tmp_path / "run", optim__cls_over=cls_over))
     (t1, n1), (t2, n2) = seen  # two tasks of equally many classes
     assert (t1, t2) == (0, 1) and n1 > 1 and n2 == (2 * n1 if cls_over == "seen" else n1)

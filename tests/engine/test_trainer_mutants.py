@@ -56,6 +56,7 @@ def _stub_trainer(monkeypatch, rank=0, world=1, n_train=1, n_classes=(2, 2, 2), 
     tr.learner = _StubLearner()
     tr.lora_params = [torch.nn.Parameter(torch.zeros(1))]
     tr.grad_sync = None
+    tr._learned_cls_fraction = None
     losses = list(cls_losses or [])
     tr.train_step = lambda opt, images, labels, lr, step, t, global_n: (
         {"cls": torch.tensor(losses[step])} if step < len(losses) else {})
@@ -103,44 +104,60 @@ def test_each_rank_draws_its_own_anchor_batches_and_rank0_keeps_the_single_proce
 def test_train_task_judges_divergence_against_ln_of_the_tasks_class_count(monkeypatch, caplog):
     """A task of 3 classes whose L_cls rises from 0.5 to 1.5: above ln(3) = 1.099, so it is flagged,
     naming ln(3) (not the number of seen classes or anything else)."""
-    tr = _stub_trainer(monkeypatch, n_train=8, n_classes=(4, 3), cls_losses=[0.5] * 4 + [1.5] * 4,
+    tr = _stub_trainer(monkeypatch, n_train=20, n_classes=(4, 3), cls_losses=[0.5] * 10 + [1.5] * 10,
                        optim__batch_size=1, epochs=1, lr=0.25)
     with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
         info = tr.train_task(1)
-    assert info["timings"]["steps"] == 8
+    assert info["timings"]["steps"] == 20
     flagged = [r.getMessage() for r in caplog.records if "training diverged" in r.getMessage()]
     assert len(flagged) == 1 and flagged[0].startswith("task 2: L_CLS rose from 0.500 to 1.500")
     assert "ln(3) = 1.099" in flagged[0] and "optim.lr (now 0.25)" in flagged[0]
     # the same losses ending below ln(4) = 1.386 on a 4-class task would not be flagged
     caplog.clear()
-    tr = _stub_trainer(monkeypatch, n_train=8, n_classes=(4, 3), cls_losses=[0.5] * 4 + [1.3] * 4,
+    tr = _stub_trainer(monkeypatch, n_train=20, n_classes=(4, 3), cls_losses=[0.5] * 10 + [1.3] * 10,
                        optim__batch_size=1, epochs=1)
     with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
         tr.train_task(0)
     assert not [r for r in caplog.records if "training diverged" in r.getMessage()]
 
 
+def test_train_task_flags_a_task_at_chance_after_one_that_learned(monkeypatch, caplog):
+    """The trainer keeps the lowest last-quarter L_cls / ln(n) of the tasks it trained: a later task spent
+    at chance is a collapse even with no rise inside it; the first task at chance is not."""
+    chance = math.log(4)
+    tr = _stub_trainer(monkeypatch, n_train=4, n_classes=(4, 4, 4), optim__batch_size=1, epochs=1)
+    for t, losses, flagged in ((0, [chance] * 4, False), (1, [1.0, 0.6, 0.5, 0.4], False), (2, [chance] * 4, True)):
+        tr.train_step = lambda opt, images, labels, lr, step, t, global_n, losses=losses: {"cls": torch.tensor(losses[step])}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
+            tr.train_task(t)
+        collapsed = [r.getMessage() for r in caplog.records if "training collapsed" in r.getMessage()]
+        assert len(collapsed) == flagged, (t, collapsed)
+    assert tr._learned_cls_fraction == pytest.approx(0.4 / chance)
+    assert "after an earlier task ended at 29% of its chance level" in collapsed[0]
+
+
 # ----------------------------------------------------------------------------- divergence thresholds
 
-def _two_quarters(head, tail, middle=2.5, n_middle=8):
+def _two_quarters(head, tail, middle=2.5, n_middle=10):
     return list(head) + [middle] * n_middle + list(tail)
 
 
 @pytest.mark.parametrize("rise, warned", [(0.05, False), (0.15, True)])
 def test_divergence_needs_a_rise_over_ten_percent(rise, warned):
     """Noise-free quarters well above ln(10): a 5 % rise is not a divergence, a 15 % one is."""
-    losses = _two_quarters([3.0] * 4, [3.0 * (1 + rise)] * 4)
+    losses = _two_quarters([3.0] * 5, [3.0 * (1 + rise)] * 5)
     assert (divergence_warning(losses, 10, 0, 0.1) is not None) == warned
 
 
-@pytest.mark.parametrize("delta, warned", [(0.6, False), (1.0, True)])
+@pytest.mark.parametrize("delta, warned", [(0.5, False), (0.8, True)])
 def test_divergence_needs_a_rise_over_two_welch_standard_errors(delta, warned):
-    """Quarters of k = 4 steps alternating +-0.5: variances 1/3 each, so the standard error of the
-    difference of the means is sqrt((1/3 + 1/3) / 4) = 0.408 and the bar is 2 x 0.408 = 0.816. Both
+    """Quarters of k = 5 steps [2, 3, 2, 3, 2.5]: variances 1/4 each, so the standard error of the
+    difference of the means is sqrt((1/4 + 1/4) / 5) = 0.316 and the bar is 2 x 0.316 = 0.632. Both
     rises are over 10 % and end above ln(10)."""
-    head = [2.0, 3.0, 2.0, 3.0]
+    head = [2.0, 3.0, 2.0, 3.0, 2.5]
     losses = _two_quarters(head, [v + delta for v in head])
-    assert len(losses) // 4 == 4  # the first and last quarter are exactly `head` and its shifted copy
+    assert len(losses) // 4 == 5  # the first and last quarter are exactly `head` and its shifted copy
     assert (divergence_warning(losses, 10, 0, 0.1) is not None) == warned
 
 
@@ -149,19 +166,46 @@ def test_a_rise_to_chance_is_a_collapse_from_95_percent_of_it():
     predictions; equal logits give exactly ln(n)), over ln(n) a divergence; under 0.95 ln(n) neither."""
     edge = COLLAPSE_FRACTION * math.log(10)
     assert COLLAPSE_FRACTION == 0.95
-    assert divergence_warning([1.0] * 6 + [edge - 1e-9] * 2, 10, 0, 0.1) is None
-    assert "training collapsed" in divergence_warning([1.0] * 6 + [edge] * 2, 10, 0, 0.1)
-    assert "training collapsed" in divergence_warning([1.0] * 6 + [math.log(10)] * 2, 10, 0, 0.1)
-    assert "training diverged" in divergence_warning([1.0] * 6 + [math.log(10) + 1e-9] * 2, 10, 0, 0.1)
-    assert divergence_warning([math.log(10)] * 8, 10, 0, 0.1) is None  # at chance from the start: no rise
+    assert divergence_warning([1.0] * 15 + [edge - 1e-9] * 5, 10, 0, 0.1) is None
+    assert "training collapsed" in divergence_warning([1.0] * 15 + [edge] * 5, 10, 0, 0.1)
+    assert "training collapsed" in divergence_warning([1.0] * 15 + [math.log(10)] * 5, 10, 0, 0.1)
+    assert "training diverged" in divergence_warning([1.0] * 15 + [math.log(10) + 1e-9] * 5, 10, 0, 0.1)
+    assert divergence_warning([math.log(10)] * 20, 10, 0, 0.1) is None  # at chance from the start: no rise
 
 
-def test_fewer_than_eight_steps_are_never_called_a_divergence():
+def test_fewer_than_twenty_steps_are_never_called_a_rise():
     """A smoke run's 4 steps are quarters of one step each, with no noise estimate: a small last batch
-    (29 images) read as a 'diverged' rise. From 8 steps (quarters of 2) the rule applies."""
+    (29 images) read as a 'diverged' rise; at 10 steps (the review's lr=1e-3 run: L_cls 1.71 1.57 2.24 0.92
+    1.84 1.87 1.70 1.97 3.40 2.93 over 20 classes, a healthy task) two unlucky last batches did. From 20
+    steps (quarters of 5) the rule applies."""
     assert divergence_warning([2.9, 3.0, 3.1, 3.5], 10, 0, 0.1) is None
-    assert divergence_warning([1.0] * 7, 10, 0, 0.1) is None
-    assert divergence_warning([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0], 10, 0, 0.1) is not None
+    assert divergence_warning([1.71, 1.57, 2.24, 0.92, 1.84, 1.87, 1.7, 1.97, 3.4, 2.93], 20, 2, 1e-3) is None
+    ramp = [1.0 + 3.0 * i / 19 for i in range(20)]
+    assert divergence_warning(ramp[1:], 10, 0, 0.1) is None
+    assert "training diverged" in divergence_warning(ramp, 10, 0, 0.1)
+
+
+def test_a_task_spent_at_chance_after_one_that_learned_is_a_collapse():
+    """lr=1 (the review's run): task 2's L_cls spiked (3.64 -> 12.2) in its first steps and came back to
+    ln(20); tasks 3-5 sat at ln(20) throughout; last quarter-over-first showed no rise, so no warning. Now a
+    task whose mean and last quarter are at >= 0.95 ln(n), after a task that ended under 0.8 of its chance,
+    is flagged, at any step count; a model at chance from its first task (untrained) is not."""
+    from segpcl_fast.engine.trainer import cls_chance_fraction
+    chance = math.log(20)
+    task1 = [2.9, 2.5, 2.0, 1.6, 1.4, 1.3, 1.2, 1.2, 1.1, 1.1]
+    task2 = [3.64, 4.75, 8.63, 12.2, 6.31, 8.43, 3.17, 3.01, 3.03, 3.09]
+    task3 = [2.99, 3.01, 3.03, 3.05, 2.99, 3.02, 3.0, 3.04, 3.0, 2.99]
+    learned = cls_chance_fraction(task1, 20)
+    assert learned == pytest.approx(1.1 / chance)
+    assert divergence_warning(task1, 20, 0, 1.0) is None
+    for t, losses in ((1, task2), (2, task3)):
+        message = divergence_warning(losses, 20, t, 1.0, learned_before=learned)
+        assert message.startswith(f"task {t + 1}: L_CLS stayed at chance level ln(20) = 2.996") and \
+            "after an earlier task ended at 37% of its chance level: training collapsed" in message
+        assert divergence_warning(losses, 20, t, 1.0, learned_before=None) is None  # nothing learned before
+        assert divergence_warning(losses, 20, t, 1.0, learned_before=0.81) is None  # nor under 80 % of chance
+    # a hard task that learned a little (its last quarter under 0.95 ln(n)) is not a collapse
+    assert divergence_warning([3.0] * 8 + [2.8, 2.8], 20, 1, 1.0, learned_before=learned) is None
 
 
 # ----------------------------------------------------------------------------- output dir
