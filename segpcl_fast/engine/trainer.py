@@ -263,6 +263,22 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return 0.5 * o.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def idle_setting_warnings(cfg: Config, t: int, n_new: int, total_steps: int) -> list[str]:
+    """Legal settings under which a part of task t's training does nothing, said before it trains: L_cls over a
+    task's one new class (a softmax over one class is exactly 1: L_cls = 0), a warmup longer than the task
+    (its lr stays under optim.lr throughout; warmup_steps 1000 over 10 steps trained as epochs=0 did)."""
+    said = []
+    if n_new == 1 and cfg.optim.cls_over == "current" and total_steps and cfg.run.method != "zeroshot":
+        said.append(f"task {t + 1} has one new class and optim.cls_over=current: L_cls, a softmax over that one "
+                    f"class, is 0 and trains nothing; set optim.cls_over=seen to classify among every seen class")
+    if 0 < total_steps < cfg.optim.warmup_steps:
+        last = lr_at(total_steps - 1, total_steps, cfg)
+        said.append(f"optim.warmup_steps={cfg.optim.warmup_steps} is longer than task {t + 1}'s {total_steps} steps: "
+                    f"its learning rate ends at {last:.3g}, {last / cfg.optim.lr:.0%} of optim.lr={cfg.optim.lr:g}; "
+                    f"lower optim.warmup_steps (warmup restarts with each task)")
+    return said
+
+
 def earlier_run_files(out: Path) -> list[Path]:
     """The files of a run that finished a task in `out` (results.json, checkpoints/task_*.pt)."""
     checkpoints = out / ckpt.CHECKPOINT_DIR
@@ -320,6 +336,7 @@ class Trainer:
         self._lock = None  # ckpt.lock_run_dir's, while run() runs on rank 0
         # the lowest L_cls last quarter / ln(n) of the tasks trained in this process (divergence_warning)
         self._learned_cls_fraction: Optional[float] = None
+        self._said: set = set()  # idle_setting_warnings' messages logged so far
         ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
         problem = None
         if writes and self.dist.is_main:  # the run folder, and its checkpoints/ where an earlier run made it
@@ -516,6 +533,10 @@ class Trainer:
         if c.run.max_steps_per_task:
             total_steps = min(total_steps, c.run.max_steps_per_task)
         optimizer = make_optimizer(self.lora_params, c) if total_steps else None
+        for message in idle_setting_warnings(c, t, n_new, total_steps):
+            if self.dist.is_main and message not in self._said:  # once a run: every task may meet it
+                self._said.add(message)
+                log.warning(message)
         t1 = time.perf_counter()
         losses, epochs = [], []
         bar = _progress(total_steps, f"task {t + 1}/{self.scenario.num_tasks}", c.run.progress and self.dist.is_main)

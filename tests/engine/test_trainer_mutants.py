@@ -57,6 +57,7 @@ def _stub_trainer(monkeypatch, rank=0, world=1, n_train=1, n_classes=(2, 2, 2), 
     tr.lora_params = [torch.nn.Parameter(torch.zeros(1))]
     tr.grad_sync = None
     tr._learned_cls_fraction = None
+    tr._said = set()
     losses = list(cls_losses or [])
     tr.train_step = lambda opt, images, labels, lr, step, t, global_n: (
         {"cls": torch.tensor(losses[step])} if step < len(losses) else {})
@@ -135,6 +136,32 @@ def test_train_task_flags_a_task_at_chance_after_one_that_learned(monkeypatch, c
         assert len(collapsed) == flagged, (t, collapsed)
     assert tr._learned_cls_fraction == pytest.approx(0.4 / chance)
     assert "after an earlier task ended at 29% of its chance level" in collapsed[0]
+
+
+def test_settings_that_train_nothing_are_said_once_before_training(monkeypatch, caplog):
+    """One new class under optim.cls_over=current (L_cls = 0 exactly) and a warmup as long as the task (the
+    lr never reaches optim.lr: 1000 over 10 steps trained as epochs=0) are legal and silent no-ops: said
+    once a run, before the task trains."""
+    from segpcl_fast.engine.trainer import idle_setting_warnings
+    cfg = make_config(optim__warmup_steps=4, lr=0.1)
+    assert idle_setting_warnings(cfg, 0, 1, 10) == [
+        "task 1 has one new class and optim.cls_over=current: L_cls, a softmax over that one class, is 0 and trains "
+        "nothing; set optim.cls_over=seen to classify among every seen class"]
+    assert idle_setting_warnings(cfg, 2, 2, 3) == [
+        "optim.warmup_steps=4 is longer than task 3's 3 steps: its learning rate ends at 0.075, 75% of "
+        "optim.lr=0.1; lower optim.warmup_steps (warmup restarts with each task)"]
+    assert idle_setting_warnings(make_config(optim__warmup_steps=1000), 0, 2, 10)[0].endswith(
+        "ends at 1e-05, 1% of optim.lr=0.001; lower optim.warmup_steps (warmup restarts with each task)")
+    assert idle_setting_warnings(cfg, 0, 2, 4) == []  # 4 steps: the fourth trains at optim.lr
+    assert idle_setting_warnings(make_config(optim__cls_over="seen"), 0, 1, 10) == []
+    assert idle_setting_warnings(cfg, 0, 1, 0) == []  # no step, nothing idle
+    tr = _stub_trainer(monkeypatch, n_train=2, n_classes=(1, 1, 2), cls_losses=[0.0, 0.0], optim__batch_size=1,
+                       epochs=1)
+    with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
+        for t in range(3):
+            tr.train_task(t)
+    said = [r.getMessage() for r in caplog.records if "one new class" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("task 1 ") and said[1].startswith("task 2 ")
 
 
 # ----------------------------------------------------------------------------- divergence thresholds
