@@ -203,7 +203,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     BWT, FWT, Forgetting_own) and ablation.png (acc_t curves of each variant, mean +- std over the seeds) and returns
     {"rows": [...], "runs": {variant: [Result, ...]}, "paths": {...}}.
     """
-    from .analysis.outputs import write_table_files
+    from .report.results import write_table_files
     from .method.variants import LADDER, variant_overrides
     from .report import format_metrics_table, metric_columns, plus_minus
     from .engine.distributed import refuse_multi_process

@@ -3,7 +3,6 @@
 per-image CLIP-path embeddings)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -15,8 +14,7 @@ from matplotlib.figure import Figure
 
 from ..api import check_unique  # noqa: F401  (the analyses' check is the API's)
 from ..config import Config, ConfigError, apply_overrides, check_resume_dir  # noqa: F401
-from ..fileio import atomic_write_text
-from ..report.results import to_jsonable
+from ..report.results import write_table_files  # noqa: F401  (the analyses' table files, ablate's too)
 from ..report.tables import mean_std, metric_columns, plus_minus  # noqa: F401  (the analyses' table cells)
 
 DPI = 120
@@ -32,19 +30,6 @@ def new_figure(size=(6.0, 4.0)) -> Figure:
 def save_png(fig: Figure, path: str | os.PathLike) -> str:
     from ..report.plots import save_figure
     return str(save_figure(fig, path))
-
-
-def write_table_files(out: str | os.PathLike, name: str, payload: dict, table: str, plots: bool = True) -> dict:
-    """Write <out>/<name>.json and <out>/<name>.txt atomically; returns their paths. plots=False
-    (run.plots=false): an earlier run's <out>/<name>.png is removed, not left beside other numbers (the
-    caller draws it anew otherwise)."""
-    out = Path(out)
-    json_path, txt_path = out / f"{name}.json", out / f"{name}.txt"
-    atomic_write_text(json_path, json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
-    atomic_write_text(txt_path, table + "\n")
-    if not plots:
-        (out / f"{name}.png").unlink(missing_ok=True)
-    return {"json": str(json_path), "table": str(txt_path)}
 
 
 def require_old_classes(cfg: Config, what: str, why: str = "task 1 has no old classes") -> None:

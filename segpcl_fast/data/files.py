@@ -125,14 +125,11 @@ def _mapping_from_meta_bin(path: Path) -> dict[str, str]:
     wnid_to_classes maps a wnid to a tuple of names; the first name is kept."""
     import pickle
 
-    import torch
+    from ..fileio import DamagedFileError, UnsafeFileError, load_torch_file
 
-    try:
-        try:
-            data = torch.load(path, weights_only=True)
-        except TypeError:  # a torch without weights_only
-            data = torch.load(path)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+    try:  # weights_only, after each record's CRC check, as every torch file the package reads
+        data = load_torch_file(path)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, DamagedFileError, UnsafeFileError) as err:
         raise ValueError(f"'{path}' is not a torchvision meta.bin ({type(err).__name__}: {err})") from err
     wnid_to_classes = data[0] if isinstance(data, (tuple, list)) and data else data
     if not isinstance(wnid_to_classes, dict):

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import metrics as M
 from ..version import __version__
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, atomic_write_text
 
 SCHEMA_VERSION = 1
 
@@ -158,3 +158,16 @@ def read_results(path: str | os.PathLike) -> dict:
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} is not a whole results.json ({type(e).__name__}: {e})") from None
     return data
+
+
+def write_table_files(out: str | os.PathLike, name: str, payload: dict, table: str, plots: bool = True) -> dict:
+    """Write <out>/<name>.json and <out>/<name>.txt atomically; returns their paths. plots=False
+    (run.plots=false): an earlier run's <out>/<name>.png is removed, not left beside other numbers (the
+    caller draws it anew otherwise)."""
+    out = Path(out)
+    json_path, txt_path = out / f"{name}.json", out / f"{name}.txt"
+    atomic_write_text(json_path, json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(txt_path, table + "\n")
+    if not plots:
+        (out / f"{name}.png").unlink(missing_ok=True)
+    return {"json": str(json_path), "table": str(txt_path)}

@@ -267,6 +267,11 @@ def test_names_from_torchvision_meta_bin(tmp_path):
     (root / "meta.bin").write_bytes(b"not a torch file")
     with pytest.raises(DatasetFormatError, match="meta.bin"):
         load_imagenet_subset(str(root))
+    import os
+    import torch
+    torch.save(({"n01440764": os.getcwd}, []), root / "meta.bin")  # code in the file: refused, never called
+    with pytest.raises(DatasetFormatError, match=r"meta\.bin.*UnsafeFileError.*posix\.getcwd"):
+        load_imagenet_subset(str(root))
 
 
 def test_colliding_names_are_an_error(tmp_path):
