@@ -91,3 +91,13 @@ def test_fileio_and_metrics_import_nothing_of_the_package_and_config_only_fileio
     assert _package_imports("segpcl_fast.config") <= {"fileio", "data"}  # data: the lazy prompts import
     assert {m for m in GRAPH["segpcl_fast.config"] if m.startswith("segpcl_fast.data")} <= {
         "segpcl_fast.data.prompts", "segpcl_fast.data.prompts.resolve_templates"}
+
+
+def test_only_the_cli_and_the_build_check_tool_print():
+    """The rest of the package logs or returns values (a library's prints cannot be silenced)."""
+    printing = set()
+    for path in PACKAGE.rglob("*.py"):
+        calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
+        if any(isinstance(c.func, ast.Name) and c.func.id == "print" for c in calls):
+            printing.add(_module_name(path))
+    assert printing <= {"segpcl_fast.cli", "segpcl_fast.kernels.check_triton_build"}, printing
