@@ -223,8 +223,8 @@ def unwritable_dir_reason(path: str | os.PathLike) -> Optional[str]:
     """Why files cannot be written in the folder `path` (made when missing), or None when they can.
 
     Asked before a run indexes data or loads weights, so a bad output path fails first. Leaves nothing:
-    a folder is made and removed in the nearest existing folder, since access() passes root, and a pseudo
-    file system (/proc, /sys) refuses a mkdir that access() allows.
+    a temp file is made and removed in the nearest existing folder, since access() passes root, and a
+    pseudo file system (/proc, /sys) refuses what access() allows.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -238,13 +238,23 @@ def unwritable_dir_reason(path: str | os.PathLike) -> Optional[str]:
         return f"{existing}, a parent of {path}, is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only or immutable folder
         return f"{existing} is not writable" + ("" if existing == path else f" (to make {path} in it)")
-    probe = existing / f".segpcl-write-probe.{secrets.token_hex(4)}"
+    # a temp file made and removed there, as atomic_path's are: what a run does in it
+    probe = existing / f".segpcl-write-probe.{secrets.token_hex(4)}.tmp"
     try:
-        probe.mkdir()
-        probe.rmdir()
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
-        return f"{existing} refuses new entries ({e.strerror or e})" + ("" if existing == path else f", so {path} "
-                                                                        "cannot be made")
+        return f"{existing} refuses new files ({e.strerror or e})" + ("" if existing == path else f", so {path} "
+                                                                      "cannot be made")
+    kept = None
+    try:
+        os.close(fd)
+    finally:  # also on Ctrl-C
+        try:
+            probe.unlink()
+        except OSError as e:  # an append-only folder (chattr +a): a run's temp files could not be renamed or removed
+            kept = e
+    if kept is not None:
+        return f"{existing} lets files be made but not removed or renamed ({kept.strerror or kept}; {probe.name} is left there)"
     return None
 
 

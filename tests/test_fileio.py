@@ -54,23 +54,34 @@ def test_unwritable_dir_reason_names_the_path_that_blocks(tmp_path, monkeypatch)
     assert unwritable_dir_reason(locked / "a" / "b") == f"{locked} is not writable (to make {locked / 'a' / 'b'} in it)"
 
 
-def test_unwritable_dir_reason_tries_a_folder_where_access_passes(tmp_path, monkeypatch):
-    """access() passes root, and /proc or /sys refuse a mkdir it allows: a folder is made and removed to
-    know, and nothing is left behind."""
+def test_unwritable_dir_reason_tries_a_file_where_access_passes(tmp_path, monkeypatch):
+    """access() passes root, and /proc or /sys refuse a file it allows: a temp file is made and removed to
+    know, and nothing is left behind; an append-only folder (made, not removed) is named as such."""
     from segpcl_fast.fileio import unwritable_dir_reason
     assert unwritable_dir_reason(tmp_path / "new" / "run") is None and os.listdir(tmp_path) == []
     assert unwritable_dir_reason(tmp_path) is None and os.listdir(tmp_path) == []
-    real_mkdir = Path.mkdir
+    real_open, real_unlink = os.open, Path.unlink
 
-    def refuse(self, *args, **kwargs):
+    def refuse(path, *args, **kwargs):
+        if Path(path).parent == tmp_path:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refuse)
+    assert unwritable_dir_reason(tmp_path / "a" / "b") == (f"{tmp_path} refuses new files (Operation not "
+                                                           f"permitted), so {tmp_path / 'a' / 'b'} cannot be made")
+    assert unwritable_dir_reason(tmp_path) == f"{tmp_path} refuses new files (Operation not permitted)"
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(os, "open", real_open)
+
+    def keep(self, *args, **kwargs):
         if self.parent == tmp_path:
             raise PermissionError(1, "Operation not permitted", str(self))
-        return real_mkdir(self, *args, **kwargs)
-    monkeypatch.setattr(Path, "mkdir", refuse)
-    assert unwritable_dir_reason(tmp_path / "a" / "b") == (f"{tmp_path} refuses new entries (Operation not "
-                                                           f"permitted), so {tmp_path / 'a' / 'b'} cannot be made")
-    assert unwritable_dir_reason(tmp_path) == f"{tmp_path} refuses new entries (Operation not permitted)"
-    assert os.listdir(tmp_path) == []
+        return real_unlink(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", keep)
+    reason = unwritable_dir_reason(tmp_path)
+    left = os.listdir(tmp_path)
+    assert reason == (f"{tmp_path} lets files be made but not removed or renamed (Operation not permitted; "
+                      f"{left[0]} is left there)") and len(left) == 1
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
@@ -81,7 +92,7 @@ def test_an_output_dir_in_proc_is_refused_before_the_run_starts(tmp_path):
     from segpcl_fast.config import ConfigError, runs_below
     assert runs_below("/proc") == []
     for out in ("/proc", "/proc/segpcl-out/run"):
-        with pytest.raises(ConfigError, match=r"run\.output_dir: /proc (refuses new entries|is not writable).*-o"):
+        with pytest.raises(ConfigError, match=r"run\.output_dir: /proc (refuses new files|is not writable).*-o"):
             train(run__output_dir=out)
 
 

@@ -200,7 +200,7 @@ def raise_together(error: Optional[Exception], ctx: DistContext) -> None:
             raise error
         return
     messages = [None] * ctx.world_size
-    mine = None if error is None else str(error)
+    mine = None if error is None else _as_said(error)
     if ctx.backend == "nccl":  # NCCL serialises through this rank's GPU, as raise_on_every_rank's broadcast
         with torch.cuda.device(ctx.local_rank):
             dist.all_gather_object(messages, mine)
@@ -214,10 +214,23 @@ def raise_together(error: Optional[Exception], ctx: DistContext) -> None:
     if ctx.is_main:
         raise error if error is not None else ConfigError(f"rank {first_rank}: {first}")
     if error is None:
-        error = ConfigError(first)
-    if str(error) == first:
+        error, mine = ConfigError(first), first
+    if mine == first:
         error.echo = True
     raise error
+
+
+# the errors the CLI prints as one line of their own message (cli.main); any other is said with its type
+_USER_ERRORS = {"ConfigError", "DatasetFormatError", "ModelLoadError", "CheckpointError", "ClassifierError",
+                "FloatingPointError"}
+
+
+def _as_said(error: Exception) -> str:
+    """An error's message as rank 0 says it for another rank: a user error's own message (an OSError's
+    too: '[Errno 13] Permission denied: ...'), a bug's with its type ('KeyError: ...', not "'oops'")."""
+    if isinstance(error, OSError) or any(c.__name__ in _USER_ERRORS for c in type(error).__mro__):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def destroy(after_error: bool = False) -> None:

@@ -629,6 +629,10 @@ def _collectives_worker(rank, world, port, result_file):
                 out["together"][case] = None
             except (DatasetFormatError, ConfigError) as e:
                 out["together"][case] = [type(e).__name__, str(e), getattr(e, "echo", False)]
+        try:  # a bug on one rank: rank 0 names its type ("rank 1: 'oops'" said nothing)
+            ddp.raise_together(KeyError("oops") if rank == 1 else None, ctx)
+        except (KeyError, ConfigError) as e:
+            out["together"]["bug"] = [type(e).__name__, str(e), getattr(e, "echo", False)]
         with open(f"{result_file}.{rank}", "w") as f:
             json.dump(out, f)
     finally:
@@ -653,11 +657,13 @@ def test_collectives_sum_counts_and_broadcast_rank0s_anchors(tmp_path):
     assert r0["together"] == {"both_same": ["DatasetFormatError", "bad root", False],
                               "rank1_only": ["ConfigError", "rank 1: bad file", False],
                               "rank0_only": ["DatasetFormatError", "bad root", False],
-                              "different": ["DatasetFormatError", "bad root", False]}
+                              "different": ["DatasetFormatError", "bad root", False],
+                              "bug": ["ConfigError", "rank 1: KeyError: 'oops'", False]}
     assert r1["together"] == {"both_same": ["DatasetFormatError", "bad root", True],
                               "rank1_only": ["DatasetFormatError", "bad file", True],
                               "rank0_only": ["ConfigError", "bad root", True],
-                              "different": ["DatasetFormatError", "bad file", False]}
+                              "different": ["DatasetFormatError", "bad file", False],
+                              "bug": ["KeyError", "'oops'", True]}
 
 
 # ----------------------------------------------------------------------------- analytic FLOPs, bench
