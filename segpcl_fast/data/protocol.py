@@ -90,8 +90,13 @@ def split_tasks(num_classes: int, num_tasks: int, task_sizes: Optional[Sequence[
     else:
         if num_tasks <= 0 or num_classes % num_tasks:
             divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
+            unequal = ""
+            if 0 < num_tasks <= num_classes:  # the nearest split into that many tasks, as data.task_sizes takes it
+                q, r = divmod(num_classes, num_tasks)
+                unequal = f", e.g. --set data.task_sizes=[{','.join(map(str, [q + 1] * r + [q] * (num_tasks - r)))}]"
             raise DatasetFormatError(f"data.num_tasks={num_tasks} does not divide the {num_classes} classes "
-                                     f"into equal tasks; use one of {divisors} or explicit task sizes")
+                                     f"into equal tasks; use one of {divisors}, or give unequal tasks' sizes in "
+                                     f"data.task_sizes{unequal}")
         sizes = [num_classes // num_tasks] * num_tasks
     bounds = np.cumsum([0] + sizes)
     return [list(range(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:])]

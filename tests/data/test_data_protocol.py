@@ -49,8 +49,14 @@ def test_explicit_order_names_and_indices():
 def test_split_tasks():
     assert split_tasks(6, 3) == [[0, 1], [2, 3], [4, 5]]
     assert split_tasks(6, 1, task_sizes=[3, 1, 2]) == [[0, 1, 2], [3], [4, 5]]
-    with pytest.raises(DatasetFormatError, match=r"does not divide.*\[1, 2, 5, 10\]"):
+    with pytest.raises(DatasetFormatError, match=r"does not divide.*\[1, 2, 5, 10\]") as refused:
         split_tasks(10, 3)
+    # the refusal names data.task_sizes with the nearest unequal split, which split_tasks takes as given
+    assert str(refused.value).endswith("or give unequal tasks' sizes in data.task_sizes, e.g. --set "
+                                       "data.task_sizes=[4,3,3]")
+    assert split_tasks(10, 3, task_sizes=[4, 3, 3]) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    with pytest.raises(DatasetFormatError, match=r"\[1, 2, 5, 10\], or give unequal tasks' sizes in data.task_sizes$"):
+        split_tasks(10, 11)  # more tasks than classes: no split to suggest
     with pytest.raises(DatasetFormatError, match="sum to"):
         split_tasks(6, 1, task_sizes=[3, 2])
 
