@@ -599,11 +599,17 @@ class Trainer:
         warning = divergence_warning(cls_losses, cls_classes, t, c.optim.lr, self._learned_cls_fraction)
         if warning and self.dist.is_main:
             log.warning(warning)
-        fraction = cls_chance_fraction(cls_losses, cls_classes)  # the lowest so far: the model had learned
+        info["cls_chance_fraction"] = cls_chance_fraction(cls_losses, cls_classes)  # kept in checkpoints: a resume
+        self._note_learned(info)  # knows what the tasks before it learned
+        return info
+
+    def _note_learned(self, info: dict) -> None:
+        """The lowest L_cls last quarter / ln(n) of the tasks so far (divergence_warning's `learned_before`),
+        from a task's info (train_task's, or a checkpoint's on resume; older checkpoints have none)."""
+        fraction = info.get("cls_chance_fraction")
         if fraction is not None:  # (0.0 is a fraction: fp32 cross-entropy rounds to exactly 0 past a margin of ~17)
             self._learned_cls_fraction = fraction if self._learned_cls_fraction is None else \
                 min(fraction, self._learned_cls_fraction)
-        return info
 
     def train_step(self, optimizer, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int, t: int,
                    global_n: int) -> "StepOutcome":
@@ -752,6 +758,8 @@ class Trainer:
                 correct_own = np.array(state.get("correct_own", np.full((T, T), np.nan)), dtype=np.float64)
                 fwt_before = state["fwt_before"]
                 task_info = state["task_info"]
+                for info in task_info:
+                    self._note_learned(info)
                 start = state["task"] + 1
                 ops.restore_choices(state.get("ops", {}))  # results.json "ops": the whole run's, not this part's
                 self.log_fn(f"resumed from {last}: tasks 1..{start} done")

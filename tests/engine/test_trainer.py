@@ -45,7 +45,15 @@ def test_full_run_writes_results_and_consistent_metrics(tiny_model_name, tmp_pat
 
 
 def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch):
+    import segpcl_fast.engine.trainer as trainer_mod
+    judged = {"full": [], "resumed": []}  # (task, learned_before) of each divergence check
+
+    def judging(run):
+        monkeypatch.setattr(trainer_mod, "divergence_warning",
+                            lambda losses, n, t, lr, learned: judged[run].append((t, learned)))
+    judging("full")
     full = train(small_config(tiny_model_name, tmp_path / "full"))
+    monkeypatch.undo()
 
     crash_at_task(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
@@ -56,7 +64,10 @@ def test_resume_reaches_the_same_metrics(tiny_model_name, tmp_path, monkeypatch)
     stale = [tmp_path / "resumed" / "checkpoints" / ".task_01.pt.k3x_9a1q.tmp", tmp_path / "resumed" / ".results.json.ab12cd34.tmp"]
     for path in stale:
         path.write_bytes(b"half")
+    judging("resumed")
     resumed = train(small_config(tiny_model_name, tmp_path / "resumed", resume=True))
+    # the divergence check of task 2 knows what task 1 learned, from its checkpoint
+    assert judged["resumed"] == judged["full"][1:] and judged["full"][1][1] is not None
     assert not any(path.exists() for path in stale)
     assert resumed.ops == full.ops  # results.json "ops": the whole run's, the crashed part's too
     assert resumed.accuracy_matrix == full.accuracy_matrix
