@@ -338,7 +338,7 @@ class Trainer:
         self._lock = None  # ckpt.lock_run_dir's, while run() runs on rank 0
         # the lowest L_cls last quarter / ln(n) of the tasks trained in this process (divergence_warning)
         self._learned_cls_fraction: Optional[float] = None
-        self._said: set = set()  # idle_setting_warnings' messages logged so far
+        self._said: set = set()  # the kinds of idle_setting_warnings logged so far (each once a run)
         ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
         problem = None
         if writes and self.dist.is_main:  # the run folder, and its checkpoints/ where an earlier run made it
@@ -543,13 +543,13 @@ class Trainer:
         losses, epochs = [], []
         bar = _progress(total_steps, f"task {t + 1}/{self.scenario.num_tasks}", c.run.progress and self.dist.is_main)
         self.model.train()
-        read_last = None  # (step, parts, gradient norm) of the last step read: a non-finite step's error quotes it
+        recorded = None  # (step, outcome) last recorded: a non-finite step's error may quote it
 
         def record(step: int, done) -> None:
-            nonlocal read_last
+            nonlocal recorded
             # a StepOutcome raises FloatingPointError for a non-finite step (its update was skipped)
             parts = done.values(c) if isinstance(done, StepOutcome) else done
-            read_last = (step, parts, done.grad_norm_read) if isinstance(done, StepOutcome) else None
+            recorded = (step, done)
             losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
             epochs.append(step // steps_per_epoch)
             if bar is not None:
@@ -572,11 +572,8 @@ class Trainer:
             if pending is not None:
                 record(*pending)
         except FloatingPointError as e:
-            step_before = pending  # read already where train_step read it before the update (not yet recorded)
-            if step_before is not None and isinstance(step_before[1], StepOutcome) and \
-                    step_before[1].grad_norm_read is not None and step_before[0] == getattr(e, "step", -1) - 1:
-                read_last = (step_before[0], step_before[1].values(c), step_before[1].grad_norm_read)
-            raise _with_step_before(e, read_last)
+            # the step before the bad one: pending where train_step read it before its update, else recorded
+            raise _with_step_before(e, [pending, recorded], c)
         finally:
             if bar is not None:
                 bar.close()
@@ -1015,16 +1012,20 @@ def _terms_text(values: dict) -> str:
     return ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items())
 
 
-def _with_step_before(error: FloatingPointError, before: Optional[tuple]) -> FloatingPointError:
-    """A non-finite step's error, with the loss terms and gradient norm of the step before it (`before`:
-    (step, parts, gradient norm), None when not read): a finite but huge gradient (tsgr.tau=1e-20: L_GR 4.9e15,
-    norm 1.4e18) passes the check and breaks the weights, and the next step's terms are all NaN, so the
-    step before is where the cause shows."""
+def _with_step_before(error: FloatingPointError, candidates: list, cfg: Config) -> FloatingPointError:
+    """A non-finite step's error, with the loss terms and gradient norm of the step before it, taken from the
+    (step, outcome) `candidates` (None, or an outcome not read yet, is passed over): a finite but huge
+    gradient (tsgr.tau=1e-20: L_GR 4.9e15, norm 1.4e18) passes the check and breaks the weights, and the
+    next step's terms are all NaN, so the step before is where the cause shows."""
     step = getattr(error, "step", None)
-    if before is None or step is None or before[0] != step - 1 or not before[1]:
-        return error
-    error.args = (f"{error.args[0]}; the step before (step {step - 1}): {_terms_text(before[1])}, gradient norm "
-                  f"{before[2]:.3g}",) + error.args[1:]
+    for candidate in candidates:
+        if step is None or candidate is None or candidate[0] != step - 1:
+            continue
+        outcome = candidate[1]
+        if isinstance(outcome, StepOutcome) and outcome.grad_norm_read is not None and outcome.values(cfg):
+            error.args = (f"{error.args[0]}; the step before (step {step - 1}): {_terms_text(outcome.values(cfg))}, "
+                          f"gradient norm {outcome.grad_norm_read:.3g}",) + error.args[1:]
+        break
     return error
 
 
@@ -1091,10 +1092,11 @@ def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float,
     fix = f"lower optim.lr (now {lr:g}) or set optim.grad_clip"
     last_fraction = cls_chance_fraction(values, n_classes)
     first_fraction = statistics.fmean(values[:max(1, len(values) // 4)]) / chance
+    mean = statistics.fmean(values)
     if (learned_before is not None and learned_before < LEARNED_FRACTION and last_fraction >= COLLAPSE_FRACTION
-            and statistics.fmean(values) >= COLLAPSE_FRACTION * chance and last_fraction >= STILL * first_fraction):
+            and mean >= COLLAPSE_FRACTION * chance and last_fraction >= STILL * first_fraction):
         return (f"task {t + 1}: L_CLS stayed at chance level ln({n_classes}) = {chance:.3f} or above (mean "
-                f"{statistics.fmean(values):.3f}, last quarter of its steps {last_fraction * chance:.3f}, not under its "
+                f"{mean:.3f}, last quarter of its steps {last_fraction * chance:.3f}, not under its "
                 f"first's) after an earlier task ended at {learned_before:.0%} of its chance level: training "
                 f"collapsed (near-uniform predictions) or diverged; {fix}")
     if len(values) < MIN_STEPS_FOR_DIVERGENCE:

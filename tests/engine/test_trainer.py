@@ -521,13 +521,24 @@ def test_a_nonfinite_step_quotes_the_step_before_it(tiny_model_name, tmp_path, m
                                                  r"the step before \(step 0\): L_CLS=[0-9.]+e\+12, L_GR=0, gradient norm "
                                                  r"[0-9.]+e\+1[0-9]$"):
         train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
+    from segpcl_fast.engine.trainer import StepOutcome
+    cfg = make_config()
+
+    def outcome(step, parts, read=True):  # a step's outcome, read back (values()) or not yet
+        done = StepOutcome(step, 0, {k: torch.tensor(v) for k, v in parts.items()},
+                           torch.tensor(sum(parts.values())) if parts else None, torch.tensor(2.0))
+        if read:
+            done.values(cfg)
+        return (step, done)
     error = FloatingPointError("loss is nan at task 1, step 5")
-    assert str(_with_step_before(error, (3, {"cls": 1.0}, 2.0))) == "loss is nan at task 1, step 5"  # not the one before
+    assert str(_with_step_before(error, [outcome(3, {"cls": 1.0})], cfg)) == "loss is nan at task 1, step 5"  # no step
     error.step = 5
-    assert str(_with_step_before(error, (3, {"cls": 1.0}, 2.0))) == "loss is nan at task 1, step 5"
-    assert str(_with_step_before(error, (4, {}, 2.0))) == "loss is nan at task 1, step 5"  # no images on this rank
-    assert str(_with_step_before(error, (4, {"cls": 1.0}, 2.0))) == ("loss is nan at task 1, step 5; the step before "
-                                                                   "(step 4): L_CLS=1, gradient norm 2")
+    assert str(_with_step_before(error, [outcome(3, {"cls": 1.0})], cfg)) == "loss is nan at task 1, step 5"  # not before
+    assert str(_with_step_before(error, [outcome(4, {})], cfg)) == "loss is nan at task 1, step 5"  # no images here
+    assert str(_with_step_before(error, [None, outcome(4, {"cls": 1.0}, read=False)], cfg)) == \
+        "loss is nan at task 1, step 5"  # not read yet: its values would wait for the device
+    assert str(_with_step_before(error, [None, outcome(4, {"cls": 1.0})], cfg)) == (
+        "loss is nan at task 1, step 5; the step before (step 4): L_CLS=1, gradient norm 2")
 
 
 def test_a_bad_data_root_fails_before_any_weights_are_loaded(tmp_path, monkeypatch):
