@@ -28,9 +28,10 @@ F32 = 4
 # "large" sizes move gigabytes so that device time, not the host's cost of one call, is measured: on
 # the H200 (2026-12-04) one anchor_kl fwd+bwd call cost 0.85-0.98 ms at the paper size (2 MB of data) in
 # every implementation, and the Triton and compiled rows of the large size of then (65536 x 1000, 8192 x
-# 8000; knn 100k classes) sat at that same floor. Now: anchor_kl 5 passes of 2.1 GB (2.5 ms at that
-# device's copy bandwidth), knn_subgraph_kl about 7.8 GB (1.8 ms), pgd_step 1.2 GB (0.29 ms, measured
-# at 98 % of copy bandwidth, so already device-bound). Eager references need about 20-35 GB on the GPU.
+# 8000; knn 100k classes) sat at that same floor. Now: anchor_kl 3 passes of 2.1 GB that must move (1.5 ms
+# at that device's copy bandwidth; 5 passes for a backward that scales a saved gradient), knn_subgraph_kl
+# about 7.8 GB (1.8 ms), pgd_step 1.2 GB (0.29 ms, measured at 98 % of copy bandwidth, so already
+# device-bound). Eager references need about 20-35 GB on the GPU.
 PGD_SIZES = {"paper": 64, "large": 512}  # images of 3 x 224 x 224
 ANCHOR_SIZES = {"paper": (512, 1000), "large": (524288, 1000), "large_wide": (65536, 8000)}
 KNN_SIZES = {"paper": (1000, 200, 10, 512), "large": (2_000_000, 400_000, 10, 512)}  # classes, roots, k, d
@@ -114,10 +115,12 @@ def test_anchor_kl_fwd_bwd(benchmark, impl, size, device, roofline):
 
     with ops.backend("triton" if impl == "triton" else "reference"):
         benchmark.pedantic(step, **_rounds(device))
-        # must move, forward + backward as two autograd nodes: read z_S and z_T, write dkl_dz (forward),
-        # read dkl_dz and write d loss / d z_S (backward): 5 passes (the single launch timed by
-        # tune_kernels_cuda.py moves 3)
-        roofline(benchmark, 5 * anchors * classes * F32, device, run)
+        # must move, forward + backward: read z_S and z_T, write d loss / d z_S: 3 passes, what the Triton
+        # path moves under this gradient of 1 (its backward hands the forward's dkl_dz out untouched).
+        # A backward that scales a saved gradient (read, write) makes 5, as inductor's code for the
+        # reference does (forward: read both; backward: read both, write). Before 2026-12-06 this counted 5
+        # for every row, the Triton path then moving 5 too (BENCHMARKS.md, session 47)
+        roofline(benchmark, 3 * anchors * classes * F32, device, run)
     benchmark.extra_info.update(op="anchor_kl", impl=impl, size=size, anchors=anchors, classes=classes)
 
 

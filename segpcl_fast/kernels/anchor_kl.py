@@ -11,6 +11,18 @@ d KL_a / d z_S[a] = (p_S * sum(p_T) - p_T) / tau (= (p_S - p_T) / tau for a norm
 saved for backward, which only scales it: no second read of the logits, no host sync.
 Compute is fp32 whatever the storage (fp32 / bf16); the loss is fp32, the gradient has z_S's dtype.
 
+The backward of an fp32 z_S scales the saved gradient in place and hands it out as z_S's gradient
+(`anchor_kl_scale_grad_triton`): the kernel reads the incoming gradient on the device and leaves
+the rows whose incoming gradient is exactly 1 untouched, so the usual case (the loss, or a sum of
+losses it is part of, is what backward starts from) reads and writes nothing more: forward +
+backward move 3 passes over the logits (read z_S, z_T; write the gradient) where a separate
+backward (read dkl_dz, write grad) made 5, as torch.compile's code for the reference does. Liger-
+Kernel's losses skip that product too, after a host-side `torch.equal(grad_output, 1)`; here the test
+is on the device (no sync). The price: one backward per forward. A second backward through the same
+graph (retain_graph=True) is refused with a clear error, since the first one handed the buffer out.
+Under torch.compile (AOTAutograd traces the backward) and for bf16 / fp16 z_S (the saved gradient is
+fp32, the result z_S's dtype: one rounding) the backward is the out-of-place product.
+
 Two kernels, the same results. Rows up to SINGLE_BLOCK_COLS wide: a whole row (padded to a power
 of two) is one register tile. Wider rows (any width): the row is walked in BLOCK_C-column chunks
 twice. The first walk keeps running maxima and rescaled sums (online softmax) for the student's
@@ -36,7 +48,9 @@ below fp32's resolution (loss and gradient both lose accuracy); tau is meant to 
 
 Contents: `anchor_kl_reference` (the spec), the Triton kernel and launcher, and the custom op
 `segpcl::anchor_kl_rows(z_S, teacher, tau, teacher_is_logprob, scale=1, mean=False) -> (kl_rows (A,),
-dkl_dz (A, C))`, both fp32 and both times scale (/ A with mean), with fake + autograd; `anchor_kl_fused` turns it into the scalar loss.
+dkl_dz (A, C))`, both fp32 and both times scale (/ A with mean), with fake + autograd; its backward's
+in-place scaling, `anchor_kl_scale_grad_triton(dkl_dz, grad_rows)` (so dkl_dz, once backward has run for
+an fp32 z_S, is z_S's gradient); `anchor_kl_fused` turns kl_rows into the scalar loss.
 """
 from __future__ import annotations
 
@@ -50,8 +64,8 @@ from ._triton_utils import (cdiv, check_can_run, common_divisor, compute_dtype, 
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
-__all__ = ["anchor_kl_reference", "anchor_kl_fused", "anchor_kl_triton", "check_anchor_kl_inputs",
-           "SINGLE_BLOCK_COLS", "CHUNK_COLS"]
+__all__ = ["anchor_kl_reference", "anchor_kl_fused", "anchor_kl_triton", "anchor_kl_scale_grad_triton",
+           "check_anchor_kl_inputs", "SINGLE_BLOCK_COLS", "CHUNK_COLS"]
 
 SINGLE_BLOCK_COLS = 4096  # widest row held as one register tile; wider rows take the chunked kernel
 CHUNK_COLS = 1024         # columns per chunk in the chunked kernel
@@ -341,21 +355,84 @@ def _anchor_kl_rows_fake(student_logits, teacher, tau, teacher_is_logprob, scale
     return kl, student_logits.new_empty((n_rows, n_cols), dtype=torch.float32)
 
 
+@lazy_jit
+def _scale_grad_kernel(dz_ptr, g_ptr, n_elems, n_cols, stride_g, SHARED_G: tl.constexpr, BLOCK: tl.constexpr):
+    """dz[a, :] *= g[a] in place (dz contiguous, n_cols wide), leaving the rows whose g is exactly 1
+    untouched; a NaN g is not 1 (it poisons its row, as the product does). SHARED_G: every row has the
+    same g (stride 0, the gradient of kl_rows.sum()), read once; when it is 1 no program touches dz.
+    Each program walks the elements in steps of (programs x BLOCK)."""
+    pid = tl.program_id(0).to(tl.int64)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    if SHARED_G:
+        g = tl.load(g_ptr).to(tl.float32)
+        if g != 1.0:
+            for start in range(pid * BLOCK, n_elems, step):
+                offs = start + tl.arange(0, BLOCK)
+                in_range = offs < n_elems
+                dz = tl.load(dz_ptr + offs, mask=in_range)
+                tl.store(dz_ptr + offs, dz * g, mask=in_range)
+    else:
+        for start in range(pid * BLOCK, n_elems, step):
+            offs = start + tl.arange(0, BLOCK)
+            in_range = offs < n_elems
+            g = tl.load(g_ptr + (offs // n_cols) * stride_g, mask=in_range, other=1.0).to(tl.float32)
+            if tl.sum((g != 1.0).to(tl.int32), axis=0) > 0:
+                dz = tl.load(dz_ptr + offs, mask=in_range)
+                tl.store(dz_ptr + offs, dz * g, mask=in_range)
+
+
+SCALE_BLOCK = 4096     # elements per program and step of the in-place scaling
+SCALE_PROGRAMS = 1024  # at most this many programs walk the elements (one wave of 8-warp programs on an H100)
+
+
+def anchor_kl_scale_grad_triton(dkl_dz: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    """dkl_dz (A, C) fp32 contiguous *= grad_rows (A,) per row, in place; rows whose grad_rows entry is
+    exactly 1 are not read or written (all of them, when grad_rows is one value expanded: no program
+    touches dkl_dz then). No host sync: the test is the kernel's."""
+    check_can_run("anchor_kl_scale_grad_", dkl_dz, grad_rows)
+    if dkl_dz.dim() != 2 or not dkl_dz.is_contiguous() or dkl_dz.dtype != torch.float32:
+        raise ValueError("anchor_kl_scale_grad_: dkl_dz must be the op's own contiguous fp32 (anchors, classes) "
+                         f"gradient, got {dkl_dz.dtype} {tuple(dkl_dz.shape)} strides {dkl_dz.stride()}")
+    if grad_rows.shape != dkl_dz.shape[:1]:
+        raise ValueError(f"anchor_kl_scale_grad_: grad_rows has shape {tuple(grad_rows.shape)}, want "
+                         f"({dkl_dz.shape[0]},): one incoming gradient per row")
+    n_elems = dkl_dz.numel()
+    if n_elems == 0:
+        return
+    shared = grad_rows.shape[0] == 1 or grad_rows.stride(0) == 0
+    programs = min(cdiv(n_elems, SCALE_BLOCK), 2 if interpret_mode() else SCALE_PROGRAMS)
+    with launch_device(dkl_dz):
+        _scale_grad_kernel[(programs,)](dkl_dz, grad_rows, n_elems, dkl_dz.shape[1], grad_rows.stride(0),
+                                        SHARED_G=shared, BLOCK=SCALE_BLOCK, num_warps=8)
+
+
 def _anchor_kl_setup_context(ctx, inputs, output):
     ctx.student_dtype = inputs[0].dtype
     ctx.mark_non_differentiable(output[1])  # the gradient itself, for the backward: not differentiable
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
+    ctx.handed_out = False
 
 
 def _anchor_kl_backward(ctx, grad_kl, _grad_dz):
-    """d loss / d z_S = grad_kl[a] * dkl_dz[a], in fp32, rounded once to z_S's dtype in the same
-    kernel (out=): the gradient was computed in the forward pass (so it has no graph of its own: no
-    double backward)."""
+    """d loss / d z_S = grad_kl[a] * dkl_dz[a]. fp32 z_S, run eagerly: dkl_dz scaled in place (rows with
+    grad_kl exactly 1 untouched, on the device) and handed out; otherwise (bf16 / fp16 z_S, or traced by
+    torch.compile) out of place in fp32, rounded once to z_S's dtype in the same kernel (out=). The
+    gradient was computed in the forward pass, so it has no graph of its own: no double backward."""
     if grad_kl is None:
         return None, None, None, None, None, None
     refuse_double_backward("anchor_kl (Triton)")
+    if ctx.handed_out:
+        raise RuntimeError("anchor_kl (Triton): a second backward through one forward (retain_graph=True): the first "
+                           "backward handed its saved gradient out as z_S's gradient. Run the forward again for each "
+                           "backward, or use the reference for this op: segpcl_fast.ops.backend('reference')")
     (dkl_dz,) = ctx.saved_tensors
+    if ctx.student_dtype == dkl_dz.dtype and type(dkl_dz) is torch.Tensor and not torch.compiler.is_compiling():
+        # the launcher itself, not a custom op: this branch runs eagerly only (a traced backward takes the
+        # product below), and torch.library's Python dispatch cost 14 us a call here (op_host_cost.py)
+        ctx.handed_out = True
+        anchor_kl_scale_grad_triton(dkl_dz, grad_kl)
+        return dkl_dz, None, None, None, None, None
     grad_student = torch.empty(dkl_dz.shape, dtype=ctx.student_dtype, device=dkl_dz.device)
     torch.mul(dkl_dz, grad_kl.float()[:, None], out=grad_student)
     return grad_student, None, None, None, None, None

@@ -360,6 +360,16 @@ def default_cases() -> list[Case]:
     # chunks narrower than 16 columns (tests, the sweep): the alignment hints must fit inside one chunk
     cases.append(Case("anchor_kl 512x64 in chunks of 8 fp32/fp32 teacher logits", akl(512, 64, f32, f32, False, 8)))
 
+    def akl_scale(rows, cols, shared):
+        dz = torch.empty(rows, cols, device=meta)
+        grad_rows = torch.empty((), device=meta).expand(rows) if shared else torch.empty(rows, device=meta)
+        return lambda: anchor_kl.anchor_kl_scale_grad_triton(dz, grad_rows)
+
+    for rows, cols in ((512, 1000), (524288, 1000)):  # fp32 z_S's backward: one incoming gradient, or one per row
+        for shared in (True, False):
+            cases.append(Case(f"anchor_kl backward scaling {rows}x{cols} fp32, {'one' if shared else 'per-row'} "
+                              "incoming gradient", akl_scale(rows, cols, shared)))
+
     def knn(classes, n_roots, k, d, dtype, mean_grad=False):
         emb = torch.empty(classes, d, dtype=dtype, device=meta)
         roots = torch.empty(n_roots, dtype=torch.long, device=meta)

@@ -332,17 +332,32 @@ def test_scale_multiplies_both_outputs(chunk, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_loss_launches_four_kernels(dtype, device, triton_backend, kernel_launches):
+def test_fused_loss_launches_four_kernels(dtype, device, triton_backend, kernel_launches, monkeypatch):
     """Forward + backward of the fused loss: the kernel, the sum, autograd's seed and one scaling of
-    the saved gradient into z_S's dtype. (The mean, tau^2 and their backward products, and a
-    separate cast for bf16, were 4-5 more launches, each about 40 us of host time on the H200.)"""
+    the saved gradient: in place for fp32 (the launcher of _scale_grad_kernel, called directly, not
+    through the dispatcher; here, under a gradient of 1, it touches nothing), into z_S's dtype for bf16.
+    (The mean, tau^2 and their backward products, and a separate cast for bf16, were 4-5 more
+    launches, each about 40 us of host time on the H200.)"""
+    scalings, real = [], kernel._scale_grad_kernel
+
+    class Counting:  # counts the launch; the interpreter's own tensor ops are not the GPU's launches
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                scalings.append(grid)
+                with torch.utils._python_dispatch._disable_current_modes():
+                    return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernel, "_scale_grad_kernel", Counting())
     z_s = torch.randn(8, 90, device=device, dtype=dtype, requires_grad=True)
     z_t = torch.randn(8, 90, device=device)
     with kernel_launches() as launched:
         loss = ops.anchor_kl(z_s, z_t, 2.0)
         (grad,) = torch.autograd.grad(loss, z_s)
-    assert launched == ["segpcl.anchor_kl_rows.default", "aten.sum.default", "aten.ones_like.default",
-                        "aten.mul.out"], launched
+    in_place = dtype == torch.float32
+    assert launched == ["segpcl.anchor_kl_rows.default", "aten.sum.default", "aten.ones_like.default"] + \
+        ([] if in_place else ["aten.mul.out"]), launched
+    assert len(scalings) == (1 if in_place else 0)
     want = torch.autograd.grad(kernel.anchor_kl_reference(z_s, z_t, 2.0), z_s)[0]
     assert grad.dtype == dtype
     torch.testing.assert_close(grad.float(), want.float(), rtol=1e-4 if dtype == torch.float32 else 2 ** -7,
@@ -426,3 +441,125 @@ def test_views_of_wider_rows_match_the_reference(width, pad, chunk, teacher_is_l
     (ref_dz,) = torch.autograd.grad(torch.stack(ref_rows).sum(), ref_student)
     torch.testing.assert_close(kl_rows, torch.stack(ref_rows), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dz, ref_dz, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------ the backward's in-place scaling (fp32 z_S)
+
+def _row_gradients(form, rows, device):
+    g = torch.Generator().manual_seed(rows)
+    if form == "rows":  # per-row weights, some exactly 1 (left untouched), a 0, a negative, a NaN
+        w = torch.randn(rows, generator=g)
+        w[::3] = 1.0
+        w[1 % rows] = 0.0
+        w[-1] = float("nan") if rows > 2 else w[-1]
+        return w.to(device)
+    if form == "one_row":  # every row's gradient 1 but the last one's (one column: one element in its block)
+        w = torch.ones(rows)
+        w[-1] = 2.0
+        return w.to(device)
+    if form == "strided_rows":  # a non-contiguous per-row gradient (stride 2)
+        w = torch.randn(2 * rows, generator=g)
+        w[::4] = 1.0
+        return w.to(device)[::2]
+    value = {"one": 1.0, "five": 5.0, "minus_zero": -0.0, "nan": float("nan")}[form]
+    return torch.full((), value, device=device).expand(rows)  # what kl_rows.sum()'s backward gives
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (6, 1), (7, 33), (37, 1000), (3, 5000)])
+@pytest.mark.parametrize("form", ["one", "five", "minus_zero", "nan", "rows", "one_row", "strided_rows"])
+def test_scale_grad_in_place_equals_the_product(rows, cols, form, device):
+    """dkl_dz *= grad_rows[:, None] in place, bit for bit torch's fp32 product, whatever the incoming
+    gradient: one value (1: nothing to do; 5; -0; NaN) or per row (some exactly 1, all but one, non-contiguous).
+    37 x 1000 and 3 x 5000 elements span several blocks per program (each program steps over the
+    grid), with a ragged last block."""
+    dz = torch.randn(rows, cols, device=device)
+    grad_rows = _row_gradients(form, rows, device)
+    want = dz * grad_rows[:, None]
+    ptr = dz.data_ptr()
+    kernel.anchor_kl_scale_grad_triton(dz, grad_rows)
+    assert dz.data_ptr() == ptr
+    torch.testing.assert_close(dz, want, rtol=0, atol=0, equal_nan=True)
+    if form == "minus_zero":
+        assert torch.equal(torch.signbit(dz), torch.signbit(want))
+
+
+def test_scale_grad_refuses_what_is_not_its_own_gradient(device):
+    dz = torch.randn(4, 6, device=device)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kernel.anchor_kl_scale_grad_triton(dz.t(), torch.ones(6, device=device))
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kernel.anchor_kl_scale_grad_triton(dz.bfloat16(), torch.ones(4, device=device))
+    with pytest.raises(ValueError, match="one incoming gradient per row"):
+        kernel.anchor_kl_scale_grad_triton(dz, torch.ones(5, device=device))
+
+
+@pytest.mark.parametrize("upstream", [1.0, 5.0])
+def test_fp32_backward_hands_the_saved_gradient_out(upstream, device, triton_backend):
+    """fp32 z_S: the backward scales the forward's dkl_dz in place and returns it, no new buffer: under a
+    gradient of 1 (the loss is where backward starts) it is returned as the forward wrote it; under 5,
+    times 5. The value equals the reference's gradient either way."""
+    student, teacher = _logits(9, 70, torch.float32, device, seed=31)
+    s = student.detach().requires_grad_(True)
+    kl_rows, dkl = torch.ops.segpcl.anchor_kl_rows(s, teacher, TAU, False, TAU ** 2, True)
+    written = dkl.clone()
+    (grad,) = torch.autograd.grad(upstream * kl_rows.sum(), s)
+    assert grad.data_ptr() == dkl.data_ptr()
+    assert torch.equal(grad, written * upstream)
+    (want,) = torch.autograd.grad(upstream * kernel.anchor_kl_reference(s, teacher, TAU), s)
+    torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_backward_leaves_the_saved_gradient(device, triton_backend):
+    """bf16 z_S: the gradient is a new bf16 tensor (one rounding of the fp32 product); dkl_dz keeps its values."""
+    student, teacher = _logits(9, 70, torch.bfloat16, device, seed=32)
+    s = student.detach().requires_grad_(True)
+    kl_rows, dkl = torch.ops.segpcl.anchor_kl_rows(s, teacher, TAU, False)
+    written = dkl.clone()
+    (grad,) = torch.autograd.grad(3.0 * kl_rows.sum(), s)
+    assert grad.dtype == torch.bfloat16 and torch.equal(dkl, written)
+    assert torch.equal(grad, (written * 3.0).bfloat16())
+
+
+def test_a_second_backward_through_one_forward(device, triton_backend):
+    """retain_graph=True and a second backward: fp32 z_S (the saved gradient was handed out by the first)
+    is refused with a clear error, not given a gradient scaled twice; bf16 z_S runs both."""
+    student, teacher = _logits(5, 40, torch.float32, device, seed=33)
+    s = student.detach().requires_grad_(True)
+    loss = 5.0 * ops.anchor_kl(s, teacher, TAU)
+    (first,) = torch.autograd.grad(loss, s, retain_graph=True)
+    torch.testing.assert_close(first, torch.autograd.grad(5.0 * kernel.anchor_kl_reference(s, teacher, TAU), s)[0],
+                               rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="second backward through one forward.*backend\\('reference'\\)"):
+        torch.autograd.grad(loss, s)
+    s16 = student.detach().bfloat16().requires_grad_(True)
+    loss16 = ops.anchor_kl(s16, teacher.bfloat16(), TAU)
+    (a,) = torch.autograd.grad(loss16, s16, retain_graph=True)
+    (b,) = torch.autograd.grad(loss16, s16)
+    assert torch.equal(a, b)
+
+
+def test_compiled_backward_scales_out_of_place(device, triton_backend, graph_breaks):
+    """Traced by AOTAutograd (torch.compile), the backward is the out-of-place product (the eager path's
+    in-place launch would run once, at tracing, on fake tensors: the compiled backward would not scale
+    at all). The compiled gradients equal the eager ones, under an incoming gradient of 5."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    backward_targets = []
+
+    def fw(gm, example_inputs):
+        return make_boxed_func(gm.forward)
+
+    def bw(gm, example_inputs):
+        backward_targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    student, teacher = _logits(12, 30, torch.float32, device, seed=34)
+    loss_fn = lambda s, t: 5.0 * ops.anchor_kl(s, t, TAU)  # noqa: E731
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=aot_autograd(fw_compiler=fw, bw_compiler=bw))
+    loss, grad = _grad(compiled, student, teacher)
+    assert graph_breaks() == 0
+    assert any("mul" in t for t in backward_targets), backward_targets
+    want_loss, want_grad = _grad(loss_fn, student, teacher)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-9)
