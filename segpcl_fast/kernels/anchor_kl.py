@@ -414,6 +414,16 @@ def _anchor_kl_setup_context(ctx, inputs, output):
     ctx.handed_out = False
 
 
+def _traced(t: torch.Tensor) -> bool:
+    """Whether this backward is being traced rather than run: by torch.compile (AOTAutograd's functional
+    and fake tensors, compiled autograd) or by make_fx, whose proxy mode records ops on real tensors. A
+    direct kernel launch is no op: a trace would leave it out."""
+    if type(t) is not torch.Tensor or torch.compiler.is_compiling():
+        return True
+    keys = torch._C._TorchDispatchModeKey
+    return any(torch._C._get_dispatch_mode(key) is not None for key in (keys.PROXY, keys.FAKE, keys.FUNCTIONAL))
+
+
 def _anchor_kl_backward(ctx, grad_kl, _grad_dz):
     """d loss / d z_S = grad_kl[a] * dkl_dz[a]. fp32 z_S, run eagerly: dkl_dz scaled in place (rows with
     grad_kl exactly 1 untouched, on the device) and handed out; otherwise (bf16 / fp16 z_S, or traced by
@@ -427,7 +437,7 @@ def _anchor_kl_backward(ctx, grad_kl, _grad_dz):
                            "backward handed its saved gradient out as z_S's gradient. Run the forward again for each "
                            "backward, or use the reference for this op: segpcl_fast.ops.backend('reference')")
     (dkl_dz,) = ctx.saved_tensors
-    if ctx.student_dtype == dkl_dz.dtype and type(dkl_dz) is torch.Tensor and not torch.compiler.is_compiling():
+    if ctx.student_dtype == dkl_dz.dtype and not _traced(dkl_dz):
         # the launcher itself, not a custom op: this branch runs eagerly only (a traced backward takes the
         # product below), and torch.library's Python dispatch cost 14 us a call here (op_host_cost.py)
         ctx.handed_out = True

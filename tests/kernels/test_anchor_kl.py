@@ -563,3 +563,20 @@ def test_compiled_backward_scales_out_of_place(device, triton_backend, graph_bre
     want_loss, want_grad = _grad(loss_fn, student, teacher)
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_a_make_fx_trace_records_the_backward_product(device, triton_backend):
+    """make_fx records ops on real tensors under its proxy mode, where torch.compiler.is_compiling() is
+    False: the eager path's direct launch would scale the tracing call's buffer and leave the graph
+    without the product, so a replay under an incoming gradient of 5 gave the unscaled gradient."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def grad_of_weighted_loss(s, t):
+        return torch.autograd.grad(5.0 * ops.anchor_kl(s, t, TAU), s)[0]
+
+    student, teacher = _logits(6, 40, torch.float32, device, seed=35)
+    graph = make_fx(grad_of_weighted_loss, tracing_mode="real")(student.detach().requires_grad_(True), teacher)
+    other_student, other_teacher = _logits(6, 40, torch.float32, device, seed=36)
+    s = other_student.detach().requires_grad_(True)
+    want = torch.autograd.grad(5.0 * kernel.anchor_kl_reference(s, other_teacher, TAU), s)[0]
+    torch.testing.assert_close(graph(s, other_teacher), want, rtol=1e-4, atol=1e-7)
