@@ -18,10 +18,13 @@ losses it is part of, is what backward starts from) reads and writes nothing mor
 backward move 3 passes over the logits (read z_S, z_T; write the gradient) where a separate
 backward (read dkl_dz, write grad) made 5, as torch.compile's code for the reference does. Liger-
 Kernel's losses skip that product too, after a host-side `torch.equal(grad_output, 1)`; here the test
-is on the device (no sync). The price: one backward per forward. A second backward through the same
-graph (retain_graph=True) is refused with a clear error, since the first one handed the buffer out.
-Under torch.compile (AOTAutograd traces the backward) and for bf16 / fp16 z_S (the saved gradient is
-fp32, the result z_S's dtype: one rounding) the backward is the out-of-place product.
+is on the device (no sync). The price: one backward per forward. The buffer handed out has its version
+bumped, so a second backward through the same graph (retain_graph=True, torch.autograd.functional.
+jacobian, an fp32 gradcheck) is refused with a clear error (other nodes of that backward may have run
+by then, as with any error raised in a backward); one under torch.utils.checkpoint, whose recomputation
+makes a fresh buffer, runs. Under torch.compile or make_fx (a traced backward), for bf16 / fp16 z_S (the
+saved gradient is fp32, the result z_S's dtype: one rounding), and for a saved tensor that a saved-tensor
+hook gave back non-contiguous, the backward is the out-of-place product.
 
 Two kernels, the same results. Rows up to SINGLE_BLOCK_COLS wide: a whole row (padded to a power
 of two) is one register tile. Wider rows (any width): the row is walked in BLOCK_C-column chunks
@@ -356,39 +359,45 @@ def _anchor_kl_rows_fake(student_logits, teacher, tau, teacher_is_logprob, scale
 
 
 @lazy_jit
-def _scale_grad_kernel(dz_ptr, g_ptr, n_elems, n_cols, stride_g, SHARED_G: tl.constexpr, BLOCK: tl.constexpr):
-    """dz[a, :] *= g[a] in place (dz contiguous, n_cols wide), leaving the rows whose g is exactly 1
-    untouched; a NaN g is not 1 (it poisons its row, as the product does). SHARED_G: every row has the
-    same g (stride 0, the gradient of kl_rows.sum()), read once; when it is 1 no program touches dz.
-    Each program walks the elements in steps of (programs x BLOCK)."""
+def _scale_grad_kernel(dz_ptr, g_ptr, n_elems, n_rows, n_cols, stride_g, SHARED_G: tl.constexpr, BLOCK: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """dz[a, :] *= g[a] in place (dz contiguous, n_cols wide), leaving every row whose g is exactly 1
+    unread and unwritten; a NaN g is not 1 (it poisons its row, as the product does).
+    SHARED_G (every row has the same g: stride 0, the gradient of kl_rows.sum(); or one row): g is read
+    once, and when it is 1 no program touches dz; otherwise each program walks the flat elements in steps
+    of (programs x BLOCK). Per-row g: each program takes rows in steps of the program count, reads the
+    row's g and, unless it is 1, scales the row in BLOCK_C-column chunks."""
     pid = tl.program_id(0).to(tl.int64)
-    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    n_programs = tl.num_programs(0).to(tl.int64)
     if SHARED_G:
         g = tl.load(g_ptr).to(tl.float32)
         if g != 1.0:
-            for start in range(pid * BLOCK, n_elems, step):
+            for start in range(pid * BLOCK, n_elems, n_programs * BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 in_range = offs < n_elems
                 dz = tl.load(dz_ptr + offs, mask=in_range)
                 tl.store(dz_ptr + offs, dz * g, mask=in_range)
     else:
-        for start in range(pid * BLOCK, n_elems, step):
-            offs = start + tl.arange(0, BLOCK)
-            in_range = offs < n_elems
-            g = tl.load(g_ptr + (offs // n_cols) * stride_g, mask=in_range, other=1.0).to(tl.float32)
-            if tl.sum((g != 1.0).to(tl.int32), axis=0) > 0:
-                dz = tl.load(dz_ptr + offs, mask=in_range)
-                tl.store(dz_ptr + offs, dz * g, mask=in_range)
+        cols = tl.arange(0, BLOCK_C)
+        for row in range(pid, n_rows, n_programs):
+            g = tl.load(g_ptr + row * stride_g).to(tl.float32)
+            if g != 1.0:
+                row_ptr = dz_ptr + row * n_cols
+                for c0 in range(0, n_cols, BLOCK_C):
+                    in_row = c0 + cols < n_cols
+                    dz = tl.load(row_ptr + c0 + cols, mask=in_row)
+                    tl.store(row_ptr + c0 + cols, dz * g, mask=in_row)
 
 
-SCALE_BLOCK = 4096     # elements per program and step of the in-place scaling
-SCALE_PROGRAMS = 1024  # at most this many programs walk the elements (one wave of 8-warp programs on an H100)
+SCALE_BLOCK = 4096     # elements per program and step of the in-place scaling (one incoming gradient)
+SCALE_ROW_CHUNK = 1024  # widest column chunk of a row (per-row incoming gradients)
+SCALE_PROGRAMS = 1024  # at most this many programs walk dz (one wave of 8-warp programs on an H100)
 
 
 def anchor_kl_scale_grad_triton(dkl_dz: torch.Tensor, grad_rows: torch.Tensor) -> None:
-    """dkl_dz (A, C) fp32 contiguous *= grad_rows (A,) per row, in place; rows whose grad_rows entry is
-    exactly 1 are not read or written (all of them, when grad_rows is one value expanded: no program
-    touches dkl_dz then). No host sync: the test is the kernel's."""
+    """dkl_dz (A, C) fp32 contiguous *= grad_rows (A,) per row, in place; a row whose grad_rows entry is
+    exactly 1 is not read or written (none is, when grad_rows is one value expanded and that value is 1).
+    No host sync: the test is the kernel's."""
     check_can_run("anchor_kl_scale_grad_", dkl_dz, grad_rows)
     if dkl_dz.dim() != 2 or not dkl_dz.is_contiguous() or dkl_dz.dtype != torch.float32:
         raise ValueError("anchor_kl_scale_grad_: dkl_dz must be the op's own contiguous fp32 (anchors, classes) "
@@ -396,14 +405,17 @@ def anchor_kl_scale_grad_triton(dkl_dz: torch.Tensor, grad_rows: torch.Tensor) -
     if grad_rows.shape != dkl_dz.shape[:1]:
         raise ValueError(f"anchor_kl_scale_grad_: grad_rows has shape {tuple(grad_rows.shape)}, want "
                          f"({dkl_dz.shape[0]},): one incoming gradient per row")
-    n_elems = dkl_dz.numel()
-    if n_elems == 0:
+    n_rows, n_cols = dkl_dz.shape
+    if dkl_dz.numel() == 0:
         return
-    shared = grad_rows.shape[0] == 1 or grad_rows.stride(0) == 0
-    programs = min(cdiv(n_elems, SCALE_BLOCK), 2 if interpret_mode() else SCALE_PROGRAMS)
+    shared = n_rows == 1 or grad_rows.stride(0) == 0
+    work = cdiv(dkl_dz.numel(), SCALE_BLOCK) if shared else n_rows
+    programs = min(work, 2 if interpret_mode() else SCALE_PROGRAMS)
     with launch_device(dkl_dz):
-        _scale_grad_kernel[(programs,)](dkl_dz, grad_rows, n_elems, dkl_dz.shape[1], grad_rows.stride(0),
-                                        SHARED_G=shared, BLOCK=SCALE_BLOCK, num_warps=8)
+        _scale_grad_kernel[(programs,)](dkl_dz, grad_rows, dkl_dz.numel(), n_rows, n_cols, grad_rows.stride(0),
+                                        SHARED_G=shared, BLOCK=SCALE_BLOCK,
+                                        BLOCK_C=min(SCALE_ROW_CHUNK, next_pow2(n_cols)),
+                                        num_warps=8 if shared else 4)
 
 
 def _anchor_kl_setup_context(ctx, inputs, output):
@@ -416,32 +428,44 @@ def _anchor_kl_setup_context(ctx, inputs, output):
 
 def _traced(t: torch.Tensor) -> bool:
     """Whether this backward is being traced rather than run: by torch.compile (AOTAutograd's functional
-    and fake tensors, compiled autograd) or by make_fx, whose proxy mode records ops on real tensors. A
+    and fake tensors; compiled autograd, where dynamo traces this function and answers type(t) with
+    torch.Tensor) or by make_fx, whose proxy mode (also at pre-dispatch) records ops on real tensors. A
     direct kernel launch is no op: a trace would leave it out."""
     if type(t) is not torch.Tensor or torch.compiler.is_compiling():
         return True
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
     keys = torch._C._TorchDispatchModeKey
-    return any(torch._C._get_dispatch_mode(key) is not None for key in (keys.PROXY, keys.FAKE, keys.FUNCTIONAL))
+    return get_proxy_mode() is not None or any(torch._C._get_dispatch_mode(key) is not None
+                                               for key in (keys.FAKE, keys.FUNCTIONAL))
 
 
 def _anchor_kl_backward(ctx, grad_kl, _grad_dz):
     """d loss / d z_S = grad_kl[a] * dkl_dz[a]. fp32 z_S, run eagerly: dkl_dz scaled in place (rows with
-    grad_kl exactly 1 untouched, on the device) and handed out; otherwise (bf16 / fp16 z_S, or traced by
-    torch.compile) out of place in fp32, rounded once to z_S's dtype in the same kernel (out=). The
-    gradient was computed in the forward pass, so it has no graph of its own: no double backward."""
+    grad_kl exactly 1 untouched, on the device) and handed out, its version bumped, so that autograd
+    refuses a later use of it as a saved tensor; otherwise (bf16 / fp16 z_S, a traced backward, a saved
+    tensor that came back non-contiguous from a saved-tensor hook) out of place in fp32, rounded once to
+    z_S's dtype in the same kernel (out=). The gradient was computed in the forward pass, so it has no
+    graph of its own: no double backward."""
     if grad_kl is None:
         return None, None, None, None, None, None
     refuse_double_backward("anchor_kl (Triton)")
-    if ctx.handed_out:
-        raise RuntimeError("anchor_kl (Triton): a second backward through one forward (retain_graph=True): the first "
-                           "backward handed its saved gradient out as z_S's gradient. Run the forward again for each "
-                           "backward, or use the reference for this op: segpcl_fast.ops.backend('reference')")
-    (dkl_dz,) = ctx.saved_tensors
-    if ctx.student_dtype == dkl_dz.dtype and not _traced(dkl_dz):
+    try:
+        (dkl_dz,) = ctx.saved_tensors
+    except RuntimeError as error:  # the version check: handed out by an earlier backward of this forward
+        if not ctx.handed_out:
+            raise
+        raise RuntimeError("anchor_kl (Triton): a second backward through one forward (retain_graph=True, "
+                           "torch.autograd.functional.jacobian, an fp32 gradcheck): the first backward handed the "
+                           "forward's saved gradient out as z_S's gradient. Run the forward again for each backward, "
+                           "or use the reference for this op: segpcl_fast.ops.backend('reference')") from error
+    if (ctx.student_dtype == dkl_dz.dtype == torch.float32 and dkl_dz.is_contiguous()
+            and not _traced(dkl_dz)):
         # the launcher itself, not a custom op: this branch runs eagerly only (a traced backward takes the
         # product below), and torch.library's Python dispatch cost 14 us a call here (op_host_cost.py)
-        ctx.handed_out = True
         anchor_kl_scale_grad_triton(dkl_dz, grad_kl)
+        torch.autograd.graph.increment_version(dkl_dz)
+        ctx.handed_out = True
         return dkl_dz, None, None, None, None, None
     grad_student = torch.empty(dkl_dz.shape, dtype=ctx.student_dtype, device=dkl_dz.device)
     torch.mul(dkl_dz, grad_kl.float()[:, None], out=grad_student)

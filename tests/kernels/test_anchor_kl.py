@@ -531,6 +531,9 @@ def test_a_second_backward_through_one_forward(device, triton_backend):
                                rtol=1e-4, atol=1e-7)
     with pytest.raises(RuntimeError, match="second backward through one forward.*backend\\('reference'\\)"):
         torch.autograd.grad(loss, s)
+    with pytest.raises(RuntimeError, match="second backward through one forward"):  # one backward per output row
+        torch.autograd.functional.jacobian(lambda z: torch.ops.segpcl.anchor_kl_rows(z, teacher, TAU, False)[0],
+                                           student.detach().clone())
     s16 = student.detach().bfloat16().requires_grad_(True)
     loss16 = ops.anchor_kl(s16, teacher.bfloat16(), TAU)
     (a,) = torch.autograd.grad(loss16, s16, retain_graph=True)
@@ -565,18 +568,80 @@ def test_compiled_backward_scales_out_of_place(device, triton_backend, graph_bre
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-9)
 
 
-def test_a_make_fx_trace_records_the_backward_product(device, triton_backend):
+@pytest.mark.parametrize("pre_dispatch", [False, True])
+def test_a_make_fx_trace_records_the_backward_product(pre_dispatch, device, triton_backend):
     """make_fx records ops on real tensors under its proxy mode, where torch.compiler.is_compiling() is
-    False: the eager path's direct launch would scale the tracing call's buffer and leave the graph
-    without the product, so a replay under an incoming gradient of 5 gave the unscaled gradient."""
+    False (at pre-dispatch the mode sits on another stack): the eager path's direct launch would scale
+    the tracing call's buffer and leave the graph without the product, so a replay under an incoming
+    gradient of 5 gave the unscaled gradient."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def grad_of_weighted_loss(s, t):
         return torch.autograd.grad(5.0 * ops.anchor_kl(s, t, TAU), s)[0]
 
     student, teacher = _logits(6, 40, torch.float32, device, seed=35)
-    graph = make_fx(grad_of_weighted_loss, tracing_mode="real")(student.detach().requires_grad_(True), teacher)
+    graph = make_fx(grad_of_weighted_loss, tracing_mode="real", pre_dispatch=pre_dispatch)(
+        student.detach().requires_grad_(True), teacher)
     other_student, other_teacher = _logits(6, 40, torch.float32, device, seed=36)
     s = other_student.detach().requires_grad_(True)
     want = torch.autograd.grad(5.0 * kernel.anchor_kl_reference(s, other_teacher, TAU), s)[0]
     torch.testing.assert_close(graph(s, other_teacher), want, rtol=1e-4, atol=1e-7)
+
+
+def test_the_handed_out_gradient_is_a_new_version(device, triton_backend):
+    """dkl_dz kept from a direct op call and saved by another node (here w's gradient needs it): the
+    backward scaled it in place, so that node's later backward would read the scaled values. The version
+    bump makes autograd refuse that, rather than give w a gradient 3 times too large."""
+    student, teacher = _logits(5, 7, torch.float32, device, seed=37)
+    s = student.detach().requires_grad_(True)
+    w = torch.ones(5, 7, device=device, requires_grad=True)
+    kl_rows, dkl = torch.ops.segpcl.anchor_kl_rows(s, teacher, TAU, False)
+    aux = (dkl * w).sum()
+    (3.0 * kl_rows.sum()).backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        aux.backward()
+
+
+def test_saved_tensor_hooks_and_checkpoint(device, triton_backend):
+    """A saved-tensor hook that gives dkl_dz back non-contiguous takes the out-of-place product; under
+    torch.utils.checkpoint (non-reentrant) each backward recomputes a fresh dkl_dz, so two backwards
+    through one forward both run. The gradients equal the reference's."""
+    from torch.utils.checkpoint import checkpoint
+
+    student, teacher = _logits(5, 7, torch.float32, device, seed=38)
+    s = student.detach().requires_grad_(True)
+    want = torch.autograd.grad(3.0 * kernel.anchor_kl_reference(s, teacher, TAU), s)[0]
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: x.t().contiguous(), lambda x: x.t()):
+        loss = 3.0 * ops.anchor_kl(s, teacher, TAU)
+    torch.testing.assert_close(torch.autograd.grad(loss, s)[0], want, rtol=1e-4, atol=1e-7)
+    loss = checkpoint(lambda z: 3.0 * ops.anchor_kl(z, teacher, TAU), s, use_reentrant=False)
+    first = torch.autograd.grad(loss, s, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, s)[0]
+    torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-7)
+    assert torch.equal(first, second)
+
+
+def test_compiled_autograd_records_the_backward_product(device, triton_backend, monkeypatch):
+    """Compiled autograd: dynamo traces the backward function itself, and there type(t) answers
+    torch.Tensor, so the trace check also asks torch.compiler.is_compiling(). Without it the launch ran
+    inside dynamo's trace (into Triton's own code). Two incoming gradients, 5 then 3, through one
+    captured graph."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no compiled_autograd._enable")
+    launches = []
+    real = kernel.anchor_kl_scale_grad_triton
+    monkeypatch.setattr(kernel, "anchor_kl_scale_grad_triton", lambda *args: launches.append(1) or real(*args))
+    student, teacher = _logits(5, 7, torch.float32, device, seed=39)
+    torch._dynamo.reset()
+    try:
+        for weight in (5.0, 3.0):
+            s = student.detach().requires_grad_(True)
+            want = torch.autograd.grad(weight * kernel.anchor_kl_reference(s, teacher, TAU), s)[0]
+            loss = torch.tensor(weight, device=device) * ops.anchor_kl(s, teacher, TAU)
+            with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                loss.backward()
+            torch.testing.assert_close(s.grad, want, rtol=1e-4, atol=1e-7)
+    finally:
+        torch._dynamo.reset()
+    assert launches == []
