@@ -99,11 +99,9 @@ class TSGRGraph:
         # at student = reference and can pick other neighbours)
         with torch.autocast(ref_text_all.device.type, enabled=False):
             ref = F.normalize(ref_text_all.float(), dim=-1)
-            sim = ref[roots] @ ref.T  # (R, C_seen) cosines in the reference space
-            sim[torch.arange(roots.numel(), device=sim.device), roots] = float("-inf")  # N(c) excludes c
-            neighbors = sim.topk(k_eff, dim=-1).indices
-            # log q_0 with the same similarity computation the loss uses on the student side
-            ref_logprob = ops.knn_reference_logprob(ref, roots, neighbors, tau)
+            # N(c): c's k nearest seen classes by reference cosine, c excluded; log q_0 with the same
+            # similarity computation the loss uses on the student side
+            neighbors, ref_logprob = ops.knn_subgraphs(ref, roots, k_eff, tau)
         return cls(roots, neighbors, ref_logprob, float(tau), n_seen, ops.knn_backward_plan(roots, neighbors, n_seen))
 
 

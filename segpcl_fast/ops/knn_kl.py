@@ -20,6 +20,16 @@ knn_backward_plan = _k.knn_backward_plan
 knn_fused_fits = _k.fused_fits  # whether the Triton kernels take (k, d, roots): else "auto" runs the reference
 
 
+def knn_subgraphs(ref: torch.Tensor, roots: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed kNN subgraphs TSGR compares (method.md stage 2): each root's k nearest rows of `ref` by
+    cosine, itself excluded, nearest first (neighbors, (R, k) int64), and log q_0 at tau over them
+    (ref_logprob, (R, k)). ref: (classes, d), L2-normalised; roots: (R,) int64 rows of it; k <= classes - 1."""
+    sim = ref[roots] @ ref.T  # (R, classes) cosines
+    sim[torch.arange(roots.numel(), device=sim.device), roots] = float("-inf")  # N(c) excludes c
+    neighbors = sim.topk(k, dim=-1).indices
+    return neighbors, knn_reference_logprob(ref, roots, neighbors, tau)
+
+
 def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
                     ref_logprob: torch.Tensor, tau: float, check_indices: bool = True,
                     plan: Optional[torch.Tensor] = None) -> torch.Tensor:

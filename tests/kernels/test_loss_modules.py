@@ -1,0 +1,143 @@
+"""ops.AnchorKLLoss and ops.SubgraphKLLoss: the loss ops as modules, held to the functional ops, the
+references and the trainer's TSGR graph, on both paths (CPU reference; Triton under the interpreter
+or on CUDA)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segpcl_fast import ops
+from segpcl_fast.method import losses
+
+TAU_A, TAU_T = 20.0, 0.05
+
+
+def _grad(fn, x):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("teacher_is_logprob", [False, True])
+def test_anchor_kl_loss_is_the_op(teacher_is_logprob, device, triton_backend):
+    g = torch.Generator().manual_seed(0)
+    student = (30 * torch.randn(9, 70, generator=g)).to(device)
+    teacher = (30 * torch.randn(9, 70, generator=g)).to(device)
+    if teacher_is_logprob:
+        teacher = F.log_softmax(teacher / TAU_A, dim=-1)
+    module = ops.AnchorKLLoss(TAU_A, teacher_is_logprob=teacher_is_logprob)
+    loss, grad = _grad(lambda s: module(s, teacher), student)
+    assert ops.last_choice()["anchor_kl"] == "triton"
+    want_loss, want_grad = _grad(lambda s: ops.anchor_kl(s, teacher, TAU_A, teacher_is_logprob), student)
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+    ref_loss, ref_grad = _grad(lambda s: ops.anchor_kl_reference(s, teacher, TAU_A, teacher_is_logprob), student)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert "tau=20.0" in repr(module) and dict(module.state_dict()) == {}
+
+
+def _reference_and_student(classes, dim, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(classes, dim, generator=g)
+    student = ref + 0.3 * torch.randn(classes, dim, generator=g)
+    return ref.to(device), student.to(device)
+
+
+def test_subgraph_kl_loss_is_the_trainers_tsgr_loss(device, triton_backend):
+    """from_reference builds the subgraphs TSGRGraph.build does (both call ops.knn_subgraphs), and the
+    module's loss and gradient are tsgr_loss's bit for bit; the reference's within fp32 rounding."""
+    ref, student = _reference_and_student(30, 16, seed=1, device=device)
+    new_classes = [24, 25, 26, 27, 28, 29]
+    module = ops.SubgraphKLLoss.from_reference(ref, new_classes, k=5, tau=TAU_T)
+    graph = losses.TSGRGraph.build(ref, new_classes, 5, TAU_T)
+    assert torch.equal(module.neighbors, graph.neighbors) and torch.equal(module.ref_logprob, graph.ref_logprob)
+    assert torch.equal(module.plan, graph.plan)
+    loss, grad = _grad(module, student)
+    assert ops.last_choice()["knn_subgraph_kl"] == "triton"
+    want_loss, want_grad = _grad(lambda e: losses.tsgr_loss(e, graph), student)
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+    with ops.backend("reference"):
+        ref_loss, ref_grad = _grad(module, student)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert loss > 0 and module(ref) < 1e-6  # the student equal to the reference preserves every subgraph
+
+
+def test_subgraph_kl_loss_by_hand():
+    """Two roots over four 2-d unit vectors, k = 2: the neighbours by cosine and q_0 computed by hand,
+    and the loss of a student whose row 3 moved."""
+    ref = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-0.6, -0.8], [0.6, 0.8]])
+    module = ops.SubgraphKLLoss.from_reference(ref, [0, 1], k=2, tau=0.5)
+    # root 0: row 3 at cos 0.6, row 1 at 0, row 2 at -0.6; root 1: row 3 at 0.8, row 0 at 0, row 2 at -0.8
+    assert module.neighbors.tolist() == [[3, 1], [3, 0]]
+    cos = torch.tensor([[0.6, 0.0], [0.8, 0.0]])
+    torch.testing.assert_close(module.ref_logprob, F.log_softmax(cos / 0.5, dim=-1))
+    student = ref[[0, 1, 2, 3]].clone()
+    student[3] = torch.tensor([0.8, 0.6])  # row 3 now at cos 0.8 to root 0, 0.6 to root 1
+    q0 = F.softmax(cos / 0.5, -1)
+    q_s = F.softmax(torch.tensor([[0.8, 0.0], [0.6, 0.0]]) / 0.5, -1)
+    want = (q0 * (q0.log() - q_s.log())).sum(-1).mean()
+    with ops.backend("reference"):
+        torch.testing.assert_close(module(student), want)
+
+
+def test_subgraph_kl_loss_extra_rows_empty_graphs_and_moves(device, triton_backend):
+    ref, student = _reference_and_student(12, 8, seed=2, device=device)
+    module = ops.SubgraphKLLoss.from_reference(ref[:10], [8, 9], k=3, tau=TAU_T)
+    wider = torch.cat([student[:10], torch.randn(2, 8, device=device)])  # rows 10, 11: in no subgraph
+    _, grad = _grad(module, wider)
+    assert grad[10:].abs().sum() == 0 and grad[:10].abs().sum() > 0
+    one_class = ops.SubgraphKLLoss.from_reference(ref[:1], [0], k=3, tau=TAU_T)  # no neighbour to keep
+    loss, grad = _grad(one_class, student[:1])
+    assert loss == 0 and grad.abs().sum() == 0 and "k=0" in repr(one_class)
+    assert module.to(torch.float64).ref_logprob.dtype == torch.float64  # floating buffers follow the module
+    assert module.roots.dtype == module.neighbors.dtype == torch.long
+    state = module.state_dict()
+    again = ops.SubgraphKLLoss(state["roots"], state["neighbors"], state["ref_logprob"], TAU_T, 10)
+    assert torch.equal(again.plan, module.plan)
+
+
+def test_modules_refuse_bad_arguments():
+    ref = torch.randn(6, 4)
+    for tau in (0.0, -1.0, float("inf"), float("nan"), torch.tensor(20.0), "20"):
+        with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+            ops.AnchorKLLoss(tau)
+        with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+            ops.SubgraphKLLoss.from_reference(ref, [5], k=2, tau=tau)
+    roots, neighbors, log_q0 = torch.tensor([5]), torch.tensor([[0, 1]]), torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"rows 0\.\.5 of the embedding matrix"):
+        ops.SubgraphKLLoss(roots, torch.tensor([[0, 6]]), log_q0, 0.1, num_classes=6)
+    with pytest.raises(ValueError, match=r"roots must be \(R,\) and neighbors \(R, k\)"):
+        ops.SubgraphKLLoss(roots, neighbors[0], log_q0, 0.1, num_classes=6)
+    with pytest.raises(TypeError, match="row indices"):
+        ops.SubgraphKLLoss(roots.float(), neighbors, log_q0, 0.1, num_classes=6)
+    with pytest.raises(ValueError, match="ref_logprob must be floating"):
+        ops.SubgraphKLLoss(roots, neighbors, torch.zeros(1, 3), 0.1, num_classes=6)
+    with pytest.raises(ValueError, match=r"roots must be rows 0\.\.5 of ref_emb"):
+        ops.SubgraphKLLoss.from_reference(ref, [6], k=2, tau=0.1)
+    module = ops.SubgraphKLLoss(roots, neighbors, log_q0, 0.1, num_classes=6)
+    with pytest.raises(ValueError, match="at least the graph's 6 rows"):
+        module(torch.randn(5, 4))
+
+
+def test_modules_compile_without_graph_breaks(device, triton_backend, graph_breaks):
+    ref, student = _reference_and_student(20, 8, seed=3, device=device)
+    subgraph = ops.SubgraphKLLoss.from_reference(ref, [15, 16, 17, 18, 19], k=4, tau=TAU_T)
+    anchor = ops.AnchorKLLoss(TAU_A)
+    teacher = torch.randn(6, 15, device=device)
+
+    def both(emb, logits):
+        return 5.0 * anchor(logits, teacher) + subgraph(emb)
+
+    logits = torch.randn(6, 15, device=device)
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    e, z = student.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    loss = compiled(e, z)
+    loss.backward()
+    assert graph_breaks() == 0
+    e2, z2 = student.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    want = both(e2, z2)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e.grad, e2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-4, atol=1e-7)
