@@ -13,8 +13,8 @@ Compute is fp32 whatever the storage (fp32 / bf16); the loss is fp32, the gradie
 
 The backward of an fp32 z_S scales the saved gradient in place and hands it out as z_S's gradient
 (`anchor_kl_scale_grad_triton`): the kernel reads the incoming gradient on the device and leaves
-the rows whose incoming gradient is exactly 1 untouched, so the usual case (the loss, or a sum of
-losses it is part of, is what backward starts from) reads and writes nothing more: forward +
+the rows whose incoming gradient is exactly 1 untouched, so the usual case (backward starts from this
+loss, or from a sum it enters with weight 1) reads and writes nothing more: forward +
 backward move 3 passes over the logits (read z_S, z_T; write the gradient) where a separate
 backward (read dkl_dz, write grad) made 5, as torch.compile's code for the reference does. Liger-
 Kernel's losses skip that product too, after a host-side `torch.equal(grad_output, 1)`; here the test
