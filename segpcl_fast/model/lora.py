@@ -32,17 +32,27 @@ VALID_TARGETS = ("q", "k", "v", "out", "c_fc", "c_proj")
 VALID_TOWERS = ("visual", "text")
 
 
-def _kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+def _kaiming_uniform(rows: int, cols: int, generator: Optional[torch.Generator]) -> torch.Tensor:
     a = torch.empty(rows, cols)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
     return a
 
 
 class LoRABLinear(nn.Module):
-    """Replaces an nn.Linear: frozen W, b, A; trainable B."""
+    """Replaces an nn.Linear: frozen W, b, A; trainable B. y = x W^T + b + (alpha / rank) (x A^T) B^T,
+    through ops.lora_b_linear (the C++ op, the merged arrangement or the reference: README).
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+    A is drawn Kaiming-uniform as peft draws it, from `generator` (None: torch's global generator, as
+    nn.Linear's own initialisation), B starts at zero (the layer equals `base` until B trains). Any
+    nn.Linear: `LoRABLinear(nn.Linear(768, 3072), rank=32, alpha=32)`; inject_lora puts them in a CLIP."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: Optional[torch.Generator] = None):
         super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRABLinear wraps an nn.Linear, got {type(base).__name__}")
+        if int(rank) != rank or rank < 1:
+            raise ValueError(f"LoRABLinear: rank must be a positive integer, got {rank}")
+        rank = int(rank)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias

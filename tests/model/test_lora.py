@@ -58,6 +58,26 @@ def test_lora_linear_formula_and_frozen_a():
     assert layer.lora_A.abs().max() <= 1 / 12 ** 0.5 + 1e-6
 
 
+def test_lora_linear_standalone_with_the_global_generator():
+    """Without a generator A comes from torch's global one (reproducible under manual_seed, as nn.Linear's
+    init); B starts at zero, so the layer is its base linear until B trains; a bad base or rank is refused."""
+    base, other = torch.nn.Linear(12, 20), torch.nn.Linear(12, 20)
+    torch.manual_seed(3)
+    layer = LoRABLinear(base, rank=4, alpha=8)
+    torch.manual_seed(3)
+    again = LoRABLinear(other, rank=4, alpha=8)
+    assert torch.equal(layer.lora_A, again.lora_A) and layer.lora_A.abs().sum() > 0
+    x = torch.randn(3, 12)
+    assert torch.equal(layer(x), base(x))
+    layer(x).sum().backward()
+    assert layer.lora_B.grad.abs().sum() > 0 and base.weight.grad is None
+    with pytest.raises(TypeError, match="wraps an nn.Linear"):
+        LoRABLinear(torch.nn.Conv2d(3, 3, 1), rank=4, alpha=8)
+    for rank in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="rank must be a positive integer"):
+            LoRABLinear(torch.nn.Linear(12, 20), rank=rank, alpha=8)
+
+
 def test_packed_attention_lora_only_touches_chosen_slices():
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
     attn = LoRAMultiheadAttention(mha, ["k", "v"], out_lora=False, rank=3, alpha=3.0,
