@@ -43,8 +43,10 @@ class LoRABLinear(nn.Module):
     through ops.lora_b_linear (the C++ op, the merged arrangement or the reference: README).
 
     A is drawn Kaiming-uniform as peft draws it, from `generator` (None: torch's global generator, as
-    nn.Linear's own initialisation), B starts at zero (the layer equals `base` until B trains). Any
-    nn.Linear: `LoRABLinear(nn.Linear(768, 3072), rank=32, alpha=32)`; inject_lora puts them in a CLIP."""
+    nn.Linear's own initialisation), B starts at zero (the layer equals `base` until B trains). A and B
+    take the base weight's dtype (peft keeps adapters fp32 by default: wrap an fp32 base and train under
+    autocast for that). Any nn.Linear: `LoRABLinear(nn.Linear(768, 3072), rank=32, alpha=32)`;
+    inject_lora puts them in a CLIP."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: Optional[torch.Generator] = None):
         super().__init__()

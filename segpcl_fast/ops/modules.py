@@ -16,6 +16,7 @@ segpcl_fast.model.lora.LoRABLinear.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,18 @@ __all__ = ["AnchorKLLoss", "SubgraphKLLoss"]
 
 
 def _tau(owner: str, tau) -> float:
-    if isinstance(tau, torch.Tensor) or not isinstance(tau, (int, float)) or not 0 < float(tau) < math.inf:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) < math.inf:
         raise ValueError(f"{owner}: tau must be a finite number > 0 (a float, not a tensor), got {tau!r}")
     return float(tau)
+
+
+def _row_indices(owner: str, name: str, value) -> torch.Tensor:
+    """int64 row indices from a tensor, list or array of integers; a mask or fractional rows refused."""
+    t = torch.as_tensor(value)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{owner}: {name} are row indices (integers), got {t.dtype}"
+                        + ("; for a mask pass mask.nonzero().squeeze(1)" if t.dtype == torch.bool else ""))
+    return t.long()
 
 
 class AnchorKLLoss(nn.Module):
@@ -57,77 +67,124 @@ class SubgraphKLLoss(nn.Module):
     """TSGR's loss (method.md stage 2) over fixed kNN subgraphs: mean_r KL(q_0[r] || q_S[r]),
     q_S[r] = softmax_j(cos(e[roots[r]], e[neighbors[r, j]]) / tau).
 
-    roots (R,) and neighbors (R, k): int64 rows of a (num_classes, d) embedding matrix, checked here
-    once (forward then skips the per-call range check, as the trainer does); ref_logprob (R, k): log q_0,
-    e.g. from ops.knn_reference_logprob. forward(emb): (num_classes, d) embeddings, L2-normalised here
-    (normalize=False: already normalised); extra rows past num_classes are in no subgraph and get a zero
-    gradient. Returns an fp32 scalar (0, with a zero gradient, for a graph with no edges)."""
+    roots (R,) and neighbors (R, k): row indices of a (num_classes, d) embedding matrix, checked once
+    here (forward then skips the per-call range check, as the trainer does); ref_logprob (R, k): log q_0,
+    e.g. from ops.knn_reference_logprob, kept fp32 (the fixed target: .half() / .bfloat16() leave it).
+    forward(emb): (num_classes, d) embeddings, L2-normalised here (normalize=False: already normalised),
+    outside autocast; rows past num_classes are in no subgraph and get a zero gradient. Returns an fp32
+    scalar (fp64 for fp64 emb; 0, with a zero gradient, for a graph with no edges).
 
-    def __init__(self, roots: torch.Tensor, neighbors: torch.Tensor, ref_logprob: torch.Tensor, tau: float,
-                 num_classes: int, normalize: bool = True):
+    The graph is plain tensor attributes, not buffers, so torch.compile takes each task's new graph
+    (another class count, another root count) as inputs of one dynamic graph rather than specialising
+    on buffer shapes and recompiling per task; `.to()` / `.cuda()` move it (`_apply`). state_dict()
+    holds it as the module's extra state (with tau and num_classes); loading one checks it again and
+    builds the Triton backward's plan anew."""
+
+    def __init__(self, roots, neighbors, ref_logprob: torch.Tensor, tau: float, num_classes: int,
+                 normalize: bool = True):
         super().__init__()
-        self.tau = _tau("SubgraphKLLoss", tau)
-        self.num_classes = int(num_classes)
         self.normalize = bool(normalize)
-        roots, neighbors = torch.as_tensor(roots), torch.as_tensor(neighbors)
+        self._set_graph(roots, neighbors, ref_logprob, tau, num_classes)
+
+    def _set_graph(self, roots, neighbors, ref_logprob, tau, num_classes) -> None:
+        owner = "SubgraphKLLoss"
+        tau = _tau(owner, tau)
+        roots, neighbors = _row_indices(owner, "roots", roots), _row_indices(owner, "neighbors", neighbors)
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"{owner}: num_classes must be a positive integer, got {num_classes!r}")
+        num_classes = int(num_classes)
         if roots.dim() != 1 or neighbors.dim() != 2 or neighbors.shape[0] != roots.shape[0]:
-            raise ValueError(f"SubgraphKLLoss: roots must be (R,) and neighbors (R, k), got {tuple(roots.shape)} and "
+            raise ValueError(f"{owner}: roots must be (R,) and neighbors (R, k), got {tuple(roots.shape)} and "
                              f"{tuple(neighbors.shape)}")
-        if roots.is_floating_point() or neighbors.is_floating_point():
-            raise TypeError(f"SubgraphKLLoss: roots and neighbors are row indices (integers), got {roots.dtype} / "
-                            f"{neighbors.dtype}")
         if ref_logprob.shape != neighbors.shape or not ref_logprob.is_floating_point():
-            raise ValueError(f"SubgraphKLLoss: ref_logprob must be floating (R, k) = {tuple(neighbors.shape)}, got "
+            raise ValueError(f"{owner}: ref_logprob must be floating (R, k) = {tuple(neighbors.shape)}, got "
                              f"{ref_logprob.dtype} {tuple(ref_logprob.shape)}; ops.knn_reference_logprob computes it")
-        indices = torch.cat([roots.reshape(-1), neighbors.reshape(-1)])
-        if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < self.num_classes):
-            raise ValueError(f"SubgraphKLLoss: roots and neighbors must be rows 0..{self.num_classes - 1} of the "
-                             f"embedding matrix (num_classes={self.num_classes}), got {int(indices.min())} .. "
-                             f"{int(indices.max())}")
-        roots, neighbors = roots.long(), neighbors.long()
-        self.register_buffer("roots", roots)
-        self.register_buffer("neighbors", neighbors)
-        self.register_buffer("ref_logprob", ref_logprob.float())
+        if len({roots.device, neighbors.device, ref_logprob.device}) != 1:
+            raise ValueError(f"{owner}: roots, neighbors and ref_logprob must be on one device, got "
+                             f"{roots.device} / {neighbors.device} / {ref_logprob.device}")
+        indices = torch.cat([roots, neighbors.reshape(-1)])
+        if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < num_classes):
+            raise ValueError(f"{owner}: roots and neighbors must be rows 0..{num_classes - 1} of the embedding "
+                             f"matrix (num_classes={num_classes}), got {int(indices.min())} .. {int(indices.max())}")
+        ref_logprob = ref_logprob.detach().float()
+        # log-probabilities: each row's q_0 sums to 1 (probabilities or logits passed instead do not)
+        if neighbors.numel() and not torch.allclose(ref_logprob.logsumexp(-1), torch.zeros(()), atol=1e-4):
+            raise ValueError(f"{owner}: ref_logprob's rows must be log-probabilities (logsumexp 0 over k), got "
+                             "rows that are not; ops.knn_reference_logprob(ref_emb, roots, neighbors, tau) computes them")
+        self.roots, self.neighbors, self.ref_logprob, self.tau = roots, neighbors, ref_logprob, tau
+        # num_classes as a tensor's shape, not an int attribute: dynamo takes a module's ints as constants,
+        # so each task's class count would be a recompile (a zero-byte tensor carries it symbolically)
+        self._class_rows = torch.empty(num_classes, 0, dtype=torch.uint8, device=roots.device)
         # the Triton backward's scatter order, a function of the indices alone: built once, not per call
-        plan = knn_backward_plan(roots, neighbors, self.num_classes) if neighbors.numel() else None
-        self.register_buffer("plan", plan)
+        self.plan = knn_backward_plan(roots, neighbors, num_classes) if neighbors.numel() else None
 
     @classmethod
     def from_reference(cls, ref_emb: torch.Tensor, roots, k: int, tau: float, normalize: bool = True
                        ) -> "SubgraphKLLoss":
         """Each root's subgraph: its k nearest rows of ref_emb (num_classes, d) by cosine, itself excluded
         (k shrinks to num_classes - 1), and log q_0 from ref_emb at tau, in fp32."""
+        owner = "SubgraphKLLoss.from_reference"
         if ref_emb.dim() != 2 or not ref_emb.is_floating_point():
-            raise ValueError(f"SubgraphKLLoss.from_reference: ref_emb must be a floating (classes, d) matrix, got "
-                             f"{ref_emb.dtype} {tuple(ref_emb.shape)}")
-        if int(k) < 1:
-            raise ValueError(f"SubgraphKLLoss.from_reference: k must be >= 1, got {k}")
-        tau = _tau("SubgraphKLLoss.from_reference", tau)
+            raise ValueError(f"{owner}: ref_emb must be a floating (classes, d) matrix, got {ref_emb.dtype} "
+                             f"{tuple(ref_emb.shape)}")
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ValueError(f"{owner}: k must be an integer >= 1, got {k!r}")
+        tau = _tau(owner, tau)
         n = ref_emb.shape[0]
-        roots = torch.as_tensor(roots, dtype=torch.long, device=ref_emb.device).reshape(-1)
+        roots = _row_indices(owner, "roots", roots).to(ref_emb.device).reshape(-1)
         if roots.numel() and not (0 <= int(roots.min()) and int(roots.max()) < n):
-            raise ValueError(f"SubgraphKLLoss.from_reference: roots must be rows 0..{n - 1} of ref_emb, got "
-                             f"{roots.tolist()}")
+            raise ValueError(f"{owner}: roots must be rows 0..{n - 1} of ref_emb, got {roots.tolist()}")
         k = min(int(k), n - 1)
-        if roots.numel() == 0 or k < 1:  # nothing to preserve (one class): a graph with no edges, loss 0
-            empty = torch.zeros(roots.numel(), 0, device=ref_emb.device)
-            return cls(roots, empty.long(), empty, tau, n, normalize)
+        if roots.numel() == 0 or k < 1:  # nothing to preserve (one class): no subgraph, loss 0 (as TSGRGraph)
+            empty = torch.zeros(0, 0, device=ref_emb.device)
+            return cls(roots[:0], empty.long(), empty, tau, n, normalize)
         with torch.autocast(ref_emb.device.type, enabled=False):  # fp32: q_0 is the fixed target
             neighbors, ref_logprob = knn_subgraphs(F.normalize(ref_emb.detach().float(), dim=-1), roots, k, tau)
         return cls(roots, neighbors, ref_logprob, tau, n, normalize)
+
+    @property
+    def num_classes(self) -> int:
+        return self._class_rows.shape[0]
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to / cuda / cpu / half ...: the graph moves with the module, and keeps its dtypes (int64
+        indices, fp32 q_0) whatever dtype the module is cast to."""
+        module = super()._apply(fn, recurse)
+
+        def moved(t):
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
+
+        self.roots, self.neighbors, self.ref_logprob = moved(self.roots), moved(self.neighbors), moved(self.ref_logprob)
+        self._class_rows = moved(self._class_rows)
+        self.plan = None if self.plan is None else moved(self.plan)
+        return module
+
+    def get_extra_state(self) -> dict:
+        return {"roots": self.roots, "neighbors": self.neighbors, "ref_logprob": self.ref_logprob, "tau": self.tau,
+                "num_classes": self.num_classes}
+
+    def set_extra_state(self, state: dict) -> None:
+        device = self.roots.device
+        self._set_graph(*(state[key].to(device) for key in ("roots", "neighbors", "ref_logprob")), state["tau"],
+                        state["num_classes"])
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         if emb.dim() != 2 or emb.shape[0] < self.num_classes:
             raise ValueError(f"SubgraphKLLoss: emb must be (classes, d) with at least the graph's {self.num_classes} "
                              f"rows, got {tuple(emb.shape)}")
+        if emb.device != self.roots.device:
+            raise ValueError(f"SubgraphKLLoss: emb is on {emb.device}, the graph on {self.roots.device}; move the "
+                             f"module: .to(emb.device)")
         if self.neighbors.numel() == 0:  # no edges: 0, still a function of emb (backward gives zeros)
-            return emb[:0].sum().float()
+            return emb[:0].sum().to(torch.float64 if emb.dtype == torch.float64 else torch.float32)
         emb = emb[:self.num_classes]  # rows past the graph's are in no subgraph; the plan covers num_classes rows
-        if self.normalize:
-            emb = F.normalize(emb, dim=-1)
-        return knn_subgraph_kl(emb, self.roots, self.neighbors, self.ref_logprob, self.tau, check_indices=False,
-                               plan=self.plan)
+        with torch.autocast(emb.device.type, enabled=False):  # the cosines at tau 0.05 in fp32, not bf16
+            if self.normalize:
+                emb = F.normalize(emb, dim=-1)
+            return knn_subgraph_kl(emb, self.roots, self.neighbors, self.ref_logprob, self.tau,
+                                   check_indices=False, plan=self.plan)
 
     def extra_repr(self) -> str:
-        return (f"roots={self.roots.shape[0]}, k={self.neighbors.shape[1] if self.neighbors.dim() == 2 else 0}, "
-                f"tau={self.tau}, num_classes={self.num_classes}, normalize={self.normalize}")
+        return (f"roots={self.roots.shape[0]}, k={self.neighbors.shape[1]}, tau={self.tau}, "
+                f"num_classes={self.num_classes}, normalize={self.normalize}")

@@ -1,6 +1,7 @@
 """ops.AnchorKLLoss and ops.SubgraphKLLoss: the loss ops as modules, held to the functional ops, the
 references and the trainer's TSGR graph, on both paths (CPU reference; Triton under the interpreter
 or on CUDA)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,22 +90,79 @@ def test_subgraph_kl_loss_extra_rows_empty_graphs_and_moves(device, triton_backe
     assert grad[10:].abs().sum() == 0 and grad[:10].abs().sum() > 0
     one_class = ops.SubgraphKLLoss.from_reference(ref[:1], [0], k=3, tau=TAU_T)  # no neighbour to keep
     loss, grad = _grad(one_class, student[:1])
-    assert loss == 0 and grad.abs().sum() == 0 and "k=0" in repr(one_class)
-    assert module.to(torch.float64).ref_logprob.dtype == torch.float64  # floating buffers follow the module
-    assert module.roots.dtype == module.neighbors.dtype == torch.long
+    assert loss == 0 and loss.dtype == torch.float32 and grad.abs().sum() == 0 and "roots=0, k=0" in repr(one_class)
+    assert _grad(one_class, student[:1].double())[0].dtype == torch.float64
+    # the graph moves with the module; casts leave the indices int64 and q_0 fp32 (the fixed target)
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double(), lambda m: m.type(torch.float64)):
+        moved = cast(ops.SubgraphKLLoss.from_reference(ref[:10], [8, 9], k=3, tau=TAU_T))
+        assert moved.roots.dtype == moved.neighbors.dtype == moved.plan.dtype == torch.long
+        assert torch.equal(moved.ref_logprob, module.ref_logprob)
+    assert module.to("meta").plan.device.type == "meta" and module.ref_logprob.device.type == "meta"
+
+
+def test_subgraph_kl_loss_outside_autocast(device, triton_backend):
+    """Under the usual AMP recipe (the loss computed inside autocast) the cosines stay fp32: a bf16 matmul
+    there gave a bf16, negative loss at student = reference."""
+    ref, _ = _reference_and_student(30, 16, seed=4, device=device)
+    module = ops.SubgraphKLLoss.from_reference(ref, [27, 28, 29], k=6, tau=TAU_T)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = module(ref)
+    assert loss.dtype == torch.float32 and abs(float(loss)) < 1e-6
+
+
+def test_subgraph_kl_loss_state_dict_carries_the_graph(device, triton_backend):
+    """state_dict holds the graph (indices, q_0, tau, num_classes) as the module's extra state; loading it
+    into a module built for another graph makes that module this graph (the Triton backward's plan built
+    anew from the loaded indices, which are checked again), with the same loss and gradient."""
+    ref, student = _reference_and_student(30, 16, seed=5, device=device)
+    module = ops.SubgraphKLLoss.from_reference(ref, [24, 25, 26, 27, 28, 29], k=5, tau=TAU_T)
+    other = ops.SubgraphKLLoss.from_reference(ref[:20], [18, 19], k=3, tau=0.1)
+    other.load_state_dict(module.state_dict())
+    assert other.tau == TAU_T and other.num_classes == 30 and torch.equal(other.plan, module.plan)
+    want_loss, want_grad = _grad(module, student)
+    loss, grad = _grad(other, student)
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
     state = module.state_dict()
-    again = ops.SubgraphKLLoss(state["roots"], state["neighbors"], state["ref_logprob"], TAU_T, 10)
-    assert torch.equal(again.plan, module.plan)
+    state["_extra_state"] = dict(state["_extra_state"], num_classes=20)  # indices past 19: refused
+    with pytest.raises(ValueError, match=r"rows 0\.\.19 of the embedding matrix"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_subgraph_kl_loss_compiles_once_across_tasks(backend, device):
+    """A new module per task (more classes, other roots) under one dynamic torch.compile: one graph. With the
+    graph as buffers, dynamo specialised on their shapes: a recompile per task, and with fullgraph=True a
+    hard failure at the recompile limit (the 9th task); with num_classes an int attribute, the same (dynamo
+    takes a module's ints as constants)."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda e, m: m(e), backend=counting, dynamic=True, fullgraph=True)
+    try:
+        with ops.backend(backend):
+            for classes in range(20, 70, 5):
+                ref, student = _reference_and_student(classes, 16, seed=classes, device=device)
+                module = ops.SubgraphKLLoss.from_reference(ref, list(range(classes - 5, classes)), k=4, tau=TAU_T)
+                torch.testing.assert_close(compiled(student, module), module(student))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
 
 
 def test_modules_refuse_bad_arguments():
     ref = torch.randn(6, 4)
-    for tau in (0.0, -1.0, float("inf"), float("nan"), torch.tensor(20.0), "20"):
+    for tau in (0.0, -1.0, float("inf"), float("nan"), torch.tensor(20.0), "20", True):
         with pytest.raises(ValueError, match="tau must be a finite number > 0"):
             ops.AnchorKLLoss(tau)
         with pytest.raises(ValueError, match="tau must be a finite number > 0"):
             ops.SubgraphKLLoss.from_reference(ref, [5], k=2, tau=tau)
-    roots, neighbors, log_q0 = torch.tensor([5]), torch.tensor([[0, 1]]), torch.zeros(1, 2)
+    assert ops.AnchorKLLoss(np.float32(2.0)).tau == 2.0 and ops.AnchorKLLoss(20).tau == 20.0
+    roots, neighbors = torch.tensor([5]), torch.tensor([[0, 1]])
+    log_q0 = torch.log(torch.tensor([[0.25, 0.75]]))
     with pytest.raises(ValueError, match=r"rows 0\.\.5 of the embedding matrix"):
         ops.SubgraphKLLoss(roots, torch.tensor([[0, 6]]), log_q0, 0.1, num_classes=6)
     with pytest.raises(ValueError, match=r"roots must be \(R,\) and neighbors \(R, k\)"):
@@ -113,11 +171,22 @@ def test_modules_refuse_bad_arguments():
         ops.SubgraphKLLoss(roots.float(), neighbors, log_q0, 0.1, num_classes=6)
     with pytest.raises(ValueError, match="ref_logprob must be floating"):
         ops.SubgraphKLLoss(roots, neighbors, torch.zeros(1, 3), 0.1, num_classes=6)
+    with pytest.raises(ValueError, match="must be log-probabilities"):  # probabilities, not their logs
+        ops.SubgraphKLLoss(roots, neighbors, log_q0.exp(), 0.1, num_classes=6)
     with pytest.raises(ValueError, match=r"roots must be rows 0\.\.5 of ref_emb"):
         ops.SubgraphKLLoss.from_reference(ref, [6], k=2, tau=0.1)
+    with pytest.raises(TypeError, match=r"mask\.nonzero\(\)"):
+        ops.SubgraphKLLoss.from_reference(ref, torch.arange(6) >= 4, k=2, tau=0.1)
+    with pytest.raises(TypeError, match="row indices"):
+        ops.SubgraphKLLoss.from_reference(ref, [4.7, 5.2], k=2, tau=0.1)
+    for k in (0, 2.5, True):
+        with pytest.raises(ValueError, match="k must be an integer >= 1"):
+            ops.SubgraphKLLoss.from_reference(ref, [5], k=k, tau=0.1)
     module = ops.SubgraphKLLoss(roots, neighbors, log_q0, 0.1, num_classes=6)
     with pytest.raises(ValueError, match="at least the graph's 6 rows"):
         module(torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"the graph on cpu; move the module: \.to\(emb\.device\)"):
+        module(torch.randn(6, 4, device="meta"))
 
 
 def test_modules_compile_without_graph_breaks(device, triton_backend, graph_breaks):
