@@ -3,8 +3,8 @@ its ops): each forward is one call of the functional op, so it dispatches (Trito
 reference) and traces under torch.compile as that op does.
 
     AnchorKLLoss(tau=20.0)            ops.anchor_kl: tau^2 * mean_a KL(softmax(z_T / tau) || softmax(z_S / tau))
-    SubgraphKLLoss(roots, neighbors,  ops.knn_subgraph_kl over fixed kNN subgraphs, held as buffers
-                   ref_logprob, tau,  (they move with .to(device)), checked once when built; the
+    SubgraphKLLoss(roots, neighbors,  ops.knn_subgraph_kl over fixed kNN subgraphs (they move with
+                   ref_logprob, tau,  .to(device) and are its state_dict), checked once when built; the
                    num_classes)       Triton backward's plan built once too, as the trainer's TSGR graph
     SubgraphKLLoss.from_reference(ref_emb, roots, k, tau)
                                       the subgraphs of method.md's TSGR: each root's k nearest rows of
