@@ -210,3 +210,36 @@ def test_modules_compile_without_graph_breaks(device, triton_backend, graph_brea
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(e.grad, e2.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(z.grad, z2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_the_training_step_losses_on_both_paths(device, triton_backend):
+    """method.losses.training_losses (the trainer's stage-2 math: L_cls + 5 L_ACGD + L_GR) forward and backward
+    on the Triton path, where anchor_kl's backward scales its saved gradient in place under the incoming 5,
+    equal to the reference path's loss, terms and gradients into embeddings, text and logit scale."""
+    from segpcl_fast.config import Config
+
+    cfg = Config()
+    g = torch.Generator().manual_seed(7)
+    n_old, n_seen, batch, anchors, dim = 12, 16, 6, 5, 16
+    emb = torch.randn(batch + anchors, dim, generator=g).to(device)
+    text = torch.randn(n_seen, dim, generator=g).to(device)
+    ref_text = text + 0.2 * torch.randn(n_seen, dim, generator=g).to(device)
+    labels = torch.randint(n_old, n_seen, (batch,), generator=g).to(device)
+    teacher = (20 * torch.randn(anchors, n_old, generator=g)).to(device)
+    graph = losses.TSGRGraph.build(ref_text, list(range(n_old, n_seen)), cfg.tsgr.k, cfg.tsgr.tau)
+
+    def run():
+        inputs = [t.clone().requires_grad_(True) for t in (emb, text, torch.tensor(20.0, device=device))]
+        total, parts = losses.training_losses(inputs[0], inputs[1], labels, inputs[2], n_old, teacher, graph, cfg)
+        total.backward()
+        return total.detach(), {k: v.detach() for k, v in parts.items()}, [t.grad for t in inputs]
+
+    total, parts, grads = run()
+    assert ops.last_choice()["anchor_kl"] == "triton" and ops.last_choice()["knn_subgraph_kl"] == "triton"
+    with ops.backend("reference"):
+        want_total, want_parts, want_grads = run()
+    torch.testing.assert_close(total, want_total, rtol=1e-5, atol=1e-6)
+    for key in ("cls", "acgd", "gr"):
+        torch.testing.assert_close(parts[key], want_parts[key], rtol=1e-5, atol=1e-6)
+    for grad, want in zip(grads, want_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
