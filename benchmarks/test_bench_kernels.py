@@ -3,7 +3,8 @@
     python -m pytest benchmarks/test_bench_kernels.py --benchmark-only -q
 
 pgd_step is timed alone (it runs under no_grad); anchor_kl and knn_subgraph_kl forward +
-backward (what a training step does). Sizes: "paper" (DPGD batch of 64 3x224x224 images;
+backward (what a training step does; anchor_kl also with its loss weighted by 5, as the trainer's
+eager step weights it, its size labelled "<size>, loss_x5"). Sizes: "paper" (DPGD batch of 64 3x224x224 images;
 512 anchors x 1000 old classes; 200 roots x k 10 x d 512 over 1000 classes) on every device,
 "large" (roofline) on CUDA only. Triton runs on CUDA only (on CPU it exists only as the
 interpreter, which is for tests). extra_info holds the bytes each op must move (its inputs read
@@ -91,12 +92,20 @@ def test_pgd_step(benchmark, impl, size, device, roofline):
 
 # ---------------------------------------------------------------- anchor_kl (forward + backward)
 
+# the loss as backward's start (an incoming gradient of 1), and weighted as the trainer's eager step weights
+# it (lambda_ACGD = 5): there the Triton backward scales its saved gradient in place (2 more passes)
+ANCHOR_UPSTREAM = {"loss": 1.0, "loss_x5": 5.0}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", list(ANCHOR_SIZES))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_anchor_kl_fwd_bwd(benchmark, impl, size, device, roofline):
+@pytest.mark.parametrize("upstream", list(ANCHOR_UPSTREAM))
+def test_anchor_kl_fwd_bwd(benchmark, upstream, impl, size, device, roofline):
     _skip_unsupported(impl, device, size)
-    benchmark.group = f"anchor_kl {size} {device}"
+    label = size if upstream == "loss" else f"{size}, {upstream}"
+    benchmark.group = f"anchor_kl {label} {device}"
+    weight = ANCHOR_UPSTREAM[upstream]
     torch.manual_seed(0)
     anchors, classes = ANCHOR_SIZES[size]
     student = (30 * torch.randn(anchors, classes, device=device)).requires_grad_(True)
@@ -107,7 +116,8 @@ def test_anchor_kl_fwd_bwd(benchmark, impl, size, device, roofline):
           "triton": lambda s, t: ops.anchor_kl(s, t, tau)}[impl]
 
     def run():
-        torch.autograd.grad(fn(student, teacher), student)
+        loss = fn(student, teacher)
+        torch.autograd.grad(loss if weight == 1.0 else weight * loss, student)
 
     def step():
         run()
@@ -121,7 +131,8 @@ def test_anchor_kl_fwd_bwd(benchmark, impl, size, device, roofline):
         # reference does (forward: read both; backward: read both, write). Before 2026-12-06 this counted 5
         # for every row, the Triton path then moving 5 too (BENCHMARKS.md, session 47)
         roofline(benchmark, 3 * anchors * classes * F32, device, run)
-    benchmark.extra_info.update(op="anchor_kl", impl=impl, size=size, anchors=anchors, classes=classes)
+    benchmark.extra_info.update(op="anchor_kl", impl=impl, size=label, anchors=anchors, classes=classes,
+                                upstream_gradient=weight)
 
 
 # ---------------------------------------------------------------- knn_subgraph_kl (forward + backward)
