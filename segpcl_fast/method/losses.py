@@ -91,17 +91,10 @@ class TSGRGraph:
         if roots.numel() and (int(roots.min()) < 0 or int(roots.max()) >= n_seen):
             raise ValueError(f"TSGRGraph.build: new class rows {roots.tolist()} must lie in 0..{n_seen - 1} "
                              f"(the rows of ref_text_all)")
-        k_eff = min(k, n_seen - 1)
-        if roots.numel() == 0 or k_eff < 1:
-            none = torch.zeros(0, 0, device=ref_text_all.device)
-            return cls(roots[:0], none.long(), none.float(), float(tau), n_seen)
-        # fp32 whatever the caller's autocast: q_0 is the fixed target (a bf16 build leaves L_GR > 0
-        # at student = reference and can pick other neighbours)
-        with torch.autocast(ref_text_all.device.type, enabled=False):
-            ref = F.normalize(ref_text_all.float(), dim=-1)
-            # N(c): c's k nearest seen classes by reference cosine, c excluded; log q_0 with the same
-            # similarity computation the loss uses on the student side
-            neighbors, ref_logprob = ops.knn_subgraphs(ref, roots, k_eff, tau)
+        # N(c): c's k nearest seen classes by reference cosine, c excluded, and log q_0, in fp32
+        roots, neighbors, ref_logprob = ops.knn_subgraphs(ref_text_all, roots, k, tau)
+        if neighbors.numel() == 0:  # nothing to preserve (no root, or a single seen class)
+            return cls(roots, neighbors, ref_logprob, float(tau), n_seen)
         return cls(roots, neighbors, ref_logprob, float(tau), n_seen, ops.knn_backward_plan(roots, neighbors, n_seen))
 
 

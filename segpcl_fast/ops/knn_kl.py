@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ._kernels import choose_impl, load_kernel
 from .dispatch import refuse_trained_constants
@@ -20,14 +21,25 @@ knn_backward_plan = _k.knn_backward_plan
 knn_fused_fits = _k.fused_fits  # whether the Triton kernels take (k, d, roots): else "auto" runs the reference
 
 
-def knn_subgraphs(ref: torch.Tensor, roots: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed kNN subgraphs TSGR compares (method.md stage 2): each root's k nearest rows of `ref` by
-    cosine, itself excluded, nearest first (neighbors, (R, k) int64), and log q_0 at tau over them
-    (ref_logprob, (R, k)). ref: (classes, d), L2-normalised; roots: (R,) int64 rows of it; k <= classes - 1."""
-    sim = ref[roots] @ ref.T  # (R, classes) cosines
-    sim[torch.arange(roots.numel(), device=sim.device), roots] = float("-inf")  # N(c) excludes c
-    neighbors = sim.topk(k, dim=-1).indices
-    return neighbors, knn_reference_logprob(ref, roots, neighbors, tau)
+def knn_subgraphs(ref_emb: torch.Tensor, roots: torch.Tensor, k: int, tau: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed kNN subgraphs TSGR compares (method.md stage 2): (roots, neighbors (R, k) int64, each
+    root's k nearest rows of ref_emb by cosine, itself excluded, nearest first, ref_logprob (R, k), log q_0
+    at tau over them). ref_emb: (classes, d) reference embeddings, normalised here in fp32 whatever the
+    caller's autocast (q_0 is the fixed target: a bf16 build leaves the loss > 0 at student = reference
+    and can pick other neighbours); roots: (R,) int64 rows of it, checked by the caller. k shrinks to
+    classes - 1; with no root or a single class there is nothing to preserve: roots[:0] and (0, 0)."""
+    k = min(k, ref_emb.shape[0] - 1)
+    if roots.numel() == 0 or k < 1:
+        none = torch.zeros(0, 0, device=ref_emb.device)
+        return roots[:0], none.long(), none
+    with torch.autocast(ref_emb.device.type, enabled=False):
+        ref = F.normalize(ref_emb.float(), dim=-1)
+        sim = ref[roots] @ ref.T  # (R, classes) cosines
+        sim[torch.arange(roots.numel(), device=sim.device), roots] = float("-inf")  # N(c) excludes c
+        neighbors = sim.topk(k, dim=-1).indices
+        # log q_0 with the same similarity computation the loss uses on the student side
+        return roots, neighbors, knn_reference_logprob(ref, roots, neighbors, tau)
 
 
 def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,

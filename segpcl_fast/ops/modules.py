@@ -134,13 +134,8 @@ class SubgraphKLLoss(nn.Module):
         roots = _row_indices(owner, "roots", roots).to(ref_emb.device).reshape(-1)
         if roots.numel() and not (0 <= int(roots.min()) and int(roots.max()) < n):
             raise ValueError(f"{owner}: roots must be rows 0..{n - 1} of ref_emb, got {roots.tolist()}")
-        k = min(int(k), n - 1)
-        if roots.numel() == 0 or k < 1:  # nothing to preserve (one class): no subgraph, loss 0 (as TSGRGraph)
-            empty = torch.zeros(0, 0, device=ref_emb.device)
-            return cls(roots[:0], empty.long(), empty, tau, n, normalize)
-        with torch.autocast(ref_emb.device.type, enabled=False):  # fp32: q_0 is the fixed target
-            neighbors, ref_logprob = knn_subgraphs(F.normalize(ref_emb.detach().float(), dim=-1), roots, k, tau)
-        return cls(roots, neighbors, ref_logprob, tau, n, normalize)
+        # no root or a single class: a graph with no edges, loss 0 (as TSGRGraph)
+        return cls(*knn_subgraphs(ref_emb.detach(), roots, int(k), tau), tau, n, normalize)
 
     @property
     def num_classes(self) -> int:
