@@ -98,3 +98,20 @@ def test_checkout_root_shadows_no_installed_package():
         pytest.skip("peft is not installed")
     proc = subprocess.run([sys.executable, "-c", "import peft"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run is README's command 2 (install the test extras, run the suite) line for line: the set-up
+    and the test command a reader copies are the ones CI lands on, and the suite's runner (pytest-xdist,
+    for -n) is among the test extras that command installs."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("# 2. install the test extras and run the tests (what CI runs)\n", 1)[1].split("\n```", 1)[0]
+    install, test = (part.strip() for part in block.strip().rsplit(" && ", 1))
+    ci_lines = [line.strip().rstrip("\\").strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci = " ".join(line for line in ci_lines if line and not line.startswith("#"))
+    assert install in ci, f".ci/run does not run README's install step:\n{install}"
+    assert f"\n{test}\n" in (ROOT / ".ci" / "run").read_text(), f".ci/run does not run README's test command: {test}"
+    if " -n " in f" {test} ":
+        import tomllib
+        extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+        assert any(req.split(">")[0].split("=")[0].strip() == "pytest-xdist" for req in extras), extras
