@@ -1053,6 +1053,7 @@ MIN_STEPS_FOR_DIVERGENCE = 20  # quarters of >= 5 steps: a variance of 2 steps c
 COLLAPSE_FRACTION = 0.95  # a rise that ends at >= this fraction of ln(n): the predictions became near-uniform
 LEARNED_FRACTION = 0.8  # a task whose last quarter ended under this fraction of ln(n): the model had learned
 STILL = 0.98  # a last quarter at >= this fraction of the first quarter's L_cls: the task did not learn
+MIN_STEPS_AT_CHANCE = 8  # quarters of >= 2 steps: under it a task at chance is only its first steps on new classes
 
 
 def cls_chance_fraction(cls_losses: list, n_classes: int) -> Optional[float]:
@@ -1080,8 +1081,10 @@ def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float,
     (quarters of 5) no rise is flagged: with 10 steps, two unlucky batches at the end of a healthy
     task read as one. A task at chance or above that did not learn (its mean and its last quarter at
     COLLAPSE_FRACTION of ln(n) or more, the last quarter not under STILL x the first's) is flagged
-    only after a task that learned, at any step count: a blow-up in a task's first steps (lr=1: L_cls
-    3.6 -> 12.2, then ln(20) for later tasks) has no rise to see. An untrained model at chance from its
+    only after a task that learned, from MIN_STEPS_AT_CHANCE steps: a blow-up in a task's first steps (lr=1:
+    L_cls 3.6 -> 12.2, then ln(20) for later tasks) has no rise to see. Under that count the steps are a new
+    task's first ones, on classes the model has not trained on, where L_cls is at chance in a healthy run too
+    (a review's 1-step task warned "collapsed" and then scored 100 %). An untrained model at chance from its
     first task is not flagged, nor a task that starts confidently wrong (over ln(n)) and falls (the
     world-by-colour preset's tasks 4, 5, 7: 1.38 -> 1.07, 1.12 -> 1.06, 1.24 -> 1.05 of ln(10)).
     """
@@ -1093,7 +1096,8 @@ def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float,
     last_fraction = cls_chance_fraction(values, n_classes)
     first_fraction = statistics.fmean(values[:max(1, len(values) // 4)]) / chance
     mean = statistics.fmean(values)
-    if (learned_before is not None and learned_before < LEARNED_FRACTION and last_fraction >= COLLAPSE_FRACTION
+    if (learned_before is not None and learned_before < LEARNED_FRACTION and len(values) >= MIN_STEPS_AT_CHANCE
+            and last_fraction >= COLLAPSE_FRACTION
             and mean >= COLLAPSE_FRACTION * chance and last_fraction >= STILL * first_fraction):
         return (f"task {t + 1}: L_CLS stayed at chance level ln({n_classes}) = {chance:.3f} or above (mean "
                 f"{mean:.3f}, last quarter of its steps {last_fraction * chance:.3f}, not under its "

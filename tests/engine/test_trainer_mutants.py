@@ -126,8 +126,9 @@ def test_train_task_flags_a_task_at_chance_after_one_that_learned(monkeypatch, c
     """The trainer keeps the lowest last-quarter L_cls / ln(n) of the tasks it trained: a later task spent
     at chance is a collapse even with no rise inside it; the first task at chance is not."""
     chance = math.log(4)
-    tr = _stub_trainer(monkeypatch, n_train=4, n_classes=(4, 4, 4), optim__batch_size=1, epochs=1)
-    for t, losses, flagged in ((0, [chance] * 4, False), (1, [1.0, 0.6, 0.5, 0.4], False), (2, [chance] * 4, True)):
+    tr = _stub_trainer(monkeypatch, n_train=8, n_classes=(4, 4, 4), optim__batch_size=1, epochs=1)
+    for t, losses, flagged in ((0, [chance] * 8, False), (1, [1.0, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.4], False),
+                               (2, [chance] * 8, True)):
         tr.train_step = lambda opt, images, labels, lr, step, t, global_n, losses=losses: {"cls": torch.tensor(losses[step])}
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
@@ -244,9 +245,9 @@ def test_a_task_ending_at_exactly_zero_loss_counts_as_learned(monkeypatch, caplo
     """fp32 cross-entropy rounds to exactly 0 past a margin of ~17: a 0.0 fraction read as 'none yet', and
     the next task's fraction (at chance) took its place, so every later task at chance went unflagged."""
     chance = math.log(4)
-    tr = _stub_trainer(monkeypatch, n_train=4, n_classes=(4, 4, 4, 4), optim__batch_size=1, epochs=1)
+    tr = _stub_trainer(monkeypatch, n_train=8, n_classes=(4, 4, 4, 4), optim__batch_size=1, epochs=1)
     said = []
-    for t, losses in enumerate(([1.0, 0.5, 0.0, 0.0], [chance] * 4, [chance] * 4, [chance] * 4)):
+    for t, losses in enumerate(([1.0, 0.7, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0], [chance] * 8, [chance] * 8, [chance] * 8)):
         tr.train_step = lambda opt, images, labels, lr, step, t, global_n, losses=losses: {"cls": torch.tensor(losses[step])}
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
@@ -436,3 +437,18 @@ def test_each_rank_draws_its_own_augmentation_in_its_workers():
     assert not torch.equal(rank0, rank1)
     single = draws(0, 1, 4)
     assert torch.equal(rank0, single[:len(rank0)])  # rank 0's worker stream is the 1-process one
+
+
+def test_a_short_task_at_chance_is_not_called_a_collapse():
+    """A review's smoke run (1 step a task): task 2's single step, on classes the model had not trained on, was
+    at chance, and its first and last quarter were that one step, so "not under its first's" held trivially:
+    it warned "training collapsed" and then scored 100 %. Under MIN_STEPS_AT_CHANCE steps no such warning;
+    from that count the same at-chance losses warn."""
+    from segpcl_fast.engine.trainer import MIN_STEPS_AT_CHANCE
+    assert MIN_STEPS_AT_CHANCE == 8
+    learned = 0.01
+    assert divergence_warning([0.842], 2, 1, 1e-3, learned_before=learned) is None
+    at_chance = [3.0, 3.01, 2.99, 3.02, 3.0, 3.01, 3.0, 3.02]
+    for n in range(1, MIN_STEPS_AT_CHANCE):
+        assert divergence_warning(at_chance[:n], 20, 1, 1e-3, learned_before=learned) is None, n
+    assert "stayed at chance" in divergence_warning(at_chance, 20, 1, 1e-3, learned_before=learned)
