@@ -54,8 +54,9 @@ def class_name(camel: str) -> str:
 
 
 def class_folders(camel: str) -> list[str]:
-    """Folder spellings of a class: 'ApplyEyeMakeup' and CoOp's 'Apply_Eye_Makeup'."""
-    return [camel, "_".join(re.findall(r"[A-Z][^A-Z]*", camel)) or camel]
+    """Folder spellings of a class: 'ApplyEyeMakeup' and CoOp's 'Apply_Eye_Makeup'; one for a one-word
+    class ('Archery': listed twice, its videos were searched and named twice)."""
+    return list(dict.fromkeys([camel, "_".join(re.findall(r"[A-Z][^A-Z]*", camel)) or camel]))
 
 
 def _natural_key(path: Path):

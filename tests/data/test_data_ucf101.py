@@ -194,6 +194,23 @@ def test_raw_videos_only_says_extract(tmp_path, videos):
     assert "has no frames" not in msg and "(.jpg or a folder)" not in msg
 
 
+def test_raw_videos_are_each_named_once(tmp_path):
+    """A one-word class ('Archery') had its folder listed twice among the candidates (the list's spelling and
+    the CoOp-style underscored one are the same word), so the raw-video error named each of its videos twice
+    (a review's one-video root)."""
+    lists = tmp_path / "ucf" / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("1 Archery\n2 YoYo\n")
+    (lists / "trainlist01.txt").write_text("Archery/v_Archery_g08_c01.avi 1\nYoYo/v_YoYo_g08_c01.avi 2\n")
+    (lists / "testlist01.txt").write_text("Archery/v_Archery_g01_c01.avi\nYoYo/v_YoYo_g01_c01.avi\n")
+    avi = tmp_path / "ucf" / "UCF-101" / "Archery" / "v_Archery_g08_c01.avi"
+    write_avi(avi)
+    with pytest.raises(DatasetFormatError) as err:
+        load_ucf101(str(tmp_path / "ucf"))
+    msg = str(err.value)
+    assert "it holds the videos themselves" in msg and msg.count(f"'{avi}'") == 1, msg
+
+
 def test_list_errors_cite_the_file_line_past_blank_and_comment_lines(ucf_root):
     path = ucf_root / "ucfTrainTestlist" / "trainlist01.txt"
     lines = path.read_text().splitlines()
