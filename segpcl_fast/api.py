@@ -147,6 +147,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
 
         segpcl_fast.evaluate("runs/default", run__ops="reference")
     """
+    from .data.build import ClassCountError
     from .engine import checkpoint as ckpt
     from .engine.trainer import Trainer
     from .metrics import percent
@@ -178,7 +179,10 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     if last is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")
     with process_state_kept():  # the caller's ops backend, threads and random streams are left as they were
-        trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)
+        try:
+            trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)
+        except ClassCountError as e:  # its fix, data.expected_classes, is not one evaluate can make
+            raise e.for_trained_run("segpcl-fast evaluate RUN --set data.root=PATH; evaluate(run_dir, data__root=PATH)") from None
         state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
                                      defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
         ckpt.check_same_data(last, state, trainer.scenario.class_names, trainer.split_digest,

@@ -67,15 +67,31 @@ def _read(data_cfg, train_transform: Optional[Callable], test_transform: Optiona
     raise DatasetFormatError(f"unknown data.dataset {name!r}; known: {list(DATASETS)}")
 
 
+class ClassCountError(DatasetFormatError):
+    """The data root holds another class count than data.expected_classes. The message's fix is a new
+    run's (the full copy, or the subset on purpose); `for_trained_run` gives the fix for a run that exists
+    (evaluate, --resume), which cannot change data.expected_classes: the copy it trained on."""
+
+    def __init__(self, dataset: str, root, found: int, expected: int):
+        self.dataset, self.root, self.found, self.expected = dataset, root, found, expected
+        super().__init__(f"{self._what()}: point data.root at the full copy, or set data.expected_classes={found} "
+                         "(or null) to run on this subset on purpose")
+
+    def _what(self) -> str:
+        return (f"{self.dataset} at data.root={self.root!r} has {self.found} classes, but data.expected_classes is "
+                f"{self.expected}")
+
+    def for_trained_run(self, how: str) -> DatasetFormatError:
+        return DatasetFormatError(f"{self._what()}, as in the run's config: point data.root at the copy of the "
+                                  f"{self.expected} classes the run trained on ({how})")
+
+
 def _check_class_count(data_cfg, train: ClassDataset) -> None:
     """A partial copy of a benchmark (10 of ImageNet-R's 200 wnids) would otherwise run silently."""
     expected = getattr(data_cfg, "expected_classes", None)
     found = len(train.class_names)
     if expected and found != int(expected):
-        raise DatasetFormatError(
-            f"{data_cfg.dataset} at data.root={data_cfg.root!r} has {found} classes, but "
-            f"data.expected_classes is {expected} (the benchmark's count): point data.root at the "
-            f"full copy, or set data.expected_classes={found} (or null) to run on this subset on purpose")
+        raise ClassCountError(data_cfg.dataset, data_cfg.root, found, int(expected))
 
 
 def build_datasets(data_cfg, train_transform: Optional[Callable] = None,

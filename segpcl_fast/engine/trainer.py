@@ -22,6 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from .. import metrics, ops
 from ..config import Config, ConfigError, apply_overrides, check_resume_run, config_value, save_config
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
+from ..data.build import ClassCountError
 from ..data.base import split_digest
 from ..fileio import unwritable_dir_reason
 from ..method.anchors import frozen_eval
@@ -393,7 +394,12 @@ class Trainer:
         c = self.cfg
         # the data is indexed before the model loads, so a bad data root fails before any weights
         # are fetched; the transforms need the model's image size and stats, so they come after
-        raw_train, raw_test = build_datasets(c.data)
+        try:
+            raw_train, raw_test = build_datasets(c.data)
+        except ClassCountError as e:  # a resumed run's fix is its own data, not a new data.expected_classes
+            if not c.run.resume:
+                raise
+            raise e.for_trained_run("--resume --set data.root=PATH") from None
         self.split_digest = split_digest(raw_train, raw_test)
         # the class order and task split too (a wrong data.task_sizes failed after the weights loaded)
         ClassIncrementalScenario.from_config(c.data, raw_train, raw_test)

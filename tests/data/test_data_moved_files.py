@@ -62,3 +62,29 @@ def test_a_run_with_relative_side_files_evaluates_from_anywhere_and_refuses_anot
         (copy / name).unlink()
     with pytest.raises(CheckpointError, match="another train / test split than data.root gives now"):
         evaluate(tmp_path / "run", data__root=str(copy), data__names_file=str(moved))
+
+
+def test_a_partial_copy_at_evaluate_or_resume_names_the_runs_own_data(tiny_model_name, tmp_path):
+    """A run of 4 classes (data.expected_classes=4) evaluated or resumed on a copy missing one class: the
+    error's fix was a new run's ("set data.expected_classes=3"), which evaluate then refused as an override
+    (a review's finding). It now names the run's own data, and how to point evaluate / --resume at it."""
+    from segpcl_fast.data import DatasetFormatError
+    root = make_imagenet_r(tmp_path / "imr")
+    run = tmp_path / "run"
+    cfg = make_config(model__name=tiny_model_name, model__pretrained=None, data__dataset="imagenet-r",
+                      data__root=str(root), data__expected_classes=len(IMR_WNIDS), num_tasks=2, epochs=1,
+                      optim__batch_size=8, dpgd__k_adv=1, dpgd__k_seed=1, output_dir=str(run), progress=False,
+                      plots=False, num_threads=1)
+    train(cfg)
+    partial = tmp_path / "partial"
+    shutil.copytree(root, partial)
+    shutil.rmtree(partial / "imagenet-r" / sorted(IMR_WNIDS)[0])
+    fix = r"point data.root at the copy of the 4 classes the run trained on"
+    with pytest.raises(DatasetFormatError, match=fix + r" \(segpcl-fast evaluate RUN --set data.root=PATH") as err:
+        evaluate(run, data__root=str(partial))
+    assert "has 3 classes, but data.expected_classes is 4" in str(err.value)
+    assert "expected_classes=3" not in str(err.value)
+    resumed = make_config(run.joinpath("config.yaml"), [f"data.root={partial}", "run.resume=true"])
+    with pytest.raises(DatasetFormatError, match=fix + r" \(--resume --set data.root=PATH\)"):
+        train(resumed)
+    assert evaluate(run)["task"] == 2  # the run's own copy still evaluates
