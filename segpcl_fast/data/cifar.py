@@ -55,7 +55,8 @@ def _folder(root: Optional[str]) -> Path:
     raise format_error(NAME, f"no cifar-100-python/meta under '{path}'", LAYOUT, fix)
 
 
-def _split(folder: Path, split: str, class_names: list[str], transform: Optional[Callable]) -> ArrayDataset:
+def _split(folder: Path, split: str, class_names: list[str]) -> tuple[np.ndarray, list[int]]:
+    """(images (N, 32, 32, 3) uint8, fine labels) of one pickle."""
     path = folder / split
     if not path.is_file():
         raise format_error(NAME, f"missing file '{path}'", LAYOUT, "re-extract cifar-100-python.tar.gz")
@@ -72,18 +73,29 @@ def _split(folder: Path, split: str, class_names: list[str], transform: Optional
     if labels and (min(labels) < 0 or max(labels) >= len(class_names)):
         raise format_error(NAME, f"'{path}': labels outside 0..{len(class_names) - 1}", LAYOUT,
                            "meta and data pickles come from different datasets")
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()  # NHWC, as torchvision
-    return ArrayDataset(images, labels, class_names, transform)
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels  # NHWC, as torchvision
 
 
 def load_cifar100(root: Optional[str], train_transform: Optional[Callable] = None,
                   test_transform: Optional[Callable] = None) -> tuple[ArrayDataset, ArrayDataset]:
-    """(train, test) CIFAR-100 with names from meta['fine_label_names'] ('maple_tree' -> 'maple tree')."""
+    """(train, test) CIFAR-100 with names from meta['fine_label_names'] ('maple_tree' -> 'maple tree').
+
+    The classes are those the pickles hold images of (meta lists all 100 either way): pickles cut to a
+    subset of classes give that subset, relabelled 0..n-1 in CIFAR's order, which the presets'
+    data.expected_classes (100) refuses as a partial copy unless it is set to n (or null) on purpose."""
     folder = _folder(root)
     meta = _load_pickle(folder / "meta")
     if "fine_label_names" not in meta:
         raise format_error(NAME, f"'{folder / 'meta'}' lacks key 'fine_label_names' (has {sorted(meta)})",
                            LAYOUT, "re-extract cifar-100-python.tar.gz")
     class_names = [_text(n).replace("_", " ") for n in meta["fine_label_names"]]
-    return (_split(folder, "train", class_names, train_transform),
-            _split(folder, "test", class_names, test_transform))
+    (train_images, train_labels), (test_images, test_labels) = (_split(folder, split, class_names)
+                                                                for split in ("train", "test"))
+    # a class of either split counts (one with test images only is then the protocol's clear error)
+    present = sorted(set(train_labels) | set(test_labels))
+    if len(present) < len(class_names):
+        relabel = {label: i for i, label in enumerate(present)}
+        class_names = [class_names[label] for label in present]
+        train_labels, test_labels = ([relabel[x] for x in labels] for labels in (train_labels, test_labels))
+    return (ArrayDataset(train_images, train_labels, class_names, train_transform),
+            ArrayDataset(test_images, test_labels, class_names, test_transform))

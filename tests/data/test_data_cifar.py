@@ -87,3 +87,50 @@ def test_a_cifar10_copy_is_named_as_cifar10(tmp_path, inner):
     root = folder if inner else folder.parent
     with pytest.raises(DatasetFormatError, match=re.escape(f"Fix: '{folder}' is CIFAR-10 (batches.meta")):
         load_cifar100(str(root))
+
+
+def _write_pickles(root, names, train_labels, test_labels):
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(1)
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        entry = {"fine_labels": list(labels), "data": rng.randint(0, 256, (len(labels), 3072)).astype(np.uint8)}
+        with open(folder / split, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": names}, f, protocol=2)
+    return root
+
+
+def test_pickles_cut_to_a_class_subset_give_that_subset(tmp_path):
+    """README: set data.expected_classes to the count you have (or null) to run a subset on purpose. meta lists
+    every class whatever the pickles hold, so pickles cut to 3 of 6 classes read as 6 classes, 3 of them
+    empty ("3 classes have no training images"), and no setting ran the subset (a review's finding). The
+    classes are now those with images, relabelled in CIFAR's order; a preset's 100 refuses the copy."""
+    from segpcl_fast.config import load_config
+    from segpcl_fast.data import ClassIncrementalScenario, build_datasets
+    names = ["apple", "aquarium_fish", "baby", "bear", "beaver", "bed"]
+    kept = [1, 3, 4]  # dataset labels the pickles hold
+    root = _write_pickles(tmp_path / "c", names, [4, 1, 3, 3, 1, 4], [3, 4, 1])
+    train, test = load_cifar100(str(root))
+    assert train.class_names == test.class_names == ["aquarium fish", "bear", "beaver"]
+    assert list(train.targets) == [2, 0, 1, 1, 0, 2] and list(test.targets) == [1, 2, 0]
+    with open(root / "cifar-100-python" / "train", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    for i in range(6):  # each image keeps its class
+        img, label = train[i]
+        assert kept[label] == raw["fine_labels"][i]
+        assert np.array_equal(np.asarray(img), raw["data"][i].reshape(3, 32, 32).transpose(1, 2, 0))
+    cfg = load_config("cifar100").data
+    cfg.root = str(root)
+    with pytest.raises(DatasetFormatError, match=r"has 3 classes, but data.expected_classes is 100"):
+        build_datasets(cfg)
+    for deliberate in (3, None):
+        cfg.expected_classes, cfg.num_tasks = deliberate, 3
+        scenario = ClassIncrementalScenario.from_config(cfg, *build_datasets(cfg))
+        assert sorted(scenario.class_names) == ["aquarium fish", "bear", "beaver"]
+    # a class with training images and none to test on is still the protocol's error
+    root2 = _write_pickles(tmp_path / "d", names, [1, 3, 4], [1, 3])
+    cfg.root, cfg.expected_classes = str(root2), None
+    with pytest.raises(DatasetFormatError, match=r"1 classes have no test images, e.g. \['beaver'\]"):
+        ClassIncrementalScenario.from_config(cfg, *build_datasets(cfg))
