@@ -516,12 +516,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _RunProgressHandler(logging.Handler):
+    """A run's progress lines (logger segpcl_fast.run) as plain lines on the current stdout (looked up per
+    line: a caller may have swapped sys.stdout since), beside train's header and results."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stdout, flush=True)
+        except Exception:  # a closed stdout: as logging's own handlers, never an error of the run
+            self.handleError(record)
+
+
+def show_run_progress() -> None:
+    """Each task's accuracy (and a resume or a replaced run) printed without -v: a 10-task run said nothing
+    until its results at the default verbosity (a review's finding). Once per process, however often main
+    runs; not propagated, so -v's root handler does not print them a second time."""
+    run_log = logging.getLogger("segpcl_fast.run")
+    if not any(isinstance(h, _RunProgressHandler) for h in run_log.handlers):
+        run_log.addHandler(_RunProgressHandler())
+    run_log.setLevel(logging.INFO)
+    run_log.propagate = False
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    show_run_progress()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

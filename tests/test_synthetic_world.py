@@ -202,6 +202,10 @@ def test_default_cli_run_uses_the_bundled_model_with_no_network(tmp_path, monkey
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Last" in printed and "Forgetting" in printed
+    # each task's accuracy as it ends, without -v (a review's finding: nothing until the results)
+    lines = [line for line in printed.splitlines() if ": acc on seen classes " in line]
+    assert [line.split(":")[0] for line in lines] == ["task 1/2", "task 2/2"], printed
+    assert printed.index("task 2/2: acc") < printed.index("Forgetting")
     res = json.loads((tmp_path / "runs" / "default" / "results.json").read_text())
     assert res["config"]["model"]["pretrained"] == "segpcl-world"
     # the pretrained weights are in use: zero-shot forward transfer on task 2 is far above chance (1%)

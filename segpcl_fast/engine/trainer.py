@@ -38,6 +38,9 @@ from . import compiling
 from . import distributed as ddp
 
 log = logging.getLogger("segpcl_fast.engine")
+# a run's progress (each task's accuracy, resumes, replaced runs): INFO on its own logger, which the CLI shows
+# without -v (cli.show_run_progress); the API's caller decides, as for any logger
+run_log = logging.getLogger("segpcl_fast.run")
 
 @dataclass
 class Result:
@@ -329,9 +332,9 @@ class Trainer:
             resolve_device(self.cfg.run.device)
             ddp.local_batch_size(self.cfg.optim.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
         self.dist = dist or ddp.DistContext.from_env(self.ddp_settings, self.cfg.run.device)
-        self.log_fn = log_fn or (lambda msg: log.info(msg))
+        self.log_fn = log_fn or (lambda msg: run_log.info(msg))
         if not self.dist.is_main:
-            self.log_fn = lambda msg: log.debug(msg)
+            self.log_fn = lambda msg: run_log.debug(msg)
         self.out = Path(self.cfg.run.output_dir)
         # whether self.model holds the run's final weights (after run(): not so for a finished run without
         # checkpoints, which run() answers from its results.json alone)
