@@ -136,11 +136,17 @@ EVALUATE_OVERRIDABLE = ("run.device", "run.ops", "run.compile", "run.tf32", "run
                         "data.names_file", "data.class_list", "data.split_file", "model.pretrained")
 
 
-def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]] = None, **kwargs: Any) -> dict:
+def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]] = None, *, all_tasks: bool = False,
+             **kwargs: Any) -> dict:
     """Re-evaluate a finished (or interrupted) run from its last checkpoint.
 
     Returns {"task": last finished task (1-based), "acc_per_task_j": [...], "acc": accuracy on all
     seen test images} computed now, with the dual-path logits of the checkpointed state.
+    all_tasks=True (CLI --all-tasks) evaluates every finished task t from its own checkpoint, as the run
+    did after training it: the dict also holds the accuracy matrix a[t][j] (and its own-space twin),
+    acc_per_task, fwt_before (where the run's config has eval.fwt: the CLIP path on task t from task
+    t-1's checkpoint), the metrics (Avg, Last, Forgetting, BWT, FWT, Forgetting_own over the finished
+    tasks) and "run_matrix_max_diff", the largest |a[t][j] now - as the run recorded it| in points.
     `overrides` ("run.ops=cpp") and kwargs (run__device="cuda") may set how it runs: the keys in
     EVALUATE_OVERRIDABLE (device, ops backend, compile, TF32, threads, batch size, loader workers, and
     where the data and weights now lie).
@@ -187,12 +193,61 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
                                      defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
         ckpt.check_same_data(last, state, trainer.scenario.class_names, trainer.split_digest,
                              trainer.model.image_stats.geometry())
+        if all_tasks:
+            return _evaluate_every_task(run_dir, trainer, state)
         ckpt.restore_lora(last, trainer.model, state)
         ckpt.restore_learner(last, trainer.learner, state, trainer.cfg.model.pretrained)
         counts = trainer.evaluate_seen(state["task"])
     return {"task": state["task"] + 1,
             "acc_per_task_j": [percent(c, n) for c, _, n in counts],
             "acc": percent(sum(c for c, _, _ in counts), sum(n for _, _, n in counts))}
+
+
+def _evaluate_every_task(run_dir: Path, trainer, last_state: dict) -> dict:
+    """evaluate(all_tasks=True): tasks 1..T' (T' = the last finished) each from its own checkpoint."""
+    import numpy as np
+
+    from . import metrics
+    from .engine import checkpoint as ckpt
+    done = last_state["task"] + 1
+    paths = [ckpt.checkpoint_path(run_dir, t) for t in range(done)]
+    missing = [t + 1 for t, path in enumerate(paths) if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint of task(s) {join_some([str(t) for t in missing])} (checkpoints/task_NN.pt): "
+                                "evaluating every task needs each task's own checkpoint; evaluate without --all-tasks "
+                                "(all_tasks=False) re-evaluates the last one")
+    cfg = trainer.cfg
+    fingerprint, config, defaults = ckpt.config_fingerprint(cfg.to_dict()), cfg.to_dict(), type(cfg)().to_dict()
+    correct, correct_own = np.full((done, done), np.nan), np.full((done, done), np.nan)
+    fwt_before: list = [None] * done
+    counts = []
+    for t, path in enumerate(paths):
+        state = ckpt.load_checkpoint(path, fingerprint, config, defaults=defaults, purpose="evaluate")
+        ckpt.check_same_data(path, state, trainer.scenario.class_names, trainer.split_digest,
+                             trainer.model.image_stats.geometry())
+        ckpt.restore_lora(path, trainer.model, state)
+        ckpt.restore_learner(path, trainer.learner, state, cfg.model.pretrained)
+        counts = trainer.evaluate_seen(t)
+        for j, (c, c_own, _) in enumerate(counts):
+            correct[t, j], correct_own[t, j] = c, c_own
+        if cfg.eval.fwt and t + 1 < done:  # as the run measured it: before task t + 1, after task t
+            fwt_before[t + 1] = trainer.forward_transfer(t + 1)
+    totals = [n for _, _, n in counts]
+    matrix, matrix_own = metrics.accuracy_matrix(correct, totals), metrics.accuracy_matrix(correct_own, totals)
+    acc = metrics.acc_per_task(correct, totals)
+    recorded = np.asarray(last_state["correct"], dtype=np.float64)[:done, :done]
+    lower = np.tril(np.ones((done, done), dtype=bool))
+    recorded_pct = np.where(lower, recorded, 0.0) * 100.0 / np.asarray(totals, dtype=np.float64)[None, :]
+    return {"task": done,
+            "acc_per_task_j": matrix[-1].tolist(),
+            "acc": float(acc[-1]),
+            "accuracy_matrix": metrics.matrix_to_list(matrix),
+            "accuracy_matrix_own": metrics.matrix_to_list(matrix_own),
+            "acc_per_task": acc.tolist(),
+            "fwt_before": fwt_before,
+            "metrics": metrics.summarize(matrix, acc, fwt_before if cfg.eval.fwt else None, matrix_own),
+            "run_matrix_max_diff": float(np.abs(np.where(lower, matrix, 0.0) - recorded_pct).max()),
+            "config": cfg.to_dict()}
 
 
 # Forgetting_own: forgetting within each task's own label space (metrics.forgetting_own_space)

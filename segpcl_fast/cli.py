@@ -157,8 +157,15 @@ def _rank0() -> bool:
 
 def cmd_evaluate(args) -> int:
     from .api import evaluate
-    out = evaluate(args.run_dir, args.overrides)
+    out = evaluate(args.run_dir, args.overrides, all_tasks=args.all_tasks)
     if not _rank0():  # torchrun: the ranks share the counts; rank 0 reports
+        return 0
+    if args.all_tasks:
+        from .report import format_run_summary
+        print(format_run_summary(out))
+        diff = out["run_matrix_max_diff"]
+        print("\nthe run's own matrix (its last checkpoint): " + ("equal" if diff == 0 else
+              f"differs by up to {diff:.2f} points"))
         return 0
     accs = "  ".join(f"{a:.1f}" for a in out["acc_per_task_j"])
     print(f"after task {out['task']}: acc on seen classes {out['acc']:.2f}%  per task: {accs}")
@@ -500,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "eval.batch_size, data.num_workers, and where the data / weights now lie: data.root, "
                         "data.frames_dir, data.names_file, data.class_list, data.split_file, model.cache_dir, "
                         "model.pretrained (checked against the checkpoint; e.g. --set run.device=cuda)")
+    p.add_argument("--all-tasks", action="store_true",
+                   help="evaluate every finished task from its own checkpoint: the accuracy matrix, Avg, Last, "
+                        "Forgetting, BWT, FWT, and how far it lies from the matrix the run recorded")
     p.set_defaults(func=cmd_evaluate)
     _add_classifier_parsers(sub)
     _add_analysis_parsers(sub)

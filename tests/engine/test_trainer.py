@@ -124,6 +124,32 @@ def test_evaluate_reproduces_the_run_on_any_ops_path_and_refuses_other_keys(tiny
         torch.set_num_threads(threads)
 
 
+def test_evaluate_all_tasks_rebuilds_the_runs_accuracy_matrix_and_metrics(tiny_model_name, tmp_path, capsys):
+    """evaluate(all_tasks=True) / `evaluate --all-tasks`: every finished task from its own checkpoint gives the
+    matrix, the own-space matrix, FWT's before-task accuracies and the metrics the run itself recorded (a
+    review's finding: only the last row could be re-evaluated); a missing task checkpoint is one error."""
+    from segpcl_fast.api import evaluate
+    from segpcl_fast.cli import main
+    result = train(small_config(tiny_model_name, tmp_path / "run"))
+    out = evaluate(tmp_path / "run", all_tasks=True)
+    assert out["task"] == 2 and out["run_matrix_max_diff"] == 0.0
+    np.testing.assert_allclose(metrics.matrix_from_list(out["accuracy_matrix"]),
+                               metrics.matrix_from_list(result.accuracy_matrix), atol=1e-9)
+    np.testing.assert_allclose(metrics.matrix_from_list(out["accuracy_matrix_own"]),
+                               metrics.matrix_from_list(result.accuracy_matrix_own), atol=1e-9)
+    assert out["acc_per_task"] == pytest.approx(result.acc_per_task, abs=1e-9)
+    assert out["fwt_before"][0] is None and out["fwt_before"][1] == pytest.approx(result.fwt_before[1], abs=1e-9)
+    assert out["metrics"] == pytest.approx(result.metrics, abs=1e-9)
+    assert out["acc"] == pytest.approx(evaluate(tmp_path / "run")["acc"], abs=1e-9)  # its last row: evaluate's
+    assert main(["evaluate", str(tmp_path / "run"), "--all-tasks"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy matrix a[t][j]" in printed and "BWT" in printed and "its last checkpoint): equal" in printed
+    (tmp_path / "run" / "checkpoints" / "task_00.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of task\(s\) 1 .*without --all-tasks"):
+        evaluate(tmp_path / "run", all_tasks=True)
+    assert evaluate(tmp_path / "run")["task"] == 2  # the last checkpoint alone still evaluates
+
+
 def test_a_trainer_that_fails_to_build_gives_the_ops_backend_back(tiny_model_name, tmp_path):
     from segpcl_fast import ops as fused_ops
     from segpcl_fast.model.clip import ModelLoadError
