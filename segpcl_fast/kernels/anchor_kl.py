@@ -100,8 +100,8 @@ def check_anchor_kl_inputs(student_logits: torch.Tensor, teacher: torch.Tensor, 
         raise TypeError(f"anchor_kl: logits must be floating tensors, got {student_logits.dtype} / {teacher.dtype}")
     if teacher.device != student_logits.device:
         raise ValueError(f"anchor_kl: teacher on {teacher.device}, student_logits on {student_logits.device}")
-    if not 0 < float(tau) < math.inf:
-        raise ValueError(f"anchor_kl: tau must be a finite number > 0, got {tau}")
+    if isinstance(tau, (str, bytes, bool)) or not 0 < float(tau) < math.inf:  # float("2") would pass
+        raise ValueError(f"anchor_kl: tau must be a finite number > 0, got {tau!r}")
 
 
 @lazy_jit

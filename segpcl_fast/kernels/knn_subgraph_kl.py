@@ -120,8 +120,8 @@ def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices: boo
     devices = {t.device for t in (emb, roots, neighbors, ref_logprob)}
     if len(devices) != 1:
         raise ValueError(f"knn_subgraph_kl: all inputs must be on one device, got {sorted(map(str, devices))}")
-    if not 0 < float(tau) < math.inf:
-        raise ValueError(f"knn_subgraph_kl: tau must be a finite number > 0, got {tau}")
+    if isinstance(tau, (str, bytes, bool)) or not 0 < float(tau) < math.inf:  # float("2") would pass
+        raise ValueError(f"knn_subgraph_kl: tau must be a finite number > 0, got {tau!r}")
     # `> 0`, not a size's truth value: torch 2.6's dynamo turned that into a guard on the exact root count
     if check_indices and roots.numel() > 0:
         n = emb.shape[0]

@@ -18,6 +18,7 @@ Towers: open_clip's own transformers (nn.MultiheadAttention blocks) and timm ViT
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Mapping, Optional
 
 import torch
@@ -344,7 +345,9 @@ def _inject_timm_block(block: nn.Module, targets: list[str], rank: int, alpha: f
 def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alpha,
                 targets: Iterable[str] = tuple(_DEFAULTS.targets), towers: Iterable[str] = tuple(_DEFAULTS.towers),
                 seed: int = 0) -> list[nn.Parameter]:
-    """Inject LoRA-B-only adapters into a segpcl_fast.model.CLIPModel in place; freeze everything else.
+    """Inject LoRA-B-only adapters into a CLIP in place; freeze everything else. The model is a
+    segpcl_fast.model.CLIPModel (load_model) or a plain open_clip model (open_clip.create_model: CLIP,
+    CustomTextCLIP; its image tower an open_clip or timm ViT).
 
     rank, alpha, targets and towers default to LoRAConfig's (config.py). seed draws the frozen A
     matrices; the trainer passes lora.init_seed (or run.seed when that is null).
@@ -359,15 +362,27 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
     bad = [t for t in towers if t not in VALID_TOWERS]
     if bad:
         raise ValueError(f"unknown tower(s) {bad}; choose from {VALID_TOWERS}")
-    if rank <= 0:
-        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    if not targets or not towers:  # every weight would be frozen and nothing trained
+        raise ValueError(f"inject_lora: no {'targets' if not targets else 'towers'} given: nothing would train; "
+                         f"name some of {VALID_TARGETS if not targets else VALID_TOWERS}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"inject_lora: rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
+        raise ValueError(f"inject_lora: alpha must be a finite number > 0 (scaling alpha / rank), got {alpha!r}")
     if getattr(model, "frozen_storage", None):  # B and A would take W's (reduced) dtype
         raise ValueError(f"inject_lora: the model's frozen weights are already stored in {model.frozen_storage} "
                          "(store_frozen_weights); inject LoRA first, then store them")
+    adapted = [name for name, m in model.named_modules()
+               if isinstance(m, (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention))]
+    if adapted:  # their blocks no longer look like plain blocks: a second pass would find none
+        raise ValueError(f"inject_lora: the model already has {len(adapted)} LoRA layers (e.g. {adapted[0]}): inject "
+                         "once; for another rank or other targets start from the model without them (merge_lora "
+                         "folds them in)")
+    visual, text = _towers(model)
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    tower_modules = {"visual": model.visual, "text": model.text_tower}
+    tower_modules = {"visual": visual, "text": text}
     slices = [t for t in targets if t in ("q", "k", "v")]
     for tower_name in towers:
         module = tower_modules[tower_name]
@@ -376,7 +391,8 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
         blocks = _residual_blocks(module)
         timm_blocks = [] if blocks else _timm_blocks(module)
         if not blocks and not timm_blocks:
-            raise ConfigError(f"the {tower_name} tower of {model.name} has no transformer blocks LoRA injection "
+            name = getattr(model, "name", type(model).__name__)
+            raise ConfigError(f"the {tower_name} tower of {name} has no transformer blocks LoRA injection "
                               f"knows (open_clip's nn.MultiheadAttention blocks, timm's ViT / EVA blocks): pick a "
                               f"ViT model (model.name), or leave that tower out (lora.towers)")
         for block in timm_blocks:
@@ -388,6 +404,17 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
                 if name in targets:
                     setattr(block.mlp, name, LoRABLinear(getattr(block.mlp, name), rank, alpha, generator))
     return lora_parameters(model)
+
+
+def _towers(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(image tower, module holding the text transformer) of a CLIPModel or a plain open_clip model."""
+    if hasattr(model, "text_tower"):  # CLIPModel
+        return model.visual, model.text_tower
+    if isinstance(getattr(model, "visual", None), nn.Module) and (hasattr(model, "text") or hasattr(model, "transformer")):
+        return model.visual, model.text if hasattr(model, "text") else model  # CustomTextCLIP: .text; CLIP: itself
+    raise TypeError(f"inject_lora takes a CLIP: a segpcl_fast CLIPModel (segpcl_fast.load_model) or an open_clip model "
+                    f"(open_clip.create_model), got {type(model).__name__}; for one nn.Linear use LoRABLinear(linear, "
+                    "rank, alpha)")
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,8 +1,13 @@
 """Which implementation of a fused op runs: the Triton kernel, the C++/CUDA op, or the reference.
 
 One switch for every op: `set_backend("reference")` forces the plain-PyTorch references (the
-spec), "triton" / "cpp" force a fast path (error if it cannot run on the given tensors), and
-"auto" (default) picks the fast path where it exists for the device and dtype.
+spec), "auto" (default) picks the fast path where it exists for the device and dtype, and "triton" /
+"cpp" ask for one kind of fast path, for a whole run (run.ops):
+- "triton": the Triton ops (pgd_step, anchor_kl, knn_subgraph_kl) run their kernels, or raise where they
+  cannot (CPU tensors outside TRITON_INTERPRET=1, float64); lora_b_linear takes its fused Triton GEMMs
+  where they run (bf16 / fp16 on CUDA, B trained) and what "auto" takes elsewhere (fp32, frozen B);
+- "cpp": lora_b_linear runs the C++ op, or raises where the extension has no kernel for the device; the
+  Triton ops, which have no C++ version, run their references.
 `ops._kernels.impl_for(op, *tensors)` (the Triton ops) and `ops.lora_linear.lora_b_linear_impl`
 say what would run, `last_choice()` what ran, and every first choice per (op, device, impl) is logged.
 """

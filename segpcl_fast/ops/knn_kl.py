@@ -27,9 +27,24 @@ def knn_subgraphs(ref_emb: torch.Tensor, roots: torch.Tensor, k: int, tau: float
     root's k nearest rows of ref_emb by cosine, itself excluded, nearest first, ref_logprob (R, k), log q_0
     at tau over them). ref_emb: (classes, d) reference embeddings, normalised here in fp32 whatever the
     caller's autocast (q_0 is the fixed target: a bf16 build leaves the loss > 0 at student = reference
-    and can pick other neighbours); roots: (R,) int64 rows of it, checked by the caller. k shrinks to
-    classes - 1; with no root or a single class there is nothing to preserve: roots[:0] and (0, 0)."""
-    k = min(k, ref_emb.shape[0] - 1)
+    and can pick other neighbours); roots: (R,) integer rows of it (a tensor or a list; checked here, one
+    host sync per graph). k shrinks to classes - 1; with no root or a single class there is nothing to
+    preserve: roots[:0] and (0, 0)."""
+    if ref_emb.dim() != 2 or not ref_emb.is_floating_point():
+        raise ValueError(f"knn_subgraphs: ref_emb must be a floating (classes, d) matrix, got {ref_emb.dtype} "
+                         f"{tuple(ref_emb.shape)}")
+    roots = torch.as_tensor(roots, device=ref_emb.device)
+    if roots.dim() != 1 or roots.dtype in (torch.bool, torch.uint8) or roots.is_floating_point() or roots.is_complex():
+        raise TypeError(f"knn_subgraphs: roots must be a 1-D tensor (or list) of integer row indices of ref_emb, got "
+                        f"{roots.dtype} of shape {tuple(roots.shape)}")
+    roots = roots.long()
+    n = ref_emb.shape[0]
+    if roots.numel() and not (0 <= int(roots.min()) and int(roots.max()) < n):
+        raise ValueError(f"knn_subgraphs: roots must be rows 0..{n - 1} of ref_emb, got rows "
+                         f"{int(roots.min())}..{int(roots.max())}")
+    if isinstance(k, bool) or int(k) != k:
+        raise ValueError(f"knn_subgraphs: k must be an integer, got {k!r}")
+    k = min(int(k), n - 1)
     if roots.numel() == 0 or k < 1:
         none = torch.zeros(0, 0, device=ref_emb.device)
         return roots[:0], none.long(), none

@@ -249,7 +249,7 @@ def _check_args(x, weight, bias, lora_A, lora_B, autocast_dtype: Optional[torch.
         trained = [name for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A))
                    if t is not None and t.requires_grad]
         if trained:
-            problem = (f"{', '.join(trained)} require grad, but this op trains lora_B only and returns no gradient "
+            problem = (f"{', '.join(trained)} {'requires' if len(trained) == 1 else 'require'} grad, but this op trains lora_B only and returns no gradient "
                        "for weight, bias or lora_A; freeze them (.requires_grad_(False)) or use your own layer")
     if problem is not None:
         raise RuntimeError(f"lora_b_linear: {problem}")

@@ -5,7 +5,8 @@ segpcl_fast.kernels.pgd_step for the formula, operation order and NaN behaviour.
 """
 from __future__ import annotations
 
-from typing import Union
+import numbers
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -15,33 +16,52 @@ from .dispatch import refuse_trained_constants
 _k = load_kernel("pgd_step")
 pgd_step_reference = _k.pgd_step_reference
 
-PerChannel = Union[torch.Tensor, float]
+PerChannel = Union[torch.Tensor, float, Sequence[float]]
 
 
-def _as_channels(v: PerChannel, channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _host_values(name: str, v: PerChannel) -> Optional[list[float]]:
+    """A bound given on the host as floats (one number, or one per channel), or None for a tensor."""
     if isinstance(v, torch.Tensor):
+        return None
+    items = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not items or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in items):
+        raise TypeError(f"pgd_step: {name} must be a number, a sequence of one number per channel or a (C,) tensor, "
+                        f"got {v!r}")
+    return [float(x) for x in items]
+
+
+def _as_channels(values: Optional[list[float]], v: PerChannel, channels: int, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    if values is None:
         return v.to(device=device, dtype=dtype)
-    return torch.full((channels,), float(v), dtype=dtype, device=device)
+    if not isinstance(v, (list, tuple)):
+        return torch.full((channels,), values[0], dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: PerChannel,
              eps: PerChannel, lo: PerChannel, hi: PerChannel, inplace: bool = False) -> torch.Tensor:
     """x_new = clamp(clamp(x_adv - gamma*sign(grad), x0 - eps, x0 + eps), lo, hi), per channel.
 
-    x_adv, grad, x0: (N, C, H, W); gamma, eps, lo, hi: (C,) tensors or python floats, in the
+    x_adv, grad, x0: (N, C, H, W); gamma, eps, lo, hi: (C,) tensors, sequences of C numbers or numbers, in the
     model's normalised input space (eps >= 0, lo <= hi). inplace=True overwrites x_adv and returns it;
     when x_adv or x0 is part of an autograd graph, the Triton path then copies the functional op's
     result into x_adv (autograd sees it, as it sees the reference's) instead of running the in-place kernel.
     float64 inputs compute in float64 (the reference).
     """
     refuse_trained_constants("pgd_step", gamma=gamma, eps=eps, lo=lo, hi=hi)
-    if not isinstance(eps, torch.Tensor) and not float(eps) >= 0:
+    host = {name: _host_values(name, v) for name, v in (("gamma", gamma), ("eps", eps), ("lo", lo), ("hi", hi))}
+    if host["eps"] is not None and not all(e >= 0 for e in host["eps"]):  # (NaN too)
         raise ValueError(f"pgd_step: eps must be >= 0, got {eps}")
-    if not isinstance(lo, torch.Tensor) and not isinstance(hi, torch.Tensor) and not float(lo) <= float(hi):
-        raise ValueError(f"pgd_step: lo must be <= hi, got lo {lo}, hi {hi}")
+    if host["lo"] is not None and host["hi"] is not None:
+        pairs = (zip(host["lo"], host["hi"]) if len(host["lo"]) == len(host["hi"]) else
+                 ((a, b) for a in host["lo"] for b in host["hi"]))  # a number against each channel's
+        if not all(a <= b for a, b in pairs):
+            raise ValueError(f"pgd_step: lo must be <= hi, got lo {lo}, hi {hi}")
     channels = x_adv.shape[1] if x_adv.dim() == 4 else 0
     bounds_dtype = _k.compute_dtype(x_adv)
-    gamma, eps, lo, hi = (_as_channels(v, channels, x_adv.device, bounds_dtype) for v in (gamma, eps, lo, hi))
+    gamma, eps, lo, hi = (_as_channels(host[name], v, channels, x_adv.device, bounds_dtype)
+                          for name, v in (("gamma", gamma), ("eps", eps), ("lo", lo), ("hi", hi)))
     _k.check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi)
     if choose_impl("pgd_step", x_adv, grad, x0) == "triton":
         tracked = torch.is_grad_enabled() and (x_adv.requires_grad or x0.requires_grad)

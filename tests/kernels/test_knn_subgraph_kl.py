@@ -162,7 +162,7 @@ def test_dispatch_and_errors():
         ops.knn_subgraph_kl(emb, root_idx.int(), neighbors, log_q0, TAU)
     with pytest.raises(ValueError, match="knn_reference_logprob"):
         ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0[:, :1], TAU)
-    for tau in (-1.0, 0.0, float("inf")):
+    for tau in (-1.0, 0.0, float("inf"), "0.05"):
         with pytest.raises(ValueError, match="tau must be a finite number > 0"):
             ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0, tau)
     with pytest.raises(TypeError, match="ref_logprob must be a floating tensor"):
@@ -325,3 +325,21 @@ def test_random_graphs_and_launch_knobs(trial, device):
     (want * weights.double()).sum().backward()
     torch.testing.assert_close(kl.double(), want.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), e.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_knn_subgraphs_checks_its_roots():
+    """ops.knn_subgraphs is public (README): a root past the rows was a raw IndexError, a list an AttributeError,
+    and fractional or 2-D roots ran (a review's finding). A list of rows equals the same rows as a tensor."""
+    emb = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    as_tensor = ops.knn_subgraphs(emb, torch.tensor([0, 5]), 4, TAU)
+    as_list = ops.knn_subgraphs(emb, [0, 5], 4, TAU)
+    assert all(torch.equal(a, b) for a, b in zip(as_tensor, as_list)) and as_list[1].shape == (2, 4)
+    with pytest.raises(ValueError, match=r"roots must be rows 0\.\.11 of ref_emb, got rows 12\.\.12"):
+        ops.knn_subgraphs(emb, torch.tensor([12]), 4, TAU)
+    with pytest.raises(ValueError, match=r"got rows -1\.\.3"):
+        ops.knn_subgraphs(emb, [-1, 3], 4, TAU)
+    for bad in (torch.tensor([0.5]), torch.tensor([[0]]), torch.tensor([True])):
+        with pytest.raises(TypeError, match="1-D tensor \\(or list\\) of integer row indices"):
+            ops.knn_subgraphs(emb, bad, 4, TAU)
+    with pytest.raises(ValueError, match="ref_emb must be a floating"):
+        ops.knn_subgraphs(emb.long(), [0], 4, TAU)

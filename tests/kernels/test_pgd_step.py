@@ -189,3 +189,23 @@ def test_dispatch_choice_and_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with ops.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         ops.pgd_step(*args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bounds_as_sequences_of_one_number_per_channel(backend, device):
+    """gamma / eps / lo / hi as lists or tuples (CLIP's per-channel mean and std are lists): a list failed in
+    float() with no word of what the op takes (a review's finding). They equal the same values as tensors."""
+    x_adv, grad, x0, gamma, eps, lo, hi = _inputs((2, 3, 4, 4), torch.float32, device)
+    with ops.backend(backend):
+        as_lists = ops.pgd_step(x_adv, grad, x0, gamma.tolist(), tuple(eps.tolist()), lo.tolist(), hi.tolist())
+        assert ops.last_choice()["pgd_step"] == backend
+        assert torch.equal(as_lists, ops.pgd_step(x_adv, grad, x0, gamma, eps, lo, hi))
+    for bad, message in [({"gamma": "0.1"}, "gamma must be a number, a sequence of one number per channel"),
+                         ({"eps": [0.1, None, 0.1]}, "eps must be a number, a sequence"),
+                         ({"lo": []}, "lo must be a number, a sequence"),
+                         ({"eps": [0.1, -0.1, 0.1]}, "eps must be >= 0"),
+                         ({"lo": [0.0, 2.0, 0.0], "hi": 1.0}, "lo must be <= hi"),
+                         ({"lo": [0.0, 0.5, 0.0], "hi": [1.0, 0.4, 1.0]}, "lo must be <= hi")]:
+        kwargs = {"gamma": 0.1, "eps": 0.1, "lo": 0.0, "hi": 1.0, **bad}
+        with pytest.raises((TypeError, ValueError), match=message):
+            ops.pgd_step(x_adv, grad, x0, **kwargs)

@@ -186,10 +186,55 @@ def test_bad_targets_and_rank(tiny_model_name):
     model = load_model(tiny_model_name, pretrained=None)
     with pytest.raises(ValueError, match="unknown LoRA target"):
         inject_lora(model, targets=["key"])
-    with pytest.raises(ValueError, match="rank must be positive"):
-        inject_lora(model, rank=0)
+    for rank in (0, 4.5, True):  # 4.5 failed deep inside torch.empty
+        with pytest.raises(ValueError, match=f"rank must be a positive integer, got {rank}"):
+            inject_lora(model, rank=rank)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        inject_lora(model, rank=4, alpha=float("nan"))
     with pytest.raises(ValueError, match=r"unknown tower\(s\) \['both'\]"):  # the name, not its letters
         inject_lora(model, towers="both")
+    for empty in ({"targets": []}, {"towers": ()}):  # froze the whole model and trained nothing, silently
+        with pytest.raises(ValueError, match="nothing would train"):
+            inject_lora(model, rank=4, **empty)
+    assert all(p.requires_grad for p in model.parameters())  # refused before anything was frozen
+    with pytest.raises(TypeError, match="inject_lora takes a CLIP.*LoRABLinear"):
+        inject_lora(torch.nn.Linear(4, 4), rank=2)
+
+
+def test_a_second_injection_is_refused_by_name(tiny_model_name):
+    """A second inject_lora found no plain blocks (they hold LoRA modules now) and said the tower had no transformer
+    blocks: 'pick a ViT model' (a review's finding)."""
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4)
+    with pytest.raises(ValueError, match=r"already has \d+ LoRA layers .*inject once"):
+        inject_lora(model, rank=4)
+
+
+def test_a_plain_open_clip_model_takes_the_same_adapters(tiny_model_name):
+    """inject_lora(open_clip.create_model(...)) (a review's finding: only segpcl_fast's CLIPModel was taken, with a
+    raw AttributeError otherwise): the same B parameters, in the same order, as the CLIPModel wrapper gets for
+    the same seed, and with those B both compute the same image and text embeddings."""
+    import open_clip
+    wrapped = load_model(tiny_model_name, pretrained=None)
+    plain = open_clip.create_model(tiny_model_name).eval()
+    plain.load_state_dict(wrapped.clip.state_dict())
+    ours, theirs = inject_lora(wrapped, rank=4, alpha=8.0, seed=3), inject_lora(plain, rank=4, alpha=8.0, seed=3)
+    assert [p.shape for p in ours] == [p.shape for p in theirs] and len(ours) > 0
+    assert [n for n, p in plain.named_parameters() if p.requires_grad] == \
+        [n.removeprefix("clip.") for n, p in wrapped.named_parameters() if p.requires_grad]
+    for a, b in zip(ours, theirs):
+        torch.nn.init.normal_(a, std=0.2)
+        with torch.no_grad():
+            b.copy_(a)
+    images = torch.randn(2, 3, wrapped.image_stats.size, wrapped.image_stats.size)
+    tokens = open_clip.get_tokenizer(tiny_model_name)(["a photo of a dog.", "a car."])
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode_image(images), wrapped.clip.encode_image(images))
+        torch.testing.assert_close(plain.encode_text(tokens), wrapped.clip.encode_text(tokens))
+        adapted = plain.encode_image(images)
+        for p in theirs:
+            p.zero_()
+        assert (plain.encode_image(images) - adapted).abs().max() > 1e-2  # the adapters are in its forward
 
 
 def test_one_tower_or_target_may_be_named_alone(tiny_model_name):

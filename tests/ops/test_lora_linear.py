@@ -357,7 +357,7 @@ def test_every_path_refuses_bad_arguments_with_one_message(backend, b_grad):
     cases = [((x, weight, bias, lora_A.double(), lora_B), r"lora_A is torch.float64 on cpu, x is torch.float32"),
              ((x.detach().long(), weight.long(), bias.long(), lora_A.long(), lora_B.detach().long()),
               "x must be a floating tensor, got torch.int64"),
-             ((x, weight, bias, trained(lora_A), lora_B), r": lora_A require grad, but this op trains lora_B "
+             ((x, weight, bias, trained(lora_A), lora_B), r": lora_A requires grad, but this op trains lora_B "
               r"only.*\.requires_grad_\(False\)"),
              ((x, trained(weight), trained(bias), lora_A, lora_B), ": weight, bias require grad")]
     dispatch.reset_choices()
