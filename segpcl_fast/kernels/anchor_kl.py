@@ -74,10 +74,14 @@ SINGLE_BLOCK_COLS = 4096  # widest row held as one register tile; wider rows tak
 CHUNK_COLS = 1024         # columns per chunk in the chunked kernel
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
 def anchor_kl_reference(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
-                        teacher_is_logprob: bool = False) -> torch.Tensor:
+                        teacher_is_logprob: bool = False, reduction: str = "mean") -> torch.Tensor:
     """tau^2 * mean over anchors of KL(softmax(z_T / tau) || softmax(z_S / tau)), fp32 (fp64 for fp64
-    inputs). The teacher is a constant; 0 * log 0 = 0, and a NaN stays NaN."""
+    inputs). The teacher is a constant; 0 * log 0 = 0, and a NaN stays NaN. reduction "sum": the sum over
+    anchors; "none": each anchor's tau^2 KL, shape (A,)."""
     compute = compute_dtype(student_logits, teacher)
     log_p_student = F.log_softmax(student_logits.to(compute) / tau, dim=-1)
     if teacher_is_logprob:
@@ -86,11 +90,16 @@ def anchor_kl_reference(student_logits: torch.Tensor, teacher: torch.Tensor, tau
         log_p_teacher = F.log_softmax(teacher.detach().to(compute) / tau, dim=-1)
     p_teacher = log_p_teacher.exp()
     kl_rows = torch.where(p_teacher == 0, 0.0, p_teacher * (log_p_teacher - log_p_student)).sum(-1)
-    return tau ** 2 * kl_rows.mean()
+    if reduction == "none":
+        return tau ** 2 * kl_rows
+    return tau ** 2 * (kl_rows.sum() if reduction == "sum" else kl_rows.mean())
 
 
-def check_anchor_kl_inputs(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float) -> None:
+def check_anchor_kl_inputs(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
+                           reduction: str = "mean") -> None:
     """Shape / dtype / device checks (no host sync); one clear error per problem."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"anchor_kl: reduction must be one of {REDUCTIONS} (over anchors), got {reduction!r}")
     if student_logits.dim() != 2:
         raise ValueError(f"anchor_kl: student_logits must be (anchors, classes), got {tuple(student_logits.shape)}")
     if teacher.shape != student_logits.shape:
@@ -476,14 +485,17 @@ anchor_kl_rows_op.register_autograd(_anchor_kl_backward, setup_context=_anchor_k
 
 
 def anchor_kl_fused(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
-                    teacher_is_logprob: bool = False) -> torch.Tensor:
-    """The same loss as `anchor_kl_reference` through the fused op (Triton), fp32 scalar.
+                    teacher_is_logprob: bool = False, reduction: str = "mean") -> torch.Tensor:
+    """The same loss as `anchor_kl_reference` through the fused op (Triton), fp32 (a scalar, or (A,) for
+    reduction "none").
 
-    The kernel scales each row's KL and gradient by tau^2 / A, so the loss is their sum: the mean's
-    division and the tau^2 product, and their two backward products, are not launched (on a GPU each
-    is a kernel launch, and at the paper's sizes the launches, not the bytes, take the time)."""
+    The kernel scales each row's KL and gradient by tau^2 (/ A for the mean), so the loss is their sum:
+    the mean's division and the tau^2 product, and their two backward products, are not launched (on a
+    GPU each is a kernel launch, and at the paper's sizes the launches, not the bytes, take the time)."""
     kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau), bool(teacher_is_logprob),
-                                                 float(tau) ** 2, True)
+                                                 float(tau) ** 2, reduction == "mean")
+    if reduction == "none":
+        return kl_rows
     # 0 anchors: the mean of nothing, NaN. `!= 0`, not the bare shape: torch 2.6's dynamo guarded on the
     # shape's value there, a recompile per anchor count
-    return kl_rows.sum() if student_logits.shape[0] != 0 else kl_rows.mean()
+    return kl_rows.sum() if reduction == "sum" or student_logits.shape[0] != 0 else kl_rows.mean()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anchor_kl import anchor_kl
+from .anchor_kl import ANCHOR_KL_REDUCTIONS, anchor_kl
 from .knn_kl import knn_backward_plan, knn_subgraph_kl, knn_subgraphs
 
 __all__ = ["AnchorKLLoss", "SubgraphKLLoss"]
@@ -48,19 +48,23 @@ class AnchorKLLoss(nn.Module):
 
     forward(student_logits, teacher): (anchors, classes) each, any class count; the teacher is a
     constant (logits, or log-probabilities at tau with teacher_is_logprob=True). Returns an fp32
-    scalar (fp64 for fp64 inputs). On CUDA the Triton kernel computes the loss and z_S's gradient in one
+    scalar (fp64 for fp64 inputs); reduction over the anchors "mean" (the method's), "sum", or "none"
+    (each anchor's tau^2 KL, (A,)). On CUDA the Triton kernel computes the loss and z_S's gradient in one
     pass (segpcl_fast.kernels.anchor_kl: fp32 logits get one backward per forward)."""
 
-    def __init__(self, tau: float = 20.0, teacher_is_logprob: bool = False):
+    def __init__(self, tau: float = 20.0, teacher_is_logprob: bool = False, reduction: str = "mean"):
         super().__init__()
         self.tau = _tau("AnchorKLLoss", tau)
         self.teacher_is_logprob = bool(teacher_is_logprob)
+        if reduction not in ANCHOR_KL_REDUCTIONS:
+            raise ValueError(f"AnchorKLLoss: reduction must be one of {ANCHOR_KL_REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
 
     def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return anchor_kl(student_logits, teacher, self.tau, self.teacher_is_logprob)
+        return anchor_kl(student_logits, teacher, self.tau, self.teacher_is_logprob, self.reduction)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, teacher_is_logprob={self.teacher_is_logprob}"
+        return f"tau={self.tau}, teacher_is_logprob={self.teacher_is_logprob}, reduction={self.reduction!r}"
 
 
 class SubgraphKLLoss(nn.Module):

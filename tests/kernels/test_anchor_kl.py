@@ -645,3 +645,67 @@ def test_compiled_autograd_records_the_backward_product(device, triton_backend, 
     finally:
         torch._dynamo.reset()
     assert launches == []
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("teacher_is_logprob", [False, True])
+def test_reductions_match_the_reference(reduction, dtype, teacher_is_logprob, device, triton_backend):
+    """reduction over anchors as Liger-Kernel's KL losses take it: "sum" and "none" (each anchor's tau^2 KL,
+    to weight anchors); under per-anchor weights the fp32 backward scales each row of its saved gradient in
+    place (the per-row path), bf16 out of place. Each equals the reference, and "mean" / "sum" are "none"'s
+    mean / sum."""
+    student, teacher = _logits(9, 70, dtype, device, seed=40)
+    if teacher_is_logprob:
+        teacher = F.log_softmax(teacher.float() / TAU, dim=-1)
+    weights = torch.linspace(0.5, 2.0, 9, device=device)
+    weights[3] = 1.0  # a row the in-place scaling leaves as it is
+
+    def run(fn):
+        s = student.detach().clone().requires_grad_(True)
+        loss = fn(s, teacher, TAU, teacher_is_logprob, reduction=reduction)
+        (loss * weights if reduction == "none" else loss).sum().backward()
+        return loss.detach(), s.grad
+
+    loss, grad = run(ops.anchor_kl)
+    assert ops.last_choice()["anchor_kl"] == "triton"
+    ref_loss, ref_grad = run(kernel.anchor_kl_reference)
+    assert loss.dtype == torch.float32 and loss.shape == ((9,) if reduction == "none" else ())
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    per_row = 1 if reduction == "mean" else 9  # "sum" / "none": each row's gradient is not divided by A
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7 * per_row)
+    else:
+        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2 ** -7, atol=1e-8 * per_row)
+    rows = ops.anchor_kl(student, teacher, TAU, teacher_is_logprob, reduction="none")
+    want = {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reduction_edge_cases_and_errors(device, triton_backend):
+    """0 anchors: mean NaN (as torch.mean), sum 0, none empty; an unknown reduction is one error, on the op and
+    the module."""
+    empty = torch.zeros(0, 5, device=device)
+    assert ops.anchor_kl(empty, empty, TAU).isnan()
+    assert ops.anchor_kl(empty, empty, TAU, reduction="sum").item() == 0.0
+    assert ops.anchor_kl(empty, empty, TAU, reduction="none").shape == (0,)
+    student, teacher = _logits(3, 4, torch.float32, device, seed=41)
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\).*'batchmean'"):
+        ops.anchor_kl(student, teacher, TAU, reduction="batchmean")
+    with pytest.raises(ValueError, match="AnchorKLLoss: reduction must be one of"):
+        ops.AnchorKLLoss(reduction="avg")
+    module = ops.AnchorKLLoss(tau=TAU, reduction="none")
+    assert "reduction='none'" in repr(module)
+    torch.testing.assert_close(module(student, teacher), ops.anchor_kl(student, teacher, TAU, reduction="none"))
+
+
+def test_reduction_none_compiles_without_graph_breaks(device, triton_backend, graph_breaks):
+    student, teacher = _logits(6, 30, torch.float32, device, seed=42)
+    weights = torch.rand(6, device=device)
+    fn = torch.compile(lambda s, t: (ops.anchor_kl(s, t, TAU, reduction="none") * weights).sum(), fullgraph=True)
+    s = student.detach().clone().requires_grad_(True)
+    fn(s, teacher).backward()
+    ref = student.detach().clone().requires_grad_(True)
+    (kernel.anchor_kl_reference(ref, teacher, TAU, reduction="none") * weights).sum().backward()
+    torch.testing.assert_close(s.grad, ref.grad, rtol=1e-4, atol=1e-7)
+    assert graph_breaks() == 0
