@@ -184,6 +184,8 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     last = ckpt.find_last_checkpoint(run_dir)
     if last is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")
+    if all_tasks:  # before any data or weights load
+        _task_checkpoints(run_dir, int(last.stem.split("_")[1]) + 1)
     with process_state_kept():  # the caller's ops backend, threads and random streams are left as they were
         try:
             trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)
@@ -203,6 +205,18 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
             "acc": percent(sum(c for c, _, _ in counts), sum(n for _, _, n in counts))}
 
 
+def _task_checkpoints(run_dir: Path, done: int) -> list[Path]:
+    """checkpoints/task_NN.pt of tasks 1..done, every one of them (one error naming those missing)."""
+    from .engine import checkpoint as ckpt
+    paths = [ckpt.checkpoint_path(run_dir, t) for t in range(done)]
+    missing = [str(t + 1) for t, path in enumerate(paths) if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint of task(s) {join_some(missing)} (checkpoints/task_NN.pt): "
+                                "evaluating every task needs each task's own checkpoint; evaluate without --all-tasks "
+                                "(all_tasks=False) re-evaluates the last one")
+    return paths
+
+
 def _evaluate_every_task(run_dir: Path, trainer, last_state: dict) -> dict:
     """evaluate(all_tasks=True): tasks 1..T' (T' = the last finished) each from its own checkpoint."""
     import numpy as np
@@ -210,12 +224,7 @@ def _evaluate_every_task(run_dir: Path, trainer, last_state: dict) -> dict:
     from . import metrics
     from .engine import checkpoint as ckpt
     done = last_state["task"] + 1
-    paths = [ckpt.checkpoint_path(run_dir, t) for t in range(done)]
-    missing = [t + 1 for t, path in enumerate(paths) if not path.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint of task(s) {join_some([str(t) for t in missing])} (checkpoints/task_NN.pt): "
-                                "evaluating every task needs each task's own checkpoint; evaluate without --all-tasks "
-                                "(all_tasks=False) re-evaluates the last one")
+    paths = _task_checkpoints(run_dir, done)
     cfg = trainer.cfg
     fingerprint, config, defaults = ckpt.config_fingerprint(cfg.to_dict()), cfg.to_dict(), type(cfg)().to_dict()
     correct, correct_own = np.full((done, done), np.nan), np.full((done, done), np.nan)

@@ -20,6 +20,7 @@ Thin: parse, call the API, print.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -533,28 +534,45 @@ class _RunProgressHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             print(self.format(record), file=sys.stdout, flush=True)
-        except Exception:  # a closed stdout: as logging's own handlers, never an error of the run
+        except (BrokenPipeError, ValueError):  # `... | head` closed the pipe, or stdout is closed: not the run's error
+            pass
+        except Exception:  # as logging's own handlers: reported by logging, never an error of the run
             self.handleError(record)
 
 
-def show_run_progress() -> None:
-    """Each task's accuracy (and a resume or a replaced run) printed without -v: a 10-task run said nothing
-    until its results at the default verbosity (a review's finding). Once per process, however often main
-    runs; not propagated, so -v's root handler does not print them a second time."""
+@contextlib.contextmanager
+def show_run_progress():
+    """While a command runs, each task's accuracy (and a resume or a replaced run) printed without -v: a
+    10-task run said nothing until its results at the default verbosity (a review's finding). Not
+    propagated meanwhile, so -v's root handler does not print them a second time; afterwards the logger is
+    as it was (main() called in a notebook or a test leaves the process's logging alone)."""
     run_log = logging.getLogger("segpcl_fast.run")
-    if not any(isinstance(h, _RunProgressHandler) for h in run_log.handlers):
-        run_log.addHandler(_RunProgressHandler())
+    if any(isinstance(h, _RunProgressHandler) for h in run_log.handlers):  # main inside main: already shown
+        yield
+        return
+    handler, saved = _RunProgressHandler(), (run_log.level, run_log.propagate)
+    run_log.addHandler(handler)
     run_log.setLevel(logging.INFO)
     run_log.propagate = False
+    try:
+        yield
+    finally:
+        run_log.removeHandler(handler)
+        run_log.setLevel(saved[0])
+        run_log.propagate = saved[1]
 
 
 def main(argv=None) -> int:
+    with show_run_progress():
+        return _main(argv)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    show_run_progress()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -437,26 +437,36 @@ def test_importing_the_package_cli_help_and_config_errors_load_no_torch():
 
 
 def test_run_progress_is_printed_once_without_and_with_verbose(capsys, monkeypatch):
-    """cli.show_run_progress: the segpcl_fast.run logger's lines go to stdout as plain lines at the default
-    verbosity, once however often main() set it up, and -v's root handler does not print them again."""
+    """cli.show_run_progress: while a command runs, the segpcl_fast.run logger's lines go to stdout as plain
+    lines at the default verbosity, once (also when nested), -v's root handler does not print them again,
+    a closed pipe is not an error, and afterwards the logger is as it was."""
+    import io
     import logging
     from segpcl_fast.cli import show_run_progress
     run_log = logging.getLogger("segpcl_fast.run")
-    monkeypatch.setattr(run_log, "handlers", [])
-    monkeypatch.setattr(run_log, "propagate", True)
-    monkeypatch.setattr(run_log, "level", logging.NOTSET)
+    before = (list(run_log.handlers), run_log.level, run_log.propagate)
     root = logging.getLogger()
     verbose = logging.StreamHandler()  # -v's basicConfig handler, on stderr
     verbose.setFormatter(logging.Formatter("INFO %(name)s: %(message)s"))
     monkeypatch.setattr(root, "handlers", [verbose])
-    monkeypatch.setattr(root, "level", logging.WARNING)
-    show_run_progress()
-    show_run_progress()
-    run_log.info("task 1/2: acc on seen classes 50.00%")
-    logging.getLogger("segpcl_fast.engine").info("not shown without -v")
-    out, err = capsys.readouterr()
-    assert out == "task 1/2: acc on seen classes 50.00%\n" and err == ""
-    root.setLevel(logging.INFO)
-    run_log.info("task 2/2: acc on seen classes 40.00%")
-    out, err = capsys.readouterr()
-    assert out == "task 2/2: acc on seen classes 40.00%\n" and "acc on seen" not in err
+    old_root_level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        with show_run_progress(), show_run_progress():
+            run_log.info("task 1/2: acc on seen classes 50.00%")
+            logging.getLogger("segpcl_fast.engine").info("not shown without -v")
+            out, err = capsys.readouterr()
+            assert out == "task 1/2: acc on seen classes 50.00%\n" and err == ""
+            root.setLevel(logging.INFO)
+            run_log.info("task 2/2: acc on seen classes 40.00%")
+            out, err = capsys.readouterr()
+            assert out == "task 2/2: acc on seen classes 40.00%\n" and "acc on seen" not in err
+            closed = io.StringIO()
+            closed.close()
+            monkeypatch.setattr("sys.stdout", closed)  # `segpcl-fast train | head` after head exits
+            run_log.info("task 3/3: acc on seen classes 30.00%")  # no "--- Logging error ---" on stderr
+            monkeypatch.undo()
+            assert capsys.readouterr().err == ""
+    finally:
+        root.setLevel(old_root_level)
+    assert (list(run_log.handlers), run_log.level, run_log.propagate) == before

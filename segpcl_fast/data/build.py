@@ -81,9 +81,15 @@ class ClassCountError(DatasetFormatError):
         return (f"{self.dataset} at data.root={self.root!r} has {self.found} classes, but data.expected_classes is "
                 f"{self.expected}")
 
+    def __reduce__(self):  # rebuilt from its fields, not its message (a process pool pickles errors)
+        return type(self), (self.dataset, self.root, self.found, self.expected)
+
     def for_trained_run(self, how: str) -> DatasetFormatError:
-        return DatasetFormatError(f"{self._what()}, as in the run's config: point data.root at the copy of the "
-                                  f"{self.expected} classes the run trained on ({how})")
+        error = DatasetFormatError(f"{self._what()}, as in the run's config: point data.root at the copy of the "
+                                   f"{self.expected} classes the run trained on ({how})")
+        if hasattr(self, "echo"):  # torchrun: a rank's copy of rank 0's error stays quiet (cli._report_error)
+            error.echo = self.echo
+        return error
 
 
 def _check_class_count(data_cfg, train: ClassDataset) -> None:

@@ -74,7 +74,9 @@ SINGLE_BLOCK_COLS = 4096  # widest row held as one register tile; wider rows tak
 CHUNK_COLS = 1024         # columns per chunk in the chunked kernel
 
 
-REDUCTIONS = ("mean", "sum", "none")
+# over the anchors (rows): "mean" is the method's batch mean, torch.nn.KLDivLoss's "batchmean" (also taken
+# by that name), not its "mean" over every element; "none" gives one value per anchor, (A,)
+REDUCTIONS = ("mean", "sum", "none", "batchmean")
 
 
 def anchor_kl_reference(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
@@ -92,7 +94,7 @@ def anchor_kl_reference(student_logits: torch.Tensor, teacher: torch.Tensor, tau
     kl_rows = torch.where(p_teacher == 0, 0.0, p_teacher * (log_p_teacher - log_p_student)).sum(-1)
     if reduction == "none":
         return tau ** 2 * kl_rows
-    return tau ** 2 * (kl_rows.sum() if reduction == "sum" else kl_rows.mean())
+    return tau ** 2 * (kl_rows.sum() if reduction == "sum" else kl_rows.mean())  # mean / batchmean
 
 
 def check_anchor_kl_inputs(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
@@ -493,7 +495,7 @@ def anchor_kl_fused(student_logits: torch.Tensor, teacher: torch.Tensor, tau: fl
     the mean's division and the tau^2 product, and their two backward products, are not launched (on a
     GPU each is a kernel launch, and at the paper's sizes the launches, not the bytes, take the time)."""
     kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau), bool(teacher_is_logprob),
-                                                 float(tau) ** 2, reduction == "mean")
+                                                 float(tau) ** 2, reduction in ("mean", "batchmean"))
     if reduction == "none":
         return kl_rows
     # 0 anchors: the mean of nothing, NaN. `!= 0`, not the bare shape: torch 2.6's dynamo guarded on the

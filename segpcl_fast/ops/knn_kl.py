@@ -34,6 +34,8 @@ def knn_subgraphs(ref_emb: torch.Tensor, roots: torch.Tensor, k: int, tau: float
         raise ValueError(f"knn_subgraphs: ref_emb must be a floating (classes, d) matrix, got {ref_emb.dtype} "
                          f"{tuple(ref_emb.shape)}")
     roots = torch.as_tensor(roots, device=ref_emb.device)
+    if roots.numel() == 0 and roots.dim() == 1:  # [] reads as float32: no root, whatever its dtype
+        roots = roots.long()
     if roots.dim() != 1 or roots.dtype in (torch.bool, torch.uint8) or roots.is_floating_point() or roots.is_complex():
         raise TypeError(f"knn_subgraphs: roots must be a 1-D tensor (or list) of integer row indices of ref_emb, got "
                         f"{roots.dtype} of shape {tuple(roots.shape)}")

@@ -60,6 +60,10 @@ class AnchorKLLoss(nn.Module):
             raise ValueError(f"AnchorKLLoss: reduction must be one of {ANCHOR_KL_REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
 
+    def __setstate__(self, state: dict) -> None:  # a module pickled whole before reduction existed: the mean
+        state.setdefault("reduction", "mean")
+        super().__setstate__(state)
+
     def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return anchor_kl(student_logits, teacher, self.tau, self.teacher_is_logprob, self.reduction)
 

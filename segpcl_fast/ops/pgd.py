@@ -6,8 +6,10 @@ segpcl_fast.kernels.pgd_step for the formula, operation order and NaN behaviour.
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from ._kernels import choose_impl, load_kernel
@@ -23,18 +25,18 @@ def _host_values(name: str, v: PerChannel) -> Optional[list[float]]:
     """A bound given on the host as floats (one number, or one per channel), or None for a tensor."""
     if isinstance(v, torch.Tensor):
         return None
-    items = list(v) if isinstance(v, (list, tuple)) else [v]
-    if not items or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in items):
+    items = np.asarray(v) if isinstance(v, (Sequence, np.ndarray, numbers.Real)) and not isinstance(v, str) else None
+    if items is None or items.ndim > 1 or items.size == 0 or items.dtype.kind not in "iuf":
         raise TypeError(f"pgd_step: {name} must be a number, a sequence of one number per channel or a (C,) tensor, "
                         f"got {v!r}")
-    return [float(x) for x in items]
+    return [float(x) for x in items.reshape(-1)]
 
 
 def _as_channels(values: Optional[list[float]], v: PerChannel, channels: int, device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
     if values is None:
         return v.to(device=device, dtype=dtype)
-    if not isinstance(v, (list, tuple)):
+    if np.ndim(v) == 0:  # one number for every channel
         return torch.full((channels,), values[0], dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, device=device)
 

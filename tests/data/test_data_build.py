@@ -112,3 +112,16 @@ def test_an_unreadable_image_is_one_error_naming_the_file(tmp_path, damage):
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=lambda batch: batch)
     with pytest.raises(DatasetFormatError, match=r"bad\.jpg' cannot be read"):
         next(iter(loader))
+
+
+def test_the_class_count_error_survives_pickling():
+    """A process pool (ProcessPoolExecutor, joblib) pickles a worker's error: rebuilt from its message alone, the
+    partial-copy error's four-argument constructor failed, and the pool reported an unpickling error instead."""
+    import pickle
+    from segpcl_fast.data.build import ClassCountError
+    error = ClassCountError("cifar100", "/data/c100", 3, 100)
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is ClassCountError and str(again) == str(error)
+    assert (again.found, again.expected) == (3, 100)
+    error.echo = True  # torchrun: another rank's copy, kept quiet by the CLI
+    assert error.for_trained_run("evaluate").echo is True

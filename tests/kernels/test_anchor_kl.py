@@ -690,12 +690,20 @@ def test_reduction_edge_cases_and_errors(device, triton_backend):
     assert ops.anchor_kl(empty, empty, TAU, reduction="sum").item() == 0.0
     assert ops.anchor_kl(empty, empty, TAU, reduction="none").shape == (0,)
     student, teacher = _logits(3, 4, torch.float32, device, seed=41)
-    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\).*'batchmean'"):
-        ops.anchor_kl(student, teacher, TAU, reduction="batchmean")
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none', 'batchmean'\).*'avg'"):
+        ops.anchor_kl(student, teacher, TAU, reduction="avg")
+    # torch's and Liger's name for the batch mean; not their element-wise "mean" (a C-times smaller loss)
+    assert torch.equal(ops.anchor_kl(student, teacher, TAU, reduction="batchmean"), ops.anchor_kl(student, teacher, TAU))
+    torch_batchmean = F.kl_div(F.log_softmax(student / TAU, -1), F.log_softmax(teacher / TAU, -1), log_target=True,
+                               reduction="batchmean") * TAU ** 2
+    torch.testing.assert_close(ops.anchor_kl(student, teacher, TAU), torch_batchmean, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="AnchorKLLoss: reduction must be one of"):
         ops.AnchorKLLoss(reduction="avg")
     module = ops.AnchorKLLoss(tau=TAU, reduction="none")
     assert "reduction='none'" in repr(module)
+    old = ops.AnchorKLLoss.__new__(ops.AnchorKLLoss)  # one pickled whole before reduction existed
+    old.__setstate__({k: v for k, v in ops.AnchorKLLoss(tau=TAU).__dict__.items() if k != "reduction"})
+    assert torch.equal(old(student, teacher), ops.anchor_kl(student, teacher, TAU))
     torch.testing.assert_close(module(student, teacher), ops.anchor_kl(student, teacher, TAU, reduction="none"))
 
 

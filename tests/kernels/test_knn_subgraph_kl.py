@@ -334,6 +334,8 @@ def test_knn_subgraphs_checks_its_roots():
     as_tensor = ops.knn_subgraphs(emb, torch.tensor([0, 5]), 4, TAU)
     as_list = ops.knn_subgraphs(emb, [0, 5], 4, TAU)
     assert all(torch.equal(a, b) for a, b in zip(as_tensor, as_list)) and as_list[1].shape == (2, 4)
+    no_root = ops.knn_subgraphs(emb, [], 4, TAU)  # [] is float32 to torch: no root, not a dtype error
+    assert no_root[0].dtype == torch.int64 and no_root[0].numel() == 0 and no_root[1].shape == (0, 0)
     with pytest.raises(ValueError, match=r"roots must be rows 0\.\.11 of ref_emb, got rows 12\.\.12"):
         ops.knn_subgraphs(emb, torch.tensor([12]), 4, TAU)
     with pytest.raises(ValueError, match=r"got rows -1\.\.3"):

@@ -200,9 +200,14 @@ def test_bounds_as_sequences_of_one_number_per_channel(backend, device):
         as_lists = ops.pgd_step(x_adv, grad, x0, gamma.tolist(), tuple(eps.tolist()), lo.tolist(), hi.tolist())
         assert ops.last_choice()["pgd_step"] == backend
         assert torch.equal(as_lists, ops.pgd_step(x_adv, grad, x0, gamma, eps, lo, hi))
+        import numpy as np  # numpy arrays and scalars, as float() took a 0-d one before
+        as_numpy = ops.pgd_step(x_adv, grad, x0, gamma.cpu().numpy(), eps.cpu().numpy(), np.float64(0.0), np.array(1.0))
+        assert torch.equal(as_numpy, ops.pgd_step(x_adv, grad, x0, gamma, eps, 0.0, 1.0))
     for bad, message in [({"gamma": "0.1"}, "gamma must be a number, a sequence of one number per channel"),
                          ({"eps": [0.1, None, 0.1]}, "eps must be a number, a sequence"),
                          ({"lo": []}, "lo must be a number, a sequence"),
+                         ({"hi": [[1.0, 1.0, 1.0]]}, "hi must be a number, a sequence"),
+                         ({"gamma": [True, False, True]}, "gamma must be a number, a sequence"),
                          ({"eps": [0.1, -0.1, 0.1]}, "eps must be >= 0"),
                          ({"lo": [0.0, 2.0, 0.0], "hi": 1.0}, "lo must be <= hi"),
                          ({"lo": [0.0, 0.5, 0.0], "hi": [1.0, 0.4, 1.0]}, "lo must be <= hi")]:
