@@ -88,10 +88,8 @@ class TSGRGraph:
             raise ValueError(f"TSGRGraph.build: need tsgr.k >= 1 and tsgr.tau > 0, got k={k}, tau={tau}")
         n_seen = ref_text_all.shape[0]
         roots = torch.as_tensor(list(new_classes), dtype=torch.long, device=ref_text_all.device)
-        if roots.numel() and (int(roots.min()) < 0 or int(roots.max()) >= n_seen):
-            raise ValueError(f"TSGRGraph.build: new class rows {roots.tolist()} must lie in 0..{n_seen - 1} "
-                             f"(the rows of ref_text_all)")
-        # N(c): c's k nearest seen classes by reference cosine, c excluded, and log q_0, in fp32
+        # N(c): c's k nearest seen classes by reference cosine, c excluded, and log q_0, in fp32 (the roots'
+        # range is knn_subgraphs' check)
         roots, neighbors, ref_logprob = ops.knn_subgraphs(ref_text_all, roots, k, tau)
         if neighbors.numel() == 0:  # nothing to preserve (no root, or a single seen class)
             return cls(roots, neighbors, ref_logprob, float(tau), n_seen)

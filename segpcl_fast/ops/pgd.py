@@ -52,7 +52,8 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: P
     float64 inputs compute in float64 (the reference).
     """
     refuse_trained_constants("pgd_step", gamma=gamma, eps=eps, lo=lo, hi=hi)
-    host = {name: _host_values(name, v) for name, v in (("gamma", gamma), ("eps", eps), ("lo", lo), ("hi", hi))}
+    bounds = {"gamma": gamma, "eps": eps, "lo": lo, "hi": hi}
+    host = {name: _host_values(name, v) for name, v in bounds.items()}
     if host["eps"] is not None and not all(e >= 0 for e in host["eps"]):  # (NaN too)
         raise ValueError(f"pgd_step: eps must be >= 0, got {eps}")
     if host["lo"] is not None and host["hi"] is not None:
@@ -62,8 +63,7 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: P
             raise ValueError(f"pgd_step: lo must be <= hi, got lo {lo}, hi {hi}")
     channels = x_adv.shape[1] if x_adv.dim() == 4 else 0
     bounds_dtype = _k.compute_dtype(x_adv)
-    gamma, eps, lo, hi = (_as_channels(host[name], v, channels, x_adv.device, bounds_dtype)
-                          for name, v in (("gamma", gamma), ("eps", eps), ("lo", lo), ("hi", hi)))
+    gamma, eps, lo, hi = (_as_channels(host[name], v, channels, x_adv.device, bounds_dtype) for name, v in bounds.items())
     _k.check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi)
     if choose_impl("pgd_step", x_adv, grad, x0) == "triton":
         tracked = torch.is_grad_enabled() and (x_adv.requires_grad or x0.requires_grad)
