@@ -185,7 +185,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     if last is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")
     if all_tasks:  # before any data or weights load
-        _task_checkpoints(run_dir, int(last.stem.split("_")[1]) + 1)
+        _task_checkpoints(run_dir, ckpt.task_of_file(last) + 1)
     with process_state_kept():  # the caller's ops backend, threads and random streams are left as they were
         try:
             trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)

@@ -350,7 +350,7 @@ def _run_checkpoint(run_dir: Path, task: Optional[int]) -> Path:
         return last
     path = ckpt.checkpoint_path(run_dir, task - 1)
     if not path.is_file():
-        found = sorted(int(p.stem.split("_")[1]) + 1 for p in path.parent.glob("task_*.pt"))
+        found = sorted(t + 1 for p in path.parent.glob("task_*.pt") if (t := ckpt.task_of_file(p)) is not None)
         raise ClassifierError(f"{run_dir} has no checkpoint of task {task}; tasks with one: {found or 'none'}")
     return path
 

@@ -152,12 +152,18 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
     return state
 
 
+def task_of_file(path: PathLike) -> Optional[int]:
+    """NN (0-based) of a file named task_NN.pt, else None."""
+    m = _TASK_FILE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def check_task_file(path: PathLike, state: Mapping) -> None:
     """A file named task_NN.pt must hold task NN (0-based, as saved): a copy of another run's or another
     task's checkpoint under that name would otherwise be taken for it."""
-    m = _TASK_FILE.match(Path(path).name)
-    if m and isinstance(state.get("task"), int) and state["task"] != int(m.group(1)):
-        raise CheckpointError(f"{path} holds task {state['task'] + 1} (1-based), not task {int(m.group(1)) + 1} as "
+    named = task_of_file(path)
+    if named is not None and isinstance(state.get("task"), int) and state["task"] != named:
+        raise CheckpointError(f"{path} holds task {state['task'] + 1} (1-based), not task {named + 1} as "
                               f"its name says: a checkpoint copied or renamed by hand; put the run's own file back")
 
 
@@ -398,5 +404,5 @@ def find_last_checkpoint(output_dir: PathLike) -> Optional[Path]:
         return target
     if not folder.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _TASK_FILE.match(p.name))]
+    found = [(t, p) for p in folder.iterdir() if (t := task_of_file(p)) is not None]
     return max(found)[1] if found else None
