@@ -12,7 +12,7 @@ from .dispatch import refuse_trained_constants
 
 _k = load_kernel("anchor_kl")
 anchor_kl_reference = _k.anchor_kl_reference
-ANCHOR_KL_REDUCTIONS = _k.REDUCTIONS  # "mean" (the method's), "sum", "none"
+ANCHOR_KL_REDUCTIONS = _k.REDUCTIONS  # "mean" (the method's; also named "batchmean", as torch does), "sum", "none"
 
 
 def anchor_kl(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
