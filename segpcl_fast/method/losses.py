@@ -87,10 +87,9 @@ class TSGRGraph:
         if k < 1 or not tau > 0:
             raise ValueError(f"TSGRGraph.build: need tsgr.k >= 1 and tsgr.tau > 0, got k={k}, tau={tau}")
         n_seen = ref_text_all.shape[0]
-        roots = torch.as_tensor(list(new_classes), dtype=torch.long, device=ref_text_all.device)
         # N(c): c's k nearest seen classes by reference cosine, c excluded, and log q_0, in fp32 (the roots'
-        # range is knn_subgraphs' check)
-        roots, neighbors, ref_logprob = ops.knn_subgraphs(ref_text_all, roots, k, tau)
+        # type and range are knn_subgraphs' checks: a fractional root is refused, not truncated)
+        roots, neighbors, ref_logprob = ops.knn_subgraphs(ref_text_all, list(new_classes), k, tau)
         if neighbors.numel() == 0:  # nothing to preserve (no root, or a single seen class)
             return cls(roots, neighbors, ref_logprob, float(tau), n_seen)
         return cls(roots, neighbors, ref_logprob, float(tau), n_seen, ops.knn_backward_plan(roots, neighbors, n_seen))

@@ -68,6 +68,10 @@ def test_tsgr_k_shrinks_and_single_class_graph_is_empty():
     assert float(loss) == 0.0
     with pytest.raises(ValueError, match="0..1"):
         losses.TSGRGraph.build(ref[:2], [2], k=3, tau=0.05)
+    with pytest.raises(TypeError, match="integer row indices"):  # refused, not truncated to row 1
+        losses.TSGRGraph.build(ref, [1.5], k=3, tau=0.05)
+    from_range = losses.TSGRGraph.build(ref, range(1, 3), k=10, tau=0.05)
+    assert torch.equal(from_range.neighbors, graph.neighbors) and from_range.roots.dtype == torch.int64
 
 
 def test_tsgr_loss_zero_at_reference_and_equals_formula_otherwise():
