@@ -196,19 +196,32 @@ class FusedTiles:
 MAX_WEIGHT_ELEMS = 1 << 31
 
 
-def fused_supported(device: torch.device, dtype: torch.dtype, rank: int = 1, weight_elems: int = 0) -> bool:
-    """Where the fused kernels take x: bf16 / fp16 on CUDA (tensor-core tl.dot), or fp32 / bf16 / fp16
-    on the CPU under the interpreter (tests); LoRA rank r up to MAX_RANK; W (out x in) under
-    MAX_WEIGHT_ELEMS elements."""
-    if rank > MAX_RANK or weight_elems >= MAX_WEIGHT_ELEMS:
+# on a GPU the GEMMs' widths (in, out: their K and their row strides) must be multiples of this. Triton
+# assumes an integer argument divisible by 16 only when it is one; otherwise the masked loads are 2 bytes
+# wide, too narrow for the async copies that prefetch the next K step, and the sm_90 kernels lose their
+# pipelining (a 1000 -> 1000 bf16 layer compiled to 32 KiB of shared memory instead of 96, 255 registers and
+# spills; 1008 -> 1040 to neither: a 2026-12-06 review's PTX). Such layers run the merged arrangement.
+GPU_WIDTH_MULTIPLE = 16
+
+
+def fused_supported(device: torch.device, dtype: torch.dtype, rank: int = 1,
+                    weight_shape: tuple[int, int] = (0, 0)) -> bool:
+    """Where the fused kernels take x: bf16 / fp16 on CUDA (tensor-core tl.dot) with in and out
+    multiples of GPU_WIDTH_MULTIPLE, or fp32 / bf16 / fp16 of any width on the CPU under the
+    interpreter (tests: the ragged widths exercise the masks); LoRA rank r up to MAX_RANK; W
+    (weight_shape = (out, in)) under MAX_WEIGHT_ELEMS elements."""
+    n_out, n_in = weight_shape
+    if rank > MAX_RANK or n_out * n_in >= MAX_WEIGHT_ELEMS:
         return False
     if interpret_mode() and device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16, torch.float16)
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    aligned = n_out % GPU_WIDTH_MULTIPLE == 0 and n_in % GPU_WIDTH_MULTIPLE == 0
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and aligned
 
 
 def _check_weight_size(weight: torch.Tensor) -> None:
-    if weight.numel() >= MAX_WEIGHT_ELEMS:
+    """W's farthest element, k * stride(0) + n with unit column stride, must be an int32 offset."""
+    if weight.numel() >= MAX_WEIGHT_ELEMS or weight.shape[0] * weight.stride(0) >= MAX_WEIGHT_ELEMS:
         raise ValueError(f"lora_fused: W {tuple(weight.shape)} has 2^31 elements or more, past the kernels' int32 "
                          "offsets; the merged arrangement (ops backend 'auto') takes it")
 
@@ -238,7 +251,7 @@ def _check_operands(op: str, named: dict, shapes: dict) -> None:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., d) as a (rows, d) matrix with unit stride along d (a view where possible)."""
-    t = t.reshape(-1, t.shape[-1])
+    t = t.reshape(t.shape[:-1].numel(), t.shape[-1])  # not (-1, d): d = 0 leaves -1 ambiguous
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -285,6 +298,7 @@ def lora_fused_backward(grad_y, u, merged, lora_B, scaling, tiles: Optional[Fuse
     if tuple(lora_B.shape) != (grad_y.shape[-1], u.shape[-1]):
         raise ValueError(f"lora_fused_bwd: lora_B must have shape {(grad_y.shape[-1], u.shape[-1])}, got "
                          f"{tuple(lora_B.shape)}")
+    merged = merged if merged.stride(1) == 1 else merged.contiguous()  # the kernel reads W' rows with unit stride
     _check_weight_size(merged)
     tiles = tiles or FusedTiles.default()
     g2, u2 = _rows(grad_y), _rows(u)
@@ -297,7 +311,7 @@ def lora_fused_backward(grad_y, u, merged, lora_B, scaling, tiles: Optional[Fuse
     final = splits == 1
     part = torch.empty((K, R) if final else (splits, K, R), dtype=store_dtype(lora_B.dtype) if final else torch.float32,
                        device=grad_y.device)
-    if M > 0:
+    if M > 0 and K > 0:  # K = 0 (no output column) would leave no side program: _is_side divides by 0
         n_prog = cdiv(M, tiles.block_m) * cdiv(N, tiles.block_n) + cdiv(K, tiles.block_o) * splits
         with launch_device(g2):
             _lora_bwd_kernel[(n_prog,)](
@@ -306,7 +320,8 @@ def lora_fused_backward(grad_y, u, merged, lora_B, scaling, tiles: Optional[Fuse
                 BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_O=tiles.block_o,
                 BLOCK_R=max(16, next_pow2(R)), GROUP_M=tiles.group_m, DOT_FP32=interpret_mode(), FINAL=final,
                 EVEN_K=K % tiles.block_k == 0, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    else:
+    else:  # nothing to reduce over: grad_x = g W' and g^T u are zeros
+        grad_x.zero_()
         part.zero_()
     if final:
         grad_B = part.to(lora_B.dtype)

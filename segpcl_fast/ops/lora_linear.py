@@ -269,8 +269,8 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
     into the GEMMs; the C++ op is opaque to it), where the C++ op cannot run, and where B needs no
     gradient (then merged is one GEMM and computes no u; the C++ op always does).
     "triton" takes the fused Triton GEMMs (kernels/lora_fused.py: u and g^T u folded into the two
-    GEMMs' launches) where they run (bf16 / fp16 on CUDA, after autocast; the CPU under
-    TRITON_INTERPRET=1; r <= 128) and B needs a gradient, eager or compiled; elsewhere what "auto"
+    GEMMs' launches) where they run (bf16 / fp16 on CUDA, after autocast, in and out multiples of 16;
+    the CPU under TRITON_INTERPRET=1; r <= 128) and B needs a gradient, eager or compiled; elsewhere what "auto"
     takes.
     Opt-in until a GPU has timed it against the others.
     """
@@ -315,12 +315,12 @@ def _say_no_cuda_kernel() -> None:
 
 def _fused_runs(x: torch.Tensor, lora_B: Optional[torch.Tensor]) -> bool:
     """Whether the fused Triton LoRA kernels take x (its dtype after autocast, which leaves float64
-    as it is) and this rank."""
+    as it is), this rank and these widths (fused_supported)."""
     two_d = lora_B is not None and lora_B.dim() == 2
     rank = lora_B.shape[-1] if two_d else 1
-    weight_elems = lora_B.shape[0] * x.shape[-1] if two_d and x.dim() else 0  # W is (out, in)
+    weight_shape = (lora_B.shape[0], x.shape[-1]) if two_d and x.dim() else (0, 0)  # W is (out, in)
     dtype = _autocast_dtype(x.device.type) if x.dtype in _AUTOCAST_FROM else None
-    return _utils.HAS_TRITON and _fused.fused_supported(x.device, dtype or x.dtype, rank, weight_elems)
+    return _utils.HAS_TRITON and _fused.fused_supported(x.device, dtype or x.dtype, rank, weight_shape)
 
 
 # the C++ op's GEMM arrangements (csrc/lora_b_linear_aten.cpp reads these variables per call, default first)

@@ -46,8 +46,12 @@ def test_matches_reference(lead, n_in, n_out, rank, dtype, bias, device, triton_
     if device == "cuda" and dtype == torch.float32:
         pytest.skip("on CUDA the fused kernels take bf16 / fp16 (fp32 runs the merged arrangement)")
     args = _layer(lead, n_in, n_out, rank, dtype, device, bias)
-    got = _fwd_bwd(lora_linear.lora_b_linear, *args)
-    assert ops.last_choice()["lora_b_linear"] == "triton"
+    # the kernels on every width (the ragged ones exercise the masks); dispatch takes them on a GPU only for
+    # widths that are multiples of 16 (fused_supported)
+    got = _fwd_bwd(fused.lora_b_linear_fused, *args)
+    lora_linear.lora_b_linear(*args, 0.5)
+    aligned = n_in % 16 == 0 and n_out % 16 == 0
+    assert ops.last_choice()["lora_b_linear"] == ("triton" if device == "cpu" or aligned else "merged")
     want = _fwd_bwd(lora_linear.lora_b_linear_reference, *args)
     truth = _fwd_bwd(lora_linear.lora_b_linear_reference, *[None if t is None else t.detach().double()
                                                             .requires_grad_(t.requires_grad) for t in args])
@@ -99,33 +103,33 @@ def test_saves_u_not_x_and_partial_gradients(device, triton_backend):
 
 
 def test_dispatch_takes_it_only_where_it_runs_and_b_trains(device, triton_backend):
-    x, w, b, a, lb = _layer((8,), 16, 24, 4, _dt(device), device)
+    x, w, b, a, lb = _layer((8,), 16, 32, 4, _dt(device), device)
     with torch.no_grad():  # no gradient for B: the merged arrangement's one GEMM
         lora_linear.lora_b_linear(x, w, b, a, lb, 0.5)
     assert ops.last_choice()["lora_b_linear"] == "merged"
-    lora_linear.lora_b_linear(*_layer((8,), 16, 24, 4, torch.float64, device), 0.5)  # float64: not the fused path
+    lora_linear.lora_b_linear(*_layer((8,), 16, 32, 4, torch.float64, device), 0.5)  # float64: not the fused path
     assert ops.last_choice()["lora_b_linear"] != "triton"
-    x, w, b, a, lb = _layer((8,), 16, 24, 4, torch.float32, device)
+    x, w, b, a, lb = _layer((8,), 16, 32, 4, torch.float32, device)
     with torch.autocast(device, dtype=torch.bfloat16):  # fp32 x, cast like F.linear: the fused path in bf16
         y = lora_linear.lora_b_linear(x, w, b, a, lb, 0.5)
     assert ops.last_choice()["lora_b_linear"] == "triton" and y.dtype == torch.bfloat16
-    x, w, b, a, lb = _layer((8,), 16, 24, 4, torch.float64, device)
+    x, w, b, a, lb = _layer((8,), 16, 32, 4, torch.float64, device)
     with torch.autocast(device, dtype=torch.bfloat16):  # autocast leaves float64 alone: not the fused path
         y = lora_linear.lora_b_linear(x, w, b, a, lb, 0.5)
     assert ops.last_choice()["lora_b_linear"] != "triton" and y.dtype == torch.float64
-    x, w, b, a, lb = _layer((8,), 16, 24, 4, _dt(device), device)
+    x, w, b, a, lb = _layer((8,), 16, 32, 4, _dt(device), device)
     with pytest.raises(RuntimeError, match="lora_A require"):  # a direct call: refused, not a silent None
         torch.ops.segpcl.lora_fused_fwd(x, w, b, a.requires_grad_(), lb, 0.5)
 
 
 def test_opcheck_empty_batch_and_compile(device, triton_backend, graph_breaks):
-    x, w, b, a, lb = _layer((6,), 16, 24, 4, _dt(device), device)
+    x, w, b, a, lb = _layer((6,), 16, 32, 4, _dt(device), device)
     torch.library.opcheck(torch.ops.segpcl.lora_fused_fwd.default, (x, w, b, a, lb, 0.5))
     torch.library.opcheck(torch.ops.segpcl.lora_fused_fwd.default, (x.detach(), w, None, a, lb.detach(), 0.5))
     y, u, merged = torch.ops.segpcl.lora_fused_fwd(x.detach(), w, b, a, lb.detach(), 0.5)
     torch.library.opcheck(torch.ops.segpcl.lora_fused_bwd.default, (torch.randn_like(y), u, merged, lb.detach(), 0.5))
     empty = _fwd_bwd(lora_linear.lora_b_linear, x[:0].detach().requires_grad_(), w, b, a, lb)
-    assert empty[0].shape == (0, 24) and empty[1].shape == (0, 16) and (empty[2] == 0).all()
+    assert empty[0].shape == (0, 32) and empty[1].shape == (0, 16) and (empty[2] == 0).all()
     compiled = torch.compile(lora_linear.lora_b_linear, fullgraph=True, backend="aot_eager")
     got = _fwd_bwd(compiled, x, w, b, a, lb)
     assert graph_breaks() == 0
@@ -136,8 +140,8 @@ def test_opcheck_empty_batch_and_compile(device, triton_backend, graph_breaks):
 def test_output_takes_in_place_changes_and_a_strided_bias(device, triton_backend):
     """The op returns its own tensors, not views of them (autograd refuses in-place changes of a
     custom op's view output); a bias with stride 2 is read as such."""
-    x, w, b, a, lb = _layer((5, 7), 24, 40, 4, _dt(device), device)
-    strided = torch.zeros(80, device=device, dtype=b.dtype)[::2]
+    x, w, b, a, lb = _layer((5, 7), 32, 48, 4, _dt(device), device)
+    strided = torch.zeros(96, device=device, dtype=b.dtype)[::2]
     strided.copy_(b)
     y = lora_linear.lora_b_linear(x, w, strided, a, lb, 0.5)
     assert ops.last_choice()["lora_b_linear"] == "triton"
@@ -151,7 +155,7 @@ def test_row_slices_of_a_packed_weight(device, triton_backend):
     """The class-token last block (model/vit_tail.py) projects q and k, v with row slices of the packed
     in_proj: W[d:3d], its bias and B_full rows are views with a storage offset. Values and gradients
     equal the reference on the same slices."""
-    d = 24
+    d = 16
     x, w, b, a, lb = _layer((5, 7), d, 3 * d, 4, _dt(device), device)
     for rows in (slice(0, d), slice(d, 3 * d)):
         args = (x, w[rows], b[rows], a, lb[rows])  # lb[rows]: a view of the trained B_full, as packed_lora_B()[rows]
@@ -161,6 +165,45 @@ def test_row_slices_of_a_packed_weight(device, triton_backend):
         want = _fwd_bwd(lora_linear.lora_b_linear_reference, *args)
         for ours, ref in zip(got, want):
             torch.testing.assert_close(ours, ref, **_tol(device))
+
+
+def test_gpu_dispatch_wants_widths_in_multiples_of_16():
+    """On a GPU, a width (in or out) that is not a multiple of 16 compiles the GEMMs without their K-step
+    prefetch (GPU_WIDTH_MULTIPLE): dispatch leaves such layers to the merged arrangement. Under the
+    interpreter any width runs (the tests' ragged widths exercise the masks)."""
+    cuda = torch.device("cuda")
+    assert fused.fused_supported(cuda, torch.bfloat16, 16, (768, 768))
+    assert fused.fused_supported(cuda, torch.float16, 16, (3072, 768))
+    for shape in ((1000, 1000), (768, 760), (40, 48), (1, 16)):
+        assert not fused.fused_supported(cuda, torch.bfloat16, 16, shape), shape
+    assert not fused.fused_supported(cuda, torch.float32, 16, (768, 768))  # fp32: no tensor-core tl.dot
+    if fused.fused_supported(torch.device("cpu"), torch.float32):
+        assert fused.fused_supported(torch.device("cpu"), torch.float32, 16, (33, 17))
+
+
+def test_backward_reads_a_column_major_merged_weight(device):
+    """A direct lora_fused_bwd call with a transposed-layout W' (strides (1, out)) gives the products of its
+    values, as with the row-major W' the forward returns (the kernel reads W' rows with unit stride)."""
+    x, w, b, a, lb = _layer((40,), 32, 48, 4, _dt(device), device, seed=6)
+    y, u, merged = fused.lora_fused_forward(x.detach(), w, b, a, lb.detach(), 0.5)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    column_major = merged.t().contiguous().t()
+    assert column_major.stride() == (1, merged.shape[0]) and torch.equal(column_major, merged)
+    want = fused.lora_fused_backward(g, u, merged, lb.detach(), 0.5)
+    got = fused.lora_fused_backward(g, u, column_major, lb.detach(), 0.5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_layer_with_no_output_column(device):
+    """out = 0: y and grad_B are empty and grad_x = g W' is zeros. The backward launches nothing (its
+    grid would hold no g^T u side program, and _is_side's period divides by that count: on a GPU a
+    division by zero, under the interpreter numpy's 0)."""
+    x, w, b, a, lb = _layer((9,), 32, 0, 4, _dt(device), device)
+    y, u, merged = fused.lora_fused_forward(x.detach(), w, b, a, lb.detach(), 0.5)
+    assert y.shape == (9, 0) and u.shape == (9, 4) and merged.shape == (0, 32)
+    torch.testing.assert_close(u.float(), x.detach().float() @ a.float().T, **_tol(device))
+    grad_x, grad_B = fused.lora_fused_backward(torch.zeros_like(y), u, merged, lb.detach(), 0.5)
+    assert grad_x.shape == (9, 32) and bool((grad_x == 0).all()) and grad_B.shape == (0, 4)
 
 
 def test_ranks_past_the_tile_take_another_path(device, triton_backend):

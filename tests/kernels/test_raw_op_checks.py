@@ -81,8 +81,10 @@ def test_lora_fused_leaves_a_weight_past_int32_offsets_to_the_merged_arrangement
     with pytest.raises(ValueError, match="2\\^31 elements"):
         fused._check_weight_size(torch.empty(65536, 32768, device="meta"))
     fused._check_weight_size(torch.empty(65536, 32767, device="meta"))
-    assert not fused.fused_supported(torch.device("cuda"), torch.bfloat16, 4, weight_elems=1 << 31)
-    assert fused.fused_supported(torch.device("cuda"), torch.bfloat16, 4, weight_elems=(1 << 31) - 1)
+    with pytest.raises(ValueError, match="2\\^31 elements"):  # few elements, but row 65535 starts at 65535 * 32768
+        fused._check_weight_size(torch.empty(65536, 32768, device="meta")[:, :16])
+    assert not fused.fused_supported(torch.device("cuda"), torch.bfloat16, 4, (65536, 32768))
+    assert fused.fused_supported(torch.device("cuda"), torch.bfloat16, 4, (65536 - 16, 32768))
     if not fused.fused_supported(torch.device("cpu"), torch.float32):
         pytest.skip("the fused kernels run on the CPU under TRITON_INTERPRET=1 only")
     x = torch.randn(2, 32768)
