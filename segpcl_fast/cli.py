@@ -571,12 +571,16 @@ def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    where = "" if _rank0() else f" [rank {os.environ['RANK']}]"
+    # under torchrun every rank reads the same config and environment, so their warnings (a variant's
+    # setting changed, an SEGPCL_* switch not used) are rank 0's, printed once; rank r > 0 logs its own
+    # with -v only, each line tagged [rank r]. Errors are the error report's (_report_error), not the log's.
+    quiet = logging.ERROR if where else logging.WARNING
+    logging.basicConfig(level=logging.INFO if args.verbose else quiet,
+                        format=f"%(levelname)s{where} %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    where = "" if _rank0() else f" [rank {os.environ['RANK']}]"
     previous = _raise_on_sigterm()
     try:
         rc = args.func(args)

@@ -836,6 +836,9 @@ def check_resume_dir(cfg: Config) -> None:
     """--resume of an output dir that does not exist is an error (a typo would start it all again): train and
     the analyses that keep runs (ablate, sweep, retention, distill-sources) ask it before any run."""
     out = Path(cfg.run.output_dir)
+    if cfg.run.resume and out.exists() and not out.is_dir():
+        raise ConfigError(f"run.resume is set but {out} is a file, not a run's folder: give -o (run.output_dir) "
+                          "the folder the run wrote (the one holding config.yaml and checkpoints/)")
     if cfg.run.resume and not out.is_dir():
         raise ConfigError(f"run.resume is set but {out} does not exist: check run.output_dir (-o), or drop "
                           f"--resume to start a new run there")

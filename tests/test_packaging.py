@@ -88,6 +88,16 @@ def test_wheel_metadata(wheel):
     assert "segpcl-fast = segpcl_fast.cli:main" in zf.read(ep_name).decode()
 
 
+def test_python_dash_m_runs_the_cli(wheel):
+    """`python -m segpcl_fast` is the CLI (as `segpcl-fast` and `python -m segpcl_fast.cli`, which torchrun's
+    -m also takes), and the wheel carries its __main__.py."""
+    zf, _ = wheel
+    assert "segpcl_fast/__main__.py" in set(zf.namelist())
+    from segpcl_fast import __version__
+    proc = subprocess.run([sys.executable, "-m", "segpcl_fast", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["segpcl-fast", __version__], proc.stdout + proc.stderr
+
+
 def test_checkout_root_shadows_no_installed_package():
     """`python -m pytest` and scripts run from the checkout put its root first on sys.path: a package
     there hides an installed one of the same name (a root kernels/ hid PyPI's `kernels`, which

@@ -34,6 +34,7 @@ RANK / WORLD_SIZE / LOCAL_RANK):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -223,6 +224,22 @@ def raise_together(error: Optional[Exception], ctx: DistContext) -> None:
 # the errors the CLI prints as one line of their own message (cli.main); any other is said with its type
 _USER_ERRORS = {"ConfigError", "DatasetFormatError", "ModelLoadError", "CheckpointError", "ClassifierError",
                 "FloatingPointError"}
+
+
+@contextlib.contextmanager
+def failing_together(ctx: DistContext):
+    """`with failing_together(ctx): ...` around a step every rank takes on its own and alike (loading and
+    checking a checkpoint): what it raises goes through raise_together, so every rank stops there and the
+    error is printed once. Every rank must enter it (it ends in a collective); one process: as raised."""
+    if not ctx.enabled:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (whatever one rank meets must stop every rank)
+        error = e
+    raise_together(error, ctx)
 
 
 def _as_said(error: Exception) -> str:

@@ -328,9 +328,14 @@ class Trainer:
             from ..data.retention import list_reference_images
             list_reference_images(self.cfg.acgd.source_folder)
         self.ddp_settings = ddp_settings or ddp.DDPSettings.from_env()
+        # the global batch must divide over the processes only where they train: evaluation (writes=False)
+        # batches by eval.batch_size over strided shards, and a finished run's --resume trains nothing, so both
+        # run on any number of processes (a paper run's batch 128 on 3 GPUs was refused)
+        trains = writes and not (self.cfg.run.resume and (Path(self.cfg.run.output_dir) / "results.json").is_file())
         if dist is None:  # errors every rank meets alike, before the ranks join (the CLI prints them once)
             resolve_device(self.cfg.run.device)
-            ddp.local_batch_size(self.cfg.optim.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
+            if trains:
+                ddp.local_batch_size(self.cfg.optim.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
         self.dist = dist or ddp.DistContext.from_env(self.ddp_settings, self.cfg.run.device)
         self.log_fn = log_fn or (lambda msg: run_log.info(msg))
         if not self.dist.is_main:
@@ -343,7 +348,8 @@ class Trainer:
         # the lowest L_cls last quarter / ln(n) of the tasks trained in this process (divergence_warning)
         self._learned_cls_fraction: Optional[float] = None
         self._said: set = set()  # the kinds of idle_setting_warnings logged so far (each once a run)
-        ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
+        if trains:
+            ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
         problem = None
         if writes and self.dist.is_main:  # the run folder, and its checkpoints/ where an earlier run made it
             checkpoints = self.out / ckpt.CHECKPOINT_DIR
@@ -377,14 +383,8 @@ class Trainer:
 
     def _build(self, compile_settings: Optional["compiling.CompileSettings"]) -> None:
         """Data, model, learner (and compiled model, gradient sync) of the run."""
-        error = None
-        try:
+        with ddp.failing_together(self.dist):  # before any collective: a rank that failed stops every rank
             self._build_rank(compile_settings)
-        except Exception as e:
-            if not self.dist.enabled:
-                raise
-            error = e
-        ddp.raise_together(error, self.dist)  # before any collective: a rank that failed stops every rank
         self.grad_sync = None
         if self.dist.enabled:
             self.grad_sync = ddp.LoRAGradSync(self.lora_params, self.dist, self.ddp_settings)
@@ -599,6 +599,7 @@ class Trainer:
         info["final_loss"] = next((p for p in reversed(losses) if p), {})
         info["loss_per_epoch"] = epoch_means(losses, epochs)
         info["timings"] = timings
+        info["world_size"] = self.dist.world_size  # the processes it trained on (a resume may use others)
         # chance level of L_cls: its softmax spans the seen classes (optim.cls_over=seen) or the new ones
         cls_classes = self.learner.n_old + n_new if c.optim.cls_over == "seen" else n_new
         cls_losses = [p.get("cls") for p in losses]
@@ -694,6 +695,19 @@ class Trainer:
                 paths[name] = value
         return paths
 
+    def _warn_other_world_size(self, task_info: list, start: int, T: int) -> None:
+        """A resume on another number of processes than its tasks trained on: allowed (a lost node), and said,
+        as it is not the run an uninterrupted one would be."""
+        before = sorted({info["world_size"] for info in task_info if info.get("world_size") is not None})
+        if not self.dist.is_main or not before or before == [self.dist.world_size] or start >= T:
+            return
+        log.warning("tasks 1..%d of this run trained on %s process(es), this resume trains tasks %d..%d on %d: each "
+                    "rank draws its own augmentation and anchors, so the rest of the run is the same training in "
+                    "distribution, not what an uninterrupted run gives (equal up to rounding only with "
+                    "data.train_augment=false and acgd.anchor_batch >= the anchor pool); results.json's "
+                    "run.world_size_per_task records each task's", start, "/".join(map(str, before)), start + 1, T,
+                    self.dist.world_size)
+
     def _finished_result(self, T: int) -> Result:
         """--resume of a run whose every task is done: nothing runs and nothing is rewritten; the
         Result is the run's results.json (which also holds the ops and timings of the real run)."""
@@ -752,23 +766,27 @@ class Trainer:
         fwt_before = [None] * T
         task_info = []
         start = 0
+        last = None
         if c.run.resume:
-            last = ckpt.find_last_checkpoint(self.out)
-            if last is not None:
-                state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), defaults=type(c)().to_dict())
-                ckpt.check_same_data(last, state, self.scenario.class_names, self.split_digest,
-                                     self.model.image_stats.geometry())
-                ckpt.restore_lora(last, self.model, state)
-                ckpt.restore_learner(last, self.learner, state, c.model.pretrained)
-                correct = np.array(state["correct"], dtype=np.float64)
-                correct_own = np.array(state.get("correct_own", np.full((T, T), np.nan)), dtype=np.float64)
-                fwt_before = state["fwt_before"]
-                task_info = state["task_info"]
-                for info in task_info:
-                    self._note_learned(info)
-                start = state["task"] + 1
-                ops.restore_choices(state.get("ops", {}))  # results.json "ops": the whole run's, not this part's
-                self.log_fn(f"resumed from {last}: tasks 1..{start} done")
+            with ddp.failing_together(self.dist):  # each rank checks the checkpoint; a refusal is printed once
+                last = ckpt.find_last_checkpoint(self.out)
+                if last is not None:
+                    state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), defaults=type(c)().to_dict())
+                    ckpt.check_same_data(last, state, self.scenario.class_names, self.split_digest,
+                                         self.model.image_stats.geometry())
+                    ckpt.restore_lora(last, self.model, state)
+                    ckpt.restore_learner(last, self.learner, state, c.model.pretrained)
+        if last is not None:
+            correct = np.array(state["correct"], dtype=np.float64)
+            correct_own = np.array(state.get("correct_own", np.full((T, T), np.nan)), dtype=np.float64)
+            fwt_before = state["fwt_before"]
+            task_info = state["task_info"]
+            for info in task_info:
+                self._note_learned(info)
+            start = state["task"] + 1
+            ops.restore_choices(state.get("ops", {}))  # results.json "ops": the whole run's, not this part's
+            self.log_fn(f"resumed from {last}: tasks 1..{start} done")
+            self._warn_other_world_size(task_info, start, T)
         # a finished run is its results, whichever task its last checkpoint holds: with run.checkpoint=false
         # (also set on a --resume) the tasks trained since wrote none
         if c.run.resume and (self.out / "results.json").exists():
@@ -778,7 +796,9 @@ class Trainer:
                             "final weights are not on disk. To train tasks %d..%d again from %s, delete %s and "
                             "resume", self.out, start, T, start + 1, T,
                             ckpt.find_last_checkpoint(self.out) or "the start", self.out / "results.json")
-            return self._finished_result(T)
+            with ddp.failing_together(self.dist):  # a results.json of another config: one error, from rank 0
+                finished = self._finished_result(T)
+            return finished
         if c.run.resume and start == 0 and main:
             log.warning("run.resume is set but %s has no finished task; starting from task 1",
                         self.out / ckpt.CHECKPOINT_DIR)
@@ -842,6 +862,8 @@ class Trainer:
                         counts={"test_images": totals, "correct": _count_rows(correct),
                                 "correct_own": _count_rows(correct_own) if matrix_own is not None else []},
                         run={"world_size": self.dist.world_size, "device": str(self.device),
+                             # each task's (None: a task from a checkpoint older than this record)
+                             "world_size_per_task": [info.get("world_size") for info in task_info],
                              **({"tf32": cuda_matmul_tf32()} if self.device.type == "cuda" else {})})
         if main:
             from ..report import write_run_report

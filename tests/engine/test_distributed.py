@@ -229,3 +229,62 @@ def test_gloo_teardown_on_old_torch_lets_outstanding_work_finish_first(monkeypat
     assert not d._torch_before(2, 8)
     d.destroy()
     assert calls == ["destroy"]
+
+
+def _finished_run_worker(rank, world, port, model_dir, model_name, out, result_file):
+    """A finished 1-process run (global batch 3) under 2 ranks: evaluate, a --resume that has nothing to
+    train, and a --resume with another optim.lr (refused)."""
+    import open_clip
+
+    from segpcl_fast.api import evaluate
+    open_clip.add_model_config(model_dir)
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    try:
+        said = {"eval": evaluate(out)}
+        said["resumed_matrix"] = Trainer(_config(model_name, out, optim__batch_size=3, run__resume=True)).run().accuracy_matrix
+        try:
+            Trainer(_config(model_name, out, optim__batch_size=3, run__resume=True, optim__lr=0.5)).run()
+        except Exception as e:  # noqa: BLE001
+            said["refused"] = {"kind": type(e).__name__, "echo": bool(getattr(e, "echo", False)), "message": str(e)}
+        with open(f"{result_file}.{rank}", "w") as f:
+            json.dump(said, f)
+    finally:
+        ddp.destroy()
+
+
+def test_a_finished_run_evaluates_and_resumes_on_a_world_size_its_batch_does_not_divide(tiny_model_name, tmp_path):
+    """evaluate and a finished run's --resume train nothing, so the global batch (3 here) need not divide over
+    the processes (2): a paper run's batch 128 could not be re-evaluated on 3 GPUs. Both ranks give the
+    1-process evaluation; a resume the checkpoint refuses (another lr) is rank 0's error, echoed by rank 1
+    (the CLI prints it once)."""
+    import open_clip
+    from segpcl_fast.api import evaluate
+    out = tmp_path / "run"
+    model_dir = str(next(p for p in open_clip.factory._MODEL_CONFIG_PATHS if (p / "test-tiny.json").exists()))
+    trained = Trainer(_config(tiny_model_name, out, optim__batch_size=3)).run()
+    alone = evaluate(out)
+    mp.spawn(_finished_run_worker, args=(2, _free_port(), model_dir, tiny_model_name, str(out), str(tmp_path / "res")),
+             nprocs=2, join=True)
+    for rank in range(2):
+        said = json.loads((tmp_path / f"res.{rank}").read_text())
+        assert said["eval"]["acc"] == alone["acc"] and said["eval"]["acc_per_task_j"] == alone["acc_per_task_j"]
+        assert said["resumed_matrix"] == trained.accuracy_matrix
+        assert said["refused"]["kind"] in ("CheckpointError", "ConfigError") and "optim.lr" in said["refused"]["message"]
+        assert said["refused"]["echo"] == (rank == 1), said["refused"]
+
+
+def test_a_resume_on_another_world_size_says_so(caplog):
+    """Tasks trained on 1 process, resumed on 2: allowed (a lost node), and warned, once, by rank 0."""
+    from types import SimpleNamespace
+    one = [{"world_size": 1}, {"world_size": 1}]
+    for is_main, world, infos, start, warned in [(True, 2, one, 2, True), (False, 2, one, 2, False),
+                                                 (True, 1, one, 2, False), (True, 2, one, 4, False),
+                                                 (True, 2, [{}, {}], 2, False)]:
+        fake = SimpleNamespace(dist=SimpleNamespace(is_main=is_main, world_size=world))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
+            Trainer._warn_other_world_size(fake, infos, start, 4)
+        assert ("tasks 1..2 of this run trained on 1 process(es), this resume trains tasks 3..4 on 2" in caplog.text) \
+            == warned, (is_main, world, infos, start, caplog.text)

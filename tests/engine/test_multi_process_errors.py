@@ -95,6 +95,37 @@ def _fail_with(monkeypatch, error: BaseException) -> None:
     monkeypatch.setattr(cli, "cmd_env", failing)
 
 
+_WARN_IN_A_COMMAND = """
+import logging, sys
+import segpcl_fast.cli as cli
+def warning_env(args):
+    logging.getLogger("segpcl_fast.method").warning("run.method=segpcl sets acgd.enabled=False -> True")
+    logging.getLogger("segpcl_fast.ops").info("lora_b_linear: merged")
+    return 0
+cli.cmd_env = warning_env
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("rank,verbose,shown", [
+    ("0", False, "WARNING segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"),
+    ("1", False, ""),  # every rank reads the same config: rank 0's warning, printed once
+    ("0", True, "WARNING segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"
+                "INFO segpcl_fast.ops: lora_b_linear: merged\n"),
+    ("1", True, "WARNING [rank 1] segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"
+                "INFO [rank 1] segpcl_fast.ops: lora_b_linear: merged\n"),
+])
+def test_log_lines_are_rank0s_and_tagged_on_other_ranks_under_v(rank, verbose, shown):
+    """The CLI's logging under torchrun (a fresh process: logging.basicConfig is the CLI's to make): a
+    config warning every rank meets is printed by rank 0 alone; with -v each rank logs, rank r > 0 tagged."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["RANK"] = rank
+    proc = subprocess.run([sys.executable, "-c", _WARN_IN_A_COMMAND, *(["-v"] if verbose else []), "env"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == shown
+
+
 def test_config_error_before_joining_is_printed_by_rank0_alone(monkeypatch, capsys):
     """The same arguments give every rank the same error: N copies of it said nothing more."""
     from segpcl_fast.cli import main

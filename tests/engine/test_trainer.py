@@ -220,6 +220,9 @@ def test_resume_without_checkpoints_says_it_starts_from_task_1(tiny_model_name, 
     with pytest.raises(ConfigError, match="run.resume is set but .*typo does not exist: check run.output_dir"):
         train(small_config(tiny_model_name, tmp_path / "typo", num_tasks=1, resume=True))
     assert not (tmp_path / "typo").exists()
+    (tmp_path / "notes.txt").write_text("not a run")  # -o naming a file: said so, not "does not exist"
+    with pytest.raises(ConfigError, match="notes.txt is a file, not a run's folder"):
+        train(small_config(tiny_model_name, tmp_path / "notes.txt", num_tasks=1, resume=True))
     (tmp_path / "fresh").mkdir()
     with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
         result = train(small_config(tiny_model_name, tmp_path / "fresh", num_tasks=1, resume=True))
@@ -329,7 +332,7 @@ def test_results_hold_the_counts_behind_the_matrix_and_what_ran_the_run(tiny_mod
         assert saved["acc_per_task"][t] == pytest.approx(want)
         assert saved["matrix"][t][:t + 1] == pytest.approx(list(100 * correct[t, :t + 1] / counts["test_images"][:t + 1]))
     assert counts["correct"][0][1] is None and all(isinstance(v, int) for v in counts["correct"][1])
-    assert saved["run"] == {"world_size": 1, "device": "cpu"}
+    assert saved["run"] == {"world_size": 1, "device": "cpu", "world_size_per_task": [1, 1]}
     source = saved["versions"]["source"]
     if (Path(__file__).resolve().parents[2] / ".git").exists():  # a source checkout: its commit
         assert len(source["commit"]) == 40 and isinstance(source["dirty"], bool)
