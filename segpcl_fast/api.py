@@ -189,7 +189,8 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         _task_checkpoints(run_dir, ckpt.task_of_file(last) + 1)
     with process_state_kept():  # the caller's ops backend, threads and random streams are left as they were
         try:
-            trainer = Trainer(cfg, writes=False)  # evaluation reads the run (it may lie in a read-only folder)
+            # evaluation reads the run (it may lie in a read-only folder) and trains nothing
+            trainer = Trainer(cfg, writes=False, trains=False)
         except ClassCountError as e:  # its fix, data.expected_classes, is not one evaluate can make
             raise e.for_trained_run("segpcl-fast evaluate RUN --set data.root=PATH; evaluate(run_dir, data__root=PATH)") from None
         with failing_together(trainer.dist):  # under torchrun each rank checks it; a refusal is printed once
@@ -197,10 +198,11 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
                                          defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
             ckpt.check_same_data(last, state, trainer.scenario.class_names, trainer.split_digest,
                                  trainer.model.image_stats.geometry())
+            if not all_tasks:  # (--all-tasks restores each task's checkpoint in turn)
+                ckpt.restore_lora(last, trainer.model, state)
+                ckpt.restore_learner(last, trainer.learner, state, trainer.cfg.model.pretrained)
         if all_tasks:
             return _evaluate_every_task(run_dir, trainer, state)
-        ckpt.restore_lora(last, trainer.model, state)
-        ckpt.restore_learner(last, trainer.learner, state, trainer.cfg.model.pretrained)
         counts = trainer.evaluate_seen(state["task"])
     return {"task": state["task"] + 1,
             "acc_per_task_j": [percent(c, n) for c, _, n in counts],

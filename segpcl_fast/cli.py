@@ -572,12 +572,7 @@ def _main(argv) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     where = "" if _rank0() else f" [rank {os.environ['RANK']}]"
-    # under torchrun every rank reads the same config and environment, so their warnings (a variant's
-    # setting changed, an SEGPCL_* switch not used) are rank 0's, printed once; rank r > 0 logs its own
-    # with -v only, each line tagged [rank r]. Errors are the error report's (_report_error), not the log's.
-    quiet = logging.ERROR if where else logging.WARNING
-    logging.basicConfig(level=logging.INFO if args.verbose else quiet,
-                        format=f"%(levelname)s{where} %(name)s: %(message)s")
+    _configure_logging(args.verbose, where)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -626,6 +621,30 @@ def _main(argv) -> int:
         if previous is not False:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
             sys.unraisablehook = _unraisable_before.pop()
+
+
+class _CLILogHandler(logging.StreamHandler):
+    """The handler the CLI puts on the root logger (stderr), told apart from a caller's."""
+
+
+def _configure_logging(verbose: bool, where: str) -> None:
+    """logging.basicConfig's set-up, made again by each main() call (basicConfig's first call fixed the level
+    and format for the process: a later `-v`, or another RANK, in a notebook or test changed nothing), and
+    never where the caller has handlers of its own. Under torchrun the ranks of a node read the same config
+    and environment: their warnings (a variant's setting changed, an SEGPCL_* switch not used, a missing
+    CUDA kernel) are printed by the node's first process (LOCAL_RANK 0) alone, once on one machine; the
+    others log with -v only. Lines of rank r > 0 are tagged [rank r] (`where`)."""
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, _CLILogHandler)]
+    if len(ours) < len(root.handlers):  # the caller's logging (a notebook's, pytest's): left as it is
+        return
+    for handler in ours:
+        root.removeHandler(handler)
+    handler = _CLILogHandler()
+    handler.setFormatter(logging.Formatter(f"%(levelname)s{where} %(name)s: %(message)s"))
+    root.addHandler(handler)
+    node_first = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+    root.setLevel(logging.INFO if verbose else logging.WARNING if node_first else logging.ERROR)
 
 
 def _report_interrupt(args, e: KeyboardInterrupt) -> int:

@@ -837,8 +837,8 @@ def check_resume_dir(cfg: Config) -> None:
     the analyses that keep runs (ablate, sweep, retention, distill-sources) ask it before any run."""
     out = Path(cfg.run.output_dir)
     if cfg.run.resume and out.exists() and not out.is_dir():
-        raise ConfigError(f"run.resume is set but {out} is a file, not a run's folder: give -o (run.output_dir) "
-                          "the folder the run wrote (the one holding config.yaml and checkpoints/)")
+        raise ConfigError(f"run.resume is set but {out} is a file, not a folder: give -o (run.output_dir) the "
+                          "folder the run (or the analysis) wrote, not a file in it")
     if cfg.run.resume and not out.is_dir():
         raise ConfigError(f"run.resume is set but {out} does not exist: check run.output_dir (-o), or drop "
                           f"--resume to start a new run there")

@@ -310,17 +310,36 @@ def refuse_earlier_run(out: Path, earlier: list[Path]) -> None:
             f"pick another dir with -o, or replace it with --set run.overwrite=true")
 
 
+def resumes_a_finished_run(cfg: Config) -> bool:
+    """--resume of a run that trains nothing: it has results.json (Trainer._run then returns its results), or
+    its last checkpoint is its last task's (a deleted results.json is written anew from the checkpoints)."""
+    out = Path(cfg.run.output_dir)
+    if not cfg.run.resume:
+        return False
+    if (out / "results.json").exists():
+        return True
+    try:
+        last = ckpt.find_last_checkpoint(out)
+    except ckpt.CheckpointError:  # a dangling checkpoints/last: Trainer._run says so
+        return False
+    num_tasks = len(cfg.data.task_sizes) if cfg.data.task_sizes else cfg.data.num_tasks
+    return last is not None and ckpt.task_of_file(last) == num_tasks - 1
+
+
 class Trainer:
     """One process of a run; under torchrun (WORLD_SIZE > 1) one rank of a data-parallel run.
 
     dist: the process group context (default: from torchrun's environment, single process
     otherwise); ddp_settings: all-reduce buckets; compile_settings: torch.compile mode/backend
-    used when run.compile is true. See distributed.py and compiling.py.
+    used when run.compile is true. See distributed.py and compiling.py. writes=False: the output dir is
+    not checked for writing (evaluate, profile); trains=False: it trains nothing (evaluate), so the global
+    batch need not divide over the processes (None: it trains unless it resumes a finished run).
     """
 
     def __init__(self, cfg: Config, log_fn: Optional[Callable[[str], None]] = None,
                  dist: Optional["ddp.DistContext"] = None, ddp_settings: Optional["ddp.DDPSettings"] = None,
-                 compile_settings: Optional["compiling.CompileSettings"] = None, writes: bool = True):
+                 compile_settings: Optional["compiling.CompileSettings"] = None, writes: bool = True,
+                 trains: Optional[bool] = None):
         # locations absolute from here on: config.yaml, results.json and Result all name the same dirs
         self.cfg = resolve_variant(apply_overrides(cfg, absolute_locations(cfg)))
         # checked now: at task 2 it would be after task 1 trained (not for evaluation, which never reads it)
@@ -328,10 +347,10 @@ class Trainer:
             from ..data.retention import list_reference_images
             list_reference_images(self.cfg.acgd.source_folder)
         self.ddp_settings = ddp_settings or ddp.DDPSettings.from_env()
-        # the global batch must divide over the processes only where they train: evaluation (writes=False)
+        # the global batch must divide over the processes only where they train: evaluation (trains=False)
         # batches by eval.batch_size over strided shards, and a finished run's --resume trains nothing, so both
-        # run on any number of processes (a paper run's batch 128 on 3 GPUs was refused)
-        trains = writes and not (self.cfg.run.resume and (Path(self.cfg.run.output_dir) / "results.json").is_file())
+        # run on any number of processes (a paper run's batch 128 on 3 GPUs was refused); profile trains
+        trains = not resumes_a_finished_run(self.cfg) if trains is None else trains
         if dist is None:  # errors every rank meets alike, before the ranks join (the CLI prints them once)
             resolve_device(self.cfg.run.device)
             if trains:
@@ -786,7 +805,6 @@ class Trainer:
             start = state["task"] + 1
             ops.restore_choices(state.get("ops", {}))  # results.json "ops": the whole run's, not this part's
             self.log_fn(f"resumed from {last}: tasks 1..{start} done")
-            self._warn_other_world_size(task_info, start, T)
         # a finished run is its results, whichever task its last checkpoint holds: with run.checkpoint=false
         # (also set on a --resume) the tasks trained since wrote none
         if c.run.resume and (self.out / "results.json").exists():
@@ -802,6 +820,7 @@ class Trainer:
         if c.run.resume and start == 0 and main:
             log.warning("run.resume is set but %s has no finished task; starting from task 1",
                         self.out / ckpt.CHECKPOINT_DIR)
+        self._warn_other_world_size(task_info, start, T)
         problem = None
         if main:
             try:

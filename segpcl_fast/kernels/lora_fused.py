@@ -219,11 +219,16 @@ def fused_supported(device: torch.device, dtype: torch.dtype, rank: int = 1,
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and aligned
 
 
-def _check_weight_size(weight: torch.Tensor) -> None:
-    """W's farthest element, k * stride(0) + n with unit column stride, must be an int32 offset."""
-    if weight.numel() >= MAX_WEIGHT_ELEMS or weight.shape[0] * weight.stride(0) >= MAX_WEIGHT_ELEMS:
-        raise ValueError(f"lora_fused: W {tuple(weight.shape)} has 2^31 elements or more, past the kernels' int32 "
-                         "offsets; the merged arrangement (ops backend 'auto') takes it")
+def _check_weight_size(weight: torch.Tensor, read_as_is: bool = True) -> None:
+    """The GEMMs' W' (out x in, unit column stride) is indexed k * stride(0) + n in int32: its rows' reach
+    must stay under 2^31. read_as_is=False: a W whose merged W' the forward makes contiguous (its strides
+    do not matter)."""
+    rows, cols = weight.shape
+    reach = rows * (max(weight.stride(0), cols) if read_as_is else cols)
+    if reach >= MAX_WEIGHT_ELEMS:
+        raise ValueError(f"lora_fused: W {tuple(weight.shape)} (row stride {weight.stride(0)}) spans 2^31 elements "
+                         "or more, past the kernels' int32 offsets; the merged arrangement (ops backend 'auto') "
+                         "takes it")
 
 
 def _check_dtype_and_rank(t: torch.Tensor, rank: int) -> None:
@@ -262,7 +267,7 @@ def lora_fused_forward(x, weight, bias, lora_A, lora_B, scaling, tiles: Optional
     n_out, rank = lora_B.shape if lora_B.dim() == 2 else (-1, -1)
     _check_operands("lora_fused_fwd", dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B),
                     dict(weight=(n_out, x.shape[-1]), bias=(n_out,), lora_A=(rank, x.shape[-1])))
-    _check_weight_size(weight)
+    _check_weight_size(weight, read_as_is=False)
     tiles = tiles or FusedTiles.default()
     merged = lora_merged_weight_triton(weight, lora_A, lora_B, scaling)
     x2 = _rows(x)

@@ -66,6 +66,43 @@ def test_errors_every_rank_meets_come_before_the_ranks_join(tiny_model_name, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_what_trains_needs_a_dividing_batch_and_what_does_not_train_does_not(tiny_model_name, tmp_path, monkeypatch):
+    """Under 3 processes a global batch of 32 is refused where a run trains: train, profile (writes=False, but
+    it trains) and a resume of an unfinished run; evaluate (trains=False) and a resume of a finished run
+    (results.json, or a last checkpoint of the last task) are not refused for it."""
+    from segpcl_fast.engine.profile import profile_training
+    from segpcl_fast.engine.trainer import resumes_a_finished_run
+    cfg = small_config(tiny_model_name, tmp_path / "run", num_tasks=2)
+    resume = small_config(tiny_model_name, tmp_path / "run", num_tasks=2, resume=True)
+    _torchrun_env(monkeypatch, 0, 3)
+    divide = "must divide evenly over 3 processes"
+    with pytest.raises(ConfigError, match=divide):
+        profile_training(cfg, tmp_path / "prof", steps=1)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for trains in (None, True):
+        with pytest.raises(ConfigError, match=divide):
+            Trainer(resume, trains=trains)
+    assert not resumes_a_finished_run(resume) and not resumes_a_finished_run(cfg)
+    (tmp_path / "run" / "checkpoints" / "task_01.pt").write_bytes(b"")  # the last task's (read by name only)
+    assert resumes_a_finished_run(resume) and not resumes_a_finished_run(cfg)
+    (tmp_path / "run" / "checkpoints" / "task_01.pt").unlink()
+    (tmp_path / "run" / "checkpoints" / "task_00.pt").write_bytes(b"")
+    assert not resumes_a_finished_run(resume)
+    (tmp_path / "run" / "results.json").write_text("{}")
+    assert resumes_a_finished_run(resume)
+    import dataclasses  # an older run's config: task_sizes beside the default num_tasks (a new config is refused)
+    uneven = dataclasses.replace(resume, data=dataclasses.replace(resume.data, num_tasks=10, task_sizes=[3, 3]))
+    (tmp_path / "run" / "results.json").unlink()
+    (tmp_path / "run" / "checkpoints" / "task_01.pt").write_bytes(b"")
+    assert resumes_a_finished_run(uneven)  # task_sizes, not num_tasks, counts the tasks of an older run
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("joined the process group: the batch check passed")))
+    for make in (lambda: Trainer(cfg, writes=False, trains=False), lambda: Trainer(resume)):
+        with pytest.raises(RuntimeError, match="the batch check passed"):
+            make()
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("name", ["ablate", "sweep", "fragility", "retention", "distill_sources", "anchor_views"])
 def test_analyses_refuse_to_run_under_torchrun(tiny_model_name, tmp_path, monkeypatch, name):
     """Under torchrun every rank wrote the same tables and decided --resume of a run's folder on its own."""
@@ -107,23 +144,59 @@ raise SystemExit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("rank,verbose,shown", [
-    ("0", False, "WARNING segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"),
-    ("1", False, ""),  # every rank reads the same config: rank 0's warning, printed once
-    ("0", True, "WARNING segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"
-                "INFO segpcl_fast.ops: lora_b_linear: merged\n"),
-    ("1", True, "WARNING [rank 1] segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"
-                "INFO [rank 1] segpcl_fast.ops: lora_b_linear: merged\n"),
+@pytest.mark.parametrize("rank,local_rank,verbose,shown", [
+    ("0", "0", False, "WARNING segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"),
+    ("1", "1", False, ""),  # the ranks of a node read the same config: its first process's warning, once
+    ("1", None, False, ""),  # no LOCAL_RANK: RANK says
+    ("8", "0", False, "WARNING [rank 8] segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"),
+    ("0", "0", True, "WARNING segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"
+                     "INFO segpcl_fast.ops: lora_b_linear: merged\n"),
+    ("1", "1", True, "WARNING [rank 1] segpcl_fast.method: run.method=segpcl sets acgd.enabled=False -> True\n"
+                     "INFO [rank 1] segpcl_fast.ops: lora_b_linear: merged\n"),
 ])
-def test_log_lines_are_rank0s_and_tagged_on_other_ranks_under_v(rank, verbose, shown):
-    """The CLI's logging under torchrun (a fresh process: logging.basicConfig is the CLI's to make): a
-    config warning every rank meets is printed by rank 0 alone; with -v each rank logs, rank r > 0 tagged."""
+def test_warnings_are_each_nodes_first_process_and_tagged_on_other_ranks(rank, local_rank, verbose, shown):
+    """The CLI's logging under torchrun (a fresh process, whose logging is the CLI's to set up): a config
+    warning every rank of a node meets is printed by its LOCAL_RANK 0 alone; with -v each rank logs; rank r > 0
+    tagged."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["RANK"] = rank
+    if local_rank is not None:
+        env["LOCAL_RANK"] = local_rank
     proc = subprocess.run([sys.executable, "-c", _WARN_IN_A_COMMAND, *(["-v"] if verbose else []), "env"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == shown
+
+
+def test_each_main_call_sets_the_logging_up_again_unless_the_caller_has(monkeypatch, capsys):
+    """main() called twice in one process (a notebook): the second call's -v and rank hold (basicConfig fixed
+    the first call's for good); a handler of the caller's own leaves its logging alone."""
+    import logging
+
+    import segpcl_fast.cli as cli
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh interpreter (pytest's own handlers put back after)
+    monkeypatch.setattr(root, "level", root.level)
+
+    def env(args):
+        logging.getLogger("segpcl_fast.method").warning("w")
+        logging.getLogger("segpcl_fast.ops").info("i")
+        return 0
+    monkeypatch.setattr(cli, "cmd_env", env)
+    for rank, argv, shown in [("1", ["env"], ""), ("0", ["env"], "WARNING segpcl_fast.method: w\n"),
+                              ("0", ["-v", "env"], "WARNING segpcl_fast.method: w\nINFO segpcl_fast.ops: i\n"),
+                              ("2", ["-v", "env"], "WARNING [rank 2] segpcl_fast.method: w\nINFO [rank 2] segpcl_fast.ops: i\n")]:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        assert cli.main(argv) == 0
+        assert capsys.readouterr().err == shown, (rank, argv)
+    assert sum(isinstance(h, cli._CLILogHandler) for h in root.handlers) == 1
+    theirs = logging.StreamHandler()
+    root.handlers.append(theirs)
+    root.setLevel(logging.CRITICAL)
+    assert cli.main(["-v", "env"]) == 0
+    assert capsys.readouterr().err == "" and root.level == logging.CRITICAL and theirs in root.handlers
 
 
 def test_config_error_before_joining_is_printed_by_rank0_alone(monkeypatch, capsys):

@@ -221,7 +221,7 @@ def test_resume_without_checkpoints_says_it_starts_from_task_1(tiny_model_name, 
         train(small_config(tiny_model_name, tmp_path / "typo", num_tasks=1, resume=True))
     assert not (tmp_path / "typo").exists()
     (tmp_path / "notes.txt").write_text("not a run")  # -o naming a file: said so, not "does not exist"
-    with pytest.raises(ConfigError, match="notes.txt is a file, not a run's folder"):
+    with pytest.raises(ConfigError, match="notes.txt is a file, not a folder"):
         train(small_config(tiny_model_name, tmp_path / "notes.txt", num_tasks=1, resume=True))
     (tmp_path / "fresh").mkdir()
     with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
