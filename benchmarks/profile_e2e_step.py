@@ -35,6 +35,7 @@ from segpcl_fast.engine.compiling import CompileSettings  # noqa: E402
 from segpcl_fast.engine.flops import step_flops  # noqa: E402
 from segpcl_fast.engine.profile import category_table  # noqa: E402
 from segpcl_fast.fileio import atomic_path, atomic_write_text  # noqa: E402
+from segpcl_fast.model.tf32 import cuda_matmul_tf32_for, run_tf32  # noqa: E402
 
 
 def _sig(x: float, digits: int = 5) -> float:
@@ -49,9 +50,11 @@ def profile_step(device: str, variant: str, steps: int, out_dir: Path, warmup: i
     os.environ.update(env)
     settings = CompileSettings.from_env() if compiled else None  # the variant's mode; SEGPCL_COMPILE_DYNAMIC_BATCH
     on_gpu = device == "cuda"
-    with ops.backend(backend):
-        cfg = Config()  # the variant's text precision, as test_bench_e2e.py sets it (bf16text_*: bf16)
-        cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
+    cfg = Config()  # the variant's text precision and TF32, as test_bench_e2e.py sets them (bf16text_*, tf32_*)
+    cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
+    cfg.run.tf32 = os.environ.get("SEGPCL_BENCH_TF32", "0") == "1"
+    # run.tf32 as the trainer applies it (CUDA only), around the compiles and the profiled steps
+    with ops.backend(backend), cuda_matmul_tf32_for(run_tf32(cfg.run.tf32, device)) as tf32:
         step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
                           precision=setup["precision"], compile_settings=settings, cfg=cfg)
         for _ in range(warmup):
@@ -74,7 +77,7 @@ def profile_step(device: str, variant: str, steps: int, out_dir: Path, warmup: i
     matmul_ms = (categories.get("gemm", 0.0) + categories.get("attention", 0.0)) / steps
     summary = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", variant=variant, model=setup["model"],
                    precision=setup["precision"], batch=setup["n_images"], anchors=step.shape.n_anchors,
-                   steps=steps, step_ms=round(step_ms, 3), step_flops=flops,
+                   steps=steps, step_ms=round(step_ms, 3), step_flops=flops, tf32=tf32 if on_gpu else None,
                    matmul_peak_tflops=_sig(peak / 1e12),
                    mfu_under_profiler=round(flops / (step_ms / 1e3) / peak, 4),  # profiled wall time: not the benchmark's MFU
                    gemm_attention_ms_per_step=round(matmul_ms, 3),

@@ -78,12 +78,19 @@ def find_cuobjdump(home: Path) -> Path | None:
 
 
 def check_cubins(cuobjdump: Path, obj: Path, archs: str) -> None:
-    listing = subprocess.run([str(cuobjdump), "--list-elf", str(obj)], capture_output=True, text=True,
-                             check=True).stdout
+    """A cubin per arch of `archs` (torch's arch-list syntax), and PTX for each "+PTX" one."""
+    def listing(what: str) -> str:
+        return subprocess.run([str(cuobjdump), what, str(obj)], capture_output=True, text=True, check=True).stdout
+
+    cubins, ptx = listing("--list-elf"), None
     for arch in archs.replace(",", ";").split(";"):
-        num = arch.strip().replace(".", "")
-        if num and f"sm_{num}" not in listing:
-            raise RuntimeError(f"{obj.name} has no sm_{num} cubin:\n{listing}")
+        num = arch.strip().removesuffix("+PTX").replace(".", "")
+        if num and f"sm_{num}" not in cubins:
+            raise RuntimeError(f"{obj.name} has no sm_{num} cubin:\n{cubins}")
+        if num and arch.strip().endswith("+PTX"):
+            ptx = listing("--list-ptx") if ptx is None else ptx  # e.g. "PTX file 1: x.sm_90.ptx"
+            if f"sm_{num}" not in ptx and f"compute_{num}" not in ptx:
+                raise RuntimeError(f"{obj.name} has no compute_{num} PTX (arch {arch.strip()}):\n{ptx}")
 
 
 def resource_usage(cuobjdump: Path, obj: Path) -> list[dict]:

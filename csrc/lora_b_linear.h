@@ -28,7 +28,8 @@ inline std::array<int64_t, 3> check_lora_b_linear_args(const at::Tensor& x, cons
               ", ", r, "), got ", lora_B.sizes());
   for (const at::Tensor* t : {&weight, &lora_A, &lora_B}) {
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "lora_b_linear: all tensors must share x's dtype ",
-                x.scalar_type(), ", got ", t->scalar_type(), " (cast the weights, or run under autocast)");
+                x.scalar_type(), ", got ", t->scalar_type(),
+                " (cast them; the op does not autocast: ops.lora_b_linear casts under autocast as F.linear does)");
     TORCH_CHECK(t->device() == x.device(), "lora_b_linear: all tensors must be on x's device ", x.device(),
                 ", got ", t->device());
   }
@@ -44,8 +45,13 @@ inline std::array<int64_t, 3> check_lora_b_linear_args(const at::Tensor& x, cons
 inline void check_lora_b_linear_bwd_args(const at::Tensor& grad_out, const at::Tensor& u,
                                          const at::Tensor& weight, const at::Tensor& lora_A,
                                          const at::Tensor& lora_B) {
+  TORCH_CHECK(weight.dim() == 2, "lora_b_linear_bwd: weight must be 2-D (out, in), got shape ", weight.sizes());
+  TORCH_CHECK(lora_A.dim() == 2, "lora_b_linear_bwd: lora_A must be 2-D (r, in), got shape ", lora_A.sizes());
+  TORCH_CHECK(lora_B.dim() == 2, "lora_b_linear_bwd: lora_B must be 2-D (out, r), got shape ", lora_B.sizes());
   const int64_t out = weight.size(0), r = lora_A.size(0);
   TORCH_CHECK(r >= 1, "lora_b_linear_bwd: lora_A has rank 0; the rank must be >= 1");
+  TORCH_CHECK(lora_A.size(1) == weight.size(1), "lora_b_linear_bwd: lora_A must be (r, in) = (r, ", weight.size(1),
+              "), got ", lora_A.sizes());
   TORCH_CHECK(out >= 1 && weight.size(1) >= 1, "lora_b_linear_bwd: weight has shape ", weight.sizes(),
               "; a layer needs at least one input and one output feature");
   TORCH_CHECK(grad_out.dim() >= 1 && u.dim() >= 1, "lora_b_linear_bwd: grad_out and u must be (..., out), (..., r)");

@@ -155,7 +155,7 @@ class OptimConfig:
     warmup_steps: int = 0
     cls_over: str = "current"  # [choice] L_cls over "current" task classes or all "seen" classes
     grad_clip: float = 0.0  # 0 = off
-    fused: str = "auto"  # SGD implementation: "auto" (apex > torch fused > foreach), "foreach", "apex"
+    fused: str = "auto"  # SGD implementation: "auto" (torch fused on CUDA > foreach), "foreach", "apex"
 
 
 @dataclass

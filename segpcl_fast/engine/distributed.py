@@ -136,6 +136,10 @@ class DistContext:
             if backend == "nccl" or (device in ("auto", "cuda") and torch.cuda.is_available()):
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # this rank's GPU, any backend
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=settings.timeout_s))
+        elif dist.get_backend() == "nccl" and "LOCAL_RANK" in os.environ:
+            # a group set up outside this package: NCCL's object collectives (the anchor broadcast) serialise
+            # through the current device, cuda:0 on every rank unless this rank's GPU is made current
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         ctx = cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=dist.get_backend())
         log.info("distributed: rank %d of %d (local rank %d), backend %s", ctx.rank, ctx.world_size,

@@ -278,7 +278,7 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
         start = time.perf_counter()
         info = trainer.train_task(task)
         if on_gpu:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(trainer.device)  # the run's device (run.device=cuda:1 need not be current)
         wall_ms = (time.perf_counter() - start) * 1e3
     _say_fewer_steps(info, steps, task, cfg)
     graphs_in_window = compile_counters()["unique_graphs"] - graphs_before

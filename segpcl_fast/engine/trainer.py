@@ -136,15 +136,16 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
 RANK_SEED_STRIDE = 100003  # rank r's own random streams (augmentation, anchors) start at seed + r * this
 
 
-def _eval_loader(dataset, batch_size: int, cfg: Config, pin: bool = True,
+def _eval_loader(dataset, batch_size: int, cfg: Config, pin: bool = False,
                  parts: Optional[Sequence[int]] = None) -> DataLoader:
     """In order, every item once (a private generator: starting its workers leaves the global RNG alone).
-    pin=False for batches kept on the CPU: torch caches freed pinned blocks (rounded up to a power of
-    two) instead of giving them back, so a whole task's pinned images would stay page-locked.
+    pin: batches bound for a CUDA device (Trainer.pin); not for batches kept on the CPU: torch caches freed
+    pinned blocks (rounded up to a power of two) instead of giving them back, so a whole task's pinned
+    images would stay page-locked, nor for a CPU run on a GPU host (pinning starts a CUDA context).
     parts: the sizes of consecutive pieces of `dataset` whose items never share a batch (see PartBatches)."""
     batching = {"batch_size": batch_size} if parts is None else {"batch_sampler": PartBatches(parts, batch_size)}
     return DataLoader(dataset, **batching, shuffle=False, generator=torch.Generator().manual_seed(0),
-                      num_workers=cfg.data.num_workers, pin_memory=pin and torch.cuda.is_available())
+                      num_workers=cfg.data.num_workers, pin_memory=pin)
 
 
 class PartBatches:
@@ -169,7 +170,8 @@ class PartBatches:
         return len(self.piece_of_batch())
 
 
-def _train_loader(dataset, cfg: Config, seed: int, ctx: "ddp.DistContext", num_batches: int) -> DataLoader:
+def _train_loader(dataset, cfg: Config, seed: int, ctx: "ddp.DistContext", num_batches: int,
+                  pin: bool = False) -> DataLoader:
     """A task's `num_batches` training batches, epoch after epoch, from one loader iterator: its
     workers start once per task and prefetch across epoch boundaries. Under torchrun, this rank's
     slices of the global batches the single-process loader draws (same seed, same permutations)."""
@@ -180,8 +182,7 @@ def _train_loader(dataset, cfg: Config, seed: int, ctx: "ddp.DistContext", num_b
     # a private generator leaves the global RNG alone. The sampler's is shared: one global permutation.
     worker_seed = seed + RANK_SEED_STRIDE * ctx.rank
     return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(worker_seed),
-                      collate_fn=ddp.collate_allow_empty, num_workers=cfg.data.num_workers,
-                      pin_memory=torch.cuda.is_available())
+                      collate_fn=ddp.collate_allow_empty, num_workers=cfg.data.num_workers, pin_memory=pin)
 
 
 def record_compiled_choices(model, device: torch.device) -> None:
@@ -230,12 +231,14 @@ def record_frozen_storage(model, device: torch.device) -> None:
 def make_optimizer(params: list, cfg: Config) -> torch.optim.Optimizer:
     """SGD (momentum 0.9) over the LoRA B matrices.
 
-    optim.fused: "auto" = NVIDIA apex FusedSGD when installed and the params are on CUDA, else
-    torch's fused SGD on CUDA, else foreach; "apex" = the same but logs when apex is missing;
-    "foreach" = torch's foreach SGD always.
+    optim.fused: "auto" = torch's fused SGD on CUDA (its kernel skips a non-finite step on the device:
+    Trainer.train_step reads no value back to decide), else foreach; "apex" = NVIDIA apex FusedSGD where
+    installed and the params are on CUDA (the step then reads its loss and gradient norm on the host
+    before the update: two syncs a step), else what "auto" takes, logged; "foreach" = torch's foreach
+    SGD always.
     """
     o = cfg.optim
-    if o.fused == "apex" or (o.fused == "auto" and accel.has_apex_fused_sgd()):
+    if o.fused == "apex":
         opt = accel.apex_fused_sgd(params, o)
         if opt is not None:
             return opt
@@ -392,6 +395,11 @@ class Trainer:
             self._give_back_process_state()
             raise
 
+    @property
+    def pin(self) -> bool:
+        """Loader batches in page-locked memory: only where a GPU takes them."""
+        return self.device.type == "cuda"
+
     def _give_back_process_state(self) -> None:
         """The ops backend and TF32 switch the process had before this Trainer set the run's."""
         if getattr(self, "_previous_ops", None) is not None:
@@ -482,7 +490,7 @@ class Trainer:
         the same batches, so the same logits and counts."""
         shards = [ddp.shard_dataset(dataset, self.dist) for dataset, _ in parts]
         sizes = [len(shard) for shard in shards]
-        loader = _eval_loader(ConcatDataset(shards), self.cfg.eval.batch_size, self.cfg, parts=sizes)
+        loader = _eval_loader(ConcatDataset(shards), self.cfg.eval.batch_size, self.cfg, self.pin, parts=sizes)
         # the counts stay on the device until the end: a read per batch would make the host wait for
         # each batch's forward before it queues the next one's
         correct = torch.zeros(len(parts), 2, dtype=torch.long, device=self.device)  # (all seen, own space)
@@ -590,7 +598,8 @@ class Trainer:
         # results (elsewhere train_step reads them before the update, as it always did)
         pending = None
         try:  # closed on an error too (a NaN loss, Ctrl-C): else the message lands on the bar's line
-            for step, (images, labels) in enumerate(_train_loader(train_ds, c, task_seed, self.dist, total_steps)):
+            batches = _train_loader(train_ds, c, task_seed, self.dist, total_steps, self.pin)
+            for step, (images, labels) in enumerate(batches):
                 b = step % steps_per_epoch  # the global batch's place in its epoch
                 global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
                 outcome = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
@@ -609,7 +618,7 @@ class Trainer:
         timings["steps"] = len(losses)
         t2 = time.perf_counter()
         with record_function("prototypes"):
-            info.update(self.learner.end_task(t, n_new, _eval_loader(task_images, c.eval.batch_size, c)))  # streamed
+            info.update(self.learner.end_task(t, n_new, _eval_loader(task_images, c.eval.batch_size, c, self.pin)))  # streamed
             if self.dist.enabled:  # identical on every rank up to float order; make them bit-identical
                 self.learner.prototypes.tensor = ddp.broadcast_tensor(
                     self.learner.prototypes.tensor, self.dist, self.learner.prototypes.tensor.device)
@@ -670,8 +679,6 @@ class Trainer:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with record_function("student_forward_losses"):
                 loss, parts = self.learner.loss(images, labels)
-            if not on_device and self.grad_sync is None:  # under DDP: `outcome.values` below, on every rank
-                _check_finite(loss, parts, step, t, c)
             weighted = loss * (n_local * self.dist.world_size / global_n) if self.grad_sync is not None else loss
             with record_function("backward"):
                 weighted.backward()
@@ -939,7 +946,7 @@ class StepOutcome:
     """A training step's loss parts and finiteness, read back once, by `values`.
 
     values(cfg): {term: float}, or FloatingPointError naming the step and the term (a non-finite
-    loss term: `_check_finite`'s message; finite terms but non-finite gradients: one term's backward
+    loss term: `_raise_nonfinite_loss`'s message; finite terms but non-finite gradients: one term's backward
     overflowed).
 
     On a GPU with `copy_ahead` the parts, the loss and the gradient norm are copied into pinned host
@@ -1040,12 +1047,6 @@ def _raise_nonfinite_grad(values: dict, step: int, t: int, cfg: Config) -> None:
                                       f"{_nonfinite_fixes(list(values), cfg)}"), step)
 
 
-def _check_finite(loss: torch.Tensor, parts: dict, step: int, t: int, cfg: Config) -> None:
-    if torch.isfinite(loss):
-        return
-    _raise_nonfinite_loss(float(loss.detach()), {k: float(v.detach()) for k, v in parts.items()}, step, t, cfg)
-
-
 def _raise_nonfinite_loss(loss: float, values: dict, step: int, t: int, cfg: Config) -> None:
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     raise _at_step(FloatingPointError(f"loss is {loss} at task {t + 1}, step {step} (non-finite term(s): "
@@ -1122,7 +1123,7 @@ def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float,
     the tasks before, under LEARNED_FRACTION) spent task t at chance; else None.
 
     Finite but diverged runs (weights blown up, predictions worse than uniform guessing) pass
-    _check_finite; this catches them from the per-step losses already on the host. It compares
+    StepOutcome.values' check; this catches them from the per-step losses already on the host. It compares
     the means of the first and last quarter of the steps and flags a rise only when it is over
     10 % and over twice the standard error of that difference (Welch), so a flat but noisy loss
     (a task the model barely learns, a small last batch per epoch) is not called a divergence.

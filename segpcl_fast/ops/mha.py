@@ -55,7 +55,9 @@ def xformers_failure(device: torch.device, dtype: torch.dtype, head_dim: int) ->
             _probed[key] = "xformers.ops does not import"
         else:
             try:
-                with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                # inference_mode(False): a first call under the caller's inference_mode made tensors that
+                # cannot require grad, and the cached failure turned xformers off for the process
+                with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
                     q = torch.randn(1, 8, 2, head_dim, device=device, dtype=dtype, requires_grad=True)
                     xo.memory_efficient_attention(q, q, q).sum().backward()
                 _probed[key] = None

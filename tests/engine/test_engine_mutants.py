@@ -866,25 +866,30 @@ def test_a_task_trains_from_one_loader_iterator_each_epoch_seeing_every_image_on
 def test_stage_one_loader_is_not_pinned_the_evaluation_loader_is(tiny_model_name, tmp_path, monkeypatch):
     """Stage 1 keeps a whole task's images on the CPU; pinned, torch's pinned-memory cache would keep
     them page-locked (rounded up to powers of two) after the task. Stage 3's and evaluation's batches
-    stream to the device: pinned."""
+    stream to the device: pinned, where the device is a GPU (Trainer.pin). A CPU run pins nothing (on a GPU
+    host, pinning started a CUDA context per rank for nothing)."""
     from segpcl_fast.engine import trainer as trainer_mod
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     ds = TensorDataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
     cfg = make_config()
-    assert trainer_mod._eval_loader(ds, 2, cfg).pin_memory is True
-    assert trainer_mod._eval_loader(ds, 2, cfg, pin=False).pin_memory is False
-    monkeypatch.undo()
+    assert trainer_mod._eval_loader(ds, 2, cfg, pin=True).pin_memory is True
+    assert trainer_mod._eval_loader(ds, 2, cfg).pin_memory is False
     pins = []
     make = trainer_mod._eval_loader
 
-    def record(dataset, batch_size, cfg, pin=True, **kw):
+    def record(dataset, batch_size, cfg, pin=False, **kw):
         pins.append(pin)
-        return make(dataset, batch_size, cfg, pin, **kw)
+        return make(dataset, batch_size, cfg, False, **kw)  # no GPU here to pin for
     monkeypatch.setattr(trainer_mod, "_eval_loader", record)
     trainer = Trainer(small_config(tiny_model_name, tmp_path / "run", checkpoint=False, num_tasks=10))
+    assert trainer.pin is False  # run.device cpu
     trainer.train_task(0)
-    assert pins == [False, True]  # stage 1 (kept), stage 3 (streamed to the device for the prototypes)
     trainer.evaluate_seen(0)
+    assert pins == [False, False, False]
+    pins.clear()
+    monkeypatch.setattr(trainer_mod.Trainer, "pin", property(lambda self: True))  # as on run.device=cuda
+    trainer.train_task(1)
+    assert pins == [False, True]  # stage 1 (kept), stage 3 (streamed to the device for the prototypes)
+    trainer.evaluate_seen(1)
     assert pins == [False, True, True]
 
 

@@ -480,7 +480,7 @@ def test_own_space_counts_restrict_the_argmax_to_the_first_classes():
     labels = torch.tensor([0, 1, 1, 0])
     dataset = torch.utils.data.TensorDataset(torch.arange(4), labels)
     stub = SimpleNamespace(cfg=make_config(eval__batch_size=3), dist=SimpleNamespace(enabled=False),
-                           device=torch.device("cpu"))
+                           device=torch.device("cpu"), pin=False)
     def count(n_own):
         return Trainer._count_correct_local(stub, [(dataset, n_own)], lambda idx: logits[idx])
     assert count(2) == [(1, 2, 4)]
@@ -685,18 +685,23 @@ def test_optimizer_choice_auto_prefers_apex_and_falls_back_to_torch(monkeypatch)
     sentinel = object()
     monkeypatch.setattr(accel, "has_apex_fused_sgd", lambda: True)
     monkeypatch.setattr(accel, "apex_fused_sgd", lambda p, o: sentinel)
-    assert make_optimizer(params, cfg) is sentinel  # auto takes apex when it is there
+    apex = make_config(lr=0.1, optim__fused="apex")
+    assert make_optimizer(params, apex) is sentinel  # "apex" takes apex when it is there
+    # not "auto": torch's fused SGD skips a non-finite step on the device, apex's step reads it on the host
+    assert make_optimizer(params, cfg) is not sentinel
     assert make_optimizer(params, make_config(lr=0.1, optim__fused="foreach")) is not sentinel
     monkeypatch.setattr(accel, "apex_fused_sgd", lambda p, o: None)  # apex present but unusable (CPU params)
-    assert type(make_optimizer(params, cfg)) is torch.optim.SGD
+    assert type(make_optimizer(params, apex)) is torch.optim.SGD
 
     class LooksCuda(torch.nn.Parameter):  # CUDA params without a GPU: only is_cuda is read
         @property
         def is_cuda(self):
             return True
     on_cuda = [LooksCuda(torch.ones(3))]
-    for fused in ("auto", "apex"):  # without usable apex both take torch's fused SGD on CUDA
+    for fused in ("auto", "apex"):  # auto always, apex without a usable apex: torch's fused SGD on CUDA
         assert make_optimizer(on_cuda, make_config(lr=0.1, optim__fused=fused)).defaults["fused"]
+    monkeypatch.setattr(accel, "apex_fused_sgd", lambda p, o: sentinel)
+    assert make_optimizer(on_cuda, cfg).defaults["fused"] and make_optimizer(on_cuda, apex) is sentinel
     assert make_optimizer(on_cuda, make_config(lr=0.1, optim__fused="foreach")).defaults["foreach"]
 
 

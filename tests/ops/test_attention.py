@@ -67,6 +67,17 @@ def test_xformers_path_layout_equals_sdpa(fake_xformers, shape, queries):
     torch.testing.assert_close(out, ops.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+def test_a_first_call_under_inference_mode_probes_xformers_right(fake_xformers):
+    """The probe runs a backward: under the caller's inference_mode its tensors could not require grad, and
+    the failure, cached, turned xformers off for the process."""
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    with torch.inference_mode():
+        out = ops.attention(q, k, v)
+    assert attn_mod.xformers_failure(q.device, q.dtype, 8) is None
+    assert ops.last_choice()["attention"] == "xformers"
+    torch.testing.assert_close(out, ops.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
 def test_masked_and_reference_backend_stay_on_sdpa(fake_xformers):
     q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))
     mask = torch.full((6, 6), float("-inf")).triu(1)

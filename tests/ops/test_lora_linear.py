@@ -342,6 +342,15 @@ def test_bad_shapes_raise_clear_errors():
         lora_b_linear(x, weight, bias, lora_A, lora_B[:-1], 0.5)
     with pytest.raises(RuntimeError, match="dtype"):
         lora_b_linear(x, weight.double(), bias, lora_A, lora_B, 0.5)
+    # the backward op called directly: its own checks name it, before any kernel runs
+    g, u = torch.randn(x.shape[0], 40), torch.randn(x.shape[0], lora_A.shape[0])
+    bad = [((g, u, weight, lora_A[:, :-1], lora_B.detach()), "lora_A must be \\(r, in\\)"),
+           ((g, u, weight[0], lora_A, lora_B.detach()), "weight must be 2-D"),
+           ((g, u, weight, lora_A[0], lora_B.detach()), "lora_A must be 2-D"),
+           ((g, u, weight, lora_A, lora_B.detach()[0]), "lora_B must be 2-D")]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=f"lora_b_linear_bwd: {message}"):
+            torch.ops.segpcl.lora_b_linear_bwd(*args, 0.5, True, True)
 
 
 @pytest.mark.parametrize("backend, b_grad", [("reference", True), ("cpp", True), ("auto", False)],

@@ -52,3 +52,21 @@ def test_arch_flags_parse_the_arch_list():
                                      "-gencode", "arch=compute_90,code=compute_90"]
     with pytest.raises(ValueError, match="no CUDA arch"):
         arch_flags(" ; ")
+
+
+def test_cubin_check_reads_the_arch_list_as_torch_writes_it(monkeypatch, tmp_path):
+    """"9.0+PTX" (csrc_build's default list ends so) asks for an sm_90 cubin and compute_90 PTX: the check
+    looked for an 'sm_90+PTX' cubin and failed after the whole compile."""
+    sys.path.insert(0, str(ROOT / "csrc"))
+    import check_cuda_build
+
+    listings = {"--list-elf": "ELF file    1: x.1.sm_89.cubin\nELF file    2: x.2.sm_90.cubin\n",
+                "--list-ptx": "PTX file    1: x.1.sm_90.ptx\n"}
+    monkeypatch.setattr(check_cuda_build.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout=listings[cmd[1]]))
+    obj = tmp_path / "x.o"
+    check_cuda_build.check_cubins(Path("cuobjdump"), obj, "8.9;9.0+PTX")
+    with pytest.raises(RuntimeError, match="no compute_89 PTX"):
+        check_cuda_build.check_cubins(Path("cuobjdump"), obj, "8.9+PTX;9.0")
+    with pytest.raises(RuntimeError, match="no sm_80 cubin"):
+        check_cuda_build.check_cubins(Path("cuobjdump"), obj, "8.0;9.0")
