@@ -155,7 +155,6 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     """
     from .data.build import ClassCountError
     from .engine import checkpoint as ckpt
-    from .engine.distributed import failing_together
     from .engine.trainer import Trainer
     from .metrics import percent
     run_dir = Path(run_dir)
@@ -193,14 +192,8 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
             trainer = Trainer(cfg, writes=False, trains=False)
         except ClassCountError as e:  # its fix, data.expected_classes, is not one evaluate can make
             raise e.for_trained_run("segpcl-fast evaluate RUN --set data.root=PATH; evaluate(run_dir, data__root=PATH)") from None
-        with failing_together(trainer.dist):  # under torchrun each rank checks it; a refusal is printed once
-            state = ckpt.load_checkpoint(last, ckpt.config_fingerprint(trainer.cfg.to_dict()), trainer.cfg.to_dict(),
-                                         defaults=type(trainer.cfg)().to_dict(), purpose="evaluate")
-            ckpt.check_same_data(last, state, trainer.scenario.class_names, trainer.split_digest,
-                                 trainer.model.image_stats.geometry())
-            if not all_tasks:  # (--all-tasks restores each task's checkpoint in turn)
-                ckpt.restore_lora(last, trainer.model, state)
-                ckpt.restore_learner(last, trainer.learner, state, trainer.cfg.model.pretrained)
+        # (--all-tasks restores each task's checkpoint in turn)
+        state = trainer.restore_checkpoint(last, purpose="evaluate", restore=not all_tasks)
         if all_tasks:
             return _evaluate_every_task(run_dir, trainer, state)
         counts = trainer.evaluate_seen(state["task"])
@@ -226,22 +219,14 @@ def _evaluate_every_task(run_dir: Path, trainer, last_state: dict) -> dict:
     import numpy as np
 
     from . import metrics
-    from .engine import checkpoint as ckpt
-    from .engine.distributed import failing_together
     done = last_state["task"] + 1
     paths = _task_checkpoints(run_dir, done)
     cfg = trainer.cfg
-    fingerprint, config, defaults = ckpt.config_fingerprint(cfg.to_dict()), cfg.to_dict(), type(cfg)().to_dict()
     correct, correct_own = np.full((done, done), np.nan), np.full((done, done), np.nan)
     fwt_before: list = [None] * done
     counts = []
     for t, path in enumerate(paths):
-        with failing_together(trainer.dist):
-            state = ckpt.load_checkpoint(path, fingerprint, config, defaults=defaults, purpose="evaluate")
-            ckpt.check_same_data(path, state, trainer.scenario.class_names, trainer.split_digest,
-                                 trainer.model.image_stats.geometry())
-            ckpt.restore_lora(path, trainer.model, state)
-            ckpt.restore_learner(path, trainer.learner, state, cfg.model.pretrained)
+        trainer.restore_checkpoint(path, purpose="evaluate")
         counts = trainer.evaluate_seen(t)
         for j, (c, c_own, _) in enumerate(counts):
             correct[t, j], correct_own[t, j] = c, c_own

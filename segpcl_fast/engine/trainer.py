@@ -721,6 +721,21 @@ class Trainer:
                 paths[name] = value
         return paths
 
+    def restore_checkpoint(self, path: Path, purpose: str = "resume", restore: bool = True) -> dict:
+        """The checkpoint at `path`, checked against this run (its config, data, test transform and, in
+        restore_learner, its pretrained weights) and, with `restore`, loaded into the model and learner. Every
+        rank checks it; a refusal stops them all and is printed once (failing_together)."""
+        c = self.cfg
+        with ddp.failing_together(self.dist):
+            state = ckpt.load_checkpoint(path, ckpt.config_fingerprint(c.to_dict()), c.to_dict(),
+                                         defaults=type(c)().to_dict(), purpose=purpose)
+            ckpt.check_same_data(path, state, self.scenario.class_names, self.split_digest,
+                                 self.model.image_stats.geometry())
+            if restore:
+                ckpt.restore_lora(path, self.model, state)
+                ckpt.restore_learner(path, self.learner, state, c.model.pretrained)
+        return state
+
     def _warn_other_world_size(self, task_info: list, start: int, T: int) -> None:
         """A resume on another number of processes than its tasks trained on: allowed (a lost node), and said,
         as it is not the run an uninterrupted one would be."""
@@ -794,15 +809,10 @@ class Trainer:
         start = 0
         last = None
         if c.run.resume:
-            with ddp.failing_together(self.dist):  # each rank checks the checkpoint; a refusal is printed once
+            with ddp.failing_together(self.dist):  # a dangling checkpoints/last: one error, from rank 0
                 last = ckpt.find_last_checkpoint(self.out)
-                if last is not None:
-                    state = ckpt.load_checkpoint(last, fingerprint, c.to_dict(), defaults=type(c)().to_dict())
-                    ckpt.check_same_data(last, state, self.scenario.class_names, self.split_digest,
-                                         self.model.image_stats.geometry())
-                    ckpt.restore_lora(last, self.model, state)
-                    ckpt.restore_learner(last, self.learner, state, c.model.pretrained)
         if last is not None:
+            state = self.restore_checkpoint(last)
             correct = np.array(state["correct"], dtype=np.float64)
             correct_own = np.array(state.get("correct_own", np.full((T, T), np.nan)), dtype=np.float64)
             fwt_before = state["fwt_before"]
