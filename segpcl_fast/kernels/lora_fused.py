@@ -199,8 +199,9 @@ MAX_WEIGHT_ELEMS = 1 << 31
 # on a GPU the GEMMs' widths (in, out: their K and their row strides) must be multiples of this. Triton
 # assumes an integer argument divisible by 16 only when it is one; otherwise the masked loads are 2 bytes
 # wide, too narrow for the async copies that prefetch the next K step, and the sm_90 kernels lose their
-# pipelining (a 1000 -> 1000 bf16 layer compiled to 32 KiB of shared memory instead of 96, 255 registers and
-# spills; 1008 -> 1040 to neither: a 2026-12-06 review's PTX). Such layers run the merged arrangement.
+# pipelining (4096 x 1000 -> 1000 bf16: the forward spilled 88 B a thread, the backward took 255 registers and
+# 40 KiB of shared memory instead of 96; 1008 -> 1040 neither: a 2026-12-06 review's sm_90 build, BENCHMARKS.md
+# "Session 49"). Such layers run the merged arrangement.
 GPU_WIDTH_MULTIPLE = 16
 
 
