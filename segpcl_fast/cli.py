@@ -708,16 +708,22 @@ def _raise_on_sigterm():
     def handler(signum, frame):
         # a SIGTERM to the process group (timeout, Slurm) also stops the DataLoader workers, and torch's SIGCHLD
         # handler then raised "DataLoader worker (pid N) is killed by signal: Terminated" into the unwinding or
-        # at exit (20 lines after 'Exception ignored in ...'): their end is expected now. SIGCHLD stays at its
-        # default: the process is ending
+        # at exit (20 lines after 'Exception ignored in ...'): their end is expected now. SIGCHLD gets a Python
+        # handler that does nothing, not SIG_DFL: a SIGCHLD already pending (a worker that died with this
+        # SIGTERM) would then find no Python handler, and Python printed "OSError: Signal 17 ignored due to
+        # race condition" with a traceback
         if hasattr(signal, "SIGCHLD"):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, _ignore_signal)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
     _unraisable_before.append(sys.unraisablehook)
     sys.unraisablehook = _terminated_again
     return previous
+
+
+def _ignore_signal(signum, frame) -> None:
+    """A Python signal handler that does nothing (SIGCHLD once a SIGTERM is being handled)."""
 
 
 _unraisable_before: list = []  # sys.unraisablehook before main() installed _terminated_again

@@ -1263,6 +1263,31 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_is_one_line(tmp_pa
     assert proc.returncode == 143 and err == ONE_LINE, err
 
 
+def test_a_sigchld_pending_when_sigterm_is_handled_prints_nothing(tmp_path):
+    """The race the test above met now and then: a DataLoader worker's SIGCHLD arrives with the SIGTERM, and the
+    SIGTERM handler swaps SIGCHLD's handler before Python runs the pending one. With SIG_DFL as the new handler
+    Python printed 'OSError: Signal 17 ignored due to race condition' and a traceback. Made certain here: both
+    signals are blocked, sent, then unblocked together (SIGTERM, the lower number, is handled first)."""
+    script = tmp_path / "race.py"
+    script.write_text(
+        "import os, signal\n"
+        "from segpcl_fast import cli\n"
+        "signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # torch's DataLoader handler stands here\n"
+        "cli._raise_on_sigterm()\n"
+        "both = {signal.SIGTERM, signal.SIGCHLD}\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, both)\n"
+        "os.kill(os.getpid(), signal.SIGCHLD)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "try:\n"
+        "    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)\n"
+        "    sum(range(1000))\n"
+        "except cli.Terminated:\n"
+        "    print('terminated', flush=True)\n"
+        "sum(range(1000))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "terminated\n", "")
+
+
 class _BrokenImages(torch.utils.data.Dataset):
     def __init__(self, path):
         self.path = path
