@@ -172,9 +172,11 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     device: str = "auto"  # "auto" = cuda if available else cpu
-    precision: str = "fp32"  # "fp32" or "bf16": the image tower under bf16 autocast (method math stays fp32)
+    # "fp32", "bf16" or "fp16": the image tower under that autocast (method math stays fp32). fp16 (for
+    # GPUs without bf16: V100, T4) trains with dynamic loss scaling (torch.amp.GradScaler, one per task)
+    precision: str = "fp32"
     # [choice] the text transformer: "fp32" (default: TSGR compares text embeddings at tau_T = 0.05,
-    # where bf16 rounding shows) or "bf16" (under autocast, faster on a GPU; embeddings still fp32)
+    # where bf16 rounding shows), "bf16" or "fp16" (under autocast, faster on a GPU; embeddings still fp32)
     text_precision: str = "fp32"
     # [choice] true: fp32 matmuls on CUDA (the text transformer at text_precision fp32, the projections,
     # logits, TSGR similarities) may use TF32 tensor cores for the run (torch's switch set, given back
@@ -291,7 +293,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # package; tests/test_config.py checks these tuples against the consumers' own constants).
 METHODS = ("zeroshot", "lora_finetune", "+acgd", "+tsgr", "+prototype_transfer", "+visual_branch", "segpcl",
            "onlyclip", "visual_no_transfer", "distill_new_data", "distill_seeds")  # method/variants.py VARIANTS
-PRECISIONS = ("fp32", "bf16")  # model.CLIPModel.set_precision: "bf16" autocasts the tower
+PRECISIONS = ("fp32", "bf16", "fp16")  # model.CLIPModel.set_precision: "bf16" / "fp16" autocast the tower
 OPS_BACKENDS = ("auto", "reference", "triton", "cpp")  # ops/dispatch.py BACKENDS
 SCHEDULES = ("cosine", "constant")  # engine/trainer.py lr_at
 CLS_OVER = ("current", "seen")  # method/learner.py

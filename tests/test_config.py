@@ -14,7 +14,7 @@ from segpcl_fast.fileio import atomic_write_text, chmod_like_open
 INVALID = [
     ("run.method=bogus", "run.method"),
     ("run.method=SeGP-CL", "run.method"),
-    ("run.precision=fp16", "run.precision"),
+    ("run.precision=fp8", "run.precision"),
     ("optim.schedule=linear", "optim.schedule"),
     ("optim.cls_over=foo", "optim.cls_over"),
     ("optim.fused=foo", "optim.fused"),
@@ -134,13 +134,13 @@ def test_a_data_root_for_the_offline_world_is_a_forgotten_dataset_choice():
 
 
 def test_one_error_lists_every_invalid_key_with_value_and_range():
-    bad = {"optim": {"lr": -1, "schedule": "linear"}, "run": {"precision": "fp16"}, "tsgr": {"k": 0}}
+    bad = {"optim": {"lr": -1, "schedule": "linear"}, "run": {"precision": "fp8"}, "tsgr": {"k": 0}}
     with pytest.raises(ConfigError) as e:
         config_from_dict(bad)
     msg = str(e.value)
     assert "optim.lr must be a finite number > 0, got -1.0" in msg
     assert "optim.schedule must be one of ['cosine', 'constant'], got 'linear'" in msg
-    assert "run.precision must be one of ['fp32', 'bf16'], got 'fp16'" in msg
+    assert "run.precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'" in msg
     assert "tsgr.k must be an integer >= 1, got 0" in msg
     assert msg.startswith("4 invalid")
 
@@ -252,7 +252,7 @@ def test_command_line_integers_are_decimal_and_base_60_is_text():
 
 @pytest.mark.parametrize("text, names", [
     ("optim:\n  lr: 0.1\n  schedule: [cosine\nrun:\n  seed: 1\n", "line"),  # YAML syntax error: its line
-    ("run:\n  precision: fp16\n", "run.precision"),  # an invalid value: its key
+    ("run:\n  precision: fp8\n", "run.precision"),  # an invalid value: its key
 ])
 def test_a_bad_file_is_one_error_naming_the_file(tmp_path, text, names):
     path = tmp_path / "c.yaml"

@@ -25,7 +25,7 @@ from ..model.clip import load_model
 from ..model.lora import inject_lora
 from .flops import StepShape
 from .distributed import DistContext
-from .trainer import Trainer, make_optimizer
+from .trainer import Trainer, make_grad_scaler, make_optimizer
 
 _WORDS = ("red", "green", "striped", "small", "round", "wooden", "spotted", "large", "metal", "blue")
 
@@ -82,6 +82,7 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     images = torch.randn(n_images, 3, size, size, device=device)
     labels = torch.randint(n_old, n_total, (n_images,), device=device)
     optimizer = make_optimizer(params, cfg)
+    scaler = make_grad_scaler(device, precision, cfg.run.text_precision)  # fp16: loss scaling, as a task's
     model.train()
 
     # what Trainer.train_step reads of its trainer, for one process
@@ -90,7 +91,7 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     previous, steps = [], itertools.count()
 
     def run() -> torch.Tensor:
-        outcome = Trainer.train_step(runner, optimizer, images, labels, cfg.optim.lr, next(steps), 1, n_images)
+        outcome = Trainer.train_step(runner, optimizer, images, labels, cfg.optim.lr, next(steps), 1, n_images, scaler)
         if previous:
             previous.pop().values(cfg)  # the trainer's loop: the last step's outcome, read after queueing this one
         previous.append(outcome)

@@ -385,6 +385,7 @@ class Trainer:
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)
         _check_ops_backend(self.cfg.run.ops, self.device)
+        _check_precision(self.cfg, self.device)
         self._previous_ops = ops.get_backend()  # run() gives it back: a run's backend does not outlive the run
         ops.set_backend(self.cfg.run.ops)
         # run.tf32 on CUDA (where it is torch's switch), given back by run() as the backend is
@@ -571,6 +572,9 @@ class Trainer:
         if c.run.max_steps_per_task:
             total_steps = min(total_steps, c.run.max_steps_per_task)
         optimizer = make_optimizer(self.lora_params, c) if total_steps else None
+        # fp16 autocast only; one per task, as the optimizer
+        scaler = make_grad_scaler(self.device, c.run.precision, c.run.text_precision) if total_steps else None
+        skipped, in_a_row = 0, 0  # steps the loss scaler skipped (fp16 overflow): all, and the latest run of them
         for kind, message in idle_setting_warnings(c, t, n_new, total_steps):
             if self.dist.is_main and kind not in self._said:  # once a run (from the first task that meets it)
                 self._said.add(kind)
@@ -582,9 +586,15 @@ class Trainer:
         recorded = None  # (step, outcome) last recorded: a non-finite step's error may quote it
 
         def record(step: int, done) -> None:
-            nonlocal recorded
+            nonlocal recorded, skipped, in_a_row
             # a StepOutcome raises FloatingPointError for a non-finite step (its update was skipped)
             parts = done.values(c) if isinstance(done, StepOutcome) else done
+            if isinstance(done, StepOutcome) and done.overflowed:  # fp16: the scaler skipped it, halved its scale
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                if in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
+                    _raise_scaled_overflows(parts, step, t, c)
+            else:
+                in_a_row = 0
             recorded = (step, done)
             losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
             epochs.append(step // steps_per_epoch)
@@ -602,7 +612,8 @@ class Trainer:
             for step, (images, labels) in enumerate(batches):
                 b = step % steps_per_epoch  # the global batch's place in its epoch
                 global_n = min(c.optim.batch_size, len(train_ds) - b * c.optim.batch_size)
-                outcome = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n)
+                outcome = self.train_step(optimizer, images, labels, lr_at(step, total_steps, c), step, t, global_n,
+                                          scaler)
                 if pending is not None:
                     record(*pending)
                 pending = (step, outcome)
@@ -616,6 +627,8 @@ class Trainer:
                 bar.close()
         timings["train_s"] = time.perf_counter() - t1
         timings["steps"] = len(losses)
+        if scaler is not None:
+            timings["fp16_skipped_steps"] = skipped  # of those steps: overflowed under the loss scale, no update
         t2 = time.perf_counter()
         with record_function("prototypes"):
             info.update(self.learner.end_task(t, n_new, _eval_loader(task_images, c.eval.batch_size, c, self.pin)))  # streamed
@@ -647,7 +660,7 @@ class Trainer:
                 min(fraction, self._learned_cls_fraction)
 
     def train_step(self, optimizer, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int, t: int,
-                   global_n: int) -> "StepOutcome":
+                   global_n: int, scaler: Optional[torch.amp.GradScaler] = None) -> "StepOutcome":
         """One SGD step on this rank's part of a global batch of `global_n` images; returns its outcome
         (`StepOutcome.values(cfg)`: the loss parts as floats, or the FloatingPointError of a non-finite step).
 
@@ -664,6 +677,12 @@ class Trainer:
         all-reduce, so the L_cls and L_GR parts of the update equal the single-process update on the
         whole global batch; each rank samples its own anchors (engine/distributed.py), so the ACGD
         part equals it in expectation over the anchor draw.
+
+        With a `scaler` (fp16 autocast: make_grad_scaler) the backward runs on the scaled loss and the
+        gradients are unscaled before the norm and clipping. Non-finite gradients under a finite loss are then
+        an fp16 overflow, not an error: the update is skipped (on the device with fused SGD, not sticky), the
+        scaler halves its scale, and the outcome reads `overflowed` (the task loop raises after
+        MAX_OVERFLOWS_IN_A_ROW). A non-finite loss term raises as without a scaler.
         """
         c = self.cfg
         for g in optimizer.param_groups:
@@ -681,32 +700,38 @@ class Trainer:
                 loss, parts = self.learner.loss(images, labels)
             weighted = loss * (n_local * self.dist.world_size / global_n) if self.grad_sync is not None else loss
             with record_function("backward"):
-                weighted.backward()
+                (weighted if scaler is None else scaler.scale(weighted)).backward()
         if self.grad_sync is not None:
             with record_function("grad_sync"):
                 self.grad_sync.finish()
         with record_function("optimizer"):
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # on the device: records found_inf, which scaler.update() reads
             if c.optim.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
             else:
                 grad_norm = _grad_norm(self.lora_params)
-            outcome = StepOutcome(step, t, parts, loss, grad_norm, copy_ahead=on_device)
+            outcome = StepOutcome(step, t, parts, loss, grad_norm, copy_ahead=on_device, scaled=scaler is not None)
             if on_device:
                 # 1: the fused kernel leaves weights and momentum. Sticky: the steps queued after a non-finite
                 # one (before its error is read) are skipped too, so the weights at the raise are those the
-                # synchronous path raises with
-                skip = outcome.nonfinite()
+                # synchronous path raises with. Under a scaler only what raises is sticky (a non-finite loss);
+                # an overflow skips its own step alone
+                skip = outcome.nonfinite(gradients=scaler is None)
                 earlier = getattr(optimizer, "_segpcl_nonfinite", None)
                 optimizer._segpcl_nonfinite = skip = skip if earlier is None else torch.maximum(skip, earlier)
-                optimizer.found_inf = skip
                 outcome.skips_in = optimizer  # reading a non-finite outcome clears the flag
+                optimizer.found_inf = skip if scaler is None else torch.maximum(skip, outcome.overflow())
                 try:
                     optimizer.step()
                 finally:
                     del optimizer.found_inf
             else:
                 outcome.values(c)  # the host sync, before the update: raises for a non-finite step
-                optimizer.step()
+                if not outcome.overflowed:
+                    optimizer.step()
+            if scaler is not None:
+                scaler.update()  # from unscale_'s found_inf: halve the scale after an overflow, else maybe grow it
         return outcome
 
     def _moved_paths(self, saved: dict) -> dict:
@@ -929,6 +954,24 @@ def _count_rows(counts: np.ndarray) -> list[list[Optional[int]]]:
     return [[None if v is None else int(v) for v in row] for row in metrics.matrix_to_list(counts)]
 
 
+def _check_precision(cfg: Config, device: torch.device) -> None:
+    """run.precision / run.text_precision = bf16 on a GPU without bf16 (before Ampere: V100, T4, the RTX 20
+    series) fails here, naming fp16, before the data is indexed and weights load (torch refuses bf16
+    autocast there at the first forward)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    keys = [key for key in ("run.precision", "run.text_precision") if config_value(cfg, key) == "bf16"]
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3: no emulation to leave out
+        native = torch.cuda.is_bf16_supported()
+    if keys and not native:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"{' and '.join(f'{k}=bf16' for k in keys)}: {torch.cuda.get_device_name(device)} (compute "
+                          f"capability {major}.{minor}) has no bf16; use {' and '.join(f'{k}=fp16' for k in keys)} "
+                          f"(autocast with loss scaling) or fp32")
+
+
 def _check_ops_backend(name: str, device: torch.device) -> None:
     """run.ops=triton on a device the Triton kernels cannot run on fails here, before the data is
     indexed and weights load (it failed at the first TSGR call, deep in a traceback); SEGPCL_OPS set to
@@ -965,8 +1008,10 @@ class StepOutcome:
     plain `.item()` would copy in stream order and so wait for the next step too.)"""
 
     def __init__(self, step: int, t: int, parts: dict, loss: Optional[torch.Tensor], grad_norm: torch.Tensor,
-                 copy_ahead: bool = False):
+                 copy_ahead: bool = False, scaled: bool = False):
         self.step, self.t = step, t
+        self.scaled = scaled  # fp16 loss scaling: non-finite gradients under a finite loss are an overflow
+        self.overflowed = False  # set by values(): the scaled step overflowed and was skipped
         self.loss = None if loss is None else loss.detach()  # the total loss, on the device (a scalar)
         self._names = list(parts)
         self._grad_norm = grad_norm.detach()
@@ -987,12 +1032,18 @@ class StepOutcome:
         self.grad_norm_read: Optional[float] = None  # set by values(): a non-finite step's error quotes the one before
         self.skips_in = None  # the fused optimizer whose sticky skip flag this step set (Trainer.train_step)
 
-    def nonfinite(self) -> torch.Tensor:
-        """1.0 (fp32 scalar, on the gradients' device) when the loss or the gradient norm is not finite."""
-        finite = torch.isfinite(self._grad_norm)
+    def nonfinite(self, gradients: bool = True) -> torch.Tensor:
+        """1.0 (fp32 scalar, on the gradients' device) when the loss, or (`gradients`) the gradient norm, is not
+        finite."""
+        finite = torch.isfinite(self._grad_norm) if gradients else torch.ones((), dtype=torch.bool,
+                                                                               device=self._grad_norm.device)
         if self.loss is not None:
             finite = finite & torch.isfinite(self.loss.to(finite.device))
         return (~finite).float()
+
+    def overflow(self) -> torch.Tensor:
+        """1.0 (fp32 scalar, on the gradients' device) when the gradient norm is not finite."""
+        return (~torch.isfinite(self._grad_norm)).float()
 
     def values(self, cfg: Config) -> dict:
         if self._values is None:
@@ -1002,16 +1053,43 @@ class StepOutcome:
             values = dict(zip(self._names, read))
             self.grad_norm_read = read[-1]
             loss_ok = self.loss is None or math.isfinite(read[len(self._names)])
-            if (not loss_ok or not math.isfinite(read[-1])) and self.skips_in is not None:
+            raises = not loss_ok or (not math.isfinite(read[-1]) and not self.scaled)  # (a scaled overflow is skipped)
+            if raises and self.skips_in is not None:
                 # the error is out: the steps queued after this one were skipped; later ones run again
                 self.skips_in.__dict__.pop("_segpcl_nonfinite", None)
             if not loss_ok:
                 _raise_nonfinite_loss(read[len(self._names)], values, self.step, self.t, cfg)
             if not math.isfinite(read[-1]):
-                _raise_nonfinite_grad(values, self.step, self.t, cfg)
+                if not self.scaled:
+                    _raise_nonfinite_grad(values, self.step, self.t, cfg)
+                self.overflowed = True
             self._values = values
             self._host = self._event = self._grad_norm = self.skips_in = None  # nothing kept past the read
         return self._values
+
+
+# fp16: steps in a row the loss scaler may skip before the run stops. From GradScaler's 2^16 that many halvings
+# take the scale to 2^-8: gradients still overflowing there are non-finite, not too large for fp16
+MAX_OVERFLOWS_IN_A_ROW = 24
+
+
+def make_grad_scaler(device: torch.device, *precisions: str) -> Optional[torch.amp.GradScaler]:
+    """Dynamic loss scaling (torch.amp.GradScaler, its defaults) where a tower trains under fp16 autocast
+    (`precisions`: run.precision, run.text_precision; fp16 gradients would underflow its range unscaled); None
+    otherwise (fp32, bf16: bf16 has fp32's exponent range). A new one per task, like the optimizer, so a run
+    resumed at a task boundary trains as the uninterrupted one (nothing of it is checkpointed); the first steps of
+    a task may overflow and be skipped while the scale comes down (results.json: timings.tasks[t].fp16_skipped_steps)."""
+    if "fp16" not in precisions:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def _raise_scaled_overflows(values: dict, step: int, t: int, cfg: Config) -> None:
+    raise _at_step(FloatingPointError(
+        f"the LoRA B gradients were not finite in {MAX_OVERFLOWS_IN_A_ROW} steps in a row at task {t + 1}, up to step "
+        f"{step}, under fp16 loss scaling (each skipped, the scale halved: from 65536 to "
+        f"{65536 / 2 ** MAX_OVERFLOWS_IN_A_ROW:g}) while the loss terms were finite ({_terms_text(values)}): not an "
+        f"fp16 overflow that scaling fixes; {_nonfinite_fixes(list(values), cfg)}"), step)
 
 
 def skips_nonfinite_on_device(optimizer) -> bool:
@@ -1036,8 +1114,11 @@ def _nonfinite_fixes(terms: list, cfg: Config) -> str:
         return f"{key} (now {config_value(cfg, key):g})"
     settings = [now(key) for term in terms for key in TERM_SETTINGS.get(term, ())]
     fixes = ([f"check {', '.join(settings)}"] if settings else []) + [f"lower {now('optim.lr')}"]
-    if cfg.run.precision != "fp32":
-        fixes.append("use run.precision=fp32")
+    for key in ("run.precision", "run.text_precision"):
+        if config_value(cfg, key) == "fp16":  # bf16 has fp32's range; V100 / T4 have no bf16
+            fixes.append(f"use {key}=bf16 (where the GPU has it) or fp32")
+        elif config_value(cfg, key) != "fp32":
+            fixes.append(f"use {key}=fp32")
     return "; ".join(fixes)
 
 

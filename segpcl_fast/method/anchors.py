@@ -165,6 +165,7 @@ def run_dpgd(teacher, seeds: torch.Tensor, targets: torch.Tensor, old_text: torc
         raise ValueError(f"run_dpgd: mean/std have {eps_n.shape[0]} channels but the seeds have {seeds.shape[1]}")
     view = (1, -1, 1, 1)
     scale = _scalar(logit_scale)
+    fp16 = getattr(teacher, "image_autocast", None) is torch.float16  # run.precision=fp16
     out = torch.empty_like(seeds)
     with frozen_eval(teacher), torch.enable_grad():
         for start in range(0, seeds.shape[0], cfg.batch_size):
@@ -177,12 +178,42 @@ def run_dpgd(teacher, seeds: torch.Tensor, targets: torch.Tensor, old_text: torc
                 x = torch.maximum(torch.minimum(x, hi.view(view).to(x.dtype)), lo.view(view).to(x.dtype))
             for _ in range(cfg.k_adv):
                 x.requires_grad_(True)
-                raw, emb = teacher.encode_image(x)
-                loss = dpgd_loss(raw, emb, y, old_text, prototypes, scale, cfg.lambda_p)
-                (grad,) = torch.autograd.grad(loss, x)
+                if fp16:
+                    grad = _fp16_pixel_gradient(teacher, x, y, old_text, prototypes, scale, cfg.lambda_p)
+                else:
+                    raw, emb = teacher.encode_image(x)
+                    loss = dpgd_loss(raw, emb, y, old_text, prototypes, scale, cfg.lambda_p)
+                    (grad,) = torch.autograd.grad(loss, x)
                 x = ops.pgd_step(x.detach(), grad, x0, gamma_n, eps_n, lo, hi)
             out[start:start + cfg.batch_size] = x.detach()
     return out
+
+
+def _fp16_pixel_gradient(teacher, x: torch.Tensor, targets: torch.Tensor, old_text: torch.Tensor,
+                         prototypes: Optional[torch.Tensor], logit_scale: float, lambda_p: float) -> torch.Tensor:
+    """grad_x L_DPGD up to a positive factor per anchor, through an image tower under fp16 autocast.
+
+    fp16 flushes gradients below 6e-8 to zero, and L_DPGD's gets that small as PGD drives an anchor's CE
+    towards 0 (its gradient shrinks with 1 - p_c, at s = 100): sign() then reads 0 and the anchor stops
+    moving, where fp32 and bf16 (fp32's exponent range) keep stepping. So the loss is differentiated down to
+    r(x) first, in fp32 (the tail after the tower: projection, logits, CE, cosine), and that gradient is
+    scaled to unit norm per anchor before it enters the fp16 tower. Each anchor's pixel gradient is then its
+    exact one times 1 / ||grad_r L|| (a positive factor, which sign() ignores: in eval mode the tower mixes no
+    samples) and lands near fp16's middle range however small the loss's gradient got.
+    Non-finite (fp16 activations overflowed): FloatingPointError naming the fix (a host sync per step).
+    """
+    raw = teacher.raw_features(x)
+    r = raw.detach().requires_grad_(True)
+    loss = dpgd_loss(r, teacher.project(r), targets, old_text, prototypes, logit_scale, lambda_p)
+    (grad_r,) = torch.autograd.grad(loss, r)
+    norm = grad_r.flatten(1).norm(dim=1).view(-1, *[1] * (grad_r.dim() - 1))
+    unit = torch.where(norm > 0, grad_r / norm.clamp_min(torch.finfo(norm.dtype).tiny), grad_r)
+    (grad,) = torch.autograd.grad(raw, x, grad_outputs=unit)
+    if not bool(torch.isfinite(grad).all()):
+        raise FloatingPointError("DPGD: the teacher's pixel gradient is not finite under fp16 autocast "
+                                 "(run.precision=fp16: the image tower's fp16 activations overflowed, or the seeds "
+                                 "hold NaN pixels); use run.precision=bf16 (where the GPU has it) or fp32")
+    return grad
 
 
 # ----------------------------------------------------------------------------- 3. cache

@@ -8,12 +8,13 @@ Notation of method.md:
   u_c   L2-normalised text embedding of class c's prompt(s)    -> CLIPModel.class_embeddings
   s     = exp(logit_scale)                                     -> CLIPModel.logit_scale()
 
-Precision: `CLIPModel.image_autocast` (None, or torch.bfloat16 for run.precision=bf16) runs the image
+Precision: `CLIPModel.image_autocast` (None, or torch.bfloat16 / torch.float16 for run.precision=bf16 /
+fp16: AUTOCAST_DTYPES) runs the image
 tower's transformer under autocast; r(x) is returned in fp32, so the projection and everything the
 method computes from the features (logits, cosines, KL, prototypes, seed scores) stays fp32 (a bf16
 logit at s = 100 (about 20-35) is spaced 0.125-0.25 apart: argmax ties, L_GR / L_ACGD > 0 at student = teacher).
 The text tower runs in fp32 (it sees class prompts, not the batch) unless `CLIPModel.text_autocast`
-is set (run.text_precision=bf16, opt-in): then its transformer runs under autocast and its
+is set (run.text_precision=bf16 or fp16, opt-in): then its transformer runs under autocast and its
 embeddings come out fp32 in the same way.
 
 Knows nothing of method/ or engine/.
@@ -44,6 +45,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 MODEL_CONFIG_DIR = PACKAGE_DIR / "model_configs"
 ASSET_DIR = PACKAGE_DIR / "assets"
 # (model name, tag) -> checkpoint shipped inside the package
+# run.precision / text_precision -> the tower's autocast dtype (None: no autocast, fp32)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUNDLED_WEIGHTS = {("segpcl-tiny", "segpcl-world"): ASSET_DIR / "segpcl-tiny-world.pt"}
 
 _registered = False
@@ -184,13 +187,12 @@ class CLIPModel(nn.Module):
         return raw, self.project(raw)
 
     def set_precision(self, image: str = "fp32", text: str = "fp32") -> None:
-        """run.precision / run.text_precision ("fp32" or "bf16") as the towers' autocast dtypes
+        """run.precision / run.text_precision ("fp32", "bf16" or "fp16") as the towers' autocast dtypes
         (image_autocast, text_autocast). Set before anything caches text embeddings."""
         for name, value in (("image", image), ("text", text)):
             if value not in PRECISIONS:
-                raise ValueError(f"set_precision: {name} precision '{value}' is not {' or '.join(PRECISIONS)}")
-        image_dtype = torch.bfloat16 if image == "bf16" else None
-        text_dtype = torch.bfloat16 if text == "bf16" else None
+                raise ValueError(f"set_precision: {name} precision '{value}' is not one of {', '.join(PRECISIONS)}")
+        image_dtype, text_dtype = AUTOCAST_DTYPES[image], AUTOCAST_DTYPES[text]
         for tower, dtype in (("visual", image_dtype), ("text", text_dtype)):
             stored = self.frozen_storage.get(tower)
             if stored is not None and dtype != stored:

@@ -176,11 +176,13 @@ def test_compile_sees_through_custom_ops_with_fullgraph(tiny_model_name):
     torch.testing.assert_close(kl(z, zt), ops.anchor_kl(z, zt, 20.0))
 
 
-def test_bf16_autocast_compiled_step_is_close_to_fp32(tiny_model_name, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bf16_autocast_compiled_step_is_close_to_fp32(tiny_model_name, tmp_path, precision):
+    """bf16 and fp16 (with its loss scaler) autocast of the compiled step: no graph break, B close to fp32's."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    cfg = _config(tiny_model_name, tmp_path / "b", num_tasks=1, task_sizes=None, compile=True, precision="bf16", lr=0.05,
-                  method="lora_finetune")
+    cfg = _config(tiny_model_name, tmp_path / "b", num_tasks=1, task_sizes=None, compile=True, precision=precision,
+                  lr=0.05, method="lora_finetune")
     trainer = Trainer(cfg, compile_settings=AOT)
     bf16 = trainer.run()
     fp32 = Trainer(_config(tiny_model_name, tmp_path / "f", num_tasks=1, task_sizes=None, lr=0.05, method="lora_finetune"))

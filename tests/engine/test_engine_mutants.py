@@ -232,6 +232,75 @@ def test_a_skipped_first_step_leaves_no_momentum_behind(monkeypatch):
     assert torch.equal(w.detach(), fresh.detach()) and torch.equal(opt.state[w]["momentum_buffer"], fresh.grad)
 
 
+def _optimizer(kind, w, **kw):
+    return _fused_sgd(w, **kw) if kind == "fused" else torch.optim.SGD([w], foreach=True, **kw)
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach"])
+def test_a_loss_scaled_step_equals_the_unscaled_step(kind):
+    """fp16's loss scaling (make_grad_scaler): the backward runs on loss x 2^k and the gradients are
+    unscaled before the norm and the update, so a finite step's update, momentum and loss parts are the
+    unscaled step's bit for bit (powers of two scale exactly); the scale stays (growth after 2000 steps)."""
+    from segpcl_fast.engine.trainer import make_grad_scaler
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    w_plain = torch.nn.Parameter(torch.randn(3))
+    w_scaled = torch.nn.Parameter(w_plain.detach().clone())
+    tr_plain, tr_scaled = _stub_trainer(w_plain, sync=False), _stub_trainer(w_scaled, sync=False)
+    opt_plain, opt_scaled = _optimizer(kind, w_plain, **kw), _optimizer(kind, w_scaled, **kw)
+    scaler = make_grad_scaler(torch.device("cpu"), "fp16", "fp32")
+    assert make_grad_scaler(torch.device("cpu"), "bf16", "fp32") is None
+    assert make_grad_scaler(torch.device("cpu"), "fp32", "fp16") is not None
+    for step in range(3):
+        a = Trainer.train_step(tr_plain, opt_plain, x, y, 0.1, step, 0, global_n=4).values(tr_plain.cfg)
+        b = Trainer.train_step(tr_scaled, opt_scaled, x, y, 0.1, step, 0, 4, scaler)
+        assert b.values(tr_scaled.cfg) == a and not b.overflowed
+        assert torch.equal(w_plain.grad, w_scaled.grad)  # unscaled before the update
+    assert torch.equal(w_plain.detach(), w_scaled.detach())
+    assert torch.equal(opt_plain.state[w_plain]["momentum_buffer"], opt_scaled.state[w_scaled]["momentum_buffer"])
+    assert scaler.get_scale() == 2.0 ** 16
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach"])
+def test_an_overflowing_scaled_step_is_skipped_halves_the_scale_and_raises_nothing(kind):
+    """Under a loss scaler, non-finite gradients under a finite loss are an fp16 overflow: the update and
+    momentum are skipped, the scale halves, the outcome reads `overflowed` and raises nothing; the skip is
+    the step's own (the next, finite step applies, queued before the overflow was read)."""
+    from segpcl_fast.engine.trainer import make_grad_scaler
+    torch.manual_seed(4)
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    w = torch.nn.Parameter(torch.randn(3))
+    tr = _stub_trainer(w, sync=False)
+    opt = _optimizer(kind, w, lr=0.1, momentum=0.9)
+    scaler = make_grad_scaler(torch.device("cpu"), "fp16")
+    Trainer.train_step(tr, opt, x, y, 0.1, 0, 0, 4, scaler).values(tr.cfg)
+    before, buf = w.detach().clone(), opt.state[w]["momentum_buffer"].clone()
+    tr.learner = _PoisonedLearner(w, bad_from=0, nan_loss=False)
+    bad = Trainer.train_step(tr, opt, x, y, 0.1, 1, 0, 4, scaler)
+    assert torch.equal(w.detach(), before) and torch.equal(opt.state[w]["momentum_buffer"], buf)
+    assert scaler.get_scale() == 2.0 ** 15
+    tr.learner = _LinearLearner(w)
+    queued = Trainer.train_step(tr, opt, x, y, 0.1, 2, 0, 4, scaler)
+    assert bad.values(tr.cfg) == {"cls": 0.0} and bad.overflowed
+    assert queued.values(tr.cfg)["cls"] > 0 and not queued.overflowed
+    assert not torch.equal(w.detach(), before)  # the finite step after the overflow applied
+
+
+def test_a_non_finite_loss_raises_under_a_loss_scaler_too():
+    from segpcl_fast.engine.trainer import make_grad_scaler
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    w = torch.nn.Parameter(torch.randn(3))
+    tr = _stub_trainer(w, sync=False)
+    tr.learner = _PoisonedLearner(w, bad_from=0, nan_loss=True)
+    opt = _fused_sgd(w, lr=0.1, momentum=0.9)
+    before = w.detach().clone()
+    bad = Trainer.train_step(tr, opt, x, y, 0.1, 0, 0, 4, make_grad_scaler(torch.device("cpu"), "fp16"))
+    with pytest.raises(FloatingPointError, match="loss is nan at task 1, step 0.*run.precision=bf16 \\(where the GPU"):
+        bad.values(make_config(precision="fp16"))
+    assert torch.equal(w.detach(), before)
+
+
 def test_optimizer_applies_weight_decay_and_momentum():
     p = torch.nn.Parameter(torch.tensor([2.0]))
     opt = make_optimizer([p], make_config(lr=0.1, optim__weight_decay=0.5, optim__fused="foreach"))

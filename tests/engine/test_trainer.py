@@ -590,7 +590,7 @@ def test_the_run_records_each_terms_mean_per_epoch_and_plots_it(tiny_model_name,
     those steps, in the result, results.json and a resumed finished run; loss_curves.png is drawn.
     Step 2 has no loss (under torchrun: rank 0 got no images of that batch): it counts as a step of
     its epoch (it ran) but not in the means (the count was short before)."""
-    def scripted_step(self, optimizer, images, labels, lr, step, t, global_n):
+    def scripted_step(self, optimizer, images, labels, lr, step, t, global_n, scaler=None):
         scale = 100.0 ** t
         if step == 2:
             return {}
@@ -810,9 +810,9 @@ def _spy_stages(learner, names, stage, record):
         setattr(learner, name, spy)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_run_precision_puts_the_image_tower_in_bf16_and_keeps_the_method_fp32(tiny_model_name, tmp_path, precision):
-    """run.precision=bf16 runs the image transformer under autocast in every stage (DPGD, whose fp32
+    """run.precision=bf16 (fp16 alike) runs the image transformer under autocast in every stage (DPGD, whose fp32
     GEMMs topped an H100 profile when it ran outside autocast; the training step; prototypes;
     evaluation) and nothing else: the TSGR graph, the teacher's cached logits, the text embeddings,
     the losses and the logits stay fp32. So at task 1, where B = 0 and the student text is the
@@ -822,7 +822,8 @@ def test_run_precision_puts_the_image_tower_in_bf16_and_keeps_the_method_fp32(ti
     learner = trainer.learner
     stage, tower_autocast, dtypes, first_parts = ["setup"], {}, {}, []
     trainer.model.visual.transformer.resblocks[0].register_forward_pre_hook(
-        lambda module, args: tower_autocast.setdefault(stage[0], set()).add(torch.is_autocast_enabled("cpu")))
+        lambda module, args: tower_autocast.setdefault(stage[0], set()).add(
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
     def record(name, out):
         if name == "loss":
             first_parts.append({k: float(v.detach()) for k, v in out[1].items()})
@@ -838,9 +839,74 @@ def test_run_precision_puts_the_image_tower_in_bf16_and_keeps_the_method_fp32(ti
     trainer.evaluate_seen(0)
     trainer.train_task(1)
     dtypes["text_cache"] = learner.text_cache.dtype
-    assert tower_autocast == {name: {precision == "bf16"} for name in ("begin_task", "loss", "end_task", "logits")}
+    dtype = {"fp32": False, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert tower_autocast == {name: {dtype} for name in ("begin_task", "loss", "end_task", "logits")}
     assert set(dtypes) == {"L_cls", "L_acgd", "L_gr", "teacher_logits", "logits", "graph", "text_cache"}
     assert set(dtypes.values()) == {torch.float32}, dtypes
+
+
+def _poison_gradients(learner, steps):
+    """Learner.loss adds 0 with a non-finite gradient (d sqrt|b - b| at 0) at the given 0-based calls: a
+    finite loss whose LoRA B gradients overflow, as fp16 gradients under too high a loss scale do."""
+    real, calls = learner.loss, [0]
+    b = next(p for n, p in learner.model.named_parameters() if "lora_B" in n)
+
+    def loss(images, labels):
+        total, parts = real(images, labels)
+        calls[0] += 1
+        if calls[0] - 1 in steps:
+            total = total + (b - b.detach()).abs().sqrt().sum()
+        return total, parts
+    learner.loss = loss
+
+
+def test_fp16_run_skips_overflowed_steps_counts_them_and_stops_after_too_many_in_a_row(tiny_model_name, tmp_path,
+                                                                                        monkeypatch):
+    """run.precision=fp16 trains under a loss scaler (one per task): steps whose gradients overflow are
+    skipped and counted in results.json (timings.tasks[t].fp16_skipped_steps) while the run goes on;
+    MAX_OVERFLOWS_IN_A_ROW of them in a row stop it with an error naming the fix. bf16 has no scaler (an
+    overflow there is an error at once)."""
+    monkeypatch.setattr("segpcl_fast.engine.trainer.MAX_OVERFLOWS_IN_A_ROW", 3)
+    cfg = small_config(tiny_model_name, tmp_path / "fp16", num_tasks=1, plots=False, run__precision="fp16",
+                       optim__batch_size=4, run__max_steps_per_task=5)
+    trainer = Trainer(cfg)
+    _poison_gradients(trainer.learner, steps={0, 1, 3, 4})  # 4 of 5 steps, never 3 in a row
+    b_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.run()
+    timings = json.loads((tmp_path / "fp16" / "results.json").read_text())["timings"]["tasks"][0]
+    assert (timings["steps"], timings["fp16_skipped_steps"]) == (5, 4)
+    changed = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, b_before[n])]
+    assert changed  # step 2 applied
+    stopped = Trainer(apply_overrides(cfg, {"run.output_dir": str(tmp_path / "stopped")}))
+    _poison_gradients(stopped.learner, steps={1, 2, 3})
+    with pytest.raises(FloatingPointError, match="not finite in 3 steps in a row at task 1, up to step 3, under fp16 "
+                                                 "loss scaling.*use run.precision=bf16 \\(where the GPU has it\\)"):
+        stopped.run()
+    bf16 = Trainer(apply_overrides(cfg, {"run.output_dir": str(tmp_path / "bf16"), "run.precision": "bf16"}))
+    _poison_gradients(bf16.learner, steps={1})
+    with pytest.raises(FloatingPointError, match="LoRA B gradients are not finite at task 1, step 1"):
+        bf16.run()
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused_naming_fp16(monkeypatch):
+    """A V100 (compute capability 7.0) has bf16 only emulated: run.precision=bf16 (every dataset config's)
+    is refused up front, naming the GPU and fp16; fp16, fp32, a bf16 GPU and the CPU pass."""
+    from segpcl_fast.engine.trainer import _check_precision
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    cuda = torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"^run.precision=bf16 and run.text_precision=bf16: Tesla V100-SXM2-16GB "
+                                          r"\(compute capability 7.0\) has no bf16; use run.precision=fp16 and "
+                                          r"run.text_precision=fp16 \(autocast with loss scaling\) or fp32$"):
+        _check_precision(make_config(precision="bf16", run__text_precision="bf16"), cuda)
+    with pytest.raises(ConfigError, match=r"^run.text_precision=bf16: Tesla"):
+        _check_precision(make_config(precision="fp16", run__text_precision="bf16"), cuda)
+    _check_precision(make_config(precision="fp16", run__text_precision="fp32"), cuda)
+    _check_precision(make_config(precision="bf16"), torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    _check_precision(make_config(precision="bf16", run__text_precision="bf16"), cuda)
 
 
 def test_run_text_precision_bf16_autocasts_the_text_transformer_for_every_text_embedding(tiny_model_name, tmp_path):
@@ -947,8 +1013,8 @@ def test_a_run_whose_loss_rises_warns_once_per_task(tiny_model_name, tmp_path, c
     calls = []
     real_step = Trainer.train_step
 
-    def rising_step(self, optimizer, images, labels, lr, step, t, global_n):
-        real_step(self, optimizer, images, labels, lr, step, t, global_n)
+    def rising_step(self, optimizer, images, labels, lr, step, t, global_n, scaler=None):
+        real_step(self, optimizer, images, labels, lr, step, t, global_n, scaler)
         calls.append(step)
         return {"cls": 1.0 + 10.0 * step}  # ends far above ln(2 classes)
 
@@ -1353,6 +1419,8 @@ def test_the_nonfinite_message_names_the_settings_of_the_bad_terms():
     cfg = make_config(acgd__tau=0.001)
     assert _nonfinite_fixes(["acgd"], cfg) == "check acgd.tau (now 0.001), acgd.weight (now 5); lower optim.lr (now 0.001)"
     assert _nonfinite_fixes(["cls"], make_config(precision="bf16")) == "lower optim.lr (now 0.001); use run.precision=fp32"
+    assert _nonfinite_fixes(["cls"], make_config(run__text_precision="fp16")) == (
+        "lower optim.lr (now 0.001); use run.text_precision=bf16 (where the GPU has it) or fp32")
 
 
 def test_acgd_on_a_reference_folder_needs_the_folder_before_task_1_trains(tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def _stub_trainer(monkeypatch, rank=0, world=1, n_train=1, n_classes=(2, 2, 2), 
     tr._learned_cls_fraction = None
     tr._said = set()
     losses = list(cls_losses or [])
-    tr.train_step = lambda opt, images, labels, lr, step, t, global_n: (
+    tr.train_step = lambda opt, images, labels, lr, step, t, global_n, scaler=None: (
         {"cls": torch.tensor(losses[step])} if step < len(losses) else {})
     return tr
 
@@ -129,7 +129,7 @@ def test_train_task_flags_a_task_at_chance_after_one_that_learned(monkeypatch, c
     tr = _stub_trainer(monkeypatch, n_train=8, n_classes=(4, 4, 4), optim__batch_size=1, epochs=1)
     for t, losses, flagged in ((0, [chance] * 8, False), (1, [1.0, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.4], False),
                                (2, [chance] * 8, True)):
-        tr.train_step = lambda opt, images, labels, lr, step, t, global_n, losses=losses: {"cls": torch.tensor(losses[step])}
+        tr.train_step = lambda opt, images, labels, lr, step, t, global_n, scaler=None, losses=losses: {"cls": torch.tensor(losses[step])}
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
             tr.train_task(t)
@@ -248,7 +248,7 @@ def test_a_task_ending_at_exactly_zero_loss_counts_as_learned(monkeypatch, caplo
     tr = _stub_trainer(monkeypatch, n_train=8, n_classes=(4, 4, 4, 4), optim__batch_size=1, epochs=1)
     said = []
     for t, losses in enumerate(([1.0, 0.7, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0], [chance] * 8, [chance] * 8, [chance] * 8)):
-        tr.train_step = lambda opt, images, labels, lr, step, t, global_n, losses=losses: {"cls": torch.tensor(losses[step])}
+        tr.train_step = lambda opt, images, labels, lr, step, t, global_n, scaler=None, losses=losses: {"cls": torch.tensor(losses[step])}
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine"):
             tr.train_task(t)

@@ -307,3 +307,80 @@ def test_host_to_device_stages_cpu_tensors_in_pinned_memory_for_cuda(monkeypatch
     monkeypatch.setattr(anchors.AnchorCache, "device", property(lambda self: torch.device("cuda", 0)))
     anchors.sample_anchor_batch(cache, 3, torch.Generator().manual_seed(0))
     assert calls[:2] == ["pin", ("to", "cuda:0", True)]
+
+
+# ----------------------------------------------------------------------------- DPGD under fp16 autocast
+
+def _confident_setup(model, logit_scale):
+    """Seeds whose target is the teacher's own top class at a high logit scale: CE's gradient is tiny (it
+    shrinks with 1 - p_c), the case PGD drives every anchor towards."""
+    _, seeds, _, text, protos, _, _ = _setup(model)
+    with torch.no_grad():
+        _, emb = model.encode_image(seeds)
+        targets = (F.normalize(emb, dim=-1) @ text.T).argmax(dim=1)
+    return seeds, targets, text, protos, logit_scale
+
+
+def _pixel_gradient(model, seeds, targets, text, protos, scale, ours, lambda_p=1.0):
+    with anchors.frozen_eval(model), torch.enable_grad():
+        x = seeds.clone().requires_grad_(True)
+        if ours:
+            return anchors._fp16_pixel_gradient(model, x, targets, text, protos, scale, lambda_p)
+        raw, emb = model.encode_image(x)
+        return torch.autograd.grad(anchors.dpgd_loss(raw, emb, targets, text, protos, scale, lambda_p), x)[0]
+
+
+def test_fp16_pixel_gradient_is_the_exact_gradient_over_its_anchors_norm_at_r(teacher):
+    """In fp32 (no autocast) the fp16 path's gradient is the plain one divided, per anchor, by the norm of
+    the loss's gradient at r(x): a positive factor, so sign() and PGD's step are unchanged."""
+    model = copy.deepcopy(teacher)
+    model.set_precision(image="fp32")
+    seeds, targets, text, protos, scale = _confident_setup(model, 100.0)
+    plain = _pixel_gradient(model, seeds, targets, text, protos, scale, ours=False)
+    with torch.enable_grad():
+        r = model.raw_features(seeds).detach().requires_grad_(True)
+        (g_r,) = torch.autograd.grad(anchors.dpgd_loss(r, model.project(r), targets, text, protos, scale, 1.0), r)
+    ours = _pixel_gradient(model, seeds, targets, text, protos, scale, ours=True)
+    torch.testing.assert_close(ours, plain / g_r.norm(dim=1).view(-1, 1, 1, 1), rtol=1e-4, atol=1e-7)
+
+
+def test_fp16_dpgd_keeps_the_gradient_signs_that_plain_fp16_flushes_to_zero(teacher):
+    """CE alone (lambda_p = 0) at s = 300 on confident anchors: the fp32 pixel gradient is small enough that
+    a plain backward through the fp16 tower flushes much of it to zero (sign 0: those pixels stop moving).
+    The fp16 path (its r(x) gradient scaled to unit norm per anchor) keeps fp32's signs."""
+    model = copy.deepcopy(teacher)
+    model.set_precision(image="fp32")
+    args = _confident_setup(model, 300.0)
+    g32 = _pixel_gradient(model, *args, ours=False, lambda_p=0.0)
+    assert float((g32 == 0).float().mean()) == 0.0
+    model.set_precision(image="fp16")
+    plain16 = _pixel_gradient(model, *args, ours=False, lambda_p=0.0)
+    ours16 = _pixel_gradient(model, *args, ours=True, lambda_p=0.0)
+    assert float((plain16 == 0).float().mean()) > 0.3  # the underflow this path exists for (0.67 here)
+    assert float((ours16.sign() == g32.sign()).float().mean()) > 0.99  # 0.9998 here
+
+
+def test_fp16_dpgd_runs_the_tower_under_fp16_and_lowers_the_loss(teacher):
+    model = copy.deepcopy(teacher)
+    model.set_precision(image="fp16")
+    _, seeds, targets, text, protos, _, _ = _setup(model)
+    seen = set()
+    hook = model.visual.transformer.resblocks[0].register_forward_pre_hook(
+        lambda module, args: seen.add(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+    adv = anchors.run_dpgd(model, seeds, targets, text, protos, model.logit_scale(), DPGDConfig(k_adv=10),
+                           model.image_stats.mean, model.image_stats.std)
+    hook.remove()
+    assert seen == {torch.float16} and adv.dtype == torch.float32
+    model.set_precision(image="fp32")
+    assert _dpgd_value(model, adv, targets, text, protos) < _dpgd_value(model, seeds, targets, text, protos)
+
+
+def test_fp16_dpgd_refuses_an_overflowed_gradient(teacher):
+    model = copy.deepcopy(teacher)
+    model.set_precision(image="fp16")
+    with torch.no_grad():
+        model.visual.conv1.weight.mul_(1e6)  # patch embeddings past fp16's 65504
+    _, seeds, targets, text, protos, _, _ = _setup(model)
+    with pytest.raises(FloatingPointError, match="not finite under fp16 autocast.*run.precision=bf16"):
+        anchors.run_dpgd(model, seeds, targets, text, protos, model.logit_scale(), DPGDConfig(k_adv=1),
+                         model.image_stats.mean, model.image_stats.std)

@@ -255,5 +255,7 @@ def test_set_precision_maps_run_settings_to_tower_autocast(tiny_model_name):
     assert model.image_autocast is torch.bfloat16 and model.text_autocast is None
     model.set_precision(image="fp32", text="bf16")
     assert model.image_autocast is None and model.text_autocast is torch.bfloat16
-    with pytest.raises(ValueError, match="text precision 'fp16' is not fp32 or bf16"):
-        model.set_precision(text="fp16")
+    model.set_precision(image="fp16", text="fp16")
+    assert model.image_autocast is torch.float16 and model.text_autocast is torch.float16
+    with pytest.raises(ValueError, match="text precision 'half' is not one of fp32, bf16, fp16"):
+        model.set_precision(text="half")

@@ -29,9 +29,9 @@ def _image_pass(model, x):
     return raw.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_stored_image_tower_gives_the_same_features_and_gradients_bit_for_bit(tiny_model_name, backend):
-    per_call = _model(tiny_model_name)
+@pytest.mark.parametrize("backend,image", [("auto", "bf16"), ("reference", "bf16"), ("auto", "fp16")])
+def test_stored_image_tower_gives_the_same_features_and_gradients_bit_for_bit(tiny_model_name, backend, image):
+    per_call = _model(tiny_model_name, image=image)
     stored = copy.deepcopy(per_call)
     assert stored.store_frozen_weights() == {"visual": len(list(frozen_cast.frozen_operands(stored, "visual")))}
     x = torch.randn(3, 3, 32, 32)
