@@ -1081,7 +1081,11 @@ def make_grad_scaler(device: torch.device, *precisions: str) -> Optional[torch.a
     a task may overflow and be skipped while the scale comes down (results.json: timings.tasks[t].fp16_skipped_steps)."""
     if "fp16" not in precisions:
         return None
-    return torch.amp.GradScaler(device.type)
+    scaler = torch.amp.GradScaler(device.type)
+    # its scale made now, on the run's device (GradScaler makes it at the first scale() call): under torchrun a
+    # rank whose first batch is empty scales no loss, yet unscales the all-reduced gradients
+    scaler.scale(torch.zeros((), device=device))
+    return scaler
 
 
 def _raise_scaled_overflows(values: dict, step: int, t: int, cfg: Config) -> None:

@@ -287,6 +287,20 @@ def test_an_overflowing_scaled_step_is_skipped_halves_the_scale_and_raises_nothi
     assert not torch.equal(w.detach(), before)  # the finite step after the overflow applied
 
 
+def test_a_rank_whose_first_batch_is_empty_unscales_under_a_loss_scaler():
+    """torchrun, fp16: a rank with no images in its first step scales no loss but joins the all-reduce and
+    unscales the gradients it receives (GradScaler made its scale at the first scale() call: unscale_ failed)."""
+    from segpcl_fast.engine.trainer import make_grad_scaler
+    w = torch.nn.Parameter(torch.randn(3))
+    tr = _stub_trainer(w, rank=0, world=2)
+    opt = torch.optim.SGD([w], lr=0.1, foreach=True)
+    before = w.detach().clone()
+    outcome = Trainer.train_step(tr, opt, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 0.1, 0, 0, 1,
+                                 make_grad_scaler(torch.device("cpu"), "fp16"))
+    assert outcome.values(tr.cfg) == {} and not outcome.overflowed and tr.learner.calls == 0
+    assert torch.equal(w.detach(), before)  # zero gradients (no all-reduce partner here): no move
+
+
 def test_a_non_finite_loss_raises_under_a_loss_scaler_too():
     from segpcl_fast.engine.trainer import make_grad_scaler
     x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
