@@ -379,7 +379,9 @@ def _fake_cuda(monkeypatch):
     props = [types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=int(139.8 * 2**30),
                                    multi_processor_count=132, max_threads_per_multi_processor=2048),
              types.SimpleNamespace(name="NVIDIA A100", major=8, minor=6, total_memory=40 * 2**30,
-                                   multi_processor_count=108, max_threads_per_multi_processor=2048)]
+                                   multi_processor_count=108, max_threads_per_multi_processor=2048),
+             types.SimpleNamespace(name="Tesla V100-SXM2-16GB", major=7, minor=0, total_memory=16 * 2**30,
+                                   multi_processor_count=80, max_threads_per_multi_processor=2048)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(props))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
@@ -389,8 +391,12 @@ def test_cuda_device_rows(monkeypatch):
     _fake_cuda(monkeypatch)
     assert envmod._devices() == ["cpu", "cuda"]
     assert envmod._cuda_devices() == [
-        {"index": 0, "name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8, "multiprocessors": 132},
-        {"index": 1, "name": "NVIDIA A100", "capability": "8.6", "memory_gib": 40.0, "multiprocessors": 108}]
+        {"index": 0, "name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8, "multiprocessors": 132,
+         "bf16": True},
+        {"index": 1, "name": "NVIDIA A100", "capability": "8.6", "memory_gib": 40.0, "multiprocessors": 108,
+         "bf16": True},
+        {"index": 2, "name": "Tesla V100-SXM2-16GB", "capability": "7.0", "memory_gib": 16.0, "multiprocessors": 80,
+         "bf16": False}]
 
 
 def test_attention_rows_probe_a_vitb_bf16_call(monkeypatch):
@@ -446,7 +452,7 @@ def test_environment_dict_on_a_faked_gpu_machine(monkeypatch):
     monkeypatch.setattr(envmod, "op_paths", lambda device: {"pgd_step": f"on {device}"})  # no tensors on a fake GPU
     env = envmod.environment()
     assert env["cuda"]["available"] is True and env["cuda"]["torch_arch_list"] == ["sm_80", "sm_90"]
-    assert [d["name"] for d in env["cuda"]["devices"]] == ["NVIDIA H200", "NVIDIA A100"]
+    assert [d["name"] for d in env["cuda"]["devices"]] == ["NVIDIA H200", "NVIDIA A100", "Tesla V100-SXM2-16GB"]
     assert env["op_paths"] == {"cpu": {"pgd_step": "on cpu"}, "cuda": {"pgd_step": "on cuda"}}
     assert env["versions"]["device_name"] == "NVIDIA H200"
 
@@ -523,6 +529,12 @@ CUDA_EXT = {"built": True, "cuda": True, "error": None, "path": "/x/_C.so"}
 def test_format_environment_gpu_exact_text():
     lines = envmod.format_environment(_gpu_env(triton=OK_TRITON, extension=CUDA_EXT)).splitlines()
     assert lines[2:4] == ["cuda:0 NVIDIA H200 (sm_90, 139.8 GiB, 132 SMs)", "torch CUDA 12.4, kernels for sm_80 sm_90"]
+    v100 = {"index": 1, "name": "Tesla V100-SXM2-16GB", "capability": "7.0", "memory_gib": 16.0, "multiprocessors": 80,
+            "bf16": False}
+    env = _gpu_env(triton=OK_TRITON, extension=CUDA_EXT)
+    env["cuda"]["devices"].append(v100)
+    assert envmod.format_environment(env).splitlines()[3] == (
+        "cuda:1 Tesla V100-SXM2-16GB (sm_70, 16.0 GiB, 80 SMs; no bf16: run.precision=fp16 or fp32)")
     header, pgd, lora, error = lines[lines.index("op paths under ops backend 'auto' (run.ops / SEGPCL_OPS):") + 1:][:4]
     assert header.split() == ["op", "cpu", "cuda"] and header.startswith("  op ")
     assert pgd.split() == ["pgd_step", "reference", "triton"] and lora.split() == ["lora_b_linear", "cpp", "error", "(below)"]

@@ -55,7 +55,8 @@ def _cuda_devices() -> list[dict]:
         props = torch.cuda.get_device_properties(index)
         rows.append({"index": index, "name": props.name, "capability": f"{props.major}.{props.minor}",
                      "memory_gib": round(props.total_memory / 2**30, 1),
-                     "multiprocessors": props.multi_processor_count})
+                     "multiprocessors": props.multi_processor_count,
+                     "bf16": props.major >= 8})  # native bf16 from Ampere on: else run.precision=fp16
     return rows
 
 
@@ -223,7 +224,8 @@ def format_environment(env: dict) -> str:
     if cuda["available"]:
         for d in cuda["devices"]:
             lines.append(f"cuda:{d['index']} {d['name']} (sm_{d['capability'].replace('.', '')}, "
-                         f"{d['memory_gib']} GiB, {d['multiprocessors']} SMs)")
+                         f"{d['memory_gib']} GiB, {d['multiprocessors']} SMs"
+                         f"{'' if d.get('bf16', True) else '; no bf16: run.precision=fp16 or fp32'})")
         lines.append(f"torch CUDA {cuda['torch_built_with']}, kernels for {' '.join(cuda['torch_arch_list'])}")
         if "matmul_tf32" in cuda:
             lines.append(f"fp32 matmuls: TF32 {'on' if cuda['matmul_tf32'] else 'off'} in this process "
