@@ -12,7 +12,7 @@
 # Steps, in order (measured times per step on an H100: BENCHMARKS.md):
 #   kernels  CUDA variants of tests/kernels
 #   bench    every benchmark file but the e2e, LoRA (the ext step's) and CPU-only transforms ones,
-#            CUDA rows only + summary; anchor_kl knob sweep
+#            CUDA rows only + summary; the anchor-gather host probe; anchor_kl knob sweep
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
 #   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU: the
 #            E2E_VARIANTS (default compiled_fused cudagraphs_fused compiled_reference eager_fused) here; the
@@ -75,7 +75,7 @@ STEPS="${STEPS:-$ALL_STEPS}"
 E2E_VARIANTS="${E2E_VARIANTS-compiled_fused cudagraphs_fused compiled_reference eager_fused}"
 E2E_EXTRA="${E2E_EXTRA-bf16text_fused bf16text_cudagraphs compiled_triton compiled_cpp_lora eager_reference autotune_fused autotune_cudagraphs staticbatch_fused percallcast_fused eagerloss_fused cppwrapper_fused unbatchedmerge_fused tf32_fused tf32_cudagraphs}"
 # a step, or one part of it alone (the labels skipped.txt and summary.md use)
-PARTS="bench-summary bench-tune ext-build ext-tests ext-bench ext-parts e2e-summary profile-e2e_step profile-vitb16"
+PARTS="bench-summary bench-host bench-tune ext-build ext-tests ext-bench ext-parts e2e-summary profile-e2e_step profile-vitb16"
 for v in $E2E_VARIANTS $E2E_EXTRA; do PARTS="$PARTS e2e-$v"; done
 for entry in $STEPS; do
   case " $ALL_STEPS $PARTS " in *" $entry "*) ;; *)
@@ -185,7 +185,7 @@ save() {  # refresh $OUT from $WORK: quick, nothing slow like `segpcl-fast env` 
     echo
     if [ -s "$WORK/steps.txt" ]; then sed 's/^/- /' "$WORK/steps.txt"; else echo "- no step command has run yet"; fi
     [ -s "$WORK/skipped.txt" ] && echo "- skipped (budget): $(tr '\n' ' ' < "$WORK/skipped.txt")"
-    for f in kernels_summary.md kernel_knobs.md lora_parts.md e2e_summary.md profile_e2e_step/categories.txt \
+    for f in kernels_summary.md host_probes.md kernel_knobs.md lora_parts.md e2e_summary.md profile_e2e_step/categories.txt \
              profile_e2e_step/summary.json; do
       [ -f "$WORK/$f" ] && { echo; echo "## $f"; echo; cat "$WORK/$f"; }
     done
@@ -275,6 +275,13 @@ save
 fi
 if part bench-summary; then  # a compact table of the kernel benchmarks: median ms, GB/s, fraction of copy bandwidth
 quick bench-summary 60 "$PYTHON" benchmarks/summarize_kernels.py "$WORK/benchmarks.json" 2>&1 | tee "$WORK/kernels_summary.md"
+save
+fi
+# a step's anchor batch from a CPU-resident anchor cache (acgd.source=new_data / folder): the old gather-then-pin
+# path against gather_to_device, synchronised (BENCHMARKS.md, session 50: measured on the CPU only)
+if part bench-host; then
+quick bench-host 60 "$PYTHON" benchmarks/host_probes.py anchor_gather --device cuda --steps 5 2>&1 \
+  | tee "$WORK/host_probes.md"
 save
 fi
 # knob sweep (anchor_kl: one tile vs chunk sizes per row width), to set the kernels' defaults

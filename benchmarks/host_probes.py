@@ -1,7 +1,8 @@
-"""Two host-side costs of the compiled e2e step, measured on whatever device runs it.
+"""Host-side costs of the training step, measured on whatever device runs it.
 
     python benchmarks/host_probes.py gc [--model segpcl-tiny] [--steps 200]
     python benchmarks/host_probes.py guards [--model segpcl-tiny] [--filter none|<torch.compiler guard filter>]
+    python benchmarks/host_probes.py anchor_gather [--device cpu|cuda] [--images 128] [--size 224] [--pool 1280]
 
 gc: GC-tracked objects and the time of one full collection after the step is built and warmed up,
 then the collections Python runs by itself over --steps steady steps (a full one would stall the
@@ -9,6 +10,11 @@ host for the first figure). guards: the guards dynamo builds for each compiled t
 the profiler's "TorchDynamo Cache Lookup" time per tower call; --filter compiles with one of
 torch.compiler's guard filters (`skip_guard_on_all_nn_modules_unsafe`, `keep_tensor_guards_unsafe`,
 ...) to see what dropping those guards would save. BENCHMARKS.md, session 38.
+anchor_gather: a step's anchor batch from a CPU-resident anchor cache (acgd.source=new_data / folder),
+best of --steps: on cuda the old path (t[index], then pinned, then copied) against
+method.anchors.gather_to_device (index_select into pinned memory, then copied), synchronised; on the
+CPU, where nothing pins, the host copies alone (t[index] then a copy, against index_select into a buffer
+allocated once). BENCHMARKS.md, session 50.
 """
 from __future__ import annotations
 
@@ -98,19 +104,48 @@ def probe_guards(args) -> None:
           f"{statistics.median(lookups):.1f} us a call")
 
 
+def probe_anchor_gather(args) -> None:
+    from segpcl_fast.method.anchors import gather_to_device, host_to_device
+    torch.manual_seed(0)
+    pool = torch.randn(args.pool, 3, args.size, args.size)
+    index = torch.randint(0, args.pool, (args.images,))
+    if args.device == "cuda":
+        paths = {"t[index], pinned, copied": lambda: host_to_device(pool[index], "cuda"),
+                 "gather_to_device": lambda: gather_to_device(pool, index, "cuda")}
+    else:
+        buffer = torch.empty(args.images, 3, args.size, args.size)
+        paths = {"t[index], copied": lambda: pool[index].clone(),
+                 "t[index]": lambda: pool[index],
+                 "index_select into a buffer": lambda: torch.index_select(pool, 0, index, out=buffer)}
+    for name, fn in paths.items():
+        best = float("inf")
+        for _ in range(args.steps + 1):  # the first call allocates the buffers a path reuses
+            start = time.perf_counter()
+            fn()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        print(f"{args.device} {args.images} x 3 x {args.size} x {args.size} fp32 from {args.pool}, "
+              f"{torch.get_num_threads()} threads: {name} {best * 1e3:.1f} ms (best of {args.steps})")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=("gc", "guards"))
+    parser.add_argument("probe", choices=("gc", "guards", "anchor_gather"))
     parser.add_argument("--model", default="segpcl-tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=None, help="batch (gc, guards: 8; anchor_gather: 128, a paper "
+                                                                   "batch's anchors)")
     parser.add_argument("--steps", type=int, default=None, help="steady steps (gc: 200, guards: 10)")
     parser.add_argument("--filter", default="none", help="guards: a torch.compiler guard filter, or none")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: the same guards, "
                                                               "no code generation)")
+    parser.add_argument("--size", type=int, default=224, help="anchor_gather: image side")
+    parser.add_argument("--pool", type=int, default=1280, help="anchor_gather: anchors in the cache")
     args = parser.parse_args(argv)
-    args.steps = args.steps or (200 if args.probe == "gc" else 10)
-    (probe_gc if args.probe == "gc" else probe_guards)(args)
+    args.steps = args.steps or {"gc": 200, "guards": 10, "anchor_gather": 10}[args.probe]
+    args.images = args.images or (128 if args.probe == "anchor_gather" else 8)
+    {"gc": probe_gc, "guards": probe_guards, "anchor_gather": probe_anchor_gather}[args.probe](args)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def test_the_e2e_benchmarks_gc_timer_counts_full_collections():
 
 
 @pytest.mark.parametrize("probe", [["gc", "--steps", "3"], ["guards", "--steps", "2"],
-                                   ["guards", "--steps", "2", "--filter", "keep_tensor_guards_unsafe"]])
+                                   ["guards", "--steps", "2", "--filter", "keep_tensor_guards_unsafe"],
+                                   ["anchor_gather", "--steps", "2", "--size", "16", "--pool", "20"]])
 def test_the_host_probes_run_and_report(probe):
     """benchmarks/host_probes.py (BENCHMARKS.md, session 38) on the tiny step, compiled with aot_eager:
     dynamo's guards are the same as under inductor, without the code generation."""
@@ -59,6 +60,10 @@ def test_the_host_probes_run_and_report(probe):
     assert proc.returncode == 0, proc.stderr[-3000:]
     if probe[0] == "gc":
         assert "tracked objects, full collection ms" in proc.stdout and "generation 2 collected" in proc.stdout
+    elif probe[0] == "anchor_gather":
+        assert [line.split(": ")[1].rsplit(" ", 5)[0] for line in proc.stdout.splitlines()] == [
+            "t[index], copied", "t[index]", "index_select into a buffer"], proc.stdout
+        assert proc.stdout.startswith("cpu 4 x 3 x 16 x 16 fp32 from 20, ")
     else:
         assert "Cache Lookup 6 calls in 2 steps" in proc.stdout, proc.stdout
         if "--filter" not in probe:

@@ -283,6 +283,25 @@ def host_to_device(t: torch.Tensor, device: Union[str, torch.device]) -> torch.T
     return t.to(device)
 
 
+def gather_to_device(t: torch.Tensor, index: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """t[index] (rows; index on t's device) on `device`. From a CPU tensor to a GPU the rows are gathered
+    straight into pinned memory (torch's caching host allocator: a block reused step after step) and copied
+    from there as host_to_device does: t[index] then pin_memory() made two host copies, the first into
+    freshly allocated memory, which page-faults. On this 2-core box (`python benchmarks/host_probes.py
+    anchor_gather`: 128 rows of 3 x 224 x 224 fp32 from 1280) t[index] took 52.0 ms and index_select into a
+    buffer already allocated 4.5 ms (BENCHMARKS.md, session 50; not yet timed with a GPU's pinned memory)."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        staged = _pinned_empty((index.numel(), *t.shape[1:]), t.dtype)  # torch's caching host allocator
+        torch.index_select(t, 0, index, out=staged)
+        return staged.to(device, non_blocking=True)
+    return host_to_device(t[index], device)
+
+
+def _pinned_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 @torch.no_grad()
 def teacher_outputs(teacher, pixels: torch.Tensor, old_text: torch.Tensor,
                     logit_scale: Union[float, torch.Tensor],
@@ -346,4 +365,4 @@ def sample_anchor_inputs(cache: AnchorCache, n: int, generator: Optional[torch.G
     cache, moved) alone; the targets and raw features it never reads are not (two gathers a step, not four)."""
     index = host_to_device(_draw_anchor_indices(cache, n, generator, "sample_anchor_inputs"), cache.device)
     device = device or cache.device
-    return host_to_device(cache.pixels[index], device), host_to_device(cache.teacher_logits[index], device)
+    return gather_to_device(cache.pixels, index, device), gather_to_device(cache.teacher_logits, index, device)

@@ -309,6 +309,29 @@ def test_host_to_device_stages_cpu_tensors_in_pinned_memory_for_cuda(monkeypatch
     assert calls[:2] == ["pin", ("to", "cuda:0", True)]
 
 
+def test_anchor_inputs_from_a_cpu_cache_are_gathered_straight_into_pinned_memory(monkeypatch):
+    """acgd.source=new_data / folder keep the anchor pixels on the CPU: a GPU step's anchor batch is gathered
+    into a pinned buffer (one host copy) and copied from there non_blocking, with the rows sample_anchor_batch
+    draws from the same generator state. No GPU here: the pinned allocation and Tensor.to are spied on."""
+    staged, moves = [], []
+    monkeypatch.setattr(anchors, "_pinned_empty", lambda shape, dtype: staged.append(torch.empty(shape, dtype=dtype))
+                        or staged[-1])
+    real_to = torch.Tensor.to
+
+    def spy_to(self, *args, **kwargs):
+        moves.append((self.data_ptr(), str(args[0]), kwargs.get("non_blocking", False)))
+        return real_to(self, "cpu")
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # the index's own staging
+    cache = anchors.AnchorCache(torch.randn(7, 3, 4, 4), torch.arange(7) % 3, torch.randn(7, 3), torch.randn(7, 5))
+    pixels, logits = anchors.sample_anchor_inputs(cache, 4, torch.Generator().manual_seed(1), "cuda:0")
+    expected = anchors.sample_anchor_batch(cache, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(pixels, expected.pixels) and torch.equal(logits, expected.teacher_logits)
+    assert [tuple(t.shape) for t in staged] == [(4, 3, 4, 4), (4, 3)]
+    assert (staged[0].data_ptr(), "cuda:0", True) in moves and (staged[1].data_ptr(), "cuda:0", True) in moves
+    assert pixels.data_ptr() == staged[0].data_ptr()  # the buffer itself went, not a copy of it
+
+
 # ----------------------------------------------------------------------------- DPGD under fp16 autocast
 
 def _confident_setup(model, logit_scale):
