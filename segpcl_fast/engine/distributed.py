@@ -369,6 +369,16 @@ def all_reduce_counts(counts: Sequence[tuple[int, ...]], ctx: DistContext, devic
     return [tuple(int(v) for v in row) for row in t.tolist()]
 
 
+def any_rank(flag: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The largest of every rank's `flag` (a scalar on the rank's device; 1.0: something went wrong there), on
+    that device. NCCL reduces it on the GPU with no host sync; gloo through the CPU."""
+    if not ctx.enabled:
+        return flag
+    comm = flag.to(_comm_device(ctx, flag.device), copy=True)
+    dist.all_reduce(comm, op=dist.ReduceOp.MAX)
+    return comm.to(flag.device)
+
+
 BROADCAST_CHUNK_BYTES = 256 << 20  # a tensor sent through another device than its own goes in pieces of this
 
 

@@ -711,7 +711,13 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
             else:
                 grad_norm = _grad_norm(self.lora_params)
-            outcome = StepOutcome(step, t, parts, loss, grad_norm, copy_ahead=on_device, scaled=scaler is not None)
+            # under torchrun a rank's non-finite loss reaches every rank's gradients, which a scaler takes for an
+            # fp16 overflow: every rank must learn it, and raise with it (else the rank that raises leaves the others
+            # in their next collective)
+            any_loss_bad = (ddp.any_rank(_loss_nonfinite(loss, grad_norm.device), self.dist)
+                            if scaler is not None and self.grad_sync is not None else None)
+            outcome = StepOutcome(step, t, parts, loss, grad_norm, copy_ahead=on_device, scaled=scaler is not None,
+                                  any_loss_bad=any_loss_bad)
             if on_device:
                 # 1: the fused kernel leaves weights and momentum. Sticky: the steps queued after a non-finite
                 # one (before its error is read) are skipped too, so the weights at the raise are those the
@@ -1008,16 +1014,20 @@ class StepOutcome:
     plain `.item()` would copy in stream order and so wait for the next step too.)"""
 
     def __init__(self, step: int, t: int, parts: dict, loss: Optional[torch.Tensor], grad_norm: torch.Tensor,
-                 copy_ahead: bool = False, scaled: bool = False):
+                 copy_ahead: bool = False, scaled: bool = False, any_loss_bad: Optional[torch.Tensor] = None):
         self.step, self.t = step, t
         self.scaled = scaled  # fp16 loss scaling: non-finite gradients under a finite loss are an overflow
         self.overflowed = False  # set by values(): the scaled step overflowed and was skipped
         self.loss = None if loss is None else loss.detach()  # the total loss, on the device (a scalar)
         self._names = list(parts)
         self._grad_norm = grad_norm.detach()
+        # torchrun under a scaler: 1.0 where some rank's loss was not finite (ddp.any_rank); None otherwise
+        self._any_loss_bad = None if any_loss_bad is None else any_loss_bad.detach().float().reshape(())
         scalars = [v.detach().float().reshape(()) for v in parts.values()]
         if self.loss is not None:
             scalars.append(self.loss.float().reshape(()))
+        if self._any_loss_bad is not None:
+            scalars.append(self._any_loss_bad.to(scalars[0].device if scalars else self._grad_norm.device))
         scalars.append(self._grad_norm.float().reshape(()).to(scalars[0].device if scalars else self._grad_norm.device))
         packed = torch.stack(scalars)
         self._event = None
@@ -1039,7 +1049,8 @@ class StepOutcome:
                                                                                device=self._grad_norm.device)
         if self.loss is not None:
             finite = finite & torch.isfinite(self.loss.to(finite.device))
-        return (~finite).float()
+        bad = (~finite).float()
+        return bad if self._any_loss_bad is None else torch.maximum(bad, self._any_loss_bad.to(bad.device))
 
     def overflow(self) -> torch.Tensor:
         """1.0 (fp32 scalar, on the gradients' device) when the gradient norm is not finite."""
@@ -1053,12 +1064,19 @@ class StepOutcome:
             values = dict(zip(self._names, read))
             self.grad_norm_read = read[-1]
             loss_ok = self.loss is None or math.isfinite(read[len(self._names)])
-            raises = not loss_ok or (not math.isfinite(read[-1]) and not self.scaled)  # (a scaled overflow is skipped)
+            others_ok = self._any_loss_bad is None or read[-2] == 0.0  # every rank's loss finite (torchrun, scaled)
+            # (a scaled overflow is skipped, not raised)
+            raises = not loss_ok or not others_ok or (not math.isfinite(read[-1]) and not self.scaled)
             if raises and self.skips_in is not None:
                 # the error is out: the steps queued after this one were skipped; later ones run again
                 self.skips_in.__dict__.pop("_segpcl_nonfinite", None)
             if not loss_ok:
                 _raise_nonfinite_loss(read[len(self._names)], values, self.step, self.t, cfg)
+            if not others_ok:
+                raise _at_step(FloatingPointError(
+                    f"another rank's loss was not finite at task {self.t + 1}, step {self.step} (see that rank's "
+                    f"error; this rank's terms: {_terms_text(values) or 'none, it had no samples'}); "
+                    f"{_nonfinite_fixes(list(values), cfg)}"), self.step)
             if not math.isfinite(read[-1]):
                 if not self.scaled:
                     _raise_nonfinite_grad(values, self.step, self.t, cfg)
@@ -1086,6 +1104,13 @@ def make_grad_scaler(device: torch.device, *precisions: str) -> Optional[torch.a
     # rank whose first batch is empty scales no loss, yet unscales the all-reduced gradients
     scaler.scale(torch.zeros((), device=device))
     return scaler
+
+
+def _loss_nonfinite(loss: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """1.0 (fp32 scalar on `device`) when `loss` is not finite; 0.0 for None (a rank without samples)."""
+    if loss is None:
+        return torch.zeros((), device=device)
+    return (~torch.isfinite(loss.detach().to(device))).float()
 
 
 def _raise_scaled_overflows(values: dict, step: int, t: int, cfg: Config) -> None:

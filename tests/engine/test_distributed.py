@@ -162,8 +162,8 @@ class _NaNOnRank1:
         return loss, {"cls": loss}
 
 
-def _nan_worker(rank, world, port, fused, out):
-    from segpcl_fast.engine.trainer import _with_momentum_buffers
+def _nan_worker(rank, world, port, fused, out, scaled=False):
+    from segpcl_fast.engine.trainer import _with_momentum_buffers, make_grad_scaler
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -179,10 +179,11 @@ def _nan_worker(rank, world, port, fused, out):
         opt = (_with_momentum_buffers(torch.optim.SGD([w], fused=True, **kw)) if fused
                else torch.optim.SGD([w], foreach=True, **kw))
         shard = slice(2 * rank, 2 * rank + 2)
+        scaler = make_grad_scaler(tr.device, "fp16") if scaled else None
         message, pending, after_first = "no error", None, None
         try:  # the trainer's loop: a step's outcome is read after the next step is queued
             for step in range(3):
-                outcome = Trainer.train_step(tr, opt, x[shard], y[shard], 0.1, step, 0, global_n=4)
+                outcome = Trainer.train_step(tr, opt, x[shard], y[shard], 0.1, step, 0, 4, scaler)
                 if pending is not None:
                     pending.values(tr.cfg)
                 pending = outcome
@@ -198,12 +199,15 @@ def _nan_worker(rank, world, port, fused, out):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
-def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path, fused):
+@pytest.mark.parametrize("fused,scaled", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["foreach", "fused", "foreach-fp16", "fused-fp16"])
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path, fused, scaled):
     """Rank 1's loss turns NaN at step 1. The all-reduce carries it into every rank's gradients, so every
     rank raises for step 1 (none waits in a collective for a rank that left) and none applies step 1 or
-    the step queued after it: rank 1's error names its loss, the other's names the other rank."""
-    mp.spawn(_nan_worker, args=(2, _free_port(), fused, str(tmp_path / "res")), nprocs=2, join=True)
+    the step queued after it: rank 1's error names its loss, the other's names the other rank. Under fp16's
+    loss scaler (scaled) rank 0 would take its non-finite gradients for an overflow and go on: the ranks'
+    loss flags are all-reduced (ddp.any_rank), so it raises too."""
+    mp.spawn(_nan_worker, args=(2, _free_port(), fused, str(tmp_path / "res"), scaled), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"res.{rank}").read_text()) for rank in range(2)]
     assert "loss is nan at task 1, step 1" in results[1]["message"], results[1]
     assert "not finite at task 1, step 1" in results[0]["message"], results[0]
