@@ -117,11 +117,11 @@ def _seed_everything(seed: int) -> None:
 
 def build_model(cfg: Config, device: torch.device) -> tuple:
     """(model, trainable B parameters): the run's open_clip model with LoRA-B injected, its image
-    tower under bf16 autocast when run.precision=bf16 (CLIPModel.image_autocast: every stage, the
-    features come out fp32), and its text transformer so when run.text_precision=bf16. Random
+    tower under bf16 / fp16 autocast when run.precision says so (CLIPModel.image_autocast: every stage,
+    the features come out fp32), and its text transformer so by run.text_precision. Random
     weights (model.pretrained none) are drawn after torch.manual_seed(run.seed), so a run's model
-    can be rebuilt outside its Trainer (classifier.load_classifier) with the same weights. A bf16
-    tower's frozen GEMM weights are stored in bf16 (model/frozen_cast.py: what autocast would cast
+    can be rebuilt outside its Trainer (classifier.load_classifier) with the same weights. An autocast
+    tower's frozen GEMM weights are stored in its dtype (model/frozen_cast.py: what autocast would cast
     them to every forward, so the same results)."""
     torch.manual_seed(cfg.run.seed)
     model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir,
@@ -385,7 +385,9 @@ class Trainer:
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)
         _check_ops_backend(self.cfg.run.ops, self.device)
-        _check_precision(self.cfg, self.device)
+        slow_bf16 = precision_warning(self.cfg, self.device)
+        if slow_bf16 and self.dist.is_main:
+            log.warning(slow_bf16)
         self._previous_ops = ops.get_backend()  # run() gives it back: a run's backend does not outlive the run
         ops.set_backend(self.cfg.run.ops)
         # run.tf32 on CUDA (where it is torch's switch), given back by run() as the backend is
@@ -592,7 +594,7 @@ class Trainer:
             if isinstance(done, StepOutcome) and done.overflowed:  # fp16: the scaler skipped it, halved its scale
                 skipped, in_a_row = skipped + 1, in_a_row + 1
                 if in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
-                    _raise_scaled_overflows(parts, step, t, c)
+                    _raise_scaled_overflows(parts, step, t, c, scaler.get_scale())
             else:
                 in_a_row = 0
             recorded = (step, done)
@@ -960,22 +962,19 @@ def _count_rows(counts: np.ndarray) -> list[list[Optional[int]]]:
     return [[None if v is None else int(v) for v in row] for row in metrics.matrix_to_list(counts)]
 
 
-def _check_precision(cfg: Config, device: torch.device) -> None:
-    """run.precision / run.text_precision = bf16 on a GPU without bf16 (before Ampere: V100, T4, the RTX 20
-    series) fails here, naming fp16, before the data is indexed and weights load (torch refuses bf16
-    autocast there at the first forward)."""
+def precision_warning(cfg: Config, device: torch.device) -> Optional[str]:
+    """What to say about run.precision / run.text_precision = bf16 on a GPU without native bf16 (before Ampere:
+    V100, T4, the RTX 20 series; compute capability < 8, of the run's own device): torch runs bf16 there
+    emulated, slowly, where fp16 (loss-scaled) would use the tensor cores. None elsewhere."""
     if device.type != "cuda" or not torch.cuda.is_available():
-        return
+        return None
     keys = [key for key in ("run.precision", "run.text_precision") if config_value(cfg, key) == "bf16"]
-    try:
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch < 2.3: no emulation to leave out
-        native = torch.cuda.is_bf16_supported()
-    if keys and not native:
-        major, minor = torch.cuda.get_device_capability(device)
-        raise ConfigError(f"{' and '.join(f'{k}=bf16' for k in keys)}: {torch.cuda.get_device_name(device)} (compute "
-                          f"capability {major}.{minor}) has no bf16; use {' and '.join(f'{k}=fp16' for k in keys)} "
-                          f"(autocast with loss scaling) or fp32")
+    major, minor = torch.cuda.get_device_capability(device)
+    if not keys or major >= 8:
+        return None
+    return (f"{' and '.join(f'{k}=bf16' for k in keys)} on {torch.cuda.get_device_name(device)} (compute capability "
+            f"{major}.{minor}), which has no native bf16: torch emulates it, slowly; "
+            f"{' and '.join(f'{k}=fp16' for k in keys)} (autocast with loss scaling) runs on its tensor cores")
 
 
 def _check_ops_backend(name: str, device: torch.device) -> None:
@@ -1113,12 +1112,12 @@ def _loss_nonfinite(loss: Optional[torch.Tensor], device: torch.device) -> torch
     return (~torch.isfinite(loss.detach().to(device))).float()
 
 
-def _raise_scaled_overflows(values: dict, step: int, t: int, cfg: Config) -> None:
+def _raise_scaled_overflows(values: dict, step: int, t: int, cfg: Config, scale: float) -> None:
     raise _at_step(FloatingPointError(
         f"the LoRA B gradients were not finite in {MAX_OVERFLOWS_IN_A_ROW} steps in a row at task {t + 1}, up to step "
-        f"{step}, under fp16 loss scaling (each skipped, the scale halved: from 65536 to "
-        f"{65536 / 2 ** MAX_OVERFLOWS_IN_A_ROW:g}) while the loss terms were finite ({_terms_text(values)}): not an "
-        f"fp16 overflow that scaling fixes; {_nonfinite_fixes(list(values), cfg)}"), step)
+        f"{step}, under fp16 loss scaling (each skipped and the scale halved, to {scale:g} now) while the loss terms "
+        f"were finite ({_terms_text(values)}): not an fp16 overflow that scaling fixes; "
+        f"{_nonfinite_fixes(list(values), cfg)}"), step)
 
 
 def skips_nonfinite_on_device(optimizer) -> bool:

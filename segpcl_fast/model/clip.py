@@ -228,7 +228,7 @@ class CLIPModel(nn.Module):
         `length` (that token's position + 1) and `eot` (each prompt's end-of-text position) may be
         given, computed once on the CPU tokens (as prompt_tokens does): otherwise the length is read
         back from `tokens`, a host sync when they are on a GPU.
-        With `text_autocast` set (run.text_precision=bf16) the transformer runs under that autocast
+        With `text_autocast` set (run.text_precision=bf16 / fp16) the transformer runs under that autocast
         and everything after it (ln_final, pooling, projection) in fp32, as the image tower's r(x); a
         tower the truncation does not apply to runs open_clip's encode_text whole under the autocast
         (projection included), its output cast to fp32.

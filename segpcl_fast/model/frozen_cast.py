@@ -1,6 +1,6 @@
-"""A tower's frozen GEMM operands stored in its autocast dtype (run.precision / text_precision = bf16).
+"""A tower's frozen GEMM operands stored in its autocast dtype (run.precision / text_precision = bf16 or fp16).
 
-Under autocast every F.linear casts its fp32 weight and bias to bf16, on every call: the frozen
+Under autocast every F.linear casts its fp32 weight and bias to bf16 (fp16 alike; bf16 below), on every call: the frozen
 weights of a CLIP tower are cast again each forward, one small kernel per tensor (ViT-B/16's image
 tower: 135 tensors, 87.8 M fp32 parameters read to write their bf16 copies; inductor generated 134
 fewer kernels for a training step with them stored, benchmarks/compiled_kernel_count.py). They

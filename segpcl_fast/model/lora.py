@@ -272,12 +272,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     nn.MultiheadAttention it replaced, merged the same way, so the model is plain open_clip again:
     `model.clip.state_dict()` loads into `open_clip.create_model(name)` with strict=True and computes
     the same function up to the rounding of the merged weights to their dtype (W + s B A is
-    computed in fp32); in bf16 that is the arrangement the run's own evaluation uses (ops: merged).
-    Frozen weights stored in bf16 for autocast (CLIPModel.store_frozen_weights) go back to fp32 storage
-    first, holding the bf16-rounded values the run computed with.
+    computed in fp32); in bf16 / fp16 that is the arrangement the run's own evaluation uses (ops: merged).
+    Frozen weights stored in bf16 / fp16 for autocast (CLIPModel.store_frozen_weights) go back to fp32
+    storage first, holding the rounded values the run computed with.
     A model without adapters is returned as it is.
     """
-    if getattr(model, "frozen_storage", None):  # weights stored in bf16 for autocast: merge in fp32 storage
+    if getattr(model, "frozen_storage", None):  # weights stored in bf16 / fp16 for autocast: merge in fp32 storage
         model.restore_frozen_weights()
     adapted = [(name, m) for name, m in model.named_modules()
                if isinstance(m, (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention))]

@@ -236,18 +236,20 @@ def _optimizer(kind, w, **kw):
     return _fused_sgd(w, **kw) if kind == "fused" else torch.optim.SGD([w], foreach=True, **kw)
 
 
-@pytest.mark.parametrize("kind", ["fused", "foreach"])
-def test_a_loss_scaled_step_equals_the_unscaled_step(kind):
+@pytest.mark.parametrize("kind,clip", [("fused", 0.0), ("foreach", 0.0), ("fused", 0.05), ("foreach", 0.05)])
+def test_a_loss_scaled_step_equals_the_unscaled_step(kind, clip):
     """fp16's loss scaling (make_grad_scaler): the backward runs on loss x 2^k and the gradients are
-    unscaled before the norm and the update, so a finite step's update, momentum and loss parts are the
-    unscaled step's bit for bit (powers of two scale exactly); the scale stays (growth after 2000 steps)."""
+    unscaled before the norm, the clipping (optim.grad_clip; 0.05 binds here) and the update, so a finite
+    step's update, momentum and loss parts are the unscaled step's bit for bit (powers of two scale exactly);
+    the scale stays (growth after 2000 steps)."""
     from segpcl_fast.engine.trainer import make_grad_scaler
     torch.manual_seed(3)
     x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
     kw = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
     w_plain = torch.nn.Parameter(torch.randn(3))
     w_scaled = torch.nn.Parameter(w_plain.detach().clone())
-    tr_plain, tr_scaled = _stub_trainer(w_plain, sync=False), _stub_trainer(w_scaled, sync=False)
+    tr_plain = _stub_trainer(w_plain, sync=False, optim__grad_clip=clip)
+    tr_scaled = _stub_trainer(w_scaled, sync=False, optim__grad_clip=clip)
     opt_plain, opt_scaled = _optimizer(kind, w_plain, **kw), _optimizer(kind, w_scaled, **kw)
     scaler = make_grad_scaler(torch.device("cpu"), "fp16", "fp32")
     assert make_grad_scaler(torch.device("cpu"), "bf16", "fp32") is None
@@ -287,10 +289,12 @@ def test_an_overflowing_scaled_step_is_skipped_halves_the_scale_and_raises_nothi
     assert not torch.equal(w.detach(), before)  # the finite step after the overflow applied
 
 
-def test_a_rank_whose_first_batch_is_empty_unscales_under_a_loss_scaler():
+def test_a_rank_whose_first_batch_is_empty_unscales_under_a_loss_scaler(monkeypatch):
     """torchrun, fp16: a rank with no images in its first step scales no loss but joins the all-reduce and
-    unscales the gradients it receives (GradScaler made its scale at the first scale() call: unscale_ failed)."""
+    unscales the gradients it receives (GradScaler made its scale at the first scale() call: unscale_ failed).
+    No process group here: the loss flags' all-reduce is the identity (2 real ranks: test_distributed.py)."""
     from segpcl_fast.engine.trainer import make_grad_scaler
+    monkeypatch.setattr(ddp, "any_rank", lambda flag, ctx: flag)
     w = torch.nn.Parameter(torch.randn(3))
     tr = _stub_trainer(w, rank=0, world=2)
     opt = torch.optim.SGD([w], lr=0.1, foreach=True)
