@@ -470,11 +470,15 @@ class Trainer:
         self.log_fn(f"run.overwrite: replacing the run in {self.out}")
 
     def _anchors_on_rank0(self) -> None:
-        """Stage 1 runs on rank 0 only; its anchor caches (ACGD's, the transfer's) are broadcast."""
+        """Stage 1 runs on rank 0 only; its anchor caches (ACGD's, the transfer's) are broadcast. An error there
+        (DPGD's non-finite fp16 gradient, a bad image) stops every rank (the others waited in the broadcast)."""
         build = self.learner._build_anchors
 
         def build_once(loader, seed):
-            acgd, transfer = build(loader, seed) if self.dist.is_main else (None, None)
+            acgd = transfer = None
+            with ddp.failing_together(self.dist):
+                if self.dist.is_main:
+                    acgd, transfer = build(loader, seed)
             same = [transfer is acgd if self.dist.is_main else None]
             torch.distributed.broadcast_object_list(same, src=0)
             acgd = ddp.broadcast_anchor_cache(acgd, self.dist, self.device)

@@ -215,6 +215,40 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path, f
     assert all(r["unchanged"] for r in results), results
 
 
+def _stage1_error_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        def build(loader, seed):
+            raise FloatingPointError("DPGD: the teacher's pixel gradient is not finite under fp16 autocast")
+        tr = Trainer.__new__(Trainer)  # only what _anchors_on_rank0 reads
+        tr.dist = ddp.DistContext(rank=rank, world_size=world, backend="gloo")
+        tr.device = torch.device("cpu")
+        tr.learner = type("Learner", (), {})()
+        tr.learner._build_anchors = build
+        tr._anchors_on_rank0()
+        try:
+            tr.learner._build_anchors(None, 0)
+            said = "no error"
+        except Exception as e:  # noqa: BLE001
+            said = f"{type(e).__name__}: {e} (echo={getattr(e, 'echo', False)})"
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(said)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_stage1_error_on_rank0_stops_every_rank(tmp_path):
+    """Stage 1 (DPGD) runs on rank 0 alone while the others wait for its anchors: its error (here fp16 DPGD's)
+    is raised on every rank, echoed by the others (printed once), instead of leaving them in the broadcast."""
+    mp.spawn(_stage1_error_worker, args=(2, _free_port(), str(tmp_path / "res")), nprocs=2, join=True)
+    said = [(tmp_path / f"res.{rank}").read_text() for rank in range(2)]
+    assert said[0] == ("FloatingPointError: DPGD: the teacher's pixel gradient is not finite under fp16 autocast "
+                       "(echo=False)")
+    assert said[1] == ("ConfigError: DPGD: the teacher's pixel gradient is not finite under fp16 autocast "
+                       "(echo=True)")
+
+
 def test_gloo_teardown_on_old_torch_lets_outstanding_work_finish_first(monkeypatch):
     """torch < 2.8 could hang in destroy_process_group on gloo (pytorch#154976; seen on torch 2.6 at the
     end of a 2-rank torchrun): destroy() runs a barrier first there, and only there."""
