@@ -21,6 +21,19 @@ knn_backward_plan = _k.knn_backward_plan
 knn_fused_fits = _k.fused_fits  # whether the Triton kernels take (k, d, roots): else "auto" runs the reference
 
 
+def row_indices(owner: str, name: str, value, device=None) -> torch.Tensor:
+    """int64 row indices from a tensor, list, range or array of integers (any integer dtype, uint8 included:
+    read as values, converted before any indexing); a boolean mask, fractional rows or complex values refused.
+    An empty list (float32 to torch.as_tensor) is no rows."""
+    t = torch.as_tensor(value, device=device)
+    if t.numel() == 0 and t.is_floating_point():
+        t = t.long()
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{owner}: {name} must be integer row indices, got {t.dtype}"
+                        + ("; for a mask pass mask.nonzero().squeeze(1)" if t.dtype == torch.bool else ""))
+    return t.long()
+
+
 def knn_subgraphs(ref_emb: torch.Tensor, roots: torch.Tensor, k: int, tau: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fixed kNN subgraphs TSGR compares (method.md stage 2): (roots, neighbors (R, k) int64, each
@@ -33,13 +46,10 @@ def knn_subgraphs(ref_emb: torch.Tensor, roots: torch.Tensor, k: int, tau: float
     if ref_emb.dim() != 2 or not ref_emb.is_floating_point():
         raise ValueError(f"knn_subgraphs: ref_emb must be a floating (classes, d) matrix, got {ref_emb.dtype} "
                          f"{tuple(ref_emb.shape)}")
-    roots = torch.as_tensor(roots, device=ref_emb.device)
-    if roots.numel() == 0 and roots.dim() == 1:  # [] reads as float32: no root, whatever its dtype
-        roots = roots.long()
-    if roots.dim() != 1 or roots.dtype in (torch.bool, torch.uint8) or roots.is_floating_point() or roots.is_complex():
+    roots = row_indices("knn_subgraphs", "roots", roots, device=ref_emb.device)
+    if roots.dim() != 1:
         raise TypeError(f"knn_subgraphs: roots must be a 1-D tensor (or list) of integer row indices of ref_emb, got "
-                        f"{roots.dtype} of shape {tuple(roots.shape)}")
-    roots = roots.long()
+                        f"shape {tuple(roots.shape)}")
     n = ref_emb.shape[0]
     if roots.numel() and not (0 <= int(roots.min()) and int(roots.max()) < n):
         raise ValueError(f"knn_subgraphs: roots must be rows 0..{n - 1} of ref_emb, got rows "

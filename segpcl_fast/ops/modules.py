@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .anchor_kl import ANCHOR_KL_REDUCTIONS, anchor_kl
-from .knn_kl import knn_backward_plan, knn_subgraph_kl, knn_subgraphs
+from .knn_kl import knn_backward_plan, knn_subgraph_kl, knn_subgraphs, row_indices
 
 __all__ = ["AnchorKLLoss", "SubgraphKLLoss"]
 
@@ -32,15 +32,6 @@ def _tau(owner: str, tau) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) < math.inf:
         raise ValueError(f"{owner}: tau must be a finite number > 0 (a float, not a tensor), got {tau!r}")
     return float(tau)
-
-
-def _row_indices(owner: str, name: str, value) -> torch.Tensor:
-    """int64 row indices from a tensor, list or array of integers; a mask or fractional rows refused."""
-    t = torch.as_tensor(value)
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{owner}: {name} are row indices (integers), got {t.dtype}"
-                        + ("; for a mask pass mask.nonzero().squeeze(1)" if t.dtype == torch.bool else ""))
-    return t.long()
 
 
 class AnchorKLLoss(nn.Module):
@@ -97,7 +88,7 @@ class SubgraphKLLoss(nn.Module):
     def _set_graph(self, roots, neighbors, ref_logprob, tau, num_classes) -> None:
         owner = "SubgraphKLLoss"
         tau = _tau(owner, tau)
-        roots, neighbors = _row_indices(owner, "roots", roots), _row_indices(owner, "neighbors", neighbors)
+        roots, neighbors = row_indices(owner, "roots", roots), row_indices(owner, "neighbors", neighbors)
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"{owner}: num_classes must be a positive integer, got {num_classes!r}")
         num_classes = int(num_classes)
@@ -135,7 +126,7 @@ class SubgraphKLLoss(nn.Module):
         if isinstance(k, bool) or int(k) != k or k < 1:
             raise ValueError(f"{owner}: k must be an integer >= 1, got {k!r}")
         tau = _tau(owner, tau)
-        roots = _row_indices(owner, "roots", roots).reshape(-1)  # (R, 1) taken as (R,)
+        roots = row_indices(owner, "roots", roots).reshape(-1)  # (R, 1) taken as (R,)
         # ref_emb's shape and the roots' range are knn_subgraphs' checks; no root or a single class: a graph
         # with no edges, loss 0 (as TSGRGraph)
         return cls(*knn_subgraphs(ref_emb.detach(), roots, int(k), tau), tau, ref_emb.shape[0], normalize)

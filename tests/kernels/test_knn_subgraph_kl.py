@@ -340,8 +340,10 @@ def test_knn_subgraphs_checks_its_roots():
         ops.knn_subgraphs(emb, torch.tensor([12]), 4, TAU)
     with pytest.raises(ValueError, match=r"got rows -1\.\.3"):
         ops.knn_subgraphs(emb, [-1, 3], 4, TAU)
-    for bad in (torch.tensor([0.5]), torch.tensor([[0]]), torch.tensor([True])):
-        with pytest.raises(TypeError, match="1-D tensor \\(or list\\) of integer row indices"):
+    for bad in (torch.tensor([0.5]), torch.tensor([True])):
+        with pytest.raises(TypeError, match="knn_subgraphs: roots must be integer row indices"):
             ops.knn_subgraphs(emb, bad, 4, TAU)
+    with pytest.raises(TypeError, match="1-D tensor \\(or list\\) of integer row indices of ref_emb, got shape"):
+        ops.knn_subgraphs(emb, torch.tensor([[0]]), 4, TAU)
     with pytest.raises(ValueError, match="ref_emb must be a floating"):
         ops.knn_subgraphs(emb.long(), [0], 4, TAU)

@@ -189,6 +189,30 @@ def test_modules_refuse_bad_arguments():
         module(torch.randn(6, 4, device="meta"))
 
 
+@pytest.mark.parametrize("as_given", [
+    lambda rows: rows, lambda rows: torch.tensor(rows, dtype=torch.uint8), lambda rows: torch.tensor(rows).int(),
+    lambda rows: np.array(rows, dtype=np.uint8), lambda rows: range(rows[0], rows[-1] + 1)],
+    ids=["list", "uint8", "int32", "numpy-uint8", "range"])
+def test_every_entry_point_reads_integer_rows_alike(as_given):
+    """knn_subgraphs, TSGRGraph.build, SubgraphKLLoss and its from_reference take the same row indices: any
+    integer dtype (uint8 as values, not as a mask) gives the same graph as int64 rows; masks and fractions are
+    refused by all (they differed: knn_subgraphs refused uint8 that the module took)."""
+    ref = F.normalize(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)), dim=-1)
+    rows = [5, 6, 7]
+    expected = ops.knn_subgraphs(ref, torch.tensor(rows), 3, 0.1)
+    for got in (ops.knn_subgraphs(ref, as_given(rows), 3, 0.1),
+                (lambda g: (g.roots, g.neighbors, g.ref_logprob))(losses.TSGRGraph.build(ref, as_given(rows), 3, 0.1))):
+        assert got[0].dtype == torch.int64 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    module = ops.SubgraphKLLoss.from_reference(ref, as_given(rows), k=3, tau=0.1)
+    direct = ops.SubgraphKLLoss(as_given(rows), expected[1], expected[2], 0.1, num_classes=8)
+    assert torch.equal(module.roots, expected[0]) and torch.equal(direct.roots, expected[0])
+    for bad, message in ((torch.arange(8) >= 5, r"mask\.nonzero\(\)"), ([5.5, 6.0], "integer row indices")):
+        for build in (lambda r: ops.knn_subgraphs(ref, r, 3, 0.1), lambda r: losses.TSGRGraph.build(ref, r, 3, 0.1),
+                      lambda r: ops.SubgraphKLLoss.from_reference(ref, r, k=3, tau=0.1)):
+            with pytest.raises(TypeError, match=message):
+                build(bad)
+
+
 def test_modules_compile_without_graph_breaks(device, triton_backend, graph_breaks):
     ref, student = _reference_and_student(20, 8, seed=3, device=device)
     subgraph = ops.SubgraphKLLoss.from_reference(ref, [15, 16, 17, 18, 19], k=4, tau=TAU_T)
