@@ -41,9 +41,8 @@ def process_state_kept():
     from .model.tf32 import cuda_matmul_tf32, set_cuda_matmul_tf32
     backend, threads, tf32 = ops.get_backend(), torch.get_num_threads(), cuda_matmul_tf32()
     np_state, py_state = np.random.get_state(), random.getstate()
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with random_streams_kept():
             yield
     finally:
         ops.set_backend(backend)
@@ -51,6 +50,13 @@ def process_state_kept():
         set_cuda_matmul_tf32(tf32)
         np.random.set_state(np_state)
         random.setstate(py_state)
+
+
+def random_streams_kept():
+    """torch.random.fork_rng over the CPU generator and those of the CUDA devices already started (forking a
+    device's generator starts that device): the caller's random streams given back after the block."""
+    import torch
+    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else [])
 
 
 def make_config(config: ConfigLike = None, overrides: Optional[Sequence[str]] = None, **kwargs: Any) -> Config:

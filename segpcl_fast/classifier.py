@@ -423,10 +423,9 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
     names = list(names)[:n_seen]
     from .engine.trainer import build_model
     try:
-        # build_model seeds torch, CUDA's generators too: the caller's random streams are given back (those of the
-        # CUDA devices already started, as api.process_state_kept)
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=cuda):
+        # build_model seeds torch, CUDA's generators too: the caller's random streams are given back
+        from .api import random_streams_kept
+        with random_streams_kept():
             model, _ = build_model(cfg, torch.device(device))
     except ModelLoadError as e:
         key = "model.pretrained=/new/path" if names_a_file(cfg.model.pretrained) else "model.cache_dir=/new/cache"
