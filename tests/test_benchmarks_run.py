@@ -174,3 +174,16 @@ def test_step_launches_counts_graph_kernels_graph_gemms_and_eager_ops_apart():
     forward = rows["forward"]
     assert forward["eager_ops"] == {"mul": 1} and forward["eager"] == 1
     assert forward["graph_aten_ops"] == {"mm": 1} and forward["graph_kernels"] >= 1
+
+
+def test_the_fp16_dpgd_gradient_script_shows_plain_fp16_flushing_what_the_scaled_path_keeps():
+    """benchmarks/fp16_dpgd_gradient.py (BENCHMARKS.md, session 50) on the tiny model at s = 300, where the
+    anchors' CE gradient is small: plain fp16 zeroes many pixels' gradients, the norm-2^8 path none."""
+    proc = subprocess.run([sys.executable, "benchmarks/fp16_dpgd_gradient.py", "--model", "segpcl-tiny", "--scale",
+                           "300", "--anchors", "6"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split(":")[0]: line for line in proc.stdout.splitlines() if line.startswith("fp16 ")}
+    assert list(rows) == ["fp16 plain", "fp16 norm 1", "fp16 norm 2^8"], proc.stdout
+    zero = {how: float(line.split("zero ")[1].split(",")[0]) for how, line in rows.items()}
+    sign = {how: float(line.split("fp32's sign ")[1].split(",")[0]) for how, line in rows.items()}
+    assert zero["fp16 plain"] > 0.3 and zero["fp16 norm 2^8"] == 0.0 and sign["fp16 norm 2^8"] > 0.99, proc.stdout
