@@ -399,6 +399,14 @@ def test_cuda_device_rows(monkeypatch):
          "bf16": False}]
 
 
+def test_gpu_rows_are_probed_in_what_the_gpu_trains_in(monkeypatch):
+    """bf16 from Ampere on, fp16 before (a V100 trains with run.precision=fp16: xformers and the fused LoRA are
+    asked for fp16 there, not for the bf16 it will not run)."""
+    capability = {0: (9, 0), 1: (7, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[torch.device(device).index])
+    assert envmod._gpu_train_dtype("cuda:0") is torch.bfloat16 and envmod._gpu_train_dtype("cuda:1") is torch.float16
+
+
 def test_attention_rows_probe_a_vitb_bf16_call(monkeypatch):
     from segpcl_fast.ops import mha
     seen = []

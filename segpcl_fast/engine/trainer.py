@@ -385,7 +385,7 @@ class Trainer:
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)
         _check_ops_backend(self.cfg.run.ops, self.device)
-        slow_bf16 = precision_warning(self.cfg, self.device)
+        slow_bf16 = precision_warning(self.cfg, self.device, new_run=trains and not self.cfg.run.resume)
         if slow_bf16 and self.dist.is_main:
             log.warning(slow_bf16)
         self._previous_ops = ops.get_backend()  # run() gives it back: a run's backend does not outlive the run
@@ -635,6 +635,10 @@ class Trainer:
         timings["steps"] = len(losses)
         if scaler is not None:
             timings["fp16_skipped_steps"] = skipped  # of those steps: overflowed under the loss scale, no update
+            if skipped > SKIPPED_FRACTION_WARNING * len(losses) and self.dist.is_main:
+                log.warning(f"task {t + 1}: {skipped} of its {len(losses)} steps overflowed under fp16 loss scaling and "
+                            f"were skipped (the scale starts at 65536 each task and halves at each); its update was "
+                            f"that much shorter: use run.precision=bf16 where the GPU has it, or more steps a task")
         t2 = time.perf_counter()
         with record_function("prototypes"):
             info.update(self.learner.end_task(t, n_new, _eval_loader(task_images, c.eval.batch_size, c, self.pin)))  # streamed
@@ -906,8 +910,10 @@ class Trainer:
             acc_t = metrics.percent(sum(c[0] for c in counts), sum(c[-1] for c in counts))
             info["acc"] = acc_t
             task_info.append(info)
+            skipped = info["timings"].get("fp16_skipped_steps")
             self.log_fn(f"task {t + 1}/{T}: acc on seen classes {acc_t:.2f}%  "
-                        f"(train {info['timings']['train_s']:.1f}s, stage1 {info['timings']['stage1_s']:.1f}s)")
+                        f"(train {info['timings']['train_s']:.1f}s, stage1 {info['timings']['stage1_s']:.1f}s"
+                        + (f", fp16 skipped {skipped}/{info['timings']['steps']} steps" if skipped else "") + ")")
             if c.run.checkpoint and main:
                 ckpt.save_task_checkpoint(self.out, t, {
                     "task": t, "fingerprint": fingerprint, "config": c.to_dict(), "segpcl_fast_version": __version__,
@@ -966,19 +972,24 @@ def _count_rows(counts: np.ndarray) -> list[list[Optional[int]]]:
     return [[None if v is None else int(v) for v in row] for row in metrics.matrix_to_list(counts)]
 
 
-def precision_warning(cfg: Config, device: torch.device) -> Optional[str]:
+def precision_warning(cfg: Config, device: torch.device, new_run: bool = True) -> Optional[str]:
     """What to say about run.precision / run.text_precision = bf16 on a GPU without native bf16 (before Ampere:
     V100, T4, the RTX 20 series; compute capability < 8, of the run's own device): torch runs bf16 there
-    emulated, slowly, where fp16 (loss-scaled) would use the tensor cores. None elsewhere."""
+    emulated, slowly, where fp16 (loss-scaled) would use the tensor cores. new_run=False (evaluate, --resume):
+    the run keeps the precision it was trained with, so the advice is for a new run. None elsewhere."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     keys = [key for key in ("run.precision", "run.text_precision") if config_value(cfg, key) == "bf16"]
     major, minor = torch.cuda.get_device_capability(device)
     if not keys or major >= 8:
         return None
+    switch = " ".join(f"--set {k}=fp16" for k in keys)
+    advice = (f"train with {switch} (autocast with loss scaling, on its tensor cores; --set wins over a --hw preset)"
+              if new_run else f"this run keeps the precision it was trained with (its checkpoints' config); a new "
+              f"run with {switch} (autocast with loss scaling) uses its tensor cores")
     return (f"{' and '.join(f'{k}=bf16' for k in keys)} on {torch.cuda.get_device_name(device)} (compute capability "
-            f"{major}.{minor}), which has no native bf16: torch emulates it, slowly; "
-            f"{' and '.join(f'{k}=fp16' for k in keys)} (autocast with loss scaling) runs on its tensor cores")
+            f"{major}.{minor}), which has no native bf16: torch emulates it, slowly (and torch.compile may skip its "
+            f"bf16 graphs); {advice}")
 
 
 def _check_ops_backend(name: str, device: torch.device) -> None:
@@ -1092,6 +1103,7 @@ class StepOutcome:
 # fp16: steps in a row the loss scaler may skip before the run stops. From GradScaler's 2^16 that many halvings
 # take the scale to 2^-8: gradients still overflowing there are non-finite, not too large for fp16
 MAX_OVERFLOWS_IN_A_ROW = 24
+SKIPPED_FRACTION_WARNING = 0.25  # a task whose skipped fp16 steps pass this fraction of its steps is warned about
 
 
 def make_grad_scaler(device: torch.device, *precisions: str) -> Optional[torch.amp.GradScaler]:

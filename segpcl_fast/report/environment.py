@@ -68,10 +68,16 @@ def _impl_or_error(choose) -> str:
         return f"error: {exc}"
 
 
+def _gpu_train_dtype(device: str) -> torch.dtype:
+    """What a GPU trains in (the presets' and dataset configs' run.precision): bf16, or fp16 on one without native
+    bf16 (compute capability < 8: run.precision=fp16 there, precision_warning)."""
+    return torch.bfloat16 if torch.cuda.get_device_capability(torch.device(device))[0] >= 8 else torch.float16
+
+
 def _lora_impls(device: str) -> dict:
     from ..ops.lora_linear import lora_b_linear_impl
-    # a GPU trains in bf16 (run.precision's default there): the fused Triton path takes bf16 / fp16 only
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    # the fused Triton path takes bf16 / fp16 only: asked in what the GPU trains in
+    dtype = _gpu_train_dtype(device) if torch.device(device).type == "cuda" else torch.float32
     x = torch.empty(0, device=device, dtype=dtype)
     trained_B = torch.empty(0, device=device, dtype=dtype, requires_grad=True)
     with torch.enable_grad():
@@ -82,7 +88,8 @@ def _lora_impls(device: str) -> dict:
 
 def _attention_impl(device: str) -> str:
     from ..ops.mha import _use_xformers
-    q = torch.empty(1, 1, 1, 64, device=device, dtype=torch.bfloat16)  # ViT-B head size, bf16
+    dtype = _gpu_train_dtype(device) if torch.device(device).type == "cuda" else torch.bfloat16
+    q = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)  # ViT-B head size, in what the GPU trains in
     return "xformers" if _use_xformers(q, None) else "sdpa"
 
 

@@ -861,9 +861,10 @@ def _poison_gradients(learner, steps):
 
 
 def test_fp16_run_skips_overflowed_steps_counts_them_and_stops_after_too_many_in_a_row(tiny_model_name, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, caplog):
     """run.precision=fp16 trains under a loss scaler (one per task): steps whose gradients overflow are
-    skipped and counted in results.json (timings.tasks[t].fp16_skipped_steps) while the run goes on;
+    skipped and counted in results.json (timings.tasks[t].fp16_skipped_steps) and the task's line, warned about
+    past a quarter of the task's steps, while the run goes on;
     MAX_OVERFLOWS_IN_A_ROW of them in a row stop it with an error naming the fix. bf16 has no scaler (an
     overflow there is an error at once)."""
     monkeypatch.setattr("segpcl_fast.engine.trainer.MAX_OVERFLOWS_IN_A_ROW", 3)
@@ -872,7 +873,12 @@ def test_fp16_run_skips_overflowed_steps_counts_them_and_stops_after_too_many_in
     trainer = Trainer(cfg)
     _poison_gradients(trainer.learner, steps={0, 1, 3, 4})  # 4 of 5 steps, never 3 in a row
     b_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
-    trainer.run()
+    with caplog.at_level("INFO"):
+        trainer.run()
+    assert any(m.startswith("task 1/1: acc on seen classes") and m.endswith(", fp16 skipped 4/5 steps)")
+               for m in caplog.messages), caplog.messages
+    assert any(m.startswith("task 1: 4 of its 5 steps overflowed under fp16 loss scaling and were skipped")
+               for m in caplog.messages), caplog.messages
     timings = json.loads((tmp_path / "fp16" / "results.json").read_text())["timings"]["tasks"][0]
     assert (timings["steps"], timings["fp16_skipped_steps"]) == (5, 4)
     changed = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, b_before[n])]
@@ -928,18 +934,27 @@ def test_bf16_on_a_gpu_without_native_bf16_is_warned_about_naming_fp16(monkeypat
     v100, a100 = torch.device("cuda", 1), torch.device("cuda", 0)
     assert warn(make_config(precision="bf16", run__text_precision="bf16"), v100) == (
         "run.precision=bf16 and run.text_precision=bf16 on Tesla V100-SXM2-16GB (compute capability 7.0), which has "
-        "no native bf16: torch emulates it, slowly; run.precision=fp16 and run.text_precision=fp16 (autocast with "
-        "loss scaling) runs on its tensor cores")
+        "no native bf16: torch emulates it, slowly (and torch.compile may skip its bf16 graphs); train with "
+        "--set run.precision=fp16 --set run.text_precision=fp16 (autocast with loss scaling, on its tensor cores; "
+        "--set wins over a --hw preset)")
+    # evaluate / --resume: the run's precision is its own (its checkpoints' config): the advice is for a new run
+    assert warn(make_config(precision="bf16"), v100, new_run=False).endswith(
+        "which has no native bf16: torch emulates it, slowly (and torch.compile may skip its bf16 graphs); this run "
+        "keeps the precision it was trained with (its checkpoints' config); a new run with --set run.precision=fp16 "
+        "(autocast with loss scaling) uses its tensor cores")
     assert warn(make_config(precision="fp16", run__text_precision="bf16"), v100).startswith(
         "run.text_precision=bf16 on Tesla V100")
     assert warn(make_config(precision="fp16", run__text_precision="fp32"), v100) is None
     assert warn(make_config(precision="bf16", run__text_precision="bf16"), a100) is None
     assert warn(make_config(precision="bf16"), torch.device("cpu")) is None
     monkeypatch.undo()
-    monkeypatch.setattr(trainer_module, "precision_warning", lambda cfg, device: f"slow bf16 on {device}")
+    monkeypatch.setattr(trainer_module, "precision_warning",
+                        lambda cfg, device, new_run: f"slow bf16 on {device}, new run {new_run}")
     with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
         Trainer(small_config(tiny_model_name, tmp_path / "run"))
-    assert "slow bf16 on cpu" in caplog.messages
+        Trainer(small_config(tiny_model_name, tmp_path / "run"), trains=False)  # evaluate's
+    assert [m for m in caplog.messages if m.startswith("slow bf16")] == [
+        "slow bf16 on cpu, new run True", "slow bf16 on cpu, new run False"]
 
 
 def test_run_text_precision_bf16_autocasts_the_text_transformer_for_every_text_embedding(tiny_model_name, tmp_path):
