@@ -1208,7 +1208,9 @@ def _with_step_before(error: FloatingPointError, candidates: list, cfg: Config) 
         if step is None or candidate is None or candidate[0] != step - 1:
             continue
         outcome = candidate[1]
-        if isinstance(outcome, StepOutcome) and outcome.grad_norm_read is not None and outcome.values(cfg):
+        # (an fp16 step skipped for an overflow says nothing of the cause: its gradient norm is inf / nan)
+        if (isinstance(outcome, StepOutcome) and outcome.grad_norm_read is not None and not outcome.overflowed
+                and outcome.values(cfg)):
             error.args = (f"{error.args[0]}; the step before (step {step - 1}): {_terms_text(outcome.values(cfg))}, "
                           f"gradient norm {outcome.grad_norm_read:.3g}",) + error.args[1:]
         break
