@@ -354,6 +354,18 @@ def _one_of(allowed: tuple) -> _Check:
     return lambda value: None if value in allowed else f"must be one of {list(allowed)}"
 
 
+# what torch and other libraries call the precisions (torch.float16, AMP's "half", ...): named in the error
+PRECISION_ALIASES = {"half": "fp16", "float16": "fp16", "float": "fp32", "float32": "fp32", "single": "fp32",
+                     "bfloat16": "bf16", "16": "fp16", "32": "fp32"}
+
+
+def _precision(value: Any) -> Optional[str]:
+    said = _one_of(PRECISIONS)(value)
+    spelled = str(value).lower().removeprefix("torch.")
+    alias = spelled if spelled in PRECISIONS else PRECISION_ALIASES.get(spelled)
+    return said if said is None or alias is None else f"{said} (for {value!r} write {alias!r})"
+
+
 def _subset_of(allowed: tuple) -> _Check:
     def check(value: list) -> Optional[str]:
         if value and all(v in allowed for v in value) and len(set(value)) == len(value):
@@ -483,8 +495,8 @@ RULES: dict[str, _Check] = {
     "run.seed": _integer(0),
     "run.output_dir": _nonempty_str,
     "run.device": _device,
-    "run.precision": _one_of(PRECISIONS),
-    "run.text_precision": _one_of(PRECISIONS),
+    "run.precision": _precision,
+    "run.text_precision": _precision,
     "run.ops": _one_of(OPS_BACKENDS),
     "run.num_threads": _integer(0),  # 0 = torch default
     "run.max_steps_per_task": _integer(0),  # 0 = full epochs

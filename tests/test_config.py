@@ -99,6 +99,16 @@ def test_invalid_value_is_rejected_naming_the_key(override, key):
     assert "got" in str(e.value)
 
 
+@pytest.mark.parametrize("value,alias", [("half", "fp16"), ("float16", "fp16"), ("torch.bfloat16", "bf16"),
+                                         ("FP32", "fp32"), ("fp8", None)])
+def test_a_precision_spelled_as_torch_spells_it_names_the_key_to_write(value, alias):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), [f"run.text_precision={value}"])
+    hint = f"(for '{value}' write '{alias}')"
+    assert ("run.text_precision must be one of ['fp32', 'bf16', 'fp16']" in str(e.value)
+            and (hint in str(e.value)) == (alias is not None)), str(e.value)
+
+
 def test_task_sizes_and_num_tasks_must_agree():
     """A preset's task_sizes (ucf101: 11 + 9 x 10) with another num_tasks was a late, puzzling error
     about the class count; now it is a config error naming both keys and the fix."""
