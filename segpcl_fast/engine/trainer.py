@@ -28,7 +28,7 @@ from ..fileio import unwritable_dir_reason
 from ..method.anchors import frozen_eval
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
-from ..model.clip import load_model
+from ..model.clip import load_model, native_bf16
 from ..model.lora import inject_lora, lora_state_dict
 from ..model.tf32 import cuda_matmul_tf32, run_tf32, set_cuda_matmul_tf32
 from ..version import __version__
@@ -980,9 +980,9 @@ def precision_warning(cfg: Config, device: torch.device, new_run: bool = True) -
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     keys = [key for key in ("run.precision", "run.text_precision") if config_value(cfg, key) == "bf16"]
-    major, minor = torch.cuda.get_device_capability(device)
-    if not keys or major >= 8:
+    if not keys or native_bf16(device):
         return None
+    major, minor = torch.cuda.get_device_capability(device)
     switch = " ".join(f"--set {k}=fp16" for k in keys)
     advice = (f"train with {switch} (autocast with loss scaling, on its tensor cores; --set wins over a --hw preset)"
               if new_run else f"this run keeps the precision it was trained with (its checkpoints' config); a new "
@@ -1040,9 +1040,10 @@ class StepOutcome:
         scalars = [v.detach().float().reshape(()) for v in parts.values()]
         if self.loss is not None:
             scalars.append(self.loss.float().reshape(()))
+        device = scalars[0].device if scalars else self._grad_norm.device
         if self._any_loss_bad is not None:
-            scalars.append(self._any_loss_bad.to(scalars[0].device if scalars else self._grad_norm.device))
-        scalars.append(self._grad_norm.float().reshape(()).to(scalars[0].device if scalars else self._grad_norm.device))
+            scalars.append(self._any_loss_bad.to(device))
+        scalars.append(self._grad_norm.float().reshape(()).to(device))
         packed = torch.stack(scalars)
         self._event = None
         if copy_ahead and packed.is_cuda:

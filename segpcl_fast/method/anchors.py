@@ -176,7 +176,8 @@ def run_dpgd(teacher, seeds: torch.Tensor, targets: torch.Tensor, old_text: torc
                 noise = torch.rand(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
                 x = x0 + ((2 * noise - 1) * eps_n.view(view)).to(x0.dtype)
                 x = torch.maximum(torch.minimum(x, hi.view(view).to(x.dtype)), lo.view(view).to(x.dtype))
-            nonfinite = torch.zeros((), dtype=torch.bool, device=x.device)  # fp16: any step's gradient, on the device
+            # fp16: whether any step's gradient was not finite, kept on the device
+            nonfinite = torch.zeros((), dtype=torch.bool, device=x.device) if fp16 else None
             for _ in range(cfg.k_adv):
                 x.requires_grad_(True)
                 if fp16:

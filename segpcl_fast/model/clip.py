@@ -47,6 +47,12 @@ ASSET_DIR = PACKAGE_DIR / "assets"
 # (model name, tag) -> checkpoint shipped inside the package
 # run.precision / text_precision -> the tower's autocast dtype (None: no autocast, fp32)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NATIVE_BF16_MAJOR = 8  # compute capability from which a GPU has bf16 tensor cores (Ampere); before: fp16 only
+
+
+def native_bf16(device) -> bool:
+    """Whether the CUDA `device` computes bf16 natively (else torch emulates it, slowly: run.precision=fp16)."""
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= NATIVE_BF16_MAJOR
 BUNDLED_WEIGHTS = {("segpcl-tiny", "segpcl-world"): ASSET_DIR / "segpcl-tiny-world.pt"}
 
 _registered = False

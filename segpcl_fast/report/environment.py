@@ -50,13 +50,14 @@ def _extension() -> dict:
 def _cuda_devices() -> list[dict]:
     if not torch.cuda.is_available():
         return []
+    from ..model.clip import NATIVE_BF16_MAJOR
     rows = []
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         rows.append({"index": index, "name": props.name, "capability": f"{props.major}.{props.minor}",
                      "memory_gib": round(props.total_memory / 2**30, 1),
                      "multiprocessors": props.multi_processor_count,
-                     "bf16": props.major >= 8})  # native bf16 from Ampere on: else run.precision=fp16
+                     "bf16": props.major >= NATIVE_BF16_MAJOR})  # else run.precision=fp16
     return rows
 
 
@@ -71,7 +72,8 @@ def _impl_or_error(choose) -> str:
 def _gpu_train_dtype(device: str) -> torch.dtype:
     """What a GPU trains in (the presets' and dataset configs' run.precision): bf16, or fp16 on one without native
     bf16 (compute capability < 8: run.precision=fp16 there, precision_warning)."""
-    return torch.bfloat16 if torch.cuda.get_device_capability(torch.device(device))[0] >= 8 else torch.float16
+    from ..model.clip import native_bf16
+    return torch.bfloat16 if native_bf16(device) else torch.float16
 
 
 def _lora_impls(device: str) -> dict:
