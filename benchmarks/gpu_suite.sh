@@ -21,7 +21,8 @@
 #            whose autotuning compiles for minutes, then staticbatch_fused, the static-batch graph beside
 #            compiled_fused's symbolic one, then percallcast_fused, frozen weights cast every forward,
 #            eagerloss_fused, the loss terms eager, cppwrapper_fused, inductor's C++ wrapper,
-#            unbatchedmerge_fused, one addmm a LoRA merge, and tf32_fused / tf32_cudagraphs, run.tf32)
+#            unbatchedmerge_fused, one addmm a LoRA merge, tf32_fused / tf32_cudagraphs, run.tf32, and
+#            fp16_fused, run.precision=fp16 with its loss scaler)
 #            after the profile step, as budget allows
 #   profile  the compiled e2e step in steady state (kernel categories), then 5 steps of task 2
 #            with ViT-B/16 (random weights, eager) through `segpcl-fast profile`
@@ -73,7 +74,7 @@ if [ "${STEPS+set}" = set ] && [ -z "${STEPS//[[:space:]]/}" ]; then
 fi
 STEPS="${STEPS:-$ALL_STEPS}"
 E2E_VARIANTS="${E2E_VARIANTS-compiled_fused cudagraphs_fused compiled_reference eager_fused}"
-E2E_EXTRA="${E2E_EXTRA-bf16text_fused bf16text_cudagraphs compiled_triton compiled_cpp_lora eager_reference autotune_fused autotune_cudagraphs staticbatch_fused percallcast_fused eagerloss_fused cppwrapper_fused unbatchedmerge_fused tf32_fused tf32_cudagraphs}"
+E2E_EXTRA="${E2E_EXTRA-bf16text_fused bf16text_cudagraphs compiled_triton compiled_cpp_lora eager_reference autotune_fused autotune_cudagraphs staticbatch_fused percallcast_fused eagerloss_fused cppwrapper_fused unbatchedmerge_fused tf32_fused tf32_cudagraphs fp16_fused}"
 # a step, or one part of it alone (the labels skipped.txt and summary.md use)
 PARTS="bench-summary bench-host bench-tune ext-build ext-tests ext-bench ext-parts e2e-summary profile-e2e_step profile-vitb16"
 for v in $E2E_VARIANTS $E2E_EXTRA; do PARTS="$PARTS e2e-$v"; done

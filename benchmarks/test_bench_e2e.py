@@ -28,7 +28,10 @@ percallcast_fused (compiled_fused with SEGPCL_FROZEN_CAST=per_call: frozen weigh
 and eagerloss_fused (compiled_fused with SEGPCL_COMPILE_LOSS=0: the loss terms eager) and
 cppwrapper_fused (compiled_fused with SEGPCL_COMPILE_CPP_WRAPPER=1: inductor's host code in C++) and
 unbatchedmerge_fused (compiled_fused with SEGPCL_COMPILE_BATCH_MERGE=0: one addmm a LoRA merge) and
-tf32_fused / tf32_cudagraphs (compiled_fused / cudagraphs_fused with run.tf32: fp32 GEMMs on TF32).
+tf32_fused / tf32_cudagraphs (compiled_fused / cudagraphs_fused with run.tf32: fp32 GEMMs on TF32) and
+fp16_fused (compiled_fused with run.precision=fp16: the image tower under fp16 autocast with the trainer's
+dynamic loss scaling, torch.amp.GradScaler's unscale and update each step; its MFU is over the fp16
+matmul peak, measured as the bf16 one is).
 A CUDA-graph variant records how many compiled graphs ran without CUDA graphs, and why
 (cudagraph_skips, cudagraph_skip_reasons: engine/compiling.py).
 CPU: the shipped tiny model (segpcl-tiny, random weights), batch 32 + 32 anchors, 50 old + 10 new
@@ -53,6 +56,7 @@ from segpcl_fast.config import Config
 from segpcl_fast.engine.bench import build_step, matmul_peak_flops, sync
 from segpcl_fast.engine.compiling import CUDA_GRAPH_MODES, CompileSettings, cudagraph_skips
 from segpcl_fast.engine.flops import step_flops
+from segpcl_fast.model.clip import AUTOCAST_DTYPES
 from segpcl_fast.model.tf32 import cuda_matmul_tf32_for, run_tf32
 
 VARIANTS = {  # name: (ops backend, compiled, environment)
@@ -105,11 +109,14 @@ VARIANTS = {  # name: (ops backend, compiled, environment)
     "tf32_fused": ("auto", True, {"SEGPCL_BENCH_TF32": "1"}),
     # the same under CUDA graphs: the step as the GPU presets would run it with mode "reduce-overhead". CUDA only.
     "tf32_cudagraphs": ("auto", True, {"SEGPCL_COMPILE_MODE": "reduce-overhead", "SEGPCL_BENCH_TF32": "1"}),
+    # compiled_fused with run.precision=fp16 (a V100 / T4 user's precision): fp16 autocast, the loss scaled and
+    # the gradients unscaled and checked by a GradScaler each step. CUDA only.
+    "fp16_fused": ("auto", True, {"SEGPCL_BENCH_PRECISION": "fp16"}),
 }
 # on the CPU they would be compiled_fused again (fp32 there)
 CUDA_ONLY = {"cudagraphs_fused", "bf16text_fused", "compiled_triton", "bf16text_cudagraphs", "autotune_fused",
              "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused", "cppwrapper_fused",
-             "unbatchedmerge_fused", "tf32_fused", "tf32_cudagraphs"}
+             "unbatchedmerge_fused", "tf32_fused", "tf32_cudagraphs", "fp16_fused"}
 SETUPS = {
     "cpu": dict(model="segpcl-tiny", n_images=int(os.environ.get("SEGPCL_BENCH_BATCH", 32)), n_old=50, n_new=10,
                 precision="fp32", dtype=torch.float32, rounds=5),
@@ -122,22 +129,24 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def matmul_peak():
-    """The MFU denominator, measured once per device per session. With SEGPCL_BENCH_PEAK_FILE set
-    (gpu_suite.sh: one pytest per variant), the first session measures and writes it there and the
-    later ones read it, so every variant's MFU is over the same peak."""
+    """The MFU denominator, measured once per device and matmul dtype per session. With
+    SEGPCL_BENCH_PEAK_FILE set (gpu_suite.sh: one pytest per variant), the first session measures and
+    writes it there and the later ones read it, so every variant of a dtype has its MFU over the same peak."""
     shared = os.environ.get("SEGPCL_BENCH_PEAK_FILE")
     measured = {}
     if shared and os.path.isfile(shared):
         with open(shared) as f:
-            measured = {device: float(flops) for device, flops in json.load(f).items()}
+            measured = {key: float(flops) for key, flops in json.load(f).items()}
 
-    def get(device: str) -> float:
-        if device not in measured:
-            measured[device] = matmul_peak_flops(device, SETUPS[device]["dtype"])
+    def get(device: str, dtype: torch.dtype) -> float:
+        # "cuda" alone for bf16 on the GPU and fp32 on the CPU: the key of files written before fp16 had a row
+        key = device if dtype == SETUPS[device]["dtype"] else f"{device} {str(dtype).removeprefix('torch.')}"
+        if key not in measured:
+            measured[key] = matmul_peak_flops(device, dtype)
             if shared:
                 from segpcl_fast.fileio import atomic_write_text
                 atomic_write_text(shared, json.dumps(measured))
-        return measured[device]
+        return measured[key]
     return get
 
 
@@ -171,21 +180,22 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
     torch._dynamo.reset()
     settings = CompileSettings.from_env() if compiled else None  # the variant's mode; SEGPCL_COMPILE_DYNAMIC_BATCH
     cfg = Config()
+    precision = os.environ.get("SEGPCL_BENCH_PRECISION", setup["precision"])  # fp16_fused's run.precision
     cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
     cfg.run.tf32 = os.environ.get("SEGPCL_BENCH_TF32", "0") == "1"
     # run.tf32 as the trainer applies it (CUDA only), around the compiles too (inductor reads it there)
     with ops.backend(backend), cuda_matmul_tf32_for(run_tf32(cfg.run.tf32, device)) as tf32:
         step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
-                          precision=setup["precision"], compile_settings=settings, cfg=cfg)
+                          precision=precision, compile_settings=settings, cfg=cfg)
 
         # what the row needs besides its times, recorded before them: a run stopped in its rounds
         # (gpu_suite's step limit) still writes a JSON that summary.py can turn into a row
         counted = step_flops(step.model, step.shape)
         flops = counted["total"]
-        peak = matmul_peak(device)
+        peak = matmul_peak(device, AUTOCAST_DTYPES[precision] or torch.float32)
         benchmark.extra_info.update(
             device=device, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            model=setup["model"], precision=setup["precision"], compiled=compiled, batch=setup["n_images"],
+            model=setup["model"], precision=precision, compiled=compiled, batch=setup["n_images"],
             anchors=step.shape.n_anchors, classes=setup["n_old"] + setup["n_new"], step_flops=flops,
             # the text tower's share of the FLOPs, and the precision it runs in (fp32 by default: those
             # FLOPs run on fp32 kernels, yet count against the bf16 peak like the rest)
@@ -217,9 +227,13 @@ def test_e2e_step(benchmark, matmul_peak, monkeypatch, device, variant):
             benchmark.extra_info.update(cudagraph_skips=skips["count"], cudagraph_skip_reasons=skips["reasons"][:5])
         benchmark.extra_info.update(_host_syncs(step))
         before = _disturbances(device)
+        skipped_before = step.skipped["fp16_skipped_steps"]
         with _gc_timer() as gc_time:
             loss = benchmark.pedantic(timed, rounds=setup["rounds"], warmup_rounds=0, iterations=1)
         after = _disturbances(device)
+        if precision == "fp16":  # a skipped step does no update: the rounds' count says how many timed that
+            benchmark.extra_info.update(fp16_skipped_in_warmup=skipped_before,
+                                        fp16_skipped_in_rounds=step.skipped["fp16_skipped_steps"] - skipped_before)
         choices = _step_choices(step, device, compiled)
     assert torch.isfinite(loss)
     # what can make one round slow (the H200's compiled_fused had one round of 1218 ms, then one of 1441 ms,

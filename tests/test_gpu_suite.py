@@ -200,7 +200,7 @@ def test_all_steps_in_order_main_e2e_variants_before_the_profile_extra_after(sui
     assert e2e == ["compiled_fused", "cudagraphs_fused", "compiled_reference", "eager_fused", "bf16text_fused",
                    "bf16text_cudagraphs", "compiled_triton", "compiled_cpp_lora", "eager_reference", "autotune_fused",
                    "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused",
-                   "cppwrapper_fused", "unbatchedmerge_fused", "tf32_fused", "tf32_cudagraphs"]
+                   "cppwrapper_fused", "unbatchedmerge_fused", "tf32_fused", "tf32_cudagraphs", "fp16_fused"]
     order = [next(i for i, c in enumerate(commands) if key in c) for key in
              ("tests/kernels", "--benchmark-only -q -p no:cacheprovider --ignore", "tune_kernels_cuda", "setup.py",
               "and compiled_fused", "and eager_fused", "profile_e2e_step", "segpcl_fast.cli profile",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Optional
 
@@ -42,6 +42,9 @@ class Step:
     model: object
     learner: Learner
     device: torch.device
+    # fp16: the steps whose scaled gradients overflowed, so the scaler skipped their update (each counted when
+    # the next step reads its outcome back, as the trainer's loop does)
+    skipped: dict = field(default_factory=lambda: {"fp16_skipped_steps": 0})
 
     def __call__(self) -> torch.Tensor:
         return self.run()
@@ -88,12 +91,14 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     # what Trainer.train_step reads of its trainer, for one process
     runner = SimpleNamespace(cfg=cfg, device=device, learner=learner, lora_params=params, grad_sync=None,
                              dist=DistContext())
-    previous, steps = [], itertools.count()
+    previous, steps, skipped = [], itertools.count(), {"fp16_skipped_steps": 0}
 
     def run() -> torch.Tensor:
         outcome = Trainer.train_step(runner, optimizer, images, labels, cfg.optim.lr, next(steps), 1, n_images, scaler)
         if previous:
-            previous.pop().values(cfg)  # the trainer's loop: the last step's outcome, read after queueing this one
+            before = previous.pop()
+            before.values(cfg)  # the trainer's loop: the last step's outcome, read after queueing this one
+            skipped["fp16_skipped_steps"] += before.overflowed
         previous.append(outcome)
         return outcome.loss
 
@@ -104,7 +109,7 @@ def build_step(model_name: str, device: str | torch.device, n_images: int, n_old
     pairs = int(graph.neighbors.numel()) if graph is not None else 0
     shape = StepShape(n_images=n_images, n_anchors=n_anchors, n_prompts=len(tokens), text_len=text_len,
                       n_cls_classes=n_cls, n_old=n_old, tsgr_pairs=pairs)
-    return Step(run=run, shape=shape, model=model, learner=learner, device=device)
+    return Step(run=run, shape=shape, model=model, learner=learner, device=device, skipped=skipped)
 
 
 def sync(device: torch.device) -> None:

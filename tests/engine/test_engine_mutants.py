@@ -807,6 +807,32 @@ def test_bench_step_takes_no_more_anchors_than_its_pool(tiny_model_name):
     assert seen.shape.n_cls_classes == 4  # every seen class
 
 
+def test_bench_step_under_fp16_scales_its_loss_and_counts_the_steps_its_scaler_skipped(tiny_model_name, monkeypatch):
+    """The e2e benchmark's fp16_fused row: build_step's steps go through a GradScaler, as a task's do, and
+    count the overflowed (skipped) ones. A start scale of 2^40 overflows fp16 at once, and each skip halves it."""
+    from segpcl_fast.engine import bench
+    scalers = []
+
+    def huge_scale_scaler(device, *precisions):
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 40) if "fp16" in precisions else None
+        scalers.append(scaler)
+        return scaler
+    monkeypatch.setattr(bench, "make_grad_scaler", huge_scale_scaler)
+    step = bench.build_step(tiny_model_name, "cpu", n_images=3, n_old=2, n_new=2, anchor_pool=4, precision="fp16")
+    assert scalers[0] is not None and step.skipped["fp16_skipped_steps"] == 0
+    for _ in range(4):
+        step()
+    read = 3  # the 4th step's outcome is read by a 5th
+    skipped = step.skipped["fp16_skipped_steps"]
+    assert 1 <= skipped <= read
+    # every skip halved the scale: 2^40 / 2^skipped after the 4 steps' update() calls, at most one more unread
+    assert scalers[0].get_scale() in {2.0 ** (40 - skipped), 2.0 ** (40 - skipped - 1)}
+    fp32 = bench.build_step(tiny_model_name, "cpu", n_images=3, n_old=2, n_new=2, anchor_pool=4)
+    for _ in range(3):
+        fp32()
+    assert scalers[1] is None and fp32.skipped["fp16_skipped_steps"] == 0
+
+
 # ----------------------------------------------------------------------------- evaluation, steps, resume
 
 def test_evaluate_seen_restricts_each_tasks_own_space_to_its_classes():
