@@ -25,7 +25,8 @@ from ..model.clip import load_model
 from ..model.lora import inject_lora
 from .flops import StepShape
 from .distributed import DistContext
-from .trainer import Trainer, make_grad_scaler, make_optimizer
+from .step_outcome import make_grad_scaler
+from .trainer import Trainer, make_optimizer
 
 _WORDS = ("red", "green", "striped", "small", "round", "wooden", "spotted", "large", "metal", "blue")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,9 @@ from . import accel
 from . import checkpoint as ckpt
 from . import compiling
 from . import distributed as ddp
+from .loss_history import cls_chance_fraction, divergence_warning, epoch_means
+from .step_outcome import (ScalerSkips, StepOutcome, loss_nonfinite, make_grad_scaler, skips_nonfinite_on_device,
+                           total_grad_norm, with_step_before)
 
 log = logging.getLogger("segpcl_fast.engine")
 # a run's progress (each task's accuracy, resumes, replaced runs): INFO on its own logger, which the CLI shows
@@ -580,7 +582,7 @@ class Trainer:
         optimizer = make_optimizer(self.lora_params, c) if total_steps else None
         # fp16 autocast only; one per task, as the optimizer
         scaler = make_grad_scaler(self.device, c.run.precision, c.run.text_precision) if total_steps else None
-        skipped, in_a_row = 0, 0  # steps the loss scaler skipped (fp16 overflow): all, and the latest run of them
+        skips = ScalerSkips()  # steps the loss scaler skipped (fp16 overflow)
         for kind, message in idle_setting_warnings(c, t, n_new, total_steps):
             if self.dist.is_main and kind not in self._said:  # once a run (from the first task that meets it)
                 self._said.add(kind)
@@ -592,15 +594,11 @@ class Trainer:
         recorded = None  # (step, outcome) last recorded: a non-finite step's error may quote it
 
         def record(step: int, done) -> None:
-            nonlocal recorded, skipped, in_a_row
+            nonlocal recorded
             # a StepOutcome raises FloatingPointError for a non-finite step (its update was skipped)
             parts = done.values(c) if isinstance(done, StepOutcome) else done
-            if isinstance(done, StepOutcome) and done.overflowed:  # fp16: the scaler skipped it, halved its scale
-                skipped, in_a_row = skipped + 1, in_a_row + 1
-                if in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
-                    _raise_scaled_overflows(parts, step, t, c, scaler.get_scale())
-            else:
-                in_a_row = 0
+            if scaler is not None:
+                skips.note(done, parts, step, t, c, scaler)
             recorded = (step, done)
             losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
             epochs.append(step // steps_per_epoch)
@@ -627,18 +625,17 @@ class Trainer:
                 record(*pending)
         except FloatingPointError as e:
             # the step before the bad one: pending where train_step read it before its update, else recorded
-            raise _with_step_before(e, [pending, recorded], c)
+            raise with_step_before(e, [pending, recorded], c)
         finally:
             if bar is not None:
                 bar.close()
         timings["train_s"] = time.perf_counter() - t1
         timings["steps"] = len(losses)
         if scaler is not None:
-            timings["fp16_skipped_steps"] = skipped  # of those steps: overflowed under the loss scale, no update
-            if skipped > SKIPPED_FRACTION_WARNING * len(losses) and self.dist.is_main:
-                log.warning(f"task {t + 1}: {skipped} of its {len(losses)} steps overflowed under fp16 loss scaling and "
-                            f"were skipped (the scale starts at 65536 each task and halves at each); its update was "
-                            f"that much shorter: use run.precision=bf16 where the GPU has it, or more steps a task")
+            timings["fp16_skipped_steps"] = skips.total  # of those steps: overflowed under the loss scale, no update
+            warning = skips.warning(t, len(losses))
+            if warning and self.dist.is_main:
+                log.warning(warning)
         t2 = time.perf_counter()
         with record_function("prototypes"):
             info.update(self.learner.end_task(t, n_new, _eval_loader(task_images, c.eval.batch_size, c, self.pin)))  # streamed
@@ -720,11 +717,11 @@ class Trainer:
             if c.optim.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, c.optim.grad_clip)
             else:
-                grad_norm = _grad_norm(self.lora_params)
+                grad_norm = total_grad_norm(self.lora_params)
             # under torchrun a rank's non-finite loss reaches every rank's gradients, which a scaler takes for an
             # fp16 overflow: every rank must learn it, and raise with it (else the rank that raises leaves the others
             # in their next collective)
-            any_loss_bad = (ddp.any_rank(_loss_nonfinite(loss, grad_norm.device), self.dist)
+            any_loss_bad = (ddp.any_rank(loss_nonfinite(loss, grad_norm.device), self.dist)
                             if scaler is not None and self.grad_sync is not None else None)
             outcome = StepOutcome(step, t, parts, loss, grad_norm, copy_ahead=on_device, scaled=scaler is not None,
                                   any_loss_bad=any_loss_bad)
@@ -1013,298 +1010,6 @@ def _check_ops_backend(name: str, device: torch.device) -> None:
     if env and env != name:
         log.warning("SEGPCL_OPS=%s is not what this run uses: a run takes run.ops (%s here); set --set run.ops=%s "
                     "(or run.ops in the config) to run it", env, name, env)
-
-
-class StepOutcome:
-    """A training step's loss parts and finiteness, read back once, by `values`.
-
-    values(cfg): {term: float}, or FloatingPointError naming the step and the term (a non-finite
-    loss term: `_raise_nonfinite_loss`'s message; finite terms but non-finite gradients: one term's backward
-    overflowed).
-
-    On a GPU with `copy_ahead` the parts, the loss and the gradient norm are copied into pinned host
-    memory behind the step's kernels (non_blocking) and an event is recorded after them: `values`
-    then waits for that event only, i.e. for this step's kernels, not for those queued since. (A
-    plain `.item()` would copy in stream order and so wait for the next step too.)"""
-
-    def __init__(self, step: int, t: int, parts: dict, loss: Optional[torch.Tensor], grad_norm: torch.Tensor,
-                 copy_ahead: bool = False, scaled: bool = False, any_loss_bad: Optional[torch.Tensor] = None):
-        self.step, self.t = step, t
-        self.scaled = scaled  # fp16 loss scaling: non-finite gradients under a finite loss are an overflow
-        self.overflowed = False  # set by values(): the scaled step overflowed and was skipped
-        self.loss = None if loss is None else loss.detach()  # the total loss, on the device (a scalar)
-        self._names = list(parts)
-        self._grad_norm = grad_norm.detach()
-        # torchrun under a scaler: 1.0 where some rank's loss was not finite (ddp.any_rank); None otherwise
-        self._any_loss_bad = None if any_loss_bad is None else any_loss_bad.detach().float().reshape(())
-        scalars = [v.detach().float().reshape(()) for v in parts.values()]
-        if self.loss is not None:
-            scalars.append(self.loss.float().reshape(()))
-        device = scalars[0].device if scalars else self._grad_norm.device
-        if self._any_loss_bad is not None:
-            scalars.append(self._any_loss_bad.to(device))
-        scalars.append(self._grad_norm.float().reshape(()).to(device))
-        packed = torch.stack(scalars)
-        self._event = None
-        if copy_ahead and packed.is_cuda:
-            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(packed.device))  # the copy's stream (run.device=cuda:1)
-        else:
-            self._host = packed
-        self._values: Optional[dict] = None
-        self.grad_norm_read: Optional[float] = None  # set by values(): a non-finite step's error quotes the one before
-        self.skips_in = None  # the fused optimizer whose sticky skip flag this step set (Trainer.train_step)
-
-    def nonfinite(self, gradients: bool = True) -> torch.Tensor:
-        """1.0 (fp32 scalar, on the gradients' device) when the loss, or (`gradients`) the gradient norm, is not
-        finite."""
-        finite = torch.isfinite(self._grad_norm) if gradients else torch.ones((), dtype=torch.bool,
-                                                                               device=self._grad_norm.device)
-        if self.loss is not None:
-            finite = finite & torch.isfinite(self.loss.to(finite.device))
-        bad = (~finite).float()
-        return bad if self._any_loss_bad is None else torch.maximum(bad, self._any_loss_bad.to(bad.device))
-
-    def overflow(self) -> torch.Tensor:
-        """1.0 (fp32 scalar, on the gradients' device) when the gradient norm is not finite."""
-        return (~torch.isfinite(self._grad_norm)).float()
-
-    def values(self, cfg: Config) -> dict:
-        if self._values is None:
-            if self._event is not None:
-                self._event.synchronize()  # this step's kernels, and its copy, are done
-            read = self._host.tolist()
-            values = dict(zip(self._names, read))
-            self.grad_norm_read = read[-1]
-            loss_ok = self.loss is None or math.isfinite(read[len(self._names)])
-            others_ok = self._any_loss_bad is None or read[-2] == 0.0  # every rank's loss finite (torchrun, scaled)
-            # (a scaled overflow is skipped, not raised)
-            raises = not loss_ok or not others_ok or (not math.isfinite(read[-1]) and not self.scaled)
-            if raises and self.skips_in is not None:
-                # the error is out: the steps queued after this one were skipped; later ones run again
-                self.skips_in.__dict__.pop("_segpcl_nonfinite", None)
-            if not loss_ok:
-                _raise_nonfinite_loss(read[len(self._names)], values, self.step, self.t, cfg)
-            if not others_ok:
-                raise _at_step(FloatingPointError(
-                    f"another rank's loss was not finite at task {self.t + 1}, step {self.step} (see that rank's "
-                    f"error; this rank's terms: {_terms_text(values) or 'none, it had no samples'}); "
-                    f"{_nonfinite_fixes(list(values), cfg)}"), self.step)
-            if not math.isfinite(read[-1]):
-                if not self.scaled:
-                    _raise_nonfinite_grad(values, self.step, self.t, cfg)
-                self.overflowed = True
-            self._values = values
-            self._host = self._event = self._grad_norm = self.skips_in = None  # nothing kept past the read
-        return self._values
-
-
-# fp16: steps in a row the loss scaler may skip before the run stops. From GradScaler's 2^16 that many halvings
-# take the scale to 2^-8: gradients still overflowing there are non-finite, not too large for fp16
-MAX_OVERFLOWS_IN_A_ROW = 24
-SKIPPED_FRACTION_WARNING = 0.25  # a task whose skipped fp16 steps pass this fraction of its steps is warned about
-
-
-def make_grad_scaler(device: torch.device, *precisions: str) -> Optional[torch.amp.GradScaler]:
-    """Dynamic loss scaling (torch.amp.GradScaler, its defaults) where a tower trains under fp16 autocast
-    (`precisions`: run.precision, run.text_precision; fp16 gradients would underflow its range unscaled); None
-    otherwise (fp32, bf16: bf16 has fp32's exponent range). A new one per task, like the optimizer, so a run
-    resumed at a task boundary trains as the uninterrupted one (nothing of it is checkpointed); the first steps of
-    a task may overflow and be skipped while the scale comes down (results.json: timings.tasks[t].fp16_skipped_steps)."""
-    if "fp16" not in precisions:
-        return None
-    scaler = torch.amp.GradScaler(device.type)
-    # its scale made now, on the run's device (GradScaler makes it at the first scale() call): under torchrun a
-    # rank whose first batch is empty scales no loss, yet unscales the all-reduced gradients
-    scaler.scale(torch.zeros((), device=device))
-    return scaler
-
-
-def _loss_nonfinite(loss: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """1.0 (fp32 scalar on `device`) when `loss` is not finite; 0.0 for None (a rank without samples)."""
-    if loss is None:
-        return torch.zeros((), device=device)
-    return (~torch.isfinite(loss.detach().to(device))).float()
-
-
-def _raise_scaled_overflows(values: dict, step: int, t: int, cfg: Config, scale: float) -> None:
-    raise _at_step(FloatingPointError(
-        f"the LoRA B gradients were not finite in {MAX_OVERFLOWS_IN_A_ROW} steps in a row at task {t + 1}, up to step "
-        f"{step}, under fp16 loss scaling (each skipped and the scale halved, to {scale:g} now) while the loss terms "
-        f"were finite ({_terms_text(values)}): not an fp16 overflow that scaling fixes; "
-        f"{_nonfinite_fixes(list(values), cfg)}"), step)
-
-
-def skips_nonfinite_on_device(optimizer) -> bool:
-    """torch's fused SGD: its kernel reads the optimizer's found_inf flag and skips the update itself."""
-    return isinstance(optimizer, torch.optim.SGD) and bool(optimizer.defaults.get("fused"))
-
-
-def _grad_norm(params: list) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads)
-    return torch.nn.utils.clip_grad_norm_(params, float("inf"))
-
-
-# the settings a loss term's size depends on (besides optim.lr), by the term's key in Learner.loss's parts
-TERM_SETTINGS = {"acgd": ("acgd.tau", "acgd.weight"), "gr": ("tsgr.tau", "tsgr.weight")}
-
-
-def _nonfinite_fixes(terms: list, cfg: Config) -> str:
-    """'check acgd.tau (now 0.001), acgd.weight (now 5.0); lower optim.lr (now 0.1); ...' for the terms."""
-    def now(key):
-        return f"{key} (now {config_value(cfg, key):g})"
-    settings = [now(key) for term in terms for key in TERM_SETTINGS.get(term, ())]
-    fixes = ([f"check {', '.join(settings)}"] if settings else []) + [f"lower {now('optim.lr')}"]
-    for key in ("run.precision", "run.text_precision"):
-        if config_value(cfg, key) == "fp16":  # bf16 has fp32's range; V100 / T4 have no bf16
-            fixes.append(f"use {key}=bf16 (where the GPU has it) or fp32")
-        elif config_value(cfg, key) != "fp32":
-            fixes.append(f"use {key}=fp32")
-    return "; ".join(fixes)
-
-
-def _raise_nonfinite_grad(values: dict, step: int, t: int, cfg: Config) -> None:
-    """Finite loss terms, non-finite LoRA-B gradients: one term's backward overflowed. Without this
-    check the NaN weights surface one step later as a NaN L_cls, blaming the wrong term."""
-    terms = _terms_text(values) or "no terms on this rank, which had no samples"
-    # under torchrun the gradients are all-reduced: another rank's non-finite loss (its own error names
-    # the term) reaches this rank's gradients too, and is the likelier cause
-    ranks = (torch.distributed.is_available() and torch.distributed.is_initialized()
-             and torch.distributed.get_world_size() > 1)
-    cause = ("another rank's loss was not finite (see that rank's error), or a term's backward overflowed (very "
-             "small temperatures overflow it)" if ranks else
-             "a term's backward overflowed (very small temperatures overflow it)")
-    raise _at_step(FloatingPointError(f"the LoRA B gradients are not finite at task {t + 1}, step {step} while every "
-                                      f"loss term {'on this rank ' if ranks else ''}is ({terms}): {cause}; "
-                                      f"{_nonfinite_fixes(list(values), cfg)}"), step)
-
-
-def _raise_nonfinite_loss(loss: float, values: dict, step: int, t: int, cfg: Config) -> None:
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    raise _at_step(FloatingPointError(f"loss is {loss} at task {t + 1}, step {step} (non-finite term(s): "
-                                      f"{', '.join('L_' + b.upper() for b in bad) or 'total'}); "
-                                      f"{_nonfinite_fixes(bad, cfg)}; or check the data for NaN pixels"), step)
-
-
-def _at_step(error: FloatingPointError, step: int) -> FloatingPointError:
-    error.step = step  # Trainer.train_task adds what the step before it read (_with_step_before)
-    return error
-
-
-def _terms_text(values: dict) -> str:
-    return ", ".join(f"L_{k.upper()}={v:.4g}" for k, v in values.items())
-
-
-def _with_step_before(error: FloatingPointError, candidates: list, cfg: Config) -> FloatingPointError:
-    """A non-finite step's error, with the loss terms and gradient norm of the step before it, taken from the
-    (step, outcome) `candidates` (None, or an outcome not read yet, is passed over): a finite but huge
-    gradient (tsgr.tau=1e-20: L_GR 4.9e15, norm 1.4e18) passes the check and breaks the weights, and the
-    next step's terms are all NaN, so the step before is where the cause shows."""
-    step = getattr(error, "step", None)
-    for candidate in candidates:
-        if step is None or candidate is None or candidate[0] != step - 1:
-            continue
-        outcome = candidate[1]
-        # (an fp16 step skipped for an overflow says nothing of the cause: its gradient norm is inf / nan)
-        if (isinstance(outcome, StepOutcome) and outcome.grad_norm_read is not None and not outcome.overflowed
-                and outcome.values(cfg)):
-            error.args = (f"{error.args[0]}; the step before (step {step - 1}): {_terms_text(outcome.values(cfg))}, "
-                          f"gradient norm {outcome.grad_norm_read:.3g}",) + error.args[1:]
-        break
-    return error
-
-
-def epoch_means(losses: list[dict], epochs: list[int]) -> list[dict]:
-    """[{"epoch": e (1-based), "steps": n, term: mean over the epoch's steps that have it, ...}] from
-    the per-step loss parts (floats; {} for a step without images on this rank) and the 0-based epoch
-    of each step: n counts every step of the epoch. Under DDP the terms are the main rank's own
-    batches (each rank's loss terms are over its slice of the global batch)."""
-    if len(losses) != len(epochs):
-        raise ValueError(f"epoch_means: {len(losses)} steps' losses but {len(epochs)} epochs")
-    by_epoch: dict[int, list[dict]] = {}
-    for parts, e in zip(losses, epochs):
-        by_epoch.setdefault(e, []).append(parts)
-    rows = []
-    for e, steps in sorted(by_epoch.items()):
-        terms = dict.fromkeys(k for parts in steps for k in parts)  # in the order the steps have them
-        rows.append({"epoch": e + 1, "steps": len(steps),
-                     **{k: statistics.fmean(float(p[k]) for p in steps if k in p) for k in terms}})
-    return rows
-
-
-MIN_STEPS_FOR_DIVERGENCE = 20  # quarters of >= 5 steps: a variance of 2 steps called noise a divergence
-
-
-COLLAPSE_FRACTION = 0.95  # a rise that ends at >= this fraction of ln(n): the predictions became near-uniform
-LEARNED_FRACTION = 0.8  # a task whose last quarter ended under this fraction of ln(n): the model had learned
-STILL = 0.98  # a last quarter at >= this fraction of the first quarter's L_cls: the task did not learn
-MIN_STEPS_AT_CHANCE = 8  # quarters of >= 2 steps: under it a task at chance is only its first steps on new classes
-
-
-def cls_chance_fraction(cls_losses: list, n_classes: int) -> Optional[float]:
-    """The mean L_cls of a task's last quarter of steps over chance level ln(n_classes) (None: no steps)."""
-    values = [float(v) for v in cls_losses if v is not None]
-    if not values or n_classes < 2:
-        return None
-    return statistics.fmean(values[-max(1, len(values) // 4):]) / math.log(n_classes)
-
-
-def divergence_warning(cls_losses: list, n_classes: int, t: int, lr: float,
-                       learned_before: Optional[float] = None) -> Optional[str]:
-    """A message when L_cls rose across task t, beyond its batch-to-batch noise, and ended above
-    chance level ln(n_classes) (diverged) or within 5 % under it (collapsed to near-uniform
-    predictions), or when a model that had learned (`learned_before`: the lowest cls_chance_fraction of
-    the tasks before, under LEARNED_FRACTION) spent task t at chance; else None.
-
-    Finite but diverged runs (weights blown up, predictions worse than uniform guessing) pass
-    StepOutcome.values' check; this catches them from the per-step losses already on the host. It compares
-    the means of the first and last quarter of the steps and flags a rise only when it is over
-    10 % and over twice the standard error of that difference (Welch), so a flat but noisy loss
-    (a task the model barely learns, a small last batch per epoch) is not called a divergence.
-    A rise that ends at COLLAPSE_FRACTION of ln(n) or more is a collapse: a model that knew the
-    classes now spreads its probability evenly (equal logits give exactly ln(n)). Under 20 steps
-    (quarters of 5) no rise is flagged: with 10 steps, two unlucky batches at the end of a healthy
-    task read as one. A task at chance or above that did not learn (its mean and its last quarter at
-    COLLAPSE_FRACTION of ln(n) or more, the last quarter not under STILL x the first's) is flagged
-    only after a task that learned, from MIN_STEPS_AT_CHANCE steps: a blow-up in a task's first steps (lr=1:
-    L_cls 3.6 -> 12.2, then ln(20) for later tasks) has no rise to see. Under that count the steps are a new
-    task's first ones, on classes the model has not trained on, where L_cls is at chance in a healthy run too
-    (a review's 1-step task warned "collapsed" and then scored 100 %). An untrained model at chance from its
-    first task is not flagged, nor a task that starts confidently wrong (over ln(n)) and falls (the
-    world-by-colour preset's tasks 4, 5, 7: 1.38 -> 1.07, 1.12 -> 1.06, 1.24 -> 1.05 of ln(10)).
-    """
-    values = [float(v) for v in cls_losses if v is not None]
-    if not values or n_classes < 2:
-        return None
-    chance = math.log(n_classes)
-    fix = f"lower optim.lr (now {lr:g}) or set optim.grad_clip"
-    last_fraction = cls_chance_fraction(values, n_classes)
-    first_fraction = statistics.fmean(values[:max(1, len(values) // 4)]) / chance
-    mean = statistics.fmean(values)
-    if (learned_before is not None and learned_before < LEARNED_FRACTION and len(values) >= MIN_STEPS_AT_CHANCE
-            and last_fraction >= COLLAPSE_FRACTION
-            and mean >= COLLAPSE_FRACTION * chance and last_fraction >= STILL * first_fraction):
-        return (f"task {t + 1}: L_CLS stayed at chance level ln({n_classes}) = {chance:.3f} or above (mean "
-                f"{mean:.3f}, last quarter of its steps {last_fraction * chance:.3f}, not under its "
-                f"first's) after an earlier task ended at {learned_before:.0%} of its chance level: training "
-                f"collapsed (near-uniform predictions) or diverged; {fix}")
-    if len(values) < MIN_STEPS_FOR_DIVERGENCE:
-        return None
-    k = len(values) // 4
-    head, tail = values[:k], values[-k:]
-    first, last = statistics.fmean(head), statistics.fmean(tail)
-    noise = math.sqrt((statistics.variance(head) + statistics.variance(tail)) / k)
-    if last <= 1.1 * first or last < COLLAPSE_FRACTION * chance or last - first <= 2.0 * noise:
-        return None
-    rise = f"task {t + 1}: L_CLS rose from {first:.3f} to {last:.3f} over the task (first and last quarter of its steps)"
-    if last <= chance:
-        return (f"{rise}, to chance level ln({n_classes}) = {chance:.3f}: training collapsed (near-uniform "
-                f"predictions); {fix}")
-    return f"{rise}, above chance level ln({n_classes}) = {chance:.3f}: training diverged; {fix}"
 
 
 def _progress(total: int, desc: str, enabled: bool):

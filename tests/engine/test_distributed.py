@@ -163,7 +163,8 @@ class _NaNOnRank1:
 
 
 def _nan_worker(rank, world, port, fused, out, scaled=False):
-    from segpcl_fast.engine.trainer import _with_momentum_buffers, make_grad_scaler
+    from segpcl_fast.engine.step_outcome import make_grad_scaler
+    from segpcl_fast.engine.trainer import _with_momentum_buffers
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:

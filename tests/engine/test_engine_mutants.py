@@ -242,7 +242,7 @@ def test_a_loss_scaled_step_equals_the_unscaled_step(kind, clip):
     unscaled before the norm, the clipping (optim.grad_clip; 0.05 binds here) and the update, so a finite
     step's update, momentum and loss parts are the unscaled step's bit for bit (powers of two scale exactly);
     the scale stays (growth after 2000 steps)."""
-    from segpcl_fast.engine.trainer import make_grad_scaler
+    from segpcl_fast.engine.step_outcome import make_grad_scaler
     torch.manual_seed(3)
     x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
     kw = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
@@ -269,7 +269,7 @@ def test_an_overflowing_scaled_step_is_skipped_halves_the_scale_and_raises_nothi
     """Under a loss scaler, non-finite gradients under a finite loss are an fp16 overflow: the update and
     momentum are skipped, the scale halves, the outcome reads `overflowed` and raises nothing; the skip is
     the step's own (the next, finite step applies, queued before the overflow was read)."""
-    from segpcl_fast.engine.trainer import make_grad_scaler
+    from segpcl_fast.engine.step_outcome import make_grad_scaler
     torch.manual_seed(4)
     x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
     w = torch.nn.Parameter(torch.randn(3))
@@ -293,7 +293,7 @@ def test_a_rank_whose_first_batch_is_empty_unscales_under_a_loss_scaler(monkeypa
     """torchrun, fp16: a rank with no images in its first step scales no loss but joins the all-reduce and
     unscales the gradients it receives (GradScaler made its scale at the first scale() call: unscale_ failed).
     No process group here: the loss flags' all-reduce is the identity (2 real ranks: test_distributed.py)."""
-    from segpcl_fast.engine.trainer import make_grad_scaler
+    from segpcl_fast.engine.step_outcome import make_grad_scaler
     monkeypatch.setattr(ddp, "any_rank", lambda flag, ctx: flag)
     w = torch.nn.Parameter(torch.randn(3))
     tr = _stub_trainer(w, rank=0, world=2)
@@ -306,7 +306,7 @@ def test_a_rank_whose_first_batch_is_empty_unscales_under_a_loss_scaler(monkeypa
 
 
 def test_a_non_finite_loss_raises_under_a_loss_scaler_too():
-    from segpcl_fast.engine.trainer import make_grad_scaler
+    from segpcl_fast.engine.step_outcome import make_grad_scaler
     x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
     w = torch.nn.Parameter(torch.randn(3))
     tr = _stub_trainer(w, sync=False)
@@ -1102,7 +1102,7 @@ def test_a_gpu_step_outcome_is_copied_ahead_and_read_after_its_event():
     """On a GPU the outcome is copied to pinned memory behind the step and read after its event (a
     stream-ordered .item() would wait for every kernel queued since); the values and errors are the
     synchronous path's."""
-    from segpcl_fast.engine.trainer import StepOutcome
+    from segpcl_fast.engine.step_outcome import StepOutcome
     cuda = dict(device="cuda")
     parts = {"cls": torch.tensor(1.5, **cuda), "gr": torch.tensor(0.25, **cuda)}
     done = StepOutcome(3, 0, parts, parts["cls"] + parts["gr"], torch.tensor(2.0, **cuda), copy_ahead=True)

@@ -533,7 +533,7 @@ def test_a_finite_loss_with_nonfinite_gradients_is_named_at_its_own_step(tiny_mo
 def test_a_nonfinite_step_quotes_the_step_before_it(tiny_model_name, tmp_path, monkeypatch):
     """A finite but huge gradient (tsgr.tau=1e-20: L_GR 3.5e15, norm 1.4e18) passes the check and breaks the
     weights; the next step's terms are all NaN. Its error now quotes the step before, where the cause shows."""
-    from segpcl_fast.engine.trainer import _with_step_before
+    from segpcl_fast.engine.step_outcome import with_step_before
     from segpcl_fast.method.learner import Learner
     original, calls = Learner.loss, []
 
@@ -550,7 +550,7 @@ def test_a_nonfinite_step_quotes_the_step_before_it(tiny_model_name, tmp_path, m
                                                  r"the step before \(step 0\): L_CLS=[0-9.]+e\+12, L_GR=0, gradient norm "
                                                  r"[0-9.]+e\+1[0-9]$"):
         train(small_config(tiny_model_name, tmp_path / "run", num_tasks=1))
-    from segpcl_fast.engine.trainer import StepOutcome
+    from segpcl_fast.engine.step_outcome import StepOutcome
     cfg = make_config()
 
     def outcome(step, parts, read=True):  # a step's outcome, read back (values()) or not yet
@@ -560,13 +560,13 @@ def test_a_nonfinite_step_quotes_the_step_before_it(tiny_model_name, tmp_path, m
             done.values(cfg)
         return (step, done)
     error = FloatingPointError("loss is nan at task 1, step 5")
-    assert str(_with_step_before(error, [outcome(3, {"cls": 1.0})], cfg)) == "loss is nan at task 1, step 5"  # no step
+    assert str(with_step_before(error, [outcome(3, {"cls": 1.0})], cfg)) == "loss is nan at task 1, step 5"  # no step
     error.step = 5
-    assert str(_with_step_before(error, [outcome(3, {"cls": 1.0})], cfg)) == "loss is nan at task 1, step 5"  # not before
-    assert str(_with_step_before(error, [outcome(4, {})], cfg)) == "loss is nan at task 1, step 5"  # no images here
-    assert str(_with_step_before(error, [None, outcome(4, {"cls": 1.0}, read=False)], cfg)) == \
+    assert str(with_step_before(error, [outcome(3, {"cls": 1.0})], cfg)) == "loss is nan at task 1, step 5"  # not before
+    assert str(with_step_before(error, [outcome(4, {})], cfg)) == "loss is nan at task 1, step 5"  # no images here
+    assert str(with_step_before(error, [None, outcome(4, {"cls": 1.0}, read=False)], cfg)) == \
         "loss is nan at task 1, step 5"  # not read yet: its values would wait for the device
-    assert str(_with_step_before(error, [None, outcome(4, {"cls": 1.0})], cfg)) == (
+    assert str(with_step_before(error, [None, outcome(4, {"cls": 1.0})], cfg)) == (
         "loss is nan at task 1, step 5; the step before (step 4): L_CLS=1, gradient norm 2")
 
 
@@ -867,7 +867,7 @@ def test_fp16_run_skips_overflowed_steps_counts_them_and_stops_after_too_many_in
     past a quarter of the task's steps, while the run goes on;
     MAX_OVERFLOWS_IN_A_ROW of them in a row stop it with an error naming the fix. bf16 has no scaler (an
     overflow there is an error at once)."""
-    monkeypatch.setattr("segpcl_fast.engine.trainer.MAX_OVERFLOWS_IN_A_ROW", 3)
+    monkeypatch.setattr("segpcl_fast.engine.step_outcome.MAX_OVERFLOWS_IN_A_ROW", 3)
     cfg = small_config(tiny_model_name, tmp_path / "fp16", num_tasks=1, plots=False, run__precision="fp16",
                        optim__batch_size=4, run__max_steps_per_task=5)
     trainer = Trainer(cfg)
@@ -1464,11 +1464,11 @@ def test_cli_train_prints_a_refused_resume_alone(tmp_path, capsys):
 
 
 def test_the_nonfinite_message_names_the_settings_of_the_bad_terms():
-    from segpcl_fast.engine.trainer import _nonfinite_fixes
+    from segpcl_fast.engine.step_outcome import nonfinite_fixes
     cfg = make_config(acgd__tau=0.001)
-    assert _nonfinite_fixes(["acgd"], cfg) == "check acgd.tau (now 0.001), acgd.weight (now 5); lower optim.lr (now 0.001)"
-    assert _nonfinite_fixes(["cls"], make_config(precision="bf16")) == "lower optim.lr (now 0.001); use run.precision=fp32"
-    assert _nonfinite_fixes(["cls"], make_config(run__text_precision="fp16")) == (
+    assert nonfinite_fixes(["acgd"], cfg) == "check acgd.tau (now 0.001), acgd.weight (now 5); lower optim.lr (now 0.001)"
+    assert nonfinite_fixes(["cls"], make_config(precision="bf16")) == "lower optim.lr (now 0.001); use run.precision=fp32"
+    assert nonfinite_fixes(["cls"], make_config(run__text_precision="fp16")) == (
         "lower optim.lr (now 0.001); use run.text_precision=bf16 (where the GPU has it) or fp32")
 
 

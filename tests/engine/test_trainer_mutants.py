@@ -16,7 +16,8 @@ from segpcl_fast.api import make_config
 from segpcl_fast.config import ConfigError
 from segpcl_fast.engine import checkpoint as ckpt
 from segpcl_fast.engine import distributed as ddp
-from segpcl_fast.engine.trainer import COLLAPSE_FRACTION, Trainer, divergence_warning
+from segpcl_fast.engine.loss_history import COLLAPSE_FRACTION, divergence_warning
+from segpcl_fast.engine.trainer import Trainer
 from segpcl_fast.model.clip import ImageStats
 
 
@@ -221,7 +222,7 @@ def test_a_task_spent_at_chance_after_one_that_learned_is_a_collapse():
     flagged: a model at chance from its first task (untrained), and a task that starts confidently wrong
     and falls toward chance (world-by-colour's healthy tasks 4, 5, 7: 1.38 -> 1.07 of ln(10)), which a
     spike-then-settle task like lr=1's task 2 cannot be told from by its loss: the task after it warns."""
-    from segpcl_fast.engine.trainer import cls_chance_fraction
+    from segpcl_fast.engine.loss_history import cls_chance_fraction
     chance = math.log(20)
     task1 = [2.9, 2.5, 2.0, 1.6, 1.4, 1.3, 1.2, 1.2, 1.1, 1.1]
     task2 = [3.64, 4.75, 8.63, 12.2, 6.31, 8.43, 3.17, 3.01, 3.03, 3.09]
@@ -444,7 +445,7 @@ def test_a_short_task_at_chance_is_not_called_a_collapse():
     at chance, and its first and last quarter were that one step, so "not under its first's" held trivially:
     it warned "training collapsed" and then scored 100 %. Under MIN_STEPS_AT_CHANCE steps no such warning;
     from that count the same at-chance losses warn."""
-    from segpcl_fast.engine.trainer import MIN_STEPS_AT_CHANCE
+    from segpcl_fast.engine.loss_history import MIN_STEPS_AT_CHANCE
     assert MIN_STEPS_AT_CHANCE == 8
     learned = 0.01
     assert divergence_warning([0.842], 2, 1, 1e-3, learned_before=learned) is None
