@@ -12,7 +12,8 @@
 # Steps, in order (measured times per step on an H100: BENCHMARKS.md):
 #   kernels  CUDA variants of tests/kernels
 #   bench    every benchmark file but the e2e, LoRA (the ext step's) and CPU-only transforms ones,
-#            CUDA rows only + summary; the anchor-gather host probe; anchor_kl knob sweep
+#            CUDA rows only + summary; the anchor-gather host probe; anchor_kl knob sweep; knn_subgraph_kl
+#            forward and backward apart, with its knob sweep (bench-knn)
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
 #   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU: the
 #            E2E_VARIANTS (default compiled_fused cudagraphs_fused compiled_reference eager_fused) here; the
@@ -41,7 +42,7 @@
 #                       $OUT (a tar of the logs: seconds). A step that would start with under
 #                       MIN_STEP_S (60) s left (the profile step: MIN_PROFILE_S, 120: its first
 #                       command compiles ViT-B/16), or an e2e variant with under MIN_COMPILED_VARIANT_S
-#                       (120; eager_* variants: MIN_VARIANT_S, 45), is skipped. The knob sweep (bench-tune) stops after TUNE_TIMEOUT (120).
+#                       (120; eager_* variants: MIN_VARIANT_S, 45), is skipped. The knob sweeps (bench-tune, bench-knn) each stop after TUNE_TIMEOUT (120).
 #   KERNEL_WORKERS (8)  pytest-xdist workers for the kernels step where xdist imports (the device image
 #                       has it): its tests each compile Triton kernels, a CPU-bound wait (140 tests took
 #                       117 s in one process on the H200, 2026-12-04); 1 runs them in one process.
@@ -76,7 +77,7 @@ STEPS="${STEPS:-$ALL_STEPS}"
 E2E_VARIANTS="${E2E_VARIANTS-compiled_fused cudagraphs_fused compiled_reference eager_fused}"
 E2E_EXTRA="${E2E_EXTRA-bf16text_fused bf16text_cudagraphs compiled_triton compiled_cpp_lora eager_reference autotune_fused autotune_cudagraphs staticbatch_fused percallcast_fused eagerloss_fused cppwrapper_fused unbatchedmerge_fused tf32_fused tf32_cudagraphs fp16_fused}"
 # a step, or one part of it alone (the labels skipped.txt and summary.md use)
-PARTS="bench-summary bench-host bench-tune ext-build ext-tests ext-bench ext-parts e2e-summary profile-e2e_step profile-vitb16"
+PARTS="bench-summary bench-host bench-tune bench-knn ext-build ext-tests ext-bench ext-parts e2e-summary profile-e2e_step profile-vitb16"
 for v in $E2E_VARIANTS $E2E_EXTRA; do PARTS="$PARTS e2e-$v"; done
 for entry in $STEPS; do
   case " $ALL_STEPS $PARTS " in *" $entry "*) ;; *)
@@ -186,7 +187,7 @@ save() {  # refresh $OUT from $WORK: quick, nothing slow like `segpcl-fast env` 
     echo
     if [ -s "$WORK/steps.txt" ]; then sed 's/^/- /' "$WORK/steps.txt"; else echo "- no step command has run yet"; fi
     [ -s "$WORK/skipped.txt" ] && echo "- skipped (budget): $(tr '\n' ' ' < "$WORK/skipped.txt")"
-    for f in kernels_summary.md host_probes.md kernel_knobs.md lora_parts.md e2e_summary.md profile_e2e_step/categories.txt \
+    for f in kernels_summary.md host_probes.md kernel_knobs.md knn_knobs.md lora_parts.md e2e_summary.md profile_e2e_step/categories.txt \
              profile_e2e_step/summary.json; do
       [ -f "$WORK/$f" ] && { echo; echo "## $f"; echo; cat "$WORK/$f"; }
     done
@@ -289,6 +290,13 @@ fi
 if part bench-tune; then
 TRITON_INTERPRET=0 bounded bench-tune INT "$KILL_GRACE" "$TUNE_TIMEOUT" "$PYTHON" benchmarks/tune_kernels_cuda.py 2>&1 \
   | tee "$WORK/kernel_knobs.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+save
+fi
+# knn_subgraph_kl at the large size: forward and backward timed apart, at the defaults and other programs / warps
+if part bench-knn; then
+TRITON_INTERPRET=0 bounded bench-knn INT "$KILL_GRACE" "$TUNE_TIMEOUT" "$PYTHON" benchmarks/tune_kernels_cuda.py knn 2>&1 \
+  | tee "$WORK/knn_knobs.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 save
 fi

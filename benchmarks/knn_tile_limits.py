@@ -28,7 +28,7 @@ def _forward(k: int, d: int, dtype: torch.dtype):
     block_k, block_d = next_pow2(k), next_pow2(d)
     return lambda: knn._knn_kl_fwd_kernel[(200,)](
         emb, roots, nb, ref, kl, g, g_root, 200, k, d, d, 0.05, 1.0, ROOTS=1, BLOCK_K=block_k, BLOCK_D=block_d,
-        num_warps=4 if block_k * block_d <= 4096 else 8)
+        num_warps=knn.forward_warps(block_k, block_d))
 
 
 def _backward(k: int, d: int, dtype: torch.dtype):
@@ -41,7 +41,7 @@ def _backward(k: int, d: int, dtype: torch.dtype):
     block_c, block_d = 4, next_pow2(d)  # the launcher's contributions_per_load default
     return lambda: knn._knn_kl_bwd_kernel[(cdiv(n_rows, 1),)](
         plan, grad_kl, 1, g_root, g, emb, out, n_rows, n_roots, k, n_roots * (k + 1), d, d, d,
-        ROWS=1, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=knn._backward_warps(block_c, block_d))
+        ROWS=1, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=knn.backward_warps(block_c, block_d))
 
 
 def main(argv=None) -> None:

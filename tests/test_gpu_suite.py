@@ -202,7 +202,8 @@ def test_all_steps_in_order_main_e2e_variants_before_the_profile_extra_after(sui
                    "autotune_cudagraphs", "staticbatch_fused", "percallcast_fused", "eagerloss_fused",
                    "cppwrapper_fused", "unbatchedmerge_fused", "tf32_fused", "tf32_cudagraphs", "fp16_fused"]
     order = [next(i for i, c in enumerate(commands) if key in c) for key in
-             ("tests/kernels", "--benchmark-only -q -p no:cacheprovider --ignore", "tune_kernels_cuda", "setup.py",
+             ("tests/kernels", "--benchmark-only -q -p no:cacheprovider --ignore", "tune_kernels_cuda",
+              "tune_kernels_cuda.py knn", "setup.py",
               "and compiled_fused", "and eager_fused", "profile_e2e_step", "segpcl_fast.cli profile",
               "and compiled_cpp_lora")]
     assert order == sorted(order), commands

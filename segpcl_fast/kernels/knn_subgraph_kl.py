@@ -219,11 +219,17 @@ def _tile(k: int, d: int) -> tuple[int, int]:
     return next_pow2(k), next_pow2(d)
 
 
+def forward_warps(block_k: int, block_d: int) -> int:
+    """Warps of a forward program: 4, or 8 over a 4096-element (next_pow2(k) x next_pow2(d)) tile."""
+    return 4 if block_k * block_d <= 4096 else 8
+
+
 def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_program: int | None = None,
-                          scale: float = 1.0, mean: bool = False):
+                          scale: float = 1.0, mean: bool = False, num_warps: int | None = None):
     """Launch the forward kernel: (kl_rows (R,), g (R, k), g_root (R, d)), all fp32 and all multiplied
     by `scale`, and by 1 / R too when `mean` (R read here, from the tensor: constant arguments for
-    torch.compile, not a new constant per R)."""
+    torch.compile, not a new constant per R). roots_per_program, num_warps: knobs (benchmarks/
+    tune_kernels_cuda.py knn); None takes the defaults."""
     check_can_run("knn_subgraph_kl", emb, roots, neighbors, ref_logprob)
     # shapes also for a direct torch.ops.segpcl call; index ranges are checked by ops.knn_subgraph_kl
     # (check_indices), a raw op's caller's contract
@@ -249,7 +255,7 @@ def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_pro
         _knn_kl_fwd_kernel[grid](emb_c, roots.contiguous(), neighbors.contiguous(), ref_logprob.float().contiguous(),
                                  kl, g, g_root, n_roots, k, d, emb_c.stride(0), float(tau), float(scale),
                                  ROOTS=roots_per_program, BLOCK_K=block_k, BLOCK_D=block_d,
-                                 num_warps=4 if block_k * block_d <= 4096 else 8)
+                                 num_warps=num_warps or forward_warps(block_k, block_d))
     return kl, g, g_root
 
 
@@ -286,18 +292,19 @@ def check_knn_plan(plan: torch.Tensor, emb: torch.Tensor, neighbors: torch.Tenso
                          f"{plan.device}; build it again for this graph and embedding matrix")
 
 
-def _backward_warps(block_c: int, block_d: int) -> int:
+def backward_warps(block_c: int, block_d: int) -> int:
     """Warps of a backward program: 1024 elements of its (BLOCK_C x BLOCK_D) gather tile a warp, up to 16 (at
     most 4 left d 2048 fp32 spilling on sm_90, and d 8192 2.7 KB a thread)."""
     return max(1, min(16, block_c * block_d // 1024))
 
 
 def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None, rows_per_program: int | None = None,
-                           contributions_per_load: int = 4):
+                           contributions_per_load: int = 4, num_warps: int | None = None):
     """Deterministic segment-sum scatter of all contributions into d loss / d emb (emb's dtype).
 
     plan: `knn_backward_plan(roots, neighbors, emb.shape[0])`, built here when None.
-    contributions_per_load: how many of a row's contributions one program gathers at once."""
+    contributions_per_load: how many of a row's contributions one program gathers at once.
+    rows_per_program, num_warps: knobs (benchmarks/tune_kernels_cuda.py knn); None takes the defaults."""
     check_can_run("knn_subgraph_kl", emb, roots, neighbors, g, g_root, grad_kl, *([] if plan is None else [plan]))
     n_roots, k = neighbors.shape
     d = emb.shape[1]
@@ -323,7 +330,7 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None,
         _knn_kl_bwd_kernel[(cdiv(n_rows, rows),)](
             plan, grad_kl, grad_kl.stride(0), g_root.contiguous(), g.contiguous(), emb_c, out,
             n_rows, n_roots, k, n_roots * (k + 1), d, emb_c.stride(0), out.stride(0),
-            ROWS=rows, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=_backward_warps(block_c, block_d))
+            ROWS=rows, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps or backward_warps(block_c, block_d))
     return out.to(emb.dtype)
 
 

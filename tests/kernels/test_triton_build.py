@@ -179,6 +179,48 @@ def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
     assert regs[0] > regs[1] > regs[2] and occupancy[0] < occupancy[1] <= occupancy[2], rows
 
 
+KNN_KNOBS = '''
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])  # benchmarks/
+import tune_kernels_cuda as tune
+from segpcl_fast.kernels import check_triton_build as check_build
+
+classes, roots, k, d = 5000, 200, 10, 512
+meta = dict(device="meta")
+p = dict(emb=torch.empty(classes, d, **meta), roots=torch.empty(roots, dtype=torch.long, **meta),
+         neighbors=torch.empty(roots, k, dtype=torch.long, **meta), log_q0=torch.empty(roots, k, **meta),
+         g=torch.empty(roots, k, **meta), g_root=torch.empty(roots, d, **meta), grad_kl=torch.empty(roots, **meta),
+         plan=torch.empty(classes + 1 + 2 * roots * (k + 1), dtype=torch.long, **meta))
+json.dump([[part, knobs, *tune.knn_usage(check_build, part, run, 90)] for part, knobs, run in tune.knn_runs(p)],
+          sys.stdout)
+'''
+
+
+@cpu_side
+@needs_binder
+def test_knn_sweep_variants_compile_with_their_knobs(tmp_path):
+    """benchmarks/tune_kernels_cuda.py knn (gpu_suite's bench-knn): every variant of its sweep reaches the compiler
+    with its own warps (the launchers' num_warps knob; defaults 8 forward at a 16 x 512 tile, 2 backward) and
+    compiles without spilling; the forward on 4 warps holds more of the tile a thread, so more registers."""
+    script = tmp_path / "knn_knobs.py"
+    script.write_text(KNN_KNOBS)
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    proc = subprocess.run([sys.executable, str(script), str(benchmarks)], env=_compile_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sum(part == "forward" for part, *_ in rows) >= 3 and sum(part == "backward" for part, *_ in rows) >= 3
+    warps = {(part, knobs): int(w) for part, knobs, w, *_ in rows}
+    assert warps[("forward", "default")] == 8 and warps[("backward", "default")] == 2
+    for part, knobs, w, regs, spill, occupancy in rows:
+        want = re.search(r"num_warps (\d+)", knobs)
+        assert want is None or int(want.group(1)) == int(w), (part, knobs, w)
+        assert regs.isdigit() and spill == "0", (part, knobs, regs, spill)
+    regs = {(part, knobs): int(r) for part, knobs, _, r, *_ in rows}
+    assert regs[("forward", "num_warps 4")] > regs[("forward", "default")]
+
+
 def test_sass_count_reads_every_address_width():
     """cuobjdump writes addresses with 4 hex digits up to 0xfff0 and 5 from 0x10000: a kernel past
     4096 instructions was undercounted at 4096 when only 4 were read."""
