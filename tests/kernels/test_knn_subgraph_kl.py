@@ -347,3 +347,33 @@ def test_knn_subgraphs_checks_its_roots():
         ops.knn_subgraphs(emb, torch.tensor([[0]]), 4, TAU)
     with pytest.raises(ValueError, match="ref_emb must be a floating"):
         ops.knn_subgraphs(emb.long(), [0], 4, TAU)
+
+
+def test_the_knob_sweeps_variants_give_the_defaults_result(device):
+    """benchmarks/tune_kernels_cuda.py knn builds the benchmark's problem and runs each part at its defaults and
+    at other programs / warps: on a small graph every variant's forward (kl, g, g_root) and backward equal the
+    default's, up to the rounding of a reduction spread over other warps (the knobs change the launch, not the
+    sums)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import tune_kernels_cuda as tune
+    finally:
+        sys.path.pop(0)
+    problem = tune.knn_problem(60, 12, 5, 24, device=device)
+    assert problem["plan"].numel() == kernel.plan_size(60, 12, 5) and problem["grad_kl"].shape == (12,)
+    results = {}
+    for part, knobs, run in tune.knn_runs(problem):
+        results.setdefault(part, []).append((knobs, run()))
+    assert [k for k, _ in results["forward"]][0] == "default" and len(results["forward"]) == 1 + len(tune.KNN_FORWARD)
+    assert len(results["backward"]) == 1 + len(tune.KNN_BACKWARD)
+    for knobs, out in results["forward"][1:]:
+        for got, want in zip(out, results["forward"][0][1]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=knobs)
+    for knobs, out in results["backward"][1:]:
+        torch.testing.assert_close(out, results["backward"][0][1], rtol=1e-5, atol=1e-6, msg=knobs)
+    grad = results["backward"][0][1]
+    assert grad.abs().sum() > 0  # a real gradient, not the zero of an empty graph
+    sizes = tune.knn_gathered_bytes(60, 12, 5, 24)
+    assert sizes["backward"] > 60 * 24 * 4 and sizes["forward"] > 12 * 6 * 24 * 4
