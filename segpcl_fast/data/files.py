@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import pkgutil
 import re
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -104,15 +106,21 @@ def is_image_name(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted by name (deterministic)."""
-    return sorted(p for p in folder.iterdir() if is_image_name(p) and p.is_file())
+    """Image files directly in `folder`, sorted by name (deterministic). Read with os.scandir, whose entries
+    know their type from the directory listing: Path.iterdir() + is_file() made one stat per file (strace on
+    a flat folder of 50,000 images: 50,000 stats then, none now), which a network file system answers
+    slowly."""
+    with os.scandir(folder) as entries:
+        return sorted(folder / e.name for e in entries if is_image_name(Path(e.name)) and e.is_file())
 
 
 def wnid_folders(folder: Path) -> list[str]:
-    """Sorted names of the ImageNet-style wnid sub-folders (n01440764, ...) of `folder`."""
+    """Sorted names of the ImageNet-style wnid sub-folders (n01440764, ...) of `folder` (os.scandir: no
+    stat per entry, see list_images)."""
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and WNID_RE.match(p.name))
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if WNID_RE.match(e.name) and e.is_dir())
 
 
 def clean_name(name: str) -> str:
@@ -312,12 +320,16 @@ def _names_of(wnids: Sequence[str], mapping: dict[str, str], source: str, unique
     return names
 
 
-def stratified_split(targets: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(targets: Sequence[int], test_fraction: float, seed: int,
+                     class_keys: Optional[Sequence[str]] = None) -> tuple[list[int], list[int]]:
     """Seeded per-class split of sample indices into (train, test), each sorted.
 
-    For every class, its samples are shuffled with numpy RandomState(seed + label) and the first
-    round(test_fraction * n) (at least 1 when n >= 2) go to test. The split of one class does not
-    depend on which other classes exist.
+    For every class, its samples are shuffled with numpy RandomState(class seed) and the first
+    round(test_fraction * n) (at least 1 when n >= 2) go to test. The class seed is seed + crc32 of the
+    class's key (class_keys[label], e.g. its wnid; mod 2^32), so the split of a class does not depend on
+    which other classes exist: a copy holding some of a dataset's class folders splits each of them as the
+    full copy does (the class's label, its position among the folders present, moves). Without
+    class_keys: seed + label.
     """
     import numpy as np
 
@@ -328,7 +340,8 @@ def stratified_split(targets: Sequence[int], test_fraction: float, seed: int) ->
         by_class.setdefault(int(t), []).append(i)
     train, test = [], []
     for label, idx in by_class.items():
-        perm = np.random.RandomState(seed + label).permutation(len(idx))
+        class_seed = seed + label if class_keys is None else (seed + zlib.crc32(class_keys[label].encode())) % 2 ** 32
+        perm = np.random.RandomState(class_seed).permutation(len(idx))
         n_test = int(round(test_fraction * len(idx)))
         if len(idx) >= 2:
             n_test = min(max(n_test, 1), len(idx) - 1)

@@ -14,7 +14,8 @@ choice is logged at INFO, naming the file or folders):
    <root>/imgr_split/: a split file someone put next to the data is meant to be used.
 5. otherwise the usual continual-learning protocol: a seeded 80/20 split per class ([choice]: the paper
    gives no split)
-   (CODA-Prompt / RAPF style; see files.stratified_split, seed `split_seed`).
+   (CODA-Prompt / RAPF style; see files.stratified_split: each class shuffled with seed `split_seed` +
+   crc32 of its wnid, so a copy holding only some of the classes splits each as the full copy does).
 
 Paths in split files are resolved against the root, imagenet-r/ and imagenet-r/'s parent, so
 both "n02051845/art_0.jpg" and "imagenet-r/n02051845/art_0.jpg" work whichever of the two
@@ -131,10 +132,16 @@ def _read_sectioned(path: Path, bases: list[Path], wnid_index: dict[str, int]) -
 
 
 def _check_disjoint(train: Split, test: Split, source: str) -> None:
-    both = sorted(set(train[0]) & set(test[0]))
+    """No image in both splits, an image known by its class folder and file name (ImageNet-R's names are
+    unique within a class): a pre-split copy made by copying the same images into train/ and test/ has no
+    path in common, yet every test image in train."""
+    def key(path: str) -> tuple[str, str]:
+        return Path(path).parent.name, Path(path).name
+    test_keys = {key(p) for p in test[0]}
+    both = sorted(p for p in train[0] if key(p) in test_keys)
     if both:
-        raise format_error(NAME, f"{len(both)} images are in both train and test of {source}, "
-                                 f"e.g. '{both[0]}'", LAYOUT, "list each image in one split only")
+        raise format_error(NAME, f"{len(both)} images are in both train and test of {source} (the same "
+                                 f"<wnid>/<file name>), e.g. '{both[0]}'", LAYOUT, "list each image in one split only")
 
 
 def _split_from_files(root_path: Path, folder: Path, wnid_index: dict[str, int],
@@ -207,13 +214,15 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
                     test_transform: Optional[Callable] = None, names_file: Optional[str] = None,
                     split_seed: int = 0, test_fraction: float = 0.2, split_file: Optional[str] = None
                     ) -> tuple[FileListDataset, FileListDataset]:
-    """(train, test) ImageNet-R; names from README.txt (imagenet-r/ or root) or `names_file`.
+    """(train, test) ImageNet-R; names from README.txt (imagenet-r/, root, or a pre-split copy's train/ or
+    test/) or `names_file`, else CLIP's curated ImageNet names of the wnids (open_clip; logged).
     Which split is used: see the module docstring ('' or None `split_file` = not set)."""
     root_path, folder, test_dir = _locate(root)
     # README.txt ships in imagenet-r.tar beside the wnid folders; a pre-split copy made next to the
-    # extracted imagenet-r/ leaves it there
+    # extracted imagenet-r/ leaves it there, one made by copying imagenet-r/ to train/ takes it into train/
     name_files = list(dict.fromkeys([folder / "README.txt", root_path / "README.txt",
-                                     root_path / "imagenet-r" / "README.txt"]))  # once each
+                                     root_path / "imagenet-r" / "README.txt"]
+                                    + ([folder / "train" / "README.txt", test_dir / "README.txt"] if test_dir else [])))
     if test_dir is not None:
         if split_file:
             raise format_error(NAME, f"data.split_file '{split_file}' is set but '{folder}' is already "
@@ -228,14 +237,17 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
             train, test, source = found
         else:
             paths, targets = _scan(folder, wnids)
-            train_idx, test_idx = stratified_split(targets, test_fraction, split_seed)
+            train_idx, test_idx = stratified_split(targets, test_fraction, split_seed, class_keys=wnids)
             train = ([paths[i] for i in train_idx], [targets[i] for i in train_idx])
             test = ([paths[i] for i in test_idx], [targets[i] for i in test_idx])
-            source = f"a seeded per-class split (split_seed={split_seed}, test_fraction={test_fraction})"
+            source = (f"a seeded per-class split (split_seed={split_seed} + crc32 of each wnid, "
+                      f"test_fraction={test_fraction})")
     _check_disjoint(train, test, source)
     _check_imagenet_r_classes(wnids, folder if test_dir is None else folder / "train")
+    # without README.txt (pre-split copies often lack it): CLIP's curated names of these ILSVRC-2012 wnids
     class_names = names_for_wnids(wnids, name_files, NAME, LAYOUT, names_file, unique=True, root=root_path,
-                                  origin="README.txt is in imagenet-r.tar, beside the class folders")
+                                  origin="README.txt is in imagenet-r.tar, beside the class folders",
+                                  clip_without_file=True)
     log.info("%s: train/test split from %s: %d train, %d test images", NAME, source, len(train[0]), len(test[0]))
     return (FileListDataset(*train, class_names, train_transform),
             FileListDataset(*test, class_names, test_transform))

@@ -281,8 +281,9 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
         return (VideoFrameDataset(*train, class_names, train_transform),
                 VideoFrameDataset(*test, class_names, test_transform))
     if missing:
-        nearby = next((hint for d in LIST_DIR_CANDIDATES
-                       if (hint := found_nearby(path, f"{d}/classInd.txt"))), "")
+        # the official lists, or (split 1) CoOp's split file, one or two levels off data.root
+        patterns = [f"{d}/classInd.txt" for d in LIST_DIR_CANDIDATES] + ([COOP_SPLIT] if split == 1 else [])
+        nearby = next((hint for pattern in patterns if (hint := found_nearby(path, pattern))), "")
         raise format_error(NAME, f"'{lists}' lacks {missing}", LAYOUT,
                            nearby or "extract UCF101TrainTestSplits-RecognitionTask.zip into data.root"
                            + (f" (or, for split 1, put CoOp's {COOP_SPLIT} there)" if split == 1 else ""))

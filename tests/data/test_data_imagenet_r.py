@@ -54,8 +54,19 @@ def test_split_files_used_when_present(imagenet_r_root):
         load_imagenet_r(str(imagenet_r_root))
 
 
-def test_names_need_readme_or_mapping(imagenet_r_root, tmp_path):
+def test_names_need_readme_or_mapping(imagenet_r_root, tmp_path, monkeypatch, caplog):
     (imagenet_r_root / "imagenet-r" / "README.txt").unlink()
+    # without README.txt: CLIP's curated names of the wnids (all ILSVRC-2012 ones), said at INFO
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from segpcl_fast.data import files
+    with caplog.at_level(logging.INFO, logger="segpcl_fast.data.files"):
+        train, _ = load_imagenet_r(str(imagenet_r_root))
+    index = {w: i for i, w in enumerate(files.ilsvrc2012_wnids())}
+    assert train.class_names == [IMAGENET_CLASSNAMES[index[w]] for w in WNIDS]
+    assert "CLIP's ImageNet names" in caplog.text
+    # where CLIP cannot name them (open_clip's names unavailable): one error naming both fixes
+    monkeypatch.setattr(files, "clip_imagenet_names", lambda mapping, subsets=False: None)
     with pytest.raises(DatasetFormatError, match="README.txt") as err:
         load_imagenet_r(str(imagenet_r_root))
     assert "names_file" in str(err.value)
@@ -109,6 +120,40 @@ def test_presplit_folders_used_as_given(tmp_path, test_dir, nested):
     _check_labels_follow_folders(test)
     img, label = test[5]
     assert decode_colour(img) == (label, 3 + 5 % 2)  # test image sketch_1 of class 2
+
+
+def test_a_presplit_copy_with_the_same_images_in_train_and_test_is_refused(tmp_path):
+    """train/ and test/ made by copying the same folder twice share no path, yet every test image is in train:
+    images are compared by <wnid>/<file name>."""
+    _write_presplit(tmp_path)
+    for c, wnid in enumerate(WNIDS):
+        write_image(tmp_path / "test" / wnid / "art_0.jpg", colour(c, 0))  # train's art_0, copied into test
+    with pytest.raises(DatasetFormatError, match=r"4 images are in both train and test .*<wnid>/<file name>"):
+        load_imagenet_r(str(tmp_path))
+
+
+def test_a_presplit_copy_reads_its_names_from_train_readme(tmp_path):
+    """`cp -r imagenet-r train` takes README.txt into train/: names are read there."""
+    _write_presplit(tmp_path)
+    (tmp_path / "README.txt").rename(tmp_path / "train" / "README.txt")
+    train, test = load_imagenet_r(str(tmp_path))
+    assert train.class_names == ["goldfish", "great white shark", "hammerhead", "stingray"] == test.class_names
+
+
+def test_the_seeded_split_of_a_class_does_not_depend_on_the_other_classes(imagenet_r_root, tmp_path):
+    """A copy holding 2 of the 4 class folders (the labels of those classes move) splits each of them as the
+    full copy does: each class is shuffled with split_seed + crc32 of its wnid, not of its label."""
+    import shutil
+    kept = WNIDS[1::2]
+    part = tmp_path / "part"
+    for wnid in kept:
+        shutil.copytree(imagenet_r_root / "imagenet-r" / wnid, part / "imagenet-r" / wnid)
+    shutil.copy(imagenet_r_root / "imagenet-r" / "README.txt", part / "imagenet-r" / "README.txt")
+    for seed in range(4):
+        _, full_test = load_imagenet_r(str(imagenet_r_root), split_seed=seed)
+        _, part_test = load_imagenet_r(str(part), split_seed=seed)
+        full = sorted(p.split("/", )[-2:] for p in full_test.paths if p.split("/")[-2] in kept)
+        assert sorted(p.split("/")[-2:] for p in part_test.paths) == full, seed
 
 
 @pytest.mark.parametrize("where", ["root", "imagenet-r"])

@@ -315,6 +315,20 @@ def test_coop_split_file_errors(ucf_root):
         load_ucf101(str(ucf_root))
 
 
+def test_a_coop_copy_one_level_off_names_its_root(ucf_root, tmp_path):
+    """CoOp's own convention is data.root=$DATA with the copy in $DATA/ucf101/: the error names that folder
+    (and a root inside the copy, its frames folder, the folder above), not the official lists' zip."""
+    shutil.rmtree(ucf_root / "ucfTrainTestlist")
+    _write_coop_split(ucf_root)
+    for wrong in (ucf_root.parent, ucf_root / "UCF-101-midframes"):
+        with pytest.raises(DatasetFormatError) as err:
+            load_ucf101(str(wrong))
+        assert f"set data.root={ucf_root}" in str(err.value), str(err.value)
+    with pytest.raises(DatasetFormatError) as err:  # split 2 is not in CoOp's file: no hint towards it
+        load_ucf101(str(ucf_root.parent), split=2)
+    assert "set data.root" not in str(err.value)
+
+
 @pytest.mark.parametrize("suffix", [".bmp", ".webp", ".PNG"])
 def test_middle_frames_in_any_image_format_frame_folders_take(ucf_root, suffix):
     frames = sorted((ucf_root / "UCF-101-midframes").rglob("*.jpg"))
