@@ -269,7 +269,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     {"rows": [...], "runs": {variant: [Result, ...]}, "paths": {...}}.
     """
     from .report.results import write_table_files
-    from .method.variants import LADDER, variant_overrides
+    from .method.variants import LADDER, check_variants, variant_overrides
     from .report import format_metrics_table, metric_columns, plus_minus
     from .engine.distributed import refuse_multi_process
     refuse_multi_process("the ablation")
@@ -280,7 +280,10 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs
     check_unique(variants, "variant")
+    if not seeds:
+        raise ConfigError("ablate() needs at least one seed (seeds=[0])")
     check_unique([int(s) for s in seeds], "seed")
+    check_variants(cfg, variants, "ablate")  # every variant's clash with the config before the first one trains
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
     runs, rows, trained = {}, [], {}

@@ -74,10 +74,10 @@ def anchor_views(config=None, task: int = 2, projection: str = "pca", method: Op
     cfg = analysis_config(make_config(config, **overrides), "anchor-views")
     require_old_classes(cfg, "anchor views")  # before the model and data load
     out = Path(cfg.run.output_dir)
-    trainer = make_trainer(run_config(cfg, method, out / "run"))
-    T = trainer.scenario.num_tasks
-    if not 2 <= int(task) <= T:
+    T = cfg.data.num_tasks  # the scenario's (data.task_sizes, when set, has as many: config.check_task_count)
+    if not 2 <= int(task) <= T:  # before the model and data load too
         raise ConfigError(f"anchor views: task must be in 2..{T} (1-based; task 1 has no old classes), got {task}")
+    trainer = make_trainer(run_config(cfg, method, out / "run"))
     t = int(task) - 1
     for j in range(t):
         trainer.train_task(j)

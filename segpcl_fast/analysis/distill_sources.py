@@ -69,11 +69,18 @@ def write_synthetic_reference_folder(folder: Path, seed: int = 0, per_class: int
 
 
 def _check_uses_acgd(cfg, method: str) -> None:
-    from ..method.variants import resolve_variant
+    """The method trains with ACGD, and leaves acgd.source to this analysis: distill_new_data / distill_seeds pin
+    it, so a run's saved config (its method, the source set here) would not load back (evaluate, predict,
+    --resume: the method sets its own source again, which the checkpoints' config then contradicts)."""
+    from ..method.variants import resolve_variant, variant_overrides
     resolved = resolve_variant(apply_overrides(cfg, {"run.method": method}))
     if not (resolved.acgd.enabled and resolved.acgd.weight > 0):
         raise ConfigError(f"method '{method}' does not use ACGD (acgd.enabled / acgd.weight): the distillation "
                           f"source makes no difference; use method=segpcl")
+    pinned = variant_overrides(method).get("acgd.source")
+    if pinned is not None:
+        raise ConfigError(f"method '{method}' sets acgd.source={pinned} itself, and distill-sources varies "
+                          f"acgd.source: use method=segpcl (the full method on each source)")
 
 
 def _trainer_for_source(cfg, method: str, source: str, folder: Optional[str], out: Path):
@@ -102,6 +109,8 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
     if bad:
         raise ConfigError(f"unknown ACGD source(s) {bad}; choose from {', '.join(SOURCES)}")
     check_unique(sources, "ACGD source")
+    if not seeds:
+        raise ConfigError("distill_sources() needs at least one seed (seeds=[0])")
     check_unique([int(s) for s in seeds], "seed")
     if folder is not None and "folder" not in sources:
         raise ConfigError(f"a reference folder ({folder}) is only used by the source 'folder', which "

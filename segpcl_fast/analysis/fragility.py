@@ -241,8 +241,9 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
     max_old_images = 0 if max_old_images is None else max_old_images  # None: all, as 0
     if isinstance(max_old_images, bool) or not isinstance(max_old_images, int) or max_old_images < 0:
         raise ConfigError(f"fragility max_old_images must be a whole number >= 0 (0: all), got {max_old_images!r}")
+    # before the model and data load; data.num_tasks is the scenario's (config.check_task_count)
+    wanted = _tasks_to_analyse(tasks, cfg.data.num_tasks)
     trainer = make_trainer(run_config(cfg, method, out / "run"))
-    wanted = _tasks_to_analyse(tasks, trainer.scenario.num_tasks)
     rows = []
     for t in range(wanted[-1] + 1):
         if t in wanted:

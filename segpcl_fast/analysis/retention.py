@@ -98,7 +98,7 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     returns {"rows", "before", "paths", "table"}.
     """
     from ..api import make_config
-    from ..method.variants import variant_overrides
+    from ..method.variants import check_variants, variant_overrides
     refuse_multi_process("the retention analysis")
     refuse_decided_keys("retention()", overrides,
                         {"run.method": "it trains every variants entry: pass variants=['segpcl']"})
@@ -107,6 +107,7 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs
     check_unique(variants, "variant")
+    check_variants(cfg, variants, "retention")  # every variant's clash with the config before the first one trains
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
         raise ConfigError(f"retention per_class must be a whole number >= 0 (0: all / the synthetic default), "
                           f"got {per_class!r}")

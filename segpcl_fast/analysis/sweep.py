@@ -21,8 +21,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from ..config import (Config, ConfigError, analysis_config, apply_overrides, config_value, known_keys, override_key,
-                      parse_value, refuse_decided_keys)
+from ..config import (Config, ConfigError, analysis_config, apply_overrides, check_data_root, check_task_count,
+                      config_value, known_keys, override_key, parse_value, refuse_decided_keys)
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, new_figure, plus_minus, run_config, save_png, slug,
                       summarize_runs, write_table_files)
@@ -128,8 +128,13 @@ def point_folders(points: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Sequence[int],
-                  out: Path) -> list[list[Config]]:
-    """Per point, per seed, the run's Config; any invalid point raises one ConfigError naming it."""
+                  out: Path, fixed: Optional[Mapping[str, Any]] = None) -> list[list[Config]]:
+    """Per point, per seed, the run's Config; any invalid point raises one ConfigError naming it: a bad value,
+    a task split of the known class count (data.build.check_task_split), data.task_sizes against num_tasks, a
+    data.root for the offline world, a `fixed` key (recorded in sweep.json and the table's title) that the
+    point's run.method sets to another value."""
+    from ..data.base import DatasetFormatError
+    from ..data.build import check_task_split
     from ..method.variants import resolve_variant
     import json
     configs = []
@@ -143,8 +148,12 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
                 c = apply_overrides(cfg, dict(point))
                 # run.resume only where the point's run exists: an interrupted sweep's unstarted points start
                 c = run_config(apply_overrides(c, {"run.seed": int(seed)}), None, out / folder / f"seed{seed}")
-                resolved = resolve_variant(c).to_dict()
-            except ConfigError as e:
+                check_data_root(check_task_count(c))
+                check_task_split(c.data)
+                resolved_cfg = resolve_variant(c)
+                resolved = resolved_cfg.to_dict()
+                _check_fixed(fixed or {}, c, resolved_cfg)
+            except (ConfigError, DatasetFormatError) as e:
                 hint = ""
                 if "expects a list" in str(e):
                     hint = " (give each list value in brackets, several separated by ';' or ',': [k,v];[q,k,v])"
@@ -159,6 +168,17 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
                               f"run.method itself, or a key the method leaves alone (acgd.weight=0 turns ACGD off)")
         configs.append(per_seed)
     return configs
+
+
+def _check_fixed(fixed: Mapping[str, Any], cfg: Config, resolved: Config) -> None:
+    """A fixed key is what every run trains with: one the run's method sets otherwise (tsgr.enabled under
+    run.method=segpcl) would be recorded as fixed while the runs used the method's value."""
+    for key in fixed:
+        if config_value(resolved, key) != config_value(cfg, key):
+            raise ConfigError(f"the fixed {key}={_show(config_value(cfg, key))} is not what the runs would train with: "
+                              f"run.method={cfg.run.method} sets {key}={_show(config_value(resolved, key))} "
+                              f"(method/variants.py); fix run.method to a method with the value you want, or a key "
+                              f"the method leaves alone (acgd.weight=0 turns ACGD off)")
 
 
 def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: Sequence[str] = (),
@@ -194,7 +214,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
     check_resume_dir(cfg)  # after the fixed keys: they may set run.resume or run.output_dir
     out = Path(cfg.run.output_dir)
     points = expand_grid(axes)
-    configs = validate_grid(cfg, points, seeds, out)  # every error before the first run
+    configs = validate_grid(cfg, points, seeds, out, held)  # every error before the first run
     swept = list(axes)
     rows = []
     for point, per_seed in zip(points, configs):

@@ -92,6 +92,27 @@ class ClassCountError(DatasetFormatError):
         return error
 
 
+def known_class_count(data_cfg) -> Optional[int]:
+    """The classes the data will hold, where that is known before it is read: the offline world's, or
+    data.expected_classes (the benchmark presets set it); None otherwise."""
+    if data_cfg.dataset == "synthetic":
+        from .synthetic import COLOUR_NAMES, SHAPES
+        return len(SHAPES) * len(COLOUR_NAMES)
+    expected = getattr(data_cfg, "expected_classes", None)
+    return int(expected) if expected else None
+
+
+def check_task_split(data_cfg) -> None:
+    """data.num_tasks / data.task_sizes against the class count where it is known before the data is read
+    (known_class_count), as ClassIncrementalScenario will split it: the analyses check each run's config with
+    it before the first run trains (a sweep over num_tasks trained a point before it met one that did not
+    divide the classes)."""
+    from .protocol import split_tasks
+    n = known_class_count(data_cfg)
+    if n is not None:
+        split_tasks(n, data_cfg.num_tasks, getattr(data_cfg, "task_sizes", None))
+
+
 def _check_class_count(data_cfg, train: ClassDataset) -> None:
     """A partial copy of a benchmark (10 of ImageNet-R's 200 wnids) would otherwise run silently."""
     expected = getattr(data_cfg, "expected_classes", None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import Config, ConfigError, apply_overrides
 
@@ -101,6 +101,18 @@ def resolve_variant(cfg: Config) -> Config:
                           f"set prototypes.beta > 0 (method.md: 0.5) or use run.method=onlyclip")
     _warn_replaced_keys(cfg, name, overrides)
     return apply_overrides(copy.deepcopy(cfg), overrides)
+
+
+def check_variants(cfg: Config, names: Sequence[str], what: str) -> None:
+    """Resolve every variant of an analysis (`what`: ablate, retention) on cfg before the first one trains: a clash
+    (beta = 0 with a variant that uses the prototype path) found at the fifth rung had cost four trainings. The
+    error names the variant, and onlyclip as a variant (run.method is the analysis' to set)."""
+    for name in names:
+        try:
+            resolve_variant(apply_overrides(cfg, {"run.method": name}))
+        except ConfigError as e:
+            text = str(e).replace("or use run.method=onlyclip", "or run the variant onlyclip instead of it")
+            raise ConfigError(f"{what}: variant {name}: {text}") from None
 
 
 def _warn_replaced_keys(cfg: Config, name: str, overrides: dict) -> None:

@@ -160,3 +160,15 @@ def test_one_task_is_refused_before_any_run(stand_in_runs, tmp_path):
                                           r"ACGD distils from task 2 on"):
         ds_mod.distill_sources(make_config(output_dir=str(tmp_path), num_tasks=1), seeds=[0])
     assert stand_in_runs == []
+
+
+@pytest.mark.parametrize("method", ["distill_seeds", "distill_new_data"])
+def test_a_method_that_sets_its_own_source_is_refused_before_any_run(stand_in_runs, tmp_path, method):
+    """distill_seeds / distill_new_data pin acgd.source: a run saved with that method and another source does not
+    load back (evaluate, predict, --resume: the method sets its source again and the checkpoints disagree)."""
+    with pytest.raises(ConfigError, match=f"method '{method}' sets acgd.source=.* itself, and distill-sources varies "
+                                          "acgd.source: use method=segpcl"):
+        ds_mod.distill_sources(make_config(output_dir=str(tmp_path)), method=method, sources=["anchors", "new_data"])
+    with pytest.raises(ConfigError, match=r"distill_sources\(\) needs at least one seed"):
+        ds_mod.distill_sources(make_config(output_dir=str(tmp_path)), seeds=[])
+    assert stand_in_runs == []

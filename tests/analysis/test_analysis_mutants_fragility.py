@@ -179,7 +179,9 @@ def _must_not_train(cfg):
 
 
 @pytest.mark.parametrize("kwargs, match", [({"threshold": "mean"}, "threshold"),
-                                           ({"score": "entropy"}, "unknown fragility score")])
+                                           ({"score": "entropy"}, "unknown fragility score"),
+                                           ({"tasks": [11]}, r"task\(s\) \[11\] out of range in 2\.\.10|give 1-based tasks in 2\.\.10"),  # the data is not read
+                                           ({"num_tasks": 1}, "fragility needs at least 2 tasks")])
 def test_bad_arguments_fail_before_training(kwargs, match, monkeypatch, tmp_path):
     from segpcl_fast.api import make_config
     monkeypatch.setattr(frag, "make_trainer", _must_not_train)

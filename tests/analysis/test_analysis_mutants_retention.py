@@ -163,3 +163,10 @@ def test_retention_arguments_are_checked_before_training(tmp_path, monkeypatch):
     cifar = make_config("cifar100", data__root=str(tmp_path / "cifar"), output_dir=str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="retention of a cifar100 run needs --datasets"):
         ret.retention(cifar)
+
+
+def test_a_variant_that_clashes_with_the_config_fails_before_any_trains(tmp_path, monkeypatch):
+    """The full check of every variant comes first: lora_finetune did train before segpcl met beta = 0."""
+    monkeypatch.setattr(ret, "make_trainer", lambda cfg: pytest.fail(f"built a trainer for {cfg.run.method}"))
+    with pytest.raises(ConfigError, match="retention: variant segpcl: .*prototypes.beta = 0.0"):
+        ret.retention(make_config(output_dir=str(tmp_path), prototypes__beta=0.0), variants=["lora_finetune", "segpcl"])

@@ -105,3 +105,34 @@ def test_points_that_train_the_same_configuration_are_refused(tmp_path):
         validate_grid(make_config(method="lora_finetune"), expand_grid(parse_axes(["prototypes.beta=0.3,0.5"])),
                       [0], tmp_path)
     assert len(validate_grid(make_config(), expand_grid(parse_axes(["prototypes.beta=0.3,0.5"])), [0], tmp_path)) == 2
+
+
+def test_a_fixed_key_the_method_sets_otherwise_is_refused_before_any_training(tmp_path, monkeypatch):
+    """--set tsgr.enabled=false (one value: fixed) under run.method=segpcl, which turns TSGR on: the table's title and
+    sweep.json said "fixed: tsgr.enabled=False" while every run trained with TSGR."""
+    monkeypatch.setattr("segpcl_fast.api.train", lambda cfg: pytest.fail("trained a point"))
+    for kwargs in ({"axes": ["optim.lr=0.05,0.01", "tsgr.enabled=false"]},
+                   {"axes": ["optim.lr=0.05,0.01"], "fixed": ["tsgr.enabled=false"]}):
+        with pytest.raises(ConfigError, match=r"the fixed tsgr.enabled=False is not what the runs would train with: "
+                                              r"run.method=segpcl sets tsgr.enabled=True"):
+            sweep(make_config(output_dir=str(tmp_path)), seeds=[0], **kwargs)
+    # a fixed key the method leaves alone, and one it sets to the same value, are fine
+    configs = validate_grid(make_config(), expand_grid(parse_axes(["optim.lr=0.05,0.01"])), [0], tmp_path,
+                            fixed={"tsgr.weight": 0.5, "tsgr.enabled": True})
+    assert len(configs) == 2
+
+
+def test_each_points_task_split_is_checked_before_any_training(tmp_path, monkeypatch):
+    """A sweep over data.num_tasks trained the point 2 in full, then met 3, which does not divide the offline
+    world's 100 classes; a preset's class count (data.expected_classes) is known before its data is read too."""
+    monkeypatch.setattr("segpcl_fast.api.train", lambda cfg: pytest.fail("trained a point"))
+    with pytest.raises(ConfigError, match=r"sweep point num_tasks=3: data.num_tasks=3 does not divide the 100 classes"):
+        sweep(make_config(output_dir=str(tmp_path)), axes=["data.num_tasks=2,3"], seeds=[0])
+    with pytest.raises(ConfigError, match=r"sweep point num_tasks=4: data.task_sizes has 3 entries"):
+        validate_grid(make_config(task_sizes=[50, 25, 25], num_tasks=3), expand_grid(parse_axes(["data.num_tasks=3,4"])),
+                      [0], tmp_path)
+    with pytest.raises(ConfigError, match=r"num_tasks=7: data.num_tasks=7 does not divide the 200 classes"):
+        validate_grid(make_config("cub200", data__root=str(tmp_path)), expand_grid(parse_axes(["data.num_tasks=10,7"])),
+                      [0], tmp_path)
+    with pytest.raises(ConfigError, match=r"root=/x: data.root is /x but data.dataset is 'synthetic'"):
+        validate_grid(make_config(), expand_grid(parse_axes(["data.root=/x"])), [0], tmp_path)

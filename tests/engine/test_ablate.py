@@ -42,3 +42,17 @@ def test_ablate_checks_every_variant_before_running_any(tiny_model_name, tmp_pat
     with pytest.raises(ConfigError, match="unknown method variant 'segpcl\\+\\+'"):
         ablate(variants=["lora_finetune", "segpcl++"], **_tiny(tiny_model_name, tmp_path / "abl"))
     assert not (tmp_path / "abl").exists()
+
+
+def test_ablate_checks_each_variant_against_the_config_and_its_seeds_before_running_any(tiny_model_name, tmp_path,
+                                                                                       monkeypatch):
+    """prototypes.beta = 0 with a variant that uses the prototype path: refused before lora_finetune trains (it
+    was found at that variant, after the ones before it had trained), naming the variant and onlyclip as a variant;
+    no seeds at all: refused (the table came out all n/a, then an IndexError)."""
+    monkeypatch.setattr("segpcl_fast.api.train", lambda cfg: pytest.fail(f"trained {cfg.run.method}"))
+    with pytest.raises(ConfigError, match=r"ablate: variant segpcl: method 'segpcl' uses the prototype path but "
+                                          r"prototypes.beta = 0.0; .* or run the variant onlyclip instead of it"):
+        ablate(variants=["lora_finetune", "segpcl"], prototypes__beta=0.0, **_tiny(tiny_model_name, tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"ablate\(\) needs at least one seed"):
+        ablate(variants=["zeroshot"], seeds=[], **_tiny(tiny_model_name, tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
