@@ -1,12 +1,21 @@
-"""CUB-200-2011 with its official train/test split (train_test_split.txt)."""
+"""CUB-200-2011 with its official train/test split (train_test_split.txt), or a pre-split copy.
+
+A pre-split copy (torchvision ImageFolder's layout, as PROOF and other CLIP continual-learning repos ship it:
+`cub/train/<class>/*.jpg` beside `cub/test/<class>/*.jpg`) is read when no CUB_200_2011/images.txt is there:
+classes are its train/ folders in sorted order (ImageFolder's: '001.Black_footed_Albatross' ... by class id),
+names from the folder names as the official copy's; its split is used as given.
+"""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import format_error, found_nearby, numbered_lines, require_root
+from .files import find_presplit, format_error, found_nearby, numbered_lines, read_presplit, require_root
+
+log = logging.getLogger(__name__)
 
 NAME = "cub200"
 META_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
@@ -15,7 +24,9 @@ LAYOUT = """  <root>/CUB_200_2011/images.txt               ('<image id> <class d
   <root>/CUB_200_2011/image_class_labels.txt   ('<image id> <class id>', ids from 1)
   <root>/CUB_200_2011/train_test_split.txt     ('<image id> <1 = train, 0 = test>')
   <root>/CUB_200_2011/images/<class dir>/*.jpg
-  (as extracted from CUB_200_2011.tgz; <root> may also be the CUB_200_2011 folder)"""
+  (as extracted from CUB_200_2011.tgz; <root> may also be the CUB_200_2011 folder)
+  or pre-split (ImageFolder): <root>/train/<class>/*.jpg + <root>/test/<class>/*.jpg (or val/; also in
+  <root>/cub/), class folders such as 001.Black_footed_Albatross"""
 
 
 def class_name(folder_name: str) -> str:
@@ -34,10 +45,30 @@ def _pairs(path: Path) -> dict[int, str]:
     return out
 
 
+def _load_presplit(train_dir: Path, test_dir: Path, train_transform: Optional[Callable],
+                   test_transform: Optional[Callable]) -> tuple[FileListDataset, FileListDataset]:
+    """A pre-split ImageFolder copy: classes = train/'s folders, sorted; names as class_name makes them."""
+    from .files import class_folder_names
+    classes = class_folder_names(train_dir)
+    names = [class_name(c) for c in classes]
+    lowered = [n.lower() for n in names]  # CLIP's tokenizer lowercases: equal names are equal prompts
+    clashes = sorted({c for c, n in zip(classes, lowered) if lowered.count(n) > 1})
+    if clashes:
+        raise format_error(NAME, f"class folders of '{train_dir}' give the same class name: {clashes[:6]}", LAYOUT,
+                           "rename the class folders so that each class has its own name")
+    train, test = read_presplit(train_dir, test_dir, classes, NAME, LAYOUT)
+    log.info("%s: no CUB_200_2011/images.txt; the pre-split folders %s + %s (%d classes, their sorted order): "
+             "%d train, %d test images", NAME, train_dir, test_dir, len(classes), len(train[0]), len(test[0]))
+    return FileListDataset(*train, names, train_transform), FileListDataset(*test, names, test_transform)
+
+
 def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
                 test_transform: Optional[Callable] = None) -> tuple[FileListDataset, FileListDataset]:
     path = require_root(root, NAME, LAYOUT)
     folder = next((c for c in (path / "CUB_200_2011", path) if (c / "images.txt").is_file()), None)
+    presplit = find_presplit([path, path / "cub"]) if folder is None else None
+    if presplit is not None:
+        return _load_presplit(*presplit, train_transform, test_transform)
     if folder is None:
         raise format_error(NAME, f"no CUB_200_2011/images.txt under '{path}'", LAYOUT,
                            found_nearby(path, "CUB_200_2011/images.txt")

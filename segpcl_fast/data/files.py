@@ -11,7 +11,7 @@ import pkgutil
 import re
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .base import DatasetFormatError
 
@@ -350,6 +350,66 @@ def stratified_split(targets: Sequence[int], test_fraction: float, seed: int,
         test += [idx[j] for j in perm[:n_test]]
         train += [idx[j] for j in perm[n_test:]]
     return sorted(train), sorted(test)
+
+
+PRESPLIT_TEST_DIRS = ("test", "val")  # beside train/: test wins when both hold class folders
+
+
+def class_folder_names(folder: Path) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of `folder` (torchvision ImageFolder's classes and order);
+    [] when `folder` is not a folder."""
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def find_presplit(candidates: Sequence[Path]) -> Optional[tuple[Path, Path]]:
+    """(train_dir, test_dir) of the first candidate folder holding train/<class>/ beside test/<class>/ (or
+    val/), torchvision ImageFolder's layout, as PROOF's and other CLIP continual-learning repos ship
+    CUB-200 and UCF101 (`data/cub/{train,test}/<class>/*.jpg`); None when no candidate does."""
+    for cand in candidates:
+        if not class_folder_names(cand / "train"):
+            continue
+        test_dir = next((cand / d for d in PRESPLIT_TEST_DIRS if class_folder_names(cand / d)), None)
+        if test_dir is not None:
+            return cand / "train", test_dir
+    return None
+
+
+def read_presplit(train_dir: Path, test_dir: Path, classes: Sequence[str], dataset: str, layout: str,
+                  entries: Callable[[Path], list[Path]] = list_images) -> tuple[tuple[list[str], list[int]],
+                                                                             tuple[list[str], list[int]]]:
+    """((train paths, labels), (test paths, labels)) of a pre-split copy: class c's samples are `entries` of
+    train_dir/c and test_dir/c (sorted image files by default), label = c's index in `classes`. A test
+    folder outside `classes`, a class without training images, and a sample in both splits (the same
+    <class>/<name>: a copy made by copying the same files twice) are errors."""
+    extra = sorted(set(class_folder_names(test_dir)) - set(classes))
+    if extra:
+        raise format_error(dataset, f"'{test_dir}' has {len(extra)} class folders that '{train_dir}' lacks, e.g. "
+                                    f"{extra[:5]}", layout, "every test class needs a train/<class>/ folder: copy "
+                                                            "the full split")
+    split = []
+    for folder in (train_dir, test_dir):
+        paths, targets = [], []
+        for label, name in enumerate(classes):
+            found = entries(folder / name) if (folder / name).is_dir() else []
+            paths += [str(f) for f in found]
+            targets += [label] * len(found)
+        split.append((paths, targets))
+    (train_paths, train_targets), (test_paths, _) = split
+    have = set(train_targets)
+    empty = [c for i, c in enumerate(classes) if i not in have]
+    if empty:
+        raise format_error(dataset, f"{len(empty)} class folders of '{train_dir}' hold no images, e.g. {empty[:5]}",
+                           layout, "copy the images of every class (or remove the empty folders)")
+    test_keys = {Path(p).parts[-2:] for p in test_paths}
+    both = [p for p in train_paths if Path(p).parts[-2:] in test_keys]
+    if both:
+        raise format_error(dataset, f"{len(both)} images are in both '{train_dir}' and '{test_dir}' (the same "
+                                    f"<class>/<file name>), e.g. '{both[0]}'", layout,
+                           "put each image in one split only")
+    return split[0], split[1]
 
 
 def relative_to_any(path_text: str, bases: Sequence[Path]) -> Optional[Path]:

@@ -19,9 +19,16 @@ its val out of trainlist01); labels as written there (classInd.txt id - 1, the s
 Video names match exactly, else case-insensitively (the release spells 'v_HandStandPushups' in the
 lists where some frame dumps write 'v_HandstandPushups'). Class names: CamelCase split
 ('ApplyEyeMakeup' -> 'Apply Eye Makeup'); class index = classInd.txt id - 1.
+
+A pre-split copy (torchvision ImageFolder's layout, as PROOF and other CLIP continual-learning repos ship it:
+`ucf/train/<Class>/` beside `ucf/test/<Class>/`, each holding frames as images or per-video frame folders) is
+read where the official lists, or the frames they name, are not there (and data.frames_dir is not set): its
+split as given, the classes in classInd.txt's order when that file is there, else its train/ folders' sorted
+order (ImageFolder's); names from the folder names as above.
 """
 from __future__ import annotations
 
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,8 +36,11 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
-from .base import ClassDataset, read_rgb
-from .files import IMAGE_EXTENSIONS, format_error, found_nearby, is_image_name, numbered_lines, require_root
+from .base import ClassDataset, DatasetFormatError, read_rgb
+from .files import (IMAGE_EXTENSIONS, class_folder_names, find_presplit, format_error, found_nearby, is_image_name,
+                    numbered_lines, read_presplit, require_root)
+
+log = logging.getLogger(__name__)
 
 NAME = "ucf101"
 LIST_DIR_CANDIDATES = ("ucfTrainTestlist", "annotations")  # the release's zip; MMAction2's data/ucf101/annotations
@@ -45,7 +55,9 @@ LAYOUT = """  <root>/ucfTrainTestlist/classInd.txt      ('1 ApplyEyeMakeup')
   <root>/UCF-101-midframes/<Class_Name>/<video>.jpg       (one middle frame per video, CoOp), or
   <root>/<frames dir>/<ClassName>/<video>/<frame>.jpg     (all frames; the middle RGB one is used)
   <root>/<frames dir>/<video>/<frame>.jpg or <video>.jpg   (no class folders, e.g. jpegs_256)
-  (<frames dir>: data.frames_dir, or one of """ + ", ".join(FRAME_DIR_CANDIDATES) + ")"
+  (<frames dir>: data.frames_dir, or one of """ + ", ".join(FRAME_DIR_CANDIDATES) + """)
+  or pre-split (ImageFolder, PROOF): <root>/train/<Class>/ + <root>/test/<Class>/ (or val/; also in <root>/ucf/),
+  frames as images or per-video folders"""
 
 
 def class_name(camel: str) -> str:
@@ -264,6 +276,41 @@ def _read_coop_split(path: Path, frames: Path) -> tuple[list[str], tuple[list[st
     return class_names, sources(parts["train"] + parts["val"]), sources(parts["test"])
 
 
+def _video_entries(folder: Path) -> list[Path]:
+    """A pre-split class folder's samples: its images (frames) and its sub-folders (a video's frames each: the
+    middle one is read), sorted by name."""
+    return sorted(p for p in folder.iterdir() if (is_image_name(p) and p.is_file()) or
+                  (p.is_dir() and not p.name.startswith(".")))
+
+
+def _load_presplit(train_dir: Path, test_dir: Path, classes: Optional[list[str]], split: int,
+                   train_transform: Optional[Callable], test_transform: Optional[Callable]
+                   ) -> tuple[VideoFrameDataset, VideoFrameDataset]:
+    """A pre-split ImageFolder copy; `classes`: classInd.txt's (CamelCase), matched to the folders in any of their
+    spellings (class_folders, any case), else None (the folders' sorted order)."""
+    if split != 1:
+        raise format_error(NAME, f"data.official_split={split}, but '{train_dir.parent}' is a pre-split copy (train/ "
+                                 f"+ {test_dir.name}/): it holds one split", LAYOUT,
+                           "unset data.official_split, or use the official ucfTrainTestlist/ with frames of every video")
+    folders = class_folder_names(train_dir)
+    if classes is None:
+        order, names = folders, [class_name(f) for f in folders]
+    else:
+        by_spelling = {f.lower(): f for f in folders}
+        order = [next((by_spelling[s.lower()] for s in class_folders(c) if s.lower() in by_spelling), c)
+                 for c in classes]
+        unmatched = sorted(set(folders) - set(order))
+        if unmatched:
+            raise format_error(NAME, f"{len(unmatched)} class folders of '{train_dir}' are not classes of classInd.txt, "
+                                     f"e.g. {unmatched[:5]}", LAYOUT, "use the folders of the full UCF101 copy")
+        names = [class_name(c) for c in classes]
+    train, test = read_presplit(train_dir, test_dir, order, NAME, LAYOUT, entries=_video_entries)
+    log.info("%s: the pre-split folders %s + %s (%d classes in %s): %d train, %d test samples", NAME, train_dir,
+             test_dir, len(order), "classInd.txt's order" if classes else "their sorted order", len(train[0]),
+             len(test[0]))
+    return (VideoFrameDataset(*train, names, train_transform), VideoFrameDataset(*test, names, test_transform))
+
+
 def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
                 test_transform: Optional[Callable] = None, frames_dir: Optional[str] = None,
                 split: int = 1) -> tuple[VideoFrameDataset, VideoFrameDataset]:
@@ -272,6 +319,10 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
                  path / LIST_DIR_CANDIDATES[0])
     needed = ["classInd.txt", f"trainlist0{split}.txt", f"testlist0{split}.txt"]
     missing = [f for f in needed if not (lists / f).is_file()]
+    presplit = None if frames_dir else find_presplit([path, path / "ucf", path / "ucf101"])
+    if missing and presplit is not None and not (path / COOP_SPLIT).is_file():
+        ordered = _classes(lists) if (lists / "classInd.txt").is_file() else None
+        return _load_presplit(*presplit, ordered, split, train_transform, test_transform)
     if missing and split == 1 and (path / COOP_SPLIT).is_file():  # CoOp's copy: its split is split 1's
         frames = path / (frames_dir or COOP_FRAMES)
         if not frames.is_dir():
@@ -289,7 +340,12 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
                            + (f" (or, for split 1, put CoOp's {COOP_SPLIT} there)" if split == 1 else ""))
     classes = _classes(lists)
     class_index = {c.lower(): i for i, c in enumerate(classes)}
-    frames = _frames_dir(path, classes, frames_dir)
+    try:
+        frames = _frames_dir(path, classes, frames_dir)
+    except DatasetFormatError:
+        if presplit is None:
+            raise
+        return _load_presplit(*presplit, classes, split, train_transform, test_transform)  # the lists' frames: not here
     class_names = [class_name(c) for c in classes]
     train = _read_list(lists / needed[1], frames, class_index, with_labels=True)
     test = _read_list(lists / needed[2], frames, class_index, with_labels=False)

@@ -86,3 +86,45 @@ def test_metadata_errors_cite_the_file_line_past_blank_lines(cub_root):
     path.write_text(lines[0] + "\n\n" + "not-an-id " + lines[1] + "\n")
     with pytest.raises(DatasetFormatError, match=r"images.txt:3: expected '<id> <value>'"):
         load_cub200(str(cub_root))
+
+
+def _proof_copy(root, official):
+    """PROOF's data/cub/{train,test}/<class>/ (ImageFolder) made from the official copy's split."""
+    import shutil
+    folder = official / "CUB_200_2011"
+    split = dict(line.split() for line in (folder / "train_test_split.txt").read_text().split("\n") if line)
+    for line in (folder / "images.txt").read_text().split("\n"):
+        if line:
+            image_id, rel = line.split()
+            dest = root / "cub" / ("train" if split[image_id] == "1" else "test") / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(folder / "images" / rel, dest)
+    return root
+
+
+def test_a_presplit_imagefolder_copy_is_read_as_the_official_split(cub_root, tmp_path):
+    """PROOF ships CUB as cub/{train,test}/<NNN.Class>/*.jpg (ImageFolder): the same images, labels and names as
+    the official metadata give (the class folders sort by class id), the root at cub/ or above it."""
+    official = load_cub200(str(cub_root))
+    proof = _proof_copy(tmp_path / "proof", cub_root)
+    for root in (proof, proof / "cub"):
+        copy = load_cub200(str(root))
+        for ds, ref in zip(copy, official):
+            assert ds.class_names == ref.class_names == ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
+            assert [(p.split("/")[-2:], t) for p, t in zip(ds.paths, ds.targets)] == \
+                [(p.split("/")[-2:], t) for p, t in zip(ref.paths, ref.targets)]
+        img, label = copy[1][0]
+        assert decode_colour(img)[0] == label
+
+
+def test_a_presplit_copy_with_the_same_image_in_both_splits_or_an_extra_test_class_is_refused(cub_root, tmp_path):
+    import shutil
+    proof = _proof_copy(tmp_path / "proof", cub_root) / "cub"
+    first = sorted((proof / "train" / "001.Black_footed_Albatross").iterdir())[0]
+    shutil.copy(first, proof / "test" / "001.Black_footed_Albatross" / first.name)
+    with pytest.raises(DatasetFormatError, match=r"1 images are in both .* \(the same <class>/<file name>\)"):
+        load_cub200(str(proof))
+    (proof / "test" / "001.Black_footed_Albatross" / first.name).unlink()
+    (proof / "test" / "004.Groove_billed_Ani").mkdir()
+    with pytest.raises(DatasetFormatError, match=r"has 1 class folders that .* lacks, e.g. \['004.Groove_billed_Ani'\]"):
+        load_cub200(str(proof))

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -339,3 +340,60 @@ def test_middle_frames_in_any_image_format_frame_folders_take(ucf_root, suffix):
     train, test = load_ucf101(str(ucf_root))
     assert len(train) + len(test) == len(frames)
     assert all(decode_colour(train[i][0])[0] == train.targets[i] for i in range(len(train)))
+
+
+def _proof_copy(root: Path, ucf_root: Path) -> Path:
+    """PROOF's data/ucf/{train,test}/<Class>/ (ImageFolder) of the official split 1's middle frames, its class
+    folders named as classInd.txt names them."""
+    for groups, split in ((UCF_TRAIN_GROUPS, "train"), (UCF_TEST_GROUPS, "test")):
+        for c, folder, video in ucf_videos(groups):
+            coop_folder = "_".join(re.findall(r"[A-Z][^A-Z]*", folder))
+            dest = root / "ucf" / split / folder / f"{video}.jpg"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ucf_root / "UCF-101-midframes" / coop_folder / f"{video}.jpg", dest)
+    return root
+
+
+@pytest.mark.parametrize("with_class_list", [False, True])
+def test_a_presplit_imagefolder_copy_is_read_as_the_official_split(ucf_root, tmp_path, with_class_list):
+    """PROOF ships UCF101 as ucf/{train,test}/<Class>/ (ImageFolder): the official split 1's frames, labels and
+    names, in classInd.txt's order where its lists are beside the copy (whose frames are not), else in the folders'
+    sorted order (here the same); a root at ucf/ or above it."""
+    official = load_ucf101(str(ucf_root))
+    proof = _proof_copy(tmp_path / "proof", ucf_root)
+    if with_class_list:
+        shutil.copytree(ucf_root / "ucfTrainTestlist", proof / "ucf" / "ucfTrainTestlist")
+    for root in (proof, proof / "ucf"):
+        copy = load_ucf101(str(root))
+        for ds, ref in zip(copy, official):
+            assert ds.class_names == ref.class_names == ["Apply Eye Makeup", "Handstand Pushups", "Yo Yo"]
+            assert sorted((Path(p).name, t) for p, t in zip(ds.frame_paths, ds.targets)) == \
+                sorted((Path(p).name, t) for p, t in zip(ref.frame_paths, ref.targets))
+        img, label = copy[1][0]
+        assert decode_colour(img)[0] == label
+    with pytest.raises(DatasetFormatError, match="official_split=2, but .* is a pre-split copy"):
+        load_ucf101(str(proof / "ucf"), split=2)
+
+
+def test_a_presplit_copy_in_another_order_than_classind_follows_classind(ucf_root, tmp_path):
+    """Without classInd.txt the classes are the folders in sorted order (ImageFolder's: a renamed first class sorts
+    last); with it, labels follow classInd.txt whatever the folders' spelling (underscored, lower case)."""
+    proof = _proof_copy(tmp_path / "proof", ucf_root) / "ucf"
+    for split in ("train", "test"):
+        (proof / split / "ApplyEyeMakeup").rename(proof / split / "Zz_Apply_Eye_Makeup_renamed")
+    folders_order = load_ucf101(str(proof))[0]  # no classInd.txt: the folders' sorted order
+    assert folders_order.class_names == ["Handstand Pushups", "Yo Yo", "Zz Apply Eye Makeup renamed"]
+    for split in ("train", "test"):
+        (proof / split / "Zz_Apply_Eye_Makeup_renamed").rename(proof / split / "Apply_Eye_Makeup")
+    (proof / "train" / "HandstandPushups").rename(proof / "train" / "handstandpushups")
+    (proof / "test" / "HandstandPushups").rename(proof / "test" / "handstandpushups")
+    shutil.copytree(ucf_root / "ucfTrainTestlist", proof / "ucfTrainTestlist")
+    train, test = load_ucf101(str(proof))
+    assert train.class_names == ["Apply Eye Makeup", "Handstand Pushups", "Yo Yo"]
+    for ds in (train, test):
+        for i in range(len(ds)):
+            img, label = ds[i]
+            assert decode_colour(img)[0] == label  # classInd's label of each folder, whatever its spelling
+    (proof / "train" / "Archery").mkdir()
+    with pytest.raises(DatasetFormatError, match=r"1 class folders of .* are not classes of classInd.txt.*Archery"):
+        load_ucf101(str(proof))
