@@ -8,7 +8,10 @@ choice is logged at INFO, naming the file or folders):
    repos. Those folders are used as given; setting `split_file` as well is an error.
 2. `split_file` (data.split_file), when set: a file with section lines `train` and `test`
    (or `val`), each followed by lines "relative/path [label]" -- RAPF's imgr_train_test_split.txt
-   ("train", "n02051845/art_0.jpg", ..., "test", "n02051845/tattoo_4.jpg", ...).
+   ("train", "n02051845/art_0.jpg", ..., "test", "n02051845/tattoo_4.jpg", ...); or CODA-Prompt's
+   fixed split, `imagenet-r_train.yaml` (its `imagenet-r_test.yaml` beside it; either may be named):
+   YAML lists `data` (paths such as data/imagenet-r/train/<wnid>/<file>.jpg, written where CODA-Prompt
+   had moved the images) and `targets`, each image found by its <wnid>/<file> in the wnid folders.
 3. `train.txt` + `test.txt` (lines "relative/path [label]") in the root or in imagenet-r/.
 4. RAPF's `imgr_train_test_split.txt` (format of 2) in the root, in imagenet-r/ or in
    <root>/imgr_split/: a split file someone put next to the data is meant to be used.
@@ -43,7 +46,8 @@ LAYOUT = """  <root>/imagenet-r/<wnid>/*.jpg       (200 wnid folders, e.g. n0144
   <root>/imagenet-r/README.txt         (ships in imagenet-r.tar; lines 'n01443537 goldfish')
   optional: <root>/train.txt + <root>/test.txt  (lines 'imagenet-r/<wnid>/<file>.jpg [label]')
   optional: <root>/imgr_train_test_split.txt or data.split_file  (RAPF: a line 'train', then
-            lines '<wnid>/<file>.jpg', a line 'test', then lines '<wnid>/<file>.jpg')
+            lines '<wnid>/<file>.jpg', a line 'test', then lines '<wnid>/<file>.jpg'; or data.split_file
+            = CODA-Prompt's imagenet-r_train.yaml, its imagenet-r_test.yaml beside it)
   or pre-split: <root>/train/<wnid>/*.jpg + <root>/test/<wnid>/*.jpg (or val/ instead of test/)
   (<root> may also be the imagenet-r folder itself)"""
 
@@ -131,6 +135,42 @@ def _read_sectioned(path: Path, bases: list[Path], wnid_index: dict[str, int]) -
             _parse_entries(path, sections["test"], bases, wnid_index))
 
 
+CODA_SUFFIXES = (".yaml", ".yml")
+
+
+def _coda_pair(path: Path) -> tuple[Path, Path]:
+    """(train file, test file) of CODA-Prompt's split, given either: imagenet-r_train.yaml / imagenet-r_test.yaml."""
+    stem, suffix = path.stem, path.suffix
+    for mine, other in (("_train", "_test"), ("_test", "_train")):
+        if stem.endswith(mine):
+            sibling = path.with_name(stem[: -len(mine)] + other + suffix)
+            pair = (path, sibling) if mine == "_train" else (sibling, path)
+            if not sibling.is_file():
+                raise format_error(NAME, f"'{path}' is a CODA-Prompt split file but '{sibling}' is not beside it",
+                                   LAYOUT, f"put {sibling.name} (from CODA-Prompt's dataloaders/splits/) next to it")
+            return pair
+    raise format_error(NAME, f"data.split_file '{path}' is YAML but not named like CODA-Prompt's "
+                             f"imagenet-r_train.yaml / imagenet-r_test.yaml", LAYOUT,
+                       "name the pair <name>_train.yaml and <name>_test.yaml, or use RAPF's sectioned text format")
+
+
+def _read_coda_yaml(path: Path, bases: list[Path], wnid_index: dict[str, int]) -> Split:
+    """One CODA-Prompt split file: YAML {"data": [paths], "targets": [labels]}; an image is its <wnid>/<file>
+    (the paths name CODA-Prompt's own train/ and test/ folders), the label only checked (one per wnid)."""
+    import yaml
+    try:
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        data, targets = [str(p) for p in loaded["data"]], [int(t) for t in loaded["targets"]]
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        raise format_error(NAME, f"'{path}' is not a CODA-Prompt split file ({type(err).__name__}: {err})", LAYOUT,
+                           "use the file as CODA-Prompt ships it: YAML lists 'data' (image paths) and 'targets'") from err
+    if len(data) != len(targets):
+        raise format_error(NAME, f"'{path}' lists {len(data)} images but {len(targets)} targets", LAYOUT,
+                           "use the file as CODA-Prompt ships it")
+    lines = [(n, f"{'/'.join(Path(p).parts[-2:])} {t}") for n, (p, t) in enumerate(zip(data, targets), 1)]
+    return _parse_entries(path, lines, bases, wnid_index)
+
+
 def _check_disjoint(train: Split, test: Split, source: str) -> None:
     """No image in both splits, an image known by its class folder and file name (ImageNet-R's names are
     unique within a class): a pre-split copy made by copying the same images into train/ and test/ has no
@@ -151,6 +191,10 @@ def _split_from_files(root_path: Path, folder: Path, wnid_index: dict[str, int],
     if split_file:
         path = user_data_file(split_file, root_path, "split file", "data.split_file", NAME, LAYOUT,
                               ", or unset data.split_file to use the split found in data.root")
+        if path.suffix.lower() in CODA_SUFFIXES:
+            train_file, test_file = _coda_pair(path)
+            return (_read_coda_yaml(train_file, bases, wnid_index), _read_coda_yaml(test_file, bases, wnid_index),
+                    f"CODA-Prompt's {train_file} + {test_file}")
         return (*_read_sectioned(path, bases, wnid_index), str(path))
     dirs = list(dict.fromkeys([root_path, folder]))
     for d in dirs:

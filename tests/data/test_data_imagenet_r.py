@@ -361,3 +361,51 @@ def test_half_a_split_file_pair_is_an_error_not_the_seeded_split(imagenet_r_root
     missing = "test.txt" if present == "train.txt" else "train.txt"
     with pytest.raises(DatasetFormatError, match=f"{present}' is there but .*{missing}' is not"):
         load_imagenet_r(str(imagenet_r_root))
+
+
+def _write_coda(folder, train_keys, test_keys, stem="imagenet-r"):
+    """CODA-Prompt's dataloaders/splits/<stem>_{train,test}.yaml: paths under its own data/imagenet-r/{train,test}/
+    (where it had moved the images; a file of either list may name either folder), targets = sorted-wnid index."""
+    import yaml
+    for name, keys in (("train", train_keys), ("test", test_keys)):
+        data = [f"data/imagenet-r/{'train' if i % 3 else 'test'}/{w}/{f}" for i, (w, f) in enumerate(keys)]
+        (folder / f"{stem}_{name}.yaml").write_text(yaml.safe_dump({"data": data, "targets": [WNIDS.index(w)
+                                                                                           for w, _ in keys]}))
+
+
+def test_coda_prompt_yaml_split_files_are_read_by_wnid_and_file_name(imagenet_r_root, tmp_path):
+    """data.split_file = CODA-Prompt's imagenet-r_train.yaml (or its _test): the images it lists by <wnid>/<file>,
+    wherever CODA-Prompt's own paths put them; labels from the wnid folders, its targets only checked."""
+    files = sorted((p.parent.name, p.name) for p in (imagenet_r_root / "imagenet-r").glob("n*/*.jpg"))
+    train_keys, test_keys = files[1::2], files[0::2][:5]  # a test list need not hold every other image
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    _write_coda(splits, train_keys, test_keys)
+    for named in ("imagenet-r_train.yaml", "imagenet-r_test.yaml"):
+        train, test = load_imagenet_r(str(imagenet_r_root), split_file=str(splits / named))
+        assert [tuple(p.split("/")[-2:]) for p in train.paths] == train_keys
+        assert [tuple(p.split("/")[-2:]) for p in test.paths] == test_keys
+        _check_labels_follow_folders(train)
+        _check_labels_follow_folders(test)
+    # a label given to two wnids, an image listed in both, a missing sibling, not CODA's format
+    _write_coda(splits, train_keys, test_keys + [train_keys[0]])
+    with pytest.raises(DatasetFormatError, match="1 images are in both train and test"):
+        load_imagenet_r(str(imagenet_r_root), split_file=str(splits / "imagenet-r_train.yaml"))
+    (splits / "imagenet-r_test.yaml").unlink()
+    with pytest.raises(DatasetFormatError, match="imagenet-r_test.yaml' is not beside it"):
+        load_imagenet_r(str(imagenet_r_root), split_file=str(splits / "imagenet-r_train.yaml"))
+    (splits / "other.yaml").write_text("data: [a]\n")
+    with pytest.raises(DatasetFormatError, match="not named like CODA-Prompt's"):
+        load_imagenet_r(str(imagenet_r_root), split_file=str(splits / "other.yaml"))
+    (splits / "x_train.yaml").write_text("data: [a]\n")
+    (splits / "x_test.yaml").write_text("data: [a]\n")
+    with pytest.raises(DatasetFormatError, match="is not a CODA-Prompt split file \\(KeyError"):
+        load_imagenet_r(str(imagenet_r_root), split_file=str(splits / "x_train.yaml"))
+    import yaml
+    two_classes = [next(k for k in train_keys if k[0] == w) for w in WNIDS[:2]]
+    (splits / "x_train.yaml").write_text(yaml.safe_dump({"data": [f"d/{w}/{f}" for w, f in two_classes],
+                                                        "targets": [7, 7]}))
+    (splits / "x_test.yaml").write_text(yaml.safe_dump({"data": [f"d/{w}/{f}" for w, f in test_keys[:1]],
+                                                       "targets": [WNIDS.index(test_keys[0][0])]}))
+    with pytest.raises(DatasetFormatError, match="label 7 is used for both"):
+        load_imagenet_r(str(imagenet_r_root), split_file=str(splits / "x_train.yaml"))
