@@ -46,6 +46,7 @@ NAME = "imagenet-subset"
 DEFAULT_CLASS_LISTS = ("imagenet100.txt", "train_100.txt")
 KAGGLE_IMAGES = Path("ILSVRC") / "Data" / "CLS-LOC"
 VAL_CSV = "LOC_val_solution.csv"
+DEVKIT_TRUTH = "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"  # named in an error only
 VAL_CSV_COLUMNS = ("ImageId", "PredictionString")
 KAGGLE100_TRAIN, KAGGLE100_VAL, KAGGLE100_NAMES = "train.X*", "val.X", "Labels.json"  # Kaggle's "imagenet100"
 NAMES_ORIGIN = ("LOC_synset_mapping.txt comes with Kaggle's ImageNet download, meta.bin from torchvision's "
@@ -266,8 +267,11 @@ def _val_split(root: Path, image_root: Path, classes: ClassList, bases: list[Pat
         return _split_from_folders(val_dir, classes.wnids, "val")
     if val_dir.is_dir() and (root / VAL_CSV).is_file():
         return _val_from_csv(root / VAL_CSV, val_dir, classes.wnids)
+    devkit = next((p for p in (root / DEVKIT_TRUTH, root / Path(DEVKIT_TRUTH).name) if p.is_file()), None)
+    seen = (f"; the devkit's {devkit} is there, but its labels are ILSVRC2012_IDs in meta.mat's order (not the "
+            f"sorted wnids), which this loader does not read" if devkit is not None and val_dir.is_dir() else "")
     raise format_error(NAME, f"no val/<wnid>/ folders in '{image_root}' (and no flat val/ with "
-                             f"{root / VAL_CSV})", LAYOUT,
+                             f"{root / VAL_CSV}){seen}", LAYOUT,
                        "sort the validation images into val/<wnid>/ folders (e.g. with valprep.sh of PyTorch's "
                        f"ImageNet example), or put Kaggle's {VAL_CSV} in {root}")
 

@@ -241,6 +241,13 @@ def test_flat_val_without_its_csv_and_a_root_inside_kaggles_tree_name_the_fix(tm
     with pytest.raises(DatasetFormatError, match=r"Fix: sort the validation images into val/<wnid>/ folders "
                                                  r"\(e.g. with valprep.sh .*\), or put Kaggle's LOC_val_solution.csv in"):
         load_imagenet_subset(str(root), class_list=str(tmp_path / "list.txt"))
+    # the devkit's ground truth beside a flat val/: named, with why it is not read (meta.mat's ILSVRC2012_IDs)
+    truth = root / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt"
+    truth.parent.mkdir(parents=True)
+    truth.write_text("490\n361\n")
+    with pytest.raises(DatasetFormatError, match=r"(?s)the devkit.s .*ILSVRC2012_validation_ground_truth.txt is there, but "
+                                                 r"its labels are ILSVRC2012_IDs .*Fix: sort the validation images"):
+        load_imagenet_subset(str(root), class_list=str(tmp_path / "list.txt"))
     kaggle = make_imagenet_subset(tmp_path / "kg", kaggle=True, flat_val=True)
     with pytest.raises(DatasetFormatError, match=f"Fix: point data.root at {kaggle} .Kaggle's layout"):
         load_imagenet_subset(str(kaggle / IN_KAGGLE_IMAGES))
