@@ -187,3 +187,31 @@ def test_the_fp16_dpgd_gradient_script_shows_plain_fp16_flushing_what_the_scaled
     zero = {how: float(line.split("zero ")[1].split(",")[0]) for how, line in rows.items()}
     sign = {how: float(line.split("fp32's sign ")[1].split(",")[0]) for how, line in rows.items()}
     assert zero["fp16 plain"] > 0.3 and zero["fp16 norm 2^8"] == 0.0 and sign["fp16 norm 2^8"] > 0.99, proc.stdout
+
+
+def test_a_benchmark_out_of_gpu_memory_is_skipped_naming_the_device_and_other_errors_still_fail(tmp_path):
+    """benchmarks/conftest.py: an out-of-memory error (raised, or the cause of another, as torch.compile's code
+    wraps it) skips its benchmark with the allocation that failed; any other error fails as before."""
+    import shutil
+    shutil.copy(ROOT / "benchmarks" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_oom.py").write_text(
+        "import torch\n"
+        "OOM = 'CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has a total capacity of 23.6 GiB'\n"
+        "def test_raised():\n"
+        "    raise torch.cuda.OutOfMemoryError(OOM)\n"
+        "def test_wrapped():\n"
+        "    try:\n"
+        "        raise torch.OutOfMemoryError(OOM)\n"
+        "    except torch.OutOfMemoryError as e:\n"
+        "        raise RuntimeError('backend compiler failed') from e\n"
+        "def test_other_error():\n"
+        "    raise RuntimeError('a real bug')\n"
+        "def test_passes():\n"
+        "    assert torch.ones(1).item() == 1\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-q", "-rfs", "-p", "no:cacheprovider"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert "1 failed, 1 passed, 2 skipped" in out, out[-3000:]
+    assert "SKIPPED [2] conftest.py" in out  # both out-of-memory tests, one reason:
+    assert "does not fit the GPU: CUDA out of memory. Tried to allocate 8.00 GiB" in out, out[-3000:]
+    assert "FAILED test_oom.py::test_other_error - RuntimeError: a real bug" in out
