@@ -268,7 +268,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     BWT, FWT, Forgetting_own) and ablation.png (acc_t curves of each variant, mean +- std over the seeds) and returns
     {"rows": [...], "runs": {variant: [Result, ...]}, "paths": {...}}.
     """
-    from .report.results import write_table_files
+    from .report.results import clear_table_files, write_table_files
     from .method.variants import LADDER, check_variants, variant_overrides
     from .report import format_metrics_table, metric_columns, plus_minus
     from .engine.distributed import refuse_multi_process
@@ -286,6 +286,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     check_variants(cfg, variants, "ablate")  # every variant's clash with the config before the first one trains
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
+    clear_table_files(out, "ablation")
     runs, rows, trained = {}, [], {}
     for name in variants:
         same_as = trained.setdefault(_training_key(cfg, name), name)

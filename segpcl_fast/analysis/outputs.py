@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from ..api import check_unique  # noqa: F401  (the analyses' check is the API's)
 from ..config import Config, ConfigError, apply_overrides, check_resume_dir  # noqa: F401
-from ..report.results import write_table_files  # noqa: F401  (the analyses' table files, ablate's too)
+from ..report.results import clear_table_files, write_table_files  # noqa: F401  (the analyses' table files, ablate's too)
 from ..report.tables import mean_std, metric_columns, plus_minus  # noqa: F401  (the analyses' table cells)
 
 DPI = 120

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -24,6 +25,8 @@ import numpy as np
 from .. import metrics as M
 from ..version import __version__
 from ..fileio import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger("segpcl_fast.report")
 
 SCHEMA_VERSION = 1
 
@@ -158,6 +161,23 @@ def read_results(path: str | os.PathLike) -> dict:
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} is not a whole results.json ({type(e).__name__}: {e})") from None
     return data
+
+
+TABLE_SUFFIXES = (".json", ".txt", ".png")
+
+
+def clear_table_files(out: str | os.PathLike, name: str) -> None:
+    """Remove an earlier analysis' <out>/<name>.{json,txt,png} before this one trains: one that stops before
+    its end (an error at its fourth variant, Ctrl-C) left the earlier numbers beside its new runs, as if they
+    were its own. write_table_files writes them again at the end; a --resume rebuilds them from the runs."""
+    removed = []
+    for suffix in TABLE_SUFFIXES:
+        path = Path(out) / f"{name}{suffix}"
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    if removed:
+        log.info("removed the earlier %s (written again when this analysis finishes)", ", ".join(removed))
 
 
 def write_table_files(out: str | os.PathLike, name: str, payload: dict, table: str, plots: bool = True) -> dict:

@@ -127,3 +127,29 @@ def test_the_clis_fixed_keys_are_recorded_and_named_and_plots_off_removes_a_stal
         p.rmdir() if p.is_dir() and not any(p.iterdir()) else None
     sweep(make_config(output_dir=str(tmp_path), run__plots=False, run__overwrite=True), axes=["dpgd.k_adv=1,3"])
     assert not (tmp_path / "sweep.png").exists()
+
+
+def test_a_sweep_that_stops_midway_leaves_no_earlier_table_as_its_own(tmp_path, monkeypatch, caplog):
+    """An earlier sweep's sweep.{json,txt,png} are removed when a new one starts training: one that stops at its
+    second point left them beside its new runs, as if they were its numbers. A finished sweep writes them again."""
+    import logging
+    for suffix in (".json", ".txt", ".png"):
+        (tmp_path / f"sweep{suffix}").write_text("the earlier sweep's")
+    (tmp_path / "notes.txt").write_text("not the sweep's")
+    calls = []
+
+    def train(cfg):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return SimpleNamespace(output_dir=cfg.run.output_dir, metrics={"Avg": 1.0, "Last": 1.0})
+    monkeypatch.setattr("segpcl_fast.api.train", train)
+    with caplog.at_level(logging.INFO, logger="segpcl_fast.report"), pytest.raises(KeyboardInterrupt):
+        sweep(make_config(output_dir=str(tmp_path)), axes=["dpgd.k_adv=1,3"], seeds=[0])
+    assert not any((tmp_path / f"sweep{s}").exists() for s in (".json", ".txt", ".png"))
+    assert (tmp_path / "notes.txt").read_text() == "not the sweep's"
+    assert "removed the earlier sweep.json, sweep.txt, sweep.png" in caplog.text
+    with pytest.raises(ConfigError, match="k_adv=oops"):  # a sweep refused before it trains removes nothing
+        (tmp_path / "sweep.txt").write_text("kept")
+        sweep(make_config(output_dir=str(tmp_path)), axes=["dpgd.k_adv=1,oops"], seeds=[0])
+    assert (tmp_path / "sweep.txt").read_text() == "kept"
