@@ -3,6 +3,7 @@ the knn_subgraph_kl kernels' programs and warps at the large size.
 
     TRITON_INTERPRET=0 python benchmarks/tune_kernels_cuda.py          # anchor_kl: markdown tables on stdout
     TRITON_INTERPRET=0 python benchmarks/tune_kernels_cuda.py knn      # knn_subgraph_kl (gpu_suite's bench-knn)
+    TRITON_INTERPRET=0 python benchmarks/tune_kernels_cuda.py knn --static [90]   # its variants' sm_90 resources, no GPU
 
 anchor_kl forward+backward (fp32, 8192 anchors, tau 20) for row widths around and above
 SINGLE_BLOCK_COLS: the one-tile kernel (where it takes the width) and the chunked kernel at
@@ -205,7 +206,36 @@ def main_knn():
     sweep_knn(bw)
 
 
+def meta_knn_problem(classes: int, roots: int, k: int, d: int) -> dict:
+    """knn_problem's tensors on the meta device (shapes only): what the static check compiles for."""
+    meta = dict(device="meta")
+    return dict(emb=torch.empty(classes, d, **meta), roots=torch.empty(roots, dtype=torch.long, **meta),
+                neighbors=torch.empty(roots, k, dtype=torch.long, **meta), log_q0=torch.empty(roots, k, **meta),
+                g=torch.empty(roots, k, **meta), g_root=torch.empty(roots, d, **meta),
+                grad_kl=torch.empty(roots, **meta),
+                plan=torch.empty(classes + 1 + 2 * roots * (k + 1), dtype=torch.long, **meta))
+
+
+def main_knn_static(arch: int = 90) -> None:
+    """The sweep's variants compiled for sm_`arch` without a GPU (Triton's compiler on meta tensors): warps,
+    registers, spills, occupancy; no times."""
+    from segpcl_fast.ops._kernels import load_kernel
+    check_build = load_kernel("check_triton_build")
+    print(f"knn_subgraph_kl at {KNN_SIZE} (classes, roots, k, d), fp32, compiled for sm_{arch} (no timing)")
+    print("| part | knobs | warps | regs | spill B | occupancy |\n|---|---|---|---|---|---|")
+    for part, knobs, run in knn_runs(meta_knn_problem(*KNN_SIZE)):
+        print(f"| {part} | {knobs} | {' | '.join(knn_usage(check_build, part, run, arch))} |")
+
+
+USAGE = "usage: tune_kernels_cuda.py [anchor_kl | knn | knn --static [ARCH]]"
+
 if __name__ == "__main__":
-    if sys.argv[1:] not in ([], ["anchor_kl"], ["knn"]):
-        sys.exit(f"usage: {sys.argv[0]} [anchor_kl|knn]")
-    main_knn() if sys.argv[1:] == ["knn"] else main()
+    args = sys.argv[1:]
+    if args in ([], ["anchor_kl"]):
+        main()
+    elif args == ["knn"]:
+        main_knn()
+    elif args[:2] == ["knn", "--static"] and len(args) <= 3 and all(a.isdigit() for a in args[2:]):
+        main_knn_static(*map(int, args[2:]))
+    else:
+        sys.exit(USAGE)

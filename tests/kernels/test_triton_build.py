@@ -181,17 +181,11 @@ def test_anchor_kl_warps_knob_reaches_the_compiler(tmp_path):
 
 KNN_KNOBS = '''
 import json, sys
-import torch
 sys.path.insert(0, sys.argv[1])  # benchmarks/
 import tune_kernels_cuda as tune
 from segpcl_fast.kernels import check_triton_build as check_build
 
-classes, roots, k, d = 5000, 200, 10, 512
-meta = dict(device="meta")
-p = dict(emb=torch.empty(classes, d, **meta), roots=torch.empty(roots, dtype=torch.long, **meta),
-         neighbors=torch.empty(roots, k, dtype=torch.long, **meta), log_q0=torch.empty(roots, k, **meta),
-         g=torch.empty(roots, k, **meta), g_root=torch.empty(roots, d, **meta), grad_kl=torch.empty(roots, **meta),
-         plan=torch.empty(classes + 1 + 2 * roots * (k + 1), dtype=torch.long, **meta))
+p = tune.meta_knn_problem(5000, 200, 10, 512)
 json.dump([[part, knobs, *tune.knn_usage(check_build, part, run, 90)] for part, knobs, run in tune.knn_runs(p)],
           sys.stdout)
 '''
