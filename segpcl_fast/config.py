@@ -312,7 +312,7 @@ RESIZE_MODES = ("shortest", "longest", "squash")  # data/transforms.py RESIZE_MO
 INTERPOLATIONS = ("bicubic", "bilinear", "random")  # data/transforms.py INTERPOLATIONS
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")  # what torch.device takes, plus "auto"
 HARDWARE_PRESETS = ("1gpu", "2x4090")  # engine/presets.py PRESETS (partial configs laid over one by --hw)
-MAX_NUMPY_SEED = 2**32 - 1  # numpy RandomState seeds (data.order_seed; data.split_seed, whose class seeds wrap mod 2^32)
+MAX_NUMPY_SEED = 2**32 - 1  # numpy RandomState seeds (data.order_seed; data.split_seed, + label mod 2^32)
 
 _Check = Callable[[Any], Optional[str]]  # None when the value is fine, else "must be ..."
 

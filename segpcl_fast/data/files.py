@@ -9,7 +9,6 @@ import logging
 import os
 import pkgutil
 import re
-import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -320,16 +319,14 @@ def _names_of(wnids: Sequence[str], mapping: dict[str, str], source: str, unique
     return names
 
 
-def stratified_split(targets: Sequence[int], test_fraction: float, seed: int,
-                     class_keys: Optional[Sequence[str]] = None) -> tuple[list[int], list[int]]:
+def stratified_split(targets: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded per-class split of sample indices into (train, test), each sorted.
 
-    For every class, its samples are shuffled with numpy RandomState(class seed) and the first
-    round(test_fraction * n) (at least 1 when n >= 2) go to test. The class seed is seed + crc32 of the
-    class's key (class_keys[label], e.g. its wnid; mod 2^32), so the split of a class does not depend on
-    which other classes exist: a copy holding some of a dataset's class folders splits each of them as the
-    full copy does (the class's label, its position among the folders present, moves). Without
-    class_keys: seed + label.
+    For every class, its samples are shuffled with numpy RandomState((seed + label) mod 2^32) and the first
+    round(test_fraction * n) (at least 1 when n >= 2) go to test. A class's split depends on its label, so on
+    its place among the classes present: a copy holding some of a dataset's classes splits them otherwise
+    than the full copy does. (Kept so: the runs made with this split check it on --resume and evaluate,
+    checkpoint.check_split; seeding by the class's name would have changed every existing run's split.)
     """
     import numpy as np
 
@@ -340,8 +337,8 @@ def stratified_split(targets: Sequence[int], test_fraction: float, seed: int,
         by_class.setdefault(int(t), []).append(i)
     train, test = [], []
     for label, idx in by_class.items():
-        class_seed = seed + label if class_keys is None else (seed + zlib.crc32(class_keys[label].encode())) % 2 ** 32
-        perm = np.random.RandomState(class_seed).permutation(len(idx))
+        # mod 2^32: data.split_seed may be any numpy seed, and seed + label passed numpy's range (an error at load)
+        perm = np.random.RandomState((seed + label) % 2 ** 32).permutation(len(idx))
         n_test = int(round(test_fraction * len(idx)))
         if len(idx) >= 2:
             n_test = min(max(n_test, 1), len(idx) - 1)

@@ -18,7 +18,7 @@ choice is logged at INFO, naming the file or folders):
 5. otherwise the usual continual-learning protocol: a seeded 80/20 split per class ([choice]: the paper
    gives no split)
    (CODA-Prompt / RAPF style; see files.stratified_split: each class shuffled with seed `split_seed` +
-   crc32 of its wnid, so a copy holding only some of the classes splits each as the full copy does).
+   its label, so a copy holding only some of the classes splits them otherwise than the full copy).
 
 Paths in split files are resolved against the root, imagenet-r/ and imagenet-r/'s parent, so
 both "n02051845/art_0.jpg" and "imagenet-r/n02051845/art_0.jpg" work whichever of the two
@@ -281,11 +281,10 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
             train, test, source = found
         else:
             paths, targets = _scan(folder, wnids)
-            train_idx, test_idx = stratified_split(targets, test_fraction, split_seed, class_keys=wnids)
+            train_idx, test_idx = stratified_split(targets, test_fraction, split_seed)
             train = ([paths[i] for i in train_idx], [targets[i] for i in train_idx])
             test = ([paths[i] for i in test_idx], [targets[i] for i in test_idx])
-            source = (f"a seeded per-class split (split_seed={split_seed} + crc32 of each wnid, "
-                      f"test_fraction={test_fraction})")
+            source = f"a seeded per-class split (split_seed={split_seed}, test_fraction={test_fraction})"
     _check_disjoint(train, test, source)
     _check_imagenet_r_classes(wnids, folder if test_dir is None else folder / "train")
     # without README.txt (pre-split copies often lack it): CLIP's curated names of these ILSVRC-2012 wnids

@@ -147,22 +147,17 @@ def test_imagenet_r_seeded_split_uses_split_seed(tmp_path):
     for seed in (0, 3):
         train, test = load_imagenet_r(str(root), split_seed=seed)
         all_paths = sorted(train.paths + test.paths)
-        _, test_idx = stratified_split([0] * 10 + [1] * 10, 0.2, seed, class_keys=sorted(IMR_WNIDS)[:2])
+        _, test_idx = stratified_split([0] * 10 + [1] * 10, 0.2, seed)
         assert test.paths == [all_paths[i] for i in test_idx]
 
 
-def test_stratified_split_seeds_a_class_by_its_key():
-    """class_keys: class c is shuffled with RandomState((seed + crc32(key_c)) mod 2^32), whatever its label."""
-    import zlib
-
+def test_stratified_split_seeds_wrap_past_numpys_range():
+    """data.split_seed may be any numpy seed (up to 2^32 - 1): seed + label wraps mod 2^32 (it raised at load)."""
     import numpy as np
-    train, test = stratified_split([0] * 10 + [1] * 10, 0.2, 7, class_keys=["n01", "n02"])
-    for label, key in enumerate(["n01", "n02"]):
-        perm = np.random.RandomState((7 + zlib.crc32(key.encode())) % 2 ** 32).permutation(10)
+    _, test = stratified_split([0] * 10 + [1] * 10, 0.2, 2 ** 32 - 1)
+    for label, seed in ((0, 2 ** 32 - 1), (1, 0)):
+        perm = np.random.RandomState(seed).permutation(10)
         assert [i for i in test if i // 10 == label] == sorted(10 * label + int(j) for j in perm[:2])
-    alone_train, alone_test = stratified_split([0] * 10, 0.2, 7, class_keys=["n02"])  # n02 as label 0 now
-    assert [10 + i for i in alone_test] == [i for i in test if i >= 10]
-    assert stratified_split([0] * 10, 0.2, 2 ** 32 - 1, class_keys=["n01"])[1]  # seeds wrap: no numpy error
 
 
 def test_imagenet_r_presplit_test_wins_over_val(tmp_path):
