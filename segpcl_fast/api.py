@@ -268,7 +268,8 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     BWT, FWT, Forgetting_own) and ablation.png (acc_t curves of each variant, mean +- std over the seeds) and returns
     {"rows": [...], "runs": {variant: [Result, ...]}, "paths": {...}}.
     """
-    from .report.results import clear_table_files, write_table_files
+    from .analysis.outputs import start_table_files
+    from .report.results import write_table_files
     from .method.variants import LADDER, check_variants, variant_overrides
     from .report import format_metrics_table, metric_columns, plus_minus
     from .engine.distributed import refuse_multi_process
@@ -286,20 +287,23 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     check_variants(cfg, variants, "ablate")  # every variant's clash with the config before the first one trains
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
-    clear_table_files(out, "ablation")
-    runs, rows, trained = {}, [], {}
+
+    def run_config(name: str, seed: int):
+        run_dir = out / name.replace("+", "plus_") / f"seed{seed}"
+        # run.resume continues an interrupted ablation: runs not started yet start
+        return apply_overrides(cfg, {"run.method": name, "run.seed": int(seed), "run.output_dir": str(run_dir),
+                                     "run.resume": cfg.run.resume and run_dir.is_dir()})
+    trained = {}  # what a variant computes -> the first variant that trains it
     for name in variants:
-        same_as = trained.setdefault(_training_key(cfg, name), name)
+        trained.setdefault(_training_key(cfg, name), name)
+    start_table_files(out, "ablation", [run_config(name, seed) for name in trained.values() for seed in seeds])
+    runs, rows = {}, []
+    for name in variants:
+        same_as = trained[_training_key(cfg, name)]
         if same_as != name:  # e.g. onlyclip is +prototype_transfer's config: its runs are reused
             runs[name] = runs[same_as]
         else:
-            runs[name] = []
-            for seed in seeds:
-                run_dir = out / name.replace("+", "plus_") / f"seed{seed}"
-                # run.resume continues an interrupted ablation: runs not started yet start
-                run_cfg = apply_overrides(cfg, {"run.method": name, "run.seed": int(seed), "run.output_dir": str(run_dir),
-                                                "run.resume": cfg.run.resume and run_dir.is_dir()})
-                runs[name].append(train(run_cfg))
+            runs[name] = [train(run_config(name, seed)) for seed in seeds]
         row = {"method": name if same_as == name else f"{name} (= {same_as})", "seeds": len(seeds),
                **metric_columns([r.metrics for r in runs[name]], ABLATION_METRICS)}
         rows.append(row)

@@ -25,7 +25,7 @@ from ..config import ConfigError, analysis_config
 from .fragility import build_task_anchors
 from ..engine.distributed import refuse_multi_process
 from .outputs import encode_batches, make_trainer, new_figure, require_old_classes, run_config, save_png, stack_dataset, \
-    clear_table_files, write_table_files
+    start_table_files, write_table_files
 
 log = logging.getLogger("segpcl_fast.analysis")
 
@@ -77,7 +77,7 @@ def anchor_views(config=None, task: int = 2, projection: str = "pca", method: Op
     T = cfg.data.num_tasks  # the scenario's (data.task_sizes, when set, has as many: config.check_task_count)
     if not 2 <= int(task) <= T:  # before the model and data load too
         raise ConfigError(f"anchor views: task must be in 2..{T} (1-based; task 1 has no old classes), got {task}")
-    clear_table_files(out, "anchor_views")
+    start_table_files(out, "anchor_views", [run_config(cfg, method, out / "run")])
     trainer = make_trainer(run_config(cfg, method, out / "run"))
     t = int(task) - 1
     for j in range(t):

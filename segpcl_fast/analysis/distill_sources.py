@@ -27,7 +27,7 @@ from ..api import keeps_process_state
 from ..config import ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plus_minus, require_old_classes, run_config,
-                      summarize_runs, clear_table_files, write_table_files)
+                      start_table_files, summarize_runs, write_table_files)
 
 log = logging.getLogger("segpcl_fast.analysis")
 
@@ -126,7 +126,9 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
             folder = str(write_synthetic_reference_folder(out / "reference_images", cfg.data.synthetic_seed))
         from ..data.retention import list_reference_images
         list_reference_images(folder, option)  # a missing folder fails before anything runs
-    clear_table_files(out, "distill_sources")
+    start_table_files(out, "distill_sources", [run_config(apply_overrides(cfg, {"run.seed": int(seed)}), method,
+                                                          out / source / f"seed{seed}")
+                                               for source in sources for seed in seeds])
     rows, runs = [], {}
     for source in sources:
         results = []

@@ -37,7 +37,7 @@ from ..api import keeps_process_state
 from ..config import ConfigError, analysis_config
 from ..engine.distributed import refuse_multi_process
 from .outputs import encode_batches, make_trainer, new_figure, run_config, save_png, stack_dataset, \
-    clear_table_files, write_table_files
+    start_table_files, write_table_files
 
 log = logging.getLogger("segpcl_fast.analysis")
 
@@ -243,7 +243,7 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
         raise ConfigError(f"fragility max_old_images must be a whole number >= 0 (0: all), got {max_old_images!r}")
     # before the model and data load; data.num_tasks is the scenario's (config.check_task_count)
     wanted = _tasks_to_analyse(tasks, cfg.data.num_tasks)
-    clear_table_files(out, "fragility")
+    start_table_files(out, "fragility", [run_config(cfg, method, out / "run")])
     trainer = make_trainer(run_config(cfg, method, out / "run"))
     rows = []
     for t in range(wanted[-1] + 1):

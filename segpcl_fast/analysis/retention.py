@@ -26,7 +26,7 @@ from ..data.retention import OFFLINE_DEFAULT, RETENTION_DATASETS
 from ..engine.distributed import refuse_multi_process
 from ..model.tf32 import cuda_matmul_tf32_for, run_tf32
 from .outputs import (check_resume_dir, check_unique, make_trainer, new_figure, run_config, save_png, slug,
-                      clear_table_files, write_table_files)
+                      start_table_files, write_table_files)
 
 log = logging.getLogger("segpcl_fast.analysis")
 
@@ -118,7 +118,7 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     specs = parse_dataset_specs(datasets)
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
-    clear_table_files(out, "retention")
+    start_table_files(out, "retention", [run_config(cfg, name, out / slug(name)) for name in variants])
     before, rows, sets = {}, [], None
     for name in variants:
         trainer = make_trainer(run_config(cfg, name, out / slug(name)))

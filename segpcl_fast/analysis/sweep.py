@@ -25,7 +25,7 @@ from ..config import (Config, ConfigError, analysis_config, apply_overrides, che
                       config_value, known_keys, override_key, parse_value, refuse_decided_keys)
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, new_figure, plus_minus, run_config, save_png, slug,
-                      summarize_runs, clear_table_files, write_table_files)
+                      start_table_files, summarize_runs, write_table_files)
 
 log = logging.getLogger("segpcl_fast.analysis")
 
@@ -215,7 +215,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
     out = Path(cfg.run.output_dir)
     points = expand_grid(axes)
     configs = validate_grid(cfg, points, seeds, out, held)  # every error before the first run
-    clear_table_files(out, "sweep")
+    start_table_files(out, "sweep", [c for per_seed in configs for c in per_seed])
     swept = list(axes)
     rows = []
     for point, per_seed in zip(points, configs):

@@ -56,3 +56,16 @@ def test_ablate_checks_each_variant_against_the_config_and_its_seeds_before_runn
     with pytest.raises(ConfigError, match=r"ablate\(\) needs at least one seed"):
         ablate(variants=["zeroshot"], seeds=[], **_tiny(tiny_model_name, tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_finished_ablation_run_again_without_resume_is_refused_keeping_its_tables(tiny_model_name, tmp_path):
+    """The runs it plans are checked as the trainer will (a folder holding a run, no --resume) before the earlier
+    tables are removed: run again, it was refused after ablation.{json,txt} had gone."""
+    out = tmp_path / "abl"
+    ablate(variants=["zeroshot"], **_tiny(tiny_model_name, out))
+    table = (out / "ablation.txt").read_text()
+    with pytest.raises(ConfigError, match="already holds a run .*continue it with --resume"):
+        ablate(variants=["zeroshot"], **_tiny(tiny_model_name, out))
+    assert (out / "ablation.txt").read_text() == table and (out / "ablation.json").is_file()
+    resumed = ablate(variants=["zeroshot"], run__resume=True, **_tiny(tiny_model_name, out))  # rebuilt from its runs
+    assert (out / "ablation.txt").read_text() == table and resumed["rows"][0]["method"] == "zeroshot"
