@@ -66,7 +66,7 @@ def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
                 test_transform: Optional[Callable] = None) -> tuple[FileListDataset, FileListDataset]:
     path = require_root(root, NAME, LAYOUT)
     folder = next((c for c in (path / "CUB_200_2011", path) if (c / "images.txt").is_file()), None)
-    presplit = find_presplit([path, path / "cub"]) if folder is None else None
+    presplit = find_presplit([path / "cub", path]) if folder is None else None  # cub/ first: a shared root
     if presplit is not None:
         return _load_presplit(*presplit, train_transform, test_transform)
     if folder is None:

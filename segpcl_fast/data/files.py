@@ -364,9 +364,11 @@ def class_folder_names(folder: Path) -> list[str]:
 def find_presplit(candidates: Sequence[Path]) -> Optional[tuple[Path, Path]]:
     """(train_dir, test_dir) of the first candidate folder holding train/<class>/ beside test/<class>/ (or
     val/), torchvision ImageFolder's layout, as PROOF's and other CLIP continual-learning repos ship
-    CUB-200 and UCF101 (`data/cub/{train,test}/<class>/*.jpg`); None when no candidate does."""
+    CUB-200 and UCF101 (`data/cub/{train,test}/<class>/*.jpg`); None when no candidate does. Folders named
+    as ImageNet's wnids are not such a copy (ImageNet's own train/ + val/ in a data root shared with cub/)."""
     for cand in candidates:
-        if not class_folder_names(cand / "train"):
+        train_classes = class_folder_names(cand / "train")
+        if not train_classes or all(WNID_RE.match(c) for c in train_classes):
             continue
         test_dir = next((cand / d for d in PRESPLIT_TEST_DIRS if class_folder_names(cand / d)), None)
         if test_dir is not None:
@@ -375,33 +377,51 @@ def find_presplit(candidates: Sequence[Path]) -> Optional[tuple[Path, Path]]:
 
 
 def read_presplit(train_dir: Path, test_dir: Path, classes: Sequence[str], dataset: str, layout: str,
-                  entries: Callable[[Path], list[Path]] = list_images) -> tuple[tuple[list[str], list[int]],
-                                                                             tuple[list[str], list[int]]]:
-    """((train paths, labels), (test paths, labels)) of a pre-split copy: class c's samples are `entries` of
-    train_dir/c and test_dir/c (sorted image files by default), label = c's index in `classes`. A test
-    folder outside `classes`, a class without training images, and a sample in both splits (the same
-    <class>/<name>: a copy made by copying the same files twice) are errors."""
-    extra = sorted(set(class_folder_names(test_dir)) - set(classes))
-    if extra:
-        raise format_error(dataset, f"'{test_dir}' has {len(extra)} class folders that '{train_dir}' lacks, e.g. "
-                                    f"{extra[:5]}", layout, "every test class needs a train/<class>/ folder: copy "
-                                                            "the full split")
-    split = []
-    for folder in (train_dir, test_dir):
+                  entries: Callable[[Path], list[Path]] = list_images,
+                  spellings: Callable[[str], Sequence[str]] = lambda c: [c], classes_from: str = "train/'s classes"
+                  ) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]]:
+    """((train paths, labels), (test paths, labels)) of a pre-split copy: class c's samples are `entries` of its
+    folder in train_dir and in test_dir, label = c's index in `classes`. A class's folder is the first of
+    `spellings(c)` present, in any case (UCF101's 'ApplyEyeMakeup' / 'Apply_Eye_Makeup'). A folder that is no
+    class's (in train/ or test/; `classes_from` says where the classes come from), a class without a train/
+    folder or without training images, and a sample in both splits (the same class and file name: a copy made
+    by copying the same files twice) are errors."""
+    def folders(split_dir: Path) -> tuple[dict[int, Path], list[str]]:
+        present = {name.lower(): name for name in class_folder_names(split_dir)}
+        found = {}
+        for label, c in enumerate(classes):
+            name = next((present[s.lower()] for s in spellings(c) if s.lower() in present), None)
+            if name is not None:
+                found[label] = split_dir / name
+        unmatched = sorted(set(present.values()) - {p.name for p in found.values()})
+        return found, unmatched
+
+    split, found_in = [], {}
+    for split_dir in (train_dir, test_dir):
+        found, unmatched = folders(split_dir)
+        if unmatched:
+            raise format_error(dataset, f"'{split_dir}' has {len(unmatched)} class folders that are not among "
+                                        f"{classes_from}, e.g. {unmatched[:5]}", layout,
+                               "keep only the dataset's class folders in train/ and test/ (every test class needs "
+                               "its train/<class>/ folder: copy the full split)")
+        found_in[split_dir] = found
         paths, targets = [], []
-        for label, name in enumerate(classes):
-            found = entries(folder / name) if (folder / name).is_dir() else []
-            paths += [str(f) for f in found]
-            targets += [label] * len(found)
+        for label in range(len(classes)):
+            samples = entries(found[label]) if label in found else []
+            paths += [str(f) for f in samples]
+            targets += [label] * len(samples)
         split.append((paths, targets))
-    (train_paths, train_targets), (test_paths, _) = split
-    have = set(train_targets)
-    empty = [c for i, c in enumerate(classes) if i not in have]
+    missing = [c for label, c in enumerate(classes) if label not in found_in[train_dir]]
+    if missing:
+        raise format_error(dataset, f"'{train_dir}' has no folder for {len(missing)} of the {len(classes)} classes, "
+                                    f"e.g. {missing[:5]}", layout, "copy the folders of every class")
+    have = set(split[0][1])
+    empty = [c for label, c in enumerate(classes) if label not in have]
     if empty:
         raise format_error(dataset, f"{len(empty)} class folders of '{train_dir}' hold no images, e.g. {empty[:5]}",
                            layout, "copy the images of every class (or remove the empty folders)")
-    test_keys = {Path(p).parts[-2:] for p in test_paths}
-    both = [p for p in train_paths if Path(p).parts[-2:] in test_keys]
+    test_keys = {(label, Path(p).name) for p, label in zip(*split[1])}  # by label: folders may be spelled apart
+    both = [p for p, label in zip(*split[0]) if (label, Path(p).name) in test_keys]
     if both:
         raise format_error(dataset, f"{len(both)} images are in both '{train_dir}' and '{test_dir}' (the same "
                                     f"<class>/<file name>), e.g. '{both[0]}'", layout,

@@ -292,22 +292,15 @@ def _load_presplit(train_dir: Path, test_dir: Path, classes: Optional[list[str]]
         raise format_error(NAME, f"data.official_split={split}, but '{train_dir.parent}' is a pre-split copy (train/ "
                                  f"+ {test_dir.name}/): it holds one split", LAYOUT,
                            "unset data.official_split, or use the official ucfTrainTestlist/ with frames of every video")
-    folders = class_folder_names(train_dir)
-    if classes is None:
-        order, names = folders, [class_name(f) for f in folders]
+    if classes is None:  # the folders, sorted as ImageFolder sorts them
+        classes, classes_from = class_folder_names(train_dir), f"the classes of '{train_dir}'"
     else:
-        by_spelling = {f.lower(): f for f in folders}
-        order = [next((by_spelling[s.lower()] for s in class_folders(c) if s.lower() in by_spelling), c)
-                 for c in classes]
-        unmatched = sorted(set(folders) - set(order))
-        if unmatched:
-            raise format_error(NAME, f"{len(unmatched)} class folders of '{train_dir}' are not classes of classInd.txt, "
-                                     f"e.g. {unmatched[:5]}", LAYOUT, "use the folders of the full UCF101 copy")
-        names = [class_name(c) for c in classes]
-    train, test = read_presplit(train_dir, test_dir, order, NAME, LAYOUT, entries=_video_entries)
-    log.info("%s: the pre-split folders %s + %s (%d classes in %s): %d train, %d test samples", NAME, train_dir,
-             test_dir, len(order), "classInd.txt's order" if classes else "their sorted order", len(train[0]),
-             len(test[0]))
+        classes_from = "classInd.txt's classes (in any of their spellings: 'ApplyEyeMakeup', 'Apply_Eye_Makeup')"
+    names = [class_name(c) for c in classes]
+    train, test = read_presplit(train_dir, test_dir, classes, NAME, LAYOUT, entries=_video_entries,
+                                spellings=class_folders, classes_from=classes_from)
+    log.info("%s: the pre-split folders %s + %s (%d classes, %s): %d train, %d test samples", NAME, train_dir,
+             test_dir, len(classes), classes_from, len(train[0]), len(test[0]))
     return (VideoFrameDataset(*train, names, train_transform), VideoFrameDataset(*test, names, test_transform))
 
 
@@ -319,7 +312,7 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
                  path / LIST_DIR_CANDIDATES[0])
     needed = ["classInd.txt", f"trainlist0{split}.txt", f"testlist0{split}.txt"]
     missing = [f for f in needed if not (lists / f).is_file()]
-    presplit = None if frames_dir else find_presplit([path, path / "ucf", path / "ucf101"])
+    presplit = None if frames_dir else find_presplit([path / "ucf", path / "ucf101", path])  # a shared root: its own first
     if missing and presplit is not None and not (path / COOP_SPLIT).is_file():
         ordered = _classes(lists) if (lists / "classInd.txt").is_file() else None
         return _load_presplit(*presplit, ordered, split, train_transform, test_transform)

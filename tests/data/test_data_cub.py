@@ -126,5 +126,18 @@ def test_a_presplit_copy_with_the_same_image_in_both_splits_or_an_extra_test_cla
         load_cub200(str(proof))
     (proof / "test" / "001.Black_footed_Albatross" / first.name).unlink()
     (proof / "test" / "004.Groove_billed_Ani").mkdir()
-    with pytest.raises(DatasetFormatError, match=r"has 1 class folders that .* lacks, e.g. \['004.Groove_billed_Ani'\]"):
+    with pytest.raises(DatasetFormatError, match=r"has 1 class folders that are not among train/'s classes, e.g. "
+                                                 r"\['004.Groove_billed_Ani'\]"):
         load_cub200(str(proof))
+
+
+def test_a_shared_root_reads_cub_not_imagenets_train_and_val(cub_root, tmp_path):
+    """data.root=/data holding ImageNet's train/<wnid>/ + val/<wnid>/ beside PROOF's cub/: cub/ is read (the
+    wnid folders were taken for CUB's classes)."""
+    from data_fakes import write_image
+    shared = _proof_copy(tmp_path / "data", cub_root)
+    for split in ("train", "val"):
+        write_image(shared / split / "n01440764" / "x.JPEG", (1, 2, 3))
+    train, _ = load_cub200(str(shared))
+    assert train.class_names == ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
+    assert all("/cub/train/" in p for p in train.paths)

@@ -394,6 +394,13 @@ def test_a_presplit_copy_in_another_order_than_classind_follows_classind(ucf_roo
         for i in range(len(ds)):
             img, label = ds[i]
             assert decode_colour(img)[0] == label  # classInd's label of each folder, whatever its spelling
+    # the test folders matched as train's are: any spelling, any case
+    (proof / "test" / "Apply_Eye_Makeup").rename(proof / "test" / "applyeyemakeup")
+    assert load_ucf101(str(proof))[1].targets == test.targets
     (proof / "train" / "Archery").mkdir()
-    with pytest.raises(DatasetFormatError, match=r"1 class folders of .* are not classes of classInd.txt.*Archery"):
+    with pytest.raises(DatasetFormatError, match=r"has 1 class folders that are not among classInd.txt's classes.*Archery"):
+        load_ucf101(str(proof))
+    (proof / "train" / "Archery").rmdir()
+    shutil.rmtree(proof / "train" / "YoYo")  # a class of classInd.txt without its folder
+    with pytest.raises(DatasetFormatError, match=r"has no folder for 1 of the 3 classes, e.g. \['YoYo'\]"):
         load_ucf101(str(proof))
