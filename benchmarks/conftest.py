@@ -9,7 +9,10 @@ of the measured bandwidth into benchmark.extra_info.
 """
 from __future__ import annotations
 
+import gc
+import sys
 import time
+import traceback
 
 import pytest
 import torch
@@ -144,14 +147,15 @@ def roofline(device_bandwidth):
 
 
 def out_of_memory(exc: BaseException | None) -> BaseException | None:
-    """The torch.OutOfMemoryError in exc's chain (raised, or wrapped by torch.compile's code as a cause or
-    context), None without one."""
+    """The torch.OutOfMemoryError exc is, or was raised from (`raise ... from`, as torch.compile's code wraps
+    errors), None otherwise. Not an error raised while an out-of-memory one was being handled (__context__): that
+    is a failure of its own."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             return exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return None
 
 
@@ -177,9 +181,13 @@ def pytest_runtest_call(item):
         if oom is None:
             raise
         reason = out_of_memory_reason(oom)
+        traceback.clear_frames(exc.__traceback__)  # the test's locals: its tensors
         del oom
-    # outside the except block, so the error's frames (and the tensors they hold) can go before the next test
-    import gc
+    # pytest keeps the error as sys.last_value (and its traceback, the test's frames) until the next test's call,
+    # after that test's fixtures have allocated: dropped here, so the memory is back before the next test starts
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

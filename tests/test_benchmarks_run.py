@@ -195,6 +195,8 @@ def test_a_benchmark_out_of_gpu_memory_is_skipped_naming_the_device_and_other_er
     import shutil
     shutil.copy(ROOT / "benchmarks" / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_oom.py").write_text(
+        "import weakref\n"
+        "import pytest\n"
         "import torch\n"
         "OOM = 'CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has a total capacity of 23.6 GiB'\n"
         "def test_raised():\n"
@@ -206,12 +208,28 @@ def test_a_benchmark_out_of_gpu_memory_is_skipped_naming_the_device_and_other_er
         "        raise RuntimeError('backend compiler failed') from e\n"
         "def test_other_error():\n"
         "    raise RuntimeError('a real bug')\n"
+        "def test_fails_while_handling_an_oom():\n"
+        "    try:\n"
+        "        raise torch.OutOfMemoryError(OOM)\n"
+        "    except torch.OutOfMemoryError:\n"
+        "        assert False, 'a check after the fallback'\n"
+        "REFS = []\n"
+        "def test_holds_a_tensor_then_runs_out():\n"
+        "    held = torch.ones(4)\n"
+        "    REFS.append(weakref.ref(held))\n"
+        "    raise torch.cuda.OutOfMemoryError(OOM)\n"
+        "@pytest.fixture\n"
+        "def freed_before_this_test():\n"
+        "    return REFS[0]() is None\n"
+        "def test_its_tensor_is_freed_before_the_next_test(freed_before_this_test):\n"
+        "    assert freed_before_this_test\n"
         "def test_passes():\n"
         "    assert torch.ones(1).item() == 1\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-q", "-rfs", "-p", "no:cacheprovider"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = proc.stdout
-    assert "1 failed, 1 passed, 2 skipped" in out, out[-3000:]
-    assert "SKIPPED [2] conftest.py" in out  # both out-of-memory tests, one reason:
+    assert "2 failed, 2 passed, 3 skipped" in out, out[-3000:]
+    assert "SKIPPED [3] conftest.py" in out  # the out-of-memory tests, one reason:
     assert "does not fit the GPU: CUDA out of memory. Tried to allocate 8.00 GiB" in out, out[-3000:]
     assert "FAILED test_oom.py::test_other_error - RuntimeError: a real bug" in out
+    assert "FAILED test_oom.py::test_fails_while_handling_an_oom - AssertionError" in out  # not a skip
