@@ -165,7 +165,7 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
         if same != point_name(point):  # e.g. tsgr.enabled, which run.method decides (method/variants.py)
             raise ConfigError(f"sweep points {same} and {point_name(point)} train the same configuration: "
                               f"run.method={c.run.method} decides the swept value (method/variants.py); sweep "
-                              f"run.method itself, or a key the method leaves alone (acgd.weight=0 turns ACGD off)")
+                              f"run.method itself, or {_instead(list(point))}")
         configs.append(per_seed)
     return configs
 
@@ -177,8 +177,18 @@ def _check_fixed(fixed: Mapping[str, Any], cfg: Config, resolved: Config) -> Non
         if config_value(resolved, key) != config_value(cfg, key):
             raise ConfigError(f"the fixed {key}={_show(config_value(cfg, key))} is not what the runs would train with: "
                               f"run.method={cfg.run.method} sets {key}={_show(config_value(resolved, key))} "
-                              f"(method/variants.py); fix run.method to a method with the value you want, or a key "
-                              f"the method leaves alone (acgd.weight=0 turns ACGD off)")
+                              f"(method/variants.py); fix run.method to a method with the value you want, or "
+                              f"{_instead([key])}")
+
+
+# what turns a switch the methods own off without changing the method (method/variants.py sets the switches)
+LEFT_ALONE = {"acgd.enabled": "acgd.weight=0 turns ACGD off", "tsgr.enabled": "tsgr.weight=0 turns TSGR off"}
+
+
+def _instead(keys: Sequence[str]) -> str:
+    """The hint for keys a method decides: each switch's own weight where it has one."""
+    named = [LEFT_ALONE[k] for k in keys if k in LEFT_ALONE]
+    return f"a key the method leaves alone ({'; '.join(named)})" if named else "a key the method leaves alone"
 
 
 def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: Sequence[str] = (),

@@ -91,21 +91,24 @@ def _locate(root: Optional[str]) -> tuple[Path, Path, Optional[Path]]:
 
 
 def _parse_entries(path: Path, lines: list[tuple[int, str]], bases: list[Path],
-                   wnid_index: dict[str, int]) -> Split:
+                   wnid_index: dict[str, int], unit: str = "line") -> Split:
+    """(paths, labels) of split-file entries (number n, "relative/path [label]"); an error names `path` and the
+    entry's line (unit="line": path:n) or its place in a list (unit="entry": CODA-Prompt's YAML)."""
     paths, targets, seen_labels = [], [], {}
     for n, line in lines:
+        where = f"{path}:{n}" if unit == "line" else f"{path}, {unit} {n}"
         parts = line.split()
         file = relative_to_any(parts[0], bases)
         if file is None:
-            raise format_error(NAME, f"{path}:{n}: image '{parts[0]}' not found under "
+            raise format_error(NAME, f"{where}: image '{parts[0]}' not found under "
                                      f"{[str(b) for b in bases]}", LAYOUT,
                                "paths in split files are relative to data.root or to imagenet-r/")
         wnid = file.parent.name
         if wnid not in wnid_index:
-            raise format_error(NAME, f"{path}:{n}: '{parts[0]}' is not inside a wnid class folder", LAYOUT,
+            raise format_error(NAME, f"{where}: '{parts[0]}' is not inside a wnid class folder", LAYOUT,
                                "split lines must look like 'imagenet-r/<wnid>/<file>.jpg [label]'")
         if len(parts) > 1 and seen_labels.setdefault(parts[1], wnid) != wnid:
-            raise format_error(NAME, f"{path}:{n}: label {parts[1]} is used for both "
+            raise format_error(NAME, f"{where}: label {parts[1]} is used for both "
                                      f"{seen_labels[parts[1]]} and {wnid}", LAYOUT,
                                "fix the split file: one label per wnid folder")
         paths.append(str(file))
@@ -168,7 +171,7 @@ def _read_coda_yaml(path: Path, bases: list[Path], wnid_index: dict[str, int]) -
         raise format_error(NAME, f"'{path}' lists {len(data)} images but {len(targets)} targets", LAYOUT,
                            "use the file as CODA-Prompt ships it")
     lines = [(n, f"{'/'.join(Path(p).parts[-2:])} {t}") for n, (p, t) in enumerate(zip(data, targets), 1)]
-    return _parse_entries(path, lines, bases, wnid_index)
+    return _parse_entries(path, lines, bases, wnid_index, unit="entry")
 
 
 def _check_disjoint(train: Split, test: Split, source: str) -> None:

@@ -215,7 +215,7 @@ def _raise_nonfinite_loss(loss: float, values: dict, step: int, t: int, cfg: Con
 
 
 def _at_step(error: FloatingPointError, step: int) -> FloatingPointError:
-    error.step = step  # Trainer.train_task adds what the step before it read (_with_step_before)
+    error.step = step  # Trainer.train_task adds what the step before it read (with_step_before)
     return error
 
 

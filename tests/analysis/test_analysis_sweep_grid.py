@@ -114,7 +114,8 @@ def test_a_fixed_key_the_method_sets_otherwise_is_refused_before_any_training(tm
     for kwargs in ({"axes": ["optim.lr=0.05,0.01", "tsgr.enabled=false"]},
                    {"axes": ["optim.lr=0.05,0.01"], "fixed": ["tsgr.enabled=false"]}):
         with pytest.raises(ConfigError, match=r"the fixed tsgr.enabled=False is not what the runs would train with: "
-                                              r"run.method=segpcl sets tsgr.enabled=True"):
+                                              r"run.method=segpcl sets tsgr.enabled=True .* a key the method leaves "
+                                              r"alone \(tsgr.weight=0 turns TSGR off\)"):
             sweep(make_config(output_dir=str(tmp_path)), seeds=[0], **kwargs)
     # a fixed key the method leaves alone, and one it sets to the same value, are fine
     configs = validate_grid(make_config(), expand_grid(parse_axes(["optim.lr=0.05,0.01"])), [0], tmp_path,

@@ -54,7 +54,7 @@ def test_split_files_used_when_present(imagenet_r_root):
         load_imagenet_r(str(imagenet_r_root))
 
 
-def test_names_need_readme_or_mapping(imagenet_r_root, tmp_path, monkeypatch, caplog):
+def test_names_from_readme_else_clips_imagenet_names_else_a_mapping_is_needed(imagenet_r_root, tmp_path, monkeypatch, caplog):
     (imagenet_r_root / "imagenet-r" / "README.txt").unlink()
     # without README.txt: CLIP's curated names of the wnids (all ILSVRC-2012 ones), said at INFO
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
@@ -391,5 +391,5 @@ def test_coda_prompt_yaml_split_files_are_read_by_wnid_and_file_name(imagenet_r_
                                                         "targets": [7, 7]}))
     (splits / "x_test.yaml").write_text(yaml.safe_dump({"data": [f"d/{w}/{f}" for w, f in test_keys[:1]],
                                                        "targets": [WNIDS.index(test_keys[0][0])]}))
-    with pytest.raises(DatasetFormatError, match="label 7 is used for both"):
+    with pytest.raises(DatasetFormatError, match=r"x_train.yaml, entry 2: label 7 is used for both"):
         load_imagenet_r(str(imagenet_r_root), split_file=str(splits / "x_train.yaml"))

@@ -377,3 +377,14 @@ def test_the_knob_sweeps_variants_give_the_defaults_result(device):
     assert grad.abs().sum() > 0  # a real gradient, not the zero of an empty graph
     sizes = tune.knn_gathered_bytes(60, 12, 5, 24)
     assert sizes["backward"] > 60 * 24 * 4 and sizes["forward"] > 12 * 6 * 24 * 4
+
+
+@pytest.mark.parametrize("warps", [0, 3, -2])
+def test_a_warp_count_that_is_not_a_power_of_two_is_refused(device, warps):
+    """num_warps (the knob sweep's): 0 fell back to the default unsaid; 3 reached Triton."""
+    emb, roots, neighbors, log_q0 = _problem(12, 8, 3, 2, torch.float32, device, seed=4)
+    with pytest.raises(ValueError, match=f"num_warps must be a power of two >= 1 .*got {warps}"):
+        kernel.knn_kl_forward_triton(emb, roots, neighbors, log_q0, TAU, num_warps=warps)
+    _, g, g_root = kernel.knn_kl_forward_triton(emb, roots, neighbors, log_q0, TAU)
+    with pytest.raises(ValueError, match=f"num_warps must be a power of two >= 1 .*got {warps}"):
+        kernel.knn_kl_backward_triton(torch.ones(3, device=device), emb, roots, neighbors, g, g_root, num_warps=warps)
