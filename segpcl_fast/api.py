@@ -126,6 +126,18 @@ def check_resume_target(config: ConfigLike, cfg: Config) -> None:
                           f"(train(..., run__output_dir=...)), or the recorded one with -o {cfg.run.output_dir}")
 
 
+def start_table_files(out: str | os.PathLike, name: str, planned: Iterable[Config]) -> None:
+    """Before an analysis trains: each run it plans (their configs) must be one its trainer will take
+    (engine.trainer.check_new_run_dir: a new run into a folder holding a run is refused, naming --resume),
+    then the earlier <name>.{json,txt,png} go (report.results.clear_table_files). Refused, nothing is removed:
+    a finished analysis run again without --resume kept its runs and lost its tables."""
+    from .engine.trainer import check_new_run_dir
+    from .report.results import clear_table_files
+    for cfg in planned:
+        check_new_run_dir(cfg)
+    clear_table_files(out, name)
+
+
 def check_unique(items: Iterable, what: str) -> None:
     """One ConfigError for an entry given twice (each would run into the same folder)."""
     seen: set = set()
@@ -268,7 +280,6 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     BWT, FWT, Forgetting_own) and ablation.png (acc_t curves of each variant, mean +- std over the seeds) and returns
     {"rows": [...], "runs": {variant: [Result, ...]}, "paths": {...}}.
     """
-    from .analysis.outputs import start_table_files
     from .report.results import write_table_files
     from .method.variants import LADDER, check_variants, variant_overrides
     from .report import format_metrics_table, metric_columns, plus_minus

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..api import check_unique  # noqa: F401  (the analyses' check is the API's)
+from ..api import check_unique, start_table_files  # noqa: F401  (the analyses' checks are the API's)
 from ..config import Config, ConfigError, apply_overrides, check_resume_dir  # noqa: F401
-from ..report.results import clear_table_files, write_table_files  # noqa: F401  (the analyses' table files)
+from ..report.results import write_table_files  # noqa: F401  (the analyses' table files)
 from ..report.tables import mean_std, metric_columns, plus_minus  # noqa: F401  (the analyses' table cells)
 
 DPI = 120
@@ -46,17 +46,6 @@ def run_config(cfg: Config, method: Optional[str], output_dir: str | os.PathLike
     if method is not None:
         overrides["run.method"] = method
     return apply_overrides(cfg, overrides)
-
-
-def start_table_files(out: str | os.PathLike, name: str, planned: Iterable[Config]) -> None:
-    """Before an analysis trains: each run it plans (their configs) must be one its trainer will take
-    (engine.trainer.check_new_run_dir: a new run into a folder holding a run is refused, naming --resume),
-    then the earlier <name>.{json,txt,png} go (report.results.clear_table_files). Refused, nothing is removed:
-    a finished analysis run again without --resume kept its runs and lost its tables."""
-    from ..engine.trainer import check_new_run_dir
-    for cfg in planned:
-        check_new_run_dir(cfg)
-    clear_table_files(out, name)
 
 
 def make_trainer(cfg: Config):
