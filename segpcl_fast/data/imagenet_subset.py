@@ -16,7 +16,10 @@ Class index = position in the SORTED wnids of the class list, whatever the list'
 labels (the ImageFolder convention, so a pre-cut train/ and a list file give the same indices and
 RAPF's class_orders/imagenet100.yaml = RandomState(1993).permutation(100) applies); to use
 another order, set data.class_order.
-Validation images: val/<wnid>/ folders, or a flat val/ plus LOC_val_solution.csv (Kaggle).
+Validation images: val/<wnid>/ folders, or a flat val/ plus LOC_val_solution.csv (Kaggle), or a flat val/
+as ILSVRC2012_img_val.tar extracts it plus the devkit (ILSVRC2012_devkit_t12/data/: the ground truth's
+ILSVRC2012_ID per image, in file-name order, mapped to wnids by its meta.mat, read with scipy as torchvision's
+ImageNet does).
 Kaggle layout: when <root>/ILSVRC/Data/CLS-LOC/train exists, images are read from
 ILSVRC/Data/CLS-LOC/{train,val} and the metadata files (CSV, mapping, class list) from <root>.
 Kaggle's "imagenet100" copy (no train/): train images in <root>/train.X1 ... train.X4/<wnid>/ (each
@@ -37,8 +40,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (WNID_RE, format_error, found_nearby, list_images, names_for_wnids, read_lines, relative_to_any,
-                    require_root, user_data_file, wnid_folders)
+from .files import (WNID_RE, format_error, found_nearby, list_images, names_for_wnids, numbered_lines, read_lines,
+                    relative_to_any, require_root, user_data_file, wnid_folders)
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +49,15 @@ NAME = "imagenet-subset"
 DEFAULT_CLASS_LISTS = ("imagenet100.txt", "train_100.txt")
 KAGGLE_IMAGES = Path("ILSVRC") / "Data" / "CLS-LOC"
 VAL_CSV = "LOC_val_solution.csv"
-DEVKIT_TRUTH = "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"  # named in an error only
+DEVKIT_DATA = "ILSVRC2012_devkit_t12/data"  # ILSVRC2012_devkit_t12.tar.gz extracted in the root
+DEVKIT_TRUTH = "ILSVRC2012_validation_ground_truth.txt"  # one ILSVRC2012_ID a line, val images in name order
 VAL_CSV_COLUMNS = ("ImageId", "PredictionString")
 KAGGLE100_TRAIN, KAGGLE100_VAL, KAGGLE100_NAMES = "train.X*", "val.X", "Labels.json"  # Kaggle's "imagenet100"
 NAMES_ORIGIN = ("LOC_synset_mapping.txt comes with Kaggle's ImageNet download, meta.bin from torchvision's "
                 "ImageNet, Labels.json with Kaggle's imagenet100")
 LAYOUT = f"""  <root>/train/<wnid>/*.JPEG
-  <root>/val/<wnid>/*.JPEG          (or flat val/*.JPEG + <root>/{VAL_CSV})
+  <root>/val/<wnid>/*.JPEG          (or flat val/*.JPEG + <root>/{VAL_CSV}, or + the devkit's
+                                    <root>/ILSVRC2012_devkit_t12/data/{{ILSVRC2012_validation_ground_truth.txt,meta.mat}})
   (Kaggle: images in <root>/{KAGGLE_IMAGES}/{{train,val}}, the files below in <root>)
   <root>/LOC_synset_mapping.txt     (lines 'n01440764 tench, Tinca tinca'; or torchvision's meta.bin;
                                     without either, ILSVRC-2012 wnids get CLIP's names)
@@ -241,6 +246,47 @@ def _val_from_csv(csv_path: Path, folder: Path, wnids: list[str]) -> Split:
     return paths, targets
 
 
+def _val_from_devkit(data_dir: Path, folder: Path, wnids: list[str]) -> Split:
+    """Flat val/ + the devkit: line n of the ground truth is ILSVRC2012_val_<n, 8 digits>.JPEG's ILSVRC2012_ID,
+    which meta.mat's synsets map to wnids (torchvision.datasets.ImageNet reads them so: scipy.io.loadmat)."""
+    meta = data_dir / "meta.mat"
+    if not meta.is_file():
+        raise format_error(NAME, f"'{data_dir / DEVKIT_TRUTH}' is there but its '{meta}' is not (it maps the "
+                                 f"ground truth's ILSVRC2012_IDs to wnids)", LAYOUT,
+                           "extract the whole ILSVRC2012_devkit_t12.tar.gz into data.root")
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise format_error(NAME, f"reading the devkit's {meta} needs scipy, which is not installed", LAYOUT,
+                           "pip install scipy (or sort val/ into val/<wnid>/ folders)") from None
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        id_to_wnid = {int(i): str(w) for i, w in zip(synsets["ILSVRC2012_ID"], synsets["WNID"])}
+    except (KeyError, ValueError, TypeError, OSError) as err:
+        raise format_error(NAME, f"'{meta}' is not the devkit's meta.mat ({type(err).__name__}: {err})", LAYOUT,
+                           "extract ILSVRC2012_devkit_t12.tar.gz again") from err
+    index = {w: i for i, w in enumerate(wnids)}
+    paths, targets = [], []
+    for n, line in numbered_lines(data_dir / DEVKIT_TRUTH):
+        if not line.isdigit() or int(line) not in id_to_wnid:
+            raise format_error(NAME, f"{data_dir / DEVKIT_TRUTH}:{n}: {line!r} is not an ILSVRC2012_ID of {meta}",
+                               LAYOUT, "extract ILSVRC2012_devkit_t12.tar.gz again")
+        label = index.get(id_to_wnid[int(line)])
+        if label is None:
+            continue
+        path = folder / f"ILSVRC2012_val_{n:08d}.JPEG"
+        if not path.is_file():
+            raise format_error(NAME, f"val image '{path}' (line {n} of {DEVKIT_TRUTH}) is missing", LAYOUT,
+                               "extract the full ILSVRC2012_img_val.tar into val/")
+        paths.append(str(path))
+        targets.append(label)
+    if not paths:
+        raise format_error(NAME, f"'{data_dir / DEVKIT_TRUTH}' lists no val image of the {len(wnids)} classes, e.g. "
+                                 f"{wnids[:3]}", LAYOUT, "use the devkit of ILSVRC-2012")
+    log.info("%s: val labels from the devkit's %s and %s", NAME, DEVKIT_TRUTH, meta)
+    return paths, targets
+
+
 def _val_list_path(classes: ClassList) -> Optional[Path]:
     """The val list next to a split list: its file name with 'train' replaced by 'val'."""
     if classes.train_files is None or "train" not in classes.path.name:
@@ -267,13 +313,13 @@ def _val_split(root: Path, image_root: Path, classes: ClassList, bases: list[Pat
         return _split_from_folders(val_dir, classes.wnids, "val")
     if val_dir.is_dir() and (root / VAL_CSV).is_file():
         return _val_from_csv(root / VAL_CSV, val_dir, classes.wnids)
-    devkit = next((p for p in (root / DEVKIT_TRUTH, root / Path(DEVKIT_TRUTH).name) if p.is_file()), None)
-    seen = (f"; the devkit's {devkit} is there, but its labels are ILSVRC2012_IDs in meta.mat's order (not the "
-            f"sorted wnids), which this loader does not read" if devkit is not None and val_dir.is_dir() else "")
+    if val_dir.is_dir() and (root / DEVKIT_DATA / DEVKIT_TRUTH).is_file():
+        return _val_from_devkit(root / DEVKIT_DATA, val_dir, classes.wnids)
     raise format_error(NAME, f"no val/<wnid>/ folders in '{image_root}' (and no flat val/ with "
-                             f"{root / VAL_CSV}){seen}", LAYOUT,
+                             f"{root / VAL_CSV} or the devkit's {root / DEVKIT_DATA / DEVKIT_TRUTH})", LAYOUT,
                        "sort the validation images into val/<wnid>/ folders (e.g. with valprep.sh of PyTorch's "
-                       f"ImageNet example), or put Kaggle's {VAL_CSV} in {root}")
+                       f"ImageNet example), put Kaggle's {VAL_CSV} in {root}, or extract "
+                       f"ILSVRC2012_devkit_t12.tar.gz there")
 
 
 def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable] = None,

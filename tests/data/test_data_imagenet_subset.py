@@ -239,18 +239,63 @@ def test_flat_val_without_its_csv_and_a_root_inside_kaggles_tree_name_the_fix(tm
     (root / "LOC_val_solution.csv").unlink()
     (tmp_path / "list.txt").write_text("\n".join(SUBSET_SORTED) + "\n")
     with pytest.raises(DatasetFormatError, match=r"Fix: sort the validation images into val/<wnid>/ folders "
-                                                 r"\(e.g. with valprep.sh .*\), or put Kaggle's LOC_val_solution.csv in"):
-        load_imagenet_subset(str(root), class_list=str(tmp_path / "list.txt"))
-    # the devkit's ground truth beside a flat val/: named, with why it is not read (meta.mat's ILSVRC2012_IDs)
-    truth = root / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt"
-    truth.parent.mkdir(parents=True)
-    truth.write_text("490\n361\n")
-    with pytest.raises(DatasetFormatError, match=r"(?s)the devkit.s .*ILSVRC2012_validation_ground_truth.txt is there, but "
-                                                 r"its labels are ILSVRC2012_IDs .*Fix: sort the validation images"):
+                                                 r"\(e.g. with valprep.sh .*\), put Kaggle's LOC_val_solution.csv in .*, "
+                                                 r"or extract ILSVRC2012_devkit_t12.tar.gz there"):
         load_imagenet_subset(str(root), class_list=str(tmp_path / "list.txt"))
     kaggle = make_imagenet_subset(tmp_path / "kg", kaggle=True, flat_val=True)
     with pytest.raises(DatasetFormatError, match=f"Fix: point data.root at {kaggle} .Kaggle's layout"):
         load_imagenet_subset(str(kaggle / IN_KAGGLE_IMAGES))
+
+
+def _devkit(root, meta=True):
+    """ILSVRC2012_devkit_t12/data/ as the tar.gz extracts it: the ground truth (line n: ILSVRC2012_val_<n>.JPEG's
+    ILSVRC2012_ID) and meta.mat (synsets: ILSVRC2012_ID -> WNID, IDs in the devkit's own order, not sorted wnids)."""
+    import numpy as np
+    import scipy.io
+    from data_fakes import in_val_name
+    wnids = sorted(IN_SYNSETS)
+    ids = {w: 100 + 7 * k for k, w in enumerate(reversed(wnids))}  # not the sorted-wnid order
+    other = 999  # a class outside the fake ImageNet: the lines of val images that are not there
+    data = root / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    truth = {int(in_val_name(c, i).rsplit("_", 1)[1]): ids[w] for c, w in enumerate(wnids) for i in range(2)}
+    truth.pop(0, None)  # line numbers start at 1
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{truth.get(n, other)}\n" for n in range(1, max(truth) + 1)))
+    if meta:
+        fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
+        rows = [(np.array([[i]]), np.array([w]), np.array(["x"]), np.array([[0]])) for w, i in ids.items()]
+        rows.append((np.array([[other]]), np.array(["n99999999"]), np.array(["x"]), np.array([[0]])))
+        scipy.io.savemat(data / "meta.mat", {"synsets": np.array(rows, dtype=fields).reshape(-1, 1)})
+    return data
+
+
+def test_a_flat_val_with_the_devkit_is_labelled_from_its_ground_truth_and_meta_mat(tmp_path):
+    """ILSVRC2012_img_val.tar extracts flat; the devkit's ground truth gives each image's ILSVRC2012_ID, meta.mat
+    maps IDs to wnids: the same val set and labels as Kaggle's CSV gives."""
+    pytest.importorskip("scipy")
+    root = make_imagenet_subset(tmp_path / "in", class_list=False, flat_val=True)
+    # the fakes number val images from 0; ILSVRC-2012's (and the ground truth's lines) from 1
+    (root / "val" / "ILSVRC2012_val_00000000.JPEG").unlink()
+    csv = root / "LOC_val_solution.csv"
+    csv.write_text("".join(ln + "\n" for ln in csv.read_text().splitlines() if not ln.startswith("ILSVRC2012_val_00000000,")))
+    (tmp_path / "list.txt").write_text("\n".join(SUBSET_SORTED) + "\n")
+    _, from_csv = load_imagenet_subset(str(root), class_list=str(tmp_path / "list.txt"))
+    csv.unlink()
+    data = _devkit(root)
+    _, from_devkit = load_imagenet_subset(str(root), class_list=str(tmp_path / "list.txt"))
+    assert sorted(zip(from_devkit.paths, from_devkit.targets)) == sorted(zip(from_csv.paths, from_csv.targets))
+    assert len(from_devkit) == 2 * len(SUBSET_SORTED) - 1
+    assert_images_match_labels(from_devkit, SUBSET_SORTED)
+    truth = data / "ILSVRC2012_validation_ground_truth.txt"
+    lines = truth.read_text().split("\n")
+    truth.write_text("\n".join(["5"] + lines[1:]))
+    with pytest.raises(DatasetFormatError, match=r"ground_truth.txt:1: '5' is not an ILSVRC2012_ID of .*meta.mat"):
+        load_imagenet_subset(str(root), class_list=str(tmp_path / "list.txt"))
+    (data / "meta.mat").unlink()
+    with pytest.raises(DatasetFormatError, match=r"(?s)is there but its .*meta.mat' is not .*Fix: extract the whole "
+                                                 r"ILSVRC2012_devkit_t12.tar.gz"):
+        load_imagenet_subset(str(root), class_list=str(tmp_path / "list.txt"))
 
 
 # ----------------------------------------------------------------------------- Kaggle layout
