@@ -201,7 +201,8 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
             cfg = apply_overrides(cfg, changes)
     last = ckpt.find_last_checkpoint(run_dir)
     if last is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}: the run finished no task (or ran with run.checkpoint=false)")
+        from .classifier import no_checkpoint_reason
+        raise FileNotFoundError(no_checkpoint_reason(run_dir))
     if all_tasks:  # before any data or weights load
         _task_checkpoints(run_dir, ckpt.task_of_file(last) + 1)
     with process_state_kept():  # the caller's ops backend, threads and random streams are left as they were

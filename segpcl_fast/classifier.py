@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+import yaml
 
 from .config import ConfigError, apply_overrides, config_from_dict, join_some, override_key, runs_below
 from .data.transforms import clip_test_transform
@@ -219,8 +220,10 @@ class ContinualClassifier:
     def export(self, path: PathLike) -> Path:
         """Write the classifier with LoRA merged into the weights (plain open_clip), atomically."""
         check_export_path(path)
-        merged = copy.deepcopy(self.model).cpu()
-        merge_lora(merged)
+        from .api import random_streams_kept
+        with random_streams_kept():  # merge_lora's new nn.Linear / MultiheadAttention draw their (replaced) init
+            merged = copy.deepcopy(self.model).cpu()
+            merge_lora(merged)
         stats, autocast = self.model.image_stats, self.model.image_autocast
         import open_clip
         payload = {"format": EXPORT_FORMAT, "segpcl_fast_version": __version__, "model_name": self.model.name,
@@ -239,13 +242,18 @@ def check_export_path(path: PathLike) -> None:
     folder, a run's own checkpoint, or a folder that cannot be written."""
     if not os.fspath(path).strip():
         raise ClassifierError("export needs a file path, e.g. model.pt; got an empty one")
-    from .engine.checkpoint import CHECKPOINT_DIR
+    from .engine.checkpoint import CHECKPOINT_DIR, RUN_LOCK
+    from .report.run_report import REPORT_FILES
+    run_files = {"config.yaml", RUN_LOCK, *REPORT_FILES}  # what a run keeps beside its checkpoints/
     path = Path(path)
     if path.is_dir():
         raise ClassifierError(f"{path} is a folder: export writes one file, e.g. {path / 'model.pt'}")
     if path.parent.name == CHECKPOINT_DIR and (path.parent.parent / "config.yaml").is_file():
         raise ClassifierError(f"{path} is in the checkpoints/ folder of the run {path.parent.parent}: an export "
                               f"there would replace or pass for a training checkpoint; write it elsewhere")
+    if path.name in run_files and (path.parent / "config.yaml").is_file():
+        raise ClassifierError(f"{path} is the run's own {path.name} ({path.parent} holds a run): an export there would "
+                              f"replace it; write it elsewhere, e.g. {path.parent / 'model.pt'}")
     reason = unwritable_dir_reason(path.parent)
     if reason:
         raise ClassifierError(f"cannot write {path}: {reason}")
@@ -332,6 +340,13 @@ def _available_device(device: Union[str, torch.device]) -> torch.device:
                                   f"(--device cpu)")
         if dev.index is not None and dev.index >= count:
             raise ClassifierError(f"device {device!r}, but there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type != "cpu":  # mps, xpu, ...: asked of torch itself (an unavailable one failed later, as moved weights)
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ClassifierError(f"device {device!r} is not available here ({first}); use device='cpu' "
+                                  f"(--device cpu)") from None
     return dev
 
 
@@ -345,14 +360,27 @@ def _run_checkpoint(run_dir: Path, task: Optional[int]) -> Path:
     if task is None:
         last = ckpt.find_last_checkpoint(run_dir)
         if last is None:
-            raise ClassifierError(f"no checkpoint in {run_dir}: the run finished no task (or ran with "
-                                  f"run.checkpoint=false)")
+            raise ClassifierError(no_checkpoint_reason(run_dir))
         return last
     path = ckpt.checkpoint_path(run_dir, task - 1)
     if not path.is_file():
         found = sorted(t + 1 for p in path.parent.glob("task_*.pt") if (t := ckpt.task_of_file(p)) is not None)
         raise ClassifierError(f"{run_dir} has no checkpoint of task {task}; tasks with one: {found or 'none'}")
     return path
+
+
+def no_checkpoint_reason(run_dir: Path) -> str:
+    """Why a run folder has no checkpoint to load: trained with run.checkpoint=false (its config.yaml says so;
+    its weights were never saved), or it finished no task."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        unsaved = saved.get("run", {}).get("checkpoint") is False
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        unsaved = False
+    if unsaved:
+        return (f"{run_dir} was trained with run.checkpoint=false, so its weights were not saved: its results.json "
+                f"holds its numbers, but nothing can load it; train it again with run.checkpoint=true (the default)")
+    return f"no checkpoint in {run_dir}: the run finished no task"
 
 
 def _read(path: Path) -> dict:
@@ -510,8 +538,10 @@ def _export_model(state: dict, device) -> CLIPModel:
 
 
 def _from_export(path: Path, state: dict, device) -> ContinualClassifier:
+    from .api import random_streams_kept
     try:
-        model = _export_model(state, device)
+        with random_streams_kept():  # open_clip builds the model at random before the weights replace it
+            model = _export_model(state, device)
         stats = state["image_stats"]
         model.image_stats = ImageStats(size=int(stats["size"]), mean=tuple(stats["mean"]), std=tuple(stats["std"]),
                                        **{k: stats[k] for k in ("resize_mode", "interpolation", "fill_color") if k in stats})

@@ -161,12 +161,20 @@ def test_cli_predict_and_export(run, tmp_path, capsys):
     assert "no checkpoint of task 7; tasks with one: [1, 2]" in capsys.readouterr().err
 
 
-def test_loading_leaves_the_callers_random_stream_alone(run):
+def test_loading_leaves_the_callers_random_stream_alone(run, tmp_path):
+    """A run, an export written from it and the export loaded back: none draws from the caller's CPU generator
+    (merge_lora's new modules and open_clip's model were initialised from it before the weights replaced them)."""
     _, _, out = run
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    load_classifier(out)
+    clf = load_classifier(out)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(123)
+    export = clf.export(tmp_path / "model.pt")
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(123)
+    load_classifier(export)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -365,6 +373,12 @@ def test_export_paths_are_checked_before_any_work_and_exports_are_no_checkpoints
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     with pytest.raises(ClassifierError, match="export needs a file path"):
         clf.export("")
+    for own in ("config.yaml", "results.json", "accuracy_matrix.png"):  # the run's own files (it then failed to load)
+        before = (out / own).read_bytes()
+        with pytest.raises(ClassifierError, match=f"is the run's own {own} .*write it elsewhere, e.g. .*model.pt"):
+            clf.export(out / own)
+        assert (out / own).read_bytes() == before
+    clf.export(tmp_path / "config.yaml").unlink()  # a file of that name where no run is: an export like any other
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ClassifierError, match="cannot write .*m.pt: .*a_file exists and is not a folder"):
         clf.export(tmp_path / "a_file" / "m.pt")
@@ -578,3 +592,36 @@ def test_a_bf16_runs_export_holds_fp32_weights_at_the_values_it_used(tiny_model_
     back = load_classifier(tmp_path / "model.pt")
     images = clf.load_images(_images(3))
     torch.testing.assert_close(back.logits(images), clf.logits(images), atol=0.5, rtol=0.02)
+
+
+def test_an_unavailable_device_of_any_kind_is_refused_before_anything_loads(run, monkeypatch):
+    """mps / xpu on a machine without them: asked of torch itself (they failed later, as if the weights had moved)."""
+    from segpcl_fast import classifier
+    _, _, out = run
+    real_empty = torch.empty
+
+    def empty(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "mps":
+            raise RuntimeError("PyTorch is not linked with support for mps devices")
+        return real_empty(*args, device=device, **kwargs)
+    monkeypatch.setattr(classifier.torch, "empty", empty)
+    monkeypatch.setattr(classifier, "_from_checkpoint", lambda *a, **k: pytest.fail("loaded the run"))
+    with pytest.raises(ClassifierError, match=r"device 'mps' is not available here \(PyTorch is not linked with "
+                                              r"support for mps devices\); use device='cpu'"):
+        load_classifier(out, device="mps")
+
+
+def test_a_run_trained_without_checkpoints_says_so(tiny_model_name, tmp_path):
+    """run.checkpoint=false keeps no weights: evaluate / predict / export say that plainly, not 'finished no task'."""
+    out = tmp_path / "nockpt"
+    train(make_config(model__name=tiny_model_name, model__pretrained=None, max_train_per_class=1, max_test_per_class=1,
+                      num_tasks=2, epochs=1, optim__batch_size=32, dpgd__k_adv=1, dpgd__k_seed=1, output_dir=str(out),
+                      progress=False, num_threads=1, plots=False, run__checkpoint=False, eval__fwt=False))
+    with pytest.raises(ClassifierError, match="was trained with run.checkpoint=false, so its weights were not saved"):
+        load_classifier(out)
+    from segpcl_fast.api import evaluate
+    with pytest.raises(FileNotFoundError, match="was trained with run.checkpoint=false, so its weights were not saved"):
+        evaluate(out)
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("checkpoint: false", "checkpoint: true"))
+    with pytest.raises(ClassifierError, match="no checkpoint in .*: the run finished no task$"):
+        load_classifier(out)

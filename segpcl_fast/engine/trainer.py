@@ -74,7 +74,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device='{name}' but no CUDA device is available; use run.device=cpu (or auto)")
+        raise ConfigError(f"run.device='{name}' but no CUDA device is available; use run.device=cpu (or auto; "
+                          f"--set run.device=cpu, also for evaluate)")
     return torch.device(name)
 
 

@@ -370,8 +370,8 @@ def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optiona
         raise ModelLoadError(f"model.pretrained='{pretrained}' is a directory; give the checkpoint file "
                              f"inside it (e.g. {path / 'open_clip_pytorch_model.bin'})")
     if names_a_file(pretrained):
-        raise ModelLoadError(f"checkpoint file '{pretrained}' does not exist; give an existing file path "
-                             f"or an open_clip pretrained tag for {name}")
+        raise ModelLoadError(f"weights file '{pretrained}' (model.pretrained) does not exist; give an existing file "
+                             f"path (moved: --set model.pretrained=NEW_PATH) or an open_clip pretrained tag for {name}")
     tags = [tag for model, tag in BUNDLED_WEIGHTS if model == name] + open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         bundled_elsewhere = [model for model, tag in BUNDLED_WEIGHTS if tag == pretrained and model != name]
