@@ -260,8 +260,9 @@ def sdpa_mask(attn_mask: torch.Tensor, bsz: int, heads: int, dtype: torch.dtype)
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + s B A computed in fp32, rounded once to W's dtype."""
-    return torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling).to(weight.dtype)
+    """W + s B A computed in fp32 or W's own dtype where wider (float64), rounded once to W's dtype."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    return torch.addmm(weight.to(wide), lora_B.to(wide), lora_A.to(wide), alpha=scaling).to(weight.dtype)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -272,7 +273,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     nn.MultiheadAttention it replaced, merged the same way, so the model is plain open_clip again:
     `model.clip.state_dict()` loads into `open_clip.create_model(name)` with strict=True and computes
     the same function up to the rounding of the merged weights to their dtype (W + s B A is
-    computed in fp32); in bf16 / fp16 that is the arrangement the run's own evaluation uses (ops: merged).
+    computed in fp32, or float64 for a float64 model); in bf16 / fp16 that is the arrangement the run's own
+    evaluation uses (ops: merged).
     Frozen weights stored in bf16 / fp16 for autocast (CLIPModel.store_frozen_weights) go back to fp32
     storage first, holding the rounded values the run computed with.
     A model without adapters is returned as it is.

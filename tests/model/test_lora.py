@@ -282,6 +282,29 @@ def test_merge_lora_is_plain_open_clip_computing_the_same_function(tiny_model_na
         assert (model.encode_image(images)[1] - emb).abs().max() > 1e-2
 
 
+def test_a_float64_layer_merges_in_float64():
+    """W + s B A of a float64 layer keeps float64's precision (it was rounded to fp32 on the way), for the linear
+    and the attention adapters; fp32 and bf16 layers still merge in fp32, rounded once."""
+    x = torch.randn(5, 64, dtype=torch.float64)
+    layer = LoRABLinear(torch.nn.Linear(64, 32).double(), rank=4, alpha=8.0, generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(layer.lora_B)
+    with torch.no_grad():
+        assert (layer.merged()(x) - layer(x)).abs().max() < 1e-12
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).double()
+    adapted = LoRAMultiheadAttention(mha, ["k", "v"], out_lora=True, rank=2, alpha=4.0,
+                                     generator=torch.Generator().manual_seed(1))
+    for p in adapted.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    q = torch.randn(2, 3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert (adapted.merged()(q, q, q)[0] - adapted(q, q, q)[0]).abs().max() < 1e-12
+    low = LoRABLinear(torch.nn.Linear(64, 32).to(torch.bfloat16), rank=4, alpha=8.0)
+    torch.nn.init.normal_(low.lora_B)
+    want = torch.addmm(low.weight.float(), low.lora_B.float(), low.lora_A.float(), alpha=2.0).to(torch.bfloat16)
+    assert torch.equal(low.merged().weight, want)  # the same fp32 addmm, one rounding
+
+
 def test_merged_linear_equals_peft_merge_and_unload():
     """LoRABLinear.merged() against peft's merge_and_unload on the same W, b, A, B (the peer)."""
     if importlib.util.find_spec("peft") is None:  # installed but broken: an error, not a skip
