@@ -305,13 +305,14 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
         # run.resume continues an interrupted ablation: runs not started yet start
         return apply_overrides(cfg, {"run.method": name, "run.seed": int(seed), "run.output_dir": str(run_dir),
                                      "run.resume": cfg.run.resume and run_dir.is_dir()})
-    trained = {}  # what a variant computes -> the first variant that trains it
+    keys = {name: _training_key(cfg, name) for name in variants}  # what each variant computes
+    trained = {}  # such a key -> the first variant that trains it
     for name in variants:
-        trained.setdefault(_training_key(cfg, name), name)
+        trained.setdefault(keys[name], name)
     start_table_files(out, "ablation", [run_config(name, seed) for name in trained.values() for seed in seeds])
     runs, rows = {}, []
     for name in variants:
-        same_as = trained[_training_key(cfg, name)]
+        same_as = trained[keys[name]]
         if same_as != name:  # e.g. onlyclip is +prototype_transfer's config: its runs are reused
             runs[name] = runs[same_as]
         else:

@@ -77,8 +77,9 @@ def anchor_views(config=None, task: int = 2, projection: str = "pca", method: Op
     T = cfg.data.num_tasks  # the scenario's (data.task_sizes, when set, has as many: config.check_task_count)
     if not 2 <= int(task) <= T:  # before the model and data load too
         raise ConfigError(f"anchor views: task must be in 2..{T} (1-based; task 1 has no old classes), got {task}")
-    start_table_files(out, "anchor_views", [run_config(cfg, method, out / "run")])
-    trainer = make_trainer(run_config(cfg, method, out / "run"))
+    run_cfg = run_config(cfg, method, out / "run")
+    start_table_files(out, "anchor_views", [run_cfg])
+    trainer = make_trainer(run_cfg)
     t = int(task) - 1
     for j in range(t):
         trainer.train_task(j)

@@ -243,8 +243,9 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
         raise ConfigError(f"fragility max_old_images must be a whole number >= 0 (0: all), got {max_old_images!r}")
     # before the model and data load; data.num_tasks is the scenario's (config.check_task_count)
     wanted = _tasks_to_analyse(tasks, cfg.data.num_tasks)
-    start_table_files(out, "fragility", [run_config(cfg, method, out / "run")])
-    trainer = make_trainer(run_config(cfg, method, out / "run"))
+    run_cfg = run_config(cfg, method, out / "run")
+    start_table_files(out, "fragility", [run_cfg])
+    trainer = make_trainer(run_cfg)
     rows = []
     for t in range(wanted[-1] + 1):
         if t in wanted:

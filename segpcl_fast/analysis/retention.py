@@ -118,10 +118,11 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     specs = parse_dataset_specs(datasets)
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
-    start_table_files(out, "retention", [run_config(cfg, name, out / slug(name)) for name in variants])
+    run_configs = {name: run_config(cfg, name, out / slug(name)) for name in variants}
+    start_table_files(out, "retention", run_configs.values())
     before, rows, sets = {}, [], None
     for name in variants:
-        trainer = make_trainer(run_config(cfg, name, out / slug(name)))
+        trainer = make_trainer(run_configs[name])
         if sets is None:
             sets = _load_sets(specs, trainer, per_class)
             before = {d: zeroshot_accuracy(trainer.model, ds, prompts, trainer.device, cfg.eval.batch_size)

@@ -96,8 +96,8 @@ def known_class_count(data_cfg) -> Optional[int]:
     """The classes the data will hold, where that is known before it is read: the offline world's, or
     data.expected_classes (the benchmark presets set it); None otherwise."""
     if data_cfg.dataset == "synthetic":
-        from .synthetic import COLOUR_NAMES, SHAPES
-        return len(SHAPES) * len(COLOUR_NAMES)
+        from .synthetic import NUM_CLASSES
+        return NUM_CLASSES
     expected = getattr(data_cfg, "expected_classes", None)
     return int(expected) if expected else None
 

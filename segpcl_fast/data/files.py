@@ -420,13 +420,20 @@ def read_presplit(train_dir: Path, test_dir: Path, classes: Sequence[str], datas
     if empty:
         raise format_error(dataset, f"{len(empty)} class folders of '{train_dir}' hold no images, e.g. {empty[:5]}",
                            layout, "copy the images of every class (or remove the empty folders)")
-    test_keys = {(label, Path(p).name) for p, label in zip(*split[1])}  # by label: folders may be spelled apart
-    both = [p for p, label in zip(*split[0]) if (label, Path(p).name) in test_keys]
+    both = images_in_both(split[0], split[1])
     if both:
         raise format_error(dataset, f"{len(both)} images are in both '{train_dir}' and '{test_dir}' (the same "
                                     f"<class>/<file name>), e.g. '{both[0]}'", layout,
                            "put each image in one split only")
     return split[0], split[1]
+
+
+def images_in_both(train: tuple[list[str], list[int]], test: tuple[list[str], list[int]]) -> list[str]:
+    """The train paths (sorted) of images that are in test too: the same class (label) and file name, wherever the
+    files lie (a split made by copying the same files into train/ and test/ shares no path; class folders may be
+    spelled apart)."""
+    test_keys = {(label, Path(p).name) for p, label in zip(*test)}
+    return sorted(p for p, label in zip(*train) if (label, Path(p).name) in test_keys)
 
 
 def relative_to_any(path_text: str, bases: Sequence[Path]) -> Optional[Path]:

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (format_error, found_nearby, list_images, names_for_wnids, numbered_lines, relative_to_any,
-                    require_root, stratified_split, timm_synsets, user_data_file, wnid_folders)
+from .files import (format_error, found_nearby, images_in_both, list_images, names_for_wnids, numbered_lines,
+                    relative_to_any, require_root, stratified_split, timm_synsets, user_data_file, wnid_folders)
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +175,9 @@ def _read_coda_yaml(path: Path, bases: list[Path], wnid_index: dict[str, int]) -
 
 
 def _check_disjoint(train: Split, test: Split, source: str) -> None:
-    """No image in both splits, an image known by its class folder and file name (ImageNet-R's names are
-    unique within a class): a pre-split copy made by copying the same images into train/ and test/ has no
-    path in common, yet every test image in train."""
-    def key(path: str) -> tuple[str, str]:
-        return Path(path).parent.name, Path(path).name
-    test_keys = {key(p) for p in test[0]}
-    both = sorted(p for p in train[0] if key(p) in test_keys)
+    """No image in both splits, an image known by its class (its wnid folder: every source labels by it) and file
+    name (ImageNet-R's names are unique within a class): files.images_in_both."""
+    both = images_in_both(train, test)
     if both:
         raise format_error(NAME, f"{len(both)} images are in both train and test of {source} (the same "
                                  f"<wnid>/<file name>), e.g. '{both[0]}'", LAYOUT, "list each image in one split only")

@@ -51,6 +51,7 @@ COLOURS = {
     "black": (20, 20, 20),
 }
 COLOUR_NAMES = tuple(COLOURS)
+NUM_CLASSES = len(SHAPES) * len(COLOUR_NAMES)  # one class per (shape, colour)
 _COLOUR_RGB = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
 DOMAINS = ("source", "shifted", "sketch")
 
@@ -291,14 +292,13 @@ def render_split(seed: int, domain: str, split: str, per_class: int, shift: Opti
     render = _RENDERERS[domain]
     if shift is not None:
         render = functools.partial(_render_shifted, strength=float(shift))
-    num_classes = len(SHAPES) * len(COLOUR_NAMES)
-    one_round = np.arange(num_classes)
+    one_round = np.arange(NUM_CLASSES)
     shape_ids, colour_ids = one_round % len(SHAPES), one_round // len(SHAPES)
     targets = np.tile(one_round, per_class)
     images = np.empty((len(targets), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for r in range(per_class):
         rng = _rng(seed, domain, split, r)
-        images[r * num_classes:(r + 1) * num_classes] = render(rng, shape_ids, colour_ids)
+        images[r * NUM_CLASSES:(r + 1) * NUM_CLASSES] = render(rng, shape_ids, colour_ids)
     images.setflags(write=False)
     targets.setflags(write=False)
     return images, targets

@@ -38,7 +38,7 @@ from PIL import Image
 
 from .base import ClassDataset, DatasetFormatError, read_rgb
 from .files import (IMAGE_EXTENSIONS, class_folder_names, find_presplit, format_error, found_nearby, is_image_name,
-                    numbered_lines, read_presplit, require_root)
+                    list_images, numbered_lines, read_presplit, require_root)
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +279,7 @@ def _read_coop_split(path: Path, frames: Path) -> tuple[list[str], tuple[list[st
 def _video_entries(folder: Path) -> list[Path]:
     """A pre-split class folder's samples: its images (frames) and its sub-folders (a video's frames each: the
     middle one is read), sorted by name."""
-    return sorted(p for p in folder.iterdir() if (is_image_name(p) and p.is_file()) or
-                  (p.is_dir() and not p.name.startswith(".")))
+    return sorted([*list_images(folder), *(folder / name for name in class_folder_names(folder))])
 
 
 def _load_presplit(train_dir: Path, test_dir: Path, classes: Optional[list[str]], split: int,
