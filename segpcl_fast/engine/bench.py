@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Optional
 
@@ -45,7 +45,7 @@ class Step:
     device: torch.device
     # fp16: the steps whose scaled gradients overflowed, so the scaler skipped their update (each counted when
     # the next step reads its outcome back, as the trainer's loop does)
-    skipped: dict = field(default_factory=lambda: {"fp16_skipped_steps": 0})
+    skipped: dict
 
     def __call__(self) -> torch.Tensor:
         return self.run()

@@ -104,6 +104,14 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def check_pow2_knobs(op: str, **knobs) -> None:
+    """A launch knob (rows or warps per program, a chunk width) given as a power of two >= 1, or None for the
+    launcher's default: anything else is one ValueError naming it (0 fell back to the default unsaid)."""
+    for name, value in knobs.items():
+        if value is not None and (value < 1 or value != next_pow2(value)):
+            raise ValueError(f"{op}: {name} must be a power of two >= 1 (or None for the default), got {value}")
+
+
 def prev_pow2(n: int) -> int:
     """Largest power of two <= n (n >= 1)."""
     return 1 << (max(1, int(n)).bit_length() - 1)

@@ -62,8 +62,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, common_divisor, compute_dtype, interpret_mode, launch_device, lazy_jit,
-                            next_pow2, refuse_double_backward, rows_per_program)
+from ._triton_utils import (cdiv, check_can_run, check_pow2_knobs, common_divisor, compute_dtype, interpret_mode,
+                            launch_device, lazy_jit, next_pow2, refuse_double_backward, rows_per_program)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -318,9 +318,7 @@ def anchor_kl_triton(student_logits: torch.Tensor, teacher: torch.Tensor, tau: f
     """
     check_can_run("anchor_kl", student_logits, teacher)
     check_anchor_kl_inputs(student_logits, teacher, tau)  # also for a direct torch.ops.segpcl call: one shape
-    for name, value in (("rows", rows), ("chunk_cols", chunk_cols), ("num_warps", num_warps)):
-        if value is not None and (value < 1 or value != next_pow2(value)):
-            raise ValueError(f"anchor_kl: {name} must be a power of two >= 1 (or None for the default), got {value}")
+    check_pow2_knobs("anchor_kl", rows=rows, chunk_cols=chunk_cols, num_warps=num_warps)
     n_rows, n_cols = student_logits.shape
     scale = scale / max(n_rows, 1) if mean else scale
     zs = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()

@@ -43,8 +43,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, compute_dtype, interpret_mode, launch_device, lazy_jit, next_pow2,
-                            refuse_double_backward, store_dtype)
+from ._triton_utils import (cdiv, check_can_run, check_pow2_knobs, compute_dtype, interpret_mode, launch_device,
+                            lazy_jit, next_pow2, refuse_double_backward, store_dtype)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -219,12 +219,6 @@ def _tile(k: int, d: int) -> tuple[int, int]:
     return next_pow2(k), next_pow2(d)
 
 
-def _check_warps(num_warps: int | None) -> None:
-    if num_warps is not None and (num_warps < 1 or num_warps != next_pow2(num_warps)):
-        raise ValueError(f"knn_subgraph_kl: num_warps must be a power of two >= 1 (or None for the default), "
-                         f"got {num_warps}")
-
-
 def forward_warps(block_k: int, block_d: int) -> int:
     """Warps of a forward program: 4, or 8 over a 4096-element (next_pow2(k) x next_pow2(d)) tile."""
     return 4 if block_k * block_d <= 4096 else 8
@@ -240,7 +234,7 @@ def knn_kl_forward_triton(emb, roots, neighbors, ref_logprob, tau, roots_per_pro
     # shapes also for a direct torch.ops.segpcl call; index ranges are checked by ops.knn_subgraph_kl
     # (check_indices), a raw op's caller's contract
     check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices=False)
-    _check_warps(num_warps)
+    check_pow2_knobs("knn_subgraph_kl", num_warps=num_warps)
     n_roots, k = neighbors.shape
     scale = scale / max(n_roots, 1) if mean else scale
     d = emb.shape[1]
@@ -320,7 +314,7 @@ def knn_kl_backward_triton(grad_kl, emb, roots, neighbors, g, g_root, plan=None,
                          f"k={k}, d={d}; got {tuple(grad_kl.shape)}, {tuple(g.shape)}, {tuple(g_root.shape)}")
     if plan is not None:
         check_knn_plan(plan, emb, neighbors)
-    _check_warps(num_warps)
+    check_pow2_knobs("knn_subgraph_kl", num_warps=num_warps)
     if not fused_fits(k, d, n_roots):  # the forward's rule: a backward is of a forward the kernels took
         raise ValueError(f"knn_subgraph_kl backward: k={k}, d={d} exceed the fused tiles (next_pow2(k) * next_pow2(d) "
                          f"<= {MAX_FUSED_TILE}, next_pow2(d) <= {MAX_FUSED_DIM}), or R={n_roots} roots R * (k + 1) >= "
