@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import sys
 
@@ -110,6 +111,17 @@ def check_pow2_knobs(op: str, **knobs) -> None:
     for name, value in knobs.items():
         if value is not None and (value < 1 or value != next_pow2(value)):
             raise ValueError(f"{op}: {name} must be a power of two >= 1 (or None for the default), got {value}")
+
+
+def check_tau(op: str, tau) -> None:
+    """tau: one finite number > 0 (a Python number or a one-element tensor), else one ValueError naming the op."""
+    ok = not isinstance(tau, (str, bytes, bool)) and not (isinstance(tau, torch.Tensor) and tau.numel() != 1)
+    try:
+        ok = ok and 0 < float(tau) < math.inf  # float("2") would pass: strings are refused above
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{op}: tau must be a finite number > 0 (a float), got {tau!r}")
 
 
 def prev_pow2(n: int) -> int:

@@ -57,13 +57,12 @@ an fp32 z_S, is z_S's gradient); `anchor_kl_fused` turns kl_rows into the scalar
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, check_pow2_knobs, common_divisor, compute_dtype, interpret_mode,
-                            launch_device, lazy_jit, next_pow2, refuse_double_backward, rows_per_program)
+from ._triton_utils import (cdiv, check_can_run, check_pow2_knobs, check_tau, common_divisor, compute_dtype,
+                            interpret_mode, launch_device, lazy_jit, next_pow2, refuse_double_backward,
+                            rows_per_program)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -111,8 +110,7 @@ def check_anchor_kl_inputs(student_logits: torch.Tensor, teacher: torch.Tensor, 
         raise TypeError(f"anchor_kl: logits must be floating tensors, got {student_logits.dtype} / {teacher.dtype}")
     if teacher.device != student_logits.device:
         raise ValueError(f"anchor_kl: teacher on {teacher.device}, student_logits on {student_logits.device}")
-    if isinstance(tau, (str, bytes, bool)) or not 0 < float(tau) < math.inf:  # float("2") would pass
-        raise ValueError(f"anchor_kl: tau must be a finite number > 0, got {tau!r}")
+    check_tau("anchor_kl", tau)
 
 
 @lazy_jit
@@ -492,8 +490,10 @@ def anchor_kl_fused(student_logits: torch.Tensor, teacher: torch.Tensor, tau: fl
     The kernel scales each row's KL and gradient by tau^2 (/ A for the mean), so the loss is their sum:
     the mean's division and the tau^2 product, and their two backward products, are not launched (on a
     GPU each is a kernel launch, and at the paper's sizes the launches, not the bytes, take the time)."""
-    kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher, float(tau), bool(teacher_is_logprob),
-                                                 float(tau) ** 2, reduction in ("mean", "batchmean"))
+    # the teacher is a target: no gradient, and no graph through it (as the reference detaches it)
+    kl_rows, _ = torch.ops.segpcl.anchor_kl_rows(student_logits, teacher.detach(), float(tau),
+                                                 bool(teacher_is_logprob), float(tau) ** 2,
+                                                 reduction in ("mean", "batchmean"))
     if reduction == "none":
         return kl_rows
     # 0 anchors: the mean of nothing, NaN. `!= 0`, not the bare shape: torch 2.6's dynamo guarded on the

@@ -37,14 +37,13 @@ the Triton kernels and launchers, and the custom ops `segpcl::knn_subgraph_kl_ro
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, check_pow2_knobs, compute_dtype, interpret_mode, launch_device,
-                            lazy_jit, next_pow2, refuse_double_backward, store_dtype)
+from ._triton_utils import (cdiv, check_can_run, check_pow2_knobs, check_tau, compute_dtype, interpret_mode,
+                            launch_device, lazy_jit, next_pow2, refuse_double_backward, store_dtype)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -120,8 +119,7 @@ def check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices: boo
     devices = {t.device for t in (emb, roots, neighbors, ref_logprob)}
     if len(devices) != 1:
         raise ValueError(f"knn_subgraph_kl: all inputs must be on one device, got {sorted(map(str, devices))}")
-    if isinstance(tau, (str, bytes, bool)) or not 0 < float(tau) < math.inf:  # float("2") would pass
-        raise ValueError(f"knn_subgraph_kl: tau must be a finite number > 0, got {tau!r}")
+    check_tau("knn_subgraph_kl", tau)
     # `> 0`, not a size's truth value: torch 2.6's dynamo turned that into a guard on the exact root count
     if check_indices and roots.numel() > 0:
         n = emb.shape[0]
@@ -394,8 +392,9 @@ def knn_subgraph_kl_fused(emb: torch.Tensor, roots: torch.Tensor, neighbors: tor
     plan: `knn_backward_plan(roots, neighbors, emb.shape[0])` of a fixed graph (built in the backward
     when None; its shape checked by the caller, ops.knn_subgraph_kl, as the inputs are). The kernel scales each root's KL and derivatives by 1 / R, so the loss is their sum
     (no division and no backward product of the mean to launch)."""
-    kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob, float(tau), plan,
-                                                          1.0, True)
+    # q_0 is a target: no gradient, and no graph through it (as the reference detaches it)
+    kl_rows, _, _ = torch.ops.segpcl.knn_subgraph_kl_rows(emb, roots, neighbors, ref_logprob.detach(), float(tau),
+                                                          plan, 1.0, True)
     # 0 roots: the mean of nothing, NaN. `!= 0`, not the bare shape: torch 2.6's dynamo guarded on the
     # shape's value there, a recompile per root count
     return kl_rows.sum() if roots.shape[0] != 0 else kl_rows.mean()

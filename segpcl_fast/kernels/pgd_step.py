@@ -164,8 +164,8 @@ def _pgd_setup_context(ctx, inputs, output):
 def _pgd_backward(ctx, grad_out):
     """d x_new / d x_adv and d x_new / d x0: clamp passes gradient where min <= x <= max, so at an exact
     tie with a bound the whole gradient takes the unclamped branch (a subgradient; autograd of torch.clamp
-    with tensor bounds gives 0.5 there, with scalar bounds 0). The sign of `grad` is piecewise constant,
-    and gamma/eps/lo/hi get no gradient."""
+    with tensor bounds gives 0.5 there, with scalar bounds 0). The sign of `grad` is piecewise constant
+    (its gradient zeros), and gamma/eps/lo/hi get no gradient."""
     x_adv, grad, x0, gamma, eps, lo, hi = ctx.saved_tensors
     gamma, eps, lo, hi = (_per_channel(v) for v in (gamma, eps, lo, hi))
     x0f = x0.float()
@@ -176,7 +176,9 @@ def _pgd_backward(ctx, grad_out):
     g = grad_out.float() * in_box
     grad_x_adv = (g * in_ball).to(x_adv.dtype)
     grad_x0 = (g * ~in_ball).to(x0.dtype)
-    return grad_x_adv, None, grad_x0, None, None, None, None
+    # sign(grad) is piecewise constant: zeros, as autograd of the reference gives, when grad's is asked for
+    grad_grad = torch.zeros_like(grad) if ctx.needs_input_grad[1] else None
+    return grad_x_adv, grad_grad, grad_x0, None, None, None, None
 
 
 pgd_step_op.register_autograd(_pgd_backward, setup_context=_pgd_setup_context)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..kernels._triton_utils import check_tau
 from ._kernels import choose_impl, load_kernel
 from .dispatch import refuse_trained_constants
 
@@ -54,8 +55,9 @@ def knn_subgraphs(ref_emb: torch.Tensor, roots: torch.Tensor, k: int, tau: float
     if roots.numel() and not (0 <= int(roots.min()) and int(roots.max()) < n):
         raise ValueError(f"knn_subgraphs: roots must be rows 0..{n - 1} of ref_emb, got rows "
                          f"{int(roots.min())}..{int(roots.max())}")
-    if isinstance(k, bool) or int(k) != k:
-        raise ValueError(f"knn_subgraphs: k must be an integer, got {k!r}")
+    if isinstance(k, bool) or int(k) != k or k < 1:  # 0 or less: an empty graph, a loss of 0, without a word
+        raise ValueError(f"knn_subgraphs: k must be an integer >= 1 (neighbours per root), got {k!r}")
+    check_tau("knn_subgraphs", tau)  # q_0 at tau: 0 gave NaN, a negative tau inverted it
     k = min(int(k), n - 1)
     if roots.numel() == 0 or k < 1:
         none = torch.zeros(0, 0, device=ref_emb.device)

@@ -9,7 +9,6 @@ import numbers
 from collections.abc import Sequence
 from typing import Optional, Union
 
-import numpy as np
 import torch
 
 from ._kernels import choose_impl, load_kernel
@@ -21,22 +20,29 @@ pgd_step_reference = _k.pgd_step_reference
 PerChannel = Union[torch.Tensor, float, Sequence[float]]
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _host_values(name: str, v: PerChannel) -> Optional[list[float]]:
-    """A bound given on the host as floats (one number, or one per channel), or None for a tensor."""
+    """A bound given on the host as floats (one number, or one per channel), or None for a tensor.
+    Plain Python checks, no numpy calls: torch.compile traces them (a numpy array is read with tolist)."""
     if isinstance(v, torch.Tensor):
         return None
-    items = np.asarray(v) if isinstance(v, (Sequence, np.ndarray, numbers.Real)) and not isinstance(v, str) else None
-    if items is None or items.ndim > 1 or items.size == 0 or items.dtype.kind not in "iuf":
+    items = v.tolist() if type(v).__module__ == "numpy" and hasattr(v, "tolist") else v
+    items = [items] if _is_number(items) else items
+    if (not isinstance(items, Sequence) or isinstance(items, str) or not items
+            or not all(_is_number(x) for x in items)):
         raise TypeError(f"pgd_step: {name} must be a number, a sequence of one number per channel or a (C,) tensor, "
                         f"got {v!r}")
-    return [float(x) for x in items.reshape(-1)]
+    return [float(x) for x in items]
 
 
 def _as_channels(values: Optional[list[float]], v: PerChannel, channels: int, device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
     if values is None:
         return v.to(device=device, dtype=dtype)
-    if np.ndim(v) == 0:  # one number for every channel
+    if _is_number(v) or (type(v).__module__ == "numpy" and getattr(v, "ndim", 1) == 0):  # one number, every channel
         return torch.full((channels,), values[0], dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, device=device)
 

@@ -305,7 +305,9 @@ def test_dispatch_and_errors():
     assert ops.last_choice()["anchor_kl"] == "reference"
     with pytest.raises(ValueError, match="teacher has shape"):
         ops.anchor_kl(student, teacher[:, :3], TAU)
-    for tau in (0.0, -1.0, float("inf"), float("nan"), "2", True):  # "2" passed float() and failed in a division
+    # "2" passed float() and failed in a division; a 2-element tensor and None raised torch / float() errors naming
+    # neither the op nor the fix
+    for tau in (0.0, -1.0, float("inf"), float("nan"), "2", True, torch.tensor([2.0, 3.0]), None):
         with pytest.raises(ValueError, match="tau must be a finite number > 0"):
             ops.anchor_kl(student, teacher, tau)
 

@@ -162,7 +162,7 @@ def test_dispatch_and_errors():
         ops.knn_subgraph_kl(emb, root_idx.int(), neighbors, log_q0, TAU)
     with pytest.raises(ValueError, match="knn_reference_logprob"):
         ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0[:, :1], TAU)
-    for tau in (-1.0, 0.0, float("inf"), "0.05"):
+    for tau in (-1.0, 0.0, float("inf"), "0.05", torch.tensor([0.05, 0.1]), None):
         with pytest.raises(ValueError, match="tau must be a finite number > 0"):
             ops.knn_subgraph_kl(emb, root_idx, neighbors, log_q0, tau)
     with pytest.raises(TypeError, match="ref_logprob must be a floating tensor"):
@@ -347,6 +347,16 @@ def test_knn_subgraphs_checks_its_roots():
         ops.knn_subgraphs(emb, torch.tensor([[0]]), 4, TAU)
     with pytest.raises(ValueError, match="ref_emb must be a floating"):
         ops.knn_subgraphs(emb.long(), [0], 4, TAU)
+    # k and tau as SubgraphKLLoss checks them: k=0 or -1 gave an empty graph (a loss of 0), tau=0 a NaN q_0 and
+    # a negative tau an inverted one, each without a word (a review's finding)
+    for k in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="knn_subgraphs: k must be an integer >= 1"):
+            ops.knn_subgraphs(emb, [0], k, TAU)
+    for tau in (0.0, -0.1, float("nan"), float("inf"), torch.tensor([0.1, 0.2]), "0.1", None):
+        with pytest.raises(ValueError, match="knn_subgraphs: tau must be a finite number > 0"):
+            ops.knn_subgraphs(emb, [0], 4, tau)
+    as_tensor_tau = ops.knn_subgraphs(emb, [0], 4, torch.tensor(TAU))[2]
+    torch.testing.assert_close(as_tensor_tau, ops.knn_subgraphs(emb, [0], 4, TAU)[2])
 
 
 def test_the_knob_sweeps_variants_give_the_defaults_result(device):

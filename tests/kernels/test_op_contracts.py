@@ -65,6 +65,30 @@ def test_gradient_flows_into_the_student_only(path, device):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_a_teacher_that_requires_grad_gives_no_graph(path, device):
+    """With only the teacher / q_0 requiring grad the loss is a constant on every path (the kernels'
+    paths made it require grad, and backward() then did nothing instead of raising: a review's finding)."""
+    student, teacher = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device, requires_grad=True)
+    emb, roots, neighbors, ref = _knn_problem(device)
+    ref.requires_grad_(True)
+    with _path(path, device):
+        assert not ops.anchor_kl(student, teacher, 2.0).requires_grad
+        assert not ops.anchor_kl(student, teacher.log_softmax(-1), 2.0, teacher_is_logprob=True).requires_grad
+        assert not ops.knn_subgraph_kl(emb, roots, neighbors, ref, 0.5).requires_grad
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_pgd_step_gives_grad_a_zero_gradient(path, device):
+    """sign(grad) is piecewise constant: grad's gradient is zeros on every path (None on the kernel's before)."""
+    x = torch.rand(2, 3, 4, 4, device=device, requires_grad=True)
+    grad = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
+    with _path(path, device):
+        ops.pgd_step(x, grad, x.detach(), 0.1, 0.3, -1.0, 1.0).sum().backward()
+    assert grad.grad is not None and torch.equal(grad.grad, torch.zeros_like(grad))
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bad", [7, -1])
 def test_out_of_range_neighbours_and_roots_raise(path, device, bad):
     if device == "cuda":  # a device-side assert ends the process's CUDA context: see it fail in a child

@@ -178,6 +178,23 @@ def test_compile_fullgraph_no_breaks(device, triton_backend, graph_breaks):
     assert torch.equal(out, expected)
 
 
+def test_compile_fullgraph_with_number_and_list_bounds(device, triton_backend, graph_breaks):
+    """Bounds as Python numbers and lists (the documented host forms) trace too: numpy calls on them
+    broke the graph (a review's finding)."""
+    x_adv, grad, x0, gamma, eps, lo, hi = _inputs((2, 3, 4, 6), torch.float32, device, seed=9)
+    gammas = gamma.tolist()
+
+    def step(x, g):
+        return ops.pgd_step(x, g, x0, gammas, 0.05, -1.5, [2.0, 2.5, 3.0])
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(x_adv, grad)
+    assert graph_breaks() == 0
+    channels = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+    expected = kernel.pgd_step_reference(x_adv, grad, x0, gamma, channels([0.05] * 3), channels([-1.5] * 3),
+                                         channels([2.0, 2.5, 3.0]))
+    assert torch.equal(out, expected)
+
+
 def test_dispatch_choice_and_errors(monkeypatch):
     args = _inputs((1, 3, 2, 2), torch.float32, "cpu")
     ops.pgd_step(*args)  # auto on CPU: the reference
