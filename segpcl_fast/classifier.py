@@ -236,6 +236,17 @@ class ContinualClassifier:
                    "image_stats": {"size": stats.size, "mean": list(stats.mean), "std": list(stats.std), **stats.geometry()}}
         return save_torch_file(payload, path)
 
+    def save_peft_adapter(self, directory: PathLike) -> Path:
+        """Write the LoRA adapters as a peft adapter directory (adapter_config.json,
+        adapter_model.safetensors), atomically: `peft.PeftModel.from_pretrained(open_clip.create_model(name,
+        pretrained=...), directory)` is this model's open_clip model (model/peft_adapter.py). The class
+        names, text embeddings and prototypes are not in it: `export` writes those."""
+        from .model.peft_adapter import save_peft_adapter
+        try:
+            return save_peft_adapter(self.model, directory)
+        except (ImportError, NotImplementedError, ValueError) as e:  # no peft, an arrangement peft cannot take
+            raise ClassifierError(str(e)) from e
+
 
 def check_export_path(path: PathLike) -> None:
     """One ClassifierError before any work when `path` cannot or must not take an export: empty, a

@@ -8,6 +8,7 @@ Thin: parse, call the API, print.
     segpcl-fast evaluate runs/c100
     segpcl-fast predict runs/c100 cat.jpg photos/ --topk 5  # the trained run as a classifier
     segpcl-fast export runs/c100 -o c100_model.pt        # LoRA merged into plain open_clip weights
+    segpcl-fast export runs/c100 --peft -o c100_adapter   # the LoRA adapters as a peft adapter directory
     segpcl-fast ablate --seeds 0,1,2 -o runs/ablation  # the ladder zeroshot -> ... -> segpcl, one table
     segpcl-fast fragility -o runs/fragility             # boundary vs core JSD across each task
     segpcl-fast retention --variants lora_finetune,segpcl --datasets food101=/data/food-101
@@ -438,7 +439,23 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .classifier import check_export_path, load_classifier
+    from .classifier import ClassifierError, check_export_path, load_classifier
+    if args.peft:
+        import importlib.util
+
+        from .model.peft_adapter import PEFT_FIX, check_adapter_directory
+        if importlib.util.find_spec("peft") is None:
+            raise ClassifierError(f"export --peft writes a peft adapter and needs peft: {PEFT_FIX}")
+        try:
+            check_adapter_directory(args.output)  # before the model loads
+        except ValueError as e:
+            raise ClassifierError(str(e)) from e
+        clf = load_classifier(args.source, task=args.task, overrides=args.overrides)
+        path = clf.save_peft_adapter(args.output)
+        print(f"wrote {path}: the LoRA adapters of {clf.model.name} after task {clf.task} as a peft adapter; load it "
+              f"with peft.PeftModel.from_pretrained(open_clip.create_model({clf.model.name!r}, pretrained=...), "
+              f"{str(path)!r})")
+        return 0
     check_export_path(args.output)  # before the model loads
     clf = load_classifier(args.source, task=args.task, overrides=args.overrides)
     path = clf.export(args.output)
@@ -464,7 +481,10 @@ def _add_classifier_parsers(sub) -> None:
                                       "class names, text embeddings, prototypes")
     p.add_argument("source", help="run directory, checkpoint file (checkpoints/task_NN.pt) or exported file "
                                   "(written again as it is, e.g. to another place)")
-    p.add_argument("--output", "-o", required=True, help="file to write (atomically)")
+    p.add_argument("--output", "-o", required=True, help="file to write (atomically); with --peft, a new directory")
+    p.add_argument("--peft", action="store_true",
+                   help="write only the LoRA adapters, as a peft adapter directory (adapter_config.json, "
+                        "adapter_model.safetensors) for peft.PeftModel.from_pretrained on the plain open_clip model")
     p.add_argument("--task", type=positive_int, default=None, help="the model after this task (1-based; default last)")
     _add_weights_location_arg(p)
     p.set_defaults(func=cmd_export)

@@ -625,3 +625,36 @@ def test_a_run_trained_without_checkpoints_says_so(tiny_model_name, tmp_path):
     (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("checkpoint: false", "checkpoint: true"))
     with pytest.raises(ClassifierError, match="no checkpoint in .*: the run finished no task$"):
         load_classifier(out)
+
+
+def test_cli_export_peft_writes_an_adapter_peft_loads_onto_the_plain_model(run, tmp_path, capsys):
+    """export --peft: the run's adapters as a peft adapter directory; peft's PeftModel.from_pretrained over the
+    plain open_clip model with the run's base weights computes the run's image embeddings."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    import open_clip
+
+    from segpcl_fast.model.peft_adapter import unload_lora
+    _, _, out = run
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("x")
+    assert main(["export", str(out), "--peft", "-o", str(taken)]) == 2  # checked before the model loads
+    assert "new (or empty) directory" in capsys.readouterr().err
+    assert main(["export", str(out), "--peft", "-o", str(tmp_path / "adapter"), "--task", "2"]) == 0
+    assert "peft.PeftModel.from_pretrained" in capsys.readouterr().out
+    clf = load_classifier(out, task=2)
+    base = unload_lora(copy.deepcopy(clf.model)).clip.state_dict()  # the run's pretrained (here random) weights
+    plain = open_clip.create_model(clf.model.name).eval()
+    plain.load_state_dict(base)
+    images = clf.load_images(_images(3))
+    with torch.no_grad():
+        _, emb = clf.model.encode_image(images)
+        assert not torch.allclose(plain.encode_image(images), emb, atol=1e-3)  # the adapters do change it
+        loaded = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter"))  # wraps `plain` in place
+        torch.testing.assert_close(loaded.base_model.model.encode_image(images), emb, atol=1e-5, rtol=1e-5)
+    exported = clf.export(tmp_path / "m.pt")
+    with pytest.raises(ClassifierError, match="no LoRA adapters"):  # an export has them merged in
+        load_classifier(exported).save_peft_adapter(tmp_path / "from_export")
+    assert not (tmp_path / "from_export").exists()

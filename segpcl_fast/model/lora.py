@@ -66,6 +66,7 @@ class LoRABLinear(nn.Module):
         self.register_buffer("lora_A", _kaiming_uniform(rank, base.in_features, generator).to(base.weight))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
                                                device=base.weight.device))
+        self.train(base.training)  # in the mode of the layer it replaces (an eval model stays in eval)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.lora_b_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
@@ -82,7 +83,7 @@ class LoRABLinear(nn.Module):
         linear.weight.copy_(merged_weight(w, self.lora_A, self.lora_B, self.scaling))
         if self.bias is not None:
             linear.bias.copy_(self.bias)
-        return linear.requires_grad_(False)
+        return linear.requires_grad_(False).train(self.training)
 
 
 def pack_slices(lora_B: Mapping[str, torch.Tensor], slices: list[str], d: int, rank: int) -> torch.Tensor:
@@ -123,6 +124,7 @@ class LoRAPackedLinear(nn.Module):
         self.lora_B = nn.ParameterDict({
             s: nn.Parameter(torch.zeros(d, rank, dtype=base.weight.dtype, device=base.weight.device))
             for s in self.slices})
+        self.train(base.training)
 
     def packed_lora_B(self) -> torch.Tensor:
         return pack_slices(self.lora_B, self.slices, self.out_features // 3, self.rank)
@@ -143,7 +145,7 @@ class LoRAPackedLinear(nn.Module):
         linear.weight.copy_(merged_weight(w, self.lora_A, self.packed_lora_B(), self.scaling))
         if self.bias is not None:
             linear.bias.copy_(self.bias)
-        return linear.requires_grad_(False)
+        return linear.requires_grad_(False).train(self.training)
 
 
 class LoRAMultiheadAttention(nn.Module):
@@ -178,6 +180,7 @@ class LoRAMultiheadAttention(nn.Module):
         for p in out.parameters():
             p.requires_grad_(False)
         self.out_proj = LoRABLinear(out, rank, alpha, generator) if out_lora else out
+        self.train(mha.training)  # in the mode of the module it replaces (an eval model stays in eval)
 
     def packed_lora_B(self) -> torch.Tensor:
         """B_full (3d x n*r): slice s's rows hold [0 .. B_s .. 0] in its own r columns."""
@@ -198,7 +201,7 @@ class LoRAMultiheadAttention(nn.Module):
         mha.out_proj.weight.copy_(out.weight)
         if out.bias is not None:
             mha.out_proj.bias.copy_(out.bias)
-        return mha.requires_grad_(False)
+        return mha.requires_grad_(False).train(self.training)
 
     def forward(self, query, key=None, value=None, need_weights: bool = False,
                 attn_mask: Optional[torch.Tensor] = None):

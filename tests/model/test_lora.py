@@ -331,3 +331,20 @@ def test_merged_linear_equals_peft_merge_and_unload():
     assert type(ours) is torch.nn.Linear and not ours.weight.requires_grad
     torch.testing.assert_close(ours.weight, plain.weight, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours.bias, plain.bias)
+
+
+def test_adapters_and_merged_layers_keep_the_mode_of_the_layers_they_replace(vit_b16):
+    """An eval model stays in eval through inject_lora and merge_lora, module by module (a fresh module is
+    in train mode: nn.MultiheadAttention's fused inference path then would not be taken)."""
+    model = copy.deepcopy(vit_b16)
+    model.clip.visual.train()  # one tower in train mode, the other in eval
+    modes = {n: m.training for n, m in model.named_modules()}
+    assert True in modes.values() and False in modes.values()
+    inject_lora(model, rank=2, targets=["q", "v", "out", "c_fc", "c_proj"])
+    adapted = {n: m.training for n, m in model.named_modules() if n in modes}
+    assert adapted == modes
+    new = [(n, m.training) for n, m in model.named_modules() if n not in modes]  # out_proj's inner layers
+    assert new and all(mode == n.startswith("clip.visual.") for n, mode in new)
+    from segpcl_fast.model.lora import merge_lora
+    merge_lora(model)
+    assert {n: m.training for n, m in model.named_modules()} == modes
