@@ -238,9 +238,10 @@ class ContinualClassifier:
 
     def save_peft_adapter(self, directory: PathLike) -> Path:
         """Write the LoRA adapters as a peft adapter directory (adapter_config.json,
-        adapter_model.safetensors), atomically: `peft.PeftModel.from_pretrained(open_clip.create_model(name,
-        pretrained=...), directory)` is this model's open_clip model (model/peft_adapter.py). The class
-        names, text embeddings and prototypes are not in it: `export` writes those."""
+        adapter_model.safetensors, and segpcl_base_model.json naming the open_clip model it goes on),
+        atomically: `peft.PeftModel.from_pretrained(segpcl_fast.load_model(name, pretrained).clip, directory)`
+        is this model's open_clip model (model/peft_adapter.py). The class names, text embeddings and
+        prototypes are not in it: `export` writes those."""
         from .model.peft_adapter import save_peft_adapter
         try:
             return save_peft_adapter(self.model, directory)

@@ -453,8 +453,9 @@ def cmd_export(args) -> int:
         clf = load_classifier(args.source, task=args.task, overrides=args.overrides)
         path = clf.save_peft_adapter(args.output)
         print(f"wrote {path}: the LoRA adapters of {clf.model.name} after task {clf.task} as a peft adapter; load it "
-              f"with peft.PeftModel.from_pretrained(open_clip.create_model({clf.model.name!r}, pretrained=...), "
-              f"{str(path)!r})")
+              f"with peft.PeftModel.from_pretrained(segpcl_fast.load_model({clf.model.name!r}, "
+              f"pretrained={clf.model.pretrained!r}).clip, {str(path)!r}) (or open_clip.create_model with that name "
+              f"and weights)")
         return 0
     check_export_path(args.output)  # before the model loads
     clf = load_classifier(args.source, task=args.task, overrides=args.overrides)

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -39,7 +41,8 @@ from ..fileio import unwritable_dir_reason
 from .lora import LoRABLinear, LoRAMultiheadAttention, LoRAPackedLinear
 
 ADAPTERS = (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention)
-PEFT_FIX = "pip install 'peft>=0.14' (peft adapts nn.MultiheadAttention from 0.14 on; or segpcl_fast's extra [peft])"
+PEFT_FIX = "pip install 'peft>=0.15' (peft adapts nn.MultiheadAttention from 0.15 on; or segpcl_fast's extra [peft])"
+BASE_MODEL_FILE = "segpcl_base_model.json"  # which open_clip model the adapter goes on (peft's config cannot say)
 
 
 def _outer_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -146,14 +149,28 @@ def _plain_clip(model: nn.Module) -> nn.Module:
     return model.clip if hasattr(model, "text_tower") and hasattr(model, "clip") else model
 
 
-def to_peft(model: nn.Module, adapter_name: str = "default"):
-    """A peft PeftModel over a copy of the plain open_clip model (of a CLIPModel: its .clip) with our
-    adapters in peft's layers: the same function, the same frozen base weights. `model` is left as it was."""
+def _import_peft():
+    """(peft, peft.tuners.lora.layer), or one ImportError: peft missing, or installed but failing to import."""
+    import importlib.util
+    if importlib.util.find_spec("peft") is None:
+        raise ImportError(f"a peft adapter needs peft: {PEFT_FIX}")
     try:
         import peft
         from peft.tuners.lora import layer as peft_lora_layer
-    except ImportError as e:
-        raise ImportError(f"to_peft needs peft: {PEFT_FIX}") from e
+    except Exception as e:  # a peft / transformers version mismatch raises all sorts
+        raise ImportError(f"peft is installed but fails to import ({type(e).__name__}: {e}): repair it, e.g. "
+                          f"{PEFT_FIX} with a transformers it supports") from e
+    return peft, peft_lora_layer
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)  # lora_alpha / r computed back from lora_alpha = s * r
+
+
+def to_peft(model: nn.Module, adapter_name: str = "default"):
+    """A peft PeftModel over a copy of the plain open_clip model (of a CLIPModel: its .clip) with our
+    adapters in peft's layers: the same function, the same frozen base weights. `model` is left as it was."""
+    peft, peft_lora_layer = _import_peft()
     clip = _plain_clip(model)
     if not _outer_adapters(clip):
         raise ValueError("to_peft: the model has no LoRA adapters (an export holds them merged into its weights): "
@@ -177,6 +194,8 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
             f"is set, as inject_lora sets it, it reads qkv.weight directly and never calls a peft layer on qkv, so the "
             f"adapter would be dropped on a freshly created model; export the merged weights instead, or use "
             f"lora.targets without q, k, v")
+    # peft's rank_pattern keys match as (.*\.)?KEY: the text tower's keys would also match the image tower's
+    # names, harmless while both towers' adapters have one arrangement (inject_lora's); the check below holds it
     with torch.random.fork_rng(devices=[]):  # peft draws its own lora_A init, which is then replaced
         base = copy.deepcopy(model)
         if getattr(base, "frozen_storage", None):
@@ -185,13 +204,13 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
         layers = peft_layers(base)
         rank = min(v["rank"] for v in layers.values())
         scaling = next(iter(layers.values()))["scaling"]
-        if any(v["scaling"] != scaling for v in layers.values()):
+        if not all(_same(v["scaling"], scaling) for v in layers.values()):
             raise ValueError("to_peft: the adapters have different scalings alpha / r; inject_lora gives one")
         unload_lora(base)
         names = sorted(layers)
         wider = {n: v["rank"] for n, v in layers.items() if v["rank"] != rank}
         config = peft.LoraConfig(
-            r=rank, lora_alpha=scaling * rank, lora_dropout=0.0, bias="none", init_lora_weights=False,
+            r=rank, lora_alpha=scaling * rank, lora_dropout=0.0, bias="none",
             target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$",
             rank_pattern={re.escape(n): r for n, r in wider.items()},
             alpha_pattern={re.escape(n): scaling * r for n, r in wider.items()})
@@ -204,20 +223,30 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
             if "out_A" in v:
                 pairs.append((peft_layer.get_base_layer().out_proj, v["out_A"], v["out_B"]))
             for target, a, b in pairs:
-                if target.r[adapter_name] != v["rank"] or target.scaling[adapter_name] != scaling:
+                if target.r[adapter_name] != v["rank"] or not _same(target.scaling[adapter_name], scaling):
                     raise RuntimeError(f"to_peft: peft {peft.__version__} gave {name} rank {target.r[adapter_name]} "
                                        f"and scaling {target.scaling[adapter_name]}, not {v['rank']} and {scaling}")
                 target.lora_A[adapter_name].weight.copy_(a)
                 target.lora_B[adapter_name].weight.copy_(b)
+    for module in wrapped.modules():  # peft's new layers in the mode of the layers they wrap (eval stays eval)
+        if isinstance(module, peft_lora_layer.LoraLayer):
+            module.train(module.get_base_layer().training)
+    wrapped.training = wrapped.base_model.training = inner.training  # the wrappers' own flags, not recursive
     return wrapped.requires_grad_(False)
 
 
 def check_adapter_directory(directory: Union[str, os.PathLike]) -> Path:
-    """The directory a peft adapter is written to, checked before any work: a new or empty folder
-    whose parent can be written (made when missing); else one error naming it and the fix."""
+    """The directory a peft adapter is written to, checked before any work: a new or empty folder (not a
+    symbolic link, not "." or "..") whose parent can be written (made when missing); else one error
+    naming it and the fix."""
     if not os.fspath(directory).strip():
         raise ValueError("a peft adapter needs a directory path, e.g. adapter/; got an empty one")
     directory = Path(directory)
+    if directory.name in ("", ".", ".."):
+        raise FileExistsError(f"{os.fspath(directory)!r} names no new folder: a peft adapter is written into a new (or "
+                              f"empty) directory; name one, e.g. {directory / 'adapter'}")
+    if directory.is_symlink():
+        raise FileExistsError(f"{directory} is a symbolic link: name a new directory, or the folder it points to")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise FileExistsError(f"{directory} already exists{'' if directory.is_dir() else ' as a file'}: a peft adapter "
                               f"is written into a new (or empty) directory; pick another or remove it")
@@ -227,20 +256,47 @@ def check_adapter_directory(directory: Union[str, os.PathLike]) -> Path:
     return directory
 
 
+def base_model_record(model: nn.Module) -> Optional[dict]:
+    """What `BASE_MODEL_FILE` holds for a CLIPModel: its open_clip name, pretrained weights and config
+    (None for a plain open_clip model, which names neither)."""
+    if not (hasattr(model, "clip") and hasattr(model, "name") and hasattr(model, "pretrained")):
+        return None
+    import open_clip
+
+    from ..version import __version__
+    return {"format": "segpcl_fast.peft_adapter/1", "segpcl_fast_version": __version__, "model_name": model.name,
+            "pretrained": model.pretrained, "model_config": open_clip.get_model_config(model.name),
+            "load_with": f"segpcl_fast.load_model({model.name!r}, pretrained={model.pretrained!r}).clip, or "
+                         f"open_clip.create_model with that name and weights"}
+
+
 def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default") -> Path:
     """Write the model's adapters as a peft adapter directory (peft's save_pretrained:
-    adapter_config.json, adapter_model.safetensors) at `directory`, a new or empty folder (its parents
-    made when missing); it appears whole or not at all (written beside it, then renamed)."""
+    adapter_config.json, adapter_model.safetensors; for a CLIPModel also BASE_MODEL_FILE, the open_clip
+    model it goes on) at `directory`, a new or empty folder (its parents made when missing); it appears
+    whole or not at all (written beside it, then renamed), and parents made for it go again on a failure."""
     directory = check_adapter_directory(directory)
     wrapped = to_peft(model, adapter_name)
+    record = base_model_record(model)
+    made = [p for p in (directory.parent, *directory.parent.parents) if not p.exists()]  # the nearest first
     directory.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
-        wrapped.save_pretrained(str(temp), selected_adapters=[adapter_name])
-        written = temp if adapter_name == "default" else temp / adapter_name  # peft nests named adapters
-        if directory.is_dir():
-            directory.rmdir()  # empty (checked above): os.replace needs the name free for a directory
-        os.replace(written, directory)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        temp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+        try:
+            wrapped.save_pretrained(str(temp), selected_adapters=[adapter_name])
+            written = temp if adapter_name == "default" else temp / adapter_name  # peft nests named adapters
+            if record is not None:
+                (written / BASE_MODEL_FILE).write_text(json.dumps(record, indent=1) + "\n")
+            if directory.is_dir():
+                directory.rmdir()  # empty (checked above): os.replace needs the name free for a directory
+            os.replace(written, directory)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+    except BaseException:
+        for folder in made:  # only the folders this call made, and only while they are empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     return directory

@@ -12,7 +12,8 @@ import torch
 
 from segpcl_fast.model.clip import load_model
 from segpcl_fast.model.lora import LoRABLinear, LoRAMultiheadAttention, inject_lora, lora_parameters
-from segpcl_fast.model.peft_adapter import peft_adds_out_proj_twice, save_peft_adapter, to_peft, unload_lora
+from segpcl_fast.model.peft_adapter import (BASE_MODEL_FILE, peft_adds_out_proj_twice, save_peft_adapter, to_peft,
+                                            unload_lora)
 
 peft = pytest.importorskip("peft")
 
@@ -43,12 +44,16 @@ def _inputs(model):
     return torch.randn(2, 3, size, size, generator=gen, dtype=torch.float64), model.tokenize(["a cat", "a red dog"])
 
 
-TARGETS = [["k", "v", "c_fc", "c_proj"], ["q"], ["c_fc"], ["q", "k", "v", "c_fc", "c_proj"]]
+TARGETS = [(["k", "v", "c_fc", "c_proj"], 2, 3.0), (["q"], 2, 3.0), (["c_fc"], 2, 3.0),
+           (["q", "k", "v", "c_fc", "c_proj"], 2, 3.0),
+           # alpha / r * 3r / 3r is not alpha / r in floating point: an exact check refused these (a review's finding)
+           (["q", "k", "v"], 1, 0.1), (["q", "k", "v", "c_fc"], 4, 0.7)]
 
 
-@pytest.mark.parametrize("targets", TARGETS, ids=lambda t: "-".join(t))
-def test_peft_model_computes_our_lora_model(base, targets):
-    model = _adapted(base, targets)
+@pytest.mark.parametrize("targets,rank,alpha", TARGETS, ids=lambda t: "-".join(t) if isinstance(t, list) else str(t))
+def test_peft_model_computes_our_lora_model(base, targets, rank, alpha):
+    model = _adapted(base, targets, rank=rank, alpha=alpha)
+    model.eval()
     x, tokens = _inputs(model)
     ours = _outputs(model.clip, x, tokens)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -61,6 +66,10 @@ def test_peft_model_computes_our_lora_model(base, targets):
     after = model.state_dict()  # the model given is left as it was
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert any(isinstance(m, (LoRABLinear, LoRAMultiheadAttention)) for m in model.modules())
+    # an eval model gives an eval PeftModel: peft's layers in the mode of the layers they wrap
+    assert not wrapped.training and not wrapped.base_model.training
+    lora_layers = [m for m in wrapped.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert lora_layers and not any(m.training for m in lora_layers)
 
 
 def test_written_adapter_loads_into_a_fresh_open_clip_model_with_peft(base, tmp_path):
@@ -73,7 +82,11 @@ def test_written_adapter_loads_into_a_fresh_open_clip_model_with_peft(base, tmp_
     assert out == tmp_path / "adapter" and {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary directory left
+    record = json.loads((out / BASE_MODEL_FILE).read_text())  # which open_clip model it goes on
+    assert record["model_name"] == base.name and record["pretrained"] is None
+    assert record["model_config"]["vision_cfg"]["width"] == 48
     config = json.loads((out / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True  # the config reused for new training starts at B = 0
     # attention: k and v, 2 slices of rank 3 -> peft rank 6 with lora_alpha 10 (scaling 5 / 3 kept)
     assert config["r"] == 3 and config["lora_alpha"] == pytest.approx(5.0)
     assert set(config["rank_pattern"].values()) == {6}
@@ -162,3 +175,44 @@ def test_errors_name_the_problem_and_write_nothing(base, tmp_path):
     assert (save_peft_adapter(model, empty) / "adapter_config.json").is_file()  # an empty directory is filled
     assert (save_peft_adapter(model, tmp_path / "new" / "deeper") / "adapter_config.json").is_file()  # parents made
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "new", "taken"]
+
+
+def test_paths_that_name_no_new_folder_are_refused_before_any_work(base, tmp_path, monkeypatch):
+    model = _adapted(base, ["c_fc"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "link").symlink_to(empty)
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    monkeypatch.chdir(empty)
+    for bad, message in ((".", "names no new folder"), ("..", "names no new folder"),
+                         (tmp_path / "link", "symbolic link"), (tmp_path / "broken", "symbolic link")):
+        with pytest.raises(FileExistsError, match=message):
+            save_peft_adapter(model, bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "link"] and not any(empty.iterdir())
+
+
+def test_a_failed_write_leaves_neither_the_adapter_nor_the_folders_made_for_it(base, tmp_path, monkeypatch):
+    model = _adapted(base, ["c_fc"])
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", interrupted)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        save_peft_adapter(model, tmp_path / "kept" / "new" / "deeper" / "adapter")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_broken_peft_install_is_named_as_broken_not_missing(tmp_path):
+    """A peft that fails to import (a transformers it does not support) is reported with its own error."""
+    import subprocess
+    import sys
+    fake = tmp_path / "site" / "peft"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('cannot import name X from transformers')\n")
+    code = ("from segpcl_fast.model.peft_adapter import _import_peft\n"
+            "try:\n    _import_peft()\nexcept ImportError as e:\n    print(e)\n")
+    import os
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "peft is installed but fails to import (RuntimeError: cannot import name X" in proc.stdout, proc.stderr
