@@ -192,6 +192,9 @@ class RunConfig:
     overwrite: bool = False
     progress: bool = True  # tqdm bars
     plots: bool = True
+    # TensorBoard event files in <output_dir>/tensorboard (per-step loss terms and lr, per-task accuracies;
+    # engine/tensorboard_log.py); needs the tensorboard package
+    tensorboard: bool = False
     max_steps_per_task: int = 0  # 0 = full epochs; >0 caps steps (smoke tests, profiling)
 
 

@@ -40,8 +40,8 @@ PathLike = Union[str, os.PathLike]
 # id; with 0 workers they come from the main process's); and, at rounding level, the keys that pick
 # how the arithmetic runs (run.device, run.ops, run.compile, run.tf32, run.num_threads, dpgd.batch_size). A run
 # resumed with other values is a valid run whose later tasks are not bit-identical to the uninterrupted one.
-RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.checkpoint",
-                 "run.num_threads", "run.compile", "run.tf32", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
+RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.tensorboard",
+                 "run.checkpoint", "run.num_threads", "run.compile", "run.tf32", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
                  "dpgd.batch_size", "data.expected_classes", "data.root", "data.frames_dir", "model.cache_dir",
                  *("data.names_file", "data.class_list", "data.split_file", "model.pretrained"))
 # ^ where the dataset's side files and the weights lie (a moved file, a path written relative to where

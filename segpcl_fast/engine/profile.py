@@ -256,6 +256,7 @@ def profile_training(cfg: Config, out_dir: str | os.PathLike, steps: int = 5, ro
     cfg = copy.deepcopy(cfg)
     cfg.run.max_steps_per_task = steps
     cfg.run.checkpoint, cfg.run.plots, cfg.run.progress, cfg.eval.fwt = False, False, False, False
+    cfg.run.tensorboard = False  # a profile writes its own files (the trace), not a run's curves
     trainer = Trainer(cfg, compile_settings=compile_settings, writes=False)  # its files go to out_dir
     on_gpu = _is_cuda(trainer.device)
     out = Path(out_dir) if trainer.dist.is_main else Path(out_dir) / f"rank{trainer.dist.rank}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from . import distributed as ddp
 from .loss_history import cls_chance_fraction, divergence_warning, epoch_means
 from .step_outcome import (ScalerSkips, StepOutcome, loss_nonfinite, make_grad_scaler, skips_nonfinite_on_device,
                            total_grad_norm, with_step_before)
+from .tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, check_tensorboard
 
 log = logging.getLogger("segpcl_fast.engine")
 # a run's progress (each task's accuracy, resumes, replaced runs): INFO on its own logger, which the CLI shows
@@ -384,6 +386,15 @@ class Trainer:
                "resume that" if self.cfg.run.resume else "pick another folder with -o (run.output_dir)")
         # before the data is indexed and weights load, not at the first file written; on every rank
         ddp.raise_on_every_rank(ConfigError(f"run.output_dir: {problem}; {fix}") if problem else None, self.dist)
+        self._tb: Optional[TensorBoardLog] = None  # run.tensorboard's writers, while run() trains (rank 0)
+        if writes and self.cfg.run.tensorboard:  # the same config on every rank: all call the collective or none
+            missing = None
+            if self.dist.is_main:
+                try:
+                    check_tensorboard()
+                except ConfigError as e:
+                    missing = e
+            ddp.raise_on_every_rank(missing, self.dist)
         self.device = self.dist.device(self.cfg.run.device) if self.dist.enabled else resolve_device(self.cfg.run.device)
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)
@@ -460,6 +471,7 @@ class Trainer:
         if not earlier:  # at most the config.yaml of a run that finished no task (a NaN, a bad file): replaced
             if (self.out / "config.yaml").exists():
                 self.log_fn(f"{self.out} holds the config of a run that finished no task: starting over there")
+                shutil.rmtree(self.out / TENSORBOARD_DIR, ignore_errors=True)  # its curves are not this run's
             return
         if not self.cfg.run.overwrite:
             refuse_earlier_run(self.out, earlier)
@@ -470,6 +482,7 @@ class Trainer:
         from ..report.run_report import REPORT_FILES
         for name in REPORT_FILES:  # results.json: else a later --resume could report the old run; the
             (self.out / name).unlink(missing_ok=True)  # plots: else they show it (run.plots=false, a crash)
+        shutil.rmtree(self.out / TENSORBOARD_DIR, ignore_errors=True)  # its curves, as its plots
         self.log_fn(f"run.overwrite: replacing the run in {self.out}")
 
     def _anchors_on_rank0(self) -> None:
@@ -602,6 +615,8 @@ class Trainer:
                 skips.note(done, parts, step, t, c, scaler)
             recorded = (step, done)
             losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
+            if self._tb is not None:
+                self._tb.log_step(parts, lr_at(step, total_steps, c))
             epochs.append(step // steps_per_epoch)
             if bar is not None:
                 bar.update(1)
@@ -820,6 +835,9 @@ class Trainer:
         try:
             return self._run()
         finally:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
             if getattr(self, "_lock", None) is not None:
                 ckpt.unlock_run_dir(self.out, self._lock)
                 self._lock = None
@@ -895,6 +913,8 @@ class Trainer:
             except Exception as e:  # noqa: BLE001  (whatever stops rank 0 here must stop every rank)
                 problem = e
         ddp.raise_on_every_rank(problem, self.dist)  # no rank trains into a run rank 0 refused
+        if main and c.run.tensorboard:  # a resume goes on after its finished tasks' steps
+            self._tb = TensorBoardLog(self.out, sum(i["timings"].get("steps", 0) for i in task_info), start)
         t_run = time.perf_counter()
         for t in range(start, T):
             if c.eval.fwt and t > 0:
@@ -908,6 +928,9 @@ class Trainer:
             acc_t = metrics.percent(sum(c[0] for c in counts), sum(c[-1] for c in counts))
             info["acc"] = acc_t
             task_info.append(info)
+            if self._tb is not None:
+                self._tb.log_task(t + 1, [metrics.percent(correct[t, j], totals[j]) for j in range(t + 1)], acc_t,
+                                  metrics.average([i["acc"] for i in task_info]))
             skipped = info["timings"].get("fp16_skipped_steps")
             self.log_fn(f"task {t + 1}/{T}: acc on seen classes {acc_t:.2f}%  "
                         f"(train {info['timings']['train_s']:.1f}s, stage1 {info['timings']['stage1_s']:.1f}s"
