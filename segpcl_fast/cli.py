@@ -671,7 +671,10 @@ def _configure_logging(verbose: bool, where: str) -> None:
 def _report_interrupt(args, e: KeyboardInterrupt) -> int:
     """Ctrl-C or SIGTERM: one line saying whether and how to resume; the exit status 130 or 143."""
     hint = ""
-    if hasattr(args, "resume") and getattr(args, "checkpointing", True):  # each finished task is checkpointed
+    nothing_kept = getattr(args, "func", None) is cmd_train and getattr(e, "tasks_on_disk", None) == 0
+    if hasattr(args, "resume") and getattr(args, "checkpointing", True) and nothing_kept:
+        hint = ": no task had finished, so no checkpoint was kept: the same command starts the run again from task 1"
+    elif hasattr(args, "resume") and getattr(args, "checkpointing", True):  # each finished task is checkpointed
         hint = ": continue after the last finished task with the same command and --resume"
     elif hasattr(args, "resume"):
         hint = ": run.checkpoint=false kept no checkpoint, so --resume would start again from task 1"
@@ -760,7 +763,16 @@ def _terminated_again(unraisable) -> None:
         again.daemon = True
         again.start()
         return
+    if _half_made_loader_iterator(unraisable):  # the interruption (or error) that stopped it is reported itself
+        return
     (_unraisable_before[-1] if _unraisable_before else sys.__unraisablehook__)(unraisable)
+
+
+def _half_made_loader_iterator(unraisable) -> bool:
+    """torch's multi-process DataLoader iterator whose __init__ was stopped part way (a SIGTERM while it starts
+    its workers) fails in __del__ on an attribute __init__ never set: a traceback after the one line."""
+    return (isinstance(unraisable.exc_value, AttributeError)
+            and getattr(unraisable.object, "__qualname__", "") == "_MultiProcessingDataLoaderIter.__del__")
 
 
 if __name__ == "__main__":

@@ -273,11 +273,17 @@ def _torch_before(major: int, minor: int) -> bool:
     return version < (major, minor)
 
 
-def local_batch_size(global_batch: int, world_size: int) -> int:
+def local_batch_size(global_batch: int, world_size: int, resume: bool = False) -> int:
+    """Each process's share of the global batch, which must divide evenly. On a resume the batch is the
+    run's (its checkpoints refuse another), so the fix named is the process count."""
     if global_batch % world_size:
         from ..config import ConfigError
+        divisors = [n for n in range(1, min(global_batch, 64) + 1) if global_batch % n == 0]
+        fix = (f"resume it on a process count that divides {global_batch} (--nproc_per_node: "
+               f"{', '.join(map(str, divisors))}): the run's batch size cannot change on a resume" if resume
+               else f"use a multiple of {world_size}")
         raise ConfigError(f"optim.batch_size={global_batch} (the global batch) must divide evenly over "
-                         f"{world_size} processes; use a multiple of {world_size}")
+                          f"{world_size} processes; {fix}")
     return global_batch // world_size
 
 

@@ -362,7 +362,8 @@ class Trainer:
         if dist is None:  # errors every rank meets alike, before the ranks join (the CLI prints them once)
             resolve_device(self.cfg.run.device)
             if trains:
-                ddp.local_batch_size(self.cfg.optim.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
+                ddp.local_batch_size(self.cfg.optim.batch_size, int(os.environ.get("WORLD_SIZE", "1")),
+                                     self.cfg.run.resume)
         self.dist = dist or ddp.DistContext.from_env(self.ddp_settings, self.cfg.run.device)
         self.log_fn = log_fn or (lambda msg: run_log.info(msg))
         if not self.dist.is_main:
@@ -376,7 +377,7 @@ class Trainer:
         self._learned_cls_fraction: Optional[float] = None
         self._said: set = set()  # the kinds of idle_setting_warnings logged so far (each once a run)
         if trains:
-            ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size)  # the global batch must divide
+            ddp.local_batch_size(self.cfg.optim.batch_size, self.dist.world_size, self.cfg.run.resume)  # must divide
         problem = None
         if writes and self.dist.is_main:  # the run folder, and its checkpoints/ where an earlier run made it
             checkpoints = self.out / ckpt.CHECKPOINT_DIR
@@ -406,10 +407,13 @@ class Trainer:
         ops.set_backend(self.cfg.run.ops)
         # run.tf32 on CUDA (where it is torch's switch), given back by run() as the backend is
         self._undo_tf32 = set_cuda_matmul_tf32(True) if run_tf32(self.cfg.run.tf32, self.device) else None
+        self.tasks_on_disk: Optional[int] = None  # finished tasks checkpointed (None: not known yet)
         try:
             self._build(compile_settings)
-        except BaseException:  # a bad data root, weights that do not load: no run() will give the backend back
+        except BaseException as e:  # a bad data root, weights that do not load: no run() will give the backend back
             self._give_back_process_state()
+            if isinstance(e, KeyboardInterrupt) and not self.cfg.run.resume:  # a new run: nothing of it on disk
+                e.tasks_on_disk = 0
             raise
 
     @property
@@ -615,7 +619,7 @@ class Trainer:
                 skips.note(done, parts, step, t, c, scaler)
             recorded = (step, done)
             losses.append(parts)  # {} where this rank had no images (torchrun, a short last batch)
-            if self._tb is not None:
+            if getattr(self, "_tb", None) is not None:  # (a Trainer built part way by a test has none)
                 self._tb.log_step(parts, lr_at(step, total_steps, c))
             epochs.append(step // steps_per_epoch)
             if bar is not None:
@@ -829,13 +833,26 @@ class Trainer:
                       loss_per_epoch=saved.get("loss_per_epoch", []), counts=saved.get("counts", {}),
                       run=saved.get("run", {}))
 
+    def _run_record(self, task_info: list[dict], trained: bool) -> dict:
+        """results.json "run": the processes and device that trained. A results.json rebuilt from the
+        checkpoints (nothing trained in this process) takes the world size of the last task's record
+        and names no device: this process's are not the run's."""
+        per_task = [info.get("world_size") for info in task_info]  # None: a checkpoint older than this record
+        if not trained:
+            return {"world_size": next((w for w in reversed(per_task) if w), None), "world_size_per_task": per_task}
+        return {"world_size": self.dist.world_size, "device": str(self.device), "world_size_per_task": per_task,
+                **({"tf32": cuda_matmul_tf32()} if self.device.type == "cuda" else {})}
+
     # ------------------------------------------------------------------ the run
     def run(self) -> Result:
         """Train (or resume) every task; rank 0 holds the output dir's run lock meanwhile."""
         try:
             return self._run()
+        except KeyboardInterrupt as e:  # the CLI's line says whether a --resume has anything to continue from
+            e.tasks_on_disk = getattr(self, "tasks_on_disk", None)
+            raise
         finally:
-            if self._tb is not None:
+            if getattr(self, "_tb", None) is not None:
                 self._tb.close()
                 self._tb = None
             if getattr(self, "_lock", None) is not None:
@@ -868,6 +885,7 @@ class Trainer:
         if c.run.resume:
             with ddp.failing_together(self.dist):  # a dangling checkpoints/last: one error, from rank 0
                 last = ckpt.find_last_checkpoint(self.out)
+        self.tasks_on_disk = 0 if c.run.resume else None  # a new run's: 0 once it has claimed the dir
         if last is not None:
             state = self.restore_checkpoint(last)
             correct = np.array(state["correct"], dtype=np.float64)
@@ -876,7 +894,7 @@ class Trainer:
             task_info = state["task_info"]
             for info in task_info:
                 self._note_learned(info)
-            start = state["task"] + 1
+            start = self.tasks_on_disk = state["task"] + 1
             ops.restore_choices(state.get("ops", {}))  # results.json "ops": the whole run's, not this part's
             self.log_fn(f"resumed from {last}: tasks 1..{start} done")
         # a finished run is its results, whichever task its last checkpoint holds: with run.checkpoint=false
@@ -903,6 +921,7 @@ class Trainer:
                 self._lock = ckpt.lock_run_dir(self.out)
                 if not c.run.resume:
                     self._claim_output_dir()
+                    self.tasks_on_disk = 0
                 for stale in ckpt.remove_stale_run_temps(self.out):  # a killed run's half-written files
                     log.info("removed %s, left by a run killed while writing", stale)
                 # resuming and overwriting are actions, not part of the run's config: a later `train --config
@@ -913,8 +932,9 @@ class Trainer:
             except Exception as e:  # noqa: BLE001  (whatever stops rank 0 here must stop every rank)
                 problem = e
         ddp.raise_on_every_rank(problem, self.dist)  # no rank trains into a run rank 0 refused
-        if main and c.run.tensorboard:  # a resume goes on after its finished tasks' steps
-            self._tb = TensorBoardLog(self.out, sum(i["timings"].get("steps", 0) for i in task_info), start)
+        # a resume goes on after its finished tasks' steps
+        self._tb = (TensorBoardLog(self.out, sum(i["timings"].get("steps", 0) for i in task_info), start)
+                    if main and c.run.tensorboard else None)
         t_run = time.perf_counter()
         for t in range(start, T):
             if c.eval.fwt and t > 0:
@@ -946,6 +966,7 @@ class Trainer:
                     "correct_own": correct_own.tolist(), "fwt_before": fwt_before, "task_info": task_info,
                     "ops": ops.choices_used(),
                 })
+                self.tasks_on_disk = t + 1
         self.holds_final_weights = True
         matrix = metrics.accuracy_matrix(correct, totals)
         acc = metrics.acc_per_task(correct, totals)
@@ -961,10 +982,7 @@ class Trainer:
                         loss_per_epoch=[i.get("loss_per_epoch", []) for i in task_info],
                         counts={"test_images": totals, "correct": _count_rows(correct),
                                 "correct_own": _count_rows(correct_own) if matrix_own is not None else []},
-                        run={"world_size": self.dist.world_size, "device": str(self.device),
-                             # each task's (None: a task from a checkpoint older than this record)
-                             "world_size_per_task": [info.get("world_size") for info in task_info],
-                             **({"tf32": cuda_matmul_tf32()} if self.device.type == "cuda" else {})})
+                        run=self._run_record(task_info, trained=start < T))
         if main:
             from ..report import write_run_report
             result.paths = write_run_report(result, self.out, plots=c.run.plots,

@@ -118,6 +118,10 @@ def test_global_batch_must_divide():
     with pytest.raises(ValueError, match="multiple of 3"):
         ddp.local_batch_size(128, 3)
     assert ddp.local_batch_size(128, 2) == 64
+    # a resume cannot change the batch (its checkpoints refuse another config): the process count is the fix
+    with pytest.raises(ValueError, match=r"resume it on a process count that divides 16 \(--nproc_per_node: "
+                                         r"1, 2, 4, 8, 16\)"):
+        ddp.local_batch_size(16, 3, resume=True)
 
 
 def _grad_sync_worker(rank, world, port, bucket_mb, as_view):

@@ -220,6 +220,13 @@ def test_resume_without_checkpoints_says_it_starts_from_task_1(tiny_model_name, 
     with pytest.raises(ConfigError, match="run.resume is set but .*typo does not exist: check run.output_dir"):
         train(small_config(tiny_model_name, tmp_path / "typo", num_tasks=1, resume=True))
     assert not (tmp_path / "typo").exists()
+    (tmp_path / "typo").mkdir()  # --resume with run.overwrite=true: the overwrite was dropped without a word
+    from segpcl_fast.cli import main
+    assert main(["train", "-o", str(tmp_path / "typo"), "--resume", "--set", "run.overwrite=true"]) == 2
+    with pytest.raises(ConfigError, match="run.resume and run.overwrite=true contradict each other"):
+        train(small_config(tiny_model_name, tmp_path / "typo", num_tasks=1, resume=True, overwrite=True))
+    assert not any((tmp_path / "typo").iterdir())
+    (tmp_path / "typo").rmdir()
     (tmp_path / "notes.txt").write_text("not a run")  # -o naming a file: said so, not "does not exist"
     with pytest.raises(ConfigError, match="notes.txt is a file, not a folder"):
         train(small_config(tiny_model_name, tmp_path / "notes.txt", num_tasks=1, resume=True))
@@ -316,6 +323,10 @@ def test_resume_of_a_finished_run_missing_its_last_checkpoint_says_how_to_retrai
     assert "run_s" not in rebuilt.timings and "run_s_from_task" not in rebuilt.timings
     assert rebuilt.timings["rebuilt_from_checkpoints"] is True and len(rebuilt.timings["tasks"]) == 2
     assert rebuilt.accuracy_matrix == again.accuracy_matrix
+    # the world size of the tasks' records, no device: the rebuilding process trained nothing (a review's
+    # finding: a torchrun of 3 rebuilding a 2-process run's file wrote world_size 3 and its own device)
+    assert rebuilt.run == {"world_size": 1, "world_size_per_task": [1, 1]}
+    assert json.loads((out / "results.json").read_text())["run"] == rebuilt.run
 
 
 def test_results_hold_the_counts_behind_the_matrix_and_what_ran_the_run(tiny_model_name, tmp_path):
@@ -1268,6 +1279,33 @@ def test_ctrl_c_in_train_is_one_line_saying_how_to_resume(monkeypatch, capsys):
                                        "would start again from task 1\n")
 
 
+def test_an_interrupt_before_any_task_finished_says_the_same_command_starts_over(tiny_model_name, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """A run stopped before its first checkpoint keeps nothing to resume from (--resume of a folder not yet made
+    was an error): the line says so; stopped after task 1's checkpoint, it names --resume (a review's finding)."""
+    from segpcl_fast.cli import main
+    tiny = ["--set", f"model.name={tiny_model_name}", "--set", "model.pretrained=null", "--set",
+            "data.max_train_per_class=2", "--set", "data.max_test_per_class=2", "--set", "data.num_tasks=2", "--set",
+            "optim.epochs=1", "--set", "dpgd.k_adv=2", "--set", "dpgd.k_seed=2", "--set", "run.progress=false"]
+    for task, hint in ((0, "no task had finished, so no checkpoint was kept: the same command starts the run again "
+                           "from task 1"),
+                       (1, "continue after the last finished task with the same command and --resume")):
+        crash_at_task(monkeypatch, task)
+        assert main(["train", "-o", str(tmp_path / f"run{task}"), *tiny]) == 130
+        monkeypatch.undo()
+        assert capsys.readouterr().err.endswith(f"segpcl-fast: interrupted: {hint}\n")
+    original = Trainer._build
+
+    def interrupted_while_loading(self, *args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "_build", interrupted_while_loading)  # before the run's folder exists
+    assert main(["train", "-o", str(tmp_path / "new"), *tiny]) == 130
+    assert capsys.readouterr().err.endswith("the same command starts the run again from task 1\n")
+    assert main(["train", "-o", str(tmp_path / "run1"), "--resume", *tiny]) == 130  # task 1's checkpoint is there
+    assert capsys.readouterr().err.endswith("with the same command and --resume\n")
+    monkeypatch.setattr(Trainer, "_build", original)
+
+
 def test_sigterm_is_an_interrupt_that_leaves_no_half_written_file(monkeypatch, capsys, tmp_path):
     """timeout, Slurm and torchrun stop a run with SIGTERM: the file being written is removed, the
     message says how to resume, the exit status is 128 + 15, and the caller's handler comes back."""
@@ -1321,6 +1359,25 @@ def test_a_sigterm_swallowed_where_python_cannot_raise_is_raised_again(monkeypat
     assert time.perf_counter() - started < 10
     assert capsys.readouterr().err == ONE_LINE
     assert sys.unraisablehook is hook
+
+
+def test_a_loader_iterator_stopped_while_starting_adds_no_traceback(monkeypatch, capsys):
+    """A SIGTERM while a multi-process DataLoader iterator starts its workers left it half made: its __del__
+    printed 'Exception ignored in ... no attribute _shutdown' after the one line (a review's finding)."""
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    def stopped_in_a_loader(cfg):
+        half_made = _MultiProcessingDataLoaderIter.__new__(_MultiProcessingDataLoaderIter)  # its __init__ cut off
+        del half_made  # its __del__ runs now: an unraisable AttributeError
+        raise KeyboardInterrupt
+    monkeypatch.setattr(segpcl_fast.api, "train", stopped_in_a_loader)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # Python's own, which prints (not pytest's)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["train", "-o", "unused"]) == 130
+    err = capsys.readouterr().err
+    assert err == "segpcl-fast: interrupted: continue after the last finished task with the same command and --resume\n"
 
 
 def test_a_second_sigterm_while_the_first_is_reported_is_ignored(monkeypatch, capsys):
