@@ -242,7 +242,11 @@ class ContinualClassifier:
         atomically: `peft.PeftModel.from_pretrained(segpcl_fast.load_model(name, pretrained).clip, directory)`
         is this model's open_clip model (model/peft_adapter.py). The class names, text embeddings and
         prototypes are not in it: `export` writes those."""
-        from .model.peft_adapter import save_peft_adapter
+        from .model.peft_adapter import check_adapter_directory, save_peft_adapter
+        try:
+            check_adapter_directory(directory)  # a path that cannot take it: one ClassifierError, as export's
+        except (OSError, ValueError) as e:
+            raise ClassifierError(str(e)) from e
         try:
             return save_peft_adapter(self.model, directory)
         except (ImportError, NotImplementedError, ValueError) as e:  # no peft, an arrangement peft cannot take

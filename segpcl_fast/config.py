@@ -854,8 +854,8 @@ def check_resume_dir(cfg: Config) -> None:
     the analyses that keep runs (ablate, sweep, retention, distill-sources) ask it before any run."""
     out = Path(cfg.run.output_dir)
     if cfg.run.resume and cfg.run.overwrite:  # the overwrite was dropped without a word (a review's finding)
-        raise ConfigError(f"run.resume and run.overwrite=true contradict each other: --resume continues what {out} "
-                          f"holds, run.overwrite replaces it; drop one of them")
+        raise ConfigError(f"run.resume (--resume) and run.overwrite=true contradict each other: resuming continues "
+                          f"what {out} holds, run.overwrite replaces it; drop one of them")
     if cfg.run.resume and out.exists() and not out.is_dir():
         raise ConfigError(f"run.resume is set but {out} is a file, not a folder: give -o (run.output_dir) the "
                           "folder the run (or the analysis) wrote, not a file in it")

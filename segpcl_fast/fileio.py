@@ -35,6 +35,17 @@ def chmod_like_open(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def chmod_tree_like_made(folder: str | os.PathLike) -> None:
+    """Give `folder`, its subfolders and files the modes mkdir() and open() would make them with (0o777 /
+    0o666 minus the umask): tempfile.mkdtemp's folders are 0o700, some writers' files 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def _fsync(path: str | os.PathLike) -> None:
     """fsync a file or folder by path (no-op where it cannot be opened for that, e.g. folders on Windows)."""
     try:

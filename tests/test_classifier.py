@@ -654,6 +654,9 @@ def test_cli_export_peft_writes_an_adapter_peft_loads_onto_the_plain_model(run, 
         assert not torch.allclose(plain.encode_image(images), emb, atol=1e-3)  # the adapters do change it
         loaded = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter"))  # wraps `plain` in place
         torch.testing.assert_close(loaded.base_model.model.encode_image(images), emb, atol=1e-5, rtol=1e-5)
+    for bad in (".", tmp_path / "taken"):  # one ClassifierError for a path that cannot take it, as export's
+        with pytest.raises(ClassifierError, match="names no new folder|new \\(or empty\\) directory"):
+            clf.save_peft_adapter(bad)
     exported = clf.export(tmp_path / "m.pt")
     with pytest.raises(ClassifierError, match="no LoRA adapters"):  # an export has them merged in
         load_classifier(exported).save_peft_adapter(tmp_path / "from_export")

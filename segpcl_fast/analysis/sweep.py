@@ -77,6 +77,10 @@ def depth_unbalanced(text: str) -> bool:
     return depth != 0 or quote is not None
 
 
+# run keys that change neither what a run trains nor how fast: sweeping them trains the same run again
+SHOWN_ONLY = ("run.progress", "run.plots", "run.tensorboard", "run.checkpoint", "run.overwrite", "run.resume")
+
+
 def parse_axes(specs: AxesSpec) -> dict[str, list[Any]]:
     """{key: [values]} from ["dpgd.k_adv=5,10", ...] (CLI) or a dict {key: [values] or value}."""
     axes: dict[str, list[Any]] = {}
@@ -100,6 +104,10 @@ def parse_axes(specs: AxesSpec) -> dict[str, list[Any]]:
             raise ConfigError(f"sweep key '{key}' has no values")
     if "run.output_dir" in axes:
         raise ConfigError("run.output_dir cannot be swept: every point gets <output_dir>/<point>/seed<s>")
+    shown = [key for key in SHOWN_ONLY if len(axes.get(key, ())) > 1]
+    if shown:  # its points would train the same run, and the same speed
+        raise ConfigError(f"sweep key '{shown[0]}' has values {axes[shown[0]]}, but it changes only what a run shows "
+                          f"or keeps, not what it trains: its points would be the same run; give it one value")
     return axes
 
 

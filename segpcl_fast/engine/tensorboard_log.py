@@ -9,12 +9,13 @@
                                      accuracies so far: the paper's Avg once the run ends), x = tasks learned
 
 `tensorboard --logdir runs/` shows several runs side by side. A resumed run writes on into the same
-folders and drops what its killed part wrote after the last checkpoint (SummaryWriter's purge_step), so
-the curves hold each step once.
+folders and drops what its killed part wrote after the last checkpoint (SummaryWriter's purge_step; a
+resume with no finished task starts the curves over), so the curves hold each step once.
 """
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -31,32 +32,43 @@ def check_tensorboard() -> None:
 
 
 class TensorBoardLog:
-    """The two writers of a run; `steps_done` / `tasks_done`: what the run has already written (a resume's
-    start), from which each writer goes on."""
+    """The two writers of a run, each made at its first scalar (a run that trains no step, zeroshot, gets no
+    steps/ file); `steps_done` / `tasks_done`: what the run has already written (a resume's start), from which
+    each writer goes on. A run that starts at task 1 (a new one, or a resume with no finished task) starts
+    without curves: the killed part's are removed."""
 
     def __init__(self, out: Path, steps_done: int, tasks_done: int):
-        from torch.utils.tensorboard import SummaryWriter
-        root = Path(out) / TENSORBOARD_DIR
-        self.steps = SummaryWriter(str(root / "steps"), purge_step=steps_done or None)
-        self.tasks = SummaryWriter(str(root / "tasks"), purge_step=(tasks_done + 1) if tasks_done else None)
+        self.root = Path(out) / TENSORBOARD_DIR
+        if not tasks_done:
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.purge = {"steps": steps_done or None, "tasks": (tasks_done + 1) if tasks_done else None}
+        self.writers: dict = {}
         self.step = steps_done  # the next step's x
+
+    def _writer(self, name: str):
+        if name not in self.writers:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writers[name] = SummaryWriter(str(self.root / name), purge_step=self.purge[name])
+        return self.writers[name]
 
     def log_step(self, parts: Mapping[str, float], lr: float) -> None:
         """One training step's loss terms ({} where this rank had no images) and learning rate."""
+        steps = self._writer("steps")
         for term, value in parts.items():
-            self.steps.add_scalar(f"loss/{term}", value, self.step)
-        self.steps.add_scalar("lr", lr, self.step)
+            steps.add_scalar(f"loss/{term}", value, self.step)
+        steps.add_scalar("lr", lr, self.step)
         self.step += 1
 
     def log_task(self, tasks_learned: int, per_task: Sequence[float], seen: float, avg: float) -> None:
         """After task `tasks_learned` (1-based): each learned task's accuracy (%), all seen classes', the Avg."""
+        tasks = self._writer("tasks")
         for j, acc in enumerate(per_task):
-            self.tasks.add_scalar(f"accuracy/task_{j + 1:02d}", acc, tasks_learned)
-        self.tasks.add_scalar("accuracy/seen_classes", seen, tasks_learned)
-        self.tasks.add_scalar("accuracy/avg", avg, tasks_learned)
-        self.steps.flush()  # a task's curves on disk at its end (SummaryWriter flushes every 2 minutes)
-        self.tasks.flush()
+            tasks.add_scalar(f"accuracy/task_{j + 1:02d}", acc, tasks_learned)
+        tasks.add_scalar("accuracy/seen_classes", seen, tasks_learned)
+        tasks.add_scalar("accuracy/avg", avg, tasks_learned)
+        for writer in self.writers.values():  # a task's curves on disk at its end (SummaryWriter: every 2 min)
+            writer.flush()
 
     def close(self) -> None:
-        self.steps.close()
-        self.tasks.close()
+        for writer in self.writers.values():
+            writer.close()

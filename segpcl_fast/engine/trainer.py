@@ -412,7 +412,8 @@ class Trainer:
             self._build(compile_settings)
         except BaseException as e:  # a bad data root, weights that do not load: no run() will give the backend back
             self._give_back_process_state()
-            if isinstance(e, KeyboardInterrupt) and not self.cfg.run.resume:  # a new run: nothing of it on disk
+            # a new run: nothing of it on disk (run.overwrite: the run it replaces is still there, not yet removed)
+            if isinstance(e, KeyboardInterrupt) and not (self.cfg.run.resume or self.cfg.run.overwrite):
                 e.tasks_on_disk = 0
             raise
 
@@ -934,7 +935,7 @@ class Trainer:
         ddp.raise_on_every_rank(problem, self.dist)  # no rank trains into a run rank 0 refused
         # a resume goes on after its finished tasks' steps
         self._tb = (TensorBoardLog(self.out, sum(i["timings"].get("steps", 0) for i in task_info), start)
-                    if main and c.run.tensorboard else None)
+                    if main and c.run.tensorboard and start < T else None)
         t_run = time.perf_counter()
         for t in range(start, T):
             if c.eval.fwt and t > 0:

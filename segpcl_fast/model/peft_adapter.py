@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fileio import unwritable_dir_reason
+from ..fileio import chmod_tree_like_made, unwritable_dir_reason
 from .lora import LoRABLinear, LoRAMultiheadAttention, LoRAPackedLinear
 
 ADAPTERS = (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention)
@@ -287,6 +287,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike], adap
             written = temp if adapter_name == "default" else temp / adapter_name  # peft nests named adapters
             if record is not None:
                 (written / BASE_MODEL_FILE).write_text(json.dumps(record, indent=1) + "\n")
+            chmod_tree_like_made(written)  # readable as any folder made here (mkdtemp's is private)
             if directory.is_dir():
                 directory.rmdir()  # empty (checked above): os.replace needs the name free for a directory
             os.replace(written, directory)

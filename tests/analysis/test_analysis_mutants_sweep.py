@@ -30,6 +30,14 @@ def test_unbalanced_values_are_refused(text):
         split_values(text)
 
 
+def test_keys_that_change_only_what_a_run_shows_are_no_axis():
+    """run.tensorboard=true,false trained the same run twice without a word (a review's finding); one value is fine."""
+    for key in ("run.tensorboard", "run.plots", "run.checkpoint"):
+        with pytest.raises(ConfigError, match=f"sweep key '{key}' has values .* changes only what a run shows"):
+            parse_axes([f"{key}=true,false"])
+        assert parse_axes([f"{key}=false", "dpgd.k_adv=5,10"])[key] == [False]
+
+
 def test_parse_axes_dict_form_and_spaces():
     axes = parse_axes({"optim.lr": (1e-3, 1e-4), "dpgd.k_adv": 5, "lora.targets": [["k", "v"]]})
     assert axes == {"optim.lr": [1e-3, 1e-4], "dpgd.k_adv": [5], "lora.targets": [["k", "v"]]}

@@ -93,3 +93,33 @@ def test_without_the_tensorboard_package_the_run_is_refused_before_anything_load
     with pytest.raises(ConfigError, match="run.tensorboard=true .* needs the tensorboard package: pip install"):
         Trainer(small_config(tiny_model_name, tmp_path / "run", tensorboard=True))
     assert not built and not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_no_finished_task_starts_the_curves_over(tiny_model_name, tmp_path, monkeypatch):
+    """Killed in task 1, --resume starts at task 1 again: the killed part's steps were kept beside the new ones
+    (purge_step had nothing to purge from: a review's finding)."""
+    from segpcl_fast.engine.tensorboard_log import TensorBoardLog
+    original = TensorBoardLog.log_step
+
+    def killed_at_step_2(self, parts, lr):
+        original(self, parts, lr)
+        if self.step == 2:
+            raise KeyboardInterrupt("simulated crash")
+    monkeypatch.setattr(TensorBoardLog, "log_step", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_model_name, tmp_path / "run", tensorboard=True))
+    monkeypatch.undo()
+    assert [s for s, _ in _scalars(tmp_path / "run" / "tensorboard" / "steps")["lr"]] == [0, 1]
+    result = train(small_config(tiny_model_name, tmp_path / "run", tensorboard=True, resume=True))
+    total = sum(_expected_steps(result, small_config(tiny_model_name, tmp_path / "x"))[0])
+    assert [s for s, _ in _scalars(tmp_path / "run" / "tensorboard" / "steps")["lr"]] == list(range(total))
+    files = sorted((tmp_path / "run" / "tensorboard").rglob("events.*"))
+    train(small_config(tiny_model_name, tmp_path / "run", tensorboard=True, resume=True))  # finished: nothing trains
+    assert sorted((tmp_path / "run" / "tensorboard").rglob("events.*")) == files  # and no new, empty event files
+
+
+def test_a_run_without_training_steps_writes_no_step_curves(tiny_model_name, tmp_path):
+    result = train(small_config(tiny_model_name, tmp_path / "run", tensorboard=True, method="zeroshot"))
+    assert not (tmp_path / "run" / "tensorboard" / "steps").exists()
+    tasks = _scalars(tmp_path / "run" / "tensorboard" / "tasks")
+    np.testing.assert_allclose([v for _, v in tasks["accuracy/seen_classes"]], result.acc_per_task, rtol=1e-6)

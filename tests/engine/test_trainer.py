@@ -223,7 +223,7 @@ def test_resume_without_checkpoints_says_it_starts_from_task_1(tiny_model_name, 
     (tmp_path / "typo").mkdir()  # --resume with run.overwrite=true: the overwrite was dropped without a word
     from segpcl_fast.cli import main
     assert main(["train", "-o", str(tmp_path / "typo"), "--resume", "--set", "run.overwrite=true"]) == 2
-    with pytest.raises(ConfigError, match="run.resume and run.overwrite=true contradict each other"):
+    with pytest.raises(ConfigError, match=r"run.resume \(--resume\) and run.overwrite=true contradict each other"):
         train(small_config(tiny_model_name, tmp_path / "typo", num_tasks=1, resume=True, overwrite=True))
     assert not any((tmp_path / "typo").iterdir())
     (tmp_path / "typo").rmdir()
@@ -1303,6 +1303,9 @@ def test_an_interrupt_before_any_task_finished_says_the_same_command_starts_over
     assert capsys.readouterr().err.endswith("the same command starts the run again from task 1\n")
     assert main(["train", "-o", str(tmp_path / "run1"), "--resume", *tiny]) == 130  # task 1's checkpoint is there
     assert capsys.readouterr().err.endswith("with the same command and --resume\n")
+    # run.overwrite stopped while loading: the run it replaces is still there, so not "no checkpoint was kept"
+    assert main(["train", "-o", str(tmp_path / "run1"), "--set", "run.overwrite=true", *tiny]) == 130
+    assert "no checkpoint was kept" not in capsys.readouterr().err
     monkeypatch.setattr(Trainer, "_build", original)
 
 

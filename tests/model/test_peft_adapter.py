@@ -82,6 +82,11 @@ def test_written_adapter_loads_into_a_fresh_open_clip_model_with_peft(base, tmp_
     assert out == tmp_path / "adapter" and {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary directory left
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes a folder (mkdtemp's was 0o700)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())  # safetensors wrote 0o600
     record = json.loads((out / BASE_MODEL_FILE).read_text())  # which open_clip model it goes on
     assert record["model_name"] == base.name and record["pretrained"] is None
     assert record["model_config"]["vision_cfg"]["width"] == 48
