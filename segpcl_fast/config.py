@@ -64,7 +64,8 @@ class LoRAConfig:
 
 @dataclass
 class DataConfig:
-    # "synthetic" (offline world), "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101"
+    # "synthetic" (offline world), "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101", or
+    # "imagefolder" (any dataset in torchvision ImageFolder's layout, data/imagefolder.py)
     dataset: str = "synthetic"
     root: Optional[str] = None
     num_tasks: int = 10
@@ -86,12 +87,13 @@ class DataConfig:
     # (0 = source-like style, 1 = full shift); 0.35, chosen in RESULTS.md (synthetic.SHIFT_STRENGTH reads it)
     synthetic_shift: float = 0.35
     # format-specific options (see segpcl_fast/data/*.py)
-    names_file: Optional[str] = None  # wnid -> name mapping (ImageNet-R README.txt, LOC_synset_mapping.txt, JSON)
+    # wnid -> name mapping (ImageNet-R README.txt, LOC_synset_mapping.txt, JSON); imagefolder: folder -> name
+    names_file: Optional[str] = None
     class_list: Optional[str] = None  # ImageNet-Subset: file of wnids (default <root>/imagenet100.txt)
     frames_dir: Optional[str] = None  # UCF101: folder of middle frames / frame folders (auto-detected)
     official_split: int = 1  # UCF101: which of its three official train / test splits (trainlist0N / testlist0N)
-    split_seed: int = 0  # ImageNet-R: seeded per-class train/test split when no split files exist
-    test_fraction: float = 0.2  # ImageNet-R: test share of the seeded split
+    split_seed: int = 0  # ImageNet-R, imagefolder: seeded per-class train/test split when no split is given
+    test_fraction: float = 0.2  # ImageNet-R, imagefolder: test share of the seeded split
     # ImageNet-R: train/test split file in RAPF's format (a line 'train', then '<wnid>/<file>.jpg'
     # lines, a line 'test', then its lines); None = auto-detect (see data/imagenet_r.py)
     split_file: Optional[str] = None
@@ -308,7 +310,8 @@ WEIGHT_RULES = ("relu_cos", "uniform")  # method/prototypes.py WEIGHT_RULES
 MAX_ACGD_TAU = 1000.0
 LORA_TARGETS = ("q", "k", "v", "out", "c_fc", "c_proj")  # model/lora.py VALID_TARGETS
 LORA_TOWERS = ("visual", "text")  # model/lora.py VALID_TOWERS
-DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101")  # data/build.py
+DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101",  # data/build.py
+            "imagefolder")
 CLASS_ORDERS = ("seeded", "natural")  # data/protocol.py (or an explicit list)
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")  # model/clip.py PREPROCESS_KEYS
 RESIZE_MODES = ("shortest", "longest", "squash")  # data/transforms.py RESIZE_MODES

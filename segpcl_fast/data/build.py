@@ -5,7 +5,8 @@ config without them keeps the defaults): names_file (wnid -> name mapping, Image
 ImageNet-Subset), class_list (ImageNet-Subset wnids or PODNet train_100.txt; default
 <root>/imagenet100.txt, then <root>/train_100.txt),
 frames_dir and official_split (UCF101: its split 1, 2 or 3), split_seed / test_fraction (ImageNet-R 80/20 split, default 0 / 0.2),
-split_file (ImageNet-R, RAPF's sectioned train/test file).
+split_file (ImageNet-R, RAPF's sectioned train/test file); imagefolder (any dataset in ImageFolder's layout)
+reads names_file ({folder: name}), split_seed and test_fraction.
 data_cfg.expected_classes (set by the benchmark presets) must match the classes found.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from .base import ClassDataset, ClassSubset, DatasetFormatError
 
-DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101")
+DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101", "imagefolder")
 CAP_SEED = 0  # seed of the per-class caps (max_train_per_class / max_test_per_class)
 
 
@@ -64,6 +65,10 @@ def _read(data_cfg, train_transform: Optional[Callable], test_transform: Optiona
         from .ucf101 import load_ucf101
         return load_ucf101(root, train_transform, test_transform, frames_dir=opt("frames_dir"),
                            split=opt("official_split") or 1)
+    if name == "imagefolder":
+        from .imagefolder import load_imagefolder
+        return load_imagefolder(root, train_transform, test_transform, names_file=opt("names_file"),
+                                split_seed=opt("split_seed", 0), test_fraction=opt("test_fraction", 0.2))
     raise DatasetFormatError(f"unknown data.dataset {name!r}; known: {list(DATASETS)}")
 
 
