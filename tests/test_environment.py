@@ -113,7 +113,7 @@ def test_gpu_machine_text_names_devices_and_missing_fast_paths():
                                  "multiprocessors": 132}]},
            "triton": {"installed": False, "version": None, "interpreter": False, "import_error": None},
            "extension": {"built": True, "cuda": False, "error": None, "path": "/x/_C.so"},
-           "optional": {"apex_fused_sgd": False, "xformers": True, "scikit_learn": None},
+           "optional": {"apex_fused_sgd": False, "xformers": True, "scikit_learn": None, "tensorboard": None},
            "ops_backend": "auto",
            "op_paths": {"cpu": op_paths("cpu"), "cuda": {**op_paths("cpu"), "attention (no mask)": "xformers"}},
            "environment_variables": {}}

@@ -437,13 +437,14 @@ def test_environment_dict_in_process(monkeypatch):
     fake_triton = {"installed": True, "version": "9.9", "interpreter": False, "import_error": None}
     monkeypatch.setattr(envmod, "_triton", lambda: fake_triton)
     real = envmod._dist_version
-    monkeypatch.setattr(envmod, "_dist_version", lambda name: "1.5.2" if name == "scikit-learn" else real(name))
+    monkeypatch.setattr(envmod, "_dist_version", lambda name: {"scikit-learn": "1.5.2", "tensorboard": None}.get(
+        name, real(name)) if name in ("scikit-learn", "tensorboard") else real(name))
     env = envmod.environment()
     json.dumps(env, allow_nan=False)
     assert env["versions"]["peft"] == real("peft") and env["versions"]["torch"] == real("torch")
     assert env["cpu_threads"] == torch.get_num_threads()
     assert env["triton"] is fake_triton
-    assert env["optional"] == {"apex_fused_sgd": False, "xformers": False, "scikit_learn": "1.5.2"}
+    assert env["optional"] == {"apex_fused_sgd": False, "xformers": False, "scikit_learn": "1.5.2", "tensorboard": None}
     from segpcl_fast.ops import _ext
     assert env["extension"]["path"] == getattr(_ext._C, "__file__", None)
     if not torch.cuda.is_available():
@@ -472,7 +473,7 @@ def _env(**kw):
            "cuda": {"available": False, "torch_built_with": None, "torch_arch_list": [], "devices": []},
            "triton": {"installed": True, "version": "3.1", "interpreter": False, "import_error": "ImportError: boom"},
            "extension": {"built": False, "cuda": False, "error": "no _C here", "path": None},
-           "optional": {"apex_fused_sgd": False, "xformers": True, "scikit_learn": "1.5"},
+           "optional": {"apex_fused_sgd": False, "xformers": True, "scikit_learn": "1.5", "tensorboard": None},
            "ops_backend": "auto",
            "op_paths": {"cpu": {"pgd_step": "reference", "anchor_kl": "error: needs TRITON_INTERPRET=1",
                                 "lora_b_linear (B frozen)": "merged"}},
@@ -488,7 +489,7 @@ def test_format_environment_cpu_exact_text():
         "no CUDA device (torch built with CUDA -); cpu: 2 threads",
         "triton 3.1: import fails: ImportError: boom",
         "extension segpcl_fast._C: not built (no _C here); LoRA runs in plain PyTorch",
-        "apex FusedSGD: no   xformers: yes   scikit-learn: 1.5",
+        "apex FusedSGD: no   xformers: yes   scikit-learn: 1.5   tensorboard: no",
         "",
         "op paths under ops backend 'auto' (run.ops / SEGPCL_OPS):",
         "  op                        cpu",
@@ -513,9 +514,12 @@ def test_format_environment_states():
         extension={"built": True, "cuda": True, "error": None, "path": "/x/_C.so"})
     assert "extension segpcl_fast._C: CPU kernels, no CUDA kernels (/x/_C.so)" in text(
         extension={"built": True, "cuda": False, "error": None, "path": "/x/_C.so"})
-    assert "scikit-learn: no" in text(optional={"apex_fused_sgd": True, "xformers": False, "scikit_learn": None})
+    assert "scikit-learn: no   tensorboard: no" in text(
+        optional={"apex_fused_sgd": True, "xformers": False, "scikit_learn": None, "tensorboard": None})
+    assert "tensorboard: 2.21.0" in text(
+        optional={"apex_fused_sgd": True, "xformers": False, "scikit_learn": None, "tensorboard": "2.21.0"})
     assert "apex FusedSGD: yes   xformers: no" in text(
-        optional={"apex_fused_sgd": True, "xformers": False, "scikit_learn": None})
+        optional={"apex_fused_sgd": True, "xformers": False, "scikit_learn": None, "tensorboard": None})
     assert text(environment_variables={"A_X": "1", "SEGPCL_OPS": "cpp"}).endswith("\nenvironment: A_X=1 SEGPCL_OPS=cpp")
     assert "hint" not in text()  # no GPU here: nothing to install
 

@@ -187,6 +187,7 @@ def _optional_packages() -> dict:
     from ..engine import accel
     found = accel.available()
     found["scikit_learn"] = _dist_version("scikit-learn")
+    found["tensorboard"] = _dist_version("tensorboard")  # run.tensorboard
     return found
 
 
@@ -256,7 +257,7 @@ def format_environment(env: dict) -> str:
         lines.append(f"extension segpcl_fast._C: not built ({ext['error']}); LoRA runs in plain PyTorch")
     opt = env["optional"]
     lines.append(f"apex FusedSGD: {_yes(opt['apex_fused_sgd'])}   xformers: {_yes(opt['xformers'])}   "
-                 f"scikit-learn: {opt['scikit_learn'] or 'no'}")
+                 f"scikit-learn: {opt['scikit_learn'] or 'no'}   tensorboard: {opt['tensorboard'] or 'no'}")
     devices = list(env["op_paths"])
     lines.append(f"\nop paths under ops backend '{env['ops_backend']}' (run.ops / SEGPCL_OPS):")
     width = max(len(op) for op in env["op_paths"][devices[0]])
