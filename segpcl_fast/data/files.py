@@ -378,14 +378,14 @@ def find_presplit(candidates: Sequence[Path]) -> Optional[tuple[Path, Path]]:
 
 def read_presplit(train_dir: Path, test_dir: Path, classes: Sequence[str], dataset: str, layout: str,
                   entries: Callable[[Path], list[Path]] = list_images,
-                  spellings: Callable[[str], Sequence[str]] = lambda c: [c], classes_from: str = "train/'s classes"
-                  ) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]]:
+                  spellings: Callable[[str], Sequence[str]] = lambda c: [c], classes_from: str = "train/'s classes",
+                  in_both: Optional[Callable] = None) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]]:
     """((train paths, labels), (test paths, labels)) of a pre-split copy: class c's samples are `entries` of its
     folder in train_dir and in test_dir, label = c's index in `classes`. A class's folder is the first of
     `spellings(c)` present, in any case (UCF101's 'ApplyEyeMakeup' / 'Apply_Eye_Makeup'). A folder that is no
     class's (in train/ or test/; `classes_from` says where the classes come from), a class without a train/
     folder or without training images, and a sample in both splits (the same class and file name: a copy made
-    by copying the same files twice) are errors."""
+    by copying the same files twice; `in_both` may test otherwise) are errors."""
     def folders(split_dir: Path) -> tuple[dict[int, Path], list[str]]:
         present = {name.lower(): name for name in class_folder_names(split_dir)}
         found = {}
@@ -420,10 +420,10 @@ def read_presplit(train_dir: Path, test_dir: Path, classes: Sequence[str], datas
     if empty:
         raise format_error(dataset, f"{len(empty)} class folders of '{train_dir}' hold no images, e.g. {empty[:5]}",
                            layout, "copy the images of every class (or remove the empty folders)")
-    both = images_in_both(split[0], split[1])
+    both = (in_both or images_in_both)(split[0], split[1])
     if both:
         raise format_error(dataset, f"{len(both)} images are in both '{train_dir}' and '{test_dir}' (the same "
-                                    f"<class>/<file name>), e.g. '{both[0]}'", layout,
+                                    f"{'file' if in_both else '<class>/<file name>'}), e.g. '{both[0]}'", layout,
                            "put each image in one split only")
     return split[0], split[1]
 

@@ -99,3 +99,78 @@ def test_a_run_on_an_imagefolder_tree_trains_and_evaluates(tiny_model_name, tmp_
     result = train(cfg)
     assert len(result.acc_per_task) == 2
     assert evaluate(tmp_path / "run")["acc"] == pytest.approx(result.acc_per_task[-1])
+
+
+def test_what_torchvision_reads_is_read_nested_folders_and_its_extensions_too(tmp_path):
+    """Images below sub-folders and torchvision's other extensions (tif, ppm, pgm, upper case) were skipped
+    without a word (a review's finding): the samples now equal ImageFolder's."""
+    from PIL import Image
+    root = tmp_path / "ds"
+    for c, folder in enumerate(["cat", "dog"]):
+        for split in ("train", "test"):
+            write_image(root / split / folder / "a.jpg", _colour(c, 0))
+            write_image(root / split / folder / "views" / "b.PNG", _colour(c, 1))
+            Image.new("RGB", (8, 8), _colour(c, 2)).save(root / split / folder / "c.tif")
+            Image.new("L", (8, 8), 40).save(root / split / folder / "views" / "d.pgm")
+            (root / split / folder / "notes.txt").write_text("not an image")
+    train, test = load_imagefolder(str(root))
+    for ds, split in ((train, "train"), (test, "test")):
+        peer = ImageFolder(str(root / split))
+        assert [p for p, _ in peer.samples] == ds.paths and peer.targets == ds.targets and len(ds) == 8
+
+
+def test_splits_numbered_apart_and_split_folders_in_any_case(tmp_path):
+    """train/cat/00000.jpg beside test/cat/00000.jpg (a split numbered apart) was refused as one image in both
+    splits; only the same file in both is. Train/ + Test/ (or valid/) are a split too (a review's finding)."""
+    root = tmp_path / "ds"
+    for c, folder in enumerate(["cat", "dog"]):
+        for i in range(2):
+            write_image(root / "Train" / folder / f"{i:05d}.jpg", _colour(c, i))
+            write_image(root / "valid" / folder / f"{i:05d}.jpg", _colour(c, i + 2))
+    train, test = load_imagefolder(str(root))
+    assert len(train) == len(test) == 4 and "/valid/" in test.paths[0]
+    (root / "valid" / "cat" / "same.jpg").symlink_to(root / "Train" / "cat" / "00000.jpg")
+    with pytest.raises(DatasetFormatError, match="1 images are in both .* \\(the same file\\)"):
+        load_imagefolder(str(root))
+
+
+def test_layouts_that_are_not_one_name_the_fix(tmp_path):
+    only_train = tmp_path / "only_train"
+    for folder in ("cat", "dog"):
+        write_image(only_train / "train" / folder / "a.jpg", (1, 2, 3))
+    with pytest.raises(DatasetFormatError, match="holds train/ but no test folder of class folders beside it"):
+        load_imagefolder(str(only_train))
+    above = tmp_path / "above"
+    make_tree(above / "ds")  # data.root one level above the dataset
+    with pytest.raises(DatasetFormatError, match=f"set data.root={above / 'ds'}"):
+        load_imagefolder(str(above))
+    flat_above = tmp_path / "flat_above"
+    make_tree(flat_above / "ds", split=False)
+    with pytest.raises(DatasetFormatError, match=f"set data.root={flat_above / 'ds'}"):
+        load_imagefolder(str(flat_above))
+    lone = make_tree(tmp_path / "lone", split=False)
+    write_image(lone / "unicorn" / "only.jpg", (1, 2, 3))
+    with pytest.raises(DatasetFormatError, match="holds 1 image .* the seeded split needs two or more"):
+        load_imagefolder(str(lone))
+
+
+def test_names_files_with_spaces_a_byte_order_mark_and_composed_or_decomposed_names(tmp_path):
+    import unicodedata
+    root = tmp_path / "ds"
+    for c, folder in enumerate(["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]):
+        for i in range(2):
+            write_image(root / "train" / folder / f"{i}.jpg", _colour(c, i))
+            write_image(root / "test" / folder / f"{i}.jpg", _colour(c, i))
+    (tmp_path / "names.txt").write_text("AM General Hummer SUV 2000\tHummer\nAcura RL Sedan 2012\tAcura RL\n")
+    assert load_imagefolder(str(root), names_file=str(tmp_path / "names.txt"))[0].class_names == ["Hummer", "Acura RL"]
+    (tmp_path / "names.json").write_text(json.dumps({"AM General Hummer SUV 2000": "a", "Acura RL Sedan 2012": "b"}),
+                                         encoding="utf-8-sig")  # Notepad's byte-order mark
+    assert load_imagefolder(str(root), names_file=str(tmp_path / "names.json"))[0].class_names == ["a", "b"]
+    splits = []
+    for form in ("NFC", "NFD"):  # a copy made on macOS spells café decomposed: it splits as the composed copy
+        flat = tmp_path / form
+        for name in ("café", "tea"):
+            for i in range(10):
+                write_image(flat / unicodedata.normalize(form, name) / f"{i}.jpg", (i, 2, 3))
+        splits.append([p.rsplit("/", 1)[1] for p in load_imagefolder(str(flat))[1].paths])
+    assert splits[0] == splits[1]
