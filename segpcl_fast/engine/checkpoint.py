@@ -253,8 +253,8 @@ def check_split(path: PathLike, state: Mapping, digest: str) -> None:
         return
     raise CheckpointError(f"checkpoint {path} was trained on another train / test split than data.root gives now "
                           f"(split digest {stored}, now {digest}): point data.root at the run's copy of the dataset, "
-                          f"with the split files it had (train.txt / test.txt, data.split_file), or the same "
-                          f"data.split_file")
+                          f"with the split it had (its train / test folders or split files: train.txt / test.txt, "
+                          f"data.split_file), or the same data.split_file")
 
 
 def restore_learner(path: PathLike, learner, state: Mapping, pretrained: Optional[str]) -> None:
