@@ -17,6 +17,7 @@ the same file in both is an error.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,8 +29,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .base import FileListDataset
-from .files import (class_folder_names, clean_name, format_error, found_nearby, numbered_lines, read_presplit,
-                    require_root, user_data_file)
+from .files import (class_folder_names, clean_name, format_error, numbered_lines, read_presplit, require_root,
+                    user_data_file)
 
 log = logging.getLogger(__name__)
 
@@ -45,31 +46,66 @@ TEST_DIRS = ("test", "testing", "val", "valid", "validation")  # the first prese
 
 
 def class_images(folder: Path) -> list[Path]:
-    """Every image file below `folder`, at any depth, links followed, sorted (torchvision's make_dataset:
-    os.walk(followlinks=True), its extensions in any case; hidden files skipped)."""
-    found = []
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(top) / f for f in files
-                  if not f.startswith(".") and f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(top, f))]
-    return sorted(found)
+    """Every image file below `folder`, at any depth, links followed, in torchvision make_dataset's order
+    (os.walk(followlinks=True)'s folders sorted by path string, then each folder's file names sorted; its
+    extensions, in any case; no stat per file). Hidden files and folders are skipped, and a folder reached
+    again through a link (a loop, `up -> ..`) is read once."""
+    seen, walked = set(), []
+    try:
+        for top, dirs, files in os.walk(folder, followlinks=True):
+            real = os.path.realpath(top)
+            if real in seen:  # a link loop, or a second way into one folder: its images once
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            walked.append((top, [f for f in files if not f.startswith(".") and f.lower().endswith(EXTENSIONS)]))
+    except RecursionError:
+        raise format_error(NAME, f"'{folder}' nests its folders too deep to read", LAYOUT,
+                           "flatten the class folder (images at most a few folders below it)") from None
+    return [Path(top) / f for top, files in sorted(walked) for f in sorted(files)]
+
+
+def _real_paths(paths: list[str]) -> list[str]:
+    """Each path with its links resolved: its folder's realpath, once a folder (a realpath costs a stat per
+    path component), and the file's own only where it is a link (one lstat a file)."""
+    real_dir = functools.lru_cache(maxsize=None)(os.path.realpath)
+    return [os.path.realpath(p) if os.path.islink(p) else os.path.join(real_dir(os.path.dirname(p)),
+                                                                        os.path.basename(p)) for p in paths]
 
 
 def same_files(train: tuple[list[str], list[int]], test: tuple[list[str], list[int]]) -> list[str]:
     """The train paths (sorted) that are the same file as a test path (a split numbered apart may share names)."""
-    test_files = {os.path.realpath(p) for p in test[0]}
-    return sorted(p for p in train[0] if os.path.realpath(p) in test_files)
+    test_files = set(_real_paths(test[0]))
+    return sorted(p for p, real in zip(train[0], _real_paths(train[0])) if real in test_files)
 
 
-def _split_dirs(path: Path) -> tuple[Optional[Path], Optional[Path], list[str]]:
-    """(train dir, test dir) of a pre-split root (any case), and the root's folders named as splits."""
+def _is_split_dir(folder: Path) -> bool:
+    """A split's folder holds class folders and no images of its own (a flat dataset's class named 'train',
+    as CIFAR-100 exported as folders has, holds its images)."""
+    if not class_folder_names(folder):
+        return False
+    with os.scandir(folder) as entries:
+        return not any(e.name.lower().endswith(EXTENSIONS) and not e.name.startswith(".") for e in entries)
+
+
+def _split_dirs(path: Path) -> tuple[Optional[Path], Optional[Path]]:
+    """(train dir, test dir) of a pre-split root: folders named as splits (any case) that hold class folders."""
     folders = {f.lower(): f for f in class_folder_names(path)}
-    named = [folders[n] for n in (*TRAIN_DIRS, *TEST_DIRS) if n in folders]
-    train = next((path / folders[n] for n in TRAIN_DIRS if n in folders and class_folder_names(path / folders[n])),
-                 None)
-    test = next((path / folders[n] for n in TEST_DIRS if n in folders and class_folder_names(path / folders[n])),
-                None)
-    return train, test, named
+    split = [n for n in (*TRAIN_DIRS, *TEST_DIRS) if n in folders and _is_split_dir(path / folders[n])]
+    train = next((path / folders[n] for n in TRAIN_DIRS if n in split), None)
+    test = next((path / folders[n] for n in TEST_DIRS if n in split), None)
+    return train, test
+
+
+def _dataset_below(path: Path) -> Optional[Path]:
+    """A folder just below `path` that looks like the dataset's root (a train/ + test/ split in it, or the only
+    folder there): what data.root was probably meant to be."""
+    children = class_folder_names(path)
+    for child in children:
+        if all(_split_dirs(path / child)):
+            return path / child
+    return path / children[0] if len(children) == 1 else None
 
 
 def _names_file(path: Path, folders: list[str]) -> list[str]:
@@ -88,13 +124,14 @@ def _names_file(path: Path, folders: list[str]) -> list[str]:
             if len(parts) != 2:
                 raise format_error(NAME, f"{path}:{n}: expected '<folder> <name>', got {line!r}", LAYOUT)
             mapping[parts[0]] = parts[1]
-    missing = [f for f in folders if f not in mapping]
+    mapping = {unicodedata.normalize("NFC", k): v for k, v in mapping.items()}  # a macOS copy's NFD folder names
+    missing = [f for f in folders if unicodedata.normalize("NFC", f) not in mapping]
     if missing:
         raise format_error(NAME, f"data.names_file {path} names no class for {len(missing)} of the {len(folders)} "
                                  f"class folders, e.g. {missing[:5]}", LAYOUT,
                            "add a line for each class folder (separate a folder name that has spaces from its "
                            "class name with a tab, or write the file as JSON)")
-    return [" ".join(str(mapping[f]).split()) for f in folders]
+    return [" ".join(str(mapping[unicodedata.normalize("NFC", f)]).split()) for f in folders]
 
 
 def _check_names(folders: list[str], names: list[str], where: str) -> None:
@@ -107,17 +144,19 @@ def _check_names(folders: list[str], names: list[str], where: str) -> None:
                            LAYOUT, "rename the class folders, or give each its own name in data.names_file")
 
 
-def split_by_folder(folders: list[str], targets: list[int], test_fraction: float, seed: int
+def split_by_folder(folders: list[str], targets: list[int], keys: list[str], test_fraction: float, seed: int
                     ) -> tuple[list[int], list[int]]:
-    """Seeded stratified split of sample indices into (train, test), each sorted: class c's samples shuffled
-    with RandomState((seed + crc32(NFC folder name)) mod 2^32), the first round(test_fraction * n) to test (at
+    """Seeded stratified split of sample indices into (train, test), each sorted: class c's samples, in the
+    order of their `keys` (NFC relative paths: a macOS copy's decomposed names order alike), shuffled with
+    RandomState((seed + crc32(NFC folder name)) mod 2^32), the first round(test_fraction * n) to test (at
     least 1 when n >= 2, never all)."""
     by_class: dict[int, list[int]] = {}
     for i, t in enumerate(targets):
         by_class.setdefault(t, []).append(i)
     train, test = [], []
     for label, idx in by_class.items():
-        key = zlib.crc32(unicodedata.normalize("NFC", folders[label]).encode())  # a macOS copy's NFD names alike
+        idx = sorted(idx, key=lambda i: keys[i])
+        key = zlib.crc32(unicodedata.normalize("NFC", folders[label]).encode())
         perm = np.random.RandomState((seed + key) % 2 ** 32).permutation(len(idx))
         n_test = min(max(int(round(test_fraction * len(idx))), 1), len(idx) - 1) if len(idx) >= 2 else 0
         test += [idx[j] for j in perm[:n_test]]
@@ -125,26 +164,37 @@ def split_by_folder(folders: list[str], targets: list[int], test_fraction: float
     return sorted(train), sorted(test)
 
 
+def _same_file_in_two_classes(paths: list[str], targets: list[int]) -> Optional[str]:
+    """A path whose file another class also holds (a class folder linked to another), or None."""
+    owner: dict[str, int] = {}
+    for p, real, t in zip(paths, _real_paths(paths), targets):
+        if owner.setdefault(real, t) != t:
+            return p
+    return None
+
+
 def load_imagefolder(root: Optional[str], train_transform: Optional[Callable] = None,
                      test_transform: Optional[Callable] = None, names_file: Optional[str] = None,
                      split_seed: int = 0, test_fraction: float = 0.2) -> tuple[FileListDataset, FileListDataset]:
     path = require_root(root, NAME, LAYOUT)
-    train_dir, test_dir, split_named = _split_dirs(path)
-    if split_named and (train_dir is None or test_dir is None):
-        have = "test" if train_dir is None and test_dir is not None else "train"
-        raise format_error(NAME, f"'{path}' holds {', '.join(split_named)}/ but no {'train' if have == 'test' else 'test'} "
-                                 f"folder of class folders beside it", LAYOUT,
-                           "give the split both train/<class>/ and test/<class>/ (or val/), or put the class "
-                           "folders directly in data.root for a seeded split")
+    train_dir, test_dir = _split_dirs(path)
+    if (train_dir is None) != (test_dir is None):
+        have, lack = ((train_dir, "test (or val)") if test_dir is None else (test_dir, "train"))
+        raise format_error(NAME, f"'{path}' holds {have.name}/ (class folders) but no {lack} folder of class "
+                                 f"folders beside it", LAYOUT,
+                           "give the split both train/<class>/ and test/<class>/ (or val/), or, for a seeded "
+                           "split, the class folders alone in data.root")
     presplit = (train_dir, test_dir) if train_dir is not None else None
     folder_root = train_dir if presplit is not None else path
     folders = class_folder_names(folder_root)
-    if len(folders) < 2:
-        nearby = found_nearby(path, "train/*") or found_nearby(path, "*/*.*")  # a split, or class folders of files
-        raise format_error(NAME, f"'{folder_root}' holds {len(folders) or 'no'} class folder{'' if folders else 's'} "
-                                 f"({folders[0] if folders else 'none'}): a class-incremental run needs two or more",
-                           LAYOUT, nearby or "point data.root at the folder holding train/ and test/, or the class "
-                                             "folders")
+    below = _dataset_below(path) if presplit is None else None
+    if len(folders) < 2 or (below is not None and all(_split_dirs(below))):
+        found = f": set data.root={below}, which looks like the dataset" if below is not None else ""
+        problem = (f"holds {len(folders) or 'no'} class folder{'' if len(folders) == 1 else 's'}: a class-incremental "
+                   f"run needs two or more" if len(folders) < 2 else
+                   f"holds datasets, not classes ({below.name}/ has its own train/ and test/)")
+        raise format_error(NAME, f"'{folder_root}' {problem}", LAYOUT,
+                           f"point data.root at the folder holding train/ and test/, or the class folders{found}")
     if names_file:
         names = _names_file(user_data_file(names_file, path, "names file", "data.names_file", NAME, LAYOUT), folders)
     else:
@@ -152,6 +202,8 @@ def load_imagefolder(root: Optional[str], train_transform: Optional[Callable] = 
     _check_names(folders, names, str(folder_root))
     if presplit is not None:
         train, test = read_presplit(*presplit, folders, NAME, LAYOUT, entries=class_images, in_both=same_files)
+        for split_dir, (paths, targets) in zip(presplit, (train, test)):
+            _refuse_shared_files(paths, targets, split_dir)
         log.info("%s: the pre-split folders %s + %s (%d classes): %d train, %d test images", NAME, *presplit,
                  len(folders), len(train[0]), len(test[0]))
         return FileListDataset(*train, names, train_transform), FileListDataset(*test, names, test_transform)
@@ -165,10 +217,20 @@ def load_imagefolder(root: Optional[str], train_transform: Optional[Callable] = 
                                "add its images, or remove the folder")
         paths += [str(p) for p in images]
         targets += [label] * len(images)
-    train_idx, test_idx = split_by_folder(folders, targets, test_fraction, split_seed)
+    _refuse_shared_files(paths, targets, folder_root)
+    start = len(str(folder_root)) + 1  # each path is folder_root/<class>/...: its part below data.root
+    keys = [unicodedata.normalize("NFC", p[start:]) for p in paths]
+    train_idx, test_idx = split_by_folder(folders, targets, keys, test_fraction, split_seed)
     log.info("%s: %d class folders in %s, no train/ + test/: a seeded split (data.test_fraction %g, data.split_seed "
              "%d): %d train, %d test images", NAME, len(folders), path, test_fraction, split_seed, len(train_idx),
              len(test_idx))
     pick = lambda idx: ([paths[i] for i in idx], [targets[i] for i in idx])  # noqa: E731
     return FileListDataset(*pick(train_idx), names, train_transform), FileListDataset(*pick(test_idx), names,
                                                                                       test_transform)
+
+
+def _refuse_shared_files(paths: list[str], targets: list[int], where: Path) -> None:
+    shared = _same_file_in_two_classes(paths, targets)
+    if shared is not None:
+        raise format_error(NAME, f"'{shared}' is a file two class folders of '{where}' hold (a class folder linked to "
+                                 f"another?)", LAYOUT, "give each class its own images")

@@ -138,7 +138,7 @@ def test_layouts_that_are_not_one_name_the_fix(tmp_path):
     only_train = tmp_path / "only_train"
     for folder in ("cat", "dog"):
         write_image(only_train / "train" / folder / "a.jpg", (1, 2, 3))
-    with pytest.raises(DatasetFormatError, match="holds train/ but no test folder of class folders beside it"):
+    with pytest.raises(DatasetFormatError, match=r"holds train/ \(class folders\) but no test \(or val\) folder"):
         load_imagefolder(str(only_train))
     above = tmp_path / "above"
     make_tree(above / "ds")  # data.root one level above the dataset
@@ -174,3 +174,61 @@ def test_names_files_with_spaces_a_byte_order_mark_and_composed_or_decomposed_na
                 write_image(flat / unicodedata.normalize(form, name) / f"{i}.jpg", (i, 2, 3))
         splits.append([p.rsplit("/", 1)[1] for p in load_imagefolder(str(flat))[1].paths])
     assert splits[0] == splits[1]
+
+
+def test_second_review_classes_named_as_splits_loops_linked_classes_and_order(tmp_path):
+    """A re-review's findings on the fix: a flat dataset's class named 'train' (CIFAR-100 as folders) was taken
+    for a split; a root above two datasets was read as a dataset; link loops multiplied images into both splits;
+    a class folder linked to another was a silent duplicate; nested files came in another order than
+    ImageFolder's."""
+    cifar = tmp_path / "cifar"
+    for c, folder in enumerate(["bicycle", "bus", "train"]):
+        for i in range(3):
+            write_image(cifar / folder / f"{i}.png", _colour(c, i))
+    train, test = load_imagefolder(str(cifar))
+    assert train.class_names == ["bicycle", "bus", "train"] and len(train) + len(test) == 9
+    above = tmp_path / "above"
+    make_tree(above / "ds1")
+    make_tree(above / "ds2", split=False)
+    with pytest.raises(DatasetFormatError, match=f"(?s)holds datasets, not classes .*set data.root={above / 'ds1'}"):
+        load_imagefolder(str(above))
+    loops = make_tree(tmp_path / "loops", split=False)
+    (loops / "zebra" / "up").symlink_to(loops, target_is_directory=True)
+    (loops / "tabby_cat" / "self").symlink_to(loops / "tabby_cat", target_is_directory=True)
+    with pytest.raises(DatasetFormatError, match="is a file two class folders of .* hold"):  # zebra/up/ holds all
+        load_imagefolder(str(loops))
+    (loops / "zebra" / "up").unlink()
+    train, test = load_imagefolder(str(loops))  # tabby_cat/self -> tabby_cat: its images once, no loop
+    assert len(train) + len(test) == 20 and not set(train.paths) & set(test.paths)
+    (loops / "puppy").symlink_to(loops / "zebra", target_is_directory=True)
+    with pytest.raises(DatasetFormatError, match="is a file two class folders of .* hold"):
+        load_imagefolder(str(loops))
+    order = tmp_path / "order"
+    for folder in ("cat", "dog"):
+        for name in ("z.jpg", "sub/a.jpg", "a-x/b.jpg", "a/c.jpg"):
+            write_image(order / "train" / folder / name, (1, 2, 3))
+            write_image(order / "test" / folder / name.replace(".jpg", "t.jpg"), (1, 2, 3))
+    train, _ = load_imagefolder(str(order))
+    assert train.paths == [p for p, _ in ImageFolder(str(order / "train")).samples]
+
+
+def test_decomposed_file_and_folder_names_split_and_name_as_composed_ones(tmp_path):
+    import unicodedata
+    tests, names = [], []
+    for form in ("NFC", "NFD"):
+        root = tmp_path / form
+        for c, folder in enumerate(["a", "b"]):
+            for i in range(5):
+                for stem in ("caff", "café"):
+                    write_image(root / folder / unicodedata.normalize(form, f"{stem}{i}.jpg"), _colour(c, i))
+        tests.append(sorted(unicodedata.normalize("NFC", p.rsplit("/", 2)[1] + "/" + p.rsplit("/", 1)[1])
+                            for p in load_imagefolder(str(root))[1].paths))
+        (root / "names.json").write_text(json.dumps({"a": "café au lait", unicodedata.normalize("NFC", "b"): "b"}))
+        names.append(load_imagefolder(str(root), names_file="names.json")[0].class_names)
+    assert tests[0] == tests[1] and names[0] == names[1]
+    cafe = tmp_path / "cafe_folder"
+    for folder in ("café", "tea"):
+        for i in range(2):
+            write_image(cafe / unicodedata.normalize("NFD", folder) / f"{i}.jpg", (1, 2, 3))
+    (cafe / "names.json").write_text(json.dumps({unicodedata.normalize("NFC", "café"): "coffee", "tea": "tea"}))
+    assert load_imagefolder(str(cafe), names_file="names.json")[0].class_names == ["coffee", "tea"]
