@@ -282,15 +282,27 @@ def merge_lora(model: nn.Module) -> nn.Module:
     storage first, holding the rounded values the run computed with.
     A model without adapters is returned as it is.
     """
-    if getattr(model, "frozen_storage", None):  # weights stored in bf16 / fp16 for autocast: merge in fp32 storage
+    return replace_adapters(model, lambda module: module.merged())
+
+
+ADAPTER_TYPES = (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention)
+
+
+def outer_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every LoRA adapter not inside another (an attention's LoRA out_proj goes with it)."""
+    adapted = [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
+    return [(name, m) for name, m in adapted if not any(name.startswith(other + ".") for other, _ in adapted)]
+
+
+def replace_adapters(model: nn.Module, replacement) -> nn.Module:
+    """Put `replacement(adapter)` in place of every outer adapter (merge_lora's merged layers, peft_adapter's
+    plain ones), in place, and return the model. Frozen weights stored in bf16 / fp16 for autocast
+    (CLIPModel.store_frozen_weights) go back to fp32 storage first."""
+    if getattr(model, "frozen_storage", None):
         model.restore_frozen_weights()
-    adapted = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention))]
-    outer = [(name, m) for name, m in adapted  # an attention module's LoRA out_proj merges with it
-             if not any(name.startswith(other + ".") for other, _ in adapted)]
-    for name, module in outer:
+    for name, module in outer_adapters(model):
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.merged())
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement(module))
     return model
 
 
@@ -377,8 +389,7 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
     if getattr(model, "frozen_storage", None):  # B and A would take W's (reduced) dtype
         raise ValueError(f"inject_lora: the model's frozen weights are already stored in {model.frozen_storage} "
                          "(store_frozen_weights); inject LoRA first, then store them")
-    adapted = [name for name, m in model.named_modules()
-               if isinstance(m, (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention))]
+    adapted = [name for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
     if adapted:  # their blocks no longer look like plain blocks: a second pass would find none
         raise ValueError(f"inject_lora: the model already has {len(adapted)} LoRA layers (e.g. {adapted[0]}): inject "
                          "once; for another rank or other targets start from the model without them (merge_lora "

@@ -38,17 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fileio import chmod_tree_like_made, unwritable_dir_reason
-from .lora import LoRABLinear, LoRAMultiheadAttention, LoRAPackedLinear
+from .lora import LoRABLinear, LoRAMultiheadAttention, LoRAPackedLinear, outer_adapters, replace_adapters
 
-ADAPTERS = (LoRABLinear, LoRAPackedLinear, LoRAMultiheadAttention)
 PEFT_FIX = "pip install 'peft>=0.15' (peft adapts nn.MultiheadAttention from 0.15 on; or segpcl_fast's extra [peft])"
 BASE_MODEL_FILE = "segpcl_base_model.json"  # which open_clip model the adapter goes on (peft's config cannot say)
-
-
-def _outer_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every adapter not inside another (an attention's LoRA out_proj goes with it)."""
-    adapted = [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTERS)]
-    return [(name, m) for name, m in adapted if not any(name.startswith(other + ".") for other, _ in adapted)]
 
 
 def _plain_linear(module: Union[LoRABLinear, LoRAPackedLinear, nn.Linear]) -> nn.Linear:
@@ -76,14 +69,11 @@ def unload_lora(model: nn.Module) -> nn.Module:
     (peft's `unload()`; merge_lora is `merge_and_unload()`), and return the model: the pretrained
     function again, sharing the frozen weights. Frozen weights stored in bf16 / fp16
     (CLIPModel.store_frozen_weights) go back to fp32 storage first, as in merge_lora."""
-    if getattr(model, "frozen_storage", None):
-        model.restore_frozen_weights()
-    for name, module in _outer_adapters(model):
-        plain = _plain_attention(module) if isinstance(module, LoRAMultiheadAttention) else _plain_linear(module)
-        parent_name, _, attr = name.rpartition(".")
-        plain.train(module.training)  # eval: nn.MultiheadAttention's fused inference path, as the original's
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain.requires_grad_(False))
-    return model
+    def plain(module: nn.Module) -> nn.Module:
+        unloaded = _plain_attention(module) if isinstance(module, LoRAMultiheadAttention) else _plain_linear(module)
+        # eval: nn.MultiheadAttention's fused inference path, as the original's
+        return unloaded.train(module.training).requires_grad_(False)
+    return replace_adapters(model, plain)
 
 
 def _pad(t: torch.Tensor, rows: int = 0, cols: int = 0) -> torch.Tensor:
@@ -95,7 +85,7 @@ def peft_layers(model: nn.Module) -> dict[str, dict]:
     weights that give our adapter's function at scaling alpha / r ("out_A" / "out_B": an attention's
     out_proj)."""
     layers = {}
-    for name, m in _outer_adapters(model):
+    for name, m in outer_adapters(model):
         if isinstance(m, LoRABLinear):
             layers[name] = {"rank": m.rank, "scaling": m.scaling, "A": m.lora_A, "B": m.lora_B}
         elif isinstance(m, LoRAPackedLinear):
@@ -172,13 +162,14 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
     adapters in peft's layers: the same function, the same frozen base weights. `model` is left as it was."""
     peft, peft_lora_layer = _import_peft()
     clip = _plain_clip(model)
-    if not _outer_adapters(clip):
+    adapters = outer_adapters(clip)
+    if not adapters:
         raise ValueError("to_peft: the model has no LoRA adapters (an export holds them merged into its weights): "
                          "start from a run directory or checkpoint (load_classifier), or inject_lora first")
-    needs_mha = any(isinstance(m, LoRAMultiheadAttention) for _, m in _outer_adapters(clip))
+    needs_mha = any(isinstance(m, LoRAMultiheadAttention) for _, m in adapters)
     if needs_mha and not hasattr(peft_lora_layer, "MultiheadAttention"):
         raise ImportError(f"peft {peft.__version__} has no LoRA for nn.MultiheadAttention: {PEFT_FIX}")
-    out_adapted = [name for name, m in _outer_adapters(clip)
+    out_adapted = [name for name, m in adapters
                    if isinstance(m, LoRAMultiheadAttention) and isinstance(m.out_proj, LoRABLinear)]
     if out_adapted and peft_adds_out_proj_twice():
         raise NotImplementedError(
