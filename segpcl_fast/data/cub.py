@@ -48,14 +48,11 @@ def _pairs(path: Path) -> dict[int, str]:
 def _load_presplit(train_dir: Path, test_dir: Path, train_transform: Optional[Callable],
                    test_transform: Optional[Callable]) -> tuple[FileListDataset, FileListDataset]:
     """A pre-split ImageFolder copy: classes = train/'s folders, sorted; names as class_name makes them."""
-    from .files import class_folder_names
+    from .files import check_folder_names, class_folder_names
     classes = class_folder_names(train_dir)
     names = [class_name(c) for c in classes]
-    lowered = [n.lower() for n in names]  # CLIP's tokenizer lowercases: equal names are equal prompts
-    clashes = sorted({c for c, n in zip(classes, lowered) if lowered.count(n) > 1})
-    if clashes:
-        raise format_error(NAME, f"class folders of '{train_dir}' give the same class name: {clashes[:6]}", LAYOUT,
-                           "rename the class folders so that each class has its own name")
+    check_folder_names(classes, names, str(train_dir), NAME, LAYOUT,
+                       "rename the class folders so that each class has its own name")
     train, test = read_presplit(train_dir, test_dir, classes, NAME, LAYOUT)
     log.info("%s: no CUB_200_2011/images.txt; the pre-split folders %s + %s (%d classes, their sorted order): "
              "%d train, %d test images", NAME, train_dir, test_dir, len(classes), len(train[0]), len(test[0]))

@@ -252,6 +252,16 @@ def check_unique_names(wnids: Sequence[str], names: Sequence[str], source: str, 
                            "that gives these classes distinct names")
 
 
+def check_folder_names(folders: Sequence[str], names: Sequence[str], where: str, dataset: str, layout: str,
+                       fix: str) -> None:
+    """Class folders whose names match case-insensitively (CLIP's tokenizer lowercases: equal names are
+    equal prompts): one error naming the folders (at most 6)."""
+    lowered = [n.lower() for n in names]
+    clashes = sorted({f for f, n in zip(folders, lowered) if lowered.count(n) > 1})
+    if clashes:
+        raise format_error(dataset, f"class folders of '{where}' give the same class name: {clashes[:6]}", layout, fix)
+
+
 def names_for_wnids(wnids: Sequence[str], mapping_files: Sequence[Path], dataset: str,
                     layout: str, user_file: Optional[str], unique: bool = False,
                     root: Optional[Path] = None, clip_subsets: bool = False, origin: str = "",
@@ -319,14 +329,18 @@ def _names_of(wnids: Sequence[str], mapping: dict[str, str], source: str, unique
     return names
 
 
-def stratified_split(targets: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(targets: Sequence[int], test_fraction: float, seed: int,
+                     class_key: Optional[Callable[[int], int]] = None, sample_keys: Optional[Sequence] = None
+                     ) -> tuple[list[int], list[int]]:
     """Seeded per-class split of sample indices into (train, test), each sorted.
 
     For every class, its samples are shuffled with numpy RandomState((seed + label) mod 2^32) and the first
     round(test_fraction * n) (at least 1 when n >= 2) go to test. A class's split depends on its label, so on
     its place among the classes present: a copy holding some of a dataset's classes splits them otherwise
-    than the full copy does. (Kept so: the runs made with this split check it on --resume and evaluate,
-    checkpoint.check_split; seeding by the class's name would have changed every existing run's split.)
+    than the full copy does. (Kept so for ImageNet-R: the runs made with this split check it on --resume and
+    evaluate, checkpoint.check_split; seeding by the class's name would have changed every existing run's
+    split.) `class_key(label)` replaces the label in the seed (imagefolder: its folder name's crc32), and
+    `sample_keys` orders each class's samples before the shuffle (default: their order in `targets`).
     """
     import numpy as np
 
@@ -337,8 +351,11 @@ def stratified_split(targets: Sequence[int], test_fraction: float, seed: int) ->
         by_class.setdefault(int(t), []).append(i)
     train, test = [], []
     for label, idx in by_class.items():
+        if sample_keys is not None:
+            idx = sorted(idx, key=lambda i: sample_keys[i])
+        key = label if class_key is None else class_key(label)
         # mod 2^32: data.split_seed may be any numpy seed, and seed + label passed numpy's range (an error at load)
-        perm = np.random.RandomState((seed + label) % 2 ** 32).permutation(len(idx))
+        perm = np.random.RandomState((seed + key) % 2 ** 32).permutation(len(idx))
         n_test = int(round(test_fraction * len(idx)))
         if len(idx) >= 2:
             n_test = min(max(n_test, 1), len(idx) - 1)

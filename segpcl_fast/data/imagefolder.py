@@ -26,11 +26,9 @@ import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from .base import FileListDataset
-from .files import (class_folder_names, clean_name, format_error, numbered_lines, read_presplit, require_root,
-                    user_data_file)
+from .files import (check_folder_names, class_folder_names, clean_name, format_error, numbered_lines, read_presplit,
+                    require_root, stratified_split, user_data_file)
 
 log = logging.getLogger(__name__)
 
@@ -135,33 +133,20 @@ def _names_file(path: Path, folders: list[str]) -> list[str]:
 
 
 def _check_names(folders: list[str], names: list[str], where: str) -> None:
-    lowered = [n.lower() for n in names]  # CLIP's tokenizer lowercases: equal names are equal prompts
-    clashes = sorted({f for f, n in zip(folders, lowered) if lowered.count(n) > 1})
+    fix = "rename the class folders, or give each its own name in data.names_file"
     empty = [f for f, n in zip(folders, names) if not n]
-    if clashes or empty:
-        raise format_error(NAME, f"class folders of '{where}' give " + (f"an empty class name: {empty[:6]}" if empty
-                                                                       else f"the same class name: {clashes[:6]}"),
-                           LAYOUT, "rename the class folders, or give each its own name in data.names_file")
+    if empty:
+        raise format_error(NAME, f"class folders of '{where}' give an empty class name: {empty[:6]}", LAYOUT, fix)
+    check_folder_names(folders, names, where, NAME, LAYOUT, fix)
 
 
 def split_by_folder(folders: list[str], targets: list[int], keys: list[str], test_fraction: float, seed: int
                     ) -> tuple[list[int], list[int]]:
-    """Seeded stratified split of sample indices into (train, test), each sorted: class c's samples, in the
-    order of their `keys` (NFC relative paths: a macOS copy's decomposed names order alike), shuffled with
-    RandomState((seed + crc32(NFC folder name)) mod 2^32), the first round(test_fraction * n) to test (at
-    least 1 when n >= 2, never all)."""
-    by_class: dict[int, list[int]] = {}
-    for i, t in enumerate(targets):
-        by_class.setdefault(t, []).append(i)
-    train, test = [], []
-    for label, idx in by_class.items():
-        idx = sorted(idx, key=lambda i: keys[i])
-        key = zlib.crc32(unicodedata.normalize("NFC", folders[label]).encode())
-        perm = np.random.RandomState((seed + key) % 2 ** 32).permutation(len(idx))
-        n_test = min(max(int(round(test_fraction * len(idx))), 1), len(idx) - 1) if len(idx) >= 2 else 0
-        test += [idx[j] for j in perm[:n_test]]
-        train += [idx[j] for j in perm[n_test:]]
-    return sorted(train), sorted(test)
+    """files.stratified_split keyed for a copy-independent split: class c's samples, in the order of their
+    `keys` (NFC relative paths: a macOS copy's decomposed names order alike), shuffled with
+    RandomState((seed + crc32(NFC folder name)) mod 2^32)."""
+    return stratified_split(targets, test_fraction, seed, sample_keys=keys,
+                            class_key=lambda label: zlib.crc32(unicodedata.normalize("NFC", folders[label]).encode()))
 
 
 def _same_file_in_two_classes(paths: list[str], targets: list[int]) -> Optional[str]:
