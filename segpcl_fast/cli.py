@@ -441,14 +441,11 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from .classifier import ClassifierError, check_export_path, load_classifier
     if args.peft:
-        import importlib.util
-
-        from .model.peft_adapter import PEFT_FIX, check_adapter_directory
-        if importlib.util.find_spec("peft") is None:
-            raise ClassifierError(f"export --peft writes a peft adapter and needs peft: {PEFT_FIX}")
-        try:
-            check_adapter_directory(args.output)  # before the model loads
-        except ValueError as e:
+        from .model.peft_adapter import check_adapter_directory, import_peft
+        try:  # before the model loads: peft missing or broken, a directory that cannot take the adapter
+            import_peft()
+            check_adapter_directory(args.output)
+        except (ImportError, ValueError) as e:
             raise ClassifierError(str(e)) from e
         clf = load_classifier(args.source, task=args.task, overrides=args.overrides)
         path = clf.save_peft_adapter(args.output)
@@ -672,12 +669,12 @@ def _report_interrupt(args, e: KeyboardInterrupt) -> int:
     """Ctrl-C or SIGTERM: one line saying whether and how to resume; the exit status 130 or 143."""
     hint = ""
     nothing_kept = getattr(args, "func", None) is cmd_train and getattr(e, "tasks_on_disk", None) == 0
-    if hasattr(args, "resume") and getattr(args, "checkpointing", True) and nothing_kept:
-        hint = ": no task had finished, so no checkpoint was kept: the same command starts the run again from task 1"
-    elif hasattr(args, "resume") and getattr(args, "checkpointing", True):  # each finished task is checkpointed
-        hint = ": continue after the last finished task with the same command and --resume"
-    elif hasattr(args, "resume"):
+    if hasattr(args, "resume") and not getattr(args, "checkpointing", True):
         hint = ": run.checkpoint=false kept no checkpoint, so --resume would start again from task 1"
+    elif hasattr(args, "resume") and nothing_kept:
+        hint = ": no task had finished, so no checkpoint was kept: the same command starts the run again from task 1"
+    elif hasattr(args, "resume"):  # each finished task is checkpointed
+        hint = ": continue after the last finished task with the same command and --resume"
     if _rank0():
         print(f"segpcl-fast: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}{hint}",
               file=sys.stderr)

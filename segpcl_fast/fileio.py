@@ -28,18 +28,21 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 
-def chmod_like_open(path: str | os.PathLike) -> None:
-    """Give `path` the mode open() would create it with (0o666 minus the umask)."""
+def _umask() -> int:
     umask = os.umask(0)  # the only way to read the umask: set it, then restore at once
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
+
+
+def chmod_like_open(path: str | os.PathLike) -> None:
+    """Give `path` the mode open() would create it with (0o666 minus the umask)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def chmod_tree_like_made(folder: str | os.PathLike) -> None:
     """Give `folder`, its subfolders and files the modes mkdir() and open() would make them with (0o777 /
     0o666 minus the umask): tempfile.mkdtemp's folders are 0o700, some writers' files 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for name in files:

@@ -139,7 +139,7 @@ def _plain_clip(model: nn.Module) -> nn.Module:
     return model.clip if hasattr(model, "text_tower") and hasattr(model, "clip") else model
 
 
-def _import_peft():
+def import_peft():
     """(peft, peft.tuners.lora.layer), or one ImportError: peft missing, or installed but failing to import."""
     import importlib.util
     if importlib.util.find_spec("peft") is None:
@@ -160,7 +160,7 @@ def _same(a: float, b: float) -> bool:
 def to_peft(model: nn.Module, adapter_name: str = "default"):
     """A peft PeftModel over a copy of the plain open_clip model (of a CLIPModel: its .clip) with our
     adapters in peft's layers: the same function, the same frozen base weights. `model` is left as it was."""
-    peft, peft_lora_layer = _import_peft()
+    peft, peft_lora_layer = import_peft()
     clip = _plain_clip(model)
     adapters = outer_adapters(clip)
     if not adapters:

@@ -215,8 +215,8 @@ def test_a_broken_peft_install_is_named_as_broken_not_missing(tmp_path):
     fake = tmp_path / "site" / "peft"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise RuntimeError('cannot import name X from transformers')\n")
-    code = ("from segpcl_fast.model.peft_adapter import _import_peft\n"
-            "try:\n    _import_peft()\nexcept ImportError as e:\n    print(e)\n")
+    code = ("from segpcl_fast.model.peft_adapter import import_peft\n"
+            "try:\n    import_peft()\nexcept ImportError as e:\n    print(e)\n")
     import os
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
