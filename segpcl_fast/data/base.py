@@ -50,13 +50,20 @@ def as_8bit(im: Image.Image) -> Image.Image:
 
 
 class ClassDataset(torch.utils.data.Dataset):
-    """A list of (loader key, label) pairs plus class names; subclasses define `load_image`."""
+    """A list of (loader key, label) pairs plus class names; subclasses define `load_image`.
+
+    `class_ids` (optional, indexed like class_names): what the dataset's own files call each class (ImageNet's
+    wnids, CUB's and ImageFolder's folder names, UCF101's classInd.txt names), which data.class_order also takes.
+    """
 
     def __init__(self, class_names: Sequence[str], targets: Sequence[int],
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, class_ids: Optional[Sequence[str]] = None):
         self.class_names = list(class_names)
         self.targets = [int(t) for t in targets]
         self.transform = transform
+        self.class_ids = None if class_ids is None else [str(c) for c in class_ids]
+        if self.class_ids is not None and len(self.class_ids) != len(self.class_names):
+            raise ValueError(f"{len(self.class_ids)} class ids for {len(self.class_names)} class names")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -75,8 +82,8 @@ class FileListDataset(ClassDataset):
     """Images stored as files: `paths[i]` with label `targets[i]`."""
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int], class_names: Sequence[str],
-                 transform: Optional[Callable] = None):
-        super().__init__(class_names, targets, transform)
+                 transform: Optional[Callable] = None, class_ids: Optional[Sequence[str]] = None):
+        super().__init__(class_names, targets, transform, class_ids)
         self.paths = list(paths)
         if len(self.paths) != len(self.targets):
             raise ValueError("paths and targets differ in length")
@@ -118,8 +125,8 @@ class ClassSubset(ClassDataset):
             targets = [base_targets[i] for i in self.indices]
         else:
             targets = [int(label_map[base_targets[i]]) for i in self.indices]
-        names = base.class_names if class_names is None else class_names
-        super().__init__(names, targets, base.transform if transform is None else transform)
+        names, ids = (base.class_names, getattr(base, "class_ids", None)) if class_names is None else (class_names, None)
+        super().__init__(names, targets, base.transform if transform is None else transform, ids)
 
     def load_image(self, index: int) -> Image.Image:
         return self.base.load_image(self.indices[index])

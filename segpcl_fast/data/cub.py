@@ -56,7 +56,8 @@ def _load_presplit(train_dir: Path, test_dir: Path, train_transform: Optional[Ca
     train, test = read_presplit(train_dir, test_dir, classes, NAME, LAYOUT)
     log.info("%s: no CUB_200_2011/images.txt; the pre-split folders %s + %s (%d classes, their sorted order): "
              "%d train, %d test images", NAME, train_dir, test_dir, len(classes), len(train[0]), len(test[0]))
-    return FileListDataset(*train, names, train_transform), FileListDataset(*test, names, test_transform)
+    return FileListDataset(*train, names, train_transform, classes), FileListDataset(*test, names, test_transform,
+                                                                                    classes)
 
 
 def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
@@ -108,5 +109,6 @@ def load_cub200(root: Optional[str], train_transform: Optional[Callable] = None,
         paths, targets = split["train" if flag == "1" else "test"]
         paths.append(str(file))
         targets.append(class_index[cid])
-    return (FileListDataset(*split["train"], class_names, train_transform),
-            FileListDataset(*split["test"], class_names, test_transform))
+    folders = [classes[c] for c in class_ids]
+    return (FileListDataset(*split["train"], class_names, train_transform, folders),
+            FileListDataset(*split["test"], class_names, test_transform, folders))

@@ -4,7 +4,8 @@
       as given;
   <root>/<class>/...: no split given, so a seeded stratified one (data.test_fraction, data.split_seed),
       each class's images shuffled by a seed made of data.split_seed and its folder name: a copy holding
-      some of the classes splits each of them as the full copy does.
+      some of the classes splits each of them as the full copy does. A data.root at one half of a split
+      (<root>/train) is read so too, with a warning naming <root>.
 
 A class's images are its folder's image files at any depth (torchvision's extensions: jpg, jpeg, png, ppm,
 bmp, pgm, tif, tiff, webp; links followed), as ImageFolder finds them. Classes are the class folders in
@@ -106,6 +107,19 @@ def _dataset_below(path: Path) -> Optional[Path]:
     return path / children[0] if len(children) == 1 else None
 
 
+def _warn_if_one_half_of_a_split(path: Path) -> None:
+    """A flat read of data.root = <dataset>/train (or test/, val/): legal, but its other half goes unused."""
+    if path.name.lower() not in TRAIN_DIRS + TEST_DIRS or path.parent == path:
+        return
+    halves = _split_dirs(path.parent)
+    if None in halves or path.resolve() not in [h.resolve() for h in halves]:
+        return
+    other = halves[1] if path.resolve() == halves[0].resolve() else halves[0]
+    log.warning("%s: data.root %s is one half of the split in %s (beside %s/): reading its class folders with a "
+                "seeded split of their own, and %s/ goes unused; set data.root=%s to train on %s/ and test on %s/",
+                NAME, path, path.parent, other.name, other.name, path.parent, halves[0].name, halves[1].name)
+
+
 def _names_file(path: Path, folders: list[str]) -> list[str]:
     """The name of each class folder from `path` (every folder must have one)."""
     if path.suffix.lower() == ".json":
@@ -191,7 +205,9 @@ def load_imagefolder(root: Optional[str], train_transform: Optional[Callable] = 
             _refuse_shared_files(paths, targets, split_dir)
         log.info("%s: the pre-split folders %s + %s (%d classes): %d train, %d test images", NAME, *presplit,
                  len(folders), len(train[0]), len(test[0]))
-        return FileListDataset(*train, names, train_transform), FileListDataset(*test, names, test_transform)
+        return (FileListDataset(*train, names, train_transform, folders),
+                FileListDataset(*test, names, test_transform, folders))
+    _warn_if_one_half_of_a_split(path)
     paths, targets = [], []
     for label, f in enumerate(folders):
         images = class_images(folder_root / f)
@@ -210,8 +226,8 @@ def load_imagefolder(root: Optional[str], train_transform: Optional[Callable] = 
              "%d): %d train, %d test images", NAME, len(folders), path, test_fraction, split_seed, len(train_idx),
              len(test_idx))
     pick = lambda idx: ([paths[i] for i in idx], [targets[i] for i in idx])  # noqa: E731
-    return FileListDataset(*pick(train_idx), names, train_transform), FileListDataset(*pick(test_idx), names,
-                                                                                      test_transform)
+    return (FileListDataset(*pick(train_idx), names, train_transform, folders),
+            FileListDataset(*pick(test_idx), names, test_transform, folders))
 
 
 def _refuse_shared_files(paths: list[str], targets: list[int], where: Path) -> None:

@@ -291,5 +291,5 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
                                   origin="README.txt is in imagenet-r.tar, beside the class folders",
                                   clip_without_file=True)
     log.info("%s: train/test split from %s: %d train, %d test images", NAME, source, len(train[0]), len(test[0]))
-    return (FileListDataset(*train, class_names, train_transform),
-            FileListDataset(*test, class_names, test_transform))
+    return (FileListDataset(*train, class_names, train_transform, wnids),
+            FileListDataset(*test, class_names, test_transform, wnids))

@@ -348,8 +348,8 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
     else:
         train = _split_from_folders(image_root / "train", classes.wnids, "train")
     val = _val_split(path, image_root, classes, bases)
-    return (FileListDataset(*train, class_names, train_transform),
-            FileListDataset(*val, class_names, test_transform))
+    return (FileListDataset(*train, class_names, train_transform, classes.wnids),
+            FileListDataset(*val, class_names, test_transform, classes.wnids))
 
 
 def _load_kaggle100(path: Path, parts: list[Path], train_transform: Optional[Callable],
@@ -388,5 +388,5 @@ def _load_kaggle100(path: Path, parts: list[Path], train_transform: Optional[Cal
     class_names = names_for_wnids(wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin", path / KAGGLE100_NAMES],
                                   NAME, LAYOUT, names_file, unique=True, root=path, clip_subsets=True,
                                   origin=NAMES_ORIGIN)
-    return (FileListDataset(*train, class_names, train_transform),
-            FileListDataset(*val, class_names, test_transform))
+    return (FileListDataset(*train, class_names, train_transform, wnids),
+            FileListDataset(*val, class_names, test_transform, wnids))

@@ -23,23 +23,32 @@ def _norm(name: str) -> str:
     return " ".join(str(name).replace("_", " ").lower().split())
 
 
-def _lookup_name(item: str, class_names: Sequence[str]) -> Optional[int]:
-    """Index of the class called `item` (exact, else case/underscore-insensitive); None if absent."""
-    exact = [i for i, n in enumerate(class_names) if n == item]
-    if not exact:
-        exact = [i for i, n in enumerate(class_names) if _norm(n) == _norm(item)]
-    if len(exact) > 1:
-        raise DatasetFormatError(f"class_order: name {item!r} matches {len(exact)} classes "
-                                 f"(indices {exact}); give class indices instead of names")
-    return exact[0] if exact else None
+def _lookup_name(item: str, class_names: Sequence[str], class_ids: Optional[Sequence[str]] = None) -> Optional[int]:
+    """Index of the class called `item`: its name exactly, else its id (wnid, folder name) exactly, else its name
+    case / underscore-insensitively; None if absent."""
+    def one(found: list[int], what: str) -> Optional[int]:
+        if len(found) > 1:
+            raise DatasetFormatError(f"class_order: {item!r} matches {len(found)} classes' {what} (indices {found}); "
+                                     f"give class indices instead")
+        return found[0] if found else None
+
+    by_name = one([i for i, n in enumerate(class_names) if n == item], "names")
+    by_id = one([i for i, c in enumerate(class_ids or ()) if c == item], "ids")
+    if by_name is not None and by_id is not None and by_name != by_id:
+        raise DatasetFormatError(f"class_order: {item!r} is the name of class {by_name} ({class_ids[by_name]!r}) and "
+                                 f"the id of class {by_id} ({class_names[by_id]!r}); give class indices instead")
+    if by_name is not None or by_id is not None:
+        return by_name if by_name is not None else by_id
+    return one([i for i, n in enumerate(class_names) if _norm(n) == _norm(item)], "names")
 
 
-def resolve_class_order(class_order: Any, class_names: Sequence[str], seed: int = 1993) -> list[int]:
+def resolve_class_order(class_order: Any, class_names: Sequence[str], seed: int = 1993,
+                        class_ids: Optional[Sequence[str]] = None) -> list[int]:
     """The class order as a permutation of dataset class indices.
 
     "seeded": numpy RandomState(seed).permutation(n) (PyCIL's np.random.seed(seed);
-    np.random.permutation(n)); "natural": 0..n-1; a list of class names and/or indices that
-    names every class exactly once.
+    np.random.permutation(n)); "natural": 0..n-1; a list of class names, class ids (the dataset's own
+    names for its classes: wnids, folder names) and/or indices that names every class exactly once.
     """
     n = len(class_names)
     if isinstance(class_order, str):
@@ -56,7 +65,7 @@ def resolve_class_order(class_order: Any, class_names: Sequence[str], seed: int 
         if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             idx = int(item) if 0 <= int(item) < n else None
         elif isinstance(item, str):
-            idx = _lookup_name(item, class_names)
+            idx = _lookup_name(item, class_names, class_ids)
         else:
             idx = None
         if idx is None:
@@ -65,8 +74,8 @@ def resolve_class_order(class_order: Any, class_names: Sequence[str], seed: int 
             order.append(idx)
     problems = []
     if unknown:
-        problems.append(f"{len(unknown)} entries are not classes of the dataset (names, or indices "
-                        f"0..{n - 1}): {unknown[:5]}")
+        problems.append(f"{len(unknown)} entries are not classes of the dataset (names, "
+                        + ("ids such as its folder names, " if class_ids else "") + f"or indices 0..{n - 1}): {unknown[:5]}")
     dupes = sorted({class_names[i] for i in order if order.count(i) > 1})
     if dupes:
         problems.append(f"classes listed more than once: {dupes[:5]}")
@@ -75,7 +84,8 @@ def resolve_class_order(class_order: Any, class_names: Sequence[str], seed: int 
         problems.append(f"{len(missing)} classes not listed: {missing[:5]}")
     if problems:
         raise DatasetFormatError("data.class_order must list each of the dataset's " f"{n} classes once; "
-                                 + "; ".join(problems) + f". Dataset classes start with {list(class_names[:5])}")
+                                 + "; ".join(problems) + f". Dataset classes start with {list(class_names[:5])}"
+                                 + (f" (ids {list(class_ids[:5])})" if class_ids else ""))
     return order
 
 
@@ -110,7 +120,8 @@ class ClassIncrementalScenario:
         if list(train_ds.class_names) != list(test_ds.class_names):
             raise DatasetFormatError("train and test datasets have different class lists")
         self.train_base, self.test_base = train_ds, test_ds
-        self.order = resolve_class_order(class_order, train_ds.class_names, order_seed)
+        self.order = resolve_class_order(class_order, train_ds.class_names, order_seed,
+                                         getattr(train_ds, "class_ids", None))
         self.class_names = [train_ds.class_names[i] for i in self.order]
         self.num_classes = len(self.order)
         self.label_map = np.empty(self.num_classes, dtype=np.int64)  # dataset label -> ordered label

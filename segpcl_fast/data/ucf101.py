@@ -133,8 +133,8 @@ class VideoFrameDataset(ClassDataset):
     """`sources[i]` is an image file (a middle frame) or a folder of frames (its middle one is read)."""
 
     def __init__(self, sources: Sequence[str], targets: Sequence[int], class_names: Sequence[str],
-                 transform: Optional[Callable] = None):
-        super().__init__(class_names, targets, transform)
+                 transform: Optional[Callable] = None, class_ids: Optional[Sequence[str]] = None):
+        super().__init__(class_names, targets, transform, class_ids)
         self.sources = list(sources)
         self.frame_paths = chosen_frames(self.sources)
 
@@ -245,7 +245,7 @@ COOP_FRAMES = "UCF-101-midframes"
 
 
 def _read_coop_split(path: Path, frames: Path) -> tuple[list[str], tuple[list[str], list[int]], tuple[list[str], list[int]]]:
-    """(class names, train, test) from CoOp's split file: train = its "train" + "val" entries."""
+    """(class ids as the file writes them, train, test) from CoOp's split file: train = its "train" + "val" entries."""
     import json
 
     try:
@@ -269,11 +269,11 @@ def _read_coop_split(path: Path, frames: Path) -> tuple[list[str], tuple[list[st
                                  f"{missing[:3]}", LAYOUT,
                            f"extract CoOp's UCF-101-midframes.zip into data.root (or set data.frames_dir to the "
                            f"folder the paths in {path.name} are relative to)")
-    class_names = [class_name(next(iter(names[lb]))) for lb in range(len(names))]
+    ids = [next(iter(names[lb])) for lb in range(len(names))]
 
     def sources(entries):
         return [str(frames / rel) for rel, _, _ in entries], [label for _, label, _ in entries]
-    return class_names, sources(parts["train"] + parts["val"]), sources(parts["test"])
+    return ids, sources(parts["train"] + parts["val"]), sources(parts["test"])
 
 
 def _video_entries(folder: Path) -> list[Path]:
@@ -300,7 +300,8 @@ def _load_presplit(train_dir: Path, test_dir: Path, classes: Optional[list[str]]
                                 spellings=class_folders, classes_from=classes_from)
     log.info("%s: the pre-split folders %s + %s (%d classes, %s): %d train, %d test samples", NAME, train_dir,
              test_dir, len(classes), classes_from, len(train[0]), len(test[0]))
-    return (VideoFrameDataset(*train, names, train_transform), VideoFrameDataset(*test, names, test_transform))
+    return (VideoFrameDataset(*train, names, train_transform, classes),
+            VideoFrameDataset(*test, names, test_transform, classes))
 
 
 def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
@@ -320,9 +321,10 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
         if not frames.is_dir():
             raise format_error(NAME, f"'{path / COOP_SPLIT}' is there but its image folder '{frames}' is not",
                                LAYOUT, "extract CoOp's UCF-101-midframes.zip into data.root, or set data.frames_dir")
-        class_names, train, test = _read_coop_split(path / COOP_SPLIT, frames)
-        return (VideoFrameDataset(*train, class_names, train_transform),
-                VideoFrameDataset(*test, class_names, test_transform))
+        ids, train, test = _read_coop_split(path / COOP_SPLIT, frames)
+        class_names = [class_name(c) for c in ids]
+        return (VideoFrameDataset(*train, class_names, train_transform, ids),
+                VideoFrameDataset(*test, class_names, test_transform, ids))
     if missing:
         # the official lists, or (split 1) CoOp's split file, one or two levels off data.root
         patterns = [f"{d}/classInd.txt" for d in LIST_DIR_CANDIDATES] + ([COOP_SPLIT] if split == 1 else [])
@@ -341,5 +343,5 @@ def load_ucf101(root: Optional[str], train_transform: Optional[Callable] = None,
     class_names = [class_name(c) for c in classes]
     train = _read_list(lists / needed[1], frames, class_index, with_labels=True)
     test = _read_list(lists / needed[2], frames, class_index, with_labels=False)
-    return (VideoFrameDataset(*train, class_names, train_transform),
-            VideoFrameDataset(*test, class_names, test_transform))
+    return (VideoFrameDataset(*train, class_names, train_transform, classes),
+            VideoFrameDataset(*test, class_names, test_transform, classes))

@@ -10,6 +10,8 @@ from segpcl_fast.data.cub import class_name, load_cub200
 def test_official_split_and_names(cub_root):
     train, test = load_cub200(str(cub_root))
     assert train.class_names == ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
+    assert train.class_ids == test.class_ids == ["001.Black_footed_Albatross", "002.Laysan_Albatross",
+                                                 "003.Sooty_Albatross"]  # classes.txt's folders: class_order takes them
     assert len(train) == len(test) == 3 * CUB_PER_CLASS // 2
     assert train.targets == [0, 0, 1, 1, 2, 2]
     for ds, parity in ((train, 0), (test, 1)):  # the fake marks even image indices as train
@@ -140,4 +142,5 @@ def test_a_shared_root_reads_cub_not_imagenets_train_and_val(cub_root, tmp_path)
         write_image(shared / split / "n01440764" / "x.JPEG", (1, 2, 3))
     train, _ = load_cub200(str(shared))
     assert train.class_names == ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
+    assert train.class_ids == ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
     assert all("/cub/train/" in p for p in train.paths)

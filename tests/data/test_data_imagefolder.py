@@ -12,6 +12,7 @@ from segpcl_fast.config import DataConfig
 from segpcl_fast.data import build_datasets
 from segpcl_fast.data.base import DatasetFormatError
 from segpcl_fast.data.imagefolder import load_imagefolder
+from segpcl_fast.data.protocol import ClassIncrementalScenario
 
 FOLDERS = ["golden_retriever", "Abyssinian", "tabby_cat", "zebra"]  # ImageFolder sorts by str: 'A' < 'g' < 't'
 
@@ -62,6 +63,12 @@ def test_names_file_json_or_text_and_its_errors(tmp_path):
     (tmp_path / "names.json").write_text(json.dumps({f: f"{f.lower()} dog" for f in FOLDERS}))
     train, _ = build_datasets(DataConfig(dataset="imagefolder", root=str(root), names_file=str(tmp_path / "names.json")))
     assert train.class_names == ["abyssinian dog", "golden_retriever dog", "tabby_cat dog", "zebra dog"]
+    # data.class_order may name the classes by their folders once names_file has renamed them (or by the new names)
+    order = ["zebra", "tabby cat dog", "Abyssinian", "golden_retriever"]
+    cfg = DataConfig(dataset="imagefolder", root=str(root), names_file=str(tmp_path / "names.json"),
+                     class_order=order, num_tasks=2)
+    scenario = ClassIncrementalScenario.from_config(cfg, *build_datasets(cfg))
+    assert scenario.class_names == ["zebra dog", "tabby_cat dog", "abyssinian dog", "golden_retriever dog"]
     (root / "names.txt").write_text("".join(f"{f} the {f}\n" for f in FOLDERS))  # relative: found in data.root
     assert load_imagefolder(str(root), names_file="names.txt")[0].class_names[0] == "the Abyssinian"
     (root / "short.txt").write_text("zebra a zebra\n")
@@ -232,3 +239,19 @@ def test_decomposed_file_and_folder_names_split_and_name_as_composed_ones(tmp_pa
             write_image(cafe / unicodedata.normalize("NFD", folder) / f"{i}.jpg", (1, 2, 3))
     (cafe / "names.json").write_text(json.dumps({unicodedata.normalize("NFC", "café"): "coffee", "tea": "tea"}))
     assert load_imagefolder(str(cafe), names_file="names.json")[0].class_names == ["coffee", "tea"]
+
+
+def test_a_root_at_one_half_of_a_split_reads_flat_and_warns(tmp_path, caplog):
+    """data.root=<dataset>/train is read as flat class folders (a seeded split of train/ alone), with a warning
+    that names the dataset's root; a flat dataset in a folder named train/ (no test/ beside it) gets none."""
+    root = make_tree(tmp_path / "ds", per_class=6)
+    with caplog.at_level("WARNING", logger="segpcl_fast.data.imagefolder"):
+        train, test = load_imagefolder(str(root / "train"))
+    assert len(train) + len(test) == 4 * 3 and all("/train/" in p for p in train.paths + test.paths)
+    assert f"data.root {root / 'train'} is one half of the split in {root} (beside test/)" in caplog.text
+    assert f"set data.root={root} to train on train/ and test on test/" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segpcl_fast.data.imagefolder"):
+        load_imagefolder(str(make_tree(tmp_path / "alone" / "train", per_class=4, split=False)))
+        load_imagefolder(str(root))
+    assert "one half of the split" not in caplog.text

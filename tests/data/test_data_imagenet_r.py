@@ -18,6 +18,7 @@ def _check_labels_follow_folders(ds):
 def test_seeded_80_20_split_per_class(imagenet_r_root):
     train, test = load_imagenet_r(str(imagenet_r_root))
     assert train.class_names == ["goldfish", "great white shark", "hammerhead", "stingray"]
+    assert train.class_ids == test.class_ids == WNIDS
     assert len(train) == 4 * 4 and len(test) == 4 * 1  # 5 per class -> 4 train, 1 test
     assert sorted(test.targets) == [0, 1, 2, 3]
     assert not set(train.paths) & set(test.paths)

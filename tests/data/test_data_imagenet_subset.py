@@ -23,6 +23,7 @@ def assert_images_match_labels(ds, wnids):
 def test_class_list_order_and_names(imagenet_subset_root):
     train, val = load_imagenet_subset(str(imagenet_subset_root))
     assert train.class_names == ["tench", "great white shark", "hammerhead"]  # sorted wnids, not line order
+    assert train.class_ids == val.class_ids == SUBSET_SORTED
     assert len(train) == 3 * 3 and len(val) == 3 * 2
     for ds in (train, val):
         for path, label in zip(ds.paths, ds.targets):
@@ -35,6 +36,7 @@ def test_explicit_class_list_and_flat_val(tmp_path):
     (root / "mine.txt").write_text("# two classes\nn01491361 tiger shark\nn01443537\n")
     train, val = load_imagenet_subset(str(root), class_list="mine.txt")
     assert train.class_names == ["goldfish", "tiger shark"]
+    assert train.class_ids == ["n01443537", "n01491361"]
     assert len(val) == 4 and sorted(val.targets) == [0, 0, 1, 1]
     assert_images_match_labels(val, ["n01443537", "n01491361"])
 

@@ -46,6 +46,30 @@ def test_explicit_order_names_and_indices():
         resolve_class_order(["crane", "x", 1], ["crane", "crane", "x"])
 
 
+def test_explicit_order_by_class_ids_wnids_or_folder_names():
+    """data.class_order may name classes as the dataset's files do (wnids, folder names), beside names and indices."""
+    names, ids = ["goldfish", "great white shark", "Yo Yo"], ["n01443537", "n01484850", "YoYo"]
+    assert resolve_class_order(["n01484850", "YoYo", "goldfish"], names, class_ids=ids) == [1, 2, 0]
+    assert resolve_class_order(["Great_White_Shark", 2, "n01443537"], names, class_ids=ids) == [1, 2, 0]
+    with pytest.raises(DatasetFormatError, match=r"not classes of the dataset \(names, or indices 0..2\): "
+                                                 r"\['n01484850', 'YoYo'\]"):
+        resolve_class_order(["n01484850", "YoYo", "goldfish"], names)  # no ids: a wnid is not a name
+    with pytest.raises(DatasetFormatError, match=r"not classes of the dataset \(names, ids such as its folder "
+                                                 r"names, or indices 0..2\): \['n0'\].*\(ids \['n01443537'"):
+        resolve_class_order(["n01484850", "n0", "goldfish"], names, class_ids=ids)
+    # a name that is another class's id (a names file that swaps two folders' names) is refused, not guessed
+    with pytest.raises(DatasetFormatError, match="'cat' is the name of class 0 .* and the id of class 1"):
+        resolve_class_order(["cat", "dog"], ["cat", "dog"], class_ids=["dog", "cat"])
+    assert resolve_class_order(["cat", "dog"], ["cat", "dog"], class_ids=["cat", "dog"]) == [0, 1]
+    with pytest.raises(DatasetFormatError, match="'a' matches 2 classes' ids"):
+        resolve_class_order(["a", 0, 1], ["x", "y", "z"], class_ids=["b", "a", "a"])
+    # the ids go with the dataset into its scenario (and through ClassSubset views with the same classes)
+    train, test = make_pair(num_classes=3)
+    train.class_ids = test.class_ids = ["n3", "n1", "n2"]
+    sc = ClassIncrementalScenario(train, test, ["n1", "n2", "class_0"], num_tasks=3)
+    assert sc.order == [1, 2, 0] and sc.class_names == ["class_1", "class_2", "class_0"]
+
+
 def test_split_tasks():
     assert split_tasks(6, 3) == [[0, 1], [2, 3], [4, 5]]
     assert split_tasks(6, 1, task_sizes=[3, 1, 2]) == [[0, 1, 2], [3], [4, 5]]

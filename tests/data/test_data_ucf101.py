@@ -19,6 +19,7 @@ def test_official_split_both_layouts(tmp_path, layout):
     root = make_ucf101(tmp_path / "ucf", layout=layout)
     train, test = load_ucf101(str(root))
     assert train.class_names == ["Apply Eye Makeup", "Handstand Pushups", "Yo Yo"]
+    assert train.class_ids == test.class_ids == ["ApplyEyeMakeup", "HandstandPushups", "YoYo"]  # classInd.txt's
     assert len(train) == 3 * len(UCF_TRAIN_GROUPS) and len(test) == 3 * len(UCF_TEST_GROUPS)
     assert test.targets == [0, 1, 2]
     for ds, groups in ((train, UCF_TRAIN_GROUPS), (test, UCF_TEST_GROUPS)):
@@ -383,6 +384,7 @@ def test_a_presplit_copy_in_another_order_than_classind_follows_classind(ucf_roo
         (proof / split / "ApplyEyeMakeup").rename(proof / split / "Zz_Apply_Eye_Makeup_renamed")
     folders_order = load_ucf101(str(proof))[0]  # no classInd.txt: the folders' sorted order
     assert folders_order.class_names == ["Handstand Pushups", "Yo Yo", "Zz Apply Eye Makeup renamed"]
+    assert folders_order.class_ids == ["HandstandPushups", "YoYo", "Zz_Apply_Eye_Makeup_renamed"]
     for split in ("train", "test"):
         (proof / split / "Zz_Apply_Eye_Makeup_renamed").rename(proof / split / "Apply_Eye_Makeup")
     (proof / "train" / "HandstandPushups").rename(proof / "train" / "handstandpushups")
@@ -390,6 +392,7 @@ def test_a_presplit_copy_in_another_order_than_classind_follows_classind(ucf_roo
     shutil.copytree(ucf_root / "ucfTrainTestlist", proof / "ucfTrainTestlist")
     train, test = load_ucf101(str(proof))
     assert train.class_names == ["Apply Eye Makeup", "Handstand Pushups", "Yo Yo"]
+    assert train.class_ids == ["ApplyEyeMakeup", "HandstandPushups", "YoYo"]  # classInd.txt's, not the folders'
     for ds in (train, test):
         for i in range(len(ds)):
             img, label = ds[i]
