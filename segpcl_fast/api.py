@@ -152,6 +152,14 @@ def check_unique(items: Iterable, what: str) -> None:
 EVALUATE_OVERRIDABLE = ("run.device", "run.ops", "run.compile", "run.tf32", "run.num_threads", "run.progress",
                         "eval.batch_size", "data.num_workers", "data.root", "data.frames_dir", "model.cache_dir",
                         "data.names_file", "data.class_list", "data.split_file", "model.pretrained")
+_WRITES_NOTHING = "evaluate writes nothing into the run (it may lie in a read-only folder): this key sets what train writes"
+# why evaluate refuses the run-only keys it does not take (the other keys: it would not be the run that was trained)
+EVALUATE_REFUSALS = {**dict.fromkeys(("run.plots", "run.tensorboard", "run.checkpoint", "run.resume", "run.overwrite"),
+                                     _WRITES_NOTHING),
+                     "run.output_dir": "evaluate reads the run at its run_dir argument (RUN on the command line)",
+                     "dpgd.batch_size": "evaluate runs no DPGD (the anchors of stage 1 are made only when a task trains)",
+                     "data.expected_classes": "the run's checkpoint fixes its classes (evaluate checks the data's "
+                                              "class names against it)"}
 
 
 def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]] = None, *, all_tasks: bool = False,
@@ -193,8 +201,9 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
             raise ConfigError(f"unknown config key '{key}'{did_you_mean(key)}; evaluate can set "
                               f"{', '.join(EVALUATE_OVERRIDABLE)}")
         if key not in EVALUATE_OVERRIDABLE:
-            raise ConfigError(f"evaluate() cannot override '{key}': it would not be the run that was trained; "
-                              f"it can set {', '.join(EVALUATE_OVERRIDABLE)}")
+            reason = EVALUATE_REFUSALS.get(key, "it would not be the run that was trained")
+            raise ConfigError(f"evaluate() cannot override '{key}': {reason}; it can set "
+                              f"{', '.join(EVALUATE_OVERRIDABLE)}")
     cfg = load_config(cfg_path)
     for changes in (strings, keyed):
         if changes:

@@ -180,8 +180,21 @@ def test_evaluate_refuses_other_keys_given_as_keywords_too(run_without_checkpoin
     for kwargs in ({"num_tasks": 3}, {"dpgd__k_adv": 2}, {"lr": 0.1}):
         with pytest.raises(ConfigError, match="evaluate\\(\\) cannot override"):
             evaluate(run_without_checkpoints, **kwargs)
-    with pytest.raises(ConfigError, match="cannot override 'data.num_tasks'"):
+    with pytest.raises(ConfigError, match="cannot override 'data.num_tasks': it would not be the run that was trained"):
         evaluate(run_without_checkpoints, ["data.num_tasks=3"])
+
+
+def test_evaluate_names_why_it_refuses_the_run_only_keys_it_does_not_take(run_without_checkpoints):
+    """Keys that change only what train writes, or stages evaluate does not run, are refused with that reason
+    (not "it would not be the run that was trained", which they do not change)."""
+    from segpcl_fast.api import EVALUATE_OVERRIDABLE, EVALUATE_REFUSALS, evaluate
+    from segpcl_fast.engine.checkpoint import RUN_ONLY_KEYS
+    assert set(EVALUATE_REFUSALS) == set(RUN_ONLY_KEYS) - set(EVALUATE_OVERRIDABLE)  # each one its own reason
+    for kwargs, reason in (({"run__tensorboard": True}, "evaluate writes nothing into the run"),
+                           ({"run__output_dir": "elsewhere"}, "evaluate reads the run at its run_dir argument"),
+                           ({"dpgd__batch_size": 4}, "evaluate runs no DPGD")):
+        with pytest.raises(ConfigError, match=f"cannot override '{next(iter(kwargs)).replace('__', '.')}': {reason}"):
+            evaluate(run_without_checkpoints, **kwargs)
 
 
 # ----------------------------------------------------------------------------- CLI
