@@ -24,27 +24,19 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _host_values(name: str, v: PerChannel) -> Optional[list[float]]:
-    """A bound given on the host as floats (one number, or one per channel), or None for a tensor.
+def _host_values(name: str, v: PerChannel, channels: int) -> Optional[list[float]]:
+    """A bound given on the host as floats, one per channel (one number is every channel's), or None for a tensor.
     Plain Python checks, no numpy calls: torch.compile traces them (a numpy array is read with tolist)."""
     if isinstance(v, torch.Tensor):
         return None
     items = v.tolist() if type(v).__module__ == "numpy" and hasattr(v, "tolist") else v
-    items = [items] if _is_number(items) else items
+    if _is_number(items):
+        return [float(items)] * max(channels, 1)
     if (not isinstance(items, Sequence) or isinstance(items, str) or not items
             or not all(_is_number(x) for x in items)):
         raise TypeError(f"pgd_step: {name} must be a number, a sequence of one number per channel or a (C,) tensor, "
                         f"got {v!r}")
     return [float(x) for x in items]
-
-
-def _as_channels(values: Optional[list[float]], v: PerChannel, channels: int, device: torch.device,
-                 dtype: torch.dtype) -> torch.Tensor:
-    if values is None:
-        return v.to(device=device, dtype=dtype)
-    if _is_number(v) or (type(v).__module__ == "numpy" and getattr(v, "ndim", 1) == 0):  # one number, every channel
-        return torch.full((channels,), values[0], dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: PerChannel,
@@ -59,17 +51,18 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: P
     """
     refuse_trained_constants("pgd_step", gamma=gamma, eps=eps, lo=lo, hi=hi)
     bounds = {"gamma": gamma, "eps": eps, "lo": lo, "hi": hi}
-    host = {name: _host_values(name, v) for name, v in bounds.items()}
+    channels = x_adv.shape[1] if x_adv.dim() == 4 else 0
+    host = {name: _host_values(name, v, channels) for name, v in bounds.items()}
     if host["eps"] is not None and not all(e >= 0 for e in host["eps"]):  # (NaN too)
         raise ValueError(f"pgd_step: eps must be >= 0, got {eps}")
     if host["lo"] is not None and host["hi"] is not None:
         pairs = (zip(host["lo"], host["hi"]) if len(host["lo"]) == len(host["hi"]) else
-                 ((a, b) for a in host["lo"] for b in host["hi"]))  # a number against each channel's
+                 ((a, b) for a in host["lo"] for b in host["hi"]))  # a wrong length (check_pgd_inputs names it): all pairs
         if not all(a <= b for a, b in pairs):
             raise ValueError(f"pgd_step: lo must be <= hi, got lo {lo}, hi {hi}")
-    channels = x_adv.shape[1] if x_adv.dim() == 4 else 0
-    bounds_dtype = _k.compute_dtype(x_adv)
-    gamma, eps, lo, hi = (_as_channels(host[name], v, channels, x_adv.device, bounds_dtype) for name, v in bounds.items())
+    dtype = _k.compute_dtype(x_adv)
+    gamma, eps, lo, hi = (v.to(device=x_adv.device, dtype=dtype) if host[name] is None else
+                          torch.tensor(host[name], dtype=dtype, device=x_adv.device) for name, v in bounds.items())
     _k.check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi)
     if choose_impl("pgd_step", x_adv, grad, x0) == "triton":
         tracked = torch.is_grad_enabled() and (x_adv.requires_grad or x0.requires_grad)
