@@ -123,7 +123,7 @@ class ACGDConfig:
     enabled: bool = True
     weight: float = 5.0  # lambda_ACGD
     tau: float = 20.0  # tau_A
-    # anchors per step [choice]: 0 = as many as the image batch; drawn without replacement, so while
+    # anchors per step on each process [choice]: 0 = as many as its image batch; drawn without replacement, so while
     # A_t has fewer (CIFAR100 task 2: 50 anchors, batch 128) every step uses all of A_t, shuffled
     anchor_batch: int = 0
     # distillation source: "anchors" (DPGD), "new_data" (raw task images), "seeds" (no PGD),

@@ -39,7 +39,7 @@ PathLike = Union[str, os.PathLike]
 # augmentations of its batches from its own RNG (seeded from the loader's generator and its worker
 # id; with 0 workers they come from the main process's); and, at rounding level, the keys that pick
 # how the arithmetic runs (run.device, run.ops, run.compile, run.tf32, run.num_threads, dpgd.batch_size, and
-# eval.batch_size, which also batches stage 1's teacher pass and the prototypes' features). A run
+# eval.batch_size, which also batches the new classes' prototype features). A run
 # resumed with other values is a valid run whose later tasks are not bit-identical to the uninterrupted one.
 RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress", "run.plots", "run.tensorboard",
                  "run.checkpoint", "run.num_threads", "run.compile", "run.tf32", "run.device", "run.ops", "eval.batch_size", "data.num_workers",
