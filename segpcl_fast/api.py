@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from .config import (Config, ConfigError, analysis_config, apply_overrides, check_data_root, check_resume_dir,
                      check_resume_run, check_task_count, config_from_dict, did_you_mean, join_some, known_keys,
-                     kwargs_to_overrides, load_config, map_kwargs, override_key, refuse_decided_keys, runs_below)
+                     kwargs_to_overrides, load_config, map_kwargs, override_key, refuse_decided_keys, runs_below, task_count)
 
 ConfigLike = Union[Config, dict, str, os.PathLike, None]
 
@@ -126,16 +126,20 @@ def check_resume_target(config: ConfigLike, cfg: Config) -> None:
                           f"(train(..., run__output_dir=...)), or the recorded one with -o {cfg.run.output_dir}")
 
 
-def start_table_files(out: str | os.PathLike, name: str, planned: Iterable[Config]) -> None:
+def start_table_files(out: str | os.PathLike, name: str, planned: Iterable[Config], *, resume: bool) -> None:
     """Before an analysis trains: each run it plans (their configs) must be one its trainer will take
     (engine.trainer.check_new_run_dir: a new run into a folder holding a run is refused, naming --resume),
-    then the earlier <name>.{json,txt,png} go (report.results.clear_table_files). Refused, nothing is removed:
-    a finished analysis run again without --resume kept its runs and lost its tables."""
+    then the earlier <name>.{json,txt,png} go (report.results.clear_table_files), unless the analysis resumes
+    (`resume`: its run.resume; its unstarted runs start afresh): a --resume continues the runs those tables describe (or adds runs, which the tables do not list) and writes
+    them again when it finishes, and its config may still be refused by the runs' checkpoints, which a resume
+    with the right config then rebuilds the tables from. Refused, nothing is removed: a finished analysis run
+    again without --resume kept its runs and lost its tables."""
     from .engine.trainer import check_new_run_dir
     from .report.results import clear_table_files
     for cfg in planned:
         check_new_run_dir(cfg)
-    clear_table_files(out, name)
+    if not resume:
+        clear_table_files(out, name)
 
 
 def check_unique(items: Iterable, what: str) -> None:
@@ -166,8 +170,9 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
              **kwargs: Any) -> dict:
     """Re-evaluate a finished (or interrupted) run from its last checkpoint.
 
-    Returns {"task": last finished task (1-based), "acc_per_task_j": [...], "acc": accuracy on all
-    seen test images} computed now, with the dual-path logits of the checkpointed state.
+    Returns {"task": last finished task (1-based), "num_tasks": the run's task count (more than "task": an
+    unfinished run), "acc_per_task_j": [...], "acc": accuracy on all seen test images} computed now, with the
+    dual-path logits of the checkpointed state.
     all_tasks=True (CLI --all-tasks) evaluates every finished task t from its own checkpoint, as the run
     did after training it: the dict also holds the accuracy matrix a[t][j] (and its own-space twin),
     acc_per_task, fwt_before (where the run's config has eval.fwt: the CLIP path on task t from task
@@ -208,6 +213,9 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     for changes in (strings, keyed):
         if changes:
             cfg = apply_overrides(cfg, changes)
+    if cfg.data.dataset == "synthetic" and cfg.data.root:  # train's check_data_root, whose fix (the dataset) is not ours
+        raise ConfigError(f"data.root is {cfg.data.root}, but {run_dir} trained on the offline world (data.dataset "
+                          f"'synthetic'), which reads no files: evaluate it without data.root")
     last = ckpt.find_last_checkpoint(run_dir)
     if last is None:
         from .classifier import no_checkpoint_reason
@@ -225,7 +233,7 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
         if all_tasks:
             return _evaluate_every_task(run_dir, trainer, state)
         counts = trainer.evaluate_seen(state["task"])
-    return {"task": state["task"] + 1,
+    return {"task": state["task"] + 1, "num_tasks": task_count(cfg.data),
             "acc_per_task_j": [percent(c, n) for c, _, n in counts],
             "acc": percent(sum(c for c, _, _ in counts), sum(n for _, _, n in counts))}
 
@@ -266,7 +274,7 @@ def _evaluate_every_task(run_dir: Path, trainer, last_state: dict) -> dict:
     recorded = np.asarray(last_state["correct"], dtype=np.float64)[:done, :done]
     lower = np.tril(np.ones((done, done), dtype=bool))
     recorded_pct = np.where(lower, recorded, 0.0) * 100.0 / np.asarray(totals, dtype=np.float64)[None, :]
-    return {"task": done,
+    return {"task": done, "num_tasks": task_count(cfg.data),
             "acc_per_task_j": matrix[-1].tolist(),
             "acc": float(acc[-1]),
             "accuracy_matrix": metrics.matrix_to_list(matrix),
@@ -318,7 +326,8 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     trained = {}  # such a key -> the first variant that trains it
     for name in variants:
         trained.setdefault(keys[name], name)
-    start_table_files(out, "ablation", [run_config(name, seed) for name in trained.values() for seed in seeds])
+    start_table_files(out, "ablation", [run_config(name, seed) for name in trained.values() for seed in seeds],
+                      resume=cfg.run.resume)
     runs, rows = {}, []
     for name in variants:
         same_as = trained[keys[name]]

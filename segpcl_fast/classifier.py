@@ -396,6 +396,10 @@ def no_checkpoint_reason(run_dir: Path) -> str:
     if unsaved:
         return (f"{run_dir} was trained with run.checkpoint=false, so its weights were not saved: its results.json "
                 f"holds its numbers, but nothing can load it; train it again with run.checkpoint=true (the default)")
+    if (run_dir / "results.json").is_file():  # a finished run copied without its *.pt files
+        return (f"no checkpoint in {run_dir}, but its results.json records a run that finished: its checkpoints "
+                f"(checkpoints/task_NN.pt) are missing (a copy without its .pt files?); its results.json holds its "
+                f"numbers, and loading its weights needs the run's checkpoints/ folder back beside its config.yaml")
     return f"no checkpoint in {run_dir}: the run finished no task"
 
 

@@ -162,6 +162,10 @@ def cmd_evaluate(args) -> int:
     out = evaluate(args.run_dir, args.overrides, all_tasks=args.all_tasks)
     if not _rank0():  # torchrun: the ranks share the counts; rank 0 reports
         return 0
+    if out["task"] < out["num_tasks"]:  # numbers easily taken for a finished run's
+        run = str(args.run_dir).rstrip("/")
+        print(f"unfinished run: {out['task']} of its {out['num_tasks']} tasks trained (segpcl-fast train --config "
+              f"{run}/config.yaml --resume -o {run} continues it); the numbers below are after task {out['task']}")
     if args.all_tasks:
         from .report import format_run_summary
         print(format_run_summary(out))
@@ -438,6 +442,16 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def peft_load_hint(name: str, pretrained: str | None, path) -> str:
+    """How to load an adapter written by export --peft: open_clip.create_model too, unless the model's config or
+    weights are ones only segpcl_fast resolves (segpcl-tiny, segpcl-world)."""
+    from .model.clip import BUNDLED_WEIGHTS, MODEL_CONFIG_DIR
+    ours = (name, pretrained) in BUNDLED_WEIGHTS or (MODEL_CONFIG_DIR / f"{name}.json").is_file()
+    return (f"load it with peft.PeftModel.from_pretrained(segpcl_fast.load_model({name!r}, "
+            f"pretrained={pretrained!r}).clip, {str(path)!r})"
+            + ("" if ours else " (or open_clip.create_model with that name and weights)"))
+
+
 def cmd_export(args) -> int:
     from .classifier import ClassifierError, check_export_path, load_classifier
     if args.peft:
@@ -449,10 +463,8 @@ def cmd_export(args) -> int:
             raise ClassifierError(str(e)) from e
         clf = load_classifier(args.source, task=args.task, overrides=args.overrides)
         path = clf.save_peft_adapter(args.output)
-        print(f"wrote {path}: the LoRA adapters of {clf.model.name} after task {clf.task} as a peft adapter; load it "
-              f"with peft.PeftModel.from_pretrained(segpcl_fast.load_model({clf.model.name!r}, "
-              f"pretrained={clf.model.pretrained!r}).clip, {str(path)!r}) (or open_clip.create_model with that name "
-              f"and weights)")
+        print(f"wrote {path}: the LoRA adapters of {clf.model.name} after task {clf.task} as a peft adapter; "
+              f"{peft_load_hint(clf.model.name, clf.model.pretrained, path)}")
         return 0
     check_export_path(args.output)  # before the model loads
     clf = load_classifier(args.source, task=args.task, overrides=args.overrides)

@@ -542,6 +542,12 @@ def _value_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def task_count(data: DataConfig) -> int:
+    """A run's number of tasks: data.task_sizes' length where set (a stored run may hold sizes beside the default
+    num_tasks: check_task_count), else data.num_tasks."""
+    return len(data.task_sizes) if data.task_sizes else data.num_tasks
+
+
 def check_task_count(cfg: Config) -> Config:
     """data.task_sizes, when set, defines the tasks; a new config must give num_tasks of them (a
     preset's task sizes with another num_tasks was a late, puzzling class-count error). Checked where

@@ -622,7 +622,14 @@ def test_a_run_trained_without_checkpoints_says_so(tiny_model_name, tmp_path):
     from segpcl_fast.api import evaluate
     with pytest.raises(FileNotFoundError, match="was trained with run.checkpoint=false, so its weights were not saved"):
         evaluate(out)
+    # a finished run copied without its .pt files (its config keeps checkpoints): they are missing, not unmade
     (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("checkpoint: false", "checkpoint: true"))
+    with pytest.raises(ClassifierError, match="results.json records a run that finished: its checkpoints .* are "
+                                              "missing"):
+        load_classifier(out)
+    with pytest.raises(FileNotFoundError, match="results.json records a run that finished"):
+        evaluate(out)
+    (out / "results.json").unlink()
     with pytest.raises(ClassifierError, match="no checkpoint in .*: the run finished no task$"):
         load_classifier(out)
 
@@ -643,8 +650,16 @@ def test_cli_export_peft_writes_an_adapter_peft_loads_onto_the_plain_model(run, 
     assert main(["export", str(out), "--peft", "-o", str(taken)]) == 2  # checked before the model loads
     assert "new (or empty) directory" in capsys.readouterr().err
     assert main(["export", str(out), "--peft", "-o", str(tmp_path / "adapter"), "--task", "2"]) == 0
-    assert "peft.PeftModel.from_pretrained" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "peft.PeftModel.from_pretrained" in said
     clf = load_classifier(out, task=2)
+    # open_clip knows the tests' model config: it is suggested too, as for ViT-B-16; not for the package's own
+    # config or bundled weights, which open_clip alone does not resolve (a review's finding)
+    assert "(or open_clip.create_model with that name and weights)" in said
+    from segpcl_fast.cli import peft_load_hint
+    assert "open_clip.create_model" in peft_load_hint("ViT-B-16", "openai", "a")
+    for name, pretrained in (("segpcl-tiny", "segpcl-world"), ("segpcl-tiny", None)):
+        assert "open_clip" not in peft_load_hint(name, pretrained, "a")
     base = unload_lora(copy.deepcopy(clf.model)).clip.state_dict()  # the run's pretrained (here random) weights
     plain = open_clip.create_model(clf.model.name).eval()
     plain.load_state_dict(base)

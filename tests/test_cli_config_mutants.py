@@ -168,6 +168,8 @@ def run_without_checkpoints(tmp_path):
 @pytest.mark.parametrize("key,value", EVALUATE_KEYS)
 def test_evaluate_accepts_every_documented_key_as_string_and_keyword(run_without_checkpoints, key, value):
     from segpcl_fast.api import evaluate
+    if key == "data.root":  # a run of a dataset that reads files (the offline world's run refuses a root)
+        save_config(C.apply_overrides(Config(), {"data.dataset": "cifar100"}), run_without_checkpoints / "config.yaml")
     # past the key check, the run has no checkpoint: that is the error, not the key
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         evaluate(run_without_checkpoints, [f"{key}={value}"])
@@ -182,6 +184,14 @@ def test_evaluate_refuses_other_keys_given_as_keywords_too(run_without_checkpoin
             evaluate(run_without_checkpoints, **kwargs)
     with pytest.raises(ConfigError, match="cannot override 'data.num_tasks': it would not be the run that was trained"):
         evaluate(run_without_checkpoints, ["data.num_tasks=3"])
+
+
+def test_evaluate_refuses_a_data_root_for_an_offline_world_run(run_without_checkpoints):
+    """A data.root for a run of the offline world would be ignored (it reads no files): refused, as train refuses it."""
+    from segpcl_fast.api import evaluate
+    with pytest.raises(ConfigError, match="data.root is /tmp, but .* trained on the offline world .* evaluate it "
+                                          "without data.root"):
+        evaluate(run_without_checkpoints, data__root="/tmp")
 
 
 def test_evaluate_names_why_it_refuses_the_run_only_keys_it_does_not_take(run_without_checkpoints):

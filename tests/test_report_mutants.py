@@ -221,6 +221,10 @@ def test_plot_loss_curves_data(tmp_path, monkeypatch):
     assert list(acgd.get_xdata()) == [3] and list(acgd.get_ydata()) == [0.01]  # None is no point
     assert [list(line.get_ydata()) for line in axes[2].get_lines()] == [[0.1, 0.2], [0.3]]
     assert axes[-1].get_xlabel() == "epoch (all tasks)" and axes[0].get_title() == "training loss, mean per epoch"
+    # one legend maps the colours to tasks: each task with a point in any panel, in task order (a review's finding)
+    legend = axes[-1].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["task 1", "task 3"]
+    assert [h.get_color() for h in legend.get_lines()] == ["C0", "C2"]
     with pytest.raises(ValueError, match="at least one epoch"):
         plots.plot_loss_curves([[], [{"epoch": 1, "steps": 0}]], tmp_path / "e.png")
 

@@ -78,7 +78,7 @@ def anchor_views(config=None, task: int = 2, projection: str = "pca", method: Op
     if not 2 <= int(task) <= T:  # before the model and data load too
         raise ConfigError(f"anchor views: task must be in 2..{T} (1-based; task 1 has no old classes), got {task}")
     run_cfg = run_config(cfg, method, out / "run")
-    start_table_files(out, "anchor_views", [run_cfg])
+    start_table_files(out, "anchor_views", [run_cfg], resume=cfg.run.resume)
     trainer = make_trainer(run_cfg)
     t = int(task) - 1
     for j in range(t):

@@ -128,7 +128,7 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
         list_reference_images(folder, option)  # a missing folder fails before anything runs
     start_table_files(out, "distill_sources", [run_config(apply_overrides(cfg, {"run.seed": int(seed)}), method,
                                                           out / source / f"seed{seed}")
-                                               for source in sources for seed in seeds])
+                                               for source in sources for seed in seeds], resume=cfg.run.resume)
     rows, runs = [], {}
     for source in sources:
         results = []

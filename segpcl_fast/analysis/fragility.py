@@ -244,7 +244,7 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
     # before the model and data load; data.num_tasks is the scenario's (config.check_task_count)
     wanted = _tasks_to_analyse(tasks, cfg.data.num_tasks)
     run_cfg = run_config(cfg, method, out / "run")
-    start_table_files(out, "fragility", [run_cfg])
+    start_table_files(out, "fragility", [run_cfg], resume=cfg.run.resume)
     trainer = make_trainer(run_cfg)
     rows = []
     for t in range(wanted[-1] + 1):

@@ -119,7 +119,7 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)
     run_configs = {name: run_config(cfg, name, out / slug(name)) for name in variants}
-    start_table_files(out, "retention", run_configs.values())
+    start_table_files(out, "retention", run_configs.values(), resume=cfg.run.resume)
     before, rows, sets = {}, [], None
     for name in variants:
         trainer = make_trainer(run_configs[name])

@@ -227,13 +227,14 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
         cfg = apply_overrides(apply_overrides(cfg, list(fixed)), single)
     except ConfigError as e:
         raise ConfigError(f"sweep: fixed override: {e}") from None
-    held = {**{override_key(o): config_value(cfg, override_key(o)) for o in fixed}, **single}  # recorded
+    held = {**{override_key(o): config_value(cfg, override_key(o)) for o in fixed}, **single}
+    held = {k: v for k, v in held.items() if k not in SHOWN_ONLY}  # recorded: what the numbers depend on
     cfg = analysis_config(cfg, "sweep")  # after the fixed keys: they may set run.output_dir
     check_resume_dir(cfg)  # after the fixed keys: they may set run.resume or run.output_dir
     out = Path(cfg.run.output_dir)
     points = expand_grid(axes)
     configs = validate_grid(cfg, points, seeds, out, held)  # every error before the first run
-    start_table_files(out, "sweep", [c for per_seed in configs for c in per_seed])
+    start_table_files(out, "sweep", [c for per_seed in configs for c in per_seed], resume=cfg.run.resume)
     swept = list(axes)
     rows = []
     for point, per_seed in zip(points, configs):

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from torch.utils.data import ConcatDataset, DataLoader
 
 from .. import metrics, ops
-from ..config import Config, ConfigError, apply_overrides, check_resume_run, config_value, save_config
+from ..config import Config, ConfigError, apply_overrides, check_resume_run, config_value, save_config, task_count
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
 from ..data.build import ClassCountError
 from ..data.base import split_digest
@@ -330,8 +330,7 @@ def resumes_a_finished_run(cfg: Config) -> bool:
         last = ckpt.find_last_checkpoint(out)
     except ckpt.CheckpointError:  # a dangling checkpoints/last: Trainer._run says so
         return False
-    num_tasks = len(cfg.data.task_sizes) if cfg.data.task_sizes else cfg.data.num_tasks
-    return last is not None and ckpt.task_of_file(last) == num_tasks - 1
+    return last is not None and ckpt.task_of_file(last) == task_count(cfg.data) - 1
 
 
 class Trainer:

@@ -169,4 +169,8 @@ def plot_loss_curves(loss_per_epoch: Sequence[Sequence[Mapping]], path: str | os
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("epoch (all tasks)")
     axes[0].set_title(title or "training loss, mean per epoch")
+    tasks = {line.get_label(): line for ax in axes for line in ax.get_lines()}  # each task with a point, once
+    tasks = dict(sorted(tasks.items(), key=lambda item: int(item[0].split()[-1])))
+    axes[-1].legend(tasks.values(), tasks.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.28 - 0.1 / len(terms)),
+                    ncol=min(len(tasks), 10), fontsize=7, frameon=False)  # below the x label: no curve hidden
     return save_figure(fig, path)

@@ -169,7 +169,8 @@ TABLE_SUFFIXES = (".json", ".txt", ".png")
 def clear_table_files(out: str | os.PathLike, name: str) -> None:
     """Remove an earlier analysis' <out>/<name>.{json,txt,png} before this one trains: one that stops before
     its end (an error at its fourth variant, Ctrl-C) left the earlier numbers beside its new runs, as if they
-    were its own. write_table_files writes them again at the end; a --resume rebuilds them from the runs."""
+    were its own. write_table_files writes them again at the end; a --resume keeps them until it rebuilds them
+    from the runs (api.start_table_files)."""
     removed = []
     for suffix in TABLE_SUFFIXES:
         path = Path(out) / f"{name}{suffix}"

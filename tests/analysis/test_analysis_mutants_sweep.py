@@ -124,7 +124,8 @@ def test_the_clis_fixed_keys_are_recorded_and_named_and_plots_off_removes_a_stal
     table named none; a rerun with run.plots=false left the earlier sweep.png beside the new numbers."""
     from segpcl_fast.cli import main
     assert main(["sweep", "--set", "dpgd.k_adv=1,3", "--fixed", "data.task_sizes=[50,50]", "--fixed",
-                 "data.num_tasks=2", "-o", str(tmp_path)]) == 0
+                 "data.num_tasks=2", "--set", "run.progress=false", "--fixed", "run.plots=true", "-o", str(tmp_path)]) == 0
+    # keys that change only what a run shows or keeps are not named beside what the numbers depend on
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert saved["fixed"] == {"data.task_sizes": [50, 50], "data.num_tasks": 2}
     assert all(c.data.task_sizes == [50, 50] for c in stand_in_train)
@@ -160,4 +161,14 @@ def test_a_sweep_that_stops_midway_leaves_no_earlier_table_as_its_own(tmp_path, 
     with pytest.raises(ConfigError, match="k_adv=oops"):  # a sweep refused before it trains removes nothing
         (tmp_path / "sweep.txt").write_text("kept")
         sweep(make_config(output_dir=str(tmp_path)), axes=["dpgd.k_adv=1,oops"], seeds=[0])
+    assert (tmp_path / "sweep.txt").read_text() == "kept"
+    # a --resume keeps the tables until it writes them again: its runs' checkpoints may still refuse its config
+    # (a key left out), and the tables of a finished sweep went with nothing retrained
+    calls.clear()
+
+    def refused(cfg):
+        raise ConfigError("checkpoint ... was made with a different config: data.num_tasks was 2, now 10")
+    monkeypatch.setattr("segpcl_fast.api.train", refused)
+    with pytest.raises(ConfigError, match="different config"):
+        sweep(make_config(output_dir=str(tmp_path), run__resume=True), axes=["dpgd.k_adv=1,3"], seeds=[0])
     assert (tmp_path / "sweep.txt").read_text() == "kept"

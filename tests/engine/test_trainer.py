@@ -144,6 +144,21 @@ def test_evaluate_all_tasks_rebuilds_the_runs_accuracy_matrix_and_metrics(tiny_m
     assert main(["evaluate", str(tmp_path / "run"), "--all-tasks"]) == 0
     printed = capsys.readouterr().out
     assert "accuracy matrix a[t][j]" in printed and "BWT" in printed and "its last checkpoint): equal" in printed
+    assert out["num_tasks"] == 2 and "unfinished" not in printed
+    # a run stopped after task 1 (of 2): its numbers are over 1 task, which evaluate says (a review's finding)
+    import shutil
+    shutil.copytree(tmp_path / "run", tmp_path / "cut")
+    for name in ("results.json", "checkpoints/task_01.pt", "checkpoints/last"):
+        (tmp_path / "cut" / name).unlink()
+    assert evaluate(tmp_path / "cut")["task"] == 1 and evaluate(tmp_path / "cut")["num_tasks"] == 2
+    for extra in ([], ["--all-tasks"]):
+        assert main(["evaluate", str(tmp_path / "cut"), *extra]) == 0
+        cut = tmp_path / "cut"
+        assert capsys.readouterr().out.startswith(f"unfinished run: 1 of its 2 tasks trained (segpcl-fast train "
+                                                  f"--config {cut}/config.yaml --resume -o {cut} continues it)")
+    assert main(["train", "--config", str(tmp_path / "cut" / "config.yaml"), "--resume", "-o",
+                 str(tmp_path / "cut")]) == 0  # the command it names does
+    assert evaluate(tmp_path / "cut")["task"] == 2
     (tmp_path / "run" / "checkpoints" / "task_00.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"no checkpoint of task\(s\) 1 .*without --all-tasks"):
         evaluate(tmp_path / "run", all_tasks=True)
