@@ -50,6 +50,10 @@ RUN_ONLY_KEYS = ("run.resume", "run.overwrite", "run.output_dir", "run.progress"
 # train / test split (check_class_names, check_split) and the pretrained model's text embeddings
 # (Learner.load_state_dict's reference embeddings: other weights differ by far more than rounding)
 
+# the run-only keys above that change a resumed run's later tasks (augmentations; rounding): a resume warns of them
+RESULT_CHANGING_KEYS = ("data.num_workers", "run.device", "run.ops", "run.compile", "run.tf32", "run.num_threads",
+                        "eval.batch_size", "dpgd.batch_size")
+
 # run-only keys a user changes on purpose, named in error messages (RUN_ONLY_KEYS has the whole list)
 RUN_ONLY_EXAMPLES = ("run.device", "run.ops", "eval.batch_size", "data.root", "model.cache_dir")
 

@@ -668,6 +668,7 @@ class Trainer:
         info["loss_per_epoch"] = epoch_means(losses, epochs)
         info["timings"] = timings
         info["world_size"] = self.dist.world_size  # the processes it trained on (a resume may use others)
+        info["device_type"] = self.device.type  # and their device: run.device's "auto" names none (_warn_other_settings)
         # chance level of L_cls: its softmax spans the seen classes (optim.cls_over=seen) or the new ones
         cls_classes = self.learner.n_old + n_new if c.optim.cls_over == "seen" else n_new
         cls_losses = [p.get("cls") for p in losses]
@@ -794,6 +795,30 @@ class Trainer:
                 ckpt.restore_learner(path, self.learner, state, c.model.pretrained)
         return state
 
+    def _warn_other_settings(self, saved: dict, device_type: Optional[str]) -> None:
+        """A resume with other values of the run-only keys that change results (checkpoint.RESULT_CHANGING_KEYS):
+        allowed, and said, as its later tasks are not what an uninterrupted run gives. `saved`: the last
+        checkpoint's config; `device_type`: the device its last task trained on (None: an older checkpoint), which
+        run.device stands for ("auto" and "cuda" may be one device)."""
+        changed = []
+        for key in ckpt.RESULT_CHANGING_KEYS:
+            section, _, name = key.partition(".")
+            before = (saved.get(section) or {}).get(name, config_value(type(self.cfg)(), key))
+            now = config_value(self.cfg, key)
+            if key == "run.device":
+                if device_type is None:
+                    continue
+                before, now = device_type, self.device.type
+            if before != now and not (key == "data.num_workers" and not self.cfg.data.train_augment):
+                changed.append(f"{key} {before} -> {now}")
+        if changed:
+            workers = changed[0].startswith("data.num_workers")  # first in RESULT_CHANGING_KEYS
+            why = ["each loader worker draws its own augmentations"] * workers + \
+                ["the other keys round differently" if workers else "they round differently"] * (len(changed) > workers)
+            log.warning("resumed with %s (%s): the later tasks are as valid, but not bit-identical to what an "
+                        "uninterrupted run gives; resume with the checkpoint's values to continue the same run",
+                        ", ".join(changed), "; ".join(why))
+
     def _warn_other_world_size(self, task_info: list, start: int, T: int) -> None:
         """A resume on another number of processes than its tasks trained on: allowed (a lost node), and said,
         as it is not the run an uninterrupted one would be."""
@@ -897,6 +922,8 @@ class Trainer:
             start = self.tasks_on_disk = state["task"] + 1
             ops.restore_choices(state.get("ops", {}))  # results.json "ops": the whole run's, not this part's
             self.log_fn(f"resumed from {last}: tasks 1..{start} done")
+            if main and start < T:
+                self._warn_other_settings(state.get("config") or {}, task_info[-1].get("device_type") if task_info else None)
         # a finished run is its results, whichever task its last checkpoint holds: with run.checkpoint=false
         # (also set on a --resume) the tasks trained since wrote none
         if c.run.resume and (self.out / "results.json").exists():

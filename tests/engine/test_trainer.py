@@ -208,6 +208,42 @@ def test_a_cpu_run_with_run_tf32_leaves_the_switch_and_records_nothing(tiny_mode
     assert cuda_matmul_tf32() is False and "tf32" not in result.run
 
 
+def test_a_resume_with_other_result_changing_run_keys_warns_naming_them(tiny_model_name, tmp_path, monkeypatch,
+                                                                        caplog):
+    """run-only keys that change the later tasks (loader workers' augmentations, rounding) may change on a resume;
+    it says which, from the last checkpoint's config and device (a review's finding: it was documented only)."""
+    import logging
+    crash_at_task(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tiny_model_name, tmp_path / "run"))
+    monkeypatch.undo()
+    import shutil
+    shutil.copytree(tmp_path / "run", tmp_path / "same")
+    with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine.trainer"):
+        train(small_config(tiny_model_name, tmp_path / "run", resume=True, eval__batch_size=7, num_threads=2,
+                           run__device="cpu"))  # run.device: "auto" before, on the same CPU: not a change
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed with")]
+    assert warned == ["resumed with run.num_threads 1 -> 2, eval.batch_size 256 -> 7 (they round differently): the "
+                      "later tasks are as valid, but not bit-identical to what an uninterrupted run gives; resume with "
+                      "the checkpoint's values to continue the same run"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine.trainer"):
+        train(small_config(tiny_model_name, tmp_path / "same", resume=True))
+    assert not [r for r in caplog.records if r.getMessage().startswith("resumed with")]
+    # loader workers change the augmentations only where there are any; the device is the one the last task used
+    from types import SimpleNamespace
+    saved = small_config(tiny_model_name, tmp_path / "x").to_dict()
+    for augment, device_type, expected in ((True, "cpu", ["data.num_workers 0 -> 2"]), (False, "cpu", []),
+                                           (False, "cuda", ["run.device cuda -> cpu"]), (False, None, [])):
+        caplog.clear()
+        cfg = small_config(tiny_model_name, tmp_path / "x", data__num_workers=2, data__train_augment=augment)
+        with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine.trainer"):
+            Trainer._warn_other_settings(SimpleNamespace(cfg=cfg, device=torch.device("cpu")), saved, device_type)
+        assert [m for r in caplog.records for m in expected if m in r.getMessage()] == expected
+        assert len(caplog.records) == (1 if expected else 0)
+        assert ("(each loader worker draws its own augmentations)" in caplog.text) == augment
+
+
 def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path):
     """Checkpoints written before the own-space matrix and data.synthetic_shift existed still
     resume; Forgetting_own is then left out (it cannot be computed without every a_own[t][j])
