@@ -14,7 +14,8 @@ from .version import __version__
 
 # imported on first use (PEP 562): torch and torchvision take seconds, and `segpcl-fast --help` or a
 # config error needs neither
-_LAZY = {"ContinualClassifier": ".classifier", "load_classifier": ".classifier", "load_model": ".model.clip"}
+_LAZY = {"ContinualClassifier": ".classifier", "ClassifierError": ".classifier", "load_classifier": ".classifier",
+         "load_model": ".model.clip"}
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
 
@@ -22,4 +23,4 @@ def __dir__() -> list[str]:  # the lazy names too (tab completion, dir())
     return sorted(set(globals()) | set(_LAZY))
 
 __all__ = ["__version__", "Config", "load_config", "save_config", "make_config", "train", "evaluate",
-           "ablate", "load_model", "load_classifier", "ContinualClassifier"]
+           "ablate", "load_model", "load_classifier", "ContinualClassifier", "ClassifierError"]

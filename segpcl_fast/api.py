@@ -29,9 +29,10 @@ def override_list(overrides: Union[str, Sequence[str], None]) -> list[str]:
 @contextlib.contextmanager
 def process_state_kept():
     """What a Trainer sets for its run (ops backend, torch threads, TF32 for CUDA matmuls, the torch / numpy
-    / random seeds), given back afterwards: for calls that only read a run (evaluate). CUDA's generators are given back
-    on the devices already started; a seed queued before CUDA starts is the run's afterwards (keeping
-    it would mean starting every GPU, or torch's private lazy-seed queue)."""
+    / random seeds, float32 as torch's default dtype), given back afterwards: for calls that only read a run
+    (evaluate). CUDA's generators are given back on the devices already started; a seed queued before CUDA
+    starts is the run's afterwards where the call seeds CUDA (a Trainer does; load_classifier does not): keeping
+    it would mean starting every GPU, or torch's private lazy-seed queue."""
     import random
 
     import numpy as np
@@ -39,10 +40,11 @@ def process_state_kept():
 
     from . import ops
     from .model.tf32 import cuda_matmul_tf32, set_cuda_matmul_tf32
+    from .model.clip import float32_default
     backend, threads, tf32 = ops.get_backend(), torch.get_num_threads(), cuda_matmul_tf32()
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
-        with random_streams_kept():
+        with random_streams_kept(), float32_default():  # the run's tensors float32 whatever the caller's default
             yield
     finally:
         ops.set_backend(backend)

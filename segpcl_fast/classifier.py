@@ -104,13 +104,22 @@ class ContinualClassifier:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) dual-path logits of a batch already through `self.transform` (B, 3, H, W)."""
         self._check_batch(images, "logits()")
-        if images.shape[0] == 0:
-            return torch.empty(0, len(self.class_names), device=self.device)
-        if not self._warned_unnormalised and images.min() >= 0 and images.max() <= 1:
+        self._warn_if_unnormalised(images, "logits()")
+        return self._logits(images)
+
+    def _warn_if_unnormalised(self, images: torch.Tensor, who: str) -> None:
+        """Once: a batch the caller made with every value in [0, 1], which looks like ToTensor() output. Not for
+        batches predict() made itself (a low-contrast image normalises into [0, 1] too)."""
+        if not self._warned_unnormalised and images.numel() and images.min() >= 0 and images.max() <= 1:
             self._warned_unnormalised = True  # CLIP-normalised images are practically always partly negative
-            warnings.warn("logits() got a batch with every value in [0, 1]: it looks like ToTensor() output, not "
+            warnings.warn(f"{who} got a batch with every value in [0, 1]: it looks like ToTensor() output, not "
                           "normalised by clf.transform (the CLIP mean and std); predictions on it are poor. Pass "
                           "clf.transform(image) per image, or paths / PIL images to predict()", stacklevel=3)
+
+    @torch.no_grad()
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[0] == 0:
+            return torch.empty(0, len(self.class_names), device=self.device, dtype=torch.float32)
         self.model.eval()
         # fp32 in, as the transform gives it; the image tower then runs at the run's precision
         raw, emb = self.model.encode_image(images.to(self.device, torch.float32))
@@ -186,6 +195,7 @@ class ContinualClassifier:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if isinstance(images, torch.Tensor):
             self._check_batch(images, "predict()")
+            self._warn_if_unnormalised(images, "predict()")
         else:
             images = self.image_items(images, "predict()")
         topk = min(topk, len(self.class_names))
@@ -203,7 +213,7 @@ class ContinualClassifier:
                 batch = torch.stack([self._load_one(item) for item in chunk])
             top = [None] * len(chunk)
             if readable:
-                values, indices = self.logits(batch).float().softmax(dim=-1).topk(topk, dim=-1)
+                values, indices = self._logits(batch).float().softmax(dim=-1).topk(topk, dim=-1)
                 for k, vs, js in zip(readable, values.tolist(), indices.tolist()):
                     top[k] = [(self.class_names[j], float(v)) for v, j in zip(vs, js)]
             results += top
@@ -251,6 +261,9 @@ class ContinualClassifier:
             return save_peft_adapter(self.model, directory)
         except (ImportError, NotImplementedError, ValueError) as e:  # no peft, an arrangement peft cannot take
             raise ClassifierError(str(e)) from e
+        except OSError as e:  # a full disk, a file size limit: nothing is left at `directory`
+            raise ClassifierError(f"could not write the adapter {directory}: {e.strerror or e} (nothing was left "
+                                  f"there)") from e
 
 
 def check_export_path(path: PathLike) -> None:
@@ -270,21 +283,30 @@ def check_export_path(path: PathLike) -> None:
     if path.name in run_files and (path.parent / "config.yaml").is_file():
         raise ClassifierError(f"{path} is the run's own {path.name} ({path.parent} holds a run): an export there would "
                               f"replace it; write it elsewhere, e.g. {path.parent / 'model.pt'}")
+    from .data.files import is_image_name
+    if is_image_name(path):  # load_classifier takes such a name for an image, not a model
+        raise ClassifierError(f"{path} is named as an image: export writes a torch file, e.g. "
+                              f"{path.with_suffix('.pt')}")
     reason = unwritable_dir_reason(path.parent)
     if reason:
         raise ClassifierError(f"cannot write {path}: {reason}")
 
 
+# a folder's images: torchvision ImageFolder's extensions (data.dataset=imagefolder's) and GIF, any case
+FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
 def image_paths(items: Sequence[PathLike]) -> list[str]:
-    """Files as given; folders expanded to their image files (sorted, not recursive)."""
-    from .data.files import IMAGE_EXTENSIONS, is_image_name
+    """Files as given; folders expanded to their image files (FOLDER_IMAGE_EXTENSIONS, not hidden; sorted, not
+    recursive)."""
     paths = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if is_image_name(p) and p.is_file())
+            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS
+                           and not p.name.startswith(".") and p.is_file())
             if not found:
-                raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+                raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
             paths += found
         else:
             paths.append(os.fspath(item))
@@ -323,6 +345,8 @@ def load_classifier(source: PathLike, task: Optional[int] = None, device: Union[
     source = Path(source)
     if source.is_dir():
         path = _run_checkpoint(source, task)
+    elif source.is_file() and source.name == "last" and source.parent.name == "checkpoints":  # the pointer file
+        path = _run_checkpoint(source.parent.parent, task)  # what it names, as for the run directory
     elif source.is_file():
         if task is not None:
             raise ClassifierError(f"task={task} (--task {task}) selects a checkpoint of a run directory; {source} "
@@ -332,7 +356,12 @@ def load_classifier(source: PathLike, task: Optional[int] = None, device: Union[
         raise FileNotFoundError(f"{source} does not exist: give a run directory (train's output_dir), "
                                 f"a checkpoint file or an exported classifier")
     state = _read(path)
-    if state.get("format") == EXPORT_FORMAT:
+    kind = state.get("format")
+    if isinstance(kind, str) and kind.startswith(EXPORT_FORMAT.rsplit("/", 1)[0] + "/") and kind != EXPORT_FORMAT:
+        raise ClassifierError(f"{path} is an export in the format {kind!r} (written by segpcl_fast "
+                              f"{state.get('segpcl_fast_version', '?')}); this segpcl_fast ({__version__}) reads "
+                              f"{EXPORT_FORMAT!r}: load it with the version that wrote it (or upgrade segpcl_fast)")
+    if kind == EXPORT_FORMAT:
         if class_names is not None or overrides:
             given = "class_names" if class_names is not None else f"overrides {overrides}"
             raise ClassifierError(f"{path} is an export: it holds its weights and class names, so {given} "
@@ -419,9 +448,10 @@ def _read(path: Path) -> dict:
             raise ClassifierError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}): copy it again from "
                                   f"the run" + (f", or use the one before it (--task {earlier}, task={earlier})"
                                                if earlier >= 1 else "")) from e
-        if isinstance(e, DamagedFileError):  # a damaged export (or a checkpoint outside a run's checkpoints/)
-            raise ClassifierError(f"{path} is damaged ({e}): copy it again, or export it again from its run "
-                                  f"(segpcl-fast export RUN_DIR -o {path.name})") from None
+        cut_short = _is_zip(path) and "central directory" in str(e)  # a torch file (a zip) without its end
+        if isinstance(e, DamagedFileError) or cut_short:  # a damaged export (a checkpoint outside checkpoints/)
+            raise ClassifierError(f"{path} is damaged ({str(e).splitlines()[0][:200]}): copy it again, or export "
+                                  f"it again from its run (segpcl-fast export RUN_DIR -o {path.name})") from None
         raise ClassifierError(f"{path} cannot be read ({type(e).__name__}: {e}): it is not a segpcl_fast "
                               f"checkpoint or export") from e
     if not isinstance(state, dict) or not ({"format", "lora"} & set(state)):
@@ -430,12 +460,21 @@ def _read(path: Path) -> dict:
     return state
 
 
+def _is_zip(path: Path) -> bool:
+    """The file starts as a zip archive does (what torch.save writes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequence[str]],
                      overrides: Sequence[str] = ()) -> ContinualClassifier:
     from .data import format_prompts
     from .engine import checkpoint as ckpt
-    if "config" not in state or "learner" not in state:
-        raise ClassifierError(f"checkpoint {path} stores no config or learner state; it was not written by "
+    if "config" not in state or "learner" not in state or "task" not in state:
+        raise ClassifierError(f"checkpoint {path} stores no config, learner state or task; it was not written by "
                               f"segpcl_fast's trainer")
     try:
         ckpt.check_task_file(path, state)

@@ -445,11 +445,10 @@ def cmd_predict(args) -> int:
 def peft_load_hint(name: str, pretrained: str | None, path) -> str:
     """How to load an adapter written by export --peft: open_clip.create_model too, unless the model's config or
     weights are ones only segpcl_fast resolves (segpcl-tiny, segpcl-world)."""
-    from .model.clip import BUNDLED_WEIGHTS, MODEL_CONFIG_DIR
-    ours = (name, pretrained) in BUNDLED_WEIGHTS or (MODEL_CONFIG_DIR / f"{name}.json").is_file()
+    from .model.clip import open_clip_resolves
     return (f"load it with peft.PeftModel.from_pretrained(segpcl_fast.load_model({name!r}, "
             f"pretrained={pretrained!r}).clip, {str(path)!r})"
-            + ("" if ours else " (or open_clip.create_model with that name and weights)"))
+            + (" (or open_clip.create_model with that name and weights)" if open_clip_resolves(name, pretrained) else ""))
 
 
 def cmd_export(args) -> int:

@@ -634,6 +634,91 @@ def test_a_run_trained_without_checkpoints_says_so(tiny_model_name, tmp_path):
         load_classifier(out)
 
 
+def test_loading_and_predicting_keep_the_callers_default_dtype_logging_and_cuda_seed(run, tmp_path, monkeypatch):
+    """A caller's torch.set_default_dtype (float64, bfloat16) built the model in that dtype: a run directory was
+    refused as "another image tower", an export failed at predict, bf16 pixels shifted the logits. Loading also
+    left a root logging handler (open_clip's module-level logging.info) and the run's seed queued for CUDA.
+    Each was a review's finding: all are the caller's again after a load, and the logits are float32's."""
+    import logging
+    _, _, out = run
+    images = _images(3)
+    clf = load_classifier(out)
+    expected = clf.logits(clf.load_images(images))
+    exported = clf.export(tmp_path / "m.pt")
+    for dtype in (torch.float64, torch.bfloat16):
+        torch.set_default_dtype(dtype)
+        try:
+            for source, atol in ((out, 0.0), (exported, 1e-4)):  # an export: merged weights, rounding apart
+                loaded = load_classifier(source)
+                assert torch.get_default_dtype() == dtype
+                got = loaded.logits(loaded.load_images(images))
+                assert got.dtype == torch.float32
+                torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a caller that configured no logging (pytest has)
+    torch.manual_seed(123)
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    queued = lambda: [c.cell_contents for c in tracker.get_calls()[1][0].__closure__]  # noqa: E731
+    load_classifier(out)
+    load_classifier(exported)
+    assert logging.getLogger().handlers == []  # so the caller's logging.basicConfig still works
+    if tracker is not None and tracker.get_calls()[1] is not None:  # torch's private queue, where it has one
+        assert queued() == [123]
+
+
+def test_deployment_review_files_names_and_warnings(run, tmp_path, capsys):
+    """A review's findings on what load_classifier / predict / export take: each named plainly."""
+    import warnings
+
+    import segpcl_fast
+    _, _, out = run
+    assert segpcl_fast.ClassifierError is ClassifierError  # importable from the package, as load_classifier is
+    clf = load_classifier(out)
+    exported = clf.export(tmp_path / "m.pt")
+    # an export cut short (a torch file is a zip: its central directory gone) is damaged, not "not ours"
+    (tmp_path / "cut.pt").write_bytes(exported.read_bytes()[:100000])
+    with pytest.raises(ClassifierError, match="cut.pt is damaged .*central directory.*copy it again, or export it "
+                                              "again"):
+        load_classifier(tmp_path / "cut.pt")
+    # an export in a newer format names it and the fix
+    state = torch.load(exported, weights_only=True)
+    state["format"] = "segpcl_fast.classifier/2"
+    torch.save(state, tmp_path / "newer.pt")
+    with pytest.raises(ClassifierError, match="an export in the format 'segpcl_fast.classifier/2'.*upgrade"):
+        load_classifier(tmp_path / "newer.pt")
+    # checkpoints/last, the pointer file, loads what it names (the run's last checkpoint)
+    via_pointer = load_classifier(out / "checkpoints" / "last")
+    assert via_pointer.task == clf.task and torch.equal(via_pointer.prototypes, clf.prototypes)
+    # a checkpoint without its task number is not the trainer's
+    ckpt_state = torch.load(out / "checkpoints" / "task_01.pt", weights_only=True)
+    del ckpt_state["task"]
+    torch.save(ckpt_state, tmp_path / "notask.pt")
+    with pytest.raises(ClassifierError, match="stores no config, learner state or task"):
+        load_classifier(tmp_path / "notask.pt")
+    # export refuses a name load_classifier would take for an image
+    assert main(["export", str(out), "-o", str(tmp_path / "model.png")]) == 2
+    assert f"model.png is named as an image: export writes a torch file, e.g. {tmp_path / 'model.pt'}" in \
+        capsys.readouterr().err
+    # folders give predict what ImageFolder reads, tif and gif too
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, image in zip(("a.tiff", "b.gif", "c.TIF"), _images(3)):
+        image.save(folder / name)
+    assert len(clf.predict(folder)) == 3
+    # a low-contrast image predict() normalised itself is not taken for ToTensor output; a caller's batch still is
+    flat = Image.fromarray(np.full((40, 40, 3), 150, dtype=np.uint8))
+    assert clf.load_images(flat).min() >= 0 and clf.load_images(flat).max() <= 1
+    fresh = load_classifier(out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.predict(flat)
+        assert not caught
+        fresh.predict(torch.rand(1, 3, *clf.load_images(flat).shape[2:]))
+    assert [str(w.message).startswith("predict() got a batch with every value in [0, 1]") for w in caught] == [True]
+    assert caught[0].filename == __file__  # the caller's line
+
+
 def test_cli_export_peft_writes_an_adapter_peft_loads_onto_the_plain_model(run, tmp_path, capsys):
     """export --peft: the run's adapters as a peft adapter directory; peft's PeftModel.from_pretrained over the
     plain open_clip model with the run's base weights computes the run's image embeddings."""

@@ -39,14 +39,18 @@ def read_rgb(path) -> Image.Image:
 
 
 def as_8bit(im: Image.Image) -> Image.Image:
-    """16-bit grayscale (PIL modes I;16*, and I holding values past 255) scaled to 8 bits: PIL's own
-    convert clips them at 255, turning a 16-bit image almost all white."""
+    """16- and 32-bit grayscale (PIL modes I;16*, and I holding values past 255) scaled to 8 bits: PIL's own
+    convert clips them at 255, turning such an image almost all white. Mode I (signed 32-bit) is scaled by the
+    depth its largest value needs: 16 bits, 24 bits, else 31."""
     if not (im.mode.startswith("I;16") or im.mode == "I"):
         return im
     values = np.asarray(im).astype(np.float64)
-    if im.mode == "I" and values.max(initial=0) <= 255:
+    top = values.max(initial=0)
+    if im.mode == "I" and top <= 255:
         return im
-    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    bits = 16 if top < 2 ** 16 else 24 if top < 2 ** 24 else 31
+    scale = (2.0 ** bits - 1) / 255  # 257 for 16 bits
+    return Image.fromarray(np.clip(np.rint(values / scale), 0, 255).astype(np.uint8), mode="L")
 
 
 class ClassDataset(torch.utils.data.Dataset):

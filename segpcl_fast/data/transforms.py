@@ -37,7 +37,8 @@ def _to_rgb(image):
 
 class ToNormalizedTensor:
     """_to_rgb + T.ToTensor() + T.Normalize(mean, std) for a PIL image, as one call: the same
-    tensor ops (uint8 HWC -> CHW in the default float dtype, / 255, - mean, / std), so the same values."""
+    tensor ops (uint8 HWC -> CHW float, / 255, - mean, / std), so the same values. Always float32, the
+    model's input (ToTensor takes torch's default dtype: a caller's bfloat16 default rounded the pixels)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         if any(float(v) == 0.0 for v in std):
@@ -50,7 +51,7 @@ class ToNormalizedTensor:
             raise TypeError(f"the CLIP transforms take PIL images (what every ClassDataset loads), got "
                             f"{type(image).__name__}; wrap arrays with PIL.Image.fromarray")
         pixels = torch.from_numpy(np.array(_to_rgb(image), dtype=np.uint8, copy=True))
-        tensor = pixels.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)
+        tensor = pixels.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
         if tensor.dtype not in self._stats:
             self._stats[tensor.dtype] = (torch.as_tensor(self.mean, dtype=tensor.dtype).view(-1, 1, 1),
                                          torch.as_tensor(self.std, dtype=tensor.dtype).view(-1, 1, 1))

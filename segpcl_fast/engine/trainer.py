@@ -28,7 +28,7 @@ from ..fileio import unwritable_dir_reason
 from ..method.anchors import frozen_eval
 from ..method.learner import Learner
 from ..method.variants import resolve_variant
-from ..model.clip import load_model, native_bf16
+from ..model.clip import float32_default, load_model, native_bf16
 from ..model.lora import inject_lora, lora_state_dict
 from ..model.tf32 import cuda_matmul_tf32, run_tf32, set_cuda_matmul_tf32
 from ..version import __version__
@@ -124,17 +124,20 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
     """(model, trainable B parameters): the run's open_clip model with LoRA-B injected, its image
     tower under bf16 / fp16 autocast when run.precision says so (CLIPModel.image_autocast: every stage,
     the features come out fp32), and its text transformer so by run.text_precision. Random
-    weights (model.pretrained none) are drawn after torch.manual_seed(run.seed), so a run's model
-    can be rebuilt outside its Trainer (classifier.load_classifier) with the same weights. An autocast
-    tower's frozen GEMM weights are stored in its dtype (model/frozen_cast.py: what autocast would cast
-    them to every forward, so the same results)."""
-    torch.manual_seed(cfg.run.seed)
-    model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir,
-                       preprocess=cfg.model.preprocess)
-    model.set_precision(image=cfg.run.precision, text=cfg.run.text_precision)
-    params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers,
-                         seed=cfg.run.seed if cfg.lora.init_seed is None else cfg.lora.init_seed)
-    model.store_frozen_weights()  # an autocast tower's frozen GEMM weights cast once (same results)
+    weights (model.pretrained none) are drawn on the CPU (open_clip builds there) after its generator is
+    seeded with run.seed, so a run's model can be rebuilt outside its Trainer (classifier.load_classifier)
+    with the same weights; CUDA's generators are not touched (a seed the caller queued before CUDA starts
+    stays theirs). Built in float32 whatever torch's default dtype. An autocast tower's frozen GEMM weights
+    are stored in its dtype (model/frozen_cast.py: what autocast would cast them to every forward, so the
+    same results)."""
+    torch.default_generator.manual_seed(cfg.run.seed)
+    with float32_default():
+        model = load_model(cfg.model.name, cfg.model.pretrained, device=device, cache_dir=cfg.model.cache_dir,
+                           preprocess=cfg.model.preprocess)
+        model.set_precision(image=cfg.run.precision, text=cfg.run.text_precision)
+        params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers,
+                             seed=cfg.run.seed if cfg.lora.init_seed is None else cfg.lora.init_seed)
+        model.store_frozen_weights()  # an autocast tower's frozen GEMM weights cast once (same results)
     return model, params
 
 

@@ -60,9 +60,10 @@ PROBE_IMAGES = 4  # fixed images whose pretrained embeddings a checkpoint keeps 
 def probe_images(stats) -> torch.Tensor:
     """PROBE_IMAGES fixed images at the model's input (`stats`: model.clip.ImageStats), normalised: smooth
     colour fields, bilinear from 8 x 8 draws of a seeded CPU generator (the same on every machine)."""
-    coarse = torch.rand(PROBE_IMAGES, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    coarse = torch.rand(PROBE_IMAGES, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     pixels = F.interpolate(coarse, size=(stats.size, stats.size), mode="bilinear", align_corners=False)
-    return (pixels - torch.tensor(stats.mean).view(1, 3, 1, 1)) / torch.tensor(stats.std).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (stats.mean, stats.std))
+    return (pixels - mean) / std
 
 
 def reference_image_embeddings(model: CLIPModel, device: torch.device) -> torch.Tensor:

@@ -64,6 +64,12 @@ class ModelLoadError(RuntimeError):
     """The model or its weights cannot be loaded; the message says why and what to do."""
 
 
+def open_clip_resolves(name: str, pretrained: Optional[str]) -> bool:
+    """Whether open_clip alone (no segpcl_fast import) builds model `name` with weights `pretrained`: not for a
+    config only this package ships (segpcl-tiny) or weights only it bundles (segpcl-world)."""
+    return (name, pretrained) not in BUNDLED_WEIGHTS and not (MODEL_CONFIG_DIR / f"{name}.json").is_file()
+
+
 def register_model_configs() -> None:
     """Make the package's model configs (e.g. segpcl-tiny) known to open_clip (once)."""
     global _registered
@@ -484,7 +490,7 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
             raise ModelLoadError(f"could not load {name} with pretrained='{pretrained}': '{resolved}' {e}; copy or "
                                  "download the weights again") from None
     try:
-        with _hf_hub_offline():
+        with _hf_hub_offline(), open_clip_call():
             clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device,
                                           force_preprocess_cfg=force_preprocess)
     except Exception as e:  # a corrupt file fails in pickle / zipfile / safetensors, not only torch
@@ -498,7 +504,7 @@ def _tokenizer(name: str):
     Hugging Face hub: not cached, that is one error saying how to cache them."""
     import open_clip
     try:
-        with _hf_hub_offline():
+        with _hf_hub_offline(), open_clip_call():
             return open_clip.get_tokenizer(name)
     except Exception as e:
         hub = ((open_clip.get_model_config(name) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
@@ -569,13 +575,44 @@ def model_from_state_dict(name: str, state_dict: dict, device: str | torch.devic
         raise ModelLoadError(f"unknown model '{name}': register its open_clip config (open_clip.add_model_config) "
                              f"before loading weights made for it")
     try:
-        with _hf_hub_offline(), _quiet_random_init():
+        with _hf_hub_offline(), _quiet_random_init(), open_clip_call():
             clip = open_clip.create_model(name, pretrained=None, device=device)
         clip.load_state_dict(state_dict, strict=True)
     except Exception as e:
         raise ModelLoadError(f"could not build {name} from the given weights: {type(e).__name__}: {e}") from e
     clip.eval()
     return CLIPModel(clip, _tokenizer(name), name, pretrained)
+
+
+@contextlib.contextmanager
+def open_clip_call():
+    """Around an open_clip call that builds a model or tokenizer, two pieces of the caller's process state kept:
+    the model is built in float32 whatever torch.get_default_dtype() the caller set (float64 weights met fp32
+    images: a dtype error, or a run's probe embeddings that no longer matched), and open_clip's module-level
+    logging.info / logging.warning do not install a root handler where the caller has none (logging.basicConfig,
+    which they call then, made the caller's own basicConfig do nothing)."""
+    root = logging.getLogger()
+    guard = logging.NullHandler() if not root.handlers else None
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        with float32_default():
+            yield
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
+
+
+@contextlib.contextmanager
+def float32_default():
+    """torch's default dtype float32 in the block, the caller's after: models, LoRA factors and probe images are
+    made in float32 whatever the caller set (torch.set_default_dtype(torch.float64) built a float64 model)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
 
 
 @contextlib.contextmanager

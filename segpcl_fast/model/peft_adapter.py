@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import errno
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fileio import chmod_tree_like_made, unwritable_dir_reason
+from .clip import open_clip_resolves
 from .lora import LoRABLinear, LoRAMultiheadAttention, LoRAPackedLinear, outer_adapters, replace_adapters
 
 PEFT_FIX = "pip install 'peft>=0.15' (peft adapts nn.MultiheadAttention from 0.15 on; or segpcl_fast's extra [peft])"
@@ -257,8 +259,9 @@ def base_model_record(model: nn.Module) -> Optional[dict]:
     from ..version import __version__
     return {"format": "segpcl_fast.peft_adapter/1", "segpcl_fast_version": __version__, "model_name": model.name,
             "pretrained": model.pretrained, "model_config": open_clip.get_model_config(model.name),
-            "load_with": f"segpcl_fast.load_model({model.name!r}, pretrained={model.pretrained!r}).clip, or "
-                         f"open_clip.create_model with that name and weights"}
+            "load_with": f"segpcl_fast.load_model({model.name!r}, pretrained={model.pretrained!r}).clip"
+                         + (", or open_clip.create_model with that name and weights"
+                            if open_clip_resolves(model.name, model.pretrained) else "")}
 
 
 def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default") -> Path:
@@ -274,7 +277,13 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike], adap
     try:
         temp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
         try:
-            wrapped.save_pretrained(str(temp), selected_adapters=[adapter_name])
+            try:
+                wrapped.save_pretrained(str(temp), selected_adapters=[adapter_name])
+            except Exception as e:  # safetensors' own error for a full disk or a file size limit: an OSError here
+                if isinstance(e, OSError) or type(e).__name__ != "SafetensorError":
+                    raise
+                raise OSError(errno.EIO, f"peft could not write the adapter ({str(e).splitlines()[0][:200]}): the "
+                                         f"disk may be full, or a file size limit reached") from e
             written = temp if adapter_name == "default" else temp / adapter_name  # peft nests named adapters
             if record is not None:
                 (written / BASE_MODEL_FILE).write_text(json.dumps(record, indent=1) + "\n")

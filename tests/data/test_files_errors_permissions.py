@@ -35,3 +35,16 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert got.shape == (64, 64, 3) and (got == expected[..., None]).all()
     Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "g8.png")  # 8-bit files are untouched
     assert (np.asarray(read_rgb(tmp_path / "g8.png")) == (ramp // 257).astype(np.uint8)[..., None]).all()
+
+
+def test_thirty_two_bit_grayscale_is_scaled_by_its_own_range(tmp_path):
+    """A mode-I TIFF past 16 bits (an 8-bit image x 65536) came out all white under the 16-bit scale (a review's
+    finding): mode I is scaled by the depth its largest value needs (16, 24 or 31 bits)."""
+    import numpy as np
+    from PIL import Image
+    grey = np.arange(0, 256, dtype=np.int64).repeat(4).reshape(32, 32)
+    for factor in (257, 65536, 2 ** 23):  # 16-, 24- and 31-bit data of one 8-bit image
+        Image.fromarray((grey * factor).astype(np.int32), mode="I").save(tmp_path / "g.tiff")
+        assert Image.open(tmp_path / "g.tiff").mode == "I"
+        got = np.asarray(read_rgb(tmp_path / "g.tiff")).astype(int)
+        assert got.shape == (32, 32, 3) and np.abs(got[..., 0] - grey).max() <= 1, factor

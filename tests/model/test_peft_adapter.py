@@ -208,6 +208,29 @@ def test_a_failed_write_leaves_neither_the_adapter_nor_the_folders_made_for_it(b
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
+def test_a_full_disk_is_one_error_and_leaves_nothing(base, tmp_path, monkeypatch):
+    """safetensors' own error for a full disk or a file size limit (SafetensorError, not an OSError) is an OSError
+    here, and ContinualClassifier.save_peft_adapter's ClassifierError (a review's finding: a raw traceback)."""
+    import errno
+    from types import SimpleNamespace
+
+    from segpcl_fast.classifier import ClassifierError, ContinualClassifier
+    model = _adapted(base, ["c_fc"])
+    SafetensorError = type("SafetensorError", (Exception,), {})  # safetensors_rust's class name
+
+    def full(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 27, kind: FileTooLarge })")
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", full)
+    with pytest.raises(OSError, match="peft could not write the adapter .*FileTooLarge.*disk may be full") as e:
+        save_peft_adapter(model, tmp_path / "a")
+    assert e.value.errno == errno.EIO and not any(tmp_path.iterdir())
+    clf = SimpleNamespace(model=model)
+    with pytest.raises(ClassifierError, match=f"could not write the adapter {tmp_path / 'b'}: peft could not write .*"
+                                              r"\(nothing was left there\)"):
+        ContinualClassifier.save_peft_adapter(clf, tmp_path / "b")
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_broken_peft_install_is_named_as_broken_not_missing(tmp_path):
     """A peft that fails to import (a transformers it does not support) is reported with its own error."""
     import subprocess
