@@ -492,8 +492,9 @@ def _add_classifier_parsers(sub) -> None:
                                   "(written again as it is, e.g. to another place)")
     p.add_argument("--output", "-o", required=True, help="file to write (atomically); with --peft, a new directory")
     p.add_argument("--peft", action="store_true",
-                   help="write only the LoRA adapters, as a peft adapter directory (adapter_config.json, "
-                        "adapter_model.safetensors) for peft.PeftModel.from_pretrained on the plain open_clip model")
+                   help="write only the LoRA adapters, as a peft adapter directory (peft's adapter_config.json, "
+                        "adapter_model.safetensors and README.md, and segpcl_base_model.json naming the open_clip "
+                        "model) for peft.PeftModel.from_pretrained on the plain open_clip model")
     p.add_argument("--task", type=positive_int, default=None, help="the model after this task (1-based; default last)")
     _add_weights_location_arg(p)
     p.set_defaults(func=cmd_export)
@@ -502,7 +503,8 @@ def _add_classifier_parsers(sub) -> None:
 def _add_weights_location_arg(p) -> None:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="where the run's pretrained weights now lie: model.cache_dir=DIR, or model.pretrained=FILE "
-                        "for a run that named a weights file (checked against the run's text embeddings)")
+                        "for a run that named a weights file (checked against the run's text and probe-image "
+                        "embeddings)")
 
 
 def cmd_env(args) -> int:

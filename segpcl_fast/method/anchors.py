@@ -146,8 +146,8 @@ def run_dpgd(teacher, seeds: torch.Tensor, targets: torch.Tensor, old_text: torc
     normalised u_T; prototypes: (C_old, D_raw) or None/empty (visual term dropped).
     Runs in batches of cfg.batch_size: equal anchors in exact arithmetic (float64: bit for bit), but in
     fp32 / bf16 a GEMM rounds differently per batch size and sign(grad) turns a rounding-level change of
-    the gradient into a whole gamma step (on about 2 % of pixels, tiny model, fp32, 10 seeds in batches
-    of 3 vs one of 10); no random start unless
+    the gradient into a whole gamma step (on 0-3 of 30,720 pixels, by 2 steps, tiny model, fp32, 10 seeds
+    in batches of 3 vs one of 10: BENCHMARKS.md, session 53); no random start unless
     cfg.random_start (then uniform in the eps-ball, projected into the box, drawn from `generator`).
     Returns the anchors (M, 3, H, W), detached, in the seeds' dtype.
     """
