@@ -706,6 +706,8 @@ def test_deployment_review_files_names_and_warnings(run, tmp_path, capsys):
     for name, image in zip(("a.tiff", "b.gif", "c.TIF"), _images(3)):
         image.save(folder / name)
     assert len(clf.predict(folder)) == 3
+    # image_items (README) pairs predict's results with what they are for
+    assert clf.image_items([folder, "x.jpg"]) == [str(folder / n) for n in ("a.tiff", "b.gif", "c.TIF")] + ["x.jpg"]
     # a low-contrast image predict() normalised itself is not taken for ToTensor output; a caller's batch still is
     flat = Image.fromarray(np.full((40, 40, 3), 150, dtype=np.uint8))
     assert clf.load_images(flat).min() >= 0 and clf.load_images(flat).max() <= 1
