@@ -215,7 +215,8 @@ def evaluate(run_dir: Union[str, os.PathLike], overrides: Optional[Sequence[str]
     for changes in (strings, keyed):
         if changes:
             cfg = apply_overrides(cfg, changes)
-    if cfg.data.dataset == "synthetic" and cfg.data.root:  # train's check_data_root, whose fix (the dataset) is not ours
+    given = [override_key(change) for change in strings] + list(keyed)  # a stored root (an older run's) is not
+    if cfg.data.dataset == "synthetic" and cfg.data.root and "data.root" in given:  # train's check_data_root
         raise ConfigError(f"data.root is {cfg.data.root}, but {run_dir} trained on the offline world (data.dataset "
                           f"'synthetic'), which reads no files: evaluate it without data.root")
     last = ckpt.find_last_checkpoint(run_dir)

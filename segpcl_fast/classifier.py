@@ -100,9 +100,9 @@ class ContinualClassifier:
         self.text, self.prototypes = self.text.to(device), self.prototypes.to(device)
         return self
 
-    @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C) dual-path logits of a batch already through `self.transform` (B, 3, H, W)."""
+        """(B, C) dual-path logits of a batch already through `self.transform` (B, 3, H, W), without autograd.
+        (No decorator here: the ToTensor warning's stacklevel counts this frame as the caller's next.)"""
         self._check_batch(images, "logits()")
         self._warn_if_unnormalised(images, "logits()")
         return self._logits(images)
@@ -450,7 +450,7 @@ def _read(path: Path) -> dict:
                                                if earlier >= 1 else "")) from e
         cut_short = _is_zip(path) and "central directory" in str(e)  # a torch file (a zip) without its end
         if isinstance(e, DamagedFileError) or cut_short:  # a damaged export (a checkpoint outside checkpoints/)
-            raise ClassifierError(f"{path} is damaged ({str(e).splitlines()[0][:200]}): copy it again, or export "
+            raise ClassifierError(f"{path} is damaged ({str(e).split('. ')[0][:200]}): copy it again, or export "
                                   f"it again from its run (segpcl-fast export RUN_DIR -o {path.name})") from None
         raise ClassifierError(f"{path} cannot be read ({type(e).__name__}: {e}): it is not a segpcl_fast "
                               f"checkpoint or export") from e
@@ -510,7 +510,7 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
     names = list(names)[:n_seen]
     from .engine.trainer import build_model
     try:
-        # build_model seeds torch, CUDA's generators too: the caller's random streams are given back
+        # build_model seeds torch's CPU generator: the caller's random streams are given back
         from .api import random_streams_kept
         with random_streams_kept():
             model, _ = build_model(cfg, torch.device(device))

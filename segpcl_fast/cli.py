@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -163,9 +164,15 @@ def cmd_evaluate(args) -> int:
     if not _rank0():  # torchrun: the ranks share the counts; rank 0 reports
         return 0
     if out["task"] < out["num_tasks"]:  # numbers easily taken for a finished run's
-        run = str(args.run_dir).rstrip("/")
-        print(f"unfinished run: {out['task']} of its {out['num_tasks']} tasks trained (segpcl-fast train --config "
-              f"{run}/config.yaml --resume -o {run} continues it); the numbers below are after task {out['task']}")
+        run = Path(args.run_dir)
+        if (run / "results.json").is_file():  # finished, its later tasks saved no checkpoint (run.checkpoint=false)
+            print(f"the run's checkpoints end at task {out['task']} of its {out['num_tasks']} (the later tasks saved "
+                  f"none; results.json holds the finished run's numbers); the numbers below are after task "
+                  f"{out['task']}")
+        else:
+            print(f"unfinished run: {out['task']} of its {out['num_tasks']} tasks trained (segpcl-fast train --config "
+                  f"{shlex.quote(str(run / 'config.yaml'))} --resume -o {shlex.quote(str(run))} continues it); the "
+                  f"numbers below are after task {out['task']}")
     if args.all_tasks:
         from .report import format_run_summary
         print(format_run_summary(out))

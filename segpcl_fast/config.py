@@ -72,8 +72,9 @@ class DataConfig:
     task_sizes: Optional[list[int]] = None  # explicit classes per task (e.g. UCF101: [11, 10, ...])
     # "seeded" shuffles class ids with order_seed (1993: PyCIL's np.random.seed(1993) permutation,
     # also RAPF's ImageNet-100 order; RAPF's other orders are explicit lists); "natural" keeps
-    # the dataset's order; or an explicit list of class names, the dataset's class ids (ImageNet wnids; CUB,
-    # UCF101 and ImageFolder folder names) and / or indices. [choice] (the paper names none)
+    # the dataset's order; or an explicit list of class names, the dataset's class ids (ImageNet wnids; CUB and
+    # ImageFolder folder names; UCF101's classInd.txt / CoOp names, spelled either way) and / or indices.
+    # [choice] (the paper names none)
     class_order: Any = "seeded"
     order_seed: int = 1993
     templates: list[str] = field(default_factory=lambda: ["a good photo of a {}."])  # [choice]

@@ -667,6 +667,48 @@ def test_loading_and_predicting_keep_the_callers_default_dtype_logging_and_cuda_
         assert queued() == [123]
 
 
+def test_float32_blocks_overlapping_in_threads_give_the_callers_dtype_back_and_warnings_still_print(monkeypatch,
+                                                                                                  capsys):
+    """The default dtype is the process's: two overlapping float32 blocks (threads) gave back float32 when the first
+    one to start ended last (the caller's float64 lost); and the root guard against logging.basicConfig silenced
+    every thread's warnings while a model loaded (a NullHandler). Both from a review of this change."""
+    import logging
+    import threading
+
+    from segpcl_fast.model.clip import float32_default, open_clip_call
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with float32_default():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def second():
+        a_in.wait(5)
+        with float32_default():
+            b_in.set()
+            a_out.wait(5)
+            seen["inside after the first ended"] = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen == {"inside after the first ended": torch.float32} and torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float32)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a caller that configured no logging
+    with open_clip_call():
+        logging.getLogger("elsewhere").warning("a warning while a model loads")
+        logging.info("open_clip's module-level info")  # would call logging.basicConfig without the guard
+    assert "a warning while a model loads" in capsys.readouterr().err
+    assert logging.getLogger().handlers == []
+
+
 def test_deployment_review_files_names_and_warnings(run, tmp_path, capsys):
     """A review's findings on what load_classifier / predict / export take: each named plainly."""
     import warnings
@@ -719,6 +761,10 @@ def test_deployment_review_files_names_and_warnings(run, tmp_path, capsys):
         fresh.predict(torch.rand(1, 3, *clf.load_images(flat).shape[2:]))
     assert [str(w.message).startswith("predict() got a batch with every value in [0, 1]") for w in caught] == [True]
     assert caught[0].filename == __file__  # the caller's line
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_classifier(out).logits(torch.rand(1, 3, *clf.load_images(flat).shape[2:]))
+    assert [w.filename for w in caught] == [__file__]  # logits' too (a decorator's frame took its place)
 
 
 def test_cli_export_peft_writes_an_adapter_peft_loads_onto_the_plain_model(run, tmp_path, capsys):

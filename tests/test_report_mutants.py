@@ -225,6 +225,9 @@ def test_plot_loss_curves_data(tmp_path, monkeypatch):
     legend = axes[-1].get_legend()
     assert [text.get_text() for text in legend.get_texts()] == ["task 1", "task 3"]
     assert [h.get_color() for h in legend.get_lines()] == ["C0", "C2"]
+    plots.plot_loss_curves([[{"epoch": 1, "steps": 1, "cls": 1.0}]] * 12, tmp_path / "l12.png")  # past 10 colours
+    colours = [tuple(h.get_color()) for h in figs[-1].axes[-1].get_legend().get_lines()]
+    assert len(colours) == len(set(colours)) == 12  # no two tasks alike (the cycle's C{t % 10} repeated)
     with pytest.raises(ValueError, match="at least one epoch"):
         plots.plot_loss_curves([[], [{"epoch": 1, "steps": 0}]], tmp_path / "e.png")
 

@@ -12,6 +12,7 @@ is loaded here), with class_names = the full ordered name list (index = ordered 
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -23,9 +24,16 @@ def _norm(name: str) -> str:
     return " ".join(str(name).replace("_", " ").lower().split())
 
 
+def _compact(name: str) -> str:
+    """A name without case, spaces, underscores or hyphens: UCF101's 'ApplyEyeMakeup' (classInd.txt) and
+    'Apply_Eye_Makeup' (CoOp's split file) are one class."""
+    return re.sub(r"[\s_-]+", "", str(name)).lower()
+
+
 def _lookup_name(item: str, class_names: Sequence[str], class_ids: Optional[Sequence[str]] = None) -> Optional[int]:
     """Index of the class called `item`: its name exactly, else its id (wnid, folder name) exactly, else its name
-    case / underscore-insensitively; None if absent."""
+    case / underscore-insensitively, else its name or id without case, spaces, underscores or hyphens; None if
+    absent."""
     def one(found: list[int], what: str) -> Optional[int]:
         if len(found) > 1:
             raise DatasetFormatError(f"class_order: {item!r} matches {len(found)} classes' {what} (indices {found}); "
@@ -39,7 +47,12 @@ def _lookup_name(item: str, class_names: Sequence[str], class_ids: Optional[Sequ
                                  f"the id of class {by_id} ({class_names[by_id]!r}); give class indices instead")
     if by_name is not None or by_id is not None:
         return by_name if by_name is not None else by_id
-    return one([i for i, n in enumerate(class_names) if _norm(n) == _norm(item)], "names")
+    loose = one([i for i, n in enumerate(class_names) if _norm(n) == _norm(item)], "names")
+    if loose is not None:
+        return loose
+    key = _compact(item)
+    return one(sorted({i for i, n in enumerate(class_names) if _compact(n) == key}
+                      | {i for i, c in enumerate(class_ids or ()) if _compact(c) == key}), "names or ids")
 
 
 def resolve_class_order(class_order: Any, class_names: Sequence[str], seed: int = 1993,

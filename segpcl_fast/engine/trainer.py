@@ -434,7 +434,8 @@ class Trainer:
 
     def _build(self, compile_settings: Optional["compiling.CompileSettings"]) -> None:
         """Data, model, learner (and compiled model, gradient sync) of the run."""
-        with ddp.failing_together(self.dist):  # before any collective: a rank that failed stops every rank
+        # before any collective: a rank that failed stops every rank. float32 whatever the caller's default dtype
+        with ddp.failing_together(self.dist), float32_default():
             self._build_rank(compile_settings)
         self.grad_sync = None
         if self.dist.enabled:
@@ -803,16 +804,22 @@ class Trainer:
         allowed, and said, as its later tasks are not what an uninterrupted run gives. `saved`: the last
         checkpoint's config; `device_type`: the device its last task trained on (None: an older checkpoint), which
         run.device stands for ("auto" and "cuda" may be one device)."""
+        c = self.cfg
+        # keys that change nothing here: workers without augmentation, TF32 off CUDA, DPGD's batch without DPGD
+        idle = {"data.num_workers": not c.data.train_augment,
+                "run.tf32": self.device.type != "cuda" and device_type != "cuda",
+                "dpgd.batch_size": not (c.prototypes.transfer or (c.acgd.enabled and c.acgd.weight > 0
+                                                                   and c.acgd.source == "anchors"))}
         changed = []
         for key in ckpt.RESULT_CHANGING_KEYS:
             section, _, name = key.partition(".")
-            before = (saved.get(section) or {}).get(name, config_value(type(self.cfg)(), key))
-            now = config_value(self.cfg, key)
+            before = (saved.get(section) or {}).get(name, config_value(type(c)(), key))
+            now = config_value(c, key)
             if key == "run.device":
                 if device_type is None:
                     continue
                 before, now = device_type, self.device.type
-            if before != now and not (key == "data.num_workers" and not self.cfg.data.train_augment):
+            if before != now and not idle.get(key, False):
                 changed.append(f"{key} {before} -> {now}")
         if changed:
             workers = changed[0].startswith("data.num_workers")  # first in RESULT_CHANGING_KEYS
@@ -875,7 +882,8 @@ class Trainer:
     def run(self) -> Result:
         """Train (or resume) every task; rank 0 holds the output dir's run lock meanwhile."""
         try:
-            return self._run()
+            with float32_default():  # the run's tensors, whatever the caller's default dtype (api.train sets it too)
+                return self._run()
         except KeyboardInterrupt as e:  # the CLI's line says whether a --resume has anything to continue from
             e.tasks_on_disk = getattr(self, "tasks_on_disk", None)
             raise

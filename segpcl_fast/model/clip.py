@@ -26,6 +26,7 @@ import difflib
 from collections import OrderedDict
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -590,29 +591,62 @@ def open_clip_call():
     the model is built in float32 whatever torch.get_default_dtype() the caller set (float64 weights met fp32
     images: a dtype error, or a run's probe embeddings that no longer matched), and open_clip's module-level
     logging.info / logging.warning do not install a root handler where the caller has none (logging.basicConfig,
-    which they call then, made the caller's own basicConfig do nothing)."""
-    root = logging.getLogger()
-    guard = logging.NullHandler() if not root.handlers else None
-    if guard is not None:
-        root.addHandler(guard)
+    which they call then, made the caller's own basicConfig do nothing). The guard there is logging's own
+    last-resort handler: warnings and errors print as they would with no handler, info does not."""
+    with _held_root_guard(), float32_default():
+        yield
+
+
+_ROOT_GUARD_LOCK = threading.Lock()
+_root_guard: list = []  # [the handler put on the root logger, how many blocks hold it] while any does
+
+
+@contextlib.contextmanager
+def _held_root_guard():
+    """logging.lastResort on the root logger where it has no handler, for the block (overlapping blocks: until
+    the last one ends), so that logging.info / logging.warning do not call logging.basicConfig."""
+    with _ROOT_GUARD_LOCK:
+        if _root_guard:
+            _root_guard[1] += 1
+        elif not logging.getLogger().handlers:
+            guard = logging.lastResort or logging.NullHandler()
+            logging.getLogger().addHandler(guard)
+            _root_guard[:] = [guard, 1]
+        held = bool(_root_guard)
     try:
-        with float32_default():
-            yield
+        yield
     finally:
-        if guard is not None:
-            root.removeHandler(guard)
+        if held:
+            with _ROOT_GUARD_LOCK:
+                _root_guard[1] -= 1
+                if _root_guard[1] == 0:
+                    logging.getLogger().removeHandler(_root_guard[0])
+                    _root_guard.clear()
+
+
+_DEFAULT_DTYPE_LOCK = threading.Lock()
+_default_dtype_holders: list = []  # [the caller's dtype, how many blocks hold float32] while any does
 
 
 @contextlib.contextmanager
 def float32_default():
     """torch's default dtype float32 in the block, the caller's after: models, LoRA factors and probe images are
-    made in float32 whatever the caller set (torch.set_default_dtype(torch.float64) built a float64 model)."""
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
+    made in float32 whatever the caller set (torch.set_default_dtype(torch.float64) built a float64 model).
+    The default is the process's, not a thread's: while a block runs, other threads' new tensors are float32
+    too; overlapping blocks (threads) give the caller's dtype back when the last one ends."""
+    with _DEFAULT_DTYPE_LOCK:
+        if not _default_dtype_holders:
+            _default_dtype_holders[:] = [torch.get_default_dtype(), 0]
+            torch.set_default_dtype(torch.float32)
+        _default_dtype_holders[1] += 1
     try:
         yield
     finally:
-        torch.set_default_dtype(dtype)
+        with _DEFAULT_DTYPE_LOCK:
+            _default_dtype_holders[1] -= 1
+            if _default_dtype_holders[1] == 0:
+                torch.set_default_dtype(_default_dtype_holders[0])
+                _default_dtype_holders.clear()
 
 
 @contextlib.contextmanager

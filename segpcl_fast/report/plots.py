@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -156,13 +157,15 @@ def plot_loss_curves(loss_per_epoch: Sequence[Sequence[Mapping]], path: str | os
         raise ValueError("plot_loss_curves needs at least one epoch with a loss term")
     fig = _new_figure((7.0, 2.2 * len(terms) + 0.6))
     axes = fig.subplots(len(terms), 1, sharex=True, squeeze=False)[:, 0]
+    T = len(loss_per_epoch)  # matplotlib's 10 cycle colours, or one colour a task from a colour map past 10 tasks
+    colours = [f"C{t}" for t in range(T)] if T <= 10 else [matplotlib.colormaps["turbo"](t / (T - 1)) for t in range(T)]
     start = 0
     for t, task in enumerate(loss_per_epoch):
         x = [start + row["epoch"] for row in task]
         for ax, term in zip(axes, terms):
             points = [(xi, row[term]) for xi, row in zip(x, task) if row.get(term) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, color=f"C{t % 10}", label=f"task {t + 1}")
+                ax.plot(*zip(*points), marker="o", markersize=3, color=colours[t], label=f"task {t + 1}")
         start += max((row["epoch"] for row in task), default=0)
     for ax, term in zip(axes, terms):
         ax.set_ylabel(LOSS_TITLES.get(term, term), fontsize=8)

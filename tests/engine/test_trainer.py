@@ -156,6 +156,13 @@ def test_evaluate_all_tasks_rebuilds_the_runs_accuracy_matrix_and_metrics(tiny_m
         cut = tmp_path / "cut"
         assert capsys.readouterr().out.startswith(f"unfinished run: 1 of its 2 tasks trained (segpcl-fast train "
                                                   f"--config {cut}/config.yaml --resume -o {cut} continues it)")
+    # a finished run whose later tasks saved no checkpoint (a resume with run.checkpoint=false) is not unfinished
+    shutil.copytree(tmp_path / "run", tmp_path / "early")
+    for name in ("checkpoints/task_01.pt", "checkpoints/last"):
+        (tmp_path / "early" / name).unlink()
+    assert main(["evaluate", str(tmp_path / "early")]) == 0
+    assert capsys.readouterr().out.startswith("the run's checkpoints end at task 1 of its 2 (the later tasks saved "
+                                              "none; results.json holds the finished run's numbers)")
     assert main(["train", "--config", str(tmp_path / "cut" / "config.yaml"), "--resume", "-o",
                  str(tmp_path / "cut")]) == 0  # the command it names does
     assert evaluate(tmp_path / "cut")["task"] == 2
@@ -221,7 +228,7 @@ def test_a_resume_with_other_result_changing_run_keys_warns_naming_them(tiny_mod
     shutil.copytree(tmp_path / "run", tmp_path / "same")
     with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine.trainer"):
         train(small_config(tiny_model_name, tmp_path / "run", resume=True, eval__batch_size=7, num_threads=2,
-                           run__device="cpu"))  # run.device: "auto" before, on the same CPU: not a change
+                           run__device="cpu", run__tf32=True))  # "auto" before, on the same CPU; TF32: CUDA's
     warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed with")]
     assert warned == ["resumed with run.num_threads 1 -> 2, eval.batch_size 256 -> 7 (they round differently): the "
                       "later tasks are as valid, but not bit-identical to what an uninterrupted run gives; resume with "
@@ -234,9 +241,11 @@ def test_a_resume_with_other_result_changing_run_keys_warns_naming_them(tiny_mod
     from types import SimpleNamespace
     saved = small_config(tiny_model_name, tmp_path / "x").to_dict()
     for augment, device_type, expected in ((True, "cpu", ["data.num_workers 0 -> 2"]), (False, "cpu", []),
-                                           (False, "cuda", ["run.device cuda -> cpu"]), (False, None, [])):
+                                           (False, "cuda", ["run.device cuda -> cpu", "run.tf32 False -> True"]),
+                                           (False, None, [])):
         caplog.clear()
-        cfg = small_config(tiny_model_name, tmp_path / "x", data__num_workers=2, data__train_augment=augment)
+        cfg = small_config(tiny_model_name, tmp_path / "x", data__num_workers=2, data__train_augment=augment,
+                           run__tf32=True)
         with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine.trainer"):
             Trainer._warn_other_settings(SimpleNamespace(cfg=cfg, device=torch.device("cpu")), saved, device_type)
         assert [m for r in caplog.records for m in expected if m in r.getMessage()] == expected
