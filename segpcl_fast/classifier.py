@@ -237,7 +237,8 @@ class ContinualClassifier:
         stats, autocast = self.model.image_stats, self.model.image_autocast
         import open_clip
         payload = {"format": EXPORT_FORMAT, "segpcl_fast_version": __version__, "model_name": self.model.name,
-                   "model_config": copy.deepcopy(open_clip.get_model_config(self.model.name)),
+                   "model_config": copy.deepcopy(getattr(self.model, "carried_config", None)
+                                                 or open_clip.get_model_config(self.model.name)),
                    "pretrained": self.model.pretrained, "state_dict": merged.clip.state_dict(),
                    "class_names": list(self.class_names), "text": self.text.detach().float().cpu(),
                    "prototypes": self.prototypes.detach().float().cpu(), "beta": float(self.beta),
@@ -593,6 +594,7 @@ def _export_model(state: dict, device) -> CLIPModel:
         except ModelLoadError:
             raise error from None
         log.info("export's model '%s' does not resolve here (%s): built from the config it carries", name, error)
+        model.name, model.carried_config = name, copy.deepcopy(state["model_config"])  # a re-export keeps both
         return model
 
 

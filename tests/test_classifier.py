@@ -565,6 +565,10 @@ def test_an_export_whose_model_name_no_longer_resolves_loads_from_the_config_it_
     x = torch.randn(3, 3, clf.model.image_stats.size, clf.model.image_stats.size)
     moved = load_classifier(tmp_path / "moved.pt")
     torch.testing.assert_close(moved.logits(x), load_classifier(path).logits(x), rtol=0, atol=0)
+    # written again, it keeps its own name and config (it was written under the alias it loaded by: a review)
+    again = torch.load(moved.export(tmp_path / "again.pt"), weights_only=True)
+    assert again["model_name"] == state["model_name"] and again["model_config"] == state["model_config"]
+    torch.testing.assert_close(load_classifier(tmp_path / "again.pt").logits(x), moved.logits(x), rtol=0, atol=0)
     del state["model_config"]  # without one: the name's own error
     torch.save(state, tmp_path / "bare.pt")
     from segpcl_fast.model.clip import ModelLoadError
