@@ -26,7 +26,7 @@ from ..data.build import ClassCountError
 from ..data.base import split_digest
 from ..fileio import unwritable_dir_reason
 from ..method.anchors import frozen_eval
-from ..method.learner import Learner
+from ..method.learner import Learner, builds_anchor_cache
 from ..method.variants import resolve_variant
 from ..model.clip import float32_default, load_model, native_bf16
 from ..model.lora import inject_lora, lora_state_dict
@@ -805,11 +805,11 @@ class Trainer:
         checkpoint's config; `device_type`: the device its last task trained on (None: an older checkpoint), which
         run.device stands for ("auto" and "cuda" may be one device)."""
         c = self.cfg
-        # keys that change nothing here: workers without augmentation, TF32 off CUDA, DPGD's batch without DPGD
+        # keys that change nothing here: workers without augmentation, TF32 off CUDA, dpgd.batch_size without an
+        # anchor cache (it batches DPGD and the teacher's pass over any ACGD source's images)
         idle = {"data.num_workers": not c.data.train_augment,
                 "run.tf32": self.device.type != "cuda" and device_type != "cuda",
-                "dpgd.batch_size": not (c.prototypes.transfer or (c.acgd.enabled and c.acgd.weight > 0
-                                                                   and c.acgd.source == "anchors"))}
+                "dpgd.batch_size": not builds_anchor_cache(c)}
         changed = []
         for key in ckpt.RESULT_CHANGING_KEYS:
             section, _, name = key.partition(".")

@@ -57,6 +57,17 @@ class ReferenceMismatch(RuntimeError):
 PROBE_IMAGES = 4  # fixed images whose pretrained embeddings a checkpoint keeps (Learner.ref_image)
 
 
+def acgd_source(cfg) -> Optional[str]:
+    """acgd.source where ACGD runs (enabled, weight > 0), else None."""
+    return cfg.acgd.source if cfg.acgd.enabled and cfg.acgd.weight > 0 else None
+
+
+def builds_anchor_cache(cfg) -> bool:
+    """Whether stage 1 caches the teacher on anchor images (batched by dpgd.batch_size): for ACGD from any
+    source, or for the prototypes' drift transfer (DPGD anchors)."""
+    return acgd_source(cfg) is not None or cfg.prototypes.transfer
+
+
 def probe_images(stats) -> torch.Tensor:
     """PROBE_IMAGES fixed images at the model's input (`stats`: model.clip.ImageStats), normalised: smooth
     colour fields, bilinear from 8 x 8 draws of a seeded CPU generator (the same on every machine)."""
@@ -163,7 +174,7 @@ class Learner:
         # the teacher is the model itself, frozen and in eval mode for the block: nothing trains in stage 1, so
         # it is the model at the end of task t-1 (a deep copy cost a second model's memory and compiled graphs)
         with stage1.frozen_eval(self.model) as teacher:
-            source = self.cfg.acgd.source if self.cfg.acgd.enabled and self.cfg.acgd.weight > 0 else None
+            source = acgd_source(self.cfg)
             with torch.no_grad():
                 old_text = teacher.class_embeddings(self.class_prompts[:self.n_old], device=self.device)
                 logit_scale = teacher.logit_scale()

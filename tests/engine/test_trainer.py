@@ -251,6 +251,15 @@ def test_a_resume_with_other_result_changing_run_keys_warns_naming_them(tiny_mod
         assert [m for r in caplog.records for m in expected if m in r.getMessage()] == expected
         assert len(caplog.records) == (1 if expected else 0)
         assert ("(each loader worker draws its own augmentations)" in caplog.text) == augment
+    # dpgd.batch_size also batches the teacher's pass over ACGD's seeds (no DPGD, no transfer): still a change;
+    # without ACGD and the transfer no anchor cache is made, and it changes nothing
+    for overrides, warned in (({"acgd__source": "seeds", "prototypes__transfer": False}, True),
+                              ({"acgd__enabled": False, "prototypes__transfer": False}, False)):
+        caplog.clear()
+        cfg = small_config(tiny_model_name, tmp_path / "x", dpgd__batch_size=5, **overrides)
+        with caplog.at_level(logging.WARNING, logger="segpcl_fast.engine.trainer"):
+            Trainer._warn_other_settings(SimpleNamespace(cfg=cfg, device=torch.device("cpu")), saved, "cpu")
+        assert ("dpgd.batch_size 64 -> 5" in caplog.text) == warned, overrides
 
 
 def test_resume_from_a_checkpoint_of_an_older_version(tiny_model_name, tmp_path):
