@@ -49,6 +49,7 @@ import torch
 import yaml
 
 from .config import ConfigError, apply_overrides, config_from_dict, join_some, override_key, runs_below
+from .data.imagefolder import EXTENSIONS as IMAGEFOLDER_EXTENSIONS
 from .data.transforms import clip_test_transform
 from .fileio import DamagedFileError, UnsafeFileError, load_torch_file, save_torch_file, unwritable_dir_reason
 from .method.learner import reference_image_embeddings, same_reference
@@ -294,18 +295,18 @@ def check_export_path(path: PathLike) -> None:
 
 
 # a folder's images: torchvision ImageFolder's extensions (data.dataset=imagefolder's) and GIF, any case
-FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+FOLDER_IMAGE_EXTENSIONS = (*IMAGEFOLDER_EXTENSIONS, ".gif")
 
 
 def image_paths(items: Sequence[PathLike]) -> list[str]:
     """Files as given; folders expanded to their image files (FOLDER_IMAGE_EXTENSIONS, not hidden; sorted, not
     recursive)."""
+    from .data.files import is_image_name
     paths = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS
-                           and not p.name.startswith(".") and p.is_file())
+            found = sorted(str(p) for p in path.iterdir() if is_image_name(p, FOLDER_IMAGE_EXTENSIONS) and p.is_file())
             if not found:
                 raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
             paths += found

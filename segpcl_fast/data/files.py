@@ -98,10 +98,10 @@ def read_lines(path: Path) -> list[str]:
     return [text for _, text in numbered_lines(path)]
 
 
-def is_image_name(path: Path) -> bool:
-    """An image file name: a known extension (any case), not hidden. Hidden names include macOS's
+def is_image_name(path: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
+    """An image file name: one of `extensions` (any case), not hidden. Hidden names include macOS's
     AppleDouble '._<name>.jpg' metadata files that copies from a Mac leave beside every image."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in extensions and not path.name.startswith(".")
 
 
 def list_images(folder: Path) -> list[Path]:
