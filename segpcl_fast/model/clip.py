@@ -29,7 +29,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -597,56 +597,53 @@ def open_clip_call():
         yield
 
 
-_ROOT_GUARD_LOCK = threading.Lock()
-_root_guard: list = []  # [the handler put on the root logger, how many blocks hold it] while any does
+class _HeldWhileAny:
+    """A process-wide setting held while any block holds it (blocks in threads may overlap): `take()` when no
+    holder has taken it yet (it returns what `give_back` needs, or None: nothing taken, asked again by the next
+    block), `give_back(taken)` when the last block ends."""
+
+    def __init__(self, take: Callable[[], object], give_back: Callable[[object], None]):
+        self._take, self._give_back = take, give_back
+        self._lock, self._holders, self._taken = threading.Lock(), 0, None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._taken is None:
+                self._taken = self._take()
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0 and self._taken is not None:
+                    self._give_back(self._taken)
+                    self._taken = None
 
 
-@contextlib.contextmanager
-def _held_root_guard():
-    """logging.lastResort on the root logger where it has no handler, for the block (overlapping blocks: until
-    the last one ends), so that logging.info / logging.warning do not call logging.basicConfig."""
-    with _ROOT_GUARD_LOCK:
-        if _root_guard:
-            _root_guard[1] += 1
-        elif not logging.getLogger().handlers:
-            guard = logging.lastResort or logging.NullHandler()
-            logging.getLogger().addHandler(guard)
-            _root_guard[:] = [guard, 1]
-        held = bool(_root_guard)
-    try:
-        yield
-    finally:
-        if held:
-            with _ROOT_GUARD_LOCK:
-                _root_guard[1] -= 1
-                if _root_guard[1] == 0:
-                    logging.getLogger().removeHandler(_root_guard[0])
-                    _root_guard.clear()
+def _guard_root_logger() -> Optional[logging.Handler]:
+    """logging.lastResort on the root logger where it has no handler (None where it has one), so that
+    logging.info / logging.warning do not call logging.basicConfig."""
+    if logging.getLogger().handlers:
+        return None
+    guard = logging.lastResort or logging.NullHandler()
+    logging.getLogger().addHandler(guard)
+    return guard
 
 
-_DEFAULT_DTYPE_LOCK = threading.Lock()
-_default_dtype_holders: list = []  # [the caller's dtype, how many blocks hold float32] while any does
+def _take_float32_default() -> torch.dtype:
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    return dtype
 
 
-@contextlib.contextmanager
-def float32_default():
-    """torch's default dtype float32 in the block, the caller's after: models, LoRA factors and probe images are
-    made in float32 whatever the caller set (torch.set_default_dtype(torch.float64) built a float64 model).
-    The default is the process's, not a thread's: while a block runs, other threads' new tensors are float32
-    too; overlapping blocks (threads) give the caller's dtype back when the last one ends."""
-    with _DEFAULT_DTYPE_LOCK:
-        if not _default_dtype_holders:
-            _default_dtype_holders[:] = [torch.get_default_dtype(), 0]
-            torch.set_default_dtype(torch.float32)
-        _default_dtype_holders[1] += 1
-    try:
-        yield
-    finally:
-        with _DEFAULT_DTYPE_LOCK:
-            _default_dtype_holders[1] -= 1
-            if _default_dtype_holders[1] == 0:
-                torch.set_default_dtype(_default_dtype_holders[0])
-                _default_dtype_holders.clear()
+_held_root_guard = _HeldWhileAny(_guard_root_logger, lambda guard: logging.getLogger().removeHandler(guard))
+# `with float32_default():` torch's default dtype float32 in the block, the caller's after: models, LoRA factors
+# and probe images are made in float32 whatever the caller set (torch.set_default_dtype(torch.float64) built a
+# float64 model). The default is the process's, not a thread's: while a block runs, other threads' new tensors
+# are float32 too; overlapping blocks (threads) give the caller's dtype back when the last one ends.
+float32_default = _HeldWhileAny(_take_float32_default, torch.set_default_dtype)
 
 
 @contextlib.contextmanager
