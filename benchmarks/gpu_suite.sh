@@ -313,7 +313,7 @@ CUDA_HOME="${CUDA_HOME:-$TOOLKIT}" SEGPCL_WITH_CUDA=1 \
 save
 fi
 if part ext-tests; then
-run_step ext-tests "$PYTHON" -m pytest tests/ops/test_lora_linear_cuda.py tests/ops/test_lora_linear_merged.py \
+run_step ext-tests "$PYTHON" -m pytest tests/ops/test_lora_linear_cuda.py tests/ops/test_lora_linear_merged.py tests/ops/test_func_transforms.py \
   tests/model/test_vit_tail.py -q -rs \
   -p no:cacheprovider 2>&1 | tee "$WORK/lora_linear_cuda_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -23,6 +23,7 @@ def choose_impl(op: str, *tensors, supported: bool = True) -> str:
     auto: Triton on CUDA tensors when triton is installed, else (and for float64) the reference. "triton": Triton on
     CUDA, or on CPU under TRITON_INTERPRET=1 (tests); anywhere else one clear error.
     "reference" (and "cpp", which has no version of these ops): the reference.
+    Under a torch.func transform: the reference ("triton" forced there: one error).
     supported=False (shapes the fused kernel does not take) picks the reference under "auto";
     under "triton" the launcher then raises its own clear error.
     Inside torch.compile tracing the choice is not recorded (its logging would break the graph).
@@ -36,6 +37,10 @@ def choose_impl(op: str, *tensors, supported: bool = True) -> str:
 def impl_for(op: str, *tensors, supported: bool = True) -> str:
     """choose_impl's rule, without recording the choice (`segpcl-fast env` asks it per device)."""
     backend = dispatch.get_backend()
+    if dispatch.under_func_transform():  # torch.func: the references only (see dispatch's docstring)
+        if backend == "triton":
+            dispatch.refuse_forced_under_func_transform(op)
+        return "reference"
     if backend == "triton":
         _utils.check_can_run(op, *tensors)
         return "triton"

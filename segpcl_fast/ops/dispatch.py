@@ -10,6 +10,12 @@ spec), "auto" (default) picks the fast path where it exists for the device and d
   Triton ops, which have no C++ version, run their references.
 `ops._kernels.impl_for(op, *tensors)` (the Triton ops) and `ops.lora_linear.lora_b_linear_impl`
 say what would run, `last_choice()` what ran, and every first choice per (op, device, impl) is logged.
+
+Under a torch.func transform (grad, vmap, jvp, jacrev, functional_call inside grad, ...) every op runs its
+reference under "auto": torch's custom ops with a registered autograd and the autograd.Functions of the fast
+paths do not compose with those transforms (pytorch/pytorch#170834: "it must override the setup_context
+staticmethod"), while the references are plain aten ops, which every transform takes. A forced "triton" or
+"cpp" there is one error naming the switch (`under_func_transform`, `refuse_forced_under_func_transform`).
 """
 from __future__ import annotations
 
@@ -51,6 +57,20 @@ def refuse_trained_constants(op: str, **constants) -> None:
         if isinstance(value, torch.Tensor) and value.requires_grad:  # (getattr on a SymFloat breaks a graph)
             raise ValueError(f"{op}: {name} is a constant of the op (no gradient flows to it) but requires grad; "
                              f"pass {name}.detach() (or a float)")
+
+
+def under_func_transform() -> bool:
+    """Whether a torch.func transform is active now (traced by torch.compile as a constant, no graph break)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def refuse_forced_under_func_transform(op: str) -> None:
+    """A forced fast backend under a torch.func transform: one error with the fix (the fast paths' autograd
+    does not compose with torch.func's transforms)."""
+    raise RuntimeError(f"{op}: ops backend '{_backend}' is forced, but a torch.func transform (grad, vmap, jvp, ...) "
+                       "is active and the fast paths do not compose with torch.func; use set_backend('auto') "
+                       "(run.ops=auto), which runs the plain-PyTorch reference under torch.func, or "
+                       "set_backend('reference')")
 
 
 def set_backend(name: str) -> None:

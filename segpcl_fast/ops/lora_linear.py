@@ -273,9 +273,15 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
     the CPU under TRITON_INTERPRET=1; r <= 128) and B needs a gradient, eager or compiled; elsewhere what "auto"
     takes.
     Opt-in until a GPU has timed it against the others.
+    Under a torch.func transform (grad, vmap, jvp, ...): the reference, the one path those transforms take;
+    "cpp" or "triton" forced there is one error.
     """
     name = dispatch.get_backend()
     if name == "reference":
+        return "reference"
+    if dispatch.under_func_transform():  # torch.func: the formula only (see dispatch's docstring)
+        if name in ("cpp", "triton"):
+            dispatch.refuse_forced_under_func_transform(OP)
         return "reference"
     if name == "triton" and (lora_B is None or _needs_grad_B(lora_B)) and _fused_runs(x, lora_B):
         return "triton"

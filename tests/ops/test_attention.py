@@ -140,6 +140,18 @@ def test_compiled_attention_stays_on_sdpa(fake_xformers):
     assert fake_xformers == [(1, 8, 2, 8), (2, 5, 3, 8)]
 
 
+def test_attention_under_torch_func_stays_on_sdpa(fake_xformers):
+    """xformers' autograd.Function does not compose with torch.func: under grad / vmap, SDPA runs."""
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    g = torch.func.grad(lambda q: ops.attention(q, k, v).square().sum())(q)
+    assert fake_xformers == [] and ops.last_choice()["attention"] == "sdpa"
+    q_ref = q.clone().requires_grad_()
+    ops.attention_reference(q_ref, k, v).square().sum().backward()
+    torch.testing.assert_close(g, q_ref.grad, rtol=1e-5, atol=1e-5)
+    ops.attention(q, k, v)  # eager: probed once, then used
+    assert fake_xformers == [(1, 8, 2, 8), (2, 5, 3, 8)]
+
+
 def test_xformers_probe_is_per_head_size(fake_xformers, monkeypatch):
     """A head size xformers cannot run must not be cached as runnable because another size was."""
     real = sys.modules["xformers.ops"].memory_efficient_attention
