@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -143,15 +144,17 @@ class ContinualClassifier:
 
     @staticmethod
     def image_items(images, who: str = "load_images()") -> list:
-        """Paths, folders (their image files, sorted) and PIL images, one alone or in a list, as a flat
-        list of paths and PIL images."""
+        """Paths, folders (their image files, sorted), PIL images and encoded image files' bytes, one alone or
+        in a list, as a flat list of path strings, PIL images and bytes. Bytes holding no NUL are a path (as
+        Python's os functions take them, decoded by os.fsdecode); bytes with one are an encoded image (a PNG,
+        JPEG, GIF, BMP, TIFF or WebP header holds a NUL, and no path can)."""
         from PIL import Image
         if type(images).__module__ == "numpy":
             raise TypeError(f"{who} got a numpy array: pass PIL images (PIL.Image.fromarray(a) per HxWx3 uint8 image), "
                             "paths, or a (B, 3, H, W) tensor already through clf.transform")
-        if isinstance(images, (str, os.PathLike, Image.Image)):
+        if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image)):
             images = [images]
-        return [p for item in images for p in (image_paths([item]) if isinstance(item, (str, os.PathLike)) else [item])]
+        return [p for item in images for p in (image_paths([item]) if _is_path(item) else [item])]
 
     def load_images(self, images) -> torch.Tensor:
         """Paths, folders or PIL images (one alone, or a list) -> one transformed batch (B, 3, S, S);
@@ -167,27 +170,34 @@ class ContinualClassifier:
         from PIL import Image
 
         from .data.base import DatasetFormatError, as_8bit, read_rgb
-        if isinstance(item, (str, os.PathLike)):
-            path = Path(item)
+        if _is_path(item):
+            path = Path(os.fsdecode(item))
             if not path.is_file():
                 raise FileNotFoundError(f"image {path} does not exist")
             try:
                 item = read_rgb(path)  # the datasets' reader: every PIL failure, one error
             except DatasetFormatError as e:
                 raise ClassifierError(f"{path} cannot be read as an image ({e.__cause__!r})") from e.__cause__
+        elif isinstance(item, (bytes, bytearray)):  # an encoded image file's contents (image_items)
+            try:
+                item = read_rgb(io.BytesIO(item))
+            except DatasetFormatError as e:
+                raise ClassifierError(f"{len(item)} bytes starting {bytes(item[:8])!r} cannot be decoded as an image "
+                                      f"({e.__cause__!r})") from e.__cause__
         elif isinstance(item, Image.Image):
             item = as_8bit(item).convert("RGB")  # as read_rgb reads a file (16-bit grayscale scaled)
         else:
-            raise TypeError(f"predict() takes image paths, folders, PIL images or a (B, 3, H, W) tensor "
-                            f"(through clf.transform), got a list holding {type(item).__name__}")
+            raise TypeError(f"predict() takes image paths, folders, PIL images, encoded images' bytes or a (B, 3, H, W) "
+                            f"tensor (through clf.transform), got a list holding {type(item).__name__}")
         return self.transform(item)
 
     def predict(self, images: Union[torch.Tensor, Sequence, PathLike], topk: int = 1,
                 batch_size: int = 64, skip_unreadable: bool = False) -> list[Optional[list[tuple[str, float]]]]:
         """Per image, the top-k (class name, softmax probability over the seen classes).
 
-        images: a list of image paths, folders (their image files, sorted) and PIL images, one such
-        item alone, or a (B, 3, H, W) tensor already through `self.transform`. One list per image.
+        images: a list of image paths, folders (their image files, sorted), PIL images and encoded image
+        files' bytes (an upload's contents), one such item alone, or a (B, 3, H, W) tensor already through
+        `self.transform`. One list per image.
         skip_unreadable: a file that cannot be read as an image gives None in its place (and a logged
         warning) instead of stopping the whole call with a ClassifierError.
         """
@@ -298,20 +308,25 @@ def check_export_path(path: PathLike) -> None:
 FOLDER_IMAGE_EXTENSIONS = (*IMAGEFOLDER_EXTENSIONS, ".gif")
 
 
+def _is_path(item) -> bool:
+    """A path: a str, an os.PathLike, or bytes with no NUL (bytes with one are an encoded image)."""
+    return isinstance(item, (str, os.PathLike)) or (isinstance(item, (bytes, bytearray)) and b"\0" not in item)
+
+
 def image_paths(items: Sequence[PathLike]) -> list[str]:
-    """Files as given; folders expanded to their image files (FOLDER_IMAGE_EXTENSIONS, not hidden; sorted, not
-    recursive)."""
+    """Files as given (str); folders expanded to their image files (FOLDER_IMAGE_EXTENSIONS, not hidden; sorted,
+    not recursive)."""
     from .data.files import is_image_name
     paths = []
     for item in items:
-        path = Path(item)
+        path = Path(os.fsdecode(item))
         if path.is_dir():
             found = sorted(str(p) for p in path.iterdir() if is_image_name(p, FOLDER_IMAGE_EXTENSIONS) and p.is_file())
             if not found:
                 raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
             paths += found
         else:
-            paths.append(os.fspath(item))
+            paths.append(os.fsdecode(item))
     return paths
 
 

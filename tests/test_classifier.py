@@ -97,6 +97,42 @@ def test_predict_takes_paths_pil_images_and_tensors_alike(run, tmp_path):
     same(clf.predict([paths[2], tmp_path], topk=3), [by_path[2]] + by_path)
 
 
+def test_predict_takes_bytes_paths_and_encoded_images_bytes(run, tmp_path):
+    """Bytes without a NUL are a path (os.fsdecode, as os functions take them); bytes with one are an encoded
+    image (an upload's contents), decoded as its file would be read."""
+    import io
+    import os
+    _, _, out = run
+    clf = load_classifier(out)
+    images = _images(3)
+    encoded = []
+    for i, img in enumerate(images):
+        img.save(tmp_path / f"img{i}.png")
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    by_path = clf.predict(sorted(str(p) for p in tmp_path.glob("*.png")), topk=3)
+    assert clf.image_items([os.fsencode(tmp_path / "img0.png"), os.fsencode(tmp_path)]) == \
+        [str(tmp_path / "img0.png")] + [str(tmp_path / f"img{i}.png") for i in range(3)]
+
+    def same(a, b):  # other batch splits: equal up to float order
+        assert [[n for n, _ in top] for top in a] == [[n for n, _ in top] for top in b]
+        np.testing.assert_allclose([[p for _, p in top] for top in a], [[p for _, p in top] for top in b], rtol=1e-5)
+    same(clf.predict(os.fsencode(tmp_path / "img1.png"), topk=3), [by_path[1]])
+    same(clf.predict(os.fsencode(tmp_path), topk=3), by_path)
+    by_bytes = clf.predict([encoded[0], bytearray(encoded[1]), encoded[2]], topk=3)
+    same(by_bytes, by_path)
+    same(clf.predict(encoded[2], topk=3), [by_bytes[2]])  # one item alone: a list of one
+    damaged = encoded[1][:40]
+    with pytest.raises(ClassifierError, match=r"40 bytes starting b'\\x89PNG.*cannot be decoded as an image"):
+        clf.predict([encoded[0], damaged])
+    got = clf.predict([encoded[0], damaged], topk=3, skip_unreadable=True)
+    assert got[1] is None
+    same(got[:1], by_bytes[:1])
+    with pytest.raises(FileNotFoundError, match="nowhere.png does not exist"):
+        clf.predict(b"nowhere.png")
+
+
 def test_an_export_keeps_the_models_evaluation_geometry(run, tmp_path):
     """A model whose preprocess_cfg squashes (SigLIP, DFN) is exported and loaded back squashing."""
     import dataclasses
@@ -205,7 +241,7 @@ def test_bad_sources_and_images_give_one_clear_error(run, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(ClassifierError, match="broken.png cannot be read as an image"):
         clf.predict([str(tmp_path / "broken.png")])
-    with pytest.raises(TypeError, match="image paths, folders, PIL images or a .*got a list holding ndarray"):
+    with pytest.raises(TypeError, match="image paths, folders, PIL images, .* or a .*got a list holding ndarray"):
         clf.predict([np.zeros((8, 8, 3))])
     size = clf.model.image_stats.size
     with pytest.raises(ValueError, match=rf"images of shape \(2, 3, {size + 1}, {size + 1}\), the model takes "
