@@ -828,11 +828,21 @@ def test_cli_export_peft_writes_an_adapter_peft_loads_onto_the_plain_model(run, 
     clf = load_classifier(out, task=2)
     # open_clip knows the tests' model config: it is suggested too, as for ViT-B-16; not for the package's own
     # config or bundled weights, which open_clip alone does not resolve (a review's finding)
-    assert "(or open_clip.create_model with that name and weights)" in said
+    assert f", or open_clip.create_model('{clf.model.name}')" in said
     from segpcl_fast.cli import peft_load_hint
-    assert "open_clip.create_model" in peft_load_hint("ViT-B-16", "openai", "a")
+    assert "open_clip.create_model('ViT-B-16', pretrained='openai')" in peft_load_hint("ViT-B-16", "openai", "a")
+    assert "manual_seed" not in peft_load_hint("ViT-B-16", "openai", "a", weights_seed=3)  # pretrained: no seed
     for name, pretrained in (("segpcl-tiny", "segpcl-world"), ("segpcl-tiny", None)):
         assert "open_clip" not in peft_load_hint(name, pretrained, "a")
+    # the run's base weights are random (model.pretrained none): drawn after the run's seed, which the hint and
+    # the adapter's record name; following the hint gives the run's base, bit for bit (before, it named no seed)
+    seed = clf.model.weights_seed
+    assert isinstance(seed, int) and f"torch.manual_seed({seed}) (the run's random base weights), then" in said
+    record = json.loads((tmp_path / "adapter" / "segpcl_base_model.json").read_text())
+    assert record["weights_seed"] == seed and record["load_with"].startswith(f"torch.manual_seed({seed})")
+    torch.manual_seed(seed)
+    from segpcl_fast import load_model
+    hinted = load_model(clf.model.name, pretrained=None).clip
     base = unload_lora(copy.deepcopy(clf.model)).clip.state_dict()  # the run's pretrained (here random) weights
     plain = open_clip.create_model(clf.model.name).eval()
     plain.load_state_dict(base)
@@ -841,6 +851,9 @@ def test_cli_export_peft_writes_an_adapter_peft_loads_onto_the_plain_model(run, 
         _, emb = clf.model.encode_image(images)
         assert not torch.allclose(plain.encode_image(images), emb, atol=1e-3)  # the adapters do change it
         loaded = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter"))  # wraps `plain` in place
+        torch.testing.assert_close(loaded.base_model.model.encode_image(images), emb, atol=1e-5, rtol=1e-5)
+        assert all(torch.equal(hinted.state_dict()[k], v) for k, v in base.items())
+        loaded = peft.PeftModel.from_pretrained(hinted, str(tmp_path / "adapter"))
         torch.testing.assert_close(loaded.base_model.model.encode_image(images), emb, atol=1e-5, rtol=1e-5)
     for bad in (".", tmp_path / "taken"):  # one ClassifierError for a path that cannot take it, as export's
         with pytest.raises(ClassifierError, match="names no new folder|new \\(or empty\\) directory"):

@@ -138,6 +138,8 @@ def build_model(cfg: Config, device: torch.device) -> tuple:
         params = inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.towers,
                              seed=cfg.run.seed if cfg.lora.init_seed is None else cfg.lora.init_seed)
         model.store_frozen_weights()  # an autocast tower's frozen GEMM weights cast once (same results)
+    if cfg.model.pretrained is None:  # the seed its random weights were drawn after (peft adapters say so)
+        model.weights_seed = cfg.run.seed
     return model, params
 
 

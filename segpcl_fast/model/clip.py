@@ -114,6 +114,9 @@ class CLIPModel(nn.Module):
         self.tokenizer = tokenizer
         self.name = name
         self.pretrained = pretrained
+        # random weights (pretrained None) drawn right after torch.manual_seed(weights_seed): a run's model
+        # (engine.trainer.build_model sets it), so that its base can be drawn again outside segpcl_fast
+        self.weights_seed: Optional[int] = None
         visual = clip.visual
         size = visual.image_size
         if isinstance(size, (tuple, list)):

@@ -257,11 +257,23 @@ def base_model_record(model: nn.Module) -> Optional[dict]:
     import open_clip
 
     from ..version import __version__
+    seed = getattr(model, "weights_seed", None)
     return {"format": "segpcl_fast.peft_adapter/1", "segpcl_fast_version": __version__, "model_name": model.name,
             "pretrained": model.pretrained, "model_config": open_clip.get_model_config(model.name),
-            "load_with": f"segpcl_fast.load_model({model.name!r}, pretrained={model.pretrained!r}).clip"
-                         + (", or open_clip.create_model with that name and weights"
-                            if open_clip_resolves(model.name, model.pretrained) else "")}
+            **({"weights_seed": seed} if seed is not None and model.pretrained is None else {}),
+            "load_with": base_model_code(model.name, model.pretrained, seed)}
+
+
+def base_model_code(name: str, pretrained: Optional[str], weights_seed: Optional[int] = None) -> str:
+    """The code that builds the open_clip model an adapter goes on: segpcl_fast.load_model(...).clip, also
+    open_clip.create_model where open_clip resolves the name and weights on its own; random weights
+    (pretrained None) drawn after torch.manual_seed(weights_seed), as the run drew them (engine.trainer.
+    build_model: the same tensors, bit for bit)."""
+    seeded = pretrained is None and weights_seed is not None
+    code = f"segpcl_fast.load_model({name!r}, pretrained={pretrained!r}).clip"
+    if open_clip_resolves(name, pretrained):
+        code += f", or open_clip.create_model({name!r}" + (f", pretrained={pretrained!r})" if pretrained else ")")
+    return (f"torch.manual_seed({weights_seed}) (the run's random base weights), then " if seeded else "") + code
 
 
 def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default") -> Path:
