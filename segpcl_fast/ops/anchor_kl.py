@@ -29,3 +29,21 @@ def anchor_kl(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
     if choose_impl("anchor_kl", student_logits, teacher) == "triton":
         return _k.anchor_kl_fused(student_logits, teacher, tau, teacher_is_logprob, reduction)
     return anchor_kl_reference(student_logits, teacher, tau, teacher_is_logprob, reduction)
+
+
+LOGPROB_TOLERANCE = 0.05  # |logsumexp| of a log-probability row: bf16 storage rounds it by about 1e-2 at most
+
+
+def check_teacher_logprob(teacher: torch.Tensor) -> None:
+    """One ValueError when a teacher given as log-probabilities is not: a row's logsumexp is 0 for
+    log_softmax(z_T / tau) (up to LOGPROB_TOLERANCE), and anything but for raw logits, which the kernel would
+    take as unnormalised probabilities exp(z_T), a wrong loss with no error. Rows without a finite logsumexp
+    (NaN; all -inf) are left to the op's NaN rules. One host sync: AnchorKLLoss asks it once per module."""
+    lse = teacher.detach().float().logsumexp(dim=-1)
+    lse = lse[lse.isfinite()]
+    worst = lse.abs().max() if lse.numel() else None
+    if worst is not None and worst.item() > LOGPROB_TOLERANCE:
+        raise ValueError(f"anchor_kl: teacher_is_logprob=True but a teacher row's logsumexp is {lse[lse.abs().argmax()]:.4g}, "
+                         f"not 0: these are not log-probabilities. Pass teacher_is_logprob=False for raw teacher "
+                         f"logits, or log_softmax(z_T / tau) as the teacher")
+

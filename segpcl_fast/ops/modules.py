@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anchor_kl import ANCHOR_KL_REDUCTIONS, anchor_kl
+from .anchor_kl import ANCHOR_KL_REDUCTIONS, anchor_kl, check_teacher_logprob
 from .knn_kl import knn_backward_plan, knn_subgraph_kl, knn_subgraphs, row_indices
 
 __all__ = ["AnchorKLLoss", "SubgraphKLLoss"]
@@ -41,7 +41,11 @@ class AnchorKLLoss(nn.Module):
     constant (logits, or log-probabilities at tau with teacher_is_logprob=True). Returns an fp32
     scalar (fp64 for fp64 inputs); reduction over the anchors "mean" (the method's), "sum", or "none"
     (each anchor's tau^2 KL, (A,)). On CUDA the Triton kernel computes the loss and z_S's gradient in one
-    pass (segpcl_fast.kernels.anchor_kl: fp32 logits get one backward per forward)."""
+    pass (segpcl_fast.kernels.anchor_kl: fp32 logits get one backward per forward).
+
+    With teacher_is_logprob=True the first eager forward checks that the teacher's rows are
+    log-probabilities (ops.anchor_kl.check_teacher_logprob: one host sync, once per module): raw logits
+    there are one ValueError, not a wrong loss."""
 
     def __init__(self, tau: float = 20.0, teacher_is_logprob: bool = False, reduction: str = "mean"):
         super().__init__()
@@ -50,12 +54,17 @@ class AnchorKLLoss(nn.Module):
         if reduction not in ANCHOR_KL_REDUCTIONS:
             raise ValueError(f"AnchorKLLoss: reduction must be one of {ANCHOR_KL_REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
+        self._teacher_checked = False  # teacher_is_logprob's check (forward), not yet made
 
     def __setstate__(self, state: dict) -> None:  # a module pickled whole before reduction existed: the mean
         state.setdefault("reduction", "mean")
+        state.setdefault("_teacher_checked", False)
         super().__setstate__(state)
 
     def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.teacher_is_logprob and not self._teacher_checked and not torch.compiler.is_compiling():  # once
+            check_teacher_logprob(teacher)
+            self._teacher_checked = True
         return anchor_kl(student_logits, teacher, self.tau, self.teacher_is_logprob, self.reduction)
 
     def extra_repr(self) -> str:

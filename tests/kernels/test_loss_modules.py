@@ -37,6 +37,40 @@ def test_anchor_kl_loss_is_the_op(teacher_is_logprob, device, triton_backend):
     assert "tau=20.0" in repr(module) and dict(module.state_dict()) == {}
 
 
+def test_anchor_kl_loss_checks_a_logprob_teacher_once(graph_breaks):
+    """teacher_is_logprob=True given raw logits: one ValueError at the first eager forward (the kernel would
+    take exp(z_T) as unnormalised probabilities, a wrong loss without an error); log-probabilities pass,
+    bf16-rounded ones and rows with zero-probability (-inf) classes too; checked once per module (one host
+    sync), not inside torch.compile."""
+    g = torch.Generator().manual_seed(0)
+    student, raw = (30 * torch.randn(5, 12, generator=g) for _ in range(2))
+    logprob = F.log_softmax(raw / TAU_A, dim=-1)
+    with pytest.raises(ValueError, match=r"teacher_is_logprob=True but a teacher row's logsumexp is .*not "
+                                         r"log-probabilities\. Pass teacher_is_logprob=False"):
+        ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)(student, raw)
+    with pytest.raises(ValueError, match="not log-probabilities"):  # off by a constant: not normalised either
+        ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)(student, logprob + 0.2)
+    zero_class = logprob.clone()
+    zero_class[:, 0] = float("-inf")
+    zero_class = zero_class.log_softmax(-1)
+    module = ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)
+    for teacher in (logprob, logprob.bfloat16(), zero_class):
+        torch.testing.assert_close(ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)(student, teacher),
+                                   ops.anchor_kl_reference(student, teacher, TAU_A, True))
+    module(student, logprob)
+    module(student, raw)  # checked once: later calls pay no sync (the docstring says so)
+    old = ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)
+    state = old.__dict__.copy()
+    del state["_teacher_checked"]  # a module pickled whole before the check existed: checked at its next call
+    revived = ops.AnchorKLLoss.__new__(ops.AnchorKLLoss)
+    revived.__setstate__(state)
+    with pytest.raises(ValueError, match="not log-probabilities"):
+        revived(student, raw)
+    compiled = torch.compile(ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(student, logprob), ops.anchor_kl_reference(student, logprob, TAU_A, True))
+    assert graph_breaks() == 0
+
+
 def _reference_and_student(classes, dim, seed, device):
     g = torch.Generator().manual_seed(seed)
     ref = torch.randn(classes, dim, generator=g)
