@@ -96,13 +96,16 @@ def backend(name: str):
 
 
 def record_choice(op: str, impl: str, device: str) -> str:
-    """Remember and log (once per op/device/impl) which implementation ran."""
+    """Remember and log (once per op/device/impl, and once more for a choice made under torch.func) which
+    implementation ran."""
     _last_choice[op] = impl
     _used.setdefault(op, {})[impl] = None
-    key = (op, device, impl)
+    func = under_func_transform()
+    key = (op, device, impl, func)
     if key not in _logged:
         _logged.add(key)
-        log.info("segpcl_fast.ops.%s -> %s (device=%s, backend=%s)", op, impl, device, _backend)
+        log.info("segpcl_fast.ops.%s -> %s (device=%s, backend=%s%s)", op, impl, device, _backend,
+                 ", under a torch.func transform" if func else "")
     return impl
 
 

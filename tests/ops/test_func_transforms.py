@@ -47,15 +47,17 @@ def test_the_eager_path_here_is_a_fast_one(device):
     assert lora_linear.lora_b_linear_impl(x, rest[-1].clone().requires_grad_()) in ("cpp", "merged")
 
 
-def test_func_grad_wrt_B_equals_autograd(device):
+def test_func_grad_wrt_B_equals_autograd(device, caplog):
     x, weight, bias, lora_A, lora_B = _lora_inputs(device)
     target = torch.randn(6, 40, device=device)
 
     def loss(B):
         return ((lora_b_linear(x, weight, bias, lora_A, B, 0.5) - target) ** 2).sum()
 
-    func_grad = grad(loss)(lora_B)
+    with caplog.at_level("INFO", logger="segpcl_fast.ops"):
+        func_grad = grad(loss)(lora_B)
     assert dispatch.last_choice()["lora_b_linear"] == "reference"
+    assert f"lora_b_linear -> reference (device={device}, backend=auto, under a torch.func transform)" in caplog.text
     torch.testing.assert_close(func_grad, _eager_grad_B(x, weight, bias, lora_A, lora_B, target), rtol=1e-5, atol=1e-5)
 
 
