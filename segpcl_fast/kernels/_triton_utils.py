@@ -124,6 +124,29 @@ def check_tau(op: str, tau) -> None:
         raise ValueError(f"{op}: tau must be a finite number > 0 (a float), got {tau!r}")
 
 
+def autocast_available(device_type: str) -> bool:
+    """Whether torch has autocast for this device type (not for "meta": torch.autocast("meta") raises)."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    return available(device_type) if available is not None else device_type in ("cpu", "cuda")
+
+
+def autocast_off(device_type: str):
+    """A context with the caller's autocast off for this device type (nothing to turn off where torch has none)."""
+    return torch.autocast(device_type, enabled=False) if autocast_available(device_type) else contextlib.nullcontext()
+
+
+def tau_value(op: str, tau) -> float:
+    """check_tau's tau as a Python float, as the ops take it (a constant: every path then computes in the
+    inputs' dtype and gives the same shape; a float64 or (1,) tensor tau had made the reference's loss float64
+    or (1,)). A one-element tensor is read once, in eager code; inside torch.compile it is one ValueError (its
+    value is data-dependent in a graph: a guard error under dynamic shapes, a graph break otherwise)."""
+    if isinstance(tau, torch.Tensor) and torch.compiler.is_compiling():
+        raise ValueError(f"{op}: inside torch.compile tau must be a Python float, got a tensor (its value is "
+                         f"data-dependent in a graph); pass float(tau) from outside the compiled code")
+    check_tau(op, tau)
+    return float(tau)
+
+
 def prev_pow2(n: int) -> int:
     """Largest power of two <= n (n >= 1)."""
     return 1 << (max(1, int(n)).bit_length() - 1)

@@ -336,14 +336,16 @@ def default_cases() -> list[Case]:
     f32, bf16 = torch.float32, torch.bfloat16
     cases = []
 
-    def pgd(n, hw, dtype):
-        x = torch.empty(n, 3, hw, hw, dtype=dtype, device=meta)
+    def pgd(n, hw, dtype, layout=torch.contiguous_format):
+        x = torch.empty(n, 3, hw, hw, dtype=dtype, device=meta, memory_format=layout)
         params = [torch.empty(3, device=meta) for _ in range(4)]
         return lambda: pgd_step.pgd_step_triton(x, x, x, *params)
 
     for dtype in (f32, bf16):
         for n, hw in ((64, 224), (512, 224), (128, 32)):  # paper batch, roofline size, tiny model
             cases.append(Case(f"pgd_step {n}x3x{hw}x{hw} {_name(dtype)}", pgd(n, hw, dtype)))
+        cases.append(Case(f"pgd_step 64x3x224x224 {_name(dtype)} channels_last",
+                          pgd(64, 224, dtype, torch.channels_last)))
 
     def akl(rows, cols, s_dtype, t_dtype, logprob, chunk=None):
         zs = torch.empty(rows, cols, dtype=s_dtype, device=meta)

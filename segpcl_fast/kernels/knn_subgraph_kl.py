@@ -42,8 +42,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import (cdiv, check_can_run, check_pow2_knobs, check_tau, compute_dtype, interpret_mode,
-                            launch_device, lazy_jit, next_pow2, refuse_double_backward, store_dtype)
+from ._triton_utils import (autocast_off, cdiv, check_can_run, check_pow2_knobs, check_tau, compute_dtype,
+                            interpret_mode, launch_device, lazy_jit, next_pow2, refuse_double_backward, store_dtype,
+                            tau_value)
 
 tl = None  # triton.language, bound by lazy_jit at the first launch
 
@@ -70,9 +71,11 @@ def fused_fits(k: int, d: int, n_roots: int = 0) -> bool:
 
 
 def _subgraph_similarities(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
-    """sim[r, j] = emb[roots[r]] . emb[neighbors[r, j]], fp32 (fp64 for fp64 emb), shape (R, k)."""
+    """sim[r, j] = emb[roots[r]] . emb[neighbors[r, j]], fp32 (fp64 for fp64 emb), shape (R, k), whatever the
+    caller's autocast (which made it bf16 at tau 0.05: a loss > 0 at student = reference, off the kernel's)."""
     emb = emb.to(compute_dtype(emb))
-    return torch.einsum("rd,rkd->rk", emb[roots], emb[neighbors])
+    with autocast_off(emb.device.type):
+        return torch.einsum("rd,rkd->rk", emb[roots], emb[neighbors])
 
 
 def knn_reference_logprob(ref_emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Tensor,
@@ -82,6 +85,7 @@ def knn_reference_logprob(ref_emb: torch.Tensor, roots: torch.Tensor, neighbors:
 
     ref_emb must already be L2-normalised (rows); computed once, without gradient.
     """
+    tau = tau_value("knn_reference_logprob", tau)
     with torch.no_grad():
         return F.log_softmax(_subgraph_similarities(ref_emb, roots, neighbors) / tau, dim=-1)
 

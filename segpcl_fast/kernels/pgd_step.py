@@ -75,21 +75,8 @@ def check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi) -> None:
 
 
 @lazy_jit
-def _pgd_step_kernel(x_ptr, g_ptr, x0_ptr, out_ptr, gamma_ptr, eps_ptr, lo_ptr, hi_ptr,
-                     hw, channels, blocks_per_plane, BLOCK: tl.constexpr):
-    # one program per chunk of BLOCK pixels within a plane (N * C planes, one 1-D grid: a second grid
-    # axis stops at 65535): the channel is one scalar per program, so the per-channel bounds are 4
-    # scalar loads, no per-element index math.
-    pid = tl.program_id(0).to(tl.int64)
-    plane = pid // blocks_per_plane
-    cols = (pid % blocks_per_plane) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < hw
-    offs = plane * hw + cols
-    ch = plane % channels
-    gamma = tl.load(gamma_ptr + ch)
-    eps = tl.load(eps_ptr + ch)
-    lo = tl.load(lo_ptr + ch)
-    hi = tl.load(hi_ptr + ch)
+def _step_and_project(x_ptr, g_ptr, x0_ptr, out_ptr, offs, mask, gamma, eps, lo, hi):
+    """The step at storage offsets `offs` (every tensor laid out alike), fp32 compute, stored in out's dtype."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -102,6 +89,33 @@ def _pgd_step_kernel(x_ptr, g_ptr, x0_ptr, out_ptr, gamma_ptr, eps_ptr, lo_ptr, 
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@lazy_jit
+def _pgd_step_kernel(x_ptr, g_ptr, x0_ptr, out_ptr, gamma_ptr, eps_ptr, lo_ptr, hi_ptr,
+                     hw, channels, blocks_per_plane, BLOCK: tl.constexpr):
+    # NCHW (contiguous): one program per chunk of BLOCK pixels within a plane (N * C planes, one 1-D
+    # grid: a second grid axis stops at 65535): the channel is one scalar per program, so the
+    # per-channel bounds are 4 scalar loads, no per-element index math.
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // blocks_per_plane
+    cols = (pid % blocks_per_plane) * BLOCK + tl.arange(0, BLOCK)
+    ch = plane % channels
+    _step_and_project(x_ptr, g_ptr, x0_ptr, out_ptr, plane * hw + cols, cols < hw, tl.load(gamma_ptr + ch),
+                      tl.load(eps_ptr + ch), tl.load(lo_ptr + ch), tl.load(hi_ptr + ch))
+
+
+@lazy_jit
+def _pgd_step_channels_last_kernel(x_ptr, g_ptr, x0_ptr, out_ptr, gamma_ptr, eps_ptr, lo_ptr, hi_ptr,
+                                   numel, channels, BLOCK: tl.constexpr):
+    # NHWC storage (channels_last): BLOCK consecutive elements, the channel varying fastest, so each
+    # element's bounds are gathers from the 4 (C,) vectors (a few bytes, cached)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    ch = offs % channels
+    _step_and_project(x_ptr, g_ptr, x0_ptr, out_ptr, offs, mask, tl.load(gamma_ptr + ch, mask=mask),
+                      tl.load(eps_ptr + ch, mask=mask), tl.load(lo_ptr + ch, mask=mask),
+                      tl.load(hi_ptr + ch, mask=mask))
+
+
 def _block_size(hw: int, block: int | None) -> int:
     if block is not None:
         return next_pow2(block)
@@ -110,9 +124,16 @@ def _block_size(hw: int, block: int | None) -> int:
     return min(2048, next_pow2(hw))
 
 
+def _channels_last(*tensors: torch.Tensor) -> bool:
+    """Every tensor stored NHWC (channels_last) and not also NCHW-contiguous (C = 1, or 1 x 1 images, are both)."""
+    return all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in tensors)
+
+
 def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | None = None,
                     block: int | None = None) -> torch.Tensor:
-    """Launch the kernel; writes into `out` (contiguous, may be x_adv itself) or a new tensor."""
+    """Launch the kernel; writes into `out` (laid out as x_adv; may be x_adv itself) or a new tensor laid out as
+    x_adv is (torch.empty_like, as the reference's elementwise ops lay it out). NCHW-contiguous and channels_last
+    inputs run in their own layout; any other (or mixed) layout runs on contiguous copies."""
     check_can_run("pgd_step", x_adv, grad, x0)
     devices = {t.device for t in (x_adv, gamma, eps, lo, hi)}
     if len(devices) > 1:
@@ -120,16 +141,26 @@ def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | Non
                            f"{sorted(map(str, devices))}")
     check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi)  # also for a direct torch.ops.segpcl call: the kernel
     # reads grad and x0 at x_adv's offsets
-    x_adv_c, grad_c, x0_c = x_adv.contiguous(), grad.contiguous(), x0.contiguous()
+    channels_last = _channels_last(x_adv, grad, x0)
+    if channels_last:
+        x_adv_c, grad_c, x0_c = x_adv, grad, x0
+    else:
+        x_adv_c, grad_c, x0_c = x_adv.contiguous(), grad.contiguous(), x0.contiguous()
     dtype = store_dtype(x_adv.dtype)
-    if out is not None and out.dtype == dtype:
+    if out is not None and out.dtype == dtype and out.stride() == x_adv_c.stride():
         buffer = out
     else:
-        buffer = torch.empty(x_adv.shape, dtype=dtype, device=x_adv.device)
+        buffer = torch.empty_like(x_adv_c, dtype=dtype)
     params = [p.float().contiguous() for p in (gamma, eps, lo, hi)]
     n, channels, height, width = x_adv.shape
     hw = height * width
-    if x_adv.numel() > 0:
+    if x_adv.numel() > 0 and channels_last:
+        block_size = _block_size(x_adv.numel(), block)
+        with launch_device(x_adv):
+            _pgd_step_channels_last_kernel[(cdiv(x_adv.numel(), block_size),)](
+                x_adv_c, grad_c, x0_c, buffer, *params, x_adv.numel(), channels, BLOCK=block_size,
+                num_warps=4 if block_size <= 2048 else 8)
+    elif x_adv.numel() > 0:
         block_size = _block_size(hw, block)
         blocks_per_plane = cdiv(hw, block_size)
         with launch_device(x_adv):
@@ -138,8 +169,8 @@ def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | Non
                 num_warps=4 if block_size <= 2048 else 8)
     if buffer is out:
         return out
-    if out is None:
-        return buffer.to(x_adv.dtype)
+    if out is None:  # (.to keeps the layout)
+        return buffer.to(x_adv.dtype) if channels_last else buffer.to(x_adv.dtype).view_as(buffer)
     return out.copy_(buffer)
 
 
@@ -153,6 +184,8 @@ def pgd_step_op(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma
 
 @pgd_step_op.register_fake
 def _pgd_step_fake(x_adv, grad, x0, gamma, eps, lo, hi):
+    if _channels_last(x_adv, grad, x0):  # the kernel's own layout (pgd_step_triton)
+        return torch.empty_like(x_adv, memory_format=torch.channels_last)
     return torch.empty(x_adv.shape, dtype=x_adv.dtype, device=x_adv.device)
 
 
@@ -187,7 +220,7 @@ pgd_step_op.register_autograd(_pgd_backward, setup_context=_pgd_setup_context)
 @torch.library.custom_op("segpcl::pgd_step_", mutates_args=("x_adv",))
 def pgd_step_inplace_op(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: torch.Tensor,
                         eps: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
-    if x_adv.is_contiguous():
+    if x_adv.is_contiguous() or _channels_last(x_adv, grad, x0):
         pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out=x_adv)
     else:
         x_adv.copy_(pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi))

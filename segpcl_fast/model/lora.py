@@ -53,16 +53,14 @@ class LoRABLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRABLinear wraps an nn.Linear, got {type(base).__name__}")
-        if int(rank) != rank or rank < 1:
-            raise ValueError(f"LoRABLinear: rank must be a positive integer, got {rank}")
-        rank = int(rank)
+        rank, scaling = lora_scaling("LoRABLinear", rank, alpha)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.rank, self.scaling = rank, alpha / rank
+        self.rank, self.scaling = rank, scaling
         self.register_buffer("lora_A", _kaiming_uniform(rank, base.in_features, generator).to(base.weight))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
                                                device=base.weight.device))
@@ -102,6 +100,16 @@ def pack_slices(lora_B: Mapping[str, torch.Tensor], slices: list[str], d: int, r
     return torch.cat(rows)
 
 
+def lora_scaling(owner: str, rank, alpha) -> tuple[int, float]:
+    """(rank, alpha / rank) after one check for every adapter and inject_lora: rank a positive integer, alpha
+    a finite number > 0 (a NaN or inf alpha made the layer's output NaN while B was still 0)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"{owner}: rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
+        raise ValueError(f"{owner}: alpha must be a finite number > 0 (scaling alpha / rank), got {alpha!r}")
+    return int(rank), float(alpha) / int(rank)
+
+
 class LoRAPackedLinear(nn.Module):
     """Replaces a packed q/k/v nn.Linear (timm's attn.qkv, output rows [q; k; v]) with LoRA on the
     chosen slices, arranged as LoRAMultiheadAttention arranges open_clip's in_proj: one GEMM with
@@ -117,7 +125,7 @@ class LoRAPackedLinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.slices = [s for s in ("q", "k", "v") if s in slices]
-        self.rank, self.scaling = rank, alpha / rank
+        self.rank, self.scaling = lora_scaling("LoRAPackedLinear", rank, alpha)
         d = base.out_features // 3
         self.register_buffer("lora_A", torch.cat(
             [_kaiming_uniform(rank, base.in_features, generator) for _ in self.slices]).to(base.weight))
@@ -169,7 +177,7 @@ class LoRAMultiheadAttention(nn.Module):
         if self.in_proj_bias is not None:
             self.in_proj_bias.requires_grad_(False)
         self.slices = [s for s in ("q", "k", "v") if s in slices]
-        self.rank, self.scaling = rank, alpha / rank
+        self.rank, self.scaling = lora_scaling("LoRAMultiheadAttention", rank, alpha)
         if self.slices:
             self.register_buffer("lora_A", torch.cat(
                 [_kaiming_uniform(rank, d, generator) for _ in self.slices]).to(mha.in_proj_weight))
@@ -382,10 +390,7 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
     if not targets or not towers:  # every weight would be frozen and nothing trained
         raise ValueError(f"inject_lora: no {'targets' if not targets else 'towers'} given: nothing would train; "
                          f"name some of {VALID_TARGETS if not targets else VALID_TOWERS}")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"inject_lora: rank must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
-        raise ValueError(f"inject_lora: alpha must be a finite number > 0 (scaling alpha / rank), got {alpha!r}")
+    lora_scaling("inject_lora", rank, alpha)
     if getattr(model, "frozen_storage", None):  # B and A would take W's (reduced) dtype
         raise ValueError(f"inject_lora: the model's frozen weights are already stored in {model.frozen_storage} "
                          "(store_frozen_weights); inject LoRA first, then store them")

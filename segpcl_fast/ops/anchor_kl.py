@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._triton_utils import tau_value
 from ._kernels import choose_impl, load_kernel
 from .dispatch import refuse_trained_constants
 
@@ -25,6 +26,7 @@ def anchor_kl(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
     "mean" (the method's), "sum", or "none" (each anchor's tau^2 KL, shape (A,), e.g. to weight anchors).
     """
     refuse_trained_constants("anchor_kl", tau=tau)
+    tau = tau_value("anchor_kl", tau)  # a float: the same dtype and shape on every path
     _k.check_anchor_kl_inputs(student_logits, teacher, tau, reduction)
     if choose_impl("anchor_kl", student_logits, teacher) == "triton":
         return _k.anchor_kl_fused(student_logits, teacher, tau, teacher_is_logprob, reduction)
@@ -34,11 +36,12 @@ def anchor_kl(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float,
 LOGPROB_TOLERANCE = 0.05  # |logsumexp| of a log-probability row: bf16 storage rounds it by about 1e-2 at most
 
 
-def check_teacher_logprob(teacher: torch.Tensor) -> None:
+def check_teacher_logprob(teacher: torch.Tensor) -> bool:
     """One ValueError when a teacher given as log-probabilities is not: a row's logsumexp is 0 for
     log_softmax(z_T / tau) (up to LOGPROB_TOLERANCE), and anything but for raw logits, which the kernel would
     take as unnormalised probabilities exp(z_T), a wrong loss with no error. Rows without a finite logsumexp
-    (NaN; all -inf) are left to the op's NaN rules. One host sync: AnchorKLLoss asks it once per module."""
+    (NaN; all -inf) are left to the op's NaN rules. One host sync: AnchorKLLoss asks it once per module.
+    Returns whether some row was checked (False for no anchors, or none with a finite logsumexp)."""
     lse = teacher.detach().float().logsumexp(dim=-1)
     lse = lse[lse.isfinite()]
     worst = lse.abs().max() if lse.numel() else None
@@ -46,4 +49,5 @@ def check_teacher_logprob(teacher: torch.Tensor) -> None:
         raise ValueError(f"anchor_kl: teacher_is_logprob=True but a teacher row's logsumexp is {lse[lse.abs().argmax()]:.4g}, "
                          f"not 0: these are not log-probabilities. Pass teacher_is_logprob=False for raw teacher "
                          f"logits, or log_softmax(z_T / tau) as the teacher")
+    return worst is not None
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels._triton_utils import check_tau
+from ..kernels._triton_utils import tau_value
 from ._kernels import choose_impl, load_kernel
 from .dispatch import refuse_trained_constants
 
@@ -57,7 +57,7 @@ def knn_subgraphs(ref_emb: torch.Tensor, roots: torch.Tensor, k: int, tau: float
                          f"{int(roots.min())}..{int(roots.max())}")
     if isinstance(k, bool) or int(k) != k or k < 1:  # 0 or less: an empty graph, a loss of 0, without a word
         raise ValueError(f"knn_subgraphs: k must be an integer >= 1 (neighbours per root), got {k!r}")
-    check_tau("knn_subgraphs", tau)  # q_0 at tau: 0 gave NaN, a negative tau inverted it
+    tau = tau_value("knn_subgraphs", tau)  # q_0 at tau: 0 gave NaN, a negative tau inverted it
     k = min(int(k), n - 1)
     if roots.numel() == 0 or k < 1:
         none = torch.zeros(0, 0, device=ref_emb.device)
@@ -90,6 +90,7 @@ def knn_subgraph_kl(emb: torch.Tensor, roots: torch.Tensor, neighbors: torch.Ten
     and neighbours. The reference ignores it.
     """
     refuse_trained_constants("knn_subgraph_kl", tau=tau)
+    tau = tau_value("knn_subgraph_kl", tau)  # a float: the same dtype and shape on every path
     _k.check_knn_inputs(emb, roots, neighbors, ref_logprob, tau, check_indices)
     if plan is not None:
         _k.check_knn_plan(plan, emb, neighbors)

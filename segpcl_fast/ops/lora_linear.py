@@ -361,7 +361,10 @@ def compiled_impl() -> str:
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast casts F.linear's inputs to on this device; None when autocast is off."""
+    """The dtype autocast casts F.linear's inputs to on this device; None when autocast is off, or where torch
+    has no autocast ("meta": shape inference and deferred initialisation run the layers there)."""
+    if not _utils.autocast_available(device_type):
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 

@@ -63,8 +63,7 @@ class AnchorKLLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if self.teacher_is_logprob and not self._teacher_checked and not torch.compiler.is_compiling():  # once
-            check_teacher_logprob(teacher)
-            self._teacher_checked = True
+            self._teacher_checked = check_teacher_logprob(teacher)  # (a batch without a finite row: not yet)
         return anchor_kl(student_logits, teacher, self.tau, self.teacher_is_logprob, self.reduction)
 
     def extra_repr(self) -> str:
@@ -114,9 +113,11 @@ class SubgraphKLLoss(nn.Module):
         if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < num_classes):
             raise ValueError(f"{owner}: roots and neighbors must be rows 0..{num_classes - 1} of the embedding "
                              f"matrix (num_classes={num_classes}), got {int(indices.min())} .. {int(indices.max())}")
+        # log-probabilities: each row's q_0 sums to 1 (probabilities or logits passed instead do not), within the
+        # rounding of the dtype they came in (bf16 log q_0 rounds a logsumexp by about 2e-3, fp16 by 2e-4)
+        tolerance = max(1e-4, 8 * torch.finfo(ref_logprob.dtype).eps)
         ref_logprob = ref_logprob.detach().float()
-        # log-probabilities: each row's q_0 sums to 1 (probabilities or logits passed instead do not)
-        if neighbors.numel() and not torch.allclose(ref_logprob.logsumexp(-1), torch.zeros(()), atol=1e-4):
+        if neighbors.numel() and not torch.allclose(ref_logprob.logsumexp(-1), torch.zeros(()), atol=tolerance):
             raise ValueError(f"{owner}: ref_logprob's rows must be log-probabilities (logsumexp 0 over k), got "
                              "rows that are not; ops.knn_reference_logprob(ref_emb, roots, neighbors, tau) computes them")
         self.roots, self.neighbors, self.ref_logprob, self.tau = roots, neighbors, ref_logprob, tau

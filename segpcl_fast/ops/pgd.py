@@ -50,6 +50,10 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: P
     float64 inputs compute in float64 (the reference).
     """
     refuse_trained_constants("pgd_step", gamma=gamma, eps=eps, lo=lo, hi=hi)
+    # (the kernel would write it; dynamo cannot trace is_inference, and compiled code has no inference tensors)
+    if inplace and not torch.compiler.is_compiling() and x_adv.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("pgd_step: inplace=True on an inference tensor outside torch.inference_mode() is not "
+                           "allowed (as for torch's in-place ops); step inside inference_mode, or pass x_adv.clone()")
     bounds = {"gamma": gamma, "eps": eps, "lo": lo, "hi": hi}
     channels = x_adv.shape[1] if x_adv.dim() == 4 else 0
     host = {name: _host_values(name, v, channels) for name, v in bounds.items()}

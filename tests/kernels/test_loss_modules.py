@@ -59,6 +59,11 @@ def test_anchor_kl_loss_checks_a_logprob_teacher_once(graph_breaks):
                                    ops.anchor_kl_reference(student, teacher, TAU_A, True))
     module(student, logprob)
     module(student, raw)  # checked once: later calls pay no sync (the docstring says so)
+    for nothing_to_check in (student[:0], torch.full_like(raw, float("nan"))):  # no anchors; no finite row
+        unchecked = ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)
+        unchecked(nothing_to_check, nothing_to_check)
+        with pytest.raises(ValueError, match="not log-probabilities"):  # the check is still to come
+            unchecked(student, raw)
     old = ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)
     state = old.__dict__.copy()
     del state["_teacher_checked"]  # a module pickled whole before the check existed: checked at its next call
@@ -207,6 +212,14 @@ def test_modules_refuse_bad_arguments():
         ops.SubgraphKLLoss(roots, neighbors, torch.zeros(1, 3), 0.1, num_classes=6)
     with pytest.raises(ValueError, match="must be log-probabilities"):  # probabilities, not their logs
         ops.SubgraphKLLoss(roots, neighbors, log_q0.exp(), 0.1, num_classes=6)
+    real = torch.log_softmax(torch.randn(4, 9, generator=torch.Generator().manual_seed(2)) * 3, -1)
+    four = torch.tensor([0, 1, 2, 3])
+    for dtype in (torch.bfloat16, torch.float16):  # log-probabilities rounded to half precision: taken, kept fp32
+        module = ops.SubgraphKLLoss(four, torch.arange(36).remainder(10).view(4, 9), real.to(dtype), 0.1, num_classes=10)
+        assert module.ref_logprob.dtype == torch.float32
+        with pytest.raises(ValueError, match="must be log-probabilities"):  # off by more than their rounding
+            ops.SubgraphKLLoss(four, torch.arange(36).remainder(10).view(4, 9), (real + 0.1).to(dtype), 0.1,
+                               num_classes=10)
     with pytest.raises(ValueError, match=r"roots must be rows 0\.\.5 of ref_emb"):
         ops.SubgraphKLLoss.from_reference(ref, [6], k=2, tau=0.1)
     with pytest.raises(TypeError, match=r"mask\.nonzero\(\)"):

@@ -178,3 +178,43 @@ def test_interpreter_switched_on_after_triton_was_imported_is_named():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode != 0
     assert "TRITON_INTERPRET=1 was set after triton had been imported" in out.stderr, out.stderr[-1500:]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_tsgr_loss_and_its_target_stay_fp32_under_autocast(path, device):
+    """knn_subgraph_kl and knn_reference_logprob compute their similarities in fp32 whatever the caller's autocast
+    (the reference's einsum ran in bf16 there: a bf16 loss, > 0 at student = reference, off the kernel's)."""
+    emb, roots, neighbors, _ = _knn_problem(device, classes=30, dim=64, roots=4, k=3)
+    tau = 0.05
+    ref = ops.knn_reference_logprob(emb, roots, neighbors, tau)
+    want = ops.knn_subgraph_kl(emb * 0.9 + 0.1 * emb.roll(1, 0), roots, neighbors, ref, tau)
+    with _path(path, device), torch.autocast(device, dtype=torch.bfloat16):
+        ref_autocast = ops.knn_reference_logprob(emb, roots, neighbors, tau)
+        at_ref = ops.knn_subgraph_kl(emb, roots, neighbors, ref_autocast, tau)
+        loss = ops.knn_subgraph_kl(emb * 0.9 + 0.1 * emb.roll(1, 0), roots, neighbors, ref_autocast, tau)
+    assert ref_autocast.dtype == at_ref.dtype == loss.dtype == torch.float32
+    torch.testing.assert_close(ref_autocast, ref)
+    assert at_ref.abs() < 1e-6
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_tensor_tau_is_read_as_a_float_on_every_path(path, device):
+    """tau is a constant: a one-element tensor (any dtype, shape () or (1,)) gives the float's result, an fp32 scalar,
+    on both paths (the reference's was float64, or shape (1,)); inside torch.compile it is one clear error."""
+    student, teacher = torch.randn(4, 6, device=device), torch.randn(4, 6, device=device)
+    emb, roots, neighbors, ref = _knn_problem(device)
+    with _path(path, device):
+        want_a, want_k = ops.anchor_kl(student, teacher, 2.0), ops.knn_subgraph_kl(emb, roots, neighbors, ref, 0.5)
+        for as_tensor in (lambda v: torch.tensor(v, dtype=torch.float64), lambda v: torch.tensor([v])):
+            got_a = ops.anchor_kl(student, teacher, as_tensor(2.0))
+            got_k = ops.knn_subgraph_kl(emb, roots, neighbors, ref, as_tensor(0.5))
+            for got, want in ((got_a, want_a), (got_k, want_k)):
+                assert got.dtype == torch.float32 and got.shape == () and torch.equal(got, want)
+        torch.testing.assert_close(ops.knn_reference_logprob(emb, roots, neighbors, torch.tensor(0.5, dtype=torch.float64)),
+                                   ops.knn_reference_logprob(emb, roots, neighbors, 0.5))
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda s, t, tau: ops.anchor_kl(s, t, tau), fullgraph=True, backend="eager")
+        with pytest.raises(Exception, match="inside torch.compile tau must be a Python float"):
+            compiled(student, teacher, torch.tensor(2.0))
+        torch._dynamo.reset()

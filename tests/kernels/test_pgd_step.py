@@ -69,6 +69,46 @@ def test_inplace_non_contiguous_x_adv(device, triton_backend):
     assert torch.equal(x_adv_t, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_runs_in_its_own_layout(dtype, device, triton_backend):
+    """NHWC (channels_last) images: the kernel reads them where they lie (no contiguous copies, which were three
+    per DPGD step) and gives the reference's values and layout; in place, x_adv keeps its storage."""
+    args = _inputs((2, 3, 5, 7), dtype, device, seed=12)
+    expected = kernel.pgd_step_reference(*args)
+    last = [t.contiguous(memory_format=torch.channels_last) for t in args[:3]] + args[3:]
+    assert not last[0].is_contiguous()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = ops.pgd_step(*last)
+    image_shape = list(last[0].shape)  # copies of the images (the (C,) bounds' casts are not)
+    seen = {event.name for event in prof.events() if image_shape in event.input_shapes}
+    assert ops.last_choice()["pgd_step"] == "triton" and torch.equal(out, expected)
+    assert out.stride() == kernel.pgd_step_reference(*last).stride() == last[0].stride()
+    if dtype == torch.float32:  # (bf16 under the interpreter: stored in fp32 and rounded by torch, one copy)
+        assert not any("clone" in op or "copy" in op for op in seen), seen
+    x_adv = last[0].clone(memory_format=torch.channels_last)
+    storage = x_adv.data_ptr()
+    assert ops.pgd_step(x_adv, *last[1:], inplace=True) is x_adv
+    assert torch.equal(x_adv, expected) and x_adv.data_ptr() == storage and x_adv.stride() == last[0].stride()
+    mixed = [last[0], args[1], last[2]] + args[3:]  # a mixed layout: contiguous copies, the same values
+    assert torch.equal(ops.pgd_step(*mixed), expected)
+    torch.library.opcheck(torch.ops.segpcl.pgd_step.default, last, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_inplace_on_an_inference_tensor_is_refused_on_every_path(device):
+    """As torch's in-place ops: an inference tensor is written only inside inference_mode (the Triton path wrote it
+    silently where the reference raised)."""
+    with torch.inference_mode():
+        args = _inputs((1, 3, 4, 4), torch.float32, device, seed=13)
+        expected = kernel.pgd_step_reference(*args)
+    for backend in ("triton", "reference"):
+        with ops.backend(backend), pytest.raises(RuntimeError, match="inference tensor outside torch.inference_mode"):
+            ops.pgd_step(*args, inplace=True)
+        with ops.backend(backend), torch.inference_mode():
+            x_adv = args[0].clone()
+            ops.pgd_step(x_adv, *args[1:], inplace=True)
+        assert torch.equal(x_adv, expected)
+
+
 def test_hand_computed_values():
     # x0 = 0.5, eps = 0.1, gamma = 0.25: a descent step of 0.25 is cut back to the ball edge 0.4;
     # the upper box hi = 0.55 clips an ascent; a zero gradient does not move.

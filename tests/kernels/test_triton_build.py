@@ -61,7 +61,7 @@ def test_every_kernel_compiles_and_fits_on_sm89_and_sm90(tmp_path):
     assert data["ok"] and data["archs"] == [89, 90]
     compiled = {(k["kernel"], k["arch"]) for k in data["kernels"]}
     expected = _launched_kernels()
-    assert expected == {"_pgd_step_kernel", "_anchor_kl_kernel", "_anchor_kl_chunked_kernel", "_scale_grad_kernel",
+    assert expected == {"_pgd_step_kernel", "_pgd_step_channels_last_kernel", "_anchor_kl_kernel", "_anchor_kl_chunked_kernel", "_scale_grad_kernel",
                         "_knn_kl_fwd_kernel", "_knn_kl_bwd_kernel", "_lora_merge_kernel", "_lora_fwd_kernel",
                         "_lora_bwd_kernel"}
     assert compiled == {(name, arch) for name in expected for arch in (89, 90)}

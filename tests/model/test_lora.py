@@ -4,6 +4,7 @@ import importlib.util
 import pytest
 import torch
 
+from segpcl_fast import ops
 from segpcl_fast.model.clip import load_model
 from segpcl_fast.model.lora import (LoRABLinear, LoRAMultiheadAttention, count_trainable, inject_lora,
                                     lora_parameters)
@@ -76,6 +77,26 @@ def test_lora_linear_standalone_with_the_global_generator():
     for rank in (0, -2, 2.5):
         with pytest.raises(ValueError, match="rank must be a positive integer"):
             LoRABLinear(torch.nn.Linear(12, 20), rank=rank, alpha=8)
+
+
+def test_every_adapter_checks_alpha_and_runs_on_the_meta_device():
+    """Each adapter refuses a NaN / inf / non-positive alpha as inject_lora does (a NaN alpha made the output NaN
+    while B was still 0), and runs on the meta device as nn.Linear does (shape inference, deferred init)."""
+    for alpha in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="LoRABLinear: alpha must be a finite number > 0"):
+            LoRABLinear(torch.nn.Linear(12, 20), rank=4, alpha=alpha)
+        with pytest.raises(ValueError, match="LoRAMultiheadAttention: alpha must be a finite number > 0"):
+            LoRAMultiheadAttention(torch.nn.MultiheadAttention(8, 2, batch_first=True), ["q"], True, 2, alpha,
+                                   torch.Generator())
+    with torch.device("meta"):
+        layer = LoRABLinear(torch.nn.Linear(16, 8), rank=2, alpha=2)
+        attention = LoRAMultiheadAttention(torch.nn.MultiheadAttention(8, 2, batch_first=True), ["q", "v"], True, 2,
+                                           2.0, torch.Generator())
+    for backend in ("auto", "reference"):
+        with ops.backend(backend):
+            assert layer(torch.empty(4, 16, device="meta")).shape == (4, 8)
+            x = torch.empty(3, 5, 8, device="meta")
+            assert attention(x, x, x)[0].shape == (3, 5, 8)
 
 
 def test_packed_attention_lora_only_touches_chosen_slices():
