@@ -117,6 +117,7 @@ class CLIPModel(nn.Module):
         # random weights (pretrained None) drawn right after torch.manual_seed(weights_seed): a run's model
         # (engine.trainer.build_model sets it), so that its base can be drawn again outside segpcl_fast
         self.weights_seed: Optional[int] = None
+        self._said_tower_hooks = False  # raw_features' warning about hooks on the tower itself, once
         visual = clip.visual
         size = visual.image_size
         if isinstance(size, (tuple, list)):
@@ -168,6 +169,12 @@ class CLIPModel(nn.Module):
         """r(x): pooled image feature before the final projection (ViT: ln_post(CLS)), in fp32 when the
         tower ran under `image_autocast`."""
         visual = self.visual
+        if (self._vit or self._timm) and not self._said_tower_hooks and not torch.compiler.is_compiling() and (
+                visual._forward_hooks or visual._forward_pre_hooks):
+            self._said_tower_hooks = True
+            log.warning("a forward hook on the image tower (model.visual) does not fire: encode_image runs its "
+                        "parts, for the feature before the projection; hook one of its modules instead "
+                        "(model.visual.transformer, ln_post, trunk), whose hooks fire and see every token")
         with _autocast_or_not(images.device.type, self.image_autocast):
             if self._vit:
                 # the last block for the class token alone where that is all _pool reads (model/vit_tail.py)

@@ -211,11 +211,20 @@ class LoRAMultiheadAttention(nn.Module):
             mha.out_proj.bias.copy_(out.bias)
         return mha.requires_grad_(False).train(self.training)
 
-    def forward(self, query, key=None, value=None, need_weights: bool = False,
-                attn_mask: Optional[torch.Tensor] = None):
-        """Self-attention (key and value None or `query` itself), or attention of `query`'s rows over
-        the rows of one other tensor given as both key and value (nn.MultiheadAttention's packed
-        in_proj split as [q; k, v]: model/vit_tail.py runs a ViT's last block for its class token so)."""
+    def forward(self, query, key=None, value=None, key_padding_mask: Optional[torch.Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        """nn.MultiheadAttention's forward (batch_first; its signature, positional order included): (output,
+        weights). Self-attention (key and value None or `query` itself), or attention of `query`'s rows over
+        the rows of one other tensor given as both key and value (nn.MultiheadAttention's packed in_proj split
+        as [q; k, v]: model/vit_tail.py runs a ViT's last block for its class token so). key_padding_mask
+        (B, S), bool (True: ignored) or additive, joins attn_mask. need_weights=True (torch's default) computes
+        the attention explicitly and also returns its weights, averaged over heads unless average_attn_weights
+        is False; open_clip passes need_weights=False, which runs ops.attention (SDPA or xformers) and returns
+        None. is_causal is a hint that attn_mask is causal, as torch's: it needs attn_mask."""
+        if is_causal and attn_mask is None:
+            raise RuntimeError("LoRAMultiheadAttention: is_causal is a hint that attn_mask is the causal mask (as "
+                               "nn.MultiheadAttention's): pass attn_mask too")
         kv = query if key is None else key
         if (value if value is not None else kv) is not kv:
             raise NotImplementedError("LoRAMultiheadAttention takes one tensor as both key and value")
@@ -232,9 +241,20 @@ class LoRAMultiheadAttention(nn.Module):
         q, k, v = (t.view(bsz, -1, h, d // h).transpose(1, 2) for t in (q, k, v))
         if attn_mask is not None:
             attn_mask = sdpa_mask(attn_mask, bsz, h, q.dtype)
-        out = ops.attention(q, k, v, attn_mask)  # xformers when available (CUDA, no mask), else SDPA
+        if key_padding_mask is not None:
+            padding = sdpa_mask(key_padding_mask.reshape(bsz, 1, 1, -1), bsz, h, q.dtype)
+            attn_mask = padding if attn_mask is None else attn_mask + padding
+        weights = None
+        if need_weights:  # softmax(q k^T / sqrt(D) + mask) v, written out: its weights are returned too
+            wide = torch.promote_types(q.dtype, torch.float32)  # (bf16 / fp16 scores: in fp32, as SDPA's kernels)
+            weights = torch.softmax(q.to(wide) @ k.to(wide).transpose(-2, -1) / math.sqrt(d // h)
+                                    + (0.0 if attn_mask is None else attn_mask.to(wide)), dim=-1).to(q.dtype)
+            out = weights @ v
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+        else:
+            out = ops.attention(q, k, v, attn_mask)  # xformers when available (CUDA, no mask), else SDPA
         out = out.transpose(1, 2).reshape(bsz, length, d)
-        return self.out_proj(out), None
+        return self.out_proj(out), weights
 
     def _project(self, x: torch.Tensor, part: str = "qkv") -> torch.Tensor:
         """x through `part` of the packed in_proj ("qkv": all 3d rows, "q": rows 0..d, "kv": d..3d),

@@ -18,9 +18,11 @@ skips the rest, 84 % of that block, 7 % of the tower's 12 blocks, forward and ba
 `qualifies` says whether a tower's structure is the one above; `run_transformer` runs the tower's
 transformer either way and, in eager calls, `ops.last_choice()["vit_last_block"]` says which ran
 (calls inside torch.compile'd code are not recorded). SEGPCL_VIT_TAIL=full runs the whole last block
-(for A/B timing). A hook (forward, pre-forward or backward) on the tower's transformer or on any
-module of its last block keeps the whole block: the tail calls neither the transformer nor that block,
-and calls the block's parts on one row, so those hooks would not fire or would see one token.
+(for A/B timing). A hook (forward, pre-forward or backward) on the tower's transformer, on any
+module of its last block or on ln_post keeps the whole block: the tail calls neither the transformer nor
+that block, and calls the block's parts (and ln_post, through _pool) on one row, so those hooks would not
+fire or would see one token. So does a forward of the transformer or of the last block replaced on the
+instance (a wrapper's `module.forward = ...`), which the tail would bypass.
 """
 from __future__ import annotations
 
@@ -49,9 +51,14 @@ def qualifies(visual: nn.Module) -> bool:
             or len(transformer.resblocks) == 0):
         return False
     last = transformer.resblocks[-1]
+    ln_post = getattr(visual, "ln_post", None)
+    ln_post_hooked = isinstance(ln_post, nn.Module) and _hooked(ln_post)
     return (type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv")
             and type(last.attn) in (nn.MultiheadAttention, LoRAMultiheadAttention)
-            and not _hooked(transformer) and not any(_hooked(m) for m in last.modules()))
+            and not _hooked(transformer) and not any(_hooked(m) for m in last.modules())
+            # (ln_post after the pool, final_ln_after_pool, sees the pooled row either way)
+            and not (ln_post_hooked and not getattr(visual, "final_ln_after_pool", False))
+            and "forward" not in vars(transformer) and "forward" not in vars(last))
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -44,6 +44,8 @@ def impl_for(op: str, *tensors, supported: bool = True) -> str:
     if backend == "triton":
         _utils.check_can_run(op, *tensors)
         return "triton"
+    if dispatch.jit_tracing():  # a torch.jit.trace of aten ops alone (no custom op for the TorchScript to load)
+        return "reference"
     if (backend == "auto" and supported and _utils.HAS_TRITON and all(t.is_cuda for t in tensors)
             and not _utils.has_fp64(*tensors)):
         return "triton"

@@ -64,6 +64,11 @@ def under_func_transform() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def jit_tracing() -> bool:
+    """Whether torch.jit.trace is recording now (never inside torch.compile)."""
+    return not torch.compiler.is_compiling() and torch.jit.is_tracing()
+
+
 def refuse_forced_under_func_transform(op: str) -> None:
     """A forced fast backend under a torch.func transform: one error with the fix (the fast paths' autograd
     does not compose with torch.func's transforms)."""

@@ -274,7 +274,9 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
     takes.
     Opt-in until a GPU has timed it against the others.
     Under a torch.func transform (grad, vmap, jvp, ...): the reference, the one path those transforms take;
-    "cpp" or "triton" forced there is one error.
+    "cpp" or "triton" forced there is one error. Under torch.jit.trace, "auto" takes the reference too: the
+    choice above depends on the grad mode, which jit.trace's own check changes (it traces again under no_grad and
+    refused "Graphs differed across invocations"), and a trace of the C++ op needs segpcl_fast._C to load.
     """
     name = dispatch.get_backend()
     if name == "reference":
@@ -282,6 +284,8 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
     if dispatch.under_func_transform():  # torch.func: the formula only (see dispatch's docstring)
         if name in ("cpp", "triton"):
             dispatch.refuse_forced_under_func_transform(OP)
+        return "reference"
+    if name == "auto" and dispatch.jit_tracing():  # one trace whatever the grad mode, of aten ops alone
         return "reference"
     if name == "triton" and (lora_B is None or _needs_grad_B(lora_B)) and _fused_runs(x, lora_B):
         return "triton"

@@ -99,6 +99,44 @@ def test_every_adapter_checks_alpha_and_runs_on_the_meta_device():
             assert attention(x, x, x)[0].shape == (3, 5, 8)
 
 
+def test_jit_trace_of_a_lora_model_passes_its_check_and_holds_aten_ops_only(tiny_model_name):
+    """torch.jit.trace checks a trace by tracing again under no_grad: "auto" picked the C++ op with B trainable
+    and the merged GEMM without a gradient, so the check failed ("Graphs differed across invocations"), and the
+    trace held segpcl::lora_b_linear_fwd, which the TorchScript needs segpcl_fast._C to load. Under tracing "auto"
+    runs the reference: one trace, of aten ops, computing the model's output and B's gradients."""
+    import warnings
+    torch.manual_seed(0)
+    model = load_model(tiny_model_name, pretrained=None).eval()
+    params = inject_lora(model, rank=4, targets=["q", "v", "c_fc"])
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    x = torch.randn(2, 3, 32, 32)
+
+    class ImageEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            return self.model.encode_image(images)[1]
+    module = ImageEmbedding()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(module, (x,))  # (its check raised before)
+    assert not [n.kind() for n in traced.inlined_graph.nodes() if "segpcl" in n.kind()]
+    torch.testing.assert_close(traced(x), module(x), rtol=1e-5, atol=1e-6)
+    traced(x).square().sum().backward()
+    traced_grads = [p.grad.clone() for p in params if p.grad is not None]
+    for p in params:
+        p.grad = None
+    module(x).square().sum().backward()
+    eager_grads = [p.grad for p in params if p.grad is not None]
+    assert len(traced_grads) == len(eager_grads) > 0
+    for a, b in zip(traced_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_packed_attention_lora_only_touches_chosen_slices():
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
     attn = LoRAMultiheadAttention(mha, ["k", "v"], out_lora=False, rank=3, alpha=3.0,
@@ -133,6 +171,35 @@ def _mha_and_lora(seed=0):
     for b in attn.lora_B.values():  # B != 0, so the LoRA path runs; the peer is the merged MHA
         torch.nn.init.normal_(b, std=0.1)
     return attn.merged().train(), attn
+
+
+def test_attention_takes_torch_mha_s_signature_weights_and_padding():
+    """nn.MultiheadAttention's forward, positional order included: need_weights (torch's default True) returns the
+    weights, averaged or per head; key_padding_mask (bool or additive; also given positionally, 4th) joins attn_mask;
+    is_causal is a hint needing attn_mask. Before, the weights were None and a positional padding mask landed in
+    need_weights, ignored."""
+    plain, attn = _mha_and_lora()
+    x = torch.randn(3, 6, 16)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, 4:], padding[2, 1] = True, True
+    causal = torch.full((6, 6), float("-inf")).triu(1)
+    cases = [((x, x, x), {}), ((x, x, x), {"average_attn_weights": False}), ((x, x, x, padding), {}),
+             ((x, x, x), {"key_padding_mask": padding.float() * -1e4, "attn_mask": causal}),
+             ((x, x, x), {"key_padding_mask": padding, "attn_mask": causal, "is_causal": True, "need_weights": False}),
+             ((x[:, :1], x, x), {"key_padding_mask": padding})]
+    for args, kwargs in cases:
+        want_out, want_weights = plain(*args, **kwargs)
+        got_out, got_weights = attn(*args, **kwargs)
+        torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+        if want_weights is None:
+            assert got_weights is None
+        else:
+            assert got_weights.shape == want_weights.shape
+            torch.testing.assert_close(got_weights, want_weights, rtol=1e-5, atol=1e-6)
+    unpadded = attn(x, x, x, need_weights=False)[0]
+    assert not torch.allclose(attn(x, x, x, padding, False)[0], unpadded)  # the positional mask is applied
+    with pytest.raises(RuntimeError, match="is_causal is a hint .* pass attn_mask too"):
+        attn(x, x, x, is_causal=True)
 
 
 @pytest.mark.parametrize("kind", ["per_sample_heads_float", "per_sample_heads_bool", "shared_bool"])

@@ -191,6 +191,38 @@ def test_hooks_on_the_tower_keep_the_whole_block(tiny_model_name):
     assert ops.last_choice()["vit_last_block"] == "cls"
 
 
+def test_ln_post_hooks_and_replaced_forwards_keep_the_whole_block(tiny_model_name, caplog):
+    """ln_post (applied before the pool) would see the class token's row alone under the tail, and a forward
+    replaced on the transformer or last block (a wrapper's) would be bypassed: each keeps the whole block. A hook
+    on the tower itself cannot fire (raw_features runs its parts): one warning names where to hook instead."""
+    model = _lora_model(tiny_model_name, ["k", "v"])
+    visual = model.visual
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = model.raw_features(x)
+    seen = []
+    handle = visual.ln_post.register_forward_hook(lambda _m, args, out: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        torch.testing.assert_close(model.raw_features(x), want)
+    handle.remove()
+    assert seen == [(2, 1 + (32 // 8) ** 2, visual.ln_post.normalized_shape[0])]
+    assert ops.last_choice()["vit_last_block"] == "full"
+    for module in (visual.transformer, visual.transformer.resblocks[-1]):
+        calls = []
+        original = module.forward
+        module.forward = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+        with torch.no_grad():
+            torch.testing.assert_close(model.raw_features(x), want)
+        del module.forward
+        assert calls == [1] and ops.last_choice()["vit_last_block"] == "full", module
+    handle = visual.register_forward_hook(lambda *args: None)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="segpcl_fast.model"):
+        model.raw_features(x)
+        model.raw_features(x)
+    handle.remove()
+    assert caplog.text.count("a forward hook on the image tower (model.visual) does not fire") == 1
+
+
 @pytest.mark.parametrize("vision_extra", [{"ls_init_value": 0.3}, {"patch_dropout": 0.5}])
 def test_layer_scale_and_patch_dropout_keep_the_tail_exact(tmp_path, vision_extra):
     name = _register(tmp_path, f"test-tail-{next(iter(vision_extra))}".replace("_", "-"), vision_extra)
