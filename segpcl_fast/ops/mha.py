@@ -5,7 +5,8 @@
 The reference is torch's F.scaled_dot_product_attention (softmax(q k^T / sqrt(D) + mask) v).
 xformers' memory-efficient attention is optional and detected at run time: "auto" uses it for
 mask-free attention (the image tower) on CUDA tensors, outside torch.compile (compiled graphs
-keep SDPA, which the compiler lowers itself) and torch.func transforms (SDPA composes with them), when `xformers.ops` imports, the backend is not
+keep SDPA, which the compiler lowers itself), torch.func transforms (SDPA composes with them) and
+torch.jit.trace (a trace of aten ops), when `xformers.ops` imports, the backend is not
 "reference", and a one-off probe (forward and backward on a tiny input of the same device, dtype
 and head size) runs. The probe matters: a wheel built for another CUDA/torch imports fine but has
 no kernels ("xFormers wasn't build with CUDA support", seen on an H100 with torch 2.11+cu130), and
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import get_backend, record_choice, under_func_transform
+from .dispatch import get_backend, jit_tracing, record_choice, under_func_transform
 
 log = logging.getLogger("segpcl_fast.ops")
 
@@ -71,7 +72,8 @@ def xformers_failure(device: torch.device, dtype: torch.dtype, head_dim: int) ->
 
 def _use_xformers(q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:
     return (attn_mask is None and q.dim() == 4 and q.device.type in XFORMERS_DEVICES and get_backend() != "reference"
-            and not torch.compiler.is_compiling() and not under_func_transform() and _xformers_ops() is not None
+            and not torch.compiler.is_compiling() and not under_func_transform() and not jit_tracing()
+            and _xformers_ops() is not None
             and xformers_failure(q.device, q.dtype, q.shape[-1]) is None)
 
 
