@@ -150,8 +150,8 @@ def test_attention_under_torch_func_stays_on_sdpa(fake_xformers):
     torch.testing.assert_close(g, q_ref.grad, rtol=1e-5, atol=1e-5)
     ops.attention(q, k, v)  # eager: probed once, then used
     assert fake_xformers == [(1, 8, 2, 8), (2, 5, 3, 8)]
-    traced = torch.jit.trace(lambda q: ops.attention(q, k, v), (q,), check_trace=False)  # aten SDPA, no xformers (the
-    # check, left out, compares with an eager call, which takes xformers)
+    # a trace: aten's SDPA, no xformers (trace's check, left out, compares with an eager call, which takes xformers)
+    traced = torch.jit.trace(lambda q: ops.attention(q, k, v), (q,), check_trace=False)
     assert fake_xformers == [(1, 8, 2, 8), (2, 5, 3, 8)]
     torch.testing.assert_close(traced(q), ops.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
 
