@@ -157,8 +157,8 @@ class ContinualClassifier:
         return [p for item in images for p in (image_paths([item]) if _is_path(item) else [item])]
 
     def load_images(self, images) -> torch.Tensor:
-        """Paths, folders or PIL images (one alone, or a list) -> one transformed batch (B, 3, S, S);
-        no images give a (0, 3, S, S) batch."""
+        """Paths, folders, PIL images or encoded images' bytes (one alone, or a list; as image_items takes them)
+        -> one transformed batch (B, 3, S, S); no images give a (0, 3, S, S) batch."""
         batch = [self._load_one(item) for item in self.image_items(images)]
         if not batch:
             size = self.model.image_stats.size
@@ -171,7 +171,7 @@ class ContinualClassifier:
 
         from .data.base import DatasetFormatError, as_8bit, read_rgb
         if _is_path(item):
-            path = Path(os.fsdecode(item))
+            path = Path(_path_str(item))
             if not path.is_file():
                 raise FileNotFoundError(f"image {path} does not exist")
             try:
@@ -262,7 +262,8 @@ class ContinualClassifier:
         """Write the LoRA adapters as a peft adapter directory (adapter_config.json,
         adapter_model.safetensors, and segpcl_base_model.json naming the open_clip model it goes on),
         atomically: `peft.PeftModel.from_pretrained(segpcl_fast.load_model(name, pretrained).clip, directory)`
-        is this model's open_clip model (model/peft_adapter.py). The class names, text embeddings and
+        is this model's open_clip model (model/peft_adapter.py; random weights, pretrained None: after
+        torch.manual_seed(self.model.weights_seed), as segpcl_base_model.json's load_with says). The class names, text embeddings and
         prototypes are not in it: `export` writes those."""
         from .model.peft_adapter import check_adapter_directory, save_peft_adapter
         try:
@@ -309,8 +310,13 @@ FOLDER_IMAGE_EXTENSIONS = (*IMAGEFOLDER_EXTENSIONS, ".gif")
 
 
 def _is_path(item) -> bool:
-    """A path: a str, an os.PathLike, or bytes with no NUL (bytes with one are an encoded image)."""
+    """A path: a str, an os.PathLike, or bytes / bytearray with no NUL (with one: an encoded image)."""
     return isinstance(item, (str, os.PathLike)) or (isinstance(item, (bytes, bytearray)) and b"\0" not in item)
+
+
+def _path_str(item) -> str:
+    """A path item (_is_path) as a str (os.fsdecode; it takes no bytearray)."""
+    return os.fsdecode(bytes(item) if isinstance(item, bytearray) else item)
 
 
 def image_paths(items: Sequence[PathLike]) -> list[str]:
@@ -319,14 +325,14 @@ def image_paths(items: Sequence[PathLike]) -> list[str]:
     from .data.files import is_image_name
     paths = []
     for item in items:
-        path = Path(os.fsdecode(item))
+        path = Path(_path_str(item))
         if path.is_dir():
             found = sorted(str(p) for p in path.iterdir() if is_image_name(p, FOLDER_IMAGE_EXTENSIONS) and p.is_file())
             if not found:
                 raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
             paths += found
         else:
-            paths.append(os.fsdecode(item))
+            paths.append(_path_str(item))
     return paths
 
 

@@ -112,7 +112,7 @@ def test_predict_takes_bytes_paths_and_encoded_images_bytes(run, tmp_path):
         img.save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
     by_path = clf.predict(sorted(str(p) for p in tmp_path.glob("*.png")), topk=3)
-    assert clf.image_items([os.fsencode(tmp_path / "img0.png"), os.fsencode(tmp_path)]) == \
+    assert clf.image_items([os.fsencode(tmp_path / "img0.png"), bytearray(os.fsencode(tmp_path))]) == \
         [str(tmp_path / "img0.png")] + [str(tmp_path / f"img{i}.png") for i in range(3)]
 
     def same(a, b):  # other batch splits: equal up to float order

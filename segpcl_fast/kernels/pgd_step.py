@@ -131,9 +131,9 @@ def _channels_last(*tensors: torch.Tensor) -> bool:
 
 def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | None = None,
                     block: int | None = None) -> torch.Tensor:
-    """Launch the kernel; writes into `out` (laid out as x_adv; may be x_adv itself) or a new tensor laid out as
-    x_adv is (torch.empty_like, as the reference's elementwise ops lay it out). NCHW-contiguous and channels_last
-    inputs run in their own layout; any other (or mixed) layout runs on contiguous copies."""
+    """Launch the kernel; writes into `out` (may be x_adv itself) or a new tensor. channels_last inputs (all three)
+    run in their own layout, into a channels_last result; any other (or mixed) layout runs on contiguous copies,
+    into a contiguous result (the reference's elementwise ops may lay a mixed one out otherwise: same values)."""
     check_can_run("pgd_step", x_adv, grad, x0)
     devices = {t.device for t in (x_adv, gamma, eps, lo, hi)}
     if len(devices) > 1:

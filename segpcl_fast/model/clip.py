@@ -170,11 +170,12 @@ class CLIPModel(nn.Module):
         tower ran under `image_autocast`."""
         visual = self.visual
         if (self._vit or self._timm) and not self._said_tower_hooks and not torch.compiler.is_compiling() and (
-                visual._forward_hooks or visual._forward_pre_hooks):
+                vit_tail.hooked(visual) or "forward" in vars(visual)):
             self._said_tower_hooks = True
-            log.warning("a forward hook on the image tower (model.visual) does not fire: encode_image runs its "
-                        "parts, for the feature before the projection; hook one of its modules instead "
-                        "(model.visual.transformer, ln_post, trunk), whose hooks fire and see every token")
+            log.warning("a hook on the image tower (model.visual), or a forward replaced on it, is not run: "
+                        "encode_image runs the tower's parts, for the feature before the projection; hook one of its "
+                        "modules instead (model.visual.transformer, ln_post, trunk), whose hooks fire and see every "
+                        "token")
         with _autocast_or_not(images.device.type, self.image_autocast):
             if self._vit:
                 # the last block for the class token alone where that is all _pool reads (model/vit_tail.py)

@@ -221,7 +221,8 @@ class LoRAMultiheadAttention(nn.Module):
         (B, S), bool (True: ignored) or additive, joins attn_mask. need_weights=True (torch's default) computes
         the attention explicitly and also returns its weights, averaged over heads unless average_attn_weights
         is False; open_clip passes need_weights=False, which runs ops.attention (SDPA or xformers) and returns
-        None. is_causal is a hint that attn_mask is causal, as torch's: it needs attn_mask."""
+        None. is_causal is a hint that attn_mask is causal, as torch's: it needs attn_mask. A query whose keys are
+        all masked gets NaN with the weights (as torch's MHA) and 0 through SDPA."""
         if is_causal and attn_mask is None:
             raise RuntimeError("LoRAMultiheadAttention: is_causal is a hint that attn_mask is the causal mask (as "
                                "nn.MultiheadAttention's): pass attn_mask too")

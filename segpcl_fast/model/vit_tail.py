@@ -21,8 +21,9 @@ transformer either way and, in eager calls, `ops.last_choice()["vit_last_block"]
 (for A/B timing). A hook (forward, pre-forward or backward) on the tower's transformer, on any
 module of its last block or on ln_post keeps the whole block: the tail calls neither the transformer nor
 that block, and calls the block's parts (and ln_post, through _pool) on one row, so those hooks would not
-fire or would see one token. So does a forward of the transformer or of the last block replaced on the
-instance (a wrapper's `module.forward = ...`), which the tail would bypass.
+fire or would see one token. So does a forward replaced on the instance (a wrapper's `module.forward = ...`)
+of the transformer, of the last block or any of its modules, or of ln_post: the tail would bypass it or
+give it one token.
 """
 from __future__ import annotations
 
@@ -52,16 +53,15 @@ def qualifies(visual: nn.Module) -> bool:
         return False
     last = transformer.resblocks[-1]
     ln_post = getattr(visual, "ln_post", None)
-    ln_post_hooked = isinstance(ln_post, nn.Module) and _hooked(ln_post)
+    # ln_post before the pool would see one row (after it, final_ln_after_pool, it sees the pooled row either way)
+    row_wise = [ln_post] if isinstance(ln_post, nn.Module) and not getattr(visual, "final_ln_after_pool", False) else []
     return (type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv")
             and type(last.attn) in (nn.MultiheadAttention, LoRAMultiheadAttention)
-            and not _hooked(transformer) and not any(_hooked(m) for m in last.modules())
-            # (ln_post after the pool, final_ln_after_pool, sees the pooled row either way)
-            and not (ln_post_hooked and not getattr(visual, "final_ln_after_pool", False))
-            and "forward" not in vars(transformer) and "forward" not in vars(last))
+            and not hooked(transformer) and "forward" not in vars(transformer)
+            and not any(hooked(m) or "forward" in vars(m) for m in [*last.modules(), *row_wise]))
 
 
-def _hooked(module: nn.Module) -> bool:
+def hooked(module: nn.Module) -> bool:
     """The module has hooks of its own, which expect module(x) to run on every token: forward hooks
     (the tail never calls the transformer or its last block, and calls the last block's parts on the
     class token's row alone) and backward hooks. (Global module hooks, such as FlopCounterMode's module

@@ -14,8 +14,10 @@ say what would run, `last_choice()` what ran, and every first choice per (op, de
 Under a torch.func transform (grad, vmap, jvp, jacrev, functional_call inside grad, ...) every op runs its
 reference under "auto": torch's custom ops with a registered autograd and the autograd.Functions of the fast
 paths do not compose with those transforms (pytorch/pytorch#170834: "it must override the setup_context
-staticmethod"), while the references are plain aten ops, which every transform takes. A forced "triton" or
-"cpp" there is one error naming the switch (`under_func_transform`, `refuse_forced_under_func_transform`).
+staticmethod"), while the references are plain aten ops, which every transform takes. A forced "triton" there,
+and "cpp" for lora_b_linear (the Triton ops have no C++ version: "cpp" runs their references anyway), is one
+error naming the switch (`under_func_transform`, `refuse_forced_under_func_transform`). Under torch.jit.trace
+"auto" runs the references too (`jit_tracing`): a trace of aten ops, the same whatever the grad mode.
 """
 from __future__ import annotations
 

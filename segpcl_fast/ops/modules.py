@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anchor_kl import ANCHOR_KL_REDUCTIONS, anchor_kl, check_teacher_logprob
+from .anchor_kl import ANCHOR_KL_REDUCTIONS, anchor_kl, check_teacher_logprob, logprob_tolerance
+from .dispatch import under_func_transform
 from .knn_kl import knn_backward_plan, knn_subgraph_kl, knn_subgraphs, row_indices
 
 __all__ = ["AnchorKLLoss", "SubgraphKLLoss"]
@@ -44,8 +45,8 @@ class AnchorKLLoss(nn.Module):
     pass (segpcl_fast.kernels.anchor_kl: fp32 logits get one backward per forward).
 
     With teacher_is_logprob=True the first eager forward checks that the teacher's rows are
-    log-probabilities (ops.anchor_kl.check_teacher_logprob: one host sync, once per module): raw logits
-    there are one ValueError, not a wrong loss."""
+    log-probabilities (ops.anchor_kl.check_teacher_logprob: one host sync, once per module; not inside
+    torch.compile or a torch.func transform): raw logits there are one ValueError, not a wrong loss."""
 
     def __init__(self, tau: float = 20.0, teacher_is_logprob: bool = False, reduction: str = "mean"):
         super().__init__()
@@ -62,7 +63,9 @@ class AnchorKLLoss(nn.Module):
         super().__setstate__(state)
 
     def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        if self.teacher_is_logprob and not self._teacher_checked and not torch.compiler.is_compiling():  # once
+        # once, eagerly (not in a compiled graph; not under torch.func, which cannot read a value back)
+        if (self.teacher_is_logprob and not self._teacher_checked and not torch.compiler.is_compiling()
+                and not under_func_transform()):
             self._teacher_checked = check_teacher_logprob(teacher)  # (a batch without a finite row: not yet)
         return anchor_kl(student_logits, teacher, self.tau, self.teacher_is_logprob, self.reduction)
 
@@ -114,8 +117,8 @@ class SubgraphKLLoss(nn.Module):
             raise ValueError(f"{owner}: roots and neighbors must be rows 0..{num_classes - 1} of the embedding "
                              f"matrix (num_classes={num_classes}), got {int(indices.min())} .. {int(indices.max())}")
         # log-probabilities: each row's q_0 sums to 1 (probabilities or logits passed instead do not), within the
-        # rounding of the dtype they came in (bf16 log q_0 rounds a logsumexp by about 2e-3, fp16 by 2e-4)
-        tolerance = max(1e-4, 8 * torch.finfo(ref_logprob.dtype).eps)
+        # rounding of the dtype they came in
+        tolerance = logprob_tolerance(ref_logprob.dtype)
         ref_logprob = ref_logprob.detach().float()
         if neighbors.numel() and not torch.allclose(ref_logprob.logsumexp(-1), torch.zeros(()), atol=tolerance):
             raise ValueError(f"{owner}: ref_logprob's rows must be log-probabilities (logsumexp 0 over k), got "

@@ -57,7 +57,10 @@ def test_anchor_kl_loss_checks_a_logprob_teacher_once(graph_breaks):
     for teacher in (logprob, logprob.bfloat16(), zero_class):
         torch.testing.assert_close(ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)(student, teacher),
                                    ops.anchor_kl_reference(student, teacher, TAU_A, True))
-    module(student, logprob)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        module(student, logprob)
+    reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")]
+    assert reads == []  # one host read (a tolist of two values), no item() or boolean index besides
     module(student, raw)  # checked once: later calls pay no sync (the docstring says so)
     for nothing_to_check in (student[:0], torch.full_like(raw, float("nan"))):  # no anchors; no finite row
         unchecked = ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)
@@ -71,6 +74,12 @@ def test_anchor_kl_loss_checks_a_logprob_teacher_once(graph_breaks):
     revived.__setstate__(state)
     with pytest.raises(ValueError, match="not log-probabilities"):
         revived(student, raw)
+    under_vmap = ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True)  # torch.func cannot read a value back: no check
+    per_anchor = torch.func.vmap(torch.func.grad(lambda s, t: under_vmap(s[None], t[None])))(student, logprob)
+    torch.testing.assert_close(per_anchor, torch.func.vmap(torch.func.grad(
+        lambda s, t: ops.anchor_kl_reference(s[None], t[None], TAU_A, True)))(student, logprob))
+    with pytest.raises(ValueError, match="not log-probabilities"):  # ... left for the first eager call
+        under_vmap(student, raw)
     compiled = torch.compile(ops.AnchorKLLoss(TAU_A, teacher_is_logprob=True), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(student, logprob), ops.anchor_kl_reference(student, logprob, TAU_A, True))
     assert graph_breaks() == 0

@@ -207,20 +207,24 @@ def test_ln_post_hooks_and_replaced_forwards_keep_the_whole_block(tiny_model_nam
     handle.remove()
     assert seen == [(2, 1 + (32 // 8) ** 2, visual.ln_post.normalized_shape[0])]
     assert ops.last_choice()["vit_last_block"] == "full"
-    for module in (visual.transformer, visual.transformer.resblocks[-1]):
+    last = visual.transformer.resblocks[-1]
+    for module in (visual.transformer, last, last.mlp, last.attn, visual.ln_post):
         calls = []
         original = module.forward
-        module.forward = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+        module.forward = lambda *a, _f=original, **k: calls.append(a[0].shape[1]) or _f(*a, **k)
         with torch.no_grad():
             torch.testing.assert_close(model.raw_features(x), want)
         del module.forward
-        assert calls == [1] and ops.last_choice()["vit_last_block"] == "full", module
-    handle = visual.register_forward_hook(lambda *args: None)
-    with torch.no_grad(), caplog.at_level("WARNING", logger="segpcl_fast.model"):
-        model.raw_features(x)
-        model.raw_features(x)
-    handle.remove()
-    assert caplog.text.count("a forward hook on the image tower (model.visual) does not fire") == 1
+        assert calls == [1 + (32 // 8) ** 2] and ops.last_choice()["vit_last_block"] == "full", module
+    for register in (visual.register_forward_hook, visual.register_full_backward_hook):
+        model._said_tower_hooks = False
+        caplog.clear()
+        handle = register(lambda *args: None)
+        with caplog.at_level("WARNING", logger="segpcl_fast.model"):
+            model.raw_features(x.clone().requires_grad_()).sum().backward()
+            model.raw_features(x)
+        handle.remove()
+        assert caplog.text.count("a hook on the image tower (model.visual), or a forward replaced on it") == 1
 
 
 @pytest.mark.parametrize("vision_extra", [{"ls_init_value": 0.3}, {"patch_dropout": 0.5}])
