@@ -125,9 +125,15 @@ def check_tau(op: str, tau) -> None:
 
 
 def autocast_available(device_type: str) -> bool:
-    """Whether torch has autocast for this device type (not for "meta": torch.autocast("meta") raises)."""
+    """Whether torch has autocast for this device type (not for "meta": torch.autocast("meta") raises). Inside
+    torch.compile, any device but meta: torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (a
+    graph break in every compiled LoRA layer), and compiled graphs run on real devices."""
+    if device_type == "meta":
+        return False
     available = getattr(torch.amp, "is_autocast_available", None)
-    return available(device_type) if available is not None else device_type in ("cpu", "cuda")
+    if torch.compiler.is_compiling() or available is None:
+        return True
+    return available(device_type)
 
 
 def autocast_off(device_type: str):

@@ -343,3 +343,29 @@ def test_the_merge_inside_compiled_graphs_is_an_mm_rounded_once(monkeypatch, dty
     monkeypatch.setenv("SEGPCL_COMPILE_BATCH_MERGE", "0")
     lora_linear.merged_weight(w, a, b_, 0.5)
     assert seen == ["addmm"]
+
+
+def test_compiled_code_calls_no_is_autocast_available(monkeypatch):
+    """torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (the device's torch: a graph break in
+    every compiled LoRA layer and TSGR loss, which torch 2.14's CI does not show): compiled code must not call
+    it. Recorded here by a wrapper that notes whether it ran while dynamo traced."""
+    from segpcl_fast import ops
+    traced_calls = []
+    real = torch.amp.is_autocast_available
+    monkeypatch.setattr(torch.amp, "is_autocast_available",
+                        lambda device_type: traced_calls.append(torch.compiler.is_compiling()) or real(device_type))
+    x, weight, bias, lora_A, lora_B = make_inputs((4,), 16, 24, 4)
+    emb = torch.nn.functional.normalize(torch.randn(9, 8), dim=-1).requires_grad_()
+    roots, neighbors = torch.tensor([0, 4]), torch.tensor([[1, 2], [3, 5]])
+    ref = torch.log_softmax(torch.randn(2, 2), -1)
+
+    def step(x, B, emb):
+        tsgr = ops.knn_subgraph_kl(emb, roots, neighbors, ref, 0.5)
+        return lora_b_linear(x, weight, bias, lora_A, B, 0.5).sum() + tsgr
+    torch._dynamo.reset()
+    try:
+        loss = torch.compile(step, fullgraph=True, backend="eager")(x, lora_B, emb)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(loss, step(x, lora_B, emb))
+    assert True not in traced_calls
