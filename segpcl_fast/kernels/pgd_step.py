@@ -170,7 +170,7 @@ def pgd_step_triton(x_adv, grad, x0, gamma, eps, lo, hi, out: torch.Tensor | Non
     if buffer is out:
         return out
     if out is None:  # (.to keeps the layout)
-        return buffer.to(x_adv.dtype) if channels_last else buffer.to(x_adv.dtype).view_as(buffer)
+        return buffer.to(x_adv.dtype)
     return out.copy_(buffer)
 
 
