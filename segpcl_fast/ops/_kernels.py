@@ -37,15 +37,11 @@ def choose_impl(op: str, *tensors, supported: bool = True) -> str:
 def impl_for(op: str, *tensors, supported: bool = True) -> str:
     """choose_impl's rule, without recording the choice (`segpcl-fast env` asks it per device)."""
     backend = dispatch.get_backend()
-    if dispatch.under_func_transform():  # torch.func: the references only (see dispatch's docstring)
-        if backend == "triton":
-            dispatch.refuse_forced_under_func_transform(op)
+    if dispatch.reference_under_transform(op, forced=backend == "triton"):  # torch.func, jit.trace: see dispatch
         return "reference"
     if backend == "triton":
         _utils.check_can_run(op, *tensors)
         return "triton"
-    if dispatch.jit_tracing():  # a torch.jit.trace of aten ops alone (no custom op for the TorchScript to load)
-        return "reference"
     if (backend == "auto" and supported and _utils.HAS_TRITON and all(t.is_cuda for t in tensors)
             and not _utils.has_fp64(*tensors)):
         return "triton"

@@ -16,8 +16,8 @@ reference under "auto": torch's custom ops with a registered autograd and the au
 paths do not compose with those transforms (pytorch/pytorch#170834: "it must override the setup_context
 staticmethod"), while the references are plain aten ops, which every transform takes. A forced "triton" there,
 and "cpp" for lora_b_linear (the Triton ops have no C++ version: "cpp" runs their references anyway), is one
-error naming the switch (`under_func_transform`, `refuse_forced_under_func_transform`). Under torch.jit.trace
-"auto" runs the references too (`jit_tracing`): a trace of aten ops, the same whatever the grad mode.
+error naming the switch. Under torch.jit.trace "auto" runs the references too: a trace of aten ops, the same
+whatever the grad mode. One rule for every op: `reference_under_transform`.
 """
 from __future__ import annotations
 
@@ -69,6 +69,18 @@ def under_func_transform() -> bool:
 def jit_tracing() -> bool:
     """Whether torch.jit.trace is recording now (never inside torch.compile)."""
     return not torch.compiler.is_compiling() and torch.jit.is_tracing()
+
+
+def reference_under_transform(op: str, forced: bool) -> bool:
+    """Whether a torch.func transform or torch.jit.trace makes this call of `op` run its reference (the rule
+    in this module's docstring, for every op). `forced`: a fast backend is forced for this op ("triton" for
+    the Triton ops; "cpp" or "triton" for lora_b_linear). Under torch.func: True, and a forced backend is one
+    error. Under torch.jit.trace: True unless forced (a forced backend is traced as asked)."""
+    if under_func_transform():
+        if forced:
+            refuse_forced_under_func_transform(op)
+        return True
+    return not forced and jit_tracing()
 
 
 def refuse_forced_under_func_transform(op: str) -> None:

@@ -281,11 +281,7 @@ def lora_b_linear_impl(x: torch.Tensor, lora_B: Optional[torch.Tensor] = None,
     name = dispatch.get_backend()
     if name == "reference":
         return "reference"
-    if dispatch.under_func_transform():  # torch.func: the formula only (see dispatch's docstring)
-        if name in ("cpp", "triton"):
-            dispatch.refuse_forced_under_func_transform(OP)
-        return "reference"
-    if name == "auto" and dispatch.jit_tracing():  # one trace whatever the grad mode, of aten ops alone
+    if dispatch.reference_under_transform(OP, forced=name in ("cpp", "triton")):  # torch.func, jit.trace
         return "reference"
     if name == "triton" and (lora_B is None or _needs_grad_B(lora_B)) and _fused_runs(x, lora_B):
         return "triton"
