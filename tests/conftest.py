@@ -11,6 +11,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true",
+                     help="also run the tests marked slow (over ~30 s each on 2 CPU cores): the whole suite, what CI runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --runslow, the tests marked slow skip, saying how to run them: the default suite stays within
+    ~15 minutes on 2 CPU cores; CI (.ci/run) runs the whole suite."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="marked slow (over ~30 s on 2 CPU cores): run with --runslow, as CI does")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
+
 TEST_TINY_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16},

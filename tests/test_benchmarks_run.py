@@ -46,6 +46,7 @@ def test_the_e2e_benchmarks_gc_timer_counts_full_collections():
     assert 0 < found["gc_longest_ms"] <= found["gc_ms"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probe", [["gc", "--steps", "3"], ["guards", "--steps", "2"],
                                    ["guards", "--steps", "2", "--filter", "keep_tensor_guards_unsafe"],
                                    ["anchor_gather", "--steps", "2", "--size", "16", "--pool", "20"]])
@@ -70,6 +71,7 @@ def test_the_host_probes_run_and_report(probe):
             assert proc.stdout.count(" guards; ") == 3  # the image tower's, the text trunk's, the loss terms'
 
 
+@pytest.mark.slow
 def test_compiled_kernel_count_finds_fewer_kernels_with_frozen_weights_stored(monkeypatch):
     """benchmarks/compiled_kernel_count.py (BENCHMARKS.md, session 42): the tiny model's bf16 step under
     inductor generates fewer kernels with the frozen GEMM weights stored in bf16 (model/frozen_cast.py)

@@ -121,7 +121,15 @@ def test_ci_runs_the_readmes_test_command():
     ci = " ".join(line for line in ci_lines if line and not line.startswith("#"))
     assert install in ci, f".ci/run does not run README's install step:\n{install}"
     assert f"\n{test}\n" in (ROOT / ".ci" / "run").read_text(), f".ci/run does not run README's test command: {test}"
+    assert "--runslow" in test.split(), f"CI runs the whole suite, the tests marked slow too: {test}"
     if " -n " in f" {test} ":
         import tomllib
         extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
         assert any(req.split(">")[0].split("=")[0].strip() == "pytest-xdist" for req in extras), extras
+
+
+@pytest.mark.slow
+def test_a_test_marked_slow_runs_only_under_runslow(request):
+    """tests/conftest.py skips the tests marked slow unless --runslow is given (CI gives it): run without it,
+    this test must have been skipped."""
+    assert request.config.getoption("--runslow")

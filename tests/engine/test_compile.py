@@ -26,6 +26,7 @@ def _lora(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_B" in k}
 
 
+@pytest.mark.slow
 def test_compiled_run_has_no_graph_breaks_and_bounded_recompiles(tiny_model_name, tmp_path):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # process-wide: count only this run's graphs
@@ -132,6 +133,7 @@ def test_teacher_copy_runs_its_own_compiled_forward(tiny_model_name):
     assert not torch.allclose(model.raw_features(x), ref_raw)  # student moved: teacher used its own weights
 
 
+@pytest.mark.slow
 def test_models_of_other_structures_each_get_dynamos_whole_recompile_budget(tiny_model_name, request):
     """Dynamo counts compiled graphs against its recompile limit per code object. A sweep over lora.rank
     compiles towers of 3 structures in one process: with the limit at 2 here (8 by default, about 3 image
@@ -176,6 +178,7 @@ def test_compile_sees_through_custom_ops_with_fullgraph(tiny_model_name):
     torch.testing.assert_close(kl(z, zt), ops.anchor_kl(z, zt, 20.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_bf16_autocast_compiled_step_is_close_to_fp32(tiny_model_name, tmp_path, precision):
     """bf16 and fp16 (with its loss scaler) autocast of the compiled step: no graph break, B close to fp32's."""

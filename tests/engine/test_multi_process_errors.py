@@ -391,6 +391,7 @@ def test_a_compiled_run_records_the_lora_and_attention_paths_its_graphs_traced(t
     assert json.loads((tmp_path / "ref" / "results.json").read_text())["ops"]["lora_b_linear"].split("+")[0] == "reference"
 
 
+@pytest.mark.slow
 def test_a_compiled_run_records_the_loss_ops_its_loss_graph_traced(tiny_model_name, tmp_path, monkeypatch):
     """anchor_kl and knn_subgraph_kl record their choice only outside a graph: with the loss terms
     compiled (compile_learner), a compiled run's results.json named neither. The trainer records what

@@ -76,6 +76,7 @@ def test_a_multi_process_preset_without_torchrun_warns(monkeypatch, caplog):
     assert "preset" not in caplog.text
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_ranks_match_one_process(tmp_path):
     """The documented launch line (torchrun -m segpcl_fast.cli train) on 2 gloo ranks, shipped tiny model.
     torchrun is run as `python -m torch.distributed.run` (the same program) with this interpreter: a

@@ -49,6 +49,7 @@ def _launched_kernels() -> set[str]:
     return names
 
 
+@pytest.mark.slow
 @needs_binder
 @cpu_side
 def test_every_kernel_compiles_and_fits_on_sm89_and_sm90(tmp_path):

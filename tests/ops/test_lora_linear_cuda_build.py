@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CUDA_HOME = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (Path(CUDA_HOME) / "bin" / "nvcc").is_file(), reason=f"no nvcc under {CUDA_HOME}")
 @pytest.mark.skipif(torch.version.cuda is None, reason="CPU-only torch build")
 def test_cuda_sources_compile_for_sm89_and_sm90(tmp_path):
