@@ -1,12 +1,16 @@
 """Tests added by a mutation audit of segpcl_fast/data: each pins a documented rule that the other
 data tests leave open (a config option that must reach its reader, the test split's transform,
-the seeded split / cap rules computed by hand, the published prompt templates and normalisation)."""
+the seeded split / cap rules computed by hand, the published prompt templates and normalisation).
+A second audit (the readers changed since 7a90c2d) added the tests at the end: case-folded folder
+names, hidden folders, test/ over val/, names-file normalisation, pre-split and CoOp precedence,
+class_order's loose / compact / id lookups, Kaggle imagenet100's sorted wnids."""
 import numpy as np
 import pytest
 from PIL import Image
 
-from data_fakes import (IMR_WNIDS, UCF_CLASSES, colour, decode_colour, make_cifar100, make_cub, make_imagenet_r,
-                        make_imagenet_subset, make_ucf101, write_image)
+from data_fakes import (CUB_CLASSES, IMR_PER_CLASS, IMR_WNIDS, UCF_CLASSES, UCF_TEST_GROUPS, UCF_TRAIN_GROUPS, colour,
+                        decode_colour, make_cifar100, make_cub, make_imagenet_r, make_imagenet_subset, make_ucf101,
+                        ucf_videos, write_image)
 from segpcl_fast.config import DataConfig
 from segpcl_fast.data.base import ArrayDataset, DatasetFormatError
 from segpcl_fast.data.build import build_datasets, cap_per_class
@@ -294,3 +298,327 @@ def test_retention_real_dataset_cap_applies(tmp_path):
     ds, templates = build_retention_dataset("food101", str(tmp_path), per_class=2)
     assert sorted(ds.targets) == [0, 0, 1, 1] and ds.class_names == ["apple pie", "baby back ribs"]
     assert templates == ["a photo of {}, a type of food."]  # CLIP's Food101 template
+
+
+# ----------------------------------------------------------------------------- second mutation audit (since 7a90c2d)
+# Each test below pins a rule of the readers changed since 7a90c2d that a surviving mutant showed untested.
+def _flat_imagefolder(root, folders, per_class=4):
+    """<root>/<folder>/img_<i>.png, folders in the order given (labels are the sorted order)."""
+    for c, folder in enumerate(folders):
+        for i in range(per_class):
+            write_image(root / folder / f"img_{i}.png", colour(c, i), size=(2, 2))
+    return root
+
+
+def test_imagefolder_folders_differing_only_in_case_are_one_name(tmp_path):
+    """CLIP's tokenizer lowercases: folders 'Cat' and 'cat' would give one prompt to two classes."""
+    from segpcl_fast.data.imagefolder import load_imagefolder
+    root = _flat_imagefolder(tmp_path / "ds", ["Cat", "cat", "dog"])
+    with pytest.raises(DatasetFormatError, match=r"give the same class name: \['Cat', 'cat'\]"):
+        load_imagefolder(str(root))
+
+
+def test_stratified_split_leaves_each_class_a_training_image():
+    """At least 1 test image when n >= 2, and at most n - 1: round(0.8 * 2) = 2 and round(0.9 * 3) = 3 would
+    leave the class nothing to train on."""
+    targets = [0, 0, 1, 1, 1]
+    for fraction in (0.8, 0.9):
+        train, test = stratified_split(targets, fraction, seed=0)
+        assert sorted(targets[i] for i in train) == [0, 1] and len(test) == 3
+        assert sorted(train + test) == list(range(5))
+
+
+def test_imagefolder_hidden_folders_are_neither_classes_nor_images(tmp_path):
+    """.ipynb_checkpoints/ (a notebook's) beside the class folders is no class, and inside a class folder its
+    images are not the class's; the rest is what torchvision's ImageFolder reads."""
+    from torchvision.datasets import ImageFolder
+
+    from segpcl_fast.data.imagefolder import load_imagefolder
+    root = tmp_path / "ds"
+    for split in ("train", "test"):
+        _flat_imagefolder(root / split, ["cat", "dog"], per_class=2)
+        write_image(root / split / ".ipynb_checkpoints" / "img_0-checkpoint.png", (1, 2, 3), size=(2, 2))
+        write_image(root / split / "cat" / ".ipynb_checkpoints" / "img_0-checkpoint.png", (1, 2, 3), size=(2, 2))
+    train, test = load_imagefolder(str(root))
+    assert train.class_names == ["cat", "dog"]
+    for ds, split in ((train, "train"), (test, "test")):
+        peer = [(p, t) for p, t in ImageFolder(str(root / split)).samples if "/." not in p]
+        assert list(zip(ds.paths, ds.targets)) == [(p, t - 1) for p, t in peer]  # the peer's class 0: the hidden one
+        assert len(ds) == 4
+
+
+def test_presplit_copies_take_test_over_val_and_refuse_an_empty_train_class(cub_root, tmp_path):
+    """find_presplit: test/ wins when test/ and val/ both hold class folders; a class whose train/ folder holds no
+    image is refused (it would have nothing to train on)."""
+    from segpcl_fast.data.cub import load_cub200
+    official = load_cub200(str(cub_root))
+    root = _cub_presplit(cub_root, tmp_path / "proof")
+    for f in (root / "train").rglob("*.jpg"):  # a val/ of other images beside test/
+        write_image(root / "val" / f.parent.name / f.name.replace(".jpg", "_val.jpg"), (0, 0, 0), size=(2, 2))
+    _, test = load_cub200(str(root))
+    assert [p.split("/")[-3:] for p in test.paths] == [["test"] + p.split("/")[-2:] for p in official[1].paths]
+    assert test.targets == official[1].targets
+    for f in (root / "train" / CUB_CLASSES[1]).iterdir():
+        f.unlink()
+    with pytest.raises(DatasetFormatError, match=r"1 class folders of .* hold no images, e.g. \['002.Laysan_Albatross'\]"):
+        load_cub200(str(root))
+
+
+def test_imagefolder_a_class_named_train_with_images_and_sub_folders_is_a_class(tmp_path):
+    """A folder named as a split is a split only when it holds no images of its own: a flat dataset's class
+    'train' with images directly in it and more in a sub-folder is a class."""
+    from segpcl_fast.data.imagefolder import load_imagefolder
+    root = _flat_imagefolder(tmp_path / "ds", ["bus", "train"], per_class=3)
+    write_image(root / "train" / "more" / "img_9.png", colour(1, 9), size=(2, 2))
+    train, test = load_imagefolder(str(root))
+    assert train.class_names == ["bus", "train"]
+    assert sorted(train.targets + test.targets) == [0] * 3 + [1] * 4
+
+
+def test_imagefolder_test_folder_wins_over_val(tmp_path):
+    """TEST_DIRS: the first present wins, test/ before val/ (a copy with both keeps val/ for tuning)."""
+    from segpcl_fast.data.imagefolder import load_imagefolder
+    root = tmp_path / "ds"
+    for split in ("train", "test", "val"):
+        _flat_imagefolder(root / split, ["cat", "dog"], per_class=2)
+    _, test = load_imagefolder(str(root))
+    assert {p.split("/")[-3] for p in test.paths} == {"test"}
+
+
+def test_imagefolder_names_file_keys_and_values_are_normalised(tmp_path):
+    """A names file written on macOS spells its keys decomposed (NFD) where the folders are composed: the same
+    folder; a name's runs of blanks are one space (CLIP's prompt), and a blank name is refused."""
+    import json
+    import unicodedata
+
+    from segpcl_fast.data.imagefolder import load_imagefolder
+    root = _flat_imagefolder(tmp_path / "ds", [unicodedata.normalize("NFC", "café"), "tea"], per_class=2)
+    (tmp_path / "nfd.json").write_text(json.dumps({unicodedata.normalize("NFD", "café"): "coffee  \t cup ",
+                                                   "tea": " green   tea"}))
+    train, _ = load_imagefolder(str(root), names_file=str(tmp_path / "nfd.json"))
+    assert train.class_names == ["coffee cup", "green tea"]
+    (tmp_path / "blank.json").write_text(json.dumps({"café": "coffee", "tea": "   "}))
+    with pytest.raises(DatasetFormatError, match=r"give an empty class name: \['tea'\]"):
+        load_imagefolder(str(root), names_file=str(tmp_path / "blank.json"))
+
+
+def test_imagefolder_a_root_at_a_split_half_in_another_case_warns(tmp_path, caplog):
+    """data.root=<dataset>/Train (split folders in any case) warns as <dataset>/train does."""
+    from segpcl_fast.data.imagefolder import load_imagefolder
+    root = tmp_path / "ds"
+    for split in ("Train", "Test"):
+        _flat_imagefolder(root / split, ["cat", "dog"], per_class=3)
+    with caplog.at_level("WARNING", logger="segpcl_fast.data.imagefolder"):
+        load_imagefolder(str(root / "Train"))
+    assert f"data.root {root / 'Train'} is one half of the split in {root} (beside Test/)" in caplog.text
+
+
+def test_imagenet_r_a_folder_or_file_named_as_an_image_or_a_wnid_is_not_one(imagenet_r_root):
+    """list_images takes files only (a folder 'x.jpg' is none), wnid_folders folders only (a file 'n01440764',
+    e.g. a leftover of an extraction, is no class)."""
+    from segpcl_fast.data.imagenet_r import load_imagenet_r
+    folder = imagenet_r_root / "imagenet-r"
+    (folder / "n01443537" / "thumbs.jpg").mkdir()
+    (folder / "n01440764").write_bytes(b"")
+    train, test = load_imagenet_r(str(imagenet_r_root))
+    assert train.class_ids == sorted(IMR_WNIDS)
+    assert len(train) + len(test) == len(IMR_WNIDS) * IMR_PER_CLASS
+    assert not any(p.endswith("thumbs.jpg") for p in train.paths + test.paths)
+
+
+def test_class_order_falls_back_loose_then_compact_and_by_id_too():
+    """_lookup_name: names case/underscore-insensitively before the compact form (no ambiguity between 'sea lion'
+    and 'sealion' for 'Sea_Lion'), and the compact form ignores case and reaches the ids (a folder named
+    'golden_retriever' renamed 'dog' by a names file is still 'golden-retriever')."""
+    from segpcl_fast.data.protocol import resolve_class_order
+    assert resolve_class_order(["sealion", "Sea_Lion"], ["sea lion", "sealion"]) == [1, 0]
+    ids = ["golden_retriever", "tabby_cat"]
+    assert resolve_class_order(["Tabby-Cat", "golden-retriever"], ["dog", "cat"], class_ids=ids) == [1, 0]
+    ucf = ["Apply Eye Makeup", "Yo Yo"]
+    assert resolve_class_order(["yoyo", "applyeyemakeup"], ucf, class_ids=["Apply_Eye_Makeup", "Yo_Yo"]) == [1, 0]
+
+
+def _cub_presplit(cub_root, root):
+    """PROOF's cub/{train,test}/<class>/ of the fake's official split, under `root`."""
+    import shutil
+    folder = cub_root / "CUB_200_2011"
+    split = dict(line.split() for line in (folder / "train_test_split.txt").read_text().splitlines())
+    for line in (folder / "images.txt").read_text().splitlines():
+        image_id, rel = line.split()
+        dest = root / ("train" if split[image_id] == "1" else "test") / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "images" / rel, dest)
+    return root
+
+
+def test_cub_official_metadata_wins_then_cub_folder_then_root_and_names_must_differ(cub_root, tmp_path):
+    """The official CUB_200_2011/images.txt wins over a pre-split copy beside it; of the pre-split candidates
+    <root>/cub/ comes before <root> (a shared data root whose own train/ + test/ are another dataset's); two class
+    folders that give one name (case aside) are refused."""
+    from segpcl_fast.data.cub import load_cub200
+    _cub_presplit(cub_root, cub_root / "cub")
+    train, _ = load_cub200(str(cub_root))
+    assert all("/CUB_200_2011/images/" in p for p in train.paths)
+    shared = _cub_presplit(cub_root, tmp_path / "data" / "cub").parent
+    for split in ("train", "test"):  # another dataset's ImageFolder split in the shared root itself
+        for folder in ("cat", "dog"):
+            write_image(shared / split / folder / "a.jpg", (1, 2, 3), size=(2, 2))
+    train, test = load_cub200(str(shared))
+    assert train.class_ids == CUB_CLASSES and all("/data/cub/" in p for p in train.paths + test.paths)
+    clash = shared / "cub"
+    for split in ("train", "test"):
+        write_image(clash / split / "004.Laysan_albatross" / "x.jpg", (1, 2, 3), size=(2, 2))
+    with pytest.raises(DatasetFormatError, match=r"give the same class name: \['002.Laysan_Albatross', "
+                                                 r"'004.Laysan_albatross'\]"):
+        load_cub200(str(clash))
+
+
+def test_cifar100_a_class_with_test_images_only_is_kept_for_the_protocol_to_refuse(tmp_path):
+    """Classes are those of either split's pickle: one with test images only stays a class (the protocol then
+    names it), and each split keeps its images' classes."""
+    import pickle
+    from segpcl_fast.data.cifar import load_cifar100
+    folder = tmp_path / "c" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, labels in (("train", [0, 2, 0]), ("test", [3, 2, 0])):
+        entry = {"fine_labels": labels, "data": np.full((len(labels), 3072), 7 * np.array(labels)[:, None], np.uint8)}
+        (folder / split).write_bytes(pickle.dumps(entry, protocol=2))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": ["apple", "bear", "maple_tree", "otter"]}))
+    train, test = load_cifar100(str(tmp_path / "c"))
+    assert train.class_names == ["apple", "maple tree", "otter"]
+    assert list(train.targets) == [0, 1, 0] and list(test.targets) == [2, 1, 0]
+    assert [int(np.asarray(test[i][0])[0, 0, 0]) for i in range(3)] == [21, 14, 0]  # 7 * the CIFAR label
+    with pytest.raises(DatasetFormatError, match=r"1 classes have no training images, e.g. \['otter'\]"):
+        ClassIncrementalScenario(train, test, num_tasks=1)
+
+
+def _ucf_coop_split(root):
+    """CoOp's split_zhou_UCF101.json for make_ucf101's fake (train = trainlist01 cut in two, test = testlist01)."""
+    import json
+    import re
+
+    def entries(groups):
+        return [[f"{'_'.join(re.findall(r'[A-Z][^A-Z]*', f))}/{v}.jpg", c, "_".join(re.findall(r"[A-Z][^A-Z]*", f))]
+                for c, f, v in ucf_videos(groups)]
+    train = entries(UCF_TRAIN_GROUPS)
+    split = {"train": train[::2], "val": train[1::2], "test": entries(UCF_TEST_GROUPS)}
+    (root / "split_zhou_UCF101.json").write_text(json.dumps(split))
+    return split
+
+
+def _ucf_presplit(ucf_root, root):
+    """PROOF's <root>/{train,test}/<Class>/<video>.jpg of make_ucf101's midframes."""
+    import re
+    import shutil
+    for groups, split in ((UCF_TRAIN_GROUPS, "train"), (UCF_TEST_GROUPS, "test")):
+        for c, folder, video in ucf_videos(groups):
+            dest = root / split / folder / f"{video}.jpg"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ucf_root / "UCF-101-midframes" / "_".join(re.findall(r"[A-Z][^A-Z]*", folder)) /
+                        f"{video}.jpg", dest)
+    return root
+
+
+def test_ucf101_coop_split_wins_over_a_presplit_copy_and_frames_dir_never_falls_back(ucf_root):
+    """Without the official lists, CoOp's split file in data.root is read before a pre-split ucf/ beside it; a set
+    data.frames_dir that is not there is an error, not a silent switch to the pre-split copy."""
+    import shutil
+
+    from segpcl_fast.data.ucf101 import load_ucf101
+    _ucf_presplit(ucf_root, ucf_root / "ucf")
+    with pytest.raises(DatasetFormatError, match="data.frames_dir"):
+        load_ucf101(str(ucf_root), frames_dir="no_such_frames")
+    shutil.rmtree(ucf_root / "ucfTrainTestlist")
+    _ucf_coop_split(ucf_root)
+    train, test = load_ucf101(str(ucf_root))
+    assert all("/UCF-101-midframes/" in p for p in train.sources + test.sources)
+    assert train.class_ids == ["Apply_Eye_Makeup", "Handstand_Pushups", "Yo_Yo"]
+
+
+def test_ucf101_coop_labels_must_be_0_to_n_minus_1(ucf_root):
+    import json
+    import shutil
+
+    from segpcl_fast.data.ucf101 import load_ucf101
+    shutil.rmtree(ucf_root / "ucfTrainTestlist")
+    split = _ucf_coop_split(ucf_root)
+    shifted = {k: [[rel, label + 1, name] for rel, label, name in v] for k, v in split.items()}  # 1-based
+    (ucf_root / "split_zhou_UCF101.json").write_text(json.dumps(shifted))
+    with pytest.raises(DatasetFormatError, match=r"labels are not 0..2, one class name each \(labels \[1, 2, 3\]"):
+        load_ucf101(str(ucf_root))
+
+
+def test_ucf101_presplit_class_folder_samples_are_sorted_by_name(ucf_root, tmp_path):
+    """A pre-split class folder holding both frames (images) and per-video frame folders: its samples in name
+    order, whatever their kind."""
+    from segpcl_fast.data.ucf101 import load_ucf101
+    root = _ucf_presplit(ucf_root, tmp_path / "proof")
+    video = root / "train" / "YoYo" / "v_YoYo_g00_c01"  # sorts before the fake's v_YoYo_g08 / _g09 images
+    for k in range(1, 4):
+        write_image(video / f"frame_{k}.jpg", colour(2, 0) if k == 2 else (250, 250, 250), size=(2, 2))
+    train, _ = load_ucf101(str(root))
+    yoyo = [p.rsplit("/", 1)[1] for p, t in zip(train.sources, train.targets) if t == 2]
+    assert yoyo == ["v_YoYo_g00_c01", "v_YoYo_g08_c01.jpg", "v_YoYo_g09_c01.jpg"]
+    assert decode_colour(train[train.targets.index(2)][0]) == (2, 0)
+
+
+def test_ucf101_presplit_with_only_classind_follows_its_order(ucf_root, tmp_path):
+    """A pre-split copy with classInd.txt beside it (no train/test lists): classes in classInd.txt's order."""
+    from segpcl_fast.data.ucf101 import load_ucf101
+    root = _ucf_presplit(ucf_root, tmp_path / "proof")
+    (root / "ucfTrainTestlist").mkdir()
+    (root / "ucfTrainTestlist" / "classInd.txt").write_text("1 YoYo\n2 ApplyEyeMakeup\n3 HandstandPushups\n")
+    train, test = load_ucf101(str(root))
+    assert train.class_ids == ["YoYo", "ApplyEyeMakeup", "HandstandPushups"]
+    for ds in (train, test):
+        for i in range(len(ds)):
+            assert decode_colour(ds[i][0])[0] == [2, 0, 1][ds.targets[i]]
+
+
+def _kaggle100(root, parts):
+    """Kaggle's imagenet100 of make_imagenet_subset's synsets: parts = {"train.X1": [wnids], ...}, val.X/ of all."""
+    import json
+
+    from data_fakes import IN_SYNSETS
+    ranked = sorted(IN_SYNSETS)
+    for part, wnids in parts.items():
+        for wnid in wnids:
+            for i in range(2):
+                write_image(root / part / wnid / f"{wnid}_{i}.JPEG", colour(ranked.index(wnid), i), size=(2, 2))
+                write_image(root / "val.X" / wnid / f"v_{i}.JPEG", colour(ranked.index(wnid), i), size=(2, 2))
+    (root / "Labels.json").write_text(json.dumps({w: IN_SYNSETS[w] for ws in parts.values() for w in ws}))
+    return root
+
+
+def test_kaggle_imagenet100_class_index_is_the_sorted_wnid_whichever_part_holds_it(tmp_path):
+    """Class index = position in the sorted wnids (the module's rule), not the order of train.X1, train.X2; a
+    data.class_list of train/ image lines (PODNet's) is refused for this copy, which has no train/."""
+    from segpcl_fast.data.imagenet_subset import load_imagenet_subset
+    root = _kaggle100(tmp_path / "in100", {"train.X1": ["n01494475"], "train.X2": ["n01440764", "n01484850"]})
+    train, val = load_imagenet_subset(str(root))
+    from data_fakes import IN_SYNSETS
+    assert train.class_ids == ["n01440764", "n01484850", "n01494475"]
+    for ds in (train, val):
+        for i in range(len(ds)):
+            assert train.class_ids[ds.targets[i]] == sorted(IN_SYNSETS)[decode_colour(ds[i][0])[0]]
+    (root / "podnet.txt").write_text("train/n01440764/n01440764_0.JPEG 0\ntrain/n01484850/n01484850_0.JPEG 1\n")
+    with pytest.raises(DatasetFormatError, match="lists train/ images, but this copy is Kaggle's imagenet100"):
+        load_imagenet_subset(str(root), class_list="podnet.txt")
+
+
+def test_split_seed_and_test_fraction_reach_the_imagefolder_reader(tmp_path):
+    from segpcl_fast.data.imagefolder import load_imagefolder
+    root = _flat_imagefolder(tmp_path / "ds", ["cat", "dog"], per_class=10)
+    train, test = build_datasets(DataConfig(dataset="imagefolder", root=str(root), split_seed=3, test_fraction=0.4))
+    assert len(test) == 2 * 4
+    ref_train, ref_test = load_imagefolder(str(root), split_seed=3, test_fraction=0.4)
+    assert test.paths == ref_test.paths and train.paths == ref_train.paths
+    assert load_imagefolder(str(root), split_seed=0, test_fraction=0.4)[1].paths != test.paths
+
+
+def test_check_task_split_takes_data_task_sizes():
+    """A preset's unequal tasks (7 classes as [4, 3]) pass the check before training; sizes that do not sum refuse."""
+    from segpcl_fast.data.build import check_task_split
+    check_task_split(DataConfig(dataset="imagefolder", expected_classes=7, num_tasks=2, task_sizes=[4, 3]))
+    with pytest.raises(DatasetFormatError, match=r"task sizes \[4, 4\] .* sum to the 7 classes"):
+        check_task_split(DataConfig(dataset="imagefolder", expected_classes=7, num_tasks=2, task_sizes=[4, 4]))
