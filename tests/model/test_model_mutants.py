@@ -1,7 +1,12 @@
 """Tests added by a mutation audit of segpcl_fast/model: the text truncation really truncates (and
 matches open_clip's own full-length encode_text), class embeddings against open_clip, the logit-scale
 clamp, the image statistics, and LoRA's defaults, seeded Kaiming-uniform A and alpha / r scaling in
-the packed attention."""
+the packed attention.
+
+A second audit (the changes since 7a90c2d) added the tests after the marker below: bf16 attention weights from
+fp32 scores, pack_slices' dtype, LoRAPackedLinear's mode, plain CoCa injection, peft_layers' out_proj mapping,
+to_peft of a stored model and of EVA attention, frozen_cast's float64 / plain-attention / get_cast_dtype cases,
+and the TF32 readers' inheritance chain."""
 import json
 import math
 
@@ -185,3 +190,198 @@ def test_truncation_matches_full_length_for_non_argmax_text_pooling(tmp_path, po
     tokens = model.tokenize(PROMPTS)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(tokens), model.clip.encode_text(tokens), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- mutation audit since 7a90c2d
+def test_bf16_attention_weights_come_from_fp32_scores():
+    """need_weights=True in bf16: the scores q k^T / sqrt(D) are computed in fp32 from the bf16 q and k (as SDPA's
+    kernels do) and the softmax rounded once to bf16; scores in bf16 would be rounded to 8 bits first."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+    attn = LoRAMultiheadAttention(mha, ["q", "v"], out_lora=False, rank=2, alpha=2.0,
+                                  generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = (4 * torch.randn(2, 7, 32)).to(torch.bfloat16)  # scores of some tens: bf16 spacing 0.125 .. 0.5 there
+    out, weights = attn(x, x, x, average_attn_weights=False)
+    q, k, v = (t.view(2, 7, 2, 16).transpose(1, 2) for t in attn._project(x).chunk(3, dim=-1))
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(16)
+    assert scores.abs().max() > 8
+    want = torch.softmax(scores, dim=-1).to(torch.bfloat16)
+    torch.testing.assert_close(weights, want, rtol=0, atol=0)
+    torch.testing.assert_close(out, attn.out_proj((want @ v).transpose(1, 2).reshape(2, 7, 32)), rtol=0, atol=0)
+
+
+def test_a_float64_tower_is_not_stored_in_the_autocast_dtype(tiny_model_name):
+    """Autocast leaves float64 operands alone (frozen_cast._CASTABLE): a float64 model's frozen weights are not
+    stored in bf16 (that would change its results), and nothing reads as stored."""
+    from segpcl_fast.model import frozen_cast
+    model = load_model(tiny_model_name, pretrained=None).double()
+    model.set_precision(image="bf16")
+    inject_lora(model, rank=2, alpha=2.0)
+    assert len(list(frozen_cast.frozen_operands(model, "visual"))) == 0
+    assert model.store_frozen_weights() == {"visual": 0} and model.frozen_storage == {}
+    assert all(t.dtype == torch.float64 for t in model.state_dict().values() if t.is_floating_point())
+
+
+def test_storing_keeps_a_get_cast_dtype_the_caller_set_on_the_instance(tiny_model_name):
+    """store_frozen pins open_clip's get_cast_dtype only where the transformer still uses its class's method; one set
+    on the instance (a caller's own) is left in place through store and restore."""
+    model = load_model(tiny_model_name, pretrained=None)
+    model.set_precision(image="fp32", text="bf16")
+    inject_lora(model, rank=2, alpha=2.0)
+    transformer = model.text_tower.transformer
+
+    def own():
+        return torch.float32
+    transformer.get_cast_dtype = own
+    assert model.store_frozen_weights()["text"] > 0
+    assert vars(transformer)["get_cast_dtype"] is own
+    model.restore_frozen_weights()
+    assert vars(transformer)["get_cast_dtype"] is own
+
+
+def test_packed_lora_b_takes_bs_dtype_in_a_bf16_attention():
+    """pack_slices makes an unadapted slice's zero rows in B's dtype: a bf16 attention adapted on q alone packs a
+    bf16 B_full [B_q; 0; 0] and runs in bf16 (zeros of another dtype promoted the product to fp32)."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).to(torch.bfloat16)
+    attn = LoRAMultiheadAttention(mha, ["q"], out_lora=False, rank=2, alpha=2.0,
+                                  generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        attn.lora_B["q"].normal_()
+    packed = attn.packed_lora_B()
+    assert packed.dtype == torch.bfloat16 and packed.shape == (48, 2)
+    assert torch.equal(packed[:16], attn.lora_B["q"]) and not packed[16:].any()
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    assert attn._project(x).dtype == torch.bfloat16
+    assert attn(x, need_weights=False)[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_packed_linear_and_its_merge_keep_the_mode_of_the_layer_they_replace(training):
+    """timm's packed qkv (LoRAPackedLinear) in the mode of the nn.Linear it wraps, and its merged nn.Linear in the
+    adapter's mode (a fresh module is in train mode), as LoRABLinear and the attention adapter do."""
+    from segpcl_fast.model.lora import LoRAPackedLinear
+    base = torch.nn.Linear(8, 24).train(training)
+    packed = LoRAPackedLinear(base, ["q", "v"], rank=2, alpha=2.0, generator=torch.Generator().manual_seed(0))
+    assert packed.training is training
+    assert packed.merged().training is training
+
+
+def test_a_plain_open_clip_coca_gets_adapters_in_its_text_tower_alone(tiny_coca_name):
+    """inject_lora on a plain open_clip model whose text tower is `.text` (CustomTextCLIP, CoCa): towers="text"
+    adapts exactly the modules the CLIPModel wrapper adapts (its text tower), not the image tower's blocks nor
+    CoCa's text decoder."""
+    import open_clip
+    wrapped = load_model(tiny_coca_name, pretrained=None)
+    plain = open_clip.create_model(tiny_coca_name)
+    inject_lora(wrapped, rank=2, towers="text")
+    inject_lora(plain, rank=2, towers="text")
+    kinds = (LoRABLinear, LoRAMultiheadAttention)
+    adapted = [n for n, m in plain.named_modules() if isinstance(m, kinds)]
+    assert adapted and all(n.startswith("text.") for n in adapted)
+    assert adapted == [n.removeprefix("clip.") for n, m in wrapped.named_modules() if isinstance(m, kinds)]
+
+
+@pytest.mark.parametrize("targets", [["out"], ["q", "v", "out"]])
+def test_peft_layers_map_an_attentions_out_proj_adapter_at_the_attentions_rank(tiny_model_name, targets):
+    """peft adapts an nn.MultiheadAttention's in_proj and out_proj with one rank R = max(n, 1) * r (n adapted q/k/v
+    slices): the out_proj adapter's A and B are zero-padded to R (A rows, B columns), an attention with no slice
+    adapted gets R = r and zero in_proj factors; s B A of each equals our adapter's (checked without peft, whose
+    0.21 adds the out_proj delta twice and so is refused by to_peft)."""
+    from segpcl_fast.model.peft_adapter import peft_layers
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=2, alpha=3.0, targets=targets, towers="visual")
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen))
+    layers = peft_layers(model.clip)
+    attns = [(n, m) for n, m in model.clip.named_modules() if isinstance(m, LoRAMultiheadAttention)]
+    assert attns and all(n in layers for n, _ in attns)
+    n_slices = len([t for t in targets if t in "qkv"])
+    for name, m in attns:
+        v, d, r = layers[name], m.embed_dim, m.rank
+        big = max(n_slices, 1) * r
+        assert v["rank"] == big and v["scaling"] == 1.5
+        assert v["A"].shape == (big, d) and v["B"].shape == (3 * d, big)
+        assert v["out_A"].shape == (big, d) and v["out_B"].shape == (d, big)
+        want_in = m.packed_lora_B() @ m.lora_A if n_slices else torch.zeros(3 * d, d)
+        torch.testing.assert_close(v["B"] @ v["A"], want_in, rtol=0, atol=0)
+        torch.testing.assert_close(v["out_B"] @ v["out_A"], m.out_proj.lora_B @ m.out_proj.lora_A)
+
+
+def test_to_peft_of_a_stored_model_holds_fp32_base_weights_at_the_values_the_run_used(tiny_model_name):
+    """A model whose frozen weights are stored in bf16 (store_frozen_weights) gives a peft model over fp32 weights
+    (open_clip's dtype), holding the bf16-rounded values the run computed with; the model given stays stored."""
+    pytest.importorskip("peft")
+    from segpcl_fast.model.peft_adapter import to_peft
+    model = load_model(tiny_model_name, pretrained=None)
+    model.set_precision(image="bf16")
+    inject_lora(model, rank=2, alpha=2.0, targets=["c_fc"], towers="visual")
+    model.store_frozen_weights()
+    stored = model.visual.transformer.resblocks[0].mlp.c_fc.weight
+    assert stored.dtype == torch.bfloat16
+    inner = to_peft(model).base_model.model
+    assert all(t.dtype == torch.float32 for t in inner.state_dict().values() if t.is_floating_point())
+    base = inner.visual.transformer.resblocks[0].mlp.c_fc.get_base_layer().weight
+    assert torch.equal(base, stored.float())
+    assert model.frozen_storage == {"visual": torch.bfloat16} and stored.dtype == torch.bfloat16
+
+
+def test_to_peft_refuses_a_fused_qkv_with_separate_q_v_biases():
+    """timm's EVA attention (a fused qkv beside its own q_bias / v_bias) reads qkv.weight directly on a freshly
+    created model, never calling a peft layer: to_peft refuses it instead of writing an adapter that would be dropped."""
+    pytest.importorskip("peft")
+    from segpcl_fast.model.lora import LoRAPackedLinear
+    from segpcl_fast.model.peft_adapter import to_peft
+
+    class EvaLikeAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = LoRAPackedLinear(torch.nn.Linear(8, 24, bias=False), ["q", "v"], rank=2, alpha=2.0,
+                                        generator=torch.Generator().manual_seed(0))
+            self.q_bias, self.v_bias = torch.nn.Parameter(torch.zeros(8)), torch.nn.Parameter(torch.zeros(8))
+    model = torch.nn.Sequential(EvaLikeAttention())
+    with pytest.raises(NotImplementedError, match="separate q / v biases"):
+        to_peft(model)
+
+
+def test_a_plain_attention_left_unadapted_is_not_stored_in_bf16(tiny_model_name):
+    """frozen_cast leaves plain nn.MultiheadAttention to torch's own paths (one reads its weights without autocast's
+    casts): with LoRA on the MLPs alone, no attention weight, out_proj included, is stored in bf16, and the image
+    features stay what per-call autocast computes, bit for bit."""
+    import copy
+    per_call = load_model(tiny_model_name, pretrained=None)
+    per_call.set_precision(image="bf16")
+    inject_lora(per_call, rank=2, alpha=2.0, targets=["c_fc", "c_proj"], towers="visual")
+    stored = copy.deepcopy(per_call)
+    assert stored.store_frozen_weights()["visual"] > 0
+    attn = stored.visual.transformer.resblocks[0].attn
+    assert type(attn) is torch.nn.MultiheadAttention
+    assert {t.dtype for t in attn.parameters()} == {torch.float32}
+    assert stored.visual.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(stored.raw_features(x), per_call.raw_features(x))
+
+
+def test_tf32_readers_follow_the_process_wide_precision_when_a_switch_inherits(monkeypatch):
+    """A switch at "none" inherits torch.backends.fp32_precision (and cuDNN's convolutions cudnn.fp32_precision
+    first): the readers resolve that chain themselves, for torch versions whose getters answer "none" as set. Read
+    from a stand-in for torch.backends (torch's own switches are not touched)."""
+    from types import SimpleNamespace
+
+    from segpcl_fast.model import tf32
+    matmul = SimpleNamespace(fp32_precision="none", allow_tf32=False)
+    conv = SimpleNamespace(fp32_precision="none")
+    cudnn = SimpleNamespace(conv=conv, fp32_precision="none", allow_tf32=False)
+    backends = SimpleNamespace(fp32_precision="tf32", cuda=SimpleNamespace(matmul=matmul), cudnn=cudnn)
+    monkeypatch.setattr(tf32, "torch", SimpleNamespace(backends=backends))
+    assert tf32.cuda_matmul_tf32() is True and tf32.cudnn_conv_tf32() is True
+    cudnn.fp32_precision = "ieee"  # cuDNN's own switch comes before the process-wide one
+    assert tf32.cudnn_conv_tf32() is False and tf32.cuda_matmul_tf32() is True
+    matmul.fp32_precision = "ieee"  # a switch set explicitly wins
+    assert tf32.cuda_matmul_tf32() is False
+    backends.fp32_precision, matmul.fp32_precision = "none", "none"  # "none" all the way: IEEE fp32
+    assert tf32.cuda_matmul_tf32() is False
