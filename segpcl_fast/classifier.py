@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -471,7 +472,7 @@ def _read(path: Path) -> dict:
             raise ClassifierError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}): copy it again from "
                                   f"the run" + (f", or use the one before it (--task {earlier}, task={earlier})"
                                                if earlier >= 1 else "")) from e
-        cut_short = _is_zip(path) and "central directory" in str(e)  # a torch file (a zip) without its end
+        cut_short = _is_cut_zip(path)  # a torch file (a zip) without its end
         if isinstance(e, DamagedFileError) or cut_short:  # a damaged export (a checkpoint outside checkpoints/)
             raise ClassifierError(f"{path} is damaged ({str(e).split('. ')[0][:200]}): copy it again, or export "
                                   f"it again from its run (segpcl-fast export RUN_DIR -o {path.name})") from None
@@ -483,11 +484,14 @@ def _read(path: Path) -> dict:
     return state
 
 
-def _is_zip(path: Path) -> bool:
-    """The file starts as a zip archive does (what torch.save writes)."""
+def _is_cut_zip(path: Path) -> bool:
+    """The file starts as a zip archive does (what torch.save writes) but lacks a zip's end record: a torch file
+    that lost its end (torch.load's error for it depends on the file's size: "central directory" for large
+    ones, an OSError for ones under ~64 KB)."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
+            starts_as_zip = f.read(4) == b"PK\x03\x04"
+        return starts_as_zip and not zipfile.is_zipfile(path)
     except OSError:
         return False
 

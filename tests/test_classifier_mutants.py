@@ -118,13 +118,15 @@ def test_a_missing_task_names_the_tasks_that_have_a_checkpoint_one_based(tmp_pat
         load_classifier(run, task=2)
 
 
-def test_a_torch_file_cut_short_outside_a_run_is_called_damaged(tmp_path):
+@pytest.mark.parametrize("side, keep", [(512, 0.99), (64, 0.5), (8, 0.5)])
+def test_a_torch_file_cut_short_outside_a_run_is_called_damaged(tmp_path, side, keep):
     """An export (any torch file outside a run's checkpoints/) that lost its end is "damaged", to copy or export
-    again, not "not a segpcl_fast checkpoint or export"."""
+    again, not "not a segpcl_fast checkpoint or export": a 1 MB file, a 17 KB one (torch.load fails on that one
+    with an OSError, not the others' "central directory" error) and a 2 KB one."""
     from segpcl_fast.classifier import ClassifierError, load_classifier
-    torch.save({"format": "segpcl_fast.classifier/1", "state_dict": {"w": torch.randn(512, 512)}}, tmp_path / "model.pt")
+    torch.save({"format": "segpcl_fast.classifier/1", "state_dict": {"w": torch.randn(side, side)}}, tmp_path / "model.pt")
     data = (tmp_path / "model.pt").read_bytes()
-    (tmp_path / "model.pt").write_bytes(data[:len(data) - 100])  # a copy stopped just before its end
+    (tmp_path / "model.pt").write_bytes(data[:int(len(data) * keep)])  # a copy stopped before its end
     with pytest.raises(ClassifierError, match=r"model\.pt is damaged \(.*export it again from its run"):
         load_classifier(tmp_path / "model.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file at all")  # not a zip: no claim of damage
