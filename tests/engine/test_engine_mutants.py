@@ -1112,3 +1112,256 @@ def test_a_gpu_step_outcome_is_copied_ahead_and_read_after_its_event():
     bad = StepOutcome(4, 0, {"cls": nan}, nan, torch.tensor(1.0, **cuda), copy_ahead=True)
     with pytest.raises(FloatingPointError, match="loss is nan at task 1, step 4"):
         bad.values(make_config())
+
+
+# ----------------------------------------------------------------------------- audit since 7a90c2d
+
+@pytest.mark.parametrize("key, value", [("run.tensorboard", True), ("run.tf32", True)])
+def test_run_tensorboard_and_tf32_are_run_only_so_a_resume_may_turn_them_on(tmp_path, key, value):
+    """run.tensorboard and run.tf32 (added since 7a90c2d) are run-only keys: a run checkpointed without them
+    resumes with them on (its fingerprint and the config diff ignore them)."""
+    from segpcl_fast.config import Config
+    before = Config().to_dict()
+    now = Config().to_dict()
+    section, name = key.split(".")
+    now[section][name] = value
+    assert key in ckpt.RUN_ONLY_KEYS
+    assert ckpt.config_fingerprint(now) == ckpt.config_fingerprint(before)
+    assert ckpt.config_diff(before, now) == {}
+    path = ckpt.save_checkpoint(tmp_path / "task_00.pt", {"task": 0, "fingerprint": ckpt.config_fingerprint(before),
+                                                          "config": before})
+    state = ckpt.load_checkpoint(path, ckpt.config_fingerprint(now), now, defaults=Config().to_dict())
+    assert state["task"] == 0
+
+
+def test_scaler_skips_warn_past_a_quarter_of_the_steps_and_count_only_overflows_in_a_row():
+    """ScalerSkips.warning: exactly a quarter of a task's steps skipped is not warned about, one more is;
+    a step that did not overflow ends the run of overflows in a row but not the total."""
+    from segpcl_fast.engine.step_outcome import ScalerSkips, StepOutcome
+    skips = ScalerSkips()
+    skips.total = 2
+    assert skips.warning(0, 8) is None  # 2 of 8: exactly 25 %
+    skips.total = 3
+    said = skips.warning(2, 8)
+    assert said is not None and said.startswith("task 3: 3 of its 8 steps overflowed")
+    skips = ScalerSkips()
+    cfg = make_config(precision="fp16")
+    scaler = SimpleNamespace(get_scale=lambda: 1.0)
+
+    def outcome(norm):
+        done = StepOutcome(0, 0, {"cls": torch.tensor(0.5)}, torch.tensor(0.5), torch.tensor(norm), scaled=True)
+        return done, done.values(cfg)
+    for norm in (float("inf"), float("inf"), 1.0, float("inf")):
+        done, parts = outcome(norm)
+        skips.note(done, parts, 0, 0, cfg, scaler)
+    assert (skips.total, skips.in_a_row) == (3, 1)
+
+
+def test_a_scaled_outcome_raises_for_another_ranks_bad_loss_and_skips_its_own_overflow():
+    """Under a loss scaler on torchrun (any_loss_bad: ddp.any_rank of every rank's loss_nonfinite), a finite
+    step on this rank raises when another rank's loss was not finite; with every loss finite, non-finite
+    gradients are an overflow: skipped, not raised."""
+    from segpcl_fast.engine.step_outcome import StepOutcome, loss_nonfinite
+    cfg = make_config()
+    parts = {"cls": torch.tensor(0.5)}
+    other_bad = StepOutcome(5, 1, parts, torch.tensor(0.5), torch.tensor(float("inf")), scaled=True,
+                            any_loss_bad=torch.tensor(1.0))
+    assert other_bad.nonfinite(gradients=False).item() == 1.0
+    with pytest.raises(FloatingPointError, match=r"another rank's loss was not finite at task 2, step 5 .*L_CLS=0.5"):
+        other_bad.values(cfg)
+    fine = StepOutcome(5, 1, parts, torch.tensor(0.5), torch.tensor(float("inf")), scaled=True,
+                       any_loss_bad=loss_nonfinite(torch.tensor(0.5), torch.device("cpu")))
+    assert fine.nonfinite(gradients=False).item() == 0.0 and fine.overflow().item() == 1.0
+    assert fine.values(cfg) == {"cls": 0.5} and fine.overflowed
+
+
+def test_a_task_file_holding_another_task_is_refused_and_its_own_loads(tmp_path):
+    """checkpoints/task_NN.pt must hold task NN (0-based): task 0's state under task_01.pt (a copy or a rename
+    by hand) is refused naming both tasks 1-based; under its own name it loads, as does any other file name."""
+    state = {"task": 0, "lora": {"w": torch.ones(2)}}
+    ckpt.save_checkpoint(tmp_path / "task_00.pt", state)
+    assert ckpt.load_checkpoint(tmp_path / "task_00.pt")["task"] == 0
+    ckpt.save_checkpoint(tmp_path / "task_01.pt", state)
+    with pytest.raises(ckpt.CheckpointError, match=r"task_01.pt holds task 1 \(1-based\), not task 2 as its name says"):
+        ckpt.load_checkpoint(tmp_path / "task_01.pt")
+    ckpt.save_checkpoint(tmp_path / "copy.pt", state)
+    assert ckpt.load_checkpoint(tmp_path / "copy.pt")["task"] == 0
+    assert (ckpt.task_of_file("task_07.pt"), ckpt.task_of_file("task_7.pt.tmp"), ckpt.task_of_file("last")) == (7, None, None)
+
+
+@pytest.mark.parametrize("precisions, scaled", [(("fp32", "fp16"), True), (("fp16", "fp32"), True),
+                                                (("bf16", "fp32"), False), (("fp32", "bf16"), False)])
+def test_either_tower_under_fp16_gets_a_loss_scaler(precisions, scaled):
+    """make_grad_scaler(device, run.precision, run.text_precision): a scaler (GradScaler's 2^16 start) where
+    either tower trains under fp16 autocast, the text tower alone included; none for fp32 / bf16."""
+    from segpcl_fast.engine.step_outcome import make_grad_scaler
+    scaler = make_grad_scaler(torch.device("cpu"), *precisions)
+    assert (scaler is not None) == scaled
+    if scaled:
+        assert scaler.get_scale() == 65536.0
+
+
+def test_compile_switches_from_env_default_and_refuse_anything_but_0_or_1(monkeypatch):
+    """SEGPCL_COMPILE_DYNAMIC_BATCH / _LOSS default to 1, SEGPCL_COMPILE_CPP_WRAPPER to 0; each is read as
+    0 or 1, and any other value (an empty one included) is one ValueError naming the variable."""
+    from segpcl_fast.engine import compiling
+    names = ("SEGPCL_COMPILE_DYNAMIC_BATCH", "SEGPCL_COMPILE_LOSS", "SEGPCL_COMPILE_CPP_WRAPPER")
+    for name in names + ("SEGPCL_COMPILE_MODE", "SEGPCL_COMPILE_BACKEND", "SEGPCL_COMPILE_BATCH_MERGE"):
+        monkeypatch.delenv(name, raising=False)
+    s = compiling.CompileSettings.from_env()
+    assert (s.dynamic_batch, s.loss, s.cpp_wrapper) == (True, True, False)
+    for name in names:
+        monkeypatch.setenv(name, "0")
+    s = compiling.CompileSettings.from_env()
+    assert (s.dynamic_batch, s.loss, s.cpp_wrapper) == (False, False, False)
+    monkeypatch.setenv("SEGPCL_COMPILE_CPP_WRAPPER", "1")
+    assert compiling.CompileSettings.from_env().cpp_wrapper is True
+    for name in names:
+        for bad in ("", "true", "2"):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(ValueError, match=f"{name}={bad!r}: use 1 .* or 0 "):
+                compiling.CompileSettings.from_env()
+            monkeypatch.setenv(name, "0")
+
+
+def test_a_peer_ranks_error_is_said_as_its_own_message_or_a_bugs_with_its_type():
+    """ddp._as_said: a user error (ConfigError, CheckpointError, ...) and an OSError are said as their own message,
+    a bug (KeyError) with its type, as rank 0 prints another rank's error."""
+    assert ddp._as_said(ConfigError("data.num_tasks=3 does not divide")) == "data.num_tasks=3 does not divide"
+    assert ddp._as_said(ckpt.CheckpointError("gone")) == "gone"
+    assert ddp._as_said(PermissionError(13, "Permission denied", "/run")) == "[Errno 13] Permission denied: '/run'"
+    assert ddp._as_said(FileNotFoundError(2, "No such file or directory", "x")) == \
+        "[Errno 2] No such file or directory: 'x'"
+    assert ddp._as_said(KeyError("oops")) == "KeyError: 'oops'"
+    assert ddp._as_said(ValueError("v")) == "ValueError: v"
+
+
+@pytest.mark.parametrize("version, before", [("2.7.1+cu126", True), ("2.8.0", False), ("2.8.0a0+git", False),
+                                             ("2.14.1", False), ("1.13.1", True)])
+def test_torch_before_compares_major_minor(monkeypatch, version, before):
+    """distributed._torch_before(2, 8): the gloo teardown barrier is for torch < 2.8 only (2.8 itself excluded)."""
+    monkeypatch.setattr(torch, "__version__", version)
+    assert ddp._torch_before(2, 8) is before
+
+
+def test_reading_a_scaled_overflow_keeps_a_later_nan_loss_steps_skip_sticky():
+    """Fused SGD under a loss scaler: an overflow (finite loss) read after a NaN-loss step was queued must not
+    clear that step's sticky skip flag (only an outcome that raises does), so the step queued after the NaN one
+    is skipped too and the weights at the raise are those before the bad step."""
+    from segpcl_fast.engine.step_outcome import make_grad_scaler
+    torch.manual_seed(4)
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    w = torch.nn.Parameter(torch.randn(3))
+    tr = _stub_trainer(w, sync=False)
+    opt = _fused_sgd(w, lr=0.1, momentum=0.9)
+    scaler = make_grad_scaler(torch.device("cpu"), "fp16")
+    Trainer.train_step(tr, opt, x, y, 0.1, 0, 0, 4, scaler).values(tr.cfg)
+    before = w.detach().clone()
+    tr.learner = _PoisonedLearner(w, bad_from=0, nan_loss=False)
+    overflow = Trainer.train_step(tr, opt, x, y, 0.1, 1, 0, 4, scaler)
+    tr.learner = _PoisonedLearner(w, bad_from=0, nan_loss=True)
+    nan = Trainer.train_step(tr, opt, x, y, 0.1, 2, 0, 4, scaler)
+    assert overflow.values(tr.cfg) == {"cls": 0.0} and overflow.overflowed  # read: raises nothing
+    tr.learner = _LinearLearner(w)
+    queued = Trainer.train_step(tr, opt, x, y, 0.1, 3, 0, 4, scaler)
+    assert torch.equal(w.detach(), before)  # queued before the NaN step was read: skipped
+    with pytest.raises(FloatingPointError, match="loss is nan at task 1, step 2"):
+        nan.values(tr.cfg)
+    assert queued.values(tr.cfg)["cls"] > 0
+
+
+def test_a_resume_is_of_a_finished_run_when_its_last_checkpoint_is_the_last_tasks(tmp_path):
+    """trainer.resumes_a_finished_run: --resume of a run with results.json, or whose newest checkpoint is its last
+    task's (task_02.pt of 3 tasks, results.json deleted), trains nothing; one short of that, or no --resume, trains."""
+    from segpcl_fast.engine.trainer import resumes_a_finished_run
+    cfg = make_config(num_tasks=3, output_dir=str(tmp_path), resume=True)
+    folder = tmp_path / ckpt.CHECKPOINT_DIR
+    folder.mkdir()
+    assert not resumes_a_finished_run(cfg)  # no checkpoint yet
+    (folder / "task_01.pt").write_bytes(b"")
+    assert not resumes_a_finished_run(cfg)  # task 3 of 3 still to train
+    (folder / "task_02.pt").write_bytes(b"")
+    assert resumes_a_finished_run(cfg)
+    assert not resumes_a_finished_run(make_config(num_tasks=3, output_dir=str(tmp_path)))
+    assert not resumes_a_finished_run(make_config(num_tasks=4, output_dir=str(tmp_path), resume=True))
+    (folder / "task_02.pt").unlink()
+    (tmp_path / "results.json").write_text("{}")
+    assert resumes_a_finished_run(cfg)
+
+
+def test_results_timings_and_run_record_of_a_resume_and_of_a_rebuilt_run():
+    """results.json "timings": a resume's run_s counts from its first trained task (run_s_from_task, 1-based);
+    a run whose results are rebuilt from checkpoints (start == T) has no run_s. "run": a rebuilt record takes
+    the world size of the last task that recorded one and names no device."""
+    from segpcl_fast.engine.trainer import _run_timings
+    tasks = [{"steps": 1}, {"steps": 2}, {"steps": 3}]
+    assert _run_timings(9.5, tasks, 0, 3) == {"run_s": 9.5, "tasks": tasks}
+    assert _run_timings(9.5, tasks, 2, 3) == {"run_s": 9.5, "tasks": tasks, "run_s_from_task": 3}
+    assert _run_timings(9.5, tasks, 3, 3) == {"tasks": tasks, "rebuilt_from_checkpoints": True}
+    tr = SimpleNamespace(dist=ddp.DistContext(rank=0, world_size=1, backend=None), device=torch.device("cpu"))
+    infos = [{"world_size": 2}, {"world_size": 4}, {}]
+    assert Trainer._run_record(tr, infos, trained=False) == {"world_size": 4, "world_size_per_task": [2, 4, None]}
+    assert Trainer._run_record(tr, infos, trained=True) == {"world_size": 1, "device": "cpu",
+                                                            "world_size_per_task": [2, 4, None]}
+
+
+def test_a_saved_config_neither_resumes_nor_overwrites():
+    """config.yaml and results.json keep the run's config without the actions run.resume / run.overwrite."""
+    from segpcl_fast.engine.trainer import _as_saved
+    saved = _as_saved(make_config(resume=True, run__overwrite=True, lr=0.25))
+    assert (saved.run.resume, saved.run.overwrite, saved.optim.lr) == (False, False, 0.25)
+
+
+def test_an_earlier_runs_files_are_named_three_at_most():
+    from segpcl_fast.engine.trainer import refuse_earlier_run
+    from pathlib import Path
+    refuse_earlier_run(Path("out"), [])
+    three = [Path("results.json"), Path("task_00.pt"), Path("task_01.pt")]
+    with pytest.raises(ConfigError, match=r"already holds a run \(results.json, task_00.pt, task_01.pt\): continue"):
+        refuse_earlier_run(Path("out"), three)
+    with pytest.raises(ConfigError, match=r"\(results.json, task_00.pt, task_01.pt, ...\): continue"):
+        refuse_earlier_run(Path("out"), three + [Path("task_02.pt")])
+
+
+def test_the_learned_fraction_is_the_lowest_of_the_tasks_so_far():
+    tr = SimpleNamespace(_learned_cls_fraction=None)
+    for info in ({"cls_chance_fraction": 0.4}, {}, {"cls_chance_fraction": 0.0}, {"cls_chance_fraction": 0.7}):
+        Trainer._note_learned(tr, info)
+    assert tr._learned_cls_fraction == 0.0
+    tr = SimpleNamespace(_learned_cls_fraction=None)
+    for info in ({"cls_chance_fraction": 0.4}, {"cls_chance_fraction": 0.9}):
+        Trainer._note_learned(tr, info)
+    assert tr._learned_cls_fraction == 0.4
+
+
+def test_a_resume_on_the_world_size_its_tasks_trained_on_says_nothing(caplog):
+    """_warn_other_world_size: no warning at all when every finished task trained on this resume's process
+    count; tasks trained on several counts are named, each once, sorted."""
+    for infos, world, said in [([{"world_size": 2}, {"world_size": 2}], 2, None),
+                               ([{"world_size": 2}, {"world_size": 1}], 2, "trained on 1/2 process(es)"),
+                               ([{"world_size": 2}, {"world_size": 2}], 1, "trained on 2 process(es)")]:
+        fake = SimpleNamespace(dist=SimpleNamespace(is_main=True, world_size=world))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="segpcl_fast.engine"):
+            Trainer._warn_other_world_size(fake, infos, 2, 3)
+        if said is None:
+            assert caplog.records == []
+        else:
+            assert len(caplog.records) == 1 and said in caplog.text and "tasks 3..3 on" in caplog.text
+
+
+def test_one_process_raises_its_own_error_through_raise_together_and_failing_together():
+    """Without torchrun, raise_together and failing_together raise the error as it is (no collective) and
+    return when there is none."""
+    one = ddp.DistContext(rank=0, world_size=1, backend=None)
+    error = ckpt.CheckpointError("refused")
+    with pytest.raises(ckpt.CheckpointError) as caught:
+        ddp.raise_together(error, one)
+    assert caught.value is error
+    assert ddp.raise_together(None, one) is None
+    with pytest.raises(KeyError, match="oops"):
+        with ddp.failing_together(one):
+            raise KeyError("oops")
+    with ddp.failing_together(one):
+        done = True
+    assert done
