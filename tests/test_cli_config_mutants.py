@@ -493,3 +493,78 @@ def test_run_progress_is_printed_once_without_and_with_verbose(capsys, monkeypat
     finally:
         root.setLevel(old_root_level)
     assert (list(run_log.handlers), run_log.level, run_log.propagate) == before
+
+
+# ----------------------------------------------------------------------------- mutation audit since 7a90c2d
+
+def test_an_analysis_of_a_preset_gets_the_presets_folder_with_its_own_suffix():
+    """analysis_config's docstring: a preset's run.output_dir (runs/cifar100, train's folder for the preset)
+    becomes runs/cifar100-<name>, so the analysis' runs never land among a train run's; any other folder
+    the user gave is kept as given."""
+    for preset in ("cifar100", "imagenet-r", "ucf101"):
+        cfg = C.load_config(preset)
+        assert cfg.run.output_dir == f"runs/{preset}"
+        assert C.analysis_config(cfg, "ablate").run.output_dir == f"runs/{preset}-ablate"
+    assert C.analysis_config(apply_overrides(Config(), {"run.output_dir": "runs/mine"}), "ablate").run.output_dir \
+        == "runs/mine"
+
+
+def test_a_new_run_into_an_analysis_folder_is_refused_naming_its_runs(tmp_path):
+    """check_resume_run: a folder that is no run (no config.yaml) but holds runs below it (an analysis'
+    <variant>/seed<N>/) takes no new run either, not only no --resume: its files would mix with those runs.
+    A folder without runs below it is fine."""
+    (tmp_path / "ab" / "segpcl" / "seed0").mkdir(parents=True)
+    (tmp_path / "ab" / "segpcl" / "seed0" / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(ConfigError, match=r"holds an analysis' runs .*seed0.*give it its own folder"):
+        C.check_resume_run(apply_overrides(Config(), {"run.output_dir": str(tmp_path / "ab")}))
+    (tmp_path / "empty").mkdir()
+    C.check_resume_run(apply_overrides(Config(), {"run.output_dir": str(tmp_path / "empty")}))
+
+
+def test_a_task_count_is_the_task_sizes_length_where_they_are_set():
+    """task_count: data.task_sizes defines the tasks where set (a stored run may hold sizes beside the default
+    num_tasks), else data.num_tasks."""
+    data = Config().data
+    assert C.task_count(data) == data.num_tasks
+    data.task_sizes = [60, 40]
+    assert data.num_tasks != 2 and C.task_count(data) == 2
+
+
+def test_evaluate_calls_a_typo_an_unknown_key_with_a_suggestion(run_without_checkpoints):
+    """A misspelt key is named as unknown (with the nearest key), not as a key evaluate may not change."""
+    from segpcl_fast.api import evaluate
+    with pytest.raises(ConfigError, match=r"unknown config key 'run.devcie' \(did you mean run.device\?\)"):
+        evaluate(run_without_checkpoints, ["run.devcie=cpu"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'eval.batchsize'"):
+        evaluate(run_without_checkpoints, eval__batchsize=3)
+
+
+def test_tf32_and_tensorboard_are_off_and_acgd_tau_may_be_its_ceiling():
+    """Defaults the config documents: run.tf32 false (torch's switch left as the process set it) and
+    run.tensorboard false; acgd.tau's range is (0, MAX_ACGD_TAU], its ceiling included."""
+    assert Config().run.tf32 is False and Config().run.tensorboard is False
+    assert apply_overrides(Config(), [f"acgd.tau={C.MAX_ACGD_TAU:g}"]).acgd.tau == C.MAX_ACGD_TAU
+    with pytest.raises(ConfigError, match="acgd.tau"):
+        apply_overrides(Config(), [f"acgd.tau={C.MAX_ACGD_TAU + 1:g}"])
+
+
+def test_evaluate_accepts_run_tf32(run_without_checkpoints):
+    """README / EVALUATE_OVERRIDABLE: evaluate may set run.tf32 (how it runs, not what was trained)."""
+    from segpcl_fast.api import evaluate
+    for call in (lambda: evaluate(run_without_checkpoints, ["run.tf32=true"]),
+                 lambda: evaluate(run_without_checkpoints, run__tf32=True)):
+        with pytest.raises(FileNotFoundError, match="no checkpoint"):
+            call()
+
+
+def test_an_analysis_keeps_its_tables_on_resume_and_clears_them_otherwise(tmp_path):
+    """start_table_files: a new analysis removes the earlier <name>.{json,txt,png}; a --resume keeps them
+    (it rebuilds them when it finishes)."""
+    from segpcl_fast.api import start_table_files
+    names = ["ablate.json", "ablate.txt", "ablate.png", "other.json"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    start_table_files(tmp_path, "ablate", [], resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    start_table_files(tmp_path, "ablate", [], resume=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json"]
