@@ -490,8 +490,7 @@ def _is_cut_zip(path: Path) -> bool:
     ones, an OSError for ones under ~64 KB)."""
     try:
         with open(path, "rb") as f:
-            starts_as_zip = f.read(4) == b"PK\x03\x04"
-        return starts_as_zip and not zipfile.is_zipfile(path)
+            return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(f)
     except OSError:
         return False
 
