@@ -145,6 +145,17 @@ def test_evaluate_all_tasks_rebuilds_the_runs_accuracy_matrix_and_metrics(tiny_m
     printed = capsys.readouterr().out
     assert "accuracy matrix a[t][j]" in printed and "BWT" in printed and "its last checkpoint): equal" in printed
     assert out["num_tasks"] == 2 and "unfinished" not in printed
+    # a run made before make_config's check_task_count may hold task_sizes beside another num_tasks (here
+    # the default 10): its tasks are task_sizes' (config.task_count), in evaluate's "num_tasks" too
+    import dataclasses
+    cfg = small_config(tiny_model_name, tmp_path / "sized", eval__fwt=False)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, task_sizes=[50, 50], num_tasks=10))
+    with pytest.MonkeyPatch.context() as older:  # train as a version without the check did
+        older.setattr("segpcl_fast.api.check_task_count", lambda c: c)
+        train(cfg)
+    for every in (False, True):
+        sized = evaluate(tmp_path / "sized", all_tasks=every)
+        assert (sized["task"], sized["num_tasks"]) == (2, 2), every
     # a run stopped after task 1 (of 2): its numbers are over 1 task, which evaluate says (a review's finding)
     import shutil
     shutil.copytree(tmp_path / "run", tmp_path / "cut")
