@@ -19,14 +19,16 @@ continual model with no segpcl_fast import:
         folder = tempfile.mkdtemp()                               # the export carries it: register it
         Path(folder, ckpt["model_name"] + ".json").write_text(json.dumps(ckpt["model_config"]))
         open_clip.add_model_config(folder)
-    model = open_clip.create_model(ckpt["model_name"]); model.load_state_dict(ckpt["state_dict"]); model.eval()
+    model = open_clip.create_model(ckpt["model_name"], force_quick_gelu=ckpt.get("quick_gelu", False))
+    model.load_state_dict(ckpt["state_dict"]); model.eval()
     raw = []  # r(x), the prototype path's feature: ln_post of the CLS token, before the projection
     hook = model.visual.ln_post.register_forward_hook(lambda module, args, out: raw.append(out[:, 0]))
     emb = model.encode_image(x); hook.remove()  # x: images through the transform image_stats describes
     s, beta, p = ckpt["logit_scale"], ckpt["beta"], F.normalize(ckpt["prototypes"], dim=-1)
     logits = s * F.normalize(emb, dim=-1) @ ckpt["text"].T + beta * s * F.normalize(raw[0], dim=-1) @ p.T
 
-(open_clip's "No pretrained weights loaded" warning is expected: the weights come from the export.)
+(open_clip's "No pretrained weights loaded" warning is expected: the weights come from the export. `quick_gelu`:
+the model ran QuickGELU, OpenAI's activation, which open_clip's config for a name such as ViT-B-16 does not set.)
 The hook is for open_clip's own ViT with CLS pooling, its default. For a timm image tower (SigLIP,
 EVA, PE) r(x) is the trunk's pooled feature: `raw = [model.visual.trunk.forward_head(
 model.visual.trunk.forward_features(x), pre_logits=True)]` (segpcl_fast: CLIPModel.raw_features).
@@ -248,9 +250,12 @@ class ContinualClassifier:
             merge_lora(merged)
         stats, autocast = self.model.image_stats, self.model.image_autocast
         import open_clip
+        config = copy.deepcopy(getattr(self.model, "carried_config", None) or open_clip.get_model_config(self.model.name))
+        quick_gelu = self.model.quick_gelu  # OpenAI's weights under a GELU name: the model is rebuilt with QuickGELU
+        if quick_gelu and config is not None:
+            config["quick_gelu"] = True
         payload = {"format": EXPORT_FORMAT, "segpcl_fast_version": __version__, "model_name": self.model.name,
-                   "model_config": copy.deepcopy(getattr(self.model, "carried_config", None)
-                                                 or open_clip.get_model_config(self.model.name)),
+                   "model_config": config, "quick_gelu": quick_gelu,
                    "pretrained": self.model.pretrained, "state_dict": merged.clip.state_dict(),
                    "class_names": list(self.class_names), "text": self.text.detach().float().cpu(),
                    "prototypes": self.prototypes.detach().float().cpu(), "beta": float(self.beta),
@@ -544,6 +549,11 @@ def _from_checkpoint(path: Path, state: dict, device, class_names: Optional[Sequ
         key = "model.pretrained=/new/path" if names_a_file(cfg.model.pretrained) else "model.cache_dir=/new/cache"
         raise ClassifierError(f"checkpoint {path}: the run's pretrained weights do not load here ({e}); if they "
                               f"moved, say where: --set {key} (load_classifier(..., overrides=['{key}']))") from None
+    from .model.clip import config_quick_gelu
+    try:
+        ckpt.check_activation(path, state, model.quick_gelu, config_quick_gelu(cfg.model.name))
+    except ckpt.CheckpointError as e:
+        raise ClassifierError(str(e)) from None
     # B = 0 here: the pretrained model, whose text embeddings the run stored as its reference
     with torch.no_grad():
         ref = model.class_embeddings(format_prompts(names, cfg.data.templates), device=device)
@@ -608,14 +618,15 @@ def _export_model(state: dict, device) -> CLIPModel:
     so an export stands on its own."""
     from .model.clip import ModelLoadError
     name, weights, pretrained = state["model_name"], state["state_dict"], state.get("pretrained")
+    quick_gelu = bool(state.get("quick_gelu", False))  # exports before it was stored: the name's config decided
     try:
-        return model_from_state_dict(name, weights, device=device, pretrained=pretrained)
+        return model_from_state_dict(name, weights, device=device, pretrained=pretrained, quick_gelu=quick_gelu)
     except ModelLoadError as error:
         if not state.get("model_config"):
             raise
         try:
             model = model_from_state_dict(_config_alias(state["model_config"]), weights, device=device,
-                                          pretrained=pretrained)
+                                          pretrained=pretrained, quick_gelu=quick_gelu)
         except ModelLoadError:
             raise error from None
         log.info("export's model '%s' does not resolve here (%s): built from the config it carries", name, error)

@@ -449,13 +449,14 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def peft_load_hint(name: str, pretrained: str | None, path, weights_seed: int | None = None) -> str:
+def peft_load_hint(name: str, pretrained: str | None, path, weights_seed: int | None = None,
+                   quick_gelu: bool = False) -> str:
     """How to load an adapter written by export --peft: peft.PeftModel.from_pretrained(base, path) over the
     base model.peft_adapter.base_model_code names (open_clip.create_model too, unless the model's config or weights
     are ones only segpcl_fast resolves: segpcl-tiny, segpcl-world; random weights after their seed)."""
     from .model.peft_adapter import base_model_code
     return (f"load it with peft.PeftModel.from_pretrained(base, {str(path)!r}), base = "
-            f"{base_model_code(name, pretrained, weights_seed)}")
+            f"{base_model_code(name, pretrained, weights_seed, quick_gelu)}")
 
 
 def cmd_export(args) -> int:
@@ -470,7 +471,7 @@ def cmd_export(args) -> int:
         clf = load_classifier(args.source, task=args.task, overrides=args.overrides)
         path = clf.save_peft_adapter(args.output)
         print(f"wrote {path}: the LoRA adapters of {clf.model.name} after task {clf.task} as a peft adapter; "
-              f"{peft_load_hint(clf.model.name, clf.model.pretrained, path, clf.model.weights_seed)}")
+              f"{peft_load_hint(clf.model.name, clf.model.pretrained, path, clf.model.weights_seed, clf.model.quick_gelu)}")
         return 0
     check_export_path(args.output)  # before the model loads
     clf = load_classifier(args.source, task=args.task, overrides=args.overrides)

@@ -38,7 +38,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # open_clip model name (e.g. "ViT-B-16") and pretrained tag ("openai") or a local file path.
+    # open_clip model name (e.g. "ViT-B-16") and pretrained tag ("openai") or a local file path. The model runs the
+    # activation its weights were trained with: QuickGELU for a tag trained with it (OpenAI's) or OpenAI's own
+    # TorchScript file, even under a GELU name such as ViT-B-16 (model.clip.weights_quick_gelu); a local state
+    # dict of OpenAI's weights needs the -quickgelu name (ViT-B-16-quickgelu, the presets' name).
     # Default: the tiny CLIP shipped with the package, pretrained on the offline synthetic world.
     name: str = "segpcl-tiny"
     pretrained: Optional[str] = "segpcl-world"

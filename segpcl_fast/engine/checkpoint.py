@@ -308,6 +308,23 @@ def check_image_geometry(path: PathLike, state: Mapping, geometry: Mapping) -> N
                           f"the two; finish or evaluate it with the segpcl_fast that wrote it, or start a new run (-o)")
 
 
+def check_activation(path: PathLike, state: Mapping, built: bool, name_default: bool) -> None:
+    """The run's model and this one both run QuickGELU, or both GELU (CLIPModel.quick_gelu: `built`). Checkpoints
+    store it since 2026-12-07; before, open_clip's config for the model name decided (`name_default`), also for
+    OpenAI's weights under a GELU name, which model.clip.weights_quick_gelu now builds with QuickGELU."""
+    stored = state.get("quick_gelu")
+    ran = name_default if stored is None else bool(stored)
+    if ran == built:
+        return
+    act = {True: "QuickGELU", False: "GELU"}
+    older = "" if stored is not None else (" (checkpoints written before the activation was stored ran the one "
+                                           "open_clip's config for the model name sets)")
+    raise CheckpointError(f"checkpoint {path} was made by a model with {act[ran]} in its MLPs{older}, but this model "
+                          f"runs {act[built]} (the activation these weights were trained with): its LoRA, anchors and "
+                          f"prototypes belong to the other model; finish or evaluate it with the segpcl_fast that "
+                          f"wrote it, or start a new run (-o)")
+
+
 def restore_lora(path: PathLike, model: torch.nn.Module, state: Mapping) -> None:
     """The checkpoint's LoRA tensors into the model, every one of them (model.lora.load_lora_state_dict)."""
     from ..model.lora import load_lora_state_dict

@@ -28,7 +28,7 @@ from ..fileio import unwritable_dir_reason
 from ..method.anchors import frozen_eval
 from ..method.learner import Learner, builds_anchor_cache
 from ..method.variants import resolve_variant
-from ..model.clip import float32_default, load_model, native_bf16
+from ..model.clip import config_quick_gelu, float32_default, load_model, native_bf16
 from ..model.lora import inject_lora, lora_state_dict
 from ..model.tf32 import cuda_matmul_tf32, run_tf32, set_cuda_matmul_tf32
 from ..version import __version__
@@ -796,6 +796,7 @@ class Trainer:
                                          defaults=type(c)().to_dict(), purpose=purpose)
             ckpt.check_same_data(path, state, self.scenario.class_names, self.split_digest,
                                  self.model.image_stats.geometry())
+            ckpt.check_activation(path, state, self.model.quick_gelu, config_quick_gelu(c.model.name))
             if restore:
                 ckpt.restore_lora(path, self.model, state)
                 ckpt.restore_learner(path, self.learner, state, c.model.pretrained)
@@ -1002,6 +1003,7 @@ class Trainer:
                     "class_names": list(self.scenario.class_names),  # ordered: logit column c = class c
                     "split_digest": self.split_digest,  # which images are train and which test
                     "image_geometry": self.model.image_stats.geometry(),  # its test transform
+                    "quick_gelu": self.model.quick_gelu,  # its MLPs' activation (OpenAI's weights: QuickGELU)
                     "correct": correct.tolist(),
                     "correct_own": correct_own.tolist(), "fwt_before": fwt_before, "task_info": task_info,
                     "ops": ops.choices_used(),

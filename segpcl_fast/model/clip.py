@@ -67,8 +67,12 @@ class ModelLoadError(RuntimeError):
 
 def open_clip_resolves(name: str, pretrained: Optional[str]) -> bool:
     """Whether open_clip alone (no segpcl_fast import) builds model `name` with weights `pretrained`: not for a
-    config only this package ships (segpcl-tiny) or weights only it bundles (segpcl-world)."""
-    return (name, pretrained) not in BUNDLED_WEIGHTS and not (MODEL_CONFIG_DIR / f"{name}.json").is_file()
+    config only this package ships (segpcl-tiny), weights only it bundles (segpcl-world) or a TorchScript file
+    (open_clip's weights-only torch.load refuses one)."""
+    if (name, pretrained) in BUNDLED_WEIGHTS or (MODEL_CONFIG_DIR / f"{name}.json").is_file():
+        return False
+    file = os.path.expanduser(pretrained) if pretrained else ""  # OpenAI's TorchScript file: load_model reads it
+    return not (os.path.isfile(file) and _is_torchscript_archive(file))
 
 
 def register_model_configs() -> None:
@@ -154,6 +158,13 @@ class CLIPModel(nn.Module):
         if not (self._vit or self._timm):
             log.warning("image tower of %s is not an open_clip VisionTransformer: r(x) is taken as the "
                         "tower's output (r = v), so the prototype path works in embedding space", name)
+
+    @property
+    def quick_gelu(self) -> bool:
+        """Whether the model runs QuickGELU (x sigmoid(1.702 x), OpenAI CLIP's activation) in its MLPs: stored
+        with a run's checkpoints and exports, which rebuild the model by name (load_model, weights_quick_gelu)."""
+        from open_clip.transformer import QuickGELU
+        return any(isinstance(m, QuickGELU) for m in self.clip.modules())
 
     # ------------------------------------------------------------------ image side
     @property
@@ -398,6 +409,11 @@ def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optiona
         raise ModelLoadError(f"unknown pretrained tag '{pretrained}' for model '{name}'{hint}; "
                              f"known tags: {tags or 'none (pass a local checkpoint path)'}")
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    url_file = _cached_url_file(cfg, cache_dir)
+    if url_file is not None and not _hf_cached(cfg, cache_dir):
+        # open_clip would ask the (offline) hub first, and its weights-only torch.load refuses OpenAI's
+        # TorchScript files (clip.load's ~/.cache/clip/ViT-B-16.pt): load_model reads the file itself
+        return url_file
     if not _weights_cached(cfg, cache_dir):
         raise ModelLoadError(
             f"weights for {name} / {pretrained} are not available offline (not in the open_clip / "
@@ -419,18 +435,26 @@ def _in_hf_cache(repo: str, filename: str, cache_dir: Optional[str]) -> bool:
 
 
 def _weights_cached(cfg: dict, cache_dir: Optional[str]) -> bool:
-    """True if open_clip would find these weights without the network."""
+    """True if these weights are here without the network (open_clip's hub cache, or its URL download)."""
+    return _hf_cached(cfg, cache_dir) or _cached_url_file(cfg, cache_dir) is not None
+
+
+def _hf_cached(cfg: dict, cache_dir: Optional[str]) -> bool:
+    """True if the tag's Hugging Face hub weights are in the local cache."""
     hf_hub = cfg.get("hf_hub", "")
-    if hf_hub:
-        repo = "/".join(hf_hub.strip("/").split("/")[:2])
-        if any(_in_hf_cache(repo, f, cache_dir) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
-            return True
+    if not hf_hub:
+        return False
+    repo = "/".join(hf_hub.strip("/").split("/")[:2])
+    return any(_in_hf_cache(repo, f, cache_dir) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+
+
+def _cached_url_file(cfg: dict, cache_dir: Optional[str]) -> Optional[str]:
+    """The tag's URL download where it lies (open_clip's and OpenAI clip.load's cache, ~/.cache/clip), else None."""
     url = cfg.get("url", "")
-    if url:
-        root = cache_dir or os.path.expanduser("~/.cache/clip")
-        if os.path.exists(os.path.join(root, os.path.basename(url))):
-            return True
-    return False
+    if not url:
+        return None
+    path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+    return path if os.path.isfile(path) else None
 
 
 @contextlib.contextmanager
@@ -486,8 +510,10 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
         close = difflib.get_close_matches(name, known, n=5)
         hint = f"did you mean {close}? " if close else ""
         raise ModelLoadError(f"unknown model '{name}'; {hint}(open_clip.list_models() lists all)")
-    force_preprocess = preprocess_override(name, preprocess)
     resolved = _resolve_pretrained(name, pretrained, cache_dir)
+    tag_as_file = resolved is not None and resolved != pretrained and _is_open_clip_tag(name, pretrained)
+    # a tag read from its downloaded file keeps the tag's preprocessing, as open_clip gives it by tag
+    force_preprocess = preprocess_override(name, pretrained if preprocess is None and tag_as_file else preprocess)
     if resolved is None and pretrained not in (None, "", "none", "random"):
         raise ModelLoadError(f"could not resolve pretrained weights '{pretrained}' for {name}")
     if resolved is None:
@@ -495,6 +521,11 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
     if name.startswith("hf-hub:"):
         _require_cached_hf_config(name, cache_dir)
     tokenizer = _tokenizer(name)  # first: a tokenizer missing offline fails before a large model is built
+    quick_gelu = weights_quick_gelu(name, pretrained, resolved)
+    if quick_gelu:
+        log.info("%s with pretrained='%s': built with QuickGELU, the activation these weights were trained with "
+                 "(open_clip's config for the name has GELU; %s-quickgelu is the same model)", name, pretrained, name)
+    scripted = resolved is not None and os.path.isfile(resolved) and _is_torchscript_archive(resolved)
     if resolved and os.path.isfile(resolved):
         try:  # open_clip's torch.load reads a record with changed bytes as if nothing were wrong
             check_torch_zip(resolved)
@@ -502,13 +533,71 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
             raise ModelLoadError(f"could not load {name} with pretrained='{pretrained}': '{resolved}' {e}; copy or "
                                  "download the weights again") from None
     try:
-        with _hf_hub_offline(), open_clip_call():
-            clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device,
-                                          force_preprocess_cfg=force_preprocess)
+        if scripted:  # OpenAI's release format: its weights into open_clip's model, as open_clip's weights-only load cannot
+            with _hf_hub_offline(), _quiet_random_init(), open_clip_call():
+                clip = open_clip.create_model(name, pretrained=None, cache_dir=cache_dir, device=device,
+                                              force_preprocess_cfg=force_preprocess, force_quick_gelu=quick_gelu)
+            clip.load_state_dict(torchscript_state_dict(resolved, clip), strict=True)
+        else:
+            with _hf_hub_offline(), open_clip_call():
+                clip = open_clip.create_model(name, pretrained=resolved, cache_dir=cache_dir, device=device,
+                                              force_preprocess_cfg=force_preprocess, force_quick_gelu=quick_gelu)
     except Exception as e:  # a corrupt file fails in pickle / zipfile / safetensors, not only torch
         raise ModelLoadError(_load_failure(name, pretrained, resolved, e)) from e
     clip.eval()
     return CLIPModel(clip, tokenizer, name, pretrained)
+
+
+def torchscript_state_dict(path: str, model: nn.Module) -> dict:
+    """The weights of a TorchScript CLIP archive (OpenAI's ViT-B-16.pt) as `model`'s state dict: OpenAI's names are
+    open_clip's; the archive's int attributes (input_resolution, context_length, vocab_size) and the buffers open_clip
+    keeps out of its state dict (attn_mask) are dropped, as open_clip's own loader drops them."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        archive = torch.jit.load(path, map_location="cpu")
+    own = model.state_dict()
+    buffers = dict(model.named_buffers())
+    return {k: v for k, v in archive.state_dict().items()
+            if k in own or k not in buffers and k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def _is_open_clip_tag(name: str, pretrained: Optional[str]) -> bool:
+    """`pretrained` is one of open_clip's tags for `name` (not a file, not a bundled tag)."""
+    import open_clip
+    return (pretrained is not None and not os.path.isfile(os.path.expanduser(pretrained))
+            and pretrained in open_clip.list_pretrained_tags_by_model(name))
+
+
+def weights_quick_gelu(name: str, pretrained: Optional[str], resolved: Optional[str]) -> bool:
+    """Whether `name` must be built with QuickGELU (x sigmoid(1.702 x)) for these weights although its open_clip
+    config has GELU: a pretrained tag trained with it (open_clip's pretrained config says quick_gelu: OpenAI's CLIPs,
+    e.g. ViT-B-16 / openai, and some others), or a local TorchScript archive (OpenAI's own release format,
+    ViT-B-16.pt). open_clip (2.x and 3.x) builds such a pair with GELU and only warns, which is not the pretrained
+    model: every MLP activation of both towers differs. A local state dict says nothing of its activation: the
+    name's config decides (ViT-B-16-quickgelu for OpenAI's weights)."""
+    import open_clip
+    if resolved is None or (name, pretrained) in BUNDLED_WEIGHTS or config_quick_gelu(name):
+        return False
+    if _is_open_clip_tag(name, pretrained):
+        return bool((open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))
+    return os.path.isfile(resolved) and _is_torchscript_archive(resolved)
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """A torch.jit.save zip (constants.pkl and code/ beside data.pkl), which open_clip loads as weights."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(entry.endswith("/constants.pkl") for entry in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def config_quick_gelu(name: str) -> bool:
+    """Whether open_clip's config for `name` builds QuickGELU (the -quickgelu names)."""
+    import open_clip
+    return bool((open_clip.get_model_config(name) or {}).get("quick_gelu"))
 
 
 def _tokenizer(name: str):
@@ -556,6 +645,10 @@ def _load_failure(name: str, pretrained: Optional[str], resolved: Optional[str],
     """Why `open_clip.create_model` failed on these weights, and the fix, in one message (torch's
     own text for a file that is no checkpoint suggests weights_only=False and filing an issue)."""
     head = f"could not load {name} with pretrained='{pretrained}'"
+    if resolved and os.path.isfile(resolved) and _is_torchscript_archive(resolved):  # read whole by torch.jit.load
+        detail = " ".join(str(error).splitlines()[:3])[:600]
+        return (f"{head}: {type(error).__name__}: {detail}. '{resolved}' is a TorchScript archive (OpenAI's CLIP "
+                f"release format): check it holds the weights of this model ({name})")
     if resolved and os.path.isfile(resolved):
         try:
             state = load_torch_file(resolved)  # weights_only: a file open_clip refused must not run code here
@@ -575,11 +668,12 @@ def _load_failure(name: str, pretrained: Optional[str], resolved: Optional[str],
 
 
 def model_from_state_dict(name: str, state_dict: dict, device: str | torch.device = "cpu",
-                          pretrained: Optional[str] = None) -> CLIPModel:
+                          pretrained: Optional[str] = None, quick_gelu: bool = False) -> CLIPModel:
     """An open_clip model `name` holding `state_dict` (e.g. merged weights from an export), strict.
 
-    `pretrained` only labels where the weights came from. Raises ModelLoadError when the name is
-    unknown or the weights do not fit the model's config.
+    `pretrained` only labels where the weights came from; `quick_gelu` builds QuickGELU where the name's
+    config has GELU (CLIPModel.quick_gelu of the model the weights come from: OpenAI's). Raises ModelLoadError
+    when the name is unknown or the weights do not fit the model's config.
     """
     import open_clip
     register_model_configs()
@@ -588,7 +682,7 @@ def model_from_state_dict(name: str, state_dict: dict, device: str | torch.devic
                              f"before loading weights made for it")
     try:
         with _hf_hub_offline(), _quiet_random_init(), open_clip_call():
-            clip = open_clip.create_model(name, pretrained=None, device=device)
+            clip = open_clip.create_model(name, pretrained=None, device=device, force_quick_gelu=quick_gelu)
         clip.load_state_dict(state_dict, strict=True)
     except Exception as e:
         raise ModelLoadError(f"could not build {name} from the given weights: {type(e).__name__}: {e}") from e

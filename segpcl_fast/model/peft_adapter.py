@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fileio import chmod_tree_like_made, unwritable_dir_reason
-from .clip import open_clip_resolves
+from .clip import config_quick_gelu, open_clip_resolves
 from .lora import LoRABLinear, LoRAMultiheadAttention, LoRAPackedLinear, outer_adapters, replace_adapters
 
 PEFT_FIX = "pip install 'peft>=0.15' (peft adapts nn.MultiheadAttention from 0.15 on; or segpcl_fast's extra [peft])"
@@ -261,18 +261,22 @@ def base_model_record(model: nn.Module) -> Optional[dict]:
     return {"format": "segpcl_fast.peft_adapter/1", "segpcl_fast_version": __version__, "model_name": model.name,
             "pretrained": model.pretrained, "model_config": open_clip.get_model_config(model.name),
             **({"weights_seed": seed} if seed is not None and model.pretrained is None else {}),
-            "load_with": base_model_code(model.name, model.pretrained, seed)}
+            "quick_gelu": bool(getattr(model, "quick_gelu", False)),
+            "load_with": base_model_code(model.name, model.pretrained, seed, bool(getattr(model, "quick_gelu", False)))}
 
 
-def base_model_code(name: str, pretrained: Optional[str], weights_seed: Optional[int] = None) -> str:
+def base_model_code(name: str, pretrained: Optional[str], weights_seed: Optional[int] = None,
+                    quick_gelu: bool = False) -> str:
     """The code that builds the open_clip model an adapter goes on: segpcl_fast.load_model(...).clip, also
-    open_clip.create_model where open_clip resolves the name and weights on its own; random weights
+    open_clip.create_model where open_clip resolves the name and weights on its own (with force_quick_gelu
+    where the model runs QuickGELU and the name's config does not: OpenAI's weights under ViT-B-16); random weights
     (pretrained None) drawn after torch.manual_seed(weights_seed), as the run drew them (engine.trainer.
     build_model: the same tensors, bit for bit)."""
     seeded = pretrained is None and weights_seed is not None
     code = f"segpcl_fast.load_model({name!r}, pretrained={pretrained!r}).clip"
     if open_clip_resolves(name, pretrained):
-        code += f", or open_clip.create_model({name!r}" + (f", pretrained={pretrained!r})" if pretrained else ")")
+        force = ", force_quick_gelu=True" if quick_gelu and not config_quick_gelu(name) else ""
+        code += f", or open_clip.create_model({name!r}" + (f", pretrained={pretrained!r}" if pretrained else "") + force + ")"
     return (f"torch.manual_seed({weights_seed}) (the run's random base weights), then " if seeded else "") + code
 
 

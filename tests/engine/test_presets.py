@@ -19,7 +19,7 @@ def test_presets_are_partial_configs_laid_over_a_benchmark(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SEGPCL_DDP_BUCKET_MB", "5")  # the user's own setting wins over the preset's
     cfg = presets.apply_preset(load_config("cifar100"), "2x4090")
-    assert (cfg.data.dataset, cfg.model.name, cfg.optim.lr) == ("cifar100", "ViT-B-16", 1e-3)  # benchmark kept
+    assert (cfg.data.dataset, cfg.model.name, cfg.optim.lr) == ("cifar100", "ViT-B-16-quickgelu", 1e-3)  # benchmark kept
     assert (cfg.optim.batch_size, cfg.run.precision, cfg.run.compile, cfg.run.tf32) == (128, "bf16", True, True)
     assert load_config("cifar100").run.tf32 is False  # off unless asked: torch's own default
     assert os.environ["NCCL_P2P_DISABLE"] == "1"
