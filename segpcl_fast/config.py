@@ -142,6 +142,10 @@ class TSGRConfig:
     weight: float = 1.0  # lambda_GR
     k: int = 10
     tau: float = 0.05  # tau_T
+    # whose text space the subgraphs keep: "pretrained" (method.md: u_0 with B = 0, fixed for the whole run) or
+    # "teacher" (the model's own text at the task's start, i.e. at the end of task t-1, built again every task:
+    # the paper summary's "match the teacher's"; L_GR is then 0 at each task's first step) [choice]
+    reference: str = "pretrained"
 
 
 @dataclass
@@ -310,6 +314,7 @@ CLS_OVER = ("current", "seen")  # method/learner.py
 FUSED_SGD = ("auto", "foreach", "apex")  # engine/trainer.py make_optimizer
 ACGD_SOURCES = ("anchors", "new_data", "seeds", "folder")  # method/learner.py
 WEIGHT_RULES = ("relu_cos", "uniform")  # method/prototypes.py WEIGHT_RULES
+TSGR_REFERENCES = ("pretrained", "teacher")  # method/learner.py begin_task
 # acgd.tau's ceiling: tau^2 * KL of two near-uniform softmaxes is lost to fp32 rounding above it (the
 # log-probs are about -log C); tests/method/test_method_losses.py measures the loss against float64 there
 MAX_ACGD_TAU = 1000.0
@@ -489,6 +494,7 @@ RULES: dict[str, _Check] = {
     "tsgr.weight": _number(0),
     "tsgr.k": _integer(1),
     "tsgr.tau": _number(0, lo_open=True),
+    "tsgr.reference": _one_of(TSGR_REFERENCES),
     "prototypes.beta": _number(0),  # 0 = CLIP path only (onlyclip)
     "prototypes.weight_rule": _one_of(WEIGHT_RULES),
     "optim.lr": _number(0, lo_open=True),

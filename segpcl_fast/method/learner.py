@@ -131,6 +131,15 @@ class Learner:
         with torch.autocast(self.device.type, enabled=False):
             return self.model.class_embeddings(self.class_prompts[:n_classes], device=self.device)
 
+    def tsgr_reference(self, n_classes: int) -> torch.Tensor:
+        """The text space TSGR's subgraphs keep (tsgr.reference), classes 0..n_classes-1: the pretrained u_0
+        (ref_text, method.md), or the teacher's, the model's own text at the task's start (built as
+        text_embeddings builds u_S, so that q_S = q_0 before the task's first step)."""
+        if self.cfg.tsgr.reference == "teacher":
+            with torch.no_grad():
+                return self.text_embeddings(n_classes).detach()
+        return self.ref_text[:n_classes]
+
     @torch.no_grad()
     def _embed_loader(self, model: CLIPModel, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raws, embs, labels = [], [], []
@@ -149,7 +158,7 @@ class Learner:
         self.anchor_generator.manual_seed(seed)
         info = {"anchors": 0}
         if self.cfg.tsgr.enabled and self.cfg.tsgr.weight > 0:
-            self.graph = stage2.TSGRGraph.build(self.ref_text[:n_total], list(range(self.n_old, n_total)),
+            self.graph = stage2.TSGRGraph.build(self.tsgr_reference(n_total), list(range(self.n_old, n_total)),
                                                 k=self.cfg.tsgr.k, tau=self.cfg.tsgr.tau)
         else:
             self.graph = None

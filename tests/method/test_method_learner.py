@@ -32,7 +32,7 @@ def _perturb_lora(model, scale=0.05, seed=1):
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-def _first_task_done(tiny_model_name, perturb=True):
+def _first_task_done(tiny_model_name, perturb=True, tsgr_reference="pretrained"):
     """A learner that finished task 0 (B nonzero when perturb: the student no longer equals the
     pretrained reference), plus task 1's images and ordered labels."""
     model = load_model(tiny_model_name, pretrained=None)
@@ -41,7 +41,7 @@ def _first_task_done(tiny_model_name, perturb=True):
     inject_lora(model, rank=4, alpha=4, targets=("k", "v", "c_fc", "c_proj"), towers=("visual", "text"))
     prompts = [[f"a good photo of a class {i}."] for i in range(N_TOTAL)]
     cfg = Config()
-    cfg.dpgd.k_adv, cfg.dpgd.k_seed, cfg.tsgr.k = 2, 2, TSGR_K
+    cfg.dpgd.k_adv, cfg.dpgd.k_seed, cfg.tsgr.k, cfg.tsgr.reference = 2, 2, TSGR_K, tsgr_reference
     learner = Learner(cfg, model, prompts, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     img1, y1 = torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -53,8 +53,8 @@ def _first_task_done(tiny_model_name, perturb=True):
     return learner, img2, y2
 
 
-def _second_task_started(tiny_model_name, perturb=True):
-    learner, img, y = _first_task_done(tiny_model_name, perturb)
+def _second_task_started(tiny_model_name, perturb=True, tsgr_reference="pretrained"):
+    learner, img, y = _first_task_done(tiny_model_name, perturb, tsgr_reference)
     learner.begin_task(1, N_NEW, [(img, y)])
     return learner, img, y
 
@@ -89,6 +89,32 @@ def test_tsgr_graph_rooted_at_new_classes_with_k_neighbours_in_reference_space(t
                                          k=TSGR_K, tau=learner.cfg.tsgr.tau)
     # the student text really moved: a graph built from it would have another q_0
     assert float((student.ref_logprob - graph.ref_logprob).abs().max()) > 1e-3
+
+
+def test_tsgr_reference_teacher_keeps_the_text_space_of_the_tasks_start(tiny_model_name):
+    """tsgr.reference=teacher: the subgraphs and q_0 come from the model's own text at the task's start (the end of
+    task t-1), so L_GR is 0 before the first step and grows once the student moves; the default (pretrained)
+    starts task 2 with L_GR > 0 once task 1 trained."""
+    learner, img, y = _second_task_started(tiny_model_name, tsgr_reference="teacher")
+    with torch.no_grad():
+        start = learner.text_embeddings(N_TOTAL)
+    want = stage2.TSGRGraph.build(start, list(range(N_OLD, N_TOTAL)), k=TSGR_K, tau=learner.cfg.tsgr.tau)
+    assert torch.equal(learner.graph.neighbors, want.neighbors)
+    torch.testing.assert_close(learner.graph.ref_logprob, want.ref_logprob, atol=0, rtol=0)
+    pretrained = stage2.TSGRGraph.build(learner.ref_text[:N_TOTAL], list(range(N_OLD, N_TOTAL)), k=TSGR_K,
+                                        tau=learner.cfg.tsgr.tau)
+    assert float((pretrained.ref_logprob - learner.graph.ref_logprob).abs().max()) > 1e-3  # not the pretrained one
+    with torch.no_grad():
+        _, parts = learner.loss(img, y)
+    assert float(parts["gr"]) < 1e-6
+    _perturb_lora(learner.model, seed=5)
+    with torch.no_grad():
+        _, parts = learner.loss(img, y)
+    assert float(parts["gr"]) > 1e-4
+    default, img, y = _second_task_started(tiny_model_name)
+    with torch.no_grad():
+        _, parts = default.loss(img, y)
+    assert float(parts["gr"]) > 1e-4
 
 
 def test_dpgd_gets_old_prototypes_and_seeds_are_cosine_top_k(tiny_model_name, monkeypatch):
