@@ -286,10 +286,12 @@ def load_imagenet_r(root: Optional[str], train_transform: Optional[Callable] = N
             source = f"a seeded per-class split (split_seed={split_seed}, test_fraction={test_fraction})"
     _check_disjoint(train, test, source)
     _check_imagenet_r_classes(wnids, folder if test_dir is None else folder / "train")
-    # without README.txt (pre-split copies often lack it): CLIP's curated names of these ILSVRC-2012 wnids
+    # CLIP's curated names of these ILSVRC-2012 wnids, with README.txt (its WordNet lemmas: 'hammerhead', 'drake',
+    # 'hog') or without it (pre-split copies often lack it): one copy or another, the same prompts (what CoOp and
+    # CLIP's own ImageNet-R evaluation use); data.names_file=README.txt takes the README's names as written
     class_names = names_for_wnids(wnids, name_files, NAME, LAYOUT, names_file, unique=True, root=root_path,
                                   origin="README.txt is in imagenet-r.tar, beside the class folders",
-                                  clip_without_file=True)
+                                  clip_subsets=True, clip_without_file=True)
     log.info("%s: train/test split from %s: %d train, %d test images", NAME, source, len(train[0]), len(test[0]))
     return (FileListDataset(*train, class_names, train_transform, wnids),
             FileListDataset(*test, class_names, test_transform, wnids))

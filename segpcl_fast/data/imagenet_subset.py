@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .base import FileListDataset
-from .files import (WNID_RE, format_error, found_nearby, list_images, names_for_wnids, numbered_lines, read_lines,
-                    relative_to_any, require_root, user_data_file, wnid_folders)
+from .files import (WNID_RE, format_error, found_nearby, images_in_both, list_images, names_for_wnids, numbered_lines,
+                    read_lines, relative_to_any, require_root, user_data_file, wnid_folders)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,9 @@ def _class_list(root: Path, image_root: Path, class_list: Optional[str], n_class
     train_wnids = wnid_folders(image_root / "train")
     if len(train_wnids) == n_classes:  # a copy cut to the subset (n_classes: data.expected_classes, 100 by default)
         return ClassList(train_wnids)
-    fix = f"write the {n_classes} wnids to {root / DEFAULT_CLASS_LISTS[0]} or set data.class_list"
+    fix = (f"write the {n_classes} wnids to {root / DEFAULT_CLASS_LISTS[0]} or set data.class_list (ImageNet-100 as "
+           f"PODNet and DER cut it: PODNet's imagenet_split/train_100.txt and val_100.txt, put in data.root; or a "
+           f"copy cut to its {n_classes} class folders)")
     if root.parts[-3:] == Path(KAGGLE_IMAGES).parts:  # data.root points inside Kaggle's ILSVRC/Data/CLS-LOC
         fix = f"point data.root at {root.parents[2]} (Kaggle's layout: the folder with LOC_*.csv), or " + fix
     raise format_error(NAME, f"no class list: none of {', '.join(DEFAULT_CLASS_LISTS)} in '{root}' and "
@@ -348,8 +350,20 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
     else:
         train = _split_from_folders(image_root / "train", classes.wnids, "train")
     val = _val_split(path, image_root, classes, bases)
+    _check_disjoint(train, val, classes.train_files is not None)
     return (FileListDataset(*train, class_names, train_transform, classes.wnids),
             FileListDataset(*val, class_names, test_transform, classes.wnids))
+
+
+def _check_disjoint(train: tuple[list[str], list[int]], val: tuple[list[str], list[int]], from_list: bool) -> None:
+    """No image in both train and test (the same wnid and file name: files.images_in_both); `from_list`: the train
+    images came from a split list (data.class_list), whose likeliest slip is the val list given for the train one."""
+    both = images_in_both(train, val)
+    if both:
+        fix = ("data.class_list must be the train list (PODNet's train_100.txt), not the val one (val_100.txt)"
+               if from_list else "keep each image in one of train/ and val/")
+        raise format_error(NAME, f"{len(both)} images are in both train and test (the same <wnid>/<file name>), e.g. "
+                                 f"'{both[0]}': the accuracy would be measured on training images", LAYOUT, fix)
 
 
 def _load_kaggle100(path: Path, parts: list[Path], train_transform: Optional[Callable],
@@ -385,6 +399,7 @@ def _load_kaggle100(path: Path, parts: list[Path], train_transform: Optional[Cal
         raise format_error(NAME, f"'{parts[0]}' is there but its val folder '{val_dir}' is not", LAYOUT,
                            "extract the whole Kaggle imagenet100 archive into data.root")
     val = _split_from_folders(val_dir, wnids, "val")
+    _check_disjoint(train, val, False)
     class_names = names_for_wnids(wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin", path / KAGGLE100_NAMES],
                                   NAME, LAYOUT, names_file, unique=True, root=path, clip_subsets=True,
                                   origin=NAMES_ORIGIN)

@@ -28,6 +28,7 @@ order (ImageFolder's); names from the folder names as above.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -167,9 +168,14 @@ def _frames_dir(root: Path, classes: list[str], frames_dir: Optional[str]) -> Pa
         path = root / cand
         if path.is_dir() and any((path / f).is_dir() for c in classes for f in class_folders(c)):
             return path
+    # frames extracted one folder (or image) per video with no class level, as two-stream code writes them
+    # (jpegs_256/v_ApplyEyeMakeup_g01_c01/): name that folder, which data.frames_dir reads
+    per_video = sorted(child.name for child in root.iterdir() if child.is_dir() and not child.name.startswith(".")
+                       and any(entry.name.startswith("v_") for entry in itertools.islice(child.iterdir(), 50)))
+    fix = (f"the frames are in '{root / per_video[0]}' (a folder per video, no class folders): set "
+           f"data.frames_dir={per_video[0]}" if per_video else "extract frames there, or set data.frames_dir")
     raise format_error(NAME, f"no frames folder with class sub-folders in '{root}' "
-                             f"(looked for {list(FRAME_DIR_CANDIDATES)})", LAYOUT,
-                       "extract frames there, or set data.frames_dir")
+                             f"(looked for {list(FRAME_DIR_CANDIDATES)})", LAYOUT, fix)
 
 
 FRAME_SUFFIXES = IMAGE_EXTENSIONS + ("",)  # a middle-frame image, or a folder of frames
@@ -198,7 +204,7 @@ def _missing_error(list_path: Path, frames: Path, missing: list[tuple[list[Path]
     if videos:
         src = frames.name
         ffmpeg = (f'for v in {src}/*/*.avi; do o=UCF-101-midframes/${{v#{src}/}}; mkdir -p "$(dirname "$o")"; '
-                  'ffmpeg -loglevel error -ss "$(ffprobe -v error -show_entries format=duration -of csv=p=0 '
+                  'ffmpeg -n -loglevel error -ss "$(ffprobe -v error -show_entries format=duration -of csv=p=0 '
                   '"$v" | awk \'{print $1/2}\')" -i "$v" -frames:v 1 "${o%.avi}.jpg"; done')
         return format_error(NAME, f"{len(missing)} videos of {list_path.name} have no frames under '{frames}': "
                                   f"it holds the videos themselves (e.g. {[str(v) for v in videos[:3]]}), "

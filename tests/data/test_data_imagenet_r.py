@@ -17,7 +17,7 @@ def _check_labels_follow_folders(ds):
 
 def test_seeded_80_20_split_per_class(imagenet_r_root):
     train, test = load_imagenet_r(str(imagenet_r_root))
-    assert train.class_names == ["goldfish", "great white shark", "hammerhead", "stingray"]
+    assert train.class_names == ["goldfish", "great white shark", "hammerhead shark", "stingray"]  # CLIP's curated names
     assert train.class_ids == test.class_ids == WNIDS
     assert len(train) == 4 * 4 and len(test) == 4 * 1  # 5 per class -> 4 train, 1 test
     assert sorted(test.targets) == [0, 1, 2, 3]
@@ -90,6 +90,18 @@ def test_names_from_readme_else_clips_imagenet_names_else_a_mapping_is_needed(im
         load_imagenet_r(str(imagenet_r_root), names_file=str(tmp_path / "absent.txt"))
 
 
+def test_one_copy_or_another_the_same_prompts(imagenet_r_root):
+    """README.txt's WordNet lemmas ('hammerhead') are not what a copy without it gets (CLIP's 'hammerhead shark'):
+    every copy gets CLIP's curated names, so that its prompts do not depend on which files came with it (a review's
+    finding); data.names_file=README.txt takes the README's as written."""
+    readme = imagenet_r_root / "imagenet-r" / "README.txt"
+    with_readme = load_imagenet_r(str(imagenet_r_root))[0].class_names
+    as_written = load_imagenet_r(str(imagenet_r_root), names_file=str(readme))[0].class_names
+    readme.unlink()
+    assert with_readme == load_imagenet_r(str(imagenet_r_root))[0].class_names == ["goldfish", "great white shark", "hammerhead shark", "stingray"]
+    assert as_written == ["goldfish", "great white shark", "hammerhead", "stingray"]
+
+
 def test_wrong_format(tmp_path):
     (tmp_path / "imagenet-r" / "goldfish").mkdir(parents=True)
     with pytest.raises(DatasetFormatError, match="no wnid class folders"):
@@ -133,12 +145,17 @@ def test_a_presplit_copy_with_the_same_images_in_train_and_test_is_refused(tmp_p
         load_imagenet_r(str(tmp_path))
 
 
-def test_a_presplit_copy_reads_its_names_from_train_readme(tmp_path):
-    """`cp -r imagenet-r train` takes README.txt into train/: names are read there."""
+def test_a_presplit_copy_reads_its_names_from_train_readme(tmp_path, monkeypatch):
+    """`cp -r imagenet-r train` takes README.txt into train/: it is read there (CLIP's names of its wnids; its own
+    names where open_clip's are unavailable)."""
+    from segpcl_fast.data import files
     _write_presplit(tmp_path)
     (tmp_path / "README.txt").rename(tmp_path / "train" / "README.txt")
     train, test = load_imagenet_r(str(tmp_path))
-    assert train.class_names == ["goldfish", "great white shark", "hammerhead", "stingray"] == test.class_names
+    assert train.class_names == ["goldfish", "great white shark", "hammerhead shark", "stingray"] == test.class_names
+    monkeypatch.setattr(files, "clip_imagenet_names", lambda mapping, subsets=False: None)
+    train, _ = load_imagenet_r(str(tmp_path))
+    assert train.class_names == ["goldfish", "great white shark", "hammerhead", "stingray"]
 
 
 @pytest.mark.parametrize("where", ["root", "imagenet-r"])
@@ -181,14 +198,18 @@ def test_a_root_one_level_too_high_names_the_root_to_use(tmp_path):
     assert len(load_imagenet_r(str(tmp_path / "imagenet-r"))[1]) > 0
 
 
-def test_presplit_beside_the_extracted_folder_takes_its_readme(tmp_path):
+def test_presplit_beside_the_extracted_folder_takes_its_readme(tmp_path, monkeypatch):
     """imagenet-r.tar extracted into the root, a train/ + val/ copy made beside it: the names come from
-    imagenet-r/README.txt, where the tar put them."""
+    imagenet-r/README.txt, where the tar put them (CLIP's names of its wnids; its own without open_clip's)."""
+    from segpcl_fast.data import files
     make_imagenet_r(tmp_path)
     _write_presplit(tmp_path, "val")
     (tmp_path / "README.txt").unlink()
     train, test = load_imagenet_r(str(tmp_path))
-    assert train.class_names == test.class_names == ["goldfish", "great white shark", "hammerhead", "stingray"]
+    assert train.class_names == test.class_names == ["goldfish", "great white shark", "hammerhead shark", "stingray"]
+    monkeypatch.setattr(files, "clip_imagenet_names", lambda mapping, subsets=False: None)
+    train, _ = load_imagenet_r(str(tmp_path))
+    assert train.class_names == ["goldfish", "great white shark", "hammerhead", "stingray"]
     assert {p.split("/")[-3] for p in train.paths} == {"train"}
 
 

@@ -133,7 +133,8 @@ def test_a_precut_smaller_subset_is_taken_when_expected_classes_says_so(tmp_path
                                           "data.num_tasks=2"])
     train, val = build_datasets(cfg.data)
     assert train.class_names == val.class_names == [f"thing {k}" for k in range(4)]
-    with pytest.raises(DatasetFormatError, match=r"(?s)train/ holds 4 wnid folders, not 100.*write the 100 wnids"):
+    with pytest.raises(DatasetFormatError, match=r"(?s)train/ holds 4 wnid folders, not 100.*write the 100 wnids.*"
+                                                 r"PODNet's imagenet_split/train_100.txt and val_100.txt"):
         build_datasets(make_config("imagenet-subset", [f"data.root={root}"]).data)
 
 
@@ -156,6 +157,22 @@ def test_split_lists_use_exactly_the_listed_files(tmp_path, explicit):
     assert not any("unlisted" in p for p in train.paths + val.paths)
     assert_images_match_labels(train, SUBSET_SORTED)
     assert_images_match_labels(val, SUBSET_SORTED)
+
+
+def test_an_image_in_both_train_and_test_is_an_error(tmp_path):
+    """The val list given as data.class_list made ImageNet's val images the training set and tested on them too
+    (a review's finding): one error naming the slip; the same for a val image copied into train/."""
+    root = make_imagenet_subset(tmp_path / "in", split_lists=True)
+    with pytest.raises(DatasetFormatError, match=r"(?s)6 images are in both train and test .*measured on training images"
+                                                 r".*must be the train list \(PODNet's train_100.txt\), not the val"):
+        load_imagenet_subset(str(root), class_list="val_100.txt")
+    folders = make_imagenet_subset(tmp_path / "folders")
+    wnid = IN_SUBSET[0]
+    val_image = sorted((folders / "val" / wnid).iterdir())[0]
+    (folders / "train" / wnid / val_image.name).write_bytes(val_image.read_bytes())
+    with pytest.raises(DatasetFormatError, match=f"(?s)1 images are in both .*'{folders / 'train' / wnid / val_image.name}'"
+                                                 ".*keep each image in one of train/ and val/"):
+        load_imagenet_subset(str(folders))
 
 
 def test_split_lists_relative_to_the_split_folders(tmp_path):

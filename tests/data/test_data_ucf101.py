@@ -171,6 +171,10 @@ def test_flat_frames_dir_without_class_folders(tmp_path, style):
             write_video_frames(root / "jpegs_256" / video, colour(c, group(video)), names=("frame{:06d}.jpg",))
         else:
             write_image(root / "jpegs_256" / f"{video}.jpg", colour(c, group(video)))
+    # without data.frames_dir: the error names the folder (its fix said to extract frames, which were there)
+    with pytest.raises(DatasetFormatError, match=f"(?s)Fix: the frames are in '{root / 'jpegs_256'}' .*set "
+                                                 "data.frames_dir=jpegs_256$"):
+        load_ucf101(str(root))
     train, test = load_ucf101(str(root), frames_dir="jpegs_256")
     assert_middle_rgb_frames(train, test)
     assert test.targets == [0, 1, 2]
@@ -193,6 +197,7 @@ def test_raw_videos_only_says_extract(tmp_path, videos):
     msg = str(err.value)
     assert "it holds the videos themselves" in msg and "v_ApplyEyeMakeup_g08_c01.avi" in msg
     assert "ffmpeg" in msg and "UCF-101-midframes" in msg and "data.frames_dir" in msg
+    assert "ffmpeg -n " in msg  # a second run skips the frames it made instead of asking
     assert "has no frames" not in msg and "(.jpg or a folder)" not in msg
 
 
