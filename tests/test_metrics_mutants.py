@@ -5,6 +5,7 @@ example; one task from counts; that a percent outside 0..100 (negative, just abo
 diagonal, in acc_t, in FWT's 'before'), a negative or non-finite count, an empty or non-square
 input, and per-task counts or acc_t of the wrong length are each one MetricsError instead of a
 silently wrong number; that `summarize` takes a numpy `fwt_before`.
+A third audit added: fwt_before longer than T is refused; matrix_to_list writes +-inf as null too.
 """
 import numpy as np
 import pytest
@@ -123,3 +124,20 @@ def test_acc_longer_than_T_is_refused():
 def test_summarize_accepts_fwt_before_as_numpy_array():
     s = M.summarize(MATRIX, ACC, fwt_before=np.array([NAN, 30.0, 50.0]))
     assert s["FWT"] == pytest.approx(40.0)
+
+
+# ----------------------------------------------------------------------------- third audit (data + metrics)
+
+def test_fwt_before_longer_than_T_is_refused():
+    """fwt_before has one entry per task: an extra trailing 'before' accuracy (a task this matrix does not have) is
+    refused, not averaged into FWT (mean(30, 50, 70) = 50 instead of the run's 40)."""
+    _raises(M.summarize, MATRIX, ACC, fwt_before=[NAN, 30.0, 50.0, 70.0], match="fwt_before must have length T=3")
+
+
+def test_matrix_to_list_writes_every_non_finite_entry_as_null():
+    """matrix_to_list is the JSON form: NaN and +-inf both become None (null), so json.dumps never has to write a
+    non-standard NaN / Infinity; finite entries stay as floats."""
+    import json
+    rows = M.matrix_to_list([[50.0, np.inf], [-np.inf, NAN]])
+    assert rows == [[50.0, None], [None, None]]
+    assert json.dumps(rows, allow_nan=False) == "[[50.0, null], [null, null]]"

@@ -3,7 +3,12 @@ data tests leave open (a config option that must reach its reader, the test spli
 the seeded split / cap rules computed by hand, the published prompt templates and normalisation).
 A second audit (the readers changed since 7a90c2d) added the tests at the end: case-folded folder
 names, hidden folders, test/ over val/, names-file normalisation, pre-split and CoOp precedence,
-class_order's loose / compact / id lookups, Kaggle imagenet100's sorted wnids."""
+class_order's loose / compact / id lookups, Kaggle imagenet100's sorted wnids.
+A third audit (data + metrics, since 2026-12-05) added the tests after 'third audit': class_order's
+exact-before-loose lookup, its clash message, negative / bool / single-problem refusals; split_tasks' empty
+sizes, zero-size tasks and num_tasks <= 0; labels outside the class list; task index -1 and task_of_class;
+literal braces in templates; Food-101 labels.txt, Pets' class ids; retention templates and defaults; the
+reference folder's order, folders named like images and seeds."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -622,3 +627,163 @@ def test_check_task_split_takes_data_task_sizes():
     check_task_split(DataConfig(dataset="imagefolder", expected_classes=7, num_tasks=2, task_sizes=[4, 3]))
     with pytest.raises(DatasetFormatError, match=r"task sizes \[4, 4\] .* sum to the 7 classes"):
         check_task_split(DataConfig(dataset="imagefolder", expected_classes=7, num_tasks=2, task_sizes=[4, 4]))
+
+
+# ----------------------------------------------------------------------------- third audit (since 2026-12-05)
+def test_class_order_exact_name_or_id_wins_before_the_loose_forms():
+    """_lookup_name's order: an exact name or id is taken before the case/underscore-insensitive name, so two
+    classes that differ only in case ('Cat', 'cat') are each found by their exact spelling, and an exact id is not
+    beaten by another class whose name matches it loosely."""
+    from segpcl_fast.data.protocol import resolve_class_order
+    assert resolve_class_order(["cat", "Cat"], ["Cat", "cat"]) == [1, 0]
+    # 'n1' is class 0's id exactly and class 1's name in another case: the exact id wins
+    assert resolve_class_order(["n1", "N1"], ["zebra", "N1"], class_ids=["n1", "n2"]) == [0, 1]
+
+
+def test_class_order_name_id_clash_message_quotes_the_other_label_of_each_class():
+    """The refusal of a string that is one class's name and another's id describes class by_name by its id and
+    class by_id by its name (the label the user did not type), so the two classes can be told apart."""
+    from segpcl_fast.data.protocol import resolve_class_order
+    with pytest.raises(DatasetFormatError, match=r"'cat' is the name of class 0 \('n1'\) and the id of class 1 "
+                                                 r"\('dog'\)"):
+        resolve_class_order(["cat", "dog", "cow"], ["cat", "dog", "cow"], class_ids=["n1", "cat", "n3"])
+
+
+@pytest.mark.parametrize("order, message", [
+    ([0, 1, 2, -1], r"1 entries are not classes of the dataset \(names, or indices 0..2\): \[-1\]$"),
+    ([True, 0, 2], (r"1 entries are not classes of the dataset \(names, or indices 0..2\): \[True\]; "
+                    r"1 classes not listed: \['b'\]")),
+    ([0, 1, 2, "d"], r"1 entries are not classes of the dataset .*: \['d'\]$"),
+    ([0, 1, 2, 0], r"classes listed more than once: \['a'\]$"),
+])
+def test_class_order_refuses_a_negative_index_a_bool_and_a_single_problem(order, message):
+    """Indices are 0..n-1 (a negative one is not Python's from-the-end index: [0, 1, 2, -1] is not a
+    4-entry order of 3 classes), a bool is not an index (True is not class 1), and one problem alone (an extra
+    entry, a repeat) is refused as well as several."""
+    from segpcl_fast.data.protocol import resolve_class_order
+    with pytest.raises(DatasetFormatError, match=message.replace("$", r"\. Dataset classes start with")):
+        resolve_class_order(order, ["a", "b", "c"])
+
+
+def test_split_tasks_empty_sizes_zero_size_and_zero_tasks():
+    """task_sizes=[] is unset (equal tasks, as config.task_count reads it); a task of 0 classes is refused as not
+    positive; data.num_tasks=0 (or negative) is the same DatasetFormatError as a non-divisor, with no unequal split
+    to suggest (not a ZeroDivisionError)."""
+    from segpcl_fast.data.protocol import split_tasks
+    assert split_tasks(6, 3, task_sizes=[]) == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(DatasetFormatError, match=r"task sizes \[0, 6\] .* must be positive"):
+        split_tasks(6, 1, task_sizes=[0, 6])
+    for num_tasks in (0, -2):
+        refusal = (rf"data.num_tasks={num_tasks} does not divide the 6 classes.*"
+                   r"\[1, 2, 3, 6\], or give unequal tasks' sizes in data.task_sizes$")
+        with pytest.raises(DatasetFormatError, match=refusal):
+            split_tasks(6, num_tasks)
+
+
+@pytest.mark.parametrize("bad_label", [6, -1])
+def test_scenario_refuses_labels_outside_the_class_list(bad_label):
+    """A test label equal to the class count (one past the end) or negative is a DatasetFormatError naming the
+    range, not a numpy IndexError / ValueError later."""
+    train, test = _pair(6)
+    bad = ArrayDataset(np.zeros((7, 2, 2, 3), np.uint8), list(range(6)) + [bad_label], test.class_names)
+    with pytest.raises(DatasetFormatError, match=r"test labels outside 0..5"):
+        ClassIncrementalScenario(train, bad, "natural", num_tasks=3)
+
+
+def test_scenario_task_index_and_task_of_class():
+    """Task indices are 0..T-1: -1 is refused (not the last task); task_of_class(label) is the task whose
+    ordered labels hold it."""
+    train, test = _pair(6)
+    sc = ClassIncrementalScenario(train, test, "natural", num_tasks=3, task_sizes=[3, 1, 2])
+    for fn in (sc.task_classes, sc.seen_classes, sc.old_classes, sc.train_dataset, sc.test_dataset_upto):
+        with pytest.raises(IndexError, match=r"task -1 out of range 0..2"):
+            fn(-1)
+        with pytest.raises(IndexError, match=r"task 3 out of range 0..2"):
+            fn(3)
+    assert [sc.task_of_class(c) for c in range(6)] == [0, 0, 0, 1, 2, 2]
+
+
+def test_templates_other_braces_are_literal_and_a_non_string_template_is_refused():
+    """A template's one '{}' is where the class name goes and nothing else is formatting: other braces stay as
+    written (str.format would read '{curly}' as a field); a template that is not a string is the same ValueError
+    as a malformed one."""
+    from segpcl_fast.data.prompts import format_prompts, resolve_templates
+    assert format_prompts(["cat"], ["a {} with {curly} {{braces}}."]) == [["a cat with {curly} {{braces}}."]]
+    for bad in (None, 3):
+        with pytest.raises(ValueError, match="must be a string with exactly one"):
+            resolve_templates(["a photo of a {}.", bad])
+
+
+def test_food101_labels_must_match_classes_line_for_line(tmp_path):
+    """meta/labels.txt names the classes of classes.txt in order; one of another length is refused (a shorter one
+    would shift every later name onto the wrong class)."""
+    from segpcl_fast.data.retention import load_food101
+    folder = tmp_path / "food-101"
+    (folder / "meta").mkdir(parents=True)
+    (folder / "meta" / "classes.txt").write_text("apple_pie\nbaby_back_ribs\n")
+    (folder / "meta" / "labels.txt").write_text("Apple pie\n")
+    (folder / "meta" / "test.txt").write_text("apple_pie/1\nbaby_back_ribs/2\n")
+    for line in ("apple_pie/1", "baby_back_ribs/2"):
+        write_image(folder / "images" / f"{line}.jpg", (0, 0, 0), size=(2, 2))
+    with pytest.raises(DatasetFormatError, match="meta/labels.txt has 1 lines but classes.txt 2"):
+        load_food101(str(tmp_path))
+
+
+def _pets(root, listing, test):
+    folder = root / "oxford-iiit-pet"
+    (folder / "annotations").mkdir(parents=True, exist_ok=True)
+    (folder / "annotations" / "list.txt").write_text(listing)
+    (folder / "annotations" / "test.txt").write_text(test)
+    for line in (listing + test).splitlines():
+        if line and not line.startswith("#"):
+            write_image(folder / "images" / f"{line.split()[0]}.jpg", (0, 0, 0), size=(2, 2))
+    return root
+
+
+def test_pets_class_index_is_the_sorted_class_id_and_test_rows_are_checked(tmp_path):
+    """Pets' label is the rank of its CLASS-ID column (1..37), whatever order list.txt lists the breeds in; a test.txt
+    id that list.txt lacks and a line without a class id are DatasetFormatErrors naming the file."""
+    from segpcl_fast.data.retention import load_pets
+    root = _pets(tmp_path / "a", "pug_1 3 2 3\nBengal_4 2 1 2\nAbyssinian_9 1 1 1\n", "pug_2 3 2 3\nBengal_5 2 1 2\n")
+    ds = load_pets(str(root))
+    assert ds.class_names == ["Abyssinian", "Bengal", "pug"] and ds.targets == [2, 1]
+    root = _pets(tmp_path / "b", "Abyssinian_9 1 1 1\n", "Abyssinian_9 1 1 1\npug_2 3 2 3\n")
+    with pytest.raises(DatasetFormatError, match=r"test.txt has class id 3 \('pug_2'\) that list.txt lacks"):
+        load_pets(str(root))
+    root = _pets(tmp_path / "c", "Abyssinian_9 1 1 1\n", "Abyssinian_9\n")
+    with pytest.raises(DatasetFormatError, match=r"test.txt:1: expected '<image> <class id> <species> <breed id>'"):
+        load_pets(str(root))
+
+
+def test_retention_imagenet_uses_the_80_templates_and_synthetic_the_heldout_default(tmp_path, monkeypatch):
+    """build_retention_dataset: ImageNet is scored with CLIP's 80 ImageNet templates; a synthetic set with
+    per_class=0 renders synthetic.DEFAULT_HELDOUT_PER_CLASS images of each of the 100 classes."""
+    from segpcl_fast.data import synthetic
+    from segpcl_fast.data.prompts import OPENAI_IMAGENET
+    from segpcl_fast.data.retention import build_retention_dataset
+    for wnid in ("n01440764", "n01443537"):
+        write_image(tmp_path / "val" / wnid / f"{wnid}_0.JPEG", (0, 0, 0), size=(2, 2))
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench\nn01443537 goldfish\n")
+    ds, templates = build_retention_dataset("imagenet", str(tmp_path))
+    assert ds.class_names == ["tench", "goldfish"] and templates == OPENAI_IMAGENET and len(templates) == 80
+    monkeypatch.setattr(synthetic, "DEFAULT_HELDOUT_PER_CLASS", 2)
+    sketch, templates = build_retention_dataset("synthetic-sketch", None, per_class=0)
+    assert templates is None and len(sketch) == 200
+
+
+def test_reference_folder_lists_image_files_sorted_by_path_and_seeds_wrap(tmp_path):
+    """list_reference_images: image files only (not a folder named like one), sorted by path across sub-folders
+    (not the top folder's files first); load_reference_images' seed is taken modulo 2**32, as RandomState needs."""
+    import torch
+
+    from segpcl_fast.data.retention import list_reference_images, load_reference_images
+    ref = tmp_path / "ref"
+    for k, rel in enumerate(("z.png", "a.png", "m/b.png", "album.jpg/c.png")):
+        write_image(ref / rel, (20 * k, 0, 0), size=(2, 2))
+    files = list_reference_images(str(ref))
+    assert [f.relative_to(ref).as_posix() for f in files] == ["a.png", "album.jpg/c.png", "m/b.png", "z.png"]
+    to_tensor = lambda im: torch.tensor(float(np.asarray(im)[0, 0, 0]))  # noqa: E731
+    seed = 2**32 + 2**31 + 7
+    keep = np.sort(np.random.RandomState(seed % 2**32).choice(4, 2, replace=False))
+    got = load_reference_images(str(ref), to_tensor, limit=2, seed=seed)
+    assert got.tolist() == [float(np.asarray(Image.open(files[i]))[0, 0, 0]) for i in keep]

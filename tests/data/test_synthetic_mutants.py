@@ -7,6 +7,8 @@ source test and held-out images are disjoint draws; captions use every template 
 seed; the held-out set is the sketch style by default; objects are placed around the centre; the
 shape masks are the documented geometry and pairwise distinct; `_finish` averages 2x2 blocks
 (supersampling), adds noise and clips to 0..255 instead of wrapping around.
+A third audit added: the triangle, hexagon, star and heart areas and orientation; dots among the background
+patterns; the shifted style's dark rim; the sketch style's hatching; the reference images' own stream.
 """
 import hashlib
 import os
@@ -180,3 +182,84 @@ def test_finish_averages_blocks_adds_noise_and_clips():
     assert np.all(S._finish(rng, np.full((1, size, size, 3), -20.0, np.float32), 0.0) == 0)
     noisy = S._finish(rng, np.full((4, size, size, 3), 128.0, np.float32), 5.0).astype(np.float32)
     assert noisy.std() == pytest.approx(5.0, rel=0.1) and abs(noisy.mean() - 128) < 0.5
+
+
+# ----------------------------------------------------------------------------- third audit (data + metrics)
+
+def test_polygon_star_and_heart_masks_have_their_areas_and_orientation():
+    """The shapes that test_shape_masks_have_the_documented_geometry leaves out, as fractions of [-1, 1]^2:
+    a regular n-gon of circumradius R covers (n / 2) R^2 sin(2 pi / n) (triangle R = 1, hexagon R = 0.9); the star
+    r <= 0.42 + 0.58 |1 - 2t| covers pi * (0.42^2 + 0.42 * 0.58 + 0.58^2 / 3); the heart (x^2 + y^2 - 1)^3 <= x^2 y^3
+    covers 3.662 (integrated in polar coordinates) / 1.25^2 (its scale). The star's tip points up (its top row is the
+    grid's first, its lower tips end at v = sin 54 deg), the heart's lobes are up (more of it in the top half)."""
+    m = _masks()
+    n = m["star"].shape[0]
+    expected = {"triangle": 1.5 * np.sin(2 * np.pi / 3) / 4, "hexagon": 3 * 0.9 ** 2 * np.sin(np.pi / 3) / 4,
+                "star": np.pi * (0.42 ** 2 + 0.42 * 0.58 + 0.58 ** 2 / 3) / 4, "heart": 3.662 / 1.25 ** 2 / 4}
+    for name, area in expected.items():
+        assert m[name].mean() == pytest.approx(area, abs=0.01), name
+    rows = np.flatnonzero(m["star"].any(1))
+    assert rows[0] <= 1 and rows[-1] / n == pytest.approx((1 + np.sin(np.radians(54))) / 2, abs=0.02)
+    assert m["heart"][:n // 2].sum() > 1.3 * m["heart"][n // 2:].sum()
+
+
+def test_background_patterns_include_dots_beside_stripes_and_checkers():
+    """_random_pattern draws each of its three kinds: dots (radius 0.3 per unit cell: pi * 0.09 = 28% on) as well as
+    stripes and checkers (half on), about a third of the images each."""
+    on = S._random_pattern(np.random.default_rng(0), 300, 64, (0.25, 0.7)).mean((1, 2))
+    dots = on < 0.38
+    assert np.abs(on[dots] - np.pi * 0.09).max() < 0.07 and np.abs(on[~dots] - 0.5).max() < 0.1
+    assert 0.2 < dots.mean() < 0.47
+
+
+def _fixed_placement(monkeypatch):
+    """Each object at one seeded place, scale 0.7, unrotated; returns the patched _object_coords (to recompute u, v)."""
+    orig = S._object_coords
+
+    def fixed(rng, n, size, scale_range, max_rot):
+        return orig(np.random.default_rng(1), n, size, (0.7, 0.7), 0.0)
+    monkeypatch.setattr(S, "_object_coords", fixed)
+    return fixed
+
+
+def _regions(fixed, shape_ids, shrink):
+    """(rim, core) pixel masks at 32x32: 2x2 blocks wholly in the outline band / wholly inside the shape scaled by
+    `shrink`, as the renderers draw them."""
+    n, size = len(shape_ids), S.IMAGE_SIZE * 2
+    u, v = fixed(None, n, size, None, None)
+    mask, inner = S._shape_masks(shape_ids, u, v), S._shape_masks(shape_ids, u / shrink, v / shrink)
+    down = lambda m: m.reshape(n, S.IMAGE_SIZE, 2, S.IMAGE_SIZE, 2).all((2, 4))  # noqa: E731
+    return down(mask & ~inner), down(inner)
+
+
+def test_shifted_objects_have_a_dark_rim_around_their_coloured_inside(monkeypatch):
+    """The shifted style draws each shape with a dark rim (rim colour 0..60 mixed in by the shift strength) around
+    its patterned colour: at full shift, yellow circles are dark on the band outside 0.78 of the shape and bright
+    inside it."""
+    fixed = _fixed_placement(monkeypatch)
+    ids, yellow = np.zeros(20, int), np.full(20, S.COLOUR_NAMES.index("yellow"))
+    img = S._render_shifted(np.random.default_rng(0), ids, yellow, strength=1.0).astype(np.float32).mean(-1)
+    rim, core = _regions(fixed, ids, 0.78)
+    assert img[rim].mean() < 60 and img[core].mean() > img[rim].mean() + 60
+
+
+def test_sketches_are_hatched_inside_their_outline(monkeypatch):
+    """The sketch style fills the inside of the outline with hatching (ink mixed half and half with the paper):
+    with black ink, the inside has paper-white and mid-grey pixels, not blank paper."""
+    fixed = _fixed_placement(monkeypatch)
+    ids, black = np.zeros(20, int), np.full(20, S.COLOUR_NAMES.index("black"))
+    img = S._render_sketch(np.random.default_rng(0), ids, black).astype(np.float32).mean(-1)
+    rim, core = _regions(fixed, ids, 0.72)
+    assert img[rim].mean() < 60  # the outline is ink
+    grey = (img[core] > 90) & (img[core] < 170)
+    assert 0.15 < grey.mean() < 0.85 and (img[core] > 200).mean() > 0.1
+
+
+def test_reference_images_are_their_own_draw():
+    """build_reference_dataset is the source domain's 'reference' stream: not the held-out source images that
+    retention scores (nor pretraining's or the source test set's)."""
+    ref = S.build_reference_dataset(seed=0, per_class=1).images
+    assert ref.shape == (100, S.IMAGE_SIZE, S.IMAGE_SIZE, 3)
+    for other in (S.build_heldout_dataset(seed=0, per_class=1, domain="source"),
+                  S.build_source_test_dataset(seed=0, per_class=1), S.build_pretraining_dataset(seed=0, per_class=1)):
+        assert _mean_abs_diff(ref, other.images[:100]) > 20
