@@ -246,7 +246,10 @@ def check_class_names(path: PathLike, state: Mapping, class_names: list) -> None
     raise CheckpointError(f"checkpoint {path} was trained on other classes than data.root now holds: class "
                           f"{first} was {stored[first] if first < len(stored) else '(none)'!r}, now "
                           f"{class_names[first] if first < len(class_names) else '(none)'!r} ({len(stored)} "
-                          f"classes then, {len(class_names)} now); point data.root at the run's dataset")
+                          f"classes then, {len(class_names)} now); point data.root at the run's dataset"
+                          + ("; if only the names differ (ImageNet-R's README.txt names, which runs before 2026-12-07 "
+                             "took, are CLIP's now), give the run's own: --set data.names_file=FILE (README.txt for "
+                             "those)" if len(stored) == len(class_names) else ""))
 
 
 def check_split(path: PathLike, state: Mapping, digest: str) -> None:

@@ -530,8 +530,12 @@ def test_a_moved_data_root_may_resume_but_must_hold_the_same_classes(tiny_model_
     with pytest.raises(ckpt.CheckpointError, match="other classes than data.root now holds: class 1 was 'dog', "
                                                    "now 'cow' .3 classes then, 3 now.; point data.root"):
         ckpt.check_class_names("c.pt", state, ["cat", "cow", "owl"])
-    with pytest.raises(ckpt.CheckpointError, match="class 3 was '.none.', now 'emu'"):
+    with pytest.raises(ckpt.CheckpointError, match="class 3 was '.none.', now 'emu'") as other_count:
         ckpt.check_class_names("c.pt", state, ["cat", "dog", "owl", "emu"])
+    assert "names_file" not in str(other_count.value)  # other classes, not the same ones named anew
+    with pytest.raises(ckpt.CheckpointError, match=r"now 'hammerhead shark' .*if only the names differ .*"
+                                                   r"--set data.names_file=FILE \(README.txt for those\)"):
+        ckpt.check_class_names("c.pt", {"class_names": ["goldfish", "hammerhead"]}, ["goldfish", "hammerhead shark"])
 
 
 def test_cli_resume_of_a_copied_run_names_both_dirs(tiny_model_name, tmp_path, capsys):
