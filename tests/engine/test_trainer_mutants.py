@@ -318,6 +318,7 @@ def _run_trainer(out, calls, **cfg):
     tr.scenario = SimpleNamespace(num_tasks=2, test_dataset=lambda j: [0] * (4, 2)[j], class_names=["a", "b", "c", "d"])
     tr.model = torch.nn.Linear(1, 1)
     tr.model.image_stats = ImageStats(8, (0.5,) * 3, (0.25,) * 3, resize_mode="squash", interpolation="bilinear")
+    tr.model.quick_gelu = True  # CLIPModel.quick_gelu: its MLPs' activation
     tr.learner = SimpleNamespace(state_dict=lambda: {"n_seen": 2})
     tr.split_digest = "0123456789abcdef"
 
@@ -365,6 +366,7 @@ def test_run_fills_row_t_of_both_matrices_and_writes_them_with_a_checkpoint_per_
         assert state["correct_own"][t][:t + 1] == [c[1] for c in COUNTS[t]]
         assert state["image_geometry"] == {"resize_mode": "squash", "interpolation": "bilinear", "fill_color": 0}
         assert state["split_digest"] == "0123456789abcdef"  # which images were train and which test
+        assert state["quick_gelu"] is True  # the model's activation
     assert ckpt.find_last_checkpoint(out).name == "task_01.pt"
 
 
