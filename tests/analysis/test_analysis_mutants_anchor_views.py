@@ -154,3 +154,54 @@ def test_one_task_is_refused_before_the_model_and_data_load(monkeypatch, tmp_pat
     with pytest.raises(ConfigError, match=r"anchor views needs at least 2 tasks \(data.num_tasks >= 2, got 1\): "
                                           "task 1 has no old classes"):
         av.anchor_views(make_config(output_dir=str(tmp_path), num_tasks=1))
+
+
+# ----------------------------------------------------------------------------- mutation audit (analysis, 2026-12-07)
+
+def test_pca_axes_are_signed_so_their_largest_loading_is_positive():
+    """Points spread along e1 (+-3) and e2 (+-1): PC1 = +e1 and PC2 = +e2 (each axis signed so that its largest
+    loading is positive, whatever sign the SVD returns), so the coordinates are the points' own first two
+    coordinates; the same for the points given along e3 and e2, whose PC1 is +e3."""
+    x = torch.tensor([[3.0, 0.0, 0.0], [-3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    assert np.allclose(av.project_2d(x, "pca"), [[3.0, 0.0], [-3.0, 0.0], [0.0, 1.0], [0.0, -1.0]], atol=1e-12)
+    x = torch.tensor([[0.0, 0.0, -3.0], [0.0, 0.0, 3.0], [0.0, -1.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert np.allclose(av.project_2d(x, "pca"), [[-3.0, 0.0], [3.0, 0.0], [0.0, -1.0], [0.0, 1.0]], atol=1e-12)
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_resumed_anchor_views_keeps_its_tables_until_it_writes_them_again(resume, monkeypatch, tmp_path):
+    """A --resume keeps the earlier anchor_views.{json,txt,png} until it writes them again (its run's checkpoints
+    may still refuse its config, as here); a new anchor-views removes them before it trains."""
+    def refused(cfg):
+        raise ConfigError("checkpoint ... was made with a different config")
+    monkeypatch.setattr(av, "make_trainer", refused)
+    for suffix in (".json", ".txt", ".png"):
+        (tmp_path / f"anchor_views{suffix}").write_text("the earlier anchor views'")
+    with pytest.raises(ConfigError, match="different config"):
+        av.anchor_views(make_config(output_dir=str(tmp_path), run__resume=resume))
+    assert sorted(p.name for p in tmp_path.glob("anchor_views.*")) == \
+        (["anchor_views.json", "anchor_views.png", "anchor_views.txt"] if resume else [])
+
+
+@pytest.mark.parametrize("n_classes", [20, 21])
+def test_views_colour_seeds_anchors_and_prototypes_by_target_class(n_classes, monkeypatch, tmp_path):
+    """Up to 20 old classes each takes its own tab20 colour; past 20 they spread over the whole turbo map (class 0
+    at 0, the last class at 1). A seed, its anchor and its target's prototype share the colour."""
+    from matplotlib import colormaps
+    figs = []
+    monkeypatch.setattr(av, "save_png", lambda fig, path: figs.append(fig) or str(path))
+    targets = np.array([0, n_classes - 1, 5])
+    xy = {"old prototypes": np.arange(2 * n_classes, dtype=float).reshape(n_classes, 2),
+          "seeds": np.zeros((3, 2)), "DPGD anchors": np.ones((3, 2)), "new-task images": np.full((4, 2), 2.0)}
+    av.plot_views(xy, targets, tmp_path / "v.png", 2, "pca", "segpcl")
+    drawn = {c.get_label(): c for c in figs[0].axes[0].collections}
+    if n_classes <= 20:
+        want = colormaps["tab20"](targets)
+        want_protos = colormaps["tab20"](np.arange(n_classes))
+    else:
+        want = colormaps["turbo"](targets / (n_classes - 1))
+        want_protos = colormaps["turbo"](np.arange(n_classes) / (n_classes - 1))
+    assert np.allclose(drawn["seeds"].get_facecolors(), want)
+    assert np.allclose(drawn["DPGD anchors"].get_facecolors(), want)
+    assert np.allclose(drawn["old prototypes"].get_facecolors(), want_protos)
+    assert np.allclose(drawn["old prototypes"].get_facecolors()[targets], want)

@@ -172,3 +172,79 @@ def test_a_method_that_sets_its_own_source_is_refused_before_any_run(stand_in_ru
     with pytest.raises(ConfigError, match=r"distill_sources\(\) needs at least one seed"):
         ds_mod.distill_sources(make_config(output_dir=str(tmp_path)), seeds=[])
     assert stand_in_runs == []
+
+
+# ----------------------------------------------------------------------------- mutation audit (analysis, 2026-12-07)
+
+def test_a_reference_folder_with_a_damaged_marker_is_written_anew(tmp_path):
+    """A marker that is not JSON (a write cut short, an edit) says nothing about the folder's world: its PNGs are
+    replaced with this world's, as for another world's folder, rather than the write failing."""
+    from segpcl_fast.data.synthetic import build_reference_dataset
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "00000.png")  # not this world's first image
+    (folder / ds_mod.REFERENCE_MARKER).write_text("{not json")
+    ds_mod.write_synthetic_reference_folder(folder, seed=2, per_class=1)
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 100
+    assert np.array_equal(np.asarray(Image.open(files[0])), build_reference_dataset(2, 1, None).images[0])
+    assert json.loads((folder / ds_mod.REFERENCE_MARKER).read_text()) == {"synthetic_seed": 2, "per_class": 1}
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_resumed_distill_sources_keeps_its_tables_until_it_writes_them_again(resume, monkeypatch, tmp_path):
+    """A --resume keeps the earlier distill_sources.{json,txt,png} until it writes them again (its runs'
+    checkpoints may still refuse its config, as here); a new distill-sources removes them before it trains."""
+    def refused(cfg):
+        raise ConfigError("checkpoint ... was made with a different config")
+    monkeypatch.setattr(ds_mod, "make_trainer", refused)
+    for suffix in (".json", ".txt", ".png"):
+        (tmp_path / f"distill_sources{suffix}").write_text("the earlier distill-sources'")
+    with pytest.raises(ConfigError, match="different config"):
+        ds_mod.distill_sources(make_config(output_dir=str(tmp_path), run__resume=resume), sources=["anchors"])
+    assert sorted(p.name for p in tmp_path.glob("distill_sources.*")) == \
+        (["distill_sources.json", "distill_sources.png", "distill_sources.txt"] if resume else [])
+
+
+def test_one_seeds_bar_plot_has_no_error_bars_and_names_the_seed(stand_in_runs, tmp_path, monkeypatch):
+    """With one seed there is no spread to show: the bars of Last carry no (zero-length) error bars, and the title
+    names the seed the runs used; with two seeds each bar's error bar is the sample std over them."""
+    from matplotlib.container import BarContainer
+    figs = []
+    monkeypatch.setattr("segpcl_fast.report.plots.save_figure", lambda fig, path: figs.append(fig) or Path(path))
+    ds_mod.distill_sources(make_config(output_dir=str(tmp_path / "one")), sources=["anchors", "seeds"], seeds=[1])
+    ax = figs[-1].axes[0]
+    bars, = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [bar.get_height() for bar in bars] == [64.0, 55.0]
+    assert bars.errorbar is None
+    assert ax.get_title() == "ACGD source (segpcl, synthetic, seed 1)"
+    ds_mod.distill_sources(make_config(output_dir=str(tmp_path / "two")), sources=["anchors", "seeds"], seeds=[0, 1])
+    ax = figs[-1].axes[0]
+    bars, = [c for c in ax.containers if isinstance(c, BarContainer)]
+    segments = bars.errorbar.lines[2][0].get_segments()  # (data line, caps, bar lines)
+    assert [float(s[1][1] - s[0][1]) / 2 for s in segments] == pytest.approx([np.std([60.0, 64.0], ddof=1), 0.0])
+    assert ax.get_title() == "ACGD source (segpcl, synthetic, mean +- sample std over 2 seeds)"
+
+
+def test_a_relative_folder_is_stored_absolute_in_the_runs_config(small_config, tmp_path, monkeypatch):
+    """The per-source trainer makes acgd.source_folder absolute (and expands ~), as the trainer's other paths: the
+    run's config.yaml is read from anywhere (evaluate, --resume from another directory)."""
+    _folder(tmp_path / "ref")
+    monkeypatch.chdir(tmp_path)
+    trainer = ds_mod._trainer_for_source(small_config("f"), "segpcl", "folder", "ref", tmp_path / "f")
+    assert trainer.cfg.acgd.source_folder == str(tmp_path / "ref")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    trainer = ds_mod._trainer_for_source(small_config("g"), "segpcl", "folder", "~/ref", tmp_path / "g")
+    assert trainer.cfg.acgd.source_folder == str(tmp_path / "ref")
+
+
+def test_a_seed_given_twice_or_an_unused_folder_is_refused_before_any_run(stand_in_runs, tmp_path):
+    """A seed given twice would train one run folder twice; a --folder with the source 'folder' left out would be
+    recorded in distill_sources.json while no run used it. Both are refused before anything runs."""
+    with pytest.raises(ConfigError, match="seed 0 is given twice"):
+        ds_mod.distill_sources(make_config(output_dir=str(tmp_path)), sources=["anchors"], seeds=[0, 1, 0])
+    ref = _folder(tmp_path / "ref")
+    with pytest.raises(ConfigError, match=r"a reference folder \(.*ref\) is only used by the source 'folder', which "
+                                          r"anchors, seeds leaves out"):
+        ds_mod.distill_sources(make_config(output_dir=str(tmp_path)), sources=["anchors", "seeds"], folder=ref)
+    assert stand_in_runs == []

@@ -290,3 +290,54 @@ def test_measure_task_against_a_plain_recomputation(small_config, tmp_path):
     want_corr = float(np.corrcoef(score.numpy(), jsd.numpy())[0, 1])
     assert row["score_jsd_correlation"] == pytest.approx(want_corr, abs=1e-3)
     assert row["train_steps"] == math.ceil(100 / 32)  # 50 classes x 2 images, batch 32, 1 epoch
+
+
+# ----------------------------------------------------------------------------- mutation audit (analysis, 2026-12-07)
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_a_temperature_that_is_not_positive_fails_before_training(temperature, monkeypatch, tmp_path):
+    """softmax(logits / temperature) needs temperature > 0: 0 divides by zero and NaN gives NaN distributions;
+    both are refused with the negative ones, before a trainer is built."""
+    from segpcl_fast.api import make_config
+    monkeypatch.setattr(frag, "make_trainer", _must_not_train)
+    with pytest.raises(ConfigError, match="fragility temperature must be > 0"):
+        frag.fragility(make_config(output_dir=str(tmp_path)), temperature=temperature)
+
+
+def test_pooled_counts_anchors_above_random_strictly():
+    """tasks_anchors_gt_random counts the tasks whose anchors' mean JSD is above the random images' one: a tie
+    (0.4 = 0.4) is not a task where the anchors moved more."""
+    rows = [_row(2, [0.1, 0.2], [True, False], [0.3, 0.5], [0.4]),   # anchors 0.4 == random 0.4
+            _row(3, [0.1, 0.2], [True, False], [0.6], [0.5])]       # anchors 0.6 > random 0.5
+    pooled = frag._pooled(rows)
+    assert pooled["tasks_anchors_gt_random"] == 1 and pooled["tasks"] == 2
+    assert "anchors > random new-task images in 1/2" in frag.format_fragility_table(rows, pooled, "m", "text_sim")
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_resumed_fragility_keeps_its_tables_until_it_writes_them_again(resume, monkeypatch, tmp_path):
+    """A --resume keeps the earlier fragility.{json,txt,png} until it writes them again (its run's checkpoints may
+    still refuse its config, as here); a new fragility removes them before it trains."""
+    from segpcl_fast.api import make_config
+
+    def refused(cfg):
+        raise ConfigError("checkpoint ... was made with a different config")
+    monkeypatch.setattr(frag, "make_trainer", refused)
+    for suffix in (".json", ".txt", ".png"):
+        (tmp_path / f"fragility{suffix}").write_text("the earlier fragility's")
+    with pytest.raises(ConfigError, match="different config"):
+        frag.fragility(make_config(output_dir=str(tmp_path), run__resume=resume))
+    assert sorted(p.name for p in tmp_path.glob("fragility.*")) == \
+        (["fragility.json", "fragility.png", "fragility.txt"] if resume else [])
+
+
+def test_max_old_images_none_means_all_as_zero(monkeypatch, tmp_path):
+    """max_old_images=None asks for every old-class test image, as 0 does: each measured task gets 0 (no cap)."""
+    from segpcl_fast.api import make_config
+    trainer = SimpleNamespace(train_task=lambda t: None, cfg=make_config(output_dir=str(tmp_path), plots=False))
+    monkeypatch.setattr(frag, "make_trainer", lambda cfg: trainer)
+    caps = []
+    monkeypatch.setattr(frag, "measure_task", lambda trainer_, t, score, threshold, max_old_images, temperature:
+                        caps.append(max_old_images) or _rows()[0] | {"task": t + 1})
+    frag.fragility(make_config(output_dir=str(tmp_path), plots=False), tasks=[2], max_old_images=None)
+    assert caps == [0]

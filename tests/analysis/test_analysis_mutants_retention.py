@@ -170,3 +170,57 @@ def test_a_variant_that_clashes_with_the_config_fails_before_any_trains(tmp_path
     monkeypatch.setattr(ret, "make_trainer", lambda cfg: pytest.fail(f"built a trainer for {cfg.run.method}"))
     with pytest.raises(ConfigError, match="retention: variant segpcl: .*prototypes.beta = 0.0"):
         ret.retention(make_config(output_dir=str(tmp_path), prototypes__beta=0.0), variants=["lora_finetune", "segpcl"])
+
+
+# ----------------------------------------------------------------------------- mutation audit (analysis, 2026-12-07)
+
+def test_a_variants_run_folder_is_its_slug(tmp_path, monkeypatch):
+    """A variant named with a '+' trains in <output_dir>/plus_<name> (outputs.slug), as ablate's runs do, and its
+    row names that folder (whose config.yaml is what the row trained)."""
+    built = []
+
+    def make(cfg):
+        built.append(cfg)
+        return _StandInTrainer(cfg, -2.0)
+    monkeypatch.setattr(ret, "make_trainer", make)
+    monkeypatch.setattr(ret, "_load_sets", lambda specs, trainer, per_class: {d: (_Set(40.0), None) for d in specs})
+    monkeypatch.setattr(ret, "zeroshot_accuracy", lambda model, ds, prompts, device, bs=256: ds.base + model.change)
+    out = ret.retention(make_config(output_dir=str(tmp_path), plots=False), variants=["+acgd"],
+                        datasets=["synthetic-sketch"])
+    assert [c.run.output_dir for c in built] == [str(tmp_path / "plus_acgd")]
+    assert [r["run"] for r in out["rows"]] == [str(tmp_path / "plus_acgd")]
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_resumed_retention_keeps_its_tables_until_it_writes_them_again(tmp_path, monkeypatch, resume):
+    """A --resume keeps the earlier retention.{json,txt,png} (its runs' checkpoints may still refuse its config, as
+    here); a new retention removes them before it trains."""
+    def refused(cfg):
+        raise ConfigError("checkpoint ... was made with a different config")
+    monkeypatch.setattr(ret, "make_trainer", refused)
+    for suffix in (".json", ".txt", ".png"):
+        (tmp_path / f"retention{suffix}").write_text("the earlier retention's")
+    with pytest.raises(ConfigError, match="different config"):
+        ret.retention(make_config(output_dir=str(tmp_path), run__resume=resume), variants=["lora_finetune"])
+    assert sorted(p.name for p in tmp_path.glob("retention.*")) == \
+        (["retention.json", "retention.png", "retention.txt"] if resume else [])
+
+
+def test_a_real_data_run_with_an_empty_dataset_list_is_refused_as_with_none(tmp_path, monkeypatch):
+    """datasets=[] means the default sets as datasets=None does (parse_dataset_specs): a real-data run is refused
+    either way, not scored on the offline world's toy sets."""
+    monkeypatch.setattr(ret, "make_trainer", lambda cfg: pytest.fail("built a trainer"))
+    (tmp_path / "cifar").mkdir()
+    cifar = make_config("cifar100", data__root=str(tmp_path / "cifar"), output_dir=str(tmp_path / "c"))
+    for datasets in (None, [], {}):
+        with pytest.raises(ConfigError, match="retention of a cifar100 run needs --datasets"):
+            ret.retention(cifar, datasets=datasets)
+
+
+def test_a_method_keyword_is_refused_as_retention_trains_every_variant(tmp_path, monkeypatch):
+    """retention sets run.method from each variants entry: a method= keyword would be overridden by every run, so
+    it is refused, naming variants= instead."""
+    monkeypatch.setattr(ret, "make_trainer", lambda cfg: pytest.fail("built a trainer"))
+    with pytest.raises(ConfigError, match=r"retention\(\) does not take run.method \(it trains every variants entry: "
+                                          r"pass variants=\['segpcl'\]\)"):
+        ret.retention(output_dir=str(tmp_path), method="segpcl")

@@ -172,3 +172,53 @@ def test_a_sweep_that_stops_midway_leaves_no_earlier_table_as_its_own(tmp_path, 
     with pytest.raises(ConfigError, match="different config"):
         sweep(make_config(output_dir=str(tmp_path), run__resume=True), axes=["dpgd.k_adv=1,3"], seeds=[0])
     assert (tmp_path / "sweep.txt").read_text() == "kept"
+
+
+# ----------------------------------------------------------------------------- mutation audit (analysis, 2026-12-07)
+
+@pytest.mark.parametrize("key", ["run.progress", "run.plots", "run.tensorboard", "run.checkpoint", "run.overwrite",
+                                 "run.resume"])
+def test_every_key_that_changes_only_what_a_run_shows_or_keeps_is_no_axis(key):
+    """Each of the six run keys that change neither what a run trains nor how fast (the progress bar, plots,
+    TensorBoard, checkpoints, overwrite, resume) is refused with two values: its points would be one run."""
+    with pytest.raises(ConfigError, match=f"sweep key '{key}' has values \\[True, False\\], but it changes only"):
+        parse_axes([f"{key}=true,false", "dpgd.k_adv=5,10"])
+    assert parse_axes([f"{key}=true"])[key] == [True]
+
+
+def test_points_that_train_the_same_configuration_name_the_switchs_own_weight(tmp_path):
+    """Sweeping a switch the method decides (acgd.enabled under segpcl) is refused with the hint that names what
+    turns it off without changing the method (acgd.weight=0), not only "a key the method leaves alone"."""
+    with pytest.raises(ConfigError, match=r"sweep run.method itself, or a key the method leaves alone "
+                                          r"\(acgd.weight=0 turns ACGD off\)$"):
+        validate_grid(make_config(), expand_grid(parse_axes(["acgd.enabled=true,false"])), [0], tmp_path)
+
+
+def test_a_resumed_sweep_still_refuses_points_that_train_the_same_configuration(tmp_path):
+    """run.resume differs between points under --resume (true only where a point's folder exists): it is left out
+    of what a point trains, so a started point and an unstarted one that train the same thing are still refused."""
+    (tmp_path / "enabled=True" / "seed0").mkdir(parents=True)
+    cfg = make_config(output_dir=str(tmp_path), run__resume=True)
+    with pytest.raises(ConfigError, match="sweep points enabled=True and enabled=False train the same configuration"):
+        validate_grid(cfg, expand_grid(parse_axes(["tsgr.enabled=true,false"])), [0], tmp_path)
+
+
+def test_a_key_given_both_fixed_and_as_one_value_is_recorded_as_trained(stand_in_train, tmp_path):
+    """A key given with --fixed and again as a one-value --set: sweep.json's "fixed" and the table's title name the
+    value the runs trained with (the --set one), not the other."""
+    out = sweep(make_config(output_dir=str(tmp_path)), axes=["dpgd.k_adv=1,3", "optim.lr=0.05"],
+                fixed=["optim.lr=0.02"], seeds=[0])
+    trained = {c.optim.lr for c in stand_in_train}
+    assert trained == {0.05}
+    assert json.loads(Path(out["paths"]["json"]).read_text())["fixed"] == {"optim.lr": 0.05}
+    assert "fixed: optim.lr=0.05)" in out["table"]
+
+
+def test_keys_the_sweep_sets_itself_are_refused_before_training(stand_in_train, tmp_path):
+    """run.seed comes from seeds=: a run__seed keyword would be overridden by every point, and a seed given twice
+    would train one run folder twice; both are refused before anything trains."""
+    with pytest.raises(ConfigError, match=r"sweep\(\) does not take run.seed \(it runs every seeds entry"):
+        sweep(output_dir=str(tmp_path), axes=["dpgd.k_adv=1,3"], seeds=[0], run__seed=1)
+    with pytest.raises(ConfigError, match="seed 1 is given twice"):
+        sweep(make_config(output_dir=str(tmp_path)), axes=["dpgd.k_adv=1,3"], seeds=[1, 0, 1])
+    assert stand_in_train == []
