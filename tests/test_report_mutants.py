@@ -660,3 +660,155 @@ def test_metric_columns_count_the_runs_that_have_each_metric():
     assert plus_minus(row["Last"], row["Last_std"], 3, row["Last_n"]) == "2.00 +- 1.00"
     assert plus_minus(row["Forgetting_own"], None, 3, row["Forgetting_own_n"]) == "4.00 (n=1)"
     assert plus_minus(None, None, 3, 0) == "n/a"
+
+
+# ----------------------------------------------------------------------------- mutation audit (report, 2026-12-07)
+
+def test_loss_curve_colours_and_legend_order_up_to_and_past_ten_tasks(tmp_path, monkeypatch):
+    """Up to 10 tasks each takes matplotlib's cycle colour C0..C9 (10 tasks: all ten); past 10 the tasks spread
+    over the whole turbo map, first task at 0 and last at 1; the legend lists the tasks in numeric order
+    (task 2 before task 10, not as text)."""
+    import matplotlib
+    figs = _spy_figures(monkeypatch)
+    plots.plot_loss_curves([[{"epoch": 1, "steps": 1, "cls": 1.0}]] * 10, tmp_path / "l10.png")
+    legend = figs[-1].axes[-1].get_legend()
+    assert [h.get_color() for h in legend.get_lines()] == [f"C{t}" for t in range(10)]
+    plots.plot_loss_curves([[{"epoch": 1, "steps": 1, "cls": 1.0}]] * 12, tmp_path / "l12.png")
+    legend = figs[-1].axes[-1].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == [f"task {t}" for t in range(1, 13)]
+    turbo = matplotlib.colormaps["turbo"]
+    assert [tuple(h.get_color()) for h in legend.get_lines()] == [tuple(turbo(t / 11)) for t in range(12)]
+
+
+def test_optional_packages_ask_for_scikit_learn_and_tensorboard_by_their_distribution_names(monkeypatch):
+    """`segpcl-fast env` reports scikit-learn (t-SNE anchor views) and tensorboard (run.tensorboard) under the
+    versions of the distributions of those names."""
+    installed = {"scikit-learn": "1.5.2", "tensorboard": "2.21.0"}
+    monkeypatch.setattr(envmod, "_dist_version", lambda name: installed.get(name))
+    found = envmod._optional_packages()
+    assert (found["scikit_learn"], found["tensorboard"]) == ("1.5.2", "2.21.0")
+
+
+@pytest.mark.parametrize("text, error", [("{\"matrix\": [[1.0]]", "JSONDecodeError"),
+                                         ("{\"matrix\": [[1.0]], \"acc_per_task\": [1.0]}", "KeyError: 'metrics'"),
+                                         ("{\"matrix\": [[1.0]], \"metrics\": {}}", "KeyError: 'acc_per_task'"),
+                                         ("[1, 2]", "TypeError")])
+def test_read_results_of_a_damaged_file_is_one_value_error(tmp_path, text, error):
+    """A results.json cut short, lacking a key every reader uses (metrics, acc_per_task), or not an object at all
+    is one ValueError naming the file and what is wrong, not a KeyError / TypeError from deep inside."""
+    path = tmp_path / "results.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"results.json is not a whole results.json \({error}"):
+        read_results(path)
+
+
+def test_clear_table_files_removes_only_the_analysis_files_and_leaves_a_folder(tmp_path, caplog):
+    """clear_table_files removes <name>.json / .txt / .png files, names them in one log line, and leaves anything
+    else: another analysis' files, and a folder that happens to carry such a name (no IsADirectoryError)."""
+    import logging
+    for name in ("sweep.json", "sweep.png", "ablation.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "sweep.txt").mkdir()
+    with caplog.at_level(logging.INFO, logger="segpcl_fast.report"):
+        resmod.clear_table_files(tmp_path, "sweep")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.txt", "sweep.txt"]
+    assert (tmp_path / "sweep.txt").is_dir()
+    assert "removed the earlier sweep.json, sweep.png (written again" in caplog.text
+
+
+def test_loss_curve_legend_sits_below_the_x_label_in_rows_of_at_most_ten(tmp_path, monkeypatch):
+    """The task legend goes under the last panel's x label (anchored at y = -0.28 - 0.1 / panels in its axes,
+    centred), so it hides no curve; 12 tasks take two rows of at most 10, 3 tasks one row of 3."""
+    figs = _spy_figures(monkeypatch)
+    for tasks, terms, ncol in ((12, {"cls": 1.0, "acgd": 2.0}, 10), (3, {"cls": 1.0}, 3)):
+        plots.plot_loss_curves([[{"epoch": 1, "steps": 1, **terms}]] * tasks, tmp_path / "l.png")
+        ax = figs[-1].axes[-1]
+        legend = ax.get_legend()
+        x, y, _, _ = legend.get_bbox_to_anchor().transformed(ax.transAxes.inverted()).bounds
+        assert (x, y) == pytest.approx((0.5, -0.28 - 0.1 / len(terms)))
+        assert legend._ncols == ncol  # matplotlib keeps ncols private; no public getter
+
+
+def test_loss_curves_count_a_tasks_epochs_up_to_its_last_one(tmp_path, monkeypatch):
+    """x counts epochs across tasks by epoch number: a task whose epoch 2 recorded no row (no steps) still takes 3
+    epochs on the axis, so the next task starts at epoch 4."""
+    figs = _spy_figures(monkeypatch)
+    curves = [[{"epoch": 1, "steps": 2, "cls": 3.0}, {"epoch": 3, "steps": 2, "cls": 2.0}],
+              [{"epoch": 1, "steps": 2, "cls": 1.0}]]
+    plots.plot_loss_curves(curves, tmp_path / "l.png")
+    assert [list(line.get_xdata()) for line in figs[0].axes[0].get_lines()] == [[1, 3], [4]]
+
+
+def test_accuracy_matrix_text_is_white_below_60_and_black_from_60(tmp_path, monkeypatch):
+    """On viridis, a cell below 60 % is dark (white text), one of 60 % or more light (black text); the colour
+    follows the value, not its one-decimal text (59.96 shows as 60.0, in white)."""
+    figs = _spy_figures(monkeypatch)
+    plots.plot_accuracy_matrix([[59.96, NAN], [60.0, 100.0]], tmp_path / "m.png")
+    cells = {t.get_position(): (t.get_text(), t.get_color()) for t in figs[0].axes[0].texts}
+    assert cells == {(0, 0): ("60.0", "white"), (0, 1): ("60.0", "black"), (1, 1): ("100.0", "black")}
+
+
+def test_write_run_report_stores_the_runs_counts_and_process_record(tmp_path):
+    """results.json keeps the result's "counts" and "run" (the processes and device that trained: a --resume and
+    evaluate read them back), and names the run's own device in its versions."""
+    run = {"world_size": 1, "device": "cpu"}
+    counts = {"fp16_skipped_steps": [0, 2]}
+    paths = write_run_report(_result(run=run, counts=counts), tmp_path, plots=False)
+    back = read_results(paths["results"])
+    assert back["run"] == run and back["counts"] == counts
+    from segpcl_fast.report.results import cpu_name
+    assert back["versions"]["device_name"] == cpu_name()
+
+
+def test_gpu_lora_and_attention_rows_are_asked_in_the_dtype_each_gpu_trains_in(monkeypatch):
+    """The CUDA rows of `segpcl-fast env` ask the LoRA and attention dispatch about tensors of the dtype the GPU
+    trains in: bf16 from Ampere on (cuda:0, 9.0), fp16 before (cuda:1, a 7.0 V100 with run.precision=fp16),
+    the CPU's LoRA rows in fp32. The probe tensors are made on the CPU here (no GPU needed)."""
+    from segpcl_fast.ops import lora_linear, mha
+
+    class CpuTorch:  # envmod's torch, making each probe tensor on the CPU whatever device it names
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*shape, device=None, **kwargs):
+            return torch.empty(*shape, **kwargs)
+    capability = {0: (9, 0), 1: (7, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[torch.device(device).index])
+    monkeypatch.setattr(envmod, "torch", CpuTorch())
+    seen = []
+    monkeypatch.setattr(lora_linear, "lora_b_linear_impl",
+                        lambda x, B, compiling: seen.append((x.dtype, B.dtype)) or "merged")
+    monkeypatch.setattr(mha, "_use_xformers", lambda q, mask: seen.append(q.dtype) or False)
+    for device, dtype in (("cuda:0", torch.bfloat16), ("cuda:1", torch.float16)):
+        seen.clear()
+        assert envmod._lora_impls(device) == {"training": "merged", "frozen_B": "merged", "compiled": "merged"}
+        assert envmod._attention_impl(device) == "sdpa"
+        assert seen == [(dtype, dtype)] * 3 + [dtype], device
+    seen.clear()
+    envmod._lora_impls("cpu")
+    assert seen == [(torch.float32, torch.float32)] * 3
+
+
+def test_source_revision_is_the_checkouts_own_commit_and_none_for_a_copy_inside_another_repository(tmp_path,
+                                                                                                  monkeypatch):
+    """A source checkout (.git beside the package) records its commit and whether tracked files differ; an
+    installed copy (no .git beside it) records None, even when it lies inside another git work tree (a virtual
+    environment inside a project), whose commit is not the package's."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "tracked.txt").write_text("a")
+    git("add", "tracked.txt")
+    git("commit", "-q", "-m", "one")
+    monkeypatch.setattr(resmod, "__file__", str(tmp_path / "segpcl_fast" / "report" / "results.py"))
+    assert resmod.source_revision() == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (tmp_path / "tracked.txt").write_text("b")
+    assert resmod.source_revision()["dirty"] is True
+    copy = tmp_path / "venv" / "site-packages" / "segpcl_fast" / "report" / "results.py"
+    copy.parent.mkdir(parents=True)
+    monkeypatch.setattr(resmod, "__file__", str(copy))
+    assert resmod.source_revision() is None
