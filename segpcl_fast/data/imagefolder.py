@@ -99,12 +99,13 @@ def _split_dirs(path: Path) -> tuple[Optional[Path], Optional[Path]]:
 
 def _dataset_below(path: Path) -> Optional[Path]:
     """A folder just below `path` that looks like the dataset's root (a train/ + test/ split in it, or the only
-    folder there): what data.root was probably meant to be."""
+    folder there when it holds two or more class folders): what data.root was probably meant to be. The only folder
+    of a class folder (a/sub/*.jpg) holds images, not classes: not suggested."""
     children = class_folder_names(path)
     for child in children:
         if all(_split_dirs(path / child)):
             return path / child
-    return path / children[0] if len(children) == 1 else None
+    return path / children[0] if len(children) == 1 and len(class_folder_names(path / children[0])) >= 2 else None
 
 
 def _warn_if_one_half_of_a_split(path: Path) -> None:

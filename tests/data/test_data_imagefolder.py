@@ -155,6 +155,15 @@ def test_layouts_that_are_not_one_name_the_fix(tmp_path):
     make_tree(flat_above / "ds", split=False)
     with pytest.raises(DatasetFormatError, match=f"set data.root={flat_above / 'ds'}"):
         load_imagefolder(str(flat_above))
+    # data.root at one class folder whose images sit in a sub-folder (a/sub/*.jpg): that sub-folder, which holds
+    # images and no class folders, is not suggested (a review's finding); its parent holds the classes
+    one_class = tmp_path / "one_class"
+    for i in range(2):
+        write_image(one_class / "a" / "sub" / f"{i}.jpg", (1, 2, 3))
+    with pytest.raises(DatasetFormatError, match="holds 1 class folder: a class-incremental run needs two or more") \
+            as err:
+        load_imagefolder(str(one_class / "a"))
+    assert "sub, which looks like the dataset" not in str(err.value)
     lone = make_tree(tmp_path / "lone", split=False)
     write_image(lone / "unicorn" / "only.jpg", (1, 2, 3))
     with pytest.raises(DatasetFormatError, match="holds 1 image .* the seeded split needs two or more"):
