@@ -57,15 +57,16 @@ def user_data_file(value: str, root: Optional[Path], what: str, key: str, datase
 NEARBY_HITS = 5000  # glob matches read when looking for the layout below a root (a class list's folders: ~1000 a copy)
 
 
-def found_nearby(root: Path, pattern: str) -> str:
+def found_nearby(root: Path, pattern: str, prefer: Optional[Callable[[Path], bool]] = None) -> str:
     """Fix text 'the layout was found one level further down: set data.root=...' when `pattern` (a
     glob relative to a data root, e.g. 'CUB_200_2011/images.txt') matches one or two folder levels below
     `root`, or '... one level up: set data.root=...' when it matches from a folder above `root` (a
-    root that points into the dataset); '' otherwise."""
+    root that points into the dataset); '' otherwise. `prefer(candidate)`: candidates it holds true for are
+    named first (another dataset of the same layout may lie beside the one asked for)."""
     levels_up = len(Path(pattern).parts)  # a match lies this many folders below its data root
     for depth in ("*", "*/*"):
         hits = itertools.islice(root.glob(f"{depth}/{pattern}"), NEARBY_HITS)  # a glob may match thousands
-        roots = sorted({hit.parents[levels_up - 1] for hit in hits})
+        roots = sorted({hit.parents[levels_up - 1] for hit in hits}, key=lambda r: (prefer is not None and not prefer(r), r))
         if roots:
             others = f" (also found in: {', '.join(map(str, roots[1:4]))}{', ...' if len(roots) > 4 else ''})" \
                 if len(roots) > 1 else ""

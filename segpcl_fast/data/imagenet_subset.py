@@ -337,7 +337,7 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
         return _load_kaggle100(path, parts, train_transform, test_transform, class_list, names_file)
     if not (image_root / "train").is_dir():
         raise format_error(NAME, f"no train/ folder in '{path}' (nor in '{path / KAGGLE_IMAGES}')", LAYOUT,
-                           found_nearby(path, "train/n[0-9]*")
+                           found_nearby(path, "train/n[0-9]*", prefer=lambda r: _looks_like_the_subset(r, n_classes))
                            or "point data.root at the ImageNet folder")
     classes = _class_list(path, image_root, class_list, n_classes)
     class_names = names_for_wnids(classes.wnids, [path / "LOC_synset_mapping.txt", path / "meta.bin"],
@@ -353,6 +353,12 @@ def load_imagenet_subset(root: Optional[str], train_transform: Optional[Callable
     _check_disjoint(train, val, classes.train_files is not None)
     return (FileListDataset(*train, class_names, train_transform, classes.wnids),
             FileListDataset(*val, class_names, test_transform, classes.wnids))
+
+
+def _looks_like_the_subset(root: Path, n_classes: int) -> bool:
+    """A class list beside train/, or train/ cut to n_classes wnid folders: ImageNet-Subset rather than another
+    dataset of wnid folders (an imagenet-r/ with train/ beside it in a shared data root)."""
+    return any((root / name).is_file() for name in DEFAULT_CLASS_LISTS) or len(wnid_folders(root / "train")) == n_classes
 
 
 def _check_disjoint(train: tuple[list[str], list[int]], val: tuple[list[str], list[int]], from_list: bool) -> None:

@@ -93,6 +93,18 @@ def test_no_train_folder(tmp_path):
         load_imagenet_subset(str(tmp_path))
 
 
+def test_a_shared_root_names_the_subset_before_another_wnid_dataset(tmp_path):
+    """PROOF-style data root: imagenet-r/train/<wnid>/ beside imagenet100/ (with its class list): the fix names
+    imagenet100 first, though 'imagenet-r' sorts before it (a review's finding)."""
+    for wnid in IN_SUBSET:
+        write_image(tmp_path / "imagenet-r" / "train" / wnid / "a.jpg", (1, 2, 3))
+    make_imagenet_subset(tmp_path / "imagenet100")
+    assert any((tmp_path / "imagenet100" / name).is_file() for name in ("imagenet100.txt", "train_100.txt"))
+    with pytest.raises(DatasetFormatError, match=f"set data.root={tmp_path / 'imagenet100'} "
+                                                 rf"\(also found in: {tmp_path / 'imagenet-r'}\)"):
+        load_imagenet_subset(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- class index = sorted wnids
 def make_precut_100(root):
     """An already cut ImageNet-100: train/ and val/ with 100 wnid folders, one image each."""
