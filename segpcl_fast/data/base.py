@@ -136,15 +136,18 @@ class ClassSubset(ClassDataset):
         return self.base.load_image(self.indices[index])
 
 
-def split_digest(train: ClassDataset, test: ClassDataset) -> str:
+def split_digest(train: ClassDataset, test: ClassDataset, legacy: bool = False) -> str:
     """A digest of which images are train and which are test, with their labels: each image by its
-    file's last two path parts (class folder / file: the same wherever data.root now lies), or by its
-    index for images held in memory. A checkpoint stores it: a moved data.root that splits the same
-    files otherwise (an ImageNet-R copy without its train.txt / test.txt takes the seeded split) is
-    refused on resume and evaluate instead of testing on another test set."""
+    file's last two path parts (class folder / file: the same wherever data.root now lies; a UCF101 video by
+    its frame file or folder, `sources`), or by its index for images held in memory. A checkpoint stores it: a
+    moved data.root that splits the same files otherwise (an ImageNet-R copy without its train.txt / test.txt
+    takes the seeded split) is refused on resume and evaluate instead of testing on another test set.
+    legacy=True: the digest checkpoints stored before UCF101's videos were keyed by name (by index, so two
+    splits with the same per-class counts had one digest); checkpoint.check_split still accepts it."""
     h = hashlib.sha256()
     for name, ds in (("train", train), ("test", test)):
-        keys = ([os.path.join(*Path(p).parts[-2:]) for p in ds.paths] if isinstance(ds, FileListDataset)
+        files = ds.paths if isinstance(ds, FileListDataset) else None if legacy else getattr(ds, "sources", None)
+        keys = ([os.path.join(*Path(p).parts[-2:]) for p in files] if files is not None
                 else [str(i) for i in range(len(ds))])
         h.update(f"{name} {len(ds)}\n".encode())
         h.update("\n".join(f"{k} {t}" for k, t in zip(keys, ds.targets)).encode())

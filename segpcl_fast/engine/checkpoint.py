@@ -252,11 +252,12 @@ def check_class_names(path: PathLike, state: Mapping, class_names: list) -> None
                              "those)" if len(stored) == len(class_names) else ""))
 
 
-def check_split(path: PathLike, state: Mapping, digest: str) -> None:
+def check_split(path: PathLike, state: Mapping, digest: str, legacy_digest: Optional[str] = None) -> None:
     """The checkpoint's train / test split (data.base.split_digest, stored since it is) must be the one
-    data.root gives now: a copy that splits the same files otherwise would test on other images."""
+    data.root gives now: a copy that splits the same files otherwise would test on other images. A checkpoint
+    written before UCF101's videos were keyed by name holds `legacy_digest` (split_digest(legacy=True))."""
     stored = state.get("split_digest")
-    if stored is None or stored == digest:
+    if stored is None or stored == digest or (legacy_digest is not None and stored == legacy_digest):
         return
     raise CheckpointError(f"checkpoint {path} was trained on another train / test split than data.root gives now "
                           f"(split digest {stored}, now {digest}): point data.root at the run's copy of the dataset, "
@@ -280,12 +281,12 @@ def restore_learner(path: PathLike, learner, state: Mapping, pretrained: Optiona
 
 
 def check_same_data(path: PathLike, state: Mapping, class_names: list, split_digest: str,
-                    geometry: Mapping) -> None:
+                    geometry: Mapping, legacy_split_digest: Optional[str] = None) -> None:
     """What resume and evaluate ask of a checkpoint before using it: this run's class names, train / test
     split and test-transform geometry are the checkpoint's (check_class_names, check_split,
     check_image_geometry)."""
     check_class_names(path, state, class_names)
-    check_split(path, state, split_digest)
+    check_split(path, state, split_digest, legacy_split_digest)
     check_image_geometry(path, state, geometry)
 
 

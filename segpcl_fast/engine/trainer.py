@@ -458,6 +458,7 @@ class Trainer:
                 raise
             raise e.for_trained_run("--resume --set data.root=PATH") from None
         self.split_digest = split_digest(raw_train, raw_test)
+        self.legacy_split_digest = split_digest(raw_train, raw_test, legacy=True)  # older checkpoints' (check_split)
         # the class order and task split too (a wrong data.task_sizes failed after the weights loaded)
         ClassIncrementalScenario.from_config(c.data, raw_train, raw_test)
         self.model, self.lora_params = build_model(c, self.device)
@@ -795,7 +796,7 @@ class Trainer:
             state = ckpt.load_checkpoint(path, ckpt.config_fingerprint(c.to_dict()), c.to_dict(),
                                          defaults=type(c)().to_dict(), purpose=purpose)
             ckpt.check_same_data(path, state, self.scenario.class_names, self.split_digest,
-                                 self.model.image_stats.geometry())
+                                 self.model.image_stats.geometry(), self.legacy_split_digest)
             ckpt.check_activation(path, state, self.model.quick_gelu, config_quick_gelu(c.model.name))
             if restore:
                 ckpt.restore_lora(path, self.model, state)

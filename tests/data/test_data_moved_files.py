@@ -36,6 +36,31 @@ def test_split_digest_follows_the_split_not_the_root(tmp_path):
     assert split_digest(*load_imagenet_r(str(copy))) != digest  # the seeded split of the same files
 
 
+def test_ucf101_videos_are_keyed_by_name_and_older_digests_still_match(tmp_path):
+    """UCF101's VideoFrameDataset was keyed by index, so two splits with the same per-class counts had one digest (a
+    review's finding): its videos (`sources`) are keyed by name now; a checkpoint holding the older digest is still
+    this split's (check_split's legacy_digest), and a checkpoint of the other split is refused."""
+    from segpcl_fast.data.ucf101 import VideoFrameDataset
+    from segpcl_fast.engine.checkpoint import check_split
+
+    def split(test_group):
+        frames = {g: tmp_path / "frames" / "Archery" / f"v_Archery_g0{g}_c01.jpg" for g in (1, 2, 3)}
+        for path in frames.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        train = [str(frames[g]) for g in (1, 2, 3) if g != test_group]
+        return (VideoFrameDataset(train, [0, 0], ["archery"]),
+                VideoFrameDataset([str(frames[test_group])], [0], ["archery"]))
+    one, other = split(3), split(1)
+    assert split_digest(*one) != split_digest(*other)  # other videos in test: another split
+    assert split_digest(*one, legacy=True) == split_digest(*other, legacy=True)  # what the index key missed
+    check_split("c.pt", {"split_digest": split_digest(*one)}, split_digest(*one), split_digest(*one, legacy=True))
+    check_split("c.pt", {"split_digest": split_digest(*one, legacy=True)}, split_digest(*one),
+                split_digest(*one, legacy=True))  # written before the change
+    with pytest.raises(CheckpointError, match="another train / test split"):
+        check_split("c.pt", {"split_digest": split_digest(*other)}, split_digest(*one), split_digest(*one, legacy=True))
+
+
 def test_a_run_with_relative_side_files_evaluates_from_anywhere_and_refuses_another_split(tiny_model_name, tmp_path,
                                                                                         monkeypatch):
     root = make_imagenet_r(tmp_path / "imr", readme=False)
