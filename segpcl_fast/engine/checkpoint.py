@@ -323,10 +323,13 @@ def check_activation(path: PathLike, state: Mapping, built: bool, name_default: 
     act = {True: "QuickGELU", False: "GELU"}
     older = "" if stored is not None else (" (checkpoints written before the activation was stored ran the one "
                                            "open_clip's config for the model name sets)")
+    moved = (" If model.pretrained now names a state-dict copy of the run's weights (a local file says nothing of "
+             "its activation), name the tag (its cache: model.cache_dir) or OpenAI's TorchScript file instead."
+             if ran and not built else "")
     raise CheckpointError(f"checkpoint {path} was made by a model with {act[ran]} in its MLPs{older}, but this model "
                           f"runs {act[built]} (the activation these weights were trained with): its LoRA, anchors and "
                           f"prototypes belong to the other model; finish or evaluate it with the segpcl_fast that "
-                          f"wrote it, or start a new run (-o)")
+                          f"wrote it, or start a new run (-o).{moved}")
 
 
 def restore_lora(path: PathLike, model: torch.nn.Module, state: Mapping) -> None:

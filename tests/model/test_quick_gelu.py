@@ -111,8 +111,12 @@ def test_checkpoint_activation_check():
     with pytest.raises(ckpt.CheckpointError, match=r"with GELU in its MLPs \(checkpoints written before the "
                                                    r"activation was stored .*\), but this model runs QuickGELU"):
         ckpt.check_activation("c.pt", {}, built=True, name_default=False)
-    with pytest.raises(ckpt.CheckpointError, match="with QuickGELU in its MLPs, but this model runs GELU"):
+    with pytest.raises(ckpt.CheckpointError, match="with QuickGELU in its MLPs, but this model runs GELU.* If "
+                                                   "model.pretrained now names a state-dict copy"):
         ckpt.check_activation("c.pt", {"quick_gelu": True}, built=False, name_default=False)
+    with pytest.raises(ckpt.CheckpointError) as gelu_run:
+        ckpt.check_activation("c.pt", {"quick_gelu": False}, built=True, name_default=False)
+    assert "state-dict copy" not in str(gelu_run.value)  # only a QuickGELU run can lose it to a copy
 
 
 def test_a_quick_gelu_run_checkpoints_exports_and_refuses_the_other_activation(tiny_model_name, tmp_path):
