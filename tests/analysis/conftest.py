@@ -1,6 +1,7 @@
 import pytest
 
 from segpcl_fast.api import make_config
+from segpcl_fast.config import ConfigError
 
 
 @pytest.fixture
@@ -13,3 +14,21 @@ def small_config(tiny_model_name, tmp_path):
         base.update(kw)
         return make_config(**base)
     return make
+
+
+@pytest.fixture
+def tables_kept_only_on_resume(monkeypatch, tmp_path):
+    """check(module, stem, analysis, resume): `analysis(cfg)` (output_dir tmp_path) over earlier <stem>.{json,txt,png},
+    with the module's make_trainer refusing (its run's checkpoints may still refuse its config). A --resume keeps the
+    earlier tables until it writes them again; a new analysis removes them before it trains."""
+    def check(module, stem, analysis, resume):
+        def refused(cfg):
+            raise ConfigError("checkpoint ... was made with a different config")
+        monkeypatch.setattr(module, "make_trainer", refused)
+        for suffix in (".json", ".txt", ".png"):
+            (tmp_path / f"{stem}{suffix}").write_text(f"the earlier {stem}'s")
+        with pytest.raises(ConfigError, match="different config"):
+            analysis(make_config(output_dir=str(tmp_path), run__resume=resume))
+        assert sorted(p.name for p in tmp_path.glob(f"{stem}.*")) == \
+            ([f"{stem}.json", f"{stem}.png", f"{stem}.txt"] if resume else [])
+    return check

@@ -169,18 +169,10 @@ def test_pca_axes_are_signed_so_their_largest_loading_is_positive():
 
 
 @pytest.mark.parametrize("resume", [True, False])
-def test_a_resumed_anchor_views_keeps_its_tables_until_it_writes_them_again(resume, monkeypatch, tmp_path):
+def test_a_resumed_anchor_views_keeps_its_tables_until_it_writes_them_again(resume, tables_kept_only_on_resume):
     """A --resume keeps the earlier anchor_views.{json,txt,png} until it writes them again (its run's checkpoints
     may still refuse its config, as here); a new anchor-views removes them before it trains."""
-    def refused(cfg):
-        raise ConfigError("checkpoint ... was made with a different config")
-    monkeypatch.setattr(av, "make_trainer", refused)
-    for suffix in (".json", ".txt", ".png"):
-        (tmp_path / f"anchor_views{suffix}").write_text("the earlier anchor views'")
-    with pytest.raises(ConfigError, match="different config"):
-        av.anchor_views(make_config(output_dir=str(tmp_path), run__resume=resume))
-    assert sorted(p.name for p in tmp_path.glob("anchor_views.*")) == \
-        (["anchor_views.json", "anchor_views.png", "anchor_views.txt"] if resume else [])
+    tables_kept_only_on_resume(av, "anchor_views", av.anchor_views, resume)
 
 
 @pytest.mark.parametrize("n_classes", [20, 21])

@@ -192,18 +192,11 @@ def test_a_reference_folder_with_a_damaged_marker_is_written_anew(tmp_path):
 
 
 @pytest.mark.parametrize("resume", [True, False])
-def test_a_resumed_distill_sources_keeps_its_tables_until_it_writes_them_again(resume, monkeypatch, tmp_path):
+def test_a_resumed_distill_sources_keeps_its_tables_until_it_writes_them_again(resume, tables_kept_only_on_resume):
     """A --resume keeps the earlier distill_sources.{json,txt,png} until it writes them again (its runs'
     checkpoints may still refuse its config, as here); a new distill-sources removes them before it trains."""
-    def refused(cfg):
-        raise ConfigError("checkpoint ... was made with a different config")
-    monkeypatch.setattr(ds_mod, "make_trainer", refused)
-    for suffix in (".json", ".txt", ".png"):
-        (tmp_path / f"distill_sources{suffix}").write_text("the earlier distill-sources'")
-    with pytest.raises(ConfigError, match="different config"):
-        ds_mod.distill_sources(make_config(output_dir=str(tmp_path), run__resume=resume), sources=["anchors"])
-    assert sorted(p.name for p in tmp_path.glob("distill_sources.*")) == \
-        (["distill_sources.json", "distill_sources.png", "distill_sources.txt"] if resume else [])
+    tables_kept_only_on_resume(ds_mod, "distill_sources", lambda cfg: ds_mod.distill_sources(cfg, sources=["anchors"]),
+                               resume)
 
 
 def test_one_seeds_bar_plot_has_no_error_bars_and_names_the_seed(stand_in_runs, tmp_path, monkeypatch):

@@ -315,20 +315,10 @@ def test_pooled_counts_anchors_above_random_strictly():
 
 
 @pytest.mark.parametrize("resume", [True, False])
-def test_a_resumed_fragility_keeps_its_tables_until_it_writes_them_again(resume, monkeypatch, tmp_path):
+def test_a_resumed_fragility_keeps_its_tables_until_it_writes_them_again(resume, tables_kept_only_on_resume):
     """A --resume keeps the earlier fragility.{json,txt,png} until it writes them again (its run's checkpoints may
     still refuse its config, as here); a new fragility removes them before it trains."""
-    from segpcl_fast.api import make_config
-
-    def refused(cfg):
-        raise ConfigError("checkpoint ... was made with a different config")
-    monkeypatch.setattr(frag, "make_trainer", refused)
-    for suffix in (".json", ".txt", ".png"):
-        (tmp_path / f"fragility{suffix}").write_text("the earlier fragility's")
-    with pytest.raises(ConfigError, match="different config"):
-        frag.fragility(make_config(output_dir=str(tmp_path), run__resume=resume))
-    assert sorted(p.name for p in tmp_path.glob("fragility.*")) == \
-        (["fragility.json", "fragility.png", "fragility.txt"] if resume else [])
+    tables_kept_only_on_resume(frag, "fragility", frag.fragility, resume)
 
 
 def test_max_old_images_none_means_all_as_zero(monkeypatch, tmp_path):

@@ -192,18 +192,10 @@ def test_a_variants_run_folder_is_its_slug(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("resume", [True, False])
-def test_a_resumed_retention_keeps_its_tables_until_it_writes_them_again(tmp_path, monkeypatch, resume):
+def test_a_resumed_retention_keeps_its_tables_until_it_writes_them_again(resume, tables_kept_only_on_resume):
     """A --resume keeps the earlier retention.{json,txt,png} (its runs' checkpoints may still refuse its config, as
     here); a new retention removes them before it trains."""
-    def refused(cfg):
-        raise ConfigError("checkpoint ... was made with a different config")
-    monkeypatch.setattr(ret, "make_trainer", refused)
-    for suffix in (".json", ".txt", ".png"):
-        (tmp_path / f"retention{suffix}").write_text("the earlier retention's")
-    with pytest.raises(ConfigError, match="different config"):
-        ret.retention(make_config(output_dir=str(tmp_path), run__resume=resume), variants=["lora_finetune"])
-    assert sorted(p.name for p in tmp_path.glob("retention.*")) == \
-        (["retention.json", "retention.png", "retention.txt"] if resume else [])
+    tables_kept_only_on_resume(ret, "retention", lambda cfg: ret.retention(cfg, variants=["lora_finetune"]), resume)
 
 
 def test_a_real_data_run_with_an_empty_dataset_list_is_refused_as_with_none(tmp_path, monkeypatch):
