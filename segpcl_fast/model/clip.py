@@ -409,12 +409,13 @@ def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optiona
         raise ModelLoadError(f"unknown pretrained tag '{pretrained}' for model '{name}'{hint}; "
                              f"known tags: {tags or 'none (pass a local checkpoint path)'}")
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    url_file = _cached_url_file(cfg, cache_dir)
-    if url_file is not None and not _hf_cached(cfg, cache_dir):
+    in_hub = _hf_cached(cfg, cache_dir)
+    url_file = None if in_hub else _cached_url_file(cfg, cache_dir)
+    if url_file is not None:
         # open_clip would ask the (offline) hub first, and its weights-only torch.load refuses OpenAI's
         # TorchScript files (clip.load's ~/.cache/clip/ViT-B-16.pt): load_model reads the file itself
         return url_file
-    if not _weights_cached(cfg, cache_dir):
+    if not in_hub:
         raise ModelLoadError(
             f"weights for {name} / {pretrained} are not available offline (not in the open_clip / "
             f"Hugging Face cache{' ' + cache_dir if cache_dir else ''}). Either download them on a "
@@ -432,11 +433,6 @@ def _in_hf_cache(repo: str, filename: str, cache_dir: Optional[str]) -> bool:
     except Exception:  # no huggingface_hub, or a repo id it rejects
         return False
     return isinstance(hit, str) and os.path.exists(hit)
-
-
-def _weights_cached(cfg: dict, cache_dir: Optional[str]) -> bool:
-    """True if these weights are here without the network (open_clip's hub cache, or its URL download)."""
-    return _hf_cached(cfg, cache_dir) or _cached_url_file(cfg, cache_dir) is not None
 
 
 def _hf_cached(cfg: dict, cache_dir: Optional[str]) -> bool:
