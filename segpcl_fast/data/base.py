@@ -143,7 +143,8 @@ def split_digest(train: ClassDataset, test: ClassDataset, legacy: bool = False) 
     moved data.root that splits the same files otherwise (an ImageNet-R copy without its train.txt / test.txt
     takes the seeded split) is refused on resume and evaluate instead of testing on another test set.
     legacy=True: the digest checkpoints stored before UCF101's videos were keyed by name (by index, so two
-    splits with the same per-class counts had one digest); checkpoint.check_split still accepts it."""
+    splits with the same per-class counts had one digest); checkpoint.check_split still accepts it
+    (legacy_split_digest)."""
     h = hashlib.sha256()
     for name, ds in (("train", train), ("test", test)):
         files = ds.paths if isinstance(ds, FileListDataset) else None if legacy else getattr(ds, "sources", None)
@@ -152,3 +153,11 @@ def split_digest(train: ClassDataset, test: ClassDataset, legacy: bool = False) 
         h.update(f"{name} {len(ds)}\n".encode())
         h.update("\n".join(f"{k} {t}" for k, t in zip(keys, ds.targets)).encode())
     return h.hexdigest()[:16]
+
+
+def legacy_split_digest(train: ClassDataset, test: ClassDataset) -> Optional[str]:
+    """split_digest(legacy=True) where it differs from split_digest: datasets keyed by their `sources` (UCF101's
+    videos); None for every other dataset, whose digest never changed (and is not hashed a second time)."""
+    by_sources = any(not isinstance(ds, FileListDataset) and getattr(ds, "sources", None) is not None
+                     for ds in (train, test))
+    return split_digest(train, test, legacy=True) if by_sources else None

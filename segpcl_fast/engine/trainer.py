@@ -23,7 +23,7 @@ from .. import metrics, ops
 from ..config import Config, ConfigError, apply_overrides, check_resume_run, config_value, save_config, task_count
 from ..data import ClassIncrementalScenario, ClassSubset, build_datasets, build_transforms, format_prompts
 from ..data.build import ClassCountError
-from ..data.base import split_digest
+from ..data.base import legacy_split_digest, split_digest
 from ..fileio import unwritable_dir_reason
 from ..method.anchors import frozen_eval
 from ..method.learner import Learner, builds_anchor_cache
@@ -458,7 +458,7 @@ class Trainer:
                 raise
             raise e.for_trained_run("--resume --set data.root=PATH") from None
         self.split_digest = split_digest(raw_train, raw_test)
-        self.legacy_split_digest = split_digest(raw_train, raw_test, legacy=True)  # older checkpoints' (check_split)
+        self.legacy_split_digest = legacy_split_digest(raw_train, raw_test)  # older checkpoints' (check_split)
         # the class order and task split too (a wrong data.task_sizes failed after the weights loaded)
         ClassIncrementalScenario.from_config(c.data, raw_train, raw_test)
         self.model, self.lora_params = build_model(c, self.device)

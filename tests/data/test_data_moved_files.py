@@ -8,7 +8,7 @@ import pytest
 from data_fakes import IMR_WNIDS, make_imagenet_r
 from segpcl_fast.api import evaluate, make_config, train
 from segpcl_fast.config import load_config
-from segpcl_fast.data.base import split_digest
+from segpcl_fast.data.base import legacy_split_digest, split_digest
 from segpcl_fast.data.imagenet_r import load_imagenet_r
 from segpcl_fast.engine.checkpoint import CheckpointError
 
@@ -30,6 +30,7 @@ def test_split_digest_follows_the_split_not_the_root(tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(root, copy)
     digest = split_digest(*load_imagenet_r(str(root)))
+    assert legacy_split_digest(*load_imagenet_r(str(root))) is None  # files' digests never changed: not hashed twice
     assert split_digest(*load_imagenet_r(str(copy))) == digest  # the same split elsewhere
     for name in ("train.txt", "test.txt"):
         (copy / name).unlink()
@@ -54,6 +55,7 @@ def test_ucf101_videos_are_keyed_by_name_and_older_digests_still_match(tmp_path)
     one, other = split(3), split(1)
     assert split_digest(*one) != split_digest(*other)  # other videos in test: another split
     assert split_digest(*one, legacy=True) == split_digest(*other, legacy=True)  # what the index key missed
+    assert legacy_split_digest(*one) == split_digest(*one, legacy=True)  # the trainer's, for check_split
     check_split("c.pt", {"split_digest": split_digest(*one)}, split_digest(*one), split_digest(*one, legacy=True))
     check_split("c.pt", {"split_digest": split_digest(*one, legacy=True)}, split_digest(*one),
                 split_digest(*one, legacy=True))  # written before the change
