@@ -39,6 +39,18 @@ def test_food101_test_split_and_names(tmp_path):
         load_food101(str(tmp_path))
 
 
+def test_food101_folder_of_that_name_wins_over_root(tmp_path):
+    """The documented layout, <root>/food-101/meta/test.txt, is read even where <root> holds a meta/test.txt
+    of its own (e.g. another dataset's meta folder beside the extracted archive)."""
+    make_food(tmp_path)
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta/classes.txt").write_text("other\n")
+    (tmp_path / "meta/test.txt").write_text("other/1\n")
+    _img(tmp_path / "images/other/1.jpg", 1)
+    ds = load_food101(str(tmp_path))
+    assert ds.class_names == ["Apple pie", "Baby back ribs"] and len(ds) == 3
+
+
 def make_pets(root):
     base = root / "oxford-iiit-pet"
     (base / "annotations").mkdir(parents=True)
