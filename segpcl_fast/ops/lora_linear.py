@@ -68,7 +68,7 @@ class _MergedLoRABLinear(torch.autograd.Function):
         merged = merged_weight(weight, lora_A, lora_B, scaling)
         side = _side_stream(x)
         if side is None:
-            return F.linear(x, merged, bias), F.linear(x, lora_A), merged
+            return _linear_not_a_view(x, merged, bias), F.linear(x, lora_A), merged
         # u is allocated on the main stream (so its memory returns to the main stream's pool) and
         # written on the side one: memory-bound (reads x), beside the compute-bound y GEMM
         main = torch.cuda.current_stream(x.device)
@@ -76,7 +76,7 @@ class _MergedLoRABLinear(torch.autograd.Function):
         side.wait_stream(main)  # x, A and u's allocation are ready
         with torch.cuda.stream(side):
             torch.matmul(x, lora_A.t(), out=u)
-        y = F.linear(x, merged, bias)
+        y = _linear_not_a_view(x, merged, bias)
         main.wait_stream(side)
         for t in (x, u):  # the allocator must not hand their memory out while side may still use it
             t.record_stream(side)
@@ -117,6 +117,16 @@ class _MergedLoRABLinear(torch.autograd.Function):
         elif ctx.needs_input_grad[4]:
             grad_B = _grad_B(grad_y, u, lora_B, ctx.scaling)
         return grad_x, None, None, None, grad_B, None, None
+
+
+def _linear_not_a_view(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias) as a tensor of its own, not a view: for a (..., in) input with a bias, F.linear
+    returns a view of its 2-D addmm, and an output of an autograd.Function that is a view refuses an in-place
+    update ("Output 0 of _MergedLoRABLinear is a view and is being modified inplace": timm's `qkv += bias`, in
+    eager code and while dynamo traces). The same GEMM on the rows, then _unsafe_view, as the C++ op does
+    (csrc/lora_b_linear_aten.cpp) and aten::matmul."""
+    y = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def _grad_B(grad_y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scaling: float,

@@ -192,6 +192,34 @@ def test_auto_runs_merged_without_the_extension(monkeypatch):
     torch.testing.assert_close(y, lora_b_linear_reference(*args, 0.5), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("lead", [(3, 5), (7,), ()])
+def test_the_output_takes_an_in_place_update_as_a_linear_s_does(lead, compiled, monkeypatch):
+    """`y += extra` on the merged arrangement's output (what "auto" runs under torch.compile and without the
+    extension), as test_lora_linear.py asks of the C++ op: F.linear with a bias on a (..., in) input returns a
+    view of its 2-D addmm, and an autograd.Function's output that is a view refuses an in-place update
+    ("Output 0 of _MergedLoRABLinear is a view and is being modified inplace")."""
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_load_error", "ImportError: simulated")
+    x, weight, bias, lora_A, lora_B = make_inputs(lead)
+    extra = torch.randn(40)
+
+    def with_inplace_bias(*args):
+        y = lora_b_linear(*args)
+        y += extra
+        return y
+
+    torch._dynamo.reset()
+    fn = torch.compile(with_inplace_bias, backend="aot_eager", fullgraph=True) if compiled else with_inplace_bias
+    with dispatch.backend("auto"):
+        got = forward_backward(fn, x, weight, bias, lora_A, lora_B, 0.5)
+    if not compiled:
+        assert dispatch.last_choice()["lora_b_linear"] == "merged"
+    want = forward_backward(lambda *a: lora_b_linear_reference(*a) + extra, x, weight, bias, lora_A, lora_B, 0.5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def _traced_targets(fn, *args):
     """The ops in the graph dynamo captures for fn(*args), subgraphs (autograd.Function bodies) included."""
     targets = []
