@@ -362,6 +362,31 @@ def _timm_blocks(tower: nn.Module) -> list[nn.Module]:
     return [m for m in tower.modules() if attn_ok(getattr(m, "attn", None)) and mlp_ok(getattr(m, "mlp", None))]
 
 
+def _replaced_layers(block: nn.Module, targets: list[str], timm: bool) -> list[nn.Module]:
+    """The layers of `block` that injecting `targets` puts a new module in place of (as _inject_timm_block and
+    inject_lora's open_clip branch choose them)."""
+    attn, mlp = block.attn, block.mlp
+    slices = [s for s in ("q", "k", "v") if s in targets]
+    if not timm:
+        return ([attn] if slices or "out" in targets else []) + [getattr(mlp, n) for n in ("c_fc", "c_proj")
+                                                                  if n in targets]
+    layers = []
+    if slices:
+        layers += [attn.qkv] if _is_linear(getattr(attn, "qkv", None)) else [getattr(attn, f"{s}_proj") for s in slices]
+    if "out" in targets:
+        layers.append(attn.proj)
+    if "c_fc" in targets:
+        layers += [getattr(mlp, n) for n in (("fc1",) if _is_linear(getattr(mlp, "fc1", None)) else ("fc1_g", "fc1_x"))]
+    if "c_proj" in targets:
+        layers.append(mlp.fc2)
+    return layers
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def _inject_timm_block(block: nn.Module, targets: list[str], rank: int, alpha: float,
                        generator: torch.Generator) -> None:
     attn, mlp = block.attn, block.mlp
@@ -421,11 +446,8 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
                          "once; for another rank or other targets start from the model without them (merge_lora "
                          "folds them in)")
     visual, text = _towers(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
     tower_modules = {"visual": visual, "text": text}
-    slices = [t for t in targets if t in ("q", "k", "v")]
+    found = []  # (open_clip blocks, timm blocks) per tower, all found before anything changes
     for tower_name in towers:
         module = tower_modules[tower_name]
         if tower_name == "text":  # the text tower's blocks, not the image tower's inside a CLIP module
@@ -437,6 +459,21 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
             raise ConfigError(f"the {tower_name} tower of {name} has no transformer blocks LoRA injection "
                               f"knows (open_clip's nn.MultiheadAttention blocks, timm's ViT / EVA blocks): pick a "
                               f"ViT model (model.name), or leave that tower out (lora.towers)")
+        found.append((blocks, timm_blocks))
+    # a hook on a layer replaced below would stay on the old module and never fire again (peft keeps the layer
+    # as its base_layer, whose hooks fire): refused, naming the layer, before anything changes
+    replaced = {id(m) for blocks, timm_blocks in found for timm, group in ((False, blocks), (True, timm_blocks))
+                for block in group for m in _replaced_layers(block, targets, timm)}
+    hooked = [name for name, m in model.named_modules() if id(m) in replaced and _has_hooks(m)]
+    if hooked:
+        raise ValueError(f"inject_lora: {len(hooked)} layer(s) it replaces with LoRA modules carry a hook (e.g. "
+                         f"{hooked[0]}), which would no longer fire: call inject_lora first and register the hook "
+                         "after it, on the LoRA module in that place")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    slices = [t for t in targets if t in ("q", "k", "v")]
+    for blocks, timm_blocks in found:
         for block in timm_blocks:
             _inject_timm_block(block, targets, rank, alpha, generator)
         for block in blocks:

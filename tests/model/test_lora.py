@@ -298,6 +298,33 @@ def test_a_second_injection_is_refused_by_name(tiny_model_name):
         inject_lora(model, rank=4)
 
 
+@pytest.mark.parametrize("where", ["text_c_fc", "visual_attn", "visual_c_proj_pre"])
+def test_a_hook_on_a_layer_the_injection_replaces_is_refused_by_name(tiny_model_name, where):
+    """inject_lora puts new modules in place of the adapted layers: a hook registered on the old one stopped firing
+    without a word (peft keeps the layer as base_layer and its hooks fire). Refused before anything changes."""
+    model = load_model(tiny_model_name, pretrained=None)
+    block = {"text_c_fc": model.clip.transformer.resblocks[0], "visual_attn": model.visual.transformer.resblocks[-1],
+             "visual_c_proj_pre": model.visual.transformer.resblocks[0]}[where]
+    fired = []
+    if where == "text_c_fc":
+        block.mlp.c_fc.register_forward_hook(lambda *a: fired.append(1))
+    elif where == "visual_attn":
+        block.attn.register_forward_hook(lambda *a: fired.append(1))
+    else:
+        block.mlp.c_proj.register_forward_pre_hook(lambda *a: fired.append(1))
+    with pytest.raises(ValueError, match=r"hook.*(c_fc|attn|c_proj).*inject_lora first"):
+        inject_lora(model, rank=4, targets=["k", "v", "c_fc", "c_proj"])
+    assert not lora_parameters(model) and not any(isinstance(m, (LoRABLinear, LoRAMultiheadAttention))
+                                                  for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen either: the model as it was
+    # a layer the targets leave alone may keep its hook
+    model = load_model(tiny_model_name, pretrained=None)
+    model.clip.transformer.resblocks[0].mlp.c_fc.register_forward_hook(lambda *a: fired.append(1))
+    inject_lora(model, rank=4, targets=["k", "v", "c_proj"])
+    model.encode_text(model.tokenize(["a photo"]))
+    assert fired
+
+
 def test_a_plain_open_clip_model_takes_the_same_adapters(tiny_model_name):
     """inject_lora(open_clip.create_model(...)) (a review's finding: only segpcl_fast's CLIPModel was taken, with a
     raw AttributeError otherwise): the same B parameters, in the same order, as the CLIPModel wrapper gets for
