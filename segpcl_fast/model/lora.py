@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -362,55 +362,60 @@ def _timm_blocks(tower: nn.Module) -> list[nn.Module]:
     return [m for m in tower.modules() if attn_ok(getattr(m, "attn", None)) and mlp_ok(getattr(m, "mlp", None))]
 
 
-def _replaced_layers(block: nn.Module, targets: list[str], timm: bool) -> list[nn.Module]:
-    """The layers of `block` that injecting `targets` puts a new module in place of (as _inject_timm_block and
-    inject_lora's open_clip branch choose them)."""
+# one replacement inject_lora makes: (parent module, attribute name, the new module from the A generator)
+Replacement = tuple[nn.Module, str, Callable[[torch.Generator], nn.Module]]
+
+
+def _timm_block_plan(block: nn.Module, targets: list[str], rank: int, alpha: float) -> list[Replacement]:
+    """The replacements for a timm ViT / EVA block, in the order their A matrices are drawn."""
     attn, mlp = block.attn, block.mlp
     slices = [s for s in ("q", "k", "v") if s in targets]
-    if not timm:
-        return ([attn] if slices or "out" in targets else []) + [getattr(mlp, n) for n in ("c_fc", "c_proj")
-                                                                  if n in targets]
-    layers = []
-    if slices:
-        layers += [attn.qkv] if _is_linear(getattr(attn, "qkv", None)) else [getattr(attn, f"{s}_proj") for s in slices]
+    plan: list[Replacement] = []
+    if slices and _is_linear(getattr(attn, "qkv", None)):
+        separate_bias = getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", True)
+        if getattr(attn, "q_bias", None) is not None and not hasattr(attn, "qkv_bias_separate"):
+            raise ValueError(f"{type(attn).__name__} of this timm version reads its fused qkv weight directly: LoRA "
+                             f"on q/k/v cannot run there; upgrade timm, or use lora.targets without q, k, v")
+
+        def packed_qkv(generator, attn=attn):
+            if separate_bias:
+                # EvaAttention with a fused qkv and separate q/k/v biases runs F.linear(x, self.qkv.weight, bias),
+                # which never calls a wrapped qkv; its qkv_bias_separate mode calls self.qkv(x) and adds the bias
+                # after (the same function, the bias added in another order)
+                attn.qkv_bias_separate = True
+            return LoRAPackedLinear(attn.qkv, slices, rank, alpha, generator)
+        plan.append((attn, "qkv", packed_qkv))
+    else:
+        plan += [(attn, f"{s}_proj", None) for s in slices]
     if "out" in targets:
-        layers.append(attn.proj)
+        plan.append((attn, "proj", None))
     if "c_fc" in targets:
-        layers += [getattr(mlp, n) for n in (("fc1",) if _is_linear(getattr(mlp, "fc1", None)) else ("fc1_g", "fc1_x"))]
+        plan += [(mlp, name, None) for name in (("fc1",) if _is_linear(getattr(mlp, "fc1", None))
+                                                 else ("fc1_g", "fc1_x"))]
     if "c_proj" in targets:
-        layers.append(mlp.fc2)
-    return layers
+        plan.append((mlp, "fc2", None))
+    return [_linear_replacement(parent, name, rank, alpha) if make is None else (parent, name, make)
+            for parent, name, make in plan]
+
+
+def _open_clip_block_plan(block: nn.Module, targets: list[str], rank: int, alpha: float) -> list[Replacement]:
+    """The replacements for an open_clip ResidualAttentionBlock, in the order their A matrices are drawn."""
+    slices = [t for t in ("q", "k", "v") if t in targets]
+    plan: list[Replacement] = []
+    if slices or "out" in targets:
+        plan.append((block, "attn", lambda generator, mha=block.attn: LoRAMultiheadAttention(
+            mha, slices, "out" in targets, rank, alpha, generator)))
+    plan += [_linear_replacement(block.mlp, name, rank, alpha) for name in ("c_fc", "c_proj") if name in targets]
+    return plan
+
+
+def _linear_replacement(parent: nn.Module, name: str, rank: int, alpha: float) -> Replacement:
+    return parent, name, lambda generator, base=getattr(parent, name): LoRABLinear(base, rank, alpha, generator)
 
 
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
-
-
-def _inject_timm_block(block: nn.Module, targets: list[str], rank: int, alpha: float,
-                       generator: torch.Generator) -> None:
-    attn, mlp = block.attn, block.mlp
-    slices = [s for s in ("q", "k", "v") if s in targets]
-    if slices and _is_linear(getattr(attn, "qkv", None)):
-        if getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", True):
-            # EvaAttention with a fused qkv and separate q/k/v biases runs F.linear(x, self.qkv.weight, bias),
-            # which never calls a wrapped qkv; its qkv_bias_separate mode calls self.qkv(x) and adds the bias
-            # after (the same function, the bias added in another order)
-            attn.qkv_bias_separate = True
-        elif getattr(attn, "q_bias", None) is not None and not hasattr(attn, "qkv_bias_separate"):
-            raise ValueError(f"{type(attn).__name__} of this timm version reads its fused qkv weight directly: LoRA "
-                             f"on q/k/v cannot run there; upgrade timm, or use lora.targets without q, k, v")
-        attn.qkv = LoRAPackedLinear(attn.qkv, slices, rank, alpha, generator)
-    else:
-        for s in slices:
-            setattr(attn, f"{s}_proj", LoRABLinear(getattr(attn, f"{s}_proj"), rank, alpha, generator))
-    if "out" in targets:
-        attn.proj = LoRABLinear(attn.proj, rank, alpha, generator)
-    if "c_fc" in targets:
-        for name in (("fc1",) if _is_linear(getattr(mlp, "fc1", None)) else ("fc1_g", "fc1_x")):
-            setattr(mlp, name, LoRABLinear(getattr(mlp, name), rank, alpha, generator))
-    if "c_proj" in targets:
-        mlp.fc2 = LoRABLinear(mlp.fc2, rank, alpha, generator)
 
 
 def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alpha,
@@ -447,7 +452,7 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
                          "folds them in)")
     visual, text = _towers(model)
     tower_modules = {"visual": visual, "text": text}
-    found = []  # (open_clip blocks, timm blocks) per tower, all found before anything changes
+    plan: list[Replacement] = []  # every replacement, found (and checked) before anything changes
     for tower_name in towers:
         module = tower_modules[tower_name]
         if tower_name == "text":  # the text tower's blocks, not the image tower's inside a CLIP module
@@ -459,11 +464,13 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
             raise ConfigError(f"the {tower_name} tower of {name} has no transformer blocks LoRA injection "
                               f"knows (open_clip's nn.MultiheadAttention blocks, timm's ViT / EVA blocks): pick a "
                               f"ViT model (model.name), or leave that tower out (lora.towers)")
-        found.append((blocks, timm_blocks))
-    # a hook on a layer replaced below would stay on the old module and never fire again (peft keeps the layer
-    # as its base_layer, whose hooks fire): refused, naming the layer, before anything changes
-    replaced = {id(m) for blocks, timm_blocks in found for timm, group in ((False, blocks), (True, timm_blocks))
-                for block in group for m in _replaced_layers(block, targets, timm)}
+        for block in timm_blocks:
+            plan += _timm_block_plan(block, targets, rank, alpha)
+        for block in blocks:
+            plan += _open_clip_block_plan(block, targets, rank, alpha)
+    # a hook on a replaced layer would stay on the old module and never fire again (peft keeps the layer as its
+    # base_layer, whose hooks fire): refused, naming the layer, before anything changes
+    replaced = {id(getattr(parent, name)) for parent, name, _ in plan}
     hooked = [name for name, m in model.named_modules() if id(m) in replaced and _has_hooks(m)]
     if hooked:
         raise ValueError(f"inject_lora: {len(hooked)} layer(s) it replaces with LoRA modules carry a hook (e.g. "
@@ -472,16 +479,8 @@ def inject_lora(model, rank: int = _DEFAULTS.rank, alpha: float = _DEFAULTS.alph
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    slices = [t for t in targets if t in ("q", "k", "v")]
-    for blocks, timm_blocks in found:
-        for block in timm_blocks:
-            _inject_timm_block(block, targets, rank, alpha, generator)
-        for block in blocks:
-            if slices or "out" in targets:
-                block.attn = LoRAMultiheadAttention(block.attn, slices, "out" in targets, rank, alpha, generator)
-            for name in ("c_fc", "c_proj"):
-                if name in targets:
-                    setattr(block.mlp, name, LoRABLinear(getattr(block.mlp, name), rank, alpha, generator))
+    for parent, name, make in plan:
+        setattr(parent, name, make(generator))
     return lora_parameters(model)
 
 
