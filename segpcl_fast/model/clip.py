@@ -25,6 +25,7 @@ import contextlib
 import difflib
 from collections import OrderedDict
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -637,6 +638,45 @@ def _is_known_model(name: str, known: Sequence[str]) -> bool:
     return name in known or name.startswith(("hf-hub:", "local-dir:"))
 
 
+def configs_fitting(state: Mapping) -> list[str]:
+    """The registered open_clip configs (open_clip ViT image tower, open_clip text tower) whose sizes an open_clip
+    state_dict has, read off its tensors as OpenAI's clip.build_model does: image width, patch size, image size
+    and depth; text width, depth, context length and vocabulary; embedding width. [] for other towers (timm,
+    Hugging Face) or keys not open_clip's. A file's tensors say nothing of the activation: a -quickgelu config
+    and its plain twin both fit."""
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items() if hasattr(v, "shape")}
+    needed = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
+              "positional_embedding", "text_projection")
+    if not all(k in state for k in needed) or len(state["visual.conv1.weight"].shape) != 4:
+        return []
+
+    def depth(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+    width, _, patch, _ = state["visual.conv1.weight"].shape
+    grid = math.isqrt(state["visual.positional_embedding"].shape[0] - 1)
+    found = {"vision": (width, patch, grid * patch, depth("visual.transformer.resblocks.")),
+             "text": (state["token_embedding.weight"].shape[1], depth("transformer.resblocks."),
+                      state["positional_embedding"].shape[0], state["token_embedding.weight"].shape[0]),
+             "embed_dim": state["text_projection"].shape[-1]}
+    import open_clip
+    fitting = []
+    for model_name in open_clip.list_models():
+        cfg = open_clip.get_model_config(model_name) or {}
+        vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+        if vision.get("timm_model_name") or text.get("hf_model_name") or not isinstance(vision.get("layers"), int):
+            continue
+        image_size = vision.get("image_size", 224)
+        image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+        sizes = {"vision": (vision.get("width", 768), vision.get("patch_size", 16), image_size, vision["layers"]),
+                 "text": (text.get("width", 512), text.get("layers", 12), text.get("context_length", 77),
+                          text.get("vocab_size", 49408)),
+                 "embed_dim": cfg.get("embed_dim")}
+        if sizes == found:
+            fitting.append(model_name)
+    return fitting
+
+
 def _load_failure(name: str, pretrained: Optional[str], resolved: Optional[str], error: Exception) -> str:
     """Why `open_clip.create_model` failed on these weights, and the fix, in one message (torch's
     own text for a file that is no checkpoint suggests weights_only=False and filing an issue)."""
@@ -658,8 +698,13 @@ def _load_failure(name: str, pretrained: Optional[str], resolved: Optional[str],
                     f"weights; continue that run with --resume, re-evaluate it with `segpcl-fast evaluate RUN_DIR`, "
                     f"or use it with segpcl_fast.load_classifier(path); model.pretrained takes the base CLIP weights")
         detail = str(error).splitlines()
-        return (f"{head}: {type(error).__name__}: {' '.join(detail[:3])[:600]}. Check it is a state_dict saved "
-                f"from the same model config ({name})")
+        fits = [n for n in configs_fitting(state) if n != name] if isinstance(state, dict) else []
+        guess = (f"; its tensor sizes are those of open_clip's {', '.join(fits[:6])}{' and others' if len(fits) > 6 else ''}: "
+                 f"name that as model.name" if fits else "")
+        detail = " ".join(detail[:3])[:600]
+        return (f"{head}: {type(error).__name__}: {detail}{'' if detail.endswith(('.', '!')) else '.'} Check it "
+                f"is a state_dict saved "
+                f"from the same model config ({name}){guess}")
     return f"{head}: {type(error).__name__}: {error}"
 
 

@@ -1,5 +1,6 @@
 import os
 
+import open_clip
 import pytest
 import torch
 
@@ -75,8 +76,30 @@ def test_checkpoint_of_another_config_is_a_clear_error(tiny_model_name, tmp_path
     other = load_model("ViT-B-32", pretrained=None)
     path = tmp_path / "vitb32.pt"
     torch.save(other.clip.state_dict(), path)
-    with pytest.raises(ModelLoadError, match="same model config"):
+    with pytest.raises(ModelLoadError, match=rf"changed! Check it is a state_dict saved from the same model config "
+                                             rf"\({tiny_model_name}\); its tensor sizes are those of open_clip's "
+                                             r"ViT-B-32, ViT-B-32-quickgelu: name that as model.name$"):
         load_model(tiny_model_name, pretrained=str(path))
+    # the same guess through a training checkpoint's wrapping ({"state_dict": {"module.<key>": ...}}); the tiny
+    # model's own sizes named to a ViT-B-32 that is given them
+    tiny = load_model(tiny_model_name, pretrained=None)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in tiny.clip.state_dict().items()}}, path)
+    with pytest.raises(ModelLoadError, match=r"same model config \(ViT-B-32\); its tensor sizes are those of "
+                                             rf"open_clip's ([\w-]+, )*{tiny_model_name}(, [\w-]+)*: name"):
+        load_model("ViT-B-32", pretrained=str(path))
+
+
+def test_configs_fitting_reads_sizes_not_names():
+    """configs_fitting, as OpenAI's clip.build_model reads a state dict: a changed depth, patch or vocabulary is
+    another architecture; a timm or Hugging Face tower's keys give no guess."""
+    from segpcl_fast.model.clip import configs_fitting
+    with torch.device("meta"):
+        state = open_clip.create_model("ViT-L-14-336", device="meta").state_dict()
+    assert configs_fitting(state) == ["ViT-L-14-336", "ViT-L-14-336-quickgelu"]
+    assert configs_fitting({k: v for k, v in state.items() if ".resblocks.23." not in k or "visual" not in k}) == []
+    assert configs_fitting({**state, "token_embedding.weight": torch.empty(100, 768, device="meta")}) == []
+    assert configs_fitting({**state, "visual.conv1.weight": torch.empty(1024, 3, 16, 16, device="meta")}) == []
+    assert configs_fitting({k.replace("visual.", "visual.trunk."): v for k, v in state.items()}) == []
 
 
 def test_unknown_model_suggests_names():
