@@ -93,7 +93,8 @@ def keeps_process_state(fn):
     """fn inside process_state_kept: the analyses that build Trainers give the caller's state back."""
     @functools.wraps(fn)
     def kept(*args, **kwargs):
-        with process_state_kept():
+        from .engine.checkpoint import resuming_analysis
+        with process_state_kept(), resuming_analysis(fn.__name__.replace("_", "-")):  # retention, distill-sources, ...
             return fn(*args, **kwargs)
     return kept
 
@@ -331,13 +332,15 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
         trained.setdefault(keys[name], name)
     start_table_files(out, "ablation", [run_config(name, seed) for name in trained.values() for seed in seeds],
                       resume=cfg.run.resume)
+    from .engine.checkpoint import resuming_analysis
     runs, rows = {}, []
     for name in variants:
         same_as = trained[keys[name]]
         if same_as != name:  # e.g. onlyclip is +prototype_transfer's config: its runs are reused
             runs[name] = runs[same_as]
         else:
-            runs[name] = [train(run_config(name, seed)) for seed in seeds]
+            with resuming_analysis("ablate"):  # a refused resume names ablate's command, not one run's config
+                runs[name] = [train(run_config(name, seed)) for seed in seeds]
         row = {"method": name if same_as == name else f"{name} (= {same_as})", "seeds": len(seeds),
                **metric_columns([r.metrics for r in runs[name]], ABLATION_METRICS)}
         rows.append(row)

@@ -211,6 +211,7 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
     Returns {"rows", "axes", "paths", "table"}.
     """
     from ..api import make_config, train
+    from ..engine.checkpoint import resuming_analysis
     refuse_multi_process("the sweep")
     refuse_decided_keys("sweep()", overrides, {"run.seed": "it runs every seeds entry: pass seeds=[1]"})
     cfg = make_config(config, **overrides)
@@ -238,7 +239,8 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
     swept = list(axes)
     rows = []
     for point, per_seed in zip(points, configs):
-        results = [train(c) for c in per_seed]
+        with resuming_analysis("sweep"):  # a refused resume names sweep's command, not one run's config
+            results = [train(c) for c in per_seed]
         row = {**{k: point[k] for k in axes}, "seeds": len(seeds), **summarize_runs(results),
                "runs": [r.output_dir for r in results]}
         rows.append(row)

@@ -16,6 +16,8 @@ torch.load(weights_only=True) (fileio.load_torch_file): a crafted file cannot ru
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -58,6 +60,27 @@ RESULT_CHANGING_KEYS = ("data.num_workers", "run.device", "run.ops", "run.compil
 RUN_ONLY_EXAMPLES = ("run.device", "run.ops", "eval.batch_size", "data.root", "model.cache_dir")
 
 CHECKPOINT_DIR = "checkpoints"
+
+# the analysis (ablate, sweep, retention, distill-sources) whose runs are resumed, for a refused resume's advice:
+# such a run's config.yaml is the analysis' config resolved for one variant / point / seed in its own folder, so
+# `--config <run>/config.yaml` is not the fix (ablate with lora_finetune's stored prototypes.beta = 0 refuses segpcl)
+_RESUMING_ANALYSIS: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("segpcl_resuming_analysis",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def resuming_analysis(name: str):
+    """Inside the block, a refused resume names the analysis `name` (its command again with --resume)."""
+    token = _RESUMING_ANALYSIS.set(name)
+    try:
+        yield
+    finally:
+        _RESUMING_ANALYSIS.reset(token)
+
+
+def resuming_analysis_name() -> Optional[str]:
+    return _RESUMING_ANALYSIS.get()
+
 LAST_POINTER = "last"
 _TASK_FILE = re.compile(r"^task_(\d+)\.pt$")
 
@@ -218,7 +241,12 @@ def _check_fingerprint(path: Path, state: dict, expected: str, expected_config: 
         fix = ("Resume (--resume) with the same config (only run-only keys such as "
                f"{', '.join(RUN_ONLY_EXAMPLES)}, ... may change), or start a fresh run in another folder "
                "(-o DIR, or run.output_dir).")
-        if own.is_file():
+        analysis = _RESUMING_ANALYSIS.get()
+        if analysis:  # one run of an analysis: its config.yaml is not the analysis' config
+            fix = (f"Resume the {analysis} with the options it was started with (the same command and --resume; "
+                   f"only run-only keys such as {', '.join(RUN_ONLY_EXAMPLES)}, ... may change), or start it afresh "
+                   f"in another folder (-o DIR).")
+        elif own.is_file():
             fix += f" The run's own config: --config {own}"
     else:
         fix = (f"The run directory's config.yaml and its checkpoints come from different runs (a copied or "
