@@ -71,9 +71,17 @@ def _config_from_args(args) -> "Config":
     if getattr(args, "resume", False):
         overrides.append("run.resume=true")
     if getattr(args, "hw", None):
-        from .engine.presets import apply_preset, get_preset
-        cfg = make_config(apply_preset(make_config(args.config), args.hw), overrides)
+        from .config import keys_set_by_user_file
+        from .engine.presets import apply_preset, get_preset, replaced_by_preset
+        before = make_config(args.config)
+        cfg = make_config(apply_preset(before, args.hw), overrides)
         preset = get_preset(args.hw)
+        replaced = replaced_by_preset(keys_set_by_user_file(args.config), before, cfg, args.hw)
+        if replaced:  # --hw lays its keys over the config file's: say which of the file's own values it replaced
+            logging.getLogger("segpcl_fast").warning(
+                "--hw %s replaces what %s sets: %s; to keep yours add %s", args.hw, args.config,
+                ", ".join(f"{k} {old} -> {new}" for k, old, new in replaced),
+                " ".join(f"--set {k}={old}" for k, old, _ in replaced))
         import torch
         if cfg.run.device != "cpu" and not torch.cuda.is_available():  # every preset is for CUDA GPUs
             raise ConfigError(f"--hw {args.hw} is a preset for CUDA GPUs ({preset.notes}), but no CUDA device is "

@@ -869,6 +869,21 @@ def _load_chain(p: Path, chain: tuple[Path, ...]) -> Config:
         raise ConfigError(f"config file '{p}': {e}") from None
 
 
+def keys_set_by_user_file(path: Optional[str | os.PathLike]) -> set[str]:
+    """The dotted keys a user's config file and the user files it names as `base:` set themselves (not a
+    packaged preset's: configs/*.yaml); empty for None or a preset name."""
+    keys: set[str] = set()
+    p = None if path is None else _find_config(path)
+    seen: set[Path] = set()
+    while p is not None and p.resolve().parent != PRESET_DIR.resolve() and p.resolve() not in seen:
+        seen.add(p.resolve())
+        data = _read_yaml(p)
+        keys |= {f"{section}.{key}" for section, values in data.items() if isinstance(values, dict) for key in values}
+        base = data.get("base")
+        p = _find_config(base, relative_to=p.parent) if isinstance(base, str) and base else None
+    return keys
+
+
 def check_resume_dir(cfg: Config) -> None:
     """--resume of an output dir that does not exist is an error (a typo would start it all again): train and
     the analyses that keep runs (ablate, sweep, retention, distill-sources) ask it before any run."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError, config_from_dict
+from ..config import Config, ConfigError, config_from_dict, config_value
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -85,3 +85,13 @@ def apply_preset(cfg: Config, name: str, export_env: bool = True) -> Config:
         for key, value in preset.env.items():
             os.environ.setdefault(key, value)
     return out
+
+
+def replaced_by_preset(user_keys: set[str], before: Config, after: Config, name: str) -> list[tuple[str, object, object]]:
+    """(key, the user's value, the preset's value) for each key of `user_keys` (the ones the user's config file
+    sets: config.keys_set_by_user_file) that the preset `name` set to another value and that `after` (the final
+    config, --set applied) still holds at the preset's value: the user's own choices --hw replaced."""
+    preset = config_from_dict(preset_overrides(name))
+    keys = [f"{section}.{key}" for section, values in preset_overrides(name).items() for key in values]
+    return [(key, config_value(before, key), config_value(after, key)) for key in keys if key in user_keys
+            and config_value(before, key) != config_value(after, key) == config_value(preset, key)]

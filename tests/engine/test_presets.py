@@ -76,6 +76,32 @@ def test_a_multi_process_preset_without_torchrun_warns(monkeypatch, caplog):
     assert "preset" not in caplog.text
 
 
+def test_hw_over_a_user_file_names_the_file_values_it_replaces(monkeypatch, caplog, tmp_path):
+    """--hw lays its keys over the config file's (README): a value the user's own file sets (and its user base
+    file; not a packaged preset's) that --hw replaces is named with the --set that keeps it; one --set kept is not
+    named, and a packaged preset alone gives no notice."""
+    from segpcl_fast.cli import _config_from_args, build_parser
+    for preset in presets.PRESETS.values():
+        for key in preset.env:
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    (tmp_path / "base.yaml").write_text("base: cifar100\nrun:\n  precision: fp32\n")  # fp32: also the default
+    (tmp_path / "my.yaml").write_text("base: base.yaml\noptim:\n  batch_size: 64\nrun:\n  compile: false\n"
+                                      "data:\n  num_workers: 6\n")  # 1gpu's 8 workers: named
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "my.yaml"), "--hw", "1gpu",
+                                      "--set", "run.device=cpu", "--set", "run.compile=false"])
+    cfg = _config_from_args(args)
+    assert (cfg.optim.batch_size, cfg.run.precision, cfg.run.compile, cfg.data.num_workers) == (128, "bf16", False, 8)
+    [line] = [r.getMessage() for r in caplog.records if "replaces" in r.getMessage()]
+    assert line == (f"--hw 1gpu replaces what {tmp_path / 'my.yaml'} sets: optim.batch_size 64 -> 128, run.precision "
+                    "fp32 -> bf16, data.num_workers 6 -> 8; to keep yours add --set optim.batch_size=64 "
+                    "--set run.precision=fp32 --set data.num_workers=6")
+    caplog.clear()
+    _config_from_args(build_parser().parse_args(["train", "--config", "cifar100", "--hw", "2x4090",
+                                                 "--set", "run.device=cpu"]))
+    assert "replaces" not in caplog.text  # cifar100's 8 workers become 2x4090's 6 per process: no user choice
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_match_one_process(tmp_path):
     """The documented launch line (torchrun -m segpcl_fast.cli train) on 2 gloo ranks, shipped tiny model.
