@@ -10,12 +10,24 @@ of the measured bandwidth into benchmark.extra_info.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
+
+# The benchmarks time this checkout's segpcl_fast, not an installed copy: a bare `pytest benchmarks/` (README)
+# puts only benchmarks/ on sys.path (no __init__.py here), so without this an install elsewhere (a non-editable
+# `pip install .`, another clone's editable install) was imported and timed. Subprocesses inherit it too, as
+# tests/conftest.py does for the test suite. Nothing has imported segpcl_fast before this conftest.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path[:1]:
+    sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                          if p and p != str(ROOT)])
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -235,3 +235,20 @@ def test_a_benchmark_out_of_gpu_memory_is_skipped_naming_the_device_and_other_er
     assert "does not fit the GPU: CUDA out of memory. Tried to allocate 8.00 GiB" in out, out[-3000:]
     assert "FAILED test_oom.py::test_other_error - RuntimeError: a real bug" in out
     assert "FAILED test_oom.py::test_fails_while_handling_an_oom - AssertionError" in out  # not a skip
+
+
+def test_a_bare_pytest_of_the_benchmarks_imports_this_checkout(tmp_path):
+    """README runs `pytest benchmarks/ --benchmark-only` (no `python -m`): pytest then puts only benchmarks/ on
+    sys.path, and an installed segpcl_fast elsewhere (a non-editable install, another clone's editable one) was
+    the one imported and timed. benchmarks/conftest.py puts this checkout first: a shadowing package on
+    PYTHONPATH, which has no ops, must not be what the benchmark files import."""
+    shadow = tmp_path / "shadow" / "segpcl_fast"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the shadowing segpcl_fast was imported')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "shadow"))
+    # `pytest` as its console script runs it: the working folder (here not the checkout) on sys.path, no -m
+    code = ("import sys, pytest; sys.exit(pytest.main([sys.argv[1], '--collect-only', '-q', '-p', 'no:cacheprovider']))")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks" / "test_bench_kernels.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "shadowing" not in proc.stdout + proc.stderr
