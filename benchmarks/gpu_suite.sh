@@ -12,8 +12,8 @@
 # Steps, in order (measured times per step on an H100: BENCHMARKS.md):
 #   kernels  CUDA variants of tests/kernels
 #   bench    every benchmark file but the e2e, LoRA (the ext step's) and CPU-only transforms ones,
-#            CUDA rows only + summary; the anchor-gather host probe; anchor_kl knob sweep; knn_subgraph_kl
-#            forward and backward apart, with its knob sweep (bench-knn)
+#            CUDA rows only (bench-pytest) + summary; the anchor-gather host probe; anchor_kl knob sweep;
+#            knn_subgraph_kl forward and backward apart, with its knob sweep (bench-knn)
 #   ext      build segpcl_fast._C with CUDA, its GPU tests, benchmark and per-part timing
 #   e2e      end-to-end training step (ViT-B/16), one pytest per variant, images/s + MFU: the
 #            E2E_VARIANTS (default compiled_fused cudagraphs_fused compiled_reference eager_fused) here; the
@@ -77,7 +77,7 @@ STEPS="${STEPS:-$ALL_STEPS}"
 E2E_VARIANTS="${E2E_VARIANTS-compiled_fused cudagraphs_fused compiled_reference eager_fused}"
 E2E_EXTRA="${E2E_EXTRA-bf16text_fused bf16text_cudagraphs compiled_triton compiled_cpp_lora eager_reference autotune_fused autotune_cudagraphs staticbatch_fused percallcast_fused eagerloss_fused cppwrapper_fused unbatchedmerge_fused tf32_fused tf32_cudagraphs fp16_fused}"
 # a step, or one part of it alone (the labels skipped.txt and summary.md use)
-PARTS="bench-summary bench-host bench-tune bench-knn ext-build ext-tests ext-bench ext-parts e2e-summary profile-e2e_step profile-vitb16"
+PARTS="bench-pytest bench-summary bench-host bench-tune bench-knn ext-build ext-tests ext-bench ext-parts e2e-summary profile-e2e_step profile-vitb16"
 for v in $E2E_VARIANTS $E2E_EXTRA; do PARTS="$PARTS e2e-$v"; done
 for entry in $STEPS; do
   case " $ALL_STEPS $PARTS " in *" $entry "*) ;; *)
@@ -267,8 +267,8 @@ fi
 # compiled reference / fast paths, CUDA rows
 # (the LoRA benchmarks run in the ext step, with the extension built)
 if starts bench; then
-if part bench; then
-TRITON_INTERPRET=0 run_step bench "$PYTHON" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+if part bench-pytest; then  # the benchmarks alone, without the knob sweeps below (bench-tune, bench-knn)
+TRITON_INTERPRET=0 run_step bench-pytest "$PYTHON" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
   --ignore=benchmarks/test_bench_e2e.py --ignore=benchmarks/test_bench_transforms.py \
   --ignore=benchmarks/test_bench_lora_linear.py -k "not cpu and not tiny" \
   --benchmark-json="$WORK/benchmarks.json" --benchmark-columns=min,median,max,rounds 2>&1 | tee "$WORK/benchmarks.txt"

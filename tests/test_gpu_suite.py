@@ -220,6 +220,14 @@ def test_a_step_part_runs_alone_as_skipped_txt_names_it(suite, tmp_path):
     assert len(commands) == 3, commands
     assert "tune_kernels_cuda.py" in commands[0] and "-k cuda and eager_reference" in commands[1]
     assert "segpcl_fast.cli profile" in commands[2]
+    Path(env["FAKE_LOG"]).write_text("")
+    proc, env = suite(STEPS="kernels bench-pytest ext", BUDGET="0")  # the benchmarks without the knob sweeps
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    commands = _commands(env)
+    assert [c.split()[0] for c in commands] == ["-m", "-m", "setup.py", "-m", "-m", "benchmarks/lora_parts_cuda.py"]
+    assert "tests/kernels" in commands[0] and "--benchmark-only" in commands[1] and "tune_kernels" not in " ".join(commands)
+    assert "- bench-pytest: exit 0" in (tmp_path / "out" / "summary.md").read_text()
     for wrong in ("benchmark", "bench-knobs", "e2e-eager"):  # a typo runs nothing and says so
         proc, _ = suite(STEPS=f"e2e-eager_reference {wrong}")
         _, stderr = proc.communicate(timeout=20)
