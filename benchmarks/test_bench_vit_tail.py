@@ -85,7 +85,7 @@ def test_vit_last_block(benchmark, towers, monkeypatch, device, impl):
     benchmark(timed)
     patches = model.image_stats.size // visual.conv1.kernel_size[0]
     fwd, bwd, _ = tower_flops(visual.transformer.resblocks, len(images), patches * patches + 1,
-                              last_queries=1 if impl == "cls" else None)
+                              last_queries=1 if impl == "cls" else None, input_needs_grad=images.requires_grad)
     setup = SETUPS[device]
     size = f"{setup['model']} {setup['precision']} {setup['batch']} img"
     benchmark.extra_info.update(op="vit_last_block", impl=impl, size=size, device=device,

@@ -94,15 +94,16 @@ def _attention_flops(attn, seqs: int, tokens: int, needs_dx: bool, count: str,
 
 
 def tower_flops(blocks, seqs: int, tokens: int, count: str = "model",
-                last_queries: Optional[int] = None) -> tuple[int, int, bool]:
+                last_queries: Optional[int] = None, input_needs_grad: bool = False) -> tuple[int, int, bool]:
     """(forward, backward, output needs grad) FLOPs of a stack of open_clip residual blocks on seqs x tokens; the last
     block's output computed for `last_queries` rows a sequence (all by default).
 
     Tracks which activations need a gradient: the first block's input does not (frozen
-    embeddings); from the first LoRA on, everything downstream does.
+    embeddings) unless input_needs_grad (a gradient w.r.t. the images, as DPGD's); from the first LoRA on,
+    everything downstream does.
     """
     fwd = bwd = 0
-    needs = False
+    needs = input_needs_grad
     blocks = list(blocks)
     for i, block in enumerate(blocks):
         queries = last_queries if i == len(blocks) - 1 else None

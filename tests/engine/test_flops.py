@@ -75,3 +75,24 @@ def test_flop_audit_extrapolates_exactly_and_the_merged_arrangement_runs_fewer_f
     assert ref[6][0] == step_flops(step.model, step.shape, count="executed")["total"]
     merged, _ = flop_audit.counted(tiny_model_name, 6, 6, 4, "merged")
     assert merged < step_flops(step.model, step.shape, count="model")["total"] < ref[6][0]
+
+
+@pytest.mark.parametrize("input_needs_grad", [False, True])
+def test_tower_flops_with_a_gradient_for_the_input(tiny_model_name, input_needs_grad):
+    """tower_flops(input_needs_grad=True) counts the first blocks' input-gradient GEMMs a gradient w.r.t. the
+    tower's input (DPGD's, the ViT tail benchmark's images) runs; False, the step's frozen embeddings, does not."""
+    import torch
+
+    from segpcl_fast import load_model
+    from segpcl_fast.engine.flops import tower_flops
+    from segpcl_fast.model.lora import inject_lora, lora_parameters
+    model = load_model(tiny_model_name, None)
+    inject_lora(model, rank=4, targets=["c_proj"], towers=["visual"])  # LoRA late in block 0: its attention and
+    blocks = model.visual.transformer  # c_fc need an input gradient only for the input's sake
+    x = torch.randn(3, 17, blocks.width, requires_grad=input_needs_grad)
+    wrt = [x] * input_needs_grad + lora_parameters(model)
+    with ops.backend("reference"), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        # (x * 1: the counter's module hooks refuse a leaf in autograd.grad's inputs; a multiply is no FLOP it counts)
+        torch.autograd.grad(blocks(x * 1).square().sum(), wrt)
+    fwd, bwd, _ = tower_flops(blocks.resblocks, 3, 17, count="executed", input_needs_grad=input_needs_grad)
+    assert counter.get_total_flops() == fwd + bwd
