@@ -326,10 +326,17 @@ def outer_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def replace_adapters(model: nn.Module, replacement) -> nn.Module:
     """Put `replacement(adapter)` in place of every outer adapter (merge_lora's merged layers, peft_adapter's
     plain ones), in place, and return the model. Frozen weights stored in bf16 / fp16 for autocast
-    (CLIPModel.store_frozen_weights) go back to fp32 storage first."""
+    (CLIPModel.store_frozen_weights) go back to fp32 storage first. An adapter carrying a hook is refused, before
+    anything changes: the hook would stay on the adapter taken out and never fire again."""
+    adapters = outer_adapters(model)
+    hooked = [name for name, m in adapters if _has_hooks(m)]
+    if hooked:
+        raise ValueError(f"{len(hooked)} LoRA adapter(s) to be replaced carry a hook (e.g. {hooked[0]}), which would "
+                         "no longer fire: remove it (the handle register_*_hook returned) and register it again on "
+                         "the plain layer in that place afterwards")
     if getattr(model, "frozen_storage", None):
         model.restore_frozen_weights()
-    for name, module in outer_adapters(model):
+    for name, module in adapters:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement(module))
     return model

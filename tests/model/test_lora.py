@@ -325,6 +325,26 @@ def test_a_hook_on_a_layer_the_injection_replaces_is_refused_by_name(tiny_model_
     assert fired
 
 
+def test_merge_and_unload_refuse_an_adapter_carrying_a_hook(tiny_model_name):
+    """merge_lora / unload_lora put plain layers in place of the adapters: a hook on an adapter would stay on the
+    module taken out. Refused by name before anything changes; once the hook is removed, the merge runs."""
+    from segpcl_fast.model.peft_adapter import unload_lora
+    from segpcl_fast.model.lora import merge_lora
+    model = load_model(tiny_model_name, pretrained=None)
+    inject_lora(model, rank=4)
+    adapters = lambda m: [n for n, x in m.named_modules() if isinstance(x, (LoRABLinear, LoRAMultiheadAttention))]  # noqa: E731
+    before = adapters(model)
+    handle = model.visual.transformer.resblocks[1].mlp.c_fc.register_forward_hook(lambda *a: None)
+    for replace in (merge_lora, unload_lora):
+        with pytest.raises(ValueError, match=r"1 LoRA adapter\(s\) to be replaced carry a hook \(e.g. "
+                                             r".*resblocks.1.mlp.c_fc\).*register it again on the plain layer"):
+            replace(model)
+        assert adapters(model) == before  # every adapter still in place
+    handle.remove()
+    merge_lora(model)
+    assert not lora_parameters(model)
+
+
 def test_a_plain_open_clip_model_takes_the_same_adapters(tiny_model_name):
     """inject_lora(open_clip.create_model(...)) (a review's finding: only segpcl_fast's CLIPModel was taken, with a
     raw AttributeError otherwise): the same B parameters, in the same order, as the CLIPModel wrapper gets for
