@@ -71,12 +71,13 @@ def _config_from_args(args) -> "Config":
     if getattr(args, "resume", False):
         overrides.append("run.resume=true")
     if getattr(args, "hw", None):
-        from .config import keys_set_by_user_file
+        from .config import keys_set_by_user_file, override_key
         from .engine.presets import apply_preset, get_preset, replaced_by_preset
         before = make_config(args.config)
         cfg = make_config(apply_preset(before, args.hw), overrides)
         preset = get_preset(args.hw)
-        replaced = replaced_by_preset(keys_set_by_user_file(args.config), before, cfg, args.hw)
+        given = {override_key(change) for change in overrides}  # a key --set names is the user's own choice
+        replaced = replaced_by_preset(keys_set_by_user_file(args.config) - given, before, cfg, args.hw)
         if replaced:  # --hw lays its keys over the config file's: say which of the file's own values it replaced
             logging.getLogger("segpcl_fast").warning(
                 "--hw %s replaces what %s sets: %s; to keep yours add %s", args.hw, args.config,

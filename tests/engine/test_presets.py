@@ -96,6 +96,11 @@ def test_hw_over_a_user_file_names_the_file_values_it_replaces(monkeypatch, capl
     assert line == (f"--hw 1gpu replaces what {tmp_path / 'my.yaml'} sets: optim.batch_size 64 -> 128, run.precision "
                     "fp32 -> bf16, data.num_workers 6 -> 8; to keep yours add --set optim.batch_size=64 "
                     "--set run.precision=fp32 --set data.num_workers=6")
+    caplog.clear()  # a key --set names, even at the preset's own value, is the user's choice: not named
+    _config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "my.yaml"), "--hw", "1gpu",
+                                                 "--set", "run.device=cpu", "--set", "optim.batch_size=128"]))
+    [line] = [r.getMessage() for r in caplog.records if "replaces" in r.getMessage()]
+    assert "batch_size" not in line and "run.precision fp32 -> bf16" in line
     caplog.clear()
     _config_from_args(build_parser().parse_args(["train", "--config", "cifar100", "--hw", "2x4090",
                                                  "--set", "run.device=cpu"]))
