@@ -645,10 +645,13 @@ def configs_fitting(state: Mapping) -> list[str]:
     Hugging Face) or keys not open_clip's. A file's tensors say nothing of the activation: a -quickgelu config
     and its plain twin both fit."""
     state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items() if hasattr(v, "shape")}
-    needed = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
-              "positional_embedding", "text_projection")
-    if not all(k in state for k in needed) or len(state["visual.conv1.weight"].shape) != 4:
+    if not isinstance(state, Mapping):
+        return []
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(k, str) and hasattr(v, "shape")}
+    needed = {"visual.conv1.weight": 4, "visual.positional_embedding": 2, "visual.proj": 2,
+              "token_embedding.weight": 2, "positional_embedding": 2, "text_projection": 2}  # key: its dims
+    if any(len(getattr(state.get(k), "shape", ())) != dims for k, dims in needed.items()) \
+            or state["visual.positional_embedding"].shape[0] < 2:
         return []
 
     def depth(prefix: str) -> int:
@@ -699,12 +702,12 @@ def _load_failure(name: str, pretrained: Optional[str], resolved: Optional[str],
                     f"or use it with segpcl_fast.load_classifier(path); model.pretrained takes the base CLIP weights")
         detail = str(error).splitlines()
         fits = [n for n in configs_fitting(state) if n != name] if isinstance(state, dict) else []
-        guess = (f"; its tensor sizes are those of open_clip's {', '.join(fits[:6])}{' and others' if len(fits) > 6 else ''}: "
-                 f"name that as model.name" if fits else "")
+        more = " and others" if len(fits) > 6 else ""
+        guess = f"; its tensor sizes are those of open_clip's {', '.join(fits[:6])}{more}: name that as model.name"
         detail = " ".join(detail[:3])[:600]
-        return (f"{head}: {type(error).__name__}: {detail}{'' if detail.endswith(('.', '!')) else '.'} Check it "
-                f"is a state_dict saved "
-                f"from the same model config ({name}){guess}")
+        stop = "" if detail.endswith((".", "!")) else "."
+        return (f"{head}: {type(error).__name__}: {detail}{stop} Check it is a state_dict saved from the same model "
+                f"config ({name}){guess if fits else ''}")
     return f"{head}: {type(error).__name__}: {error}"
 
 

@@ -100,6 +100,10 @@ def test_configs_fitting_reads_sizes_not_names():
     assert configs_fitting({**state, "token_embedding.weight": torch.empty(100, 768, device="meta")}) == []
     assert configs_fitting({**state, "visual.conv1.weight": torch.empty(1024, 3, 16, 16, device="meta")}) == []
     assert configs_fitting({k.replace("visual.", "visual.trunk."): v for k, v in state.items()}) == []
+    # odd files give no guess, not an error inside the load error
+    assert configs_fitting({"state_dict": [1, 2]}) == [] and configs_fitting({1: torch.zeros(1)}) == []
+    assert configs_fitting({**state, "visual.positional_embedding": torch.empty(1, 1024, device="meta")}) == []
+    assert configs_fitting({**state, "visual.conv1.weight": torch.empty(1024, device="meta")}) == []
 
 
 def test_unknown_model_suggests_names():
