@@ -45,6 +45,21 @@ def forward_backward(fn, x, weight, bias, lora_A, lora_B, scaling, grad_out=None
     return y.detach(), grad_x, grad_B
 
 
+def in_place_bias_case(lead):
+    """(inputs, fn, want): make_inputs(lead), a function that adds a bias to lora_b_linear's output in place
+    (`y += extra`, as timm's EvaAttention adds its q/v biases), and the reference's forward_backward of the same
+    out of place (scaling 0.5): an output that is a view made inside the op refuses the in-place update."""
+    inputs = make_inputs(lead)
+    extra = torch.randn(40)
+
+    def with_inplace_bias(*args):
+        y = lora_linear.lora_b_linear(*args)
+        y += extra
+        return y
+    want = forward_backward(lambda *a: lora_linear.lora_b_linear_reference(*a) + extra, *inputs, 0.5)
+    return inputs, with_inplace_bias, want
+
+
 def upcast(tensors):
     return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
 

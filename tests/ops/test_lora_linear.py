@@ -13,7 +13,7 @@ from segpcl_fast.ops import dispatch, lora_linear
 from segpcl_fast.ops._ext import has_kernel
 from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_reference
 
-from lora_cases import (PATHS, backward_ops, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
+from lora_cases import (PATHS, backward_ops, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, in_place_bias_case, make_inputs,
                         require_extension, saved_tensors, set_paths, small_update_slopes, upcast)
 
 pytestmark = pytest.mark.usefixtures("_extension")
@@ -204,17 +204,9 @@ def test_grad_flags_skip_unneeded_grads(lora_path):
 def test_the_output_takes_an_in_place_update_as_a_linear_s_does(backend, lead, lora_path):
     """`y += bias` on the output under autograd (timm's EvaAttention adds its q/v biases so) must work
     and differentiate as out of place: an output that is a view made inside the op would be refused."""
-    x, weight, bias, lora_A, lora_B = make_inputs(lead)
-    extra = torch.randn(40)
-
-    def with_inplace_bias(*args):
-        y = lora_b_linear(*args)
-        y += extra
-        return y
-
+    inputs, with_inplace_bias, (ry, rgx, rgB) = in_place_bias_case(lead)
     with dispatch.backend(backend):
-        y, gx, gB = forward_backward(with_inplace_bias, x, weight, bias, lora_A, lora_B, 0.5)
-    ry, rgx, rgB = forward_backward(lambda *a: lora_b_linear_reference(*a) + extra, x, weight, bias, lora_A, lora_B, 0.5)
+        y, gx, gB = forward_backward(with_inplace_bias, *inputs, 0.5)
     torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, rgx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gB, rgB, rtol=1e-5, atol=1e-5)

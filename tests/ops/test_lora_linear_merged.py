@@ -9,7 +9,7 @@ import torch
 from segpcl_fast.ops import _ext, dispatch, lora_linear
 from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_merged, lora_b_linear_reference
 
-from lora_cases import (saved_tensors, backward_ops, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, make_inputs,
+from lora_cases import (saved_tensors, backward_ops, check_autocast_casts_like_linear, check_saves_u_not_x, forward_backward, in_place_bias_case, make_inputs,
                         small_update_slopes, upcast)
 
 SHAPES = [((3, 5), 24, 40, 4), ((7,), 40, 24, 4), ((2, 150), 32, 96, 8), ((), 16, 16, 2)]
@@ -201,21 +201,13 @@ def test_the_output_takes_an_in_place_update_as_a_linear_s_does(lead, compiled, 
     ("Output 0 of _MergedLoRABLinear is a view and is being modified inplace")."""
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "_load_error", "ImportError: simulated")
-    x, weight, bias, lora_A, lora_B = make_inputs(lead)
-    extra = torch.randn(40)
-
-    def with_inplace_bias(*args):
-        y = lora_b_linear(*args)
-        y += extra
-        return y
-
+    inputs, with_inplace_bias, want = in_place_bias_case(lead)
     torch._dynamo.reset()
     fn = torch.compile(with_inplace_bias, backend="aot_eager", fullgraph=True) if compiled else with_inplace_bias
     with dispatch.backend("auto"):
-        got = forward_backward(fn, x, weight, bias, lora_A, lora_B, 0.5)
+        got = forward_backward(fn, *inputs, 0.5)
     if not compiled:
         assert dispatch.last_choice()["lora_b_linear"] == "merged"
-    want = forward_backward(lambda *a: lora_b_linear_reference(*a) + extra, x, weight, bias, lora_A, lora_B, 0.5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
