@@ -91,7 +91,8 @@ def replaced_by_preset(user_keys: set[str], before: Config, after: Config, name:
     """(key, the user's value, the preset's value) for each key of `user_keys` (the ones the user's config file
     sets: config.keys_set_by_user_file) that the preset `name` set to another value and that `after` (the final
     config, --set applied) still holds at the preset's value: the user's own choices --hw replaced."""
-    preset = config_from_dict(preset_overrides(name))
-    keys = [f"{section}.{key}" for section, values in preset_overrides(name).items() for key in values]
+    overrides = preset_overrides(name)
+    preset = config_from_dict(overrides)
+    keys = [f"{section}.{key}" for section, values in overrides.items() for key in values]
     return [(key, config_value(before, key), config_value(after, key)) for key in keys if key in user_keys
             and config_value(before, key) != config_value(after, key) == config_value(preset, key)]
