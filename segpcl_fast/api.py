@@ -106,14 +106,25 @@ def train(config: ConfigLike = None, **overrides: Any):
         result = segpcl_fast.train("cifar100", data__root="/data")    # a paper preset
         result = segpcl_fast.train(method="lora_finetune", epochs=2)
     """
-    from .engine.trainer import Trainer, check_new_run_dir
+    from .engine.trainer import Trainer
     cfg = make_config(config, **overrides)
     if cfg.run.resume and "run.output_dir" not in kwargs_to_overrides(overrides):
         check_resume_target(config, cfg)
-    check_resume_run(cfg)  # before the model and data load (Trainer.run asks again)
-    check_new_run_dir(cfg)
+    check_before_run(cfg)
     with process_state_kept():  # a later call (train without run.num_threads, say) starts from the caller's state
         return Trainer(cfg).run()
+
+
+def check_before_run(cfg: Config) -> None:
+    """What a run refuses before the model and data load, and before the CLI's header line: a refused
+    --resume, a new run into a folder that holds a run, run.device=cuda without a GPU, a model name open_clip
+    does not know. (Trainer.run asks the folder questions again when it claims the folder.)"""
+    from .engine.trainer import check_new_run_dir, resolve_device
+    from .model.clip import check_model_name
+    check_resume_run(cfg)
+    check_new_run_dir(cfg)
+    resolve_device(cfg.run.device)
+    check_model_name(cfg.model.name)
 
 
 def check_resume_target(config: ConfigLike, cfg: Config) -> None:

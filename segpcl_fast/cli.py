@@ -135,10 +135,9 @@ def _print_result(result) -> None:
 
 
 def cmd_train(args) -> int:
-    from .api import train
-    from .config import check_resume_run
+    from .api import check_before_run, train
     cfg = _config_from_args(args)
-    check_resume_run(cfg)  # a refused --resume is the only line, not after a header
+    check_before_run(cfg)  # a refused run (resume, folder, device, model name) is the only line, not after a header
     if _rank0():  # torchrun: one header, from rank 0
         print(f"segpcl-fast train: method={cfg.run.method} dataset={cfg.data.dataset} model={cfg.model.name} "
               f"tasks={cfg.data.num_tasks} -> {cfg.run.output_dir}", flush=True)

@@ -501,12 +501,7 @@ def load_model(name: str = "segpcl-tiny", pretrained: Optional[str] = "segpcl-wo
     does not fit the model, the weights are not available offline, or `preprocess` names no tag of it.
     """
     import open_clip
-    register_model_configs()
-    known = open_clip.list_models()
-    if not _is_known_model(name, known):
-        close = difflib.get_close_matches(name, known, n=5)
-        hint = f"did you mean {close}? " if close else ""
-        raise ModelLoadError(f"unknown model '{name}'; {hint}(open_clip.list_models() lists all)")
+    check_model_name(name)
     resolved = _resolve_pretrained(name, pretrained, cache_dir)
     tag_as_file = resolved is not None and resolved != pretrained and _is_open_clip_tag(name, pretrained)
     # a tag read from its downloaded file keeps the tag's preprocessing, as open_clip gives it by tag
@@ -631,6 +626,18 @@ def preprocess_override(name: str, preprocess: Optional[str | Mapping]) -> Optio
         raise ModelLoadError(f"model.preprocess='{preprocess}' is no pretrained tag of {name} ({known}); give one "
                              f"of them, a mapping of {list(PREPROCESS_KEYS)}, or null for open_clip's choice")
     return {k: tag_cfg[k] for k in PREPROCESS_KEYS if tag_cfg.get(k) is not None}
+
+
+def check_model_name(name: str) -> None:
+    """Raise ModelLoadError, with the closest registered names, when open_clip knows no model `name`
+    (load_model's first check; train asks it before its header line and before any data loads)."""
+    import open_clip
+    register_model_configs()
+    known = open_clip.list_models()
+    if not _is_known_model(name, known):
+        close = difflib.get_close_matches(name, known, n=5)
+        hint = f"did you mean {close}? " if close else ""
+        raise ModelLoadError(f"unknown model '{name}'; {hint}(open_clip.list_models() lists all)")
 
 
 def _is_known_model(name: str, known: Sequence[str]) -> bool:

@@ -1607,6 +1607,29 @@ def test_cli_train_prints_a_refused_resume_alone(tmp_path, capsys):
     assert captured.out == "" and "does not exist: check run.output_dir" in captured.err
 
 
+@pytest.mark.parametrize("args, error", [
+    (["--set", "model.name=ViT-B-3"], "unknown model 'ViT-B-3'; did you mean"),
+    (["--set", "run.device=cuda"], "run.device='cuda' but no CUDA device is available"),
+    ([], "already holds a run (results.json): continue it with --resume"),
+])
+def test_cli_train_prints_a_refused_run_alone_and_writes_nothing(tmp_path, capsys, monkeypatch, args, error):
+    """An unknown model name, run.device=cuda without a GPU, and a new run into a folder holding a run are
+    refused before the 'segpcl-fast train: ...' header line and before any data or weights load."""
+    from segpcl_fast.cli import main
+    if "cuda" in " ".join(args):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("segpcl_fast.engine.trainer.build_model", lambda *a, **k: pytest.fail("loaded weights"))
+    out = tmp_path / "run"
+    if not args:
+        out.mkdir()
+        (out / "results.json").write_text("{}")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["train", "-o", str(out), *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and error in captured.err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_the_nonfinite_message_names_the_settings_of_the_bad_terms():
     from segpcl_fast.engine.step_outcome import nonfinite_fixes
     cfg = make_config(acgd__tau=0.001)
