@@ -163,7 +163,7 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
         raise CheckpointError(f"{e}: it is not a checkpoint segpcl_fast wrote") from None
     except Exception as e:  # truncated / not a torch file
         pointer = path.parent / LAST_POINTER
-        also = f" and {pointer} (it names this file)" if pointer.is_file() else ""
+        also = f" and {pointer} (it names this file)" if _names(pointer, path) else ""
         fix = (f"delete it{also} to resume from the one before, or start a new run.output_dir" if purpose == "resume"
                else f"copy it again from the run, or delete it{also} to {purpose} the task before")
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); {fix}") from e
@@ -178,6 +178,14 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
         _check_fingerprint(path, state, expected_fingerprint, expected_config, tuple(ignore_keys), defaults,
                            purpose)
     return state
+
+
+def _names(pointer: Path, path: Path) -> bool:
+    """Whether the 'last' pointer file `pointer` names the checkpoint `path` (beside it)."""
+    try:
+        return pointer.is_file() and pointer.read_text().strip() == path.name
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def task_of_file(path: PathLike) -> Optional[int]:

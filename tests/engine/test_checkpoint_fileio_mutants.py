@@ -14,8 +14,8 @@ Covered:
   encrypted is damage;
 - checkpoint: the fingerprint's exact recipe (sha256 of the sorted JSON of the dotted keys without the
   run-only ones, 16 hex digits), RUN_ONLY_KEYS and RESULT_CHANGING_KEYS naming real config keys, a
-  checkpoint holding no dict / an export / a task file without a task number, the pointer written
-  after the checkpoint it names, the stale-temp sweep of a run folder, the test-image geometry check
+  checkpoint holding no dict / an export / a task file without a task number, a damaged checkpoint's
+  advice naming the pointer only when it names that file, the stale-temp sweep of a run folder, the test-image geometry check
   (legacy default for old checkpoints), check_same_data passing the legacy split digest on, restore_lora's
   refusals, check_run_config's scope (only <run>/checkpoints/, only a readable config.yaml);
 - environment: which variables the report lists, the bf16 column and its text, error cells listed
@@ -237,6 +237,23 @@ def test_a_stored_config_that_is_no_mapping_gives_the_plain_refusal(tmp_path):
         with pytest.raises(ckpt.CheckpointError, match=r"made with a different config \(fingerprint 0123456789abcdef") as e:
             ckpt.load_checkpoint(path, ckpt.config_fingerprint(cfg), cfg, defaults=Config().to_dict())
         assert "--config" not in str(e.value)
+
+
+def test_a_damaged_checkpoint_the_pointer_does_not_name_leaves_the_pointer_out_of_the_advice(tmp_path):
+    """Task 0's file damaged while `last` names task 1's: deleting `last` is no part of the fix (the message
+    said the pointer named the damaged file); where it does name it, it still is."""
+    from segpcl_fast.engine import checkpoint as ckpt
+    for task in (0, 1):
+        ckpt.save_task_checkpoint(tmp_path, task, {"task": task})
+    pointer = tmp_path / ckpt.CHECKPOINT_DIR / ckpt.LAST_POINTER
+    for task, named in ((0, False), (1, True)):
+        path = ckpt.checkpoint_path(tmp_path, task)
+        path.write_bytes(path.read_bytes()[:40])
+        for purpose in ("resume", "evaluate"):
+            with pytest.raises(ckpt.CheckpointError, match="cannot be read") as e:
+                ckpt.load_checkpoint(path, purpose=purpose)
+            assert (f"delete it and {pointer} (it names this file)" in str(e.value)) is named
+            assert "delete it" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- checkpoint: a run directory's config
