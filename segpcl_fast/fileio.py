@@ -41,12 +41,16 @@ def chmod_like_open(path: str | os.PathLike) -> None:
 
 def chmod_tree_like_made(folder: str | os.PathLike) -> None:
     """Give `folder`, its subfolders and files the modes mkdir() and open() would make them with (0o777 /
-    0o666 minus the umask): tempfile.mkdtemp's folders are 0o700, some writers' files 0o600."""
+    0o666 minus the umask): tempfile.mkdtemp's folders are 0o700, some writers' files 0o600.
+    A symlink inside is left alone: its target may lie outside `folder` (os.walk does not descend into
+    linked folders either)."""
     umask = _umask()
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
 
 
 def _fsync(path: str | os.PathLike) -> None:

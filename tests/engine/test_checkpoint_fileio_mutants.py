@@ -140,6 +140,25 @@ def test_chmod_tree_like_made_gives_every_folder_and_file_its_made_mode(tmp_path
     assert stat.S_IMODE(os.stat(name).st_mode) == 0o666 & ~umask
 
 
+def test_chmod_tree_like_made_leaves_a_linked_files_target_alone(tmp_path):
+    """A symlink inside the folder may point outside it: os.chmod would follow it and change the target."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    os.chmod(outside, 0o600)
+    root = tmp_path / "made"
+    root.mkdir()
+    (root / "link.txt").symlink_to(outside)
+    (root / "own.txt").write_text("y")
+    os.chmod(root / "own.txt", 0o600)
+    old = os.umask(0o022)
+    try:
+        fileio.chmod_tree_like_made(root)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(outside).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(root / "own.txt").st_mode) == 0o644
+
+
 @pytest.mark.parametrize("text", ["[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0",
                                   "PytorchStreamWriter failed writing file data/0: file write failed",
                                   "unexpected pos 128 vs 96"])
