@@ -394,8 +394,8 @@ def _resolve_pretrained(name: str, pretrained: Optional[str], cache_dir: Optiona
                                  f"reinstall segpcl_fast or regenerate it with scripts/pretrain_tiny_clip.py")
         return str(bundled)
     path = Path(os.path.expanduser(pretrained))
-    if path.is_file():
-        return str(path)
+    if path.is_file():  # absolute: open_clip takes a bare name it has as a tag for the tag (a download), not the file
+        return str(path.absolute())
     if path.is_dir():
         raise ModelLoadError(f"model.pretrained='{pretrained}' is a directory; give the checkpoint file "
                              f"inside it (e.g. {path / 'open_clip_pytorch_model.bin'})")

@@ -8,6 +8,7 @@ Covered:
   plain state-dict file is (open_clip itself loads it);
 - names_a_file and the missing-file error: a path with a separator or a weights suffix (.safetensors)
   names a file; "random" / "none" / "" are random weights;
+- a file named like a pretrained tag is read as that file, by open_clip too (it preferred the tag);
 - offline resolution through the Hugging Face cache: a tag whose hub weights are cached (safetensors
   alone, an hf_hub with a trailing slash) goes to open_clip by tag even when its URL file lies beside
   them; an hf-hub: name's cached config is found; HF_HUB_OFFLINE given back as it was;
@@ -106,6 +107,23 @@ def test_a_missing_file_is_named_as_one_whatever_its_suffix(tiny_model_name):
 def test_every_spelling_of_no_weights_is_random_weights(tiny_model_name, pretrained):
     assert clip_module._resolve_pretrained(tiny_model_name, pretrained, None) is None
     assert load_model(tiny_model_name, pretrained).pretrained == pretrained
+
+
+def test_a_file_named_like_a_tag_is_that_file_for_open_clip_too(tiny_model_name, tmp_path, monkeypatch, tags):
+    """A local file `quick` beside a tag `quick` (trained with QuickGELU, downloadable only): load_model reads the
+    file, with the name's GELU; open_clip, handed the bare name, took the tag and went for its download."""
+    import open_clip.pretrained
+
+    def download(*args, **kwargs):
+        raise AssertionError("open_clip went for the tag's download")
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_url", download)
+    tags(tiny_model_name, quick={"url": "https://example.invalid/x/quick.pt", "quick_gelu": True})
+    source = open_clip.create_model(tiny_model_name)
+    monkeypatch.chdir(tmp_path)
+    torch.save(source.state_dict(), tmp_path / "quick")
+    assert not weights_quick_gelu(tiny_model_name, "quick", "quick")
+    model = load_model(tiny_model_name, "quick")
+    assert not model.quick_gelu and _same_weights(model.clip, source.state_dict())
 
 
 # ----------------------------------------------------------------------------- offline caches
