@@ -3,9 +3,25 @@ row blocks (every other test fits in one block), the C++ argument checks the GEM
 catch (a broadcastable bias, mixed dtypes), non-contiguous operands, the fake kernels in bf16, and
 has_kernel's per-device answer. Then (a mutation audit of the ops since 7a90c2d): jit.trace and torch.func
 dispatch and logging, autocast on meta, anchor_kl's reductions and log-prob teacher check, knn_subgraphs' k, dtype
-and tau handling, the loss modules' construction checks and pickles, and pgd_step's per-channel bounds."""
+and tau handling, the loss modules' construction checks and pickles, and pgd_step's per-channel bounds.
+
+Then a mutation audit of the op layer's Python (ops/dispatch.py, _kernels.py, _ext.py, pgd.py, anchor_kl.py,
+knn_kl.py, modules.py, mha.py): each test from the "mutation audit of the op layer" section on fails on a small
+semantic change that the rest of the suite let through, and passes on the code as it is. Covered:
+- dispatch: env_choice (empty = default, unknown refused), set_backend / backend() refusing an unknown name,
+  logging once per device, choose_impl recording the tensors' device, last_choice as a copy, restore_choices'
+  order and empty entries, "cpp" / "reference" running the Triton ops' references on CUDA tensors;
+- _ext: extension_status's cuda flag, the C++ backward asking for grad_x / grad_B only when needed;
+- pgd_step: refusing bounds that require grad, a NaN eps where the bounds live on the device (meta), the
+  Triton path running the kernel (in and out of place) and an in-place step following an x0 in a graph;
+- anchor_kl / knn: a tau that requires grad refused, knn_subgraphs' ref_emb / roots / tau checks and its
+  edge-less int64 result, complex row indices, a plan checked on the reference path too;
+- modules: AnchorKLLoss's defaults (tau_A = 20), SubgraphKLLoss's num_classes / row-count / device checks and
+  normalize (default True, False taken as given);
+- mha: the xformers probe per dtype, in that dtype, with its backward."""
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -15,6 +31,11 @@ from segpcl_fast.ops import _ext, dispatch
 from segpcl_fast.ops.lora_linear import lora_b_linear, lora_b_linear_reference
 
 from lora_cases import PATHS, make_inputs, require_extension, set_paths, upcast
+
+# the Triton path on CPU tensors runs in Triton's interpreter, which must be on before triton is first imported
+# (importing torch and segpcl_fast does not import it): tests/kernels/conftest.py sets it for a whole run, this
+# file alone sets it here
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CPU_PATHS = [p for p in PATHS if p[1] != "fused"]
 
@@ -299,3 +320,334 @@ def test_knn_subgraph_kl_reads_a_float64_one_element_tau_as_a_float():
     want = knn_subgraph_kl(emb, roots, neighbors, q0, 0.5)
     got = knn_subgraph_kl(emb, roots, neighbors, q0, torch.tensor([0.5], dtype=torch.float64))
     assert got.dtype == want.dtype == torch.float32 and got.shape == () and torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ a mutation audit of the op layer (ops/*.py)
+
+def test_env_choice_reads_an_empty_switch_as_unset_and_refuses_an_unknown_one(monkeypatch):
+    """env_choice: unset or empty is the default (as for SEGPCL_OPS), a listed value is taken, anything else is one
+    ValueError naming the variable."""
+    name = "SEGPCL_AUDIT_SWITCH"
+    monkeypatch.delenv(name, raising=False)
+    assert dispatch.env_choice(name, ("a", "b"), "b") == "b"
+    monkeypatch.setenv(name, "")
+    assert dispatch.env_choice(name, ("a", "b"), "b") == "b"
+    monkeypatch.setenv(name, "a")
+    assert dispatch.env_choice(name, ("a", "b"), "b") == "a"
+    monkeypatch.setenv(name, "c")
+    with pytest.raises(ValueError, match="SEGPCL_AUDIT_SWITCH='c' is unknown"):
+        dispatch.env_choice(name, ("a", "b"), "b")
+
+
+def test_set_backend_refuses_an_unknown_name_and_keeps_the_current_one():
+    before = dispatch.get_backend()
+    for bad in ("fast", "Triton", ""):
+        with pytest.raises(ValueError, match="unknown ops backend"):
+            dispatch.set_backend(bad)
+        assert dispatch.get_backend() == before
+    with pytest.raises(ValueError, match="unknown ops backend"), dispatch.backend("cuda"):
+        pass
+    assert dispatch.get_backend() == before
+
+
+@pytest.mark.parametrize("op, name", [("pgd_step", "gamma"), ("pgd_step", "eps"), ("pgd_step", "lo"), ("pgd_step", "hi"),
+                                      ("anchor_kl", "tau"), ("knn_subgraph_kl", "tau")])
+def test_a_constant_that_requires_grad_is_refused_by_every_triton_op(op, name):
+    """refuse_trained_constants: tau and the PGD step's bounds are constants of the ops (no fast path gives them a
+    gradient): one that requires grad is one ValueError, not a gradient that silently does not arrive."""
+    from segpcl_fast import ops
+    g = torch.Generator().manual_seed(20)
+    if op == "pgd_step":
+        x = torch.rand(2, 3, 4, 4, generator=g)
+        bounds = {"gamma": 0.1, "eps": 0.2, "lo": 0.0, "hi": 1.0}
+        bounds[name] = torch.full((3,), bounds[name], requires_grad=True)
+        call = lambda: ops.pgd_step(x.clone(), torch.randn(x.shape, generator=g), x, **bounds)
+    elif op == "anchor_kl":
+        z = torch.randn(3, 5, generator=g)
+        call = lambda: ops.anchor_kl(z, z.flip(0), torch.tensor(0.5, requires_grad=True))
+    else:
+        emb = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+        roots, neighbors, q0 = ops.knn_subgraphs(emb, [0, 3], k=2, tau=0.5)
+        call = lambda: ops.knn_subgraph_kl(emb, roots, neighbors, q0, torch.tensor(0.5, requires_grad=True))
+    with pytest.raises(ValueError, match=f"{op}: {name} is a constant of the op .* requires grad"):
+        call()
+
+
+def test_a_choice_is_logged_once_per_device(monkeypatch, caplog):
+    """record_choice logs each (op, device, impl) once: the same choice on another device is a line of its own."""
+    for name in ("_logged", "_used"):
+        monkeypatch.setattr(dispatch, name, type(getattr(dispatch, name))())
+    monkeypatch.setattr(dispatch, "_last_choice", {})
+    with caplog.at_level("INFO", logger="segpcl_fast.ops"):
+        for device in ("cpu", "cpu", "meta", "cpu", "meta"):
+            dispatch.record_choice("audit_op", "reference", device)
+    lines = [r.getMessage() for r in caplog.records if "audit_op" in r.getMessage()]
+    assert [line.split("device=")[1][:4] for line in lines] == ["cpu,", "meta"], lines
+    assert dispatch.last_choice() == {"audit_op": "reference"} and dispatch.choices_used() == {"audit_op": "reference"}
+
+
+def test_restore_choices_puts_the_checkpoints_record_first_and_skips_empty_entries(monkeypatch):
+    """restore_choices: the earlier part's ops first (results.json "ops" in order of first use), each op's earlier
+    implementations before this part's; an op recorded with no implementation ("") adds nothing."""
+    monkeypatch.setattr(dispatch, "_used", {})
+    monkeypatch.setattr(dispatch, "_last_choice", {})
+    dispatch.record_choice("lora_b_linear", "merged", "cpu")
+    dispatch.record_choice("attention", "sdpa", "cpu")
+    dispatch.restore_choices({"anchor_kl": "reference", "lora_b_linear": "cpp+merged", "knn_subgraph_kl": ""})
+    assert list(dispatch.choices_used().items()) == [
+        ("anchor_kl", "reference"), ("lora_b_linear", "cpp+merged"), ("attention", "sdpa")]
+
+
+def test_the_triton_ops_run_their_reference_under_cpp_and_reference_even_on_cuda(monkeypatch):
+    """impl_for: Triton under "auto" (CUDA, fp32) or "triton" only; "cpp" has no version of these ops and runs their
+    references, as "reference" does."""
+    from segpcl_fast.ops import _kernels
+    t = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"), dtype=torch.float32)  # a CUDA tensor's view
+    monkeypatch.setattr(_kernels._utils, "HAS_TRITON", True)
+    monkeypatch.setattr(_kernels._utils, "can_run_triton", lambda *tensors: True)
+    want = {"auto": "triton", "triton": "triton", "cpp": "reference", "reference": "reference"}
+    for name, impl in want.items():
+        with dispatch.backend(name):
+            assert {op: _kernels.impl_for(op, t, t) for op in ("pgd_step", "anchor_kl", "knn_subgraph_kl")} == dict.fromkeys(
+                ("pgd_step", "anchor_kl", "knn_subgraph_kl"), impl), name
+
+
+def test_extension_status_reports_cuda_kernels_only_when_compiled_with_them(monkeypatch):
+    monkeypatch.setattr(_ext, "_load_error", None)
+    monkeypatch.setattr(_ext, "_C", types.SimpleNamespace(WITH_CUDA=False))
+    assert _ext.extension_status() == {"built": True, "cuda": False, "error": None}
+    monkeypatch.setattr(_ext, "_C", types.SimpleNamespace(WITH_CUDA=True))
+    assert _ext.extension_status() == {"built": True, "cuda": True, "error": None}
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_load_error", "ImportError: x")
+    assert _ext.extension_status() == {"built": False, "cuda": False, "error": "ImportError: x"}
+
+
+def test_pgd_step_refuses_a_nan_eps_where_the_bounds_are_on_the_device():
+    """eps >= 0 is checked on the host floats as `all(e >= 0)`, so a NaN eps is refused like a negative one before the
+    bounds go to x_adv's device, where check_pgd_inputs no longer reads them (meta stands in for a GPU here)."""
+    from segpcl_fast.ops import pgd_step
+    x = torch.empty(1, 3, 2, 2, device="meta")
+    assert pgd_step(x, x, x, 0.1, [0.1, 0.2, 0.3], 0.0, 1.0).shape == x.shape  # the reference runs on meta
+    for eps in (float("nan"), [0.1, float("nan"), 0.1], -0.1):
+        with pytest.raises(ValueError, match="eps must be >= 0"):
+            pgd_step(x, x, x, 0.1, eps, 0.0, 1.0)
+
+
+def test_knn_subgraphs_checks_ref_emb_roots_and_tau():
+    """knn_subgraphs refuses what it cannot build a graph from: an integer ref_emb, roots of another rank (a (R, 1)
+    column too: the module reshapes it, the function does not), and a tau that is not a finite number > 0 (q_0 at
+    tau 0 is NaN, at a negative tau inverted)."""
+    from segpcl_fast.ops import knn_subgraphs
+    ref = torch.randn(6, 4, generator=torch.Generator().manual_seed(23))
+    with pytest.raises(ValueError, match="ref_emb must be a floating"):
+        knn_subgraphs((ref * 10).long(), [1, 2], k=2, tau=0.5)
+    with pytest.raises(TypeError, match="roots must be a 1-D"):
+        knn_subgraphs(ref, [[1], [2]], k=2, tau=0.5)
+    for tau in (0.0, -0.5, float("inf"), float("nan")):
+        for roots in ([1, 2], []):  # with no root too (no q_0 to compute, the argument still wrong)
+            with pytest.raises(ValueError, match="knn_subgraphs: tau must be a finite number > 0"):
+                knn_subgraphs(ref, roots, k=2, tau=tau)
+
+
+@pytest.mark.parametrize("classes, roots", [(6, []), (1, [0])])
+def test_knn_subgraphs_without_edges_is_int64_and_empty(classes, roots):
+    """No root, or a single class (no neighbour to take): roots[:0], and (0, 0) neighbours that are int64 row
+    indices (the modules and the op index with them) and an fp32 q_0."""
+    from segpcl_fast.ops import knn_subgraphs
+    r, neighbors, q0 = knn_subgraphs(torch.randn(classes, 4), roots, k=3, tau=0.5)
+    assert r.shape == (0,) and r.dtype == torch.int64
+    assert neighbors.shape == (0, 0) and neighbors.dtype == torch.int64
+    assert q0.shape == (0, 0) and q0.dtype == torch.float32
+
+
+def test_knn_subgraph_kl_checks_a_plan_on_every_path():
+    """A plan of another graph's shape is refused even where the reference (which ignores it) runs."""
+    import torch.nn.functional as F
+    from segpcl_fast.ops import knn_backward_plan, knn_subgraph_kl, knn_subgraphs
+    emb = F.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(24)), dim=-1)
+    roots, neighbors, q0 = knn_subgraphs(emb, [0, 3, 5], k=2, tau=0.5)
+    plan = knn_backward_plan(roots, neighbors, 8)
+    with dispatch.backend("reference"):
+        want = knn_subgraph_kl(emb, roots, neighbors, q0, 0.5)
+        torch.testing.assert_close(knn_subgraph_kl(emb, roots, neighbors, q0, 0.5, plan=plan), want)
+        for bad in (plan[:-1], plan.int(), plan.view(1, -1)):
+            with pytest.raises(ValueError, match="plan must be knn_backward_plan"):
+                knn_subgraph_kl(emb, roots, neighbors, q0, 0.5, plan=bad)
+
+
+def test_subgraph_kl_loss_refuses_a_graph_it_cannot_hold():
+    """SubgraphKLLoss: num_classes a positive integer (0 or 6.5 refused, not floored), one neighbour row per root,
+    and roots, neighbors and ref_logprob on one device."""
+    from segpcl_fast.ops import SubgraphKLLoss
+    roots, neighbors = torch.tensor([5]), torch.tensor([[0, 1]])
+    log_q0 = torch.log(torch.tensor([[0.25, 0.75]]))
+    for bad in (0, 6.5, -1):
+        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+            SubgraphKLLoss(roots[:0], neighbors[:0], log_q0[:0], 0.1, num_classes=bad)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        SubgraphKLLoss(roots, neighbors, log_q0, 0.1, num_classes=6.5)
+    with pytest.raises(ValueError, match=r"roots must be \(R,\) and neighbors \(R, k\)"):
+        SubgraphKLLoss(roots, neighbors.repeat(2, 1), log_q0.repeat(2, 1), 0.1, num_classes=6)
+    with pytest.raises(ValueError, match="must be on one device"):
+        SubgraphKLLoss(roots, neighbors, log_q0.to("meta"), 0.1, num_classes=6)
+    assert SubgraphKLLoss(roots, neighbors, log_q0, 0.1, num_classes=6).num_classes == 6
+
+
+def test_inplace_pgd_step_on_the_triton_path_follows_an_x0_that_requires_grad():
+    """pgd_step(inplace=True) with x0 in an autograd graph (x_adv not): the Triton path copies the functional op's
+    result into x_adv, so the ball's bounds x0 -/+ eps still pass their gradient to x0 (the in-place kernel would
+    leave x_adv out of the graph)."""
+    from segpcl_fast.kernels import _triton_utils
+    from segpcl_fast.ops import pgd_step
+    if not _triton_utils.can_run_triton(torch.zeros(1)):
+        pytest.skip("CPU Triton needs TRITON_INTERPRET=1 before triton is imported")
+    leaf = torch.full((1, 1, 2, 2), 0.5, requires_grad=True)
+    x0 = leaf * 1.0
+    x = torch.tensor([[[[0.0, 0.3], [-0.05, 0.9]]]])
+    grad = torch.tensor([[[[1.0, -1.0], [1.0, 0.0]]]])
+    with dispatch.backend("triton"):
+        out = pgd_step(x, grad, x0, 0.1, 0.2, -1.0, 1.0, inplace=True)
+    assert out is x and dispatch.last_choice()["pgd_step"] == "triton"
+    (x * torch.arange(1.0, 5.0).view(1, 1, 2, 2)).sum().backward()
+    # x - 0.1 sign(grad) = [-0.1, 0.4, -0.15, 0.9] into [0.3, 0.7]: rows 0, 2 and 3 sit on the ball's bounds
+    torch.testing.assert_close(x.detach().flatten(), torch.tensor([0.3, 0.4, 0.3, 0.7]))
+    torch.testing.assert_close(leaf.grad.flatten(), torch.tensor([1.0, 0.0, 3.0, 4.0]))
+
+
+def test_subgraph_kl_loss_normalizes_only_when_asked():
+    """normalize=True (the default) L2-normalises emb: 2 x the reference is the reference, loss 0; normalize=False
+    takes emb as given: 2 x the reference doubles the similarities, the op's loss on it."""
+    import torch.nn.functional as F
+    from segpcl_fast.ops import SubgraphKLLoss, knn_subgraph_kl
+    ref = F.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(25)), dim=-1)
+    normalized = SubgraphKLLoss.from_reference(ref, [0, 3, 6], k=3, tau=0.5)
+    as_given = SubgraphKLLoss.from_reference(ref, [0, 3, 6], k=3, tau=0.5, normalize=False)
+    direct = SubgraphKLLoss(as_given.roots, as_given.neighbors, as_given.ref_logprob, 0.5, num_classes=8)
+    assert normalized.normalize and direct.normalize and not as_given.normalize
+    emb = 2.0 * ref
+    want = knn_subgraph_kl(emb, as_given.roots, as_given.neighbors, as_given.ref_logprob, 0.5)
+    assert want > 1e-3
+    torch.testing.assert_close(as_given(emb), want)
+    for module in (normalized, direct):
+        torch.testing.assert_close(module(emb), torch.tensor(0.0), rtol=0, atol=1e-6)
+
+
+def test_choose_impl_records_the_tensors_device_and_last_choice_is_a_copy(monkeypatch, caplog):
+    """choose_impl records (and logs) the device of the call's tensors, a CUDA tensor's as cuda; last_choice() is a
+    snapshot, which a caller may change without changing the record."""
+    from segpcl_fast.ops import _kernels
+    monkeypatch.setattr(dispatch, "_logged", set())
+    monkeypatch.setattr(dispatch, "_last_choice", {})
+    monkeypatch.setattr(dispatch, "_used", {})
+    t = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"), dtype=torch.float32)
+    with dispatch.backend("reference"), caplog.at_level("INFO", logger="segpcl_fast.ops"):
+        assert _kernels.choose_impl("anchor_kl", t, t) == "reference"
+    assert [r.getMessage() for r in caplog.records] == [
+        "segpcl_fast.ops.anchor_kl -> reference (device=cuda, backend=reference)"]
+    snapshot = dispatch.last_choice()
+    snapshot["anchor_kl"] = "triton"
+    assert dispatch.last_choice() == {"anchor_kl": "reference"}
+
+
+def test_the_cpp_backward_computes_only_the_gradients_asked_for(cpp, monkeypatch):
+    """The C++ op's backward asks lora_b_linear_bwd for grad_x only when x requires grad (a frozen input, as the first
+    layer's, would be an (N, in) GEMM for nothing) and for grad_B only when B does."""
+    asked = []
+    real = torch.ops.segpcl.lora_b_linear_bwd
+    monkeypatch.setattr(torch.ops.segpcl, "lora_b_linear_bwd", lambda *args: asked.append(args[-2:]) or real(*args))
+    x, weight, bias, lora_A, lora_B = make_inputs((3,), 8, 16, 2, seed=26)
+    for x_in, b_in, want in ((x, lora_B, (True, True)), (x.detach(), lora_B, (False, True)),
+                             (x, lora_B.detach(), (True, False))):
+        y = lora_b_linear(x_in, weight, bias, lora_A, b_in, 0.5)
+        assert dispatch.last_choice()["lora_b_linear"] == "cpp"
+        y.sum().backward()
+        assert asked.pop() == want
+    assert not asked
+
+
+def test_pgd_step_on_the_triton_path_runs_the_kernel(monkeypatch):
+    """What choose_impl records is what runs: "triton" is the kernel's launcher (out of place and in place), with the
+    reference's values."""
+    from segpcl_fast.kernels import _triton_utils, pgd_step as kernel
+    from segpcl_fast.ops import pgd_step, pgd_step_reference
+    if not _triton_utils.can_run_triton(torch.zeros(1)):
+        pytest.skip("CPU Triton needs TRITON_INTERPRET=1 before triton is imported")
+    launches = []
+    real = kernel.pgd_step_triton
+    monkeypatch.setattr(kernel, "pgd_step_triton", lambda *args, **kw: launches.append(kw.get("out") is None)
+                        or real(*args, **kw))
+    g = torch.Generator().manual_seed(27)
+    x0 = torch.rand(1, 2, 2, 2, generator=g)
+    x_adv, grad = x0 + 0.1 * torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    bounds = [torch.full((2,), v) for v in (0.1, 0.05, 0.0, 1.0)]
+    want = pgd_step_reference(x_adv, grad, x0, *bounds)
+    with dispatch.backend("triton"):
+        out = pgd_step(x_adv, grad, x0, 0.1, 0.05, 0.0, 1.0)
+        assert launches == [True] and not torch.equal(out, x_adv)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        assert pgd_step(x_adv, grad, x0, 0.1, 0.05, 0.0, 1.0, inplace=True) is x_adv
+    assert launches == [True, False] and dispatch.last_choice()["pgd_step"] == "triton"
+    torch.testing.assert_close(x_adv, want, rtol=0, atol=0)
+
+
+def test_complex_row_indices_are_refused():
+    """row_indices refuses complex values (their .long() drops the imaginary part with a warning only), at every
+    entry point that reads rows."""
+    from segpcl_fast.ops import SubgraphKLLoss, knn_subgraphs
+    ref = torch.randn(6, 4, generator=torch.Generator().manual_seed(28))
+    rows = torch.tensor([1, 4], dtype=torch.complex64)
+    with pytest.raises(TypeError, match="integer row indices, got torch.complex64"):
+        knn_subgraphs(ref, rows, k=2, tau=0.5)
+    with pytest.raises(TypeError, match="integer row indices, got torch.complex64"):
+        SubgraphKLLoss.from_reference(ref, rows, k=2, tau=0.5)
+
+
+def test_anchor_kl_loss_defaults_are_the_methods():
+    """AnchorKLLoss() is method.md's L_ACGD: tau_A = 20, raw teacher logits, the mean over anchors."""
+    from segpcl_fast.ops import AnchorKLLoss, anchor_kl
+    loss = AnchorKLLoss()
+    assert (loss.tau, loss.teacher_is_logprob, loss.reduction) == (20.0, False, "mean")
+    g = torch.Generator().manual_seed(29)
+    z_s, z_t = 30 * torch.randn(4, 6, generator=g), 30 * torch.randn(4, 6, generator=g)
+    torch.testing.assert_close(loss(z_s, z_t), anchor_kl(z_s, z_t, 20.0))
+
+
+def test_the_xformers_probe_is_per_dtype_runs_in_that_dtype_and_runs_backward(monkeypatch):
+    """xformers_failure probes each (device, dtype, head size) in that dtype, forward and backward: a wheel with no
+    fp32 kernel still runs bf16 (and fp32 stays on SDPA), and one whose backward fails is not taken."""
+    import sys
+    import torch.nn.functional as F
+    from segpcl_fast.ops import mha
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("no backward kernel for this head size")
+
+    def memory_efficient_attention(q, k, v):  # (B, L, H, D), as the real one
+        if q.dtype == torch.float32:
+            raise NotImplementedError("no kernel for float32")
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return NoBackward.apply(out) if q.shape[-1] == 16 else out
+
+    xops = types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setitem(sys.modules, "xformers", types.SimpleNamespace(ops=xops))
+    monkeypatch.setitem(sys.modules, "xformers.ops", xops)
+    monkeypatch.setattr(mha, "XFORMERS_DEVICES", {"cpu"})
+    monkeypatch.setattr(mha, "_probed", {})
+    mha._xformers_ops.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(30)
+        for dtype, head_dim, want in ((torch.float32, 8, "sdpa"), (torch.bfloat16, 8, "xformers"),
+                                      (torch.bfloat16, 16, "sdpa"), (torch.float32, 8, "sdpa")):
+            q = torch.randn(1, 2, 3, head_dim, generator=g).to(dtype)
+            out = mha.attention(q, q.flip(2), q)
+            assert dispatch.last_choice()["attention"] == want, (dtype, head_dim)
+            torch.testing.assert_close(out, mha.attention_reference(q, q.flip(2), q))
+    finally:
+        mha._xformers_ops.cache_clear()
