@@ -45,8 +45,9 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: P
 
     x_adv, grad, x0: (N, C, H, W); gamma, eps, lo, hi: (C,) tensors, sequences of C numbers or numbers, in the
     model's normalised input space (eps >= 0, lo <= hi). inplace=True overwrites x_adv and returns it;
-    when x_adv or x0 is part of an autograd graph, the Triton path then copies the functional op's
-    result into x_adv (autograd sees it, as it sees the reference's) instead of running the in-place kernel.
+    when x_adv, grad or x0 is part of an autograd graph, the Triton path then copies the functional op's
+    result into x_adv (autograd sees it, as it sees the reference's: grad gets its zero gradient) instead of
+    running the in-place kernel.
     float64 inputs compute in float64 (the reference).
     """
     refuse_trained_constants("pgd_step", gamma=gamma, eps=eps, lo=lo, hi=hi)
@@ -69,7 +70,7 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, gamma: P
                           torch.tensor(host[name], dtype=dtype, device=x_adv.device) for name, v in bounds.items())
     _k.check_pgd_inputs(x_adv, grad, x0, gamma, eps, lo, hi)
     if choose_impl("pgd_step", x_adv, grad, x0) == "triton":
-        tracked = torch.is_grad_enabled() and (x_adv.requires_grad or x0.requires_grad)
+        tracked = torch.is_grad_enabled() and (x_adv.requires_grad or grad.requires_grad or x0.requires_grad)
         if inplace and not tracked:
             torch.ops.segpcl.pgd_step_(x_adv, grad, x0, gamma, eps, lo, hi)
             return x_adv

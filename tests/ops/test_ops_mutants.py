@@ -18,7 +18,8 @@ semantic change that the rest of the suite let through, and passes on the code a
   edge-less int64 result, complex row indices, a plan checked on the reference path too;
 - modules: AnchorKLLoss's defaults (tau_A = 20), SubgraphKLLoss's num_classes / row-count / device checks and
   normalize (default True, False taken as given);
-- mha: the xformers probe per dtype, in that dtype, with its backward."""
+- mha: the xformers probe per dtype, in that dtype, with its backward.
+Last, the fix it found: an in-place Triton step with only grad in a graph keeps x_adv in the graph."""
 from __future__ import annotations
 
 import os
@@ -651,3 +652,27 @@ def test_the_xformers_probe_is_per_dtype_runs_in_that_dtype_and_runs_backward(mo
             torch.testing.assert_close(out, mha.attention_reference(q, q.flip(2), q))
     finally:
         mha._xformers_ops.cache_clear()
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_an_inplace_pgd_step_gives_a_grad_in_a_graph_its_zero_gradient_on_every_path(path):
+    """pgd_step(inplace=True) with only grad in an autograd graph: x_adv joins the graph on every path, and grad's
+    gradient is zeros (sign is piecewise constant), as for the functional step. The Triton path ran its in-place
+    kernel there: x_adv out of the graph, and backward from it an error ("does not require grad")."""
+    from segpcl_fast.kernels import _triton_utils
+    from segpcl_fast.ops import pgd_step, pgd_step_reference
+    if path == "triton" and not _triton_utils.can_run_triton(torch.zeros(1)):
+        pytest.skip("CPU Triton needs TRITON_INTERPRET=1 before triton is imported")
+    g = torch.Generator().manual_seed(31)
+    x0 = torch.rand(1, 2, 2, 2, generator=g)
+    x_adv = x0 + 0.1 * torch.randn(x0.shape, generator=g)
+    leaf = torch.randn(x0.shape, generator=g, requires_grad=True)
+    grad = 2.0 * leaf
+    bounds = (0.1, 0.05, 0.0, 1.0)
+    want = pgd_step_reference(x_adv, grad.detach(), x0, *(torch.full((2,), v) for v in bounds))
+    with dispatch.backend(path):
+        out = pgd_step(x_adv, grad, x0, *bounds, inplace=True)
+    assert out is x_adv and dispatch.last_choice()["pgd_step"] == path and x_adv.requires_grad
+    torch.testing.assert_close(x_adv.detach(), want, rtol=0, atol=0)
+    x_adv.sum().backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(leaf))
