@@ -167,8 +167,7 @@ class LoRAMultiheadAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention, slices: list[str], out_lora: bool,
                  rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
-        if not mha.batch_first or not mha._qkv_same_embed_dim:
-            raise ValueError("LoRA injection expects open_clip's batch_first self-attention blocks")
+        check_attention(mha)
         d = mha.embed_dim
         self.embed_dim, self.num_heads = d, mha.num_heads
         self.in_proj_weight = mha.in_proj_weight
@@ -291,6 +290,19 @@ def sdpa_mask(attn_mask: torch.Tensor, bsz: int, heads: int, dtype: torch.dtype)
     return attn_mask
 
 
+def check_attention(mha: nn.MultiheadAttention) -> None:
+    """What LoRAMultiheadAttention computes: open_clip's self-attention, batch_first, one width for q, k and v, and
+    none of nn.MultiheadAttention's attention dropout, bias_k / bias_v (add_bias_kv) or zero key row
+    (add_zero_attn), which it would drop without a word (B = 0 would no longer give the layer it replaced)."""
+    if not mha.batch_first or not mha._qkv_same_embed_dim:
+        raise ValueError("LoRA injection expects open_clip's batch_first self-attention blocks")
+    unsupported = [option for option, used in (("dropout", mha.dropout != 0), ("add_bias_kv", mha.bias_k is not None),
+                                               ("add_zero_attn", mha.add_zero_attn)) if used]
+    if unsupported:
+        raise ValueError(f"LoRA injection expects open_clip's self-attention blocks: this nn.MultiheadAttention uses "
+                         f"{', '.join(unsupported)}, which LoRAMultiheadAttention does not compute")
+
+
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """W + s B A computed in fp32 or W's own dtype where wider (float64), rounded once to W's dtype."""
     wide = torch.promote_types(weight.dtype, torch.float32)
@@ -410,6 +422,7 @@ def _open_clip_block_plan(block: nn.Module, targets: list[str], rank: int, alpha
     slices = [t for t in ("q", "k", "v") if t in targets]
     plan: list[Replacement] = []
     if slices or "out" in targets:
+        check_attention(block.attn)  # here, before inject_lora changes anything
         plan.append((block, "attn", lambda generator, mha=block.attn: LoRAMultiheadAttention(
             mha, slices, "out" in targets, rank, alpha, generator)))
     plan += [_linear_replacement(block.mlp, name, rank, alpha) for name in ("c_fc", "c_proj") if name in targets]

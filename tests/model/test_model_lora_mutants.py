@@ -8,8 +8,10 @@ W + s B A, or as a property (round trips, refusals before anything changes). Sma
 Covered:
 - LoRAPackedLinear: a width that is not 3 d refused; the slices in q, k, v order whatever the list's order (the
   same A per slice, the same function);
-- LoRAMultiheadAttention: a sequence-first attention refused; merged() keeping non-zero in_proj / out_proj biases
-  (open_clip's and torch's random init leaves them zero); a float attn_mask used in the query's dtype;
+- LoRAMultiheadAttention: a sequence-first attention refused, and one using attention dropout, add_bias_kv or
+  add_zero_attn (which it dropped without a word; inject_lora refuses it before changing anything); merged()
+  keeping non-zero in_proj / out_proj biases (open_clip's and torch's random init leaves them zero); a float
+  attn_mask used in the query's dtype;
 - merged_weight: a layer whose W and A are stored in bf16 (store_frozen_weights) and B in fp32 merges in fp32,
   rounded once (same-dtype operands cannot show it: torch's bf16 addmm on CPU accumulates in fp32 already);
 - outer_adapters / peft_layers: an attention's LoRA out_proj goes with the attention (no entry of its own); an
@@ -136,6 +138,33 @@ def test_attention_adapter_refuses_a_sequence_first_attention():
         LoRAMultiheadAttention(nn.MultiheadAttention(8, 2), ["q"], False, 2, 2.0, _gen())
 
 
+class _OpenClipBlock(nn.Module):
+    """What inject_lora takes for an open_clip block: .attn an nn.MultiheadAttention, .mlp with c_fc and c_proj."""
+
+    def __init__(self, **attention):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, **attention)
+        self.mlp = nn.Sequential()
+        self.mlp.c_fc, self.mlp.c_proj = nn.Linear(8, 16), nn.Linear(16, 8)
+
+
+@pytest.mark.parametrize("option", ["dropout", "add_bias_kv", "add_zero_attn"])
+def test_an_attention_option_the_adapter_does_not_compute_is_refused_before_anything_changes(option):
+    """The adapter computes none of nn.MultiheadAttention's attention dropout, bias_k / bias_v or zero key row: it
+    dropped them without a word (with B = 0 it computed another function than the layer it replaced). Refused,
+    by inject_lora before it freezes or replaces anything."""
+    kwargs = {"dropout": {"dropout": 0.1}, "add_bias_kv": {"add_bias_kv": True},
+              "add_zero_attn": {"add_zero_attn": True}}[option]
+    with pytest.raises(ValueError, match=f"uses {option}, which LoRAMultiheadAttention does not compute"):
+        LoRAMultiheadAttention(nn.MultiheadAttention(8, 2, batch_first=True, **kwargs), ["q"], False, 2, 2.0, _gen())
+    model = _Tower(_OpenClipBlock(), _OpenClipBlock(**kwargs))
+    with pytest.raises(ValueError, match=f"uses {option}"):
+        inject_lora(model, rank=2, targets=["v", "c_fc"], towers="visual")
+    assert not lora_parameters(model) and all(p.requires_grad for p in model.parameters())
+    inject_lora(model, rank=2, targets=["c_fc"], towers="visual")  # the MLPs alone: the attention stays as it is
+    assert len(lora_parameters(model)) == 2
+
+
 @pytest.mark.parametrize("slices, out_lora", [(["q", "v"], True), ([], True), (["k"], False)])
 def test_merged_attention_keeps_non_zero_biases(slices, out_lora):
     """merged() copies in_proj_bias and out_proj.bias: nn.MultiheadAttention initialises both to zero, so a merge
@@ -209,7 +238,8 @@ def test_an_attention_with_its_out_proj_alone_maps_to_zero_in_proj_factors():
     _randomise(lora_parameters(holder))
     layer = peft_layers(holder)["attn"]
     assert layer["rank"] == 2 and not layer["A"].any() and not layer["B"].any()
-    torch.testing.assert_close(layer["out_B"] @ layer["out_A"], holder.attn.out_proj.lora_B @ holder.attn.out_proj.lora_A)
+    out = holder.attn.out_proj
+    torch.testing.assert_close(layer["out_B"] @ layer["out_A"], out.lora_B @ out.lora_A)
 
 
 # ----------------------------------------------------------------------------- hooks
