@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from run_cases import first_token_model_name
 
 from segpcl_fast.api import make_config
 from segpcl_fast.engine import compiling
@@ -391,17 +392,9 @@ def test_the_text_tower_is_one_graph_from_tokens_to_normalised_embeddings(tiny_m
 def test_a_text_tower_run_whole_keeps_its_trunk_compiled(tmp_path):
     """A text tower the truncation does not apply to (here pooling the first token) runs open_clip's
     encode_text at full length: only its transformer trunk is compiled, as before text_features."""
-    import json
-
-    import open_clip
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 48, "patch_size": 8,
-                                           "head_width": 16},
-           "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                        "pool_type": "first"}}
-    (tmp_path / "compile-tiny-first.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path)
+    name = first_token_model_name(tmp_path, "compile-tiny-first")
     torch._dynamo.reset()
-    model = load_model("compile-tiny-first", pretrained=None)
+    model = load_model(name, pretrained=None)
     inject_lora(model, rank=4, alpha=4.0, towers="text")
     eager = copy.deepcopy(model)
     assert not model.truncates_text

@@ -32,6 +32,7 @@ import types
 
 import pytest
 import torch
+from run_cases import first_token_model_name
 
 from segpcl_fast.api import make_config
 from segpcl_fast.engine import compiling
@@ -335,19 +336,10 @@ def test_compile_model_gives_each_tower_its_dynamic_setting_once(tiny_model_name
 def test_a_trunk_compiled_alone_is_compiled_once_and_symbolic_from_the_start(tmp_path, monkeypatch):
     """A text tower the truncation does not apply to (pooling its first token): its trunk is compiled with
     dynamic=True, once however often compile_model is called."""
-    import json
-
-    import open_clip
-
     from segpcl_fast.model.clip import load_model
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 48, "patch_size": 8,
-                                           "head_width": 16},
-           "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                        "pool_type": "first"}}
-    (tmp_path / "support-tiny-first.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path)
+    name = first_token_model_name(tmp_path, "support-tiny-first")
     calls = _recording_compile(monkeypatch)
-    model = load_model("support-tiny-first", pretrained=None)
+    model = load_model(name, pretrained=None)
     trunk = model.text_tower.transformer
     assert not model.truncates_text
     for _ in range(2):
