@@ -565,13 +565,20 @@ def check_task_count(cfg: Config) -> Config:
     may hold sizes with the default num_tasks, and they must still resume and evaluate."""
     sizes, n = cfg.data.task_sizes, cfg.data.num_tasks
     if sizes is not None and len(sizes) != n:
-        # the classes the tasks split: data.expected_classes where given (a subset of the preset's), else the preset's sum
-        total = cfg.data.expected_classes or sum(sizes)
+        # the classes the tasks split: data.expected_classes where given (a subset of the preset's), the offline
+        # world's, else the sizes' sum
+        from .data.build import known_class_count
+        total = known_class_count(cfg.data) or sum(sizes)
         even = [total // n + (1 if i < total % n else 0) for i in range(n)]  # the same classes, n tasks
         fix = (f"set data.task_sizes=null to split the {total} classes into {n} equal tasks" if total % n == 0 else
-               f"e.g. data.task_sizes=[{','.join(map(str, even))}] ({total} classes do not split into {n} equal tasks)")
-        raise ConfigError(f"data.task_sizes has {len(sizes)} entries ({sizes}) but data.num_tasks is {n}: give one "
-                          f"size per task, {fix} (a preset such as ucf101 sets task_sizes)")
+               f"e.g. data.task_sizes=[{','.join(map(str, even))}] ({total} classes do not split into {n} equal tasks)"
+               if total >= n else f"{total} classes cannot make {n} tasks")
+        # sizes set on purpose (they cover the classes) beside the default num_tasks, left as it was: first the
+        # count that takes them as they are (a config's own num_tasks is kept: its fix is the sizes')
+        fix = (f"set data.num_tasks={len(sizes)} for these sizes, or give one size per task: {fix}"
+               if sum(sizes) == total and n == DataConfig().num_tasks else f"give one size per task, {fix}")
+        raise ConfigError(f"data.task_sizes has {len(sizes)} entries ({sizes}) but data.num_tasks is {n}: {fix} "
+                          f"(a preset such as ucf101 sets task_sizes)")
     return cfg
 
 

@@ -135,6 +135,24 @@ def test_task_sizes_and_num_tasks_must_agree():
     assert config_from_dict({"data": {"task_sizes": [60, 40]}}).data.task_sizes == [60, 40]
 
 
+def test_task_sizes_beside_the_default_num_tasks_name_the_num_tasks_that_takes_them():
+    """--set data.task_sizes=[2,2] on a 4-class subset, num_tasks left at its default 10: the fix offered was
+    data.task_sizes=[1,1,1,1,0,0,0,0,0,0] (empty tasks: refused next); now data.num_tasks=2 first, and no sizes of 0.
+    On the offline world the classes split are its 100, not the sizes' sum."""
+    from segpcl_fast.api import make_config
+    with pytest.raises(ConfigError) as e:
+        make_config("imagenet-r", ["data.task_sizes=[2,2]", "data.expected_classes=4"])
+    assert "set data.num_tasks=2 for these sizes" in str(e.value) and ",0" not in str(e.value), str(e.value)
+    assert make_config("imagenet-r", ["data.task_sizes=[2,2]", "data.expected_classes=4",
+                                      "data.num_tasks=2"]).data.task_sizes == [2, 2]
+    with pytest.raises(ConfigError) as e:
+        make_config(None, ["data.task_sizes=[2,2]"])
+    assert "split the 100 classes into 10 equal tasks" in str(e.value) and "num_tasks=2" not in str(e.value)
+    with pytest.raises(ConfigError) as e:  # a num_tasks set on purpose keeps its own fix: the sizes'
+        make_config("ucf101", ["data.num_tasks=200"])
+    assert "101 classes cannot make 200 tasks" in str(e.value) and "num_tasks=10" not in str(e.value), str(e.value)
+
+
 def test_a_data_root_for_the_offline_world_is_a_forgotten_dataset_choice():
     from segpcl_fast.api import make_config
     with pytest.raises(ConfigError, match=r"data.root is /data/c100 but data.dataset is 'synthetic', the offline "
