@@ -191,6 +191,18 @@ def test_write_run_report_files_plots_and_stored_fields(tmp_path, monkeypatch):
     assert "loss_per_epoch" not in back  # a result without training steps: no key, no loss plot
 
 
+def test_write_run_report_lists_the_tensorboard_folder(tmp_path, monkeypatch):
+    """run.tensorboard=true writes <out>/tensorboard/: results.json "paths" (and the printed "files:") named every
+    file of the run but those curves."""
+    from segpcl_fast.engine.tensorboard_log import TENSORBOARD_DIR
+    _spy_figures(monkeypatch)
+    assert "tensorboard" not in write_run_report(_result(), tmp_path)  # none written: none listed
+    (tmp_path / TENSORBOARD_DIR / "steps").mkdir(parents=True)
+    paths = write_run_report(_result(), tmp_path)
+    assert paths["tensorboard"] == str(tmp_path / TENSORBOARD_DIR)
+    assert read_results(paths["results"])["paths"]["tensorboard"] == str(tmp_path / TENSORBOARD_DIR)
+
+
 def test_write_run_report_stores_and_plots_the_loss_curves(tmp_path, monkeypatch):
     figs = _spy_figures(monkeypatch)
     curves = [[{"epoch": 1, "steps": 3, "cls": 2.0}], [{"epoch": 1, "steps": 3, "cls": 1.0, "acgd": 0.5}]]

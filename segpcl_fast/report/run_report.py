@@ -62,7 +62,8 @@ def write_run_report(result: Any, output_dir: str | os.PathLike, plots: bool = T
         if any(r.get("loss_per_epoch") or []):
             paths["loss_curves_png"] = str(P.plot_loss_curves(r["loss_per_epoch"], out / LOSS_PNG,
                                                               title=f"{label}: training loss, mean per epoch"))
-    for name, rel in [("config", "config.yaml"), ("checkpoints", "checkpoints")]:
+    # run.tensorboard's event files (engine.tensorboard_log.TENSORBOARD_DIR), with the rest of what the run wrote
+    for name, rel in [("config", "config.yaml"), ("checkpoints", "checkpoints"), ("tensorboard", "tensorboard")]:
         if (out / rel).exists():
             paths[name] = str(out / rel)
     paths["results"] = str(out / RESULTS_FILE)
