@@ -334,8 +334,13 @@ def image_paths(items: Sequence[PathLike]) -> list[str]:
         path = Path(_path_str(item))
         if path.is_dir():
             found = sorted(str(p) for p in path.iterdir() if is_image_name(p, FOLDER_IMAGE_EXTENSIONS) and p.is_file())
-            if not found:
-                raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
+            if not found:  # a folder of class folders (an ImageFolder split): a folder's own images are read
+                subfolders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+                raise FileNotFoundError(
+                    f"folder {path} holds no image files ({', '.join(FOLDER_IMAGE_EXTENSIONS)})"
+                    + (f" of its own, only folders ({', '.join(subfolders[:3])}{', ...' if len(subfolders) > 3 else ''}):"
+                       f" a folder's images are read, not its subfolders'; pass those folders instead, e.g. "
+                       f"{path / subfolders[0]}" if subfolders else ""))
             paths += found
         else:
             paths.append(_path_str(item))

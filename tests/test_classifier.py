@@ -1,5 +1,6 @@
 """A trained run as a classifier: load_classifier / predict / export and the CLI's predict / export."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -862,3 +863,20 @@ def test_cli_export_peft_writes_an_adapter_peft_loads_onto_the_plain_model(run, 
     with pytest.raises(ClassifierError, match="no LoRA adapters"):  # an export has them merged in
         load_classifier(exported).save_peft_adapter(tmp_path / "from_export")
     assert not (tmp_path / "from_export").exists()
+
+
+def test_a_folder_of_class_folders_names_them_rather_than_holding_no_images(tmp_path):
+    """predict DIR reads DIR's own images (not recursive): an ImageFolder split (test/<class>/*.jpg) given whole was
+    'holds no image files' and nothing more; the error now says it holds folders and names one to pass."""
+    from segpcl_fast.classifier import image_paths
+    split = tmp_path / "test"
+    for name in ("cat", "dog"):
+        (split / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(split / name / "0.png")
+    with pytest.raises(FileNotFoundError, match=r"only folders \(cat, dog\).*pass those folders instead, e\.g\. "
+                                                + re.escape(str(split / "cat"))):
+        image_paths([split])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no image files \([^)]*\)$"):
+        image_paths([tmp_path / "empty"])
+    assert image_paths([split / "cat"]) == [str(split / "cat" / "0.png")]
