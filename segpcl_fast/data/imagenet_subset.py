@@ -155,6 +155,9 @@ def _class_list(root: Path, image_root: Path, class_list: Optional[str], n_class
     fix = (f"write the {n_classes} wnids to {root / DEFAULT_CLASS_LISTS[0]} or set data.class_list (ImageNet-100 as "
            f"PODNet and DER cut it: PODNet's imagenet_split/train_100.txt and val_100.txt, put in data.root; or a "
            f"copy cut to its {n_classes} class folders)")
+    if 0 < len(train_wnids) < n_classes:  # a copy of some classes, kept on purpose: its count is the key to set
+        fix += (f"; or, to run on the {len(train_wnids)} classes of train/ on purpose, set "
+                f"data.expected_classes={len(train_wnids)} (null means {n_classes})")
     if root.parts[-3:] == Path(KAGGLE_IMAGES).parts:  # data.root points inside Kaggle's ILSVRC/Data/CLS-LOC
         fix = f"point data.root at {root.parents[2]} (Kaggle's layout: the folder with LOC_*.csv), or " + fix
     raise format_error(NAME, f"no class list: none of {', '.join(DEFAULT_CLASS_LISTS)} in '{root}' and "

@@ -49,6 +49,18 @@ def test_missing_class_list_is_an_error(tmp_path):
         load_imagenet_subset(str(root), class_list="absent.txt")
 
 
+def test_missing_class_list_of_a_partial_copy_names_the_expected_classes_that_reads_it(tmp_path):
+    """A copy of a few classes with data.expected_classes null (README: 'set it to the count you have (or null)')
+    was told only to write 100 wnids to imagenet100.txt; the fix that runs it, expected_classes=<its count>, is
+    named too."""
+    root = make_imagenet_subset(tmp_path / "in", class_list=False)
+    count = len([p for p in (root / "train").iterdir() if p.is_dir()])
+    with pytest.raises(DatasetFormatError, match=rf"set data.expected_classes={count} \(null means 100\)"):
+        load_imagenet_subset(str(root))
+    train, _ = load_imagenet_subset(str(root), n_classes=count)
+    assert len(train.class_names) == count
+
+
 def test_class_list_wnid_without_folder(imagenet_subset_root):
     (imagenet_subset_root / "imagenet100.txt").write_text("n01440764\nn09999999\n")
     with pytest.raises(DatasetFormatError, match="lacks 1 of the 2 wnids"):  # mapping checked first
