@@ -46,3 +46,19 @@ def test_several_copies_below_a_root_are_all_named_sorted(tmp_path, name):
     with pytest.raises(DatasetFormatError, match=re.escape(
             f"one level further down: set data.root={roots[1]} (also found in: {roots[0]}, {roots[2]})")):
         load(str(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("archive,command", [("cifar-100-python.tar.gz", "tar xf"), ("imagenet-r.tar", "tar xf"),
+                                             ("CUB_200_2011.tgz", "tar xf"), ("UCF101TrainTestSplits.zip", "unzip")])
+def test_a_root_that_is_the_downloaded_archive_says_to_extract_it(tmp_path, archive, command):
+    """data.root=<the archive> (as downloaded, not yet extracted) was 'does not exist or is not a folder' with the fix
+    'point data.root at the folder': the file exists, and it is the archive to extract."""
+    (tmp_path / archive).write_bytes(b"\x1f\x8b")
+    with pytest.raises(DatasetFormatError, match=re.escape(f"'{tmp_path / archive}' is a file, not a folder")) as e:
+        load_cifar100(str(tmp_path / archive))
+    assert f"extract it first ({command} {tmp_path / archive}" in str(e.value)
+    root = make_cifar100(tmp_path / "data")
+    with pytest.raises(DatasetFormatError, match=re.escape(f"not at a file (this one lies in {root / 'cifar-100-python'})")):
+        load_cifar100(str(root / "cifar-100-python" / "train"))
+    with pytest.raises(DatasetFormatError, match="does not exist or is not a folder"):
+        load_cifar100(str(tmp_path / "absent"))
