@@ -149,6 +149,7 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
     check_unique([point_name(point) for point in points], "sweep point")
     folders = point_folders(points)
     trained: dict[str, str] = {}  # what a point trains (its resolved config) -> the first point that trains it
+    configs_given: dict[str, str] = {}  # a point's config before run.method resolves it -> the first point with it
     for point, folder in zip(points, folders):
         per_seed = []
         for seed in seeds:
@@ -169,7 +170,16 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
             per_seed.append(c)
         resolved["run"].pop("output_dir")
         resolved["run"].pop("resume")
+        given = c.to_dict()  # before run.method resolved it: equal values spelled apart (5 and 5.0) are equal here
+        given["run"].pop("output_dir")
+        given["run"].pop("resume")
+        given_key = json.dumps(given, sort_keys=True, default=str)
         same = trained.setdefault(json.dumps(resolved, sort_keys=True, default=str), point_name(point))
+        if same != point_name(point) and configs_given.get(given_key) == same:
+            read = ", ".join(f"{k}={_show(config_value(c, k))}" for k in point)
+            raise ConfigError(f"sweep points {same} and {point_name(point)} are the same configuration: their values "
+                              f"are equal as the key reads them ({read}); give each value once")
+        configs_given.setdefault(given_key, point_name(point))
         if same != point_name(point):  # e.g. tsgr.enabled, which run.method decides (method/variants.py)
             raise ConfigError(f"sweep points {same} and {point_name(point)} train the same configuration: "
                               f"run.method={c.run.method} decides the swept value (method/variants.py); sweep "

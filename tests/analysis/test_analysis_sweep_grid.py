@@ -107,6 +107,16 @@ def test_points_that_train_the_same_configuration_are_refused(tmp_path):
     assert len(validate_grid(make_config(), expand_grid(parse_axes(["prototypes.beta=0.3,0.5"])), [0], tmp_path)) == 2
 
 
+def test_values_equal_as_the_key_reads_them_are_one_point_not_a_method_decision(tmp_path):
+    """--set dpgd.k_adv=5,5.0 (an int key: 5.0 is 5) was refused as 'run.method=segpcl decides the swept value',
+    which it does not: the two values are one; the error now says so."""
+    with pytest.raises(ConfigError, match=r"sweep points k_adv=5 and k_adv=5.0 are the same configuration: their values "
+                                          r"are equal as the key reads them \(dpgd.k_adv=5\); give each value once"):
+        validate_grid(make_config(), expand_grid(parse_axes(["dpgd.k_adv=5,5.0"])), [0], tmp_path)
+    with pytest.raises(ConfigError, match="run.method=segpcl decides the swept value"):  # the method's own keys: as before
+        validate_grid(make_config(), expand_grid(parse_axes(["tsgr.enabled=true,false"])), [0], tmp_path)
+
+
 def test_a_fixed_key_the_method_sets_otherwise_is_refused_before_any_training(tmp_path, monkeypatch):
     """--set tsgr.enabled=false (one value: fixed) under run.method=segpcl, which turns TSGR on: the table's title and
     sweep.json said "fixed: tsgr.enabled=False" while every run trained with TSGR."""
