@@ -142,8 +142,9 @@ def _names_file(path: Path, folders: list[str]) -> list[str]:
     if missing:
         raise format_error(NAME, f"data.names_file {path} names no class for {len(missing)} of the {len(folders)} "
                                  f"class folders, e.g. {missing[:5]}", LAYOUT,
-                           "add a line for each class folder (separate a folder name that has spaces from its "
-                           "class name with a tab, or write the file as JSON)")
+                           'add an entry "<folder>": "<name>" for each class folder' if path.suffix.lower() == ".json"
+                           else "add a line for each class folder (separate a folder name that has spaces from its "
+                                "class name with a tab, or write the file as JSON)")
     return [" ".join(str(mapping[unicodedata.normalize("NFC", f)]).split()) for f in folders]
 
 

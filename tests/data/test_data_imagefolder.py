@@ -74,6 +74,11 @@ def test_names_file_json_or_text_and_its_errors(tmp_path):
     (root / "short.txt").write_text("zebra a zebra\n")
     with pytest.raises(DatasetFormatError, match="names no class for 3 of the 4 class folders"):
         load_imagefolder(str(root), names_file="short.txt")
+    # a JSON file's fix is an entry, not a line with a tab (the text format's)
+    (root / "short.json").write_text(json.dumps({"zebra": "a zebra"}))
+    with pytest.raises(DatasetFormatError, match='names no class for 3 of the 4 class folders') as e:
+        load_imagefolder(str(root), names_file="short.json")
+    assert str(e.value).splitlines()[-1] == 'Fix: add an entry "<folder>": "<name>" for each class folder', str(e.value)
     (root / "same.txt").write_text("".join(f"{f} Cat\n" for f in FOLDERS))
     with pytest.raises(DatasetFormatError, match="give the same class name"):
         load_imagefolder(str(root), names_file="same.txt")
