@@ -373,8 +373,10 @@ def load_classifier(source: PathLike, task: Optional[int] = None, device: Union[
     overrides = override_list(overrides)
     for change in overrides:
         if override_key(change) not in CLASSIFIER_OVERRIDABLE:
-            raise ClassifierError(f"load_classifier cannot override '{change}': it may set only where the run's "
-                                  f"pretrained weights now lie ({', '.join(CLASSIFIER_OVERRIDABLE)})")
+            hint = {"run.device": "; the device is device= (predict --device)",
+                    "eval.batch_size": "; the batch is predict's batch_size= (--batch-size)"}.get(override_key(change), "")
+            raise ClassifierError(f"load_classifier (--set) cannot override '{change}': it may set only where the run's "
+                                  f"pretrained weights now lie ({', '.join(CLASSIFIER_OVERRIDABLE)}){hint}")
     device = _available_device(device)  # before any file is read or weights load
     source = Path(source)
     if source.is_dir():

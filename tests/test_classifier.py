@@ -880,3 +880,13 @@ def test_a_folder_of_class_folders_names_them_rather_than_holding_no_images(tmp_
     with pytest.raises(FileNotFoundError, match=r"holds no image files \([^)]*\)$"):
         image_paths([tmp_path / "empty"])
     assert image_paths([split / "cat"]) == [str(split / "cat" / "0.png")]
+
+
+@pytest.mark.parametrize("change,hint", [("run.device=cuda", "the device is device= (predict --device)"),
+                                         ("eval.batch_size=8", "the batch is predict's batch_size= (--batch-size)")])
+def test_an_override_with_its_own_option_names_that_option(tmp_path, change, hint):
+    """predict RUN IMG --set run.device=cuda was refused naming only the weights keys: the device (and the batch)
+    have their own options, which the error now names. Checked before any file is read."""
+    with pytest.raises(ClassifierError, match=re.escape(f"load_classifier (--set) cannot override '{change}'")) as e:
+        load_classifier(tmp_path / "absent", overrides=[change])
+    assert str(e.value).endswith(hint), str(e.value)
