@@ -552,6 +552,10 @@ def _value_problems(cfg: Config) -> list[str]:
     return problems
 
 
+# the offline world's class count (data.synthetic.NUM_CLASSES, which imports torch: a config error loads none)
+OFFLINE_WORLD_CLASSES = 100
+
+
 def task_count(data: DataConfig) -> int:
     """A run's number of tasks: data.task_sizes' length where set (a stored run may hold sizes beside the default
     num_tasks: check_task_count), else data.num_tasks."""
@@ -567,8 +571,7 @@ def check_task_count(cfg: Config) -> Config:
     if sizes is not None and len(sizes) != n:
         # the classes the tasks split: data.expected_classes where given (a subset of the preset's), the offline
         # world's, else the sizes' sum
-        from .data.build import known_class_count
-        total = known_class_count(cfg.data) or sum(sizes)
+        total = cfg.data.expected_classes or (OFFLINE_WORLD_CLASSES if cfg.data.dataset == "synthetic" else sum(sizes))
         even = [total // n + (1 if i < total % n else 0) for i in range(n)]  # the same classes, n tasks
         fix = (f"set data.task_sizes=null to split the {total} classes into {n} equal tasks" if total % n == 0 else
                f"e.g. data.task_sizes=[{','.join(map(str, even))}] ({total} classes do not split into {n} equal tasks)"

@@ -148,6 +148,9 @@ def test_task_sizes_beside_the_default_num_tasks_name_the_num_tasks_that_takes_t
     with pytest.raises(ConfigError) as e:
         make_config(None, ["data.task_sizes=[2,2]"])
     assert "split the 100 classes into 10 equal tasks" in str(e.value) and "num_tasks=2" not in str(e.value)
+    from segpcl_fast.config import OFFLINE_WORLD_CLASSES
+    from segpcl_fast.data.synthetic import NUM_CLASSES
+    assert OFFLINE_WORLD_CLASSES == NUM_CLASSES
     with pytest.raises(ConfigError) as e:  # a num_tasks set on purpose keeps its own fix: the sizes'
         make_config("ucf101", ["data.num_tasks=200"])
     assert "101 classes cannot make 200 tasks" in str(e.value) and "num_tasks=10" not in str(e.value), str(e.value)
