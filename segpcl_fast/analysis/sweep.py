@@ -17,6 +17,7 @@ an unknown key or a value of the wrong type is one ConfigError before anything r
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -144,12 +145,11 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
     from ..data.base import DatasetFormatError
     from ..data.build import check_task_split
     from ..method.variants import resolve_variant
-    import json
     configs = []
     check_unique([point_name(point) for point in points], "sweep point")
     folders = point_folders(points)
     trained: dict[str, str] = {}  # what a point trains (its resolved config) -> the first point that trains it
-    configs_given: dict[str, str] = {}  # a point's config before run.method resolves it -> the first point with it
+    given: dict[str, str] = {}  # a point's config before run.method resolves it -> the first point with it
     for point, folder in zip(points, folders):
         per_seed = []
         for seed in seeds:
@@ -160,7 +160,6 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
                 check_data_root(check_task_count(c))
                 check_task_split(c.data)
                 resolved_cfg = resolve_variant(c)
-                resolved = resolved_cfg.to_dict()
                 _check_fixed(fixed or {}, c, resolved_cfg)
             except (ConfigError, DatasetFormatError) as e:
                 hint = ""
@@ -168,24 +167,28 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
                     hint = " (give each list value in brackets, several separated by ';' or ',': [k,v];[q,k,v])"
                 raise ConfigError(f"sweep point {point_name(point)}: {e}{hint}") from None
             per_seed.append(c)
-        resolved["run"].pop("output_dir")
-        resolved["run"].pop("resume")
-        given = c.to_dict()  # before run.method resolved it: equal values spelled apart (5 and 5.0) are equal here
-        given["run"].pop("output_dir")
-        given["run"].pop("resume")
-        given_key = json.dumps(given, sort_keys=True, default=str)
-        same = trained.setdefault(json.dumps(resolved, sort_keys=True, default=str), point_name(point))
-        if same != point_name(point) and configs_given.get(given_key) == same:
+        name = point_name(point)
+        # c before run.method resolved it: equal values spelled apart (5 and 5.0) are equal here
+        first_given = given.setdefault(_config_key(c), name)
+        same = trained.setdefault(_config_key(resolved_cfg), name)
+        if same != name and first_given == same:
             read = ", ".join(f"{k}={_show(config_value(c, k))}" for k in point)
-            raise ConfigError(f"sweep points {same} and {point_name(point)} are the same configuration: their values "
+            raise ConfigError(f"sweep points {same} and {name} are the same configuration: their values "
                               f"are equal as the key reads them ({read}); give each value once")
-        configs_given.setdefault(given_key, point_name(point))
-        if same != point_name(point):  # e.g. tsgr.enabled, which run.method decides (method/variants.py)
-            raise ConfigError(f"sweep points {same} and {point_name(point)} train the same configuration: "
+        if same != name:  # e.g. tsgr.enabled, which run.method decides (method/variants.py)
+            raise ConfigError(f"sweep points {same} and {name} train the same configuration: "
                               f"run.method={c.run.method} decides the swept value (method/variants.py); sweep "
                               f"run.method itself, or {_instead(list(point))}")
         configs.append(per_seed)
     return configs
+
+
+def _config_key(cfg: Config) -> str:
+    """`cfg` as sorted JSON without where its run writes (run.output_dir, run.resume): what it trains."""
+    d = cfg.to_dict()
+    d["run"].pop("output_dir")
+    d["run"].pop("resume")
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 def _check_fixed(fixed: Mapping[str, Any], cfg: Config, resolved: Config) -> None:
