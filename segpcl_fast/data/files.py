@@ -35,14 +35,11 @@ def require_root(root: Optional[str], dataset: str, layout: str) -> Path:
     path = Path(root).expanduser()
     if path.is_file():  # the downloaded archive (cifar-100-python.tar.gz, imagenet-r.tar, ...) or a file of the layout
         name = path.name.lower()
-        if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")):
-            fix = (f"extract it first (tar xf {path} -C {path.parent}), then point data.root at the folder holding the "
-                   "layout above")
-        elif name.endswith(".zip"):
-            fix = (f"extract it first (unzip {path} -d {path.parent}), then point data.root at the folder holding the "
-                   "layout above")
-        else:
-            fix = f"point data.root at the folder holding the layout above, not at a file (this one lies in {path.parent})"
+        extract = (f"tar xf {path} -C {path.parent}" if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2",
+                                                                      ".tar.xz", ".txz"))
+                   else f"unzip {path} -d {path.parent}" if name.endswith(".zip") else None)
+        fix = (f"extract it first ({extract}), then point data.root at the folder holding the layout above" if extract
+               else f"point data.root at the folder holding the layout above, not at a file (this one lies in {path.parent})")
         raise format_error(dataset, f"data root '{path}' is a file, not a folder", layout, fix)
     if not path.is_dir():
         raise format_error(dataset, f"data root '{path}' does not exist or is not a folder", layout,
