@@ -180,12 +180,20 @@ def load_checkpoint(path: PathLike, expected_fingerprint: Optional[str] = None,
     return state
 
 
+def _pointer_name(pointer: Path) -> Optional[str]:
+    """The file name the 'last' pointer file `pointer` holds: None without a pointer file, '' when it cannot be
+    read as text (a damaged pointer names no checkpoint)."""
+    if not pointer.is_file():
+        return None
+    try:
+        return pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def _names(pointer: Path, path: Path) -> bool:
     """Whether the 'last' pointer file `pointer` names the checkpoint `path` (beside it)."""
-    try:
-        return pointer.is_file() and pointer.read_text().strip() == path.name
-    except (OSError, UnicodeDecodeError):
-        return False
+    return _pointer_name(pointer) == path.name
 
 
 def task_of_file(path: PathLike) -> Optional[int]:
@@ -460,12 +468,12 @@ def find_last_checkpoint(output_dir: PathLike) -> Optional[Path]:
     """
     folder = Path(output_dir) / CHECKPOINT_DIR
     pointer = folder / LAST_POINTER
-    if pointer.is_file():
-        name = pointer.read_text().strip()
+    name = _pointer_name(pointer)
+    if name is not None:
         target = folder / name
         if not _TASK_FILE.match(name) or not target.is_file():
-            raise CheckpointError(f"{pointer} names '{name}', which is not a checkpoint in {folder}; "
-                                  f"delete {pointer} to resume from the highest task_NN.pt there")
+            what = f"names '{name}', which is not a checkpoint in {folder}" if name else "names no checkpoint file"
+            raise CheckpointError(f"{pointer} {what}; delete {pointer} to resume from the highest task_NN.pt there")
         return target
     if not folder.is_dir():
         return None

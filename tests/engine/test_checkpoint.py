@@ -148,6 +148,21 @@ def test_find_last_checkpoint(tmp_path):
         ckpt.save_task_checkpoint(tmp_path, -1, {})
 
 
+@pytest.mark.parametrize("pointer_bytes", [b"\xff\xfe\x00task", b"", b"\n"])
+def test_a_damaged_or_empty_pointer_is_one_error_that_says_to_delete_it(tmp_path, pointer_bytes):
+    """A pointer that is not text (a disk error, a binary file copied over it) was a UnicodeDecodeError
+    traceback; empty, it said it names ''. Either way one CheckpointError naming the file and the fix, and
+    once deleted the run resumes from the highest task file."""
+    for task in (0, 1):
+        ckpt.save_task_checkpoint(tmp_path, task, {"task": task})
+    pointer = tmp_path / ckpt.CHECKPOINT_DIR / ckpt.LAST_POINTER
+    pointer.write_bytes(pointer_bytes)
+    with pytest.raises(ckpt.CheckpointError, match=f"{pointer} names no checkpoint file; delete {pointer}"):
+        ckpt.find_last_checkpoint(tmp_path)
+    pointer.unlink()
+    assert ckpt.find_last_checkpoint(tmp_path).name == "task_01.pt"
+
+
 def test_a_damaged_checkpoint_says_to_delete_the_pointer_naming_it_too(tmp_path):
     """Deleting only the damaged file left checkpoints/last naming it: a second error before the resume."""
     for task in (0, 1):
