@@ -556,6 +556,16 @@ def _value_problems(cfg: Config) -> list[str]:
 OFFLINE_WORLD_CLASSES = 100
 
 
+def known_class_count(data) -> Optional[int]:
+    """The classes the data will hold, where that is known before it is read: the offline world's, or
+    data.expected_classes (the benchmark presets set it); None otherwise. (data.build checks the data read
+    against the same count.)"""
+    if data.dataset == "synthetic":
+        return OFFLINE_WORLD_CLASSES
+    expected = getattr(data, "expected_classes", None)
+    return int(expected) if expected else None
+
+
 def task_count(data: DataConfig) -> int:
     """A run's number of tasks: data.task_sizes' length where set (a stored run may hold sizes beside the default
     num_tasks: check_task_count), else data.num_tasks."""
@@ -569,9 +579,9 @@ def check_task_count(cfg: Config) -> Config:
     may hold sizes with the default num_tasks, and they must still resume and evaluate."""
     sizes, n = cfg.data.task_sizes, cfg.data.num_tasks
     if sizes is not None and len(sizes) != n:
-        # the classes the tasks split: data.expected_classes where given (a subset of the preset's), the offline
-        # world's, else the sizes' sum
-        total = cfg.data.expected_classes or (OFFLINE_WORLD_CLASSES if cfg.data.dataset == "synthetic" else sum(sizes))
+        # the classes the tasks split: known_class_count's (the offline world's, data.expected_classes), else the
+        # sizes' sum
+        total = known_class_count(cfg.data) or sum(sizes)
         even = [total // n + (1 if i < total % n else 0) for i in range(n)]  # the same classes, n tasks
         fix = (f"set data.task_sizes=null to split the {total} classes into {n} equal tasks" if total % n == 0 else
                f"e.g. data.task_sizes=[{','.join(map(str, even))}] ({total} classes do not split into {n} equal tasks)"
@@ -587,11 +597,18 @@ def check_task_count(cfg: Config) -> Config:
 
 def check_data_root(cfg: Config) -> Config:
     """data.root with the offline world (which reads no files) is a forgotten --config <dataset>:
-    refused where users build configs (api.make_config), not silently trained on synthetic images."""
+    refused where users build configs (api.make_config), not silently trained on synthetic images. So is a
+    data.expected_classes other than the offline world's 100 classes (data.build's count check would send the
+    user to a data.root the offline world does not read)."""
     if cfg.data.dataset == "synthetic" and cfg.data.root:
         raise ConfigError(f"data.root is {cfg.data.root} but data.dataset is 'synthetic', the offline world, which "
                           f"reads no files: name the dataset the root holds (--config cifar100, or --set "
                           f"data.dataset=<{'|'.join(DATASETS[1:])}>), or drop data.root")
+    expected = cfg.data.expected_classes
+    if cfg.data.dataset == "synthetic" and expected and int(expected) != OFFLINE_WORLD_CLASSES:
+        raise ConfigError(f"data.expected_classes is {expected} but data.dataset is 'synthetic', the offline world "
+                          f"of {OFFLINE_WORLD_CLASSES} classes: drop data.expected_classes (or name the dataset "
+                          f"whose copy holds {expected} classes: --config <dataset> with data.root)")
     return cfg
 
 

@@ -165,6 +165,24 @@ def test_a_data_root_for_the_offline_world_is_a_forgotten_dataset_choice():
     assert make_config(None, ["data.root=null"]).data.root is None
 
 
+def test_the_offline_world_counts_its_own_100_classes():
+    """expected_classes beside the offline world: not 100 is refused before anything loads (data.build's count
+    check said to point data.root at a full copy, which the offline world does not read); 100 is its count.
+    A task-size hint counts the world's 100 classes, as data.build.check_task_split does, whatever
+    expected_classes says."""
+    from segpcl_fast.api import make_config
+    from segpcl_fast.data.build import check_task_split
+    with pytest.raises(ConfigError, match=r"data.expected_classes is 50 but data.dataset is 'synthetic', the "
+                                          r"offline world of 100 classes: drop data.expected_classes"):
+        make_config(None, ["data.expected_classes=50"])
+    assert make_config(None, ["data.expected_classes=100"]).data.expected_classes == 100
+    with pytest.raises(ConfigError, match="split the 100 classes into 10 equal tasks"):
+        make_config(None, ["data.task_sizes=[2,2]", "data.expected_classes=50"])
+    check_task_split(make_config(None, ["data.num_tasks=4"]).data)  # 100 = 4 x 25
+    with pytest.raises(ValueError):
+        check_task_split(make_config(None, ["data.num_tasks=3"]).data)  # 100 does not split into 3
+
+
 def test_one_error_lists_every_invalid_key_with_value_and_range():
     bad = {"optim": {"lr": -1, "schedule": "linear"}, "run": {"precision": "fp8"}, "tsgr": {"k": 0}}
     with pytest.raises(ConfigError) as e:

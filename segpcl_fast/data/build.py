@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..config import known_class_count
 from .base import ClassDataset, ClassSubset, DatasetFormatError
 
 DATASETS = ("synthetic", "cifar100", "imagenet-r", "imagenet-subset", "cub200", "ucf101", "imagefolder")
@@ -95,16 +96,6 @@ class ClassCountError(DatasetFormatError):
         if hasattr(self, "echo"):  # torchrun: a rank's copy of rank 0's error stays quiet (cli._report_error)
             error.echo = self.echo
         return error
-
-
-def known_class_count(data_cfg) -> Optional[int]:
-    """The classes the data will hold, where that is known before it is read: the offline world's, or
-    data.expected_classes (the benchmark presets set it); None otherwise."""
-    if data_cfg.dataset == "synthetic":
-        from .synthetic import NUM_CLASSES
-        return NUM_CLASSES
-    expected = getattr(data_cfg, "expected_classes", None)
-    return int(expected) if expected else None
 
 
 def check_task_split(data_cfg) -> None:
