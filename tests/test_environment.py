@@ -193,3 +193,21 @@ def test_bad_SEGPCL_OPS_is_one_line():
     assert proc.returncode == 2
     assert proc.stderr == ("segpcl-fast: error: SEGPCL_OPS='bogus' is not an ops backend; use one of auto, reference, "
                            "triton, cpp, or unset it\n")
+
+
+def test_env_reasons_under_a_forced_triton_backend_agree_with_the_table():
+    """Under SEGPCL_OPS=triton the reasons described auto's rule: on the CPU an "error (below)" row read
+    "auto: the Triton kernels take CUDA tensors", and a LoRA row the table showed as `triton` (the fused
+    GEMMs: bf16 on CUDA, or TRITON_INTERPRET=1) read "the C++ op (segpcl::lora_b_linear), eager"."""
+    from segpcl_fast.report.environment import op_reasons
+    paths = {"pgd_step": "error: segpcl::pgd_step: the Triton kernel needs CUDA tensors", "anchor_kl": "triton",
+             "lora_b_linear": "triton", "lora_b_linear (B frozen)": "merged", "lora_b_linear (compiled)": "triton"}
+    with ops.backend("triton"):
+        why = op_reasons("cpu", paths)
+    assert why["pgd_step"].startswith("ops backend 'triton' (run.ops / SEGPCL_OPS) forces the kernels, which cannot run")
+    assert "auto" not in why["pgd_step"].split(";")[0]
+    assert why["anchor_kl"] == "ops backend 'triton' forces the kernels"
+    assert why["lora_b_linear"] == why["lora_b_linear (compiled)"]
+    assert why["lora_b_linear"].startswith("ops backend 'triton': the fused Triton GEMMs")
+    with ops.backend("auto"):  # auto's reasons are unchanged
+        assert "take CUDA tensors" in op_reasons("cpu", dict(paths, pgd_step="reference"))["pgd_step"]

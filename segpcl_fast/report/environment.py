@@ -131,6 +131,9 @@ def op_reasons(device: str, paths: dict) -> dict:
         elif paths.get(op) == "triton":
             why[op] = ("ops backend 'triton' forces the kernels" if backend == "triton" else
                        "auto: the Triton kernel, on CUDA tensors")
+        elif backend == "triton":  # forced where the kernels cannot run: the table's row is that error
+            why[op] = ("ops backend 'triton' (run.ops / SEGPCL_OPS) forces the kernels, which cannot run on "
+                       f"{device} tensors here (the error above); run.ops=auto runs the reference")
         elif not _utils.HAS_TRITON:
             why[op] = "auto: triton is not installed"
         elif device != "cuda":
@@ -157,6 +160,10 @@ def op_reasons(device: str, paths: dict) -> dict:
         "under torch.compile inductor traces the plain-PyTorch merged arrangement and fuses its neighbours "
         "(SEGPCL_LORA_COMPILE=cpp keeps the C++ op)" if traced == "merged" and _ext.has_kernel(device) else
         f"under torch.compile: SEGPCL_LORA_COMPILE={traced}" if _ext.has_kernel(device) else eager)
+    for op in ("lora_b_linear", "lora_b_linear (compiled)"):  # backend 'triton' where the fused GEMMs take the call
+        if paths.get(op) == "triton":
+            why[op] = ("ops backend 'triton': the fused Triton GEMMs (kernels/lora_fused.py; B trained, bf16 / fp16 "
+                       "on CUDA, the CPU under TRITON_INTERPRET=1), eager and compiled")
     return _attention_reasons(why, paths)
 
 
