@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_bench_e2e import SETUPS, VARIANTS  # noqa: E402  (the benchmark's own sizes and variants)
+from test_bench_e2e import CUDA_ONLY, SETUPS, VARIANTS  # noqa: E402  (the benchmark's own sizes and variants)
 
 from segpcl_fast import ops  # noqa: E402
 from segpcl_fast.config import Config  # noqa: E402
@@ -35,6 +35,7 @@ from segpcl_fast.engine.compiling import CompileSettings  # noqa: E402
 from segpcl_fast.engine.flops import step_flops  # noqa: E402
 from segpcl_fast.engine.profile import category_table  # noqa: E402
 from segpcl_fast.fileio import atomic_path, atomic_write_text  # noqa: E402
+from segpcl_fast.model.clip import AUTOCAST_DTYPES  # noqa: E402
 from segpcl_fast.model.tf32 import cuda_matmul_tf32_for, run_tf32  # noqa: E402
 
 
@@ -53,10 +54,12 @@ def profile_step(device: str, variant: str, steps: int, out_dir: Path, warmup: i
     cfg = Config()  # the variant's text precision and TF32, as test_bench_e2e.py sets them (bf16text_*, tf32_*)
     cfg.run.text_precision = os.environ.get("SEGPCL_BENCH_TEXT_PRECISION", "fp32")
     cfg.run.tf32 = os.environ.get("SEGPCL_BENCH_TF32", "0") == "1"
+    # fp16_fused's run.precision, as test_bench_e2e.py reads it (this script profiled bf16 for it, over the bf16 peak)
+    precision = os.environ.get("SEGPCL_BENCH_PRECISION", setup["precision"])
     # run.tf32 as the trainer applies it (CUDA only), around the compiles and the profiled steps
     with ops.backend(backend), cuda_matmul_tf32_for(run_tf32(cfg.run.tf32, device)) as tf32:
         step = build_step(setup["model"], device, setup["n_images"], setup["n_old"], setup["n_new"],
-                          precision=setup["precision"], compile_settings=settings, cfg=cfg)
+                          precision=precision, compile_settings=settings, cfg=cfg)
         for _ in range(warmup):
             step()
         sync(step.device)
@@ -72,11 +75,11 @@ def profile_step(device: str, variant: str, steps: int, out_dir: Path, warmup: i
     table = events.table(sort_by=sort_by, row_limit=40, max_name_column_width=100)
     categories_text, categories = category_table(events, on_gpu, wall_ms)
     flops = step_flops(step.model, step.shape)["total"]
-    peak = matmul_peak_flops(device, setup["dtype"])
+    peak = matmul_peak_flops(device, AUTOCAST_DTYPES[precision] or torch.float32)  # the benchmark's MFU denominator
     step_ms = wall_ms / steps
     matmul_ms = (categories.get("gemm", 0.0) + categories.get("attention", 0.0)) / steps
     summary = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", variant=variant, model=setup["model"],
-                   precision=setup["precision"], batch=setup["n_images"], anchors=step.shape.n_anchors,
+                   precision=precision, batch=setup["n_images"], anchors=step.shape.n_anchors,
                    steps=steps, step_ms=round(step_ms, 3), step_flops=flops, tf32=tf32 if on_gpu else None,
                    matmul_peak_tflops=_sig(peak / 1e12),
                    mfu_under_profiler=round(flops / (step_ms / 1e3) / peak, 4),  # profiled wall time: not the benchmark's MFU
@@ -105,6 +108,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.variant in CUDA_ONLY and args.device != "cuda":  # as test_bench_e2e.py skips it there
+        p.error(f"--variant {args.variant} is CUDA only: on {args.device} it would profile compiled_fused again; "
+                "use --device cuda, or a variant that runs here (eager_reference, eager_fused, compiled_reference, "
+                "compiled_fused, compiled_cpp_lora)")
     out = Path(args.output_dir)
     summary = profile_step(args.device, args.variant, args.steps, out)
     print((out / "categories.txt").read_text())

@@ -195,6 +195,45 @@ def test_e2e_step_profile_script(tmp_path):
     assert summary["gemm_attention_tflops"] * 1e12 > summary["step_flops"] / (summary["step_ms"] / 1e3)
 
 
+def _profile_e2e_step_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_e2e_step.py"
+    spec = importlib.util.spec_from_file_location("profile_e2e_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_e2e_step_profile_script_profiles_the_variants_precision(tmp_path, monkeypatch):
+    """--variant fp16_fused (SEGPCL_BENCH_PRECISION=fp16, as test_bench_e2e.py reads it) built the step in
+    the setup's bf16, so its profile was compiled_fused's again; and a CUDA-only variant on the CPU profiled
+    compiled_fused without a word, where the benchmark skips it."""
+    module = _profile_e2e_step_module()
+    for name in ("SEGPCL_BENCH_PRECISION", "SEGPCL_COMPILE_MODE"):  # restored at teardown (profile_step sets them)
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    built = {}
+
+    class Built(Exception):
+        pass
+
+    def build_step(*args, precision, **kwargs):
+        built["precision"] = precision
+        raise Built
+    monkeypatch.setattr(module, "build_step", build_step)
+    with pytest.raises(Built):
+        module.profile_step("cpu", "fp16_fused", steps=1, out_dir=tmp_path / "p")
+    assert built["precision"] == "fp16"
+    monkeypatch.delenv("SEGPCL_BENCH_PRECISION")
+    with pytest.raises(Built):
+        module.profile_step("cpu", "compiled_fused", steps=1, out_dir=tmp_path / "p")
+    assert built["precision"] == "fp32"
+    with pytest.raises(SystemExit):
+        module.main(["--device", "cpu", "--variant", "cudagraphs_fused", "-o", str(tmp_path / "q")])
+    assert not (tmp_path / "q").exists()
+
+
 def test_profiled_task_is_past_the_tasks_that_compile():
     from segpcl_fast.engine.profile import profiled_task
     assert [profiled_task(n, False) for n in (1, 2, 3, 10)] == [0, 1, 1, 1]
