@@ -51,7 +51,7 @@
 #   step, e2e-VARIANT, or STEP-PART for a command of a started step (e.g. bench-tune), so a second
 #   call with STEPS= set to those steps finishes the set.
 # Exit status non-zero when any command failed or ran out of time, or a chosen step needs open_clip and it is
-# not importable (all chosen steps still run).
+# not importable (all chosen steps still run); 2, with no step run, where torch sees no CUDA device.
 #
 # $OUT receives: device.txt (the probe; after the final pack it ends with `segpcl-fast env`),
 # summary.md (this call's commands with exit status and seconds, what it skipped, then the kernel,
@@ -239,6 +239,16 @@ trap pack EXIT
   quick "" 90 "$PYTHON" -c "import xformers, xformers.ops as xo, torch; q = torch.randn(1, 8, 2, 64, device='cuda', dtype=torch.bfloat16); xo.memory_efficient_attention(q, q, q); print('xformers', xformers.__version__, 'runs')" 2>&1 | tail -1
   echo "steps: $STEPS; budget: $BUDGET s (reserve $RESERVE s); date: $(date -u +%Y-%m-%dT%H:%MZ); commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } > "$WORK/device.txt" 2>&1
+# no CUDA device: every step tests or times CUDA paths, and on the CPU they half-ran (the CUDA rows skipped and the
+# bench step still read "exit 0", the GPU probes and sweeps ended in tracebacks, the ext step compiled for minutes,
+# the ViT-B/16 profile ran on the CPU): one clear refusal instead, before any step (device.txt still returns)
+if ! quick "" 90 "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" >/dev/null 2>&1; then
+  echo "gpu_suite.sh: no CUDA device is visible to torch here ($PYTHON: torch.cuda.is_available() is False, or torch" \
+    "does not import): every step of this suite tests or times CUDA paths, so none is run. Run it on a GPU machine;" \
+    "on the CPU, time the benchmarks with: python -m pytest benchmarks/ --benchmark-only" | tee -a "$WORK/device.txt" >&2
+  echo "no step run: torch sees no CUDA device here (device.txt)" >> "$WORK/steps.txt"
+  exit 2
+fi
 NEEDS_OPEN_CLIP="e2e profile"  # the ViT-B/16 model comes from open_clip (not in the device image)
 if quick "" 90 "$PYTHON" -c "import open_clip; print('open_clip', open_clip.__version__)" >> "$WORK/device.txt" 2>&1; then
   HAVE_OPEN_CLIP=1

@@ -30,6 +30,7 @@ echo "$$ $*" >> "$FAKE_LOG"
 [ "$1" = setup.py ] && echo "CUDA_HOME=${CUDA_HOME:-}" >> "$FAKE_LOG.env"
 case "$1" in
   -c) case "$2" in *open_clip*) [ -n "${FAKE_NO_OPEN_CLIP:-}" ] && exit 1;; *xdist*) [ -n "${FAKE_NO_XDIST:-}" ] && exit 1;;
+      *torch.cuda.is_available*) [ -n "${FAKE_NO_CUDA:-}" ] && exit 3;;
       esac; echo "fake probe"; exit 0;;
   benchmarks/summarize_kernels.py|benchmarks/test_bench_e2e.py) echo "| fake | table |"; exit 0;;
 esac
@@ -256,6 +257,20 @@ def test_without_open_clip_e2e_and_profile_are_skipped_up_front(suite, tmp_path)
     assert _lines(out / "skipped.txt") == []  # not for lack of budget: another call would not run them either
     assert "open_clip is not importable" in (out / "device.txt").read_text()
     assert "step e2e skipped: open_clip is not importable" in (out / "summary.md").read_text()
+
+
+def test_without_a_cuda_device_no_step_runs_and_the_call_fails_saying_so(suite, tmp_path):
+    """On a machine where torch sees no GPU every step half-ran: the bench step's CUDA rows all skipped and it read
+    "exit 0", the GPU probes and knob sweeps ended in tracebacks, the ext step compiled, the profile ran ViT-B/16 on
+    the CPU; with a short BUDGET the call even exited 0. Now: one message, no step command, exit 2."""
+    proc, env = suite(BUDGET="0", FAKE_NO_CUDA="1")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr
+    assert "no CUDA device is visible to torch here" in stderr and "pytest benchmarks/ --benchmark-only" in stderr
+    assert _commands(env) == []
+    out = tmp_path / "out"
+    assert "no CUDA device is visible to torch here" in (out / "device.txt").read_text()
+    assert "no step run: torch sees no CUDA device" in (out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("nvcc_is_a_wrapper", [False, True])
