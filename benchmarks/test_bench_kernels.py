@@ -13,6 +13,10 @@ measured copy bandwidth (benchmarks/conftest.py). pytest-benchmark's rounds are 
 synchronize (launch-bound ops read their dispatch cost); on CUDA each op is also timed with CUDA
 events, L2 flushed between calls (extra_info device_ms, `triton.testing.do_bench`), and the GB/s
 and the summary's speed-ups are over that device time.
+Before a row is timed, its implementation's result (pgd_step's output; the loss and the gradient for the
+losses) is checked against the eager reference on the same inputs, at the paper size (the large sizes, whose
+eager reference needs 20-35 GB, are timed unchecked: tests/kernels holds the kernels at other shapes), so a
+row never times a fast path that computes something else.
 """
 from __future__ import annotations
 
@@ -59,6 +63,19 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+def check_before_timing(what: str, impl: str, size: str, actual, expected) -> None:
+    """The timed implementation's outputs against the eager reference's, before any timing: an AssertionError
+    naming the row where they differ by more than rounding (1e-4 of the reference's largest magnitude, or
+    1e-3 relative). The eager reference row itself, and the large sizes (module docstring), are not checked."""
+    if impl == "eager_reference" or size.startswith("large"):
+        return
+    for a, e in zip(actual, expected):
+        e = e.detach().float()
+        scale = float(e.abs().max()) if e.numel() else 0.0
+        torch.testing.assert_close(a.detach().float(), e, rtol=1e-3, atol=1e-4 * scale + 1e-12, msg=lambda m: (
+            f"{what} {impl} at the {size} size disagrees with the eager reference before timing: {m}"))
+
+
 # ---------------------------------------------------------------- pgd_step
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -78,13 +95,17 @@ def test_pgd_step(benchmark, impl, size, device, roofline):
 
     def run():
         with torch.no_grad():
-            fn(x_adv, grad, x0, *per_channel)
+            return fn(x_adv, grad, x0, *per_channel)
 
     def step():
         run()
         sync(device)
 
     with ops.backend("triton" if impl == "triton" else "reference"):
+        if impl != "eager_reference":
+            with torch.no_grad():
+                check_before_timing("pgd_step", impl, size, [run()],
+                                    [ops.pgd_step_reference(x_adv, grad, x0, *per_channel)])
         benchmark.pedantic(step, **_rounds(device))
         roofline(benchmark, 4 * x0.numel() * F32, device, run)
     benchmark.extra_info.update(op="pgd_step", impl=impl, size=size, shape=list(shape))
@@ -117,13 +138,17 @@ def test_anchor_kl_fwd_bwd(benchmark, upstream, impl, size, device, roofline):
 
     def run():
         loss = fn(student, teacher)
-        torch.autograd.grad(loss if weight == 1.0 else weight * loss, student)
+        return loss, *torch.autograd.grad(loss if weight == 1.0 else weight * loss, student)
 
     def step():
         run()
         sync(device)
 
     with ops.backend("triton" if impl == "triton" else "reference"):
+        if impl != "eager_reference" and not size.startswith("large"):
+            loss = reference(student, teacher)
+            check_before_timing("anchor_kl", impl, size, run(),
+                                [loss, *torch.autograd.grad(weight * loss, student)])
         benchmark.pedantic(step, **_rounds(device))
         # must move, forward + backward: read z_S and z_T, write d loss / d z_S: 3 passes, what the Triton
         # path moves under this gradient of 1 (its backward hands the forward's dkl_dz out untouched).
@@ -159,7 +184,8 @@ def test_knn_subgraph_kl_fwd_bwd(benchmark, impl, size, device, roofline):
                                                   plan=plan)}[impl]
 
     def run():
-        torch.autograd.grad(fn(emb), emb)
+        loss = fn(emb)
+        return loss, *torch.autograd.grad(loss, emb)
 
     def step():
         run()
@@ -171,6 +197,9 @@ def test_knn_subgraph_kl_fwd_bwd(benchmark, impl, size, device, roofline):
     touched = torch.unique(torch.cat([root_idx, neighbors.reshape(-1)])).numel()
     bytes_moved = (touched * dim + roots * k + classes * dim) * F32 + roots * (k + 1) * 8
     with ops.backend("triton" if impl == "triton" else "reference"):
+        if impl != "eager_reference" and not size.startswith("large"):
+            loss = reference(emb)
+            check_before_timing("knn_subgraph_kl", impl, size, run(), [loss, *torch.autograd.grad(loss, emb)])
         benchmark.pedantic(step, **_rounds(device))
         roofline(benchmark, bytes_moved, device, run)
     benchmark.extra_info.update(op="knn_subgraph_kl", impl=impl, size=size, classes=classes, roots=roots,

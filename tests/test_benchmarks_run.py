@@ -252,3 +252,43 @@ def test_a_bare_pytest_of_the_benchmarks_imports_this_checkout(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "shadowing" not in proc.stdout + proc.stderr
+
+
+class _FakeBenchmark:
+    """What the kernel benchmarks use of pytest-benchmark's fixture: pedantic() runs the round once."""
+    def __init__(self):
+        self.extra_info, self.timed, self.stats = {}, 0, None
+
+    def pedantic(self, fn, **kwargs):
+        self.timed += 1
+        return fn()
+
+
+@pytest.mark.parametrize("op", ["pgd_step", "anchor_kl", "knn_subgraph_kl"])
+def test_a_kernel_benchmark_row_is_checked_against_the_eager_reference_before_it_is_timed(monkeypatch, op):
+    """benchmarks/test_bench_kernels.py timed each row without looking at what it computed: a compiled (or Triton)
+    row that gave another result was timed and compared as if it did the same work. A wrong row now fails before
+    its first timed round; a right one is timed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import test_bench_kernels as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    call = {"pgd_step": lambda b: bench.test_pgd_step(b, "compiled_reference", "paper", "cpu", lambda *a: None),
+            "anchor_kl": lambda b: bench.test_anchor_kl_fwd_bwd(b, "loss_x5", "compiled_reference", "paper", "cpu",
+                                                               lambda *a: None),
+            "knn_subgraph_kl": lambda b: bench.test_knn_subgraph_kl_fwd_bwd(b, "compiled_reference", "paper", "cpu",
+                                                                           lambda *a: None)}[op]
+    wrong = {"pgd_step": lambda fn: (lambda x, g, x0, *pc: x.clone()),  # no step taken
+             "anchor_kl": lambda fn: (lambda s, t: 1.01 * fn(s, t)),
+             "knn_subgraph_kl": lambda fn: (lambda e: fn(e) + 0.05 * e.sum())}[op]
+    monkeypatch.setattr(bench, "_compiled", wrong)
+    benchmark = _FakeBenchmark()
+    with pytest.raises(AssertionError, match=f"{op} compiled_reference at the paper size disagrees with the eager "
+                                             "reference before timing"):
+        call(benchmark)
+    assert benchmark.timed == 0
+    monkeypatch.setattr(bench, "_compiled", lambda fn: fn)  # the same computation: checked, then timed
+    benchmark = _FakeBenchmark()
+    call(benchmark)
+    assert benchmark.timed == 1
