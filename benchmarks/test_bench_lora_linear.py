@@ -11,6 +11,9 @@ CUDA (bf16, 128 x 197 tokens) when a GPU is present.
 Saved bytes (what autograd keeps for backward, the parameters excluded) go to extra_info in two parts:
 activations (tensors with a row per token: u, or x) and weight-shaped tensors (the merged arrangement's
 kept W + s B A, out x in whatever the batch).
+Before a segpcl_* row is timed, its output and its gradients for x and B are checked against the plain-PyTorch
+reference on the same tensors (within fp32 / bf16 rounding): a row never times an arrangement that computes
+something else. The peft rows draw their own A (other weights) and the base linear is other work: not checked.
 """
 from __future__ import annotations
 
@@ -100,6 +103,24 @@ def _weights(layer):
     return list(layer.parameters()) if isinstance(layer, torch.nn.Module) else list(layer.params)
 
 
+def check_before_timing(impl: str, layer, x: torch.Tensor, g: torch.Tensor) -> None:
+    """A segpcl_* row's y, grad_x and grad_B against lora_b_linear_reference's on the same tensors: an
+    AssertionError naming the row where they differ by more than rounding (of the reference's largest magnitude:
+    1e-4 in fp32, 2e-2 in bf16 / fp16, as the merged weight W + s B A is rounded once more there)."""
+    weight, bias, lora_A, lora_B = layer.params
+    tol = 1e-4 if x.dtype == torch.float32 else 2e-2
+    wrt = [x, lora_B]
+    y = layer(x)
+    actual = [y, *torch.autograd.grad(y, wrt, g)]
+    y_ref = lora_b_linear_reference(x, weight, bias, lora_A, lora_B, 1.0)
+    expected = [y_ref, *torch.autograd.grad(y_ref, wrt, g)]
+    for name, a, e in zip(("y", "grad_x", "grad_B"), actual, expected):
+        e = e.detach().float()
+        torch.testing.assert_close(a.detach().float(), e, rtol=10 * tol, atol=tol * float(e.abs().max()) + 1e-12,
+                                   msg=lambda m: f"lora_b_linear {impl}: {name} disagrees with the reference before "
+                                                 f"timing: {m}")
+
+
 def _saved_bytes(layer, x) -> tuple[int, int]:
     """(activation bytes, weight-shaped bytes) autograd keeps for the layer's backward: u (N x r) or x are
     activations; the merged arrangement's kept W + s B A (out x in, whatever the batch) is weight-shaped."""
@@ -138,6 +159,8 @@ def test_lora_linear_fwd_bwd(benchmark, impl, device, monkeypatch):
         saved, kept = _saved_bytes(layer, x)
         if impl.startswith("segpcl_cpp") or impl == "segpcl_triton":
             assert dispatch.last_choice()["lora_b_linear"] == impl.split("_")[1]
+        if impl.startswith("segpcl"):
+            check_before_timing(impl, layer, x, g)
         benchmark.extra_info.update(saved_activation_bytes=saved, saved_weight_shaped_bytes=kept, tokens=n, n_in=N_IN,
                                     n_out=N_OUT, rank=RANK, dtype=str(_dtype(device)), device=device)
         rounds = 15 if device == "cpu" else 50  # 5 CPU rounds flipped rankings between runs on a shared box

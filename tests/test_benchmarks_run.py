@@ -292,3 +292,36 @@ def test_a_kernel_benchmark_row_is_checked_against_the_eager_reference_before_it
     benchmark = _FakeBenchmark()
     call(benchmark)
     assert benchmark.timed == 1
+
+
+def test_a_lora_benchmark_row_is_checked_against_the_reference_before_it_is_timed(monkeypatch):
+    """benchmarks/test_bench_lora_linear.py timed each arrangement without comparing what it computed with the
+    reference: a merged arrangement that dropped the LoRA update (the frozen base's work) would have read as a
+    LoRA layer at the base linear's cost. A wrong row now fails before its first timed round."""
+    import importlib.util
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # benchmarks/conftest.py sets it: restored
+    spec = importlib.util.spec_from_file_location("bench_conftest", ROOT / "benchmarks" / "conftest.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    monkeypatch.setitem(sys.modules, "conftest", helpers)  # the benchmark's `from conftest import ...`
+    monkeypatch.delitem(sys.modules, "test_bench_lora_linear", raising=False)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import test_bench_lora_linear as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("SEGPCL_BENCH_TOKENS", "64")
+
+    merged = bench.lora_b_linear_merged
+
+    def without_the_update(x, weight, bias, lora_A, lora_B, scaling):
+        return merged(x, weight, bias, lora_A, 0 * lora_B, scaling)
+    monkeypatch.setattr(bench, "lora_b_linear_merged", without_the_update)
+    benchmark = _FakeBenchmark()
+    with pytest.raises(AssertionError, match="lora_b_linear segpcl_merged: y disagrees with the reference before timing"):
+        bench.test_lora_linear_fwd_bwd(benchmark, "segpcl_merged", "cpu", monkeypatch)
+    assert benchmark.timed == 0
+    monkeypatch.setattr(bench, "lora_b_linear_merged", merged)  # the real arrangement: checked, then timed
+    benchmark = _FakeBenchmark()
+    bench.test_lora_linear_fwd_bwd(benchmark, "segpcl_merged", "cpu", monkeypatch)
+    assert benchmark.timed == 1
