@@ -377,8 +377,9 @@ def cmd_profile(args) -> int:
 
 
 def _add_profile_parser(sub) -> None:
-    p = sub.add_parser("profile", help="run N training steps of task 2 under torch.profiler: Chrome trace, "
-                                       "top kernels by self time, time per stage, ncu command")
+    p = sub.add_parser("profile", help="run N training steps of task 2 (task 3 under run.compile=true, after the "
+                                       "tasks that compile) under torch.profiler: Chrome trace, top kernels by self "
+                                       "time, time per stage, ncu command")
     _add_config_args(p, resume=False)
     p.add_argument("--steps", type=positive_int, default=5, help="training steps to profile (default 5)")
     p.add_argument("--rows", type=positive_int, default=30, help="rows of the top-ops table (default 30)")
