@@ -71,6 +71,10 @@ def want_cuda(torch, cpp_extension) -> bool:
     if problem and torch.cuda.is_available():
         print(f"segpcl_fast: building the C++ extension without its CUDA kernels: {problem} (set CUDA_HOME "
               "to a CUDA toolkit to build them)", file=sys.stderr)
+    elif problem is None and not torch.cuda.is_available():  # a whole toolkit, a CUDA torch: no GPU is the one reason
+        print(f"segpcl_fast: building the C++ extension without its CUDA kernels: no GPU is visible (the toolkit "
+              f"at CUDA_HOME={cpp_extension.CUDA_HOME} is whole); set SEGPCL_WITH_CUDA=1 to compile them without a "
+              "GPU (for an image or another machine)", file=sys.stderr)
     return problem is None and torch.cuda.is_available()
 
 

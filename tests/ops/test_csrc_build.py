@@ -47,6 +47,18 @@ def test_auto_builds_cuda_only_with_a_gpu_a_cuda_torch_and_a_whole_toolkit(tmp_p
     assert "without its CUDA kernels" in capsys.readouterr().err
 
 
+def test_a_whole_toolkit_without_a_gpu_says_the_build_is_cpu_only_and_how_to_force_it(tmp_path, capsys):
+    """CUDA_HOME=/usr/local/cuda (a whole toolkit) with a CUDA torch on a machine without a GPU built a CPU-only
+    extension without a word: the user who set CUDA_HOME for the CUDA kernels found out at run time."""
+    full = str(_toolkit(tmp_path / "full"))
+    assert not csrc_build.want_cuda(_torch(gpu=False), SimpleNamespace(CUDA_HOME=full))
+    err = capsys.readouterr().err
+    assert "without its CUDA kernels: no GPU is visible" in err and "SEGPCL_WITH_CUDA=1" in err
+    assert csrc_build.want_cuda(_torch(), SimpleNamespace(CUDA_HOME=full))  # a GPU: CUDA kernels, no note
+    assert not csrc_build.want_cuda(_torch(cuda=None, gpu=False), SimpleNamespace(CUDA_HOME=full))  # no CUDA torch
+    assert capsys.readouterr().err == ""
+
+
 def test_forced_cuda_without_a_toolkit_fails_at_once_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("SEGPCL_WITH_CUDA", "1")
     assert csrc_build.want_cuda(_torch(gpu=False), SimpleNamespace(CUDA_HOME=str(_toolkit(tmp_path / "full"))))
