@@ -99,8 +99,12 @@ class CompileSettings:
     def from_env(cls) -> "CompileSettings":
         """Defaults, overridden by SEGPCL_COMPILE_MODE and SEGPCL_COMPILE_BACKEND (hardware presets set these)."""
         s = cls()
-        s.mode = os.environ.get("SEGPCL_COMPILE_MODE", s.mode)
-        s.backend = os.environ.get("SEGPCL_COMPILE_BACKEND", s.backend)
+        # unset or empty: the default, as for SEGPCL_OPS and the other switches (an empty one was "compile mode ''")
+        s.mode = os.environ.get("SEGPCL_COMPILE_MODE") or s.mode
+        s.backend = os.environ.get("SEGPCL_COMPILE_BACKEND") or s.backend
+        if s.mode not in MODES:  # named by its variable: a run's config has no key for it
+            raise ValueError(f"SEGPCL_COMPILE_MODE: compile mode '{s.mode}' is unknown; choose one of {MODES}, "
+                             "or unset it")
         s.dynamic_batch = _env_flag("SEGPCL_COMPILE_DYNAMIC_BATCH", "the image batch symbolic from the start",
                                     "torch's automatic dynamic shapes")
         s.loss = _env_flag("SEGPCL_COMPILE_LOSS", "stage 2's loss terms compiled", "eager")

@@ -404,6 +404,11 @@ class Trainer:
         if self.cfg.run.num_threads:
             torch.set_num_threads(self.cfg.run.num_threads)
         _check_ops_backend(self.cfg.run.ops, self.device)
+        if self.cfg.run.compile and compile_settings is None:  # SEGPCL_COMPILE_*: a bad value is one line, now, not
+            try:                                                 # a traceback after the data and weights have loaded
+                compile_settings = compiling.CompileSettings.from_env()
+            except ValueError as e:
+                raise ConfigError(f"{e} (an environment variable; unset it for the default)") from None
         slow_bf16 = precision_warning(self.cfg, self.device, new_run=trains and not self.cfg.run.resume)
         if slow_bf16 and self.dist.is_main:
             log.warning(slow_bf16)

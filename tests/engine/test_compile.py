@@ -405,3 +405,16 @@ def test_a_text_tower_run_whole_keeps_its_trunk_compiled(tmp_path):
     (tokens, _, _), = model.prompt_tokens([p for ps in prompts for p in ps], torch.device("cpu"))
     assert tokens.shape[1] == 24  # not cut: this tower reads every position
     torch.testing.assert_close(model.class_embeddings(prompts), eager.class_embeddings(prompts))
+
+
+def test_an_empty_compile_mode_or_backend_variable_is_the_default_and_a_bad_one_is_named(monkeypatch):
+    """SEGPCL_COMPILE_MODE= (set but empty) was "compile mode '' is unknown", where every other switch
+    (SEGPCL_OPS, SEGPCL_LORA_*) reads empty as unset; and the error did not name the variable."""
+    from segpcl_fast.engine.compiling import CompileSettings
+    monkeypatch.setenv("SEGPCL_COMPILE_MODE", "")
+    monkeypatch.setenv("SEGPCL_COMPILE_BACKEND", "")
+    s = CompileSettings.from_env()
+    assert (s.mode, s.backend) == (CompileSettings().mode, CompileSettings().backend)
+    monkeypatch.setenv("SEGPCL_COMPILE_MODE", "fast")
+    with pytest.raises(ValueError, match=r"^SEGPCL_COMPILE_MODE: compile mode 'fast' is unknown; choose one of"):
+        CompileSettings.from_env()

@@ -363,6 +363,18 @@ def test_a_bad_ab_switch_fails_the_run_before_it_starts(tiny_model_name, tmp_pat
     assert patch_embed.choice() == "gemm" and not lora_linear.overlap() and frozen_cast.choice() == "once"
 
 
+@pytest.mark.parametrize("name, value", [("SEGPCL_COMPILE_MODE", "fast"), ("SEGPCL_COMPILE_DYNAMIC_BATCH", "maybe"),
+                                         ("SEGPCL_COMPILE_LOSS", "x"), ("SEGPCL_COMPILE_BATCH_MERGE", "yes")])
+def test_a_bad_compile_switch_fails_a_compiled_run_before_it_starts(tiny_model_name, tmp_path, monkeypatch, name, value):
+    """The SEGPCL_COMPILE_* switches were read when the towers compiled, after the data and the weights had loaded,
+    and a bad value ended `segpcl-fast train --set run.compile=true` in a traceback (a ValueError, not the CLI's one
+    line); now one ConfigError naming the variable, before the run's folder is made."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"{name}.*{value}.*unset it for the default"):
+        Trainer(small_config(tiny_model_name, tmp_path / "run", run__compile=True))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_gives_the_ops_backend_back_and_names_an_ignored_SEGPCL_OPS(tiny_model_name, tmp_path, monkeypatch,
                                                                          caplog):
     from segpcl_fast import ops
