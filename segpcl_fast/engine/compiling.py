@@ -105,6 +105,11 @@ class CompileSettings:
         if s.mode not in MODES:  # named by its variable: a run's config has no key for it
             raise ValueError(f"SEGPCL_COMPILE_MODE: compile mode '{s.mode}' is unknown; choose one of {MODES}, "
                              "or unset it")
+        backends = torch.compiler.list_backends(exclude_tags=())  # torch's, and those a plugin registered
+        if s.backend not in backends:  # torch.compile refused it only when the towers compiled, after the loads
+            raise ValueError(f"SEGPCL_COMPILE_BACKEND: torch.compile backend '{s.backend}' is unknown; choose one of "
+                             f"{', '.join(b for b in ('inductor', 'aot_eager', 'eager', 'cudagraphs') if b in backends)}"
+                             f" (torch.compiler.list_backends() lists all), or unset it")
         s.dynamic_batch = _env_flag("SEGPCL_COMPILE_DYNAMIC_BATCH", "the image batch symbolic from the start",
                                     "torch's automatic dynamic shapes")
         s.loss = _env_flag("SEGPCL_COMPILE_LOSS", "stage 2's loss terms compiled", "eager")

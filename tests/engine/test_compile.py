@@ -418,3 +418,11 @@ def test_an_empty_compile_mode_or_backend_variable_is_the_default_and_a_bad_one_
     monkeypatch.setenv("SEGPCL_COMPILE_MODE", "fast")
     with pytest.raises(ValueError, match=r"^SEGPCL_COMPILE_MODE: compile mode 'fast' is unknown; choose one of"):
         CompileSettings.from_env()
+    monkeypatch.setenv("SEGPCL_COMPILE_MODE", "")
+    monkeypatch.setenv("SEGPCL_COMPILE_BACKEND", "indcutor")  # torch.compile refused it after the data had loaded
+    with pytest.raises(ValueError, match=r"^SEGPCL_COMPILE_BACKEND: torch.compile backend 'indcutor' is unknown; "
+                                         r"choose one of inductor, aot_eager, eager"):
+        CompileSettings.from_env()
+    for backend in ("aot_eager", "eager"):  # every backend torch lists is taken
+        monkeypatch.setenv("SEGPCL_COMPILE_BACKEND", backend)
+        assert CompileSettings.from_env().backend == backend

@@ -363,7 +363,8 @@ def test_a_bad_ab_switch_fails_the_run_before_it_starts(tiny_model_name, tmp_pat
     assert patch_embed.choice() == "gemm" and not lora_linear.overlap() and frozen_cast.choice() == "once"
 
 
-@pytest.mark.parametrize("name, value", [("SEGPCL_COMPILE_MODE", "fast"), ("SEGPCL_COMPILE_DYNAMIC_BATCH", "maybe"),
+@pytest.mark.parametrize("name, value", [("SEGPCL_COMPILE_MODE", "fast"), ("SEGPCL_COMPILE_BACKEND", "indcutor"),
+                                         ("SEGPCL_COMPILE_DYNAMIC_BATCH", "maybe"),
                                          ("SEGPCL_COMPILE_LOSS", "x"), ("SEGPCL_COMPILE_BATCH_MERGE", "yes")])
 def test_a_bad_compile_switch_fails_a_compiled_run_before_it_starts(tiny_model_name, tmp_path, monkeypatch, name, value):
     """The SEGPCL_COMPILE_* switches were read when the towers compiled, after the data and the weights had loaded,
