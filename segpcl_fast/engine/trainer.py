@@ -5,6 +5,7 @@ run resumed at a task boundary continues exactly as the uninterrupted run would.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -405,10 +406,8 @@ class Trainer:
             torch.set_num_threads(self.cfg.run.num_threads)
         _check_ops_backend(self.cfg.run.ops, self.device)
         if self.cfg.run.compile and compile_settings is None:  # SEGPCL_COMPILE_*: a bad value is one line, now, not
-            try:                                                 # a traceback after the data and weights have loaded
+            with _env_switch_errors():                           # a traceback after the data and weights have loaded
                 compile_settings = compiling.CompileSettings.from_env()
-            except ValueError as e:
-                raise ConfigError(f"{e} (an environment variable; unset it for the default)") from None
         slow_bf16 = precision_warning(self.cfg, self.device, new_run=trains and not self.cfg.run.resume)
         if slow_bf16 and self.dist.is_main:
             log.warning(slow_bf16)
@@ -477,8 +476,7 @@ class Trainer:
         self.learner = Learner(c, self.model, self.prompts, self.device)
         self.compiled = {}
         if c.run.compile:
-            self.compiled = compiling.compile_learner(self.learner,
-                                                      compile_settings or compiling.CompileSettings.from_env())
+            self.compiled = compiling.compile_learner(self.learner, compile_settings)  # read in __init__
 
     def _claim_output_dir(self) -> None:
         """A new run must not mix its files with another run's (stale task_03.pt next to new ones)."""
@@ -1079,6 +1077,16 @@ def precision_warning(cfg: Config, device: torch.device, new_run: bool = True) -
             f"bf16 graphs); {advice}")
 
 
+@contextlib.contextmanager
+def _env_switch_errors():
+    """An environment switch's bad value (a ValueError naming the variable) as one ConfigError, before the run
+    starts."""
+    try:
+        yield
+    except ValueError as e:
+        raise ConfigError(f"{e} (an environment variable; unset it for the default)") from None
+
+
 def _check_ops_backend(name: str, device: torch.device) -> None:
     """run.ops=triton on a device the Triton kernels cannot run on fails here, before the data is
     indexed and weights load (it failed at the first TSGR call, deep in a traceback); SEGPCL_OPS set to
@@ -1092,10 +1100,8 @@ def _check_ops_backend(name: str, device: torch.device) -> None:
                           "where there is one)")
     from ..model import frozen_cast, patch_embed, vit_tail
     from ..ops import lora_linear
-    try:  # every A/B switch, read where its path runs: a bad value now, not mid-run (evaluation, task 2)
+    with _env_switch_errors():  # every A/B switch, read where its path runs: a bad value now, not mid-run
         lora_linear.switches(), patch_embed.choice(), vit_tail.choice(), frozen_cast.choice()
-    except ValueError as e:
-        raise ConfigError(f"{e} (an environment variable; unset it for the default)") from None
     env = os.environ.get("SEGPCL_OPS")
     if env and env != name:
         log.warning("SEGPCL_OPS=%s is not what this run uses: a run takes run.ops (%s here); set --set run.ops=%s "
