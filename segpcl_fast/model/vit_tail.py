@@ -57,8 +57,8 @@ def qualifies(visual: nn.Module) -> bool:
     row_wise = [ln_post] if isinstance(ln_post, nn.Module) and not getattr(visual, "final_ln_after_pool", False) else []
     return (type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv")
             and type(last.attn) in (nn.MultiheadAttention, LoRAMultiheadAttention)
-            and not hooked(transformer) and "forward" not in vars(transformer)
-            and not any(hooked(m) or "forward" in vars(m) for m in [*last.modules(), *row_wise]))
+            and not hooked(transformer) and "forward" not in transformer.__dict__
+            and not any(hooked(m) or "forward" in m.__dict__ for m in [*last.modules(), *row_wise]))
 
 
 def hooked(module: nn.Module) -> bool:
