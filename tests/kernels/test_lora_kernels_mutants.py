@@ -16,7 +16,13 @@ mutation audit):
 - fused_supported: fp16 on the CPU under the interpreter, rank MAX_RANK, a CPU tensor off the interpreter;
 - _triton_utils: interpret_mode's spellings, can_run_triton / check_can_run for meta tensors and without
   triton, launch_device on a (stub) CUDA tensor, next_pow2 / prev_pow2 / common_divisor by hand,
-  store_dtype on and off the interpreter, compute_dtype.
+  store_dtype on and off the interpreter, compute_dtype; cuda:0 and cuda:1 (stubs) refused as two devices,
+  a CUDA / CPU mix run nowhere;
+- registration and autograd: the three ops' schemas mutate and alias nothing; each fake kernel gives its
+  launch's shapes, dtypes and strides (a column-major W, a W of another dtype than A and B in the merge,
+  fp16 in the fused ops); the fused backward launches its kernel only when grad_x and grad_B are both
+  needed (one alone: its own product, values checked for each); create_graph=True through the fused op
+  is refused (u is saved without its graph); an empty W launches no merge kernel.
 
 Grids are kept small: under the interpreter each program costs a few ms."""
 import contextlib
@@ -317,3 +323,112 @@ def test_store_and_compute_dtypes(monkeypatch):
         torch.bfloat16, torch.float16, F32]
     assert utils.compute_dtype(torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)) == F32
     assert utils.compute_dtype(torch.zeros(1), torch.zeros(1, dtype=torch.float64)) == torch.float64
+
+
+# ------------------------------------------------------------------------------------- registration and autograd
+
+def test_op_schemas_mutate_and_alias_nothing():
+    """The three ops are functional: no argument is written or aliased by an output (torch.compile would
+    otherwise order and copy around them), in the argument order the callers pass."""
+    ops_and_args = ((torch.ops.segpcl.lora_fused_fwd.default, ["x", "weight", "bias", "lora_A", "lora_B", "scaling"]),
+                    (torch.ops.segpcl.lora_fused_bwd.default, ["grad_y", "u", "merged", "lora_B", "scaling"]),
+                    (torch.ops.segpcl.lora_merged_weight.default, ["weight", "lora_A", "lora_B", "scaling"]))
+    for op, names in ops_and_args:
+        schema = op._schema
+        assert [a.name for a in schema.arguments] == names, schema
+        assert not schema.is_mutable and all(a.alias_info is None for a in (*schema.arguments, *schema.returns)), schema
+
+
+def test_fake_kernels_match_the_launches(device, monkeypatch):
+    """Each fake kernel gives its launch's shapes, dtypes and strides: a column-major W (the merge's output is
+    contiguous, not W's layout) and a W of another dtype than A and B (the merge stores in W's dtype)."""
+    x, w, b, a, lb = _layer(6, 16, 32, 4, device, seed=21)
+    w32_t = w.float().t().contiguous().t()
+    half_a, half_b = a.to(torch.bfloat16), lb.to(torch.bfloat16)
+    real = torch.ops.segpcl.lora_merged_weight(w32_t, half_a, half_b, 0.5)
+    fake = merge._lora_merged_weight_fake(w32_t, half_a, half_b, 0.5)
+    assert (real.dtype, real.shape, real.stride()) == (F32, (32, 16), (16, 1))
+    assert (fake.dtype, fake.shape, fake.stride(), fake.device) == (real.dtype, real.shape, real.stride(), real.device)
+    torch.testing.assert_close(real, torch.addmm(w.float(), half_b.float(), half_a.float(), alpha=0.5),
+                               rtol=1e-5, atol=1e-5)
+    with monkeypatch.context() as m:  # as on a GPU: the kernel stores W's dtype itself (not A's: bf16 would round)
+        m.setattr(merge, "store_dtype", lambda dtype: dtype)
+        torch.testing.assert_close(torch.ops.segpcl.lora_merged_weight(w32_t, half_a, half_b, 0.5), real,
+                                   rtol=1e-6, atol=1e-6)
+    for dtype in (x.dtype, torch.float16):  # the fused ops: every output in x's dtype
+        x3, w_t, bd, ad, lbd = (t.to(dtype) for t in (x.reshape(2, 3, 16), w.t().contiguous().t(), b, a, lb))
+        outs = fused.lora_fused_forward(x3, w_t, bd, ad, lbd, 0.5, _tiles())
+        fakes = fused._lora_fused_fwd_fake(x3, w_t, bd, ad, lbd, 0.5)
+        g = torch.randn_like(outs[0])
+        outs_b = fused.lora_fused_backward(g, outs[1], outs[2], lbd, 0.5, _tiles())
+        fakes_b = fused._lora_fused_bwd_fake(g, outs[1], outs[2], lbd, 0.5)
+        for got, want in zip((*fakes, *fakes_b), (*outs, *outs_b)):
+            assert (got.shape, got.dtype, got.stride(), got.device) == (want.shape, dtype, want.stride(), want.device)
+        assert [tuple(t.shape) for t in (*outs, *outs_b)] == [(2, 3, 32), (2, 3, 4), (32, 16), (2, 3, 16), (32, 4)]
+
+
+def test_fused_op_refuses_double_backward(device):
+    """u is saved without its graph: a create_graph=True backward through the fused op is refused (the merged
+    and C++ paths' guard, tests/kernels/test_double_backward.py), not a silently wrong second order."""
+    x, w, b, a, lb = _layer(6, 16, 32, 4, device, seed=22)
+    x.requires_grad_()
+    lb.requires_grad_()
+    y = fused.lora_b_linear_fused(x, w, b, a, lb, 0.5)
+    with pytest.raises(RuntimeError, match=r"lora_b_linear \(fused Triton\): double backward"):
+        torch.autograd.grad(y.pow(2).sum(), (x, lb), create_graph=True)
+    gx, gb = torch.autograd.grad(fused.lora_b_linear_fused(x, w, b, a, lb, 0.5).pow(2).sum(), (x, lb))
+    y32 = x @ (w + 0.5 * lb @ a).T + b
+    want_x, want_b = torch.autograd.grad(y32.pow(2).sum(), (x, lb))
+    torch.testing.assert_close((gx, gb), (want_x, want_b), **_tol(device))
+
+
+def test_one_device_means_one_device_index(monkeypatch):
+    """cuda:0 and cuda:1 are two devices (check_can_run compares devices, not their type); CUDA and CPU
+    tensors together run nowhere, interpreter or not (stub CUDA tensors)."""
+    monkeypatch.setattr(utils, "HAS_TRITON", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cuda0, cuda1 = (types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", i), dtype=F32) for i in (0, 1))
+    assert utils.can_run_triton(cuda0, cuda1) and utils.can_run_triton(cuda0)
+    utils.check_can_run("op", cuda0, cuda0)
+    with pytest.raises(RuntimeError, match=r"all tensors must be on one device, got \['cuda:0', 'cuda:1'\]"):
+        utils.check_can_run("op", cuda0, cuda1)
+    assert not utils.can_run_triton(cuda0, torch.zeros(2)) and not utils.can_run_triton(torch.zeros(2), cuda0)
+
+
+def test_backward_runs_the_fused_kernel_only_for_both_gradients(device, monkeypatch):
+    """grad_x and grad_B together: the fused backward kernel; one of them alone (a tower's first layer: x needs
+    no gradient; a frozen B): its own product, without the other's work. Values as the plain products."""
+    calls = []
+    real = fused.lora_fused_backward
+    monkeypatch.setattr(fused, "lora_fused_backward", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    x, w, b, a, lb = _layer(6, 16, 32, 4, device, seed=23)
+    g = _randn(6, 32, seed=24, device=device, dtype=x.dtype)
+    merged = w + 0.5 * lb @ a
+    for need_x, need_b, want_calls in ((True, True, 1), (False, True, 0), (True, False, 0)):
+        xi, lbi = x.detach().requires_grad_(need_x), lb.detach().requires_grad_(need_b)
+        y = fused.lora_b_linear_fused(xi, w, b, a, lbi, 0.5)
+        wrt = [t for t in (xi, lbi) if t.requires_grad]
+        grads = torch.autograd.grad(y, wrt, g)
+        want = ([g @ merged] if need_x else []) + ([0.5 * g.T @ (x @ a.T)] if need_b else [])
+        torch.testing.assert_close(list(grads), want, **_tol(device))
+        assert len(calls) == want_calls, (need_x, need_b)
+        calls.clear()
+
+
+def test_an_empty_weight_launches_no_merge_kernel(monkeypatch):
+    """W + s B A with no row or no column of W: an empty result in W's dtype and no launch (a grid of 0
+    programs is not a launch CUDA takes; check_triton_build's launch_problems)."""
+    grids = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+    monkeypatch.setattr(merge, "_lora_merge_kernel", Recording())
+    for n_out, n_in in ((0, 8), (8, 0)):
+        w, a, b = torch.zeros(n_out, n_in), torch.zeros(2, n_in), torch.zeros(n_out, 2)
+        out = merge.lora_merged_weight_triton(w, a, b, 0.5)
+        assert out.shape == (n_out, n_in) and out.dtype == F32
+    assert grids == []
+    merge.lora_merged_weight_triton(torch.zeros(3, 5), torch.zeros(2, 5), torch.zeros(3, 2), 0.5)
+    assert grids == [(1,)]
