@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..api import keeps_process_state
-from ..config import ConfigError, analysis_config, apply_overrides, refuse_decided_keys
+from ..config import ACGDConfig, ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plus_minus, require_old_classes, run_config,
                       start_table_files, summarize_runs, write_table_files)
@@ -112,9 +112,14 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
     if not seeds:
         raise ConfigError("distill_sources() needs at least one seed (seeds=[0])")
     check_unique([int(s) for s in seeds], "seed")
-    if folder is not None and "folder" not in sources:
-        raise ConfigError(f"a reference folder ({folder}) is only used by the source 'folder', which "
-                          f"{', '.join(sources)} leaves out: add folder to the sources, or drop the folder")
+    if cfg.acgd.source != ACGDConfig().source:  # each run's acgd.source is the analysis' to set, as run.method
+        raise ConfigError(f"distill-sources sets acgd.source itself, one run per source (--sources, sources=): "
+                          f"the config's acgd.source={cfg.acgd.source} would be replaced; drop it and give "
+                          f"--sources {cfg.acgd.source} (sources=['{cfg.acgd.source}'])")
+    for given, option in ((folder, "--folder (folder=)"), (cfg.acgd.source_folder, "acgd.source_folder")):
+        if given is not None and "folder" not in sources:
+            raise ConfigError(f"a reference folder ({option} {given}) is only used by the source 'folder', which "
+                              f"{', '.join(sources)} leaves out: add folder to the sources, or drop the folder")
     require_old_classes(cfg, "distill-sources", "ACGD distils from task 2 on (task 1 has no old classes)")
     _check_uses_acgd(cfg, method)  # before the offline reference folder is written
     check_resume_dir(cfg)

@@ -1,0 +1,48 @@
+"""Findings of a fresh-eyes user review of the analysis tools (ablate, sweep, retention, distill-sources,
+fragility, anchor-views): each test fails before its fix."""
+import importlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from segpcl_fast.api import make_config
+from segpcl_fast.config import ConfigError
+
+ds_mod = importlib.import_module("segpcl_fast.analysis.distill_sources")
+
+
+@pytest.fixture
+def no_distill_runs(monkeypatch):
+    """distill_sources with its runs replaced by stand-ins: what each would train is recorded."""
+    calls = []
+
+    def fake_trainer_for_source(cfg, method, source, folder, out):
+        calls.append(source)
+        result = SimpleNamespace(output_dir=str(out), metrics={"Avg": 50.0, "Last": 40.0})
+        return SimpleNamespace(run=lambda: result)
+    monkeypatch.setattr(ds_mod, "_trainer_for_source", fake_trainer_for_source)
+    return calls
+
+
+@pytest.mark.parametrize("source", ["seeds", "new_data", "folder"])
+def test_distill_sources_refuses_an_acgd_source_it_would_replace(no_distill_runs, tmp_path, source):
+    """--set acgd.source=seeds --sources anchors trained on anchors without a word (each run's source is the
+    analysis' to set, from --sources): refused with the fix, before anything runs."""
+    cfg = make_config(output_dir=str(tmp_path / "o"), acgd__source=source)
+    with pytest.raises(ConfigError, match=f"acgd.source={source} would be replaced.*--sources {source}"):
+        ds_mod.distill_sources(cfg, sources=["anchors"])
+    assert no_distill_runs == [] and not (tmp_path / "o").exists()
+
+
+def test_distill_sources_refuses_a_source_folder_no_source_uses(no_distill_runs, tmp_path):
+    """acgd.source_folder with 'folder' left out of the sources is refused as --folder is (it was recorded in
+    every run's config.yaml, unused)."""
+    (tmp_path / "ref").mkdir()
+    cfg = make_config(output_dir=str(tmp_path / "o"), acgd__source_folder=str(tmp_path / "ref"))
+    with pytest.raises(ConfigError, match="acgd.source_folder .* is only used by the source 'folder'"):
+        ds_mod.distill_sources(cfg, sources=["anchors", "seeds"])
+    assert no_distill_runs == []
+    out = ds_mod.distill_sources(make_config(output_dir=str(tmp_path / "o2"), acgd__source="anchors"),
+                                 sources=["anchors"])  # the default source, given: nothing replaced
+    assert no_distill_runs == ["anchors"] and Path(out["paths"]["json"]).is_file()
