@@ -365,8 +365,11 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     if cfg.run.plots:
         from .report import plots
         import numpy as np
-        curves = {n: np.mean([r.acc_per_task for r in rs], axis=0) for n, rs in runs.items()}
-        spread = {n: np.std([r.acc_per_task for r in rs], axis=0, ddof=1) for n, rs in runs.items()} \
+        # each curve under its row's label: a variant that reuses another's runs ("segpcl (= +visual_branch)")
+        # draws over that one's line, which its bare name in the legend left unexplained
+        label = {name: row["method"] for name, row in zip(variants, rows)}
+        curves = {label[n]: np.mean([r.acc_per_task for r in rs], axis=0) for n, rs in runs.items()}
+        spread = {label[n]: np.std([r.acc_per_task for r in rs], axis=0, ddof=1) for n, rs in runs.items()} \
             if len(seeds) > 1 else None
         over = f"mean +- sample std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
         paths["png"] = str(plots.plot_acc_curves(curves, out / "ablation.png", errors=spread,

@@ -46,3 +46,24 @@ def test_distill_sources_refuses_a_source_folder_no_source_uses(no_distill_runs,
     out = ds_mod.distill_sources(make_config(output_dir=str(tmp_path / "o2"), acgd__source="anchors"),
                                  sources=["anchors"])  # the default source, given: nothing replaced
     assert no_distill_runs == ["anchors"] and Path(out["paths"]["json"]).is_file()
+
+
+def test_ablation_plot_labels_a_reused_variant_as_its_table_row(tmp_path, monkeypatch):
+    """segpcl (= +visual_branch) is drawn exactly over +visual_branch's line: the legend said 'segpcl' beside a
+    line that does not show, where the table says whose runs it reuses."""
+    import segpcl_fast
+    from segpcl_fast.report import plots
+
+    def train(cfg):
+        acc = [50.0 + cfg.run.seed, 40.0]
+        return SimpleNamespace(output_dir=cfg.run.output_dir, acc_per_task=acc,
+                               metrics={"Avg": sum(acc) / 2, "Last": acc[-1]})
+    drawn = {}
+    monkeypatch.setattr(segpcl_fast.api, "train", train)
+    monkeypatch.setattr(plots, "plot_acc_curves", lambda curves, path, **kw: drawn.update(curves=curves, **kw) or path)
+    out = segpcl_fast.ablate(variants=["+visual_branch", "segpcl"], seeds=[0, 1],
+                             run__output_dir=str(tmp_path / "abl"), data__num_tasks=2)
+    labels = [r["method"] for r in out["rows"]]
+    assert labels == ["+visual_branch", "segpcl (= +visual_branch)"]
+    assert list(drawn["curves"]) == labels and list(drawn["errors"]) == labels
+    assert list(drawn["curves"][labels[1]]) == [50.5, 40.0]
