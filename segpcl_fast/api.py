@@ -156,6 +156,33 @@ def start_table_files(out: str | os.PathLike, name: str, planned: Iterable[Confi
         clear_table_files(out, name)
 
 
+def entries(value, what: str) -> Optional[list]:
+    """An analysis' list argument (variants=, sources=, datasets=, axes=, fixed=, tasks=) as a list: one string or
+    one number is one entry (a string was taken apart into its characters: variants="segpcl" ran into "unknown
+    method variant 's'"; a number raised a bare TypeError); None stays None (the default)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, int, float)) or not isinstance(value, Iterable):
+        return [value]
+    return list(value)
+
+
+def seed_entries(seeds, what: str) -> list[int]:
+    """seeds= of an analysis as a list of ints: one int is one seed (seeds=0 was 'needs at least one seed' or a
+    TypeError); anything that is not a whole number (a string "0,1", 1.5) is one ConfigError naming the form."""
+    import numbers
+    values = entries(seeds, what) or []
+    out = []
+    for s in values:
+        whole = isinstance(s, numbers.Integral) and not isinstance(s, bool)
+        if isinstance(s, str) and s.strip().lstrip("-").isdigit():
+            s, whole = int(s), True
+        if not whole:
+            raise ConfigError(f"{what} takes seeds as whole numbers, e.g. seeds=[0, 1, 2]; got {seeds!r}")
+        out.append(int(s))
+    return out
+
+
 def check_unique(items: Iterable, what: str) -> None:
     """One ConfigError for an entry given twice (each would run into the same folder)."""
     seen: set = set()
@@ -321,13 +348,14 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     refuse_decided_keys("ablate()", overrides, {"run.method": "it runs every variants entry: pass variants=['segpcl']",
                                                 "run.seed": "it runs every seeds entry: pass seeds=[1]"})
     cfg = analysis_config(make_config(config, **overrides), "ablate")
-    variants = list(variants or LADDER)
+    variants = entries(variants, "ablate()") or list(LADDER)
+    seeds = seed_entries(seeds, "ablate()")
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs
     check_unique(variants, "variant")
     if not seeds:
         raise ConfigError("ablate() needs at least one seed (seeds=[0])")
-    check_unique([int(s) for s in seeds], "seed")
+    check_unique(seeds, "seed")
     check_variants(cfg, variants, "ablate")  # every variant's clash with the config before the first one trains
     check_resume_dir(cfg)
     out = Path(cfg.run.output_dir)

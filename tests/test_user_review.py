@@ -67,3 +67,38 @@ def test_ablation_plot_labels_a_reused_variant_as_its_table_row(tmp_path, monkey
     assert labels == ["+visual_branch", "segpcl (= +visual_branch)"]
     assert list(drawn["curves"]) == labels and list(drawn["errors"]) == labels
     assert list(drawn["curves"][labels[1]]) == [50.5, 40.0]
+
+
+def test_the_analysis_functions_take_one_name_or_one_seed_as_one_entry(tmp_path, monkeypatch):
+    """variants="segpcl", sources="anchors", datasets="synthetic-sketch", axes="optim.lr=...", fixed="k=v" were
+    taken apart into characters ("unknown method variant 's'"); seeds=0 was "needs at least one seed" or a
+    TypeError, tasks=2 a TypeError. One string or number is now one entry; a seed that is no whole number is
+    one ConfigError."""
+    import segpcl_fast
+    from segpcl_fast.analysis import fragility, retention, sweep
+    sweep_mod = importlib.import_module("segpcl_fast.analysis.sweep")
+    ret_mod = importlib.import_module("segpcl_fast.analysis.retention")
+    frag_mod = importlib.import_module("segpcl_fast.analysis.fragility")
+
+    class Planned(Exception):
+        pass
+
+    def planned(out, name, configs, resume):  # every check passed: what would train, then stop
+        raise Planned(sorted((c.run.method, c.run.seed, c.optim.lr, c.optim.momentum) for c in configs))
+    for module in (segpcl_fast.api, sweep_mod, ret_mod, ds_mod, frag_mod):
+        monkeypatch.setattr(module, "start_table_files", planned)
+    kw = dict(run__output_dir=str(tmp_path / "o"), data__num_tasks=2)
+    with pytest.raises(Planned, match=r"\[\('segpcl', 0, "):
+        segpcl_fast.ablate(variants="segpcl", seeds=0, **kw)
+    with pytest.raises(Planned, match=r"\('segpcl', 3, 0.001, 0.5\), \('segpcl', 3, 0.01, 0.5\)\]"):
+        sweep(axes="optim.lr=1e-3,1e-2", fixed="optim.momentum=0.5", seeds=3, **kw)
+    with pytest.raises(Planned, match=r"\[\('lora_finetune', 0, "):
+        retention(variants="lora_finetune", datasets="synthetic-sketch", **kw)
+    with pytest.raises(Planned, match=r"\[\('segpcl', 0, "):
+        ds_mod.distill_sources(sources="anchors", seeds=0, **kw)
+    with pytest.raises(Planned, match=r"\[\('lora_finetune', 0, "):
+        fragility(tasks=2, **kw)
+    for bad in ("0,1", [0.5], [True]):
+        with pytest.raises(ConfigError, match=r"takes seeds as whole numbers, e.g. seeds=\[0, 1, 2\]"):
+            segpcl_fast.ablate(variants=["segpcl"], seeds=bad, **kw)
+    assert not (tmp_path / "o").exists()

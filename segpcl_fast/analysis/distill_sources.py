@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..api import keeps_process_state
+from ..api import entries, keeps_process_state, seed_entries
 from ..config import ACGDConfig, ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, make_trainer, plus_minus, require_old_classes, run_config,
@@ -104,14 +104,15 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
     refuse_decided_keys("distill_sources()", overrides, {"run.method": "pass method='segpcl'",
                                                          "run.seed": "it runs every seeds entry: pass seeds=[1]"})
     cfg = analysis_config(make_config(config, **overrides), "distill-sources")
-    sources = list(sources or SOURCES)
+    sources = entries(sources, "distill_sources()") or list(SOURCES)
+    seeds = seed_entries(seeds, "distill_sources()")
     bad = [s for s in sources if s not in SOURCES]
     if bad:
         raise ConfigError(f"unknown ACGD source(s) {bad}; choose from {', '.join(SOURCES)}")
     check_unique(sources, "ACGD source")
     if not seeds:
         raise ConfigError("distill_sources() needs at least one seed (seeds=[0])")
-    check_unique([int(s) for s in seeds], "seed")
+    check_unique(seeds, "seed")
     if cfg.acgd.source != ACGDConfig().source:  # each run's acgd.source is the analysis' to set, as run.method
         raise ConfigError(f"distill-sources sets acgd.source itself, one run per source (--sources, sources=): "
                           f"the config's acgd.source={cfg.acgd.source} would be replaced; drop it and give "

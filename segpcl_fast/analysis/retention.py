@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..api import keeps_process_state
+from ..api import entries, keeps_process_state
 from ..config import ConfigError, analysis_config, apply_overrides, refuse_decided_keys
 from ..data.retention import OFFLINE_DEFAULT, RETENTION_DATASETS
 from ..engine.distributed import refuse_multi_process
@@ -103,7 +103,8 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     refuse_decided_keys("retention()", overrides,
                         {"run.method": "it trains every variants entry: pass variants=['segpcl']"})
     cfg = analysis_config(make_config(config, **overrides), "retention")
-    variants = list(variants or DEFAULT_VARIANTS)
+    variants = entries(variants, "retention()") or list(DEFAULT_VARIANTS)
+    datasets = datasets if isinstance(datasets, Mapping) else entries(datasets, "retention()")
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs
     check_unique(variants, "variant")

@@ -223,15 +223,16 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
     Writes <output_dir>/sweep.{json,txt,png}; runs under <output_dir>/<point>/seed<s>/.
     Returns {"rows", "axes", "paths", "table"}.
     """
-    from ..api import make_config, train
+    from ..api import entries, make_config, seed_entries, train
     from ..engine.checkpoint import resuming_analysis
     refuse_multi_process("the sweep")
     refuse_decided_keys("sweep()", overrides, {"run.seed": "it runs every seeds entry: pass seeds=[1]"})
     cfg = make_config(config, **overrides)
-    axes = parse_axes(axes)
+    axes = parse_axes(axes if isinstance(axes, Mapping) else entries(axes, "sweep()") or [])
+    fixed = entries(fixed, "sweep()") or []
     if "run.seed" in axes:
         raise ConfigError("run.seed cannot be a sweep key: give the seeds with seeds=... (--seeds 0,1,2)")
-    seeds = [int(s) for s in seeds]
+    seeds = seed_entries(seeds, "sweep()")
     if not seeds:
         raise ConfigError("sweep needs at least one seed (--seeds 0)")
     check_unique(seeds, "seed")
