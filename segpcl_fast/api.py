@@ -151,6 +151,11 @@ def start_table_files(out: str | os.PathLike, name: str, planned: Iterable[Confi
     from .engine.trainer import check_new_run_dir
     from .report.results import clear_table_files
     for cfg in planned:
+        run = Path(cfg.run.output_dir)
+        below = runs_below(run) if run.is_dir() and not (run / "config.yaml").is_file() else []
+        if below:  # retention -o <an ablation's folder>: its run <out>/lora_finetune holds ablate's seed<N>/ runs
+            raise ConfigError(f"{name}: its run folder {run} holds another analysis' runs ({join_some(below)}): "
+                              f"give {name} a folder of its own (-o {str(out).rstrip('/')}-{name})")
         check_new_run_dir(cfg)
     if not resume:
         clear_table_files(out, name)

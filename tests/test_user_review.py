@@ -102,3 +102,21 @@ def test_the_analysis_functions_take_one_name_or_one_seed_as_one_entry(tmp_path,
         with pytest.raises(ConfigError, match=r"takes seeds as whole numbers, e.g. seeds=\[0, 1, 2\]"):
             segpcl_fast.ablate(variants=["segpcl"], seeds=bad, **kw)
     assert not (tmp_path / "o").exists()
+
+
+def test_an_analysis_whose_run_folder_holds_another_analysis_runs_names_its_own_fix(tmp_path, monkeypatch):
+    """retention -o <an ablation's folder>: its run <out>/lora_finetune holds ablate's seed<N>/ runs. It was refused
+    only when that run started (after the model loaded and the before-figures were measured), with train's fix
+    (-o <out>/lora_finetune-train, a folder for one run, not for the analysis)."""
+    from segpcl_fast.analysis import retention
+    ret_mod = importlib.import_module("segpcl_fast.analysis.retention")
+    monkeypatch.setattr(ret_mod, "make_trainer", lambda cfg: pytest.fail("loaded a model"))
+    out = tmp_path / "paper"
+    (out / "lora_finetune" / "seed0").mkdir(parents=True)
+    (out / "lora_finetune" / "seed0" / "config.yaml").write_text("run: {}\n")
+    (out / "ablation.txt").write_text("the ablation's table\n")
+    with pytest.raises(ConfigError, match=rf"retention: its run folder {out / 'lora_finetune'} holds another "
+                                          rf"analysis' runs .*seed0\): give retention a folder of its own "
+                                          rf"\(-o {out}-retention\)"):
+        retention(variants=["lora_finetune"], run__output_dir=str(out), data__num_tasks=2)
+    assert (out / "ablation.txt").is_file()
