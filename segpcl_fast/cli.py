@@ -397,7 +397,8 @@ def _add_analysis_parsers(sub) -> None:
                    help="boundary score (default text_sim: similarity to the nearest new-class text)")
     p.add_argument("--threshold", default="median", help="median (default), quantile:q, or a number")
     p.add_argument("--max-old-images", type=non_negative_int, default=2000,
-                   help="old-class test images per task (0 = all)")
+                   help="old-class test images per task: a seeded sample of at most this many (default "
+                        "2000; 0 = all)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="softmax temperature of the class distributions (1 = the model's; 20 = ACGD's tau_A)")
     p.set_defaults(func=cmd_fragility)
