@@ -120,3 +120,24 @@ def test_an_analysis_whose_run_folder_holds_another_analysis_runs_names_its_own_
                                           rf"\(-o {out}-retention\)"):
         retention(variants=["lora_finetune"], run__output_dir=str(out), data__num_tasks=2)
     assert (out / "ablation.txt").is_file()
+
+
+@pytest.mark.parametrize("name", ["fragility", "anchor_views"])
+def test_fragility_and_anchor_views_refuse_a_run_method_keyword_that_method_replaces(tmp_path, monkeypatch, name):
+    """fragility(run__method="segpcl") trained lora_finetune (method= default) without a word, as
+    anchor_views(run__method=...) trained segpcl; the CLI refuses --set run.method for both."""
+    import segpcl_fast.analysis as analysis
+    module = importlib.import_module(f"segpcl_fast.analysis.{name}")
+    monkeypatch.setattr(module, "make_trainer", lambda cfg: pytest.fail(f"trained {cfg.run.method}"))
+    with pytest.raises(ConfigError, match=r"does not take run.method \(it trains method= \('.*' here\): pass method="):
+        getattr(analysis, name)(run__method="+acgd", run__output_dir=str(tmp_path / "o"), data__num_tasks=2)
+
+    class Planned(Exception):
+        pass
+
+    def planned(out, table, configs, resume):
+        raise Planned([c.run.method for c in configs])
+    monkeypatch.setattr(module, "start_table_files", planned)
+    with pytest.raises(Planned, match=r"\['\+acgd'\]"):  # method=None keeps the config's run.method
+        getattr(analysis, name)(method=None, run__method="+acgd", run__output_dir=str(tmp_path / "o"),
+                                data__num_tasks=2)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import keeps_process_state
-from ..config import ConfigError, analysis_config
+from ..config import ConfigError, analysis_config, refuse_decided_keys
 from .fragility import build_task_anchors
 from ..engine.distributed import refuse_multi_process
 from .outputs import encode_batches, make_trainer, new_figure, require_old_classes, run_config, save_png, stack_dataset, \
@@ -71,6 +71,9 @@ def anchor_views(config=None, task: int = 2, projection: str = "pca", method: Op
     if projection == "tsne":
         project_2d(torch.zeros(4, 2), "tsne")  # missing scikit-learn fails before training
     refuse_multi_process("the anchor-views analysis")
+    if method is not None:  # run__method= was replaced by method= without a word
+        refuse_decided_keys("anchor_views()", overrides, {"run.method": f"it trains method= ({method!r} here): pass "
+                                                                  "method=... (method=None keeps the config's run.method)"})
     cfg = analysis_config(make_config(config, **overrides), "anchor-views")
     require_old_classes(cfg, "anchor views")  # before the model and data load
     out = Path(cfg.run.output_dir)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..api import entries, keeps_process_state
-from ..config import ConfigError, analysis_config
+from ..config import ConfigError, analysis_config, refuse_decided_keys
 from ..engine.distributed import refuse_multi_process
 from .outputs import encode_batches, make_trainer, new_figure, run_config, save_png, stack_dataset, \
     start_table_files, write_table_files
@@ -233,6 +233,9 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
     if score not in SCORES:
         raise ConfigError(f"unknown fragility score '{score}'; choose one of {SCORES}")
     refuse_multi_process("the fragility analysis")
+    if method is not None:  # run__method= was replaced by method= without a word
+        refuse_decided_keys("fragility()", overrides, {"run.method": f"it trains method= ({method!r} here): pass "
+                                                                  "method=... (method=None keeps the config's run.method)"})
     cfg = analysis_config(make_config(config, **overrides), "fragility")
     out = Path(cfg.run.output_dir)
     resolve_threshold(torch.zeros(1), threshold)  # a bad threshold fails before training
