@@ -141,3 +141,12 @@ def test_fragility_and_anchor_views_refuse_a_run_method_keyword_that_method_repl
     with pytest.raises(Planned, match=r"\['\+acgd'\]"):  # method=None keeps the config's run.method
         getattr(analysis, name)(method=None, run__method="+acgd", run__output_dir=str(tmp_path / "o"),
                                 data__num_tasks=2)
+
+
+def test_the_anchor_views_table_names_the_method_it_trained():
+    """anchor_views.txt said only the projection ('pca in the PNG'): two views of lora_finetune and segpcl printed
+    the same title. It names the method and the task it trained up to, as the PNG's title does."""
+    from segpcl_fast.analysis.anchor_views import format_views_table
+    rows = [{"group": "seeds", "n": 4, "cos_to_target_prototype": 0.5}]
+    title = format_views_table(rows, 3, "pca", "lora_finetune").splitlines()[0]
+    assert title == "anchor views before task 3 (lora_finetune after task 2; teacher raw features r_T, pca in the PNG)"

@@ -113,7 +113,7 @@ def anchor_views(config=None, task: int = 2, projection: str = "pca", method: Op
     coords = project_2d(torch.cat(groups), projection, seed=trainer.cfg.run.seed)
     splits = np.cumsum([0] + [len(g) for g in groups])
     xy = {r["group"]: coords[splits[i]:splits[i + 1]] for i, r in enumerate(rows)}
-    table = format_views_table(rows, task, projection)
+    table = format_views_table(rows, task, projection, trainer.cfg.run.method)
     payload = {"task": int(task), "projection": projection, "run_method": trainer.cfg.run.method, "rows": rows,
                "targets": targets.tolist(), "new_labels": new_labels.tolist(),
                "coords": {k: v.tolist() for k, v in xy.items()}, "config": trainer.cfg.to_dict()}
@@ -124,11 +124,14 @@ def anchor_views(config=None, task: int = 2, projection: str = "pca", method: Op
     return {"rows": rows, "paths": paths, "table": table}
 
 
-def format_views_table(rows: list, task: int, method: str) -> str:
+def format_views_table(rows: list, task: int, projection: str, run_method: str = "") -> str:
+    """The printed table; its title names the method trained up to the task (the PNG's title does too)."""
     from ..report import format_table
+    trained = f"{run_method} after task {task - 1}; " if run_method else ""
     return format_table([[r["group"], r["n"], r["cos_to_target_prototype"]] for r in rows],
                         ["group", "points", "mean cos to (target | nearest) old prototype"], floatfmt=".4f",
-                        title=f"anchor views before task {task} (teacher raw features r_T, {method} in the PNG)")
+                        title=f"anchor views before task {task} ({trained}teacher raw features r_T, {projection} in "
+                              f"the PNG)")
 
 
 def plot_views(xy: dict, targets: np.ndarray, path, task: int, method: str, run_method: str) -> str:
