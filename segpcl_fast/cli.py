@@ -197,12 +197,23 @@ def cmd_ablate(args) -> int:
     from .api import ablate
     _refuse_run_options(args, "it runs every --variants entry: use --variants segpcl",
                         "it runs every --seeds entry: use --seeds {seed}")
-    cfg = _config_from_args(args)
+    cfg = _note_analysis_dir(args, _config_from_args(args), "ablate")
     variants = _csv(args.variants, "--variants")
     out = ablate(cfg, variants=variants, seeds=args.seeds)
     print(out["table"])
     print("files:\n" + "\n".join(f"  {k}: {v}" for k, v in out["paths"].items()))
     return 0
+
+
+def _note_analysis_dir(args, cfg, name: str):
+    """Remember the folder an analysis that keeps runs writes (config.analysis_config's), for the interrupt
+    line: interrupted before it exists (while the model loads), --resume would be refused; returns cfg."""
+    from .config import analysis_config
+    try:
+        args.analysis_dir = analysis_config(cfg, name).run.output_dir
+    except ConfigError:  # the analysis itself says why
+        pass
+    return cfg
 
 
 def _print_analysis(out: dict) -> None:
@@ -277,7 +288,7 @@ def cmd_fragility(args) -> int:
 def cmd_retention(args) -> int:
     from .analysis import retention
     _refuse_run_options(args, method_fix="it compares every --variants entry: use --variants segpcl")
-    cfg = _config_from_args(args)
+    cfg = _note_analysis_dir(args, _config_from_args(args), "retention")
     _print_analysis(retention(cfg, variants=_csv(args.variants, "--variants"), datasets=_csv(args.datasets, "--datasets"),
                               per_class=args.per_class))
     return 0
@@ -292,7 +303,7 @@ def cmd_sweep(args) -> int:
     _refuse_shorthand_conflicts(args, list(args.overrides), "--set")  # swept keys override -o / --method too
     _refuse_shorthand_conflicts(args, list(args.fixed), "--fixed")
     axes, args.overrides = args.overrides, list(args.fixed)
-    cfg = _config_from_args(args)
+    cfg = _note_analysis_dir(args, _config_from_args(args), "sweep")
     _print_analysis(sweep(cfg, axes=axes, seeds=args.seeds, fixed=list(args.fixed)))
     return 0
 
@@ -301,7 +312,7 @@ def cmd_distill_sources(args) -> int:
     from .analysis import distill_sources
     method = _analysis_method(args, "segpcl")  # before the config: its --set run.method refusal
     _refuse_run_options(args, seed_fix="it runs every --seeds entry: use --seeds {seed}")
-    cfg = _config_from_args(args)
+    cfg = _note_analysis_dir(args, _config_from_args(args), "distill-sources")
     _print_analysis(distill_sources(cfg, sources=_csv(args.sources, "--sources"), folder=args.folder,
                                     seeds=args.seeds, method=method))
     return 0
@@ -704,6 +715,8 @@ def _report_interrupt(args, e: KeyboardInterrupt) -> int:
         hint = ": run.checkpoint=false kept no checkpoint, so --resume would start again from task 1"
     elif hasattr(args, "resume") and nothing_kept:
         hint = ": no task had finished, so no checkpoint was kept: the same command starts the run again from task 1"
+    elif getattr(args, "analysis_dir", None) and not Path(args.analysis_dir).is_dir() and not args.resume:
+        hint = f": nothing was written yet ({args.analysis_dir} does not exist): the same command starts it again"
     elif hasattr(args, "resume"):  # each finished task is checkpointed
         hint = ": continue after the last finished task with the same command and --resume"
     if _rank0():

@@ -298,7 +298,7 @@ def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys):
     assert capsys.readouterr().err == "segpcl-fast: error: /runs/x/results.json: Is a directory\n"
 
 
-def test_config_and_missing_file_errors_exit_2_and_interrupts_130(monkeypatch, capsys):
+def test_config_and_missing_file_errors_exit_2_and_interrupts_130(monkeypatch, capsys, tmp_path):
     import segpcl_fast.api
     from segpcl_fast.cli import main
     assert main(["train", "--config", "no-such-preset"]) == 2
@@ -309,6 +309,8 @@ def test_config_and_missing_file_errors_exit_2_and_interrupts_130(monkeypatch, c
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(segpcl_fast.api, "ablate", interrupted)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unused").mkdir()  # what it has written (a folder that does not exist: tests/test_user_review.py)
     assert main(["ablate", "-o", "unused"]) == 130  # ablate resumes too: the same hint as train's
     assert capsys.readouterr().err == ("segpcl-fast: interrupted: continue after the last finished task with the "
                                        "same command and --resume\n")

@@ -150,3 +150,25 @@ def test_the_anchor_views_table_names_the_method_it_trained():
     rows = [{"group": "seeds", "n": 4, "cos_to_target_prototype": 0.5}]
     title = format_views_table(rows, 3, "pca", "lora_finetune").splitlines()[0]
     assert title == "anchor views before task 3 (lora_finetune after task 2; teacher raw features r_T, pca in the PNG)"
+
+
+@pytest.mark.parametrize("command", [["ablate"], ["retention"], ["distill-sources"], ["sweep", "--set", "optim.lr=1,2"]])
+def test_an_analysis_interrupted_before_its_folder_exists_says_to_run_it_again(monkeypatch, capsys, tmp_path, command):
+    """Ctrl-C while the first model loads said 'continue ... with the same command and --resume', which is then
+    refused ('run.resume is set but <dir> does not exist'): nothing was written, the same command starts again."""
+    import segpcl_fast.analysis
+    import segpcl_fast.api
+    from segpcl_fast.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(segpcl_fast.api, "ablate", interrupted)
+    for name in ("retention", "sweep", "distill_sources"):
+        monkeypatch.setattr(segpcl_fast.analysis, name, interrupted)
+    out = tmp_path / "analysis"
+    assert main(command + ["-o", str(out)]) == 130
+    assert capsys.readouterr().err == (f"segpcl-fast: interrupted: nothing was written yet ({out} does not exist): "
+                                       "the same command starts it again\n")
+    out.mkdir()  # it had started: its runs continue with --resume
+    assert main(command + ["-o", str(out)]) == 130
+    assert "the same command and --resume" in capsys.readouterr().err
