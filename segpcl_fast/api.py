@@ -374,17 +374,23 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     trained = {}  # such a key -> the first variant that trains it
     for name in variants:
         trained.setdefault(keys[name], name)
+
+    def started(name: str) -> bool:
+        return any((out / name.replace("+", "plus_") / f"seed{seed}").is_dir() for seed in seeds)
+    if cfg.run.resume:  # an equal variant's runs already there (an earlier --variants segpcl) continue, not train anew
+        for name in variants:
+            if not started(trained[keys[name]]) and started(name):
+                trained[keys[name]] = name
     start_table_files(out, "ablation", [run_config(name, seed) for name in trained.values() for seed in seeds],
                       resume=cfg.run.resume)
     from .engine.checkpoint import resuming_analysis
     runs, rows = {}, []
     for name in variants:
-        same_as = trained[keys[name]]
-        if same_as != name:  # e.g. onlyclip is +prototype_transfer's config: its runs are reused
-            runs[name] = runs[same_as]
-        else:
+        same_as = trained[keys[name]]  # e.g. onlyclip is +prototype_transfer's config: its runs are reused
+        if same_as not in runs:  # trained at the first variant of its key (the one trained may come later)
             with resuming_analysis("ablate"):  # a refused resume names ablate's command, not one run's config
-                runs[name] = [train(run_config(name, seed)) for seed in seeds]
+                runs[same_as] = [train(run_config(same_as, seed)) for seed in seeds]
+        runs[name] = runs[same_as]
         row = {"method": name if same_as == name else f"{name} (= {same_as})", "seeds": len(seeds),
                **metric_columns([r.metrics for r in runs[name]], ABLATION_METRICS)}
         rows.append(row)
@@ -393,7 +399,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
                                     for k in ABLATION_METRICS}} for r in rows],
         title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- sample std, accuracies in %)")
     paths = write_table_files(out, "ablation", {"rows": rows, "seeds": list(seeds), "config": cfg.to_dict(),
-                                                "runs": {n: [r.output_dir for r in rs] for n, rs in runs.items()}},
+                                                "runs": {n: [r.output_dir for r in runs[n]] for n in variants}},
                               table, plots=cfg.run.plots)
     if cfg.run.plots:
         from .report import plots
@@ -401,13 +407,13 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
         # each curve under its row's label: a variant that reuses another's runs ("segpcl (= +visual_branch)")
         # draws over that one's line, which its bare name in the legend left unexplained
         label = {name: row["method"] for name, row in zip(variants, rows)}
-        curves = {label[n]: np.mean([r.acc_per_task for r in rs], axis=0) for n, rs in runs.items()}
-        spread = {label[n]: np.std([r.acc_per_task for r in rs], axis=0, ddof=1) for n, rs in runs.items()} \
+        curves = {label[n]: np.mean([r.acc_per_task for r in runs[n]], axis=0) for n in variants}
+        spread = {label[n]: np.std([r.acc_per_task for r in runs[n]], axis=0, ddof=1) for n in variants} \
             if len(seeds) > 1 else None
         over = f"mean +- sample std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
         paths["png"] = str(plots.plot_acc_curves(curves, out / "ablation.png", errors=spread,
                                                  title=f"ablation: acc per task ({cfg.data.dataset}, {over})"))
-    return {"rows": rows, "runs": runs, "paths": paths, "table": table}
+    return {"rows": rows, "runs": {n: runs[n] for n in variants}, "paths": paths, "table": table}
 
 
 def _training_key(cfg, name: str) -> str:

@@ -172,3 +172,28 @@ def test_an_analysis_interrupted_before_its_folder_exists_says_to_run_it_again(m
     out.mkdir()  # it had started: its runs continue with --resume
     assert main(command + ["-o", str(out)]) == 130
     assert "the same command and --resume" in capsys.readouterr().err
+
+
+def test_a_resumed_ablation_continues_an_equal_variants_runs_instead_of_training_them_again(tmp_path, monkeypatch):
+    """ablate --variants segpcl, then ablate --resume --variants +visual_branch,segpcl: +visual_branch (the first
+    of the two equal configs) trained all over again in plus_visual_branch/, and segpcl/'s runs went unused."""
+    import segpcl_fast
+    trained = []
+
+    def train(cfg):
+        trained.append(Path(cfg.run.output_dir).relative_to(tmp_path / "abl").as_posix())
+        return SimpleNamespace(output_dir=cfg.run.output_dir, acc_per_task=[50.0, 40.0],
+                               metrics={"Avg": 45.0, "Last": 40.0})
+    monkeypatch.setattr(segpcl_fast.api, "train", train)
+    kw = dict(run__output_dir=str(tmp_path / "abl"), data__num_tasks=2, run__plots=False)
+    segpcl_fast.ablate(variants=["segpcl"], seeds=[0, 1], **kw)
+    assert trained == ["segpcl/seed0", "segpcl/seed1"]
+    for seed in (0, 1):
+        (tmp_path / "abl" / "segpcl" / f"seed{seed}").mkdir(parents=True)  # what those runs wrote
+    trained.clear()
+    out = segpcl_fast.ablate(variants=["+visual_branch", "segpcl", "lora_finetune"], seeds=[0, 1], run__resume=True,
+                             **kw)
+    assert trained == ["segpcl/seed0", "segpcl/seed1", "lora_finetune/seed0", "lora_finetune/seed1"]
+    assert [r["method"] for r in out["rows"]] == ["+visual_branch (= segpcl)", "segpcl", "lora_finetune"]
+    assert list(out["runs"]) == ["+visual_branch", "segpcl", "lora_finetune"]
+    assert out["runs"]["+visual_branch"] is out["runs"]["segpcl"]
