@@ -633,6 +633,11 @@ def check_model_name(name: str) -> None:
     (load_model's first check; train asks it before its header line and before any data loads)."""
     import open_clip
     register_model_configs()
+    if name.startswith("local-dir:") and not hasattr(open_clip.factory, "LOCAL_DIR_PREFIX"):
+        raise ModelLoadError(f"model '{name}': open_clip_torch {open_clip.__version__} has no local-dir: models "
+                             f"(open_clip_torch 3.0 added them): upgrade open_clip_torch, or give the folder's "
+                             f"open_clip_config.json's model name as model.name and its weights file as "
+                             f"model.pretrained")
     known = open_clip.list_models()
     if not _is_known_model(name, known):
         close = difflib.get_close_matches(name, known, n=5)
