@@ -12,6 +12,11 @@ kernel = load_kernel("pgd_step")
 SHAPES = [(1, 1, 1, 1), (2, 3, 7, 9), (3, 4, 5, 13)]
 
 
+def _triton_version() -> tuple:
+    import triton
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
 def _inputs(shape, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
@@ -84,7 +89,10 @@ def test_channels_last_runs_in_its_own_layout(dtype, device, triton_backend):
     assert ops.last_choice()["pgd_step"] == "triton" and torch.equal(out, expected)
     assert out.stride() == kernel.pgd_step_reference(*last).stride() == last[0].stride()
     if dtype == torch.float32:  # (bf16 under the interpreter: stored in fp32 and rounded by torch, one copy)
-        assert not any("clone" in op or "copy" in op for op in seen), seen
+        # Triton < 3.6's interpreter copies every tensor argument back after a launch (aten::to + copy_ in its
+        # _restore_args_dev; seen on 3.2, not on 3.6 / 3.8): there a launcher's own copy shows as a clone only
+        interpreter_copies = device == "cpu" and _triton_version() < (3, 6)
+        assert not any("clone" in op or ("copy" in op and not interpreter_copies) for op in seen), seen
     x_adv = last[0].clone(memory_format=torch.channels_last)
     storage = x_adv.data_ptr()
     assert ops.pgd_step(x_adv, *last[1:], inplace=True) is x_adv
