@@ -93,6 +93,7 @@ def test_check_refuses_in_an_interpreting_process():
     assert utils.can_run_triton is not None and not utils.can_run_triton(torch.empty(1, device="meta"))
 
 
+@needs_binder
 def test_check_routes_launches_to_the_recorder_and_restores_the_patches(monkeypatch):
     monkeypatch.setattr(utils, "interpret_mode", lambda: False)  # as a fresh TRITON_INTERPRET=0 process
     launches, seen = [], []
@@ -227,6 +228,7 @@ def stub_check(monkeypatch):
     return calls, outcome
 
 
+@needs_binder
 def test_main_selects_cases_and_reads_archs(stub_check, capsys):
     calls, outcome = stub_check
     outcome.append(_record("x", "_k", 90))
@@ -245,6 +247,7 @@ def test_main_selects_cases_and_reads_archs(stub_check, capsys):
     assert len(calls) == 2
 
 
+@needs_binder
 def test_main_exit_status_and_json_follow_the_problems(stub_check, tmp_path, capsys):
     _, outcome = stub_check
     report = tmp_path / "report.json"
@@ -266,6 +269,7 @@ def test_main_exit_status_and_json_follow_the_problems(stub_check, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # written to .tmp, then replaced
 
 
+@needs_binder
 def test_command_line_clears_an_interpreting_environment():
     """`python -m ...check_triton_build` in a shell that exported TRITON_INTERPRET=1 (a test session's) still
     compiles: main clears it before anything imports triton (check() is stubbed: no compile)."""
