@@ -398,8 +398,9 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
         [{"method": r["method"], **{k: plus_minus(r[k], r[k + "_std"], len(seeds), r[k + "_n"])
                                     for k in ABLATION_METRICS}} for r in rows],
         title=f"ablation on {cfg.data.dataset} ({len(seeds)} seed(s), mean +- sample std, accuracies in %)")
+    runs = {n: runs[n] for n in variants}  # in the variants' order (the JSON, the plot, the result)
     paths = write_table_files(out, "ablation", {"rows": rows, "seeds": list(seeds), "config": cfg.to_dict(),
-                                                "runs": {n: [r.output_dir for r in runs[n]] for n in variants}},
+                                                "runs": {n: [r.output_dir for r in rs] for n, rs in runs.items()}},
                               table, plots=cfg.run.plots)
     if cfg.run.plots:
         from .report import plots
@@ -413,7 +414,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
         over = f"mean +- sample std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
         paths["png"] = str(plots.plot_acc_curves(curves, out / "ablation.png", errors=spread,
                                                  title=f"ablation: acc per task ({cfg.data.dataset}, {over})"))
-    return {"rows": rows, "runs": {n: runs[n] for n in variants}, "paths": paths, "table": table}
+    return {"rows": rows, "runs": runs, "paths": paths, "table": table}
 
 
 def _training_key(cfg, name: str) -> str:
