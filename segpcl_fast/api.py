@@ -161,7 +161,7 @@ def start_table_files(out: str | os.PathLike, name: str, planned: Iterable[Confi
         clear_table_files(out, name)
 
 
-def entries(value, what: str) -> Optional[list]:
+def entries(value) -> Optional[list]:
     """An analysis' list argument (variants=, sources=, datasets=, axes=, fixed=, tasks=) as a list: one string or
     one number is one entry (a string was taken apart into its characters: variants="segpcl" ran into "unknown
     method variant 's'"; a number raised a bare TypeError); None stays None (the default)."""
@@ -176,7 +176,7 @@ def seed_entries(seeds, what: str) -> list[int]:
     """seeds= of an analysis as a list of ints: one int is one seed (seeds=0 was 'needs at least one seed' or a
     TypeError); anything that is not a whole number (a string "0,1", 1.5) is one ConfigError naming the form."""
     import numbers
-    values = entries(seeds, what) or []
+    values = entries(seeds) or []
     out = []
     for s in values:
         whole = isinstance(s, numbers.Integral) and not isinstance(s, bool)
@@ -353,7 +353,7 @@ def ablate(config: ConfigLike = None, variants: Optional[Sequence[str]] = None,
     refuse_decided_keys("ablate()", overrides, {"run.method": "it runs every variants entry: pass variants=['segpcl']",
                                                 "run.seed": "it runs every seeds entry: pass seeds=[1]"})
     cfg = analysis_config(make_config(config, **overrides), "ablate")
-    variants = entries(variants, "ablate()") or list(LADDER)
+    variants = entries(variants) or list(LADDER)
     seeds = seed_entries(seeds, "ablate()")
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs

@@ -104,7 +104,7 @@ def distill_sources(config=None, sources: Optional[Sequence[str]] = None, folder
     refuse_decided_keys("distill_sources()", overrides, {"run.method": "pass method='segpcl'",
                                                          "run.seed": "it runs every seeds entry: pass seeds=[1]"})
     cfg = analysis_config(make_config(config, **overrides), "distill-sources")
-    sources = entries(sources, "distill_sources()") or list(SOURCES)
+    sources = entries(sources) or list(SOURCES)
     seeds = seed_entries(seeds, "distill_sources()")
     bad = [s for s in sources if s not in SOURCES]
     if bad:

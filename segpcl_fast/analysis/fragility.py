@@ -245,7 +245,7 @@ def fragility(config=None, tasks: Optional[Sequence[int]] = None, score: str = "
     if isinstance(max_old_images, bool) or not isinstance(max_old_images, int) or max_old_images < 0:
         raise ConfigError(f"fragility max_old_images must be a whole number >= 0 (0: all), got {max_old_images!r}")
     # before the model and data load; data.num_tasks is the scenario's (config.check_task_count)
-    wanted = _tasks_to_analyse(entries(tasks, "fragility()"), cfg.data.num_tasks)
+    wanted = _tasks_to_analyse(entries(tasks), cfg.data.num_tasks)
     run_cfg = run_config(cfg, method, out / "run")
     start_table_files(out, "fragility", [run_cfg], resume=cfg.run.resume)
     trainer = make_trainer(run_cfg)

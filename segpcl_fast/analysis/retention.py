@@ -103,8 +103,8 @@ def retention(config=None, variants: Optional[Sequence[str]] = None, datasets: D
     refuse_decided_keys("retention()", overrides,
                         {"run.method": "it trains every variants entry: pass variants=['segpcl']"})
     cfg = analysis_config(make_config(config, **overrides), "retention")
-    variants = entries(variants, "retention()") or list(DEFAULT_VARIANTS)
-    datasets = datasets if isinstance(datasets, Mapping) else entries(datasets, "retention()")
+    variants = entries(variants) or list(DEFAULT_VARIANTS)
+    datasets = datasets if isinstance(datasets, Mapping) else entries(datasets)
     for name in variants:
         variant_overrides(name)  # unknown names fail before anything runs
     check_unique(variants, "variant")
