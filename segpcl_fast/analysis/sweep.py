@@ -10,7 +10,8 @@ Value syntax of one `--set key=...`:
     `[k,v]` is a list, `1e-3` a float, `true` a bool.
   - a list-valued key takes each value in YAML list syntax: `lora.targets=[k,v],[q,k,v]` or
     `lora.targets=[k,v];[q,k,v]`; `data.templates=['a photo of a {}.']` is one value (quoted: YAML).
-  - a key given one value is a fixed override for every run.
+  - a key given one value is a fixed override for every run (runs in <out>/base/ when no key has more:
+    a --resume that widens it continues them there: continue_earlier_runs).
 Every grid point (and every seed) is checked with apply_overrides and the variant resolver first:
 an unknown key or a value of the wrong type is one ConfigError before anything runs.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..config import (Config, ConfigError, analysis_config, apply_overrides, check_data_root, check_task_count,
-                      config_value, known_keys, override_key, parse_value, refuse_decided_keys)
+                      config_value, known_keys, load_config, override_key, parse_value, refuse_decided_keys)
 from ..engine.distributed import refuse_multi_process
 from .outputs import (METRICS, check_resume_dir, check_unique, new_figure, plus_minus, run_config, save_png, slug,
                       start_table_files, summarize_runs, write_table_files)
@@ -183,6 +184,41 @@ def validate_grid(cfg: Config, points: Sequence[Mapping[str, Any]], seeds: Seque
     return configs
 
 
+def continue_earlier_runs(out: Path, points: Sequence[Mapping[str, Any]],
+                          configs: list[list[Config]]) -> list[list[Config]]:
+    """A resumed sweep's run whose point folder holds no run of its config continues the run of that config
+    in another folder of <out> (the same checkpoint fingerprint, as its config.yaml records it). A key swept
+    with one value is a fixed key, its runs in <out>/base/: widening it later (--set prototypes.beta=0.3, then
+    --resume --set prototypes.beta=0.3,0.5) trained beta=0.3 again in its own folder, and narrowing it back
+    resumed base/ with the other value (refused: another config). Without such a run the point's folder is
+    used as before: a new run where it does not exist, the trainer's own checks where it does."""
+    from ..engine.checkpoint import config_fingerprint
+    from ..engine.trainer import as_trained
+
+    def recorded(run: Path) -> Optional[str]:
+        try:
+            return config_fingerprint(load_config(run / "config.yaml").to_dict())
+        except (ConfigError, OSError, UnicodeDecodeError):  # none, or one this version cannot read
+            return None
+    earlier: dict[str, Path] = {}
+    for path in sorted(out.glob("*/seed*/config.yaml")):
+        fingerprint = recorded(path.parent)
+        if fingerprint is not None:
+            earlier.setdefault(fingerprint, path.parent)
+    continued = []
+    for point, per_seed in zip(points, configs):
+        runs = []
+        for c in per_seed:
+            own, wanted = Path(c.run.output_dir), config_fingerprint(as_trained(c).to_dict())
+            found = earlier.get(wanted)
+            if found is not None and found != own and recorded(own) != wanted:
+                log.info("sweep %s: continues the run of the same configuration in %s", point_name(point), found)
+                c = apply_overrides(c, {"run.output_dir": str(found), "run.resume": True})
+            runs.append(c)
+        continued.append(runs)
+    return continued
+
+
 def _config_key(cfg: Config) -> str:
     """`cfg` as sorted JSON without where its run writes (run.output_dir, run.resume): what it trains."""
     d = cfg.to_dict()
@@ -228,8 +264,8 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
     refuse_multi_process("the sweep")
     refuse_decided_keys("sweep()", overrides, {"run.seed": "it runs every seeds entry: pass seeds=[1]"})
     cfg = make_config(config, **overrides)
-    axes = parse_axes(axes if isinstance(axes, Mapping) else entries(axes, "sweep()") or [])
-    fixed = entries(fixed, "sweep()") or []
+    axes = parse_axes(axes if isinstance(axes, Mapping) else entries(axes) or [])
+    fixed = entries(fixed) or []
     if "run.seed" in axes:
         raise ConfigError("run.seed cannot be a sweep key: give the seeds with seeds=... (--seeds 0,1,2)")
     seeds = seed_entries(seeds, "sweep()")
@@ -249,6 +285,8 @@ def sweep(config=None, axes: AxesSpec = (), seeds: Sequence[int] = (0,), fixed: 
     out = Path(cfg.run.output_dir)
     points = expand_grid(axes)
     configs = validate_grid(cfg, points, seeds, out, held)  # every error before the first run
+    if cfg.run.resume:
+        configs = continue_earlier_runs(out, points, configs)
     start_table_files(out, "sweep", [c for per_seed in configs for c in per_seed], resume=cfg.run.resume)
     swept = list(axes)
     rows = []

@@ -339,6 +339,12 @@ def resumes_a_finished_run(cfg: Config) -> bool:
     return last is not None and ckpt.task_of_file(last) == task_count(cfg.data) - 1
 
 
+def as_trained(cfg: Config) -> Config:
+    """`cfg` as a Trainer holds it, and its config.yaml and checkpoints record it: locations absolute
+    (absolute_locations), run.method's switches resolved (method/variants.py)."""
+    return resolve_variant(apply_overrides(cfg, absolute_locations(cfg)))
+
+
 class Trainer:
     """One process of a run; under torchrun (WORLD_SIZE > 1) one rank of a data-parallel run.
 
@@ -354,7 +360,7 @@ class Trainer:
                  compile_settings: Optional["compiling.CompileSettings"] = None, writes: bool = True,
                  trains: Optional[bool] = None):
         # locations absolute from here on: config.yaml, results.json and Result all name the same dirs
-        self.cfg = resolve_variant(apply_overrides(cfg, absolute_locations(cfg)))
+        self.cfg = as_trained(cfg)
         # checked now: at task 2 it would be after task 1 trained (not for evaluation, which never reads it)
         if writes and self.cfg.acgd.enabled and self.cfg.acgd.source == "folder":
             from ..data.retention import list_reference_images

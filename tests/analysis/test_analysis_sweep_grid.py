@@ -1,4 +1,6 @@
 """Sweep specs -> values -> grid, and every error before anything runs."""
+from pathlib import Path
+
 import pytest
 
 from segpcl_fast.analysis.sweep import expand_grid, parse_axes, point_name, split_values, sweep, validate_grid
@@ -147,3 +149,31 @@ def test_each_points_task_split_is_checked_before_any_training(tmp_path, monkeyp
                       [0], tmp_path)
     with pytest.raises(ConfigError, match=r"root=/x: data.root is /x but data.dataset is 'synthetic'"):
         validate_grid(make_config(), expand_grid(parse_axes(["data.root=/x"])), [0], tmp_path)
+
+
+def test_a_resumed_sweep_continues_a_points_run_from_the_folder_it_had_as_a_fixed_key(small_config, monkeypatch):
+    """--set prototypes.beta=0.3 (one value: a fixed key, its runs in base/), then --resume --set
+    prototypes.beta=0.3,0.5: beta=0.3 trained again in beta=0.3/ beside base/'s finished run of the same config.
+    It continues base/'s run (its config.yaml, as the trainer saved it, has the point's fingerprint); a run of
+    another config is never taken (beta=0.4 trains)."""
+    import segpcl_fast.api
+    first = sweep(small_config("sw", run__plots=False), axes=["prototypes.beta=0.3"], seeds=[0])
+    out = Path(first["rows"][0]["runs"][0]).parent.parent
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["base"]
+    real_train, started = segpcl_fast.api.train, []
+
+    def train(cfg):
+        started.append((Path(cfg.run.output_dir).relative_to(out).as_posix(), cfg.run.resume))
+        return real_train(cfg)
+    monkeypatch.setattr(segpcl_fast.api, "train", train)
+    again = sweep(small_config("sw", run__plots=False, run__resume=True), axes=["prototypes.beta=0.3,0.5,0.4"],
+                  seeds=[0])
+    assert started == [("base/seed0", True), ("beta=0.5/seed0", False), ("beta=0.4/seed0", False)]
+    assert [r["prototypes.beta"] for r in again["rows"]] == [0.3, 0.5, 0.4]
+    assert again["rows"][0]["runs"] == first["rows"][0]["runs"]
+    assert again["rows"][0]["Last"] == first["rows"][0]["Last"]
+    assert not (out / "beta=0.3").exists()
+    started.clear()  # narrowed back to one value: base/ holds beta=0.3's run, beta=0.5's is in beta=0.5/
+    narrowed = sweep(small_config("sw", run__plots=False, run__resume=True), axes=["prototypes.beta=0.5"], seeds=[0])
+    assert started == [("beta=0.5/seed0", True)]
+    assert narrowed["rows"][0]["Last"] == again["rows"][1]["Last"]
