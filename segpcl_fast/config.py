@@ -963,7 +963,22 @@ def analysis_config(cfg: Config, name: str) -> Config:
     if (out / "config.yaml").is_file():
         raise ConfigError(f"{out} is a train run's folder (it holds config.yaml): {name} would write its runs and "
                           f"files among that run's; give it its own folder (-o {str(out).rstrip('/')}-{name})")
+    seeds = seed_runs(out)
+    if seeds:  # ablate -o <a sweep's point folder>: its <variant>/seed<N>/ beside the point's seed<N>/ runs
+        beside = f"{os.path.dirname(os.path.abspath(out))}-{name}"
+        raise ConfigError(f"{out} holds the runs of one variant or point of another analysis ({join_some(seeds)}): "
+                          f"{name} would write its runs and files among them; give it its own folder (-o {beside})")
     return cfg
+
+
+def seed_runs(folder: str | os.PathLike) -> list[str]:
+    """The seed<N>/ runs (with a config.yaml) right in `folder`: the folder is one variant or point of an
+    analysis (<out>/<variant>/seed<N>/ of ablate and distill-sources, <out>/<point>/seed<N>/ of sweep)."""
+    try:
+        found = [p.parent.name for p in Path(folder).glob("seed*/config.yaml")]
+    except OSError:  # an entry gone while listed: the run's own checks name the folder
+        return []
+    return sorted(n for n in found if n[4:].lstrip("-").isdigit())
 
 
 def runs_below(folder: str | os.PathLike) -> list[str]:

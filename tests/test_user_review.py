@@ -197,3 +197,30 @@ def test_a_resumed_ablation_continues_an_equal_variants_runs_instead_of_training
     assert [r["method"] for r in out["rows"]] == ["+visual_branch (= segpcl)", "segpcl", "lora_finetune"]
     assert list(out["runs"]) == ["+visual_branch", "segpcl", "lora_finetune"]
     assert out["runs"]["+visual_branch"] is out["runs"]["segpcl"]
+
+
+@pytest.mark.parametrize("command", [["ablate"], ["retention"], ["distill-sources"], ["sweep", "--set", "optim.lr=1,2"],
+                                     ["fragility"], ["anchor-views"]])
+def test_an_analysis_into_a_folder_of_another_analysis_seed_runs_is_refused_before_it_writes(capsys, tmp_path,
+                                                                                            command):
+    """ablate -o <a sweep's point folder> (it holds that point's seed0/, seed1/ runs) was taken: the ablation's
+    <variant>/seed<N>/ runs and its table files went in among the sweep's runs. Refused, naming a folder beside the
+    sweep's, before anything is written; a folder whose seed<N>/ is not a run is not refused for it."""
+    from segpcl_fast.cli import main
+    point = tmp_path / "sweep" / "k_adv=5"
+    for seed in ("seed0", "seed1"):
+        (point / seed).mkdir(parents=True)
+        (point / seed / "config.yaml").write_text("run: {}\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(command + ["-o", str(point)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{point} holds the runs of one variant or point of another analysis (seed0, seed1): "
+            f"{command[0]} would write its runs and files among them; give it its own folder "
+            f"(-o {tmp_path / 'sweep'}-{command[0]})") in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    from segpcl_fast.config import analysis_config, seed_runs
+    (tmp_path / "other" / "seed0").mkdir(parents=True)  # no config.yaml: not a run
+    (tmp_path / "other" / "seeds" / "config.yaml").parent.mkdir()
+    (tmp_path / "other" / "seeds" / "config.yaml").write_text("run: {}\n")  # not seed<N>
+    assert seed_runs(tmp_path / "other") == [] and seed_runs(point) == ["seed0", "seed1"]
+    analysis_config(make_config(output_dir=str(tmp_path / "other")), "ablate")
