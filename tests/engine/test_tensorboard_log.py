@@ -1,5 +1,7 @@
 """run.tensorboard: the event files hold what the run computed (read back with tensorboard's own reader),
 each step once across a resume, and the old run's curves go when a run replaces it."""
+import time
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,14 @@ def _scalars(folder) -> dict:
     acc = event_accumulator.EventAccumulator(str(folder))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _next_second() -> None:
+    """Wait for the next whole second. A reader takes a folder's event files in name order, and a name is
+    events.out.tfevents.<seconds>.<host>.<pid>.<writers made in the process so far>: a crashed part and its resume
+    in one process within one second sorted by that count as text ('10' before '9': the resumed part read first,
+    task_01's steps [2, 1], once in the whole suite). A real resume is another process, seconds later."""
+    time.sleep(1.02 - time.time() % 1)
 
 
 def _expected_steps(result, cfg):
@@ -66,6 +76,7 @@ def test_a_resumed_run_holds_each_step_once(tiny_model_name, tmp_path, monkeypat
     total = sum(_expected_steps(full, small_config(tiny_model_name, tmp_path / "x"))[0])
     crashed = _scalars(tmp_path / "resumed" / "tensorboard" / "steps")
     assert [s for s, _ in crashed["lr"]] == list(range(total))  # both tasks' steps, before the crash
+    _next_second()
     resumed = train(small_config(tiny_model_name, tmp_path / "resumed", tensorboard=True, resume=True))
     assert resumed.accuracy_matrix == full.accuracy_matrix
     steps = _scalars(tmp_path / "resumed" / "tensorboard" / "steps")
@@ -110,6 +121,7 @@ def test_a_resume_with_no_finished_task_starts_the_curves_over(tiny_model_name, 
         train(small_config(tiny_model_name, tmp_path / "run", tensorboard=True))
     monkeypatch.undo()
     assert [s for s, _ in _scalars(tmp_path / "run" / "tensorboard" / "steps")["lr"]] == [0, 1]
+    _next_second()
     result = train(small_config(tiny_model_name, tmp_path / "run", tensorboard=True, resume=True))
     total = sum(_expected_steps(result, small_config(tiny_model_name, tmp_path / "x"))[0])
     assert [s for s, _ in _scalars(tmp_path / "run" / "tensorboard" / "steps")["lr"]] == list(range(total))
