@@ -140,6 +140,14 @@ def test_reported_cosines_and_coordinates_are_the_chosen_points(small_config, mo
     assert len(ax.lines) == len(SEEDS)
 
 
+def test_the_table_it_prints_and_writes_names_the_method_trained(small_config, monkeypatch):
+    """anchor_views.txt's title names the method (the run's, as the PNG's title) and the task it trained up to."""
+    result, _, _ = _run(small_config, monkeypatch, "avt", max_new_images=10)
+    title = "anchor views before task 2 (segpcl after task 1; teacher raw features r_T, pca in the PNG)"
+    assert result["table"].splitlines()[0] == title
+    assert Path(result["paths"]["table"]).read_text().splitlines()[0] == title
+
+
 def test_max_new_images_subsamples_images_and_labels_together(small_config, monkeypatch):
     _, saved, _ = _run(small_config, monkeypatch, "av10", max_new_images=10)
     rows = {r["group"]: r for r in saved["rows"]}

@@ -177,3 +177,17 @@ def test_a_resumed_sweep_continues_a_points_run_from_the_folder_it_had_as_a_fixe
     narrowed = sweep(small_config("sw", run__plots=False, run__resume=True), axes=["prototypes.beta=0.5"], seeds=[0])
     assert started == [("beta=0.5/seed0", True)]
     assert narrowed["rows"][0]["Last"] == again["rows"][1]["Last"]
+
+
+def test_a_resumed_sweep_finds_the_earlier_run_of_a_method_that_resolves_its_switches(small_config, monkeypatch):
+    """A point's run is found by the config its Trainer records (run.method's switches resolved: lora_finetune turns
+    TSGR, DPGD, ACGD off), not by the point's config as given, which no config.yaml holds."""
+    import segpcl_fast.api
+    kw = dict(run__plots=False, run__method="lora_finetune")
+    first = sweep(small_config("swl", **kw), axes=["optim.lr=0.01"], seeds=[0])
+    real_train, started = segpcl_fast.api.train, []
+    monkeypatch.setattr(segpcl_fast.api, "train", lambda cfg: started.append(Path(cfg.run.output_dir).parent.name)
+                        or real_train(cfg))
+    again = sweep(small_config("swl", run__resume=True, **kw), axes=["optim.lr=0.01,0.02"], seeds=[0])
+    assert started == ["base", "lr=0.02"]
+    assert again["rows"][0]["runs"] == first["rows"][0]["runs"]
