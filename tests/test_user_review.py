@@ -202,11 +202,16 @@ def test_a_resumed_ablation_continues_an_equal_variants_runs_instead_of_training
 @pytest.mark.parametrize("command", [["ablate"], ["retention"], ["distill-sources"], ["sweep", "--set", "optim.lr=1,2"],
                                      ["fragility"], ["anchor-views"]])
 def test_an_analysis_into_a_folder_of_another_analysis_seed_runs_is_refused_before_it_writes(capsys, tmp_path,
-                                                                                            command):
+                                                                                            command, monkeypatch):
     """ablate -o <a sweep's point folder> (it holds that point's seed0/, seed1/ runs) was taken: the ablation's
     <variant>/seed<N>/ runs and its table files went in among the sweep's runs. Refused, naming a folder beside the
     sweep's, before anything is written; a folder whose seed<N>/ is not a run is not refused for it."""
     from segpcl_fast.cli import main
+    from segpcl_fast.engine.trainer import Trainer
+
+    def started(*args, **kwargs):  # the refusal comes before any run (without it: fail now, not after training)
+        raise AssertionError(f"{command[0]} started a run in a folder of another analysis' runs")
+    monkeypatch.setattr(Trainer, "__init__", started)
     point = tmp_path / "sweep" / "k_adv=5"
     for seed in ("seed0", "seed1"):
         (point / seed).mkdir(parents=True)
