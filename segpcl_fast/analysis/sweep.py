@@ -200,18 +200,19 @@ def continue_earlier_runs(out: Path, points: Sequence[Mapping[str, Any]],
             return config_fingerprint(load_config(run / "config.yaml").to_dict())
         except (ConfigError, OSError, UnicodeDecodeError):  # none, or one this version cannot read
             return None
+    # every run in <out>/<folder>/seed<N>/, a point's own among them: each config.yaml read once
+    on_disk = {path.parent: recorded(path.parent) for path in sorted(out.glob("*/seed*/config.yaml"))}
     earlier: dict[str, Path] = {}
-    for path in sorted(out.glob("*/seed*/config.yaml")):
-        fingerprint = recorded(path.parent)
+    for run, fingerprint in on_disk.items():
         if fingerprint is not None:
-            earlier.setdefault(fingerprint, path.parent)
+            earlier.setdefault(fingerprint, run)
     continued = []
     for point, per_seed in zip(points, configs):
         runs = []
         for c in per_seed:
             own, wanted = Path(c.run.output_dir), config_fingerprint(as_trained(c).to_dict())
             found = earlier.get(wanted)
-            if found is not None and found != own and recorded(own) != wanted:
+            if found is not None and found != own and on_disk.get(own) != wanted:
                 log.info("sweep %s: continues the run of the same configuration in %s", point_name(point), found)
                 c = apply_overrides(c, {"run.output_dir": str(found), "run.resume": True})
             runs.append(c)
